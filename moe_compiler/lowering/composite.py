@@ -1,0 +1,114 @@
+"""The experts op built from torch ops and one segment-matmul implementation (see lowering/__init__.py).
+
+Data contract
+    hidden        [T, H]     float (fp32 / bf16 / fp16)           x
+    topk_ids      [T, k]     int32 / int64, values in [0, E)       expert of (token t, slot j)
+    topk_weights  [T, k]     float (any float dtype)               router weight of (t, j)
+    w_gate_up     [E, 2I, H] (transposed: [E, H, 2I])              read in place, never copied
+    w_down        [E, H, I]  (transposed: [E, I, H])
+    b_gate_up     [E, 2I] or None, b_down [E, H] or None
+    out           [T, H]     hidden's dtype, accumulated in fp32
+
+    route (given) -> permute (segments.py) -> gate_up GEMM -> gated act -> down GEMM -> weight, unpermute,
+    sum over k (combine)
+
+    ids [T,k] --sort--> perm [S]          x_sorted = hidden[perm // k]                       [S, H]
+    h = x_sorted @ W_gate_up[e]^T  [S, 2I]  ->  a = act(gate) * up  [S, I]  ->  y = a @ W_down[e]^T  [S, H]
+    y *= topk_weights.flat[perm]  ->  pairs[perm] = y  ->  out = pairs.view(T, k, H).sum(1)
+
+The combine is an unpermute + sum over k, not an index_add: deterministic on every device.
+The backward recomputes h, a and y instead of saving them (memory: 3 x S x I less per layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..activations import gated_backward, gated_forward
+from ..spec import ExpertsSpec
+from .segments import Segments
+
+
+def _proj(impl, x, w, seg, transposed):
+    return impl.mm_nn(x, w, seg) if transposed else impl.mm(x, w, seg)
+
+
+def _proj_dx(impl, dy, w, seg, transposed):
+    return impl.mm(dy, w, seg) if transposed else impl.mm_nn(dy, w, seg)
+
+
+def _proj_dw(impl, x, dy, seg, transposed):
+    return impl.wgrad(x, dy, seg) if transposed else impl.wgrad(dy, x, seg)
+
+
+def _unpermute_sum(rows: torch.Tensor, seg: Segments, T: int, k: int) -> torch.Tensor:
+    """rows [S, D] in sorted order -> [T, D], summing each token's k slots (in fp32)."""
+    pairs = torch.empty_like(rows, dtype=torch.float32)
+    pairs[seg.perm] = rows.float()
+    return pairs.view(T, k, rows.shape[-1]).sum(1)
+
+
+def _forward_rows(impl, hidden, topk_ids, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec):
+    """Sorted-order intermediates: (segments, x_sorted, h, a, y) with y before the router weight."""
+    k = topk_ids.shape[1]
+    seg = Segments.build(topk_ids, w_gate_up.shape[0])
+    cdt = impl.compute_dtype(hidden.dtype)
+    x = hidden[seg.perm // k].to(cdt)
+    h = _proj(impl, x, w_gate_up, seg, spec.transposed).float()
+    if b_gate_up is not None:
+        h = h + b_gate_up[seg.sorted_ids].float()
+    a = gated_forward(h, spec).to(cdt)
+    y = _proj(impl, a, w_down, seg, spec.transposed).float()
+    if b_down is not None:
+        y = y + b_down[seg.sorted_ids].float()
+    return seg, x, h, a, y
+
+
+def experts_forward(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec):
+    T, k = topk_ids.shape
+    if T == 0 or k == 0:
+        return hidden.new_zeros(hidden.shape)
+    seg, _, _, _, y = _forward_rows(impl, hidden, topk_ids, w_gate_up, w_down, b_gate_up, b_down, spec)
+    y = y * topk_weights.reshape(-1)[seg.perm].float().unsqueeze(-1)
+    return _unpermute_sum(y, seg, T, k).to(hidden.dtype)
+
+
+def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec):
+    """Returns (d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down); absent biases -> None."""
+    T, k = topk_ids.shape
+    if T == 0 or k == 0:
+        zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+        return (zeros(hidden), zeros(topk_weights), zeros(w_gate_up), zeros(w_down), zeros(b_gate_up), zeros(b_down))
+    seg, x, h, a, y = _forward_rows(impl, hidden, topk_ids, w_gate_up, w_down, b_gate_up, b_down, spec)
+    cdt = impl.compute_dtype(hidden.dtype)
+    tr = spec.transposed
+
+    g = grad_out[seg.perm // k].float()  # [S, H] upstream gradient of each row's token
+    d_weights = torch.empty(T * k, dtype=torch.float32, device=hidden.device)
+    d_weights[seg.perm] = (g * y).sum(-1)
+    dy = g * topk_weights.reshape(-1)[seg.perm].float().unsqueeze(-1)  # [S, H]
+
+    d_b_down = None
+    if b_down is not None:
+        d_b_down = torch.zeros_like(b_down, dtype=torch.float32).index_add_(0, seg.sorted_ids.long(), dy)
+    dy_c = dy.to(cdt)
+    d_w_down = _proj_dw(impl, a, dy_c, seg, tr)
+    da = _proj_dx(impl, dy_c, w_down, seg, tr).float()  # [S, I]
+
+    dh = gated_backward(da, h, spec)  # [S, 2I] fp32
+    d_b_gate_up = None
+    if b_gate_up is not None:
+        d_b_gate_up = torch.zeros_like(b_gate_up, dtype=torch.float32).index_add_(0, seg.sorted_ids.long(), dh)
+    dh_c = dh.to(cdt)
+    d_w_gate_up = _proj_dw(impl, x, dh_c, seg, tr)
+    dx = _proj_dx(impl, dh_c, w_gate_up, seg, tr)  # [S, H]
+
+    cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+    return (
+        _unpermute_sum(dx, seg, T, k).to(hidden.dtype),
+        d_weights.view(T, k).to(topk_weights.dtype),
+        cast(d_w_gate_up, w_gate_up),
+        cast(d_w_down, w_down),
+        cast(d_b_gate_up, b_gate_up),
+        cast(d_b_down, b_down),
+    )

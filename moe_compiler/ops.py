@@ -1,0 +1,180 @@
+"""The `moe_compiler` operators: `torch.ops.moe_compiler.experts` and its backward.
+
+One signature each, the fake (meta) implementation beside the real one, autograd through a backward
+that is itself an op (so AOTAutograd and Inductor keep both opaque and the profiler shows
+`moe_compiler::experts` / `moe_compiler::experts_backward`).
+
+    experts(hidden[T,H], topk_ids[T,k], topk_weights[T,k], w_gate_up, w_down, b_gate_up?, b_down?,
+            activation, gate_up, transposed, swiglu_alpha, swiglu_limit) -> out[T,H]
+
+The math and weight layouts are in spec.py; the data contract and implementation in
+lowering/composite.py. Weights are the model's own parameters, read in place on every call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import lowering
+from .lowering import composite
+from .spec import ExpertsSpec
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_INTS = (torch.int32, torch.int64)
+
+
+def _fail(what: str, expected: str, got, fix: str):
+    raise ValueError(f"moe_compiler.experts: {what}: expected {expected}, got {got}. {fix}")
+
+
+def check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec):
+    """Shape, dtype and device checks: symbolic-size friendly, so the fake runs them at compile time."""
+    if hidden.dim() != 2:
+        _fail("hidden rank", "a 2-D [T, H] tensor", f"shape {tuple(hidden.shape)}", "Flatten batch and sequence first.")
+    if hidden.dtype not in _FLOATS:
+        _fail("hidden dtype", "float32, bfloat16 or float16", hidden.dtype, "Cast the activations.")
+    if topk_ids.dim() != 2 or topk_ids.dtype not in _INTS:
+        _fail("topk_ids", "a 2-D [T, k] int32/int64 tensor", f"{tuple(topk_ids.shape)} {topk_ids.dtype}", "Pass the router's top-k indices.")
+    if topk_weights.dim() != 2 or topk_weights.dtype not in _FLOATS:
+        _fail("topk_weights", "a 2-D [T, k] float tensor", f"{tuple(topk_weights.shape)} {topk_weights.dtype}", "Pass the router's top-k weights.")
+    T, H = hidden.shape
+    if topk_ids.shape[0] != T or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        _fail("routing shapes", f"topk_ids and topk_weights of shape [T={T}, k]", f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}", "Route the same tokens that are passed as hidden.")
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if w.dim() != 3:
+            _fail(f"{name} rank", "a 3-D [E, out, in] tensor", f"shape {tuple(w.shape)}", "Stack the experts' weights along dim 0.")
+        if w.dtype != hidden.dtype:
+            _fail(f"{name} dtype", f"hidden's dtype {hidden.dtype}", w.dtype, "Cast the activations or the model to one dtype.")
+    E = w_gate_up.shape[0]
+    if spec.transposed:
+        two_i, I = w_gate_up.shape[2], w_down.shape[1]
+        want_gu, want_down = "[E, H, 2I]", "[E, I, H]"
+        ok = w_gate_up.shape[1] == H and w_down.shape[2] == H
+    else:
+        two_i, I = w_gate_up.shape[1], w_down.shape[2]
+        want_gu, want_down = "[E, 2I, H]", "[E, H, I]"
+        ok = w_gate_up.shape[2] == H and w_down.shape[1] == H
+    if not ok or w_down.shape[0] != E or two_i != 2 * I:
+        _fail("weight shapes", f"w_gate_up {want_gu} and w_down {want_down} with H={H}", f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}", "Check the weight layout (spec.transposed) and the hidden size.")
+    if topk_ids.shape[1] > E:
+        _fail("top-k", f"k <= E={E}", topk_ids.shape[1], "Each token picks distinct experts.")
+    for name, b, size in (("b_gate_up", b_gate_up, 2 * I), ("b_down", b_down, H)):
+        if b is not None and (b.dim() != 2 or b.shape[0] != E or b.shape[1] != size):
+            _fail(f"{name} shape", f"[E={E}, {size}]", tuple(b.shape), "Pass one bias row per expert, or None.")
+    devices = {t.device for t in (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down) if t is not None}
+    if len(devices) > 1:
+        _fail("devices", "all tensors on one device", sorted(map(str, devices)), "Move the model and inputs to one device.")
+
+
+def _check_ids_in_range(topk_ids: Tensor, num_experts: int):
+    if topk_ids.numel() == 0:
+        return
+    if topk_ids.device.type == "cpu":
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= num_experts:
+            _fail("topk_ids values", f"expert ids in [0, {num_experts})", f"min {lo}, max {hi}", "Check the router's top-k.")
+    else:
+        # No host sync on the GPU (the op must stay capture-safe): a device-side assert instead of garbage.
+        torch._assert_async(((topk_ids >= 0) & (topk_ids < num_experts)).all(), "moe_compiler.experts: topk_ids out of [0, E)")
+
+
+@torch.library.custom_op("moe_compiler::experts", mutates_args=())
+def experts(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    b_gate_up: Optional[Tensor],
+    b_down: Optional[Tensor],
+    activation: str,
+    gate_up: str,
+    transposed: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+) -> Tensor:
+    """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]); see spec.py for the expert MLP."""
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit)
+    check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+    _check_ids_in_range(topk_ids, w_gate_up.shape[0])
+    impl = lowering.select(hidden, w_gate_up, w_down)
+    return composite.experts_forward(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+
+
+@experts.register_fake
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, activation, gate_up, transposed, swiglu_alpha, swiglu_limit):
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit)
+    check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+    return hidden.new_empty(hidden.shape)
+
+
+@torch.library.custom_op("moe_compiler::experts_backward", mutates_args=())
+def experts_backward(
+    grad_out: Tensor,
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    b_gate_up: Optional[Tensor],
+    b_down: Optional[Tensor],
+    activation: str,
+    gate_up: str,
+    transposed: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of `experts` w.r.t. (hidden, topk_weights, w_gate_up, w_down, b_gate_up, b_down).
+
+    An absent bias gets an empty [0] gradient (op outputs cannot be None)."""
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit)
+    impl = lowering.select(hidden, w_gate_up, w_down)
+    grads = composite.experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@experts_backward.register_fake
+def _(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, *spec_args):
+    bias_grad = lambda b: hidden.new_empty(0) if b is None else torch.empty_like(b)  # noqa: E731
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(topk_weights),
+        torch.empty_like(w_gate_up),
+        torch.empty_like(w_down),
+        bias_grad(b_gate_up),
+        bias_grad(b_down),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, *spec_args = inputs
+    ctx.save_for_backward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down)
+    ctx.spec_args = spec_args
+
+
+def _backward(ctx, grad_out):
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down = ctx.saved_tensors
+    d_hidden, d_weights, d_gu, d_down, d_bgu, d_bdown = torch.ops.moe_compiler.experts_backward(
+        grad_out.contiguous(), hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, *ctx.spec_args
+    )
+    return (
+        d_hidden,
+        None,  # topk_ids: integer
+        d_weights,
+        d_gu,
+        d_down,
+        d_bgu if b_gate_up is not None else None,
+        d_bdown if b_down is not None else None,
+        None, None, None, None, None,  # spec arguments
+    )
+
+
+experts.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None, spec: ExpertsSpec = ExpertsSpec()):
+    """Python convenience wrapper: the op with a typed spec."""
+    return torch.ops.moe_compiler.experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, *spec.op_args())

@@ -1,0 +1,33 @@
+"""fp64 references, written as plainly as possible: one (token, slot) pair at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from moe_compiler.activations import gated_forward
+from moe_compiler.spec import ExpertsSpec
+
+
+def experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None, spec=ExpertsSpec()):
+    """out[t] = sum_j w[t, j] * down_e(act(gate_up_e(x_t))) in float64, returned in float64."""
+    x = hidden.double()
+    out = torch.zeros_like(x)
+    T, k = topk_ids.shape
+    for t in range(T):
+        for j in range(k):
+            e = int(topk_ids[t, j])
+            w1, w2 = w_gate_up[e].double(), w_down[e].double()
+            h = x[t] @ w1 if spec.transposed else w1 @ x[t]
+            if b_gate_up is not None:
+                h = h + b_gate_up[e].double()
+            a = gated_forward(h, spec)
+            y = a @ w2 if spec.transposed else w2 @ a
+            if b_down is not None:
+                y = y + b_down[e].double()
+            out[t] += topk_weights[t, j].double() * y
+    return out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
