@@ -1,0 +1,79 @@
+"""The `fused_moe` torch.compile backend.
+
+    torch.compile(model, backend="fused_moe")                        # registered by the entry point
+    torch.compile(model, backend="fused_moe", mode="reduce-overhead")  # Inductor modes are honoured
+    torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": "dump", "max_autotune": True})
+
+Dynamo graph -> passes (rewrite MoE regions into moe_compiler ops, report) -> Inductor (compile_fx) for
+everything, our ops staying opaque. The rewrite happens before AOTAutograd so training uses the op's own
+backward. CUDA graphs, if asked for, are Inductor's (cudagraph trees), never our own wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pathlib
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from .config import PREFIX, MoECompilerConfig
+from .debug import emit
+from .passes import fuse_moe_regions
+
+
+@functools.cache
+def source_hash() -> str:
+    """sha256 of this package's sources: part of Inductor's cache key, so a cached artifact compiled
+    against an older version of our op (e.g. a different backward) is never reused."""
+    h = hashlib.sha256()
+    root = pathlib.Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class _SourceHashPass(CustomGraphPass):
+    """A post-grad pass that changes nothing; its uuid salts Inductor's FX graph and AOTAutograd caches."""
+
+    def __init__(self, inner=None):
+        self.inner = inner  # a user's own post-grad pass, kept working
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+
+    def uuid(self):
+        inner = self.inner.uuid() if self.inner is not None and hasattr(self.inner, "uuid") else None
+        return ("moe_compiler", source_hash(), inner)
+
+
+def _inductor_patches(mode: str | None, options: dict) -> dict:
+    from torch._inductor import list_mode_options
+
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches.update(options)
+    # torch 2.11 accepts exactly one pass in this slot (2.13 also lists): wrap any user pass.
+    user_pass = patches.get("post_grad_custom_post_pass")
+    if isinstance(user_pass, (list, tuple)):
+        patches["post_grad_custom_post_pass"] = [*user_pass, _SourceHashPass()]
+    else:
+        patches["post_grad_custom_post_pass"] = _SourceHashPass(user_pass)
+    return patches
+
+
+def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    """torch.compile backend: fuse MoE blocks into moe_compiler ops, compile the rest with Inductor."""
+    options = dict(options or {})
+    ours = {k: options.pop(k) for k in list(options) if k.startswith(PREFIX)}
+    config = MoECompilerConfig.from_options(ours)
+    patches = _inductor_patches(mode, options)
+
+    report = fuse_moe_regions(gm, example_inputs, config)
+    emit(report, config.dump_dir)
+
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,43 @@
+"""The backend's own options, typed.
+
+Set them through `torch.compile(..., options={"moe_compiler.<field>": value, ...})` (any other option key
+goes to Inductor unchanged) or through the environment variables named below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+PREFIX = "moe_compiler."
+
+
+@dataclasses.dataclass(frozen=True)
+class MoECompilerConfig:
+    # Rewrite MoE regions at all (False: a plain Inductor compile, still with the dump / log of what
+    # would have been matched). Env: MOE_COMPILER_DISABLE=1.
+    enabled: bool = True
+    # Run each proven region and the op once on random inputs before rewriting (passes/verify.py).
+    # It costs one layer's forward per MoE layer at compile time. Env: MOE_COMPILER_VERIFY=0 to skip.
+    verify: bool = True
+    # Directory for the debug dump (per compiled graph: summary, before/after code, specs, rejection
+    # reasons). Env: MOE_COMPILER_DUMP_DIR.
+    dump_dir: str | None = None
+
+    @classmethod
+    def from_options(cls, options: dict) -> MoECompilerConfig:
+        env = {
+            "enabled": os.environ.get("MOE_COMPILER_DISABLE", "0") != "1",
+            "verify": os.environ.get("MOE_COMPILER_VERIFY", "1") != "0",
+            "dump_dir": os.environ.get("MOE_COMPILER_DUMP_DIR") or None,
+        }
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in options.items():
+            name = key.removeprefix(PREFIX)
+            if name not in fields:
+                raise ValueError(f"unknown option {key!r}: expected one of {sorted(PREFIX + f for f in fields)}")
+            want = bool if name != "dump_dir" else (str, type(None))
+            if not isinstance(value, want):
+                raise ValueError(f"option {key!r}: expected {want}, got {value!r}")
+            env[name] = value
+        return cls(**env)

@@ -1,0 +1,142 @@
+"""What the backend matched, fused and rejected, and why: log lines, the dump directory, tlparse artifacts.
+
+    TORCH_LOGS=+moe_compiler          one line per compiled graph (debug: one line per region)
+    MOE_COMPILER_DUMP_DIR=path        per graph: summary.txt, report.json and, per region, before.py
+                                      (the matched subgraph), after.py (its replacement), region.dot
+    TORCH_TRACE=dir + tlparse         the same report as a `moe_compiler_report` artifact
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+
+import torch
+
+log = logging.getLogger("moe_compiler")
+
+_graph_ids = itertools.count()
+
+
+@dataclasses.dataclass
+class RegionReport:
+    name: str
+    cls: str
+    num_nodes: int
+    status: str = "rejected"  # "fused" | "rejected"
+    reason: str = ""
+    form: str = ""
+    spec: str = ""
+    shape: dict = dataclasses.field(default_factory=dict)
+    check: str = ""
+    before: str = ""
+    after: str = ""
+    dot: str = ""
+
+
+@dataclasses.dataclass
+class GraphReport:
+    graph_id: int = dataclasses.field(default_factory=lambda: next(_graph_ids))
+    num_nodes: int = 0
+    regions: list[RegionReport] = dataclasses.field(default_factory=list)
+
+    @property
+    def fused(self) -> list[RegionReport]:
+        return [r for r in self.regions if r.status == "fused"]
+
+    @property
+    def rejected(self) -> list[RegionReport]:
+        return [r for r in self.regions if r.status != "fused"]
+
+    def summary_line(self) -> str:
+        forms = sorted({r.form for r in self.fused})
+        line = (
+            f"moe_compiler graph {self.graph_id} ({self.num_nodes} nodes): {len(self.regions)} experts regions, "
+            f"{len(self.fused)} fused{' (' + ', '.join(forms) + ')' if forms else ''}, {len(self.rejected)} rejected"
+        )
+        if self.rejected:
+            reasons = sorted({r.reason for r in self.rejected})
+            line += "; rejected because: " + " | ".join(reasons)
+        return line
+
+    def summary_text(self) -> str:
+        lines = [self.summary_line(), ""]
+        for r in self.regions:
+            lines.append(f"[{r.status}] {r.name} ({r.cls}, {r.num_nodes} nodes)")
+            if r.status == "fused":
+                lines.append(f"    form: {r.form}; spec: {r.spec}; sizes: {r.shape}")
+                lines.append(f"    numerical check: {r.check}")
+            else:
+                lines.append(f"    reason: {r.reason}")
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict:
+        return {
+            "graph_id": self.graph_id,
+            "num_nodes": self.num_nodes,
+            "regions": [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("before", "after", "dot")} for r in self.regions],
+        }
+
+
+def region_dot(nodes) -> str:
+    """A Graphviz picture of a region's data flow (render with `dot -Tpng region.dot`)."""
+    lines = ["digraph region {", "  rankdir=TB; node [shape=box, fontsize=10];"]
+    names = {n.name for n in nodes}
+    for n in nodes:
+        label = f"{n.name}\\n{n.op}: {getattr(n.target, '__name__', n.target)}"
+        lines.append(f'  "{n.name}" [label="{label}"];')
+        for a in n.all_input_nodes:
+            style = "" if a.name in names else " [style=dashed]"
+            lines.append(f'  "{a.name}" -> "{n.name}"{style};')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:80]
+
+
+def write_dump(report: GraphReport, dump_dir: str) -> str:
+    gdir = os.path.join(dump_dir, f"graph_{report.graph_id}")
+    os.makedirs(gdir, exist_ok=True)
+    with open(os.path.join(gdir, "summary.txt"), "w") as f:
+        f.write(report.summary_text())
+    with open(os.path.join(gdir, "report.json"), "w") as f:
+        json.dump(report.to_json(), f, indent=2, default=str)
+    for i, r in enumerate(report.regions):
+        rdir = os.path.join(gdir, f"region_{i}_{r.status}_{_safe(r.name)}")
+        os.makedirs(rdir, exist_ok=True)
+        for fname, text in (("before.py", r.before), ("after.py", r.after), ("region.dot", r.dot)):
+            if text:
+                with open(os.path.join(rdir, fname), "w") as f:
+                    f.write(text)
+        with open(os.path.join(rdir, "spec.json" if r.status == "fused" else "reason.txt"), "w") as f:
+            if r.status == "fused":
+                json.dump({"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check}, f, indent=2, default=str)
+            else:
+                f.write(r.reason + "\n")
+    with open(os.path.join(dump_dir, "summary.txt"), "a") as f:
+        f.write(report.summary_text() + "\n")
+    return gdir
+
+
+def emit(report: GraphReport, dump_dir: str | None) -> None:
+    """Log the report, write the dump if asked, and hand it to tlparse."""
+    has_eager = any(r.reason.startswith("experts_implementation='eager'") for r in report.rejected)
+    level = logging.WARNING if has_eager else logging.INFO
+    if report.regions or log.isEnabledFor(logging.DEBUG):
+        log.log(level, "%s", report.summary_line())
+    for r in report.regions:
+        log.debug("  [%s] %s: %s", r.status, r.name, r.spec if r.status == "fused" else r.reason)
+    if dump_dir:
+        path = write_dump(report, dump_dir)
+        log.info("moe_compiler dump for graph %d written to %s", report.graph_id, path)
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "moe_compiler_report", "encoding": "json"},
+        payload_fn=lambda: json.dumps(report.to_json(), default=str),
+    )

@@ -1,0 +1,84 @@
+"""Graph passes: find MoE regions in a Dynamo graph, prove what they compute, rewrite them to our ops.
+
+Entry point: `fuse_moe_regions(gm, example_inputs, config) -> GraphReport`. See README.md beside this
+file for the invariants every pass keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from ..config import MoECompilerConfig
+from ..debug import GraphReport, RegionReport, region_dot
+from . import experts_batched_mm, experts_grouped_mm
+from .experts_common import recognize_experts
+from .regions import find_experts_regions, region_module
+from .reject import Reject
+from .rewrite import replacement_args, rewrite_experts
+from .verify import verify_numerically
+
+log = logging.getLogger(__name__)
+
+# One recognizer per source form, tried in this order.
+EXPERTS_FORMS = (experts_grouped_mm, experts_batched_mm)
+
+
+def _real_inputs(gm: fx.GraphModule, example_inputs) -> dict:
+    """Placeholder / get_attr node -> the real tensor the compiled graph will receive (read only)."""
+    real = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            real[node] = value
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = getattr(gm, node.target, None)
+        if isinstance(value, torch.Tensor):
+            real[node] = value
+    return real
+
+
+def _after_code(gm: fx.GraphModule, match) -> str:
+    graph = fx.Graph()
+    env = {}
+    for a in replacement_args(match):
+        if isinstance(a, fx.Node) and a not in env:
+            env[a] = graph.placeholder(a.name)
+    args = tuple(env.get(a, a) if isinstance(a, fx.Node) else a for a in replacement_args(match))
+    graph.output(graph.call_function(torch.ops.moe_compiler.experts.default, args))
+    return fx.GraphModule(gm, graph, class_name="Fused").code
+
+
+def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConfig) -> GraphReport:
+    report = GraphReport(num_nodes=len(gm.graph.nodes))
+    regions = find_experts_regions(gm)
+    real = _real_inputs(gm, example_inputs) if regions else {}
+    for region in regions:
+        rr = RegionReport(region.name, region.cls, len(region.nodes))
+        report.regions.append(rr)
+        try:
+            rr.before = region_module(gm, region).code
+            rr.dot = region_dot(region.nodes)
+            match = recognize_experts(region, EXPERTS_FORMS)
+            rr.form, rr.spec, rr.shape = match.form, match.spec.describe(), {k: str(v) for k, v in match.shape.items()}
+            rr.check = verify_numerically(gm, region, match, real) if config.verify else "skipped (verify=False)"
+            if not config.enabled:
+                raise Reject("fusion disabled (MOE_COMPILER_DISABLE=1 or option moe_compiler.enabled=False)")
+            rr.after = _after_code(gm, match)
+            rewrite_experts(gm, region, match)
+            rr.status = "fused"
+            counters["moe_compiler"][f"fused_experts_{match.form}"] += 1
+        except Reject as r:
+            rr.reason = str(r)
+            counters["moe_compiler"]["rejected_experts"] += 1
+        except Exception as e:  # noqa: BLE001 - a recognizer bug must cost speed, never correctness
+            log.debug("internal error while matching %s", region.name, exc_info=True)
+            rr.reason = f"internal error in the matcher (region left alone): {type(e).__name__}: {e}"
+            counters["moe_compiler"]["rejected_experts"] += 1
+    if report.fused:
+        gm.graph.lint()
+        gm.recompile()
+    return report

@@ -1,0 +1,158 @@
+"""The experts recognizer: proves that a region computes `moe_compiler.experts` and extracts its spec.
+
+Facts established structurally, each with a stated reason when it fails (see passes/README.md):
+  1. the region reads exactly: hidden [T, H], topk_ids [T, k] (int), topk_weights [T, k] (float), and two
+     3-D weights that are graph inputs (parameters read in place) - plus symbolic sizes;
+  2. it has exactly two expert GEMMs of one form (experts_grouped_mm.py / experts_batched_mm.py): the first
+     reads rows of hidden and the gate_up weight, the second reads the gated activation and the down weight;
+     the storage layout ([E, out, in] or transposed) is read off how each weight enters its GEMM;
+  3. the down GEMM's input is act(gate) * up of the first GEMM's output (gated_activation.py);
+  4. the router weight multiplies the down GEMM's output (not its input: Llama4-style input scaling is a
+     different function), and the result is summed over the k slots of each token;
+  5. nothing outside the region is mutated, and the region has one tensor output.
+What the structure does not pin down (the exact permutation plumbing) is then checked numerically by
+verify.py before the rewrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from ..spec import ExpertsSpec
+from .gated_activation import recognize_gated_activation
+from .regions import Region, derives_from, example_value, follow, is_tensor_node, op_name, VALUE_PRESERVING
+from .reject import Reject
+
+EAGER_FIX = (
+    "experts_implementation='eager' loops over experts found by `nonzero()`, which breaks the graph "
+    "(data-dependent shapes), so no whole MoE region exists to fuse. Fix: load the model with the default "
+    "experts_implementation ('grouped_mm') or 'batched_mm', e.g. "
+    "AutoModelForCausalLM.from_pretrained(..., experts_implementation='grouped_mm')"
+)
+
+
+@dataclasses.dataclass
+class GemmUse:
+    node: fx.Node  # the matmul call
+    x: fx.Node  # its activation operand (rows)
+    weight: fx.Node  # the 3-D expert weight it reads
+    transposed_storage: bool  # weight stored [E, in, out] rather than nn.Linear's [E, out, in]
+    out: fx.Node  # its [S, out] result (after squeezing a bmm's unit dim)
+
+
+@dataclasses.dataclass
+class ExpertsMatch:
+    form: str
+    spec: ExpertsSpec
+    hidden: fx.Node
+    topk_ids: fx.Node
+    topk_weights: fx.Node
+    w_gate_up: fx.Node
+    w_down: fx.Node
+    output: fx.Node
+    shape: dict  # T, H, I, E, k (ints or symbolic)
+
+
+# The router weights reach the multiply through reshapes, the sort permutation and unsqueeze.
+_WEIGHT_PATH = VALUE_PRESERVING | {"reshape", "view", "flatten"}
+
+
+def _dims(node: fx.Node):
+    ev = example_value(node)
+    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else None
+
+
+def _sums_over_k(node: fx.Node) -> bool:
+    if op_name(node) != "sum":
+        return False
+    dims = _dims(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return dims is not None and len(dims) == 3 and dim in (1, -2, (1,), [1])
+
+
+def _find_gemms(region: Region, forms) -> tuple[str, list[GemmUse]]:
+    for form in forms:
+        uses = [u for n in region.nodes if (u := form.match_gemm(n)) is not None]
+        if uses:
+            return form.FORM, uses
+    ops = sorted({op_name(n) for n in region.nodes})
+    raise Reject(f"no expert GEMM found (grouped_mm / _grouped_mm / grouped_mm_fallback, or bmm over gathered weights); region ops: {ops}")
+
+
+def recognize_experts(region: Region, forms) -> ExpertsMatch:
+    names = {op_name(n) for n in region.nodes}
+    if names & {"nonzero", "one_hot"}:
+        raise Reject(EAGER_FIX)
+
+    # 5. one output, no mutation escaping the region.
+    outs = [o for o in region.outputs if is_tensor_node(o)]
+    if len(outs) != 1:
+        raise Reject(f"expected one tensor output of the experts region, found {len(outs)}: {[o.name for o in outs]}")
+    output = outs[0]
+    for n in region.nodes:
+        mutating = op_name(n) == "setitem" or (n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_"))
+        if mutating and isinstance(n.args[0], fx.Node) and not region.contains(n.args[0]):
+            raise Reject(f"`{n.name}` ({op_name(n)}) mutates `{n.args[0].name}`, which lives outside the region")
+
+    # 2. two GEMMs of one form, weights read in place.
+    form, uses = _find_gemms(region, forms)
+    if len(uses) != 2:
+        raise Reject(f"expected 2 expert GEMMs (gate_up, down) in the {form} form, found {len(uses)}: {[u.node.name for u in uses]}")
+    up, down = uses
+    for use, role in ((up, "gate_up"), (down, "down")):
+        if use.weight.op not in ("placeholder", "get_attr") or len(_dims(use.weight) or ()) != 3:
+            raise Reject(f"the {role} GEMM's weight `{use.weight.name}` is not a 3-D graph input (a parameter read in place)")
+    if up.weight is down.weight:
+        raise Reject("both GEMMs read the same weight")
+    if up.transposed_storage != down.transposed_storage:
+        raise Reject("gate_up and down weights are stored in different layouts")
+    if not derives_from(down.x, up.node, region):
+        raise Reject(f"the second GEMM `{down.node.name}` does not consume the first `{up.node.name}`")
+
+    # 1. hidden rows feed the first GEMM.
+    hidden = follow(up.x, gathers=True, within=region)
+    h_dims = _dims(hidden)
+    if h_dims is None or len(h_dims) != 2 or not example_value(hidden).is_floating_point():
+        raise Reject(f"the gate_up GEMM's rows come from `{hidden.name}` of shape {h_dims}, expected a 2-D [T, H] float tensor")
+
+    # 3. the gated activation.
+    activation, layout = recognize_gated_activation(down.x, follow(up.out))
+
+    # 4. router weights multiply the down output; the products are summed over k.
+    inputs = [i for i in region.inputs if is_tensor_node(i)]
+    id_inputs = [i for i in inputs if not example_value(i).is_floating_point() and example_value(i).dim() == 2]
+    if len(id_inputs) != 1:
+        raise Reject(f"expected one integer [T, k] routing input (top-k ids), found {[i.name for i in id_inputs]}")
+    topk_ids = id_inputs[0]
+    weighted = None
+    for n in region.nodes:
+        if op_name(n) != "mul" or not derives_from(n, down.node, region):
+            continue
+        for y, w in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+            if isinstance(w, fx.Node) and derives_from(y, down.node, region) and not derives_from(w, down.node, region):
+                src = follow(w, through=_WEIGHT_PATH, gathers=True, within=region)
+                if src in inputs and src is not hidden and _dims(src) == _dims(topk_ids):
+                    weighted = (n, src)
+    if weighted is None:
+        raise Reject("no multiply of the down GEMM's output by a [T, k] router-weight input (input-side scaling is not this op)")
+    mul, topk_weights = weighted
+    if not derives_from(output, mul, region):
+        raise Reject("the region output does not derive from the router-weighted expert outputs")
+    if not any(_sums_over_k(n) and derives_from(n, mul, region) and derives_from(output, n, region) for n in region.nodes):
+        raise Reject("the weighted expert outputs are not summed over the k slots ([T, k, H].sum(1))")
+    if not derives_from(up.node, topk_ids, region):
+        raise Reject("the expert GEMM's grouping / weight gather does not depend on the top-k ids")
+
+    known = {hidden, topk_ids, topk_weights, up.weight, down.weight}
+    extra = [i for i in inputs if i not in known]
+    if extra:
+        raise Reject(f"unexpected tensor inputs {[(i.name, _dims(i)) for i in extra]} (expert biases / post-expert norms are NYI)")
+
+    w1 = _dims(up.weight)
+    E, I2 = w1[0], (w1[2] if up.transposed_storage else w1[1])
+    shape = {"T": h_dims[0], "H": h_dims[1], "E": E, "I": I2 // 2, "k": _dims(topk_ids)[1]}
+    spec = ExpertsSpec(activation, layout, up.transposed_storage)
+    return ExpertsMatch(form, spec, hidden, topk_ids, topk_weights, up.weight, down.weight, output, shape)

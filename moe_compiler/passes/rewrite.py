@@ -1,0 +1,48 @@
+"""Replace a proven experts region by one `moe_compiler.experts` call.
+
+Invariants (passes/README.md): the new node carries correct `example_value` metadata made in the
+graph's own fake mode; the region output's users are re-pointed; region nodes that still have users
+outside the region (Dynamo CSEs symbolic sizes across layers) stay; everything else in the region is
+erased, last user first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .experts_common import ExpertsMatch
+from .regions import Region, example_value
+
+
+def _with_value(node: fx.Node, like: fx.Node, fn):
+    node.meta = {k: like.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack") if k in like.meta}
+    fake_mode = example_value(like).fake_mode
+    with fake_mode:
+        node.meta["example_value"] = fn()
+    return node
+
+
+def replacement_args(match: ExpertsMatch) -> tuple:
+    return (match.hidden, match.topk_ids, match.topk_weights, match.w_gate_up, match.w_down, None, None, *match.spec.op_args())
+
+
+def rewrite_experts(gm: fx.GraphModule, region: Region, match: ExpertsMatch) -> fx.Node:
+    graph = gm.graph
+    op = torch.ops.moe_compiler.experts.default
+    args = replacement_args(match)
+    with graph.inserting_before(match.output):
+        new = graph.call_function(op, args)
+        fake_args = [example_value(a) if isinstance(a, fx.Node) else a for a in args]
+        _with_value(new, match.output, lambda: op(*fake_args))
+        result = new
+        out_dtype = example_value(match.output).dtype
+        if out_dtype != example_value(match.hidden).dtype:
+            # e.g. a bf16 model with fp32 router weights whose combine came out in fp32
+            result = graph.call_method("to", (new, out_dtype))
+            _with_value(result, match.output, lambda: new.meta["example_value"].to(out_dtype))
+    match.output.replace_all_uses_with(result)
+    for n in reversed(region.nodes):
+        if not n.users:
+            graph.erase_node(n)
+    return new

@@ -1,0 +1,39 @@
+"""Tiny random Hugging Face MoE models for tests: real transformers classes, offline, seconds to build.
+
+Sizes keep every GEMM row 16-byte aligned (torch._grouped_mm needs it) and routers well separated:
+router weights are re-drawn with std 1 so no two experts tie in bf16, and eager and compiled runs pick
+the same experts (a tie would make the logits differ for reasons that have nothing to do with us).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY = {
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128),
+    "mixtral": dict(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128),
+    # first_k_dense_replace=1: layer 0 is a dense MLP, layers 1-2 are MoE (2 MoE layers of 3).
+    "deepseek_v3": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=128),
+    "olmoe": dict(hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=128),
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
+}
+MOE_LAYERS = {"qwen3_moe": 2, "mixtral": 2, "deepseek_v3": 2, "olmoe": 2, "qwen2_moe": 2}
+ARCHS = tuple(TINY)
+
+
+def tiny_model(arch: str, experts_implementation: str = "grouped_mm", dtype=torch.float32, seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, **{**TINY[arch], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, experts_implementation=experts_implementation)
+    hidden = cfg.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] > 1 and p.shape[1] == hidden:
+                p.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def count_experts_modules(model) -> int:
+    return sum(1 for m in model.modules() if type(m).__name__.endswith("Experts"))
