@@ -15,7 +15,8 @@ from torch._dynamo.utils import counters
 from ..config import MoECompilerConfig
 from ..debug import GraphReport, RegionReport, region_dot
 from . import experts_batched_mm, experts_grouped_mm
-from .experts_common import recognize_experts
+from .eager_experts import find_eager_experts_fragments
+from .experts_common import EAGER_FIX, recognize_experts
 from .regions import find_experts_regions, region_module
 from .reject import Reject
 from .rewrite import replacement_args, rewrite_experts
@@ -76,8 +77,14 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
             counters["moe_compiler"]["rejected_experts"] += 1
         except Exception as e:  # noqa: BLE001 - a recognizer bug must cost speed, never correctness
             log.debug("internal error while matching %s", region.name, exc_info=True)
-            rr.reason = f"internal error in the matcher (region left alone): {type(e).__name__}: {e}"
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            rr.reason = f"internal error in the matcher (region left alone): {type(e).__name__}: {first_line}"
             counters["moe_compiler"]["rejected_experts"] += 1
+    if not regions and (fragments := find_eager_experts_fragments(gm)):
+        rr = RegionReport("<eager experts loop, graph break>", "(no module stack in fragments)", len(fragments), reason=EAGER_FIX)
+        rr.before = "\n".join(f"{n.format_node()}\n    # {(n.meta.get('stack_trace') or '').strip().splitlines()[-1:]}" for n in fragments)
+        report.regions.append(rr)
+        counters["moe_compiler"]["eager_experts_fragments"] += 1
     if report.fused:
         gm.graph.lint()
         gm.recompile()

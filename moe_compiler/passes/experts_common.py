@@ -73,6 +73,20 @@ def _sums_over_k(node: fx.Node) -> bool:
     return dims is not None and len(dims) == 3 and dim in (1, -2, (1,), [1])
 
 
+def _sentinel_fills(region: Region, num_experts) -> frozenset:
+    """`x.masked_fill((ids >= c).unsqueeze(-1), 0)` with c >= E: transformers 5.17 zeroes the rows of
+    expert-parallel sentinel ids (id >= E) after each grouped GEMM. With every id in [0, E) - which the
+    op checks - the mask is all False and the fill is the identity."""
+    fills = set()
+    for n in region.nodes:
+        if op_name(n) != "masked_fill" or len(n.args) < 3 or n.args[2] != 0:
+            continue
+        cmp = follow(n.args[1], through={"unsqueeze"})
+        if op_name(cmp) == "ge" and isinstance(cmp.args[1], int) and cmp.args[1] >= num_experts:
+            fills.add(n)
+    return frozenset(fills)
+
+
 def _find_gemms(region: Region, forms) -> tuple[str, list[GemmUse]]:
     for form in forms:
         uses = [u for n in region.nodes if (u := form.match_gemm(n)) is not None]
@@ -118,8 +132,10 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
     if h_dims is None or len(h_dims) != 2 or not example_value(hidden).is_floating_point():
         raise Reject(f"the gate_up GEMM's rows come from `{hidden.name}` of shape {h_dims}, expected a 2-D [T, H] float tensor")
 
-    # 3. the gated activation.
-    activation, layout = recognize_gated_activation(down.x, follow(up.out))
+    # 3. the gated activation (through transformers 5.17's expert-parallel sentinel fills, identities here).
+    E = _dims(up.weight)[0]
+    transparent = _sentinel_fills(region, E)
+    activation, layout = recognize_gated_activation(down.x, follow(up.out, transparent=transparent), transparent)
 
     # 4. router weights multiply the down output; the products are summed over k.
     inputs = [i for i in region.inputs if is_tensor_node(i)]
@@ -152,7 +168,7 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
         raise Reject(f"unexpected tensor inputs {[(i.name, _dims(i)) for i in extra]} (expert biases / post-expert norms are NYI)")
 
     w1 = _dims(up.weight)
-    E, I2 = w1[0], (w1[2] if up.transposed_storage else w1[1])
+    I2 = w1[2] if up.transposed_storage else w1[1]
     shape = {"T": h_dims[0], "H": h_dims[1], "E": E, "I": I2 // 2, "k": _dims(topk_ids)[1]}
     spec = ExpertsSpec(activation, layout, up.transposed_storage)
     return ExpertsMatch(form, spec, hidden, topk_ids, topk_weights, up.weight, down.weight, output, shape)

@@ -34,13 +34,13 @@ def _activation(node: fx.Node) -> tuple[Activation, fx.Node] | None:
     return None
 
 
-def _split_half(node: fx.Node, h: fx.Node) -> tuple[GateUpLayout, int] | None:
+def _split_half(node: fx.Node, h: fx.Node, transparent) -> tuple[GateUpLayout, int] | None:
     """If `node` is one half of `h` split along the last axis: (layout, 0 for first / 1 for second)."""
-    node = follow(node)
+    node = follow(node, transparent=transparent)
     if op_name(node) != "getitem":
         return None
     base, index = node.args
-    if isinstance(index, int) and op_name(base) in ("chunk", "split") and follow(base.args[0]) is h:
+    if isinstance(index, int) and op_name(base) in ("chunk", "split") and follow(base.args[0], transparent=transparent) is h:
         chunks, dim = base.args[1], arg(base, 2, "dim", 0)
         two_way = chunks == 2 if op_name(base) == "chunk" else False
         width = h.meta["example_value"].shape[-1]
@@ -49,16 +49,16 @@ def _split_half(node: fx.Node, h: fx.Node) -> tuple[GateUpLayout, int] | None:
         if two_way and dim in (-1, h.meta["example_value"].dim() - 1):
             return GateUpLayout.CONCAT, index
         return None
-    if base is h and isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis:
+    if follow(base, transparent=transparent) is h and isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis:
         s = index[1]
         if isinstance(s, slice) and s.step == 2 and s.stop is None and s.start in (None, 0, 1):
             return GateUpLayout.INTERLEAVED, int(s.start or 0)
     return None
 
 
-def recognize_gated_activation(a: fx.Node, h: fx.Node) -> tuple[Activation, GateUpLayout]:
+def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) -> tuple[Activation, GateUpLayout]:
     """Prove that `a` (the down GEMM's input) is act(gate) * up of the gate_up GEMM's output `h`."""
-    a = follow(a)
+    a = follow(a, transparent=transparent)
     if op_name(a) != "mul" or len(a.args) != 2 or not all(isinstance(x, fx.Node) for x in a.args):
         raise Reject(f"down GEMM input is `{op_name(a)}`, expected act(gate) * up")
     for act_side, up_side in ((a.args[0], a.args[1]), (a.args[1], a.args[0])):
@@ -66,7 +66,7 @@ def recognize_gated_activation(a: fx.Node, h: fx.Node) -> tuple[Activation, Gate
         if act is None:
             continue
         activation, gate = act
-        gate_half, up_half = _split_half(gate, h), _split_half(up_side, h)
+        gate_half, up_half = _split_half(gate, h, transparent), _split_half(up_side, h, transparent)
         if gate_half is None or up_half is None:
             raise Reject("gate/up are not the two halves of the gate_up GEMM output (chunk(2, -1) or [..., ::2]/[..., 1::2])")
         if gate_half[0] != up_half[0] or (gate_half[1], up_half[1]) != (0, 1):

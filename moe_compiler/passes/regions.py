@@ -137,14 +137,15 @@ def is_tensor_index(index) -> bool:
 VALUE_PRESERVING = {"to", "contiguous", "float", "bfloat16", "half", "type_as", "clone", "unsqueeze", "squeeze"}
 
 
-def follow(node, *, through=VALUE_PRESERVING, gathers=False, within: Region | None = None) -> fx.Node:
+def follow(node, *, through=VALUE_PRESERVING, gathers=False, within: Region | None = None, transparent=frozenset()) -> fx.Node:
     """Walk up from `node` through value-preserving ops (and tensor-indexed gathers if asked), staying
-    inside `within` if given (so the walk ends at the region's own input)."""
+    inside `within` if given (so the walk ends at the region's own input). `transparent` nodes are
+    ones a recognizer proved to be identities (e.g. expert-parallel sentinel fills)."""
     while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
         if within is not None and not within.contains(node):
             break
         name = op_name(node)
-        if name in through:
+        if name in through or node in transparent:
             node = node.args[0]
         elif gathers and name == "getitem" and is_tensor_index(node.args[1]):
             node = node.args[0]

@@ -1,0 +1,142 @@
+"""The backend on tiny real HF models: every MoE layer fused, logits and gradients equal eager."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from hf_models import ARCHS, MOE_LAYERS, count_experts_modules, tiny_model
+from reference import rel_err
+
+FORMS = ["grouped_mm", "batched_mm"]
+# Logits vs eager: fp32 differs only by summation order; bf16 by Inductor's fusions around our op.
+LOGIT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _tokens(batch=2, seq=7, seed=0):
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def fused_count(form=None):
+    c = counters["moe_compiler"]
+    return c[f"fused_experts_{form}"] if form else sum(v for k, v in c.items() if k.startswith("fused_"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fuses_every_moe_layer_and_matches_eager(arch, form, dtype):
+    model = tiny_model(arch, form, dtype)
+    assert count_experts_modules(model) == MOE_LAYERS[arch]
+    ids = _tokens()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = torch.compile(model, backend="fused_moe", fullgraph=True)(input_ids=ids).logits
+    assert fused_count(form) == MOE_LAYERS[arch], dict(counters["moe_compiler"])
+    assert counters["moe_compiler"]["rejected_experts"] == 0
+    assert rel_err(out, ref) <= LOGIT_TOL[dtype]
+
+
+@pytest.mark.parametrize("arch,form", [("qwen3_moe", "grouped_mm"), ("deepseek_v3", "batched_mm"), ("mixtral", "grouped_mm")])
+def test_training_gradients_equal_eager(arch, form):
+    eager = tiny_model(arch, form, torch.float32).train()
+    compiled_model = tiny_model(arch, form, torch.float32).train()
+    compiled_model.load_state_dict(eager.state_dict())
+    ids, labels = _tokens(seed=1), _tokens(seed=2)
+
+    loss_ref = eager(input_ids=ids, labels=labels).loss
+    loss_ref.backward()
+    loss = torch.compile(compiled_model, backend="fused_moe")(input_ids=ids, labels=labels).loss
+    loss.backward()
+
+    assert fused_count(form) == MOE_LAYERS[arch]
+    assert rel_err(loss, loss_ref) <= 1e-5
+    ref_grads = dict(eager.named_parameters())
+    checked = 0
+    for name, p in compiled_model.named_parameters():
+        want = ref_grads[name].grad
+        if want is None:
+            assert p.grad is None, name
+            continue
+        assert rel_err(p.grad, want) <= 1e-4, name
+        checked += name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+    assert checked == 2 * MOE_LAYERS[arch]  # gate_up_proj and down_proj of every MoE layer got gradients
+
+
+def test_dynamic_sequence_length_compiles_once():
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    compiled = torch.compile(model, backend="fused_moe")
+    for seq in (5, 9, 13):
+        ids = _tokens(seq=seq, seed=seq)
+        torch._dynamo.mark_dynamic(ids, 1)
+        with torch.no_grad():
+            out = compiled(input_ids=ids).logits
+            ref = model(input_ids=ids).logits
+        assert rel_err(out, ref) <= 1e-5
+    assert counters["stats"]["unique_graphs"] == 1
+    assert fused_count("grouped_mm") == MOE_LAYERS["qwen3_moe"]
+
+
+def test_compiled_model_follows_in_place_weight_updates():
+    """No weight caches: an optimizer-style in-place update is seen by the next compiled call."""
+    model = tiny_model("mixtral", "grouped_mm")
+    compiled = torch.compile(model, backend="fused_moe")
+    ids = _tokens()
+    with torch.no_grad():
+        compiled(input_ids=ids)
+        for m in model.modules():
+            if type(m).__name__.endswith("Experts"):
+                m.down_proj.mul_(-0.5)
+        assert rel_err(compiled(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-5
+
+
+def test_unknown_activation_is_rejected_with_reason_and_still_correct(caplog):
+    # gelu_new is written out as 0.5 * x * (1 + tanh(...)): not an activation the op knows.
+    model = tiny_model("qwen3_moe", "grouped_mm", hidden_act="gelu_new")
+    ids = _tokens()
+    with caplog.at_level(logging.INFO, logger="moe_compiler"), torch.no_grad():
+        out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+        ref = model(input_ids=ids).logits
+    assert fused_count() == 0 and counters["moe_compiler"]["rejected_experts"] == 2
+    assert "unrecognized gate activation" in caplog.text
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_numerical_check_catches_a_wrong_proof(monkeypatch):
+    """If a recognizer mis-reads the activation, the numerical check refuses the rewrite."""
+    from moe_compiler.passes import gated_activation
+    from moe_compiler.spec import Activation
+
+    monkeypatch.setitem(gated_activation._SIMPLE_ACTS, "silu", Activation.RELU)
+    model = tiny_model("olmoe", "grouped_mm")
+    ids = _tokens()
+    with torch.no_grad():
+        out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+        ref = model(input_ids=ids).logits
+    assert fused_count() == 0 and counters["moe_compiler"]["rejected_experts"] == 2
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_eager_experts_implementation_is_explained(caplog):
+    model = tiny_model("qwen3_moe", "eager")
+    ids = _tokens()
+    with caplog.at_level(logging.INFO, logger="moe_compiler"), torch.no_grad():
+        out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+        ref = model(input_ids=ids).logits
+    assert fused_count() == 0
+    assert "experts_implementation='eager'" in caplog.text and "experts_implementation='grouped_mm'" in caplog.text
+    assert any(r.levelno == logging.WARNING for r in caplog.records)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_disabled_fusion_leaves_graph_alone():
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    ids = _tokens()
+    with torch.no_grad():
+        out = torch.compile(model, backend="fused_moe", options={"moe_compiler.enabled": False})(input_ids=ids).logits
+        ref = model(input_ids=ids).logits
+    assert fused_count() == 0
+    assert rel_err(out, ref) <= 1e-5
