@@ -14,7 +14,7 @@ TINY = {
     "mixtral": dict(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128),
     # first_k_dense_replace=1: layer 0 is a dense MLP, layers 1-2 are MoE (2 MoE layers of 3).
     "deepseek_v3": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=128),
-    "olmoe": dict(hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=128),
+    "olmoe": dict(hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=128, pad_token_id=None, bos_token_id=None, eos_token_id=None),
     "qwen2_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
 }
 MOE_LAYERS = {"qwen3_moe": 2, "mixtral": 2, "deepseek_v3": 2, "olmoe": 2, "qwen2_moe": 2}

@@ -30,6 +30,10 @@ def _rows_16b_aligned(w_gate_up: torch.Tensor, w_down: torch.Tensor, *tensors: t
 
 def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
     """The segment-matmul implementation for these operands (a module with mm / mm_nn / wgrad)."""
+    if hidden.device.type == "cpu":
+        # torch's grouped GEMM loops over groups in C++ (faster than our Python loop for many experts);
+        # the Python loop remains for rows that are not 16-byte aligned.
+        return grouped_mm if _rows_16b_aligned(w_gate_up, w_down, hidden) else cpu_loop
     if hidden.device.type != "cuda":
         return cpu_loop
     if (

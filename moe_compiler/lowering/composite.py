@@ -43,9 +43,8 @@ def _proj_dw(impl, x, dy, seg, transposed):
 
 def _unpermute_sum(rows: torch.Tensor, seg: Segments, T: int, k: int) -> torch.Tensor:
     """rows [S, D] in sorted order -> [T, D], summing each token's k slots (in fp32)."""
-    pairs = torch.empty_like(rows, dtype=torch.float32)
-    pairs[seg.perm] = rows.float()
-    return pairs.view(T, k, rows.shape[-1]).sum(1)
+    # A gather by the inverse permutation, not `pairs[perm] = rows`: index_put is ~10x slower on CPU.
+    return rows.float()[seg.inverse].view(T, k, rows.shape[-1]).sum(1)
 
 
 def _forward_rows(impl, hidden, topk_ids, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec):
@@ -84,8 +83,7 @@ def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, 
     tr = spec.transposed
 
     g = grad_out[seg.perm // k].float()  # [S, H] upstream gradient of each row's token
-    d_weights = torch.empty(T * k, dtype=torch.float32, device=hidden.device)
-    d_weights[seg.perm] = (g * y).sum(-1)
+    d_weights = (g * y).sum(-1)[seg.inverse]
     dy = g * topk_weights.reshape(-1)[seg.perm].float().unsqueeze(-1)  # [S, H]
 
     d_b_down = None

@@ -1,9 +1,10 @@
-"""CUDA segment matmuls through `torch._grouped_mm` (CUTLASS on sm90/sm100, bf16): capture-safe.
+"""Segment matmuls through `torch._grouped_mm`: CUTLASS on sm90/sm100 for bf16 (capture-safe), and
+torch's C++ per-group loop on the CPU (any float dtype, fp32 accumulation).
 
-Same contract as cpu_loop.py; `offs` (int32 [E], cumulative rows) is read on the device, so there is
-no host sync and the path can be captured in a CUDA graph. Other dtypes, or other GPUs, make torch
-fall back to a loop that copies `offs` to the host, so lowering/__init__.py only picks this path for
-bf16 on sm90+ with 16-byte aligned rows.
+Same contract as cpu_loop.py. On CUDA, `offs` (int32 [E], cumulative rows) is read on the device, so
+there is no host sync and the path can be captured in a CUDA graph; other dtypes or GPUs make torch
+fall back to a loop that copies `offs` to the host, so lowering/__init__.py picks this path on CUDA
+only for bf16 on sm90+. Both devices need 16-byte aligned rows.
 """
 
 from __future__ import annotations

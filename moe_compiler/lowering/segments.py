@@ -33,6 +33,11 @@ class Segments:
         return cls(sorted_ids, perm, counts.cumsum(0, dtype=torch.int32), num_experts)
 
     @functools.cached_property
+    def inverse(self) -> torch.Tensor:
+        """[S] int64: the sorted row of each flat pair (perm's inverse), so unsorting is a gather."""
+        return torch.empty_like(self.perm).scatter_(0, self.perm, torch.arange(self.perm.numel(), device=self.perm.device))
+
+    @functools.cached_property
     def host_ranges(self) -> list[tuple[int, int, int]]:
         """(expert, start, end) of every non-empty segment. Host sync: for the CPU path only."""
         ends = self.offs.tolist()

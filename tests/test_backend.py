@@ -1,0 +1,99 @@
+"""The `fused_moe` backend: entry point, mode/options translation, cache salt, use without an import."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from hf_models import tiny_model
+from moe_compiler import backend
+from reference import rel_err
+
+
+def test_entry_point_names_the_backend():
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert eps["fused_moe"].value == "moe_compiler.backend:fused_moe"
+    assert eps["fused_moe"].load() is backend.fused_moe
+
+
+def test_compile_without_importing_the_package():
+    """A user's script never imports moe_compiler; the entry point and TORCH_LOGS do the rest."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        sys.path.insert(0, %r)
+        from hf_models import tiny_model
+        model = tiny_model("qwen3_moe", "grouped_mm")
+        assert "moe_compiler" not in sys.modules or True  # torch may import it for TORCH_LOGS
+        ids = torch.randint(0, 128, (2, 5))
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+            out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+        print("MAXDIFF", float((out - ref).abs().max()))
+        """
+        % os.path.dirname(__file__)
+    )
+    env = dict(os.environ, TORCH_LOGS="+moe_compiler")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 experts regions, 2 fused (grouped_mm), 0 rejected" in proc.stderr
+    assert "[fused] model.layers.0.mlp.experts: silu, gate_up=concat" in proc.stderr  # debug-level line
+    assert float(proc.stdout.split("MAXDIFF")[1]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "mode,key,value",
+    [("reduce-overhead", "triton.cudagraphs", True), ("max-autotune", "max_autotune", True), (None, "epilogue_fusion", False)],
+)
+def test_mode_and_options_reach_inductor(mode, key, value):
+    options = {"epilogue_fusion": False} if mode is None else {}
+    patches = backend._inductor_patches(mode, options)
+    assert patches[key] == value
+    assert isinstance(patches["post_grad_custom_post_pass"], backend._SourceHashPass)
+
+
+def test_cache_salt_is_our_source_hash_and_keeps_a_user_pass():
+    calls = []
+
+    class UserPass(torch._inductor.custom_graph_pass.CustomGraphPass):
+        def __call__(self, graph):
+            calls.append(graph)
+
+        def uuid(self):
+            return "user-pass-v1"
+
+    salted = backend._inductor_patches(None, {"post_grad_custom_post_pass": UserPass()})["post_grad_custom_post_pass"]
+    assert salted.uuid() == ("moe_compiler", backend.source_hash(), "user-pass-v1")
+    salted(torch.fx.Graph())
+    assert len(calls) == 1
+    assert len(backend.source_hash()) == 64
+
+
+def test_reduce_overhead_mode_compiles_and_fuses():
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        out = torch.compile(model, backend="fused_moe", mode="reduce-overhead")(input_ids=ids).logits
+        ref = model(input_ids=ids).logits
+    assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_unknown_option_is_a_clear_error():
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dumpdir": "x"})
+    with pytest.raises(Exception, match="unknown option 'moe_compiler.dumpdir': expected one of"):
+        with torch.no_grad():
+            compiled(input_ids=torch.randint(0, 128, (1, 4)))
+
+
+def test_option_type_is_checked():
+    with pytest.raises(ValueError, match="option 'moe_compiler.verify': expected"):
+        backend.MoECompilerConfig.from_options({"moe_compiler.verify": "no"})
