@@ -44,8 +44,10 @@ def test_gather_bmm_chunks(monkeypatch):
     torch.testing.assert_close(full, chunked)
 
 
-def test_select_uses_the_reference_loop_on_cpu():
+def test_cpu_selection_by_alignment():
     from moe_compiler import lowering
 
-    hidden, _, _, w1, w2, _, _ = make_inputs(2, 16, 8, 4, 2, torch.bfloat16)
+    hidden, _, _, w1, w2, _, _ = make_inputs(2, 16, 8, 4, 2, torch.bfloat16)  # 32-byte rows
+    assert lowering.select(hidden, w1, w2) is grouped_mm
+    hidden, _, _, w1, w2, _, _ = make_inputs(2, 24, 12, 4, 2, torch.bfloat16)  # I = 12: 24-byte rows
     assert lowering.select(hidden, w1, w2) is cpu_loop
