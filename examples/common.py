@@ -86,11 +86,15 @@ def run(description: str, model_type: str, tiny_config: dict) -> None:
     with torch.no_grad():
         ref = model(input_ids=ids).logits.float()
         out = fused(input_ids=ids).logits.float()
+        out_inductor = inductor(input_ids=ids).logits.float()
     counts = dict(torch._dynamo.utils.counters["moe_compiler"])
     n_fused = sum(v for k, v in counts.items() if k.startswith("fused_"))
     print(f"fused {n_fused} of {n_experts_modules} MoE layers; counters: {counts}")
-    rel = float((out - ref).norm() / ref.norm())
-    print(f"logits vs eager: max abs diff {float((out - ref).abs().max()):.3e}, relative error {rel:.3e}")
+    for name, logits in (("fused_moe", out), ("torch.compile (inductor)", out_inductor)):
+        rel = float((logits - ref).norm() / ref.norm())
+        top1 = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+        print(f"logits vs eager, {name}: max abs diff {float((logits - ref).abs().max()):.3e}, "
+              f"relative error {rel:.3e}, top-1 agreement {top1:.1%}")
 
     with torch.no_grad():
         t_eager = _time(lambda: model(input_ids=ids), args.iters, args.device)

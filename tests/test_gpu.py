@@ -134,14 +134,24 @@ from hf_models import ARCHS, MOE_LAYERS, tiny_model  # noqa: E402
 @pytest.mark.parametrize("form", ["grouped_mm", "batched_mm"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_compiled_models_bf16(arch, form, mode):
+    """bf16 logits vs eager. In bf16 any compiler perturbs hidden states by ~1e-2, which flips top-k
+    near ties (seen on the GPU: DeepSeek-V3 tiny, 4e-2 for Inductor alone as for fused_moe). So an input
+    counts only if plain Inductor reproduces eager on it (no routing near-tie); on those inputs fused_moe
+    must too. Several calls per model: cudagraph trees record, then replay."""
     model = tiny_model(arch, form, torch.bfloat16).cuda()
     compiled = torch.compile(model, backend="fused_moe", mode=mode)
-    for seed in range(3):  # several calls: cudagraph trees record, then replay
+    inductor = torch.compile(model, mode=mode)
+    checked = 0
+    for seed in range(6):
         ids = torch.randint(0, 128, (2, 9), device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
         with torch.no_grad():
             out = compiled(input_ids=ids).logits
             ref = model(input_ids=ids).logits
+            if rel_err(inductor(input_ids=ids).logits, ref) > 1e-2:
+                continue  # a routing near-tie: no compiler can match eager here
         assert rel_err(out, ref) <= 1e-2
+        checked += 1
+    assert checked >= 3
     assert counters["moe_compiler"][f"fused_experts_{form}"] == MOE_LAYERS[arch]
     assert counters["moe_compiler"]["rejected_experts"] == 0
 
