@@ -145,9 +145,13 @@ def test_compiled_models_bf16(arch, form, mode):
     for seed in range(6):
         ids = torch.randint(0, 128, (2, 9), device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
         with torch.no_grad():
-            out = compiled(input_ids=ids).logits
+            # Two cudagraph-tree models share a memory pool: copy each output out before the next call.
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(input_ids=ids).logits.clone()
+            torch.compiler.cudagraph_mark_step_begin()
+            baseline = inductor(input_ids=ids).logits.clone()
             ref = model(input_ids=ids).logits
-            if rel_err(inductor(input_ids=ids).logits, ref) > 1e-2:
+            if rel_err(baseline, ref) > 1e-2:
                 continue  # a routing near-tie: no compiler can match eager here
         assert rel_err(out, ref) <= 1e-2
         checked += 1
