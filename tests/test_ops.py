@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moe_compiler  # noqa: F401  (registers the ops)
 from moe_compiler import Activation, ExpertsSpec, GateUpLayout, moe_experts
@@ -152,6 +154,7 @@ def _good():
         (lambda a: a.__setitem__(1, torch.full_like(a[1], -1)), "topk_ids values"),
         (lambda a: a.__setitem__(5, torch.zeros(4, 7)), "b_gate_up shape"),
         (lambda a: a.__setitem__(1, torch.zeros(4, 5, dtype=torch.long)), "top-k: expected k <= E=4"),
+        (lambda a: a.__setitem__(4, a[4].to("meta")), "devices: expected all tensors on one device, got \\['cpu', 'meta'\\]"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(mutate, match):
@@ -177,3 +180,23 @@ def test_bad_inputs_fail_at_compile_time_too():
     fn = torch.compile(lambda *a: moe_experts(*a), backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match="weight shapes"):
         fn(*args)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(0, 40),
+    H=st.sampled_from([8, 16, 24, 40]),
+    I=st.sampled_from([4, 8, 12, 20]),
+    E=st.integers(1, 12),
+    k_frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_forward_property_random_shapes(T, H, I, E, k_frac, dtype, seed):
+    """Any shape and dtype, aligned or not (unaligned rows take the Python loop on CPU)."""
+    k = 1 + int(k_frac * (E - 1))
+    inputs = make_inputs(T, H, I, E, k, dtype, seed=seed)
+    out = moe_experts(*inputs)
+    assert out.shape == (T, H) and out.dtype == dtype
+    if T:
+        assert rel_err(out, experts_reference(*inputs)) <= dict(DTYPES)[dtype]

@@ -1,0 +1,26 @@
+"""The examples run as a user runs them: a script, a local checkpoint, no import of moe_compiler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from hf_models import tiny_model
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def test_qwen3_example_on_a_local_checkpoint(tmp_path):
+    tiny_model("qwen3_moe", "grouped_mm").save_pretrained(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "qwen3_moe.py"), "--model", str(tmp_path), "--seq", "8", "--iters", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "fused 2 of 2 MoE layers" in out
+    assert "2 experts regions, 2 fused (grouped_mm), 0 rejected" in out
+    rel = float(out.split("logits vs eager, fused_moe:")[1].split("relative error")[1].split(",")[0])
+    assert rel <= 1e-5
+    assert "fused_moe" in out.split("forward,")[1]
