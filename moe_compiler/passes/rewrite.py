@@ -15,12 +15,10 @@ from .experts_common import ExpertsMatch
 from .regions import Region, example_value
 
 
-def _with_value(node: fx.Node, like: fx.Node, fn):
-    node.meta = {k: like.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack") if k in like.meta}
-    fake_mode = example_value(like).fake_mode
-    with fake_mode:
-        node.meta["example_value"] = fn()
-    return node
+def _meta(like: fx.Node, value) -> dict:
+    meta = {k: like.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack") if k in like.meta}
+    meta["example_value"] = value
+    return meta
 
 
 def replacement_args(match: ExpertsMatch) -> tuple:
@@ -31,16 +29,19 @@ def rewrite_experts(gm: fx.GraphModule, region: Region, match: ExpertsMatch) -> 
     graph = gm.graph
     op = torch.ops.moe_compiler.experts.default
     args = replacement_args(match)
+    out_dtype = example_value(match.output).dtype
+    # Fake values first (this runs the op's input checks): a failure leaves the graph untouched.
+    with example_value(match.output).fake_mode:
+        value = op(*[example_value(a) if isinstance(a, fx.Node) else a for a in args])
+        cast_value = value.to(out_dtype)
     with graph.inserting_before(match.output):
         new = graph.call_function(op, args)
-        fake_args = [example_value(a) if isinstance(a, fx.Node) else a for a in args]
-        _with_value(new, match.output, lambda: op(*fake_args))
+        new.meta = _meta(match.output, value)
         result = new
-        out_dtype = example_value(match.output).dtype
-        if out_dtype != example_value(match.hidden).dtype:
+        if out_dtype != value.dtype:
             # e.g. a bf16 model with fp32 router weights whose combine came out in fp32
             result = graph.call_method("to", (new, out_dtype))
-            _with_value(result, match.output, lambda: new.meta["example_value"].to(out_dtype))
+            result.meta = _meta(match.output, cast_value)
     match.output.replace_all_uses_with(result)
     for n in reversed(region.nodes):
         if not n.users:
