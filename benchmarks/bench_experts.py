@@ -189,9 +189,12 @@ def bench_point(name, cfg, experts, T, kind, timer, device, dtype, gen):
                 row["times_s"][vname] = timer.eager(lambda: fn(x, ids, w))
                 if capturable and device == "cuda" and T <= GRAPH_MAX_T:
                     row["times_s"][vname + "+graph"] = timer.graph(lambda: fn(x, ids, w))
-            except torch.OutOfMemoryError:
-                row["times_s"][vname] = None
-                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - OOM or a variant that can't be captured: record, go on
+                row["times_s"].setdefault(vname, None)
+                row.setdefault("errors", {})[vname] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
     return row
 
 
