@@ -54,6 +54,8 @@ class ExpertsMatch:
     w_down: fx.Node
     output: fx.Node
     shape: dict  # T, H, I, E, k (ints or symbolic)
+    b_gate_up: fx.Node | None = None
+    b_down: fx.Node | None = None
 
 
 # The router weights reach the multiply through reshapes, the sort permutation and unsqueeze.
@@ -71,6 +73,29 @@ def _sums_over_k(node: fx.Node) -> bool:
     dims = _dims(node.args[0])
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     return dims is not None and len(dims) == 3 and dim in (1, -2, (1,), [1])
+
+
+def _gemm_bias(use: GemmUse, region: Region, num_experts) -> fx.Node | None:
+    """The [E, N] bias parameter added to a GEMM's rows, if any.
+
+    transformers adds it in place, `out.add_(bias[expert_ids_g])` (`_grouped_linear` / `_batched_linear`),
+    so every later reader of `out` sees out + bias: accepted only when the add_ comes before any other
+    reader of `out` in graph order. Which bias row each GEMM row gets is the sort plumbing that verify.py
+    checks numerically."""
+    adds = [u for u in use.out.users if op_name(u) == "add_" and u.args[0] is use.out]
+    if not adds:
+        return None
+    if len(adds) > 1:
+        raise Reject(f"{len(adds)} in-place adds on the GEMM output `{use.out.name}`, expected one bias add")
+    add = adds[0]
+    order = {n: i for i, n in enumerate(region.nodes)}
+    if any(order.get(u, -1) < order[add] for u in use.out.users if u is not add):
+        raise Reject(f"`{use.out.name}` is read before its bias add `{add.name}`")
+    bias = follow(add.args[1], gathers=True, within=region)
+    dims = _dims(bias)
+    if bias.op not in ("placeholder", "get_attr") or dims is None or len(dims) != 2 or dims[0] != num_experts:
+        raise Reject(f"the bias added to `{use.out.name}` comes from `{bias.name}` {dims}, expected an [E, N] parameter")
+    return bias
 
 
 def _sentinel_fills(region: Region, num_experts) -> frozenset:
@@ -132,10 +157,12 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
     if h_dims is None or len(h_dims) != 2 or not example_value(hidden).is_floating_point():
         raise Reject(f"the gate_up GEMM's rows come from `{hidden.name}` of shape {h_dims}, expected a 2-D [T, H] float tensor")
 
-    # 3. the gated activation (through transformers 5.17's expert-parallel sentinel fills, identities here).
+    # 3. the gated activation (through transformers 5.17's expert-parallel sentinel fills, identities here),
+    #    after each GEMM's optional per-expert bias.
     E = _dims(up.weight)[0]
     transparent = _sentinel_fills(region, E)
-    activation, layout = recognize_gated_activation(down.x, follow(up.out, transparent=transparent), transparent)
+    b_gate_up, b_down = _gemm_bias(up, region, E), _gemm_bias(down, region, E)
+    gated = recognize_gated_activation(down.x, follow(up.out, transparent=transparent), transparent)
 
     # 4. router weights multiply the down output; the products are summed over k.
     inputs = [i for i in region.inputs if is_tensor_node(i)]
@@ -162,13 +189,13 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
     if not derives_from(up.node, topk_ids, region):
         raise Reject("the expert GEMM's grouping / weight gather does not depend on the top-k ids")
 
-    known = {hidden, topk_ids, topk_weights, up.weight, down.weight}
+    known = {hidden, topk_ids, topk_weights, up.weight, down.weight, b_gate_up, b_down}
     extra = [i for i in inputs if i not in known]
     if extra:
-        raise Reject(f"unexpected tensor inputs {[(i.name, _dims(i)) for i in extra]} (expert biases / post-expert norms are NYI)")
+        raise Reject(f"unexpected tensor inputs {[(i.name, _dims(i)) for i in extra]} (e.g. a post-expert norm: NYI)")
 
     w1 = _dims(up.weight)
     I2 = w1[2] if up.transposed_storage else w1[1]
     shape = {"T": h_dims[0], "H": h_dims[1], "E": E, "I": I2 // 2, "k": _dims(topk_ids)[1]}
-    spec = ExpertsSpec(activation, layout, up.transposed_storage)
-    return ExpertsMatch(form, spec, hidden, topk_ids, topk_weights, up.weight, down.weight, output, shape)
+    spec = ExpertsSpec(gated.activation, gated.layout, up.transposed_storage, gated.swiglu_alpha, gated.swiglu_limit)
+    return ExpertsMatch(form, spec, hidden, topk_ids, topk_weights, up.weight, down.weight, output, shape, b_gate_up, b_down)

@@ -7,17 +7,33 @@ Mirrors `_default_apply_gate` of transformers/integrations/moe.py (transformers 
 
 and the interleaved split `gate_up_out[..., ::2], gate_up_out[..., 1::2]`. Activations are proven by
 the op Dynamo recorded (nn.SiLU and GELU modules inline to F.silu / F.gelu), never by config name.
+
+Also GPT-OSS's `GptOssExperts._apply_gate` (models/gpt_oss/modeling_gpt_oss.py, 5.17-5.23):
+
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit); up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
 
+import dataclasses
+
 from ..spec import Activation, GateUpLayout
 from .regions import arg, follow, op_name
 from .reject import Reject
 
 _SIMPLE_ACTS = {"silu": Activation.SILU, "relu": Activation.RELU}
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedActivation:
+    activation: Activation
+    layout: GateUpLayout
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
 
 def _activation(node: fx.Node) -> tuple[Activation, fx.Node] | None:
@@ -56,11 +72,52 @@ def _split_half(node: fx.Node, h: fx.Node, transparent) -> tuple[GateUpLayout, i
     return None
 
 
-def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) -> tuple[Activation, GateUpLayout]:
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _clamp_bounds(node: fx.Node) -> tuple[fx.Node, float | None, float | None] | None:
+    if op_name(node) not in ("clamp", "clip"):
+        return None
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    return node.args[0], (None if lo is None else _number(lo)), (None if hi is None else _number(hi))
+
+
+def _gpt_oss_swiglu(a: fx.Node, h: fx.Node, transparent) -> GatedActivation | None:
+    """(up_c + 1) * (gate_c * sigmoid(gate_c * alpha)), gate_c = clamp(gate, max=L), up_c = clamp(up, -L, L)."""
+    for plus_one, glu in ((a.args[0], a.args[1]), (a.args[1], a.args[0])):
+        plus_one, glu = follow(plus_one, transparent=transparent), follow(glu, transparent=transparent)
+        if op_name(plus_one) != "add" or _number(plus_one.args[1]) != 1.0 or op_name(glu) != "mul":
+            continue
+        up_clamp = _clamp_bounds(follow(plus_one.args[0], transparent=transparent))
+        for gate_c, sig in ((glu.args[0], glu.args[1]), (glu.args[1], glu.args[0])):
+            sig = follow(sig, transparent=transparent)
+            if not isinstance(gate_c, fx.Node) or op_name(sig) != "sigmoid":
+                continue
+            scaled = follow(sig.args[0], transparent=transparent)
+            if op_name(scaled) != "mul" or scaled.args[0] is not gate_c or _number(scaled.args[1]) is None:
+                continue
+            gate_clamp = _clamp_bounds(follow(gate_c, transparent=transparent))
+            if gate_clamp is None or up_clamp is None:
+                raise Reject("GPT-OSS-style gate without the clamps of GptOssExperts._apply_gate")
+            limit = gate_clamp[2]
+            if gate_clamp[1] is not None or limit is None or up_clamp[1:] != (-limit, limit):
+                raise Reject(f"GPT-OSS clamps are gate<= {gate_clamp[1:]} and up in {up_clamp[1:]}, expected (None, L) and (-L, L)")
+            gate_half, up_half = _split_half(gate_clamp[0], h, transparent), _split_half(up_clamp[0], h, transparent)
+            if gate_half is None or up_half is None or gate_half[0] != up_half[0] or (gate_half[1], up_half[1]) != (0, 1):
+                raise Reject("GPT-OSS gate/up are not the first/second halves of the gate_up GEMM output")
+            return GatedActivation(Activation.GPT_OSS_SWIGLU, gate_half[0], _number(scaled.args[1]), limit)
+    return None
+
+
+def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) -> GatedActivation:
     """Prove that `a` (the down GEMM's input) is act(gate) * up of the gate_up GEMM's output `h`."""
     a = follow(a, transparent=transparent)
     if op_name(a) != "mul" or len(a.args) != 2 or not all(isinstance(x, fx.Node) for x in a.args):
         raise Reject(f"down GEMM input is `{op_name(a)}`, expected act(gate) * up")
+    if (gpt_oss := _gpt_oss_swiglu(a, h, transparent)) is not None:
+        return gpt_oss
     for act_side, up_side in ((a.args[0], a.args[1]), (a.args[1], a.args[0])):
         act = _activation(follow(act_side))
         if act is None:
@@ -71,7 +128,7 @@ def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) 
             raise Reject("gate/up are not the two halves of the gate_up GEMM output (chunk(2, -1) or [..., ::2]/[..., 1::2])")
         if gate_half[0] != up_half[0] or (gate_half[1], up_half[1]) != (0, 1):
             raise Reject(f"gate is half {gate_half[1]} and up is half {up_half[1]} ({gate_half[0].value}); expected gate first")
-        return activation, gate_half[0]
+        return GatedActivation(activation, gate_half[0])
     raise Reject(
         f"unrecognized gate activation: neither factor of the product is one of silu/gelu/gelu_tanh/relu "
         f"(got `{op_name(follow(a.args[0]))}` and `{op_name(follow(a.args[1]))}`)"

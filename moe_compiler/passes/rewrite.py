@@ -22,7 +22,7 @@ def _meta(like: fx.Node, value) -> dict:
 
 
 def replacement_args(match: ExpertsMatch) -> tuple:
-    return (match.hidden, match.topk_ids, match.topk_weights, match.w_gate_up, match.w_down, None, None, *match.spec.op_args())
+    return (match.hidden, match.topk_ids, match.topk_weights, match.w_gate_up, match.w_down, match.b_gate_up, match.b_down, *match.spec.op_args())
 
 
 def rewrite_experts(gm: fx.GraphModule, region: Region, match: ExpertsMatch) -> fx.Node:

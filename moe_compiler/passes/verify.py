@@ -68,7 +68,9 @@ def verify_numerically(gm: fx.GraphModule, region: Region, match: ExpertsMatch, 
             v = lambda n: rec.values[n.name]  # noqa: E731
             got = torch.ops.moe_compiler.experts(
                 v(match.hidden), v(match.topk_ids), v(match.topk_weights), v(match.w_gate_up), v(match.w_down),
-                None, None, *match.spec.op_args(),
+                v(match.b_gate_up) if match.b_gate_up is not None else None,
+                v(match.b_down) if match.b_down is not None else None,
+                *match.spec.op_args(),
             )
     except Reject:
         raise
