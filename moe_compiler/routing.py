@@ -1,0 +1,197 @@
+"""The `moe_compiler::route` operator: router logits -> (top-k weights, top-k ids), for the routers of
+transformers 5.x MoE models, with its fake beside it and its backward as its own op.
+
+    route(router_logits[T,E] float, correction_bias[E]?, top_k, scoring, order, norm_topk_prob,
+          routed_scaling_factor, n_group, topk_group, group_score, masked_score) -> (weights[T,k] f32, ids[T,k] i64)
+
+Forms covered (RouterSpec), each the op sequence of the named transformers 5.x router:
+    softmax -> top-k [-> renormalize]        Qwen2/Qwen3-MoE, Mixtral, OLMoE (Qwen3MoeTopKRouter ...)
+    top-k on logits -> softmax over the k    GPT-OSS-style (router bias folded into the logits by the caller)
+    sigmoid (+ correction bias for choice) -> group-limited top-k -> gather unbiased scores [-> renormalize]
+                                             DeepSeek-V3 / Kimi-K2 / GLM4-MoE (DeepseekV3TopkRouter)
+    x routed_scaling_factor at the end.
+Group-limited selection: experts split into n_group groups; a group's score is the sum of its top-2
+(`group_score="top2_sum"`, DeepSeek-V3) or its max (`"max"`, DeepSeek-V2) choice scores; only the
+best topk_group groups stay; the others' choice scores become `masked_score` (-inf in 5.23).
+
+Selection is not differentiable; the weights are, w.r.t. the logits (router training). The CPU
+implementation is the reference: it uses torch.topk, so ties break exactly as in the eager model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class Scoring(str, enum.Enum):
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+
+
+class RouteOrder(str, enum.Enum):
+    SCORE_THEN_TOPK = "score_then_topk"  # scores over all E experts, then top-k
+    TOPK_THEN_SCORE = "topk_then_score"  # top-k of the logits, then softmax over those k
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+    top_k: int
+    scoring: Scoring = Scoring.SOFTMAX
+    order: RouteOrder = RouteOrder.SCORE_THEN_TOPK
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2_sum"  # "top2_sum" | "max"
+    masked_score: float = -math.inf
+
+    def __post_init__(self):
+        object.__setattr__(self, "scoring", Scoring(self.scoring))
+        object.__setattr__(self, "order", RouteOrder(self.order))
+        if self.top_k < 1:
+            raise ValueError(f"RouterSpec.top_k: expected >= 1, got {self.top_k}")
+        if self.order is RouteOrder.TOPK_THEN_SCORE and (self.scoring is not Scoring.SOFTMAX or self.n_group != 1):
+            raise ValueError("RouterSpec.order: topk_then_score is defined for softmax scoring without groups")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"RouterSpec.topk_group: expected 1 <= topk_group <= n_group={self.n_group}, got {self.topk_group}")
+        if self.group_score not in ("top2_sum", "max"):
+            raise ValueError(f"RouterSpec.group_score: expected 'top2_sum' or 'max', got {self.group_score!r}")
+
+    def op_args(self) -> tuple:
+        return (self.top_k, self.scoring.value, self.order.value, self.norm_topk_prob, float(self.routed_scaling_factor),
+                self.n_group, self.topk_group, self.group_score, float(self.masked_score))
+
+
+def _fail(what, expected, got, fix):
+    raise ValueError(f"moe_compiler.route: {what}: expected {expected}, got {got}. {fix}")
+
+
+def _check(router_logits: Tensor, correction_bias: Optional[Tensor], spec: RouterSpec):
+    if router_logits.dim() != 2 or not router_logits.is_floating_point():
+        _fail("router_logits", "a 2-D [T, E] float tensor", f"{tuple(router_logits.shape)} {router_logits.dtype}", "Pass the router's logits.")
+    E = router_logits.shape[1]
+    if spec.top_k > E:
+        _fail("top_k", f"<= E={E}", spec.top_k, "Each token picks distinct experts.")
+    if E % spec.n_group != 0:
+        _fail("n_group", f"a divisor of E={E}", spec.n_group, "Check the model config.")
+    if spec.n_group > 1 and spec.top_k > spec.topk_group * (E // spec.n_group):
+        _fail("topk_group", f"enough groups for top_k={spec.top_k}", spec.topk_group, "Check the model config.")
+    if correction_bias is not None and (correction_bias.dim() != 1 or correction_bias.shape[0] != E):
+        _fail("correction_bias", f"a [E={E}] tensor", tuple(correction_bias.shape), "Pass e_score_correction_bias or None.")
+
+
+def _select(logits32: Tensor, correction_bias: Optional[Tensor], spec: RouterSpec) -> tuple[Tensor, Tensor]:
+    """(scores [T, E] fp32 used for the weights, ids [T, k]) following the router's own op order."""
+    T, E = logits32.shape
+    if spec.order is RouteOrder.TOPK_THEN_SCORE:
+        return logits32, torch.topk(logits32, spec.top_k, dim=-1)[1]
+    scores = logits32.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else logits32.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if spec.n_group > 1:
+        grouped = choice.view(T, spec.n_group, E // spec.n_group)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if spec.group_score == "top2_sum" else grouped.amax(-1)
+        group_idx = torch.topk(group_scores, spec.topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
+        keep = keep.unsqueeze(-1).expand(T, spec.n_group, E // spec.n_group).reshape(T, E)
+        choice = choice.masked_fill(~keep, spec.masked_score)
+    return scores, torch.topk(choice, spec.top_k, dim=-1, sorted=False)[1]
+
+
+def route_forward(router_logits, correction_bias, spec: RouterSpec) -> tuple[Tensor, Tensor]:
+    scores, ids = _select(router_logits.float(), correction_bias, spec)
+    picked = scores.gather(1, ids)
+    if spec.order is RouteOrder.TOPK_THEN_SCORE:
+        weights = picked.softmax(dim=-1)
+    elif spec.norm_topk_prob:
+        eps = 1e-20 if spec.scoring is Scoring.SIGMOID else 0.0  # DeepSeek adds 1e-20; softmax routers don't
+        weights = picked / (picked.sum(-1, keepdim=True) + eps)
+    else:
+        weights = picked
+    return weights * spec.routed_scaling_factor, ids
+
+
+def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor:
+    """d loss / d router_logits [T, E] (selection held fixed)."""
+    z = router_logits.float()
+    g = grad_weights.float() * spec.routed_scaling_factor
+    if spec.order is RouteOrder.TOPK_THEN_SCORE:
+        w = z.gather(1, ids).softmax(dim=-1)
+        dz_sel = w * (g - (g * w).sum(-1, keepdim=True))
+        return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
+    scores = z.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else z.sigmoid()
+    picked = scores.gather(1, ids)
+    if spec.norm_topk_prob:
+        denom = picked.sum(-1, keepdim=True) + (1e-20 if spec.scoring is Scoring.SIGMOID else 0.0)
+        d_picked = g / denom - (g * picked).sum(-1, keepdim=True) / denom**2
+    else:
+        d_picked = g
+    if spec.scoring is Scoring.SIGMOID:
+        dz_sel = d_picked * picked * (1 - picked)
+        return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
+    d_scores = torch.zeros_like(z).scatter_(1, ids, d_picked)
+    return (scores * (d_scores - (d_scores * scores).sum(-1, keepdim=True))).to(router_logits.dtype)
+
+
+def _spec(*args) -> RouterSpec:
+    return RouterSpec(*args)
+
+
+@torch.library.custom_op("moe_compiler::route", mutates_args=())
+def route(
+    router_logits: Tensor, correction_bias: Optional[Tensor], top_k: int, scoring: str, order: str, norm_topk_prob: bool,
+    routed_scaling_factor: float, n_group: int, topk_group: int, group_score: str, masked_score: float,
+) -> tuple[Tensor, Tensor]:
+    """Top-k routing weights (fp32) and expert ids (int64) of a transformers 5.x router; see RouterSpec."""
+    spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score)
+    _check(router_logits, correction_bias, spec)
+    return route_forward(router_logits, correction_bias, spec)
+
+
+@route.register_fake
+def _(router_logits, correction_bias, top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score):
+    spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score)
+    _check(router_logits, correction_bias, spec)
+    T = router_logits.shape[0]
+    return (router_logits.new_empty(T, top_k, dtype=torch.float32), router_logits.new_empty(T, top_k, dtype=torch.int64))
+
+
+@torch.library.custom_op("moe_compiler::route_backward", mutates_args=())
+def route_backward_op(
+    grad_weights: Tensor, router_logits: Tensor, ids: Tensor, top_k: int, scoring: str, order: str, norm_topk_prob: bool,
+    routed_scaling_factor: float, n_group: int, topk_group: int, group_score: str, masked_score: float,
+) -> Tensor:
+    spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score)
+    return route_backward(grad_weights, router_logits, ids, spec)
+
+
+@route_backward_op.register_fake
+def _(grad_weights, router_logits, ids, *spec_args):
+    return torch.empty_like(router_logits)
+
+
+def _setup_context(ctx, inputs, output):
+    router_logits, _, *spec_args = inputs
+    ctx.save_for_backward(router_logits, output[1])
+    ctx.spec_args = spec_args
+
+
+def _backward(ctx, grad_weights, _grad_ids):
+    router_logits, ids = ctx.saved_tensors
+    if grad_weights is None:
+        return (None,) * 11
+    d_logits = torch.ops.moe_compiler.route_backward(grad_weights.contiguous(), router_logits, ids, *ctx.spec_args)
+    return (d_logits,) + (None,) * 10
+
+
+route.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_route(router_logits: Tensor, spec: RouterSpec, correction_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Python convenience wrapper: the op with a typed spec."""
+    return torch.ops.moe_compiler.route(router_logits, correction_bias, *spec.op_args())

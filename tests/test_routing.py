@@ -1,0 +1,114 @@
+"""torch.ops.moe_compiler.route against transformers' own router modules: same experts, same weights,
+same gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+from moe_compiler.routing import RouterSpec, moe_route
+from reference import rel_err
+
+
+def _by_id(weights, ids, E):
+    """[T, E] dense view: routing outputs compare equal whatever order the k slots come in."""
+    return torch.zeros(ids.shape[0], E, dtype=torch.float64).scatter_(1, ids.long(), weights.double())
+
+
+def _compare(router, spec, hidden, bias=None, E=None):
+    hidden = hidden.clone().requires_grad_(True)
+    _, ref_w, ref_ids = router(hidden)
+    logits = torch.nn.functional.linear(hidden.float(), router.weight.float())
+    w, ids = moe_route(logits, spec, bias)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values)
+    assert rel_err(_by_id(w, ids, E), _by_id(ref_w, ref_ids, E)) <= 1e-6
+    probe = torch.randn(ids.shape[0], E, dtype=torch.float64)  # loss depends on which expert got which weight
+    (g_ref,) = torch.autograd.grad((_by_id(ref_w, ref_ids, E) * probe).sum(), hidden)
+    (g,) = torch.autograd.grad((_by_id(w, ids, E) * probe).sum(), hidden)
+    # k = 1 with renormalization: every weight is exactly 1 and the gradient exactly 0
+    assert float((g - g_ref).norm()) <= 1e-5 * max(float(g_ref.norm()), 1.0)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("E,k", [(8, 2), (16, 16), (5, 1)])  # k = E, k = 1, odd E
+def test_softmax_then_topk_matches_qwen3_router(norm, E, k):
+    cfg = AutoConfig.for_model("qwen3_moe", hidden_size=32, num_experts=E, num_experts_per_tok=k, norm_topk_prob=norm)
+    router = Qwen3MoeTopKRouter(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    spec = RouterSpec(top_k=k, norm_topk_prob=norm)
+    _compare(router, spec, torch.randn(13, 32), E=E)
+
+
+@pytest.mark.parametrize("n_group,topk_group,norm,scale", [(1, 1, True, 2.5), (4, 2, True, 2.827), (8, 3, False, 1.0)])
+def test_sigmoid_group_limited_matches_deepseek_v3_router(n_group, topk_group, norm, scale):
+    E, k = 16, 4
+    cfg = AutoConfig.for_model(
+        "deepseek_v3", hidden_size=32, n_routed_experts=E, num_experts_per_tok=k, n_group=n_group,
+        topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=scale,
+    )
+    router = DeepseekV3TopkRouter(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    with torch.no_grad():
+        router.e_score_correction_bias.normal_(0, 0.3)  # steers the choice, not the weights
+    spec = RouterSpec(top_k=k, scoring="sigmoid", norm_topk_prob=norm, routed_scaling_factor=scale, n_group=n_group, topk_group=topk_group)
+    _compare(router, spec, torch.randn(11, 32), router.e_score_correction_bias, E=E)
+
+
+def test_topk_then_softmax():
+    logits = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    w, ids = moe_route(logits, RouterSpec(top_k=3, order="topk_then_score"))
+    top, ref_ids = logits.topk(3, dim=-1)
+    assert torch.equal(ids, ref_ids)
+    ref_w = top.softmax(-1)
+    assert rel_err(w, ref_w) <= 1e-6
+    probe = torch.randn(9, 3)
+    (g,) = torch.autograd.grad((w * probe).sum(), logits)
+    (g_ref,) = torch.autograd.grad((ref_w * probe).sum(), logits)
+    assert rel_err(g, g_ref) <= 1e-6
+
+
+def test_group_score_max_deepseek_v2_style():
+    logits = torch.randn(7, 12)
+    w, ids = moe_route(logits, RouterSpec(top_k=2, n_group=4, topk_group=1, group_score="max"))
+    probs = logits.softmax(-1)
+    best_group = probs.view(7, 4, 3).amax(-1).argmax(-1)
+    assert ((ids // 3) == best_group[:, None]).all()  # both experts from the best group
+    assert rel_err(w, probs.gather(1, ids)) <= 1e-6
+
+
+def test_route_opcheck():
+    logits = torch.randn(6, 8, requires_grad=True)
+    spec = RouterSpec(top_k=2, scoring="sigmoid", norm_topk_prob=True, n_group=2, topk_group=1)
+    torch.library.opcheck(torch.ops.moe_compiler.route.default, (logits, torch.randn(8), *spec.op_args()))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(top_k=0), "RouterSpec.top_k"),
+        (dict(top_k=2, order="topk_then_score", scoring="sigmoid"), "topk_then_score"),
+        (dict(top_k=2, n_group=2, topk_group=3), "RouterSpec.topk_group"),
+        (dict(top_k=2, group_score="mean"), "RouterSpec.group_score"),
+    ],
+)
+def test_bad_router_spec(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RouterSpec(**kwargs)
+
+
+def test_bad_route_inputs():
+    with pytest.raises(ValueError, match="top_k: expected <= E=4"):
+        moe_route(torch.randn(3, 4), RouterSpec(top_k=5))
+    with pytest.raises(ValueError, match="n_group: expected a divisor of E=6"):
+        moe_route(torch.randn(3, 6), RouterSpec(top_k=2, n_group=4, topk_group=1))
+    with pytest.raises(ValueError, match="correction_bias: expected a \\[E=6\\] tensor"):
+        moe_route(torch.randn(3, 6), RouterSpec(top_k=2), torch.randn(5))
+    with pytest.raises(ValueError, match="router_logits"):
+        moe_route(torch.randint(0, 3, (3, 6)), RouterSpec(top_k=2))
+    assert math.isinf(RouterSpec(top_k=1).masked_score)
