@@ -65,9 +65,9 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
             rr.dot = region_dot(region.nodes)
             match = recognize_experts(region, EXPERTS_FORMS)
             rr.form, rr.spec, rr.shape = match.form, match.spec.describe(), {k: str(v) for k, v in match.shape.items()}
-            rr.check = verify_numerically(gm, region, match, real) if config.verify else "skipped (verify=False)"
             if not config.enabled:
                 raise Reject("fusion disabled (MOE_COMPILER_DISABLE=1 or option moe_compiler.enabled=False)")
+            rr.check = verify_numerically(gm, region, match, real) if config.verify else "skipped (verify=False)"
             rr.after = _after_code(gm, match)
             rewrite_experts(gm, region, match)
             rr.status = "fused"
