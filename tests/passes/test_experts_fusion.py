@@ -140,3 +140,16 @@ def test_disabled_fusion_leaves_graph_alone():
         ref = model(input_ids=ids).logits
     assert fused_count() == 0
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_inference_mode_and_dynamic_true():
+    """`torch.inference_mode()` (serving) and `torch.compile(dynamic=True)` (T symbolic from the start)."""
+    model = tiny_model("deepseek_v3", "grouped_mm")
+    compiled = torch.compile(model, backend="fused_moe", dynamic=True)
+    with torch.inference_mode():
+        for seq in (3, 8):
+            ids = _tokens(seq=seq, seed=seq)
+            assert rel_err(compiled(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-5
+    # Every graph Dynamo compiled (the model's own guards may ask for more than one) fused every layer.
+    assert fused_count("grouped_mm") == MOE_LAYERS["deepseek_v3"] * counters["stats"]["unique_graphs"]
+    assert counters["moe_compiler"]["rejected_experts"] == 0
