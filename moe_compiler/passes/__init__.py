@@ -55,6 +55,7 @@ def _after_code(gm: fx.GraphModule, match) -> str:
 
 def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConfig) -> GraphReport:
     report = GraphReport(num_nodes=len(gm.graph.nodes))
+    counters["moe_compiler"]["graphs"] += 1
     regions = find_experts_regions(gm)
     real = _real_inputs(gm, example_inputs) if regions else {}
     for region in regions:

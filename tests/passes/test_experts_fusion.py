@@ -150,6 +150,6 @@ def test_inference_mode_and_dynamic_true():
         for seq in (3, 8):
             ids = _tokens(seq=seq, seed=seq)
             assert rel_err(compiled(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-5
-    # Every graph Dynamo compiled (the model's own guards may ask for more than one) fused every layer.
-    assert fused_count("grouped_mm") == MOE_LAYERS["deepseek_v3"] * counters["stats"]["unique_graphs"]
+    # Dynamo restarts this compile once (plain Inductor too): every graph the backend saw fused every layer.
+    assert fused_count("grouped_mm") == MOE_LAYERS["deepseek_v3"] * counters["moe_compiler"]["graphs"]
     assert counters["moe_compiler"]["rejected_experts"] == 0
