@@ -32,10 +32,16 @@ def tiny_model(arch: str, experts_implementation: str = "grouped_mm", dtype=torc
     cfg = AutoConfig.for_model(arch, **{**TINY[arch], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, experts_implementation=experts_implementation)
-    hidden = cfg.hidden_size
+    redraw(model, cfg, dtype, cfg.hidden_size)
+    return model.eval()
+
+
+def redraw(model, cfg, dtype, hidden: int, router_rows=None, extra_router_suffixes=()):
+    """Routers with std 1, expert biases with std 0.2 and, in fp32, expert weights with fan_in^-1/2."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2 and p.shape[0] > 1 and p.shape[1] == hidden:
+            is_router = name.endswith(("gate.weight", "router.weight", *extra_router_suffixes))
+            if is_router and p.dim() == 2 and p.shape[1] == hidden and p.shape[0] > 1 and (router_rows is None or p.shape[0] in router_rows):
                 p.normal_(0.0, 1.0)
             elif name.endswith("proj_bias"):  # expert biases start at zero: make them matter
                 p.normal_(0.0, 0.2)
@@ -47,7 +53,6 @@ def tiny_model(arch: str, experts_implementation: str = "grouped_mm", dtype=torc
                 # init, and the function itself in fp32 (1e-5) and by the op tests against fp64.
                 fan_in = p.shape[1] if cfg.model_type == "gpt_oss" else p.shape[2]  # GPT-OSS stores [E, in, out]
                 p.normal_(0.0, fan_in**-0.5)
-    return model.eval()
 
 
 def count_experts_modules(model) -> int:

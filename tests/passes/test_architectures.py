@@ -1,0 +1,32 @@
+"""Every MoE architecture of transformers 5.x (tests/hf_zoo.py), fp32, default experts implementation:
+fused where we can prove the experts region, otherwise left alone with the reason logged — logits equal
+eager either way. The full architecture x form x dtype grid: tools/support_matrix.py -> docs/support_matrix.md."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from hf_models import count_experts_modules
+from hf_zoo import NOT_FUSED, TINY, zoo_model
+from reference import rel_err
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_architecture(arch, caplog):
+    model = zoo_model(arch)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="moe_compiler"), torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+    fused = sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_"))
+    if arch in NOT_FUSED:
+        assert fused == 0
+        assert NOT_FUSED[arch] in caplog.text
+    else:
+        assert fused == count_experts_modules(model) > 0
+        assert counters["moe_compiler"]["rejected_experts"] == 0
+    assert rel_err(out, ref) <= 1e-5
