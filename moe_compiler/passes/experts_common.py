@@ -30,7 +30,8 @@ EAGER_FIX = (
     "experts_implementation='eager' loops over experts found by `nonzero()`, which breaks the graph "
     "(data-dependent shapes), so no whole MoE region exists to fuse. Fix: load the model with the default "
     "experts_implementation ('grouped_mm') or 'batched_mm', e.g. "
-    "AutoModelForCausalLM.from_pretrained(..., experts_implementation='grouped_mm')"
+    "AutoModelForCausalLM.from_pretrained(..., experts_implementation='grouped_mm'). Models whose experts have no "
+    "such switch in transformers 5.x (DBRX, LongCat-Flash) always loop; their experts cannot be fused yet."
 )
 
 
