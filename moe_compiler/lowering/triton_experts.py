@@ -48,6 +48,15 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, S, BLOCK_M: tl.constexpr):
+    """The expert of sorted block pid_m, its padded slots, the pair index in each slot, and which are real."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_rows_ptr + slots)
+    return expert, slots, rows, rows < S
+
+
+@triton.jit
 def _gate_up_act_kernel(
     x_ptr, w_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
     S, H, I, TOP_K,
@@ -57,11 +66,8 @@ def _gate_up_act_kernel(
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_rows_ptr + slots)
-    valid = rows < S
+        return  # past the used blocks: the grid is sized by the static bound
+    expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, S, BLOCK_M)
     tok = (rows // TOP_K).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < I
@@ -96,10 +102,7 @@ def _down_weight_kernel(
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_rows_ptr + slots)
-    valid = rows < S
+    expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, S, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < H
     w_base = w_ptr + expert * stride_we
