@@ -6,13 +6,10 @@ expert, first layer dense - with widths and depth scaled down.
 """
 
 from common import run
+from deepseek_v3 import TINY as DEEPSEEK_V3_TINY
 
-TINY = dict(
-    hidden_size=256, intermediate_size=512, moe_intermediate_size=64, n_routed_experts=384, num_experts_per_tok=8,
-    n_group=1, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.827, norm_topk_prob=True,
-    num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
-    q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, vocab_size=1024,
-)
+# DeepSeek-V3's architecture at the same scaled-down widths, with Kimi-K2's routing.
+TINY = dict(DEEPSEEK_V3_TINY, n_routed_experts=384, n_group=1, topk_group=1, routed_scaling_factor=2.827)
 
 if __name__ == "__main__":
     run(__doc__, "deepseek_v3", TINY)

@@ -72,7 +72,6 @@ class AlignedRows:
     pos: torch.Tensor  # [S] int32
     block_expert: torch.Tensor  # [MAX_BLOCKS] int32
     num_padded: torch.Tensor  # [1] int32
-    block_m: int
 
     @property
     def max_blocks(self) -> int:
@@ -98,4 +97,4 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligne
         flat, S, num_experts, cursor, sorted_rows, pos, block_expert, num_padded, s_pad // block_m,
         BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=1024, CHUNK_B=max(16, min(128, 16384 // block_e)),
     )
-    return AlignedRows(sorted_rows, pos, block_expert, num_padded, block_m)
+    return AlignedRows(sorted_rows, pos, block_expert, num_padded)

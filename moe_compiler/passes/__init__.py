@@ -62,14 +62,16 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
         rr = RegionReport(region.name, region.cls, len(region.nodes))
         report.regions.append(rr)
         try:
-            rr.before = region_module(gm, region).code
-            rr.dot = region_dot(region.nodes)
+            if config.dump_dir:  # the code and picture only serve the dump: skip them otherwise
+                rr.before = region_module(gm, region).code
+                rr.dot = region_dot(region.nodes)
             match = recognize_experts(region, EXPERTS_FORMS)
             rr.form, rr.spec, rr.shape = match.form, match.spec.describe(), {k: str(v) for k, v in match.shape.items()}
             if not config.enabled:
                 raise Reject("fusion disabled (MOE_COMPILER_DISABLE=1 or option moe_compiler.enabled=False)")
             rr.check = verify_numerically(gm, region, match, real) if config.verify else "skipped (verify=False)"
-            rr.after = _after_code(gm, match)
+            if config.dump_dir:
+                rr.after = _after_code(gm, match)
             rewrite_experts(gm, region, match)
             rr.status = "fused"
             counters["moe_compiler"][f"fused_experts_{match.form}"] += 1
