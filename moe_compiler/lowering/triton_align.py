@@ -1,21 +1,29 @@
-"""Triton: (token, slot) pairs sorted by expert into a BLOCK_M-aligned layout, in one capture-safe kernel.
+"""Triton: (token, slot) pairs sorted by expert into a BLOCK_M-aligned layout. Capture-safe, deterministic.
 
-Data contract
-    topk_ids      [S]            int32/int64, S = T * k, values in [0, E)
-    sorted_rows   [S_pad]        int32  flat pair index at each padded position; S marks padding
-    pos           [S]            int32  padded position of each pair (sorted_rows[pos[p]] == p)
-    block_expert  [MAX_BLOCKS]   int32  expert of each BLOCK_M block of sorted_rows; -1 past the end
-    num_padded    [1]            int32  used length of sorted_rows (a multiple of BLOCK_M)
-    S_pad = S + E * (BLOCK_M - 1) and MAX_BLOCKS = S_pad / BLOCK_M are static upper bounds: every expert's
-    segment is rounded up to a whole block, so each GEMM block reads one expert's weights.
+Data contract (S = T * k pairs, pair p = t * k + j; C = CHUNK pairs per program, NB = cdiv(S, C) chunks)
+    topk_ids      [S]            int32/int64, values in [0, E) (others are clamped and reported via ids_ok)
+    sorted_rows   [S_pad]        int32  pair index at each padded sorted position (padding slots unwritten)
+    pos           [S]            int32  padded sorted position of each pair (sorted_rows[pos[p]] == p)
+    block_expert  [MAX_BLOCKS]   int32  expert of each BLOCK_M block of sorted positions; -1 past the end
+    seg_end       [E]            int32  end of expert e's real rows (its padding follows, up to the block edge)
+    num_padded    [1]            int32  used length of sorted_rows, a multiple of BLOCK_M
+    ids_ok        [1]            int32  1 if every id was in [0, E), else 0 (the op asserts on it)
+    MAX_BLOCKS = cdiv(S, BLOCK_M) + min(E, S) bounds the blocks of any routing (each non-empty expert
+    adds at most one partial block); S_pad = MAX_BLOCKS * BLOCK_M. Static, so the grid and buffers are
+    fixed under CUDA graph capture, and no host sync is needed.
 
-    route -> [permute: this kernel] -> gate_up GEMM -> down GEMM -> combine  (triton_experts.py)
+    route -> [permute: this file] -> gate_up GEMM -> down GEMM -> combine  (triton_experts.py)
 
-One program does histogram, exclusive prefix sum over padded counts, block -> expert table, then a
-scatter in which each pair takes the next free slot of its expert with an atomic increment. The order
-of rows inside an expert's segment therefore varies from run to run, but nothing downstream depends on
-it: every row is computed independently and the combine gathers by pair index, so outputs are
-bit-identical across runs. No host sync, all sizes static: safe under CUDA graph capture.
+Three launches, none serial over S:
+    count    (NB programs)  per-chunk expert histogram              -> counts [NB, BLOCK_E]
+    offsets  (1 program)    per-expert totals, padded prefix sum, and for every (chunk, expert) the
+                            position where that chunk's rows of that expert start, minus the chunk's
+                            rows of lower experts (so that adding a row's rank in the chunk's sorted
+                            order gives its destination)  -> in place over counts
+    scatter  (NB programs)  sort the chunk's keys (expert * C + i) in registers; the q-th key goes to
+                            offsets[chunk, expert] + q; each program also fills its share of the
+                            block -> expert table
+The result is the stable sort by expert (the order of torch.sort(stable=True)): identical on every run.
 """
 
 from __future__ import annotations
@@ -26,44 +34,96 @@ import torch
 import triton
 import triton.language as tl
 
+CHUNK = 1024  # most pairs per count/scatter program: one register-resident bitonic sort of 1024 keys
+
 
 @triton.jit
-def _align_kernel(
-    ids_ptr, S, E, cursor_ptr, sorted_rows_ptr, pos_ptr, block_expert_ptr, num_padded_ptr, MAX_BLOCKS,
-    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr,
+def _clamped_ids(ids_ptr, chunk, S, E, CHUNK: tl.constexpr):
+    offs = chunk.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    live = offs < S
+    e = tl.load(ids_ptr + offs, mask=live, other=0)
+    bad = live & ((e < 0) | (e >= E))
+    # Out-of-range ids are clamped so that every later access stays in bounds; the op asserts on ids_ok.
+    e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int32)
+    return offs, live, e, bad
+
+
+@triton.jit
+def _count_kernel(ids_ptr, S, E, counts_ptr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    chunk = tl.program_id(0)
+    _, live, e, bad = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    spare = BLOCK_E - 1  # BLOCK_E > E: the last bin is free; it receives the dead lanes, then holds the bad count
+    hist = tl.histogram(tl.where(live, e, spare), BLOCK_E)
+    e_idx = tl.arange(0, BLOCK_E)
+    hist = tl.where(e_idx == spare, tl.sum(bad.to(tl.int32), 0), hist)
+    tl.store(counts_ptr + chunk * BLOCK_E + e_idx, hist)
+
+
+@triton.jit
+def _offsets_kernel(
+    counts_ptr, NB, E, seg_end_ptr, pad_end_ptr, num_padded_ptr, ok_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr,
 ):
     e_idx = tl.arange(0, BLOCK_E)
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for start in range(0, S, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        mask = offs < S
-        e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
-        e = tl.where(mask, e, BLOCK_E - 1)  # out-of-range lanes land in the spare last bin (BLOCK_E > E)
-        counts += tl.histogram(e, BLOCK_E)
-    counts = tl.where(e_idx < E, counts, 0)
+    r_idx = tl.arange(0, ROWS)
+    real = e_idx < E
+
+    totals = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for r0 in range(0, NB, ROWS):
+        rows = r0 + r_idx
+        tile = tl.load(counts_ptr + rows[:, None] * BLOCK_E + e_idx[None, :], mask=(rows < NB)[:, None], other=0)
+        totals += tl.sum(tile, axis=0)
+    n_bad = tl.sum(tl.where(e_idx == BLOCK_E - 1, totals, 0), 0)
+    tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
+    counts = tl.where(real, totals, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
     starts = ends - padded
-    total = tl.sum(padded, 0)
-    tl.store(num_padded_ptr, total)
-    tl.store(cursor_ptr + e_idx, starts, mask=e_idx < E)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    tl.store(seg_end_ptr + e_idx, starts + counts, mask=real)
+    # Padded segment ends for the block -> expert table (built by the scatter programs); past E: never <= a block start.
+    tl.store(pad_end_ptr + e_idx, tl.where(real, ends, 2**30))
 
-    # Expert of block b: the number of experts whose padded segment ends at or before b * BLOCK_M.
-    n_blocks = total // BLOCK_M
-    for b0 in range(0, MAX_BLOCKS, CHUNK_B):
+    # offsets[c, e] = starts[e] + (rows of e in chunks < c) - (rows of experts < e in chunk c)
+    run = starts
+    for r0 in range(0, NB, ROWS):
+        rows = r0 + r_idx
+        ptrs = counts_ptr + rows[:, None] * BLOCK_E + e_idx[None, :]
+        tile = tl.load(ptrs, mask=(rows < NB)[:, None], other=0)
+        tile = tl.where(real[None, :], tile, 0)
+        earlier_chunks = tl.cumsum(tile, axis=0) - tile
+        lower_experts = tl.cumsum(tile, axis=1) - tile
+        tl.store(ptrs, run[None, :] + earlier_chunks - lower_experts, mask=(rows < NB)[:, None])
+        run += tl.sum(tile, axis=0)
+
+
+@triton.jit
+def _scatter_kernel(
+    ids_ptr, S, E, offsets_ptr, sorted_rows_ptr, pos_ptr, pad_end_ptr, num_padded_ptr, block_expert_ptr,
+    MAX_BLOCKS, BLOCKS_PER_PROGRAM,
+    CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_B: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    _, live, e, _ = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    local = tl.arange(0, CHUNK)
+    # Dead lanes sort last (spare expert BLOCK_E - 1); keys are unique, so the sort is stable by construction.
+    keys = tl.sort(tl.where(live, e, BLOCK_E - 1) * CHUNK + local)
+    sorted_e = keys // CHUNK
+    pair = chunk.to(tl.int64) * CHUNK + keys % CHUNK
+    keep = sorted_e < E
+    dest = tl.load(offsets_ptr + chunk * BLOCK_E + sorted_e, mask=keep, other=0) + local
+    tl.store(sorted_rows_ptr + dest, pair.to(tl.int32), mask=keep)
+    tl.store(pos_ptr + pair, dest, mask=keep)
+
+    # This program's share of the block -> expert table: the expert of block b is the number of experts
+    # whose padded segment ends at or before b * BLOCK_M; -1 past the used blocks.
+    ends = tl.load(pad_end_ptr + tl.arange(0, BLOCK_E))
+    n_blocks = tl.load(num_padded_ptr) // BLOCK_M
+    first = chunk * BLOCKS_PER_PROGRAM
+    for b0 in range(first, tl.minimum(first + BLOCKS_PER_PROGRAM, MAX_BLOCKS), CHUNK_B):
         b = b0 + tl.arange(0, CHUNK_B)
-        done = (ends[None, :] <= (b * BLOCK_M)[:, None]) & (e_idx[None, :] < E)
-        expert = tl.sum(done.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(b < n_blocks, expert, -1), mask=b < MAX_BLOCKS)
-
-    tl.debug_barrier()  # the cursors stored above must be visible to every thread's atomics below
-    for start in range(0, S, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        mask = offs < S
-        e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
-        dest = tl.atomic_add(cursor_ptr + e, 1, mask=mask)
-        tl.store(sorted_rows_ptr + dest, offs, mask=mask)
-        tl.store(pos_ptr + offs, dest, mask=mask)
+        expert = tl.sum((ends[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(b < n_blocks, expert, -1), mask=(b < MAX_BLOCKS) & (b < first + BLOCKS_PER_PROGRAM))
 
 
 @dataclasses.dataclass
@@ -71,30 +131,47 @@ class AlignedRows:
     sorted_rows: torch.Tensor  # [S_pad] int32
     pos: torch.Tensor  # [S] int32
     block_expert: torch.Tensor  # [MAX_BLOCKS] int32
+    seg_end: torch.Tensor  # [E] int32
     num_padded: torch.Tensor  # [1] int32
+    ids_ok: torch.Tensor  # [1] int32
 
     @property
     def max_blocks(self) -> int:
         return self.block_expert.numel()
 
 
-def padded_size(num_pairs: int, num_experts: int, block_m: int) -> int:
-    return num_pairs + num_experts * (block_m - 1)
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+
+
+def chunk_size(num_pairs: int) -> int:
+    # Pairs per count/scatter program: the sort's cost grows with it, so small problems take small chunks.
+    return max(64, min(CHUNK, triton.next_power_of_2(num_pairs)))
 
 
 def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedRows:
+    """Sort the pairs of topk_ids [T, k] by expert into BLOCK_M-aligned segments (see the data contract)."""
     flat = topk_ids.reshape(-1).contiguous()  # a [T, 1] slice of a wider tensor reshapes to a strided view
     S = flat.numel()
-    s_pad = triton.cdiv(padded_size(S, num_experts, block_m), block_m) * block_m
-    dev = flat.device
-    sorted_rows = torch.full((s_pad,), S, dtype=torch.int32, device=dev)
-    pos = torch.empty(S, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(s_pad // block_m, dtype=torch.int32, device=dev)
-    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
-    cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    if S >= 2**31 - num_experts * block_m:
+        raise ValueError(f"moe_compiler: {S} (token, slot) pairs exceed the int32 row index; split the batch below 2^31 pairs")
+    n_blocks = max_blocks(S, num_experts, block_m)
+    chunk = chunk_size(S)
+    nb = triton.cdiv(S, chunk)
     block_e = triton.next_power_of_2(num_experts + 1)
-    _align_kernel[(1,)](
-        flat, S, num_experts, cursor, sorted_rows, pos, block_expert, num_padded, s_pad // block_m,
-        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=1024, CHUNK_B=max(16, min(128, 16384 // block_e)),
+    # One allocation carved into every buffer (allocations are host time on the critical path of small T).
+    sizes = [n_blocks * block_m, S, n_blocks, num_experts, 1, 1, nb * block_e, block_e]
+    parts = torch.empty(sum(sizes), dtype=torch.int32, device=flat.device).split(sizes)
+    rows = AlignedRows(*parts[:6])
+    counts, pad_end = parts[6].view(nb, block_e), parts[7]
+    _count_kernel[(nb,)](flat, S, num_experts, counts, CHUNK=chunk, BLOCK_E=block_e)
+    _offsets_kernel[(1,)](
+        counts, nb, num_experts, rows.seg_end, pad_end, rows.num_padded, rows.ids_ok,
+        BLOCK_M=block_m, BLOCK_E=block_e, ROWS=max(1, 16384 // block_e), num_warps=8,
     )
-    return AlignedRows(sorted_rows, pos, block_expert, num_padded)
+    _scatter_kernel[(nb,)](
+        flat, S, num_experts, counts, rows.sorted_rows, rows.pos, pad_end, rows.num_padded, rows.block_expert,
+        n_blocks, triton.cdiv(n_blocks, nb),
+        CHUNK=chunk, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK_B=max(16, min(128, 8192 // block_e)),
+    )
+    return rows

@@ -1,0 +1,50 @@
+"""Shared cases of the Triton kernel tests: device, dtypes with tolerances, specs, and input builders."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
+from test_ops import make_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (dtype, rel tol vs fp64). bf16 stores are unreliable in the CPU interpreter: bf16 runs on the GPU only.
+DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)] + ([(torch.bfloat16, 1e-2)] if DEVICE == "cuda" else [])
+
+SPECS = [
+    ExpertsSpec(),  # SwiGLU, concat (Qwen / Mixtral / DeepSeek)
+    ExpertsSpec(Activation.GELU, GateUpLayout.INTERLEAVED),
+    ExpertsSpec(Activation.GELU_TANH),
+    ExpertsSpec(Activation.RELU, GateUpLayout.INTERLEAVED),
+    # GPT-OSS: [E, H, 2I] weights, interleaved, biases, clamps; a low limit so the clamps bite.
+    ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True, swiglu_limit=1.0),
+]
+
+
+def spec_id(spec: ExpertsSpec) -> str:
+    return f"{spec.activation.value}-{spec.gate_up.value}-{'t' if spec.transposed else 'n'}"
+
+
+def device_inputs(T, H, I, E, k, dtype, spec, seed=0):
+    """(cpu inputs for the reference, the same on DEVICE); GPT-OSS-like specs get biases."""
+    inputs = make_inputs(T, H, I, E, k, dtype, spec, bias=spec.transposed, seed=seed)
+    return inputs, [t.to(DEVICE) if t is not None else None for t in inputs]
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """torch.empty / Tensor.new_empty return poisoned memory (NaN, or -2^30 for ints) inside the block, so
+    an output element no kernel wrote, or a padding slot a kernel read, shows in the results."""
+    real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
+
+    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
+    torch.Tensor.new_empty = lambda self, *a, **kw: poison(real_new_empty(self, *a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.Tensor.new_empty = real_empty, real_new_empty
