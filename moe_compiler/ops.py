@@ -99,9 +99,9 @@ def experts(
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]); see spec.py for the expert MLP."""
     spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit)
     check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
-    _check_ids_in_range(topk_ids, w_gate_up.shape[0])
-    impl = lowering.select(hidden, w_gate_up, w_down)
-    return composite.experts_forward(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+    if not lowering.uses_triton(hidden):
+        _check_ids_in_range(topk_ids, w_gate_up.shape[0])  # the Triton kernels check ids themselves
+    return lowering.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
 
 
 @experts.register_fake

@@ -34,22 +34,92 @@ def _inputs(T, E, k, H, I, dtype=torch.bfloat16, seed=0):
     return hidden, ids, weights, w1, w2
 
 
-def test_bf16_takes_the_capture_safe_grouped_mm_path():
+def test_cuda_forward_takes_triton_and_backward_the_capture_safe_composite(monkeypatch):
     hidden, _, _, w1, w2 = _inputs(4, 8, 2, 256, 128)
-    assert lowering.select(hidden, w1, w2) is grouped_mm
+    assert lowering.uses_triton(hidden)
+    assert lowering.select(hidden, w1, w2) is grouped_mm  # the backward's segment matmuls
     assert lowering.select(hidden.float(), w1.float(), w2.float()) is gather_bmm
+    monkeypatch.setenv(lowering.KERNELS_ENV, "torch")
+    assert not lowering.uses_triton(hidden)
+    monkeypatch.setenv(lowering.KERNELS_ENV, "cutlass")
+    with pytest.raises(ValueError, match="expected 'triton' or 'torch'"):
+        lowering.uses_triton(hidden)
+
+
+def _poisoned_out(fn):
+    """Run fn on a caching allocator whose free blocks hold NaN, so an unwritten output shows."""
+    torch.cuda.synchronize()
+    # One large block (the large pool) and 32 small ones (the 2 MB segments of the small pool).
+    junk = [torch.empty(1 << 28, dtype=torch.uint8, device="cuda")] + [torch.empty(1 << 20, dtype=torch.uint8, device="cuda") for _ in range(32)]
+    for j in junk:
+        j.view(torch.bfloat16).fill_(float("nan"))
+    del junk
+    return fn()
 
 
 @pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: s[0])
-@pytest.mark.parametrize("T", [0, 1, 7, 129, 1000])  # empty, decode, odd, T > BLOCK, prefill-ish
+@pytest.mark.parametrize("T", [0, 1, 7, 16, 129, 1000])  # empty, decode, odd, decode/sorted border, T > BLOCK, prefill-ish
 def test_real_shapes_bf16(shape, T):
     _, E, k, H, I = shape
-    inputs = _inputs(T, E, k, H, I)
-    out = moe_experts(*inputs)
+    inputs = _inputs(T, E, k, H, I, seed=T)
+    out = _poisoned_out(lambda: moe_experts(*inputs))
     assert out.shape == (T, H) and out.dtype == torch.bfloat16
     if T:
         assert torch.isfinite(out).all()
         assert rel_err(out, experts_reference_by_expert(*inputs)) <= 1e-2
+
+
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_both_triton_paths_at_real_shapes(shape, T):
+    """The decode and the sorted path compute the same thing, whichever the config table picks."""
+    from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig
+
+    _, E, k, H, I = shape
+    hidden, ids, weights, w1, w2 = _inputs(T, E, k, H, I, seed=100 + T)
+    ref = experts_reference_by_expert(hidden, ids, weights, w1, w2)
+    decode = DecodeConfig(KernelConfig(32, 256), KernelConfig(8, 128, num_warps=8))
+    tiles = SortedConfig(16, KernelConfig(64, 128, 4, 4), KernelConfig(64, 128, 4, 4), programs_per_sm=2)
+    for config in (decode, tiles):
+        out = _poisoned_out(lambda: lowering.triton_forward(hidden, ids, weights, w1, w2, None, None, ExpertsSpec(), config))
+        assert rel_err(out, ref) <= 1e-2, config
+
+
+def test_gpt_oss_20b_shape_bf16():
+    """GPT-OSS-20B experts: E=32, k=4, H=I=2880 (no power of two), [E, H, 2I] weights, biases, clamps."""
+    from moe_compiler import Activation, GateUpLayout
+
+    spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
+    E, k, H, I = 32, 4, 2880, 2880
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for T in (1, 300):
+        hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        ids = torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :k]
+        weights = torch.rand(T, k, device="cuda", generator=g).bfloat16()
+        w1 = (torch.randn(E, H, 2 * I, device="cuda", generator=g) * H**-0.5).bfloat16()
+        w2 = (torch.randn(E, I, H, device="cuda", generator=g) * I**-0.5).bfloat16()
+        b1 = (torch.randn(E, 2 * I, device="cuda", generator=g) * 0.1).bfloat16()
+        b2 = (torch.randn(E, H, device="cuda", generator=g) * 0.1).bfloat16()
+        out = _poisoned_out(lambda: moe_experts(hidden, ids, weights, w1, w2, b1, b2, spec=spec))
+        ref = _reference_with_bias(hidden, ids, weights, w1, w2, b1, b2, spec)
+        assert rel_err(out, ref) <= 1e-2
+
+
+def _reference_with_bias(hidden, ids, weights, w1, w2, b1, b2, spec):
+    from moe_compiler.activations import gated_forward
+
+    x, out = hidden.double(), torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
+    for e in torch.unique(ids).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = x[tok] @ w1[e].double() + b1[e].double()
+        y = gated_forward(h, spec) @ w2[e].double() + b2[e].double()
+        out.index_add_(0, tok, y * weights[tok, slot].double().unsqueeze(-1))
+    return out
+
+
+def test_forward_is_deterministic():
+    inputs = _inputs(3000, 128, 8, 2048, 768, seed=11)
+    assert torch.equal(moe_experts(*inputs), moe_experts(*inputs))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
@@ -105,6 +175,25 @@ def test_cuda_graph_capture_and_replay_with_changing_routing(dtype):
         torch.cuda.synchronize()
         assert rel_err(out, experts_reference_by_expert(hidden, ids, weights, w1, w2)) <= tol
         assert torch.equal(out, moe_experts(hidden, ids, weights, w1, w2))
+
+
+@pytest.mark.parametrize("T", [1, 48])  # decode path, sorted path
+def test_reduce_overhead_compile_replays_with_changing_routing(T):
+    """torch.compile(mode="reduce-overhead") captures the op in a CUDA graph; each replay with new routing
+    (and new activations) must equal the eager op."""
+    E, k, H, I = 64, 4, 512, 256
+    hidden, ids, weights, w1, w2 = _inputs(T, E, k, H, I)
+
+    def layer(x, i, w):
+        return moe_experts(x, i, w, w1, w2) * 1.0
+
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    for seed in range(5):
+        x, i, w, _, _ = _inputs(T, E, k, H, I, seed=seed)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(x, i, w).clone()
+        assert torch.equal(out, moe_experts(x, i, w, w1, w2)), seed
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
 
 
 def test_out_of_range_ids_fail_loudly_on_device():

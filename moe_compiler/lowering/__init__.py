@@ -1,23 +1,43 @@
 """Lowering: picks how the experts op runs for a given device, dtype and shape.
 
-Every implementation provides the three segment matmuls of cpu_loop.py (`mm`, `mm_nn`, `wgrad`) and a
-`compute_dtype`; composite.py builds the experts forward and backward from them. The choice is made
-per call from static facts only (device, dtype, alignment), never from data, so it is stable under
-CUDA graph capture.
+    CUDA (any float dtype)  -> Triton: decode path (triton_decode.py) or sorted path (triton_align.py +
+                               triton_experts.py), the kernel config looked up in triton_config.py
+    CPU, or CUDA with MOE_COMPILER_KERNELS=torch, and every backward
+                            -> composite.py over one segment-matmul implementation (`select`)
+
+The choice is made per call from static facts only (device, dtype, shapes, alignment), never from data,
+so it is stable under CUDA graph capture.
+
+Environment: MOE_COMPILER_KERNELS=torch runs the torch composite on CUDA too (the v0 path: for
+comparisons, or as a way around a Triton problem); the default, MOE_COMPILER_KERNELS=triton, uses the
+Triton forward wherever CUDA and Triton are available.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-from . import cpu_loop, gather_bmm, grouped_mm
+from . import composite, cpu_loop, gather_bmm, grouped_mm
+
+KERNELS_ENV = "MOE_COMPILER_KERNELS"
 
 
 @functools.cache
 def _sm90_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] in (9, 10)
+
+
+@functools.cache
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _rows_16b_aligned(w_gate_up: torch.Tensor, w_down: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -44,3 +64,63 @@ def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
     ):
         return grouped_mm
     return gather_bmm
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def uses_triton(hidden: torch.Tensor) -> bool:
+    kernels = os.environ.get(KERNELS_ENV, "triton")
+    if kernels not in ("triton", "torch"):
+        raise ValueError(f"{KERNELS_ENV}={kernels!r}: expected 'triton' or 'torch'")
+    return hidden.device.type == "cuda" and kernels == "triton" and _triton_available()
+
+
+def triton_config_for(hidden, topk_ids, w_gate_up, I: int):
+    """The tuned (or default, with a warning) Triton config of this problem on hidden's GPU."""
+    index = hidden.device.index if hidden.device.index is not None else torch.cuda.current_device()
+    T, H = hidden.shape
+    return _config_for(index, hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H, I, T)
+
+
+@functools.lru_cache(maxsize=4096)  # per call it is host time on the critical path of small T
+def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int):
+    from . import triton_config, triton_decode
+
+    config = triton_config.lookup(_gpu_name(index), _capability(index), dtype, E, k, H, I, T)
+    if config.path is triton_config.Path.DECODE and T * k > triton_decode.MAX_PAIRS:
+        config = triton_config.default_config(dtype, E, k, H, I, max(T, triton_decode.MAX_PAIRS))
+    return config
+
+
+def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None):
+    """The experts op's forward on whichever implementation fits (see the module docstring)."""
+    T, k = topk_ids.shape
+    if T == 0 or k == 0:
+        return hidden.new_zeros(hidden.shape)
+    if not uses_triton(hidden):
+        impl = select(hidden, w_gate_up, w_down)
+        return composite.experts_forward(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+    return triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
+
+
+def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None):
+    """The Triton forward with a given config (None: looked up); returns out [T, H]. T > 0."""
+    from . import triton_config, triton_decode, triton_experts
+
+    I = w_down.shape[1] if spec.transposed else w_down.shape[2]
+    if config is None:
+        config = triton_config_for(hidden, topk_ids, w_gate_up, I)
+    path = triton_decode if config.path is triton_config.Path.DECODE else triton_experts
+    out, ids_ok = path.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
+    if hidden.device.type == "cuda":
+        # The kernels clamp out-of-range ids (no stray memory access); this turns them into a loud failure
+        # without a host sync (capture-safe).
+        torch._assert_async(ids_ok, "moe_compiler.experts: topk_ids out of [0, E)")
+    return out

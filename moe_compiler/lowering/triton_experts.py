@@ -1,122 +1,185 @@
-"""Triton experts forward: gather-GEMM with the gated activation in its epilogue, down GEMM with the router
-weight in its epilogue, and a deterministic gather-and-sum combine.
+"""Triton experts forward, sorted (prefill) path: gather-GEMM with the gated activation in its epilogue,
+down GEMM with the router weight in its epilogue, and a deterministic gather-and-sum combine.
 
-Data contract (shape letters: T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k)
-    hidden        [T, H]           bf16/fp16/fp32, rows gathered in-kernel (never permuted in memory)
-    topk_ids      [T, k]           -> triton_align.py: sorted_rows [S_pad], pos [S], block_expert [MAX_BLOCKS]
+Data contract (shape letters: T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k pairs)
+    hidden        [T, H]           bf16/fp16/fp32, row stride free, rows gathered in-kernel (never permuted)
+    topk_ids      [T, k]           -> triton_align.py: sorted_rows [S_pad], pos [S], block_expert, seg_end
     topk_weights  [T, k]           any float dtype, applied in fp32
-    w_gate_up     [E, 2I, H]       read in place (concat or interleaved gate/up rows)
-    w_down        [E, H, I]        read in place
+    w_gate_up     [E, 2I, H]       read in place through its strides (transposed [E, H, 2I] too),
+                                   gate/up rows concatenated ([g_0..g_I-1, u_0..u_I-1]) or interleaved
+    w_down        [E, H, I]        read in place through its strides (transposed [E, I, H] too)
+    b_gate_up     [E, 2I] / None   b_down [E, H] / None
     act           [S_pad, I]       hidden's dtype, rows in padded sorted order (padding rows never written)
-    y             [S_pad, H]       hidden's dtype, router-weighted down outputs, same order
-    out           [T, H]           out[t] = sum_j y[pos[t*k + j]], accumulated in fp32
+    y             [S_pad, H]       hidden's dtype, (down output + b_down) * router weight, same order
+    out           [T, H]           out[t] = sum_j y[pos[t*k + j]] in fp32, in slot order: deterministic
 
     route -> permute (align) -> [gate_up GEMM + act] -> [down GEMM * weight] -> [combine]
 
-Every block of BLOCK_M sorted rows belongs to one expert (block_expert), so a program loads one
-expert's weight tiles. Blocks past num_padded exit at once: the grid is sized by the static bound and
-stays fixed under CUDA graph capture. Row offsets are int64 (tok * H can pass 2^31).
-
-Status: forward only, transposed=False, no biases, activations silu / gelu / gelu_tanh / relu. Validated
-under TRITON_INTERPRET on the CPU; not yet selected by lowering/ (needs the GPU tests and tuning of
-the kernels issue).
+Every block of BLOCK_M sorted positions belongs to one expert (block_expert), so a tile loads one expert's
+weights. The grid is sized by static bounds (CUDA-graph safe); each program walks tiles
+tile = pid, pid + programs, ... up to the used count read on the device (num_padded), so a persistent
+grid (programs = a few per SM) and one program per tile are the same kernel. Tiles are rastered in
+groups of GROUP_M row blocks sharing a column block, so neighbouring programs reuse one expert's weight
+tiles and the same gathered rows from L2. Row offsets are int64 (t * H passes 2^31 for large T).
+Loads are unmasked along N (column indices wrap modulo N; the store masks) and along K when the
+config's block_k divides K. With config.tma (sm90+, weights [E, N, K] with unit K stride), weight tiles
+(and the down GEMM's contiguous act rows) come by TMA from host-built descriptors; the gathered hidden
+rows of the gate_up GEMM always come by pointer loads (Hopper's TMA has no row gather).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ..spec import Activation, ExpertsSpec, GateUpLayout
-from .triton_align import align_rows
-
-_ACT_CODE = {Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.RELU: 3}
-
-
-@triton.jit
-def _act(g, ACT: tl.constexpr):
-    if ACT == 0:
-        return g * tl.sigmoid(g)
-    elif ACT == 1:
-        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
-    elif ACT == 2:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        return 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(x) = 2 sigmoid(2x) - 1
-    else:
-        return tl.maximum(g, 0.0)
+from ..spec import ExpertsSpec, GateUpLayout
+from .triton_act import ACT_CODE, gated_act
+from .triton_align import AlignedRows, align_rows
+from .triton_config import Combine, SortedConfig
 
 
 @triton.jit
-def _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, S, BLOCK_M: tl.constexpr):
-    """The expert of sorted block pid_m, its padded slots, the pair index in each slot, and which are real."""
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M):
+    group = GROUP_M * num_pid_n
+    first_m = (tile // group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@triton.jit
+def _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M: tl.constexpr):
+    """Expert of block pid_m, its sorted positions, the pair at each, and which positions hold a pair."""
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_rows_ptr + slots)
-    return expert, slots, rows, rows < S
+    valid = slots < tl.load(seg_end_ptr + expert)
+    rows = tl.load(sorted_rows_ptr + slots, mask=valid, other=0)
+    return expert, slots.to(tl.int64), rows, valid
 
 
-@triton.jit
-def _gate_up_act_kernel(
-    x_ptr, w_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
-    S, H, I, TOP_K,
-    stride_xm, stride_we, stride_wn, stride_wk, stride_am,
-    ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
+@triton.jit(do_not_specialize=["GROUP_M"])  # a runtime knob: tuning it compiles nothing
+def _gate_up_kernel(
+    x_ptr, w_ptr, w_desc, b_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+    H, I, TOP_K, alpha, limit, GROUP_M,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
+    ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return  # past the used blocks: the grid is sized by the static bound
-    expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, S, BLOCK_M)
-    tok = (rows // TOP_K).to(tl.int64)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < I
-    if INTERLEAVED:
-        gate_rows, up_rows = 2 * n, 2 * n + 1
-    else:
-        gate_rows, up_rows = n, I + n
-    w_base = w_ptr + expert * stride_we
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < H
-        a = tl.load(x_ptr + tok[:, None] * stride_xm + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & n_ok[None, :]
-        wg = tl.load(w_base + gate_rows[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
-        wu = tl.load(w_base + up_rows[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
-        acc_g = tl.dot(a, wg, acc_g)
-        acc_u = tl.dot(a, wu, acc_u)
-    out = _act(acc_g, ACT) * acc_u
-    ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + n[None, :]
-    tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    num_pid_n = tl.cdiv(I, BLOCK_N)
+    num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
+        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
+        tok = (rows // TOP_K).to(tl.int64)
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
+        w_base = w_ptr + expert * stride_we
+        if INTERLEAVED:
+            # Rows 2n (gate) and 2n+1 (up) are neighbours: one [BLOCK_K, 2*BLOCK_N] tile, split after the dot.
+            cols = (pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * I)
+            w_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                if W_TMA:
+                    # TMA: rows past 2I and columns past H arrive as zeros.
+                    w = w_desc.load([expert.to(tl.int32), pid_n * 2 * BLOCK_N, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
+                elif EVEN_K:
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+                a_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wk
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + expert * stride_be + cols).to(tl.float32)[None, :]
+            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        else:
+            n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
+            wg_ptrs = w_base + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+            wu_ptrs = wg_ptrs + I * stride_wn
+            gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                if W_TMA:
+                    # TMA: gate rows past I read up rows (their columns are not stored); up rows past 2I are zeros.
+                    wg = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                    wu = w_desc.load([expert.to(tl.int32), I + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                elif EVEN_K:
+                    wg = tl.load(wg_ptrs)
+                    wu = tl.load(wu_ptrs)
+                else:
+                    wg = tl.load(wg_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
+                    wu = tl.load(wu_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
+                gate = tl.dot(a, wg, gate, input_precision=DOT_PRECISION)
+                up = tl.dot(a, wu, up, input_precision=DOT_PRECISION)
+                a_ptrs += BLOCK_K
+                wg_ptrs += BLOCK_K * stride_wk
+                wu_ptrs += BLOCK_K * stride_wk
+            if HAS_BIAS:
+                gate += tl.load(b_ptr + expert * stride_be + n).to(tl.float32)[None, :]
+                up += tl.load(b_ptr + expert * stride_be + I + n).to(tl.float32)[None, :]
+        out = gated_act(gate, up, alpha, limit, ACT)
+        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
+        tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
 
 
-@triton.jit
-def _down_weight_kernel(
-    a_ptr, w_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
-    S, H, I,
-    stride_am, stride_we, stride_wn, stride_wk, stride_ym,
+@triton.jit(do_not_specialize=["GROUP_M"])
+def _down_kernel(
+    a_ptr, a_desc, w_ptr, w_desc, b_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+    H, I, TOP_K, GROUP_M,
+    stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, S, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < H
-    w_base = w_ptr + expert * stride_we
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < I
-        a = tl.load(a_ptr + slots[:, None].to(tl.int64) * stride_am + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
-    weight = tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-    acc = acc * weight[:, None]
-    ptrs = y_ptr + slots[:, None].to(tl.int64) * stride_ym + n[None, :]
-    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
+        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
+        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
+        kk = tl.arange(0, BLOCK_K)
+        # Padding rows of act were never written: whatever they hold only reaches rows that are not stored.
+        a_ptrs = a_ptr + slots[:, None] * stride_am + kk[None, :]
+        w_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            if W_TMA:
+                # act rows are contiguous in sorted order, so both operands come by TMA (K tail: zeros).
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+                w = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+            elif EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
+                w = tl.load(w_ptrs, mask=(kk[:, None] < I - k0), other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + expert * stride_be + n).to(tl.float32)[None, :]
+        acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = valid[:, None] & (n_out < H)[None, :]
+        if ATOMIC:
+            # y is the fp32 [T, H] output itself: add into the token's row (order of adds varies by run).
+            tok = (rows // TOP_K).to(tl.int64)
+            tl.atomic_add(y_ptr + tok[:, None] * stride_ym + n_out[None, :], acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(y_ptr + slots[:, None] * stride_ym + n_out[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -125,47 +188,127 @@ def _combine_kernel(y_ptr, pos_ptr, out_ptr, H, stride_ym, stride_om, TOP_K: tl.
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):  # fixed order over slots: deterministic
+    for j in tl.static_range(TOP_K):  # fixed slot order: deterministic
         p = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)
         acc += tl.load(y_ptr + p * stride_ym + h, mask=h_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_om + h, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 
-def supports(spec: ExpertsSpec, has_bias: bool) -> bool:
-    return not spec.transposed and not has_bias and spec.activation in _ACT_CODE
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision products (tf32 would miss the fp32 tolerance of 1e-4; ~3e-4 rel err).
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec: ExpertsSpec,
-                    block_m: int = 64, block_n: int = 64, block_k: int = 32) -> torch.Tensor:
-    if not supports(spec, has_bias=False):
-        raise NotImplementedError(f"NYI: Triton experts for {spec.describe()}")
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _grid(max_tiles: int, programs_per_sm: int, device: torch.device) -> tuple[int]:
+    if programs_per_sm and device.type == "cuda":
+        return (max(1, min(max_tiles, programs_per_sm * _num_sms(device.index or 0))),)
+    return (max(1, max_tiles),)
+
+
+def logical_strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
+    """(expert, out-feature, in-feature) strides of a weight, whichever way it is stored."""
+    return (w.stride(0), w.stride(2), w.stride(1)) if transposed else (w.stride(0), w.stride(1), w.stride(2))
+
+
+@functools.cache
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can load these (CUDA, sm90+, unit last stride, 16-byte aligned base and strides)."""
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or not _has_tma(t0.device.index if t0.device.index is not None else torch.cuda.current_device()):
+        return False
+    return all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        for t in tensors
+    )
+
+
+def _weight_desc(w, rows: int, block_k: int, use: bool):
+    """A TMA descriptor of w [E, N, K] loading [1, rows, block_k] boxes, or None."""
+    if not use:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, rows, block_k])
+
+
+def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: ExpertsSpec, config: SortedConfig, k: int, act):
+    """act[slot] = act(gate) * up of the pair at each sorted slot (padding slots untouched)."""
+    H, I = hidden.shape[1], act.shape[1]
+    gu = config.gate_up
+    interleaved = spec.gate_up is GateUpLayout.INTERLEAVED
+    use_tma = config.tma and not spec.transposed and tma_ok(w_gate_up)
+    w_desc = _weight_desc(w_gate_up, (2 if interleaved else 1) * gu.block_n, gu.block_k, use_tma)
+    _gate_up_kernel[_grid(rows.max_blocks * triton.cdiv(I, gu.block_n), config.programs_per_sm, hidden.device)](
+        hidden, w_gate_up, w_desc, b_gate_up if b_gate_up is not None else w_gate_up, act,
+        rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m,
+        hidden.stride(0), *logical_strides(w_gate_up, spec.transposed),
+        b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0),
+        ACT=ACT_CODE[spec.activation], INTERLEAVED=interleaved,
+        HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, DOT_PRECISION=dot_precision(hidden.dtype),
+        W_TMA=use_tma, BLOCK_M=config.block_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
+        num_warps=gu.num_warps, num_stages=gu.num_stages,
+    )
+
+
+def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSpec, config: SortedConfig, k: int, y):
+    """y[slot] = (act[slot] @ W_down[e]^T + b_down[e]) * weight (gather combine), or, with the atomic
+    combine, y [T, H] fp32 += the same, at each pair's token row."""
+    I, H = act.shape[1], y.shape[1]
+    dn = config.down
+    use_tma = config.tma and not spec.transposed and tma_ok(w_down, act)
+    a_desc = None
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor(act, list(act.shape), list(act.stride()), [config.block_m, dn.block_k])
+    _down_kernel[_grid(rows.max_blocks * triton.cdiv(H, dn.block_n), config.programs_per_sm, act.device)](
+        act, a_desc, w_down, _weight_desc(w_down, dn.block_n, dn.block_k, use_tma), b_down if b_down is not None else w_down, y, weights,
+        rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        H, I, k, config.group_m,
+        act.stride(0), *logical_strides(w_down, spec.transposed), b_down.stride(0) if b_down is not None else 0, y.stride(0),
+        HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, ATOMIC=config.combine is Combine.ATOMIC,
+        DOT_PRECISION=dot_precision(act.dtype), W_TMA=use_tma,
+        BLOCK_M=config.block_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k,
+        num_warps=dn.num_warps, num_stages=dn.num_stages,
+    )
+
+
+def launch_combine(y, rows: AlignedRows, k: int, out):
+    T, H = out.shape
+    block_h = min(1024, triton.next_power_of_2(H))
+    _combine_kernel[(T, triton.cdiv(H, block_h))](y, rows.pos, out, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_H=block_h, num_warps=4)
+
+
+def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
+                    config: SortedConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops.check_inputs; T > 0."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    E, two_i, _ = w_gate_up.shape
-    I = two_i // 2
+    I = w_down.shape[1] if spec.transposed else w_down.shape[2]
+    rows = align_rows(topk_ids, w_gate_up.shape[0], config.block_m)
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    weights = topk_weights.reshape(-1)
+    if weights.stride(0) != 1:
+        weights = weights.contiguous()
+    act = hidden.new_empty(rows.sorted_rows.numel(), I)
+    launch_gate_up(hidden, rows, w_gate_up, b_gate_up, spec, config, k, act)
+    if config.combine is Combine.ATOMIC:
+        y = hidden.new_zeros(T, H, dtype=torch.float32)
+        launch_down(act, rows, w_down, b_down, weights, spec, config, k, y)
+        return y.to(hidden.dtype), rows.ids_ok
+    y = hidden.new_empty(rows.sorted_rows.numel(), H)
+    launch_down(act, rows, w_down, b_down, weights, spec, config, k, y)
     out = hidden.new_empty(T, H)
-    if T == 0:
-        return out
-    S = T * k
-    rows = align_rows(topk_ids, E, block_m)
-    s_pad = rows.sorted_rows.numel()
-    hidden = hidden.contiguous()
-    weights = topk_weights.reshape(-1).contiguous()
-    act = hidden.new_empty(s_pad, I)
-    _gate_up_act_kernel[(rows.max_blocks, triton.cdiv(I, block_n))](
-        hidden, w_gate_up, act, rows.sorted_rows, rows.block_expert, rows.num_padded,
-        S, H, I, k,
-        hidden.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), act.stride(0),
-        ACT=_ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
-    y = hidden.new_empty(s_pad, H)
-    _down_weight_kernel[(rows.max_blocks, triton.cdiv(H, block_n))](
-        act, w_down, y, weights, rows.sorted_rows, rows.block_expert, rows.num_padded,
-        S, H, I,
-        act.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
-    block_h = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_h))](y, rows.pos, out, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_H=block_h)
-    return out
+    launch_combine(y, rows, k, out)
+    return out, rows.ids_ok

@@ -1,0 +1,202 @@
+"""Kernel configurations of the Triton experts forward: typed, validated, and stored per GPU as data.
+
+    configs/<gpu name>.json     written by benchmarks/tune_experts.py, committed, schema below
+    lookup(gpu, capability, dtype, E, k, H, I, T) -> DecodeConfig | SortedConfig
+
+A tuned file holds entries keyed by (dtype, E, k, H, I, T). Lookup takes the entries of the exact
+problem shape and the one whose T is nearest in log scale (configs change with the rows per expert,
+T*k/E, and the tuner's grid steps T by 2-4x). A GPU without a file of its own borrows the file of a GPU
+of the same compute capability (an H200 uses the H100's tiles), with a warning. A shape or dtype without
+entries gets the heuristic default below. Each of these gets ONE loud warning per (GPU, dtype, shape)
+naming the command that tunes it: a slow config is silent otherwise, and tuning inside a call would be
+both slow and impossible under CUDA graph capture.
+
+Schema (version 1):
+    {"schema": 1, "gpu": str, "capability": [major, minor], "triton": str, "torch": str, "written_by": str,
+     "entries": [{"dtype": "bfloat16", "E": int, "k": int, "H": int, "I": int, "T": int,
+                  "config": <DecodeConfig or SortedConfig as a dict, with "path">, "us": float}, ...]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import logging
+import math
+import pathlib
+import warnings
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+SCHEMA = 1
+
+
+def _pow2(name: str, value, lo: int, hi: int):
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or value > hi or value & (value - 1):
+        raise ValueError(f"{name}: expected a power of two in [{lo}, {hi}], got {value!r}")
+
+
+class Path(str, enum.Enum):
+    DECODE = "decode"  # triton_decode.py: GEMVs per pair, no sort (T*k small next to E)
+    SORTED = "sorted"  # triton_align.py + triton_experts.py: aligned grouped GEMMs + combine
+
+
+class Combine(str, enum.Enum):
+    GATHER = "gather"  # deterministic gather-and-sum kernel over each token's k rows (the default)
+    ATOMIC = "atomic"  # fp32 atomics in the down GEMM's epilogue: run-to-run bit differences; measured, not default
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One GEMM's (or GEMV's) tile: columns per program, reduction step, warps, pipeline depth."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        _pow2("block_n", self.block_n, 8, 512)
+        _pow2("block_k", self.block_k, 16, 1024)
+        _pow2("num_warps", self.num_warps, 1, 16)
+        if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"num_stages: expected an int in [1, 8], got {self.num_stages!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    gate_up: KernelConfig
+    down: KernelConfig
+    path: Path = Path.DECODE
+
+
+@dataclasses.dataclass(frozen=True)
+class SortedConfig:
+    # Rows per GEMM block; every expert's segment is padded to a multiple of it (shared by both GEMMs).
+    block_m: int
+    gate_up: KernelConfig
+    down: KernelConfig
+    # Row blocks per raster group: programs next to each other share weight tiles in L2.
+    group_m: int = 8
+    # 0: one program per tile; n > 0: a persistent grid of n programs per SM walking the tiles.
+    programs_per_sm: int = 0
+    # Weight tiles by TMA (host tensor descriptors) where the GPU and layout allow; else pointer loads.
+    tma: bool = False
+    combine: Combine = Combine.GATHER
+    path: Path = Path.SORTED
+
+    def __post_init__(self):
+        _pow2("block_m", self.block_m, 16, 256)
+        _pow2("group_m", self.group_m, 1, 64)
+        if not isinstance(self.programs_per_sm, int) or not 0 <= self.programs_per_sm <= 8:
+            raise ValueError(f"programs_per_sm: expected an int in [0, 8], got {self.programs_per_sm!r}")
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"tma: expected a bool, got {self.tma!r}")
+        object.__setattr__(self, "combine", Combine(self.combine))
+
+
+Config = DecodeConfig | SortedConfig
+
+
+def to_dict(config: Config) -> dict:
+    d = dataclasses.asdict(config)
+    d["path"] = config.path.value
+    if isinstance(config, SortedConfig):
+        d["combine"] = config.combine.value
+    return d
+
+
+def from_dict(d: dict) -> Config:
+    d = dict(d)
+    try:
+        path = Path(d.pop("path"))
+        d["gate_up"], d["down"] = KernelConfig(**d["gate_up"]), KernelConfig(**d["down"])
+        return DecodeConfig(**d) if path is Path.DECODE else SortedConfig(**d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"invalid experts kernel config {d!r}: {e}") from None
+
+
+def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config:
+    """Reasonable untuned choices (and the starting point of the tuner's search)."""
+    if T * k <= 4096 and (T == 1 or T * k * 8 <= E):
+        # Few pairs, few shared experts: stream each touched expert's weights once.
+        wide = KernelConfig(block_n=32, block_k=256, num_warps=4, num_stages=3)
+        return DecodeConfig(gate_up=wide, down=wide)
+    rows_per_expert = T * k / E
+    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128
+    stages = 2 if dtype == torch.float32 else 3 if block_m >= 128 else 4
+    warps = 8 if block_m >= 128 else 4
+    block_k = 32 if dtype == torch.float32 else 64
+    return SortedConfig(
+        block_m=block_m,
+        gate_up=KernelConfig(block_n=64, block_k=block_k, num_warps=warps, num_stages=stages),
+        down=KernelConfig(block_n=128 if block_m >= 64 else 64, block_k=block_k, num_warps=warps, num_stages=stages),
+    )
+
+
+def gpu_file(gpu_name: str) -> pathlib.Path:
+    return CONFIG_DIR / (gpu_name.replace(" ", "_") + ".json")
+
+
+def load_file(path: pathlib.Path) -> list[dict]:
+    """Entries of a config file, each with its config parsed; raises ValueError naming what is wrong."""
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA}; re-run benchmarks/tune_experts.py")
+    entries = []
+    for i, e in enumerate(data.get("entries", [])):
+        missing = {"dtype", "E", "k", "H", "I", "T", "config"} - set(e)
+        if missing:
+            raise ValueError(f"{path}: entry {i} lacks {sorted(missing)}")
+        entries.append({**e, "config": from_dict(e["config"])})
+    return entries
+
+
+@functools.cache
+def _entries(gpu_name: str, capability: tuple[int, int]) -> tuple[str, tuple[dict, ...]]:
+    """(the GPU whose tuning is used, its entries): this GPU's file, else one of the same capability."""
+    path = gpu_file(gpu_name)
+    if path.exists():
+        return gpu_name, tuple(load_file(path))
+    for other in sorted(CONFIG_DIR.glob("*.json")):
+        data = json.loads(other.read_text())
+        if tuple(data.get("capability", ())) == tuple(capability):
+            return data["gpu"], tuple(load_file(other))
+    return gpu_name, ()
+
+
+_warned: set = set()
+
+
+def _warn_once(key, message: str):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+        log.warning(message)
+
+
+def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config:
+    dname = str(dtype).removeprefix("torch.")
+    tuned_on, entries = _entries(gpu_name, tuple(capability))
+    same = [e for e in entries if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) == (dname, E, k, H, I)]
+    if same and tuned_on != gpu_name:
+        _warn_once(
+            (gpu_name, dname, E, k, H, I),
+            f"moe_compiler: no Triton configs tuned on {gpu_name}; using those tuned on {tuned_on} (same compute "
+            f"capability {tuple(capability)}). Tune with: python benchmarks/tune_experts.py --shape {E},{k},{H},{I} --dtype {dname} --merge",
+        )
+    if not same:
+        _warn_once(
+            (gpu_name, dname, E, k, H, I),
+            f"moe_compiler: no tuned Triton config for {dname} experts E={E}, k={k}, H={H}, I={I} on {gpu_name}; "
+            f"using untuned defaults (can be several times slower). Tune with: python benchmarks/tune_experts.py "
+            f"--shape {E},{k},{H},{I} --dtype {dname}",
+        )
+        return default_config(dtype, E, k, H, I, T)
+    best = min(same, key=lambda e: (abs(math.log(max(T, 1) / e["T"])), e["T"]))
+    return best["config"]

@@ -1,0 +1,115 @@
+"""Kernel configs: the committed per-GPU files validate, lookup picks the nearest tuned T, misses warn."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from moe_compiler.lowering import triton_config
+from moe_compiler.lowering.triton_config import Combine, DecodeConfig, KernelConfig, Path, SortedConfig
+
+FILES = sorted(triton_config.CONFIG_DIR.glob("*.json"))
+
+
+def test_there_is_a_tuned_file_for_the_h100():
+    assert triton_config.gpu_file("NVIDIA H100 80GB HBM3") in FILES
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_committed_config_files_validate(path):
+    data = json.loads(path.read_text())
+    assert data["schema"] == triton_config.SCHEMA and data["gpu"] and len(data["capability"]) == 2
+    entries = triton_config.load_file(path)
+    assert entries, "an empty config file"
+    keys = [(e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"]) for e in entries]
+    assert len(keys) == len(set(keys)), "duplicate entries"
+    for e in entries:
+        assert e["us"] > 0
+        if e["config"].path is Path.DECODE:
+            assert e["T"] * e["k"] <= 4096  # triton_decode.MAX_PAIRS, without importing triton
+        # Round trip: what the tuner writes is what lookup reads.
+        assert triton_config.from_dict(triton_config.to_dict(e["config"])) == e["config"]
+
+
+def _write(tmp_path, gpu, capability, entries):
+    path = tmp_path / (gpu.replace(" ", "_") + ".json")
+    path.write_text(json.dumps({"schema": 1, "gpu": gpu, "capability": capability, "entries": entries}))
+    return path
+
+
+SMALL = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3}
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(triton_config, "CONFIG_DIR", tmp_path)
+    triton_config._entries.cache_clear()
+    triton_config._warned.clear()
+    entries = [
+        {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "T": 1, "config": {"path": "decode", "gate_up": SMALL, "down": SMALL}, "us": 10.0},
+        {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "T": 1024, "us": 90.0,
+         "config": {"path": "sorted", "block_m": 64, "gate_up": SMALL, "down": SMALL, "tma": True}},
+    ]
+    _write(tmp_path, "GPU A", [9, 0], entries)
+    yield tmp_path
+    triton_config._entries.cache_clear()
+    triton_config._warned.clear()
+
+
+def test_lookup_takes_the_nearest_tuned_t(config_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tuned shape on its own GPU warns about nothing
+        assert isinstance(triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 64, 4, 512, 256, 2), DecodeConfig)
+        big = triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 64, 4, 512, 256, 700)
+    assert isinstance(big, SortedConfig) and big.block_m == 64 and big.tma
+
+
+def test_untuned_shape_warns_once_and_uses_defaults(config_dir):
+    with pytest.warns(UserWarning, match=r"no tuned Triton config for bfloat16 experts E=8, k=2.*tune_experts.py --shape 8,2,512,256"):
+        cfg = triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 8, 2, 512, 256, 4096)
+    assert cfg == triton_config.default_config(torch.bfloat16, 8, 2, 512, 256, 4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per (GPU, dtype, shape), not per call
+        triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 8, 2, 512, 256, 16)
+
+
+def test_gpu_without_a_file_borrows_a_same_capability_file_and_says_so(config_dir):
+    with pytest.warns(UserWarning, match="no Triton configs tuned on GPU B; using those tuned on GPU A"):
+        cfg = triton_config.lookup("GPU B", (9, 0), torch.bfloat16, 64, 4, 512, 256, 1)
+    assert isinstance(cfg, DecodeConfig)
+    with pytest.warns(UserWarning, match="no tuned Triton config"):  # another architecture: defaults
+        triton_config.lookup("GPU C", (10, 0), torch.bfloat16, 64, 4, 512, 256, 1)
+
+
+def test_defaults_pick_decode_for_few_pairs_and_sorted_tiles_by_rows_per_expert():
+    assert isinstance(triton_config.default_config(torch.bfloat16, 128, 8, 2048, 768, 1), DecodeConfig)
+    small = triton_config.default_config(torch.bfloat16, 128, 8, 2048, 768, 64)
+    large = triton_config.default_config(torch.bfloat16, 128, 8, 2048, 768, 16384)
+    assert isinstance(small, SortedConfig) and small.block_m == 16
+    assert isinstance(large, SortedConfig) and large.block_m == 128 and large.combine is Combine.GATHER
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: KernelConfig(block_n=48, block_k=64), "block_n: expected a power of two"),
+        (lambda: KernelConfig(block_n=32, block_k=64, num_stages=0), "num_stages: expected an int in"),
+        (lambda: SortedConfig(block_m=8, gate_up=KernelConfig(32, 64), down=KernelConfig(32, 64)), "block_m: expected a power of two in \\[16, 256\\]"),
+        (lambda: SortedConfig(block_m=16, gate_up=KernelConfig(32, 64), down=KernelConfig(32, 64), tma="yes"), "tma: expected a bool"),
+        (lambda: triton_config.from_dict({"path": "sorted", "block_m": 64, "gate_up": SMALL}), "invalid experts kernel config"),
+        (lambda: triton_config.from_dict({"path": "warp", "gate_up": SMALL, "down": SMALL}), "invalid experts kernel config"),
+    ],
+)
+def test_bad_configs_name_the_field(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_schema_names_the_fix(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"schema": 0, "entries": []}))
+    with pytest.raises(ValueError, match="re-run benchmarks/tune_experts.py"):
+        triton_config.load_file(path)
