@@ -33,6 +33,12 @@ class RegionReport:
     spec: str = ""
     shape: dict = dataclasses.field(default_factory=dict)
     check: str = ""
+    # The router feeding the fused experts call: fused into one route call, or left to Inductor and why.
+    router_status: str = "not tried"  # "fused" | "not tried" | "rejected"
+    router_form: str = ""
+    router_spec: str = ""
+    router_check: str = ""
+    router_reason: str = ""
     before: str = ""
     after: str = ""
     dot: str = ""
@@ -52,12 +58,21 @@ class GraphReport:
     def rejected(self) -> list[RegionReport]:
         return [r for r in self.regions if r.status != "fused"]
 
+    @property
+    def fused_routers(self) -> list[RegionReport]:
+        return [r for r in self.fused if r.router_status == "fused"]
+
     def summary_line(self) -> str:
         forms = sorted({r.form for r in self.fused})
         line = (
             f"moe_compiler graph {self.graph_id} ({self.num_nodes} nodes): {len(self.regions)} experts regions, "
             f"{len(self.fused)} fused{' (' + ', '.join(forms) + ')' if forms else ''}, {len(self.rejected)} rejected"
         )
+        if self.fused:
+            line += f"; routers: {len(self.fused_routers)} fused"
+            kept = sorted({r.router_reason for r in self.fused if r.router_status != "fused" and r.router_reason})
+            if kept:
+                line += " (left to Inductor: " + " | ".join(kept) + ")"
         if self.rejected:
             reasons = sorted({r.reason for r in self.rejected})
             line += "; rejected because: " + " | ".join(reasons)
@@ -70,6 +85,10 @@ class GraphReport:
             if r.status == "fused":
                 lines.append(f"    form: {r.form}; spec: {r.spec}; sizes: {r.shape}")
                 lines.append(f"    numerical check: {r.check}")
+                if r.router_status == "fused":
+                    lines.append(f"    router fused: {r.router_form}; {r.router_spec}; check: {r.router_check}")
+                else:
+                    lines.append(f"    router left to Inductor: {r.router_reason}")
             else:
                 lines.append(f"    reason: {r.reason}")
         return "\n".join(lines) + "\n"
@@ -116,7 +135,8 @@ def write_dump(report: GraphReport, dump_dir: str) -> str:
                     f.write(text)
         with open(os.path.join(rdir, "spec.json" if r.status == "fused" else "reason.txt"), "w") as f:
             if r.status == "fused":
-                json.dump({"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check}, f, indent=2, default=str)
+                router = {k: getattr(r, "router_" + k) for k in ("status", "form", "spec", "check", "reason")}
+                json.dump({"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check, "router": router}, f, indent=2, default=str)
             else:
                 f.write(r.reason + "\n")
     with open(os.path.join(dump_dir, "summary.txt"), "a") as f:
@@ -132,6 +152,8 @@ def emit(report: GraphReport, dump_dir: str | None) -> None:
         log.log(level, "%s", report.summary_line())
     for r in report.regions:
         log.debug("  [%s] %s: %s", r.status, r.name, r.spec if r.status == "fused" else r.reason)
+        if r.status == "fused":
+            log.debug("      router %s: %s", r.router_status, r.router_spec if r.router_status == "fused" else r.router_reason)
     if dump_dir:
         path = write_dump(report, dump_dir)
         log.info("moe_compiler dump for graph %d written to %s", report.graph_id, path)

@@ -63,6 +63,18 @@ class RouterSpec:
         if self.group_score not in ("top2_sum", "max"):
             raise ValueError(f"RouterSpec.group_score: expected 'top2_sum' or 'max', got {self.group_score!r}")
 
+    def describe(self) -> str:
+        if self.order is RouteOrder.TOPK_THEN_SCORE:
+            return f"top-{self.top_k} of the logits, then softmax over them"
+        parts = [f"{self.scoring.value}, top-{self.top_k}"]
+        if self.n_group > 1:
+            parts.append(f"best {self.topk_group} of {self.n_group} groups ({self.group_score}, others {self.masked_score})")
+        if self.norm_topk_prob:
+            parts.append("renormalized")
+        if self.routed_scaling_factor != 1.0:
+            parts.append(f"x {self.routed_scaling_factor}")
+        return ", ".join(parts)
+
     def op_args(self) -> tuple:
         return (self.top_k, self.scoring.value, self.order.value, self.norm_topk_prob, float(self.routed_scaling_factor),
                 self.n_group, self.topk_group, self.group_score, float(self.masked_score))

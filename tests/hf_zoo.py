@@ -111,6 +111,19 @@ NOT_FUSED = {
 }
 
 
+# The route-op form each architecture's router fuses as (passes/router.py); PhiMoE's sparse-mixer router
+# has no route-op form yet and stays with Inductor, with this reason.
+ROUTER_FORM = {
+    "deepseek_v2": "softmax_topk", "deepseek_v3": "sigmoid_group_topk", "dots1": "sigmoid_topk",
+    "ernie4_5_moe": "softmax_topk", "flex_olmo": "softmax_topk", "glm4_moe": "sigmoid_topk",
+    "gpt_oss": "topk_softmax", "granitemoe": "topk_softmax", "granitemoeshared": "topk_softmax",
+    "hunyuan_v1_moe": "softmax_topk", "jamba": "softmax_topk", "kimi_k25": "sigmoid_topk",
+    "minimax": "softmax_topk", "mixtral": "softmax_topk", "olmoe": "softmax_topk", "qwen2_moe": "softmax_topk",
+    "qwen3_5_moe": "softmax_topk", "qwen3_moe": "softmax_topk", "qwen3_next": "softmax_topk",
+}
+ROUTER_NOT_FUSED = {"phimoe": "sparse-mixer style routing (PhiMoE) is NYI"}
+
+
 def num_experts_of(cfg) -> int:
     for attr in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
         v = getattr(cfg, attr, None)

@@ -1,4 +1,5 @@
-"""Generate docs/support_matrix.md: architecture x experts implementation x dtype -> fused / not fused + reason.
+"""Generate docs/support_matrix.md: architecture x experts implementation x dtype -> fused / not fused + reason,
+and the route-op form its router fused as (or why it stayed with Inductor).
 
     python tools/support_matrix.py [--jobs 2] [--archs mixtral qwen3_moe ...]
 
@@ -32,16 +33,18 @@ from reference import rel_err
 
 class Keep(logging.Handler):
     def __init__(self):
-        super().__init__(); self.reasons = []
+        super().__init__(); self.reasons = []; self.router_reasons = []
     def emit(self, record):
         msg = record.getMessage()
         if "rejected because:" in msg:
             self.reasons.append(msg.split("rejected because:", 1)[1].strip())
+        if "(left to Inductor:" in msg:
+            self.router_reasons.append(msg.split("(left to Inductor:", 1)[1].split(");", 1)[0].rstrip(")").strip())
 keep = Keep(); logging.getLogger("moe_compiler").addHandler(keep); logging.getLogger("moe_compiler").setLevel(logging.INFO)
 rows = []
 for form in {forms!r}:
     for dtype in {dtypes!r}:
-        torch._dynamo.reset(); counters.clear(); keep.reasons.clear()
+        torch._dynamo.reset(); counters.clear(); keep.reasons.clear(); keep.router_reasons.clear()
         row = dict(form=form, dtype=dtype)
         try:
             model = zoo_model({arch!r}, form, getattr(torch, dtype))
@@ -50,8 +53,10 @@ for form in {forms!r}:
                 ref = model(input_ids=ids).logits
                 out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
             row.update(layers=count_experts_modules(model), rel_err=rel_err(out, ref),
-                       fused=sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_")),
-                       graphs=counters["stats"]["unique_graphs"], reasons=sorted(set(keep.reasons)))
+                       fused=sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")),
+                       routers={{k[len("fused_router_"):]: v for k, v in counters["moe_compiler"].items() if k.startswith("fused_router_")}},
+                       graphs=counters["stats"]["unique_graphs"], reasons=sorted(set(keep.reasons)),
+                       router_reasons=sorted(set(keep.router_reasons)))
         except Exception as e:
             row["error"] = f"{{type(e).__name__}}: {{str(e).splitlines()[0][:160] if str(e) else ''}}"
         rows.append(row)
@@ -75,7 +80,14 @@ def cell(row: dict) -> str:
     if "error" in row:
         return f"error: {row['error']}"
     if row["fused"] and row["fused"] == row["layers"] * row["graphs"]:
-        return f"fused {row['layers']}/{row['layers']} (rel err {row['rel_err']:.0e})"
+        routers = row.get("routers", {})
+        n = sum(routers.values())
+        if n == row["fused"]:
+            router = f"router {', '.join(sorted(routers))}"
+        else:
+            why = "; ".join(sorted({r.split(" | ")[0][:120] for r in row.get("router_reasons", [])}))
+            router = f"router {n}/{row['fused']} fused" + (f" ({why})" if why else "")
+        return f"fused {row['layers']}/{row['layers']}, {router} (rel err {row['rel_err']:.0e})"
     # First sentence of each distinct reason: the dump and the log carry the rest (and the fix).
     reasons = sorted({r.split(". ")[0][:160] for r in row["reasons"]}) or ["no experts region found"]
     return f"not fused ({row['graphs']} graphs): {'; '.join(reasons)}"

@@ -19,8 +19,9 @@ from .eager_experts import find_eager_experts_fragments
 from .experts_common import EAGER_FIX, recognize_experts
 from .regions import find_experts_regions, region_module
 from .reject import Reject
-from .rewrite import replacement_args, rewrite_experts
-from .verify import verify_numerically
+from .rewrite import replacement_args, rewrite_experts, rewrite_router
+from .router import recognize_router
+from .verify import verify_numerically, verify_router
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,27 @@ def _after_code(gm: fx.GraphModule, match) -> str:
     return fx.GraphModule(gm, graph, class_name="Fused").code
 
 
+def _fuse_router(gm: fx.GraphModule, experts_call: fx.Node, rr: RegionReport, real: dict, config: MoECompilerConfig):
+    """Replace the router feeding a fused experts call by one route call; a router that cannot be proven
+    stays with Inductor (the experts fusion stands either way)."""
+    try:
+        match = recognize_router(experts_call)
+        rr.router_form, rr.router_spec = match.form, match.spec.describe()
+        rr.router_check = verify_router(gm, match, real) if config.verify else "skipped (verify=False)"
+        rewrite_router(gm, match, experts_call)
+        rr.router_status = "fused"
+        counters["moe_compiler"][f"fused_router_{match.form}"] += 1
+    except Reject as r:
+        rr.router_status, rr.router_reason = "rejected", str(r)
+        counters["moe_compiler"]["rejected_router"] += 1
+    except Exception as e:  # noqa: BLE001 - as for experts: a bug costs speed, never correctness
+        rr.router_status = "rejected"
+        log.debug("internal error while matching the router of %s", rr.name, exc_info=True)
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        rr.router_reason = f"internal error in the router matcher (router left alone): {type(e).__name__}: {first_line}"
+        counters["moe_compiler"]["rejected_router"] += 1
+
+
 def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConfig) -> GraphReport:
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     counters["moe_compiler"]["graphs"] += 1
@@ -72,9 +94,10 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
             rr.check = verify_numerically(gm, region, match, real) if config.verify else "skipped (verify=False)"
             if config.dump_dir:
                 rr.after = _after_code(gm, match)
-            rewrite_experts(gm, region, match)
+            call = rewrite_experts(gm, region, match)
             rr.status = "fused"
             counters["moe_compiler"][f"fused_experts_{match.form}"] += 1
+            _fuse_router(gm, call, rr, real, config)
         except Reject as r:
             rr.reason = str(r)
             counters["moe_compiler"]["rejected_experts"] += 1

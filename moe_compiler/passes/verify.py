@@ -83,3 +83,67 @@ def verify_numerically(gm: fx.GraphModule, region: Region, match: ExpertsMatch, 
     if not err <= tol:  # also catches NaN
         raise Reject(f"numerical check failed: region vs op relative error {err:.2e} > {tol:.0e} on random routing")
     return f"rel err {err:.1e} <= {tol:.0e} (T={expected.shape[0]}, {v(match.hidden).dtype})"
+
+
+# --- routers ---------------------------------------------------------------------------------------
+
+def _router_logits(shape, dtype, gen, device) -> torch.Tensor:
+    """Random logits without ties in any row, even after rounding to a 16-bit dtype: a random
+    permutation of a grid of multiples of 1/8 (exact in bf16 / fp16 for E <= 256), plus fp32 noise
+    smaller than the grid step in fp32."""
+    T, E = shape
+    grid = torch.rand(T, E, generator=gen).argsort(dim=1).float().sub_(E / 2).div_(8)
+    if dtype == torch.float32:
+        grid += torch.rand(T, E, generator=gen) * 0.1
+    return grid.to(device=device, dtype=dtype)
+
+
+def verify_router(gm: fx.GraphModule, match, real: dict) -> str:
+    """Run the router's own nodes and `moe_compiler.route` on fresh logits (the model's own bias and
+    parameters): the same experts must be chosen for every token and get the same weights."""
+    from .regions import Region
+    from .router import dtype_template_only
+
+    region = Region("router", "router", match.nodes, match.inputs, [match.weights, match.ids])
+    sub = region_module(gm, region, outputs=[match.weights, match.ids])
+    gen = torch.Generator().manual_seed(0)
+    logits_ev = example_value(match.logits)
+    device = logits_ev.device
+    args = []
+    for node in match.inputs:
+        ev = example_value(node)
+        if node is match.logits:
+            args.append(_router_logits([_hint(s) for s in ev.shape], ev.dtype, gen, device))
+        elif not isinstance(ev, torch.Tensor):
+            args.append(_hint(ev))
+        elif node in real:
+            args.append(real[node])
+        elif dtype_template_only(node, match.nodes):
+            args.append(torch.empty(0, dtype=ev.dtype, device=ev.device))  # `x.type_as(node)` reads its dtype only
+        else:
+            raise Reject(f"router numerical check: cannot provide input `{node.name}`")
+    rec = _Recorder(sub)
+    rec.values = dict(zip((i.name for i in match.inputs), args))
+    try:
+        with torch.no_grad():
+            want_w, want_i = rec.run(*args)
+            # The bias may be a parameter or a view of one computed inside the router (Ernie's squeeze).
+            bias = rec.values[match.correction_bias.name] if match.correction_bias is not None else None
+            got_w, got_i = torch.ops.moe_compiler.route(rec.values[match.logits.name], bias, *match.spec.op_args())
+    except Reject:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to run means "not proven"
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise Reject(f"router numerical check could not run: {type(e).__name__}: {first_line}") from e
+    # Slot order is free (the experts op sums over slots): compare each token's experts sorted by id.
+    want_i, order_w = want_i.long().sort(dim=1)
+    got_i, order_g = got_i.long().sort(dim=1)
+    if not torch.equal(want_i, got_i):
+        rows = int((want_i != got_i).any(dim=1).sum())
+        raise Reject(f"router numerical check failed: different experts chosen for {rows} of {want_i.shape[0]} tokens")
+    tol = TOLERANCE.get(want_w.dtype, 1e-4)
+    want_w, got_w = want_w.double().gather(1, order_w), got_w.double().gather(1, order_g)
+    err = float((got_w - want_w).norm() / want_w.norm().clamp_min(1e-30))
+    if not err <= tol:
+        raise Reject(f"router numerical check failed: weights differ by {err:.2e} > {tol:.0e}")
+    return f"same experts for {want_i.shape[0]} tokens, weights rel err {err:.1e}"

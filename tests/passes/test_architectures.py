@@ -1,6 +1,6 @@
 """Every MoE architecture of transformers 5.x (tests/hf_zoo.py), fp32, default experts implementation:
-fused where we can prove the experts region, otherwise left alone with the reason logged — logits equal
-eager either way. The full architecture x form x dtype grid: tools/support_matrix.py -> docs/support_matrix.md."""
+experts and router fused where we can prove them, otherwise left alone with the reason logged — logits
+equal eager either way. The full architecture x form x dtype grid: tools/support_matrix.py -> docs/support_matrix.md."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from hf_models import count_experts_modules
-from hf_zoo import NOT_FUSED, TINY, zoo_model
+from hf_zoo import NOT_FUSED, ROUTER_FORM, ROUTER_NOT_FUSED, TINY, zoo_model
 from reference import rel_err
 
 
@@ -22,11 +22,17 @@ def test_architecture(arch, caplog):
     with caplog.at_level(logging.INFO, logger="moe_compiler"), torch.no_grad():
         ref = model(input_ids=ids).logits
         out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
-    fused = sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_"))
+    fused = sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts"))
     if arch in NOT_FUSED:
         assert fused == 0
         assert NOT_FUSED[arch] in caplog.text
     else:
         assert fused == count_experts_modules(model) > 0
         assert counters["moe_compiler"]["rejected_experts"] == 0
+        # The router of every fused block becomes one route call, or stays with Inductor for a logged reason.
+        if arch in ROUTER_NOT_FUSED:
+            assert counters["moe_compiler"]["rejected_router"] == fused
+            assert ROUTER_NOT_FUSED[arch] in caplog.text
+        else:
+            assert counters["moe_compiler"][f"fused_router_{ROUTER_FORM[arch]}"] == fused
     assert rel_err(out, ref) <= 1e-5

@@ -1,0 +1,286 @@
+"""The router recognizer: proves that the nodes between a router's logits and a fused experts call's
+(top-k ids, top-k weights) compute `moe_compiler.route`, and extracts its RouterSpec.
+
+Mirrors the routers of transformers 5.17-5.23 (`*TopKRouter` / `*TopkRouter` / `*Gate` modules), which
+come in these op sequences (X = logits, possibly cast to fp32 first):
+
+    softmax(X) -> topk -> values [-> / sum] [-> * c]              Qwen2/3/3.5/Next, Mixtral, OLMoE, FlexOlmo,
+                                                                   Jamba, MiniMax, Hunyuan, DeepSeek-V2 (greedy)
+    softmax(X) (+ bias) -> topk -> gather(softmax) [/ sum]        Ernie-4.5 (bias from its `Statics` module)
+    sigmoid(X) + bias -> group-limited topk -> gather(sigmoid)    DeepSeek-V3, Kimi-K2(.5), GLM4-MoE, dots1
+        [/ (sum + 1e-20)] [* routed_scaling_factor]
+    topk(X) -> softmax over the k values                          GPT-OSS (router bias inside X), Granite-MoE
+
+Facts established from the graph, each with a reason when it fails:
+  1. the ids are output 1 of a top-k (largest, last dim) whose input (the "choice") is the logits, the
+     scores, scores + a per-expert bias, or that choice with all but the best groups masked;
+  2. the scores are softmax / sigmoid of the logits, computed in fp32 (the op computes in fp32);
+  3. the weights are the same top-k's values (when the choice is the scores), or the scores gathered at
+     the ids, or softmax of the top-k values of the logits; then optionally divided by their sum over k
+     (with the epsilon the op uses), then optionally multiplied by a constant;
+  4. group-limited selection: the choice viewed as [T, n_group, E / n_group], group scores = sum of the
+     top-2 or max per group, top-topk_group groups kept, the rest filled with a constant;
+  5. the router reads nothing but the logits, parameters and sizes, and its ids / weights feed only the
+     experts call.
+How the group mask is built (zeros / scatter / expand / invert) is left to the numerical check
+(verify.py), as the sort plumbing of the experts region is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.fx as fx
+
+from ..routing import RouteOrder, RouterSpec, Scoring
+from .regions import arg, example_value, op_name
+from .reject import Reject
+
+# Ops that change a value's dtype or memory layout only.
+CASTS = {"to", "float", "type_as", "contiguous", "clone", "bfloat16", "half"}
+
+
+@dataclasses.dataclass
+class RouterMatch:
+    form: str  # "softmax_topk", "sigmoid_group_topk", "topk_softmax", ...
+    spec: RouterSpec
+    logits: fx.Node  # [T, E] router logits (before any cast to fp32)
+    correction_bias: fx.Node | None  # [E]
+    ids: fx.Node  # the experts call's top-k ids argument
+    weights: fx.Node  # the experts call's top-k weights argument
+    nodes: list[fx.Node]  # the router's nodes between the logits and (ids, weights), graph order
+    inputs: list[fx.Node]  # what those nodes read from outside: the logits, parameters, sizes
+
+
+def _strip(node, ops=CASTS):
+    while isinstance(node, fx.Node) and op_name(node) in ops:
+        node = node.args[0]
+    return node
+
+
+def _dims(node):
+    ev = example_value(node)
+    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else None
+
+
+def _last_dim(node: fx.Node, dim) -> bool:
+    rank = len(_dims(node.args[0]) or ())
+    return dim in (-1, rank - 1)
+
+
+def _parse_topk(node: fx.Node, what: str) -> tuple[fx.Node, int]:
+    """(input, k) of a largest-k top-k over the last dim."""
+    if op_name(node) != "topk":
+        raise Reject(f"{what} comes from `{node.name}` ({op_name(node)}), expected a top-k")
+    k = arg(node, 1, "k")
+    if not isinstance(k, int):
+        raise Reject(f"`{node.name}`: top-k with a non-constant k ({k})")
+    if not _last_dim(node, arg(node, 2, "dim", -1)) or not arg(node, 3, "largest", True):
+        raise Reject(f"`{node.name}`: expected a largest-k top-k over the expert dim")
+    return node.args[0], k
+
+
+def _scores(node: fx.Node) -> tuple[Scoring, fx.Node]:
+    """(scoring, logits) of a softmax / sigmoid over the expert dim computed in fp32."""
+    name = op_name(node)
+    if name == "softmax":
+        if not _last_dim(node, arg(node, 1, "dim")):
+            raise Reject(f"`{node.name}`: softmax over dim {arg(node, 1, 'dim')}, expected the expert dim")
+        scoring = Scoring.SOFTMAX
+    elif name == "sigmoid":
+        scoring = Scoring.SIGMOID
+    else:
+        raise Reject(f"the router scores come from `{node.name}` ({name}), expected softmax or sigmoid of the logits")
+    if example_value(node).dtype != torch.float32:
+        raise Reject(f"the router scores `{node.name}` are computed in {example_value(node).dtype}; the route op computes in fp32 (NYI)")
+    return scoring, _strip(node.args[0])
+
+
+def _constant_mul(node: fx.Node):
+    """(other operand, constant) if node multiplies by a Python number."""
+    if op_name(node) != "mul":
+        return None
+    a, b = node.args[0], node.args[1]
+    if isinstance(b, (int, float)) and isinstance(a, fx.Node):
+        return a, float(b)
+    if isinstance(a, (int, float)) and isinstance(b, fx.Node):
+        return b, float(a)
+    return None
+
+
+def _normalized(node: fx.Node):
+    """(numerator, epsilon) if node = x / (x.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)])."""
+    if op_name(node) not in ("truediv", "div", "itruediv"):
+        return None
+    num, den = node.args[0], _strip(node.args[1])
+    eps = 0.0
+    if op_name(den) == "add" and isinstance(den.args[1], (int, float)):
+        den, eps = _strip(den.args[0]), float(den.args[1])
+    elif op_name(den) == "clamp" and arg(den, 1, "min") is not None and arg(den, 2, "max") is None:
+        den, eps = _strip(den.args[0]), float(arg(den, 1, "min"))
+    if op_name(den) != "sum" or _strip(den.args[0]) is not _strip(num) or not arg(den, 2, "keepdim", False):
+        return None
+    if not _last_dim(den, arg(den, 1, "dim")):
+        return None
+    return num, eps
+
+
+def _groups(choice: fx.Node, E) -> tuple[fx.Node, int, int, str, float]:
+    """(ungrouped choice, n_group, topk_group, group_score, masked_score) of a group-masked choice."""
+    base, mask, fill = choice.args[0], choice.args[1], choice.args[2]
+    if not isinstance(fill, (int, float)):
+        raise Reject(f"`{choice.name}`: the group mask fills a non-constant value")
+    # The kept groups: the indices of a top-k over group scores, reaching the mask through the in-place
+    # scatter into a zeros mask (a mutation, so not a use-def edge: followed explicitly).
+    group_idx = {n for n in _ancestry(mask, stop=base) if op_name(n) == "getitem" and n.args[1] == 1 and op_name(n.args[0]) == "topk"}
+    if len(group_idx) != 1:
+        raise Reject(f"`{choice.name}` masks the choice with {len(group_idx)} top-k index sets, expected one (group-limited routing)")
+    group_topk = next(iter(group_idx)).args[0]
+    group_scores, topk_group = _parse_topk(group_topk, "the kept groups")
+    grouped, group_score = None, None
+    gs = _strip(group_scores)
+    if op_name(gs) == "sum" and _last_dim(gs, arg(gs, 1, "dim")) and op_name(_strip(gs.args[0])) == "getitem":
+        inner = _strip(gs.args[0])
+        if inner.args[1] == 0 and op_name(inner.args[0]) == "topk" and _parse_topk(inner.args[0], "group scores")[1] == 2:
+            grouped, group_score = inner.args[0].args[0], "top2_sum"
+    elif op_name(gs) == "amax" or (op_name(gs) == "getitem" and op_name(gs.args[0]) == "max"):
+        grouped, group_score = (gs.args[0] if op_name(gs) == "amax" else gs.args[0].args[0]), "max"
+    if grouped is None:
+        raise Reject(f"group scores `{gs.name}` ({op_name(gs)}): expected the sum of each group's top-2 or its max")
+    if op_name(grouped) not in ("view", "reshape") or _strip(grouped.args[0]) is not _strip(base):
+        raise Reject(f"the group scores read `{grouped.name}`, expected a [T, n_group, E / n_group] view of the choice")
+    shape = _dims(grouped)
+    if shape is None or len(shape) != 3 or not isinstance(shape[1], int) or shape[1] * shape[2] != E:
+        raise Reject(f"`{grouped.name}` has shape {shape}, expected [T, n_group, E / n_group] with E = {E}")
+    return base, shape[1], topk_group, group_score, float(fill)
+
+
+def _mutations(node: fx.Node) -> list[fx.Node]:
+    """In-place ops writing into node (e.g. `mask.scatter_(...)`): they feed node's later readers."""
+    return [u for u in node.users if u.op == "call_method" and u.target.endswith("_") and not u.target.startswith("_") and u.args[0] is node]
+
+
+def dtype_template_only(node: fx.Node, nodes) -> bool:
+    """node is read by the router only as `x.type_as(node)`: for its dtype, not its values."""
+    readers = [n for n in nodes if node in n.all_input_nodes]
+    return bool(readers) and all(op_name(n) == "type_as" and n.args[1] is node and n.args[0] is not node for n in readers)
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """What node reads for its values: not type_as's template (dtype only), not sizes (SymInt nodes)."""
+    args = node.all_input_nodes
+    if op_name(node) == "type_as":
+        args = [node.args[0]]
+    return [a for a in args if isinstance(example_value(a), (torch.Tensor, tuple, list))]
+
+
+def _ancestry(start: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
+    """Compute nodes start depends on (mutations included), not crossing `stop`, placeholders or sizes."""
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        if n is stop or n in seen or n.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(n)
+        todo.extend(_tensor_inputs(n))
+        todo.extend(_mutations(n))
+    return seen
+
+
+def _router_nodes(ids: fx.Node, weights: fx.Node, logits: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(nodes between the logits and ids / weights, the nodes they read from outside) - graph order."""
+    inside = _ancestry(ids, logits) | _ancestry(weights, logits)
+    order = {n: i for i, n in enumerate(logits.graph.nodes)}
+    nodes = sorted(inside, key=order.__getitem__)
+    inputs = sorted({a for n in nodes for a in n.all_input_nodes if a not in inside}, key=order.__getitem__)
+    return nodes, inputs
+
+
+def recognize_router(experts_call: fx.Node) -> RouterMatch:
+    ids, weights = experts_call.args[1], experts_call.args[2]
+    E = _dims(experts_call.args[3])[0]
+
+    # 1. the ids: output 1 of a top-k.
+    sel = _strip(ids)
+    if op_name(sel) == "cat" or op_name(sel) == "concat":
+        raise Reject(f"the top-k ids are concatenated (`{sel.name}`): sparse-mixer style routing (PhiMoE) is NYI for the route op")
+    if op_name(sel) != "getitem" or sel.args[1] != 1:
+        raise Reject(f"the top-k ids come from `{sel.name}` ({op_name(sel)}), expected the indices of a top-k")
+    topk = sel.args[0]
+    choice, k = _parse_topk(topk, "the top-k ids")
+
+    # 3. the weights: strip casts, the constant scale, the renormalization.
+    w = _strip(weights)
+    scale = 1.0
+    while (m := _constant_mul(w)) is not None:
+        w, c = m
+        scale *= c
+        w = _strip(w)
+    norm = _normalized(w)
+    eps = None
+    if norm is not None:
+        w, eps = _strip(norm[0]), norm[1]
+
+    if op_name(w) == "softmax" and op_name(_strip(w.args[0])) == "getitem" and _strip(w.args[0]).args[0] is topk:
+        # top-k of the logits, then softmax over the k values (GPT-OSS, Granite-MoE).
+        if norm is not None or scale != 1.0:
+            raise Reject("top-k-then-softmax weights are renormalized or scaled afterwards: NYI")
+        if _strip(w.args[0]).args[1] != 0 or example_value(w).dtype != torch.float32 or not _last_dim(w, arg(w, 1, "dim")):
+            raise Reject(f"`{w.name}`: expected an fp32 softmax over the top-k values")
+        logits = _strip(choice)
+        spec = RouterSpec(top_k=k, order=RouteOrder.TOPK_THEN_SCORE)
+        form, bias = "topk_softmax", None
+    else:
+        # 3. scores at the ids: the top-k values, or a gather of the scores.
+        if op_name(w) == "getitem" and w.args[0] is topk and w.args[1] == 0:
+            scores_node, gathered = _strip(choice), False
+        elif op_name(w) == "gather" and _strip(arg(w, 2, "index")) is sel and _last_dim(w, arg(w, 1, "dim")):
+            scores_node, gathered = _strip(w.args[0]), True
+        else:
+            raise Reject(f"the top-k weights come from `{w.name}` ({op_name(w)}), expected the top-k values, a gather of the scores at the ids, or a softmax of the top-k logits")
+        scoring, logits = _scores(scores_node)
+        # 1./4. what the top-k chose from: scores [+ bias], optionally group-masked.
+        n_group, topk_group, group_score, masked = 1, 1, "top2_sum", -math.inf
+        c = _strip(choice)
+        if op_name(c) == "masked_fill":
+            c, n_group, topk_group, group_score, masked = _groups(c, E)
+            c = _strip(c)
+        bias = None
+        if op_name(c) == "add" and c.args[0] is scores_node and isinstance(c.args[1], fx.Node):
+            bias = c.args[1]
+            if _dims(bias) != (E,):
+                raise Reject(f"the correction bias `{bias.name}` has shape {_dims(bias)}, expected [E={E}]")
+            c = scores_node
+        if c is not scores_node:
+            raise Reject(f"the top-k chooses from `{c.name}` ({op_name(c)}), expected the scores, scores + a bias, or their group-masked form")
+        if (bias is not None or n_group > 1) and not gathered:
+            raise Reject("the weights are the top-k values of a biased / masked choice, not the scores: NYI")
+        if norm is not None:
+            want = 1e-20 if scoring is Scoring.SIGMOID else 0.0
+            # A softmax top-k sum is >= k / E, so clamping it at any eps below that never bites.
+            ok = eps == want or (scoring is Scoring.SOFTMAX and 0.0 <= eps < k / E)
+            if not ok:
+                raise Reject(f"the renormalization adds epsilon {eps}; the route op uses {want} for {scoring.value} scores (NYI)")
+        spec = RouterSpec(top_k=k, scoring=scoring, norm_topk_prob=norm is not None, routed_scaling_factor=scale,
+                          n_group=n_group, topk_group=topk_group, group_score=group_score, masked_score=masked)
+        form = f"{scoring.value}{'_group' if n_group > 1 else ''}_topk"
+
+    if _dims(logits) is None or len(_dims(logits)) != 2 or _dims(logits)[1] != E:
+        raise Reject(f"the router logits `{logits.name}` have shape {_dims(logits)}, expected [T, E={E}]")
+
+    # 5. a closed router whose results only the experts call reads.
+    nodes, inputs = _router_nodes(ids, weights, logits)
+    for i in inputs:
+        if i is logits or i is bias or dtype_template_only(i, nodes):
+            continue
+        ev = example_value(i)
+        if i.op not in ("placeholder", "get_attr") and isinstance(ev, torch.Tensor):
+            raise Reject(f"the router reads `{i.name}` ({op_name(i)}) besides its logits: NYI")
+    inside = set(nodes)
+    for out in (ids, weights):
+        others = [u for u in out.users if u is not experts_call and u not in inside]
+        if others:
+            raise Reject(f"the top-k {'ids' if out is ids else 'weights'} `{out.name}` are also read by {[u.name for u in others]}: NYI")
+    return RouterMatch(form, spec, logits, bias, ids, weights, nodes, inputs)

@@ -1,0 +1,93 @@
+"""Router fusion (passes/router.py): the facts read off the graph, and the routers left alone with a reason.
+
+Which form every architecture's router fuses as is asserted by test_architectures.py; training through the
+route op's backward by test_experts_fusion.py::test_training_gradients_equal_eager."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
+
+from hf_models import tiny_model
+from hf_zoo import zoo_model
+from reference import rel_err
+
+
+def _compile(model, ids, **options):
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = torch.compile(model, backend="fused_moe", options=options)(input_ids=ids).logits
+    return out, ref
+
+
+def _router_reports(dump: pathlib.Path) -> list[dict]:
+    return [json.loads(p.read_text())["router"] for p in sorted(dump.glob("graph_*/region_*_fused_*/spec.json"))]
+
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_deepseek_v3_group_limited_router_is_read_off_the_graph(tmp_path):
+    # Tiny DeepSeek-V3 (tests/hf_zoo.py): 8 experts in 4 groups, best 2 groups, top-4, scaling 2.5.
+    out, ref = _compile(zoo_model("deepseek_v3"), IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    assert rel_err(out, ref) <= 1e-5
+    reports = _router_reports(tmp_path)
+    assert len(reports) == 2 and all(r["status"] == "fused" for r in reports)
+    assert reports[0]["spec"] == "sigmoid, top-4, best 2 of 4 groups (top2_sum, others -inf), renormalized, x 2.5"
+    assert reports[0]["check"].startswith("same experts for 14 tokens")
+
+
+def test_gpt_oss_router_bias_stays_in_the_logits(tmp_path):
+    out, ref = _compile(zoo_model("gpt_oss"), IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    assert rel_err(out, ref) <= 1e-5
+    assert [r["spec"] for r in _router_reports(tmp_path)] == ["top-4 of the logits, then softmax over them"] * 2
+
+
+def test_router_scoring_in_bf16_is_left_to_inductor(monkeypatch):
+    """A router computing its softmax in bf16 is not what the route op computes (fp32): not fused."""
+
+    def bf16_softmax_router(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        probs = F.softmax(router_logits, dim=-1)  # bf16 in a bf16 model
+        top_value, indices = torch.topk(probs, self.top_k, dim=-1)
+        return router_logits, top_value, indices
+
+    monkeypatch.setattr(qwen3.Qwen3MoeTopKRouter, "forward", bf16_softmax_router)
+    model = tiny_model("qwen3_moe", "grouped_mm", torch.bfloat16)
+    out, ref = _compile(model, IDS)
+    assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
+    assert counters["moe_compiler"]["rejected_router"] == 2
+    assert rel_err(out, ref) <= 2e-2
+
+
+def test_router_ids_read_outside_the_experts_are_left_to_inductor(monkeypatch, caplog):
+    """The route op picks the same experts but may list them in another slot order: a router whose ids
+    are read by anything but the experts must stay as written."""
+
+    def block_using_ids(self, hidden_states):
+        b, s, h = hidden_states.shape
+        flat = hidden_states.view(-1, h)
+        _, weights, ids = self.gate(flat)
+        out = self.experts(flat, ids, weights)
+        return out.reshape(b, s, h) + ids[:, :1].to(out.dtype).reshape(b, s, 1) * 1e-3
+
+    monkeypatch.setattr(qwen3.Qwen3MoeSparseMoeBlock, "forward", block_using_ids)
+    with caplog.at_level("INFO", logger="moe_compiler"):
+        out, ref = _compile(tiny_model("qwen3_moe"), IDS)
+    assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
+    assert counters["moe_compiler"]["rejected_router"] == 2
+    assert "are also read by" in caplog.text
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_disabled_verify_still_proves_the_router_structurally():
+    out, ref = _compile(tiny_model("mixtral"), IDS, **{"moe_compiler.verify": False})
+    assert counters["moe_compiler"]["fused_router_softmax_topk"] == 2
+    assert rel_err(out, ref) <= 1e-5
