@@ -88,8 +88,9 @@ def run(description: str, model_type: str, tiny_config: dict) -> None:
         out = fused(input_ids=ids).logits.float()
         out_inductor = inductor(input_ids=ids).logits.float()
     counts = dict(torch._dynamo.utils.counters["moe_compiler"])
-    n_fused = sum(v for k, v in counts.items() if k.startswith("fused_"))
-    print(f"fused {n_fused} of {n_experts_modules} MoE layers; counters: {counts}")
+    n_fused = sum(v for k, v in counts.items() if k.startswith("fused_experts"))
+    n_routers = sum(v for k, v in counts.items() if k.startswith("fused_router"))
+    print(f"fused {n_fused} of {n_experts_modules} MoE layers ({n_routers} routers too); counters: {counts}")
     for name, logits in (("fused_moe", out), ("torch.compile (inductor)", out_inductor)):
         rel = float((logits - ref).norm() / ref.norm())
         top1 = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())

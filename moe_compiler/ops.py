@@ -5,7 +5,7 @@ that is itself an op (so AOTAutograd and Inductor keep both opaque and the profi
 `moe_compiler::experts` / `moe_compiler::experts_backward`).
 
     experts(hidden[T,H], topk_ids[T,k], topk_weights[T,k], w_gate_up, w_down, b_gate_up?, b_down?,
-            activation, gate_up, transposed, swiglu_alpha, swiglu_limit) -> out[T,H]
+            activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input) -> out[T,H]
 
 The math and weight layouts are in spec.py; the data contract and implementation in
 lowering/composite.py. Weights are the model's own parameters, read in place on every call.
@@ -95,9 +95,11 @@ def experts(
     transposed: bool,
     swiglu_alpha: float,
     swiglu_limit: float,
+    scale_input: bool = False,
 ) -> Tensor:
-    """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]); see spec.py for the expert MLP."""
-    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit)
+    """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]); see spec.py for the expert MLP
+    (and scale_input, where the weight scales the expert's input instead)."""
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
     check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
     if not lowering.uses_triton(hidden):
         _check_ids_in_range(topk_ids, w_gate_up.shape[0])  # the Triton kernels check ids themselves
@@ -105,8 +107,8 @@ def experts(
 
 
 @experts.register_fake
-def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, activation, gate_up, transposed, swiglu_alpha, swiglu_limit):
-    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit)
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input=False):
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
     check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
     return hidden.new_empty(hidden.shape)
 
@@ -126,11 +128,12 @@ def experts_backward(
     transposed: bool,
     swiglu_alpha: float,
     swiglu_limit: float,
+    scale_input: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `experts` w.r.t. (hidden, topk_weights, w_gate_up, w_down, b_gate_up, b_down).
 
     An absent bias gets an empty [0] gradient (op outputs cannot be None)."""
-    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit)
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
     impl = lowering.select(hidden, w_gate_up, w_down)
     grads = composite.experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
@@ -168,7 +171,7 @@ def _backward(ctx, grad_out):
         d_down,
         d_bgu if b_gate_up is not None else None,
         d_bdown if b_down is not None else None,
-        None, None, None, None, None,  # spec arguments
+        *(None,) * len(ctx.spec_args),  # spec arguments
     )
 
 

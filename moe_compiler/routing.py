@@ -7,6 +7,7 @@ transformers 5.x MoE models, with its fake beside it and its backward as its own
 Forms covered (RouterSpec), each the op sequence of the named transformers 5.x router:
     softmax -> top-k [-> renormalize]        Qwen2/Qwen3-MoE, Mixtral, OLMoE (Qwen3MoeTopKRouter ...)
     top-k on logits -> softmax over the k    GPT-OSS-style (router bias folded into the logits by the caller)
+    top-k on logits -> sigmoid of each       Llama-4
     sigmoid (+ correction bias for choice) -> group-limited top-k -> gather unbiased scores [-> renormalize]
                                              DeepSeek-V3 / Kimi-K2 / GLM4-MoE (DeepseekV3TopkRouter)
     x routed_scaling_factor at the end.
@@ -56,8 +57,8 @@ class RouterSpec:
         object.__setattr__(self, "order", RouteOrder(self.order))
         if self.top_k < 1:
             raise ValueError(f"RouterSpec.top_k: expected >= 1, got {self.top_k}")
-        if self.order is RouteOrder.TOPK_THEN_SCORE and (self.scoring is not Scoring.SOFTMAX or self.n_group != 1):
-            raise ValueError("RouterSpec.order: topk_then_score is defined for softmax scoring without groups")
+        if self.order is RouteOrder.TOPK_THEN_SCORE and (self.n_group != 1 or self.norm_topk_prob or self.routed_scaling_factor != 1.0):
+            raise ValueError("RouterSpec.order: topk_then_score is defined without groups, renormalization or scaling")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"RouterSpec.topk_group: expected 1 <= topk_group <= n_group={self.n_group}, got {self.topk_group}")
         if self.group_score not in ("top2_sum", "max"):
@@ -65,6 +66,8 @@ class RouterSpec:
 
     def describe(self) -> str:
         if self.order is RouteOrder.TOPK_THEN_SCORE:
+            if self.scoring is Scoring.SIGMOID:
+                return f"top-{self.top_k} of the logits, then sigmoid of each"
             return f"top-{self.top_k} of the logits, then softmax over them"
         parts = [f"{self.scoring.value}, top-{self.top_k}"]
         if self.n_group > 1:
@@ -119,7 +122,7 @@ def route_forward(router_logits, correction_bias, spec: RouterSpec) -> tuple[Ten
     scores, ids = _select(router_logits.float(), correction_bias, spec)
     picked = scores.gather(1, ids)
     if spec.order is RouteOrder.TOPK_THEN_SCORE:
-        weights = picked.softmax(dim=-1)
+        weights = picked.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else picked.sigmoid()
     elif spec.norm_topk_prob:
         eps = 1e-20 if spec.scoring is Scoring.SIGMOID else 0.0  # DeepSeek adds 1e-20; softmax routers don't
         weights = picked / (picked.sum(-1, keepdim=True) + eps)
@@ -133,8 +136,12 @@ def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor
     z = router_logits.float()
     g = grad_weights.float() * spec.routed_scaling_factor
     if spec.order is RouteOrder.TOPK_THEN_SCORE:
-        w = z.gather(1, ids).softmax(dim=-1)
-        dz_sel = w * (g - (g * w).sum(-1, keepdim=True))
+        if spec.scoring is Scoring.SOFTMAX:
+            w = z.gather(1, ids).softmax(dim=-1)
+            dz_sel = w * (g - (g * w).sum(-1, keepdim=True))
+        else:
+            w = z.gather(1, ids).sigmoid()
+            dz_sel = g * w * (1 - w)
         return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
     scores = z.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else z.sigmoid()
     picked = scores.gather(1, ids)

@@ -12,6 +12,9 @@ The experts computation, for every token t and slot j with expert e = topk_ids[t
     y        = a @ W_down[e]^T (+ b_down[e])                     # [H]
     out[t]  += topk_weights[t, j] * y
 
+With scale_input=True (Llama-4) the router weight scales the expert's *input* instead:
+    out[t]  += expert_e(topk_weights[t, j] * x[t])               # f(w x) != w f(x) for a gated MLP
+
 Weight layouts:
     transposed=False (Qwen, Mixtral, DeepSeek, ...): W_gate_up [E, 2I, H], W_down [E, H, I]  (nn.Linear's [out, in])
     transposed=True  (GPT-OSS):                      W_gate_up [E, H, 2I], W_down [E, I, H]
@@ -55,6 +58,8 @@ class ExpertsSpec:
     # Only read for GPT_OSS_SWIGLU; kept at GPT-OSS's values otherwise so specs compare equal.
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # The router weight multiplies each expert's input rows (Llama-4), not its output rows.
+    scale_input: bool = False
 
     def __post_init__(self):
         # Accept plain strings (as they arrive from the op schema) but store the enums.
@@ -72,20 +77,24 @@ class ExpertsSpec:
             ) from None
         if not isinstance(self.transposed, bool):
             raise ValueError(f"ExpertsSpec.transposed: expected a bool, got {self.transposed!r}")
+        if not isinstance(self.scale_input, bool):
+            raise ValueError(f"ExpertsSpec.scale_input: expected a bool, got {self.scale_input!r}")
         if self.activation is Activation.GPT_OSS_SWIGLU and not self.swiglu_limit > 0:
             raise ValueError(f"ExpertsSpec.swiglu_limit: expected > 0, got {self.swiglu_limit}")
 
-    def op_args(self) -> tuple[str, str, bool, float, float]:
+    def op_args(self) -> tuple[str, str, bool, float, float, bool]:
         """The spec as the trailing arguments of `torch.ops.moe_compiler.experts`."""
-        return (self.activation.value, self.gate_up.value, self.transposed, float(self.swiglu_alpha), float(self.swiglu_limit))
+        return (self.activation.value, self.gate_up.value, self.transposed, float(self.swiglu_alpha), float(self.swiglu_limit), self.scale_input)
 
     @classmethod
-    def from_op_args(cls, activation: str, gate_up: str, transposed: bool, swiglu_alpha: float, swiglu_limit: float) -> ExpertsSpec:
-        return cls(Activation(activation), GateUpLayout(gate_up), bool(transposed), swiglu_alpha, swiglu_limit)
+    def from_op_args(cls, activation: str, gate_up: str, transposed: bool, swiglu_alpha: float, swiglu_limit: float,
+                     scale_input: bool = False) -> ExpertsSpec:
+        return cls(Activation(activation), GateUpLayout(gate_up), bool(transposed), swiglu_alpha, swiglu_limit, bool(scale_input))
 
     def describe(self) -> str:
         act = self.activation.value
         if self.activation is Activation.GPT_OSS_SWIGLU:
             act += f"(alpha={self.swiglu_alpha}, limit={self.swiglu_limit})"
         layout = "[E,H,2I]/[E,I,H]" if self.transposed else "[E,2I,H]/[E,H,I]"
-        return f"{act}, gate_up={self.gate_up.value}, weights {layout}"
+        scaled = ", router weight scales the input" if self.scale_input else ""
+        return f"{act}, gate_up={self.gate_up.value}, weights {layout}{scaled}"

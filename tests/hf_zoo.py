@@ -103,9 +103,6 @@ EXTRA_ROUTER_SUFFIXES = ("router.layer.weight", "gate.wg.weight", "router.classi
 # What the backend does with each architecture today, and why where it does not fuse (checked by
 # tests/passes/test_architectures.py; the full grid is docs/support_matrix.md).
 NOT_FUSED = {
-    # Llama4TextExperts runs every expert on every token (a plain bmm over [E, T, H], no routing gather)
-    # and scales the expert *input* by the router weight, f(s*x) != s*f(x): a form of its own (issue 4).
-    "llama4": "no expert GEMM found",
     "dbrx": "experts_implementation='eager'",  # DbrxExperts always loops over nonzero(): graph breaks
     "longcat_flash": "experts_implementation='eager'",  # same: a Python loop over experts
 }
@@ -120,6 +117,7 @@ ROUTER_FORM = {
     "hunyuan_v1_moe": "softmax_topk", "jamba": "softmax_topk", "kimi_k25": "sigmoid_topk",
     "minimax": "softmax_topk", "mixtral": "softmax_topk", "olmoe": "softmax_topk", "qwen2_moe": "softmax_topk",
     "qwen3_5_moe": "softmax_topk", "qwen3_moe": "softmax_topk", "qwen3_next": "softmax_topk",
+    "llama4": "topk_sigmoid",  # after its dense (every-expert) block became a scale_input experts call
 }
 ROUTER_NOT_FUSED = {"phimoe": "sparse-mixer style routing (PhiMoE) is NYI"}
 

@@ -9,7 +9,8 @@ from moe_compiler.spec import ExpertsSpec
 
 
 def experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None, spec=ExpertsSpec()):
-    """out[t] = sum_j w[t, j] * down_e(act(gate_up_e(x_t))) in float64, returned in float64."""
+    """out[t] = sum_j w[t, j] * down_e(act(gate_up_e(x_t))) in float64 (spec.scale_input: the weight scales
+    x_t instead), returned in float64."""
     x = hidden.double()
     out = torch.zeros_like(x)
     T, k = topk_ids.shape
@@ -17,14 +18,15 @@ def experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_
         for j in range(k):
             e = int(topk_ids[t, j])
             w1, w2 = w_gate_up[e].double(), w_down[e].double()
-            h = x[t] @ w1 if spec.transposed else w1 @ x[t]
+            xin = x[t] * topk_weights[t, j].double() if spec.scale_input else x[t]
+            h = xin @ w1 if spec.transposed else w1 @ xin
             if b_gate_up is not None:
                 h = h + b_gate_up[e].double()
             a = gated_forward(h, spec)
             y = a @ w2 if spec.transposed else w2 @ a
             if b_down is not None:
                 y = y + b_down[e].double()
-            out[t] += topk_weights[t, j].double() * y
+            out[t] += y if spec.scale_input else topk_weights[t, j].double() * y
     return out
 
 
@@ -40,8 +42,10 @@ def experts_reference_by_expert(hidden, topk_ids, topk_weights, w_gate_up, w_dow
     for e in torch.unique(topk_ids).tolist():
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
         w1, w2 = w_gate_up[e].to(dtype), w_down[e].to(dtype)
-        h = x[tok] @ w1 if spec.transposed else x[tok] @ w1.t()
+        scale = topk_weights[tok, slot].to(dtype).unsqueeze(-1)
+        xin = x[tok] * scale if spec.scale_input else x[tok]
+        h = xin @ w1 if spec.transposed else xin @ w1.t()
         a = gated_forward(h, spec)
         y = a @ w2 if spec.transposed else a @ w2.t()
-        out.index_add_(0, tok, y * topk_weights[tok, slot].to(dtype).unsqueeze(-1))
+        out.index_add_(0, tok, y if spec.scale_input else y * scale)
     return out

@@ -20,6 +20,7 @@ SPECS = [
     ExpertsSpec(Activation.GELU_TANH),
     ExpertsSpec(Activation.RELU),
     ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True, swiglu_limit=1.0),  # GPT-OSS layout; low limit so clamps bite
+    ExpertsSpec(transposed=True, scale_input=True),  # Llama-4: [E, H, 2I] weights, router weight scales the input
 ]
 
 # (T, H, I, E, k), each with the edge it exercises.
@@ -48,7 +49,7 @@ def make_inputs(T, H, I, E, k, dtype, spec=ExpertsSpec(), bias=False, seed=0):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}".format(*s))
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.activation.value}-{s.gate_up.value}-{'t' if s.transposed else 'n'}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.activation.value}-{s.gate_up.value}-{'t' if s.transposed else 'n'}{'-scale_input' if s.scale_input else ''}")
 def test_forward_matches_fp64_reference(shape, dtype, tol, spec):
     inputs = make_inputs(*shape, dtype, spec, bias=spec.transposed)
     out = moe_experts(*inputs, spec=spec)
@@ -60,7 +61,7 @@ def test_forward_matches_fp64_reference(shape, dtype, tol, spec):
     assert rel_err(out, ref) <= tol
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.activation.value}-{s.gate_up.value}-{'t' if s.transposed else 'n'}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.activation.value}-{s.gate_up.value}-{'t' if s.transposed else 'n'}{'-scale_input' if s.scale_input else ''}")
 @pytest.mark.parametrize("bias", [False, True])
 def test_backward_matches_fp64_autograd(spec, bias):
     inputs = make_inputs(9, 16, 8, 5, 2, torch.float32, spec, bias=bias, seed=1)
@@ -112,6 +113,14 @@ def test_opcheck(dtype, bias):
         if t is not None:
             t.requires_grad_(True)
     torch.library.opcheck(torch.ops.moe_compiler.experts.default, (hidden, ids, weights, w1, w2, b1, b2, *spec.op_args()))
+
+
+def test_opcheck_scale_input():
+    spec = ExpertsSpec(transposed=True, scale_input=True)  # Llama-4
+    hidden, ids, weights, w1, w2, _, _ = make_inputs(6, 16, 8, 4, 2, torch.float32, spec)
+    for t in (hidden, weights, w1, w2):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.moe_compiler.experts.default, (hidden, ids, weights, w1, w2, None, None, *spec.op_args()))
 
 
 def test_weights_are_read_in_place():

@@ -60,12 +60,13 @@ def test_sigmoid_group_limited_matches_deepseek_v3_router(n_group, topk_group, n
     _compare(router, spec, torch.randn(11, 32), router.e_score_correction_bias, E=E)
 
 
-def test_topk_then_softmax():
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])  # GPT-OSS / Granite; Llama-4
+def test_topk_then_score(scoring):
     logits = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
-    w, ids = moe_route(logits, RouterSpec(top_k=3, order="topk_then_score"))
+    w, ids = moe_route(logits, RouterSpec(top_k=3, order="topk_then_score", scoring=scoring))
     top, ref_ids = logits.topk(3, dim=-1)
     assert torch.equal(ids, ref_ids)
-    ref_w = top.softmax(-1)
+    ref_w = top.softmax(-1) if scoring == "softmax" else top.sigmoid()
     assert rel_err(w, ref_w) <= 1e-6
     probe = torch.randn(9, 3)
     (g,) = torch.autograd.grad((w * probe).sum(), logits)
@@ -92,7 +93,8 @@ def test_route_opcheck():
     "kwargs,match",
     [
         (dict(top_k=0), "RouterSpec.top_k"),
-        (dict(top_k=2, order="topk_then_score", scoring="sigmoid"), "topk_then_score"),
+        (dict(top_k=2, order="topk_then_score", norm_topk_prob=True), "topk_then_score"),
+        (dict(top_k=2, order="topk_then_score", n_group=2, topk_group=1), "topk_then_score"),
         (dict(top_k=2, n_group=2, topk_group=3), "RouterSpec.topk_group"),
         (dict(top_k=2, group_score="mean"), "RouterSpec.group_score"),
     ],

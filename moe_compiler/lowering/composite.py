@@ -16,7 +16,8 @@ Data contract
     h = x_sorted @ W_gate_up[e]^T  [S, 2I]  ->  a = act(gate) * up  [S, I]  ->  y = a @ W_down[e]^T  [S, H]
     y *= topk_weights.flat[perm]  ->  pairs[perm] = y  ->  out = pairs.view(T, k, H).sum(1)
 
-The combine is an unpermute + sum over k, not an index_add: deterministic on every device.
+With spec.scale_input (Llama-4) the weight scales the gathered rows instead: x_sorted *= weight, and y is
+not weighted. The combine is an unpermute + sum over k, not an index_add: deterministic on every device.
 The backward recomputes h, a and y instead of saving them (memory: 3 x S x I less per layer).
 """
 
@@ -47,12 +48,21 @@ def _unpermute_sum(rows: torch.Tensor, seg: Segments, T: int, k: int) -> torch.T
     return rows.float()[seg.inverse].view(T, k, rows.shape[-1]).sum(1)
 
 
-def _forward_rows(impl, hidden, topk_ids, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec):
-    """Sorted-order intermediates: (segments, x_sorted, h, a, y) with y before the router weight."""
+def _row_weights(topk_weights, seg: Segments) -> torch.Tensor:
+    """[S] fp32 router weight of each sorted row."""
+    return topk_weights.reshape(-1)[seg.perm].float()
+
+
+def _forward_rows(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec):
+    """Sorted-order intermediates: (segments, x_sorted, h, a, y) with y before the router weight (x_sorted
+    already scaled by it under spec.scale_input)."""
     k = topk_ids.shape[1]
     seg = Segments.build(topk_ids, w_gate_up.shape[0])
     cdt = impl.compute_dtype(hidden.dtype)
-    x = hidden[seg.perm // k].to(cdt)
+    x = hidden[seg.perm // k]
+    if spec.scale_input:
+        x = x.float() * _row_weights(topk_weights, seg).unsqueeze(-1)
+    x = x.to(cdt)
     h = _proj(impl, x, w_gate_up, seg, spec.transposed).float()
     if b_gate_up is not None:
         h = h + b_gate_up[seg.sorted_ids].float()
@@ -67,8 +77,9 @@ def experts_forward(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_g
     T, k = topk_ids.shape
     if T == 0 or k == 0:
         return hidden.new_zeros(hidden.shape)
-    seg, _, _, _, y = _forward_rows(impl, hidden, topk_ids, w_gate_up, w_down, b_gate_up, b_down, spec)
-    y = y * topk_weights.reshape(-1)[seg.perm].float().unsqueeze(-1)
+    seg, _, _, _, y = _forward_rows(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+    if not spec.scale_input:
+        y = y * _row_weights(topk_weights, seg).unsqueeze(-1)
     return _unpermute_sum(y, seg, T, k).to(hidden.dtype)
 
 
@@ -78,13 +89,17 @@ def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, 
     if T == 0 or k == 0:
         zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
         return (zeros(hidden), zeros(topk_weights), zeros(w_gate_up), zeros(w_down), zeros(b_gate_up), zeros(b_down))
-    seg, x, h, a, y = _forward_rows(impl, hidden, topk_ids, w_gate_up, w_down, b_gate_up, b_down, spec)
+    seg, x, h, a, y = _forward_rows(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
     cdt = impl.compute_dtype(hidden.dtype)
     tr = spec.transposed
+    s = _row_weights(topk_weights, seg).unsqueeze(-1)  # [S, 1]
 
     g = grad_out[seg.perm // k].float()  # [S, H] upstream gradient of each row's token
-    d_weights = (g * y).sum(-1)[seg.inverse]
-    dy = g * topk_weights.reshape(-1)[seg.perm].float().unsqueeze(-1)  # [S, H]
+    if spec.scale_input:
+        dy = g  # y reaches the output unweighted; the weight's gradient comes from the input side below
+    else:
+        d_weights = (g * y).sum(-1)[seg.inverse]
+        dy = g * s  # [S, H]
 
     d_b_down = None
     if b_down is not None:
@@ -99,7 +114,11 @@ def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, 
         d_b_gate_up = torch.zeros_like(b_gate_up, dtype=torch.float32).index_add_(0, seg.sorted_ids.long(), dh)
     dh_c = dh.to(cdt)
     d_w_gate_up = _proj_dw(impl, x, dh_c, seg, tr)
-    dx = _proj_dx(impl, dh_c, w_gate_up, seg, tr)  # [S, H]
+    dx = _proj_dx(impl, dh_c, w_gate_up, seg, tr)  # [S, H], w.r.t. the GEMM's input rows
+    if spec.scale_input:
+        # rows = weight * x: d weight = <x, d rows>, d x = weight * d rows
+        d_weights = (hidden[seg.perm // k].float() * dx.float()).sum(-1)[seg.inverse]
+        dx = dx.float() * s
 
     cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
     return (

@@ -8,6 +8,7 @@ Data contract (T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k p
     w_down        [E, H, I]        (or transposed [E, I, H])
     act           [S, I]           hidden's dtype: act(gate) * up of every pair
     out           [T, H]           out[t] = sum_j w[t,j] * (act[p] @ W_down[e]^T + b_down[e]), j in order
+                                   (spec.scale_input, Llama-4: w[t,j] scales pair p's gate_up row instead)
 
     route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight + combine: grid (T, H / BLOCK_N),
                                                              each program all k slots of its token at once]
@@ -33,11 +34,11 @@ from .triton_experts import logical_strides
 
 @triton.jit
 def _gate_up_gemv_kernel(
-    x_ptr, ids_ptr, w_ptr, b_ptr, act_ptr, ok_ptr,
+    x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, ok_ptr,
     S, E, H, I, TOP_K, alpha, limit,
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    SCALE_INPUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -82,6 +83,10 @@ def _gate_up_gemv_kernel(
         wu_ptrs += BLOCK_K * stride_wk
     gate = tl.sum(acc_g, axis=1)
     up = tl.sum(acc_u, axis=1)
+    if SCALE_INPUT:  # Llama-4: (w x) W = w (x W)
+        row_w = tl.load(topk_w_ptr + p).to(tl.float32)
+        gate *= row_w
+        up *= row_w
     if HAS_BIAS:
         gate += tl.load(b_ptr + e * stride_be + gate_rows).to(tl.float32)
         up += tl.load(b_ptr + e * stride_be + up_rows).to(tl.float32)
@@ -95,7 +100,8 @@ def _down_gemv_combine_kernel(
     a_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, out_ptr,
     E, H, I, TOP_K,
     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SCALE_INPUT: tl.constexpr, K_POW2: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # All k slots of the token at once: a [K_POW2, BLOCK_N, BLOCK_K] weight tile per step keeps k times more
     # bytes in flight than a loop over slots (one program per SM at T = 1 must saturate HBM on its own).
@@ -123,7 +129,10 @@ def _down_gemv_combine_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(b_ptr + e[:, None] * stride_be + n[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32)
-    weight = tl.load(topk_w_ptr + p, mask=j_ok, other=0.0).to(tl.float32)
+    if SCALE_INPUT:  # the weight already scaled the gate_up rows
+        weight = tl.where(j_ok, 1.0, 0.0)
+    else:
+        weight = tl.load(topk_w_ptr + p, mask=j_ok, other=0.0).to(tl.float32)
     out = tl.sum(acc * weight[:, None], axis=0)  # a fixed reduction tree over the slots: deterministic
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
@@ -133,18 +142,20 @@ def _down_gemv_combine_kernel(
 MAX_PAIRS = 4096
 
 
-def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config: DecodeConfig, k: int, act, ids_ok):
-    """act[p] = act(gate) * up of pair p; ids_ok[0] = whether every id is in [0, E)."""
+def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config: DecodeConfig, k: int, act, ids_ok,
+                   weights=None):
+    """act[p] = act(gate) * up of pair p (its input scaled by weights[p] under spec.scale_input);
+    ids_ok[0] = whether every id is in [0, E)."""
     S, I = act.shape
     H = hidden.shape[1]
     gu = config.gate_up
     _gate_up_gemv_kernel[(S, triton.cdiv(I, gu.block_n))](
-        hidden, ids, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up, act, ids_ok,
+        hidden, ids, weights if spec.scale_input else act, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up, act, ids_ok,
         S, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit),
         hidden.stride(0), *logical_strides(w_gate_up, spec.transposed),
         b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0),
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
-        HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0,
+        HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, SCALE_INPUT=spec.scale_input,
         BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, BLOCK_S=128,
         num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
@@ -160,7 +171,7 @@ def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: De
         w_down.shape[0], H, I, k,
         act.stride(0), *logical_strides(w_down, spec.transposed),
         b_down.stride(0) if b_down is not None else 0, out.stride(0),
-        HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, K_POW2=triton.next_power_of_2(k),
+        HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, SCALE_INPUT=spec.scale_input, K_POW2=triton.next_power_of_2(k),
         BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps, num_stages=dn.num_stages,
     )
 
@@ -179,7 +190,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     weights = topk_weights.reshape(-1).contiguous()
     ids_ok = torch.empty(1, dtype=torch.int32, device=hidden.device)
     act = hidden.new_empty(T * k, I)
-    launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, ids_ok)
+    launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, ids_ok, weights)
     out = hidden.new_empty(T, H)
     launch_down(act, ids, weights, w_down, b_down, spec, config, k, out)
     return out, ids_ok

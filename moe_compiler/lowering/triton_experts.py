@@ -11,6 +11,7 @@ Data contract (shape letters: T tokens, k top-k, E experts, H hidden, I intermed
     b_gate_up     [E, 2I] / None   b_down [E, H] / None
     act           [S_pad, I]       hidden's dtype, rows in padded sorted order (padding rows never written)
     y             [S_pad, H]       hidden's dtype, (down output + b_down) * router weight, same order
+                                   (spec.scale_input, Llama-4: the weight scales the gate_up rows instead)
     out           [T, H]           out[t] = sum_j y[pos[t*k + j]] in fp32, in slot order: deterministic
 
     route -> permute (align) -> [gate_up GEMM + act] -> [down GEMM * weight] -> [combine]
@@ -61,11 +62,11 @@ def _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M: 
 
 @triton.jit(do_not_specialize=["GROUP_M"])  # a runtime knob: tuning it compiles nothing
 def _gate_up_kernel(
-    x_ptr, w_ptr, w_desc, b_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+    x_ptr, w_ptr, w_desc, b_ptr, act_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
     H, I, TOP_K, alpha, limit, GROUP_M,
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(I, BLOCK_N)
@@ -97,6 +98,8 @@ def _gate_up_kernel(
                 acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
                 a_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K * stride_wk
+            if SCALE_INPUT:  # (w x) W = w (x W): scale the rows after the dot, before the bias
+                acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + expert * stride_be + cols).to(tl.float32)[None, :]
             gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -126,6 +129,10 @@ def _gate_up_kernel(
                 a_ptrs += BLOCK_K
                 wg_ptrs += BLOCK_K * stride_wk
                 wu_ptrs += BLOCK_K * stride_wk
+            if SCALE_INPUT:
+                row_w = tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+                gate *= row_w
+                up *= row_w
             if HAS_BIAS:
                 gate += tl.load(b_ptr + expert * stride_be + n).to(tl.float32)[None, :]
                 up += tl.load(b_ptr + expert * stride_be + I + n).to(tl.float32)[None, :]
@@ -141,7 +148,7 @@ def _down_kernel(
     H, I, TOP_K, GROUP_M,
     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    W_TMA: tl.constexpr,
+    W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(H, BLOCK_N)
@@ -171,7 +178,8 @@ def _down_kernel(
             w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
             acc += tl.load(b_ptr + expert * stride_be + n).to(tl.float32)[None, :]
-        acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+        if not SCALE_INPUT:  # the weight went into the gate_up rows instead
+            acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
         n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = valid[:, None] & (n_out < H)[None, :]
         if ATOMIC:
@@ -240,8 +248,10 @@ def _weight_desc(w, rows: int, block_k: int, use: bool):
     return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, rows, block_k])
 
 
-def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: ExpertsSpec, config: SortedConfig, k: int, act):
-    """act[slot] = act(gate) * up of the pair at each sorted slot (padding slots untouched)."""
+def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: ExpertsSpec, config: SortedConfig, k: int, act,
+                   weights=None):
+    """act[slot] = act(gate) * up of the pair at each sorted slot (padding slots untouched); with
+    spec.scale_input the pair's router weight (`weights` [S]) scales its row first."""
     H, I = hidden.shape[1], act.shape[1]
     gu = config.gate_up
     interleaved = spec.gate_up is GateUpLayout.INTERLEAVED
@@ -249,13 +259,13 @@ def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: Expert
     w_desc = _weight_desc(w_gate_up, (2 if interleaved else 1) * gu.block_n, gu.block_k, use_tma)
     _gate_up_kernel[_grid(rows.max_blocks * triton.cdiv(I, gu.block_n), config.programs_per_sm, hidden.device)](
         hidden, w_gate_up, w_desc, b_gate_up if b_gate_up is not None else w_gate_up, act,
-        rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        weights if spec.scale_input else act, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m,
         hidden.stride(0), *logical_strides(w_gate_up, spec.transposed),
         b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0),
         ACT=ACT_CODE[spec.activation], INTERLEAVED=interleaved,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, DOT_PRECISION=dot_precision(hidden.dtype),
-        W_TMA=use_tma, BLOCK_M=config.block_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
+        W_TMA=use_tma, SCALE_INPUT=spec.scale_input, BLOCK_M=config.block_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
         num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
 
@@ -277,7 +287,7 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
         H, I, k, config.group_m,
         act.stride(0), *logical_strides(w_down, spec.transposed), b_down.stride(0) if b_down is not None else 0, y.stride(0),
         HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, ATOMIC=config.combine is Combine.ATOMIC,
-        DOT_PRECISION=dot_precision(act.dtype), W_TMA=use_tma,
+        DOT_PRECISION=dot_precision(act.dtype), W_TMA=use_tma, SCALE_INPUT=spec.scale_input,
         BLOCK_M=config.block_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k,
         num_warps=dn.num_warps, num_stages=dn.num_stages,
     )
@@ -302,7 +312,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     if weights.stride(0) != 1:
         weights = weights.contiguous()
     act = hidden.new_empty(rows.sorted_rows.numel(), I)
-    launch_gate_up(hidden, rows, w_gate_up, b_gate_up, spec, config, k, act)
+    launch_gate_up(hidden, rows, w_gate_up, b_gate_up, spec, config, k, act, weights)
     if config.combine is Combine.ATOMIC:
         y = hidden.new_zeros(T, H, dtype=torch.float32)
         launch_down(act, rows, w_down, b_down, weights, spec, config, k, y)

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from ..config import MoECompilerConfig
 from ..debug import GraphReport, RegionReport, region_dot
-from . import experts_batched_mm, experts_grouped_mm
+from . import experts_batched_mm, experts_dense_bmm, experts_grouped_mm
 from .eager_experts import find_eager_experts_fragments
 from .experts_common import EAGER_FIX, recognize_experts
 from .regions import find_experts_regions, region_module
@@ -54,6 +54,19 @@ def _after_code(gm: fx.GraphModule, match) -> str:
     return fx.GraphModule(gm, graph, class_name="Fused").code
 
 
+def _recognize(region):
+    """The experts match of a region: the routed forms first, then Llama-4's every-expert form."""
+    try:
+        return recognize_experts(region, EXPERTS_FORMS)
+    except Reject as routed:
+        if not str(routed).startswith("no expert GEMM found"):
+            raise
+        try:
+            return experts_dense_bmm.recognize(region)
+        except Reject as dense:
+            raise Reject(f"{routed}; and not the dense form: {dense}") from None
+
+
 def _fuse_router(gm: fx.GraphModule, experts_call: fx.Node, rr: RegionReport, real: dict, config: MoECompilerConfig):
     """Replace the router feeding a fused experts call by one route call; a router that cannot be proven
     stays with Inductor (the experts fusion stands either way)."""
@@ -87,14 +100,18 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
             if config.dump_dir:  # the code and picture only serve the dump: skip them otherwise
                 rr.before = region_module(gm, region).code
                 rr.dot = region_dot(region.nodes)
-            match = recognize_experts(region, EXPERTS_FORMS)
+            match = _recognize(region)
+            dense = match.form == experts_dense_bmm.FORM
             rr.form, rr.spec, rr.shape = match.form, match.spec.describe(), {k: str(v) for k, v in match.shape.items()}
             if not config.enabled:
                 raise Reject("fusion disabled (MOE_COMPILER_DISABLE=1 or option moe_compiler.enabled=False)")
-            rr.check = verify_numerically(gm, region, match, real) if config.verify else "skipped (verify=False)"
+            if config.verify:
+                rr.check = experts_dense_bmm.verify(gm, match, real) if dense else verify_numerically(gm, region, match, real)
+            else:
+                rr.check = "skipped (verify=False)"
             if config.dump_dir:
-                rr.after = _after_code(gm, match)
-            call = rewrite_experts(gm, region, match)
+                rr.after = experts_dense_bmm.after_code(gm, match) if dense else _after_code(gm, match)
+            call = experts_dense_bmm.rewrite(gm, match) if dense else rewrite_experts(gm, region, match)
             rr.status = "fused"
             counters["moe_compiler"][f"fused_experts_{match.form}"] += 1
             _fuse_router(gm, call, rr, real, config)

@@ -10,6 +10,7 @@ come in these op sequences (X = logits, possibly cast to fp32 first):
     sigmoid(X) + bias -> group-limited topk -> gather(sigmoid)    DeepSeek-V3, Kimi-K2(.5), GLM4-MoE, dots1
         [/ (sum + 1e-20)] [* routed_scaling_factor]
     topk(X) -> softmax over the k values                          GPT-OSS (router bias inside X), Granite-MoE
+    topk(X) -> sigmoid of each value                              Llama-4 (after the dense_bmm experts rewrite)
 
 Facts established from the graph, each with a reason when it fails:
   1. the ids are output 1 of a top-k (largest, last dim) whose input (the "choice") is the logits, the
@@ -223,15 +224,18 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
     if norm is not None:
         w, eps = _strip(norm[0]), norm[1]
 
-    if op_name(w) == "softmax" and op_name(_strip(w.args[0])) == "getitem" and _strip(w.args[0]).args[0] is topk:
-        # top-k of the logits, then softmax over the k values (GPT-OSS, Granite-MoE).
+    if op_name(w) in ("softmax", "sigmoid") and op_name(_strip(w.args[0])) == "getitem" and _strip(w.args[0]).args[0] is topk:
+        # top-k of the logits, then softmax over the k values (GPT-OSS, Granite-MoE) or sigmoid of each (Llama-4).
+        scoring = Scoring.SOFTMAX if op_name(w) == "softmax" else Scoring.SIGMOID
         if norm is not None or scale != 1.0:
-            raise Reject("top-k-then-softmax weights are renormalized or scaled afterwards: NYI")
-        if _strip(w.args[0]).args[1] != 0 or example_value(w).dtype != torch.float32 or not _last_dim(w, arg(w, 1, "dim")):
-            raise Reject(f"`{w.name}`: expected an fp32 softmax over the top-k values")
+            raise Reject(f"top-k-then-{scoring.value} weights are renormalized or scaled afterwards: NYI")
+        if _strip(w.args[0]).args[1] != 0 or example_value(w).dtype != torch.float32:
+            raise Reject(f"`{w.name}`: expected an fp32 {scoring.value} of the top-k values")
+        if scoring is Scoring.SOFTMAX and not _last_dim(w, arg(w, 1, "dim")):
+            raise Reject(f"`{w.name}`: softmax over dim {arg(w, 1, 'dim')}, expected the k values")
         logits = _strip(choice)
-        spec = RouterSpec(top_k=k, order=RouteOrder.TOPK_THEN_SCORE)
-        form, bias = "topk_softmax", None
+        spec = RouterSpec(top_k=k, scoring=scoring, order=RouteOrder.TOPK_THEN_SCORE)
+        form, bias = f"topk_{scoring.value}", None
     else:
         # 3. scores at the ids: the top-k values, or a gather of the scores.
         if op_name(w) == "getitem" and w.args[0] is topk and w.args[1] == 0:

@@ -20,11 +20,13 @@ SPECS = [
     ExpertsSpec(Activation.RELU, GateUpLayout.INTERLEAVED),
     # GPT-OSS: [E, H, 2I] weights, interleaved, biases, clamps; a low limit so the clamps bite.
     ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True, swiglu_limit=1.0),
+    # Llama-4: [E, H, 2I] weights, the router weight scales the expert input (f(w x), not w f(x)).
+    ExpertsSpec(transposed=True, scale_input=True),
 ]
 
 
 def spec_id(spec: ExpertsSpec) -> str:
-    return f"{spec.activation.value}-{spec.gate_up.value}-{'t' if spec.transposed else 'n'}"
+    return f"{spec.activation.value}-{spec.gate_up.value}-{'t' if spec.transposed else 'n'}{'-scale_input' if spec.scale_input else ''}"
 
 
 def device_inputs(T, H, I, E, k, dtype, spec, seed=0):

@@ -1,0 +1,244 @@
+"""Recognizer for Llama-4's experts: every expert on every token, the input scaled by the router score.
+
+Mirrors Llama4TextMoe / Llama4TextExperts / Llama4Router (models/llama4/modeling_llama4.py, transformers
+5.17-5.23):
+
+    vals, ids  = topk(logits, k, dim=1)
+    scores     = sigmoid(full_like(logits, -inf).scatter_(1, ids, vals).float()).to(dtype)   # [T, E], 0 off top-k
+    routed_in  = x.repeat(E, 1) * scores.transpose(0, 1).reshape(-1, 1)                        # [E*T, H]
+    h          = bmm(routed_in.view(E, -1, H), W_gate_up)        # W_gate_up [E, H, 2I]  (the Experts module)
+    y          = bmm(act(gate) * up, W_down).view(-1, H)         # W_down [E, I, H]
+    out        = y.reshape(E, -1, H).sum(dim=0)                  # [T, H]
+
+An expert whose score is 0 gets a zero input, and a gated MLP without biases maps 0 to 0, so only the k
+chosen experts contribute: out[t] = sum_j expert_{ids[t,j]}(sigmoid(vals[t,j]) * x[t]), which is
+`moe_compiler.experts` with scale_input=True on [E, H, 2I] weights: k/E of the dense block's GEMM work
+(1/16 on Llama-4 Scout, 1/128 on Maverick). The region found by module boundary is the Experts module;
+the facts the op needs live around it in the MoE block, so this recognizer proves those too, then the
+numerical check runs the whole block (router scores to the sum) against the op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.fx as fx
+
+from ..spec import ExpertsSpec
+from .gated_activation import recognize_gated_activation
+from .regions import Region, arg, example_value, follow, op_name, region_module
+from .reject import Reject
+
+FORM = "dense_bmm"
+CASTS = {"to", "float", "type_as", "contiguous", "bfloat16", "half"}
+
+
+@dataclasses.dataclass
+class DenseMatch:
+    form: str
+    spec: ExpertsSpec
+    hidden: fx.Node  # x [T, H], before the repeat
+    logits: fx.Node  # router logits [T, E]
+    topk_ids: fx.Node  # getitem(topk, 1)
+    topk_vals: fx.Node  # getitem(topk, 0)
+    weight_dtype: torch.dtype  # the dtype of the scores the block multiplied with
+    w_gate_up: fx.Node
+    w_down: fx.Node
+    output: fx.Node  # the sum over experts, [T, H]
+    nodes: list[fx.Node]  # the block's nodes from the scores to the sum (what the op replaces)
+    inputs: list[fx.Node]  # what they read from outside
+    shape: dict
+
+
+def _strip(node):
+    while isinstance(node, fx.Node) and op_name(node) in CASTS:
+        node = node.args[0]
+    return node
+
+
+def _dims(node):
+    ev = example_value(node)
+    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else None
+
+
+def _param(node, rank) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and len(_dims(node) or ()) == rank
+
+
+def recognize(region: Region) -> DenseMatch:
+    # 1. inside the Experts module: bmm(view(x, E, -1, H), W1) -> act(gate) * up -> bmm(., W2) -> view(-1, H).
+    bmms = [n for n in region.nodes if op_name(n) == "bmm"]
+    if len(bmms) != 2:
+        raise Reject(f"dense experts: expected 2 bmm calls, found {len(bmms)}")
+    up_mm, down_mm = bmms
+    w1, w2 = up_mm.args[1], down_mm.args[1]
+    if not (_param(w1, 3) and _param(w2, 3)):
+        raise Reject("dense experts: the bmm weights are not 3-D parameters read in place")
+    E, H, two_i = _dims(w1)
+    if _dims(w2) != (E, two_i // 2, H):
+        raise Reject(f"dense experts: weights {_dims(w1)} and {_dims(w2)}, expected [E, H, 2I] and [E, I, H]")
+    view_in = up_mm.args[0]
+    if op_name(view_in) not in ("view", "reshape") or _dims(view_in)[0] != E or _dims(view_in)[2] != H:
+        raise Reject(f"dense experts: the first bmm reads `{view_in.name}` {_dims(view_in)}, expected an [E, T, H] view of the input rows")
+    gated = recognize_gated_activation(down_mm.args[0], up_mm)
+    outs = [o for o in region.outputs if isinstance(example_value(o), torch.Tensor)]
+    if len(outs) != 1 or follow(outs[0], through={"view", "reshape"}) is not down_mm:
+        raise Reject("dense experts: the region's output is not the second bmm's rows")
+    for n in region.nodes:
+        if op_name(n) in ("add", "add_") and any(a in (up_mm, down_mm) for a in n.args):
+            raise Reject("dense experts: a bias is added to an expert GEMM (f(0) != 0: every expert would count)")
+
+    # 2. the block sums the E expert outputs of each token.
+    (reshape,) = outs[0].users if len(outs[0].users) == 1 else (None,)
+    total = next(iter(reshape.users)) if reshape is not None and len(reshape.users) == 1 else None
+    if op_name(reshape) not in ("view", "reshape") or _dims(reshape)[0] != E or op_name(total) != "sum" or arg(total, 1, "dim") not in (0, (0,), [0]):
+        raise Reject("dense experts: the expert outputs are not summed over the experts (reshape(E, -1, H).sum(0))")
+
+    # 3. routed rows = x.repeat(E, 1) * scores.transpose(0, 1).reshape(-1, 1).
+    routed_in = view_in.args[0]
+    if op_name(routed_in) != "mul":
+        raise Reject(f"dense experts: the input rows `{routed_in.name}` are not scaled rows (x.repeat(E, 1) * scores)")
+    rep, col = routed_in.args
+    if op_name(rep) != "repeat":
+        rep, col = col, rep
+    if op_name(rep) != "repeat" or list(rep.args[1:]) != [E, 1]:
+        raise Reject("dense experts: the input rows are not x.repeat(E, 1)")
+    hidden = rep.args[0]
+    T = _dims(hidden)[0]
+    col_t = col
+    if op_name(col_t) not in ("reshape", "view") or op_name(col_t.args[0]) != "transpose" or sorted(col_t.args[0].args[1:]) != [0, 1]:
+        raise Reject("dense experts: the row scales are not scores.transpose(0, 1).reshape(-1, 1)")
+    scores = col_t.args[0].args[0]
+
+    # 4. scores = sigmoid(full(-inf).scatter_(1, ids, vals)): sigmoid of the top-k values, 0 elsewhere.
+    sig = _strip(scores)
+    if op_name(sig) != "sigmoid":
+        raise Reject(f"dense experts: the scores come from `{sig.name}` ({op_name(sig)}), expected a sigmoid")
+    scat = _strip(sig.args[0])
+    if op_name(scat) not in ("scatter_", "scatter") or arg(scat, 1, "dim") not in (1, -1):
+        raise Reject("dense experts: the scores are not a scatter of the top-k values")
+    base, ids, vals = scat.args[0], arg(scat, 2, "index"), arg(scat, 3, "src")
+    if op_name(base) != "full_like" or not (isinstance(base.args[1], float) and base.args[1] == -math.inf):
+        raise Reject("dense experts: the scattered scores do not start from -inf (unchosen experts must score 0)")
+    logits = base.args[0]
+    ids, vals = _strip(ids), _strip(vals)
+    if not (op_name(ids) == op_name(vals) == "getitem" and ids.args[0] is vals.args[0] and (ids.args[1], vals.args[1]) == (1, 0)):
+        raise Reject("dense experts: the scattered values and ids are not the two outputs of one top-k")
+    topk = ids.args[0]
+    if op_name(topk) != "topk" or _strip(topk.args[0]) is not _strip(logits) or arg(topk, 2, "dim", -1) not in (1, -1) or not arg(topk, 3, "largest", True):
+        raise Reject("dense experts: the ids do not come from a top-k of the router logits over the experts")
+    if _dims(logits) != (T, E):
+        raise Reject(f"dense experts: router logits {_dims(logits)}, expected [T={T}, E={E}]")
+
+    nodes, inputs = _block_nodes(total, stop={hidden, logits, ids, vals})
+    spec = ExpertsSpec(gated.activation, gated.layout, True, gated.swiglu_alpha, gated.swiglu_limit, scale_input=True)
+    shape = {"T": T, "H": H, "E": E, "I": two_i // 2, "k": _dims(ids)[1]}
+    return DenseMatch(FORM, spec, hidden, logits, ids, vals, example_value(scores).dtype, w1, w2, total, nodes, inputs, shape)
+
+
+def _block_nodes(total: fx.Node, stop: set) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The compute nodes `total` depends on up to `stop` (graph order), and what they read from outside."""
+    inside, todo = set(), [total]
+    while todo:
+        n = todo.pop()
+        if n in stop or n in inside or n.op in ("placeholder", "get_attr"):
+            continue
+        inside.add(n)
+        todo.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(total.graph.nodes)}
+    nodes = sorted(inside, key=order.__getitem__)
+    inputs = sorted({a for n in nodes for a in n.all_input_nodes if a not in inside}, key=order.__getitem__)
+    return nodes, inputs
+
+
+def _op_args(match: DenseMatch, weights) -> tuple:
+    return (match.hidden, match.topk_ids, weights, match.w_gate_up, match.w_down, None, None, *match.spec.op_args())
+
+
+def verify(gm: fx.GraphModule, match: DenseMatch, real: dict) -> str:
+    """Run the block (scores to the sum) and the op on fresh x and tie-free logits, the model's weights."""
+    from .verify import TOLERANCE, _hint, _router_logits
+
+    region = Region("dense_block", "dense_block", match.nodes, match.inputs, [match.output])
+    sub = region_module(gm, region, outputs=[match.output])
+    gen = torch.Generator().manual_seed(0)
+    values = {}
+    for node in match.inputs:
+        ev = example_value(node)
+        if node is match.logits:
+            values[node] = _router_logits([_hint(s) for s in ev.shape], ev.dtype, gen, ev.device)
+        elif not isinstance(ev, torch.Tensor):
+            values[node] = _hint(ev)
+        elif node in real:
+            values[node] = real[node]
+        elif node is match.hidden:
+            values[node] = torch.randn([_hint(s) for s in ev.shape], generator=gen).to(ev.device, ev.dtype)
+        elif node not in (match.topk_ids, match.topk_vals):
+            raise Reject(f"numerical check: cannot synthesize block input `{node.name}`")
+    logits = values.get(match.logits)
+    if logits is None:
+        raise Reject("numerical check: the block does not read the router logits")
+    k = match.shape["k"]
+    vals, ids = torch.topk(logits, k, dim=-1)
+    values[match.topk_ids], values[match.topk_vals] = ids, vals
+    try:
+        with torch.no_grad():
+            want = sub(*[values[i] for i in match.inputs])
+            w = torch.sigmoid(vals.float()).to(match.weight_dtype)
+            got = torch.ops.moe_compiler.experts(values[match.hidden], ids, w, values[match.w_gate_up], values[match.w_down], None, None, *match.spec.op_args())
+    except Exception as e:  # noqa: BLE001 - any failure to run means "not proven"
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise Reject(f"numerical check could not run: {type(e).__name__}: {first_line}") from e
+    want, got = want.double(), got.double()
+    err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    tol = TOLERANCE[values[match.hidden].dtype]
+    if not err <= tol:
+        raise Reject(f"numerical check failed: dense block vs op relative error {err:.2e} > {tol:.0e}")
+    return f"rel err {err:.1e} <= {tol:.0e} (T={want.shape[0]}, only the top-{k} of {match.shape['E']} experts computed)"
+
+
+def rewrite(gm: fx.GraphModule, match: DenseMatch) -> fx.Node:
+    """weights = sigmoid(top-k values); out = experts(x, ids, weights, ..., scale_input=True) replaces the sum."""
+    from .rewrite import _meta
+
+    graph = gm.graph
+    op = torch.ops.moe_compiler.experts.default
+    args = list(_op_args(match, None))
+    with example_value(match.output).fake_mode:  # fake values first: a failure leaves the graph untouched
+        w_value = torch.sigmoid(example_value(match.topk_vals).float())
+        w_cast = w_value.to(match.weight_dtype)
+        fake_args = [example_value(a) if isinstance(a, fx.Node) else a for a in args]
+        fake_args[2] = w_cast
+        value = op(*fake_args)
+        out_value = value.to(example_value(match.output).dtype)
+    with graph.inserting_before(match.output):
+        w = graph.call_function(torch.sigmoid, (graph.call_method("float", (match.topk_vals,)),))
+        w.args[0].meta = _meta(match.topk_vals, example_value(match.topk_vals).float())
+        w.meta = _meta(match.topk_vals, w_value)
+        if match.weight_dtype != torch.float32:
+            w = graph.call_method("to", (w, match.weight_dtype))
+            w.meta = _meta(match.topk_vals, w_cast)
+        call = graph.call_function(op, _op_args(match, w))
+        call.meta = _meta(match.output, value)
+        result = call
+        if out_value.dtype != value.dtype:
+            result = graph.call_method("to", (call, out_value.dtype))
+            result.meta = _meta(match.output, out_value)
+    match.output.replace_all_uses_with(result)
+    for n in reversed(match.nodes):
+        if not n.users:
+            graph.erase_node(n)
+    return call
+
+
+def after_code(gm: fx.GraphModule, match: DenseMatch) -> str:
+    graph = fx.Graph()
+    env = {n: graph.placeholder(n.name) for n in (match.hidden, match.topk_ids, match.topk_vals, match.w_gate_up, match.w_down)}
+    w = graph.call_function(torch.sigmoid, (graph.call_method("float", (env[match.topk_vals],)),))
+    args = [env.get(a, a) if isinstance(a, fx.Node) else a for a in _op_args(match, None)]
+    args[2] = w
+    graph.output(graph.call_function(torch.ops.moe_compiler.experts.default, tuple(args)))
+    return fx.GraphModule(gm, graph, class_name="FusedDense").code
+
