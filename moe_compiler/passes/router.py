@@ -15,7 +15,9 @@ come in these op sequences (X = logits, possibly cast to fp32 first):
 Facts established from the graph, each with a reason when it fails:
   1. the ids are output 1 of a top-k (largest, last dim) whose input (the "choice") is the logits, the
      scores, scores + a per-expert bias, or that choice with all but the best groups masked;
-  2. the scores are softmax / sigmoid of the logits, computed in fp32 (the op computes in fp32);
+  2. the scores are softmax / sigmoid of the logits, computed in fp32 (the op computes in fp32; a lower
+     precision could break top-k near-ties differently) - except after a top-k of the logits, where
+     only the weights' rounding is at stake;
   3. the weights are the same top-k's values (when the choice is the scores), or the scores gathered at
      the ids, or softmax of the top-k values of the logits; then optionally divided by their sum over k
      (with the epsilon the op uses), then optionally multiplied by a constant;
@@ -229,8 +231,11 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
         scoring = Scoring.SOFTMAX if op_name(w) == "softmax" else Scoring.SIGMOID
         if norm is not None or scale != 1.0:
             raise Reject(f"top-k-then-{scoring.value} weights are renormalized or scaled afterwards: NYI")
-        if _strip(w.args[0]).args[1] != 0 or example_value(w).dtype != torch.float32:
-            raise Reject(f"`{w.name}`: expected an fp32 {scoring.value} of the top-k values")
+        # The choice is made on the logits (exactly as eager, whatever their dtype); a bf16 / fp16 softmax of
+        # the k values differs from the op's fp32 one, rounded back to that dtype by the rewrite, only as
+        # Inductor's own upcast bf16 softmax does.
+        if _strip(w.args[0]).args[1] != 0:
+            raise Reject(f"`{w.name}`: expected a {scoring.value} of the top-k values")
         if scoring is Scoring.SOFTMAX and not _last_dim(w, arg(w, 1, "dim")):
             raise Reject(f"`{w.name}`: softmax over dim {arg(w, 1, 'dim')}, expected the k values")
         logits = _strip(choice)
