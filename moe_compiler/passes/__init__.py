@@ -25,6 +25,11 @@ from .verify import verify_numerically, verify_router
 
 log = logging.getLogger(__name__)
 
+ROUTER_ON_CUDA = (
+    "on CUDA the route op runs as several separate torch kernels, more launches than Inductor's compiled "
+    "router (a single-kernel route op is not GPU-validated yet)"
+)
+
 # One recognizer per source form, tried in this order.
 EXPERTS_FORMS = (experts_grouped_mm, experts_batched_mm)
 
@@ -70,6 +75,14 @@ def _recognize(region):
 def _fuse_router(gm: fx.GraphModule, experts_call: fx.Node, rr: RegionReport, real: dict, config: MoECompilerConfig):
     """Replace the router feeding a fused experts call by one route call; a router that cannot be proven
     stays with Inductor (the experts fusion stands either way)."""
+    hidden = experts_call.args[0].meta.get("example_value")
+    if hidden is not None and hidden.device.type == "cuda":
+        # On CUDA the route op still runs as 5-12 separate torch kernels (softmax, top-k, gather, group
+        # masks, ...) where Inductor fuses the router into a few: keep Inductor's until the route op has a
+        # GPU-validated single-kernel implementation. (Counted, and said in the report.)
+        rr.router_status, rr.router_reason = "rejected", ROUTER_ON_CUDA
+        counters["moe_compiler"]["router_left_on_cuda"] += 1
+        return
     try:
         match = recognize_router(experts_call)
         rr.router_form, rr.router_spec = match.form, match.spec.describe()

@@ -91,3 +91,22 @@ def test_disabled_verify_still_proves_the_router_structurally():
     out, ref = _compile(tiny_model("mixtral"), IDS, **{"moe_compiler.verify": False})
     assert counters["moe_compiler"]["fused_router_softmax_topk"] == 2
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_routers_of_cuda_graphs_stay_with_inductor_for_now():
+    """Until the route op has a GPU-validated single kernel, a CUDA graph keeps Inductor's router."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moe_compiler.config import MoECompilerConfig
+    from moe_compiler.debug import RegionReport
+    from moe_compiler.passes import ROUTER_ON_CUDA, _fuse_router
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    with FakeTensorMode():
+        x.meta["example_value"] = torch.empty(4, 8, device="cuda")
+    call = graph.call_function(torch.ops.moe_compiler.experts.default, (x,))
+    rr = RegionReport("layers.0.mlp.experts", "Qwen3MoeExperts", 1, status="fused")
+    _fuse_router(torch.fx.GraphModule(torch.nn.Module(), graph), call, rr, {}, MoECompilerConfig())
+    assert (rr.router_status, rr.router_reason) == ("rejected", ROUTER_ON_CUDA)
+    assert counters["moe_compiler"]["router_left_on_cuda"] == 1
