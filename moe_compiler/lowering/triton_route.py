@@ -1,0 +1,136 @@
+"""Triton: the whole router in one launch - scores, correction bias, group-limited selection, top-k,
+renormalization, scaling - for every RouterSpec of routing.py.
+
+Data contract (T tokens, E experts, k top-k, G groups of E / G experts)
+    router_logits    [T, E]   any float dtype (read once, computed in fp32)
+    correction_bias  [E]      optional; steers the choice only (DeepSeek-V3's e_score_correction_bias)
+    weights          [T, k]   fp32 out: router weight of each chosen expert
+    ids              [T, k]   int64 out: the chosen experts, best first
+
+    logits -> [route: this kernel] -> experts (triton_experts.py / triton_decode.py)
+
+Each program holds BLOCK_T rows x BLOCK_E (>= E, a power of two) columns in registers. Selection is k
+rounds of argmax (ties go to the lower expert id, as any correct top-k may) with the winner masked out
+after each round; group scores are per-group reductions over column masks, so E / G need not be a power of
+two (DeepSeek-V2: 160 experts in 8 groups). No sort, no host sync: capture-safe.
+
+Status: validated under TRITON_INTERPRET against routing.route_forward (tests/lowering/test_triton_route.py);
+not yet selected by the route op on CUDA - tests/test_gpu.py validates it on the device first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..routing import RouteOrder, RouterSpec, Scoring
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, stride_lt, scale, masked_score, eps,
+    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < T
+    col_ok = cols < E
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    neg_inf = float("-inf")
+    x = tl.where(col_ok[None, :], x, neg_inf)
+    if TOPK_FIRST:
+        scores = x
+        choice = x
+    else:
+        if SIGMOID:
+            scores = tl.sigmoid(x)
+        else:
+            z = x - tl.max(x, axis=1)[:, None]
+            ez = tl.exp(z)
+            scores = ez / tl.sum(ez, axis=1)[:, None]
+        scores = tl.where(col_ok[None, :], scores, 0.0)
+        choice = scores
+        if HAS_BIAS:
+            choice = choice + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        choice = tl.where(col_ok[None, :], choice, neg_inf)
+        if N_GROUP > 1:
+            group_size = E // N_GROUP
+            group_of = cols // group_size
+            gidx = tl.arange(0, BLOCK_G)
+            group_scores = tl.full([BLOCK_T, BLOCK_G], neg_inf, tl.float32)
+            for g in tl.static_range(N_GROUP):
+                in_g = (group_of == g)[None, :] & col_ok[None, :]
+                vals = tl.where(in_g, choice, neg_inf)
+                best = tl.max(vals, axis=1)
+                if GROUP_MAX:
+                    score_g = best
+                else:  # sum of the group's top-2
+                    first = tl.argmax(vals, axis=1)
+                    second = tl.max(tl.where(cols[None, :] == first[:, None], neg_inf, vals), axis=1)
+                    score_g = best + second
+                group_scores = tl.where(gidx[None, :] == g, score_g[:, None], group_scores)
+            keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
+            for _ in tl.static_range(TOPK_GROUP):
+                g_best = tl.argmax(group_scores, axis=1)
+                keep = keep | (group_of[None, :] == g_best[:, None])
+                group_scores = tl.where(gidx[None, :] == g_best[:, None], neg_inf, group_scores)
+            choice = tl.where(keep & col_ok[None, :], choice, masked_score)
+            choice = tl.where(col_ok[None, :], choice, neg_inf)
+
+    slot = tl.arange(0, BLOCK_K)
+    picked = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    chosen = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(choice, axis=1)
+        hit = cols[None, :] == best[:, None]
+        value = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        picked = tl.where(slot[None, :] == j, value[:, None], picked)
+        chosen = tl.where(slot[None, :] == j, best.to(tl.int64)[:, None], chosen)
+        choice = tl.where(hit, neg_inf, choice)
+    live = slot[None, :] < TOP_K
+    if TOPK_FIRST:
+        if SIGMOID:
+            w = tl.sigmoid(picked)
+        else:
+            p = tl.where(live, picked, neg_inf)
+            ep = tl.exp(p - tl.max(p, axis=1)[:, None])
+            w = ep / tl.sum(ep, axis=1)[:, None]
+    else:
+        w = picked
+        if NORM:
+            w = w / (tl.sum(tl.where(live, w, 0.0), axis=1)[:, None] + eps)
+    w = w * scale
+    out = rows[:, None].to(tl.int64) * TOP_K + slot[None, :]
+    ok = row_ok[:, None] & live
+    tl.store(weights_ptr + out, w, mask=ok)
+    tl.store(ids_ptr + out, chosen, mask=ok)
+
+
+def route_forward(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] fp32, ids [T, k] int64); same contract as routing.route_forward."""
+    T, E = router_logits.shape
+    k = spec.top_k
+    weights = torch.empty(T, k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(T, k, dtype=torch.int64, device=router_logits.device)
+    if T == 0:
+        return weights, ids
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    block_e = triton.next_power_of_2(E)
+    block_t = max(1, min(64, 8192 // block_e))
+    sigmoid = spec.scoring is Scoring.SIGMOID
+    masked = spec.masked_score if math.isfinite(spec.masked_score) else float("-inf")
+    _route_kernel[(triton.cdiv(T, block_t),)](
+        logits, correction_bias if correction_bias is not None else logits, weights, ids, T, E, logits.stride(0),
+        float(spec.routed_scaling_factor), masked, 1e-20 if sigmoid else 0.0,
+        TOP_K=k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE, NORM=spec.norm_topk_prob,
+        HAS_BIAS=correction_bias is not None, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group,
+        GROUP_MAX=spec.group_score == "max", BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(k), BLOCK_G=triton.next_power_of_2(spec.n_group),
+    )
+    return weights, ids
