@@ -31,7 +31,9 @@ EAGER_FIX = (
     "(data-dependent shapes), so no whole MoE region exists to fuse. Fix: load the model with the default "
     "experts_implementation ('grouped_mm') or 'batched_mm', e.g. "
     "AutoModelForCausalLM.from_pretrained(..., experts_implementation='grouped_mm'). Models whose experts have no "
-    "such switch in transformers 5.x (DBRX, LongCat-Flash) always loop; their experts cannot be fused yet."
+    "such switch in transformers 5.x (DBRX, LongCat-Flash) always loop: their Python loop runs over the tensor "
+    "`nonzero()` returns (LongCat-Flash also calls .item() per expert), which Dynamo cannot trace into one graph "
+    "even with capture_dynamic_output_shape_ops=True, so their experts cannot be fused yet."
 )
 
 
