@@ -28,11 +28,10 @@ import torch.fx as fx
 
 from ..spec import ExpertsSpec
 from .gated_activation import recognize_gated_activation
-from .regions import Region, arg, example_value, follow, op_name, region_module
+from .regions import Region, arg, dims, example_value, follow, op_name, region_module, strip_casts
 from .reject import Reject
 
 FORM = "dense_bmm"
-CASTS = {"to", "float", "type_as", "contiguous", "bfloat16", "half"}
 
 
 @dataclasses.dataclass
@@ -52,19 +51,10 @@ class DenseMatch:
     shape: dict
 
 
-def _strip(node):
-    while isinstance(node, fx.Node) and op_name(node) in CASTS:
-        node = node.args[0]
-    return node
-
-
-def _dims(node):
-    ev = example_value(node)
-    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else None
 
 
 def _param(node, rank) -> bool:
-    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and len(_dims(node) or ()) == rank
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and len(dims(node) or ()) == rank
 
 
 def recognize(region: Region) -> DenseMatch:
@@ -76,12 +66,12 @@ def recognize(region: Region) -> DenseMatch:
     w1, w2 = up_mm.args[1], down_mm.args[1]
     if not (_param(w1, 3) and _param(w2, 3)):
         raise Reject("dense experts: the bmm weights are not 3-D parameters read in place")
-    E, H, two_i = _dims(w1)
-    if _dims(w2) != (E, two_i // 2, H):
-        raise Reject(f"dense experts: weights {_dims(w1)} and {_dims(w2)}, expected [E, H, 2I] and [E, I, H]")
+    E, H, two_i = dims(w1)
+    if dims(w2) != (E, two_i // 2, H):
+        raise Reject(f"dense experts: weights {dims(w1)} and {dims(w2)}, expected [E, H, 2I] and [E, I, H]")
     view_in = up_mm.args[0]
-    if op_name(view_in) not in ("view", "reshape") or _dims(view_in)[0] != E or _dims(view_in)[2] != H:
-        raise Reject(f"dense experts: the first bmm reads `{view_in.name}` {_dims(view_in)}, expected an [E, T, H] view of the input rows")
+    if op_name(view_in) not in ("view", "reshape") or dims(view_in)[0] != E or dims(view_in)[2] != H:
+        raise Reject(f"dense experts: the first bmm reads `{view_in.name}` {dims(view_in)}, expected an [E, T, H] view of the input rows")
     gated = recognize_gated_activation(down_mm.args[0], up_mm)
     outs = [o for o in region.outputs if isinstance(example_value(o), torch.Tensor)]
     if len(outs) != 1 or follow(outs[0], through={"view", "reshape"}) is not down_mm:
@@ -93,7 +83,7 @@ def recognize(region: Region) -> DenseMatch:
     # 2. the block sums the E expert outputs of each token.
     (reshape,) = outs[0].users if len(outs[0].users) == 1 else (None,)
     total = next(iter(reshape.users)) if reshape is not None and len(reshape.users) == 1 else None
-    if op_name(reshape) not in ("view", "reshape") or _dims(reshape)[0] != E or op_name(total) != "sum" or arg(total, 1, "dim") not in (0, (0,), [0]):
+    if op_name(reshape) not in ("view", "reshape") or dims(reshape)[0] != E or op_name(total) != "sum" or arg(total, 1, "dim") not in (0, (0,), [0]):
         raise Reject("dense experts: the expert outputs are not summed over the experts (reshape(E, -1, H).sum(0))")
 
     # 3. routed rows = x.repeat(E, 1) * scores.transpose(0, 1).reshape(-1, 1).
@@ -106,35 +96,35 @@ def recognize(region: Region) -> DenseMatch:
     if op_name(rep) != "repeat" or list(rep.args[1:]) != [E, 1]:
         raise Reject("dense experts: the input rows are not x.repeat(E, 1)")
     hidden = rep.args[0]
-    T = _dims(hidden)[0]
+    T = dims(hidden)[0]
     col_t = col
     if op_name(col_t) not in ("reshape", "view") or op_name(col_t.args[0]) != "transpose" or sorted(col_t.args[0].args[1:]) != [0, 1]:
         raise Reject("dense experts: the row scales are not scores.transpose(0, 1).reshape(-1, 1)")
     scores = col_t.args[0].args[0]
 
     # 4. scores = sigmoid(full(-inf).scatter_(1, ids, vals)): sigmoid of the top-k values, 0 elsewhere.
-    sig = _strip(scores)
+    sig = strip_casts(scores)
     if op_name(sig) != "sigmoid":
         raise Reject(f"dense experts: the scores come from `{sig.name}` ({op_name(sig)}), expected a sigmoid")
-    scat = _strip(sig.args[0])
+    scat = strip_casts(sig.args[0])
     if op_name(scat) not in ("scatter_", "scatter") or arg(scat, 1, "dim") not in (1, -1):
         raise Reject("dense experts: the scores are not a scatter of the top-k values")
     base, ids, vals = scat.args[0], arg(scat, 2, "index"), arg(scat, 3, "src")
     if op_name(base) != "full_like" or not (isinstance(base.args[1], float) and base.args[1] == -math.inf):
         raise Reject("dense experts: the scattered scores do not start from -inf (unchosen experts must score 0)")
     logits = base.args[0]
-    ids, vals = _strip(ids), _strip(vals)
+    ids, vals = strip_casts(ids), strip_casts(vals)
     if not (op_name(ids) == op_name(vals) == "getitem" and ids.args[0] is vals.args[0] and (ids.args[1], vals.args[1]) == (1, 0)):
         raise Reject("dense experts: the scattered values and ids are not the two outputs of one top-k")
     topk = ids.args[0]
-    if op_name(topk) != "topk" or _strip(topk.args[0]) is not _strip(logits) or arg(topk, 2, "dim", -1) not in (1, -1) or not arg(topk, 3, "largest", True):
+    if op_name(topk) != "topk" or strip_casts(topk.args[0]) is not strip_casts(logits) or arg(topk, 2, "dim", -1) not in (1, -1) or not arg(topk, 3, "largest", True):
         raise Reject("dense experts: the ids do not come from a top-k of the router logits over the experts")
-    if _dims(logits) != (T, E):
-        raise Reject(f"dense experts: router logits {_dims(logits)}, expected [T={T}, E={E}]")
+    if dims(logits) != (T, E):
+        raise Reject(f"dense experts: router logits {dims(logits)}, expected [T={T}, E={E}]")
 
     nodes, inputs = _block_nodes(total, stop={hidden, logits, ids, vals})
     spec = ExpertsSpec(gated.activation, gated.layout, True, gated.swiglu_alpha, gated.swiglu_limit, scale_input=True)
-    shape = {"T": T, "H": H, "E": E, "I": two_i // 2, "k": _dims(ids)[1]}
+    shape = {"T": T, "H": H, "E": E, "I": two_i // 2, "k": dims(ids)[1]}
     return DenseMatch(FORM, spec, hidden, logits, ids, vals, example_value(scores).dtype, w1, w2, total, nodes, inputs, shape)
 
 

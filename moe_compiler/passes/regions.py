@@ -133,6 +133,23 @@ def is_tensor_index(index) -> bool:
     return isinstance(index, fx.Node) and is_tensor_node(index)
 
 
+def dims(node) -> tuple | None:
+    """The shape of a tensor node's example value (None for non-tensors)."""
+    ev = example_value(node)
+    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else None
+
+
+# Ops that change a value's dtype or memory layout only (not its shape).
+CASTS = {"to", "float", "type_as", "contiguous", "clone", "bfloat16", "half"}
+
+
+def strip_casts(node, ops=CASTS):
+    """Walk up through casts (a router's `.float()`, `.to(dtype)`, `.type_as(x)`)."""
+    while isinstance(node, fx.Node) and op_name(node) in ops:
+        node = node.args[0]
+    return node
+
+
 # Ops that keep a row's values (only dtype, memory layout or a unit dimension changes).
 VALUE_PRESERVING = {"to", "contiguous", "float", "bfloat16", "half", "type_as", "clone", "unsqueeze", "squeeze"}
 

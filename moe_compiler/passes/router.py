@@ -38,11 +38,9 @@ import torch
 import torch.fx as fx
 
 from ..routing import RouteOrder, RouterSpec, Scoring
-from .regions import arg, example_value, op_name
+from .regions import arg, dims, example_value, op_name, strip_casts
 from .reject import Reject
 
-# Ops that change a value's dtype or memory layout only.
-CASTS = {"to", "float", "type_as", "contiguous", "clone", "bfloat16", "half"}
 
 
 @dataclasses.dataclass
@@ -57,19 +55,10 @@ class RouterMatch:
     inputs: list[fx.Node]  # what those nodes read from outside: the logits, parameters, sizes
 
 
-def _strip(node, ops=CASTS):
-    while isinstance(node, fx.Node) and op_name(node) in ops:
-        node = node.args[0]
-    return node
-
-
-def _dims(node):
-    ev = example_value(node)
-    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else None
 
 
 def _last_dim(node: fx.Node, dim) -> bool:
-    rank = len(_dims(node.args[0]) or ())
+    rank = len(dims(node.args[0]) or ())
     return dim in (-1, rank - 1)
 
 
@@ -98,7 +87,7 @@ def _scores(node: fx.Node) -> tuple[Scoring, fx.Node]:
         raise Reject(f"the router scores come from `{node.name}` ({name}), expected softmax or sigmoid of the logits")
     if example_value(node).dtype != torch.float32:
         raise Reject(f"the router scores `{node.name}` are computed in {example_value(node).dtype}; the route op computes in fp32 (NYI)")
-    return scoring, _strip(node.args[0])
+    return scoring, strip_casts(node.args[0])
 
 
 def _constant_mul(node: fx.Node):
@@ -117,13 +106,13 @@ def _normalized(node: fx.Node):
     """(numerator, epsilon) if node = x / (x.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)])."""
     if op_name(node) not in ("truediv", "div", "itruediv"):
         return None
-    num, den = node.args[0], _strip(node.args[1])
+    num, den = node.args[0], strip_casts(node.args[1])
     eps = 0.0
     if op_name(den) == "add" and isinstance(den.args[1], (int, float)):
-        den, eps = _strip(den.args[0]), float(den.args[1])
+        den, eps = strip_casts(den.args[0]), float(den.args[1])
     elif op_name(den) == "clamp" and arg(den, 1, "min") is not None and arg(den, 2, "max") is None:
-        den, eps = _strip(den.args[0]), float(arg(den, 1, "min"))
-    if op_name(den) != "sum" or _strip(den.args[0]) is not _strip(num) or not arg(den, 2, "keepdim", False):
+        den, eps = strip_casts(den.args[0]), float(arg(den, 1, "min"))
+    if op_name(den) != "sum" or strip_casts(den.args[0]) is not strip_casts(num) or not arg(den, 2, "keepdim", False):
         return None
     if not _last_dim(den, arg(den, 1, "dim")):
         return None
@@ -143,18 +132,18 @@ def _groups(choice: fx.Node, E) -> tuple[fx.Node, int, int, str, float]:
     group_topk = next(iter(group_idx)).args[0]
     group_scores, topk_group = _parse_topk(group_topk, "the kept groups")
     grouped, group_score = None, None
-    gs = _strip(group_scores)
-    if op_name(gs) == "sum" and _last_dim(gs, arg(gs, 1, "dim")) and op_name(_strip(gs.args[0])) == "getitem":
-        inner = _strip(gs.args[0])
+    gs = strip_casts(group_scores)
+    if op_name(gs) == "sum" and _last_dim(gs, arg(gs, 1, "dim")) and op_name(strip_casts(gs.args[0])) == "getitem":
+        inner = strip_casts(gs.args[0])
         if inner.args[1] == 0 and op_name(inner.args[0]) == "topk" and _parse_topk(inner.args[0], "group scores")[1] == 2:
             grouped, group_score = inner.args[0].args[0], "top2_sum"
     elif op_name(gs) == "amax" or (op_name(gs) == "getitem" and op_name(gs.args[0]) == "max"):
         grouped, group_score = (gs.args[0] if op_name(gs) == "amax" else gs.args[0].args[0]), "max"
     if grouped is None:
         raise Reject(f"group scores `{gs.name}` ({op_name(gs)}): expected the sum of each group's top-2 or its max")
-    if op_name(grouped) not in ("view", "reshape") or _strip(grouped.args[0]) is not _strip(base):
+    if op_name(grouped) not in ("view", "reshape") or strip_casts(grouped.args[0]) is not strip_casts(base):
         raise Reject(f"the group scores read `{grouped.name}`, expected a [T, n_group, E / n_group] view of the choice")
-    shape = _dims(grouped)
+    shape = dims(grouped)
     if shape is None or len(shape) != 3 or not isinstance(shape[1], int) or shape[1] * shape[2] != E:
         raise Reject(f"`{grouped.name}` has shape {shape}, expected [T, n_group, E / n_group] with E = {E}")
     return base, shape[1], topk_group, group_score, float(fill)
@@ -203,10 +192,10 @@ def _router_nodes(ids: fx.Node, weights: fx.Node, logits: fx.Node) -> tuple[list
 
 def recognize_router(experts_call: fx.Node) -> RouterMatch:
     ids, weights = experts_call.args[1], experts_call.args[2]
-    E = _dims(experts_call.args[3])[0]
+    E = dims(experts_call.args[3])[0]
 
     # 1. the ids: output 1 of a top-k.
-    sel = _strip(ids)
+    sel = strip_casts(ids)
     if op_name(sel) == "cat" or op_name(sel) == "concat":
         raise Reject(f"the top-k ids are concatenated (`{sel.name}`): sparse-mixer style routing (PhiMoE) is NYI for the route op")
     if op_name(sel) != "getitem" or sel.args[1] != 1:
@@ -215,18 +204,18 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
     choice, k = _parse_topk(topk, "the top-k ids")
 
     # 3. the weights: strip casts, the constant scale, the renormalization.
-    w = _strip(weights)
+    w = strip_casts(weights)
     scale = 1.0
     while (m := _constant_mul(w)) is not None:
         w, c = m
         scale *= c
-        w = _strip(w)
+        w = strip_casts(w)
     norm = _normalized(w)
     eps = None
     if norm is not None:
-        w, eps = _strip(norm[0]), norm[1]
+        w, eps = strip_casts(norm[0]), norm[1]
 
-    if op_name(w) in ("softmax", "sigmoid") and op_name(_strip(w.args[0])) == "getitem" and _strip(w.args[0]).args[0] is topk:
+    if op_name(w) in ("softmax", "sigmoid") and op_name(strip_casts(w.args[0])) == "getitem" and strip_casts(w.args[0]).args[0] is topk:
         # top-k of the logits, then softmax over the k values (GPT-OSS, Granite-MoE) or sigmoid of each (Llama-4).
         scoring = Scoring.SOFTMAX if op_name(w) == "softmax" else Scoring.SIGMOID
         if norm is not None or scale != 1.0:
@@ -234,33 +223,33 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
         # The choice is made on the logits (exactly as eager, whatever their dtype); a bf16 / fp16 softmax of
         # the k values differs from the op's fp32 one, rounded back to that dtype by the rewrite, only as
         # Inductor's own upcast bf16 softmax does.
-        if _strip(w.args[0]).args[1] != 0:
+        if strip_casts(w.args[0]).args[1] != 0:
             raise Reject(f"`{w.name}`: expected a {scoring.value} of the top-k values")
         if scoring is Scoring.SOFTMAX and not _last_dim(w, arg(w, 1, "dim")):
             raise Reject(f"`{w.name}`: softmax over dim {arg(w, 1, 'dim')}, expected the k values")
-        logits = _strip(choice)
+        logits = strip_casts(choice)
         spec = RouterSpec(top_k=k, scoring=scoring, order=RouteOrder.TOPK_THEN_SCORE)
         form, bias = f"topk_{scoring.value}", None
     else:
         # 3. scores at the ids: the top-k values, or a gather of the scores.
         if op_name(w) == "getitem" and w.args[0] is topk and w.args[1] == 0:
-            scores_node, gathered = _strip(choice), False
-        elif op_name(w) == "gather" and _strip(arg(w, 2, "index")) is sel and _last_dim(w, arg(w, 1, "dim")):
-            scores_node, gathered = _strip(w.args[0]), True
+            scores_node, gathered = strip_casts(choice), False
+        elif op_name(w) == "gather" and strip_casts(arg(w, 2, "index")) is sel and _last_dim(w, arg(w, 1, "dim")):
+            scores_node, gathered = strip_casts(w.args[0]), True
         else:
             raise Reject(f"the top-k weights come from `{w.name}` ({op_name(w)}), expected the top-k values, a gather of the scores at the ids, or a softmax of the top-k logits")
         scoring, logits = _scores(scores_node)
         # 1./4. what the top-k chose from: scores [+ bias], optionally group-masked.
         n_group, topk_group, group_score, masked = 1, 1, "top2_sum", -math.inf
-        c = _strip(choice)
+        c = strip_casts(choice)
         if op_name(c) == "masked_fill":
             c, n_group, topk_group, group_score, masked = _groups(c, E)
-            c = _strip(c)
+            c = strip_casts(c)
         bias = None
         if op_name(c) == "add" and c.args[0] is scores_node and isinstance(c.args[1], fx.Node):
             bias = c.args[1]
-            if _dims(bias) != (E,):
-                raise Reject(f"the correction bias `{bias.name}` has shape {_dims(bias)}, expected [E={E}]")
+            if dims(bias) != (E,):
+                raise Reject(f"the correction bias `{bias.name}` has shape {dims(bias)}, expected [E={E}]")
             c = scores_node
         if c is not scores_node:
             raise Reject(f"the top-k chooses from `{c.name}` ({op_name(c)}), expected the scores, scores + a bias, or their group-masked form")
@@ -276,8 +265,8 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
                           n_group=n_group, topk_group=topk_group, group_score=group_score, masked_score=masked)
         form = f"{scoring.value}{'_group' if n_group > 1 else ''}_topk"
 
-    if _dims(logits) is None or len(_dims(logits)) != 2 or _dims(logits)[1] != E:
-        raise Reject(f"the router logits `{logits.name}` have shape {_dims(logits)}, expected [T, E={E}]")
+    if dims(logits) is None or len(dims(logits)) != 2 or dims(logits)[1] != E:
+        raise Reject(f"the router logits `{logits.name}` have shape {dims(logits)}, expected [T, E={E}]")
 
     # 5. a closed router whose results only the experts call reads.
     nodes, inputs = _router_nodes(ids, weights, logits)
