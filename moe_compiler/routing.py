@@ -15,8 +15,10 @@ Group-limited selection: experts split into n_group groups; a group's score is t
 (`group_score="top2_sum"`, DeepSeek-V3) or its max (`"max"`, DeepSeek-V2) choice scores; only the
 best topk_group groups stay; the others' choice scores become `masked_score` (-inf in 5.23).
 
-Selection is not differentiable; the weights are, w.r.t. the logits (router training). The CPU
-implementation is the reference: it uses torch.topk, so ties break exactly as in the eager model.
+Selection is not differentiable; the weights are, w.r.t. the logits (router training). The torch
+implementation here is the reference and runs on CPU: it uses torch.topk, so ties break exactly as in the
+eager model. On CUDA (lowering.uses_triton) the forward is one Triton launch, lowering/triton_route.py:
+exact ties (equal logits) go to the lower expert id there, a choice any correct top-k may make.
 """
 
 from __future__ import annotations
@@ -169,6 +171,12 @@ def route(
     """Top-k routing weights (fp32) and expert ids (int64) of a transformers 5.x router; see RouterSpec."""
     spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score)
     _check(router_logits, correction_bias, spec)
+    from . import lowering  # lowering's kernels import this module
+
+    if lowering.uses_triton(router_logits):
+        from .lowering import triton_route
+
+        return triton_route.route_forward(router_logits, correction_bias, spec)
     return route_forward(router_logits, correction_bias, spec)
 
 

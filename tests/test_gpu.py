@@ -214,7 +214,7 @@ def test_out_of_range_ids_fail_loudly_on_device():
     assert "assert" in proc.stderr.lower()
 
 
-# --- the Triton route kernel (not yet selected by the route op: validated here first) --------------
+# --- the Triton route kernel (what the route op runs on CUDA) ---------------------------------------
 
 ROUTERS = {
     "qwen3_30b_a3b": (128, dict(top_k=8, norm_topk_prob=True), False),
@@ -254,7 +254,7 @@ def test_triton_route_kernel_at_real_router_shapes(name, T):
 
 # --- compiled HF models on the GPU ---------------------------------------------------------------
 
-from hf_models import ARCHS, MOE_LAYERS, tiny_model  # noqa: E402
+from hf_models import ARCHS, MOE_LAYERS, count_experts_modules, tiny_model  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
@@ -299,3 +299,40 @@ def test_training_step_on_gpu_matches_eager():
     for name, p in fused.named_parameters():
         if ref[name].grad is not None:
             assert rel_err(p.grad, ref[name].grad) <= 1e-4, name
+
+
+# --- every architecture of the zoo, bf16 on the GPU (issue 4's GPU run of tests/passes/test_architectures.py)
+
+from hf_zoo import MODEL_TYPE, NOT_FUSED, ROUTER_FORM, ROUTER_NOT_FUSED, TINY, zoo_model  # noqa: E402
+
+
+def _model_type_known(arch: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return MODEL_TYPE[arch] in CONFIG_MAPPING
+
+
+@pytest.mark.parametrize("form", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_architecture_bf16_on_gpu(arch, form):
+    """As on CPU: experts and router fused where proven (on CUDA the router is one Triton route launch),
+    logits equal eager. A transformers release without the architecture skips it (the CPU suite runs the
+    newest); the device has 5.17."""
+    if not _model_type_known(arch):
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no {MODEL_TYPE[arch]}")
+    model = zoo_model(arch, form, torch.bfloat16).cuda()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+    fused = sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts"))
+    if arch in NOT_FUSED:
+        assert fused == 0
+    else:
+        assert fused == count_experts_modules(model) > 0
+        assert counters["moe_compiler"]["rejected_experts"] == 0
+        if arch in ROUTER_NOT_FUSED:
+            assert counters["moe_compiler"]["rejected_router"] == fused
+        else:
+            assert counters["moe_compiler"][f"fused_router_{ROUTER_FORM[arch]}"] == fused
+    assert rel_err(out, ref) <= 3e-2

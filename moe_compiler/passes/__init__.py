@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from .. import lowering
 from ..config import MoECompilerConfig
 from ..debug import GraphReport, RegionReport, region_dot
 from . import experts_batched_mm, experts_dense_bmm, experts_grouped_mm
@@ -26,8 +27,9 @@ from .verify import verify_numerically, verify_router
 log = logging.getLogger(__name__)
 
 ROUTER_ON_CUDA = (
-    "on CUDA the route op runs as several separate torch kernels, more launches than Inductor's compiled "
-    "router (a single-kernel route op is not GPU-validated yet)"
+    "with MOE_COMPILER_KERNELS=torch the route op runs on CUDA as several separate torch kernels, more "
+    "launches than Inductor's compiled router: the router stays with Inductor (unset it for the one-launch "
+    "Triton route kernel)"
 )
 
 # One recognizer per source form, tried in this order.
@@ -76,10 +78,9 @@ def _fuse_router(gm: fx.GraphModule, experts_call: fx.Node, rr: RegionReport, re
     """Replace the router feeding a fused experts call by one route call; a router that cannot be proven
     stays with Inductor (the experts fusion stands either way)."""
     hidden = experts_call.args[0].meta.get("example_value")
-    if hidden is not None and hidden.device.type == "cuda":
-        # On CUDA the route op still runs as 5-12 separate torch kernels (softmax, top-k, gather, group
-        # masks, ...) where Inductor fuses the router into a few: keep Inductor's until the route op has a
-        # GPU-validated single-kernel implementation. (Counted, and said in the report.)
+    if hidden is not None and hidden.device.type == "cuda" and not lowering.uses_triton(hidden):
+        # Without Triton the route op runs as 5-12 separate torch kernels (softmax, top-k, gather, group
+        # masks, ...) where Inductor fuses the router into a few: keep Inductor's. (Counted, and reported.)
         rr.router_status, rr.router_reason = "rejected", ROUTER_ON_CUDA
         counters["moe_compiler"]["router_left_on_cuda"] += 1
         return
