@@ -21,6 +21,8 @@ log = logging.getLogger("moe_compiler")
 
 _graph_ids = itertools.count()
 
+SHARED_BY_INDUCTOR = "its cuBLAS GEMMs measured within a few percent of the MLP's own floor: benchmarks/NOTES.md"
+
 
 @dataclasses.dataclass
 class RegionReport:
@@ -39,6 +41,11 @@ class RegionReport:
     router_spec: str = ""
     router_check: str = ""
     router_reason: str = ""
+    # The shared-experts branch added to the fused call's output: "matched" (proven; computed by Inductor),
+    # "none" (the block has none), "rejected" (a shared branch we could not prove; the block is still right).
+    shared_status: str = "not tried"
+    shared: str = ""
+    shared_reason: str = ""
     before: str = ""
     after: str = ""
     dot: str = ""
@@ -70,6 +77,9 @@ class GraphReport:
         )
         if self.fused:
             line += f"; routers: {len(self.fused_routers)} fused"
+            shared = [r for r in self.fused if r.shared_status == "matched"]
+            if shared:
+                line += f"; shared experts: {len(shared)} matched (computed by Inductor)"
             kept = sorted({r.router_reason for r in self.fused if r.router_status != "fused" and r.router_reason})
             if kept:
                 line += " (left to Inductor: " + " | ".join(kept) + ")"
@@ -89,6 +99,10 @@ class GraphReport:
                     lines.append(f"    router fused: {r.router_form}; {r.router_spec}; check: {r.router_check}")
                 else:
                     lines.append(f"    router left to Inductor: {r.router_reason}")
+                if r.shared_status == "matched":
+                    lines.append(f"    shared experts: {r.shared}; computed by Inductor ({SHARED_BY_INDUCTOR})")
+                elif r.shared_status == "rejected":
+                    lines.append(f"    shared experts not proven (left to Inductor): {r.shared_reason}")
             else:
                 lines.append(f"    reason: {r.reason}")
         return "\n".join(lines) + "\n"
@@ -136,7 +150,9 @@ def write_dump(report: GraphReport, dump_dir: str) -> str:
         with open(os.path.join(rdir, "spec.json" if r.status == "fused" else "reason.txt"), "w") as f:
             if r.status == "fused":
                 router = {k: getattr(r, "router_" + k) for k in ("status", "form", "spec", "check", "reason")}
-                json.dump({"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check, "router": router}, f, indent=2, default=str)
+                shared = {"status": r.shared_status, "match": r.shared, "reason": r.shared_reason}
+                json.dump({"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check, "router": router, "shared_experts": shared},
+                          f, indent=2, default=str)
             else:
                 f.write(r.reason + "\n")
     with open(os.path.join(dump_dir, "summary.txt"), "a") as f:
@@ -154,6 +170,8 @@ def emit(report: GraphReport, dump_dir: str | None) -> None:
         log.debug("  [%s] %s: %s", r.status, r.name, r.spec if r.status == "fused" else r.reason)
         if r.status == "fused":
             log.debug("      router %s: %s", r.router_status, r.router_spec if r.router_status == "fused" else r.router_reason)
+            if r.shared_status in ("matched", "rejected"):
+                log.debug("      shared experts %s: %s", r.shared_status, r.shared or r.shared_reason)
     if dump_dir:
         path = write_dump(report, dump_dir)
         log.info("moe_compiler dump for graph %d written to %s", report.graph_id, path)

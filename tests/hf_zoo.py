@@ -121,6 +121,14 @@ ROUTER_FORM = {
 }
 ROUTER_NOT_FUSED = {"phimoe": "sparse-mixer style routing (PhiMoE) is NYI"}
 
+# The shared-experts branch each architecture adds to its routed experts (passes/shared_experts.py),
+# matched per fused block; the others have none.
+SHARED_EXPERTS = {
+    "deepseek_v2": "plain", "deepseek_v3": "plain", "kimi_k25": "plain", "dots1": "plain", "ernie4_5_moe": "plain",
+    "glm4_moe": "plain", "granitemoeshared": "plain", "hunyuan_v1_moe": "plain", "llama4": "plain",
+    "qwen2_moe": "sigmoid_gated", "qwen3_next": "sigmoid_gated", "qwen3_5_moe": "sigmoid_gated",
+}
+
 
 def num_experts_of(cfg) -> int:
     for attr in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):

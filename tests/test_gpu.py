@@ -303,7 +303,7 @@ def test_training_step_on_gpu_matches_eager():
 
 # --- every architecture of the zoo, bf16 on the GPU (issue 4's GPU run of tests/passes/test_architectures.py)
 
-from hf_zoo import MODEL_TYPE, NOT_FUSED, ROUTER_FORM, ROUTER_NOT_FUSED, TINY, zoo_model  # noqa: E402
+from hf_zoo import MODEL_TYPE, NOT_FUSED, ROUTER_FORM, ROUTER_NOT_FUSED, SHARED_EXPERTS, TINY, zoo_model  # noqa: E402
 
 
 def _model_type_known(arch: str) -> bool:
@@ -335,4 +335,6 @@ def test_architecture_bf16_on_gpu(arch, form):
             assert counters["moe_compiler"]["rejected_router"] == fused
         else:
             assert counters["moe_compiler"][f"fused_router_{ROUTER_FORM[arch]}"] == fused
+        shared = {k: v for k, v in counters["moe_compiler"].items() if "shared_experts" in k}
+        assert shared == ({f"shared_experts_{SHARED_EXPERTS[arch]}": fused} if arch in SHARED_EXPERTS else {})
     assert rel_err(out, ref) <= 3e-2

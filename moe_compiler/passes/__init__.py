@@ -22,6 +22,7 @@ from .regions import find_experts_regions, region_module
 from .reject import Reject
 from .rewrite import replacement_args, rewrite_experts, rewrite_router
 from .router import recognize_router
+from .shared_experts import recognize_shared_experts
 from .verify import verify_numerically, verify_router
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,26 @@ def _fuse_router(gm: fx.GraphModule, experts_call: fx.Node, rr: RegionReport, re
         counters["moe_compiler"]["rejected_router"] += 1
 
 
+def _match_shared_experts(experts_call: fx.Node, rr: RegionReport):
+    """Account for the block's shared-experts branch (reported; Inductor computes it, see shared_experts.py)."""
+    try:
+        match = recognize_shared_experts(experts_call)
+    except Reject as r:
+        rr.shared_status, rr.shared_reason = "rejected", str(r)
+        counters["moe_compiler"]["rejected_shared_experts"] += 1
+        return
+    except Exception as e:  # noqa: BLE001 - nothing is rewritten: a bug here only costs the report line
+        log.debug("internal error while matching the shared experts of %s", rr.name, exc_info=True)
+        rr.shared_status, rr.shared_reason = "rejected", f"internal error in the shared-experts matcher: {type(e).__name__}: {e}"[:240]
+        counters["moe_compiler"]["rejected_shared_experts"] += 1
+        return
+    if match is None:
+        rr.shared_status = "none"
+        return
+    rr.shared_status, rr.shared = "matched", match.describe()
+    counters["moe_compiler"][f"shared_experts_{match.form}"] += 1
+
+
 def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConfig) -> GraphReport:
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     counters["moe_compiler"]["graphs"] += 1
@@ -129,6 +150,7 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
             rr.status = "fused"
             counters["moe_compiler"][f"fused_experts_{match.form}"] += 1
             _fuse_router(gm, call, rr, real, config)
+            _match_shared_experts(call, rr)
         except Reject as r:
             rr.reason = str(r)
             counters["moe_compiler"]["rejected_experts"] += 1

@@ -1,5 +1,6 @@
 """Every MoE architecture of transformers 5.x (tests/hf_zoo.py) in both experts implementations and both
-dtypes: experts and router fused where we can prove them, otherwise left alone with the reason logged —
+dtypes: experts and router fused and shared experts matched where we can prove them, otherwise left alone
+with the reason logged —
 logits equal eager either way. The same grid with the errors: tools/support_matrix.py -> docs/support_matrix.md."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from hf_models import count_experts_modules
-from hf_zoo import NOT_FUSED, ROUTER_FORM, ROUTER_NOT_FUSED, TINY, zoo_model
+from hf_zoo import NOT_FUSED, ROUTER_FORM, ROUTER_NOT_FUSED, SHARED_EXPERTS, TINY, zoo_model
 from reference import rel_err
 
 
@@ -42,4 +43,7 @@ def test_architecture(arch, form, dtype, caplog):
             assert ROUTER_NOT_FUSED[arch] in caplog.text
         else:
             assert counters["moe_compiler"][f"fused_router_{ROUTER_FORM[arch]}"] == fused
+        # The whole block is accounted for: its shared experts, if any, are proven (Inductor computes them).
+        shared = {k: v for k, v in counters["moe_compiler"].items() if "shared_experts" in k}
+        assert shared == ({f"shared_experts_{SHARED_EXPERTS[arch]}": fused} if arch in SHARED_EXPERTS else {})
     assert rel_err(out, ref) <= LOGIT_TOL[dtype]
