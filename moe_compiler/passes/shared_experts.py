@@ -14,10 +14,12 @@ Source forms (transformers 5.17-5.23):
 
 Every fact is established from data flow: the MLP reads the same X as the experts (up to views), its
 activation is the op Dynamo recorded, its weights are parameters of the right shapes. Nothing is
-rewritten here: the measured decision (benchmarks/NOTES.md, "shared experts") is that Inductor's cuBLAS
-GEMMs for the shared MLP are already within a few percent of its own floor, so computing it in the
-experts pass could save at most its kernel ramps; the match is reported (dump, log, counters) so the
-whole block is accounted for, and a block whose shared branch is not proven says why.
+rewritten here: Inductor computes the shared MLP (cuBLAS GEMMs + fused pointwise), and the match is
+reported (dump, log, counters) so the whole block is accounted for; a shared branch that is not proven
+says why. Measured on the H100 (benchmarks/bench_shared.py, NOTES.md "shared experts"): computing it in
+the experts pass would save at most 0.2-5% of the block for DeepSeek-V3/Kimi and Llama-4 at every T,
+but up to 15-17% at T=1 for the Qwen-style gated ones (Qwen3-Next: 24 us of launches for a 2 us MLP;
+2-6% from T=16 on): that fusion is the open part of the issue.
 """
 
 from __future__ import annotations
