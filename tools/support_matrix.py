@@ -1,5 +1,6 @@
 """Generate docs/support_matrix.md: architecture x experts implementation x dtype -> fused / not fused + reason,
-and the route-op form its router fused as (or why it stayed with Inductor).
+the route-op form its router fused as (or why it stayed with Inductor), and its shared experts' form
+(matched as part of the block; Inductor computes them).
 
     python tools/support_matrix.py [--jobs 2] [--archs mixtral qwen3_moe ...]
 
@@ -55,6 +56,7 @@ for form in {forms!r}:
             row.update(layers=count_experts_modules(model), rel_err=rel_err(out, ref),
                        fused=sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")),
                        routers={{k[len("fused_router_"):]: v for k, v in counters["moe_compiler"].items() if k.startswith("fused_router_")}},
+                       shared={{k: v for k, v in counters["moe_compiler"].items() if "shared_experts" in k}},
                        graphs=counters["stats"]["unique_graphs"], reasons=sorted(set(keep.reasons)),
                        router_reasons=sorted(set(keep.router_reasons)))
         except Exception as e:
@@ -87,7 +89,11 @@ def cell(row: dict) -> str:
         else:
             why = "; ".join(sorted({r.split(" | ")[0][:120] for r in row.get("router_reasons", [])}))
             router = f"router {n}/{row['fused']} fused" + (f" ({why})" if why else "")
-        return f"fused {row['layers']}/{row['layers']}, {router} (rel err {row['rel_err']:.0e})"
+        shared = ", ".join(
+            f"shared {k.removeprefix('shared_experts_')}" if k.startswith("shared_experts_") else f"shared not proven x{v}"
+            for k, v in sorted(row.get("shared", {}).items())
+        )
+        return f"fused {row['layers']}/{row['layers']}, {router}{', ' + shared if shared else ''} (rel err {row['rel_err']:.0e})"
     # First sentence of each distinct reason: the dump and the log carry the rest (and the fix).
     reasons = sorted({r.split(". ")[0][:160] for r in row["reasons"]}) or ["no experts region found"]
     return f"not fused ({row['graphs']} graphs): {'; '.join(reasons)}"
