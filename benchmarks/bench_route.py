@@ -70,7 +70,8 @@ def eager_time(fn, calls=200, reps=5):
 
 
 def sweep(path):
-    """Triton route tile sweep at a few (router, T): graph µs per (block_t, num_warps); sets default_block_t."""
+    """Triton route tile sweep at a few (router, T): graph µs per (block_t, num_warps), against the
+    default tile (triton_route.default_block_t was chosen from this sweep)."""
     lines = []
     for name in ("qwen3_30b_a3b", "deepseek_v3", "kimi_k2"):
         E, kw, with_bias = ROUTERS[name]

@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import lowering  # lowering/triton_route.py (imported on first CUDA call) reads this module's RouterSpec
+
 
 class Scoring(str, enum.Enum):
     SOFTMAX = "softmax"
@@ -171,8 +173,6 @@ def route(
     """Top-k routing weights (fp32) and expert ids (int64) of a transformers 5.x router; see RouterSpec."""
     spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score)
     _check(router_logits, correction_bias, spec)
-    from . import lowering  # lowering's kernels import this module
-
     if lowering.uses_triton(router_logits):
         from .lowering import triton_route
 

@@ -130,6 +130,27 @@ SHARED_EXPERTS = {
 }
 
 
+def assert_fused_as_expected(arch: str, model, counters) -> None:
+    """The moe_compiler counters of one compiled zoo model: experts fused in every MoE layer (or none, for
+    NOT_FUSED), routers fused in the form of ROUTER_FORM (or all rejected), shared experts of SHARED_EXPERTS."""
+    from hf_models import count_experts_modules
+
+    c = counters["moe_compiler"]
+    fused = sum(v for k, v in c.items() if k.startswith("fused_experts"))
+    if arch in NOT_FUSED:
+        assert fused == 0
+        return
+    assert fused == count_experts_modules(model) > 0
+    assert c["rejected_experts"] == 0
+    if arch in ROUTER_NOT_FUSED:
+        assert c["rejected_router"] == fused
+    else:
+        assert c[f"fused_router_{ROUTER_FORM[arch]}"] == fused
+    # The whole block is accounted for: its shared experts, if any, are proven (Inductor computes them).
+    shared = {k: v for k, v in c.items() if "shared_experts" in k}
+    assert shared == ({f"shared_experts_{SHARED_EXPERTS[arch]}": fused} if arch in SHARED_EXPERTS else {})
+
+
 def num_experts_of(cfg) -> int:
     for attr in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
         v = getattr(cfg, attr, None)

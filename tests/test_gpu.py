@@ -5,7 +5,6 @@ Run on the device machine: `python -m pytest -q -m gpu tests/test_gpu.py`.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -254,7 +253,7 @@ def test_triton_route_kernel_at_real_router_shapes(name, T):
 
 # --- compiled HF models on the GPU ---------------------------------------------------------------
 
-from hf_models import ARCHS, MOE_LAYERS, count_experts_modules, tiny_model  # noqa: E402
+from hf_models import ARCHS, MOE_LAYERS, tiny_model  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
@@ -303,7 +302,7 @@ def test_training_step_on_gpu_matches_eager():
 
 # --- every architecture of the zoo, bf16 on the GPU (issue 4's GPU run of tests/passes/test_architectures.py)
 
-from hf_zoo import MODEL_TYPE, NOT_FUSED, ROUTER_FORM, ROUTER_NOT_FUSED, SHARED_EXPERTS, TINY, zoo_model  # noqa: E402
+from hf_zoo import MODEL_TYPE, TINY, assert_fused_as_expected, zoo_model  # noqa: E402
 
 
 def _model_type_known(arch: str) -> bool:
@@ -325,16 +324,5 @@ def test_architecture_bf16_on_gpu(arch, form):
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
-    fused = sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts"))
-    if arch in NOT_FUSED:
-        assert fused == 0
-    else:
-        assert fused == count_experts_modules(model) > 0
-        assert counters["moe_compiler"]["rejected_experts"] == 0
-        if arch in ROUTER_NOT_FUSED:
-            assert counters["moe_compiler"]["rejected_router"] == fused
-        else:
-            assert counters["moe_compiler"][f"fused_router_{ROUTER_FORM[arch]}"] == fused
-        shared = {k: v for k, v in counters["moe_compiler"].items() if "shared_experts" in k}
-        assert shared == ({f"shared_experts_{SHARED_EXPERTS[arch]}": fused} if arch in SHARED_EXPERTS else {})
+    assert_fused_as_expected(arch, model, counters)
     assert rel_err(out, ref) <= 3e-2

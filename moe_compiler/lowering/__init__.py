@@ -4,6 +4,7 @@
                                triton_experts.py), the kernel config looked up in triton_config.py
     CPU, or CUDA with MOE_COMPILER_KERNELS=torch, and every backward
                             -> composite.py over one segment-matmul implementation (`select`)
+The route op (routing.py) asks `uses_triton` the same way: its CUDA forward is triton_route.py.
 
 The choice is made per call from static facts only (device, dtype, shapes, alignment), never from data,
 so it is stable under CUDA graph capture.

@@ -33,6 +33,12 @@ ROUTER_ON_CUDA = (
     "Triton route kernel)"
 )
 
+def _internal_error(what: str, e: Exception) -> str:
+    """A matcher bug's report line: the first line of the error (the traceback is in the debug log)."""
+    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"internal error in the {what}: {type(e).__name__}: {first_line}"
+
+
 # One recognizer per source form, tried in this order.
 EXPERTS_FORMS = (experts_grouped_mm, experts_batched_mm)
 
@@ -98,8 +104,7 @@ def _fuse_router(gm: fx.GraphModule, experts_call: fx.Node, rr: RegionReport, re
     except Exception as e:  # noqa: BLE001 - as for experts: a bug costs speed, never correctness
         rr.router_status = "rejected"
         log.debug("internal error while matching the router of %s", rr.name, exc_info=True)
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        rr.router_reason = f"internal error in the router matcher (router left alone): {type(e).__name__}: {first_line}"
+        rr.router_reason = _internal_error("router matcher (router left alone)", e)
         counters["moe_compiler"]["rejected_router"] += 1
 
 
@@ -113,7 +118,7 @@ def _match_shared_experts(experts_call: fx.Node, rr: RegionReport):
         return
     except Exception as e:  # noqa: BLE001 - nothing is rewritten: a bug here only costs the report line
         log.debug("internal error while matching the shared experts of %s", rr.name, exc_info=True)
-        rr.shared_status, rr.shared_reason = "rejected", f"internal error in the shared-experts matcher: {type(e).__name__}: {e}"[:240]
+        rr.shared_status, rr.shared_reason = "rejected", _internal_error("shared-experts matcher", e)
         counters["moe_compiler"]["rejected_shared_experts"] += 1
         return
     if match is None:
@@ -156,8 +161,7 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
             counters["moe_compiler"]["rejected_experts"] += 1
         except Exception as e:  # noqa: BLE001 - a recognizer bug must cost speed, never correctness
             log.debug("internal error while matching %s", region.name, exc_info=True)
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            rr.reason = f"internal error in the matcher (region left alone): {type(e).__name__}: {first_line}"
+            rr.reason = _internal_error("matcher (region left alone)", e)
             counters["moe_compiler"]["rejected_experts"] += 1
     if not regions and (fragments := find_eager_experts_fragments(gm)):
         rr = RegionReport("<eager experts loop, graph break>", "(no module stack in fragments)", len(fragments), reason=EAGER_FIX)

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from ..spec import ExpertsSpec
 from .gated_activation import recognize_gated_activation
-from .regions import Region, arg, dims, example_value, follow, op_name, region_module, strip_casts
+from .regions import Region, arg, dims, example_value, follow, in_graph_order, op_name, region_module, strip_casts
 from .reject import Reject
 
 FORM = "dense_bmm"
@@ -137,10 +137,7 @@ def _block_nodes(total: fx.Node, stop: set) -> tuple[list[fx.Node], list[fx.Node
             continue
         inside.add(n)
         todo.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(total.graph.nodes)}
-    nodes = sorted(inside, key=order.__getitem__)
-    inputs = sorted({a for n in nodes for a in n.all_input_nodes if a not in inside}, key=order.__getitem__)
-    return nodes, inputs
+    return in_graph_order(inside, total.graph)
 
 
 def _op_args(match: DenseMatch, weights) -> tuple:

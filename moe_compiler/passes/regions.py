@@ -173,6 +173,14 @@ def follow(node, *, through=VALUE_PRESERVING, gathers=False, within: Region | No
     return node
 
 
+def in_graph_order(inside: set[fx.Node], graph: fx.Graph) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(the nodes of `inside` in graph order, the nodes outside it they read, in graph order)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = sorted(inside, key=order.__getitem__)
+    inputs = sorted({a for n in nodes for a in n.all_input_nodes if a not in inside}, key=order.__getitem__)
+    return nodes, inputs
+
+
 def derives_from(node: fx.Node, source: fx.Node, region: Region) -> bool:
     """True if `source` is an ancestor of `node` along region-internal data flow."""
     seen, todo = set(), [node]

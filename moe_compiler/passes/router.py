@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 
 from ..routing import RouteOrder, RouterSpec, Scoring
-from .regions import arg, dims, example_value, op_name, strip_casts
+from .regions import arg, dims, example_value, in_graph_order, op_name, strip_casts
 from .reject import Reject
 
 
@@ -183,11 +183,7 @@ def _ancestry(start: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
 
 def _router_nodes(ids: fx.Node, weights: fx.Node, logits: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
     """(nodes between the logits and ids / weights, the nodes they read from outside) - graph order."""
-    inside = _ancestry(ids, logits) | _ancestry(weights, logits)
-    order = {n: i for i, n in enumerate(logits.graph.nodes)}
-    nodes = sorted(inside, key=order.__getitem__)
-    inputs = sorted({a for n in nodes for a in n.all_input_nodes if a not in inside}, key=order.__getitem__)
-    return nodes, inputs
+    return in_graph_order(_ancestry(ids, logits) | _ancestry(weights, logits), logits.graph)
 
 
 def recognize_router(experts_call: fx.Node) -> RouterMatch:

@@ -46,7 +46,6 @@ class SharedExpertsMatch:
     activation: Activation
     fused_gate_up: bool  # gate and up are halves of one Linear (Granite) rather than two
     intermediate: int
-    combine: fx.Node  # the add of routed and shared outputs
 
     def describe(self) -> str:
         gate = "sigmoid(gate(x)) x " if self.form == "sigmoid_gated" else ""
@@ -64,8 +63,8 @@ def _base(node):
     return follow(node, through=SAME_ROWS)
 
 
-def _linear(node, x_base, what) -> tuple[fx.Node, tuple]:
-    """Prove `node` is linear(x, W) without bias, x the block's input; (W, W's shape)."""
+def _linear(node, x_base, what) -> tuple:
+    """Prove `node` is linear(x, W) without bias, W a parameter, x the block's input (if given); W's shape."""
     node = follow(node)
     if op_name(node) != "linear":
         raise Reject(f"shared {what} is `{op_name(node)}`, expected a Linear")
@@ -77,12 +76,12 @@ def _linear(node, x_base, what) -> tuple[fx.Node, tuple]:
         raise Reject(f"shared {what} reads `{x.name}`, not the experts' input")
     if not isinstance(w, fx.Node) or w.op not in ("placeholder", "get_attr"):
         raise Reject(f"shared {what} weight is computed in the graph, expected a parameter")
-    return w, dims(w)
+    return dims(w)
 
 
 def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int]:
     """down(act(gate(x)) * up(x)): (activation, gate and up fused, I)."""
-    w_down, (H, I) = _linear(node, None, "down projection")
+    H, I = _linear(node, None, "down projection")
     a = follow(follow(node).args[0])
     if op_name(a) != "mul" or not all(isinstance(t, fx.Node) for t in a.args):
         raise Reject(f"shared down projection reads `{op_name(a)}`, expected act(gate) * up")
@@ -93,16 +92,16 @@ def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int]:
         activation, gate = act
         gate_node = follow(gate)
         if op_name(gate_node) == "linear":  # two Linears
-            _, g_shape = _linear(gate_node, x_base, "gate projection")
-            _, u_shape = _linear(up_side, x_base, "up projection")
+            g_shape = _linear(gate_node, x_base, "gate projection")
+            u_shape = _linear(up_side, x_base, "up projection")
             if g_shape != (I, H) or u_shape != (I, H):
                 raise Reject(f"shared gate/up weights are {g_shape} / {u_shape}, expected ({I}, {H}) for down {H}x{I}")
             return activation, False, I
         # one Linear producing [gate | up]: its halves, proven by the experts' gated-activation recognizer
-        src = follow(follow(gate_node, through=VIEWS | {"getitem"}).args[0]) if op_name(gate_node) == "getitem" else None
-        if src is None or op_name(src) != "linear":
+        src = follow(gate_node, through=VIEWS | {"getitem", "chunk", "split"})
+        if op_name(src) != "linear":
             raise Reject(f"shared gate is `{op_name(gate_node)}`, expected a Linear or half of one")
-        _, gu_shape = _linear(src, x_base, "gate_up projection")
+        gu_shape = _linear(src, x_base, "gate_up projection")
         ga = recognize_gated_activation(a, src)
         if ga.layout is not GateUpLayout.CONCAT or gu_shape != (2 * I, H):
             raise Reject(f"shared gate_up weight {gu_shape} ({ga.layout.value}), expected ({2 * I}, {H}) concat")
@@ -110,15 +109,15 @@ def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int]:
     raise Reject("shared MLP product has no silu/gelu/relu factor")
 
 
-def _combine(experts_call: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(the add joining the routed output with another branch, that other operand), or None."""
+def _combine(experts_call: fx.Node) -> fx.Node | None:
+    """The other operand of the add joining the routed output with another branch, or None."""
     out = experts_call
     while len(out.users) == 1:
         user = next(iter(out.users))
         name = op_name(user)
         if name in ADDS or user.target in (operator.add, operator.iadd):
             others = [a for a in user.args[:2] if isinstance(a, fx.Node) and a is not out]
-            return (user, others[0]) if len(others) == 1 else None
+            return others[0] if len(others) == 1 else None
         if name not in VIEWS:
             return None
         out = user
@@ -131,8 +130,7 @@ def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None
     found = _combine(experts_call)
     if found is None:
         return None
-    add, other = found
-    other = follow(other)
+    other = follow(found)
     if "shared" not in _module_of(other) and not any("shared" in _module_of(a) for a in other.all_input_nodes):
         return None  # e.g. the residual add of a block without shared experts
     x_base = _base(experts_call.args[0])
@@ -141,7 +139,7 @@ def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None
         for sig, mlp in ((other.args[0], other.args[1]), (other.args[1], other.args[0])):
             sig = follow(sig) if isinstance(sig, fx.Node) else sig
             if isinstance(sig, fx.Node) and op_name(sig) == "sigmoid":
-                _, g_shape = _linear(sig.args[0], x_base, "expert gate")
+                g_shape = _linear(sig.args[0], x_base, "expert gate")
                 if g_shape is None or g_shape[0] != 1:
                     raise Reject(f"shared expert gate weight is {g_shape}, expected (1, H)")
                 form, mlp_out = "sigmoid_gated", mlp
@@ -149,4 +147,4 @@ def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None
         else:
             raise Reject("shared branch is a product without a sigmoid(gate(x)) factor")
     activation, fused, I = _mlp(mlp_out, x_base)
-    return SharedExpertsMatch(form, _module_of(follow(mlp_out)).rsplit(".", 1)[0], activation, fused, I, add)
+    return SharedExpertsMatch(form, _module_of(follow(mlp_out)).rsplit(".", 1)[0], activation, fused, I)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
