@@ -7,7 +7,8 @@ Importing the package registers the `torch.ops.moe_compiler.*` operators.
 
 from . import ops, routing  # noqa: F401  (registers torch.ops.moe_compiler.*)
 from .ops import moe_experts
+from .stacked_weights import restack_experts
 from .routing import RouterSpec, moe_route
 from .spec import Activation, ExpertsSpec, GateUpLayout
 
-__all__ = ["Activation", "ExpertsSpec", "GateUpLayout", "RouterSpec", "moe_experts", "moe_route"]
+__all__ = ["Activation", "ExpertsSpec", "GateUpLayout", "RouterSpec", "moe_experts", "moe_route", "restack_experts"]

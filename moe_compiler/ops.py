@@ -100,6 +100,10 @@ def experts(
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]); see spec.py for the expert MLP
     (and scale_input, where the weight scales the expert's input instead)."""
     spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
+    return _forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+
+
+def _forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec) -> Tensor:
     check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
     if not lowering.uses_triton(hidden):
         _check_ids_in_range(topk_ids, w_gate_up.shape[0])  # the Triton kernels check ids themselves
@@ -181,3 +185,137 @@ experts.register_autograd(_backward, setup_context=_setup_context)
 def moe_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None, spec: ExpertsSpec = ExpertsSpec()):
     """Python convenience wrapper: the op with a typed spec."""
     return torch.ops.moe_compiler.experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, *spec.op_args())
+
+
+# --- experts held one module per expert ------------------------------------------------------------
+#
+#     experts_unstacked(hidden, topk_ids, topk_weights, w_gate_up: [Tensor], w_down: [Tensor], <spec args>)
+#
+# The same function as `experts` for weights kept as per-expert parameters (nn.ModuleList of nn.Linear,
+# [out, in] each): w_gate_up lists P parts per expert in expert order (P = 2: gate_e, up_e; P = 1: one
+# fused gate_up_e), w_down one [H, I] part per expert. The op reads them in place as one stacked tensor
+# when they tile one storage (stacked_weights.py: the backend re-lays them out once so they do), else
+# concatenates them for the call. No biases, [out, in] layout only (what nn.Linear experts have).
+
+def _unstacked_geometry(hidden: Tensor, w_gate_up: list[Tensor], w_down: list[Tensor], spec: ExpertsSpec) -> tuple[int, int]:
+    """(E, P) after checking the parts; raises with expected vs got."""
+    E = len(w_down)
+    if E == 0 or len(w_gate_up) not in (E, 2 * E):
+        _fail("weight parts", "E down parts and E or 2E gate_up parts (gate_e, up_e per expert)", f"{len(w_gate_up)} gate_up and {E} down parts", "Pass every expert's Linear weights, in expert order.")
+    if spec.transposed or spec.scale_input:
+        _fail("spec", "transposed=False and scale_input=False for per-expert nn.Linear weights", f"transposed={spec.transposed}, scale_input={spec.scale_input}", "Use torch.ops.moe_compiler.experts for stacked weights.")
+    P = len(w_gate_up) // E
+    for name, parts in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        first = parts[0].shape
+        if len(first) != 2 or any(p.shape != first for p in parts):
+            _fail(f"{name} parts", "2-D [out, in] tensors of one shape", [tuple(p.shape) for p in parts], "Every expert must have the same sizes.")
+    rows, H = w_gate_up[0].shape
+    if P == 1 and rows % 2:
+        _fail("gate_up part rows", "an even number (gate rows then up rows)", rows, "Pass gate and up as separate parts.")
+    if tuple(w_down[0].shape) != (H, rows * P // 2):
+        _fail("w_down part shape", f"[H={H}, I={rows * P // 2}]", tuple(w_down[0].shape), "Check which Linear is the down projection.")
+    return E, P
+
+
+def _stacked_weights(hidden, w_gate_up, w_down, spec):
+    from . import stacked_weights
+
+    E, _ = _unstacked_geometry(hidden, w_gate_up, w_down, spec)
+    return stacked_weights.stacked(w_gate_up, E), stacked_weights.stacked(w_down, E)
+
+
+@torch.library.custom_op("moe_compiler::experts_unstacked", mutates_args=())
+def experts_unstacked(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w_gate_up: list[Tensor],
+    w_down: list[Tensor],
+    activation: str,
+    gate_up: str,
+    transposed: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    scale_input: bool,  # no default: a defaulted trailing argument trips torch's tensor-list autograd (2.13)
+) -> Tensor:
+    """`experts` on per-expert weight parts (see the comment above)."""
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
+    gu, down = _stacked_weights(hidden, w_gate_up, w_down, spec)
+    return _forward(hidden, topk_ids, topk_weights, gu, down, None, None, spec)
+
+
+@experts_unstacked.register_fake
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input):
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
+    E, P = _unstacked_geometry(hidden, w_gate_up, w_down, spec)
+    rows, H = w_gate_up[0].shape
+    like_gu = w_gate_up[0].new_empty((E, P * rows, H))
+    like_down = w_down[0].new_empty((E, *w_down[0].shape))
+    check_inputs(hidden, topk_ids, topk_weights, like_gu, like_down, None, None, spec)
+    return hidden.new_empty(hidden.shape)
+
+
+@torch.library.custom_op("moe_compiler::experts_unstacked_backward", mutates_args=())
+def experts_unstacked_backward(
+    grad_out: Tensor,
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w_gate_up: list[Tensor],
+    w_down: list[Tensor],
+    activation: str,
+    gate_up: str,
+    transposed: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    scale_input: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. (hidden, topk_weights, stacked gate_up [E, 2I, H], stacked down [E, H, I]); the
+    autograd formula hands each part its slice."""
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
+    gu, down = _stacked_weights(hidden, w_gate_up, w_down, spec)
+    check_inputs(hidden, topk_ids, topk_weights, gu, down, None, None, spec)
+    impl = lowering.select(hidden, gu, down)
+    d_hidden, d_weights, d_gu, d_down, _, _ = composite.experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, gu, down, None, None, spec)
+    return d_hidden, d_weights, d_gu, d_down
+
+
+@experts_unstacked_backward.register_fake
+def _(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, *spec_args):
+    E = len(w_down)
+    rows, H = w_gate_up[0].shape
+    P = len(w_gate_up) // E
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(topk_weights),
+        w_gate_up[0].new_empty((E, P * rows, H)),
+        w_down[0].new_empty((E, *w_down[0].shape)),
+    )
+
+
+def _setup_unstacked(ctx, inputs, output):
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, *spec_args = inputs
+    ctx.save_for_backward(hidden, topk_ids, topk_weights, *w_gate_up, *w_down)
+    ctx.num_parts = (len(w_gate_up), len(w_down))
+    ctx.spec_args = spec_args
+
+
+def _backward_unstacked(ctx, grad_out):
+    hidden, topk_ids, topk_weights, *parts = ctx.saved_tensors
+    n_gu, n_down = ctx.num_parts
+    w_gate_up, w_down = parts[:n_gu], parts[n_gu:]
+    d_hidden, d_weights, d_gu, d_down = torch.ops.moe_compiler.experts_unstacked_backward(
+        grad_out.contiguous(), hidden, topk_ids, topk_weights, w_gate_up, w_down, *ctx.spec_args
+    )
+    rows, H = w_gate_up[0].shape
+    return (
+        d_hidden,
+        None,  # topk_ids: integer
+        d_weights,
+        list(d_gu.reshape(n_gu, rows, H).unbind(0)),  # part i of expert e is rows [i*rows, (i+1)*rows) of d_gu[e]
+        list(d_down.unbind(0)),
+        *(None,) * len(ctx.spec_args),
+    )
+
+
+experts_unstacked.register_autograd(_backward_unstacked, setup_context=_setup_unstacked)
