@@ -20,7 +20,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import PREFIX, MoECompilerConfig
 from .debug import emit
-from .passes import fuse_moe_regions
+from .passes import fuse_moe_regions, restack_planned
 
 
 @functools.cache
@@ -76,4 +76,6 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
 
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    restack_planned(report)
+    return compiled

@@ -35,6 +35,7 @@ class RegionReport:
     spec: str = ""
     shape: dict = dataclasses.field(default_factory=dict)
     check: str = ""
+    weights: str = ""  # how the op reads the expert weights (loops over per-expert parameters: re-laid out once)
     # The router feeding the fused experts call: fused into one route call, or left to Inductor and why.
     router_status: str = "not tried"  # "fused" | "not tried" | "rejected"
     router_form: str = ""
@@ -56,6 +57,8 @@ class GraphReport:
     graph_id: int = dataclasses.field(default_factory=lambda: next(_graph_ids))
     num_nodes: int = 0
     regions: list[RegionReport] = dataclasses.field(default_factory=list)
+    # Per-expert weight groups to re-lay out once compile_fx is done (passes.restack_planned); not reported.
+    restack: list = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def fused(self) -> list[RegionReport]:
@@ -95,6 +98,8 @@ class GraphReport:
             if r.status == "fused":
                 lines.append(f"    form: {r.form}; spec: {r.spec}; sizes: {r.shape}")
                 lines.append(f"    numerical check: {r.check}")
+                if r.weights:
+                    lines.append(f"    weights: {r.weights}")
                 if r.router_status == "fused":
                     lines.append(f"    router fused: {r.router_form}; {r.router_spec}; check: {r.router_check}")
                 else:
@@ -151,7 +156,7 @@ def write_dump(report: GraphReport, dump_dir: str) -> str:
             if r.status == "fused":
                 router = {k: getattr(r, "router_" + k) for k in ("status", "form", "spec", "check", "reason")}
                 shared = {"status": r.shared_status, "match": r.shared, "reason": r.shared_reason}
-                json.dump({"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check, "router": router, "shared_experts": shared},
+                json.dump({"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check, "weights": r.weights, "router": router, "shared_experts": shared},
                           f, indent=2, default=str)
             else:
                 f.write(r.reason + "\n")

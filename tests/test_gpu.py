@@ -326,3 +326,51 @@ def test_architecture_bf16_on_gpu(arch, form):
         out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
     assert_fused_as_expected(arch, model, counters)
     assert rel_err(out, ref) <= 3e-2
+
+
+# --- static expert loops over nn.ModuleList / stacked experts (passes/experts_index_add_loop.py) ----------
+
+from legacy_models import FORMS as LOOP_FORMS, TinyLoopLM, expert_parts  # noqa: E402
+from moe_compiler.stacked_weights import tiles  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("name", sorted(LOOP_FORMS))
+def test_expert_loops_bf16_on_gpu(name, mode):
+    """The loop fuses (both layers), the nonzero-based loop is gone so cudagraph trees capture the whole
+    graph, and the logits follow eager through several calls (record, then replays) and an in-place
+    weight update."""
+    torch.manual_seed(0)
+    model = TinyLoopLM(LOOP_FORMS[name]).to("cuda", torch.bfloat16)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(model, backend="fused_moe", mode=mode)
+        for seed in range(4):
+            ids = torch.randint(0, 64, (2, 9), device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+            with torch.no_grad():
+                if seed == 3:
+                    for p in model.parameters():
+                        p.mul_(1.25)
+                torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(ids).clone()
+                ref = model(ids)
+            assert rel_err(out, ref) <= 2e-2, seed
+    assert counters["moe_compiler"]["fused_experts_index_add_loop"] == 2
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0
+    if LOOP_FORMS[name].mlp != "stacked":
+        parts = expert_parts(model.blocks[0])
+        assert len({p.untyped_storage().data_ptr() for p in parts}) == 2 and not any(tiles([p]) is False for p in parts)
+
+
+def test_expert_loop_training_on_gpu_matches_eager():
+    torch.manual_seed(0)
+    fused = TinyLoopLM(LOOP_FORMS["mixtral_v4"]).cuda()
+    torch.manual_seed(0)
+    eager = TinyLoopLM(LOOP_FORMS["mixtral_v4"]).cuda()
+    ids = torch.randint(0, 64, (2, 9), device="cuda")
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        torch.compile(fused, backend="fused_moe")(ids).square().mean().backward()
+    eager(ids).square().mean().backward()
+    assert counters["moe_compiler"]["fused_experts_index_add_loop"] == 2
+    ref = dict(eager.named_parameters())
+    for name, p in fused.named_parameters():
+        assert rel_err(p.grad, ref[name].grad) <= 1e-4, name

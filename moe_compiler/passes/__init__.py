@@ -6,6 +6,7 @@ file for the invariants every pass keeps.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -15,12 +16,14 @@ from torch._dynamo.utils import counters
 from .. import lowering
 from ..config import MoECompilerConfig
 from ..debug import GraphReport, RegionReport, region_dot
-from . import experts_batched_mm, experts_dense_bmm, experts_grouped_mm
+from ..stacked_weights import restack_experts, tiles
+from . import experts_batched_mm, experts_dense_bmm, experts_grouped_mm, experts_index_add_loop
 from .eager_experts import find_eager_experts_fragments
 from .experts_common import EAGER_FIX, recognize_experts
-from .regions import find_experts_regions, region_module
+from .experts_index_add_loop import find_index_add_loops
+from .regions import Region, find_experts_regions, region_module
 from .reject import Reject
-from .rewrite import replacement_args, rewrite_experts, rewrite_router
+from .rewrite import rewrite_experts, rewrite_router
 from .router import recognize_router
 from .shared_experts import recognize_shared_experts
 from .verify import verify_numerically, verify_router
@@ -58,13 +61,16 @@ def _real_inputs(gm: fx.GraphModule, example_inputs) -> dict:
 
 
 def _after_code(gm: fx.GraphModule, match) -> str:
+    """The replacement as code: one placeholder per graph value the op call reads."""
     graph = fx.Graph()
-    env = {}
-    for a in replacement_args(match):
-        if isinstance(a, fx.Node) and a not in env:
-            env[a] = graph.placeholder(a.name)
-    args = tuple(env.get(a, a) if isinstance(a, fx.Node) else a for a in replacement_args(match))
-    graph.output(graph.call_function(torch.ops.moe_compiler.experts.default, args))
+    env: dict[fx.Node, fx.Node] = {}
+
+    def placeholder(n: fx.Node) -> fx.Node:
+        if n not in env:
+            env[n] = graph.placeholder(n.name)
+        return env[n]
+
+    graph.output(graph.call_function(match.op, fx.node.map_arg(match.op_args(), placeholder)))
     return fx.GraphModule(gm, graph, class_name="Fused").code
 
 
@@ -128,42 +134,96 @@ def _match_shared_experts(experts_call: fx.Node, rr: RegionReport):
     counters["moe_compiler"][f"shared_experts_{match.form}"] += 1
 
 
+def _plan_restack(match, real: dict, report: GraphReport) -> str:
+    """Per-expert weights of a fused loop are re-laid out once as views of one stacked tensor (see
+    stacked_weights.py) so the op reads them in place. Only planned here: the move happens after
+    compile_fx (`restack_planned`), because AOTAutograd fakifies the graph inputs with the metadata
+    Dynamo recorded for them (a new storage offset now would contradict it). Returns the report line."""
+    if not getattr(match, "per_expert", False):
+        return "stacked parameters, read in place"
+    parts = match.weight_parts()
+    if not all(n in real for group in parts for n in group):
+        return "per-expert parameters (not real tensors at compile time): each call concatenates them"
+    groups = [[real[n] for n in group] for group in parts]
+    report.restack.extend(g for g in groups if not tiles(g))
+    E, I, H = match.shape["E"], match.shape["I"], match.shape["H"]
+    return (
+        f"per-expert parameters, re-laid out once (after compiling) as views of one [E={E}, 2I={2 * I}, H={H}] "
+        f"and one [E, H, I] tensor: the same Parameter objects, no copy kept; read in place"
+    )
+
+
+def restack_planned(report: GraphReport) -> None:
+    """Carry out the re-layouts `fuse_moe_regions` planned (call after compile_fx)."""
+    for group in report.restack:
+        if restack_experts(group):
+            counters["moe_compiler"]["restacked_weight_groups"] += 1
+    report.restack.clear()
+
+
+def _fuse_one(gm: fx.GraphModule, rr: RegionReport, region, recognize, real: dict, config: MoECompilerConfig, report: GraphReport) -> None:
+    """Prove, check and rewrite one candidate; `region` is None for a loop (known once recognized)."""
+    try:
+        if config.dump_dir and region is not None:  # the code and picture only serve the dump
+            rr.before, rr.dot = region_module(gm, region).code, region_dot(region.nodes)
+        region, match = recognize()
+        if config.dump_dir and not rr.before:
+            rr.before, rr.dot = region_module(gm, region).code, region_dot(region.nodes)
+        rr.num_nodes = len(region.nodes)
+        form = match.form
+        rr.form, rr.spec, rr.shape = form, match.spec.describe(), {k: str(v) for k, v in match.shape.items()}
+        if not config.enabled:
+            raise Reject("fusion disabled (MOE_COMPILER_DISABLE=1 or option moe_compiler.enabled=False)")
+        if not config.verify:
+            rr.check = "skipped (verify=False)"
+        elif form == experts_dense_bmm.FORM:
+            rr.check = experts_dense_bmm.verify(gm, match, real)
+        else:
+            rr.check = verify_numerically(gm, region, match, real)
+        if config.dump_dir:
+            rr.after = experts_dense_bmm.after_code(gm, match) if form == experts_dense_bmm.FORM else _after_code(gm, match)
+        if form == experts_dense_bmm.FORM:
+            call = experts_dense_bmm.rewrite(gm, match)
+        elif form == experts_index_add_loop.FORM:
+            call = experts_index_add_loop.rewrite(gm, match)
+            rr.weights = _plan_restack(match, real, report)
+        else:
+            call = rewrite_experts(gm, region, match)
+        rr.status = "fused"
+        counters["moe_compiler"][f"fused_experts_{form}"] += 1
+        _fuse_router(gm, call, rr, real, config)
+        _match_shared_experts(call, rr)
+    except Reject as r:
+        rr.reason = str(r)
+        counters["moe_compiler"]["rejected_experts"] += 1
+    except Exception as e:  # noqa: BLE001 - a recognizer bug must cost speed, never correctness
+        log.debug("internal error while matching %s", rr.name, exc_info=True)
+        rr.reason = _internal_error("matcher (region left alone)", e)
+        counters["moe_compiler"]["rejected_experts"] += 1
+
+
+def _loop_region(candidate):
+    match = experts_index_add_loop.recognize(candidate)
+    return Region(candidate.name, candidate.cls, match.nodes, match.inputs, [match.output]), match
+
+
 def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConfig) -> GraphReport:
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     counters["moe_compiler"]["graphs"] += 1
-    regions = find_experts_regions(gm)
-    real = _real_inputs(gm, example_inputs) if regions else {}
+    loops = find_index_add_loops(gm)
+    looped = [a for c in loops for a in c.adds]
+    # A hand-written `*Experts` module holding the loop is reported once, as the loop.
+    regions = [r for r in find_experts_regions(gm) if not any(r.contains(a) for a in looped)]
+    real = _real_inputs(gm, example_inputs) if regions or loops else {}
+    for candidate in loops:
+        rr = RegionReport(candidate.name, candidate.cls, len(candidate.adds))
+        report.regions.append(rr)
+        _fuse_one(gm, rr, None, functools.partial(_loop_region, candidate), real, config, report)
     for region in regions:
         rr = RegionReport(region.name, region.cls, len(region.nodes))
         report.regions.append(rr)
-        try:
-            if config.dump_dir:  # the code and picture only serve the dump: skip them otherwise
-                rr.before = region_module(gm, region).code
-                rr.dot = region_dot(region.nodes)
-            match = _recognize(region)
-            dense = match.form == experts_dense_bmm.FORM
-            rr.form, rr.spec, rr.shape = match.form, match.spec.describe(), {k: str(v) for k, v in match.shape.items()}
-            if not config.enabled:
-                raise Reject("fusion disabled (MOE_COMPILER_DISABLE=1 or option moe_compiler.enabled=False)")
-            if config.verify:
-                rr.check = experts_dense_bmm.verify(gm, match, real) if dense else verify_numerically(gm, region, match, real)
-            else:
-                rr.check = "skipped (verify=False)"
-            if config.dump_dir:
-                rr.after = experts_dense_bmm.after_code(gm, match) if dense else _after_code(gm, match)
-            call = experts_dense_bmm.rewrite(gm, match) if dense else rewrite_experts(gm, region, match)
-            rr.status = "fused"
-            counters["moe_compiler"][f"fused_experts_{match.form}"] += 1
-            _fuse_router(gm, call, rr, real, config)
-            _match_shared_experts(call, rr)
-        except Reject as r:
-            rr.reason = str(r)
-            counters["moe_compiler"]["rejected_experts"] += 1
-        except Exception as e:  # noqa: BLE001 - a recognizer bug must cost speed, never correctness
-            log.debug("internal error while matching %s", region.name, exc_info=True)
-            rr.reason = _internal_error("matcher (region left alone)", e)
-            counters["moe_compiler"]["rejected_experts"] += 1
-    if not regions and (fragments := find_eager_experts_fragments(gm)):
+        _fuse_one(gm, rr, region, functools.partial(lambda r: (r, _recognize(r)), region), real, config, report)
+    if not regions and not loops and (fragments := find_eager_experts_fragments(gm)):
         rr = RegionReport("<eager experts loop, graph break>", "(no module stack in fragments)", len(fragments), reason=EAGER_FIX)
         rr.before = "\n".join(f"{n.format_node()}\n    # {(n.meta.get('stack_trace') or '').strip().splitlines()[-1:]}" for n in fragments)
         report.regions.append(rr)

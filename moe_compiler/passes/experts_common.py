@@ -33,7 +33,9 @@ EAGER_FIX = (
     "AutoModelForCausalLM.from_pretrained(..., experts_implementation='grouped_mm'). Models whose experts have no "
     "such switch in transformers 5.x (DBRX, LongCat-Flash) always loop: their Python loop runs over the tensor "
     "`nonzero()` returns (LongCat-Flash also calls .item() per expert), which Dynamo cannot trace into one graph "
-    "even with capture_dynamic_output_shape_ops=True, so their experts cannot be fused yet."
+    "even with capture_dynamic_output_shape_ops=True, so their experts cannot be fused yet. A static loop "
+    "`for e in range(E): torch.where(mask[e]) ... index_add_` (transformers v4, hand-written) traces as one graph "
+    "and fuses with `torch._dynamo.config.capture_dynamic_output_shape_ops = True`."
 )
 
 
@@ -59,6 +61,14 @@ class ExpertsMatch:
     shape: dict  # T, H, I, E, k (ints or symbolic)
     b_gate_up: fx.Node | None = None
     b_down: fx.Node | None = None
+
+    @property
+    def op(self):
+        return torch.ops.moe_compiler.experts.default
+
+    def op_args(self) -> tuple:
+        """The op call's arguments: graph nodes and the spec's constants."""
+        return (self.hidden, self.topk_ids, self.topk_weights, self.w_gate_up, self.w_down, self.b_gate_up, self.b_down, *self.spec.op_args())
 
 
 # The router weights reach the multiply through reshapes, the sort permutation and unsqueeze.

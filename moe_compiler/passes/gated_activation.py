@@ -133,3 +133,20 @@ def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) 
         f"unrecognized gate activation: neither factor of the product is one of silu/gelu/gelu_tanh/relu "
         f"(got `{op_name(follow(a.args[0]))}` and `{op_name(follow(a.args[1]))}`)"
     )
+
+
+def recognize_split_gated_activation(a: fx.Node) -> tuple[Activation, fx.Node, fx.Node]:
+    """a = act(gate) * up with gate and up from two separate GEMMs (nn.Linear experts: w1 / w3,
+    gate_proj / up_proj): returns (activation, gate node, up node); which GEMMs they are is the
+    caller's to prove."""
+    a = follow(a)
+    if op_name(a) != "mul" or len(a.args) != 2 or not all(isinstance(x, fx.Node) for x in a.args):
+        raise Reject(f"down projection input is `{op_name(a)}`, expected act(gate) * up")
+    for act_side, up_side in ((a.args[0], a.args[1]), (a.args[1], a.args[0])):
+        act = _activation(follow(act_side))
+        if act is not None:
+            return act[0], follow(act[1]), follow(up_side)
+    raise Reject(
+        f"unrecognized gate activation: neither factor of the product is one of silu/gelu/gelu_tanh/relu "
+        f"(got `{op_name(follow(a.args[0]))}` and `{op_name(follow(a.args[1]))}`)"
+    )

@@ -24,14 +24,9 @@ def _meta(like: fx.Node, value) -> dict:
     return meta
 
 
-def replacement_args(match: ExpertsMatch) -> tuple:
-    return (match.hidden, match.topk_ids, match.topk_weights, match.w_gate_up, match.w_down, match.b_gate_up, match.b_down, *match.spec.op_args())
-
-
 def rewrite_experts(gm: fx.GraphModule, region: Region, match: ExpertsMatch) -> fx.Node:
     graph = gm.graph
-    op = torch.ops.moe_compiler.experts.default
-    args = replacement_args(match)
+    op, args = match.op, match.op_args()
     out_dtype = example_value(match.output).dtype
     # Fake values first (this runs the op's input checks): a failure leaves the graph untouched.
     with example_value(match.output).fake_mode:

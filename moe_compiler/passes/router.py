@@ -188,7 +188,8 @@ def _router_nodes(ids: fx.Node, weights: fx.Node, logits: fx.Node) -> tuple[list
 
 def recognize_router(experts_call: fx.Node) -> RouterMatch:
     ids, weights = experts_call.args[1], experts_call.args[2]
-    E = dims(experts_call.args[3])[0]
+    w_down = experts_call.args[4]  # a stacked [E, ...] weight, or one part per expert (experts_unstacked)
+    E = len(w_down) if isinstance(w_down, (list, tuple)) else dims(w_down)[0]
 
     # 1. the ids: output 1 of a top-k.
     sel = strip_casts(ids)
