@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import lowering
+from . import lowering, stacked_weights
 from .lowering import composite
 from .spec import ExpertsSpec
 
@@ -197,7 +197,7 @@ def moe_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=Non
 # when they tile one storage (stacked_weights.py: the backend re-lays them out once so they do), else
 # concatenates them for the call. No biases, [out, in] layout only (what nn.Linear experts have).
 
-def _unstacked_geometry(hidden: Tensor, w_gate_up: list[Tensor], w_down: list[Tensor], spec: ExpertsSpec) -> tuple[int, int]:
+def _unstacked_geometry(w_gate_up: list[Tensor], w_down: list[Tensor], spec: ExpertsSpec) -> tuple[int, int]:
     """(E, P) after checking the parts; raises with expected vs got."""
     E = len(w_down)
     if E == 0 or len(w_gate_up) not in (E, 2 * E):
@@ -217,10 +217,8 @@ def _unstacked_geometry(hidden: Tensor, w_gate_up: list[Tensor], w_down: list[Te
     return E, P
 
 
-def _stacked_weights(hidden, w_gate_up, w_down, spec):
-    from . import stacked_weights
-
-    E, _ = _unstacked_geometry(hidden, w_gate_up, w_down, spec)
+def _stacked_weights(w_gate_up, w_down, spec):
+    E, _ = _unstacked_geometry(w_gate_up, w_down, spec)
     return stacked_weights.stacked(w_gate_up, E), stacked_weights.stacked(w_down, E)
 
 
@@ -240,14 +238,14 @@ def experts_unstacked(
 ) -> Tensor:
     """`experts` on per-expert weight parts (see the comment above)."""
     spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
-    gu, down = _stacked_weights(hidden, w_gate_up, w_down, spec)
+    gu, down = _stacked_weights(w_gate_up, w_down, spec)
     return _forward(hidden, topk_ids, topk_weights, gu, down, None, None, spec)
 
 
 @experts_unstacked.register_fake
 def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input):
     spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
-    E, P = _unstacked_geometry(hidden, w_gate_up, w_down, spec)
+    E, P = _unstacked_geometry(w_gate_up, w_down, spec)
     rows, H = w_gate_up[0].shape
     like_gu = w_gate_up[0].new_empty((E, P * rows, H))
     like_down = w_down[0].new_empty((E, *w_down[0].shape))
@@ -273,7 +271,7 @@ def experts_unstacked_backward(
     """Gradients w.r.t. (hidden, topk_weights, stacked gate_up [E, 2I, H], stacked down [E, H, I]); the
     autograd formula hands each part its slice."""
     spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
-    gu, down = _stacked_weights(hidden, w_gate_up, w_down, spec)
+    gu, down = _stacked_weights(w_gate_up, w_down, spec)
     check_inputs(hidden, topk_ids, topk_weights, gu, down, None, None, spec)
     impl = lowering.select(hidden, gu, down)
     d_hidden, d_weights, d_gu, d_down, _, _ = composite.experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, gu, down, None, None, spec)
