@@ -152,7 +152,7 @@ def _is_half(node, where: fx.Node, index: int) -> bool:
 
 
 def _mask_source(where: fx.Node, it: str) -> tuple[int, fx.Node, fx.Node, int]:
-    """(expert e, the one_hot node, the permute node, which `where` output is the token) of where(mask[e])."""
+    """(expert e, the one_hot node, which `where` output is the token) of where(mask[e])."""
     sel = where.args[0]
     if op_name(sel) != "getitem" or not isinstance(sel.args[1], int):
         raise Reject(f"{it}: torch.where reads `{sel.name}` ({op_name(sel)}), expected the mask of one expert, mask[e]")
@@ -168,7 +168,7 @@ def _mask_source(where: fx.Node, it: str) -> tuple[int, fx.Node, fx.Node, int]:
         raise Reject(f"{it}: the permuted mask comes from `{one_hot.name}` ({op_name(one_hot)}), expected F.one_hot(topk_ids, E)")
     # mask[e] keeps the one_hot axes perm[1], perm[2] of [T, k]: where's output i indexes axis perm[1 + i].
     token_index = (perm[1], perm[2]).index(0)
-    return sel.args[1], one_hot, perm_node, token_index
+    return sel.args[1], one_hot, token_index
 
 
 def _gathered(rows: fx.Node, where: fx.Node, t: int, it: str) -> fx.Node:
@@ -215,7 +215,7 @@ def _iteration(add: fx.Node, acc: fx.Node) -> tuple[_Iteration, fx.Node]:
         raise Reject(f"{it}: expected acc.index_add_(0, token, rows), got {add.format_node()}")
     token, src = add.args[2], add.args[3]
     where, t = _where_halves(token, it)
-    expert, one_hot, _, mask_t = _mask_source(where, it)
+    expert, one_hot, mask_t = _mask_source(where, it)
     if t != mask_t:
         raise Reject(f"{it}: index_add_ scatters by where's output {t}, but the mask's token axis is output {mask_t}")
 
@@ -242,32 +242,17 @@ def _iteration(add: fx.Node, acc: fx.Node) -> tuple[_Iteration, fx.Node]:
             raise Reject(f"{it}: gate and up projections read different rows")
         layout, gate_up = None, [g_w, u_w]
     else:  # one fused gate_up Linear whose output is split in halves
-        gu_lin = _fused_gate_up_linear(down_in)
-        if gu_lin is None:
+        half_of = gate_node.args[0] if op_name(gate_node) == "getitem" else gate_node  # chunk(...)[0] or h[..., ::2]
+        gu_lin = follow(half_of.args[0] if op_name(half_of) in ("chunk", "split") else half_of)
+        if op_name(gu_lin) != "linear":
             raise Reject(f"{it}: gate `{gate_node.name}` / up `{up_node.name}` are neither two Linears nor halves of one")
-        gated = recognize_gated_activation(down_in, gu_lin)
+        gated = recognize_gated_activation(down_in, gu_lin)  # proves gate and up are its two halves
         if gated.activation.value == "gpt_oss_swiglu":
             raise Reject(f"{it}: GPT-OSS's clamped SwiGLU in a per-expert loop is NYI (its experts are stacked with biases)") from None
         g_rows, g_w = _linear(gu_lin, "gate_up projection", it)
         activation, layout, gate_up = gated.activation, gated.layout, [g_w]
     hidden = _gathered(g_rows, where, t, it)
     return _Iteration(expert, where, hidden, weights, activation, layout, gate_up, down_w), one_hot
-
-
-def _fused_gate_up_linear(a: fx.Node) -> fx.Node | None:
-    """The F.linear whose output both factors of act(gate) * up are halves of, if any."""
-    seen = []
-    todo = [follow(a)]
-    while todo:
-        n = todo.pop()
-        if not isinstance(n, fx.Node) or len(seen) > 32:
-            continue
-        if op_name(n) == "linear":
-            return n
-        seen.append(n)
-        if op_name(n) in ("mul", "getitem", "chunk", "split", "silu", "gelu", "relu") or op_name(n) in CASTS:
-            todo.extend(a for a in n.args if isinstance(a, fx.Node))
-    return None
 
 
 def _size_bookkeeping(start: list[fx.Node]) -> set[fx.Node]:
