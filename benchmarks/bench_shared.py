@@ -1,13 +1,17 @@
-"""Shared experts: does computing them inside the experts op pay off? Times the shared MLP as a fused_moe
-graph leaves it (the block's own ops compiled by Inductor: cuBLAS GEMMs + fused pointwise) against its
-own roofline floor, at real shapes, beside the routed experts of the same model (our op, same run).
+"""Shared experts: does computing them inside the experts op pay off? The whole MoE block (routed experts +
+shared MLP), bf16, real shapes, two ways in the same run:
+
+    unfused   our experts op + the shared MLP as Inductor compiles it (cuBLAS GEMMs + fused pointwise, the
+              add fused too): what a model gets with option moe_compiler.shared_experts=False
+    fused     one moe_compiler.experts_shared call (the default): at decode the shared MLP is one more pair
+              per token inside the experts kernels; elsewhere cuBLAS GEMMs inside the op
 
     python benchmarks/bench_shared.py [--out benchmarks/results/shared_<gpu>.json]
 
-Fusing the shared MLP into the experts pass saves at most (shared time - shared floor): X is read once
-instead of twice (T*H*2 bytes, tiny next to the weights) and the shared GEMMs' ramps and tails overlap
-the routed ones'. The table prints that bound as a share of the whole block (routed + shared).
+Also the shared MLP alone (Inductor) against its own floor, as in the first version of this script.
 T <= 128 under CUDA graphs (decode runs captured), larger T eager; cold L2 (timing.py) as in a model.
+Floor of the block: max(FLOPs / 785 TFLOP/s, bytes / 3.02 TB/s) with the bytes of every touched expert,
+the shared MLP and the activations.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from timing import Timer  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from reference import experts_reference_by_expert, rel_err  # noqa: E402
+
 import moe_compiler  # noqa: E402,F401
 
 PEAK_FLOPS, PEAK_BYTES = 785e12, 3.02e12  # bf16 matmul and device copy measured on our H100
 
-# name -> (H, shared I, sigmoid gate?, routed E, k, I) of the real models (configs on the Hub)
+# name -> (H, shared Is, sigmoid gate?, routed E, k, I) of the real models (configs on the Hub)
 SHAPES = {
     "deepseek_v3": (7168, 2048, False, 256, 8, 2048),  # Kimi-K2 has the same shared MLP
     "qwen2_57b_a14b": (3584, 20480, True, 64, 8, 2560),
@@ -44,43 +51,70 @@ def shared_mlp(x, w_gate, w_up, w_down, w_sg):
     return out if w_sg is None else torch.sigmoid(F.linear(x, w_sg)) * out
 
 
+def block_unfused(x, ids, tw, w_gu, w_dn, w_gate, w_up, w_down, w_sg):
+    return moe_compiler.moe_experts(x, ids, tw, w_gu, w_dn) + shared_mlp(x, w_gate, w_up, w_down, w_sg)
+
+
+def block_fused(x, ids, tw, w_gu, w_dn, w_gate, w_up, w_down, w_sg):
+    spec = moe_compiler.ExpertsSpec().op_args()
+    return torch.ops.moe_compiler.experts_shared(x, ids, tw, w_gu, w_dn, None, None, [w_gate, w_up], w_down, w_sg, *spec)
+
+
+def reference(x, ids, tw, w_gu, w_dn, w_gate, w_up, w_down, w_sg):
+    routed = experts_reference_by_expert(x, ids, tw, w_gu, w_dn, dtype=torch.float32)
+    return routed + shared_mlp(x.float(), w_gate.float(), w_up.float(), w_down.float(), None if w_sg is None else w_sg.float())
+
+
+def floor_s(T, H, I, Is, E, k, ids, gated):
+    touched = int(torch.unique(ids).numel())
+    flops = 2 * T * H * 3 * (k * I + Is) + (2 * T * H if gated else 0)
+    nbytes = 2 * (touched * 3 * H * I + 3 * H * Is + (H if gated else 0) + 2 * T * H)
+    return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 1000
     timer = Timer("cuda")
-    compiled = torch.compile(shared_mlp, dynamic=False)
+    compiled_shared = torch.compile(shared_mlp, dynamic=False)
+    compiled_unfused = torch.compile(block_unfused, dynamic=False)
     rows = []
-    for name, (H, I, gated, E, k, Ie) in SHAPES.items():
+    for name, (H, Is, gated, E, k, I) in SHAPES.items():
         g = torch.Generator(device="cuda").manual_seed(0)
-        w = [torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02 for s in ((I, H), (I, H), (H, I))]
+        w = [torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02 for s in ((Is, H), (Is, H), (H, Is))]
         w_sg = torch.randn(1, H, device="cuda", generator=g).bfloat16() * 0.02 if gated else None
-        w_gu = torch.randn(E, 2 * Ie, H, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
-        w_dn = torch.randn(E, H, Ie, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
-        for T in TOKENS:
+        w_gu = torch.randn(E, 2 * I, H, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+        w_dn = torch.randn(E, H, I, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+        for T in args.tokens:
             x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
             ids = torch.rand(T, E, device="cuda", generator=g).argsort(-1)[:, :k]  # uniform routing
             tw = torch.rand(T, k, device="cuda").softmax(-1)
-            ref = shared_mlp(x.float(), *[t.float() for t in w], None if w_sg is None else w_sg.float())
-            err = ((compiled(x, *w, w_sg).float() - ref).norm() / ref.norm()).item()
+            block_args = (x, ids, tw, w_gu, w_dn, *w, w_sg)
+            ref = reference(*block_args)
+            err_fused = rel_err(block_fused(*block_args), ref)
+            err_unfused = rel_err(compiled_unfused(*block_args), ref)
             time = timer.graph if T <= 128 else timer.eager
-            t_shared = time(lambda: compiled(x, *w, w_sg))
-            t_routed = time(lambda: moe_compiler.moe_experts(x, ids, tw, w_gu, w_dn))
-            flops = 2 * T * H * 3 * I + (2 * T * H if gated else 0)
-            nbytes = 2 * (3 * H * I + (H if gated else 0) + 2 * T * H)
-            floor = max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES)
-            row = dict(shape=name, T=T, H=H, I=I, gated=gated, shared_us=t_shared * 1e6, floor_us=floor * 1e6,
-                       routed_us=t_routed * 1e6, rel_err=err)
-            row["max_saving_of_block"] = max(t_shared - floor, 0) / (t_shared + t_routed)
+            t_shared = time(lambda: compiled_shared(x, *w, w_sg))
+            t_unfused = time(lambda: compiled_unfused(*block_args))
+            t_fused = time(lambda: block_fused(*block_args))
+            shared_floor = max((2 * T * H * 3 * Is) / PEAK_FLOPS, 2 * (3 * H * Is + 2 * T * H) / PEAK_BYTES)
+            floor = floor_s(T, H, I, Is, E, k, ids, gated)
+            row = dict(shape=name, T=T, H=H, Is=Is, gated=gated, E=E, k=k, I=I, shared_us=t_shared * 1e6,
+                       shared_floor_us=shared_floor * 1e6, unfused_us=t_unfused * 1e6, fused_us=t_fused * 1e6,
+                       block_floor_us=floor * 1e6, rel_err_fused=err_fused, rel_err_unfused=err_unfused)
             rows.append(row)
             print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name()
-    print(f"\n{gpu}: shared MLP as Inductor compiles it vs its floor; routed experts (our op) for scale")
-    print(f"{'shape':16} {'T':>6} {'shared us':>10} {'floor us':>9} {'x floor':>7} {'routed us':>10} {'fusing saves <=':>15}")
+    print(f"\n{gpu}: MoE block = routed experts + shared MLP, bf16, uniform routing, us (T <= 128 in CUDA graphs)")
+    print(f"{'shape':16} {'T':>6} {'shared alone':>12} {'unfused':>9} {'fused':>9} {'speedup':>7} {'floor':>8} "
+          f"{'fused/floor':>11} {'err':>8}")
     for r in rows:
-        print(f"{r['shape']:16} {r['T']:6} {r['shared_us']:10.1f} {r['floor_us']:9.1f} {r['shared_us'] / r['floor_us']:7.2f} "
-              f"{r['routed_us']:10.1f} {100 * r['max_saving_of_block']:14.1f}%")
+        print(f"{r['shape']:16} {r['T']:6} {r['shared_us']:12.1f} {r['unfused_us']:9.1f} {r['fused_us']:9.1f} "
+              f"{r['unfused_us'] / r['fused_us']:7.2f} {r['block_floor_us']:8.1f} {r['fused_us'] / r['block_floor_us']:11.2f} "
+              f"{r['rel_err_fused']:8.1e}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(gpu=gpu, torch=torch.__version__, rows=rows), f, indent=1)

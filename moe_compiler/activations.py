@@ -57,7 +57,11 @@ def _act_backward(grad: torch.Tensor, gate: torch.Tensor, act_out: torch.Tensor,
 
 def gated_forward(h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
     """a = act(gate) * up, computed in h's dtype (callers pass fp32 for accuracy)."""
-    gate, up = split_gate_up(h, spec)
+    return gated_forward_halves(*split_gate_up(h, spec), spec)
+
+
+def gated_forward_halves(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
+    """act(gate) * up from the two halves, in their dtype."""
     if spec.activation is Activation.GPT_OSS_SWIGLU:
         # Mirrors GptOssExperts._apply_gate (transformers 5.x): one-sided clamp on gate, two-sided on up.
         gate = gate.clamp(max=spec.swiglu_limit)
@@ -68,7 +72,11 @@ def gated_forward(h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
 
 def gated_backward(da: torch.Tensor, h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
     """d(loss)/dh [S, 2I] from d(loss)/da [S, I] and the saved pre-activation h."""
-    gate, up = split_gate_up(h, spec)
+    return join_gate_up(*gated_backward_halves(da, *split_gate_up(h, spec), spec), spec)
+
+
+def gated_backward_halves(da: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec):
+    """(d gate, d up) from d(loss)/da and the pre-activation halves."""
     if spec.activation is Activation.GPT_OSS_SWIGLU:
         limit, alpha = spec.swiglu_limit, spec.swiglu_alpha
         gate_c = gate.clamp(max=limit)
@@ -79,8 +87,6 @@ def gated_backward(da: torch.Tensor, h: torch.Tensor, spec: ExpertsSpec) -> torc
         # clamp's gradient passes where the bound is not exceeded (bounds inclusive, as in aten).
         d_gate = da * (up_c + 1) * d_glu * (gate <= limit)
         d_up = da * glu * ((up >= -limit) & (up <= limit))
-        return join_gate_up(d_gate, d_up, spec)
+        return d_gate, d_up
     act_out = _act(gate, spec)
-    d_gate = _act_backward(da * up, gate, act_out, spec)
-    d_up = da * act_out
-    return join_gate_up(d_gate, d_up, spec)
+    return _act_backward(da * up, gate, act_out, spec), da * act_out

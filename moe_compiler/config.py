@@ -23,6 +23,9 @@ class MoECompilerConfig:
     # Directory for the debug dump (per compiled graph: summary, before/after code, specs, rejection
     # reasons). Env: MOE_COMPILER_DUMP_DIR.
     dump_dir: str | None = None
+    # Fold a proven shared-experts branch into the experts call (one experts_shared op); False leaves it to
+    # Inductor (reported as matched). Env: MOE_COMPILER_SHARED_EXPERTS=0.
+    shared_experts: bool = True
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:
@@ -30,6 +33,7 @@ class MoECompilerConfig:
             "enabled": os.environ.get("MOE_COMPILER_DISABLE", "0") != "1",
             "verify": os.environ.get("MOE_COMPILER_VERIFY", "1") != "0",
             "dump_dir": os.environ.get("MOE_COMPILER_DUMP_DIR") or None,
+            "shared_experts": os.environ.get("MOE_COMPILER_SHARED_EXPERTS", "1") != "0",
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

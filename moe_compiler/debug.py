@@ -21,7 +21,6 @@ log = logging.getLogger("moe_compiler")
 
 _graph_ids = itertools.count()
 
-SHARED_BY_INDUCTOR = "not yet in the experts pass; what that would save, measured: benchmarks/NOTES.md"
 
 
 @dataclasses.dataclass
@@ -42,8 +41,9 @@ class RegionReport:
     router_spec: str = ""
     router_check: str = ""
     router_reason: str = ""
-    # The shared-experts branch added to the fused call's output: "matched" (proven; computed by Inductor),
-    # "none" (the block has none), "rejected" (a shared branch we could not prove; the block is still right).
+    # The shared-experts branch added to the fused call's output: "fused" (into one experts_shared call),
+    # "matched" (proven, but left to Inductor: shared_reason says why), "none" (the block has none),
+    # "rejected" (a shared branch we could not prove; the block is still right).
     shared_status: str = "not tried"
     shared: str = ""
     shared_reason: str = ""
@@ -80,9 +80,12 @@ class GraphReport:
         )
         if self.fused:
             line += f"; routers: {len(self.fused_routers)} fused"
-            shared = [r for r in self.fused if r.shared_status == "matched"]
-            if shared:
-                line += f"; shared experts: {len(shared)} matched (computed by Inductor)"
+            fused_shared = [r for r in self.fused if r.shared_status == "fused"]
+            if fused_shared:
+                line += f"; shared experts: {len(fused_shared)} fused"
+            kept_shared = [r for r in self.fused if r.shared_status == "matched"]
+            if kept_shared:
+                line += f"; shared experts: {len(kept_shared)} matched, left to Inductor"
             kept = sorted({r.router_reason for r in self.fused if r.router_status != "fused" and r.router_reason})
             if kept:
                 line += " (left to Inductor: " + " | ".join(kept) + ")"
@@ -104,8 +107,10 @@ class GraphReport:
                     lines.append(f"    router fused: {r.router_form}; {r.router_spec}; check: {r.router_check}")
                 else:
                     lines.append(f"    router left to Inductor: {r.router_reason}")
-                if r.shared_status == "matched":
-                    lines.append(f"    shared experts: {r.shared}; computed by Inductor ({SHARED_BY_INDUCTOR})")
+                if r.shared_status == "fused":
+                    lines.append(f"    shared experts fused into the experts call: {r.shared}")
+                elif r.shared_status == "matched":
+                    lines.append(f"    shared experts: {r.shared}; left to Inductor: {r.shared_reason}")
                 elif r.shared_status == "rejected":
                     lines.append(f"    shared experts not proven (left to Inductor): {r.shared_reason}")
             else:
@@ -175,7 +180,7 @@ def emit(report: GraphReport, dump_dir: str | None) -> None:
         log.debug("  [%s] %s: %s", r.status, r.name, r.spec if r.status == "fused" else r.reason)
         if r.status == "fused":
             log.debug("      router %s: %s", r.router_status, r.router_spec if r.router_status == "fused" else r.router_reason)
-            if r.shared_status in ("matched", "rejected"):
+            if r.shared_status in ("fused", "matched", "rejected"):
                 log.debug("      shared experts %s: %s", r.shared_status, r.shared or r.shared_reason)
     if dump_dir:
         path = write_dump(report, dump_dir)

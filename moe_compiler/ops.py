@@ -6,6 +6,8 @@ that is itself an op (so AOTAutograd and Inductor keep both opaque and the profi
 
     experts(hidden[T,H], topk_ids[T,k], topk_weights[T,k], w_gate_up, w_down, b_gate_up?, b_down?,
             activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input) -> out[T,H]
+    experts_unstacked(...)  the same on per-expert weight parts (nn.ModuleList experts)
+    experts_shared(...)     experts + the block's shared experts (shared_mlp.py)
 
 The math and weight layouts are in spec.py; the data contract and implementation in
 lowering/composite.py. Weights are the model's own parameters, read in place on every call.
@@ -18,8 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import lowering, stacked_weights
+from . import lowering, shared_mlp, stacked_weights
 from .lowering import composite
+from .shared_mlp import SharedMLP
 from .spec import ExpertsSpec
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -317,3 +320,142 @@ def _backward_unstacked(ctx, grad_out):
 
 
 experts_unstacked.register_autograd(_backward_unstacked, setup_context=_setup_unstacked)
+
+
+# --- routed experts plus the block's shared experts ---------------------------------------------------
+#
+#     experts_shared(<experts' tensors>, shared_gate_up: [Tensor], shared_down, shared_gate?, <spec args>)
+#
+# out = experts(...) + s * MLP_shared(hidden), see shared_mlp.py: shared_gate_up is [gate [Is, H], up [Is, H]]
+# or [gate_up [2Is, H]], shared_down [H, Is], shared_gate [1, H] (s = sigmoid(hidden @ shared_gate^T)) or
+# None (s = 1). The block's own nn.Linear parameters, read in place. On the decode path the shared MLP runs
+# in the experts kernels as one more (token, expert) pair per token; otherwise as cuBLAS GEMMs in the op.
+
+def check_shared_inputs(hidden, shared_gate_up: list[Tensor], shared_down: Tensor, shared_gate: Optional[Tensor]) -> int:
+    """Is (the shared intermediate size) after checking the shared weights against hidden [T, H]."""
+    H = hidden.shape[1]
+    if len(shared_gate_up) not in (1, 2):
+        _fail("shared_gate_up", "[gate, up] or [gate_up]", f"{len(shared_gate_up)} tensors", "Pass the shared MLP's gate and up Linear weights.")
+    if shared_down.dim() != 2 or shared_down.shape[0] != H:
+        _fail("shared_down shape", f"[H={H}, Is]", tuple(shared_down.shape), "Pass the shared MLP's down Linear weight ([out, in]).")
+    Is = shared_down.shape[1]
+    want = [(Is, H)] * 2 if len(shared_gate_up) == 2 else [(2 * Is, H)]
+    got = [tuple(w.shape) for w in shared_gate_up]
+    if got != want:
+        _fail("shared gate/up shapes", str(want), got, "Gate and up are [Is, H] Linear weights (or one [2Is, H]), down is [H, Is].")
+    if shared_gate is not None and tuple(shared_gate.shape) != (1, H):
+        _fail("shared_gate shape", f"(1, {H})", tuple(shared_gate.shape), "Pass the shared expert gate Linear's weight, or None.")
+    for w in (*shared_gate_up, shared_down, *(() if shared_gate is None else (shared_gate,))):
+        if w.dtype != hidden.dtype:
+            _fail("shared weight dtype", f"hidden's dtype {hidden.dtype}", w.dtype, "Cast the activations or the model to one dtype.")
+        if w.device != hidden.device:
+            _fail("devices", "all tensors on one device", sorted({str(w.device), str(hidden.device)}), "Move the model and inputs to one device.")
+    return Is
+
+
+@torch.library.custom_op("moe_compiler::experts_shared", mutates_args=())
+def experts_shared(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    b_gate_up: Optional[Tensor],
+    b_down: Optional[Tensor],
+    shared_gate_up: list[Tensor],
+    shared_down: Tensor,
+    shared_gate: Optional[Tensor],
+    activation: str,
+    gate_up: str,
+    transposed: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    scale_input: bool,  # no default (see experts_unstacked)
+) -> Tensor:
+    """experts(...) + [sigmoid(hidden @ shared_gate^T)] * shared MLP(hidden) (see the comment above)."""
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
+    check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+    check_shared_inputs(hidden, shared_gate_up, shared_down, shared_gate)
+    if not lowering.uses_triton(hidden):
+        _check_ids_in_range(topk_ids, w_gate_up.shape[0])
+    mlp = SharedMLP.from_parts(shared_gate_up, shared_down, shared_gate)
+    return lowering.experts_shared_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, mlp, spec)
+
+
+@experts_shared.register_fake
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, shared_gate_up, shared_down, shared_gate, *spec_args):
+    spec = ExpertsSpec.from_op_args(*spec_args)
+    check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+    check_shared_inputs(hidden, shared_gate_up, shared_down, shared_gate)
+    return hidden.new_empty(hidden.shape)
+
+
+@torch.library.custom_op("moe_compiler::experts_shared_backward", mutates_args=())
+def experts_shared_backward(
+    grad_out: Tensor,
+    hidden: Tensor,
+    shared_gate_up: list[Tensor],
+    shared_down: Tensor,
+    shared_gate: Optional[Tensor],
+    activation: str,
+    gate_up: str,
+    transposed: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    scale_input: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the shared term w.r.t. (hidden, shared gate_up as one [2Is, H] (gate rows, then up),
+    shared_down, shared_gate ([0] without one)); the routed term's come from experts_backward."""
+    spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
+    mlp = SharedMLP.from_parts(shared_gate_up, shared_down, shared_gate)
+    d_x, d_gate, d_up, d_down, d_expert_gate = shared_mlp.backward(grad_out, hidden, mlp, spec)
+    return (
+        d_x.to(hidden.dtype),
+        torch.cat([d_gate, d_up]).to(shared_down.dtype),
+        d_down.to(shared_down.dtype),
+        hidden.new_empty(0) if d_expert_gate is None else d_expert_gate,
+    )
+
+
+@experts_shared_backward.register_fake
+def _(grad_out, hidden, shared_gate_up, shared_down, shared_gate, *spec_args):
+    Is = shared_down.shape[1]
+    return (
+        torch.empty_like(hidden),
+        shared_down.new_empty((2 * Is, hidden.shape[1])),
+        torch.empty_like(shared_down),
+        hidden.new_empty(0) if shared_gate is None else torch.empty_like(shared_gate),
+    )
+
+
+def _setup_shared(ctx, inputs, output):
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, shared_gate_up, shared_down, shared_gate, *spec_args = inputs
+    ctx.save_for_backward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, shared_down, shared_gate, *shared_gate_up)
+    ctx.spec_args = spec_args
+
+
+def _backward_shared(ctx, grad_out):
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, shared_down, shared_gate, *shared_gate_up = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    d_hidden, d_weights, d_gu, d_down, d_bgu, d_bdown = torch.ops.moe_compiler.experts_backward(
+        grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, *ctx.spec_args
+    )
+    d_x, d_sgu, d_sdown, d_sgate = torch.ops.moe_compiler.experts_shared_backward(
+        grad_out, hidden, shared_gate_up, shared_down, shared_gate, *ctx.spec_args
+    )
+    return (
+        d_hidden + d_x,
+        None,  # topk_ids: integer
+        d_weights,
+        d_gu,
+        d_down,
+        d_bgu if b_gate_up is not None else None,
+        d_bdown if b_down is not None else None,
+        list(d_sgu.chunk(len(shared_gate_up))),  # [gate, up] halves, or the whole fused weight
+        d_sdown,
+        d_sgate if shared_gate is not None else None,
+        *(None,) * len(ctx.spec_args),
+    )
+
+
+experts_shared.register_autograd(_backward_shared, setup_context=_setup_shared)

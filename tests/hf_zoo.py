@@ -146,9 +146,10 @@ def assert_fused_as_expected(arch: str, model, counters) -> None:
         assert c["rejected_router"] == fused
     else:
         assert c[f"fused_router_{ROUTER_FORM[arch]}"] == fused
-    # The whole block is accounted for: its shared experts, if any, are proven (Inductor computes them).
+    # The whole block is accounted for: its shared experts, if any, are proven and fused into the experts call.
     shared = {k: v for k, v in c.items() if "shared_experts" in k}
-    assert shared == ({f"shared_experts_{SHARED_EXPERTS[arch]}": fused} if arch in SHARED_EXPERTS else {})
+    form = SHARED_EXPERTS.get(arch)
+    assert shared == ({f"shared_experts_{form}": fused, f"fused_shared_experts_{form}": fused} if form else {})
 
 
 def num_experts_of(cfg) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moe_compiler.activations import gated_forward
-from moe_compiler.spec import ExpertsSpec
+from moe_compiler.spec import ExpertsSpec, GateUpLayout
 
 
 def experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None, spec=ExpertsSpec()):
@@ -49,3 +51,14 @@ def experts_reference_by_expert(hidden, topk_ids, topk_weights, w_gate_up, w_dow
         y = a @ w2 if spec.transposed else a @ w2.t()
         out.index_add_(0, tok, y if spec.scale_input else y * scale)
     return out
+
+
+def shared_reference(hidden, shared_gate_up, shared_down, shared_gate=None, spec=ExpertsSpec()):
+    """The shared-experts term [sigmoid(x wg^T)] * down(act(gate(x)) * up(x)) in float64 (gate_up given as
+    [gate, up] or one [2Is, H] with gate rows first; the shared MLP's gate/up are always concatenated)."""
+    x = hidden.double()
+    gu = torch.cat([w.double() for w in shared_gate_up])
+    h = x @ gu.t()
+    a = gated_forward(h, dataclasses.replace(spec, gate_up=GateUpLayout.CONCAT))
+    y = a @ shared_down.double().t()
+    return y if shared_gate is None else torch.sigmoid(x @ shared_gate.double().t()) * y

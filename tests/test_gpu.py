@@ -195,6 +195,50 @@ def test_reduce_overhead_compile_replays_with_changing_routing(T):
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
 
 
+# (name, E, k, H, I, shared Is, sigmoid gate) of real models with shared experts
+SHARED_SHAPES = [("qwen3_next_80b", 512, 10, 2048, 512, 512, True), ("deepseek_v3", 256, 8, 7168, 2048, 2048, False),
+                 ("qwen2_57b_a14b", 64, 8, 3584, 2560, 20480, True)]
+
+
+def _shared(H, Is, gated, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed + 100)
+    rnd = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).bfloat16()  # noqa: E731
+    return [rnd(Is, H), rnd(Is, H)], rnd(H, Is), rnd(1, H) if gated else None
+
+
+@pytest.mark.parametrize("shape", SHARED_SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("T", [1, 3, 16, 300])  # decode path (Qwen3-Next: shared MLP in the kernels; larger ones: cuBLAS) ... sorted path
+def test_experts_with_shared_experts_bf16(shape, T):
+    from reference import shared_reference
+
+    _, E, k, H, I, Is, gated = shape
+    inputs = _inputs(T, E, k, H, I, seed=T)
+    shared = _shared(H, Is, gated, seed=T)
+    op = torch.ops.moe_compiler.experts_shared
+    out = _poisoned_out(lambda: op(*inputs, None, None, *shared, *ExpertsSpec().op_args()))
+    ref = experts_reference_by_expert(*inputs) + shared_reference(inputs[0], *shared)
+    assert rel_err(out, ref) <= 1e-2
+
+
+def test_experts_with_shared_experts_capture_and_replay():
+    T, E, k, H, I, Is = 4, 64, 8, 512, 256, 512
+    hidden, ids, weights, w1, w2 = _inputs(T, E, k, H, I)
+    shared = _shared(H, Is, True)
+    op = lambda: torch.ops.moe_compiler.experts_shared(hidden, ids, weights, w1, w2, None, None, *shared, *ExpertsSpec().op_args())  # noqa: E731
+    op()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op()
+    for seed in range(1, 4):
+        new_hidden, new_ids, new_weights, _, _ = _inputs(T, E, k, H, I, seed=seed)
+        hidden.copy_(new_hidden), ids.copy_(new_ids), weights.copy_(new_weights)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, op())
+
+
 def test_out_of_range_ids_fail_loudly_on_device():
     script = textwrap.dedent(
         """

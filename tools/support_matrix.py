@@ -1,6 +1,6 @@
 """Generate docs/support_matrix.md: architecture x experts implementation x dtype -> fused / not fused + reason,
 the route-op form its router fused as (or why it stayed with Inductor), and its shared experts' form
-(matched as part of the block; Inductor computes them).
+(proven as part of the block and fused into the experts call, or why not).
 
     python tools/support_matrix.py [--jobs 2] [--archs mixtral qwen3_moe ...]
 
@@ -89,10 +89,16 @@ def cell(row: dict) -> str:
         else:
             why = "; ".join(sorted({r.split(" | ")[0][:120] for r in row.get("router_reasons", [])}))
             router = f"router {n}/{row['fused']} fused" + (f" ({why})" if why else "")
-        shared = ", ".join(
-            f"shared {k.removeprefix('shared_experts_')}" if k.startswith("shared_experts_") else f"shared not proven x{v}"
-            for k, v in sorted(row.get("shared", {}).items())
-        )
+        counts = row.get("shared", {})
+        parts = []
+        for k, v in sorted(counts.items()):
+            if k.startswith("shared_experts_"):
+                form = k.removeprefix("shared_experts_")
+                fused = counts.get(f"fused_shared_experts_{form}", 0)
+                parts.append(f"shared {form} " + ("fused" if fused == v else f"{fused}/{v} fused"))
+            elif k.startswith("rejected"):
+                parts.append(f"shared not proven x{v}")
+        shared = ", ".join(parts)
         return f"fused {row['layers']}/{row['layers']}, {router}{', ' + shared if shared else ''} (rel err {row['rel_err']:.0e})"
     # First sentence of each distinct reason: the dump and the log carry the rest (and the fix).
     reasons = sorted({r.split(". ")[0][:160] for r in row["reasons"]}) or ["no experts region found"]

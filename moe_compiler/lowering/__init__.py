@@ -111,6 +111,39 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     return triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
 
 
+# The decode kernels take the shared MLP in only when its weights are small: fusing saves its own ~5
+# launches and ramps (~20 us under a CUDA graph) but adds its tiles to grids whose programs each stream
+# ~1-2 MB at decode, so a large shared MLP lengthens the last wave by more than it saves. Measured on the
+# H100 at T=1 (benchmarks/NOTES.md "shared experts v2"): Qwen3-Next's 6 MB shared MLP 1.39x faster fused;
+# DeepSeek-V3's 88 MB, Llama-4's 250 MB and Qwen2-57B's 440 MB 0.90-0.93x.
+SHARED_IN_KERNEL_MAX_BYTES = 16 << 20
+
+
+def _shared_in_kernel(mlp) -> bool:
+    return 3 * mlp.down.numel() * mlp.down.element_size() <= SHARED_IN_KERNEL_MAX_BYTES
+
+
+def experts_shared_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, mlp, spec, config=None):
+    """The experts op plus the block's shared MLP (shared_mlp.py). On the Triton decode path a small shared
+    MLP is one more pair per token inside the experts kernels (its weights stream beside the routed ones,
+    no launches of its own); otherwise it runs as cuBLAS GEMMs after the routed experts."""
+    from .. import shared_mlp
+
+    T, k = topk_ids.shape
+    if T > 0 and k > 0 and uses_triton(hidden) and _shared_in_kernel(mlp):
+        from . import triton_config, triton_decode
+
+        I = w_down.shape[1] if spec.transposed else w_down.shape[2]
+        if config is None:
+            config = triton_config_for(hidden, topk_ids, w_gate_up, I)
+        if config.path is triton_config.Path.DECODE:
+            out, ids_ok = triton_decode.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp)
+            torch._assert_async(ids_ok, "moe_compiler.experts: topk_ids out of [0, E)")
+            return out
+    routed = experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
+    return shared_mlp.forward(routed, hidden, mlp, spec)
+
+
 def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None):
     """The Triton forward with a given config (None: looked up); returns out [T, H]. T > 0."""
     from . import triton_config, triton_decode, triton_experts

@@ -2,16 +2,20 @@
 
     gate [R, N], up [R, N] (fp32 accumulators) -> a = act(gate) * up [R, N] (fp32)
 
+and as one elementwise kernel (`gated_rows`) for the shared MLP's cuBLAS outputs: gate, up -> a in their
+dtype, fp32 math, one pass (torch's silu + mul would be two).
+
 Codes (constexpr ACT) match spec.Activation; GPT-OSS's clamped SwiGLU reads its runtime scalars alpha
 and limit. The math mirrors activations.gated_forward, the reference.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ..spec import Activation
+from ..spec import Activation, ExpertsSpec
 
 ACT_CODE = {Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.RELU: 3, Activation.GPT_OSS_SWIGLU: 4}
 
@@ -32,3 +36,24 @@ def gated_act(gate, up, alpha, limit, ACT: tl.constexpr):
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+
+
+@triton.jit
+def _gated_rows_kernel(g_ptr, u_ptr, out_ptr, N, alpha, limit, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    gate = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, gated_act(gate, up, alpha, limit, ACT).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gated_rows(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
+    """act(gate) * up for two contiguous tensors of one shape and dtype (computed in fp32)."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    N, BLOCK = gate.numel(), 2048
+    if N:
+        _gated_rows_kernel[(triton.cdiv(N, BLOCK),)](
+            gate, up, out, N, float(spec.swiglu_alpha), float(spec.swiglu_limit), ACT=ACT_CODE[spec.activation], BLOCK=BLOCK, num_warps=8
+        )
+    return out

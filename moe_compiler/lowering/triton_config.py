@@ -121,12 +121,33 @@ def from_dict(d: dict) -> Config:
         raise ValueError(f"invalid experts kernel config {d!r}: {e}") from None
 
 
+# A GEMV program holds slots x block_n x block_k weights per step (the down kernel all k slots of a token):
+# past ~16K elements per 4 warps the registers spill. And at T = 1 the grid must still cover the GPU (132
+# SMs on an H100): ~256 programs.
+_DECODE_TILE_ELEMS, _DECODE_PROGRAMS = 16384, 256
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _decode_tile(rows: int, cols: int, slots: int) -> KernelConfig:
+    """A GEMV tile of a grid of rows x (cols / block_n) programs, each holding `slots` weight tiles per step
+    (gate_up: gate and up; down: every slot of the token): bounded registers, a full grid."""
+    block_k = 256 if slots <= 2 else 128
+    block_n = max(8, min(64, _DECODE_TILE_ELEMS // (slots * block_k)))
+    while block_n > 8 and rows * -(-cols // block_n) < _DECODE_PROGRAMS:
+        block_n //= 2
+    return KernelConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
+
+
 def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config:
     """Reasonable untuned choices (and the starting point of the tuner's search)."""
     if T * k <= 4096 and (T == 1 or T * k * 8 <= E):
         # Few pairs, few shared experts: stream each touched expert's weights once.
-        wide = KernelConfig(block_n=32, block_k=256, num_warps=4, num_stages=3)
-        return DecodeConfig(gate_up=wide, down=wide)
+        return DecodeConfig(
+            gate_up=_decode_tile(T * k, I, slots=2), down=_decode_tile(T, H, slots=_next_pow2(k))
+        )
     rows_per_expert = T * k / E
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128
     stages = 2 if dtype == torch.float32 else 3 if block_m >= 128 else 4

@@ -13,6 +13,12 @@ Data contract (T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k p
     route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight + combine: grid (T, H / BLOCK_N),
                                                              each program all k slots of its token at once]
 
+With the block's shared experts (shared_mlp.py; gate [Is, H], up [Is, H], down [H, Is], gate weight [1, H]):
+    shared_act    [T, Is]          act(x Wg^T) * (x Wu^T): extra rows of the gate_up grid after the S pairs
+    shared_gate   [T] fp32         sigmoid(x . w_gate), by each token's first shared tile (sigmoid-gated form)
+    out[t]       += shared_gate[t] * shared_act[t] @ Wd^T, in the same down program as the routed slots
+so the shared MLP is one more pair per token: no extra launch, its weights stream with the routed ones.
+
 When T*k is small next to E the pairs rarely share an expert, so reading one expert's rows per pair is
 reading each touched expert once: the whole op is a stream of weight bytes, and these kernels are GEMVs
 with fp32 FMAs (no tensor cores needed) that keep enough bytes in flight to run at HBM speed. Within one
@@ -33,36 +39,9 @@ from .triton_experts import logical_strides
 
 
 @triton.jit
-def _gate_up_gemv_kernel(
-    x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, ok_ptr,
-    S, E, H, I, TOP_K, alpha, limit,
-    stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
-    ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    SCALE_INPUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    p = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if (p == 0) & (pid_n == 0):
-        # One program checks every id (S is small on this path); the op asserts on the flag.
-        bad = tl.zeros([BLOCK_S], dtype=tl.int32)
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            some = tl.load(ids_ptr + s, mask=s < S, other=0)
-            bad += ((some < 0) | (some >= E)).to(tl.int32)
-        tl.store(ok_ptr, (tl.sum(bad, 0) == 0).to(tl.int32))
-    e = tl.load(ids_ptr + p)
-    e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
-    tok = (p // TOP_K).to(tl.int64)
-    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
-    if INTERLEAVED:
-        gate_rows, up_rows = 2 * n, 2 * n + 1
-    else:
-        gate_rows, up_rows = n, I + n
+def _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(gate, up) [BLOCK_N] fp32: one x row against BLOCK_N gate rows and BLOCK_N up rows over H."""
     kk = tl.arange(0, BLOCK_K)
-    w_base = w_ptr + e * stride_we
-    wg_ptrs = w_base + gate_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
-    wu_ptrs = w_base + up_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
-    x_ptrs = x_ptr + tok * stride_xm + kk
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -81,8 +60,58 @@ def _gate_up_gemv_kernel(
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K * stride_wk
         wu_ptrs += BLOCK_K * stride_wk
-    gate = tl.sum(acc_g, axis=1)
-    up = tl.sum(acc_u, axis=1)
+    return tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
+
+
+@triton.jit
+def _shared_gate_up(
+    x_ptr, sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr, q, T, H, Is, alpha, limit,
+    stride_xm, stride_sn, stride_sk, stride_sam, SHARED_TILES,
+    ACT: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Shared tile q: token q // SHARED_TILES, columns (q % SHARED_TILES) * BLOCK_N of the shared MLP."""
+    t = q // SHARED_TILES
+    tile = q % SHARED_TILES
+    if t < T:  # the grid rounds the shared tiles up to whole rows of the routed grid
+        row = t.to(tl.int64)
+        kk = tl.arange(0, BLOCK_K)
+        n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)) % Is
+        x_ptrs = x_ptr + row * stride_xm + kk
+        rows = n[:, None].to(tl.int64) * stride_sn + kk[None, :] * stride_sk
+        gate, up = _gate_up_rows(x_ptrs, sg_ptr + rows, su_ptr + rows, H, stride_sk, EVEN_K, BLOCK_N, BLOCK_K)
+        out = gated_act(gate, up, alpha, limit, ACT)
+        n_out = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(sact_ptr + row * stride_sam + n_out, out.to(sact_ptr.dtype.element_ty), mask=n_out < Is)
+        if HAS_GATE:
+            if tile == 0:  # s[t] = sigmoid(x[t] . w_gate), once per token
+                acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    k_ok = kk < H - k0
+                    x = tl.load(x_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)
+                    acc += x * tl.load(seg_ptr + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+                tl.store(sgate_ptr + row, tl.sigmoid(tl.sum(acc, 0)))
+
+
+@triton.jit
+def _routed_gate_up(
+    x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
+    ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    SCALE_INPUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    e = tl.load(ids_ptr + p)
+    e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
+    tok = (p // TOP_K).to(tl.int64)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
+    if INTERLEAVED:
+        gate_rows, up_rows = 2 * n, 2 * n + 1
+    else:
+        gate_rows, up_rows = n, I + n
+    kk = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + e * stride_we
+    wg_ptrs = w_base + gate_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
+    wu_ptrs = w_base + up_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
+    gate, up = _gate_up_rows(x_ptr + tok * stride_xm + kk, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K, BLOCK_N, BLOCK_K)
     if SCALE_INPUT:  # Llama-4: (w x) W = w (x W)
         row_w = tl.load(topk_w_ptr + p).to(tl.float32)
         gate *= row_w
@@ -96,11 +125,54 @@ def _gate_up_gemv_kernel(
 
 
 @triton.jit
+def _gate_up_gemv_kernel(
+    x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, ok_ptr,
+    sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr,
+    S, E, H, I, Is, TOP_K, alpha, limit,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am, stride_sn, stride_sk, stride_sam, SHARED_TILES,
+    ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    SCALE_INPUT: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # grid (S [+ shared rows], I / BLOCK_N): row p < S is pair p; the rows after S hold the shared MLP's
+    # T * SHARED_TILES tiles, laid out row-major over the same second axis.
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if (p == 0) & (pid_n == 0):
+        # One program checks every id (S is small on this path); the op asserts on the flag.
+        bad = tl.zeros([BLOCK_S], dtype=tl.int32)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            some = tl.load(ids_ptr + s, mask=s < S, other=0)
+            bad += ((some < 0) | (some >= E)).to(tl.int32)
+        tl.store(ok_ptr, (tl.sum(bad, 0) == 0).to(tl.int32))
+    if HAS_SHARED:
+        if p >= S:  # rows after the S pairs: the shared MLP's tiles, row-major over the same second axis
+            _shared_gate_up(
+                x_ptr, sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr, (p - S) * tl.num_programs(1) + pid_n, S // TOP_K, H, Is,
+                alpha, limit, stride_xm, stride_sn, stride_sk, stride_sam, SHARED_TILES, ACT, HAS_GATE, EVEN_K, BLOCK_N, BLOCK_K,
+            )
+        else:
+            _routed_gate_up(
+                x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
+                stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
+                ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, BLOCK_N, BLOCK_K,
+            )
+    else:  # without shared experts the kernel is the routed one alone
+        _routed_gate_up(
+            x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
+            stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
+            ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, BLOCK_N, BLOCK_K,
+        )
+
+
+@triton.jit
 def _down_gemv_combine_kernel(
-    a_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, out_ptr,
-    E, H, I, TOP_K,
-    stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om,
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, out_ptr, sact_ptr, sdown_ptr, sgate_ptr,
+    E, H, I, Is, TOP_K,
+    stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om, stride_sam, stride_sdn, stride_sdk,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SCALE_INPUT: tl.constexpr, K_POW2: tl.constexpr,
+    HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # All k slots of the token at once: a [K_POW2, BLOCK_N, BLOCK_K] weight tile per step keeps k times more
@@ -134,6 +206,23 @@ def _down_gemv_combine_kernel(
     else:
         weight = tl.load(topk_w_ptr + p, mask=j_ok, other=0.0).to(tl.float32)
     out = tl.sum(acc * weight[:, None], axis=0)  # a fixed reduction tree over the slots: deterministic
+    if HAS_SHARED:  # + s[t] * (shared act[t] @ W_down_shared^T), the same columns of the same token
+        # One [BLOCK_N, BLOCK_K] tile per step: a [K_POW2, ...] tile over chunks of Is measured slower (the
+        # second 3-D tile doubles the registers: 382 spills at Qwen3-Next's shape).
+        sa_ptrs = sact_ptr + t * stride_sam + kk
+        sw_ptrs = sdown_ptr + n[:, None].to(tl.int64) * stride_sdn + kk[None, :] * stride_sdk
+        acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, Is, BLOCK_K):
+            k_ok = kk < Is - k0
+            sa = tl.load(sa_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            sw = tl.load(sw_ptrs, mask=k_ok[None, :], other=0.0)
+            acc_s += sw.to(tl.float32) * sa[None, :]
+            sa_ptrs += BLOCK_K
+            sw_ptrs += BLOCK_K * stride_sdk
+        y = tl.sum(acc_s, axis=1)
+        if HAS_GATE:
+            y *= tl.load(sgate_ptr + t)
+        out += y
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
@@ -143,42 +232,64 @@ MAX_PAIRS = 4096
 
 
 def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config: DecodeConfig, k: int, act, ids_ok,
-                   weights=None):
+                   weights=None, mlp=None, shared_act=None, shared_gate=None):
     """act[p] = act(gate) * up of pair p (its input scaled by weights[p] under spec.scale_input);
-    ids_ok[0] = whether every id is in [0, E)."""
+    ids_ok[0] = whether every id is in [0, E). With a shared MLP `mlp` (shared_mlp.SharedMLP) also
+    shared_act[t] = act(x[t] Wg^T) * (x[t] Wu^T) and, if it has an expert gate, shared_gate[t] = s[t]."""
     S, I = act.shape
-    H = hidden.shape[1]
+    T, H = hidden.shape
     gu = config.gate_up
-    _gate_up_gemv_kernel[(S, triton.cdiv(I, gu.block_n))](
+    tiles = triton.cdiv(I, gu.block_n)
+    rows = S
+    if mlp is not None:
+        shared_tiles = triton.cdiv(mlp.intermediate, gu.block_n)
+        rows += triton.cdiv(T * shared_tiles, tiles)
+        if mlp.gate.stride() != mlp.up.stride():
+            raise ValueError(f"moe_compiler: shared gate and up weights have different strides {mlp.gate.stride()} / {mlp.up.stride()}")
+    dummy = act
+    _gate_up_gemv_kernel[(rows, tiles)](
         hidden, ids, weights if spec.scale_input else act, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up, act, ids_ok,
-        S, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit),
+        mlp.gate if mlp is not None else dummy, mlp.up if mlp is not None else dummy,
+        mlp.expert_gate if mlp is not None and mlp.expert_gate is not None else dummy,
+        shared_act if mlp is not None else dummy, shared_gate if shared_gate is not None else ids_ok,
+        S, w_gate_up.shape[0], H, I, mlp.intermediate if mlp is not None else 1, k, float(spec.swiglu_alpha), float(spec.swiglu_limit),
         hidden.stride(0), *logical_strides(w_gate_up, spec.transposed),
         b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0),
+        *(mlp.gate.stride() if mlp is not None else (0, 0)), shared_act.stride(0) if mlp is not None else 0,
+        shared_tiles if mlp is not None else 1,
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, SCALE_INPUT=spec.scale_input,
+        HAS_SHARED=mlp is not None, HAS_GATE=mlp is not None and mlp.expert_gate is not None,
         BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, BLOCK_S=128,
         num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
 
 
-def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: DecodeConfig, k: int, out):
-    """out[t] = sum_j weights[t, j] * (act[t*k + j] @ W_down[e]^T + b_down[e])."""
+def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: DecodeConfig, k: int, out,
+                mlp=None, shared_act=None, shared_gate=None):
+    """out[t] = sum_j weights[t, j] * (act[t*k + j] @ W_down[e]^T + b_down[e]) [+ s[t] * shared_act[t] @ Wd_shared^T]."""
     T, H = out.shape
     I = act.shape[1]
+    Is = mlp.intermediate if mlp is not None else 1
     dn = config.down
     _down_gemv_combine_kernel[(T, triton.cdiv(H, dn.block_n))](
         act, ids, weights, w_down, b_down if b_down is not None else w_down, out,
-        w_down.shape[0], H, I, k,
+        shared_act if mlp is not None else act, mlp.down if mlp is not None else act,
+        shared_gate if shared_gate is not None else weights,
+        w_down.shape[0], H, I, Is, k,
         act.stride(0), *logical_strides(w_down, spec.transposed),
         b_down.stride(0) if b_down is not None else 0, out.stride(0),
+        shared_act.stride(0) if mlp is not None else 0, *(mlp.down.stride() if mlp is not None else (0, 0)),
         HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, SCALE_INPUT=spec.scale_input, K_POW2=triton.next_power_of_2(k),
+        HAS_SHARED=mlp is not None, HAS_GATE=shared_gate is not None,
         BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps, num_stages=dn.num_stages,
     )
 
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
-                    config: DecodeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops.check_inputs; T > 0."""
+                    config: DecodeConfig, mlp=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops.check_inputs; T > 0.
+    With `mlp` (a shared_mlp.SharedMLP) out also holds the block's shared experts."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     I = w_down.shape[1] if spec.transposed else w_down.shape[2]
@@ -190,7 +301,9 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     weights = topk_weights.reshape(-1).contiguous()
     ids_ok = torch.empty(1, dtype=torch.int32, device=hidden.device)
     act = hidden.new_empty(T * k, I)
-    launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, ids_ok, weights)
+    shared_act = hidden.new_empty(T, mlp.intermediate) if mlp is not None else None
+    shared_gate = torch.empty(T, dtype=torch.float32, device=hidden.device) if mlp is not None and mlp.expert_gate is not None else None
+    launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, ids_ok, weights, mlp, shared_act, shared_gate)
     out = hidden.new_empty(T, H)
-    launch_down(act, ids, weights, w_down, b_down, spec, config, k, out)
+    launch_down(act, ids, weights, w_down, b_down, spec, config, k, out, mlp, shared_act, shared_gate)
     return out, ids_ok

@@ -17,7 +17,7 @@ from .. import lowering
 from ..config import MoECompilerConfig
 from ..debug import GraphReport, RegionReport, region_dot
 from ..stacked_weights import restack_experts, tiles
-from . import experts_batched_mm, experts_dense_bmm, experts_grouped_mm, experts_index_add_loop
+from . import experts_batched_mm, experts_dense_bmm, experts_grouped_mm, experts_index_add_loop, shared_experts
 from .eager_experts import find_eager_experts_fragments
 from .experts_common import EAGER_FIX, recognize_experts
 from .experts_index_add_loop import find_index_add_loops
@@ -60,8 +60,8 @@ def _real_inputs(gm: fx.GraphModule, example_inputs) -> dict:
     return real
 
 
-def _after_code(gm: fx.GraphModule, match) -> str:
-    """The replacement as code: one placeholder per graph value the op call reads."""
+def _after_code(gm: fx.GraphModule, op, args) -> str:
+    """The replacement `op(*args)` as code: one placeholder per graph value the call reads."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
 
@@ -70,7 +70,7 @@ def _after_code(gm: fx.GraphModule, match) -> str:
             env[n] = graph.placeholder(n.name)
         return env[n]
 
-    graph.output(graph.call_function(match.op, fx.node.map_arg(match.op_args(), placeholder)))
+    graph.output(graph.call_function(op, fx.node.map_arg(args, placeholder)))
     return fx.GraphModule(gm, graph, class_name="Fused").code
 
 
@@ -114,24 +114,39 @@ def _fuse_router(gm: fx.GraphModule, experts_call: fx.Node, rr: RegionReport, re
         counters["moe_compiler"]["rejected_router"] += 1
 
 
-def _match_shared_experts(experts_call: fx.Node, rr: RegionReport):
-    """Account for the block's shared-experts branch (reported; Inductor computes it, see shared_experts.py)."""
+def _fuse_shared_experts(gm: fx.GraphModule, experts_call: fx.Node, rr: RegionReport, config: MoECompilerConfig) -> fx.Node:
+    """Fold the block's proven shared-experts branch into the experts call (shared_experts.py); a branch
+    that cannot be proven or fused stays with Inductor, reported with the reason. Returns the call."""
     try:
         match = recognize_shared_experts(experts_call)
     except Reject as r:
         rr.shared_status, rr.shared_reason = "rejected", str(r)
         counters["moe_compiler"]["rejected_shared_experts"] += 1
-        return
+        return experts_call
     except Exception as e:  # noqa: BLE001 - nothing is rewritten: a bug here only costs the report line
         log.debug("internal error while matching the shared experts of %s", rr.name, exc_info=True)
         rr.shared_status, rr.shared_reason = "rejected", _internal_error("shared-experts matcher", e)
         counters["moe_compiler"]["rejected_shared_experts"] += 1
-        return
+        return experts_call
     if match is None:
         rr.shared_status = "none"
-        return
+        return experts_call
     rr.shared_status, rr.shared = "matched", match.describe()
     counters["moe_compiler"][f"shared_experts_{match.form}"] += 1
+    try:
+        reason = shared_experts.why_not_fused(experts_call, match) if config.shared_experts else (
+            "shared-experts fusion disabled (MOE_COMPILER_SHARED_EXPERTS=0 or option moe_compiler.shared_experts=False)")
+        if reason is not None:
+            rr.shared_reason = reason
+            return experts_call
+        call = shared_experts.rewrite(gm, experts_call, match)
+    except Exception as e:  # noqa: BLE001 - the fake call runs before any edit: a failure leaves the graph as it was
+        log.debug("internal error while fusing the shared experts of %s", rr.name, exc_info=True)
+        rr.shared_reason = _internal_error("shared-experts rewrite (left to Inductor)", e)
+        return experts_call
+    rr.shared_status = "fused"
+    counters["moe_compiler"][f"fused_shared_experts_{match.form}"] += 1
+    return call
 
 
 def _plan_restack(match, real: dict, report: GraphReport) -> str:
@@ -181,7 +196,7 @@ def _fuse_one(gm: fx.GraphModule, rr: RegionReport, region, recognize, real: dic
         else:
             rr.check = verify_numerically(gm, region, match, real)
         if config.dump_dir:
-            rr.after = experts_dense_bmm.after_code(gm, match) if form == experts_dense_bmm.FORM else _after_code(gm, match)
+            rr.after = experts_dense_bmm.after_code(gm, match) if form == experts_dense_bmm.FORM else _after_code(gm, match.op, match.op_args())
         if form == experts_dense_bmm.FORM:
             call = experts_dense_bmm.rewrite(gm, match)
         elif form == experts_index_add_loop.FORM:
@@ -192,7 +207,9 @@ def _fuse_one(gm: fx.GraphModule, rr: RegionReport, region, recognize, real: dic
         rr.status = "fused"
         counters["moe_compiler"][f"fused_experts_{form}"] += 1
         _fuse_router(gm, call, rr, real, config)
-        _match_shared_experts(call, rr)
+        call = _fuse_shared_experts(gm, call, rr, config)
+        if config.dump_dir and rr.shared_status == "fused":
+            rr.after = _after_code(gm, call.target, call.args)
     except Reject as r:
         rr.reason = str(r)
         counters["moe_compiler"]["rejected_experts"] += 1

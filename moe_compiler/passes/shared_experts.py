@@ -13,13 +13,14 @@ Source forms (transformers 5.17-5.23):
     shared MLP(x) = down(act(gate(x)) * up(x)), gate/up two Linears or halves of one (chunk(2, -1))
 
 Every fact is established from data flow: the MLP reads the same X as the experts (up to views), its
-activation is the op Dynamo recorded, its weights are parameters of the right shapes. Nothing is
-rewritten here: Inductor computes the shared MLP (cuBLAS GEMMs + fused pointwise), and the match is
-reported (dump, log, counters) so the whole block is accounted for; a shared branch that is not proven
-says why. Measured on the H100 (benchmarks/bench_shared.py, NOTES.md "shared experts"): computing it in
-the experts pass would save at most 0.2-5% of the block for DeepSeek-V3/Kimi and Llama-4 at every T,
-but up to 15-17% at T=1 for the Qwen-style gated ones (Qwen3-Next: 24 us of launches for a 2 us MLP;
-2-6% from T=16 on): that fusion is the open part of the issue.
+activation is the op Dynamo recorded, its weights are parameters of the right shapes, and the add joins
+the routed output (through views only) with the branch in the block's dtype. Then `rewrite` turns the
+experts call into one `moe_compiler.experts_shared` call (shared_mlp.py) and drops the branch: on the
+decode path the shared MLP becomes one more (token, expert) pair per token inside the experts kernels,
+elsewhere the op runs it as cuBLAS GEMMs as Inductor would. Why (benchmarks/bench_shared.py, NOTES.md
+"shared experts"): left to Inductor, a small shared MLP at decode is a handful of launches and ramps
+(Qwen3-Next at T=1: 24 us for a 2 us MLP). What cannot be fused (an activation other than the routed
+experts', per-expert weight parts, a combine in another dtype) stays with Inductor and the dump says why.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import operator
 
 import torch.fx as fx
 
-from ..spec import Activation, GateUpLayout
+import torch
+
+from ..spec import Activation, ExpertsSpec, GateUpLayout
 from .gated_activation import _activation, recognize_gated_activation
-from .regions import dims, follow, op_name
+from .regions import dims, example_value, follow, op_name
 from .reject import Reject
 
 SAME_ROWS = {"view", "reshape", "contiguous", "flatten", "unsqueeze", "squeeze"}
@@ -46,6 +49,12 @@ class SharedExpertsMatch:
     activation: Activation
     fused_gate_up: bool  # gate and up are halves of one Linear (Granite) rather than two
     intermediate: int
+    gate_up: tuple[fx.Node, ...]  # the weights: (gate, up) or (gate_up,)
+    down: fx.Node
+    expert_gate: fx.Node | None  # [1, H] weight of sigmoid(gate(x)), sigmoid_gated form only
+    add: fx.Node  # routed + shared
+    routed: fx.Node  # the add's operand coming from the experts call (through views)
+    branch: fx.Node  # the add's other operand: the shared branch's output
 
     def describe(self) -> str:
         gate = "sigmoid(gate(x)) x " if self.form == "sigmoid_gated" else ""
@@ -63,8 +72,8 @@ def _base(node):
     return follow(node, through=SAME_ROWS)
 
 
-def _linear(node, x_base, what) -> tuple:
-    """Prove `node` is linear(x, W) without bias, W a parameter, x the block's input (if given); W's shape."""
+def _linear(node, x_base, what) -> tuple[fx.Node, tuple]:
+    """Prove `node` is linear(x, W) without bias, W a parameter, x the block's input (if given); (W, its shape)."""
     node = follow(node)
     if op_name(node) != "linear":
         raise Reject(f"shared {what} is `{op_name(node)}`, expected a Linear")
@@ -76,12 +85,12 @@ def _linear(node, x_base, what) -> tuple:
         raise Reject(f"shared {what} reads `{x.name}`, not the experts' input")
     if not isinstance(w, fx.Node) or w.op not in ("placeholder", "get_attr"):
         raise Reject(f"shared {what} weight is computed in the graph, expected a parameter")
-    return dims(w)
+    return w, dims(w)
 
 
-def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int]:
-    """down(act(gate(x)) * up(x)): (activation, gate and up fused, I)."""
-    H, I = _linear(node, None, "down projection")
+def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int, tuple[fx.Node, ...], fx.Node]:
+    """down(act(gate(x)) * up(x)): (activation, gate and up fused, I, gate/up weights, down weight)."""
+    down, (H, I) = _linear(node, None, "down projection")
     a = follow(follow(node).args[0])
     if op_name(a) != "mul" or not all(isinstance(t, fx.Node) for t in a.args):
         raise Reject(f"shared down projection reads `{op_name(a)}`, expected act(gate) * up")
@@ -92,32 +101,32 @@ def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int]:
         activation, gate = act
         gate_node = follow(gate)
         if op_name(gate_node) == "linear":  # two Linears
-            g_shape = _linear(gate_node, x_base, "gate projection")
-            u_shape = _linear(up_side, x_base, "up projection")
+            w_gate, g_shape = _linear(gate_node, x_base, "gate projection")
+            w_up, u_shape = _linear(up_side, x_base, "up projection")
             if g_shape != (I, H) or u_shape != (I, H):
                 raise Reject(f"shared gate/up weights are {g_shape} / {u_shape}, expected ({I}, {H}) for down {H}x{I}")
-            return activation, False, I
+            return activation, False, I, (w_gate, w_up), down
         # one Linear producing [gate | up]: its halves, proven by the experts' gated-activation recognizer
         src = follow(gate_node, through=VIEWS | {"getitem", "chunk", "split"})
         if op_name(src) != "linear":
             raise Reject(f"shared gate is `{op_name(gate_node)}`, expected a Linear or half of one")
-        gu_shape = _linear(src, x_base, "gate_up projection")
+        w_gate_up, gu_shape = _linear(src, x_base, "gate_up projection")
         ga = recognize_gated_activation(a, src)
         if ga.layout is not GateUpLayout.CONCAT or gu_shape != (2 * I, H):
             raise Reject(f"shared gate_up weight {gu_shape} ({ga.layout.value}), expected ({2 * I}, {H}) concat")
-        return ga.activation, True, I
+        return ga.activation, True, I, (w_gate_up,), down
     raise Reject("shared MLP product has no silu/gelu/relu factor")
 
 
-def _combine(experts_call: fx.Node) -> fx.Node | None:
-    """The other operand of the add joining the routed output with another branch, or None."""
+def _combine(experts_call: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(the add joining the routed output with another branch, its routed operand, the other operand), or None."""
     out = experts_call
     while len(out.users) == 1:
         user = next(iter(out.users))
         name = op_name(user)
         if name in ADDS or user.target in (operator.add, operator.iadd):
             others = [a for a in user.args[:2] if isinstance(a, fx.Node) and a is not out]
-            return others[0] if len(others) == 1 else None
+            return (user, out, others[0]) if len(others) == 1 else None
         if name not in VIEWS:
             return None
         out = user
@@ -127,24 +136,104 @@ def _combine(experts_call: fx.Node) -> fx.Node | None:
 def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None:
     """The shared-experts branch added to `experts_call`'s output; None if the block has none (the
     add's other operand is not from a module named shared*); Reject if it has one we cannot prove."""
-    found = _combine(experts_call)
-    if found is None:
+    combined = _combine(experts_call)
+    if combined is None:
         return None
+    add, routed, found = combined
     other = follow(found)
     if "shared" not in _module_of(other) and not any("shared" in _module_of(a) for a in other.all_input_nodes):
         return None  # e.g. the residual add of a block without shared experts
     x_base = _base(experts_call.args[0])
-    form, mlp_out = "plain", other
+    form, mlp_out, expert_gate = "plain", other, None
     if op_name(other) == "mul":  # sigmoid(gate(x)) * MLP(x)
         for sig, mlp in ((other.args[0], other.args[1]), (other.args[1], other.args[0])):
             sig = follow(sig) if isinstance(sig, fx.Node) else sig
             if isinstance(sig, fx.Node) and op_name(sig) == "sigmoid":
-                g_shape = _linear(sig.args[0], x_base, "expert gate")
+                expert_gate, g_shape = _linear(sig.args[0], x_base, "expert gate")
                 if g_shape is None or g_shape[0] != 1:
                     raise Reject(f"shared expert gate weight is {g_shape}, expected (1, H)")
                 form, mlp_out = "sigmoid_gated", mlp
                 break
         else:
             raise Reject("shared branch is a product without a sigmoid(gate(x)) factor")
-    activation, fused, I = _mlp(mlp_out, x_base)
-    return SharedExpertsMatch(form, _module_of(follow(mlp_out)).rsplit(".", 1)[0], activation, fused, I)
+    activation, fused, I, gate_up, down = _mlp(mlp_out, x_base)
+    module = _module_of(follow(mlp_out)).rsplit(".", 1)[0]
+    return SharedExpertsMatch(form, module, activation, fused, I, gate_up, down, expert_gate, add, routed, found)
+
+
+def _dtype(node: fx.Node):
+    value = example_value(node)
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def why_not_fused(experts_call: fx.Node, match: SharedExpertsMatch) -> str | None:
+    """The reason the proven branch cannot join the experts call's op (None: it can)."""
+    if experts_call.target is not torch.ops.moe_compiler.experts.default:
+        return f"the routed experts run as `{experts_call.target}` (per-expert weight parts): not fused with them yet"
+    spec = ExpertsSpec.from_op_args(*experts_call.args[7:])
+    if match.activation is not spec.activation:
+        return f"the shared MLP's activation ({match.activation.value}) is not the routed experts' ({spec.activation.value})"
+    dtype = _dtype(experts_call)
+    node = match.routed
+    while node is not experts_call:  # views, and casts that round-trip exactly (bf16 -> fp32 -> bf16)
+        if _dtype(node) not in (dtype, torch.float32):
+            return f"`{node.name}` casts the routed output to {_dtype(node)} before the add"
+        node = node.args[0]
+    for n in (match.routed, match.branch, match.add):
+        if _dtype(n) != dtype:
+            return f"the routed + shared add runs in {_dtype(n)} (`{n.name}`), the block in {dtype}"
+    shapes = {n.name: tuple(example_value(n).shape) for n in (match.routed, match.add)}
+    if len(set(shapes.values())) != 1:
+        return f"the add broadcasts ({shapes})"
+    if _readers_besides_add(match) is None:
+        return f"the shared branch's output `{match.branch.name}` is also read elsewhere"
+    return None
+
+
+def _readers_besides_add(match: SharedExpertsMatch) -> list[fx.Node] | None:
+    """Who else reads the branch output: none, or (Llama-4's `out = shared(x); out.add_(routed); return out`)
+    readers after an in-place add into it, who see the sum. None if someone else reads the branch alone."""
+    others = [u for u in match.branch.users if u is not match.add]
+    in_place = op_name(match.add) in ("add_", "iadd") or match.add.target is operator.iadd
+    if not others or not (in_place and match.add.args[0] is match.branch):
+        return None if others else []
+    after, n = set(), match.add.next
+    while n.op != "root":
+        after.add(n)
+        n = n.next
+    return others if all(u in after for u in others) else None
+
+
+def rewrite(gm: fx.GraphModule, experts_call: fx.Node, match: SharedExpertsMatch) -> fx.Node:
+    """experts call + shared branch -> one experts_shared call; the branch's nodes are erased once unused."""
+    graph = gm.graph
+    op = torch.ops.moe_compiler.experts_shared.default
+    args = (*experts_call.args[:7], list(match.gate_up), match.down, match.expert_gate, *experts_call.args[7:])
+    like = example_value(experts_call)
+    with like.fake_mode:
+        value = op(*fx.node.map_arg(args, example_value))
+    with graph.inserting_before(experts_call):
+        new = graph.call_function(op, args)
+    new.meta = {**experts_call.meta, "example_value": value}
+    experts_call.replace_all_uses_with(new)
+    graph.erase_node(experts_call)
+    result = new if match.routed is experts_call else match.routed
+    for reader in _readers_besides_add(match):
+        reader.replace_input_with(match.branch, result)
+    match.add.replace_all_uses_with(result)
+    graph.erase_node(match.add)
+    branch = _ancestors(match.branch)
+    for n in reversed(list(graph.nodes)):
+        if n in branch and not n.users and n.op in ("call_function", "call_method") and not n.is_impure():
+            graph.erase_node(n)
+    return new
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen

@@ -9,8 +9,10 @@ pytest.importorskip("triton")
 
 from moe_compiler.lowering import triton_decode  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig  # noqa: E402
-from reference import experts_reference, rel_err  # noqa: E402
-from triton_cases import DTYPES, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
+from moe_compiler.shared_mlp import SharedMLP  # noqa: E402
+from reference import experts_reference, rel_err, shared_reference  # noqa: E402
+from test_shared_mlp import shared_inputs  # noqa: E402
+from triton_cases import DEVICE, DTYPES, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
 
 CONFIG = DecodeConfig(gate_up=KernelConfig(block_n=16, block_k=16), down=KernelConfig(block_n=8, block_k=32))
 
@@ -46,3 +48,26 @@ def test_too_many_pairs_is_a_clear_error():
     big = dev[0].expand(triton_decode.MAX_PAIRS, 16), dev[1].expand(triton_decode.MAX_PAIRS, 2), dev[2].expand(triton_decode.MAX_PAIRS, 2)
     with pytest.raises(ValueError, match="decode path takes at most"):
         triton_decode.experts_forward(*big, *dev[3:], SPECS[0], CONFIG)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "T,H,I,Is,fused,gated",
+    [
+        (1, 32, 16, 16, False, True),  # Qwen3-Next: Is = I, sigmoid-gated
+        (3, 40, 24, 40, True, False),  # Is not a multiple of the tile or of I; H tail; one fused gate_up
+        (2, 32, 16, 64, False, False),  # Is = 4 I: more shared tiles than one grid row (DeepSeek-V2-Lite style)
+    ],
+)
+def test_decode_forward_with_shared_experts(dtype, tol, T, H, I, Is, fused, gated):
+    """The shared MLP as one more pair per token: its tiles after the routed rows of the gate_up grid and
+    its down GEMV in each token's down program."""
+    spec = SPECS[0]
+    cpu, dev = device_inputs(T, H, I, 8, 2, dtype, spec)
+    shared = shared_inputs(H, Is, dtype, fused, gated)
+    mlp = SharedMLP.from_parts([w.to(DEVICE) for w in shared[0]], shared[1].to(DEVICE), None if shared[2] is None else shared[2].to(DEVICE))
+    with poisoned_allocations():
+        out, ids_ok = triton_decode.experts_forward(*dev, spec, CONFIG, mlp)
+    ref = experts_reference(*cpu, spec=spec) + shared_reference(cpu[0], *shared, spec=spec)
+    assert int(ids_ok) == 1
+    assert rel_err(out.cpu(), ref) <= tol

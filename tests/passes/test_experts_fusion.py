@@ -40,7 +40,9 @@ def test_fuses_every_moe_layer_and_matches_eager(arch, form, dtype):
     assert rel_err(out, ref) <= LOGIT_TOL[dtype]
 
 
-@pytest.mark.parametrize("arch,form", [("qwen3_moe", "grouped_mm"), ("deepseek_v3", "batched_mm"), ("mixtral", "grouped_mm")])
+# deepseek_v3 and qwen2_moe have shared experts (plain / sigmoid-gated), fused into the experts call.
+@pytest.mark.parametrize("arch,form", [("qwen3_moe", "grouped_mm"), ("deepseek_v3", "batched_mm"), ("mixtral", "grouped_mm"),
+                                       ("qwen2_moe", "grouped_mm")])
 def test_training_gradients_equal_eager(arch, form):
     eager = tiny_model(arch, form, torch.float32).train()
     compiled_model = tiny_model(arch, form, torch.float32).train()
@@ -55,7 +57,7 @@ def test_training_gradients_equal_eager(arch, form):
     assert fused_count(form) == MOE_LAYERS[arch]
     assert rel_err(loss, loss_ref) <= 1e-5
     ref_grads = dict(eager.named_parameters())
-    checked = 0
+    checked = shared = 0
     for name, p in compiled_model.named_parameters():
         want = ref_grads[name].grad
         if want is None:
@@ -63,7 +65,10 @@ def test_training_gradients_equal_eager(arch, form):
             continue
         assert rel_err(p.grad, want) <= 1e-4, name
         checked += name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+        shared += ".shared_expert" in name
     assert checked == 2 * MOE_LAYERS[arch]  # gate_up_proj and down_proj of every MoE layer got gradients
+    fused_shared = sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_shared_experts"))
+    assert fused_shared == (MOE_LAYERS[arch] if shared else 0)
 
 
 def test_dynamic_sequence_length_compiles_once():

@@ -1,34 +1,88 @@
-"""Shared experts (passes/shared_experts.py): proven from data flow and reported, or named as not proven;
-the logits equal eager either way (nothing is rewritten). Which architectures have which form:
-test_architectures.py with hf_zoo.SHARED_EXPERTS."""
+"""Shared experts (passes/shared_experts.py): proven from data flow and folded into one experts_shared
+call, or left to Inductor with the reason (not proven, or proven but not fusable); the logits equal eager
+either way. Which architectures have which form: test_architectures.py with hf_zoo.SHARED_EXPERTS;
+training gradients through the fused call: test_experts_fusion.py."""
 
 from __future__ import annotations
 
 import json
 import pathlib
 
+import pytest
 import torch
+import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from hf_zoo import zoo_model
+from moe_compiler.config import MoECompilerConfig
+from moe_compiler.passes import fuse_moe_regions
 from reference import rel_err
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-def _compile(model, dump: pathlib.Path):
+def _compile(model, dump: pathlib.Path, **options):
+    options = {"moe_compiler.dump_dir": str(dump), **{f"moe_compiler.{k}": v for k, v in options.items()}}
     with torch.no_grad():
         ref = model(input_ids=IDS).logits
-        out = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(dump)})(input_ids=IDS).logits
+        out = torch.compile(model, backend="fused_moe", options=options)(input_ids=IDS).logits
     assert rel_err(out, ref) <= 1e-5
     return [json.loads(p.read_text())["shared_experts"] for p in sorted(dump.glob("graph_*/region_*_fused_*/spec.json"))]
 
 
-def test_qwen2_gated_shared_expert_is_described_in_the_dump(tmp_path):
+def _rewritten_graph(model) -> fx.GraphModule:
+    """The Dynamo graph after our passes, run as is (no Inductor): the op calls themselves give the logits."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        fuse_moe_regions(gm, example_inputs, MoECompilerConfig())
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        ref = model(input_ids=IDS).logits
+        out = torch.compile(model, backend=backend, fullgraph=True)(input_ids=IDS).logits
+    assert rel_err(out, ref) <= 1e-5
+    (gm,) = graphs
+    return gm
+
+
+def test_qwen2_gated_shared_expert_is_fused_and_described_in_the_dump(tmp_path):
     reports = _compile(zoo_model("qwen2_moe"), tmp_path)
-    assert [r["status"] for r in reports] == ["matched", "matched"]
+    assert [r["status"] for r in reports] == ["fused", "fused"]
     assert reports[0]["match"] == "sigmoid(gate(x)) x MLP(x) at model.layers.0.mlp.shared_expert: silu, gate/up Linears, I=32"
-    assert "shared experts: 2 matched" in (tmp_path / "summary.txt").read_text()
+    assert "shared experts: 2 fused" in (tmp_path / "summary.txt").read_text()
+    after = next(tmp_path.glob("graph_*/region_0_fused_*/after.py")).read_text()
+    assert "moe_compiler.experts_shared" in after and "shared_expert_gate" in after
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "granitemoeshared"])
+def test_fused_block_is_one_call_reading_the_shared_weights_in_place(arch):
+    gm = _rewritten_graph(zoo_model(arch))
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.moe_compiler.experts_shared.default]
+    assert len(calls) == 2
+    shared_weights = {n for n in gm.graph.nodes if n.op == "placeholder" and "shared" in n.name}
+    # Every shared parameter is read by the op alone: the branch's Linears, activation and add are gone.
+    assert shared_weights and all(set(w.users) <= set(calls) for w in shared_weights)
+    in_shared_module = lambda n: any("shared" in path for path, _ in (n.meta.get("nn_module_stack") or {}).values())  # noqa: E731
+    assert not [n for n in gm.graph.nodes if n.op.startswith("call") and in_shared_module(n)]
+
+
+def test_disabled_shared_fusion_leaves_the_branch_to_inductor(tmp_path):
+    reports = _compile(zoo_model("qwen3_next"), tmp_path, shared_experts=False)
+    assert [r["status"] for r in reports] == ["matched", "matched"]
+    assert "disabled" in reports[0]["reason"]
+    assert "shared experts: 2 matched, left to Inductor" in (tmp_path / "summary.txt").read_text()
+    assert not [k for k in counters["moe_compiler"] if k.startswith("fused_shared")]
+
+
+def test_shared_mlp_with_another_activation_is_left_to_inductor(tmp_path):
+    model = zoo_model("deepseek_v3")
+    for layer in model.model.layers:
+        layer.mlp.shared_experts.act_fn = torch.nn.GELU()
+    reports = _compile(model, tmp_path)
+    assert [r["status"] for r in reports] == ["matched", "matched"]
+    assert reports[0]["reason"] == "the shared MLP's activation (gelu) is not the routed experts' (silu)"
 
 
 class _ScaledInput(torch.nn.Module):
