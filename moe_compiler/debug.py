@@ -22,7 +22,6 @@ log = logging.getLogger("moe_compiler")
 _graph_ids = itertools.count()
 
 
-
 @dataclasses.dataclass
 class RegionReport:
     name: str

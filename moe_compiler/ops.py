@@ -106,10 +106,13 @@ def experts(
     return _forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
 
 
-def _forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec) -> Tensor:
+def _forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec, mlp=None) -> Tensor:
+    """The experts forward, plus the block's shared MLP when `mlp` (a checked shared_mlp.SharedMLP) is given."""
     check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
     if not lowering.uses_triton(hidden):
         _check_ids_in_range(topk_ids, w_gate_up.shape[0])  # the Triton kernels check ids themselves
+    if mlp is not None:
+        return lowering.experts_shared_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, mlp, spec)
     return lowering.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
 
 
@@ -331,8 +334,8 @@ experts_unstacked.register_autograd(_backward_unstacked, setup_context=_setup_un
 # None (s = 1). The block's own nn.Linear parameters, read in place. On the decode path the shared MLP runs
 # in the experts kernels as one more (token, expert) pair per token; otherwise as cuBLAS GEMMs in the op.
 
-def check_shared_inputs(hidden, shared_gate_up: list[Tensor], shared_down: Tensor, shared_gate: Optional[Tensor]) -> int:
-    """Is (the shared intermediate size) after checking the shared weights against hidden [T, H]."""
+def check_shared_inputs(hidden, shared_gate_up: list[Tensor], shared_down: Tensor, shared_gate: Optional[Tensor]) -> None:
+    """The shared weights' shapes, dtypes and devices against hidden [T, H]; raises with expected vs got."""
     H = hidden.shape[1]
     if len(shared_gate_up) not in (1, 2):
         _fail("shared_gate_up", "[gate, up] or [gate_up]", f"{len(shared_gate_up)} tensors", "Pass the shared MLP's gate and up Linear weights.")
@@ -350,7 +353,6 @@ def check_shared_inputs(hidden, shared_gate_up: list[Tensor], shared_down: Tenso
             _fail("shared weight dtype", f"hidden's dtype {hidden.dtype}", w.dtype, "Cast the activations or the model to one dtype.")
         if w.device != hidden.device:
             _fail("devices", "all tensors on one device", sorted({str(w.device), str(hidden.device)}), "Move the model and inputs to one device.")
-    return Is
 
 
 @torch.library.custom_op("moe_compiler::experts_shared", mutates_args=())
@@ -374,12 +376,9 @@ def experts_shared(
 ) -> Tensor:
     """experts(...) + [sigmoid(hidden @ shared_gate^T)] * shared MLP(hidden) (see the comment above)."""
     spec = ExpertsSpec.from_op_args(activation, gate_up, transposed, swiglu_alpha, swiglu_limit, scale_input)
-    check_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
     check_shared_inputs(hidden, shared_gate_up, shared_down, shared_gate)
-    if not lowering.uses_triton(hidden):
-        _check_ids_in_range(topk_ids, w_gate_up.shape[0])
     mlp = SharedMLP.from_parts(shared_gate_up, shared_down, shared_gate)
-    return lowering.experts_shared_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, mlp, spec)
+    return _forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, mlp)
 
 
 @experts_shared.register_fake

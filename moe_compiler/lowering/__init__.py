@@ -131,28 +131,32 @@ def experts_shared_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_
 
     T, k = topk_ids.shape
     if T > 0 and k > 0 and uses_triton(hidden) and _shared_in_kernel(mlp):
-        from . import triton_config, triton_decode
+        from . import triton_config
 
-        I = w_down.shape[1] if spec.transposed else w_down.shape[2]
         if config is None:
-            config = triton_config_for(hidden, topk_ids, w_gate_up, I)
+            config = triton_config_for(hidden, topk_ids, w_gate_up, _intermediate(w_down, spec))
         if config.path is triton_config.Path.DECODE:
-            out, ids_ok = triton_decode.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp)
-            torch._assert_async(ids_ok, "moe_compiler.experts: topk_ids out of [0, E)")
-            return out
+            return triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp)
     routed = experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
     return shared_mlp.forward(routed, hidden, mlp, spec)
 
 
-def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None):
-    """The Triton forward with a given config (None: looked up); returns out [T, H]. T > 0."""
+def _intermediate(w_down, spec) -> int:
+    return w_down.shape[1] if spec.transposed else w_down.shape[2]
+
+
+def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None, mlp=None):
+    """The Triton forward with a given config (None: looked up); returns out [T, H]. T > 0. A shared MLP
+    `mlp` is taken by the decode kernels only (experts_shared_forward sends it here on that path)."""
     from . import triton_config, triton_decode, triton_experts
 
-    I = w_down.shape[1] if spec.transposed else w_down.shape[2]
     if config is None:
-        config = triton_config_for(hidden, topk_ids, w_gate_up, I)
-    path = triton_decode if config.path is triton_config.Path.DECODE else triton_experts
-    out, ids_ok = path.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
+        config = triton_config_for(hidden, topk_ids, w_gate_up, _intermediate(w_down, spec))
+    if config.path is triton_config.Path.DECODE:
+        out, ids_ok = triton_decode.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp)
+    else:
+        assert mlp is None, "the sorted path does not take a shared MLP"
+        out, ids_ok = triton_experts.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
     if hidden.device.type == "cuda":
         # The kernels clamp out-of-range ids (no stray memory access); this turns them into a loud failure
         # without a host sync (capture-safe).

@@ -29,6 +29,7 @@ import pathlib
 import warnings
 
 import torch
+import triton
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,6 @@ def from_dict(d: dict) -> Config:
 _DECODE_TILE_ELEMS, _DECODE_PROGRAMS = 16384, 256
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _decode_tile(rows: int, cols: int, slots: int) -> KernelConfig:
     """A GEMV tile of a grid of rows x (cols / block_n) programs, each holding `slots` weight tiles per step
     (gate_up: gate and up; down: every slot of the token): bounded registers, a full grid."""
@@ -146,7 +143,7 @@ def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -
     if T * k <= 4096 and (T == 1 or T * k * 8 <= E):
         # Few pairs, few shared experts: stream each touched expert's weights once.
         return DecodeConfig(
-            gate_up=_decode_tile(T * k, I, slots=2), down=_decode_tile(T, H, slots=_next_pow2(k))
+            gate_up=_decode_tile(T * k, I, slots=2), down=_decode_tile(T, H, slots=triton.next_power_of_2(k))
         )
     rows_per_expert = T * k / E
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128

@@ -28,14 +28,14 @@ from __future__ import annotations
 import dataclasses
 import operator
 
-import torch.fx as fx
-
 import torch
+import torch.fx as fx
 
 from ..spec import Activation, ExpertsSpec, GateUpLayout
 from .gated_activation import _activation, recognize_gated_activation
 from .regions import dims, example_value, follow, op_name
 from .reject import Reject
+from .rewrite import _meta
 
 SAME_ROWS = {"view", "reshape", "contiguous", "flatten", "unsqueeze", "squeeze"}
 VIEWS = SAME_ROWS | {"to"}  # between the experts output and the add, a cast is allowed too
@@ -197,11 +197,7 @@ def _readers_besides_add(match: SharedExpertsMatch) -> list[fx.Node] | None:
     in_place = op_name(match.add) in ("add_", "iadd") or match.add.target is operator.iadd
     if not others or not (in_place and match.add.args[0] is match.branch):
         return None if others else []
-    after, n = set(), match.add.next
-    while n.op != "root":
-        after.add(n)
-        n = n.next
-    return others if all(u in after for u in others) else None
+    return others if all(u > match.add for u in others) else None  # fx nodes compare by graph position
 
 
 def rewrite(gm: fx.GraphModule, experts_call: fx.Node, match: SharedExpertsMatch) -> fx.Node:
@@ -214,7 +210,7 @@ def rewrite(gm: fx.GraphModule, experts_call: fx.Node, match: SharedExpertsMatch
         value = op(*fx.node.map_arg(args, example_value))
     with graph.inserting_before(experts_call):
         new = graph.call_function(op, args)
-    new.meta = {**experts_call.meta, "example_value": value}
+    new.meta = _meta(experts_call, value)
     experts_call.replace_all_uses_with(new)
     graph.erase_node(experts_call)
     result = new if match.routed is experts_call else match.routed
@@ -222,18 +218,12 @@ def rewrite(gm: fx.GraphModule, experts_call: fx.Node, match: SharedExpertsMatch
         reader.replace_input_with(match.branch, result)
     match.add.replace_all_uses_with(result)
     graph.erase_node(match.add)
-    branch = _ancestors(match.branch)
-    for n in reversed(list(graph.nodes)):
-        if n in branch and not n.users and n.op in ("call_function", "call_method") and not n.is_impure():
-            graph.erase_node(n)
-    return new
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
+    # The branch, from its output up: each node left without readers goes (x and the weights keep theirs).
+    todo, erased = [match.branch], set()
     while todo:
         n = todo.pop()
-        if n not in seen:
-            seen.add(n)
+        if n not in erased and not n.users and n.op in ("call_function", "call_method") and not n.is_impure():
             todo.extend(n.all_input_nodes)
-    return seen
+            graph.erase_node(n)
+            erased.add(n)
+    return new
