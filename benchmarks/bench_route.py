@@ -1,7 +1,9 @@
 """Router benchmark: the route op's Triton kernel against the same router compiled by Inductor (what a
 fused_moe graph runs when the router is left alone) and against eager torch, at real router shapes.
 
-    python benchmarks/bench_route.py [--out benchmarks/results/route_<gpu>.json]
+    python benchmarks/bench_route.py [--out benchmarks/results/route_<gpu>.json] [--routers NAME ...]
+
+With --routers, only those routers run and their rows replace theirs in an existing --out file.
 
 Two times per variant, both from the same run:
   graph  per-call GPU time, 20 calls captured in one CUDA graph (reduce-overhead: no host cost)
@@ -32,6 +34,7 @@ ROUTERS = {
     "deepseek_v3": (256, dict(top_k=8, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8, topk_group=4), True),
     "kimi_k2": (384, dict(top_k=8, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.827), True),
     "gpt_oss_120b": (128, dict(top_k=4, order="topk_then_score"), False),
+    "phi_3_5_moe": (16, dict(top_k=2, order="sparsemixer", jitter_eps=0.01), False),
 }
 TOKENS = (1, 16, 128, 1024, 4096, 16384)
 
@@ -95,6 +98,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", default=None, metavar="JSONL", help="also sweep the kernel's tile (rows per program x warps) into this file")
+    ap.add_argument("--routers", nargs="+", choices=list(ROUTERS), default=list(ROUTERS))
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
     torch._dynamo.config.recompile_limit = 1000  # one compiled router per (spec, T): static shapes, as a model has
@@ -102,7 +106,8 @@ def main():
         sweep(args.sweep)
     compiled = torch.compile(route_forward, fullgraph=True, dynamic=False)
     rows = []
-    for name, (E, kw, with_bias) in ROUTERS.items():
+    for name in args.routers:
+        E, kw, with_bias = ROUTERS[name]
         spec = RouterSpec(**kw)
         for T in TOKENS:
             logits = torch.randn(T, E, device="cuda").bfloat16()
@@ -130,6 +135,8 @@ def main():
         print(f"{r['router']:14} {r['T']:6} {r['same_ids']:6.3f} | {cells} | "
               f"{r['triton_route_graph_us'] / r['inductor_graph_us']:.2f} {r['route_op_eager_us'] / r['inductor_eager_us']:.2f}")
     if args.out:
+        if os.path.exists(args.out):  # keep the other routers' rows of an earlier run
+            rows = [r for r in json.load(open(args.out))["rows"] if r["router"] not in args.routers] + rows
         with open(args.out, "w") as f:
             json.dump(dict(gpu=gpu, torch=torch.__version__, rows=rows), f, indent=1)
 

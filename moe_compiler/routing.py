@@ -2,7 +2,8 @@
 transformers 5.x MoE models, with its fake beside it and its backward as its own op.
 
     route(router_logits[T,E] float, correction_bias[E]?, top_k, scoring, order, norm_topk_prob,
-          routed_scaling_factor, n_group, topk_group, group_score, masked_score) -> (weights[T,k] f32, ids[T,k] i64)
+          routed_scaling_factor, n_group, topk_group, group_score, masked_score, jitter_eps)
+          -> (weights[T,k] f32, ids[T,k] i64)
 
 Forms covered (RouterSpec), each the op sequence of the named transformers 5.x router:
     softmax -> top-k [-> renormalize]        Qwen2/Qwen3-MoE, Mixtral, OLMoE (Qwen3MoeTopKRouter ...)
@@ -11,6 +12,9 @@ Forms covered (RouterSpec), each the op sequence of the named transformers 5.x r
     sigmoid (+ correction bias for choice) -> group-limited top-k -> gather unbiased scores [-> renormalize]
                                              DeepSeek-V3 / Kimi-K2 / GLM4-MoE (DeepseekV3TopkRouter)
     x routed_scaling_factor at the end.
+    sparse mixer (eval): k rounds; round r takes the best expert not taken yet (m_r, i_r) and weighs it by a
+                         softmax over the untaken experts within 2 * jitter_eps of m_r, relative to
+                         max(|x|, m_r)                 PhiMoE (sparsemixer, modeling_phimoe.py, training=False)
 Group-limited selection: experts split into n_group groups; a group's score is the sum of its top-2
 (`group_score="top2_sum"`, DeepSeek-V3) or its max (`"max"`, DeepSeek-V2) choice scores; only the
 best topk_group groups stay; the others' choice scores become `masked_score` (-inf in 5.23).
@@ -19,6 +23,11 @@ Selection is not differentiable; the weights are, w.r.t. the logits (router trai
 implementation here is the reference and runs on CPU: it uses torch.topk, so ties break exactly as in the
 eager model. On CUDA (lowering.uses_triton) the forward is one Triton launch, lowering/triton_route.py:
 exact ties (equal logits) go to the lower expert id there, a choice any correct top-k may make.
+
+The sparse mixer's expert masks are decided in the logits' own dtype, as eager decides them: (m - x) and its
+quotient by max(|x|, m) are rounded to that dtype and compared with 2 * jitter_eps rounded to it. The mask
+only moves the weights (which experts share a round's softmax), but a quotient near the threshold rounds
+across it differently in fp32; both implementations here round as eager does.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ class Scoring(str, enum.Enum):
 class RouteOrder(str, enum.Enum):
     SCORE_THEN_TOPK = "score_then_topk"  # scores over all E experts, then top-k
     TOPK_THEN_SCORE = "topk_then_score"  # top-k of the logits, then softmax over those k
+    SPARSEMIXER = "sparsemixer"  # PhiMoE: k rounds of argmax, each weighted by a softmax over its near-ties
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +65,7 @@ class RouterSpec:
     topk_group: int = 1
     group_score: str = "top2_sum"  # "top2_sum" | "max"
     masked_score: float = -math.inf
+    jitter_eps: float = 0.0  # sparse mixer: experts within 2 * jitter_eps (relative) of a round's best share it
 
     def __post_init__(self):
         object.__setattr__(self, "scoring", Scoring(self.scoring))
@@ -63,12 +74,21 @@ class RouterSpec:
             raise ValueError(f"RouterSpec.top_k: expected >= 1, got {self.top_k}")
         if self.order is RouteOrder.TOPK_THEN_SCORE and (self.n_group != 1 or self.norm_topk_prob or self.routed_scaling_factor != 1.0):
             raise ValueError("RouterSpec.order: topk_then_score is defined without groups, renormalization or scaling")
+        if self.order is RouteOrder.SPARSEMIXER:
+            if self.scoring is not Scoring.SOFTMAX or self.n_group != 1 or self.norm_topk_prob or self.routed_scaling_factor != 1.0:
+                raise ValueError("RouterSpec.order: sparsemixer is defined with softmax scoring, without groups, renormalization or scaling")
+            if not self.jitter_eps >= 0.0:
+                raise ValueError(f"RouterSpec.jitter_eps: expected >= 0, got {self.jitter_eps}")
+        elif self.jitter_eps != 0.0:
+            raise ValueError(f"RouterSpec.jitter_eps: only the sparsemixer order has one, got {self.jitter_eps} with {self.order.value}")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"RouterSpec.topk_group: expected 1 <= topk_group <= n_group={self.n_group}, got {self.topk_group}")
         if self.group_score not in ("top2_sum", "max"):
             raise ValueError(f"RouterSpec.group_score: expected 'top2_sum' or 'max', got {self.group_score!r}")
 
     def describe(self) -> str:
+        if self.order is RouteOrder.SPARSEMIXER:
+            return f"sparse mixer, {self.top_k} rounds of argmax, softmax over the experts within {2 * self.jitter_eps:g} (relative) of each round's best"
         if self.order is RouteOrder.TOPK_THEN_SCORE:
             if self.scoring is Scoring.SIGMOID:
                 return f"top-{self.top_k} of the logits, then sigmoid of each"
@@ -84,7 +104,8 @@ class RouterSpec:
 
     def op_args(self) -> tuple:
         return (self.top_k, self.scoring.value, self.order.value, self.norm_topk_prob, float(self.routed_scaling_factor),
-                self.n_group, self.topk_group, self.group_score, float(self.masked_score))
+                self.n_group, self.topk_group, self.group_score, float(self.masked_score),
+                float(self.jitter_eps))
 
 
 def _fail(what, expected, got, fix):
@@ -122,7 +143,30 @@ def _select(logits32: Tensor, correction_bias: Optional[Tensor], spec: RouterSpe
     return scores, torch.topk(choice, spec.top_k, dim=-1, sorted=False)[1]
 
 
+def _sparsemixer_rounds(logits: Tensor, spec: RouterSpec, ids: Optional[Tensor] = None) -> list[tuple[Tensor, Tensor]]:
+    """Per round of the sparse mixer: (gate logits [T, E] fp32, -inf outside the round's softmax; id [T, 1]).
+    The masks are computed with eager's ops in the logits' own dtype (see the module docstring); `ids` replays
+    the rounds of a known selection (backward)."""
+    threshold = 2 * spec.jitter_eps
+    untaken = logits
+    rounds = []
+    for r in range(spec.top_k):
+        best, i = untaken.max(dim=-1, keepdim=True)
+        if ids is not None:
+            i = ids[:, r : r + 1]
+            best = untaken.gather(1, i)
+        factor = logits.abs().clamp(min=best)
+        drop = ((best - logits) / factor) > threshold
+        rounds.append((untaken.masked_fill(drop, -math.inf).float(), i))
+        untaken = untaken.scatter(-1, i, -math.inf)
+    return rounds
+
+
 def route_forward(router_logits, correction_bias, spec: RouterSpec) -> tuple[Tensor, Tensor]:
+    if spec.order is RouteOrder.SPARSEMIXER:
+        rounds = _sparsemixer_rounds(router_logits, spec)
+        weights = torch.cat([gates.softmax(dim=-1).gather(1, i) for gates, i in rounds], dim=-1)
+        return weights, torch.cat([i for _, i in rounds], dim=-1)
     scores, ids = _select(router_logits.float(), correction_bias, spec)
     picked = scores.gather(1, ids)
     if spec.order is RouteOrder.TOPK_THEN_SCORE:
@@ -139,6 +183,15 @@ def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor
     """d loss / d router_logits [T, E] (selection held fixed)."""
     z = router_logits.float()
     g = grad_weights.float() * spec.routed_scaling_factor
+    if spec.order is RouteOrder.SPARSEMIXER:
+        # w_r = p_r[i_r] with p_r the round's softmax: d w_r / d z = w_r (onehot(i_r) - p_r); masked experts get 0.
+        dz = torch.zeros_like(z)
+        for r, (gates, i) in enumerate(_sparsemixer_rounds(router_logits, spec, ids)):
+            p = gates.softmax(dim=-1)
+            gw = g[:, r : r + 1] * p.gather(1, i)
+            dz -= gw * p
+            dz.scatter_add_(1, i, gw)
+        return dz.to(router_logits.dtype)
     if spec.order is RouteOrder.TOPK_THEN_SCORE:
         if spec.scoring is Scoring.SOFTMAX:
             w = z.gather(1, ids).softmax(dim=-1)
@@ -169,9 +222,10 @@ def _spec(*args) -> RouterSpec:
 def route(
     router_logits: Tensor, correction_bias: Optional[Tensor], top_k: int, scoring: str, order: str, norm_topk_prob: bool,
     routed_scaling_factor: float, n_group: int, topk_group: int, group_score: str, masked_score: float,
+    jitter_eps: float,
 ) -> tuple[Tensor, Tensor]:
     """Top-k routing weights (fp32) and expert ids (int64) of a transformers 5.x router; see RouterSpec."""
-    spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score)
+    spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score, jitter_eps)
     _check(router_logits, correction_bias, spec)
     if lowering.uses_triton(router_logits):
         from .lowering import triton_route
@@ -181,8 +235,9 @@ def route(
 
 
 @route.register_fake
-def _(router_logits, correction_bias, top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score):
-    spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score)
+def _(router_logits, correction_bias, top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score,
+      jitter_eps):
+    spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score, jitter_eps)
     _check(router_logits, correction_bias, spec)
     T = router_logits.shape[0]
     return (router_logits.new_empty(T, top_k, dtype=torch.float32), router_logits.new_empty(T, top_k, dtype=torch.int64))
@@ -192,8 +247,9 @@ def _(router_logits, correction_bias, top_k, scoring, order, norm_topk_prob, rou
 def route_backward_op(
     grad_weights: Tensor, router_logits: Tensor, ids: Tensor, top_k: int, scoring: str, order: str, norm_topk_prob: bool,
     routed_scaling_factor: float, n_group: int, topk_group: int, group_score: str, masked_score: float,
+    jitter_eps: float,
 ) -> Tensor:
-    spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score)
+    spec = _spec(top_k, scoring, order, norm_topk_prob, routed_scaling_factor, n_group, topk_group, group_score, masked_score, jitter_eps)
     return route_backward(grad_weights, router_logits, ids, spec)
 
 
@@ -211,9 +267,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_weights, _grad_ids):
     router_logits, ids = ctx.saved_tensors
     if grad_weights is None:
-        return (None,) * 11
+        return (None,) * 12
     d_logits = torch.ops.moe_compiler.route_backward(grad_weights.contiguous(), router_logits, ids, *ctx.spec_args)
-    return (d_logits,) + (None,) * 10
+    return (d_logits,) + (None,) * 11
 
 
 route.register_autograd(_backward, setup_context=_setup_context)

@@ -108,8 +108,7 @@ NOT_FUSED = {
 }
 
 
-# The route-op form each architecture's router fuses as (passes/router.py); PhiMoE's sparse-mixer router
-# has no route-op form yet and stays with Inductor, with this reason.
+# The route-op form each architecture's router fuses as (passes/router.py): every one has one.
 ROUTER_FORM = {
     "deepseek_v2": "softmax_topk", "deepseek_v3": "sigmoid_group_topk", "dots1": "sigmoid_topk",
     "ernie4_5_moe": "softmax_topk", "flex_olmo": "softmax_topk", "glm4_moe": "sigmoid_topk",
@@ -118,8 +117,8 @@ ROUTER_FORM = {
     "minimax": "softmax_topk", "mixtral": "softmax_topk", "olmoe": "softmax_topk", "qwen2_moe": "softmax_topk",
     "qwen3_5_moe": "softmax_topk", "qwen3_moe": "softmax_topk", "qwen3_next": "softmax_topk",
     "llama4": "topk_sigmoid",  # after its dense (every-expert) block became a scale_input experts call
+    "phimoe": "sparsemixer",  # eval mode (zoo models are built in eval mode)
 }
-ROUTER_NOT_FUSED = {"phimoe": "sparse-mixer style routing (PhiMoE) is NYI"}
 
 # The shared-experts branch each architecture adds to its routed experts (passes/shared_experts.py),
 # matched per fused block; the others have none.
@@ -132,7 +131,7 @@ SHARED_EXPERTS = {
 
 def assert_fused_as_expected(arch: str, model, counters) -> None:
     """The moe_compiler counters of one compiled zoo model: experts fused in every MoE layer (or none, for
-    NOT_FUSED), routers fused in the form of ROUTER_FORM (or all rejected), shared experts of SHARED_EXPERTS."""
+    NOT_FUSED), routers fused in the form of ROUTER_FORM, shared experts of SHARED_EXPERTS."""
     from hf_models import count_experts_modules
 
     c = counters["moe_compiler"]
@@ -142,10 +141,7 @@ def assert_fused_as_expected(arch: str, model, counters) -> None:
         return
     assert fused == count_experts_modules(model) > 0
     assert c["rejected_experts"] == 0
-    if arch in ROUTER_NOT_FUSED:
-        assert c["rejected_router"] == fused
-    else:
-        assert c[f"fused_router_{ROUTER_FORM[arch]}"] == fused
+    assert c[f"fused_router_{ROUTER_FORM[arch]}"] == fused
     # The whole block is accounted for: its shared experts, if any, are proven and fused into the experts call.
     shared = {k: v for k, v in c.items() if "shared_experts" in k}
     form = SHARED_EXPERTS.get(arch)

@@ -62,3 +62,23 @@ def shared_reference(hidden, shared_gate_up, shared_down, shared_gate=None, spec
     a = gated_forward(h, dataclasses.replace(spec, gate_up=GateUpLayout.CONCAT))
     y = a @ shared_down.double().t()
     return y if shared_gate is None else torch.sigmoid(x @ shared_gate.double().t()) * y
+
+
+# (best, runner-up) logit pairs whose sparse-mixer test `(m - x) / m > 0.02` (PhiMoE's 2 * jitter_eps) comes out
+# differently when each op rounds to the dtype (eager) than when computed in fp32: found by exhaustive search
+# over the dtype's values in [0.25, 4).
+SPARSEMIXER_EDGE_PAIRS = {
+    torch.bfloat16: [(0.486328125, 0.4765625), (0.97265625, 0.953125), (1.9453125, 1.90625), (3.890625, 3.8125)],
+    torch.float16: [(0.414794921875, 0.406494140625), (0.427001953125, 0.41845703125),
+                    (0.439208984375, 0.430419921875), (0.451416015625, 0.4423828125)],
+}
+
+
+def sparsemixer_edge_logits(T: int, E: int, dtype, gen: torch.Generator) -> torch.Tensor:
+    """[T, E] logits in `dtype` whose best two experts are an edge pair (random columns), the rest far below."""
+    pairs = torch.tensor(SPARSEMIXER_EDGE_PAIRS[dtype], dtype=torch.float64)
+    best = pairs[torch.randint(0, len(pairs), (T,), generator=gen)]
+    rest = best[:, :1] * (0.5 + 0.4 * torch.rand(T, E - 2, generator=gen, dtype=torch.float64))
+    rows = torch.cat([best, rest], dim=1)
+    cols = torch.rand(T, E, generator=gen).argsort(dim=1)
+    return rows.gather(1, cols).to(dtype)

@@ -265,6 +265,7 @@ ROUTERS = {
     "kimi_k2": (384, dict(top_k=8, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.827), True),
     "gpt_oss_20b": (32, dict(top_k=4, order="topk_then_score"), False),
     "llama4_scout": (16, dict(top_k=1, order="topk_then_score", scoring="sigmoid"), False),
+    "phi_3_5_moe": (16, dict(top_k=2, order="sparsemixer", jitter_eps=0.01), False),
 }
 
 

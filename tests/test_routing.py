@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.phimoe.modeling_phimoe import sparsemixer
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 from moe_compiler.routing import RouterSpec, moe_route
-from reference import rel_err
+from reference import rel_err, sparsemixer_edge_logits
 
 
 def _by_id(weights, ids, E):
@@ -74,6 +75,31 @@ def test_topk_then_score(scoring):
     assert rel_err(g, g_ref) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparsemixer_matches_phimoe_in_eval_mode(dtype):
+    """PhiMoE's own sparsemixer(training=False), in the model's dtype: same experts, same weights and gradients;
+    the rows of an edge pair (bf16 / fp16) only agree if the near-tie test rounds as eager does."""
+    g = torch.Generator().manual_seed(0)
+    logits = (1 + 0.02 * torch.randn(40, 16, generator=g)).to(dtype)  # many near-ties: rounds of 2-4 experts
+    if dtype != torch.float32:
+        logits = torch.cat([logits, sparsemixer_edge_logits(24, 16, dtype, g)])
+    logits.requires_grad_(True)
+    ref_w, ref_ids = sparsemixer(logits, jitter_eps=0.01, training=False)
+    spec = RouterSpec(top_k=2, order="sparsemixer", jitter_eps=0.01)
+    w, ids = moe_route(logits, spec)
+    assert torch.equal(ids, ref_ids)  # slot order too: round 1 first
+    assert rel_err(w.detach(), ref_w.detach().float()) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    assert 0.3 < float((ref_w < 0.99).float().mean()) < 0.9  # shared rounds and lone winners both occur
+    probe = torch.randn(ids.shape, generator=g)
+    (g_ref,) = torch.autograd.grad((ref_w.float() * probe).sum(), logits)
+    (grad,) = torch.autograd.grad((w * probe).sum(), logits)
+    assert rel_err(grad, g_ref) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    if dtype != torch.float32:
+        # The same edge rows decided in fp32 get other weights: the rounding is what the check above proves.
+        naive_w, _ = moe_route(logits.detach()[40:].float(), spec)
+        assert (naive_w - ref_w[40:].float()).abs().amax() > 0.1
+
+
 def test_group_score_max_deepseek_v2_style():
     logits = torch.randn(7, 12)
     w, ids = moe_route(logits, RouterSpec(top_k=2, n_group=4, topk_group=1, group_score="max"))
@@ -97,6 +123,9 @@ def test_route_opcheck():
         (dict(top_k=2, order="topk_then_score", n_group=2, topk_group=1), "topk_then_score"),
         (dict(top_k=2, n_group=2, topk_group=3), "RouterSpec.topk_group"),
         (dict(top_k=2, group_score="mean"), "RouterSpec.group_score"),
+        (dict(top_k=2, order="sparsemixer", jitter_eps=0.01, norm_topk_prob=True), "sparsemixer"),
+        (dict(top_k=2, order="sparsemixer", jitter_eps=-1.0), "RouterSpec.jitter_eps"),
+        (dict(top_k=2, jitter_eps=0.01), "only the sparsemixer order"),
     ],
 )
 def test_bad_router_spec(kwargs, match):

@@ -4,6 +4,8 @@ the route-op form its router fused as (or why it stayed with Inductor), and its 
 
     python tools/support_matrix.py [--jobs 2] [--archs mixtral qwen3_moe ...]
 
+With --archs, only those rows are re-run; the others are kept from the existing docs/support_matrix.json.
+
 Each architecture is the tiny random model of tests/hf_zoo.py, compiled with backend="fused_moe" on the CPU;
 a cell says how many of its MoE layers were fused, the logits' relative error vs eager, and otherwise the
 reason the backend logged. One subprocess per architecture (a crash or hang costs one row).
@@ -114,9 +116,13 @@ def main():
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from hf_zoo import TINY
 
-    archs = args.archs or sorted(TINY)
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    results = {}
+    if args.archs and os.path.exists(json_path):
+        results = {a: r for a, r in json.load(open(json_path)).items() if a in TINY}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(pool.map(run_arch, archs))
+        results.update(pool.map(run_arch, args.archs or sorted(TINY)))
+    archs = sorted(results)
     import torch
 
     lines = [
@@ -142,7 +148,7 @@ def main():
     ]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    with open(json_path, "w") as f:
         json.dump(results, f, indent=1)
     print("\n".join(lines))
 

@@ -14,6 +14,10 @@ rounds of argmax (ties go to the lower expert id, as any correct top-k may) with
 after each round; group scores are per-group reductions over column masks, so E / G need not be a power of
 two (DeepSeek-V2: 160 experts in 8 groups). No sort, no host sync: capture-safe.
 
+PhiMoE's sparse mixer has its own kernel (_sparsemixer_kernel, same tile): k rounds of argmax over the untaken
+experts, each weighted by a softmax over the round's near-ties; the near-tie test rounds (m - x) and the
+quotient by max(|x|, m) to the logits' dtype, as eager computes it (routing.py), with IEEE division (div_rn).
+
 The route op runs this on CUDA (routing.route). Checked against routing.route_forward under TRITON_INTERPRET
 (tests/lowering/test_triton_route.py) and on the GPU at real router shapes under graph capture
 (tests/test_gpu.py). H100, bf16, under CUDA graphs: 2-7 µs up to T=1024, 0.07-0.48x the time of the same
@@ -114,6 +118,43 @@ def _route_kernel(
     tl.store(ids_ptr + out, chosen, mask=ok)
 
 
+@triton.jit
+def _sparsemixer_kernel(
+    logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt, threshold,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < T
+    col_ok = cols < E
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    dtype = x.dtype
+    x = x.to(tl.float32)
+    neg_inf = float("-inf")
+    untaken = tl.where(col_ok[None, :], x, neg_inf)
+    slot = tl.arange(0, BLOCK_K)
+    picked = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    chosen = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(untaken, axis=1)[:, None]
+        best_id = tl.argmax(untaken, axis=1)
+        # Eager's `((m - x) / x.abs().clamp(min=m)) > 2 * eps` in the logits' dtype: each op rounds its result.
+        diff = (best - x).to(dtype).to(tl.float32)
+        factor = tl.maximum(tl.abs(x), best)  # exact in any dtype
+        drop = tl.math.div_rn(diff, factor).to(dtype).to(tl.float32) > threshold
+        gates = tl.where(drop, neg_inf, untaken)
+        # The round's best is never dropped (its quotient is 0), so best is the max of the gates.
+        w = 1.0 / tl.sum(tl.exp(gates - best), axis=1)
+        picked = tl.where(slot[None, :] == j, w[:, None], picked)
+        chosen = tl.where(slot[None, :] == j, best_id.to(tl.int64)[:, None], chosen)
+        untaken = tl.where(cols[None, :] == best_id[:, None], neg_inf, untaken)
+    out = rows[:, None].to(tl.int64) * TOP_K + slot[None, :]
+    ok = row_ok[:, None] & (slot[None, :] < TOP_K)
+    tl.store(weights_ptr + out, picked, mask=ok)
+    tl.store(ids_ptr + out, chosen, mask=ok)
+
+
 def default_block_t(block_e: int) -> int:
     # The k argmax rounds are serial reductions over the whole tile, so a program's latency grows with its
     # rows: few rows per program (many programs) keep decode fast; measured in benchmarks/bench_route.py.
@@ -136,6 +177,14 @@ def route_forward(
     block_e = triton.next_power_of_2(E)
     if block_t is None:
         block_t = default_block_t(block_e)
+    if spec.order is RouteOrder.SPARSEMIXER:
+        # 2 * eps rounded to the logits' dtype: eager compares the rounded quotient with the scalar cast to it.
+        threshold = float(torch.tensor(2 * spec.jitter_eps, dtype=logits.dtype))
+        _sparsemixer_kernel[(triton.cdiv(T, block_t),)](
+            logits, weights, ids, T, E, logits.stride(0), threshold,
+            TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps or 4,
+        )
+        return weights, ids
     sigmoid = spec.scoring is Scoring.SIGMOID
     masked = spec.masked_score if math.isfinite(spec.masked_score) else float("-inf")
     _route_kernel[(triton.cdiv(T, block_t),)](

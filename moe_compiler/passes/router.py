@@ -11,6 +11,8 @@ come in these op sequences (X = logits, possibly cast to fp32 first):
         [/ (sum + 1e-20)] [* routed_scaling_factor]
     topk(X) -> softmax over the k values                          GPT-OSS (router bias inside X), Granite-MoE
     topk(X) -> sigmoid of each value                              Llama-4 (after the dense_bmm experts rewrite)
+    k rounds of max(untaken X) -> softmax of the round's near-ties PhiMoE (sparsemixer, eval mode), ids and
+        -> gather at the round's id; concatenated               weights concatenated over the rounds
 
 Facts established from the graph, each with a reason when it fails:
   1. the ids are output 1 of a top-k (largest, last dim) whose input (the "choice") is the logits, the
@@ -149,6 +151,75 @@ def _groups(choice: fx.Node, E) -> tuple[fx.Node, int, int, str, float]:
     return base, shape[1], topk_group, group_score, float(fill)
 
 
+def _is_neg_inf(value) -> bool:
+    return isinstance(value, float) and value == -math.inf
+
+
+def _sparsemixer(ids_cat: fx.Node, weights_cat: fx.Node) -> tuple[fx.Node, RouterSpec]:
+    """(logits, spec) of PhiMoE's eval-mode sparse mixer, round by round (modeling_phimoe.sparsemixer):
+
+        m, i = untaken.max(-1, keepdim=True)                      untaken = X, then X with the picks at -inf
+        drop = ((m - X) / X.abs().clamp(min=m)) > 2 * jitter_eps
+        w = untaken.masked_fill(drop, -inf).softmax(-1).gather(-1, i)
+        untaken = torch.scatter(untaken, -1, i, -inf)
+    and ids / weights = the rounds' i / w concatenated in round order. Training mode samples each round's
+    expert (Gumbel noise) instead of taking the max: that is not a route op and fails fact 1 below."""
+    rounds_i, rounds_w = ids_cat.args[0], strip_casts(weights_cat).args[0]
+    if not isinstance(rounds_i, (list, tuple)) or op_name(strip_casts(weights_cat)) not in ("cat", "concat") \
+            or not isinstance(rounds_w, (list, tuple)) or len(rounds_w) != len(rounds_i):
+        raise Reject(f"the top-k ids are concatenated (`{ids_cat.name}`) but the weights `{weights_cat.name}` are not "
+                     "concatenated round by round: not a sparse-mixer router")
+    for cat in (ids_cat, strip_casts(weights_cat)):
+        if arg(cat, 1, "dim", 0) not in (-1, len(dims(cat) or ()) - 1):
+            raise Reject(f"`{cat.name}` concatenates over dim {arg(cat, 1, 'dim', 0)}, expected the last (k) dim")
+    untaken, logits, threshold = None, None, None
+    for r, (i, w) in enumerate(zip(rounds_i, rounds_w)):
+        # 1. the round's id is the argmax of the untaken logits.
+        mx = i.args[0] if op_name(i) == "getitem" and i.args[1] == 1 else None
+        if mx is None or op_name(mx) != "max" or not _last_dim(mx, arg(mx, 1, "dim")) or not arg(mx, 2, "keepdim", False):
+            raise Reject(f"sparse mixer round {r}: the id `{i.name}` ({op_name(i)}) is not the argmax (keepdim) of the "
+                         "untaken logits (training-mode routing samples it: only eval mode is a route op)")
+        if r == 0:
+            untaken = logits = mx.args[0]
+        elif mx.args[0] is not untaken:
+            raise Reject(f"sparse mixer round {r}: `{mx.name}` takes the max of `{mx.args[0].name}`, expected the logits "
+                         "with the earlier rounds' experts scattered to -inf")
+        best = [u for u in mx.users if op_name(u) == "getitem" and u.args[1] == 0]
+        # 3. the weight: the round's id gathered from a softmax of the untaken logits with the far ones dropped.
+        sm = w.args[0] if op_name(w) == "gather" else None
+        if sm is None or not _last_dim(w, arg(w, 1, "dim")) or arg(w, 2, "index") is not i:
+            raise Reject(f"sparse mixer round {r}: the weight `{w.name}` ({op_name(w)}) is not a gather at the round's id")
+        if op_name(sm) != "softmax" or not _last_dim(sm, arg(sm, 1, "dim")) or arg(sm, 2, "dtype") is not None:
+            raise Reject(f"sparse mixer round {r}: `{sm.name}` ({op_name(sm)}) is not a softmax over the experts")
+        fill = sm.args[0]
+        if op_name(fill) != "masked_fill" or fill.args[0] is not untaken or not _is_neg_inf(fill.args[2]):
+            raise Reject(f"sparse mixer round {r}: `{fill.name}` ({op_name(fill)}) is not the untaken logits masked to -inf")
+        # 4. the mask: ((m - X) / X.abs().clamp(min=m)) > constant, m the round's max value.
+        gt = fill.args[1]
+        div = gt.args[0] if op_name(gt) == "gt" else None
+        if div is None or not isinstance(gt.args[1], (int, float)) or op_name(div) not in ("truediv", "div"):
+            raise Reject(f"sparse mixer round {r}: the mask `{gt.name}` ({op_name(gt)}) is not `quotient > constant`")
+        sub, clamp = div.args
+        m = sub.args[0] if op_name(sub) == "sub" else None
+        if m not in best or sub.args[1] is not logits:
+            raise Reject(f"sparse mixer round {r}: `{sub.name}` is not the round's max minus the logits")
+        if op_name(clamp) != "clamp" or arg(clamp, 1, "min") is not m or arg(clamp, 2, "max") is not None \
+                or op_name(clamp.args[0]) != "abs" or clamp.args[0].args[0] is not logits:
+            raise Reject(f"sparse mixer round {r}: `{clamp.name}` is not |logits| clamped below by the round's max")
+        if threshold is not None and float(gt.args[1]) != threshold:
+            raise Reject(f"sparse mixer: rounds compare with different thresholds ({threshold}, {gt.args[1]})")
+        threshold = float(gt.args[1])
+        # the next round's untaken logits: this round's expert scattered to -inf.
+        if r + 1 < len(rounds_i):
+            nxt = [u for u in untaken.users if op_name(u) == "scatter" and arg(u, 2, "index") is i]
+            if len(nxt) != 1 or not _last_dim(nxt[0], arg(nxt[0], 1, "dim")) or not _is_neg_inf(arg(nxt[0], 3, "value")):
+                raise Reject(f"sparse mixer round {r}: its expert is not scattered to -inf for the next round")
+            untaken = nxt[0]
+    if threshold < 0:
+        raise Reject(f"sparse mixer: a negative near-tie threshold ({threshold}) drops every expert")
+    return logits, RouterSpec(top_k=len(rounds_i), order=RouteOrder.SPARSEMIXER, jitter_eps=threshold / 2)
+
+
 def _mutations(node: fx.Node) -> list[fx.Node]:
     """In-place ops writing into node (e.g. `mask.scatter_(...)`): they feed node's later readers."""
     return [u for u in node.users if u.op == "call_method" and u.target.endswith("_") and not u.target.startswith("_") and u.args[0] is node]
@@ -193,8 +264,9 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
 
     # 1. the ids: output 1 of a top-k.
     sel = strip_casts(ids)
-    if op_name(sel) == "cat" or op_name(sel) == "concat":
-        raise Reject(f"the top-k ids are concatenated (`{sel.name}`): sparse-mixer style routing (PhiMoE) is NYI for the route op")
+    if op_name(sel) in ("cat", "concat"):
+        logits, spec = _sparsemixer(sel, weights)
+        return _closed(RouterMatch("sparsemixer", spec, logits, None, ids, weights, [], []), experts_call, E)
     if op_name(sel) != "getitem" or sel.args[1] != 1:
         raise Reject(f"the top-k ids come from `{sel.name}` ({op_name(sel)}), expected the indices of a top-k")
     topk = sel.args[0]
@@ -261,7 +333,12 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
         spec = RouterSpec(top_k=k, scoring=scoring, norm_topk_prob=norm is not None, routed_scaling_factor=scale,
                           n_group=n_group, topk_group=topk_group, group_score=group_score, masked_score=masked)
         form = f"{scoring.value}{'_group' if n_group > 1 else ''}_topk"
+    return _closed(RouterMatch(form, spec, logits, bias, ids, weights, [], []), experts_call, E)
 
+
+def _closed(match: RouterMatch, experts_call: fx.Node, E) -> RouterMatch:
+    """Fact 5 for a recognized router: its nodes and inputs filled in, or a Reject."""
+    logits, bias, ids, weights = match.logits, match.correction_bias, match.ids, match.weights
     if dims(logits) is None or len(dims(logits)) != 2 or dims(logits)[1] != E:
         raise Reject(f"the router logits `{logits.name}` have shape {dims(logits)}, expected [T, E={E}]")
 
@@ -278,4 +355,5 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
         others = [u for u in out.users if u is not experts_call and u not in inside]
         if others:
             raise Reject(f"the top-k {'ids' if out is ids else 'weights'} `{out.name}` are also read by {[u.name for u in others]}: NYI")
-    return RouterMatch(form, spec, logits, bias, ids, weights, nodes, inputs)
+    match.nodes, match.inputs = nodes, inputs
+    return match

@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from ..routing import RouteOrder
 from ..stacked_weights import UNTILED_WARNING
 from .experts_common import ExpertsMatch
 from .regions import Region, example_value, region_module
@@ -89,11 +90,17 @@ def verify_numerically(gm: fx.GraphModule, region: Region, match: ExpertsMatch, 
 
 # --- routers ---------------------------------------------------------------------------------------
 
-def _router_logits(shape, dtype, gen, device) -> torch.Tensor:
+def _router_logits(shape, dtype, gen, device, near_ties: bool = False) -> torch.Tensor:
     """Random logits without ties in any row, even after rounding to a 16-bit dtype: a random
     permutation of a grid of multiples of 1/8 (exact in bf16 / fp16 for E <= 256), plus fp32 noise
-    smaller than the grid step in fp32."""
+    smaller than the grid step in fp32. `near_ties` (the sparse mixer's relative near-tie test): rows
+    of 4 + multiples of 1/32 (exact in bf16 for E <= 128), every other row negated, so each round's best
+    has a few experts within a few percent."""
     T, E = shape
+    if near_ties and E <= 128:
+        grid = torch.rand(T, E, generator=gen).argsort(dim=1).float().div_(32).add_(4)
+        grid[1::2] *= -1
+        return grid.to(device=device, dtype=dtype)
     grid = torch.rand(T, E, generator=gen).argsort(dim=1).float().sub_(E / 2).div_(8)
     if dtype == torch.float32:
         grid += torch.rand(T, E, generator=gen) * 0.1
@@ -115,7 +122,8 @@ def verify_router(gm: fx.GraphModule, match, real: dict) -> str:
     for node in match.inputs:
         ev = example_value(node)
         if node is match.logits:
-            args.append(_router_logits([_hint(s) for s in ev.shape], ev.dtype, gen, device))
+            near_ties = match.spec.order is RouteOrder.SPARSEMIXER
+            args.append(_router_logits([_hint(s) for s in ev.shape], ev.dtype, gen, device, near_ties))
         elif not isinstance(ev, torch.Tensor):
             args.append(_hint(ev))
         elif node in real:

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from moe_compiler.lowering import triton_route  # noqa: E402
 from moe_compiler.routing import RouterSpec, route_forward  # noqa: E402
-from reference import rel_err  # noqa: E402
+from reference import rel_err, sparsemixer_edge_logits  # noqa: E402
 from triton_cases import DEVICE  # noqa: E402
 
 CASES = {
@@ -28,6 +28,8 @@ CASES = {
                                                   masked_score=0.0), True),
     "ernie_softmax_bias": (10, 12, RouterSpec(top_k=3, norm_topk_prob=True), True),  # E not a power of two
     "k_equals_e": (4, 8, RouterSpec(top_k=8), False),
+    "phimoe_sparsemixer": (12, 16, RouterSpec(top_k=2, order="sparsemixer", jitter_eps=0.01), False),
+    "sparsemixer_k3_odd_e": (9, 12, RouterSpec(top_k=3, order="sparsemixer", jitter_eps=0.05), False),
     "many_rows_several_programs": (300, 64, RouterSpec(top_k=8, scoring="sigmoid", norm_topk_prob=True), True),
 }
 
@@ -37,6 +39,8 @@ def test_route_kernel_matches_reference(name):
     T, E, spec, with_bias = CASES[name]
     g = torch.Generator().manual_seed(len(name))
     logits = torch.randn(T, E, generator=g) * 2
+    if spec.order.value == "sparsemixer":
+        logits = 1 + 0.02 * logits  # near-ties: rounds shared by several experts
     bias = torch.randn(E, generator=g) * 0.3 if with_bias else None
     want_w, want_i = route_forward(logits, bias, spec)
     got_w, got_i = triton_route.route_forward(logits.to(DEVICE), bias.to(DEVICE) if bias is not None else None, spec)
@@ -63,3 +67,17 @@ def test_bf16_logits_are_routed_in_fp32():
     got_w, got_i = triton_route.route_forward(logits.to(DEVICE), None, spec)
     assert torch.equal(got_i.cpu().sort(1).values, want_i.sort(1).values)
     assert math.isclose(float(got_w.sum()), float(want_w.sum()), rel_tol=1e-5)
+
+
+def test_sparsemixer_near_ties_round_as_eager():
+    """Edge pairs whose near-tie test flips if computed in fp32: the kernel rounds each step to the logits'
+    dtype as eager does (routing.py), so it picks the same experts and weights as the reference."""
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16  # the interpreter stores fp16 right, bf16 not
+    g = torch.Generator().manual_seed(1)
+    logits = sparsemixer_edge_logits(33, 16, dtype, g)
+    spec = RouterSpec(top_k=2, order="sparsemixer", jitter_eps=0.01)
+    want_w, want_i = route_forward(logits, None, spec)
+    got_w, got_i = triton_route.route_forward(logits.to(DEVICE), None, spec)
+    assert torch.equal(got_i.cpu(), want_i)
+    assert rel_err(got_w.cpu(), want_w) <= 1e-6
+    assert float((want_w < 0.99).float().mean()) > 0.4  # the edge rows share their first round

@@ -11,6 +11,7 @@ import pathlib
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from transformers.models.phimoe import modeling_phimoe as phimoe
 from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
 
 from hf_models import tiny_model
@@ -46,6 +47,47 @@ def test_gpt_oss_router_bias_stays_in_the_logits(tmp_path):
     out, ref = _compile(zoo_model("gpt_oss"), IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
     assert rel_err(out, ref) <= 1e-5
     assert [r["spec"] for r in _router_reports(tmp_path)] == ["top-4 of the logits, then softmax over them"] * 2
+
+
+def test_phimoe_sparse_mixer_router_is_read_off_the_graph(tmp_path):
+    out, ref = _compile(zoo_model("phimoe"), IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    assert rel_err(out, ref) <= 1e-5
+    reports = _router_reports(tmp_path)
+    assert [r["form"] for r in reports] == ["sparsemixer"] * 2
+    assert reports[0]["spec"] == "sparse mixer, 2 rounds of argmax, softmax over the experts within 0.02 (relative) of each round's best"
+    assert reports[0]["check"].startswith("same experts for 14 tokens")
+
+
+def test_phimoe_training_mode_sampling_is_left_to_inductor(tmp_path):
+    """In training mode PhiMoE samples each round's expert (Gumbel noise): not a route op."""
+    model = zoo_model("phimoe").train()
+    with torch.no_grad():
+        torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(input_ids=IDS)
+    assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
+    reasons = [r["reason"] for r in _router_reports(tmp_path)]
+    assert len(reasons) == 2 and all("only eval mode is a route op" in r for r in reasons)
+
+
+def _sparsemixer_other_factor(scores, jitter_eps, training, top_k=2):
+    """Eval-mode sparsemixer whose second round scales by the untaken logits' |x| (inf at the first pick)
+    instead of the logits': a near miss the route op does not compute."""
+    weights, ids, untaken = [], [], scores
+    for _ in range(2):
+        best, i = untaken.max(dim=-1, keepdim=True)
+        factor = untaken.abs().clamp(min=best)
+        drop = ((best - scores) / factor) > (2 * jitter_eps)
+        weights.append(torch.softmax(untaken.masked_fill(drop, float("-inf")), dim=-1).gather(dim=-1, index=i))
+        ids.append(i)
+        untaken = torch.scatter(untaken, -1, i, float("-inf"))
+    return torch.concat(weights, dim=-1), torch.concat(ids, dim=-1)
+
+
+def test_sparse_mixer_near_miss_is_left_to_inductor(monkeypatch, tmp_path):
+    monkeypatch.setattr(phimoe, "sparsemixer", _sparsemixer_other_factor)
+    out, ref = _compile(zoo_model("phimoe"), IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    assert rel_err(out, ref) <= 1e-5
+    reasons = [r["reason"] for r in _router_reports(tmp_path)]
+    assert len(reasons) == 2 and all("sparse mixer round 1" in r and "is not |logits| clamped" in r for r in reasons)
 
 
 def test_router_scoring_in_bf16_is_left_to_inductor(monkeypatch):
