@@ -6,7 +6,7 @@ shared MLP), bf16, real shapes, two ways in the same run:
     fused     one moe_compiler.experts_shared call (the default): at decode the shared MLP is one more pair
               per token inside the experts kernels; elsewhere cuBLAS GEMMs inside the op
 
-    python benchmarks/bench_shared.py [--out benchmarks/results/shared_<gpu>.json]
+    python benchmarks/bench_shared.py [--out benchmarks/results/shared_<gpu>.json] [--shapes NAME ...] [--tokens T ...]
 
 Also the shared MLP alone (Inductor) against its own floor, as in the first version of this script.
 T <= 128 under CUDA graphs (decode runs captured), larger T eager; cold L2 (timing.py) as in a model.
@@ -76,13 +76,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 1000
     timer = Timer("cuda")
     compiled_shared = torch.compile(shared_mlp, dynamic=False)
     compiled_unfused = torch.compile(block_unfused, dynamic=False)
     rows = []
-    for name, (H, Is, gated, E, k, I) in SHAPES.items():
+    for name in args.shapes:
+        H, Is, gated, E, k, I = SHAPES[name]
         g = torch.Generator(device="cuda").manual_seed(0)
         w = [torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02 for s in ((Is, H), (Is, H), (H, Is))]
         w_sg = torch.randn(1, H, device="cuda", generator=g).bfloat16() * 0.02 if gated else None

@@ -3,6 +3,7 @@
     python benchmarks/tune_experts.py                                  # the three benchmark shapes, bf16
     python benchmarks/tune_experts.py --shape 128,8,2048,768 --dtype bfloat16 --tokens 1 16 128
     python benchmarks/tune_experts.py --merge                          # keep other shapes' entries in the file
+    python benchmarks/tune_experts.py --refine --tokens 1024 16384     # raster / grid / warp spec of existing entries
 
 For each shape (E, k, H, I) and T: uniform random routing; candidates of the decode path (T*k small) and
 of the sorted path for the block_m values that suit T*k/E rows per expert. Each kernel is timed alone
@@ -243,25 +244,69 @@ def tune_point(b: Bench, timer, dtype, failed, log):
             continue
         _, g, d = min(pairs, key=lambda x: x[0])
         base = sorted_config(bm, gate_up=g.gate_up, down=d.down, tma=g.tma)
-        # Raster group and persistent grid, on the winning tiles (both kernels share them).
-        best = (min(pairs, key=lambda x: x[0])[0], base)
-        for group_m, pps in itertools.product([1, 8], [0, 1, 2]):
-            cfg = dataclasses.replace(base, group_m=group_m, programs_per_sm=pps)
-            if cfg == base:
-                continue
-            try:
-                t = timer.graph(b.sorted_gate_up(cfg), calls=timer.calls) + timer.graph(b.sorted_down(cfg), calls=timer.calls)
-            except Exception as e:  # noqa: BLE001
-                print(f"    raster {group_m}/{pps}: {type(e).__name__}: {str(e)[:100]}")
-                continue
-            if t < best[0]:
-                best = (t, cfg)
+        best = tune_raster(b, timer, base, min(pairs, key=lambda x: x[0])[0])
         parts = {"align": t_align, "gemms": best[0], "combine": t_comb, "gate_up_top3": [(t, repr(c)) for t, c in gu[:3]], "down_top3": [(t, repr(c)) for t, c in dn[:3]]}
         options.append((t_align + best[0] + t_comb, best[1], parts))
     options.sort(key=lambda o: o[0])
     for total, cfg, parts in options:
         log.write(json.dumps({"T": T, "E": E, "k": k, "H": b.H, "I": b.I, "us": total * 1e6, "config": triton_config.to_dict(cfg), "parts": parts}) + "\n")
     return options[0]
+
+
+def tune_raster(b: Bench, timer, base: SortedConfig, t_base: float) -> tuple[float, SortedConfig]:
+    """(gate_up + down seconds, config): the raster group and persistent grid (both kernels share them) on
+    the winning tiles, and the down GEMM's warp specialization of its persistent tile loop (needs
+    programs_per_sm >= 1; 0.99-1.10x the down kernel alone at prefill: benchmarks/probe_warp_spec.py)."""
+    best = (t_base, base)
+    for group_m, pps, ws in itertools.product([1, 8], [0, 1, 2], [False, True]):
+        if ws and not pps:
+            continue
+        cfg = dataclasses.replace(base, group_m=group_m, programs_per_sm=pps, down=dataclasses.replace(base.down, warp_specialize=ws))
+        if cfg == base:
+            continue
+        try:
+            t = timer.graph(b.sorted_gate_up(cfg), calls=timer.calls) + timer.graph(b.sorted_down(cfg), calls=timer.calls)
+        except Exception as e:  # noqa: BLE001
+            print(f"    raster {group_m}/{pps}/ws{ws}: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        if t < best[0]:
+            best = (t, cfg)
+    return best
+
+
+def refine(args, dtype, gpu, timer, out_path):
+    """--refine: re-run only tune_raster on the file's sorted-path entries of the chosen shapes and T, starting
+    from each entry's config; a new config replaces it only if its GEMMs are >= 2% faster (timing noise)."""
+    data = json.load(open(out_path))
+    shapes = {SHAPES[n] for n in args.shapes} | {tuple(int(v) for v in s.split(",")) for s in args.shape}
+    weights, last = None, None
+    for e in data["entries"]:
+        shape = (e["E"], e["k"], e["H"], e["I"])
+        cfg = triton_config.from_dict(e["config"])
+        if e["dtype"] != args.dtype or shape not in shapes or e["T"] not in args.tokens or cfg.path is not triton_config.Path.SORTED:
+            continue
+        if shape != last:
+            weights, last = None, shape
+            torch.cuda.empty_cache()
+        x, ids, w, w1, w2 = problem(e["T"], *shape, dtype, weights=weights)
+        weights = (w1, w2)
+        b = Bench(x, ids, w, w1, w2)
+        timer.calls = 5 if e["T"] * e["k"] * e["H"] * e["I"] <= 2**34 else 2
+        t_old = timer.graph(b.sorted_gate_up(cfg), calls=timer.calls) + timer.graph(b.sorted_down(cfg), calls=timer.calls)
+        t_new, new = tune_raster(b, timer, cfg, t_old)
+        keep = new == cfg or t_new > 0.98 * t_old
+        if not keep:
+            err = check(b, new)
+            if err > 1e-2:
+                raise SystemExit(f"refined config {new} is wrong at T={e['T']}: rel err {err:.2e}")
+            e["config"] = triton_config.to_dict(new)
+            e["us"] = round(timer.graph(lambda: __import__("moe_compiler").lowering.triton_forward(x, ids, w, w1, w2, None, None, SPEC, new), calls=3) * 1e6, 2)
+        print(f"  {shape} T={e['T']:>6}: GEMMs {t_old * 1e6:9.1f} -> {t_new * 1e6:9.1f} us {'(kept)' if keep else new}", flush=True)
+        del b
+    data["refined_by"] = "python benchmarks/tune_experts.py " + " ".join(sys.argv[1:])
+    with open(out_path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {out_path}")
 
 
 def check(b: Bench, config):
@@ -274,7 +319,7 @@ def check(b: Bench, config):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"names from {list(SHAPES)}")
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), help=f"names from {list(SHAPES)} (none: only --shape)")
     p.add_argument("--shape", action="append", default=[], help="E,k,H,I (repeatable): extra shapes")
     p.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -282,6 +327,7 @@ def main():
     p.add_argument("--out", help="config file (default: moe_compiler/lowering/configs/<gpu>.json)")
     p.add_argument("--merge", action="store_true", help="keep the file's entries of other shapes / dtypes")
     p.add_argument("--log", default=None, help="jsonl of every option timed (default: <out>.log.jsonl)")
+    p.add_argument("--refine", action="store_true", help="only re-tune raster / persistent grid / warp specialization of existing sorted entries")
     args = p.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -289,6 +335,8 @@ def main():
     out_path = args.out or str(triton_config.gpu_file(gpu))
     shapes = [SHAPES[n] for n in args.shapes] + [tuple(int(v) for v in s.split(",")) for s in args.shape]
     timer = Timer("cuda")
+    if args.refine:
+        return refine(args, dtype, gpu, timer, out_path)
     entries = []
     if args.merge and os.path.exists(out_path):
         old = json.load(open(out_path))["entries"]

@@ -60,6 +60,9 @@ class KernelConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    # Sorted path only: Triton warp specialization (producer / consumer warps) of the persistent tile loop,
+    # flattened with the K loop; pays with programs_per_sm >= 1 (a persistent grid).
+    warp_specialize: bool = False
 
     def __post_init__(self):
         _pow2("block_n", self.block_n, 8, 512)
@@ -67,6 +70,8 @@ class KernelConfig:
         _pow2("num_warps", self.num_warps, 1, 16)
         if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
             raise ValueError(f"num_stages: expected an int in [1, 8], got {self.num_stages!r}")
+        if not isinstance(self.warp_specialize, bool):
+            raise ValueError(f"warp_specialize: expected a bool, got {self.warp_specialize!r}")
 
 
 @dataclasses.dataclass(frozen=True)

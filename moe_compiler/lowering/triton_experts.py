@@ -19,7 +19,9 @@ Data contract (shape letters: T tokens, k top-k, E experts, H hidden, I intermed
 Every block of BLOCK_M sorted positions belongs to one expert (block_expert), so a tile loads one expert's
 weights. The grid is sized by static bounds (CUDA-graph safe); each program walks tiles
 tile = pid, pid + programs, ... up to the used count read on the device (num_padded), so a persistent
-grid (programs = a few per SM) and one program per tile are the same kernel. Tiles are rastered in
+grid (programs = a few per SM) and one program per tile are the same kernel. With a config's
+warp_specialize, Triton flattens that tile loop with the K loop and splits the warps into TMA producers and
+MMA consumers (the down GEMM at prefill: up to 1.10x, benchmarks/NOTES.md v3). Tiles are rastered in
 groups of GROUP_M row blocks sharing a column block, so neighbouring programs reuse one expert's weight
 tiles and the same gathered rows from L2. Row offsets are int64 (t * H passes 2^31 for large T).
 Loads are unmasked along N (column indices wrap modulo N; the store masks) and along K when the
@@ -67,11 +69,11 @@ def _gate_up_kernel(
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(I, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
-    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=WARP_SPEC, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
         expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
         tok = (rows // TOP_K).to(tl.int64)
@@ -149,11 +151,11 @@ def _down_kernel(
     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(H, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
-    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=WARP_SPEC, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
         expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
         n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
@@ -266,7 +268,7 @@ def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: Expert
         ACT=ACT_CODE[spec.activation], INTERLEAVED=interleaved,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, DOT_PRECISION=dot_precision(hidden.dtype),
         W_TMA=use_tma, SCALE_INPUT=spec.scale_input, BLOCK_M=config.block_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
-        num_warps=gu.num_warps, num_stages=gu.num_stages,
+        WARP_SPEC=gu.warp_specialize, num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
 
 
@@ -288,7 +290,7 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
         act.stride(0), *logical_strides(w_down, spec.transposed), b_down.stride(0) if b_down is not None else 0, y.stride(0),
         HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, ATOMIC=config.combine is Combine.ATOMIC,
         DOT_PRECISION=dot_precision(act.dtype), W_TMA=use_tma, SCALE_INPUT=spec.scale_input,
-        BLOCK_M=config.block_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k,
+        BLOCK_M=config.block_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, WARP_SPEC=dn.warp_specialize,
         num_warps=dn.num_warps, num_stages=dn.num_stages,
     )
 

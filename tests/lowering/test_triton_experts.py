@@ -19,6 +19,9 @@ CONFIGS = {
     "persistent_grouped": SortedConfig(block_m=16, gate_up=SMALL, down=KernelConfig(32, 16), group_m=2, programs_per_sm=1),
     # Weight tiles (and the down GEMM's act rows) by TMA on a GPU that has it; pointer loads elsewhere.
     "tma": SortedConfig(block_m=16, gate_up=SMALL, down=SMALL, tma=True),
+    # Warp-specialized persistent tile loops (Triton splits producer / consumer warps on a GPU).
+    "warp_specialized": SortedConfig(block_m=16, gate_up=KernelConfig(16, 16, 4, 2, warp_specialize=True),
+                                     down=KernelConfig(16, 16, 4, 2, warp_specialize=True), programs_per_sm=1, tma=True),
 }
 
 

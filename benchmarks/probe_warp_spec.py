@@ -1,0 +1,95 @@
+"""Probe: Triton warp specialization (KernelConfig.warp_specialize) on the sorted path's two GEMMs, at the tuned
+configs of the three benchmark shapes, prefill T. Each kernel timed alone under a CUDA graph from a cold L2
+(timing.py), as the tuner times them; the whole forward of each working variant checked against fp32.
+
+    python benchmarks/probe_warp_spec.py [--tokens 4096 16384] [--out ws.jsonl]
+
+KernelConfig.warp_specialize specializes the persistent tile loop, flattened with the K loop (producer warps
+issue the TMA loads, consumer warps the MMAs); it needs a persistent grid, so programs_per_sm >= 1 is forced,
+and each variant is also timed without it on that grid (what the persistent grid alone gives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import Timer  # noqa: E402
+from tune_experts import SHAPES, Bench, check, problem  # noqa: E402
+
+from moe_compiler.lowering import triton_config  # noqa: E402
+from moe_compiler.lowering.triton_config import SortedConfig  # noqa: E402
+
+
+def variants(cfg: SortedConfig):
+    """(name, kernel, config): the tuned config, then one GEMM on a persistent grid with and without warp
+    specialization at a few pipeline depths."""
+    yield "tuned", None, cfg
+    for kernel in ("gate_up", "down"):
+        kc = getattr(cfg, kernel)
+        for ws in (False, True):
+            for stages in sorted({kc.num_stages, 3, 4}):
+                new = dataclasses.replace(kc, warp_specialize=ws, num_stages=stages)
+                c = dataclasses.replace(cfg, **{kernel: new}, programs_per_sm=max(1, cfg.programs_per_sm))
+                yield f"{kernel} {'ws' if ws else 'persistent'} s{stages}", kernel, c
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    timer = Timer("cuda")
+    gpu, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    rows = []
+    for name in args.shapes:
+        E, k, H, I = SHAPES[name]
+        weights = None
+        for T in args.tokens:
+            x, ids, w, w1, w2 = problem(T, E, k, H, I, dtype, weights=weights)
+            weights = (w1, w2)
+            b = Bench(x, ids, w, w1, w2)
+            cfg = triton_config.lookup(gpu, cap, dtype, E, k, H, I, T)
+            timer.calls = 2
+            base = {}
+            for vname, kernel, c in variants(cfg):
+                row = dict(shape=name, T=T, variant=vname, config=repr(c))
+                try:
+                    for kern in ("gate_up", "down") if kernel is None else (kernel,):
+                        row[f"{kern}_us"] = timer.graph(getattr(b, f"sorted_{kern}")(c), calls=2) * 1e6
+                    if kernel is None:
+                        base = row
+                    else:
+                        row["speedup"] = base[f"{kernel}_us"] / row[f"{kernel}_us"]
+                        if row["speedup"] > 1.0:
+                            row["rel_err"] = check(b, c)
+                except Exception as e:  # noqa: BLE001 - a variant Triton cannot compile is a result too
+                    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del b
+        del weights
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"\n{gpu}: warp specialization vs the tuned config (kernel alone, µs)")
+    for r in rows:
+        if r["variant"] == "tuned":
+            print(f"{r['shape']:14} T={r['T']:6} tuned      gate_up {r['gate_up_us']:9.1f}  down {r['down_us']:9.1f}")
+        else:
+            kern = r["variant"].split()[0]
+            cell = r.get("error") or f"{r[kern + '_us']:9.1f} ({r['speedup']:.2f}x{', err %.1e' % r['rel_err'] if 'rel_err' in r else ''})"
+            print(f"{'':14} {'':8} {r['variant']:16} {cell}")
+
+
+if __name__ == "__main__":
+    main()
