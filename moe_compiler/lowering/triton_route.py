@@ -36,20 +36,36 @@ from ..routing import RouteOrder, RouterSpec, Scoring
 
 
 @triton.jit
+def _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(rows, cols, row_ok, col_ok, logits in their own dtype) of this program's [BLOCK_T, BLOCK_E] tile."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < T
+    col_ok = cols < E
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return rows, cols, row_ok, col_ok, x
+
+
+@triton.jit
+def _store_topk(weights_ptr, ids_ptr, rows, row_ok, picked, chosen, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    slot = tl.arange(0, BLOCK_K)
+    out = rows[:, None].to(tl.int64) * TOP_K + slot[None, :]
+    ok = row_ok[:, None] & (slot[None, :] < TOP_K)
+    tl.store(weights_ptr + out, picked, mask=ok)
+    tl.store(ids_ptr + out, chosen, mask=ok)
+
+
+@triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, stride_lt, scale, masked_score, eps,
     TOP_K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < T
-    col_ok = cols < E
-    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    rows, cols, row_ok, col_ok, x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
     neg_inf = float("-inf")
-    x = tl.where(col_ok[None, :], x, neg_inf)
+    x = tl.where(col_ok[None, :], x.to(tl.float32), neg_inf)
     if TOPK_FIRST:
         scores = x
         choice = x
@@ -111,11 +127,7 @@ def _route_kernel(
         w = picked
         if NORM:
             w = w / (tl.sum(tl.where(live, w, 0.0), axis=1)[:, None] + eps)
-    w = w * scale
-    out = rows[:, None].to(tl.int64) * TOP_K + slot[None, :]
-    ok = row_ok[:, None] & live
-    tl.store(weights_ptr + out, w, mask=ok)
-    tl.store(ids_ptr + out, chosen, mask=ok)
+    _store_topk(weights_ptr, ids_ptr, rows, row_ok, w * scale, chosen, TOP_K, BLOCK_K)
 
 
 @triton.jit
@@ -123,12 +135,7 @@ def _sparsemixer_kernel(
     logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt, threshold,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < T
-    col_ok = cols < E
-    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    rows, cols, row_ok, col_ok, x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
     dtype = x.dtype
     x = x.to(tl.float32)
     neg_inf = float("-inf")
@@ -149,10 +156,7 @@ def _sparsemixer_kernel(
         picked = tl.where(slot[None, :] == j, w[:, None], picked)
         chosen = tl.where(slot[None, :] == j, best_id.to(tl.int64)[:, None], chosen)
         untaken = tl.where(cols[None, :] == best_id[:, None], neg_inf, untaken)
-    out = rows[:, None].to(tl.int64) * TOP_K + slot[None, :]
-    ok = row_ok[:, None] & (slot[None, :] < TOP_K)
-    tl.store(weights_ptr + out, picked, mask=ok)
-    tl.store(ids_ptr + out, chosen, mask=ok)
+    _store_topk(weights_ptr, ids_ptr, rows, row_ok, picked, chosen, TOP_K, BLOCK_K)
 
 
 def default_block_t(block_e: int) -> int:
