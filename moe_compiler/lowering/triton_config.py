@@ -181,16 +181,18 @@ def load_file(path: pathlib.Path) -> list[dict]:
 
 
 @functools.cache
-def _entries(gpu_name: str, capability: tuple[int, int]) -> tuple[str, tuple[dict, ...]]:
-    """(the GPU whose tuning is used, its entries): this GPU's file, else one of the same capability."""
-    path = gpu_file(gpu_name)
-    if path.exists():
-        return gpu_name, tuple(load_file(path))
+def _sources(gpu_name: str, capability: tuple[int, int]) -> tuple[tuple[str, tuple[dict, ...]], ...]:
+    """(the GPU a file was tuned on, its entries), best first: this GPU's own file, then the files of other
+    GPUs of the same compute capability (a shape tuned only there is still better than defaults)."""
+    own = gpu_file(gpu_name)
+    sources = [(gpu_name, tuple(load_file(own)))] if own.exists() else []
     for other in sorted(CONFIG_DIR.glob("*.json")):
+        if other == own:
+            continue
         data = json.loads(other.read_text())
         if tuple(data.get("capability", ())) == tuple(capability):
-            return data["gpu"], tuple(load_file(other))
-    return gpu_name, ()
+            sources.append((data["gpu"], tuple(load_file(other))))
+    return tuple(sources)
 
 
 _warned: set = set()
@@ -205,12 +207,15 @@ def _warn_once(key, message: str):
 
 def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config:
     dname = str(dtype).removeprefix("torch.")
-    tuned_on, entries = _entries(gpu_name, tuple(capability))
-    same = [e for e in entries if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) == (dname, E, k, H, I)]
+    same, tuned_on = [], gpu_name
+    for tuned_on, entries in _sources(gpu_name, tuple(capability)):
+        same = [e for e in entries if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) == (dname, E, k, H, I)]
+        if same:
+            break
     if same and tuned_on != gpu_name:
         _warn_once(
             (gpu_name, dname, E, k, H, I),
-            f"moe_compiler: no Triton configs tuned on {gpu_name}; using those tuned on {tuned_on} (same compute "
+            f"moe_compiler: no Triton configs tuned on {gpu_name} for this shape; using those tuned on {tuned_on} (same compute "
             f"capability {tuple(capability)}). Tune with: python benchmarks/tune_experts.py --shape {E},{k},{H},{I} --dtype {dname} --merge",
         )
     if not same:

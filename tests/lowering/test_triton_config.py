@@ -46,7 +46,7 @@ SMALL = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3}
 @pytest.fixture
 def config_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(triton_config, "CONFIG_DIR", tmp_path)
-    triton_config._entries.cache_clear()
+    triton_config._sources.cache_clear()
     triton_config._warned.clear()
     entries = [
         {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "T": 1, "config": {"path": "decode", "gate_up": SMALL, "down": SMALL}, "us": 10.0},
@@ -55,7 +55,7 @@ def config_dir(tmp_path, monkeypatch):
     ]
     _write(tmp_path, "GPU A", [9, 0], entries)
     yield tmp_path
-    triton_config._entries.cache_clear()
+    triton_config._sources.cache_clear()
     triton_config._warned.clear()
 
 
@@ -77,11 +77,24 @@ def test_untuned_shape_warns_once_and_uses_defaults(config_dir):
 
 
 def test_gpu_without_a_file_borrows_a_same_capability_file_and_says_so(config_dir):
-    with pytest.warns(UserWarning, match="no Triton configs tuned on GPU B; using those tuned on GPU A"):
+    with pytest.warns(UserWarning, match="no Triton configs tuned on GPU B for this shape; using those tuned on GPU A"):
         cfg = triton_config.lookup("GPU B", (9, 0), torch.bfloat16, 64, 4, 512, 256, 1)
     assert isinstance(cfg, DecodeConfig)
     with pytest.warns(UserWarning, match="no tuned Triton config"):  # another architecture: defaults
         triton_config.lookup("GPU C", (10, 0), torch.bfloat16, 64, 4, 512, 256, 1)
+
+
+def test_own_file_without_the_shape_borrows_it_from_a_same_capability_file(config_dir):
+    """An H200 tuned for some shapes still takes the H100's tuning of the others rather than defaults."""
+    own = [{"dtype": "bfloat16", "E": 8, "k": 2, "H": 512, "I": 256, "T": 1, "us": 5.0,
+            "config": {"path": "decode", "gate_up": SMALL, "down": SMALL}}]
+    _write(config_dir, "GPU B", [9, 0], own)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own shape: no warning
+        assert isinstance(triton_config.lookup("GPU B", (9, 0), torch.bfloat16, 8, 2, 512, 256, 1), DecodeConfig)
+    with pytest.warns(UserWarning, match="no Triton configs tuned on GPU B for this shape; using those tuned on GPU A"):
+        big = triton_config.lookup("GPU B", (9, 0), torch.bfloat16, 64, 4, 512, 256, 1024)
+    assert isinstance(big, SortedConfig) and big.block_m == 64
 
 
 def test_defaults_pick_decode_for_few_pairs_and_sorted_tiles_by_rows_per_expert():
