@@ -85,6 +85,7 @@ def block_m_candidates(T, k, E) -> list[int]:
         return [32, 64]
     if m <= 160:
         return [64, 128]
+    # 256-row blocks (each weight tile read once per 256 rows) measured 1.25-1.7x slower (NOTES v3)
     return [64, 128]
 
 
@@ -325,7 +326,7 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     p.add_argument("--out", help="config file (default: moe_compiler/lowering/configs/<gpu>.json)")
-    p.add_argument("--merge", action="store_true", help="keep the file's entries of other shapes / dtypes")
+    p.add_argument("--merge", action="store_true", help="keep the file's entries of other shapes / dtypes / T")
     p.add_argument("--log", default=None, help="jsonl of every option timed (default: <out>.log.jsonl)")
     p.add_argument("--refine", action="store_true", help="only re-tune raster / persistent grid / warp specialization of existing sorted entries")
     args = p.parse_args()
@@ -340,8 +341,8 @@ def main():
     entries = []
     if args.merge and os.path.exists(out_path):
         old = json.load(open(out_path))["entries"]
-        keys = {(args.dtype, *s) for s in shapes}
-        entries = [e for e in old if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) not in keys]
+        keys = {(args.dtype, *s, T) for s in shapes for T in args.tokens}  # only the points re-tuned now
+        entries = [e for e in old if (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"]) not in keys]
     log = open(args.log or out_path + ".log.jsonl", "a")
     table = []
     for shape in shapes:
