@@ -155,6 +155,14 @@ def _is_neg_inf(value) -> bool:
     return isinstance(value, float) and value == -math.inf
 
 
+def _is(node, name: str) -> bool:
+    return isinstance(node, fx.Node) and op_name(node) == name
+
+
+def _desc(node) -> str:
+    return f"`{node.name}` ({op_name(node)})" if isinstance(node, fx.Node) else repr(node)
+
+
 def _sparsemixer(ids_cat: fx.Node, weights_cat: fx.Node) -> tuple[fx.Node, RouterSpec]:
     """(logits, spec) of PhiMoE's eval-mode sparse mixer, round by round (modeling_phimoe.sparsemixer):
 
@@ -164,54 +172,56 @@ def _sparsemixer(ids_cat: fx.Node, weights_cat: fx.Node) -> tuple[fx.Node, Route
         untaken = torch.scatter(untaken, -1, i, -inf)
     and ids / weights = the rounds' i / w concatenated in round order. Training mode samples each round's
     expert (Gumbel noise) instead of taking the max: that is not a route op and fails fact 1 below."""
-    rounds_i, rounds_w = ids_cat.args[0], strip_casts(weights_cat).args[0]
-    if not isinstance(rounds_i, (list, tuple)) or op_name(strip_casts(weights_cat)) not in ("cat", "concat") \
-            or not isinstance(rounds_w, (list, tuple)) or len(rounds_w) != len(rounds_i):
+    w_cat = strip_casts(weights_cat)
+    rounds_i = ids_cat.args[0] if ids_cat.args else None
+    rounds_w = w_cat.args[0] if isinstance(w_cat, fx.Node) and op_name(w_cat) in ("cat", "concat") and w_cat.args else None
+    if not isinstance(rounds_i, (list, tuple)) or not isinstance(rounds_w, (list, tuple)) or len(rounds_w) != len(rounds_i) \
+            or not all(isinstance(n, fx.Node) for n in (*rounds_i, *rounds_w)):
         raise Reject(f"the top-k ids are concatenated (`{ids_cat.name}`) but the weights `{weights_cat.name}` are not "
                      "concatenated round by round: not a sparse-mixer router")
-    for cat in (ids_cat, strip_casts(weights_cat)):
+    for cat in (ids_cat, w_cat):
         if arg(cat, 1, "dim", 0) not in (-1, len(dims(cat) or ()) - 1):
             raise Reject(f"`{cat.name}` concatenates over dim {arg(cat, 1, 'dim', 0)}, expected the last (k) dim")
     untaken, logits, threshold = None, None, None
     for r, (i, w) in enumerate(zip(rounds_i, rounds_w)):
         # 1. the round's id is the argmax of the untaken logits.
-        mx = i.args[0] if op_name(i) == "getitem" and i.args[1] == 1 else None
-        if mx is None or op_name(mx) != "max" or not _last_dim(mx, arg(mx, 1, "dim")) or not arg(mx, 2, "keepdim", False):
-            raise Reject(f"sparse mixer round {r}: the id `{i.name}` ({op_name(i)}) is not the argmax (keepdim) of the "
+        mx = i.args[0] if _is(i, "getitem") and i.args[1] == 1 else None
+        if not _is(mx, "max") or not _last_dim(mx, arg(mx, 1, "dim")) or not arg(mx, 2, "keepdim", False):
+            raise Reject(f"sparse mixer round {r}: the id {_desc(i)} is not the argmax (keepdim) of the "
                          "untaken logits (training-mode routing samples it: only eval mode is a route op)")
         if r == 0:
             untaken = logits = mx.args[0]
         elif mx.args[0] is not untaken:
             raise Reject(f"sparse mixer round {r}: `{mx.name}` takes the max of `{mx.args[0].name}`, expected the logits "
                          "with the earlier rounds' experts scattered to -inf")
-        best = [u for u in mx.users if op_name(u) == "getitem" and u.args[1] == 0]
+        best = [u for u in mx.users if _is(u, "getitem") and u.args[1] == 0]
         # 3. the weight: the round's id gathered from a softmax of the untaken logits with the far ones dropped.
-        sm = w.args[0] if op_name(w) == "gather" else None
+        sm = w.args[0] if _is(w, "gather") else None
         if sm is None or not _last_dim(w, arg(w, 1, "dim")) or arg(w, 2, "index") is not i:
-            raise Reject(f"sparse mixer round {r}: the weight `{w.name}` ({op_name(w)}) is not a gather at the round's id")
-        if op_name(sm) != "softmax" or not _last_dim(sm, arg(sm, 1, "dim")) or arg(sm, 2, "dtype") is not None:
-            raise Reject(f"sparse mixer round {r}: `{sm.name}` ({op_name(sm)}) is not a softmax over the experts")
+            raise Reject(f"sparse mixer round {r}: the weight {_desc(w)} is not a gather at the round's id")
+        if not _is(sm, "softmax") or not _last_dim(sm, arg(sm, 1, "dim")) or arg(sm, 2, "dtype") is not None:
+            raise Reject(f"sparse mixer round {r}: {_desc(sm)} is not a softmax over the experts")
         fill = sm.args[0]
-        if op_name(fill) != "masked_fill" or fill.args[0] is not untaken or not _is_neg_inf(fill.args[2]):
-            raise Reject(f"sparse mixer round {r}: `{fill.name}` ({op_name(fill)}) is not the untaken logits masked to -inf")
+        if not _is(fill, "masked_fill") or fill.args[0] is not untaken or not _is_neg_inf(fill.args[2]):
+            raise Reject(f"sparse mixer round {r}: {_desc(fill)} is not the untaken logits masked to -inf")
         # 4. the mask: ((m - X) / X.abs().clamp(min=m)) > constant, m the round's max value.
         gt = fill.args[1]
-        div = gt.args[0] if op_name(gt) == "gt" else None
-        if div is None or not isinstance(gt.args[1], (int, float)) or op_name(div) not in ("truediv", "div"):
-            raise Reject(f"sparse mixer round {r}: the mask `{gt.name}` ({op_name(gt)}) is not `quotient > constant`")
+        div = gt.args[0] if _is(gt, "gt") else None
+        if not (_is(div, "truediv") or _is(div, "div")) or not isinstance(gt.args[1], (int, float)):
+            raise Reject(f"sparse mixer round {r}: the mask {_desc(gt)} is not `quotient > constant`")
         sub, clamp = div.args
-        m = sub.args[0] if op_name(sub) == "sub" else None
+        m = sub.args[0] if _is(sub, "sub") else None
         if m not in best or sub.args[1] is not logits:
-            raise Reject(f"sparse mixer round {r}: `{sub.name}` is not the round's max minus the logits")
-        if op_name(clamp) != "clamp" or arg(clamp, 1, "min") is not m or arg(clamp, 2, "max") is not None \
-                or op_name(clamp.args[0]) != "abs" or clamp.args[0].args[0] is not logits:
-            raise Reject(f"sparse mixer round {r}: `{clamp.name}` is not |logits| clamped below by the round's max")
+            raise Reject(f"sparse mixer round {r}: {_desc(sub)} is not the round's max minus the logits")
+        if not _is(clamp, "clamp") or arg(clamp, 1, "min") is not m or arg(clamp, 2, "max") is not None \
+                or not _is(clamp.args[0], "abs") or clamp.args[0].args[0] is not logits:
+            raise Reject(f"sparse mixer round {r}: {_desc(clamp)} is not |logits| clamped below by the round's max")
         if threshold is not None and float(gt.args[1]) != threshold:
             raise Reject(f"sparse mixer: rounds compare with different thresholds ({threshold}, {gt.args[1]})")
         threshold = float(gt.args[1])
         # the next round's untaken logits: this round's expert scattered to -inf.
         if r + 1 < len(rounds_i):
-            nxt = [u for u in untaken.users if op_name(u) == "scatter" and arg(u, 2, "index") is i]
+            nxt = [u for u in untaken.users if _is(u, "scatter") and arg(u, 2, "index") is i]
             if len(nxt) != 1 or not _last_dim(nxt[0], arg(nxt[0], 1, "dim")) or not _is_neg_inf(arg(nxt[0], 3, "value")):
                 raise Reject(f"sparse mixer round {r}: its expert is not scattered to -inf for the next round")
             untaken = nxt[0]
