@@ -8,6 +8,8 @@ shared MLP), bf16, real shapes, two ways in the same run:
 
     python benchmarks/bench_shared.py [--out benchmarks/results/shared_<gpu>.json] [--shapes NAME ...] [--tokens T ...]
 
+With --shapes, an existing --out file keeps the other shapes' rows.
+
 Also the shared MLP alone (Inductor) against its own floor, as in the first version of this script.
 T <= 128 under CUDA graphs (decode runs captured), larger T eager; cold L2 (timing.py) as in a model.
 Floor of the block: max(FLOPs / 785 TFLOP/s, bytes / 3.02 TB/s) with the bytes of every touched expert,
@@ -118,6 +120,8 @@ def main():
               f"{r['unfused_us'] / r['fused_us']:7.2f} {r['block_floor_us']:8.1f} {r['fused_us'] / r['block_floor_us']:11.2f} "
               f"{r['rel_err_fused']:8.1e}")
     if args.out:
+        if os.path.exists(args.out):  # keep the other shapes' rows of an earlier run
+            rows = [r for r in json.load(open(args.out))["rows"] if r["shape"] not in args.shapes] + rows
         with open(args.out, "w") as f:
             json.dump(dict(gpu=gpu, torch=torch.__version__, rows=rows), f, indent=1)
 
