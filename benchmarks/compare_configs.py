@@ -42,12 +42,8 @@ def main():
         for T in args.tokens:
             x, ids, w, w1, w2 = problem(T, E, k, H, I, dtype, weights=weights)
             weights = (w1, w2)
-
-            def nearest(entries):
-                same = [e for e in entries if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) == ("bfloat16", E, k, H, I)]
-                return min(same, key=lambda e: (abs(math.log(T / e["T"])), e["T"]))["config"]
-
-            cfgs = {"own": nearest(own), "other": nearest(other)}
+            # What lookup would pick from each file (no borrowing between them here).
+            cfgs = {v: triton_config.nearest_entry(entries, dtype, E, k, H, I, T) for v, entries in (("own", own), ("other", other))}
             times = {v: [] for v in cfgs}
             calls = 5 if T * k * H * I <= 2**34 else 2
             for _ in range(3):

@@ -76,19 +76,17 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, mlp: SharedMLP, spec: Expe
     """Gradients of s * MLP(x) w.r.t. (x, gate, up, down, expert_gate); expert_gate's is None without one."""
     g, u, a, y = _mlp(x, mlp, spec)
     grad = grad_out.float()
-    d_x = None
-    d_expert_gate = None
+    d_z = None  # d loss / d (x wg^T), the expert gate's pre-sigmoid input
     if mlp.expert_gate is not None:
         s = torch.sigmoid(F.linear(x, mlp.expert_gate).float())  # [T, 1]
-        d_z = (grad * y.float()).sum(-1, keepdim=True) * s * (1 - s)  # through sigmoid
-        d_expert_gate = (d_z.t() @ x.float()).to(mlp.expert_gate.dtype)
-        d_x = d_z * mlp.expert_gate.float()
+        d_z = (grad * y.float()).sum(-1, keepdim=True) * s * (1 - s)
         grad = grad * s
     dy = grad.to(x.dtype)
     d_down = dy.t() @ a
     d_g, d_u = gated_backward_halves((dy @ mlp.down).float(), g.float(), u.float(), spec)
     d_g, d_u = d_g.to(x.dtype), d_u.to(x.dtype)
-    d_gate, d_up = d_g.t() @ x, d_u.t() @ x
-    dx_mlp = (d_g @ mlp.gate).float() + (d_u @ mlp.up).float()
-    d_x = dx_mlp if d_x is None else d_x + dx_mlp
-    return d_x, d_gate, d_up, d_down, d_expert_gate
+    d_x = (d_g @ mlp.gate).float() + (d_u @ mlp.up).float()
+    if d_z is None:
+        return d_x, d_g.t() @ x, d_u.t() @ x, d_down, None
+    d_expert_gate = (d_z.t() @ x.float()).to(mlp.expert_gate.dtype)
+    return d_x + d_z * mlp.expert_gate.float(), d_g.t() @ x, d_u.t() @ x, d_down, d_expert_gate

@@ -91,6 +91,10 @@ class ExpertsSpec:
                      scale_input: bool = False) -> ExpertsSpec:
         return cls(Activation(activation), GateUpLayout(gate_up), bool(transposed), swiglu_alpha, swiglu_limit, bool(scale_input))
 
+    def intermediate(self, w_down) -> int:
+        """I, read off the down weight in this spec's layout ([E, H, I], or [E, I, H] transposed)."""
+        return w_down.shape[1] if self.transposed else w_down.shape[2]
+
     def describe(self) -> str:
         act = self.activation.value
         if self.activation is Activation.GPT_OSS_SWIGLU:

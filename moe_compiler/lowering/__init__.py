@@ -134,15 +134,11 @@ def experts_shared_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_
         from . import triton_config
 
         if config is None:
-            config = triton_config_for(hidden, topk_ids, w_gate_up, _intermediate(w_down, spec))
+            config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
         if config.path is triton_config.Path.DECODE:
             return triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp)
     routed = experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
     return shared_mlp.forward(routed, hidden, mlp, spec)
-
-
-def _intermediate(w_down, spec) -> int:
-    return w_down.shape[1] if spec.transposed else w_down.shape[2]
 
 
 def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None, mlp=None):
@@ -151,7 +147,7 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
     from . import triton_config, triton_decode, triton_experts
 
     if config is None:
-        config = triton_config_for(hidden, topk_ids, w_gate_up, _intermediate(w_down, spec))
+        config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
     if config.path is triton_config.Path.DECODE:
         out, ids_ok = triton_decode.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp)
     else:

@@ -29,7 +29,6 @@ import pathlib
 import warnings
 
 import torch
-import triton
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -
     if T * k <= 4096 and (T == 1 or T * k * 8 <= E):
         # Few pairs, few shared experts: stream each touched expert's weights once.
         return DecodeConfig(
-            gate_up=_decode_tile(T * k, I, slots=2), down=_decode_tile(T, H, slots=triton.next_power_of_2(k))
+            gate_up=_decode_tile(T * k, I, slots=2), down=_decode_tile(T, H, slots=1 << (k - 1).bit_length())
         )
     rows_per_expert = T * k / E
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128
@@ -205,20 +204,29 @@ def _warn_once(key, message: str):
         log.warning(message)
 
 
+def nearest_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config | None:
+    """The config of this shape's entry with the nearest T (log scale; ties to the smaller T), or None."""
+    dname = str(dtype).removeprefix("torch.")
+    same = [e for e in entries if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) == (dname, E, k, H, I)]
+    if not same:
+        return None
+    return min(same, key=lambda e: (abs(math.log(max(T, 1) / e["T"])), e["T"]))["config"]
+
+
 def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config:
     dname = str(dtype).removeprefix("torch.")
-    same, tuned_on = [], gpu_name
+    config, tuned_on = None, gpu_name
     for tuned_on, entries in _sources(gpu_name, tuple(capability)):
-        same = [e for e in entries if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) == (dname, E, k, H, I)]
-        if same:
+        config = nearest_entry(entries, dtype, E, k, H, I, T)
+        if config is not None:
             break
-    if same and tuned_on != gpu_name:
+    if config is not None and tuned_on != gpu_name:
         _warn_once(
             (gpu_name, dname, E, k, H, I),
             f"moe_compiler: no Triton configs tuned on {gpu_name} for this shape; using those tuned on {tuned_on} (same compute "
             f"capability {tuple(capability)}). Tune with: python benchmarks/tune_experts.py --shape {E},{k},{H},{I} --dtype {dname} --merge",
         )
-    if not same:
+    if config is None:
         _warn_once(
             (gpu_name, dname, E, k, H, I),
             f"moe_compiler: no tuned Triton config for {dname} experts E={E}, k={k}, H={H}, I={I} on {gpu_name}; "
@@ -226,5 +234,4 @@ def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: in
             f"--shape {E},{k},{H},{I} --dtype {dname}",
         )
         return default_config(dtype, E, k, H, I, T)
-    best = min(same, key=lambda e: (abs(math.log(max(T, 1) / e["T"])), e["T"]))
-    return best["config"]
+    return config

@@ -245,7 +245,10 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
         shared_tiles = triton.cdiv(mlp.intermediate, gu.block_n)
         rows += triton.cdiv(T * shared_tiles, tiles)
         if mlp.gate.stride() != mlp.up.stride():
-            raise ValueError(f"moe_compiler: shared gate and up weights have different strides {mlp.gate.stride()} / {mlp.up.stride()}")
+            raise ValueError(
+                f"moe_compiler: shared gate and up weights: expected the same strides (one pointer pattern for both), "
+                f"got {mlp.gate.stride()} / {mlp.up.stride()}. Make the shared MLP's gate and up Linear weights contiguous."
+            )
     dummy = act
     _gate_up_gemv_kernel[(rows, tiles)](
         hidden, ids, weights if spec.scale_input else act, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up, act, ids_ok,
@@ -292,7 +295,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     With `mlp` (a shared_mlp.SharedMLP) out also holds the block's shared experts."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    I = w_down.shape[1] if spec.transposed else w_down.shape[2]
+    I = spec.intermediate(w_down)
     if T * k > MAX_PAIRS:
         raise ValueError(f"moe_compiler: the decode path takes at most {MAX_PAIRS} (token, slot) pairs, got {T * k}; use the sorted path")
     if hidden.stride(1) != 1:

@@ -306,7 +306,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops.check_inputs; T > 0."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    I = w_down.shape[1] if spec.transposed else w_down.shape[2]
+    I = spec.intermediate(w_down)
     rows = align_rows(topk_ids, w_gate_up.shape[0], config.block_m)
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()

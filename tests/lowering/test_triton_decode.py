@@ -71,3 +71,13 @@ def test_decode_forward_with_shared_experts(dtype, tol, T, H, I, Is, fused, gate
     ref = experts_reference(*cpu, spec=spec) + shared_reference(cpu[0], *shared, spec=spec)
     assert int(ids_ok) == 1
     assert rel_err(out.cpu(), ref) <= tol
+
+
+def test_shared_gate_and_up_with_different_strides_is_a_clear_error():
+    # The kernel walks gate and up with one stride pattern; an up weight that is a transposed view is not that.
+    cpu, dev = device_inputs(1, 32, 16, 8, 2, torch.float32, SPECS[0])
+    (gate, _), down, _ = shared_inputs(32, 16, torch.float32, False, False)
+    up = torch.randn(32, 16).t()  # [Is, H] with strides (1, 16)
+    mlp = SharedMLP.from_parts([gate.to(DEVICE), up.to(DEVICE)], down.to(DEVICE), None)
+    with pytest.raises(ValueError, match=r"expected the same strides.*got \(32, 1\) / \(1, 16\).*contiguous"):
+        triton_decode.experts_forward(*dev, SPECS[0], CONFIG, mlp)
