@@ -1,13 +1,13 @@
 """Triton: (token, slot) pairs sorted by expert into a BLOCK_M-aligned layout. Capture-safe, deterministic.
 
 Data contract (S = T * k pairs, pair p = t * k + j; C = CHUNK pairs per program, NB = cdiv(S, C) chunks)
-    topk_ids      [S]            int32/int64, values in [0, E) (others are clamped and reported via ids_ok)
+    topk_ids      [S]            int32/int64, values in [0, E) (others are clamped, flagged in ids_ok, and fail the launch)
     sorted_rows   [S_pad]        int32  pair index at each padded sorted position (padding slots unwritten)
     pos           [S]            int32  padded sorted position of each pair (sorted_rows[pos[p]] == p)
     block_expert  [MAX_BLOCKS]   int32  expert of each BLOCK_M block of sorted positions; -1 past the end
     seg_end       [E]            int32  end of expert e's real rows (its padding follows, up to the block edge)
     num_padded    [1]            int32  used length of sorted_rows, a multiple of BLOCK_M
-    ids_ok        [1]            int32  1 if every id was in [0, E), else 0 (the op asserts on it)
+    ids_ok        [1]            int32  1 if every id was in [0, E), else 0 (on the GPU the kernel also asserts)
     MAX_BLOCKS = cdiv(S, BLOCK_M) + min(E, S) bounds the blocks of any routing (each non-empty expert
     adds at most one partial block); S_pad = MAX_BLOCKS * BLOCK_M. Static, so the grid and buffers are
     fixed under CUDA graph capture, and no host sync is needed.
@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_config import LIVE_ASSERTS
+
 CHUNK = 1024  # most pairs per count/scatter program: one register-resident bitonic sort of 1024 keys
 
 
@@ -43,7 +45,7 @@ def _clamped_ids(ids_ptr, chunk, S, E, CHUNK: tl.constexpr):
     live = offs < S
     e = tl.load(ids_ptr + offs, mask=live, other=0)
     bad = live & ((e < 0) | (e >= E))
-    # Out-of-range ids are clamped so that every later access stays in bounds; the op asserts on ids_ok.
+    # Out-of-range ids are clamped so that every later access stays in bounds until the assert stops the op.
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int32)
     return offs, live, e, bad
 
@@ -75,6 +77,7 @@ def _offsets_kernel(
         totals += tl.sum(tile, axis=0)
     n_bad = tl.sum(tl.where(e_idx == BLOCK_E - 1, totals, 0), 0)
     tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
+    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E)")  # live: see LIVE_ASSERTS
     counts = tl.where(real, totals, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
@@ -167,7 +170,7 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligne
     _count_kernel[(nb,)](flat, S, num_experts, counts, CHUNK=chunk, BLOCK_E=block_e)
     _offsets_kernel[(1,)](
         counts, nb, num_experts, rows.seg_end, pad_end, rows.num_padded, rows.ids_ok,
-        BLOCK_M=block_m, BLOCK_E=block_e, ROWS=max(1, 16384 // block_e), num_warps=8,
+        BLOCK_M=block_m, BLOCK_E=block_e, ROWS=max(1, 16384 // block_e), num_warps=8, **LIVE_ASSERTS,
     )
     _scatter_kernel[(nb,)](
         flat, S, num_experts, counts, rows.sorted_rows, rows.pos, pad_end, rows.num_padded, rows.block_expert,

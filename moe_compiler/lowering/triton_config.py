@@ -36,6 +36,14 @@ CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 SCHEMA = 1
 
 
+# Launch options of the kernels that check topk_ids: Triton compiles tl.device_assert only in debug mode,
+# and debug mode would also add integer-overflow checks to all index math; with them off, the id check is
+# the only assert. On the GPU a bad id then fails the launch loudly ("device-side assert triggered", the
+# message printed), with no separate assert kernel: torch._assert_async on a flag cost 2.7 us per call under
+# a CUDA graph at T = 1 (benchmarks/NOTES.md, decode v5). The interpreter ignores it (tests read the flag).
+LIVE_ASSERTS = {"debug": True, "sanitize_overflow": False}
+
+
 def _pow2(name: str, value, lo: int, hi: int):
     if not isinstance(value, int) or isinstance(value, bool) or value < lo or value > hi or value & (value - 1):
         raise ValueError(f"{name}: expected a power of two in [{lo}, {hi}], got {value!r}")

@@ -2,7 +2,7 @@
 
 Data contract (T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k pairs, p = t*k + j)
     hidden        [T, H]           bf16/fp16/fp32, unit column stride
-    topk_ids      [T, k]           int32/int64 (out-of-range ids are clamped and reported via ids_ok)
+    topk_ids      [T, k]           int32/int64 (out-of-range ids are clamped, flagged in ids_ok, and fail the launch)
     topk_weights  [T, k]           any float dtype, applied in fp32
     w_gate_up     [E, 2I, H]       (or transposed [E, H, 2I]) read in place through its strides
     w_down        [E, H, I]        (or transposed [E, I, H])
@@ -34,17 +34,21 @@ import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout
 from .triton_act import ACT_CODE, gated_act
-from .triton_config import DecodeConfig
+from .triton_config import LIVE_ASSERTS, DecodeConfig
 from .triton_experts import logical_strides
 
 
 @triton.jit
-def _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  NUM_STAGES: tl.constexpr):
     """(gate, up) [BLOCK_N] fp32: one x row against BLOCK_N gate rows and BLOCK_N up rows over H."""
     kk = tl.arange(0, BLOCK_K)
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    # A per-loop num_stages pipelines every load of the loop (async copies into shared memory), not only
+    # loads feeding a tl.dot as the kernel-wide num_stages does: NUM_STAGES steps of weights in flight per
+    # program without holding them in registers.
+    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs).to(tl.float32)
             wg = tl.load(wg_ptrs)
@@ -68,6 +72,7 @@ def _shared_gate_up(
     x_ptr, sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr, q, T, H, Is, alpha, limit,
     stride_xm, stride_sn, stride_sk, stride_sam, SHARED_TILES,
     ACT: tl.constexpr, HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """Shared tile q: token q // SHARED_TILES, columns (q % SHARED_TILES) * BLOCK_N of the shared MLP."""
     t = q // SHARED_TILES
@@ -78,7 +83,7 @@ def _shared_gate_up(
         n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)) % Is
         x_ptrs = x_ptr + row * stride_xm + kk
         rows = n[:, None].to(tl.int64) * stride_sn + kk[None, :] * stride_sk
-        gate, up = _gate_up_rows(x_ptrs, sg_ptr + rows, su_ptr + rows, H, stride_sk, EVEN_K, BLOCK_N, BLOCK_K)
+        gate, up = _gate_up_rows(x_ptrs, sg_ptr + rows, su_ptr + rows, H, stride_sk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
         out = gated_act(gate, up, alpha, limit, ACT)
         n_out = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(sact_ptr + row * stride_sam + n_out, out.to(sact_ptr.dtype.element_ty), mask=n_out < Is)
@@ -97,7 +102,7 @@ def _routed_gate_up(
     x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    SCALE_INPUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE_INPUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     e = tl.load(ids_ptr + p)
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
@@ -111,7 +116,7 @@ def _routed_gate_up(
     w_base = w_ptr + e * stride_we
     wg_ptrs = w_base + gate_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
     wu_ptrs = w_base + up_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
-    gate, up = _gate_up_rows(x_ptr + tok * stride_xm + kk, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K, BLOCK_N, BLOCK_K)
+    gate, up = _gate_up_rows(x_ptr + tok * stride_xm + kk, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
     if SCALE_INPUT:  # Llama-4: (w x) W = w (x W)
         row_w = tl.load(topk_w_ptr + p).to(tl.float32)
         gate *= row_w
@@ -132,37 +137,40 @@ def _gate_up_gemv_kernel(
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am, stride_sn, stride_sk, stride_sam, SHARED_TILES,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     SCALE_INPUT: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # grid (S [+ shared rows], I / BLOCK_N): row p < S is pair p; the rows after S hold the shared MLP's
     # T * SHARED_TILES tiles, laid out row-major over the same second axis.
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     if (p == 0) & (pid_n == 0):
-        # One program checks every id (S is small on this path); the op asserts on the flag.
+        # One program checks every id (S is small on this path) and fails the launch on a bad one.
         bad = tl.zeros([BLOCK_S], dtype=tl.int32)
         for s0 in range(0, S, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             some = tl.load(ids_ptr + s, mask=s < S, other=0)
             bad += ((some < 0) | (some >= E)).to(tl.int32)
-        tl.store(ok_ptr, (tl.sum(bad, 0) == 0).to(tl.int32))
+        n_bad = tl.sum(bad, 0)
+        tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
+        tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E)")  # live: see LIVE_ASSERTS
     if HAS_SHARED:
         if p >= S:  # rows after the S pairs: the shared MLP's tiles, row-major over the same second axis
             _shared_gate_up(
                 x_ptr, sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr, (p - S) * tl.num_programs(1) + pid_n, S // TOP_K, H, Is,
                 alpha, limit, stride_xm, stride_sn, stride_sk, stride_sam, SHARED_TILES, ACT, HAS_GATE, EVEN_K, BLOCK_N, BLOCK_K,
+                NUM_STAGES,
             )
         else:
             _routed_gate_up(
                 x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
                 stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
-                ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, BLOCK_N, BLOCK_K,
+                ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, BLOCK_N, BLOCK_K, NUM_STAGES,
             )
     else:  # without shared experts the kernel is the routed one alone
         _routed_gate_up(
             x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
             stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
-            ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, BLOCK_N, BLOCK_K,
+            ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, BLOCK_N, BLOCK_K, NUM_STAGES,
         )
 
 
@@ -173,7 +181,7 @@ def _down_gemv_combine_kernel(
     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om, stride_sam, stride_sdn, stride_sdk,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SCALE_INPUT: tl.constexpr, K_POW2: tl.constexpr,
     HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # All k slots of the token at once: a [K_POW2, BLOCK_N, BLOCK_K] weight tile per step keeps k times more
     # bytes in flight than a loop over slots (one program per SM at T = 1 must saturate HBM on its own).
@@ -189,7 +197,7 @@ def _down_gemv_combine_kernel(
     a_ptrs = a_ptr + p[:, None] * stride_am + kk[None, :]
     w_ptrs = w_ptr + e[:, None, None] * stride_we + n[None, :, None].to(tl.int64) * stride_wn + kk[None, None, :] * stride_wk
     acc = tl.zeros([K_POW2, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (see _gate_up_rows)
         if EVEN_K:
             a_mask = j_ok[:, None]
         else:
@@ -212,7 +220,7 @@ def _down_gemv_combine_kernel(
         sa_ptrs = sact_ptr + t * stride_sam + kk
         sw_ptrs = sdown_ptr + n[:, None].to(tl.int64) * stride_sdn + kk[None, :] * stride_sdk
         acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, Is, BLOCK_K):
+        for k0 in tl.range(0, Is, BLOCK_K, num_stages=NUM_STAGES):
             k_ok = kk < Is - k0
             sa = tl.load(sa_ptrs, mask=k_ok, other=0.0).to(tl.float32)
             sw = tl.load(sw_ptrs, mask=k_ok[None, :], other=0.0)
@@ -263,8 +271,8 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, SCALE_INPUT=spec.scale_input,
         HAS_SHARED=mlp is not None, HAS_GATE=mlp is not None and mlp.expert_gate is not None,
-        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, BLOCK_S=128,
-        num_warps=gu.num_warps, num_stages=gu.num_stages,
+        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, BLOCK_S=128, NUM_STAGES=gu.num_stages,
+        num_warps=gu.num_warps, num_stages=gu.num_stages, **LIVE_ASSERTS,
     )
 
 
@@ -285,7 +293,7 @@ def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: De
         shared_act.stride(0) if mlp is not None else 0, *(mlp.down.stride() if mlp is not None else (0, 0)),
         HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, SCALE_INPUT=spec.scale_input, K_POW2=triton.next_power_of_2(k),
         HAS_SHARED=mlp is not None, HAS_GATE=shared_gate is not None,
-        BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps, num_stages=dn.num_stages,
+        BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, NUM_STAGES=dn.num_stages, num_warps=dn.num_warps, num_stages=dn.num_stages,
     )
 
 

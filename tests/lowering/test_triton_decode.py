@@ -12,7 +12,7 @@ from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig  # no
 from moe_compiler.shared_mlp import SharedMLP  # noqa: E402
 from reference import experts_reference, rel_err, shared_reference  # noqa: E402
 from test_shared_mlp import shared_inputs  # noqa: E402
-from triton_cases import DEVICE, DTYPES, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
+from triton_cases import DEVICE, DTYPES, SPECS, device_inputs, fails_with_ids_assert, poisoned_allocations, spec_id  # noqa: E402
 
 CONFIG = DecodeConfig(gate_up=KernelConfig(block_n=16, block_k=16), down=KernelConfig(block_n=8, block_k=32))
 
@@ -36,11 +36,28 @@ def test_decode_forward(spec, dtype, tol, T, H, I, E, k):
     assert rel_err(out.cpu(), experts_reference(*cpu, spec=spec)) <= tol
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="on the GPU the kernel asserts instead: test_out_of_range_id_fails_the_launch")
 def test_out_of_range_id_is_flagged():
     cpu, dev = device_inputs(2, 16, 16, 4, 2, torch.float32, SPECS[0])
     dev[1][1, 0] = 7
     out, ids_ok = triton_decode.experts_forward(*dev, SPECS[0], CONFIG)
     assert int(ids_ok) == 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs no device asserts: test_out_of_range_id_is_flagged")
+def test_out_of_range_id_fails_the_launch():
+    fails_with_ids_assert(
+        """
+        from moe_compiler.lowering import triton_decode
+        from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig
+        from moe_compiler.spec import ExpertsSpec
+        x, w = torch.randn(2, 16, device="cuda"), torch.rand(2, 2, device="cuda")
+        ids = torch.tensor([[0, 7], [1, 2]], device="cuda")
+        w1, w2 = torch.randn(4, 32, 16, device="cuda"), torch.randn(4, 16, 16, device="cuda")
+        config = DecodeConfig(KernelConfig(16, 16), KernelConfig(8, 32))
+        triton_decode.experts_forward(x, ids, w, w1, w2, None, None, ExpertsSpec(), config)
+        """
+    )
 
 
 def test_too_many_pairs_is_a_clear_error():

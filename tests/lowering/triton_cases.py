@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -50,3 +53,12 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty, torch.Tensor.new_empty = real_empty, real_new_empty
+
+
+def fails_with_ids_assert(body: str):
+    """Run `body` (python, after `import torch`) in a fresh process and check that it dies of the kernels'
+    topk_ids assert: a device-side assert leaves the CUDA context of its process unusable, so never here."""
+    proc = subprocess.run([sys.executable, "-c", "import torch\n" + textwrap.dedent(body) + "\ntorch.cuda.synchronize()"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout
+    assert "topk_ids out of [0, E)" in proc.stderr, proc.stderr[-2000:]
