@@ -55,7 +55,7 @@ def decode_candidates(slots: int = 1) -> list[KernelConfig]:
     """GEMV tiles; the down kernel loads `slots` (k rounded up to a power of two) tiles of [bn, bk] per step.
     Stages: weight steps in flight per program (1: none; the GEMV loops pipeline all their loads)."""
     out = []
-    for bn, bk, warps, stages in itertools.product([8, 16, 32, 64], [64, 128, 256, 512], [4, 8], [1, 2, 3, 4]):
+    for bn, bk, warps, stages in itertools.product([2, 4, 8, 16, 32, 64], [64, 128, 256, 512], [4, 8], [1, 2, 3, 4]):
         if 2048 <= slots * bn * bk <= 16384:
             out.append(KernelConfig(bn, bk, warps, stages))
     return out

@@ -72,7 +72,7 @@ class KernelConfig:
     warp_specialize: bool = False
 
     def __post_init__(self):
-        _pow2("block_n", self.block_n, 8, 512)
+        _pow2("block_n", self.block_n, 2, 512)  # sorted-path GEMMs need >= 16 (SortedConfig checks)
         _pow2("block_k", self.block_k, 16, 1024)
         _pow2("num_warps", self.num_warps, 1, 16)
         if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
@@ -105,6 +105,9 @@ class SortedConfig:
 
     def __post_init__(self):
         _pow2("block_m", self.block_m, 16, 256)
+        for name, kc in (("gate_up", self.gate_up), ("down", self.down)):
+            if isinstance(kc, KernelConfig) and kc.block_n < 16:  # tl.dot's smallest N
+                raise ValueError(f"{name}.block_n: expected >= 16 on the sorted path (tensor-core tiles), got {kc.block_n}")
         _pow2("group_m", self.group_m, 1, 64)
         if not isinstance(self.programs_per_sm, int) or not 0 <= self.programs_per_sm <= 8:
             raise ValueError(f"programs_per_sm: expected an int in [0, 8], got {self.programs_per_sm!r}")

@@ -113,6 +113,8 @@ def test_defaults_pick_decode_for_few_pairs_and_sorted_tiles_by_rows_per_expert(
         (lambda: KernelConfig(block_n=32, block_k=64, warp_specialize=1), "warp_specialize: expected a bool"),
         (lambda: SortedConfig(block_m=8, gate_up=KernelConfig(32, 64), down=KernelConfig(32, 64)), "block_m: expected a power of two in \\[16, 256\\]"),
         (lambda: SortedConfig(block_m=16, gate_up=KernelConfig(32, 64), down=KernelConfig(32, 64), tma="yes"), "tma: expected a bool"),
+        (lambda: SortedConfig(block_m=16, gate_up=KernelConfig(32, 64), down=KernelConfig(8, 64)), "down.block_n: expected >= 16 on the sorted path"),
+        (lambda: KernelConfig(block_n=1, block_k=64), "block_n: expected a power of two in \\[2, 512\\]"),
         (lambda: triton_config.from_dict({"path": "sorted", "block_m": 64, "gate_up": SMALL}), "invalid experts kernel config"),
         (lambda: triton_config.from_dict({"path": "warp", "gate_up": SMALL, "down": SMALL}), "invalid experts kernel config"),
     ],

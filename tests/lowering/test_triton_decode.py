@@ -36,6 +36,21 @@ def test_decode_forward(spec, dtype, tol, T, H, I, E, k):
     assert rel_err(out.cpu(), experts_reference(*cpu, spec=spec)) <= tol
 
 
+# Two and four columns per program (what the H100 tuning picks at Qwen3-30B-A3B T=1): tiles narrower than a warp's
+# natural layout, one pipeline stage in the down kernel.
+NARROW = DecodeConfig(gate_up=KernelConfig(block_n=4, block_k=32, num_stages=3), down=KernelConfig(block_n=2, block_k=16, num_stages=1))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_decode_forward_narrow_tiles(spec, dtype, tol):
+    cpu, dev = device_inputs(3, 40, 24, 16, 2, dtype, spec)
+    with poisoned_allocations():
+        out, ids_ok = triton_decode.experts_forward(*dev, spec, NARROW)
+    assert int(ids_ok) == 1
+    assert rel_err(out.cpu(), experts_reference(*cpu, spec=spec)) <= tol
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="on the GPU the kernel asserts instead: test_out_of_range_id_fails_the_launch")
 def test_out_of_range_id_is_flagged():
     cpu, dev = device_inputs(2, 16, 16, 4, 2, torch.float32, SPECS[0])
