@@ -17,9 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import Timer  # noqa: E402
-from tune_experts import SHAPES, SPEC, problem  # noqa: E402
+from tune_experts import SHAPES, benches, forward_times  # noqa: E402
 
-from moe_compiler import lowering  # noqa: E402
 from moe_compiler.lowering import triton_config  # noqa: E402
 
 
@@ -36,24 +35,15 @@ def main():
     timer = Timer("cuda")
     print(f"{gpu}: own tuning vs {os.path.basename(args.other)} (µs, whole forward)")
     ratios = []
-    for name in args.shapes:
-        E, k, H, I = SHAPES[name]
-        weights = None
-        for T in args.tokens:
-            x, ids, w, w1, w2 = problem(T, E, k, H, I, dtype, weights=weights)
-            weights = (w1, w2)
-            # What lookup would pick from each file (no borrowing between them here).
-            cfgs = {v: triton_config.nearest_entry(entries, dtype, E, k, H, I, T) for v, entries in (("own", own), ("other", other))}
-            times = {v: [] for v in cfgs}
-            calls = 5 if T * k * H * I <= 2**34 else 2
-            for _ in range(3):
-                for v, c in cfgs.items():
-                    times[v].append(timer.graph(lambda c=c: lowering.triton_forward(x, ids, w, w1, w2, None, None, SPEC, c), calls=calls))
-            t = {v: sorted(ts)[1] * 1e6 for v, ts in times.items()}
-            ratios.append(t["other"] / t["own"])
-            print(f"{name:14} T={T:6}  own {t['own']:9.1f}  other {t['other']:9.1f}  own speedup {t['other'] / t['own']:.2f}", flush=True)
-        del weights
-        torch.cuda.empty_cache()
+    for name, T, b in benches(args.shapes, args.tokens, dtype):
+        # What lookup would pick from each file (no borrowing between them here).
+        cfgs = {v: triton_config.nearest_entry(entries, dtype, b.E, b.k, b.H, b.I, T) for v, entries in (("own", own), ("other", other))}
+        timer.calls = 5 if T * b.k * b.H * b.I <= 2**34 else 2
+        times = forward_times(timer, b, list(cfgs.values()))
+        t = {v: times[c] * 1e6 for v, c in cfgs.items()}
+        ratios.append(t["other"] / t["own"])
+        print(f"{name:14} T={T:6}  own {t['own']:9.1f}  other {t['other']:9.1f}  own speedup {t['other'] / t['own']:.2f}", flush=True)
+        del b
     print(f"geometric mean own speedup {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f} over {len(ratios)} points")
 
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import Timer  # noqa: E402
-from tune_experts import SHAPES, Bench, check, problem  # noqa: E402
+from tune_experts import SHAPES, benches, check  # noqa: E402
 
 from moe_compiler.lowering import triton_config  # noqa: E402
 from moe_compiler.lowering.triton_config import SortedConfig  # noqa: E402
@@ -50,34 +50,26 @@ def main():
     timer = Timer("cuda")
     gpu, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
     rows = []
-    for name in args.shapes:
-        E, k, H, I = SHAPES[name]
-        weights = None
-        for T in args.tokens:
-            x, ids, w, w1, w2 = problem(T, E, k, H, I, dtype, weights=weights)
-            weights = (w1, w2)
-            b = Bench(x, ids, w, w1, w2)
-            cfg = triton_config.lookup(gpu, cap, dtype, E, k, H, I, T)
-            timer.calls = 2
-            base = {}
-            for vname, kernel, c in variants(cfg):
-                row = dict(shape=name, T=T, variant=vname, config=repr(c))
-                try:
-                    for kern in ("gate_up", "down") if kernel is None else (kernel,):
-                        row[f"{kern}_us"] = timer.graph(getattr(b, f"sorted_{kern}")(c), calls=2) * 1e6
-                    if kernel is None:
-                        base = row
-                    else:
-                        row["speedup"] = base[f"{kernel}_us"] / row[f"{kernel}_us"]
-                        if row["speedup"] > 1.0:
-                            row["rel_err"] = check(b, c)
-                except Exception as e:  # noqa: BLE001 - a variant Triton cannot compile is a result too
-                    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            del b
-        del weights
-        torch.cuda.empty_cache()
+    for name, T, b in benches(args.shapes, args.tokens, dtype):
+        cfg = triton_config.lookup(gpu, cap, dtype, b.E, b.k, b.H, b.I, T)
+        timer.calls = 2
+        base = {}
+        for vname, kernel, c in variants(cfg):
+            row = dict(shape=name, T=T, variant=vname, config=repr(c))
+            try:
+                for kern in ("gate_up", "down") if kernel is None else (kernel,):
+                    row[f"{kern}_us"] = timer.graph(getattr(b, f"sorted_{kern}")(c), calls=2) * 1e6
+                if kernel is None:
+                    base = row
+                else:
+                    row["speedup"] = base[f"{kernel}_us"] / row[f"{kernel}_us"]
+                    if row["speedup"] > 1.0:
+                        row["rel_err"] = check(b, c)
+            except Exception as e:  # noqa: BLE001 - a variant Triton cannot compile is a result too
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del b
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

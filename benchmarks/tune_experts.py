@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -104,6 +103,20 @@ def problem(T, E, k, H, I, dtype, device="cuda", seed=0, weights=None):
         w2 = (torch.randn(E, H, I, device=device, generator=g) * I**-0.5).to(dtype)
         weights = (w1, w2)
     return x, ids, w, *weights
+
+
+def benches(shape_names, tokens, dtype):
+    """(shape name, T, Bench) for each named shape and T; one set of weights per shape, freed before the next
+    shape's (the caller drops its Bench at the end of each step)."""
+    for name in shape_names:
+        E, k, H, I = SHAPES[name]
+        weights = None
+        for T in tokens:
+            x, ids, w, w1, w2 = problem(T, E, k, H, I, dtype, weights=weights)
+            weights = (w1, w2)
+            yield name, T, Bench(x, ids, w, w1, w2)
+        del weights
+        torch.cuda.empty_cache()
 
 
 # --- launching one kernel of a config on a problem --------------------------------------------------
@@ -228,6 +241,7 @@ def best_of(timer, make, candidates, failed, kind):
 
 
 def tune_point(b: Bench, timer, dtype, failed, log):
+    """(whole-forward seconds, config, parts) of the winner, and the untuned default's whole-forward seconds."""
     T, k, E = b.T, b.k, b.E
     itemsize = torch.finfo(dtype).bits // 8
     options = []  # (total seconds, config, parts)
@@ -260,12 +274,11 @@ def tune_point(b: Bench, timer, dtype, failed, log):
     # the path's own extra kernels included), rounds interleaved, median.
     default = triton_config.default_config(dtype, b.E, k, b.H, b.I, T)
     forward = forward_times(timer, b, [cfg for _, cfg, _ in options] + [default])
-    options.append((forward[default], default, {"default": True}))
-    options = [(forward[cfg], cfg, {**parts, "kernels": total}) for total, cfg, parts in options]
-    options.sort(key=lambda o: o[0])
-    for t, cfg, parts in options:
+    final = [(forward[cfg], cfg, {**parts, "kernels": total}) for total, cfg, parts in options] + [(forward[default], default, {"default": True})]
+    final.sort(key=lambda o: o[0])
+    for t, cfg, parts in final:
         log.write(json.dumps({"T": T, "E": E, "k": k, "H": b.H, "I": b.I, "us": t * 1e6, "config": triton_config.to_dict(cfg), "parts": parts}) + "\n")
-    return options[0]
+    return (*final[0], forward[default])
 
 
 def forward_times(timer, b: Bench, configs, rounds: int = 3) -> dict:
@@ -378,9 +391,7 @@ def main():
             weights = (w1, w2)
             b = Bench(x, ids, w, w1, w2)
             timer.calls = 5 if T * k * H * I <= 2**34 else 2  # graphs of fewer calls for the long points
-            t_best, cfg, parts = tune_point(b, timer, dtype, failed, log)
-            default = triton_config.default_config(dtype, E, k, H, I, T)
-            t_default = forward_times(timer, b, [default])[default]
+            t_best, cfg, parts, t_default = tune_point(b, timer, dtype, failed, log)
             err = check(b, cfg)
             if err > 1e-2:
                 raise SystemExit(f"tuned config {cfg} is wrong at T={T}: rel err {err:.2e}")
