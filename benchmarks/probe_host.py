@@ -1,0 +1,126 @@
+"""Probe: where an eager call of the experts op spends host time, and how much of it the benchmark's eager
+points expose (the op's GPU time alone is the CUDA-graph time).
+
+    python benchmarks/probe_host.py [--shapes qwen3_30b_a3b] [--tokens 1024 4096] [--profile prof.txt]
+
+Host time per call: the GPU is first given a long sleep kernel, so no launch ever waits for it; N calls are
+issued and the host clock read before the sleep ends (each part of the call timed alone the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import Timer  # noqa: E402
+from tune_experts import SPEC, benches  # noqa: E402
+
+from moe_compiler import lowering, ops  # noqa: E402
+from moe_compiler.lowering import triton_config  # noqa: E402
+
+
+def host_us(fn, n=50):
+    """Host microseconds per call of fn, with the GPU busy the whole time: launches never wait (n calls stay
+    far below the ~1000 launches a stream queues before the host blocks)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s on a ~2 GHz clock: longer than n calls take to issue
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
+@triton.jit
+def _tiny(x_ptr, a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s, t, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32) + a)
+
+
+@torch.library.custom_op("moe_compiler_probe::noop", mutates_args=())
+def _noop(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+_LIB = torch.library.Library("moe_compiler_probe", "FRAGMENT")
+_LIB.define("noop_lib(Tensor x, Tensor y) -> Tensor")
+_LIB.impl("noop_lib", lambda x, y: x.new_empty(x.shape), "CUDA")
+
+
+def parts(b):
+    """Host us of the layers under one op call, and of bare launches (what each costs alone)."""
+    x = torch.empty(1024, device="cuda")
+    ints = list(range(1, 21))  # a .. t
+    return {
+        "ops._forward": host_us(lambda: ops._forward(b.x, b.ids, b.w, b.w1, b.w2, None, None, SPEC)),
+        "check_inputs": host_us(lambda: ops.check_inputs(b.x, b.ids, b.w, b.w1, b.w2, None, None, SPEC)),
+        "custom_op noop": host_us(lambda: torch.ops.moe_compiler_probe.noop(b.x, b.ids)),
+        "Library noop": host_us(lambda: torch.ops.moe_compiler_probe.noop_lib(b.x, b.ids)),
+        "triton 20 args": host_us(lambda: _tiny[(1,)](x, *ints, BLOCK=128)),
+        "triton debug": host_us(lambda: _tiny[(1,)](x, *ints, BLOCK=128, **triton_config.LIVE_ASSERTS)),
+        "torch.empty": host_us(lambda: torch.empty(1024, device="cuda")),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["qwen3_30b_a3b"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--profile", default=None, help="write a cProfile of 30 op calls (last shape / T) here")
+    args = ap.parse_args()
+    timer = Timer("cuda")
+    gpu, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    table = []
+    for name, T, b in benches(args.shapes, args.tokens, torch.bfloat16):
+        op = lambda: torch.ops.moe_compiler.experts(b.x, b.ids, b.w, b.w1, b.w2, None, None, *SPEC.op_args())  # noqa: E731
+        cfg = triton_config.lookup(gpu, cap, torch.bfloat16, b.E, b.k, b.H, b.I, T)
+        fwd = lambda: lowering.triton_forward(b.x, b.ids, b.w, b.w1, b.w2, None, None, SPEC, cfg)  # noqa: E731
+        row = {"shape": name, "T": T, "graph_us": timer.graph(op, calls=3) * 1e6, "eager_us": timer.eager(op) * 1e6}
+        row["host_op_us"] = host_us(op)
+        row["host_forward_us"] = host_us(fwd)
+        if cfg.path is triton_config.Path.SORTED:
+            rows = b.rows(cfg.block_m)
+            row["host_align_us"] = host_us(b.align(cfg.block_m))
+            row["host_gate_up_us"] = host_us(b.sorted_gate_up(cfg))
+            row["host_down_us"] = host_us(b.sorted_down(cfg))
+            row["host_combine_us"] = host_us(b.combine(cfg.block_m))
+            row["host_empty_us"] = host_us(lambda: b.x.new_empty(rows.sorted_rows.numel(), b.H))
+            for part, fn in (("align", b.align(cfg.block_m)), ("gate_up", b.sorted_gate_up(cfg)),
+                             ("down", b.sorted_down(cfg)), ("combine", b.combine(cfg.block_m))):
+                row[f"gpu_{part}_us"] = timer.graph(fn, calls=3) * 1e6
+        row.update({f"host {k}": v for k, v in parts(b).items()})
+        table.append(row)
+        print(row, flush=True)
+        if args.profile:
+            prof = cProfile.Profile()
+            torch.cuda._sleep(2_000_000_000)
+            prof.enable()
+            for _ in range(30):
+                op()
+            prof.disable()
+            torch.cuda.synchronize()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("cumtime").print_stats(60)
+            with open(args.profile, "w") as f:
+                f.write(s.getvalue())
+    keys = [k for k in table[0] if k.endswith("_us") and k in table[-1]]
+    print(f"{'shape':>14} {'T':>6} " + " ".join(f"{k[:-3]:>11}" for k in keys))
+    for r in table:
+        print(f"{r['shape']:>14} {r['T']:>6} " + " ".join(f"{r.get(k, float('nan')):>11.1f}" for k in keys))
+    for r in table:
+        print(f"{r['shape']} T={r['T']}: " + ", ".join(f"{k[5:]} {v:.1f}" for k, v in r.items() if k.startswith("host ")))
+
+
+if __name__ == "__main__":
+    main()
