@@ -1,7 +1,7 @@
 """Probe: where an eager call of the experts op spends host time, and how much of it the benchmark's eager
 points expose (the op's GPU time alone is the CUDA-graph time).
 
-    python benchmarks/probe_host.py [--shapes qwen3_30b_a3b] [--tokens 1024 4096] [--profile prof.txt]
+    python benchmarks/probe_host.py [--shapes qwen3_30b_a3b] [--tokens 1024 4096]
 
 Host time per call: the GPU is first given a long sleep kernel, so no launch ever waits for it; N calls are
 issued and the host clock read before the sleep ends (each part of the call timed alone the same way).
@@ -10,10 +10,7 @@ issued and the host clock read before the sleep ends (each part of the call time
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import os
-import pstats
 import sys
 import time
 
@@ -77,7 +74,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["qwen3_30b_a3b"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--profile", default=None, help="write a cProfile of 30 op calls (last shape / T) here")
     args = ap.parse_args()
     timer = Timer("cuda")
     gpu, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
@@ -90,30 +86,16 @@ def main():
         row["host_op_us"] = host_us(op)
         row["host_forward_us"] = host_us(fwd)
         if cfg.path is triton_config.Path.SORTED:
-            rows = b.rows(cfg.block_m)
             row["host_align_us"] = host_us(b.align(cfg.block_m))
             row["host_gate_up_us"] = host_us(b.sorted_gate_up(cfg))
             row["host_down_us"] = host_us(b.sorted_down(cfg))
             row["host_combine_us"] = host_us(b.combine(cfg.block_m))
-            row["host_empty_us"] = host_us(lambda: b.x.new_empty(rows.sorted_rows.numel(), b.H))
             for part, fn in (("align", b.align(cfg.block_m)), ("gate_up", b.sorted_gate_up(cfg)),
                              ("down", b.sorted_down(cfg)), ("combine", b.combine(cfg.block_m))):
                 row[f"gpu_{part}_us"] = timer.graph(fn, calls=3) * 1e6
         row.update({f"host {k}": v for k, v in parts(b).items()})
         table.append(row)
         print(row, flush=True)
-        if args.profile:
-            prof = cProfile.Profile()
-            torch.cuda._sleep(2_000_000_000)
-            prof.enable()
-            for _ in range(30):
-                op()
-            prof.disable()
-            torch.cuda.synchronize()
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("cumtime").print_stats(60)
-            with open(args.profile, "w") as f:
-                f.write(s.getvalue())
     keys = [k for k in table[0] if k.endswith("_us") and k in table[-1]]
     print(f"{'shape':>14} {'T':>6} " + " ".join(f"{k[:-3]:>11}" for k in keys))
     for r in table:
