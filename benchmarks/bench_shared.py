@@ -3,40 +3,31 @@ shared MLP), bf16, real shapes, two ways in the same run:
 
     unfused   our experts op + the shared MLP as Inductor compiles it (cuBLAS GEMMs + fused pointwise, the
               add fused too): what a model gets with option moe_compiler.shared_experts=False
-    fused     one moe_compiler.experts_shared call (the default): at decode the shared MLP is one more pair
-              per token inside the experts kernels; elsewhere cuBLAS GEMMs inside the op
+    fused     one torch.ops.moe_compiler.experts call with the shared_* weights (the default): at decode the
+              shared MLP is one more pair per token inside the experts kernels; elsewhere cuBLAS GEMMs inside the op
 
-    python benchmarks/bench_shared.py [--out benchmarks/results/shared_<gpu>.json] [--shapes NAME ...] [--tokens T ...]
+    python -m benchmarks.bench_shared [--out [PATH]] [--shapes NAME ...] [--tokens T ...]
 
-With --shapes, an existing --out file keeps the other shapes' rows.
+Bare --out writes benchmarks/results/shared_<gpu>.json; with --shapes, an existing --out file keeps the other
+shapes' rows.
 
-Also the shared MLP alone (Inductor) against its own floor, as in the first version of this script.
-T <= 128 under CUDA graphs (decode runs captured), larger T eager; cold L2 (timing.py) as in a model.
-Floor of the block: max(FLOPs / 785 TFLOP/s, bytes / 3.02 TB/s) with the bytes of every touched expert,
-the shared MLP and the activations.
+Also the shared MLP alone (Inductor) against its own floor. T <= 128 under CUDA graphs (decode runs captured),
+larger T eager; cold L2 (moe_compiler/tune/timing.py) as in a model. Floor of the block: harness.floor_s of
+the FLOPs and the bytes of every touched expert, the shared MLP and the activations.
 """
 
+# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
+import moe_compiler
+from moe_compiler.testing import experts_reference_by_expert, rel_err
 
-from timing import Timer  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from reference import experts_reference_by_expert, rel_err  # noqa: E402
-
-import moe_compiler  # noqa: E402,F401
-
-PEAK_FLOPS, PEAK_BYTES = 785e12, 3.02e12  # bf16 matmul and device copy measured on our H100
+from . import harness
 
 # name -> (H, shared Is, sigmoid gate?, routed E, k, I) of the real models (configs on the Hub)
 SHAPES = {
@@ -58,37 +49,36 @@ def block_unfused(x, ids, tw, w_gu, w_dn, w_gate, w_up, w_down, w_sg):
 
 
 def block_fused(x, ids, tw, w_gu, w_dn, w_gate, w_up, w_down, w_sg):
-    spec = moe_compiler.ExpertsSpec().op_args()
-    return torch.ops.moe_compiler.experts_shared(x, ids, tw, w_gu, w_dn, None, None, [w_gate, w_up], w_down, w_sg, *spec)
+    spec = moe_compiler.ExpertsSpec().op_kwargs()
+    return torch.ops.moe_compiler.experts(x, ids, tw, w_gu, w_dn, None, None, w_gate, w_up, w_down, w_sg, **spec)
 
 
 def reference(x, ids, tw, w_gu, w_dn, w_gate, w_up, w_down, w_sg):
     routed = experts_reference_by_expert(x, ids, tw, w_gu, w_dn, dtype=torch.float32)
-    return routed + shared_mlp(x.float(), w_gate.float(), w_up.float(), w_down.float(), None if w_sg is None else w_sg.float())
+    w_sg = None if w_sg is None else w_sg.float()
+    return routed + shared_mlp(x.float(), w_gate.float(), w_up.float(), w_down.float(), w_sg)
 
 
 def floor_s(T, H, I, Is, E, k, ids, gated):
     touched = int(torch.unique(ids).numel())
     flops = 2 * T * H * 3 * (k * I + Is) + (2 * T * H if gated else 0)
     nbytes = 2 * (touched * 3 * H * I + 3 * H * Is + (H if gated else 0) + 2 * T * H)
-    return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES)
+    return harness.floor_s(flops, nbytes)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
-    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    args = ap.parse_args()
-    torch._dynamo.config.recompile_limit = 1000
-    timer = Timer("cuda")
+    args = harness.parser(__doc__, shapes=SHAPES, tokens=TOKENS, out="shared").parse_args()
+    gpu = harness.gpu_name()
+    harness.compile_per_shape()
+    timer = harness.Timer("cuda")
     compiled_shared = torch.compile(shared_mlp, dynamic=False)
     compiled_unfused = torch.compile(block_unfused, dynamic=False)
     rows = []
     for name in args.shapes:
         H, Is, gated, E, k, I = SHAPES[name]
         g = torch.Generator(device="cuda").manual_seed(0)
-        w = [torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02 for s in ((Is, H), (Is, H), (H, Is))]
+        w = [torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+             for s in ((Is, H), (Is, H), (H, Is))]
         w_sg = torch.randn(1, H, device="cuda", generator=g).bfloat16() * 0.02 if gated else None
         w_gu = torch.randn(E, 2 * I, H, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
         w_dn = torch.randn(E, H, I, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
@@ -100,30 +90,25 @@ def main():
             ref = reference(*block_args)
             err_fused = rel_err(block_fused(*block_args), ref)
             err_unfused = rel_err(compiled_unfused(*block_args), ref)
-            time = timer.graph if T <= 128 else timer.eager
+            time = harness.as_run(timer, T)
             t_shared = time(lambda: compiled_shared(x, *w, w_sg))
             t_unfused = time(lambda: compiled_unfused(*block_args))
             t_fused = time(lambda: block_fused(*block_args))
-            shared_floor = max((2 * T * H * 3 * Is) / PEAK_FLOPS, 2 * (3 * H * Is + 2 * T * H) / PEAK_BYTES)
+            shared_floor = harness.floor_s(2 * T * H * 3 * Is, 2 * (3 * H * Is + 2 * T * H))
             floor = floor_s(T, H, I, Is, E, k, ids, gated)
             row = dict(shape=name, T=T, H=H, Is=Is, gated=gated, E=E, k=k, I=I, shared_us=t_shared * 1e6,
                        shared_floor_us=shared_floor * 1e6, unfused_us=t_unfused * 1e6, fused_us=t_fused * 1e6,
                        block_floor_us=floor * 1e6, rel_err_fused=err_fused, rel_err_unfused=err_unfused)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    gpu = torch.cuda.get_device_name()
     print(f"\n{gpu}: MoE block = routed experts + shared MLP, bf16, uniform routing, us (T <= 128 in CUDA graphs)")
     print(f"{'shape':16} {'T':>6} {'shared alone':>12} {'unfused':>9} {'fused':>9} {'speedup':>7} {'floor':>8} "
           f"{'fused/floor':>11} {'err':>8}")
     for r in rows:
         print(f"{r['shape']:16} {r['T']:6} {r['shared_us']:12.1f} {r['unfused_us']:9.1f} {r['fused_us']:9.1f} "
-              f"{r['unfused_us'] / r['fused_us']:7.2f} {r['block_floor_us']:8.1f} {r['fused_us'] / r['block_floor_us']:11.2f} "
-              f"{r['rel_err_fused']:8.1e}")
-    if args.out:
-        if os.path.exists(args.out):  # keep the other shapes' rows of an earlier run
-            rows = [r for r in json.load(open(args.out))["rows"] if r["shape"] not in args.shapes] + rows
-        with open(args.out, "w") as f:
-            json.dump(dict(gpu=gpu, torch=torch.__version__, rows=rows), f, indent=1)
+              f"{r['unfused_us'] / r['fused_us']:7.2f} {r['block_floor_us']:8.1f} "
+              f"{r['fused_us'] / r['block_floor_us']:11.2f} {r['rel_err_fused']:8.1e}")
+    harness.save_rows(args.out, "shared", rows, gpu, key="shape", replaced=args.shapes)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,20 @@
 
     model = torch.compile(model, backend="fused_moe")   # no import of this package needed
 
-Importing the package registers the `torch.ops.moe_compiler.*` operators.
+Importing the package registers the `torch.ops.moe_compiler.*` operators (and imports no Triton).
 """
 
-from . import ops, routing  # noqa: F401  (registers torch.ops.moe_compiler.*)
-from .ops import moe_experts
+from .ops import moe_experts, moe_route
+from .spec import Activation, ExpertsSpec, GateUpLayout, RouterSpec, SharedMLP
 from .stacked_weights import restack_experts
-from .routing import RouterSpec, moe_route
-from .spec import Activation, ExpertsSpec, GateUpLayout
 
-__all__ = ["Activation", "ExpertsSpec", "GateUpLayout", "RouterSpec", "moe_experts", "moe_route", "restack_experts"]
+__all__ = [
+    "Activation",
+    "ExpertsSpec",
+    "GateUpLayout",
+    "RouterSpec",
+    "SharedMLP",
+    "moe_experts",
+    "moe_route",
+    "restack_experts",
+]

@@ -29,6 +29,8 @@ class RegionReport:
     num_nodes: int
     status: str = "rejected"  # "fused" | "rejected"
     reason: str = ""
+    found_by: str = "module"  # "module" (a *Experts module), "data flow" (top-k ids), "index_add_ loop"
+    eager: bool = False  # the reason is transformers' experts_implementation="eager" loop (graph breaks)
     form: str = ""
     spec: str = ""
     shape: dict = dataclasses.field(default_factory=dict)
@@ -45,6 +47,7 @@ class RegionReport:
     # "rejected" (a shared branch we could not prove; the block is still right).
     shared_status: str = "not tried"
     shared: str = ""
+    shared_check: str = ""
     shared_reason: str = ""
     before: str = ""
     after: str = ""
@@ -96,7 +99,8 @@ class GraphReport:
     def summary_text(self) -> str:
         lines = [self.summary_line(), ""]
         for r in self.regions:
-            lines.append(f"[{r.status}] {r.name} ({r.cls}, {r.num_nodes} nodes)")
+            found = "" if r.found_by == "module" else f", found by {r.found_by}"
+            lines.append(f"[{r.status}] {r.name} ({r.cls}, {r.num_nodes} nodes{found})")
             if r.status == "fused":
                 lines.append(f"    form: {r.form}; spec: {r.spec}; sizes: {r.shape}")
                 lines.append(f"    numerical check: {r.check}")
@@ -159,7 +163,7 @@ def write_dump(report: GraphReport, dump_dir: str) -> str:
         with open(os.path.join(rdir, "spec.json" if r.status == "fused" else "reason.txt"), "w") as f:
             if r.status == "fused":
                 router = {k: getattr(r, "router_" + k) for k in ("status", "form", "spec", "check", "reason")}
-                shared = {"status": r.shared_status, "match": r.shared, "reason": r.shared_reason}
+                shared = {"status": r.shared_status, "match": r.shared, "check": r.shared_check, "reason": r.shared_reason}
                 json.dump({"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check, "weights": r.weights, "router": router, "shared_experts": shared},
                           f, indent=2, default=str)
             else:
@@ -171,7 +175,7 @@ def write_dump(report: GraphReport, dump_dir: str) -> str:
 
 def emit(report: GraphReport, dump_dir: str | None) -> None:
     """Log the report, write the dump if asked, and hand it to tlparse."""
-    has_eager = any(r.reason.startswith("experts_implementation='eager'") for r in report.rejected)
+    has_eager = any(r.eager for r in report.rejected)
     level = logging.WARNING if has_eager else logging.INFO
     if report.regions or log.isEnabledFor(logging.DEBUG):
         log.log(level, "%s", report.summary_line())

@@ -1,10 +1,10 @@
-"""The typed description of an experts region: what the matcher proves and the op computes.
+"""The typed descriptions the matcher proves and the ops compute: data only, no torch ops.
 
 Shape letters used across the package:
     T tokens, k experts per token (top-k), E experts, H hidden size, I expert intermediate size,
-    S = T * k (token, slot) pairs.
+    S = T * k (token, slot) pairs, Is the shared experts' intermediate size.
 
-The experts computation, for every token t and slot j with expert e = topk_ids[t, j]:
+ExpertsSpec - the routed experts. For every token t and slot j with expert e = topk_ids[t, j]:
 
     h        = x[t] @ W_gate_up[e]^T (+ b_gate_up[e])          # [2I]
     gate, up = split(h)                                          # concat: h[:I], h[I:]; interleaved: h[0::2], h[1::2]
@@ -18,12 +18,21 @@ With scale_input=True (Llama-4) the router weight scales the expert's *input* in
 Weight layouts:
     transposed=False (Qwen, Mixtral, DeepSeek, ...): W_gate_up [E, 2I, H], W_down [E, H, I]  (nn.Linear's [out, in])
     transposed=True  (GPT-OSS):                      W_gate_up [E, H, 2I], W_down [E, I, H]
+
+RouterSpec - the router: logits [T, E] -> (weights [T, k] fp32, ids [T, k]); the forms are listed on the class.
+
+SharedMLP - the block's shared experts, a dense gated MLP every token passes, added to the routed output:
+    out = routed + s * down(act(x gate^T) * (x up^T)),   s = sigmoid(x expert_gate^T) or 1
+
+The specs travel into the ops as keyword-only schema arguments (ops/signature.py builds the schemas from
+these dataclasses' fields), so graph dumps and the profiler show them and each op keeps one signature.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 
 class Activation(str, enum.Enum):
@@ -44,13 +53,24 @@ class GateUpLayout(str, enum.Enum):
     INTERLEAVED = "interleaved"  # [gate_0, up_0, gate_1, up_1, ...]
 
 
+def _enum_field(obj, name: str, enum_cls) -> None:
+    """Store field `name` as a member of enum_cls (plain strings arrive from op schemas)."""
+    try:
+        object.__setattr__(obj, name, enum_cls(getattr(obj, name)))
+    except ValueError:
+        raise ValueError(
+            f"{type(obj).__name__}.{name}: expected one of {[m.value for m in enum_cls]}, got {getattr(obj, name)!r}"
+        ) from None
+
+
+def _bool_field(obj, name: str) -> None:
+    if not isinstance(getattr(obj, name), bool):
+        raise ValueError(f"{type(obj).__name__}.{name}: expected a bool, got {getattr(obj, name)!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertsSpec:
-    """Everything about an experts computation that is not a tensor.
-
-    It travels into the op as plain schema arguments (see `op_args`), so graph dumps and the profiler
-    show it and the op keeps one signature.
-    """
+    """Everything about an experts computation that is not a tensor (the experts op's keyword arguments)."""
 
     activation: Activation = Activation.SILU
     gate_up: GateUpLayout = GateUpLayout.CONCAT
@@ -62,34 +82,22 @@ class ExpertsSpec:
     scale_input: bool = False
 
     def __post_init__(self):
-        # Accept plain strings (as they arrive from the op schema) but store the enums.
-        try:
-            object.__setattr__(self, "activation", Activation(self.activation))
-        except ValueError:
-            raise ValueError(
-                f"ExpertsSpec.activation: expected one of {[a.value for a in Activation]}, got {self.activation!r}"
-            ) from None
-        try:
-            object.__setattr__(self, "gate_up", GateUpLayout(self.gate_up))
-        except ValueError:
-            raise ValueError(
-                f"ExpertsSpec.gate_up: expected one of {[g.value for g in GateUpLayout]}, got {self.gate_up!r}"
-            ) from None
-        if not isinstance(self.transposed, bool):
-            raise ValueError(f"ExpertsSpec.transposed: expected a bool, got {self.transposed!r}")
-        if not isinstance(self.scale_input, bool):
-            raise ValueError(f"ExpertsSpec.scale_input: expected a bool, got {self.scale_input!r}")
+        _enum_field(self, "activation", Activation)
+        _enum_field(self, "gate_up", GateUpLayout)
+        _bool_field(self, "transposed")
+        _bool_field(self, "scale_input")
         if self.activation is Activation.GPT_OSS_SWIGLU and not self.swiglu_limit > 0:
             raise ValueError(f"ExpertsSpec.swiglu_limit: expected > 0, got {self.swiglu_limit}")
 
-    def op_args(self) -> tuple[str, str, bool, float, float, bool]:
-        """The spec as the trailing arguments of `torch.ops.moe_compiler.experts`."""
-        return (self.activation.value, self.gate_up.value, self.transposed, float(self.swiglu_alpha), float(self.swiglu_limit), self.scale_input)
-
-    @classmethod
-    def from_op_args(cls, activation: str, gate_up: str, transposed: bool, swiglu_alpha: float, swiglu_limit: float,
-                     scale_input: bool = False) -> ExpertsSpec:
-        return cls(Activation(activation), GateUpLayout(gate_up), bool(transposed), swiglu_alpha, swiglu_limit, bool(scale_input))
+    def op_kwargs(self) -> dict:
+        """The spec as the experts ops' keyword arguments, as a person would write the call: the layout
+        always, the clamp constants only for the activation that reads them, scale_input only when set."""
+        kwargs = {"activation": self.activation.value, "gate_up": self.gate_up.value, "transposed": self.transposed}
+        if self.activation is Activation.GPT_OSS_SWIGLU:
+            kwargs.update(swiglu_alpha=float(self.swiglu_alpha), swiglu_limit=float(self.swiglu_limit))
+        if self.scale_input:
+            kwargs["scale_input"] = True
+        return kwargs
 
     def intermediate(self, w_down) -> int:
         """I, read off the down weight in this spec's layout ([E, H, I], or [E, I, H] transposed)."""
@@ -102,3 +110,138 @@ class ExpertsSpec:
         layout = "[E,H,2I]/[E,I,H]" if self.transposed else "[E,2I,H]/[E,H,I]"
         scaled = ", router weight scales the input" if self.scale_input else ""
         return f"{act}, gate_up={self.gate_up.value}, weights {layout}{scaled}"
+
+
+class Scoring(str, enum.Enum):
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+
+
+class RouteOrder(str, enum.Enum):
+    SCORE_THEN_TOPK = "score_then_topk"  # scores over all E experts, then top-k
+    TOPK_THEN_SCORE = "topk_then_score"  # top-k of the logits, then softmax over those k
+    SPARSEMIXER = "sparsemixer"  # PhiMoE: k rounds of argmax, each weighted by a softmax over its near-ties
+
+
+class GroupScore(str, enum.Enum):
+    """How a group of experts is scored in group-limited routing."""
+
+    TOP2_SUM = "top2_sum"  # the sum of its best two choice scores (DeepSeek-V3)
+    MAX = "max"  # its best choice score (DeepSeek-V2)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+    """A transformers 5.x router (the route op's keyword arguments). Forms, each the op sequence of the
+    named router:
+
+        softmax -> top-k [-> renormalize]        Qwen2/Qwen3-MoE, Mixtral, OLMoE (Qwen3MoeTopKRouter ...)
+        top-k on logits -> softmax over the k    GPT-OSS-style (router bias folded into the logits by the caller)
+        top-k on logits -> sigmoid of each       Llama-4
+        sigmoid (+ correction bias for choice) -> group-limited top-k -> gather unbiased scores [-> renormalize]
+                                                 DeepSeek-V3 / Kimi-K2 / GLM4-MoE (DeepseekV3TopkRouter)
+        x routed_scaling_factor at the end.
+        sparse mixer (eval): k rounds; round r takes the best expert not taken yet (m_r, i_r) and weighs it by a
+                             softmax over the untaken experts within 2 * jitter_eps of m_r, relative to
+                             max(|x|, m_r)                 PhiMoE (sparsemixer, modeling_phimoe.py, training=False)
+
+    Group-limited selection: experts split into n_group groups scored by `group_score`; only the best
+    topk_group groups stay; the others' choice scores become `masked_score` (-inf in transformers 5.23).
+    """
+
+    top_k: int
+    scoring: Scoring = Scoring.SOFTMAX
+    order: RouteOrder = RouteOrder.SCORE_THEN_TOPK
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: GroupScore = GroupScore.TOP2_SUM
+    masked_score: float = -math.inf
+    jitter_eps: float = 0.0  # sparse mixer: experts within 2 * jitter_eps (relative) of a round's best share it
+
+    def __post_init__(self):
+        _enum_field(self, "scoring", Scoring)
+        _enum_field(self, "order", RouteOrder)
+        _enum_field(self, "group_score", GroupScore)
+        if self.top_k < 1:
+            raise ValueError(f"RouterSpec.top_k: expected >= 1, got {self.top_k}")
+        if self.order is RouteOrder.TOPK_THEN_SCORE and (
+            self.n_group != 1 or self.norm_topk_prob or self.routed_scaling_factor != 1.0
+        ):
+            raise ValueError("RouterSpec.order: topk_then_score is defined without groups, renormalization or scaling")
+        if self.order is RouteOrder.SPARSEMIXER:
+            if (
+                self.scoring is not Scoring.SOFTMAX
+                or self.n_group != 1
+                or self.norm_topk_prob
+                or self.routed_scaling_factor != 1.0
+            ):
+                raise ValueError(
+                    "RouterSpec.order: sparsemixer is defined with softmax scoring, without groups, "
+                    "renormalization or scaling"
+                )
+            if not self.jitter_eps >= 0.0:
+                raise ValueError(f"RouterSpec.jitter_eps: expected >= 0, got {self.jitter_eps}")
+        elif self.jitter_eps != 0.0:
+            raise ValueError(
+                f"RouterSpec.jitter_eps: only the sparsemixer order has one, got {self.jitter_eps} with {self.order.value}"
+            )
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(
+                f"RouterSpec.topk_group: expected 1 <= topk_group <= n_group={self.n_group}, got {self.topk_group}"
+            )
+
+    def op_kwargs(self) -> dict:
+        """The spec as the route ops' keyword arguments: the fields that differ from their defaults (top_k
+        always)."""
+        kwargs = {"top_k": self.top_k}
+        for f in dataclasses.fields(self)[1:]:
+            value = getattr(self, f.name)
+            if value != f.default:
+                kwargs[f.name] = value.value if isinstance(value, enum.Enum) else value
+        return kwargs
+
+    def describe(self) -> str:
+        if self.order is RouteOrder.SPARSEMIXER:
+            return (
+                f"sparse mixer, {self.top_k} rounds of argmax, softmax over the experts within "
+                f"{2 * self.jitter_eps:g} (relative) of each round's best"
+            )
+        if self.order is RouteOrder.TOPK_THEN_SCORE:
+            if self.scoring is Scoring.SIGMOID:
+                return f"top-{self.top_k} of the logits, then sigmoid of each"
+            return f"top-{self.top_k} of the logits, then softmax over them"
+        parts = [f"{self.scoring.value}, top-{self.top_k}"]
+        if self.n_group > 1:
+            parts.append(
+                f"best {self.topk_group} of {self.n_group} groups ({self.group_score.value}, others {self.masked_score})"
+            )
+        if self.norm_topk_prob:
+            parts.append("renormalized")
+        if self.routed_scaling_factor != 1.0:
+            parts.append(f"x {self.routed_scaling_factor}")
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedMLP:
+    """The block's shared experts as the experts op reads them: the block's own nn.Linear weights ([out, in]),
+    in place. Gate and up are two [Is, H] tensors or the halves of one [2Is, H] (gate rows first); the
+    activation is the routed experts' (ExpertsSpec.activation), always with concatenated gate / up."""
+
+    gate: object  # [Is, H] (a view of the fused [2Is, H] weight when there is one)
+    up: object  # [Is, H]
+    down: object  # [H, Is]
+    expert_gate: object | None  # [1, H] for the sigmoid-gated form, else None
+
+    @classmethod
+    def from_parts(cls, gate_proj, up_proj, down_proj, expert_gate) -> SharedMLP:
+        """up_proj None: gate_proj is one [2Is, H] weight, split into its halves as views (no copy)."""
+        if up_proj is None:
+            gate_proj, up_proj = gate_proj.chunk(2, dim=0)
+        return cls(gate_proj, up_proj, down_proj, expert_gate)
+
+    @property
+    def intermediate(self) -> int:
+        return self.down.shape[1]

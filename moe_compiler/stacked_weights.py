@@ -28,6 +28,10 @@ import warnings
 import torch
 from torch import Tensor
 
+class UntiledWeightsWarning(RuntimeWarning):
+    """The per-expert weights no longer tile one storage: each call concatenates them (correct, slower)."""
+
+
 UNTILED_WARNING = (
     "moe_compiler: the per-expert weights of an experts block no longer tile one stacked tensor (a parameter "
     "was re-assigned, or the model was moved after compiling), so each call concatenates them ({mb:.1f} MB "
@@ -60,7 +64,7 @@ def stacked(parts: list[Tensor], num_experts: int) -> Tensor:
         first = parts[0]
         return first.as_strided(shape, (per_expert * rows * cols, cols, 1), first.storage_offset())
     mb = sum(p.numel() * p.element_size() for p in parts) / 2**20
-    warnings.warn(UNTILED_WARNING.format(mb=mb), RuntimeWarning, stacklevel=2)
+    warnings.warn(UNTILED_WARNING.format(mb=mb), UntiledWeightsWarning, stacklevel=2)
     return torch.cat(parts).view(shape)
 
 

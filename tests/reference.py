@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from moe_compiler.activations import gated_forward
+from moe_compiler.lowering.torch_activations import gated_forward
 from moe_compiler.spec import ExpertsSpec, GateUpLayout
 
 

@@ -112,7 +112,7 @@ def test_opcheck(dtype, bias):
     for t in (hidden, weights, w1, w2, b1, b2):
         if t is not None:
             t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.moe_compiler.experts.default, (hidden, ids, weights, w1, w2, b1, b2, *spec.op_args()))
+    torch.library.opcheck(torch.ops.moe_compiler.experts.default, (hidden, ids, weights, w1, w2, b1, b2), spec.op_kwargs())
 
 
 def test_opcheck_scale_input():
@@ -120,7 +120,7 @@ def test_opcheck_scale_input():
     hidden, ids, weights, w1, w2, _, _ = make_inputs(6, 16, 8, 4, 2, torch.float32, spec)
     for t in (hidden, weights, w1, w2):
         t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.moe_compiler.experts.default, (hidden, ids, weights, w1, w2, None, None, *spec.op_args()))
+    torch.library.opcheck(torch.ops.moe_compiler.experts.default, (hidden, ids, weights, w1, w2, None, None), spec.op_kwargs())
 
 
 def test_weights_are_read_in_place():

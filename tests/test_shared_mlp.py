@@ -1,4 +1,4 @@
-"""`moe_compiler.experts_shared` (ops.py, shared_mlp.py): the experts op plus the block's shared experts,
+"""The experts op with the block's shared experts (its shared_* arguments; lowering/torch_shared.py),
 against fp64 references, its gradients against fp64 autograd, opcheck, and clear errors."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
 from reference import experts_reference, rel_err, shared_reference
 from test_ops import make_inputs
 
-OP = torch.ops.moe_compiler.experts_shared.default
+OP = torch.ops.moe_compiler.experts.default
 # (fused gate_up Linear, sigmoid expert gate): Granite, Qwen2-MoE / Qwen3-Next, DeepSeek-style
 FORMS = [(False, True), (True, False), (False, False)]
 
@@ -23,8 +23,15 @@ def shared_inputs(H, Is, dtype, fused, gated, seed=1):
     return gate_up, rnd(H, Is), rnd(1, H) if gated else None
 
 
+def op_args(shared):
+    """(shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate) from ([gate, up] or [gate_up], down, gate)."""
+    gate_up, down, gate = shared
+    gate_proj, up_proj = (gate_up[0], None) if len(gate_up) == 1 else gate_up
+    return gate_proj, up_proj, down, gate
+
+
 def call(routed, shared, spec):
-    return OP(*routed, *shared, *spec.op_args())
+    return OP(*routed, *op_args(shared), **spec.op_kwargs())
 
 
 @pytest.mark.parametrize("fused,gated", FORMS, ids=["gate_up-gated", "fused-plain", "gate_up-plain"])
@@ -67,7 +74,7 @@ def test_opcheck(fused, gated):
     gate_up, down, gate = shared_inputs(16, 12, torch.float32, fused, gated)
     for t in (*gate_up, down, *([gate] if gated else [])):
         t.requires_grad_()
-    torch.library.opcheck(OP, (*routed, gate_up, down, gate, *ExpertsSpec().op_args()))
+    torch.library.opcheck(OP, (*routed, *op_args((gate_up, down, gate))), ExpertsSpec().op_kwargs())
 
 
 def test_empty_batch_is_zeros():
@@ -79,10 +86,10 @@ def test_empty_batch_is_zeros():
 @pytest.mark.parametrize(
     "mutate,match",
     [
-        (lambda s: s.__setitem__(0, s[0] + s[0]), "shared_gate_up: expected \\[gate, up\\] or \\[gate_up\\], got 4 tensors"),
+        (lambda s: s.__setitem__(1, None), "shared experts: expected shared_gate_proj and shared_down_proj together"),
         (lambda s: s.__setitem__(1, s[1][:, :8]), "shared gate/up shapes: expected \\[\\(8, 16\\), \\(8, 16\\)\\], got \\[\\(12, 16\\), \\(12, 16\\)\\]"),
-        (lambda s: s.__setitem__(1, s[1][:8]), "shared_down shape: expected \\[H=16, Is\\]"),
-        (lambda s: s.__setitem__(2, torch.randn(2, 16)), "shared_gate shape: expected \\(1, 16\\), got \\(2, 16\\)"),
+        (lambda s: s.__setitem__(1, s[1][:8]), "shared_down_proj shape: expected \\[H=16, Is\\]"),
+        (lambda s: s.__setitem__(2, torch.randn(2, 16)), "shared_expert_gate shape: expected \\(1, 16\\), got \\(2, 16\\)"),
         (lambda s: s.__setitem__(1, s[1].double()), "shared weight dtype"),
     ],
 )
@@ -95,14 +102,14 @@ def test_bad_shared_inputs_raise_clear_errors(mutate, match):
 
 
 def test_decode_kernels_take_only_small_shared_mlps():
-    """lowering.SHARED_IN_KERNEL_MAX_BYTES: in the kernels where it measured faster (Qwen3-Next's 6 MB shared
+    """dispatch.SHARED_IN_KERNEL_MAX_BYTES: in the kernels where it measured faster (Qwen3-Next's 6 MB shared
     MLP), cuBLAS in the op where it did not (DeepSeek-V3's 88 MB)."""
-    from moe_compiler import lowering
-    from moe_compiler.shared_mlp import SharedMLP
+    from moe_compiler.lowering import dispatch
+    from moe_compiler.spec import SharedMLP
 
     def mlp(H, Is):
         w = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")  # noqa: E731
         return SharedMLP(w(Is, H), w(Is, H), w(H, Is), None)
 
-    assert lowering._shared_in_kernel(mlp(2048, 512))
-    assert not lowering._shared_in_kernel(mlp(7168, 2048))
+    assert dispatch._shared_in_kernel(mlp(2048, 512))
+    assert not dispatch._shared_in_kernel(mlp(7168, 2048))

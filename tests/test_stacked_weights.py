@@ -44,13 +44,13 @@ def test_matches_the_reference_tiled_or_not(per_expert, dtype, tol):
     ref = experts_reference(hidden, ids, weights, w1, w2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loose = OP(hidden, ids, weights, gate_up, down, *ExpertsSpec().op_args())
+        loose = OP(hidden, ids, weights, gate_up, down, **ExpertsSpec().op_kwargs())
     assert any("no longer tile" in str(w.message) for w in caught)  # separate tensors: concatenated, and said so
     assert restack_experts(gate_up) and restack_experts(down)
     assert tiles(gate_up) and tiles(down)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # tiled: no copy, no warning
-        tight = OP(hidden, ids, weights, gate_up, down, *ExpertsSpec().op_args())
+        tight = OP(hidden, ids, weights, gate_up, down, **ExpertsSpec().op_kwargs())
     assert rel_err(loose, ref) <= tol and rel_err(tight, ref) <= tol
     assert torch.equal(loose, tight)
 
@@ -77,7 +77,7 @@ def test_backward_gives_each_part_its_gradient():
     parts = [torch.nn.Parameter(p.float()) for p in gate_up + down]
     restack_experts(parts[: 2 * E]), restack_experts(parts[2 * E:])
     x, w = hidden.float().requires_grad_(), weights.float().requires_grad_()
-    OP(x, ids, w, parts[: 2 * E], parts[2 * E:], *ExpertsSpec().op_args()).square().sum().backward()
+    OP(x, ids, w, parts[: 2 * E], parts[2 * E:], **ExpertsSpec().op_kwargs()).square().sum().backward()
     d_w1 = torch.stack([torch.cat([parts[2 * e].grad, parts[2 * e + 1].grad]) for e in range(E)])
     d_w2 = torch.stack([p.grad for p in parts[2 * E:]])
     for got, want in ((x.grad, ref_leaves[0].grad), (w.grad, ref_leaves[1].grad), (d_w1, ref_leaves[2].grad), (d_w2, ref_leaves[3].grad)):
@@ -90,7 +90,7 @@ def test_opcheck():
     hidden, ids, weights = _routing(7, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opcheck clones the parts one by one: they no longer tile
-        torch.library.opcheck(OP, (hidden, ids, weights, gate_up, down, *ExpertsSpec().op_args()))
+        torch.library.opcheck(OP, (hidden, ids, weights, gate_up, down), ExpertsSpec().op_kwargs())
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_bad_parts_raise_clear_errors(mutate, match):
     a = {"gate_up": gate_up, "down": down, "spec": ExpertsSpec()}
     mutate(a)
     with pytest.raises(ValueError, match=match):
-        OP(hidden, ids, weights, a["gate_up"], a["down"], *a["spec"].op_args())
+        OP(hidden, ids, weights, a["gate_up"], a["down"], **a["spec"].op_kwargs())
 
 
 def test_restack_refuses_mixed_or_repeated_parts():

@@ -1,6 +1,6 @@
 """Kernel configurations of the Triton experts forward: typed, validated, and stored per GPU as data.
 
-    configs/<gpu name>.json     written by benchmarks/tune_experts.py, committed, schema below
+    configs/<gpu name>.json     written by `python -m moe_compiler.tune`, committed, schema below
     lookup(gpu, capability, dtype, E, k, H, I, T) -> DecodeConfig | SortedConfig
 
 A tuned file holds entries keyed by (dtype, E, k, H, I, T). Lookup takes the entries of the exact
@@ -180,7 +180,7 @@ def load_file(path: pathlib.Path) -> list[dict]:
     """Entries of a config file, each with its config parsed; raises ValueError naming what is wrong."""
     data = json.loads(path.read_text())
     if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA}; re-run benchmarks/tune_experts.py")
+        raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA}; re-run python -m moe_compiler.tune")
     entries = []
     for i, e in enumerate(data.get("entries", [])):
         missing = {"dtype", "E", "k", "H", "I", "T", "config"} - set(e)
@@ -235,13 +235,13 @@ def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: in
         _warn_once(
             (gpu_name, dname, E, k, H, I),
             f"moe_compiler: no Triton configs tuned on {gpu_name} for this shape; using those tuned on {tuned_on} (same compute "
-            f"capability {tuple(capability)}). Tune with: python benchmarks/tune_experts.py --shape {E},{k},{H},{I} --dtype {dname} --merge",
+            f"capability {tuple(capability)}). Tune with: python -m moe_compiler.tune --shape {E},{k},{H},{I} --dtype {dname} --merge",
         )
     if config is None:
         _warn_once(
             (gpu_name, dname, E, k, H, I),
             f"moe_compiler: no tuned Triton config for {dname} experts E={E}, k={k}, H={H}, I={I} on {gpu_name}; "
-            f"using untuned defaults (can be several times slower). Tune with: python benchmarks/tune_experts.py "
+            f"using untuned defaults (can be several times slower). Tune with: python -m moe_compiler.tune "
             f"--shape {E},{k},{H},{I} --dtype {dname}",
         )
         return default_config(dtype, E, k, H, I, T)

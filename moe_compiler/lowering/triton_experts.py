@@ -32,13 +32,12 @@ rows of the gate_up GEMM always come by pointer loads (Hopper's TMA has no row g
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout
+from . import device
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import AlignedRows, align_rows
 from .triton_config import Combine, SortedConfig
@@ -209,14 +208,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _grid(max_tiles: int, programs_per_sm: int, device: torch.device) -> tuple[int]:
-    if programs_per_sm and device.type == "cuda":
-        return (max(1, min(max_tiles, programs_per_sm * _num_sms(device.index or 0))),)
+def _grid(max_tiles: int, programs_per_sm: int, t: torch.Tensor) -> tuple[int]:
+    if programs_per_sm and t.device.type == "cuda":
+        return (max(1, min(max_tiles, programs_per_sm * device.num_sms(device.index(t)))),)
     return (max(1, max_tiles),)
 
 
@@ -225,15 +219,10 @@ def logical_strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
     return (w.stride(0), w.stride(2), w.stride(1)) if transposed else (w.stride(0), w.stride(1), w.stride(2))
 
 
-@functools.cache
-def _has_tma(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def tma_ok(*tensors: torch.Tensor) -> bool:
     """Whether TMA can load these (CUDA, sm90+, unit last stride, 16-byte aligned base and strides)."""
     t0 = tensors[0]
-    if t0.device.type != "cuda" or not _has_tma(t0.device.index if t0.device.index is not None else torch.cuda.current_device()):
+    if t0.device.type != "cuda" or not device.has_tma(device.index(t0)):
         return False
     return all(
         t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
@@ -259,7 +248,7 @@ def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: Expert
     interleaved = spec.gate_up is GateUpLayout.INTERLEAVED
     use_tma = config.tma and not spec.transposed and tma_ok(w_gate_up)
     w_desc = _weight_desc(w_gate_up, (2 if interleaved else 1) * gu.block_n, gu.block_k, use_tma)
-    _gate_up_kernel[_grid(rows.max_blocks * triton.cdiv(I, gu.block_n), config.programs_per_sm, hidden.device)](
+    _gate_up_kernel[_grid(rows.max_blocks * triton.cdiv(I, gu.block_n), config.programs_per_sm, hidden)](
         hidden, w_gate_up, w_desc, b_gate_up if b_gate_up is not None else w_gate_up, act,
         weights if spec.scale_input else act, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m,
@@ -283,7 +272,7 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor(act, list(act.shape), list(act.stride()), [config.block_m, dn.block_k])
-    _down_kernel[_grid(rows.max_blocks * triton.cdiv(H, dn.block_n), config.programs_per_sm, act.device)](
+    _down_kernel[_grid(rows.max_blocks * triton.cdiv(H, dn.block_n), config.programs_per_sm, act)](
         act, a_desc, w_down, _weight_desc(w_down, dn.block_n, dn.block_k, use_tma), b_down if b_down is not None else w_down, y, weights,
         rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, config.group_m,

@@ -1,5 +1,5 @@
 """Triton: the whole router in one launch - scores, correction bias, group-limited selection, top-k,
-renormalization, scaling - for every RouterSpec of routing.py.
+renormalization, scaling - for every spec.RouterSpec.
 
 Data contract (T tokens, E experts, k top-k, G groups of E / G experts)
     router_logits    [T, E]   any float dtype (read once, computed in fp32)
@@ -16,12 +16,12 @@ two (DeepSeek-V2: 160 experts in 8 groups). No sort, no host sync: capture-safe.
 
 PhiMoE's sparse mixer has its own kernel (_sparsemixer_kernel, same tile): k rounds of argmax over the untaken
 experts, each weighted by a softmax over the round's near-ties; the near-tie test rounds (m - x) and the
-quotient by max(|x|, m) to the logits' dtype, as eager computes it (routing.py), with IEEE division (div_rn).
+quotient by max(|x|, m) to the logits' dtype, as eager computes it (torch_route.py), with IEEE division
+(div_rn).
 
-The route op runs this on CUDA (routing.route). Checked against routing.route_forward under TRITON_INTERPRET
-(tests/lowering/test_triton_route.py) and on the GPU at real router shapes under graph capture
-(tests/test_gpu.py). H100, bf16, under CUDA graphs: 2-7 µs up to T=1024, 0.07-0.48x the time of the same
-router compiled by Inductor (benchmarks/bench_route.py, results/route_*.json).
+The route op runs this on CUDA (dispatch.route_forward). Checked against torch_route.route_forward under
+TRITON_INTERPRET and on the GPU at real router shapes under graph capture (tests/lowering/test_triton_route.py);
+timed against Inductor's compiled routers by benchmarks/bench_route.py (figures in benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..routing import RouteOrder, RouterSpec, Scoring
+from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring
 
 
 @triton.jit
@@ -169,7 +169,7 @@ def route_forward(
     router_logits: torch.Tensor, correction_bias: torch.Tensor | None, spec: RouterSpec,
     block_t: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T, k] fp32, ids [T, k] int64); same contract as routing.route_forward. block_t /
+    """(weights [T, k] fp32, ids [T, k] int64); same contract as torch_route.route_forward. block_t /
     num_warps override the tile (benchmarks/bench_route.py sweeps them)."""
     T, E = router_logits.shape
     k = spec.top_k
@@ -196,7 +196,7 @@ def route_forward(
         float(spec.routed_scaling_factor), masked, 1e-20 if sigmoid else 0.0,
         TOP_K=k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE, NORM=spec.norm_topk_prob,
         HAS_BIAS=correction_bias is not None, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group,
-        GROUP_MAX=spec.group_score == "max", BLOCK_T=block_t, BLOCK_E=block_e,
+        GROUP_MAX=spec.group_score is GroupScore.MAX, BLOCK_T=block_t, BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(k), BLOCK_G=triton.next_power_of_2(spec.n_group),
         num_warps=num_warps or 4,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .regions import op_name
+from .fx_utils import op_name
 
 _SIGNATURE_OPS = {"one_hot", "nonzero"}
 

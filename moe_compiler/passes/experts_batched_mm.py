@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .regions import follow, is_tensor_index, op_name
 from .experts_common import GemmUse
+from .fx_utils import follow, is_tensor_index, op_name
+from .match import ExpertsForm
 
-FORM = "batched_mm"
+FORM = ExpertsForm.BATCHED_MM
 
 
 def _gathered_weight(node) -> fx.Node | None:

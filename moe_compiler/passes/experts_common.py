@@ -21,10 +21,25 @@ import dataclasses
 import torch
 import torch.fx as fx
 
+from ..ops.signature import ExpertsTensors, OpCall
 from ..spec import ExpertsSpec
+from . import verify
+from .fx_utils import (
+    VALUE_PRESERVING,
+    derives_from,
+    dims,
+    example_value,
+    follow,
+    is_in_place,
+    is_param,
+    is_tensor_node,
+    op_call_code,
+    op_name,
+)
 from .gated_activation import recognize_gated_activation
-from .regions import Region, derives_from, example_value, follow, is_tensor_node, op_name, VALUE_PRESERVING
-from .reject import Reject
+from .match import EagerExpertsLoop, Edit, ExpertsForm, Match, NoExpertGemm, Reject
+from .regions import Region
+from .rewrite import replace_with_call
 
 EAGER_FIX = (
     "experts_implementation='eager' loops over experts found by `nonzero()`, which breaks the graph "
@@ -48,44 +63,65 @@ class GemmUse:
     out: fx.Node  # its [S, out] result (after squeezing a bmm's unit dim)
 
 
-@dataclasses.dataclass
-class ExpertsMatch:
-    form: str
+class RegionMatch(Match):
+    """A proven experts computation: the region it replaces, the op call that replaces it, its sizes."""
+
+    form: ExpertsForm
     spec: ExpertsSpec
+    region: Region  # the nodes the op call replaces (and what they read)
+    output: fx.Node  # the value the op call takes over
+    shape: dict  # T, H, I, E, k (ints or symbolic)
+
+    def call(self) -> OpCall:
+        """The replacing op call, its tensor arguments graph nodes."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.spec.describe()
+
+    def verify(self, gm: fx.GraphModule, real: dict) -> str:
+        return verify.experts_region(gm, self.region, self.call(), self.output, self.shape, real)
+
+    def rewrite(self, gm: fx.GraphModule) -> Edit:
+        return replace_with_call(gm, self.call(), self.output, self.region.nodes)
+
+    def after_code(self, gm: fx.GraphModule) -> str:
+        return op_call_code(gm, self.call())
+
+
+@dataclasses.dataclass
+class ExpertsMatch(RegionMatch):
+    """The grouped_mm / batched_mm forms: one `experts` call replaces the `*Experts` module's region."""
+
+    form: ExpertsForm
+    spec: ExpertsSpec
+    region: Region
+    output: fx.Node
+    shape: dict
     hidden: fx.Node
     topk_ids: fx.Node
     topk_weights: fx.Node
     w_gate_up: fx.Node
     w_down: fx.Node
-    output: fx.Node
-    shape: dict  # T, H, I, E, k (ints or symbolic)
     b_gate_up: fx.Node | None = None
     b_down: fx.Node | None = None
 
-    @property
-    def op(self):
-        return torch.ops.moe_compiler.experts.default
-
-    def op_args(self) -> tuple:
-        """The op call's arguments: graph nodes and the spec's constants."""
-        return (self.hidden, self.topk_ids, self.topk_weights, self.w_gate_up, self.w_down, self.b_gate_up, self.b_down, *self.spec.op_args())
+    def call(self) -> OpCall:
+        tensors = ExpertsTensors(self.hidden, self.topk_ids, self.topk_weights, self.w_gate_up, self.w_down,
+                                 self.b_gate_up, self.b_down)
+        return OpCall(torch.ops.moe_compiler.experts.default, tensors, self.spec)
 
 
 # The router weights reach the multiply through reshapes, the sort permutation and unsqueeze.
 _WEIGHT_PATH = VALUE_PRESERVING | {"reshape", "view", "flatten"}
 
 
-def _dims(node: fx.Node):
-    ev = example_value(node)
-    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else None
-
-
 def _sums_over_k(node: fx.Node) -> bool:
     if op_name(node) != "sum":
         return False
-    dims = _dims(node.args[0])
+    shape = dims(node.args[0])
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return dims is not None and len(dims) == 3 and dim in (1, -2, (1,), [1])
+    return shape is not None and len(shape) == 3 and dim in (1, -2, (1,), [1])
 
 
 def _gemm_bias(use: GemmUse, region: Region, num_experts) -> fx.Node | None:
@@ -104,10 +140,10 @@ def _gemm_bias(use: GemmUse, region: Region, num_experts) -> fx.Node | None:
     order = {n: i for i, n in enumerate(region.nodes)}
     if any(order.get(u, -1) < order[add] for u in use.out.users if u is not add):
         raise Reject(f"`{use.out.name}` is read before its bias add `{add.name}`")
-    bias = follow(add.args[1], gathers=True, within=region)
-    dims = _dims(bias)
-    if bias.op not in ("placeholder", "get_attr") or dims is None or len(dims) != 2 or dims[0] != num_experts:
-        raise Reject(f"the bias added to `{use.out.name}` comes from `{bias.name}` {dims}, expected an [E, N] parameter")
+    bias = follow(add.args[1], gathers=True, within=region.contains)
+    shape = dims(bias)
+    if not is_param(bias, 2) or shape[0] != num_experts:
+        raise Reject(f"the bias added to `{use.out.name}` comes from `{bias.name}` {shape}, expected an [E, N] parameter")
     return bias
 
 
@@ -125,19 +161,22 @@ def _sentinel_fills(region: Region, num_experts) -> frozenset:
     return frozenset(fills)
 
 
-def _find_gemms(region: Region, forms) -> tuple[str, list[GemmUse]]:
+def _find_gemms(region: Region, forms) -> tuple[ExpertsForm, list[GemmUse]]:
     for form in forms:
         uses = [u for n in region.nodes if (u := form.match_gemm(n)) is not None]
         if uses:
             return form.FORM, uses
     ops = sorted({op_name(n) for n in region.nodes})
-    raise Reject(f"no expert GEMM found (grouped_mm / _grouped_mm / grouped_mm_fallback, or bmm over gathered weights); region ops: {ops}")
+    raise NoExpertGemm(
+        "no expert GEMM found (grouped_mm / _grouped_mm / grouped_mm_fallback, or bmm over gathered weights); "
+        f"region ops: {ops}"
+    )
 
 
 def recognize_experts(region: Region, forms) -> ExpertsMatch:
     names = {op_name(n) for n in region.nodes}
     if names & {"nonzero", "one_hot"}:
-        raise Reject(EAGER_FIX)
+        raise EagerExpertsLoop(EAGER_FIX)
 
     # 5. one output, no mutation escaping the region.
     outs = [o for o in region.outputs if is_tensor_node(o)]
@@ -145,7 +184,7 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
         raise Reject(f"expected one tensor output of the experts region, found {len(outs)}: {[o.name for o in outs]}")
     output = outs[0]
     for n in region.nodes:
-        mutating = op_name(n) == "setitem" or (n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_"))
+        mutating = op_name(n) == "setitem" or is_in_place(n)
         if mutating and isinstance(n.args[0], fx.Node) and not region.contains(n.args[0]):
             raise Reject(f"`{n.name}` ({op_name(n)}) mutates `{n.args[0].name}`, which lives outside the region")
 
@@ -155,24 +194,24 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
         raise Reject(f"expected 2 expert GEMMs (gate_up, down) in the {form} form, found {len(uses)}: {[u.node.name for u in uses]}")
     up, down = uses
     for use, role in ((up, "gate_up"), (down, "down")):
-        if use.weight.op not in ("placeholder", "get_attr") or len(_dims(use.weight) or ()) != 3:
+        if not is_param(use.weight, 3):
             raise Reject(f"the {role} GEMM's weight `{use.weight.name}` is not a 3-D graph input (a parameter read in place)")
     if up.weight is down.weight:
         raise Reject("both GEMMs read the same weight")
     if up.transposed_storage != down.transposed_storage:
         raise Reject("gate_up and down weights are stored in different layouts")
-    if not derives_from(down.x, up.node, region):
+    if not derives_from(down.x, up.node, region.contains):
         raise Reject(f"the second GEMM `{down.node.name}` does not consume the first `{up.node.name}`")
 
     # 1. hidden rows feed the first GEMM.
-    hidden = follow(up.x, gathers=True, within=region)
-    h_dims = _dims(hidden)
+    hidden = follow(up.x, gathers=True, within=region.contains)
+    h_dims = dims(hidden)
     if h_dims is None or len(h_dims) != 2 or not example_value(hidden).is_floating_point():
         raise Reject(f"the gate_up GEMM's rows come from `{hidden.name}` of shape {h_dims}, expected a 2-D [T, H] float tensor")
 
     # 3. the gated activation (through transformers 5.17's expert-parallel sentinel fills, identities here),
     #    after each GEMM's optional per-expert bias.
-    E = _dims(up.weight)[0]
+    E = dims(up.weight)[0]
     transparent = _sentinel_fills(region, E)
     b_gate_up, b_down = _gemm_bias(up, region, E), _gemm_bias(down, region, E)
     gated = recognize_gated_activation(down.x, follow(up.out, transparent=transparent), transparent)
@@ -185,30 +224,31 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
     topk_ids = id_inputs[0]
     weighted = None
     for n in region.nodes:
-        if op_name(n) != "mul" or not derives_from(n, down.node, region):
+        if op_name(n) != "mul" or not derives_from(n, down.node, region.contains):
             continue
         for y, w in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
-            if isinstance(w, fx.Node) and derives_from(y, down.node, region) and not derives_from(w, down.node, region):
-                src = follow(w, through=_WEIGHT_PATH, gathers=True, within=region)
-                if src in inputs and src is not hidden and _dims(src) == _dims(topk_ids):
+            if isinstance(w, fx.Node) and derives_from(y, down.node, region.contains) and not derives_from(w, down.node, region.contains):
+                src = follow(w, through=_WEIGHT_PATH, gathers=True, within=region.contains)
+                if src in inputs and src is not hidden and dims(src) == dims(topk_ids):
                     weighted = (n, src)
     if weighted is None:
         raise Reject("no multiply of the down GEMM's output by a [T, k] router-weight input (input-side scaling is not this op)")
     mul, topk_weights = weighted
-    if not derives_from(output, mul, region):
+    if not derives_from(output, mul, region.contains):
         raise Reject("the region output does not derive from the router-weighted expert outputs")
-    if not any(_sums_over_k(n) and derives_from(n, mul, region) and derives_from(output, n, region) for n in region.nodes):
+    if not any(_sums_over_k(n) and derives_from(n, mul, region.contains) and derives_from(output, n, region.contains) for n in region.nodes):
         raise Reject("the weighted expert outputs are not summed over the k slots ([T, k, H].sum(1))")
-    if not derives_from(up.node, topk_ids, region):
+    if not derives_from(up.node, topk_ids, region.contains):
         raise Reject("the expert GEMM's grouping / weight gather does not depend on the top-k ids")
 
     known = {hidden, topk_ids, topk_weights, up.weight, down.weight, b_gate_up, b_down}
     extra = [i for i in inputs if i not in known]
     if extra:
-        raise Reject(f"unexpected tensor inputs {[(i.name, _dims(i)) for i in extra]} (e.g. a post-expert norm: NYI)")
+        raise Reject(f"unexpected tensor inputs {[(i.name, dims(i)) for i in extra]} (e.g. a post-expert norm: NYI)")
 
-    w1 = _dims(up.weight)
+    w1 = dims(up.weight)
     I2 = w1[2] if up.transposed_storage else w1[1]
-    shape = {"T": h_dims[0], "H": h_dims[1], "E": E, "I": I2 // 2, "k": _dims(topk_ids)[1]}
+    shape = {"T": h_dims[0], "H": h_dims[1], "E": E, "I": I2 // 2, "k": dims(topk_ids)[1]}
     spec = ExpertsSpec(gated.activation, gated.layout, up.transposed_storage, gated.swiglu_alpha, gated.swiglu_limit)
-    return ExpertsMatch(form, spec, hidden, topk_ids, topk_weights, up.weight, down.weight, output, shape, b_gate_up, b_down)
+    return ExpertsMatch(form, spec, region, output, shape, hidden, topk_ids, topk_weights, up.weight, down.weight,
+                        b_gate_up, b_down)

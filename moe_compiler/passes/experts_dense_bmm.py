@@ -26,18 +26,39 @@ import math
 import torch
 import torch.fx as fx
 
+from ..ops.signature import ExpertsTensors, OpCall
 from ..spec import ExpertsSpec
+from . import verify
+from .fx_utils import (
+    arg,
+    backward_slice,
+    call_code,
+    dims,
+    example_value,
+    follow,
+    in_graph_order,
+    is_param,
+    node_meta,
+    op_name,
+    strip_casts,
+    subgraph_module,
+)
 from .gated_activation import recognize_gated_activation
-from .regions import Region, arg, dims, example_value, follow, in_graph_order, op_name, region_module, strip_casts
-from .reject import Reject
+from .match import Edit, ExpertsForm, Reject
+from .experts_common import RegionMatch
+from .regions import Region
+from .rewrite import erase_unused
 
-FORM = "dense_bmm"
+FORM = ExpertsForm.DENSE_BMM
 
 
 @dataclasses.dataclass
-class DenseMatch:
-    form: str
+class DenseMatch(RegionMatch):
+    form: ExpertsForm
     spec: ExpertsSpec
+    region: Region  # the block's nodes from the scores to the sum (what the op replaces) and their inputs
+    output: fx.Node  # the sum over experts, [T, H]
+    shape: dict
     hidden: fx.Node  # x [T, H], before the repeat
     logits: fx.Node  # router logits [T, E]
     topk_ids: fx.Node  # getitem(topk, 1)
@@ -45,16 +66,24 @@ class DenseMatch:
     weight_dtype: torch.dtype  # the dtype of the scores the block multiplied with
     w_gate_up: fx.Node
     w_down: fx.Node
-    output: fx.Node  # the sum over experts, [T, H]
-    nodes: list[fx.Node]  # the block's nodes from the scores to the sum (what the op replaces)
-    inputs: list[fx.Node]  # what they read from outside
-    shape: dict
 
+    def call(self, weights: fx.Node | None = None) -> OpCall:
+        """The replacing call; its router weights `weights` = sigmoid(top-k values), written by the rewrite."""
+        tensors = ExpertsTensors(self.hidden, self.topk_ids, weights, self.w_gate_up, self.w_down)
+        return OpCall(torch.ops.moe_compiler.experts.default, tensors, self.spec)
 
+    def verify(self, gm: fx.GraphModule, real: dict) -> str:
+        return _verify(gm, self, real)
 
+    def rewrite(self, gm: fx.GraphModule) -> Edit:
+        return _rewrite(gm, self)
 
-def _param(node, rank) -> bool:
-    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and len(dims(node) or ()) == rank
+    def after_code(self, gm: fx.GraphModule) -> str:
+        def build(graph, ph):
+            w = graph.call_function(torch.sigmoid, (graph.call_method("float", (ph(self.topk_vals),)),))
+            return graph.call_function(self.call().op, (), fx.node.map_arg(self.call(w).kwargs(), ph))
+
+        return call_code(gm, build, "FusedDense")
 
 
 def recognize(region: Region) -> DenseMatch:
@@ -64,7 +93,7 @@ def recognize(region: Region) -> DenseMatch:
         raise Reject(f"dense experts: expected 2 bmm calls, found {len(bmms)}")
     up_mm, down_mm = bmms
     w1, w2 = up_mm.args[1], down_mm.args[1]
-    if not (_param(w1, 3) and _param(w2, 3)):
+    if not (is_param(w1, 3) and is_param(w2, 3)):
         raise Reject("dense experts: the bmm weights are not 3-D parameters read in place")
     E, H, two_i = dims(w1)
     if dims(w2) != (E, two_i // 2, H):
@@ -122,46 +151,31 @@ def recognize(region: Region) -> DenseMatch:
     if dims(logits) != (T, E):
         raise Reject(f"dense experts: router logits {dims(logits)}, expected [T={T}, E={E}]")
 
-    nodes, inputs = _block_nodes(total, stop={hidden, logits, ids, vals})
+    nodes, inputs = in_graph_order(backward_slice([total], stop={hidden, logits, ids, vals}), total.graph)
+    block = Region(region.path, region.cls, nodes, inputs, [total], region.found_by)
     spec = ExpertsSpec(gated.activation, gated.layout, True, gated.swiglu_alpha, gated.swiglu_limit, scale_input=True)
     shape = {"T": T, "H": H, "E": E, "I": two_i // 2, "k": dims(ids)[1]}
-    return DenseMatch(FORM, spec, hidden, logits, ids, vals, example_value(scores).dtype, w1, w2, total, nodes, inputs, shape)
+    return DenseMatch(FORM, spec, block, total, shape, hidden, logits, ids, vals, example_value(scores).dtype, w1, w2)
 
 
-def _block_nodes(total: fx.Node, stop: set) -> tuple[list[fx.Node], list[fx.Node]]:
-    """The compute nodes `total` depends on up to `stop` (graph order), and what they read from outside."""
-    inside, todo = set(), [total]
-    while todo:
-        n = todo.pop()
-        if n in stop or n in inside or n.op in ("placeholder", "get_attr"):
-            continue
-        inside.add(n)
-        todo.extend(n.all_input_nodes)
-    return in_graph_order(inside, total.graph)
-
-
-def _op_args(match: DenseMatch, weights) -> tuple:
-    return (match.hidden, match.topk_ids, weights, match.w_gate_up, match.w_down, None, None, *match.spec.op_args())
-
-
-def verify(gm: fx.GraphModule, match: DenseMatch, real: dict) -> str:
+def _verify(gm: fx.GraphModule, match: DenseMatch, real: dict) -> str:
     """Run the block (scores to the sum) and the op on fresh x and tie-free logits, the model's weights."""
-    from .verify import TOLERANCE, _hint, _router_logits
-
-    region = Region("dense_block", "dense_block", match.nodes, match.inputs, [match.output])
-    sub = region_module(gm, region, outputs=[match.output])
+    region = match.region
+    if verify.on_meta(region.inputs):
+        return verify.META_SKIP
+    sub = subgraph_module(gm, region.nodes, region.inputs, [match.output], "DenseBlock")
     gen = torch.Generator().manual_seed(0)
     values = {}
-    for node in match.inputs:
+    for node in region.inputs:
         ev = example_value(node)
         if node is match.logits:
-            values[node] = _router_logits([_hint(s) for s in ev.shape], ev.dtype, gen, ev.device)
+            values[node] = verify.router_logits([verify.hint(s) for s in ev.shape], ev.dtype, gen, ev.device)
         elif not isinstance(ev, torch.Tensor):
-            values[node] = _hint(ev)
+            values[node] = verify.hint(ev)
         elif node in real:
             values[node] = real[node]
         elif node is match.hidden:
-            values[node] = torch.randn([_hint(s) for s in ev.shape], generator=gen).to(ev.device, ev.dtype)
+            values[node] = torch.randn([verify.hint(s) for s in ev.shape], generator=gen).to(ev.device, ev.dtype)
         elif node not in (match.topk_ids, match.topk_vals):
             raise Reject(f"numerical check: cannot synthesize block input `{node.name}`")
     logits = values.get(match.logits)
@@ -170,62 +184,50 @@ def verify(gm: fx.GraphModule, match: DenseMatch, real: dict) -> str:
     k = match.shape["k"]
     vals, ids = torch.topk(logits, k, dim=-1)
     values[match.topk_ids], values[match.topk_vals] = ids, vals
-    try:
-        with torch.no_grad():
-            want = sub(*[values[i] for i in match.inputs])
-            w = torch.sigmoid(vals.float()).to(match.weight_dtype)
-            got = torch.ops.moe_compiler.experts(values[match.hidden], ids, w, values[match.w_gate_up], values[match.w_down], None, None, *match.spec.op_args())
-    except Exception as e:  # noqa: BLE001 - any failure to run means "not proven"
-        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise Reject(f"numerical check could not run: {type(e).__name__}: {first_line}") from e
-    want, got = want.double(), got.double()
-    err = float((got - want).norm() / want.norm().clamp_min(1e-30))
-    tol = TOLERANCE[values[match.hidden].dtype]
+
+    def both():
+        want = sub(*[values[i] for i in region.inputs])
+        w = torch.sigmoid(vals.float()).to(match.weight_dtype)
+        call = match.call(w)
+        return want, call.op(**fx.node.map_arg(call.kwargs(), values.__getitem__))
+
+    want, got = verify.run("numerical check", both)
+    err, tol = verify.rel_err(got, want), verify.TOLERANCE[values[match.hidden].dtype]
     if not err <= tol:
         raise Reject(f"numerical check failed: dense block vs op relative error {err:.2e} > {tol:.0e}")
     return f"rel err {err:.1e} <= {tol:.0e} (T={want.shape[0]}, only the top-{k} of {match.shape['E']} experts computed)"
 
 
-def rewrite(gm: fx.GraphModule, match: DenseMatch) -> fx.Node:
+def _rewrite(gm: fx.GraphModule, match: DenseMatch) -> Edit:
     """weights = sigmoid(top-k values); out = experts(x, ids, weights, ..., scale_input=True) replaces the sum."""
-    from .rewrite import _meta
-
-    graph = gm.graph
-    op = torch.ops.moe_compiler.experts.default
-    args = list(_op_args(match, None))
-    with example_value(match.output).fake_mode:  # fake values first: a failure leaves the graph untouched
-        w_value = torch.sigmoid(example_value(match.topk_vals).float())
+    vals, output = match.topk_vals, match.output
+    with example_value(output).fake_mode:  # every new node's value first: a failure leaves the graph untouched
+        float_value = example_value(vals).float()
+        w_value = torch.sigmoid(float_value)
         w_cast = w_value.to(match.weight_dtype)
-        fake_args = [example_value(a) if isinstance(a, fx.Node) else a for a in args]
-        fake_args[2] = w_cast
-        value = op(*fake_args)
-        out_value = value.to(example_value(match.output).dtype)
-    with graph.inserting_before(match.output):
-        w = graph.call_function(torch.sigmoid, (graph.call_method("float", (match.topk_vals,)),))
-        w.args[0].meta = _meta(match.topk_vals, example_value(match.topk_vals).float())
-        w.meta = _meta(match.topk_vals, w_value)
-        if match.weight_dtype != torch.float32:
-            w = graph.call_method("to", (w, match.weight_dtype))
-            w.meta = _meta(match.topk_vals, w_cast)
-        call = graph.call_function(op, _op_args(match, w))
-        call.meta = _meta(match.output, value)
-        result = call
-        if out_value.dtype != value.dtype:
-            result = graph.call_method("to", (call, out_value.dtype))
-            result.meta = _meta(match.output, out_value)
-    match.output.replace_all_uses_with(result)
-    for n in reversed(match.nodes):
-        if not n.users:
-            graph.erase_node(n)
-    return call
+        fake = fx.node.map_arg(match.call(vals).kwargs(), example_value)
+        value = match.call().op(**{**fake, "topk_weights": w_cast})
+        out_value = value.to(example_value(output).dtype)
 
+    def edit() -> fx.Node:
+        graph = gm.graph
+        with graph.inserting_before(output):
+            f = graph.call_method("float", (vals,))
+            f.meta = node_meta(vals, float_value)
+            w = graph.call_function(torch.sigmoid, (f,))
+            w.meta = node_meta(vals, w_value)
+            if match.weight_dtype != torch.float32:
+                w = graph.call_method("to", (w, match.weight_dtype))
+                w.meta = node_meta(vals, w_cast)
+            call = match.call(w)
+            new = graph.call_function(call.op, (), call.kwargs())
+            new.meta = node_meta(output, value)
+            result = new
+            if out_value.dtype != value.dtype:
+                result = graph.call_method("to", (new, out_value.dtype))
+                result.meta = node_meta(output, out_value)
+        output.replace_all_uses_with(result)
+        erase_unused(graph, match.region.nodes)
+        return new
 
-def after_code(gm: fx.GraphModule, match: DenseMatch) -> str:
-    graph = fx.Graph()
-    env = {n: graph.placeholder(n.name) for n in (match.hidden, match.topk_ids, match.topk_vals, match.w_gate_up, match.w_down)}
-    w = graph.call_function(torch.sigmoid, (graph.call_method("float", (env[match.topk_vals],)),))
-    args = [env.get(a, a) if isinstance(a, fx.Node) else a for a in _op_args(match, None)]
-    args[2] = w
-    graph.output(graph.call_function(torch.ops.moe_compiler.experts.default, tuple(args)))
-    return fx.GraphModule(gm, graph, class_name="FusedDense").code
-
+    return edit

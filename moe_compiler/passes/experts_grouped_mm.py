@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .regions import arg, follow, op_name
 from .experts_common import GemmUse
+from .fx_utils import arg, follow, op_name
+from .match import ExpertsForm
 
-FORM = "grouped_mm"
+FORM = ExpertsForm.GROUPED_MM
 GEMM_OPS = {"_grouped_mm", "grouped_mm", "transformers::grouped_mm_fallback"}
 
 

@@ -35,12 +35,16 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from ..spec import ExpertsSpec
+from ..ops.signature import ExpertsTensors, OpCall, UnstackedTensors
+from ..spec import Activation, ExpertsSpec, GateUpLayout
+from .experts_common import RegionMatch
+from .fx_utils import CASTS, arg, backward_slice, dims, example_value, follow, in_graph_order, is_param, op_name
 from .gated_activation import recognize_gated_activation, recognize_split_gated_activation
-from .regions import CASTS, arg, dims, example_value, follow, in_graph_order, op_name
-from .reject import Reject
+from .match import Edit, ExpertsForm, Reject
+from .regions import Region
+from .rewrite import replace_with_call
 
-FORM = "index_add_loop"
+FORM = ExpertsForm.INDEX_ADD_LOOP
 
 # Symbolic bookkeeping Dynamo emits on the unbacked size of each `where` result.
 _SIZE_BOOKKEEPING = {"sym_size", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range", "ge", "le", "gt", "lt", "eq", "ne", "and_"}
@@ -69,35 +73,41 @@ class LoopCandidate:
 
 
 @dataclasses.dataclass
-class LoopMatch:
-    form: str
+class LoopMatch(RegionMatch):
+    form: ExpertsForm
     spec: ExpertsSpec
+    region: Region  # everything the rewrite removes, graph order (incl. the size asserts), and its inputs
+    output: fx.Node  # the accumulator
+    shape: dict
     hidden: fx.Node
     topk_ids: fx.Node
     topk_weights: fx.Node
     w_gate_up: fx.Node | list[fx.Node]  # a stacked [E, 2I, H] parameter, or per-expert parts (P per expert)
     w_down: fx.Node | list[fx.Node]  # a stacked [E, H, I] parameter, or one [H, I] part per expert
-    output: fx.Node  # the accumulator
-    nodes: list[fx.Node]  # everything the rewrite removes, graph order (incl. the size asserts)
-    inputs: list[fx.Node]
-    shape: dict
     adds: list[fx.Node] = dataclasses.field(default_factory=list)
 
     @property
     def per_expert(self) -> bool:
         return isinstance(self.w_down, list)
 
-    @property
-    def op(self):
-        return torch.ops.moe_compiler.experts_unstacked.default if self.per_expert else torch.ops.moe_compiler.experts.default
-
-    def op_args(self) -> tuple:
+    def call(self) -> OpCall:
         if self.per_expert:
-            return (self.hidden, self.topk_ids, self.topk_weights, self.w_gate_up, self.w_down, *self.spec.op_args())
-        return (self.hidden, self.topk_ids, self.topk_weights, self.w_gate_up, self.w_down, None, None, *self.spec.op_args())
+            tensors = UnstackedTensors(self.hidden, self.topk_ids, self.topk_weights, self.w_gate_up, self.w_down)
+            return OpCall(torch.ops.moe_compiler.experts_unstacked.default, tensors, self.spec)
+        tensors = ExpertsTensors(self.hidden, self.topk_ids, self.topk_weights, self.w_gate_up, self.w_down)
+        return OpCall(torch.ops.moe_compiler.experts.default, tensors, self.spec)
 
     def weight_parts(self) -> list[list[fx.Node]]:
         return [self.w_gate_up, self.w_down] if self.per_expert else []
+
+    def rewrite(self, gm: fx.GraphModule) -> Edit:
+        """One op call after the loop replaces the accumulator for its readers; the loop (index_add_ calls,
+        `where`s, their size asserts) is erased, every node of it (else a `nonzero` would survive)."""
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        last_add = max(self.adds, key=order.__getitem__)
+        readers = [u for u in self.output.users if not self.region.contains(u)]
+        return replace_with_call(gm, self.call(), self.output, self.region.nodes, after=last_add, readers=readers,
+                                 erase_all=True)
 
 
 def find_index_add_loops(gm: fx.GraphModule) -> list[LoopCandidate]:
@@ -197,11 +207,11 @@ def _router_weight(w: fx.Node, where: fx.Node, t: int, it: str) -> fx.Node:
 
 def _weight_source(w: fx.Node, expert: int, it: str) -> tuple[str, fx.Node]:
     """('part', 2-D parameter) or ('stacked', 3-D parameter whose slice [expert] this is)."""
-    if w.op in ("placeholder", "get_attr") and len(dims(w) or ()) == 2:
+    if is_param(w, 2):
         return "part", w
     if op_name(w) in ("getitem", "select"):
         base, index = (w.args[0], w.args[1]) if op_name(w) == "getitem" else (w.args[0], w.args[2] if w.args[1] == 0 else None)
-        if base.op in ("placeholder", "get_attr") and len(dims(base) or ()) == 3:
+        if is_param(base, 3):
             if index != expert:
                 raise Reject(f"{it}: the projection reads slice [{index}] of `{base.name}` inside the loop step of expert {expert}")
             return "stacked", base
@@ -247,7 +257,7 @@ def _iteration(add: fx.Node, acc: fx.Node) -> tuple[_Iteration, fx.Node]:
         if op_name(gu_lin) != "linear":
             raise Reject(f"{it}: gate `{gate_node.name}` / up `{up_node.name}` are neither two Linears nor halves of one")
         gated = recognize_gated_activation(down_in, gu_lin)  # proves gate and up are its two halves
-        if gated.activation.value == "gpt_oss_swiglu":
+        if gated.activation is Activation.GPT_OSS_SWIGLU:
             raise Reject(f"{it}: GPT-OSS's clamped SwiGLU in a per-expert loop is NYI (its experts are stacked with biases)") from None
         g_rows, g_w = _linear(gu_lin, "gate_up projection", it)
         activation, layout, gate_up = gated.activation, gated.layout, [g_w]
@@ -267,19 +277,15 @@ def _size_bookkeeping(start: list[fx.Node]) -> set[fx.Node]:
     return found
 
 
+def _tensor_like(n: fx.Node) -> bool:
+    ev = example_value(n)
+    return isinstance(ev, torch.Tensor) or (isinstance(ev, (tuple, list)) and ev and all(isinstance(v, torch.Tensor) for v in ev))
+
+
 def _loop_nodes(candidate: LoopCandidate, stop: set[fx.Node], wheres: list[fx.Node]) -> set[fx.Node]:
-    """The accumulator, everything the index_add_ calls compute from `stop` on, and the size asserts."""
-    inside, todo = {candidate.acc}, list(candidate.adds)
-    while todo:
-        n = todo.pop()
-        if n in stop or n in inside or n.op in ("placeholder", "get_attr"):
-            continue
-        ev = example_value(n)
-        tensor_like = isinstance(ev, torch.Tensor) or (isinstance(ev, (tuple, list)) and ev and all(isinstance(v, torch.Tensor) for v in ev))
-        if not tensor_like:
-            continue  # symbolic sizes computed outside the loop stay where they are
-        inside.add(n)
-        todo.extend(n.all_input_nodes)
+    """The accumulator, everything the index_add_ calls compute from `stop` on, and the size asserts (symbolic
+    sizes computed outside the loop stay where they are)."""
+    inside = {candidate.acc} | backward_slice(candidate.adds, stop=stop | {candidate.acc}, keep=_tensor_like)
     halves = {u for w in wheres for u in w.users if op_name(u) == "getitem"}  # incl. the ones read by asserts only
     return inside | halves | _size_bookkeeping(list(halves))
 
@@ -341,7 +347,7 @@ def recognize(candidate: LoopCandidate) -> LoopMatch:
         w_down = [src[-1][1] for src in sources]
         if len(set(w_gate_up + w_down)) != len(w_gate_up) + len(w_down):
             raise Reject("a weight parameter is shared between experts or projections (each expert needs its own)")
-        if layout is not None and layout.value != "concat":
+        if layout is not None and layout is not GateUpLayout.CONCAT:
             raise Reject("a fused per-expert gate_up Linear split interleaved is NYI (expected chunk(2, -1))")
         I = dims(w_down[0])[1]
     else:
@@ -355,7 +361,7 @@ def recognize(candidate: LoopCandidate) -> LoopMatch:
         I = dims(w_down)[2]
         if dims(w_gate_up)[0] != E or dims(w_down)[0] != E:
             raise Reject(f"stacked weights {dims(w_gate_up)} / {dims(w_down)} do not have E={E} experts")
-    spec = ExpertsSpec(activation, layout.value if layout is not None else "concat", False)
+    spec = ExpertsSpec(activation, layout or GateUpLayout.CONCAT, False)
 
     wheres = [s.where for s in steps]
     stop = {hidden, topk_ids, topk_weights}
@@ -367,40 +373,6 @@ def recognize(candidate: LoopCandidate) -> LoopMatch:
         if outside:
             raise Reject(f"`{n.name}` ({op_name(n)}), computed inside the expert loop, is also read by `{outside[0].name}` outside it")
     nodes, inputs = in_graph_order(inside, acc.graph)
+    region = Region(candidate.name, candidate.cls, nodes, inputs, [acc])
     shape = {"T": T, "H": H, "E": E, "I": I, "k": dims(topk_ids)[1]}
-    return LoopMatch(FORM, spec, hidden, topk_ids, topk_weights, w_gate_up, w_down, acc, nodes, inputs, shape, list(adds))
-
-
-def rewrite(gm: fx.GraphModule, match: LoopMatch) -> fx.Node:
-    """One op call after the loop replaces the accumulator for its readers; the loop (index_add_ calls,
-    `where`s, their size asserts) is erased."""
-    from .rewrite import _meta
-
-    graph = gm.graph
-    args = match.op_args()
-    out_dtype = example_value(match.output).dtype
-    with example_value(match.output).fake_mode:  # fake values first: a failure leaves the graph untouched
-        value = match.op(*fx.node.map_arg(args, example_value))
-        cast_value = value.to(out_dtype)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    last_add = max(match.adds, key=order.__getitem__)
-    inside = set(match.nodes)
-    with graph.inserting_before(last_add.next):
-        call = graph.call_function(match.op, args)
-        call.meta = _meta(match.output, value)
-        result = call
-        if out_dtype != value.dtype:
-            result = graph.call_method("to", (call, out_dtype))
-            result.meta = _meta(match.output, cast_value)
-    for user in list(match.output.users):
-        if user not in inside:
-            user.replace_input_with(match.output, result)
-    kept = []
-    for n in reversed(match.nodes):
-        if n.users:
-            kept.append(n.name)
-        else:
-            graph.erase_node(n)
-    if kept:  # recognize() proved nothing outside reads the loop: an internal error if this happens
-        raise RuntimeError(f"expert loop nodes still in use after the rewrite: {kept[:5]}")
-    return call
+    return LoopMatch(FORM, spec, region, acc, shape, hidden, topk_ids, topk_weights, w_gate_up, w_down, list(adds))

@@ -17,13 +17,13 @@ Also GPT-OSS's `GptOssExperts._apply_gate` (models/gpt_oss/modeling_gpt_oss.py, 
 
 from __future__ import annotations
 
-import torch.fx as fx
-
 import dataclasses
 
+import torch.fx as fx
+
 from ..spec import Activation, GateUpLayout
-from .regions import arg, follow, op_name
-from .reject import Reject
+from .fx_utils import arg, follow, op_name
+from .match import Reject
 
 _SIMPLE_ACTS = {"silu": Activation.SILU, "relu": Activation.RELU}
 
@@ -36,7 +36,7 @@ class GatedActivation:
     swiglu_limit: float = 7.0
 
 
-def _activation(node: fx.Node) -> tuple[Activation, fx.Node] | None:
+def activation_of(node: fx.Node) -> tuple[Activation, fx.Node] | None:
     """(activation, its input) if `node` is a recognized elementwise activation call."""
     name = op_name(node)
     if name in _SIMPLE_ACTS and not node.kwargs.get("inplace", False):
@@ -119,7 +119,7 @@ def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) 
     if (gpt_oss := _gpt_oss_swiglu(a, h, transparent)) is not None:
         return gpt_oss
     for act_side, up_side in ((a.args[0], a.args[1]), (a.args[1], a.args[0])):
-        act = _activation(follow(act_side))
+        act = activation_of(follow(act_side))
         if act is None:
             continue
         activation, gate = act
@@ -143,7 +143,7 @@ def recognize_split_gated_activation(a: fx.Node) -> tuple[Activation, fx.Node, f
     if op_name(a) != "mul" or len(a.args) != 2 or not all(isinstance(x, fx.Node) for x in a.args):
         raise Reject(f"down projection input is `{op_name(a)}`, expected act(gate) * up")
     for act_side, up_side in ((a.args[0], a.args[1]), (a.args[1], a.args[0])):
-        act = _activation(follow(act_side))
+        act = activation_of(follow(act_side))
         if act is not None:
             return act[0], follow(act[1]), follow(up_side)
     raise Reject(

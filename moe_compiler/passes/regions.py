@@ -1,24 +1,33 @@
-"""Regions: the nodes of one module instance in a Dynamo graph, found by module boundary.
+"""Regions: the candidate experts computations of a Dynamo graph, found two ways.
 
-Dynamo records, for every node it emits, the stack of modules whose forward produced it
-(`node.meta["nn_module_stack"]`: {key: (path, class)}, outermost first). transformers 5.x computes each
-MoE block's experts inside a `*Experts` module (Qwen3MoeExperts, MixtralExperts, DeepseekV3NaiveMoe's
-`experts`, ...), so grouping nodes by the innermost such module yields one candidate region per MoE
-layer, whatever op sequence the transformers version emits. Recognizers then prove what a region
-computes; nothing here assumes it.
+By module boundary: Dynamo records, for every node it emits, the stack of modules whose forward produced it
+(`node.meta["nn_module_stack"]`: {key: (path, class)}, outermost first). transformers 5.x computes each MoE
+block's experts inside a `*Experts` module (Qwen3MoeExperts, MixtralExperts, DeepseekV3NaiveMoe's `experts`,
+...), so grouping nodes by the innermost such module yields one region per MoE layer, whatever op sequence
+the transformers version emits.
+
+By routing data flow: a module with another name (a hand-written block, remote code) is found from what its
+nodes compute: expert computations (grouped GEMMs over expert offsets, gathers of a 3-D weight by a tensor
+index, matmuls reading such weights, one_hot / index_add_ over experts) that derive from the ids of a
+`topk`. The region is the innermost module holding all of them, without the router. A top-k whose expert
+computations cannot be placed in a module of their own is reported with the reason.
+
+Recognizers then prove what a region computes; nothing here assumes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
 import re
 
-import torch
 import torch.fx as fx
+
+from .fx_utils import arg, backward_slice, is_param, is_tensor_index, op_name
 
 # transformers names every routed-experts container `<Model>Experts` (or `...NaiveMoe` holding one).
 EXPERTS_CLASS = re.compile(r"Experts$")
+MODULE = "module"  # how a region was found: a `*Experts` module
+DATA_FLOW = "data flow"  # or: top-k ids reaching expert computations, in a module of another name
 
 
 @dataclasses.dataclass
@@ -28,10 +37,11 @@ class Region:
     nodes: list[fx.Node]  # in graph order; no placeholders / get_attr
     inputs: list[fx.Node]  # nodes outside the region read by it, in first-use order
     outputs: list[fx.Node]  # region nodes read outside it
+    found_by: str = MODULE
 
     @property
     def name(self) -> str:
-        return self.path.removeprefix("L['self'].").removeprefix("L['self']")
+        return self.path.removeprefix("L['self'].").removeprefix("L['self']") or "<root>"
 
     def contains(self, node: fx.Node) -> bool:
         return node in self._node_set
@@ -40,156 +50,139 @@ class Region:
         self._node_set = set(self.nodes)
 
 
+@dataclasses.dataclass
+class Unplaced:
+    """A top-k whose ids reach expert computations that no region holds."""
+
+    name: str
+    reason: str
+    nodes: list[fx.Node]
+
+
 def _class_name(cls) -> str:
-    return cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return name.split(".")[-1]
 
 
-def _experts_scope(node: fx.Node) -> tuple[str, str] | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    scope = None
-    for path, cls in stack.values():
-        if EXPERTS_CLASS.search(_class_name(cls).split(".")[-1]):
-            scope = (path, _class_name(cls).split(".")[-1])
-    return scope
+def _stack(node: fx.Node) -> list[tuple[str, str]]:
+    return [(path, _class_name(cls)) for path, cls in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _region(graph: fx.Graph, path: str, cls: str, nodes: list[fx.Node], found_by: str = MODULE) -> Region:
+    members = set(nodes)
+    inputs: dict[fx.Node, None] = {}
+    outputs: dict[fx.Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in members:
+                inputs.setdefault(a)
+        if any(u not in members for u in n.users):
+            outputs.setdefault(n)
+    return Region(path, cls, nodes, list(inputs), list(outputs), found_by)
+
+
+def _compute_nodes(graph: fx.Graph):
+    return (n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module"))
 
 
 def find_experts_regions(gm: fx.GraphModule) -> list[Region]:
     """One Region per `*Experts` module instance that emitted compute nodes, in graph order."""
     groups: dict[str, tuple[str, list[fx.Node]]] = {}
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method", "call_module"):
-            continue
-        scope = _experts_scope(node)
+    for node in _compute_nodes(gm.graph):
+        scope = None
+        for path, cls in _stack(node):
+            if EXPERTS_CLASS.search(cls):
+                scope = (path, cls)
         if scope is not None:
             groups.setdefault(scope[0], (scope[1], []))[1].append(node)
-    regions = []
-    for path, (cls, nodes) in groups.items():
-        members = set(nodes)
-        inputs: dict[fx.Node, None] = {}
-        outputs: dict[fx.Node, None] = {}
-        for n in nodes:
-            for a in n.all_input_nodes:
-                if a not in members:
-                    inputs.setdefault(a)
-            if any(u not in members for u in n.users):
-                outputs.setdefault(n)
-        regions.append(Region(path, cls, nodes, list(inputs), list(outputs)))
-    return regions
+    return [_region(gm.graph, path, cls, nodes) for path, (cls, nodes) in groups.items()]
 
 
-def example_value(node: fx.Node):
-    return node.meta.get("example_value", node.meta.get("val"))
+# --- regions from routing data flow -------------------------------------------------------------------------
+
+_GROUPED_GEMMS = {"_grouped_mm", "grouped_mm", "transformers::grouped_mm_fallback"}
+_MATMULS = {"bmm", "matmul", "einsum", "linear"}
 
 
-def is_tensor_node(node: fx.Node) -> bool:
-    return isinstance(example_value(node), torch.Tensor)
+def _weight_gather(node) -> bool:
+    """W[index] with W a 3-D graph input (a stacked expert weight) and a tensor index."""
+    return op_name(node) == "getitem" and is_param(node.args[0], 3) and is_tensor_index(node.args[1])
 
 
-def region_module(gm: fx.GraphModule, region: Region, outputs: list[fx.Node] | None = None) -> fx.GraphModule:
-    """The region as a standalone GraphModule: one placeholder per region input, returning `outputs`
-    (default: the region's tensor outputs). Used for the numerical check and the before-dump."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for inp in region.inputs:
-        ph = graph.placeholder(inp.name)
-        ph.meta = dict(inp.meta)
-        env[inp] = ph
-    for n in region.nodes:
-        env[n] = graph.node_copy(n, lambda a: env[a])
-    outs = outputs if outputs is not None else [o for o in region.outputs if is_tensor_node(o)]
-    graph.output(tuple(env[o] for o in outs) if len(outs) != 1 else env[outs[0]])
-    return fx.GraphModule(gm, graph, class_name=f"Region_{region.cls}")
+def is_expert_computation(node: fx.Node) -> bool:
+    """A node that only an experts computation has: see the module docstring."""
+    name = op_name(node)
+    if name in _GROUPED_GEMMS:
+        return arg(node, 2, "offs") is not None
+    if name in ("one_hot", "index_add_") or _weight_gather(node):
+        return True
+    if name in _MATMULS:
+        return any(is_param(a, 3) or _weight_gather(a) for a in node.all_input_nodes)
+    return False
 
 
-# --- data-flow helpers shared by the recognizers -------------------------------------------------
-
-def op_name(node: fx.Node) -> str:
-    """A stable name for what a node calls: 'transpose', 'mul', 'silu', '_grouped_mm',
-    'transformers::grouped_mm_fallback', ... (method and function spellings coincide)."""
-    t = node.target
-    if node.op == "call_method":
-        return t
-    if node.op != "call_function":
-        return node.op
-    if isinstance(t, torch._ops.OpOverload):
-        return t._schema.name
-    if isinstance(t, torch._ops.OpOverloadPacket):
-        return t._qualified_op_name
-    if t is operator.getitem:
-        return "getitem"
-    if t is operator.setitem:
-        return "setitem"
-    return getattr(t, "__name__", str(t))
+def _ids_of(topk: fx.Node) -> list[fx.Node]:
+    return [u for u in topk.users if op_name(u) == "getitem" and u.args[1] == 1]
 
 
-def arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def is_tensor_index(index) -> bool:
-    """getitem with a tensor index (a gather), as opposed to slices / ints."""
-    return isinstance(index, fx.Node) and is_tensor_node(index)
-
-
-def dims(node) -> tuple | None:
-    """The shape of a tensor node's example value (None for non-tensors)."""
-    ev = example_value(node)
-    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else None
-
-
-# Ops that change a value's dtype or memory layout only (not its shape).
-CASTS = {"to", "float", "type_as", "contiguous", "clone", "bfloat16", "half"}
-
-
-def strip_casts(node, ops=CASTS):
-    """Walk up through casts (a router's `.float()`, `.to(dtype)`, `.type_as(x)`)."""
-    while isinstance(node, fx.Node) and op_name(node) in ops:
-        node = node.args[0]
-    return node
-
-
-# Ops that keep a row's values (only dtype, memory layout or a unit dimension changes).
-VALUE_PRESERVING = {"to", "contiguous", "float", "bfloat16", "half", "type_as", "clone", "unsqueeze", "squeeze"}
-
-
-def follow(node, *, through=VALUE_PRESERVING, gathers=False, within: Region | None = None, transparent=frozenset()) -> fx.Node:
-    """Walk up from `node` through value-preserving ops (and tensor-indexed gathers if asked), staying
-    inside `within` if given (so the walk ends at the region's own input). `transparent` nodes are
-    ones a recognizer proved to be identities (e.g. expert-parallel sentinel fills)."""
-    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
-        if within is not None and not within.contains(node):
-            break
-        name = op_name(node)
-        if name in through or node in transparent:
-            node = node.args[0]
-        elif gathers and name == "getitem" and is_tensor_index(node.args[1]):
-            node = node.args[0]
-        elif gathers and name == "repeat_interleave":
-            node = node.args[0]
+def find_routed_regions(gm: fx.GraphModule, claimed: set[fx.Node]) -> tuple[list[Region], list[Unplaced]]:
+    """Regions found from top-k ids reaching expert computations outside `claimed` nodes (see the module
+    docstring), and the top-k whose computations fit no region, with the reason."""
+    loose = [n for n in _compute_nodes(gm.graph) if n not in claimed and is_expert_computation(n)]
+    if not loose:
+        return [], []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    by_topk: dict[fx.Node, list[fx.Node]] = {}
+    for n in loose:
+        ancestors = backward_slice([n])
+        topks = sorted({a for a in ancestors if op_name(a) == "topk" and any(i in ancestors for i in _ids_of(a))},
+                       key=order.__getitem__)
+        if topks:  # the nearest top-k whose ids this computation reads
+            by_topk.setdefault(topks[-1], []).append(n)
+    regions, unplaced = [], []
+    for topk, computations in by_topk.items():
+        found = _routed_region(gm.graph, topk, computations, claimed)
+        if isinstance(found, Region):
+            regions.append(found)
+            claimed |= set(found.nodes)
         else:
-            break
-    return node
+            where = ", ".join(f"`{c.name}` ({op_name(c)})" for c in computations[:4])
+            reason = f"the top-k `{topk.name}` feeds expert computations {where}, but {found}"
+            unplaced.append(Unplaced(f"<experts fed by `{topk.name}`>", reason, computations))
+    return regions, unplaced
 
 
-def in_graph_order(inside: set[fx.Node], graph: fx.Graph) -> tuple[list[fx.Node], list[fx.Node]]:
-    """(the nodes of `inside` in graph order, the nodes outside it they read, in graph order)."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    nodes = sorted(inside, key=order.__getitem__)
-    inputs = sorted({a for n in nodes for a in n.all_input_nodes if a not in inside}, key=order.__getitem__)
-    return nodes, inputs
-
-
-def derives_from(node: fx.Node, source: fx.Node, region: Region) -> bool:
-    """True if `source` is an ancestor of `node` along region-internal data flow."""
-    seen, todo = set(), [node]
+def _descendants(starts, within: set) -> set[fx.Node]:
+    """Nodes of `within` that read `starts` along data flow (starts themselves excluded)."""
+    seen: set[fx.Node] = set()
+    todo = [u for s in starts for u in s.users]
     while todo:
         n = todo.pop()
-        if n is source:
-            return True
-        if n in seen or not region.contains(n):
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return False
+        if n in within and n not in seen:
+            seen.add(n)
+            todo.extend(n.users)
+    return seen
+
+
+def _routed_region(graph: fx.Graph, topk: fx.Node, computations: list[fx.Node], claimed: set) -> Region | str:
+    """The region of the innermost module holding every computation, without the router; or why there is none:
+    the module's nodes that read the top-k ids, and what those read in it that the top-k did not produce."""
+    stacks = [_stack(c) for c in computations]
+    common = 0
+    while all(len(s) > common for s in stacks) and len({s[common] for s in stacks}) == 1:
+        common += 1
+    if common == 0:
+        return ("they are not inside one submodule of the compiled module (a region needs a module boundary: "
+                "move the experts computation into an nn.Module of its own)")
+    path, cls = stacks[0][common - 1]
+    scope = {n for n in _compute_nodes(graph) if (path, cls) in _stack(n) and n not in claimed}
+    outputs = set(topk.users)
+    from_ids = _descendants(_ids_of(topk), scope)
+    from_topk = _descendants(outputs, scope)  # e.g. the weights' renormalization: the router's, not the experts'
+    inside = backward_slice(
+        from_ids, within=lambda n: n in from_ids or (n in scope and n not in from_topk and n is not topk and n not in outputs)
+    )
+    nodes = [n for n in graph.nodes if n in inside]
+    if any(op_name(n) == "topk" for n in nodes):
+        return f"the module `{path}` ({cls}) that holds them also holds another top-k"
+    return _region(graph, path, cls, nodes, DATA_FLOW)

@@ -35,27 +35,56 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import torch
 import torch.fx as fx
 
-from ..routing import RouteOrder, RouterSpec, Scoring
-from .regions import arg, dims, example_value, in_graph_order, op_name, strip_casts
-from .reject import Reject
-
+from ..ops.signature import OpCall, RouteTensors
+from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring
+from . import verify
+from .fx_utils import (
+    arg,
+    backward_slice,
+    dims,
+    example_value,
+    in_graph_order,
+    is_in_place,
+    node_meta,
+    op_call_code,
+    op_name,
+    strip_casts,
+)
+from .match import Edit, Match, Reject, RouterForm
+from .rewrite import erase_unused
 
 
 @dataclasses.dataclass
-class RouterMatch:
-    form: str  # "softmax_topk", "sigmoid_group_topk", "topk_softmax", ...
+class RouterMatch(Match):
+    form: RouterForm
     spec: RouterSpec
     logits: fx.Node  # [T, E] router logits (before any cast to fp32)
     correction_bias: fx.Node | None  # [E]
     ids: fx.Node  # the experts call's top-k ids argument
     weights: fx.Node  # the experts call's top-k weights argument
-    nodes: list[fx.Node]  # the router's nodes between the logits and (ids, weights), graph order
-    inputs: list[fx.Node]  # what those nodes read from outside: the logits, parameters, sizes
+    experts_call: fx.Node  # the fused experts call the router feeds
+    nodes: list[fx.Node] = dataclasses.field(default_factory=list)  # between the logits and (ids, weights)
+    inputs: list[fx.Node] = dataclasses.field(default_factory=list)  # what those read: logits, parameters, sizes
 
+    def call(self) -> OpCall:
+        return OpCall(torch.ops.moe_compiler.route.default, RouteTensors(self.logits, self.correction_bias), self.spec)
+
+    def describe(self) -> str:
+        return self.spec.describe()
+
+    def verify(self, gm: fx.GraphModule, real: dict) -> str:
+        return verify.router(gm, self, real, lambda node: dtype_template_only(node, self.nodes))
+
+    def rewrite(self, gm: fx.GraphModule) -> Edit:
+        return _rewrite(gm, self)
+
+    def after_code(self, gm: fx.GraphModule) -> str:
+        return op_call_code(gm, self.call())
 
 
 
@@ -121,7 +150,7 @@ def _normalized(node: fx.Node):
     return num, eps
 
 
-def _groups(choice: fx.Node, E) -> tuple[fx.Node, int, int, str, float]:
+def _groups(choice: fx.Node, E) -> tuple[fx.Node, int, int, GroupScore, float]:
     """(ungrouped choice, n_group, topk_group, group_score, masked_score) of a group-masked choice."""
     base, mask, fill = choice.args[0], choice.args[1], choice.args[2]
     if not isinstance(fill, (int, float)):
@@ -138,9 +167,9 @@ def _groups(choice: fx.Node, E) -> tuple[fx.Node, int, int, str, float]:
     if op_name(gs) == "sum" and _last_dim(gs, arg(gs, 1, "dim")) and op_name(strip_casts(gs.args[0])) == "getitem":
         inner = strip_casts(gs.args[0])
         if inner.args[1] == 0 and op_name(inner.args[0]) == "topk" and _parse_topk(inner.args[0], "group scores")[1] == 2:
-            grouped, group_score = inner.args[0].args[0], "top2_sum"
+            grouped, group_score = inner.args[0].args[0], GroupScore.TOP2_SUM
     elif op_name(gs) == "amax" or (op_name(gs) == "getitem" and op_name(gs.args[0]) == "max"):
-        grouped, group_score = (gs.args[0] if op_name(gs) == "amax" else gs.args[0].args[0]), "max"
+        grouped, group_score = (gs.args[0] if op_name(gs) == "amax" else gs.args[0].args[0]), GroupScore.MAX
     if grouped is None:
         raise Reject(f"group scores `{gs.name}` ({op_name(gs)}): expected the sum of each group's top-2 or its max")
     if op_name(grouped) not in ("view", "reshape") or strip_casts(grouped.args[0]) is not strip_casts(base):
@@ -232,7 +261,7 @@ def _sparsemixer(ids_cat: fx.Node, weights_cat: fx.Node) -> tuple[fx.Node, Route
 
 def _mutations(node: fx.Node) -> list[fx.Node]:
     """In-place ops writing into node (e.g. `mask.scatter_(...)`): they feed node's later readers."""
-    return [u for u in node.users if u.op == "call_method" and u.target.endswith("_") and not u.target.startswith("_") and u.args[0] is node]
+    return [u for u in node.users if is_in_place(u) and u.args[0] is node]
 
 
 def dtype_template_only(node: fx.Node, nodes) -> bool:
@@ -251,15 +280,7 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _ancestry(start: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
     """Compute nodes start depends on (mutations included), not crossing `stop`, placeholders or sizes."""
-    seen, todo = set(), [start]
-    while todo:
-        n = todo.pop()
-        if n is stop or n in seen or n.op in ("placeholder", "get_attr"):
-            continue
-        seen.add(n)
-        todo.extend(_tensor_inputs(n))
-        todo.extend(_mutations(n))
-    return seen
+    return backward_slice([start], stop=[stop] if stop is not None else [], inputs=lambda n: _tensor_inputs(n) + _mutations(n))
 
 
 def _router_nodes(ids: fx.Node, weights: fx.Node, logits: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -268,15 +289,16 @@ def _router_nodes(ids: fx.Node, weights: fx.Node, logits: fx.Node) -> tuple[list
 
 
 def recognize_router(experts_call: fx.Node) -> RouterMatch:
-    ids, weights = experts_call.args[1], experts_call.args[2]
-    w_down = experts_call.args[4]  # a stacked [E, ...] weight, or one part per expert (experts_unstacked)
+    experts = OpCall.of(experts_call).tensors
+    ids, weights = experts.topk_ids, experts.topk_weights
+    w_down = experts.w_down  # a stacked [E, ...] weight, or one part per expert (experts_unstacked)
     E = len(w_down) if isinstance(w_down, (list, tuple)) else dims(w_down)[0]
 
     # 1. the ids: output 1 of a top-k.
     sel = strip_casts(ids)
     if op_name(sel) in ("cat", "concat"):
         logits, spec = _sparsemixer(sel, weights)
-        return _closed(RouterMatch("sparsemixer", spec, logits, None, ids, weights, [], []), experts_call, E)
+        return _closed(RouterMatch(RouterForm.SPARSEMIXER, spec, logits, None, ids, weights, experts_call), E)
     if op_name(sel) != "getitem" or sel.args[1] != 1:
         raise Reject(f"the top-k ids come from `{sel.name}` ({op_name(sel)}), expected the indices of a top-k")
     topk = sel.args[0]
@@ -308,7 +330,7 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
             raise Reject(f"`{w.name}`: softmax over dim {arg(w, 1, 'dim')}, expected the k values")
         logits = strip_casts(choice)
         spec = RouterSpec(top_k=k, scoring=scoring, order=RouteOrder.TOPK_THEN_SCORE)
-        form, bias = f"topk_{scoring.value}", None
+        form, bias = RouterForm(f"topk_{scoring.value}"), None
     else:
         # 3. scores at the ids: the top-k values, or a gather of the scores.
         if op_name(w) == "getitem" and w.args[0] is topk and w.args[1] == 0:
@@ -319,7 +341,7 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
             raise Reject(f"the top-k weights come from `{w.name}` ({op_name(w)}), expected the top-k values, a gather of the scores at the ids, or a softmax of the top-k logits")
         scoring, logits = _scores(scores_node)
         # 1./4. what the top-k chose from: scores [+ bias], optionally group-masked.
-        n_group, topk_group, group_score, masked = 1, 1, "top2_sum", -math.inf
+        n_group, topk_group, group_score, masked = 1, 1, GroupScore.TOP2_SUM, -math.inf
         c = strip_casts(choice)
         if op_name(c) == "masked_fill":
             c, n_group, topk_group, group_score, masked = _groups(c, E)
@@ -342,13 +364,13 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
                 raise Reject(f"the renormalization adds epsilon {eps}; the route op uses {want} for {scoring.value} scores (NYI)")
         spec = RouterSpec(top_k=k, scoring=scoring, norm_topk_prob=norm is not None, routed_scaling_factor=scale,
                           n_group=n_group, topk_group=topk_group, group_score=group_score, masked_score=masked)
-        form = f"{scoring.value}{'_group' if n_group > 1 else ''}_topk"
-    return _closed(RouterMatch(form, spec, logits, bias, ids, weights, [], []), experts_call, E)
+        form = RouterForm(f"{scoring.value}{'_group' if n_group > 1 else ''}_topk")
+    return _closed(RouterMatch(form, spec, logits, bias, ids, weights, experts_call), E)
 
 
-def _closed(match: RouterMatch, experts_call: fx.Node, E) -> RouterMatch:
+def _closed(match: RouterMatch, E) -> RouterMatch:
     """Fact 5 for a recognized router: its nodes and inputs filled in, or a Reject."""
-    logits, bias, ids, weights = match.logits, match.correction_bias, match.ids, match.weights
+    logits, bias, ids, weights, experts_call = match.logits, match.correction_bias, match.ids, match.weights, match.experts_call
     if dims(logits) is None or len(dims(logits)) != 2 or dims(logits)[1] != E:
         raise Reject(f"the router logits `{logits.name}` have shape {dims(logits)}, expected [T, E={E}]")
 
@@ -367,3 +389,36 @@ def _closed(match: RouterMatch, experts_call: fx.Node, E) -> RouterMatch:
             raise Reject(f"the top-k {'ids' if out is ids else 'weights'} `{out.name}` are also read by {[u.name for u in others]}: NYI")
     match.nodes, match.inputs = nodes, inputs
     return match
+
+
+def _rewrite(gm: fx.GraphModule, match: RouterMatch) -> Edit:
+    """Feed the experts call from one `moe_compiler.route` call on the router logits; erase the router's
+    now-unused nodes (last user first: in-place mask fills go before the masks they fill)."""
+    call = match.call()
+    want_w, want_i = example_value(match.weights), example_value(match.ids)
+    with example_value(match.logits).fake_mode:  # every new node's value first: a failure leaves the graph untouched
+        value = call.op(**fx.node.map_arg(call.kwargs(), example_value))
+        w_value, i_value = value[0].to(want_w.dtype), value[1].to(want_i.dtype)
+
+    def edit() -> fx.Node:
+        graph = gm.graph
+        with graph.inserting_before(match.experts_call):
+            new = graph.call_function(call.op, (), call.kwargs())
+            new.meta = node_meta(match.weights, value)
+            weights = graph.call_function(operator.getitem, (new, 0))
+            weights.meta = node_meta(match.weights, value[0])
+            ids = graph.call_function(operator.getitem, (new, 1))
+            ids.meta = node_meta(match.ids, value[1])
+            # The experts call keeps the dtypes the router handed it (e.g. bf16 weights in a bf16 model).
+            if want_w.dtype != torch.float32:
+                weights = graph.call_method("to", (weights, want_w.dtype))
+                weights.meta = node_meta(match.weights, w_value)
+            if want_i.dtype != torch.int64:
+                ids = graph.call_method("to", (ids, want_i.dtype))
+                ids.meta = node_meta(match.ids, i_value)
+        match.experts_call.replace_input_with(match.ids, ids)
+        match.experts_call.replace_input_with(match.weights, weights)
+        erase_unused(graph, match.nodes)
+        return new
+
+    return edit

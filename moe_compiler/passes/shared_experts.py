@@ -14,13 +14,13 @@ Source forms (transformers 5.17-5.23):
 
 Every fact is established from data flow: the MLP reads the same X as the experts (up to views), its
 activation is the op Dynamo recorded, its weights are parameters of the right shapes, and the add joins
-the routed output (through views only) with the branch in the block's dtype. Then `rewrite` turns the
-experts call into one `moe_compiler.experts_shared` call (shared_mlp.py) and drops the branch: on the
-decode path the shared MLP becomes one more (token, expert) pair per token inside the experts kernels,
+the routed output (through views only) with the branch in the block's dtype. Then `rewrite` gives the
+experts call the shared MLP's weights (its `shared_*` arguments, spec.SharedMLP) and drops the branch: on
+the decode path the shared MLP becomes one more (token, expert) pair per token inside the experts kernels,
 elsewhere the op runs it as cuBLAS GEMMs as Inductor would. Why (benchmarks/bench_shared.py, NOTES.md
-"shared experts"): left to Inductor, a small shared MLP at decode is a handful of launches and ramps
-(Qwen3-Next at T=1: 24 us for a 2 us MLP). What cannot be fused (an activation other than the routed
-experts', per-expert weight parts, a combine in another dtype) stays with Inductor and the dump says why.
+"shared experts"): left to Inductor, a small shared MLP at decode is a handful of launches and ramps. What
+cannot be fused (an activation other than the routed experts', per-expert weight parts, a combine in another
+dtype) stays with Inductor and the dump says why.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..spec import Activation, ExpertsSpec, GateUpLayout
-from .gated_activation import _activation, recognize_gated_activation
-from .regions import dims, example_value, follow, op_name
-from .reject import Reject
-from .rewrite import _meta
+from ..ops.signature import OpCall
+from ..spec import Activation, GateUpLayout
+from .fx_utils import dims, example_value, fake_call, follow, node_meta, op_call_code, op_name
+from .gated_activation import activation_of, recognize_gated_activation
+from .match import Edit, Match, Reject, SharedForm
 
 SAME_ROWS = {"view", "reshape", "contiguous", "flatten", "unsqueeze", "squeeze"}
 VIEWS = SAME_ROWS | {"to"}  # between the experts output and the add, a cast is allowed too
@@ -43,8 +43,8 @@ ADDS = {"add", "add_", "iadd"}
 
 
 @dataclasses.dataclass(frozen=True)
-class SharedExpertsMatch:
-    form: str  # "plain" | "sigmoid_gated"
+class SharedExpertsMatch(Match):
+    form: SharedForm
     module: str  # where the MLP lives, e.g. "model.layers.0.mlp.shared_experts"
     activation: Activation
     fused_gate_up: bool  # gate and up are halves of one Linear (Granite) rather than two
@@ -55,11 +55,30 @@ class SharedExpertsMatch:
     add: fx.Node  # routed + shared
     routed: fx.Node  # the add's operand coming from the experts call (through views)
     branch: fx.Node  # the add's other operand: the shared branch's output
+    experts_call: fx.Node  # the fused experts call the branch joins
+
+    @property
+    def spec(self) -> str:
+        return self.describe()
 
     def describe(self) -> str:
-        gate = "sigmoid(gate(x)) x " if self.form == "sigmoid_gated" else ""
+        gate = "sigmoid(gate(x)) x " if self.form is SharedForm.SIGMOID_GATED else ""
         gu = "one gate_up Linear" if self.fused_gate_up else "gate/up Linears"
         return f"{gate}MLP(x) at {self.module}: {self.activation.value}, {gu}, I={self.intermediate}"
+
+    def call(self) -> OpCall:
+        """The experts call with the shared MLP's weights added."""
+        gate_proj, up_proj = (self.gate_up[0], None) if self.fused_gate_up else self.gate_up
+        return OpCall.of(self.experts_call).with_tensors(
+            shared_gate_proj=gate_proj, shared_up_proj=up_proj, shared_down_proj=self.down,
+            shared_expert_gate=self.expert_gate,
+        )
+
+    def rewrite(self, gm: fx.GraphModule) -> Edit:
+        return _rewrite(gm, self)
+
+    def after_code(self, gm: fx.GraphModule) -> str:
+        return op_call_code(gm, self.call())
 
 
 def _module_of(node: fx.Node) -> str:
@@ -95,7 +114,7 @@ def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int, tuple[fx.Node, .
     if op_name(a) != "mul" or not all(isinstance(t, fx.Node) for t in a.args):
         raise Reject(f"shared down projection reads `{op_name(a)}`, expected act(gate) * up")
     for act_side, up_side in ((a.args[0], a.args[1]), (a.args[1], a.args[0])):
-        act = _activation(follow(act_side))
+        act = activation_of(follow(act_side))
         if act is None:
             continue
         activation, gate = act
@@ -143,8 +162,8 @@ def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None
     other = follow(found)
     if "shared" not in _module_of(other) and not any("shared" in _module_of(a) for a in other.all_input_nodes):
         return None  # e.g. the residual add of a block without shared experts
-    x_base = _base(experts_call.args[0])
-    form, mlp_out, expert_gate = "plain", other, None
+    x_base = _base(OpCall.of(experts_call).tensors.hidden)
+    form, mlp_out, expert_gate = SharedForm.PLAIN, other, None
     if op_name(other) == "mul":  # sigmoid(gate(x)) * MLP(x)
         for sig, mlp in ((other.args[0], other.args[1]), (other.args[1], other.args[0])):
             sig = follow(sig) if isinstance(sig, fx.Node) else sig
@@ -152,13 +171,14 @@ def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None
                 expert_gate, g_shape = _linear(sig.args[0], x_base, "expert gate")
                 if g_shape is None or g_shape[0] != 1:
                     raise Reject(f"shared expert gate weight is {g_shape}, expected (1, H)")
-                form, mlp_out = "sigmoid_gated", mlp
+                form, mlp_out = SharedForm.SIGMOID_GATED, mlp
                 break
         else:
             raise Reject("shared branch is a product without a sigmoid(gate(x)) factor")
     activation, fused, I, gate_up, down = _mlp(mlp_out, x_base)
     module = _module_of(follow(mlp_out)).rsplit(".", 1)[0]
-    return SharedExpertsMatch(form, module, activation, fused, I, gate_up, down, expert_gate, add, routed, found)
+    return SharedExpertsMatch(form, module, activation, fused, I, gate_up, down, expert_gate, add, routed, found,
+                              experts_call)
 
 
 def _dtype(node: fx.Node):
@@ -166,11 +186,12 @@ def _dtype(node: fx.Node):
     return value.dtype if isinstance(value, torch.Tensor) else None
 
 
-def why_not_fused(experts_call: fx.Node, match: SharedExpertsMatch) -> str | None:
+def why_not_fused(match: SharedExpertsMatch) -> str | None:
     """The reason the proven branch cannot join the experts call's op (None: it can)."""
+    experts_call = match.experts_call
     if experts_call.target is not torch.ops.moe_compiler.experts.default:
         return f"the routed experts run as `{experts_call.target}` (per-expert weight parts): not fused with them yet"
-    spec = ExpertsSpec.from_op_args(*experts_call.args[7:])
+    spec = OpCall.of(experts_call).spec
     if match.activation is not spec.activation:
         return f"the shared MLP's activation ({match.activation.value}) is not the routed experts' ({spec.activation.value})"
     dtype = _dtype(experts_call)
@@ -200,30 +221,36 @@ def _readers_besides_add(match: SharedExpertsMatch) -> list[fx.Node] | None:
     return others if all(u > match.add for u in others) else None  # fx nodes compare by graph position
 
 
-def rewrite(gm: fx.GraphModule, experts_call: fx.Node, match: SharedExpertsMatch) -> fx.Node:
-    """experts call + shared branch -> one experts_shared call; the branch's nodes are erased once unused."""
-    graph = gm.graph
-    op = torch.ops.moe_compiler.experts_shared.default
-    args = (*experts_call.args[:7], list(match.gate_up), match.down, match.expert_gate, *experts_call.args[7:])
-    like = example_value(experts_call)
-    with like.fake_mode:
-        value = op(*fx.node.map_arg(args, example_value))
-    with graph.inserting_before(experts_call):
-        new = graph.call_function(op, args)
-    new.meta = _meta(experts_call, value)
-    experts_call.replace_all_uses_with(new)
-    graph.erase_node(experts_call)
-    result = new if match.routed is experts_call else match.routed
-    for reader in _readers_besides_add(match):
-        reader.replace_input_with(match.branch, result)
-    match.add.replace_all_uses_with(result)
-    graph.erase_node(match.add)
-    # The branch, from its output up: each node left without readers goes (x and the weights keep theirs).
-    todo, erased = [match.branch], set()
-    while todo:
-        n = todo.pop()
-        if n not in erased and not n.users and n.op in ("call_function", "call_method") and not n.is_impure():
-            todo.extend(n.all_input_nodes)
-            graph.erase_node(n)
-            erased.add(n)
-    return new
+def _rewrite(gm: fx.GraphModule, match: SharedExpertsMatch) -> Edit:
+    """experts call + shared branch -> one experts call with the shared MLP; the branch's nodes are erased once
+    unused (x and the weights keep their other readers)."""
+    experts_call = match.experts_call
+    call = match.call()
+    value = fake_call(call, experts_call)
+    readers = _readers_besides_add(match)
+    if readers is None:
+        raise Reject(f"the shared branch's output `{match.branch.name}` is also read elsewhere")
+
+    def edit() -> fx.Node:
+        graph = gm.graph
+        with graph.inserting_before(experts_call):
+            new = graph.call_function(call.op, (), call.kwargs())
+        new.meta = node_meta(experts_call, value)
+        experts_call.replace_all_uses_with(new)
+        graph.erase_node(experts_call)
+        result = new if match.routed is experts_call else match.routed
+        for reader in readers:
+            reader.replace_input_with(match.branch, result)
+        match.add.replace_all_uses_with(result)
+        graph.erase_node(match.add)
+        # The branch, from its output up: each node left without readers goes.
+        todo, erased = [match.branch], set()
+        while todo:
+            n = todo.pop()
+            if n not in erased and not n.users and n.op in ("call_function", "call_method") and not n.is_impure():
+                todo.extend(n.all_input_nodes)
+                graph.erase_node(n)
+                erased.add(n)
+        return new
+
+    return edit

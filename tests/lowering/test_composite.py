@@ -9,7 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_compiler.lowering import composite, cpu_loop, gather_bmm, grouped_mm
+from moe_compiler.lowering import dispatch
+from moe_compiler.lowering import torch_experts as composite
+from moe_compiler.lowering.torch_segment_mm import GatherBmm as gather_bmm
+from moe_compiler.lowering.torch_segment_mm import GroupedMM as grouped_mm
+from moe_compiler.lowering.torch_segment_mm import LoopMM as cpu_loop
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
 from reference import experts_reference, rel_err
 from test_ops import make_inputs
@@ -45,9 +49,7 @@ def test_gather_bmm_chunks(monkeypatch):
 
 
 def test_cpu_selection_by_alignment():
-    from moe_compiler import lowering
-
     hidden, _, _, w1, w2, _, _ = make_inputs(2, 16, 8, 4, 2, torch.bfloat16)  # 32-byte rows
-    assert lowering.select(hidden, w1, w2) is grouped_mm
+    assert dispatch.select(hidden, w1, w2) is grouped_mm
     hidden, _, _, w1, w2, _, _ = make_inputs(2, 24, 12, 4, 2, torch.bfloat16)  # I = 12: 24-byte rows
-    assert lowering.select(hidden, w1, w2) is cpu_loop
+    assert dispatch.select(hidden, w1, w2) is cpu_loop

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from moe_compiler.activations import gated_forward_halves  # noqa: E402
+from moe_compiler.lowering.torch_activations import gated_forward_halves  # noqa: E402
 from moe_compiler.lowering.triton_act import gated_rows  # noqa: E402
 from reference import rel_err  # noqa: E402
 from triton_cases import DEVICE, DTYPES, SPECS, poisoned_allocations, spec_id  # noqa: E402

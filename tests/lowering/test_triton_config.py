@@ -68,7 +68,7 @@ def test_lookup_takes_the_nearest_tuned_t(config_dir):
 
 
 def test_untuned_shape_warns_once_and_uses_defaults(config_dir):
-    with pytest.warns(UserWarning, match=r"no tuned Triton config for bfloat16 experts E=8, k=2.*tune_experts.py --shape 8,2,512,256"):
+    with pytest.warns(UserWarning, match=r"no tuned Triton config for bfloat16 experts E=8, k=2.*python -m moe_compiler.tune --shape 8,2,512,256"):
         cfg = triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 8, 2, 512, 256, 4096)
     assert cfg == triton_config.default_config(torch.bfloat16, 8, 2, 512, 256, 4096)
     with warnings.catch_warnings():
@@ -127,5 +127,5 @@ def test_bad_configs_name_the_field(make, match):
 def test_bad_schema_names_the_fix(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps({"schema": 0, "entries": []}))
-    with pytest.raises(ValueError, match="re-run benchmarks/tune_experts.py"):
+    with pytest.raises(ValueError, match="re-run python -m moe_compiler.tune"):
         triton_config.load_file(path)

@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 
 from moe_compiler.lowering import triton_decode  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig  # noqa: E402
-from moe_compiler.shared_mlp import SharedMLP  # noqa: E402
+from moe_compiler.spec import SharedMLP  # noqa: E402
 from reference import experts_reference, rel_err, shared_reference  # noqa: E402
 from test_shared_mlp import shared_inputs  # noqa: E402
 from triton_cases import DEVICE, DTYPES, SPECS, device_inputs, fails_with_ids_assert, poisoned_allocations, spec_id  # noqa: E402
@@ -97,7 +97,8 @@ def test_decode_forward_with_shared_experts(dtype, tol, T, H, I, Is, fused, gate
     spec = SPECS[0]
     cpu, dev = device_inputs(T, H, I, 8, 2, dtype, spec)
     shared = shared_inputs(H, Is, dtype, fused, gated)
-    mlp = SharedMLP.from_parts([w.to(DEVICE) for w in shared[0]], shared[1].to(DEVICE), None if shared[2] is None else shared[2].to(DEVICE))
+    gate_up = [w.to(DEVICE) for w in shared[0]] + [None] * (2 - len(shared[0]))  # [gate, up], or [gate_up, None]
+    mlp = SharedMLP.from_parts(*gate_up, shared[1].to(DEVICE), None if shared[2] is None else shared[2].to(DEVICE))
     with poisoned_allocations():
         out, ids_ok = triton_decode.experts_forward(*dev, spec, CONFIG, mlp)
     ref = experts_reference(*cpu, spec=spec) + shared_reference(cpu[0], *shared, spec=spec)
@@ -110,6 +111,6 @@ def test_shared_gate_and_up_with_different_strides_is_a_clear_error():
     cpu, dev = device_inputs(1, 32, 16, 8, 2, torch.float32, SPECS[0])
     (gate, _), down, _ = shared_inputs(32, 16, torch.float32, False, False)
     up = torch.randn(32, 16).t()  # [Is, H] with strides (1, 16)
-    mlp = SharedMLP.from_parts([gate.to(DEVICE), up.to(DEVICE)], down.to(DEVICE), None)
+    mlp = SharedMLP.from_parts(gate.to(DEVICE), up.to(DEVICE), down.to(DEVICE), None)
     with pytest.raises(ValueError, match=r"expected the same strides.*got \(32, 1\) / \(1, 16\).*contiguous"):
         triton_decode.experts_forward(*dev, SPECS[0], CONFIG, mlp)

@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("triton")
 
 from moe_compiler.lowering import triton_route  # noqa: E402
-from moe_compiler.routing import RouterSpec, route_forward  # noqa: E402
+from moe_compiler.lowering.torch_route import route_forward  # noqa: E402
+from moe_compiler.spec import RouterSpec  # noqa: E402
 from reference import rel_err, sparsemixer_edge_logits  # noqa: E402
 from triton_cases import DEVICE  # noqa: E402
 

@@ -142,13 +142,13 @@ def test_routers_of_cuda_graphs_stay_with_inductor_without_triton(monkeypatch):
 
     from moe_compiler.config import MoECompilerConfig
     from moe_compiler.debug import RegionReport
-    from moe_compiler.passes import ROUTER_ON_CUDA, _fuse_router
+    from moe_compiler.passes.pipeline import ROUTER_ON_CUDA, _fuse_router
 
     graph = torch.fx.Graph()
-    x = graph.placeholder("x")
+    args = [graph.placeholder(name) for name in ("x", "ids", "w", "w_gate_up", "w_down")]
     with FakeTensorMode():
-        x.meta["example_value"] = torch.empty(4, 8, device="cuda")
-    call = graph.call_function(torch.ops.moe_compiler.experts.default, (x,))
+        args[0].meta["example_value"] = torch.empty(4, 8, device="cuda")
+    call = graph.call_function(torch.ops.moe_compiler.experts.default, tuple(args))
     rr = RegionReport("layers.0.mlp.experts", "Qwen3MoeExperts", 1, status="fused")
     _fuse_router(torch.fx.GraphModule(torch.nn.Module(), graph), call, rr, {}, MoECompilerConfig())
     assert (rr.router_status, rr.router_reason) == ("rejected", ROUTER_ON_CUDA)

@@ -1,4 +1,4 @@
-"""Timing shared by the benchmark and the tuner: medians of CUDA-event-timed calls from a cold L2.
+"""Timing shared by the tuner and the benchmarks: medians of CUDA-event-timed calls from a cold L2.
 
 Every timed call is preceded by reading a 256 MB buffer (larger than the H100's 50 MB and the H200's 60
 MB L2), whose own time is measured the same way and subtracted, so weights of small-T points are really
@@ -12,6 +12,35 @@ from __future__ import annotations
 import time
 
 import torch
+
+
+def median(xs):
+    """The middle value (the upper one of an even count): robust to the odd slow repetition."""
+    return sorted(xs)[len(xs) // 2]
+
+
+def wall_clock(fn, reps: int) -> float:
+    """Median wall seconds of `reps` calls after one warm-up (CPU: no device events needed)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+def events(body, n: int) -> float:
+    """Median seconds of n calls of body, each between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(n):
+        start.record()
+        body()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return median(times)
 
 
 class Timer:
@@ -28,31 +57,14 @@ class Timer:
             return self.flush_buf.zero_()
         return self.flush_buf.sum()  # reads 256 MB, writes one scalar
 
-    def _events(self, body, n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(n):
-            start.record()
-            body()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
-
     def eager(self, fn):
         if self.device != "cuda":
-            fn()
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return sorted(ts)[1]
+            return wall_clock(fn, 3)
         fn()
         torch.cuda.synchronize()
         flush = self.flush
-        t_both = self._events(lambda: (flush(), fn()), self.reps)
-        t_flush = self._events(flush, self.reps)
+        t_both = events(lambda: (flush(), fn()), self.reps)
+        t_flush = events(flush, self.reps)
         return max(t_both - t_flush, 0.0)
 
     def graph(self, fn, calls=10, replays=5):
@@ -70,6 +82,6 @@ class Timer:
         g_both.replay()
         g_flush.replay()
         torch.cuda.synchronize()
-        t_both = self._events(g_both.replay, replays)
-        t_flush = self._events(g_flush.replay, replays)
+        t_both = events(g_both.replay, replays)
+        t_flush = events(g_flush.replay, replays)
         return max(t_both - t_flush, 0.0) / calls

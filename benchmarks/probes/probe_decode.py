@@ -1,35 +1,37 @@
-"""Where does a decode step's time go? Three probes of the T = 1 experts forward (NOTES.md, decode v5).
+"""Where does a decode step's time go? Three probes of the T = 1 experts forward (NOTES.md "decode v5").
 
-    python benchmarks/probe_decode.py stream       # the weight bytes read with no math (the practical floor)
-                                                   # vs each decode kernel at 1-5 pipelined stages
-    python benchmarks/probe_decode.py l2-reuse     # does the cold-L2 flush evict the weights? same experts in
-                                                   # every captured call vs a disjoint set per call
-    python benchmarks/probe_decode.py l2-prefetch  # down weights pulled into L2 by a side stream during gate_up;
-                                                   # and the cost of a separate id-assert kernel
+    python -m benchmarks.probes.probe_decode stream       # the weight bytes read with no math (the practical
+                                                          # floor) vs each decode kernel at 1-5 pipelined stages
+    python -m benchmarks.probes.probe_decode l2-reuse     # does the cold-L2 flush evict the weights? same experts
+                                                          # in every captured call vs a disjoint set per call
+    python -m benchmarks.probes.probe_decode l2-prefetch  # down weights pulled into L2 by a side stream during
+                                                          # gate_up; and the cost of a separate id-assert kernel
 
-All under CUDA graphs from a cold L2 (timing.py), like the benchmark; Qwen3-30B-A3B unless stated.
+All under CUDA graphs from a cold L2 (moe_compiler/tune/timing.py), like the benchmark; Qwen3-30B-A3B unless
+stated.
 """
 
+# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(__file__))
-from timing import Timer  # noqa: E402
-from tune_experts import SPEC, problem  # noqa: E402
+from moe_compiler.lowering import dispatch, triton_config, triton_decode
+from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig
+from moe_compiler.tune import search
+from moe_compiler.tune.search import SPEC, problem
 
-from moe_compiler import lowering  # noqa: E402
-from moe_compiler.lowering import triton_config, triton_decode  # noqa: E402
-from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig  # noqa: E402
+from .. import harness
 
-SHAPES = {"qwen3_30b_a3b": (128, 8, 2048, 768), "qwen3_next_80b": (512, 10, 2048, 512), "deepseek_v3": (256, 8, 7168, 2048)}
+SHAPES = {
+    "qwen3_30b_a3b": search.SHAPES["qwen3_30b_a3b"],
+    "qwen3_next_80b": (512, 10, 2048, 512),
+    "deepseek_v3": search.SHAPES["deepseek_v3"],
+}
 QWEN3 = SHAPES["qwen3_30b_a3b"]
 STAGES = (1, 2, 3, 4, 5)
 CALLS = 10
@@ -64,19 +66,18 @@ def slab_reader(w1, w2, ids, n1, n2, block=1024, steps=4, warps=4, policy=""):
 
 
 def median_graph(timer, fn, rounds=3):
-    return sorted(timer.graph(fn, calls=CALLS) for _ in range(rounds))[rounds // 2] * 1e6
+    """Median µs per call over `rounds` graph timings."""
+    return harness.median([timer.graph(fn, calls=CALLS) for _ in range(rounds)]) * 1e6
 
 
 class Step:
     """One T = 1 decode problem and the two decode kernels' launches on it."""
 
-    def __init__(self, shape, config=None, ids=None):
+    def __init__(self, shape, config=None):
         E, k, H, I = shape
-        self.x, ids2, w, self.w1, self.w2 = problem(1, E, k, H, I, torch.bfloat16)
-        self.ids2 = ids2 if ids is None else ids
-        self.ids = self.ids2.reshape(-1).contiguous()
-        self.weights = w.reshape(-1)
-        self.w = w
+        self.x, ids, self.w, self.w1, self.w2 = problem(1, E, k, H, I, torch.bfloat16)
+        self.ids = ids.reshape(-1).contiguous()
+        self.weights = self.w.reshape(-1)
         self.k, self.H, self.I = k, H, I
         self.config = config or triton_config.lookup(torch.cuda.get_device_name(), torch.cuda.get_device_capability(),
                                                      torch.bfloat16, E, k, H, I, 1)
@@ -85,12 +86,15 @@ class Step:
         self.out = torch.empty_like(self.x)
 
     def gate_up(self, config=None, ids=None):
-        return lambda: triton_decode.launch_gate_up(self.x, self.ids if ids is None else ids, self.w1, None, SPEC, config or self.config,
-                                                    self.k, self.act, self.ok)
+        ids = self.ids if ids is None else ids
+        config = config or self.config
+        return lambda: triton_decode.launch_gate_up(self.x, ids, self.w1, None, SPEC, config, self.k, self.act, self.ok)
 
     def down(self, config=None, ids=None):
-        return lambda: triton_decode.launch_down(self.act, self.ids if ids is None else ids, self.weights, self.w2, None, SPEC,
-                                                 config or self.config, self.k, self.out)
+        ids = self.ids if ids is None else ids
+        config = config or self.config
+        return lambda: triton_decode.launch_down(self.act, ids, self.weights, self.w2, None, SPEC, config, self.k,
+                                                 self.out)
 
 
 def stream(timer):
@@ -105,14 +109,16 @@ def stream(timer):
             kernels = {}
             if part != "both":
                 for st in STAGES:
-                    cfg = DecodeConfig(*(dataclasses.replace(kc, num_stages=st) for kc in (s.config.gate_up, s.config.down)))
+                    staged = (dataclasses.replace(kc, num_stages=st) for kc in (s.config.gate_up, s.config.down))
+                    cfg = DecodeConfig(*staged)
                     kernels[st] = median_graph(timer, s.gate_up(cfg) if part == "gate_up" else s.down(cfg))
             nbytes = s.k * (a + b) * 2
-            rows.append((name, part, nbytes / 1e6, nbytes / 3.02e6, readers[best], best, kernels))
+            rows.append((name, part, nbytes / 1e6, nbytes / harness.PEAK_BYTES * 1e6, readers[best], best, kernels))
         del s
         torch.cuda.empty_cache()
     cols = " ".join(f"{f'stages={st}':>9}" for st in STAGES)
-    print(f"{'shape':16} {'bytes of':8} {'MB':>6} {'floor':>6} {'reader':>7} x floor (block, steps, warps)  tuned decode kernel: {cols}")
+    print(f"{'shape':16} {'bytes of':8} {'MB':>6} {'floor':>6} {'reader':>7} x floor (block, steps, warps)  "
+          f"tuned decode kernel: {cols}")
     for name, part, mb, floor, t, best, kernels in rows:
         ks = " ".join(f"{kernels[st]:9.1f}" if st in kernels else f"{'':9}" for st in STAGES)
         print(f"{name:16} {part:8} {mb:6.1f} {floor:6.1f} {t:7.1f} {t / floor:5.2f}   {str(best):18} {'':21}{ks}")
@@ -142,7 +148,8 @@ def l2_reuse(timer):
         per_set = {
             "gate_up alone": [s.gate_up(cfg, i.reshape(-1)) for i in id_sets],
             "down alone": [s.down(cfg, i.reshape(-1)) for i in id_sets],
-            "whole forward": [lambda i=i: lowering.triton_forward(s.x, i, s.w, s.w1, s.w2, None, None, SPEC, cfg) for i in id_sets],
+            "whole forward": [lambda i=i: dispatch.triton_forward(s.x, i, s.w, s.w1, s.w2, None, None, SPEC, cfg)
+                              for i in id_sets],
         }
         for part, fns in per_set.items():
             print(f"{name:22} {part:14} {median_graph(timer, fns[0]):12.1f} {median_graph(timer, rotating(fns)):9.1f}")
@@ -168,17 +175,20 @@ def l2_prefetch(timer):
     def seq(*fns):
         return lambda: [f() for f in fns]
 
+    def assert_ids():
+        torch._assert_async(s.ok, "ids")
+
     variants = {
         "two launches": seq(gate_up, down),
-        "two launches + _assert_async(flag)": seq(gate_up, down, lambda: torch._assert_async(s.ok, "ids")),
-        "  ... the assert on a side stream": seq(gate_up, lambda: on_side(lambda: torch._assert_async(s.ok, "ids")), down, join),
+        "two launches + _assert_async(flag)": seq(gate_up, down, assert_ids),
+        "  ... the assert on a side stream": seq(gate_up, lambda: on_side(assert_ids), down, join),
         "side-stream prefetch evict_last w4": seq(lambda: on_side(touch("evict_last")), gate_up, join, down),
         "side-stream prefetch evict_last w8": seq(lambda: on_side(touch("evict_last", 8)), gate_up, join, down),
         "side-stream prefetch (no hint)": seq(lambda: on_side(touch("")), gate_up, join, down),
         "touch(evict_last), then two launches": seq(touch("evict_last"), gate_up, down),
         "touch(evict_last) + down": seq(touch("evict_last"), down),
         "touch(no hint) + down": seq(touch(""), down),
-        "touch alone (25 MB)": touch("evict_last"),
+        f"touch alone ({s.k * n2 * 2 / 1e6:.0f} MB)": touch("evict_last"),
     }
     seq(gate_up, down)()
     ref = s.out.clone()
@@ -188,14 +198,18 @@ def l2_prefetch(timer):
             times.setdefault(name, []).append(timer.graph(fn, calls=CALLS) * 1e6)
             assert torch.equal(s.out, ref), name
     for name, ts in times.items():
-        print(f"{name:40} {sorted(ts)[2]:7.1f} us")
+        print(f"{name:40} {harness.median(ts):7.1f} us")
+
+
+PROBES = {"stream": stream, "l2-reuse": l2_reuse, "l2-prefetch": l2_prefetch}
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("probe", choices=["stream", "l2-reuse", "l2-prefetch"])
+    ap = harness.parser(__doc__)
+    ap.add_argument("probe", choices=list(PROBES))
     args = ap.parse_args()
-    {"stream": stream, "l2-reuse": l2_reuse, "l2-prefetch": l2_prefetch}[args.probe](Timer("cuda"))
+    harness.gpu_name()
+    PROBES[args.probe](harness.Timer("cuda"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The experts op built from torch ops and one segment-matmul implementation (see lowering/__init__.py).
+"""The experts op built from torch ops and one segment-matmul implementation (torch_segment_mm.py): the
+reference, the CPU path, and every backward (dispatch.py picks the implementation).
 
 Data contract
     hidden        [T, H]     float (fp32 / bf16 / fp16)           x
@@ -9,7 +10,7 @@ Data contract
     b_gate_up     [E, 2I] or None, b_down [E, H] or None
     out           [T, H]     hidden's dtype, accumulated in fp32
 
-    route (given) -> permute (segments.py) -> gate_up GEMM -> gated act -> down GEMM -> weight, unpermute,
+    route (given) -> permute (torch_segment_mm.Segments) -> gate_up GEMM -> gated act -> down GEMM -> weight, unpermute,
     sum over k (combine)
 
     ids [T,k] --sort--> perm [S]          x_sorted = hidden[perm // k]                       [S, H]
@@ -25,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from ..activations import gated_backward, gated_forward
 from ..spec import ExpertsSpec
-from .segments import Segments
+from .torch_activations import gated_backward, gated_forward
+from .torch_segment_mm import Segments
 
 
 def _proj(impl, x, w, seg, transposed):

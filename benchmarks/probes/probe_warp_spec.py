@@ -1,8 +1,9 @@
 """Probe: Triton warp specialization (KernelConfig.warp_specialize) on the sorted path's two GEMMs, at the tuned
-configs of the three benchmark shapes, prefill T. Each kernel timed alone under a CUDA graph from a cold L2
-(timing.py), as the tuner times them; the whole forward of each working variant checked against fp32.
+configs of the three benchmark shapes, prefill T (NOTES.md "v3"). Each kernel timed alone under a CUDA graph
+from a cold L2 (moe_compiler/tune/timing.py), as the tuner times them; the whole forward of each faster variant
+checked against fp32.
 
-    python benchmarks/probe_warp_spec.py [--tokens 4096 16384] [--out ws.jsonl]
+    python -m benchmarks.probes.probe_warp_spec [--tokens 4096 16384] [--out ws.jsonl]
 
 KernelConfig.warp_specialize specializes the persistent tile loop, flattened with the K loop (producer warps
 issue the TMA loads, consumer warps the MMAs); it needs a persistent grid, so programs_per_sm >= 1 is forced,
@@ -11,20 +12,16 @@ and each variant is also timed without it on that grid (what the persistent grid
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from timing import Timer  # noqa: E402
-from tune_experts import SHAPES, benches, check  # noqa: E402
+from moe_compiler.lowering import triton_config
+from moe_compiler.lowering.triton_config import SortedConfig
+from moe_compiler.tune.search import SHAPES, benches, check
 
-from moe_compiler.lowering import triton_config  # noqa: E402
-from moe_compiler.lowering.triton_config import SortedConfig  # noqa: E402
+from .. import harness
 
 
 def variants(cfg: SortedConfig):
@@ -41,14 +38,12 @@ def variants(cfg: SortedConfig):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    ap.add_argument("--out", default=None)
+    ap = harness.parser(__doc__, shapes=SHAPES, tokens=[4096, 16384])
+    ap.add_argument("--out", default=None, metavar="JSONL", help="also write the rows here")
     args = ap.parse_args()
     dtype = torch.bfloat16
-    timer = Timer("cuda")
-    gpu, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    gpu, cap = harness.gpu_name(), torch.cuda.get_device_capability()
+    timer = harness.Timer("cuda")
     rows = []
     for name, T, b in benches(args.shapes, args.tokens, dtype):
         cfg = triton_config.lookup(gpu, cap, dtype, b.E, b.k, b.H, b.I, T)
@@ -66,21 +61,22 @@ def main():
                     if row["speedup"] > 1.0:
                         row["rel_err"] = check(b, c)
             except Exception as e:  # noqa: BLE001 - a variant Triton cannot compile is a result too
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                row["error"] = f"{type(e).__name__}: {first}"
             rows.append(row)
             print(json.dumps(row), flush=True)
         del b
     if args.out:
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        harness.write_jsonl(args.out, rows)
     print(f"\n{gpu}: warp specialization vs the tuned config (kernel alone, µs)")
     for r in rows:
         if r["variant"] == "tuned":
             print(f"{r['shape']:14} T={r['T']:6} tuned      gate_up {r['gate_up_us']:9.1f}  down {r['down_us']:9.1f}")
-        else:
-            kern = r["variant"].split()[0]
-            cell = r.get("error") or f"{r[kern + '_us']:9.1f} ({r['speedup']:.2f}x{', err %.1e' % r['rel_err'] if 'rel_err' in r else ''})"
-            print(f"{'':14} {'':8} {r['variant']:16} {cell}")
+            continue
+        kern = r["variant"].split()[0]
+        err = f", err {r['rel_err']:.1e}" if "rel_err" in r else ""
+        cell = r.get("error") or f"{r[kern + '_us']:9.1f} ({r['speedup']:.2f}x{err})"
+        print(f"{'':14} {'':8} {r['variant']:16} {cell}")
 
 
 if __name__ == "__main__":

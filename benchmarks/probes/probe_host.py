@@ -1,29 +1,27 @@
 """Probe: where an eager call of the experts op spends host time, and how much of it the benchmark's eager
-points expose (the op's GPU time alone is the CUDA-graph time).
+points expose (the op's GPU time alone is the CUDA-graph time). NOTES.md "v4", host time of one eager op call.
 
-    python benchmarks/probe_host.py [--shapes qwen3_30b_a3b] [--tokens 1024 4096]
+    python -m benchmarks.probes.probe_host [--shapes qwen3_30b_a3b] [--tokens 1024 4096]
 
 Host time per call: the GPU is first given a long sleep kernel, so no launch ever waits for it; N calls are
 issued and the host clock read before the sleep ends (each part of the call timed alone the same way).
 """
 
+# ruff: noqa: E741 - the 20 scalar arguments of _tiny are named a .. t
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(__file__))
-from timing import Timer  # noqa: E402
-from tune_experts import SPEC, benches  # noqa: E402
+from moe_compiler.lowering import triton_config
+from moe_compiler.ops import checks
+from moe_compiler.ops.experts import bind, forward
+from moe_compiler.tune.search import SHAPES, SPEC, benches
 
-from moe_compiler import lowering, ops  # noqa: E402
-from moe_compiler.lowering import triton_config  # noqa: E402
+from .. import harness
 
 
 def host_us(fn, n=50):
@@ -59,9 +57,10 @@ def parts(b):
     """Host us of the layers under one op call, and of bare launches (what each costs alone)."""
     x = torch.empty(1024, device="cuda")
     ints = list(range(1, 21))  # a .. t
+    tensors, kwargs = (b.x, b.ids, b.w, b.w1, b.w2), SPEC.op_kwargs()
     return {
-        "ops._forward": host_us(lambda: ops._forward(b.x, b.ids, b.w, b.w1, b.w2, None, None, SPEC)),
-        "check_inputs": host_us(lambda: ops.check_inputs(b.x, b.ids, b.w, b.w1, b.w2, None, None, SPEC)),
+        "ops bind + forward": host_us(lambda: forward(*bind(tensors, kwargs))),
+        "check_experts": host_us(lambda: checks.check_experts(*tensors, None, None, SPEC)),
         "custom_op noop": host_us(lambda: torch.ops.moe_compiler_probe.noop(b.x, b.ids)),
         "Library noop": host_us(lambda: torch.ops.moe_compiler_probe.noop_lib(b.x, b.ids)),
         "triton 20 args": host_us(lambda: _tiny[(1,)](x, *ints, BLOCK=128)),
@@ -71,27 +70,24 @@ def parts(b):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="+", default=["qwen3_30b_a3b"])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    ap = harness.parser(__doc__, shapes=SHAPES, tokens=[1024, 4096])
+    ap.set_defaults(shapes=["qwen3_30b_a3b"])
     args = ap.parse_args()
-    timer = Timer("cuda")
-    gpu, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    gpu, cap = harness.gpu_name(), torch.cuda.get_device_capability()
+    timer = harness.Timer("cuda")
     table = []
     for name, T, b in benches(args.shapes, args.tokens, torch.bfloat16):
-        op = lambda: torch.ops.moe_compiler.experts(b.x, b.ids, b.w, b.w1, b.w2, None, None, *SPEC.op_args())  # noqa: E731
+        op = lambda: torch.ops.moe_compiler.experts(b.x, b.ids, b.w, b.w1, b.w2, **SPEC.op_kwargs())  # noqa: E731
         cfg = triton_config.lookup(gpu, cap, torch.bfloat16, b.E, b.k, b.H, b.I, T)
-        fwd = lambda: lowering.triton_forward(b.x, b.ids, b.w, b.w1, b.w2, None, None, SPEC, cfg)  # noqa: E731
         row = {"shape": name, "T": T, "graph_us": timer.graph(op, calls=3) * 1e6, "eager_us": timer.eager(op) * 1e6}
         row["host_op_us"] = host_us(op)
-        row["host_forward_us"] = host_us(fwd)
+        row["host_forward_us"] = host_us(b.forward(cfg))
         if cfg.path is triton_config.Path.SORTED:
-            row["host_align_us"] = host_us(b.align(cfg.block_m))
-            row["host_gate_up_us"] = host_us(b.sorted_gate_up(cfg))
-            row["host_down_us"] = host_us(b.sorted_down(cfg))
-            row["host_combine_us"] = host_us(b.combine(cfg.block_m))
-            for part, fn in (("align", b.align(cfg.block_m)), ("gate_up", b.sorted_gate_up(cfg)),
-                             ("down", b.sorted_down(cfg)), ("combine", b.combine(cfg.block_m))):
+            kernels = (("align", b.align(cfg.block_m)), ("gate_up", b.sorted_gate_up(cfg)),
+                       ("down", b.sorted_down(cfg)), ("combine", b.combine(cfg.block_m)))
+            for part, fn in kernels:
+                row[f"host_{part}_us"] = host_us(fn)
+            for part, fn in kernels:
                 row[f"gpu_{part}_us"] = timer.graph(fn, calls=3) * 1e6
         row.update({f"host {k}": v for k, v in parts(b).items()})
         table.append(row)
@@ -101,7 +97,8 @@ def main():
     for r in table:
         print(f"{r['shape']:>14} {r['T']:>6} " + " ".join(f"{r.get(k, float('nan')):>11.1f}" for k in keys))
     for r in table:
-        print(f"{r['shape']} T={r['T']}: " + ", ".join(f"{k[5:]} {v:.1f}" for k, v in r.items() if k.startswith("host ")))
+        host = ", ".join(f"{k[5:]} {v:.1f}" for k, v in r.items() if k.startswith("host "))
+        print(f"{r['shape']} T={r['T']}: {host}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .spec import Activation, ExpertsSpec, GateUpLayout
+from ..spec import Activation, ExpertsSpec, GateUpLayout
 
 
 def split_gate_up(h: torch.Tensor, spec: ExpertsSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,181 @@
+"""What the benchmark scripts share: their common flags, timing, result files (JSON rows merged by key, JSONL
+streams), the roofline floor and geometric mean, GPU-named result paths, transformers' experts module, and
+plotting (optional).
+
+Scripts run from the repository root as modules: `python -m benchmarks.<name> --help`.
+"""
+
+# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+from moe_compiler.tune.timing import Timer, events, median, wall_clock  # noqa: F401 - the scripts' timing
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Ceilings measured on our H100 (NOTES.md, top): the roofline floor of every benchmark.
+PEAK_FLOPS = 785e12  # bf16 matmul
+PEAK_BYTES = 3.02e12  # device copy
+
+# Decode runs captured in CUDA graphs (mode="reduce-overhead"), prefill eager: each T is timed as it runs.
+GRAPH_MAX_T = 128
+
+AUTO = "auto"  # `--out` without a path: the GPU-named file under results/
+
+
+# --- flags -------------------------------------------------------------------------------------------
+
+def parser(doc: str, *, shapes=None, tokens=None, dtypes=None, out: str | None = None) -> argparse.ArgumentParser:
+    """A parser whose --help prints the script's docstring (its commands) as written, with the flags the
+    scripts share, each added when its argument is given:
+
+        shapes  the names --shapes NAME ... takes (default: all of them)
+        tokens  the default of --tokens T ...
+        dtypes  the names --dtype takes (default: the first)
+        out     the result kind of --out PATH; a bare --out writes results/<out>_<gpu>.json (save_rows())
+    """
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # run with -m: usage names the module
+    prog = f"python -m {spec.name}" if spec is not None else None
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if shapes is not None:
+        p.add_argument("--shapes", nargs="+", choices=list(shapes), default=list(shapes), metavar="NAME",
+                       help=f"of {list(shapes)}")
+    if tokens is not None:
+        p.add_argument("--tokens", type=int, nargs="+", default=list(tokens), metavar="T")
+    if dtypes is not None:
+        p.add_argument("--dtype", choices=list(dtypes), default=dtypes[0])
+    if out is not None:
+        p.add_argument("--out", nargs="?", const=AUTO, metavar="PATH",
+                       help=f"write the rows as JSON (bare --out: benchmarks/results/{out}_<gpu>.json)")
+    return p
+
+
+# --- the machine and its result files ---------------------------------------------------------------
+
+def gpu_name() -> str:
+    """This machine's GPU; exits with a message where there is none (the GPU benchmarks' first call)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)")
+    return torch.cuda.get_device_name()
+
+
+def device_label(device: str) -> str:
+    """The GPU's name with _ for spaces, as result files and tuned configs are named, or "cpu"."""
+    return gpu_name().replace(" ", "_") if device == "cuda" else "cpu"
+
+
+def result_path(kind: str, suffix: str = ".json", directory: str = RESULTS, device: str = "cuda") -> str:
+    """<directory>/<kind>_<gpu><suffix> (<gpu><suffix> where kind is empty)."""
+    label = device_label(device)
+    return os.path.join(directory, f"{kind}_{label}{suffix}" if kind else label + suffix)
+
+
+def write_json(path: str, data) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def save_rows(out: str | None, kind: str, rows: list[dict], gpu: str, key: str | None = None, replaced=()) -> None:
+    """{"gpu", "torch", "rows"} to the file a parsed --out names: none where it was not given, results/<kind>_<gpu>.json
+    for a bare --out. With `key`, an existing file's rows whose row[key] is not in `replaced` stay ahead of the
+    new ones: a run of some shapes (routers) updates only their rows of the full table."""
+    if out is None:
+        return
+    path = result_path(kind) if out == AUTO else out
+    if key is not None and os.path.exists(path):
+        with open(path) as f:
+            rows = [r for r in json.load(f)["rows"] if r[key] not in replaced] + rows
+    write_json(path, dict(gpu=gpu, torch=torch.__version__, rows=rows))
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    """One row appended as it is measured: a run that times out keeps what it measured."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --- arithmetic and timing ----------------------------------------------------------------------------
+
+def floor_s(flops: float, nbytes: float) -> float:
+    """The roofline floor in seconds: the FLOPs at PEAK_FLOPS or the bytes at PEAK_BYTES, whichever is longer."""
+    return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES)
+
+
+def geomean(xs) -> float:
+    xs = list(xs)
+    return math.exp(sum(map(math.log, xs)) / len(xs))
+
+
+def as_run(timer: Timer, T: int):
+    """The timing of a call at T as a model runs it: under a CUDA graph for decode, eager otherwise."""
+    return timer.graph if T <= GRAPH_MAX_T else timer.eager
+
+
+def compile_per_shape() -> None:
+    """One compiled graph per (shape, T), as a model with static shapes has: lift Dynamo's recompile limit."""
+    torch._dynamo.config.recompile_limit = 1000
+
+
+# --- transformers' experts -------------------------------------------------------------------------
+
+def hf_experts(E: int, k: int, H: int, I: int, dtype, device):
+    """(config, module) of transformers' own experts (Qwen3MoeExperts: the standard SwiGLU experts every shape
+    uses), weights drawn with fan-in scaling so outputs are O(1)."""
+    from transformers import AutoConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    cfg = AutoConfig.for_model("qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E,
+                               num_experts_per_tok=k)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            experts = Qwen3MoeExperts(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, H**-0.5)
+        experts.down_proj.normal_(0, I**-0.5)
+    return cfg, experts
+
+
+def hf_forward(cfg, experts, impl: str):
+    """experts(x, ids, w) under transformers' experts implementation `impl` (eager, grouped_mm, batched_mm)."""
+    def run(x, ids, w):
+        cfg._experts_implementation = impl
+        return experts(x, ids, w)
+    return run
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+def pyplot(path: str):
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is not installed (plots are
+    optional: the JSON holds every number), saying that `path` is not written."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written ({path}); `pip install matplotlib` for it")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,48 @@
+"""Does a GPU's own tuning beat a borrowed one? The experts forward at each shape and T with this GPU's
+tuned config and with the nearest-T entry of another GPU's file (what lookup borrows without an own file),
+same inputs, same run, alternating; whole forward under a CUDA graph from a cold L2
+(moe_compiler/tune/timing.py). NOTES.md: "H200 configs".
+
+    python -m benchmarks.probes.compare_configs --other moe_compiler/lowering/configs/NVIDIA_H100_80GB_HBM3.json
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import torch
+
+from moe_compiler.lowering import triton_config
+from moe_compiler.tune.search import SHAPES, benches, forward_times, graph_calls
+
+from .. import harness
+
+
+def main():
+    ap = harness.parser(__doc__, shapes=SHAPES, tokens=[1, 16, 128, 1024, 4096, 16384])
+    ap.add_argument("--other", required=True, help="another GPU's config file")
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    gpu = harness.gpu_name()
+    own = triton_config.load_file(triton_config.gpu_file(gpu))
+    other = triton_config.load_file(pathlib.Path(args.other))
+    timer = harness.Timer("cuda")
+    print(f"{gpu}: own tuning vs {os.path.basename(args.other)} (µs, whole forward)")
+    ratios = []
+    for name, T, b in benches(args.shapes, args.tokens, dtype):
+        # What lookup would pick from each file (no borrowing between them here).
+        cfgs = {v: triton_config.nearest_entry(entries, dtype, b.E, b.k, b.H, b.I, T)
+                for v, entries in (("own", own), ("other", other))}
+        timer.calls = graph_calls(T, b.k, b.H, b.I)
+        times = forward_times(timer, b, list(cfgs.values()))
+        t = {v: times[c] * 1e6 for v, c in cfgs.items()}
+        ratios.append(t["other"] / t["own"])
+        print(f"{name:14} T={T:6}  own {t['own']:9.1f}  other {t['other']:9.1f}  "
+              f"own speedup {t['other'] / t['own']:.2f}", flush=True)
+        del b
+    print(f"geometric mean own speedup {harness.geomean(ratios):.3f} over {len(ratios)} points")
+
+
+if __name__ == "__main__":
+    main()

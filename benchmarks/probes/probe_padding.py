@@ -1,0 +1,73 @@
+"""Probe: what BLOCK_M padding costs the sorted path (NOTES.md "v4", padding). Every expert's segment is padded
+to a multiple of block_m, so at T*k/E ~ block_m rows per expert the GEMMs multiply more rows than there are
+(the probe prints padded/real per point). The same T is timed with uniform routing and with balanced routing
+(every expert exactly T*k/E rows, a multiple of block_m: no padding; in token order, and shuffled so that each
+expert's rows are as scattered as with uniform routing), each kernel under a CUDA graph from a cold L2
+(moe_compiler/tune/timing.py); the time the balanced case saves bounds what any fix of the padding can win.
+(Half-height tiles for the partial blocks: tried and reverted, same NOTES section.)
+
+    python -m benchmarks.probes.probe_padding [--points qwen3_30b_a3b:4096 deepseek_v3:4096 ...]
+"""
+
+# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
+from __future__ import annotations
+
+import torch
+
+from moe_compiler.lowering import triton_config
+from moe_compiler.testing import experts_reference_by_expert, rel_err
+from moe_compiler.tune.search import SHAPES, SPEC, Bench, problem
+
+from .. import harness
+
+POINTS = ["qwen3_30b_a3b:4096", "deepseek_v3:4096", "deepseek_v3:16384", "mixtral_8x7b:1024", "qwen3_30b_a3b:16384"]
+
+
+def balanced_ids(T, E, k, device):
+    """Token t takes experts (t*k + j) mod E: distinct per token, exactly T*k/E rows per expert."""
+    t = torch.arange(T, device=device)[:, None]
+    return (t * k + torch.arange(k, device=device)[None, :]) % E
+
+
+def padding(ids, E, block_m):
+    counts = torch.bincount(ids.flatten(), minlength=E)
+    return ((counts + block_m - 1) // block_m * block_m).sum().item() / counts.sum().item()
+
+
+def main():
+    ap = harness.parser(__doc__)
+    ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T", help=f"shapes of {list(SHAPES)}")
+    args = ap.parse_args()
+    gpu, cap = harness.gpu_name(), torch.cuda.get_device_capability()
+    timer = harness.Timer("cuda")
+    timer.calls = 2
+    table = []
+    for point in args.points:
+        name, T = point.split(":")
+        T = int(T)
+        E, k, H, I = SHAPES[name]
+        x, ids, w, w1, w2 = problem(T, E, k, H, I, torch.bfloat16)
+        cfg = triton_config.lookup(gpu, cap, torch.bfloat16, E, k, H, I, T)
+        bal = balanced_ids(T, E, k, x.device)
+        # the same counts with tokens and expert labels shuffled: the gathered rows scatter as in uniform routing
+        shuffled = torch.randperm(E, device=x.device)[bal[torch.randperm(T, device=x.device)]]
+        for kind, routing in (("uniform", ids), ("balanced", bal), ("shuffled", shuffled)):
+            b = Bench(x, routing, w, w1, w2)
+            row = {"point": point, "routing": kind, "padded/real": padding(routing, E, cfg.block_m)}
+            kernels = (("gate_up", b.sorted_gate_up(cfg)), ("down", b.sorted_down(cfg)), ("forward", b.forward(cfg)))
+            for part, fn in kernels:
+                row[part] = timer.graph(fn, calls=timer.calls) * 1e6
+            row["rel_err"] = rel_err(b.forward(cfg)(), experts_reference_by_expert(x, routing, w, w1, w2, spec=SPEC))
+            table.append(row)
+            print(row, flush=True)
+        x = ids = w = w1 = w2 = b = None  # free this point's weights before the next point's
+        torch.cuda.empty_cache()
+    print(f"{'point':>20} {'routing':>9} {'pad/real':>8} {'gate_up us':>10} {'down us':>9} {'forward us':>10} "
+          f"{'rel err':>8}")
+    for r in table:
+        print(f"{r['point']:>20} {r['routing']:>9} {r['padded/real']:>8.3f} {r['gate_up']:>10.1f} {r['down']:>9.1f} "
+              f"{r['forward']:>10.1f} {r['rel_err']:>8.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Static facts about the device an op runs on: which kernels may run there, and the GPU's properties.
+
+Every choice made from these is a function of device, dtype and shape only, never of data, so it is stable
+under CUDA graph capture. Cached per device index: they are host time on the critical path of small T.
+
+Environment: MOE_COMPILER_KERNELS=torch runs the torch composite on CUDA too (for comparisons, or as a way
+around a Triton problem); the default, MOE_COMPILER_KERNELS=triton, uses the Triton kernels wherever CUDA
+and Triton are available.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+KERNELS_ENV = "MOE_COMPILER_KERNELS"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether the ops' forwards run Triton kernels for tensors like `t`."""
+    kernels = os.environ.get(KERNELS_ENV, "triton")
+    if kernels not in ("triton", "torch"):
+        raise ValueError(f"{KERNELS_ENV}={kernels!r}: expected 'triton' or 'torch'")
+    return t.device.type == "cuda" and kernels == "triton" and triton_available()
+
+
+def index(t: torch.Tensor) -> int:
+    """The CUDA device index of `t` (the current device for an index-less "cuda")."""
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def sm90_or_newer(index: int) -> bool:
+    """Hopper / Blackwell data center GPUs: torch._grouped_mm runs CUTLASS there (bf16)."""
+    return capability(index)[0] in (9, 10)
+
+
+def has_tma(index: int) -> bool:
+    return capability(index)[0] >= 9
+
+
+@functools.cache
+def num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -1,0 +1,160 @@
+"""Which implementation runs each op, per call, from static facts only (device, dtype, shapes, alignment).
+
+    experts forward   CUDA + Triton -> triton_decode.py (T*k small next to E: GEMVs, no sort) or
+                                       triton_align.py + triton_experts.py (sorted grouped GEMMs), the config
+                                       from triton_config.py; a small shared MLP rides in the decode kernels
+                      otherwise     -> torch_experts.py over a segment-matmul implementation (`select`),
+                                       the shared MLP by torch_shared.py (cuBLAS)
+    experts backward  every device  -> torch_experts.py / torch_shared.py
+    route forward     CUDA + Triton -> triton_route.py (one launch); otherwise torch_route.py
+    route backward    every device  -> torch_route.py
+
+The Triton modules are imported on first CUDA use only: importing the package never imports Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..spec import ExpertsSpec, RouterSpec, SharedMLP
+from . import device, torch_experts, torch_route, torch_shared
+from .torch_segment_mm import GatherBmm, GroupedMM, LoopMM
+
+
+def _rows_16b_aligned(w_gate_up: torch.Tensor, w_down: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    # CUTLASS grouped GEMM loads 16-byte vectors: every operand's base and every row stride (H, I and 2I
+    # elements, in whichever layout) must be a multiple of 16 bytes.
+    dims = (*w_gate_up.shape[1:], *w_down.shape[1:])
+    size = w_gate_up.element_size()
+    tensors = (w_gate_up, w_down, *tensors)
+    return all(d * size % 16 == 0 for d in dims) and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
+    """The segment-matmul implementation for these operands (a class with mm / mm_nn / wgrad)."""
+    if hidden.device.type == "cpu":
+        # torch's grouped GEMM loops over groups in C++ (faster than our Python loop for many experts);
+        # the Python loop remains for rows that are not 16-byte aligned.
+        return GroupedMM if _rows_16b_aligned(w_gate_up, w_down, hidden) else LoopMM
+    if hidden.device.type != "cuda":
+        return LoopMM
+    if (
+        hidden.dtype == torch.bfloat16
+        and w_gate_up.dtype == torch.bfloat16
+        and device.sm90_or_newer(device.index(hidden))
+        and _rows_16b_aligned(w_gate_up, w_down, hidden)
+    ):
+        return GroupedMM
+    return GatherBmm
+
+
+# --- experts ---------------------------------------------------------------------------------------------
+
+def triton_config_for(hidden, topk_ids, w_gate_up, I: int):
+    """The tuned (or default, with a warning) Triton config of this problem on hidden's GPU."""
+    T, H = hidden.shape
+    return _config_for(device.index(hidden), hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H, I, T)
+
+
+@functools.lru_cache(maxsize=4096)  # per call it is host time on the critical path of small T
+def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int):
+    from . import triton_config, triton_decode
+
+    config = triton_config.lookup(device.gpu_name(index), device.capability(index), dtype, E, k, H, I, T)
+    if config.path is triton_config.Path.DECODE and T * k > triton_decode.MAX_PAIRS:
+        config = triton_config.default_config(dtype, E, k, H, I, max(T, triton_decode.MAX_PAIRS))
+    return config
+
+
+# The decode kernels take the shared MLP in only when its weights are small: fusing saves its own launches
+# and ramps under a CUDA graph but adds its tiles to grids whose programs each stream ~1-2 MB at decode, so a
+# large shared MLP lengthens the last wave by more than it saves (benchmarks/NOTES.md "shared experts v2":
+# Qwen3-Next's 6 MB faster fused, DeepSeek-V3's 88 MB and larger ones slower).
+SHARED_IN_KERNEL_MAX_BYTES = 16 << 20
+
+
+def _shared_in_kernel(mlp: SharedMLP) -> bool:
+    return 3 * mlp.down.numel() * mlp.down.element_size() <= SHARED_IN_KERNEL_MAX_BYTES
+
+
+def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
+                    shared: SharedMLP | None = None, config=None) -> torch.Tensor:
+    """The experts op's forward (+ the block's shared MLP) on whichever implementation fits. On the Triton
+    decode path a small shared MLP is one more pair per token inside the experts kernels (its weights stream
+    beside the routed ones, no launches of its own); otherwise it runs as cuBLAS GEMMs after the experts."""
+    T, k = topk_ids.shape
+    if T == 0 or k == 0:
+        routed = hidden.new_zeros(hidden.shape)
+    elif not device.uses_triton(hidden):
+        impl = select(hidden, w_gate_up, w_down)
+        args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+        routed = torch_experts.experts_forward(impl, *args)
+    else:
+        from . import triton_config
+
+        if config is None:
+            config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+        in_kernel = shared is not None and _shared_in_kernel(shared) and config.path is triton_config.Path.DECODE
+        routed = triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config,
+                                shared if in_kernel else None)
+        if in_kernel:
+            return routed
+    if shared is None:
+        return routed
+    return torch_shared.forward(routed, hidden, shared, spec, _gated_rows(hidden))
+
+
+def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None, mlp=None):
+    """The Triton forward with a given config (None: looked up); returns out [T, H]. T > 0. A shared MLP
+    `mlp` is taken by the decode kernels only (experts_forward sends it here on that path)."""
+    from . import triton_config, triton_decode, triton_experts
+
+    if config is None:
+        config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+    # Out-of-range ids: the kernels clamp them (no stray memory access) and the kernel that checks them fails
+    # the launch with a device-side assert (triton_config.LIVE_ASSERTS): loud, no host sync, capture-safe.
+    args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
+    if config.path is triton_config.Path.DECODE:
+        out, _ = triton_decode.experts_forward(*args, mlp)
+    else:
+        if mlp is not None:
+            raise ValueError("moe_compiler: the sorted Triton path does not take a shared MLP; pass it to experts_forward")
+        out, _ = triton_experts.experts_forward(*args)
+    return out
+
+
+def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec):
+    """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down); absent biases -> None."""
+    impl = select(hidden, w_gate_up, w_down)
+    args = (grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+    return torch_experts.experts_backward(impl, *args)
+
+
+def _gated_rows(t: torch.Tensor):
+    """act(g) * u for the shared MLP: one Triton pass on CUDA, torch ops elsewhere."""
+    if device.uses_triton(t):
+        from .triton_act import gated_rows
+
+        return gated_rows
+    return torch_shared.torch_gated_rows
+
+
+def shared_backward(grad_out, hidden, shared: SharedMLP, spec: ExpertsSpec):
+    """Gradients of the shared term w.r.t. (hidden, gate, up, down, expert_gate or None)."""
+    return torch_shared.backward(grad_out, hidden, shared, spec, _gated_rows(hidden))
+
+
+# --- route -----------------------------------------------------------------------------------------------
+
+def route_forward(router_logits, correction_bias, spec: RouterSpec):
+    if device.uses_triton(router_logits):
+        from . import triton_route
+
+        return triton_route.route_forward(router_logits, correction_bias, spec)
+    return torch_route.route_forward(router_logits, correction_bias, spec)
+
+
+def route_backward(grad_weights, router_logits, ids, spec: RouterSpec):
+    return torch_route.route_backward(grad_weights, router_logits, ids, spec)

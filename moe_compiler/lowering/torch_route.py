@@ -1,0 +1,111 @@
+"""The route op in torch: the reference, the CPU path, and the backward on every device.
+
+    router_logits [T, E] float -> weights [T, k] fp32, ids [T, k] int64     (spec.RouterSpec: every router form)
+
+It uses torch.topk, so ties break exactly as in the eager model. On CUDA the forward is one Triton launch
+instead (triton_route.py): exact ties (equal logits) go to the lower expert id there, a choice any correct
+top-k may make. Selection is not differentiable; the weights are, w.r.t. the logits (router training).
+
+The sparse mixer's expert masks are decided in the logits' own dtype, as eager decides them: (m - x) and its
+quotient by max(|x|, m) are rounded to that dtype and compared with 2 * jitter_eps rounded to it. The mask
+only moves the weights (which experts share a round's softmax), but a quotient near the threshold rounds
+across it differently in fp32; both implementations here round as eager does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring
+
+
+def _select(logits32: Tensor, correction_bias: Optional[Tensor], spec: RouterSpec) -> tuple[Tensor, Tensor]:
+    """(scores [T, E] fp32 used for the weights, ids [T, k]) following the router's own op order."""
+    T, E = logits32.shape
+    if spec.order is RouteOrder.TOPK_THEN_SCORE:
+        return logits32, torch.topk(logits32, spec.top_k, dim=-1)[1]
+    scores = logits32.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else logits32.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if spec.n_group > 1:
+        grouped = choice.view(T, spec.n_group, E // spec.n_group)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if spec.group_score is GroupScore.TOP2_SUM else grouped.amax(-1)
+        group_idx = torch.topk(group_scores, spec.topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
+        keep = keep.unsqueeze(-1).expand(T, spec.n_group, E // spec.n_group).reshape(T, E)
+        choice = choice.masked_fill(~keep, spec.masked_score)
+    return scores, torch.topk(choice, spec.top_k, dim=-1, sorted=False)[1]
+
+
+def _sparsemixer_rounds(logits: Tensor, spec: RouterSpec, ids: Optional[Tensor] = None) -> list[tuple[Tensor, Tensor]]:
+    """Per round of the sparse mixer: (gate logits [T, E] fp32, -inf outside the round's softmax; id [T, 1]).
+    The masks are computed with eager's ops in the logits' own dtype (see the module docstring); `ids` replays
+    the rounds of a known selection (backward)."""
+    threshold = 2 * spec.jitter_eps
+    untaken = logits
+    rounds = []
+    for r in range(spec.top_k):
+        best, i = untaken.max(dim=-1, keepdim=True)
+        if ids is not None:
+            i = ids[:, r : r + 1]
+            best = untaken.gather(1, i)
+        factor = logits.abs().clamp(min=best)
+        drop = ((best - logits) / factor) > threshold
+        rounds.append((untaken.masked_fill(drop, -math.inf).float(), i))
+        untaken = untaken.scatter(-1, i, -math.inf)
+    return rounds
+
+
+def route_forward(router_logits, correction_bias, spec: RouterSpec) -> tuple[Tensor, Tensor]:
+    if spec.order is RouteOrder.SPARSEMIXER:
+        rounds = _sparsemixer_rounds(router_logits, spec)
+        weights = torch.cat([gates.softmax(dim=-1).gather(1, i) for gates, i in rounds], dim=-1)
+        return weights, torch.cat([i for _, i in rounds], dim=-1)
+    scores, ids = _select(router_logits.float(), correction_bias, spec)
+    picked = scores.gather(1, ids)
+    if spec.order is RouteOrder.TOPK_THEN_SCORE:
+        weights = picked.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else picked.sigmoid()
+    elif spec.norm_topk_prob:
+        eps = 1e-20 if spec.scoring is Scoring.SIGMOID else 0.0  # DeepSeek adds 1e-20; softmax routers don't
+        weights = picked / (picked.sum(-1, keepdim=True) + eps)
+    else:
+        weights = picked
+    return weights * spec.routed_scaling_factor, ids
+
+
+def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor:
+    """d loss / d router_logits [T, E] (selection held fixed)."""
+    z = router_logits.float()
+    g = grad_weights.float() * spec.routed_scaling_factor
+    if spec.order is RouteOrder.SPARSEMIXER:
+        # w_r = p_r[i_r] with p_r the round's softmax: d w_r / d z = w_r (onehot(i_r) - p_r); masked experts get 0.
+        dz = torch.zeros_like(z)
+        for r, (gates, i) in enumerate(_sparsemixer_rounds(router_logits, spec, ids)):
+            p = gates.softmax(dim=-1)
+            gw = g[:, r : r + 1] * p.gather(1, i)
+            dz -= gw * p
+            dz.scatter_add_(1, i, gw)
+        return dz.to(router_logits.dtype)
+    if spec.order is RouteOrder.TOPK_THEN_SCORE:
+        if spec.scoring is Scoring.SOFTMAX:
+            w = z.gather(1, ids).softmax(dim=-1)
+            dz_sel = w * (g - (g * w).sum(-1, keepdim=True))
+        else:
+            w = z.gather(1, ids).sigmoid()
+            dz_sel = g * w * (1 - w)
+        return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
+    scores = z.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else z.sigmoid()
+    picked = scores.gather(1, ids)
+    if spec.norm_topk_prob:
+        denom = picked.sum(-1, keepdim=True) + (1e-20 if spec.scoring is Scoring.SIGMOID else 0.0)
+        d_picked = g / denom - (g * picked).sum(-1, keepdim=True) / denom**2
+    else:
+        d_picked = g
+    if spec.scoring is Scoring.SIGMOID:
+        dz_sel = d_picked * picked * (1 - picked)
+        return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
+    d_scores = torch.zeros_like(z).scatter_(1, ids, d_picked)
+    return (scores * (d_scores - (d_scores * scores).sum(-1, keepdim=True))).to(router_logits.dtype)

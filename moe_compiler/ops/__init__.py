@@ -1,0 +1,27 @@
+"""The op layer: `torch.ops.moe_compiler.*`, one module per op, each with its fake, autograd and input checks.
+
+    signature.py          every op's signature, written once (tables -> schemas, fakes, the passes' OpCall)
+    checks.py             input checks (expected vs got, and the fix), run by fakes and real calls alike
+    experts.py            experts (+ the block's shared experts) and experts_backward
+    experts_unstacked.py  experts_unstacked and its backward: per-expert nn.Linear weights read in place
+    route.py              route and route_backward
+
+Importing this package registers the ops. Implementations live in lowering/ (dispatch.py picks one).
+"""
+
+from .experts import experts, experts_backward, moe_experts
+from .experts_unstacked import experts_unstacked, experts_unstacked_backward
+from .route import moe_route, route, route_backward
+from .signature import OpCall
+
+__all__ = [
+    "OpCall",
+    "experts",
+    "experts_backward",
+    "experts_unstacked",
+    "experts_unstacked_backward",
+    "moe_experts",
+    "moe_route",
+    "route",
+    "route_backward",
+]

@@ -1,0 +1,114 @@
+"""`torch.ops.moe_compiler.experts` and its backward: one signature each (ops/signature.py), the fake beside
+the real implementation, autograd through a backward that is itself an op (so AOTAutograd and Inductor keep
+both opaque and the profiler shows `moe_compiler::experts` / `moe_compiler::experts_backward`).
+
+    experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None,
+            shared_gate_proj=None, shared_up_proj=None, shared_down_proj=None, shared_expert_gate=None,
+            *, activation="silu", gate_up="concat", transposed=False, swiglu_alpha=1.702, swiglu_limit=7.0,
+            scale_input=False) -> out [T, H]
+
+    out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])          (spec.ExpertsSpec)
+           [+ s[t] * shared MLP(hidden[t])]                                          (spec.SharedMLP)
+
+Weights are the model's own parameters, read in place on every call. The implementations are in lowering/
+(dispatch.py picks one per call).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..lowering import device, dispatch
+from ..spec import ExpertsSpec, SharedMLP
+from . import checks
+from .signature import SIGNATURES, ExpertsTensors, make_spec, schema
+
+_GRADS = "(" + ", ".join(["Tensor"] * len(ExpertsTensors._fields)) + ")"
+
+
+def bind(tensors: tuple, spec_kwargs: dict) -> tuple[ExpertsTensors, ExpertsSpec, SharedMLP | None]:
+    """The op's arguments, typed and checked: (tensors, spec, the shared MLP or None)."""
+    t = ExpertsTensors(*tensors)
+    spec = make_spec(ExpertsSpec, spec_kwargs)
+    checks.check_experts(t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down, t.b_gate_up, t.b_down, spec)
+    if t.shared_gate_proj is None and t.shared_down_proj is None:
+        checks.check_shared_absent(t.shared_up_proj, t.shared_expert_gate)
+        return t, spec, None
+    checks.check_shared(t.hidden, t.shared_gate_proj, t.shared_up_proj, t.shared_down_proj, t.shared_expert_gate)
+    shared = SharedMLP.from_parts(t.shared_gate_proj, t.shared_up_proj, t.shared_down_proj, t.shared_expert_gate)
+    return t, spec, shared
+
+
+def forward(t: ExpertsTensors, spec: ExpertsSpec, shared: SharedMLP | None) -> Tensor:
+    if not device.uses_triton(t.hidden):
+        checks.check_ids_in_range(t.topk_ids, t.w_gate_up.shape[0])  # the Triton kernels check ids themselves
+    return dispatch.experts_forward(
+        t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down, t.b_gate_up, t.b_down, spec, shared
+    )
+
+
+@torch.library.custom_op("moe_compiler::experts", mutates_args=(), schema=schema(ExpertsTensors, ExpertsSpec, "Tensor"))
+def experts(*tensors, **spec) -> Tensor:
+    """out [T, H] in hidden's dtype; see the module docstring."""
+    return forward(*bind(tensors, spec))
+
+
+@experts.register_fake
+def _(*tensors, **spec):
+    t, _, _ = bind(tensors, spec)
+    return t.hidden.new_empty(t.hidden.shape)
+
+
+@torch.library.custom_op(
+    "moe_compiler::experts_backward",
+    mutates_args=(),
+    schema=schema(ExpertsTensors, ExpertsSpec, _GRADS, leading=("Tensor grad_out",)),
+)
+def experts_backward(grad_out: Tensor, *tensors, **spec) -> tuple[Tensor, ...]:
+    """One gradient per ExpertsTensors field, in order; an empty [0] tensor where there is none (the integer
+    ids, an absent tensor). The routed and the shared term's gradients w.r.t. hidden are summed."""
+    t, spec, shared = bind(tensors, spec)
+    routed = dispatch.experts_backward(
+        grad_out, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down, t.b_gate_up, t.b_down, spec
+    )
+    d_hidden, d_weights, d_gu, d_down, d_bgu, d_bdown = routed
+    d_shared = (None,) * 4
+    if shared is not None:
+        d_x, d_gate, d_up, d_sdown, d_egate = dispatch.shared_backward(grad_out, t.hidden, shared, spec)
+        d_hidden = d_hidden + d_x.to(t.hidden.dtype)
+        dtype = t.shared_down_proj.dtype
+        if t.shared_up_proj is None:  # one fused [2Is, H] weight: gate rows, then up
+            d_gate, d_up = torch.cat([d_gate, d_up]), None
+        d_shared = tuple(None if g is None else g.to(dtype) for g in (d_gate, d_up, d_sdown, d_egate))
+    grads = (d_hidden, None, d_weights, d_gu, d_down, d_bgu, d_bdown, *d_shared)
+    return tuple(t.hidden.new_empty(0) if g is None else g for g in grads)  # outputs cannot be None
+
+
+@experts_backward.register_fake
+def _(grad_out, *tensors, **spec):
+    t, _, _ = bind(tensors, spec)
+    return tuple(t.hidden.new_empty(0) if x is None or not x.is_floating_point() else torch.empty_like(x) for x in t)
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.spec = keyword_only_inputs
+
+
+def _backward(ctx, grad_out):
+    tensors = ctx.saved_tensors
+    grads = torch.ops.moe_compiler.experts_backward(grad_out.contiguous(), *tensors, **ctx.spec)
+    # None for the integer ids and for absent tensors (autograd wants no gradient there).
+    return tuple(None if x is None or not x.is_floating_point() else g for x, g in zip(tensors, grads))
+
+
+experts.register_autograd(_backward, setup_context=_setup_context)
+SIGNATURES[torch.ops.moe_compiler.experts.default] = (ExpertsTensors, ExpertsSpec)
+
+
+def moe_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None,
+                spec: ExpertsSpec = ExpertsSpec()) -> Tensor:
+    """The experts op with a typed spec (Python convenience)."""
+    tensors = ExpertsTensors(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down)
+    return torch.ops.moe_compiler.experts(*tensors, **spec.op_kwargs())

@@ -1,0 +1,82 @@
+"""The pipeline (passes/pipeline.py): a recognizer or rewrite bug never leaves a half-edited graph."""
+
+from __future__ import annotations
+
+import torch
+from torch._dynamo.utils import counters
+
+from moe_compiler.config import MoECompilerConfig
+from moe_compiler.passes import fuse_moe_regions, rewrite
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.hf_models import tiny_model
+
+IDS = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+def _compile_and_compare(model):
+    with torch.no_grad():
+        ref = model(input_ids=IDS).logits
+        out = torch.compile(model, backend="fused_moe")(input_ids=IDS).logits
+    assert rel_err(out, ref) <= 1e-5
+
+
+def _graphs(model, config=MoECompilerConfig()):
+    """(code before, code after, report) of each graph the backend rewrites (no Inductor)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        before = gm.code
+        report = fuse_moe_regions(gm, example_inputs, config)
+        seen.append((before, gm.code, report))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(input_ids=IDS.to(next(model.parameters()).device), use_cache=False)
+    return seen
+
+
+def test_a_failure_while_planning_leaves_that_region_untouched(monkeypatch):
+    """A bug in the plan phase (before any edit) rejects the region as an internal error; the rest fuses."""
+    real = rewrite.fake_call
+    calls = []
+
+    def fails_once(call, like):
+        calls.append(call)
+        if len(calls) == 1:
+            raise RuntimeError("injected planning bug")
+        return real(call, like)
+
+    monkeypatch.setattr(rewrite, "fake_call", fails_once)
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    ((before, after, report),) = _graphs(model)
+    first, second = report.regions
+    assert first.status == "rejected" and first.reason.startswith("internal error in the matcher")
+    assert "injected planning bug" in first.reason
+    assert second.status == "fused"
+    assert after.count("moe_compiler.experts.default") == 1
+    counters.clear()
+    _compile_and_compare(model)
+
+
+def test_a_failure_half_way_through_an_edit_restores_the_whole_graph(monkeypatch):
+    def fails(graph, nodes):
+        raise RuntimeError("injected edit bug")
+
+    monkeypatch.setattr(rewrite, "erase_unused", fails)
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    ((before, after, report),) = _graphs(model)
+    assert after == before  # the call inserted and the uses re-pointed before the failure are gone
+    assert [r.status for r in report.regions] == ["rejected", "rejected"]
+    assert all("injected edit bug" in r.reason for r in report.regions)
+    assert counters["moe_compiler"]["edit_failed"] == 1
+    counters.clear()
+    _compile_and_compare(model)
+
+
+def test_meta_device_model_is_fused_with_the_check_skipped_and_said_so():
+    model = tiny_model("qwen3_moe", "grouped_mm").to("meta")
+    ((_, after, report),) = _graphs(model)
+    assert [r.status for r in report.regions] == ["fused", "fused"]
+    assert all("meta device" in r.check and "structural proof" in r.check for r in report.regions)
+    assert all("meta device" in r.router_check for r in report.regions)
+    assert "internal error" not in report.summary_text()

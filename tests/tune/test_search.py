@@ -1,0 +1,175 @@
+"""The tuner (moe_compiler.tune) on a machine without a GPU: its command line, its candidate lists, its problems,
+every kernel launch it times (under the Triton interpreter), and the search itself with a stub timer."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+
+from moe_compiler.lowering import triton_config  # noqa: E402
+from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
+from moe_compiler.tune import search  # noqa: E402
+from moe_compiler.tune.shapes import SHAPES, TOKENS  # noqa: E402
+from moe_compiler.tune.timing import Timer, median, wall_clock  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TINY = (3, 8, 2, 32, 16)  # T, E, k, H, I: T*k <= E, so both paths are candidates
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_help_names_the_command_and_its_options():
+    r = run("-m", "moe_compiler.tune", "--help")
+    assert r.returncode == 0, r.stderr
+    for text in ("python -m moe_compiler.tune --shape", "--merge", "--refine", "--workers", "--log", "--out"):
+        assert text in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_cli_without_a_gpu_says_so():
+    r = run("-m", "moe_compiler.tune", "--shapes", "--shape", "8,2,64,32", "--tokens", "1")
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr
+
+
+def test_importing_the_package_leaves_the_tuner_out_and_its_shared_parts_need_no_triton():
+    code = ("import sys, moe_compiler; assert 'moe_compiler.tune' not in sys.modules; "
+            "import moe_compiler.tune.timing, moe_compiler.tune.shapes; assert 'triton' not in sys.modules")
+    r = run("-c", code)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8, 10])
+def test_decode_candidates_are_valid_tiles_in_the_gemv_bounds(k):
+    slots = triton.next_power_of_2(k)
+    cands = search.decode_candidates(slots)
+    assert cands and len(set(cands)) == len(cands)
+    for kc in cands:
+        assert isinstance(kc, KernelConfig) and 2048 <= slots * kc.block_n * kc.block_k <= 16384
+        DecodeConfig(kc, kc)
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gate_up", [True, False])
+def test_sorted_candidates_fit_shared_memory_and_make_valid_configs(block_m, dtype, gate_up):
+    itemsize = torch.finfo(dtype).bits // 8
+    kcs = search.sorted_candidates(block_m, itemsize, gate_up)
+    assert kcs
+    width = 2 if gate_up else 1
+    for kc in kcs:
+        smem = (block_m * kc.block_k + kc.block_k * width * kc.block_n) * itemsize * kc.num_stages
+        assert smem <= search.SMEM_BYTES
+    options = search.sorted_options(block_m, itemsize, gate_up)
+    assert len(options) == 2 * len(kcs) and {o.tma for o in options} == {False, True}
+    assert all(isinstance(o, SortedConfig) and o.block_m == block_m for o in options)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_every_point_of_the_grid_has_candidates_and_compile_jobs(shape):
+    E, k, H, I = shape  # noqa: E741
+    for T in TOKENS:
+        bms = search.block_m_candidates(T, k, E)
+        assert bms and all(search.sorted_config(bm).block_m == bm for bm in bms)
+    jobs = search.jobs_for(shape, torch.bfloat16, TOKENS)
+    kinds = {kind for kind, _ in jobs}
+    assert {"sorted_gate_up", "sorted_down"} <= kinds
+    assert ("decode_gate_up" in kinds) == any(search.uses_decode(T, k, E) for T in TOKENS)
+    assert all(callable(getattr(search.Bench, kind)) for kind in kinds)
+
+
+def test_problem_on_cpu():
+    T, E, k, H, I = TINY  # noqa: E741
+    x, ids, w, w1, w2 = search.problem(T, E, k, H, I, torch.bfloat16, device="cpu")
+    assert x.shape == (T, H) and ids.shape == (T, k) and w.shape == (T, k)
+    assert w1.shape == (E, 2 * I, H) and w2.shape == (E, H, I)
+    assert {t.dtype for t in (x, w, w1, w2)} == {torch.bfloat16} and ids.dtype == torch.int64
+    assert all(len(set(row.tolist())) == k for row in ids) and 0 <= ids.min() and ids.max() < E
+    again = search.problem(T, E, k, H, I, torch.bfloat16, device="cpu", seed=1, weights=(w1, w2))
+    assert again[3] is w1 and again[4] is w2 and not torch.equal(again[0], x)
+    b = search.Bench(x, ids, w, w1, w2)
+    assert (b.T, b.E, b.k, b.H, b.I) == (T, E, k, H, I)
+
+
+def tiny_bench():
+    T, E, k, H, I = TINY  # noqa: E741
+    return search.Bench(*search.problem(T, E, k, H, I, torch.float32, device=DEVICE))
+
+
+def test_every_kernel_the_tuner_times_launches_and_both_paths_check_out():
+    b = tiny_bench()
+    small = KernelConfig(16, 32, 4, 2)
+    sorted_cfg = search.sorted_config(16, gate_up=small, down=small)
+    for launch in (b.decode_gate_up(small), b.decode_down(small), b.align(16), b.sorted_gate_up(sorted_cfg),
+                   b.sorted_down(sorted_cfg), b.combine(16)):
+        launch()
+    assert search.check(b, DecodeConfig(small, small)) <= 1e-4
+    assert search.check(b, sorted_cfg) <= 1e-4
+
+
+class StubTimer:
+    """Timer's interface with made-up times and no launches: the search's logic without a GPU."""
+
+    def __init__(self):
+        self.calls = 5
+        self.rng = random.Random(0)
+
+    def graph(self, fn, calls=10, replays=5):
+        return self.rng.uniform(1e-6, 1e-5)
+
+
+def test_tune_point_ranks_every_option_and_the_default_and_logs_them():
+    b = tiny_bench()
+    log = io.StringIO()
+    t_best, cfg, parts, t_default = search.tune_point(b, StubTimer(), torch.float32, set(), log)
+    rows = [json.loads(line) for line in log.getvalue().splitlines()]
+    paths = {triton_config.from_dict(r["config"]).path for r in rows}
+    assert paths == {triton_config.Path.DECODE, triton_config.Path.SORTED}
+    assert len(rows) == 9 + 1 + 1  # top 3 x 3 decode pairs, one sorted block_m, the default
+    assert [r["us"] for r in rows] == sorted(r["us"] for r in rows)
+    assert triton_config.from_dict(rows[0]["config"]) == cfg and rows[0]["us"] == pytest.approx(t_best * 1e6)
+    assert sum(r["parts"].get("default", False) for r in rows) == 1 and t_default > 0
+    assert search.checked(b, cfg) <= search.MAX_ERR
+
+
+def test_failed_candidates_are_skipped():
+    b = tiny_bench()
+    cands = search.decode_candidates()
+    failed = {("decode_gate_up", repr(c)) for c in cands[1:]}
+    ranked = search.best_of(StubTimer(), b.decode_gate_up, cands, failed, "decode_gate_up")
+    assert [c for _, c in ranked] == cands[:1]
+
+
+def test_refine_touches_only_the_chosen_sorted_entries(monkeypatch):
+    T, E, k, H, I = TINY  # noqa: E741
+    sorted_cfg = search.sorted_config(16, gate_up=KernelConfig(16, 32), down=KernelConfig(16, 32))
+    decode_cfg = DecodeConfig(KernelConfig(16, 32), KernelConfig(16, 32))
+    entry = dict(dtype="float32", E=E, k=k, H=H, I=I, us=1.0)
+    entries = [{**entry, "T": T, "config": triton_config.to_dict(sorted_cfg)},
+               {**entry, "T": T + 1, "config": triton_config.to_dict(sorted_cfg)},
+               {**entry, "T": 1, "config": triton_config.to_dict(decode_cfg)}]
+    before = json.loads(json.dumps(entries))
+    monkeypatch.setattr(search, "problem", functools.partial(search.problem, device=DEVICE))  # the tuner's: cuda
+    search.refine(entries, torch.float32, {(E, k, H, I)}, [T, 1], StubTimer())
+    assert entries[1:] == before[1:]  # a T not asked for, and a decode entry
+    refined = triton_config.from_dict(entries[0]["config"])
+    assert isinstance(refined, SortedConfig) and (refined.gate_up, refined.block_m) == (sorted_cfg.gate_up, 16)
+
+
+def test_timer_on_cpu_and_its_helpers():
+    calls = []
+    assert Timer("cpu").eager(lambda: calls.append(1)) >= 0 and len(calls) == 4  # one warm-up, three timed
+    assert wall_clock(lambda: calls.append(1), 5) >= 0 and len(calls) == 10
+    assert median([3, 1, 2]) == 2 and median([4, 1, 3, 2]) == 3
