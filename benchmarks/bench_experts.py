@@ -22,7 +22,6 @@ every point against an fp32 reference (moe_compiler.testing), rel err <= 1e-2.
 """
 
 
-# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
 import dataclasses

@@ -12,7 +12,6 @@ Floor: harness.floor_s of the expert weights the routed tokens touch (expected d
 routing) and the FLOPs. Cold L2 before every call (moe_compiler/tune/timing.py).
 """
 
-# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
 import json

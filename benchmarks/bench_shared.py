@@ -16,7 +16,6 @@ larger T eager; cold L2 (moe_compiler/tune/timing.py) as in a model. Floor of th
 the FLOPs and the bytes of every touched expert, the shared MLP and the activations.
 """
 
-# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
 import json

@@ -7,7 +7,6 @@ runs the same module parameters; outputs are checked against each other before t
 time of --iters calls after one warm-up (CPU: no device events needed).
 """
 
-# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
 import torch

@@ -5,7 +5,6 @@ plotting (optional).
 Scripts run from the repository root as modules: `python -m benchmarks.<name> --help`.
 """
 
-# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
 import argparse

@@ -124,7 +124,10 @@ class GraphReport:
         return {
             "graph_id": self.graph_id,
             "num_nodes": self.num_nodes,
-            "regions": [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("before", "after", "dot")} for r in self.regions],
+            "regions": [
+                {k: v for k, v in dataclasses.asdict(r).items() if k not in ("before", "after", "dot")}
+                for r in self.regions
+            ],
         }
 
 
@@ -163,9 +166,9 @@ def write_dump(report: GraphReport, dump_dir: str) -> str:
         with open(os.path.join(rdir, "spec.json" if r.status == "fused" else "reason.txt"), "w") as f:
             if r.status == "fused":
                 router = {k: getattr(r, "router_" + k) for k in ("status", "form", "spec", "check", "reason")}
-                shared = {"status": r.shared_status, "match": r.shared, "check": r.shared_check, "reason": r.shared_reason}
-                json.dump({"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check, "weights": r.weights, "router": router, "shared_experts": shared},
-                          f, indent=2, default=str)
+                shared = {k: getattr(r, "shared_" + k) for k in ("status", "check", "reason")} | {"match": r.shared}
+                spec = {"form": r.form, "spec": r.spec, "sizes": r.shape, "check": r.check, "weights": r.weights}
+                json.dump({**spec, "router": router, "shared_experts": shared}, f, indent=2, default=str)
             else:
                 f.write(r.reason + "\n")
     with open(os.path.join(dump_dir, "summary.txt"), "a") as f:
@@ -178,11 +181,13 @@ def emit(report: GraphReport, dump_dir: str | None) -> None:
     has_eager = any(r.eager for r in report.rejected)
     level = logging.WARNING if has_eager else logging.INFO
     if report.regions or log.isEnabledFor(logging.DEBUG):
-        log.log(level, "%s", report.summary_line())
+        # The report rides on the record too, so a handler (tools/support_matrix.py) reads it typed, not parsed.
+        log.log(level, "%s", report.summary_line(), extra={"moe_compiler_report": report})
     for r in report.regions:
         log.debug("  [%s] %s: %s", r.status, r.name, r.spec if r.status == "fused" else r.reason)
         if r.status == "fused":
-            log.debug("      router %s: %s", r.router_status, r.router_spec if r.router_status == "fused" else r.router_reason)
+            router = r.router_spec if r.router_status == "fused" else r.router_reason
+            log.debug("      router %s: %s", r.router_status, router)
             if r.shared_status in ("fused", "matched", "rejected"):
                 log.debug("      shared experts %s: %s", r.shared_status, r.shared or r.shared_reason)
     if dump_dir:

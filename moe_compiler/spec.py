@@ -185,7 +185,8 @@ class RouterSpec:
                 raise ValueError(f"RouterSpec.jitter_eps: expected >= 0, got {self.jitter_eps}")
         elif self.jitter_eps != 0.0:
             raise ValueError(
-                f"RouterSpec.jitter_eps: only the sparsemixer order has one, got {self.jitter_eps} with {self.order.value}"
+                f"RouterSpec.jitter_eps: only the sparsemixer order has one, got {self.jitter_eps} with "
+                f"{self.order.value}"
             )
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(
@@ -215,7 +216,8 @@ class RouterSpec:
         parts = [f"{self.scoring.value}, top-{self.top_k}"]
         if self.n_group > 1:
             parts.append(
-                f"best {self.topk_group} of {self.n_group} groups ({self.group_score.value}, others {self.masked_score})"
+                f"best {self.topk_group} of {self.n_group} groups "
+                f"({self.group_score.value}, others {self.masked_score})"
             )
         if self.norm_topk_prob:
             parts.append("renormalized")

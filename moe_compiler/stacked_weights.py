@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch import Tensor
 
+
 class UntiledWeightsWarning(RuntimeWarning):
     """The per-expert weights no longer tile one storage: each call concatenates them (correct, slower)."""
 
@@ -83,7 +84,9 @@ def restack_experts(parts: list[Tensor]) -> bool:
             f"{sorted({(tuple(p.shape), str(p.dtype), str(p.device)) for p in parts})}"
         )
     if len({id(p) for p in parts}) != len(parts):
-        raise ValueError("moe_compiler.restack_experts: a tensor appears twice among the parts (tied experts cannot share one slot)")
+        raise ValueError(
+            "moe_compiler.restack_experts: a tensor appears twice among the parts (tied experts cannot share one slot)"
+        )
     base = torch.empty((len(parts), *first.shape), dtype=first.dtype, device=first.device)
     for slot, p in zip(base.unbind(0), parts):
         slot.copy_(p)

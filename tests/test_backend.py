@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from hf_models import tiny_model
 from moe_compiler import backend
-from reference import rel_err
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.hf_models import tiny_model
 
 
 def test_entry_point_names_the_backend():
@@ -23,22 +23,21 @@ def test_entry_point_names_the_backend():
     assert eps["fused_moe"].load() is backend.fused_moe
 
 
-def test_compile_without_importing_the_package():
+def test_compile_without_importing_the_package(tmp_path):
     """A user's script never imports moe_compiler; the entry point and TORCH_LOGS do the rest."""
+    tiny_model("qwen3_moe", "grouped_mm").save_pretrained(tmp_path)
     script = textwrap.dedent(
         """
         import sys, torch
-        sys.path.insert(0, %r)
-        from hf_models import tiny_model
-        model = tiny_model("qwen3_moe", "grouped_mm")
-        assert "moe_compiler" not in sys.modules or True  # torch may import it for TORCH_LOGS
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(%r).eval()
         ids = torch.randint(0, 128, (2, 5))
         with torch.no_grad():
             ref = model(input_ids=ids).logits
             out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
         print("MAXDIFF", float((out - ref).abs().max()))
         """
-        % os.path.dirname(__file__)
+        % str(tmp_path)
     )
     env = dict(os.environ, TORCH_LOGS="+moe_compiler")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
@@ -48,9 +47,21 @@ def test_compile_without_importing_the_package():
     assert float(proc.stdout.split("MAXDIFF")[1]) < 1e-5
 
 
+def test_importing_the_package_imports_no_triton():
+    """The ops register on import; Triton loads only when a CUDA call needs a kernel."""
+    script = "import sys, moe_compiler; print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(
     "mode,key,value",
-    [("reduce-overhead", "triton.cudagraphs", True), ("max-autotune", "max_autotune", True), (None, "epilogue_fusion", False)],
+    [
+        ("reduce-overhead", "triton.cudagraphs", True),
+        ("max-autotune", "max_autotune", True),
+        (None, "epilogue_fusion", False),
+    ],
 )
 def test_mode_and_options_reach_inductor(mode, key, value):
     options = {"epilogue_fusion": False} if mode is None else {}

@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from hf_models import tiny_model
 from moe_compiler import debug
+from moe_compiler.testing.hf_models import tiny_model
 
 
 def _compile_and_run(model, **options):
@@ -28,7 +28,10 @@ def test_dump_of_fused_regions(tmp_path):
     before = (regions[0] / "before.py").read_text()
     after = (regions[0] / "after.py").read_text()
     assert "grouped_mm_fallback" in before and "sort" in before  # fp32: transformers' opaque fallback
-    assert "moe_compiler.experts.default" in after and "activation = 'silu', gate_up = 'concat', transposed = False" in after
+    assert (
+        "moe_compiler.experts.default" in after
+        and "activation = 'silu', gate_up = 'concat', transposed = False" in after
+    )
     spec = json.loads((regions[0] / "spec.json").read_text())
     assert spec["form"] == "grouped_mm" and spec["sizes"]["E"] == "8" and spec["sizes"]["k"] == "2"
     assert spec["check"].startswith("rel err")

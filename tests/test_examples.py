@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from hf_models import tiny_model
+from moe_compiler.testing.hf_models import tiny_model
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
@@ -14,7 +14,8 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 def test_qwen3_example_on_a_local_checkpoint(tmp_path):
     tiny_model("qwen3_moe", "grouped_mm").save_pretrained(tmp_path)
     proc = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, "qwen3_moe.py"), "--model", str(tmp_path), "--seq", "8", "--iters", "2"],
+        [sys.executable, os.path.join(EXAMPLES, "qwen3_moe.py"), "--model", str(tmp_path), "--seq", "8",
+         "--iters", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,9 +6,9 @@ the route-op form its router fused as (or why it stayed with Inductor), and its 
 
 With --archs, only those rows are re-run; the others are kept from the existing docs/support_matrix.json.
 
-Each architecture is the tiny random model of tests/hf_zoo.py, compiled with backend="fused_moe" on the CPU;
-a cell says how many of its MoE layers were fused, the logits' relative error vs eager, and otherwise the
-reason the backend logged. One subprocess per architecture (a crash or hang costs one row).
+Each architecture is the tiny random model of moe_compiler/testing/hf_zoo.py, compiled with backend="fused_moe" on
+the CPU; a cell says how many of its MoE layers were fused, the logits' relative error vs eager, and otherwise the
+reason the backend reported. One subprocess per architecture (a crash or hang costs one row).
 """
 
 from __future__ import annotations
@@ -27,23 +27,24 @@ FORMS = ("grouped_mm", "batched_mm")
 DTYPES = ("float32", "bfloat16")
 
 CASE = r"""
-import json, logging, sys, torch
-sys.path.insert(0, {tests!r})
+import json, logging, torch
 from torch._dynamo.utils import counters
-from hf_models import count_experts_modules
-from hf_zoo import zoo_model
-from reference import rel_err
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.hf_models import count_experts_modules
+from moe_compiler.testing.hf_zoo import zoo_model
 
 class Keep(logging.Handler):
     def __init__(self):
         super().__init__(); self.reasons = []; self.router_reasons = []
     def emit(self, record):
-        msg = record.getMessage()
-        if "rejected because:" in msg:
-            self.reasons.append(msg.split("rejected because:", 1)[1].strip())
-        if "(left to Inductor:" in msg:
-            self.router_reasons.append(msg.split("(left to Inductor:", 1)[1].split(");", 1)[0].rstrip(")").strip())
-keep = Keep(); logging.getLogger("moe_compiler").addHandler(keep); logging.getLogger("moe_compiler").setLevel(logging.INFO)
+        report = getattr(record, "moe_compiler_report", None)
+        if report is not None:
+            self.reasons += [r.reason for r in report.rejected]
+            kept = [r for r in report.fused if r.router_status != "fused" and r.router_reason]
+            self.router_reasons += [r.router_reason for r in kept]
+keep = Keep()
+logging.getLogger("moe_compiler").addHandler(keep)
+logging.getLogger("moe_compiler").setLevel(logging.INFO)
 rows = []
 for form in {forms!r}:
     for dtype in {dtypes!r}:
@@ -57,7 +58,8 @@ for form in {forms!r}:
                 out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
             row.update(layers=count_experts_modules(model), rel_err=rel_err(out, ref),
                        fused=sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")),
-                       routers={{k[len("fused_router_"):]: v for k, v in counters["moe_compiler"].items() if k.startswith("fused_router_")}},
+                       routers={{k[len("fused_router_"):]: v for k, v in counters["moe_compiler"].items()
+                                if k.startswith("fused_router_")}},
                        shared={{k: v for k, v in counters["moe_compiler"].items() if "shared_experts" in k}},
                        graphs=counters["stats"]["unique_graphs"], reasons=sorted(set(keep.reasons)),
                        router_reasons=sorted(set(keep.router_reasons)))
@@ -69,13 +71,14 @@ print("ROWS" + json.dumps(rows))
 
 
 def run_arch(arch: str) -> tuple[str, list]:
-    code = CASE.format(tests=os.path.join(ROOT, "tests"), forms=FORMS, dtypes=DTYPES, arch=arch)
+    code = CASE.format(forms=FORMS, dtypes=DTYPES, arch=arch)
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
         out = proc.stdout.split("ROWS", 1)
         if len(out) == 2:
             return arch, json.loads(out[1])
-        return arch, [dict(error=f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else ''}")]
+        last = proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else ""
+        return arch, [dict(error=f"exit {proc.returncode}: {last}")]
     except subprocess.TimeoutExpired:
         return arch, [dict(error="timed out after 900 s")]
 
@@ -101,7 +104,8 @@ def cell(row: dict) -> str:
             elif k.startswith("rejected"):
                 parts.append(f"shared not proven x{v}")
         shared = ", ".join(parts)
-        return f"fused {row['layers']}/{row['layers']}, {router}{', ' + shared if shared else ''} (rel err {row['rel_err']:.0e})"
+        shared = f", {shared}" if shared else ""
+        return f"fused {row['layers']}/{row['layers']}, {router}{shared} (rel err {row['rel_err']:.0e})"
     # First sentence of each distinct reason: the dump and the log carry the rest (and the fix).
     reasons = sorted({r.split(". ")[0][:160] for r in row["reasons"]}) or ["no experts region found"]
     return f"not fused ({row['graphs']} graphs): {'; '.join(reasons)}"
@@ -113,8 +117,7 @@ def main():
     p.add_argument("--archs", nargs="+")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "support_matrix.md"))
     args = p.parse_args()
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from hf_zoo import TINY
+    from moe_compiler.testing.hf_zoo import TINY
 
     json_path = os.path.splitext(args.out)[0] + ".json"
     results = {}
@@ -128,9 +131,11 @@ def main():
     lines = [
         "# Support matrix",
         "",
-        f"Generated by `python tools/support_matrix.py` (torch {torch.__version__}, transformers {transformers.__version__}, CPU).",
-        "Tiny random models of `tests/hf_zoo.py`, `torch.compile(model, backend=\"fused_moe\")`; relative error of the",
-        "logits vs eager (bf16 at the default init, fp32 with O(1) expert weights; see tests/hf_models.py).",
+        f"Generated by `python tools/support_matrix.py` (torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, CPU).",
+        "Tiny random models of `moe_compiler/testing/hf_zoo.py`, `torch.compile(model, backend=\"fused_moe\")`;",
+        "relative error of the logits vs eager (bf16 at the default init, fp32 with O(1) expert weights; see",
+        "moe_compiler/testing/hf_models.py).",
         "",
         "| architecture | " + " | ".join(f"{f} {d}" for f in FORMS for d in DTYPES) + " |",
         "|---|" + "---|" * (len(FORMS) * len(DTYPES)),
@@ -144,7 +149,7 @@ def main():
         "bf16 errors are Inductor's bf16 noise around the op (a run with fusion disabled gives the same errors",
         "within about 10%), plus an occasional top-k near-tie flip; the function is checked in fp32.",
         "The grid is run on the CPU; on CUDA the same experts and routers fuse (the route op is one Triton launch",
-        "there): tests/test_gpu.py::test_architecture_bf16_on_gpu, 46 of 46 on an H100 with transformers 5.17.",
+        "there): tests/passes/test_pipeline.py::test_architecture_bf16_on_gpu.",
     ]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -11,7 +11,6 @@ All under CUDA graphs from a cold L2 (moe_compiler/tune/timing.py), like the ben
 stated.
 """
 
-# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
 import dataclasses

@@ -7,7 +7,6 @@ Host time per call: the GPU is first given a long sleep kernel, so no launch eve
 issued and the host clock read before the sleep ends (each part of the call timed alone the same way).
 """
 
-# ruff: noqa: E741 - the 20 scalar arguments of _tiny are named a .. t
 from __future__ import annotations
 
 import time

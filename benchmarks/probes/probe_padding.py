@@ -9,7 +9,6 @@ expert's rows are as scattered as with uniform routing), each kernel under a CUD
     python -m benchmarks.probes.probe_padding [--points qwen3_30b_a3b:4096 deepseek_v3:4096 ...]
 """
 
-# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
 import torch

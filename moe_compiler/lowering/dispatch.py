@@ -120,7 +120,9 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
         out, _ = triton_decode.experts_forward(*args, mlp)
     else:
         if mlp is not None:
-            raise ValueError("moe_compiler: the sorted Triton path does not take a shared MLP; pass it to experts_forward")
+            raise ValueError(
+                "moe_compiler: the sorted Triton path does not take a shared MLP; pass it to experts_forward"
+            )
         out, _ = triton_experts.experts_forward(*args)
     return out
 

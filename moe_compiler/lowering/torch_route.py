@@ -32,7 +32,10 @@ def _select(logits32: Tensor, correction_bias: Optional[Tensor], spec: RouterSpe
     choice = scores if correction_bias is None else scores + correction_bias.float()
     if spec.n_group > 1:
         grouped = choice.view(T, spec.n_group, E // spec.n_group)
-        group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if spec.group_score is GroupScore.TOP2_SUM else grouped.amax(-1)
+        if spec.group_score is GroupScore.TOP2_SUM:
+            group_scores = grouped.topk(2, dim=-1)[0].sum(-1)
+        else:
+            group_scores = grouped.amax(-1)
         group_idx = torch.topk(group_scores, spec.topk_group, dim=-1, sorted=False)[1]
         keep = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
         keep = keep.unsqueeze(-1).expand(T, spec.n_group, E // spec.n_group).reshape(T, E)

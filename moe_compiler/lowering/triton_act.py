@@ -17,7 +17,9 @@ import triton.language as tl
 
 from ..spec import Activation, ExpertsSpec
 
-ACT_CODE = {Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.RELU: 3, Activation.GPT_OSS_SWIGLU: 4}
+ACT_CODE = {
+    Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.RELU: 3, Activation.GPT_OSS_SWIGLU: 4
+}
 
 
 @triton.jit
@@ -54,6 +56,7 @@ def gated_rows(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec) -> torch
     N, BLOCK = gate.numel(), 2048
     if N:
         _gated_rows_kernel[(triton.cdiv(N, BLOCK),)](
-            gate, up, out, N, float(spec.swiglu_alpha), float(spec.swiglu_limit), ACT=ACT_CODE[spec.activation], BLOCK=BLOCK, num_warps=8
+            gate, up, out, N, float(spec.swiglu_alpha), float(spec.swiglu_limit), ACT=ACT_CODE[spec.activation],
+            BLOCK=BLOCK, num_warps=8,
         )
     return out

@@ -1,7 +1,8 @@
 """Triton: (token, slot) pairs sorted by expert into a BLOCK_M-aligned layout. Capture-safe, deterministic.
 
 Data contract (S = T * k pairs, pair p = t * k + j; C = CHUNK pairs per program, NB = cdiv(S, C) chunks)
-    topk_ids      [S]            int32/int64, values in [0, E) (others are clamped, flagged in ids_ok, and fail the launch)
+    topk_ids      [S]            int32/int64, values in [0, E) (others are clamped, flagged in ids_ok, and fail the
+                                 launch)
     sorted_rows   [S_pad]        int32  pair index at each padded sorted position (padding slots unwritten)
     pos           [S]            int32  padded sorted position of each pair (sorted_rows[pos[p]] == p)
     block_expert  [MAX_BLOCKS]   int32  expert of each BLOCK_M block of sorted positions; -1 past the end
@@ -126,7 +127,8 @@ def _scatter_kernel(
     for b0 in range(first, tl.minimum(first + BLOCKS_PER_PROGRAM, MAX_BLOCKS), CHUNK_B):
         b = b0 + tl.arange(0, CHUNK_B)
         expert = tl.sum((ends[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(b < n_blocks, expert, -1), mask=(b < MAX_BLOCKS) & (b < first + BLOCKS_PER_PROGRAM))
+        mine = (b < MAX_BLOCKS) & (b < first + BLOCKS_PER_PROGRAM)
+        tl.store(block_expert_ptr + b, tl.where(b < n_blocks, expert, -1), mask=mine)
 
 
 @dataclasses.dataclass
@@ -157,7 +159,9 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligne
     flat = topk_ids.reshape(-1).contiguous()  # a [T, 1] slice of a wider tensor reshapes to a strided view
     S = flat.numel()
     if S >= 2**31 - num_experts * block_m:
-        raise ValueError(f"moe_compiler: {S} (token, slot) pairs exceed the int32 row index; split the batch below 2^31 pairs")
+        raise ValueError(
+            f"moe_compiler: {S} (token, slot) pairs exceed the int32 row index; split the batch below 2^31 pairs"
+        )
     n_blocks = max_blocks(S, num_experts, block_m)
     chunk = chunk_size(S)
     nb = triton.cdiv(S, chunk)

@@ -39,8 +39,8 @@ SCHEMA = 1
 # Launch options of the kernels that check topk_ids: Triton compiles tl.device_assert only in debug mode,
 # and debug mode would also add integer-overflow checks to all index math; with them off, the id check is
 # the only assert. On the GPU a bad id then fails the launch loudly ("device-side assert triggered", the
-# message printed), with no separate assert kernel: torch._assert_async on a flag cost 2.7 us per call under
-# a CUDA graph at T = 1 (benchmarks/NOTES.md, decode v5). The interpreter ignores it (tests read the flag).
+# message printed), with no separate assert kernel: torch._assert_async on a flag costs a kernel of its own per
+# call, measurable at T = 1 (benchmarks/NOTES.md, decode v5). The interpreter ignores it (tests read the flag).
 LIVE_ASSERTS = {"debug": True, "sanitize_overflow": False}
 
 
@@ -107,7 +107,9 @@ class SortedConfig:
         _pow2("block_m", self.block_m, 16, 256)
         for name, kc in (("gate_up", self.gate_up), ("down", self.down)):
             if isinstance(kc, KernelConfig) and kc.block_n < 16:  # tl.dot's smallest N
-                raise ValueError(f"{name}.block_n: expected >= 16 on the sorted path (tensor-core tiles), got {kc.block_n}")
+                raise ValueError(
+                    f"{name}.block_n: expected >= 16 on the sorted path (tensor-core tiles), got {kc.block_n}"
+                )
         _pow2("group_m", self.group_m, 1, 64)
         if not isinstance(self.programs_per_sm, int) or not 0 <= self.programs_per_sm <= 8:
             raise ValueError(f"programs_per_sm: expected an int in [0, 8], got {self.programs_per_sm!r}")
@@ -180,7 +182,9 @@ def load_file(path: pathlib.Path) -> list[dict]:
     """Entries of a config file, each with its config parsed; raises ValueError naming what is wrong."""
     data = json.loads(path.read_text())
     if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA}; re-run python -m moe_compiler.tune")
+        raise ValueError(
+            f"{path}: schema {data.get('schema')!r}, expected {SCHEMA}; re-run python -m moe_compiler.tune"
+        )
     entries = []
     for i, e in enumerate(data.get("entries", [])):
         missing = {"dtype", "E", "k", "H", "I", "T", "config"} - set(e)
@@ -224,7 +228,8 @@ def nearest_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T
     return min(same, key=lambda e: (abs(math.log(max(T, 1) / e["T"])), e["T"]))["config"]
 
 
-def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config:
+def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: int, k: int, H: int, I: int,
+           T: int) -> Config:
     dname = str(dtype).removeprefix("torch.")
     config, tuned_on = None, gpu_name
     for tuned_on, entries in _sources(gpu_name, tuple(capability)):
@@ -234,8 +239,9 @@ def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: in
     if config is not None and tuned_on != gpu_name:
         _warn_once(
             (gpu_name, dname, E, k, H, I),
-            f"moe_compiler: no Triton configs tuned on {gpu_name} for this shape; using those tuned on {tuned_on} (same compute "
-            f"capability {tuple(capability)}). Tune with: python -m moe_compiler.tune --shape {E},{k},{H},{I} --dtype {dname} --merge",
+            f"moe_compiler: no Triton configs tuned on {gpu_name} for this shape; using those tuned on {tuned_on} "
+            f"(same compute capability {tuple(capability)}). Tune with: python -m moe_compiler.tune "
+            f"--shape {E},{k},{H},{I} --dtype {dname} --merge",
         )
     if config is None:
         _warn_once(

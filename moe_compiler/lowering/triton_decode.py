@@ -13,7 +13,7 @@ Data contract (T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k p
     route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight + combine: grid (T, H / BLOCK_N),
                                                              each program all k slots of its token at once]
 
-With the block's shared experts (shared_mlp.py; gate [Is, H], up [Is, H], down [H, Is], gate weight [1, H]):
+With the block's shared experts (spec.SharedMLP; gate [Is, H], up [Is, H], down [H, Is], gate weight [1, H]):
     shared_act    [T, Is]          act(x Wg^T) * (x Wu^T): extra rows of the gate_up grid after the S pairs
     shared_gate   [T] fp32         sigmoid(x . w_gate), by each token's first shared tile (sigmoid-gated form)
     out[t]       += shared_gate[t] * shared_act[t] @ Wd^T, in the same down program as the routed slots
@@ -39,8 +39,8 @@ from .triton_experts import logical_strides
 
 
 @triton.jit
-def _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  NUM_STAGES: tl.constexpr):
+def _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """(gate, up) [BLOCK_N] fp32: one x row against BLOCK_N gate rows and BLOCK_N up rows over H."""
     kk = tl.arange(0, BLOCK_K)
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -83,7 +83,9 @@ def _shared_gate_up(
         n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)) % Is
         x_ptrs = x_ptr + row * stride_xm + kk
         rows = n[:, None].to(tl.int64) * stride_sn + kk[None, :] * stride_sk
-        gate, up = _gate_up_rows(x_ptrs, sg_ptr + rows, su_ptr + rows, H, stride_sk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
+        gate, up = _gate_up_rows(
+            x_ptrs, sg_ptr + rows, su_ptr + rows, H, stride_sk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES
+        )
         out = gated_act(gate, up, alpha, limit, ACT)
         n_out = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(sact_ptr + row * stride_sam + n_out, out.to(sact_ptr.dtype.element_ty), mask=n_out < Is)
@@ -116,7 +118,8 @@ def _routed_gate_up(
     w_base = w_ptr + e * stride_we
     wg_ptrs = w_base + gate_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
     wu_ptrs = w_base + up_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
-    gate, up = _gate_up_rows(x_ptr + tok * stride_xm + kk, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
+    x_ptrs = x_ptr + tok * stride_xm + kk
+    gate, up = _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
     if SCALE_INPUT:  # Llama-4: (w x) W = w (x W)
         row_w = tl.load(topk_w_ptr + p).to(tl.float32)
         gate *= row_w
@@ -156,9 +159,9 @@ def _gate_up_gemv_kernel(
     if HAS_SHARED:
         if p >= S:  # rows after the S pairs: the shared MLP's tiles, row-major over the same second axis
             _shared_gate_up(
-                x_ptr, sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr, (p - S) * tl.num_programs(1) + pid_n, S // TOP_K, H, Is,
-                alpha, limit, stride_xm, stride_sn, stride_sk, stride_sam, SHARED_TILES, ACT, HAS_GATE, EVEN_K, BLOCK_N, BLOCK_K,
-                NUM_STAGES,
+                x_ptr, sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr, (p - S) * tl.num_programs(1) + pid_n, S // TOP_K,
+                H, Is, alpha, limit, stride_xm, stride_sn, stride_sk, stride_sam, SHARED_TILES, ACT, HAS_GATE, EVEN_K,
+                BLOCK_N, BLOCK_K, NUM_STAGES,
             )
         else:
             _routed_gate_up(
@@ -195,7 +198,8 @@ def _down_gemv_combine_kernel(
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + p[:, None] * stride_am + kk[None, :]
-    w_ptrs = w_ptr + e[:, None, None] * stride_we + n[None, :, None].to(tl.int64) * stride_wn + kk[None, None, :] * stride_wk
+    w_ptrs = (w_ptr + e[:, None, None] * stride_we + n[None, :, None].to(tl.int64) * stride_wn
+              + kk[None, None, :] * stride_wk)
     acc = tl.zeros([K_POW2, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (see _gate_up_rows)
         if EVEN_K:
@@ -216,7 +220,7 @@ def _down_gemv_combine_kernel(
     out = tl.sum(acc * weight[:, None], axis=0)  # a fixed reduction tree over the slots: deterministic
     if HAS_SHARED:  # + s[t] * (shared act[t] @ W_down_shared^T), the same columns of the same token
         # One [BLOCK_N, BLOCK_K] tile per step: a [K_POW2, ...] tile over chunks of Is measured slower (the
-        # second 3-D tile doubles the registers: 382 spills at Qwen3-Next's shape).
+        # second 3-D tile doubles the registers and spills; NOTES.md "shared experts v2").
         sa_ptrs = sact_ptr + t * stride_sam + kk
         sw_ptrs = sdown_ptr + n[:, None].to(tl.int64) * stride_sdn + kk[None, :] * stride_sdk
         acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -255,15 +259,18 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
         if mlp.gate.stride() != mlp.up.stride():
             raise ValueError(
                 f"moe_compiler: shared gate and up weights: expected the same strides (one pointer pattern for both), "
-                f"got {mlp.gate.stride()} / {mlp.up.stride()}. Make the shared MLP's gate and up Linear weights contiguous."
+                f"got {mlp.gate.stride()} / {mlp.up.stride()}. Make the shared MLP's gate and up Linear weights "
+                "contiguous."
             )
     dummy = act
     _gate_up_gemv_kernel[(rows, tiles)](
-        hidden, ids, weights if spec.scale_input else act, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up, act, ids_ok,
+        hidden, ids, weights if spec.scale_input else act, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up,
+        act, ids_ok,
         mlp.gate if mlp is not None else dummy, mlp.up if mlp is not None else dummy,
         mlp.expert_gate if mlp is not None and mlp.expert_gate is not None else dummy,
         shared_act if mlp is not None else dummy, shared_gate if shared_gate is not None else ids_ok,
-        S, w_gate_up.shape[0], H, I, mlp.intermediate if mlp is not None else 1, k, float(spec.swiglu_alpha), float(spec.swiglu_limit),
+        S, w_gate_up.shape[0], H, I, mlp.intermediate if mlp is not None else 1, k,
+        float(spec.swiglu_alpha), float(spec.swiglu_limit),
         hidden.stride(0), *logical_strides(w_gate_up, spec.transposed),
         b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0),
         *(mlp.gate.stride() if mlp is not None else (0, 0)), shared_act.stride(0) if mlp is not None else 0,
@@ -278,7 +285,8 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
 
 def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: DecodeConfig, k: int, out,
                 mlp=None, shared_act=None, shared_gate=None):
-    """out[t] = sum_j weights[t, j] * (act[t*k + j] @ W_down[e]^T + b_down[e]) [+ s[t] * shared_act[t] @ Wd_shared^T]."""
+    """out[t] = sum_j weights[t, j] * (act[t*k + j] @ W_down[e]^T + b_down[e])
+    [+ s[t] * shared_act[t] @ Wd_shared^T]."""
     T, H = out.shape
     I = act.shape[1]
     Is = mlp.intermediate if mlp is not None else 1
@@ -291,21 +299,26 @@ def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: De
         act.stride(0), *logical_strides(w_down, spec.transposed),
         b_down.stride(0) if b_down is not None else 0, out.stride(0),
         shared_act.stride(0) if mlp is not None else 0, *(mlp.down.stride() if mlp is not None else (0, 0)),
-        HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, SCALE_INPUT=spec.scale_input, K_POW2=triton.next_power_of_2(k),
+        HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, SCALE_INPUT=spec.scale_input,
+        K_POW2=triton.next_power_of_2(k),
         HAS_SHARED=mlp is not None, HAS_GATE=shared_gate is not None,
-        BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, NUM_STAGES=dn.num_stages, num_warps=dn.num_warps, num_stages=dn.num_stages,
+        BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, NUM_STAGES=dn.num_stages,
+        num_warps=dn.num_warps, num_stages=dn.num_stages,
     )
 
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
                     config: DecodeConfig, mlp=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops.check_inputs; T > 0.
-    With `mlp` (a shared_mlp.SharedMLP) out also holds the block's shared experts."""
+    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops/checks.py; T > 0.
+    With `mlp` (a spec.SharedMLP) out also holds the block's shared experts."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     I = spec.intermediate(w_down)
     if T * k > MAX_PAIRS:
-        raise ValueError(f"moe_compiler: the decode path takes at most {MAX_PAIRS} (token, slot) pairs, got {T * k}; use the sorted path")
+        raise ValueError(
+            f"moe_compiler: the decode path takes at most {MAX_PAIRS} (token, slot) pairs, got {T * k}; "
+            "use the sorted path"
+        )
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     ids = topk_ids.reshape(-1).contiguous()
@@ -313,8 +326,11 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     ids_ok = torch.empty(1, dtype=torch.int32, device=hidden.device)
     act = hidden.new_empty(T * k, I)
     shared_act = hidden.new_empty(T, mlp.intermediate) if mlp is not None else None
-    shared_gate = torch.empty(T, dtype=torch.float32, device=hidden.device) if mlp is not None and mlp.expert_gate is not None else None
-    launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, ids_ok, weights, mlp, shared_act, shared_gate)
+    gated = mlp is not None and mlp.expert_gate is not None
+    shared_gate = torch.empty(T, dtype=torch.float32, device=hidden.device) if gated else None
+    launch_gate_up(
+        hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, ids_ok, weights, mlp, shared_act, shared_gate
+    )
     out = hidden.new_empty(T, H)
     launch_down(act, ids, weights, w_down, b_down, spec, config, k, out, mlp, shared_act, shared_gate)
     return out, ids_ok

@@ -21,7 +21,7 @@ weights. The grid is sized by static bounds (CUDA-graph safe); each program walk
 tile = pid, pid + programs, ... up to the used count read on the device (num_padded), so a persistent
 grid (programs = a few per SM) and one program per tile are the same kernel. With a config's
 warp_specialize, Triton flattens that tile loop with the K loop and splits the warps into TMA producers and
-MMA consumers (the down GEMM at prefill: up to 1.10x, benchmarks/NOTES.md v3). Tiles are rastered in
+MMA consumers (it pays for the down GEMM at prefill: benchmarks/NOTES.md v3). Tiles are rastered in
 groups of GROUP_M row blocks sharing a column block, so neighbouring programs reuse one expert's weight
 tiles and the same gathered rows from L2. Row offsets are int64 (t * H passes 2^31 for large T).
 Loads are unmasked along N (column indices wrap modulo N; the store masks) and along K when the
@@ -145,7 +145,8 @@ def _gate_up_kernel(
 
 @triton.jit(do_not_specialize=["GROUP_M"])
 def _down_kernel(
-    a_ptr, a_desc, w_ptr, w_desc, b_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+    a_ptr, a_desc, w_ptr, w_desc, b_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
+    num_padded_ptr,
     H, I, TOP_K, GROUP_M,
     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -239,8 +240,8 @@ def _weight_desc(w, rows: int, block_k: int, use: bool):
     return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, rows, block_k])
 
 
-def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: ExpertsSpec, config: SortedConfig, k: int, act,
-                   weights=None):
+def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: ExpertsSpec, config: SortedConfig, k: int,
+                   act, weights=None):
     """act[slot] = act(gate) * up of the pair at each sorted slot (padding slots untouched); with
     spec.scale_input the pair's router weight (`weights` [S]) scales its row first."""
     H, I = hidden.shape[1], act.shape[1]
@@ -273,10 +274,12 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
 
         a_desc = TensorDescriptor(act, list(act.shape), list(act.stride()), [config.block_m, dn.block_k])
     _down_kernel[_grid(rows.max_blocks * triton.cdiv(H, dn.block_n), config.programs_per_sm, act)](
-        act, a_desc, w_down, _weight_desc(w_down, dn.block_n, dn.block_k, use_tma), b_down if b_down is not None else w_down, y, weights,
+        act, a_desc, w_down, _weight_desc(w_down, dn.block_n, dn.block_k, use_tma),
+        b_down if b_down is not None else w_down, y, weights,
         rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, config.group_m,
-        act.stride(0), *logical_strides(w_down, spec.transposed), b_down.stride(0) if b_down is not None else 0, y.stride(0),
+        act.stride(0), *logical_strides(w_down, spec.transposed), b_down.stride(0) if b_down is not None else 0,
+        y.stride(0),
         HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, ATOMIC=config.combine is Combine.ATOMIC,
         DOT_PRECISION=dot_precision(act.dtype), W_TMA=use_tma, SCALE_INPUT=spec.scale_input,
         BLOCK_M=config.block_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, WARP_SPEC=dn.warp_specialize,
@@ -287,12 +290,14 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
 def launch_combine(y, rows: AlignedRows, k: int, out):
     T, H = out.shape
     block_h = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_h))](y, rows.pos, out, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_H=block_h, num_warps=4)
+    _combine_kernel[(T, triton.cdiv(H, block_h))](
+        y, rows.pos, out, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_H=block_h, num_warps=4
+    )
 
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
                     config: SortedConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops.check_inputs; T > 0."""
+    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops/checks.py; T > 0."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     I = spec.intermediate(w_down)

@@ -26,7 +26,8 @@ def _experts(what, expected, got, fix):
 
 def check_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec) -> None:
     if hidden.dim() != 2:
-        _experts("hidden rank", "a 2-D [T, H] tensor", f"shape {tuple(hidden.shape)}", "Flatten batch and sequence first.")
+        _experts("hidden rank", "a 2-D [T, H] tensor", f"shape {tuple(hidden.shape)}",
+                 "Flatten batch and sequence first.")
     if hidden.dtype not in _FLOATS:
         _experts("hidden dtype", "float32, bfloat16 or float16", hidden.dtype, "Cast the activations.")
     if topk_ids.dim() != 2 or topk_ids.dtype not in _INTS:

@@ -143,7 +143,9 @@ def _gemm_bias(use: GemmUse, region: Region, num_experts) -> fx.Node | None:
     bias = follow(add.args[1], gathers=True, within=region.contains)
     shape = dims(bias)
     if not is_param(bias, 2) or shape[0] != num_experts:
-        raise Reject(f"the bias added to `{use.out.name}` comes from `{bias.name}` {shape}, expected an [E, N] parameter")
+        raise Reject(
+            f"the bias added to `{use.out.name}` comes from `{bias.name}` {shape}, expected an [E, N] parameter"
+        )
     return bias
 
 
@@ -191,11 +193,16 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
     # 2. two GEMMs of one form, weights read in place.
     form, uses = _find_gemms(region, forms)
     if len(uses) != 2:
-        raise Reject(f"expected 2 expert GEMMs (gate_up, down) in the {form} form, found {len(uses)}: {[u.node.name for u in uses]}")
+        raise Reject(
+            f"expected 2 expert GEMMs (gate_up, down) in the {form} form, found {len(uses)}: "
+            f"{[u.node.name for u in uses]}"
+        )
     up, down = uses
     for use, role in ((up, "gate_up"), (down, "down")):
         if not is_param(use.weight, 3):
-            raise Reject(f"the {role} GEMM's weight `{use.weight.name}` is not a 3-D graph input (a parameter read in place)")
+            raise Reject(
+                f"the {role} GEMM's weight `{use.weight.name}` is not a 3-D graph input (a parameter read in place)"
+            )
     if up.weight is down.weight:
         raise Reject("both GEMMs read the same weight")
     if up.transposed_storage != down.transposed_storage:
@@ -207,7 +214,9 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
     hidden = follow(up.x, gathers=True, within=region.contains)
     h_dims = dims(hidden)
     if h_dims is None or len(h_dims) != 2 or not example_value(hidden).is_floating_point():
-        raise Reject(f"the gate_up GEMM's rows come from `{hidden.name}` of shape {h_dims}, expected a 2-D [T, H] float tensor")
+        raise Reject(
+            f"the gate_up GEMM's rows come from `{hidden.name}` of shape {h_dims}, expected a 2-D [T, H] float tensor"
+        )
 
     # 3. the gated activation (through transformers 5.17's expert-parallel sentinel fills, identities here),
     #    after each GEMM's optional per-expert bias.
@@ -227,16 +236,23 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
         if op_name(n) != "mul" or not derives_from(n, down.node, region.contains):
             continue
         for y, w in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
-            if isinstance(w, fx.Node) and derives_from(y, down.node, region.contains) and not derives_from(w, down.node, region.contains):
+            if (
+                isinstance(w, fx.Node) and derives_from(y, down.node, region.contains)
+                and not derives_from(w, down.node, region.contains)
+            ):
                 src = follow(w, through=_WEIGHT_PATH, gathers=True, within=region.contains)
                 if src in inputs and src is not hidden and dims(src) == dims(topk_ids):
                     weighted = (n, src)
     if weighted is None:
-        raise Reject("no multiply of the down GEMM's output by a [T, k] router-weight input (input-side scaling is not this op)")
+        raise Reject(
+            "no multiply of the down GEMM's output by a [T, k] router-weight input (input-side scaling is not this op)"
+        )
     mul, topk_weights = weighted
     if not derives_from(output, mul, region.contains):
         raise Reject("the region output does not derive from the router-weighted expert outputs")
-    if not any(_sums_over_k(n) and derives_from(n, mul, region.contains) and derives_from(output, n, region.contains) for n in region.nodes):
+    inside = region.contains
+    sums = [n for n in region.nodes if _sums_over_k(n)]
+    if not any(derives_from(n, mul, inside) and derives_from(output, n, inside) for n in sums):
         raise Reject("the weighted expert outputs are not summed over the k slots ([T, k, H].sum(1))")
     if not derives_from(up.node, topk_ids, region.contains):
         raise Reject("the expert GEMM's grouping / weight gather does not depend on the top-k ids")

@@ -29,6 +29,7 @@ import torch.fx as fx
 from ..ops.signature import ExpertsTensors, OpCall
 from ..spec import ExpertsSpec
 from . import verify
+from .experts_common import RegionMatch
 from .fx_utils import (
     arg,
     backward_slice,
@@ -45,7 +46,6 @@ from .fx_utils import (
 )
 from .gated_activation import recognize_gated_activation
 from .match import Edit, ExpertsForm, Reject
-from .experts_common import RegionMatch
 from .regions import Region
 from .rewrite import erase_unused
 
@@ -100,7 +100,10 @@ def recognize(region: Region) -> DenseMatch:
         raise Reject(f"dense experts: weights {dims(w1)} and {dims(w2)}, expected [E, H, 2I] and [E, I, H]")
     view_in = up_mm.args[0]
     if op_name(view_in) not in ("view", "reshape") or dims(view_in)[0] != E or dims(view_in)[2] != H:
-        raise Reject(f"dense experts: the first bmm reads `{view_in.name}` {dims(view_in)}, expected an [E, T, H] view of the input rows")
+        raise Reject(
+            f"dense experts: the first bmm reads `{view_in.name}` {dims(view_in)}, expected an [E, T, H] view of the "
+            "input rows"
+        )
     gated = recognize_gated_activation(down_mm.args[0], up_mm)
     outs = [o for o in region.outputs if isinstance(example_value(o), torch.Tensor)]
     if len(outs) != 1 or follow(outs[0], through={"view", "reshape"}) is not down_mm:
@@ -112,7 +115,10 @@ def recognize(region: Region) -> DenseMatch:
     # 2. the block sums the E expert outputs of each token.
     (reshape,) = outs[0].users if len(outs[0].users) == 1 else (None,)
     total = next(iter(reshape.users)) if reshape is not None and len(reshape.users) == 1 else None
-    if op_name(reshape) not in ("view", "reshape") or dims(reshape)[0] != E or op_name(total) != "sum" or arg(total, 1, "dim") not in (0, (0,), [0]):
+    if (
+        op_name(reshape) not in ("view", "reshape") or dims(reshape)[0] != E or op_name(total) != "sum"
+        or arg(total, 1, "dim") not in (0, (0,), [0])
+    ):
         raise Reject("dense experts: the expert outputs are not summed over the experts (reshape(E, -1, H).sum(0))")
 
     # 3. routed rows = x.repeat(E, 1) * scores.transpose(0, 1).reshape(-1, 1).
@@ -127,7 +133,10 @@ def recognize(region: Region) -> DenseMatch:
     hidden = rep.args[0]
     T = dims(hidden)[0]
     col_t = col
-    if op_name(col_t) not in ("reshape", "view") or op_name(col_t.args[0]) != "transpose" or sorted(col_t.args[0].args[1:]) != [0, 1]:
+    if (
+        op_name(col_t) not in ("reshape", "view") or op_name(col_t.args[0]) != "transpose"
+        or sorted(col_t.args[0].args[1:]) != [0, 1]
+    ):
         raise Reject("dense experts: the row scales are not scores.transpose(0, 1).reshape(-1, 1)")
     scores = col_t.args[0].args[0]
 
@@ -143,10 +152,14 @@ def recognize(region: Region) -> DenseMatch:
         raise Reject("dense experts: the scattered scores do not start from -inf (unchosen experts must score 0)")
     logits = base.args[0]
     ids, vals = strip_casts(ids), strip_casts(vals)
-    if not (op_name(ids) == op_name(vals) == "getitem" and ids.args[0] is vals.args[0] and (ids.args[1], vals.args[1]) == (1, 0)):
+    same_topk = op_name(ids) == op_name(vals) == "getitem" and ids.args[0] is vals.args[0]
+    if not (same_topk and (ids.args[1], vals.args[1]) == (1, 0)):
         raise Reject("dense experts: the scattered values and ids are not the two outputs of one top-k")
     topk = ids.args[0]
-    if op_name(topk) != "topk" or strip_casts(topk.args[0]) is not strip_casts(logits) or arg(topk, 2, "dim", -1) not in (1, -1) or not arg(topk, 3, "largest", True):
+    if (
+        op_name(topk) != "topk" or strip_casts(topk.args[0]) is not strip_casts(logits)
+        or arg(topk, 2, "dim", -1) not in (1, -1) or not arg(topk, 3, "largest", True)
+    ):
         raise Reject("dense experts: the ids do not come from a top-k of the router logits over the experts")
     if dims(logits) != (T, E):
         raise Reject(f"dense experts: router logits {dims(logits)}, expected [T={T}, E={E}]")
@@ -195,7 +208,8 @@ def _verify(gm: fx.GraphModule, match: DenseMatch, real: dict) -> str:
     err, tol = verify.rel_err(got, want), verify.TOLERANCE[values[match.hidden].dtype]
     if not err <= tol:
         raise Reject(f"numerical check failed: dense block vs op relative error {err:.2e} > {tol:.0e}")
-    return f"rel err {err:.1e} <= {tol:.0e} (T={want.shape[0]}, only the top-{k} of {match.shape['E']} experts computed)"
+    return (f"rel err {err:.1e} <= {tol:.0e} (T={want.shape[0]}, only the top-{k} of {match.shape['E']} experts "
+            "computed)")
 
 
 def _rewrite(gm: fx.GraphModule, match: DenseMatch) -> Edit:

@@ -38,8 +38,21 @@ import torch.fx as fx
 from ..ops.signature import ExpertsTensors, OpCall, UnstackedTensors
 from ..spec import Activation, ExpertsSpec, GateUpLayout
 from .experts_common import RegionMatch
-from .fx_utils import CASTS, arg, backward_slice, dims, example_value, follow, in_graph_order, is_param, op_name
-from .gated_activation import recognize_gated_activation, recognize_split_gated_activation
+from .fx_utils import (
+    CASTS,
+    arg,
+    backward_slice,
+    dims,
+    example_value,
+    follow,
+    in_graph_order,
+    is_param,
+    op_name,
+)
+from .gated_activation import (
+    recognize_gated_activation,
+    recognize_split_gated_activation,
+)
 from .match import Edit, ExpertsForm, Reject
 from .regions import Region
 from .rewrite import replace_with_call
@@ -47,7 +60,10 @@ from .rewrite import replace_with_call
 FORM = ExpertsForm.INDEX_ADD_LOOP
 
 # Symbolic bookkeeping Dynamo emits on the unbacked size of each `where` result.
-_SIZE_BOOKKEEPING = {"sym_size", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range", "ge", "le", "gt", "lt", "eq", "ne", "and_"}
+_SIZE_BOOKKEEPING = {
+    "sym_size", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range",
+    "ge", "le", "gt", "lt", "eq", "ne", "and_",
+}
 
 
 @dataclasses.dataclass
@@ -110,6 +126,10 @@ class LoopMatch(RegionMatch):
                                  erase_all=True)
 
 
+def _is_where_half(node) -> bool:
+    return op_name(node) == "getitem" and op_name(node.args[0]) == "where"
+
+
 def find_index_add_loops(gm: fx.GraphModule) -> list[LoopCandidate]:
     """Every zeros tensor that index_add_ calls scatter into by `torch.where` indices: one candidate expert
     loop each (other scatter-adds, e.g. a GNN's, are not candidates and are not reported)."""
@@ -118,7 +138,7 @@ def find_index_add_loops(gm: fx.GraphModule) -> list[LoopCandidate]:
         if op_name(n) not in ("zeros", "zeros_like", "new_zeros"):
             continue
         adds = [u for u in n.users if op_name(u) == "index_add_" and u.args[0] is n]
-        by_where = [a for a in adds if len(a.args) > 2 and op_name(a.args[2]) == "getitem" and op_name(a.args[2].args[0]) == "where"]
+        by_where = [a for a in adds if len(a.args) > 2 and _is_where_half(a.args[2])]
         if by_where:
             found.append(LoopCandidate(n, adds))
     return found
@@ -140,7 +160,9 @@ def _linear(node: fx.Node, what: str, it: str) -> tuple[fx.Node, fx.Node]:
     """(input rows, weight) of a bias-free F.linear (an nn.Linear without bias)."""
     node = follow(node)
     if op_name(node) != "linear":
-        raise Reject(f"{it}: the {what} is `{node.name}` ({op_name(node)}), expected F.linear (an nn.Linear expert projection)")
+        raise Reject(
+            f"{it}: the {what} is `{node.name}` ({op_name(node)}), expected F.linear (an nn.Linear expert projection)"
+        )
     if arg(node, 2, "bias") is not None:
         raise Reject(f"{it}: the {what} Linear has a bias (per-expert nn.Linear biases are NYI for the fused op)")
     return node.args[0], node.args[1]
@@ -168,14 +190,22 @@ def _mask_source(where: fx.Node, it: str) -> tuple[int, fx.Node, fx.Node, int]:
         raise Reject(f"{it}: torch.where reads `{sel.name}` ({op_name(sel)}), expected the mask of one expert, mask[e]")
     perm_node = sel.args[0]
     if op_name(perm_node) != "permute":
-        raise Reject(f"{it}: the expert mask `{perm_node.name}` is {op_name(perm_node)}, expected one_hot(ids, E).permute(...)")
-    perm = perm_node.args[1] if len(perm_node.args) == 2 and isinstance(perm_node.args[1], (tuple, list)) else perm_node.args[1:]
+        raise Reject(
+            f"{it}: the expert mask `{perm_node.name}` is {op_name(perm_node)}, expected one_hot(ids, E).permute(...)"
+        )
+    as_tuple = len(perm_node.args) == 2 and isinstance(perm_node.args[1], (tuple, list))
+    perm = perm_node.args[1] if as_tuple else perm_node.args[1:]
     perm = tuple(p % 3 if isinstance(p, int) else p for p in perm)
     if perm not in ((2, 1, 0), (2, 0, 1)):
-        raise Reject(f"{it}: the expert mask is one_hot(...).permute{perm}, expected the expert axis first: (2, 1, 0) or (2, 0, 1)")
+        raise Reject(
+            f"{it}: the expert mask is one_hot(...).permute{perm}, expected the expert axis first: (2, 1, 0) or (2, 0, "
+            "1)"
+        )
     one_hot = perm_node.args[0]
     if op_name(one_hot) != "one_hot":
-        raise Reject(f"{it}: the permuted mask comes from `{one_hot.name}` ({op_name(one_hot)}), expected F.one_hot(topk_ids, E)")
+        raise Reject(
+            f"{it}: the permuted mask comes from `{one_hot.name}` ({op_name(one_hot)}), expected F.one_hot(topk_ids, E)"
+        )
     # mask[e] keeps the one_hot axes perm[1], perm[2] of [T, k]: where's output i indexes axis perm[1 + i].
     token_index = (perm[1], perm[2]).index(0)
     return sel.args[1], one_hot, token_index
@@ -210,12 +240,21 @@ def _weight_source(w: fx.Node, expert: int, it: str) -> tuple[str, fx.Node]:
     if is_param(w, 2):
         return "part", w
     if op_name(w) in ("getitem", "select"):
-        base, index = (w.args[0], w.args[1]) if op_name(w) == "getitem" else (w.args[0], w.args[2] if w.args[1] == 0 else None)
+        base = w.args[0]
+        if op_name(w) == "getitem":
+            index = w.args[1]
+        else:
+            index = w.args[2] if w.args[1] == 0 else None
         if is_param(base, 3):
             if index != expert:
-                raise Reject(f"{it}: the projection reads slice [{index}] of `{base.name}` inside the loop step of expert {expert}")
+                raise Reject(
+                    f"{it}: the projection reads slice [{index}] of `{base.name}` inside the loop step of expert "
+                    f"{expert}"
+                )
             return "stacked", base
-    raise Reject(f"{it}: the projection weight `{w.name}` is neither a 2-D parameter (nn.Linear) nor a slice [e] of a 3-D one")
+    raise Reject(
+        f"{it}: the projection weight `{w.name}` is neither a 2-D parameter (nn.Linear) nor a slice [e] of a 3-D one"
+    )
 
 
 def _iteration(add: fx.Node, acc: fx.Node) -> tuple[_Iteration, fx.Node]:
@@ -255,10 +294,14 @@ def _iteration(add: fx.Node, acc: fx.Node) -> tuple[_Iteration, fx.Node]:
         half_of = gate_node.args[0] if op_name(gate_node) == "getitem" else gate_node  # chunk(...)[0] or h[..., ::2]
         gu_lin = follow(half_of.args[0] if op_name(half_of) in ("chunk", "split") else half_of)
         if op_name(gu_lin) != "linear":
-            raise Reject(f"{it}: gate `{gate_node.name}` / up `{up_node.name}` are neither two Linears nor halves of one")
+            raise Reject(
+                f"{it}: gate `{gate_node.name}` / up `{up_node.name}` are neither two Linears nor halves of one"
+            )
         gated = recognize_gated_activation(down_in, gu_lin)  # proves gate and up are its two halves
         if gated.activation is Activation.GPT_OSS_SWIGLU:
-            raise Reject(f"{it}: GPT-OSS's clamped SwiGLU in a per-expert loop is NYI (its experts are stacked with biases)") from None
+            raise Reject(
+                f"{it}: GPT-OSS's clamped SwiGLU in a per-expert loop is NYI (its experts are stacked with biases)"
+            ) from None
         g_rows, g_w = _linear(gu_lin, "gate_up projection", it)
         activation, layout, gate_up = gated.activation, gated.layout, [g_w]
     hidden = _gathered(g_rows, where, t, it)
@@ -271,7 +314,10 @@ def _size_bookkeeping(start: list[fx.Node]) -> set[fx.Node]:
     while todo:
         n = todo.pop()
         for u in n.users:
-            if u not in found and op_name(u).removeprefix("aten::") in _SIZE_BOOKKEEPING and not isinstance(example_value(u), torch.Tensor):
+            if (
+                u not in found and op_name(u).removeprefix("aten::") in _SIZE_BOOKKEEPING
+                and not isinstance(example_value(u), torch.Tensor)
+            ):
                 found.add(u)
                 todo.append(u)
     return found
@@ -279,7 +325,10 @@ def _size_bookkeeping(start: list[fx.Node]) -> set[fx.Node]:
 
 def _tensor_like(n: fx.Node) -> bool:
     ev = example_value(n)
-    return isinstance(ev, torch.Tensor) or (isinstance(ev, (tuple, list)) and ev and all(isinstance(v, torch.Tensor) for v in ev))
+    return (
+        isinstance(ev, torch.Tensor)
+        or (isinstance(ev, (tuple, list)) and ev and all(isinstance(v, torch.Tensor) for v in ev))
+    )
 
 
 def _loop_nodes(candidate: LoopCandidate, stop: set[fx.Node], wheres: list[fx.Node]) -> set[fx.Node]:
@@ -307,14 +356,19 @@ def recognize(candidate: LoopCandidate) -> LoopMatch:
     experts = sorted(s.expert for s in steps)
     if experts != list(range(E)):
         missing = sorted(set(range(E)) - set(experts))
-        raise Reject(f"the loop covers experts {experts[:8]}{'...' if len(experts) > 8 else ''} of E={E} (missing {missing[:8]}, or repeated): every expert must run exactly once")
+        raise Reject(
+            f"the loop covers experts {experts[:8]}{'...' if len(experts) > 8 else ''} of E={E} (missing "
+            f"{missing[:8]}, or repeated): every expert must run exactly once"
+        )
     steps.sort(key=lambda s: s.expert)
 
     topk_ids = follow(one_hot.args[0], through=CASTS)
     hiddens = {s.hidden for s in steps}
     weight_nodes = {s.weights for s in steps}
     if len(hiddens) != 1 or len(weight_nodes) != 1:
-        raise Reject("the loop steps gather rows from different hidden tensors or weights from different router outputs")
+        raise Reject(
+            "the loop steps gather rows from different hidden tensors or weights from different router outputs"
+        )
     hidden, topk_weights = hiddens.pop(), weight_nodes.pop()
     kinds = {(s.activation, s.layout, len(s.gate_up)) for s in steps}
     if len(kinds) != 1:
@@ -324,7 +378,10 @@ def recognize(candidate: LoopCandidate) -> LoopMatch:
     if len(dims(hidden) or ()) != 2:
         raise Reject(f"the expert rows come from `{hidden.name}` {dims(hidden)}, expected a 2-D [T, H] tensor")
     T, H = dims(hidden)
-    if dims(topk_ids) is None or len(dims(topk_ids)) != 2 or dims(topk_ids)[0] != T or dims(topk_weights) != dims(topk_ids):
+    if (
+        dims(topk_ids) is None or len(dims(topk_ids)) != 2 or dims(topk_ids)[0] != T
+        or dims(topk_weights) != dims(topk_ids)
+    ):
         raise Reject(f"topk_ids {dims(topk_ids)} / topk_weights {dims(topk_weights)}, expected both [T={T}, k]")
     if dims(acc) != (T, H):
         raise Reject(f"the accumulator is {dims(acc)}, expected zeros [T={T}, H={H}]")
@@ -371,7 +428,10 @@ def recognize(candidate: LoopCandidate) -> LoopMatch:
             continue
         outside = [u for u in n.users if u not in inside]
         if outside:
-            raise Reject(f"`{n.name}` ({op_name(n)}), computed inside the expert loop, is also read by `{outside[0].name}` outside it")
+            raise Reject(
+                f"`{n.name}` ({op_name(n)}), computed inside the expert loop, is also read by `{outside[0].name}` "
+                "outside it"
+            )
     nodes, inputs = in_graph_order(inside, acc.graph)
     region = Region(candidate.name, candidate.cls, nodes, inputs, [acc])
     shape = {"T": T, "H": H, "E": E, "I": I, "k": dims(topk_ids)[1]}

@@ -56,7 +56,10 @@ def _split_half(node: fx.Node, h: fx.Node, transparent) -> tuple[GateUpLayout, i
     if op_name(node) != "getitem":
         return None
     base, index = node.args
-    if isinstance(index, int) and op_name(base) in ("chunk", "split") and follow(base.args[0], transparent=transparent) is h:
+    if (
+        isinstance(index, int) and op_name(base) in ("chunk", "split")
+        and follow(base.args[0], transparent=transparent) is h
+    ):
         chunks, dim = base.args[1], arg(base, 2, "dim", 0)
         two_way = chunks == 2 if op_name(base) == "chunk" else False
         width = h.meta["example_value"].shape[-1]
@@ -65,7 +68,10 @@ def _split_half(node: fx.Node, h: fx.Node, transparent) -> tuple[GateUpLayout, i
         if two_way and dim in (-1, h.meta["example_value"].dim() - 1):
             return GateUpLayout.CONCAT, index
         return None
-    if follow(base, transparent=transparent) is h and isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis:
+    if (
+        follow(base, transparent=transparent) is h and isinstance(index, tuple) and len(index) == 2
+        and index[0] is Ellipsis
+    ):
         s = index[1]
         if isinstance(s, slice) and s.step == 2 and s.stop is None and s.start in (None, 0, 1):
             return GateUpLayout.INTERLEAVED, int(s.start or 0)
@@ -103,9 +109,15 @@ def _gpt_oss_swiglu(a: fx.Node, h: fx.Node, transparent) -> GatedActivation | No
                 raise Reject("GPT-OSS-style gate without the clamps of GptOssExperts._apply_gate")
             limit = gate_clamp[2]
             if gate_clamp[1] is not None or limit is None or up_clamp[1:] != (-limit, limit):
-                raise Reject(f"GPT-OSS clamps are gate<= {gate_clamp[1:]} and up in {up_clamp[1:]}, expected (None, L) and (-L, L)")
+                raise Reject(
+                    f"GPT-OSS clamps are gate<= {gate_clamp[1:]} and up in {up_clamp[1:]}, expected (None, L) and (-L, "
+                    "L)"
+                )
             gate_half, up_half = _split_half(gate_clamp[0], h, transparent), _split_half(up_clamp[0], h, transparent)
-            if gate_half is None or up_half is None or gate_half[0] != up_half[0] or (gate_half[1], up_half[1]) != (0, 1):
+            if (
+                gate_half is None or up_half is None or gate_half[0] != up_half[0]
+                or (gate_half[1], up_half[1]) != (0, 1)
+            ):
                 raise Reject("GPT-OSS gate/up are not the first/second halves of the gate_up GEMM output")
             return GatedActivation(Activation.GPT_OSS_SWIGLU, gate_half[0], _number(scaled.args[1]), limit)
     return None
@@ -125,9 +137,13 @@ def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) 
         activation, gate = act
         gate_half, up_half = _split_half(gate, h, transparent), _split_half(up_side, h, transparent)
         if gate_half is None or up_half is None:
-            raise Reject("gate/up are not the two halves of the gate_up GEMM output (chunk(2, -1) or [..., ::2]/[..., 1::2])")
+            raise Reject(
+                "gate/up are not the two halves of the gate_up GEMM output (chunk(2, -1) or [..., ::2]/[..., 1::2])"
+            )
         if gate_half[0] != up_half[0] or (gate_half[1], up_half[1]) != (0, 1):
-            raise Reject(f"gate is half {gate_half[1]} and up is half {up_half[1]} ({gate_half[0].value}); expected gate first")
+            raise Reject(
+                f"gate is half {gate_half[1]} and up is half {up_half[1]} ({gate_half[0].value}); expected gate first"
+            )
         return GatedActivation(activation, gate_half[0])
     raise Reject(
         f"unrecognized gate activation: neither factor of the product is one of silu/gelu/gelu_tanh/relu "

@@ -31,7 +31,12 @@ from ..debug import GraphReport, RegionReport, region_dot
 from ..lowering import device
 from ..ops.signature import OpCall
 from ..stacked_weights import restack_experts, tiles
-from . import experts_batched_mm, experts_dense_bmm, experts_grouped_mm, experts_index_add_loop
+from . import (
+    experts_batched_mm,
+    experts_dense_bmm,
+    experts_grouped_mm,
+    experts_index_add_loop,
+)
 from .eager_experts import find_eager_experts_fragments
 from .experts_common import EAGER_FIX, RegionMatch, recognize_experts
 from .fx_utils import backward_slice, example_value, subgraph_module
@@ -121,7 +126,8 @@ def find_candidates(gm: fx.GraphModule, report: GraphReport) -> list[Candidate]:
         for c in loops
     ]
     for r in (*named, *routed):
-        candidates.append(Candidate(r.name, r.cls, len(r.nodes), r.found_by, functools.partial(_recognize_region, r), r))
+        recognize = functools.partial(_recognize_region, r)
+        candidates.append(Candidate(r.name, r.cls, len(r.nodes), r.found_by, recognize, r))
     for u in unplaced:
         rr = RegionReport(u.name, "(no region)", len(u.nodes), reason=u.reason, found_by="data flow")
         report.regions.append(rr)
@@ -325,7 +331,9 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
         report.restack.clear()
         log.warning("moe_compiler: a graph edit failed half-way (%s): the whole graph is left unfused", e)
         reported = {rr.name for rr in report.regions}
-        report.regions += [RegionReport(c.name, c.cls, c.size, found_by=c.found_by) for c in candidates if c.name not in reported]
+        report.regions += [
+            RegionReport(c.name, c.cls, c.size, found_by=c.found_by) for c in candidates if c.name not in reported
+        ]
         for rr in report.regions:
             rr.status, rr.reason = "rejected", f"internal error while editing the graph (whole graph left unfused): {e}"
         counters["moe_compiler"]["edit_failed"] += 1

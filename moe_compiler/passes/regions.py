@@ -179,9 +179,8 @@ def _routed_region(graph: fx.Graph, topk: fx.Node, computations: list[fx.Node], 
     outputs = set(topk.users)
     from_ids = _descendants(_ids_of(topk), scope)
     from_topk = _descendants(outputs, scope)  # e.g. the weights' renormalization: the router's, not the experts'
-    inside = backward_slice(
-        from_ids, within=lambda n: n in from_ids or (n in scope and n not in from_topk and n is not topk and n not in outputs)
-    )
+    router = from_topk | outputs | {topk}
+    inside = backward_slice(from_ids, within=lambda n: n in from_ids or (n in scope and n not in router))
     nodes = [n for n in graph.nodes if n in inside]
     if any(op_name(n) == "topk" for n in nodes):
         return f"the module `{path}` ({cls}) that holds them also holds another top-k"

@@ -117,7 +117,10 @@ def _scores(node: fx.Node) -> tuple[Scoring, fx.Node]:
     else:
         raise Reject(f"the router scores come from `{node.name}` ({name}), expected softmax or sigmoid of the logits")
     if example_value(node).dtype != torch.float32:
-        raise Reject(f"the router scores `{node.name}` are computed in {example_value(node).dtype}; the route op computes in fp32 (NYI)")
+        raise Reject(
+            f"the router scores `{node.name}` are computed in {example_value(node).dtype}; the route op computes in "
+            "fp32 (NYI)"
+        )
     return scoring, strip_casts(node.args[0])
 
 
@@ -157,16 +160,23 @@ def _groups(choice: fx.Node, E) -> tuple[fx.Node, int, int, GroupScore, float]:
         raise Reject(f"`{choice.name}`: the group mask fills a non-constant value")
     # The kept groups: the indices of a top-k over group scores, reaching the mask through the in-place
     # scatter into a zeros mask (a mutation, so not a use-def edge: followed explicitly).
-    group_idx = {n for n in _ancestry(mask, stop=base) if op_name(n) == "getitem" and n.args[1] == 1 and op_name(n.args[0]) == "topk"}
+    group_idx = {n for n in _ancestry(mask, stop=base) if op_name(n) == "getitem" and n.args[1] == 1
+                 and op_name(n.args[0]) == "topk"}
     if len(group_idx) != 1:
-        raise Reject(f"`{choice.name}` masks the choice with {len(group_idx)} top-k index sets, expected one (group-limited routing)")
+        raise Reject(
+            f"`{choice.name}` masks the choice with {len(group_idx)} top-k index sets, expected one (group-limited "
+            "routing)"
+        )
     group_topk = next(iter(group_idx)).args[0]
     group_scores, topk_group = _parse_topk(group_topk, "the kept groups")
     grouped, group_score = None, None
     gs = strip_casts(group_scores)
     if op_name(gs) == "sum" and _last_dim(gs, arg(gs, 1, "dim")) and op_name(strip_casts(gs.args[0])) == "getitem":
         inner = strip_casts(gs.args[0])
-        if inner.args[1] == 0 and op_name(inner.args[0]) == "topk" and _parse_topk(inner.args[0], "group scores")[1] == 2:
+        if (
+            inner.args[1] == 0 and op_name(inner.args[0]) == "topk"
+            and _parse_topk(inner.args[0], "group scores")[1] == 2
+        ):
             grouped, group_score = inner.args[0].args[0], GroupScore.TOP2_SUM
     elif op_name(gs) == "amax" or (op_name(gs) == "getitem" and op_name(gs.args[0]) == "max"):
         grouped, group_score = (gs.args[0] if op_name(gs) == "amax" else gs.args[0].args[0]), GroupScore.MAX
@@ -203,9 +213,14 @@ def _sparsemixer(ids_cat: fx.Node, weights_cat: fx.Node) -> tuple[fx.Node, Route
     expert (Gumbel noise) instead of taking the max: that is not a route op and fails fact 1 below."""
     w_cat = strip_casts(weights_cat)
     rounds_i = ids_cat.args[0] if ids_cat.args else None
-    rounds_w = w_cat.args[0] if isinstance(w_cat, fx.Node) and op_name(w_cat) in ("cat", "concat") and w_cat.args else None
-    if not isinstance(rounds_i, (list, tuple)) or not isinstance(rounds_w, (list, tuple)) or len(rounds_w) != len(rounds_i) \
-            or not all(isinstance(n, fx.Node) for n in (*rounds_i, *rounds_w)):
+    is_cat = isinstance(w_cat, fx.Node) and op_name(w_cat) in ("cat", "concat") and w_cat.args
+    rounds_w = w_cat.args[0] if is_cat else None
+    if (
+        not isinstance(rounds_i, (list, tuple))
+        or not isinstance(rounds_w, (list, tuple))
+        or len(rounds_w) != len(rounds_i)
+        or not all(isinstance(n, fx.Node) for n in (*rounds_i, *rounds_w))
+    ):
         raise Reject(f"the top-k ids are concatenated (`{ids_cat.name}`) but the weights `{weights_cat.name}` are not "
                      "concatenated round by round: not a sparse-mixer router")
     for cat in (ids_cat, w_cat):
@@ -221,8 +236,10 @@ def _sparsemixer(ids_cat: fx.Node, weights_cat: fx.Node) -> tuple[fx.Node, Route
         if r == 0:
             untaken = logits = mx.args[0]
         elif mx.args[0] is not untaken:
-            raise Reject(f"sparse mixer round {r}: `{mx.name}` takes the max of `{mx.args[0].name}`, expected the logits "
-                         "with the earlier rounds' experts scattered to -inf")
+            raise Reject(
+                f"sparse mixer round {r}: `{mx.name}` takes the max of `{mx.args[0].name}`, expected the logits "
+                "with the earlier rounds' experts scattered to -inf"
+            )
         best = [u for u in mx.users if _is(u, "getitem") and u.args[1] == 0]
         # 3. the weight: the round's id gathered from a softmax of the untaken logits with the far ones dropped.
         sm = w.args[0] if _is(w, "gather") else None
@@ -251,7 +268,10 @@ def _sparsemixer(ids_cat: fx.Node, weights_cat: fx.Node) -> tuple[fx.Node, Route
         # the next round's untaken logits: this round's expert scattered to -inf.
         if r + 1 < len(rounds_i):
             nxt = [u for u in untaken.users if _is(u, "scatter") and arg(u, 2, "index") is i]
-            if len(nxt) != 1 or not _last_dim(nxt[0], arg(nxt[0], 1, "dim")) or not _is_neg_inf(arg(nxt[0], 3, "value")):
+            if (
+                len(nxt) != 1 or not _last_dim(nxt[0], arg(nxt[0], 1, "dim"))
+                or not _is_neg_inf(arg(nxt[0], 3, "value"))
+            ):
                 raise Reject(f"sparse mixer round {r}: its expert is not scattered to -inf for the next round")
             untaken = nxt[0]
     if threshold < 0:
@@ -267,7 +287,9 @@ def _mutations(node: fx.Node) -> list[fx.Node]:
 def dtype_template_only(node: fx.Node, nodes) -> bool:
     """node is read by the router only as `x.type_as(node)`: for its dtype, not its values."""
     readers = [n for n in nodes if node in n.all_input_nodes]
-    return bool(readers) and all(op_name(n) == "type_as" and n.args[1] is node and n.args[0] is not node for n in readers)
+    return bool(readers) and all(
+        op_name(n) == "type_as" and n.args[1] is node and n.args[0] is not node for n in readers
+    )
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -280,7 +302,8 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _ancestry(start: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
     """Compute nodes start depends on (mutations included), not crossing `stop`, placeholders or sizes."""
-    return backward_slice([start], stop=[stop] if stop is not None else [], inputs=lambda n: _tensor_inputs(n) + _mutations(n))
+    stops = [stop] if stop is not None else []
+    return backward_slice([start], stop=stops, inputs=lambda n: _tensor_inputs(n) + _mutations(n))
 
 
 def _router_nodes(ids: fx.Node, weights: fx.Node, logits: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -316,7 +339,10 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
     if norm is not None:
         w, eps = strip_casts(norm[0]), norm[1]
 
-    if op_name(w) in ("softmax", "sigmoid") and op_name(strip_casts(w.args[0])) == "getitem" and strip_casts(w.args[0]).args[0] is topk:
+    if (
+        op_name(w) in ("softmax", "sigmoid") and op_name(strip_casts(w.args[0])) == "getitem"
+        and strip_casts(w.args[0]).args[0] is topk
+    ):
         # top-k of the logits, then softmax over the k values (GPT-OSS, Granite-MoE) or sigmoid of each (Llama-4).
         scoring = Scoring.SOFTMAX if op_name(w) == "softmax" else Scoring.SIGMOID
         if norm is not None or scale != 1.0:
@@ -338,7 +364,10 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
         elif op_name(w) == "gather" and strip_casts(arg(w, 2, "index")) is sel and _last_dim(w, arg(w, 1, "dim")):
             scores_node, gathered = strip_casts(w.args[0]), True
         else:
-            raise Reject(f"the top-k weights come from `{w.name}` ({op_name(w)}), expected the top-k values, a gather of the scores at the ids, or a softmax of the top-k logits")
+            raise Reject(
+                f"the top-k weights come from `{w.name}` ({op_name(w)}), expected the top-k values, a gather of the "
+                "scores at the ids, or a softmax of the top-k logits"
+            )
         scoring, logits = _scores(scores_node)
         # 1./4. what the top-k chose from: scores [+ bias], optionally group-masked.
         n_group, topk_group, group_score, masked = 1, 1, GroupScore.TOP2_SUM, -math.inf
@@ -353,7 +382,10 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
                 raise Reject(f"the correction bias `{bias.name}` has shape {dims(bias)}, expected [E={E}]")
             c = scores_node
         if c is not scores_node:
-            raise Reject(f"the top-k chooses from `{c.name}` ({op_name(c)}), expected the scores, scores + a bias, or their group-masked form")
+            raise Reject(
+                f"the top-k chooses from `{c.name}` ({op_name(c)}), expected the scores, scores + a bias, or their "
+                "group-masked form"
+            )
         if (bias is not None or n_group > 1) and not gathered:
             raise Reject("the weights are the top-k values of a biased / masked choice, not the scores: NYI")
         if norm is not None:
@@ -361,7 +393,9 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
             # A softmax top-k sum is >= k / E, so clamping it at any eps below that never bites.
             ok = eps == want or (scoring is Scoring.SOFTMAX and 0.0 <= eps < k / E)
             if not ok:
-                raise Reject(f"the renormalization adds epsilon {eps}; the route op uses {want} for {scoring.value} scores (NYI)")
+                raise Reject(
+                    f"the renormalization adds epsilon {eps}; the route op uses {want} for {scoring.value} scores (NYI)"
+                )
         spec = RouterSpec(top_k=k, scoring=scoring, norm_topk_prob=norm is not None, routed_scaling_factor=scale,
                           n_group=n_group, topk_group=topk_group, group_score=group_score, masked_score=masked)
         form = RouterForm(f"{scoring.value}{'_group' if n_group > 1 else ''}_topk")
@@ -370,7 +404,8 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
 
 def _closed(match: RouterMatch, E) -> RouterMatch:
     """Fact 5 for a recognized router: its nodes and inputs filled in, or a Reject."""
-    logits, bias, ids, weights, experts_call = match.logits, match.correction_bias, match.ids, match.weights, match.experts_call
+    logits, bias, ids, weights = match.logits, match.correction_bias, match.ids, match.weights
+    experts_call = match.experts_call
     if dims(logits) is None or len(dims(logits)) != 2 or dims(logits)[1] != E:
         raise Reject(f"the router logits `{logits.name}` have shape {dims(logits)}, expected [T, E={E}]")
 
@@ -386,7 +421,10 @@ def _closed(match: RouterMatch, E) -> RouterMatch:
     for out in (ids, weights):
         others = [u for u in out.users if u is not experts_call and u not in inside]
         if others:
-            raise Reject(f"the top-k {'ids' if out is ids else 'weights'} `{out.name}` are also read by {[u.name for u in others]}: NYI")
+            raise Reject(
+                f"the top-k {'ids' if out is ids else 'weights'} `{out.name}` are also read by "
+                f"{[u.name for u in others]}: NYI"
+            )
     match.nodes, match.inputs = nodes, inputs
     return match
 

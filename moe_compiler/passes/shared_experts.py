@@ -33,7 +33,15 @@ import torch.fx as fx
 
 from ..ops.signature import OpCall
 from ..spec import Activation, GateUpLayout
-from .fx_utils import dims, example_value, fake_call, follow, node_meta, op_call_code, op_name
+from .fx_utils import (
+    dims,
+    example_value,
+    fake_call,
+    follow,
+    node_meta,
+    op_call_code,
+    op_name,
+)
 from .gated_activation import activation_of, recognize_gated_activation
 from .match import Edit, Match, Reject, SharedForm
 
@@ -193,7 +201,8 @@ def why_not_fused(match: SharedExpertsMatch) -> str | None:
         return f"the routed experts run as `{experts_call.target}` (per-expert weight parts): not fused with them yet"
     spec = OpCall.of(experts_call).spec
     if match.activation is not spec.activation:
-        return f"the shared MLP's activation ({match.activation.value}) is not the routed experts' ({spec.activation.value})"
+        return (f"the shared MLP's activation ({match.activation.value}) is not the routed experts' "
+                f"({spec.activation.value})")
     dtype = _dtype(experts_call)
     node = match.routed
     while node is not experts_call:  # views, and casts that round-trip exactly (bf16 -> fp32 -> bf16)

@@ -7,20 +7,30 @@ builders import transformers when called.
 
 from .reference import (
     SPARSEMIXER_EDGE_PAIRS,
+    cuda_experts_inputs,
+    expert_parts,
     experts_inputs,
     experts_reference,
     experts_reference_by_expert,
+    poisoned_run,
     rel_err,
+    shared_inputs,
     shared_reference,
     sparsemixer_edge_logits,
+    spec_id,
 )
 
 __all__ = [
     "SPARSEMIXER_EDGE_PAIRS",
+    "cuda_experts_inputs",
+    "expert_parts",
     "experts_inputs",
     "experts_reference",
     "experts_reference_by_expert",
+    "poisoned_run",
     "rel_err",
+    "shared_inputs",
     "shared_reference",
     "sparsemixer_edge_logits",
+    "spec_id",
 ]

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .tiny_lm import TinyLM
+
 
 class RoutedMLP(nn.Module):
     def __init__(self, E: int, H: int, I: int):
@@ -71,22 +73,6 @@ class MoEFeedForward(nn.Module):
         return out.reshape(shape)
 
 
-class TinyHandwrittenLM(nn.Module):
-    """embed -> (RMSNorm -> MoE block, residual) x layers -> norm -> lm_head."""
-
+class TinyHandwrittenLM(TinyLM):
     def __init__(self, form: str, layers: int = 2, vocab: int = 64, H: int = 32, I: int = 16, E: int = 4, k: int = 2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, H)
-        self.norms = nn.ModuleList([nn.RMSNorm(H) for _ in range(layers)])
-        self.blocks = nn.ModuleList([MoEFeedForward(form, H, I, E, k) for _ in range(layers)])
-        self.norm = nn.RMSNorm(H)
-        self.lm_head = nn.Linear(H, vocab, bias=False)
-        with torch.no_grad():
-            for blk in self.blocks:
-                blk.gate.weight.normal_(0.0, 1.0)  # well-separated routers: no top-k ties between runs
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for norm, block in zip(self.norms, self.blocks):
-            x = x + block(norm(x))
-        return self.lm_head(self.norm(x))
+        super().__init__(lambda: MoEFeedForward(form, H, I, E, k), layers, vocab, H)

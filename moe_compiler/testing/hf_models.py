@@ -12,15 +12,28 @@ from __future__ import annotations
 import torch
 
 TINY = {
-    "qwen3_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128),
-    "mixtral": dict(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128),
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=128),
+    "mixtral": dict(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128),
     # first_k_dense_replace=1: layer 0 is a dense MLP, layers 1-2 are MoE (2 MoE layers of 3).
-    "deepseek_v3": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=128),
-    "olmoe": dict(hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=128, pad_token_id=None, bos_token_id=None, eos_token_id=None),
-    "qwen2_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
+    "deepseek_v3": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=128),
+    "olmoe": dict(hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=128, pad_token_id=None, bos_token_id=None,
+        eos_token_id=None),
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
     # Biased experts, [E, H, 2I] / [E, I, H] weights, interleaved gate/up, clamped SwiGLU: a low limit so
     # the clamps actually cut (hidden states here are O(1)).
-    "gpt_oss": dict(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128, swiglu_limit=1.0, layer_types=["sliding_attention", "full_attention"], pad_token_id=None, bos_token_id=None, eos_token_id=None),
+    "gpt_oss": dict(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+        swiglu_limit=1.0, layer_types=["sliding_attention", "full_attention"], pad_token_id=None, bos_token_id=None,
+        eos_token_id=None),
 }
 MOE_LAYERS = {"qwen3_moe": 2, "mixtral": 2, "deepseek_v3": 2, "olmoe": 2, "qwen2_moe": 2, "gpt_oss": 2}
 ARCHS = tuple(TINY)
@@ -41,7 +54,10 @@ def redraw(model, cfg, dtype, hidden: int, router_rows=None, extra_router_suffix
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_router = name.endswith(("gate.weight", "router.weight", *extra_router_suffixes))
-            if is_router and p.dim() == 2 and p.shape[1] == hidden and p.shape[0] > 1 and (router_rows is None or p.shape[0] in router_rows):
+            if (
+                is_router and p.dim() == 2 and p.shape[1] == hidden and p.shape[0] > 1
+                and (router_rows is None or p.shape[0] in router_rows)
+            ):
                 p.normal_(0.0, 1.0)
             elif name.endswith("proj_bias"):  # expert biases start at zero: make them matter
                 p.normal_(0.0, 0.2)

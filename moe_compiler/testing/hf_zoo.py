@@ -63,7 +63,8 @@ TINY: dict[str, dict] = {
     # DBRX uses its own names: d_model / n_heads / n_layers and nested attn/ffn configs
     "dbrx": dict(vocab_size=V, d_model=H, n_heads=NH, n_layers=L, max_seq_len=64, pad_token_id=None,
                  bos_token_id=1, eos_token_id=2,
-                 attn_config=dict(kv_n_heads=NH, clip_qkv=8.0, rope_theta=500000.0),  # DbrxAttention reads attn_config.rope_theta
+                 # DbrxAttention reads attn_config.rope_theta
+                 attn_config=dict(kv_n_heads=NH, clip_qkv=8.0, rope_theta=500000.0),
                  ffn_config=dict(ffn_hidden_size=I, moe_num_experts=8, moe_top_k=4, hidden_size=H,
                                  moe_normalize_expert_weights=1.0)),
     "phimoe": dict(COMMON, intermediate_size=I, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.01),

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .tiny_lm import TinyLM
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopForm:
@@ -42,9 +44,11 @@ class ExpertMLP(nn.Module):
         self.form = form
         bias = form.expert_bias
         if form.mlp == "w1w3w2":
-            self.w1, self.w3, self.w2 = nn.Linear(H, I, bias=bias), nn.Linear(H, I, bias=bias), nn.Linear(I, H, bias=bias)
+            self.w1, self.w3, self.w2 = (nn.Linear(H, I, bias=bias), nn.Linear(H, I, bias=bias),
+                                         nn.Linear(I, H, bias=bias))
         elif form.mlp == "gate_up_down":
-            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(H, I, bias=bias), nn.Linear(H, I, bias=bias), nn.Linear(I, H, bias=bias)
+            self.gate_proj, self.up_proj, self.down_proj = (nn.Linear(H, I, bias=bias), nn.Linear(H, I, bias=bias),
+                                                            nn.Linear(I, H, bias=bias))
         else:
             self.gate_up_proj, self.down_proj = nn.Linear(H, 2 * I, bias=bias), nn.Linear(I, H, bias=bias)
         self.act = nn.SiLU() if form.act == "silu" else nn.GELU()
@@ -109,25 +113,10 @@ class LoopMoeBlock(nn.Module):
         return final.reshape(b, s, h), router_logits
 
 
-class TinyLoopLM(nn.Module):
-    """embed -> (RMSNorm -> MoE block, residual) x layers -> norm -> lm_head: logits to compare with eager."""
-
-    def __init__(self, form: LoopForm, layers: int = 2, vocab: int = 64, H: int = 32, I: int = 16, E: int = 4, k: int = 2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, H)
-        self.norms = nn.ModuleList([nn.RMSNorm(H) for _ in range(layers)])
-        self.blocks = nn.ModuleList([LoopMoeBlock(H, I, E, k, form) for _ in range(layers)])
-        self.norm = nn.RMSNorm(H)
-        self.lm_head = nn.Linear(H, vocab, bias=False)
-        with torch.no_grad():
-            for blk in self.blocks:
-                blk.gate.weight.normal_(0.0, 1.0)  # well-separated routers: no top-k ties between runs
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for norm, block in zip(self.norms, self.blocks):
-            x = x + block(norm(x))[0]
-        return self.lm_head(self.norm(x))
+class TinyLoopLM(TinyLM):
+    def __init__(self, form: LoopForm, layers: int = 2, vocab: int = 64, H: int = 32, I: int = 16, E: int = 4,
+                 k: int = 2):
+        super().__init__(lambda: LoopMoeBlock(H, I, E, k, form), layers, vocab, H)
 
 
 def expert_parts(block: LoopMoeBlock) -> list[torch.Tensor]:

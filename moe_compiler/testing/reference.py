@@ -6,11 +6,12 @@ import dataclasses
 
 import torch
 
-from moe_compiler.lowering.torch_activations import gated_forward
-from moe_compiler.spec import ExpertsSpec, GateUpLayout
+from ..lowering.torch_activations import gated_forward
+from ..spec import ExpertsSpec, GateUpLayout
 
 
-def experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None, spec=ExpertsSpec()):
+def experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None,
+                      spec=ExpertsSpec()):
     """out[t] = sum_j w[t, j] * down_e(act(gate_up_e(x_t))) in float64 (spec.scale_input: the weight scales
     x_t instead), returned in float64."""
     x = hidden.double()
@@ -48,12 +49,63 @@ def experts_inputs(T, H, I, E, k, dtype, spec=ExpertsSpec(), bias=False, seed=0)
     return hidden, ids, weights, w1, w2, b1, b2
 
 
+def expert_parts(E, H, I, per_expert: int, dtype=torch.float32, seed=0):
+    """(w_gate_up [E, 2I, H], w_down [E, H, I], gate_up parts, down parts): stacked reference weights and the same
+    values as separate per-expert tensors in nn.Linear layout (per_expert gate_up parts per expert: 2 = gate, up)."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = (torch.randn(E, 2 * I, H, generator=g) * H**-0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g) * I**-0.5).to(dtype)
+    rows = 2 * I // per_expert
+    gate_up = [w1[e, i * rows:(i + 1) * rows].clone() for e in range(E) for i in range(per_expert)]
+    down = [w2[e].clone() for e in range(E)]
+    return w1, w2, gate_up, down
+
+
+def shared_inputs(H, Is, dtype, fused, gated, seed=1):
+    """Random shared-experts weights ([gate, up] or [gate_up], down, expert gate or None), nn.Linear layout."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: (torch.randn(*s, generator=g) * s[-1] ** -0.5).to(dtype)  # noqa: E731
+    gate_up = [rnd(2 * Is, H)] if fused else [rnd(Is, H), rnd(Is, H)]
+    return gate_up, rnd(H, Is), rnd(1, H) if gated else None
+
+
+def cuda_experts_inputs(T, E, k, H, I, dtype=torch.bfloat16, seed=0):
+    """Random (hidden, topk_ids, topk_weights, w_gate_up, w_down) drawn on the GPU (real model shapes are too big
+    to draw on the host quickly)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(T, H, device="cuda", generator=g).to(dtype)
+    ids = torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :k]
+    weights = torch.rand(T, k, device="cuda", generator=g).to(dtype)
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H**-0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I**-0.5).to(dtype)
+    return hidden, ids, weights, w1, w2
+
+
+def poisoned_run(fn):
+    """fn() on a caching allocator whose free blocks hold NaN, so an output element never written shows."""
+    torch.cuda.synchronize()
+    # One large block (the large pool) and 32 small ones (the 2 MB segments of the small pool).
+    junk = [torch.empty(1 << 28, dtype=torch.uint8, device="cuda")]
+    junk += [torch.empty(1 << 20, dtype=torch.uint8, device="cuda") for _ in range(32)]
+    for j in junk:
+        j.view(torch.bfloat16).fill_(float("nan"))
+    del junk
+    return fn()
+
+
+def spec_id(spec: ExpertsSpec) -> str:
+    """A short test id: activation-layout-(t)ransposed or (n)ot[-scale_input]."""
+    layout = "t" if spec.transposed else "n"
+    return f"{spec.activation.value}-{spec.gate_up.value}-{layout}{'-scale_input' if spec.scale_input else ''}"
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.detach().double(), ref.detach().double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def experts_reference_by_expert(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec=ExpertsSpec(), dtype=torch.float64):
+def experts_reference_by_expert(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec=ExpertsSpec(),
+                                dtype=torch.float64):
     """Same math, one expert at a time on the inputs' device: fast enough for real model shapes."""
     x = hidden.to(dtype)
     out = torch.zeros_like(x)

@@ -14,7 +14,6 @@ Candidates are compiled first by a pool of processes on a small-E copy of the pr
 the GEMM kernels' specialization), so the timing loop only loads cached kernels.
 """
 
-# ruff: noqa: E741 - I is the experts' intermediate size, the package's notation
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +25,13 @@ import time
 import torch
 import triton
 
-from moe_compiler.lowering import dispatch, triton_align, triton_config, triton_decode, triton_experts
+from moe_compiler.lowering import (
+    dispatch,
+    triton_align,
+    triton_config,
+    triton_decode,
+    triton_experts,
+)
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig
 from moe_compiler.spec import ExpertsSpec
 from moe_compiler.testing import experts_reference_by_expert, rel_err

@@ -8,10 +8,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from triton_cases import DEVICE, DTYPES, SPECS, poisoned_allocations, spec_id  # noqa: E402
+
 from moe_compiler.lowering.torch_activations import gated_forward_halves  # noqa: E402
 from moe_compiler.lowering.triton_act import gated_rows  # noqa: E402
-from reference import rel_err  # noqa: E402
-from triton_cases import DEVICE, DTYPES, SPECS, poisoned_allocations, spec_id  # noqa: E402
+from moe_compiler.testing import rel_err  # noqa: E402
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)

@@ -7,8 +7,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from moe_compiler.lowering import triton_align  # noqa: E402
 from triton_cases import DEVICE, fails_with_ids_assert, poisoned_allocations  # noqa: E402
+
+from moe_compiler.lowering import triton_align  # noqa: E402
 
 
 def _check(ids, E, block_m):
@@ -64,7 +65,7 @@ def test_int32_ids_and_strided_view():
     assert _check(ids[:, 1:2].to(DEVICE), 12, 16) == 1  # a [T, 1] slice of a wider tensor
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on the GPU the kernel asserts instead: test_out_of_range_ids_fail_the_launch")
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU kernel asserts instead: test_out_of_range_ids_fail_the_launch")
 @pytest.mark.parametrize("bad", [-1, 8, 1000])
 def test_out_of_range_ids_are_flagged_and_clamped(bad):
     ids = torch.rand(20, 8).argsort(dim=1)[:, :2]
@@ -72,7 +73,7 @@ def test_out_of_range_ids_are_flagged_and_clamped(bad):
     assert _check(ids.to(DEVICE), 8, 16) == 0
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs no device asserts: test_out_of_range_ids_are_flagged_and_clamped")
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs no asserts: the test of flags and clamps covers it")
 @pytest.mark.parametrize("bad", [-1, 8])
 def test_out_of_range_ids_fail_the_launch(bad):
     fails_with_ids_assert(

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from moe_compiler.lowering import triton_config
-from moe_compiler.lowering.triton_config import Combine, DecodeConfig, KernelConfig, Path, SortedConfig
+from moe_compiler.lowering.triton_config import (
+    Combine,
+    DecodeConfig,
+    KernelConfig,
+    Path,
+    SortedConfig,
+)
 
 FILES = sorted(triton_config.CONFIG_DIR.glob("*.json"))
 
@@ -49,7 +55,8 @@ def config_dir(tmp_path, monkeypatch):
     triton_config._sources.cache_clear()
     triton_config._warned.clear()
     entries = [
-        {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "T": 1, "config": {"path": "decode", "gate_up": SMALL, "down": SMALL}, "us": 10.0},
+        {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "T": 1, "us": 10.0,
+         "config": {"path": "decode", "gate_up": SMALL, "down": SMALL}},
         {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "T": 1024, "us": 90.0,
          "config": {"path": "sorted", "block_m": 64, "gate_up": SMALL, "down": SMALL, "tma": True}},
     ]
@@ -68,7 +75,8 @@ def test_lookup_takes_the_nearest_tuned_t(config_dir):
 
 
 def test_untuned_shape_warns_once_and_uses_defaults(config_dir):
-    with pytest.warns(UserWarning, match=r"no tuned Triton config for bfloat16 experts E=8, k=2.*python -m moe_compiler.tune --shape 8,2,512,256"):
+    want = r"no tuned Triton config for bfloat16 experts E=8, k=2.*python -m moe_compiler.tune --shape 8,2,512,256"
+    with pytest.warns(UserWarning, match=want):
         cfg = triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 8, 2, 512, 256, 4096)
     assert cfg == triton_config.default_config(torch.bfloat16, 8, 2, 512, 256, 4096)
     with warnings.catch_warnings():
@@ -105,18 +113,24 @@ def test_defaults_pick_decode_for_few_pairs_and_sorted_tiles_by_rows_per_expert(
     assert isinstance(large, SortedConfig) and large.block_m == 128 and large.combine is Combine.GATHER
 
 
+KC = KernelConfig(32, 64)
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
         (lambda: KernelConfig(block_n=48, block_k=64), "block_n: expected a power of two"),
         (lambda: KernelConfig(block_n=32, block_k=64, num_stages=0), "num_stages: expected an int in"),
         (lambda: KernelConfig(block_n=32, block_k=64, warp_specialize=1), "warp_specialize: expected a bool"),
-        (lambda: SortedConfig(block_m=8, gate_up=KernelConfig(32, 64), down=KernelConfig(32, 64)), "block_m: expected a power of two in \\[16, 256\\]"),
-        (lambda: SortedConfig(block_m=16, gate_up=KernelConfig(32, 64), down=KernelConfig(32, 64), tma="yes"), "tma: expected a bool"),
-        (lambda: SortedConfig(block_m=16, gate_up=KernelConfig(32, 64), down=KernelConfig(8, 64)), "down.block_n: expected >= 16 on the sorted path"),
+        (lambda: SortedConfig(block_m=8, gate_up=KC, down=KC), "block_m: expected a power of two in \\[16, 256\\]"),
+        (lambda: SortedConfig(block_m=16, gate_up=KC, down=KC, tma="yes"), "tma: expected a bool"),
+        (lambda: SortedConfig(block_m=16, gate_up=KC, down=KernelConfig(8, 64)),
+         "down.block_n: expected >= 16 on the sorted path"),
         (lambda: KernelConfig(block_n=1, block_k=64), "block_n: expected a power of two in \\[2, 512\\]"),
-        (lambda: triton_config.from_dict({"path": "sorted", "block_m": 64, "gate_up": SMALL}), "invalid experts kernel config"),
-        (lambda: triton_config.from_dict({"path": "warp", "gate_up": SMALL, "down": SMALL}), "invalid experts kernel config"),
+        (lambda: triton_config.from_dict({"path": "sorted", "block_m": 64, "gate_up": SMALL}),
+         "invalid experts kernel config"),
+        (lambda: triton_config.from_dict({"path": "warp", "gate_up": SMALL, "down": SMALL}),
+         "invalid experts kernel config"),
     ],
 )
 def test_bad_configs_name_the_field(make, match):

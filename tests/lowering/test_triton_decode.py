@@ -7,12 +7,20 @@ import torch
 
 pytest.importorskip("triton")
 
+from triton_cases import (  # noqa: E402
+    DEVICE,
+    DTYPES,
+    SPECS,
+    device_inputs,
+    fails_with_ids_assert,
+    poisoned_allocations,
+    spec_id,
+)
+
 from moe_compiler.lowering import triton_decode  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig  # noqa: E402
 from moe_compiler.spec import SharedMLP  # noqa: E402
-from reference import experts_reference, rel_err, shared_reference  # noqa: E402
-from test_shared_mlp import shared_inputs  # noqa: E402
-from triton_cases import DEVICE, DTYPES, SPECS, device_inputs, fails_with_ids_assert, poisoned_allocations, spec_id  # noqa: E402
+from moe_compiler.testing import experts_reference, rel_err, shared_inputs, shared_reference  # noqa: E402
 
 CONFIG = DecodeConfig(gate_up=KernelConfig(block_n=16, block_k=16), down=KernelConfig(block_n=8, block_k=32))
 
@@ -38,7 +46,9 @@ def test_decode_forward(spec, dtype, tol, T, H, I, E, k):
 
 # Two and four columns per program (what the H100 tuning picks at Qwen3-30B-A3B T=1): tiles narrower than a warp's
 # natural layout, one pipeline stage in the down kernel.
-NARROW = DecodeConfig(gate_up=KernelConfig(block_n=4, block_k=32, num_stages=3), down=KernelConfig(block_n=2, block_k=16, num_stages=1))
+NARROW = DecodeConfig(
+    gate_up=KernelConfig(block_n=4, block_k=32, num_stages=3), down=KernelConfig(block_n=2, block_k=16, num_stages=1)
+)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
@@ -51,7 +61,7 @@ def test_decode_forward_narrow_tiles(spec, dtype, tol):
     assert rel_err(out.cpu(), experts_reference(*cpu, spec=spec)) <= tol
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on the GPU the kernel asserts instead: test_out_of_range_id_fails_the_launch")
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU kernel asserts instead: test_out_of_range_id_fails_the_launch")
 def test_out_of_range_id_is_flagged():
     cpu, dev = device_inputs(2, 16, 16, 4, 2, torch.float32, SPECS[0])
     dev[1][1, 0] = 7
@@ -77,7 +87,8 @@ def test_out_of_range_id_fails_the_launch():
 
 def test_too_many_pairs_is_a_clear_error():
     cpu, dev = device_inputs(1, 16, 16, 4, 2, torch.float32, SPECS[0])
-    big = dev[0].expand(triton_decode.MAX_PAIRS, 16), dev[1].expand(triton_decode.MAX_PAIRS, 2), dev[2].expand(triton_decode.MAX_PAIRS, 2)
+    n = triton_decode.MAX_PAIRS
+    big = dev[0].expand(n, 16), dev[1].expand(n, 2), dev[2].expand(n, 2)
     with pytest.raises(ValueError, match="decode path takes at most"):
         triton_decode.experts_forward(*big, *dev[3:], SPECS[0], CONFIG)
 

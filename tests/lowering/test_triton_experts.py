@@ -7,21 +7,24 @@ import torch
 
 pytest.importorskip("triton")
 
+from triton_cases import DTYPES, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
+
 from moe_compiler.lowering import triton_experts  # noqa: E402
 from moe_compiler.lowering.triton_config import Combine, KernelConfig, SortedConfig  # noqa: E402
-from reference import experts_reference, rel_err  # noqa: E402
-from triton_cases import DTYPES, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
+from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
 
 SMALL = KernelConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
 CONFIGS = {
     "one_program_per_tile": SortedConfig(block_m=16, gate_up=SMALL, down=SMALL, group_m=1),
     # 2 programs walk every tile (interpreter: no SM count), grouped raster over 2 row blocks.
-    "persistent_grouped": SortedConfig(block_m=16, gate_up=SMALL, down=KernelConfig(32, 16), group_m=2, programs_per_sm=1),
+    "persistent_grouped": SortedConfig(block_m=16, gate_up=SMALL, down=KernelConfig(32, 16), group_m=2,
+                                       programs_per_sm=1),
     # Weight tiles (and the down GEMM's act rows) by TMA on a GPU that has it; pointer loads elsewhere.
     "tma": SortedConfig(block_m=16, gate_up=SMALL, down=SMALL, tma=True),
     # Warp-specialized persistent tile loops (Triton splits producer / consumer warps on a GPU).
     "warp_specialized": SortedConfig(block_m=16, gate_up=KernelConfig(16, 16, 4, 2, warp_specialize=True),
-                                     down=KernelConfig(16, 16, 4, 2, warp_specialize=True), programs_per_sm=1, tma=True),
+                                     down=KernelConfig(16, 16, 4, 2, warp_specialize=True), programs_per_sm=1,
+                                     tma=True),
 }
 
 

@@ -1,5 +1,6 @@
-"""Triton route kernel (lowering/triton_route.py) against the route op's reference (routing.route_forward),
-every RouterSpec form. Without CUDA it runs under TRITON_INTERPRET (fp32)."""
+"""Triton route kernel (lowering/triton_route.py) against the route op's reference (torch_route.route_forward),
+every RouterSpec form. Without CUDA it runs under TRITON_INTERPRET (fp32); on the GPU also at real router shapes
+under graph capture."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import torch
 
 pytest.importorskip("triton")
 
+from triton_cases import DEVICE  # noqa: E402
+
 from moe_compiler.lowering import triton_route  # noqa: E402
 from moe_compiler.lowering.torch_route import route_forward  # noqa: E402
 from moe_compiler.spec import RouterSpec  # noqa: E402
-from reference import rel_err, sparsemixer_edge_logits  # noqa: E402
-from triton_cases import DEVICE  # noqa: E402
+from moe_compiler.testing import rel_err, sparsemixer_edge_logits  # noqa: E402
 
 CASES = {
     # name: (T, E, spec, with correction bias)
@@ -22,11 +24,12 @@ CASES = {
     "mixtral_k2_no_renorm": (5, 8, RouterSpec(top_k=2), False),
     "gpt_oss_topk_then_softmax": (9, 32, RouterSpec(top_k=4, order="topk_then_score"), False),
     "llama4_topk_then_sigmoid": (7, 16, RouterSpec(top_k=1, order="topk_then_score", scoring="sigmoid"), False),
-    "deepseek_v3_groups": (11, 32, RouterSpec(top_k=4, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
-                                               n_group=4, topk_group=2), True),
-    "deepseek_v2_group_max_odd_group_size": (6, 24, RouterSpec(top_k=3, n_group=8, topk_group=2, group_score="max"), False),
-    "glm4_masked_score_zero": (8, 16, RouterSpec(top_k=2, scoring="sigmoid", norm_topk_prob=True, n_group=2, topk_group=1,
-                                                  masked_score=0.0), True),
+    "deepseek_v3_groups": (11, 32, RouterSpec(top_k=4, scoring="sigmoid", norm_topk_prob=True,
+                                               routed_scaling_factor=2.5, n_group=4, topk_group=2), True),
+    "deepseek_v2_group_max_odd_group_size": (6, 24, RouterSpec(top_k=3, n_group=8, topk_group=2, group_score="max"),
+                                             False),
+    "glm4_masked_score_zero": (8, 16, RouterSpec(top_k=2, scoring="sigmoid", norm_topk_prob=True, n_group=2,
+                                                  topk_group=1, masked_score=0.0), True),
     "ernie_softmax_bias": (10, 12, RouterSpec(top_k=3, norm_topk_prob=True), True),  # E not a power of two
     "k_equals_e": (4, 8, RouterSpec(top_k=8), False),
     "phimoe_sparsemixer": (12, 16, RouterSpec(top_k=2, order="sparsemixer", jitter_eps=0.01), False),
@@ -72,7 +75,7 @@ def test_bf16_logits_are_routed_in_fp32():
 
 def test_sparsemixer_near_ties_round_as_eager():
     """Edge pairs whose near-tie test flips if computed in fp32: the kernel rounds each step to the logits'
-    dtype as eager does (routing.py), so it picks the same experts and weights as the reference."""
+    dtype as eager does (torch_route.py), so it picks the same experts and weights as the reference."""
     dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16  # the interpreter stores fp16 right, bf16 not
     g = torch.Generator().manual_seed(1)
     logits = sparsemixer_edge_logits(33, 16, dtype, g)
@@ -82,3 +85,41 @@ def test_sparsemixer_near_ties_round_as_eager():
     assert torch.equal(got_i.cpu(), want_i)
     assert rel_err(got_w.cpu(), want_w) <= 1e-6
     assert float((want_w < 0.99).float().mean()) > 0.4  # the edge rows share their first round
+
+
+# --- on the GPU: real router shapes under graph capture ---------------------------------------------
+
+ROUTERS = {
+    "qwen3_30b_a3b": (128, dict(top_k=8, norm_topk_prob=True), False),
+    "deepseek_v3": (256, dict(top_k=8, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8,
+                              topk_group=4), True),
+    "kimi_k2": (384, dict(top_k=8, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.827), True),
+    "gpt_oss_20b": (32, dict(top_k=4, order="topk_then_score"), False),
+    "llama4_scout": (16, dict(top_k=1, order="topk_then_score", scoring="sigmoid"), False),
+    "phi_3_5_moe": (16, dict(top_k=2, order="sparsemixer", jitter_eps=0.01), False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(ROUTERS))
+@pytest.mark.parametrize("T", [1, 37, 4096])
+def test_triton_route_kernel_at_real_router_shapes(name, T):
+    E, kw, with_bias = ROUTERS[name]
+    spec = RouterSpec(**kw)
+    g = torch.Generator(device="cuda").manual_seed(T)
+    logits = torch.randn(T, E, device="cuda", generator=g).bfloat16()
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1 if with_bias else None
+    want_w, want_i = route_forward(logits, bias, spec)
+    graph = torch.cuda.CUDAGraph()
+    triton_route.route_forward(logits, bias, spec)  # compile outside capture
+    with torch.cuda.graph(graph):
+        got_w, got_i = triton_route.route_forward(logits, bias, spec)
+    got_w.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want_i, ow = want_i.sort(dim=1)
+    got_i, og = got_i.sort(dim=1)
+    # bf16 logits upcast exactly: ties are rare but possible among E values; allow a few tokens to differ.
+    same = (want_i == got_i).all(dim=1)
+    assert same.float().mean() >= 0.99
+    assert rel_err(got_w.gather(1, og)[same], want_w.gather(1, ow)[same]) <= 1e-5

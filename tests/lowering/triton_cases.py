@@ -10,7 +10,7 @@ import textwrap
 import torch
 
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
-from test_ops import make_inputs
+from moe_compiler.testing import experts_inputs, spec_id  # noqa: F401 - the cases' test ids
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (dtype, rel tol vs fp64). bf16 stores are unreliable in the CPU interpreter: bf16 runs on the GPU only.
@@ -28,13 +28,9 @@ SPECS = [
 ]
 
 
-def spec_id(spec: ExpertsSpec) -> str:
-    return f"{spec.activation.value}-{spec.gate_up.value}-{'t' if spec.transposed else 'n'}{'-scale_input' if spec.scale_input else ''}"
-
-
 def device_inputs(T, H, I, E, k, dtype, spec, seed=0):
     """(cpu inputs for the reference, the same on DEVICE); GPT-OSS-like specs get biases."""
-    inputs = make_inputs(T, H, I, E, k, dtype, spec, bias=spec.transposed, seed=seed)
+    inputs = experts_inputs(T, H, I, E, k, dtype, spec, bias=spec.transposed, seed=seed)
     return inputs, [t.to(DEVICE) if t is not None else None for t in inputs]
 
 
@@ -58,7 +54,8 @@ def poisoned_allocations():
 def fails_with_ids_assert(body: str):
     """Run `body` (python, after `import torch`) in a fresh process and check that it dies of the kernels'
     topk_ids assert: a device-side assert leaves the CUDA context of its process unusable, so never here."""
-    proc = subprocess.run([sys.executable, "-c", "import torch\n" + textwrap.dedent(body) + "\ntorch.cuda.synchronize()"],
+    code = "import torch\n" + textwrap.dedent(body) + "\ntorch.cuda.synchronize()"
+    proc = subprocess.run([sys.executable, "-c", code],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stdout
     assert "topk_ids out of [0, E)" in proc.stderr, proc.stderr[-2000:]

@@ -10,8 +10,8 @@ import torch
 from torch._dynamo.utils import counters
 from transformers.models.llama4 import modeling_llama4 as llama4
 
-from hf_zoo import zoo_model
-from reference import rel_err
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.hf_zoo import zoo_model
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -20,7 +20,8 @@ def test_llama4_block_becomes_a_top_k_experts_call(tmp_path):
     model = zoo_model("llama4")  # 8 experts, top-2, both layers MoE
     with torch.no_grad():
         ref = model(input_ids=IDS).logits
-        out = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(input_ids=IDS).logits
+        compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})
+        out = compiled(input_ids=IDS).logits
     assert rel_err(out, ref) <= 1e-5
     assert counters["moe_compiler"]["fused_experts_dense_bmm"] == 2
     assert counters["moe_compiler"]["fused_router_topk_sigmoid"] == 2

@@ -11,9 +11,15 @@ import torch
 from torch._dynamo.utils import counters
 
 import moe_compiler
-from legacy_models import FORMS, LoopForm, LoopMoeBlock, TinyLoopLM, expert_parts
 from moe_compiler.stacked_weights import tiles
-from reference import rel_err
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.legacy_models import (
+    FORMS,
+    LoopForm,
+    LoopMoeBlock,
+    TinyLoopLM,
+    expert_parts,
+)
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -64,7 +70,8 @@ def test_module_list_weights_are_read_in_place_and_memory_does_not_grow():
     with torch.no_grad():
         torch.compile(model, backend="fused_moe")(IDS)
     assert [id(p) for p in parts] == ids_before  # the same Parameter objects
-    gate_up = [p for e in range(4) for p in (model.blocks[0].experts[e].w1.weight, model.blocks[0].experts[e].w3.weight)]
+    experts = model.blocks[0].experts
+    gate_up = [p for e in range(4) for p in (experts[e].w1.weight, experts[e].w3.weight)]
     down = [model.blocks[0].experts[e].w2.weight for e in range(4)]
     assert tiles(gate_up) and tiles(down)
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in parts}
@@ -115,7 +122,8 @@ def test_reassigned_weight_is_still_correct_and_warns():
             out = compiled(IDS)
     assert rel_err(out, ref) <= 1e-5
     assert any("no longer tile one stacked tensor" in str(w.message) for w in caught)
-    moe_compiler.restack_experts([p for e in range(4) for p in (model.blocks[0].experts[e].w1.weight, model.blocks[0].experts[e].w3.weight)])
+    experts = model.blocks[0].experts
+    moe_compiler.restack_experts([p for e in range(4) for p in (experts[e].w1.weight, experts[e].w3.weight)])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         assert rel_err(compiled(IDS), ref) <= 1e-5
@@ -222,4 +230,54 @@ def test_other_scatter_adds_are_not_candidates():
     out = torch.compile(scatter_add, backend="fused_moe")(x, index)
     assert torch.equal(out, scatter_add(x, index))
     assert counters["moe_compiler"]["graphs"] == 1
-    assert counters["moe_compiler"]["rejected_experts"] == 0 and counters["moe_compiler"]["fused_experts_index_add_loop"] == 0
+    assert (
+        counters["moe_compiler"]["rejected_experts"] == 0
+        and counters["moe_compiler"]["fused_experts_index_add_loop"] == 0
+    )
+
+
+# --- on the GPU ----------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("name", sorted(FORMS))
+def test_expert_loops_bf16_on_gpu(name, mode):
+    """The loop fuses (both layers), the nonzero-based loop is gone so cudagraph trees capture the whole
+    graph, and the logits follow eager through several calls (record, then replays) and an in-place
+    weight update."""
+    torch.manual_seed(0)
+    model = TinyLoopLM(FORMS[name]).to("cuda", torch.bfloat16)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(model, backend="fused_moe", mode=mode)
+        for seed in range(4):
+            gen = torch.Generator(device="cuda").manual_seed(seed)
+            ids = torch.randint(0, 64, (2, 9), device="cuda", generator=gen)
+            with torch.no_grad():
+                if seed == 3:
+                    for p in model.parameters():
+                        p.mul_(1.25)
+                torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(ids).clone()
+                ref = model(ids)
+            assert rel_err(out, ref) <= 2e-2, seed
+    assert counters["moe_compiler"]["fused_experts_index_add_loop"] == 2
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0
+    if FORMS[name].mlp != "stacked":
+        parts = expert_parts(model.blocks[0])
+        assert len({p.untyped_storage().data_ptr() for p in parts}) == 2 and not any(tiles([p]) is False for p in parts)
+
+
+@pytest.mark.gpu
+def test_expert_loop_training_on_gpu_matches_eager():
+    torch.manual_seed(0)
+    fused = TinyLoopLM(FORMS["mixtral_v4"]).cuda()
+    torch.manual_seed(0)
+    eager = TinyLoopLM(FORMS["mixtral_v4"]).cuda()
+    ids = torch.randint(0, 64, (2, 9), device="cuda")
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        torch.compile(fused, backend="fused_moe")(ids).square().mean().backward()
+    eager(ids).square().mean().backward()
+    assert counters["moe_compiler"]["fused_experts_index_add_loop"] == 2
+    ref = dict(eager.named_parameters())
+    for name, p in fused.named_parameters():
+        assert rel_err(p.grad, ref[name].grad) <= 1e-4, name

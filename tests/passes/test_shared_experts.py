@@ -13,10 +13,10 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from hf_zoo import zoo_model
 from moe_compiler.config import MoECompilerConfig
 from moe_compiler.passes import fuse_moe_regions
-from reference import rel_err
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.hf_zoo import zoo_model
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -27,7 +27,8 @@ def _compile(model, dump: pathlib.Path, **options):
         ref = model(input_ids=IDS).logits
         out = torch.compile(model, backend="fused_moe", options=options)(input_ids=IDS).logits
     assert rel_err(out, ref) <= 1e-5
-    return [json.loads(p.read_text())["shared_experts"] for p in sorted(dump.glob("graph_*/region_*_fused_*/spec.json"))]
+    specs = sorted(dump.glob("graph_*/region_*_fused_*/spec.json"))
+    return [json.loads(p.read_text())["shared_experts"] for p in specs]
 
 
 def _rewritten_graph(model) -> fx.GraphModule:
@@ -50,7 +51,9 @@ def _rewritten_graph(model) -> fx.GraphModule:
 def test_qwen2_gated_shared_expert_is_fused_and_described_in_the_dump(tmp_path):
     reports = _compile(zoo_model("qwen2_moe"), tmp_path)
     assert [r["status"] for r in reports] == ["fused", "fused"]
-    assert reports[0]["match"] == "sigmoid(gate(x)) x MLP(x) at model.layers.0.mlp.shared_expert: silu, gate/up Linears, I=32"
+    assert reports[0]["match"] == (
+        "sigmoid(gate(x)) x MLP(x) at model.layers.0.mlp.shared_expert: silu, gate/up Linears, I=32"
+    )
     assert "shared experts: 2 fused" in (tmp_path / "summary.txt").read_text()
     after = next(tmp_path.glob("graph_*/region_0_fused_*/after.py")).read_text()
     assert "moe_compiler.experts.default" in after and "shared_expert_gate = " in after
@@ -59,7 +62,8 @@ def test_qwen2_gated_shared_expert_is_fused_and_described_in_the_dump(tmp_path):
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "granitemoeshared"])
 def test_fused_block_is_one_call_reading_the_shared_weights_in_place(arch):
     gm = _rewritten_graph(zoo_model(arch))
-    calls = [n for n in gm.graph.nodes if n.target is torch.ops.moe_compiler.experts.default and "shared_down_proj" in n.kwargs]
+    experts = torch.ops.moe_compiler.experts.default
+    calls = [n for n in gm.graph.nodes if n.target is experts and "shared_down_proj" in n.kwargs]
     assert len(calls) == 2
     shared_weights = {n for n in gm.graph.nodes if n.op == "placeholder" and "shared" in n.name}
     # Every shared parameter is read by the op alone: the branch's Linears, activation and add are gone.

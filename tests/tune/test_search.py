@@ -79,7 +79,7 @@ def test_sorted_candidates_fit_shared_memory_and_make_valid_configs(block_m, dty
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 def test_every_point_of_the_grid_has_candidates_and_compile_jobs(shape):
-    E, k, H, I = shape  # noqa: E741
+    E, k, H, I = shape
     for T in TOKENS:
         bms = search.block_m_candidates(T, k, E)
         assert bms and all(search.sorted_config(bm).block_m == bm for bm in bms)
@@ -91,7 +91,7 @@ def test_every_point_of_the_grid_has_candidates_and_compile_jobs(shape):
 
 
 def test_problem_on_cpu():
-    T, E, k, H, I = TINY  # noqa: E741
+    T, E, k, H, I = TINY
     x, ids, w, w1, w2 = search.problem(T, E, k, H, I, torch.bfloat16, device="cpu")
     assert x.shape == (T, H) and ids.shape == (T, k) and w.shape == (T, k)
     assert w1.shape == (E, 2 * I, H) and w2.shape == (E, H, I)
@@ -104,7 +104,7 @@ def test_problem_on_cpu():
 
 
 def tiny_bench():
-    T, E, k, H, I = TINY  # noqa: E741
+    T, E, k, H, I = TINY
     return search.Bench(*search.problem(T, E, k, H, I, torch.float32, device=DEVICE))
 
 
@@ -153,7 +153,7 @@ def test_failed_candidates_are_skipped():
 
 
 def test_refine_touches_only_the_chosen_sorted_entries(monkeypatch):
-    T, E, k, H, I = TINY  # noqa: E741
+    T, E, k, H, I = TINY
     sorted_cfg = search.sorted_config(16, gate_up=KernelConfig(16, 32), down=KernelConfig(16, 32))
     decode_cfg = DecodeConfig(KernelConfig(16, 32), KernelConfig(16, 32))
     entry = dict(dtype="float32", E=E, k=k, H=H, I=I, us=1.0)

@@ -14,9 +14,9 @@ from torch._dynamo.utils import counters
 from transformers.models.phimoe import modeling_phimoe as phimoe
 from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
 
-from hf_models import tiny_model
-from hf_zoo import zoo_model
-from reference import rel_err
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.hf_models import tiny_model
+from moe_compiler.testing.hf_zoo import zoo_model
 
 
 def _compile(model, ids, **options):
@@ -54,7 +54,9 @@ def test_phimoe_sparse_mixer_router_is_read_off_the_graph(tmp_path):
     assert rel_err(out, ref) <= 1e-5
     reports = _router_reports(tmp_path)
     assert [r["form"] for r in reports] == ["sparsemixer"] * 2
-    assert reports[0]["spec"] == "sparse mixer, 2 rounds of argmax, softmax over the experts within 0.02 (relative) of each round's best"
+    assert reports[0]["spec"] == (
+        "sparse mixer, 2 rounds of argmax, softmax over the experts within 0.02 (relative) of each round's best"
+    )
     assert reports[0]["check"].startswith("same experts for 14 tokens")
 
 
@@ -136,7 +138,7 @@ def test_disabled_verify_still_proves_the_router_structurally():
 
 def test_routers_of_cuda_graphs_stay_with_inductor_without_triton(monkeypatch):
     """MOE_COMPILER_KERNELS=torch: the route op would be several torch kernels on CUDA, so a CUDA graph
-    keeps Inductor's router (with Triton it is one launch: tests/test_gpu.py fuses it)."""
+    keeps Inductor's router (with Triton it is one launch: the GPU cases of tests/passes/test_pipeline.py fuse it)."""
     monkeypatch.setenv("MOE_COMPILER_KERNELS", "torch")
     from torch._subclasses.fake_tensor import FakeTensorMode
 

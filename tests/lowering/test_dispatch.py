@@ -1,0 +1,74 @@
+"""lowering/dispatch.py: which implementation runs each op, from static facts only; on the GPU, both Triton
+paths compute the same thing at real model shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_compiler import ExpertsSpec
+from moe_compiler.lowering import device, dispatch
+from moe_compiler.lowering.torch_segment_mm import GatherBmm, GroupedMM, LoopMM
+from moe_compiler.spec import SharedMLP
+from moe_compiler.testing import (
+    cuda_experts_inputs,
+    experts_inputs,
+    experts_reference_by_expert,
+    poisoned_run,
+    rel_err,
+)
+from moe_compiler.tune.shapes import SHAPES
+
+
+def test_cpu_selection_by_alignment():
+    hidden, _, _, w1, w2, _, _ = experts_inputs(2, 16, 8, 4, 2, torch.bfloat16)  # 32-byte rows
+    assert dispatch.select(hidden, w1, w2) is GroupedMM
+    hidden, _, _, w1, w2, _, _ = experts_inputs(2, 24, 12, 4, 2, torch.bfloat16)  # I = 12: 24-byte rows
+    assert dispatch.select(hidden, w1, w2) is LoopMM
+
+
+def test_decode_kernels_take_only_small_shared_mlps():
+    """dispatch.SHARED_IN_KERNEL_MAX_BYTES: in the kernels where it measured faster (Qwen3-Next's 6 MB shared
+    MLP), cuBLAS in the op where it did not (DeepSeek-V3's 88 MB)."""
+
+    def mlp(H, Is):
+        w = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")  # noqa: E731
+        return SharedMLP(w(Is, H), w(Is, H), w(H, Is), None)
+
+    assert dispatch._shared_in_kernel(mlp(2048, 512))
+    assert not dispatch._shared_in_kernel(mlp(7168, 2048))
+
+
+@pytest.mark.gpu
+def test_cuda_forward_takes_triton_and_backward_the_capture_safe_composite(monkeypatch):
+    hidden, _, _, w1, w2 = cuda_experts_inputs(4, 8, 2, 256, 128)
+    assert device.uses_triton(hidden)
+    assert dispatch.select(hidden, w1, w2) is GroupedMM  # the backward's segment matmuls
+    assert dispatch.select(hidden.float(), w1.float(), w2.float()) is GatherBmm
+    monkeypatch.setenv(device.KERNELS_ENV, "torch")
+    assert not device.uses_triton(hidden)
+    monkeypatch.setenv(device.KERNELS_ENV, "cutlass")
+    with pytest.raises(ValueError, match="expected 'triton' or 'torch'"):
+        device.uses_triton(hidden)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_both_triton_paths_at_real_shapes(shape, T):
+    """The decode and the sorted path compute the same thing, whichever the config table picks."""
+    from moe_compiler.lowering.triton_config import (
+        DecodeConfig,
+        KernelConfig,
+        SortedConfig,
+    )
+
+    E, k, H, I = SHAPES[shape]
+    hidden, ids, weights, w1, w2 = cuda_experts_inputs(T, E, k, H, I, seed=100 + T)
+    ref = experts_reference_by_expert(hidden, ids, weights, w1, w2)
+    decode = DecodeConfig(KernelConfig(32, 256), KernelConfig(8, 128, num_warps=8))
+    tiles = SortedConfig(16, KernelConfig(64, 128, 4, 4), KernelConfig(64, 128, 4, 4), programs_per_sm=2)
+    for config in (decode, tiles):
+        args = (hidden, ids, weights, w1, w2, None, None, ExpertsSpec(), config)
+        out = poisoned_run(lambda: dispatch.triton_forward(*args))
+        assert rel_err(out, ref) <= 1e-2, config

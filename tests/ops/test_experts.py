@@ -1,0 +1,502 @@
+"""torch.ops.moe_compiler.experts (ops/experts.py) against fp64 references: forward, backward, opcheck, bad inputs,
+the block's shared experts (its shared_* arguments), and on the GPU real model shapes, huge T and CUDA graphs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_compiler import Activation, ExpertsSpec, GateUpLayout, moe_experts
+from moe_compiler.lowering.torch_activations import gated_forward
+from moe_compiler.testing import (
+    cuda_experts_inputs,
+    experts_inputs,
+    experts_reference,
+    experts_reference_by_expert,
+    poisoned_run,
+    rel_err,
+    shared_inputs,
+    shared_reference,
+    spec_id,
+)
+from moe_compiler.tune.shapes import SHAPES
+
+OP = torch.ops.moe_compiler.experts.default
+
+# (name, E, k, H, I) of DESIGN.md §6, the benchmark's real shapes.
+REAL_SHAPES = [(name, *shape) for name, shape in SHAPES.items()]
+
+# (dtype, forward tolerance): fp32 math; bf16/fp16 operands with fp32 accumulation.
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]
+
+SPECS = [
+    ExpertsSpec(),  # SwiGLU, concat, [E, 2I, H] (Qwen / Mixtral / DeepSeek)
+    ExpertsSpec(Activation.GELU, GateUpLayout.INTERLEAVED),
+    ExpertsSpec(Activation.GELU_TANH),
+    ExpertsSpec(Activation.RELU),
+    # GPT-OSS layout; a low limit so the clamps bite
+    ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True, swiglu_limit=1.0),
+    ExpertsSpec(transposed=True, scale_input=True),  # Llama-4: [E, H, 2I] weights, router weight scales the input
+]
+
+# (T, H, I, E, k), each with the edge it exercises.
+SHAPES = [
+    (0, 16, 8, 4, 2),  # T = 0: no tokens
+    (1, 16, 8, 4, 2),  # T = 1: decode
+    (7, 24, 12, 5, 1),  # k = 1, prime E, H not a power of two
+    (6, 16, 8, 4, 4),  # k = E: every token visits every expert
+    (33, 32, 16, 16, 3),  # more experts than tokens per expert: many empty segments
+]
+
+
+def _trainable(tensors):
+    return [t.requires_grad_() if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_H{}_I{}_E{}_k{}".format(*s))
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_forward_matches_fp64_reference(shape, dtype, tol, spec):
+    inputs = experts_inputs(*shape, dtype, spec, bias=spec.transposed)
+    out = moe_experts(*inputs, spec=spec)
+    ref = experts_reference(*inputs, spec=spec)
+    assert out.dtype == dtype and out.shape == inputs[0].shape
+    if shape[0] == 0:
+        return
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) <= tol
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("bias", [False, True])
+def test_backward_matches_fp64_autograd(spec, bias):
+    inputs = experts_inputs(9, 16, 8, 5, 2, torch.float32, spec, bias=bias, seed=1)
+    hidden, ids, weights, w1, w2, b1, b2 = inputs
+    leaves = [t for t in (hidden, weights, w1, w2, b1, b2) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+    grad_out = torch.randn(hidden.shape)
+    out = moe_experts(hidden, ids, weights, w1, w2, b1, b2, spec=spec)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    it = iter(leaves64)
+    h64, wt64, w164, w264 = next(it), next(it), next(it), next(it)
+    b164, b264 = (next(it), next(it)) if bias else (None, None)
+    ref = experts_reference(h64, ids, wt64, w164, w264, b164, b264, spec=spec)
+    grads64 = torch.autograd.grad(ref, leaves64, grad_out.double())
+    for name, got, want in zip(["hidden", "weights", "w_gate_up", "w_down", "b_gate_up", "b_down"], grads, grads64):
+        assert rel_err(got, want) <= 1e-5, name
+
+
+def test_backward_bf16_close_to_fp64():
+    hidden, ids, weights, w1, w2, _, _ = experts_inputs(17, 32, 16, 6, 2, torch.bfloat16, seed=2)
+    leaves = [hidden, weights, w1, w2]
+    for t in leaves:
+        t.requires_grad_(True)
+    grad_out = torch.randn(hidden.shape).bfloat16()
+    grads = torch.autograd.grad(moe_experts(hidden, ids, weights, w1, w2), leaves, grad_out)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = experts_reference(leaves64[0], ids, leaves64[1], leaves64[2], leaves64[3])
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves64, grad_out.double())):
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, want) <= 1e-2
+
+
+def test_no_grad_for_unused_inputs_is_fine():
+    hidden, ids, weights, w1, w2, _, _ = experts_inputs(5, 16, 8, 4, 2, torch.float32)
+    hidden.requires_grad_(True)  # only activations train (e.g. frozen experts)
+    (g,) = torch.autograd.grad(moe_experts(hidden, ids, weights, w1, w2).sum(), [hidden])
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(dtype, bias):
+    spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True) if bias else ExpertsSpec()
+    hidden, ids, weights, w1, w2, b1, b2 = experts_inputs(6, 16, 8, 4, 2, dtype, spec, bias=bias)
+    for t in (hidden, weights, w1, w2, b1, b2):
+        if t is not None:
+            t.requires_grad_(True)
+    torch.library.opcheck(OP, (hidden, ids, weights, w1, w2, b1, b2), spec.op_kwargs())
+
+
+def test_opcheck_scale_input():
+    spec = ExpertsSpec(transposed=True, scale_input=True)  # Llama-4
+    hidden, ids, weights, w1, w2, _, _ = experts_inputs(6, 16, 8, 4, 2, torch.float32, spec)
+    for t in (hidden, weights, w1, w2):
+        t.requires_grad_(True)
+    torch.library.opcheck(OP, (hidden, ids, weights, w1, w2, None, None), spec.op_kwargs())
+
+
+def test_weights_are_read_in_place():
+    """Changing a parameter in place changes the next result: nothing was cached."""
+    hidden, ids, weights, w1, w2, _, _ = experts_inputs(8, 16, 8, 4, 2, torch.float32)
+    before = moe_experts(hidden, ids, weights, w1, w2)
+    with torch.no_grad():
+        w2.mul_(2.0)
+    after = moe_experts(hidden, ids, weights, w1, w2)
+    assert rel_err(after, 2 * before) <= 1e-6
+
+
+def test_int32_ids_and_fp32_router_weights_with_bf16_hidden():
+    """Mixtral / DeepSeek keep fp32 routing weights beside bf16 activations."""
+    hidden, ids, weights, w1, w2, _, _ = experts_inputs(10, 16, 8, 4, 2, torch.bfloat16)
+    out = moe_experts(hidden, ids.int(), weights.float(), w1, w2)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, experts_reference(hidden, ids, weights.float(), w1, w2)) <= 1e-2
+
+
+# --- bad inputs: clear errors naming expected, got and the fix ----------------------------------
+
+def _good():
+    return list(experts_inputs(4, 16, 8, 4, 2, torch.float32))
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(0, a[0].unsqueeze(0)), "hidden rank: expected a 2-D"),
+        (lambda a: a.__setitem__(0, a[0].to(torch.int32)), "hidden dtype"),
+        (lambda a: a.__setitem__(1, a[1].float()), "topk_ids: expected a 2-D \\[T, k\\] int32/int64"),
+        (lambda a: a.__setitem__(1, a[1][:3]), "routing shapes"),
+        (lambda a: a.__setitem__(2, a[2][:, :1]), "routing shapes"),
+        (lambda a: a.__setitem__(3, a[3].double()), "w_gate_up dtype"),
+        (lambda a: a.__setitem__(3, a[3][0]), "w_gate_up rank"),
+        (lambda a: a.__setitem__(4, a[4][:, :, :4]), "weight shapes"),
+        (lambda a: a.__setitem__(4, a[4][:3]), "weight shapes"),
+        (lambda a: a.__setitem__(1, torch.full_like(a[1], 4)),
+         "topk_ids values: expected expert ids in \\[0, 4\\), got min 4, max 4"),
+        (lambda a: a.__setitem__(1, torch.full_like(a[1], -1)), "topk_ids values"),
+        (lambda a: a.__setitem__(5, torch.zeros(4, 7)), "b_gate_up shape"),
+        (lambda a: a.__setitem__(1, torch.zeros(4, 5, dtype=torch.long)), "top-k: expected k <= E=4"),
+        (lambda a: a.__setitem__(4, a[4].to("meta")),
+         "devices: expected all tensors on one device, got \\['cpu', 'meta'\\]"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(mutate, match):
+    args = _good()
+    mutate(args)
+    if args[2].shape != args[1].shape and "top-k" in match:
+        args[2] = torch.rand(args[1].shape)
+    with pytest.raises(ValueError, match=match):
+        moe_experts(*args)
+
+
+def test_bad_inputs_fail_at_compile_time_too():
+    """The fake runs the same checks, so a compiled caller fails while tracing, with the same message."""
+    args = _good()
+    args[3] = args[3][:, :6]  # 2I != 2 * I
+    fn = torch.compile(lambda *a: moe_experts(*a), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="weight shapes"):
+        fn(*args)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(0, 40),
+    H=st.sampled_from([8, 16, 24, 40]),
+    I=st.sampled_from([4, 8, 12, 20]),
+    E=st.integers(1, 12),
+    k_frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_forward_property_random_shapes(T, H, I, E, k_frac, dtype, seed):
+    """Any shape and dtype, aligned or not (unaligned rows take the Python loop on CPU)."""
+    k = 1 + int(k_frac * (E - 1))
+    inputs = experts_inputs(T, H, I, E, k, dtype, seed=seed)
+    out = moe_experts(*inputs)
+    assert out.shape == (T, H) and out.dtype == dtype
+    if T:
+        assert rel_err(out, experts_reference(*inputs)) <= dict(DTYPES)[dtype]
+
+
+# --- the block's shared experts -------------------------------------------------------------------------
+
+# (fused gate_up Linear, sigmoid expert gate): Granite, Qwen2-MoE / Qwen3-Next, DeepSeek-style
+FORMS = [(False, True), (True, False), (False, False)]
+
+
+def op_args(shared):
+    """(shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate) of ([gate, up] or [gate_up], down,
+    gate)."""
+    gate_up, down, gate = shared
+    gate_proj, up_proj = (gate_up[0], None) if len(gate_up) == 1 else gate_up
+    return gate_proj, up_proj, down, gate
+
+
+def call(routed, shared, spec):
+    return OP(*routed, *op_args(shared), **spec.op_kwargs())
+
+
+@pytest.mark.parametrize("fused,gated", FORMS, ids=["gate_up-gated", "fused-plain", "gate_up-plain"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "spec", [ExpertsSpec(), ExpertsSpec(Activation.GELU, GateUpLayout.INTERLEAVED)], ids=["silu", "gelu-interleaved"]
+)
+def test_shared_experts_forward_matches_fp64_reference(fused, gated, dtype, tol, spec):
+    routed = experts_inputs(6, 32, 16, 8, 2, dtype, spec)
+    shared = shared_inputs(32, 24, dtype, fused, gated)
+    out = call(routed, shared, spec)
+    ref = experts_reference(*routed, spec=spec) + shared_reference(routed[0], *shared, spec=spec)
+    assert out.dtype == dtype and out.shape == (6, 32)
+    assert rel_err(out, ref) <= tol
+
+
+@pytest.mark.parametrize("fused,gated", FORMS, ids=["gate_up-gated", "fused-plain", "gate_up-plain"])
+def test_shared_experts_backward_matches_fp64_autograd(fused, gated):
+    spec = ExpertsSpec()
+    routed = _trainable(experts_inputs(5, 16, 8, 4, 2, torch.float32))
+    gate_up, down, gate = shared_inputs(16, 12, torch.float32, fused, gated)
+    leaves = [*gate_up, down, *([gate] if gated else [])]
+    for t in leaves:
+        t.requires_grad_()
+    out = call(routed, (gate_up, down, gate), spec)
+    grad = torch.randn_like(out)
+    inputs = [routed[0], routed[2], routed[3], routed[4], *leaves]
+    got = torch.autograd.grad(out, inputs, grad)
+
+    as64 = [t.detach().double().requires_grad_() for t in inputs]
+    x, w, w1, w2, *shared64 = as64
+    gu64, rest = shared64[: len(gate_up)], shared64[len(gate_up):]
+    ref = experts_reference(x, routed[1], w, w1, w2) + shared_reference(x, gu64, rest[0], rest[1] if gated else None)
+    want = torch.autograd.grad(ref, as64, grad.double())
+    for name, a, b in zip(["hidden", "topk_weights", "w_gate_up", "w_down", "shared"] + [""] * 3, got, want):
+        assert rel_err(a, b) <= 1e-5, name
+
+
+@pytest.mark.parametrize("fused,gated", FORMS, ids=["gate_up-gated", "fused-plain", "gate_up-plain"])
+def test_shared_experts_opcheck(fused, gated):
+    routed = _trainable(experts_inputs(4, 16, 8, 4, 2, torch.float32))
+    gate_up, down, gate = shared_inputs(16, 12, torch.float32, fused, gated)
+    for t in (*gate_up, down, *([gate] if gated else [])):
+        t.requires_grad_()
+    torch.library.opcheck(OP, (*routed, *op_args((gate_up, down, gate))), ExpertsSpec().op_kwargs())
+
+
+def test_shared_experts_of_an_empty_batch_are_zeros():
+    routed = experts_inputs(0, 16, 8, 4, 2, torch.float32)
+    out = call(routed, shared_inputs(16, 12, torch.float32, False, True), ExpertsSpec())
+    assert out.shape == (0, 16)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda s: s.__setitem__(1, None), "shared experts: expected shared_gate_proj and shared_down_proj together"),
+        (lambda s: s.__setitem__(1, s[1][:, :8]),
+         "shared gate/up shapes: expected \\[\\(8, 16\\), \\(8, 16\\)\\], got \\[\\(12, 16\\), \\(12, 16\\)\\]"),
+        (lambda s: s.__setitem__(1, s[1][:8]), "shared_down_proj shape: expected \\[H=16, Is\\]"),
+        (lambda s: s.__setitem__(2, torch.randn(2, 16)),
+         "shared_expert_gate shape: expected \\(1, 16\\), got \\(2, 16\\)"),
+        (lambda s: s.__setitem__(1, s[1].double()), "shared weight dtype"),
+    ],
+)
+def test_bad_shared_experts_raise_clear_errors(mutate, match):
+    routed = experts_inputs(4, 16, 8, 4, 2, torch.float32)
+    shared = list(shared_inputs(16, 12, torch.float32, False, True))
+    mutate(shared)
+    with pytest.raises(ValueError, match=match):
+        call(routed, shared, ExpertsSpec())
+
+
+# --- on the GPU: real model shapes, huge T, CUDA graphs ----------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: s[0])
+# empty, decode, odd, decode/sorted border, T > BLOCK, prefill-ish
+@pytest.mark.parametrize("T", [0, 1, 7, 16, 129, 1000])
+def test_real_shapes_bf16(shape, T):
+    _, E, k, H, I = shape
+    inputs = cuda_experts_inputs(T, E, k, H, I, seed=T)
+    out = poisoned_run(lambda: moe_experts(*inputs))
+    assert out.shape == (T, H) and out.dtype == torch.bfloat16
+    if T:
+        assert torch.isfinite(out).all()
+        assert rel_err(out, experts_reference_by_expert(*inputs)) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpt_oss_20b_shape_bf16():
+    """GPT-OSS-20B experts: E=32, k=4, H=I=2880 (no power of two), [E, H, 2I] weights, biases, clamps."""
+    spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
+    E, k, H, I = 32, 4, 2880, 2880
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for T in (1, 300):
+        hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        ids = torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :k]
+        weights = torch.rand(T, k, device="cuda", generator=g).bfloat16()
+        w1 = (torch.randn(E, H, 2 * I, device="cuda", generator=g) * H**-0.5).bfloat16()
+        w2 = (torch.randn(E, I, H, device="cuda", generator=g) * I**-0.5).bfloat16()
+        b1 = (torch.randn(E, 2 * I, device="cuda", generator=g) * 0.1).bfloat16()
+        b2 = (torch.randn(E, H, device="cuda", generator=g) * 0.1).bfloat16()
+        out = poisoned_run(lambda: moe_experts(hidden, ids, weights, w1, w2, b1, b2, spec=spec))
+        ref = _reference_with_bias(hidden, ids, weights, w1, w2, b1, b2, spec)
+        assert rel_err(out, ref) <= 1e-2
+
+
+def _reference_with_bias(hidden, ids, weights, w1, w2, b1, b2, spec):
+    x, out = hidden.double(), torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
+    for e in torch.unique(ids).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = x[tok] @ w1[e].double() + b1[e].double()
+        y = gated_forward(h, spec) @ w2[e].double() + b2[e].double()
+        out.index_add_(0, tok, y * weights[tok, slot].double().unsqueeze(-1))
+    return out
+
+
+@pytest.mark.gpu
+def test_forward_is_deterministic():
+    inputs = cuda_experts_inputs(3000, 128, 8, 2048, 768, seed=11)
+    assert torch.equal(moe_experts(*inputs), moe_experts(*inputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
+def test_other_dtypes(dtype, tol):
+    inputs = cuda_experts_inputs(77, 16, 4, 512, 256, dtype)
+    assert rel_err(moe_experts(*inputs), experts_reference_by_expert(*inputs)) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_on_gpu_incl_experts_without_tokens(dtype):
+    """T=3 with E=64: most experts get no rows; their weight gradients must be exactly zero."""
+    hidden, ids, weights, w1, w2 = cuda_experts_inputs(3, 64, 2, 256, 128, dtype)
+    leaves = [t.requires_grad_(True) for t in (hidden, weights, w1, w2)]
+    grad_out = torch.randn_like(hidden)
+    grads = torch.autograd.grad(moe_experts(hidden, ids, weights, w1, w2), leaves, grad_out)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = experts_reference_by_expert(leaves64[0], ids, leaves64[1], leaves64[2], leaves64[3])
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves64, grad_out.double())):
+        assert rel_err(got, want) <= tol
+    unused = torch.ones(64, dtype=torch.bool, device="cuda")
+    unused[ids.flatten()] = False
+    assert (grads[2][unused] == 0).all() and (grads[3][unused] == 0).all()
+
+
+@pytest.mark.gpu
+def test_index_math_past_2_31():
+    """T*k*H > 2^31 (DeepSeek-V3 shape, T = 40000): results stay right at the far end."""
+    _, E, k, H, I = REAL_SHAPES[2]
+    T = 40000
+    assert T * k * H > 2**31
+    hidden, ids, weights, w1, w2 = cuda_experts_inputs(T, E, k, H, I)
+    out = moe_experts(hidden, ids, weights, w1, w2)
+    rows = torch.cat([torch.arange(0, 32, device="cuda"), torch.arange(T - 32, T, device="cuda")])
+    ref = experts_reference_by_expert(hidden[rows], ids[rows], weights[rows], w1, w2)
+    assert rel_err(out[rows], ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graph_capture_and_replay_with_changing_routing(dtype):
+    T, E, k, H, I = 16, 32, 4, 512, 256
+    hidden, ids, weights, w1, w2 = cuda_experts_inputs(T, E, k, H, I, dtype)
+    moe_experts(hidden, ids, weights, w1, w2)  # warm up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_experts(hidden, ids, weights, w1, w2)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    for seed in range(1, 4):
+        new_hidden, new_ids, new_weights, _, _ = cuda_experts_inputs(T, E, k, H, I, dtype, seed=seed)
+        hidden.copy_(new_hidden), ids.copy_(new_ids), weights.copy_(new_weights)
+        out.fill_(float("nan"))  # poison: replay must rewrite every element
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, experts_reference_by_expert(hidden, ids, weights, w1, w2)) <= tol
+        assert torch.equal(out, moe_experts(hidden, ids, weights, w1, w2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 48])  # decode path, sorted path
+def test_reduce_overhead_compile_replays_with_changing_routing(T):
+    """torch.compile(mode="reduce-overhead") captures the op in a CUDA graph; each replay with new routing
+    (and new activations) must equal the eager op."""
+    E, k, H, I = 64, 4, 512, 256
+    hidden, ids, weights, w1, w2 = cuda_experts_inputs(T, E, k, H, I)
+
+    def layer(x, i, w):
+        return moe_experts(x, i, w, w1, w2) * 1.0
+
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    for seed in range(5):
+        x, i, w, _, _ = cuda_experts_inputs(T, E, k, H, I, seed=seed)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(x, i, w).clone()
+        assert torch.equal(out, moe_experts(x, i, w, w1, w2)), seed
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+
+
+# (name, E, k, H, I, shared Is, sigmoid gate) of real models with shared experts
+SHARED_SHAPES = [("qwen3_next_80b", 512, 10, 2048, 512, 512, True), ("deepseek_v3", 256, 8, 7168, 2048, 2048, False),
+                 ("qwen2_57b_a14b", 64, 8, 3584, 2560, 20480, True)]
+
+
+def _shared(H, Is, gated, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed + 100)
+    rnd = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).bfloat16()  # noqa: E731
+    return [rnd(Is, H), rnd(Is, H)], rnd(H, Is), rnd(1, H) if gated else None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHARED_SHAPES, ids=lambda s: s[0])
+# decode path (Qwen3-Next: shared MLP in the kernels; larger ones: cuBLAS) ... sorted path
+@pytest.mark.parametrize("T", [1, 3, 16, 300])
+def test_experts_with_shared_experts_bf16(shape, T):
+    _, E, k, H, I, Is, gated = shape
+    inputs = cuda_experts_inputs(T, E, k, H, I, seed=T)
+    shared = _shared(H, Is, gated, seed=T)
+    out = poisoned_run(lambda: OP(*inputs, None, None, *op_args(shared)))
+    ref = experts_reference_by_expert(*inputs) + shared_reference(inputs[0], *shared)
+    assert rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_experts_with_shared_experts_capture_and_replay():
+    T, E, k, H, I, Is = 4, 64, 8, 512, 256, 512
+    hidden, ids, weights, w1, w2 = cuda_experts_inputs(T, E, k, H, I)
+    shared = _shared(H, Is, True)
+    op = lambda: OP(hidden, ids, weights, w1, w2, None, None, *op_args(shared))  # noqa: E731
+    op()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op()
+    for seed in range(1, 4):
+        new_hidden, new_ids, new_weights, _, _ = cuda_experts_inputs(T, E, k, H, I, seed=seed)
+        hidden.copy_(new_hidden), ids.copy_(new_ids), weights.copy_(new_weights)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, op())
+
+
+@pytest.mark.gpu
+def test_out_of_range_ids_fail_loudly_on_device():
+    script = textwrap.dedent(
+        """
+        import torch, moe_compiler
+        x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+        ids = torch.full((4, 2), 9, device="cuda")
+        w = torch.rand(4, 2, device="cuda", dtype=torch.bfloat16)
+        w1 = torch.randn(8, 64, 64, device="cuda", dtype=torch.bfloat16)
+        w2 = torch.randn(8, 64, 32, device="cuda", dtype=torch.bfloat16)
+        moe_compiler.moe_experts(x, ids, w, w1, w2)
+        torch.cuda.synchronize()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "assert" in proc.stderr.lower()
+
+
