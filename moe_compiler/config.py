@@ -23,7 +23,7 @@ class MoECompilerConfig:
     # Directory for the debug dump (per compiled graph: summary, before/after code, specs, rejection
     # reasons). Env: MOE_COMPILER_DUMP_DIR.
     dump_dir: str | None = None
-    # Fold a proven shared-experts branch into the experts call (one experts_shared op); False leaves it to
+    # Fold a proven shared-experts branch into the experts call (its shared_* arguments); False leaves it to
     # Inductor (reported as matched). Env: MOE_COMPILER_SHARED_EXPERTS=0.
     shared_experts: bool = True
 

@@ -42,8 +42,8 @@ class RegionReport:
     router_spec: str = ""
     router_check: str = ""
     router_reason: str = ""
-    # The shared-experts branch added to the fused call's output: "fused" (into one experts_shared call),
-    # "matched" (proven, but left to Inductor: shared_reason says why), "none" (the block has none),
+    # The shared-experts branch added to the fused call's output: "fused" (into the experts call's shared_*
+    # arguments), "matched" (proven, but left to Inductor: shared_reason says why), "none" (the block has none),
     # "rejected" (a shared branch we could not prove; the block is still right).
     shared_status: str = "not tried"
     shared: str = ""

@@ -246,7 +246,7 @@ MAX_PAIRS = 4096
 def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config: DecodeConfig, k: int, act, ids_ok,
                    weights=None, mlp=None, shared_act=None, shared_gate=None):
     """act[p] = act(gate) * up of pair p (its input scaled by weights[p] under spec.scale_input);
-    ids_ok[0] = whether every id is in [0, E). With a shared MLP `mlp` (shared_mlp.SharedMLP) also
+    ids_ok[0] = whether every id is in [0, E). With a shared MLP `mlp` (spec.SharedMLP) also
     shared_act[t] = act(x[t] Wg^T) * (x[t] Wu^T) and, if it has an expert gate, shared_gate[t] = s[t]."""
     S, I = act.shape
     T, H = hidden.shape

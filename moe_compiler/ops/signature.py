@@ -140,10 +140,5 @@ class OpCall:
         return cls(node.target, table(**bound), spec)
 
 
-def is_call(node, *ops) -> bool:
-    """node calls one of our forward ops (any of `ops` if given)."""
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (ops or SIGNATURES)
-
-
 # Filled by the op modules as they register: forward op overload -> (tensor table, spec class).
 SIGNATURES: dict = {}

@@ -102,7 +102,7 @@ MODEL_TYPE.update({"qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text", "
 EXTRA_ROUTER_SUFFIXES = ("router.layer.weight", "gate.wg.weight", "router.classifier.weight")
 
 # What the backend does with each architecture today, and why where it does not fuse (checked by
-# tests/passes/test_architectures.py; the full grid is docs/support_matrix.md).
+# tests/passes/test_pipeline.py; the full grid is docs/support_matrix.md).
 NOT_FUSED = {
     "dbrx": "experts_implementation='eager'",  # DbrxExperts always loops over nonzero(): graph breaks
     "longcat_flash": "experts_implementation='eager'",  # same: a Python loop over experts

@@ -1,7 +1,7 @@
 """Router fusion (passes/router.py): the facts read off the graph, and the routers left alone with a reason.
 
-Which form every architecture's router fuses as is asserted by test_architectures.py; training through the
-route op's backward by test_experts_fusion.py::test_training_gradients_equal_eager."""
+Which form every architecture's router fuses as is asserted by test_pipeline.py; training through the
+route op's backward by test_experts_common.py::test_training_gradients_equal_eager."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
 def test_deepseek_v3_group_limited_router_is_read_off_the_graph(tmp_path):
-    # Tiny DeepSeek-V3 (tests/hf_zoo.py): 8 experts in 4 groups, best 2 groups, top-4, scaling 2.5.
+    # Tiny DeepSeek-V3 (moe_compiler/testing/hf_zoo.py): 8 experts in 4 groups, best 2 groups, top-4, scaling 2.5.
     out, ref = _compile(zoo_model("deepseek_v3"), IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
     assert rel_err(out, ref) <= 1e-5
     reports = _router_reports(tmp_path)

@@ -1,7 +1,7 @@
-"""Shared experts (passes/shared_experts.py): proven from data flow and folded into one experts_shared
-call, or left to Inductor with the reason (not proven, or proven but not fusable); the logits equal eager
-either way. Which architectures have which form: test_architectures.py with hf_zoo.SHARED_EXPERTS;
-training gradients through the fused call: test_experts_fusion.py."""
+"""Shared experts (passes/shared_experts.py): proven from data flow and folded into the experts call (its shared_*
+arguments), or left to Inductor with the reason (not proven, or proven but not fusable); the logits equal eager
+either way. Which architectures have which form: test_pipeline.py with hf_zoo.SHARED_EXPERTS; training gradients
+through the fused call: test_experts_common.py."""
 
 from __future__ import annotations
 
