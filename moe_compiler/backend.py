@@ -16,6 +16,8 @@ import hashlib
 import pathlib
 
 import torch
+from torch._inductor import list_mode_options
+from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import PREFIX, MoECompilerConfig
@@ -51,8 +53,6 @@ class _SourceHashPass(CustomGraphPass):
 
 
 def _inductor_patches(mode: str | None, options: dict) -> dict:
-    from torch._inductor import list_mode_options
-
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(options)
     # torch 2.11 accepts exactly one pass in this slot (2.13 also lists): wrap any user pass.
@@ -73,8 +73,6 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
 
     report = fuse_moe_regions(gm, example_inputs, config)
     emit(report, config.dump_dir)
-
-    from torch._inductor.compile_fx import compile_fx
 
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     restack_planned(report)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .hf_models import count_experts_modules, redraw
+
 V, H, I, L, NH = 128, 64, 32, 2, 4
 COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH,
               num_key_value_heads=NH, max_position_embeddings=64, pad_token_id=None,
@@ -133,8 +135,6 @@ SHARED_EXPERTS = {
 def assert_fused_as_expected(arch: str, model, counters) -> None:
     """The moe_compiler counters of one compiled zoo model: experts fused in every MoE layer (or none, for
     NOT_FUSED), routers fused in the form of ROUTER_FORM, shared experts of SHARED_EXPERTS."""
-    from .hf_models import count_experts_modules
-
     c = counters["moe_compiler"]
     fused = sum(v for k, v in c.items() if k.startswith("fused_experts"))
     if arch in NOT_FUSED:
@@ -160,8 +160,6 @@ def num_experts_of(cfg) -> int:
 
 def zoo_model(name: str, experts_implementation: str = "grouped_mm", dtype=torch.float32, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .hf_models import redraw
 
     cfg = AutoConfig.for_model(MODEL_TYPE[name], **TINY[name])
     torch.manual_seed(seed)
