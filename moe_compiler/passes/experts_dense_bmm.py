@@ -34,6 +34,7 @@ from .fx_utils import (
     arg,
     backward_slice,
     call_code,
+    cast_like,
     dims,
     example_value,
     follow,
@@ -230,16 +231,11 @@ def _rewrite(gm: fx.GraphModule, match: DenseMatch) -> Edit:
             f.meta = node_meta(vals, float_value)
             w = graph.call_function(torch.sigmoid, (f,))
             w.meta = node_meta(vals, w_value)
-            if match.weight_dtype != torch.float32:
-                w = graph.call_method("to", (w, match.weight_dtype))
-                w.meta = node_meta(vals, w_cast)
+            w = cast_like(graph, w, w_cast, vals)
             call = match.call(w)
             new = graph.call_function(call.op, (), call.kwargs())
             new.meta = node_meta(output, value)
-            result = new
-            if out_value.dtype != value.dtype:
-                result = graph.call_method("to", (new, out_value.dtype))
-                result.meta = node_meta(output, out_value)
+            result = cast_like(graph, new, out_value, output)
         output.replace_all_uses_with(result)
         erase_unused(graph, match.region.nodes)
         return new

@@ -54,7 +54,7 @@ from .gated_activation import (
     recognize_split_gated_activation,
 )
 from .match import Edit, ExpertsForm, Reject
-from .regions import Region
+from .regions import Region, module_stack
 from .rewrite import replace_with_call
 
 FORM = ExpertsForm.INDEX_ADD_LOOP
@@ -73,19 +73,16 @@ class LoopCandidate:
 
     @property
     def name(self) -> str:
-        stack = self.acc.meta.get("nn_module_stack") or {}
+        """The loop's module path (the Region convention), or the accumulator's name at the top level."""
+        stack = module_stack(self.acc)
         if not stack:
             return f"<expert loop into `{self.acc.name}`>"
-        path, _ = list(stack.values())[-1]
-        return path.removeprefix("L['self'].").removeprefix("L['self']") or "<root>"
+        return stack[-1][0].removeprefix("L['self'].").removeprefix("L['self']") or "<root>"
 
     @property
     def cls(self) -> str:
-        stack = self.acc.meta.get("nn_module_stack") or {}
-        if not stack:
-            return "(compiled module itself)"
-        cls = list(stack.values())[-1][1]
-        return cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+        stack = module_stack(self.acc)
+        return stack[-1][1] if stack else "(compiled module itself)"
 
 
 @dataclasses.dataclass

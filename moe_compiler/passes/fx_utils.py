@@ -166,6 +166,16 @@ def node_meta(like: fx.Node, value) -> dict:
     return meta
 
 
+def cast_like(graph: fx.Graph, node: fx.Node, value, like: fx.Node) -> fx.Node:
+    """`node` as `value`'s dtype: node itself when it has it, else a new `node.to(dtype)` carrying `value` (its
+    planned fake value) and `like`'s module stack. Inserts at the graph's current insertion point."""
+    if example_value(node).dtype == value.dtype:
+        return node
+    cast = graph.call_method("to", (node, value.dtype))
+    cast.meta = node_meta(like, value)
+    return cast
+
+
 def fake_call(call: OpCall, like: fx.Node):
     """The call's output on the graph's example values, in the graph's own fake mode (`like`'s: detect_fake_mode
     can return another one, "Mixing fake modes NYI"). Runs the op's input checks: call it before editing."""

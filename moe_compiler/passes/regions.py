@@ -64,7 +64,8 @@ def _class_name(cls) -> str:
     return name.split(".")[-1]
 
 
-def _stack(node: fx.Node) -> list[tuple[str, str]]:
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """(path, class name) of the modules whose forward emitted `node`, outermost first."""
     return [(path, _class_name(cls)) for path, cls in (node.meta.get("nn_module_stack") or {}).values()]
 
 
@@ -90,7 +91,7 @@ def find_experts_regions(gm: fx.GraphModule) -> list[Region]:
     groups: dict[str, tuple[str, list[fx.Node]]] = {}
     for node in _compute_nodes(gm.graph):
         scope = None
-        for path, cls in _stack(node):
+        for path, cls in module_stack(node):
             if EXPERTS_CLASS.search(cls):
                 scope = (path, cls)
         if scope is not None:
@@ -167,7 +168,7 @@ def _descendants(starts, within: set) -> set[fx.Node]:
 def _routed_region(graph: fx.Graph, topk: fx.Node, computations: list[fx.Node], claimed: set) -> Region | str:
     """The region of the innermost module holding every computation, without the router; or why there is none:
     the module's nodes that read the top-k ids, and what those read in it that the top-k did not produce."""
-    stacks = [_stack(c) for c in computations]
+    stacks = [module_stack(c) for c in computations]
     common = 0
     while all(len(s) > common for s in stacks) and len({s[common] for s in stacks}) == 1:
         common += 1
@@ -175,7 +176,7 @@ def _routed_region(graph: fx.Graph, topk: fx.Node, computations: list[fx.Node], 
         return ("they are not inside one submodule of the compiled module (a region needs a module boundary: "
                 "move the experts computation into an nn.Module of its own)")
     path, cls = stacks[0][common - 1]
-    scope = {n for n in _compute_nodes(graph) if (path, cls) in _stack(n) and n not in claimed}
+    scope = {n for n in _compute_nodes(graph) if (path, cls) in module_stack(n) and n not in claimed}
     outputs = set(topk.users)
     from_ids = _descendants(_ids_of(topk), scope)
     from_topk = _descendants(outputs, scope)  # e.g. the weights' renormalization: the router's, not the experts'

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ops.signature import OpCall
-from .fx_utils import example_value, fake_call, node_meta
+from .fx_utils import cast_like, example_value, fake_call, node_meta
 from .match import Edit
 
 
@@ -34,9 +34,9 @@ def replace_with_call(
     """Plan `output` -> `call` (cast back to output's dtype if the op returns another): the call goes before
     `output`, or right after `after`; `readers` (default: all) of output read the result instead; then
     `nodes` are erased once unused (`erase_all`: every one must go, checked now)."""
-    out_dtype = example_value(output).dtype
     value = fake_call(call, output)
-    cast_value = value.to(out_dtype) if value.dtype != out_dtype else None
+    with example_value(output).fake_mode:
+        out_value = value.to(example_value(output).dtype)
     readers = list(output.users) if readers is None else readers
     if erase_all:
         going = set(nodes)
@@ -50,11 +50,8 @@ def replace_with_call(
         with graph.inserting_after(after) if after is not None else graph.inserting_before(output):
             new = graph.call_function(call.op, (), call.kwargs())
             new.meta = node_meta(output, value)
-            result = new
-            if cast_value is not None:
-                # e.g. a bf16 model with fp32 router weights whose combine came out in fp32
-                result = graph.call_method("to", (new, out_dtype))
-                result.meta = node_meta(output, cast_value)
+            # e.g. a bf16 model with fp32 router weights whose combine came out in fp32
+            result = cast_like(graph, new, out_value, output)
         for r in readers:
             r.replace_input_with(output, result)
         erase_unused(graph, nodes)

@@ -46,6 +46,7 @@ from . import verify
 from .fx_utils import (
     arg,
     backward_slice,
+    cast_like,
     dims,
     example_value,
     in_graph_order,
@@ -448,12 +449,8 @@ def _rewrite(gm: fx.GraphModule, match: RouterMatch) -> Edit:
             ids = graph.call_function(operator.getitem, (new, 1))
             ids.meta = node_meta(match.ids, value[1])
             # The experts call keeps the dtypes the router handed it (e.g. bf16 weights in a bf16 model).
-            if want_w.dtype != torch.float32:
-                weights = graph.call_method("to", (weights, want_w.dtype))
-                weights.meta = node_meta(match.weights, w_value)
-            if want_i.dtype != torch.int64:
-                ids = graph.call_method("to", (ids, want_i.dtype))
-                ids.meta = node_meta(match.ids, i_value)
+            weights = cast_like(graph, weights, w_value, match.weights)
+            ids = cast_like(graph, ids, i_value, match.ids)
         match.experts_call.replace_input_with(match.ids, ids)
         match.experts_call.replace_input_with(match.weights, weights)
         erase_unused(graph, match.nodes)

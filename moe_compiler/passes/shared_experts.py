@@ -44,6 +44,7 @@ from .fx_utils import (
 )
 from .gated_activation import activation_of, recognize_gated_activation
 from .match import Edit, Match, Reject, SharedForm
+from .regions import module_stack
 
 SAME_ROWS = {"view", "reshape", "contiguous", "flatten", "unsqueeze", "squeeze"}
 VIEWS = SAME_ROWS | {"to"}  # between the experts output and the add, a cast is allowed too
@@ -90,7 +91,7 @@ class SharedExpertsMatch(Match):
 
 
 def _module_of(node: fx.Node) -> str:
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    stack = module_stack(node)
     return stack[-1][0].removeprefix("L['self'].") if stack else ""
 
 
