@@ -6,6 +6,8 @@
                       otherwise     -> torch_experts.py over a segment-matmul implementation (`select`),
                                        the shared MLP by torch_shared.py (cuBLAS)
     experts backward  every device  -> torch_experts.py / torch_shared.py
+    (inside torch.compile the Triton launches of a call are recorded into the graph where `experts_inlinable`
+    holds: launch.py, ops/inline.py)
     route forward     CUDA + Triton -> triton_route.py (one launch); otherwise torch_route.py
     route backward    every device  -> torch_route.py
 
@@ -14,12 +16,13 @@ The Triton modules are imported on first CUDA use only: importing the package ne
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 
 from ..spec import ExpertsSpec, RouterSpec, SharedMLP
-from . import device, torch_experts, torch_route, torch_shared
+from . import device, launch, torch_experts, torch_route, torch_shared
 from .torch_segment_mm import GatherBmm, GroupedMM, LoopMM
 
 
@@ -106,6 +109,27 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     return torch_shared.forward(routed, hidden, shared, spec, _gated_rows(hidden))
 
 
+# A call traced by torch.compile records its launches (launch.py) where the op's Python per call would cost
+# more than it saves. Host TMA descriptors cannot be recorded outside Dynamo (torch 2.11: "TMA descriptor
+# capturing not yet supported in non-dynamo tracing"), so a recorded sorted-path call loads its weight tiles by
+# pointer; above this many pairs the GEMMs are long enough that TMA's gain outweighs the host time, and a call
+# whose config uses TMA stays opaque. (Measured: benchmarks/NOTES.md "host path".)
+INLINE_TMA_MAX_PAIRS = 1024
+
+
+def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> bool:
+    """Whether a traced experts call of these (static) shapes runs Triton kernels that can be recorded."""
+    if not device.uses_triton(hidden):
+        return False
+    T, k = topk_ids.shape
+    if T == 0 or k == 0:
+        return True
+    from . import triton_config
+
+    config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+    return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
+
+
 def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None, mlp=None):
     """The Triton forward with a given config (None: looked up); returns out [T, H]. T > 0. A shared MLP
     `mlp` is taken by the decode kernels only (experts_forward sends it here on that path)."""
@@ -113,6 +137,8 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
 
     if config is None:
         config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+    if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma:
+        config = dataclasses.replace(config, tma=False)  # see INLINE_TMA_MAX_PAIRS
     # Out-of-range ids: the kernels clamp them (no stray memory access) and the kernel that checks them fails
     # the launch with a device-side assert (triton_config.LIVE_ASSERTS): loud, no host sync, capture-safe.
     args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)
@@ -149,6 +175,11 @@ def shared_backward(grad_out, hidden, shared: SharedMLP, spec: ExpertsSpec):
 
 
 # --- route -----------------------------------------------------------------------------------------------
+
+def route_inlinable(router_logits) -> bool:
+    """Whether a traced route call runs the (one-launch) Triton kernel, which can be recorded."""
+    return device.uses_triton(router_logits)
+
 
 def route_forward(router_logits, correction_bias, spec: RouterSpec):
     if device.uses_triton(router_logits):

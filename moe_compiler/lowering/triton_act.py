@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..spec import Activation, ExpertsSpec
+from . import launch
 
 ACT_CODE = {
     Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.RELU: 3, Activation.GPT_OSS_SWIGLU: 4
@@ -55,7 +56,7 @@ def gated_rows(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec) -> torch
     out = torch.empty_like(gate)
     N, BLOCK = gate.numel(), 2048
     if N:
-        _gated_rows_kernel[(triton.cdiv(N, BLOCK),)](
+        launch.kernel(_gated_rows_kernel)[(triton.cdiv(N, BLOCK),)](
             gate, up, out, N, float(spec.swiglu_alpha), float(spec.swiglu_limit), ACT=ACT_CODE[spec.activation],
             BLOCK=BLOCK, num_warps=8,
         )

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_config import LIVE_ASSERTS
+from . import launch
 
 CHUNK = 1024  # most pairs per count/scatter program: one register-resident bitonic sort of 1024 keys
 
@@ -166,17 +166,22 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligne
     chunk = chunk_size(S)
     nb = triton.cdiv(S, chunk)
     block_e = triton.next_power_of_2(num_experts + 1)
-    # One allocation carved into every buffer (allocations are host time on the critical path of small T).
     sizes = [n_blocks * block_m, S, n_blocks, num_experts, 1, 1, nb * block_e, block_e]
-    parts = torch.empty(sum(sizes), dtype=torch.int32, device=flat.device).split(sizes)
+    if launch.tracing():
+        # Recorded launches: one buffer each. Kernels writing views of one buffer would be functionalized into
+        # slice_scatter copies of the whole buffer after every launch; Inductor allocates from its own pool.
+        parts = [torch.empty(n, dtype=torch.int32, device=flat.device) for n in sizes]
+    else:
+        # Eager: one allocation carved into every buffer (allocations are host time on the critical path).
+        parts = torch.empty(sum(sizes), dtype=torch.int32, device=flat.device).split(sizes)
     rows = AlignedRows(*parts[:6])
     counts, pad_end = parts[6].view(nb, block_e), parts[7]
-    _count_kernel[(nb,)](flat, S, num_experts, counts, CHUNK=chunk, BLOCK_E=block_e)
-    _offsets_kernel[(1,)](
+    launch.kernel(_count_kernel)[(nb,)](flat, S, num_experts, counts, CHUNK=chunk, BLOCK_E=block_e)
+    launch.kernel(_offsets_kernel)[(1,)](
         counts, nb, num_experts, rows.seg_end, pad_end, rows.num_padded, rows.ids_ok,
-        BLOCK_M=block_m, BLOCK_E=block_e, ROWS=max(1, 16384 // block_e), num_warps=8, **LIVE_ASSERTS,
+        BLOCK_M=block_m, BLOCK_E=block_e, ROWS=max(1, 16384 // block_e), num_warps=8, **launch.asserts(),
     )
-    _scatter_kernel[(nb,)](
+    launch.kernel(_scatter_kernel)[(nb,)](
         flat, S, num_experts, counts, rows.sorted_rows, rows.pos, pad_end, rows.num_padded, rows.block_expert,
         n_blocks, triton.cdiv(n_blocks, nb),
         CHUNK=chunk, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK_B=max(16, min(128, 8192 // block_e)),

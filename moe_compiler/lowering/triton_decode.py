@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout
+from . import launch
 from .triton_act import ACT_CODE, gated_act
-from .triton_config import LIVE_ASSERTS, DecodeConfig
+from .triton_config import DecodeConfig
 from .triton_experts import logical_strides
 
 
@@ -263,7 +264,7 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
                 "contiguous."
             )
     dummy = act
-    _gate_up_gemv_kernel[(rows, tiles)](
+    launch.kernel(_gate_up_gemv_kernel)[(rows, tiles)](
         hidden, ids, weights if spec.scale_input else act, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up,
         act, ids_ok,
         mlp.gate if mlp is not None else dummy, mlp.up if mlp is not None else dummy,
@@ -279,7 +280,7 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, SCALE_INPUT=spec.scale_input,
         HAS_SHARED=mlp is not None, HAS_GATE=mlp is not None and mlp.expert_gate is not None,
         BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, BLOCK_S=128, NUM_STAGES=gu.num_stages,
-        num_warps=gu.num_warps, num_stages=gu.num_stages, **LIVE_ASSERTS,
+        num_warps=gu.num_warps, num_stages=gu.num_stages, **launch.asserts(),
     )
 
 
@@ -291,7 +292,7 @@ def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: De
     I = act.shape[1]
     Is = mlp.intermediate if mlp is not None else 1
     dn = config.down
-    _down_gemv_combine_kernel[(T, triton.cdiv(H, dn.block_n))](
+    launch.kernel(_down_gemv_combine_kernel)[(T, triton.cdiv(H, dn.block_n))](
         act, ids, weights, w_down, b_down if b_down is not None else w_down, out,
         shared_act if mlp is not None else act, mlp.down if mlp is not None else act,
         shared_gate if shared_gate is not None else weights,

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout
-from . import device
+from . import device, launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import AlignedRows, align_rows
 from .triton_config import Combine, SortedConfig
@@ -249,7 +249,8 @@ def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: Expert
     interleaved = spec.gate_up is GateUpLayout.INTERLEAVED
     use_tma = config.tma and not spec.transposed and tma_ok(w_gate_up)
     w_desc = _weight_desc(w_gate_up, (2 if interleaved else 1) * gu.block_n, gu.block_k, use_tma)
-    _gate_up_kernel[_grid(rows.max_blocks * triton.cdiv(I, gu.block_n), config.programs_per_sm, hidden)](
+    grid = _grid(rows.max_blocks * triton.cdiv(I, gu.block_n), config.programs_per_sm, hidden)
+    launch.kernel(_gate_up_kernel)[grid](
         hidden, w_gate_up, w_desc, b_gate_up if b_gate_up is not None else w_gate_up, act,
         weights if spec.scale_input else act, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m,
@@ -273,7 +274,8 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor(act, list(act.shape), list(act.stride()), [config.block_m, dn.block_k])
-    _down_kernel[_grid(rows.max_blocks * triton.cdiv(H, dn.block_n), config.programs_per_sm, act)](
+    grid = _grid(rows.max_blocks * triton.cdiv(H, dn.block_n), config.programs_per_sm, act)
+    launch.kernel(_down_kernel)[grid](
         act, a_desc, w_down, _weight_desc(w_down, dn.block_n, dn.block_k, use_tma),
         b_down if b_down is not None else w_down, y, weights,
         rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
@@ -290,7 +292,7 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
 def launch_combine(y, rows: AlignedRows, k: int, out):
     T, H = out.shape
     block_h = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_h))](
+    launch.kernel(_combine_kernel)[(T, triton.cdiv(H, block_h))](
         y, rows.pos, out, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_H=block_h, num_warps=4
     )
 

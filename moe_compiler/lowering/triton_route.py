@@ -26,13 +26,16 @@ timed against Inductor's compiled routers by benchmarks/bench_route.py (figures 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring
+from . import launch
 
 
 @triton.jit
@@ -159,6 +162,13 @@ def _sparsemixer_kernel(
     _store_topk(weights_ptr, ids_ptr, rows, row_ok, picked, chosen, TOP_K, BLOCK_K)
 
 
+@functools.cache
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    # Outside any tracing mode: a traced call (launch.py) must not turn this constant into a graph tensor.
+    with _disable_current_modes():
+        return float(torch.tensor(value, dtype=dtype))
+
+
 def default_block_t(block_e: int) -> int:
     # The k argmax rounds are serial reductions over the whole tile, so a program's latency grows with its
     # rows: few rows per program (many programs) keep decode fast; measured in benchmarks/bench_route.py.
@@ -183,15 +193,15 @@ def route_forward(
         block_t = default_block_t(block_e)
     if spec.order is RouteOrder.SPARSEMIXER:
         # 2 * eps rounded to the logits' dtype: eager compares the rounded quotient with the scalar cast to it.
-        threshold = float(torch.tensor(2 * spec.jitter_eps, dtype=logits.dtype))
-        _sparsemixer_kernel[(triton.cdiv(T, block_t),)](
+        threshold = _rounded(2 * spec.jitter_eps, logits.dtype)
+        launch.kernel(_sparsemixer_kernel)[(triton.cdiv(T, block_t),)](
             logits, weights, ids, T, E, logits.stride(0), threshold,
             TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps or 4,
         )
         return weights, ids
     sigmoid = spec.scoring is Scoring.SIGMOID
     masked = spec.masked_score if math.isfinite(spec.masked_score) else float("-inf")
-    _route_kernel[(triton.cdiv(T, block_t),)](
+    launch.kernel(_route_kernel)[(triton.cdiv(T, block_t),)](
         logits, correction_bias if correction_bias is not None else logits, weights, ids, T, E, logits.stride(0),
         float(spec.routed_scaling_factor), masked, 1e-20 if sigmoid else 0.0,
         TOP_K=k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE, NORM=spec.norm_topk_prob,

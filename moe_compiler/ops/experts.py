@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..lowering import device, dispatch
 from ..spec import ExpertsSpec, SharedMLP
-from . import checks
+from . import checks, inline
 from .signature import SIGNATURES, ExpertsTensors, make_spec, schema
 
 _GRADS = "(" + ", ".join(["Tensor"] * len(ExpertsTensors._fields)) + ")"
@@ -58,6 +58,17 @@ def experts(*tensors, **spec) -> Tensor:
 def _(*tensors, **spec):
     t, _, _ = bind(tensors, spec)
     return t.hidden.new_empty(t.hidden.shape)
+
+
+def _inlinable(*tensors, **spec) -> bool:
+    # Sizes only: a tensor op here (a view) would run on functional tensors outside their mode.
+    t = ExpertsTensors(*tensors)
+    if not inline.static(*t):
+        return False
+    return dispatch.experts_inlinable(t.hidden, t.topk_ids, t.w_gate_up, t.w_down, make_spec(ExpertsSpec, spec))
+
+
+inline.register(experts, _inlinable, lambda *tensors, **spec: forward(*bind(tensors, spec)))
 
 
 @torch.library.custom_op(

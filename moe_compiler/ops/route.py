@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..lowering import dispatch
 from ..spec import RouterSpec
-from . import checks
+from . import checks, inline
 from .signature import SIGNATURES, RouteTensors, make_spec, schema
 
 
@@ -27,13 +27,17 @@ def _bind(tensors: tuple, spec_kwargs: dict) -> tuple[RouteTensors, RouterSpec]:
     return t, spec
 
 
+def _forward(*tensors, **spec):
+    t, spec = _bind(tensors, spec)
+    return dispatch.route_forward(t.router_logits, t.correction_bias, spec)
+
+
 @torch.library.custom_op(
     "moe_compiler::route", mutates_args=(), schema=schema(RouteTensors, RouterSpec, "(Tensor, Tensor)")
 )
 def route(*tensors, **spec) -> tuple[Tensor, Tensor]:
     """Top-k routing weights (fp32) and expert ids (int64) of a transformers 5.x router; see RouterSpec."""
-    t, spec = _bind(tensors, spec)
-    return dispatch.route_forward(t.router_logits, t.correction_bias, spec)
+    return _forward(*tensors, **spec)
 
 
 @route.register_fake
@@ -42,6 +46,11 @@ def _(*tensors, **spec):
     T = t.router_logits.shape[0]
     new = t.router_logits.new_empty
     return new(T, spec.top_k, dtype=torch.float32), new(T, spec.top_k, dtype=torch.int64)
+
+
+inline.register(
+    route, lambda *tensors, **spec: inline.static(*tensors) and dispatch.route_inlinable(tensors[0]), _forward
+)
 
 
 @torch.library.custom_op(

@@ -1,0 +1,173 @@
+"""Whole models, the way users run them: HF eager, plain torch.compile (Inductor) and backend="fused_moe", in one
+process, on real-dimension models with random weights (benchmarks/models.py: released configs, a few layers).
+
+    python -m benchmarks.bench_models [--shapes qwen3_30b_a3b deepseek_v3 ...] [--parts prefill decode generate]
+                                      [--out]   # results/models_<gpu>.json (+ .png with matplotlib)
+
+Parts (bf16, no gradients):
+    prefill     1 x 4096 tokens, last-token logits (logits_to_keep=1); compile default mode
+    decode      a B x 1 step without a KV cache, B in {1, 32}; default mode and mode="reduce-overhead"
+    generate    model.generate, static cache, transformers' own auto-compile through
+                CompileConfig(backend=..., mode="reduce-overhead"), 16-token prompt, 128 new tokens,
+                B in {1, 8}: tokens/s (eager: transformers' generate without compiling)
+Times: median wall time per call over repeated calls after warm-up (CUDA events around each call; a call
+includes its host time, as a user's step does). Compile time: the first call's wall time. Memory: peak
+allocated during the variant. Error: last-token logits vs eager, ||out - ref|| / ||ref||.
+Ratios in the table: torch.compile time / fused_moe time (> 1: fused_moe is faster).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from moe_compiler.testing import rel_err
+
+from . import harness
+from .models import MODELS, build
+
+BACKENDS = {"eager": None, "inductor": "inductor", "fused_moe": "fused_moe"}
+PARTS = ("prefill", "decode", "generate")
+
+
+def timed_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return harness.median(times)
+
+
+def first_call_s(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def forward_point(model, backend, mode, ids, ref, reps):
+    """(row fields) of model(ids) compiled with `backend` in `mode` (eager: backend None)."""
+    torch._dynamo.reset()
+    torch.cuda.reset_peak_memory_stats()
+    fn = model if backend is None else torch.compile(model, backend=backend, mode=mode, dynamic=False)
+
+    def call():
+        return fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+    with torch.no_grad():
+        compile_s = first_call_s(call)
+        for _ in range(3):
+            out = call()
+        ms = timed_ms(call, reps)
+    row = {"ms": ms, "compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if ref is not None:
+        row["err"] = rel_err(out.float(), ref)
+    return row, out.float()
+
+
+def generate_point(model, backend, B, new_tokens=128, prompt=16):
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, model.config.vocab_size, (B, prompt), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(B))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  cache_implementation="static", pad_token_id=0)
+    if backend is None:
+        kwargs["disable_compile"] = True
+    else:
+        kwargs["compile_config"] = CompileConfig(backend=backend, mode="reduce-overhead")
+
+    def call():
+        return model.generate(ids, **kwargs)
+
+    with torch.no_grad():
+        compile_s = first_call_s(call)
+        call()
+        ms = timed_ms(call, 3)
+        tokens = call()[:, prompt:]
+    return {"tok_s": B * new_tokens / ms * 1e3, "compile_s": compile_s,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}, tokens
+
+
+def bench_model(name, parts, layers=None):
+    model = build(name, layers=layers)
+    V = model.config.vocab_size
+    gen = torch.Generator("cuda").manual_seed(0)
+    rows = []
+    points = []
+    if "prefill" in parts:
+        points.append(("prefill", "default", torch.randint(0, V, (1, 4096), device="cuda", generator=gen), 10))
+    if "decode" in parts:
+        for mode in ("default", "reduce-overhead"):
+            for B in (1, 32):
+                points.append((f"decode B={B}", mode, torch.randint(0, V, (B, 1), device="cuda", generator=gen), 50))
+    for part, mode, ids, reps in points:
+        row = {"model": name, "layers": model.config.num_hidden_layers, "part": part, "mode": mode}
+        ref = None
+        for variant, backend in BACKENDS.items():
+            if backend is None and mode != "default":
+                continue  # eager has no mode
+            cells, out = forward_point(model, backend, None if mode == "default" else mode, ids, ref, reps)
+            if backend is None:
+                ref = out
+            row.update({f"{variant}_{k}": v for k, v in cells.items()})
+            print(part, mode, variant, cells, flush=True)
+        row["speedup"] = row["inductor_ms"] / row["fused_moe_ms"]
+        rows.append(row)
+    if "generate" in parts:
+        for B in (1, 8):
+            row = {"model": name, "layers": model.config.num_hidden_layers, "part": f"generate B={B}",
+                   "mode": "reduce-overhead"}
+            tokens = {}
+            for variant, backend in BACKENDS.items():
+                cells, tokens[variant] = generate_point(model, backend, B)
+                row.update({f"{variant}_{k}": v for k, v in cells.items()})
+                print(row["part"], variant, cells, flush=True)
+            row["fused_moe_same_tokens_as_eager"] = float((tokens["fused_moe"] == tokens["eager"]).float().mean())
+            row["speedup"] = row["fused_moe_tok_s"] / row["inductor_tok_s"]
+            rows.append(row)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows):
+    print(f"\n{'model':>16} {'part':>12} {'mode':>15} {'eager':>9} {'inductor':>9} {'fused':>9} {'ratio':>6} "
+          f"{'err ind/fused':>15} {'compile s ind/fused':>20}")
+    for r in rows:
+        unit = "tok_s" if r["part"].startswith("generate") else "ms"
+        cells = [r.get(f"{v}_{unit}") for v in BACKENDS]
+        err = f"{r.get('inductor_err', float('nan')):.1e}/{r.get('fused_moe_err', float('nan')):.1e}"
+        comp = f"{r['inductor_compile_s']:.0f}/{r['fused_moe_compile_s']:.0f}"
+        print(f"{r['model']:>16} {r['part']:>12} {r['mode']:>15} "
+              + " ".join(f"{c:>9.2f}" if c is not None else f"{'-':>9}" for c in cells)
+              + f" {r['speedup']:>6.2f} {err:>15} {comp:>20}" + (" tok/s" if unit == "tok_s" else " ms"))
+
+
+def main():
+    ap = harness.parser(__doc__, shapes=MODELS, out="models")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's entry in models.py)")
+    args = ap.parse_args()
+    gpu = harness.gpu_name()
+    harness.compile_per_shape()
+    rows = []
+    for name in args.shapes:
+        rows += bench_model(name, args.parts, args.layers)
+        if os.environ.get("OUT"):
+            harness.write_json(os.path.join(os.environ["OUT"], "models.json"), rows)
+    print_table(rows)
+    harness.save_rows(args.out, "models", rows, gpu)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""How the Triton kernels are launched: straight from Python (an eager call of an op), or recorded into the
+graph torch.compile is tracing, so that Inductor emits the launches in its own generated code.
+
+An eager call of `moe_compiler::experts` pays Python for every launch (Triton's binder walks ~40 arguments:
+25-65 µs per kernel on an H200 host) plus the custom-op layer and the input checks: 220-260 µs at T = 1, more
+than the GPU time of a decode layer. Inside a compiled graph none of that needs to run per call: the shapes
+are fixed, so the checks, the config lookup and the grid are facts of the trace. ops/ registers a
+FunctionalTensorMode rule (what torch.library.triton_op does, applied only where it can be) that runs the
+op's implementation under `traced()`, where `kernel(k)` wraps each kernel with torch.library.wrap_triton:
+the launch becomes a `triton_kernel_wrapper_functional` node, Inductor compiles the kernel and launches it
+from its C++-backed launcher, and the op's Python is gone from the call path.
+
+    eager call          op -> checks -> config -> kernel[grid](...)             (Python per call)
+    torch.compile       trace: op -> checks -> config -> wrap_triton(kernel)[grid](...)   (once)
+                        call:  Inductor's wrapper -> launcher(kernel)                    (per call)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+from .triton_config import LIVE_ASSERTS
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def traced():
+    """Launches inside this block are recorded into the graph being traced instead of run."""
+    before = tracing()
+    _state.on = True
+    try:
+        yield
+    finally:
+        _state.on = before
+
+
+def tracing() -> bool:
+    return getattr(_state, "on", False)
+
+
+def kernel(k):
+    """`k`, or while tracing, `k` wrapped so that `kernel(k)[grid](...)` records the launch."""
+    return torch.library.wrap_triton(k) if tracing() else k
+
+
+def asserts() -> dict:
+    """Compile options that keep the kernels' device asserts live. Inductor compiles the kernels of a graph
+    with its own options (debug on, so the asserts stay live there too) and takes no per-launch ones."""
+    return {} if tracing() else LIVE_ASSERTS

@@ -1,0 +1,55 @@
+"""Inside torch.compile, record an op's Triton launches into the graph instead of leaving the op opaque.
+
+AOTAutograd functionalizes every graph it traces (inference and training alike) under FunctionalTensorMode.
+A rule registered for that mode sees each call of our op once, at trace time, with the call's fixed shapes:
+where the op would run Triton kernels on those shapes (`inlinable`), the rule runs the op's own implementation
+under lowering.launch.traced(), so each launch becomes a `triton_kernel_wrapper_functional` node that
+Inductor compiles and launches itself (lowering/launch.py says why: the op's Python costs more host time per
+call than a decode layer's GPU work). Elsewhere (CPU, the torch composite, symbolic sizes, large calls that
+keep host TMA descriptors) the rule hands the call back and the op stays one opaque node.
+
+torch.library.triton_op does the same unconditionally; it cannot keep the op opaque where the implementation
+is not traceable (the CPU composite's data-dependent segment loop), hence this conditional form.
+Eager calls never pass here. MOE_COMPILER_INLINE=0 keeps every call opaque (for comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+from ..lowering import launch
+
+INLINE_ENV = "MOE_COMPILER_INLINE"
+
+
+def enabled() -> bool:
+    value = os.environ.get(INLINE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{INLINE_ENV}={value!r}: expected '1' (record the launches, the default) or '0' (opaque)")
+    return value == "1"
+
+
+def static(*tensors) -> bool:
+    """Every size and stride of the (non-None) tensors is a plain int: the config, grid and buffers are facts of
+    the trace. A symbolic size (dynamic shapes) would turn the config lookup into guards."""
+    return all(isinstance(s, int) for t in tensors if t is not None for s in (*t.shape, *t.stride()))
+
+
+def register(opdef, inlinable: Callable[..., bool], run: Callable):
+    """Traced calls of `opdef` for which `inlinable(*args, **kwargs)` holds run `run(*args, **kwargs)` with
+    their launches recorded; the others stay calls of the op."""
+
+    def rule(mode, op, types, args, kwargs):
+        if any(not issubclass(t, FakeTensor) and t not in (torch.Tensor, FunctionalTensor) for t in types):
+            return NotImplemented  # another tensor subclass: let it handle the call first
+        if not (enabled() and inlinable(*args, **kwargs)):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode, launch.traced():
+            return run(*args, **kwargs)
+
+    opdef.register_torch_dispatch(FunctionalTensorMode, rule)

@@ -1,0 +1,119 @@
+"""ops/inline.py: inside torch.compile, a call whose Triton kernels can be recorded becomes those launches
+(`triton_kernel_wrapper_functional` nodes Inductor compiles and launches); every other call stays the op.
+
+On CPU the recording is checked by tracing with real (not interpreted: wrap_triton passes an interpreted
+kernel through untouched) Triton kernels and CUDA's device facts stubbed, in a fresh process; the GPU tests
+run the recorded launches through Inductor against eager.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+TRACE = """
+import os, sys, torch
+from torch._dynamo.backends.common import aot_autograd
+import moe_compiler
+from moe_compiler.lowering import device, dispatch
+from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig
+from moe_compiler.spec import ExpertsSpec, RouterSpec
+from moe_compiler.testing import experts_inputs
+
+device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+device.num_sms = lambda index: 132
+configs = {{
+    "decode": DecodeConfig(gate_up=KernelConfig(block_n=16, block_k=16), down=KernelConfig(block_n=8, block_k=32)),
+    "sorted": SortedConfig(block_m=16, gate_up=KernelConfig(16, 16), down=KernelConfig(16, 16), tma=True),
+}}
+dispatch.triton_config_for = lambda *a: configs["{path}"]
+graphs = []
+def fw(gm, example_inputs):
+    graphs.append(gm)
+    return lambda *args: (_ for _ in ()).throw(SystemExit(0))  # traced only
+spec = ExpertsSpec()
+h, ids, w, wgu, wd = experts_inputs(3, 32, 16, 8, 2, torch.float32, spec, seed=0)[:5]
+logits = torch.randn(3, 8)
+def f(h, ids, w, wgu, wd, logits):
+    weights, chosen = torch.ops.moe_compiler.route(logits, top_k=2, norm_topk_prob=True)
+    return torch.ops.moe_compiler.experts(h, ids, w, wgu, wd) + weights.sum() + chosen.sum()
+try:
+    torch.compile(f, backend=aot_autograd(fw_compiler=fw), dynamic={dynamic})(h, ids, w, wgu, wd, logits)
+except SystemExit:
+    pass
+code = graphs[0].code
+print("KERNELS", code.count("triton_kernel_wrapper_functional("))
+print("OPS", code.count("moe_compiler.experts"), code.count("moe_compiler.route"))
+print("TMA", "'W_TMA': True" in code)
+"""
+
+
+def _trace(path: str, inline: str = "1", dynamic: bool = False) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MOE_COMPILER_INLINE"] = inline
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(TRACE.format(path=path, dynamic=dynamic))],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line[:1].isupper())
+    ops = tuple(map(int, lines["OPS"].split()))
+    return {"kernels": int(lines["KERNELS"]), "ops": ops, "tma": lines["TMA"] == "True"}
+
+
+def test_decode_call_becomes_its_launches():
+    # route (1 kernel) + decode experts (gate_up GEMV, down GEMV + combine); neither op is left in the graph
+    assert _trace("decode") == {"kernels": 3, "ops": (0, 0), "tma": False}
+
+
+def test_sorted_call_becomes_its_launches_without_host_tma():
+    # route + align (count, offsets, scatter) + gate_up + down + combine; the host TMA descriptors the config
+    # asks for cannot be recorded, so the recorded GEMMs load by pointer
+    assert _trace("sorted") == {"kernels": 7, "ops": (0, 0), "tma": False}
+
+
+def test_switch_keeps_the_ops_opaque():
+    assert _trace("decode", inline="0") == {"kernels": 0, "ops": (1, 1), "tma": False}
+
+
+def test_symbolic_sizes_keep_the_ops_opaque():
+    # dynamic shapes: the config lookup would need a concrete T; the op stays one node
+    assert _trace("decode", dynamic=True) == {"kernels": 0, "ops": (1, 1), "tma": False}
+
+
+def test_bad_switch_value_is_a_clear_error(monkeypatch):
+    from moe_compiler.ops import inline
+
+    monkeypatch.setenv(inline.INLINE_ENV, "yes")
+    with pytest.raises(ValueError, match="MOE_COMPILER_INLINE='yes': expected '1'"):
+        inline.enabled()
+
+
+# --- GPU: the recorded launches through Inductor ------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 5, 64, 300])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_compiled_block_with_recorded_launches_equals_eager(arch, T):
+    """A tiny HF model compiled with fused_moe: logits equal eager at decode (T = 1), small sorted and larger T;
+    Inductor's code launches our kernels itself (no call of the op) and copies no weight."""
+    from torch._inductor.utils import run_and_get_code
+
+    from moe_compiler.testing import rel_err
+    from moe_compiler.testing.hf_models import tiny_model
+
+    model = tiny_model(arch, dtype=torch.bfloat16).cuda()
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+        out, codes = run_and_get_code(torch.compile(model, backend="fused_moe", dynamic=False), input_ids=ids)
+    code = "\n".join(codes)
+    assert rel_err(out.logits.float(), ref) <= 3e-2
+    assert "torch.ops.moe_compiler" not in code  # (the kernels' own source, embedded, names the op in an assert)
+    assert "_gate_up" in code  # our kernels, named in Inductor's code
+    assert "clone" not in code  # the weights (and every other input) are read in place
