@@ -5,9 +5,11 @@ Triton launches recorded into Inductor's code (the default). NOTES.md "host path
     python -m benchmarks.probes.probe_host_block [--models qwen3_30b_a3b deepseek_v3] [--tokens 1 32]
 
 A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone; host time per call is read
-one call at a time behind a sleep kernel, so no launch waits and the launch queue never fills (a whole
-model's launches would fill it within a few calls), median of 50; per layer = the L-block stack's time minus
-the 1-block stack's, over L - 1 (what one more layer costs, the graph's fixed cost apart).
+as the wall time of back-to-back calls, which is the host time where the host is the bottleneck: the table
+shows each variant's GPU time per call (the call replayed in a CUDA graph) beside it, so a row where the GPU
+is the longer is visible. (Issuing calls behind a long sleep kernel, as probe_host does for single ops, fills
+the launch queue within a few whole-model calls and then measures the sleep.) Per layer = the L-block stack's
+time minus the 1-block stack's, over L - 1: what one more layer costs, the graph's fixed cost apart.
 Also: each variant's GPU time per call (CUDA events, no graph), and its output vs eager.
 """
 
@@ -27,18 +29,26 @@ from ..models import MODELS, build, moe_blocks
 VARIANTS = {"inductor": ("inductor", None), "fused_opaque": ("fused_moe", "0"), "fused": ("fused_moe", "1")}
 
 
-def host_us(fn, reps: int = 50) -> float:
-    """Median host microseconds of one call issued while the GPU sleeps (~2 ms, longer than any call here)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(4_000_000)
-        t0 = time.perf_counter()
+def wall_us(fn, n: int = 200) -> float:
+    """Wall microseconds per call of n back-to-back calls (launches pipelined, one sync at the end): the host
+    time per call wherever it exceeds the GPU time per call, which the probe checks (gpu_us, CUDA graph)."""
+    for _ in range(3):
         fn()
-        times.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
-    return harness.median(times) * 1e6
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def graph_us(fn) -> float:
+    """GPU microseconds per call: the same call replayed from a CUDA graph (no host time)."""
+    try:
+        return harness.Timer("cuda").graph(fn, calls=10) * 1e6
+    except RuntimeError as e:  # a variant that cannot be captured: say so in the row, keep the others
+        print(f"not capturable: {e}")
+        return float("nan")
 
 
 class Stack(torch.nn.Module):
@@ -67,7 +77,6 @@ def main():
     args = ap.parse_args()
     harness.gpu_name()
     harness.compile_per_shape()
-    timer = harness.Timer("cuda")
     rows = []
     for name in args.shapes:
         model = build(name, layers=args.layers)
@@ -83,17 +92,17 @@ def main():
                     for n, stack in stacks.items():
                         fn = compiled(stack, variant)
                         fn(x)
-                        host[n] = host_us(lambda: fn(x))
+                        host[n] = wall_us(lambda: fn(x))
                         if n == len(blocks):
                             row[f"{variant}_err"] = rel_err(fn(x).float(), ref)
-                            row[f"{variant}_gpu_us"] = timer.eager(lambda: fn(x)) * 1e6
+                            row[f"{variant}_gpu_us"] = graph_us(lambda: fn(x))
                     row[f"{variant}_host_1"] = host[1]
                     row[f"{variant}_host_per_layer"] = (host[len(blocks)] - host[1]) / (len(blocks) - 1)
                 print(row, flush=True)
                 rows.append(row)
         del model, blocks, stacks
         torch.cuda.empty_cache()
-    print(f"\nhost µs per MoE layer (1-layer graph call) and GPU µs per {rows[0]['layers']}-layer call")
+    print(f"\nwall µs per MoE layer (of a 1-layer graph call), GPU µs per {rows[0]['layers']}-layer call (CUDA graph)")
     print(f"{'model':>16} {'T':>4} " + " ".join(f"{v:>24}" for v in VARIANTS))
     for r in rows:
         cells = [f"{r[f'{v}_host_per_layer']:6.1f} ({r[f'{v}_host_1']:5.1f}) {r[f'{v}_gpu_us']:7.0f}"
