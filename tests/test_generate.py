@@ -1,4 +1,4 @@
-"""generate() with the backend, the three ways that compile what generate runs (README "Generating text").
+"""generate() with the backend, the three ways that compile what generate runs (README, Use: "generate()").
 
 `torch.compile(model, backend="fused_moe")` compiles `forward` only: its `generate` is the original
 module's and runs uncompiled. These do compile generate's forward calls: transformers' own auto-compile
