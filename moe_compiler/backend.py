@@ -22,6 +22,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import PREFIX, MoECompilerConfig
 from .debug import emit
+from .lowering import triton_config
 from .passes import fuse_moe_regions, restack_planned
 
 
@@ -71,9 +72,10 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
     config = MoECompilerConfig.from_options(ours)
     patches = _inductor_patches(mode, options)
 
-    report = fuse_moe_regions(gm, example_inputs, config)
-    emit(report, config.dump_dir)
-
-    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    # Configs are looked up (and untuned shapes autotuned) by the numerical check and while Inductor traces.
+    with triton_config.autotune_option(config.autotune):
+        report = fuse_moe_regions(gm, example_inputs, config)
+        emit(report, config.dump_dir)
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
     restack_planned(report)
     return compiled

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# The suite's tiny shapes are in no tuned table: autotuning each on first use would add minutes of tuning to
+# the GPU run. The autotune tests (tests/tune/test_first_use.py) switch it on themselves.
+os.environ.setdefault("MOE_COMPILER_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

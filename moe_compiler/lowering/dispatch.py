@@ -17,7 +17,6 @@ The Triton modules are imported on first CUDA use only: importing the package ne
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
@@ -56,19 +55,45 @@ def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
 # --- experts ---------------------------------------------------------------------------------------------
 
 def triton_config_for(hidden, topk_ids, w_gate_up, I: int):
-    """The tuned (or default, with a warning) Triton config of this problem on hidden's GPU."""
+    """The tuned (autotuned on first use, or default, with a warning) Triton config of this problem on
+    hidden's GPU."""
+    from . import triton_config
+
     T, H = hidden.shape
-    return _config_for(device.index(hidden), hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H, I, T)
+    key = (device.index(hidden), hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H, I, T,
+           triton_config.autotune_enabled())
+    config = _CONFIGS.get(key)  # per call it is host time on the critical path of small T
+    if config is None:
+        config, final = _config_for(*key)
+        if final:
+            _CONFIGS[key] = config
+    return config
 
 
-@functools.lru_cache(maxsize=4096)  # per call it is host time on the critical path of small T
-def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int):
+_CONFIGS: dict = {}
+
+
+def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, autotune: bool):
+    """(config, final): not final where autotuning was declined for now (inside a CUDA graph capture), so a
+    later call outside the capture still tunes."""
     from . import triton_config, triton_decode
 
-    config = triton_config.lookup(device.gpu_name(index), device.capability(index), dtype, E, k, H, I, T)
+    declined = []
+
+    def tuned(grid_T: int):
+        # The search lives with the tuner (tune/ imports lowering at module level, never the reverse).
+        from ..tune import first_use
+
+        config = first_use.config_for(device.gpu_name(index), device.capability(index), dtype, E, k, H, I, grid_T)
+        if config is None and first_use.capturing():
+            declined.append(grid_T)
+        return config
+
+    gpu, capability = device.gpu_name(index), device.capability(index)
+    config = triton_config.lookup(gpu, capability, dtype, E, k, H, I, T, autotune=tuned if autotune else None)
     if config.path is triton_config.Path.DECODE and T * k > triton_decode.MAX_PAIRS:
         config = triton_config.default_config(dtype, E, k, H, I, max(T, triton_decode.MAX_PAIRS))
-    return config
+    return config, not declined
 
 
 # The decode kernels take the shared MLP in only when its weights are small: fusing saves its own launches

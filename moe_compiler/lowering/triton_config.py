@@ -3,13 +3,14 @@
     configs/<gpu name>.json     written by `python -m moe_compiler.tune`, committed, schema below
     lookup(gpu, capability, dtype, E, k, H, I, T) -> DecodeConfig | SortedConfig
 
-A tuned file holds entries keyed by (dtype, E, k, H, I, T). Lookup takes the entries of the exact
-problem shape and the one whose T is nearest in log scale (configs change with the rows per expert,
-T*k/E, and the tuner's grid steps T by 2-4x). A GPU without a file of its own borrows the file of a GPU
-of the same compute capability (an H200 uses the H100's tiles), with a warning. A shape or dtype without
-entries gets the heuristic default below. Each of these gets ONE loud warning per (GPU, dtype, shape)
-naming the command that tunes it: a slow config is silent otherwise, and tuning inside a call would be
-both slow and impossible under CUDA graph capture.
+A tuned file holds entries keyed by (dtype, E, k, H, I, T), T on the tuner's grid T_GRID. Lookup takes the
+entries of the exact problem shape and the one whose T is nearest in log scale (configs change with the rows
+per expert, T*k/E, and the grid steps T by 2-4x). Where this GPU's file has no entry at the call's grid point
+(its T bucket), the caller's `autotune` may supply one (tune/first_use.py: tuned on first use, cached on disk).
+Otherwise: the nearest T of this GPU's entries; a GPU without a file of its own borrows the file of a GPU of
+the same compute capability (an H200 uses the H100's tiles), with a warning; a shape or dtype without entries
+gets the heuristic default below. Each of these gets ONE loud warning per (GPU, dtype, shape) naming the
+command that tunes it: a slow config is silent otherwise.
 
 Schema (version 1):
     {"schema": 1, "gpu": str, "capability": [major, minor], "triton": str, "torch": str, "written_by": str,
@@ -19,14 +20,18 @@ Schema (version 1):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import enum
 import functools
 import json
 import logging
 import math
+import os
 import pathlib
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -34,6 +39,37 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 SCHEMA = 1
+T_GRID = (1, 4, 16, 64, 128, 512, 1024, 4096, 16384)  # the tuner's T points; a call's bucket is the nearest
+
+AUTOTUNE_ENV = "MOE_COMPILER_AUTOTUNE"
+_autotune_option: contextvars.ContextVar[bool | None] = contextvars.ContextVar("moe_compiler_autotune", default=None)
+
+
+def autotune_enabled() -> bool:
+    """Autotune on first use: the backend option while a compile runs (autotune_option), else the environment
+    (MOE_COMPILER_AUTOTUNE=0 turns it off; on by default)."""
+    option = _autotune_option.get()
+    if option is not None:
+        return option
+    value = os.environ.get(AUTOTUNE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV}={value!r}: expected '1' (autotune untuned shapes, the default) or '0'")
+    return value == "1"
+
+
+@contextlib.contextmanager
+def autotune_option(enabled: bool):
+    """The backend's `moe_compiler.autotune` option, for the lookups of one compile."""
+    token = _autotune_option.set(enabled)
+    try:
+        yield
+    finally:
+        _autotune_option.reset(token)
+
+
+def bucket(T: int) -> int:
+    """The grid point of T: nearest in log scale, ties to the smaller."""
+    return min(T_GRID, key=lambda g: (abs(math.log(max(T, 1) / g)), g))
 
 
 # Launch options of the kernels that check topk_ids: Triton compiles tl.device_assert only in debug mode,
@@ -229,10 +265,22 @@ def nearest_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T
 
 
 def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: int, k: int, H: int, I: int,
-           T: int) -> Config:
+           T: int, autotune: Callable[[int], Config | None] | None = None) -> Config:
+    """The config of a call. `autotune(bucket)` is asked where this GPU's own file has no entry at the call's
+    T bucket; it returns a config or None (declined: tuning off, inside a capture, ...)."""
     dname = str(dtype).removeprefix("torch.")
+    sources = _sources(gpu_name, tuple(capability))
+    own = sources[0][1] if sources and sources[0][0] == gpu_name else ()
+    grid_T = bucket(T)
+    exact = [e for e in own if (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"]) == (dname, E, k, H, I, grid_T)]
+    if exact:
+        return exact[0]["config"]
+    if autotune is not None:
+        config = autotune(grid_T)
+        if config is not None:
+            return config
     config, tuned_on = None, gpu_name
-    for tuned_on, entries in _sources(gpu_name, tuple(capability)):
+    for tuned_on, entries in sources:
         config = nearest_entry(entries, dtype, E, k, H, I, T)
         if config is not None:
             break
