@@ -78,18 +78,18 @@ def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, 
     later call outside the capture still tunes."""
     from . import triton_config, triton_decode
 
+    gpu, capability = device.gpu_name(index), device.capability(index)
     declined = []
 
     def tuned(grid_T: int):
         # The search lives with the tuner (tune/ imports lowering at module level, never the reverse).
         from ..tune import first_use
 
-        config = first_use.config_for(device.gpu_name(index), device.capability(index), dtype, E, k, H, I, grid_T)
+        config = first_use.config_for(gpu, capability, dtype, E, k, H, I, grid_T)
         if config is None and first_use.capturing():
             declined.append(grid_T)
         return config
 
-    gpu, capability = device.gpu_name(index), device.capability(index)
     config = triton_config.lookup(gpu, capability, dtype, E, k, H, I, T, autotune=tuned if autotune else None)
     if config.path is triton_config.Path.DECODE and T * k > triton_decode.MAX_PAIRS:
         config = triton_config.default_config(dtype, E, k, H, I, max(T, triton_decode.MAX_PAIRS))
@@ -137,8 +137,9 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
 # A call traced by torch.compile records its launches (launch.py) where the op's Python per call would cost
 # more than it saves. Host TMA descriptors cannot be recorded outside Dynamo (torch 2.11: "TMA descriptor
 # capturing not yet supported in non-dynamo tracing"), so a recorded sorted-path call loads its weight tiles by
-# pointer; above this many pairs the GEMMs are long enough that TMA's gain outweighs the host time, and a call
-# whose config uses TMA stays opaque. (Measured: benchmarks/NOTES.md "host path".)
+# pointer; above this many pairs the GEMMs are long enough that TMA's gain should outweigh the host time, and a
+# call whose config uses TMA stays opaque. The threshold is a first guess, not yet measured per shape
+# (benchmarks/NOTES.md "host path": DeepSeek-V3 at T = 32, recorded without TMA, is the case to measure).
 INLINE_TMA_MAX_PAIRS = 1024
 
 
