@@ -19,9 +19,24 @@ from moe_compiler.tune.timing import Timer, events, median, wall_clock  # noqa: 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# Ceilings measured on our H100 (NOTES.md, top): the roofline floor of every benchmark.
-PEAK_FLOPS = 785e12  # bf16 matmul
-PEAK_BYTES = 3.02e12  # device copy
+# Ceilings measured on our GPUs (bf16 matmul FLOP/s, device copy bytes/s; NOTES.md): the roofline floor of every
+# benchmark, for the GPU it runs on. A GPU not listed gets the H100's, and floor_s says so once.
+PEAKS = {"H100": (785e12, 3.02e12), "H200": (729e12, 4.26e12)}
+
+
+def peaks() -> tuple[float, float]:
+    """(FLOP/s, bytes/s) of this machine's GPU (the H100's without a GPU or for an unlisted one)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    for key, value in PEAKS.items():
+        if key in name:
+            return value
+    if name and name not in _unlisted:
+        _unlisted.add(name)
+        print(f"harness: no measured peaks for {name}; roofline floors use the H100's {PEAKS['H100']}")
+    return PEAKS["H100"]
+
+
+_unlisted: set = set()
 
 # Decode runs captured in CUDA graphs (mode="reduce-overhead"), prefill eager: each T is timed as it runs.
 GRAPH_MAX_T = 128
@@ -114,8 +129,10 @@ def read_jsonl(path: str) -> list[dict]:
 # --- arithmetic and timing ----------------------------------------------------------------------------
 
 def floor_s(flops: float, nbytes: float) -> float:
-    """The roofline floor in seconds: the FLOPs at PEAK_FLOPS or the bytes at PEAK_BYTES, whichever is longer."""
-    return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES)
+    """The roofline floor in seconds on this GPU: the FLOPs or the bytes at its peak (peaks()), whichever is
+    longer."""
+    peak_flops, peak_bytes = peaks()
+    return max(flops / peak_flops, nbytes / peak_bytes)
 
 
 def geomean(xs) -> float:

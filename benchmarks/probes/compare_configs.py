@@ -14,7 +14,8 @@ import pathlib
 import torch
 
 from moe_compiler.lowering import triton_config
-from moe_compiler.tune.search import SHAPES, benches, forward_times, graph_calls
+from moe_compiler.tune.search import benches, forward_times, graph_calls
+from moe_compiler.tune.shapes import SHAPES
 
 from .. import harness
 

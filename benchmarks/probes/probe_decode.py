@@ -21,16 +21,12 @@ import triton.language as tl
 
 from moe_compiler.lowering import dispatch, triton_config, triton_decode
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig
-from moe_compiler.tune import search
 from moe_compiler.tune.search import SPEC, problem
+from moe_compiler.tune.shapes import ALL_SHAPES
 
 from .. import harness
 
-SHAPES = {
-    "qwen3_30b_a3b": search.SHAPES["qwen3_30b_a3b"],
-    "qwen3_next_80b": (512, 10, 2048, 512),
-    "deepseek_v3": search.SHAPES["deepseek_v3"],
-}
+SHAPES = {name: ALL_SHAPES[name] for name in ("qwen3_30b_a3b", "qwen3_next_80b", "deepseek_v3")}
 QWEN3 = SHAPES["qwen3_30b_a3b"]
 STAGES = (1, 2, 3, 4, 5)
 CALLS = 10
@@ -112,7 +108,7 @@ def stream(timer):
                     cfg = DecodeConfig(*staged)
                     kernels[st] = median_graph(timer, s.gate_up(cfg) if part == "gate_up" else s.down(cfg))
             nbytes = s.k * (a + b) * 2
-            rows.append((name, part, nbytes / 1e6, nbytes / harness.PEAK_BYTES * 1e6, readers[best], best, kernels))
+            rows.append((name, part, nbytes / 1e6, nbytes / harness.peaks()[1] * 1e6, readers[best], best, kernels))
         del s
         torch.cuda.empty_cache()
     cols = " ".join(f"{f'stages={st}':>9}" for st in STAGES)

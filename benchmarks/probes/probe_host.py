@@ -18,7 +18,8 @@ import triton.language as tl
 from moe_compiler.lowering import triton_config
 from moe_compiler.ops import checks
 from moe_compiler.ops.experts import bind, forward
-from moe_compiler.tune.search import SHAPES, SPEC, benches
+from moe_compiler.tune.search import SPEC, benches
+from moe_compiler.tune.shapes import SHAPES
 
 from .. import harness
 

@@ -15,7 +15,8 @@ import torch
 
 from moe_compiler.lowering import triton_config
 from moe_compiler.testing import experts_reference_by_expert, rel_err
-from moe_compiler.tune.search import SHAPES, SPEC, Bench, problem
+from moe_compiler.tune.search import SPEC, Bench, problem
+from moe_compiler.tune.shapes import SHAPES
 
 from .. import harness
 

@@ -19,7 +19,8 @@ import torch
 
 from moe_compiler.lowering import triton_config
 from moe_compiler.lowering.triton_config import SortedConfig
-from moe_compiler.tune.search import SHAPES, benches, check
+from moe_compiler.tune.search import benches, check
+from moe_compiler.tune.shapes import SHAPES
 
 from .. import harness
 

@@ -19,7 +19,7 @@ import triton
 from moe_compiler.lowering import triton_config
 
 from . import search
-from .shapes import SHAPES, TOKENS
+from .shapes import ALL_SHAPES, SHAPES, TOKENS
 from .timing import Timer
 
 COMMAND = "python -m moe_compiler.tune"
@@ -28,8 +28,9 @@ COMMAND = "python -m moe_compiler.tune"
 def parse_args():
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__, epilog=search.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = list(SHAPES)
-    p.add_argument("--shapes", nargs="*", default=names, help=f"names from {names} (none: only --shape)")
+    names = list(SHAPES)  # the default; --shapes takes any of ALL_SHAPES
+    p.add_argument("--shapes", nargs="*", default=names,
+                   help=f"names from {list(ALL_SHAPES)} (default {names}; none: only --shape)")
     p.add_argument("--shape", action="append", default=[], help="E,k,H,I (repeatable): extra shapes")
     p.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -56,7 +57,10 @@ def main():
     dtype = getattr(torch, args.dtype)
     gpu = torch.cuda.get_device_name()
     out_path = args.out or str(triton_config.gpu_file(gpu))
-    shapes = [SHAPES[n] for n in args.shapes] + [tuple(int(v) for v in s.split(",")) for s in args.shape]
+    unknown = sorted(set(args.shapes) - set(ALL_SHAPES))
+    if unknown:
+        raise SystemExit(f"{COMMAND}: unknown shape names {unknown}; expected names from {list(ALL_SHAPES)}")
+    shapes = [ALL_SHAPES[n] for n in args.shapes] + [tuple(int(v) for v in s.split(",")) for s in args.shape]
     command = f"{COMMAND} {' '.join(sys.argv[1:])}".strip()
     timer = Timer("cuda")
     if args.refine:

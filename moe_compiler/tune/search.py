@@ -36,7 +36,7 @@ from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, Sort
 from moe_compiler.spec import ExpertsSpec
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 
-from .shapes import SHAPES
+from .shapes import ALL_SHAPES
 from .timing import median
 
 SPEC = ExpertsSpec()
@@ -122,7 +122,7 @@ def shape_benches(shape, tokens, dtype):
 def benches(shape_names, tokens, dtype):
     """(shape name, T, Bench) for each named shape and T, shape by shape (shape_benches)."""
     for name in shape_names:
-        for T, b in shape_benches(SHAPES[name], tokens, dtype):
+        for T, b in shape_benches(ALL_SHAPES[name], tokens, dtype):
             yield name, T, b
 
 

@@ -2,9 +2,23 @@
 
 from moe_compiler.lowering.triton_config import T_GRID
 
-SHAPES = {  # name: (E, k, H, I)
+SHAPES = {  # name: (E, k, H, I); the tuner's default shapes
     "qwen3_30b_a3b": (128, 8, 2048, 768),
     "mixtral_8x7b": (8, 2, 4096, 14336),
     "deepseek_v3": (256, 8, 7168, 2048),
 }
+# The other shapes users run (issue 16's list): tuned tables and the full benchmark cover them all.
+MORE_SHAPES = {
+    "qwen3_235b_a22b": (128, 8, 4096, 1536),
+    "qwen3_next_80b": (512, 10, 2048, 512),
+    "kimi_k2": (384, 8, 7168, 2048),
+    "gpt_oss_20b": (32, 4, 2880, 2880),
+    "gpt_oss_120b": (128, 4, 2880, 2880),
+    "mixtral_8x22b": (8, 2, 6144, 16384),
+    "olmoe": (64, 8, 2048, 1024),
+    "deepseek_v2_lite": (64, 6, 2048, 1408),
+    "glm_4_5_air": (128, 8, 4096, 1408),
+    "llama_4_scout": (16, 1, 5120, 8192),
+}
+ALL_SHAPES = {**SHAPES, **MORE_SHAPES}
 TOKENS = list(T_GRID)  # the tuner's grid of T: steps of 2-4x (lookup's nearest T)
