@@ -41,6 +41,9 @@ def fw(gm, example_inputs):
 spec = ExpertsSpec()
 h, ids, w, wgu, wd = experts_inputs(3, 32, 16, 8, 2, torch.float32, spec, seed=0)[:5]
 logits = torch.randn(3, 8)
+if {train}:  # a training graph: AOTAutograd traces the joint forward + backward, then partitions it
+    for t in (h, w, wgu, wd, logits):
+        t.requires_grad_(True)
 def f(h, ids, w, wgu, wd, logits):
     weights, chosen = torch.ops.moe_compiler.route(logits, top_k=2, norm_topk_prob=True)
     return torch.ops.moe_compiler.experts(h, ids, w, wgu, wd) + weights.sum() + chosen.sum()
@@ -52,18 +55,20 @@ code = graphs[0].code
 print("KERNELS", code.count("triton_kernel_wrapper_functional("))
 print("OPS", code.count("moe_compiler.experts"), code.count("moe_compiler.route"))
 print("TMA", "'W_TMA': True" in code)
+print("SAVED", len(graphs[0].graph.find_nodes(op="output")[0].args[0]) - 1)  # outputs beyond f's own
 """
 
 
-def _trace(path: str, inline: str = "1", dynamic: bool = False) -> dict:
+def _trace(path: str, inline: str = "1", dynamic: bool = False, train: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(TRACE.format(path=path, dynamic=dynamic))],
-                          capture_output=True, text=True, timeout=600, env=env)
+    code = textwrap.dedent(TRACE.format(path=path, dynamic=dynamic, train=train))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line[:1].isupper())
     ops = tuple(map(int, lines["OPS"].split()))
-    return {"kernels": int(lines["KERNELS"]), "ops": ops, "tma": lines["TMA"] == "True"}
+    out = {"kernels": int(lines["KERNELS"]), "ops": ops, "tma": lines["TMA"] == "True"}
+    return {**out, "saved": int(lines["SAVED"])} if train else out
 
 
 def test_decode_call_becomes_its_launches():
@@ -75,6 +80,14 @@ def test_sorted_call_becomes_its_launches_without_host_tma():
     # route + align (count, offsets, scatter) + gate_up + down + combine; the host TMA descriptors the config
     # asks for cannot be recorded, so the recorded GEMMs load by pointer
     assert _trace("sorted") == {"kernels": 7, "ops": (0, 0), "tma": False}
+
+
+def test_training_forward_records_its_launches_and_keeps_the_backward_op():
+    # the op's autograd formula runs above the rule: the forward's launches are recorded, and the forward graph
+    # saves the op's inputs for the backward (the experts_backward / route_backward ops, compiled lazily)
+    traced = _trace("decode", train=True)
+    saved = traced.pop("saved")
+    assert traced == {"kernels": 3, "ops": (0, 0), "tma": False} and saved >= 5
 
 
 def test_switch_keeps_the_ops_opaque():
