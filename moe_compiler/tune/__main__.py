@@ -4,6 +4,8 @@
     python -m moe_compiler.tune --shape 128,8,2048,768 --dtype bfloat16 --tokens 1 16 128
     python -m moe_compiler.tune --merge                          # keep other shapes' entries in the file
     python -m moe_compiler.tune --refine --tokens 1024 16384     # raster / grid / warp spec of existing entries
+    python -m moe_compiler.tune --quick 30 --shapes kimi_k2 olmoe --merge   # the pruned search of autotune on
+                                                                 # first use (tune/first_use.py), 30 s per point
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import triton
 
 from moe_compiler.lowering import triton_config
 
-from . import search
+from . import first_use, search
 from .shapes import ALL_SHAPES, SHAPES, TOKENS
 from .timing import Timer
 
@@ -39,6 +41,9 @@ def parse_args():
     p.add_argument("--out", help="config file (default: moe_compiler/lowering/configs/<gpu>.json)")
     p.add_argument("--merge", action="store_true", help="keep the file's entries of other shapes / dtypes / T")
     p.add_argument("--log", default=None, help="jsonl of every option timed (default: <out>.log.jsonl)")
+    p.add_argument("--quick", type=float, nargs="?", const=first_use.BUDGET_S, metavar="SECONDS",
+                   help="the pruned search of autotune on first use instead of the full one, SECONDS per point "
+                        f"(default {first_use.BUDGET_S:.0f})")
     p.add_argument("--refine", action="store_true",
                    help="only re-tune raster / persistent grid / warp specialization of existing sorted entries")
     return p.parse_args()
@@ -48,6 +53,27 @@ def write(path, data):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
+
+
+def quick(shapes, tokens, dtype, gpu, budget_s):
+    """(entries, table) as search.tune returns them, from first_use's pruned search of each point."""
+    dname = str(dtype).removeprefix("torch.")
+    capability = torch.cuda.get_device_capability()
+    entries, table = [], []
+    for E, k, H, I in shapes:
+        for T in tokens:
+            found = first_use.tune_point(gpu, capability, dtype, E, k, H, I, T, budget_s=budget_s)
+            if found is None:
+                print(f"  E={E} k={k} H={H} I={I} T={T}: no correct candidate fits; not written", flush=True)
+                continue
+            cfg, best_s, default_s = found
+            entries.append({"dtype": dname, "E": E, "k": k, "H": H, "I": I, "T": T,
+                            "config": triton_config.to_dict(cfg), "us": round(best_s * 1e6, 2)})
+            table.append(((E, k, H, I), T, best_s, default_s, cfg))
+            print(f"  E={E} k={k} H={H} I={I} T={T:>6}: {best_s * 1e6:9.1f} us, default {default_s * 1e6:9.1f} us  "
+                  f"{cfg}", flush=True)
+            torch.cuda.empty_cache()
+    return entries, table
 
 
 def main():
@@ -75,8 +101,11 @@ def main():
         keys = {(args.dtype, *s, T) for s in shapes for T in args.tokens}  # only the points re-tuned now
         entries = [e for e in json.load(open(out_path))["entries"]
                    if (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"]) not in keys]
-    with open(args.log or out_path + ".log.jsonl", "a") as log:
-        tuned, table = search.tune(shapes, args.tokens, dtype, timer, args.workers, log)
+    if args.quick is not None:
+        tuned, table = quick(shapes, args.tokens, dtype, gpu, args.quick)
+    else:
+        with open(args.log or out_path + ".log.jsonl", "a") as log:
+            tuned, table = search.tune(shapes, args.tokens, dtype, timer, args.workers, log)
     data = {
         "schema": triton_config.SCHEMA,
         "gpu": gpu,

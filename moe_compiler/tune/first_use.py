@@ -191,6 +191,26 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def tune_point(gpu_name: str, capability, dtype, E: int, k: int, H: int, I: int, T: int,
+               measure_factory=_measure_on_gpu, budget_s: float = BUDGET_S) -> tuple[Config, float, float] | None:
+    """(the fastest correct config, its seconds, the untuned default's seconds) of the pruned search, or None
+    where the problem does not fit in memory or no candidate is correct. Real tensors and launches: call it
+    outside any tracing mode (config_for does)."""
+    measures = measure_factory(dtype, E, k, H, I, T)
+    if measures is None:
+        return None
+    measure, error = measures
+    configs = candidates(gpu_name, capability, dtype, E, k, H, I, T)
+    _, times = choose(configs, measure, budget_s)
+    for cfg in sorted(times, key=times.get):  # the fastest correct one (a config file must never hold a wrong one)
+        err = error(cfg)
+        if err <= 1e-2:
+            return cfg, times[cfg], times[configs[0]] if configs[0] in times else float("nan")
+        log.warning("moe_compiler autotune: %s gives rel err %.1e on E=%d k=%d H=%d I=%d T=%d; skipped",
+                    cfg, err, E, k, H, I, T)
+    return None
+
+
 def config_for(gpu_name: str, capability, dtype, E: int, k: int, H: int, I: int, T: int,
                measure_factory=_measure_on_gpu, budget_s: float = BUDGET_S) -> Config | None:
     """The cached or freshly tuned config of (dtype, E, k, H, I) at grid point T; None where tuning is
@@ -207,28 +227,15 @@ def config_for(gpu_name: str, capability, dtype, E: int, k: int, H: int, I: int,
     try:
         # Real tensors and real launches, also when the lookup happens while a graph is being traced.
         with _disable_current_modes(), torch.no_grad():
-            measures = measure_factory(dtype, E, k, H, I, T)
-            if measures is None:
-                return None
-            measure, error = measures
-            configs = candidates(gpu_name, capability, dtype, E, k, H, I, T)
-            best, times = choose(configs, measure, budget_s)
-            ranked = sorted(times, key=times.get)
-            for cfg in ranked:  # the fastest correct one (a config file must never hold a wrong one)
-                err = error(cfg)
-                if err <= 1e-2:
-                    best = cfg
-                    break
-                log.warning("moe_compiler autotune: %s gives rel err %.1e on %s; skipped", cfg, err, shape)
-            else:
-                return None
+            found = tune_point(gpu_name, capability, dtype, E, k, H, I, T, measure_factory, budget_s)
     except Exception as e:  # noqa: BLE001 - tuning is an optimization: a failure falls back, loudly
         log.warning("moe_compiler: autotuning %s failed (%s: %s); using the nearest tuned entry or defaults",
                     shape, type(e).__name__, e)
         return None
-    default_s = times[configs[0]]
-    path = store(gpu_name, capability, dtype, E, k, H, I, T, best, times[best] * 1e6)
-    log.warning("moe_compiler: autotuned %s on %s in %.0f s: %d configs timed, %.1f us (untuned default %.1f us); "
-                "cached in %s", shape, gpu_name, time.monotonic() - t0, len(times), times[best] * 1e6,
-                default_s * 1e6, path)
+    if found is None:
+        return None
+    best, best_s, default_s = found
+    path = store(gpu_name, capability, dtype, E, k, H, I, T, best, best_s * 1e6)
+    log.warning("moe_compiler: autotuned %s on %s in %.0f s: %.1f us (untuned default %.1f us); cached in %s",
+                shape, gpu_name, time.monotonic() - t0, best_s * 1e6, default_s * 1e6, path)
     return best
