@@ -45,9 +45,13 @@ def register(opdef, inlinable: Callable[..., bool], run: Callable):
     their launches recorded; the others stay calls of the op."""
 
     def rule(mode, op, types, args, kwargs):
+        # torch.export's tracer imports Triton: imported here, at trace time, so `import moe_compiler` does not
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
         if any(not issubclass(t, FakeTensor) and t not in (torch.Tensor, FunctionalTensor) for t in types):
             return NotImplemented  # another tensor subclass: let it handle the call first
-        if not (enabled() and inlinable(*args, **kwargs)):
+        if custom_triton_ops_decomposition_disabled() or not (enabled() and inlinable(*args, **kwargs)):
+            # (torch.export asks for custom ops to stay whole, as it does of torch.library.triton_op's)
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode, launch.traced():
             return run(*args, **kwargs)
