@@ -3,6 +3,7 @@ process, on real-dimension models with random weights (benchmarks/models.py: rel
 
     python -m benchmarks.bench_models [--shapes qwen3_30b_a3b deepseek_v3 ...] [--parts prefill decode generate]
                                       [--out]   # results/models_<gpu>.json (+ .png with matplotlib)
+    python -m benchmarks.bench_models --from-json benchmarks/results/models_NVIDIA_H200.json   # table + plot again
 
 Parts (bf16, no gradients):
     prefill     1 x 4096 tokens, last-token logits (logits_to_keep=1); compile default mode
@@ -18,6 +19,7 @@ Ratios in the table: torch.compile time / fused_moe time (> 1: fused_moe is fast
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -141,23 +143,56 @@ def bench_model(name, parts, layers=None):
 
 
 def print_table(rows):
-    print(f"\n{'model':>16} {'part':>12} {'mode':>15} {'eager':>9} {'inductor':>9} {'fused':>9} {'ratio':>6} "
-          f"{'err ind/fused':>15} {'compile s ind/fused':>20}")
+    print(f"\n{'model':>16} {'part':>12} {'mode':>15} {'unit':>6} {'eager':>9} {'inductor':>9} {'fused':>9} "
+          f"{'ratio':>6} {'err ind/fused':>15} {'compile s ind/fused':>20}")
     for r in rows:
         unit = "tok_s" if r["part"].startswith("generate") else "ms"
         cells = [r.get(f"{v}_{unit}") for v in BACKENDS]
         err = f"{r.get('inductor_err', float('nan')):.1e}/{r.get('fused_moe_err', float('nan')):.1e}"
         comp = f"{r['inductor_compile_s']:.0f}/{r['fused_moe_compile_s']:.0f}"
-        print(f"{r['model']:>16} {r['part']:>12} {r['mode']:>15} "
+        print(f"{r['model']:>16} {r['part']:>12} {r['mode']:>15} {'tok/s' if unit == 'tok_s' else 'ms':>6} "
               + " ".join(f"{c:>9.2f}" if c is not None else f"{'-':>9}" for c in cells)
-              + f" {r['speedup']:>6.2f} {err:>15} {comp:>20}" + (" tok/s" if unit == "tok_s" else " ms"))
+              + f" {r['speedup']:>6.2f} {err:>15} {comp:>20}")
+
+
+def label(row) -> str:
+    mode = "" if row["mode"] == "default" or row["part"].startswith("generate") else ", r-o"
+    return row["part"].replace("decode ", "decode\n") + mode
+
+
+def plot(rows, path):
+    """One group of bars per model: fused_moe's speedup over plain torch.compile in each part."""
+    plt = harness.pyplot(path)
+    if plt is None:
+        return
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    labels = list(dict.fromkeys(label(r) for r in rows))
+    fig, ax = plt.subplots(figsize=(1.1 * len(labels) * len(models) + 2, 4.2))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        by = {label(r): r["speedup"] for r in rows if r["model"] == model}
+        xs = [j + (i - (len(models) - 1) / 2) * width for j, lab in enumerate(labels) if lab in by]
+        ax.bar(xs, [by[lab] for lab in labels if lab in by], width, label=model)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("torch.compile time / fused_moe time")
+    ax.set_title("whole models, bf16, random weights (benchmarks/bench_models.py)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main():
     ap = harness.parser(__doc__, shapes=MODELS, out="models")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's entry in models.py)")
+    ap.add_argument("--from-json", help="print the table and draw the plot of an earlier run's results file")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)["rows"]
+        print_table(rows)
+        return plot(rows, args.from_json.removesuffix(".json") + ".png")
     gpu = harness.gpu_name()
     harness.compile_per_shape()
     rows = []
@@ -167,6 +202,9 @@ def main():
             harness.write_json(os.path.join(os.environ["OUT"], "models.json"), rows)
     print_table(rows)
     harness.save_rows(args.out, "models", rows, gpu)
+    if args.out is not None:
+        plot(rows, (harness.result_path("models") if args.out == harness.AUTO else args.out).removesuffix(".json")
+             + ".png")
 
 
 if __name__ == "__main__":
