@@ -27,8 +27,9 @@ class MoECompilerConfig:
     # Inductor (reported as matched). Env: MOE_COMPILER_SHARED_EXPERTS=0.
     shared_experts: bool = True
     # Tune a shape the committed tables lack the first time it runs, cache it on disk (tune/first_use.py).
-    # Off: nearest tuned entry, then defaults, with a warning. Env: MOE_COMPILER_AUTOTUNE=0.
-    autotune: bool = True
+    # Off: nearest tuned entry, then defaults, with a warning. Env: MOE_COMPILER_AUTOTUNE=1 / 0; off by default
+    # until its GPU path has been validated on a GPU (lowering/triton_config.AUTOTUNE_DEFAULT).
+    autotune: bool = False
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:
@@ -37,7 +38,7 @@ class MoECompilerConfig:
             "verify": os.environ.get("MOE_COMPILER_VERIFY", "1") != "0",
             "dump_dir": os.environ.get("MOE_COMPILER_DUMP_DIR") or None,
             "shared_experts": os.environ.get("MOE_COMPILER_SHARED_EXPERTS", "1") != "0",
-            "autotune": os.environ.get("MOE_COMPILER_AUTOTUNE", "1") != "0",
+            "autotune": os.environ.get("MOE_COMPILER_AUTOTUNE", "0") == "1",
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

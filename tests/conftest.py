@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # The suite's tiny shapes are in no tuned table: autotuning each on first use would add minutes of tuning to
-# the GPU run. The autotune tests (tests/tune/test_first_use.py) switch it on themselves.
+# the GPU run (should the default be on). The autotune tests (tests/tune/test_first_use.py) switch it on.
 os.environ.setdefault("MOE_COMPILER_AUTOTUNE", "0")
 
 

@@ -45,15 +45,19 @@ AUTOTUNE_ENV = "MOE_COMPILER_AUTOTUNE"
 _autotune_option: contextvars.ContextVar[bool | None] = contextvars.ContextVar("moe_compiler_autotune", default=None)
 
 
+# Off by default until its GPU path has been run on a GPU (tune/first_use.py was built and tested on CPU only).
+AUTOTUNE_DEFAULT = "0"
+
+
 def autotune_enabled() -> bool:
     """Autotune on first use: the backend option while a compile runs (autotune_option), else the environment
-    (MOE_COMPILER_AUTOTUNE=0 turns it off; on by default)."""
+    (MOE_COMPILER_AUTOTUNE=1 turns it on, =0 off; AUTOTUNE_DEFAULT otherwise)."""
     option = _autotune_option.get()
     if option is not None:
         return option
-    value = os.environ.get(AUTOTUNE_ENV, "1")
+    value = os.environ.get(AUTOTUNE_ENV, AUTOTUNE_DEFAULT)
     if value not in ("0", "1"):
-        raise ValueError(f"{AUTOTUNE_ENV}={value!r}: expected '1' (autotune untuned shapes, the default) or '0'")
+        raise ValueError(f"{AUTOTUNE_ENV}={value!r}: expected '1' (autotune untuned shapes) or '0' (do not)")
     return value == "1"
 
 

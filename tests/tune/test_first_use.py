@@ -26,7 +26,7 @@ UNTUNED = (torch.bfloat16, 16, 2, 256, 128)  # dtype, E, k, H, I: in no committe
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(first_use.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(triton_config.AUTOTUNE_ENV, raising=False)
+    monkeypatch.setenv(triton_config.AUTOTUNE_ENV, "1")
     monkeypatch.setattr(first_use, "capturing", lambda: False)
     dispatch._CONFIGS.clear()
     triton_config._warned.clear()  # each test sees its own once-per-shape warning
