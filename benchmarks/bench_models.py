@@ -34,18 +34,6 @@ BACKENDS = {"eager": None, "inductor": "inductor", "fused_moe": "fused_moe"}
 PARTS = ("prefill", "decode", "generate")
 
 
-def timed_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return harness.median(times)
-
-
 def first_call_s(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -67,7 +55,7 @@ def forward_point(model, backend, mode, ids, ref, reps):
         compile_s = first_call_s(call)
         for _ in range(3):
             out = call()
-        ms = timed_ms(call, reps)
+        ms = harness.events(call, reps) * 1e3
     row = {"ms": ms, "compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     if ref is not None:
         row["err"] = rel_err(out.float(), ref)
@@ -94,7 +82,7 @@ def generate_point(model, backend, B, new_tokens=128, prompt=16):
     with torch.no_grad():
         compile_s = first_call_s(call)
         call()
-        ms = timed_ms(call, 3)
+        ms = harness.events(call, 3) * 1e3
         tokens = call()[:, prompt:]
     return {"tok_s": B * new_tokens / ms * 1e3, "compile_s": compile_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}, tokens

@@ -8,6 +8,7 @@ Scripts run from the repository root as modules: `python -m benchmarks.<name> --
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -24,19 +25,16 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PEAKS = {"H100": (785e12, 3.02e12), "H200": (729e12, 4.26e12)}
 
 
+@functools.cache
 def peaks() -> tuple[float, float]:
     """(FLOP/s, bytes/s) of this machine's GPU (the H100's without a GPU or for an unlisted one)."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     for key, value in PEAKS.items():
         if key in name:
             return value
-    if name and name not in _unlisted:
-        _unlisted.add(name)
+    if name:
         print(f"harness: no measured peaks for {name}; roofline floors use the H100's {PEAKS['H100']}")
     return PEAKS["H100"]
-
-
-_unlisted: set = set()
 
 # Decode runs captured in CUDA graphs (mode="reduce-overhead"), prefill eager: each T is timed as it runs.
 GRAPH_MAX_T = 128

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from .lowering import triton_config
+
 PREFIX = "moe_compiler."
 
 
@@ -38,7 +40,7 @@ class MoECompilerConfig:
             "verify": os.environ.get("MOE_COMPILER_VERIFY", "1") != "0",
             "dump_dir": os.environ.get("MOE_COMPILER_DUMP_DIR") or None,
             "shared_experts": os.environ.get("MOE_COMPILER_SHARED_EXPERTS", "1") != "0",
-            "autotune": os.environ.get("MOE_COMPILER_AUTOTUNE", "0") == "1",
+            "autotune": triton_config.autotune_enabled(),  # MOE_COMPILER_AUTOTUNE, parsed where lookups read it
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

@@ -59,6 +59,11 @@ def has_tma(index: int) -> bool:
     return capability(index)[0] >= 9
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (kernels launched now are recorded, not run)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 @functools.cache
 def num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from ..spec import ExpertsSpec, RouterSpec, SharedMLP
-from . import device, launch, torch_experts, torch_route, torch_shared
+from . import device, launch, torch_experts, torch_route, torch_shared, triton_config
 from .torch_segment_mm import GatherBmm, GroupedMM, LoopMM
 
 
@@ -57,15 +57,13 @@ def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
 def triton_config_for(hidden, topk_ids, w_gate_up, I: int):
     """The tuned (autotuned on first use, or default, with a warning) Triton config of this problem on
     hidden's GPU."""
-    from . import triton_config
-
     T, H = hidden.shape
     key = (device.index(hidden), hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H, I, T,
            triton_config.autotune_enabled())
     config = _CONFIGS.get(key)  # per call it is host time on the critical path of small T
     if config is None:
-        config, final = _config_for(*key)
-        if final:
+        config = _config_for(*key)
+        if not (key[-1] and device.capturing()):  # autotuning declines inside a capture: ask again outside
             _CONFIGS[key] = config
     return config
 
@@ -74,26 +72,20 @@ _CONFIGS: dict = {}
 
 
 def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, autotune: bool):
-    """(config, final): not final where autotuning was declined for now (inside a CUDA graph capture), so a
-    later call outside the capture still tunes."""
-    from . import triton_config, triton_decode
+    from . import triton_decode
 
     gpu, capability = device.gpu_name(index), device.capability(index)
-    declined = []
 
     def tuned(grid_T: int):
         # The search lives with the tuner (tune/ imports lowering at module level, never the reverse).
         from ..tune import first_use
 
-        config = first_use.config_for(gpu, capability, dtype, E, k, H, I, grid_T)
-        if config is None and first_use.capturing():
-            declined.append(grid_T)
-        return config
+        return first_use.config_for(gpu, capability, dtype, E, k, H, I, grid_T)
 
     config = triton_config.lookup(gpu, capability, dtype, E, k, H, I, T, autotune=tuned if autotune else None)
     if config.path is triton_config.Path.DECODE and T * k > triton_decode.MAX_PAIRS:
         config = triton_config.default_config(dtype, E, k, H, I, max(T, triton_decode.MAX_PAIRS))
-    return config, not declined
+    return config
 
 
 # The decode kernels take the shared MLP in only when its weights are small: fusing saves its own launches
@@ -120,8 +112,6 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
         args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
         routed = torch_experts.experts_forward(impl, *args)
     else:
-        from . import triton_config
-
         if config is None:
             config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
         in_kernel = shared is not None and _shared_in_kernel(shared) and config.path is triton_config.Path.DECODE
@@ -150,8 +140,6 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     T, k = topk_ids.shape
     if T == 0 or k == 0:
         return True
-    from . import triton_config
-
     config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
     return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
 
@@ -159,7 +147,7 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
 def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None, mlp=None):
     """The Triton forward with a given config (None: looked up); returns out [T, H]. T > 0. A shared MLP
     `mlp` is taken by the decode kernels only (experts_forward sends it here on that path)."""
-    from . import triton_config, triton_decode, triton_experts
+    from . import triton_decode, triton_experts
 
     if config is None:
         config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from moe_compiler.lowering import triton_config
+from moe_compiler.lowering import device, triton_config
 from moe_compiler.lowering.triton_config import Config, Path
 
 log = logging.getLogger("moe_compiler.autotune")
@@ -188,10 +188,6 @@ def store(gpu_name: str, capability, dtype, E, k, H, I, T, config: Config, us: f
 
 # --- first use -------------------------------------------------------------------------------------------
 
-def capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def tune_point(gpu_name: str, capability, dtype, E: int, k: int, H: int, I: int, T: int,
                measure_factory=_measure_on_gpu, budget_s: float = BUDGET_S) -> tuple[Config, float, float] | None:
     """(the fastest correct config, its seconds, the untuned default's seconds) of the pruned search, or None
@@ -219,7 +215,7 @@ def config_for(gpu_name: str, capability, dtype, E: int, k: int, H: int, I: int,
     hit = cached(gpu_name, dtype, E, k, H, I, T)
     if hit is not None:
         return hit
-    if capturing():
+    if device.capturing():
         return None
     from torch.utils._python_dispatch import _disable_current_modes
 

@@ -27,7 +27,7 @@ UNTUNED = (torch.bfloat16, 16, 2, 256, 128)  # dtype, E, k, H, I: in no committe
 def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(first_use.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv(triton_config.AUTOTUNE_ENV, "1")
-    monkeypatch.setattr(first_use, "capturing", lambda: False)
+    monkeypatch.setattr(device, "capturing", lambda: False)
     dispatch._CONFIGS.clear()
     triton_config._warned.clear()  # each test sees its own once-per-shape warning
     yield
@@ -120,7 +120,7 @@ def test_a_wrong_winner_is_skipped():
 
 
 def test_no_tuning_inside_a_capture(monkeypatch):
-    monkeypatch.setattr(first_use, "capturing", lambda: True)
+    monkeypatch.setattr(device, "capturing", lambda: True)
     stub = Stub()
     assert first_use.config_for(GPU, CAP, *UNTUNED, 16, measure_factory=stub) is None
     assert stub.calls == 0
@@ -197,12 +197,12 @@ def test_switched_off_lookup_warns_and_uses_defaults(on_h200, monkeypatch):
 def test_a_lookup_declined_inside_a_capture_is_not_kept(on_h200, monkeypatch):
     asked, tuned = on_h200
     monkeypatch.setattr(first_use, "config_for", lambda *a: asked.append(a) or None)
-    monkeypatch.setattr(first_use, "capturing", lambda: True)
+    monkeypatch.setattr(device, "capturing", lambda: True)
     dtype, E, k, H, I = UNTUNED
     with pytest.warns(UserWarning):
         _lookup(dtype, E, k, H, I, 16)
     assert not dispatch._CONFIGS  # the next call, outside the capture, asks again
-    monkeypatch.setattr(first_use, "capturing", lambda: False)
+    monkeypatch.setattr(device, "capturing", lambda: False)
     _lookup(dtype, E, k, H, I, 16)
     assert len(asked) == 2 and dispatch._CONFIGS
 
