@@ -28,6 +28,9 @@ from moe_compiler.spec import ExpertsSpec, RouterSpec
 from moe_compiler.testing import experts_inputs
 
 device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+if {export}:  # what torch.export sets while it traces: custom ops stay whole
+    import torch.export._trace as export_trace
+    export_trace.custom_triton_ops_decomposition_disabled = lambda: True
 device.num_sms = lambda index: 132
 configs = {{
     "decode": DecodeConfig(gate_up=KernelConfig(block_n=16, block_k=16), down=KernelConfig(block_n=8, block_k=32)),
@@ -59,10 +62,10 @@ print("SAVED", len(graphs[0].graph.find_nodes(op="output")[0].args[0]) - 1)  # o
 """
 
 
-def _trace(path: str, inline: str = "1", dynamic: bool = False, train: bool = False) -> dict:
+def _trace(path: str, inline: str = "1", dynamic: bool = False, train: bool = False, export: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
-    code = textwrap.dedent(TRACE.format(path=path, dynamic=dynamic, train=train))
+    code = textwrap.dedent(TRACE.format(path=path, dynamic=dynamic, train=train, export=export))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line[:1].isupper())
@@ -92,6 +95,10 @@ def test_training_forward_records_its_launches_and_keeps_the_backward_op():
 
 def test_switch_keeps_the_ops_opaque():
     assert _trace("decode", inline="0") == {"kernels": 0, "ops": (1, 1), "tma": False}
+
+
+def test_export_keeps_the_ops_whole():
+    assert _trace("decode", export=True) == {"kernels": 0, "ops": (1, 1), "tma": False}
 
 
 def test_symbolic_sizes_keep_the_ops_opaque():

@@ -145,6 +145,22 @@ def test_store_replaces_the_entry_of_the_same_key():
     assert json.loads(first_use.cache_file(GPU).read_text())["written_by"] == "moe_compiler autotune"
 
 
+def test_quick_tuner_writes_table_entries_of_each_point(monkeypatch):
+    """`python -m moe_compiler.tune --quick`: each (shape, T) point's pruned-search winner becomes a committed-
+    table entry; a point without a correct candidate is left out, said on stdout."""
+    from moe_compiler.tune import __main__ as cli
+
+    winner = DecodeConfig(KernelConfig(8, 128), KernelConfig(8, 128))
+    found = {1: (winner, 2e-6, 3e-6), 16: None}
+    monkeypatch.setattr(first_use, "tune_point", lambda gpu, cap, dtype, E, k, H, I, T, budget_s: found[T])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: CAP)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    entries, table = cli.quick([(16, 2, 256, 128)], [1, 16], torch.bfloat16, GPU, 30.0)
+    assert entries == [{"dtype": "bfloat16", "E": 16, "k": 2, "H": 256, "I": 128, "T": 1,
+                        "config": triton_config.to_dict(winner), "us": 2.0}]
+    assert [(row[1], row[4]) for row in table] == [(1, winner)]
+
+
 # --- the lookup asking for it ---------------------------------------------------------------------------
 
 @pytest.fixture
