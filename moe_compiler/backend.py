@@ -23,19 +23,29 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .config import PREFIX, MoECompilerConfig
 from .debug import emit
 from .lowering import triton_config
+from .ops import inline
 from .passes import fuse_moe_regions, restack_planned
 
 
 @functools.cache
 def source_hash() -> str:
-    """sha256 of this package's sources: part of Inductor's cache key, so a cached artifact compiled
-    against an older version of our op (e.g. a different backward) is never reused."""
+    """sha256 of this package's sources and config tables: part of Inductor's cache key, so a cached artifact
+    compiled against an older version of our op (a different backward, other recorded kernels or configs) is
+    never reused."""
     h = hashlib.sha256()
     root = pathlib.Path(__file__).parent
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json")):
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def trace_settings() -> tuple:
+    """The settings that change what AOTAutograd's trace of our ops records (ops/inline.py: launches recorded
+    or the op kept opaque; configs autotuned or looked up) but not the Dynamo graph: without them in the cache
+    key, a warm cache hands back an artifact traced under the other setting (seen: MOE_COMPILER_INLINE=0
+    compiled first, then every later compile of the same model ran the opaque op)."""
+    return (("inline", inline.enabled()), ("autotune", triton_config.autotune_enabled()))
 
 
 class _SourceHashPass(CustomGraphPass):
@@ -50,7 +60,7 @@ class _SourceHashPass(CustomGraphPass):
 
     def uuid(self):
         inner = self.inner.uuid() if self.inner is not None and hasattr(self.inner, "uuid") else None
-        return ("moe_compiler", source_hash(), inner)
+        return ("moe_compiler", source_hash(), trace_settings(), inner)
 
 
 def _inductor_patches(mode: str | None, options: dict) -> dict:

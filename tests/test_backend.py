@@ -81,10 +81,30 @@ def test_cache_salt_is_our_source_hash_and_keeps_a_user_pass():
             return "user-pass-v1"
 
     salted = backend._inductor_patches(None, {"post_grad_custom_post_pass": UserPass()})["post_grad_custom_post_pass"]
-    assert salted.uuid() == ("moe_compiler", backend.source_hash(), "user-pass-v1")
+    assert salted.uuid() == ("moe_compiler", backend.source_hash(), backend.trace_settings(), "user-pass-v1")
     salted(torch.fx.Graph())
     assert len(calls) == 1
     assert len(backend.source_hash()) == 64
+
+
+@pytest.mark.parametrize("env, option", [("MOE_COMPILER_INLINE", None), ("MOE_COMPILER_AUTOTUNE", None),
+                                         (None, True)])
+def test_cache_salt_changes_with_what_the_trace_records(env, option, monkeypatch):
+    """A setting that changes what AOTAutograd records for our ops (launches or opaque op, looked-up or
+    autotuned configs) changes the cache key: a warm cache must not hand back the other setting's artifact."""
+    from moe_compiler.lowering import triton_config
+
+    salt = backend._SourceHashPass()
+    if env is not None:
+        monkeypatch.setenv(env, "0")
+        off = salt.uuid()
+        monkeypatch.setenv(env, "1")
+        assert salt.uuid() != off
+    else:
+        monkeypatch.setenv("MOE_COMPILER_AUTOTUNE", "0")
+        off = salt.uuid()
+        with triton_config.autotune_option(option):
+            assert salt.uuid() != off
 
 
 def test_reduce_overhead_mode_compiles_and_fuses():
