@@ -155,7 +155,7 @@ def plot(rows, path):
         return
     models = list(dict.fromkeys(r["model"] for r in rows))
     labels = list(dict.fromkeys(label(r) for r in rows))
-    fig, ax = plt.subplots(figsize=(1.1 * len(labels) * len(models) + 2, 4.2))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.3 * len(labels) * len(models) + 2), 4.2))
     width = 0.8 / len(models)
     for i, model in enumerate(models):
         by = {label(r): r["speedup"] for r in rows if r["model"] == model}

@@ -4,13 +4,15 @@ Triton launches recorded into Inductor's code (the default). NOTES.md "host path
 
     python -m benchmarks.probes.probe_host_block [--models qwen3_30b_a3b deepseek_v3] [--tokens 1 32]
 
-A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone; host time per call is read
-as the wall time of back-to-back calls, which is the host time where the host is the bottleneck: the table
-shows each variant's GPU time per call (the call replayed in a CUDA graph) beside it, so a row where the GPU
-is the longer is visible. (Issuing calls behind a long sleep kernel, as probe_host does for single ops, fills
-the launch queue within a few whole-model calls and then measures the sleep.) Per layer = the L-block stack's
-time minus the 1-block stack's, over L - 1: what one more layer costs, the graph's fixed cost apart.
-Also: each variant's GPU time per call (CUDA events, no graph), and its output vs eager.
+A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone. Host time of a call is the
+wall time from entering the compiled call to its return, with the GPU idle before it (a synchronize before
+each call, none inside), so no launch waits for a full queue and nothing the GPU does is in the figure; a
+call that syncs inside (a bug: `.item()` and the like) shows up as host time near its GPU time. Per layer =
+the L-block stack's host time minus the 1-block stack's, over L - 1: what one more layer costs, the graph's
+fixed cost (guards, the wrapper) apart. Beside it: each variant's GPU time per L-block call (the call
+replayed in a CUDA graph, no host time), and its output vs eager.
+(An earlier version timed back-to-back calls and read the wall time per call as host time; with the
+launch queue full that reads whichever of host and GPU is slower, plus queue stalls, not host time.)
 """
 
 from __future__ import annotations
@@ -29,17 +31,18 @@ from ..models import MODELS, build, moe_blocks
 VARIANTS = {"inductor": ("inductor", None), "fused_opaque": ("fused_moe", "0"), "fused": ("fused_moe", "1")}
 
 
-def wall_us(fn, n: int = 200) -> float:
-    """Wall microseconds per call of n back-to-back calls (launches pipelined, one sync at the end): the host
-    time per call wherever it exceeds the GPU time per call, which the probe checks (gpu_us, CUDA graph)."""
+def host_us(fn, n: int = 100) -> float:
+    """Median wall microseconds from entering fn to its return, the GPU idle before each call."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         fn()
+        times.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
+    return harness.median(times) * 1e6
 
 
 def graph_us(fn) -> float:
@@ -92,7 +95,7 @@ def main():
                     for n, stack in stacks.items():
                         fn = compiled(stack, variant)
                         fn(x)
-                        host[n] = wall_us(lambda: fn(x))
+                        host[n] = host_us(lambda: fn(x))
                         if n == len(blocks):
                             row[f"{variant}_err"] = rel_err(fn(x).float(), ref)
                             row[f"{variant}_gpu_us"] = graph_us(lambda: fn(x))
@@ -102,7 +105,7 @@ def main():
                 rows.append(row)
         del model, blocks, stacks
         torch.cuda.empty_cache()
-    print(f"\nwall µs per MoE layer (of a 1-layer graph call), GPU µs per {rows[0]['layers']}-layer call (CUDA graph)")
+    print(f"\nhost µs per MoE layer (host µs of a 1-layer graph call), GPU µs per {rows[0]['layers']}-layer call (CUDA graph)")
     print(f"{'model':>16} {'T':>4} " + " ".join(f"{v:>24}" for v in VARIANTS))
     for r in rows:
         cells = [f"{r[f'{v}_host_per_layer']:6.1f} ({r[f'{v}_host_1']:5.1f}) {r[f'{v}_gpu_us']:7.0f}"
