@@ -32,6 +32,10 @@ class MoECompilerConfig:
     # Off: nearest tuned entry, then defaults, with a warning. Env: MOE_COMPILER_AUTOTUNE=1 / 0; off by default
     # until its GPU path has been validated on a GPU (lowering/triton_config.AUTOTUNE_DEFAULT).
     autotune: bool = False
+    # Rewrite regions whose output needs gradients (a training forward). Off by default: the op's backward is
+    # still a torch composite, and a train step through it measured 0.71-0.82x plain torch.compile with more
+    # memory (issue 17), so such regions are left to Inductor and reported. Env: MOE_COMPILER_TRAINING=1.
+    training: bool = False
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:
@@ -40,7 +44,8 @@ class MoECompilerConfig:
             "verify": os.environ.get("MOE_COMPILER_VERIFY", "1") != "0",
             "dump_dir": os.environ.get("MOE_COMPILER_DUMP_DIR") or None,
             "shared_experts": os.environ.get("MOE_COMPILER_SHARED_EXPERTS", "1") != "0",
-            "autotune": triton_config.autotune_enabled(),  # MOE_COMPILER_AUTOTUNE, parsed where lookups read it
+            "autotune": triton_config.autotune_enabled(),
+            "training": os.environ.get("MOE_COMPILER_TRAINING", "0") == "1",  # MOE_COMPILER_AUTOTUNE, parsed where lookups read it
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

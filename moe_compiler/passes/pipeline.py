@@ -60,6 +60,11 @@ SHARED_DISABLED = (
     "shared-experts fusion disabled (MOE_COMPILER_SHARED_EXPERTS=0 or option moe_compiler.shared_experts=False)"
 )
 SKIPPED = "skipped (verify=False)"
+NEEDS_GRAD = (
+    "the region's output needs gradients (a training forward, or inference without torch.no_grad()): the op's "
+    "backward is not yet faster than Inductor's, so training graphs keep Inductor's MoE (MOE_COMPILER_TRAINING=1 "
+    "or option moe_compiler.training=True fuses them; for inference, run under torch.no_grad() / inference_mode)"
+)
 
 
 class InternalError(Reject):
@@ -166,6 +171,9 @@ def _fuse_experts(gm, cand: Candidate, rr: RegionReport, real: dict, config: MoE
                 rr.after = match.after_code(gm)
             if not config.enabled:
                 raise Reject(DISABLED)
+            if not config.training and _needs_grad(match.output):
+                counters["moe_compiler"]["left_for_training"] += 1
+                raise Reject(NEEDS_GRAD)
             rr.check = match.verify(gm, real) if config.verify else SKIPPED
             return match.rewrite(gm)
 
@@ -178,6 +186,13 @@ def _fuse_experts(gm, cand: Candidate, rr: RegionReport, real: dict, config: MoE
     rr.status = "fused"
     counters["moe_compiler"][f"fused_experts_{match.form.value}"] += 1
     return call, match
+
+
+def _needs_grad(output: fx.Node) -> bool:
+    """Whether the region's value takes part in autograd (Dynamo records requires_grad on example values:
+    true when grad mode is on and a parameter or input the region reads requires grad)."""
+    value = example_value(output)
+    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 def _fuse_router(gm, call: fx.Node, rr: RegionReport, real: dict, config: MoECompilerConfig) -> None:

@@ -59,7 +59,7 @@ def test_training_gradients_equal_eager(arch, form):
 
     loss_ref = eager(input_ids=ids, labels=labels).loss
     loss_ref.backward()
-    loss = torch.compile(compiled_model, backend="fused_moe")(input_ids=ids, labels=labels).loss
+    loss = torch.compile(compiled_model, backend="fused_moe", options={"moe_compiler.training": True})(input_ids=ids, labels=labels).loss
     loss.backward()
 
     assert fused_count(form) == MOE_LAYERS[arch]
@@ -77,6 +77,40 @@ def test_training_gradients_equal_eager(arch, form):
     assert checked == 2 * MOE_LAYERS[arch]  # gate_up_proj and down_proj of every MoE layer got gradients
     fused_shared = sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_shared_experts"))
     assert fused_shared == (MOE_LAYERS[arch] if shared else 0)
+
+
+def test_training_forward_keeps_inductors_moe_by_default_and_says_why(tmp_path):
+    """A region whose output needs gradients is left to Inductor unless asked (the op's backward is slower than
+    Inductor's today); the model still trains correctly and the dump says why and how to switch."""
+    eager = tiny_model("qwen3_moe", "grouped_mm", torch.float32).train()
+    model = tiny_model("qwen3_moe", "grouped_mm", torch.float32).train()
+    model.load_state_dict(eager.state_dict())
+    ids, labels = _tokens(seed=1), _tokens(seed=2)
+    options = {"moe_compiler.dump_dir": str(tmp_path)}
+    loss = torch.compile(model, backend="fused_moe", options=options)(input_ids=ids, labels=labels).loss
+    loss.backward()
+    ref = eager(input_ids=ids, labels=labels).loss
+    ref.backward()
+    assert fused_count() == 0
+    assert counters["moe_compiler"]["left_for_training"] == MOE_LAYERS["qwen3_moe"]
+    assert rel_err(loss, ref) <= 1e-5
+    grads = dict(eager.named_parameters())
+    assert all(rel_err(p.grad, grads[n].grad) <= 1e-4 for n, p in model.named_parameters() if p.grad is not None)
+    reasons = "".join(p.read_text() for p in tmp_path.rglob("reason.txt"))
+    assert "needs gradients" in reasons and "moe_compiler.training=True" in reasons
+    # The same compiled model under no_grad (a new graph: Dynamo guards on grad mode) is fused.
+    counters.clear()
+    with torch.no_grad():
+        out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+        assert rel_err(out, model(input_ids=ids).logits) <= 1e-5
+    assert fused_count() == MOE_LAYERS["qwen3_moe"]
+
+
+def test_training_switch_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MOE_COMPILER_TRAINING", "1")
+    model = tiny_model("qwen3_moe", "grouped_mm", torch.float32).train()
+    torch.compile(model, backend="fused_moe")(input_ids=_tokens()).logits.sum().backward()
+    assert fused_count() == MOE_LAYERS["qwen3_moe"] and counters["moe_compiler"]["left_for_training"] == 0
 
 
 def test_dynamic_sequence_length_compiles_once():
@@ -208,7 +242,7 @@ def test_training_step_on_gpu_matches_eager():
     fused.load_state_dict(eager.state_dict())
     ids = torch.randint(0, 128, (2, 9), device="cuda")
     eager(input_ids=ids, labels=ids).loss.backward()
-    torch.compile(fused, backend="fused_moe")(input_ids=ids, labels=ids).loss.backward()
+    torch.compile(fused, backend="fused_moe", options={"moe_compiler.training": True})(input_ids=ids, labels=ids).loss.backward()
     assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
     ref = dict(eager.named_parameters())
     for name, p in fused.named_parameters():

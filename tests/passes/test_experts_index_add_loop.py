@@ -94,7 +94,7 @@ def test_in_place_weight_updates_reach_the_compiled_model():
 def test_training_gradients_match_eager():
     model = _model(FORMS["mixtral_v4"])
     twin = _model(FORMS["mixtral_v4"])
-    compiled = torch.compile(model, backend="fused_moe")
+    compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.training": True})
     compiled(IDS).square().mean().backward()
     twin(IDS).square().mean().backward()
     assert counters["moe_compiler"]["fused_experts_index_add_loop"] == 2
@@ -275,7 +275,7 @@ def test_expert_loop_training_on_gpu_matches_eager():
     eager = TinyLoopLM(FORMS["mixtral_v4"]).cuda()
     ids = torch.randint(0, 64, (2, 9), device="cuda")
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        torch.compile(fused, backend="fused_moe")(ids).square().mean().backward()
+        torch.compile(fused, backend="fused_moe", options={"moe_compiler.training": True})(ids).square().mean().backward()
     eager(ids).square().mean().backward()
     assert counters["moe_compiler"]["fused_experts_index_add_loop"] == 2
     ref = dict(eager.named_parameters())
