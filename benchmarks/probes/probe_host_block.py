@@ -31,7 +31,7 @@ from ..models import MODELS, build, moe_blocks
 VARIANTS = {"inductor": ("inductor", None), "fused_opaque": ("fused_moe", "0"), "fused": ("fused_moe", "1")}
 
 
-def host_us(fn, n: int = 100) -> float:
+def host_us(fn, n: int = 300) -> float:
     """Median wall microseconds from entering fn to its return, the GPU idle before each call."""
     for _ in range(3):
         fn()
