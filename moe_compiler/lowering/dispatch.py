@@ -5,7 +5,8 @@
                                        from triton_config.py; a small shared MLP rides in the decode kernels
                       otherwise     -> torch_experts.py over a segment-matmul implementation (`select`),
                                        the shared MLP by torch_shared.py (cuBLAS)
-    experts backward  every device  -> torch_experts.py / torch_shared.py
+    experts backward  every device  -> torch_experts.py / torch_shared.py (CUDA + Triton with
+                                       MOE_COMPILER_BACKWARD=triton: triton_backward.py, not yet measured)
     (inside torch.compile the Triton launches of a call are recorded into the graph where `experts_inlinable`
     holds: launch.py, ops/inline.py)
     route forward     CUDA + Triton -> triton_route.py (one launch); otherwise torch_route.py
@@ -17,6 +18,7 @@ The Triton modules are imported on first CUDA use only: importing the package ne
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -167,8 +169,28 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
     return out
 
 
+# The Triton backward (triton_backward.py) runs where MOE_COMPILER_BACKWARD=triton asks for it: its kernels are
+# checked against the reference on CPU and compiled for sm90, but not yet measured on a GPU against the torch
+# backward (issue 17), so the default stays the torch one.
+BACKWARD_ENV = "MOE_COMPILER_BACKWARD"
+
+
+def triton_backward_requested() -> bool:
+    value = os.environ.get(BACKWARD_ENV, "torch")
+    if value not in ("torch", "triton"):
+        raise ValueError(f"{BACKWARD_ENV}={value!r}: expected 'torch' (the default) or 'triton'")
+    return value == "triton"
+
+
 def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec):
     """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down); absent biases -> None."""
+    T, k = topk_ids.shape
+    if T and k and not spec.scale_input and device.uses_triton(hidden) and triton_backward_requested():
+        from . import triton_backward
+
+        return triton_backward.experts_backward(
+            grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec
+        )
     impl = select(hidden, w_gate_up, w_down)
     args = (grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
     return torch_experts.experts_backward(impl, *args)

@@ -63,11 +63,12 @@ def _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M: 
 
 @triton.jit(do_not_specialize=["GROUP_M"])  # a runtime knob: tuning it compiles nothing
 def _gate_up_kernel(
-    x_ptr, w_ptr, w_desc, b_ptr, act_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+    x_ptr, w_ptr, w_desc, b_ptr, act_ptr, z_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
+    num_padded_ptr,
     H, I, TOP_K, alpha, limit, GROUP_M,
-    stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am, stride_zm,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(I, BLOCK_N)
@@ -103,6 +104,10 @@ def _gate_up_kernel(
                 acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + expert * stride_be + cols).to(tl.float32)[None, :]
+            if STORE_Z:  # the backward's pre-activation rows, in w_gate_up's row order
+                z_cols = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+                tl.store(z_ptr + slots[:, None] * stride_zm + z_cols[None, :], acc.to(z_ptr.dtype.element_ty),
+                         mask=valid[:, None] & (z_cols < 2 * I)[None, :])
             gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         else:
             n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
@@ -137,6 +142,12 @@ def _gate_up_kernel(
             if HAS_BIAS:
                 gate += tl.load(b_ptr + expert * stride_be + n).to(tl.float32)[None, :]
                 up += tl.load(b_ptr + expert * stride_be + I + n).to(tl.float32)[None, :]
+            if STORE_Z:
+                z_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                z_mask = valid[:, None] & (z_n < I)[None, :]
+                z_ptrs = z_ptr + slots[:, None] * stride_zm + z_n[None, :]
+                tl.store(z_ptrs, gate.to(z_ptr.dtype.element_ty), mask=z_mask)
+                tl.store(z_ptrs + I, up.to(z_ptr.dtype.element_ty), mask=z_mask)
         out = gated_act(gate, up, alpha, limit, ACT)
         n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
@@ -241,9 +252,10 @@ def _weight_desc(w, rows: int, block_k: int, use: bool):
 
 
 def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: ExpertsSpec, config: SortedConfig, k: int,
-                   act, weights=None):
+                   act, weights=None, z=None):
     """act[slot] = act(gate) * up of the pair at each sorted slot (padding slots untouched); with
-    spec.scale_input the pair's router weight (`weights` [S]) scales its row first."""
+    spec.scale_input the pair's router weight (`weights` [S]) scales its row first. With `z` [S_pad, 2I] (the
+    backward's recompute) the pre-activation rows (bias added) are stored there too, in w_gate_up's row order."""
     H, I = hidden.shape[1], act.shape[1]
     gu = config.gate_up
     interleaved = spec.gate_up is GateUpLayout.INTERLEAVED
@@ -251,14 +263,14 @@ def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: Expert
     w_desc = _weight_desc(w_gate_up, (2 if interleaved else 1) * gu.block_n, gu.block_k, use_tma)
     grid = _grid(rows.max_blocks * triton.cdiv(I, gu.block_n), config.programs_per_sm, hidden)
     launch.kernel(_gate_up_kernel)[grid](
-        hidden, w_gate_up, w_desc, b_gate_up if b_gate_up is not None else w_gate_up, act,
+        hidden, w_gate_up, w_desc, b_gate_up if b_gate_up is not None else w_gate_up, act, z if z is not None else act,
         weights if spec.scale_input else act, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m,
         hidden.stride(0), *logical_strides(w_gate_up, spec.transposed),
-        b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0),
+        b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0), z.stride(0) if z is not None else 0,
         ACT=ACT_CODE[spec.activation], INTERLEAVED=interleaved,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, DOT_PRECISION=dot_precision(hidden.dtype),
-        W_TMA=use_tma, SCALE_INPUT=spec.scale_input, BLOCK_M=config.block_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
+        W_TMA=use_tma, SCALE_INPUT=spec.scale_input, STORE_Z=z is not None, BLOCK_M=config.block_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
         WARP_SPEC=gu.warp_specialize, num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
 

@@ -39,6 +39,31 @@ def test_decode_kernels_take_only_small_shared_mlps():
     assert not dispatch._shared_in_kernel(mlp(7168, 2048))
 
 
+def test_triton_backward_on_request_equals_the_torch_backward(monkeypatch):
+    """MOE_COMPILER_BACKWARD=triton routes the experts backward to triton_backward.py (here interpreted on the
+    CPU, uses_triton forced); its gradients equal the torch backward's. A bad value is a clear error."""
+    pytest.importorskip("triton")
+    spec = ExpertsSpec()
+    hidden, ids, weights, w1, w2, _, _ = experts_inputs(7, 32, 16, 4, 2, torch.float32, spec, seed=2)
+    grad_out = torch.randn(7, 32)
+    args = (grad_out, hidden, ids, weights, w1, w2, None, None, spec)
+    want = dispatch.experts_backward(*args)
+    monkeypatch.setattr(device, "uses_triton", lambda t: True)
+    monkeypatch.setenv(dispatch.BACKWARD_ENV, "triton")
+    calls = []
+    from moe_compiler.lowering import triton_backward
+
+    real = triton_backward.experts_backward
+    monkeypatch.setattr(triton_backward, "experts_backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = dispatch.experts_backward(*args)
+    assert calls == [1]
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None) and (g is None or rel_err(g, w) <= 1e-4)
+    monkeypatch.setenv(dispatch.BACKWARD_ENV, "cutlass")
+    with pytest.raises(ValueError, match="expected 'torch' .* or 'triton'"):
+        dispatch.experts_backward(*args)
+
+
 @pytest.mark.gpu
 def test_cuda_forward_takes_triton_and_backward_the_capture_safe_composite(monkeypatch):
     hidden, _, _, w1, w2 = cuda_experts_inputs(4, 8, 2, 256, 128)

@@ -1,0 +1,114 @@
+"""Op-level forward + backward of the experts (issue 17): transformers' experts vs ours, TFLOP/s and memory.
+
+    python -m benchmarks.bench_train_op [--shapes qwen3_30b_a3b mixtral_8x7b gpt_oss_20b] [--tokens 4096 32768]
+
+Per (shape, T), bf16, uniform routing, one process, every variant on the same inputs and parameters:
+    hf_grouped_mm       transformers' grouped_mm experts forward, autograd backward (eager)
+    hf_grouped_mm_tc    the same under torch.compile (Inductor)
+    moe_torch_bwd       torch.ops.moe_compiler.experts, the torch backward (the default)
+    moe_triton_bwd      the same op with MOE_COMPILER_BACKWARD=triton (lowering/triton_backward.py)
+Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_out fixed, gradients of hidden,
+router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
+measure. Memory: peak allocated during a call above what is held before it. Gradients of each variant vs
+hf_grouped_mm's (rel err). GPT-OSS's shape runs with the SwiGLU experts (the op's activation is not what is
+measured here).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import moe_compiler  # noqa: F401 - registers the ops
+from moe_compiler.lowering import dispatch
+from moe_compiler.testing import rel_err
+from moe_compiler.tune.shapes import ALL_SHAPES
+
+from . import harness
+
+VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd")
+
+
+def _inputs(E, k, T, H, gen):
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+    ids = torch.rand(T, E, device="cuda", generator=gen).argsort(dim=1)[:, :k]
+    w = torch.rand(T, k, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_(True)
+    return x, ids, w
+
+
+def _step(fn, x, ids, w, params, grad_out):
+    def run():
+        for t in (x, w, *params):
+            t.grad = None
+        fn(x, ids, w).backward(grad_out)
+
+    return run
+
+
+def point(name, T):
+    E, k, H, I = ALL_SHAPES[name]
+    cfg, experts = harness.hf_experts(E, k, H, I, torch.bfloat16, "cuda")
+    gen = torch.Generator("cuda").manual_seed(T)
+    x, ids, w = _inputs(E, k, T, H, gen)
+    grad_out = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+    params = (experts.gate_up_proj, experts.down_proj)
+    hf = harness.hf_forward(cfg, experts, "grouped_mm")
+    ops = {
+        "hf_grouped_mm": hf,
+        "hf_grouped_mm_tc": torch.compile(hf, dynamic=False),
+        "moe_torch_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
+        "moe_triton_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
+    }
+    row = {"shape": name, "T": T, "E": E, "k": k, "H": H, "I": I}
+    grads = {}
+    for variant in VARIANTS:
+        os.environ[dispatch.BACKWARD_ENV] = "triton" if variant == "moe_triton_bwd" else "torch"
+        step = _step(ops[variant], x, ids, w, params, grad_out)
+        try:
+            step()
+            torch.cuda.synchronize()
+            grads[variant] = [t.grad.float().clone() for t in (x, w, *params)]
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            row[f"{variant}_mem_gib"] = (torch.cuda.max_memory_allocated() - held) / 2**30
+            seconds = harness.events(step, 10)
+        except torch.OutOfMemoryError:
+            print(f"{name} T={T} {variant}: out of memory", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        row[f"{variant}_ms"] = seconds * 1e3
+        row[f"{variant}_tflops"] = 18 * T * k * H * I / seconds / 1e12
+    os.environ[dispatch.BACKWARD_ENV] = "torch"
+    ref = grads.get("hf_grouped_mm")
+    for variant, g in grads.items():
+        if ref is not None and variant != "hf_grouped_mm":
+            row[f"{variant}_grad_err"] = max(rel_err(a, b) for a, b in zip(g, ref))
+    print(row, flush=True)
+    del experts, params, ops, grads
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=[4096, 32768])
+    ap.set_defaults(shapes=["qwen3_30b_a3b", "mixtral_8x7b", "gpt_oss_20b"])
+    args = ap.parse_args()
+    harness.gpu_name()
+    harness.compile_per_shape()
+    rows = [point(name, T) for name in args.shapes for T in args.tokens]
+    print(f"\n{'shape':>16} {'T':>6} " + " ".join(f"{v:>22}" for v in VARIANTS) + "   (TFLOP/s, GiB above inputs)")
+    for r in rows:
+        cells = [f"{r.get(f'{v}_tflops', float('nan')):7.0f} {r.get(f'{v}_mem_gib', float('nan')):6.1f}" for v in VARIANTS]
+        print(f"{r['shape']:>16} {r['T']:>6} " + " ".join(f"{c:>22}" for c in cells))
+    print("grad err vs hf_grouped_mm: " + "; ".join(
+        f"{r['shape']} T={r['T']} " + " ".join(f"{v} {r.get(f'{v}_grad_err', float('nan')):.1e}" for v in VARIANTS[1:])
+        for r in rows))
+    if os.environ.get("OUT"):
+        harness.write_json(os.path.join(os.environ["OUT"], "train_op.json"), rows)
+
+
+if __name__ == "__main__":
+    main()
