@@ -11,6 +11,11 @@ Parts (bf16, no gradients):
     generate    model.generate, static cache, transformers' own auto-compile through
                 CompileConfig(backend=..., mode="reduce-overhead"), 16-token prompt, 128 new tokens,
                 B in {1, 8}: tokens/s (eager: transformers' generate without compiling)
+    train       a training step (forward with labels, backward; no optimizer) at 1 x 4096 and 4 x 4096 tokens,
+                not in the default parts: eager, Inductor, fused_moe as is (a training graph keeps Inductor's
+                MoE), fused_moe with moe_compiler.training=True and the torch backward ("fused_train") and with
+                the Triton backward ("fused_train_triton"); error: the loss vs eager, the largest rel err of an
+                expert weight's gradient vs eager
 Times: median wall time per call over repeated calls after warm-up (CUDA events around each call; a call
 includes its host time, as a user's step does). Compile time: the first call's wall time. Memory: peak
 allocated during the variant. Error: last-token logits vs eager, ||out - ref|| / ||ref||.
@@ -31,7 +36,16 @@ from . import harness
 from .models import MODELS, build
 
 BACKENDS = {"eager": None, "inductor": "inductor", "fused_moe": "fused_moe"}
-PARTS = ("prefill", "decode", "generate")
+PARTS = ("prefill", "decode", "generate", "train")
+DEFAULT_PARTS = ("prefill", "decode", "generate")
+# name -> (torch.compile kwargs or None for eager, MOE_COMPILER_BACKWARD)
+TRAIN_VARIANTS = {
+    "eager": (None, "torch"),
+    "inductor": (dict(backend="inductor"), "torch"),
+    "fused_moe": (dict(backend="fused_moe"), "torch"),
+    "fused_train": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "torch"),
+    "fused_train_triton": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "triton"),
+}
 
 
 def first_call_s(fn) -> float:
@@ -88,6 +102,65 @@ def generate_point(model, backend, B, new_tokens=128, prompt=16):
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}, tokens
 
 
+def _expert_grads(model) -> list[torch.Tensor]:
+    return [p.grad.float().clone() for n, p in model.named_parameters() if ".experts." in n and p.grad is not None]
+
+
+def train_point(model, how, backward: str, ids, reps=5):
+    """(row fields, loss, expert weight gradients) of one training step (forward with labels + backward)."""
+    torch._dynamo.reset()
+    os.environ["MOE_COMPILER_BACKWARD"] = backward
+    fn = model if how is None else torch.compile(model, dynamic=False, **how)
+
+    def call():
+        model.zero_grad(set_to_none=True)
+        loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        compile_s = first_call_s(call)
+        loss = call().detach().float()
+        grads = _expert_grads(model)
+        ms = harness.events(call, reps) * 1e3
+        row = {"ms": ms, "compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    except torch.OutOfMemoryError:
+        print(f"out of memory: {how} {backward}", flush=True)
+        row, loss, grads = {"ms": float("nan"), "compile_s": float("nan"), "peak_gib": float("nan")}, None, None
+    finally:
+        os.environ["MOE_COMPILER_BACKWARD"] = "torch"
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    return row, loss, grads
+
+
+def bench_train(model, name) -> list[dict]:
+    model.train()
+    rows = []
+    V = model.config.vocab_size
+    gen = torch.Generator("cuda").manual_seed(1)
+    for B in (1, 4):
+        ids = torch.randint(0, V, (B, 4096), device="cuda", generator=gen)
+        row = {"model": name, "layers": model.config.num_hidden_layers, "part": f"train {B}x4096", "mode": "default"}
+        ref_loss = ref_grads = None
+        for variant, (how, backward) in TRAIN_VARIANTS.items():
+            cells, loss, grads = train_point(model, how, backward, ids)
+            if how is None:
+                ref_loss, ref_grads = loss, grads
+            elif loss is not None and ref_loss is not None:
+                cells["err"] = rel_err(loss, ref_loss)
+                cells["grad_err"] = max(rel_err(g, r) for g, r in zip(grads, ref_grads))
+            row.update({f"{variant}_{k}": v for k, v in cells.items()})
+            print(row["part"], variant, cells, flush=True)
+        row["speedup"] = row["inductor_ms"] / row["fused_moe_ms"]  # what a user gets today (the guard)
+        row["speedup_fused_train"] = row["inductor_ms"] / row["fused_train_ms"]
+        row["speedup_triton"] = row["inductor_ms"] / row["fused_train_triton_ms"]
+        rows.append(row)
+    model.eval()
+    return rows
+
+
 def bench_model(name, parts, layers=None):
     model = build(name, layers=layers)
     V = model.config.vocab_size
@@ -125,6 +198,8 @@ def bench_model(name, parts, layers=None):
             row["fused_moe_same_tokens_as_eager"] = float((tokens["fused_moe"] == tokens["eager"]).float().mean())
             row["speedup"] = row["fused_moe_tok_s"] / row["inductor_tok_s"]
             rows.append(row)
+    if "train" in parts:
+        rows += bench_train(model, name)
     del model
     torch.cuda.empty_cache()
     return rows
@@ -134,6 +209,8 @@ def print_table(rows):
     print(f"\n{'model':>16} {'part':>12} {'mode':>15} {'unit':>6} {'eager':>9} {'inductor':>9} {'fused':>9} "
           f"{'ratio':>6} {'err ind/fused':>15} {'compile s ind/fused':>20}")
     for r in rows:
+        if r["part"].startswith("train"):
+            continue
         unit = "tok_s" if r["part"].startswith("generate") else "ms"
         cells = [r.get(f"{v}_{unit}") for v in BACKENDS]
         err = f"{r.get('inductor_err', float('nan')):.1e}/{r.get('fused_moe_err', float('nan')):.1e}"
@@ -141,6 +218,15 @@ def print_table(rows):
         print(f"{r['model']:>16} {r['part']:>12} {r['mode']:>15} {'tok/s' if unit == 'tok_s' else 'ms':>6} "
               + " ".join(f"{c:>9.2f}" if c is not None else f"{'-':>9}" for c in cells)
               + f" {r['speedup']:>6.2f} {err:>15} {comp:>20}")
+    train = [r for r in rows if r["part"].startswith("train")]
+    if train:
+        print(f"\ntraining step, ms (ratio: inductor / variant; loss rel err and largest expert-gradient rel err vs eager)")
+        print(f"{'model':>16} {'part':>12} " + " ".join(f"{v:>19}" for v in TRAIN_VARIANTS))
+        for r in train:
+            cells = [f"{r[f'{v}_ms']:8.1f} {r['inductor_ms'] / r[f'{v}_ms']:5.2f}x" for v in TRAIN_VARIANTS]
+            print(f"{r['model']:>16} {r['part']:>12} " + " ".join(f"{c:>19}" for c in cells))
+            print(f"{'':>16} {'err':>12} " + " ".join(
+                f"{r.get(f'{v}_err', 0):8.1e} {r.get(f'{v}_grad_err', 0):8.1e}" for v in TRAIN_VARIANTS))
 
 
 def label(row) -> str:
@@ -172,7 +258,7 @@ def plot(rows, path):
 
 def main():
     ap = harness.parser(__doc__, shapes=MODELS, out="models")
-    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS))
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's entry in models.py)")
     ap.add_argument("--from-json", help="print the table and draw the plot of an earlier run's results file")
     args = ap.parse_args()

@@ -25,3 +25,17 @@ def test_qwen3_example_on_a_local_checkpoint(tmp_path):
     rel = float(out.split("logits vs eager, fused_moe:")[1].split("relative error")[1].split(",")[0])
     assert rel <= 1e-5
     assert "fused_moe" in out.split("forward,")[1]
+
+
+def test_train_example_fuses_on_request_and_follows_eager():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "train_moe.py"), "--steps", "3", "--seq", "16", "--batch", "2",
+         "--variants", "eager", "fused_moe training"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "fused_moe training: loss" in out and "(MoE layers fused: 2, left for training: 0)" in out, out
+    last = out.strip().splitlines()[-1].split()
+    assert last[:2] == ["fused_moe", "training"], out
+    assert float(last[-1]) <= 1e-4, out  # the largest loss difference from eager over the steps
