@@ -333,11 +333,30 @@ def _snapshot(graph: fx.Graph) -> fx.Graph:
     return snapshot
 
 
-def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConfig) -> GraphReport:
-    report = GraphReport(num_nodes=len(gm.graph.nodes))
-    counters["moe_compiler"]["graphs"] += 1
+# Dynamo traces a checkpointed layer (model.gradient_checkpointing_enable(), torch.utils.checkpoint without
+# reentrancy) into a subgraph module called through this higher-order op; its MoE blocks live in that subgraph.
+CHECKPOINT_HOPS = (torch.ops.higher_order.tag_activation_checkpoint,)
+
+
+def checkpoint_bodies(gm: fx.GraphModule) -> list[tuple[fx.GraphModule, dict]]:
+    """(body, {body placeholder: the parent graph's argument node}) of each checkpointed subgraph call."""
+    bodies = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in CHECKPOINT_HOPS or not node.args:
+            continue
+        fn = node.args[0]
+        body = getattr(gm, fn.target, None) if isinstance(fn, fx.Node) and fn.op == "get_attr" else None
+        if isinstance(body, fx.GraphModule):
+            placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+            bodies.append((body, dict(zip(placeholders, node.args[1:]))))
+    return bodies
+
+
+def _fuse_graph(gm: fx.GraphModule, real: dict, report: GraphReport, config: MoECompilerConfig) -> None:
+    """Match and rewrite the MoE regions of one graph (the top-level one or a checkpointed body), adding them to
+    the report; an edit that fails half-way leaves this graph as it was."""
+    first = len(report.regions)
     candidates = find_candidates(gm, report)
-    real = _real_inputs(gm, example_inputs) if candidates else {}
     snapshot = _snapshot(gm.graph) if candidates and config.enabled else None
     try:
         _fuse_all(gm, candidates, report, real, config)
@@ -345,13 +364,27 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
         gm.graph = snapshot
         report.restack.clear()
         log.warning("moe_compiler: a graph edit failed half-way (%s): the whole graph is left unfused", e)
-        reported = {rr.name for rr in report.regions}
-        report.regions += [
-            RegionReport(c.name, c.cls, c.size, found_by=c.found_by) for c in candidates if c.name not in reported
-        ]
-        for rr in report.regions:
+        mine = report.regions[first:]
+        reported = {rr.name for rr in mine}
+        mine += [RegionReport(c.name, c.cls, c.size, found_by=c.found_by) for c in candidates if c.name not in reported]
+        for rr in mine:
             rr.status, rr.reason = "rejected", f"internal error while editing the graph (whole graph left unfused): {e}"
+        report.regions[first:] = mine
         counters["moe_compiler"]["edit_failed"] += 1
+    if any(rr.status == "fused" for rr in report.regions[first:]):
+        gm.graph.lint()
+        gm.recompile()
+
+
+def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConfig) -> GraphReport:
+    report = GraphReport(num_nodes=len(gm.graph.nodes))
+    counters["moe_compiler"]["graphs"] += 1
+    real = _real_inputs(gm, example_inputs)
+    _fuse_graph(gm, real, report, config)
+    for body, args in checkpoint_bodies(gm):
+        body_real = {ph: real[a] for ph, a in args.items() if isinstance(a, fx.Node) and a in real}
+        _fuse_graph(body, body_real, report, config)
+        counters["moe_compiler"]["checkpointed_graphs"] += 1
     if not report.regions and (fragments := find_eager_experts_fragments(gm)):
         rr = RegionReport("<eager experts loop, graph break>", "(no module stack in fragments)", len(fragments),
                           reason=EAGER_FIX, eager=True)
@@ -360,7 +393,4 @@ def fuse_moe_regions(gm: fx.GraphModule, example_inputs, config: MoECompilerConf
         )
         report.regions.append(rr)
         counters["moe_compiler"]["eager_experts_fragments"] += 1
-    if report.fused:
-        gm.graph.lint()
-        gm.recompile()
     return report

@@ -1,0 +1,97 @@
+"""Training as people train transformers models, compiled with fused_moe (moe_compiler.training=True): gradient
+checkpointing, the router's auxiliary loss, frozen experts, autocast. Each against eager (or, under autocast,
+against plain torch.compile, whose own difference from eager is autocast's bf16 rounding)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.hf_models import tiny_model
+
+TRAINING = {"moe_compiler.training": True}
+LAYERS = 2  # the tiny qwen3_moe's MoE layers
+
+
+def _pair(device="cpu"):
+    eager = tiny_model("qwen3_moe", "grouped_mm", torch.float32).to(device).train()
+    return eager, copy.deepcopy(eager)
+
+
+def _ids(seed=0, device="cpu"):
+    return torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _fused():
+    return sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts"))
+
+
+def _assert_grads_equal(model, eager, tol=1e-4):
+    ref = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (ref[name].grad is None), name
+        if p.grad is not None:
+            assert rel_err(p.grad, ref[name].grad) <= tol, (name, rel_err(p.grad, ref[name].grad))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gradient_checkpointing_fuses_inside_the_checkpointed_layers(device):
+    """Dynamo puts each checkpointed layer in a subgraph (tag_activation_checkpoint): its MoE block is fused there
+    (and AOTAutograd recomputes it in the backward like the layer's other ops)."""
+    eager, model = _pair(device)
+    for m in (eager, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = _ids(device=device)
+    eager(input_ids=ids, labels=ids).loss.backward()
+    loss = torch.compile(model, backend="fused_moe", options=TRAINING)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert _fused() == LAYERS and counters["moe_compiler"]["checkpointed_graphs"] == LAYERS
+    _assert_grads_equal(model, eager)
+
+
+def test_router_auxiliary_loss_flows_through_the_fused_router():
+    eager, model = _pair()
+    ids = _ids(1)
+    ref = eager(input_ids=ids, labels=ids, output_router_logits=True)
+    out = torch.compile(model, backend="fused_moe", options=TRAINING)(input_ids=ids, labels=ids,
+                                                                      output_router_logits=True)
+    assert out.aux_loss is not None and rel_err(out.aux_loss, ref.aux_loss) <= 1e-5
+    ref.loss.backward()
+    out.loss.backward()  # transformers adds router_aux_loss_coef * aux_loss into loss
+    assert _fused() == LAYERS and counters["moe_compiler"]["fused_router_softmax_topk"] == LAYERS
+    _assert_grads_equal(model, eager)
+
+
+def test_frozen_experts_get_no_gradient_and_the_rest_trains():
+    eager, model = _pair()
+    for m in (eager, model):
+        for name, p in m.named_parameters():
+            if ".experts." in name:
+                p.requires_grad_(False)
+    ids = _ids(2)
+    eager(input_ids=ids, labels=ids).loss.backward()
+    torch.compile(model, backend="fused_moe", options=TRAINING)(input_ids=ids, labels=ids).loss.backward()
+    assert _fused() == LAYERS
+    _assert_grads_equal(model, eager)  # experts: no gradient on either side; routers, attention: equal
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_autocast_keeps_the_experts_in_the_weights_dtype_as_transformers_does(dtype):
+    """transformers' grouped_mm experts are not autocast-enabled (their input is cast to the weights' dtype): with
+    fp32 weights under autocast they compute in fp32, and so does the fused op (its numerical check compares the
+    two at compile time). Losses and gradients equal plain torch.compile's under the same autocast."""
+    _, model = _pair()
+    inductor = copy.deepcopy(model)
+    ids = _ids(3)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = torch.compile(model, backend="fused_moe", options=TRAINING)(input_ids=ids, labels=ids).loss
+        ref = torch.compile(inductor)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    ref.backward()
+    assert _fused() == LAYERS and counters["moe_compiler"]["rejected_experts"] == 0
+    assert rel_err(loss, ref) <= 1e-5
+    _assert_grads_equal(model, inductor, tol=1e-3)
