@@ -66,7 +66,14 @@ def test_router_auxiliary_loss_flows_through_the_fused_router():
     _assert_grads_equal(model, eager)
 
 
-def test_frozen_experts_get_no_gradient_and_the_rest_trains():
+def test_frozen_experts_get_no_gradient_and_the_rest_trains(monkeypatch):
+    """Frozen experts cost no weight-gradient work: the op's backward is asked for none."""
+    from moe_compiler.lowering import dispatch
+
+    asked = []
+    real = dispatch.experts_backward
+    monkeypatch.setattr(dispatch, "experts_backward",
+                        lambda *a, weight_grads=True, **kw: asked.append(weight_grads) or real(*a, weight_grads=weight_grads, **kw))
     eager, model = _pair()
     for m in (eager, model):
         for name, p in m.named_parameters():
@@ -75,7 +82,7 @@ def test_frozen_experts_get_no_gradient_and_the_rest_trains():
     ids = _ids(2)
     eager(input_ids=ids, labels=ids).loss.backward()
     torch.compile(model, backend="fused_moe", options=TRAINING)(input_ids=ids, labels=ids).loss.backward()
-    assert _fused() == LAYERS
+    assert _fused() == LAYERS and asked == [False] * LAYERS
     _assert_grads_equal(model, eager)  # experts: no gradient on either side; routers, attention: equal
 
 

@@ -182,18 +182,21 @@ def triton_backward_requested() -> bool:
     return value == "triton"
 
 
-def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec):
-    """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down); absent biases -> None."""
+def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
+                     weight_grads: bool = True):
+    """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down); absent biases -> None, and
+    every weight's and bias's gradient None without weight_grads (frozen experts)."""
     T, k = topk_ids.shape
     if T and k and not spec.scale_input and device.uses_triton(hidden) and triton_backward_requested():
         from . import triton_backward
 
         return triton_backward.experts_backward(
-            grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec
+            grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec,
+            weight_grads=weight_grads,
         )
     impl = select(hidden, w_gate_up, w_down)
     args = (grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
-    return torch_experts.experts_backward(impl, *args)
+    return torch_experts.experts_backward(impl, *args, weight_grads=weight_grads)
 
 
 def _gated_rows(t: torch.Tensor):
@@ -205,9 +208,10 @@ def _gated_rows(t: torch.Tensor):
     return torch_shared.torch_gated_rows
 
 
-def shared_backward(grad_out, hidden, shared: SharedMLP, spec: ExpertsSpec):
-    """Gradients of the shared term w.r.t. (hidden, gate, up, down, expert_gate or None)."""
-    return torch_shared.backward(grad_out, hidden, shared, spec, _gated_rows(hidden))
+def shared_backward(grad_out, hidden, shared: SharedMLP, spec: ExpertsSpec, weight_grads: bool = True):
+    """Gradients of the shared term w.r.t. (hidden, gate, up, down, expert_gate or None); the weights' are None
+    without weight_grads."""
+    return torch_shared.backward(grad_out, hidden, shared, spec, _gated_rows(hidden), weight_grads=weight_grads)
 
 
 # --- route -----------------------------------------------------------------------------------------------

@@ -84,12 +84,15 @@ def experts_forward(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_g
     return _unpermute_sum(y, seg, T, k).to(hidden.dtype)
 
 
-def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec):
-    """Returns (d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down); absent biases -> None."""
+def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec,
+                     weight_grads=True):
+    """Returns (d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down); absent biases -> None;
+    without weight_grads (frozen experts) the weights' and biases' are None and not computed."""
     T, k = topk_ids.shape
     if T == 0 or k == 0:
         zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
-        return (zeros(hidden), zeros(topk_weights), zeros(w_gate_up), zeros(w_down), zeros(b_gate_up), zeros(b_down))
+        wz = zeros if weight_grads else (lambda t: None)
+        return (zeros(hidden), zeros(topk_weights), wz(w_gate_up), wz(w_down), wz(b_gate_up), wz(b_down))
     seg, x, h, a, y = _forward_rows(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
     cdt = impl.compute_dtype(hidden.dtype)
     tr = spec.transposed
@@ -102,19 +105,20 @@ def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, 
         d_weights = (g * y).sum(-1)[seg.inverse]
         dy = g * s  # [S, H]
 
-    d_b_down = None
-    if b_down is not None:
+    d_b_down = d_w_down = d_b_gate_up = d_w_gate_up = None
+    if b_down is not None and weight_grads:
         d_b_down = torch.zeros_like(b_down, dtype=torch.float32).index_add_(0, seg.sorted_ids.long(), dy)
     dy_c = dy.to(cdt)
-    d_w_down = _proj_dw(impl, a, dy_c, seg, tr)
+    if weight_grads:
+        d_w_down = _proj_dw(impl, a, dy_c, seg, tr)
     da = _proj_dx(impl, dy_c, w_down, seg, tr).float()  # [S, I]
 
     dh = gated_backward(da, h, spec)  # [S, 2I] fp32
-    d_b_gate_up = None
-    if b_gate_up is not None:
+    if b_gate_up is not None and weight_grads:
         d_b_gate_up = torch.zeros_like(b_gate_up, dtype=torch.float32).index_add_(0, seg.sorted_ids.long(), dh)
     dh_c = dh.to(cdt)
-    d_w_gate_up = _proj_dw(impl, x, dh_c, seg, tr)
+    if weight_grads:
+        d_w_gate_up = _proj_dw(impl, x, dh_c, seg, tr)
     dx = _proj_dx(impl, dh_c, w_gate_up, seg, tr)  # [S, H], w.r.t. the GEMM's input rows
     if spec.scale_input:
         # rows = weight * x: d weight = <x, d rows>, d x = weight * d rows

@@ -42,8 +42,10 @@ def forward(routed: torch.Tensor, x: torch.Tensor, mlp: SharedMLP, spec: Experts
     return routed.addcmul_(s, y)
 
 
-def backward(grad_out: torch.Tensor, x: torch.Tensor, mlp: SharedMLP, spec: ExpertsSpec, gated_rows=torch_gated_rows):
-    """Gradients of s * MLP(x) w.r.t. (x, gate, up, down, expert_gate); expert_gate's is None without one."""
+def backward(grad_out: torch.Tensor, x: torch.Tensor, mlp: SharedMLP, spec: ExpertsSpec, gated_rows=torch_gated_rows,
+             weight_grads: bool = True):
+    """Gradients of s * MLP(x) w.r.t. (x, gate, up, down, expert_gate); expert_gate's is None without one, and
+    every weight's is None (not computed) without weight_grads."""
     g, u, a, y = _mlp(x, mlp, spec, gated_rows)
     grad = grad_out.float()
     d_z = None  # d loss / d (x wg^T), the expert gate's pre-sigmoid input
@@ -52,11 +54,15 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, mlp: SharedMLP, spec: Expe
         d_z = (grad * y.float()).sum(-1, keepdim=True) * s * (1 - s)
         grad = grad * s
     dy = grad.to(x.dtype)
-    d_down = dy.t() @ a
+    d_down = dy.t() @ a if weight_grads else None
     d_g, d_u = gated_backward_halves((dy @ mlp.down).float(), g.float(), u.float(), spec)
     d_g, d_u = d_g.to(x.dtype), d_u.to(x.dtype)
     d_x = (d_g @ mlp.gate).float() + (d_u @ mlp.up).float()
+    if d_z is not None:
+        d_x = d_x + d_z * mlp.expert_gate.float()
+    if not weight_grads:
+        return d_x, None, None, None, None
     if d_z is None:
         return d_x, d_g.t() @ x, d_u.t() @ x, d_down, None
     d_expert_gate = (d_z.t() @ x.float()).to(mlp.expert_gate.dtype)
-    return d_x + d_z * mlp.expert_gate.float(), d_g.t() @ x, d_u.t() @ x, d_down, d_expert_gate
+    return d_x, d_g.t() @ x, d_u.t() @ x, d_down, d_expert_gate

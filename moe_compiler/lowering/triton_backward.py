@@ -264,9 +264,10 @@ def launch_dz(grad_out, rows: AlignedRows, w_down, b_down, z, dz, ds_part, weigh
 
 
 def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
-                     spec: ExpertsSpec, config: BackwardConfig | None = None):
-    """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down), absent biases -> None; the
-    contract of torch_experts.experts_backward. T > 0, k > 0, not spec.scale_input; sizes checked by the op."""
+                     spec: ExpertsSpec, config: BackwardConfig | None = None, weight_grads: bool = True):
+    """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down), absent biases -> None, the
+    weights' and biases' None without weight_grads (their two kernels not launched); the contract of
+    torch_experts.experts_backward. T > 0, k > 0, not spec.scale_input; sizes checked by the op."""
     if spec.scale_input:
         raise ValueError("moe_compiler: the Triton backward does not cover scale_input; use the torch backward")
     T, H = hidden.shape
@@ -299,6 +300,8 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     d_hidden = hidden.new_empty(T, H)
     launch_combine(dx_rows, rows, k, d_hidden)
 
+    if not weight_grads:
+        return d_hidden, d_weights.to(topk_weights.dtype), None, None, None, None
     d_w_down = torch.empty_like(w_down)
     d_b_down = torch.empty_like(b_down) if b_down is not None else None
     launch_wgrad(grad_out, act, d_w_down, d_b_down, weights, rows, k, config, left_gather=True, left_scale=True,

@@ -74,22 +74,25 @@ inline.register(experts, _inlinable, lambda *tensors, **spec: forward(*bind(tens
 @torch.library.custom_op(
     "moe_compiler::experts_backward",
     mutates_args=(),
-    schema=schema(ExpertsTensors, ExpertsSpec, _GRADS, leading=("Tensor grad_out",)),
+    schema=schema(ExpertsTensors, ExpertsSpec, _GRADS, leading=("Tensor grad_out", "bool weight_grads")),
 )
-def experts_backward(grad_out: Tensor, *tensors, **spec) -> tuple[Tensor, ...]:
+def experts_backward(grad_out: Tensor, weight_grads: bool, *tensors, **spec) -> tuple[Tensor, ...]:
     """One gradient per ExpertsTensors field, in order; an empty [0] tensor where there is none (the integer
-    ids, an absent tensor). The routed and the shared term's gradients w.r.t. hidden are summed."""
+    ids, an absent tensor, and every weight and bias without weight_grads: frozen experts are not paid for).
+    The routed and the shared term's gradients w.r.t. hidden are summed."""
     t, spec, shared = bind(tensors, spec)
     routed = dispatch.experts_backward(
-        grad_out, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down, t.b_gate_up, t.b_down, spec
+        grad_out, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down, t.b_gate_up, t.b_down, spec,
+        weight_grads=weight_grads,
     )
     d_hidden, d_weights, d_gu, d_down, d_bgu, d_bdown = routed
     d_shared = (None,) * 4
     if shared is not None:
-        d_x, d_gate, d_up, d_sdown, d_egate = dispatch.shared_backward(grad_out, t.hidden, shared, spec)
+        d_x, d_gate, d_up, d_sdown, d_egate = dispatch.shared_backward(grad_out, t.hidden, shared, spec,
+                                                                       weight_grads=weight_grads)
         d_hidden = d_hidden + d_x.to(t.hidden.dtype)
         dtype = t.shared_down_proj.dtype
-        if t.shared_up_proj is None:  # one fused [2Is, H] weight: gate rows, then up
+        if t.shared_up_proj is None and weight_grads:  # one fused [2Is, H] weight: gate rows, then up
             d_gate, d_up = torch.cat([d_gate, d_up]), None
         d_shared = tuple(None if g is None else g.to(dtype) for g in (d_gate, d_up, d_sdown, d_egate))
     grads = (d_hidden, None, d_weights, d_gu, d_down, d_bgu, d_bdown, *d_shared)
@@ -97,9 +100,17 @@ def experts_backward(grad_out: Tensor, *tensors, **spec) -> tuple[Tensor, ...]:
 
 
 @experts_backward.register_fake
-def _(grad_out, *tensors, **spec):
+def _(grad_out, weight_grads, *tensors, **spec):
     t, _, _ = bind(tensors, spec)
-    return tuple(t.hidden.new_empty(0) if x is None or not x.is_floating_point() else torch.empty_like(x) for x in t)
+    return tuple(
+        t.hidden.new_empty(0) if x is None or not x.is_floating_point() or (i in _WEIGHTS and not weight_grads)
+        else torch.empty_like(x)
+        for i, x in enumerate(t)
+    )
+
+
+# Positions of the weights and biases among ExpertsTensors (routed and shared): their gradients come together.
+_WEIGHTS = frozenset(i for i, name in enumerate(ExpertsTensors._fields) if name not in ("hidden", "topk_ids", "topk_weights"))
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -109,9 +120,14 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 
 def _backward(ctx, grad_out):
     tensors = ctx.saved_tensors
-    grads = torch.ops.moe_compiler.experts_backward(grad_out.contiguous(), *tensors, **ctx.spec)
-    # None for the integer ids and for absent tensors (autograd wants no gradient there).
-    return tuple(None if x is None or not x.is_floating_point() else g for x, g in zip(tensors, grads))
+    needs = ctx.needs_input_grad  # positional inputs up to the last one given
+    weight_grads = any(i < len(needs) and needs[i] for i in _WEIGHTS)
+    grads = torch.ops.moe_compiler.experts_backward(grad_out.contiguous(), weight_grads, *tensors, **ctx.spec)
+    # None for the integer ids, absent tensors and the frozen weights (autograd wants no gradient there).
+    return tuple(
+        None if x is None or not x.is_floating_point() or (i in _WEIGHTS and not weight_grads) else g
+        for i, (x, g) in enumerate(zip(tensors, grads))
+    )
 
 
 experts.register_autograd(_backward, setup_context=_setup_context)

@@ -62,20 +62,22 @@ def _(*tensors, **spec):
 @torch.library.custom_op(
     "moe_compiler::experts_unstacked_backward",
     mutates_args=(),
-    schema=schema(UnstackedTensors, ExpertsSpec, "(Tensor, Tensor, Tensor, Tensor)", leading=("Tensor grad_out",)),
+    schema=schema(UnstackedTensors, ExpertsSpec, "(Tensor, Tensor, Tensor, Tensor)",
+                  leading=("Tensor grad_out", "bool weight_grads")),
 )
-def experts_unstacked_backward(grad_out: Tensor, *tensors, **spec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def experts_unstacked_backward(grad_out: Tensor, weight_grads: bool, *tensors, **spec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. (hidden, topk_weights, stacked gate_up [E, 2I, H], stacked down [E, H, I]); the
-    autograd formula hands each part its slice."""
+    autograd formula hands each part its slice. Without weight_grads the last two are empty [0] tensors."""
     t, spec = _stacked(tensors, spec)
-    grads = dispatch.experts_backward(grad_out, *t[:5], None, None, spec)
-    return grads[:4]
+    grads = dispatch.experts_backward(grad_out, *t[:5], None, None, spec, weight_grads=weight_grads)
+    return tuple(t.hidden.new_empty(0) if g is None else g for g in grads[:4])
 
 
 @experts_unstacked_backward.register_fake
-def _(grad_out, *tensors, **spec):
+def _(grad_out, weight_grads, *tensors, **spec):
     t = UnstackedTensors(*tensors)
-    return (torch.empty_like(t.hidden), torch.empty_like(t.topk_weights), *_stacked_like(t))
+    weights = _stacked_like(t) if weight_grads else (t.hidden.new_empty(0), t.hidden.new_empty(0))
+    return (torch.empty_like(t.hidden), torch.empty_like(t.topk_weights), *weights)
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -89,9 +91,13 @@ def _backward(ctx, grad_out):
     hidden, topk_ids, topk_weights, *parts = ctx.saved_tensors
     n_gu, _ = ctx.num_parts
     w_gate_up, w_down = parts[:n_gu], parts[n_gu:]
+    needs = ctx.needs_input_grad
+    weight_grads = any(needs[3:5])
     d_hidden, d_weights, d_gu, d_down = torch.ops.moe_compiler.experts_unstacked_backward(
-        grad_out.contiguous(), hidden, topk_ids, topk_weights, w_gate_up, w_down, **ctx.spec
+        grad_out.contiguous(), weight_grads, hidden, topk_ids, topk_weights, w_gate_up, w_down, **ctx.spec
     )
+    if not weight_grads:  # frozen experts: nothing computed for them
+        return d_hidden, None, d_weights, None, None
     rows, H = w_gate_up[0].shape
     return (
         d_hidden,

@@ -2,9 +2,9 @@
 fakes' argument binding and the passes' typed view of an op-call node are all made.
 
     experts(<ExpertsTensors>, *, <ExpertsSpec fields>) -> out [T, H]
-    experts_backward(grad_out, <ExpertsTensors>, *, <ExpertsSpec fields>) -> one gradient per ExpertsTensors field
+    experts_backward(grad_out, weight_grads, <ExpertsTensors>, *, <ExpertsSpec fields>) -> one gradient per ExpertsTensors field
     experts_unstacked(<UnstackedTensors>, *, <ExpertsSpec fields>) -> out [T, H]
-    experts_unstacked_backward(grad_out, <UnstackedTensors>, *, <ExpertsSpec fields>) -> 4 gradients
+    experts_unstacked_backward(grad_out, weight_grads, <UnstackedTensors>, *, <ExpertsSpec fields>) -> 4 gradients
     route(<RouteTensors>, *, <RouterSpec fields>) -> (weights [T, k] fp32, ids [T, k] int64)
     route_backward(grad_weights, router_logits, ids, *, <RouterSpec fields>) -> d router_logits
 

@@ -34,6 +34,11 @@ def test_forward_and_backward(impl, spec, bias):
     ref = experts_reference(leaves[0], ids, leaves[1], leaves[2], leaves[3], *biases, spec=spec)
     for got, want in zip(grads, torch.autograd.grad(ref, leaves, grad_out.double())):
         assert rel_err(got, want) <= 1e-5
+    # Frozen experts: the same input gradients, no weight or bias gradient computed.
+    frozen = torch_experts.experts_backward(impl, grad_out, hidden, ids, weights, w1, w2, b1, b2, spec,
+                                            weight_grads=False)
+    assert frozen[2:] == (None,) * 4
+    assert torch.equal(frozen[0], grads[0]) and torch.equal(frozen[1], grads[1])
 
 
 def test_GatherBmm_chunks(monkeypatch):

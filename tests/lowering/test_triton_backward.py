@@ -86,6 +86,16 @@ def test_run_to_run_identical():
         assert torch.equal(a, b)
 
 
+def test_frozen_experts_launch_no_weight_gradient_kernel():
+    spec = COVERED[-1]  # with biases
+    _, dev = device_inputs(9, 32, 16, 4, 2, torch.float32, spec, seed=6)
+    grad_out = torch.randn(9, 32, device=DEVICE)
+    full = triton_backward.experts_backward(grad_out, *dev, spec, CONFIG)
+    frozen = triton_backward.experts_backward(grad_out, *dev, spec, CONFIG, weight_grads=False)
+    assert frozen[2:] == (None,) * 4
+    assert torch.equal(frozen[0], full[0]) and torch.equal(frozen[1], full[1])
+
+
 def test_scale_input_is_refused_with_the_way_out():
     spec = next(s for s in SPECS if s.scale_input)
     _, dev = device_inputs(3, 16, 16, 2, 1, torch.float32, spec)

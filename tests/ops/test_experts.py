@@ -273,6 +273,23 @@ def test_shared_experts_backward_matches_fp64_autograd(fused, gated):
 
 
 @pytest.mark.parametrize("fused,gated", FORMS, ids=["gate_up-gated", "fused-plain", "gate_up-plain"])
+def test_frozen_weights_give_the_same_input_gradients_and_none_of_their_own(fused, gated):
+    """Routed and shared weights frozen (LoRA-style fine-tuning): hidden's and the router weights' gradients are
+    those of the full backward, and no weight gradient exists."""
+    spec = ExpertsSpec()
+    hidden, ids, weights, w1, w2, _, _ = experts_inputs(5, 16, 8, 4, 2, torch.float32)
+    shared = shared_inputs(16, 12, torch.float32, fused, gated)
+    grad = torch.randn(5, 16)
+    hidden.requires_grad_()
+    weights.requires_grad_()
+    frozen = torch.autograd.grad(call((hidden, ids, weights, w1, w2, None, None), shared, spec), (hidden, weights), grad)
+    w1.requires_grad_()
+    full = torch.autograd.grad(call((hidden, ids, weights, w1, w2, None, None), shared, spec), (hidden, weights, w1), grad)
+    assert torch.equal(frozen[0], full[0]) and torch.equal(frozen[1], full[1])
+    assert w2.grad is None and w1.grad is None
+
+
+@pytest.mark.parametrize("fused,gated", FORMS, ids=["gate_up-gated", "fused-plain", "gate_up-plain"])
 def test_shared_experts_opcheck(fused, gated):
     routed = _trainable(experts_inputs(4, 16, 8, 4, 2, torch.float32))
     gate_up, down, gate = shared_inputs(16, 12, torch.float32, fused, gated)

@@ -62,6 +62,18 @@ def test_backward_gives_each_part_its_gradient():
         assert rel_err(got, want) <= 1e-5
 
 
+def test_frozen_parts_get_no_gradient_and_the_input_one_is_unchanged():
+    _, _, gate_up, down = _parts(2)
+    hidden, ids, weights = _routing(9, 2)
+    x = hidden.clone().requires_grad_()
+    OP(x, ids, weights, gate_up, down, **ExpertsSpec().op_kwargs()).square().sum().backward()
+    frozen = x.grad.clone()
+    parts = [torch.nn.Parameter(p.clone()) for p in gate_up + down]
+    x.grad = None
+    OP(x, ids, weights, parts[: 2 * E], parts[2 * E:], **ExpertsSpec().op_kwargs()).square().sum().backward()
+    assert torch.equal(x.grad, frozen) and all(p.grad is not None for p in parts)
+
+
 def test_opcheck():
     _, _, gate_up, down = _parts(2)
     restack_experts(gate_up), restack_experts(down)
