@@ -220,7 +220,8 @@ def print_table(rows):
               + f" {r['speedup']:>6.2f} {err:>15} {comp:>20}")
     train = [r for r in rows if r["part"].startswith("train")]
     if train:
-        print(f"\ntraining step, ms (ratio: inductor / variant; loss rel err and largest expert-gradient rel err vs eager)")
+        print("\ntraining step, ms (ratio: inductor / variant; loss rel err and largest expert-gradient rel err "
+              "vs eager)")
         print(f"{'model':>16} {'part':>12} " + " ".join(f"{v:>19}" for v in TRAIN_VARIANTS))
         for r in train:
             cells = [f"{r[f'{v}_ms']:8.1f} {r['inductor_ms'] / r[f'{v}_ms']:5.2f}x" for v in TRAIN_VARIANTS]

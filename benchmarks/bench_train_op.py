@@ -87,7 +87,7 @@ def point(name, T):
         if ref is not None and variant != "hf_grouped_mm":
             row[f"{variant}_grad_err"] = max(rel_err(a, b) for a, b in zip(g, ref))
     print(row, flush=True)
-    del experts, params, ops, grads
+    del ops, grads
     torch.cuda.empty_cache()
     return row
 
@@ -101,7 +101,8 @@ def main():
     rows = [point(name, T) for name in args.shapes for T in args.tokens]
     print(f"\n{'shape':>16} {'T':>6} " + " ".join(f"{v:>22}" for v in VARIANTS) + "   (TFLOP/s, GiB above inputs)")
     for r in rows:
-        cells = [f"{r.get(f'{v}_tflops', float('nan')):7.0f} {r.get(f'{v}_mem_gib', float('nan')):6.1f}" for v in VARIANTS]
+        nan = float("nan")
+        cells = [f"{r.get(f'{v}_tflops', nan):7.0f} {r.get(f'{v}_mem_gib', nan):6.1f}" for v in VARIANTS]
         print(f"{r['shape']:>16} {r['T']:>6} " + " ".join(f"{c:>22}" for c in cells))
     print("grad err vs hf_grouped_mm: " + "; ".join(
         f"{r['shape']} T={r['T']} " + " ".join(f"{v} {r.get(f'{v}_grad_err', float('nan')):.1e}" for v in VARIANTS[1:])

@@ -132,7 +132,8 @@ def main():
         results[name] = train(model, VARIANTS[name], data, args.lr, args.device)
         counts = dict(torch._dynamo.utils.counters["moe_compiler"])
         fused = sum(v for k, v in counts.items() if k.startswith("fused_experts"))
-        note = f" (MoE layers fused: {fused}, left for training: {counts.get('left_for_training', 0)})" if counts else ""
+        left = counts.get("left_for_training", 0)
+        note = f" (MoE layers fused: {fused}, left for training: {left})" if counts else ""
         print(f"{name}: loss {results[name][0][0]:.3f} -> {results[name][0][-1]:.3f}{note}")
     print("\nstep  " + "  ".join(f"{n:>18}" for n in results))
     for i in range(args.steps):

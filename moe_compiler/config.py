@@ -44,8 +44,8 @@ class MoECompilerConfig:
             "verify": os.environ.get("MOE_COMPILER_VERIFY", "1") != "0",
             "dump_dir": os.environ.get("MOE_COMPILER_DUMP_DIR") or None,
             "shared_experts": os.environ.get("MOE_COMPILER_SHARED_EXPERTS", "1") != "0",
-            "autotune": triton_config.autotune_enabled(),
-            "training": os.environ.get("MOE_COMPILER_TRAINING", "0") == "1",  # MOE_COMPILER_AUTOTUNE, parsed where lookups read it
+            "autotune": triton_config.autotune_enabled(),  # MOE_COMPILER_AUTOTUNE, parsed where lookups read it
+            "training": os.environ.get("MOE_COMPILER_TRAINING", "0") == "1",
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

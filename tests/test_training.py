@@ -72,8 +72,11 @@ def test_frozen_experts_get_no_gradient_and_the_rest_trains(monkeypatch):
 
     asked = []
     real = dispatch.experts_backward
-    monkeypatch.setattr(dispatch, "experts_backward",
-                        lambda *a, weight_grads=True, **kw: asked.append(weight_grads) or real(*a, weight_grads=weight_grads, **kw))
+    def spy(*args, weight_grads=True, **kwargs):
+        asked.append(weight_grads)
+        return real(*args, weight_grads=weight_grads, **kwargs)
+
+    monkeypatch.setattr(dispatch, "experts_backward", spy)
     eager, model = _pair()
     for m in (eager, model):
         for name, p in m.named_parameters():

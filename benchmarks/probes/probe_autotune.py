@@ -71,12 +71,14 @@ def main():
             row["ratio"] = row["found_us"] / row["committed_us"]
             print(row, flush=True)
             rows.append(row)
-    print(f"\n{'shape':>16} {'T':>6} {'committed us':>13} {'found us':>9} {'ratio':>6} {'default us':>11} {'search s':>9}")
+    print(f"\n{'shape':>16} {'T':>6} {'committed us':>13} {'found us':>9} {'ratio':>6} {'default us':>11} "
+          f"{'search s':>9}")
     for r in rows:
         print(f"{r['shape']:>16} {r['T']:>6} {r['committed_us']:>13.1f} {r['found_us']:>9.1f} {r['ratio']:>6.3f} "
               f"{r['default_us']:>11.1f} {r['search_s']:>9.0f}")
     if rows:
-        print(f"worst ratio {max(r['ratio'] for r in rows):.3f}, geomean {harness.geomean([r['ratio'] for r in rows]):.3f}")
+        ratios = [r["ratio"] for r in rows]
+        print(f"worst ratio {max(ratios):.3f}, geomean {harness.geomean(ratios):.3f}")
     if os.environ.get("OUT"):
         harness.write_json(os.path.join(os.environ["OUT"], "probe_autotune.json"), rows)
 

@@ -105,7 +105,8 @@ def main():
                 rows.append(row)
         del model, blocks, stacks
         torch.cuda.empty_cache()
-    print(f"\nhost µs per MoE layer (host µs of a 1-layer graph call), GPU µs per {rows[0]['layers']}-layer call (CUDA graph)")
+    print(f"\nhost µs per MoE layer (host µs of a 1-layer graph call), GPU µs per {rows[0]['layers']}-layer call "
+          "(CUDA graph)")
     print(f"{'model':>16} {'T':>4} " + " ".join(f"{v:>24}" for v in VARIANTS))
     for r in rows:
         cells = [f"{r[f'{v}_host_per_layer']:6.1f} ({r[f'{v}_host_1']:5.1f}) {r[f'{v}_gpu_us']:7.0f}"

@@ -270,7 +270,8 @@ def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: Expert
         b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0), z.stride(0) if z is not None else 0,
         ACT=ACT_CODE[spec.activation], INTERLEAVED=interleaved,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, DOT_PRECISION=dot_precision(hidden.dtype),
-        W_TMA=use_tma, SCALE_INPUT=spec.scale_input, STORE_Z=z is not None, BLOCK_M=config.block_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
+        W_TMA=use_tma, SCALE_INPUT=spec.scale_input, STORE_Z=z is not None, BLOCK_M=config.block_m, BLOCK_N=gu.block_n,
+        BLOCK_K=gu.block_k,
         WARP_SPEC=gu.warp_specialize, num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
 

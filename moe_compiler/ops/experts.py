@@ -110,7 +110,9 @@ def _(grad_out, weight_grads, *tensors, **spec):
 
 
 # Positions of the weights and biases among ExpertsTensors (routed and shared): their gradients come together.
-_WEIGHTS = frozenset(i for i, name in enumerate(ExpertsTensors._fields) if name not in ("hidden", "topk_ids", "topk_weights"))
+_WEIGHTS = frozenset(
+    i for i, name in enumerate(ExpertsTensors._fields) if name not in ("hidden", "topk_ids", "topk_weights")
+)
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):

@@ -65,7 +65,8 @@ def _(*tensors, **spec):
     schema=schema(UnstackedTensors, ExpertsSpec, "(Tensor, Tensor, Tensor, Tensor)",
                   leading=("Tensor grad_out", "bool weight_grads")),
 )
-def experts_unstacked_backward(grad_out: Tensor, weight_grads: bool, *tensors, **spec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def experts_unstacked_backward(grad_out: Tensor, weight_grads: bool, *tensors,
+                               **spec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. (hidden, topk_weights, stacked gate_up [E, 2I, H], stacked down [E, H, I]); the
     autograd formula hands each part its slice. Without weight_grads the last two are empty [0] tensors."""
     t, spec = _stacked(tensors, spec)

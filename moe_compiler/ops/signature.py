@@ -2,7 +2,7 @@
 fakes' argument binding and the passes' typed view of an op-call node are all made.
 
     experts(<ExpertsTensors>, *, <ExpertsSpec fields>) -> out [T, H]
-    experts_backward(grad_out, weight_grads, <ExpertsTensors>, *, <ExpertsSpec fields>) -> one gradient per ExpertsTensors field
+    experts_backward(grad_out, weight_grads, <ExpertsTensors>, *, <ExpertsSpec fields>) -> a gradient per tensor
     experts_unstacked(<UnstackedTensors>, *, <ExpertsSpec fields>) -> out [T, H]
     experts_unstacked_backward(grad_out, weight_grads, <UnstackedTensors>, *, <ExpertsSpec fields>) -> 4 gradients
     route(<RouteTensors>, *, <RouterSpec fields>) -> (weights [T, k] fp32, ids [T, k] int64)

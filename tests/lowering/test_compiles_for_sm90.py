@@ -23,7 +23,8 @@ SCRIPT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from moe_compiler.lowering import device, launch, triton_act, triton_backward, triton_decode, triton_experts, triton_route
+from moe_compiler.lowering import (device, launch, triton_act, triton_backward, triton_decode, triton_experts,
+                                   triton_route)
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout, RouteOrder, RouterSpec, Scoring, SharedMLP
 from moe_compiler.testing import experts_inputs

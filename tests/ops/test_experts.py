@@ -282,9 +282,10 @@ def test_frozen_weights_give_the_same_input_gradients_and_none_of_their_own(fuse
     grad = torch.randn(5, 16)
     hidden.requires_grad_()
     weights.requires_grad_()
-    frozen = torch.autograd.grad(call((hidden, ids, weights, w1, w2, None, None), shared, spec), (hidden, weights), grad)
+    routed = (hidden, ids, weights, w1, w2, None, None)
+    frozen = torch.autograd.grad(call(routed, shared, spec), (hidden, weights), grad)
     w1.requires_grad_()
-    full = torch.autograd.grad(call((hidden, ids, weights, w1, w2, None, None), shared, spec), (hidden, weights, w1), grad)
+    full = torch.autograd.grad(call(routed, shared, spec), (hidden, weights, w1), grad)
     assert torch.equal(frozen[0], full[0]) and torch.equal(frozen[1], full[1])
     assert w2.grad is None and w1.grad is None
 

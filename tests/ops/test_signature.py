@@ -31,7 +31,8 @@ def test_schemas_are_built_from_the_tables():
     built = torch._C.parse_schema("moe_compiler::experts" + schema(ExpertsTensors, ExpertsSpec, "Tensor"))
     assert str(EXPERTS._schema) == str(built)
     backward = torch.ops.moe_compiler.experts_backward.default._schema
-    assert [a.name for a in backward.arguments if not a.kwarg_only] == ["grad_out", "weight_grads", *ExpertsTensors._fields]
+    positional = [a.name for a in backward.arguments if not a.kwarg_only]
+    assert positional == ["grad_out", "weight_grads", *ExpertsTensors._fields]
     assert len(backward.returns) == len(ExpertsTensors._fields)  # one gradient per tensor argument
     route = ROUTE._schema.arguments
     assert [a.name for a in route if not a.kwarg_only] == list(RouteTensors._fields)

@@ -59,7 +59,8 @@ def test_training_gradients_equal_eager(arch, form):
 
     loss_ref = eager(input_ids=ids, labels=labels).loss
     loss_ref.backward()
-    loss = torch.compile(compiled_model, backend="fused_moe", options={"moe_compiler.training": True})(input_ids=ids, labels=labels).loss
+    compiled = torch.compile(compiled_model, backend="fused_moe", options={"moe_compiler.training": True})
+    loss = compiled(input_ids=ids, labels=labels).loss
     loss.backward()
 
     assert fused_count(form) == MOE_LAYERS[arch]
@@ -242,7 +243,8 @@ def test_training_step_on_gpu_matches_eager():
     fused.load_state_dict(eager.state_dict())
     ids = torch.randint(0, 128, (2, 9), device="cuda")
     eager(input_ids=ids, labels=ids).loss.backward()
-    torch.compile(fused, backend="fused_moe", options={"moe_compiler.training": True})(input_ids=ids, labels=ids).loss.backward()
+    compiled = torch.compile(fused, backend="fused_moe", options={"moe_compiler.training": True})
+    compiled(input_ids=ids, labels=ids).loss.backward()
     assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
     ref = dict(eager.named_parameters())
     for name, p in fused.named_parameters():

@@ -38,7 +38,8 @@ def test_llama4_training_gradients_equal_eager():
     labels = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     loss_ref = eager(input_ids=IDS, labels=labels).loss
     loss_ref.backward()
-    loss = torch.compile(fused, backend="fused_moe", options={"moe_compiler.training": True})(input_ids=IDS, labels=labels).loss
+    compiled = torch.compile(fused, backend="fused_moe", options={"moe_compiler.training": True})
+    loss = compiled(input_ids=IDS, labels=labels).loss
     loss.backward()
     assert counters["moe_compiler"]["fused_experts_dense_bmm"] == 2
     assert rel_err(loss, loss_ref) <= 1e-5

@@ -275,7 +275,8 @@ def test_expert_loop_training_on_gpu_matches_eager():
     eager = TinyLoopLM(FORMS["mixtral_v4"]).cuda()
     ids = torch.randint(0, 64, (2, 9), device="cuda")
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        torch.compile(fused, backend="fused_moe", options={"moe_compiler.training": True})(ids).square().mean().backward()
+        compiled = torch.compile(fused, backend="fused_moe", options={"moe_compiler.training": True})
+        compiled(ids).square().mean().backward()
     eager(ids).square().mean().backward()
     assert counters["moe_compiler"]["fused_experts_index_add_loop"] == 2
     ref = dict(eager.named_parameters())
