@@ -10,7 +10,8 @@
     (inside torch.compile the Triton launches of a call are recorded into the graph where `experts_inlinable`
     holds: launch.py, ops/inline.py)
     route forward     CUDA + Triton -> triton_route.py (one launch); otherwise torch_route.py
-    route backward    every device  -> torch_route.py
+    route backward    every device  -> torch_route.py (CUDA + Triton with MOE_COMPILER_BACKWARD=triton, every
+                                       order but the sparse mixer's: triton_route.py's one launch)
 
 The Triton modules are imported on first CUDA use only: importing the package never imports Triton.
 """
@@ -22,7 +23,7 @@ import os
 
 import torch
 
-from ..spec import ExpertsSpec, RouterSpec, SharedMLP
+from ..spec import ExpertsSpec, RouteOrder, RouterSpec, SharedMLP
 from . import device, launch, torch_experts, torch_route, torch_shared, triton_config
 from .torch_segment_mm import GatherBmm, GroupedMM, LoopMM
 
@@ -230,4 +231,9 @@ def route_forward(router_logits, correction_bias, spec: RouterSpec):
 
 
 def route_backward(grad_weights, router_logits, ids, spec: RouterSpec):
+    if (spec.order is not RouteOrder.SPARSEMIXER and device.uses_triton(router_logits)
+            and triton_backward_requested()):
+        from . import triton_route
+
+        return triton_route.route_backward(grad_weights, router_logits, ids, spec)
     return torch_route.route_backward(grad_weights, router_logits, ids, spec)

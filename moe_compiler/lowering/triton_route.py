@@ -162,6 +162,64 @@ def _sparsemixer_kernel(
     _store_topk(weights_ptr, ids_ptr, rows, row_ok, picked, chosen, TOP_K, BLOCK_K)
 
 
+@triton.jit
+def _route_backward_kernel(
+    logits_ptr, ids_ptr, grad_ptr, dz_ptr, T, E, stride_lt, stride_dt, scale, eps,
+    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """d loss / d logits [T, E] with the selection held fixed: the derivatives of torch_route.route_backward
+    (every order but the sparse mixer's), one program per BLOCK_T rows, no scatter outside registers."""
+    rows, cols, row_ok, col_ok, x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
+    z = tl.where(col_ok[None, :], x.to(tl.float32), float("-inf"))
+    slot = tl.arange(0, BLOCK_K)
+    slot_ok = row_ok[:, None] & (slot[None, :] < TOP_K)
+    pairs = rows[:, None].to(tl.int64) * TOP_K + slot[None, :]
+    ids = tl.load(ids_ptr + pairs, mask=slot_ok, other=-1)
+    g = tl.load(grad_ptr + pairs, mask=slot_ok, other=0.0).to(tl.float32) * scale
+    if TOPK_FIRST:  # the score is taken over the k picked logits below
+        scores = z
+    elif SIGMOID:
+        scores = tl.sigmoid(z)
+    else:
+        scores = tl.exp(z - tl.max(z, axis=1)[:, None])
+        scores = scores / tl.sum(scores, axis=1)[:, None]
+    # picked[t, j] = scores[t, ids[t, j]] (the raw logit when the top-k comes first)
+    picked = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        id_j = tl.sum(tl.where(slot[None, :] == j, ids, 0), axis=1)
+        at_j = tl.sum(tl.where(cols[None, :] == id_j[:, None], scores, 0.0), axis=1)
+        picked = tl.where(slot[None, :] == j, at_j[:, None], picked)
+    if TOPK_FIRST:
+        if SIGMOID:
+            w = tl.sigmoid(picked)
+            d_sel = g * w * (1.0 - w)
+        else:
+            top = tl.max(tl.where(slot_ok, picked, float("-inf")), axis=1)[:, None]
+            e = tl.where(slot_ok, tl.exp(picked - top), 0.0)
+            w = e / tl.sum(e, axis=1)[:, None]
+            d_sel = w * (g - tl.sum(g * w, axis=1)[:, None])
+    else:
+        if NORM:
+            denom = tl.sum(tl.where(slot_ok, picked, 0.0), axis=1)[:, None] + eps
+            d_sel = g / denom - tl.sum(g * picked, axis=1)[:, None] / (denom * denom)
+        else:
+            d_sel = g
+        if SIGMOID:
+            d_sel = d_sel * picked * (1.0 - picked)
+    d_sel = tl.where(slot_ok, d_sel, 0.0)
+    # Spread each slot's value to its expert's column.
+    dz = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        id_j = tl.sum(tl.where(slot[None, :] == j, ids, 0), axis=1)
+        d_j = tl.sum(tl.where(slot[None, :] == j, d_sel, 0.0), axis=1)
+        dz += tl.where(cols[None, :] == id_j[:, None], d_j[:, None], 0.0)
+    if not SIGMOID and not TOPK_FIRST:  # through the softmax over all experts
+        dz = scores * (dz - tl.sum(dz * scores, axis=1)[:, None])
+    out = dz_ptr + rows[:, None].to(tl.int64) * stride_dt + cols[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 @functools.cache
 def _rounded(value: float, dtype: torch.dtype) -> float:
     # Outside any tracing mode: a traced call (launch.py) must not turn this constant into a graph tensor.
@@ -211,3 +269,27 @@ def route_forward(
         num_warps=num_warps or 4,
     )
     return weights, ids
+
+
+def route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids: torch.Tensor,
+                   spec: RouterSpec) -> torch.Tensor:
+    """d loss / d router_logits [T, E] in the logits' dtype; the contract of torch_route.route_backward, for every
+    order but the sparse mixer's (dispatch keeps the torch backward there)."""
+    if spec.order is RouteOrder.SPARSEMIXER:
+        raise ValueError("moe_compiler: the Triton route backward does not cover the sparse mixer; use torch_route")
+    T, E = router_logits.shape
+    dz = torch.empty_like(router_logits, memory_format=torch.contiguous_format)
+    if T == 0:
+        return dz
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    block_e = triton.next_power_of_2(E)
+    block_t = default_block_t(block_e)
+    sigmoid = spec.scoring is Scoring.SIGMOID
+    launch.kernel(_route_backward_kernel)[(triton.cdiv(T, block_t),)](
+        logits, ids.contiguous(), grad_weights.contiguous(), dz, T, E, logits.stride(0), dz.stride(0),
+        float(spec.routed_scaling_factor), 1e-20 if sigmoid else 0.0,
+        TOP_K=spec.top_k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE,
+        NORM=spec.norm_topk_prob, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(spec.top_k),
+        num_warps=4,
+    )
+    return dz

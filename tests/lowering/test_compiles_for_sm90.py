@@ -103,6 +103,11 @@ for spec in (RouterSpec(top_k=2), RouterSpec(top_k=4, scoring=Scoring.SIGMOID, n
     for dtype in (torch.bfloat16, torch.float32):
         bias = torch.randn(16) if spec.scoring is Scoring.SIGMOID else None
         triton_route.route_forward(torch.randn(6, 16, dtype=dtype), bias, spec)
+for spec in (RouterSpec(top_k=2), RouterSpec(top_k=4, scoring=Scoring.SIGMOID, norm_topk_prob=True),
+             RouterSpec(top_k=2, order=RouteOrder.TOPK_THEN_SCORE)):
+    for dtype in (torch.bfloat16, torch.float32):
+        ids = torch.zeros(6, spec.top_k, dtype=torch.long)
+        triton_route.route_backward(torch.randn(6, spec.top_k), torch.randn(6, 16, dtype=dtype), ids, spec)
 print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))
 """
 
@@ -116,5 +121,6 @@ def test_every_launched_kernel_compiles_for_sm90():
     names = line.split(" ", 2)[2]
     for kernel in ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_kernel", "_offsets_kernel",
                    "_scatter_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_gated_rows_kernel",
-                   "_route_kernel", "_sparsemixer_kernel", "_dz_kernel", "_wgrad_kernel"):
+                   "_route_kernel", "_sparsemixer_kernel", "_dz_kernel", "_wgrad_kernel",
+                   "_route_backward_kernel"):
         assert kernel in names, line

@@ -59,6 +59,17 @@ def test_triton_backward_on_request_equals_the_torch_backward(monkeypatch):
     assert calls == [1]
     for g, w in zip(got, want):
         assert (g is None) == (w is None) and (g is None or rel_err(g, w) <= 1e-4)
+    # The route backward follows the same switch (one launch instead of the torch ops).
+    route_calls = []
+    from moe_compiler.lowering import triton_route
+    from moe_compiler.spec import RouterSpec
+
+    real_route = triton_route.route_backward
+    monkeypatch.setattr(triton_route, "route_backward", lambda *a: route_calls.append(1) or real_route(*a))
+    logits, spec_r = torch.randn(5, 8), RouterSpec(top_k=2, norm_topk_prob=True)
+    _, ids_r = dispatch.torch_route.route_forward(logits, None, spec_r)
+    got_r = dispatch.route_backward(torch.randn(5, 2), logits, ids_r, spec_r)
+    assert route_calls == [1] and got_r.shape == (5, 8)
     monkeypatch.setenv(dispatch.BACKWARD_ENV, "cutlass")
     with pytest.raises(ValueError, match="expected 'torch' .* or 'triton'"):
         dispatch.experts_backward(*args)
