@@ -1,8 +1,10 @@
 """Which implementation runs each op, per call, from static facts only (device, dtype, shapes, alignment).
 
     experts forward   CUDA + Triton -> triton_decode.py (T*k small next to E: GEMVs, no sort) or
-                                       triton_align.py + triton_experts.py (sorted grouped GEMMs), the config
-                                       from triton_config.py; a small shared MLP rides in the decode kernels
+                                       triton_align.py + triton_experts.py (sorted grouped GEMMs), or, where
+                                       the tuned table says so, torch_experts.py over torch._grouped_mm; the
+                                       config from triton_config.py; a small shared MLP rides in the decode
+                                       kernels
                       otherwise     -> torch_experts.py over a segment-matmul implementation (`select`),
                                        the shared MLP by torch_shared.py (cuBLAS)
     experts backward  every device  -> torch_experts.py / torch_shared.py (CUDA + Triton with
@@ -23,6 +25,7 @@ import os
 
 import torch
 
+from ..ops import checks
 from ..spec import ExpertsSpec, RouteOrder, RouterSpec, SharedMLP
 from . import device, launch, torch_experts, torch_route, torch_shared, triton_config
 from .torch_segment_mm import GatherBmm, GroupedMM, LoopMM
@@ -144,6 +147,8 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     if T == 0 or k == 0:
         return True
     config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+    if config.path is triton_config.Path.GROUPED_MM:
+        return False  # torch ops, not Triton launches: the op stays one call
     return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
 
 
@@ -154,6 +159,15 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
 
     if config is None:
         config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+    if config.path is triton_config.Path.GROUPED_MM:
+        if mlp is None and select(hidden, w_gate_up, w_down) is GroupedMM:
+            # torch's indexing does not check ids: the same device-side assert as the Triton kernels' (no sync).
+            checks.check_ids_in_range(topk_ids, w_gate_up.shape[0])
+            args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+            return torch_experts.experts_forward(GroupedMM, *args)
+        T, H = hidden.shape
+        config = triton_config.default_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H,
+                                              spec.intermediate(w_down), T)
     if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma:
         config = dataclasses.replace(config, tma=False)  # see INLINE_TMA_MAX_PAIRS
     # Out-of-range ids: the kernels clamp them (no stray memory access) and the kernel that checks them fails

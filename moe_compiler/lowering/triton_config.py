@@ -92,6 +92,9 @@ def _pow2(name: str, value, lo: int, hi: int):
 class Path(str, enum.Enum):
     DECODE = "decode"  # triton_decode.py: GEMVs per pair, no sort (T*k small next to E)
     SORTED = "sorted"  # triton_align.py + triton_experts.py: aligned grouped GEMMs + combine
+    # torch_experts.py over torch._grouped_mm (a CUTLASS grouped GEMM on sm90, bf16, 16-byte rows): only where
+    # the tuner measured it faster than both Triton paths (GroupedMMConfig).
+    GROUPED_MM = "grouped_mm"
 
 
 class Combine(str, enum.Enum):
@@ -158,7 +161,15 @@ class SortedConfig:
         object.__setattr__(self, "combine", Combine(self.combine))
 
 
-Config = DecodeConfig | SortedConfig
+@dataclasses.dataclass(frozen=True)
+class GroupedMMConfig:
+    """No tiles of ours: the permute, torch's grouped GEMMs and the combine of torch_experts.py. Where its operands
+    do not suit torch._grouped_mm (dispatch.select), the Triton default runs instead."""
+
+    path: Path = Path.GROUPED_MM
+
+
+Config = DecodeConfig | SortedConfig | GroupedMMConfig
 
 
 def to_dict(config: Config) -> dict:
@@ -173,6 +184,8 @@ def from_dict(d: dict) -> Config:
     d = dict(d)
     try:
         path = Path(d.pop("path"))
+        if path is Path.GROUPED_MM:
+            return GroupedMMConfig(**d)
         d["gate_up"], d["down"] = KernelConfig(**d["gate_up"]), KernelConfig(**d["down"])
         return DecodeConfig(**d) if path is Path.DECODE else SortedConfig(**d)
     except (KeyError, TypeError, ValueError) as e:

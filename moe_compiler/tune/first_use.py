@@ -65,6 +65,8 @@ def candidates(gpu_name: str, capability, dtype: torch.dtype, E: int, k: int, H:
             cfg = e["config"]
             if cfg.path is Path.DECODE:
                 ok = uses_decode(T, k, E)
+            elif cfg.path is Path.GROUPED_MM:
+                ok = False  # added below, wherever it applies
             else:
                 gu, dn = cfg.gate_up, cfg.down
                 ok = (cfg.block_m in block_ms
@@ -73,10 +75,17 @@ def candidates(gpu_name: str, capability, dtype: torch.dtype, E: int, k: int, H:
             if ok:
                 scored.append(((abs(math.log(max(T, 1) / e["T"])), not own), cfg))
     out = [triton_config.default_config(dtype, E, k, H, I, T)]
+    if grouped_mm_applies(capability, dtype, H, I):
+        out.append(triton_config.GroupedMMConfig())  # torch's grouped GEMM: one candidate, cheap to time
     for _, cfg in sorted(scored, key=lambda s: s[0]):
         if cfg not in out:
             out.append(cfg)
     return out[:MAX_CANDIDATES]
+
+
+def grouped_mm_applies(capability, dtype: torch.dtype, H: int, I: int) -> bool:
+    """Whether torch._grouped_mm takes this problem (dispatch.select: bf16 on sm90+, 16-byte rows)."""
+    return dtype == torch.bfloat16 and tuple(capability) >= (9, 0) and H % 8 == 0 and I % 8 == 0
 
 
 def choose(configs: list[Config], measure: Callable[[Config], float], budget_s: float,

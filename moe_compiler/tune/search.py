@@ -32,7 +32,8 @@ from moe_compiler.lowering import (
     triton_decode,
     triton_experts,
 )
-from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig
+from moe_compiler.lowering.torch_segment_mm import GroupedMM
+from moe_compiler.lowering.triton_config import DecodeConfig, GroupedMMConfig, KernelConfig, SortedConfig
 from moe_compiler.spec import ExpertsSpec
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 
@@ -296,6 +297,8 @@ def tune_point(b: Bench, timer, dtype, failed, log):
         parts = {"align": t_align, "gemms": t_gemms, "combine": t_comb,
                  "gate_up_top3": [(t, repr(c)) for t, c in gu[:3]], "down_top3": [(t, repr(c)) for t, c in dn[:3]]}
         options.append((t_align + t_gemms + t_comb, cfg, parts))
+    if dispatch.select(b.x, b.w1, b.w2) is GroupedMM:  # torch's grouped GEMM (CUTLASS on sm90): no tiles to tune
+        options.append((float("inf"), GroupedMMConfig(), {"grouped_mm": True}))
     # The final: every option and the untuned default as a whole forward (launch gaps, the id check and
     # the path's own extra kernels included), rounds interleaved, median.
     default = triton_config.default_config(dtype, b.E, k, b.H, b.I, T)

@@ -75,6 +75,30 @@ def test_triton_backward_on_request_equals_the_torch_backward(monkeypatch):
         dispatch.experts_backward(*args)
 
 
+def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
+    """A table entry naming torch's grouped GEMM runs torch_experts over GroupedMM where its operands suit it
+    (here: the CPU's torch._grouped_mm), the Triton default where they do not; the op then stays one call."""
+    pytest.importorskip("triton")
+    from moe_compiler.lowering import torch_experts, triton_config
+    from moe_compiler.testing import experts_reference
+
+    spec = ExpertsSpec()
+    grouped = triton_config.GroupedMMConfig()
+    ran = []
+    real = torch_experts.experts_forward
+    monkeypatch.setattr(torch_experts, "experts_forward", lambda impl, *a: ran.append(impl) or real(impl, *a))
+    inputs = experts_inputs(9, 16, 8, 4, 2, torch.float32, spec, seed=4)  # 16-byte rows: GroupedMM
+    out = dispatch.triton_forward(*inputs, spec, grouped)
+    assert ran == [GroupedMM] and rel_err(out, experts_reference(*inputs, spec=spec)) <= 1e-5
+    ran.clear()
+    monkeypatch.setattr(dispatch, "select", lambda *a: LoopMM)  # operands torch._grouped_mm would refuse
+    out = dispatch.triton_forward(*inputs, spec, grouped)
+    assert ran == [] and rel_err(out, experts_reference(*inputs, spec=spec)) <= 1e-5
+    monkeypatch.setattr(device, "uses_triton", lambda t: True)
+    monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: grouped)
+    assert not dispatch.experts_inlinable(inputs[0], inputs[1], inputs[3], inputs[4], spec)
+
+
 @pytest.mark.gpu
 def test_cuda_forward_takes_triton_and_backward_the_capture_safe_composite(monkeypatch):
     hidden, _, _, w1, w2 = cuda_experts_inputs(4, 8, 2, 256, 128)

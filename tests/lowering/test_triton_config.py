@@ -131,11 +131,18 @@ KC = KernelConfig(32, 64)
          "invalid experts kernel config"),
         (lambda: triton_config.from_dict({"path": "warp", "gate_up": SMALL, "down": SMALL}),
          "invalid experts kernel config"),
+        (lambda: triton_config.from_dict({"path": "grouped_mm", "block_m": 64}), "invalid experts kernel config"),
     ],
 )
 def test_bad_configs_name_the_field(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_grouped_mm_config_round_trips():
+    cfg = triton_config.GroupedMMConfig()
+    assert triton_config.to_dict(cfg) == {"path": "grouped_mm"}
+    assert triton_config.from_dict(triton_config.to_dict(cfg)) == cfg
 
 
 def test_bad_schema_names_the_fix(tmp_path):

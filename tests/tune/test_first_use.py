@@ -86,8 +86,13 @@ def test_candidates_default_first_distinct_and_suited_to_T():
     assert len(decode) == len(set(decode)) <= first_use.MAX_CANDIDATES
     assert any(c.path is Path.DECODE for c in decode[1:])
     prefill = first_use.candidates(GPU, CAP, dtype, E, k, H, I, 4096)  # T*k > E: no decode candidate
-    assert len(prefill) > 1 and all(c.path is Path.SORTED for c in prefill)
-    assert {c.block_m for c in prefill[1:]} <= {64, 128}  # block_m_candidates(4096 * 2 / 16 = 512 rows per expert)
+    # the default, torch's grouped GEMM (bf16 on sm90), then tuned sorted tiles
+    assert prefill[1] == triton_config.GroupedMMConfig()
+    assert len(prefill) > 2 and all(c.path is Path.SORTED for c in prefill[:1] + prefill[2:])
+    assert {c.block_m for c in prefill[2:]} <= {64, 128}  # block_m_candidates(4096 * 2 / 16 = 512 rows per expert)
+    # torch._grouped_mm takes bf16 on sm90+ only: not a candidate for fp16 or on an A100
+    assert triton_config.GroupedMMConfig() not in first_use.candidates(GPU, CAP, torch.float16, E, k, H, I, 4096)
+    assert triton_config.GroupedMMConfig() not in first_use.candidates("NVIDIA A100", (8, 0), dtype, E, k, H, I, 4096)
 
 
 def test_first_use_tunes_caches_and_logs_once(caplog):
