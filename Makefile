@@ -30,4 +30,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -n auto  # one worker per core (2 on the CI machine)
+	$(VENV)/bin/python -m pytest -q -n auto --durations=30  # one worker per core (2 on the CI machine); the slowest 30 listed
