@@ -49,7 +49,9 @@ def test_gradient_checkpointing_fuses_inside_the_checkpointed_layers(device):
     eager(input_ids=ids, labels=ids).loss.backward()
     loss = torch.compile(model, backend="fused_moe", options=TRAINING)(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert _fused() == LAYERS and counters["moe_compiler"]["checkpointed_graphs"] == LAYERS
+    # One fused block per checkpointed body (a torch that shares one body between identical layers has fewer)
+    bodies = counters["moe_compiler"]["checkpointed_graphs"]
+    assert 1 <= bodies <= LAYERS and _fused() == bodies and counters["moe_compiler"]["rejected_experts"] == 0
     _assert_grads_equal(model, eager)
 
 

@@ -339,14 +339,16 @@ CHECKPOINT_HOPS = (torch.ops.higher_order.tag_activation_checkpoint,)
 
 
 def checkpoint_bodies(gm: fx.GraphModule) -> list[tuple[fx.GraphModule, dict]]:
-    """(body, {body placeholder: the parent graph's argument node}) of each checkpointed subgraph call."""
-    bodies = []
+    """(body, {body placeholder: the parent graph's argument node}) of each checkpointed subgraph, once per body
+    module (Dynamo may call one body for several identical layers: rewriting it once serves every call)."""
+    bodies, seen = [], set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in CHECKPOINT_HOPS or not node.args:
             continue
         fn = node.args[0]
         body = getattr(gm, fn.target, None) if isinstance(fn, fx.Node) and fn.op == "get_attr" else None
-        if isinstance(body, fx.GraphModule):
+        if isinstance(body, fx.GraphModule) and id(body) not in seen:
+            seen.add(id(body))
             placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
             bodies.append((body, dict(zip(placeholders, node.args[1:]))))
     return bodies
