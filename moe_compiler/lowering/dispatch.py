@@ -165,9 +165,8 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
             checks.check_ids_in_range(topk_ids, w_gate_up.shape[0])
             args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
             return torch_experts.experts_forward(GroupedMM, *args)
-        T, H = hidden.shape
-        config = triton_config.default_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H,
-                                              spec.intermediate(w_down), T)
+        config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
+                                                     hidden.shape[0])
     if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma:
         config = dataclasses.replace(config, tma=False)  # see INLINE_TMA_MAX_PAIRS
     # Out-of-range ids: the kernels clamp them (no stray memory access) and the kernel that checks them fails

@@ -70,20 +70,12 @@ class BackwardConfig:
 
 
 def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> BackwardConfig:
-    """Untuned choices: the forward's sorted-path defaults for its two kernels, 64-wide tiles elsewhere."""
-    rows_per_expert = T * k / E
-    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128
-    stages = 2 if dtype == torch.float32 else 3
-    block_k = 32 if dtype == torch.float32 else 64
-    warps = 8 if block_m >= 128 else 4
-    tile = KernelConfig(block_n=64, block_k=block_k, num_warps=warps, num_stages=stages)
-    return BackwardConfig(
-        rows=SortedConfig(block_m=block_m, gate_up=tile, down=KernelConfig(128 if block_m >= 64 else 64, block_k,
-                                                                           warps, stages)),
-        dz=tile,
-        wgrad_m=64,
-        wgrad=KernelConfig(block_n=64, block_k=32, num_warps=4, num_stages=stages),
-    )
+    """Untuned choices: the forward's sorted-path defaults for its two kernels and the dz GEMM, 64-wide tiles for
+    the weight gradients."""
+    rows = triton_config.default_sorted_config(dtype, E, k, T)
+    stages = rows.gate_up.num_stages
+    return BackwardConfig(rows=rows, dz=rows.gate_up, wgrad_m=64,
+                          wgrad=KernelConfig(block_n=64, block_k=32, num_warps=4, num_stages=stages))
 
 
 @triton.jit

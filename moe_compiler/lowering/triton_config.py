@@ -215,6 +215,11 @@ def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -
         return DecodeConfig(
             gate_up=_decode_tile(T * k, I, slots=2), down=_decode_tile(T, H, slots=1 << (k - 1).bit_length())
         )
+    return default_sorted_config(dtype, E, k, T)
+
+
+def default_sorted_config(dtype: torch.dtype, E: int, k: int, T: int) -> SortedConfig:
+    """The untuned sorted-path tiles: block_m by rows per expert (valid at any T; the backward starts from it)."""
     rows_per_expert = T * k / E
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128
     stages = 2 if dtype == torch.float32 else 3 if block_m >= 128 else 4

@@ -71,6 +71,12 @@ def _inlinable(*tensors, **spec) -> bool:
 inline.register(experts, _inlinable, lambda *tensors, **spec: forward(*bind(tensors, spec)))
 
 
+# Positions of the weights and biases among ExpertsTensors (routed and shared): their gradients come together.
+_WEIGHTS = frozenset(
+    i for i, name in enumerate(ExpertsTensors._fields) if name not in ("hidden", "topk_ids", "topk_weights")
+)
+
+
 @torch.library.custom_op(
     "moe_compiler::experts_backward",
     mutates_args=(),
@@ -107,12 +113,6 @@ def _(grad_out, weight_grads, *tensors, **spec):
         else torch.empty_like(x)
         for i, x in enumerate(t)
     )
-
-
-# Positions of the weights and biases among ExpertsTensors (routed and shared): their gradients come together.
-_WEIGHTS = frozenset(
-    i for i, name in enumerate(ExpertsTensors._fields) if name not in ("hidden", "topk_ids", "topk_weights")
-)
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
