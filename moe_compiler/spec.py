@@ -21,6 +21,9 @@ Weight layouts:
 
 RouterSpec - the router: logits [T, E] -> (weights [T, k] fp32, ids [T, k]); the forms are listed on the class.
 
+QuantizedExpertsSpec - an ExpertsSpec over block-scaled quantized weights (WeightFormat): same math, the
+weights dequantized as q * scale per (scale_block_n x scale_block_k) block.
+
 SharedMLP - the block's shared experts, a dense gated MLP every token passes, added to the routed output:
     out = routed + s * down(act(x gate^T) * (x up^T)),   s = sigmoid(x expert_gate^T) or 1
 
@@ -110,6 +113,72 @@ class ExpertsSpec:
         layout = "[E,H,2I]/[E,I,H]" if self.transposed else "[E,2I,H]/[E,H,I]"
         scaled = ", router weight scales the input" if self.scale_input else ""
         return f"{act}, gate_up={self.gate_up.value}, weights {layout}{scaled}"
+
+
+class WeightFormat(str, enum.Enum):
+    """How quantized expert weights are stored (QuantizedExpertsSpec). Both dequantize as
+    W[e, n, k] = q[e, n, k] * scale[e, n // scale_block_n, k // scale_block_k] in fp32."""
+
+    # float8_e4m3fn [E, N, K]; fp32 or float8_e8m0fnu scales [E, ceil(N/bn), ceil(K/bk)] (transformers'
+    # finegrained FP8: DeepSeek-V3 / Kimi-K2 / Qwen3 FP8 releases, 128 x 128 blocks).
+    FP8_E4M3 = "fp8_e4m3"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedExpertsSpec(ExpertsSpec):
+    """An ExpertsSpec whose weights are block-scaled quantized tensors (the experts_quantized op's keyword
+    arguments): the math is ExpertsSpec's on the dequantized weights; gate/up concatenated, [out, in] layout."""
+
+    weight_format: WeightFormat = WeightFormat.FP8_E4M3
+    scale_block_n: int = 128  # output rows per scale
+    scale_block_k: int = 128  # input columns per scale
+
+    def __post_init__(self):
+        super().__post_init__()
+        _enum_field(self, "weight_format", WeightFormat)
+        for name in ("scale_block_n", "scale_block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"QuantizedExpertsSpec.{name}: expected a positive int, got {value!r}")
+        if self.transposed or self.gate_up is not GateUpLayout.CONCAT or self.scale_input:
+            raise ValueError(
+                "QuantizedExpertsSpec: quantized experts are read as [E, 2I, H] / [E, H, I] with gate and up "
+                f"concatenated and the router weight on the output; got transposed={self.transposed}, "
+                f"gate_up={self.gate_up.value}, scale_input={self.scale_input}"
+            )
+
+    def op_kwargs(self) -> dict:
+        return {**super().op_kwargs(), "weight_format": self.weight_format.value,
+                "scale_block_n": self.scale_block_n, "scale_block_k": self.scale_block_k}
+
+    def experts(self) -> ExpertsSpec:
+        """The same math on dequantized weights."""
+        return ExpertsSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ExpertsSpec)})
+
+    def describe(self) -> str:
+        return (f"{super().describe()}, {self.weight_format.value} weights with "
+                f"{self.scale_block_n}x{self.scale_block_k} block scales")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedLinearSpec:
+    """A block-scaled quantized nn.Linear weight [N, K] (the linear_quantized op's keyword arguments):
+    y = x @ W^T (+ bias), W[n, k] = q[n, k] * scale[n // scale_block_n, k // scale_block_k]."""
+
+    weight_format: WeightFormat = WeightFormat.FP8_E4M3
+    scale_block_n: int = 128
+    scale_block_k: int = 128
+
+    def __post_init__(self):
+        _enum_field(self, "weight_format", WeightFormat)
+        for name in ("scale_block_n", "scale_block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"QuantizedLinearSpec.{name}: expected a positive int, got {value!r}")
+
+    def op_kwargs(self) -> dict:
+        return {"weight_format": self.weight_format.value, "scale_block_n": self.scale_block_n,
+                "scale_block_k": self.scale_block_k}
 
 
 class Scoring(str, enum.Enum):

@@ -7,6 +7,8 @@
                                        kernels
                       otherwise     -> torch_experts.py over a segment-matmul implementation (`select`),
                                        the shared MLP by torch_shared.py (cuBLAS)
+    experts_quantized CUDA + Triton -> triton_quantized.py (block-scaled FP8 grouped GEMMs); otherwise
+                                       torch_quantized.py (dequantize per call, then torch_experts.py)
     experts backward  every device  -> torch_experts.py / torch_shared.py (CUDA + Triton with
                                        MOE_COMPILER_BACKWARD=triton: triton_backward.py, not yet measured)
     (inside torch.compile the Triton launches of a call are recorded into the graph where `experts_inlinable`
@@ -125,6 +127,28 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
                                 shared if in_kernel else None)
         if in_kernel:
             return routed
+    if shared is None:
+        return routed
+    return torch_shared.forward(routed, hidden, shared, spec, _gated_rows(hidden))
+
+
+def experts_quantized_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
+                              spec, shared: SharedMLP | None = None, config=None) -> torch.Tensor:
+    """The experts_quantized op's forward (+ the shared MLP, by cuBLAS / torch after the experts): the Triton
+    FP8 kernels on CUDA, the dequantize-then-torch reference elsewhere."""
+    from . import torch_quantized
+
+    T, k = topk_ids.shape
+    args = (hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale, spec)
+    if T == 0 or k == 0:
+        routed = hidden.new_zeros(hidden.shape)
+    elif device.uses_triton(hidden):
+        from . import triton_quantized
+
+        routed = triton_quantized.experts_forward(*args, config)
+    else:
+        checks.check_ids_in_range(topk_ids, w_gate_up.shape[0])
+        routed = torch_quantized.experts_forward(select, *args)
     if shared is None:
         return routed
     return torch_shared.forward(routed, hidden, shared, spec, _gated_rows(hidden))

@@ -4,13 +4,17 @@
     checks.py             input checks (expected vs got, and the fix), run by fakes and real calls alike
     experts.py            experts (+ the block's shared experts) and experts_backward
     experts_unstacked.py  experts_unstacked and its backward: per-expert nn.Linear weights read in place
+    experts_quantized.py  experts_quantized: block-scaled FP8 expert weights read in place (inference)
+    linear_quantized.py   linear_quantized: an FP8 nn.Linear (transformers' FP8Linear) read in place (inference)
     route.py              route and route_backward
 
 Importing this package registers the ops. Implementations live in lowering/ (dispatch.py picks one).
 """
 
 from .experts import experts, experts_backward, moe_experts
+from .experts_quantized import experts_quantized
 from .experts_unstacked import experts_unstacked, experts_unstacked_backward
+from .linear_quantized import linear_quantized
 from .route import moe_route, route, route_backward
 from .signature import OpCall
 
@@ -18,8 +22,10 @@ __all__ = [
     "OpCall",
     "experts",
     "experts_backward",
+    "experts_quantized",
     "experts_unstacked",
     "experts_unstacked_backward",
+    "linear_quantized",
     "moe_experts",
     "moe_route",
     "route",

@@ -168,3 +168,81 @@ def check_route(router_logits: Tensor, correction_bias: Tensor | None, spec: Rou
     if correction_bias is not None and (correction_bias.dim() != 1 or correction_bias.shape[0] != E):
         _route("correction_bias", f"a [E={E}] tensor", tuple(correction_bias.shape),
                "Pass e_score_correction_bias or None.")
+
+
+_SCALE_DTYPES = (torch.float32, torch.bfloat16) + ((torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else ())
+
+
+def check_quantized_experts(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
+                            spec) -> None:
+    """experts_quantized's routed tensors (spec.QuantizedExpertsSpec): the routing as for experts, quantized
+    [E, 2I, H] / [E, H, I] weights and one scale per (scale_block_n x scale_block_k) block."""
+    def bad(what, expected, got, fix):
+        fail("experts_quantized", what, expected, got, fix)
+
+    if hidden.dim() != 2 or hidden.dtype not in _FLOATS:
+        bad("hidden", "a 2-D [T, H] float32 / bfloat16 / float16 tensor", f"{tuple(hidden.shape)} {hidden.dtype}",
+            "Flatten batch and sequence first; cast the activations.")
+    if topk_ids.dim() != 2 or topk_ids.dtype not in _INTS:
+        bad("topk_ids", "a 2-D [T, k] int32/int64 tensor", f"{tuple(topk_ids.shape)} {topk_ids.dtype}",
+            "Pass the router's top-k indices.")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape) or topk_weights.dtype not in _FLOATS \
+            or topk_ids.shape[0] != hidden.shape[0]:
+        bad("routing shapes", f"topk_ids and float topk_weights of shape [T={hidden.shape[0]}, k]",
+            f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)} {topk_weights.dtype}",
+            "Route the same tokens that are passed as hidden.")
+    H = hidden.shape[1]
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if w.dim() != 3 or w.dtype != torch.float8_e4m3fn:
+            bad(name, f"a 3-D float8_e4m3fn tensor ({spec.weight_format.value})", f"{tuple(w.shape)} {w.dtype}",
+                "Pass the checkpoint's quantized expert weights as stored.")
+    E, two_i, I = w_gate_up.shape[0], w_gate_up.shape[1], w_down.shape[2]
+    if w_gate_up.shape[2] != H or tuple(w_down.shape[:2]) != (E, H) or two_i != 2 * I:
+        bad("weight shapes", f"w_gate_up [E, 2I, H={H}] and w_down [E, H, I]",
+            f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}", "Check the hidden size and the weight layout.")
+    if topk_ids.shape[1] > E:
+        bad("top-k", f"k <= E={E}", topk_ids.shape[1], "Each token picks distinct experts.")
+    bn, bk = spec.scale_block_n, spec.scale_block_k
+    for name, s, (N, K), min_rows in (("w_gate_up_scale", w_gate_up_scale, (2 * I, H), 2),
+                                       ("w_down_scale", w_down_scale, (H, I), 1)):
+        rows, cols = -(-N // bn), -(-K // bk)
+        # transformers allocates at least 2 gate_up scale rows (one per half) even when 2I < scale_block_n.
+        ok_rows = (rows, max(rows, min_rows))
+        if s.dim() != 3 or s.shape[0] != E or s.shape[1] not in ok_rows or s.shape[2] != cols:
+            bad(f"{name} shape", f"[E={E}, ceil({N}/{bn})={rows}, ceil({K}/{bk})={cols}]", tuple(s.shape),
+                "Pass the weight's block scales (scale_inv) and the checkpoint's weight_block_size as "
+                "scale_block_n / scale_block_k.")
+        if s.dtype not in _SCALE_DTYPES:
+            bad(f"{name} dtype", "float32, bfloat16 or float8_e8m0fnu", s.dtype, "Pass the scales as stored.")
+    tensors = (hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale)
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        bad("devices", "all tensors on one device", sorted(map(str, devices)),
+            "Move the model and inputs to one device.")
+
+
+def check_quantized_linear(x, weight, weight_scale, bias, spec) -> None:
+    """linear_quantized's tensors: x [..., K] float, weight [N, K] float8_e4m3fn, one scale per block."""
+    def bad(what, expected, got, fix):
+        fail("linear_quantized", what, expected, got, fix)
+
+    if x.dim() < 1 or x.dtype not in _FLOATS:
+        bad("x", "a [..., K] float32 / bfloat16 / float16 tensor", f"{tuple(x.shape)} {x.dtype}",
+            "Cast the activations.")
+    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.shape[1] != x.shape[-1]:
+        bad("weight", f"a [N, K={x.shape[-1]}] float8_e4m3fn tensor", f"{tuple(weight.shape)} {weight.dtype}",
+            "Pass the layer's quantized weight as stored.")
+    N, K = weight.shape
+    bn, bk = spec.scale_block_n, spec.scale_block_k
+    want = (-(-N // bn), -(-K // bk))
+    if tuple(weight_scale.shape) != want or weight_scale.dtype not in _SCALE_DTYPES:
+        bad("weight_scale", f"[ceil({N}/{bn}), ceil({K}/{bk})] = {list(want)} float32 / bfloat16 / float8_e8m0fnu",
+            f"{tuple(weight_scale.shape)} {weight_scale.dtype}",
+            "Pass weight_scale_inv and the checkpoint's weight_block_size (a per-tensor scale as [1, 1] with "
+            "scale_block_n = N, scale_block_k = K).")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        bad("bias", f"a [N={N}] tensor or None", tuple(bias.shape), "Pass the layer's bias.")
+    devices = {t.device for t in (x, weight, weight_scale, bias) if t is not None}
+    if len(devices) > 1:
+        bad("devices", "all tensors on one device", sorted(map(str, devices)),
+            "Move the model and inputs to one device.")

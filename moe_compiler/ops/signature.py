@@ -4,6 +4,8 @@ fakes' argument binding and the passes' typed view of an op-call node are all ma
     experts(<ExpertsTensors>, *, <ExpertsSpec fields>) -> out [T, H]
     experts_backward(grad_out, weight_grads, <ExpertsTensors>, *, <ExpertsSpec fields>) -> a gradient per tensor
     experts_unstacked(<UnstackedTensors>, *, <ExpertsSpec fields>) -> out [T, H]
+    experts_quantized(<QuantizedTensors>, *, <QuantizedExpertsSpec fields>) -> out [T, H]
+    linear_quantized(<QuantizedLinearTensors>, *, <QuantizedLinearSpec fields>) -> y [..., N]
     experts_unstacked_backward(grad_out, weight_grads, <UnstackedTensors>, *, <ExpertsSpec fields>) -> 4 gradients
     route(<RouteTensors>, *, <RouterSpec fields>) -> (weights [T, k] fp32, ids [T, k] int64)
     route_backward(grad_weights, router_logits, ids, *, <RouterSpec fields>) -> d router_logits
@@ -26,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from ..spec import ExpertsSpec, RouterSpec
+from ..spec import ExpertsSpec, QuantizedExpertsSpec, RouterSpec
 
 
 class ExpertsTensors(NamedTuple):
@@ -44,6 +46,32 @@ class ExpertsTensors(NamedTuple):
     shared_up_proj: Optional[Tensor] = None  # [Is, H]
     shared_down_proj: Optional[Tensor] = None  # [H, Is]
     shared_expert_gate: Optional[Tensor] = None  # [1, H]: out = routed + sigmoid(x gate^T) * shared MLP(x)
+
+
+class QuantizedTensors(NamedTuple):
+    """experts_quantized's tensors: stacked quantized weights with their block scales (spec.WeightFormat)."""
+
+    hidden: Tensor  # [T, H]
+    topk_ids: Tensor  # [T, k]
+    topk_weights: Tensor  # [T, k]
+    w_gate_up: Tensor  # [E, 2I, H] quantized (float8_e4m3fn)
+    w_gate_up_scale: Tensor  # [E, ceil(2I / bn), ceil(H / bk)] fp32 / float8_e8m0fnu
+    w_down: Tensor  # [E, H, I] quantized
+    w_down_scale: Tensor  # [E, ceil(H / bn), ceil(I / bk)]
+    # The block's shared experts (spec.SharedMLP), unquantized, as in ExpertsTensors.
+    shared_gate_proj: Optional[Tensor] = None
+    shared_up_proj: Optional[Tensor] = None
+    shared_down_proj: Optional[Tensor] = None
+    shared_expert_gate: Optional[Tensor] = None
+
+
+class QuantizedLinearTensors(NamedTuple):
+    """linear_quantized's tensors: an nn.Linear's quantized weight with its block scales."""
+
+    x: Tensor  # [..., K]
+    weight: Tensor  # [N, K] float8_e4m3fn
+    weight_scale: Tensor  # [ceil(N / bn), ceil(K / bk)] (a per-tensor scale: [1, 1] with bn = N, bk = K)
+    bias: Optional[Tensor] = None  # [N]
 
 
 class UnstackedTensors(NamedTuple):
@@ -117,7 +145,7 @@ class OpCall:
 
     op: torch._ops.OpOverload
     tensors: NamedTuple
-    spec: ExpertsSpec | RouterSpec
+    spec: ExpertsSpec | QuantizedExpertsSpec | RouterSpec
 
     def kwargs(self) -> dict:
         """The call's arguments by name: the tensors present, then the spec."""

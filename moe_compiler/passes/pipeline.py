@@ -41,7 +41,7 @@ from .eager_experts import find_eager_experts_fragments
 from .experts_common import EAGER_FIX, RegionMatch, recognize_experts
 from .fx_utils import backward_slice, example_value, subgraph_module
 from .match import EagerExpertsLoop, ExpertsForm, NoExpertGemm, Reject
-from .regions import Region, find_experts_regions, find_routed_regions
+from .regions import Region, find_experts_regions, find_routed_regions, module_stack
 from .router import recognize_router
 from .shared_experts import recognize_shared_experts, why_not_fused
 
@@ -118,13 +118,33 @@ def _recognize_region(region: Region) -> RegionMatch:
             raise Reject(f"{routed}; and not the dense form: {dense}") from None
 
 
-def find_candidates(gm: fx.GraphModule, report: GraphReport) -> list[Candidate]:
-    """Loops first; then `*Experts` modules (a module holding a loop is reported once, as the loop); then
-    modules found from routing data flow. Top-k feeding expert computations no region holds are reported."""
+# Ops a model's forward calls itself: transformers' quantized experts modules run the experts_quantized op through
+# the "fused_moe" experts implementation (integrations/hf_experts.py), so Dynamo hands us the call ready-made.
+PLACED_OPS = (torch.ops.moe_compiler.experts_quantized.default,)
+PLACED = "experts implementation"
+
+
+def placed_calls(gm: fx.GraphModule) -> list[fx.Node]:
+    """The model's own calls of PLACED_OPS, each made to name its overload (Dynamo records the packet)."""
+    calls = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if isinstance(n.target, torch._ops.OpOverloadPacket) and getattr(n.target, "default", None) in PLACED_OPS:
+            n.target = n.target.default
+        if n.target in PLACED_OPS:
+            calls.append(n)
+    return calls
+
+
+def find_candidates(gm: fx.GraphModule, report: GraphReport, placed: list[fx.Node] = ()) -> list[Candidate]:
+    """Loops first; then `*Experts` modules (a module holding a loop is reported once, as the loop; one whose
+    forward called one of our ops is not a candidate); then modules found from routing data flow. Top-k
+    feeding expert computations no region holds are reported."""
     loops = experts_index_add_loop.find_index_add_loops(gm)
     looped = [a for c in loops for a in c.adds]
-    named = [r for r in find_experts_regions(gm) if not any(r.contains(a) for a in looped)]
-    claimed = {n for r in named for n in r.nodes} | backward_slice(looped)
+    named = [r for r in find_experts_regions(gm) if not any(r.contains(a) for a in (*looped, *placed))]
+    claimed = {n for r in named for n in r.nodes} | backward_slice(looped) | set(placed)
     routed, unplaced = find_routed_regions(gm, claimed)
     candidates = [
         Candidate(c.name, c.cls, len(c.adds), "index_add_ loop", functools.partial(experts_index_add_loop.recognize, c))
@@ -270,7 +290,8 @@ def _replacement_code(gm: fx.GraphModule, before: set[fx.Node], call: fx.Node) -
         if n.op == "placeholder":
             n._rename(re.sub(r"(?:^|(?<=_))(?:l_self_|modules_|parameters_|buffers_)", "", n.name).strip("_") or n.name)
             n.target = n.name
-        elif n.target in (torch.ops.moe_compiler.experts.default, torch.ops.moe_compiler.experts_unstacked.default):
+        elif n.target in (torch.ops.moe_compiler.experts.default, torch.ops.moe_compiler.experts_unstacked.default,
+                          *PLACED_OPS):
             for key in ("topk_ids", "topk_weights"):
                 value = n.kwargs.get(key)
                 if isinstance(value, fx.Node) and value.op != "placeholder":
@@ -304,6 +325,26 @@ def restack_planned(report: GraphReport) -> None:
         if restack_experts(group):
             counters["moe_compiler"]["restacked_weight_groups"] += 1
     report.restack.clear()
+
+
+def _fuse_placed(gm, placed: list[fx.Node], report: GraphReport, real: dict, config: MoECompilerConfig):
+    """Experts calls the model placed itself: reported as fused, then the router and the shared experts around
+    each are fused as around a call of ours."""
+    for call in placed:
+        stack = [(path, cls) for path, cls in module_stack(call) if path]
+        path, cls = stack[-1] if stack else (call.name, "(no module)")
+        rr = RegionReport(path, cls, 1, status="fused", found_by=PLACED)
+        opcall = OpCall.of(call)
+        rr.form, rr.spec = PLACED, opcall.spec.describe()
+        rr.check = "the model's experts module called the op itself (experts_implementation='fused_moe')"
+        report.regions.append(rr)
+        counters["moe_compiler"]["fused_experts_implementation"] += 1
+        before = set(gm.graph.nodes) - {call}
+        if config.enabled:
+            _fuse_router(gm, call, rr, real, config)
+            call = _fuse_shared(gm, call, rr, config)
+        if config.dump_dir:
+            rr.after = _replacement_code(gm, before, call)
 
 
 def _fuse_all(gm, candidates: list[Candidate], report: GraphReport, real: dict, config: MoECompilerConfig):
@@ -358,9 +399,11 @@ def _fuse_graph(gm: fx.GraphModule, real: dict, report: GraphReport, config: MoE
     """Match and rewrite the MoE regions of one graph (the top-level one or a checkpointed body), adding them to
     the report; an edit that fails half-way leaves this graph as it was."""
     first = len(report.regions)
-    candidates = find_candidates(gm, report)
-    snapshot = _snapshot(gm.graph) if candidates and config.enabled else None
+    placed = placed_calls(gm)
+    candidates = find_candidates(gm, report, placed)
+    snapshot = _snapshot(gm.graph) if (candidates or placed) and config.enabled else None
     try:
+        _fuse_placed(gm, placed, report, real, config)
         _fuse_all(gm, candidates, report, real, config)
     except EditFailed as e:
         gm.graph = snapshot

@@ -198,7 +198,8 @@ def _dtype(node: fx.Node):
 def why_not_fused(match: SharedExpertsMatch) -> str | None:
     """The reason the proven branch cannot join the experts call's op (None: it can)."""
     experts_call = match.experts_call
-    if experts_call.target is not torch.ops.moe_compiler.experts.default:
+    if experts_call.target not in (torch.ops.moe_compiler.experts.default,
+                                   torch.ops.moe_compiler.experts_quantized.default):
         return f"the routed experts run as `{experts_call.target}` (per-expert weight parts): not fused with them yet"
     spec = OpCall.of(experts_call).spec
     if match.activation is not spec.activation:

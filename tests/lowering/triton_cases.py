@@ -41,7 +41,11 @@ def poisoned_allocations():
     real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
 
     def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        if t.dtype in (torch.int32, torch.int64):
+            return t.fill_(-(2**30))
+        return t.fill_(True) if t.dtype == torch.bool else t.fill_(torch.iinfo(t.dtype).max)  # uint8: e8m0 scales
 
     torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
     torch.Tensor.new_empty = lambda self, *a, **kw: poison(real_new_empty(self, *a, **kw))

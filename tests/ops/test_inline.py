@@ -114,6 +114,42 @@ def test_bad_switch_value_is_a_clear_error(monkeypatch):
         inline.enabled()
 
 
+QUANTIZED = """
+import torch
+from torch._dynamo.backends.common import aot_autograd
+import moe_compiler
+from moe_compiler.lowering import device
+from moe_compiler.spec import QuantizedExpertsSpec
+from moe_compiler.testing.quantized import quantized_experts_inputs
+
+device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+args, _ = quantized_experts_inputs(3, 32, 16, 8, 2, torch.float32, 16, 16, torch.float8_e8m0fnu)
+graphs = []
+def fw(gm, example_inputs):
+    graphs.append(gm)
+    return lambda *a: (_ for _ in ()).throw(SystemExit(0))
+def f(*a):
+    return torch.ops.moe_compiler.experts_quantized(*a, scale_block_n=16, scale_block_k=16)
+try:
+    torch.compile(f, backend=aot_autograd(fw_compiler=fw))(*args)
+except SystemExit:
+    pass
+code = graphs[0].code
+print("KERNELS", code.count("triton_kernel_wrapper_functional("), "OPS", code.count("moe_compiler.experts_quantized"))
+"""
+
+
+@pytest.mark.parametrize("inline", ["1", "0"])
+def test_quantized_call_becomes_its_launches(inline):
+    # align (count, offsets, scatter) + FP8 gate_up + FP8 down + combine, the e8m0 scales read as bytes by a view
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MOE_COMPILER_INLINE"] = inline
+    proc = subprocess.run([sys.executable, "-c", QUANTIZED], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = "KERNELS 6 OPS 0" if inline == "1" else "KERNELS 0 OPS 1"
+    assert expected in proc.stdout, proc.stdout
+
+
 # --- GPU: the recorded launches through Inductor ------------------------------------------------------------
 
 def _peak_call_bytes(compiled, ids) -> int:

@@ -14,11 +14,12 @@ from moe_compiler.ops.signature import (
     SIGNATURES,
     ExpertsTensors,
     OpCall,
+    QuantizedTensors,
     RouteTensors,
     make_spec,
     schema,
 )
-from moe_compiler.spec import ExpertsSpec, RouterSpec
+from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec, RouterSpec
 
 EXPERTS = torch.ops.moe_compiler.experts.default
 ROUTE = torch.ops.moe_compiler.route.default
@@ -38,7 +39,12 @@ def test_schemas_are_built_from_the_tables():
     assert [a.name for a in route if not a.kwarg_only] == list(RouteTensors._fields)
     # A float with an infinite default has no schema literal: it is optional, None meaning the default.
     assert "float? masked_score=None" in str(ROUTE._schema)
-    assert set(SIGNATURES) == {EXPERTS, ROUTE, torch.ops.moe_compiler.experts_unstacked.default}
+    assert set(SIGNATURES) == {EXPERTS, ROUTE, torch.ops.moe_compiler.experts_unstacked.default,
+                               torch.ops.moe_compiler.experts_quantized.default,
+                               torch.ops.moe_compiler.linear_quantized.default}
+    quantized = torch.ops.moe_compiler.experts_quantized.default._schema.arguments
+    assert [a.name for a in quantized if not a.kwarg_only] == list(QuantizedTensors._fields)
+    assert [a.name for a in quantized if a.kwarg_only] == [f.name for f in dataclasses.fields(QuantizedExpertsSpec)]
 
 
 def test_make_spec_fills_defaults_and_maps_none_back_to_infinity():

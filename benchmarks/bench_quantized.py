@@ -1,0 +1,126 @@
+"""Op-level benchmark of FP8 experts (experts_quantized) beside our bf16 experts op, on real shapes (issue 18).
+
+    python -m benchmarks.bench_quantized                          # DeepSeek-V3, Kimi-K2, Qwen3-30B-A3B, T grid
+    python -m benchmarks.bench_quantized --shapes deepseek_v3 --tokens 1 4096 --out
+    python -m benchmarks.bench_quantized --smoke                  # tiny shape, any device: the harness runs
+
+Per (shape, T), uniform routing, bf16 activations, the same inputs for every variant:
+    bf16      torch.ops.moe_compiler.experts on bf16 weights (the dequantized FP8 values)
+    w8a16     the FP8 Triton path, activations exact (triton_quantized, act_fp8=False)
+    w8a8      the FP8 Triton path, activations rounded to e4m3 per row and 128 columns (act_fp8=True)
+    op        torch.ops.moe_compiler.experts_quantized with its default config
+Weights: random bf16 drawn on the GPU, quantized to FP8 with 128 x 128 block scales (fp32), and the bf16 copy
+replaced by the dequantized values, so every variant computes the same function. Each FP8 output is checked
+against the bf16 op's (rel err printed; w8a16 must stay <= 1e-2). Timing: medians from a cold L2 (harness),
+under a CUDA graph for T <= 128. Floors (harness.floor_s, this GPU's measured peaks): bytes = the experts hit x
+3HI x (2 B bf16 | 1 B FP8 + scales) + activations; FLOPs 6TkHI at the bf16 peak (the FP8 tensor-core peak is
+twice that: the w8a8 ratio is quoted against the bf16-peak floor, so <= 0.5 of it would be at the FP8 peak).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import moe_compiler  # noqa: F401 - registers the ops
+from moe_compiler.lowering import triton_quantized
+from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.quantized import quantize_fp8_blocks
+from moe_compiler.tune.shapes import ALL_SHAPES
+from moe_compiler.tune.timing import Timer
+
+from . import harness
+
+SHAPES = {name: ALL_SHAPES[name] for name in ("deepseek_v3", "kimi_k2", "qwen3_30b_a3b", "qwen3_235b_a22b")}
+SMOKE = {"smoke": (8, 2, 256, 128)}
+TOKENS = [1, 16, 128, 1024, 4096, 16384]
+BLOCK = 128
+VARIANTS = ("bf16", "w8a16", "w8a8", "op")
+
+
+def fp8_weights(E, N, K, device, gen, chunk=8):
+    """(bf16 dequantized [E, N, K], fp8 [E, N, K], fp32 scales), drawn and quantized a few experts at a time (a
+    whole fp32 copy of DeepSeek-V3's gate_up would take 30 GB)."""
+    w = torch.empty(E, N, K, dtype=torch.bfloat16, device=device)
+    q = torch.empty(E, N, K, dtype=torch.float8_e4m3fn, device=device)
+    s = torch.empty(E, -(-N // BLOCK), -(-K // BLOCK), dtype=torch.float32, device=device)
+    for e in range(0, E, chunk):
+        part = torch.randn(min(chunk, E - e), N, K, device=device, generator=gen) * K**-0.5
+        q[e:e + chunk], s[e:e + chunk] = quantize_fp8_blocks(part, BLOCK, BLOCK)
+        w[e:e + chunk] = (q[e:e + chunk].float() * s[e:e + chunk].repeat_interleave(BLOCK, 1)[:, :N]
+                          .repeat_interleave(BLOCK, 2)[:, :, :K]).to(torch.bfloat16)
+    return w, q, s
+
+
+def floors(T, E, k, H, I, ids):
+    hit = int(torch.unique(ids).numel())
+    act = 2 * T * H * 2
+    bf16 = harness.floor_s(6 * T * k * H * I, hit * 3 * H * I * 2 + act)
+    scales = hit * 3 * (H // BLOCK + 1) * (I // BLOCK + 1) * 4
+    fp8 = harness.floor_s(6 * T * k * H * I, hit * 3 * H * I + scales + act)
+    return bf16, fp8
+
+
+def bench_shape(name, E, k, H, I, tokens, timer, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    w1, q1, s1 = fp8_weights(E, 2 * I, H, device, gen)
+    w2, q2, s2 = fp8_weights(E, H, I, device, gen)
+    spec = QuantizedExpertsSpec()
+    rows = []
+    for T in tokens:
+        x = torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
+        ids = torch.rand(T, E, device=device, generator=gen).argsort(dim=1)[:, :k]
+        wts = torch.rand(T, k, device=device, generator=gen).to(torch.bfloat16)
+        fp8_args = (x, ids, wts, q1, s1, q2, s2)
+        base = triton_quantized.default_config(x, E, k, spec) if device == "cuda" else None
+        calls = {"bf16": lambda: torch.ops.moe_compiler.experts(x, ids, wts, w1, w2, **ExpertsSpec().op_kwargs()),
+                 "op": lambda: torch.ops.moe_compiler.experts_quantized(*fp8_args, **spec.op_kwargs())}
+        if base is not None:
+            for variant, act_fp8 in (("w8a16", False), ("w8a8", True)):
+                config = dataclasses.replace(base, act_fp8=act_fp8)
+                calls[variant] = lambda c=config: triton_quantized.experts_forward(*fp8_args, spec, c)
+        ref = calls["bf16"]().float()
+        row = {"shape": name, "T": T, "default_act_fp8": bool(base and base.act_fp8)}
+        row["floor_bf16_us"], row["floor_fp8_us"] = (f * 1e6 for f in floors(T, E, k, H, I, ids))
+        for variant, fn in calls.items():
+            if variant != "bf16":
+                row[f"{variant}_err"] = rel_err(fn().float(), ref)
+            run = timer.graph if device == "cuda" and T <= harness.GRAPH_MAX_T else timer.eager
+            row[f"{variant}_us"] = run(fn) * 1e6
+        if "w8a16_err" in row and row["w8a16_err"] > 1e-2:
+            raise AssertionError(f"{name} T={T}: w8a16 rel err {row['w8a16_err']:.2e} > 1e-2")
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def print_row(r):
+    parts = [f"{r['shape']:>16} T={r['T']:>5}", f"bf16 {r['bf16_us']:9.1f} us"]
+    for v in VARIANTS[1:]:
+        if f"{v}_us" in r:
+            parts.append(f"{v} {r[f'{v}_us']:9.1f} ({r['bf16_us'] / r[f'{v}_us']:.2f}x, err {r[f'{v}_err']:.1e})")
+    parts.append(f"floors bf16 {r['floor_bf16_us']:.1f} fp8 {r['floor_fp8_us']:.1f}")
+    best = min(r.get(f"{v}_us", float("inf")) for v in ("w8a16", "w8a8", "op"))
+    parts.append(f"best fp8 / fp8 floor {best / r['floor_fp8_us']:.2f}")
+    print(" | ".join(parts), flush=True)
+
+
+def main():
+    p = harness.parser(__doc__, shapes={**SHAPES, **SMOKE}, tokens=TOKENS, out="quantized")
+    p.add_argument("--smoke", action="store_true", help="the tiny shape on any device")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = SMOKE if args.smoke else {n: s for n, s in {**SHAPES, **SMOKE}.items() if n in args.shapes}
+    tokens = [1, 16] if args.smoke else args.tokens
+    timer = Timer(device)
+    rows = []
+    for name, (E, k, H, I) in shapes.items():
+        rows += bench_shape(name, E, k, H, I, tokens, timer, device)
+        torch.cuda.empty_cache() if device == "cuda" else None
+    harness.save_rows(args.out, "quantized", rows, harness.gpu_name() if device == "cuda" else "cpu")
+
+
+if __name__ == "__main__":
+    main()

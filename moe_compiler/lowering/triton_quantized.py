@@ -1,0 +1,294 @@
+"""Triton experts forward over block-scaled FP8 weights (the experts_quantized op): the sorted path's gather-GEMM
+with the gated activation in its epilogue, the down GEMM with the router weight in its epilogue, and the same
+deterministic combine (triton_experts.py), reading the FP8 weights and their scales in place.
+
+Data contract (shape letters as in triton_experts.py; bn, bk = spec.scale_block_n, spec.scale_block_k)
+    hidden        [T, H]                        bf16/fp16/fp32, rows gathered in-kernel (never permuted)
+    topk_ids      [T, k]                        -> triton_align.py: sorted_rows, pos, block_expert, seg_end
+    w_gate_up     [E, 2I, H] float8_e4m3fn      gate rows then up rows, read through its strides
+    w_gate_up_s   [E, ceil(2I/bn), ceil(H/bk)]  fp32 / bf16 / float8_e8m0fnu (read as uint8 exponents)
+    w_down        [E, H, I] float8_e4m3fn       w_down_s [E, ceil(H/bn), ceil(I/bk)]
+    act           [S_pad, I]                    hidden's dtype, padded sorted order
+    y             [S_pad, H]                    hidden's dtype, down output * router weight
+    out           [T, H]                        out[t] = sum_j y[pos[t*k + j]] (fp32 sum, slot order)
+
+    route -> permute (align) -> [gate_up GEMM + act] -> [down GEMM * weight] -> [combine]
+
+Each K step reads a [BLOCK_K, BLOCK_N] FP8 weight tile inside one scale block along K (BLOCK_K divides bk), so
+the step's weight scale is one value per output column, s[n // bn]. Two ways to multiply (config.act_fp8):
+    w8a16  acc += dot(a, fp8 tile -> a's dtype) * s[n]              activations exact, tensor cores at bf16 rate
+    w8a8   a is quantized per row over the step's BLOCK_K columns (amax -> 448, transformers' dynamic 1 x 128
+           scheme when BLOCK_K = 128):  acc += dot(fp8(a / sa), fp8 tile) * sa[m] * s[n]   (FP8 tensor cores)
+Scales multiply the fp32 partial product of the step, never the weights: nothing is dequantized to memory.
+Row offsets are int64 (t * H passes 2^31 at large T); columns wrap modulo N (the stores mask), K tails mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import QuantizedExpertsSpec
+from . import launch
+from .triton_act import ACT_CODE, gated_act
+from .triton_align import AlignedRows, align_rows
+from .triton_experts import _block_rows, _tile_coords, dot_precision, launch_combine
+
+FP8_MAX = 448.0
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedConfig:
+    """Tiles of the FP8 sorted path (one set for both GEMMs)."""
+
+    block_m: int
+    block_n: int
+    block_k: int  # divides the spec's scale_block_k
+    act_fp8: bool  # w8a8 (activations quantized per row and K step) or w8a16
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec) -> QuantizedConfig:
+    """Untuned tiles. w8a8 only where the GEMMs are compute-bound (many rows per expert) and the GPU has FP8
+    tensor cores; below that the weights' bytes bound the time and w8a16 keeps the activations exact."""
+    T = hidden.shape[0]
+    rows_per_expert = T * k / E
+    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128
+    block_k = 128
+    while spec.scale_block_k % block_k:
+        block_k //= 2
+    fp8_cores = hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) >= (8, 9)
+    return QuantizedConfig(
+        block_m=block_m, block_n=128 if block_m >= 64 else 64, block_k=block_k,
+        act_fp8=fp8_cores and hidden.dtype != torch.float32 and rows_per_expert >= 64,
+        num_warps=8 if block_m >= 128 else 4, num_stages=3 if block_m >= 64 else 4,
+    )
+
+
+@triton.jit
+def _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                   E8M0: tl.constexpr):
+    """[BLOCK_N] fp32 weight scales of output columns n at K offset k0."""
+    s = tl.load(s_ptr + expert * stride_se + (n // SCALE_BN).to(tl.int64) * stride_sn + (k0 // SCALE_BK) * stride_sk)
+    if E8M0:  # a biased power-of-two exponent
+        return tl.exp2(s.to(tl.float32) - 127.0)
+    return s.to(tl.float32)
+
+
+@triton.jit
+def _scaled_step(a, w, sw, acc, ACT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + (a @ w) * sw[None, :], with a [M, K] quantized per row first under ACT_FP8."""
+    if ACT_FP8:
+        a32 = a.to(tl.float32)
+        sa = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-12) / 448.0
+        aq = (a32 / sa[:, None]).to(tl.float8e4nv)
+        return acc + tl.dot(aq, w) * (sa[:, None] * sw[None, :])
+    return acc + tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION) * sw[None, :]
+
+
+@triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
+def _gate_up_fp8_kernel(
+    x_ptr, w_ptr, s_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+    H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN, SCALE_BK,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
+    ACT: tl.constexpr, EVEN_K: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    num_pid_n = tl.cdiv(I, BLOCK_N)
+    num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
+        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
+        tok = (rows // TOP_K).to(tl.int64)
+        kk = tl.arange(0, BLOCK_K)
+        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
+        a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
+        wg_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+        wu_ptrs = wg_ptrs + I * stride_wn
+        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                wg = tl.load(wg_ptrs)
+                wu = tl.load(wu_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                wg = tl.load(wg_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
+                wu = tl.load(wu_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
+            sg = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
+            su = _column_scales(s_ptr, expert, n + I, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
+            gate = _scaled_step(a, wg, sg, gate, ACT_FP8, DOT_PRECISION)
+            up = _scaled_step(a, wu, su, up, ACT_FP8, DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K * stride_wk
+            wu_ptrs += BLOCK_K * stride_wk
+        out = gated_act(gate, up, alpha, limit, ACT)
+        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
+        tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
+
+
+@triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
+def _down_fp8_kernel(
+    a_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+    H, I, GROUP_M, SCALE_BN, SCALE_BK,
+    stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_ym,
+    EVEN_K: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
+        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
+        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
+        kk = tl.arange(0, BLOCK_K)
+        # Padding rows of act were never written: whatever they hold only reaches rows that are not stored
+        # (under ACT_FP8 a padding row's own scale is computed from it alone: no other row is touched).
+        a_ptrs = a_ptr + slots[:, None] * stride_am + kk[None, :]
+        w_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
+                w = tl.load(w_ptrs, mask=(kk[:, None] < I - k0), other=0.0)
+            sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
+            acc = _scaled_step(a, w, sw, acc, ACT_FP8, DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = valid[:, None] & (n_out < H)[None, :]
+        tl.store(y_ptr + slots[:, None] * stride_ym + n_out[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _scale_view(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(the scales as the kernels read them, whether they are e8m0 exponents)."""
+    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    if e8m0 is not None and s.dtype == e8m0:
+        return s.view(torch.uint8), True
+    return s, False
+
+
+def launch_gate_up(hidden, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, config: QuantizedConfig, k: int, act):
+    H, I = hidden.shape[1], act.shape[1]
+    s, e8m0 = _scale_view(s)
+    grid = (max(1, rows.max_blocks * triton.cdiv(I, config.block_n)),)
+    launch.kernel(_gate_up_fp8_kernel)[grid](
+        hidden, w, s, act, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m, spec.scale_block_n,
+        spec.scale_block_k,
+        hidden.stride(0), *w.stride(), *s.stride(), act.stride(0),
+        ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, ACT_FP8=config.act_fp8, E8M0=e8m0,
+        DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def launch_down(act, rows: AlignedRows, w, s, weights, spec: QuantizedExpertsSpec, config: QuantizedConfig, y):
+    I, H = act.shape[1], y.shape[1]
+    s, e8m0 = _scale_view(s)
+    grid = (max(1, rows.max_blocks * triton.cdiv(H, config.block_n)),)
+    launch.kernel(_down_fp8_kernel)[grid](
+        act, w, s, y, weights, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        H, I, config.group_m, spec.scale_block_n, spec.scale_block_k,
+        act.stride(0), *w.stride(), *s.stride(), y.stride(0),
+        EVEN_K=I % config.block_k == 0, ACT_FP8=config.act_fp8, E8M0=e8m0, DOT_PRECISION=dot_precision(act.dtype),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
+                    spec: QuantizedExpertsSpec, config: QuantizedConfig | None = None) -> torch.Tensor:
+    """out [T, H]. Sizes and dtypes were checked by ops/checks.py; T > 0."""
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    E, I = w_gate_up.shape[0], w_down.shape[2]
+    if config is None:
+        config = default_config(hidden, E, k, spec)
+    if spec.scale_block_k % config.block_k:
+        raise ValueError(f"moe_compiler: block_k={config.block_k} must divide scale_block_k={spec.scale_block_k} "
+                         "(a K step reads one scale per column)")
+    rows = align_rows(topk_ids, E, config.block_m)
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    weights = topk_weights.reshape(-1)
+    if weights.stride(0) != 1:
+        weights = weights.contiguous()
+    act = hidden.new_empty(rows.sorted_rows.numel(), I)
+    launch_gate_up(hidden, rows, w_gate_up, w_gate_up_scale, spec, config, k, act)
+    y = hidden.new_empty(rows.sorted_rows.numel(), H)
+    launch_down(act, rows, w_down, w_down_scale, weights, spec, config, y)
+    out = hidden.new_empty(T, H)
+    launch_combine(y, rows, k, out)
+    return out
+
+
+# --- FP8 linear layers (the linear_quantized op): transformers' FP8Linear, read in place ----------------------
+
+@triton.jit(do_not_specialize=["SCALE_BN", "SCALE_BK"])
+def _linear_fp8_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, SCALE_BN, SCALE_BK,
+    stride_xm, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y [M, N] = x [M, K] @ (w [N, K] * block scales)^T (+ bias): w8a16, one output tile per program."""
+    num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    kk = tl.arange(0, BLOCK_K)
+    rows = tl.minimum(m, M - 1).to(tl.int64)  # rows past M re-read the last one; never stored
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + kk[None, :]
+    w_ptrs = w_ptr + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=(kk[None, :] < K - k0), other=0.0)
+            w = tl.load(w_ptrs, mask=(kk[:, None] < K - k0), other=0.0)
+        sw = _column_scales(s_ptr, 0, n, k0, 0, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
+        acc = _scaled_step(a, w, sw, acc, False, DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n).to(tl.float32)[None, :]
+    n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (m < M)[:, None] & (n_out < N)[None, :]
+    tl.store(y_ptr + m[:, None].to(tl.int64) * stride_ym + n_out[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def linear_forward(x, w, s, bias, block_n: int, block_k: int) -> torch.Tensor:
+    """x [M, K] (unit column stride) -> [M, N] in x's dtype. Untuned tiles: 16 rows at decode, 64 above."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = x.new_empty(M, N)
+    if M == 0:
+        return y
+    block_m = 16 if M <= 16 else 64
+    block_kk = 128
+    while block_k % block_kk:
+        block_kk //= 2
+    block_nn = 64 if M <= 16 else 128
+    s, e8m0 = _scale_view(s)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_nn),)
+    launch.kernel(_linear_fp8_kernel)[grid](
+        x, w, s, bias if bias is not None else s, y, M, N, K, block_n, block_k,
+        x.stride(0), *w.stride(), *s.stride(), y.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=K % block_kk == 0, E8M0=e8m0, DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_nn, BLOCK_K=block_kk, GROUP_M=8, num_warps=4, num_stages=4,
+    )
+    return y

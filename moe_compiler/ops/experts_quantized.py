@@ -1,0 +1,76 @@
+"""`torch.ops.moe_compiler.experts_quantized`: the experts op over block-scaled quantized weights, read in place
+(the checkpoint's FP8 tensors and their scales: no dequantized copy is kept between calls).
+
+    experts_quantized(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
+                      shared_gate_proj=None, shared_up_proj=None, shared_down_proj=None, shared_expert_gate=None,
+                      *, <ExpertsSpec fields>, weight_format="fp8_e4m3", scale_block_n=128, scale_block_k=128)
+        -> out [T, H]
+
+    out = experts(hidden, ..., dequantize(w_gate_up), dequantize(w_down)) [+ shared MLP]   (spec.QuantizedExpertsSpec)
+
+Its callers: the "fused_moe" experts implementation of transformers' quantized experts modules
+(integrations/hf_experts.py), which Dynamo traces as one call; the pipeline then fuses the router and the shared
+experts around it as around the experts op. Inference only: the weights are frozen by nature, and a forward
+that needs gradients runs transformers' own experts forward instead (hf_experts.py says why).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..lowering import device, dispatch
+from ..spec import QuantizedExpertsSpec, SharedMLP
+from . import checks, inline
+from .signature import SIGNATURES, QuantizedTensors, make_spec, schema
+
+
+def bind(tensors: tuple, spec_kwargs: dict) -> tuple[QuantizedTensors, QuantizedExpertsSpec, SharedMLP | None]:
+    t = QuantizedTensors(*tensors)
+    spec = make_spec(QuantizedExpertsSpec, spec_kwargs)
+    checks.check_quantized_experts(*t[:7], spec)
+    if t.shared_gate_proj is None and t.shared_down_proj is None:
+        checks.check_shared_absent(t.shared_up_proj, t.shared_expert_gate)
+        return t, spec, None
+    checks.check_shared(t.hidden, t.shared_gate_proj, t.shared_up_proj, t.shared_down_proj, t.shared_expert_gate)
+    shared = SharedMLP.from_parts(t.shared_gate_proj, t.shared_up_proj, t.shared_down_proj, t.shared_expert_gate)
+    return t, spec, shared
+
+
+def forward(t: QuantizedTensors, spec: QuantizedExpertsSpec, shared: SharedMLP | None) -> Tensor:
+    return dispatch.experts_quantized_forward(*t[:7], spec, shared)
+
+
+@torch.library.custom_op(
+    "moe_compiler::experts_quantized", mutates_args=(), schema=schema(QuantizedTensors, QuantizedExpertsSpec, "Tensor")
+)
+def experts_quantized(*tensors, **spec) -> Tensor:
+    """out [T, H] in hidden's dtype; see the module docstring."""
+    return forward(*bind(tensors, spec))
+
+
+@experts_quantized.register_fake
+def _(*tensors, **spec):
+    t, _, _ = bind(tensors, spec)
+    return t.hidden.new_empty(t.hidden.shape)
+
+
+def _inlinable(*tensors, **spec) -> bool:
+    # Sizes only (see experts.py): a traced call with static shapes on the Triton path records its launches.
+    t = QuantizedTensors(*tensors)
+    return inline.static(*t) and device.uses_triton(t.hidden)
+
+
+inline.register(experts_quantized, _inlinable, lambda *tensors, **spec: forward(*bind(tensors, spec)))
+
+
+def _no_backward(ctx, grad_out):
+    raise NotImplementedError(
+        "moe_compiler.experts_quantized has no backward: quantized experts run inference only. Run the forward "
+        "under torch.no_grad() / torch.inference_mode(); for training through them, use transformers' own experts "
+        "implementation (the fused_moe implementation hands gradient-needing forwards to it)."
+    )
+
+
+experts_quantized.register_autograd(_no_backward, setup_context=lambda ctx, inputs, keyword_only_inputs, output: None)
+SIGNATURES[torch.ops.moe_compiler.experts_quantized.default] = (QuantizedTensors, QuantizedExpertsSpec)

@@ -1,0 +1,202 @@
+"""Block-scaled FP8 test data: quantize weights the way the checkpoints are made, and random quantized experts."""
+
+from __future__ import annotations
+
+import torch
+
+from ..lowering.torch_quantized import dequantize
+from .reference import experts_inputs
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block_n: int, block_k: int, scale_dtype=torch.float32):
+    """(q [..., N, K] float8_e4m3fn, scale [..., ceil(N/bn), ceil(K/bk)]) with w ~ q * scale per block: the block's
+    amax maps to 448 (transformers' Fp8Quantize). float8_e8m0fnu scales: the power of two at or above that."""
+    N, K = w.shape[-2:]
+    nb, kb = -(-N // block_n), -(-K // block_k)
+    padded = torch.zeros(*w.shape[:-2], nb * block_n, kb * block_k, dtype=torch.float32, device=w.device)
+    padded[..., :N, :K] = w.float()
+    blocks = padded.unflatten(-1, (kb, block_k)).unflatten(-3, (nb, block_n))  # [..., nb, bn, kb, bk]
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., nb, kb]
+    scale = (amax / FP8_MAX).clamp(min=1e-12)
+    if scale_dtype != torch.float32 and scale_dtype != torch.bfloat16:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))  # e8m0: exponents only
+    scale = scale.to(scale_dtype)
+    q = (blocks / scale.float()[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    q = q.flatten(-4, -3).flatten(-2, -1)[..., :N, :K].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def quantized_experts_inputs(T, H, I, E, k, dtype, block_n=128, block_k=128, scale_dtype=torch.float32, seed=0):
+    """Random (hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale) on the CPU
+    and the dequantized fp32 weights (w_gate_up, w_down) for the reference."""
+    hidden, ids, weights, w1, w2, _, _ = experts_inputs(T, H, I, E, k, torch.float32, seed=seed)
+    q1, s1 = quantize_fp8_blocks(w1, block_n, block_k, scale_dtype)
+    q2, s2 = quantize_fp8_blocks(w2, block_n, block_k, scale_dtype)
+    deq = (dequantize(q1, s1, block_n, block_k), dequantize(q2, s2, block_n, block_k))
+    return (hidden.to(dtype), ids, weights.to(dtype), q1, s1, q2, s2), deq
+
+
+def quantize_activations_fp8(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [..., K] through the w8a8 kernels' activation rounding (per row, per `group` columns: amax -> 448,
+    float8_e4m3fn), back in fp32: the reference of the act_fp8 path."""
+    K = x.shape[-1]
+    pad = (-K) % group
+    xp = torch.nn.functional.pad(x.float(), (0, pad)).unflatten(-1, (-1, group))
+    s = xp.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return ((xp / s).to(torch.float8_e4m3fn).float() * s).flatten(-2)[..., :K]
+
+
+def w8a8_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, group: int, spec=None):
+    """The w8a8 kernels' math in fp64 on dequantized weights [E, 2I, H] / [E, H, I]: each GEMM's input rows
+    rounded by quantize_activations_fp8 first (the gated activation stored in hidden's dtype before that)."""
+    from ..lowering.torch_activations import gated_forward
+    from ..spec import ExpertsSpec
+
+    spec = spec or ExpertsSpec()
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    x = quantize_activations_fp8(hidden, group).double()
+    for t in range(hidden.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            a = gated_forward(w_gate_up[e].double() @ x[t], spec).to(hidden.dtype)
+            a = quantize_activations_fp8(a, group).double()
+            out[t] += topk_weights[t, j].double() * (w_down[e].double() @ a)
+    return out
+
+
+_FP8_EXPERTS_CLASS = None
+
+
+def _fp8_experts_class():
+    """transformers' FP8Experts under its experts-implementation dispatch, wrapped once per process (as its
+    quantizer does at load)."""
+    global _FP8_EXPERTS_CLASS
+    if _FP8_EXPERTS_CLASS is None:
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+        from transformers.integrations.moe import use_experts_implementation
+
+        _FP8_EXPERTS_CLASS = use_experts_implementation(experts_class=FP8Experts,
+                                                        experts_interface=ALL_FP8_EXPERTS_FUNCTIONS)
+    return _FP8_EXPERTS_CLASS
+
+
+def fp8_experts_model(arch: str = "qwen3_moe", block=(32, 32), scale_dtype=torch.float32, dtype=torch.float32,
+                      seed: int = 0, linears: bool = False, **overrides):
+    """(model, reference): a tiny transformers model whose experts are transformers' FP8Experts holding
+    block-quantized weights (the modules its FP8 quantizer builds from a finegrained-FP8 checkpoint), with
+    experts_implementation="fused_moe"; and the same model with those experts dequantized (fp32 values in the
+    original modules), the reference for logits. With `linears`, the other Linear layers but lm_head become
+    transformers' FP8Linear too (not yet pointed at our op: hf_linear.use_fused_linears does that)."""
+    import copy
+
+    from ..integrations import hf_experts
+    from .hf_models import tiny_model
+
+    hf_experts.register()
+    model = tiny_model(arch, "grouped_mm", dtype=dtype, seed=seed, **overrides)
+    reference = copy.deepcopy(model)
+    cls = _fp8_experts_class()
+    config = model.config.get_text_config()
+    for name, module in list(model.named_modules()):
+        if not name.endswith(".experts"):
+            continue
+        scale_fmt = "float" if scale_dtype == torch.float32 else "ue8m0"
+        fp8 = cls(config=config, block_size=tuple(block), scale_fmt=scale_fmt)
+        ref = reference.get_submodule(name)
+        for proj in ("gate_up_proj", "down_proj"):
+            q, s = quantize_fp8_blocks(getattr(module, proj).detach(), *block, scale_dtype)
+            rows = getattr(fp8, proj + "_scale_inv").shape[1]
+            if s.shape[1] != rows:  # transformers' 2-row floor for gate_up: the extra row is never read
+                s = torch.cat([s, s[:, -1:].expand(-1, rows - s.shape[1], -1)], 1)
+            setattr(fp8, proj, torch.nn.Parameter(q, requires_grad=False))
+            setattr(fp8, proj + "_scale_inv", torch.nn.Parameter(s, requires_grad=False))
+            with torch.no_grad():
+                getattr(ref, proj).copy_(dequantize(q, s, *block).to(dtype))
+        model.set_submodule(name, fp8)
+    if linears:
+        from transformers.integrations.finegrained_fp8 import FP8Linear
+
+        scale_fmt = "float" if scale_dtype == torch.float32 else "ue8m0"
+        for name in _quantized_linears(model):
+            linear = model.get_submodule(name)
+            fp8 = FP8Linear(linear.in_features, linear.out_features, block_size=tuple(block), scale_fmt=scale_fmt,
+                            has_bias=linear.bias is not None)
+            q, s = quantize_fp8_blocks(linear.weight.detach(), *block, scale_dtype)
+            fp8.weight = torch.nn.Parameter(q, requires_grad=False)
+            fp8.weight_scale_inv = torch.nn.Parameter(s, requires_grad=False)
+            if linear.bias is not None:
+                fp8.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            with torch.no_grad():
+                reference.get_submodule(name).weight.copy_(dequantize(q, s, *block).to(dtype))
+            model.set_submodule(name, fp8)
+    model.set_experts_implementation(hf_experts.NAME)
+    return model.eval(), reference.eval()
+
+
+def _quantized_linears(model) -> list[str]:
+    """The nn.Linear layers an FP8 checkpoint quantizes: all but the output head."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+
+
+def save_fp8_checkpoint(model, path, block=(32, 32), scale_dtype=torch.float32, linears: bool = False) -> None:
+    """Write `model` (a tiny transformers MoE model with stacked experts) as a finegrained-FP8 checkpoint in the
+    on-disk form of the FP8 releases: per-expert `experts.{e}.{gate,up,down}_proj.weight` float8_e4m3fn with
+    `weight_scale_inv` block scales, config `quantization_config` {"quant_method": "fp8", "weight_block_size"}.
+    With `linears`, the other Linear layers but lm_head are quantized too (as DeepSeek-V3's release is);
+    otherwise they stay unquantized and are listed in `modules_to_not_convert`."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    def put(name, w):
+        q, s = quantize_fp8_blocks(w.detach(), *block, scale_dtype)
+        tensors[f"{name}.weight"] = q.contiguous()
+        e8m0 = scale_dtype not in (torch.float32, torch.bfloat16)
+        tensors[f"{name}.weight_scale_inv"] = s.contiguous().view(torch.uint8) if e8m0 else s.contiguous()
+
+    os.makedirs(path, exist_ok=True)
+    quantized = set(_quantized_linears(model)) if linears else set()
+    tensors = {}
+    for name, p in model.state_dict().items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in ("gate_up_proj", "down_proj") and prefix.endswith(".experts"):
+            I = p.shape[1] // 2
+            parts = {"gate_proj": p[:, :I], "up_proj": p[:, I:]} if leaf == "gate_up_proj" else {"down_proj": p}
+            for proj, w in parts.items():
+                for e in range(w.shape[0]):
+                    put(f"{prefix}.{e}.{proj}", w[e])
+        elif leaf == "weight" and prefix in quantized:
+            put(prefix, p)
+        else:
+            tensors[name] = p.detach().contiguous()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    unquantized = ["lm_head"] if linears else [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    config["quantization_config"] = {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block),
+        "modules_to_not_convert": unquantized,
+        **({"scale_fmt": "ue8m0"} if scale_dtype not in (torch.float32, torch.bfloat16) else {}),
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, default=str)
+
+
+def dequantized_reference(model, block=(32, 32), scale_dtype=torch.float32, linears: bool = False):
+    """`model` with the weights save_fp8_checkpoint quantizes replaced in place by their dequantized values: the
+    reference a loaded FP8 checkpoint is compared with."""
+    def round_trip(w):
+        return dequantize(*quantize_fp8_blocks(w, *block, scale_dtype), *block).to(w.dtype)
+
+    quantized = set(_quantized_linears(model)) if linears else set()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            prefix, _, leaf = name.rpartition(".")
+            if leaf in ("gate_up_proj", "down_proj") and prefix.endswith(".experts"):
+                halves = p.chunk(2, dim=1) if leaf == "gate_up_proj" else (p,)
+                p.copy_(torch.cat([round_trip(h) for h in halves], dim=1))
+            elif leaf == "weight" and prefix in quantized:
+                p.copy_(round_trip(p))
+    return model

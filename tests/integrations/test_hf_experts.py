@@ -1,0 +1,149 @@
+"""The "fused_moe" experts implementation (integrations/hf_experts.py): transformers' FP8Experts modules run the
+experts_quantized op eagerly and under torch.compile, where the backend fuses the router and the shared experts
+around the call; logits against the same model with its experts dequantized."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from moe_compiler.integrations import hf_experts
+from moe_compiler.spec import Activation
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.quantized import fp8_experts_model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize(
+    "arch,block,scale_dtype",
+    [("qwen3_moe", (32, 32), torch.float32), ("deepseek_v3", (16, 32), torch.float8_e8m0fnu)],
+    ids=["qwen3_moe-32x32-fp32", "deepseek_v3-16x32-e8m0"],
+)
+def test_fp8_experts_run_the_op_eagerly_and_compiled(arch, block, scale_dtype, tmp_path):
+    model, reference = fp8_experts_model(arch, block, scale_dtype)
+    experts = [m for n, m in model.named_modules() if n.endswith(".experts")]
+    assert experts and all(m.gate_up_proj.dtype == torch.float8_e4m3fn for m in experts)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = _logits(reference, ids)
+    assert rel_err(_logits(model, ids), ref) <= 1e-5
+
+    compiled = torch.compile(model, backend="fused_moe", fullgraph=True,
+                             options={"moe_compiler.dump_dir": str(tmp_path)})
+    assert rel_err(_logits(compiled, ids), ref) <= 1e-5
+    c = counters["moe_compiler"]
+    assert c["fused_experts_implementation"] == 2 and c["rejected_experts"] == 0
+    assert sum(v for k, v in c.items() if k.startswith("fused_router")) == 2
+    if arch == "deepseek_v3":  # its shared experts join the quantized call
+        assert c["fused_shared_experts_plain"] == 2
+    dump = "\n".join(p.read_text() for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".md", ".txt"))
+    assert "experts implementation" in dump and "fp8_e4m3" in dump
+
+
+def test_the_weights_are_the_modules_own_parameters():
+    model, _ = fp8_experts_model("qwen3_moe")
+    module = model.model.layers[0].mlp.experts
+    ids = torch.randint(0, 128, (1, 5))
+    before = _logits(model, ids)
+    with torch.no_grad():  # the op reads the parameters in place on every call: a change shows at once
+        module.down_proj_scale_inv.mul_(2.0)
+    assert rel_err(_logits(model, ids), before) > 1e-3
+
+
+def test_spec_of_reads_the_module_or_says_why_not():
+    model, _ = fp8_experts_model("qwen3_moe", (32, 32))
+    module = model.model.layers[0].mlp.experts
+    spec = hf_experts.spec_of(module)
+    assert spec.activation is Activation.SILU and (spec.scale_block_n, spec.scale_block_k) == (32, 32)
+    module.activation_scheme = "static"
+    assert "static activation scales" in hf_experts.spec_of(module)
+    module.activation_scheme = "dynamic"
+    module.has_gate = False
+    assert "without a gate" in hf_experts.spec_of(module)
+    module.has_gate = True
+    module.block_size = None
+    assert "per-tensor" in hf_experts.spec_of(module)
+    module.block_size = (32, 32)
+    module.act_fn = torch.nn.Tanh()
+    assert "activation 'silu' (Tanh)" in hf_experts.spec_of(module)
+
+
+def test_unsupported_modules_say_why_and_run_transformers_forward(caplog, monkeypatch):
+    model, _ = fp8_experts_model("qwen3_moe")
+    module = model.model.layers[0].mlp.experts
+    module.activation_scheme = "static"
+    seen = []
+    import inspect
+
+    original = inspect.unwrap(type(module).forward)
+    monkeypatch.setattr(hf_experts.inspect, "unwrap", lambda f: lambda *a: seen.append(a) or a[1])
+    with caplog.at_level(logging.WARNING, logger=hf_experts.__name__):
+        x = torch.randn(3, 64)
+        out = hf_experts.fp8_experts_forward(module, x, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+    assert out is x and len(seen) == 1 and original is not None
+    assert "static activation scales" in caplog.text and "eager experts forward" in caplog.text
+
+
+def test_from_pretrained_selects_the_implementation(tmp_path):
+    from moe_compiler import from_pretrained
+    from moe_compiler.testing.hf_models import tiny_model
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path)
+    model = from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert model.config._experts_implementation == "fused_moe"
+    ids = torch.randint(0, 128, (1, 6))
+    reference = tiny_model("qwen3_moe")
+    assert rel_err(_logits(model, ids), _logits(reference, ids)) <= 1e-5
+    compiled = torch.compile(model, backend="fused_moe")
+    assert rel_err(_logits(compiled, ids), _logits(reference, ids)) <= 1e-5
+    assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
+
+
+@pytest.mark.parametrize("arch,scale_dtype", [("qwen3_moe", torch.float32), ("deepseek_v3", torch.float8_e8m0fnu)],
+                         ids=["qwen3_moe-fp32", "deepseek_v3-e8m0"])
+def test_an_fp8_checkpoint_on_disk_loads_as_written(arch, scale_dtype, tmp_path):
+    """The on-disk format (per-expert FP8 weights + weight_scale_inv, quantization_config): on the CPU transformers
+    loads it dequantized, which must equal our reading of the scales exactly; compiled, its experts fuse."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_compiler.testing.hf_models import tiny_model
+    from moe_compiler.testing.quantized import dequantized_reference, save_fp8_checkpoint
+
+    save_fp8_checkpoint(tiny_model(arch), tmp_path, (32, 32), scale_dtype)
+    reference = dequantized_reference(tiny_model(arch), (32, 32), scale_dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, 128, (2, 7))
+    assert rel_err(_logits(loaded, ids), _logits(reference, ids)) == 0.0
+    compiled = torch.compile(loaded, backend="fused_moe")
+    assert rel_err(_logits(compiled, ids), _logits(reference, ids)) <= 1e-5
+    assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_an_fp8_checkpoint_runs_the_fp8_kernels_on_the_gpu(dtype, tol, tmp_path):
+    """On a GPU transformers keeps the weights FP8 (FP8Experts, FP8Linear: every Linear but lm_head, as DeepSeek-V3's
+    release); from_pretrained selects fused_moe and points the linears at linear_quantized, so eager and compiled
+    forwards run our Triton FP8 kernels, with no Hub kernel (no network on the test machine)."""
+    from moe_compiler import from_pretrained
+    from moe_compiler.testing.hf_models import tiny_model
+    from moe_compiler.testing.quantized import dequantized_reference, save_fp8_checkpoint
+
+    save_fp8_checkpoint(tiny_model("deepseek_v3"), tmp_path, (32, 32), linears=True)
+    reference = dequantized_reference(tiny_model("deepseek_v3"), (32, 32), linears=True).to("cuda", dtype)
+    model = from_pretrained(str(tmp_path), dtype=dtype, device_map="cuda")
+    experts = model.model.layers[1].mlp.experts
+    assert type(experts).__name__ == "FP8Experts" and experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert type(model.model.layers[0].self_attn.o_proj).__name__ == "FusedFP8Linear"
+    ids = torch.randint(0, 128, (2, 33), device="cuda")
+    ref = _logits(reference, ids)
+    assert rel_err(_logits(model, ids), ref) <= tol
+    compiled = torch.compile(model, backend="fused_moe")
+    assert rel_err(_logits(compiled, ids), ref) <= tol
+    assert counters["moe_compiler"]["fused_experts_implementation"] == 2
