@@ -9,6 +9,8 @@ Per (shape, T), uniform routing, bf16 activations, the same inputs for every var
     w8a16     the FP8 Triton path, activations exact (triton_quantized, act_fp8=False)
     w8a8      the FP8 Triton path, activations rounded to e4m3 per row and 128 columns (act_fp8=True)
     op        torch.ops.moe_compiler.experts_quantized with its default config
+    int4      experts_quantized on INT4 packed weights, groups of 32 along K (Kimi-K2-Thinking's format) made from
+              the same bf16 weights: its error against bf16 is INT4's rounding (printed, not checked)
 Weights: random bf16 drawn on the GPU, quantized to FP8 with 128 x 128 block scales (fp32), and the bf16 copy
 replaced by the dequantized values, so every variant computes the same function. Each FP8 output is checked
 against the bf16 op's (rel err printed; w8a16 must stay <= 1e-2). Timing: medians from a cold L2 (harness),
@@ -27,7 +29,7 @@ import moe_compiler  # noqa: F401 - registers the ops
 from moe_compiler.lowering import triton_quantized
 from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec
 from moe_compiler.testing import rel_err
-from moe_compiler.testing.quantized import quantize_fp8_blocks
+from moe_compiler.testing.quantized import quantize_fp8_blocks, quantize_int4_groups
 from moe_compiler.tune.shapes import ALL_SHAPES
 from moe_compiler.tune.timing import Timer
 
@@ -37,7 +39,8 @@ SHAPES = {name: ALL_SHAPES[name] for name in ("deepseek_v3", "kimi_k2", "qwen3_3
 SMOKE = {"smoke": (8, 2, 256, 128)}
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
 BLOCK = 128
-VARIANTS = ("bf16", "w8a16", "w8a8", "op")
+VARIANTS = ("bf16", "w8a16", "w8a8", "op", "int4")
+GROUP = 32
 
 
 def fp8_weights(E, N, K, device, gen, chunk=8):
@@ -54,20 +57,34 @@ def fp8_weights(E, N, K, device, gen, chunk=8):
     return w, q, s
 
 
+def int4_weights(w, chunk=8):
+    """(packed int32 [E, N, K/8], bf16 scales [E, N, K/32]) of bf16 weights, a few experts at a time."""
+    E, N, K = w.shape
+    q = torch.empty(E, N, K // 8, dtype=torch.int32, device=w.device)
+    s = torch.empty(E, N, K // GROUP, dtype=torch.bfloat16, device=w.device)
+    for e in range(0, E, chunk):
+        q[e:e + chunk], s[e:e + chunk] = quantize_int4_groups(w[e:e + chunk], GROUP)
+    return q, s
+
+
 def floors(T, E, k, H, I, ids):
     hit = int(torch.unique(ids).numel())
     act = 2 * T * H * 2
-    bf16 = harness.floor_s(6 * T * k * H * I, hit * 3 * H * I * 2 + act)
+    flops = 6 * T * k * H * I
+    bf16 = harness.floor_s(flops, hit * 3 * H * I * 2 + act)
     scales = hit * 3 * (H // BLOCK + 1) * (I // BLOCK + 1) * 4
-    fp8 = harness.floor_s(6 * T * k * H * I, hit * 3 * H * I + scales + act)
-    return bf16, fp8
+    fp8 = harness.floor_s(flops, hit * 3 * H * I + scales + act)
+    int4 = harness.floor_s(flops, hit * 3 * H * I * (0.5 + 2 / GROUP) + act)
+    return bf16, fp8, int4
 
 
 def bench_shape(name, E, k, H, I, tokens, timer, device):
     gen = torch.Generator(device=device).manual_seed(0)
     w1, q1, s1 = fp8_weights(E, 2 * I, H, device, gen)
     w2, q2, s2 = fp8_weights(E, H, I, device, gen)
+    (p1, g1), (p2, g2) = int4_weights(w1), int4_weights(w2)
     spec = QuantizedExpertsSpec()
+    spec4 = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=GROUP)
     rows = []
     for T in tokens:
         x = torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
@@ -76,14 +93,16 @@ def bench_shape(name, E, k, H, I, tokens, timer, device):
         fp8_args = (x, ids, wts, q1, s1, q2, s2)
         base = triton_quantized.default_config(x, E, k, spec) if device == "cuda" else None
         calls = {"bf16": lambda: torch.ops.moe_compiler.experts(x, ids, wts, w1, w2, **ExpertsSpec().op_kwargs()),
-                 "op": lambda: torch.ops.moe_compiler.experts_quantized(*fp8_args, **spec.op_kwargs())}
+                 "op": lambda: torch.ops.moe_compiler.experts_quantized(*fp8_args, **spec.op_kwargs()),
+                 "int4": lambda: torch.ops.moe_compiler.experts_quantized(x, ids, wts, p1, g1, p2, g2,
+                                                                          **spec4.op_kwargs())}
         if base is not None:
             for variant, act_fp8 in (("w8a16", False), ("w8a8", True)):
                 config = dataclasses.replace(base, act_fp8=act_fp8)
                 calls[variant] = lambda c=config: triton_quantized.experts_forward(*fp8_args, spec, c)
         ref = calls["bf16"]().float()
         row = {"shape": name, "T": T, "default_act_fp8": bool(base and base.act_fp8)}
-        row["floor_bf16_us"], row["floor_fp8_us"] = (f * 1e6 for f in floors(T, E, k, H, I, ids))
+        row["floor_bf16_us"], row["floor_fp8_us"], row["floor_int4_us"] = (f * 1e6 for f in floors(T, E, k, H, I, ids))
         for variant, fn in calls.items():
             if variant != "bf16":
                 row[f"{variant}_err"] = rel_err(fn().float(), ref)
@@ -101,9 +120,10 @@ def print_row(r):
     for v in VARIANTS[1:]:
         if f"{v}_us" in r:
             parts.append(f"{v} {r[f'{v}_us']:9.1f} ({r['bf16_us'] / r[f'{v}_us']:.2f}x, err {r[f'{v}_err']:.1e})")
-    parts.append(f"floors bf16 {r['floor_bf16_us']:.1f} fp8 {r['floor_fp8_us']:.1f}")
+    parts.append(f"floors bf16 {r['floor_bf16_us']:.1f} fp8 {r['floor_fp8_us']:.1f} int4 {r['floor_int4_us']:.1f}")
     best = min(r.get(f"{v}_us", float("inf")) for v in ("w8a16", "w8a8", "op"))
-    parts.append(f"best fp8 / fp8 floor {best / r['floor_fp8_us']:.2f}")
+    parts.append(f"best fp8 / fp8 floor {best / r['floor_fp8_us']:.2f}, int4 / int4 floor "
+                 f"{r['int4_us'] / r['floor_int4_us']:.2f}")
     print(" | ".join(parts), flush=True)
 
 

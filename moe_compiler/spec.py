@@ -122,6 +122,9 @@ class WeightFormat(str, enum.Enum):
     # float8_e4m3fn [E, N, K]; fp32 or float8_e8m0fnu scales [E, ceil(N/bn), ceil(K/bk)] (transformers'
     # finegrained FP8: DeepSeek-V3 / Kimi-K2 / Qwen3 FP8 releases, 128 x 128 blocks).
     FP8_E4M3 = "fp8_e4m3"
+    # int32 [E, N, K/8], 8 signed 4-bit values per word along K (value k at bits 4 (k % 8), stored + 8); scales
+    # [E, ceil(N/bn), ceil(K/bk)] (compressed-tensors pack-quantized, symmetric: Kimi-K2-Thinking, bn=1, bk=32).
+    INT4_PACKED = "int4_packed"
 
 
 @dataclasses.dataclass(frozen=True)

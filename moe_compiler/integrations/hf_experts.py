@@ -121,14 +121,23 @@ def fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 def from_pretrained(path, *args, **kwargs):
     """transformers' AutoModelForCausalLM.from_pretrained with experts_implementation="fused_moe" (registered
-    first), then its FP8Linear layers pointed at linear_quantized (hf_linear.py); every other argument is passed
-    through."""
-    from transformers import AutoModelForCausalLM
+    first), then its FP8Linear layers pointed at linear_quantized (hf_linear.py). A compressed-tensors INT4
+    checkpoint keeps its experts packed (hf_int4.py). Every other argument is passed through."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .hf_int4 import check_only_experts_packed, packed_config
     from .hf_linear import use_fused_linears
 
     register()
     kwargs.setdefault("experts_implementation", NAME)
+    if "config" not in kwargs:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+        quantization = getattr(config, "quantization_config", None)
+        packed = packed_config(quantization if isinstance(quantization, dict) else {})
+        if packed is not None:
+            check_only_experts_packed(path)
+            config.quantization_config = packed
+            kwargs["config"] = config
     model = AutoModelForCausalLM.from_pretrained(path, *args, **kwargs)
     use_fused_linears(model)
     return model

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..spec import QuantizedExpertsSpec
+from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import AlignedRows, align_rows
@@ -60,8 +60,8 @@ def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsS
     rows_per_expert = T * k / E
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128
     block_k = 128
-    while spec.scale_block_k % block_k:
-        block_k //= 2
+    while spec.weight_format is WeightFormat.FP8_E4M3 and spec.scale_block_k % block_k:
+        block_k //= 2  # an FP8 K step reads one scale per column; INT4 steps dequantize per element
     fp8_cores = hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) >= (8, 9)
     return QuantizedConfig(
         block_m=block_m, block_n=128 if block_m >= 64 else 64, block_k=block_k,
@@ -81,8 +81,35 @@ def _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_
 
 
 @triton.jit
-def _scaled_step(a, w, sw, acc, ACT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + (a @ w) * sw[None, :], with a [M, K] quantized per row first under ACT_FP8."""
+def _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                 EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """acc + a [M, BLOCK_K] @ the dequantized weight tile at K offset k0 ([BLOCK_KW, BLOCK_N] stored words
+    at w_ptrs: e4m3 bytes, or int32 words of 8 nibbles along K)."""
+    kw = tl.arange(0, BLOCK_KW)
+    if INT4:
+        # 8 values per word, value k at bits 4 (k % 8) of word k // 8, stored + 8. Group scales vary inside the
+        # K step (SCALE_BK < BLOCK_K): the tile is dequantized in registers, then one dot at a's precision.
+        if EVEN_K:
+            words = tl.load(w_ptrs)
+        else:
+            words = tl.load(w_ptrs, mask=(kw[:, None] < (K - k0) // 8), other=0)
+        shifts = tl.arange(0, 8) * 4
+        nibbles = (words[:, None, :] >> shifts[None, :, None]) & 15
+        q = tl.reshape(nibbles, (BLOCK_K, n.shape[0])).to(tl.float32) - 8.0
+        kk = k0 + tl.arange(0, BLOCK_K)
+        s = tl.load(s_ptr + expert * stride_se + (n[None, :] // SCALE_BN).to(tl.int64) * stride_sn
+                    + (kk[:, None] // SCALE_BK) * stride_sk, mask=kk[:, None] < K, other=0.0)
+        if E8M0:
+            s = tl.exp2(s.to(tl.float32) - 127.0)
+        w = (q * s.to(tl.float32)).to(a.dtype)
+        return tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    if EVEN_K:
+        w = tl.load(w_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=(kw[:, None] < K - k0), other=0.0)
+    # The K step lies in one scale block: one scale per output column, applied to the step's partial product.
+    sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
     if ACT_FP8:
         a32 = a.to(tl.float32)
         sa = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-12) / 448.0
@@ -92,12 +119,13 @@ def _scaled_step(a, w, sw, acc, ACT_FP8: tl.constexpr, DOT_PRECISION: tl.constex
 
 
 @triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
-def _gate_up_fp8_kernel(
+def _gate_up_q_kernel(
     x_ptr, w_ptr, s_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
     H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN, SCALE_BK,
     stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
-    ACT: tl.constexpr, EVEN_K: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
+    ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(I, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
@@ -108,26 +136,23 @@ def _gate_up_fp8_kernel(
         kk = tl.arange(0, BLOCK_K)
         n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
         a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
-        wg_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+        wg_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
+                   + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
         wu_ptrs = wg_ptrs + I * stride_wn
         gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
-                wg = tl.load(wg_ptrs)
-                wu = tl.load(wu_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
-                wg = tl.load(wg_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
-                wu = tl.load(wu_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
-            sg = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
-            su = _column_scales(s_ptr, expert, n + I, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
-            gate = _scaled_step(a, wg, sg, gate, ACT_FP8, DOT_PRECISION)
-            up = _scaled_step(a, wu, su, up, ACT_FP8, DOT_PRECISION)
+            gate = _weight_step(a, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
+            up = _weight_step(a, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
+                              SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
             a_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K * stride_wk
-            wu_ptrs += BLOCK_K * stride_wk
+            wg_ptrs += BLOCK_KW * stride_wk
+            wu_ptrs += BLOCK_KW * stride_wk
         out = gated_act(gate, up, alpha, limit, ACT)
         n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
@@ -135,12 +160,13 @@ def _gate_up_fp8_kernel(
 
 
 @triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
-def _down_fp8_kernel(
+def _down_q_kernel(
     a_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
     H, I, GROUP_M, SCALE_BN, SCALE_BK,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_ym,
-    EVEN_K: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(H, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
@@ -152,19 +178,18 @@ def _down_fp8_kernel(
         # Padding rows of act were never written: whatever they hold only reaches rows that are not stored
         # (under ACT_FP8 a padding row's own scale is computed from it alone: no other row is touched).
         a_ptrs = a_ptr + slots[:, None] * stride_am + kk[None, :]
-        w_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+        w_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
+                  + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
-                w = tl.load(w_ptrs, mask=(kk[:, None] < I - k0), other=0.0)
-            sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
-            acc = _scaled_step(a, w, sw, acc, ACT_FP8, DOT_PRECISION)
+            acc = _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
+                               SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
             a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
+            w_ptrs += BLOCK_KW * stride_wk
         acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
         n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = valid[:, None] & (n_out < H)[None, :]
@@ -179,31 +204,39 @@ def _scale_view(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return s, False
 
 
+def _int4(spec: QuantizedExpertsSpec) -> bool:
+    return spec.weight_format is WeightFormat.INT4_PACKED
+
+
 def launch_gate_up(hidden, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, config: QuantizedConfig, k: int, act):
     H, I = hidden.shape[1], act.shape[1]
     s, e8m0 = _scale_view(s)
+    int4 = _int4(spec)
     grid = (max(1, rows.max_blocks * triton.cdiv(I, config.block_n)),)
-    launch.kernel(_gate_up_fp8_kernel)[grid](
+    launch.kernel(_gate_up_q_kernel)[grid](
         hidden, w, s, act, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m, spec.scale_block_n,
         spec.scale_block_k,
         hidden.stride(0), *w.stride(), *s.stride(), act.stride(0),
-        ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, ACT_FP8=config.act_fp8, E8M0=e8m0,
-        DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, INT4=int4, ACT_FP8=config.act_fp8 and not int4,
+        E8M0=e8m0, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, BLOCK_KW=config.block_k // 8 if int4 else config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
 def launch_down(act, rows: AlignedRows, w, s, weights, spec: QuantizedExpertsSpec, config: QuantizedConfig, y):
     I, H = act.shape[1], y.shape[1]
     s, e8m0 = _scale_view(s)
+    int4 = _int4(spec)
     grid = (max(1, rows.max_blocks * triton.cdiv(H, config.block_n)),)
-    launch.kernel(_down_fp8_kernel)[grid](
+    launch.kernel(_down_q_kernel)[grid](
         act, w, s, y, weights, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, config.group_m, spec.scale_block_n, spec.scale_block_k,
         act.stride(0), *w.stride(), *s.stride(), y.stride(0),
-        EVEN_K=I % config.block_k == 0, ACT_FP8=config.act_fp8, E8M0=e8m0, DOT_PRECISION=dot_precision(act.dtype),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=I % config.block_k == 0, INT4=int4, ACT_FP8=config.act_fp8 and not int4, E8M0=e8m0,
+        DOT_PRECISION=dot_precision(act.dtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, BLOCK_KW=config.block_k // 8 if int4 else config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -213,12 +246,14 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     """out [T, H]. Sizes and dtypes were checked by ops/checks.py; T > 0."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    E, I = w_gate_up.shape[0], w_down.shape[2]
+    E, I = w_gate_up.shape[0], w_down.shape[2] * (8 if _int4(spec) else 1)
     if config is None:
         config = default_config(hidden, E, k, spec)
-    if spec.scale_block_k % config.block_k:
+    if _int4(spec) and config.block_k % 8:
+        raise ValueError(f"moe_compiler: block_k={config.block_k} must be a multiple of 8 (INT4 words)")
+    if not _int4(spec) and spec.scale_block_k % config.block_k:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must divide scale_block_k={spec.scale_block_k} "
-                         "(a K step reads one scale per column)")
+                         "(an FP8 K step reads one scale per column)")
     rows = align_rows(topk_ids, E, config.block_m)
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
@@ -261,7 +296,7 @@ def _linear_fp8_kernel(
             a = tl.load(x_ptrs, mask=(kk[None, :] < K - k0), other=0.0)
             w = tl.load(w_ptrs, mask=(kk[:, None] < K - k0), other=0.0)
         sw = _column_scales(s_ptr, 0, n, k0, 0, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
-        acc = _scaled_step(a, w, sw, acc, False, DOT_PRECISION)
+        acc += tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION) * sw[None, :]
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:

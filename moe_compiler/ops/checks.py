@@ -192,12 +192,17 @@ def check_quantized_experts(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up
             f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)} {topk_weights.dtype}",
             "Route the same tokens that are passed as hidden.")
     H = hidden.shape[1]
+    int4 = spec.weight_format.value == "int4_packed"
+    dtype, per_word = (torch.int32, 8) if int4 else (torch.float8_e4m3fn, 1)
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        if w.dim() != 3 or w.dtype != torch.float8_e4m3fn:
-            bad(name, f"a 3-D float8_e4m3fn tensor ({spec.weight_format.value})", f"{tuple(w.shape)} {w.dtype}",
-                "Pass the checkpoint's quantized expert weights as stored.")
-    E, two_i, I = w_gate_up.shape[0], w_gate_up.shape[1], w_down.shape[2]
-    if w_gate_up.shape[2] != H or tuple(w_down.shape[:2]) != (E, H) or two_i != 2 * I:
+        if w.dim() != 3 or w.dtype != dtype:
+            bad(name, f"a 3-D {str(dtype).replace('torch.', '')} tensor ({spec.weight_format.value})",
+                f"{tuple(w.shape)} {w.dtype}", "Pass the checkpoint's quantized expert weights as stored.")
+    E, two_i, I = w_gate_up.shape[0], w_gate_up.shape[1], w_down.shape[2] * per_word
+    if int4 and (H % 8 or w_gate_up.shape[2] * 8 != H):
+        bad("w_gate_up packed columns", f"H / 8 = {H / 8} int32 words per row (H a multiple of 8)", w_gate_up.shape[2],
+            "Pass weight_packed as stored (8 values per int32 along the input dimension).")
+    if w_gate_up.shape[2] * per_word != H or tuple(w_down.shape[:2]) != (E, H) or two_i != 2 * I:
         bad("weight shapes", f"w_gate_up [E, 2I, H={H}] and w_down [E, H, I]",
             f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}", "Check the hidden size and the weight layout.")
     if topk_ids.shape[1] > E:

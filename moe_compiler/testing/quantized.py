@@ -28,12 +28,38 @@ def quantize_fp8_blocks(w: torch.Tensor, block_n: int, block_k: int, scale_dtype
     return q, scale
 
 
-def quantized_experts_inputs(T, H, I, E, k, dtype, block_n=128, block_k=128, scale_dtype=torch.float32, seed=0):
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int [..., K] values in [-8, 7] -> int32 [..., K/8]: value k at bits 4 (k % 8) of word k // 8, stored + 8
+    (compressed-tensors' pack_to_int32 for 4 bits)."""
+    nibbles = (q.to(torch.int64) + 8).unflatten(-1, (-1, 8))
+    words = (nibbles << torch.arange(0, 32, 4, dtype=torch.int64)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def quantize_int4_groups(w: torch.Tensor, group: int = 32, scale_dtype=torch.bfloat16):
+    """(packed int32 [..., N, K/8], scale [..., N, K/group]): symmetric 4-bit per row and `group` input columns,
+    scale = amax / 7.5, values round(w / scale) clamped to [-8, 7] (compressed-tensors' symmetric int4)."""
+    g = w.float().unflatten(-1, (-1, group))
+    scale = (g.abs().amax(-1) / 7.5).clamp(min=1e-12).to(scale_dtype)
+    q = torch.round(g / scale.float().unsqueeze(-1)).clamp(-8, 7).flatten(-2)
+    return pack_int4(q), scale
+
+
+def quantize_weights(w: torch.Tensor, weight_format: str, block_n: int, block_k: int, scale_dtype):
+    """(stored weight, scales) of w in `weight_format` (spec.WeightFormat values)."""
+    if weight_format == "int4_packed":
+        assert block_n == 1, "INT4 group scales are per row"
+        return quantize_int4_groups(w, block_k, scale_dtype)
+    return quantize_fp8_blocks(w, block_n, block_k, scale_dtype)
+
+
+def quantized_experts_inputs(T, H, I, E, k, dtype, block_n=128, block_k=128, scale_dtype=torch.float32, seed=0,
+                             weight_format="fp8_e4m3"):
     """Random (hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale) on the CPU
     and the dequantized fp32 weights (w_gate_up, w_down) for the reference."""
     hidden, ids, weights, w1, w2, _, _ = experts_inputs(T, H, I, E, k, torch.float32, seed=seed)
-    q1, s1 = quantize_fp8_blocks(w1, block_n, block_k, scale_dtype)
-    q2, s2 = quantize_fp8_blocks(w2, block_n, block_k, scale_dtype)
+    q1, s1 = quantize_weights(w1, weight_format, block_n, block_k, scale_dtype)
+    q2, s2 = quantize_weights(w2, weight_format, block_n, block_k, scale_dtype)
     deq = (dequantize(q1, s1, block_n, block_k), dequantize(q2, s2, block_n, block_k))
     return (hidden.to(dtype), ids, weights.to(dtype), q1, s1, q2, s2), deq
 
@@ -199,4 +225,56 @@ def dequantized_reference(model, block=(32, 32), scale_dtype=torch.float32, line
                 p.copy_(torch.cat([round_trip(h) for h in halves], dim=1))
             elif leaf == "weight" and prefix in quantized:
                 p.copy_(round_trip(p))
+    return model
+
+
+def save_int4_checkpoint(model, path, group: int = 32, scale_dtype=torch.bfloat16) -> None:
+    """Write `model`'s routed experts as a compressed-tensors pack-quantized INT4 checkpoint (Kimi-K2-Thinking's
+    on-disk form: per-expert `weight_packed` int32 [N, K/8], `weight_scale` [N, K/g], `weight_shape`; config
+    `quantization_config` with quant_method "compressed-tensors", format "pack-quantized", 4-bit symmetric groups
+    of g, every other Linear in `ignore`); the other weights as they are."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name, p in model.state_dict().items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in ("gate_up_proj", "down_proj") and prefix.endswith(".experts"):
+            I = p.shape[1] // 2
+            parts = {"gate_proj": p[:, :I], "up_proj": p[:, I:]} if leaf == "gate_up_proj" else {"down_proj": p}
+            for proj, w in parts.items():
+                packed, scale = quantize_int4_groups(w.detach(), group, scale_dtype)
+                for e in range(w.shape[0]):
+                    tensors[f"{prefix}.{e}.{proj}.weight_packed"] = packed[e].contiguous()
+                    tensors[f"{prefix}.{e}.{proj}.weight_scale"] = scale[e].contiguous()
+                    tensors[f"{prefix}.{e}.{proj}.weight_shape"] = torch.tensor(list(w.shape[1:]), dtype=torch.int64)
+        else:
+            tensors[name] = p.detach().contiguous()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
+               "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None}},
+        "ignore": [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)],
+        "kv_cache_scheme": None,
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, default=str)
+
+
+def int4_reference(model, group: int = 32, scale_dtype=torch.bfloat16):
+    """`model` with its experts replaced in place by the dequantized values save_int4_checkpoint writes."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            prefix, _, leaf = name.rpartition(".")
+            if leaf in ("gate_up_proj", "down_proj") and prefix.endswith(".experts"):
+                halves = p.chunk(2, dim=1) if leaf == "gate_up_proj" else (p,)
+                deq = [dequantize(*quantize_int4_groups(h, group, scale_dtype), 1, group) for h in halves]
+                p.copy_(torch.cat(deq, dim=1).to(p.dtype))
     return model

@@ -93,3 +93,23 @@ def test_linear_matches_fp64(dtype, tol, M, N, K, bn, bk, scale_dtype, bias):
                                             bk).cpu()
     ref = x.double() @ dequantize(q, s, bn, bk).double().T + (b.double() if bias else 0)
     assert y.dtype == dtype and rel_err(y, ref) <= tol
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "T,H,I,E,k,block_k,scale_dtype",
+    [
+        (5, 64, 32, 4, 2, 32, torch.bfloat16),  # one group per K step (Kimi-K2-Thinking's group of 32)
+        (9, 96, 64, 5, 2, 64, torch.float32),  # two groups per K step: scales vary inside the dequantized tile
+        (3, 40, 24, 3, 3, 16, torch.bfloat16),  # K tails (H = 40, I = 24 of 16-wide steps), groups of 8
+    ],
+)
+def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, T, H, I, E, k, block_k, scale_dtype):
+    group = 8 if H % 32 or I % 32 else 32
+    args, (w1, w2) = quantized_experts_inputs(T, H, I, E, k, dtype, 1, group, scale_dtype, seed=T,
+                                              weight_format="int4_packed")
+    spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=group)
+    config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, group_m=2)
+    with poisoned_allocations():
+        out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
+    assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol

@@ -31,6 +31,26 @@ def test_matches_fp64_on_the_dequantized_weights(bn, bk, scale_dtype, T, H, I, E
         assert rel_err(out, experts_reference(*args[:3], w1, w2)) <= 1e-5
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_int4_matches_fp64_on_the_dequantized_weights(scale_dtype):
+    args, (w1, w2) = quantized_experts_inputs(7, 96, 64, 6, 2, torch.float32, 1, 32, scale_dtype,
+                                              weight_format="int4_packed")
+    assert args[3].dtype == torch.int32 and args[3].shape == (6, 128, 12) and args[4].shape == (6, 128, 3)
+    spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
+    assert rel_err(OP(*args, **spec.op_kwargs()), experts_reference(*args[:3], w1, w2)) <= 1e-5
+
+
+def test_int4_packing_is_compressed_tensors_layout():
+    # Word j holds values 8j .. 8j+7, value 8j+t at bits 4t, stored + 8 (compressed-tensors' pack_to_int32).
+    from moe_compiler.lowering.torch_quantized import unpack_int4
+    from moe_compiler.testing.quantized import pack_int4
+
+    q = torch.tensor([[-8, -7, 0, 1, 2, 3, 6, 7]])
+    assert int(pack_int4(q)[0, 0]) == int.from_bytes(bytes([0x10, 0x98, 0xBA, 0xFE]), "little", signed=True)
+    q = torch.randint(-8, 8, (3, 4, 64), dtype=torch.int8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+
+
 def test_quantization_is_what_the_checkpoint_holds():
     # The op reads the weights the checkpoint holds: relative to the unquantized weights, FP8 costs ~4%.
     args, (w1, w2) = quantized_experts_inputs(9, 256, 128, 4, 2, torch.float32)
@@ -87,6 +107,8 @@ def test_bad_inputs_say_expected_and_got():
     _bad(lambda a, kw: a.__setitem__(4, a[4].half()), r"w_gate_up_scale dtype: expected float32, bfloat16")
     _bad(lambda a, kw: a.__setitem__(0, a[0][:, :16]), r"weight shapes: expected w_gate_up \[E, 2I, H=16\]")
     _bad(lambda a, kw: a.__setitem__(1, a[1][:2]), r"routing shapes")
+    _bad(lambda a, kw: kw.update(weight_format="int4_packed"),
+         r"w_gate_up: expected a 3-D int32 tensor \(int4_packed\)")
     with pytest.raises(ValueError, match="concatenated"):
         QuantizedExpertsSpec(transposed=True)
 

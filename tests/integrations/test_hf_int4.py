@@ -1,0 +1,77 @@
+"""INT4 experts kept packed (integrations/hf_int4.py): a compressed-tensors pack-quantized checkpoint written in
+Kimi-K2-Thinking's on-disk form loads through moe_compiler.from_pretrained with its experts still packed (int32
+nibbles + group scales, a quarter of bf16), and runs experts_quantized eagerly and compiled; logits against the
+model with those experts dequantized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from moe_compiler import from_pretrained
+from moe_compiler.integrations import hf_int4
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.hf_models import tiny_model
+from moe_compiler.testing.quantized import int4_reference, save_int4_checkpoint
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_int4_checkpoint_loads_packed_and_runs_the_op(arch, tmp_path):
+    save_int4_checkpoint(tiny_model(arch), tmp_path, group=32)
+    reference = int4_reference(tiny_model(arch), group=32)
+    model = from_pretrained(str(tmp_path), dtype=torch.float32)
+    experts = [m for n, m in model.named_modules() if n.endswith(".experts")]
+    assert experts and all(isinstance(m, hf_int4.PackedInt4Experts) for m in experts)
+    dense = tiny_model(arch).model.layers[-1].mlp.experts
+    packed = experts[-1]
+    assert packed.gate_up_proj.dtype == torch.int32
+    assert packed.gate_up_proj.shape[-1] * 8 == dense.gate_up_proj.shape[-1]
+    # a quarter of the dense weights' bytes at bf16 (plus one scale per 32 weights)
+    dense_bytes = 2 * (dense.gate_up_proj.numel() + dense.down_proj.numel())
+    packed_bytes = sum(p.numel() * p.element_size() for p in packed.parameters())
+    assert packed_bytes <= dense_bytes / 4 * (1 + 2 / 32 * 4) + 1
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = _logits(reference, ids)
+    assert rel_err(_logits(model, ids), ref) <= 1e-5
+    compiled = torch.compile(model, backend="fused_moe")
+    assert rel_err(_logits(compiled, ids), ref) <= 1e-5
+    assert counters["moe_compiler"]["fused_experts_implementation"] == 2
+
+
+def test_int4_config_proves_each_fact_or_says_why():
+    good = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+            "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                                "group_size": 32}, "input_activations": None}}}
+    assert hf_int4.int4_config(good) == {"group_size": 32, "ignore": ["lm_head"]}
+    assert "pack-quantized only" in hf_int4.int4_config({**good, "format": "float-quantized"})
+    asym = {"g": {"weights": {**good["config_groups"]["g"]["weights"], "symmetric": False}}}
+    assert "W4A16 groups only" in hf_int4.int4_config({**good, "config_groups": asym})
+    assert hf_int4.packed_config({"quant_method": "fp8"}) is None
+
+
+def test_a_checkpoint_packing_other_layers_is_refused(tmp_path):
+    save_int4_checkpoint(tiny_model("qwen3_moe"), tmp_path, group=32)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight_packed"] = torch.zeros(64, 8, dtype=torch.int32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="packs layers besides the routed experts"):
+        from_pretrained(str(tmp_path))
+
+
+@pytest.mark.gpu
+def test_int4_checkpoint_on_the_gpu_bf16(tmp_path):
+    save_int4_checkpoint(tiny_model("deepseek_v3"), tmp_path, group=32)
+    reference = int4_reference(tiny_model("deepseek_v3"), group=32).to("cuda", torch.bfloat16)
+    model = from_pretrained(str(tmp_path), dtype=torch.bfloat16, device_map="cuda")
+    ids = torch.randint(0, 128, (2, 33), device="cuda")
+    ref = _logits(reference, ids)
+    assert rel_err(_logits(model, ids), ref) <= 2e-2
+    assert rel_err(_logits(torch.compile(model, backend="fused_moe"), ids), ref) <= 2e-2
