@@ -75,9 +75,10 @@ def _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_
                    E8M0: tl.constexpr):
     """[BLOCK_N] fp32 weight scales of output columns n at K offset k0."""
     s = tl.load(s_ptr + expert * stride_se + (n // SCALE_BN).to(tl.int64) * stride_sn + (k0 // SCALE_BK) * stride_sk)
+    s = s.to(tl.float32)
     if E8M0:  # a biased power-of-two exponent
-        return tl.exp2(s.to(tl.float32) - 127.0)
-    return s.to(tl.float32)
+        s = tl.exp2(s - 127.0)
+    return s
 
 
 @triton.jit
@@ -87,6 +88,8 @@ def _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, 
     """acc + a [M, BLOCK_K] @ the dequantized weight tile at K offset k0 ([BLOCK_KW, BLOCK_N] stored words
     at w_ptrs: e4m3 bytes, or int32 words of 8 nibbles along K)."""
     kw = tl.arange(0, BLOCK_KW)
+    # if / else with one return: Triton still builds the statements after a return inside a constexpr branch
+    # (the FP8 dot on an INT4 tile's shapes fails to compile; the interpreter never sees it).
     if INT4:
         # 8 values per word, value k at bits 4 (k % 8) of word k // 8, stored + 8. Group scales vary inside the
         # K step (SCALE_BK < BLOCK_K): the tile is dequantized in registers, then one dot at a's precision.
@@ -103,19 +106,22 @@ def _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, 
         if E8M0:
             s = tl.exp2(s.to(tl.float32) - 127.0)
         w = (q * s.to(tl.float32)).to(a.dtype)
-        return tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-    if EVEN_K:
-        w = tl.load(w_ptrs)
+        out = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     else:
-        w = tl.load(w_ptrs, mask=(kw[:, None] < K - k0), other=0.0)
-    # The K step lies in one scale block: one scale per output column, applied to the step's partial product.
-    sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
-    if ACT_FP8:
-        a32 = a.to(tl.float32)
-        sa = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-12) / 448.0
-        aq = (a32 / sa[:, None]).to(tl.float8e4nv)
-        return acc + tl.dot(aq, w) * (sa[:, None] * sw[None, :])
-    return acc + tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION) * sw[None, :]
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=(kw[:, None] < K - k0), other=0.0)
+        # The K step lies in one scale block: one scale per output column, applied to the step's partial product.
+        sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
+        if ACT_FP8:
+            a32 = a.to(tl.float32)
+            sa = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-12) / 448.0
+            aq = (a32 / sa[:, None]).to(tl.float8e4nv)
+            out = acc + tl.dot(aq, w) * (sa[:, None] * sw[None, :])
+        else:
+            out = acc + tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION) * sw[None, :]
+    return out
 
 
 @triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])

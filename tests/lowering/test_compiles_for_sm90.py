@@ -31,7 +31,7 @@ from moe_compiler.testing import experts_inputs
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-         torch.int64: "i64"}
+         torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv", torch.uint8: "u8"}
 OPTIONS = ("num_warps", "num_stages", "debug", "sanitize_overflow")
 compiled = set()
 
@@ -108,6 +108,21 @@ for spec in (RouterSpec(top_k=2), RouterSpec(top_k=4, scoring=Scoring.SIGMOID, n
     for dtype in (torch.bfloat16, torch.float32):
         ids = torch.zeros(6, spec.top_k, dtype=torch.long)
         triton_route.route_backward(torch.randn(6, spec.top_k), torch.randn(6, 16, dtype=dtype), ids, spec)
+# Quantized experts: FP8 w8a16 / w8a8 (fp32 and e8m0 scales), INT4 (bf16 group scales), the FP8 linear.
+from moe_compiler.lowering import triton_quantized
+from moe_compiler.lowering.triton_quantized import QuantizedConfig
+from moe_compiler.spec import QuantizedExpertsSpec
+from moe_compiler.testing.quantized import quantized_experts_inputs
+for dtype in (torch.bfloat16, torch.float16):
+    for scale_dtype in (torch.float32, torch.float8_e8m0fnu):
+        args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, scale_dtype)
+        for act_fp8 in (False, True):
+            config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act_fp8=act_fp8)
+            triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
+        triton_quantized.linear_forward(args[0], args[3][0], args[4][0], None, 128, 128)
+    args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 1, 32, torch.bfloat16, weight_format="int4_packed")
+    spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
+    triton_quantized.experts_forward(*args, spec, QuantizedConfig(block_m=16, block_n=64, block_k=128, act_fp8=False))
 print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))
 """
 
@@ -122,5 +137,5 @@ def test_every_launched_kernel_compiles_for_sm90():
     for kernel in ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_kernel", "_offsets_kernel",
                    "_scatter_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_gated_rows_kernel",
                    "_route_kernel", "_sparsemixer_kernel", "_dz_kernel", "_wgrad_kernel",
-                   "_route_backward_kernel"):
+                   "_route_backward_kernel", "_gate_up_q_kernel", "_down_q_kernel", "_linear_fp8_kernel"):
         assert kernel in names, line
