@@ -1,8 +1,9 @@
 """Shared runner of the examples: build or load a model, compile it with backend="fused_moe", print
 what was fused, compare logits with eager and time eager, Inductor alone and fused_moe.
 
-Nothing here imports moe_compiler: the backend is found through its `torch_dynamo_backends` entry
-point, exactly as in a user's script.
+Nothing here imports moe_compiler for unquantized models: the backend is found through its
+`torch_dynamo_backends` entry point, exactly as in a user's script. Quantized checkpoints (--fp8, --int4) load
+through `moe_compiler.from_pretrained`, which keeps their experts quantized and points them at our ops.
 """
 
 from __future__ import annotations
@@ -25,14 +26,49 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--fp8", dest="quantized", action="store_const", const="fp8",
+                   help="a finegrained-FP8 checkpoint (default model: the tiny one, written as one first)")
+    p.add_argument("--int4", dest="quantized", action="store_const", const="int4",
+                   help="a compressed-tensors INT4 checkpoint (default model: the tiny one, written as one first)")
     args = p.parse_args()
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     return args
 
 
-def build_model(args, model_type: str, tiny_config: dict):
+def build_quantized(args, model_type: str, tiny_config: dict):
+    """A quantized checkpoint through moe_compiler.from_pretrained; without --model the tiny model is written as
+    one first, in the on-disk format of the real releases (FP8: every Linear but lm_head, 128 x 128 blocks, as
+    DeepSeek-V3's; INT4: the routed experts in groups of 32, as Kimi-K2-Thinking's)."""
+    import tempfile
+
+    import moe_compiler
+
+    path = args.model
+    if path is None:
+        from moe_compiler.testing import quantized
+
+        args.experts_implementation = "grouped_mm"
+        tiny = build_model(args, model_type, tiny_config, quantized=None).float().cpu()
+        path = tempfile.mkdtemp(prefix=f"{model_type}_{args.quantized}_")
+        if args.quantized == "fp8":
+            quantized.save_fp8_checkpoint(tiny, path, (128, 128), linears=True)
+        else:
+            quantized.save_int4_checkpoint(tiny, path, group=32)
+        print(f"wrote a tiny {args.quantized} checkpoint to {path}")
+    model = moe_compiler.from_pretrained(path, dtype=args.dtype, device_map=args.device, local_files_only=True)
+    experts = [type(m).__name__ for n, m in model.named_modules() if n.endswith(".experts")]
+    print(f"loaded: experts modules {sorted(set(experts))}, experts_implementation="
+          f"{model.config._experts_implementation}" + ("" if args.device == "cuda" or args.quantized == "int4" else
+                                                       " (FP8 on a CPU: transformers loads it dequantized)"))
+    args.experts_implementation = model.config._experts_implementation
+    return model.eval()
+
+
+def build_model(args, model_type: str, tiny_config: dict, quantized: str | None = "args"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if (args.quantized if quantized == "args" else quantized) is not None:
+        return build_quantized(args, model_type, tiny_config)
     kwargs = dict(dtype=args.dtype, experts_implementation=args.experts_implementation)
     if args.model:
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, **kwargs)
@@ -77,7 +113,8 @@ def run(description: str, model_type: str, tiny_config: dict) -> None:
     logging.getLogger("moe_compiler").setLevel(logging.DEBUG)
 
     model = build_model(args, model_type, tiny_config)
-    n_experts_modules = sum(1 for m in model.modules() if type(m).__name__.endswith("Experts"))
+    n_experts_modules = sum(1 for n, m in model.named_modules() if n.endswith(".experts") or (
+        type(m).__name__.endswith("Experts") and "." not in n))
     print(f"{model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{n_experts_modules} MoE layers, {args.dtype}, {args.device}, "
           f"experts_implementation={args.experts_implementation}")

@@ -1,8 +1,12 @@
-"""DeepSeek-V3 with backend="fused_moe": `python examples/deepseek_v3.py [--model PATH] [--device cuda]`.
+"""DeepSeek-V3 with backend="fused_moe": `python examples/deepseek_v3.py [--model PATH] [--device cuda] [--fp8]`.
 
 Default: a random DeepSeek-V3-shaped model (256 routed experts, top-8 from 4 of 8 groups, sigmoid scores
 with correction bias, one shared expert) scaled down. The shared expert and the router go to Inductor;
 the routed experts become one moe_compiler.experts call per layer.
+
+--fp8: the tiny model is first written as a finegrained-FP8 checkpoint (every Linear but lm_head in
+e4m3 with 128 x 128 block scales, as DeepSeek-V3's release), then loaded with moe_compiler.from_pretrained;
+with --model PATH a real FP8 checkpoint is. On a CPU transformers loads FP8 dequantized.
 """
 
 from common import run

@@ -40,3 +40,27 @@ def test_train_example_fuses_on_request_and_follows_eager():
     last = out.strip().splitlines()[-1].split()
     assert last[:2] == ["fused_moe", "training"], out
     assert float(last[-1]) <= 1e-4, out  # the largest loss difference from eager over the steps
+
+
+def _quantized_example(script: str, flag: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, script), flag, "--seq", "8", "--iters", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr  # (the fusion report is logged, to stderr)
+
+
+def test_fp8_example_writes_loads_and_fuses_a_tiny_fp8_checkpoint():
+    out = _quantized_example("deepseek_v3.py", "--fp8")
+    assert "wrote a tiny fp8 checkpoint" in out and "fused 2 of 2 MoE layers (2 routers too)" in out, out
+    rel = float(out.split("logits vs eager, fused_moe:")[1].split("relative error")[1].split(",")[0])
+    assert rel <= 1e-4
+
+
+def test_int4_example_keeps_the_experts_packed():
+    out = _quantized_example("kimi_k2.py", "--int4")
+    assert "PackedInt4Experts" in out and "fused 2 of 2 MoE layers (2 routers too)" in out, out
+    assert "[fused] model.layers.1.mlp.experts" in out and "int4_packed" in out, out
+    rel = float(out.split("logits vs eager, fused_moe:")[1].split("relative error")[1].split(",")[0])
+    assert rel <= 1e-4

@@ -41,7 +41,7 @@ from .eager_experts import find_eager_experts_fragments
 from .experts_common import EAGER_FIX, RegionMatch, recognize_experts
 from .fx_utils import backward_slice, example_value, subgraph_module
 from .match import EagerExpertsLoop, ExpertsForm, NoExpertGemm, Reject
-from .regions import Region, find_experts_regions, find_routed_regions, module_stack
+from .regions import Region, display_name, find_experts_regions, find_routed_regions, module_stack
 from .router import recognize_router
 from .shared_experts import recognize_shared_experts, why_not_fused
 
@@ -333,7 +333,7 @@ def _fuse_placed(gm, placed: list[fx.Node], report: GraphReport, real: dict, con
     for call in placed:
         stack = [(path, cls) for path, cls in module_stack(call) if path]
         path, cls = stack[-1] if stack else (call.name, "(no module)")
-        rr = RegionReport(path, cls, 1, status="fused", found_by=PLACED)
+        rr = RegionReport(display_name(path), cls, 1, status="fused", found_by=PLACED)
         opcall = OpCall.of(call)
         rr.form, rr.spec = PLACED, opcall.spec.describe()
         rr.check = "the model's experts module called the op itself (experts_implementation='fused_moe')"

@@ -41,7 +41,7 @@ class Region:
 
     @property
     def name(self) -> str:
-        return self.path.removeprefix("L['self'].").removeprefix("L['self']") or "<root>"
+        return display_name(self.path)
 
     def contains(self, node: fx.Node) -> bool:
         return node in self._node_set
@@ -62,6 +62,11 @@ class Unplaced:
 def _class_name(cls) -> str:
     name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
     return name.split(".")[-1]
+
+
+def display_name(path: str) -> str:
+    """A module path as Dynamo wrote it ("L['self'].model.layers.1.mlp.experts") as the model names it."""
+    return path.removeprefix("L['self'].").removeprefix("L['self']") or "<root>"
 
 
 def module_stack(node: fx.Node) -> list[tuple[str, str]]:
