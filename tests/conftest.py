@@ -7,6 +7,12 @@ import torch
 # the GPU run (should the default be on). The autotune tests (tests/tune/test_first_use.py) switch it on.
 os.environ.setdefault("MOE_COMPILER_AUTOTUNE", "0")
 
+# Triton kernels run under the interpreter on a machine without CUDA (tiny fp32/fp16 shapes). It must be set
+# before Triton is first imported (it reads the switch once; torch._dynamo imports Triton, and test modules of any
+# directory may import Dynamo at collection), hence here, before any test module.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

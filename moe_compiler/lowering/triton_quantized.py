@@ -51,6 +51,9 @@ class QuantizedConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    # The GEMV path of triton_quantized_decode.py (block_n, block_k, warps and stages; no sort, no tensor cores)
+    # instead of the sorted grouped GEMMs.
+    decode: bool = False
 
 
 def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec) -> QuantizedConfig:
@@ -62,6 +65,8 @@ def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsS
     block_k = 128
     while spec.weight_format is WeightFormat.FP8_E4M3 and spec.scale_block_k % block_k:
         block_k //= 2  # an FP8 K step reads one scale per column; INT4 steps dequantize per element
+    if T * k <= 4096 and (T == 1 or T * k * 8 <= E):  # as triton_config.default_config: few pairs, few shared
+        return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, num_stages=4, decode=True)
     fp8_cores = hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) >= (8, 9)
     return QuantizedConfig(
         block_m=block_m, block_n=128 if block_m >= 64 else 64, block_k=block_k,
@@ -260,6 +265,11 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     if not _int4(spec) and spec.scale_block_k % config.block_k:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must divide scale_block_k={spec.scale_block_k} "
                          "(an FP8 K step reads one scale per column)")
+    if config.decode:
+        from . import triton_quantized_decode
+
+        return triton_quantized_decode.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale,
+                                                       w_down, w_down_scale, spec, config)
     rows = align_rows(topk_ids, E, config.block_m)
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()

@@ -4,7 +4,7 @@ The interpreter runs the kernels' semantics on CPU but never compiles them, and 
 that the GPU compiler rejects would otherwise show only on the GPU. Here each launch site
 (lowering/launch.py's `kernel(k)[grid](...)`) is intercepted: the kernel is compiled by Triton's own compiler
 for an sm90 target from the launch's real argument types and constants, nothing is launched (ptxas ships with
-Triton; no driver is needed). Run in a fresh process: the interpreter setting of this directory's conftest
+Triton; no driver is needed). Run in a fresh process: the interpreter setting of the suite's conftest
 would otherwise have replaced every kernel with its interpreted twin at import.
 """
 
@@ -123,6 +123,9 @@ for dtype in (torch.bfloat16, torch.float16):
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 1, 32, torch.bfloat16, weight_format="int4_packed")
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
     triton_quantized.experts_forward(*args, spec, QuantizedConfig(block_m=16, block_n=64, block_k=128, act_fp8=False))
+    triton_quantized.experts_forward(*args, spec, QuantizedConfig(16, 16, 128, False, decode=True))
+    args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, torch.float8_e8m0fnu)
+    triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), QuantizedConfig(16, 16, 128, False, decode=True))
 print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))
 """
 
@@ -137,5 +140,6 @@ def test_every_launched_kernel_compiles_for_sm90():
     for kernel in ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_kernel", "_offsets_kernel",
                    "_scatter_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_gated_rows_kernel",
                    "_route_kernel", "_sparsemixer_kernel", "_dz_kernel", "_wgrad_kernel",
-                   "_route_backward_kernel", "_gate_up_q_kernel", "_down_q_kernel", "_linear_fp8_kernel"):
+                   "_route_backward_kernel", "_gate_up_q_kernel", "_down_q_kernel", "_linear_fp8_kernel",
+                   "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel"):
         assert kernel in names, line

@@ -113,3 +113,29 @@ def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, T, H, I, E, k,
     with poisoned_allocations():
         out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
     assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "fmt,bn,bk,scale_dtype,T,H,I,block_k",
+    [
+        ("fp8_e4m3", 16, 32, torch.float8_e8m0fnu, 3, 64, 48, 16),  # two K steps per scale block, e8m0
+        ("fp8_e4m3", 32, 32, torch.float32, 1, 40, 24, 16),  # K tails; one token (k experts, each read once)
+        ("int4_packed", 1, 32, torch.bfloat16, 2, 96, 64, 32),  # Kimi-K2-Thinking's groups of 32
+        ("int4_packed", 1, 8, torch.float32, 3, 40, 24, 32),  # four groups per step, K tails
+    ],
+)
+def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, block_k):
+    args, (w1, w2) = quantized_experts_inputs(T, H, I, 8, 2, dtype, bn, bk, scale_dtype, seed=T, weight_format=fmt)
+    spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
+    config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, decode=True)
+    with poisoned_allocations():
+        out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
+    assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol
+
+
+def test_default_config_takes_the_decode_gemvs_for_few_pairs():
+    spec = QuantizedExpertsSpec()
+    assert triton_quantized.default_config(torch.zeros(1, 8), 256, 8, spec).decode  # one token
+    assert triton_quantized.default_config(torch.zeros(4, 8), 256, 8, spec).decode  # 32 pairs of 256 experts
+    assert not triton_quantized.default_config(torch.zeros(64, 8), 256, 8, spec).decode

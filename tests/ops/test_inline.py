@@ -123,7 +123,7 @@ from moe_compiler.spec import QuantizedExpertsSpec
 from moe_compiler.testing.quantized import quantized_experts_inputs
 
 device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
-args, _ = quantized_experts_inputs(3, 32, 16, 8, 2, torch.float32, 16, 16, torch.float8_e8m0fnu)
+args, _ = quantized_experts_inputs({T}, 32, 16, 8, 2, torch.float32, 16, 16, torch.float8_e8m0fnu)
 graphs = []
 def fw(gm, example_inputs):
     graphs.append(gm)
@@ -136,17 +136,19 @@ except SystemExit:
     pass
 code = graphs[0].code
 print("KERNELS", code.count("triton_kernel_wrapper_functional("), "OPS", code.count("moe_compiler.experts_quantized"))
-"""
+"""  # (fed through str.format: no braces besides {T})
 
 
-@pytest.mark.parametrize("inline", ["1", "0"])
-def test_quantized_call_becomes_its_launches(inline):
-    # align (count, offsets, scatter) + FP8 gate_up + FP8 down + combine, the e8m0 scales read as bytes by a view
+@pytest.mark.parametrize("inline,T,expected", [("1", 3, "KERNELS 6 OPS 0"), ("1", 1, "KERNELS 2 OPS 0"),
+                                                ("0", 3, "KERNELS 0 OPS 1")])
+def test_quantized_call_becomes_its_launches(inline, T, expected):
+    # T = 3 (sorted): align (count, offsets, scatter) + FP8 gate_up + FP8 down + combine; T = 1: the two decode
+    # GEMVs. The e8m0 scales are read as bytes through a view.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
-    proc = subprocess.run([sys.executable, "-c", QUANTIZED], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, "-c", QUANTIZED.format(T=T)], capture_output=True, text=True, timeout=600,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = "KERNELS 6 OPS 0" if inline == "1" else "KERNELS 0 OPS 1"
     assert expected in proc.stdout, proc.stdout
 
 

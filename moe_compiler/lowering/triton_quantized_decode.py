@@ -1,0 +1,187 @@
+"""Triton quantized experts forward, decode path (T * k small next to E): GEMVs over FP8 / INT4 weights, no sort.
+
+Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_block_k; p = t*k + j)
+    hidden        [T, H]                 bf16/fp16/fp32, unit column stride
+    topk_ids      [T, k]                 out-of-range ids are clamped, flagged in ids_ok, and fail the launch
+    w_gate_up     [E, 2I, H] e4m3        or [E, 2I, H/8] int32 (8 nibbles along K); scales [E, 2I/bn, H/bk]
+    w_down        [E, H, I] e4m3         or [E, H, I/8] int32;                       scales [E, H/bn, I/bk]
+    act           [S, I]                 hidden's dtype: act(gate) * up of every pair
+    out           [T, H]                 out[t] = sum_j w[t,j] * act[p] @ W_down[e]^T, slots in order
+
+    route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight + combine: grid (T, H / BLOCK_N)]
+
+At decode the op is a stream of weight bytes (each touched expert read once), so the weights are read in their
+stored width (1 byte per FP8 value, half a byte per INT4 value) and dequantized in registers: an FP8 tile's K
+step lies in one scale block (BLOCK_K divides bk: one scale per row), an INT4 tile's words are split into
+nibbles and scaled per group of bk columns. fp32 FMAs into a [BLOCK_N, BLOCK_K] accumulator, one reduction
+after the loop (no tensor cores needed), as in triton_decode.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import QuantizedExpertsSpec, WeightFormat
+from . import launch
+from .triton_act import ACT_CODE, gated_act
+
+MAX_PAIRS = 4096  # the id check loads every id in one program (as triton_decode.MAX_PAIRS)
+
+
+@triton.jit
+def _dequantized_rows(w_ptrs, s_ptr, e, rows, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                      EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] fp32 weights of `rows` at columns k0 .. k0 + BLOCK_K (stored words at w_ptrs)."""
+    kw = tl.arange(0, BLOCK_KW)
+    s_row = s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64) * stride_sn
+    if INT4:
+        if EVEN_K:
+            words = tl.load(w_ptrs)
+        else:
+            words = tl.load(w_ptrs, mask=(kw[None, :] < (K - k0) // 8), other=0)
+        nibbles = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15
+        q = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32) - 8.0
+        kk = k0 + tl.arange(0, BLOCK_K)
+        s = tl.load(s_row[:, None] + (kk[None, :] // SCALE_BK) * stride_sk, mask=kk[None, :] < K, other=0.0)
+        s = s.to(tl.float32)
+        if E8M0:
+            s = tl.exp2(s - 127.0)
+        w = q * s
+    else:
+        if EVEN_K:
+            q = tl.load(w_ptrs)
+        else:
+            q = tl.load(w_ptrs, mask=(kw[None, :] < K - k0), other=0.0)
+        s = tl.load(s_row + (k0 // SCALE_BK) * stride_sk).to(tl.float32)  # the step lies in one scale block
+        if E8M0:
+            s = tl.exp2(s - 127.0)
+        w = q.to(tl.float32) * s[:, None]
+    return w
+
+
+@triton.jit(do_not_specialize=["SCALE_BN", "SCALE_BK"])
+def _gate_up_q_gemv_kernel(
+    x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, S, E, H, I, TOP_K, alpha, limit, SCALE_BN, SCALE_BK,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
+    ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if (p == 0) & (pid_n == 0):  # one program checks every id and fails the launch on a bad one
+        bad = tl.zeros([BLOCK_S], dtype=tl.int32)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            some = tl.load(ids_ptr + s, mask=s < S, other=0)
+            bad += ((some < 0) | (some >= E)).to(tl.int32)
+        n_bad = tl.sum(bad, 0)
+        tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
+        tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E)")  # live: see LIVE_ASSERTS
+    e = tl.load(ids_ptr + p)
+    e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
+    tok = (p // TOP_K).to(tl.int64)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
+    kk = tl.arange(0, BLOCK_K)
+    kw = tl.arange(0, BLOCK_KW)
+    wg_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :] * stride_wk
+    wu_ptrs = wg_ptrs + I * stride_wn
+    x_ptrs = x_ptr + tok * stride_xm + kk
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
+        if EVEN_K:
+            x = tl.load(x_ptrs).to(tl.float32)
+        else:
+            x = tl.load(x_ptrs, mask=kk < H - k0, other=0.0).to(tl.float32)
+        wg = _dequantized_rows(wg_ptrs, s_ptr, e, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                               EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW)
+        wu = _dequantized_rows(wu_ptrs, s_ptr, e, n + I, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                               EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW)
+        acc_g += wg * x[None, :]
+        acc_u += wu * x[None, :]
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_KW * stride_wk
+        wu_ptrs += BLOCK_KW * stride_wk
+    out = gated_act(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), alpha, limit, ACT)
+    n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(act_ptr + p.to(tl.int64) * stride_am + n_out, out.to(act_ptr.dtype.element_ty), mask=n_out < I)
+
+
+@triton.jit(do_not_specialize=["SCALE_BN", "SCALE_BK"])
+def _down_q_gemv_combine_kernel(
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, E, H, I, SCALE_BN, SCALE_BK,
+    stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
+    TOP_K: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
+    kk = tl.arange(0, BLOCK_K)
+    kw = tl.arange(0, BLOCK_KW)
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # slots in order: a deterministic combine
+        p = t * TOP_K + j
+        e = tl.load(ids_ptr + p)
+        e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
+        a_ptrs = a_ptr + p * stride_am + kk
+        w_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :] * stride_wk
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
+            if EVEN_K:
+                a = tl.load(a_ptrs).to(tl.float32)
+            else:
+                a = tl.load(a_ptrs, mask=kk < I - k0, other=0.0).to(tl.float32)
+            w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                                  EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW)
+            acc += w * a[None, :]
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_KW * stride_wk
+        out += tl.sum(acc, axis=1) * tl.load(topk_w_ptr + p).to(tl.float32)
+    n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
+
+
+def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
+                    spec: QuantizedExpertsSpec, config) -> torch.Tensor:
+    """out [T, H]; config: triton_quantized.QuantizedConfig with decode=True (block_n, block_k, warps, stages)."""
+    from .triton_quantized import _scale_view
+
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    int4 = spec.weight_format is WeightFormat.INT4_PACKED
+    I = w_down.shape[2] * (8 if int4 else 1)
+    if T * k > MAX_PAIRS:
+        raise ValueError(f"moe_compiler: the quantized decode path takes at most {MAX_PAIRS} pairs, got {T * k}")
+    block_k = config.block_k
+    if (int4 and block_k % 8) or (not int4 and spec.scale_block_k % block_k):
+        raise ValueError(f"moe_compiler: block_k={block_k}: INT4 needs a multiple of 8, FP8 a divisor of "
+                         f"scale_block_k={spec.scale_block_k}")
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    ids = topk_ids.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+    ids_ok = torch.empty(1, dtype=torch.int32, device=hidden.device)
+    act = hidden.new_empty(T * k, I)
+    s1, e8m0 = _scale_view(w_gate_up_scale)
+    s2, _ = _scale_view(w_down_scale)
+    common = dict(INT4=int4, E8M0=e8m0, BLOCK_N=config.block_n, BLOCK_K=block_k,
+                  BLOCK_KW=block_k // 8 if int4 else block_k, NUM_STAGES=config.num_stages,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
+        hidden, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),
+        float(spec.swiglu_limit), spec.scale_block_n, spec.scale_block_k,
+        hidden.stride(0), *w_gate_up.stride(), *s1.stride(), act.stride(0),
+        ACT=ACT_CODE[spec.activation], EVEN_K=H % block_k == 0, BLOCK_S=128, **common, **launch.asserts(),
+    )
+    out = hidden.new_empty(T, H)
+    launch.kernel(_down_q_gemv_combine_kernel)[(T, triton.cdiv(H, config.block_n))](
+        act, ids, weights, w_down, s2, out, w_down.shape[0], H, I, spec.scale_block_n, spec.scale_block_k,
+        act.stride(0), *w_down.stride(), *s2.stride(), out.stride(0),
+        TOP_K=k, EVEN_K=I % block_k == 0, **common,
+    )
+    return out
