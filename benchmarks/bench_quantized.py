@@ -6,8 +6,9 @@
 
 Per (shape, T), uniform routing, bf16 activations, the same inputs for every variant:
     bf16      torch.ops.moe_compiler.experts on bf16 weights (the dequantized FP8 values)
-    w8a16     the FP8 Triton path, activations exact (triton_quantized, act_fp8=False)
-    w8a8      the FP8 Triton path, activations rounded to e4m3 per row and 128 columns (act_fp8=True)
+    w8a16     the FP8 Triton path, activations exact (triton_quantized, act_fp8=False; at decode the GEMVs)
+    w8a8      the FP8 sorted path, activations rounded to e4m3 per row and 128 columns (act_fp8=True)
+    sorted    at decode T only: the FP8 sorted path w8a16, the comparison for the GEMVs
     op        torch.ops.moe_compiler.experts_quantized with its default config
     int4      experts_quantized on INT4 packed weights, groups of 32 along K (Kimi-K2-Thinking's format) made from
               the same bf16 weights: its error against bf16 is INT4's rounding (printed, not checked)
@@ -39,7 +40,7 @@ SHAPES = {name: ALL_SHAPES[name] for name in ("deepseek_v3", "kimi_k2", "qwen3_3
 SMOKE = {"smoke": (8, 2, 256, 128)}
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
 BLOCK = 128
-VARIANTS = ("bf16", "w8a16", "w8a8", "op", "int4")
+VARIANTS = ("bf16", "w8a16", "w8a8", "sorted", "op", "int4")
 GROUP = 32
 
 
@@ -97,8 +98,12 @@ def bench_shape(name, E, k, H, I, tokens, timer, device):
                  "int4": lambda: torch.ops.moe_compiler.experts_quantized(x, ids, wts, p1, g1, p2, g2,
                                                                           **spec4.op_kwargs())}
         if base is not None:
-            for variant, act_fp8 in (("w8a16", False), ("w8a8", True)):
-                config = dataclasses.replace(base, act_fp8=act_fp8)
+            sorted_tiles = dict(decode=False, block_m=16, block_n=64) if base.decode else {}
+            for variant, changes in (("w8a16", {}), ("w8a8", dict(act_fp8=True, **sorted_tiles)),
+                                     ("sorted", sorted_tiles if base.decode else None)):
+                if changes is None:
+                    continue
+                config = dataclasses.replace(base, **changes)
                 calls[variant] = lambda c=config: triton_quantized.experts_forward(*fp8_args, spec, c)
         ref = calls["bf16"]().float()
         row = {"shape": name, "T": T, "default_act_fp8": bool(base and base.act_fp8)}
@@ -121,7 +126,7 @@ def print_row(r):
         if f"{v}_us" in r:
             parts.append(f"{v} {r[f'{v}_us']:9.1f} ({r['bf16_us'] / r[f'{v}_us']:.2f}x, err {r[f'{v}_err']:.1e})")
     parts.append(f"floors bf16 {r['floor_bf16_us']:.1f} fp8 {r['floor_fp8_us']:.1f} int4 {r['floor_int4_us']:.1f}")
-    best = min(r.get(f"{v}_us", float("inf")) for v in ("w8a16", "w8a8", "op"))
+    best = min(r.get(f"{v}_us", float("inf")) for v in ("w8a16", "w8a8", "sorted", "op"))
     parts.append(f"best fp8 / fp8 floor {best / r['floor_fp8_us']:.2f}, int4 / int4 floor "
                  f"{r['int4_us'] / r['floor_int4_us']:.2f}")
     print(" | ".join(parts), flush=True)
