@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from triton_cases import DEVICE, poisoned_allocations  # noqa: E402
+from triton_cases import DEVICE, fails_with_ids_assert, poisoned_allocations  # noqa: E402
 
 from moe_compiler.lowering import triton_quantized  # noqa: E402
 from moe_compiler.lowering.triton_quantized import QuantizedConfig  # noqa: E402
@@ -139,3 +139,20 @@ def test_default_config_takes_the_decode_gemvs_for_few_pairs():
     assert triton_quantized.default_config(torch.zeros(1, 8), 256, 8, spec).decode  # one token
     assert triton_quantized.default_config(torch.zeros(4, 8), 256, 8, spec).decode  # 32 pairs of 256 experts
     assert not triton_quantized.default_config(torch.zeros(64, 8), 256, 8, spec).decode
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs no device asserts")
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "sorted"])
+def test_out_of_range_id_fails_the_launch(decode):
+    fails_with_ids_assert(
+        f"""
+        from moe_compiler.lowering import triton_quantized
+        from moe_compiler.spec import QuantizedExpertsSpec
+        from moe_compiler.testing.quantized import quantized_experts_inputs
+        args, _ = quantized_experts_inputs(2, 64, 32, 4, 2, torch.bfloat16, 32, 32)
+        args = [a.cuda() for a in args]
+        args[1][0, 1] = 7
+        config = triton_quantized.QuantizedConfig(16, 16, 32, False, decode={decode})
+        triton_quantized.experts_forward(*args, QuantizedExpertsSpec(scale_block_n=32, scale_block_k=32), config)
+        """
+    )

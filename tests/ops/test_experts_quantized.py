@@ -113,6 +113,13 @@ def test_bad_inputs_say_expected_and_got():
         QuantizedExpertsSpec(transposed=True)
 
 
+def test_out_of_range_ids_are_a_clear_error_on_the_cpu():
+    args, _ = quantized_experts_inputs(3, 32, 16, 4, 2, torch.float32, 16, 16)
+    args[1][0, 0] = 4
+    with pytest.raises(ValueError, match=r"topk_ids values: expected expert ids in \[0, 4\), got min 0, max 4"):
+        OP(*args, scale_block_n=16, scale_block_k=16)
+
+
 def test_quantize_round_trip_is_within_fp8_precision():
     w = torch.randn(3, 40, 72)
     for scale_dtype in (torch.float32, E8M0):
@@ -146,3 +153,28 @@ def test_triton_fp8_on_the_gpu_bf16(act_fp8, T):
     # and the op itself (default config) on CUDA
     assert rel_err(OP(*dev, **spec.op_kwargs()).cpu(), experts_reference(*args[:3], w1, w2)) <= (
         1e-2 if not triton_quantized.default_config(dev[0], E, k, spec).act_fp8 else 8e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4_packed"])
+@pytest.mark.parametrize("T", [1, 64], ids=["decode", "sorted"])
+def test_cuda_graph_capture_and_replay_with_changing_routing(fmt, T):
+    """The op captured once in a CUDA graph; each replay with new routing and activations equals the eager op."""
+    int4 = fmt == "int4_packed"
+    bn, bk = (1, 32) if int4 else (128, 128)
+    args, _ = quantized_experts_inputs(T, 256, 128, 16, 4, torch.bfloat16, bn, bk, seed=0, weight_format=fmt)
+    dev = [a.cuda() for a in args]
+    kwargs = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk).op_kwargs()
+    OP(*dev, **kwargs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OP(*dev, **kwargs)
+    for seed in range(1, 4):
+        new, _ = quantized_experts_inputs(T, 256, 128, 16, 4, torch.bfloat16, bn, bk, seed=seed, weight_format=fmt)
+        for i in range(3):  # hidden, ids, weights
+            dev[i].copy_(new[i])
+        out.fill_(float("nan"))  # poison: replay must rewrite every element
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, OP(*dev, **kwargs))
