@@ -131,11 +131,12 @@ def from_pretrained(path, *args, **kwargs):
     register()
     kwargs.setdefault("experts_implementation", NAME)
     if "config" not in kwargs:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+        hub = {k: kwargs[k] for k in ("revision", "local_files_only", "token", "cache_dir") if k in kwargs}
+        config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False), **hub)
         quantization = getattr(config, "quantization_config", None)
         packed = packed_config(quantization if isinstance(quantization, dict) else {})
         if packed is not None:
-            check_only_experts_packed(path)
+            check_only_experts_packed(path, **hub)
             config.quantization_config = packed
             kwargs["config"] = config
     model = AutoModelForCausalLM.from_pretrained(path, *args, **kwargs)

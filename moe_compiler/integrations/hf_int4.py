@@ -164,20 +164,22 @@ def packed_config(quantization_config: dict) -> dict | None:
     return {"quant_method": METHOD, **facts}
 
 
-def check_only_experts_packed(path) -> None:
-    """A checkpoint whose packed INT4 tensors all belong to routed experts (the layers we keep packed); any other
-    packed layer would be left without weights, so it is an error naming them."""
+def check_only_experts_packed(path, **hub_kwargs) -> None:
+    """A checkpoint (a directory or a Hub id, as from_pretrained takes) whose packed INT4 tensors all belong to
+    routed experts (the layers we keep packed); any other packed layer would be left without weights, so it is
+    an error naming them."""
     import json
-    import os
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
+                        **hub_kwargs)
+    if index is not None:
         with open(index) as f:
             keys = list(json.load(f)["weight_map"])
     else:
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        with safe_open(cached_file(path, "model.safetensors", **hub_kwargs), "pt") as f:
             keys = list(f.keys())
     others = sorted(k for k in keys if k.endswith(".weight_packed") and ".experts." not in k)
     if others:
