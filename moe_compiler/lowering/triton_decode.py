@@ -40,6 +40,20 @@ from .triton_experts import logical_strides
 
 
 @triton.jit
+def check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S: tl.constexpr):
+    """One program checks every id (S is small on the decode paths): ok_ptr[0] = all in [0, E), and a bad one fails
+    the launch."""
+    bad = tl.zeros([BLOCK_S], dtype=tl.int32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        some = tl.load(ids_ptr + s, mask=s < S, other=0)
+        bad += ((some < 0) | (some >= E)).to(tl.int32)
+    n_bad = tl.sum(bad, 0)
+    tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
+    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E)")  # live: see LIVE_ASSERTS
+
+
+@triton.jit
 def _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """(gate, up) [BLOCK_N] fp32: one x row against BLOCK_N gate rows and BLOCK_N up rows over H."""
@@ -148,15 +162,7 @@ def _gate_up_gemv_kernel(
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     if (p == 0) & (pid_n == 0):
-        # One program checks every id (S is small on this path) and fails the launch on a bad one.
-        bad = tl.zeros([BLOCK_S], dtype=tl.int32)
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            some = tl.load(ids_ptr + s, mask=s < S, other=0)
-            bad += ((some < 0) | (some >= E)).to(tl.int32)
-        n_bad = tl.sum(bad, 0)
-        tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
-        tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E)")  # live: see LIVE_ASSERTS
+        check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S)
     if HAS_SHARED:
         if p >= S:  # rows after the S pairs: the shared MLP's tiles, row-major over the same second axis
             _shared_gate_up(

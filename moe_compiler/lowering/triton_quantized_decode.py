@@ -26,8 +26,7 @@ import triton.language as tl
 from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
-
-MAX_PAIRS = 4096  # the id check loads every id in one program (as triton_decode.MAX_PAIRS)
+from .triton_decode import MAX_PAIRS, check_ids
 
 
 @triton.jit
@@ -72,15 +71,8 @@ def _gate_up_q_gemv_kernel(
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if (p == 0) & (pid_n == 0):  # one program checks every id and fails the launch on a bad one
-        bad = tl.zeros([BLOCK_S], dtype=tl.int32)
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            some = tl.load(ids_ptr + s, mask=s < S, other=0)
-            bad += ((some < 0) | (some >= E)).to(tl.int32)
-        n_bad = tl.sum(bad, 0)
-        tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
-        tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E)")  # live: see LIVE_ASSERTS
+    if (p == 0) & (pid_n == 0):
+        check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S)
     e = tl.load(ids_ptr + p)
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
     tok = (p // TOP_K).to(tl.int64)

@@ -32,12 +32,16 @@ def bind(tensors: tuple, spec_kwargs: dict) -> tuple[ExpertsTensors, ExpertsSpec
     t = ExpertsTensors(*tensors)
     spec = make_spec(ExpertsSpec, spec_kwargs)
     checks.check_experts(t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down, t.b_gate_up, t.b_down, spec)
+    return t, spec, bind_shared(t)
+
+
+def bind_shared(t) -> SharedMLP | None:
+    """The shared MLP of a table with the shared_* fields (ExpertsTensors, QuantizedTensors), checked; or None."""
     if t.shared_gate_proj is None and t.shared_down_proj is None:
         checks.check_shared_absent(t.shared_up_proj, t.shared_expert_gate)
-        return t, spec, None
+        return None
     checks.check_shared(t.hidden, t.shared_gate_proj, t.shared_up_proj, t.shared_down_proj, t.shared_expert_gate)
-    shared = SharedMLP.from_parts(t.shared_gate_proj, t.shared_up_proj, t.shared_down_proj, t.shared_expert_gate)
-    return t, spec, shared
+    return SharedMLP.from_parts(t.shared_gate_proj, t.shared_up_proj, t.shared_down_proj, t.shared_expert_gate)
 
 
 def forward(t: ExpertsTensors, spec: ExpertsSpec, shared: SharedMLP | None) -> Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor
 from ..lowering import device, dispatch
 from ..spec import QuantizedExpertsSpec, SharedMLP
 from . import checks, inline
+from .experts import bind_shared
 from .signature import SIGNATURES, QuantizedTensors, make_spec, schema
 
 
@@ -29,12 +30,7 @@ def bind(tensors: tuple, spec_kwargs: dict) -> tuple[QuantizedTensors, Quantized
     t = QuantizedTensors(*tensors)
     spec = make_spec(QuantizedExpertsSpec, spec_kwargs)
     checks.check_quantized_experts(*t[:7], spec)
-    if t.shared_gate_proj is None and t.shared_down_proj is None:
-        checks.check_shared_absent(t.shared_up_proj, t.shared_expert_gate)
-        return t, spec, None
-    checks.check_shared(t.hidden, t.shared_gate_proj, t.shared_up_proj, t.shared_down_proj, t.shared_expert_gate)
-    shared = SharedMLP.from_parts(t.shared_gate_proj, t.shared_up_proj, t.shared_down_proj, t.shared_expert_gate)
-    return t, spec, shared
+    return t, spec, bind_shared(t)
 
 
 def forward(t: QuantizedTensors, spec: QuantizedExpertsSpec, shared: SharedMLP | None) -> Tensor:

@@ -166,48 +166,75 @@ def _quantized_linears(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
 
 
+def _expert_parts(name: str, p: torch.Tensor):
+    """(the experts module's name, {projection: [E, N, K] weight}) of a stacked experts parameter, split as the
+    checkpoints store it per expert (gate_up_proj's halves are gate_proj and up_proj); None for other parameters."""
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in ("gate_up_proj", "down_proj") or not prefix.endswith(".experts"):
+        return None
+    if leaf == "down_proj":
+        return prefix, {"down_proj": p}
+    I = p.shape[1] // 2
+    return prefix, {"gate_proj": p[:, :I], "up_proj": p[:, I:]}
+
+
+def _save(path, tensors: dict, config: dict) -> None:
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, default=str)
+
+
+def _round_trip_in_place(model, round_trip, linears=frozenset()):
+    """Each stacked experts weight (by the projections a checkpoint stores) and each named Linear weight replaced by
+    round_trip(weight): what a loader reads back from the checkpoint, dequantized."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            parts = _expert_parts(name, p)
+            if parts is not None:
+                p.copy_(torch.cat([round_trip(w) for w in parts[1].values()], dim=1))
+            elif name.endswith(".weight") and name[: -len(".weight")] in linears:
+                p.copy_(round_trip(p))
+    return model
+
+
 def save_fp8_checkpoint(model, path, block=(32, 32), scale_dtype=torch.float32, linears: bool = False) -> None:
     """Write `model` (a tiny transformers MoE model with stacked experts) as a finegrained-FP8 checkpoint in the
     on-disk form of the FP8 releases: per-expert `experts.{e}.{gate,up,down}_proj.weight` float8_e4m3fn with
     `weight_scale_inv` block scales, config `quantization_config` {"quant_method": "fp8", "weight_block_size"}.
     With `linears`, the other Linear layers but lm_head are quantized too (as DeepSeek-V3's release is);
     otherwise they stay unquantized and are listed in `modules_to_not_convert`."""
-    import json
-    import os
-
-    from safetensors.torch import save_file
+    e8m0 = scale_dtype not in (torch.float32, torch.bfloat16)
+    quantized = set(_quantized_linears(model)) if linears else set()
+    tensors = {}
 
     def put(name, w):
         q, s = quantize_fp8_blocks(w.detach(), *block, scale_dtype)
         tensors[f"{name}.weight"] = q.contiguous()
-        e8m0 = scale_dtype not in (torch.float32, torch.bfloat16)
         tensors[f"{name}.weight_scale_inv"] = s.contiguous().view(torch.uint8) if e8m0 else s.contiguous()
 
-    os.makedirs(path, exist_ok=True)
-    quantized = set(_quantized_linears(model)) if linears else set()
-    tensors = {}
     for name, p in model.state_dict().items():
-        prefix, _, leaf = name.rpartition(".")
-        if leaf in ("gate_up_proj", "down_proj") and prefix.endswith(".experts"):
-            I = p.shape[1] // 2
-            parts = {"gate_proj": p[:, :I], "up_proj": p[:, I:]} if leaf == "gate_up_proj" else {"down_proj": p}
-            for proj, w in parts.items():
+        parts = _expert_parts(name, p)
+        if parts is not None:
+            for proj, w in parts[1].items():
                 for e in range(w.shape[0]):
-                    put(f"{prefix}.{e}.{proj}", w[e])
-        elif leaf == "weight" and prefix in quantized:
-            put(prefix, p)
+                    put(f"{parts[0]}.{e}.{proj}", w[e])
+        elif name.endswith(".weight") and name[: -len(".weight")] in quantized:
+            put(name[: -len(".weight")], p)
         else:
             tensors[name] = p.detach().contiguous()
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     unquantized = ["lm_head"] if linears else [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     config["quantization_config"] = {
         "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block),
-        "modules_to_not_convert": unquantized,
-        **({"scale_fmt": "ue8m0"} if scale_dtype not in (torch.float32, torch.bfloat16) else {}),
+        "modules_to_not_convert": unquantized, **({"scale_fmt": "ue8m0"} if e8m0 else {}),
     }
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, default=str)
+    _save(path, tensors, config)
 
 
 def dequantized_reference(model, block=(32, 32), scale_dtype=torch.float32, linears: bool = False):
@@ -216,16 +243,7 @@ def dequantized_reference(model, block=(32, 32), scale_dtype=torch.float32, line
     def round_trip(w):
         return dequantize(*quantize_fp8_blocks(w, *block, scale_dtype), *block).to(w.dtype)
 
-    quantized = set(_quantized_linears(model)) if linears else set()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            prefix, _, leaf = name.rpartition(".")
-            if leaf in ("gate_up_proj", "down_proj") and prefix.endswith(".experts"):
-                halves = p.chunk(2, dim=1) if leaf == "gate_up_proj" else (p,)
-                p.copy_(torch.cat([round_trip(h) for h in halves], dim=1))
-            elif leaf == "weight" and prefix in quantized:
-                p.copy_(round_trip(p))
-    return model
+    return _round_trip_in_place(model, round_trip, set(_quantized_linears(model)) if linears else frozenset())
 
 
 def save_int4_checkpoint(model, path, group: int = 32, scale_dtype=torch.bfloat16) -> None:
@@ -233,27 +251,18 @@ def save_int4_checkpoint(model, path, group: int = 32, scale_dtype=torch.bfloat1
     on-disk form: per-expert `weight_packed` int32 [N, K/8], `weight_scale` [N, K/g], `weight_shape`; config
     `quantization_config` with quant_method "compressed-tensors", format "pack-quantized", 4-bit symmetric groups
     of g, every other Linear in `ignore`); the other weights as they are."""
-    import json
-    import os
-
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
     tensors = {}
     for name, p in model.state_dict().items():
-        prefix, _, leaf = name.rpartition(".")
-        if leaf in ("gate_up_proj", "down_proj") and prefix.endswith(".experts"):
-            I = p.shape[1] // 2
-            parts = {"gate_proj": p[:, :I], "up_proj": p[:, I:]} if leaf == "gate_up_proj" else {"down_proj": p}
-            for proj, w in parts.items():
-                packed, scale = quantize_int4_groups(w.detach(), group, scale_dtype)
-                for e in range(w.shape[0]):
-                    tensors[f"{prefix}.{e}.{proj}.weight_packed"] = packed[e].contiguous()
-                    tensors[f"{prefix}.{e}.{proj}.weight_scale"] = scale[e].contiguous()
-                    tensors[f"{prefix}.{e}.{proj}.weight_shape"] = torch.tensor(list(w.shape[1:]), dtype=torch.int64)
-        else:
+        parts = _expert_parts(name, p)
+        if parts is None:
             tensors[name] = p.detach().contiguous()
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            continue
+        for proj, w in parts[1].items():
+            packed, scale = quantize_int4_groups(w.detach(), group, scale_dtype)
+            for e in range(w.shape[0]):
+                tensors[f"{parts[0]}.{e}.{proj}.weight_packed"] = packed[e].contiguous()
+                tensors[f"{parts[0]}.{e}.{proj}.weight_scale"] = scale[e].contiguous()
+                tensors[f"{parts[0]}.{e}.{proj}.weight_shape"] = torch.tensor(list(w.shape[1:]), dtype=torch.int64)
     config = model.config.to_dict()
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
                "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
@@ -264,17 +273,12 @@ def save_int4_checkpoint(model, path, group: int = 32, scale_dtype=torch.bfloat1
         "ignore": [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)],
         "kv_cache_scheme": None,
     }
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, default=str)
+    _save(path, tensors, config)
 
 
 def int4_reference(model, group: int = 32, scale_dtype=torch.bfloat16):
     """`model` with its experts replaced in place by the dequantized values save_int4_checkpoint writes."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            prefix, _, leaf = name.rpartition(".")
-            if leaf in ("gate_up_proj", "down_proj") and prefix.endswith(".experts"):
-                halves = p.chunk(2, dim=1) if leaf == "gate_up_proj" else (p,)
-                deq = [dequantize(*quantize_int4_groups(h, group, scale_dtype), 1, group) for h in halves]
-                p.copy_(torch.cat(deq, dim=1).to(p.dtype))
-    return model
+    def round_trip(w):
+        return dequantize(*quantize_int4_groups(w, group, scale_dtype), 1, group).to(w.dtype)
+
+    return _round_trip_in_place(model, round_trip)
