@@ -47,8 +47,7 @@ def build_quantized(args, model_type: str, tiny_config: dict):
     if path is None:
         from moe_compiler.testing import quantized
 
-        args.experts_implementation = "grouped_mm"
-        tiny = build_model(args, model_type, tiny_config, quantized=None).float().cpu()
+        tiny = build_model(args, model_type, tiny_config).float().cpu()
         path = tempfile.mkdtemp(prefix=f"{model_type}_{args.quantized}_")
         if args.quantized == "fp8":
             quantized.save_fp8_checkpoint(tiny, path, (128, 128), linears=True)
@@ -64,11 +63,9 @@ def build_quantized(args, model_type: str, tiny_config: dict):
     return model.eval()
 
 
-def build_model(args, model_type: str, tiny_config: dict, quantized: str | None = "args"):
+def build_model(args, model_type: str, tiny_config: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if (args.quantized if quantized == "args" else quantized) is not None:
-        return build_quantized(args, model_type, tiny_config)
     kwargs = dict(dtype=args.dtype, experts_implementation=args.experts_implementation)
     if args.model:
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, **kwargs)
@@ -112,9 +109,9 @@ def run(description: str, model_type: str, tiny_config: dict) -> None:
     logging.getLogger("moe_compiler").addHandler(handler)
     logging.getLogger("moe_compiler").setLevel(logging.DEBUG)
 
-    model = build_model(args, model_type, tiny_config)
-    n_experts_modules = sum(1 for n, m in model.named_modules() if n.endswith(".experts") or (
-        type(m).__name__.endswith("Experts") and "." not in n))
+    build = build_quantized if args.quantized else build_model
+    model = build(args, model_type, tiny_config)
+    n_experts_modules = sum(1 for m in model.modules() if type(m).__name__.endswith("Experts"))
     print(f"{model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{n_experts_modules} MoE layers, {args.dtype}, {args.device}, "
           f"experts_implementation={args.experts_implementation}")

@@ -127,6 +127,20 @@ class WeightFormat(str, enum.Enum):
     INT4_PACKED = "int4_packed"
 
 
+def _scale_fields(obj) -> None:
+    """weight_format, scale_block_n, scale_block_k of a quantized spec: an enum member and two positive ints."""
+    _enum_field(obj, "weight_format", WeightFormat)
+    for name in ("scale_block_n", "scale_block_k"):
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(obj).__name__}.{name}: expected a positive int, got {value!r}")
+
+
+def _scale_kwargs(obj) -> dict:
+    return {"weight_format": obj.weight_format.value, "scale_block_n": obj.scale_block_n,
+            "scale_block_k": obj.scale_block_k}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedExpertsSpec(ExpertsSpec):
     """An ExpertsSpec whose weights are block-scaled quantized tensors (the experts_quantized op's keyword
@@ -138,11 +152,7 @@ class QuantizedExpertsSpec(ExpertsSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        _enum_field(self, "weight_format", WeightFormat)
-        for name in ("scale_block_n", "scale_block_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"QuantizedExpertsSpec.{name}: expected a positive int, got {value!r}")
+        _scale_fields(self)
         if self.transposed or self.gate_up is not GateUpLayout.CONCAT or self.scale_input:
             raise ValueError(
                 "QuantizedExpertsSpec: quantized experts are read as [E, 2I, H] / [E, H, I] with gate and up "
@@ -151,8 +161,7 @@ class QuantizedExpertsSpec(ExpertsSpec):
             )
 
     def op_kwargs(self) -> dict:
-        return {**super().op_kwargs(), "weight_format": self.weight_format.value,
-                "scale_block_n": self.scale_block_n, "scale_block_k": self.scale_block_k}
+        return {**super().op_kwargs(), **_scale_kwargs(self)}
 
     def experts(self) -> ExpertsSpec:
         """The same math on dequantized weights."""
@@ -173,15 +182,10 @@ class QuantizedLinearSpec:
     scale_block_k: int = 128
 
     def __post_init__(self):
-        _enum_field(self, "weight_format", WeightFormat)
-        for name in ("scale_block_n", "scale_block_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"QuantizedLinearSpec.{name}: expected a positive int, got {value!r}")
+        _scale_fields(self)
 
     def op_kwargs(self) -> dict:
-        return {"weight_format": self.weight_format.value, "scale_block_n": self.scale_block_n,
-                "scale_block_k": self.scale_block_k}
+        return _scale_kwargs(self)
 
 
 class Scoring(str, enum.Enum):

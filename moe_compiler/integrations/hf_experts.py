@@ -53,15 +53,16 @@ def dense_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
 
 
-def _activation(module) -> tuple[Activation, float, float] | str:
-    """(activation, swiglu_alpha, swiglu_limit) of FP8Experts._apply_gate, or why it has none of ours."""
+def activation_fields(module) -> dict | str:
+    """The ExpertsSpec fields (activation, and the clamp constants of the clamped form) of a transformers experts
+    module's gate (FP8Experts._apply_gate, the default one of the others), or why it has none of ours."""
     from transformers.activations import ACT2CLS
 
     if getattr(module, "gate_softcap", None) is not None or getattr(module, "up_softcap", None) is not None:
         return "soft-capped gate/up (mlp_gate_softcap / mlp_up_softcap)"
     alpha, limit = getattr(module, "swiglu_alpha", None), getattr(module, "swiglu_limit", None)
     if alpha is not None:  # clamp gate and up, gate * sigmoid(alpha * gate) * (up + 1): GPT-OSS's form
-        return Activation.GPT_OSS_SWIGLU, float(alpha), float(limit)
+        return {"activation": Activation.GPT_OSS_SWIGLU, "swiglu_alpha": float(alpha), "swiglu_limit": float(limit)}
     if limit is not None:
         return f"clamped gate/up (swiglu_limit={limit}) without swiglu_alpha"
     config = module.config
@@ -71,7 +72,7 @@ def _activation(module) -> tuple[Activation, float, float] | str:
     cls = cls[0] if isinstance(cls, tuple) else cls
     if act is None or cls is None or type(module.act_fn) is not cls:
         return f"activation {name!r} ({type(module.act_fn).__name__}) is not one of {sorted(_ACTIVATIONS)}"
-    return act, 1.702, 7.0
+    return {"activation": act}
 
 
 def spec_of(module) -> QuantizedExpertsSpec | str:
@@ -88,12 +89,10 @@ def spec_of(module) -> QuantizedExpertsSpec | str:
     block = getattr(module, "block_size", None)
     if block is None or len(block) != 2:
         return f"block_size={block} (per-tensor scales; block-scaled weights only)"
-    act = _activation(module)
+    act = activation_fields(module)
     if isinstance(act, str):
         return act
-    activation, alpha, limit = act
-    return QuantizedExpertsSpec(activation=activation, swiglu_alpha=alpha, swiglu_limit=limit,
-                                scale_block_n=int(block[0]), scale_block_k=int(block[1]))
+    return QuantizedExpertsSpec(**act, scale_block_n=int(block[0]), scale_block_k=int(block[1]))
 
 
 _warned: set[str] = set()

@@ -79,19 +79,17 @@ class PackedInt4Experts(nn.Module):
 
 def _packable(module, group: int) -> QuantizedExpertsSpec | str:
     """The spec of a transformers stacked experts module we can hold packed, or why not."""
-    from .hf_experts import _activation
+    from .hf_experts import activation_fields
 
     for attr, want in (("is_transposed", False), ("has_bias", False), ("has_gate", True), ("is_concatenated", True)):
         if getattr(module, attr, want) != want:
             return f"{attr}={getattr(module, attr)}"
     if not all(hasattr(module, a) for a in ("num_experts", "hidden_dim", "intermediate_dim", "act_fn")):
         return f"{type(module).__name__} is not a stacked transformers experts module"
-    act = _activation(module)
+    act = activation_fields(module)
     if isinstance(act, str):
         return act
-    activation, alpha, limit = act
-    return QuantizedExpertsSpec(activation=activation, swiglu_alpha=alpha, swiglu_limit=limit,
-                                weight_format="int4_packed", scale_block_n=1, scale_block_k=group)
+    return QuantizedExpertsSpec(**act, weight_format="int4_packed", scale_block_n=1, scale_block_k=group)
 
 
 @functools.cache

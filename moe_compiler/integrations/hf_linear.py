@@ -35,8 +35,12 @@ def fused_class():
     from transformers.integrations.finegrained_fp8 import FP8Linear
 
     class FusedFP8Linear(FP8Linear):
+        # The layer's spec_of, taken when use_fused_linears re-classes it (not per call: eager decode runs
+        # hundreds of these layers per token).
+        quantized_spec: QuantizedLinearSpec | str
+
         def forward(self, input):
-            spec = spec_of(self)
+            spec = self.quantized_spec
             if isinstance(spec, str):
                 return super().forward(input)
             scale = self.weight_scale_inv
@@ -57,5 +61,6 @@ def use_fused_linears(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module) is FP8Linear:
             module.__class__ = fused
+            module.quantized_spec = spec_of(module)
             count += 1
     return count

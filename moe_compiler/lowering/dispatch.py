@@ -29,7 +29,7 @@ import torch
 
 from ..ops import checks
 from ..spec import ExpertsSpec, RouteOrder, RouterSpec, SharedMLP
-from . import device, launch, torch_experts, torch_route, torch_shared, triton_config
+from . import device, launch, torch_experts, torch_quantized, torch_route, torch_shared, triton_config
 from .torch_segment_mm import GatherBmm, GroupedMM, LoopMM
 
 
@@ -136,8 +136,6 @@ def experts_quantized_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_
                               spec, shared: SharedMLP | None = None, config=None) -> torch.Tensor:
     """The experts_quantized op's forward (+ the shared MLP, by cuBLAS / torch after the experts): the Triton
     FP8 kernels on CUDA, the dequantize-then-torch reference elsewhere."""
-    from . import torch_quantized
-
     T, k = topk_ids.shape
     args = (hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale, spec)
     if T == 0 or k == 0:

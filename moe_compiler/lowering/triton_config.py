@@ -208,10 +208,15 @@ def _decode_tile(rows: int, cols: int, slots: int) -> KernelConfig:
     return KernelConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
 
 
+def decode_suits(T: int, k: int, E: int) -> bool:
+    """Few pairs, few of them sharing an expert: the untuned choice of the decode (GEMV) paths, which stream each
+    touched expert's weights once."""
+    return T * k <= 4096 and (T == 1 or T * k * 8 <= E)
+
+
 def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config:
     """Reasonable untuned choices (and the starting point of the tuner's search)."""
-    if T * k <= 4096 and (T == 1 or T * k * 8 <= E):
-        # Few pairs, few shared experts: stream each touched expert's weights once.
+    if decode_suits(T, k, E):
         return DecodeConfig(
             gate_up=_decode_tile(T * k, I, slots=2), down=_decode_tile(T, H, slots=1 << (k - 1).bit_length())
         )

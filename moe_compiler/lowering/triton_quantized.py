@@ -1,25 +1,29 @@
-"""Triton experts forward over block-scaled FP8 weights (the experts_quantized op): the sorted path's gather-GEMM
-with the gated activation in its epilogue, the down GEMM with the router weight in its epilogue, and the same
-deterministic combine (triton_experts.py), reading the FP8 weights and their scales in place.
+"""Triton experts forward over block-scaled quantized weights (the experts_quantized op): FP8 e4m3 or packed INT4,
+read in place with their scales. Few pairs (config.decode): the GEMVs of triton_quantized_decode.py. Otherwise the
+sorted path's gather-GEMM with the gated activation in its epilogue, the down GEMM with the router weight in its
+epilogue, and the same deterministic combine (triton_experts.py).
 
 Data contract (shape letters as in triton_experts.py; bn, bk = spec.scale_block_n, spec.scale_block_k)
     hidden        [T, H]                        bf16/fp16/fp32, rows gathered in-kernel (never permuted)
     topk_ids      [T, k]                        -> triton_align.py: sorted_rows, pos, block_expert, seg_end
     w_gate_up     [E, 2I, H] float8_e4m3fn      gate rows then up rows, read through its strides
+                  (INT4: [E, 2I, H/8] int32, 8 values per word along K, value k at bits 4 (k % 8), stored + 8)
     w_gate_up_s   [E, ceil(2I/bn), ceil(H/bk)]  fp32 / bf16 / float8_e8m0fnu (read as uint8 exponents)
-    w_down        [E, H, I] float8_e4m3fn       w_down_s [E, ceil(H/bn), ceil(I/bk)]
+    w_down        [E, H, I] float8_e4m3fn       (INT4: [E, H, I/8] int32); w_down_s [E, ceil(H/bn), ceil(I/bk)]
     act           [S_pad, I]                    hidden's dtype, padded sorted order
     y             [S_pad, H]                    hidden's dtype, down output * router weight
     out           [T, H]                        out[t] = sum_j y[pos[t*k + j]] (fp32 sum, slot order)
 
     route -> permute (align) -> [gate_up GEMM + act] -> [down GEMM * weight] -> [combine]
 
-Each K step reads a [BLOCK_K, BLOCK_N] FP8 weight tile inside one scale block along K (BLOCK_K divides bk), so
+Each FP8 K step reads a [BLOCK_K, BLOCK_N] weight tile inside one scale block along K (BLOCK_K divides bk), so
 the step's weight scale is one value per output column, s[n // bn]. Two ways to multiply (config.act_fp8):
     w8a16  acc += dot(a, fp8 tile -> a's dtype) * s[n]              activations exact, tensor cores at bf16 rate
     w8a8   a is quantized per row over the step's BLOCK_K columns (amax -> 448, transformers' dynamic 1 x 128
            scheme when BLOCK_K = 128):  acc += dot(fp8(a / sa), fp8 tile) * sa[m] * s[n]   (FP8 tensor cores)
 Scales multiply the fp32 partial product of the step, never the weights: nothing is dequantized to memory.
+An INT4 K step unpacks its [BLOCK_K / 8, BLOCK_N] words to nibbles and scales each by its group's scale in
+registers (groups narrower than the step), then one dot at a's precision (w4a16).
 Row offsets are int64 (t * H passes 2^31 at large T); columns wrap modulo N (the stores mask), K tails mask.
 """
 
@@ -35,19 +39,18 @@ from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import AlignedRows, align_rows
+from .triton_config import decode_suits, default_sorted_config
 from .triton_experts import _block_rows, _tile_coords, dot_precision, launch_combine
-
-FP8_MAX = 448.0
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedConfig:
-    """Tiles of the FP8 sorted path (one set for both GEMMs)."""
+    """Tiles of the quantized experts kernels (one set for both GEMMs, or both GEMVs with decode)."""
 
     block_m: int
     block_n: int
-    block_k: int  # divides the spec's scale_block_k
-    act_fp8: bool  # w8a8 (activations quantized per row and K step) or w8a16
+    block_k: int  # FP8: divides the spec's scale_block_k; INT4: a multiple of 8 (values per word)
+    act_fp8: bool  # w8a8 (activations quantized per row and K step) or w8a16; FP8 sorted path only
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
@@ -56,21 +59,28 @@ class QuantizedConfig:
     decode: bool = False
 
 
-def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec) -> QuantizedConfig:
-    """Untuned tiles. w8a8 only where the GEMMs are compute-bound (many rows per expert) and the GPU has FP8
-    tensor cores; below that the weights' bytes bound the time and w8a16 keeps the activations exact."""
-    T = hidden.shape[0]
-    rows_per_expert = T * k / E
-    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128
+def step_k(scale_block_k: int) -> int:
+    """The widest power-of-two K step up to 128 inside one FP8 scale block (it divides scale_block_k)."""
     block_k = 128
-    while spec.weight_format is WeightFormat.FP8_E4M3 and spec.scale_block_k % block_k:
-        block_k //= 2  # an FP8 K step reads one scale per column; INT4 steps dequantize per element
-    if T * k <= 4096 and (T == 1 or T * k * 8 <= E):  # as triton_config.default_config: few pairs, few shared
+    while scale_block_k % block_k:
+        block_k //= 2
+    return block_k
+
+
+def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec) -> QuantizedConfig:
+    """Untuned tiles, the bf16 op's choices of path and block_m (triton_config). w8a8 only where the GEMMs are
+    compute-bound (many rows per expert) and the GPU has FP8 tensor cores; below that the weights' bytes bound the
+    time and w8a16 keeps the activations exact."""
+    T = hidden.shape[0]
+    # an FP8 K step reads one scale per column; an INT4 step scales per element
+    block_k = 128 if _int4(spec) else step_k(spec.scale_block_k)
+    if decode_suits(T, k, E):
         return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, num_stages=4, decode=True)
+    block_m = default_sorted_config(hidden.dtype, E, k, T).block_m
     fp8_cores = hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) >= (8, 9)
     return QuantizedConfig(
         block_m=block_m, block_n=128 if block_m >= 64 else 64, block_k=block_k,
-        act_fp8=fp8_cores and hidden.dtype != torch.float32 and rows_per_expert >= 64,
+        act_fp8=fp8_cores and hidden.dtype != torch.float32 and T * k / E >= 64,
         num_warps=8 if block_m >= 128 else 4, num_stages=3 if block_m >= 64 else 4,
     )
 
@@ -219,36 +229,38 @@ def _int4(spec: QuantizedExpertsSpec) -> bool:
     return spec.weight_format is WeightFormat.INT4_PACKED
 
 
+def _tile_constexprs(spec: QuantizedExpertsSpec, config: QuantizedConfig) -> dict:
+    """What both sorted-path kernels take of the format and the tiles (BLOCK_KW: stored words per K step)."""
+    int4 = _int4(spec)
+    return dict(INT4=int4, ACT_FP8=config.act_fp8 and not int4, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                BLOCK_KW=config.block_k // 8 if int4 else config.block_k, num_warps=config.num_warps,
+                num_stages=config.num_stages)
+
+
 def launch_gate_up(hidden, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, config: QuantizedConfig, k: int, act):
     H, I = hidden.shape[1], act.shape[1]
     s, e8m0 = _scale_view(s)
-    int4 = _int4(spec)
     grid = (max(1, rows.max_blocks * triton.cdiv(I, config.block_n)),)
     launch.kernel(_gate_up_q_kernel)[grid](
         hidden, w, s, act, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m, spec.scale_block_n,
         spec.scale_block_k,
         hidden.stride(0), *w.stride(), *s.stride(), act.stride(0),
-        ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, INT4=int4, ACT_FP8=config.act_fp8 and not int4,
-        E8M0=e8m0, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, BLOCK_KW=config.block_k // 8 if int4 else config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, E8M0=e8m0,
+        DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=config.block_m, **_tile_constexprs(spec, config),
     )
 
 
 def launch_down(act, rows: AlignedRows, w, s, weights, spec: QuantizedExpertsSpec, config: QuantizedConfig, y):
     I, H = act.shape[1], y.shape[1]
     s, e8m0 = _scale_view(s)
-    int4 = _int4(spec)
     grid = (max(1, rows.max_blocks * triton.cdiv(H, config.block_n)),)
     launch.kernel(_down_q_kernel)[grid](
         act, w, s, y, weights, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, config.group_m, spec.scale_block_n, spec.scale_block_k,
         act.stride(0), *w.stride(), *s.stride(), y.stride(0),
-        EVEN_K=I % config.block_k == 0, INT4=int4, ACT_FP8=config.act_fp8 and not int4, E8M0=e8m0,
-        DOT_PRECISION=dot_precision(act.dtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, BLOCK_KW=config.block_k // 8 if int4 else config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        EVEN_K=I % config.block_k == 0, E8M0=e8m0, DOT_PRECISION=dot_precision(act.dtype), BLOCK_M=config.block_m,
+        **_tile_constexprs(spec, config),
     )
 
 
@@ -330,9 +342,7 @@ def linear_forward(x, w, s, bias, block_n: int, block_k: int) -> torch.Tensor:
     if M == 0:
         return y
     block_m = 16 if M <= 16 else 64
-    block_kk = 128
-    while block_k % block_kk:
-        block_kk //= 2
+    block_kk = step_k(block_k)
     block_nn = 64 if M <= 16 else 128
     s, e8m0 = _scale_view(s)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_nn),)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..spec import ExpertsSpec, RouterSpec
+from ..spec import ExpertsSpec, RouterSpec, WeightFormat
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _INTS = (torch.int32, torch.int64)
@@ -24,23 +24,36 @@ def _experts(what, expected, got, fix):
     fail("experts", what, expected, got, fix)
 
 
-def check_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec) -> None:
+def _routing(bad, hidden, topk_ids, topk_weights) -> None:
+    """hidden [T, H] float, topk_ids [T, k] int, topk_weights [T, k] float: checked for any experts op (`bad`
+    raises in that op's name)."""
     if hidden.dim() != 2:
-        _experts("hidden rank", "a 2-D [T, H] tensor", f"shape {tuple(hidden.shape)}",
-                 "Flatten batch and sequence first.")
+        bad("hidden rank", "a 2-D [T, H] tensor", f"shape {tuple(hidden.shape)}", "Flatten batch and sequence first.")
     if hidden.dtype not in _FLOATS:
-        _experts("hidden dtype", "float32, bfloat16 or float16", hidden.dtype, "Cast the activations.")
+        bad("hidden dtype", "float32, bfloat16 or float16", hidden.dtype, "Cast the activations.")
     if topk_ids.dim() != 2 or topk_ids.dtype not in _INTS:
         got = f"{tuple(topk_ids.shape)} {topk_ids.dtype}"
-        _experts("topk_ids", "a 2-D [T, k] int32/int64 tensor", got, "Pass the router's top-k indices.")
+        bad("topk_ids", "a 2-D [T, k] int32/int64 tensor", got, "Pass the router's top-k indices.")
     if topk_weights.dim() != 2 or topk_weights.dtype not in _FLOATS:
         got = f"{tuple(topk_weights.shape)} {topk_weights.dtype}"
-        _experts("topk_weights", "a 2-D [T, k] float tensor", got, "Pass the router's top-k weights.")
-    T, H = hidden.shape
+        bad("topk_weights", "a 2-D [T, k] float tensor", got, "Pass the router's top-k weights.")
+    T = hidden.shape[0]
     if topk_ids.shape[0] != T or tuple(topk_weights.shape) != tuple(topk_ids.shape):
         got = f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
-        _experts("routing shapes", f"topk_ids and topk_weights of shape [T={T}, k]", got,
-                 "Route the same tokens that are passed as hidden.")
+        bad("routing shapes", f"topk_ids and topk_weights of shape [T={T}, k]", got,
+            "Route the same tokens that are passed as hidden.")
+
+
+def _one_device(bad, *tensors) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        bad("devices", "all tensors on one device", sorted(map(str, devices)),
+            "Move the model and inputs to one device.")
+
+
+def check_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec) -> None:
+    _routing(_experts, hidden, topk_ids, topk_weights)
+    H = hidden.shape[1]
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         if w.dim() != 3:
             _experts(f"{name} rank", "a 3-D [E, out, in] tensor", f"shape {tuple(w.shape)}",
@@ -66,11 +79,7 @@ def check_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, 
     for name, b, size in (("b_gate_up", b_gate_up, 2 * I), ("b_down", b_down, H)):
         if b is not None and (b.dim() != 2 or b.shape[0] != E or b.shape[1] != size):
             _experts(f"{name} shape", f"[E={E}, {size}]", tuple(b.shape), "Pass one bias row per expert, or None.")
-    tensors = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down)
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        _experts("devices", "all tensors on one device", sorted(map(str, devices)),
-                 "Move the model and inputs to one device.")
+    _one_device(_experts, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down)
 
 
 def check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
@@ -176,34 +185,23 @@ _SCALE_DTYPES = (torch.float32, torch.bfloat16) + ((torch.float8_e8m0fnu,) if ha
 def check_quantized_experts(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
                             spec) -> None:
     """experts_quantized's routed tensors (spec.QuantizedExpertsSpec): the routing as for experts, quantized
-    [E, 2I, H] / [E, H, I] weights and one scale per (scale_block_n x scale_block_k) block."""
+    [E, 2I, H] / [E, H, I] weights (INT4: [E, 2I, H/8] / [E, H, I/8] int32 words) and one scale per
+    (scale_block_n x scale_block_k) block."""
     def bad(what, expected, got, fix):
         fail("experts_quantized", what, expected, got, fix)
 
-    if hidden.dim() != 2 or hidden.dtype not in _FLOATS:
-        bad("hidden", "a 2-D [T, H] float32 / bfloat16 / float16 tensor", f"{tuple(hidden.shape)} {hidden.dtype}",
-            "Flatten batch and sequence first; cast the activations.")
-    if topk_ids.dim() != 2 or topk_ids.dtype not in _INTS:
-        bad("topk_ids", "a 2-D [T, k] int32/int64 tensor", f"{tuple(topk_ids.shape)} {topk_ids.dtype}",
-            "Pass the router's top-k indices.")
-    if tuple(topk_weights.shape) != tuple(topk_ids.shape) or topk_weights.dtype not in _FLOATS \
-            or topk_ids.shape[0] != hidden.shape[0]:
-        bad("routing shapes", f"topk_ids and float topk_weights of shape [T={hidden.shape[0]}, k]",
-            f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)} {topk_weights.dtype}",
-            "Route the same tokens that are passed as hidden.")
+    _routing(bad, hidden, topk_ids, topk_weights)
     H = hidden.shape[1]
-    int4 = spec.weight_format.value == "int4_packed"
-    dtype, per_word = (torch.int32, 8) if int4 else (torch.float8_e4m3fn, 1)
+    packed = spec.weight_format is WeightFormat.INT4_PACKED
+    dtype, per_word = (torch.int32, 8) if packed else (torch.float8_e4m3fn, 1)
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         if w.dim() != 3 or w.dtype != dtype:
             bad(name, f"a 3-D {str(dtype).replace('torch.', '')} tensor ({spec.weight_format.value})",
                 f"{tuple(w.shape)} {w.dtype}", "Pass the checkpoint's quantized expert weights as stored.")
     E, two_i, I = w_gate_up.shape[0], w_gate_up.shape[1], w_down.shape[2] * per_word
-    if int4 and (H % 8 or w_gate_up.shape[2] * 8 != H):
-        bad("w_gate_up packed columns", f"H / 8 = {H / 8} int32 words per row (H a multiple of 8)", w_gate_up.shape[2],
-            "Pass weight_packed as stored (8 values per int32 along the input dimension).")
     if w_gate_up.shape[2] * per_word != H or tuple(w_down.shape[:2]) != (E, H) or two_i != 2 * I:
-        bad("weight shapes", f"w_gate_up [E, 2I, H={H}] and w_down [E, H, I]",
+        in_h = f"H/8={H / 8}" if packed else f"H={H}"  # INT4: 8 values per int32 word along the input dimension
+        bad("weight shapes", f"w_gate_up [E, 2I, {in_h}] and w_down [E, H, I{'/8' if packed else ''}]",
             f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}", "Check the hidden size and the weight layout.")
     if topk_ids.shape[1] > E:
         bad("top-k", f"k <= E={E}", topk_ids.shape[1], "Each token picks distinct experts.")
@@ -219,11 +217,7 @@ def check_quantized_experts(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up
                 "scale_block_n / scale_block_k.")
         if s.dtype not in _SCALE_DTYPES:
             bad(f"{name} dtype", "float32, bfloat16 or float8_e8m0fnu", s.dtype, "Pass the scales as stored.")
-    tensors = (hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale)
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        bad("devices", "all tensors on one device", sorted(map(str, devices)),
-            "Move the model and inputs to one device.")
+    _one_device(bad, hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale)
 
 
 def check_quantized_linear(x, weight, weight_scale, bias, spec) -> None:
@@ -247,7 +241,4 @@ def check_quantized_linear(x, weight, weight_scale, bias, spec) -> None:
             "scale_block_n = N, scale_block_k = K).")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         bad("bias", f"a [N={N}] tensor or None", tuple(bias.shape), "Pass the layer's bias.")
-    devices = {t.device for t in (x, weight, weight_scale, bias) if t is not None}
-    if len(devices) > 1:
-        bad("devices", "all tensors on one device", sorted(map(str, devices)),
-            "Move the model and inputs to one device.")
+    _one_device(bad, x, weight, weight_scale, bias)

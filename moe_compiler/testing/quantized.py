@@ -7,7 +7,7 @@ import torch
 from ..lowering.torch_quantized import dequantize
 from .reference import experts_inputs
 
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 def quantize_fp8_blocks(w: torch.Tensor, block_n: int, block_k: int, scale_dtype=torch.float32):
