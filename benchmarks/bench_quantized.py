@@ -99,7 +99,7 @@ def bench_shape(name, E, k, H, I, tokens, timer, device):
                                                                           **spec4.op_kwargs())}
         if base is not None:
             sorted_tiles = dict(decode=False, block_m=16, block_n=64) if base.decode else {}
-            for variant, changes in (("w8a16", {}), ("w8a8", dict(act_fp8=True, **sorted_tiles)),
+            for variant, changes in (("w8a16", dict(act_fp8=False)), ("w8a8", dict(act_fp8=True, **sorted_tiles)),
                                      ("sorted", sorted_tiles if base.decode else None)):
                 if changes is None:
                     continue

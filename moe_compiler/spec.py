@@ -153,6 +153,10 @@ class QuantizedExpertsSpec(ExpertsSpec):
     def __post_init__(self):
         super().__post_init__()
         _scale_fields(self)
+        if self.weight_format is WeightFormat.INT4_PACKED and self.scale_block_k % 8:
+            raise ValueError(
+                f"QuantizedExpertsSpec: INT4 scale groups must span whole int32 words (8 values along K), got "
+                f"scale_block_k={self.scale_block_k}; compressed-tensors group sizes (32, 64, 128) qualify")
         if self.transposed or self.gate_up is not GateUpLayout.CONCAT or self.scale_input:
             raise ValueError(
                 "QuantizedExpertsSpec: quantized experts are read as [E, 2I, H] / [E, H, I] with gate and up "

@@ -39,7 +39,7 @@ from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import AlignedRows, align_rows
-from .triton_config import decode_suits, default_sorted_config
+from .triton_config import decode_suits
 from .triton_experts import _block_rows, _tile_coords, dot_precision, launch_combine
 
 
@@ -54,6 +54,9 @@ class QuantizedConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    # INT4 sorted path: one dot per nibble plane (A read with a column stride of 8; needs block_k >= 128 on a GPU)
+    # or one dot on the tile reshaped in registers
+    int4_planes: bool = True
     # The GEMV path of triton_quantized_decode.py (block_n, block_k, warps and stages; no sort, no tensor cores)
     # instead of the sorted grouped GEMMs.
     decode: bool = False
@@ -68,21 +71,47 @@ def step_k(scale_block_k: int) -> int:
 
 
 def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec) -> QuantizedConfig:
-    """Untuned tiles, the bf16 op's choices of path and block_m (triton_config). w8a8 only where the GEMMs are
-    compute-bound (many rows per expert) and the GPU has FP8 tensor cores; below that the weights' bytes bound the
-    time and w8a16 keeps the activations exact."""
+    """Untuned tiles: the bf16 op's choice of path (triton_config.decode_suits), tiles from the H200 sweeps of
+    probe_quantized_tiles (NOTES.md, quantized tiles)."""
     T = hidden.shape[0]
-    # an FP8 K step reads one scale per column; an INT4 step scales per element
-    block_k = 128 if _int4(spec) else step_k(spec.scale_block_k)
-    if decode_suits(T, k, E):
-        return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, num_stages=4, decode=True)
-    block_m = default_sorted_config(hidden.dtype, E, k, T).block_m
+    if _int4(spec):
+        return _default_int4(T, E, k, decode_suits(T, k, E))
+    return _default_fp8(hidden, T, E, k, step_k(spec.scale_block_k), decode_suits(T, k, E))
+
+
+def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int, decode: bool) -> QuantizedConfig:
+    """FP8 tiles from the H200 sweep at DeepSeek-V3's shape. The GEMVs: 16 rows per program, 2 warps (T = 1:
+    119 vs 156 us at 4 warps). The sorted path: w8a8 wherever the GPU has FP8 tensor cores (the activations
+    quantized per row and 128 columns, transformers' and DeepSeek's own dynamic scheme), faster than w8a16 at
+    every T measured (8: 664 vs 880 us, 128: 2757 vs 3753, 1024: 5267 vs 6258, 4096: 15.4 vs 18.6 ms; the
+    w8a16 tile's conversion costs more than the FP8 weights save); 16-row blocks up to 32 rows per expert, then
+    64 (128 rows: 2x slower). w8a16 (fp32 activations, GPUs without FP8 cores) the sweep's best w8a16 tiles."""
+    if decode:
+        return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, num_warps=2, num_stages=3,
+                               decode=True)
+    rows = T * k / E
     fp8_cores = hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) >= (8, 9)
-    return QuantizedConfig(
-        block_m=block_m, block_n=128 if block_m >= 64 else 64, block_k=block_k,
-        act_fp8=fp8_cores and hidden.dtype != torch.float32 and T * k / E >= 64,
-        num_warps=8 if block_m >= 128 else 4, num_stages=3 if block_m >= 64 else 4,
-    )
+    if fp8_cores and hidden.dtype != torch.float32 and block_k >= 32:
+        if rows <= 32:
+            return QuantizedConfig(block_m=16, block_n=128, block_k=block_k, act_fp8=True, num_warps=4,
+                                   num_stages=4 if rows <= 4 else 3)
+        return QuantizedConfig(block_m=64, block_n=128, block_k=block_k, act_fp8=True, num_warps=8, num_stages=3)
+    block_m = 16 if rows <= 8 else 32 if rows <= 32 else 64
+    return QuantizedConfig(block_m=block_m, block_n=64 if block_m != 32 else 128, block_k=block_k, act_fp8=False,
+                           num_warps=4, num_stages=3)
+
+
+def _default_int4(T: int, E: int, k: int, decode: bool) -> QuantizedConfig:
+    """INT4 tiles from the H200 sweep at Kimi-K2's shape (NOTES.md, quantized tiles): the GEMVs narrow (8 rows of
+    2 x 256 values per program, 2 warps); the sorted path's block_m the rows per expert rounded up to a power of
+    two in 16..64, 128 columns, nibble planes at 16 rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped
+    tile above (T = 1024: 12.9 vs 17.6 ms)."""
+    if decode:
+        return QuantizedConfig(block_m=16, block_n=8, block_k=256, act_fp8=False, num_warps=2, num_stages=3,
+                               decode=True)
+    block_m = min(64, max(16, triton.next_power_of_2(int(-(-T * k // E)))))
+    return QuantizedConfig(block_m=block_m, block_n=128, block_k=128, act_fp8=False, num_warps=4,
+                           num_stages=3, int4_planes=block_m <= 16)
 
 
 @triton.jit
@@ -97,6 +126,59 @@ def _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_
 
 
 @triton.jit
+def int4_values(words, shifts):
+    """fp32 (nibble - 8) of int32 words at bit offsets `shifts` (broadcast), exactly: the nibble is ORed into the
+    mantissa of 2^23 and 2^23 + 8 subtracted, one OR and one add where an int -> float conversion (a
+    quarter-rate instruction that bounds the dequantizing kernels) would be."""
+    bits = ((words >> shifts) & 15) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _int4_words(w_ptrs, k0, K, EVEN_K: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """[BLOCK_KW, BLOCK_N] int32 words of the K step at k0 (K counts values: K / 8 words)."""
+    if EVEN_K:
+        words = tl.load(w_ptrs)
+    else:
+        words = tl.load(w_ptrs, mask=(tl.arange(0, BLOCK_KW)[:, None] < (K - k0) // 8), other=0)
+    return words
+
+
+@triton.jit
+def _int4_word_scales(s_ptr, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                      E8M0: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """[BLOCK_KW, BLOCK_N] fp32 group scales of each word of the K step (a word's 8 values share a group: the
+    spec's scale_block_k is a multiple of 8)."""
+    kk = k0 + tl.arange(0, BLOCK_KW) * 8
+    s = tl.load(s_ptr + expert * stride_se + (n[None, :] // SCALE_BN).to(tl.int64) * stride_sn
+                + (kk[:, None] // SCALE_BK) * stride_sk, mask=kk[:, None] < K, other=0.0).to(tl.float32)
+    if E8M0:
+        s = tl.exp2(s - 127.0)
+    return s
+
+
+@triton.jit
+def _int4_planes_step(a_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN,
+                      SCALE_BK, EVEN_K: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_KW: tl.constexpr):
+    """acc + the K step at k0 as 8 dots, one per nibble plane: plane j holds values k0 + 8 kw + j, so its A
+    columns are read with a stride of 8 (a_rows: [M, 1] pointers to each row's column k0) and no register
+    tile is reshaped. K per dot = BLOCK_KW (>= 16 for the tensor cores: block_k >= 128)."""
+    kw = tl.arange(0, BLOCK_KW)
+    words = _int4_words(w_ptrs, k0, K, EVEN_K, BLOCK_KW)
+    s = _int4_word_scales(s_ptr, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0,
+                          BLOCK_KW)
+    for j in tl.static_range(8):
+        if EVEN_K:
+            a = tl.load(a_rows + kw[None, :] * 8 + j)
+        else:
+            a = tl.load(a_rows + kw[None, :] * 8 + j, mask=(kw[None, :] * 8 + j < K - k0), other=0.0)
+        w = (int4_values(words, 4 * j) * s).to(a.dtype)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
                  EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
@@ -107,21 +189,13 @@ def _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, 
     # (the FP8 dot on an INT4 tile's shapes fails to compile; the interpreter never sees it).
     if INT4:
         # 8 values per word, value k at bits 4 (k % 8) of word k // 8, stored + 8. Group scales vary inside the
-        # K step (SCALE_BK < BLOCK_K): the tile is dequantized in registers, then one dot at a's precision.
-        if EVEN_K:
-            words = tl.load(w_ptrs)
-        else:
-            words = tl.load(w_ptrs, mask=(kw[:, None] < (K - k0) // 8), other=0)
-        shifts = tl.arange(0, 8) * 4
-        nibbles = (words[:, None, :] >> shifts[None, :, None]) & 15
-        q = tl.reshape(nibbles, (BLOCK_K, n.shape[0])).to(tl.float32) - 8.0
-        kk = k0 + tl.arange(0, BLOCK_K)
-        s = tl.load(s_ptr + expert * stride_se + (n[None, :] // SCALE_BN).to(tl.int64) * stride_sn
-                    + (kk[:, None] // SCALE_BK) * stride_sk, mask=kk[:, None] < K, other=0.0)
-        if E8M0:
-            s = tl.exp2(s.to(tl.float32) - 127.0)
-        w = (q * s.to(tl.float32)).to(a.dtype)
-        out = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        # K step (SCALE_BK < BLOCK_K) but never inside a word: one scale per word, the tile dequantized in
+        # registers, then one dot at a's precision.
+        words = _int4_words(w_ptrs, k0, K, EVEN_K, BLOCK_KW)
+        s = _int4_word_scales(s_ptr, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0,
+                              BLOCK_KW)
+        w = (int4_values(words[:, None, :], (tl.arange(0, 8) * 4)[None, :, None]) * s[:, None, :]).to(a.dtype)
+        out = tl.dot(a, tl.reshape(w, (BLOCK_K, n.shape[0])), acc, input_precision=DOT_PRECISION)
     else:
         if EVEN_K:
             w = tl.load(w_ptrs)
@@ -144,9 +218,9 @@ def _gate_up_q_kernel(
     x_ptr, w_ptr, s_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
     H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN, SCALE_BK,
     stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
-    ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KW: tl.constexpr,
+    ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr,
+    E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(I, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
@@ -163,14 +237,21 @@ def _gate_up_q_kernel(
         gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
+            if INT4_PLANES:
+                a_rows = x_ptr + tok[:, None] * stride_xm + k0
+                gate = _int4_planes_step(a_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
+                                         stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
+                up = _int4_planes_step(a_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
+                                       stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
             else:
-                a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
-            gate = _weight_step(a, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
-            up = _weight_step(a, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
-                              SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                gate = _weight_step(a, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn, stride_sk,
+                                    SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                up = _weight_step(a, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn, stride_sk,
+                                  SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
             a_ptrs += BLOCK_K
             wg_ptrs += BLOCK_KW * stride_wk
             wu_ptrs += BLOCK_KW * stride_wk
@@ -185,7 +266,7 @@ def _down_q_kernel(
     a_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
     H, I, GROUP_M, SCALE_BN, SCALE_BK,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_ym,
-    EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
+    EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KW: tl.constexpr,
 ):
@@ -203,12 +284,17 @@ def _down_q_kernel(
                   + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
+            if INT4_PLANES:
+                acc = _int4_planes_step(a_ptr + slots[:, None] * stride_am + k0, w_ptrs, s_ptr, acc, expert, n, k0,
+                                        I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0,
+                                        DOT_PRECISION, BLOCK_KW)
             else:
-                a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
-            acc = _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
-                               SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
+                acc = _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, I, stride_se, stride_sn, stride_sk,
+                                   SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_KW * stride_wk
         acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
@@ -232,7 +318,8 @@ def _int4(spec: QuantizedExpertsSpec) -> bool:
 def _tile_constexprs(spec: QuantizedExpertsSpec, config: QuantizedConfig) -> dict:
     """What both sorted-path kernels take of the format and the tiles (BLOCK_KW: stored words per K step)."""
     int4 = _int4(spec)
-    return dict(INT4=int4, ACT_FP8=config.act_fp8 and not int4, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+    return dict(INT4=int4, INT4_PLANES=int4 and config.int4_planes, ACT_FP8=config.act_fp8 and not int4,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 BLOCK_KW=config.block_k // 8 if int4 else config.block_k, num_warps=config.num_warps,
                 num_stages=config.num_stages)
 
@@ -274,6 +361,13 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
         config = default_config(hidden, E, k, spec)
     if _int4(spec) and config.block_k % 8:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must be a multiple of 8 (INT4 words)")
+    if (_int4(spec) and config.int4_planes and not config.decode and hidden.device.type == "cuda"
+            and config.block_k < 128):
+        raise ValueError(f"moe_compiler: INT4 planes take block_k >= 128 on a GPU (16 words: the tensor cores' "
+                         f"K), got {config.block_k}")
+    if config.act_fp8 and not config.decode and hidden.device.type == "cuda" and config.block_k < 32:
+        raise ValueError(f"moe_compiler: w8a8 takes block_k >= 32 on a GPU (the FP8 tensor cores' K), got "
+                         f"{config.block_k}; use act_fp8=False for scale blocks narrower than 32")
     if not _int4(spec) and spec.scale_block_k % config.block_k:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must divide scale_block_k={spec.scale_block_k} "
                          "(an FP8 K step reads one scale per column)")

@@ -27,13 +27,15 @@ from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_decode import MAX_PAIRS, check_ids
+from .triton_quantized import _scale_view, int4_values
 
 
 @triton.jit
 def _dequantized_rows(w_ptrs, s_ptr, e, rows, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                      EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] fp32 weights of `rows` at columns k0 .. k0 + BLOCK_K (stored words at w_ptrs)."""
+                      EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """fp32 weights of `rows` at columns k0 .. k0 + BLOCK_K (stored words at w_ptrs): FP8 [BLOCK_N, BLOCK_K];
+    INT4 [BLOCK_N, BLOCK_KW, 8], value k0 + 8 kw + j at [:, kw, j] (nibbles never reshaped into a row; one
+    scale per word: a word's 8 values share a group)."""
     kw = tl.arange(0, BLOCK_KW)
     s_row = s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64) * stride_sn
     if INT4:
@@ -41,14 +43,12 @@ def _dequantized_rows(w_ptrs, s_ptr, e, rows, k0, K, stride_se, stride_sn, strid
             words = tl.load(w_ptrs)
         else:
             words = tl.load(w_ptrs, mask=(kw[None, :] < (K - k0) // 8), other=0)
-        nibbles = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15
-        q = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32) - 8.0
-        kk = k0 + tl.arange(0, BLOCK_K)
+        kk = k0 + kw * 8
         s = tl.load(s_row[:, None] + (kk[None, :] // SCALE_BK) * stride_sk, mask=kk[None, :] < K, other=0.0)
         s = s.to(tl.float32)
         if E8M0:
             s = tl.exp2(s - 127.0)
-        w = q * s
+        w = int4_values(words[:, :, None], (tl.arange(0, 8) * 4)[None, None, :]) * s[:, :, None]
     else:
         if EVEN_K:
             q = tl.load(w_ptrs)
@@ -59,6 +59,31 @@ def _dequantized_rows(w_ptrs, s_ptr, e, rows, k0, K, stride_se, stride_sn, strid
             s = tl.exp2(s - 127.0)
         w = q.to(tl.float32) * s[:, None]
     return w
+
+
+@triton.jit
+def _step_input(x_ptr, k0, K, EVEN_K: tl.constexpr, INT4: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_KW: tl.constexpr):
+    """[1, BLOCK_K] (FP8) or [1, BLOCK_KW, 8] (INT4, _dequantized_rows' order) fp32 input values at x_ptr + k0."""
+    if INT4:
+        cols = tl.arange(0, BLOCK_KW)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    else:
+        cols = tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        x = tl.load(x_ptr + k0 + cols)
+    else:
+        x = tl.load(x_ptr + k0 + cols, mask=cols < K - k0, other=0.0)
+    return tl.expand_dims(x.to(tl.float32), 0)
+
+
+@triton.jit
+def _row_dots(acc, INT4: tl.constexpr):
+    """[BLOCK_N] sums of an accumulator of _dequantized_rows' shape."""
+    if INT4:
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    else:
+        out = tl.sum(acc, axis=1)
+    return out
 
 
 @triton.jit(do_not_specialize=["SCALE_BN", "SCALE_BK"])
@@ -77,28 +102,27 @@ def _gate_up_q_gemv_kernel(
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
     tok = (p // TOP_K).to(tl.int64)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
-    kk = tl.arange(0, BLOCK_K)
     kw = tl.arange(0, BLOCK_KW)
     wg_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :] * stride_wk
     wu_ptrs = wg_ptrs + I * stride_wn
-    x_ptrs = x_ptr + tok * stride_xm + kk
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    x_row = x_ptr + tok * stride_xm
+    if INT4:
+        acc_g = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
+    else:
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
-        if EVEN_K:
-            x = tl.load(x_ptrs).to(tl.float32)
-        else:
-            x = tl.load(x_ptrs, mask=kk < H - k0, other=0.0).to(tl.float32)
+        x = _step_input(x_row, k0, H, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
         wg = _dequantized_rows(wg_ptrs, s_ptr, e, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                               EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW)
+                               EVEN_K, INT4, E8M0, BLOCK_KW)
         wu = _dequantized_rows(wu_ptrs, s_ptr, e, n + I, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                               EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW)
-        acc_g += wg * x[None, :]
-        acc_u += wu * x[None, :]
-        x_ptrs += BLOCK_K
+                               EVEN_K, INT4, E8M0, BLOCK_KW)
+        acc_g += wg * x
+        acc_u += wu * x
         wg_ptrs += BLOCK_KW * stride_wk
         wu_ptrs += BLOCK_KW * stride_wk
-    out = gated_act(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), alpha, limit, ACT)
+    out = gated_act(_row_dots(acc_g, INT4), _row_dots(acc_u, INT4), alpha, limit, ACT)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(act_ptr + p.to(tl.int64) * stride_am + n_out, out.to(act_ptr.dtype.element_ty), mask=n_out < I)
 
@@ -113,27 +137,25 @@ def _down_q_gemv_combine_kernel(
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
-    kk = tl.arange(0, BLOCK_K)
     kw = tl.arange(0, BLOCK_KW)
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # slots in order: a deterministic combine
         p = t * TOP_K + j
         e = tl.load(ids_ptr + p)
         e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
-        a_ptrs = a_ptr + p * stride_am + kk
+        a_row = a_ptr + p * stride_am
         w_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :] * stride_wk
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if INT4:
+            acc = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
-            if EVEN_K:
-                a = tl.load(a_ptrs).to(tl.float32)
-            else:
-                a = tl.load(a_ptrs, mask=kk < I - k0, other=0.0).to(tl.float32)
+            a = _step_input(a_row, k0, I, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
             w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                                  EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW)
-            acc += w * a[None, :]
-            a_ptrs += BLOCK_K
+                                  EVEN_K, INT4, E8M0, BLOCK_KW)
+            acc += w * a
             w_ptrs += BLOCK_KW * stride_wk
-        out += tl.sum(acc, axis=1) * tl.load(topk_w_ptr + p).to(tl.float32)
+        out += _row_dots(acc, INT4) * tl.load(topk_w_ptr + p).to(tl.float32)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
@@ -141,8 +163,6 @@ def _down_q_gemv_combine_kernel(
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
                     spec: QuantizedExpertsSpec, config) -> torch.Tensor:
     """out [T, H]; config: triton_quantized.QuantizedConfig with decode=True (block_n, block_k, warps, stages)."""
-    from .triton_quantized import _scale_view
-
     T, H = hidden.shape
     k = topk_ids.shape[1]
     int4 = spec.weight_format is WeightFormat.INT4_PACKED

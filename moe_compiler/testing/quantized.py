@@ -32,7 +32,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int [..., K] values in [-8, 7] -> int32 [..., K/8]: value k at bits 4 (k % 8) of word k // 8, stored + 8
     (compressed-tensors' pack_to_int32 for 4 bits)."""
     nibbles = (q.to(torch.int64) + 8).unflatten(-1, (-1, 8))
-    words = (nibbles << torch.arange(0, 32, 4, dtype=torch.int64)).sum(-1)
+    words = (nibbles << torch.arange(0, 32, 4, dtype=torch.int64, device=nibbles.device)).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 

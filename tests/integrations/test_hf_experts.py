@@ -108,16 +108,18 @@ def test_from_pretrained_selects_the_implementation(tmp_path):
 @pytest.mark.parametrize("arch,scale_dtype", [("qwen3_moe", torch.float32), ("deepseek_v3", torch.float8_e8m0fnu)],
                          ids=["qwen3_moe-fp32", "deepseek_v3-e8m0"])
 def test_an_fp8_checkpoint_on_disk_loads_as_written(arch, scale_dtype, tmp_path):
-    """The on-disk format (per-expert FP8 weights + weight_scale_inv, quantization_config): on the CPU transformers
-    loads it dequantized, which must equal our reading of the scales exactly; compiled, its experts fuse."""
-    from transformers import AutoModelForCausalLM
+    """The on-disk format (per-expert FP8 weights + weight_scale_inv, quantization_config): loaded dequantized
+    (transformers' own dequantize, the CPU default, asked for so a GPU machine does the same) it must equal our
+    reading of the scales exactly; compiled, its experts fuse."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
     from moe_compiler.testing.hf_models import tiny_model
     from moe_compiler.testing.quantized import dequantized_reference, save_fp8_checkpoint
 
     save_fp8_checkpoint(tiny_model(arch), tmp_path, (32, 32), scale_dtype)
     reference = dequantized_reference(tiny_model(arch), (32, 32), scale_dtype)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                  quantization_config=FineGrainedFP8Config(dequantize=True))
     ids = torch.randint(0, 128, (2, 7))
     assert rel_err(_logits(loaded, ids), _logits(reference, ids)) == 0.0
     compiled = torch.compile(loaded, backend="fused_moe")
@@ -130,19 +132,23 @@ def test_an_fp8_checkpoint_on_disk_loads_as_written(arch, scale_dtype, tmp_path)
 def test_an_fp8_checkpoint_runs_the_fp8_kernels_on_the_gpu(dtype, tol, tmp_path):
     """On a GPU transformers keeps the weights FP8 (FP8Experts, FP8Linear: every Linear but lm_head, as DeepSeek-V3's
     release); from_pretrained selects fused_moe and points the linears at linear_quantized, so eager and compiled
-    forwards run our Triton FP8 kernels, with no Hub kernel (no network on the test machine)."""
+    forwards run our Triton FP8 kernels, with no Hub kernel (no network on the test machine). Reference: the
+    dequantized model in fp32. In bf16 the bound is bf16's own noise on this model (the dequantized bf16 model's
+    error, which reaches a few percent where bf16 rounding flips a routing choice), at least 2e-2."""
     from moe_compiler import from_pretrained
     from moe_compiler.testing.hf_models import tiny_model
     from moe_compiler.testing.quantized import dequantized_reference, save_fp8_checkpoint
 
     save_fp8_checkpoint(tiny_model("deepseek_v3"), tmp_path, (32, 32), linears=True)
-    reference = dequantized_reference(tiny_model("deepseek_v3"), (32, 32), linears=True).to("cuda", dtype)
+    reference = dequantized_reference(tiny_model("deepseek_v3"), (32, 32), linears=True).to("cuda", torch.float32)
     model = from_pretrained(str(tmp_path), dtype=dtype, device_map="cuda")
     experts = model.model.layers[1].mlp.experts
     assert type(experts).__name__ == "FP8Experts" and experts.gate_up_proj.dtype == torch.float8_e4m3fn
     assert type(model.model.layers[0].self_attn.o_proj).__name__ == "FusedFP8Linear"
     ids = torch.randint(0, 128, (2, 33), device="cuda")
     ref = _logits(reference, ids)
+    if dtype != torch.float32:
+        tol = max(tol, 1.5 * rel_err(_logits(reference.to(dtype), ids), ref))
     assert rel_err(_logits(model, ids), ref) <= tol
     compiled = torch.compile(model, backend="fused_moe")
     assert rel_err(_logits(compiled, ids), ref) <= tol

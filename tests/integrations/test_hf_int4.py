@@ -67,11 +67,16 @@ def test_a_checkpoint_packing_other_layers_is_refused(tmp_path):
 
 
 @pytest.mark.gpu
-def test_int4_checkpoint_on_the_gpu_bf16(tmp_path):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_int4_checkpoint_on_the_gpu(dtype, tol, tmp_path):
+    """Eager and compiled against the dequantized model in fp32. In bf16 the bound is bf16's own noise on this
+    model (the dequantized bf16 model's error: a bf16 rounding can flip a routing choice), at least 2e-2."""
     save_int4_checkpoint(tiny_model("deepseek_v3"), tmp_path, group=32)
-    reference = int4_reference(tiny_model("deepseek_v3"), group=32).to("cuda", torch.bfloat16)
-    model = from_pretrained(str(tmp_path), dtype=torch.bfloat16, device_map="cuda")
+    reference = int4_reference(tiny_model("deepseek_v3"), group=32).to("cuda", torch.float32)
+    model = from_pretrained(str(tmp_path), dtype=dtype, device_map="cuda")
     ids = torch.randint(0, 128, (2, 33), device="cuda")
     ref = _logits(reference, ids)
-    assert rel_err(_logits(model, ids), ref) <= 2e-2
-    assert rel_err(_logits(torch.compile(model, backend="fused_moe"), ids), ref) <= 2e-2
+    if dtype != torch.float32:
+        tol = max(tol, 1.5 * rel_err(_logits(reference.to(dtype), ids), ref))
+    assert rel_err(_logits(model, ids), ref) <= tol
+    assert rel_err(_logits(torch.compile(model, backend="fused_moe"), ids), ref) <= tol

@@ -47,14 +47,30 @@ def test_w8a16_matches_fp64_on_the_dequantized_weights(dtype, tol, T, H, I, E, k
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_w8a8_rounds_activations_per_row_and_k_step(dtype):
-    config = QuantizedConfig(block_m=16, block_n=16, block_k=16, act_fp8=True)
-    out, args, w1, w2 = _run(9, 48, 32, 4, 2, dtype, 16, 16, torch.float32, config)
+    # block_k 32: the FP8 tensor cores' K (H = 80: a K tail)
+    config = QuantizedConfig(block_m=16, block_n=16, block_k=32, act_fp8=True)
+    out, args, w1, w2 = _run(9, 80, 64, 4, 2, dtype, 32, 32, torch.float32, config)
     # The rounding is real (e4m3 keeps 3 mantissa bits): plain fp64 differs by a few percent.
     assert 1e-2 < rel_err(out, experts_reference(*args[:3], w1, w2)) < 0.1
     if DEVICE == "cuda":
         # The same math with the activation rounding simulated agrees closely. Not on the CPU: triton 3.9's
         # interpreter rounds fp32 -> e4m3 wrongly where rounding up crosses a power of two (7.83 -> 4, not 8).
-        assert rel_err(out, w8a8_reference(*args[:3], w1, w2, group=16)) <= 5e-3
+        assert rel_err(out, w8a8_reference(*args[:3], w1, w2, group=32)) <= 5e-3
+
+
+def test_tensor_core_k_limits_say_what_to_do():
+    if DEVICE != "cuda":
+        pytest.skip("the limits are the GPU tensor cores'; the interpreter takes any K")
+    args, _ = quantized_experts_inputs(4, 256, 128, 4, 2, torch.bfloat16, 1, 32, seed=0, weight_format="int4_packed")
+    spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
+    with pytest.raises(ValueError, match="INT4 planes take block_k >= 128"):
+        triton_quantized.experts_forward(*[a.cuda() for a in args], spec,
+                                         QuantizedConfig(block_m=16, block_n=16, block_k=64, act_fp8=False))
+    args, _ = quantized_experts_inputs(4, 256, 128, 4, 2, torch.bfloat16, 16, 16, seed=0)
+    with pytest.raises(ValueError, match="w8a8 takes block_k >= 32"):
+        triton_quantized.experts_forward(*[a.cuda() for a in args], QuantizedExpertsSpec(scale_block_n=16,
+                                         scale_block_k=16),
+                                         QuantizedConfig(block_m=16, block_n=16, block_k=16, act_fp8=True))
 
 
 def test_block_k_must_divide_the_scale_block():
@@ -96,6 +112,7 @@ def test_linear_matches_fp64(dtype, tol, M, N, K, bn, bk, scale_dtype, bias):
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("planes", [False, True], ids=["reshaped", "planes"])
 @pytest.mark.parametrize(
     "T,H,I,E,k,block_k,scale_dtype",
     [
@@ -104,12 +121,13 @@ def test_linear_matches_fp64(dtype, tol, M, N, K, bn, bk, scale_dtype, bias):
         (3, 40, 24, 3, 3, 16, torch.bfloat16),  # K tails (H = 40, I = 24 of 16-wide steps), groups of 8
     ],
 )
-def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, T, H, I, E, k, block_k, scale_dtype):
+def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, planes, T, H, I, E, k, block_k, scale_dtype):
     group = 8 if H % 32 or I % 32 else 32
+    block_k = 128 if planes else block_k  # a plane's dot spans block_k / 8 values: 16, the tensor cores' K
     args, (w1, w2) = quantized_experts_inputs(T, H, I, E, k, dtype, 1, group, scale_dtype, seed=T,
                                               weight_format="int4_packed")
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=group)
-    config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, group_m=2)
+    config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, group_m=2, int4_planes=planes)
     with poisoned_allocations():
         out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
     assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol
@@ -132,6 +150,15 @@ def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, 
     with poisoned_allocations():
         out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
     assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol
+
+
+def test_default_int4_tiles_follow_the_rows_per_expert():
+    spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
+    few = triton_quantized.default_config(torch.zeros(8, 64), 384, 8, spec)  # 64 pairs: sorted, 16-row blocks
+    many = triton_quantized.default_config(torch.zeros(4096, 64), 384, 8, spec)  # 85 rows per expert
+    assert not few.decode and (few.block_m, few.int4_planes) == (16, True)
+    assert not many.decode and (many.block_m, many.int4_planes) == (64, False)
+    assert triton_quantized.default_config(torch.zeros(1, 64), 384, 8, spec).decode
 
 
 def test_default_config_takes_the_decode_gemvs_for_few_pairs():

@@ -1,0 +1,112 @@
+"""Which tiles does the quantized experts op want per (format, shape, T)? A pruned sweep of QuantizedConfig
+around default_config, timed like bench_quantized (CUDA graph up to T = 128, eager from a cold L2 above), one
+line per config to a JSON-lines file, the best per point printed last. NOTES.md: "quantized tiles".
+
+    python -m benchmarks.probes.probe_quantized_tiles --format fp8 --shapes deepseek_v3 --tokens 1 8 128 1024 4096
+    python -m benchmarks.probes.probe_quantized_tiles --format int4 --shapes kimi_k2 --tokens 1 8 128 1024
+
+Decode points (default_config(...).decode) sweep the GEMVs' block_n, block_k, warps and stages, and the sorted
+path at small tiles beside them; sorted points sweep block_m (the two sizes nearest the rows per expert), block_n,
+warps/stages and the format's switch (FP8: act_fp8; INT4: int4_planes). Configs a GPU cannot run (shared memory)
+are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+
+import torch
+
+import moe_compiler  # noqa: F401 - registers the ops
+from moe_compiler.lowering import triton_quantized
+from moe_compiler.spec import QuantizedExpertsSpec
+from moe_compiler.tune.shapes import ALL_SHAPES
+from moe_compiler.tune.timing import Timer
+
+from .. import harness
+from ..bench_quantized import GROUP, fp8_weights, int4_weights
+
+
+def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, int4: bool):
+    rep = dataclasses.replace
+    if base.decode:
+        ks = (128, 256, 512) if int4 else (64, 128)
+        for bn, bk, (w, s) in itertools.product((8, 16, 32, 64), ks, ((2, 3), (4, 3), (4, 4), (4, 6), (8, 4))):
+            yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+        for bn, (w, s) in itertools.product((32, 64, 128), ((4, 3), (4, 4))):
+            yield rep(base, decode=False, block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=s,
+                      act_fp8=False)
+        return
+    rows = T * k / E
+    sizes = (16, 32, 64, 128)
+    block_ms = sorted(sorted(sizes, key=lambda m: abs(m - rows))[:2])
+    switch = ("int4_planes", (False, True)) if int4 else ("act_fp8", (False, True))
+    for bm, bn, (w, s), on in itertools.product(block_ms, (64, 128, 256), ((4, 3), (4, 4), (8, 3)),
+                                                switch[1]):
+        if bm >= 128 and w == 4:
+            continue
+        yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=s, **{switch[0]: on})
+
+
+def main():
+    ap = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=[1, 8, 128, 1024, 4096])
+    ap.add_argument("--format", choices=["fp8", "int4"], default="fp8")
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="stop sweeping a point after this long")
+    args = ap.parse_args()
+    gpu = harness.gpu_name()
+    out_path = os.path.join(os.environ.get("OUT", "."), f"quantized_tiles_{args.format}.jsonl")
+    int4 = args.format == "int4"
+    timer = Timer("cuda")
+    best = []
+    for name in args.shapes:
+        E, k, H, I = ALL_SHAPES[name]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w1, q1, s1 = fp8_weights(E, 2 * I, H, "cuda", gen)
+        w2, q2, s2 = fp8_weights(E, H, I, "cuda", gen)
+        if int4:
+            (q1, s1), (q2, s2) = int4_weights(w1), int4_weights(w2)
+            spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=GROUP)
+        else:
+            spec = QuantizedExpertsSpec()
+        for T in args.tokens:
+            x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
+            ids = torch.rand(T, E, device="cuda", generator=gen).argsort(dim=1)[:, :k]
+            wts = torch.rand(T, k, device="cuda", generator=gen).to(torch.bfloat16)
+            qargs = (x, ids, wts, q1, s1, q2, s2)
+            base = triton_quantized.default_config(x, E, k, spec)
+            run = timer.graph if T <= harness.GRAPH_MAX_T else timer.eager
+            results, skipped, start = [], 0, time.time()
+            for cfg in [base, *candidates(base, T, E, k, int4)]:
+                if time.time() - start > args.budget_s:
+                    break
+                try:
+                    us = run(lambda c=cfg: triton_quantized.experts_forward(*qargs, spec, c)) * 1e6
+                except Exception as exc:  # noqa: BLE001 - out of shared memory, a tile the GPU refuses
+                    skipped += 1
+                    print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                    continue
+                results.append((us, cfg))
+                with open(out_path, "a") as f:
+                    f.write(json.dumps({"gpu": gpu, "format": args.format, "shape": name, "T": T, "us": us,
+                                        "default": cfg == base, **dataclasses.asdict(cfg)}) + "\n")
+            results.sort(key=lambda r: r[0])
+            base_us = next((us for us, c in results if c == base), float("nan"))
+            print(f"{name} T={T} {args.format}: default {base_us:.1f} us, best {results[0][0]:.1f} us "
+                  f"{results[0][1]} ({len(results)} run, {skipped} skipped)", flush=True)
+            best.append((name, T, base_us, results[:3]))
+        del w1, w2, q1, q2, s1, s2
+        torch.cuda.empty_cache()
+    print(f"\n{'shape':>14} {'T':>5} {'default us':>11} {'best us':>9}  best configs")
+    for name, T, base_us, top in best:
+        desc = " | ".join(f"{us:.0f}: m{c.block_m} n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}"
+                          f"{' dec' if c.decode else ''}{' a8' if c.act_fp8 and not int4 else ''}"
+                          f"{' pl' if int4 and c.int4_planes else ''}" for us, c in top)
+        print(f"{name:>14} {T:>5} {base_us:11.1f} {top[0][0]:9.1f}  {desc}")
+
+
+if __name__ == "__main__":
+    main()
