@@ -6,8 +6,9 @@
 
 Per (shape, T), uniform routing, bf16 activations, the same inputs for every variant:
     bf16      torch.ops.moe_compiler.experts on bf16 weights (the dequantized FP8 values)
-    w8a16     the FP8 Triton path, activations exact (triton_quantized, act_fp8=False; at decode the GEMVs)
-    w8a8      the FP8 sorted path, activations rounded to e4m3 per row and 128 columns (act_fp8=True)
+    w8a16     the FP8 Triton path, activations exact (triton_quantized, act="w8a16"; at decode the GEMVs)
+    w8a8      the FP8 sorted path, activations rounded to e4m3 per row and 128 columns (act="w8a8_tile")
+    rows      the same rounding done once (act="w8a8_rows": a row pass over hidden, the gate_up epilogue for act)
     sorted    at decode T only: the FP8 sorted path w8a16, the comparison for the GEMVs
     op        torch.ops.moe_compiler.experts_quantized with its default config
     int4      experts_quantized on INT4 packed weights, groups of 32 along K (Kimi-K2-Thinking's format) made from
@@ -40,7 +41,7 @@ SHAPES = {name: ALL_SHAPES[name] for name in ("deepseek_v3", "kimi_k2", "qwen3_3
 SMOKE = {"smoke": (8, 2, 256, 128)}
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
 BLOCK = 128
-VARIANTS = ("bf16", "w8a16", "w8a8", "sorted", "op", "int4")
+VARIANTS = ("bf16", "w8a16", "w8a8", "rows", "sorted", "op", "int4")
 GROUP = 32
 
 
@@ -99,7 +100,8 @@ def bench_shape(name, E, k, H, I, tokens, timer, device):
                                                                           **spec4.op_kwargs())}
         if base is not None:
             sorted_tiles = dict(decode=False, block_m=16, block_n=64) if base.decode else {}
-            for variant, changes in (("w8a16", dict(act_fp8=False)), ("w8a8", dict(act_fp8=True, **sorted_tiles)),
+            for variant, changes in (("w8a16", dict(act="w8a16")), ("w8a8", dict(act="w8a8_tile", **sorted_tiles)),
+                                     ("rows", dict(act="w8a8_rows", **{**sorted_tiles, "block_n": 128})),
                                      ("sorted", sorted_tiles if base.decode else None)):
                 if changes is None:
                     continue
@@ -126,7 +128,7 @@ def print_row(r):
         if f"{v}_us" in r:
             parts.append(f"{v} {r[f'{v}_us']:9.1f} ({r['bf16_us'] / r[f'{v}_us']:.2f}x, err {r[f'{v}_err']:.1e})")
     parts.append(f"floors bf16 {r['floor_bf16_us']:.1f} fp8 {r['floor_fp8_us']:.1f} int4 {r['floor_int4_us']:.1f}")
-    best = min(r.get(f"{v}_us", float("inf")) for v in ("w8a16", "w8a8", "sorted", "op"))
+    best = min(r.get(f"{v}_us", float("inf")) for v in ("w8a16", "w8a8", "rows", "sorted", "op"))
     parts.append(f"best fp8 / fp8 floor {best / r['floor_fp8_us']:.2f}, int4 / int4 floor "
                  f"{r['int4_us'] / r['floor_int4_us']:.2f}")
     print(" | ".join(parts), flush=True)

@@ -7,7 +7,7 @@ line per config to a JSON-lines file, the best per point printed last. NOTES.md:
 
 Decode points (default_config(...).decode) sweep the GEMVs' block_n, block_k, warps and stages, and the sorted
 path at small tiles beside them; sorted points sweep block_m (the two sizes nearest the rows per expert), block_n,
-warps/stages and the format's switch (FP8: act_fp8; INT4: int4_planes). Configs a GPU cannot run (shared memory)
+warps/stages and the format's switch (FP8: act; INT4: int4_planes). Configs a GPU cannot run (shared memory)
 are skipped and counted.
 """
 
@@ -39,15 +39,15 @@ def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, i
             yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
         for bn, (w, s) in itertools.product((32, 64, 128), ((4, 3), (4, 4))):
             yield rep(base, decode=False, block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=s,
-                      act_fp8=False)
+                      act="w8a16")
         return
     rows = T * k / E
     sizes = (16, 32, 64, 128)
     block_ms = sorted(sorted(sizes, key=lambda m: abs(m - rows))[:2])
-    switch = ("int4_planes", (False, True)) if int4 else ("act_fp8", (False, True))
+    switch = ("int4_planes", (False, True)) if int4 else ("act", ("w8a16", "w8a8_tile", "w8a8_rows"))
     for bm, bn, (w, s), on in itertools.product(block_ms, (64, 128, 256), ((4, 3), (4, 4), (8, 3)),
                                                 switch[1]):
-        if bm >= 128 and w == 4:
+        if (bm >= 128 and w == 4) or (on == "w8a8_rows" and bn != 128):
             continue
         yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=s, **{switch[0]: on})
 
@@ -103,7 +103,7 @@ def main():
     print(f"\n{'shape':>14} {'T':>5} {'default us':>11} {'best us':>9}  best configs")
     for name, T, base_us, top in best:
         desc = " | ".join(f"{us:.0f}: m{c.block_m} n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}"
-                          f"{' dec' if c.decode else ''}{' a8' if c.act_fp8 and not int4 else ''}"
+                          f"{' dec' if c.decode else ''}{' ' + c.act.value if c.act_fp8 and not int4 else ''}"
                           f"{' pl' if int4 and c.int4_planes else ''}" for us, c in top)
         print(f"{name:>14} {T:>5} {base_us:11.1f} {top[0][0]:9.1f}  {desc}")
 

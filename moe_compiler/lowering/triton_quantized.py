@@ -17,10 +17,13 @@ Data contract (shape letters as in triton_experts.py; bn, bk = spec.scale_block_
     route -> permute (align) -> [gate_up GEMM + act] -> [down GEMM * weight] -> [combine]
 
 Each FP8 K step reads a [BLOCK_K, BLOCK_N] weight tile inside one scale block along K (BLOCK_K divides bk), so
-the step's weight scale is one value per output column, s[n // bn]. Two ways to multiply (config.act_fp8):
-    w8a16  acc += dot(a, fp8 tile -> a's dtype) * s[n]              activations exact, tensor cores at bf16 rate
-    w8a8   a is quantized per row over the step's BLOCK_K columns (amax -> 448, transformers' dynamic 1 x 128
-           scheme when BLOCK_K = 128):  acc += dot(fp8(a / sa), fp8 tile) * sa[m] * s[n]   (FP8 tensor cores)
+the step's weight scale is one value per output column, s[n // bn]. Three ways to multiply (config.act):
+    w8a16      acc += dot(a, fp8 tile -> a's dtype) * s[n]          activations exact, tensor cores at bf16 rate
+    w8a8_tile  a is quantized per row over the step's BLOCK_K columns (amax -> 448, transformers' dynamic
+               1 x 128 scheme when BLOCK_K = 128): acc += dot(fp8(a / sa), fp8 tile) * sa[m] * s[n]
+    w8a8_rows  the same numbers, quantized once instead of in every K step of every tile: hidden by a row pass
+               (xq [T, H] e4m3, xs [T, ceil(H/128)] fp32), act by the gate_up epilogue (each 128-column tile
+               is one group: act [S_pad, I] e4m3, act_s [S_pad, ceil(I/128)]); the GEMMs load e4m3 A tiles
 Scales multiply the fp32 partial product of the step, never the weights: nothing is dequantized to memory.
 An INT4 K step unpacks its [BLOCK_K / 8, BLOCK_N] words to nibbles and scales each by its group's scale in
 registers (groups narrower than the step), then one dot at a's precision (w4a16).
@@ -30,6 +33,7 @@ Row offsets are int64 (t * H passes 2^31 at large T); columns wrap modulo N (the
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import torch
 import triton
@@ -42,6 +46,16 @@ from .triton_align import AlignedRows, align_rows
 from .triton_config import decode_suits
 from .triton_experts import _block_rows, _tile_coords, dot_precision, launch_combine
 
+ACT_GROUP = 128  # columns per activation scale under w8a8 (transformers' and DeepSeek's 1 x 128)
+
+
+class ActQuant(enum.Enum):
+    """How the FP8 sorted path multiplies (module docstring); the GEMVs and INT4 always take exact activations."""
+
+    NONE = "w8a16"
+    TILE = "w8a8_tile"
+    ROWS = "w8a8_rows"
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedConfig:
@@ -50,7 +64,7 @@ class QuantizedConfig:
     block_m: int
     block_n: int
     block_k: int  # FP8: divides the spec's scale_block_k; INT4: a multiple of 8 (values per word)
-    act_fp8: bool  # w8a8 (activations quantized per row and K step) or w8a16; FP8 sorted path only
+    act: ActQuant  # FP8 sorted path only
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
@@ -60,6 +74,17 @@ class QuantizedConfig:
     # The GEMV path of triton_quantized_decode.py (block_n, block_k, warps and stages; no sort, no tensor cores)
     # instead of the sorted grouped GEMMs.
     decode: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.act, ActQuant):
+            if self.act not in {a.value for a in ActQuant}:
+                raise ValueError(f"QuantizedConfig.act: expected an ActQuant or one of "
+                                 f"{[a.value for a in ActQuant]}, got {self.act!r}")
+            object.__setattr__(self, "act", ActQuant(self.act))
+
+    @property
+    def act_fp8(self) -> bool:
+        return self.act is not ActQuant.NONE
 
 
 def step_k(scale_block_k: int) -> int:
@@ -87,17 +112,18 @@ def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int, dec
     w8a16 tile's conversion costs more than the FP8 weights save); 16-row blocks up to 32 rows per expert, then
     64 (128 rows: 2x slower). w8a16 (fp32 activations, GPUs without FP8 cores) the sweep's best w8a16 tiles."""
     if decode:
-        return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, num_warps=2, num_stages=3,
+        return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act=ActQuant.NONE, num_warps=2, num_stages=3,
                                decode=True)
     rows = T * k / E
     fp8_cores = hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) >= (8, 9)
     if fp8_cores and hidden.dtype != torch.float32 and block_k >= 32:
         if rows <= 32:
-            return QuantizedConfig(block_m=16, block_n=128, block_k=block_k, act_fp8=True, num_warps=4,
+            return QuantizedConfig(block_m=16, block_n=128, block_k=block_k, act=ActQuant.TILE, num_warps=4,
                                    num_stages=4 if rows <= 4 else 3)
-        return QuantizedConfig(block_m=64, block_n=128, block_k=block_k, act_fp8=True, num_warps=8, num_stages=3)
+        return QuantizedConfig(block_m=64, block_n=128, block_k=block_k, act=ActQuant.TILE, num_warps=8,
+                               num_stages=3)
     block_m = 16 if rows <= 8 else 32 if rows <= 32 else 64
-    return QuantizedConfig(block_m=block_m, block_n=64 if block_m != 32 else 128, block_k=block_k, act_fp8=False,
+    return QuantizedConfig(block_m=block_m, block_n=64 if block_m != 32 else 128, block_k=block_k, act=ActQuant.NONE,
                            num_warps=4, num_stages=3)
 
 
@@ -107,10 +133,10 @@ def _default_int4(T: int, E: int, k: int, decode: bool) -> QuantizedConfig:
     two in 16..64, 128 columns, nibble planes at 16 rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped
     tile above (T = 1024: 12.9 vs 17.6 ms)."""
     if decode:
-        return QuantizedConfig(block_m=16, block_n=8, block_k=256, act_fp8=False, num_warps=2, num_stages=3,
+        return QuantizedConfig(block_m=16, block_n=8, block_k=256, act=ActQuant.NONE, num_warps=2, num_stages=3,
                                decode=True)
     block_m = min(64, max(16, triton.next_power_of_2(int(-(-T * k // E)))))
-    return QuantizedConfig(block_m=block_m, block_n=128, block_k=128, act_fp8=False, num_warps=4,
+    return QuantizedConfig(block_m=block_m, block_n=128, block_k=128, act=ActQuant.NONE, num_warps=4,
                            num_stages=3, int4_planes=block_m <= 16)
 
 
@@ -179,11 +205,12 @@ def _int4_planes_step(a_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, s
 
 
 @triton.jit
-def _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                 EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
+def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN,
+                 SCALE_BK, EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_FP8: tl.constexpr, ACT_ROWS: tl.constexpr,
+                 E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
     """acc + a [M, BLOCK_K] @ the dequantized weight tile at K offset k0 ([BLOCK_KW, BLOCK_N] stored words
-    at w_ptrs: e4m3 bytes, or int32 words of 8 nibbles along K)."""
+    at w_ptrs: e4m3 bytes, or int32 words of 8 nibbles along K). ACT_ROWS: a is e4m3 already, its row scales
+    at sa_rows ([M] pointers to each row's first group)."""
     kw = tl.arange(0, BLOCK_KW)
     # if / else with one return: Triton still builds the statements after a return inside a constexpr branch
     # (the FP8 dot on an INT4 tile's shapes fails to compile; the interpreter never sees it).
@@ -203,7 +230,10 @@ def _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, 
             w = tl.load(w_ptrs, mask=(kw[:, None] < K - k0), other=0.0)
         # The K step lies in one scale block: one scale per output column, applied to the step's partial product.
         sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
-        if ACT_FP8:
+        if ACT_ROWS:
+            sa = tl.load(sa_rows + k0 // 128)  # ACT_GROUP
+            out = acc + tl.dot(a, w) * (sa[:, None] * sw[None, :])
+        elif ACT_FP8:
             a32 = a.to(tl.float32)
             sa = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-12) / 448.0
             aq = (a32 / sa[:, None]).to(tl.float8e4nv)
@@ -215,12 +245,12 @@ def _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, 
 
 @triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
 def _gate_up_q_kernel(
-    x_ptr, w_ptr, s_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+    x_ptr, xs_ptr, w_ptr, s_ptr, act_ptr, act_s_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
     H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN, SCALE_BK,
-    stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
+    stride_xm, stride_xs, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am, stride_as,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr,
-    E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr,
+    ACT_ROWS: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(I, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
@@ -248,25 +278,34 @@ def _gate_up_q_kernel(
                     a = tl.load(a_ptrs)
                 else:
                     a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
-                gate = _weight_step(a, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn, stride_sk,
-                                    SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
-                up = _weight_step(a, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn, stride_sk,
-                                  SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                sa_rows = xs_ptr + tok * stride_xs
+                gate = _weight_step(a, sa_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
+                                    stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                    DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                up = _weight_step(a, sa_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
+                                  stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                  DOT_PRECISION, BLOCK_K, BLOCK_KW)
             a_ptrs += BLOCK_K
             wg_ptrs += BLOCK_KW * stride_wk
             wu_ptrs += BLOCK_KW * stride_wk
         out = gated_act(gate, up, alpha, limit, ACT)
         n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ACT_ROWS:  # BLOCK_N = ACT_GROUP: the tile's columns (those < I) are one group of the down GEMM's A
+            amax = tl.max(tl.where((n_out < I)[None, :], tl.abs(out), 0.0), axis=1)
+            s_out = tl.maximum(amax, 1e-12) / 448.0
+            tl.store(act_s_ptr + slots * stride_as + pid_n, s_out, mask=valid)
+            out = out / s_out[:, None]
         ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
         tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
 
 
 @triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
 def _down_q_kernel(
-    a_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+    a_ptr, as_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
     H, I, GROUP_M, SCALE_BN, SCALE_BK,
-    stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_ym,
-    EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr, E8M0: tl.constexpr,
+    stride_am, stride_as, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_ym,
+    EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr,
+    ACT_ROWS: tl.constexpr, E8M0: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KW: tl.constexpr,
 ):
@@ -278,7 +317,8 @@ def _down_q_kernel(
         n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
         kk = tl.arange(0, BLOCK_K)
         # Padding rows of act were never written: whatever they hold only reaches rows that are not stored
-        # (under ACT_FP8 a padding row's own scale is computed from it alone: no other row is touched).
+        # (under ACT_FP8 a padding row's own scale is computed from it alone, or read as garbage under
+        # ACT_ROWS: either way no other row is touched).
         a_ptrs = a_ptr + slots[:, None] * stride_am + kk[None, :]
         w_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
                   + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
@@ -293,8 +333,9 @@ def _down_q_kernel(
                     a = tl.load(a_ptrs)
                 else:
                     a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
-                acc = _weight_step(a, w_ptrs, s_ptr, acc, expert, n, k0, I, stride_se, stride_sn, stride_sk,
-                                   SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                acc = _weight_step(a, as_ptr + slots * stride_as, w_ptrs, s_ptr, acc, expert, n, k0, I, stride_se,
+                                   stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                   DOT_PRECISION, BLOCK_K, BLOCK_KW)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_KW * stride_wk
         acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
@@ -319,36 +360,63 @@ def _tile_constexprs(spec: QuantizedExpertsSpec, config: QuantizedConfig) -> dic
     """What both sorted-path kernels take of the format and the tiles (BLOCK_KW: stored words per K step)."""
     int4 = _int4(spec)
     return dict(INT4=int4, INT4_PLANES=int4 and config.int4_planes, ACT_FP8=config.act_fp8 and not int4,
+                ACT_ROWS=config.act is ActQuant.ROWS and not int4,
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 BLOCK_KW=config.block_k // 8 if int4 else config.block_k, num_warps=config.num_warps,
                 num_stages=config.num_stages)
 
 
-def launch_gate_up(hidden, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, config: QuantizedConfig, k: int, act):
-    H, I = hidden.shape[1], act.shape[1]
+def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, config: QuantizedConfig, k: int,
+                   act, act_s, dtype: torch.dtype):
+    """x: hidden, or its e4m3 rows under w8a8_rows (x_s their scales; else any tensor, never read); act_s
+    likewise. dtype: hidden's (the dot precision)."""
+    H, I = x.shape[1], act.shape[1]
     s, e8m0 = _scale_view(s)
     grid = (max(1, rows.max_blocks * triton.cdiv(I, config.block_n)),)
     launch.kernel(_gate_up_q_kernel)[grid](
-        hidden, w, s, act, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        x, x_s, w, s, act, act_s, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m, spec.scale_block_n,
         spec.scale_block_k,
-        hidden.stride(0), *w.stride(), *s.stride(), act.stride(0),
+        x.stride(0), x_s.stride(0), *w.stride(), *s.stride(), act.stride(0), act_s.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, E8M0=e8m0,
-        DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_M=config.block_m, **_tile_constexprs(spec, config),
+        DOT_PRECISION=dot_precision(dtype), BLOCK_M=config.block_m, **_tile_constexprs(spec, config),
     )
 
 
-def launch_down(act, rows: AlignedRows, w, s, weights, spec: QuantizedExpertsSpec, config: QuantizedConfig, y):
+def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExpertsSpec, config: QuantizedConfig,
+                y):
     I, H = act.shape[1], y.shape[1]
     s, e8m0 = _scale_view(s)
     grid = (max(1, rows.max_blocks * triton.cdiv(H, config.block_n)),)
     launch.kernel(_down_q_kernel)[grid](
-        act, w, s, y, weights, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        act, act_s, w, s, y, weights, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, config.group_m, spec.scale_block_n, spec.scale_block_k,
-        act.stride(0), *w.stride(), *s.stride(), y.stride(0),
-        EVEN_K=I % config.block_k == 0, E8M0=e8m0, DOT_PRECISION=dot_precision(act.dtype), BLOCK_M=config.block_m,
+        act.stride(0), act_s.stride(0), *w.stride(), *s.stride(), y.stride(0),
+        EVEN_K=I % config.block_k == 0, E8M0=e8m0, DOT_PRECISION=dot_precision(y.dtype), BLOCK_M=config.block_m,
         **_tile_constexprs(spec, config),
     )
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr):
+    """One row's group of GROUP columns: scale amax / 448, values rounded to e4m3 (w8a8_rows' hidden)."""
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    cols = g * GROUP + tl.arange(0, GROUP)
+    x = tl.load(x_ptr + t * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+    tl.store(q_ptr + t * stride_qm + cols, (x / s).to(q_ptr.dtype.element_ty), mask=cols < K)
+    tl.store(s_ptr + t * stride_sm + g, s)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [T, K], fp32 scales [T, ceil(K / ACT_GROUP)]) of x [T, K] (unit column stride)."""
+    T, K = x.shape
+    q = torch.empty(T, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(T, triton.cdiv(K, ACT_GROUP), dtype=torch.float32, device=x.device)
+    launch.kernel(_quantize_rows_kernel)[(T, s.shape[1])](x, q, s, K, x.stride(0), q.stride(0), s.stride(0),
+                                                          GROUP=ACT_GROUP)
+    return q, s
 
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
@@ -367,7 +435,11 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
                          f"K), got {config.block_k}")
     if config.act_fp8 and not config.decode and hidden.device.type == "cuda" and config.block_k < 32:
         raise ValueError(f"moe_compiler: w8a8 takes block_k >= 32 on a GPU (the FP8 tensor cores' K), got "
-                         f"{config.block_k}; use act_fp8=False for scale blocks narrower than 32")
+                         f"{config.block_k}; use act='w8a16' for scale blocks narrower than 32")
+    act_rows = config.act is ActQuant.ROWS and not _int4(spec) and not config.decode
+    if act_rows and (config.block_n != ACT_GROUP or ACT_GROUP % config.block_k):
+        raise ValueError(f"moe_compiler: w8a8_rows takes block_n = {ACT_GROUP} (one activation group per gate_up "
+                         f"tile) and a block_k dividing it, got block_n={config.block_n}, block_k={config.block_k}")
     if not _int4(spec) and spec.scale_block_k % config.block_k:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must divide scale_block_k={spec.scale_block_k} "
                          "(an FP8 K step reads one scale per column)")
@@ -382,10 +454,16 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     weights = topk_weights.reshape(-1)
     if weights.stride(0) != 1:
         weights = weights.contiguous()
-    act = hidden.new_empty(rows.sorted_rows.numel(), I)
-    launch_gate_up(hidden, rows, w_gate_up, w_gate_up_scale, spec, config, k, act)
-    y = hidden.new_empty(rows.sorted_rows.numel(), H)
-    launch_down(act, rows, w_down, w_down_scale, weights, spec, config, y)
+    S = rows.sorted_rows.numel()
+    if act_rows:
+        x, x_s = quantize_rows(hidden)
+        act = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
+        act_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
+    else:
+        x, x_s, act, act_s = hidden, weights, hidden.new_empty(S, I), weights  # x_s, act_s never read
+    launch_gate_up(x, x_s, rows, w_gate_up, w_gate_up_scale, spec, config, k, act, act_s, hidden.dtype)
+    y = hidden.new_empty(S, H)
+    launch_down(act, act_s, rows, w_down, w_down_scale, weights, spec, config, y)
     out = hidden.new_empty(T, H)
     launch_combine(y, rows, k, out)
     return out

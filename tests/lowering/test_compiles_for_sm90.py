@@ -108,7 +108,7 @@ for spec in (RouterSpec(top_k=2), RouterSpec(top_k=4, scoring=Scoring.SIGMOID, n
     for dtype in (torch.bfloat16, torch.float32):
         ids = torch.zeros(6, spec.top_k, dtype=torch.long)
         triton_route.route_backward(torch.randn(6, spec.top_k), torch.randn(6, 16, dtype=dtype), ids, spec)
-# Quantized experts: FP8 w8a16 / w8a8 (fp32 and e8m0 scales), INT4 (bf16 group scales), the FP8 linear.
+# Quantized experts: FP8 w8a16 / w8a8 tile / w8a8 rows (fp32 and e8m0 scales), INT4 (bf16 group scales), the FP8 linear.
 from moe_compiler.lowering import triton_quantized
 from moe_compiler.lowering.triton_quantized import QuantizedConfig
 from moe_compiler.spec import QuantizedExpertsSpec
@@ -116,16 +116,16 @@ from moe_compiler.testing.quantized import quantized_experts_inputs
 for dtype in (torch.bfloat16, torch.float16):
     for scale_dtype in (torch.float32, torch.float8_e8m0fnu):
         args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, scale_dtype)
-        for act_fp8 in (False, True):
-            config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act_fp8=act_fp8)
+        for act in ("w8a16", "w8a8_tile", "w8a8_rows"):
+            config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act=act)
             triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
         triton_quantized.linear_forward(args[0], args[3][0], args[4][0], None, 128, 128)
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 1, 32, torch.bfloat16, weight_format="int4_packed")
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
-    triton_quantized.experts_forward(*args, spec, QuantizedConfig(block_m=16, block_n=64, block_k=128, act_fp8=False))
-    triton_quantized.experts_forward(*args, spec, QuantizedConfig(16, 16, 128, False, decode=True))
+    triton_quantized.experts_forward(*args, spec, QuantizedConfig(block_m=16, block_n=64, block_k=128, act="w8a16"))
+    triton_quantized.experts_forward(*args, spec, QuantizedConfig(16, 16, 128, "w8a16", decode=True))
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, torch.float8_e8m0fnu)
-    triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), QuantizedConfig(16, 16, 128, False, decode=True))
+    triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), QuantizedConfig(16, 16, 128, "w8a16", decode=True))
 print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))
 """
 
@@ -141,5 +141,5 @@ def test_every_launched_kernel_compiles_for_sm90():
                    "_scatter_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_gated_rows_kernel",
                    "_route_kernel", "_sparsemixer_kernel", "_dz_kernel", "_wgrad_kernel",
                    "_route_backward_kernel", "_gate_up_q_kernel", "_down_q_kernel", "_linear_fp8_kernel",
-                   "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel"):
+                   "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel", "_quantize_rows_kernel"):
         assert kernel in names, line

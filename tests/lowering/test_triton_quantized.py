@@ -40,22 +40,38 @@ def _run(T, H, I, E, k, dtype, bn, bk, scale_dtype, config):
     ],
 )
 def test_w8a16_matches_fp64_on_the_dequantized_weights(dtype, tol, T, H, I, E, k, bn, bk, scale_dtype):
-    config = QuantizedConfig(block_m=16, block_n=16, block_k=16, act_fp8=False, group_m=2)
+    config = QuantizedConfig(block_m=16, block_n=16, block_k=16, act="w8a16", group_m=2)
     out, args, w1, w2 = _run(T, H, I, E, k, dtype, bn, bk, scale_dtype, config)
     assert rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_w8a8_rounds_activations_per_row_and_k_step(dtype):
-    # block_k 32: the FP8 tensor cores' K (H = 80: a K tail)
-    config = QuantizedConfig(block_m=16, block_n=16, block_k=32, act_fp8=True)
+@pytest.mark.parametrize("act,block_n,group", [("w8a8_tile", 16, 32), ("w8a8_rows", 128, 128)])
+def test_w8a8_rounds_activations_per_row_and_group(dtype, act, block_n, group):
+    """tile: groups of block_k (32, the FP8 tensor cores' K; H = 80: a K tail); rows: groups of 128 (here I = 64:
+    one partial group, the 128-wide gate_up tile wrapping modulo I)."""
+    config = QuantizedConfig(block_m=16, block_n=block_n, block_k=32, act=act)
     out, args, w1, w2 = _run(9, 80, 64, 4, 2, dtype, 32, 32, torch.float32, config)
     # The rounding is real (e4m3 keeps 3 mantissa bits): plain fp64 differs by a few percent.
     assert 1e-2 < rel_err(out, experts_reference(*args[:3], w1, w2)) < 0.1
     if DEVICE == "cuda":
         # The same math with the activation rounding simulated agrees closely. Not on the CPU: triton 3.9's
         # interpreter rounds fp32 -> e4m3 wrongly where rounding up crosses a power of two (7.83 -> 4, not 8).
-        assert rel_err(out, w8a8_reference(*args[:3], w1, w2, group=32)) <= 5e-3
+        assert rel_err(out, w8a8_reference(*args[:3], w1, w2, group=group)) <= 5e-3
+
+
+def test_w8a8_rows_and_tile_are_the_same_numbers():
+    """At block_k = 128 both quantize every row per 128 columns: once (rows) or in each K step (tile)."""
+    configs = [QuantizedConfig(block_m=16, block_n=128, block_k=128, act=act) for act in ("w8a8_tile", "w8a8_rows")]
+    tile, rows = (_run(5, 256, 160, 4, 2, torch.float32, 128, 128, torch.float32, c)[0] for c in configs)
+    assert rel_err(rows, tile) <= 1e-6
+
+
+def test_w8a8_rows_needs_one_activation_group_per_gate_up_tile():
+    args, _ = quantized_experts_inputs(4, 256, 128, 4, 2, torch.float32, 128, 128, seed=0)
+    with pytest.raises(ValueError, match="w8a8_rows takes block_n = 128"):
+        triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], QuantizedExpertsSpec(),
+                                         QuantizedConfig(block_m=16, block_n=64, block_k=128, act="w8a8_rows"))
 
 
 def test_tensor_core_k_limits_say_what_to_do():
@@ -65,19 +81,19 @@ def test_tensor_core_k_limits_say_what_to_do():
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
     with pytest.raises(ValueError, match="INT4 planes take block_k >= 128"):
         triton_quantized.experts_forward(*[a.cuda() for a in args], spec,
-                                         QuantizedConfig(block_m=16, block_n=16, block_k=64, act_fp8=False))
+                                         QuantizedConfig(block_m=16, block_n=16, block_k=64, act="w8a16"))
     args, _ = quantized_experts_inputs(4, 256, 128, 4, 2, torch.bfloat16, 16, 16, seed=0)
     with pytest.raises(ValueError, match="w8a8 takes block_k >= 32"):
         triton_quantized.experts_forward(*[a.cuda() for a in args], QuantizedExpertsSpec(scale_block_n=16,
                                          scale_block_k=16),
-                                         QuantizedConfig(block_m=16, block_n=16, block_k=16, act_fp8=True))
+                                         QuantizedConfig(block_m=16, block_n=16, block_k=16, act="w8a8_tile"))
 
 
 def test_block_k_must_divide_the_scale_block():
     args, _ = quantized_experts_inputs(2, 32, 16, 2, 1, torch.float32, 16, 24)
     spec = QuantizedExpertsSpec(scale_block_n=16, scale_block_k=24)
     with pytest.raises(ValueError, match="must divide scale_block_k=24"):
-        triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, QuantizedConfig(16, 16, 16, False))
+        triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, QuantizedConfig(16, 16, 16, "w8a16"))
 
 
 def test_default_config_picks_a_block_k_that_divides_the_scale_block():
@@ -127,7 +143,7 @@ def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, planes, T, H, 
     args, (w1, w2) = quantized_experts_inputs(T, H, I, E, k, dtype, 1, group, scale_dtype, seed=T,
                                               weight_format="int4_packed")
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=group)
-    config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, group_m=2, int4_planes=planes)
+    config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act="w8a16", group_m=2, int4_planes=planes)
     with poisoned_allocations():
         out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
     assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol
@@ -146,7 +162,7 @@ def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, planes, T, H, 
 def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, block_k):
     args, (w1, w2) = quantized_experts_inputs(T, H, I, 8, 2, dtype, bn, bk, scale_dtype, seed=T, weight_format=fmt)
     spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
-    config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act_fp8=False, decode=True)
+    config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act="w8a16", decode=True)
     with poisoned_allocations():
         out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
     assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol
@@ -179,7 +195,7 @@ def test_out_of_range_id_fails_the_launch(decode):
         args, _ = quantized_experts_inputs(2, 64, 32, 4, 2, torch.bfloat16, 32, 32)
         args = [a.cuda() for a in args]
         args[1][0, 1] = 7
-        config = triton_quantized.QuantizedConfig(16, 16, 32, False, decode={decode})
+        config = triton_quantized.QuantizedConfig(16, 16, 32, "w8a16", decode={decode})
         triton_quantized.experts_forward(*args, QuantizedExpertsSpec(scale_block_n=32, scale_block_k=32), config)
         """
     )
