@@ -3,7 +3,7 @@ reference, the CPU path, and every backward (dispatch.py picks the implementatio
 
 Data contract
     hidden        [T, H]     float (fp32 / bf16 / fp16)           x
-    topk_ids      [T, k]     int32 / int64, values in [0, E)       expert of (token t, slot j)
+    topk_ids      [T, k]     int32 / int64, values in [0, E]       expert of (token t, slot j); E: a sentinel
     topk_weights  [T, k]     float (any float dtype)               router weight of (t, j)
     w_gate_up     [E, 2I, H] (transposed: [E, H, 2I])              read in place, never copied
     w_down        [E, H, I]  (transposed: [E, I, H])
@@ -16,6 +16,10 @@ Data contract
     ids [T,k] --sort--> perm [S]          x_sorted = hidden[perm // k]                       [S, H]
     h = x_sorted @ W_gate_up[e]^T  [S, 2I]  ->  a = act(gate) * up  [S, I]  ->  y = a @ W_down[e]^T  [S, H]
     y *= topk_weights.flat[perm]  ->  pairs[perm] = y  ->  out = pairs.view(T, k, H).sum(1)
+
+A sentinel pair (id E: another rank's expert under transformers' expert parallelism) contributes nothing, whatever
+its weight: its sorted row lies outside every segment, and every row a segment matmul leaves unwritten is zeroed
+(`_drop_sentinels`) before it reaches a sum.
 
 With spec.scale_input (Llama-4) the weight scales the gathered rows instead: x_sorted *= weight, and y is
 not weighted. The combine is an unpermute + sum over k, not an index_add: deterministic on every device.
@@ -49,6 +53,11 @@ def _unpermute_sum(rows: torch.Tensor, seg: Segments, T: int, k: int) -> torch.T
     return rows.float()[seg.inverse].view(T, k, rows.shape[-1]).sum(1)
 
 
+def _drop_sentinels(rows: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """rows [S, D] in sorted order with the sentinel rows (never computed: whatever memory held) set to 0."""
+    return rows.masked_fill(~seg.live.unsqueeze(-1), 0.0)
+
+
 def _row_weights(topk_weights, seg: Segments) -> torch.Tensor:
     """[S] fp32 router weight of each sorted row."""
     return topk_weights.reshape(-1)[seg.perm].float()
@@ -66,12 +75,12 @@ def _forward_rows(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gat
     x = x.to(cdt)
     h = _proj(impl, x, w_gate_up, seg, spec.transposed).float()
     if b_gate_up is not None:
-        h = h + b_gate_up[seg.sorted_ids].float()
+        h = h + b_gate_up[seg.gather_ids].float()
     a = gated_forward(h, spec).to(cdt)
     y = _proj(impl, a, w_down, seg, spec.transposed).float()
     if b_down is not None:
-        y = y + b_down[seg.sorted_ids].float()
-    return seg, x, h, a, y
+        y = y + b_down[seg.gather_ids].float()
+    return seg, x, h, a, _drop_sentinels(y, seg)
 
 
 def experts_forward(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec):
@@ -98,7 +107,7 @@ def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, 
     tr = spec.transposed
     s = _row_weights(topk_weights, seg).unsqueeze(-1)  # [S, 1]
 
-    g = grad_out[seg.perm // k].float()  # [S, H] upstream gradient of each row's token
+    g = _drop_sentinels(grad_out[seg.perm // k].float(), seg)  # [S, H] upstream gradient of each row's token
     if spec.scale_input:
         dy = g  # y reaches the output unweighted; the weight's gradient comes from the input side below
     else:
@@ -107,19 +116,19 @@ def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, 
 
     d_b_down = d_w_down = d_b_gate_up = d_w_gate_up = None
     if b_down is not None and weight_grads:
-        d_b_down = torch.zeros_like(b_down, dtype=torch.float32).index_add_(0, seg.sorted_ids.long(), dy)
+        d_b_down = torch.zeros_like(b_down, dtype=torch.float32).index_add_(0, seg.gather_ids, dy)
     dy_c = dy.to(cdt)
     if weight_grads:
         d_w_down = _proj_dw(impl, a, dy_c, seg, tr)
     da = _proj_dx(impl, dy_c, w_down, seg, tr).float()  # [S, I]
 
-    dh = gated_backward(da, h, spec)  # [S, 2I] fp32
+    dh = _drop_sentinels(gated_backward(da, h, spec), seg)  # [S, 2I] fp32
     if b_gate_up is not None and weight_grads:
-        d_b_gate_up = torch.zeros_like(b_gate_up, dtype=torch.float32).index_add_(0, seg.sorted_ids.long(), dh)
+        d_b_gate_up = torch.zeros_like(b_gate_up, dtype=torch.float32).index_add_(0, seg.gather_ids, dh)
     dh_c = dh.to(cdt)
     if weight_grads:
         d_w_gate_up = _proj_dw(impl, x, dh_c, seg, tr)
-    dx = _proj_dx(impl, dh_c, w_gate_up, seg, tr)  # [S, H], w.r.t. the GEMM's input rows
+    dx = _drop_sentinels(_proj_dx(impl, dh_c, w_gate_up, seg, tr), seg)  # [S, H], w.r.t. the GEMM's input rows
     if spec.scale_input:
         # rows = weight * x: d weight = <x, d rows>, d x = weight * d rows
         d_weights = (hidden[seg.perm // k].float() * dx.float()).sum(-1)[seg.inverse]

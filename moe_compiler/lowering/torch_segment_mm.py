@@ -5,7 +5,9 @@ Permute: (token, slot) pairs sorted by expert into contiguous per-expert segment
     topk_ids [T, k] --flatten--> ids [S] --stable sort--> sorted_ids [S], perm [S]
     pair p = perm[i] is the i-th row of the sorted order; its token is perm[i] // k, its slot perm[i] % k.
     counts [E] int32: pairs per expert;  offs [E] int32: cumsum(counts), the end of each expert's segment
-    (the `offs` convention of torch._grouped_mm).
+    (the `offs` convention of torch._grouped_mm). Sentinel pairs (id E: routed to another rank's expert under
+    transformers' expert parallelism) sort after every segment, outside them: no matmul computes their rows
+    (`live` marks the others; `gather_ids` are the sorted ids clamped into [0, E) for per-row gathers).
 
 Segment matmuls over rows sorted by expert (one implementation per class, chosen by dispatch.select):
 
@@ -33,7 +35,7 @@ import torch
 
 @dataclasses.dataclass
 class Segments:
-    sorted_ids: torch.Tensor  # [S] expert of each sorted row, ids' dtype
+    sorted_ids: torch.Tensor  # [S] expert of each sorted row, ids' dtype (E: a sentinel row)
     perm: torch.Tensor  # [S] int64, flat pair index of each sorted row
     offs: torch.Tensor  # [E] int32, exclusive end of each expert's rows
     num_experts: int
@@ -42,9 +44,20 @@ class Segments:
     def build(cls, topk_ids: torch.Tensor, num_experts: int) -> Segments:
         flat = topk_ids.reshape(-1)
         sorted_ids, perm = torch.sort(flat, stable=True)
-        counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+        counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)  # the last bin: sentinels
         counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
-        return cls(sorted_ids, perm, counts.cumsum(0, dtype=torch.int32), num_experts)
+        return cls(sorted_ids, perm, counts[:num_experts].cumsum(0, dtype=torch.int32), num_experts)
+
+    @functools.cached_property
+    def live(self) -> torch.Tensor:
+        """[S] bool: the sorted rows that belong to an expert (False: sentinel rows, never computed)."""
+        return self.sorted_ids < self.num_experts
+
+    @functools.cached_property
+    def gather_ids(self) -> torch.Tensor:
+        """[S] int64 expert of each sorted row for gathers, sentinel rows clamped to E - 1 (their rows are zero
+        or dropped wherever a gather feeds a result)."""
+        return self.sorted_ids.clamp(max=self.num_experts - 1).long()
 
     @functools.cached_property
     def inverse(self) -> torch.Tensor:
@@ -141,14 +154,14 @@ class GatherBmm:
     def mm(cls, x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
         out = x.new_empty(x.shape[0], w.shape[1])
         for s, t in cls._chunks(x.shape[0], w.shape[1], w.shape[2], w.element_size()):
-            out[s:t] = torch.bmm(w[seg.sorted_ids[s:t]], x[s:t].unsqueeze(-1)).squeeze(-1)
+            out[s:t] = torch.bmm(w[seg.gather_ids[s:t]], x[s:t].unsqueeze(-1)).squeeze(-1)
         return out
 
     @classmethod
     def mm_nn(cls, x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
         out = x.new_empty(x.shape[0], w.shape[2])
         for s, t in cls._chunks(x.shape[0], w.shape[1], w.shape[2], w.element_size()):
-            out[s:t] = torch.bmm(x[s:t].unsqueeze(1), w[seg.sorted_ids[s:t]]).squeeze(1)
+            out[s:t] = torch.bmm(x[s:t].unsqueeze(1), w[seg.gather_ids[s:t]]).squeeze(1)
         return out
 
     @classmethod
@@ -156,5 +169,5 @@ class GatherBmm:
         out = a.new_zeros(seg.num_experts, a.shape[1], b.shape[1], dtype=torch.float32)
         for s, t in cls._chunks(a.shape[0], a.shape[1], b.shape[1], 4):
             outer = a[s:t].float().unsqueeze(-1) * b[s:t].float().unsqueeze(1)
-            out.index_add_(0, seg.sorted_ids[s:t].long(), outer)
+            out.index_add_(0, seg.gather_ids[s:t], outer)  # sentinel rows arrive as zeros
         return out.to(a.dtype)

@@ -1,14 +1,15 @@
 """Triton: (token, slot) pairs sorted by expert into a BLOCK_M-aligned layout. Capture-safe, deterministic.
 
 Data contract (S = T * k pairs, pair p = t * k + j; C = CHUNK pairs per program, NB = cdiv(S, C) chunks)
-    topk_ids      [S]            int32/int64, values in [0, E) (others are clamped, flagged in ids_ok, and fail the
-                                 launch)
+    topk_ids      [S]            int32/int64, values in [0, E]; E is the expert-parallel sentinel (a route to another
+                                 rank's expert): sorted nowhere, pos -1. Others are clamped, flagged in ids_ok, and
+                                 fail the launch
     sorted_rows   [S_pad]        int32  pair index at each padded sorted position (padding slots unwritten)
-    pos           [S]            int32  padded sorted position of each pair (sorted_rows[pos[p]] == p)
+    pos           [S]            int32  padded sorted position of each pair (sorted_rows[pos[p]] == p); -1: sentinel
     block_expert  [MAX_BLOCKS]   int32  expert of each BLOCK_M block of sorted positions; -1 past the end
     seg_end       [E]            int32  end of expert e's real rows (its padding follows, up to the block edge)
     num_padded    [1]            int32  used length of sorted_rows, a multiple of BLOCK_M
-    ids_ok        [1]            int32  1 if every id was in [0, E), else 0 (on the GPU the kernel also asserts)
+    ids_ok        [1]            int32  1 if every id was in [0, E], else 0 (on the GPU the kernel also asserts)
     MAX_BLOCKS = cdiv(S, BLOCK_M) + min(E, S) bounds the blocks of any routing (each non-empty expert
     adds at most one partial block); S_pad = MAX_BLOCKS * BLOCK_M. Static, so the grid and buffers are
     fixed under CUDA graph capture, and no host sync is needed.
@@ -45,16 +46,19 @@ def _clamped_ids(ids_ptr, chunk, S, E, CHUNK: tl.constexpr):
     offs = chunk.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     live = offs < S
     e = tl.load(ids_ptr + offs, mask=live, other=0)
-    bad = live & ((e < 0) | (e >= E))
+    bad = live & ((e < 0) | (e > E))
+    # Sentinel pairs (id E) take part in nothing: treated as dead lanes, their pos set to -1 by the scatter.
+    sentinel = live & (e == E)
+    live = live & (e != E)
     # Out-of-range ids are clamped so that every later access stays in bounds until the assert stops the op.
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int32)
-    return offs, live, e, bad
+    return offs, live, e, bad, sentinel
 
 
 @triton.jit
 def _count_kernel(ids_ptr, S, E, counts_ptr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0)
-    _, live, e, bad = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    _, live, e, bad, _ = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
     spare = BLOCK_E - 1  # BLOCK_E > E: the last bin is free; it receives the dead lanes, then holds the bad count
     hist = tl.histogram(tl.where(live, e, spare), BLOCK_E)
     e_idx = tl.arange(0, BLOCK_E)
@@ -78,7 +82,7 @@ def _offsets_kernel(
         totals += tl.sum(tile, axis=0)
     n_bad = tl.sum(tl.where(e_idx == BLOCK_E - 1, totals, 0), 0)
     tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
-    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E)")  # live: see LIVE_ASSERTS
+    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E]")  # live: see LIVE_ASSERTS
     counts = tl.where(real, totals, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
@@ -108,7 +112,8 @@ def _scatter_kernel(
     CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_B: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    _, live, e, _ = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    offs, live, e, _, sentinel = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    tl.store(pos_ptr + offs, tl.full([CHUNK], -1, tl.int32), mask=sentinel)
     local = tl.arange(0, CHUNK)
     # Dead lanes sort last (spare expert BLOCK_E - 1); keys are unique, so the sort is stable by construction.
     keys = tl.sort(tl.where(live, e, BLOCK_E - 1) * CHUNK + local)

@@ -282,7 +282,9 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     dz = torch.empty_like(z)
     ds_part = hidden.new_empty(S_pad, triton.cdiv(I, config.dz.block_n), dtype=torch.float32)
     launch_dz(grad_out, rows, w_down, b_down, z, dz, ds_part, weights, spec, config, k)
-    d_weights = ds_part[rows.pos.long()].sum(-1).view(T, k)
+    pos = rows.pos.long()
+    # a sentinel pair (pos -1) has no row: its weight gets no gradient
+    d_weights = torch.where(pos >= 0, ds_part[pos.clamp(min=0)].sum(-1), 0.0).view(T, k)
 
     # d hidden: the forward's down GEMM over dz with W_gate_up read as [H, 2I] per expert (the transpose of
     # its layout), no router weight (scale_input=True skips it), then the forward's deterministic combine.

@@ -2,7 +2,9 @@
 
 Data contract (T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k pairs, p = t*k + j)
     hidden        [T, H]           bf16/fp16/fp32, unit column stride
-    topk_ids      [T, k]           int32/int64 (out-of-range ids are clamped, flagged in ids_ok, and fail the launch)
+    topk_ids      [T, k]           int32/int64 in [0, E]; E: the expert-parallel sentinel, a slot that adds nothing
+                                   (its gate_up row is computed on expert E - 1 and dropped; the down kernel reads
+                                   no weights for it). Others out of range are clamped, flagged in ids_ok, and fail
     topk_weights  [T, k]           any float dtype, applied in fp32
     w_gate_up     [E, 2I, H]       (or transposed [E, H, 2I]) read in place through its strides
     w_down        [E, H, I]        (or transposed [E, I, H])
@@ -41,16 +43,16 @@ from .triton_experts import logical_strides
 
 @triton.jit
 def check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S: tl.constexpr):
-    """One program checks every id (S is small on the decode paths): ok_ptr[0] = all in [0, E), and a bad one fails
-    the launch."""
+    """One program checks every id (S is small on the decode paths): ok_ptr[0] = all in [0, E] (E: the sentinel),
+    and a bad one fails the launch."""
     bad = tl.zeros([BLOCK_S], dtype=tl.int32)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         some = tl.load(ids_ptr + s, mask=s < S, other=0)
-        bad += ((some < 0) | (some >= E)).to(tl.int32)
+        bad += ((some < 0) | (some > E)).to(tl.int32)
     n_bad = tl.sum(bad, 0)
     tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
-    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E)")  # live: see LIVE_ASSERTS
+    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E]")  # live: see LIVE_ASSERTS
 
 
 @triton.jit
@@ -201,6 +203,7 @@ def _down_gemv_combine_kernel(
     j_ok = j < TOP_K
     p = t * TOP_K + j
     e = tl.load(ids_ptr + p, mask=j_ok, other=0)
+    j_ok = j_ok & (e < E)  # a sentinel slot (id E) reads and adds nothing
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
     kk = tl.arange(0, BLOCK_K)
@@ -253,7 +256,7 @@ MAX_PAIRS = 4096
 def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config: DecodeConfig, k: int, act, ids_ok,
                    weights=None, mlp=None, shared_act=None, shared_gate=None):
     """act[p] = act(gate) * up of pair p (its input scaled by weights[p] under spec.scale_input);
-    ids_ok[0] = whether every id is in [0, E). With a shared MLP `mlp` (spec.SharedMLP) also
+    ids_ok[0] = whether every id is in [0, E]. With a shared MLP `mlp` (spec.SharedMLP) also
     shared_act[t] = act(x[t] Wg^T) * (x[t] Wu^T) and, if it has an expert gate, shared_gate[t] = s[t]."""
     S, I = act.shape
     T, H = hidden.shape

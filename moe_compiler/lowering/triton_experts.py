@@ -210,8 +210,8 @@ def _combine_kernel(y_ptr, pos_ptr, out_ptr, H, stride_ym, stride_om, TOP_K: tl.
     h_ok = h < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # fixed slot order: deterministic
-        p = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)
-        acc += tl.load(y_ptr + p * stride_ym + h, mask=h_ok, other=0.0).to(tl.float32)
+        p = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)  # -1: a sentinel pair, which adds nothing
+        acc += tl.load(y_ptr + p * stride_ym + h, mask=h < tl.where(p >= 0, H, 0), other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_om + h, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 

@@ -2,7 +2,9 @@
 
 Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_block_k; p = t*k + j)
     hidden        [T, H]                 bf16/fp16/fp32, unit column stride
-    topk_ids      [T, k]                 out-of-range ids are clamped, flagged in ids_ok, and fail the launch
+    topk_ids      [T, k]                 in [0, E]; E: the expert-parallel sentinel (a slot that adds nothing; the
+                                         down kernel reads no weights for it); others are clamped, flagged in ids_ok
+                                         and fail the launch
     w_gate_up     [E, 2I, H] e4m3        or [E, 2I, H/8] int32 (8 nibbles along K); scales [E, 2I/bn, H/bk]
     w_down        [E, H, I] e4m3         or [E, H, I/8] int32;                       scales [E, H/bn, I/bk]
     act           [S, I]                 hidden's dtype: act(gate) * up of every pair
@@ -142,6 +144,7 @@ def _down_q_gemv_combine_kernel(
     for j in tl.static_range(TOP_K):  # slots in order: a deterministic combine
         p = t * TOP_K + j
         e = tl.load(ids_ptr + p)
+        live = e < E  # a sentinel slot (id E) adds nothing: its loads are masked off below
         e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
         a_row = a_ptr + p * stride_am
         w_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :] * stride_wk
@@ -155,7 +158,7 @@ def _down_q_gemv_combine_kernel(
                                   EVEN_K, INT4, E8M0, BLOCK_KW)
             acc += w * a
             w_ptrs += BLOCK_KW * stride_wk
-        out += _row_dots(acc, INT4) * tl.load(topk_w_ptr + p).to(tl.float32)
+        out += tl.where(live, _row_dots(acc, INT4) * tl.load(topk_w_ptr + p).to(tl.float32), 0.0)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
 

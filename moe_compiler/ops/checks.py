@@ -83,17 +83,20 @@ def check_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, 
 
 
 def check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
-    """On the CPU a host check; on CUDA a device-side assert (no host sync: the op stays capture-safe)."""
+    """Ids in [0, E]: E is the sentinel of transformers' expert parallelism (a route to another rank's expert,
+    which contributes nothing). On the CPU a host check; on CUDA a device-side assert (no host sync: the op stays
+    capture-safe)."""
     if topk_ids.numel() == 0:
         return
     if topk_ids.device.type == "cpu":
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < 0 or hi >= num_experts:
-            _experts("topk_ids values", f"expert ids in [0, {num_experts})", f"min {lo}, max {hi}",
+        if lo < 0 or hi > num_experts:
+            _experts("topk_ids values", f"expert ids in [0, {num_experts}] ({num_experts}: the sentinel of expert "
+                     "parallelism, a route to another rank's expert)", f"min {lo}, max {hi}",
                      "Check the router's top-k.")
     else:
-        in_range = ((topk_ids >= 0) & (topk_ids < num_experts)).all()
-        torch._assert_async(in_range, "moe_compiler.experts: topk_ids out of [0, E)")
+        in_range = ((topk_ids >= 0) & (topk_ids <= num_experts)).all()
+        torch._assert_async(in_range, "moe_compiler.experts: topk_ids out of [0, E]")
 
 
 def check_shared(hidden, gate_proj, up_proj, down_proj, expert_gate) -> None:

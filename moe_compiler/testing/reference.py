@@ -13,13 +13,15 @@ from ..spec import ExpertsSpec, GateUpLayout
 def experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None,
                       spec=ExpertsSpec()):
     """out[t] = sum_j w[t, j] * down_e(act(gate_up_e(x_t))) in float64 (spec.scale_input: the weight scales
-    x_t instead), returned in float64."""
+    x_t instead), returned in float64. A pair routed to e = E (the expert-parallel sentinel) adds nothing."""
     x = hidden.double()
     out = torch.zeros_like(x)
     T, k = topk_ids.shape
     for t in range(T):
         for j in range(k):
             e = int(topk_ids[t, j])
+            if e == w_gate_up.shape[0]:
+                continue
             w1, w2 = w_gate_up[e].double(), w_down[e].double()
             xin = x[t] * topk_weights[t, j].double() if spec.scale_input else x[t]
             h = xin @ w1 if spec.transposed else w1 @ xin
@@ -110,6 +112,8 @@ def experts_reference_by_expert(hidden, topk_ids, topk_weights, w_gate_up, w_dow
     x = hidden.to(dtype)
     out = torch.zeros_like(x)
     for e in torch.unique(topk_ids).tolist():
+        if e == w_gate_up.shape[0]:  # the expert-parallel sentinel: adds nothing
+            continue
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
         w1, w2 = w_gate_up[e].to(dtype), w_down[e].to(dtype)
         scale = topk_weights[tok, slot].to(dtype).unsqueeze(-1)

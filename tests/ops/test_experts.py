@@ -171,8 +171,8 @@ def _good():
         (lambda a: a.__setitem__(3, a[3][0]), "w_gate_up rank"),
         (lambda a: a.__setitem__(4, a[4][:, :, :4]), "weight shapes"),
         (lambda a: a.__setitem__(4, a[4][:3]), "weight shapes"),
-        (lambda a: a.__setitem__(1, torch.full_like(a[1], 4)),
-         "topk_ids values: expected expert ids in \\[0, 4\\), got min 4, max 4"),
+        (lambda a: a.__setitem__(1, torch.full_like(a[1], 5)),  # 4 = E: the expert-parallel sentinel, valid
+         "topk_ids values: expected expert ids in \\[0, 4\\] \\(4: the sentinel.*got min 5, max 5"),
         (lambda a: a.__setitem__(1, torch.full_like(a[1], -1)), "topk_ids values"),
         (lambda a: a.__setitem__(5, torch.zeros(4, 7)), "b_gate_up shape"),
         (lambda a: a.__setitem__(1, torch.zeros(4, 5, dtype=torch.long)), "top-k: expected k <= E=4"),
