@@ -34,7 +34,7 @@ from ..bench_quantized import GROUP, fp8_weights, int4_weights
 def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, int4: bool):
     rep = dataclasses.replace
     if base.decode:
-        ks = (128, 256, 512) if int4 else (64, 128)
+        ks = (128, 256, 512)  # FP8 GEMV steps may span whole scale blocks (K_GROUPS)
         for bn, bk, (w, s) in itertools.product((8, 16, 32, 64), ks, ((2, 3), (4, 3), (4, 4), (4, 6), (8, 4))):
             yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
         for bn, (w, s) in itertools.product((32, 64, 128), ((4, 3), (4, 4))):

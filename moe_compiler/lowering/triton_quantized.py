@@ -440,9 +440,10 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     if act_rows and (config.block_n != ACT_GROUP or ACT_GROUP % config.block_k):
         raise ValueError(f"moe_compiler: w8a8_rows takes block_n = {ACT_GROUP} (one activation group per gate_up "
                          f"tile) and a block_k dividing it, got block_n={config.block_n}, block_k={config.block_k}")
-    if not _int4(spec) and spec.scale_block_k % config.block_k:
+    spans = config.decode and config.block_k % spec.scale_block_k == 0  # a GEMV step over whole scale blocks
+    if not _int4(spec) and spec.scale_block_k % config.block_k and not spans:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must divide scale_block_k={spec.scale_block_k} "
-                         "(an FP8 K step reads one scale per column)")
+                         "(an FP8 K step reads one scale per column; the decode GEMVs also take a multiple of it)")
     if config.decode:
         from . import triton_quantized_decode
 

@@ -14,8 +14,9 @@ Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_bl
 
 At decode the op is a stream of weight bytes (each touched expert read once), so the weights are read in their
 stored width (1 byte per FP8 value, half a byte per INT4 value) and dequantized in registers: an FP8 tile's K
-step lies in one scale block (BLOCK_K divides bk: one scale per row), an INT4 tile's words are split into
-nibbles and scaled per group of bk columns. fp32 FMAs into a [BLOCK_N, BLOCK_K] accumulator, one reduction
+step lies in one scale block (BLOCK_K divides bk: one scale per row) or spans whole ones (BLOCK_K a multiple of
+bk: one scale per row and block, picked per column), an INT4 tile's words are split into nibbles and scaled per
+group of bk columns. fp32 FMAs into a [BLOCK_N, BLOCK_K] accumulator, one reduction
 after the loop (no tensor cores needed), as in triton_decode.py.
 """
 
@@ -34,10 +35,13 @@ from .triton_quantized import _scale_view, int4_values
 
 @triton.jit
 def _dequantized_rows(w_ptrs, s_ptr, e, rows, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                      EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr):
+                      EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr,
+                      K_GROUPS: tl.constexpr):
     """fp32 weights of `rows` at columns k0 .. k0 + BLOCK_K (stored words at w_ptrs): FP8 [BLOCK_N, BLOCK_K];
     INT4 [BLOCK_N, BLOCK_KW, 8], value k0 + 8 kw + j at [:, kw, j] (nibbles never reshaped into a row; one
-    scale per word: a word's 8 values share a group)."""
+    scale per word: a word's 8 values share a group). An FP8 step spans K_GROUPS scale blocks (BLOCK_K =
+    K_GROUPS x SCALE_BK, or one block holding the step when K_GROUPS = 1): each column takes its block's scale
+    by a select, a step of K_GROUPS x 128 bytes per row keeping more bytes in flight than one block's."""
     kw = tl.arange(0, BLOCK_KW)
     s_row = s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64) * stride_sn
     if INT4:
@@ -56,10 +60,21 @@ def _dequantized_rows(w_ptrs, s_ptr, e, rows, k0, K, stride_se, stride_sn, strid
             q = tl.load(w_ptrs)
         else:
             q = tl.load(w_ptrs, mask=(kw[None, :] < K - k0), other=0.0)
-        s = tl.load(s_row + (k0 // SCALE_BK) * stride_sk).to(tl.float32)  # the step lies in one scale block
+        s = tl.load(s_row + (k0 // SCALE_BK) * stride_sk).to(tl.float32)  # the step's first scale block
         if E8M0:
             s = tl.exp2(s - 127.0)
-        w = q.to(tl.float32) * s[:, None]
+        if K_GROUPS == 1:
+            w = q.to(tl.float32) * s[:, None]
+        else:
+            col = tl.arange(0, BLOCK_KW)  # FP8: one value per stored byte
+            s_cols = tl.broadcast_to(s[:, None], [rows.shape[0], BLOCK_KW])
+            last = (K - 1) // SCALE_BK  # a K tail's later blocks: clamped in bounds (their values load as 0)
+            for g in tl.static_range(1, K_GROUPS):
+                sg = tl.load(s_row + tl.minimum(k0 // SCALE_BK + g, last) * stride_sk).to(tl.float32)
+                if E8M0:
+                    sg = tl.exp2(sg - 127.0)
+                s_cols = tl.where(col[None, :] >= g * (BLOCK_KW // K_GROUPS), sg[:, None], s_cols)
+            w = q.to(tl.float32) * s_cols
     return w
 
 
@@ -94,7 +109,7 @@ def _gate_up_q_gemv_kernel(
     stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, K_GROUPS: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -117,9 +132,9 @@ def _gate_up_q_gemv_kernel(
     for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
         x = _step_input(x_row, k0, H, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
         wg = _dequantized_rows(wg_ptrs, s_ptr, e, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                               EVEN_K, INT4, E8M0, BLOCK_KW)
+                               EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
         wu = _dequantized_rows(wu_ptrs, s_ptr, e, n + I, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                               EVEN_K, INT4, E8M0, BLOCK_KW)
+                               EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
         acc_g += wg * x
         acc_u += wu * x
         wg_ptrs += BLOCK_KW * stride_wk
@@ -135,6 +150,7 @@ def _down_q_gemv_combine_kernel(
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
     TOP_K: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
+    K_GROUPS: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -155,7 +171,7 @@ def _down_q_gemv_combine_kernel(
         for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
             a = _step_input(a_row, k0, I, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
             w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                                  EVEN_K, INT4, E8M0, BLOCK_KW)
+                                  EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
             acc += w * a
             w_ptrs += BLOCK_KW * stride_wk
         out += tl.where(live, _row_dots(acc, INT4) * tl.load(topk_w_ptr + p).to(tl.float32), 0.0)
@@ -183,6 +199,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     s2, _ = _scale_view(w_down_scale)
     common = dict(INT4=int4, E8M0=e8m0, BLOCK_N=config.block_n, BLOCK_K=block_k,
                   BLOCK_KW=block_k // 8 if int4 else block_k, NUM_STAGES=config.num_stages,
+                  K_GROUPS=1 if int4 else max(1, block_k // spec.scale_block_k),
                   num_warps=config.num_warps, num_stages=config.num_stages)
     launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
         hidden, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),

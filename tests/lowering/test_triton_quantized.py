@@ -155,6 +155,8 @@ def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, planes, T, H, 
     [
         ("fp8_e4m3", 16, 32, torch.float8_e8m0fnu, 3, 64, 48, 16),  # two K steps per scale block, e8m0
         ("fp8_e4m3", 32, 32, torch.float32, 1, 40, 24, 16),  # K tails; one token (k experts, each read once)
+        ("fp8_e4m3", 16, 16, torch.float32, 2, 80, 40, 64),  # a step over 4 scale blocks; K tails past the last
+        ("fp8_e4m3", 16, 32, torch.float8_e8m0fnu, 3, 128, 64, 64),  # two blocks per step, e8m0
         ("int4_packed", 1, 32, torch.bfloat16, 2, 96, 64, 32),  # Kimi-K2-Thinking's groups of 32
         ("int4_packed", 1, 8, torch.float32, 3, 40, 24, 32),  # four groups per step, K tails
     ],
