@@ -7,8 +7,9 @@ line per config to a JSON-lines file, the best per point printed last. NOTES.md:
 
 Decode points (default_config(...).decode) sweep the GEMVs' block_n, block_k, warps and stages, and the sorted
 path at small tiles beside them; sorted points sweep block_m (the two sizes nearest the rows per expert), block_n,
-warps/stages and the format's switch (FP8: act; INT4: int4_planes). Configs a GPU cannot run (shared memory)
-are skipped and counted.
+warps/stages and the format's switch (FP8: act; INT4: int4_planes), and for FP8 from 8 rows per expert the
+unfused gate_up (fused_act=False) under w8a8_rows. Configs a GPU cannot run (shared memory) are skipped and
+counted.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, i
         if (bm >= 128 and w == 4) or (on == "w8a8_rows" and bn != 128):
             continue
         yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=s, **{switch[0]: on})
+    if not int4 and rows >= 8:  # the unfused gate_up (one accumulator) where the GEMMs carry weight: w8a8_rows
+        for bm, bn, (w, s) in itertools.product(block_ms, (128, 256), ((4, 3), (8, 3), (8, 4))):
+            yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=s, act="w8a8_rows", fused_act=False)
 
 
 def main():
@@ -104,7 +108,8 @@ def main():
     for name, T, base_us, top in best:
         desc = " | ".join(f"{us:.0f}: m{c.block_m} n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}"
                           f"{' dec' if c.decode else ''}{' ' + c.act.value if c.act_fp8 and not int4 else ''}"
-                          f"{' pl' if int4 and c.int4_planes else ''}" for us, c in top)
+                          f"{' pl' if int4 and c.int4_planes else ''}{'' if c.fused_act else ' unfused'}"
+                          for us, c in top)
         print(f"{name:>14} {T:>5} {base_us:11.1f} {top[0][0]:9.1f}  {desc}")
 
 

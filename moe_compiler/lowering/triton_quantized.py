@@ -68,6 +68,10 @@ class QuantizedConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    # The gate_up GEMM's activation: in its epilogue (fused: each program holds a gate and an up tile, two
+    # accumulators) or after it (one accumulator over all 2I columns, z [S_pad, 2I] stored, a row kernel applying
+    # the activation and, under w8a8_rows, quantizing act): half the registers per program for one more pass.
+    fused_act: bool = True
     # INT4 sorted path: one dot per nibble plane (A read with a column stride of 8; needs block_k >= 128 on a GPU)
     # or one dot on the tile reshaped in registers
     int4_planes: bool = True
@@ -243,6 +247,65 @@ def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, st
     return out
 
 
+@triton.jit
+def _gate_up_z(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+               H, N, TOP_K, GROUP_M, SCALE_BN, SCALE_BK, stride_xm, stride_xs, stride_we, stride_wn, stride_wk,
+               stride_se, stride_sn, stride_sk, stride_zm, EVEN_K: tl.constexpr, INT4: tl.constexpr,
+               INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr, ACT_ROWS: tl.constexpr, E8M0: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_KW: tl.constexpr):
+    """z [S_pad, N = 2I] = the gathered rows @ W_gate_up[e]^T, one accumulator per program (gate_up unfused)."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
+        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
+        tok = (rows // TOP_K).to(tl.int64)
+        kk = tl.arange(0, BLOCK_K)
+        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
+        w_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
+                  + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            if INT4_PLANES:
+                acc = _int4_planes_step(x_ptr + tok[:, None] * stride_xm + k0, w_ptrs, s_ptr, acc, expert, n, k0, H,
+                                        stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0,
+                                        DOT_PRECISION, BLOCK_KW)
+            else:
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                acc = _weight_step(a, xs_ptr + tok * stride_xs, w_ptrs, s_ptr, acc, expert, n, k0, H, stride_se,
+                                   stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                   DOT_PRECISION, BLOCK_K, BLOCK_KW)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_KW * stride_wk
+        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ptrs = z_ptr + slots[:, None] * stride_zm + n_out[None, :]
+        tl.store(ptrs, acc.to(z_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < N)[None, :])
+
+
+@triton.jit
+def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, I, alpha, limit, stride_zm, stride_am, stride_as,
+                     ACT: tl.constexpr, ACT_ROWS: tl.constexpr, GROUP: tl.constexpr):
+    """act = act(gate) * up of one sorted row's GROUP columns from z (gate columns, then up columns); under
+    ACT_ROWS rounded to e4m3 with the group's scale (w8a8_rows' act). Padding rows compute garbage no one reads."""
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    cols = g * GROUP + tl.arange(0, GROUP)
+    ok = cols < I
+    gate = tl.load(z_ptr + r * stride_zm + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(z_ptr + r * stride_zm + I + cols, mask=ok, other=0.0).to(tl.float32)
+    out = gated_act(gate, up, alpha, limit, ACT)
+    if ACT_ROWS:
+        s = tl.maximum(tl.max(tl.where(ok, tl.abs(out), 0.0), axis=0), 1e-12) / 448.0
+        tl.store(act_s_ptr + r * stride_as + g, s)
+        out = out / s
+    tl.store(act_ptr + r * stride_am + cols, out.to(act_ptr.dtype.element_ty), mask=ok)
+
+
 @triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
 def _gate_up_q_kernel(
     x_ptr, xs_ptr, w_ptr, s_ptr, act_ptr, act_s_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
@@ -250,53 +313,59 @@ def _gate_up_q_kernel(
     stride_xm, stride_xs, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am, stride_as,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr,
     ACT_ROWS: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, FUSED_ACT: tl.constexpr,
 ):
-    num_pid_n = tl.cdiv(I, BLOCK_N)
-    num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
-        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
-        tok = (rows // TOP_K).to(tl.int64)
-        kk = tl.arange(0, BLOCK_K)
-        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
-        a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
-        wg_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
-                   + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
-        wu_ptrs = wg_ptrs + I * stride_wn
-        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            if INT4_PLANES:
-                a_rows = x_ptr + tok[:, None] * stride_xm + k0
-                gate = _int4_planes_step(a_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
-                                         stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
-                up = _int4_planes_step(a_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
-                                       stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
-            else:
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
+    if not FUSED_ACT:  # one GEMM over the 2I columns into act_ptr = z [S_pad, 2I]; _act_rows_kernel follows
+        _gate_up_z(x_ptr, xs_ptr, w_ptr, s_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
+                   num_padded_ptr, H, 2 * I, TOP_K, GROUP_M, SCALE_BN, SCALE_BK, stride_xm, stride_xs, stride_we,
+                   stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am, EVEN_K, INT4, INT4_PLANES,
+                   ACT_FP8, ACT_ROWS, E8M0, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KW)
+    else:
+        num_pid_n = tl.cdiv(I, BLOCK_N)
+        num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
+            expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
+            tok = (rows // TOP_K).to(tl.int64)
+            kk = tl.arange(0, BLOCK_K)
+            n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
+            a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
+            wg_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
+                       + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
+            wu_ptrs = wg_ptrs + I * stride_wn
+            gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                if INT4_PLANES:
+                    a_rows = x_ptr + tok[:, None] * stride_xm + k0
+                    gate = _int4_planes_step(a_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
+                                             stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
+                    up = _int4_planes_step(a_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
+                                           stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
                 else:
-                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
-                sa_rows = xs_ptr + tok * stride_xs
-                gate = _weight_step(a, sa_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
-                                    stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
-                                    DOT_PRECISION, BLOCK_K, BLOCK_KW)
-                up = _weight_step(a, sa_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
-                                  stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
-                                  DOT_PRECISION, BLOCK_K, BLOCK_KW)
-            a_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_KW * stride_wk
-            wu_ptrs += BLOCK_KW * stride_wk
-        out = gated_act(gate, up, alpha, limit, ACT)
-        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if ACT_ROWS:  # BLOCK_N = ACT_GROUP: the tile's columns (those < I) are one group of the down GEMM's A
-            amax = tl.max(tl.where((n_out < I)[None, :], tl.abs(out), 0.0), axis=1)
-            s_out = tl.maximum(amax, 1e-12) / 448.0
-            tl.store(act_s_ptr + slots * stride_as + pid_n, s_out, mask=valid)
-            out = out / s_out[:, None]
-        ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
-        tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
+                    if EVEN_K:
+                        a = tl.load(a_ptrs)
+                    else:
+                        a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                    sa_rows = xs_ptr + tok * stride_xs
+                    gate = _weight_step(a, sa_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
+                                        stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                        DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                    up = _weight_step(a, sa_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
+                                      stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                      DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                a_ptrs += BLOCK_K
+                wg_ptrs += BLOCK_KW * stride_wk
+                wu_ptrs += BLOCK_KW * stride_wk
+            out = gated_act(gate, up, alpha, limit, ACT)
+            n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            if ACT_ROWS:  # BLOCK_N = ACT_GROUP: the tile's columns (those < I) are one group of the down GEMM's A
+                amax = tl.max(tl.where((n_out < I)[None, :], tl.abs(out), 0.0), axis=1)
+                s_out = tl.maximum(amax, 1e-12) / 448.0
+                tl.store(act_s_ptr + slots * stride_as + pid_n, s_out, mask=valid)
+                out = out / s_out[:, None]
+            ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
+            tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
 
 
 @triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
@@ -372,15 +441,25 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
     likewise. dtype: hidden's (the dot precision)."""
     H, I = x.shape[1], act.shape[1]
     s, e8m0 = _scale_view(s)
-    grid = (max(1, rows.max_blocks * triton.cdiv(I, config.block_n)),)
+    out = act
+    if not config.fused_act:  # z first (the unfused GEMM over 2I columns), then _act_rows_kernel
+        out = torch.empty(act.shape[0], 2 * I, dtype=dtype, device=act.device)
+    grid = (max(1, rows.max_blocks * triton.cdiv(out.shape[1] if not config.fused_act else I, config.block_n)),)
     launch.kernel(_gate_up_q_kernel)[grid](
-        x, x_s, w, s, act, act_s, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        x, x_s, w, s, out, act_s, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m, spec.scale_block_n,
         spec.scale_block_k,
-        x.stride(0), x_s.stride(0), *w.stride(), *s.stride(), act.stride(0), act_s.stride(0),
+        x.stride(0), x_s.stride(0), *w.stride(), *s.stride(), out.stride(0), act_s.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, E8M0=e8m0,
-        DOT_PRECISION=dot_precision(dtype), BLOCK_M=config.block_m, **_tile_constexprs(spec, config),
+        DOT_PRECISION=dot_precision(dtype), BLOCK_M=config.block_m, FUSED_ACT=config.fused_act,
+        **_tile_constexprs(spec, config),
     )
+    if not config.fused_act:
+        launch.kernel(_act_rows_kernel)[(act.shape[0], triton.cdiv(I, ACT_GROUP))](
+            out, act, act_s, I, float(spec.swiglu_alpha), float(spec.swiglu_limit), out.stride(0), act.stride(0),
+            act_s.stride(0), ACT=ACT_CODE[spec.activation], ACT_ROWS=config.act is ActQuant.ROWS and not _int4(spec),
+            GROUP=ACT_GROUP, num_warps=4,
+        )
 
 
 def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExpertsSpec, config: QuantizedConfig,
@@ -437,7 +516,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
         raise ValueError(f"moe_compiler: w8a8 takes block_k >= 32 on a GPU (the FP8 tensor cores' K), got "
                          f"{config.block_k}; use act='w8a16' for scale blocks narrower than 32")
     act_rows = config.act is ActQuant.ROWS and not _int4(spec) and not config.decode
-    if act_rows and (config.block_n != ACT_GROUP or ACT_GROUP % config.block_k):
+    if act_rows and ((config.fused_act and config.block_n != ACT_GROUP) or ACT_GROUP % config.block_k):
         raise ValueError(f"moe_compiler: w8a8_rows takes block_n = {ACT_GROUP} (one activation group per gate_up "
                          f"tile) and a block_k dividing it, got block_n={config.block_n}, block_k={config.block_k}")
     spans = config.decode and config.block_k % spec.scale_block_k == 0  # a GEMV step over whole scale blocks

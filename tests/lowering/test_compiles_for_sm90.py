@@ -117,8 +117,9 @@ for dtype in (torch.bfloat16, torch.float16):
     for scale_dtype in (torch.float32, torch.float8_e8m0fnu):
         args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, scale_dtype)
         for act in ("w8a16", "w8a8_tile", "w8a8_rows"):
-            config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act=act)
-            triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
+            for fused_act in (True, False):
+                config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act=act, fused_act=fused_act)
+                triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
         triton_quantized.linear_forward(args[0], args[3][0], args[4][0], None, 128, 128)
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 1, 32, torch.bfloat16, weight_format="int4_packed")
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
@@ -141,5 +142,6 @@ def test_every_launched_kernel_compiles_for_sm90():
                    "_scatter_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_gated_rows_kernel",
                    "_route_kernel", "_sparsemixer_kernel", "_dz_kernel", "_wgrad_kernel",
                    "_route_backward_kernel", "_gate_up_q_kernel", "_down_q_kernel", "_linear_fp8_kernel",
-                   "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel", "_quantize_rows_kernel"):
+                   "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel", "_quantize_rows_kernel",
+                   "_act_rows_kernel"):
         assert kernel in names, line

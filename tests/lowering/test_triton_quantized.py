@@ -67,6 +67,28 @@ def test_w8a8_rows_and_tile_are_the_same_numbers():
     assert rel_err(rows, tile) <= 1e-6
 
 
+@pytest.mark.parametrize("fmt,act", [("fp8_e4m3", "w8a16"), ("fp8_e4m3", "w8a8_tile"), ("fp8_e4m3", "w8a8_rows"),
+                                     ("int4_packed", "w8a16")])  # INT4 takes exact activations only
+def test_unfused_gate_up_is_the_same_numbers(fmt, act):
+    """fused_act=False: one GEMM over the 2I columns into z, then the activation (and w8a8_rows' quantization) by
+    a row kernel. In fp32 z is stored exactly, so the result equals the fused epilogue's (odd I: the last 128-wide
+    group is partial; 2I = 160 is not a multiple of block_n: wrapped columns)."""
+    int4 = fmt == "int4_packed"
+    bn, bk = (1, 32) if int4 else (128, 128)
+    I = 96 if int4 else 80  # INT4: whole groups of 32 along I
+    args, (w1, w2) = quantized_experts_inputs(7, 256, I, 4, 2, torch.float32, bn, bk, seed=3, weight_format=fmt)
+    spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
+    outs = []
+    for fused in (True, False):
+        config = QuantizedConfig(block_m=16, block_n=128 if fused else 64, block_k=128, act=act, fused_act=fused,
+                                 int4_planes=False)
+        with poisoned_allocations():
+            outs.append(triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu())
+    assert rel_err(outs[1], outs[0]) <= 1e-6
+    if act == "w8a16":
+        assert rel_err(outs[1], experts_reference(*args[:3], w1, w2)) <= 1e-5
+
+
 def test_w8a8_rows_needs_one_activation_group_per_gate_up_tile():
     args, _ = quantized_experts_inputs(4, 256, 128, 4, 2, torch.float32, 128, 128, seed=0)
     with pytest.raises(ValueError, match="w8a8_rows takes block_n = 128"):
