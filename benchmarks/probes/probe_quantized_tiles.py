@@ -38,6 +38,8 @@ def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, i
         ks = (128, 256, 512)  # FP8 GEMV steps may span whole scale blocks (K_GROUPS)
         for bn, bk, (w, s) in itertools.product((8, 16, 32, 64), ks, ((2, 3), (4, 3), (4, 4), (4, 6), (8, 4))):
             yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+            if int4:  # the GEMVs' other INT4 form: 2-D nibble planes
+                yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s, int4_planes=not base.int4_planes)
         for bn, (w, s) in itertools.product((32, 64, 128), ((4, 3), (4, 4))):
             yield rep(base, decode=False, block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=s,
                       act="w8a16")

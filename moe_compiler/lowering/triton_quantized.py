@@ -73,7 +73,8 @@ class QuantizedConfig:
     # the activation and, under w8a8_rows, quantizing act): half the registers per program for one more pass.
     fused_act: bool = True
     # INT4 sorted path: one dot per nibble plane (A read with a column stride of 8; needs block_k >= 128 on a GPU)
-    # or one dot on the tile reshaped in registers
+    # or one dot on the tile reshaped in registers. INT4 GEMVs: 2-D nibble planes summed per word before its
+    # scale, or the 3-D [rows, words, 8] tile
     int4_planes: bool = True
     # The GEMV path of triton_quantized_decode.py (block_n, block_k, warps and stages; no sort, no tensor cores)
     # instead of the sorted grouped GEMMs.
@@ -136,9 +137,9 @@ def _default_int4(T: int, E: int, k: int, decode: bool) -> QuantizedConfig:
     2 x 256 values per program, 2 warps); the sorted path's block_m the rows per expert rounded up to a power of
     two in 16..64, 128 columns, nibble planes at 16 rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped
     tile above (T = 1024: 12.9 vs 17.6 ms)."""
-    if decode:
+    if decode:  # the 3-D nibble tile (measured); the GEMVs' nibble planes are not yet
         return QuantizedConfig(block_m=16, block_n=8, block_k=256, act=ActQuant.NONE, num_warps=2, num_stages=3,
-                               decode=True)
+                               decode=True, int4_planes=False)
     block_m = min(64, max(16, triton.next_power_of_2(int(-(-T * k // E)))))
     return QuantizedConfig(block_m=block_m, block_n=128, block_k=128, act=ActQuant.NONE, num_warps=4,
                            num_stages=3, int4_planes=block_m <= 16)

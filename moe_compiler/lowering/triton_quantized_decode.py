@@ -94,13 +94,39 @@ def _step_input(x_ptr, k0, K, EVEN_K: tl.constexpr, INT4: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
-def _row_dots(acc, INT4: tl.constexpr):
-    """[BLOCK_N] sums of an accumulator of _dequantized_rows' shape."""
-    if INT4:
+def _row_dots(acc, TILE3D: tl.constexpr):
+    """[BLOCK_N] sums of an accumulator: [BLOCK_N, BLOCK_KW, 8] (INT4's 3-D tile) or 2-D."""
+    if TILE3D:
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
     else:
         out = tl.sum(acc, axis=1)
     return out
+
+
+@triton.jit
+def _int4_plane_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                     EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """[BLOCK_N, BLOCK_KW] fp32: each word's share of the rows' dot products with x at k0, as 8 nibble planes
+    (plane j: values k0 + 8 kw + j, x read with a stride of 8) summed before the word's scale multiplies once:
+    2-D tiles only, one scale multiply per word instead of per value."""
+    kw = tl.arange(0, BLOCK_KW)
+    if EVEN_K:
+        words = tl.load(w_ptrs)
+    else:
+        words = tl.load(w_ptrs, mask=(kw[None, :] < (K - k0) // 8), other=0)
+    part = tl.zeros(words.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        if EVEN_K:
+            xj = tl.load(x_row + k0 + kw * 8 + j).to(tl.float32)
+        else:
+            xj = tl.load(x_row + k0 + kw * 8 + j, mask=kw * 8 + j < K - k0, other=0.0).to(tl.float32)
+        part += int4_values(words, 4 * j) * xj[None, :]
+    kk = k0 + kw * 8
+    s = tl.load(s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64)[:, None] * stride_sn
+                + (kk[None, :] // SCALE_BK) * stride_sk, mask=kk[None, :] < K, other=0.0).to(tl.float32)
+    if E8M0:
+        s = tl.exp2(s - 127.0)
+    return part * s
 
 
 @triton.jit(do_not_specialize=["SCALE_BN", "SCALE_BK"])
@@ -109,7 +135,7 @@ def _gate_up_q_gemv_kernel(
     stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_STAGES: tl.constexpr, K_GROUPS: tl.constexpr,
+    NUM_STAGES: tl.constexpr, K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -123,23 +149,29 @@ def _gate_up_q_gemv_kernel(
     wg_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :] * stride_wk
     wu_ptrs = wg_ptrs + I * stride_wn
     x_row = x_ptr + tok * stride_xm
-    if INT4:
+    if TILE3D:
         acc_g = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
-    else:
-        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:  # FP8 [BLOCK_N, BLOCK_K], INT4 planes [BLOCK_N, BLOCK_KW]
+        acc_g = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
     for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
-        x = _step_input(x_row, k0, H, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
-        wg = _dequantized_rows(wg_ptrs, s_ptr, e, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                               EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
-        wu = _dequantized_rows(wu_ptrs, s_ptr, e, n + I, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                               EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
-        acc_g += wg * x
-        acc_u += wu * x
+        if PLANES:
+            acc_g += _int4_plane_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                      SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
+            acc_u += _int4_plane_step(wu_ptrs, s_ptr, e, n + I, x_row, k0, H, stride_se, stride_sn, stride_sk,
+                                      SCALE_BN, SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
+        else:
+            x = _step_input(x_row, k0, H, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
+            wg = _dequantized_rows(wg_ptrs, s_ptr, e, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                                   EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
+            wu = _dequantized_rows(wu_ptrs, s_ptr, e, n + I, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                   SCALE_BK, EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
+            acc_g += wg * x
+            acc_u += wu * x
         wg_ptrs += BLOCK_KW * stride_wk
         wu_ptrs += BLOCK_KW * stride_wk
-    out = gated_act(_row_dots(acc_g, INT4), _row_dots(acc_u, INT4), alpha, limit, ACT)
+    out = gated_act(_row_dots(acc_g, TILE3D), _row_dots(acc_u, TILE3D), alpha, limit, ACT)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(act_ptr + p.to(tl.int64) * stride_am + n_out, out.to(act_ptr.dtype.element_ty), mask=n_out < I)
 
@@ -150,7 +182,7 @@ def _down_q_gemv_combine_kernel(
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
     TOP_K: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
-    K_GROUPS: tl.constexpr,
+    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -160,21 +192,25 @@ def _down_q_gemv_combine_kernel(
     for j in tl.static_range(TOP_K):  # slots in order: a deterministic combine
         p = t * TOP_K + j
         e = tl.load(ids_ptr + p)
-        live = e < E  # a sentinel slot (id E) adds nothing: its loads are masked off below
+        live = e < E  # a sentinel slot (id E) adds nothing: its product is dropped below
         e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
         a_row = a_ptr + p * stride_am
         w_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :] * stride_wk
-        if INT4:
+        if TILE3D:
             acc = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
         else:
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
         for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
-            a = _step_input(a_row, k0, I, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
-            w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                                  EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
-            acc += w * a
+            if PLANES:
+                acc += _int4_plane_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                        SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
+            else:
+                a = _step_input(a_row, k0, I, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
+                w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                      SCALE_BK, EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
+                acc += w * a
             w_ptrs += BLOCK_KW * stride_wk
-        out += tl.where(live, _row_dots(acc, INT4) * tl.load(topk_w_ptr + p).to(tl.float32), 0.0)
+        out += tl.where(live, _row_dots(acc, TILE3D) * tl.load(topk_w_ptr + p).to(tl.float32), 0.0)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
@@ -200,6 +236,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     common = dict(INT4=int4, E8M0=e8m0, BLOCK_N=config.block_n, BLOCK_K=block_k,
                   BLOCK_KW=block_k // 8 if int4 else block_k, NUM_STAGES=config.num_stages,
                   K_GROUPS=1 if int4 else max(1, block_k // spec.scale_block_k),
+                  PLANES=int4 and config.int4_planes, TILE3D=int4 and not config.int4_planes,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
         hidden, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),

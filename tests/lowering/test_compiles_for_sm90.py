@@ -123,8 +123,12 @@ for dtype in (torch.bfloat16, torch.float16):
         triton_quantized.linear_forward(args[0], args[3][0], args[4][0], None, 128, 128)
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 1, 32, torch.bfloat16, weight_format="int4_packed")
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
-    triton_quantized.experts_forward(*args, spec, QuantizedConfig(block_m=16, block_n=64, block_k=128, act="w8a16"))
-    triton_quantized.experts_forward(*args, spec, QuantizedConfig(16, 16, 128, "w8a16", decode=True))
+    for planes in (False, True):  # INT4 sorted path: the reshaped tile, one dot per nibble plane
+        triton_quantized.experts_forward(*args, spec, QuantizedConfig(block_m=16, block_n=64, block_k=128, act="w8a16",
+                                                                      int4_planes=planes))
+    for planes in (False, True):  # INT4 GEMVs: the 3-D nibble tile, the 2-D planes
+        triton_quantized.experts_forward(*args, spec, QuantizedConfig(16, 16, 128, "w8a16", decode=True,
+                                                                      int4_planes=planes))
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, torch.float8_e8m0fnu)
     triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), QuantizedConfig(16, 16, 128, "w8a16", decode=True))
 print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))

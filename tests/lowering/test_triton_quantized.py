@@ -186,10 +186,12 @@ def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, planes, T, H, 
 def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, block_k):
     args, (w1, w2) = quantized_experts_inputs(T, H, I, 8, 2, dtype, bn, bk, scale_dtype, seed=T, weight_format=fmt)
     spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
-    config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act="w8a16", decode=True)
-    with poisoned_allocations():
-        out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
-    assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol
+    for planes in (False, True) if fmt == "int4_packed" else (False,):  # INT4: the 3-D tile, the nibble planes
+        config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act="w8a16", decode=True,
+                                 int4_planes=planes)
+        with poisoned_allocations():
+            out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
+        assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol, planes
 
 
 def test_default_int4_tiles_follow_the_rows_per_expert():
