@@ -48,14 +48,16 @@ def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, i
     sizes = (16, 32, 64, 128)
     block_ms = sorted(sorted(sizes, key=lambda m: abs(m - rows))[:2])
     switch = ("int4_planes", (False, True)) if int4 else ("act", ("w8a16", "w8a8_tile", "w8a8_rows"))
+    # The unfused gate_up (one accumulator) where the GEMMs carry weight, under w8a8_rows; first, since a point's
+    # time budget may end the sweep.
+    if not int4 and rows >= 8:
+        for bm, bn, (w, s) in itertools.product(block_ms, (128, 256), ((4, 3), (8, 3), (8, 4))):
+            yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=s, act="w8a8_rows", fused_act=False)
     for bm, bn, (w, s), on in itertools.product(block_ms, (64, 128, 256), ((4, 3), (4, 4), (8, 3)),
                                                 switch[1]):
         if (bm >= 128 and w == 4) or (on == "w8a8_rows" and bn != 128):
             continue
         yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=s, **{switch[0]: on})
-    if not int4 and rows >= 8:  # the unfused gate_up (one accumulator) where the GEMMs carry weight: w8a8_rows
-        for bm, bn, (w, s) in itertools.product(block_ms, (128, 256), ((4, 3), (8, 3), (8, 4))):
-            yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=s, act="w8a8_rows", fused_act=False)
 
 
 def main():
