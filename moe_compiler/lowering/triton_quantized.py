@@ -249,46 +249,6 @@ def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, st
 
 
 @triton.jit
-def _gate_up_z(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
-               H, N, TOP_K, GROUP_M, SCALE_BN, SCALE_BK, stride_xm, stride_xs, stride_we, stride_wn, stride_wk,
-               stride_se, stride_sn, stride_sk, stride_zm, EVEN_K: tl.constexpr, INT4: tl.constexpr,
-               INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr, ACT_ROWS: tl.constexpr, E8M0: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_KW: tl.constexpr):
-    """z [S_pad, N = 2I] = the gathered rows @ W_gate_up[e]^T, one accumulator per program (gate_up unfused)."""
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
-        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
-        tok = (rows // TOP_K).to(tl.int64)
-        kk = tl.arange(0, BLOCK_K)
-        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
-        w_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
-                  + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            if INT4_PLANES:
-                acc = _int4_planes_step(x_ptr + tok[:, None] * stride_xm + k0, w_ptrs, s_ptr, acc, expert, n, k0, H,
-                                        stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0,
-                                        DOT_PRECISION, BLOCK_KW)
-            else:
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
-                else:
-                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
-                acc = _weight_step(a, xs_ptr + tok * stride_xs, w_ptrs, s_ptr, acc, expert, n, k0, H, stride_se,
-                                   stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
-                                   DOT_PRECISION, BLOCK_K, BLOCK_KW)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_KW * stride_wk
-        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ptrs = z_ptr + slots[:, None] * stride_zm + n_out[None, :]
-        tl.store(ptrs, acc.to(z_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < N)[None, :])
-
-
-@triton.jit
 def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, I, alpha, limit, stride_zm, stride_am, stride_as,
                      ACT: tl.constexpr, ACT_ROWS: tl.constexpr, GROUP: tl.constexpr):
     """act = act(gate) * up of one sorted row's GROUP columns from z (gate columns, then up columns); under
@@ -316,57 +276,62 @@ def _gate_up_q_kernel(
     ACT_ROWS: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, FUSED_ACT: tl.constexpr,
 ):
-    if not FUSED_ACT:  # one GEMM over the 2I columns into act_ptr = z [S_pad, 2I]; _act_rows_kernel follows
-        _gate_up_z(x_ptr, xs_ptr, w_ptr, s_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
-                   num_padded_ptr, H, 2 * I, TOP_K, GROUP_M, SCALE_BN, SCALE_BK, stride_xm, stride_xs, stride_we,
-                   stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am, EVEN_K, INT4, INT4_PLANES,
-                   ACT_FP8, ACT_ROWS, E8M0, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KW)
+    # FUSED_ACT: each program a gate and an up tile of I's columns, the activation in the epilogue. Otherwise one
+    # tile of the 2I columns (gate rows, then up rows) stored as z into act_ptr; _act_rows_kernel follows.
+    if FUSED_ACT:
+        n_cols = I
     else:
-        num_pid_n = tl.cdiv(I, BLOCK_N)
-        num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
-            expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
-            tok = (rows // TOP_K).to(tl.int64)
-            kk = tl.arange(0, BLOCK_K)
-            n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
-            a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
-            wg_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
-                       + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
-            wu_ptrs = wg_ptrs + I * stride_wn
-            gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                if INT4_PLANES:
-                    a_rows = x_ptr + tok[:, None] * stride_xm + k0
-                    gate = _int4_planes_step(a_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
-                                             stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
+        n_cols = 2 * I
+    num_pid_n = tl.cdiv(n_cols, BLOCK_N)
+    num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
+        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
+        tok = (rows // TOP_K).to(tl.int64)
+        kk = tl.arange(0, BLOCK_K)
+        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % n_cols
+        a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
+        wg_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
+                   + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
+        wu_ptrs = wg_ptrs + I * stride_wn
+        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            if INT4_PLANES:
+                a_rows = x_ptr + tok[:, None] * stride_xm + k0
+                gate = _int4_planes_step(a_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
+                                         stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
+                if FUSED_ACT:
                     up = _int4_planes_step(a_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
                                            stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
+            else:
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
                 else:
-                    if EVEN_K:
-                        a = tl.load(a_ptrs)
-                    else:
-                        a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
-                    sa_rows = xs_ptr + tok * stride_xs
-                    gate = _weight_step(a, sa_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
-                                        stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
-                                        DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                sa_rows = xs_ptr + tok * stride_xs
+                gate = _weight_step(a, sa_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
+                                    stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                    DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                if FUSED_ACT:
                     up = _weight_step(a, sa_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
                                       stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
                                       DOT_PRECISION, BLOCK_K, BLOCK_KW)
-                a_ptrs += BLOCK_K
-                wg_ptrs += BLOCK_KW * stride_wk
-                wu_ptrs += BLOCK_KW * stride_wk
+            a_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_KW * stride_wk
+            wu_ptrs += BLOCK_KW * stride_wk
+        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if FUSED_ACT:
             out = gated_act(gate, up, alpha, limit, ACT)
-            n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             if ACT_ROWS:  # BLOCK_N = ACT_GROUP: the tile's columns (those < I) are one group of the down GEMM's A
                 amax = tl.max(tl.where((n_out < I)[None, :], tl.abs(out), 0.0), axis=1)
                 s_out = tl.maximum(amax, 1e-12) / 448.0
                 tl.store(act_s_ptr + slots * stride_as + pid_n, s_out, mask=valid)
                 out = out / s_out[:, None]
-            ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
-            tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
+        else:
+            out = gate  # z
+        ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
+        tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < n_cols)[None, :])
 
 
 @triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
