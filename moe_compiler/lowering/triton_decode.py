@@ -317,13 +317,10 @@ def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: De
     )
 
 
-def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
-                    config: DecodeConfig, mlp=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops/checks.py; T > 0.
-    With `mlp` (a spec.SharedMLP) out also holds the block's shared experts."""
-    T, H = hidden.shape
-    k = topk_ids.shape[1]
-    I = spec.intermediate(w_down)
+def pair_buffers(hidden, topk_ids, topk_weights, I: int):
+    """What both decode paths' kernels take per call: (hidden with unit column stride, flat ids, flat weights,
+    ids_ok [1] int32, act [T * k, I] in hidden's dtype); at most MAX_PAIRS pairs."""
+    T, k = topk_ids.shape
     if T * k > MAX_PAIRS:
         raise ValueError(
             f"moe_compiler: the decode path takes at most {MAX_PAIRS} (token, slot) pairs, got {T * k}; "
@@ -334,7 +331,16 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
     ids_ok = torch.empty(1, dtype=torch.int32, device=hidden.device)
-    act = hidden.new_empty(T * k, I)
+    return hidden, ids, weights, ids_ok, hidden.new_empty(T * k, I)
+
+
+def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
+                    config: DecodeConfig, mlp=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops/checks.py; T > 0.
+    With `mlp` (a spec.SharedMLP) out also holds the block's shared experts."""
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, spec.intermediate(w_down))
     shared_act = hidden.new_empty(T, mlp.intermediate) if mlp is not None else None
     gated = mlp is not None and mlp.expert_gate is not None
     shared_gate = torch.empty(T, dtype=torch.float32, device=hidden.device) if gated else None

@@ -157,6 +157,13 @@ def _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_
 
 
 @triton.jit
+def _e4m3_scale(amax):
+    """The scale of an activation group under w8a8 (every path's same numbers): amax onto e4m3's largest normal,
+    448, as transformers' and DeepSeek's dynamic 1 x 128 scheme."""
+    return tl.maximum(amax, 1e-12) / 448.0
+
+
+@triton.jit
 def int4_values(words, shifts):
     """fp32 (nibble - 8) of int32 words at bit offsets `shifts` (broadcast), exactly: the nibble is ORed into the
     mantissa of 2^23 and 2^23 + 8 subtracted, one OR and one add where an int -> float conversion (a
@@ -240,7 +247,7 @@ def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, st
             out = acc + tl.dot(a, w) * (sa[:, None] * sw[None, :])
         elif ACT_FP8:
             a32 = a.to(tl.float32)
-            sa = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-12) / 448.0
+            sa = _e4m3_scale(tl.max(tl.abs(a32), axis=1))
             aq = (a32 / sa[:, None]).to(tl.float8e4nv)
             out = acc + tl.dot(aq, w) * (sa[:, None] * sw[None, :])
         else:
@@ -261,7 +268,7 @@ def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, I, alpha, limit, stride_zm, stri
     up = tl.load(z_ptr + r * stride_zm + I + cols, mask=ok, other=0.0).to(tl.float32)
     out = gated_act(gate, up, alpha, limit, ACT)
     if ACT_ROWS:
-        s = tl.maximum(tl.max(tl.where(ok, tl.abs(out), 0.0), axis=0), 1e-12) / 448.0
+        s = _e4m3_scale(tl.max(tl.where(ok, tl.abs(out), 0.0), axis=0))
         tl.store(act_s_ptr + r * stride_as + g, s)
         out = out / s
     tl.store(act_ptr + r * stride_am + cols, out.to(act_ptr.dtype.element_ty), mask=ok)
@@ -324,8 +331,7 @@ def _gate_up_q_kernel(
         if FUSED_ACT:
             out = gated_act(gate, up, alpha, limit, ACT)
             if ACT_ROWS:  # BLOCK_N = ACT_GROUP: the tile's columns (those < I) are one group of the down GEMM's A
-                amax = tl.max(tl.where((n_out < I)[None, :], tl.abs(out), 0.0), axis=1)
-                s_out = tl.maximum(amax, 1e-12) / 448.0
+                s_out = _e4m3_scale(tl.max(tl.where((n_out < I)[None, :], tl.abs(out), 0.0), axis=1))
                 tl.store(act_s_ptr + slots * stride_as + pid_n, s_out, mask=valid)
                 out = out / s_out[:, None]
         else:
@@ -449,7 +455,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_s
     g = tl.program_id(1)
     cols = g * GROUP + tl.arange(0, GROUP)
     x = tl.load(x_ptr + t * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+    s = _e4m3_scale(tl.max(tl.abs(x), axis=0))
     tl.store(q_ptr + t * stride_qm + cols, (x / s).to(q_ptr.dtype.element_ty), mask=cols < K)
     tl.store(s_ptr + t * stride_sm + g, s)
 

@@ -29,7 +29,7 @@ import triton.language as tl
 from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
-from .triton_decode import MAX_PAIRS, check_ids
+from .triton_decode import check_ids, pair_buffers
 from .triton_quantized import _scale_view, int4_values
 
 
@@ -222,15 +222,8 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     k = topk_ids.shape[1]
     int4 = spec.weight_format is WeightFormat.INT4_PACKED
     I = w_down.shape[2] * (8 if int4 else 1)
-    if T * k > MAX_PAIRS:
-        raise ValueError(f"moe_compiler: the quantized decode path takes at most {MAX_PAIRS} pairs, got {T * k}")
     block_k = config.block_k  # checked by triton_quantized.experts_forward, the caller
-    if hidden.stride(1) != 1:
-        hidden = hidden.contiguous()
-    ids = topk_ids.reshape(-1).contiguous()
-    weights = topk_weights.reshape(-1).contiguous()
-    ids_ok = torch.empty(1, dtype=torch.int32, device=hidden.device)
-    act = hidden.new_empty(T * k, I)
+    hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, I)
     s1, e8m0 = _scale_view(w_gate_up_scale)
     s2, _ = _scale_view(w_down_scale)
     common = dict(INT4=int4, E8M0=e8m0, BLOCK_N=config.block_n, BLOCK_K=block_k,
