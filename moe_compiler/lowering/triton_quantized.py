@@ -49,7 +49,7 @@ from .triton_experts import _block_rows, _tile_coords, dot_precision, launch_com
 ACT_GROUP = 128  # columns per activation scale under w8a8 (transformers' and DeepSeek's 1 x 128)
 
 
-class ActQuant(enum.Enum):
+class ActQuant(str, enum.Enum):
     """How the FP8 sorted path multiplies (module docstring); the GEMVs and INT4 always take exact activations."""
 
     NONE = "w8a16"
@@ -110,36 +110,44 @@ def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsS
 
 
 def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int, decode: bool) -> QuantizedConfig:
-    """FP8 tiles from the H200 sweep at DeepSeek-V3's shape. The GEMVs: 16 rows per program, 2 warps (T = 1:
-    119 vs 156 us at 4 warps). The sorted path: w8a8 wherever the GPU has FP8 tensor cores (the activations
-    quantized per row and 128 columns, transformers' and DeepSeek's own dynamic scheme), faster than w8a16 at
-    every T measured (8: 664 vs 880 us, 128: 2757 vs 3753, 1024: 5267 vs 6258, 4096: 15.4 vs 18.6 ms; the
-    w8a16 tile's conversion costs more than the FP8 weights save); 16-row blocks up to 32 rows per expert, then
-    64 (128 rows: 2x slower). w8a16 (fp32 activations, GPUs without FP8 cores) the sweep's best w8a16 tiles."""
+    """FP8 tiles from the H200 sweeps at DeepSeek-V3's shape (NOTES.md, quantized tiles). The GEMVs: 16 rows per
+    program, 2 warps (T = 1: 118 vs 156 us at 4 warps; wider K steps measured level). The sorted path: w8a8
+    wherever the GPU has FP8 tensor cores, the activations rounded once per row and 128 columns (w8a8_rows:
+    transformers' and DeepSeek's own dynamic scheme) — faster than w8a16 and than rounding per tile at every T
+    measured (1024: 4.26 vs 5.29 vs 9.10 ms; the w8a16 tile's conversion costs more than the FP8 weights save).
+    Up to 8 rows per expert 16-row blocks with the activation fused into gate_up; from 16 rows, 32 then 64-row
+    blocks with gate_up unfused (one accumulator, z stored, the activation a second pass: 4096 tokens 7.07 vs
+    11.3 ms fused). w8a16 (fp32 activations, GPUs without FP8 cores) the sweep's best w8a16 tiles."""
     if decode:
         return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act=ActQuant.NONE, num_warps=2, num_stages=3,
                                decode=True)
     rows = T * k / E
     fp8_cores = hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) >= (8, 9)
     if fp8_cores and hidden.dtype != torch.float32 and block_k >= 32:
-        if rows <= 32:
-            return QuantizedConfig(block_m=16, block_n=128, block_k=block_k, act=ActQuant.TILE, num_warps=4,
+        if ACT_GROUP % block_k:  # scale blocks wider than the 128-column activation groups: round per tile
+            return QuantizedConfig(block_m=16 if rows <= 32 else 64, block_n=128, block_k=block_k, act=ActQuant.TILE,
+                                   num_warps=4 if rows <= 32 else 8, num_stages=3)
+        if rows <= 8:
+            return QuantizedConfig(block_m=16, block_n=128, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
                                    num_stages=4 if rows <= 4 else 3)
-        return QuantizedConfig(block_m=64, block_n=128, block_k=block_k, act=ActQuant.TILE, num_warps=8,
-                               num_stages=3)
+        if rows <= 32:
+            return QuantizedConfig(block_m=32, block_n=256, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
+                                   num_stages=3, fused_act=False)
+        return QuantizedConfig(block_m=64, block_n=128, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
+                               num_stages=3, fused_act=False)
     block_m = 16 if rows <= 8 else 32 if rows <= 32 else 64
     return QuantizedConfig(block_m=block_m, block_n=64 if block_m != 32 else 128, block_k=block_k, act=ActQuant.NONE,
                            num_warps=4, num_stages=3)
 
 
 def _default_int4(T: int, E: int, k: int, decode: bool) -> QuantizedConfig:
-    """INT4 tiles from the H200 sweep at Kimi-K2's shape (NOTES.md, quantized tiles): the GEMVs narrow (8 rows of
-    2 x 256 values per program, 2 warps); the sorted path's block_m the rows per expert rounded up to a power of
-    two in 16..64, 128 columns, nibble planes at 16 rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped
-    tile above (T = 1024: 12.9 vs 17.6 ms)."""
-    if decode:  # the 3-D nibble tile (measured); the GEMVs' nibble planes are not yet
-        return QuantizedConfig(block_m=16, block_n=8, block_k=256, act=ActQuant.NONE, num_warps=2, num_stages=3,
-                               decode=True, int4_planes=False)
+    """INT4 tiles from the H200 sweeps at Kimi-K2's shape (NOTES.md, quantized tiles): the GEMVs 8 rows of 512
+    values per program in nibble planes, 2 warps (T = 1: 167 vs 222 us with the 3-D nibble tile); the sorted
+    path's block_m the rows per expert rounded up to a power of two in 16..64, 128 columns, nibble planes at 16
+    rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped tile above (T = 1024: 12.9 vs 17.6 ms)."""
+    if decode:
+        return QuantizedConfig(block_m=16, block_n=8, block_k=512, act=ActQuant.NONE, num_warps=2, num_stages=3,
+                               decode=True, int4_planes=True)
     block_m = min(64, max(16, triton.next_power_of_2(int(-(-T * k // E)))))
     return QuantizedConfig(block_m=block_m, block_n=128, block_k=128, act=ActQuant.NONE, num_warps=4,
                            num_stages=3, int4_planes=block_m <= 16)

@@ -79,4 +79,14 @@ def test_int4_checkpoint_on_the_gpu(dtype, tol, tmp_path):
     if dtype != torch.float32:
         tol = max(tol, 1.5 * rel_err(_logits(reference.to(dtype), ids), ref))
     assert rel_err(_logits(model, ids), ref) <= tol
-    assert rel_err(_logits(torch.compile(model, backend="fused_moe"), ids), ref) <= tol
+    if dtype != torch.float32:
+        # Plain torch.compile flips one token's routing here in bf16 (Inductor's fused norms round differently from
+        # eager; H200: that token 87% off, the logits 10.3%, fused_moe's the same 10.3%): the compiled model's bound
+        # is plain torch.compile's own error on it, so the test asks "no worse than the compiler we replace".
+        torch._dynamo.reset()
+        tol = max(tol, 1.5 * rel_err(_logits(torch.compile(model), ids), ref))
+        torch._dynamo.reset()
+    compiled = _logits(torch.compile(model, backend="fused_moe"), ids)
+    assert rel_err(compiled, ref) <= tol
+    per_token = (compiled - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert per_token.median() <= 2e-2  # a flip moves a token or two; a wrong op moves them all

@@ -62,4 +62,4 @@ def fails_with_ids_assert(body: str):
     proc = subprocess.run([sys.executable, "-c", code],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stdout
-    assert "topk_ids out of [0, E)" in proc.stderr, proc.stderr[-2000:]
+    assert "topk_ids out of [0, E]" in proc.stderr, proc.stderr[-2000:]
