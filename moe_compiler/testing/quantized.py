@@ -75,23 +75,22 @@ def quantize_activations_fp8(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def w8a8_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, group: int, spec=None):
-    """The w8a8 kernels' math in fp64 on dequantized weights [E, 2I, H] / [E, H, I]: each GEMM's input rows
-    rounded by quantize_activations_fp8 first (the gated activation stored in hidden's dtype before that). A pair
-    routed to e = E (the expert-parallel sentinel) adds nothing."""
+    """The w8a8 kernels' math in fp64 on dequantized weights [E, 2I, H] / [E, H, I], one expert at a time: each
+    GEMM's input rows rounded by quantize_activations_fp8 first (the gated activation stored in hidden's dtype
+    before that). A pair routed to e = E (the expert-parallel sentinel) adds nothing."""
     from ..lowering.torch_activations import gated_forward
     from ..spec import ExpertsSpec
 
     spec = spec or ExpertsSpec()
     out = torch.zeros(hidden.shape, dtype=torch.float64)
     x = quantize_activations_fp8(hidden, group).double()
-    for t in range(hidden.shape[0]):
-        for j in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, j])
-            if e == w_gate_up.shape[0]:
-                continue
-            a = gated_forward(w_gate_up[e].double() @ x[t], spec).to(hidden.dtype)
-            a = quantize_activations_fp8(a, group).double()
-            out[t] += topk_weights[t, j].double() * (w_down[e].double() @ a)
+    for e in torch.unique(topk_ids).tolist():
+        if e == w_gate_up.shape[0]:
+            continue
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        a = gated_forward(x[tok] @ w_gate_up[e].double().t(), spec).to(hidden.dtype)
+        a = quantize_activations_fp8(a, group).double()
+        out.index_add_(0, tok, topk_weights[tok, slot].double().unsqueeze(-1) * (a @ w_down[e].double().t()))
     return out
 
 

@@ -181,4 +181,5 @@ def test_the_ops_on_the_gpu_under_a_cuda_graph(T):
                 ref = w8a8_reference(args[0], new, args[2], q1, q2, ACT_GROUP)
             else:
                 ref = experts_reference(args[0], new, args[2], q1, q2)
-            assert rel_err(eager.cpu(), ref) <= 1e-2, name
+            # w8a8: 2e-2, its own bound (a bf16 ulp before an e4m3 rounding can move it a whole step; the ops tests)
+            assert rel_err(eager.cpu(), ref) <= (2e-2 if w8a8 and name == "quantized" else 1e-2), name
