@@ -15,12 +15,14 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False on this machine)")
+    skip_multi = pytest.mark.skip(reason=f"needs two CUDA GPUs, this machine has {gpus}")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not gpus:
             item.add_marker(skip)
+        elif "multi_gpu" in item.keywords and gpus < 2:
+            item.add_marker(skip_multi)
 
 
 @pytest.fixture(autouse=True)

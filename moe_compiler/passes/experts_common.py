@@ -32,9 +32,12 @@ from .fx_utils import (
     follow,
     is_in_place,
     is_param,
+    is_param_read,
     is_tensor_node,
     op_call_code,
     op_name,
+    param_input,
+    strip_casts,
 )
 from .gated_activation import recognize_gated_activation
 from .match import EagerExpertsLoop, Edit, ExpertsForm, Match, NoExpertGemm, Reject
@@ -105,6 +108,10 @@ class ExpertsMatch(RegionMatch):
     w_down: fx.Node
     b_gate_up: fx.Node | None = None
     b_down: fx.Node | None = None
+    sentinels: bool = False  # the region drops sentinel-id pairs itself: verify.py routes some pairs to id E
+
+    def verify(self, gm: fx.GraphModule, real: dict) -> str:
+        return verify.experts_region(gm, self.region, self.call(), self.output, self.shape, real, self.sentinels)
 
     def call(self) -> OpCall:
         tensors = ExpertsTensors(self.hidden, self.topk_ids, self.topk_weights, self.w_gate_up, self.w_down,
@@ -163,6 +170,34 @@ def _sentinel_fills(region: Region, num_experts) -> frozenset:
     return frozenset(fills)
 
 
+def _op_ids(region: Region, ids: fx.Node, first_gemm: fx.Node, E) -> fx.Node:
+    """The [T, k] ids the op takes: the region's id input, or the last [T, k] integer value computed from it that
+    the grouping reads. transformers' all-reduce expert parallelism (5.24) remaps the global ids to this rank's
+    inside the experts module, `where(id // E != rank, E, id % E)` with E the local expert count and E itself the
+    off-rank sentinel (the weight masked to 0 beside it): the op takes the remapped ids and the masked weights, the
+    remap stays in the graph. That form, and only it, is accepted: it puts every id in [0, E] by construction
+    (the op's range). A cast of the input is the input. verify.py checks the op from those values on, sentinels
+    included."""
+    shape = dims(ids)
+    for n in reversed(region.nodes):
+        v = example_value(n)
+        if (
+            isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool
+            and dims(n) == shape and not is_in_place(n) and strip_casts(n) is not ids
+            and derives_from(n, ids, region.contains) and derives_from(first_gemm, n, region.contains)
+        ):
+            remap = strip_casts(n)
+            rem = remap.args[2] if op_name(remap) == "where" and len(remap.args) == 3 else None
+            if not (remap.args[1] == E and op_name(rem) in ("mod", "remainder") and rem.args[1] == E):
+                raise Reject(
+                    f"the expert ids the GEMMs group by are computed inside the region (`{n.name}`, "
+                    f"{op_name(remap)}) in a form other than expert parallelism's `where(off_rank, {E}, ids % {E})`:"
+                    " their range is not proven to be [0, E]"
+                )
+            return n
+    return ids
+
+
 def _find_gemms(region: Region, forms) -> tuple[ExpertsForm, list[GemmUse]]:
     for form in forms:
         uses = [u for n in region.nodes if (u := form.match_gemm(n)) is not None]
@@ -199,9 +234,10 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
         )
     up, down = uses
     for use, role in ((up, "gate_up"), (down, "down")):
-        if not is_param(use.weight, 3):
+        if not is_param_read(use.weight, 3):
             raise Reject(
-                f"the {role} GEMM's weight `{use.weight.name}` is not a 3-D graph input (a parameter read in place)"
+                f"the {role} GEMM's weight `{use.weight.name}` is not a 3-D graph input (a parameter read in place, "
+                "or a DTensor parameter's local shard)"
             )
     if up.weight is down.weight:
         raise Reject("both GEMMs read the same weight")
@@ -230,7 +266,7 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
     id_inputs = [i for i in inputs if not example_value(i).is_floating_point() and example_value(i).dim() == 2]
     if len(id_inputs) != 1:
         raise Reject(f"expected one integer [T, k] routing input (top-k ids), found {[i.name for i in id_inputs]}")
-    topk_ids = id_inputs[0]
+    topk_ids = _op_ids(region, id_inputs[0], up.node, E)
     weighted = None
     for n in region.nodes:
         if op_name(n) != "mul" or not derives_from(n, down.node, region.contains):
@@ -241,7 +277,8 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
                 and not derives_from(w, down.node, region.contains)
             ):
                 src = follow(w, through=_WEIGHT_PATH, gathers=True, within=region.contains)
-                if src in inputs and src is not hidden and dims(src) == dims(topk_ids):
+                computed = region.contains(src) and example_value(src).is_floating_point()  # EP's masked weights
+                if (src in inputs or computed) and src is not hidden and dims(src) == dims(topk_ids):
                     weighted = (n, src)
     if weighted is None:
         raise Reject(
@@ -257,7 +294,8 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
     if not derives_from(up.node, topk_ids, region.contains):
         raise Reject("the expert GEMM's grouping / weight gather does not depend on the top-k ids")
 
-    known = {hidden, topk_ids, topk_weights, up.weight, down.weight, b_gate_up, b_down}
+    routing = [i for i in inputs if dims(i) == dims(topk_ids) and derives_from(topk_weights, i, inside)]
+    known = {hidden, id_inputs[0], *routing, param_input(up.weight), param_input(down.weight), b_gate_up, b_down}
     extra = [i for i in inputs if i not in known]
     if extra:
         raise Reject(f"unexpected tensor inputs {[(i.name, dims(i)) for i in extra]} (e.g. a post-expert norm: NYI)")
@@ -266,5 +304,7 @@ def recognize_experts(region: Region, forms) -> ExpertsMatch:
     I2 = w1[2] if up.transposed_storage else w1[1]
     shape = {"T": h_dims[0], "H": h_dims[1], "E": E, "I": I2 // 2, "k": dims(topk_ids)[1]}
     spec = ExpertsSpec(gated.activation, gated.layout, up.transposed_storage, gated.swiglu_alpha, gated.swiglu_limit)
+    # Expert parallelism: the region remaps ids itself (5.24), or zeroes the rows of ids >= E (5.17's grouped_mm).
+    sentinels = topk_ids is not id_inputs[0] or bool(transparent)
     return ExpertsMatch(form, spec, region, output, shape, hidden, topk_ids, topk_weights, up.weight, down.weight,
-                        b_gate_up, b_down)
+                        b_gate_up, b_down, sentinels)

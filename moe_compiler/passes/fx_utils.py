@@ -37,6 +37,19 @@ def is_param(node, rank: int | None = None) -> bool:
     return isinstance(node, fx.Node) and node.op in GRAPH_INPUTS and (rank is None or len(dims(node) or ()) == rank)
 
 
+def is_param_read(node, rank: int) -> bool:
+    """A `rank`-dim parameter read in place: a graph input, or `param.to_local()` of one (the local shard of a
+    DTensor parameter under transformers' expert / tensor parallelism: a view of this rank's tensor, no copy)."""
+    if is_param(node, rank):
+        return True
+    return op_name(node) == "to_local" and is_param(node.args[0], rank) and len(dims(node) or ()) == rank
+
+
+def param_input(node):
+    """The graph input a parameter read (is_param_read) reads."""
+    return node.args[0] if op_name(node) == "to_local" else node
+
+
 def op_name(node) -> str:
     """A stable name for what a node calls: 'transpose', 'mul', 'silu', '_grouped_mm',
     'transformers::grouped_mm_fallback', ... (method and function spellings coincide)."""

@@ -101,7 +101,17 @@ def find_experts_regions(gm: fx.GraphModule) -> list[Region]:
                 scope = (path, cls)
         if scope is not None:
             groups.setdefault(scope[0], (scope[1], []))[1].append(node)
-    return [_region(gm.graph, path, cls, nodes) for path, (cls, nodes) in groups.items()]
+    return [_region(gm.graph, path, cls, _before_collective(nodes)) for path, (cls, nodes) in groups.items()]
+
+
+def _before_collective(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The nodes before the module's first collective: transformers' all-reduce expert parallelism (5.24)
+    all-reduces the experts' output inside the experts module; the collective and what follows it stay in the
+    graph, reading the op's output."""
+    for i, n in enumerate(nodes):
+        if op_name(n).startswith(("_c10d_functional::", "c10d_functional::")):
+            return nodes[:i]
+    return nodes
 
 
 # --- regions from routing data flow -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.fx as fx
 from ..ops.signature import OpCall
 from ..spec import RouteOrder
 from ..stacked_weights import UntiledWeightsWarning
-from .fx_utils import example_value, subgraph_module
+from .fx_utils import backward_slice, example_value, subgraph_module
 from .match import Reject
 
 # Agreement required between the original nodes and the op. A wrong activation, a swapped gate/up or a
@@ -77,14 +77,38 @@ def random_ids(T: int, E: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k]
 
 
-def experts_region(gm: fx.GraphModule, region, call: OpCall, output: fx.Node, shape: dict, real: dict) -> str:
-    """The region's nodes vs `call` (whose tensors are region inputs) on random hidden rows, ids and weights
-    and the model's own weights. Returns a one-line result; raises Reject if they disagree."""
+def with_sentinels(ids: torch.Tensor, E: int) -> torch.Tensor:
+    """Every third pair routed off this rank (id E, expert parallelism's sentinel)."""
+    ids = ids.clone()
+    ids.view(-1)[::3] = E
+    return ids
+
+
+def from_op_inputs(region, cut: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(nodes, inputs) of the region from `cut` on: the nodes only `cut` needed (expert parallelism's id remap)
+    left out, `cut` turned into inputs."""
+    ancestors = backward_slice(cut, within=region.contains)
+    rest = [n for n in region.nodes if n not in ancestors]
+    keep = backward_slice(rest, stop=cut, within=region.contains)
+    nodes = [n for n in region.nodes if n in keep]
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    inputs = sorted({a for n in nodes for a in n.all_input_nodes if a not in keep}, key=order.__getitem__)
+    return nodes, inputs
+
+
+def experts_region(gm: fx.GraphModule, region, call: OpCall, output: fx.Node, shape: dict, real: dict,
+                   sentinels: bool = False) -> str:
+    """The region's nodes vs `call` on random hidden rows, ids and weights and the model's own weights. Where the
+    op's ids and weights are computed inside the region (expert parallelism's global -> local remap) the check
+    starts from them. `sentinels` (a region that drops expert parallelism's sentinel pairs itself): every third
+    random pair routed to id E. Returns a one-line result; raises Reject if they disagree."""
     t = call.tensors
     if on_meta(region.inputs):
         return META_SKIP
     ev = example_value(t.hidden)
     device, gen = ev.device, torch.Generator().manual_seed(0)
+    cut = [n for n in (t.topk_ids, t.topk_weights) if region.contains(n)]
+    nodes, inputs = from_op_inputs(region, cut) if cut else (region.nodes, region.inputs)
 
     def synthesize(node: fx.Node):
         value = example_value(node)
@@ -95,16 +119,17 @@ def experts_region(gm: fx.GraphModule, region, call: OpCall, output: fx.Node, sh
         size = [hint(s) for s in value.shape]
         if node is t.topk_ids:
             T, k = size
-            return random_ids(T, hint(shape["E"]), k, gen).to(device=device, dtype=value.dtype)
+            ids = random_ids(T, hint(shape["E"]), k, gen)
+            return (with_sentinels(ids, hint(shape["E"])) if sentinels else ids).to(device=device, dtype=value.dtype)
         if node is t.topk_weights:
             return (torch.rand(size, generator=gen) * 0.5).to(device=device, dtype=value.dtype)
         if value.is_floating_point():
             return torch.randn(size, generator=gen).to(device=device, dtype=value.dtype)
         raise Reject(f"numerical check: cannot synthesize input `{node.name}` ({value.dtype}, {size})")
 
-    sub = subgraph_module(gm, region.nodes, region.inputs, [output], f"Region_{region.cls}")
-    args = [synthesize(i) for i in region.inputs]
-    rec = Recorder(sub, zip((i.name for i in region.inputs), args))
+    sub = subgraph_module(gm, nodes, inputs, [output], f"Region_{region.cls}")
+    args = [synthesize(i) for i in inputs]
+    rec = Recorder(sub, zip((i.name for i in inputs), args))
 
     def both():
         want = rec.run(*args)
@@ -114,8 +139,9 @@ def experts_region(gm: fx.GraphModule, region, call: OpCall, output: fx.Node, sh
     want, got = run("numerical check", both)
     err, tol = rel_err(got, want), TOLERANCE[ev.dtype]
     if not err <= tol:  # also catches NaN
-        raise Reject(f"numerical check failed: region vs op relative error {err:.2e} > {tol:.0e} on random routing")
-    return f"rel err {err:.1e} <= {tol:.0e} (T={want.shape[0]}, {ev.dtype})"
+        raise Reject(f"numerical check failed: region vs op relative error {err:.2e} > {tol:.0e} on random routing"
+                     + (" with sentinel ids" if sentinels else ""))
+    return f"rel err {err:.1e} <= {tol:.0e} (T={want.shape[0]}, {ev.dtype}{', sentinel ids' if sentinels else ''})"
 
 
 def router_logits(shape, dtype, gen, device, near_ties: bool = False) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""The experts of one expert-parallel rank, in one process: transformers' all-reduce EP (5.24) replaces the experts'
+forward by one that remaps the global ids to this rank's (`where(id // E != rank, E, id % E)`, E the local count
+and the sentinel) and masks the off-rank weights, on the local shards, with `_is_expert_parallel` set (the
+grouped_mm forward then zeroes sentinel rows). The op must take the remapped ids and masked weights, and the
+numerical check must route pairs to the sentinel. The all-reduce itself is left out here (the two-rank test,
+tests/integrations/test_expert_parallel.py, has it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from moe_compiler.testing import rel_err
+from moe_compiler.testing.hf_models import tiny_model
+
+
+def one_rank(model, rank: int, ranks: int = 2, mask_rows: bool = True):
+    """`model` turned into rank `rank` of `ranks`: local expert shards, transformers' remapping forward."""
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        n = experts.num_experts // ranks
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                p = getattr(experts, name)
+                setattr(experts, name, torch.nn.Parameter(p[rank * n:(rank + 1) * n].clone()))
+        experts.num_experts, experts._is_expert_parallel = n, mask_rows
+        forward = experts.forward
+
+        def ep_forward(hidden, ids, weights, forward=forward, n=n):
+            off_rank = (ids // n) != rank
+            local = torch.where(off_rank, n, ids % n)
+            return forward(hidden, local, weights.masked_fill(off_rank, 0.0))
+
+        experts.forward = ep_forward
+    return model
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_a_rank_fuses_with_its_local_ids(arch, rank, tmp_path):
+    model = one_rank(tiny_model(arch), rank)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(
+            input_ids=ids).logits
+    assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")) == 2
+    assert rel_err(compiled, eager) <= 1e-5
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.count("sentinel ids") == 2, summary
+
+
+@pytest.mark.parametrize("remap", ["past_the_sentinel", "shifted"])
+def test_ids_remapped_in_another_form_are_not_fused(remap, tmp_path):
+    """Ids computed inside the experts region in any form but transformers' `where(off, E, ids % E)`: their range
+    is not proven to be [0, E] (here: off-rank pairs sent to E + 1, which the module's forward masks and the op
+    would refuse; a plain shift): the region stays with Inductor, the dump says why, the logits stay right."""
+    model = one_rank(tiny_model("qwen3_moe"), 0)
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        n = experts.num_experts
+        forward = experts.forward.__defaults__[0]  # transformers' own forward under one_rank's
+
+        def other(hidden, ids, weights, forward=forward, n=n):
+            off_rank = ids >= n
+            local = torch.where(off_rank, n + 1, ids % n) if remap == "past_the_sentinel" else (ids - 1).clamp(0)
+            return forward(hidden, local, weights.masked_fill(off_rank, 0.0))
+
+        experts.forward = other
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(
+            input_ids=ids).logits
+    assert rel_err(compiled, eager) <= 1e-5
+    summary = (tmp_path / "summary.txt").read_text()
+    assert counters["moe_compiler"]["rejected_experts"] == 2, summary
+    assert "not proven to be [0, E]" in summary
