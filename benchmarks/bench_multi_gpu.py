@@ -154,9 +154,9 @@ def main():
     dist.barrier()
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
-        gpu = harness.gpu_name()
+        gpu = harness.gpu_name() if cuda else "CPU"
         harness.save_rows(args.out, "multi_gpu", rows, gpu, key="run", replaced={run})
-        print_table(rows, f"{name} on {world} x {gpu if cuda else 'CPU'}")
+        print_table(rows, f"{name} on {world} x {gpu}")
     dist.destroy_process_group()
 
 
