@@ -1,7 +1,8 @@
-"""Expert parallelism with backend="fused_moe":
+"""Expert parallelism and FSDP2 with backend="fused_moe":
 
     torchrun --nproc-per-node 2 examples/multi_gpu.py [--arch qwen3_moe|deepseek_v3] [--model PATH]
                                                       [--dtype bf16] [--mode reduce-overhead]
+    torchrun --nproc-per-node 2 examples/multi_gpu.py --fsdp [--arch ...] [--model PATH] [--dtype bf16]
 
 Loads the model with transformers' own expert-parallel plan — each rank holds E / world of the routed experts
 (`grouped_gemm` shards), attention tensor-parallel where the model's plan has it — compiles it with
@@ -15,6 +16,10 @@ experts module the global ids become local ones, routes to other ranks' experts 
 outputs. The op takes the local ids and weights and the local shards; the remap and the all-reduce stay in the
 graph around it (NOTES.md, expert parallelism). Without --model a tiny random model is written to a temporary
 directory by rank 0.
+
+--fsdp: one training step with FSDP2 (`fully_shard` per decoder layer), compiled with fused_moe in training mode,
+each rank its own rows; loss and gradients against one process running the whole batch unsharded. FSDP's hooks
+split the graph per layer; inside each, the op reads the parameters FSDP has just all-gathered, in place.
 """
 
 from __future__ import annotations
@@ -62,10 +67,70 @@ def fused_layers() -> int:
     return sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts"))
 
 
+def expert_parallel(args, path: str, device, dtype) -> dict:
+    """Inference under transformers' EP plan: compiled vs eager (same sharding) and vs the unsharded model."""
+    from transformers import AutoModelForCausalLM
+
+    world = dist.get_world_size()
+    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=ep_config(world), dtype=dtype).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=ids).logits.float()
+
+    eager = logits(model)
+    compiled = logits(torch.compile(model, backend="fused_moe", mode=args.mode))
+    if args.mode == "reduce-overhead":  # replays of the captured graph, the all-reduce inside it
+        compiled = logits(torch.compile(model, backend="fused_moe", mode=args.mode))
+    single = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return {"moe_layers": moe_layers(model), "compiled_vs_eager": rel_err(compiled, eager),
+            "ep_vs_single": rel_err(eager, logits(single))}
+
+
+def fsdp_train(args, path: str, device, dtype) -> dict:
+    """One training step under FSDP2 (`fully_shard` per decoder layer, then the root), compiled with fused_moe in
+    training mode, each rank its own rows of the batch; loss and every gradient against one process running
+    the whole batch unsharded (FSDP averages the ranks' gradients: the whole batch's mean-loss gradient)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).train()
+    single = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).train()
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ids = torch.randint(0, model.config.vocab_size, (world, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.training": True})
+    loss = compiled(input_ids=ids[rank:rank + 1], labels=ids[rank:rank + 1]).loss
+    loss.backward()
+    ref = single(input_ids=ids, labels=ids).loss
+    ref.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    grads, ref_grads = [], []
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads.append(g.flatten().float())
+        ref_grads.append(q.grad.flatten().float())
+    return {"moe_layers": moe_layers(model), "loss_vs_single": rel_err(mean_loss / world, ref.detach()),
+            "grads_vs_single": rel_err(torch.cat(grads), torch.cat(ref_grads))}
+
+
+def moe_layers(model) -> int:
+    return sum(1 for _, m in model.named_modules() if type(m).__name__.endswith("Experts"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="qwen3_moe", help="tiny model's architecture (without --model)")
     ap.add_argument("--model", help="a checkpoint directory instead of a tiny random model")
+    ap.add_argument("--fsdp", action="store_true", help="a training step under FSDP2 instead of EP inference")
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (GPUs)")
     ap.add_argument("--tokens", type=int, default=33)
@@ -79,35 +144,18 @@ def main():
         torch.cuda.set_device(device)
     dtype = DTYPES[args.dtype]
     path = args.model or tiny_checkpoint(args.arch)
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=ep_config(world), dtype=dtype).eval()
-    layers = sum(1 for _, m in model.named_modules() if type(m).__name__.endswith("Experts"))
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (2, args.tokens), generator=torch.Generator().manual_seed(0)).to(device)
-
-    def logits(m):
-        with torch.no_grad():
-            return m(input_ids=ids).logits.float()
-
-    eager = logits(model)
-    compiled = logits(torch.compile(model, backend="fused_moe", mode=args.mode))
-    if args.mode == "reduce-overhead":  # replays of the captured graph, the all-reduce inside it
-        compiled = logits(torch.compile(model, backend="fused_moe", mode=args.mode))
+    result = (fsdp_train if args.fsdp else expert_parallel)(args, path, device, dtype)
     fused = fused_layers()
-    single = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    result = {
-        "rank": rank, "world": world, "device": str(device), "dtype": args.dtype, "moe_layers": layers,
-        "fused_layers": fused, "compiled_vs_eager": rel_err(compiled, eager),
-        "ep_vs_single": rel_err(eager, logits(single)), "counters": dict(counters["moe_compiler"]),
-    }
+    result.update(rank=rank, world=world, device=str(device), dtype=args.dtype, fused_layers=fused,
+                  counters=dict(counters["moe_compiler"]))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    result["ok"] = fused == layers and result["compiled_vs_eager"] <= tol and result["ep_vs_single"] <= tol
+    errors = {k: v for k, v in result.items() if k.endswith("_vs_eager") or k.endswith("_vs_single")}
+    result["ok"] = fused == result["moe_layers"] and all(v <= tol for v in errors.values())
     print("RESULT " + json.dumps(result), flush=True)
     dist.destroy_process_group()
     if not result["ok"]:
-        raise SystemExit(f"rank {rank}: fused {fused}/{layers} MoE layers, errors above {tol:.0e}: {result}")
+        raise SystemExit(f"rank {rank}: fused {fused}/{result['moe_layers']} MoE layers, errors {errors} "
+                         f"(<= {tol:.0e})")
 
 
 if __name__ == "__main__":
