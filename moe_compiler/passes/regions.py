@@ -92,7 +92,8 @@ def _compute_nodes(graph: fx.Graph):
 
 
 def find_experts_regions(gm: fx.GraphModule) -> list[Region]:
-    """One Region per `*Experts` module instance that emitted compute nodes, in graph order."""
+    """One Region per `*Experts` module instance that emitted compute nodes, in graph order; then one per run of
+    nodes that transformers' experts forward emitted outside any module (below)."""
     groups: dict[str, tuple[str, list[fx.Node]]] = {}
     for node in _compute_nodes(gm.graph):
         scope = None
@@ -101,7 +102,41 @@ def find_experts_regions(gm: fx.GraphModule) -> list[Region]:
                 scope = (path, cls)
         if scope is not None:
             groups.setdefault(scope[0], (scope[1], []))[1].append(node)
-    return [_region(gm.graph, path, cls, _before_collective(nodes)) for path, (cls, nodes) in groups.items()]
+        elif (fn := _experts_forward_of(node)) is not None:
+            runs = groups.setdefault(f"<{fn}>", (fn, []))[1]
+            runs.append(node)
+    regions = []
+    for path, (cls, nodes) in groups.items():
+        if path.startswith("<"):
+            for i, run in enumerate(_contiguous_runs(gm.graph, nodes)):
+                regions.append(_region(gm.graph, f"<{cls} #{i}>", cls, run))
+        else:
+            regions.append(_region(gm.graph, path, cls, _before_collective(nodes)))
+    return regions
+
+
+# transformers' experts implementations (integrations/moe.py), by the function that computes them.
+EXPERTS_FORWARDS = ("grouped_mm_experts_forward", "batched_mm_experts_forward")
+
+
+def _experts_forward_of(node: fx.Node) -> str | None:
+    """The transformers experts forward whose frame emitted `node`, for nodes that no module claims: after a
+    graph break inside a module's forward (transformers' all-to-all expert parallelism reads its split sizes
+    back between dispatch and experts), Dynamo's resumed frame carries no module stack, only the stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    return next((fn for fn in EXPERTS_FORWARDS if f", in {fn}\n" in trace), None)
+
+
+def _contiguous_runs(graph: fx.Graph, nodes: list[fx.Node]) -> list[list[fx.Node]]:
+    """`nodes` split where another compute node comes between two of them (one call of the forward each)."""
+    members, runs, run = set(nodes), [], []
+    for n in _compute_nodes(graph):
+        if n in members:
+            run.append(n)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs + ([run] if run else [])
 
 
 def _before_collective(nodes: list[fx.Node]) -> list[fx.Node]:

@@ -79,3 +79,29 @@ def test_ids_remapped_in_another_form_are_not_fused(remap, tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert counters["moe_compiler"]["rejected_experts"] == 2, summary
     assert "not proven to be [0, E]" in summary
+
+
+def test_experts_after_a_graph_break_in_their_module_still_fuse(tmp_path):
+    """A graph break inside the experts module's forward before transformers' experts forward (all-to-all EP reads
+    its split sizes back there): Dynamo's resumed frame has no module stack; the region is found by the experts
+    forward in the nodes' stack trace, proven and fused like any other."""
+    model = tiny_model("qwen3_moe")
+    for layer in model.model.layers:
+        forward = layer.mlp.experts.forward
+
+        def broken(hidden, ids, weights, forward=forward):
+            torch._dynamo.graph_break()
+            return forward(hidden, ids, weights)
+
+        layer.mlp.experts.forward = broken
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(
+            input_ids=ids).logits
+    assert rel_err(compiled, eager) <= 1e-5
+    summary = (tmp_path / "summary.txt").read_text()
+    # the second layer's resumed frame is the first's code: Dynamo reuses its compiled (fused) graph
+    assert counters["moe_compiler"]["fused_experts_grouped_mm"] >= 1 and not counters["moe_compiler"][
+        "rejected_experts"], summary
+    assert "[fused] <grouped_mm_experts_forward #0>" in summary
