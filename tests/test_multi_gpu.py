@@ -52,7 +52,10 @@ def _check(results, tol):
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_expert_parallel_on_two_cpu_ranks(arch):
-    _check(run_ranks("--arch", arch), 1e-4)
+    results = run_ranks("--arch", arch)
+    _check(results, 1e-4)
+    for r in results:  # the router through expert parallelism's remap
+        assert sum(v for k, v in r["counters"].items() if k.startswith("fused_router")) == r["moe_layers"], r
 
 
 @pytest.mark.multi_gpu

@@ -69,6 +69,8 @@ class RouterMatch(Match):
     ids: fx.Node  # the experts call's top-k ids argument
     weights: fx.Node  # the experts call's top-k weights argument
     experts_call: fx.Node  # the fused experts call the router feeds
+    # what reads ids / weights: the experts call, or expert parallelism's remap in front of it (_ep_remap)
+    readers: tuple[fx.Node, ...] = ()
     nodes: list[fx.Node] = dataclasses.field(default_factory=list)  # between the logits and (ids, weights)
     inputs: list[fx.Node] = dataclasses.field(default_factory=list)  # what those read: logits, parameters, sizes
 
@@ -312,21 +314,50 @@ def _router_nodes(ids: fx.Node, weights: fx.Node, logits: fx.Node) -> tuple[list
     return in_graph_order(_ancestry(ids, logits) | _ancestry(weights, logits), logits.graph)
 
 
+def _ep_remap(ids: fx.Node, weights: fx.Node, E) -> tuple[fx.Node, fx.Node, tuple[fx.Node, ...]] | None:
+    """transformers' all-reduce expert parallelism between router and experts call (the experts module's own
+    remap, 5.24): ids = where(global // E != rank, E, global % E), weights = global_weights.masked_fill(that
+    mask, 0), E the local expert count. Returns (global ids, global weights, the remap nodes that read them) or
+    None for any other form."""
+    where, fill = strip_casts(ids), strip_casts(weights)
+    if op_name(where) != "where" or len(where.args) != 3 or where.args[1] != E or op_name(fill) != "masked_fill":
+        return None
+    off, mod = where.args[0], where.args[2]
+    if not (op_name(mod) in ("mod", "remainder") and mod.args[1] == E and fill.args[1] is off and fill.args[2] == 0
+            and op_name(off) == "ne" and op_name(off.args[0]) == "floordiv" and off.args[0].args[1] == E
+            and off.args[0].args[0] is mod.args[0] and isinstance(off.args[1], int)):
+        return None
+    return mod.args[0], fill.args[0], (off.args[0], mod, fill)
+
+
 def recognize_router(experts_call: fx.Node) -> RouterMatch:
     experts = OpCall.of(experts_call).tensors
     ids, weights = experts.topk_ids, experts.topk_weights
     w_down = experts.w_down  # a stacked [E, ...] weight, or one part per expert (experts_unstacked)
     E = len(w_down) if isinstance(w_down, (list, tuple)) else dims(w_down)[0]
+    readers: tuple[fx.Node, ...] = (experts_call,)
+    if (remap := _ep_remap(ids, weights, E)) is not None:
+        # The router chooses among all ranks' experts: E is what the top-k chooses from (checked a multiple of the
+        # local count below); the remap stays and reads the route op's results.
+        ids, weights, readers = remap
+    remapped = remap is not None
 
     # 1. the ids: output 1 of a top-k.
     sel = strip_casts(ids)
+    if op_name(sel) in ("cat", "concat") and remapped:
+        raise Reject("a sparse-mixer router under expert parallelism: NYI")
     if op_name(sel) in ("cat", "concat"):
         logits, spec = _sparsemixer(sel, weights)
-        return _closed(RouterMatch(RouterForm.SPARSEMIXER, spec, logits, None, ids, weights, experts_call), E)
+        return _closed(RouterMatch(RouterForm.SPARSEMIXER, spec, logits, None, ids, weights, experts_call, readers), E)
     if op_name(sel) != "getitem" or sel.args[1] != 1:
         raise Reject(f"the top-k ids come from `{sel.name}` ({op_name(sel)}), expected the indices of a top-k")
     topk = sel.args[0]
     choice, k = _parse_topk(topk, "the top-k ids")
+    if remapped:
+        E_local, E = E, (dims(choice) or (None, None))[-1]
+        if not isinstance(E, int) or E % E_local:
+            raise Reject(f"the top-k under expert parallelism chooses among {E} experts, not a multiple of this rank's "
+                         f"{E_local}")
 
     # 3. the weights: strip casts, the constant scale, the renormalization.
     w = strip_casts(weights)
@@ -400,13 +431,12 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
         spec = RouterSpec(top_k=k, scoring=scoring, norm_topk_prob=norm is not None, routed_scaling_factor=scale,
                           n_group=n_group, topk_group=topk_group, group_score=group_score, masked_score=masked)
         form = RouterForm(f"{scoring.value}{'_group' if n_group > 1 else ''}_topk")
-    return _closed(RouterMatch(form, spec, logits, bias, ids, weights, experts_call), E)
+    return _closed(RouterMatch(form, spec, logits, bias, ids, weights, experts_call, readers), E)
 
 
 def _closed(match: RouterMatch, E) -> RouterMatch:
     """Fact 5 for a recognized router: its nodes and inputs filled in, or a Reject."""
     logits, bias, ids, weights = match.logits, match.correction_bias, match.ids, match.weights
-    experts_call = match.experts_call
     if dims(logits) is None or len(dims(logits)) != 2 or dims(logits)[1] != E:
         raise Reject(f"the router logits `{logits.name}` have shape {dims(logits)}, expected [T, E={E}]")
 
@@ -420,7 +450,7 @@ def _closed(match: RouterMatch, E) -> RouterMatch:
             raise Reject(f"the router reads `{i.name}` ({op_name(i)}) besides its logits: NYI")
     inside = set(nodes)
     for out in (ids, weights):
-        others = [u for u in out.users if u is not experts_call and u not in inside]
+        others = [u for u in out.users if u not in match.readers and u not in inside]
         if others:
             raise Reject(
                 f"the top-k {'ids' if out is ids else 'weights'} `{out.name}` are also read by "
@@ -441,7 +471,8 @@ def _rewrite(gm: fx.GraphModule, match: RouterMatch) -> Edit:
 
     def edit() -> fx.Node:
         graph = gm.graph
-        with graph.inserting_before(match.experts_call):
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        with graph.inserting_before(min(match.readers, key=order.__getitem__)):
             new = graph.call_function(call.op, (), call.kwargs())
             new.meta = node_meta(match.weights, value)
             weights = graph.call_function(operator.getitem, (new, 0))
@@ -451,8 +482,9 @@ def _rewrite(gm: fx.GraphModule, match: RouterMatch) -> Edit:
             # The experts call keeps the dtypes the router handed it (e.g. bf16 weights in a bf16 model).
             weights = cast_like(graph, weights, w_value, match.weights)
             ids = cast_like(graph, ids, i_value, match.ids)
-        match.experts_call.replace_input_with(match.ids, ids)
-        match.experts_call.replace_input_with(match.weights, weights)
+        for reader in match.readers:
+            reader.replace_input_with(match.ids, ids)
+            reader.replace_input_with(match.weights, weights)
         erase_unused(graph, match.nodes)
         return new
 

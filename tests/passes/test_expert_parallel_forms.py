@@ -48,6 +48,8 @@ def test_a_rank_fuses_with_its_local_ids(arch, rank, tmp_path):
         compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(
             input_ids=ids).logits
     assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")) == 2
+    # the router too, through the remap (which stays, reading the route op's global ids and weights)
+    assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_router")) == 2
     assert rel_err(compiled, eager) <= 1e-5
     summary = (tmp_path / "summary.txt").read_text()
     assert summary.count("sentinel ids") == 2, summary
