@@ -65,19 +65,25 @@ def checkpoint(args) -> str:
     return path[0]
 
 
-def load(path: str, world: int, dtype):
-    from transformers import AutoModelForCausalLM
-
-    if world == 1:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+def _example():
+    """examples/multi_gpu.py: how a user joins the ranks and asks transformers for its EP plan."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "multi_gpu_example", os.path.join(os.path.dirname(__file__), "..", "examples", "multi_gpu.py"))
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    return AutoModelForCausalLM.from_pretrained(path, distributed_config=example.ep_config(world), dtype=dtype).eval()
+    return example
+
+
+def load(path: str, world: int, dtype):
+    from transformers import AutoModelForCausalLM
+
+    if world == 1:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    config = _example().ep_config(world)
+    return AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=dtype).eval()
 
 
 def model_points(model, args, cuda: bool, device) -> list[dict]:
@@ -134,11 +140,7 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = _example().init_ranks()
     if args.tiny:
         args.prefill_tokens, args.decode_batch, args.reps = min(args.prefill_tokens, 64), [1, 4], min(args.reps, 3)
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -58,6 +58,17 @@ def ep_config(world: int, implementation: str = "auto"):
     return DistributedConfig(tp_size=world, tp_plan="auto", enable_expert_parallel=True)
 
 
+def init_ranks() -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device) once in the process group: NCCL on GPUs, gloo on CPUs."""
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device
+
+
 def tiny_checkpoint(arch: str) -> str:
     """Rank 0 writes a tiny random model; every rank gets its path."""
     path = [None]
@@ -170,12 +181,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=33)
     args = ap.parse_args()
 
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = init_ranks()
     dtype = DTYPES[args.dtype]
     path = args.model or tiny_checkpoint(args.arch)
     result = (fsdp_train if args.fsdp else ep_train if args.ep_train else expert_parallel)(args, path, device, dtype)

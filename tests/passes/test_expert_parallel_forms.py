@@ -15,6 +15,16 @@ from moe_compiler.testing import rel_err
 from moe_compiler.testing.hf_models import tiny_model
 
 
+def compiled_and_eager(model, tmp_path) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(compiled logits, eager logits, the dump's summary) on one fixed batch."""
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(
+            input_ids=ids).logits
+    return compiled, eager, (tmp_path / "summary.txt").read_text()
+
+
 def one_rank(model, rank: int, ranks: int = 2, mask_rows: bool = True):
     """`model` turned into rank `rank` of `ranks`: local expert shards, transformers' remapping forward."""
     for layer in model.model.layers:
@@ -42,16 +52,11 @@ def one_rank(model, rank: int, ranks: int = 2, mask_rows: bool = True):
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_a_rank_fuses_with_its_local_ids(arch, rank, tmp_path):
     model = one_rank(tiny_model(arch), rank)
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        eager = model(input_ids=ids).logits
-        compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(
-            input_ids=ids).logits
+    compiled, eager, summary = compiled_and_eager(model, tmp_path)
     assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")) == 2
     # the router too, through the remap (which stays, reading the route op's global ids and weights)
     assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_router")) == 2
     assert rel_err(compiled, eager) <= 1e-5
-    summary = (tmp_path / "summary.txt").read_text()
     assert summary.count("sentinel ids") == 2, summary
 
 
@@ -72,13 +77,8 @@ def test_ids_remapped_in_another_form_are_not_fused(remap, tmp_path):
             return forward(hidden, local, weights.masked_fill(off_rank, 0.0))
 
         experts.forward = other
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        eager = model(input_ids=ids).logits
-        compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(
-            input_ids=ids).logits
+    compiled, eager, summary = compiled_and_eager(model, tmp_path)
     assert rel_err(compiled, eager) <= 1e-5
-    summary = (tmp_path / "summary.txt").read_text()
     assert counters["moe_compiler"]["rejected_experts"] == 2, summary
     assert "not proven to be [0, E]" in summary
 
@@ -96,13 +96,8 @@ def test_experts_after_a_graph_break_in_their_module_still_fuse(tmp_path):
             return forward(hidden, ids, weights)
 
         layer.mlp.experts.forward = broken
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        eager = model(input_ids=ids).logits
-        compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(
-            input_ids=ids).logits
+    compiled, eager, summary = compiled_and_eager(model, tmp_path)
     assert rel_err(compiled, eager) <= 1e-5
-    summary = (tmp_path / "summary.txt").read_text()
     # the second layer's resumed frame is the first's code: Dynamo reuses its compiled (fused) graph
     assert counters["moe_compiler"]["fused_experts_grouped_mm"] >= 1 and not counters["moe_compiler"][
         "rejected_experts"], summary
