@@ -19,6 +19,7 @@ Rows: --out writes results/multi_gpu_<gpu>.json (rows keyed by model, world, par
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -65,6 +66,7 @@ def checkpoint(args) -> str:
     return path[0]
 
 
+@functools.cache
 def _example():
     """examples/multi_gpu.py: how a user joins the ranks and asks transformers for its EP plan."""
     import importlib.util

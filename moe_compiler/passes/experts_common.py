@@ -28,6 +28,7 @@ from .fx_utils import (
     VALUE_PRESERVING,
     derives_from,
     dims,
+    ep_remap,
     example_value,
     follow,
     is_in_place,
@@ -186,13 +187,11 @@ def _op_ids(region: Region, ids: fx.Node, first_gemm: fx.Node, E) -> fx.Node:
             and dims(n) == shape and not is_in_place(n) and strip_casts(n) is not ids
             and derives_from(n, ids, region.contains) and derives_from(first_gemm, n, region.contains)
         ):
-            remap = strip_casts(n)
-            rem = remap.args[2] if op_name(remap) == "where" and len(remap.args) == 3 else None
-            if not (remap.args[1] == E and op_name(rem) in ("mod", "remainder") and rem.args[1] == E):
+            if ep_remap(n, E) is None:
                 raise Reject(
                     f"the expert ids the GEMMs group by are computed inside the region (`{n.name}`, "
-                    f"{op_name(remap)}) in a form other than expert parallelism's `where(off_rank, {E}, ids % {E})`:"
-                    " their range is not proven to be [0, E]"
+                    f"{op_name(strip_casts(n))}) in a form other than expert parallelism's "
+                    f"`where(off_rank, {E}, ids % {E})`: their range is not proven to be [0, E]"
                 )
             return n
     return ids

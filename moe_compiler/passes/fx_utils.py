@@ -101,6 +101,19 @@ def strip_casts(node, ops=CASTS):
     return node
 
 
+def ep_remap(node, E) -> tuple[fx.Node, fx.Node] | None:
+    """(off-rank mask, `ids % E` node) of `where(off, E, ids % E)`: transformers' all-reduce expert parallelism
+    remapping global expert ids to this rank's E local ones, E itself the off-rank sentinel (every value in
+    [0, E] by construction); None for any other form."""
+    node = strip_casts(node)
+    if op_name(node) != "where" or len(node.args) != 3 or node.args[1] != E:
+        return None
+    mod = node.args[2]
+    if op_name(mod) not in ("mod", "remainder") or mod.args[1] != E:
+        return None
+    return node.args[0], mod
+
+
 def follow(node, *, through=VALUE_PRESERVING, gathers=False, within=None, transparent=frozenset()):
     """Walk up from `node` through value-preserving ops (and tensor-indexed gathers if asked), staying inside
     `within` (a node predicate) if given, so the walk ends at the region's own input. `transparent` nodes are

@@ -95,6 +95,7 @@ def find_experts_regions(gm: fx.GraphModule) -> list[Region]:
     """One Region per `*Experts` module instance that emitted compute nodes, in graph order; then one per run of
     nodes that transformers' experts forward emitted outside any module (below)."""
     groups: dict[str, tuple[str, list[fx.Node]]] = {}
+    unclaimed: dict[str, list[fx.Node]] = {}  # by the transformers experts forward that emitted them
     for node in _compute_nodes(gm.graph):
         scope = None
         for path, cls in module_stack(node):
@@ -103,15 +104,11 @@ def find_experts_regions(gm: fx.GraphModule) -> list[Region]:
         if scope is not None:
             groups.setdefault(scope[0], (scope[1], []))[1].append(node)
         elif (fn := _experts_forward_of(node)) is not None:
-            runs = groups.setdefault(f"<{fn}>", (fn, []))[1]
-            runs.append(node)
-    regions = []
-    for path, (cls, nodes) in groups.items():
-        if path.startswith("<"):
-            for i, run in enumerate(_contiguous_runs(gm.graph, nodes)):
-                regions.append(_region(gm.graph, f"<{cls} #{i}>", cls, run))
-        else:
-            regions.append(_region(gm.graph, path, cls, _before_collective(nodes)))
+            unclaimed.setdefault(fn, []).append(node)
+    regions = [_region(gm.graph, path, cls, _before_collective(nodes)) for path, (cls, nodes) in groups.items()]
+    for fn, nodes in unclaimed.items():
+        runs = _contiguous_runs(gm.graph, nodes)
+        regions += [_region(gm.graph, f"<{fn} #{i}>", fn, run) for i, run in enumerate(runs)]
     return regions
 
 

@@ -48,6 +48,7 @@ from .fx_utils import (
     backward_slice,
     cast_like,
     dims,
+    ep_remap,
     example_value,
     in_graph_order,
     is_in_place,
@@ -319,13 +320,12 @@ def _ep_remap(ids: fx.Node, weights: fx.Node, E) -> tuple[fx.Node, fx.Node, tupl
     remap, 5.24): ids = where(global // E != rank, E, global % E), weights = global_weights.masked_fill(that
     mask, 0), E the local expert count. Returns (global ids, global weights, the remap nodes that read them) or
     None for any other form."""
-    where, fill = strip_casts(ids), strip_casts(weights)
-    if op_name(where) != "where" or len(where.args) != 3 or where.args[1] != E or op_name(fill) != "masked_fill":
+    parts, fill = ep_remap(ids, E), strip_casts(weights)
+    if parts is None or op_name(fill) != "masked_fill":
         return None
-    off, mod = where.args[0], where.args[2]
-    if not (op_name(mod) in ("mod", "remainder") and mod.args[1] == E and fill.args[1] is off and fill.args[2] == 0
-            and op_name(off) == "ne" and op_name(off.args[0]) == "floordiv" and off.args[0].args[1] == E
-            and off.args[0].args[0] is mod.args[0] and isinstance(off.args[1], int)):
+    off, mod = parts
+    if not (fill.args[1] is off and fill.args[2] == 0 and op_name(off) == "ne" and op_name(off.args[0]) == "floordiv"
+            and off.args[0].args[1] == E and off.args[0].args[0] is mod.args[0] and isinstance(off.args[1], int)):
         return None
     return mod.args[0], fill.args[0], (off.args[0], mod, fill)
 

@@ -19,7 +19,7 @@ import torch.fx as fx
 from ..ops.signature import OpCall
 from ..spec import RouteOrder
 from ..stacked_weights import UntiledWeightsWarning
-from .fx_utils import backward_slice, example_value, subgraph_module
+from .fx_utils import backward_slice, example_value, in_graph_order, subgraph_module
 from .match import Reject
 
 # Agreement required between the original nodes and the op. A wrong activation, a swapped gate/up or a
@@ -89,11 +89,7 @@ def from_op_inputs(region, cut: list[fx.Node]) -> tuple[list[fx.Node], list[fx.N
     left out, `cut` turned into inputs."""
     ancestors = backward_slice(cut, within=region.contains)
     rest = [n for n in region.nodes if n not in ancestors]
-    keep = backward_slice(rest, stop=cut, within=region.contains)
-    nodes = [n for n in region.nodes if n in keep]
-    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
-    inputs = sorted({a for n in nodes for a in n.all_input_nodes if a not in keep}, key=order.__getitem__)
-    return nodes, inputs
+    return in_graph_order(backward_slice(rest, stop=cut, within=region.contains), region.nodes[0].graph)
 
 
 def experts_region(gm: fx.GraphModule, region, call: OpCall, output: fx.Node, shape: dict, real: dict,

@@ -23,6 +23,7 @@ from moe_compiler.lowering import (  # noqa: E402
 from moe_compiler.lowering.torch_segment_mm import LoopMM  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.lowering.triton_quantized import ACT_GROUP, QuantizedConfig  # noqa: E402
+from moe_compiler.passes.verify import with_sentinels  # noqa: E402
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout, QuantizedExpertsSpec  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
 from moe_compiler.testing.quantized import quantized_experts_inputs, w8a8_reference  # noqa: E402
@@ -34,10 +35,8 @@ BIASED = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transp
 
 
 def _with_sentinels(ids: torch.Tensor, E: int) -> torch.Tensor:
-    """Every third pair (and the whole first token) routed off this rank: id E."""
-    ids = ids.clone()
-    flat = ids.view(-1)
-    flat[::3] = E
+    """Every third pair (the backend's numerical check routes so) and the whole first token off this rank: id E."""
+    ids = with_sentinels(ids, E)
     ids[0] = E
     return ids
 
