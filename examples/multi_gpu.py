@@ -103,8 +103,12 @@ def expert_parallel(args, path: str, device, dtype) -> dict:
     if args.mode == "reduce-overhead":  # replays of the captured graph, the all-reduce inside it
         compiled = logits(torch.compile(model, backend="fused_moe", mode=args.mode))
     single = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return {"moe_layers": moe_layers(model), "compiled_vs_eager": rel_err(compiled, eager),
-            "ep_vs_single": rel_err(eager, logits(single))}
+    result = {"moe_layers": moe_layers(model), "compiled_vs_eager": rel_err(compiled, eager),
+              "ep_vs_single": rel_err(eager, logits(single))}
+    if dtype != torch.float32:  # bf16 noise of a real-dimension model: what plain torch.compile gets, the bound
+        torch._dynamo.reset()  # (keeps the counters)
+        result["inductor_err"] = rel_err(logits(torch.compile(model, mode=args.mode)), eager)
+    return result
 
 
 def ep_train(args, path: str, device, dtype) -> dict:
@@ -116,26 +120,10 @@ def ep_train(args, path: str, device, dtype) -> dict:
     world = dist.get_world_size()
     config = ep_config(world, implementation="all_to_all")
     model = AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=dtype).train()
-    single = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).train()
+    single = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).train()
     ids = torch.randint(0, model.config.vocab_size, (2, args.tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
-    compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.training": True})
-    loss = compiled(input_ids=ids, labels=ids).loss
-    loss.backward()
-    ref = single(input_ids=ids, labels=ids).loss
-    ref.backward()
-    return {"moe_layers": moe_layers(model), "loss_vs_single": rel_err(loss.detach(), ref.detach()),
-            "grads_vs_single": rel_err(*_all_grads(model, single))}
-
-
-def _all_grads(model, single) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every gradient of `model` (sharded ones gathered) and of `single`, flattened in one order."""
-    grads, ref_grads = [], []
-    for p, q in zip(model.parameters(), single.parameters()):
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        grads.append(g.flatten().float())
-        ref_grads.append(q.grad.flatten().float())
-    return torch.cat(grads), torch.cat(ref_grads)
+    return _train_vs_single(model, single, ids, ids, mean_over_ranks=False)
 
 
 def fsdp_train(args, path: str, device, dtype) -> dict:
@@ -143,27 +131,65 @@ def fsdp_train(args, path: str, device, dtype) -> dict:
     training mode, each rank its own rows of the batch; loss and every gradient against one process running
     the whole batch unsharded (FSDP averages the ranks' gradients: the whole batch's mean-loss gradient)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).train()
-    single = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).train()
-    mesh = init_device_mesh(device.type, (world,))
+    single = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).train()
+    split = fully_shard_layers(model, init_device_mesh(device.type, (world,)))
+    ids = torch.randint(0, model.config.vocab_size, (world, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    return _train_vs_single(model, single, ids[rank:rank + 1], ids, mean_over_ranks=True) | {"split_groups": split}
+
+
+def fully_shard_layers(model, mesh) -> int:
+    """FSDP2 as a user applies it: each decoder layer one group, then the root. FSDP2 wants one dtype per group:
+    a module transformers keeps in fp32 inside a bf16 model (DeepSeek-V3's router) becomes a group of its own.
+    Returns how many such groups: their hooks break the layer's graph, and the layers' resumed frames share code."""
+    from torch.distributed.fsdp import fully_shard
+
+    own = [m for m in model.modules()
+           if m is not model and any(p.dtype != model.dtype for p in m.parameters(recurse=False))]
+    for module in own:
+        fully_shard(module, mesh=mesh)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    ids = torch.randint(0, model.config.vocab_size, (world, args.tokens), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
-    compiled = torch.compile(model, backend="fused_moe", options={"moe_compiler.training": True})
-    loss = compiled(input_ids=ids[rank:rank + 1], labels=ids[rank:rank + 1]).loss
-    loss.backward()
-    ref = single(input_ids=ids, labels=ids).loss
+    return len(own)
+
+
+def _train_vs_single(model, single, mine, whole, mean_over_ranks: bool) -> dict:
+    """One step of `model` compiled with fused_moe on this rank's rows `mine` (loss averaged over the ranks where
+    each has its own rows) against `single` on the whole batch: the loss and every gradient (sharded ones
+    gathered). `single` runs in fp32: in bf16 the gradients of a random model are tens of percent off the fp32 ones
+    in eager as well, and the same step compiled by plain torch.compile gives the noise the error is held to."""
+    ref = single(input_ids=whole, labels=whole).loss
     ref.backward()
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    return {"moe_layers": moe_layers(model), "loss_vs_single": rel_err(mean_loss / world, ref.detach()),
-            "grads_vs_single": rel_err(*_all_grads(model, single))}
+    ref_grads = _grads(single)
+
+    def step(backend, options) -> tuple[float, float]:
+        torch._dynamo.reset()  # (keeps the counters)
+        loss = torch.compile(model, backend=backend, options=options)(input_ids=mine, labels=mine).loss
+        loss.backward()
+        loss = loss.detach().clone()
+        if mean_over_ranks:
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        grads = _grads(model)
+        model.zero_grad(set_to_none=True)
+        return rel_err(loss, ref.detach()), rel_err(grads, ref_grads)
+
+    result = dict(zip(("loss_vs_single", "grads_vs_single"), step("fused_moe", {"moe_compiler.training": True})))
+    result["moe_layers"] = moe_layers(model)
+    if model.dtype != torch.float32:
+        result["inductor_err"] = max(step("inductor", None))
+    return result
+
+
+def _grads(model) -> torch.Tensor:
+    """Every gradient of `model` (sharded ones gathered), flattened in parameter order."""
+    return torch.cat([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).flatten().float()
+                      for p in model.parameters()])
 
 
 def moe_layers(model) -> int:
@@ -188,11 +214,14 @@ def main():
     fused = fused_layers()
     result.update(rank=rank, world=world, device=str(device), dtype=args.dtype, fused_layers=fused,
                   counters=dict(counters["moe_compiler"]))
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = 1e-4 if dtype == torch.float32 else max(3e-2, 1.5 * result.pop("inductor_err", 0.0))
     errors = {k: v for k, v in result.items() if k.endswith("_vs_eager") or k.endswith("_vs_single")}
-    # After a graph break inside the experts module (all-to-all EP), the layers' resumed frames share code: Dynamo
-    # compiles it once per distinct shape set, so fewer graphs than layers may hold all the (fused) experts.
-    complete = fused >= 1 if args.ep_train else fused == result["moe_layers"]
+    result["tol"] = tol
+    # After a graph break inside the experts module (all-to-all EP) or the MoE block (FSDP2 groups of their own), the
+    # layers' resumed frames share code: Dynamo compiles it once per distinct shape set, so fewer graphs than layers
+    # may hold all the (fused) experts.
+    shared_frames = args.ep_train or result.get("split_groups", 0) > 0
+    complete = fused >= 1 if shared_frames else fused == result["moe_layers"]
     result["ok"] = complete and not counters["moe_compiler"]["rejected_experts"] and all(
         v <= tol for v in errors.values())
     print("RESULT " + json.dumps(result), flush=True)

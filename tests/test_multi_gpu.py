@@ -43,7 +43,9 @@ def _check(results, tol):
     for r in results:
         assert 0 < r["fused_layers"] <= r["moe_layers"], r  # all of them but after a graph break (the example)
         errors = {k: v for k, v in r.items() if k.endswith(("_vs_eager", "_vs_single"))}
-        assert len(errors) == 2 and all(v <= tol for v in errors.values()), r
+        # bf16: the example's bound may be plain torch.compile's own error against eager (x1.5) where that is larger
+        bound = max(tol, r["tol"])
+        assert len(errors) == 2 and all(v <= bound for v in errors.values()), r
         assert r["ok"]
     # the ranks hold different experts (EP) or rows (FSDP) but, after the collectives, the same logits / gradients
     for k in errors:
@@ -76,11 +78,22 @@ def test_fsdp2_training_step_on_two_gpus(arch):
     _check(run_ranks("--fsdp", "--arch", arch, "--dtype", "bf16", gpus=True), 3e-2)
 
 
+def _needs_all_to_all_ep():
+    import dataclasses
+
+    from transformers.distributed import DistributedConfig
+
+    if "ep_implementation" not in {f.name for f in dataclasses.fields(DistributedConfig)}:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no all-to-all EP (5.21+)")
+
+
 def test_all_to_all_ep_training_step_on_two_cpu_ranks():
+    _needs_all_to_all_ep()
     _check(run_ranks("--ep-train", "--arch", "qwen3_moe"), 1e-4)
 
 
 @pytest.mark.multi_gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_all_to_all_ep_training_step_on_two_gpus(arch):
+    _needs_all_to_all_ep()
     _check(run_ranks("--ep-train", "--arch", arch, "--dtype", "bf16", gpus=True), 3e-2)

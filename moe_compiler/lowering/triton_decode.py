@@ -3,8 +3,9 @@
 Data contract (T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k pairs, p = t*k + j)
     hidden        [T, H]           bf16/fp16/fp32, unit column stride
     topk_ids      [T, k]           int32/int64 in [0, E]; E: the expert-parallel sentinel, a slot that adds nothing
-                                   (its gate_up row is computed on expert E - 1 and dropped; the down kernel reads
-                                   no weights for it). Others out of range are clamped, flagged in ids_ok, and fail
+                                   (its gate_up program loops zero times, its row is never read; the down
+                                   kernel reads no weights for it). Others out of range are clamped, flagged in
+                                   ids_ok, and fail the launch
     topk_weights  [T, k]           any float dtype, applied in fp32
     w_gate_up     [E, 2I, H]       (or transposed [E, H, 2I]) read in place through its strides
     w_down        [E, H, I]        (or transposed [E, I, H])
@@ -124,6 +125,9 @@ def _routed_gate_up(
     SCALE_INPUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     e = tl.load(ids_ptr + p)
+    # A sentinel pair (id E: another rank's expert) runs its loop zero times: no weight bytes for a row the down
+    # kernel never reads (under EP over R ranks, (R-1)/R of the pairs).
+    h_live = tl.where(e < E, H, 0)
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
     tok = (p // TOP_K).to(tl.int64)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
@@ -136,7 +140,7 @@ def _routed_gate_up(
     wg_ptrs = w_base + gate_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
     wu_ptrs = w_base + up_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
     x_ptrs = x_ptr + tok * stride_xm + kk
-    gate, up = _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
+    gate, up = _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, h_live, stride_wk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
     if SCALE_INPUT:  # Llama-4: (w x) W = w (x W)
         row_w = tl.load(topk_w_ptr + p).to(tl.float32)
         gate *= row_w

@@ -2,9 +2,9 @@
 
 Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_block_k; p = t*k + j)
     hidden        [T, H]                 bf16/fp16/fp32, unit column stride
-    topk_ids      [T, k]                 in [0, E]; E: the expert-parallel sentinel (a slot that adds nothing; the
-                                         down kernel reads no weights for it); others are clamped, flagged in ids_ok
-                                         and fail the launch
+    topk_ids      [T, k]                 in [0, E]; E: the expert-parallel sentinel (a slot that adds nothing: its
+                                         gate_up program loops zero times, the down kernel reads no weights for it);
+                                         others are clamped, flagged in ids_ok and fail the launch
     w_gate_up     [E, 2I, H] e4m3        or [E, 2I, H/8] int32 (8 nibbles along K); scales [E, 2I/bn, H/bk]
     w_down        [E, H, I] e4m3         or [E, H, I/8] int32;                       scales [E, H/bn, I/bk]
     act           [S, I]                 hidden's dtype: act(gate) * up of every pair
@@ -142,6 +142,7 @@ def _gate_up_q_gemv_kernel(
     if (p == 0) & (pid_n == 0):
         check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S)
     e = tl.load(ids_ptr + p)
+    h_live = tl.where(e < E, H, 0)  # a sentinel pair loops zero times (triton_decode.py)
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
     tok = (p // TOP_K).to(tl.int64)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
@@ -155,7 +156,7 @@ def _gate_up_q_gemv_kernel(
     else:  # FP8 [BLOCK_N, BLOCK_K], INT4 planes [BLOCK_N, BLOCK_KW]
         acc_g = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
+    for k0 in tl.range(0, h_live, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
         if PLANES:
             acc_g += _int4_plane_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
                                       SCALE_BK, EVEN_K, E8M0, BLOCK_KW)

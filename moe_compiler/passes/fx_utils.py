@@ -37,17 +37,22 @@ def is_param(node, rank: int | None = None) -> bool:
     return isinstance(node, fx.Node) and node.op in GRAPH_INPUTS and (rank is None or len(dims(node) or ()) == rank)
 
 
+# `DTensor.to_local()` as traced: a method call (torch 2.13), or a call of the function Dynamo writes for it,
+# `prim_to_local` (torch 2.11, which folds to_local's constant arguments into that function)
+TO_LOCAL = ("to_local", "prim_to_local")
+
+
 def is_param_read(node, rank: int) -> bool:
     """A `rank`-dim parameter read in place: a graph input, or `param.to_local()` of one (the local shard of a
     DTensor parameter under transformers' expert / tensor parallelism: a view of this rank's tensor, no copy)."""
     if is_param(node, rank):
         return True
-    return op_name(node) == "to_local" and is_param(node.args[0], rank) and len(dims(node) or ()) == rank
+    return op_name(node) in TO_LOCAL and is_param(node.args[0], rank) and len(dims(node) or ()) == rank
 
 
 def param_input(node):
     """The graph input a parameter read (is_param_read) reads."""
-    return node.args[0] if op_name(node) == "to_local" else node
+    return node.args[0] if op_name(node) in TO_LOCAL else node
 
 
 def op_name(node) -> str:

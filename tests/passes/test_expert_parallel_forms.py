@@ -102,3 +102,30 @@ def test_experts_after_a_graph_break_in_their_module_still_fuse(tmp_path):
     assert counters["moe_compiler"]["fused_experts_grouped_mm"] >= 1 and not counters["moe_compiler"][
         "rejected_experts"], summary
     assert "[fused] <grouped_mm_experts_forward #0>" in summary
+
+
+@pytest.mark.parametrize("spelling", ["method", "prim_to_local"])
+def test_a_dtensor_shards_read_is_a_parameter_read_in_either_spelling(spelling):
+    """torch 2.13 traces `param.to_local()` as a method call; torch 2.11 as a call of a function Dynamo writes,
+    `prim_to_local`: both are the local shard read in place. A 2-D read, or to_local of a computed tensor, is not."""
+    import torch.fx as fx
+
+    from moe_compiler.passes.fx_utils import is_param_read, param_input
+
+    def prim_to_local(x):
+        return x
+
+    g = fx.Graph()
+    w = g.placeholder("w")
+    w.meta["example_value"] = torch.empty(4, 6, 8)
+    computed = g.call_function(torch.neg, (w,))
+    computed.meta["example_value"] = torch.empty(4, 6, 8)
+    reads = []
+    for source in (w, computed):
+        node = (g.call_method("to_local", (source,)) if spelling == "method"
+                else g.call_function(prim_to_local, (source,)))
+        node.meta["example_value"] = torch.empty(2, 6, 8)
+        reads.append(node)
+    assert is_param_read(reads[0], 3) and param_input(reads[0]) is w
+    assert not is_param_read(reads[0], 2)
+    assert not is_param_read(reads[1], 3)
