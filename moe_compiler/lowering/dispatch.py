@@ -2,7 +2,8 @@
 
     experts forward   CUDA + Triton -> triton_decode.py (T*k small next to E: GEMVs, no sort) or
                                        triton_align.py + triton_experts.py (sorted grouped GEMMs), or, where
-                                       the tuned table says so, torch_experts.py over torch._grouped_mm; the
+                                       the tuned table says so, torch_experts.py over torch._grouped_mm (or
+                                       csrc/'s CUTLASS grouped GEMM with MOE_COMPILER_CUTLASS=1: cutlass.py); the
                                        config from triton_config.py; a small shared MLP rides in the decode
                                        kernels
                       otherwise     -> torch_experts.py over a segment-matmul implementation (`select`),
@@ -29,7 +30,7 @@ import torch
 
 from ..ops import checks
 from ..spec import ExpertsSpec, RouteOrder, RouterSpec, SharedMLP
-from . import device, launch, torch_experts, torch_quantized, torch_route, torch_shared, triton_config
+from . import cutlass, device, launch, torch_experts, torch_quantized, torch_route, torch_shared, triton_config
 from .torch_segment_mm import GatherBmm, GroupedMM, LoopMM
 
 
@@ -50,6 +51,8 @@ def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
         return GroupedMM if _rows_16b_aligned(w_gate_up, w_down, hidden) else LoopMM
     if hidden.device.type != "cuda":
         return LoopMM
+    if cutlass.forced(hidden, w_gate_up, w_down):
+        return cutlass.CutlassMM
     if (
         hidden.dtype == torch.bfloat16
         and w_gate_up.dtype == torch.bfloat16
@@ -169,8 +172,9 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     if T == 0 or k == 0:
         return True
     config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
-    if config.path is triton_config.Path.GROUPED_MM:
-        return False  # torch ops, not Triton launches: the op stays one call
+    if config.path is triton_config.Path.GROUPED_MM or (
+            config.path is not triton_config.Path.DECODE and cutlass.forced(hidden, w_gate_up, w_down)):
+        return False  # torch ops / CUTLASS, not Triton launches: the op stays one call
     return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
 
 
@@ -181,12 +185,14 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
 
     if config is None:
         config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
-    if config.path is triton_config.Path.GROUPED_MM:
-        if mlp is None and select(hidden, w_gate_up, w_down) is GroupedMM:
+    forced = config.path is not triton_config.Path.DECODE and cutlass.forced(hidden, w_gate_up, w_down)
+    if config.path is triton_config.Path.GROUPED_MM or forced:
+        impl = select(hidden, w_gate_up, w_down)
+        if mlp is None and impl in (GroupedMM, cutlass.CutlassMM):
             # torch's indexing does not check ids: the same device-side assert as the Triton kernels' (no sync).
             checks.check_ids_in_range(topk_ids, w_gate_up.shape[0])
             args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
-            return torch_experts.experts_forward(GroupedMM, *args)
+            return torch_experts.experts_forward(impl, *args)
         config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
                                                      hidden.shape[0])
     if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma:

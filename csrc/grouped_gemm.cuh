@@ -1,0 +1,173 @@
+// Grouped GEMM over rows sorted by expert, sm90a (H100/H200), CUTLASS 3 ptr-array TMA warp-specialized kernels.
+//
+// Data contract (E experts, S sorted rows, K reduced, N output columns):
+//     x      [S, K]        bf16/fp16, row-major: rows of expert e are x[offs[e-1] : offs[e]] (offs[-1] = 0)
+//     w      [E, N, K]     B_NK: w[e] is N x K, K contiguous (out = x_e @ w[e]^T; the experts' stacked weights)
+//            [E, K, N]     B_KN: w[e] is K x N, N contiguous (out = x_e @ w[e]; transposed weights, mm_nn)
+//     offs   [E] int32     exclusive end of each expert's rows (torch._grouped_mm's `offs`), on the device
+//     out    [S, N]        row-major; rows past offs[E-1] are left unwritten
+//
+//     offs --(one tiny kernel: problem sizes, pointers, strides per expert, on the device)--> grouped GEMM
+//
+// Nothing is read on the host: the problem sizes live only on the device (CUTLASS's device-side group
+// scheduling), so a call is CUDA-graph capturable and adds no sync. An expert with no rows is a 0 x N problem
+// that gets no tiles. The weights are read in place through their strides: no copy, no transposition.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+namespace moe_cutlass {
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per expert
+
+// Tile / cluster / schedule choices, indexed by the `config` the Python side passes (lowering/cutlass.py's
+// CONFIGS lists the same, in the same order). Cooperative: two consumer warp groups share one tile (M >= 128);
+// ping-pong: each warp group its own tile, for short row counts. A 2 x 1 cluster multicasts each weight tile
+// to two CTAs working on different rows of the same expert.
+struct Coop128x128 {
+  using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+struct Coop128x256Cluster2 {
+  using Tile = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using Cluster = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+struct Pingpong64x128 {
+  using Tile = cute::Shape<cute::_64, cute::_128, cute::_64>;
+  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+};
+
+template <typename Element, typename LayoutB, typename Config>
+struct GroupedGemm {
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte rows for TMA
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::Tile, typename Config::Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, LayoutD*, kAlign,  // no source tensor: D = accumulator
+      Element, LayoutD*, kAlign, typename Config::Epilogue,
+      cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign,
+      float, typename Config::Tile, typename Config::Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      typename Config::Kernel>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+};
+
+// Per-expert arguments, written on the device from offs: one thread per expert.
+template <typename Element, typename StrideA, typename StrideB, typename StrideD>
+__global__ void build_groups(const int32_t* __restrict__ offs, int E, int N, int K, const Element* x,
+                             const Element* w, int64_t stride_we, Element* out,
+                             ProblemShape::UnderlyingProblemShape* shapes, const Element** ptr_a,
+                             const Element** ptr_b, Element** ptr_d, StrideA* sa, StrideB* sb, StrideD* sd,
+                             StrideA a, StrideB b, StrideD d) {
+  int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  int64_t start = e == 0 ? 0 : offs[e - 1];
+  int64_t rows = offs[e] - start;
+  shapes[e] = ProblemShape::UnderlyingProblemShape(static_cast<int>(rows), N, K);
+  ptr_a[e] = x + start * K;  // 64-bit offsets: S * K passes 2^31 at large T
+  ptr_b[e] = w + static_cast<int64_t>(e) * stride_we;
+  ptr_d[e] = out + start * N;
+  sa[e] = a;
+  sb[e] = b;
+  sd[e] = d;
+}
+
+// Bytes of device scratch (per-expert arguments + CUTLASS's workspace) a call needs; the caller allocates it
+// from torch's allocator on the current stream (so a capture reuses the same memory at every replay).
+struct Scratch {
+  void* base;
+  size_t bytes;
+};
+
+inline size_t align_up(size_t n) { return (n + 127) / 128 * 128; }
+
+template <typename Element, typename LayoutB, typename Config>
+struct Runner {
+  using G = GroupedGemm<Element, LayoutB, Config>;
+
+  static size_t arg_bytes(int E) {
+    return align_up(E * sizeof(ProblemShape::UnderlyingProblemShape)) + 3 * align_up(E * sizeof(void*)) +
+           align_up(E * sizeof(typename G::StrideA)) + align_up(E * sizeof(typename G::StrideB)) +
+           align_up(E * sizeof(typename G::StrideD));
+  }
+
+  // Fills `args` (pointing into scratch); returns the CUTLASS arguments. w_expert_stride in elements.
+  static typename G::Gemm::Arguments arguments(const Element* x, const Element* w, int64_t w_expert_stride,
+                                               const int32_t* offs, Element* out, int E, int N, int K,
+                                               char* scratch, int sm_count, int device, cudaStream_t stream) {
+    using Shape = ProblemShape::UnderlyingProblemShape;
+    char* p = scratch;
+    auto take = [&](size_t bytes) { char* q = p; p += align_up(bytes); return q; };
+    auto* shapes = reinterpret_cast<Shape*>(take(E * sizeof(Shape)));
+    auto* ptr_a = reinterpret_cast<const Element**>(take(E * sizeof(void*)));
+    auto* ptr_b = reinterpret_cast<const Element**>(take(E * sizeof(void*)));
+    auto* ptr_d = reinterpret_cast<Element**>(take(E * sizeof(void*)));
+    auto* sa = reinterpret_cast<typename G::StrideA*>(take(E * sizeof(typename G::StrideA)));
+    auto* sb = reinterpret_cast<typename G::StrideB*>(take(E * sizeof(typename G::StrideB)));
+    auto* sd = reinterpret_cast<typename G::StrideD*>(take(E * sizeof(typename G::StrideD)));
+    // The strides do not depend on an expert's row count (no batch mode): one value for every expert.
+    auto a = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(1, K, 1));
+    auto b = cutlass::make_cute_packed_stride(typename G::StrideB{}, cute::make_shape(N, K, 1));
+    auto d = cutlass::make_cute_packed_stride(typename G::StrideD{}, cute::make_shape(1, N, 1));
+    build_groups<<<(E + 127) / 128, 128, 0, stream>>>(offs, E, N, K, x, w, w_expert_stride, out, shapes, ptr_a,
+                                                       ptr_b, ptr_d, sa, sb, sd, a, b, d);
+
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = device;
+    hw.sm_count = sm_count;
+    typename G::Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGrouped,
+        {E, shapes, nullptr},  // no host copy of the problem sizes: device-side scheduling only
+        {ptr_a, sa, ptr_b, sb},
+        {{}, nullptr, nullptr, ptr_d, sd},
+        hw};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    return args;
+  }
+
+  static size_t workspace_bytes(const typename G::Gemm::Arguments& args) {
+    return G::Gemm::get_workspace_size(args);
+  }
+
+  static cutlass::Status run(typename G::Gemm::Arguments& args, void* workspace, cudaStream_t stream) {
+    typename G::Gemm gemm;
+    cutlass::Status status = gemm.can_implement(args);
+    if (status != cutlass::Status::kSuccess) return status;
+    status = gemm.initialize(args, workspace, stream);
+    if (status != cutlass::Status::kSuccess) return status;
+    return gemm.run(stream);
+  }
+};
+
+}  // namespace moe_cutlass

@@ -1,0 +1,59 @@
+// The typed entry of the grouped GEMM (grouped_gemm.cuh): checks done by ops.cpp, scratch from torch's
+// allocator on the current stream, one template instance per (layout of B, config).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "grouped_gemm.cuh"
+
+namespace moe_cutlass {
+
+template <typename Element, typename LayoutB, typename Config>
+void run_one(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, int N, int K) {
+  using R = Runner<Element, LayoutB, Config>;
+  const int E = static_cast<int>(w.size(0));
+  const int device = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  int sms = 0;  // an attribute query: no sync, allowed while capturing
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  auto bytes = x.options().dtype(at::kByte);
+  at::Tensor scratch = at::empty({static_cast<int64_t>(R::arg_bytes(E))}, bytes);
+  auto args = R::arguments(reinterpret_cast<const Element*>(x.data_ptr()), reinterpret_cast<const Element*>(w.data_ptr()),
+                           w.stride(0), offs.data_ptr<int32_t>(), reinterpret_cast<Element*>(out.data_ptr()), E, N, K,
+                           static_cast<char*>(scratch.data_ptr()), sms, device, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor workspace = at::empty({std::max<int64_t>(1, static_cast<int64_t>(R::workspace_bytes(args)))}, bytes);
+  cutlass::Status status = R::run(args, workspace.data_ptr(), stream);
+  TORCH_CHECK(status == cutlass::Status::kSuccess, "moe_compiler's CUTLASS grouped GEMM failed: ",
+              cutlassGetStatusString(status), " (E=", E, ", N=", N, ", K=", K, ")");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Element, typename Config>
+void run_config(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk, int N,
+                int K) {
+  if (b_nk) {
+    run_one<Element, cutlass::layout::ColumnMajor, Config>(x, w, offs, out, N, K);  // w[e]: N x K, K contiguous
+  } else {
+    run_one<Element, cutlass::layout::RowMajor, Config>(x, w, offs, out, N, K);  // w[e]: K x N, N contiguous
+  }
+}
+
+template <typename Element>
+void grouped_mm_typed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk,
+                      int64_t config) {
+  const int K = static_cast<int>(x.size(1));
+  const int N = static_cast<int>(out.size(1));
+  switch (config) {
+    case 0: return run_config<Element, Coop128x128>(x, w, offs, out, b_nk, N, K);
+    case 1: return run_config<Element, Coop128x256Cluster2>(x, w, offs, out, b_nk, N, K);
+    case 2: return run_config<Element, Pingpong64x128>(x, w, offs, out, b_nk, N, K);
+    default: TORCH_CHECK(false, "moe_compiler's CUTLASS grouped GEMM: config ", config, " not in [0, 2]");
+  }
+}
+
+}  // namespace moe_cutlass

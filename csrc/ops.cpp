@@ -1,0 +1,58 @@
+// torch.library registration of the CUTLASS kernels: `moe_compiler_cutlass::grouped_mm`, a CUDA kernel the
+// experts op's lowering calls (lowering/cutlass.py), not a user-facing op. Every check that would otherwise
+// be a CUTLASS failure or a wrong answer is made here, with what was expected.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace moe_cutlass {
+void grouped_mm_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk,
+                     int64_t config);
+void grouped_mm_fp16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk,
+                     int64_t config);
+
+namespace {
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+}  // namespace
+
+// out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ (b_nk ? w[e]^T : w[e]); rows past offs[E-1] unwritten.
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, bool b_nk, int64_t config) {
+  TORCH_CHECK(x.is_cuda() && w.is_cuda() && offs.is_cuda(), "grouped_mm: expected CUDA tensors");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && offs.dim() == 1, "grouped_mm: expected x [S, K], w [E, ., .], offs [E]",
+              ", got ", x.sizes(), ", ", w.sizes(), ", ", offs.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() &&
+                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+              "grouped_mm: expected bf16 or fp16 x and w of one dtype, got ", x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(offs.scalar_type() == at::kInt && offs.size(0) == w.size(0),
+              "grouped_mm: expected int32 offs of E = ", w.size(0), " entries, got ", offs.scalar_type(), " ",
+              offs.sizes());
+  const int64_t K = x.size(1);
+  const int64_t N = b_nk ? w.size(1) : w.size(2);
+  TORCH_CHECK((b_nk ? w.size(2) : w.size(1)) == K, "grouped_mm: w ", w.sizes(), " does not reduce over K = ", K,
+              b_nk ? " (expected [E, N, K])" : " (expected [E, K, N])");
+  // Packed rows (the strides CUTLASS is given are derived from N and K) and 16-byte rows for TMA.
+  TORCH_CHECK(x.stride(1) == 1 && x.stride(0) == K, "grouped_mm: x must be contiguous, got strides ", x.strides());
+  TORCH_CHECK(w.stride(2) == 1 && w.stride(1) == (b_nk ? K : N),
+              "grouped_mm: each expert's weight must be a packed row-major matrix, got strides ", w.strides());
+  TORCH_CHECK(K % 8 == 0 && N % 8 == 0 && w.stride(0) % 8 == 0 && aligned16(x) && aligned16(w),
+              "grouped_mm: rows must be 16-byte aligned (K and N multiples of 8 elements), got K = ", K, ", N = ", N);
+  TORCH_CHECK(K <= INT32_MAX && N <= INT32_MAX && x.size(0) <= INT32_MAX, "grouped_mm: sizes past 2^31");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  if (x.size(0) == 0 || w.size(0) == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  auto offs_c = offs.contiguous();
+  if (x.scalar_type() == at::kBFloat16) {
+    grouped_mm_bf16(x, w, offs_c, out, b_nk, config);
+  } else {
+    grouped_mm_fp16(x, w, offs_c, out, b_nk, config);
+  }
+  return out;
+}
+}  // namespace moe_cutlass
+
+TORCH_LIBRARY(moe_compiler_cutlass, m) {
+  m.def("grouped_mm(Tensor x, Tensor w, Tensor offs, bool b_nk, int config) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_compiler_cutlass, CUDA, m) { m.impl("grouped_mm", &moe_cutlass::grouped_mm); }

@@ -1,0 +1,149 @@
+"""The CUTLASS path (csrc/): sm90a grouped GEMMs over rows sorted by expert, built on first use.
+
+    x [S, K] sorted by expert, w [E, N, K] (or [E, K, N]), offs [E] int32 on the device
+        -> torch.ops.moe_compiler_cutlass.grouped_mm(x, w, offs, b_nk, config) -> [S, N]
+
+`CutlassMM` is a segment-matmul implementation (the interface of torch_segment_mm's classes): the torch
+composite (torch_experts.py) runs over it exactly as over torch._grouped_mm, with our choice of tile, cluster
+and schedule (`CONFIGS`, the same order as csrc/grouped_gemm_entry.cuh) instead of torch's. Weight gradients
+stay with torch._grouped_mm.
+
+Build: `torch.utils.cpp_extension.load` compiles csrc/ (ninja; nvcc from the CUDA toolkit; CUTLASS headers from
+the `nvidia-cutlass` wheel: `pip install moe_compiler[cutlass]`) into torch's extensions directory on first use,
+with one log line; a second process loads the cached library. Importing the package never builds or needs nvcc.
+
+Switch `MOE_COMPILER_CUTLASS`: `auto` (default) runs CUTLASS only where tuned data selects it (none yet: no
+shape is selected until measured), `0` never, `1` wherever it can run (an error, with the reason, where it
+cannot be built). `status()` says why the path is off.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import os
+import shutil
+
+import torch
+
+from .torch_segment_mm import GroupedMM, Segments
+
+log = logging.getLogger("moe_compiler")
+
+ENV = "MOE_COMPILER_CUTLASS"
+CONFIGS = ("coop_128x128", "coop_128x256_cluster2x1", "pingpong_64x128")
+CSRC = os.path.join(os.path.dirname(__file__), "..", "..", "csrc")
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{ENV}={value!r}: expected 'auto' (the default), '0' (never) or '1' (wherever it can run)")
+    return value
+
+
+def cutlass_include() -> str | None:
+    """CUTLASS's C++ headers from the nvidia-cutlass wheel (cutlass_library/source/include), or None."""
+    try:
+        import cutlass_library
+    except ImportError:
+        return None
+    root = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
+    return root if os.path.isfile(os.path.join(root, "include", "cutlass", "cutlass.h")) else None
+
+
+def nvcc() -> str | None:
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    path = os.path.join(home, "bin", "nvcc") if home else None
+    return path if path and os.path.isfile(path) else shutil.which("nvcc")
+
+
+def missing() -> str | None:
+    """Why the CUTLASS path cannot be built here (None: it can be)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if torch.version.cuda is None:
+        return "torch is a CPU build"
+    if not any(torch.cuda.get_device_capability(i) == (9, 0) for i in range(torch.cuda.device_count())):
+        return "no sm90 GPU (the kernels are sm90a: H100 / H200)"
+    if not os.path.isfile(os.path.join(CSRC, "ops.cpp")):
+        return f"the C++ sources are not at {os.path.normpath(CSRC)} (install from a source checkout)"
+    if cutlass_include() is None:
+        return "no CUTLASS headers (pip install 'moe_compiler[cutlass]', i.e. nvidia-cutlass)"
+    if nvcc() is None:
+        return "no nvcc (install the CUDA toolkit or set CUDA_HOME)"
+    return None
+
+
+@functools.cache
+def load():
+    """torch.ops.moe_compiler_cutlass, built on first use (minutes) and cached by torch for later processes."""
+    reason = missing()
+    if reason is not None:
+        raise RuntimeError(f"moe_compiler: the CUTLASS path cannot be built: {reason} ({ENV}=0 turns it off)")
+    from torch.utils import cpp_extension
+
+    root = cutlass_include()
+    sources = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "grouped_gemm_*.cu")))
+    log.warning("moe_compiler: building the CUTLASS kernels (csrc/, first use; minutes, then cached in %s)",
+                cpp_extension._get_build_directory("moe_compiler_cutlass", verbose=False))
+    cpp_extension.load(
+        name="moe_compiler_cutlass",
+        sources=sources,
+        extra_include_paths=[os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")],
+        extra_cuda_cflags=["-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr", "-O3", "-DNDEBUG"],
+        is_python_module=False,
+    )
+    return torch.ops.moe_compiler_cutlass
+
+
+def forced(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """MOE_COMPILER_CUTLASS=1 and these operands can run on it: the sorted path goes to CUTLASS."""
+    return mode() == "1" and usable(x, *weights)
+
+
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Static facts only: CUDA sm90, bf16/fp16, packed 16-byte rows (what csrc/ops.cpp checks)."""
+    if not (x.is_cuda and x.dtype in DTYPES and all(w.dtype == x.dtype for w in weights)):
+        return False
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        return False
+    return all(w.dim() == 3 and w.stride(2) == 1 and w.stride(1) == w.shape[2] and w.shape[2] % 8 == 0
+               and w.shape[1] % 8 == 0 and w.stride(0) % 8 == 0 and w.data_ptr() % 16 == 0 for w in weights)
+
+
+class CutlassMM:
+    """Segment matmuls by csrc/'s grouped GEMM (forward), torch._grouped_mm for the weight gradients."""
+
+    name = "cutlass"
+    config = 0  # index into CONFIGS
+
+    @staticmethod
+    def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    @classmethod
+    def mm(cls, x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
+        if x.dtype != w.dtype:  # the backward's fp32 rows: torch's grouped GEMM
+            return GroupedMM.mm(x.to(w.dtype), w, seg)
+        return load().grouped_mm(x.contiguous(), w, seg.offs, True, cls.config)
+
+    @classmethod
+    def mm_nn(cls, x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
+        if x.dtype != w.dtype:
+            return GroupedMM.mm_nn(x.to(w.dtype), w, seg)
+        return load().grouped_mm(x.contiguous(), w, seg.offs, False, cls.config)
+
+    wgrad = staticmethod(GroupedMM.wgrad)
+
+
+@functools.cache
+def with_config(config: int) -> type:
+    """CutlassMM running tile / cluster / schedule CONFIGS[config] (the probe and the tuner compare them)."""
+    if not 0 <= config < len(CONFIGS):
+        raise ValueError(f"CUTLASS config {config} not in [0, {len(CONFIGS) - 1}] ({', '.join(CONFIGS)})")
+    return type(f"CutlassMM_{CONFIGS[config]}", (CutlassMM,), {"config": config, "name": f"cutlass_{CONFIGS[config]}"})

@@ -1,0 +1,146 @@
+"""lowering/cutlass.py and csrc/: the switch, why the path is off, and (GPU, sm90) the grouped GEMM against an fp32
+reference — every config, both weight layouts, bf16 and fp16, experts with no rows, odd row counts, no rows at
+all, capture and replay with changing routing, and the experts op forced onto it."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from moe_compiler.lowering import cutlass, dispatch
+from moe_compiler.testing import rel_err
+
+ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def test_the_switch_takes_three_values_and_says_which(monkeypatch):
+    for value in ("auto", "0", "1"):
+        monkeypatch.setenv(cutlass.ENV, value)
+        assert cutlass.mode() == value
+    monkeypatch.setenv(cutlass.ENV, "yes")
+    with pytest.raises(ValueError, match="expected 'auto'.*'0'.*'1'"):
+        cutlass.mode()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU reports")
+def test_without_a_gpu_the_path_is_off_with_the_reason(monkeypatch):
+    assert cutlass.missing() == "no CUDA GPU"
+    with pytest.raises(RuntimeError, match="cannot be built: no CUDA GPU.*MOE_COMPILER_CUTLASS=0"):
+        cutlass.load.__wrapped__()
+    monkeypatch.setenv(cutlass.ENV, "1")  # forcing it changes nothing off the GPU: the CPU path runs
+    w = torch.randn(4, 16, 8)
+    assert dispatch.select(torch.randn(3, 8), w, w) is not cutlass.CutlassMM
+
+
+def test_the_python_configs_are_the_cpp_ones():
+    entry = open(os.path.join(cutlass.CSRC, "grouped_gemm_entry.cuh")).read()
+    cases = re.findall(r"case (\d+): return run_config<Element, (\w+)>", entry)
+    assert [int(i) for i, _ in cases] == list(range(len(cutlass.CONFIGS)))
+    with pytest.raises(ValueError, match=r"not in \[0, 2\]"):
+        cutlass.with_config(len(cutlass.CONFIGS))
+
+
+def _reference(x, w, offs, b_nk):
+    out, start = torch.zeros(x.shape[0], w.shape[1] if b_nk else w.shape[2], dtype=torch.float64), 0
+    for e, end in enumerate(offs.tolist()):
+        we = w[e].double()
+        out[start:end] = x[start:end].double() @ (we.t() if b_nk else we)
+        start = end
+    return out
+
+
+def _problem(counts, N, K, dtype, b_nk, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(counts), K, generator=gen).to(dtype)
+    w = (torch.randn(len(counts), *((N, K) if b_nk else (K, N)), generator=gen) * K**-0.5).to(dtype)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    return x, w, offs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="the CUTLASS kernels are sm90a")
+@pytest.mark.parametrize("config", range(len(cutlass.CONFIGS)), ids=cutlass.CONFIGS)
+@pytest.mark.parametrize("b_nk", [True, False], ids=["w_NK", "w_KN"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_grouped_mm_against_fp64(config, b_nk, dtype):
+    ops = cutlass.load()
+    for counts, N, K in (([0, 7, 1, 300, 0, 129], 264, 136), ([1000] * 4, 2048, 768), ([3], 16, 8)):
+        x, w, offs = _problem(counts, N, K, dtype, b_nk)
+        out = ops.grouped_mm(x.cuda(), w.cuda(), offs.cuda(), b_nk, config)
+        assert out.shape == (x.shape[0], N) and out.dtype == dtype
+        assert rel_err(out.cpu(), _reference(x, w, offs, b_nk)) <= 1e-2, (counts, N, K)
+    empty = ops.grouped_mm(x[:0].cuda(), w.cuda(), torch.zeros_like(offs).cuda(), b_nk, config)
+    assert empty.shape == (0, N)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="the CUTLASS kernels are sm90a")
+def test_bad_operands_get_clear_errors():
+    ops = cutlass.load()
+    x, w, offs = (t.cuda() for t in _problem([4, 4], 24, 16, torch.bfloat16, True))
+    with pytest.raises(RuntimeError, match="int32 offs of E = 2"):
+        ops.grouped_mm(x, w, offs.long(), True, 0)
+    with pytest.raises(RuntimeError, match="does not reduce over K = 16"):
+        ops.grouped_mm(x, w.transpose(1, 2).contiguous(), offs, True, 0)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        ops.grouped_mm(x[:, :12].contiguous(), w[:, :, :12].contiguous(), offs, True, 0)
+    with pytest.raises(RuntimeError, match=r"config 7 not in \[0, 2\]"):
+        ops.grouped_mm(x, w, offs, True, 7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="the CUTLASS kernels are sm90a")
+def test_capture_and_replay_with_changing_routing():
+    ops = cutlass.load()
+    E, N, K, S = 8, 256, 128, 512
+    x = torch.randn(S, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+    offs = torch.empty(E, dtype=torch.int32, device="cuda")
+
+    def route(seed):
+        gen = torch.Generator().manual_seed(seed)
+        counts = torch.bincount(torch.randint(0, E, (S,), generator=gen), minlength=E)
+        counts[seed % E] = 0  # an expert without rows
+        counts[(seed + 1) % E] += S - int(counts.sum())
+        offs.copy_(counts.cumsum(0).to(torch.int32))
+
+    route(0)
+    ops.grouped_mm(x, w, offs, True, 0)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.grouped_mm(x, w, offs, True, 0)
+    for seed in (1, 2, 3):
+        route(seed)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out.cpu(), _reference(x.cpu(), w.cpu(), offs.cpu(), True)) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="the CUTLASS kernels are sm90a")
+def test_the_experts_op_forced_onto_cutlass(monkeypatch):
+    from moe_compiler.spec import ExpertsSpec
+    from moe_compiler.testing import experts_reference
+
+    monkeypatch.setenv(cutlass.ENV, "1")
+    calls = []
+    real_mm = cutlass.CutlassMM.mm.__func__
+    monkeypatch.setattr(cutlass.CutlassMM, "mm", classmethod(lambda cls, *a: calls.append(1) or real_mm(cls, *a)))
+    gen = torch.Generator().manual_seed(0)
+    T, E, k, H, I = 512, 16, 4, 256, 128
+    x = torch.randn(T, H, generator=gen).bfloat16()
+    ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k]
+    ids[::5, 0] = E  # expert parallelism's sentinel: adds nothing
+    w = torch.rand(T, k, generator=gen)
+    w1 = (torch.randn(E, 2 * I, H, generator=gen) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, generator=gen) * I**-0.5).bfloat16()
+    dev = [t.cuda() for t in (x, ids, w, w1, w2)]
+    assert dispatch.select(dev[0], dev[3], dev[4]) is cutlass.CutlassMM
+    out = torch.ops.moe_compiler.experts(*dev, **ExpertsSpec().op_kwargs())
+    assert len(calls) == 2  # gate_up and down on CUTLASS, not the Triton kernels
+    assert rel_err(out.float().cpu(), experts_reference(x, ids, w, w1, w2)) <= 1e-2
