@@ -291,6 +291,23 @@ def nearest_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T
     return min(same, key=lambda e: (abs(math.log(max(T, 1) / e["T"])), e["T"]))["config"]
 
 
+def sharded_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> dict | None:
+    """Expert parallelism: a rank's op holds E = E' / R of a tuned model's experts (same H, I) and, at inference,
+    gets the whole batch with the off-rank pairs as sentinels (k slots), in training the rows sent to it (k = 1).
+    Either way an expert sees T k / E rows, the same as the unsharded model at T' = T k E' / (E k'): the tiles
+    tuned there fit. The entry of a tuned E' = R E (R > 1) whose rows per expert are nearest this call's, within
+    a factor of 2 (else None); ties to the same k, then the smaller T."""
+    dname = str(dtype).removeprefix("torch.")
+    rows = max(T, 1) * k / E
+
+    def distance(e):
+        return abs(math.log(e["T"] * e["k"] / e["E"] / rows))
+
+    same = [e for e in entries if (e["dtype"], e["H"], e["I"]) == (dname, H, I) and e["E"] > E and e["E"] % E == 0]
+    best = min(same, key=lambda e: (distance(e), e["k"] != k, e["T"]), default=None)
+    return best if best is not None and distance(best) <= math.log(2) else None
+
+
 def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: int, k: int, H: int, I: int,
            T: int, autotune: Callable[[int], Config | None] | None = None) -> Config:
     """The config of a call. `autotune(bucket)` is asked where this GPU's own file has no entry at the call's
@@ -319,6 +336,17 @@ def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: in
             f"--shape {E},{k},{H},{I} --dtype {dname} --merge",
         )
     if config is None:
+        for tuned_on, entries in sources:
+            entry = sharded_entry(entries, dtype, E, k, H, I, T)
+            if entry is not None:
+                _warn_once(
+                    (gpu_name, dname, E, k, H, I),
+                    f"moe_compiler: no Triton config tuned for {dname} experts E={E}, k={k}, H={H}, I={I} on "
+                    f"{gpu_name}; using the one tuned for E={entry['E']}, k={entry['k']}, T={entry['T']} on "
+                    f"{tuned_on} (the same rows per expert: a rank's share under expert parallelism). Tune with: "
+                    f"python -m moe_compiler.tune --shape {E},{k},{H},{I} --dtype {dname} --merge",
+                )
+                return entry["config"]
         _warn_once(
             (gpu_name, dname, E, k, H, I),
             f"moe_compiler: no tuned Triton config for {dname} experts E={E}, k={k}, H={H}, I={I} on {gpu_name}; "

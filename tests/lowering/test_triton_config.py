@@ -105,6 +105,23 @@ def test_own_file_without_the_shape_borrows_it_from_a_same_capability_file(confi
     assert isinstance(big, SortedConfig) and big.block_m == 64
 
 
+def test_a_ranks_share_of_a_tuned_model_takes_its_tiles_at_equal_rows_per_expert(config_dir):
+    """Expert parallelism over 2 ranks: E = 32 of the tuned 64. Inference (k = 4, the whole batch) at T = 1024
+    has 128 rows per expert, as the tuned model at T = 2048 (none tuned: 1024 is 2x off, still taken); all-to-all
+    training (k = 1, T = 512 rows received) has 16, as T = 256 (nearest tuned 1024: 4x off, defaults)."""
+    with pytest.warns(UserWarning, match=r"E=32, k=4.*using the one tuned for E=64, k=4, T=1024 on GPU A"):
+        cfg = triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 32, 4, 512, 256, 1024)
+    assert isinstance(cfg, SortedConfig) and cfg.block_m == 64 and cfg.tma
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per shape: the decode point (1/8 row per expert) says nothing new
+        assert isinstance(triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 32, 4, 512, 256, 1), DecodeConfig)
+    with pytest.warns(UserWarning, match="no tuned Triton config"):
+        cfg = triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 32, 1, 512, 256, 512)
+    assert cfg == triton_config.default_config(torch.bfloat16, 32, 1, 512, 256, 512)
+    with pytest.warns(UserWarning, match="no tuned Triton config"):  # 48 experts are no share of 64
+        triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 48, 4, 512, 256, 1024)
+
+
 def test_defaults_pick_decode_for_few_pairs_and_sorted_tiles_by_rows_per_expert():
     assert isinstance(triton_config.default_config(torch.bfloat16, 128, 8, 2048, 768, 1), DecodeConfig)
     small = triton_config.default_config(torch.bfloat16, 128, 8, 2048, 768, 64)
