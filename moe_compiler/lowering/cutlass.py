@@ -12,9 +12,9 @@ Build: `torch.utils.cpp_extension.load` compiles csrc/ (ninja; nvcc from the CUD
 the `nvidia-cutlass` wheel: `pip install moe_compiler[cutlass]`) into torch's extensions directory on first use,
 with one log line; a second process loads the cached library. Importing the package never builds or needs nvcc.
 
-Switch `MOE_COMPILER_CUTLASS`: `auto` (default) runs CUTLASS only where tuned data selects it (none yet: no
-shape is selected until measured), `0` never, `1` wherever it can run (an error, with the reason, where it
-cannot be built). `status()` says why the path is off.
+Switch `MOE_COMPILER_CUTLASS`: `auto` (default) runs CUTLASS only where the tuned table selects it
+(triton_config.CutlassConfig, written by the tuner where it measured faster; none yet), `0` never, `1` wherever
+it can run (an error, with the reason, where it cannot be built). `missing()` says why the path is off.
 """
 
 from __future__ import annotations
@@ -62,8 +62,10 @@ def nvcc() -> str | None:
     return path if path and os.path.isfile(path) else shutil.which("nvcc")
 
 
+@functools.cache
 def missing() -> str | None:
-    """Why the CUTLASS path cannot be built here (None: it can be)."""
+    """Why the CUTLASS path cannot be built here (None: it can be). Asked once per process (per call it would
+    be host time on every layer)."""
     if not torch.cuda.is_available():
         return "no CUDA GPU"
     if torch.version.cuda is None:
@@ -101,9 +103,20 @@ def load():
     return torch.ops.moe_compiler_cutlass
 
 
+def runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a tuned CUTLASS config runs on these operands (else the Triton default stands in): the switch
+    not off, the operands taken, the extension buildable here."""
+    return mode() != "0" and usable(x, *weights) and missing() is None
+
+
 def forced(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """MOE_COMPILER_CUTLASS=1 and these operands can run on it: the sorted path goes to CUTLASS."""
     return mode() == "1" and usable(x, *weights)
+
+
+def loaded() -> bool:
+    """Whether load() has run in this process (the extension built or taken from torch's cache)."""
+    return load.cache_info().currsize > 0
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -172,7 +172,7 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     if T == 0 or k == 0:
         return True
     config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
-    if config.path is triton_config.Path.GROUPED_MM or (
+    if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS) or (
             config.path is not triton_config.Path.DECODE and cutlass.forced(hidden, w_gate_up, w_down)):
         return False  # torch ops / CUTLASS, not Triton launches: the op stays one call
     return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
@@ -185,6 +185,13 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
 
     if config is None:
         config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+    if config.path is triton_config.Path.CUTLASS:
+        if mlp is None and cutlass.runs(hidden, w_gate_up, w_down):
+            checks.check_ids_in_range(topk_ids, w_gate_up.shape[0])
+            args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+            return torch_experts.experts_forward(cutlass.with_config(config.config), *args)
+        config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
+                                                     hidden.shape[0])
     forced = config.path is not triton_config.Path.DECODE and cutlass.forced(hidden, w_gate_up, w_down)
     if config.path is triton_config.Path.GROUPED_MM or forced:
         impl = select(hidden, w_gate_up, w_down)

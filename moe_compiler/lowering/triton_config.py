@@ -95,6 +95,9 @@ class Path(str, enum.Enum):
     # torch_experts.py over torch._grouped_mm (a CUTLASS grouped GEMM on sm90, bf16, 16-byte rows): only where
     # the tuner measured it faster than both Triton paths (GroupedMMConfig).
     GROUPED_MM = "grouped_mm"
+    # torch_experts.py over csrc/'s CUTLASS grouped GEMM with one of its configs (lowering/cutlass.py): only where
+    # the tuner measured it faster (CutlassConfig).
+    CUTLASS = "cutlass"
 
 
 class Combine(str, enum.Enum):
@@ -169,7 +172,23 @@ class GroupedMMConfig:
     path: Path = Path.GROUPED_MM
 
 
-Config = DecodeConfig | SortedConfig | GroupedMMConfig
+@dataclasses.dataclass(frozen=True)
+class CutlassConfig:
+    """The torch composite over csrc/'s grouped GEMM with tile / cluster / schedule `config` (an index into
+    lowering/cutlass.py's CONFIGS). Where CUTLASS cannot run (not built, not sm90, MOE_COMPILER_CUTLASS=0, operands
+    it does not take) the Triton default runs instead."""
+
+    config: int = 0
+    path: Path = Path.CUTLASS
+
+    def __post_init__(self):
+        from .cutlass import CONFIGS
+
+        if not isinstance(self.config, int) or isinstance(self.config, bool) or not 0 <= self.config < len(CONFIGS):
+            raise ValueError(f"config: expected an index into {CONFIGS}, got {self.config!r}")
+
+
+Config = DecodeConfig | SortedConfig | GroupedMMConfig | CutlassConfig
 
 
 def to_dict(config: Config) -> dict:
@@ -186,6 +205,8 @@ def from_dict(d: dict) -> Config:
         path = Path(d.pop("path"))
         if path is Path.GROUPED_MM:
             return GroupedMMConfig(**d)
+        if path is Path.CUTLASS:
+            return CutlassConfig(**d)
         d["gate_up"], d["down"] = KernelConfig(**d["gate_up"]), KernelConfig(**d["down"])
         return DecodeConfig(**d) if path is Path.DECODE else SortedConfig(**d)
     except (KeyError, TypeError, ValueError) as e:

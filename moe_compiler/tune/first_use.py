@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from moe_compiler.lowering import device, triton_config
+from moe_compiler.lowering import cutlass, device, triton_config
 from moe_compiler.lowering.triton_config import Config, Path
 
 log = logging.getLogger("moe_compiler.autotune")
@@ -65,7 +65,7 @@ def candidates(gpu_name: str, capability, dtype: torch.dtype, E: int, k: int, H:
             cfg = e["config"]
             if cfg.path is Path.DECODE:
                 ok = uses_decode(T, k, E)
-            elif cfg.path is Path.GROUPED_MM:
+            elif cfg.path in (Path.GROUPED_MM, Path.CUTLASS):
                 ok = False  # added below, wherever it applies
             else:
                 gu, dn = cfg.gate_up, cfg.down
@@ -77,10 +77,19 @@ def candidates(gpu_name: str, capability, dtype: torch.dtype, E: int, k: int, H:
     out = [triton_config.default_config(dtype, E, k, H, I, T)]
     if grouped_mm_applies(capability, dtype, H, I):
         out.append(triton_config.GroupedMMConfig())  # torch's grouped GEMM: one candidate, cheap to time
+    if cutlass_applies(capability, dtype, H, I) and not uses_decode(T, k, E):
+        out += [triton_config.CutlassConfig(i) for i in range(len(cutlass.CONFIGS))]
     for _, cfg in sorted(scored, key=lambda s: s[0]):
         if cfg not in out:
             out.append(cfg)
     return out[:MAX_CANDIDATES]
+
+
+def cutlass_applies(capability, dtype: torch.dtype, H: int, I: int) -> bool:
+    """Whether csrc/'s grouped GEMM can take this problem here (sm90, bf16/fp16, 16-byte rows, not switched off)
+    and is already loaded in this process: a first-use tuning never starts its build (minutes, past the budget)."""
+    return (tuple(capability) == (9, 0) and dtype in cutlass.DTYPES and H % 8 == 0 and I % 8 == 0
+            and cutlass.mode() != "0" and cutlass.loaded())
 
 
 def grouped_mm_applies(capability, dtype: torch.dtype, H: int, I: int) -> bool:

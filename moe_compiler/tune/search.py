@@ -26,6 +26,7 @@ import torch
 import triton
 
 from moe_compiler.lowering import (
+    cutlass,
     dispatch,
     triton_align,
     triton_config,
@@ -33,7 +34,13 @@ from moe_compiler.lowering import (
     triton_experts,
 )
 from moe_compiler.lowering.torch_segment_mm import GroupedMM
-from moe_compiler.lowering.triton_config import DecodeConfig, GroupedMMConfig, KernelConfig, SortedConfig
+from moe_compiler.lowering.triton_config import (
+    CutlassConfig,
+    DecodeConfig,
+    GroupedMMConfig,
+    KernelConfig,
+    SortedConfig,
+)
 from moe_compiler.spec import ExpertsSpec
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 
@@ -299,6 +306,8 @@ def tune_point(b: Bench, timer, dtype, failed, log):
         options.append((t_align + t_gemms + t_comb, cfg, parts))
     if dispatch.select(b.x, b.w1, b.w2) is GroupedMM:  # torch's grouped GEMM (CUTLASS on sm90): no tiles to tune
         options.append((float("inf"), GroupedMMConfig(), {"grouped_mm": True}))
+    if not uses_decode(T, k, E) and cutlass.runs(b.x, b.w1, b.w2):  # csrc/'s grouped GEMM, each of its configs
+        options += [(float("inf"), CutlassConfig(i), {"cutlass": name}) for i, name in enumerate(cutlass.CONFIGS)]
     # The final: every option and the untuned default as a whole forward (launch gaps, the id check and
     # the path's own extra kernels included), rounds interleaved, median.
     default = triton_config.default_config(dtype, b.E, k, b.H, b.I, T)

@@ -99,6 +99,41 @@ def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
     assert not dispatch.experts_inlinable(inputs[0], inputs[1], inputs[3], inputs[4], spec)
 
 
+def test_cutlass_config_runs_its_tiles_or_the_triton_default(monkeypatch):
+    """A table entry naming csrc/'s grouped GEMM with config i runs torch_experts over it (here a stand-in for
+    the extension records the config each GEMM got) where CUTLASS runs, the Triton default where it does not
+    (not built, not sm90, MOE_COMPILER_CUTLASS=0); the op stays one call."""
+    pytest.importorskip("triton")
+    from moe_compiler.lowering import cutlass, triton_config
+    from moe_compiler.testing import experts_reference
+
+    spec = ExpertsSpec()
+    entry = triton_config.from_dict({"path": "cutlass", "config": 2})
+    assert entry == triton_config.CutlassConfig(2) and triton_config.to_dict(entry) == {"config": 2, "path": "cutlass"}
+    with pytest.raises(ValueError, match="an index into"):
+        triton_config.CutlassConfig(len(cutlass.CONFIGS))
+    configs = []
+
+    class FakeExtension:
+        @staticmethod
+        def grouped_mm(x, w, offs, b_nk, config):
+            configs.append(config)
+            return torch._grouped_mm(x, w.transpose(-2, -1) if b_nk else w, offs=offs)
+
+    monkeypatch.setattr(cutlass, "load", lambda: FakeExtension)
+    monkeypatch.setattr(cutlass, "runs", lambda *a: True)
+    inputs = experts_inputs(9, 16, 8, 4, 2, torch.float32, spec, seed=4)
+    out = dispatch.triton_forward(*inputs, spec, entry)
+    assert configs == [2, 2] and rel_err(out, experts_reference(*inputs, spec=spec)) <= 1e-5
+    configs.clear()
+    monkeypatch.setattr(cutlass, "runs", lambda *a: False)
+    out = dispatch.triton_forward(*inputs, spec, entry)
+    assert configs == [] and rel_err(out, experts_reference(*inputs, spec=spec)) <= 1e-5
+    monkeypatch.setattr(device, "uses_triton", lambda t: True)
+    monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: entry)
+    assert not dispatch.experts_inlinable(inputs[0], inputs[1], inputs[3], inputs[4], spec)
+
+
 @pytest.mark.gpu
 def test_cuda_forward_takes_triton_and_backward_the_capture_safe_composite(monkeypatch):
     hidden, _, _, w1, w2 = cuda_experts_inputs(4, 8, 2, 256, 128)
