@@ -57,6 +57,10 @@ class ActQuant(str, enum.Enum):
     ROWS = "w8a8_rows"
 
 
+# The kernels' ACT_Q constexpr: one code per ActQuant (INT4 always 0: its dot takes exact activations).
+ACT_Q_CODE = {ActQuant.NONE: 0, ActQuant.TILE: 1, ActQuant.ROWS: 2}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedConfig:
     """Tiles of the quantized experts kernels (one set for both GEMMs, or both GEMVs with decode)."""
@@ -226,11 +230,12 @@ def _int4_planes_step(a_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, s
 
 @triton.jit
 def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN,
-                 SCALE_BK, EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_FP8: tl.constexpr, ACT_ROWS: tl.constexpr,
-                 E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
+                 SCALE_BK, EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_Q: tl.constexpr, E8M0: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
     """acc + a [M, BLOCK_K] @ the dequantized weight tile at K offset k0 ([BLOCK_KW, BLOCK_N] stored words
-    at w_ptrs: e4m3 bytes, or int32 words of 8 nibbles along K). ACT_ROWS: a is e4m3 already, its row scales
-    at sa_rows ([M] pointers to each row's first group)."""
+    at w_ptrs: e4m3 bytes, or int32 words of 8 nibbles along K). ACT_Q (ACT_Q_CODE): 0 a as it is, 1 a rounded
+    to e4m3 here per row and K step, 2 a is e4m3 already, its row scales at sa_rows ([M] pointers to each row's
+    first group)."""
     kw = tl.arange(0, BLOCK_KW)
     # if / else with one return: Triton still builds the statements after a return inside a constexpr branch
     # (the FP8 dot on an INT4 tile's shapes fails to compile; the interpreter never sees it).
@@ -250,10 +255,10 @@ def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, st
             w = tl.load(w_ptrs, mask=(kw[:, None] < K - k0), other=0.0)
         # The K step lies in one scale block: one scale per output column, applied to the step's partial product.
         sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
-        if ACT_ROWS:
+        if ACT_Q == 2:  # w8a8_rows
             sa = tl.load(sa_rows + k0 // 128)  # ACT_GROUP
             out = acc + tl.dot(a, w) * (sa[:, None] * sw[None, :])
-        elif ACT_FP8:
+        elif ACT_Q == 1:  # w8a8_tile
             a32 = a.to(tl.float32)
             sa = _e4m3_scale(tl.max(tl.abs(a32), axis=1))
             aq = (a32 / sa[:, None]).to(tl.float8e4nv)
@@ -287,8 +292,8 @@ def _gate_up_q_kernel(
     x_ptr, xs_ptr, w_ptr, s_ptr, act_ptr, act_s_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
     H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN, SCALE_BK,
     stride_xm, stride_xs, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am, stride_as,
-    ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr,
-    ACT_ROWS: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
+    E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, FUSED_ACT: tl.constexpr,
 ):
     # FUSED_ACT: each program a gate and an up tile of I's columns, the activation in the epilogue. Otherwise one
@@ -326,11 +331,11 @@ def _gate_up_q_kernel(
                     a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
                 sa_rows = xs_ptr + tok * stride_xs
                 gate = _weight_step(a, sa_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
-                                    stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                    stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
                                     DOT_PRECISION, BLOCK_K, BLOCK_KW)
                 if FUSED_ACT:
                     up = _weight_step(a, sa_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
-                                      stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                      stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
                                       DOT_PRECISION, BLOCK_K, BLOCK_KW)
             a_ptrs += BLOCK_K
             wg_ptrs += BLOCK_KW * stride_wk
@@ -338,7 +343,8 @@ def _gate_up_q_kernel(
         n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if FUSED_ACT:
             out = gated_act(gate, up, alpha, limit, ACT)
-            if ACT_ROWS:  # BLOCK_N = ACT_GROUP: the tile's columns (those < I) are one group of the down GEMM's A
+            # w8a8_rows; BLOCK_N = ACT_GROUP: the tile's columns (those < I) are one group of the down GEMM's A
+            if ACT_Q == 2:
                 s_out = _e4m3_scale(tl.max(tl.where((n_out < I)[None, :], tl.abs(out), 0.0), axis=1))
                 tl.store(act_s_ptr + slots * stride_as + pid_n, s_out, mask=valid)
                 out = out / s_out[:, None]
@@ -353,8 +359,8 @@ def _down_q_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
     H, I, GROUP_M, SCALE_BN, SCALE_BK,
     stride_am, stride_as, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_ym,
-    EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_FP8: tl.constexpr,
-    ACT_ROWS: tl.constexpr, E8M0: tl.constexpr,
+    EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
+    E8M0: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KW: tl.constexpr,
 ):
@@ -366,8 +372,8 @@ def _down_q_kernel(
         n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
         kk = tl.arange(0, BLOCK_K)
         # Padding rows of act were never written: whatever they hold only reaches rows that are not stored
-        # (under ACT_FP8 a padding row's own scale is computed from it alone, or read as garbage under
-        # ACT_ROWS: either way no other row is touched).
+        # (under w8a8_tile a padding row's own scale is computed from it alone, or read as garbage under
+        # w8a8_rows: either way no other row is touched).
         a_ptrs = a_ptr + slots[:, None] * stride_am + kk[None, :]
         w_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
                   + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
@@ -383,7 +389,7 @@ def _down_q_kernel(
                 else:
                     a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
                 acc = _weight_step(a, as_ptr + slots * stride_as, w_ptrs, s_ptr, acc, expert, n, k0, I, stride_se,
-                                   stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_FP8, ACT_ROWS, E8M0,
+                                   stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
                                    DOT_PRECISION, BLOCK_K, BLOCK_KW)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_KW * stride_wk
@@ -408,8 +414,7 @@ def _int4(spec: QuantizedExpertsSpec) -> bool:
 def _tile_constexprs(spec: QuantizedExpertsSpec, config: QuantizedConfig) -> dict:
     """What both sorted-path kernels take of the format and the tiles (BLOCK_KW: stored words per K step)."""
     int4 = _int4(spec)
-    return dict(INT4=int4, INT4_PLANES=int4 and config.int4_planes, ACT_FP8=config.act_fp8 and not int4,
-                ACT_ROWS=config.act is ActQuant.ROWS and not int4,
+    return dict(INT4=int4, INT4_PLANES=int4 and config.int4_planes, ACT_Q=0 if int4 else ACT_Q_CODE[config.act],
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 BLOCK_KW=config.block_k // 8 if int4 else config.block_k, num_warps=config.num_warps,
                 num_stages=config.num_stages)
