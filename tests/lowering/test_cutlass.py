@@ -12,6 +12,7 @@ import torch
 
 from moe_compiler.lowering import cutlass, dispatch
 from moe_compiler.testing import rel_err
+from moe_compiler.testing.cuda_graphs import captured, replay
 
 ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -108,16 +109,10 @@ def test_capture_and_replay_with_changing_routing():
         offs.copy_(counts.cumsum(0).to(torch.int32))
 
     route(0)
-    ops.grouped_mm(x, w, offs, True, 0)  # warm-up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ops.grouped_mm(x, w, offs, True, 0)
+    graph, out = captured(lambda: ops.grouped_mm(x, w, offs, True, 0))
     for seed in (1, 2, 3):
         route(seed)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        replay(graph, out)
         assert rel_err(out.cpu(), _reference(x.cpu(), w.cpu(), offs.cpu(), True)) <= 1e-2
 
 

@@ -26,6 +26,7 @@ from moe_compiler.lowering.triton_quantized import ACT_GROUP, QuantizedConfig  #
 from moe_compiler.passes.verify import with_sentinels  # noqa: E402
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout, QuantizedExpertsSpec  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
+from moe_compiler.testing.cuda_graphs import captured, replay  # noqa: E402
 from moe_compiler.testing.quantized import quantized_experts_inputs, w8a8_reference  # noqa: E402
 
 SMALL = KernelConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
@@ -159,19 +160,13 @@ def test_the_ops_on_the_gpu_under_a_cuda_graph(T):
     calls = {"experts": lambda: torch.ops.moe_compiler.experts(*dense, **ExpertsSpec().op_kwargs()),
              "quantized": lambda: torch.ops.moe_compiler.experts_quantized(*quant, **spec.op_kwargs())}
     for name, call in calls.items():
-        call()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = call()
+        graph, out = captured(call)
         for seed in range(1, 3):
             routing = torch.rand(T, 16, generator=torch.Generator().manual_seed(seed)).argsort(1)[:, :4]
             new = _with_sentinels(routing, 16)
             dense[1].copy_(new)
             quant[1].copy_(new)
-            out.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
+            replay(graph, out)
             eager = call()
             assert torch.equal(out, eager), name
             if name == "experts":

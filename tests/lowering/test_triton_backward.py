@@ -13,6 +13,7 @@ from triton_cases import DEVICE, SPECS, device_inputs, poisoned_allocations, spe
 from moe_compiler.lowering import triton_backward  # noqa: E402
 from moe_compiler.lowering.triton_config import KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
+from moe_compiler.testing.cuda_graphs import captured, replay  # noqa: E402
 
 SMALL = KernelConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
 CONFIG = triton_backward.BackwardConfig(rows=SortedConfig(block_m=16, gate_up=SMALL, down=SMALL, group_m=2),
@@ -113,15 +114,11 @@ def test_capture_and_replay_with_new_routing():
     grad_out = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     config = triton_backward.default_config(torch.bfloat16, 8, 2, 256, 128, 64)
     run = lambda: triton_backward.experts_backward(grad_out, hidden, ids, weights, w1, w2, b1, b2, spec, config)  # noqa: E731
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, grads = captured(run)
     ids.copy_(torch.rand(64, 8, device="cuda").argsort(dim=1)[:, :2])
     grad_out.normal_()
-    graph.replay()
+    replay(graph, grads)
     fresh = run()
-    for a, b in zip(captured, fresh):
+    for a, b in zip(grads, fresh):
         if a is not None:
             assert torch.equal(a, b)

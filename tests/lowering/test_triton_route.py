@@ -17,6 +17,7 @@ from moe_compiler.lowering import triton_route  # noqa: E402
 from moe_compiler.lowering.torch_route import route_forward  # noqa: E402
 from moe_compiler.spec import RouterSpec  # noqa: E402
 from moe_compiler.testing import rel_err, sparsemixer_edge_logits  # noqa: E402
+from moe_compiler.testing.cuda_graphs import captured, replay  # noqa: E402
 
 CASES = {
     # name: (T, E, spec, with correction bias)
@@ -110,13 +111,8 @@ def test_triton_route_kernel_at_real_router_shapes(name, T):
     logits = torch.randn(T, E, device="cuda", generator=g).bfloat16()
     bias = torch.randn(E, device="cuda", generator=g) * 0.1 if with_bias else None
     want_w, want_i = route_forward(logits, bias, spec)
-    graph = torch.cuda.CUDAGraph()
-    triton_route.route_forward(logits, bias, spec)  # compile outside capture
-    with torch.cuda.graph(graph):
-        got_w, got_i = triton_route.route_forward(logits, bias, spec)
-    got_w.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
+    graph, (got_w, got_i) = captured(lambda: triton_route.route_forward(logits, bias, spec))
+    replay(graph, got_w)
     want_i, ow = want_i.sort(dim=1)
     got_i, og = got_i.sort(dim=1)
     # bf16 logits upcast exactly: ties are rare but possible among E values; allow a few tokens to differ.

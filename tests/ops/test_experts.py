@@ -25,6 +25,7 @@ from moe_compiler.testing import (
     shared_reference,
     spec_id,
 )
+from moe_compiler.testing.cuda_graphs import captured, replay
 from moe_compiler.tune.shapes import SHAPES
 
 OP = torch.ops.moe_compiler.experts.default
@@ -419,18 +420,12 @@ def test_index_math_past_2_31():
 def test_cuda_graph_capture_and_replay_with_changing_routing(dtype):
     T, E, k, H, I = 16, 32, 4, 512, 256
     hidden, ids, weights, w1, w2 = cuda_experts_inputs(T, E, k, H, I, dtype)
-    moe_experts(hidden, ids, weights, w1, w2)  # warm up outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_experts(hidden, ids, weights, w1, w2)
+    graph, out = captured(lambda: moe_experts(hidden, ids, weights, w1, w2))
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
     for seed in range(1, 4):
         new_hidden, new_ids, new_weights, _, _ = cuda_experts_inputs(T, E, k, H, I, dtype, seed=seed)
         hidden.copy_(new_hidden), ids.copy_(new_ids), weights.copy_(new_weights)
-        out.fill_(float("nan"))  # poison: replay must rewrite every element
-        graph.replay()
-        torch.cuda.synchronize()
+        replay(graph, out)
         assert rel_err(out, experts_reference_by_expert(hidden, ids, weights, w1, w2)) <= tol
         assert torch.equal(out, moe_experts(hidden, ids, weights, w1, w2))
 
@@ -485,17 +480,11 @@ def test_experts_with_shared_experts_capture_and_replay():
     hidden, ids, weights, w1, w2 = cuda_experts_inputs(T, E, k, H, I)
     shared = _shared(H, Is, True)
     op = lambda: OP(hidden, ids, weights, w1, w2, None, None, *op_args(shared))  # noqa: E731
-    op()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = op()
+    graph, out = captured(op)
     for seed in range(1, 4):
         new_hidden, new_ids, new_weights, _, _ = cuda_experts_inputs(T, E, k, H, I, seed=seed)
         hidden.copy_(new_hidden), ids.copy_(new_ids), weights.copy_(new_weights)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        replay(graph, out)
         assert torch.equal(out, op())
 
 

@@ -15,6 +15,7 @@ from moe_compiler.testing import (
     shared_inputs,
     shared_reference,
 )
+from moe_compiler.testing.cuda_graphs import captured, replay
 from moe_compiler.testing.quantized import quantize_fp8_blocks, quantized_experts_inputs
 
 OP = torch.ops.moe_compiler.experts_quantized.default
@@ -178,16 +179,10 @@ def test_cuda_graph_capture_and_replay_with_changing_routing(fmt, T):
     args, _ = quantized_experts_inputs(T, 256, 128, 16, 4, torch.bfloat16, bn, bk, seed=0, weight_format=fmt)
     dev = [a.cuda() for a in args]
     kwargs = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk).op_kwargs()
-    OP(*dev, **kwargs)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = OP(*dev, **kwargs)
+    graph, out = captured(lambda: OP(*dev, **kwargs))
     for seed in range(1, 4):
         new, _ = quantized_experts_inputs(T, 256, 128, 16, 4, torch.bfloat16, bn, bk, seed=seed, weight_format=fmt)
         for i in range(3):  # hidden, ids, weights
             dev[i].copy_(new[i])
-        out.fill_(float("nan"))  # poison: replay must rewrite every element
-        graph.replay()
-        torch.cuda.synchronize()
+        replay(graph, out)
         assert torch.equal(out, OP(*dev, **kwargs))
