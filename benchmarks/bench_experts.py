@@ -15,6 +15,8 @@ weights of the experts actually hit + hidden in + out. Variants (same run, same 
     hf_grouped_mm_tc    hf_grouped_mm under torch.compile (Inductor, dynamic T)                   GPU only
     moe_torch_v0        our torch composite (torch_experts.py; grouped_mm on CUDA bf16)           GPU only
     moe_atomic_combine  our sorted Triton path with the fp32-atomic combine, not gather-and-sum   GPU only
+    moe_cutlass         the torch composite over csrc/'s CUTLASS grouped GEMM (lowering/cutlass.py; the table's
+                        CUTLASS config, else config 0), where it runs (sm90, built), T * k >= E   GPU only
     moe_compiler        torch.ops.moe_compiler.experts
 and, for T <= 128, each capturable variant again under a CUDA graph (`*+graph`). Every timed call
 starts from a cold L2 (a 256 MB buffer is read before each call, its own time subtracted;
@@ -31,7 +33,7 @@ import os
 import torch
 
 import moe_compiler
-from moe_compiler.lowering import dispatch, torch_experts
+from moe_compiler.lowering import cutlass, dispatch, torch_experts
 from moe_compiler.spec import ExpertsSpec
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 from moe_compiler.tune.shapes import ALL_SHAPES as REAL_SHAPES
@@ -45,8 +47,9 @@ TOKENS = [1, 16, 128, 1024, 4096, 16384]
 BATCHED_MM_MAX_BYTES = 8 << 30
 
 BASELINES = ["hf_eager", "hf_grouped_mm", "hf_batched_mm", "hf_grouped_mm_tc", "moe_torch_v0"]
-CURVES = BASELINES + ["moe_atomic_combine", "moe_compiler"]
-COLORS = dict(zip(CURVES, ["tab:gray", "tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:cyan", "tab:blue"]))
+CURVES = BASELINES + ["moe_atomic_combine", "moe_cutlass", "moe_compiler"]
+COLORS = dict(zip(CURVES, ["tab:gray", "tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:cyan", "tab:green",
+                           "tab:blue"]))
 
 # The shapes issue's targets (H200, bf16, CUDA graphs for T <= 128): every point >= 1.0x HF grouped_mm and >= 1.15x
 # at T >= 1024; T <= 128 within 1.25x the floor; T >= 4096 within PREFILL_FLOOR_RATIO x the floor (1.35x, 1.2x
@@ -89,6 +92,13 @@ def variants(cfg, experts, T, k, H, I, dtype, on_gpu):
             config = dataclasses.replace(config, combine=Combine.ATOMIC, down=down)
         return dispatch.triton_forward(x, ids, w, experts.gate_up_proj, experts.down_proj, None, None, SPEC, config)
 
+    def ours_cutlass(x, ids, w):
+        from moe_compiler.lowering.triton_config import CutlassConfig
+
+        config = dispatch.triton_config_for(x, ids, experts.gate_up_proj, I)
+        impl = cutlass.with_config(config.config if isinstance(config, CutlassConfig) else 0)
+        return torch_experts.experts_forward(impl, x, ids, w, experts.gate_up_proj, experts.down_proj, None, None, SPEC)
+
     out = {"hf_eager": (harness.hf_forward(cfg, experts, "eager"), False),
            "hf_grouped_mm": (harness.hf_forward(cfg, experts, "grouped_mm"), True)}
     if T * k * 3 * H * I * torch.finfo(dtype).bits // 8 <= BATCHED_MM_MAX_BYTES:
@@ -97,6 +107,9 @@ def variants(cfg, experts, T, k, H, I, dtype, on_gpu):
         out["hf_grouped_mm_tc"] = (compiled_grouped_mm(cfg, experts), False)
         out["moe_torch_v0"] = (ours_v0, True)
         out["moe_atomic_combine"] = (ours_atomic, True)
+    w1, w2 = experts.gate_up_proj, experts.down_proj
+    if on_gpu and T * k >= w1.shape[0] and cutlass.runs(w1, w1, w2):  # (the hidden's dtype and device: w1's)
+        out["moe_cutlass"] = (ours_cutlass, True)
     out["moe_compiler"] = (ours, True)
     return out
 
