@@ -44,6 +44,9 @@ def parse_args():
     p.add_argument("--quick", type=float, nargs="?", const=first_use.BUDGET_S, metavar="SECONDS",
                    help="the pruned search of autotune on first use instead of the full one, SECONDS per point "
                         f"(default {first_use.BUDGET_S:.0f})")
+    p.add_argument("--cutlass", action="store_true",
+                   help="build / load csrc/'s CUTLASS kernels first (minutes the first time) so that their configs "
+                        "are candidates of the quick search too (the full search times them wherever they run)")
     p.add_argument("--refine", action="store_true",
                    help="only re-tune raster / persistent grid / warp specialization of existing sorted entries")
     return p.parse_args()
@@ -81,6 +84,10 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit(f"{COMMAND}: needs a CUDA GPU (it times the Triton kernels on the GPU it tunes for)")
     dtype = getattr(torch, args.dtype)
+    if args.cutlass:
+        from moe_compiler.lowering import cutlass
+
+        cutlass.load()
     gpu = torch.cuda.get_device_name()
     out_path = args.out or str(triton_config.gpu_file(gpu))
     unknown = sorted(set(args.shapes) - set(ALL_SHAPES))
