@@ -86,6 +86,6 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
     with triton_config.autotune_option(config.autotune):
         report = fuse_moe_regions(gm, example_inputs, config)
         emit(report, config.dump_dir)
-        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        compiled = compile_fx(gm, example_inputs, config_patches=patches) if config.inductor else gm.forward
     restack_planned(report)
     return compiled

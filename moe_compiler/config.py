@@ -36,6 +36,10 @@ class MoECompilerConfig:
     # still a torch composite, and a train step through it measured 0.71-0.82x plain torch.compile with more
     # memory (issue 17), so such regions are left to Inductor and reported. Env: MOE_COMPILER_TRAINING=1.
     training: bool = False
+    # Compile the rewritten graph with Inductor. False runs it as traced (Dynamo's eager backend after the
+    # rewrite): to tell a problem of ours from one of Inductor's, and for the tests of the matcher across the
+    # architecture zoo, where Inductor's CPU code generation would cost most of the time. Env: MOE_COMPILER_INDUCTOR=0.
+    inductor: bool = True
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:
@@ -46,6 +50,7 @@ class MoECompilerConfig:
             "shared_experts": os.environ.get("MOE_COMPILER_SHARED_EXPERTS", "1") != "0",
             "autotune": triton_config.autotune_enabled(),  # MOE_COMPILER_AUTOTUNE, parsed where lookups read it
             "training": os.environ.get("MOE_COMPILER_TRAINING", "0") == "1",
+            "inductor": os.environ.get("MOE_COMPILER_INDUCTOR", "1") != "0",
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

@@ -128,3 +128,25 @@ def test_unknown_option_is_a_clear_error():
 def test_option_type_is_checked():
     with pytest.raises(ValueError, match="option 'moe_compiler.verify': expected"):
         backend.MoECompilerConfig.from_options({"moe_compiler.verify": "no"})
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_without_inductor_the_rewritten_graph_runs_as_traced(how, monkeypatch):
+    """moe_compiler.inductor=False / MOE_COMPILER_INDUCTOR=0: the MoE blocks are fused all the same, Inductor
+    never compiles the graph, the logits equal eager."""
+    def no_inductor(*args, **kwargs):
+        raise AssertionError("Inductor was asked to compile")
+
+    monkeypatch.setattr(backend, "compile_fx", no_inductor)
+    options = {"moe_compiler.inductor": False} if how == "option" else None
+    if how == "env":
+        monkeypatch.setenv("MOE_COMPILER_INDUCTOR", "0")
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        out = torch.compile(model, backend="fused_moe", options=options)(input_ids=ids).logits
+    assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")) == 2
+    assert rel_err(out, eager) <= 1e-5
