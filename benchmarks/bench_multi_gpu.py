@@ -122,17 +122,12 @@ def model_points(model, args, cuda: bool, device, table: Table) -> None:
             compile_s = time.perf_counter() - t0
             s = timed(lambda fn=fn, ids=ids: forward(fn, ids), args.reps, cuda)
             table.add({"part": part, "backend": backend, "B": B, "S": S, "ms": s * 1e3, "tok_s": B * S / s,
-                       "compile_s": compile_s, "err": rel_err(logits, eager[B, S]), "fused": _fused()})
+                       "compile_s": compile_s, "err": rel_err(logits, eager[B, S]), "fused": _example().fused_layers()})
 
 
 def _reset() -> None:
     torch._dynamo.reset()
     counters["moe_compiler"].clear()
-
-
-def _fused() -> int:
-    """MoE layers fused since the last _reset (0 under Inductor: the check that the rows compare what they say)."""
-    return _example().fused_layers()
 
 
 def train_points(path: str, args, cuda: bool, device, dtype, table: Table) -> None:
@@ -162,7 +157,7 @@ def train_points(path: str, args, cuda: bool, device, dtype, table: Table) -> No
             s = timed(lambda fn=fn: step(fn), args.reps, cuda)
             table.add({"part": part, "backend": backend, "B": 1, "S": args.train_tokens, "ms": s * 1e3,
                        "tok_s": rows_per_step * args.train_tokens / s, "compile_s": compile_s,
-                       "err": rel_err(loss, ref), "fused": _fused()})
+                       "err": rel_err(loss, ref), "fused": _example().fused_layers()})
         del model
         if cuda:
             torch.cuda.empty_cache()

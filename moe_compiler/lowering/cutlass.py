@@ -27,6 +27,7 @@ import shutil
 
 import torch
 
+from . import device
 from .torch_segment_mm import GroupedMM, Segments
 
 log = logging.getLogger("moe_compiler")
@@ -123,7 +124,7 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Static facts only: CUDA sm90, bf16/fp16, packed 16-byte rows (what csrc/ops.cpp checks)."""
     if not (x.is_cuda and x.dtype in DTYPES and all(w.dtype == x.dtype for w in weights)):
         return False
-    if torch.cuda.get_device_capability(x.device) != (9, 0):
+    if device.capability(device.index(x)) != (9, 0):  # cached: this runs on every call it may take
         return False
     return all(w.dim() == 3 and w.stride(2) == 1 and w.stride(1) == w.shape[2] and w.shape[2] % 8 == 0
                and w.shape[1] % 8 == 0 and w.stride(0) % 8 == 0 and w.data_ptr() % 16 == 0 for w in weights)

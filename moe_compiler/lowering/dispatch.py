@@ -178,6 +178,19 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
 
 
+def _composite_impl(hidden, w_gate_up, w_down, config):
+    """The segment-matmul class the torch composite runs instead of the Triton kernels for this config, or None:
+    a tuned CUTLASS entry where CUTLASS runs, MOE_COMPILER_CUTLASS=1 off the decode path, a tuned grouped_mm
+    entry where torch._grouped_mm takes the operands."""
+    if config.path is triton_config.Path.CUTLASS:
+        return cutlass.with_config(config.config) if cutlass.runs(hidden, w_gate_up, w_down) else None
+    forced = config.path is not triton_config.Path.DECODE and cutlass.forced(hidden, w_gate_up, w_down)
+    if config.path is triton_config.Path.GROUPED_MM or forced:
+        impl = select(hidden, w_gate_up, w_down)
+        return impl if impl in (GroupedMM, cutlass.CutlassMM) else None
+    return None
+
+
 def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None, mlp=None):
     """The Triton forward with a given config (None: looked up); returns out [T, H]. T > 0. A shared MLP
     `mlp` is taken by the decode kernels only (experts_forward sends it here on that path)."""
@@ -185,21 +198,13 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
 
     if config is None:
         config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
-    if config.path is triton_config.Path.CUTLASS:
-        if mlp is None and cutlass.runs(hidden, w_gate_up, w_down):
-            checks.check_ids_in_range(topk_ids, w_gate_up.shape[0])
-            args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
-            return torch_experts.experts_forward(cutlass.with_config(config.config), *args)
-        config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
-                                                     hidden.shape[0])
-    forced = config.path is not triton_config.Path.DECODE and cutlass.forced(hidden, w_gate_up, w_down)
-    if config.path is triton_config.Path.GROUPED_MM or forced:
-        impl = select(hidden, w_gate_up, w_down)
-        if mlp is None and impl in (GroupedMM, cutlass.CutlassMM):
-            # torch's indexing does not check ids: the same device-side assert as the Triton kernels' (no sync).
-            checks.check_ids_in_range(topk_ids, w_gate_up.shape[0])
-            args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
-            return torch_experts.experts_forward(impl, *args)
+    impl = None if mlp is not None else _composite_impl(hidden, w_gate_up, w_down, config)
+    if impl is not None:
+        # torch's indexing does not check ids: the same device-side assert as the Triton kernels' (no sync).
+        checks.check_ids_in_range(topk_ids, w_gate_up.shape[0])
+        args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
+        return torch_experts.experts_forward(impl, *args)
+    if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS):  # their operands do not suit
         config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
                                                      hidden.shape[0])
     if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma:
