@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "check.h"
 #include "grouped_gemm.cuh"
 
 namespace moe_cutlass {
@@ -28,8 +29,9 @@ void run_one(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor workspace = at::empty({std::max<int64_t>(1, static_cast<int64_t>(R::workspace_bytes(args)))}, bytes);
   cutlass::Status status = R::run(args, workspace.data_ptr(), stream);
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "moe_compiler's CUTLASS grouped GEMM failed: ",
-              cutlassGetStatusString(status), " (E=", E, ", N=", N, ", K=", K, ")");
+  MOE_CHECK(status == cutlass::Status::kSuccess, std::string("moe_compiler's CUTLASS grouped GEMM failed: ") +
+                                                    cutlassGetStatusString(status) + " (E=" + std::to_string(E) +
+                                                    ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + ")");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -52,7 +54,7 @@ void grouped_mm_typed(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     case 0: return run_config<Element, Coop128x128>(x, w, offs, out, b_nk, N, K);
     case 1: return run_config<Element, Coop128x256Cluster2>(x, w, offs, out, b_nk, N, K);
     case 2: return run_config<Element, Pingpong64x128>(x, w, offs, out, b_nk, N, K);
-    default: TORCH_CHECK(false, "moe_compiler's CUTLASS grouped GEMM: config ", config, " not in [0, 2]");
+    default: fail("moe_compiler's CUTLASS grouped GEMM: config " + std::to_string(config) + " not in [0, 2]");
   }
 }
 

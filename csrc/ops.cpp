@@ -5,7 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "check.h"
+
 namespace moe_cutlass {
+constexpr int64_t kNumConfigs = 3;  // grouped_gemm_entry.cuh's switch, lowering/cutlass.py's CONFIGS
+
 void grouped_mm_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk,
                      int64_t config);
 void grouped_mm_fp16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk,
@@ -17,26 +21,31 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 
 // out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ (b_nk ? w[e]^T : w[e]); rows past offs[E-1] unwritten.
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, bool b_nk, int64_t config) {
-  TORCH_CHECK(x.is_cuda() && w.is_cuda() && offs.is_cuda(), "grouped_mm: expected CUDA tensors");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && offs.dim() == 1, "grouped_mm: expected x [S, K], w [E, ., .], offs [E]",
-              ", got ", x.sizes(), ", ", w.sizes(), ", ", offs.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type() &&
-                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
-              "grouped_mm: expected bf16 or fp16 x and w of one dtype, got ", x.scalar_type(), " and ", w.scalar_type());
-  TORCH_CHECK(offs.scalar_type() == at::kInt && offs.size(0) == w.size(0),
-              "grouped_mm: expected int32 offs of E = ", w.size(0), " entries, got ", offs.scalar_type(), " ",
-              offs.sizes());
+  using std::string, std::to_string;
+  MOE_CHECK(x.is_cuda() && w.is_cuda() && offs.is_cuda(), string("grouped_mm: expected CUDA tensors"));
+  MOE_CHECK(x.dim() == 2 && w.dim() == 3 && offs.dim() == 1,
+            "grouped_mm: expected x [S, K], w [E, ., .], offs [E], got " + dims(x.sizes()) + ", " + dims(w.sizes()) +
+                ", " + dims(offs.sizes()));
+  MOE_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+            string("grouped_mm: expected bf16 or fp16 x and w of one dtype, got ") + c10::toString(x.scalar_type()) +
+                " and " + c10::toString(w.scalar_type()));
+  MOE_CHECK(offs.scalar_type() == at::kInt && offs.size(0) == w.size(0),
+            "grouped_mm: expected int32 offs of E = " + to_string(w.size(0)) + " entries, got " +
+                c10::toString(offs.scalar_type()) + " " + dims(offs.sizes()));
+  MOE_CHECK(0 <= config && config < kNumConfigs,
+            "grouped_mm: config " + to_string(config) + " not in [0, " + to_string(kNumConfigs - 1) + "]");
   const int64_t K = x.size(1);
   const int64_t N = b_nk ? w.size(1) : w.size(2);
-  TORCH_CHECK((b_nk ? w.size(2) : w.size(1)) == K, "grouped_mm: w ", w.sizes(), " does not reduce over K = ", K,
-              b_nk ? " (expected [E, N, K])" : " (expected [E, K, N])");
+  MOE_CHECK((b_nk ? w.size(2) : w.size(1)) == K, "grouped_mm: w " + dims(w.sizes()) + " does not reduce over K = " +
+                                                      to_string(K) + (b_nk ? " (expected [E, N, K])" : " (expected [E, K, N])"));
   // Packed rows (the strides CUTLASS is given are derived from N and K) and 16-byte rows for TMA.
-  TORCH_CHECK(x.stride(1) == 1 && x.stride(0) == K, "grouped_mm: x must be contiguous, got strides ", x.strides());
-  TORCH_CHECK(w.stride(2) == 1 && w.stride(1) == (b_nk ? K : N),
-              "grouped_mm: each expert's weight must be a packed row-major matrix, got strides ", w.strides());
-  TORCH_CHECK(K % 8 == 0 && N % 8 == 0 && w.stride(0) % 8 == 0 && aligned16(x) && aligned16(w),
-              "grouped_mm: rows must be 16-byte aligned (K and N multiples of 8 elements), got K = ", K, ", N = ", N);
-  TORCH_CHECK(K <= INT32_MAX && N <= INT32_MAX && x.size(0) <= INT32_MAX, "grouped_mm: sizes past 2^31");
+  MOE_CHECK(x.stride(1) == 1 && x.stride(0) == K, "grouped_mm: x must be contiguous, got strides " + dims(x.strides()));
+  MOE_CHECK(w.stride(2) == 1 && w.stride(1) == (b_nk ? K : N),
+            "grouped_mm: each expert's weight must be a packed row-major matrix, got strides " + dims(w.strides()));
+  MOE_CHECK(K % 8 == 0 && N % 8 == 0 && w.stride(0) % 8 == 0 && aligned16(x) && aligned16(w),
+            "grouped_mm: rows must be 16-byte aligned (K and N multiples of 8 elements), got K = " + to_string(K) +
+                ", N = " + to_string(N));
+  MOE_CHECK(K <= INT32_MAX && N <= INT32_MAX && x.size(0) <= INT32_MAX, string("grouped_mm: sizes past 2^31"));
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0), N}, x.options());
   if (x.size(0) == 0 || w.size(0) == 0 || N == 0) return out;

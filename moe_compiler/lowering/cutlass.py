@@ -92,8 +92,11 @@ def load():
 
     root = cutlass_include()
     sources = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "grouped_gemm_*.cu")))
-    log.warning("moe_compiler: building the CUTLASS kernels (csrc/, first use: minutes; then cached in torch's "
-                "extensions directory, TORCH_EXTENSIONS_DIR, for later processes)")
+    built = os.path.join(cpp_extension._get_build_directory("moe_compiler_cutlass", verbose=False),
+                         "moe_compiler_cutlass.so")
+    if not os.path.isfile(built):  # (a stale library is rebuilt too: ninja decides, without this line)
+        log.warning("moe_compiler: building the CUTLASS kernels (csrc/, first use: minutes; then cached in torch's "
+                    "extensions directory, TORCH_EXTENSIONS_DIR, for later processes)")
     cpp_extension.load(
         name="moe_compiler_cutlass",
         sources=sources,
