@@ -15,7 +15,7 @@ weights of the experts actually hit + hidden in + out. Variants (same run, same 
     hf_grouped_mm_tc    hf_grouped_mm under torch.compile (Inductor, dynamic T)                   GPU only
     moe_torch_v0        our torch composite (torch_experts.py; grouped_mm on CUDA bf16)           GPU only
     moe_atomic_combine  our sorted Triton path with the fp32-atomic combine, not gather-and-sum   GPU only
-    moe_cutlass         the torch composite over csrc/'s CUTLASS grouped GEMM (lowering/cutlass.py; the table's
+    moe_cutlass         csrc/'s CUTLASS grouped GEMMs with Triton glue (triton_grouped.py; the table's
                         CUTLASS config, else config 0), where it runs (sm90, built), T * k >= E   GPU only
     moe_compiler        torch.ops.moe_compiler.experts
 and, for T <= 128, each capturable variant again under a CUDA graph (`*+graph`). Every timed call
@@ -33,7 +33,7 @@ import os
 import torch
 
 import moe_compiler
-from moe_compiler.lowering import cutlass, dispatch, torch_experts
+from moe_compiler.lowering import cutlass, dispatch, torch_experts, triton_grouped
 from moe_compiler.spec import ExpertsSpec
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 from moe_compiler.tune.shapes import ALL_SHAPES as REAL_SHAPES
@@ -97,7 +97,8 @@ def variants(cfg, experts, T, k, H, I, dtype, on_gpu):
 
         config = dispatch.triton_config_for(x, ids, experts.gate_up_proj, I)
         impl = cutlass.with_config(config.config if isinstance(config, CutlassConfig) else 0)
-        return torch_experts.experts_forward(impl, x, ids, w, experts.gate_up_proj, experts.down_proj, None, None, SPEC)
+        return triton_grouped.experts_forward(impl, x, ids, w, experts.gate_up_proj, experts.down_proj, None, None,
+                                              SPEC)
 
     out = {"hf_eager": (harness.hf_forward(cfg, experts, "eager"), False),
            "hf_grouped_mm": (harness.hf_forward(cfg, experts, "grouped_mm"), True)}

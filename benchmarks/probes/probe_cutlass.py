@@ -1,7 +1,7 @@
 """Is csrc/'s CUTLASS grouped GEMM worth a path? Per (shape, T), bf16, uniform routing, H200, CUDA graphs, cold L2:
 (1) the two GEMMs alone on rows already sorted by expert — torch._grouped_mm (torch's CUTLASS instance) vs each
 of our CONFIGS (lowering/cutlass.py), with the roofline floor of each GEMM; (2) the whole experts op: the
-default Triton path vs the torch composite over torch._grouped_mm vs the same composite over our best config.
+tuned Triton path vs torch._grouped_mm and our best config with Triton glue (triton_grouped.py) vs the torch composite.
 The first call builds csrc/ (minutes, logged). JSON lines under $OUT; the table last.
 
     python -m benchmarks.probes.probe_cutlass --shapes qwen3_30b_a3b deepseek_v3 kimi_k2 --tokens 4096 16384
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from moe_compiler.lowering import cutlass, dispatch, torch_experts
+from moe_compiler.lowering import cutlass, dispatch, torch_experts, triton_grouped
 from moe_compiler.lowering.torch_segment_mm import GroupedMM, Segments
 from moe_compiler.spec import ExpertsSpec
 from moe_compiler.tune.shapes import ALL_SHAPES
@@ -61,14 +61,17 @@ def gemm_points(timer, E, k, H, I, T, x, ids, w1, w2) -> list[dict]:
 
 
 def op_points(timer, args, best: type) -> list[dict]:
-    """The whole experts op (T, H) -> (T, H): Triton default, composite over torch._grouped_mm, over `best`."""
+    """The whole experts op (T, H) -> (T, H): the tuned Triton path; torch._grouped_mm and `best` with Triton glue
+    (triton_grouped.py, what a grouped_mm / cutlass table entry runs); the torch composite over torch._grouped_mm
+    (the reference: fp32 glue)."""
     x, ids, w, w1, w2 = args
     spec = ExpertsSpec()
+    a = (x, ids, w, w1, w2, None, None, spec)
     calls = {
-        "triton": lambda: dispatch.triton_forward(x, ids, w, w1, w2, None, None, spec),
-        "composite_torch_grouped_mm": lambda: torch_experts.experts_forward(GroupedMM, x, ids, w, w1, w2, None, None,
-                                                                            spec),
-        f"composite_{best.name}": lambda: torch_experts.experts_forward(best, x, ids, w, w1, w2, None, None, spec),
+        "triton": lambda: dispatch.triton_forward(*a),
+        "grouped_torch_grouped_mm": lambda: triton_grouped.experts_forward(GroupedMM, *a),
+        f"grouped_{best.name}": lambda: triton_grouped.experts_forward(best, *a),
+        "composite_torch_grouped_mm": lambda: torch_experts.experts_forward(GroupedMM, *a),
     }
     return [{"op": name, "ms": timer.graph(fn) * 1e3} for name, fn in calls.items()]
 

@@ -2,8 +2,9 @@
 
     experts forward   CUDA + Triton -> triton_decode.py (T*k small next to E: GEMVs, no sort) or
                                        triton_align.py + triton_experts.py (sorted grouped GEMMs), or, where
-                                       the tuned table says so, torch_experts.py over torch._grouped_mm (or
-                                       csrc/'s CUTLASS grouped GEMM with MOE_COMPILER_CUTLASS=1: cutlass.py); the
+                                       the tuned table says so, triton_grouped.py: torch._grouped_mm's GEMMs
+                                       (or csrc/'s CUTLASS, cutlass.py; MOE_COMPILER_CUTLASS=1 forces it) with
+                                       Triton glue; the
                                        config from triton_config.py; a small shared MLP rides in the decode
                                        kernels
                       otherwise     -> torch_experts.py over a segment-matmul implementation (`select`),
@@ -178,8 +179,8 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
 
 
-def _composite_impl(hidden, w_gate_up, w_down, config):
-    """The segment-matmul class the torch composite runs instead of the Triton kernels for this config, or None:
+def _library_mm(hidden, w_gate_up, w_down, config):
+    """The library segment-matmul class triton_grouped.py runs instead of the Triton GEMMs for this config, or None:
     a tuned CUTLASS entry where CUTLASS runs, MOE_COMPILER_CUTLASS=1 off the decode path, a tuned grouped_mm
     entry where torch._grouped_mm takes the operands."""
     if config.path is triton_config.Path.CUTLASS:
@@ -198,12 +199,12 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
 
     if config is None:
         config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
-    impl = None if mlp is not None else _composite_impl(hidden, w_gate_up, w_down, config)
-    if impl is not None:
-        # torch's indexing does not check ids: the same device-side assert as the Triton kernels' (no sync).
-        checks.check_ids_in_range(topk_ids, w_gate_up.shape[0])
+    impl = None if mlp is not None else _library_mm(hidden, w_gate_up, w_down, config)
+    if impl is not None:  # the library's GEMMs, Triton glue around them (ids checked by align's assert)
+        from . import triton_grouped
+
         args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
-        return torch_experts.experts_forward(impl, *args)
+        return triton_grouped.experts_forward(impl, *args)
     if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS):  # their operands do not suit
         config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
                                                      hidden.shape[0])

@@ -204,14 +204,24 @@ def _down_kernel(
 
 
 @triton.jit
-def _combine_kernel(y_ptr, pos_ptr, out_ptr, H, stride_ym, stride_om, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(y_ptr, pos_ptr, out_ptr, w_ptr, ids_ptr, b_ptr, H, stride_ym, stride_om, stride_be,
+                    TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # fixed slot order: deterministic
         p = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)  # -1: a sentinel pair, which adds nothing
-        acc += tl.load(y_ptr + p * stride_ym + h, mask=h < tl.where(p >= 0, H, 0), other=0.0).to(tl.float32)
+        live = h < tl.where(p >= 0, H, 0)
+        row = tl.load(y_ptr + p * stride_ym + h, mask=live, other=0.0).to(tl.float32)
+        # The sorted path's rows arrive finished (down GEMM epilogue); a library GEMM's (triton_grouped.py) get
+        # their bias and router weight here.
+        if HAS_BIAS:
+            e = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
+            row += tl.load(b_ptr + e * stride_be + h, mask=live, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            row = tl.where(live, row * tl.load(w_ptr + t * TOP_K + j).to(tl.float32), 0.0)
+        acc += row
     tl.store(out_ptr + t * stride_om + h, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 
@@ -302,11 +312,16 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
     )
 
 
-def launch_combine(y, rows: AlignedRows, k: int, out):
+def launch_combine(y, rows: AlignedRows, k: int, out, weights=None, ids=None, b_down=None):
+    """out[t] = sum_j y[pos[t k + j]] in slot order; with `weights` [S] each row times its pair's weight, with
+    `b_down` [E, H] (and the flat `ids` [S]) plus its expert's bias first: rows of a GEMM without an epilogue."""
     T, H = out.shape
     block_h = min(1024, triton.next_power_of_2(H))
     launch.kernel(_combine_kernel)[(T, triton.cdiv(H, block_h))](
-        y, rows.pos, out, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_H=block_h, num_warps=4
+        y, rows.pos, out, weights if weights is not None else y, ids if ids is not None else rows.pos,
+        b_down if b_down is not None else y, H, y.stride(0), out.stride(0),
+        b_down.stride(0) if b_down is not None else 0,
+        TOP_K=k, WEIGHTED=weights is not None, HAS_BIAS=b_down is not None, BLOCK_H=block_h, num_warps=4,
     )
 
 

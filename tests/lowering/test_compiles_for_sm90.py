@@ -24,7 +24,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moe_compiler.lowering import (device, launch, triton_act, triton_backward, triton_decode, triton_experts,
-                                   triton_route)
+                                   triton_grouped, triton_route)
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout, RouteOrder, RouterSpec, Scoring, SharedMLP
 from moe_compiler.testing import experts_inputs
@@ -78,12 +78,20 @@ SPECS = [
     ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True),
     ExpertsSpec(Activation.GELU, transposed=True, scale_input=True),
 ]
+
+
+class LibraryGEMMs:  # triton_grouped's GEMMs are not Triton kernels: shapes only
+    mm = staticmethod(lambda x, w, seg: x.new_empty(x.shape[0], w.shape[1]))
+    mm_nn = staticmethod(lambda x, w, seg: x.new_empty(x.shape[0], w.shape[2]))
+
+
 for dtype in (torch.bfloat16, torch.float32):
     for spec in SPECS:
         bias = spec.activation is Activation.GPT_OSS_SWIGLU
         h, ids, w, w1, w2, b1, b2 = experts_inputs(5, 64, 32, 8, 2, dtype, spec, bias=bias, seed=0)
         triton_decode.experts_forward(h, ids, w, w1, w2, b1, b2, spec, DECODE)
         triton_experts.experts_forward(h, ids, w, w1, w2, b1, b2, spec, SORTED)
+        triton_grouped.experts_forward(LibraryGEMMs, h, ids, w, w1, w2, b1, b2, spec)
     mlp = SharedMLP(*(t.to(dtype) for t in (torch.randn(32, 64), torch.randn(32, 64), torch.randn(64, 32),
                                             torch.randn(1, 64))))
     triton_decode.experts_forward(h, ids, w, w1, w2, None, None, ExpertsSpec(), DECODE, mlp)
@@ -147,5 +155,5 @@ def test_every_launched_kernel_compiles_for_sm90():
                    "_route_kernel", "_sparsemixer_kernel", "_dz_kernel", "_wgrad_kernel",
                    "_route_backward_kernel", "_gate_up_q_kernel", "_down_q_kernel", "_linear_fp8_kernel",
                    "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel", "_quantize_rows_kernel",
-                   "_act_rows_kernel"):
+                   "_act_rows_kernel", "_gather_kernel", "_act_kernel"):
         assert kernel in names, line

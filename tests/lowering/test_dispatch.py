@@ -19,6 +19,15 @@ from moe_compiler.testing import (
 )
 from moe_compiler.tune.shapes import SHAPES
 
+# The tests that call the Triton forwards directly run where Triton does: the GPU, or the CPU interpreter. A library
+# GEMM path takes bf16 on the GPU (torch._grouped_mm on sm90), fp32 in the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LIBRARY_DTYPE, LIBRARY_TOL = (torch.bfloat16, 1e-2) if DEVICE == "cuda" else (torch.float32, 1e-5)
+
+
+def _on_device(inputs):
+    return tuple(t.to(DEVICE) if t is not None else None for t in inputs)
+
 
 def test_cpu_selection_by_alignment():
     hidden, _, _, w1, w2, _, _ = experts_inputs(2, 16, 8, 4, 2, torch.bfloat16)  # 32-byte rows
@@ -40,12 +49,12 @@ def test_decode_kernels_take_only_small_shared_mlps():
 
 
 def test_triton_backward_on_request_equals_the_torch_backward(monkeypatch):
-    """MOE_COMPILER_BACKWARD=triton routes the experts backward to triton_backward.py (here interpreted on the
-    CPU, uses_triton forced); its gradients equal the torch backward's. A bad value is a clear error."""
+    """MOE_COMPILER_BACKWARD=triton routes the experts backward to triton_backward.py (on the GPU, or interpreted
+    on the CPU with uses_triton forced); its gradients equal the torch backward's. A bad value is a clear error."""
     pytest.importorskip("triton")
     spec = ExpertsSpec()
-    hidden, ids, weights, w1, w2, _, _ = experts_inputs(7, 32, 16, 4, 2, torch.float32, spec, seed=2)
-    grad_out = torch.randn(7, 32)
+    hidden, ids, weights, w1, w2, _, _ = _on_device(experts_inputs(7, 32, 16, 4, 2, torch.float32, spec, seed=2))
+    grad_out = torch.randn(7, 32, device=DEVICE)
     args = (grad_out, hidden, ids, weights, w1, w2, None, None, spec)
     want = dispatch.experts_backward(*args)
     monkeypatch.setattr(device, "uses_triton", lambda t: True)
@@ -66,9 +75,9 @@ def test_triton_backward_on_request_equals_the_torch_backward(monkeypatch):
 
     real_route = triton_route.route_backward
     monkeypatch.setattr(triton_route, "route_backward", lambda *a: route_calls.append(1) or real_route(*a))
-    logits, spec_r = torch.randn(5, 8), RouterSpec(top_k=2, norm_topk_prob=True)
+    logits, spec_r = torch.randn(5, 8, device=DEVICE), RouterSpec(top_k=2, norm_topk_prob=True)
     _, ids_r = dispatch.torch_route.route_forward(logits, None, spec_r)
-    got_r = dispatch.route_backward(torch.randn(5, 2), logits, ids_r, spec_r)
+    got_r = dispatch.route_backward(torch.randn(5, 2, device=DEVICE), logits, ids_r, spec_r)
     assert route_calls == [1] and got_r.shape == (5, 8)
     monkeypatch.setenv(dispatch.BACKWARD_ENV, "cutlass")
     with pytest.raises(ValueError, match="expected 'torch' .* or 'triton'"):
@@ -76,31 +85,32 @@ def test_triton_backward_on_request_equals_the_torch_backward(monkeypatch):
 
 
 def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
-    """A table entry naming torch's grouped GEMM runs torch_experts over GroupedMM where its operands suit it
+    """A table entry naming torch's grouped GEMM runs triton_grouped over GroupedMM where its operands suit it
     (here: the CPU's torch._grouped_mm), the Triton default where they do not; the op then stays one call."""
     pytest.importorskip("triton")
-    from moe_compiler.lowering import torch_experts, triton_config
+    from moe_compiler.lowering import triton_config, triton_grouped
     from moe_compiler.testing import experts_reference
 
     spec = ExpertsSpec()
     grouped = triton_config.GroupedMMConfig()
     ran = []
-    real = torch_experts.experts_forward
-    monkeypatch.setattr(torch_experts, "experts_forward", lambda impl, *a: ran.append(impl) or real(impl, *a))
-    inputs = experts_inputs(9, 16, 8, 4, 2, torch.float32, spec, seed=4)  # 16-byte rows: GroupedMM
-    out = dispatch.triton_forward(*inputs, spec, grouped)
-    assert ran == [GroupedMM] and rel_err(out, experts_reference(*inputs, spec=spec)) <= 1e-5
+    real = triton_grouped.experts_forward
+    monkeypatch.setattr(triton_grouped, "experts_forward", lambda impl, *a: ran.append(impl) or real(impl, *a))
+    inputs = experts_inputs(9, 16, 8, 4, 2, LIBRARY_DTYPE, spec, seed=4)  # 16-byte rows: GroupedMM
+    want = experts_reference(*inputs, spec=spec)
+    out = dispatch.triton_forward(*_on_device(inputs), spec, grouped)
+    assert ran == [GroupedMM] and rel_err(out.cpu(), want) <= LIBRARY_TOL
     ran.clear()
     monkeypatch.setattr(dispatch, "select", lambda *a: LoopMM)  # operands torch._grouped_mm would refuse
-    out = dispatch.triton_forward(*inputs, spec, grouped)
-    assert ran == [] and rel_err(out, experts_reference(*inputs, spec=spec)) <= 1e-5
+    out = dispatch.triton_forward(*_on_device(inputs), spec, grouped)
+    assert ran == [] and rel_err(out.cpu(), want) <= LIBRARY_TOL
     monkeypatch.setattr(device, "uses_triton", lambda t: True)
     monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: grouped)
     assert not dispatch.experts_inlinable(inputs[0], inputs[1], inputs[3], inputs[4], spec)
 
 
 def test_cutlass_config_runs_its_tiles_or_the_triton_default(monkeypatch):
-    """A table entry naming csrc/'s grouped GEMM with config i runs torch_experts over it (here a stand-in for
+    """A table entry naming csrc/'s grouped GEMM with config i runs triton_grouped over it (here a stand-in for
     the extension records the config each GEMM got) where CUTLASS runs, the Triton default where it does not
     (not built, not sm90, MOE_COMPILER_CUTLASS=0); the op stays one call."""
     pytest.importorskip("triton")
@@ -122,13 +132,14 @@ def test_cutlass_config_runs_its_tiles_or_the_triton_default(monkeypatch):
 
     monkeypatch.setattr(cutlass, "load", lambda: FakeExtension)
     monkeypatch.setattr(cutlass, "runs", lambda *a: True)
-    inputs = experts_inputs(9, 16, 8, 4, 2, torch.float32, spec, seed=4)
-    out = dispatch.triton_forward(*inputs, spec, entry)
-    assert configs == [2, 2] and rel_err(out, experts_reference(*inputs, spec=spec)) <= 1e-5
+    inputs = experts_inputs(9, 16, 8, 4, 2, LIBRARY_DTYPE, spec, seed=4)
+    want = experts_reference(*inputs, spec=spec)
+    out = dispatch.triton_forward(*_on_device(inputs), spec, entry)
+    assert configs == [2, 2] and rel_err(out.cpu(), want) <= LIBRARY_TOL
     configs.clear()
     monkeypatch.setattr(cutlass, "runs", lambda *a: False)
-    out = dispatch.triton_forward(*inputs, spec, entry)
-    assert configs == [] and rel_err(out, experts_reference(*inputs, spec=spec)) <= 1e-5
+    out = dispatch.triton_forward(*_on_device(inputs), spec, entry)
+    assert configs == [] and rel_err(out.cpu(), want) <= LIBRARY_TOL
     monkeypatch.setattr(device, "uses_triton", lambda t: True)
     monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: entry)
     assert not dispatch.experts_inlinable(inputs[0], inputs[1], inputs[3], inputs[4], spec)

@@ -1,0 +1,120 @@
+"""The experts forward with its two GEMMs from a grouped-GEMM library (torch._grouped_mm, or csrc/'s CUTLASS
+through lowering/cutlass.py) and everything between them Triton passes in the model's dtype.
+
+The torch composite (torch_experts.py) over the same GEMMs is the reference and the backward's recompute: its
+glue runs in fp32 torch ops (sort, gathers, a [S, 2I] fp32 copy for the activation, an unpermute and a sum)
+and costs more than the GEMMs it feeds at prefill sizes (H200, Qwen3-30B-A3B, T = 4096: 2.14 ms against
+0.67 ms of GEMMs; benchmarks/NOTES.md "CUTLASS v0 measured"). A tuned entry that names a library path
+(triton_config.GroupedMMConfig / CutlassConfig) runs this file instead.
+
+Data contract (S = T * k pairs; the GEMMs see rows sorted by expert, segment e = [offs[e-1], offs[e]))
+    hidden        [T, H]        bf16 / fp16 (fp32 on the CPU, for the tests)
+    topk_ids      [T, k]        values in [0, E]; E: a sentinel (another rank's expert), contributing nothing
+    topk_weights  [T, k]        any float dtype, applied in fp32
+    w_gate_up     [E, 2I, H] (transposed [E, H, 2I]), w_down [E, H, I] (transposed [E, I, H]): read in place
+    b_gate_up     [E, 2I] / None, b_down [E, H] / None
+    rows          triton_align.align_rows(ids, E, block_m=1): no padding, so seg_end is the GEMMs' `offs`,
+                  block_expert the expert of each sorted row, num_padded the live pairs, pos the sorted row
+                  of each pair (-1: a sentinel)
+    xs   [S, H]   xs[r] = hidden[sorted_rows[r] // k]         (x its router weight under spec.scale_input)
+    h    [S, 2I]  grouped GEMM (library)                     rows past the live pairs: never written nor read
+    a    [S, I]   act(gate + b) * (up + b), fp32 math        (gate / up concatenated or interleaved)
+    y    [S, H]   grouped GEMM (library)
+    out  [T, H]   sum_j w[t, j] * (y[pos[t k + j]] + b_down[e]), fp32, slot order: deterministic
+
+    route -> permute (align, gather) -> gate_up GEMM (library) -> act -> down GEMM (library) -> combine
+
+Five Triton launches (three of align, gather, act) and the combine, against the sorted path's three of align
+and its three kernels: this path pays one [S, H] write + read (xs), one [S, 2I] write + read (h) and the
+weighting in the combine, and wins where the library's GEMM tiles beat Triton's by more than that (large
+experts with many rows each: the tuner measures it). Capture-safe: static sizes, nothing read on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import ExpertsSpec, GateUpLayout
+from . import launch
+from .torch_segment_mm import Segments
+from .triton_act import ACT_CODE, gated_act
+from .triton_align import align_rows
+from .triton_experts import launch_combine
+
+
+@triton.jit
+def _gather_kernel(x_ptr, xs_ptr, w_ptr, sorted_rows_ptr, num_live_ptr, H, stride_xm, stride_sm,
+                   TOP_K: tl.constexpr, SCALE_INPUT: tl.constexpr, BLOCK_H: tl.constexpr):
+    r = tl.program_id(0)
+    if r < tl.load(num_live_ptr):
+        pair = tl.load(sorted_rows_ptr + r).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        row = tl.load(x_ptr + (pair // TOP_K) * stride_xm + h, mask=h < H)
+        if SCALE_INPUT:  # Llama-4: the router weight scales the expert's input, in fp32
+            row = (row.to(tl.float32) * tl.load(w_ptr + pair).to(tl.float32)).to(xs_ptr.dtype.element_ty)
+        tl.store(xs_ptr + r.to(tl.int64) * stride_sm + h, row, mask=h < H)
+
+
+@triton.jit
+def _act_kernel(h_ptr, a_ptr, b_ptr, expert_ptr, num_live_ptr, I, stride_hm, stride_am, stride_be, alpha, limit,
+                ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    if r < tl.load(num_live_ptr):
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = c < I
+        # Column of each output's gate and up partner in h (and in b_gate_up): 2c, 2c + 1 interleaved; c, I + c.
+        g_col = 2 * c if INTERLEAVED else c
+        u_col = 2 * c + 1 if INTERLEAVED else I + c
+        row = h_ptr + r.to(tl.int64) * stride_hm
+        gate = tl.load(row + g_col, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(row + u_col, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b = b_ptr + tl.load(expert_ptr + r).to(tl.int64) * stride_be
+            gate += tl.load(b + g_col, mask=ok, other=0.0).to(tl.float32)
+            up += tl.load(b + u_col, mask=ok, other=0.0).to(tl.float32)
+        a = gated_act(gate, up, alpha, limit, ACT)
+        tl.store(a_ptr + r.to(tl.int64) * stride_am + c, a.to(a_ptr.dtype.element_ty), mask=ok)
+
+
+def _block(n: int) -> int:
+    return min(1024, triton.next_power_of_2(max(n, 16)))
+
+
+def _proj(mm, x, w, seg, transposed):
+    return mm.mm_nn(x, w, seg) if transposed else mm.mm(x, w, seg)
+
+
+def experts_forward(mm, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
+                    spec: ExpertsSpec) -> torch.Tensor:
+    """out [T, H] through the segment-matmul class `mm` (GroupedMM, a CutlassMM: their `mm` / `mm_nn` read only
+    the segments' `offs`). T, k > 0; ids out of [0, E] fail align's device-side assert."""
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    E, I, S = w_gate_up.shape[0], spec.intermediate(w_down), T * k
+    rows = align_rows(topk_ids, E, 1)
+    seg = Segments(sorted_ids=None, perm=None, offs=rows.seg_end, num_experts=E)  # all a library mm reads
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+
+    xs = hidden.new_empty(S, H)
+    launch.kernel(_gather_kernel)[(S, triton.cdiv(H, _block(H)))](
+        hidden, xs, weights, rows.sorted_rows, rows.num_padded, H, hidden.stride(0), xs.stride(0),
+        TOP_K=k, SCALE_INPUT=spec.scale_input, BLOCK_H=_block(H), num_warps=4,
+    )
+    h = _proj(mm, xs, w_gate_up, seg, spec.transposed)
+    a = hidden.new_empty(S, I)
+    launch.kernel(_act_kernel)[(S, triton.cdiv(I, _block(I)))](
+        h, a, b_gate_up if b_gate_up is not None else h, rows.block_expert, rows.num_padded, I, h.stride(0),
+        a.stride(0), b_gate_up.stride(0) if b_gate_up is not None else 0,
+        float(spec.swiglu_alpha), float(spec.swiglu_limit),
+        ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
+        HAS_BIAS=b_gate_up is not None, BLOCK=_block(I), num_warps=4,
+    )
+    y = _proj(mm, a, w_down, seg, spec.transposed)
+    out = hidden.new_empty(T, H)
+    launch_combine(y, rows, k, out, weights=None if spec.scale_input else weights,
+                   ids=topk_ids.reshape(-1).contiguous(), b_down=b_down)
+    return out

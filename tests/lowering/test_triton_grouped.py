@@ -1,0 +1,109 @@
+"""The experts forward over a library's grouped GEMM with Triton glue (triton_grouped.py): against the fp64
+reference, every spec, sentinel pairs and experts without rows; on the GPU over torch._grouped_mm and every
+CUTLASS config, under CUDA-graph replay with changing routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_cases import DEVICE, DTYPES, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
+
+from moe_compiler.lowering import cutlass, triton_grouped  # noqa: E402
+from moe_compiler.lowering.torch_segment_mm import GroupedMM, LoopMM  # noqa: E402
+from moe_compiler.spec import ExpertsSpec  # noqa: E402
+from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
+from moe_compiler.testing.cuda_graphs import captured, replay  # noqa: E402
+
+# The CPU's torch._grouped_mm takes fp32 / fp16 16-byte rows; LoopMM any (and returns fp32 rows: the glue
+# reads whatever dtype the GEMM gives).
+MMS = [GroupedMM, LoopMM] if DEVICE == "cpu" else [GroupedMM]
+
+
+def _run(T, H, I, E, k, dtype, spec, mm, seed=0, sentinels=()):
+    cpu, dev = device_inputs(T, H, I, E, k, dtype, spec, seed)
+    for t, j in sentinels:  # another rank's expert (id E): its pair adds nothing, whatever its weight
+        cpu[1][t, j] = E
+        dev[1][t, j] = E
+    with poisoned_allocations():
+        out = triton_grouped.experts_forward(mm, *dev, spec)
+    assert out.dtype == dtype and out.shape == (T, H)
+    return rel_err(out.cpu(), experts_reference(*cpu, spec=spec))
+
+
+@pytest.mark.parametrize("mm", MMS, ids=lambda m: m.name)
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "T,H,I,E,k",
+    [
+        (1, 32, 16, 8, 2),  # one token: most experts without rows
+        (9, 40, 24, 5, 2),  # H, I not powers of two: masked tails
+        (20, 16, 16, 3, 1),  # k = 1, long segments
+    ],
+)
+def test_forward_against_fp64(mm, spec, dtype, tol, T, H, I, E, k):
+    assert _run(T, H, I, E, k, dtype, spec, mm) <= tol
+
+
+@pytest.mark.parametrize("spec", [ExpertsSpec(), SPECS[4]], ids=spec_id)
+def test_sentinel_pairs_add_nothing(spec):
+    # Pairs routed to another rank's expert: not gathered, not computed, no bias, no weight.
+    err = _run(7, 32, 16, 4, 2, torch.float32, spec, MMS[0], sentinels=[(0, 0), (3, 1), (6, 0), (6, 1)])
+    assert err <= 1e-5
+
+
+def test_the_glue_kernels_bound_their_rows_on_the_device():
+    # Only the live pairs' rows are gathered and activated: every row past them stays as allocated.
+    spec = ExpertsSpec()
+    _, dev = device_inputs(6, 16, 16, 4, 2, torch.float32, spec)
+    dev[1][:, 1] = 4  # half the pairs are sentinels
+    seen = {}
+
+    class Recording(MMS[0]):
+        @classmethod
+        def mm(cls, x, w, seg):
+            seen.setdefault("xs", x.clone())
+            out = super().mm(x, w, seg)
+            seen.setdefault("h", out)
+            return out
+
+    with poisoned_allocations():
+        triton_grouped.experts_forward(Recording, *dev, spec)
+    assert torch.isfinite(seen["xs"][:6]).all() and torch.isnan(seen["xs"][6:]).all()
+
+
+def _libraries():
+    libs = [GroupedMM]
+    if DEVICE == "cuda" and cutlass.missing() is None:
+        libs += [cutlass.with_config(i) for i in range(len(cutlass.CONFIGS))]
+    return libs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_bf16_over_every_library_on_the_gpu(spec):
+    for mm in _libraries():
+        # 16-byte rows throughout (CUTLASS, torch._grouped_mm): H, I multiples of 8
+        assert _run(37, 256, 128, 16, 4, torch.bfloat16, spec, mm, sentinels=[(0, 1), (5, 3)]) <= 1e-2, mm.name
+        assert _run(1, 64, 32, 8, 2, torch.bfloat16, spec, mm) <= 1e-2, mm.name
+
+
+@pytest.mark.gpu
+def test_capture_and_replay_with_changing_routing():
+    spec = ExpertsSpec()
+    cpu, dev = device_inputs(64, 128, 64, 8, 2, torch.bfloat16, spec)
+    cpu = list(cpu)
+    for mm in _libraries():
+        graph, out = captured(lambda mm=mm: triton_grouped.experts_forward(mm, *dev, spec))
+        for seed in range(3):
+            ids = torch.rand(64, 8, generator=torch.Generator().manual_seed(seed)).argsort(1)[:, :2]
+            ids[: 16 * (seed + 1), 0] = seed  # skewed: one expert takes more rows on each replay
+            ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % 8, ids[:, 1])
+            ids[seed, 1] = 8  # a sentinel pair
+            dev[1].copy_(ids)
+            cpu[1] = ids
+            replay(graph, out)
+            assert rel_err(out.float().cpu(), experts_reference(*cpu, spec=spec)) <= 1e-2, (mm.name, seed)
