@@ -34,14 +34,14 @@ def _reference(cpu, grad_out, spec):
     return [None if t is None else next(grads) for t in leaves]
 
 
-def _check(T, H, I, E, k, dtype, tol, spec, ids=None, seed=0):
+def _check(T, H, I, E, k, dtype, tol, spec, ids=None, seed=0, config=CONFIG):
     cpu, dev = device_inputs(T, H, I, E, k, dtype, spec, seed)
     cpu = list(cpu)
     if ids is not None:
         cpu[1], dev[1] = ids, ids.to(DEVICE)
     grad_out = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     with poisoned_allocations():
-        got = triton_backward.experts_backward(grad_out.to(DEVICE), *dev, spec, CONFIG)
+        got = triton_backward.experts_backward(grad_out.to(DEVICE), *dev, spec, config)
     want = _reference(cpu, grad_out, spec)
     for name, g, w, like in zip(NAMES, got, want, (cpu[0], cpu[2], cpu[3], cpu[4], cpu[5], cpu[6])):
         if like is None:
@@ -64,6 +64,16 @@ CASES = [(dtype, tol, shape) for dtype, tol in DTYPES for shape in SHAPES
 @pytest.mark.parametrize("dtype,tol,shape", CASES, ids=lambda c: str(c).replace("torch.", ""))
 def test_gradients_equal_the_reference(spec, dtype, tol, shape):
     _check(*shape, dtype, tol, spec)
+
+
+@pytest.mark.parametrize("spec", COVERED, ids=spec_id)
+def test_default_tiles(spec):
+    """The untuned default (128-wide weight-gradient tiles, the sorted path's defaults elsewhere). On the GPU at a
+    size where each tile is partly filled (H, I past one tile, not multiples of it); interpreted, fp32, with every
+    dimension inside one tile (the masks)."""
+    T, H, I, E, k, dtype, tol = (300, 264, 200, 8, 2, torch.bfloat16, 2e-2) if DEVICE == "cuda" else \
+        (12, 40, 24, 4, 2, torch.float32, 1e-4)
+    _check(T, H, I, E, k, dtype, tol, spec, config=triton_backward.default_config(dtype, E, k, H, I, T))
 
 
 def test_skewed_routing_and_empty_experts():
