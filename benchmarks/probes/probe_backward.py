@@ -1,7 +1,8 @@
 """Where does the Triton backward's time go, and which tiles does it want? Per (shape, T), bf16, uniform routing:
 (1) one backward call profiled, CUDA time per kernel (recomputed gate_up, dz, d hidden's down + combine, the two
 weight-gradient calls, align), beside the forward; (2) the weight-gradient tile and the dz tile swept one at a
-time around default_config (the other parts at their defaults), whole backward timed from a cold L2. NOTES.md:
+time around default_config (the other parts at their defaults), and the weight gradients by torch's grouped GEMM
+over gathered rows (WGrad.GROUPED_MM, also profiled), whole backward timed from a cold L2. NOTES.md:
 "training op v1" (the table this probe explains). JSON lines under $OUT.
 
     python -m benchmarks.probes.probe_backward --shapes qwen3_30b_a3b mixtral_8x7b gpt_oss_20b --tokens 32768
@@ -83,13 +84,21 @@ def main():
                   flush=True)
             flops = 12 * T * k * H * I
             results = {}
-            for part, candidates in (("wgrad", WGRAD), ("dz", DZ)):
+            # The weight gradients by torch's grouped GEMM over gathered rows instead (WGrad.GROUPED_MM), profiled.
+            library = dataclasses.replace(base, wgrad_path=triton_backward.WGrad.GROUPED_MM)
+            lib_kernels = profile(grad_out, inputs, spec, library)
+            print(f"  with WGrad.GROUPED_MM: {sum(lib_kernels.values()):.2f} ms; "
+                  + ", ".join(f"{n} {ms:.2f}" for n, ms in sorted(lib_kernels.items(), key=lambda i: -i[1])[:8]),
+                  flush=True)
+            for part, candidates in (("wgrad", WGRAD), ("wgrad_path", [library]), ("dz", DZ)):
                 start, timed = time.time(), []
                 for cand in candidates:
                     if time.time() - start > args.budget_s:
                         break
-                    cfg = (dataclasses.replace(base, wgrad_m=cand[0], wgrad=cand[1]) if part == "wgrad"
-                           else dataclasses.replace(base, dz=cand))
+                    if part == "wgrad":
+                        cfg = dataclasses.replace(base, wgrad_m=cand[0], wgrad=cand[1])
+                    else:
+                        cfg = cand if part == "wgrad_path" else dataclasses.replace(base, dz=cand)
                     try:
                         s = timer.eager(lambda c=cfg: triton_backward.experts_backward(grad_out, *inputs, spec, c))
                     except Exception as exc:  # noqa: BLE001 - a tile the GPU refuses (shared memory)
@@ -104,11 +113,11 @@ def main():
             base_s = timer.eager(lambda: triton_backward.experts_backward(grad_out, *inputs, spec, base))
             summary.append((name, T, base_s, results, flops))
             torch.cuda.empty_cache()
-    print(f"\n{'shape':>16} {'T':>6} {'default ms':>10} {'best wgrad ms':>14} {'best dz ms':>11}  (backward only; "
-          "TFLOP/s count 12 T k H I)")
+    print(f"\n{'shape':>16} {'T':>6} {'default ms':>10} {'best wgrad ms':>14} {'grouped_mm wgrad':>16} "
+          f"{'best dz ms':>11}  (backward only; TFLOP/s count 12 T k H I)")
     for name, T, base_s, results, flops in summary:
         cells = [f"{r[0] * 1e3:8.2f} ({flops / r[0] / 1e12:4.0f})" if r else "       -" for r in results.values()]
-        print(f"{name:>16} {T:>6} {base_s * 1e3:10.2f} {cells[0]:>14} {cells[1]:>11}")
+        print(f"{name:>16} {T:>6} {base_s * 1e3:10.2f} {cells[0]:>14} {cells[1]:>16} {cells[2]:>11}")
         for part, r in results.items():
             if r:
                 print(f"{'':>24}{part}: {r[1]}")

@@ -31,13 +31,14 @@ is not covered: dispatch keeps the torch backward there.
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import torch
 import triton
 import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout
-from . import launch, triton_config
+from . import device, launch, triton_config
 from .triton_act import ACT_CODE
 from .triton_align import AlignedRows, align_rows
 from .triton_config import KernelConfig, SortedConfig
@@ -52,6 +53,17 @@ from .triton_experts import (
 )
 
 
+class WGrad(enum.Enum):
+    """How the two weight gradients reduce over each expert's rows."""
+
+    # _wgrad_kernel: one Triton GEMM per gradient gathering token rows by pointer inside its K loop (no copies).
+    TRITON = "triton"
+    # Token rows copied into padded sorted order (padding rows zeroed: _sorted_rows_kernel), then torch's
+    # grouped GEMM, 2-D x 2-D with offs along the reduction (CUTLASS on sm90, bf16): [S_pad, H] x 2 more memory,
+    # the library's tiles. Where its operands do not suit it (not bf16 on sm90+, rows not 16-byte aligned), TRITON.
+    GROUPED_MM = "grouped_mm"
+
+
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
     # block_m, the recompute's tile (gate_up) and the d hidden GEMM's tile (down: K = 2I, N = H).
@@ -62,6 +74,7 @@ class BackwardConfig:
     # per reduction step.
     wgrad_m: int
     wgrad: KernelConfig
+    wgrad_path: WGrad = WGrad.TRITON
 
     def __post_init__(self):
         if self.rows.combine is not triton_config.Combine.GATHER or self.rows.tma:
@@ -220,6 +233,80 @@ def _wgrad_kernel(
             tl.store(db_ptr + e64 * stride_dbe + n1, bacc.to(db_ptr.dtype.element_ty), mask=n1 < N1)
 
 
+@triton.jit
+def _sorted_rows_kernel(src_ptr, dst_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+                        N, TOP_K, stride_src, stride_dst,
+                        GATHER: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dst [S_pad, N] in padded sorted order for a library GEMM reducing over its rows: with GATHER, each real
+    slot's row is src's row of its token (times the pair's router weight with SCALE) and each padding slot's is 0;
+    without, only dst's padding slots are set to 0 (rows a kernel left unwritten: whatever memory held)."""
+    r = tl.program_id(0)
+    if r < tl.load(num_padded_ptr):
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = n < N
+        end = tl.load(seg_end_ptr + tl.load(block_expert_ptr + r // BLOCK_M))  # of the slot's expert's real rows
+        real = tl.full([BLOCK_N], r, tl.int32) < end  # (as a vector: the interpreter takes no scalar masks)
+        dst = dst_ptr + r.to(tl.int64) * stride_dst + n
+        if GATHER:
+            pair = tl.where(r < end, tl.load(sorted_rows_ptr + r), 0).to(tl.int64)  # a padding slot's: unwritten
+            row = tl.load(src_ptr + (pair // TOP_K) * stride_src + n, mask=ok & real, other=0.0)
+            if SCALE:
+                s = tl.load(topk_w_ptr + pair).to(tl.float32)
+                row = (row.to(tl.float32) * s).to(dst_ptr.dtype.element_ty)
+            tl.store(dst, row, mask=ok)
+        else:
+            tl.store(dst, tl.zeros([BLOCK_N], dtype=dst_ptr.dtype.element_ty), mask=ok & ~real)
+
+
+def _sorted_rows(src, rows: AlignedRows, weights, k: int, block_m: int, *, dst=None, scale: bool = False):
+    """A gathered copy of src's token rows in padded sorted order (padding rows 0), or with `dst` given, dst's
+    padding rows zeroed in place. Returns dst."""
+    gather = dst is None
+    if gather:
+        dst = src.new_empty(rows.sorted_rows.numel(), src.shape[1])
+    N = dst.shape[1]
+    block_n = min(1024, triton.next_power_of_2(max(N, 16)))
+    launch.kernel(_sorted_rows_kernel)[(rows.sorted_rows.numel(), triton.cdiv(N, block_n))](
+        src, dst, weights, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        N, k, src.stride(0), dst.stride(0),
+        GATHER=gather, SCALE=scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+    return dst
+
+
+def library_wgrad_runs(*tensors: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands as the weight gradients' 2-D x 2-D GEMMs: on CUDA bf16 on
+    sm90+ (elsewhere torch loops with host syncs), on the CPU any dtype (the tests); rows 16-byte aligned."""
+    t0 = tensors[0]
+    if t0.device.type == "cuda" and not (t0.dtype == torch.bfloat16 and device.sm90_or_newer(device.index(t0))):
+        return False
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
+
+
+def _library_wgrads(grad_out, hidden, act, dz, weights, rows: AlignedRows, k: int, config: BackwardConfig,
+                    transposed: bool, biases: bool):
+    """(d_w_down, d_w_gate_up, d_b_down, d_b_gate_up) by torch._grouped_mm over rows in padded sorted order.
+    Each expert's segment is taken with its padding (offs = seg_end rounded up to block_m), so every padding row
+    must be 0 in at least one operand and finite in both: the gathered copies write 0 there, act's and dz's
+    unwritten padding rows are zeroed in place."""
+    bm = config.rows.block_m
+    offs = ((rows.seg_end + (bm - 1)) // bm * bm).to(torch.int32)
+    scaled_do = _sorted_rows(grad_out, rows, weights, k, bm, scale=True)  # [S_pad, H]: s * dO[t]
+    x_rows = _sorted_rows(hidden, rows, weights, k, bm)  # [S_pad, H]
+    act, dz = _sorted_rows(act, rows, weights, k, bm, dst=act), _sorted_rows(dz, rows, weights, k, bm, dst=dz)
+
+    def outer(a, b):  # [E, A, B] = sum over each expert's rows of a_r (x) b_r
+        return torch._grouped_mm(a.t(), b, offs=offs)
+
+    d_w_down = outer(act, scaled_do) if transposed else outer(scaled_do, act)
+    d_w_gate_up = outer(x_rows, dz) if transposed else outer(dz, x_rows)
+    d_b_down = d_b_gate_up = None
+    if biases:  # the per-expert sums of the same left operands, as one more grouped GEMM against a ones row
+        ones = scaled_do.new_ones(scaled_do.shape[0], 8)  # 8: the 16-byte minimum width
+        d_b_down, d_b_gate_up = outer(ones, scaled_do)[:, 0].contiguous(), outer(ones, dz)[:, 0].contiguous()
+    return d_w_down, d_w_gate_up, d_b_down, d_b_gate_up
+
+
 def launch_wgrad(left, right, out, d_bias, weights, rows: AlignedRows, k: int, config: BackwardConfig, *,
                  left_gather: bool, left_scale: bool, right_gather: bool, out_strides: tuple[int, int, int]):
     N1, N2 = left.shape[1], right.shape[1]
@@ -297,6 +384,12 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
 
     if not weight_grads:
         return d_hidden, d_weights.to(topk_weights.dtype), None, None, None, None
+    if config.wgrad_path is WGrad.GROUPED_MM and library_wgrad_runs(hidden, act, dz):
+        d_w_down, d_w_gate_up, d_b_down, d_b_gate_up = _library_wgrads(
+            grad_out, hidden, act, dz, weights, rows, k, config, spec.transposed, b_down is not None)
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return (d_hidden, d_weights.to(topk_weights.dtype), d_w_gate_up.to(w_gate_up.dtype), d_w_down.to(w_down.dtype),
+                cast(d_b_gate_up, b_gate_up), cast(d_b_down, b_down))
     d_w_down = torch.empty_like(w_down)
     d_b_down = torch.empty_like(b_down) if b_down is not None else None
     launch_wgrad(grad_out, act, d_w_down, d_b_down, weights, rows, k, config, left_gather=True, left_scale=True,

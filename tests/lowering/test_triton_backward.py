@@ -3,6 +3,8 @@ reference, every spec it covers, poisoned buffers, experts without rows, run-to-
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,6 +76,31 @@ def test_default_tiles(spec):
     T, H, I, E, k, dtype, tol = (300, 264, 200, 8, 2, torch.bfloat16, 2e-2) if DEVICE == "cuda" else \
         (12, 40, 24, 4, 2, torch.float32, 1e-4)
     _check(T, H, I, E, k, dtype, tol, spec, config=triton_backward.default_config(dtype, E, k, H, I, T))
+
+
+LIBRARY = dataclasses.replace(CONFIG, wgrad_path=triton_backward.WGrad.GROUPED_MM)
+
+
+@pytest.mark.parametrize("spec", COVERED, ids=spec_id)
+def test_library_weight_gradients(spec, monkeypatch):
+    """WGrad.GROUPED_MM: the weight (and bias) gradients by torch._grouped_mm over gathered, padded sorted rows
+    (here torch's CPU loop, or CUTLASS on the GPU); poisoned buffers show any padding row that was not zeroed.
+    Rows 16-byte aligned (H = 32, I = 16); 19 tokens over 5 experts, one of them empty."""
+    ran = []
+    real = triton_backward._library_wgrads
+    monkeypatch.setattr(triton_backward, "_library_wgrads", lambda *a: ran.append(1) or real(*a))
+    dtype, tol = (torch.bfloat16, 2e-2) if DEVICE == "cuda" else (torch.float32, 1e-4)
+    ids = torch.tensor([[e % 4, (e + 1) % 4] for e in range(19)])  # expert 4 gets no rows
+    _check(19, 32, 16, 5, 2, dtype, tol, spec, ids=ids, config=LIBRARY)
+    assert ran == [1]
+
+
+def test_library_weight_gradients_fall_back_where_torch_refuses(monkeypatch):
+    """I = 6 (fp32): 24-byte act rows, which torch._grouped_mm refuses: the Triton weight-gradient kernels run."""
+    ran = []
+    monkeypatch.setattr(triton_backward, "_library_wgrads", lambda *a: ran.append(1))
+    _check(9, 32, 6, 4, 2, torch.float32, 1e-4, COVERED[0], config=LIBRARY)
+    assert ran == []
 
 
 def test_skewed_routing_and_empty_experts():
