@@ -17,10 +17,6 @@ from moe_compiler.spec import ExpertsSpec  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
 from moe_compiler.testing.cuda_graphs import captured, replay  # noqa: E402
 
-# The CPU's torch._grouped_mm takes fp32 / fp16 16-byte rows; LoopMM any (and returns fp32 rows: the glue
-# reads whatever dtype the GEMM gives).
-MMS = [GroupedMM, LoopMM] if DEVICE == "cpu" else [GroupedMM]
-
 
 def _run(T, H, I, E, k, dtype, spec, mm, seed=0, sentinels=()):
     cpu, dev = device_inputs(T, H, I, E, k, dtype, spec, seed)
@@ -33,25 +29,31 @@ def _run(T, H, I, E, k, dtype, spec, mm, seed=0, sentinels=()):
     return rel_err(out.cpu(), experts_reference(*cpu, spec=spec))
 
 
-@pytest.mark.parametrize("mm", MMS, ids=lambda m: m.name)
+SHAPES = [
+    (1, 32, 16, 8, 2),  # one token: most experts without rows
+    (9, 40, 24, 5, 2),  # H, I not powers of two: masked tails
+    (20, 16, 16, 3, 1),  # k = 1, long segments
+]
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize(
-    "T,H,I,E,k",
-    [
-        (1, 32, 16, 8, 2),  # one token: most experts without rows
-        (9, 40, 24, 5, 2),  # H, I not powers of two: masked tails
-        (20, 16, 16, 3, 1),  # k = 1, long segments
-    ],
-)
-def test_forward_against_fp64(mm, spec, dtype, tol, T, H, I, E, k):
-    assert _run(T, H, I, E, k, dtype, spec, mm) <= tol
+@pytest.mark.parametrize("T,H,I,E,k", SHAPES)
+def test_forward_against_fp64(spec, dtype, tol, T, H, I, E, k):
+    assert _run(T, H, I, E, k, dtype, spec, GroupedMM) <= tol
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="LoopMM is the CPU's segment matmul")
+@pytest.mark.parametrize("T,H,I,E,k", SHAPES)
+def test_glue_takes_fp32_rows_from_the_gemm(T, H, I, E, k):
+    # LoopMM returns fp32 rows whatever the input dtype: the act and combine passes read whatever the GEMM gives.
+    assert _run(T, H, I, E, k, torch.float16, ExpertsSpec(), LoopMM) <= 2e-3
 
 
 @pytest.mark.parametrize("spec", [ExpertsSpec(), SPECS[4]], ids=spec_id)
 def test_sentinel_pairs_add_nothing(spec):
     # Pairs routed to another rank's expert: not gathered, not computed, no bias, no weight.
-    err = _run(7, 32, 16, 4, 2, torch.float32, spec, MMS[0], sentinels=[(0, 0), (3, 1), (6, 0), (6, 1)])
+    err = _run(7, 32, 16, 4, 2, torch.float32, spec, GroupedMM, sentinels=[(0, 0), (3, 1), (6, 0), (6, 1)])
     assert err <= 1e-5
 
 
@@ -62,7 +64,7 @@ def test_the_glue_kernels_bound_their_rows_on_the_device():
     dev[1][:, 1] = 4  # half the pairs are sentinels
     seen = {}
 
-    class Recording(MMS[0]):
+    class Recording(GroupedMM):
         @classmethod
         def mm(cls, x, w, seg):
             seen.setdefault("xs", x.clone())
