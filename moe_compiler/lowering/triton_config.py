@@ -14,6 +14,7 @@ command that tunes it: a slow config is silent otherwise.
 
 Schema (version 1):
     {"schema": 1, "gpu": str, "capability": [major, minor], "triton": str, "torch": str, "written_by": str,
+     "earlier": [str, ...] (the commands of the entries a --merge kept; optional),
      "entries": [{"dtype": "bfloat16", "E": int, "k": int, "H": int, "I": int, "T": int,
                   "config": <DecodeConfig or SortedConfig as a dict, with "path">, "us": float}, ...]}
 """

@@ -103,11 +103,13 @@ def main():
         write(out_path, data)
         print(f"wrote {out_path}")
         return
-    entries = []
+    entries, earlier = [], []
     if args.merge and os.path.exists(out_path):
         keys = {(args.dtype, *s, T) for s in shapes for T in args.tokens}  # only the points re-tuned now
-        entries = [e for e in json.load(open(out_path))["entries"]
-                   if (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"]) not in keys]
+        old = json.load(open(out_path))
+        entries = [e for e in old["entries"] if (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"]) not in keys]
+        # The commands whose entries the file keeps: a merge must not lose where the rest came from.
+        earlier = [c for c in old.get("earlier", []) + [old.get("written_by")] if c]
     if args.quick is not None:
         tuned, table = quick(shapes, args.tokens, dtype, gpu, args.quick)
     else:
@@ -120,6 +122,7 @@ def main():
         "triton": triton.__version__,
         "torch": torch.__version__,
         "written_by": command,
+        **({"earlier": list(dict.fromkeys(earlier))} if earlier else {}),
         "entries": sorted(entries + tuned, key=lambda e: (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"])),
     }
     write(out_path, data)
