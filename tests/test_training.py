@@ -1,6 +1,6 @@
 """Training as people train transformers models, compiled with fused_moe (moe_compiler.training=True): gradient
-checkpointing, the router's auxiliary loss, frozen experts, autocast. Each against eager (or, under autocast,
-against plain torch.compile, whose own difference from eager is autocast's bf16 rounding)."""
+checkpointing, the router's auxiliary loss, frozen experts, a PEFT LoRA adapter, autocast. Each against eager (or,
+under autocast, against plain torch.compile, whose own difference from eager is autocast's bf16 rounding)."""
 
 from __future__ import annotations
 
@@ -89,6 +89,34 @@ def test_frozen_experts_get_no_gradient_and_the_rest_trains(monkeypatch):
     torch.compile(model, backend="fused_moe", options=TRAINING)(input_ids=ids, labels=ids).loss.backward()
     assert _fused() == LAYERS and asked == [False] * LAYERS
     _assert_grads_equal(model, eager)  # experts: no gradient on either side; routers, attention: equal
+
+
+def test_lora_on_attention_trains_with_the_experts_fused_and_frozen(monkeypatch):
+    """PEFT's LoRA on the attention projections (every base weight frozen, the experts included): the MoE blocks
+    still fuse, their backward computes no weight gradient, the adapters' gradients equal eager's."""
+    from peft import LoraConfig, get_peft_model
+
+    from moe_compiler.lowering import dispatch
+
+    asked = []
+    real = dispatch.experts_backward
+
+    def spy(*args, weight_grads=True, **kwargs):
+        asked.append(weight_grads)
+        return real(*args, weight_grads=weight_grads, **kwargs)
+
+    monkeypatch.setattr(dispatch, "experts_backward", spy)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    eager = get_peft_model(tiny_model("qwen3_moe", "grouped_mm", torch.float32).train(), lora)
+    model = copy.deepcopy(eager)
+    ids = _ids(4)
+    eager(input_ids=ids, labels=ids).loss.backward()
+    torch.compile(model, backend="fused_moe", options=TRAINING)(input_ids=ids, labels=ids).loss.backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert _fused() == LAYERS and asked == [False] * LAYERS
+    _assert_grads_equal(model, eager)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
