@@ -162,9 +162,11 @@ def test_cuda_forward_takes_triton_and_backward_the_capture_safe_composite(monke
 @pytest.mark.parametrize("shape", list(SHAPES), ids=str)
 @pytest.mark.parametrize("T", [1, 5, 64])
 def test_both_triton_paths_at_real_shapes(shape, T):
-    """The decode and the sorted path compute the same thing, whichever the config table picks."""
+    """The decode path, the sorted path and torch's grouped GEMM with Triton glue compute the same thing, whichever
+    the config table picks."""
     from moe_compiler.lowering.triton_config import (
         DecodeConfig,
+        GroupedMMConfig,
         KernelConfig,
         SortedConfig,
     )
@@ -174,7 +176,7 @@ def test_both_triton_paths_at_real_shapes(shape, T):
     ref = experts_reference_by_expert(hidden, ids, weights, w1, w2)
     decode = DecodeConfig(KernelConfig(32, 256), KernelConfig(8, 128, num_warps=8))
     tiles = SortedConfig(16, KernelConfig(64, 128, 4, 4), KernelConfig(64, 128, 4, 4), programs_per_sm=2)
-    for config in (decode, tiles):
+    for config in (decode, tiles, GroupedMMConfig()):
         args = (hidden, ids, weights, w1, w2, None, None, ExpertsSpec(), config)
         out = poisoned_run(lambda: dispatch.triton_forward(*args))
         assert rel_err(out, ref) <= 1e-2, config
