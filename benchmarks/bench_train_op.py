@@ -7,6 +7,7 @@ Per (shape, T), bf16, uniform routing, one process, every variant on the same in
     hf_grouped_mm_tc    the same under torch.compile (Inductor)
     moe_torch_bwd       torch.ops.moe_compiler.experts, the torch backward (the default)
     moe_triton_bwd      the same op with MOE_COMPILER_BACKWARD=triton (lowering/triton_backward.py)
+    moe_triton_bwd_lib_wgrad  the same, weight gradients by torch's grouped GEMM over gathered rows (WGrad.GROUPED_MM)
 Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_out fixed, gradients of hidden,
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
 measure. Memory: peak allocated during a call above what is held before it. Gradients of each variant vs
@@ -16,6 +17,8 @@ measured here).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 
 import torch
@@ -27,7 +30,25 @@ from moe_compiler.tune.shapes import ALL_SHAPES
 
 from . import harness
 
-VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd")
+VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_triton_bwd_lib_wgrad")
+
+
+@contextlib.contextmanager
+def _backward(variant: str):
+    """The backward a variant of ours runs: MOE_COMPILER_BACKWARD, and for *_lib_wgrad the Triton backward's
+    default config with its weight gradients by torch's grouped GEMM (WGrad.GROUPED_MM, not yet a default)."""
+    from moe_compiler.lowering import triton_backward
+
+    os.environ[dispatch.BACKWARD_ENV] = "triton" if variant.startswith("moe_triton_bwd") else "torch"
+    real = triton_backward.default_config
+    if variant.endswith("_lib_wgrad"):
+        triton_backward.default_config = lambda *a: dataclasses.replace(
+            real(*a), wgrad_path=triton_backward.WGrad.GROUPED_MM)
+    try:
+        yield
+    finally:
+        triton_backward.default_config = real
+        os.environ[dispatch.BACKWARD_ENV] = "torch"
 
 
 def _inputs(E, k, T, H, gen):
@@ -59,29 +80,29 @@ def point(name, T):
         "hf_grouped_mm_tc": torch.compile(hf, dynamic=False),
         "moe_torch_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         "moe_triton_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
+        "moe_triton_bwd_lib_wgrad": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
     }
     row = {"shape": name, "T": T, "E": E, "k": k, "H": H, "I": I}
     grads = {}
     for variant in VARIANTS:
-        os.environ[dispatch.BACKWARD_ENV] = "triton" if variant == "moe_triton_bwd" else "torch"
         step = _step(ops[variant], x, ids, w, params, grad_out)
-        try:
-            step()
-            torch.cuda.synchronize()
-            grads[variant] = [t.grad.float().clone() for t in (x, w, *params)]
-            held = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            row[f"{variant}_mem_gib"] = (torch.cuda.max_memory_allocated() - held) / 2**30
-            seconds = harness.events(step, 10)
-        except torch.OutOfMemoryError:
-            print(f"{name} T={T} {variant}: out of memory", flush=True)
-            torch.cuda.empty_cache()
-            continue
+        with _backward(variant):
+            try:
+                step()
+                torch.cuda.synchronize()
+                grads[variant] = [t.grad.float().clone() for t in (x, w, *params)]
+                held = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                row[f"{variant}_mem_gib"] = (torch.cuda.max_memory_allocated() - held) / 2**30
+                seconds = harness.events(step, 10)
+            except torch.OutOfMemoryError:
+                print(f"{name} T={T} {variant}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
         row[f"{variant}_ms"] = seconds * 1e3
         row[f"{variant}_tflops"] = 18 * T * k * H * I / seconds / 1e12
-    os.environ[dispatch.BACKWARD_ENV] = "torch"
     ref = grads.get("hf_grouped_mm")
     for variant, g in grads.items():
         if ref is not None and variant != "hf_grouped_mm":
