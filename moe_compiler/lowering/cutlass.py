@@ -92,8 +92,11 @@ def load():
 
     root = cutlass_include()
     sources = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "grouped_gemm_*.cu")))
-    built = os.path.join(cpp_extension._get_build_directory("moe_compiler_cutlass", verbose=False),
-                         "moe_compiler_cutlass.so")
+    try:  # torch's private helper: where load() builds; a torch without it gets the line every time
+        built = os.path.join(cpp_extension._get_build_directory("moe_compiler_cutlass", verbose=False),
+                             "moe_compiler_cutlass.so")
+    except AttributeError:
+        built = ""
     if not os.path.isfile(built):  # (a stale library is rebuilt too: ninja decides, without this line)
         log.warning("moe_compiler: building the CUTLASS kernels (csrc/, first use: minutes; then cached in torch's "
                     "extensions directory, TORCH_EXTENSIONS_DIR, for later processes)")
