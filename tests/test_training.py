@@ -68,17 +68,24 @@ def test_router_auxiliary_loss_flows_through_the_fused_router():
     _assert_grads_equal(model, eager)
 
 
-def test_frozen_experts_get_no_gradient_and_the_rest_trains(monkeypatch):
-    """Frozen experts cost no weight-gradient work: the op's backward is asked for none."""
+def _weight_grads_asked(monkeypatch) -> list[bool]:
+    """The weight_grads of each experts backward the op runs, in order (appended as they run)."""
     from moe_compiler.lowering import dispatch
 
     asked = []
     real = dispatch.experts_backward
+
     def spy(*args, weight_grads=True, **kwargs):
         asked.append(weight_grads)
         return real(*args, weight_grads=weight_grads, **kwargs)
 
     monkeypatch.setattr(dispatch, "experts_backward", spy)
+    return asked
+
+
+def test_frozen_experts_get_no_gradient_and_the_rest_trains(monkeypatch):
+    """Frozen experts cost no weight-gradient work: the op's backward is asked for none."""
+    asked = _weight_grads_asked(monkeypatch)
     eager, model = _pair()
     for m in (eager, model):
         for name, p in m.named_parameters():
@@ -96,16 +103,7 @@ def test_lora_on_attention_trains_with_the_experts_fused_and_frozen(monkeypatch)
     still fuse, their backward computes no weight gradient, the adapters' gradients equal eager's."""
     from peft import LoraConfig, get_peft_model
 
-    from moe_compiler.lowering import dispatch
-
-    asked = []
-    real = dispatch.experts_backward
-
-    def spy(*args, weight_grads=True, **kwargs):
-        asked.append(weight_grads)
-        return real(*args, weight_grads=weight_grads, **kwargs)
-
-    monkeypatch.setattr(dispatch, "experts_backward", spy)
+    asked = _weight_grads_asked(monkeypatch)
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     eager = get_peft_model(tiny_model("qwen3_moe", "grouped_mm", torch.float32).train(), lora)

@@ -3,9 +3,9 @@
     x [S, K] sorted by expert, w [E, N, K] (or [E, K, N]), offs [E] int32 on the device
         -> torch.ops.moe_compiler_cutlass.grouped_mm(x, w, offs, b_nk, config) -> [S, N]
 
-`CutlassMM` is a segment-matmul implementation (the interface of torch_segment_mm's classes): the torch
-composite (torch_experts.py) runs over it exactly as over torch._grouped_mm, with our choice of tile, cluster
-and schedule (`CONFIGS`, the same order as csrc/grouped_gemm_entry.cuh) instead of torch's. Weight gradients
+`CutlassMM` is a segment-matmul implementation (the interface of torch_segment_mm's classes): triton_grouped.py
+(and the torch composite, torch_experts.py) run over it exactly as over torch._grouped_mm, with our choice of tile,
+cluster and schedule (`CONFIGS`, the same order as csrc/grouped_gemm_entry.cuh) instead of torch's. Weight gradients
 stay with torch._grouped_mm.
 
 Build: `torch.utils.cpp_extension.load` compiles csrc/ (ninja; nvcc from the CUDA toolkit; CUTLASS headers from

@@ -173,9 +173,9 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     if T == 0 or k == 0:
         return True
     config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
-    if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS) or (
-            config.path is not triton_config.Path.DECODE and cutlass.forced(hidden, w_gate_up, w_down)):
-        return False  # torch ops / CUTLASS, not Triton launches: the op stays one call
+    if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS) or _library_mm(
+            hidden, w_gate_up, w_down, config) is not None:
+        return False  # a library's GEMMs (torch._grouped_mm, CUTLASS), not Triton launches only: one opaque call
     return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
 
 

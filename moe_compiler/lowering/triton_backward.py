@@ -258,12 +258,18 @@ def _sorted_rows_kernel(src_ptr, dst_ptr, topk_w_ptr, sorted_rows_ptr, block_exp
             tl.store(dst, tl.zeros([BLOCK_N], dtype=dst_ptr.dtype.element_ty), mask=ok & ~real)
 
 
-def _sorted_rows(src, rows: AlignedRows, weights, k: int, block_m: int, *, dst=None, scale: bool = False):
-    """A gathered copy of src's token rows in padded sorted order (padding rows 0), or with `dst` given, dst's
-    padding rows zeroed in place. Returns dst."""
-    gather = dst is None
-    if gather:
-        dst = src.new_empty(rows.sorted_rows.numel(), src.shape[1])
+def _sorted_rows(src, rows: AlignedRows, weights, k: int, block_m: int, *, scale: bool = False):
+    """A gathered copy of src's token rows in padded sorted order, padding rows 0 (x the router weight: scale)."""
+    return _launch_sorted_rows(src, src.new_empty(rows.sorted_rows.numel(), src.shape[1]), rows, weights, k,
+                               block_m, gather=True, scale=scale)
+
+
+def _zero_padding_rows(t, rows: AlignedRows, block_m: int):
+    """t [S_pad, N] (a kernel's output in padded sorted order) with its unwritten padding rows set to 0, in place."""
+    return _launch_sorted_rows(t, t, rows, t, 1, block_m, gather=False, scale=False)
+
+
+def _launch_sorted_rows(src, dst, rows: AlignedRows, weights, k: int, block_m: int, gather: bool, scale: bool):
     N = dst.shape[1]
     block_n = min(1024, triton.next_power_of_2(max(N, 16)))
     launch.kernel(_sorted_rows_kernel)[(rows.sorted_rows.numel(), triton.cdiv(N, block_n))](
@@ -293,7 +299,7 @@ def _library_wgrads(grad_out, hidden, act, dz, weights, rows: AlignedRows, k: in
     offs = ((rows.seg_end + (bm - 1)) // bm * bm).to(torch.int32)
     scaled_do = _sorted_rows(grad_out, rows, weights, k, bm, scale=True)  # [S_pad, H]: s * dO[t]
     x_rows = _sorted_rows(hidden, rows, weights, k, bm)  # [S_pad, H]
-    act, dz = _sorted_rows(act, rows, weights, k, bm, dst=act), _sorted_rows(dz, rows, weights, k, bm, dst=dz)
+    act, dz = _zero_padding_rows(act, rows, bm), _zero_padding_rows(dz, rows, bm)
 
     def outer(a, b):  # [E, A, B] = sum over each expert's rows of a_r (x) b_r
         return torch._grouped_mm(a.t(), b, offs=offs)

@@ -93,10 +93,10 @@ def _pow2(name: str, value, lo: int, hi: int):
 class Path(str, enum.Enum):
     DECODE = "decode"  # triton_decode.py: GEMVs per pair, no sort (T*k small next to E)
     SORTED = "sorted"  # triton_align.py + triton_experts.py: aligned grouped GEMMs + combine
-    # torch_experts.py over torch._grouped_mm (a CUTLASS grouped GEMM on sm90, bf16, 16-byte rows): only where
+    # triton_grouped.py over torch._grouped_mm (a CUTLASS grouped GEMM on sm90, bf16, 16-byte rows): only where
     # the tuner measured it faster than both Triton paths (GroupedMMConfig).
     GROUPED_MM = "grouped_mm"
-    # torch_experts.py over csrc/'s CUTLASS grouped GEMM with one of its configs (lowering/cutlass.py): only where
+    # triton_grouped.py over csrc/'s CUTLASS grouped GEMM with one of its configs (lowering/cutlass.py): only where
     # the tuner measured it faster (CutlassConfig).
     CUTLASS = "cutlass"
 
@@ -175,7 +175,7 @@ class GroupedMMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CutlassConfig:
-    """The torch composite over csrc/'s grouped GEMM with tile / cluster / schedule `config` (an index into
+    """triton_grouped.py over csrc/'s grouped GEMM with tile / cluster / schedule `config` (an index into
     lowering/cutlass.py's CONFIGS). Where CUTLASS cannot run (not built, not sm90, MOE_COMPILER_CUTLASS=0, operands
     it does not take) the Triton default runs instead."""
 

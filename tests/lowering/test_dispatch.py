@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_cases import DEVICE, device_inputs
 
 from moe_compiler import ExpertsSpec
 from moe_compiler.lowering import device, dispatch
@@ -19,14 +20,9 @@ from moe_compiler.testing import (
 )
 from moe_compiler.tune.shapes import SHAPES
 
-# The tests that call the Triton forwards directly run where Triton does: the GPU, or the CPU interpreter. A library
-# GEMM path takes bf16 on the GPU (torch._grouped_mm on sm90), fp32 in the interpreter.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The tests that call the Triton forwards directly run where Triton does (triton_cases.DEVICE: the GPU, or the CPU
+# interpreter). A library GEMM path takes bf16 on the GPU (torch._grouped_mm on sm90), fp32 in the interpreter.
 LIBRARY_DTYPE, LIBRARY_TOL = (torch.bfloat16, 1e-2) if DEVICE == "cuda" else (torch.float32, 1e-5)
-
-
-def _on_device(inputs):
-    return tuple(t.to(DEVICE) if t is not None else None for t in inputs)
 
 
 def test_cpu_selection_by_alignment():
@@ -53,7 +49,7 @@ def test_triton_backward_on_request_equals_the_torch_backward(monkeypatch):
     on the CPU with uses_triton forced); its gradients equal the torch backward's. A bad value is a clear error."""
     pytest.importorskip("triton")
     spec = ExpertsSpec()
-    hidden, ids, weights, w1, w2, _, _ = _on_device(experts_inputs(7, 32, 16, 4, 2, torch.float32, spec, seed=2))
+    _, (hidden, ids, weights, w1, w2, _, _) = device_inputs(7, 32, 16, 4, 2, torch.float32, spec, seed=2)
     grad_out = torch.randn(7, 32, device=DEVICE)
     args = (grad_out, hidden, ids, weights, w1, w2, None, None, spec)
     want = dispatch.experts_backward(*args)
@@ -96,13 +92,13 @@ def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
     ran = []
     real = triton_grouped.experts_forward
     monkeypatch.setattr(triton_grouped, "experts_forward", lambda impl, *a: ran.append(impl) or real(impl, *a))
-    inputs = experts_inputs(9, 16, 8, 4, 2, LIBRARY_DTYPE, spec, seed=4)  # 16-byte rows: GroupedMM
+    inputs, dev = device_inputs(9, 16, 8, 4, 2, LIBRARY_DTYPE, spec, seed=4)  # 16-byte rows: GroupedMM
     want = experts_reference(*inputs, spec=spec)
-    out = dispatch.triton_forward(*_on_device(inputs), spec, grouped)
+    out = dispatch.triton_forward(*dev, spec, grouped)
     assert ran == [GroupedMM] and rel_err(out.cpu(), want) <= LIBRARY_TOL
     ran.clear()
     monkeypatch.setattr(dispatch, "select", lambda *a: LoopMM)  # operands torch._grouped_mm would refuse
-    out = dispatch.triton_forward(*_on_device(inputs), spec, grouped)
+    out = dispatch.triton_forward(*dev, spec, grouped)
     assert ran == [] and rel_err(out.cpu(), want) <= LIBRARY_TOL
     monkeypatch.setattr(device, "uses_triton", lambda t: True)
     monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: grouped)
@@ -132,13 +128,13 @@ def test_cutlass_config_runs_its_tiles_or_the_triton_default(monkeypatch):
 
     monkeypatch.setattr(cutlass, "load", lambda: FakeExtension)
     monkeypatch.setattr(cutlass, "runs", lambda *a: True)
-    inputs = experts_inputs(9, 16, 8, 4, 2, LIBRARY_DTYPE, spec, seed=4)
+    inputs, dev = device_inputs(9, 16, 8, 4, 2, LIBRARY_DTYPE, spec, seed=4)
     want = experts_reference(*inputs, spec=spec)
-    out = dispatch.triton_forward(*_on_device(inputs), spec, entry)
+    out = dispatch.triton_forward(*dev, spec, entry)
     assert configs == [2, 2] and rel_err(out.cpu(), want) <= LIBRARY_TOL
     configs.clear()
     monkeypatch.setattr(cutlass, "runs", lambda *a: False)
-    out = dispatch.triton_forward(*_on_device(inputs), spec, entry)
+    out = dispatch.triton_forward(*dev, spec, entry)
     assert configs == [] and rel_err(out.cpu(), want) <= LIBRARY_TOL
     monkeypatch.setattr(device, "uses_triton", lambda t: True)
     monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: entry)
