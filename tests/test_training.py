@@ -55,6 +55,31 @@ def test_gradient_checkpointing_fuses_inside_the_checkpointed_layers(device):
     _assert_grads_equal(model, eager)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_training_graphs_save_z_and_inference_graphs_do_not(device):
+    """A graph that needs gradients calls experts_train (on CUDA its z feeds the Triton backward, which skips the
+    gate_up GEMM); the same model compiled under no_grad calls experts. Gradients equal eager's."""
+    from moe_compiler.lowering import triton_backward
+
+    eager, model = _pair(device)
+    ids = _ids(5, device=device)
+    eager(input_ids=ids, labels=ids).loss.backward()
+    recomputed = []
+    real = triton_backward.launch_gate_up
+    triton_backward.launch_gate_up = lambda *a, **kw: recomputed.append(1) or real(*a, **kw)
+    try:
+        torch.compile(model, backend="fused_moe", options=TRAINING)(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        triton_backward.launch_gate_up = real
+    assert _fused() == LAYERS and counters["moe_compiler"]["experts_saving_z"] == LAYERS and recomputed == []
+    _assert_grads_equal(model, eager, tol=1e-4)
+    counters.clear()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model.eval(), backend="fused_moe", options=TRAINING)(input_ids=ids)
+    assert _fused() == LAYERS and counters["moe_compiler"]["experts_saving_z"] == 0
+
+
 def test_router_auxiliary_loss_flows_through_the_fused_router():
     eager, model = _pair()
     ids = _ids(1)

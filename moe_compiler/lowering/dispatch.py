@@ -11,13 +11,14 @@
                                        the shared MLP by torch_shared.py (cuBLAS)
     experts_quantized CUDA + Triton -> triton_quantized.py (block-scaled FP8 grouped GEMMs); otherwise
                                        torch_quantized.py (dequantize per call, then torch_experts.py)
-    experts backward  every device  -> torch_experts.py / torch_shared.py (CUDA + Triton with
-                                       MOE_COMPILER_BACKWARD=triton: triton_backward.py, not yet measured)
+    experts backward  CUDA + Triton -> triton_backward.py (reading experts_train's saved Z, or recomputing
+                                       it), unless MOE_COMPILER_BACKWARD=torch; the shared MLP's by torch_shared.py
+                      otherwise     -> torch_experts.py / torch_shared.py
     (inside torch.compile the Triton launches of a call are recorded into the graph where `experts_inlinable`
     holds: launch.py, ops/inline.py)
     route forward     CUDA + Triton -> triton_route.py (one launch); otherwise torch_route.py
-    route backward    every device  -> torch_route.py (CUDA + Triton with MOE_COMPILER_BACKWARD=triton, every
-                                       order but the sparse mixer's: triton_route.py's one launch)
+    route backward    CUDA + Triton -> triton_route.py's one launch (every order but the sparse mixer's), unless
+                                       MOE_COMPILER_BACKWARD=torch; otherwise torch_route.py
 
 The Triton modules are imported on first CUDA use only: importing the package never imports Triton.
 """
@@ -35,13 +36,10 @@ from . import cutlass, device, launch, torch_experts, torch_quantized, torch_rou
 from .torch_segment_mm import GatherBmm, GroupedMM, LoopMM
 
 
-def _rows_16b_aligned(w_gate_up: torch.Tensor, w_down: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    # CUTLASS grouped GEMM loads 16-byte vectors: every operand's base and every row stride (H, I and 2I
-    # elements, in whichever layout) must be a multiple of 16 bytes.
-    dims = (*w_gate_up.shape[1:], *w_down.shape[1:])
-    size = w_gate_up.element_size()
-    tensors = (w_gate_up, w_down, *tensors)
-    return all(d * size % 16 == 0 for d in dims) and all(t.data_ptr() % 16 == 0 for t in tensors)
+def _grouped_mm_takes(hidden, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
+    # The GEMMs' rows: H, I and 2I elements, in whichever layout.
+    widths = (*w_gate_up.shape[1:], *w_down.shape[1:])
+    return GroupedMM.takes(w_gate_up, widths, (w_gate_up, w_down, hidden))
 
 
 def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
@@ -49,17 +47,12 @@ def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
     if hidden.device.type == "cpu":
         # torch's grouped GEMM loops over groups in C++ (faster than our Python loop for many experts);
         # the Python loop remains for rows that are not 16-byte aligned.
-        return GroupedMM if _rows_16b_aligned(w_gate_up, w_down, hidden) else LoopMM
+        return GroupedMM if _grouped_mm_takes(hidden, w_gate_up, w_down) else LoopMM
     if hidden.device.type != "cuda":
         return LoopMM
     if cutlass.forced(hidden, w_gate_up, w_down):
         return cutlass.CutlassMM
-    if (
-        hidden.dtype == torch.bfloat16
-        and w_gate_up.dtype == torch.bfloat16
-        and device.sm90_or_newer(device.index(hidden))
-        and _rows_16b_aligned(w_gate_up, w_down, hidden)
-    ):
+    if hidden.dtype == torch.bfloat16 and _grouped_mm_takes(hidden, w_gate_up, w_down):
         return GroupedMM
     return GatherBmm
 
@@ -192,9 +185,12 @@ def _library_mm(hidden, w_gate_up, w_down, config):
     return None
 
 
-def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None, mlp=None):
+def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config=None, mlp=None,
+                   z=None):
     """The Triton forward with a given config (None: looked up); returns out [T, H]. T > 0. A shared MLP
-    `mlp` is taken by the decode kernels only (experts_forward sends it here on that path)."""
+    `mlp` is taken by the decode kernels only (experts_forward sends it here on that path). With `z` [T*k, 2I]
+    (a training forward) each pair's pre-activation row is stored there for the backward, by the sorted gate_up
+    kernel's epilogue or triton_grouped's act pass: a decode entry runs the sorted default instead."""
     from . import triton_decode, triton_experts
 
     if config is None:
@@ -204,8 +200,11 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
         from . import triton_grouped
 
         args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)
-        return triton_grouped.experts_forward(impl, *args)
-    if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS):  # their operands do not suit
+        return triton_grouped.experts_forward(impl, *args, z=z)
+    # The sorted default for a library entry whose operands do not suit the library, and for a decode entry when
+    # z is wanted (the decode kernels keep no pre-activation rows).
+    runs_as_is = config.path is triton_config.Path.SORTED or (config.path is triton_config.Path.DECODE and z is None)
+    if not runs_as_is:
         config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
                                                      hidden.shape[0])
     if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma:
@@ -220,34 +219,57 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
             raise ValueError(
                 "moe_compiler: the sorted Triton path does not take a shared MLP; pass it to experts_forward"
             )
-        out, _ = triton_experts.experts_forward(*args)
+        out, _ = triton_experts.experts_forward(*args, z=z)
     return out
 
 
-# The Triton backward (triton_backward.py) runs where MOE_COMPILER_BACKWARD=triton asks for it: its kernels are
-# checked against the reference on CPU and compiled for sm90, but not yet measured on a GPU against the torch
-# backward (issue 17), so the default stays the torch one.
+# Which backward the experts op runs on CUDA + Triton: the Triton one (triton_backward.py) by default — faster
+# than the torch composite at every measured shape with a fraction of its memory (benchmarks/NOTES.md, issue 17);
+# MOE_COMPILER_BACKWARD=torch selects the composite (a comparison, or a way around a kernel problem).
 BACKWARD_ENV = "MOE_COMPILER_BACKWARD"
 
 
 def triton_backward_requested() -> bool:
-    value = os.environ.get(BACKWARD_ENV, "torch")
+    value = os.environ.get(BACKWARD_ENV, "triton")
     if value not in ("torch", "triton"):
-        raise ValueError(f"{BACKWARD_ENV}={value!r}: expected 'torch' (the default) or 'triton'")
+        raise ValueError(f"{BACKWARD_ENV}={value!r}: expected 'triton' (the default) or 'torch'")
     return value == "triton"
 
 
-def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
-                     weight_grads: bool = True):
-    """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down); absent biases -> None, and
-    every weight's and bias's gradient None without weight_grads (frozen experts)."""
+def _triton_backward_runs(hidden, spec: ExpertsSpec) -> bool:
+    return not spec.scale_input and device.uses_triton(hidden) and triton_backward_requested()
+
+
+def saved_z_shape(hidden, topk_ids, w_down, spec: ExpertsSpec) -> tuple[int, int]:
+    """The shape of experts_train's z: [T*k, 2I] where the Triton backward will read it, else [0, 2I] (the torch
+    backward recomputes what it needs). From device, env and sizes only: the fake and the real op agree."""
     T, k = topk_ids.shape
-    if T and k and not spec.scale_input and device.uses_triton(hidden) and triton_backward_requested():
+    return T * k if _triton_backward_runs(hidden, spec) else 0, 2 * spec.intermediate(w_down)
+
+
+def experts_forward_saving_z(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
+                             spec: ExpertsSpec, shared: SharedMLP | None = None):
+    """(out, z [T*k, 2I]): experts_forward (the shared MLP by cuBLAS after the experts) with each pair's
+    pre-activation row also stored for the backward (triton_forward's z). T*k > 0."""
+    z = hidden.new_empty(topk_ids.numel(), 2 * spec.intermediate(w_down))
+    routed = triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, z=z)
+    if shared is not None:
+        routed = torch_shared.forward(routed, hidden, shared, spec, _gated_rows(hidden))
+    return routed, z
+
+
+def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
+                     weight_grads: bool = True, z=None):
+    """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down); absent biases -> None, and
+    every weight's and bias's gradient None without weight_grads (frozen experts). `z`: experts_train's saved
+    pre-activation rows, or None."""
+    T, k = topk_ids.shape
+    if T and k and _triton_backward_runs(hidden, spec):
         from . import triton_backward
 
         return triton_backward.experts_backward(
             grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec,
-            weight_grads=weight_grads,
+            weight_grads=weight_grads, z=z,
         )
     impl = select(hidden, w_gate_up, w_down)
     args = (grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec)

@@ -32,19 +32,7 @@ import torch
 
 from ..spec import ExpertsSpec
 from .torch_activations import gated_backward, gated_forward
-from .torch_segment_mm import Segments
-
-
-def _proj(impl, x, w, seg, transposed):
-    return impl.mm_nn(x, w, seg) if transposed else impl.mm(x, w, seg)
-
-
-def _proj_dx(impl, dy, w, seg, transposed):
-    return impl.mm(dy, w, seg) if transposed else impl.mm_nn(dy, w, seg)
-
-
-def _proj_dw(impl, x, dy, seg, transposed):
-    return impl.wgrad(x, dy, seg) if transposed else impl.wgrad(dy, x, seg)
+from .torch_segment_mm import Segments, project, project_dw, project_dx
 
 
 def _unpermute_sum(rows: torch.Tensor, seg: Segments, T: int, k: int) -> torch.Tensor:
@@ -73,11 +61,11 @@ def _forward_rows(impl, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gat
     if spec.scale_input:
         x = x.float() * _row_weights(topk_weights, seg).unsqueeze(-1)
     x = x.to(cdt)
-    h = _proj(impl, x, w_gate_up, seg, spec.transposed).float()
+    h = project(impl, x, w_gate_up, seg, spec.transposed).float()
     if b_gate_up is not None:
         h = h + b_gate_up[seg.gather_ids].float()
     a = gated_forward(h, spec).to(cdt)
-    y = _proj(impl, a, w_down, seg, spec.transposed).float()
+    y = project(impl, a, w_down, seg, spec.transposed).float()
     if b_down is not None:
         y = y + b_down[seg.gather_ids].float()
     return seg, x, h, a, _drop_sentinels(y, seg)
@@ -119,16 +107,16 @@ def experts_backward(impl, grad_out, hidden, topk_ids, topk_weights, w_gate_up, 
         d_b_down = torch.zeros_like(b_down, dtype=torch.float32).index_add_(0, seg.gather_ids, dy)
     dy_c = dy.to(cdt)
     if weight_grads:
-        d_w_down = _proj_dw(impl, a, dy_c, seg, tr)
-    da = _proj_dx(impl, dy_c, w_down, seg, tr).float()  # [S, I]
+        d_w_down = project_dw(impl, a, dy_c, seg, tr)
+    da = project_dx(impl, dy_c, w_down, seg, tr).float()  # [S, I]
 
     dh = _drop_sentinels(gated_backward(da, h, spec), seg)  # [S, 2I] fp32
     if b_gate_up is not None and weight_grads:
         d_b_gate_up = torch.zeros_like(b_gate_up, dtype=torch.float32).index_add_(0, seg.gather_ids, dh)
     dh_c = dh.to(cdt)
     if weight_grads:
-        d_w_gate_up = _proj_dw(impl, x, dh_c, seg, tr)
-    dx = _drop_sentinels(_proj_dx(impl, dh_c, w_gate_up, seg, tr), seg)  # [S, H], w.r.t. the GEMM's input rows
+        d_w_gate_up = project_dw(impl, x, dh_c, seg, tr)
+    dx = _drop_sentinels(project_dx(impl, dh_c, w_gate_up, seg, tr), seg)  # [S, H], w.r.t. the GEMM's input rows
     if spec.scale_input:
         # rows = weight * x: d weight = <x, d rows>, d x = weight * d rows
         d_weights = (hidden[seg.perm // k].float() * dx.float()).sum(-1)[seg.inverse]

@@ -15,6 +15,10 @@ Segment matmuls over rows sorted by expert (one implementation per class, chosen
     mm_nn(x [S,N], w [E,N,K]) -> [S,K]     x_e @ w[e]
     wgrad(a [S,N], b [S,K])   -> [E,N,K]   a_e^T @ b_e (zeros for experts with no rows)
 
+and, for an expert weight stored [E, out, in] (or [E, in, out]: `transposed`), the three uses every path makes of
+it: project (x @ W^T), project_dx (dy @ W: the input gradient), project_dw (the weight gradient, in the weight's
+own layout).
+
     LoopMM      CPU: one fp32 `mm` per non-empty segment (host sync: the CPU path only)
     GroupedMM   torch._grouped_mm: CUTLASS on sm90/sm100 for bf16 (capture-safe), torch's C++ per-group loop
                 on the CPU; both need 16-byte aligned rows
@@ -31,6 +35,8 @@ import dataclasses
 import functools
 
 import torch
+
+from . import device
 
 
 @dataclasses.dataclass
@@ -73,6 +79,18 @@ class Segments:
         return [(e, s, t) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
 
 
+def project(impl, x, w, seg: Segments, transposed: bool):
+    return impl.mm_nn(x, w, seg) if transposed else impl.mm(x, w, seg)
+
+
+def project_dx(impl, dy, w, seg: Segments, transposed: bool):
+    return impl.mm(dy, w, seg) if transposed else impl.mm_nn(dy, w, seg)
+
+
+def project_dw(impl, x, dy, seg: Segments, transposed: bool):
+    return impl.wgrad(x, dy, seg) if transposed else impl.wgrad(dy, x, seg)
+
+
 class LoopMM:
     """Inputs of any float dtype are upcast one segment or one expert at a time, so the math is fp32 and the
     extra memory is one expert's weight, not a copy of the whole stack."""
@@ -111,6 +129,17 @@ class GroupedMM:
     dispatch.select picks this path on CUDA only for bf16 on sm90+."""
 
     name = "torch_grouped_mm"
+
+    @staticmethod
+    def takes(like: torch.Tensor, widths: tuple[int, ...], operands: tuple[torch.Tensor, ...] = ()) -> bool:
+        """Whether torch._grouped_mm runs its grouped GEMM on operands of like's dtype and device with rows of
+        these widths (elements): on CUDA, bf16 on sm90+ (otherwise torch loops with host syncs); on the CPU any
+        dtype. CUTLASS loads 16-byte vectors: every row width and every operand's base a multiple of 16 bytes."""
+        if like.device.type == "cuda":
+            if like.dtype != torch.bfloat16 or not device.sm90_or_newer(device.index(like)):
+                return False
+        size = like.element_size()
+        return all(w * size % 16 == 0 for w in widths) and all(t.data_ptr() % 16 == 0 for t in operands)
 
     @staticmethod
     def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,7 @@
 """Triton: the gated activation of the expert MLP, shared by the decode and the sorted (prefill) kernels.
 
     gate [R, N], up [R, N] (fp32 accumulators) -> a = act(gate) * up [R, N] (fp32)
+    and backward (triton_backward.py): d a, gate, up -> (d gate, d up, a)
 
 and as one elementwise kernel (`gated_rows`) for the shared MLP's cuBLAS outputs: gate, up -> a in their
 dtype, fp32 math, one pass (torch's silu + mul would be two).
@@ -39,6 +40,41 @@ def gated_act(gate, up, alpha, limit, ACT: tl.constexpr):
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+
+
+@triton.jit
+def gated_act_backward(da, gate, up, alpha, limit, ACT: tl.constexpr):
+    """(d gate, d up, act(gate) * up) from d(act(gate) * up) and the pre-activation halves (fp32); the
+    derivatives of torch_activations.gated_backward_halves."""
+    if ACT == 0:  # SiLU
+        sig = tl.sigmoid(gate)
+        f = gate * sig
+        df = sig * (1.0 + gate * (1.0 - sig))
+        d_gate, d_up, a = da * up * df, da * f, f * up
+    elif ACT == 1:  # GELU (erf)
+        cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))
+        f = gate * cdf
+        df = cdf + gate * 0.3989422804014327 * tl.exp(-0.5 * gate * gate)
+        d_gate, d_up, a = da * up * df, da * f, f * up
+    elif ACT == 2:  # GELU (tanh)
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        f = 0.5 * gate * (1.0 + th)
+        df = 0.5 * (1.0 + th) + 0.5 * gate * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate)
+        d_gate, d_up, a = da * up * df, da * f, f * up
+    elif ACT == 3:  # ReLU (aten's threshold_backward: gradient where the output is > 0)
+        f = tl.maximum(gate, 0.0)
+        d_gate, d_up, a = tl.where(gate > 0.0, da * up, 0.0), da * f, f * up
+    else:  # GPT-OSS: clamps pass the gradient where the bound is not exceeded (bounds inclusive, as aten)
+        gate_c = tl.minimum(gate, limit)
+        up_c = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(gate_c * alpha)
+        glu = gate_c * sig
+        d_glu = sig + alpha * gate_c * sig * (1.0 - sig)
+        d_gate = tl.where(gate <= limit, da * (up_c + 1.0) * d_glu, 0.0)
+        d_up = tl.where((up >= -limit) & (up <= limit), da * glu, 0.0)
+        a = (up_c + 1.0) * glu
+    return d_gate, d_up, a
 
 
 @triton.jit

@@ -16,6 +16,10 @@ Data contract (S = T * k pairs, pair p = t * k + j; C = CHUNK pairs per program,
 
     route -> [permute: this file] -> gate_up GEMM -> down GEMM -> combine  (triton_experts.py)
 
+and, for GEMMs that take their rows in sorted order (a library's: triton_grouped.py, triton_backward_library.py),
+`gathered` copies token rows into that order (padding rows 0) and `zero_padding_rows` clears the padding slots
+a kernel left unwritten.
+
 Three launches, none serial over S:
     count    (NB programs)  per-chunk expert histogram              -> counts [NB, BLOCK_E]
     offsets  (1 program)    per-expert totals, padded prefix sum, and for every (chunk, expert) the
@@ -192,3 +196,57 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligne
         CHUNK=chunk, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK_B=max(16, min(128, 8192 // block_e)),
     )
     return rows
+
+
+@triton.jit
+def _sorted_rows_kernel(src_ptr, dst_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
+                        N, TOP_K, stride_src, stride_dst,
+                        GATHER: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dst [S_pad, N] in padded sorted order, for a library GEMM over the sorted rows: with GATHER, each real
+    slot's row is src's row of its token (times the pair's router weight with SCALE) and each padding slot's is 0;
+    without, only dst's padding slots are set to 0 (rows a kernel left unwritten: whatever memory held). Slots
+    past num_padded are not touched."""
+    r = tl.program_id(0)
+    if r < tl.load(num_padded_ptr):
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = n < N
+        end = tl.load(seg_end_ptr + tl.load(block_expert_ptr + r // BLOCK_M))  # of the slot's expert's real rows
+        real = tl.full([BLOCK_N], r, tl.int32) < end  # (as a vector: the interpreter takes no scalar masks)
+        dst = dst_ptr + r.to(tl.int64) * stride_dst + n
+        if GATHER:
+            pair = tl.where(r < end, tl.load(sorted_rows_ptr + r), 0).to(tl.int64)  # a padding slot's: unwritten
+            row = tl.load(src_ptr + (pair // TOP_K) * stride_src + n, mask=ok & real, other=0.0)
+            if SCALE:
+                s = tl.load(topk_w_ptr + pair).to(tl.float32)
+                row = (row.to(tl.float32) * s).to(dst_ptr.dtype.element_ty)
+            tl.store(dst, row, mask=ok)
+        else:
+            tl.store(dst, tl.zeros([BLOCK_N], dtype=dst_ptr.dtype.element_ty), mask=ok & ~real)
+
+
+def _launch_sorted_rows(src, dst, rows: AlignedRows, weights, k: int, block_m: int, gather: bool, scale: bool):
+    N = dst.shape[1]
+    block_n = row_block(N)
+    launch.kernel(_sorted_rows_kernel)[(rows.sorted_rows.numel(), triton.cdiv(N, block_n))](
+        src, dst, weights, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        N, k, src.stride(0), dst.stride(0),
+        GATHER=gather, SCALE=scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+    return dst
+
+
+def row_block(n: int) -> int:
+    """The column block of a pass over rows of n elements (one program per row and block)."""
+    return min(1024, triton.next_power_of_2(max(n, 16)))
+
+
+def gathered(src, rows: AlignedRows, weights, k: int, block_m: int, *, scale: bool = False, out=None):
+    """src's token rows copied into padded sorted order (x the pair's router weight: scale), padding rows 0: into
+    `out` (default: a new [S_pad, N]; any buffer with a row per used slot)."""
+    out = src.new_empty(rows.sorted_rows.numel(), src.shape[1]) if out is None else out
+    return _launch_sorted_rows(src, out, rows, weights, k, block_m, gather=True, scale=scale)
+
+
+def zero_padding_rows(t, rows: AlignedRows, block_m: int):
+    """t [S_pad, N] (a kernel's output in padded sorted order) with its unwritten padding rows set to 0, in place."""
+    return _launch_sorted_rows(t, t, rows, t, 1, block_m, gather=False, scale=False)

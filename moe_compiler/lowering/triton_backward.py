@@ -1,12 +1,14 @@
-"""Triton experts backward, sorted path: the op's gradients from grad_out, recomputing the forward's
-pre-activation rows instead of saving anything but the op's inputs (SonicMoE's dataflow, DESIGN §8).
+"""Triton experts backward, sorted path: the op's gradients from grad_out and the forward's pre-activation
+rows Z — saved by a training forward (ops/experts.py: experts_train), else recomputed from the op's inputs.
+Nothing else of the forward is kept: no permuted X, no act, no Y (SonicMoE's dataflow, DESIGN §8).
 
 Data contract (T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k pairs; sorted positions as in
 triton_align.py: sorted_rows [S_pad], pos [S], seg_end [E], expert e's rows starting at seg_end[e-1] rounded up
 to BLOCK_M; s = the pair's router weight)
     dO          [T, H]          grad_out, hidden's dtype
-    z           [S_pad, 2I]     pre-activation rows (bias added), w_gate_up's row order (concat or interleaved)
-    act         [S_pad, I]      act(z): the down GEMM's input rows
+    z           [S, 2I]         pre-activation rows (bias added) in pair order (row t*k + j), w_gate_up's row
+                                order (concat or interleaved): saved by the forward, or recomputed
+    act         [S_pad, I]      act(z) in sorted order, written by the dz kernel (or by the recompute)
     dz          [S_pad, 2I]     d loss / d z, same order as z
     ds_part     [S_pad, NI]     fp32, per I block: <dO[t] @ W_down[e], act> (+ <dO[t], b_down[e]> in block 0)
     dx_rows     [S_pad, H]      dz @ W_gate_up[e]: each pair's share of d hidden
@@ -16,8 +18,8 @@ to BLOCK_M; s = the pair's router weight)
     dW_gate_up  [E, 2I, H]      sum over e's rows of dz ⊗ x[t]            } each expert's rows (varlen K)
     d b_down [E, H], d b_gate_up [E, 2I]: the same left operands summed over e's rows
 
-    align -> [gate_up GEMM storing z and act]            the forward's kernel (recompute)
-          -> [gathered dO @ W_down[e] ; act' epilogue]     -> dz, ds_part
+    align -> [gate_up GEMM storing z and act]            the forward's kernel (only without a saved z)
+          -> [gathered dO @ W_down[e] ; act' epilogue]     -> dz, ds_part (and act, from a saved z)
           -> [dz @ W_gate_up[e]] -> [combine over k]      the forward's down and combine kernels -> d hidden
           -> [wgrad (s dO[t])^T act] -> dW_down, d b_down
           -> [wgrad dz^T x[t]]       -> dW_gate_up, d b_gate_up
@@ -38,9 +40,10 @@ import triton
 import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout
-from . import device, launch, triton_config
-from .triton_act import ACT_CODE
-from .triton_align import AlignedRows, align_rows
+from . import launch, triton_backward_library, triton_config
+from .torch_segment_mm import GroupedMM
+from .triton_act import ACT_CODE, gated_act_backward
+from .triton_align import AlignedRows, align_rows, gathered, zero_padding_rows
 from .triton_config import KernelConfig, SortedConfig
 from .triton_experts import (
     _block_rows,
@@ -58,9 +61,21 @@ class WGrad(enum.Enum):
 
     # _wgrad_kernel: one Triton GEMM per gradient gathering token rows by pointer inside its K loop (no copies).
     TRITON = "triton"
-    # Token rows copied into padded sorted order (padding rows zeroed: _sorted_rows_kernel), then torch's
-    # grouped GEMM, 2-D x 2-D with offs along the reduction (CUTLASS on sm90, bf16): [S_pad, H] x 2 more memory,
-    # the library's tiles. Where its operands do not suit it (not bf16 on sm90+, rows not 16-byte aligned), TRITON.
+    # Token rows copied into padded sorted order (padding rows zeroed), then torch's grouped GEMM, 2-D x 2-D with
+    # offs along the reduction (CUTLASS on sm90, bf16): [S_pad, H] x 2 more memory, the library's tiles
+    # (triton_backward_library.py). Where its operands do not suit it (not bf16 on sm90+, rows not 16-byte
+    # aligned), TRITON.
+    GROUPED_MM = "grouped_mm"
+
+
+class DGrad(enum.Enum):
+    """How dz (through W_down, act' after it) and d hidden's rows (through W_gate_up) are computed."""
+
+    # _dz_kernel: gathered dO @ W_down[e] with act' in its epilogue; the forward's down kernel over dz.
+    TRITON = "triton"
+    # dO gathered into padded sorted order once (the weight gradients read it too), both GEMMs by torch's grouped
+    # GEMM (2-D x 3-D), act' as a row pass between them (triton_backward_library.data_grads). Implies the library
+    # weight gradients. Where the operands do not suit it, TRITON.
     GROUPED_MM = "grouped_mm"
 
 
@@ -75,6 +90,7 @@ class BackwardConfig:
     wgrad_m: int
     wgrad: KernelConfig
     wgrad_path: WGrad = WGrad.TRITON
+    dgrad_path: DGrad = DGrad.TRITON
 
     def __post_init__(self):
         if self.rows.combine is not triton_config.Combine.GATHER or self.rows.tma:
@@ -83,62 +99,33 @@ class BackwardConfig:
 
 
 def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> BackwardConfig:
-    """Untuned per shape: the forward's sorted-path defaults for its two kernels and the dz GEMM; 128 x 128
-    weight-gradient tiles reducing 64 rows a step, 8 warps — the best of probe_backward's sweep at Qwen3-30B-A3B
-    and Mixtral-8x7B, T = 32768 (whole backward 22.7 -> 18.7 ms and 211 -> 170 ms against 64 x 64 x 32, 4 warps;
-    benchmarks/NOTES.md "backward tiles")."""
+    """Untuned per shape: the weight gradients by torch's grouped GEMM where it takes the operands (WGrad
+    .GROUPED_MM: whole backward 18.8 -> 17.0 ms at Qwen3-30B-A3B and 168.8 -> 134.5 ms at Mixtral-8x7B, T = 32768,
+    H200), else the Triton kernel with 128 x 128 tiles reducing 64 rows a step, 8 warps — the best of
+    probe_backward's sweep at those shapes (benchmarks/NOTES.md "backward tiles"); dz and d hidden by the Triton
+    kernels with the forward's sorted-path defaults. DGrad.GROUPED_MM (dz and d hidden by the library too) measured
+    faster still at every benchmarked shape (NOTES "train step v1": op-level 1.0-1.1x Inductor) but is not the
+    default until its GPU tests at small shapes have run to the end (they timed out unexplained)."""
     rows = triton_config.default_sorted_config(dtype, E, k, T)
     return BackwardConfig(rows=rows, dz=rows.gate_up, wgrad_m=128,
-                          wgrad=KernelConfig(block_n=128, block_k=64, num_warps=8, num_stages=3))
-
-
-@triton.jit
-def _gated_act_backward(da, gate, up, alpha, limit, ACT: tl.constexpr):
-    """(d gate, d up, act(gate) * up) from d(act(gate) * up) and the pre-activation halves (fp32); the
-    derivatives of torch_activations.gated_backward_halves."""
-    if ACT == 0:  # SiLU
-        sig = tl.sigmoid(gate)
-        f = gate * sig
-        df = sig * (1.0 + gate * (1.0 - sig))
-        d_gate, d_up, a = da * up * df, da * f, f * up
-    elif ACT == 1:  # GELU (erf)
-        cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))
-        f = gate * cdf
-        df = cdf + gate * 0.3989422804014327 * tl.exp(-0.5 * gate * gate)
-        d_gate, d_up, a = da * up * df, da * f, f * up
-    elif ACT == 2:  # GELU (tanh)
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
-        f = 0.5 * gate * (1.0 + th)
-        df = 0.5 * (1.0 + th) + 0.5 * gate * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate)
-        d_gate, d_up, a = da * up * df, da * f, f * up
-    elif ACT == 3:  # ReLU (aten's threshold_backward: gradient where the output is > 0)
-        f = tl.maximum(gate, 0.0)
-        d_gate, d_up, a = tl.where(gate > 0.0, da * up, 0.0), da * f, f * up
-    else:  # GPT-OSS: clamps pass the gradient where the bound is not exceeded (bounds inclusive, as aten)
-        gate_c = tl.minimum(gate, limit)
-        up_c = tl.minimum(tl.maximum(up, -limit), limit)
-        sig = tl.sigmoid(gate_c * alpha)
-        glu = gate_c * sig
-        d_glu = sig + alpha * gate_c * sig * (1.0 - sig)
-        d_gate = tl.where(gate <= limit, da * (up_c + 1.0) * d_glu, 0.0)
-        d_up = tl.where((up >= -limit) & (up <= limit), da * glu, 0.0)
-        a = (up_c + 1.0) * glu
-    return d_gate, d_up, a
+                          wgrad=KernelConfig(block_n=128, block_k=64, num_warps=8, num_stages=3),
+                          wgrad_path=WGrad.GROUPED_MM)
 
 
 @triton.jit(do_not_specialize=["GROUP_M"])
 def _dz_kernel(
-    g_ptr, w_ptr, b_ptr, z_ptr, dz_ptr, ds_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
+    g_ptr, w_ptr, b_ptr, z_ptr, dz_ptr, act_ptr, ds_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
     num_padded_ptr,
     H, I, TOP_K, alpha, limit, GROUP_M,
-    stride_gm, stride_we, stride_wk, stride_wn, stride_be, stride_zm, stride_dsm,
+    stride_gm, stride_we, stride_wk, stride_wn, stride_be, stride_zm, stride_dzm, stride_am, stride_dsm,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STORE_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dz = act'(z) applied to s * (dO[t] @ W_down[e]) (the down GEMM's input gradient), and the router
     weight's partial gradients <dO[t] @ W_down[e], act(z)> per I block: a gather-GEMM like the forward's
-    gate_up, reducing over H, with W_down read as [H, I] per expert."""
+    gate_up, reducing over H, with W_down read as [H, I] per expert. z is read at each pair's row; with
+    STORE_ACT the act(z) it computes is stored at the sorted slot (the weight gradient's operand)."""
     num_pid_n = tl.cdiv(I, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
@@ -170,14 +157,16 @@ def _dz_kernel(
             gate_cols, up_cols = 2 * n_out, 2 * n_out + 1
         else:
             gate_cols, up_cols = n_out, I + n_out
-        z_rows = z_ptr + slots[:, None] * stride_zm
+        z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_zm
         gate = tl.load(z_rows + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
         up = tl.load(z_rows + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-        d_gate, d_up, a = _gated_act_backward(acc * s[:, None], gate, up, alpha, limit, ACT)
-        dz_rows = dz_ptr + slots[:, None] * stride_zm
+        d_gate, d_up, a = gated_act_backward(acc * s[:, None], gate, up, alpha, limit, ACT)
+        dz_rows = dz_ptr + slots[:, None] * stride_dzm
         tl.store(dz_rows + gate_cols[None, :], d_gate.to(dz_ptr.dtype.element_ty), mask=mask)
         tl.store(dz_rows + up_cols[None, :], d_up.to(dz_ptr.dtype.element_ty), mask=mask)
+        if STORE_ACT:
+            tl.store(act_ptr + slots[:, None] * stride_am + n_out[None, :], a.to(act_ptr.dtype.element_ty), mask=mask)
         part = tl.sum(tl.where(mask, acc * a, 0.0), axis=1)
         if HAS_BIAS:
             part += tl.where(pid_n == 0, bias_dot, 0.0)
@@ -233,86 +222,6 @@ def _wgrad_kernel(
             tl.store(db_ptr + e64 * stride_dbe + n1, bacc.to(db_ptr.dtype.element_ty), mask=n1 < N1)
 
 
-@triton.jit
-def _sorted_rows_kernel(src_ptr, dst_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
-                        N, TOP_K, stride_src, stride_dst,
-                        GATHER: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dst [S_pad, N] in padded sorted order for a library GEMM reducing over its rows: with GATHER, each real
-    slot's row is src's row of its token (times the pair's router weight with SCALE) and each padding slot's is 0;
-    without, only dst's padding slots are set to 0 (rows a kernel left unwritten: whatever memory held)."""
-    r = tl.program_id(0)
-    if r < tl.load(num_padded_ptr):
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = n < N
-        end = tl.load(seg_end_ptr + tl.load(block_expert_ptr + r // BLOCK_M))  # of the slot's expert's real rows
-        real = tl.full([BLOCK_N], r, tl.int32) < end  # (as a vector: the interpreter takes no scalar masks)
-        dst = dst_ptr + r.to(tl.int64) * stride_dst + n
-        if GATHER:
-            pair = tl.where(r < end, tl.load(sorted_rows_ptr + r), 0).to(tl.int64)  # a padding slot's: unwritten
-            row = tl.load(src_ptr + (pair // TOP_K) * stride_src + n, mask=ok & real, other=0.0)
-            if SCALE:
-                s = tl.load(topk_w_ptr + pair).to(tl.float32)
-                row = (row.to(tl.float32) * s).to(dst_ptr.dtype.element_ty)
-            tl.store(dst, row, mask=ok)
-        else:
-            tl.store(dst, tl.zeros([BLOCK_N], dtype=dst_ptr.dtype.element_ty), mask=ok & ~real)
-
-
-def _sorted_rows(src, rows: AlignedRows, weights, k: int, block_m: int, *, scale: bool = False):
-    """A gathered copy of src's token rows in padded sorted order, padding rows 0 (x the router weight: scale)."""
-    return _launch_sorted_rows(src, src.new_empty(rows.sorted_rows.numel(), src.shape[1]), rows, weights, k,
-                               block_m, gather=True, scale=scale)
-
-
-def _zero_padding_rows(t, rows: AlignedRows, block_m: int):
-    """t [S_pad, N] (a kernel's output in padded sorted order) with its unwritten padding rows set to 0, in place."""
-    return _launch_sorted_rows(t, t, rows, t, 1, block_m, gather=False, scale=False)
-
-
-def _launch_sorted_rows(src, dst, rows: AlignedRows, weights, k: int, block_m: int, gather: bool, scale: bool):
-    N = dst.shape[1]
-    block_n = min(1024, triton.next_power_of_2(max(N, 16)))
-    launch.kernel(_sorted_rows_kernel)[(rows.sorted_rows.numel(), triton.cdiv(N, block_n))](
-        src, dst, weights, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
-        N, k, src.stride(0), dst.stride(0),
-        GATHER=gather, SCALE=scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-    )
-    return dst
-
-
-def library_wgrad_runs(*tensors: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes these operands as the weight gradients' 2-D x 2-D GEMMs: on CUDA bf16 on
-    sm90+ (elsewhere torch loops with host syncs), on the CPU any dtype (the tests); rows 16-byte aligned."""
-    t0 = tensors[0]
-    if t0.device.type == "cuda" and not (t0.dtype == torch.bfloat16 and device.sm90_or_newer(device.index(t0))):
-        return False
-    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
-
-
-def _library_wgrads(grad_out, hidden, act, dz, weights, rows: AlignedRows, k: int, config: BackwardConfig,
-                    transposed: bool, biases: bool):
-    """(d_w_down, d_w_gate_up, d_b_down, d_b_gate_up) by torch._grouped_mm over rows in padded sorted order.
-    Each expert's segment is taken with its padding (offs = seg_end rounded up to block_m), so every padding row
-    must be 0 in at least one operand and finite in both: the gathered copies write 0 there, act's and dz's
-    unwritten padding rows are zeroed in place."""
-    bm = config.rows.block_m
-    offs = ((rows.seg_end + (bm - 1)) // bm * bm).to(torch.int32)
-    scaled_do = _sorted_rows(grad_out, rows, weights, k, bm, scale=True)  # [S_pad, H]: s * dO[t]
-    x_rows = _sorted_rows(hidden, rows, weights, k, bm)  # [S_pad, H]
-    act, dz = _zero_padding_rows(act, rows, bm), _zero_padding_rows(dz, rows, bm)
-
-    def outer(a, b):  # [E, A, B] = sum over each expert's rows of a_r (x) b_r
-        return torch._grouped_mm(a.t(), b, offs=offs)
-
-    d_w_down = outer(act, scaled_do) if transposed else outer(scaled_do, act)
-    d_w_gate_up = outer(x_rows, dz) if transposed else outer(dz, x_rows)
-    d_b_down = d_b_gate_up = None
-    if biases:  # the per-expert sums of the same left operands, as one more grouped GEMM against a ones row
-        ones = scaled_do.new_ones(scaled_do.shape[0], 8)  # 8: the 16-byte minimum width
-        d_b_down, d_b_gate_up = outer(ones, scaled_do)[:, 0].contiguous(), outer(ones, dz)[:, 0].contiguous()
-    return d_w_down, d_w_gate_up, d_b_down, d_b_gate_up
-
-
 def launch_wgrad(left, right, out, d_bias, weights, rows: AlignedRows, k: int, config: BackwardConfig, *,
                  left_gather: bool, left_scale: bool, right_gather: bool, out_strides: tuple[int, int, int]):
     N1, N2 = left.shape[1], right.shape[1]
@@ -331,29 +240,34 @@ def launch_wgrad(left, right, out, d_bias, weights, rows: AlignedRows, k: int, c
 
 
 def launch_dz(grad_out, rows: AlignedRows, w_down, b_down, z, dz, ds_part, weights, spec: ExpertsSpec,
-              config: BackwardConfig, k: int):
+              config: BackwardConfig, k: int, act=None):
+    """dz [S_pad, 2I] and ds_part from grad_out and z [S, 2I]; with `act` [S_pad, I], act(z) stored there too."""
     H, I = grad_out.shape[1], dz.shape[1] // 2
     c = config.dz
     grid = (rows.max_blocks * triton.cdiv(I, c.block_n),)
     stride_e, stride_h, stride_i = logical_strides(w_down, spec.transposed)
     launch.kernel(_dz_kernel)[grid](
-        grad_out, w_down, b_down if b_down is not None else w_down, z, dz, ds_part, weights,
+        grad_out, w_down, b_down if b_down is not None else w_down, z, dz, act if act is not None else dz, ds_part,
+        weights,
         rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.rows.group_m,
         grad_out.stride(0), stride_e, stride_h, stride_i, b_down.stride(0) if b_down is not None else 0,
-        z.stride(0), ds_part.stride(0),
+        z.stride(0), dz.stride(0), act.stride(0) if act is not None else 0, ds_part.stride(0),
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
-        HAS_BIAS=b_down is not None, EVEN_K=H % c.block_k == 0, DOT_PRECISION=dot_precision(grad_out.dtype),
+        HAS_BIAS=b_down is not None, EVEN_K=H % c.block_k == 0, STORE_ACT=act is not None,
+        DOT_PRECISION=dot_precision(grad_out.dtype),
         BLOCK_M=config.rows.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
 
 
 def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
-                     spec: ExpertsSpec, config: BackwardConfig | None = None, weight_grads: bool = True):
+                     spec: ExpertsSpec, config: BackwardConfig | None = None, weight_grads: bool = True, z=None):
     """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down), absent biases -> None, the
     weights' and biases' None without weight_grads (their two kernels not launched); the contract of
-    torch_experts.experts_backward. T > 0, k > 0, not spec.scale_input; sizes checked by the op."""
+    torch_experts.experts_backward. `z` [T*k, 2I]: the pre-activation rows a training forward saved
+    (triton_experts.experts_forward's z), else None: recomputed. T > 0, k > 0, not spec.scale_input; sizes
+    checked by the op."""
     if spec.scale_input:
         raise ValueError("moe_compiler: the Triton backward does not cover scale_input; use the torch backward")
     T, H = hidden.shape
@@ -370,12 +284,24 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     weights = weights if weights.stride(0) == 1 else weights.contiguous()
     S_pad = rows.sorted_rows.numel()
 
-    act, z = hidden.new_empty(S_pad, I), hidden.new_empty(S_pad, 2 * I)
-    launch_gate_up(hidden, rows, w_gate_up, b_gate_up, spec, config.rows, k, act, weights, z=z)
+    saved = z is not None
+    if saved and (z.shape != (T * k, 2 * I) or z.dtype != hidden.dtype or z.stride(1) != 1):
+        raise ValueError(f"moe_compiler: saved z: expected [{T * k}, {2 * I}] {hidden.dtype} with unit column "
+                         f"stride, got {list(z.shape)} {z.dtype} strides {z.stride()}")
+    library = GroupedMM.takes(hidden, (H, I, 2 * I), (w_gate_up, w_down))
+    act = None
+    if not saved:
+        z, act = hidden.new_empty(T * k, 2 * I), hidden.new_empty(S_pad, I)
+        launch_gate_up(hidden, rows, w_gate_up, b_gate_up, spec, config.rows, k, act, weights, z=z)
+    if config.dgrad_path is DGrad.GROUPED_MM and library:
+        return _library_backward(grad_out, hidden, z, rows, w_gate_up, w_down, b_gate_up, b_down, weights, spec,
+                                 config, k, weight_grads, topk_weights.dtype)
+    if act is None:
+        act = hidden.new_empty(S_pad, I)
 
-    dz = torch.empty_like(z)
+    dz = hidden.new_empty(S_pad, 2 * I)
     ds_part = hidden.new_empty(S_pad, triton.cdiv(I, config.dz.block_n), dtype=torch.float32)
-    launch_dz(grad_out, rows, w_down, b_down, z, dz, ds_part, weights, spec, config, k)
+    launch_dz(grad_out, rows, w_down, b_down, z, dz, ds_part, weights, spec, config, k, act=act if saved else None)
     pos = rows.pos.long()
     # a sentinel pair (pos -1) has no row: its weight gets no gradient
     d_weights = torch.where(pos >= 0, ds_part[pos.clamp(min=0)].sum(-1), 0.0).view(T, k)
@@ -390,12 +316,15 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
 
     if not weight_grads:
         return d_hidden, d_weights.to(topk_weights.dtype), None, None, None, None
-    if config.wgrad_path is WGrad.GROUPED_MM and library_wgrad_runs(hidden, act, dz):
-        d_w_down, d_w_gate_up, d_b_down, d_b_gate_up = _library_wgrads(
-            grad_out, hidden, act, dz, weights, rows, k, config, spec.transposed, b_down is not None)
-        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
-        return (d_hidden, d_weights.to(topk_weights.dtype), d_w_gate_up.to(w_gate_up.dtype), d_w_down.to(w_down.dtype),
-                cast(d_b_gate_up, b_gate_up), cast(d_b_down, b_down))
+    if config.wgrad_path is WGrad.GROUPED_MM and library:
+        lib = triton_backward_library
+        bm = config.rows.block_m
+        scaled_do = gathered(grad_out, rows, weights, k, bm, scale=True)  # [S_pad, H]: s * dO[t]
+        x_rows = gathered(hidden, rows, weights, k, bm)
+        act, dz = zero_padding_rows(act, rows, bm), zero_padding_rows(dz, rows, bm)
+        ones = scaled_do.new_ones(scaled_do.shape[0], 8) if b_down is not None else None
+        grads = lib.weight_grads(scaled_do, act, dz, x_rows, lib.segments(rows, bm), spec.transposed, ones)
+        return (d_hidden, d_weights.to(topk_weights.dtype), *_cast(grads, w_gate_up, w_down, b_gate_up, b_down))
     d_w_down = torch.empty_like(w_down)
     d_b_down = torch.empty_like(b_down) if b_down is not None else None
     launch_wgrad(grad_out, act, d_w_down, d_b_down, weights, rows, k, config, left_gather=True, left_scale=True,
@@ -405,3 +334,21 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     launch_wgrad(dz, hidden, d_w_gate_up, d_b_gate_up, weights, rows, k, config, left_gather=False,
                  left_scale=False, right_gather=True, out_strides=logical_strides(d_w_gate_up, spec.transposed))
     return d_hidden, d_weights.to(topk_weights.dtype), d_w_gate_up, d_w_down, d_b_gate_up, d_b_down
+
+
+def _cast(grads, *like):
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
+
+
+def _library_backward(grad_out, hidden, z, rows: AlignedRows, w_gate_up, w_down, b_gate_up, b_down, weights,
+                      spec: ExpertsSpec, config: BackwardConfig, k: int, weight_grads: bool, weights_dtype):
+    """DGrad.GROUPED_MM: every GEMM of the backward by torch's grouped GEMM over gathered rows."""
+    lib = triton_backward_library
+    bm = config.rows.block_m
+    d_hidden, d_weights, G, act_s, dz, seg, bias_weights = lib.data_grads(
+        grad_out, z, rows, w_gate_up, w_down, b_down, weights, spec, k, bm)
+    if not weight_grads:
+        return d_hidden, d_weights.to(weights_dtype), None, None, None, None
+    x_rows = gathered(hidden, rows, weights, k, bm)
+    grads = lib.weight_grads(G, act_s, dz, x_rows, seg, spec.transposed, bias_weights)
+    return (d_hidden, d_weights.to(weights_dtype), *_cast(grads, w_gate_up, w_down, b_gate_up, b_down))

@@ -104,9 +104,10 @@ def _gate_up_kernel(
                 acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + expert * stride_be + cols).to(tl.float32)[None, :]
-            if STORE_Z:  # the backward's pre-activation rows, in w_gate_up's row order
+            if STORE_Z:  # the backward's pre-activation rows, in w_gate_up's row order, at each pair's row
                 z_cols = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
-                tl.store(z_ptr + slots[:, None] * stride_zm + z_cols[None, :], acc.to(z_ptr.dtype.element_ty),
+                z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_zm
+                tl.store(z_rows + z_cols[None, :], acc.to(z_ptr.dtype.element_ty),
                          mask=valid[:, None] & (z_cols < 2 * I)[None, :])
             gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         else:
@@ -145,7 +146,7 @@ def _gate_up_kernel(
             if STORE_Z:
                 z_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                 z_mask = valid[:, None] & (z_n < I)[None, :]
-                z_ptrs = z_ptr + slots[:, None] * stride_zm + z_n[None, :]
+                z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + z_n[None, :]
                 tl.store(z_ptrs, gate.to(z_ptr.dtype.element_ty), mask=z_mask)
                 tl.store(z_ptrs + I, up.to(z_ptr.dtype.element_ty), mask=z_mask)
         out = gated_act(gate, up, alpha, limit, ACT)
@@ -264,8 +265,10 @@ def _weight_desc(w, rows: int, block_k: int, use: bool):
 def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: ExpertsSpec, config: SortedConfig, k: int,
                    act, weights=None, z=None):
     """act[slot] = act(gate) * up of the pair at each sorted slot (padding slots untouched); with
-    spec.scale_input the pair's router weight (`weights` [S]) scales its row first. With `z` [S_pad, 2I] (the
-    backward's recompute) the pre-activation rows (bias added) are stored there too, in w_gate_up's row order."""
+    spec.scale_input the pair's router weight (`weights` [S]) scales its row first. With `z` [S, 2I] (a training
+    forward, or the backward's recompute) each pair's pre-activation row (bias added) is stored there too, at the
+    pair's index t*k + j (not its sorted slot: the backward may align with another block_m), in w_gate_up's row
+    order; a sentinel pair's row is not written."""
     H, I = hidden.shape[1], act.shape[1]
     gu = config.gate_up
     interleaved = spec.gate_up is GateUpLayout.INTERLEAVED
@@ -326,8 +329,9 @@ def launch_combine(y, rows: AlignedRows, k: int, out, weights=None, ids=None, b_
 
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
-                    config: SortedConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops/checks.py; T > 0."""
+                    config: SortedConfig, z=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, H], ids_ok [1] int32); with `z` [T*k, 2I] the pre-activation rows are saved there for the
+    backward (launch_gate_up). Sizes and layouts were checked by ops/checks.py; T > 0."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     I = spec.intermediate(w_down)
@@ -338,7 +342,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     if weights.stride(0) != 1:
         weights = weights.contiguous()
     act = hidden.new_empty(rows.sorted_rows.numel(), I)
-    launch_gate_up(hidden, rows, w_gate_up, b_gate_up, spec, config, k, act, weights)
+    launch_gate_up(hidden, rows, w_gate_up, b_gate_up, spec, config, k, act, weights, z=z)
     if config.combine is Combine.ATOMIC:
         y = hidden.new_zeros(T, H, dtype=torch.float32)
         launch_down(act, rows, w_down, b_down, weights, spec, config, k, y)

@@ -19,6 +19,7 @@ Data contract (S = T * k pairs; the GEMMs see rows sorted by expert, segment e =
     xs   [S, H]   xs[r] = hidden[sorted_rows[r] // k]         (x its router weight under spec.scale_input)
     h    [S, 2I]  grouped GEMM (library)                     rows past the live pairs: never written nor read
     a    [S, I]   act(gate + b) * (up + b), fp32 math        (gate / up concatenated or interleaved)
+    z    [S, 2I]  optional (a training forward): h + b at each pair's row t*k + j, what the backward reads
     y    [S, H]   grouped GEMM (library)
     out  [T, H]   sum_j w[t, j] * (y[pos[t k + j]] + b_down[e]), fp32, slot order: deterministic
 
@@ -40,28 +41,16 @@ import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout
 from . import launch
-from .torch_segment_mm import Segments
+from .torch_segment_mm import Segments, project
 from .triton_act import ACT_CODE, gated_act
-from .triton_align import align_rows
+from .triton_align import align_rows, gathered, row_block
 from .triton_experts import launch_combine
 
 
 @triton.jit
-def _gather_kernel(x_ptr, xs_ptr, w_ptr, sorted_rows_ptr, num_live_ptr, H, stride_xm, stride_sm,
-                   TOP_K: tl.constexpr, SCALE_INPUT: tl.constexpr, BLOCK_H: tl.constexpr):
-    r = tl.program_id(0)
-    if r < tl.load(num_live_ptr):
-        pair = tl.load(sorted_rows_ptr + r).to(tl.int64)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        row = tl.load(x_ptr + (pair // TOP_K) * stride_xm + h, mask=h < H)
-        if SCALE_INPUT:  # Llama-4: the router weight scales the expert's input, in fp32
-            row = (row.to(tl.float32) * tl.load(w_ptr + pair).to(tl.float32)).to(xs_ptr.dtype.element_ty)
-        tl.store(xs_ptr + r.to(tl.int64) * stride_sm + h, row, mask=h < H)
-
-
-@triton.jit
-def _act_kernel(h_ptr, a_ptr, b_ptr, expert_ptr, num_live_ptr, I, stride_hm, stride_am, stride_be, alpha, limit,
-                ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _act_kernel(h_ptr, a_ptr, b_ptr, z_ptr, expert_ptr, sorted_rows_ptr, num_live_ptr, I, stride_hm, stride_am,
+                stride_be, stride_zm, alpha, limit, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     if r < tl.load(num_live_ptr):
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -76,22 +65,19 @@ def _act_kernel(h_ptr, a_ptr, b_ptr, expert_ptr, num_live_ptr, I, stride_hm, str
             b = b_ptr + tl.load(expert_ptr + r).to(tl.int64) * stride_be
             gate += tl.load(b + g_col, mask=ok, other=0.0).to(tl.float32)
             up += tl.load(b + u_col, mask=ok, other=0.0).to(tl.float32)
+        if STORE_Z:  # the pre-activation row, bias added, at the pair's row (triton_experts' z contract)
+            z = z_ptr + tl.load(sorted_rows_ptr + r).to(tl.int64) * stride_zm
+            tl.store(z + g_col, gate.to(z_ptr.dtype.element_ty), mask=ok)
+            tl.store(z + u_col, up.to(z_ptr.dtype.element_ty), mask=ok)
         a = gated_act(gate, up, alpha, limit, ACT)
         tl.store(a_ptr + r.to(tl.int64) * stride_am + c, a.to(a_ptr.dtype.element_ty), mask=ok)
 
 
-def _block(n: int) -> int:
-    return min(1024, triton.next_power_of_2(max(n, 16)))
-
-
-def _proj(mm, x, w, seg, transposed):
-    return mm.mm_nn(x, w, seg) if transposed else mm.mm(x, w, seg)
-
-
 def experts_forward(mm, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
-                    spec: ExpertsSpec) -> torch.Tensor:
+                    spec: ExpertsSpec, z=None) -> torch.Tensor:
     """out [T, H] through the segment-matmul class `mm` (GroupedMM, a CutlassMM: their `mm` / `mm_nn` read only
-    the segments' `offs`). T, k > 0; ids out of [0, E] fail align's device-side assert."""
+    the segments' `offs`); with `z` [T*k, 2I], each live pair's pre-activation row stored there too (a sentinel
+    pair's is not written). T, k > 0; ids out of [0, E] fail align's device-side assert."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     E, I, S = w_gate_up.shape[0], spec.intermediate(w_down), T * k
@@ -101,21 +87,17 @@ def experts_forward(mm, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gat
         hidden = hidden.contiguous()
     weights = topk_weights.reshape(-1).contiguous()
 
-    xs = hidden.new_empty(S, H)
-    launch.kernel(_gather_kernel)[(S, triton.cdiv(H, _block(H)))](
-        hidden, xs, weights, rows.sorted_rows, rows.num_padded, H, hidden.stride(0), xs.stride(0),
-        TOP_K=k, SCALE_INPUT=spec.scale_input, BLOCK_H=_block(H), num_warps=4,
-    )
-    h = _proj(mm, xs, w_gate_up, seg, spec.transposed)
+    xs = gathered(hidden, rows, weights, k, 1, scale=spec.scale_input, out=hidden.new_empty(S, H))
+    h = project(mm, xs, w_gate_up, seg, spec.transposed)
     a = hidden.new_empty(S, I)
-    launch.kernel(_act_kernel)[(S, triton.cdiv(I, _block(I)))](
-        h, a, b_gate_up if b_gate_up is not None else h, rows.block_expert, rows.num_padded, I, h.stride(0),
-        a.stride(0), b_gate_up.stride(0) if b_gate_up is not None else 0,
-        float(spec.swiglu_alpha), float(spec.swiglu_limit),
+    launch.kernel(_act_kernel)[(S, triton.cdiv(I, row_block(I)))](
+        h, a, b_gate_up if b_gate_up is not None else h, z if z is not None else h, rows.block_expert,
+        rows.sorted_rows, rows.num_padded, I, h.stride(0), a.stride(0), b_gate_up.stride(0) if b_gate_up is not None
+        else 0, z.stride(0) if z is not None else 0, float(spec.swiglu_alpha), float(spec.swiglu_limit),
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
-        HAS_BIAS=b_gate_up is not None, BLOCK=_block(I), num_warps=4,
+        HAS_BIAS=b_gate_up is not None, STORE_Z=z is not None, BLOCK=row_block(I), num_warps=4,
     )
-    y = _proj(mm, a, w_down, seg, spec.transposed)
+    y = project(mm, a, w_down, seg, spec.transposed)
     out = hidden.new_empty(T, H)
     launch_combine(y, rows, k, out, weights=None if spec.scale_input else weights,
                    ids=topk_ids.reshape(-1).contiguous(), b_down=b_down)

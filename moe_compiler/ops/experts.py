@@ -10,6 +10,13 @@ both opaque and the profiler shows `moe_compiler::experts` / `moe_compiler::expe
     out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])          (spec.ExpertsSpec)
            [+ s[t] * shared MLP(hidden[t])]                                          (spec.SharedMLP)
 
+    experts_train(<the same arguments>) -> (out [T, H], z)
+
+The same function for a graph that will run the backward (passes/training.py emits it there): it also returns
+the pre-activation rows z [T*k, 2I] (bias added, pair order t*k + j) that the Triton backward reads instead of
+recomputing them — or an empty [0, 2I] where that backward does not run (dispatch.saved_z_shape). z is saved
+for the backward and is not differentiable.
+
 Weights are the model's own parameters, read in place on every call. The implementations are in lowering/
 (dispatch.py picks one per call).
 """
@@ -75,6 +82,27 @@ def _inlinable(*tensors, **spec) -> bool:
 inline.register(experts, _inlinable, lambda *tensors, **spec: forward(*bind(tensors, spec)))
 
 
+@torch.library.custom_op(
+    "moe_compiler::experts_train", mutates_args=(), schema=schema(ExpertsTensors, ExpertsSpec, "(Tensor, Tensor)")
+)
+def experts_train(*tensors, **spec) -> tuple[Tensor, Tensor]:
+    """(out [T, H], z [T*k, 2I] or [0, 2I]); see the module docstring."""
+    t, spec, shared = bind(tensors, spec)
+    shape = dispatch.saved_z_shape(t.hidden, t.topk_ids, t.w_down, spec)
+    if not shape[0]:  # nothing to save (the torch backward, or no pairs)
+        return forward(t, spec, shared), t.hidden.new_empty(shape)
+    return dispatch.experts_forward_saving_z(
+        t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down, t.b_gate_up, t.b_down, spec, shared
+    )
+
+
+@experts_train.register_fake
+def _(*tensors, **spec):
+    t, spec, _ = bind(tensors, spec)
+    z_shape = dispatch.saved_z_shape(t.hidden, t.topk_ids, t.w_down, spec)
+    return t.hidden.new_empty(t.hidden.shape), t.hidden.new_empty(z_shape)
+
+
 # Positions of the weights and biases among ExpertsTensors (routed and shared): their gradients come together.
 _WEIGHTS = frozenset(
     i for i, name in enumerate(ExpertsTensors._fields) if name not in ("hidden", "topk_ids", "topk_weights")
@@ -84,16 +112,18 @@ _WEIGHTS = frozenset(
 @torch.library.custom_op(
     "moe_compiler::experts_backward",
     mutates_args=(),
-    schema=schema(ExpertsTensors, ExpertsSpec, _GRADS, leading=("Tensor grad_out", "bool weight_grads")),
+    schema=schema(ExpertsTensors, ExpertsSpec, _GRADS,
+                  leading=("Tensor grad_out", "bool weight_grads", "Tensor? saved_z")),
 )
-def experts_backward(grad_out: Tensor, weight_grads: bool, *tensors, **spec) -> tuple[Tensor, ...]:
+def experts_backward(grad_out: Tensor, weight_grads: bool, saved_z: Tensor | None, *tensors,
+                     **spec) -> tuple[Tensor, ...]:
     """One gradient per ExpertsTensors field, in order; an empty [0] tensor where there is none (the integer
     ids, an absent tensor, and every weight and bias without weight_grads: frozen experts are not paid for).
-    The routed and the shared term's gradients w.r.t. hidden are summed."""
+    The routed and the shared term's gradients w.r.t. hidden are summed. saved_z: experts_train's z, or None."""
     t, spec, shared = bind(tensors, spec)
     routed = dispatch.experts_backward(
         grad_out, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down, t.b_gate_up, t.b_down, spec,
-        weight_grads=weight_grads,
+        weight_grads=weight_grads, z=saved_z,
     )
     d_hidden, d_weights, d_gu, d_down, d_bgu, d_bdown = routed
     d_shared = (None,) * 4
@@ -110,7 +140,7 @@ def experts_backward(grad_out: Tensor, weight_grads: bool, *tensors, **spec) -> 
 
 
 @experts_backward.register_fake
-def _(grad_out, weight_grads, *tensors, **spec):
+def _(grad_out, weight_grads, saved_z, *tensors, **spec):
     t, _, _ = bind(tensors, spec)
     return tuple(
         t.hidden.new_empty(0) if x is None or not x.is_floating_point() or (i in _WEIGHTS and not weight_grads)
@@ -120,15 +150,20 @@ def _(grad_out, weight_grads, *tensors, **spec):
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    ctx.save_for_backward(*inputs)
+    """experts' output is out; experts_train's is (out, z), z saved beside the inputs (None for experts)."""
+    z = output[1] if isinstance(output, tuple) else None
+    if z is not None:
+        ctx.mark_non_differentiable(z)
+    ctx.save_for_backward(*inputs, z)
     ctx.spec = keyword_only_inputs
 
 
-def _backward(ctx, grad_out):
-    tensors = ctx.saved_tensors
+def _backward(ctx, grad_out, *_):
+    *tensors, z = ctx.saved_tensors
+    z = z if z is not None and z.numel() else None  # [0, 2I]: nothing was saved (dispatch.saved_z_shape)
     needs = ctx.needs_input_grad  # positional inputs up to the last one given
     weight_grads = any(i < len(needs) and needs[i] for i in _WEIGHTS)
-    grads = torch.ops.moe_compiler.experts_backward(grad_out.contiguous(), weight_grads, *tensors, **ctx.spec)
+    grads = torch.ops.moe_compiler.experts_backward(grad_out.contiguous(), weight_grads, z, *tensors, **ctx.spec)
     # None for the integer ids, absent tensors and the frozen weights (autograd wants no gradient there).
     return tuple(
         None if x is None or not x.is_floating_point() or (i in _WEIGHTS and not weight_grads) else g
@@ -137,7 +172,9 @@ def _backward(ctx, grad_out):
 
 
 experts.register_autograd(_backward, setup_context=_setup_context)
+experts_train.register_autograd(_backward, setup_context=_setup_context)
 SIGNATURES[torch.ops.moe_compiler.experts.default] = (ExpertsTensors, ExpertsSpec)
+SIGNATURES[torch.ops.moe_compiler.experts_train.default] = (ExpertsTensors, ExpertsSpec)
 
 
 def moe_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None,

@@ -35,6 +35,20 @@ def experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_
     return out
 
 
+def pre_activations(hidden, topk_ids, w_gate_up, b_gate_up=None, spec=ExpertsSpec()):
+    """z [T*k, 2I] in float64: each pair's gate_up output (bias added) at row t*k + j, in w_gate_up's row order;
+    a sentinel pair's row (e = E) is NaN. What experts_train saves for the backward."""
+    T, k = topk_ids.shape
+    E = w_gate_up.shape[0]
+    ids = topk_ids.reshape(-1).long()
+    w = w_gate_up.double()[ids.clamp(max=E - 1)]  # [S, 2I, H] (or [S, H, 2I] transposed)
+    x = hidden.double().repeat_interleave(k, dim=0)
+    z = torch.einsum("sh,shn->sn", x, w) if spec.transposed else torch.einsum("sh,snh->sn", x, w)
+    if b_gate_up is not None:
+        z = z + b_gate_up.double()[ids.clamp(max=E - 1)]
+    return torch.where((ids < E)[:, None], z, float("nan"))
+
+
 def experts_inputs(T, H, I, E, k, dtype, spec=ExpertsSpec(), bias=False, seed=0):
     """Random (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down) on the CPU: distinct experts
     per token, weights scaled by fan_in^-1/2 so outputs are O(1), biases only if asked."""

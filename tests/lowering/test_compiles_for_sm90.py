@@ -108,12 +108,15 @@ for dtype in (torch.bfloat16, torch.float32):
         h, ids, w, w1, w2, b1, b2 = experts_inputs(5, 64, 32, 8, 2, dtype, spec, bias=bias, seed=0)
         triton_backward.experts_backward(torch.randn(5, 64, dtype=dtype), h, ids, w, w1, w2, b1, b2, spec, BACKWARD)
 # The library weight gradients: torch's grouped GEMM is not Triton (shapes only; the offsets were never computed).
-torch._grouped_mm = lambda a, b, offs=None: a.new_empty(offs.numel(), a.shape[0], b.shape[1])
+torch._grouped_mm = lambda a, b, offs=None: (a.new_empty(offs.numel(), a.shape[0], b.shape[1]) if b.dim() == 2
+                                             else a.new_empty(a.shape[0], b.shape[-1]))
 LIBRARY = dataclasses.replace(BACKWARD, wgrad_path=triton_backward.WGrad.GROUPED_MM)
-for spec in SPECS[:2]:
-    bias = spec.activation is Activation.GPT_OSS_SWIGLU
-    h, ids, w, w1, w2, b1, b2 = experts_inputs(5, 64, 32, 8, 2, torch.bfloat16, spec, bias=bias, seed=0)
-    triton_backward.experts_backward(torch.randn(5, 64, dtype=torch.bfloat16), h, ids, w, w1, w2, b1, b2, spec, LIBRARY)
+for config in (LIBRARY, dataclasses.replace(LIBRARY, dgrad_path=triton_backward.DGrad.GROUPED_MM)):
+    for spec in SPECS[:2]:
+        bias = spec.activation is Activation.GPT_OSS_SWIGLU
+        h, ids, w, w1, w2, b1, b2 = experts_inputs(5, 64, 32, 8, 2, torch.bfloat16, spec, bias=bias, seed=0)
+        triton_backward.experts_backward(torch.randn(5, 64, dtype=torch.bfloat16), h, ids, w, w1, w2, b1, b2, spec,
+                                         config)
 for spec in (RouterSpec(top_k=2), RouterSpec(top_k=4, scoring=Scoring.SIGMOID, n_group=4, topk_group=2),
              RouterSpec(top_k=2, order=RouteOrder.SPARSEMIXER, jitter_eps=0.01)):
     for dtype in (torch.bfloat16, torch.float32):
@@ -163,5 +166,6 @@ def test_every_launched_kernel_compiles_for_sm90():
                    "_route_kernel", "_sparsemixer_kernel", "_dz_kernel", "_wgrad_kernel",
                    "_route_backward_kernel", "_gate_up_q_kernel", "_down_q_kernel", "_linear_fp8_kernel",
                    "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel", "_quantize_rows_kernel",
-                   "_act_rows_kernel", "_gather_kernel", "_act_kernel", "_sorted_rows_kernel"):
+                   "_act_rows_kernel", "_act_kernel", "_sorted_rows_kernel",
+                   "_act_backward_rows_kernel"):
         assert kernel in names, line

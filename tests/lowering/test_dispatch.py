@@ -44,17 +44,19 @@ def test_decode_kernels_take_only_small_shared_mlps():
     assert not dispatch._shared_in_kernel(mlp(7168, 2048))
 
 
-def test_triton_backward_on_request_equals_the_torch_backward(monkeypatch):
-    """MOE_COMPILER_BACKWARD=triton routes the experts backward to triton_backward.py (on the GPU, or interpreted
-    on the CPU with uses_triton forced); its gradients equal the torch backward's. A bad value is a clear error."""
+def test_triton_backward_by_default_equals_the_torch_backward(monkeypatch):
+    """Where the Triton kernels run (the GPU, or interpreted on the CPU with uses_triton forced) the experts
+    backward is triton_backward.py unless MOE_COMPILER_BACKWARD=torch; its gradients equal the torch backward's.
+    A bad value is a clear error."""
     pytest.importorskip("triton")
     spec = ExpertsSpec()
     _, (hidden, ids, weights, w1, w2, _, _) = device_inputs(7, 32, 16, 4, 2, torch.float32, spec, seed=2)
     grad_out = torch.randn(7, 32, device=DEVICE)
     args = (grad_out, hidden, ids, weights, w1, w2, None, None, spec)
+    monkeypatch.setenv(dispatch.BACKWARD_ENV, "torch")
     want = dispatch.experts_backward(*args)
     monkeypatch.setattr(device, "uses_triton", lambda t: True)
-    monkeypatch.setenv(dispatch.BACKWARD_ENV, "triton")
+    monkeypatch.delenv(dispatch.BACKWARD_ENV)
     calls = []
     from moe_compiler.lowering import triton_backward
 
@@ -76,7 +78,7 @@ def test_triton_backward_on_request_equals_the_torch_backward(monkeypatch):
     got_r = dispatch.route_backward(torch.randn(5, 2, device=DEVICE), logits, ids_r, spec_r)
     assert route_calls == [1] and got_r.shape == (5, 8)
     monkeypatch.setenv(dispatch.BACKWARD_ENV, "cutlass")
-    with pytest.raises(ValueError, match="expected 'torch' .* or 'triton'"):
+    with pytest.raises(ValueError, match="expected 'triton' .* or 'torch'"):
         dispatch.experts_backward(*args)
 
 
@@ -91,7 +93,8 @@ def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
     grouped = triton_config.GroupedMMConfig()
     ran = []
     real = triton_grouped.experts_forward
-    monkeypatch.setattr(triton_grouped, "experts_forward", lambda impl, *a: ran.append(impl) or real(impl, *a))
+    monkeypatch.setattr(triton_grouped, "experts_forward",
+                        lambda impl, *a, **kw: ran.append(impl) or real(impl, *a, **kw))
     inputs, dev = device_inputs(9, 16, 8, 4, 2, LIBRARY_DTYPE, spec, seed=4)  # 16-byte rows: GroupedMM
     want = experts_reference(*inputs, spec=spec)
     out = dispatch.triton_forward(*dev, spec, grouped)
@@ -103,6 +106,32 @@ def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
     monkeypatch.setattr(device, "uses_triton", lambda t: True)
     monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: grouped)
     assert not dispatch.experts_inlinable(inputs[0], inputs[1], inputs[3], inputs[4], spec)
+
+
+@pytest.mark.parametrize("entry", ["grouped_mm", "decode"])
+def test_a_training_forward_saves_z_on_the_tuned_library_path_or_the_sorted_one(entry, monkeypatch):
+    """experts_forward_saving_z: a grouped_mm entry runs triton_grouped (saving z in its act pass), a decode entry
+    the sorted path (z from the gate_up epilogue); out and z against the fp64 reference either way."""
+    pytest.importorskip("triton")
+    from moe_compiler.lowering import triton_config, triton_experts, triton_grouped
+    from moe_compiler.testing import experts_reference, pre_activations
+
+    spec = ExpertsSpec()
+    small = triton_config.KernelConfig(16, 16)
+    config = triton_config.GroupedMMConfig() if entry == "grouped_mm" else triton_config.DecodeConfig(small, small)
+    monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: config)
+    ran = []
+    for module in (triton_grouped, triton_experts):
+        def spy(*a, real=module.experts_forward, m=module, **kw):
+            ran.append(m)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(module, "experts_forward", spy)
+    inputs, dev = device_inputs(9, 16, 8, 4, 2, LIBRARY_DTYPE, spec, seed=5)
+    out, z = dispatch.experts_forward_saving_z(*dev, spec)
+    assert ran == [triton_grouped if entry == "grouped_mm" else triton_experts]
+    assert rel_err(out.cpu(), experts_reference(*inputs, spec=spec)) <= LIBRARY_TOL
+    assert rel_err(z.cpu(), pre_activations(inputs[0], inputs[1], inputs[3], None, spec)) <= LIBRARY_TOL
 
 
 def test_cutlass_config_runs_its_tiles_or_the_triton_default(monkeypatch):

@@ -14,7 +14,7 @@ from triton_cases import DEVICE, DTYPES, SPECS, device_inputs, poisoned_allocati
 from moe_compiler.lowering import cutlass, triton_grouped  # noqa: E402
 from moe_compiler.lowering.torch_segment_mm import GroupedMM, LoopMM  # noqa: E402
 from moe_compiler.spec import ExpertsSpec  # noqa: E402
-from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
+from moe_compiler.testing import experts_reference, pre_activations, rel_err  # noqa: E402
 from moe_compiler.testing.cuda_graphs import captured, replay  # noqa: E402
 
 
@@ -55,6 +55,23 @@ def test_sentinel_pairs_add_nothing(spec):
     # Pairs routed to another rank's expert: not gathered, not computed, no bias, no weight.
     err = _run(7, 32, 16, 4, 2, torch.float32, spec, GroupedMM, sentinels=[(0, 0), (3, 1), (6, 0), (6, 1)])
     assert err <= 1e-5
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if not s.scale_input], ids=spec_id)
+def test_a_training_forward_saves_z_at_each_pairs_row(spec):
+    """With z (experts_train on a library entry): each live pair's pre-activation row, bias added, at t*k + j in
+    w_gate_up's row order — the Triton backward's contract; a sentinel pair's row untouched; out unchanged."""
+    T, H, I, E, k = 9, 40, 24, 5, 2
+    cpu, dev = device_inputs(T, H, I, E, k, torch.float32, spec, seed=2)
+    cpu[1][4, 1] = dev[1][4, 1] = E
+    z = torch.full((T * k, 2 * I), float("nan"), device=DEVICE)
+    with poisoned_allocations():
+        out = triton_grouped.experts_forward(GroupedMM, *dev, spec, z=z)
+    assert rel_err(out.cpu(), experts_reference(*cpu, spec=spec)) <= 1e-5
+    want = pre_activations(cpu[0], cpu[1], cpu[3], cpu[5], spec)
+    live = ~want.isnan().any(-1)
+    assert live.sum() == T * k - 1 and z.cpu()[~live].isnan().all()
+    assert rel_err(z.cpu()[live], want[live]) <= 1e-5
 
 
 def test_the_glue_kernels_bound_their_rows_on_the_device():

@@ -20,6 +20,7 @@ from moe_compiler.testing import (
     experts_reference,
     experts_reference_by_expert,
     poisoned_run,
+    pre_activations,
     rel_err,
     shared_inputs,
     shared_reference,
@@ -29,6 +30,7 @@ from moe_compiler.testing.cuda_graphs import captured, replay
 from moe_compiler.tune.shapes import SHAPES
 
 OP = torch.ops.moe_compiler.experts.default
+TRAIN = torch.ops.moe_compiler.experts_train.default
 
 # (name, E, k, H, I) of DESIGN.md §6, the benchmark's real shapes.
 REAL_SHAPES = [(name, *shape) for name, shape in SHAPES.items()]
@@ -115,6 +117,43 @@ def test_no_grad_for_unused_inputs_is_fine():
     hidden.requires_grad_(True)  # only activations train (e.g. frozen experts)
     (g,) = torch.autograd.grad(moe_experts(hidden, ids, weights, w1, w2).sum(), [hidden])
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_experts_train_is_experts_plus_the_saved_z(device, spec):
+    """experts_train: the experts op's output and gradients (fp64 autograd), and z — on CUDA + Triton (not
+    scale_input) each pair's pre-activation row at t*k + j (what the Triton backward reads instead of its
+    recompute), elsewhere [0, 2I]; z takes no gradient."""
+    T, H, I, E, k = 33, 32, 16, 16, 3
+    inputs = experts_inputs(T, H, I, E, k, torch.float32, spec, bias=spec.transposed, seed=3)
+    hidden, ids, weights, w1, w2, b1, b2 = [t.to(device) if t is not None else None for t in inputs]
+    leaves = [t.requires_grad_() for t in (hidden, weights, w1, w2, b1, b2) if t is not None]
+    out, z = TRAIN(hidden, ids, weights, w1, w2, b1, b2, **spec.op_kwargs())
+    saves = device == "cuda" and not spec.scale_input
+    assert z.shape == (T * k if saves else 0, 2 * I) and not z.requires_grad
+    if saves:
+        assert rel_err(z.cpu(), pre_activations(*[t.detach().cpu() for t in (hidden, ids, w1)],
+                                                b1.detach().cpu() if b1 is not None else None, spec)) <= 1e-5
+    grad_out = torch.randn(T, H, device=device)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    leaves64 = [t.detach().cpu().double().requires_grad_(True) for t in leaves]
+    it = iter(leaves64)
+    h64, wt64, w164, w264 = next(it), next(it), next(it), next(it)
+    b164, b264 = (next(it), next(it)) if b1 is not None else (None, None)
+    ref = experts_reference(h64, ids.cpu(), wt64, w164, w264, b164, b264, spec=spec)
+    assert rel_err(out.detach().cpu(), ref) <= 1e-4
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves64, grad_out.cpu().double())):
+        assert rel_err(got.cpu(), want) <= 1e-4
+
+
+def test_experts_train_opcheck():
+    spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
+    inputs = experts_inputs(6, 16, 8, 4, 2, torch.float32, spec, bias=True)
+    for t in inputs:
+        if t.is_floating_point():
+            t.requires_grad_(True)
+    torch.library.opcheck(TRAIN, inputs, spec.op_kwargs())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -33,13 +33,16 @@ def test_schemas_are_built_from_the_tables():
     assert str(EXPERTS._schema) == str(built)
     backward = torch.ops.moe_compiler.experts_backward.default._schema
     positional = [a.name for a in backward.arguments if not a.kwarg_only]
-    assert positional == ["grad_out", "weight_grads", *ExpertsTensors._fields]
+    assert positional == ["grad_out", "weight_grads", "saved_z", *ExpertsTensors._fields]
     assert len(backward.returns) == len(ExpertsTensors._fields)  # one gradient per tensor argument
     route = ROUTE._schema.arguments
     assert [a.name for a in route if not a.kwarg_only] == list(RouteTensors._fields)
     # A float with an infinite default has no schema literal: it is optional, None meaning the default.
     assert "float? masked_score=None" in str(ROUTE._schema)
-    assert set(SIGNATURES) == {EXPERTS, ROUTE, torch.ops.moe_compiler.experts_unstacked.default,
+    train = torch.ops.moe_compiler.experts_train.default._schema
+    assert [a.name for a in train.arguments] == [a.name for a in args] and len(train.returns) == 2
+    assert set(SIGNATURES) == {EXPERTS, ROUTE, torch.ops.moe_compiler.experts_train.default,
+                               torch.ops.moe_compiler.experts_unstacked.default,
                                torch.ops.moe_compiler.experts_quantized.default,
                                torch.ops.moe_compiler.linear_quantized.default}
     quantized = torch.ops.moe_compiler.experts_quantized.default._schema.arguments

@@ -1,0 +1,138 @@
+"""The Triton backward's GEMMs by torch's grouped GEMM (torch._grouped_mm: CUTLASS on sm90, bf16) over rows in
+padded sorted order, with Triton passes around them (triton_backward.py picks them: BackwardConfig's WGrad and
+DGrad). The trade is the forward's triton_grouped.py's: gathered copies of token rows (memory traffic, [S_pad, H]
+each) for the library's tiles, which the Triton GEMMs' in-kernel pointer gathers do not match at large shapes
+(benchmarks/NOTES.md "train step v1").
+
+Data contract (as triton_backward.py; S_pad sorted slots, offs [E] = each expert's segment end rounded up to
+block_m: the library GEMMs take every segment with its padding, so a padding row must be 0 in at least one
+operand and finite in both)
+    G           [S_pad, H]   dO[t] of each slot's token, unscaled (the gather; padding rows 0)
+    X           [S_pad, H]   hidden[t], the same way
+    dA          [S_pad, I]   G @ W_down[e] (per expert: 2-D x 3-D grouped GEMM, M = slots)
+    dz          [S_pad, 2I]  act'(z) applied to s * dA (the row pass; padding rows 0)
+    act_s       [S_pad, I]   s * act(z): dW_down's right operand with the router weight on it (padding rows 0)
+    dx_rows     [S_pad, H]   dz @ W_gate_up[e] (2-D x 3-D), combined over k into d hidden
+    dW_down = G^T act_s, dW_gate_up = dz^T X per expert (2-D x 2-D, offs along the reduction)
+
+    align -> gather G, X -> [G @ W_down] -> [act' row pass] -> dz, act_s, d weights
+          -> [dz @ W_gate_up] -> combine -> d hidden;  [G^T act_s], [dz^T X] -> weight gradients
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import ExpertsSpec, GateUpLayout
+from . import launch
+from .torch_segment_mm import GroupedMM, Segments, project_dw, project_dx
+from .triton_act import ACT_CODE, gated_act_backward
+from .triton_align import AlignedRows, gathered, row_block
+from .triton_experts import launch_combine
+
+
+@triton.jit
+def _act_backward_rows_kernel(
+    da_ptr, z_ptr, g_ptr, b_ptr, dz_ptr, act_ptr, ds_ptr, sw_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr,
+    seg_end_ptr, num_padded_ptr,
+    H, I, alpha, limit,
+    stride_dam, stride_zm, stride_gm, stride_be, stride_dzm, stride_am,
+    ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN_M: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One sorted slot r: dz[r] = act'(z[pair]) applied to s * dA'[r], act[r] = s * act(z[pair]) (dW_down's
+    operand with the router weight on it), ds[pair] = <dA'[r], act(z[pair])> (+ <dO[t], b_down[e]>, and the slot's
+    s in sw[r, 0] for d b_down). A padding slot gets zero rows (the library GEMMs reduce over them)."""
+    r = tl.program_id(0)
+    if r < tl.load(num_padded_ptr):
+        expert = tl.load(block_expert_ptr + r // ALIGN_M)
+        end = tl.load(seg_end_ptr + expert)
+        real = r < end
+        pair = tl.where(real, tl.load(sorted_rows_ptr + r), 0).to(tl.int64)  # a padding slot's: unwritten
+        s = tl.where(real, tl.load(topk_w_ptr + pair).to(tl.float32), 0.0)
+        r64 = r.to(tl.int64)
+        acc = tl.zeros([BLOCK_I], dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            n = i0 + tl.arange(0, BLOCK_I)
+            live = n < tl.where(real, I, 0)
+            ok = n < I
+            if INTERLEAVED:
+                gate_cols, up_cols = 2 * n, 2 * n + 1
+            else:
+                gate_cols, up_cols = n, I + n
+            da = tl.load(da_ptr + r64 * stride_dam + n, mask=live, other=0.0).to(tl.float32)
+            gate = tl.load(z_ptr + pair * stride_zm + gate_cols, mask=live, other=0.0).to(tl.float32)
+            up = tl.load(z_ptr + pair * stride_zm + up_cols, mask=live, other=0.0).to(tl.float32)
+            d_gate, d_up, a = gated_act_backward(da * s, gate, up, alpha, limit, ACT)
+            tl.store(dz_ptr + r64 * stride_dzm + gate_cols, tl.where(live, d_gate, 0.0).to(dz_ptr.dtype.element_ty),
+                     mask=ok)
+            tl.store(dz_ptr + r64 * stride_dzm + up_cols, tl.where(live, d_up, 0.0).to(dz_ptr.dtype.element_ty),
+                     mask=ok)
+            tl.store(act_ptr + r64 * stride_am + n, tl.where(live, a * s, 0.0).to(act_ptr.dtype.element_ty), mask=ok)
+            acc += tl.where(live, da * a, 0.0)
+        ds = tl.sum(acc, axis=0)
+        if HAS_BIAS:  # <dO[t], b_down[e]>: the bias's share of the router weight's gradient; s for d b_down
+            bacc = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + tl.arange(0, BLOCK_H)
+                hm = h < tl.where(real, H, 0)
+                g = tl.load(g_ptr + r64 * stride_gm + h, mask=hm, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + expert.to(tl.int64) * stride_be + h, mask=hm, other=0.0).to(tl.float32)
+                bacc += g * b
+            ds += tl.sum(bacc, axis=0)
+            col = tl.arange(0, 8)
+            tl.store(sw_ptr + r64 * 8 + col, tl.where(col == 0, s, 0.0).to(sw_ptr.dtype.element_ty))
+        one = tl.arange(0, 1)  # (as a vector: the interpreter takes no scalar masks)
+        tl.store(ds_ptr + pair + one, tl.zeros([1], dtype=tl.float32) + ds, mask=one < tl.where(real, 1, 0))
+
+
+def segments(rows: AlignedRows, block_m: int) -> Segments:
+    """The library GEMMs' view of the padded sorted order: each expert's segment ends at its seg_end rounded up
+    to block_m (its padding included: `offs`, all torch._grouped_mm reads)."""
+    offs = ((rows.seg_end + (block_m - 1)) // block_m * block_m).to(torch.int32)
+    return Segments(sorted_ids=None, perm=None, offs=offs, num_experts=rows.seg_end.numel())
+
+
+def weight_grads(do_rows, act_rows, dz, x_rows, seg: Segments, transposed: bool, bias_weights):
+    """(d_w_gate_up, d_w_down, d_b_gate_up, d_b_down) as 2-D x 2-D grouped GEMMs reducing over each expert's
+    rows: dW_down from do_rows and act_rows (one of them carries the router weight), dW_gate_up from dz and
+    x_rows, in the weights' own layouts. bias_weights [S_pad, 8]: column 0 weighs each row's do_rows in d b_down
+    (ones when do_rows is already scaled), or None without biases (8: the 16-byte minimum width)."""
+    d_w_down = project_dw(GroupedMM, act_rows, do_rows, seg, transposed)
+    d_w_gate_up = project_dw(GroupedMM, x_rows, dz, seg, transposed)
+    d_b_down = d_b_gate_up = None
+    if bias_weights is not None:  # per-expert sums as one more grouped GEMM each, against a weights column
+        d_b_down = GroupedMM.wgrad(bias_weights, do_rows, seg)[:, 0].contiguous()
+        d_b_gate_up = GroupedMM.wgrad(dz.new_ones(dz.shape[0], 8), dz, seg)[:, 0].contiguous()
+    return d_w_gate_up, d_w_down, d_b_gate_up, d_b_down
+
+
+def data_grads(grad_out, z, rows: AlignedRows, w_gate_up, w_down, b_down, weights, spec: ExpertsSpec, k: int,
+               block_m: int):
+    """(d hidden [T, H], d weights [T, k] fp32, G, act_s, dz, seg, bias_weights or None): dA and d hidden's rows by
+    torch's grouped GEMM, act' by one row pass. z [T*k, 2I]: the pre-activation rows (saved or recomputed)."""
+    T, H = grad_out.shape
+    I = z.shape[1] // 2
+    seg = segments(rows, block_m)
+    G = gathered(grad_out, rows, weights, k, block_m)
+    dA = project_dx(GroupedMM, G, w_down, seg, spec.transposed)  # [S_pad, I]
+    S_pad = G.shape[0]
+    dz, act_s = G.new_empty(S_pad, 2 * I), G.new_empty(S_pad, I)
+    ds = torch.zeros(T * k, dtype=torch.float32, device=G.device)  # a sentinel pair's stays 0
+    bias_weights = G.new_empty(S_pad, 8) if b_down is not None else None
+    launch.kernel(_act_backward_rows_kernel)[(S_pad,)](
+        dA, z, G, b_down if b_down is not None else G, dz, act_s, ds,
+        bias_weights if bias_weights is not None else G, weights,
+        rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        H, I, float(spec.swiglu_alpha), float(spec.swiglu_limit),
+        dA.stride(0), z.stride(0), G.stride(0), b_down.stride(0) if b_down is not None else 0, dz.stride(0),
+        act_s.stride(0),
+        ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
+        HAS_BIAS=b_down is not None, ALIGN_M=block_m, BLOCK_I=row_block(I), BLOCK_H=row_block(H), num_warps=4,
+    )
+    dx_rows = project_dx(GroupedMM, dz, w_gate_up, seg, spec.transposed)  # [S_pad, H]
+    d_hidden = grad_out.new_empty(T, H)
+    launch_combine(dx_rows, rows, k, d_hidden)
+    return d_hidden, ds.view(T, k), G, act_s, dz, seg, bias_weights
