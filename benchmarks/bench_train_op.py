@@ -5,13 +5,18 @@
 Per (shape, T), bf16, uniform routing, one process, every variant on the same inputs and parameters:
     hf_grouped_mm       transformers' grouped_mm experts forward, autograd backward (eager)
     hf_grouped_mm_tc    the same under torch.compile (Inductor)
-    moe_torch_bwd       torch.ops.moe_compiler.experts, the torch backward (the default)
-    moe_triton_bwd      the same op with MOE_COMPILER_BACKWARD=triton (lowering/triton_backward.py)
-    moe_triton_bwd_lib_wgrad  the same, weight gradients by torch's grouped GEMM over gathered rows (WGrad.GROUPED_MM)
+    moe_torch_bwd       torch.ops.moe_compiler.experts with MOE_COMPILER_BACKWARD=torch (the torch composite)
+    moe_triton_bwd      the same op, the Triton backward (lowering/triton_backward.py, the default): recomputes Z
+    moe_train           experts_train(...)[0], what a compiled training graph calls: the forward saves Z, the
+                        backward reads it instead of recomputing the gate_up GEMM; default_config (weight gradients
+                        by torch's grouped GEMM over gathered rows, WGrad.GROUPED_MM; dz, d hidden by Triton)
+    moe_train_lib_all   the same with DGrad.GROUPED_MM (dz and d hidden by the library too)
+    moe_train_triton    the same with every backward GEMM by the Triton kernels (WGrad.TRITON too)
 Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_out fixed, gradients of hidden,
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
-measure. Memory: peak allocated during a call above what is held before it. Gradients of each variant vs
-hf_grouped_mm's (rel err). GPT-OSS's shape runs with the SwiGLU experts (the op's activation is not what is
+measure. Memory: peak allocated during a call above what is held before it; saved: the bytes per token autograd
+keeps from the forward for the backward (saved_tensors_hooks; inputs and parameters excluded). Gradients of each
+variant vs hf_grouped_mm's (rel err). GPT-OSS's shape runs with the SwiGLU experts (the op's activation is not what is
 measured here).
 """
 
@@ -30,25 +35,27 @@ from moe_compiler.tune.shapes import ALL_SHAPES
 
 from . import harness
 
-VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_triton_bwd_lib_wgrad")
+VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train", "moe_train_lib_all",
+            "moe_train_triton")
+# variant -> (WGrad, DGrad) replacing default_config's
+PATHS = {"moe_train_lib_all": ("GROUPED_MM", "GROUPED_MM"), "moe_train_triton": ("TRITON", "TRITON")}
 
 
 @contextlib.contextmanager
 def _backward(variant: str):
-    """The backward a variant of ours runs: MOE_COMPILER_BACKWARD, and for *_lib_wgrad the Triton backward's
-    default config with its weight gradients by torch's grouped GEMM (WGrad.GROUPED_MM, not yet a default)."""
+    """The backward a variant of ours runs: MOE_COMPILER_BACKWARD, and the GEMM paths of PATHS."""
     from moe_compiler.lowering import triton_backward
 
-    os.environ[dispatch.BACKWARD_ENV] = "triton" if variant.startswith("moe_triton_bwd") else "torch"
+    os.environ[dispatch.BACKWARD_ENV] = "torch" if variant == "moe_torch_bwd" else "triton"
     real = triton_backward.default_config
-    if variant.endswith("_lib_wgrad"):
-        triton_backward.default_config = lambda *a: dataclasses.replace(
-            real(*a), wgrad_path=triton_backward.WGrad.GROUPED_MM)
+    if variant in PATHS:
+        wgrad, dgrad = triton_backward.WGrad[PATHS[variant][0]], triton_backward.DGrad[PATHS[variant][1]]
+        triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), wgrad_path=wgrad, dgrad_path=dgrad)
     try:
         yield
     finally:
         triton_backward.default_config = real
-        os.environ[dispatch.BACKWARD_ENV] = "torch"
+        os.environ.pop(dispatch.BACKWARD_ENV, None)
 
 
 def _inputs(E, k, T, H, gen):
@@ -67,6 +74,24 @@ def _step(fn, x, ids, w, params, grad_out):
     return run
 
 
+def saved_bytes(fn, x, ids, w, params) -> int:
+    """Bytes autograd keeps between this forward and its backward (saved_tensors_hooks: every saved tensor, each
+    storage once), the inputs and parameters excluded: the activation memory the issue's target counts."""
+    own = {t.untyped_storage().data_ptr() for t in (x, ids, w, *params)}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x, ids, w)
+    del out
+    return sum(seen.values())
+
+
 def point(name, T):
     E, k, H, I = ALL_SHAPES[name]
     cfg, experts = harness.hf_experts(E, k, H, I, torch.bfloat16, "cuda")
@@ -80,7 +105,8 @@ def point(name, T):
         "hf_grouped_mm_tc": torch.compile(hf, dynamic=False),
         "moe_torch_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         "moe_triton_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
-        "moe_triton_bwd_lib_wgrad": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
+        **{v: lambda x, ids, w: torch.ops.moe_compiler.experts_train(x, ids, w, *params)[0]
+           for v in ("moe_train", *PATHS)},
     }
     row = {"shape": name, "T": T, "E": E, "k": k, "H": H, "I": I}
     grads = {}
@@ -96,6 +122,7 @@ def point(name, T):
                 step()
                 torch.cuda.synchronize()
                 row[f"{variant}_mem_gib"] = (torch.cuda.max_memory_allocated() - held) / 2**30
+                row[f"{variant}_saved_b_per_token"] = saved_bytes(ops[variant], x, ids, w, params) / T
                 seconds = harness.events(step, 10)
             except torch.OutOfMemoryError:
                 print(f"{name} T={T} {variant}: out of memory", flush=True)
@@ -120,10 +147,12 @@ def main():
     harness.gpu_name()
     harness.compile_per_shape()
     rows = [point(name, T) for name in args.shapes for T in args.tokens]
-    print(f"\n{'shape':>16} {'T':>6} " + " ".join(f"{v:>22}" for v in VARIANTS) + "   (TFLOP/s, GiB above inputs)")
+    print(f"\n{'shape':>16} {'T':>6} " + " ".join(f"{v:>22}" for v in VARIANTS)
+          + "   (TFLOP/s, GiB above inputs, saved KiB per token)")
     for r in rows:
         nan = float("nan")
-        cells = [f"{r.get(f'{v}_tflops', nan):7.0f} {r.get(f'{v}_mem_gib', nan):6.1f}" for v in VARIANTS]
+        cells = [f"{r.get(f'{v}_tflops', nan):5.0f} {r.get(f'{v}_mem_gib', nan):5.1f} "
+                 f"{r.get(f'{v}_saved_b_per_token', nan) / 1024:6.1f}" for v in VARIANTS]
         print(f"{r['shape']:>16} {r['T']:>6} " + " ".join(f"{c:>22}" for c in cells))
     print("grad err vs hf_grouped_mm: " + "; ".join(
         f"{r['shape']} T={r['T']} " + " ".join(f"{v} {r.get(f'{v}_grad_err', float('nan')):.1e}" for v in VARIANTS[1:])

@@ -11,7 +11,8 @@ Each variant starts from the same weights and trains the same batches with AdamW
     fused_moe             backend="fused_moe" as is: a training graph keeps Inductor's MoE today (its log and
                           counters say so), because the op's backward is not yet faster than Inductor's
     fused_moe training    backend="fused_moe", options={"moe_compiler.training": True}: the MoE blocks run as the
-                          fused op, forward and backward (MOE_COMPILER_BACKWARD=triton picks the Triton backward)
+                          fused op, forward (saving Z) and the Triton backward (MOE_COMPILER_BACKWARD=torch: the
+                          torch composite)
 Printed: the loss at every step per variant, the median step time after the first (compiling) step, peak GPU
 memory, and each variant's largest loss difference from eager.
 

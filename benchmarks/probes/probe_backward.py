@@ -1,9 +1,10 @@
 """Where does the Triton backward's time go, and which tiles does it want? Per (shape, T), bf16, uniform routing:
 (1) one backward call profiled, CUDA time per kernel (recomputed gate_up, dz, d hidden's down + combine, the two
-weight-gradient calls, align), beside the forward; (2) the weight-gradient tile and the dz tile swept one at a
-time around default_config (the other parts at their defaults), and the weight gradients by torch's grouped GEMM
-over gathered rows (WGrad.GROUPED_MM, also profiled), whole backward timed from a cold L2. NOTES.md:
-"training op v1" (the table this probe explains). JSON lines under $OUT.
+weight-gradient calls, align), beside the forward, with every GEMM by Triton kernels and with every GEMM by the
+library (WGrad / DGrad.GROUPED_MM); (2) the Triton weight-gradient tile and dz tile swept one at a time around
+the all-Triton config, beside default_config (library weight gradients) and the all-library config, whole
+backward timed from a cold L2. NOTES.md: "training op v1", "backward tiles", "train step v1". JSON lines under
+$OUT.
 
     python -m benchmarks.probes.probe_backward --shapes qwen3_30b_a3b mixtral_8x7b gpt_oss_20b --tokens 32768
 """
@@ -76,7 +77,9 @@ def main():
         E, k, H, I = ALL_SHAPES[name]
         for T in args.tokens:
             grad_out, inputs = _inputs(E, k, H, I, T)
-            base = triton_backward.default_config(torch.bfloat16, E, k, H, I, T)
+            default = triton_backward.default_config(torch.bfloat16, E, k, H, I, T)
+            base = dataclasses.replace(default, wgrad_path=triton_backward.WGrad.TRITON,
+                                       dgrad_path=triton_backward.DGrad.TRITON)  # the tiles below are its
             kernels = profile(grad_out, inputs, spec, base)
             total = sum(kernels.values())
             print(f"{name} T={T}: {total:.2f} ms of kernels per backward; "
@@ -84,13 +87,13 @@ def main():
                   flush=True)
             flops = 12 * T * k * H * I
             results = {}
-            # The weight gradients by torch's grouped GEMM over gathered rows instead (WGrad.GROUPED_MM), profiled.
-            library = dataclasses.replace(base, wgrad_path=triton_backward.WGrad.GROUPED_MM)
-            lib_kernels = profile(grad_out, inputs, spec, library)
-            print(f"  with WGrad.GROUPED_MM: {sum(lib_kernels.values()):.2f} ms; "
+            # The library GEMMs: default_config's (weight gradients), and every GEMM (DGrad.GROUPED_MM), profiled.
+            library = [default, dataclasses.replace(default, dgrad_path=triton_backward.DGrad.GROUPED_MM)]
+            lib_kernels = profile(grad_out, inputs, spec, library[1])
+            print(f"  every GEMM by the library: {sum(lib_kernels.values()):.2f} ms; "
                   + ", ".join(f"{n} {ms:.2f}" for n, ms in sorted(lib_kernels.items(), key=lambda i: -i[1])[:8]),
                   flush=True)
-            for part, candidates in (("wgrad", WGRAD), ("wgrad_path", [library]), ("dz", DZ)):
+            for part, candidates in (("wgrad", WGRAD), ("library", library), ("dz", DZ)):
                 start, timed = time.time(), []
                 for cand in candidates:
                     if time.time() - start > args.budget_s:
@@ -98,7 +101,7 @@ def main():
                     if part == "wgrad":
                         cfg = dataclasses.replace(base, wgrad_m=cand[0], wgrad=cand[1])
                     else:
-                        cfg = cand if part == "wgrad_path" else dataclasses.replace(base, dz=cand)
+                        cfg = cand if part == "library" else dataclasses.replace(base, dz=cand)
                     try:
                         s = timer.eager(lambda c=cfg: triton_backward.experts_backward(grad_out, *inputs, spec, c))
                     except Exception as exc:  # noqa: BLE001 - a tile the GPU refuses (shared memory)
@@ -113,7 +116,7 @@ def main():
             base_s = timer.eager(lambda: triton_backward.experts_backward(grad_out, *inputs, spec, base))
             summary.append((name, T, base_s, results, flops))
             torch.cuda.empty_cache()
-    print(f"\n{'shape':>16} {'T':>6} {'default ms':>10} {'best wgrad ms':>14} {'grouped_mm wgrad':>16} "
+    print(f"\n{'shape':>16} {'T':>6} {'Triton ms':>10} {'best wgrad ms':>14} {'best library':>16} "
           f"{'best dz ms':>11}  (backward only; TFLOP/s count 12 T k H I)")
     for name, T, base_s, results, flops in summary:
         cells = [f"{r[0] * 1e3:8.2f} ({flops / r[0] / 1e12:4.0f})" if r else "       -" for r in results.values()]
