@@ -313,17 +313,24 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     launch_down(dz, rows, w_gate_up, None, weights, dx_spec, config.rows, k, dx_rows)
     d_hidden = hidden.new_empty(T, H)
     launch_combine(dx_rows, rows, k, d_hidden)
+    # Each [S_pad, H] buffer (dx_rows here, the gathered rows below) is dropped as soon as it is read, so that the
+    # backward's peak holds one of them, not three (the allocator reuses the block).
+    del dx_rows
 
     if not weight_grads:
         return d_hidden, d_weights.to(topk_weights.dtype), None, None, None, None
     if config.wgrad_path is WGrad.GROUPED_MM and library:
         lib = triton_backward_library
         bm = config.rows.block_m
+        seg = lib.segments(rows, bm)
         scaled_do = gathered(grad_out, rows, weights, k, bm, scale=True)  # [S_pad, H]: s * dO[t]
-        x_rows = gathered(hidden, rows, weights, k, bm)
-        act, dz = zero_padding_rows(act, rows, bm), zero_padding_rows(dz, rows, bm)
         ones = scaled_do.new_ones(scaled_do.shape[0], 8) if b_down is not None else None
-        grads = lib.weight_grads(scaled_do, act, dz, x_rows, lib.segments(rows, bm), spec.transposed, ones)
+        down = lib.down_grads(scaled_do, zero_padding_rows(act, rows, bm), seg, spec.transposed, ones)
+        del scaled_do, act
+        x_rows = gathered(hidden, rows, weights, k, bm)
+        dz = zero_padding_rows(dz, rows, bm)
+        gate_up = lib.gate_up_grads(dz, x_rows, seg, spec.transposed, b_gate_up is not None)
+        grads = (gate_up[0], down[0], gate_up[1], down[1])
         return (d_hidden, d_weights.to(topk_weights.dtype), *_cast(grads, w_gate_up, w_down, b_gate_up, b_down))
     d_w_down = torch.empty_like(w_down)
     d_b_down = torch.empty_like(b_down) if b_down is not None else None
@@ -349,6 +356,9 @@ def _library_backward(grad_out, hidden, z, rows: AlignedRows, w_gate_up, w_down,
         grad_out, z, rows, w_gate_up, w_down, b_down, weights, spec, k, bm)
     if not weight_grads:
         return d_hidden, d_weights.to(weights_dtype), None, None, None, None
+    down = lib.down_grads(G, act_s, seg, spec.transposed, bias_weights)
+    del G, act_s  # before X's gather: one [S_pad, H] buffer live at a time
     x_rows = gathered(hidden, rows, weights, k, bm)
-    grads = lib.weight_grads(G, act_s, dz, x_rows, seg, spec.transposed, bias_weights)
+    gate_up = lib.gate_up_grads(dz, x_rows, seg, spec.transposed, b_gate_up is not None)
+    grads = (gate_up[0], down[0], gate_up[1], down[1])
     return (d_hidden, d_weights.to(weights_dtype), *_cast(grads, w_gate_up, w_down, b_gate_up, b_down))

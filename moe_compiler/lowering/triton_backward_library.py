@@ -95,18 +95,25 @@ def segments(rows: AlignedRows, block_m: int) -> Segments:
     return Segments(sorted_ids=None, perm=None, offs=offs, num_experts=rows.seg_end.numel())
 
 
-def weight_grads(do_rows, act_rows, dz, x_rows, seg: Segments, transposed: bool, bias_weights):
-    """(d_w_gate_up, d_w_down, d_b_gate_up, d_b_down) as 2-D x 2-D grouped GEMMs reducing over each expert's
-    rows: dW_down from do_rows and act_rows (one of them carries the router weight), dW_gate_up from dz and
-    x_rows, in the weights' own layouts. bias_weights [S_pad, 8]: column 0 weighs each row's do_rows in d b_down
-    (ones when do_rows is already scaled), or None without biases (8: the 16-byte minimum width)."""
+def down_grads(do_rows, act_rows, seg: Segments, transposed: bool, bias_weights):
+    """(d_w_down, d_b_down or None): 2-D x 2-D grouped GEMMs reducing over each expert's rows, in w_down's own
+    layout; one of do_rows and act_rows carries the router weight. bias_weights [S_pad, 8]: column 0 weighs each
+    row's do_rows in d b_down (ones when do_rows is already scaled), or None without biases (8: the 16-byte
+    minimum width)."""
     d_w_down = project_dw(GroupedMM, act_rows, do_rows, seg, transposed)
-    d_w_gate_up = project_dw(GroupedMM, x_rows, dz, seg, transposed)
-    d_b_down = d_b_gate_up = None
-    if bias_weights is not None:  # per-expert sums as one more grouped GEMM each, against a weights column
+    d_b_down = None
+    if bias_weights is not None:  # per-expert sums as one more grouped GEMM, against a weights column
         d_b_down = GroupedMM.wgrad(bias_weights, do_rows, seg)[:, 0].contiguous()
-        d_b_gate_up = GroupedMM.wgrad(dz.new_ones(dz.shape[0], 8), dz, seg)[:, 0].contiguous()
-    return d_w_gate_up, d_w_down, d_b_gate_up, d_b_down
+    return d_w_down, d_b_down
+
+
+def gate_up_grads(dz, x_rows, seg: Segments, transposed: bool, bias: bool):
+    """(d_w_gate_up, d_b_gate_up or None): dz^T x_rows per expert in w_gate_up's own layout, and dz's per-expert
+    column sums where there is a bias. The two gradients are separate calls so that the caller can free one's
+    gathered operand before gathering the other's ([S_pad, H] each: the backward's largest buffers)."""
+    d_w_gate_up = project_dw(GroupedMM, x_rows, dz, seg, transposed)
+    d_b_gate_up = GroupedMM.wgrad(dz.new_ones(dz.shape[0], 8), dz, seg)[:, 0].contiguous() if bias else None
+    return d_w_gate_up, d_b_gate_up
 
 
 def data_grads(grad_out, z, rows: AlignedRows, w_gate_up, w_down, b_down, weights, spec: ExpertsSpec, k: int,
@@ -132,6 +139,7 @@ def data_grads(grad_out, z, rows: AlignedRows, w_gate_up, w_down, b_down, weight
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
         HAS_BIAS=b_down is not None, ALIGN_M=block_m, BLOCK_I=row_block(I), BLOCK_H=row_block(H), num_warps=4,
     )
+    del dA  # [S_pad, I], read by the row pass only: its memory can hold part of dx_rows
     dx_rows = project_dx(GroupedMM, dz, w_gate_up, seg, spec.transposed)  # [S_pad, H]
     d_hidden = grad_out.new_empty(T, H)
     launch_combine(dx_rows, rows, k, d_hidden)

@@ -115,12 +115,13 @@ def test_library_gemms(spec, config, monkeypatch):
     row pass (router-weight gradient, the bias's share, s on act). Poisoned buffers show any padding row that was
     not zeroed. Rows 16-byte aligned (H = 32, I = 16); 19 tokens over 5 experts, one of them empty, one sentinel
     pair (expert-parallel id E: no row, no gradient)."""
-    wgrads, dgrads = _spy(monkeypatch, "weight_grads"), _spy(monkeypatch, "data_grads")
+    downs, gate_ups = _spy(monkeypatch, "down_grads"), _spy(monkeypatch, "gate_up_grads")
+    dgrads = _spy(monkeypatch, "data_grads")
     dtype, tol = (torch.bfloat16, 2e-2) if DEVICE == "cuda" else (torch.float32, 1e-4)
     ids = torch.tensor([[e % 4, (e + 1) % 4] for e in range(19)])  # expert 4 gets no rows
     ids[7, 0] = 5
     _check(19, 32, 16, 5, 2, dtype, tol, spec, ids=ids, config=config)
-    assert wgrads == [1] and len(dgrads) == (config.dgrad_path is triton_backward.DGrad.GROUPED_MM)
+    assert downs == gate_ups == [1] and len(dgrads) == (config.dgrad_path is triton_backward.DGrad.GROUPED_MM)
 
 
 def test_library_gemms_read_a_saved_z(monkeypatch):
@@ -140,9 +141,9 @@ def test_library_gemms_read_a_saved_z(monkeypatch):
 
 def test_library_gemms_fall_back_where_torch_refuses(monkeypatch):
     """I = 6 (fp32): 24-byte act rows, which torch._grouped_mm refuses: the Triton kernels run."""
-    ran = _spy(monkeypatch, "weight_grads") + _spy(monkeypatch, "data_grads")
+    spies = [_spy(monkeypatch, name) for name in ("down_grads", "gate_up_grads", "data_grads")]
     _check(9, 32, 6, 4, 2, torch.float32, 1e-4, COVERED[0], config=LIBRARY_ALL)
-    assert ran == []
+    assert spies == [[], [], []]
 
 
 # A training forward's tiles: another block_m than the backward's (CONFIG: 16), so a z saved in sorted order
