@@ -146,16 +146,17 @@ def test_lora_on_attention_trains_with_the_experts_fused_and_frozen(monkeypatch)
 def test_autocast_keeps_the_experts_in_the_weights_dtype_as_transformers_does(dtype):
     """transformers' grouped_mm experts are not autocast-enabled (their input is cast to the weights' dtype): with
     fp32 weights under autocast they compute in fp32, and so does the fused op (its numerical check compares the
-    two at compile time). Losses and gradients equal eager's under the same autocast: the rewritten graph runs as
-    traced (no Inductor), so every op around the experts casts as eager does and only the op can differ."""
-    eager, model = _pair()
+    two at compile time). Losses and gradients equal those of the same model traced without the backend
+    (aot_eager) under the same autocast: the rewritten graph runs as traced too (no Inductor), so only the experts
+    can differ. (Not eager: on transformers 5.17 tracing alone moves attention's bf16 gradients by 3e-3.)"""
+    model, traced = _pair()
     ids = _ids(3)
     options = {**TRAINING, "moe_compiler.inductor": False}
     with torch.autocast("cpu", dtype=dtype):
         loss = torch.compile(model, backend="fused_moe", options=options)(input_ids=ids, labels=ids).loss
-        ref = eager(input_ids=ids, labels=ids).loss
+        ref = torch.compile(traced, backend="aot_eager")(input_ids=ids, labels=ids).loss
     loss.backward()
     ref.backward()
     assert _fused() == LAYERS and counters["moe_compiler"]["rejected_experts"] == 0
     assert rel_err(loss, ref) <= 1e-5
-    _assert_grads_equal(model, eager, tol=1e-3)
+    _assert_grads_equal(model, traced, tol=1e-5)
