@@ -315,19 +315,67 @@ def _router_nodes(ids: fx.Node, weights: fx.Node, logits: fx.Node) -> tuple[list
     return in_graph_order(_ancestry(ids, logits) | _ancestry(weights, logits), logits.graph)
 
 
+def _off_rank(mask, g, E) -> bool:
+    """mask is `g // E != rank` (rank a Python int): the pairs whose expert another rank holds."""
+    if op_name(mask) != "ne" or len(mask.args) != 2 or not isinstance(mask.args[1], int):
+        return False
+    div = mask.args[0]
+    return op_name(div) == "floordiv" and div.args[0] is g and div.args[1] == E
+
+
+def _fill(node, value) -> tuple[fx.Node, fx.Node] | None:
+    """(input, mask) of `input.masked_fill(mask, value)` with that constant value, else None."""
+    if op_name(node) != "masked_fill" or len(node.args) != 3 or isinstance(node.args[2], fx.Node):
+        return None
+    return (node.args[0], node.args[1]) if node.args[2] == value else None
+
+
+def _compares(node, name, a, value) -> bool:
+    return op_name(node) == name and len(node.args) == 2 and node.args[0] is a and node.args[1] == value
+
+
+def _remap_by_fills(ids, E) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(off-rank mask, global ids g, the fill reading g) of transformers 5.17's router-output remap (RouterParallel),
+    which computes the same values as 5.24's `where` form for g >= 0 (top-k indices):
+        a = g.masked_fill(off, -1)
+        b = fmod(a, E)                                               (E > 1; fmod keeps a's sign: -1 stays -1)
+            a.masked_fill(a > 0, 0).masked_fill(a < 0, -1)           (E == 1)
+        ids = b.masked_fill(b == -1, E)"""
+    last = _fill(strip_casts(ids), E)
+    if last is None or not _compares(last[1], "eq", last[0], -1):
+        return None
+    b = last[0]
+    if op_name(b) == "fmod" and len(b.args) == 2 and b.args[1] == E and E > 1:
+        a = b.args[0]
+    elif E == 1 and (outer := _fill(b, -1)) is not None and (inner := _fill(outer[0], 0)) is not None:
+        a = inner[0]
+        if not (_compares(inner[1], "gt", a, 0) and _compares(outer[1], "lt", a, 0)):
+            return None
+    else:
+        return None
+    first = _fill(a, -1)
+    if first is None or not _off_rank(first[1], first[0], E):
+        return None
+    return first[1], first[0], a
+
+
 def _ep_remap(ids: fx.Node, weights: fx.Node, E) -> tuple[fx.Node, fx.Node, tuple[fx.Node, ...]] | None:
-    """transformers' all-reduce expert parallelism between router and experts call (the experts module's own
-    remap, 5.24): ids = where(global // E != rank, E, global % E), weights = global_weights.masked_fill(that
-    mask, 0), E the local expert count. Returns (global ids, global weights, the remap nodes that read them) or
-    None for any other form."""
-    parts, fill = ep_remap(ids, E), strip_casts(weights)
-    if parts is None or op_name(fill) != "masked_fill":
+    """transformers' all-reduce expert parallelism between router and experts call: ids = where(g // E != rank, E,
+    g % E) (the experts module's own remap, 5.24) or the same values by a chain of fills (the router's output hook,
+    5.17: _remap_by_fills), weights = global_weights.masked_fill(that mask, 0), E the local expert count. Returns
+    (global ids, global weights, the remap nodes that read them) or None for any other form."""
+    if (parts := ep_remap(ids, E)) is not None:
+        off, mod = parts
+        g, reads_g = mod.args[0], mod
+    elif (parts := _remap_by_fills(ids, E)) is not None:
+        off, g, reads_g = parts
+    else:
         return None
-    off, mod = parts
-    if not (fill.args[1] is off and fill.args[2] == 0 and op_name(off) == "ne" and op_name(off.args[0]) == "floordiv"
-            and off.args[0].args[1] == E and off.args[0].args[0] is mod.args[0] and isinstance(off.args[1], int)):
+    fill = strip_casts(weights)
+    masked = _fill(fill, 0)
+    if masked is None or masked[1] is not off or not _off_rank(off, g, E):
         return None
-    return mod.args[0], fill.args[0], (off.args[0], mod, fill)
+    return g, masked[0], (off.args[0], reads_g, fill)
 
 
 def recognize_router(experts_call: fx.Node) -> RouterMatch:

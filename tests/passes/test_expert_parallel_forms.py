@@ -60,6 +60,95 @@ def test_a_rank_fuses_with_its_local_ids(arch, rank, tmp_path):
     assert summary.count("sentinel ids") == 2, summary
 
 
+def router_remap_rank(model, rank: int, ranks: int, sentinel_fill=None):
+    """`model` turned into rank `rank` of `ranks` the way transformers 5.17 does it: the remap runs on the router's
+    output (RouterParallel's hook), a chain of fills, and the experts module's own forward takes the local ids.
+    sentinel_fill: another value for the last fill (a form whose range is not [0, E])."""
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        n = experts.num_experts // ranks
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                p = getattr(experts, name)
+                setattr(experts, name, torch.nn.Parameter(p[rank * n:(rank + 1) * n].clone()))
+        experts.num_experts, experts._is_expert_parallel = n, True
+        gate = layer.mlp.gate.forward
+
+        def remapped(hidden, gate=gate, n=n):
+            logits, scores, ids = gate(hidden)
+            off_rank = (ids // n) != rank
+            scores = scores.masked_fill(off_rank, 0.0)
+            ids = ids.masked_fill(off_rank, -1)
+            if n > 1:
+                ids = torch.fmod(ids, n)
+            else:
+                ids = ids.masked_fill(ids > 0, 0).masked_fill(ids < 0, -1)
+            return logits, scores, ids.masked_fill(ids == -1, n if sentinel_fill is None else sentinel_fill)
+
+        layer.mlp.gate.forward = remapped
+    return model
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_router_fuses_through_the_remap_on_its_output(rank, tmp_path):
+    """transformers 5.17's expert parallelism remaps on the router's output with masked fills and fmod: the same
+    values as 5.24's `where` form, so the router fuses through it; the remap stays, reading the route op's global
+    ids and weights."""
+    model = router_remap_rank(tiny_model("qwen3_moe", num_experts=4), rank, 2)
+    compiled, eager, summary = compiled_and_eager(model, tmp_path)
+    assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")) == 2
+    assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_router")) == 2, summary
+    assert rel_err(compiled, eager) <= 1e-5
+
+
+def test_a_remap_chain_in_another_form_keeps_the_router_with_inductor(tmp_path):
+    """The same chain sending off-rank pairs to expert 0 (their weight 0) instead of the sentinel E: not the remap's
+    form, the router is not fused (the dump says why), the logits stay right."""
+    model = router_remap_rank(tiny_model("qwen3_moe", num_experts=4), 0, 2, sentinel_fill=0)
+    compiled, eager, summary = compiled_and_eager(model, tmp_path)
+    assert not any(k.startswith("fused_router") for k in counters["moe_compiler"]), summary
+    assert "masked_fill" in summary
+    assert rel_err(compiled, eager) <= 1e-5
+
+
+def _remap_graph(E: int, rank: int, change: str = ""):
+    """An FX graph of transformers 5.17's remap on global ids g and weights w (E local experts), or of a near miss."""
+    import torch.fx as fx
+
+    def remap(g, w):
+        off = (g // E) != rank
+        w = w.masked_fill(off, 0.0)
+        a = g.masked_fill(off, -1)
+        if E > 1:
+            b = torch.fmod(a, E) if change != "remainder" else torch.remainder(a, E)
+        else:
+            b = a.masked_fill(a > 0, 0).masked_fill((a < 0) if change != "le" else (a <= 0), -1)
+        return b.masked_fill(b == -1, E), w
+
+    return fx.symbolic_trace(remap).graph
+
+
+@pytest.mark.parametrize("E,change", [(4, ""), (1, ""), (4, "remainder"), (1, "le")])
+def test_the_fill_chain_is_recognized_exactly(E, change):
+    """Both branches of 5.17's chain (fmod for E > 1, two fills for E == 1) give the global ids and weights and the
+    three remap nodes that read them; a near miss (remainder, which maps the -1 of an off-rank pair to E - 1; or a
+    fill mask `a <= 0`, which sends expert 0 to the sentinel) is not recognized."""
+    from moe_compiler.passes.router import _ep_remap
+
+    graph = _remap_graph(E, 1, change)
+    g, w = [n for n in graph.nodes if n.op == "placeholder"]
+    ids, weights = next(n for n in graph.nodes if n.op == "output").args[0]
+    found = _ep_remap(ids, weights, E)
+    if change:
+        assert found is None
+        return
+    assert found is not None and found[:2] == (g, w)
+    assert {n for n in found[2]} == set(g.users) | set(w.users)
+    assert _ep_remap(ids, weights, E + 1) is None  # another local count: not this remap
+
+
 @pytest.mark.parametrize("remap", ["past_the_sentinel", "shifted"])
 def test_ids_remapped_in_another_form_are_not_fused(remap, tmp_path):
     """Ids computed inside the experts region in any form but transformers' `where(off, E, ids % E)`: their range
