@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = """
+PRELUDE = """
 import dataclasses
 import torch, triton
 from triton.backends.compiler import GPUTarget
@@ -86,6 +86,19 @@ class LibraryGEMMs:  # triton_grouped's GEMMs are not Triton kernels: shapes onl
     mm_nn = staticmethod(lambda x, w, seg: x.new_empty(x.shape[0], w.shape[2]))
 
 
+"""
+
+FORWARD_KERNELS = ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_kernel", "_offsets_kernel",
+                   "_scatter_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_gated_rows_kernel",
+                   "_act_kernel", "_sorted_rows_kernel")
+BACKWARD_KERNELS = ("_dz_kernel", "_wgrad_kernel", "_act_backward_rows_kernel", "_sorted_rows_kernel")
+OTHER_KERNELS = ("_route_kernel", "_sparsemixer_kernel", "_route_backward_kernel", "_gate_up_q_kernel",
+                 "_down_q_kernel", "_linear_fp8_kernel", "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel",
+                 "_quantize_rows_kernel", "_act_rows_kernel")
+SUMMARY = 'print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))'
+# Three parts, each in its own process (so that the suite's workers share them), with the kernels each compiles.
+PARTS = {
+    "forward": ("""
 for dtype in (torch.bfloat16, torch.float32):
     for spec in SPECS:
         bias = spec.activation is Activation.GPT_OSS_SWIGLU
@@ -97,6 +110,8 @@ for dtype in (torch.bfloat16, torch.float32):
                                             torch.randn(1, 64))))
     triton_decode.experts_forward(h, ids, w, w1, w2, None, None, ExpertsSpec(), DECODE, mlp)
     triton_act.gated_rows(torch.randn(4, 32, dtype=dtype), torch.randn(4, 32, dtype=dtype), ExpertsSpec())
+""", FORWARD_KERNELS),
+    "backward": ("""
 # The backward reads the alignment's positions on the host side (a gather of the router-weight partials):
 # nothing ran, so they are made valid.
 real_align = triton_backward.align_rows
@@ -117,6 +132,8 @@ for config in (LIBRARY, dataclasses.replace(LIBRARY, dgrad_path=triton_backward.
         h, ids, w, w1, w2, b1, b2 = experts_inputs(5, 64, 32, 8, 2, torch.bfloat16, spec, bias=bias, seed=0)
         triton_backward.experts_backward(torch.randn(5, 64, dtype=torch.bfloat16), h, ids, w, w1, w2, b1, b2, spec,
                                          config)
+""", BACKWARD_KERNELS),
+    "route_and_quantized": ("""
 for spec in (RouterSpec(top_k=2), RouterSpec(top_k=4, scoring=Scoring.SIGMOID, n_group=4, topk_group=2),
              RouterSpec(top_k=2, order=RouteOrder.SPARSEMIXER, jitter_eps=0.01)):
     for dtype in (torch.bfloat16, torch.float32):
@@ -150,22 +167,18 @@ for dtype in (torch.bfloat16, torch.float16):
                                                                       int4_planes=planes))
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, torch.float8_e8m0fnu)
     triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), QuantizedConfig(16, 16, 128, "w8a16", decode=True))
-print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))
-"""
+""", OTHER_KERNELS),
+}
 
 
-def test_every_launched_kernel_compiles_for_sm90():
+@pytest.mark.parametrize("part", PARTS)
+def test_every_launched_kernel_compiles_for_sm90(part):
+    code, kernels = PARTS[part]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT)], capture_output=True, text=True,
-                          timeout=900, env=env)
+    script = textwrap.dedent(PRELUDE) + textwrap.dedent(code) + SUMMARY
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("COMPILED"))
     names = line.split(" ", 2)[2]
-    for kernel in ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_kernel", "_offsets_kernel",
-                   "_scatter_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_gated_rows_kernel",
-                   "_route_kernel", "_sparsemixer_kernel", "_dz_kernel", "_wgrad_kernel",
-                   "_route_backward_kernel", "_gate_up_q_kernel", "_down_q_kernel", "_linear_fp8_kernel",
-                   "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel", "_quantize_rows_kernel",
-                   "_act_rows_kernel", "_act_kernel", "_sorted_rows_kernel",
-                   "_act_backward_rows_kernel"):
+    for kernel in kernels:
         assert kernel in names, line
