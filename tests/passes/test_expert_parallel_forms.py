@@ -25,8 +25,8 @@ def compiled_and_eager(model, tmp_path) -> tuple[torch.Tensor, torch.Tensor, str
     return compiled, eager, (tmp_path / "summary.txt").read_text()
 
 
-def one_rank(model, rank: int, ranks: int = 2, mask_rows: bool = True):
-    """`model` turned into rank `rank` of `ranks`: local expert shards, transformers' remapping forward."""
+def local_experts(model, rank: int, ranks: int, mask_rows: bool = True):
+    """(layer, experts module, local count n) per MoE layer, each experts module cut to rank `rank`'s n shards."""
     for layer in model.model.layers:
         experts = getattr(layer.mlp, "experts", None)
         if experts is None:
@@ -37,6 +37,12 @@ def one_rank(model, rank: int, ranks: int = 2, mask_rows: bool = True):
                 p = getattr(experts, name)
                 setattr(experts, name, torch.nn.Parameter(p[rank * n:(rank + 1) * n].clone()))
         experts.num_experts, experts._is_expert_parallel = n, mask_rows
+        yield layer, experts, n
+
+
+def one_rank(model, rank: int, ranks: int = 2, mask_rows: bool = True):
+    """`model` turned into rank `rank` of `ranks`: local expert shards, transformers' remapping forward."""
+    for _, experts, n in local_experts(model, rank, ranks, mask_rows):
         forward = experts.forward
 
         def ep_forward(hidden, ids, weights, forward=forward, n=n):
@@ -64,16 +70,7 @@ def router_remap_rank(model, rank: int, ranks: int, sentinel_fill=None):
     """`model` turned into rank `rank` of `ranks` the way transformers 5.17 does it: the remap runs on the router's
     output (RouterParallel's hook), a chain of fills, and the experts module's own forward takes the local ids.
     sentinel_fill: another value for the last fill (a form whose range is not [0, E])."""
-    for layer in model.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        if experts is None:
-            continue
-        n = experts.num_experts // ranks
-        with torch.no_grad():
-            for name in ("gate_up_proj", "down_proj"):
-                p = getattr(experts, name)
-                setattr(experts, name, torch.nn.Parameter(p[rank * n:(rank + 1) * n].clone()))
-        experts.num_experts, experts._is_expert_parallel = n, True
+    for layer, _, n in local_experts(model, rank, ranks):
         gate = layer.mlp.gate.forward
 
         def remapped(hidden, gate=gate, n=n):
