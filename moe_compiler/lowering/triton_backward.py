@@ -74,7 +74,7 @@ class DGrad(enum.Enum):
     # _dz_kernel: gathered dO @ W_down[e] with act' in its epilogue; the forward's down kernel over dz.
     TRITON = "triton"
     # dO gathered into padded sorted order once (the weight gradients read it too), both GEMMs by torch's grouped
-    # GEMM (2-D x 3-D), act' as a row pass between them (triton_backward_library.data_grads). Implies the library
+    # GEMM (2-D x 3-D), act' as a row pass between them (triton_backward_library.dz_rows). Implies the library
     # weight gradients. Where the operands do not suit it, TRITON.
     GROUPED_MM = "grouped_mm"
 
@@ -352,12 +352,14 @@ def _library_backward(grad_out, hidden, z, rows: AlignedRows, w_gate_up, w_down,
     """DGrad.GROUPED_MM: every GEMM of the backward by torch's grouped GEMM over gathered rows."""
     lib = triton_backward_library
     bm = config.rows.block_m
-    d_hidden, d_weights, G, act_s, dz, seg, bias_weights = lib.data_grads(
-        grad_out, z, rows, w_gate_up, w_down, b_down, weights, spec, k, bm)
+    T = grad_out.shape[0]
+    G, dz, act_s, d_weights, seg, bias_weights = lib.dz_rows(grad_out, z, rows, w_down, b_down, weights, spec, k, bm)
+    # dW_down before d hidden's rows, so that G is dropped first: one [S_pad, H] buffer live at a time.
+    down = lib.down_grads(G, act_s, seg, spec.transposed, bias_weights) if weight_grads else None
+    del G, act_s
+    d_hidden = lib.hidden_grad(dz, w_gate_up, rows, seg, spec, k, T)
     if not weight_grads:
         return d_hidden, d_weights.to(weights_dtype), None, None, None, None
-    down = lib.down_grads(G, act_s, seg, spec.transposed, bias_weights)
-    del G, act_s  # before X's gather: one [S_pad, H] buffer live at a time
     x_rows = gathered(hidden, rows, weights, k, bm)
     gate_up = lib.gate_up_grads(dz, x_rows, seg, spec.transposed, b_gate_up is not None)
     grads = (gate_up[0], down[0], gate_up[1], down[1])

@@ -15,8 +15,11 @@ operand and finite in both)
     dx_rows     [S_pad, H]   dz @ W_gate_up[e] (2-D x 3-D), combined over k into d hidden
     dW_down = G^T act_s, dW_gate_up = dz^T X per expert (2-D x 2-D, offs along the reduction)
 
-    align -> gather G, X -> [G @ W_down] -> [act' row pass] -> dz, act_s, d weights
-          -> [dz @ W_gate_up] -> combine -> d hidden;  [G^T act_s], [dz^T X] -> weight gradients
+    align -> gather G -> [G @ W_down] -> [act' row pass] -> dz, act_s, d weights     (dz_rows)
+          -> [G^T act_s] -> dW_down; G dropped                                   (down_grads)
+          -> [dz @ W_gate_up] -> combine -> d hidden                             (hidden_grad)
+          -> gather X -> [dz^T X] -> dW_gate_up                                  (gate_up_grads)
+    one [S_pad, H] buffer (G, dx_rows, X) live at a time
 """
 
 from __future__ import annotations
@@ -116,10 +119,9 @@ def gate_up_grads(dz, x_rows, seg: Segments, transposed: bool, bias: bool):
     return d_w_gate_up, d_b_gate_up
 
 
-def data_grads(grad_out, z, rows: AlignedRows, w_gate_up, w_down, b_down, weights, spec: ExpertsSpec, k: int,
-               block_m: int):
-    """(d hidden [T, H], d weights [T, k] fp32, G, act_s, dz, seg, bias_weights or None): dA and d hidden's rows by
-    torch's grouped GEMM, act' by one row pass. z [T*k, 2I]: the pre-activation rows (saved or recomputed)."""
+def dz_rows(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSpec, k: int, block_m: int):
+    """(G, dz, act_s, d weights [T, k] fp32, seg, bias_weights or None): dA = G @ W_down[e] by torch's grouped GEMM,
+    then act' by one row pass. z [T*k, 2I]: the pre-activation rows (saved or recomputed)."""
     T, H = grad_out.shape
     I = z.shape[1] // 2
     seg = segments(rows, block_m)
@@ -139,8 +141,12 @@ def data_grads(grad_out, z, rows: AlignedRows, w_gate_up, w_down, b_down, weight
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
         HAS_BIAS=b_down is not None, ALIGN_M=block_m, BLOCK_I=row_block(I), BLOCK_H=row_block(H), num_warps=4,
     )
-    del dA  # [S_pad, I], read by the row pass only: its memory can hold part of dx_rows
+    return G, dz, act_s, ds.view(T, k), seg, bias_weights
+
+
+def hidden_grad(dz, w_gate_up, rows: AlignedRows, seg: Segments, spec: ExpertsSpec, k: int, T: int):
+    """d hidden [T, H]: each slot's dz @ W_gate_up[e] by torch's grouped GEMM, combined over the token's k slots."""
     dx_rows = project_dx(GroupedMM, dz, w_gate_up, seg, spec.transposed)  # [S_pad, H]
-    d_hidden = grad_out.new_empty(T, H)
+    d_hidden = dz.new_empty(T, dx_rows.shape[1])
     launch_combine(dx_rows, rows, k, d_hidden)
-    return d_hidden, ds.view(T, k), G, act_s, dz, seg, bias_weights
+    return d_hidden

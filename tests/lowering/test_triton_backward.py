@@ -116,7 +116,7 @@ def test_library_gemms(spec, config, monkeypatch):
     not zeroed. Rows 16-byte aligned (H = 32, I = 16); 19 tokens over 5 experts, one of them empty, one sentinel
     pair (expert-parallel id E: no row, no gradient)."""
     downs, gate_ups = _spy(monkeypatch, "down_grads"), _spy(monkeypatch, "gate_up_grads")
-    dgrads = _spy(monkeypatch, "data_grads")
+    dgrads = _spy(monkeypatch, "dz_rows")
     dtype, tol = (torch.bfloat16, 2e-2) if DEVICE == "cuda" else (torch.float32, 1e-4)
     ids = torch.tensor([[e % 4, (e + 1) % 4] for e in range(19)])  # expert 4 gets no rows
     ids[7, 0] = 5
@@ -141,9 +141,9 @@ def test_library_gemms_read_a_saved_z(monkeypatch):
 
 def test_library_gemms_fall_back_where_torch_refuses(monkeypatch):
     """I = 6 (fp32): 24-byte act rows, which torch._grouped_mm refuses: the Triton kernels run."""
-    spies = [_spy(monkeypatch, name) for name in ("down_grads", "gate_up_grads", "data_grads")]
+    spies = [_spy(monkeypatch, name) for name in ("down_grads", "gate_up_grads", "dz_rows", "hidden_grad")]
     _check(9, 32, 6, 4, 2, torch.float32, 1e-4, COVERED[0], config=LIBRARY_ALL)
-    assert spies == [[], [], []]
+    assert spies == [[], [], [], []]
 
 
 # A training forward's tiles: another block_m than the backward's (CONFIG: 16), so a z saved in sorted order
@@ -207,13 +207,15 @@ def test_run_to_run_identical():
         assert torch.equal(a, b)
 
 
-def test_frozen_experts_launch_no_weight_gradient_kernel():
+@pytest.mark.parametrize("config", [CONFIG, LIBRARY, LIBRARY_ALL], ids=["triton", "wgrad", "wgrad+dgrad"])
+def test_frozen_experts_launch_no_weight_gradient_kernel(config, monkeypatch):
     spec = COVERED[-1]  # with biases
     _, dev = device_inputs(9, 32, 16, 4, 2, torch.float32, spec, seed=6)
     grad_out = torch.randn(9, 32, device=DEVICE)
-    full = triton_backward.experts_backward(grad_out, *dev, spec, CONFIG)
-    frozen = triton_backward.experts_backward(grad_out, *dev, spec, CONFIG, weight_grads=False)
-    assert frozen[2:] == (None,) * 4
+    full = triton_backward.experts_backward(grad_out, *dev, spec, config)
+    wgrads = [_spy(monkeypatch, name) for name in ("down_grads", "gate_up_grads")]
+    frozen = triton_backward.experts_backward(grad_out, *dev, spec, config, weight_grads=False)
+    assert frozen[2:] == (None,) * 4 and wgrads == [[], []]
     assert torch.equal(frozen[0], full[0]) and torch.equal(frozen[1], full[1])
 
 
@@ -222,6 +224,31 @@ def test_scale_input_is_refused_with_the_way_out():
     _, dev = device_inputs(3, 16, 16, 2, 1, torch.float32, spec)
     with pytest.raises(ValueError, match="torch backward"):
         triton_backward.experts_backward(torch.randn(3, 16, device=DEVICE), *dev, spec, CONFIG)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dgrad", [D.TRITON, D.GROUPED_MM], ids=["triton_dgrad", "library_dgrad"])
+def test_one_token_row_buffer_live_at_a_time(dgrad):
+    """The backward's peak above what it returns is dz, act and one [S_pad, H] buffer (dx_rows, or a gathered
+    operand of the weight gradients), not three at once: each is dropped once read. bf16 with the library weight
+    gradients, at a size where [S_pad, H] buffers are most of the peak (keeping all three costs 2 more: fails)."""
+    T, H, I, E, k = 4096, 2048, 128, 8, 2
+    spec = COVERED[0]
+    _, dev = device_inputs(T, H, I, E, k, torch.bfloat16, spec, seed=7)
+    config = dataclasses.replace(triton_backward.default_config(torch.bfloat16, E, k, H, I, T),
+                                 wgrad_path=W.GROUPED_MM, dgrad_path=dgrad)
+    z = torch.randn(T * k, 2 * I, device=DEVICE).bfloat16()
+    grad_out = torch.randn(T, H, device=DEVICE).bfloat16()
+    S_pad = triton_backward.align_rows(dev[1], E, config.rows.block_m).sorted_rows.numel()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grads = triton_backward.experts_backward(grad_out, *dev, spec, config, z=z)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    returned = sum(g.numel() * g.element_size() for g in grads if g is not None)
+    row, width_i = S_pad * H * 2, S_pad * 3 * I * 2  # one [S_pad, H] buffer; dz and act
+    assert peak <= returned + width_i + 1.5 * row, (peak / row, returned / row, width_i / row)
 
 
 @pytest.mark.gpu
