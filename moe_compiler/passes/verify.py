@@ -73,8 +73,10 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def random_ids(T: int, E: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """[T, k] distinct experts per token."""
-    return torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k]
+    """[T, k] distinct experts per token; with more slots than experts (k > E: an expert-parallel rank holding
+    fewer experts than the top-k) the slots past the E-th hold E, the off-rank sentinel."""
+    ids = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k]
+    return torch.cat([ids, ids.new_full((T, k - E), E)], dim=1) if k > E else ids
 
 
 def with_sentinels(ids: torch.Tensor, E: int) -> torch.Tensor:
@@ -115,6 +117,9 @@ def experts_region(gm: fx.GraphModule, region, call: OpCall, output: fx.Node, sh
         size = [hint(s) for s in value.shape]
         if node is t.topk_ids:
             T, k = size
+            if k > hint(shape["E"]) and not sentinels:  # a top-k over E experts has k <= E
+                raise Reject(f"numerical check: top-k of {k} over {hint(shape['E'])} experts without expert "
+                             "parallelism's sentinel ids: NYI")
             ids = random_ids(T, hint(shape["E"]), k, gen)
             return (with_sentinels(ids, hint(shape["E"])) if sentinels else ids).to(device=device, dtype=value.dtype)
         if node is t.topk_weights:

@@ -87,6 +87,51 @@ def test_the_op_on_the_cpu_takes_sentinels_and_refuses_ids_beyond():
             torch.ops.moe_compiler.experts(hidden, ids_bad, w, w1, w2, **ExpertsSpec().op_kwargs())
 
 
+def _more_slots_than_experts(T, H, I, E, k, spec=ExpertsSpec(), seed=0):
+    """Inputs of an expert-parallel rank holding fewer experts than the top-k (E < k): each token's first E slots
+    hold its E distinct local experts in a random order (some moved off the rank too), the other slots the
+    sentinel E."""
+    cpu, dev = device_inputs(T, H, I, E, E, torch.float32, spec, seed)
+    cpu, dev = list(cpu), list(dev)
+    cpu[1], cpu[2] = _routing_beyond_experts(T, E, k, seed)
+    dev[1], dev[2] = cpu[1].to(DEVICE), cpu[2].to(DEVICE)
+    return cpu, dev
+
+
+def _routing_beyond_experts(T, E, k, seed):
+    """(ids [T, k], weights [T, k]) with k > E: each token's E distinct local experts and k - E sentinels, in a
+    random slot order, and every fifth slot moved off the rank too."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.cat([torch.rand(T, E, generator=gen).argsort(dim=1), torch.full((T, k - E), E)], dim=1)
+    ids = ids.gather(1, torch.rand(T, k, generator=gen).argsort(dim=1))
+    ids.view(-1)[::5] = E
+    return ids, torch.rand(T, k, generator=gen)
+
+
+@pytest.mark.parametrize("E", [1, 3])
+def test_more_slots_than_experts_on_a_rank(E):
+    """k = 4 > E: the op (CPU), the sorted and decode Triton forwards and the Triton backward equal the reference
+    (sentinel slots add nothing, their weights get no gradient)."""
+    cpu, dev = _more_slots_than_experts(7, 32, 16, E, 4)
+    hidden, ids, w, w1, w2 = cpu[:5]
+    want = experts_reference(hidden, ids, w, w1, w2)
+    assert rel_err(torch.ops.moe_compiler.experts(hidden, ids, w, w1, w2, **ExpertsSpec().op_kwargs()), want) <= 1e-5
+    for forward, config in ((triton_experts.experts_forward, SORTED), (triton_decode.experts_forward, DECODE)):
+        with poisoned_allocations():
+            out, ok = forward(*dev, ExpertsSpec(), config)
+        assert int(ok) == 1 and rel_err(out.cpu(), want) <= 1e-5
+    grad_out = torch.randn(7, 32)
+    config = triton_backward.BackwardConfig(rows=SORTED, dz=SMALL, wgrad_m=16, wgrad=SMALL)
+    with poisoned_allocations():
+        got = triton_backward.experts_backward(grad_out.to(DEVICE), *dev, ExpertsSpec(), config)
+    leaves = [t.double().requires_grad_(True) for t in (hidden, w, w1, w2)]
+    ref = experts_reference(leaves[0], ids, *leaves[1:])
+    wants = torch.autograd.grad(ref, leaves, grad_out.double())
+    for g, r in zip((got[0], got[1], got[2], got[3]), wants):
+        assert rel_err(g.cpu(), r) <= 1e-4
+    assert got[1].cpu()[ids == E].abs().max() == 0
+
+
 def test_align_leaves_sentinel_pairs_out():
     ids = _with_sentinels(torch.randint(0, 5, (9, 2)), 5).to(DEVICE)
     rows = triton_align.align_rows(ids, 5, 16)
@@ -128,12 +173,16 @@ def test_triton_backward():
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4_packed"])
 @pytest.mark.parametrize("decode", [False, True], ids=["sorted", "decode"])
-def test_quantized_paths(fmt, decode):
+@pytest.mark.parametrize("E", [5, 2], ids=["k<E", "k>E"])
+def test_quantized_paths(fmt, decode, E):
     int4 = fmt == "int4_packed"
     bn, bk = (1, 32) if int4 else (32, 32)
-    args, (w1, w2) = quantized_experts_inputs(6, 64, 32, 5, 2, torch.float32, bn, bk, seed=0, weight_format=fmt)
+    args, (w1, w2) = quantized_experts_inputs(6, 64, 32, E, 2, torch.float32, bn, bk, seed=0, weight_format=fmt)
     args = list(args)
-    args[1] = _with_sentinels(args[1], 5)
+    if E == 2:  # a rank holding fewer experts than the top-k (here k = 3 > E = 2)
+        args[1], args[2] = _routing_beyond_experts(6, E, 3, seed=0)
+    else:
+        args[1] = _with_sentinels(args[1], E)
     spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
     config = QuantizedConfig(block_m=16, block_n=16, block_k=32, act="w8a16", decode=decode, int4_planes=False)
     ref = experts_reference(*args[:3], w1, w2)

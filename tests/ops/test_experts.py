@@ -215,7 +215,6 @@ def _good():
          "topk_ids values: expected expert ids in \\[0, 4\\] \\(4: the sentinel.*got min 5, max 5"),
         (lambda a: a.__setitem__(1, torch.full_like(a[1], -1)), "topk_ids values"),
         (lambda a: a.__setitem__(5, torch.zeros(4, 7)), "b_gate_up shape"),
-        (lambda a: a.__setitem__(1, torch.zeros(4, 5, dtype=torch.long)), "top-k: expected k <= E=4"),
         (lambda a: a.__setitem__(4, a[4].to("meta")),
          "devices: expected all tensors on one device, got \\['cpu', 'meta'\\]"),
     ],
@@ -223,8 +222,6 @@ def _good():
 def test_bad_inputs_raise_clear_errors(mutate, match):
     args = _good()
     mutate(args)
-    if args[2].shape != args[1].shape and "top-k" in match:
-        args[2] = torch.rand(args[1].shape)
     with pytest.raises(ValueError, match=match):
         moe_experts(*args)
 

@@ -88,12 +88,13 @@ def router_remap_rank(model, rank: int, ranks: int, sentinel_fill=None):
     return model
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_the_router_fuses_through_the_remap_on_its_output(rank, tmp_path):
-    """transformers 5.17's expert parallelism remaps on the router's output with masked fills and fmod: the same
-    values as 5.24's `where` form, so the router fuses through it; the remap stays, reading the route op's global
-    ids and weights."""
-    model = router_remap_rank(tiny_model("qwen3_moe", num_experts=4), rank, 2)
+@pytest.mark.parametrize("rank,ranks", [(0, 2), (1, 2), (3, 4)], ids=["fmod-0", "fmod-1", "one_expert_per_rank"])
+def test_the_router_fuses_through_the_remap_on_its_output(rank, ranks, tmp_path):
+    """transformers 5.17's expert parallelism remaps on the router's output with masked fills and fmod (with one
+    expert per rank: two more fills): the same values as 5.24's `where` form, so the router fuses through it; the
+    remap stays, reading the route op's global ids and weights. One expert per rank is also a rank holding fewer
+    experts than the top-k (E = 1 < k = 2): the op takes the extra sentinel slots."""
+    model = router_remap_rank(tiny_model("qwen3_moe", num_experts=4), rank, ranks)
     compiled, eager, summary = compiled_and_eager(model, tmp_path)
     assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")) == 2
     assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_router")) == 2, summary
