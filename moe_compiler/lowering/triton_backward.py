@@ -327,11 +327,10 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
         ones = scaled_do.new_ones(scaled_do.shape[0], 8) if b_down is not None else None
         down = lib.down_grads(scaled_do, zero_padding_rows(act, rows, bm), seg, spec.transposed, ones)
         del scaled_do, act
-        x_rows = gathered(hidden, rows, weights, k, bm)
-        dz = zero_padding_rows(dz, rows, bm)
-        gate_up = lib.gate_up_grads(dz, x_rows, seg, spec.transposed, b_gate_up is not None)
-        grads = (gate_up[0], down[0], gate_up[1], down[1])
-        return (d_hidden, d_weights.to(topk_weights.dtype), *_cast(grads, w_gate_up, w_down, b_gate_up, b_down))
+        gate_up = lib.gate_up_grads(zero_padding_rows(dz, rows, bm), hidden, rows, weights, k, seg, bm,
+                                    spec.transposed, b_gate_up is not None)
+        return _library_grads(d_hidden, d_weights, topk_weights.dtype, gate_up, down, w_gate_up, w_down, b_gate_up,
+                              b_down)
     d_w_down = torch.empty_like(w_down)
     d_b_down = torch.empty_like(b_down) if b_down is not None else None
     launch_wgrad(grad_out, act, d_w_down, d_b_down, weights, rows, k, config, left_gather=True, left_scale=True,
@@ -343,8 +342,11 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     return d_hidden, d_weights.to(topk_weights.dtype), d_w_gate_up, d_w_down, d_b_gate_up, d_b_down
 
 
-def _cast(grads, *like):
-    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
+def _library_grads(d_hidden, d_weights, weights_dtype, gate_up, down, w_gate_up, w_down, b_gate_up, b_down):
+    """The backward's result from the library weight gradients ((d_w, d_b) pairs), in the weights' dtypes."""
+    grads = (gate_up[0], down[0], gate_up[1], down[1])
+    like = (w_gate_up, w_down, b_gate_up, b_down)
+    return d_hidden, d_weights.to(weights_dtype), *(None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
 
 
 def _library_backward(grad_out, hidden, z, rows: AlignedRows, w_gate_up, w_down, b_gate_up, b_down, weights,
@@ -360,7 +362,5 @@ def _library_backward(grad_out, hidden, z, rows: AlignedRows, w_gate_up, w_down,
     d_hidden = lib.hidden_grad(dz, w_gate_up, rows, seg, spec, k, T)
     if not weight_grads:
         return d_hidden, d_weights.to(weights_dtype), None, None, None, None
-    x_rows = gathered(hidden, rows, weights, k, bm)
-    gate_up = lib.gate_up_grads(dz, x_rows, seg, spec.transposed, b_gate_up is not None)
-    grads = (gate_up[0], down[0], gate_up[1], down[1])
-    return (d_hidden, d_weights.to(weights_dtype), *_cast(grads, w_gate_up, w_down, b_gate_up, b_down))
+    gate_up = lib.gate_up_grads(dz, hidden, rows, weights, k, seg, bm, spec.transposed, b_gate_up is not None)
+    return _library_grads(d_hidden, d_weights, weights_dtype, gate_up, down, w_gate_up, w_down, b_gate_up, b_down)

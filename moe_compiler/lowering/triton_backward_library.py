@@ -110,10 +110,13 @@ def down_grads(do_rows, act_rows, seg: Segments, transposed: bool, bias_weights)
     return d_w_down, d_b_down
 
 
-def gate_up_grads(dz, x_rows, seg: Segments, transposed: bool, bias: bool):
-    """(d_w_gate_up, d_b_gate_up or None): dz^T x_rows per expert in w_gate_up's own layout, and dz's per-expert
-    column sums where there is a bias. The two gradients are separate calls so that the caller can free one's
-    gathered operand before gathering the other's ([S_pad, H] each: the backward's largest buffers)."""
+def gate_up_grads(dz, hidden, rows: AlignedRows, weights, k: int, seg: Segments, block_m: int, transposed: bool,
+                  bias: bool):
+    """(d_w_gate_up, d_b_gate_up or None): dz^T X per expert in w_gate_up's own layout (X: hidden's token rows
+    gathered into padded sorted order here, dropped on return), and dz's per-expert column sums where there is a
+    bias. dz's padding rows must be 0. A call of its own, after down_grads: the two gathered [S_pad, H] operands
+    (the backward's largest buffers) are never live together."""
+    x_rows = gathered(hidden, rows, weights, k, block_m)
     d_w_gate_up = project_dw(GroupedMM, x_rows, dz, seg, transposed)
     d_b_gate_up = GroupedMM.wgrad(dz.new_ones(dz.shape[0], 8), dz, seg)[:, 0].contiguous() if bias else None
     return d_w_gate_up, d_b_gate_up
