@@ -8,9 +8,10 @@ Per (shape, T), bf16, uniform routing, one process, every variant on the same in
     moe_torch_bwd       torch.ops.moe_compiler.experts with MOE_COMPILER_BACKWARD=torch (the torch composite)
     moe_triton_bwd      the same op, the Triton backward (lowering/triton_backward.py, the default): recomputes Z
     moe_train           experts_train(...)[0], what a compiled training graph calls: the forward saves Z, the
-                        backward reads it instead of recomputing the gate_up GEMM; default_config (weight gradients
-                        by torch's grouped GEMM over gathered rows, WGrad.GROUPED_MM; dz, d hidden by Triton)
-    moe_train_lib_all   the same with DGrad.GROUPED_MM (dz and d hidden by the library too)
+                        backward reads it instead of recomputing the gate_up GEMM; default_config (every backward
+                        GEMM by torch's grouped GEMM over gathered rows: WGrad and DGrad.GROUPED_MM)
+    moe_train_tr_dgrad  the same with DGrad.TRITON (dz and d hidden by the Triton kernels, weight gradients by the
+                        library)
     moe_train_triton    the same with every backward GEMM by the Triton kernels (WGrad.TRITON too)
 Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_out fixed, gradients of hidden,
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
@@ -35,10 +36,10 @@ from moe_compiler.tune.shapes import ALL_SHAPES
 
 from . import harness
 
-VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train", "moe_train_lib_all",
-            "moe_train_triton")
+VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train",
+            "moe_train_tr_dgrad", "moe_train_triton")
 # variant -> (WGrad, DGrad) replacing default_config's
-PATHS = {"moe_train_lib_all": ("GROUPED_MM", "GROUPED_MM"), "moe_train_triton": ("TRITON", "TRITON")}
+PATHS = {"moe_train_tr_dgrad": ("GROUPED_MM", "TRITON"), "moe_train_triton": ("TRITON", "TRITON")}
 
 
 @contextlib.contextmanager

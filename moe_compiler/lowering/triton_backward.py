@@ -99,17 +99,16 @@ class BackwardConfig:
 
 
 def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> BackwardConfig:
-    """Untuned per shape: the weight gradients by torch's grouped GEMM where it takes the operands (WGrad
-    .GROUPED_MM: whole backward 18.8 -> 17.0 ms at Qwen3-30B-A3B and 168.8 -> 134.5 ms at Mixtral-8x7B, T = 32768,
-    H200), else the Triton kernel with 128 x 128 tiles reducing 64 rows a step, 8 warps — the best of
-    probe_backward's sweep at those shapes (benchmarks/NOTES.md "backward tiles"); dz and d hidden by the Triton
-    kernels with the forward's sorted-path defaults. DGrad.GROUPED_MM (dz and d hidden by the library too) measured
-    faster still at every benchmarked shape (NOTES "train step v1": op-level 1.0-1.1x Inductor) but is not the
-    default until its GPU tests at small shapes have run to the end (they timed out unexplained)."""
+    """Untuned per shape: every GEMM of the backward by torch's grouped GEMM where it takes the operands
+    (DGrad.GROUPED_MM; H200, op forward + backward with the saved Z, T = 32768: Qwen3-30B-A3B 19.7 -> 16.7 ms,
+    Mixtral-8x7B 139.1 -> 117.6 ms, GPT-OSS-20B 43.6 -> 38.4 ms against dz and d hidden by Triton; benchmarks/NOTES.md
+    "train step v3"), else the Triton kernels: weight gradients with 128 x 128 tiles reducing 64 rows a step,
+    8 warps (the best of probe_backward's sweep, NOTES "backward tiles"); dz and d hidden with the forward's
+    sorted-path defaults."""
     rows = triton_config.default_sorted_config(dtype, E, k, T)
     return BackwardConfig(rows=rows, dz=rows.gate_up, wgrad_m=128,
                           wgrad=KernelConfig(block_n=128, block_k=64, num_warps=8, num_stages=3),
-                          wgrad_path=WGrad.GROUPED_MM)
+                          wgrad_path=WGrad.GROUPED_MM, dgrad_path=DGrad.GROUPED_MM)
 
 
 @triton.jit(do_not_specialize=["GROUP_M"])
