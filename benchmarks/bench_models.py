@@ -13,9 +13,9 @@ Parts (bf16, no gradients):
                 B in {1, 8}: tokens/s (eager: transformers' generate without compiling)
     train       a training step (forward with labels, backward; no optimizer) at 1 x 4096 and 4 x 4096 tokens,
                 not in the default parts: eager, Inductor, fused_moe as is (a training graph keeps Inductor's
-                MoE), fused_moe with moe_compiler.training=True and the torch backward ("fused_train") and with
-                the Triton backward ("fused_train_triton"); error: the loss vs eager, and every expert weight
-                gradient at once vs eager's (one norm: see grads_rel_err)
+                MoE), fused_moe with moe_compiler.training=True and its default backward on CUDA ("fused_train"),
+                and with the torch composite backward ("fused_train_torch", only with --train-variants); error:
+                the loss vs eager, and every expert weight gradient at once vs eager's (one norm: grads_rel_err)
 Times: median wall time per call over repeated calls after warm-up (CUDA events around each call; a call
 includes its host time, as a user's step does). Compile time: the first call's wall time. Memory: peak
 allocated during the variant (train: during the timed steps, and of the first call, each above what the
@@ -44,9 +44,10 @@ TRAIN_VARIANTS = {
     "eager": (None, "torch"),
     "inductor": (dict(backend="inductor"), "torch"),
     "fused_moe": (dict(backend="fused_moe"), "torch"),
-    "fused_train": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "torch"),
-    "fused_train_triton": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "triton"),
+    "fused_train": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "triton"),
+    "fused_train_torch": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "torch"),
 }
+DEFAULT_TRAIN_VARIANTS = ("eager", "inductor", "fused_moe", "fused_train")
 
 
 def first_call_s(fn) -> float:
@@ -157,7 +158,10 @@ def train_point(model, how, backward: str, ids, reps=5):
     return row, loss, grads
 
 
-def bench_train(model, name) -> list[dict]:
+def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS) -> list[dict]:
+    """The train part; `variants` from TRAIN_VARIANTS, eager (the reference of the errors) and inductor (of the
+    ratios) always among them."""
+    variants = dict.fromkeys(("eager", "inductor", *variants))
     model.train()
     rows = []
     V = model.config.vocab_size
@@ -166,7 +170,8 @@ def bench_train(model, name) -> list[dict]:
         ids = torch.randint(0, V, (B, 4096), device="cuda", generator=gen)
         row = {"model": name, "layers": model.config.num_hidden_layers, "part": f"train {B}x4096", "mode": "default"}
         ref_loss = ref_grads = None
-        for variant, (how, backward) in TRAIN_VARIANTS.items():
+        for variant in variants:
+            how, backward = TRAIN_VARIANTS[variant]
             cells, loss, grads = train_point(model, how, backward, ids)
             if how is None:
                 ref_loss, ref_grads = loss, grads
@@ -176,15 +181,17 @@ def bench_train(model, name) -> list[dict]:
             del grads  # not held while the next variant is measured
             row.update({f"{variant}_{k}": v for k, v in cells.items()})
             print(row["part"], variant, cells, flush=True)
-        row["speedup"] = row["inductor_ms"] / row["fused_moe_ms"]  # what a user gets today (the guard)
-        row["speedup_fused_train"] = row["inductor_ms"] / row["fused_train_ms"]
-        row["speedup_triton"] = row["inductor_ms"] / row["fused_train_triton_ms"]
+        for variant in variants:
+            if variant not in ("eager", "inductor"):
+                row[f"speedup_{variant}"] = row["inductor_ms"] / row[f"{variant}_ms"]
+        # what a user gets: the guard's (Inductor's MoE) without the switch
+        row["speedup"] = row.get("speedup_fused_moe", float("nan"))
         rows.append(row)
     model.eval()
     return rows
 
 
-def bench_model(name, parts, layers=None):
+def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS):
     model = build(name, layers=layers)
     V = model.config.vocab_size
     gen = torch.Generator("cuda").manual_seed(0)
@@ -222,7 +229,7 @@ def bench_model(name, parts, layers=None):
             row["speedup"] = row["fused_moe_tok_s"] / row["inductor_tok_s"]
             rows.append(row)
     if "train" in parts:
-        rows += bench_train(model, name)
+        rows += bench_train(model, name, train_variants)
     del model
     torch.cuda.empty_cache()
     return rows
@@ -243,14 +250,16 @@ def print_table(rows):
               + f" {r['speedup']:>6.2f} {err:>15} {comp:>20}")
     train = [r for r in rows if r["part"].startswith("train")]
     if train:
-        print("\ntraining step, ms (ratio: inductor / variant; loss rel err and largest expert-gradient rel err "
-              "vs eager)")
-        print(f"{'model':>16} {'part':>12} " + " ".join(f"{v:>19}" for v in TRAIN_VARIANTS))
+        variants = [v for v in TRAIN_VARIANTS if any(f"{v}_ms" in r for r in train)]
+        print("\ntraining step: ms, inductor / variant, peak GiB of the timed steps; then loss and expert-gradient rel "
+              "err vs eager")
+        print(f"{'model':>16} {'part':>12} " + " ".join(f"{v:>24}" for v in variants))
         for r in train:
-            cells = [f"{r[f'{v}_ms']:8.1f} {r['inductor_ms'] / r[f'{v}_ms']:5.2f}x" for v in TRAIN_VARIANTS]
-            print(f"{r['model']:>16} {r['part']:>12} " + " ".join(f"{c:>19}" for c in cells))
+            cells = [f"{r.get(f'{v}_ms', float('nan')):8.1f} {r['inductor_ms'] / r.get(f'{v}_ms', float('nan')):5.2f}x "
+                     f"{r.get(f'{v}_peak_gib', float('nan')):5.1f}G" for v in variants]
+            print(f"{r['model']:>16} {r['part']:>12} " + " ".join(f"{c:>24}" for c in cells))
             print(f"{'':>16} {'err':>12} " + " ".join(
-                f"{r.get(f'{v}_err', 0):8.1e} {r.get(f'{v}_grad_err', 0):8.1e}" for v in TRAIN_VARIANTS))
+                f"{r.get(f'{v}_err', 0):11.1e} {r.get(f'{v}_grad_err', 0):11.1e}" for v in variants))
 
 
 def label(row) -> str:
@@ -284,6 +293,8 @@ def main():
     ap = harness.parser(__doc__, shapes=MODELS, out="models")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS))
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's entry in models.py)")
+    ap.add_argument("--train-variants", nargs="+", choices=list(TRAIN_VARIANTS), default=list(DEFAULT_TRAIN_VARIANTS),
+                    help="the train part's variants (eager and inductor always run)")
     ap.add_argument("--from-json", help="print the table and draw the plot of an earlier run's results file")
     args = ap.parse_args()
     if args.from_json:
@@ -295,7 +306,7 @@ def main():
     harness.compile_per_shape()
     rows = []
     for name in args.shapes:
-        rows += bench_model(name, args.parts, args.layers)
+        rows += bench_model(name, args.parts, args.layers, args.train_variants)
         if os.environ.get("OUT"):
             harness.write_json(os.path.join(os.environ["OUT"], "models.json"), rows)
     print_table(rows)
