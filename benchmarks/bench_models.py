@@ -16,6 +16,9 @@ Parts (bf16, no gradients):
                 MoE), fused_moe with moe_compiler.training=True and its default backward on CUDA ("fused_train"),
                 and with the torch composite backward ("fused_train_torch", only with --train-variants); error:
                 the loss vs eager, and every expert weight gradient at once vs eager's (one norm: grads_rel_err)
+With --bound, every part also runs "free_moe": Inductor with each routed-experts module returning zeros (router,
+shared experts and the rest unchanged) — the time of a model whose routed experts cost nothing, so inductor /
+free_moe ("bound") is the most any experts implementation can gain over Inductor in that cell.
 Times: median wall time per call over repeated calls after warm-up (CUDA events around each call; a call
 includes its host time, as a user's step does). Compile time: the first call's wall time. Memory: peak
 allocated during the variant (train: during the timed steps, and of the first call, each above what the
@@ -25,6 +28,7 @@ Ratios in the table: torch.compile time / fused_moe time (> 1: fused_moe is fast
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -46,8 +50,24 @@ TRAIN_VARIANTS = {
     "fused_moe": (dict(backend="fused_moe"), "torch"),
     "fused_train": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "triton"),
     "fused_train_torch": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "torch"),
+    "free_moe": (dict(backend="inductor"), "torch"),  # under free_experts (--bound)
 }
 DEFAULT_TRAIN_VARIANTS = ("eager", "inductor", "fused_moe", "fused_train")
+
+
+@contextlib.contextmanager
+def free_experts(model):
+    """Every routed-experts module (transformers' `*Experts` classes) returns zeros: the free-MoE bound."""
+    experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+    if not experts:
+        raise SystemExit("bench_models --bound: no *Experts module in the model")
+    for m in experts:
+        m.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
+    try:
+        yield
+    finally:
+        for m in experts:
+            del m.forward
 
 
 def first_call_s(fn) -> float:
@@ -172,10 +192,11 @@ def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS) -> list[dict]:
         ref_loss = ref_grads = None
         for variant in variants:
             how, backward = TRAIN_VARIANTS[variant]
-            cells, loss, grads = train_point(model, how, backward, ids)
+            with free_experts(model) if variant == "free_moe" else contextlib.nullcontext():
+                cells, loss, grads = train_point(model, how, backward, ids)
             if how is None:
                 ref_loss, ref_grads = loss, grads
-            elif loss is not None and ref_loss is not None:
+            elif loss is not None and ref_loss is not None and variant != "free_moe":
                 cells["err"] = rel_err(loss, ref_loss)
                 cells["grad_err"] = grads_rel_err(grads, ref_grads)
             del grads  # not held while the next variant is measured
@@ -184,6 +205,8 @@ def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS) -> list[dict]:
         for variant in variants:
             if variant not in ("eager", "inductor"):
                 row[f"speedup_{variant}"] = row["inductor_ms"] / row[f"{variant}_ms"]
+        if "free_moe" in variants:
+            row["bound"] = row.pop("speedup_free_moe")
         # what a user gets: the guard's (Inductor's MoE) without the switch
         row["speedup"] = row.get("speedup_fused_moe", float("nan"))
         rows.append(row)
@@ -191,7 +214,7 @@ def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS) -> list[dict]:
     return rows
 
 
-def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS):
+def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS, bound=False):
     model = build(name, layers=layers)
     V = model.config.vocab_size
     gen = torch.Generator("cuda").manual_seed(0)
@@ -215,6 +238,12 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS)
             row.update({f"{variant}_{k}": v for k, v in cells.items()})
             print(part, mode, variant, cells, flush=True)
         row["speedup"] = row["inductor_ms"] / row["fused_moe_ms"]
+        if bound:
+            with free_experts(model):
+                cells, _ = forward_point(model, "inductor", None if mode == "default" else mode, ids, None, reps)
+            row.update({f"free_moe_{k}": v for k, v in cells.items()})
+            row["bound"] = row["inductor_ms"] / row["free_moe_ms"]
+            print(part, mode, "free_moe", cells, flush=True)
         rows.append(row)
     if "generate" in parts:
         for B in (1, 8):
@@ -227,9 +256,15 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS)
                 print(row["part"], variant, cells, flush=True)
             row["fused_moe_same_tokens_as_eager"] = float((tokens["fused_moe"] == tokens["eager"]).float().mean())
             row["speedup"] = row["fused_moe_tok_s"] / row["inductor_tok_s"]
+            if bound:
+                with free_experts(model):
+                    cells, _ = generate_point(model, "inductor", B)
+                row.update({f"free_moe_{k}": v for k, v in cells.items()})
+                row["bound"] = row["free_moe_tok_s"] / row["inductor_tok_s"]
+                print(row["part"], "free_moe", cells, flush=True)
             rows.append(row)
     if "train" in parts:
-        rows += bench_train(model, name, train_variants)
+        rows += bench_train(model, name, (*train_variants, "free_moe") if bound else train_variants)
     del model
     torch.cuda.empty_cache()
     return rows
@@ -237,7 +272,7 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS)
 
 def print_table(rows):
     print(f"\n{'model':>16} {'part':>12} {'mode':>15} {'unit':>6} {'eager':>9} {'inductor':>9} {'fused':>9} "
-          f"{'ratio':>6} {'err ind/fused':>15} {'compile s ind/fused':>20}")
+          f"{'ratio':>6} {'bound':>6} {'err ind/fused':>15} {'compile s ind/fused':>20}")
     for r in rows:
         if r["part"].startswith("train"):
             continue
@@ -247,7 +282,7 @@ def print_table(rows):
         comp = f"{r['inductor_compile_s']:.0f}/{r['fused_moe_compile_s']:.0f}"
         print(f"{r['model']:>16} {r['part']:>12} {r['mode']:>15} {'tok/s' if unit == 'tok_s' else 'ms':>6} "
               + " ".join(f"{c:>9.2f}" if c is not None else f"{'-':>9}" for c in cells)
-              + f" {r['speedup']:>6.2f} {err:>15} {comp:>20}")
+              + f" {r['speedup']:>6.2f} {r.get('bound', float('nan')):>6.2f} {err:>15} {comp:>20}")
     train = [r for r in rows if r["part"].startswith("train")]
     if train:
         variants = [v for v in TRAIN_VARIANTS if any(f"{v}_ms" in r for r in train)]
@@ -295,6 +330,9 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's entry in models.py)")
     ap.add_argument("--train-variants", nargs="+", choices=list(TRAIN_VARIANTS), default=list(DEFAULT_TRAIN_VARIANTS),
                     help="the train part's variants (eager and inductor always run)")
+    ap.add_argument("--bound", action="store_true",
+                    help="also time each cell with the routed experts free (free_moe): the most any experts "
+                         "implementation can gain there")
     ap.add_argument("--from-json", help="print the table and draw the plot of an earlier run's results file")
     args = ap.parse_args()
     if args.from_json:
@@ -306,7 +344,7 @@ def main():
     harness.compile_per_shape()
     rows = []
     for name in args.shapes:
-        rows += bench_model(name, args.parts, args.layers, args.train_variants)
+        rows += bench_model(name, args.parts, args.layers, args.train_variants, args.bound)
         if os.environ.get("OUT"):
             harness.write_json(os.path.join(os.environ["OUT"], "models.json"), rows)
     print_table(rows)
