@@ -5,11 +5,11 @@ line per config to a JSON-lines file, the best per point printed last. NOTES.md:
     python -m benchmarks.probes.probe_quantized_tiles --format fp8 --shapes deepseek_v3 --tokens 1 8 128 1024 4096
     python -m benchmarks.probes.probe_quantized_tiles --format int4 --shapes kimi_k2 --tokens 1 8 128 1024
 
-Decode points (default_config(...).decode) sweep the GEMVs' block_n, block_k, warps and stages, and the sorted
-path at small tiles beside them; sorted points sweep block_m (the two sizes nearest the rows per expert), block_n,
-warps/stages and the format's switch (FP8: act; INT4: int4_planes), and for FP8 from 8 rows per expert the
-unfused gate_up (fused_act=False) under w8a8_rows. Configs a GPU cannot run (shared memory) are skipped and
-counted.
+Decode points (default_config(...).decode) sweep the GEMVs' block_n, block_k, warps and stages (FP8: with each
+Fp8Gemv arithmetic), and the sorted path at small tiles beside them; sorted points sweep block_m (the two sizes
+nearest the rows per expert), block_n, warps/stages and the format's switch (FP8: act; INT4: int4_planes), and for
+FP8 from 8 rows per expert the unfused gate_up (fused_act=False) under w8a8_rows. Configs a GPU cannot run
+(shared memory) are skipped and counted.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, i
             yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
             if int4:  # the GEMVs' other INT4 form: 2-D nibble planes
                 yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s, int4_planes=not base.int4_planes)
+        if not int4:  # the FP8 GEMVs' other arithmetic (Fp8Gemv): in-thread chunks, tensor-core dots
+            for bn, bk, (w, s) in itertools.product((8, 16, 32), (128, 256), ((2, 3), (4, 3))):
+                yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s, fp8_gemv="chunks")
+            for gemv, bn, (w, s) in itertools.product(("dot", "dot_w8a8"), (16, 32, 64, 128),
+                                                      ((2, 3), (4, 3), (4, 4), (8, 4))):
+                yield rep(base, block_n=bn, block_k=128, num_warps=w, num_stages=s, fp8_gemv=gemv)
         for bn, (w, s) in itertools.product((32, 64, 128), ((4, 3), (4, 4))):
             yield rep(base, decode=False, block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=s,
                       act="w8a16")
@@ -112,6 +118,7 @@ def main():
     for name, T, base_us, top in best:
         desc = " | ".join(f"{us:.0f}: m{c.block_m} n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}"
                           f"{' dec' if c.decode else ''}{' ' + c.act.value if c.act_fp8 and not int4 else ''}"
+                          f"{' ' + c.fp8_gemv.value if c.decode and not int4 else ''}"
                           f"{' pl' if int4 and c.int4_planes else ''}{'' if c.fused_act else ' unfused'}"
                           for us, c in top)
         print(f"{name:>14} {T:>5} {base_us:11.1f} {top[0][0]:9.1f}  {desc}")

@@ -57,6 +57,17 @@ class ActQuant(str, enum.Enum):
     ROWS = "w8a8_rows"
 
 
+class Fp8Gemv(str, enum.Enum):
+    """The FP8 decode GEMVs' arithmetic (the bytes they read are the same)."""
+
+    FMA = "fma"  # every value converted, multiplied by its scale, FMA'd with x in fp32
+    CHUNKS = "chunks"  # 16 values' products summed in one thread, then multiplied by their block's scale
+    DOT = "dot"  # tensor cores: the tile converted to x's dtype, one mma per 16 rows x 16 values, scale on the sums
+    # tensor cores on e4m3 x e4m3 (w8a8: x rounded per row and 128 columns in the step, as ActQuant.ROWS does, so
+    # decode and prefill give the same numbers): the weights go to the mma as stored, no conversion at all
+    DOT_W8A8 = "dot_w8a8"
+
+
 # The kernels' ACT_Q constexpr: one code per ActQuant (INT4 always 0: its dot takes exact activations).
 ACT_Q_CODE = {ActQuant.NONE: 0, ActQuant.TILE: 1, ActQuant.ROWS: 2}
 
@@ -80,6 +91,8 @@ class QuantizedConfig:
     # or one dot on the tile reshaped in registers. INT4 GEMVs: 2-D nibble planes summed per word before its
     # scale, or the 3-D [rows, words, 8] tile
     int4_planes: bool = True
+    # How the FP8 GEMVs multiply (Fp8Gemv; triton_quantized_decode.py).
+    fp8_gemv: Fp8Gemv = Fp8Gemv.FMA
     # The GEMV path of triton_quantized_decode.py (block_n, block_k, warps and stages; no sort, no tensor cores)
     # instead of the sorted grouped GEMMs.
     decode: bool = False
@@ -90,6 +103,11 @@ class QuantizedConfig:
                 raise ValueError(f"QuantizedConfig.act: expected an ActQuant or one of "
                                  f"{[a.value for a in ActQuant]}, got {self.act!r}")
             object.__setattr__(self, "act", ActQuant(self.act))
+        if not isinstance(self.fp8_gemv, Fp8Gemv):
+            if self.fp8_gemv not in {g.value for g in Fp8Gemv}:
+                raise ValueError(f"QuantizedConfig.fp8_gemv: expected an Fp8Gemv or one of "
+                                 f"{[g.value for g in Fp8Gemv]}, got {self.fp8_gemv!r}")
+            object.__setattr__(self, "fp8_gemv", Fp8Gemv(self.fp8_gemv))
 
     @property
     def act_fp8(self) -> bool:

@@ -18,6 +18,12 @@ step lies in one scale block (BLOCK_K divides bk: one scale per row) or spans wh
 bk: one scale per row and block, picked per column), an INT4 tile's words are split into nibbles and scaled per
 group of bk columns. fp32 FMAs into a [BLOCK_N, BLOCK_K] accumulator, one reduction
 after the loop (no tensor cores needed), as in triton_decode.py.
+
+The bytes are the floor, but on an H200 a GEMV that spends 5-7 instructions per value is bound by instruction
+issue first (SASS counts: benchmarks/NOTES.md "quantized GEMVs v3"). So the arithmetic per value is what the
+variants differ in: INT4 planes take one shift, one LOP3 and one FMA per value (_unit_plane); FP8 (Fp8Gemv) either
+converts and scales every value (FMA), sums 16 values in one thread before their scale (CHUNKS), or feeds the
+tensor cores (DOT: the tile converted to x's dtype; DOT_W8A8: e4m3 x e4m3, x rounded per 128 columns).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_decode import check_ids, pair_buffers
-from .triton_quantized import _scale_view, int4_values
+from .triton_experts import dot_precision
+from .triton_quantized import ACT_GROUP, Fp8Gemv, _e4m3_scale, _scale_view, int4_values
 
 
 @triton.jit
@@ -104,29 +111,110 @@ def _row_dots(acc, TILE3D: tl.constexpr):
 
 
 @triton.jit
+def _unit_plane(words, J: tl.constexpr):
+    """fp32 1 + u / 16 of nibble J of int32 words (u = the stored nibble, value + 8), exactly: the nibble moved to
+    mantissa bits 19..22 and ORed into 1.0's bits — one shift and one LOP3 (and + or) per value, no conversion and
+    no add (the +8 offset and the 1.0 come off once per word: _int4_plane_step)."""
+    if 19 - 4 * J >= 0:
+        t = words << (19 - 4 * J)
+    else:  # (arithmetic or logical: the mask keeps bits 19..22 only)
+        t = words >> (4 * J - 19)
+    return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _int4_plane_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
                      EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr):
     """[BLOCK_N, BLOCK_KW] fp32: each word's share of the rows' dot products with x at k0, as 8 nibble planes
-    (plane j: values k0 + 8 kw + j, x read with a stride of 8) summed before the word's scale multiplies once:
-    2-D tiles only, one scale multiply per word instead of per value."""
+    (plane j: values k0 + 8 kw + j, x read with a stride of 8): 2-D tiles only, one scale multiply per word.
+    Per value one shift, one LOP3 and one FMA (the GEMV is bound by instruction issue, not bytes, at 5-7 per
+    value: NOTES "INT4 GEMV v3"): p = sum_j (1 + u_j / 16) x_j, so the word's sum_j (u_j - 8) x_j is
+    16 p - 24 sum_j x_j, with sum_j x_j shared by every row of the tile."""
     kw = tl.arange(0, BLOCK_KW)
     if EVEN_K:
         words = tl.load(w_ptrs)
     else:
         words = tl.load(w_ptrs, mask=(kw[None, :] < (K - k0) // 8), other=0)
     part = tl.zeros(words.shape, dtype=tl.float32)
+    x_sum = tl.zeros([BLOCK_KW], dtype=tl.float32)
     for j in tl.static_range(8):
         if EVEN_K:
             xj = tl.load(x_row + k0 + kw * 8 + j).to(tl.float32)
         else:
             xj = tl.load(x_row + k0 + kw * 8 + j, mask=kw * 8 + j < K - k0, other=0.0).to(tl.float32)
-        part += int4_values(words, 4 * j) * xj[None, :]
+        part += _unit_plane(words, j) * xj[None, :]
+        x_sum += xj
     kk = k0 + kw * 8
     s = tl.load(s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64)[:, None] * stride_sn
                 + (kk[None, :] // SCALE_BK) * stride_sk, mask=kk[None, :] < K, other=0.0).to(tl.float32)
     if E8M0:
         s = tl.exp2(s - 127.0)
+    return (16.0 * part - 24.0 * x_sum[None, :]) * s
+
+
+@triton.jit
+def _weight_ptrs(w_ptr, e, rows, stride_we, stride_wn, stride_wk, BLOCK_KW: tl.constexpr, CHUNK: tl.constexpr):
+    """The rows' stored words of the first K step: [BLOCK_N, BLOCK_KW], or [BLOCK_N, BLOCK_KW / CHUNK, CHUNK]."""
+    base = w_ptr + e * stride_we
+    if CHUNK > 0:  # (one return: Triton compiles both branches' types)
+        kc = tl.arange(0, BLOCK_KW // CHUNK)[None, :, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
+        ptrs = base + rows[:, None, None].to(tl.int64) * stride_wn + kc * stride_wk
+    else:
+        ptrs = base + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_KW)[None, :] * stride_wk
+    return ptrs
+
+
+@triton.jit
+def _fp8_chunk_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                    EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+    """[BLOCK_N, BLOCK_K / CHUNK] fp32: each CHUNK values' share of the rows' dot products with x at k0, summed
+    inside the thread that holds them (one 16-byte load) and only then multiplied by their scale block's scale
+    (CHUNK divides the scale block): one FMA per value instead of a multiply by the scale and an FMA."""
+    kc = tl.arange(0, BLOCK_K // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    c0 = tl.arange(0, BLOCK_K // CHUNK) * CHUNK
+    if EVEN_K:
+        q = tl.load(w_ptrs)
+        x = tl.load(x_row + k0 + kc)
+    else:
+        q = tl.load(w_ptrs, mask=kc[None, :, :] < K - k0, other=0.0)
+        x = tl.load(x_row + k0 + kc, mask=kc < K - k0, other=0.0)
+    part = tl.sum(q.to(tl.float32) * x.to(tl.float32)[None, :, :], axis=2)
+    blocks = tl.minimum(k0 + c0, K - 1) // SCALE_BK  # a K tail's chunks: a block in bounds (their values are 0)
+    s = tl.load(s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64)[:, None] * stride_sn
+                + blocks[None, :] * stride_sk).to(tl.float32)
+    if E8M0:
+        s = tl.exp2(s - 127.0)
     return part * s
+
+
+@triton.jit
+def _fp8_dot_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                  EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  ACT8: tl.constexpr):
+    """[BLOCK_N, 16] fp32: the rows' products with x over the step (one scale block: BLOCK_K divides it) in column
+    0, zeros beside it, times the rows' scales. The tile goes to the tensor cores in x's dtype (every e4m3 value
+    is exact in bf16 / fp16), x as the dot's [BLOCK_K, 16] operand with the token in column 0 (an mma's N is at
+    least 8, Triton's dot 16): no per-value multiply or conversion to fp32 on the CUDA cores. ACT8 (BLOCK_K = 128,
+    one activation group): x rounded to e4m3 with its group's scale and the tile kept e4m3 (w8a8)."""
+    kk = tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        q = tl.load(w_ptrs)
+        x = tl.load(x_row + k0 + kk)
+    else:
+        q = tl.load(w_ptrs, mask=kk[None, :] < K - k0, other=0.0)
+        x = tl.load(x_row + k0 + kk, mask=kk < K - k0, other=0.0)
+    column0 = tl.arange(0, 16)[None, :] == 0
+    s = tl.load(s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64) * stride_sn
+                + (k0 // SCALE_BK) * stride_sk).to(tl.float32)
+    if E8M0:
+        s = tl.exp2(s - 127.0)
+    if ACT8:
+        xf = x.to(tl.float32)
+        sa = _e4m3_scale(tl.max(tl.abs(xf), axis=0))
+        prod = tl.dot(q, tl.where(column0, (xf / sa)[:, None], 0.0).to(tl.float8e4nv)) * sa
+    else:
+        prod = tl.dot(q.to(x.dtype), tl.where(column0, x[:, None], 0.0).to(x.dtype), input_precision=DOT_PRECISION)
+    return prod * s[:, None]
 
 
 @triton.jit(do_not_specialize=["SCALE_BN", "SCALE_BK"])
@@ -136,6 +224,7 @@ def _gate_up_q_gemv_kernel(
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr, K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
+    CHUNK: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACT8: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -146,18 +235,33 @@ def _gate_up_q_gemv_kernel(
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
     tok = (p // TOP_K).to(tl.int64)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
-    kw = tl.arange(0, BLOCK_KW)
-    wg_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :] * stride_wk
+    wg_ptrs = _weight_ptrs(w_ptr, e, n, stride_we, stride_wn, stride_wk, BLOCK_KW, CHUNK)
     wu_ptrs = wg_ptrs + I * stride_wn
     x_row = x_ptr + tok * stride_xm
     if TILE3D:
         acc_g = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
+    elif DOT:
+        acc_g = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    elif CHUNK > 0:
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
     else:  # FP8 [BLOCK_N, BLOCK_K], INT4 planes [BLOCK_N, BLOCK_KW]
         acc_g = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
     for k0 in tl.range(0, h_live, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
-        if PLANES:
+        if DOT:
+            acc_g += _fp8_dot_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                   SCALE_BK, EVEN_K, E8M0, BLOCK_K, DOT_PRECISION, ACT8)
+            acc_u += _fp8_dot_step(wu_ptrs, s_ptr, e, n + I, x_row, k0, H, stride_se, stride_sn, stride_sk,
+                                   SCALE_BN, SCALE_BK, EVEN_K, E8M0, BLOCK_K, DOT_PRECISION, ACT8)
+        elif CHUNK > 0:
+            acc_g += _fp8_chunk_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                     SCALE_BK, EVEN_K, E8M0, BLOCK_K, CHUNK)
+            acc_u += _fp8_chunk_step(wu_ptrs, s_ptr, e, n + I, x_row, k0, H, stride_se, stride_sn, stride_sk,
+                                     SCALE_BN, SCALE_BK, EVEN_K, E8M0, BLOCK_K, CHUNK)
+        elif PLANES:
             acc_g += _int4_plane_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
                                       SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
             acc_u += _int4_plane_step(wu_ptrs, s_ptr, e, n + I, x_row, k0, H, stride_se, stride_sn, stride_sk,
@@ -183,12 +287,12 @@ def _down_q_gemv_combine_kernel(
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
     TOP_K: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
-    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
+    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr, CHUNK: tl.constexpr, DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACT8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
-    kw = tl.arange(0, BLOCK_KW)
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # slots in order: a deterministic combine
         p = t * TOP_K + j
@@ -196,13 +300,23 @@ def _down_q_gemv_combine_kernel(
         live = e < E  # a sentinel slot (id E) adds nothing: its product is dropped below
         e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
         a_row = a_ptr + p * stride_am
-        w_ptrs = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kw[None, :] * stride_wk
+        w_ptrs = _weight_ptrs(w_ptr, e, n, stride_we, stride_wn, stride_wk, BLOCK_KW, CHUNK)
         if TILE3D:
             acc = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
+        elif DOT:
+            acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        elif CHUNK > 0:
+            acc = tl.zeros([BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
         for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
-            if PLANES:
+            if DOT:
+                acc += _fp8_dot_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                     SCALE_BK, EVEN_K, E8M0, BLOCK_K, DOT_PRECISION, ACT8)
+            elif CHUNK > 0:
+                acc += _fp8_chunk_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                       SCALE_BK, EVEN_K, E8M0, BLOCK_K, CHUNK)
+            elif PLANES:
                 acc += _int4_plane_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
                                         SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
             else:
@@ -216,6 +330,26 @@ def _down_q_gemv_combine_kernel(
     tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
 
+def fp8_chunk(block_k: int, scale_block_k: int) -> int:
+    """Fp8Gemv.CHUNKS' chunk: 16 values, or the largest power of two dividing the K step and the scale block (a
+    chunk takes one scale); 0 (every value scaled) where that is 1."""
+    chunk = 16
+    while chunk > 1 and (block_k % chunk or scale_block_k % chunk):
+        chunk //= 2
+    return chunk if chunk > 1 else 0
+
+
+def fp8_gemv_math(config, hidden: torch.Tensor, block_k: int, spec: QuantizedExpertsSpec) -> Fp8Gemv:
+    """config.fp8_gemv where it applies, else FMA: the dots need a K step inside one scale block, 16 rows per
+    program and 16 values per step (tl.dot's minimum); DOT_W8A8's step is one activation group (128 values)."""
+    dot = config.fp8_gemv in (Fp8Gemv.DOT, Fp8Gemv.DOT_W8A8)
+    if dot and (spec.scale_block_k % block_k or config.block_n < 16 or block_k < 16):
+        return Fp8Gemv.FMA
+    if config.fp8_gemv is Fp8Gemv.DOT_W8A8 and block_k != ACT_GROUP:
+        return Fp8Gemv.FMA
+    return config.fp8_gemv
+
+
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
                     spec: QuantizedExpertsSpec, config) -> torch.Tensor:
     """out [T, H]; config: triton_quantized.QuantizedConfig with decode=True (block_n, block_k, warps, stages)."""
@@ -225,12 +359,16 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     I = w_down.shape[2] * (8 if int4 else 1)
     block_k = config.block_k  # checked by triton_quantized.experts_forward, the caller
     hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, I)
+    fp8_gemv = Fp8Gemv.FMA if int4 else fp8_gemv_math(config, hidden, block_k, spec)
     s1, e8m0 = _scale_view(w_gate_up_scale)
     s2, _ = _scale_view(w_down_scale)
     common = dict(INT4=int4, E8M0=e8m0, BLOCK_N=config.block_n, BLOCK_K=block_k,
                   BLOCK_KW=block_k // 8 if int4 else block_k, NUM_STAGES=config.num_stages,
                   K_GROUPS=1 if int4 else max(1, block_k // spec.scale_block_k),
                   PLANES=int4 and config.int4_planes, TILE3D=int4 and not config.int4_planes,
+                  CHUNK=fp8_chunk(block_k, spec.scale_block_k) if fp8_gemv is Fp8Gemv.CHUNKS else 0,
+                  DOT=fp8_gemv in (Fp8Gemv.DOT, Fp8Gemv.DOT_W8A8), DOT_PRECISION=dot_precision(hidden.dtype),
+                  ACT8=fp8_gemv is Fp8Gemv.DOT_W8A8,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
         hidden, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),

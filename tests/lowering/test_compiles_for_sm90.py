@@ -166,7 +166,11 @@ for dtype in (torch.bfloat16, torch.float16):
         triton_quantized.experts_forward(*args, spec, QuantizedConfig(16, 16, 128, "w8a16", decode=True,
                                                                       int4_planes=planes))
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, torch.float8_e8m0fnu)
-    triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), QuantizedConfig(16, 16, 128, "w8a16", decode=True))
+    # FP8 GEMVs, each arithmetic (the dots at 16 rows: mma.sync; at 64 rows and 4 warps: wgmma)
+    for gemv, block_n, warps in (("fma", 16, 2), ("chunks", 16, 2), ("dot", 16, 2), ("dot_w8a8", 16, 2),
+                                 ("dot_w8a8", 64, 4)):
+        triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), QuantizedConfig(
+            16, block_n, 128, "w8a16", num_warps=warps, decode=True, fp8_gemv=gemv))
 """, OTHER_KERNELS),
 }
 
