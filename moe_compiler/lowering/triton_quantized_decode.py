@@ -128,7 +128,7 @@ def _int4_plane_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn,
     """[BLOCK_N, BLOCK_KW] fp32: each word's share of the rows' dot products with x at k0, as 8 nibble planes
     (plane j: values k0 + 8 kw + j, x read with a stride of 8): 2-D tiles only, one scale multiply per word.
     Per value one shift, one LOP3 and one FMA (the GEMV is bound by instruction issue, not bytes, at 5-7 per
-    value: NOTES "INT4 GEMV v3"): p = sum_j (1 + u_j / 16) x_j, so the word's sum_j (u_j - 8) x_j is
+    value: NOTES "quantized GEMVs v3"): p = sum_j (1 + u_j / 16) x_j, so the word's sum_j (u_j - 8) x_j is
     16 p - 24 sum_j x_j, with sum_j x_j shared by every row of the tile."""
     kw = tl.arange(0, BLOCK_KW)
     if EVEN_K:
@@ -341,11 +341,13 @@ def fp8_chunk(block_k: int, scale_block_k: int) -> int:
 
 def fp8_gemv_math(config, hidden: torch.Tensor, block_k: int, spec: QuantizedExpertsSpec) -> Fp8Gemv:
     """config.fp8_gemv where it applies, else FMA: the dots need a K step inside one scale block, 16 rows per
-    program and 16 values per step (tl.dot's minimum); DOT_W8A8's step is one activation group (128 values)."""
+    program and 16 values per step (tl.dot's minimum); DOT_W8A8 a step of one activation group (128 values) and,
+    on a GPU, e4m3 tensor cores (sm89+; the interpreter emulates them)."""
     dot = config.fp8_gemv in (Fp8Gemv.DOT, Fp8Gemv.DOT_W8A8)
     if dot and (spec.scale_block_k % block_k or config.block_n < 16 or block_k < 16):
         return Fp8Gemv.FMA
-    if config.fp8_gemv is Fp8Gemv.DOT_W8A8 and block_k != ACT_GROUP:
+    if config.fp8_gemv is Fp8Gemv.DOT_W8A8 and (block_k != ACT_GROUP or (
+            hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) < (8, 9))):
         return Fp8Gemv.FMA
     return config.fp8_gemv
 
