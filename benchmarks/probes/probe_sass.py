@@ -46,8 +46,9 @@ def compile_sass(fn, values: dict, constexprs: dict, types: dict, num_warps: int
     """(SASS text, TTGIR text) of `fn` for sm90 with the launcher's specializations of `values`."""
     signature, constants, attrs = {}, dict(constexprs), {}
     for i, p in enumerate(fn.params):
-        if p.name in constexprs:
+        if p.name in constexprs or p.is_constexpr:
             signature[p.name] = "constexpr"
+            constants.setdefault(p.name, values.get(p.name))
             continue
         v = values.get(p.name)
         if isinstance(v, int) and v == 1 and not p.do_not_specialize:

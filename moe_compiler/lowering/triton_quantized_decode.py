@@ -217,9 +217,10 @@ def _fp8_dot_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, st
     return prod * s[:, None]
 
 
-@triton.jit(do_not_specialize=["SCALE_BN", "SCALE_BK"])
+@triton.jit
 def _gate_up_q_gemv_kernel(
-    x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, S, E, H, I, TOP_K, alpha, limit, SCALE_BN, SCALE_BK,
+    x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, S, E, H, I, TOP_K, alpha, limit,
+    SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -281,9 +282,9 @@ def _gate_up_q_gemv_kernel(
     tl.store(act_ptr + p.to(tl.int64) * stride_am + n_out, out.to(act_ptr.dtype.element_ty), mask=n_out < I)
 
 
-@triton.jit(do_not_specialize=["SCALE_BN", "SCALE_BK"])
+@triton.jit
 def _down_q_gemv_combine_kernel(
-    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, E, H, I, SCALE_BN, SCALE_BK,
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, E, H, I, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
     TOP_K: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
