@@ -305,10 +305,12 @@ def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, I, alpha, limit, stride_zm, stri
     tl.store(act_ptr + r * stride_am + cols, out.to(act_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
+# SCALE_BN / SCALE_BK are constexprs: a model has one scale format (one compile), and a runtime divisor costs an
+# integer division per scale index (benchmarks/NOTES.md "quantized GEMVs v3").
+@triton.jit(do_not_specialize=["GROUP_M"])
 def _gate_up_q_kernel(
     x_ptr, xs_ptr, w_ptr, s_ptr, act_ptr, act_s_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
-    H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN, SCALE_BK,
+    H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_xm, stride_xs, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am, stride_as,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
     E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -372,10 +374,10 @@ def _gate_up_q_kernel(
         tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < n_cols)[None, :])
 
 
-@triton.jit(do_not_specialize=["GROUP_M", "SCALE_BN", "SCALE_BK"])
+@triton.jit(do_not_specialize=["GROUP_M"])
 def _down_q_kernel(
     a_ptr, as_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
-    H, I, GROUP_M, SCALE_BN, SCALE_BK,
+    H, I, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_am, stride_as, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_ym,
     EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
     E8M0: tl.constexpr,
@@ -554,9 +556,9 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
 
 # --- FP8 linear layers (the linear_quantized op): transformers' FP8Linear, read in place ----------------------
 
-@triton.jit(do_not_specialize=["SCALE_BN", "SCALE_BK"])
+@triton.jit
 def _linear_fp8_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, SCALE_BN, SCALE_BK,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_xm, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

@@ -217,7 +217,7 @@ def _fp8_dot_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, st
     return prod * s[:, None]
 
 
-@triton.jit
+@triton.jit  # SCALE_BN / SCALE_BK constexprs as in triton_quantized.py's kernels
 def _gate_up_q_gemv_kernel(
     x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, S, E, H, I, TOP_K, alpha, limit,
     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
