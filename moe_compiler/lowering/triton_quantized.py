@@ -203,6 +203,20 @@ def int4_values(words, shifts):
 
 
 @triton.jit
+def int4_unit_plane(words, J: tl.constexpr):
+    """fp32 1 + u / 16 of nibble J of int32 words (u = the stored nibble, value + 8), exactly: the nibble moved to
+    mantissa bits 19..22 and ORed into 1.0's bits — one shift and one LOP3 (and + or) per value, no conversion and
+    no add; (1 + u / 16) * 16 s - 24 s = (u - 8) s puts the offset and a scale s into one FMA, or a dot's per-word
+    sum of (1 + u / 16) x gives sum (u - 8) x as 16 p - 24 sum x. Dequantizing kernels are bound by instructions
+    per value, not bytes (benchmarks/NOTES.md "quantized GEMVs v3")."""
+    if 19 - 4 * J >= 0:
+        t = words << (19 - 4 * J)
+    else:  # (arithmetic or logical: the mask keeps bits 19..22 only)
+        t = words >> (4 * J - 19)
+    return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _int4_words(w_ptrs, k0, K, EVEN_K: tl.constexpr, BLOCK_KW: tl.constexpr):
     """[BLOCK_KW, BLOCK_N] int32 words of the K step at k0 (K counts values: K / 8 words)."""
     if EVEN_K:
@@ -236,12 +250,13 @@ def _int4_planes_step(a_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, s
     words = _int4_words(w_ptrs, k0, K, EVEN_K, BLOCK_KW)
     s = _int4_word_scales(s_ptr, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0,
                           BLOCK_KW)
+    s16, s24 = 16.0 * s, 24.0 * s  # per word: each value's (u - 8) s is then one FMA (int4_unit_plane)
     for j in tl.static_range(8):
         if EVEN_K:
             a = tl.load(a_rows + kw[None, :] * 8 + j)
         else:
             a = tl.load(a_rows + kw[None, :] * 8 + j, mask=(kw[None, :] * 8 + j < K - k0), other=0.0)
-        w = (int4_values(words, 4 * j) * s).to(a.dtype)
+        w = (int4_unit_plane(words, j) * s16 - s24).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     return acc
 

@@ -21,7 +21,7 @@ after the loop (no tensor cores needed), as in triton_decode.py.
 
 The bytes are the floor, but on an H200 a GEMV that spends 5-7 instructions per value is bound by instruction
 issue first (SASS counts: benchmarks/NOTES.md "quantized GEMVs v3"). So the arithmetic per value is what the
-variants differ in: INT4 planes take one shift, one LOP3 and one FMA per value (_unit_plane); FP8 (Fp8Gemv) either
+variants differ in: INT4 planes take one shift, one LOP3 and one FMA per value (int4_unit_plane); FP8 (Fp8Gemv) either
 converts and scales every value (FMA), sums 16 values in one thread before their scale (CHUNKS), or feeds the
 tensor cores (DOT: the tile converted to x's dtype; DOT_W8A8: e4m3 x e4m3, x rounded per 128 columns).
 """
@@ -37,7 +37,7 @@ from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_decode import check_ids, pair_buffers
 from .triton_experts import dot_precision
-from .triton_quantized import ACT_GROUP, Fp8Gemv, _e4m3_scale, _scale_view, int4_values
+from .triton_quantized import ACT_GROUP, Fp8Gemv, _e4m3_scale, _scale_view, int4_unit_plane, int4_values
 
 
 @triton.jit
@@ -111,18 +111,6 @@ def _row_dots(acc, TILE3D: tl.constexpr):
 
 
 @triton.jit
-def _unit_plane(words, J: tl.constexpr):
-    """fp32 1 + u / 16 of nibble J of int32 words (u = the stored nibble, value + 8), exactly: the nibble moved to
-    mantissa bits 19..22 and ORed into 1.0's bits — one shift and one LOP3 (and + or) per value, no conversion and
-    no add (the +8 offset and the 1.0 come off once per word: _int4_plane_step)."""
-    if 19 - 4 * J >= 0:
-        t = words << (19 - 4 * J)
-    else:  # (arithmetic or logical: the mask keeps bits 19..22 only)
-        t = words >> (4 * J - 19)
-    return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _int4_plane_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
                      EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr):
     """[BLOCK_N, BLOCK_KW] fp32: each word's share of the rows' dot products with x at k0, as 8 nibble planes
@@ -142,7 +130,7 @@ def _int4_plane_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn,
             xj = tl.load(x_row + k0 + kw * 8 + j).to(tl.float32)
         else:
             xj = tl.load(x_row + k0 + kw * 8 + j, mask=kw * 8 + j < K - k0, other=0.0).to(tl.float32)
-        part += _unit_plane(words, j) * xj[None, :]
+        part += int4_unit_plane(words, j) * xj[None, :]
         x_sum += xj
     kk = k0 + kw * 8
     s = tl.load(s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64)[:, None] * stride_sn
