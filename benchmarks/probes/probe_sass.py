@@ -100,7 +100,7 @@ def main():
                               BLOCK_KW=bk // 8 if int4 else bk, BLOCK_S=128, NUM_STAGES=stages,
                               K_GROUPS=1 if int4 else max(1, bk // 128), PLANES=int4, TILE3D=False,
                               CHUNK=qd.fp8_chunk(bk, 128) if g is Fp8Gemv.CHUNKS else 0,
-                              DOT=g in (Fp8Gemv.DOT, Fp8Gemv.DOT_W8A8), DOT_PRECISION="tf32",
+                              DOT=g.dot, DOT_PRECISION="tf32",
                               ACT8=g is Fp8Gemv.DOT_W8A8)
             sass, ttgir = compile_sass(qd._gate_up_q_gemv_kernel, SHAPES[args.format], constexprs, types, warps,
                                        stages)

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..spec import QuantizedExpertsSpec, WeightFormat
-from . import launch
+from . import device, launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import AlignedRows, align_rows
 from .triton_config import decode_suits
@@ -66,6 +66,15 @@ class Fp8Gemv(str, enum.Enum):
     # tensor cores on e4m3 x e4m3 (w8a8: x rounded per row and 128 columns in the step, as ActQuant.ROWS does, so
     # decode and prefill give the same numbers): the weights go to the mma as stored, no conversion at all
     DOT_W8A8 = "dot_w8a8"
+
+    @property
+    def dot(self) -> bool:
+        return self in (Fp8Gemv.DOT, Fp8Gemv.DOT_W8A8)
+
+
+def fp8_cores(t: torch.Tensor) -> bool:
+    """Whether `t`'s GPU has e4m3 tensor cores (sm89+; the device's cached capability: asked on every call)."""
+    return t.device.type == "cuda" and device.capability(device.index(t)) >= (8, 9)
 
 
 # The kernels' ACT_Q constexpr: one code per ActQuant (INT4 always 0: its dot takes exact activations).
@@ -144,8 +153,7 @@ def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int, dec
         return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act=ActQuant.NONE, num_warps=2, num_stages=3,
                                decode=True)
     rows = T * k / E
-    fp8_cores = hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) >= (8, 9)
-    if fp8_cores and hidden.dtype != torch.float32 and block_k >= 32:
+    if fp8_cores(hidden) and hidden.dtype != torch.float32 and block_k >= 32:
         if ACT_GROUP % block_k:  # scale blocks wider than the 128-column activation groups: round per tile
             return QuantizedConfig(block_m=16 if rows <= 32 else 64, block_n=128, block_k=block_k, act=ActQuant.TILE,
                                    num_warps=4 if rows <= 32 else 8, num_stages=3)

@@ -37,7 +37,7 @@ from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_decode import check_ids, pair_buffers
 from .triton_experts import dot_precision
-from .triton_quantized import ACT_GROUP, Fp8Gemv, _e4m3_scale, _scale_view, int4_unit_plane, int4_values
+from .triton_quantized import ACT_GROUP, Fp8Gemv, _e4m3_scale, _scale_view, fp8_cores, int4_unit_plane, int4_values
 
 
 @triton.jit
@@ -332,11 +332,10 @@ def fp8_gemv_math(config, hidden: torch.Tensor, block_k: int, spec: QuantizedExp
     """config.fp8_gemv where it applies, else FMA: the dots need a K step inside one scale block, 16 rows per
     program and 16 values per step (tl.dot's minimum); DOT_W8A8 a step of one activation group (128 values) and,
     on a GPU, e4m3 tensor cores (sm89+; the interpreter emulates them)."""
-    dot = config.fp8_gemv in (Fp8Gemv.DOT, Fp8Gemv.DOT_W8A8)
-    if dot and (spec.scale_block_k % block_k or config.block_n < 16 or block_k < 16):
+    if config.fp8_gemv.dot and (spec.scale_block_k % block_k or config.block_n < 16 or block_k < 16):
         return Fp8Gemv.FMA
     if config.fp8_gemv is Fp8Gemv.DOT_W8A8 and (block_k != ACT_GROUP or (
-            hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device) < (8, 9))):
+            hidden.device.type == "cuda" and not fp8_cores(hidden))):
         return Fp8Gemv.FMA
     return config.fp8_gemv
 
@@ -358,7 +357,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
                   K_GROUPS=1 if int4 else max(1, block_k // spec.scale_block_k),
                   PLANES=int4 and config.int4_planes, TILE3D=int4 and not config.int4_planes,
                   CHUNK=fp8_chunk(block_k, spec.scale_block_k) if fp8_gemv is Fp8Gemv.CHUNKS else 0,
-                  DOT=fp8_gemv in (Fp8Gemv.DOT, Fp8Gemv.DOT_W8A8), DOT_PRECISION=dot_precision(hidden.dtype),
+                  DOT=fp8_gemv.dot, DOT_PRECISION=dot_precision(hidden.dtype),
                   ACT8=fp8_gemv is Fp8Gemv.DOT_W8A8,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
