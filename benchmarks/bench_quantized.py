@@ -99,7 +99,9 @@ def bench_shape(name, E, k, H, I, tokens, timer, device):
                  "int4": lambda: torch.ops.moe_compiler.experts_quantized(x, ids, wts, p1, g1, p2, g2,
                                                                           **spec4.op_kwargs())}
         if base is not None:
-            sorted_tiles = dict(decode=False, block_m=16, block_n=64) if base.decode else {}
+            # the sorted path's K step lies in one scale block (the GEMVs' default spans two)
+            sorted_tiles = dict(decode=False, block_m=16, block_n=64, block_k=triton_quantized.step_k(BLOCK)) \
+                if base.decode else {}
             for variant, changes in (("w8a16", dict(act="w8a16")), ("w8a8", dict(act="w8a8_tile", **sorted_tiles)),
                                      ("rows", dict(act="w8a8_rows", **{**sorted_tiles, "block_n": 128})),
                                      ("sorted", sorted_tiles if base.decode else None)):

@@ -5,11 +5,13 @@ line per config to a JSON-lines file, the best per point printed last. NOTES.md:
     python -m benchmarks.probes.probe_quantized_tiles --format fp8 --shapes deepseek_v3 --tokens 1 8 128 1024 4096
     python -m benchmarks.probes.probe_quantized_tiles --format int4 --shapes kimi_k2 --tokens 1 8 128 1024
 
-Decode points (default_config(...).decode) sweep the GEMVs' block_n, block_k, warps and stages (FP8: with each
-Fp8Gemv arithmetic), and the sorted path at small tiles beside them; sorted points sweep block_m (the two sizes
+Decode points (default_config(...).decode) sweep the down GEMV per pair or per token, the GEMVs' block_n, block_k,
+warps and stages, and the sorted path at small tiles beside them; sorted points sweep block_m (the two sizes
 nearest the rows per expert), block_n, warps/stages and the format's switch (FP8: act; INT4: int4_planes), and for
-FP8 from 8 rows per expert the unfused gate_up (fused_act=False) under w8a8_rows. Configs a GPU cannot run
-(shared memory) are skipped and counted.
+FP8 from 8 rows per expert the unfused gate_up (fused_act=False) under w8a8_rows. --kernels: the best config's
+time per kernel (profiler). Configs a GPU cannot run (shared memory) are skipped and counted. The first config
+timed at a point (the default) has read up to 20% high (Kimi-K2 INT4 T = 1: 185 then 153 us): compare it with
+its repeat later in the sweep.
 """
 
 from __future__ import annotations
@@ -35,17 +37,16 @@ from ..bench_quantized import GROUP, fp8_weights, int4_weights
 def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, int4: bool):
     rep = dataclasses.replace
     if base.decode:
+        # The down GEMV per token (slots in a loop) against the default per pair, at the tiles that won per token.
+        for bn, bk in itertools.product((8, 16), (256, 512)):
+            yield rep(base, block_n=bn, block_k=bk, num_warps=2, num_stages=3, slot_split=False)
+            yield rep(base, block_n=bn, block_k=bk, num_warps=2, num_stages=3)
         ks = (128, 256, 512)  # FP8 GEMV steps may span whole scale blocks (K_GROUPS)
-        for bn, bk, (w, s) in itertools.product((8, 16, 32, 64), ks, ((2, 3), (4, 3), (4, 4), (4, 6), (8, 4))):
+        for bn, bk, (w, s) in itertools.product((8, 16, 32), ks, ((2, 3), (4, 3), (4, 4))):
             yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-            if int4:  # the GEMVs' other INT4 form: 2-D nibble planes
-                yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s, int4_planes=not base.int4_planes)
-        if not int4:  # the FP8 GEMVs' other arithmetic (Fp8Gemv): in-thread chunks, tensor-core dots
-            for bn, bk, (w, s) in itertools.product((8, 16, 32), (128, 256), ((2, 3), (4, 3))):
-                yield rep(base, block_n=bn, block_k=bk, num_warps=w, num_stages=s, fp8_gemv="chunks")
-            for gemv, bn, (w, s) in itertools.product(("dot", "dot_w8a8"), (16, 32, 64, 128),
-                                                      ((2, 3), (4, 3), (4, 4), (8, 4))):
-                yield rep(base, block_n=bn, block_k=128, num_warps=w, num_stages=s, fp8_gemv=gemv)
+        if int4:  # the GEMVs' other INT4 form: word-wise nibbles (lost to planes at every H200 point)
+            for bn, bk in itertools.product((8, 16), (256, 512)):
+                yield rep(base, block_n=bn, block_k=bk, num_warps=2, num_stages=3, int4_planes=not base.int4_planes)
         for bn, (w, s) in itertools.product((32, 64, 128), ((4, 3), (4, 4))):
             yield rep(base, decode=False, block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=s,
                       act="w8a16")
@@ -66,10 +67,23 @@ def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, i
         yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=s, **{switch[0]: on})
 
 
+def print_kernels(fn, calls=20):
+    """Where one call's device time goes, per kernel (CUDA time from the profiler, mean over `calls`)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]:
+        print(f"    {e.device_time_total / calls:8.1f} us  {e.count // calls}x  {e.key[:90]}")
+
+
 def main():
     ap = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=[1, 8, 128, 1024, 4096])
     ap.add_argument("--format", choices=["fp8", "int4"], default="fp8")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="stop sweeping a point after this long")
+    ap.add_argument("--kernels", action="store_true", help="each point's best config: time per kernel (profiler)")
     args = ap.parse_args()
     gpu = harness.gpu_name()
     out_path = os.path.join(os.environ.get("OUT", "."), f"quantized_tiles_{args.format}.jsonl")
@@ -112,14 +126,16 @@ def main():
             print(f"{name} T={T} {args.format}: default {base_us:.1f} us, best {results[0][0]:.1f} us "
                   f"{results[0][1]} ({len(results)} run, {skipped} skipped)", flush=True)
             best.append((name, T, base_us, results[:3]))
+            if args.kernels:
+                print_kernels(lambda c=results[0][1]: triton_quantized.experts_forward(*qargs, spec, c))
         del w1, w2, q1, q2, s1, s2
         torch.cuda.empty_cache()
     print(f"\n{'shape':>14} {'T':>5} {'default us':>11} {'best us':>9}  best configs")
     for name, T, base_us, top in best:
         desc = " | ".join(f"{us:.0f}: m{c.block_m} n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}"
                           f"{' dec' if c.decode else ''}{' ' + c.act.value if c.act_fp8 and not int4 else ''}"
-                          f"{' ' + c.fp8_gemv.value if c.decode and not int4 else ''}"
                           f"{' pl' if int4 and c.int4_planes else ''}{'' if c.fused_act else ' unfused'}"
+                          f"{' per-token' if c.decode and not c.slot_split else ''}"
                           for us, c in top)
         print(f"{name:>14} {T:>5} {base_us:11.1f} {top[0][0]:9.1f}  {desc}")
 

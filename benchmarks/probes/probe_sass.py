@@ -3,7 +3,7 @@
 before bytes).
 
     python -m benchmarks.probes.probe_sass --format int4 --tiles 8,512,2,3
-    python -m benchmarks.probes.probe_sass --format fp8 --tiles 16,128,2,3 64,128,4,3 --gemv fma dot_w8a8
+    python -m benchmarks.probes.probe_sass --format fp8 --tiles 16,128,2,3 16,256,2,3
 
 Each tile (block_n, block_k, warps, stages) of the gate_up GEMV at the shape's real strides (Kimi-K2 for INT4,
 DeepSeek-V3 for FP8; the down GEMV's loop is the same step) is compiled by Triton's own compiler with the
@@ -27,7 +27,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moe_compiler.lowering import triton_quantized_decode as qd
-from moe_compiler.lowering.triton_quantized import Fp8Gemv
 
 TYPES = dict(x_ptr="*bf16", ids_ptr="*i32", s_ptr="*bf16", act_ptr="*bf16", ok_ptr="*i32", alpha="fp32",
              limit="fp32")
@@ -86,34 +85,26 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", choices=list(SHAPES), default="int4")
     ap.add_argument("--tiles", nargs="+", default=["8,512,2,3"], help="block_n,block_k,warps,stages")
-    ap.add_argument("--gemv", nargs="+", choices=[g.value for g in Fp8Gemv], default=["fma"],
-                    help="FP8: the arithmetic (Fp8Gemv)")
     ap.add_argument("--out", help="directory for each kernel's .sass and .ttgir")
     args = ap.parse_args()
     int4 = args.format == "int4"
     types = {**TYPES, "w_ptr": "*i32" if int4 else "*fp8e4nv", "s_ptr": "*bf16" if int4 else "*fp32"}
     for tile in args.tiles:
         bn, bk, warps, stages = (int(v) for v in tile.split(","))
-        for gemv in ["fma"] if int4 else args.gemv:
-            g = Fp8Gemv(gemv)
-            constexprs = dict(ACT=0, EVEN_K=True, INT4=int4, E8M0=False, BLOCK_N=bn, BLOCK_K=bk,
-                              BLOCK_KW=bk // 8 if int4 else bk, BLOCK_S=128, NUM_STAGES=stages,
-                              K_GROUPS=1 if int4 else max(1, bk // 128), PLANES=int4, TILE3D=False,
-                              CHUNK=qd.fp8_chunk(bk, 128) if g is Fp8Gemv.CHUNKS else 0,
-                              DOT=g.dot, DOT_PRECISION="tf32",
-                              ACT8=g is Fp8Gemv.DOT_W8A8)
-            sass, ttgir = compile_sass(qd._gate_up_q_gemv_kernel, SHAPES[args.format], constexprs, types, warps,
-                                       stages)
-            ops = main_loop_ops(sass)
-            per_thread = 2 * bn * bk // (warps * 32)  # gate and up tiles
-            name = f"{args.format}_{'planes' if int4 else gemv}_n{bn}_k{bk}_w{warps}_s{stages}"
-            print(f"{name}: {sum(ops.values())} instructions per iteration for {per_thread} values per thread = "
-                  f"{sum(ops.values()) / per_thread:.2f} per value; {ops.most_common(10)}", flush=True)
-            if args.out:
-                os.makedirs(args.out, exist_ok=True)
-                for ext, text in (("sass", sass), ("ttgir", ttgir)):
-                    with open(os.path.join(args.out, f"{name}.{ext}"), "w") as f:
-                        f.write(text)
+        constexprs = dict(ACT=0, EVEN_K=True, INT4=int4, E8M0=False, BLOCK_N=bn, BLOCK_K=bk,
+                          BLOCK_KW=bk // 8 if int4 else bk, BLOCK_S=128, NUM_STAGES=stages,
+                          K_GROUPS=1 if int4 else max(1, bk // 128), PLANES=int4, TILE3D=False)
+        sass, ttgir = compile_sass(qd._gate_up_q_gemv_kernel, SHAPES[args.format], constexprs, types, warps, stages)
+        ops = main_loop_ops(sass)
+        per_thread = 2 * bn * bk // (warps * 32)  # gate and up tiles
+        name = f"{args.format}_{'planes' if int4 else 'fma'}_n{bn}_k{bk}_w{warps}_s{stages}"
+        print(f"{name}: {sum(ops.values())} instructions per iteration for {per_thread} values per thread = "
+              f"{sum(ops.values()) / per_thread:.2f} per value; {ops.most_common(10)}", flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            for ext, text in (("sass", sass), ("ttgir", ttgir)):
+                with open(os.path.join(args.out, f"{name}.{ext}"), "w") as f:
+                    f.write(text)
 
 
 if __name__ == "__main__":

@@ -57,21 +57,6 @@ class ActQuant(str, enum.Enum):
     ROWS = "w8a8_rows"
 
 
-class Fp8Gemv(str, enum.Enum):
-    """The FP8 decode GEMVs' arithmetic (the bytes they read are the same)."""
-
-    FMA = "fma"  # every value converted, multiplied by its scale, FMA'd with x in fp32
-    CHUNKS = "chunks"  # 16 values' products summed in one thread, then multiplied by their block's scale
-    DOT = "dot"  # tensor cores: the tile converted to x's dtype, one mma per 16 rows x 16 values, scale on the sums
-    # tensor cores on e4m3 x e4m3 (w8a8: x rounded per row and 128 columns in the step, as ActQuant.ROWS does, so
-    # decode and prefill give the same numbers): the weights go to the mma as stored, no conversion at all
-    DOT_W8A8 = "dot_w8a8"
-
-    @property
-    def dot(self) -> bool:
-        return self in (Fp8Gemv.DOT, Fp8Gemv.DOT_W8A8)
-
-
 def fp8_cores(t: torch.Tensor) -> bool:
     """Whether `t`'s GPU has e4m3 tensor cores (sm89+; the device's cached capability: asked on every call)."""
     return t.device.type == "cuda" and device.capability(device.index(t)) >= (8, 9)
@@ -100,11 +85,12 @@ class QuantizedConfig:
     # or one dot on the tile reshaped in registers. INT4 GEMVs: 2-D nibble planes summed per word before its
     # scale, or the 3-D [rows, words, 8] tile
     int4_planes: bool = True
-    # How the FP8 GEMVs multiply (Fp8Gemv; triton_quantized_decode.py).
-    fp8_gemv: Fp8Gemv = Fp8Gemv.FMA
     # The GEMV path of triton_quantized_decode.py (block_n, block_k, warps and stages; no sort, no tensor cores)
     # instead of the sorted grouped GEMMs.
     decode: bool = False
+    # The down GEMV: one program per (pair, column block), fp32 rows summed over the slots by a second kernel, or
+    # one per (token, column block) looping over its k slots (T = 1: k times fewer programs, one launch less).
+    slot_split: bool = True
 
     def __post_init__(self):
         if not isinstance(self.act, ActQuant):
@@ -112,11 +98,6 @@ class QuantizedConfig:
                 raise ValueError(f"QuantizedConfig.act: expected an ActQuant or one of "
                                  f"{[a.value for a in ActQuant]}, got {self.act!r}")
             object.__setattr__(self, "act", ActQuant(self.act))
-        if not isinstance(self.fp8_gemv, Fp8Gemv):
-            if self.fp8_gemv not in {g.value for g in Fp8Gemv}:
-                raise ValueError(f"QuantizedConfig.fp8_gemv: expected an Fp8Gemv or one of "
-                                 f"{[g.value for g in Fp8Gemv]}, got {self.fp8_gemv!r}")
-            object.__setattr__(self, "fp8_gemv", Fp8Gemv(self.fp8_gemv))
 
     @property
     def act_fp8(self) -> bool:
@@ -137,21 +118,28 @@ def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsS
     T = hidden.shape[0]
     if _int4(spec):
         return _default_int4(T, E, k, decode_suits(T, k, E))
-    return _default_fp8(hidden, T, E, k, step_k(spec.scale_block_k), decode_suits(T, k, E))
+    block_k = step_k(spec.scale_block_k)
+    if decode_suits(T, k, E):  # a GEMV step over two whole scale blocks where they are at most 128 wide
+        return _default_fp8_gemv(2 * block_k if block_k == spec.scale_block_k else block_k)
+    return _default_fp8(hidden, T, E, k, block_k)
 
 
-def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int, decode: bool) -> QuantizedConfig:
-    """FP8 tiles from the H200 sweeps at DeepSeek-V3's shape (NOTES.md, quantized tiles). The GEMVs: 16 rows per
-    program, 2 warps (T = 1: 118 vs 156 us at 4 warps; wider K steps measured level). The sorted path: w8a8
+def _default_fp8_gemv(block_k: int) -> QuantizedConfig:
+    """The FP8 GEMVs from the H200 sweeps (NOTES.md, "quantized GEMVs v4"): 16 rows of 256 values per program
+    (two 128-wide scale blocks), 2 warps, FMA arithmetic, the down GEMV per pair. T = 1: Qwen3-30B-A3B 20.7 us
+    (16 x 128: 33-54); DeepSeek-V3 97 (16 x 128: 92; 4 warps 118-156)."""
+    return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act=ActQuant.NONE, num_warps=2, num_stages=3,
+                           decode=True)
+
+
+def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int) -> QuantizedConfig:
+    """FP8 sorted-path tiles from the H200 sweeps at DeepSeek-V3's shape (NOTES.md, quantized tiles): w8a8
     wherever the GPU has FP8 tensor cores, the activations rounded once per row and 128 columns (w8a8_rows:
     transformers' and DeepSeek's own dynamic scheme) — faster than w8a16 and than rounding per tile at every T
     measured (1024: 4.26 vs 5.29 vs 9.10 ms; the w8a16 tile's conversion costs more than the FP8 weights save).
     Up to 8 rows per expert 16-row blocks with the activation fused into gate_up; from 16 rows, 32 then 64-row
     blocks with gate_up unfused (one accumulator, z stored, the activation a second pass: 4096 tokens 7.07 vs
     11.3 ms fused). w8a16 (fp32 activations, GPUs without FP8 cores) the sweep's best w8a16 tiles."""
-    if decode:
-        return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act=ActQuant.NONE, num_warps=2, num_stages=3,
-                               decode=True)
     rows = T * k / E
     if fp8_cores(hidden) and hidden.dtype != torch.float32 and block_k >= 32:
         if ACT_GROUP % block_k:  # scale blocks wider than the 128-column activation groups: round per tile
@@ -171,12 +159,13 @@ def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int, dec
 
 
 def _default_int4(T: int, E: int, k: int, decode: bool) -> QuantizedConfig:
-    """INT4 tiles from the H200 sweeps at Kimi-K2's shape (NOTES.md, quantized tiles): the GEMVs 8 rows of 512
-    values per program in nibble planes, 2 warps (T = 1: 167 vs 222 us with the 3-D nibble tile); the sorted
+    """INT4 tiles from the H200 sweeps at Kimi-K2's shape (NOTES.md, quantized tiles): the GEMVs 8 rows of 256
+    values per program in nibble planes, 2 warps, the down GEMV per pair (T = 1: 138.5 us; 512 values 153; the
+    down GEMV per token 152; the 3-D nibble tile 222 before the per-pair down); the sorted
     path's block_m the rows per expert rounded up to a power of two in 16..64, 128 columns, nibble planes at 16
     rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped tile above (T = 1024: 12.9 vs 17.6 ms)."""
     if decode:
-        return QuantizedConfig(block_m=16, block_n=8, block_k=512, act=ActQuant.NONE, num_warps=2, num_stages=3,
+        return QuantizedConfig(block_m=16, block_n=8, block_k=256, act=ActQuant.NONE, num_warps=2, num_stages=3,
                                decode=True, int4_planes=True)
     block_m = min(64, max(16, triton.next_power_of_2(int(-(-T * k // E)))))
     return QuantizedConfig(block_m=block_m, block_n=128, block_k=128, act=ActQuant.NONE, num_warps=4,

@@ -10,7 +10,11 @@ Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_bl
     act           [S, I]                 hidden's dtype: act(gate) * up of every pair
     out           [T, H]                 out[t] = sum_j w[t,j] * act[p] @ W_down[e]^T, slots in order
 
-    route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight + combine: grid (T, H / BLOCK_N)]
+    y             [S, H] fp32            config.slot_split: pair p's weighted down row (zero for a sentinel)
+
+    route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight: grid (S, H / BLOCK_N)]
+          -> [sum of each token's k rows in slot order: grid (T, H / 1024)]
+    (not slot_split: [down GEMV * weight + combine: grid (T, H / BLOCK_N)], each program looping over k slots)
 
 At decode the op is a stream of weight bytes (each touched expert read once), so the weights are read in their
 stored width (1 byte per FP8 value, half a byte per INT4 value) and dequantized in registers: an FP8 tile's K
@@ -19,11 +23,11 @@ bk: one scale per row and block, picked per column), an INT4 tile's words are sp
 group of bk columns. fp32 FMAs into a [BLOCK_N, BLOCK_K] accumulator, one reduction
 after the loop (no tensor cores needed), as in triton_decode.py.
 
-The bytes are the floor, but on an H200 a GEMV that spends 5-7 instructions per value is bound by instruction
-issue first (SASS counts: benchmarks/NOTES.md "quantized GEMVs v3"). So the arithmetic per value is what the
-variants differ in: INT4 planes take one shift, one LOP3 and one FMA per value (int4_unit_plane); FP8 (Fp8Gemv) either
-converts and scales every value (FMA), sums 16 values in one thread before their scale (CHUNKS), or feeds the
-tensor cores (DOT: the tile converted to x's dtype; DOT_W8A8: e4m3 x e4m3, x rounded per 128 columns).
+The bytes are the floor. INT4 spends its instructions first: per value one shift, one LOP3 and one FMA in nibble
+planes (int4_unit_plane), still ~3x its byte floor on the H200 at Kimi-K2's shape (NOTES "quantized GEMVs v4").
+FP8's gate_up GEMV runs at its floor at DeepSeek-V3's shape with plain FMAs; tensor-core forms (the tile converted
+for tl.dot, or e4m3 x e4m3) and in-thread chunk sums measured 1.4-2.9x slower and were removed (NOTES v4). At T = 1
+the down GEMV needs the slot split: per token it has H / BLOCK_N programs, too few to keep HBM busy.
 """
 
 from __future__ import annotations
@@ -36,8 +40,7 @@ from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_decode import check_ids, pair_buffers
-from .triton_experts import dot_precision
-from .triton_quantized import ACT_GROUP, Fp8Gemv, _e4m3_scale, _scale_view, fp8_cores, int4_unit_plane, int4_values
+from .triton_quantized import _scale_view, int4_unit_plane, int4_values
 
 
 @triton.jit
@@ -141,68 +144,10 @@ def _int4_plane_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn,
 
 
 @triton.jit
-def _weight_ptrs(w_ptr, e, rows, stride_we, stride_wn, stride_wk, BLOCK_KW: tl.constexpr, CHUNK: tl.constexpr):
-    """The rows' stored words of the first K step: [BLOCK_N, BLOCK_KW], or [BLOCK_N, BLOCK_KW / CHUNK, CHUNK]."""
-    base = w_ptr + e * stride_we
-    if CHUNK > 0:  # (one return: Triton compiles both branches' types)
-        kc = tl.arange(0, BLOCK_KW // CHUNK)[None, :, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
-        ptrs = base + rows[:, None, None].to(tl.int64) * stride_wn + kc * stride_wk
-    else:
-        ptrs = base + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_KW)[None, :] * stride_wk
-    return ptrs
-
-
-@triton.jit
-def _fp8_chunk_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                    EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
-    """[BLOCK_N, BLOCK_K / CHUNK] fp32: each CHUNK values' share of the rows' dot products with x at k0, summed
-    inside the thread that holds them (one 16-byte load) and only then multiplied by their scale block's scale
-    (CHUNK divides the scale block): one FMA per value instead of a multiply by the scale and an FMA."""
-    kc = tl.arange(0, BLOCK_K // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
-    c0 = tl.arange(0, BLOCK_K // CHUNK) * CHUNK
-    if EVEN_K:
-        q = tl.load(w_ptrs)
-        x = tl.load(x_row + k0 + kc)
-    else:
-        q = tl.load(w_ptrs, mask=kc[None, :, :] < K - k0, other=0.0)
-        x = tl.load(x_row + k0 + kc, mask=kc < K - k0, other=0.0)
-    part = tl.sum(q.to(tl.float32) * x.to(tl.float32)[None, :, :], axis=2)
-    blocks = tl.minimum(k0 + c0, K - 1) // SCALE_BK  # a K tail's chunks: a block in bounds (their values are 0)
-    s = tl.load(s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64)[:, None] * stride_sn
-                + blocks[None, :] * stride_sk).to(tl.float32)
-    if E8M0:
-        s = tl.exp2(s - 127.0)
-    return part * s
-
-
-@triton.jit
-def _fp8_dot_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                  EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  ACT8: tl.constexpr):
-    """[BLOCK_N, 16] fp32: the rows' products with x over the step (one scale block: BLOCK_K divides it) in column
-    0, zeros beside it, times the rows' scales. The tile goes to the tensor cores in x's dtype (every e4m3 value
-    is exact in bf16 / fp16), x as the dot's [BLOCK_K, 16] operand with the token in column 0 (an mma's N is at
-    least 8, Triton's dot 16): no per-value multiply or conversion to fp32 on the CUDA cores. ACT8 (BLOCK_K = 128,
-    one activation group): x rounded to e4m3 with its group's scale and the tile kept e4m3 (w8a8)."""
-    kk = tl.arange(0, BLOCK_K)
-    if EVEN_K:
-        q = tl.load(w_ptrs)
-        x = tl.load(x_row + k0 + kk)
-    else:
-        q = tl.load(w_ptrs, mask=kk[None, :] < K - k0, other=0.0)
-        x = tl.load(x_row + k0 + kk, mask=kk < K - k0, other=0.0)
-    column0 = tl.arange(0, 16)[None, :] == 0
-    s = tl.load(s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64) * stride_sn
-                + (k0 // SCALE_BK) * stride_sk).to(tl.float32)
-    if E8M0:
-        s = tl.exp2(s - 127.0)
-    if ACT8:
-        xf = x.to(tl.float32)
-        sa = _e4m3_scale(tl.max(tl.abs(xf), axis=0))
-        prod = tl.dot(q, tl.where(column0, (xf / sa)[:, None], 0.0).to(tl.float8e4nv)) * sa
-    else:
-        prod = tl.dot(q.to(x.dtype), tl.where(column0, x[:, None], 0.0).to(x.dtype), input_precision=DOT_PRECISION)
-    return prod * s[:, None]
+def _weight_ptrs(w_ptr, e, rows, stride_we, stride_wn, stride_wk, BLOCK_KW: tl.constexpr):
+    """The rows' stored words of the first K step: [BLOCK_N, BLOCK_KW]."""
+    return (w_ptr + e * stride_we + rows[:, None].to(tl.int64) * stride_wn
+            + tl.arange(0, BLOCK_KW)[None, :] * stride_wk)
 
 
 @triton.jit  # SCALE_BN / SCALE_BK constexprs as in triton_quantized.py's kernels
@@ -213,7 +158,6 @@ def _gate_up_q_gemv_kernel(
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr, K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
-    CHUNK: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACT8: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -224,33 +168,17 @@ def _gate_up_q_gemv_kernel(
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
     tok = (p // TOP_K).to(tl.int64)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
-    wg_ptrs = _weight_ptrs(w_ptr, e, n, stride_we, stride_wn, stride_wk, BLOCK_KW, CHUNK)
+    wg_ptrs = _weight_ptrs(w_ptr, e, n, stride_we, stride_wn, stride_wk, BLOCK_KW)
     wu_ptrs = wg_ptrs + I * stride_wn
     x_row = x_ptr + tok * stride_xm
     if TILE3D:
         acc_g = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
-    elif DOT:
-        acc_g = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-    elif CHUNK > 0:
-        acc_g = tl.zeros([BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
     else:  # FP8 [BLOCK_N, BLOCK_K], INT4 planes [BLOCK_N, BLOCK_KW]
         acc_g = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
     for k0 in tl.range(0, h_live, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
-        if DOT:
-            acc_g += _fp8_dot_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                   SCALE_BK, EVEN_K, E8M0, BLOCK_K, DOT_PRECISION, ACT8)
-            acc_u += _fp8_dot_step(wu_ptrs, s_ptr, e, n + I, x_row, k0, H, stride_se, stride_sn, stride_sk,
-                                   SCALE_BN, SCALE_BK, EVEN_K, E8M0, BLOCK_K, DOT_PRECISION, ACT8)
-        elif CHUNK > 0:
-            acc_g += _fp8_chunk_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                     SCALE_BK, EVEN_K, E8M0, BLOCK_K, CHUNK)
-            acc_u += _fp8_chunk_step(wu_ptrs, s_ptr, e, n + I, x_row, k0, H, stride_se, stride_sn, stride_sk,
-                                     SCALE_BN, SCALE_BK, EVEN_K, E8M0, BLOCK_K, CHUNK)
-        elif PLANES:
+        if PLANES:
             acc_g += _int4_plane_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
                                       SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
             acc_u += _int4_plane_step(wu_ptrs, s_ptr, e, n + I, x_row, k0, H, stride_se, stride_sn, stride_sk,
@@ -271,73 +199,71 @@ def _gate_up_q_gemv_kernel(
 
 
 @triton.jit
-def _down_q_gemv_combine_kernel(
+def _down_q_slot(
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, p, n, E, I, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
+    EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
+    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
+):
+    """Pair p's weighted down row on columns n, fp32 [BLOCK_N]; zero for a sentinel pair (id E)."""
+    e = tl.load(ids_ptr + p)
+    live = e < E
+    i_live = tl.where(live, I, 0)  # a sentinel pair reads no weights
+    e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
+    a_row = a_ptr + p * stride_am
+    w_ptrs = _weight_ptrs(w_ptr, e, n, stride_we, stride_wn, stride_wk, BLOCK_KW)
+    if TILE3D:
+        acc = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    for k0 in tl.range(0, i_live, BLOCK_K, num_stages=NUM_STAGES):
+        if PLANES:
+            acc += _int4_plane_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                    SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
+        else:
+            a = _step_input(a_row, k0, I, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
+            w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                  SCALE_BK, EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
+            acc += w * a
+        w_ptrs += BLOCK_KW * stride_wk
+    return tl.where(live, _row_dots(acc, TILE3D) * tl.load(topk_w_ptr + p).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _down_q_gemv_kernel(
     a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, E, H, I, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
-    TOP_K: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
+    SLOTS: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
-    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr, CHUNK: tl.constexpr, DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACT8: tl.constexpr,
+    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    # SLOTS = 1 (slot_split): program (p, n-block) writes pair p's fp32 row (out is y [S, H]; _sum_slots_kernel
+    # combines). SLOTS = k: program (t, n-block) sums token t's slots in order into out [T, H]: at T = 1 k times
+    # fewer programs, each k times longer (DeepSeek-V3 FP8: 448 programs, 53 us for a 28 us byte floor).
+    row = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):  # slots in order: a deterministic combine
-        p = t * TOP_K + j
-        e = tl.load(ids_ptr + p)
-        live = e < E  # a sentinel slot (id E) adds nothing: its product is dropped below
-        e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
-        a_row = a_ptr + p * stride_am
-        w_ptrs = _weight_ptrs(w_ptr, e, n, stride_we, stride_wn, stride_wk, BLOCK_KW, CHUNK)
-        if TILE3D:
-            acc = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
-        elif DOT:
-            acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        elif CHUNK > 0:
-            acc = tl.zeros([BLOCK_N, BLOCK_K // CHUNK], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-        for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
-            if DOT:
-                acc += _fp8_dot_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                     SCALE_BK, EVEN_K, E8M0, BLOCK_K, DOT_PRECISION, ACT8)
-            elif CHUNK > 0:
-                acc += _fp8_chunk_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                       SCALE_BK, EVEN_K, E8M0, BLOCK_K, CHUNK)
-            elif PLANES:
-                acc += _int4_plane_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                        SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
-            else:
-                a = _step_input(a_row, k0, I, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
-                w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                      SCALE_BK, EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
-                acc += w * a
-            w_ptrs += BLOCK_KW * stride_wk
-        out += tl.where(live, _row_dots(acc, TILE3D) * tl.load(topk_w_ptr + p).to(tl.float32), 0.0)
+    for j in tl.static_range(SLOTS):  # slots in order: a deterministic combine
+        out += _down_q_slot(a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, row * SLOTS + j, n, E, I, SCALE_BN, SCALE_BK,
+                            stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
+                            EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW, NUM_STAGES, K_GROUPS, PLANES, TILE3D)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
+    tl.store(out_ptr + row * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
 
-def fp8_chunk(block_k: int, scale_block_k: int) -> int:
-    """Fp8Gemv.CHUNKS' chunk: 16 values, or the largest power of two dividing the K step and the scale block (a
-    chunk takes one scale); 0 (every value scaled) where that is 1."""
-    chunk = 16
-    while chunk > 1 and (block_k % chunk or scale_block_k % chunk):
-        chunk //= 2
-    return chunk if chunk > 1 else 0
+@triton.jit
+def _sum_slots_kernel(y_ptr, out_ptr, H, stride_ym, stride_om, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # fixed slot order: deterministic
+        acc += tl.load(y_ptr + (t * TOP_K + j) * stride_ym + h, mask=h < H, other=0.0)
+    tl.store(out_ptr + t * stride_om + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
 
 
-def fp8_gemv_math(config, hidden: torch.Tensor, block_k: int, spec: QuantizedExpertsSpec) -> Fp8Gemv:
-    """config.fp8_gemv where it applies, else FMA: the dots need a K step inside one scale block, 16 rows per
-    program and 16 values per step (tl.dot's minimum); DOT_W8A8 a step of one activation group (128 values) and,
-    on a GPU, e4m3 tensor cores (sm89+; the interpreter emulates them)."""
-    if config.fp8_gemv.dot and (spec.scale_block_k % block_k or config.block_n < 16 or block_k < 16):
-        return Fp8Gemv.FMA
-    if config.fp8_gemv is Fp8Gemv.DOT_W8A8 and (block_k != ACT_GROUP or (
-            hidden.device.type == "cuda" and not fp8_cores(hidden))):
-        return Fp8Gemv.FMA
-    return config.fp8_gemv
+SUM_BLOCK_H = 1024
 
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
@@ -349,16 +275,12 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     I = w_down.shape[2] * (8 if int4 else 1)
     block_k = config.block_k  # checked by triton_quantized.experts_forward, the caller
     hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, I)
-    fp8_gemv = Fp8Gemv.FMA if int4 else fp8_gemv_math(config, hidden, block_k, spec)
     s1, e8m0 = _scale_view(w_gate_up_scale)
     s2, _ = _scale_view(w_down_scale)
     common = dict(INT4=int4, E8M0=e8m0, BLOCK_N=config.block_n, BLOCK_K=block_k,
                   BLOCK_KW=block_k // 8 if int4 else block_k, NUM_STAGES=config.num_stages,
                   K_GROUPS=1 if int4 else max(1, block_k // spec.scale_block_k),
                   PLANES=int4 and config.int4_planes, TILE3D=int4 and not config.int4_planes,
-                  CHUNK=fp8_chunk(block_k, spec.scale_block_k) if fp8_gemv is Fp8Gemv.CHUNKS else 0,
-                  DOT=fp8_gemv.dot, DOT_PRECISION=dot_precision(hidden.dtype),
-                  ACT8=fp8_gemv is Fp8Gemv.DOT_W8A8,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
         hidden, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),
@@ -367,9 +289,13 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
         ACT=ACT_CODE[spec.activation], EVEN_K=H % block_k == 0, BLOCK_S=128, **common, **launch.asserts(),
     )
     out = hidden.new_empty(T, H)
-    launch.kernel(_down_q_gemv_combine_kernel)[(T, triton.cdiv(H, config.block_n))](
-        act, ids, weights, w_down, s2, out, w_down.shape[0], H, I, spec.scale_block_n, spec.scale_block_k,
-        act.stride(0), *w_down.stride(), *s2.stride(), out.stride(0),
-        TOP_K=k, EVEN_K=I % block_k == 0, **common,
+    y = hidden.new_empty(T * k, H, dtype=torch.float32) if config.slot_split else out
+    launch.kernel(_down_q_gemv_kernel)[(y.shape[0], triton.cdiv(H, config.block_n))](
+        act, ids, weights, w_down, s2, y, w_down.shape[0], H, I, spec.scale_block_n, spec.scale_block_k,
+        act.stride(0), *w_down.stride(), *s2.stride(), y.stride(0),
+        SLOTS=1 if config.slot_split else k, EVEN_K=I % block_k == 0, **common,
     )
+    if config.slot_split:
+        launch.kernel(_sum_slots_kernel)[(T, triton.cdiv(H, SUM_BLOCK_H))](
+            y, out, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_H=SUM_BLOCK_H, num_warps=4)
     return out

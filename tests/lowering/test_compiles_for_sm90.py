@@ -93,8 +93,8 @@ FORWARD_KERNELS = ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_
                    "_act_kernel", "_sorted_rows_kernel")
 BACKWARD_KERNELS = ("_dz_kernel", "_wgrad_kernel", "_act_backward_rows_kernel", "_sorted_rows_kernel")
 OTHER_KERNELS = ("_route_kernel", "_sparsemixer_kernel", "_route_backward_kernel", "_gate_up_q_kernel",
-                 "_down_q_kernel", "_linear_fp8_kernel", "_gate_up_q_gemv_kernel", "_down_q_gemv_combine_kernel",
-                 "_quantize_rows_kernel", "_act_rows_kernel")
+                 "_down_q_kernel", "_linear_fp8_kernel", "_gate_up_q_gemv_kernel", "_down_q_gemv_kernel",
+                 "_sum_slots_kernel", "_quantize_rows_kernel", "_act_rows_kernel")
 SUMMARY = 'print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))'
 # Three parts, each in its own process (so that the suite's workers share them), with the kernels each compiles.
 PARTS = {
@@ -162,15 +162,14 @@ for dtype in (torch.bfloat16, torch.float16):
     for planes in (False, True):  # INT4 sorted path: the reshaped tile, one dot per nibble plane
         triton_quantized.experts_forward(*args, spec, QuantizedConfig(block_m=16, block_n=64, block_k=128, act="w8a16",
                                                                       int4_planes=planes))
-    for planes in (False, True):  # INT4 GEMVs: the 3-D nibble tile, the 2-D planes
+    for planes in (False, True):  # INT4 GEMVs: the 3-D nibble tile, the 2-D planes (down: per token, per pair)
         triton_quantized.experts_forward(*args, spec, QuantizedConfig(16, 16, 128, "w8a16", decode=True,
-                                                                      int4_planes=planes))
+                                                                      int4_planes=planes, slot_split=planes))
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, torch.float8_e8m0fnu)
-    # FP8 GEMVs, each arithmetic (the dots at 16 rows: mma.sync; at 64 rows and 4 warps: wgmma)
-    for gemv, block_n, warps in (("fma", 16, 2), ("chunks", 16, 2), ("dot", 16, 2), ("dot_w8a8", 16, 2),
-                                 ("dot_w8a8", 64, 4)):
+    # FP8 GEMVs: a step in one scale block, a step over two; the down GEMV per pair, per token
+    for block_k, split in ((128, True), (256, False)):
         triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), QuantizedConfig(
-            16, block_n, 128, "w8a16", num_warps=warps, decode=True, fp8_gemv=gemv))
+            16, 16, block_k, "w8a16", num_warps=2, decode=True, slot_split=split))
 """, OTHER_KERNELS),
 }
 

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 from triton_cases import DEVICE, fails_with_ids_assert, poisoned_allocations  # noqa: E402
 
 from moe_compiler.lowering import triton_quantized  # noqa: E402
-from moe_compiler.lowering.triton_quantized import Fp8Gemv, QuantizedConfig  # noqa: E402
+from moe_compiler.lowering.triton_quantized import QuantizedConfig  # noqa: E402
 from moe_compiler.spec import QuantizedExpertsSpec  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
 from moe_compiler.testing.quantized import quantized_experts_inputs, w8a8_reference  # noqa: E402
@@ -186,9 +186,10 @@ def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, planes, T, H, 
 def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, block_k):
     args, (w1, w2) = quantized_experts_inputs(T, H, I, 8, 2, dtype, bn, bk, scale_dtype, seed=T, weight_format=fmt)
     spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
-    # INT4: the 3-D tile, the nibble planes; FP8: each exact Fp8Gemv (DOT where the step lies in one scale block)
-    variants = [dict(int4_planes=p) for p in (False, True)] if fmt == "int4_packed" else \
-        [dict(fp8_gemv=g) for g in Fp8Gemv if g is not Fp8Gemv.DOT_W8A8]
+    # INT4: the 3-D tile, the nibble planes; the down GEMV per pair (slot_split, summed by a second kernel) and
+    # per token
+    variants = [dict(int4_planes=p, slot_split=p) for p in (False, True)] if fmt == "int4_packed" else \
+        [dict(slot_split=p) for p in (False, True)]
     for variant in variants:
         config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act="w8a16", decode=True, **variant)
         with poisoned_allocations():
@@ -227,37 +228,3 @@ def test_out_of_range_id_fails_the_launch(decode):
         triton_quantized.experts_forward(*args, QuantizedExpertsSpec(scale_block_n=32, scale_block_k=32), config)
         """
     )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_w8a8_decode_gemvs_round_activations_per_128_columns(dtype):
-    """Fp8Gemv.DOT_W8A8: e4m3 x e4m3 dots, x and act rounded per row and 128 columns (H = 200, I = 136: a
-    partial last group in both GEMVs), as the sorted path's w8a8_rows."""
-    T, H, I = 3, 200, 136
-    args, (w1, w2) = quantized_experts_inputs(T, H, I, 8, 2, dtype, 128, 128, torch.float32, seed=7)
-    spec = QuantizedExpertsSpec(scale_block_n=128, scale_block_k=128)
-    decode = QuantizedConfig(block_m=16, block_n=16, block_k=128, act="w8a16", decode=True, fp8_gemv="dot_w8a8")
-    rows = QuantizedConfig(block_m=16, block_n=128, block_k=128, act="w8a8_rows")
-    with poisoned_allocations():
-        out, want = (triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, c).cpu()
-                     for c in (decode, rows))
-    assert 1e-2 < rel_err(out, experts_reference(*args[:3], w1, w2)) < 0.2  # the rounding is real
-    assert rel_err(out, want) <= (1e-5 if dtype == torch.float32 else 2e-3)  # the prefill path's numbers
-    if DEVICE == "cuda":  # the interpreter's fp32 -> e4m3 rounding is wrong (test above)
-        assert rel_err(out, w8a8_reference(*args[:3], w1, w2, group=128)) <= 5e-3
-
-
-def test_fp8_gemv_math_falls_back_where_its_tiles_do_not_fit():
-    from moe_compiler.lowering.triton_quantized_decode import fp8_chunk, fp8_gemv_math
-
-    spec, x = QuantizedExpertsSpec(), torch.zeros(1, 8)
-    dot = QuantizedConfig(block_m=16, block_n=16, block_k=128, act="w8a16", decode=True, fp8_gemv="dot")
-    assert dot.fp8_gemv is Fp8Gemv.DOT and fp8_gemv_math(dot, x, 128, spec) is Fp8Gemv.DOT
-    assert fp8_gemv_math(dot, x, 256, spec) is Fp8Gemv.FMA  # a step over two scale blocks
-    narrow = QuantizedConfig(block_m=16, block_n=8, block_k=128, act="w8a16", decode=True, fp8_gemv="dot")
-    assert fp8_gemv_math(narrow, x, 128, spec) is Fp8Gemv.FMA  # fewer rows than an mma's
-    w8a8 = QuantizedConfig(block_m=16, block_n=16, block_k=64, act="w8a16", decode=True, fp8_gemv="dot_w8a8")
-    assert fp8_gemv_math(w8a8, x, 64, spec) is Fp8Gemv.FMA  # a step of half an activation group
-    assert (fp8_chunk(128, 128), fp8_chunk(128, 8), fp8_chunk(16, 128), fp8_chunk(128, 1)) == (16, 8, 16, 0)
-    with pytest.raises(ValueError, match="fp8_gemv"):
-        QuantizedConfig(block_m=16, block_n=16, block_k=128, act="w8a16", fp8_gemv="mma")
