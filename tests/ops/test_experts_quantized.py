@@ -159,7 +159,8 @@ def test_triton_fp8_on_the_gpu_bf16(act, T):
     config = dataclasses.replace(config, act=act)
     act_fp8 = config.act_fp8
     if act_fp8:
-        config = dataclasses.replace(config, decode=False, block_m=16, block_n=128)
+        config = dataclasses.replace(config, decode=False, block_m=16, block_n=128,  # sorted: a step in one block
+                                     block_k=triton_quantized.step_k(spec.scale_block_k))
     out = triton_quantized.experts_forward(*dev, spec, config).cpu()
     exact = experts_reference_by_expert(*args[:3], w1, w2)
     ref = w8a8_reference(*args[:3], w1, w2, 128) if act_fp8 else exact
