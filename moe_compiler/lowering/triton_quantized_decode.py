@@ -11,9 +11,12 @@ Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_bl
     out           [T, H]                 out[t] = sum_j w[t,j] * act[p] @ W_down[e]^T, slots in order
 
     y             [S, H] fp32            config.slot_split: pair p's weighted down row (zero for a sentinel)
+    INT4 planes (config.int4_planes) read their inputs as planes instead:
+    xp            [T, 9, H/8] fp32       xp[t, j, w] = hidden[t, 8w + j] (j < 8), xp[t, 8, w] = their sum
+    act           [S, 9, I/8] fp32       act in the same form (values rounded to hidden's dtype first)
 
-    route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight: grid (S, H / BLOCK_N)]
-          -> [sum of each token's k rows in slot order: grid (T, H / 1024)]
+    route -> ([x planes: grid (T, H / 1024)]) -> [gate_up GEMV + act: grid (S, I / BLOCK_N)]
+          -> [down GEMV * weight: grid (S, H / BLOCK_N)] -> [sum of each token's k rows in slot order: (T, H / 1024)]
     (not slot_split: [down GEMV * weight + combine: grid (T, H / BLOCK_N)], each program looping over k slots)
 
 At decode the op is a stream of weight bytes (each touched expert read once), so the weights are read in their
@@ -114,33 +117,48 @@ def _row_dots(acc, TILE3D: tl.constexpr):
 
 
 @triton.jit
-def _int4_plane_step(w_ptrs, s_ptr, e, rows, x_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+def _int4_plane_step(w_ptrs, s_ptr, e, rows, xp_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
                      EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr):
     """[BLOCK_N, BLOCK_KW] fp32: each word's share of the rows' dot products with x at k0, as 8 nibble planes
-    (plane j: values k0 + 8 kw + j, x read with a stride of 8): 2-D tiles only, one scale multiply per word.
-    Per value one shift, one LOP3 and one FMA (the GEMV is bound by instruction issue, not bytes, at 5-7 per
-    value: NOTES "quantized GEMVs v3"): p = sum_j (1 + u_j / 16) x_j, so the word's sum_j (u_j - 8) x_j is
-    16 p - 24 sum_j x_j, with sum_j x_j shared by every row of the tile."""
+    (plane j: values k0 + 8 kw + j): 2-D tiles only, one scale multiply per word. Per value one shift, one LOP3
+    and one FMA (int4_unit_plane): p = sum_j (1 + u_j / 16) x_j, so the word's sum_j (u_j - 8) x_j is
+    16 p - 24 sum_j x_j. x comes as its planes (xp_row: [9, K / 8] fp32, _x_planes_kernel): plane j of a word
+    is one contiguous fp32 load shared by the word's rows, and row 8 holds each word's sum of x — no per-value
+    strided load, conversion or add (NOTES "quantized GEMVs v5")."""
     kw = tl.arange(0, BLOCK_KW)
+    KW = K // 8
+    w0 = k0 // 8
     if EVEN_K:
         words = tl.load(w_ptrs)
+        x_sum = tl.load(xp_row + 8 * KW + w0 + kw)
     else:
-        words = tl.load(w_ptrs, mask=(kw[None, :] < (K - k0) // 8), other=0)
+        words = tl.load(w_ptrs, mask=(kw[None, :] < KW - w0), other=0)
+        x_sum = tl.load(xp_row + 8 * KW + w0 + kw, mask=kw < KW - w0, other=0.0)
     part = tl.zeros(words.shape, dtype=tl.float32)
-    x_sum = tl.zeros([BLOCK_KW], dtype=tl.float32)
     for j in tl.static_range(8):
         if EVEN_K:
-            xj = tl.load(x_row + k0 + kw * 8 + j).to(tl.float32)
+            xj = tl.load(xp_row + j * KW + w0 + kw)
         else:
-            xj = tl.load(x_row + k0 + kw * 8 + j, mask=kw * 8 + j < K - k0, other=0.0).to(tl.float32)
+            xj = tl.load(xp_row + j * KW + w0 + kw, mask=kw < KW - w0, other=0.0)
         part += int4_unit_plane(words, j) * xj[None, :]
-        x_sum += xj
     kk = k0 + kw * 8
     s = tl.load(s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64)[:, None] * stride_sn
                 + (kk[None, :] // SCALE_BK) * stride_sk, mask=kk[None, :] < K, other=0.0).to(tl.float32)
     if E8M0:
         s = tl.exp2(s - 127.0)
     return (16.0 * part - 24.0 * x_sum[None, :]) * s
+
+
+@triton.jit
+def _x_planes_kernel(x_ptr, xp_ptr, KW, stride_xm, stride_pm, BLOCK_W: tl.constexpr):
+    """xp[t] = x[t] as the INT4 plane GEMVs read it: [9, KW] fp32, row j < 8 the values 8w + j, row 8 their sums."""
+    t = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    j = tl.arange(0, 8)
+    ok = w < KW
+    x = tl.load(x_ptr + t * stride_xm + w[:, None] * 8 + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(xp_ptr + t * stride_pm + j[None, :] * KW + w[:, None], x, mask=ok[:, None])
+    tl.store(xp_ptr + t * stride_pm + 8 * KW + w, tl.sum(x, axis=1), mask=ok)
 
 
 @triton.jit
@@ -158,6 +176,7 @@ def _gate_up_q_gemv_kernel(
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr, K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
+    ROUND: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -195,7 +214,19 @@ def _gate_up_q_gemv_kernel(
         wu_ptrs += BLOCK_KW * stride_wk
     out = gated_act(_row_dots(acc_g, TILE3D), _row_dots(acc_u, TILE3D), alpha, limit, ACT)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(act_ptr + p.to(tl.int64) * stride_am + n_out, out.to(act_ptr.dtype.element_ty), mask=n_out < I)
+    a_row = act_ptr + p.to(tl.int64) * stride_am
+    if PLANES:  # act as the down GEMV's planes (_x_planes_kernel's layout), rounded to x's dtype as stored act is
+        if ROUND == 1:
+            out = out.to(tl.bfloat16).to(tl.float32)
+        elif ROUND == 2:
+            out = out.to(tl.float16).to(tl.float32)
+        out = tl.where(n_out < I, out, 0.0)
+        tl.store(a_row + (n_out % 8) * (I // 8) + n_out // 8, out, mask=n_out < I)
+        w_out = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # BLOCK_N % 8 == 0: whole words per program
+        tl.store(a_row + 8 * (I // 8) + w_out, tl.sum(tl.reshape(out, [BLOCK_N // 8, 8]), axis=1),
+                 mask=w_out < I // 8)
+    else:
+        tl.store(a_row + n_out, out.to(act_ptr.dtype.element_ty), mask=n_out < I)
 
 
 @triton.jit
@@ -264,6 +295,9 @@ def _sum_slots_kernel(y_ptr, out_ptr, H, stride_ym, stride_om, TOP_K: tl.constex
 
 
 SUM_BLOCK_H = 1024
+# act's rounding to hidden's dtype where the gate_up epilogue stores it as fp32 planes
+ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+PLANES_BLOCK_W = 128
 
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
@@ -275,18 +309,29 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     I = w_down.shape[2] * (8 if int4 else 1)
     block_k = config.block_k  # checked by triton_quantized.experts_forward, the caller
     hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, I)
+    planes = int4 and config.int4_planes
+    x = hidden
+    if planes:  # both GEMVs read their input as planes: x made here, act by the gate_up epilogue
+        if config.block_n % 8:
+            raise ValueError(f"moe_compiler: the INT4 plane GEMVs take block_n a multiple of 8 (whole words of act "
+                             f"per program), got {config.block_n}; use 8, 16, 32 ... or int4_planes=False")
+        x = hidden.new_empty(T, 9 * (H // 8), dtype=torch.float32)
+        launch.kernel(_x_planes_kernel)[(T, triton.cdiv(H // 8, PLANES_BLOCK_W))](
+            hidden, x, H // 8, hidden.stride(0), x.stride(0), BLOCK_W=PLANES_BLOCK_W, num_warps=4)
+        act = hidden.new_empty(T * k, 9 * (I // 8), dtype=torch.float32)
     s1, e8m0 = _scale_view(w_gate_up_scale)
     s2, _ = _scale_view(w_down_scale)
     common = dict(INT4=int4, E8M0=e8m0, BLOCK_N=config.block_n, BLOCK_K=block_k,
                   BLOCK_KW=block_k // 8 if int4 else block_k, NUM_STAGES=config.num_stages,
                   K_GROUPS=1 if int4 else max(1, block_k // spec.scale_block_k),
-                  PLANES=int4 and config.int4_planes, TILE3D=int4 and not config.int4_planes,
+                  PLANES=planes, TILE3D=int4 and not planes,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
-        hidden, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),
+        x, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),
         float(spec.swiglu_limit), spec.scale_block_n, spec.scale_block_k,
-        hidden.stride(0), *w_gate_up.stride(), *s1.stride(), act.stride(0),
-        ACT=ACT_CODE[spec.activation], EVEN_K=H % block_k == 0, BLOCK_S=128, **common, **launch.asserts(),
+        x.stride(0), *w_gate_up.stride(), *s1.stride(), act.stride(0),
+        ACT=ACT_CODE[spec.activation], EVEN_K=H % block_k == 0, BLOCK_S=128, ROUND=ROUND_CODE[hidden.dtype],
+        **common, **launch.asserts(),
     )
     out = hidden.new_empty(T, H)
     y = hidden.new_empty(T * k, H, dtype=torch.float32) if config.slot_split else out
