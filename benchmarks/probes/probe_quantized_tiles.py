@@ -6,12 +6,13 @@ line per config to a JSON-lines file, the best per point printed last. NOTES.md:
     python -m benchmarks.probes.probe_quantized_tiles --format int4 --shapes kimi_k2 --tokens 1 8 128 1024
 
 Decode points (default_config(...).decode) sweep the down GEMV per pair or per token, the GEMVs' block_n, block_k,
-warps and stages, and the sorted path at small tiles beside them; sorted points sweep block_m (the two sizes
-nearest the rows per expert), block_n, warps/stages and the format's switch (FP8: act; INT4: int4_planes), and for
-FP8 from 8 rows per expert the unfused gate_up (fused_act=False) under w8a8_rows. --kernels: the best config's
-time per kernel (profiler). Configs a GPU cannot run (shared memory) are skipped and counted. The first config
-timed at a point (the default) has read up to 20% high (Kimi-K2 INT4 T = 1: 185 then 153 us): compare it with
-its repeat later in the sweep.
+warps and stages, and the sorted path at small tiles beside them. Sorted points try the GEMVs first where at most
+one row per expert (decode_suits stops at T k <= E / 8), then sweep block_m (the two sizes nearest the rows per
+expert), block_n, warps/stages and the format's switch (FP8: act; INT4: int4_planes), and for FP8 from 8 rows
+per expert the unfused gate_up (fused_act=False) under w8a8_rows. --kernels: the best config's time per kernel
+(profiler). Configs a GPU cannot run (shared memory) are skipped and counted. The first config timed at a point
+(the default) has read up to 20% high (Kimi-K2 INT4 T = 1: 185 then 153 us): compare it with its repeat later in
+the sweep.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, i
                       act="w8a16")
         return
     rows = T * k / E
+    if rows <= 1:  # few pairs share an expert: the GEMVs (each pair reads its expert) may still win past decode_suits
+        for bn, bk in ((8, 256), (16, 256), (8, 512)) if int4 else ((16, 256), (16, 128)):
+            yield rep(base, decode=True, block_n=bn, block_k=bk, num_warps=2, num_stages=3, int4_planes=True)
     sizes = (16, 32, 64, 128)
     block_ms = sorted(sorted(sizes, key=lambda m: abs(m - rows))[:2])
     switch = ("int4_planes", (False, True)) if int4 else ("act", ("w8a16", "w8a8_tile", "w8a8_rows"))
