@@ -7,12 +7,12 @@ line per config to a JSON-lines file, the best per point printed last. NOTES.md:
 
 Decode points (default_config(...).decode) sweep the down GEMV per pair or per token, the GEMVs' block_n, block_k,
 warps and stages, and the sorted path at small tiles beside them. Sorted points try the GEMVs first where at most
-one row per expert (decode_suits stops at T k <= E / 8), then sweep block_m (the two sizes nearest the rows per
-expert), block_n, warps/stages and the format's switch (FP8: act; INT4: int4_planes), and for FP8 from 8 rows
-per expert the unfused gate_up (fused_act=False) under w8a8_rows. --kernels: the best config's time per kernel
-(profiler). Configs a GPU cannot run (shared memory) are skipped and counted. The first config timed at a point
-(the default) has read up to 20% high (Kimi-K2 INT4 T = 1: 185 then 153 us): compare it with its repeat later in
-the sweep.
+one row per expert (decode_suits stops at T k <= E / 8), then FP8 w8a8_rows by TMA (warp-specialized or not,
+persistent or not), then sweep block_m (the two sizes nearest the rows per expert), block_n, warps/stages and the
+format's switch (FP8: act; INT4: int4_planes), and for FP8 from 8 rows per expert the unfused gate_up
+(fused_act=False) under w8a8_rows. --kernels: the best config's time per kernel (profiler). Configs a GPU cannot
+run (shared memory) are skipped and counted. The first config timed at a point (the default) has read up to 20%
+high (Kimi-K2 INT4 T = 1: 185 then 153 us): compare it with its repeat later in the sweep.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, i
             yield rep(base, decode=True, block_n=bn, block_k=bk, num_warps=2, num_stages=3, int4_planes=True)
     sizes = (16, 32, 64, 128)
     block_ms = sorted(sorted(sizes, key=lambda m: abs(m - rows))[:2])
+    if not int4 and base.act.value == "w8a8_rows":  # by TMA (x sorted first), warp-specialized, persistent
+        for bm, bn, w in ((base.block_m, base.block_n, base.num_warps), (128, 128, 8), (64, 256, 8)):
+            for ws, pps in ((False, 0), (True, 0), (True, 1), (True, 2)):
+                yield rep(base, block_m=bm, block_n=bn, num_warps=w, tma=True, warp_specialize=ws,
+                          programs_per_sm=pps)
     switch = ("int4_planes", (False, True)) if int4 else ("act", ("w8a16", "w8a8_tile", "w8a8_rows"))
     # The unfused gate_up (one accumulator) where the GEMMs carry weight, under w8a8_rows; first, since a point's
     # time budget may end the sweep.
@@ -140,6 +145,8 @@ def main():
                           f"{' dec' if c.decode else ''}{' ' + c.act.value if c.act_fp8 and not int4 else ''}"
                           f"{' pl' if int4 and c.int4_planes else ''}{'' if c.fused_act else ' unfused'}"
                           f"{' per-token' if c.decode and not c.slot_split else ''}"
+                          f"{' tma' if c.tma else ''}{' ws' if c.warp_specialize else ''}"
+                          f"{f' pps{c.programs_per_sm}' if c.programs_per_sm else ''}"
                           for us, c in top)
         print(f"{name:>14} {T:>5} {base_us:11.1f} {top[0][0]:9.1f}  {desc}")
 

@@ -44,7 +44,7 @@ from . import device, launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import AlignedRows, align_rows
 from .triton_config import decode_suits
-from .triton_experts import _block_rows, _tile_coords, dot_precision, launch_combine
+from .triton_experts import _block_rows, _tile_coords, dot_precision, launch_combine, tma_ok
 
 ACT_GROUP = 128  # columns per activation scale under w8a8 (transformers' and DeepSeek's 1 x 128)
 
@@ -88,6 +88,13 @@ class QuantizedConfig:
     # The GEMV path of triton_quantized_decode.py (block_n, block_k, warps and stages; no sort, no tensor cores)
     # instead of the sorted grouped GEMMs.
     decode: bool = False
+    # FP8 w8a8_rows sorted path: both GEMMs' operands by TMA (hidden quantized into sorted order first, so the
+    # gate_up's A rows are contiguous too); with warp_specialize the K loop's TMA loads go to producer warps while
+    # the consumers run the wgmma and the per-step scale promotion (Triton specializes loops whose operand loads
+    # are TMA; the persistent tile loop did not specialize here). programs_per_sm > 0: a persistent grid.
+    tma: bool = False
+    warp_specialize: bool = False
+    programs_per_sm: int = 0
     # The down GEMV: one program per (pair, column block), fp32 rows summed over the slots by a second kernel, or
     # one per (token, column block) looping over its k slots (T = 1: k times fewer programs, one launch less).
     slot_split: bool = True
@@ -98,6 +105,12 @@ class QuantizedConfig:
                 raise ValueError(f"QuantizedConfig.act: expected an ActQuant or one of "
                                  f"{[a.value for a in ActQuant]}, got {self.act!r}")
             object.__setattr__(self, "act", ActQuant(self.act))
+
+        if self.warp_specialize and not self.tma:
+            raise ValueError("QuantizedConfig.warp_specialize: needs tma=True (Triton specializes loops of TMA loads)")
+        if not isinstance(self.programs_per_sm, int) or not 0 <= self.programs_per_sm <= 8:
+            raise ValueError(f"QuantizedConfig.programs_per_sm: expected an int in [0, 8], "
+                             f"got {self.programs_per_sm!r}")
 
     @property
     def act_fp8(self) -> bool:
@@ -299,6 +312,19 @@ def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, st
 
 
 @triton.jit
+def _rows_tma_step(a_desc, w_desc, sa_ptrs, s_ptr, acc, expert, m0, n0, n, k0, stride_se, stride_sn, stride_sk,
+                   SCALE_BN, SCALE_BK, E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + the K step at k0 of w8a8_rows by TMA: e4m3 rows m0.. of a (sorted, contiguous) times weight rows
+    n0.. of `expert`, scaled by the rows' group scales (sa_ptrs: [M] pointers to each row's first) and the
+    columns' block scales. Both boxes zero-filled past the tensors' ends (row and K tails)."""
+    a = a_desc.load([m0, k0])
+    w = w_desc.load([expert.to(tl.int32), n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+    sa = tl.load(sa_ptrs + k0 // 128)  # ACT_GROUP
+    sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
+    return acc + tl.dot(a, w) * (sa[:, None] * sw[None, :])
+
+
+@triton.jit
 def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, I, alpha, limit, stride_zm, stride_am, stride_as,
                      ACT: tl.constexpr, ACT_ROWS: tl.constexpr, GROUP: tl.constexpr):
     """act = act(gate) * up of one sorted row's GROUP columns from z (gate columns, then up columns); under
@@ -321,13 +347,16 @@ def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, I, alpha, limit, stride_zm, stri
 # integer division per scale index (benchmarks/NOTES.md "quantized GEMVs v3").
 @triton.jit(do_not_specialize=["GROUP_M"])
 def _gate_up_q_kernel(
-    x_ptr, xs_ptr, w_ptr, s_ptr, act_ptr, act_s_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
-    H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    x_ptr, x_desc, xs_ptr, w_ptr, w_desc, s_ptr, act_ptr, act_s_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
+    num_padded_ptr, H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_xm, stride_xs, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am, stride_as,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
     E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, FUSED_ACT: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
+    # TMA (w8a8_rows): x is hidden quantized into sorted order ([S_pad, H] e4m3, xs its scales per slot), read by
+    # x_desc at the block's slots; w by w_desc. Otherwise x rows are gathered by token.
     # FUSED_ACT: each program a gate and an up tile of I's columns, the activation in the epilogue. Otherwise one
     # tile of the 2I columns (gate rows, then up rows) stored as z into act_ptr; _act_rows_kernel follows.
     if FUSED_ACT:
@@ -348,8 +377,18 @@ def _gate_up_q_kernel(
         wu_ptrs = wg_ptrs + I * stride_wn
         gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            if INT4_PLANES:
+        # (warp-specialized: the K loop, whose loads are all TMA but the scales')
+        for k0 in tl.range(0, H, BLOCK_K, warp_specialize=WARP_SPEC):
+            if TMA:
+                sa_rows = xs_ptr + slots * stride_xs
+                gate = _rows_tma_step(x_desc, w_desc, sa_rows, s_ptr, gate, expert, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                                      n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0, BLOCK_N,
+                                      BLOCK_K)
+                if FUSED_ACT:
+                    up = _rows_tma_step(x_desc, w_desc, sa_rows, s_ptr, up, expert, pid_m * BLOCK_M,
+                                        I + pid_n * BLOCK_N, n + I, k0, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                        SCALE_BK, E8M0, BLOCK_N, BLOCK_K)
+            elif INT4_PLANES:
                 a_rows = x_ptr + tok[:, None] * stride_xm + k0
                 gate = _int4_planes_step(a_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
                                          stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
@@ -388,14 +427,15 @@ def _gate_up_q_kernel(
 
 @triton.jit(do_not_specialize=["GROUP_M"])
 def _down_q_kernel(
-    a_ptr, as_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
-    H, I, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    a_ptr, a_desc, as_ptr, w_ptr, w_desc, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
+    num_padded_ptr, H, I, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_am, stride_as, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_ym,
     EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
     E8M0: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KW: tl.constexpr,
+    BLOCK_KW: tl.constexpr, TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
+    # TMA (w8a8_rows): act is e4m3 in sorted order already, so both operands come by TMA.
     num_pid_n = tl.cdiv(H, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
@@ -410,8 +450,12 @@ def _down_q_kernel(
         w_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
                   + tl.arange(0, BLOCK_KW)[:, None] * stride_wk)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            if INT4_PLANES:
+        for k0 in tl.range(0, I, BLOCK_K, warp_specialize=WARP_SPEC):
+            if TMA:
+                acc = _rows_tma_step(a_desc, w_desc, as_ptr + slots * stride_as, s_ptr, acc, expert, pid_m * BLOCK_M,
+                                     pid_n * BLOCK_N, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                                     E8M0, BLOCK_N, BLOCK_K)
+            elif INT4_PLANES:
                 acc = _int4_planes_step(a_ptr + slots[:, None] * stride_am + k0, w_ptrs, s_ptr, acc, expert, n, k0,
                                         I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0,
                                         DOT_PRECISION, BLOCK_KW)
@@ -452,24 +496,56 @@ def _tile_constexprs(spec: QuantizedExpertsSpec, config: QuantizedConfig) -> dic
                 num_stages=config.num_stages)
 
 
+def _descriptors(config: QuantizedConfig, a: torch.Tensor, w: torch.Tensor, tma: bool):
+    """(a's TMA descriptor of [block_m, block_k] boxes, w's of [1, block_n, block_k]), or (None, None)."""
+    if not tma:
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor(a, list(a.shape), list(a.stride()), [config.block_m, config.block_k]),
+            TensorDescriptor(w, list(w.shape), list(w.stride()), [1, config.block_n, config.block_k]))
+
+
+def wants_tma(config: QuantizedConfig, spec: QuantizedExpertsSpec) -> bool:
+    """config.tma where it applies: the FP8 sorted path under w8a8_rows (a fact of the shapes: also asked at
+    trace time, where tensors have no addresses)."""
+    return config.tma and config.act is ActQuant.ROWS and not config.decode and not _int4(spec)
+
+
+def use_tma(config: QuantizedConfig, spec: QuantizedExpertsSpec, w_gate_up: torch.Tensor,
+            w_down: torch.Tensor) -> bool:
+    """wants_tma, and weights TMA can load (their K strides 16-byte multiples: then so are those of the e4m3 x
+    and act, [S_pad, H] and [S_pad, I])."""
+    return wants_tma(config, spec) and tma_ok(w_gate_up, w_down)
+
+
+def _sorted_grid(max_tiles: int, config: QuantizedConfig, t: torch.Tensor) -> tuple[int]:
+    if config.programs_per_sm and t.device.type == "cuda":
+        return (max(1, min(max_tiles, config.programs_per_sm * device.num_sms(device.index(t)))),)
+    return (max(1, max_tiles),)
+
+
 def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, config: QuantizedConfig, k: int,
-                   act, act_s, dtype: torch.dtype):
-    """x: hidden, or its e4m3 rows under w8a8_rows (x_s their scales; else any tensor, never read); act_s
-    likewise. dtype: hidden's (the dot precision)."""
+                   act, act_s, dtype: torch.dtype, tma: bool = False):
+    """x: hidden, or its e4m3 rows under w8a8_rows (x_s their scales; else any tensor, never read) — with `tma`
+    in sorted order ([S_pad, H], quantize_sorted_rows) and loaded by TMA; act_s likewise. dtype: hidden's (the
+    dot precision)."""
     H, I = x.shape[1], act.shape[1]
     s, e8m0 = _scale_view(s)
     out = act
     if not config.fused_act:  # z first (the unfused GEMM over 2I columns), then _act_rows_kernel
         out = torch.empty(act.shape[0], 2 * I, dtype=dtype, device=act.device)
-    grid = (max(1, rows.max_blocks * triton.cdiv(out.shape[1] if not config.fused_act else I, config.block_n)),)
+    x_desc, w_desc = _descriptors(config, x, w, tma)
+    grid = _sorted_grid(rows.max_blocks * triton.cdiv(out.shape[1] if not config.fused_act else I, config.block_n),
+                        config, x)
     launch.kernel(_gate_up_q_kernel)[grid](
-        x, x_s, w, s, out, act_s, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        x, x_desc, x_s, w, w_desc, s, out, act_s, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m, spec.scale_block_n,
         spec.scale_block_k,
         x.stride(0), x_s.stride(0), *w.stride(), *s.stride(), out.stride(0), act_s.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, E8M0=e8m0,
         DOT_PRECISION=dot_precision(dtype), BLOCK_M=config.block_m, FUSED_ACT=config.fused_act,
-        **_tile_constexprs(spec, config),
+        TMA=tma, WARP_SPEC=tma and config.warp_specialize, **_tile_constexprs(spec, config),
     )
     if not config.fused_act:
         launch.kernel(_act_rows_kernel)[(act.shape[0], triton.cdiv(I, ACT_GROUP))](
@@ -480,16 +556,18 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
 
 
 def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExpertsSpec, config: QuantizedConfig,
-                y):
+                y, tma: bool = False):
     I, H = act.shape[1], y.shape[1]
     s, e8m0 = _scale_view(s)
-    grid = (max(1, rows.max_blocks * triton.cdiv(H, config.block_n)),)
+    a_desc, w_desc = _descriptors(config, act, w, tma)
+    grid = _sorted_grid(rows.max_blocks * triton.cdiv(H, config.block_n), config, act)
     launch.kernel(_down_q_kernel)[grid](
-        act, act_s, w, s, y, weights, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        act, a_desc, act_s, w, w_desc, s, y, weights, rows.sorted_rows, rows.block_expert, rows.seg_end,
+        rows.num_padded,
         H, I, config.group_m, spec.scale_block_n, spec.scale_block_k,
         act.stride(0), act_s.stride(0), *w.stride(), *s.stride(), y.stride(0),
         EVEN_K=I % config.block_k == 0, E8M0=e8m0, DOT_PRECISION=dot_precision(y.dtype), BLOCK_M=config.block_m,
-        **_tile_constexprs(spec, config),
+        TMA=tma, WARP_SPEC=tma and config.warp_specialize, **_tile_constexprs(spec, config),
     )
 
 
@@ -503,6 +581,35 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_s
     s = _e4m3_scale(tl.max(tl.abs(x), axis=0))
     tl.store(q_ptr + t * stride_qm + cols, (x / s).to(q_ptr.dtype.element_ty), mask=cols < K)
     tl.store(s_ptr + t * stride_sm + g, s)
+
+
+@triton.jit
+def _quantize_sorted_rows_kernel(x_ptr, q_ptr, s_ptr, sorted_rows_ptr, num_padded_ptr, K, TOP_K, stride_xm,
+                                 stride_qm, stride_sm, GROUP: tl.constexpr):
+    """Sorted slot r's group: the row of the pair at r (its token's hidden) as _quantize_rows_kernel rounds it.
+    Slots past the padded count are left alone; padding slots inside it quantize token 0 (never stored)."""
+    r = tl.program_id(0).to(tl.int64)
+    if r < tl.load(num_padded_ptr):
+        g = tl.program_id(1)
+        t = (tl.load(sorted_rows_ptr + r) // TOP_K).to(tl.int64)
+        cols = g * GROUP + tl.arange(0, GROUP)
+        x = tl.load(x_ptr + t * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+        s = _e4m3_scale(tl.max(tl.abs(x), axis=0))
+        tl.store(q_ptr + r * stride_qm + cols, (x / s).to(q_ptr.dtype.element_ty), mask=cols < K)
+        tl.store(s_ptr + r * stride_sm + g, s)
+
+
+def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows' values and scales, one row per sorted slot ([S_pad, K] e4m3, [S_pad, groups] fp32): the
+    gate_up GEMM's A then lies in its blocks' order, contiguous, for TMA (k copies of each token: k bytes per
+    hidden value written, against the GEMM's 2I / 64 ... reads of each)."""
+    T, K = x.shape
+    S = rows.sorted_rows.numel()
+    q = torch.empty(S, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(S, triton.cdiv(K, ACT_GROUP), dtype=torch.float32, device=x.device)
+    launch.kernel(_quantize_sorted_rows_kernel)[(S, s.shape[1])](
+        x, q, s, rows.sorted_rows, rows.num_padded, K, k, x.stride(0), q.stride(0), s.stride(0), GROUP=ACT_GROUP)
+    return q, s
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -552,15 +659,20 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     if weights.stride(0) != 1:
         weights = weights.contiguous()
     S = rows.sorted_rows.numel()
-    if act_rows:
+    tma = act_rows and use_tma(config, spec, w_gate_up, w_down)
+    if tma:
+        x, x_s = quantize_sorted_rows(hidden, rows, k)
+        act = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
+        act_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
+    elif act_rows:
         x, x_s = quantize_rows(hidden)
         act = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
         act_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
     else:
         x, x_s, act, act_s = hidden, weights, hidden.new_empty(S, I), weights  # x_s, act_s never read
-    launch_gate_up(x, x_s, rows, w_gate_up, w_gate_up_scale, spec, config, k, act, act_s, hidden.dtype)
+    launch_gate_up(x, x_s, rows, w_gate_up, w_gate_up_scale, spec, config, k, act, act_s, hidden.dtype, tma)
     y = hidden.new_empty(S, H)
-    launch_down(act, act_s, rows, w_down, w_down_scale, weights, spec, config, y)
+    launch_down(act, act_s, rows, w_down, w_down_scale, weights, spec, config, y, tma)
     out = hidden.new_empty(T, H)
     launch_combine(y, rows, k, out)
     return out

@@ -52,9 +52,16 @@ def _(*tensors, **spec):
 
 
 def _inlinable(*tensors, **spec) -> bool:
-    # Sizes only (see experts.py): a traced call with static shapes on the Triton path records its launches.
+    # Sizes only (see experts.py): a traced call with static shapes on the Triton path records its launches —
+    # unless its config loads by TMA (host descriptors cannot be recorded outside Dynamo: dispatch.py).
     t = QuantizedTensors(*tensors)
-    return inline.static(*t) and device.uses_triton(t.hidden)
+    if not (inline.static(*t) and device.uses_triton(t.hidden)):
+        return False
+    from ..lowering import triton_quantized
+
+    qspec = make_spec(QuantizedExpertsSpec, spec)
+    config = triton_quantized.default_config(t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec)
+    return not triton_quantized.wants_tma(config, qspec)
 
 
 inline.register(experts_quantized, _inlinable, lambda *tensors, **spec: forward(*bind(tensors, spec)))

@@ -54,6 +54,8 @@ class Compile:
                 signature[p.name], constexprs[p.name] = "constexpr", v
             elif isinstance(v, torch.Tensor):
                 signature[p.name] = "*" + TYPES[v.dtype]
+            elif type(v).__name__ == "TensorDescriptor":  # a host TMA descriptor
+                signature[p.name] = f"tensordesc<{TYPES[v.base.dtype]}{list(v.block_shape)}>"
             elif isinstance(v, bool):
                 signature[p.name] = "i1"
             elif isinstance(v, int):
@@ -94,7 +96,8 @@ FORWARD_KERNELS = ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_
 BACKWARD_KERNELS = ("_dz_kernel", "_wgrad_kernel", "_act_backward_rows_kernel", "_sorted_rows_kernel")
 OTHER_KERNELS = ("_route_kernel", "_sparsemixer_kernel", "_route_backward_kernel", "_gate_up_q_kernel",
                  "_down_q_kernel", "_linear_fp8_kernel", "_gate_up_q_gemv_kernel", "_down_q_gemv_kernel",
-                 "_sum_slots_kernel", "_x_planes_kernel", "_quantize_rows_kernel", "_act_rows_kernel")
+                 "_sum_slots_kernel", "_x_planes_kernel", "_quantize_rows_kernel", "_quantize_sorted_rows_kernel",
+                 "_act_rows_kernel")
 SUMMARY = 'print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))'
 # Three parts, each in its own process (so that the suite's workers share them), with the kernels each compiles.
 PARTS = {
@@ -156,6 +159,12 @@ for dtype in (torch.bfloat16, torch.float16):
             for fused_act in (True, False):
                 config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act=act, fused_act=fused_act)
                 triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
+        # w8a8_rows by TMA (x quantized into sorted order), warp-specialized on a persistent grid, and not
+        triton_quantized.tma_ok = lambda *t: True  # CPU tensors stand in for CUDA ones: compiled, never run
+        for fused_act, ws in ((True, True), (False, True), (False, False)):
+            config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", fused_act=fused_act,
+                                     tma=True, warp_specialize=ws, programs_per_sm=1)
+            triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
         triton_quantized.linear_forward(args[0], args[3][0], args[4][0], None, 128, 128)
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 1, 32, torch.bfloat16, weight_format="int4_packed")
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)

@@ -228,3 +228,36 @@ def test_out_of_range_id_fails_the_launch(decode):
         triton_quantized.experts_forward(*args, QuantizedExpertsSpec(scale_block_n=32, scale_block_k=32), config)
         """
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="TMA descriptors load on a GPU only (the CPU runs the pointer path)")
+@pytest.mark.parametrize("fused_act,ws,programs", [(True, False, 0), (False, False, 0), (True, True, 0),
+                                                    (False, True, 1)], ids=["fused", "unfused", "fused-ws",
+                                                                            "unfused-ws-persistent"])
+@pytest.mark.parametrize("T", [1, 37, 300])
+def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, T):
+    """x quantized into sorted order and both GEMMs' operands by TMA (warp-specialized or not, persistent or not):
+    the same quantization as the pointer path, so the same numbers up to the accumulation order (H = 320, I = 208:
+    K tails and a partial last row block, zero-filled by the descriptors)."""
+    args, (w1, w2) = quantized_experts_inputs(T, 320, 208, 16, 4, torch.bfloat16, 128, 128, seed=T)
+    args = [a.to(DEVICE) for a in args]
+    spec = QuantizedExpertsSpec()
+    base = QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", fused_act=fused_act)
+    tma = QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", fused_act=fused_act, tma=True,
+                          warp_specialize=ws, programs_per_sm=programs)
+    assert triton_quantized.use_tma(tma, spec, args[3], args[5])
+    with poisoned_allocations():
+        want, out = (triton_quantized.experts_forward(*args, spec, c).float().cpu() for c in (base, tma))
+    assert rel_err(out, want) <= 2e-3
+    assert rel_err(out, w8a8_reference(*[a.cpu() for a in args[:3]], w1, w2, group=128)) <= 2e-2
+
+
+def test_tma_config_is_checked():
+    with pytest.raises(ValueError, match="warp_specialize: needs tma=True"):
+        QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", warp_specialize=True)
+    with pytest.raises(ValueError, match="programs_per_sm: expected an int in"):
+        QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", programs_per_sm=9)
+    spec = QuantizedExpertsSpec()
+    assert not triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a16", tma=True), spec)  # rows only
+    assert triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a8_rows", tma=True), spec)
