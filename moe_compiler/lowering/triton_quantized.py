@@ -584,14 +584,15 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_s
 
 
 @triton.jit
-def _quantize_sorted_rows_kernel(x_ptr, q_ptr, s_ptr, sorted_rows_ptr, num_padded_ptr, K, TOP_K, stride_xm,
+def _quantize_sorted_rows_kernel(x_ptr, q_ptr, s_ptr, sorted_rows_ptr, num_padded_ptr, T, K, TOP_K, stride_xm,
                                  stride_qm, stride_sm, GROUP: tl.constexpr):
     """Sorted slot r's group: the row of the pair at r (its token's hidden) as _quantize_rows_kernel rounds it.
-    Slots past the padded count are left alone; padding slots inside it quantize token 0 (never stored)."""
+    Slots past the padded count are left alone; a padding slot's index was never written (triton_align.py): it
+    is clamped to a real token, whose row then fills an output row that is never stored."""
     r = tl.program_id(0).to(tl.int64)
     if r < tl.load(num_padded_ptr):
         g = tl.program_id(1)
-        t = (tl.load(sorted_rows_ptr + r) // TOP_K).to(tl.int64)
+        t = tl.minimum(tl.maximum(tl.load(sorted_rows_ptr + r) // TOP_K, 0), T - 1).to(tl.int64)
         cols = g * GROUP + tl.arange(0, GROUP)
         x = tl.load(x_ptr + t * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
         s = _e4m3_scale(tl.max(tl.abs(x), axis=0))
@@ -601,14 +602,14 @@ def _quantize_sorted_rows_kernel(x_ptr, q_ptr, s_ptr, sorted_rows_ptr, num_padde
 
 def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows' values and scales, one row per sorted slot ([S_pad, K] e4m3, [S_pad, groups] fp32): the
-    gate_up GEMM's A then lies in its blocks' order, contiguous, for TMA (k copies of each token: k bytes per
-    hidden value written, against the GEMM's 2I / 64 ... reads of each)."""
+    gate_up GEMM's A then lies in its blocks' order, contiguous, for TMA (each token's row k times: k bytes
+    written per hidden value)."""
     T, K = x.shape
     S = rows.sorted_rows.numel()
     q = torch.empty(S, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(S, triton.cdiv(K, ACT_GROUP), dtype=torch.float32, device=x.device)
     launch.kernel(_quantize_sorted_rows_kernel)[(S, s.shape[1])](
-        x, q, s, rows.sorted_rows, rows.num_padded, K, k, x.stride(0), q.stride(0), s.stride(0), GROUP=ACT_GROUP)
+        x, q, s, rows.sorted_rows, rows.num_padded, T, K, k, x.stride(0), q.stride(0), s.stride(0), GROUP=ACT_GROUP)
     return q, s
 
 

@@ -261,3 +261,21 @@ def test_tma_config_is_checked():
     spec = QuantizedExpertsSpec()
     assert not triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a16", tma=True), spec)  # rows only
     assert triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a8_rows", tma=True), spec)
+
+
+def test_quantize_sorted_rows_puts_each_pairs_token_row_at_its_slot():
+    """The TMA path's A: row pos[p] of the sorted copy is quantize_rows' row of pair p's token (values and
+    scales); the copy is what the GEMM's descriptor reads in block order."""
+    from moe_compiler.lowering.triton_align import align_rows
+
+    T, H, E, k = 7, 200, 4, 2
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(DEVICE)
+    rows = align_rows(ids, E, 16)
+    with poisoned_allocations():
+        q, s = triton_quantized.quantize_sorted_rows(hidden, rows, k)
+        q_tok, s_tok = triton_quantized.quantize_rows(hidden)
+    pos = rows.pos.long().cpu()
+    tok = torch.arange(T * k) // k
+    assert torch.equal(q.cpu()[pos].float(), q_tok.cpu()[tok].float())
+    assert torch.equal(s.cpu()[pos], s_tok.cpu()[tok])
