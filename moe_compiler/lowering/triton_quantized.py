@@ -24,6 +24,9 @@ the step's weight scale is one value per output column, s[n // bn]. Three ways t
     w8a8_rows  the same numbers, quantized once instead of in every K step of every tile: hidden by a row pass
                (xq [T, H] e4m3, xs [T, ceil(H/128)] fp32), act by the gate_up epilogue (each 128-column tile
                is one group: act [S_pad, I] e4m3, act_s [S_pad, ceil(I/128)]); the GEMMs load e4m3 A tiles
+               config.tma: hidden quantized straight into sorted order instead (xq [S_pad, H], xs [S_pad, ..],
+               quantize_sorted_rows), so both GEMMs read contiguous A row blocks and W tiles by TMA descriptors,
+               the K loop optionally warp-specialized (producer warps load, consumers multiply and promote)
 Scales multiply the fp32 partial product of the step, never the weights: nothing is dequantized to memory.
 An INT4 K step unpacks its [BLOCK_K / 8, BLOCK_N] words to nibbles and scales each by its group's scale in
 registers (groups narrower than the step), then one dot at a's precision (w4a16).
