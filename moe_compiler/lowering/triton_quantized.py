@@ -35,157 +35,28 @@ Row offsets are int64 (t * H passes 2^31 at large T); columns wrap modulo N (the
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-
 import torch
 import triton
 import triton.language as tl
 
-from ..spec import QuantizedExpertsSpec, WeightFormat
+from ..spec import QuantizedExpertsSpec
 from . import device, launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import AlignedRows, align_rows
-from .triton_config import decode_suits
 from .triton_experts import _block_rows, _tile_coords, dot_precision, launch_combine, tma_ok
 
-ACT_GROUP = 128  # columns per activation scale under w8a8 (transformers' and DeepSeek's 1 x 128)
-
-
-class ActQuant(str, enum.Enum):
-    """How the FP8 sorted path multiplies (module docstring); the GEMVs and INT4 always take exact activations."""
-
-    NONE = "w8a16"
-    TILE = "w8a8_tile"
-    ROWS = "w8a8_rows"
-
-
-def fp8_cores(t: torch.Tensor) -> bool:
-    """Whether `t`'s GPU has e4m3 tensor cores (sm89+; the device's cached capability: asked on every call)."""
-    return t.device.type == "cuda" and device.capability(device.index(t)) >= (8, 9)
-
-
-# The kernels' ACT_Q constexpr: one code per ActQuant (INT4 always 0: its dot takes exact activations).
-ACT_Q_CODE = {ActQuant.NONE: 0, ActQuant.TILE: 1, ActQuant.ROWS: 2}
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizedConfig:
-    """Tiles of the quantized experts kernels (one set for both GEMMs, or both GEMVs with decode)."""
-
-    block_m: int
-    block_n: int
-    block_k: int  # FP8: divides the spec's scale_block_k; INT4: a multiple of 8 (values per word)
-    act: ActQuant  # FP8 sorted path only
-    num_warps: int = 4
-    num_stages: int = 3
-    group_m: int = 8
-    # The gate_up GEMM's activation: in its epilogue (fused: each program holds a gate and an up tile, two
-    # accumulators) or after it (one accumulator over all 2I columns, z [S_pad, 2I] stored, a row kernel applying
-    # the activation and, under w8a8_rows, quantizing act): half the registers per program for one more pass.
-    fused_act: bool = True
-    # INT4 sorted path: one dot per nibble plane (A read with a column stride of 8; needs block_k >= 128 on a GPU)
-    # or one dot on the tile reshaped in registers. INT4 GEMVs: 2-D nibble planes summed per word before its
-    # scale, or the 3-D [rows, words, 8] tile
-    int4_planes: bool = True
-    # The GEMV path of triton_quantized_decode.py (block_n, block_k, warps and stages; no sort, no tensor cores)
-    # instead of the sorted grouped GEMMs.
-    decode: bool = False
-    # FP8 w8a8_rows sorted path: both GEMMs' operands by TMA (hidden quantized into sorted order first, so the
-    # gate_up's A rows are contiguous too); with warp_specialize the K loop's TMA loads go to producer warps while
-    # the consumers run the wgmma and the per-step scale promotion (Triton specializes loops whose operand loads
-    # are TMA; the persistent tile loop did not specialize here). programs_per_sm > 0: a persistent grid.
-    tma: bool = False
-    warp_specialize: bool = False
-    programs_per_sm: int = 0
-    # The down GEMV: one program per (pair, column block), fp32 rows summed over the slots by a second kernel, or
-    # one per (token, column block) looping over its k slots (T = 1: k times fewer programs, one launch less).
-    slot_split: bool = True
-
-    def __post_init__(self):
-        if not isinstance(self.act, ActQuant):
-            if self.act not in {a.value for a in ActQuant}:
-                raise ValueError(f"QuantizedConfig.act: expected an ActQuant or one of "
-                                 f"{[a.value for a in ActQuant]}, got {self.act!r}")
-            object.__setattr__(self, "act", ActQuant(self.act))
-
-        if self.warp_specialize and not self.tma:
-            raise ValueError("QuantizedConfig.warp_specialize: needs tma=True (Triton specializes loops of TMA loads)")
-        if not isinstance(self.programs_per_sm, int) or not 0 <= self.programs_per_sm <= 8:
-            raise ValueError(f"QuantizedConfig.programs_per_sm: expected an int in [0, 8], "
-                             f"got {self.programs_per_sm!r}")
-
-    @property
-    def act_fp8(self) -> bool:
-        return self.act is not ActQuant.NONE
-
-
-def step_k(scale_block_k: int) -> int:
-    """The widest power-of-two K step up to 128 inside one FP8 scale block (it divides scale_block_k)."""
-    block_k = 128
-    while scale_block_k % block_k:
-        block_k //= 2
-    return block_k
-
-
-def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec) -> QuantizedConfig:
-    """Untuned tiles: the bf16 op's choice of path (triton_config.decode_suits), tiles from the H200 sweeps of
-    probe_quantized_tiles (NOTES.md, quantized tiles)."""
-    T = hidden.shape[0]
-    if _int4(spec):
-        return _default_int4(T, E, k, decode_suits(T, k, E))
-    block_k = step_k(spec.scale_block_k)
-    if decode_suits(T, k, E):  # a GEMV step over two whole scale blocks where they are at most 128 wide
-        return _default_fp8_gemv(2 * block_k if block_k == spec.scale_block_k else block_k)
-    return _default_fp8(hidden, T, E, k, block_k)
-
-
-def _default_fp8_gemv(block_k: int) -> QuantizedConfig:
-    """The FP8 GEMVs from the H200 sweeps (NOTES.md, "quantized GEMVs v4"): 16 rows of 256 values per program
-    (two 128-wide scale blocks), 2 warps, FMA arithmetic, the down GEMV per pair. T = 1: Qwen3-30B-A3B 20.7 us
-    (16 x 128: 33-54); DeepSeek-V3 97 (16 x 128: 92; 4 warps 118-156)."""
-    return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act=ActQuant.NONE, num_warps=2, num_stages=3,
-                           decode=True)
-
-
-def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int) -> QuantizedConfig:
-    """FP8 sorted-path tiles from the H200 sweeps at DeepSeek-V3's shape (NOTES.md, quantized tiles): w8a8
-    wherever the GPU has FP8 tensor cores, the activations rounded once per row and 128 columns (w8a8_rows:
-    transformers' and DeepSeek's own dynamic scheme) — faster than w8a16 and than rounding per tile at every T
-    measured (1024: 4.26 vs 5.29 vs 9.10 ms; the w8a16 tile's conversion costs more than the FP8 weights save).
-    Up to 8 rows per expert 16-row blocks with the activation fused into gate_up; from 16 rows, 32 then 64-row
-    blocks with gate_up unfused (one accumulator, z stored, the activation a second pass: 4096 tokens 7.07 vs
-    11.3 ms fused). w8a16 (fp32 activations, GPUs without FP8 cores) the sweep's best w8a16 tiles."""
-    rows = T * k / E
-    if fp8_cores(hidden) and hidden.dtype != torch.float32 and block_k >= 32:
-        if ACT_GROUP % block_k:  # scale blocks wider than the 128-column activation groups: round per tile
-            return QuantizedConfig(block_m=16 if rows <= 32 else 64, block_n=128, block_k=block_k, act=ActQuant.TILE,
-                                   num_warps=4 if rows <= 32 else 8, num_stages=3)
-        if rows <= 8:
-            return QuantizedConfig(block_m=16, block_n=128, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
-                                   num_stages=4 if rows <= 4 else 3)
-        if rows <= 32:
-            return QuantizedConfig(block_m=32, block_n=256, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
-                                   num_stages=3, fused_act=False)
-        return QuantizedConfig(block_m=64, block_n=128, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
-                               num_stages=3, fused_act=False)
-    block_m = 16 if rows <= 8 else 32 if rows <= 32 else 64
-    return QuantizedConfig(block_m=block_m, block_n=64 if block_m != 32 else 128, block_k=block_k, act=ActQuant.NONE,
-                           num_warps=4, num_stages=3)
-
-
-def _default_int4(T: int, E: int, k: int, decode: bool) -> QuantizedConfig:
-    """INT4 tiles from the H200 sweeps at Kimi-K2's shape (NOTES.md, quantized tiles): the GEMVs 8 rows of 256
-    values per program in nibble planes, 2 warps, the down GEMV per pair (T = 1: 138.5 us; 512 values 153; the
-    down GEMV per token 152; the 3-D nibble tile 222 before the per-pair down); the sorted
-    path's block_m the rows per expert rounded up to a power of two in 16..64, 128 columns, nibble planes at 16
-    rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped tile above (T = 1024: 12.9 vs 17.6 ms)."""
-    if decode:
-        return QuantizedConfig(block_m=16, block_n=8, block_k=256, act=ActQuant.NONE, num_warps=2, num_stages=3,
-                               decode=True, int4_planes=True)
-    block_m = min(64, max(16, triton.next_power_of_2(int(-(-T * k // E)))))
-    return QuantizedConfig(block_m=block_m, block_n=128, block_k=128, act=ActQuant.NONE, num_warps=4,
-                           num_stages=3, int4_planes=block_m <= 16)
+# The configs and their defaults (triton_quantized_config.py), named here too: the sorted path's callers and
+# the decode GEMVs take them from this module.
+from .triton_quantized_config import (  # noqa: F401
+    ACT_GROUP,
+    ACT_Q_CODE,
+    ActQuant,
+    QuantizedConfig,
+    default_config,
+    fp8_cores,
+    is_int4,
+    step_k,
+)
 
 
 @triton.jit
@@ -486,13 +357,9 @@ def _scale_view(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return s, False
 
 
-def _int4(spec: QuantizedExpertsSpec) -> bool:
-    return spec.weight_format is WeightFormat.INT4_PACKED
-
-
 def _tile_constexprs(spec: QuantizedExpertsSpec, config: QuantizedConfig) -> dict:
     """What both sorted-path kernels take of the format and the tiles (BLOCK_KW: stored words per K step)."""
-    int4 = _int4(spec)
+    int4 = is_int4(spec)
     return dict(INT4=int4, INT4_PLANES=int4 and config.int4_planes, ACT_Q=0 if int4 else ACT_Q_CODE[config.act],
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 BLOCK_KW=config.block_k // 8 if int4 else config.block_k, num_warps=config.num_warps,
@@ -512,7 +379,7 @@ def _descriptors(config: QuantizedConfig, a: torch.Tensor, w: torch.Tensor, tma:
 def wants_tma(config: QuantizedConfig, spec: QuantizedExpertsSpec) -> bool:
     """config.tma where it applies: the FP8 sorted path under w8a8_rows (a fact of the shapes: also asked at
     trace time, where tensors have no addresses)."""
-    return config.tma and config.act is ActQuant.ROWS and not config.decode and not _int4(spec)
+    return config.tma and config.act is ActQuant.ROWS and not config.decode and not is_int4(spec)
 
 
 def use_tma(config: QuantizedConfig, spec: QuantizedExpertsSpec, w_gate_up: torch.Tensor,
@@ -553,7 +420,7 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
     if not config.fused_act:
         launch.kernel(_act_rows_kernel)[(act.shape[0], triton.cdiv(I, ACT_GROUP))](
             out, act, act_s, I, float(spec.swiglu_alpha), float(spec.swiglu_limit), out.stride(0), act.stride(0),
-            act_s.stride(0), ACT=ACT_CODE[spec.activation], ACT_ROWS=config.act is ActQuant.ROWS and not _int4(spec),
+            act_s.stride(0), ACT=ACT_CODE[spec.activation], ACT_ROWS=config.act is ActQuant.ROWS and not is_int4(spec),
             GROUP=ACT_GROUP, num_warps=4,
         )
 
@@ -631,24 +498,24 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     """out [T, H]. Sizes and dtypes were checked by ops/checks.py; T > 0."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    E, I = w_gate_up.shape[0], w_down.shape[2] * (8 if _int4(spec) else 1)
+    E, I = w_gate_up.shape[0], w_down.shape[2] * (8 if is_int4(spec) else 1)
     if config is None:
         config = default_config(hidden, E, k, spec)
-    if _int4(spec) and config.block_k % 8:
+    if is_int4(spec) and config.block_k % 8:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must be a multiple of 8 (INT4 words)")
-    if (_int4(spec) and config.int4_planes and not config.decode and hidden.device.type == "cuda"
+    if (is_int4(spec) and config.int4_planes and not config.decode and hidden.device.type == "cuda"
             and config.block_k < 128):
         raise ValueError(f"moe_compiler: INT4 planes take block_k >= 128 on a GPU (16 words: the tensor cores' "
                          f"K), got {config.block_k}")
     if config.act_fp8 and not config.decode and hidden.device.type == "cuda" and config.block_k < 32:
         raise ValueError(f"moe_compiler: w8a8 takes block_k >= 32 on a GPU (the FP8 tensor cores' K), got "
                          f"{config.block_k}; use act='w8a16' for scale blocks narrower than 32")
-    act_rows = config.act is ActQuant.ROWS and not _int4(spec) and not config.decode
+    act_rows = config.act is ActQuant.ROWS and not is_int4(spec) and not config.decode
     if act_rows and ((config.fused_act and config.block_n != ACT_GROUP) or ACT_GROUP % config.block_k):
         raise ValueError(f"moe_compiler: w8a8_rows takes block_n = {ACT_GROUP} (one activation group per gate_up "
                          f"tile) and a block_k dividing it, got block_n={config.block_n}, block_k={config.block_k}")
     spans = config.decode and config.block_k % spec.scale_block_k == 0  # a GEMV step over whole scale blocks
-    if not _int4(spec) and spec.scale_block_k % config.block_k and not spans:
+    if not is_int4(spec) and spec.scale_block_k % config.block_k and not spans:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must divide scale_block_k={spec.scale_block_k} "
                          "(an FP8 K step reads one scale per column; the decode GEMVs also take a multiple of it)")
     if config.decode:
@@ -680,61 +547,3 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     out = hidden.new_empty(T, H)
     launch_combine(y, rows, k, out)
     return out
-
-
-# --- FP8 linear layers (the linear_quantized op): transformers' FP8Linear, read in place ----------------------
-
-@triton.jit
-def _linear_fp8_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
-    stride_xm, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """y [M, N] = x [M, K] @ (w [N, K] * block scales)^T (+ bias): w8a16, one output tile per program."""
-    num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _tile_coords(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    kk = tl.arange(0, BLOCK_K)
-    rows = tl.minimum(m, M - 1).to(tl.int64)  # rows past M re-read the last one; never stored
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + kk[None, :]
-    w_ptrs = w_ptr + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            a = tl.load(x_ptrs, mask=(kk[None, :] < K - k0), other=0.0)
-            w = tl.load(w_ptrs, mask=(kk[:, None] < K - k0), other=0.0)
-        sw = _column_scales(s_ptr, 0, n, k0, 0, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
-        acc += tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION) * sw[None, :]
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n).to(tl.float32)[None, :]
-    n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (m < M)[:, None] & (n_out < N)[None, :]
-    tl.store(y_ptr + m[:, None].to(tl.int64) * stride_ym + n_out[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def linear_forward(x, w, s, bias, block_n: int, block_k: int) -> torch.Tensor:
-    """x [M, K] (unit column stride) -> [M, N] in x's dtype. Untuned tiles: 16 rows at decode, 64 above."""
-    M, K = x.shape
-    N = w.shape[0]
-    y = x.new_empty(M, N)
-    if M == 0:
-        return y
-    block_m = 16 if M <= 16 else 64
-    block_kk = step_k(block_k)
-    block_nn = 64 if M <= 16 else 128
-    s, e8m0 = _scale_view(s)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_nn),)
-    launch.kernel(_linear_fp8_kernel)[grid](
-        x, w, s, bias if bias is not None else s, y, M, N, K, block_n, block_k,
-        x.stride(0), *w.stride(), *s.stride(), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=K % block_kk == 0, E8M0=e8m0, DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_nn, BLOCK_K=block_kk, GROUP_M=8, num_warps=4, num_stages=4,
-    )
-    return y

@@ -36,9 +36,9 @@ def forward(t: QuantizedLinearTensors, spec: QuantizedLinearSpec) -> Tensor:
         x = x.contiguous()
     args = (x, t.weight, t.weight_scale, t.bias, spec.scale_block_n, spec.scale_block_k)
     if device.uses_triton(x):
-        from ..lowering import triton_quantized
+        from ..lowering import triton_linear_fp8
 
-        y = triton_quantized.linear_forward(*args)
+        y = triton_linear_fp8.linear_forward(*args)
     else:
         y = torch_quantized.linear_forward(*args)
     return y.reshape(*t.x.shape[:-1], t.weight.shape[0])

@@ -148,7 +148,7 @@ for spec in (RouterSpec(top_k=2), RouterSpec(top_k=4, scoring=Scoring.SIGMOID, n
         ids = torch.zeros(6, spec.top_k, dtype=torch.long)
         triton_route.route_backward(torch.randn(6, spec.top_k), torch.randn(6, 16, dtype=dtype), ids, spec)
 # Quantized experts: FP8 w8a16 / w8a8 tile / w8a8 rows (fp32 and e8m0 scales), INT4 (bf16 group scales), the FP8 linear.
-from moe_compiler.lowering import triton_quantized
+from moe_compiler.lowering import triton_linear_fp8, triton_quantized
 from moe_compiler.lowering.triton_quantized import QuantizedConfig
 from moe_compiler.spec import QuantizedExpertsSpec
 from moe_compiler.testing.quantized import quantized_experts_inputs
@@ -165,7 +165,7 @@ for dtype in (torch.bfloat16, torch.float16):
             config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", fused_act=fused_act,
                                      tma=True, warp_specialize=ws, programs_per_sm=1)
             triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
-        triton_quantized.linear_forward(args[0], args[3][0], args[4][0], None, 128, 128)
+        triton_linear_fp8.linear_forward(args[0], args[3][0], args[4][0], None, 128, 128)
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 1, 32, torch.bfloat16, weight_format="int4_packed")
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
     for planes in (False, True):  # INT4 sorted path: the reshaped tile, one dot per nibble plane

@@ -126,30 +126,6 @@ def test_default_config_picks_a_block_k_that_divides_the_scale_block():
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize(
-    "M,N,K,bn,bk,scale_dtype,bias",
-    [
-        (1, 48, 64, 16, 32, torch.float32, False),  # decode row; N tail of the 64-wide tile wraps
-        (37, 40, 72, 16, 32, torch.float8_e8m0fnu, True),  # K tail, M past one 16-row tile, bias
-        (20, 130, 96, 128, 32, torch.bfloat16, False),  # 64-row tiles, N past one 128-wide tile
-    ],
-)
-def test_linear_matches_fp64(dtype, tol, M, N, K, bn, bk, scale_dtype, bias):
-    from moe_compiler.lowering.torch_quantized import dequantize
-    from moe_compiler.testing.quantized import quantize_fp8_blocks
-
-    g = torch.Generator().manual_seed(M)
-    q, s = quantize_fp8_blocks(torch.randn(N, K, generator=g) * K**-0.5, bn, bk, scale_dtype)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    with poisoned_allocations():
-        y = triton_quantized.linear_forward(*[t.to(DEVICE) if t is not None else None for t in (x, q, s, b)], bn,
-                                            bk).cpu()
-    ref = x.double() @ dequantize(q, s, bn, bk).double().T + (b.double() if bias else 0)
-    assert y.dtype == dtype and rel_err(y, ref) <= tol
-
-
-@pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("planes", [False, True], ids=["reshaped", "planes"])
 @pytest.mark.parametrize(
     "T,H,I,E,k,block_k,scale_dtype",

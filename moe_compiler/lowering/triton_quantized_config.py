@@ -1,0 +1,157 @@
+"""Configs of the quantized experts kernels (triton_quantized.py, triton_quantized_decode.py) and their untuned
+defaults, from the H200 sweeps of benchmarks/probes/probe_quantized_tiles.py (benchmarks/NOTES.md: "quantized
+tiles", "quantized GEMVs v4")."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+import triton
+
+from ..spec import QuantizedExpertsSpec, WeightFormat
+from . import device
+from .triton_config import decode_suits
+
+ACT_GROUP = 128  # columns per activation scale under w8a8 (transformers' and DeepSeek's 1 x 128)
+
+
+class ActQuant(str, enum.Enum):
+    """How the FP8 sorted path multiplies (module docstring); the GEMVs and INT4 always take exact activations."""
+
+    NONE = "w8a16"
+    TILE = "w8a8_tile"
+    ROWS = "w8a8_rows"
+
+
+def fp8_cores(t: torch.Tensor) -> bool:
+    """Whether `t`'s GPU has e4m3 tensor cores (sm89+; the device's cached capability: asked on every call)."""
+    return t.device.type == "cuda" and device.capability(device.index(t)) >= (8, 9)
+
+
+# The kernels' ACT_Q constexpr: one code per ActQuant (INT4 always 0: its dot takes exact activations).
+ACT_Q_CODE = {ActQuant.NONE: 0, ActQuant.TILE: 1, ActQuant.ROWS: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedConfig:
+    """Tiles of the quantized experts kernels (one set for both GEMMs, or both GEMVs with decode)."""
+
+    block_m: int
+    block_n: int
+    block_k: int  # FP8: divides the spec's scale_block_k; INT4: a multiple of 8 (values per word)
+    act: ActQuant  # FP8 sorted path only
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+    # The gate_up GEMM's activation: in its epilogue (fused: each program holds a gate and an up tile, two
+    # accumulators) or after it (one accumulator over all 2I columns, z [S_pad, 2I] stored, a row kernel applying
+    # the activation and, under w8a8_rows, quantizing act): half the registers per program for one more pass.
+    fused_act: bool = True
+    # INT4 sorted path: one dot per nibble plane (A read with a column stride of 8; needs block_k >= 128 on a GPU)
+    # or one dot on the tile reshaped in registers. INT4 GEMVs: 2-D nibble planes summed per word before its
+    # scale, or the 3-D [rows, words, 8] tile
+    int4_planes: bool = True
+    # The GEMV path of triton_quantized_decode.py (block_n, block_k, warps and stages; no sort, no tensor cores)
+    # instead of the sorted grouped GEMMs.
+    decode: bool = False
+    # FP8 w8a8_rows sorted path: both GEMMs' operands by TMA (hidden quantized into sorted order first, so the
+    # gate_up's A rows are contiguous too); with warp_specialize the K loop's TMA loads go to producer warps while
+    # the consumers run the wgmma and the per-step scale promotion (Triton specializes loops whose operand loads
+    # are TMA; the persistent tile loop did not specialize here). programs_per_sm > 0: a persistent grid.
+    tma: bool = False
+    warp_specialize: bool = False
+    programs_per_sm: int = 0
+    # The down GEMV: one program per (pair, column block), fp32 rows summed over the slots by a second kernel, or
+    # one per (token, column block) looping over its k slots (T = 1: k times fewer programs, one launch less).
+    slot_split: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.act, ActQuant):
+            if self.act not in {a.value for a in ActQuant}:
+                raise ValueError(f"QuantizedConfig.act: expected an ActQuant or one of "
+                                 f"{[a.value for a in ActQuant]}, got {self.act!r}")
+            object.__setattr__(self, "act", ActQuant(self.act))
+
+        if self.warp_specialize and not self.tma:
+            raise ValueError("QuantizedConfig.warp_specialize: needs tma=True (Triton specializes loops of TMA loads)")
+        if not isinstance(self.programs_per_sm, int) or not 0 <= self.programs_per_sm <= 8:
+            raise ValueError(f"QuantizedConfig.programs_per_sm: expected an int in [0, 8], "
+                             f"got {self.programs_per_sm!r}")
+
+    @property
+    def act_fp8(self) -> bool:
+        return self.act is not ActQuant.NONE
+
+
+def step_k(scale_block_k: int) -> int:
+    """The widest power-of-two K step up to 128 inside one FP8 scale block (it divides scale_block_k)."""
+    block_k = 128
+    while scale_block_k % block_k:
+        block_k //= 2
+    return block_k
+
+
+def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec) -> QuantizedConfig:
+    """Untuned tiles: the bf16 op's choice of path (triton_config.decode_suits), tiles from the H200 sweeps of
+    probe_quantized_tiles (NOTES.md, quantized tiles)."""
+    T = hidden.shape[0]
+    if is_int4(spec):
+        return _default_int4(T, E, k, decode_suits(T, k, E))
+    block_k = step_k(spec.scale_block_k)
+    if decode_suits(T, k, E):  # a GEMV step over two whole scale blocks where they are at most 128 wide
+        return _default_fp8_gemv(2 * block_k if block_k == spec.scale_block_k else block_k)
+    return _default_fp8(hidden, T, E, k, block_k)
+
+
+def _default_fp8_gemv(block_k: int) -> QuantizedConfig:
+    """The FP8 GEMVs from the H200 sweeps (NOTES.md, "quantized GEMVs v4"): 16 rows of 256 values per program
+    (two 128-wide scale blocks), 2 warps, FMA arithmetic, the down GEMV per pair. T = 1: Qwen3-30B-A3B 20.7 us
+    (16 x 128: 33-54); DeepSeek-V3 97 (16 x 128: 92; 4 warps 118-156)."""
+    return QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act=ActQuant.NONE, num_warps=2, num_stages=3,
+                           decode=True)
+
+
+def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int) -> QuantizedConfig:
+    """FP8 sorted-path tiles from the H200 sweeps at DeepSeek-V3's shape (NOTES.md, quantized tiles): w8a8
+    wherever the GPU has FP8 tensor cores, the activations rounded once per row and 128 columns (w8a8_rows:
+    transformers' and DeepSeek's own dynamic scheme) — faster than w8a16 and than rounding per tile at every T
+    measured (1024: 4.26 vs 5.29 vs 9.10 ms; the w8a16 tile's conversion costs more than the FP8 weights save).
+    Up to 8 rows per expert 16-row blocks with the activation fused into gate_up; from 16 rows, 32 then 64-row
+    blocks with gate_up unfused (one accumulator, z stored, the activation a second pass: 4096 tokens 7.07 vs
+    11.3 ms fused). w8a16 (fp32 activations, GPUs without FP8 cores) the sweep's best w8a16 tiles."""
+    rows = T * k / E
+    if fp8_cores(hidden) and hidden.dtype != torch.float32 and block_k >= 32:
+        if ACT_GROUP % block_k:  # scale blocks wider than the 128-column activation groups: round per tile
+            return QuantizedConfig(block_m=16 if rows <= 32 else 64, block_n=128, block_k=block_k, act=ActQuant.TILE,
+                                   num_warps=4 if rows <= 32 else 8, num_stages=3)
+        if rows <= 8:
+            return QuantizedConfig(block_m=16, block_n=128, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
+                                   num_stages=4 if rows <= 4 else 3)
+        if rows <= 32:
+            return QuantizedConfig(block_m=32, block_n=256, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
+                                   num_stages=3, fused_act=False)
+        return QuantizedConfig(block_m=64, block_n=128, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
+                               num_stages=3, fused_act=False)
+    block_m = 16 if rows <= 8 else 32 if rows <= 32 else 64
+    return QuantizedConfig(block_m=block_m, block_n=64 if block_m != 32 else 128, block_k=block_k, act=ActQuant.NONE,
+                           num_warps=4, num_stages=3)
+
+
+def _default_int4(T: int, E: int, k: int, decode: bool) -> QuantizedConfig:
+    """INT4 tiles from the H200 sweeps at Kimi-K2's shape (NOTES.md, quantized tiles): the GEMVs 8 rows of 256
+    values per program in nibble planes, 2 warps, the down GEMV per pair (T = 1: 138.5 us; 512 values 153; the
+    down GEMV per token 152; the 3-D nibble tile 222 before the per-pair down); the sorted
+    path's block_m the rows per expert rounded up to a power of two in 16..64, 128 columns, nibble planes at 16
+    rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped tile above (T = 1024: 12.9 vs 17.6 ms)."""
+    if decode:
+        return QuantizedConfig(block_m=16, block_n=8, block_k=256, act=ActQuant.NONE, num_warps=2, num_stages=3,
+                               decode=True, int4_planes=True)
+    block_m = min(64, max(16, triton.next_power_of_2(int(-(-T * k // E)))))
+    return QuantizedConfig(block_m=block_m, block_n=128, block_k=128, act=ActQuant.NONE, num_warps=4,
+                           num_stages=3, int4_planes=block_m <= 16)
+
+
+def is_int4(spec: QuantizedExpertsSpec) -> bool:
+    return spec.weight_format is WeightFormat.INT4_PACKED
