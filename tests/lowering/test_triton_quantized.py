@@ -118,13 +118,6 @@ def test_block_k_must_divide_the_scale_block():
         triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, QuantizedConfig(16, 16, 16, "w8a16"))
 
 
-def test_default_config_picks_a_block_k_that_divides_the_scale_block():
-    hidden = torch.zeros(4, 8)
-    assert triton_quantized.default_config(hidden, 8, 2, QuantizedExpertsSpec()).block_k == 128
-    assert triton_quantized.default_config(hidden, 8, 2, QuantizedExpertsSpec(scale_block_k=96)).block_k == 32
-    assert not triton_quantized.default_config(hidden, 8, 2, QuantizedExpertsSpec()).act_fp8
-
-
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("planes", [False, True], ids=["reshaped", "planes"])
 @pytest.mark.parametrize(
@@ -173,22 +166,6 @@ def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, 
         assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol, variant
 
 
-def test_default_int4_tiles_follow_the_rows_per_expert():
-    spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
-    few = triton_quantized.default_config(torch.zeros(8, 64), 384, 8, spec)  # 64 pairs: sorted, 16-row blocks
-    many = triton_quantized.default_config(torch.zeros(4096, 64), 384, 8, spec)  # 85 rows per expert
-    assert not few.decode and (few.block_m, few.int4_planes) == (16, True)
-    assert not many.decode and (many.block_m, many.int4_planes) == (64, False)
-    assert triton_quantized.default_config(torch.zeros(1, 64), 384, 8, spec).decode
-
-
-def test_default_config_takes_the_decode_gemvs_for_few_pairs():
-    spec = QuantizedExpertsSpec()
-    assert triton_quantized.default_config(torch.zeros(1, 8), 256, 8, spec).decode  # one token
-    assert triton_quantized.default_config(torch.zeros(4, 8), 256, 8, spec).decode  # 32 pairs of 256 experts
-    assert not triton_quantized.default_config(torch.zeros(64, 8), 256, 8, spec).decode
-
-
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs no device asserts")
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "sorted"])
 def test_out_of_range_id_fails_the_launch(decode):
@@ -227,16 +204,6 @@ def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, T):
         want, out = (triton_quantized.experts_forward(*args, spec, c).float().cpu() for c in (base, tma))
     assert rel_err(out, want) <= 2e-3
     assert rel_err(out, w8a8_reference(*[a.cpu() for a in args[:3]], w1, w2, group=128)) <= 2e-2
-
-
-def test_tma_config_is_checked():
-    with pytest.raises(ValueError, match="warp_specialize: needs tma=True"):
-        QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", warp_specialize=True)
-    with pytest.raises(ValueError, match="programs_per_sm: expected an int in"):
-        QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", programs_per_sm=9)
-    spec = QuantizedExpertsSpec()
-    assert not triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a16", tma=True), spec)  # rows only
-    assert triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a8_rows", tma=True), spec)
 
 
 def test_quantize_sorted_rows_puts_each_pairs_token_row_at_its_slot():

@@ -1,0 +1,49 @@
+"""The quantized kernels' configs (triton_quantized_config.py): validation with what-to-do messages, and which
+path and tiles the untuned defaults pick."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_compiler.lowering import triton_quantized
+from moe_compiler.lowering.triton_quantized_config import QuantizedConfig, default_config
+from moe_compiler.spec import QuantizedExpertsSpec
+
+
+def test_default_config_picks_a_block_k_that_divides_the_scale_block():
+    hidden = torch.zeros(4, 8)
+    assert default_config(hidden, 8, 2, QuantizedExpertsSpec()).block_k == 128
+    assert default_config(hidden, 8, 2, QuantizedExpertsSpec(scale_block_k=96)).block_k == 32
+    assert not default_config(hidden, 8, 2, QuantizedExpertsSpec()).act_fp8
+
+
+def test_default_int4_tiles_follow_the_rows_per_expert():
+    spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
+    few = default_config(torch.zeros(8, 64), 384, 8, spec)  # 64 pairs: sorted, 16-row blocks
+    many = default_config(torch.zeros(4096, 64), 384, 8, spec)  # 85 rows per expert
+    assert not few.decode and (few.block_m, few.int4_planes) == (16, True)
+    assert not many.decode and (many.block_m, many.int4_planes) == (64, False)
+    assert default_config(torch.zeros(1, 64), 384, 8, spec).decode
+
+
+def test_default_config_takes_the_decode_gemvs_for_few_pairs():
+    spec = QuantizedExpertsSpec()
+    assert default_config(torch.zeros(1, 8), 256, 8, spec).decode  # one token
+    assert default_config(torch.zeros(4, 8), 256, 8, spec).decode  # 32 pairs of 256 experts
+    assert not default_config(torch.zeros(64, 8), 256, 8, spec).decode
+    # the GEMVs step over two whole scale blocks of up to 128 columns, else inside one (NOTES "quantized GEMVs v4")
+    assert default_config(torch.zeros(1, 8), 256, 8, spec).block_k == 256
+    assert default_config(torch.zeros(1, 8), 256, 8, QuantizedExpertsSpec(scale_block_k=64)).block_k == 128
+    assert default_config(torch.zeros(1, 8), 256, 8, QuantizedExpertsSpec(scale_block_k=96)).block_k == 32
+    assert default_config(torch.zeros(1, 8), 256, 8, spec).slot_split
+
+
+def test_tma_config_is_checked():
+    with pytest.raises(ValueError, match="warp_specialize: needs tma=True"):
+        QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", warp_specialize=True)
+    with pytest.raises(ValueError, match="programs_per_sm: expected an int in"):
+        QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", programs_per_sm=9)
+    spec = QuantizedExpertsSpec()
+    assert not triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a16", tma=True), spec)  # rows only
+    assert triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a8_rows", tma=True), spec)
