@@ -28,7 +28,7 @@ import dataclasses
 import torch
 
 import moe_compiler  # noqa: F401 - registers the ops
-from moe_compiler.lowering import triton_quantized
+from moe_compiler.lowering import triton_quantized, triton_quantized_config
 from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec
 from moe_compiler.testing import rel_err
 from moe_compiler.testing.quantized import quantize_fp8_blocks, quantize_int4_groups
@@ -93,14 +93,14 @@ def bench_shape(name, E, k, H, I, tokens, timer, device):
         ids = torch.rand(T, E, device=device, generator=gen).argsort(dim=1)[:, :k]
         wts = torch.rand(T, k, device=device, generator=gen).to(torch.bfloat16)
         fp8_args = (x, ids, wts, q1, s1, q2, s2)
-        base = triton_quantized.default_config(x, E, k, spec) if device == "cuda" else None
+        base = triton_quantized_config.default_config(x, E, k, spec) if device == "cuda" else None
         calls = {"bf16": lambda: torch.ops.moe_compiler.experts(x, ids, wts, w1, w2, **ExpertsSpec().op_kwargs()),
                  "op": lambda: torch.ops.moe_compiler.experts_quantized(*fp8_args, **spec.op_kwargs()),
                  "int4": lambda: torch.ops.moe_compiler.experts_quantized(x, ids, wts, p1, g1, p2, g2,
                                                                           **spec4.op_kwargs())}
         if base is not None:
             # the sorted path's K step lies in one scale block (the GEMVs' default spans two)
-            sorted_tiles = dict(decode=False, block_m=16, block_n=64, block_k=triton_quantized.step_k(BLOCK)) \
+            sorted_tiles = dict(decode=False, block_m=16, block_n=64, block_k=triton_quantized_config.step_k(BLOCK)) \
                 if base.decode else {}
             for variant, changes in (("w8a16", dict(act="w8a16")), ("w8a8", dict(act="w8a8_tile", **sorted_tiles)),
                                      ("rows", dict(act="w8a8_rows", **{**sorted_tiles, "block_n": 128})),

@@ -26,7 +26,7 @@ import time
 import torch
 
 import moe_compiler  # noqa: F401 - registers the ops
-from moe_compiler.lowering import triton_quantized
+from moe_compiler.lowering import triton_quantized, triton_quantized_config
 from moe_compiler.spec import QuantizedExpertsSpec
 from moe_compiler.tune.shapes import ALL_SHAPES
 from moe_compiler.tune.timing import Timer
@@ -35,7 +35,7 @@ from .. import harness
 from ..bench_quantized import GROUP, fp8_weights, int4_weights
 
 
-def candidates(base: triton_quantized.QuantizedConfig, T: int, E: int, k: int, int4: bool):
+def candidates(base: triton_quantized_config.QuantizedConfig, T: int, E: int, k: int, int4: bool):
     rep = dataclasses.replace
     if base.decode:
         # The down GEMV per token (slots in a loop) against the default per pair, at the tiles that won per token.
@@ -114,7 +114,7 @@ def main():
             ids = torch.rand(T, E, device="cuda", generator=gen).argsort(dim=1)[:, :k]
             wts = torch.rand(T, k, device="cuda", generator=gen).to(torch.bfloat16)
             qargs = (x, ids, wts, q1, s1, q2, s2)
-            base = triton_quantized.default_config(x, E, k, spec)
+            base = triton_quantized_config.default_config(x, E, k, spec)
             run = timer.graph if T <= harness.GRAPH_MAX_T else timer.eager
             # One untimed-for-the-record run first: the first config timed at a point read up to 20% high
             # (Kimi-K2 INT4 T=1: 185 then 153 us for the same config), the GPU still ramping.

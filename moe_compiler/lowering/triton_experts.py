@@ -212,7 +212,10 @@ def _combine_kernel(y_ptr, pos_ptr, out_ptr, w_ptr, ids_ptr, b_ptr, H, stride_ym
     h_ok = h < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # fixed slot order: deterministic
-        p = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)  # -1: a sentinel pair, which adds nothing
+        if pos_ptr is None:  # y in pair order (the quantized decode GEMVs' rows, a sentinel's already 0)
+            p = t * TOP_K + j
+        else:
+            p = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)  # -1: a sentinel pair, which adds nothing
         live = h < tl.where(p >= 0, H, 0)
         row = tl.load(y_ptr + p * stride_ym + h, mask=live, other=0.0).to(tl.float32)
         # The sorted path's rows arrive finished (down GEMM epilogue); a library GEMM's (triton_grouped.py) get
@@ -315,13 +318,15 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
     )
 
 
-def launch_combine(y, rows: AlignedRows, k: int, out, weights=None, ids=None, b_down=None):
-    """out[t] = sum_j y[pos[t k + j]] in slot order; with `weights` [S] each row times its pair's weight, with
-    `b_down` [E, H] (and the flat `ids` [S]) plus its expert's bias first: rows of a GEMM without an epilogue."""
+def launch_combine(y, rows: AlignedRows | None, k: int, out, weights=None, ids=None, b_down=None):
+    """out[t] = sum_j y[pos[t k + j]] in slot order (rows None: y[t k + j], rows already in pair order); with
+    `weights` [S] each row times its pair's weight, with `b_down` [E, H] (and the flat `ids` [S]) plus its expert's
+    bias first: rows of a GEMM without an epilogue."""
     T, H = out.shape
     block_h = min(1024, triton.next_power_of_2(H))
+    pos = rows.pos if rows is not None else None
     launch.kernel(_combine_kernel)[(T, triton.cdiv(H, block_h))](
-        y, rows.pos, out, weights if weights is not None else y, ids if ids is not None else rows.pos,
+        y, pos, out, weights if weights is not None else y, ids if ids is not None else y,
         b_down if b_down is not None else y, H, y.stride(0), out.stride(0),
         b_down.stride(0) if b_down is not None else 0,
         TOP_K=k, WEIGHTED=weights is not None, HAS_BIAS=b_down is not None, BLOCK_H=block_h, num_warps=4,

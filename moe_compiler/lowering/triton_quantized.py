@@ -40,23 +40,11 @@ import triton
 import triton.language as tl
 
 from ..spec import QuantizedExpertsSpec
-from . import device, launch
+from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import AlignedRows, align_rows
-from .triton_experts import _block_rows, _tile_coords, dot_precision, launch_combine, tma_ok
-
-# The configs and their defaults (triton_quantized_config.py), named here too: the sorted path's callers and
-# the decode GEMVs take them from this module.
-from .triton_quantized_config import (  # noqa: F401
-    ACT_GROUP,
-    ACT_Q_CODE,
-    ActQuant,
-    QuantizedConfig,
-    default_config,
-    fp8_cores,
-    is_int4,
-    step_k,
-)
+from .triton_experts import _block_rows, _grid, _tile_coords, _weight_desc, dot_precision, launch_combine, tma_ok
+from .triton_quantized_config import ACT_GROUP, ACT_Q_CODE, ActQuant, QuantizedConfig, default_config, is_int4
 
 
 @triton.jit
@@ -373,7 +361,7 @@ def _descriptors(config: QuantizedConfig, a: torch.Tensor, w: torch.Tensor, tma:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return (TensorDescriptor(a, list(a.shape), list(a.stride()), [config.block_m, config.block_k]),
-            TensorDescriptor(w, list(w.shape), list(w.stride()), [1, config.block_n, config.block_k]))
+            _weight_desc(w, config.block_n, config.block_k, True))
 
 
 def wants_tma(config: QuantizedConfig, spec: QuantizedExpertsSpec) -> bool:
@@ -389,12 +377,6 @@ def use_tma(config: QuantizedConfig, spec: QuantizedExpertsSpec, w_gate_up: torc
     return wants_tma(config, spec) and tma_ok(w_gate_up, w_down)
 
 
-def _sorted_grid(max_tiles: int, config: QuantizedConfig, t: torch.Tensor) -> tuple[int]:
-    if config.programs_per_sm and t.device.type == "cuda":
-        return (max(1, min(max_tiles, config.programs_per_sm * device.num_sms(device.index(t)))),)
-    return (max(1, max_tiles),)
-
-
 def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, config: QuantizedConfig, k: int,
                    act, act_s, dtype: torch.dtype, tma: bool = False):
     """x: hidden, or its e4m3 rows under w8a8_rows (x_s their scales; else any tensor, never read) — with `tma`
@@ -406,8 +388,8 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
     if not config.fused_act:  # z first (the unfused GEMM over 2I columns), then _act_rows_kernel
         out = torch.empty(act.shape[0], 2 * I, dtype=dtype, device=act.device)
     x_desc, w_desc = _descriptors(config, x, w, tma)
-    grid = _sorted_grid(rows.max_blocks * triton.cdiv(out.shape[1] if not config.fused_act else I, config.block_n),
-                        config, x)
+    grid = _grid(rows.max_blocks * triton.cdiv(out.shape[1] if not config.fused_act else I, config.block_n),
+                 config.programs_per_sm, x)
     launch.kernel(_gate_up_q_kernel)[grid](
         x, x_desc, x_s, w, w_desc, s, out, act_s, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
         H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m, spec.scale_block_n,
@@ -430,7 +412,7 @@ def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExp
     I, H = act.shape[1], y.shape[1]
     s, e8m0 = _scale_view(s)
     a_desc, w_desc = _descriptors(config, act, w, tma)
-    grid = _sorted_grid(rows.max_blocks * triton.cdiv(H, config.block_n), config, act)
+    grid = _grid(rows.max_blocks * triton.cdiv(H, config.block_n), config.programs_per_sm, act)
     launch.kernel(_down_q_kernel)[grid](
         act, a_desc, act_s, w, w_desc, s, y, weights, rows.sorted_rows, rows.block_expert, rows.seg_end,
         rows.num_padded,
@@ -531,12 +513,8 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
         weights = weights.contiguous()
     S = rows.sorted_rows.numel()
     tma = act_rows and use_tma(config, spec, w_gate_up, w_down)
-    if tma:
-        x, x_s = quantize_sorted_rows(hidden, rows, k)
-        act = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
-        act_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
-    elif act_rows:
-        x, x_s = quantize_rows(hidden)
+    if act_rows:
+        x, x_s = quantize_sorted_rows(hidden, rows, k) if tma else quantize_rows(hidden)
         act = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
         act_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
     else:

@@ -16,7 +16,7 @@ Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_bl
     act           [S, 9, I/8] fp32       act in the same form (values rounded to hidden's dtype first)
 
     route -> ([x planes: grid (T, H / 1024)]) -> [gate_up GEMV + act: grid (S, I / BLOCK_N)]
-          -> [down GEMV * weight: grid (S, H / BLOCK_N)] -> [sum of each token's k rows in slot order: (T, H / 1024)]
+          -> [down GEMV * weight: grid (S, H / BLOCK_N)] -> [combine: each token's k rows of y in slot order]
     (not slot_split: [down GEMV * weight + combine: grid (T, H / BLOCK_N)], each program looping over k slots)
 
 At decode the op is a stream of weight bytes (each touched expert read once), so the weights are read in their
@@ -43,6 +43,7 @@ from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_decode import check_ids, pair_buffers
+from .triton_experts import launch_combine
 from .triton_quantized import _scale_view, int4_unit_plane, int4_values
 
 
@@ -269,7 +270,7 @@ def _down_q_gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
     K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
 ):
-    # SLOTS = 1 (slot_split): program (p, n-block) writes pair p's fp32 row (out is y [S, H]; _sum_slots_kernel
+    # SLOTS = 1 (slot_split): program (p, n-block) writes pair p's fp32 row (out is y [S, H]; launch_combine
     # combines). SLOTS = k: program (t, n-block) sums token t's slots in order into out [T, H]: at T = 1 k times
     # fewer programs, each k times longer (DeepSeek-V3 FP8: 448 programs, 53 us for a 28 us byte floor).
     row = tl.program_id(0).to(tl.int64)
@@ -284,17 +285,6 @@ def _down_q_gemv_kernel(
     tl.store(out_ptr + row * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
 
-@triton.jit
-def _sum_slots_kernel(y_ptr, out_ptr, H, stride_ym, stride_om, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):  # fixed slot order: deterministic
-        acc += tl.load(y_ptr + (t * TOP_K + j) * stride_ym + h, mask=h < H, other=0.0)
-    tl.store(out_ptr + t * stride_om + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
-
-
-SUM_BLOCK_H = 1024
 # act's rounding to hidden's dtype where the gate_up epilogue stores it as fp32 planes
 ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 PLANES_BLOCK_W = 128
@@ -302,7 +292,7 @@ PLANES_BLOCK_W = 128
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
                     spec: QuantizedExpertsSpec, config) -> torch.Tensor:
-    """out [T, H]; config: triton_quantized.QuantizedConfig with decode=True (block_n, block_k, warps, stages)."""
+    """out [T, H]; config: a QuantizedConfig with decode=True (block_n, block_k, warps, stages)."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     int4 = spec.weight_format is WeightFormat.INT4_PACKED
@@ -341,6 +331,5 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
         SLOTS=1 if config.slot_split else k, EVEN_K=I % block_k == 0, **common,
     )
     if config.slot_split:
-        launch.kernel(_sum_slots_kernel)[(T, triton.cdiv(H, SUM_BLOCK_H))](
-            y, out, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_H=SUM_BLOCK_H, num_warps=4)
+        launch_combine(y, None, k, out)
     return out

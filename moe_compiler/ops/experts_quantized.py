@@ -57,10 +57,10 @@ def _inlinable(*tensors, **spec) -> bool:
     t = QuantizedTensors(*tensors)
     if not (inline.static(*t) and device.uses_triton(t.hidden)):
         return False
-    from ..lowering import triton_quantized
+    from ..lowering import triton_quantized, triton_quantized_config
 
     qspec = make_spec(QuantizedExpertsSpec, spec)
-    config = triton_quantized.default_config(t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec)
+    config = triton_quantized_config.default_config(t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec)
     return not triton_quantized.wants_tma(config, qspec)
 
 

@@ -96,7 +96,7 @@ FORWARD_KERNELS = ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_
 BACKWARD_KERNELS = ("_dz_kernel", "_wgrad_kernel", "_act_backward_rows_kernel", "_sorted_rows_kernel")
 OTHER_KERNELS = ("_route_kernel", "_sparsemixer_kernel", "_route_backward_kernel", "_gate_up_q_kernel",
                  "_down_q_kernel", "_linear_fp8_kernel", "_gate_up_q_gemv_kernel", "_down_q_gemv_kernel",
-                 "_sum_slots_kernel", "_x_planes_kernel", "_quantize_rows_kernel", "_quantize_sorted_rows_kernel",
+                 "_x_planes_kernel", "_quantize_rows_kernel", "_quantize_sorted_rows_kernel",
                  "_act_rows_kernel")
 SUMMARY = 'print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))'
 # Three parts, each in its own process (so that the suite's workers share them), with the kernels each compiles.
@@ -149,7 +149,7 @@ for spec in (RouterSpec(top_k=2), RouterSpec(top_k=4, scoring=Scoring.SIGMOID, n
         triton_route.route_backward(torch.randn(6, spec.top_k), torch.randn(6, 16, dtype=dtype), ids, spec)
 # Quantized experts: FP8 w8a16 / w8a8 tile / w8a8 rows (fp32 and e8m0 scales), INT4 (bf16 group scales), the FP8 linear.
 from moe_compiler.lowering import triton_linear_fp8, triton_quantized
-from moe_compiler.lowering.triton_quantized import QuantizedConfig
+from moe_compiler.lowering.triton_quantized_config import QuantizedConfig
 from moe_compiler.spec import QuantizedExpertsSpec
 from moe_compiler.testing.quantized import quantized_experts_inputs
 for dtype in (torch.bfloat16, torch.float16):

@@ -19,10 +19,11 @@ from moe_compiler.lowering import (  # noqa: E402
     triton_decode,
     triton_experts,
     triton_quantized,
+    triton_quantized_config,
 )
 from moe_compiler.lowering.torch_segment_mm import LoopMM  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
-from moe_compiler.lowering.triton_quantized import ACT_GROUP, QuantizedConfig  # noqa: E402
+from moe_compiler.lowering.triton_quantized_config import ACT_GROUP, QuantizedConfig  # noqa: E402
 from moe_compiler.passes.verify import with_sentinels  # noqa: E402
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout, QuantizedExpertsSpec  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
@@ -205,7 +206,7 @@ def test_the_ops_on_the_gpu_under_a_cuda_graph(T):
     spec = QuantizedExpertsSpec()
     dense = [t.cuda() for t in (h, ids, w, w1, w2)]
     quant = [t.cuda() for t in args]
-    w8a8 = triton_quantized.default_config(quant[0], 16, 4, spec).act_fp8
+    w8a8 = triton_quantized_config.default_config(quant[0], 16, 4, spec).act_fp8
     calls = {"experts": lambda: torch.ops.moe_compiler.experts(*dense, **ExpertsSpec().op_kwargs()),
              "quantized": lambda: torch.ops.moe_compiler.experts_quantized(*quant, **spec.op_kwargs())}
     for name, call in calls.items():

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 from triton_cases import DEVICE, fails_with_ids_assert, poisoned_allocations  # noqa: E402
 
 from moe_compiler.lowering import triton_quantized  # noqa: E402
-from moe_compiler.lowering.triton_quantized import QuantizedConfig  # noqa: E402
+from moe_compiler.lowering.triton_quantized_config import QuantizedConfig  # noqa: E402
 from moe_compiler.spec import QuantizedExpertsSpec  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
 from moe_compiler.testing.quantized import quantized_experts_inputs, w8a8_reference  # noqa: E402
@@ -171,13 +171,13 @@ def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, 
 def test_out_of_range_id_fails_the_launch(decode):
     fails_with_ids_assert(
         f"""
-        from moe_compiler.lowering import triton_quantized
+        from moe_compiler.lowering import triton_quantized, triton_quantized_config
         from moe_compiler.spec import QuantizedExpertsSpec
         from moe_compiler.testing.quantized import quantized_experts_inputs
         args, _ = quantized_experts_inputs(2, 64, 32, 4, 2, torch.bfloat16, 32, 32)
         args = [a.cuda() for a in args]
         args[1][0, 1] = 7
-        config = triton_quantized.QuantizedConfig(16, 16, 32, "w8a16", decode={decode})
+        config = triton_quantized_config.QuantizedConfig(16, 16, 32, "w8a16", decode={decode})
         triton_quantized.experts_forward(*args, QuantizedExpertsSpec(scale_block_n=32, scale_block_k=32), config)
         """
     )

@@ -146,28 +146,28 @@ def test_triton_fp8_on_the_gpu_bf16(act, T):
     simulated. Not 1e-2: the kernel rounds its fp32 gate/up to bf16 and then to e4m3, the reference its fp64
     ones, and where the bf16 roundings differ (1 bf16 ulp) an e4m3 rounding can flip by a whole e4m3 step
     (2^-3): ~1% on Gaussian data."""
-    from moe_compiler.lowering import triton_quantized
+    from moe_compiler.lowering import triton_quantized, triton_quantized_config
     from moe_compiler.testing.quantized import w8a8_reference
 
     H, I, E, k = 512, 256, 16, 4
     args, (w1, w2) = quantized_experts_inputs(T, H, I, E, k, torch.bfloat16, seed=T)
     dev = [a.cuda() for a in args]
     spec = QuantizedExpertsSpec()
-    config = triton_quantized.default_config(dev[0], E, k, spec)
+    config = triton_quantized_config.default_config(dev[0], E, k, spec)
     import dataclasses
 
     config = dataclasses.replace(config, act=act)
     act_fp8 = config.act_fp8
     if act_fp8:
         config = dataclasses.replace(config, decode=False, block_m=16, block_n=128,  # sorted: a step in one block
-                                     block_k=triton_quantized.step_k(spec.scale_block_k))
+                                     block_k=triton_quantized_config.step_k(spec.scale_block_k))
     out = triton_quantized.experts_forward(*dev, spec, config).cpu()
     exact = experts_reference_by_expert(*args[:3], w1, w2)
     ref = w8a8_reference(*args[:3], w1, w2, 128) if act_fp8 else exact
     assert rel_err(out, ref) <= (2e-2 if act_fp8 else 1e-2)
     # and the op itself (default config) on CUDA
     assert rel_err(OP(*dev, **spec.op_kwargs()).cpu(), exact) <= (
-        1e-2 if not triton_quantized.default_config(dev[0], E, k, spec).act_fp8 else 8e-2)
+        1e-2 if not triton_quantized_config.default_config(dev[0], E, k, spec).act_fp8 else 8e-2)
 
 
 @pytest.mark.gpu
