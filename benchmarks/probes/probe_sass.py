@@ -9,8 +9,13 @@ Each tile (block_n, block_k, warps, stages) of the gate_up GEMV at the shape's r
 DeepSeek-V3 for FP8; the down GEMV's loop is the same step) is compiled by Triton's own compiler with the
 launcher's specializations (ints equal to 1 as constexprs, pointers and multiples of 16 marked divisible by 16:
 without them nothing is vectorized), disassembled by the nvdisasm Triton ships, and the main loop (the longest
-backward branch) counted. Prints instructions per value per thread and the most frequent opcodes; --out DIR keeps
-each kernel's SASS and TTGIR.
+backward branch) counted. Prints instructions per value per thread, registers per thread (occupancy), spill
+stores and the most frequent opcodes; --out DIR keeps each kernel's SASS and TTGIR.
+
+Compile with the GPU machine's Triton, not this one's: ptxas versions differ (Triton 3.9's keeps a LOP3 constant in
+a register where 3.6's splits the LOP3 in two: the INT4 GEMV counted 6.12 per value with 3.9 and 7.09 with 3.6).
+    pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36:. python -m benchmarks.probes.probe_sass --format int4 --tiles 8,256,2,3
 """
 
 from __future__ import annotations
@@ -34,15 +39,17 @@ TYPES = dict(x_ptr="*bf16", ids_ptr="*i32", s_ptr="*bf16", act_ptr="*bf16", ok_p
 SHAPES = {
     "int4": dict(S=8, E=384, H=7168, I=2048, TOP_K=8, SCALE_BN=1, SCALE_BK=32, stride_xm=9 * 896,
                  stride_we=4096 * 896, stride_wn=896, stride_wk=1, stride_se=4096 * 224, stride_sn=224, stride_sk=1,
-                 stride_am=9 * 256),  # x and act as fp32 planes [9, K / 8]
+                 stride_am=9 * 256, one_bits=0x3F800000),  # x and act as fp32 planes [9, K / 8]
     "fp8": dict(S=8, E=256, H=7168, I=2048, TOP_K=8, SCALE_BN=128, SCALE_BK=128, stride_xm=7168,
                 stride_we=4096 * 7168, stride_wn=7168, stride_wk=1, stride_se=32 * 56, stride_sn=56, stride_sk=1,
-                stride_am=2048),
+                stride_am=2048, one_bits=0x3F800000),
 }
 
 
-def compile_sass(fn, values: dict, constexprs: dict, types: dict, num_warps: int, num_stages: int):
-    """(SASS text, TTGIR text) of `fn` for sm90 with the launcher's specializations of `values`."""
+def compile_sass(fn, values: dict, constexprs: dict, types: dict, num_warps: int, num_stages: int,
+                 maxnreg: int | None = None):
+    """(SASS text, TTGIR text, registers per thread) of `fn` for sm90 with the launcher's specializations of
+    `values`."""
     signature, constants, attrs = {}, dict(constexprs), {}
     for i, p in enumerate(fn.params):
         if p.name in constexprs or p.is_constexpr:
@@ -57,14 +64,18 @@ def compile_sass(fn, values: dict, constexprs: dict, types: dict, num_warps: int
         if signature[p.name].startswith("*") or (isinstance(v, int) and v % 16 == 0 and not p.do_not_specialize):
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+                            options=dict(num_warps=num_warps, num_stages=num_stages,
+                                         **({"maxnreg": maxnreg} if maxnreg else {})))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
-        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
-    return sass, kernel.asm["ttgir"]
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+    return sass, kernel.asm["ttgir"], int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 def main_loop_ops(sass: str) -> collections.Counter:
@@ -86,6 +97,7 @@ def main():
     ap.add_argument("--format", choices=list(SHAPES), default="int4")
     ap.add_argument("--tiles", nargs="+", default=["8,512,2,3"], help="block_n,block_k,warps,stages")
     ap.add_argument("--out", help="directory for each kernel's .sass and .ttgir")
+    ap.add_argument("--maxnreg", type=int, help="cap registers per thread (Triton's maxnreg): occupancy vs spills")
     args = ap.parse_args()
     int4 = args.format == "int4"
     types = {**TYPES, "w_ptr": "*i32" if int4 else "*fp8e4nv", "s_ptr": "*bf16" if int4 else "*fp32"}
@@ -95,13 +107,16 @@ def main():
         bn, bk, warps, stages = (int(v) for v in tile.split(","))
         constexprs = dict(ACT=0, EVEN_K=True, INT4=int4, E8M0=False, BLOCK_N=bn, BLOCK_K=bk,
                           BLOCK_KW=bk // 8 if int4 else bk, BLOCK_S=128, NUM_STAGES=stages,
-                          K_GROUPS=1 if int4 else max(1, bk // 128), PLANES=int4, TILE3D=False, ROUND=1)
-        sass, ttgir = compile_sass(qd._gate_up_q_gemv_kernel, SHAPES[args.format], constexprs, types, warps, stages)
+                          K_GROUPS=1 if int4 else max(1, bk // 128), PLANES=int4, TILE3D=False, ROUND=1,
+                          GROUP_W=qd.group_words(SHAPES[args.format]["SCALE_BK"], bk) if int4 else 1)
+        sass, ttgir, regs = compile_sass(qd._gate_up_q_gemv_kernel, SHAPES[args.format], constexprs, types, warps,
+                                         stages, args.maxnreg)
         ops = main_loop_ops(sass)
         per_thread = 2 * bn * bk // (warps * 32)  # gate and up tiles
         name = f"{args.format}_{'planes' if int4 else 'fma'}_n{bn}_k{bk}_w{warps}_s{stages}"
         print(f"{name}: {sum(ops.values())} instructions per iteration for {per_thread} values per thread = "
-              f"{sum(ops.values()) / per_thread:.2f} per value; {ops.most_common(10)}", flush=True)
+              f"{sum(ops.values()) / per_thread:.2f} per value, {regs} registers, {sass.count('STL')} spill stores; "
+              f"{ops.most_common(10)}", flush=True)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             for ext, text in (("sass", sass), ("ttgir", ttgir)):

@@ -27,7 +27,9 @@ group of bk columns. fp32 FMAs into a [BLOCK_N, BLOCK_K] accumulator, one reduct
 after the loop (no tensor cores needed), as in triton_decode.py.
 
 The bytes are the floor. INT4 spends its instructions first: per value one shift, one LOP3 and one FMA in nibble
-planes (int4_unit_plane), still ~3x its byte floor on the H200 at Kimi-K2's shape (NOTES "quantized GEMVs v4").
+planes (int4_unit_plane), a word's partial sums added within its scale group before the one scale multiply
+(GROUP_W words: Kimi-K2's groups of 32 values, one scale per 32): 4.2-4.9 instructions per value on sm90, from
+7.3 in v4, which ran at ~3x its byte floor on the H200 at Kimi-K2's shape (NOTES "quantized GEMVs v6").
 FP8's gate_up GEMV runs at its floor at DeepSeek-V3's shape with plain FMAs; tensor-core forms (the tile converted
 for tl.dot, or e4m3 x e4m3) and in-thread chunk sums measured 1.4-2.9x slower and were removed (NOTES v4). At T = 1
 the down GEMV needs the slot split: per token it has H / BLOCK_N programs, too few to keep HBM busy.
@@ -44,7 +46,7 @@ from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_decode import check_ids, pair_buffers
 from .triton_experts import launch_combine
-from .triton_quantized import _scale_view, int4_unit_plane, int4_values
+from .triton_quantized import ONE_BITS, _scale_view, int4_unit_plane, int4_values
 
 
 @triton.jit
@@ -119,13 +121,15 @@ def _row_dots(acc, TILE3D: tl.constexpr):
 
 @triton.jit
 def _int4_plane_step(w_ptrs, s_ptr, e, rows, xp_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                     EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """[BLOCK_N, BLOCK_KW] fp32: each word's share of the rows' dot products with x at k0, as 8 nibble planes
-    (plane j: values k0 + 8 kw + j): 2-D tiles only, one scale multiply per word. Per value one shift, one LOP3
-    and one FMA (int4_unit_plane): p = sum_j (1 + u_j / 16) x_j, so the word's sum_j (u_j - 8) x_j is
-    16 p - 24 sum_j x_j. x comes as its planes (xp_row: [9, K / 8] fp32, _x_planes_kernel): plane j of a word
-    is one contiguous fp32 load shared by the word's rows, and row 8 holds each word's sum of x — no per-value
-    strided load, conversion or add (NOTES "quantized GEMVs v5")."""
+                     one_bits, EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr,
+                     GROUP_W: tl.constexpr):
+    """[BLOCK_N, BLOCK_KW / GROUP_W] fp32: each scale group's share of the rows' dot products with x at k0 (GROUP_W
+    words per group), as 8 nibble planes (plane j: values k0 + 8 kw + j): 2-D tiles only. Per value one shift, one
+    LOP3 and one FMA (int4_unit_plane): p = sum_j (1 + u_j / 16) x_j, so a word's sum_j (u_j - 8) x_j is
+    16 p - 24 sum_j x_j; the words' p are added within their group before the one scale multiply (a group of 32
+    values: one scale load and multiply per 32 values, not per 8). x comes as its planes (xp_row: [9, K / 8] fp32,
+    _x_planes_kernel): plane j of a word is one contiguous fp32 load shared by the word's rows, and row 8 holds
+    each word's sum of x — no per-value strided load, conversion or add (NOTES "quantized GEMVs v5", "v6")."""
     kw = tl.arange(0, BLOCK_KW)
     KW = K // 8
     w0 = k0 // 8
@@ -141,10 +145,18 @@ def _int4_plane_step(w_ptrs, s_ptr, e, rows, xp_row, k0, K, stride_se, stride_sn
             xj = tl.load(xp_row + j * KW + w0 + kw)
         else:
             xj = tl.load(xp_row + j * KW + w0 + kw, mask=kw < KW - w0, other=0.0)
-        part += int4_unit_plane(words, j) * xj[None, :]
-    kk = k0 + kw * 8
-    s = tl.load(s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64)[:, None] * stride_sn
-                + (kk[None, :] // SCALE_BK) * stride_sk, mask=kk[None, :] < K, other=0.0).to(tl.float32)
+        part += int4_unit_plane(words, j, one_bits) * xj[None, :]
+    G: tl.constexpr = BLOCK_KW // GROUP_W
+    if GROUP_W > 1:  # a thread's words are contiguous along K: the group sums stay in its registers
+        part = tl.sum(tl.reshape(part, [part.shape[0], G, GROUP_W]), axis=2)
+        x_sum = tl.sum(tl.reshape(x_sum, [G, GROUP_W]), axis=1)
+    kk = (k0 + tl.arange(0, G) * (GROUP_W * 8)).to(tl.uint32)  # each group's first value (>= 0: a shift)
+    s_ptrs = (s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64)[:, None] * stride_sn
+              + (kk[None, :] // SCALE_BK) * stride_sk)
+    if EVEN_K:
+        s = tl.load(s_ptrs).to(tl.float32)
+    else:
+        s = tl.load(s_ptrs, mask=kk[None, :] < K, other=0.0).to(tl.float32)
     if E8M0:
         s = tl.exp2(s - 127.0)
     return (16.0 * part - 24.0 * x_sum[None, :]) * s
@@ -171,13 +183,13 @@ def _weight_ptrs(w_ptr, e, rows, stride_we, stride_wn, stride_wk, BLOCK_KW: tl.c
 
 @triton.jit  # SCALE_BN / SCALE_BK constexprs as in triton_quantized.py's kernels
 def _gate_up_q_gemv_kernel(
-    x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, S, E, H, I, TOP_K, alpha, limit,
+    x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, S, E, H, I, TOP_K, alpha, limit, one_bits,
     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr, K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
-    ROUND: tl.constexpr,
+    GROUP_W: tl.constexpr, ROUND: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -194,15 +206,15 @@ def _gate_up_q_gemv_kernel(
     if TILE3D:
         acc_g = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
-    else:  # FP8 [BLOCK_N, BLOCK_K], INT4 planes [BLOCK_N, BLOCK_KW]
-        acc_g = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    else:  # FP8 [BLOCK_N, BLOCK_K], INT4 planes [BLOCK_N, scale groups per step]
+        acc_g = tl.zeros([BLOCK_N, BLOCK_KW // GROUP_W], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_KW // GROUP_W], dtype=tl.float32)
     for k0 in tl.range(0, h_live, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
         if PLANES:
             acc_g += _int4_plane_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                      SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
+                                      SCALE_BK, one_bits, EVEN_K, E8M0, BLOCK_KW, GROUP_W)
             acc_u += _int4_plane_step(wu_ptrs, s_ptr, e, n + I, x_row, k0, H, stride_se, stride_sn, stride_sk,
-                                      SCALE_BN, SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
+                                      SCALE_BN, SCALE_BK, one_bits, EVEN_K, E8M0, BLOCK_KW, GROUP_W)
         else:
             x = _step_input(x_row, k0, H, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
             wg = _dequantized_rows(wg_ptrs, s_ptr, e, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
@@ -232,11 +244,11 @@ def _gate_up_q_gemv_kernel(
 
 @triton.jit
 def _down_q_slot(
-    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, p, n, E, I, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, p, n, E, I, one_bits, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
     EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
-    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
+    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr, GROUP_W: tl.constexpr,
 ):
     """Pair p's weighted down row on columns n, fp32 [BLOCK_N]; zero for a sentinel pair (id E)."""
     e = tl.load(ids_ptr + p)
@@ -248,11 +260,11 @@ def _down_q_slot(
     if TILE3D:
         acc = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
     else:
-        acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_KW // GROUP_W], dtype=tl.float32)
     for k0 in tl.range(0, i_live, BLOCK_K, num_stages=NUM_STAGES):
         if PLANES:
             acc += _int4_plane_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                    SCALE_BK, EVEN_K, E8M0, BLOCK_KW)
+                                    SCALE_BK, one_bits, EVEN_K, E8M0, BLOCK_KW, GROUP_W)
         else:
             a = _step_input(a_row, k0, I, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
             w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
@@ -264,11 +276,11 @@ def _down_q_slot(
 
 @triton.jit
 def _down_q_gemv_kernel(
-    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, E, H, I, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
-    stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, E, H, I, one_bits, SCALE_BN: tl.constexpr,
+    SCALE_BK: tl.constexpr, stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
     SLOTS: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
-    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
+    K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr, GROUP_W: tl.constexpr,
 ):
     # SLOTS = 1 (slot_split): program (p, n-block) writes pair p's fp32 row (out is y [S, H]; launch_combine
     # combines). SLOTS = k: program (t, n-block) sums token t's slots in order into out [T, H]: at T = 1 k times
@@ -278,9 +290,10 @@ def _down_q_gemv_kernel(
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(SLOTS):  # slots in order: a deterministic combine
-        out += _down_q_slot(a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, row * SLOTS + j, n, E, I, SCALE_BN, SCALE_BK,
-                            stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                            EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW, NUM_STAGES, K_GROUPS, PLANES, TILE3D)
+        out += _down_q_slot(a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, row * SLOTS + j, n, E, I, one_bits, SCALE_BN,
+                            SCALE_BK, stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
+                            EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW, NUM_STAGES, K_GROUPS, PLANES, TILE3D,
+                            GROUP_W)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + row * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
@@ -288,6 +301,17 @@ def _down_q_gemv_kernel(
 # act's rounding to hidden's dtype where the gate_up epilogue stores it as fp32 planes
 ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 PLANES_BLOCK_W = 128
+
+
+def group_words(bk: int, block_k: int) -> int:
+    """Words per scale group inside a plane GEMV's K step (its partial sums added before the scale multiply):
+    a group per step where block_k divides the scale block, block_k / bk groups where bk divides block_k, else one
+    scale per word."""
+    if bk % block_k == 0:
+        return block_k // 8
+    if block_k % bk == 0 and bk % 8 == 0:
+        return bk // 8
+    return 1
 
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
@@ -315,10 +339,11 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
                   BLOCK_KW=block_k // 8 if int4 else block_k, NUM_STAGES=config.num_stages,
                   K_GROUPS=1 if int4 else max(1, block_k // spec.scale_block_k),
                   PLANES=planes, TILE3D=int4 and not planes,
+                  GROUP_W=group_words(spec.scale_block_k, block_k) if planes else 1,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
         x, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),
-        float(spec.swiglu_limit), spec.scale_block_n, spec.scale_block_k,
+        float(spec.swiglu_limit), ONE_BITS, spec.scale_block_n, spec.scale_block_k,
         x.stride(0), *w_gate_up.stride(), *s1.stride(), act.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % block_k == 0, BLOCK_S=128, ROUND=ROUND_CODE[hidden.dtype],
         **common, **launch.asserts(),
@@ -326,7 +351,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     out = hidden.new_empty(T, H)
     y = hidden.new_empty(T * k, H, dtype=torch.float32) if config.slot_split else out
     launch.kernel(_down_q_gemv_kernel)[(y.shape[0], triton.cdiv(H, config.block_n))](
-        act, ids, weights, w_down, s2, y, w_down.shape[0], H, I, spec.scale_block_n, spec.scale_block_k,
+        act, ids, weights, w_down, s2, y, w_down.shape[0], H, I, ONE_BITS, spec.scale_block_n, spec.scale_block_k,
         act.stride(0), *w_down.stride(), *s2.stride(), y.stride(0),
         SLOTS=1 if config.slot_split else k, EVEN_K=I % block_k == 0, **common,
     )

@@ -150,6 +150,9 @@ def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, planes, T, H, 
         ("fp8_e4m3", 16, 32, torch.float8_e8m0fnu, 3, 128, 64, 64),  # two blocks per step, e8m0
         ("int4_packed", 1, 32, torch.bfloat16, 2, 96, 64, 32),  # Kimi-K2-Thinking's groups of 32
         ("int4_packed", 1, 8, torch.float32, 3, 40, 24, 32),  # four groups per step, K tails
+        ("int4_packed", 1, 16, torch.bfloat16, 2, 128, 64, 64),  # planes: 2-word groups summed before the scale
+        ("int4_packed", 1, 128, torch.float32, 1, 384, 128, 64),  # a group over two steps
+        ("int4_packed", 1, 24, torch.float32, 2, 96, 48, 32),  # groups across steps: a scale per word
     ],
 )
 def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, block_k):
