@@ -32,6 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moe_compiler.lowering import triton_quantized_decode as qd
+from moe_compiler.lowering.triton_config import LIVE_ASSERTS  # as launched (launch.asserts)
 
 TYPES = dict(x_ptr="*bf16", ids_ptr="*i32", s_ptr="*bf16", act_ptr="*bf16", ok_ptr="*i32", alpha="fp32",
              limit="fp32")
@@ -64,7 +65,7 @@ def compile_sass(fn, values: dict, constexprs: dict, types: dict, num_warps: int
         if signature[p.name].startswith("*") or (isinstance(v, int) and v % 16 == 0 and not p.do_not_specialize):
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages,
+                            options=dict(num_warps=num_warps, num_stages=num_stages, **LIVE_ASSERTS,
                                          **({"maxnreg": maxnreg} if maxnreg else {})))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:

@@ -74,9 +74,10 @@ def int4_values(words, shifts):
     return bits.to(tl.float32, bitcast=True) - 8388616.0
 
 
-# fp32 1.0's bits, int4_unit_plane's one_bits: kernels take it as a run-time argument. As a literal beside the
-# mask, Triton 3.6's ptxas splits the plane's and + or into two LOP3s (one immediate each); from a register it
-# is one (INT4 GEMV 7.09 -> 6.22 instructions per value on sm90, NOTES "quantized GEMVs v6").
+# fp32 1.0's bits, int4_unit_plane's one_bits. The GEMVs take it as a run-time argument: as a literal beside the
+# mask, Triton 3.6's ptxas splits the plane's and + or into two LOP3s (one immediate each); from a register it is
+# one (INT4 GEMV 7.09 -> 6.22 instructions per value on sm90, NOTES "quantized GEMVs v6"). The sorted path's plane
+# dots keep the literal: there the register raised the gate_up kernel from 223 to 254 registers (not measured).
 ONE_BITS = 0x3F800000
 
 
@@ -119,7 +120,7 @@ def _int4_word_scales(s_ptr, expert, n, k0, K, stride_se, stride_sn, stride_sk, 
 
 @triton.jit
 def _int4_planes_step(a_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN,
-                      SCALE_BK, one_bits, EVEN_K: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      SCALE_BK, EVEN_K: tl.constexpr, E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_KW: tl.constexpr):
     """acc + the K step at k0 as 8 dots, one per nibble plane: plane j holds values k0 + 8 kw + j, so its A
     columns are read with a stride of 8 (a_rows: [M, 1] pointers to each row's column k0) and no register
@@ -134,7 +135,7 @@ def _int4_planes_step(a_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, s
             a = tl.load(a_rows + kw[None, :] * 8 + j)
         else:
             a = tl.load(a_rows + kw[None, :] * 8 + j, mask=(kw[None, :] * 8 + j < K - k0), other=0.0)
-        w = (int4_unit_plane(words, j, one_bits) * s16 - s24).to(a.dtype)
+        w = (int4_unit_plane(words, j, 0x3F800000) * s16 - s24).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -216,7 +217,7 @@ def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, I, alpha, limit, stride_zm, stri
 @triton.jit(do_not_specialize=["GROUP_M"])
 def _gate_up_q_kernel(
     x_ptr, x_desc, xs_ptr, w_ptr, w_desc, s_ptr, act_ptr, act_s_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
-    num_padded_ptr, H, I, TOP_K, alpha, limit, one_bits, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    num_padded_ptr, H, I, TOP_K, alpha, limit, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_xm, stride_xs, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am, stride_as,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
     E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -259,12 +260,10 @@ def _gate_up_q_kernel(
             elif INT4_PLANES:
                 a_rows = x_ptr + tok[:, None] * stride_xm + k0
                 gate = _int4_planes_step(a_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
-                                         stride_sk, SCALE_BN, SCALE_BK, one_bits, EVEN_K, E8M0, DOT_PRECISION,
-                                         BLOCK_KW)
+                                         stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
                 if FUSED_ACT:
                     up = _int4_planes_step(a_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
-                                           stride_sk, SCALE_BN, SCALE_BK, one_bits, EVEN_K, E8M0, DOT_PRECISION,
-                                           BLOCK_KW)
+                                           stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
             else:
                 if EVEN_K:
                     a = tl.load(a_ptrs)
@@ -298,7 +297,7 @@ def _gate_up_q_kernel(
 @triton.jit(do_not_specialize=["GROUP_M"])
 def _down_q_kernel(
     a_ptr, a_desc, as_ptr, w_ptr, w_desc, s_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
-    num_padded_ptr, H, I, one_bits, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    num_padded_ptr, H, I, GROUP_M, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_am, stride_as, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_ym,
     EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
     E8M0: tl.constexpr,
@@ -327,8 +326,8 @@ def _down_q_kernel(
                                      E8M0, BLOCK_N, BLOCK_K)
             elif INT4_PLANES:
                 acc = _int4_planes_step(a_ptr + slots[:, None] * stride_am + k0, w_ptrs, s_ptr, acc, expert, n, k0,
-                                        I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, one_bits, EVEN_K,
-                                        E8M0, DOT_PRECISION, BLOCK_KW)
+                                        I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0,
+                                        DOT_PRECISION, BLOCK_KW)
             else:
                 if EVEN_K:
                     a = tl.load(a_ptrs)
@@ -400,7 +399,7 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
                  config.programs_per_sm, x)
     launch.kernel(_gate_up_q_kernel)[grid](
         x, x_desc, x_s, w, w_desc, s, out, act_s, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
-        H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), ONE_BITS, config.group_m, spec.scale_block_n,
+        H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m, spec.scale_block_n,
         spec.scale_block_k,
         x.stride(0), x_s.stride(0), *w.stride(), *s.stride(), out.stride(0), act_s.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, E8M0=e8m0,
@@ -424,7 +423,7 @@ def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExp
     launch.kernel(_down_q_kernel)[grid](
         act, a_desc, act_s, w, w_desc, s, y, weights, rows.sorted_rows, rows.block_expert, rows.seg_end,
         rows.num_padded,
-        H, I, ONE_BITS, config.group_m, spec.scale_block_n, spec.scale_block_k,
+        H, I, config.group_m, spec.scale_block_n, spec.scale_block_k,
         act.stride(0), act_s.stride(0), *w.stride(), *s.stride(), y.stride(0),
         EVEN_K=I % config.block_k == 0, E8M0=e8m0, DOT_PRECISION=dot_precision(y.dtype), BLOCK_M=config.block_m,
         TMA=tma, WARP_SPEC=tma and config.warp_specialize, **_tile_constexprs(spec, config),
