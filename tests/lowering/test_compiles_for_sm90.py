@@ -1,11 +1,10 @@
 """Every Triton kernel the forwards and the backward launch compiles for Hopper (sm90), checked without a GPU.
 
 The interpreter runs the kernels' semantics on CPU but never compiles them, and it skips bf16; a kernel change
-that the GPU compiler rejects would otherwise show only on the GPU. Here each launch site
-(lowering/launch.py's `kernel(k)[grid](...)`) is intercepted: the kernel is compiled by Triton's own compiler
-for an sm90 target from the launch's real argument types and constants, nothing is launched (ptxas ships with
-Triton; no driver is needed). Run in a fresh process: the interpreter setting of the suite's conftest
-would otherwise have replaced every kernel with its interpreted twin at import.
+that the GPU compiler rejects would otherwise show only on the GPU. Here each launch is compiled for an sm90
+target from its real arguments and never run (moe_compiler.testing.sm90). Run in a fresh process: the
+interpreter setting of the suite's conftest would otherwise have replaced every kernel with its interpreted twin
+at import.
 """
 
 from __future__ import annotations
@@ -21,58 +20,16 @@ pytest.importorskip("triton")
 
 PRELUDE = """
 import dataclasses
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from moe_compiler.lowering import (device, launch, triton_act, triton_backward, triton_decode, triton_experts,
-                                   triton_grouped, triton_route)
+import torch
+from moe_compiler.lowering import (triton_act, triton_backward, triton_decode, triton_experts, triton_grouped,
+                                   triton_route)
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout, RouteOrder, RouterSpec, Scoring, SharedMLP
 from moe_compiler.testing import experts_inputs
+from moe_compiler.testing.sm90 import compiled_not_run
 
-TARGET = GPUTarget("cuda", 90, 32)
-TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-         torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv", torch.uint8: "u8"}
-OPTIONS = ("num_warps", "num_stages", "debug", "sanitize_overflow")
-compiled = set()
-
-
-class Compile:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __getitem__(self, grid):
-        return self.compile
-
-    def compile(self, *args, **kwargs):
-        names = self.fn.arg_names
-        values = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k not in OPTIONS})
-        signature, constexprs = {}, {}
-        for p in self.fn.params:
-            v = values[p.name]
-            if p.is_constexpr or v is None:
-                signature[p.name], constexprs[p.name] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                signature[p.name] = "*" + TYPES[v.dtype]
-            elif type(v).__name__ == "TensorDescriptor":  # a host TMA descriptor
-                signature[p.name] = f"tensordesc<{TYPES[v.base.dtype]}{list(v.block_shape)}>"
-            elif isinstance(v, bool):
-                signature[p.name] = "i1"
-            elif isinstance(v, int):
-                signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            else:
-                signature[p.name] = "fp32"
-        options = {k: v for k, v in kwargs.items() if k in OPTIONS}
-        key = (self.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(map(str, constexprs.items()))),
-               tuple(sorted(options.items())))
-        if key not in compiled:
-            triton.compile(ASTSource(self.fn, signature, constexprs), target=TARGET, options=options)
-            compiled.add(key)
-
-
-launch.kernel = Compile
-device.uses_triton = lambda t: True
-device.num_sms = lambda index: 132
+SM90 = compiled_not_run()
+compiled = SM90.__enter__()  # for the whole process (SM90 held: its exit would restore the launches)
 
 DECODE = DecodeConfig(KernelConfig(16, 64), KernelConfig(16, 64))
 SORTED = SortedConfig(block_m=64, gate_up=KernelConfig(64, 64), down=KernelConfig(128, 64))
@@ -98,7 +55,7 @@ OTHER_KERNELS = ("_route_kernel", "_sparsemixer_kernel", "_route_backward_kernel
                  "_down_q_kernel", "_linear_fp8_kernel", "_gate_up_q_gemv_kernel", "_down_q_gemv_kernel",
                  "_x_planes_kernel", "_quantize_rows_kernel", "_quantize_sorted_rows_kernel",
                  "_act_rows_kernel")
-SUMMARY = 'print("COMPILED", len(compiled), sorted({k[0] for k in compiled}))'
+SUMMARY = 'print("COMPILED", len(compiled), sorted({r["kernel"] for r in compiled}))'
 # Three parts, each in its own process (so that the suite's workers share them), with the kernels each compiles.
 PARTS = {
     "forward": ("""
