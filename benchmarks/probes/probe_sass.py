@@ -40,10 +40,10 @@ TYPES = dict(x_ptr="*bf16", ids_ptr="*i32", s_ptr="*bf16", act_ptr="*bf16", ok_p
 SHAPES = {
     "int4": dict(S=8, E=384, H=7168, I=2048, TOP_K=8, SCALE_BN=1, SCALE_BK=32, stride_xm=9 * 896,
                  stride_we=4096 * 896, stride_wn=896, stride_wk=1, stride_se=4096 * 224, stride_sn=224, stride_sk=1,
-                 stride_am=9 * 256, one_bits=0x3F800000),  # x and act as fp32 planes [9, K / 8]
+                 stride_am=9 * 256, base_bits=0x41800000),  # x and act as fp32 planes [9, K / 8]
     "fp8": dict(S=8, E=256, H=7168, I=2048, TOP_K=8, SCALE_BN=128, SCALE_BK=128, stride_xm=7168,
                 stride_we=4096 * 7168, stride_wn=7168, stride_wk=1, stride_se=32 * 56, stride_sn=56, stride_sk=1,
-                stride_am=2048, one_bits=0x3F800000),
+                stride_am=2048, base_bits=0x41800000),
 }
 
 

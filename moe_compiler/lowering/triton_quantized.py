@@ -74,25 +74,20 @@ def int4_values(words, shifts):
     return bits.to(tl.float32, bitcast=True) - 8388616.0
 
 
-# fp32 1.0's bits, int4_unit_plane's one_bits. The GEMVs take it as a run-time argument: as a literal beside the
-# mask, Triton 3.6's ptxas splits the plane's and + or into two LOP3s (one immediate each); from a register it is
-# one (INT4 GEMV 7.09 -> 6.22 instructions per value on sm90, NOTES "quantized GEMVs v6"). The sorted path's plane
-# dots keep the literal: there the register raised the gate_up kernel from 223 to 254 registers (not measured).
-ONE_BITS = 0x3F800000
-
-
 @triton.jit
-def int4_unit_plane(words, J: tl.constexpr, one_bits):
-    """fp32 1 + u / 16 of nibble J of int32 words (u = the stored nibble, value + 8), exactly: the nibble moved to
-    mantissa bits 19..22 and ORed into 1.0's bits — one shift and one LOP3 (and + or) per value, no conversion and
-    no add; (1 + u / 16) * 16 s - 24 s = (u - 8) s puts the offset and a scale s into one FMA, or a dot's per-word
-    sum of (1 + u / 16) x gives sum (u - 8) x as 16 p - 24 sum x. Dequantizing kernels are bound by instructions
-    per value, not bytes (benchmarks/NOTES.md "quantized GEMVs v3")."""
+def int4_unit_plane(words, J: tl.constexpr, base_bits):
+    """fp32 b (1 + u / 16) of nibble J of int32 words (u = the stored nibble, value + 8) for a power of two b given
+    by its bits (1.0: 0x3F800000 gives 1 + u / 16; 16.0: 0x41800000 gives 16 + u), exactly: the nibble moved to
+    mantissa bits 19..22 and ORed into b's bits — one shift and one LOP3 (and + or) per value, no conversion and
+    no add; (1 + u / 16) * 16 s - 24 s = (u - 8) s puts the offset and a scale s into one FMA, or a sum of
+    (16 + u) x gives sum (u - 8) x less 24 sum x. Dequantizing kernels are bound by instructions per value, not
+    bytes (benchmarks/NOTES.md "quantized GEMVs v3", "v6"). Where b's bits are a literal, Triton 3.6's ptxas
+    splits the and + or into two LOP3s (one immediate each); passed at run time they are one (NOTES v6)."""
     if 19 - 4 * J >= 0:
         t = words << (19 - 4 * J)
     else:  # (arithmetic or logical: the mask keeps bits 19..22 only)
         t = words >> (4 * J - 19)
-    return ((t & 0x00780000) | one_bits).to(tl.float32, bitcast=True)
+    return ((t & 0x00780000) | base_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -135,6 +130,7 @@ def _int4_planes_step(a_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, s
             a = tl.load(a_rows + kw[None, :] * 8 + j)
         else:
             a = tl.load(a_rows + kw[None, :] * 8 + j, mask=(kw[None, :] * 8 + j < K - k0), other=0.0)
+        # (a literal: as a run-time register it cost this kernel 31 registers, 223 -> 254; not measured)
         w = (int4_unit_plane(words, j, 0x3F800000) * s16 - s24).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     return acc

@@ -12,7 +12,7 @@ Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_bl
 
     y             [S, H] fp32            config.slot_split: pair p's weighted down row (zero for a sentinel)
     INT4 planes (config.int4_planes) read their inputs as planes instead:
-    xp            [T, 9, H/8] fp32       xp[t, j, w] = hidden[t, 8w + j] (j < 8), xp[t, 8, w] = their sum
+    xp            [T, 9, H/8] fp32       xp[t, j, w] = hidden[t, 8w + j] (j < 8), xp[t, 8, w] = -24 x their sum
     act           [S, 9, I/8] fp32       act in the same form (values rounded to hidden's dtype first)
 
     route -> ([x planes: grid (T, H / 1024)]) -> [gate_up GEMV + act: grid (S, I / BLOCK_N)]
@@ -46,7 +46,7 @@ from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_decode import check_ids, pair_buffers
 from .triton_experts import launch_combine
-from .triton_quantized import ONE_BITS, _scale_view, int4_unit_plane, int4_values
+from .triton_quantized import _scale_view, int4_unit_plane, int4_values
 
 
 @triton.jit
@@ -121,35 +121,34 @@ def _row_dots(acc, TILE3D: tl.constexpr):
 
 @triton.jit
 def _int4_plane_step(w_ptrs, s_ptr, e, rows, xp_row, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                     one_bits, EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr,
+                     base_bits, EVEN_K: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr,
                      GROUP_W: tl.constexpr):
     """[BLOCK_N, BLOCK_KW / GROUP_W] fp32: each scale group's share of the rows' dot products with x at k0 (GROUP_W
-    words per group), as 8 nibble planes (plane j: values k0 + 8 kw + j): 2-D tiles only. Per value one shift, one
-    LOP3 and one FMA (int4_unit_plane): p = sum_j (1 + u_j / 16) x_j, so a word's sum_j (u_j - 8) x_j is
-    16 p - 24 sum_j x_j; the words' p are added within their group before the one scale multiply (a group of 32
-    values: one scale load and multiply per 32 values, not per 8). x comes as its planes (xp_row: [9, K / 8] fp32,
-    _x_planes_kernel): plane j of a word is one contiguous fp32 load shared by the word's rows, and row 8 holds
-    each word's sum of x — no per-value strided load, conversion or add (NOTES "quantized GEMVs v5", "v6")."""
+    words per group), as 8 nibble planes (plane j: values k0 + 8 kw + j): 2-D tiles only. x comes as its planes
+    (xp_row: [9, K / 8] fp32, _x_planes_kernel): plane j of a word is one contiguous fp32 load shared by the word's
+    rows, and row 8 holds -24 x each word's sum of x, the accumulator's start. Per value then one shift, one LOP3
+    and one FMA (int4_unit_plane with base_bits 16.0's: 16 + u): a word's -24 sum_j x_j + sum_j (16 + u_j) x_j is
+    its sum_j (u_j - 8) x_j. The words' sums are added within their scale group in registers (a thread's words are
+    contiguous along K), then one scale multiply per group: per 32 values at Kimi-K2 (NOTES "quantized GEMVs v6")."""
     kw = tl.arange(0, BLOCK_KW)
     KW = K // 8
     w0 = k0 // 8
     if EVEN_K:
         words = tl.load(w_ptrs)
-        x_sum = tl.load(xp_row + 8 * KW + w0 + kw)
+        x_off = tl.load(xp_row + 8 * KW + w0 + kw)
     else:
         words = tl.load(w_ptrs, mask=(kw[None, :] < KW - w0), other=0)
-        x_sum = tl.load(xp_row + 8 * KW + w0 + kw, mask=kw < KW - w0, other=0.0)
-    part = tl.zeros(words.shape, dtype=tl.float32)
+        x_off = tl.load(xp_row + 8 * KW + w0 + kw, mask=kw < KW - w0, other=0.0)
+    part = tl.broadcast_to(x_off[None, :], words.shape)
     for j in tl.static_range(8):
         if EVEN_K:
             xj = tl.load(xp_row + j * KW + w0 + kw)
         else:
             xj = tl.load(xp_row + j * KW + w0 + kw, mask=kw < KW - w0, other=0.0)
-        part += int4_unit_plane(words, j, one_bits) * xj[None, :]
+        part += int4_unit_plane(words, j, base_bits) * xj[None, :]
     G: tl.constexpr = BLOCK_KW // GROUP_W
-    if GROUP_W > 1:  # a thread's words are contiguous along K: the group sums stay in its registers
+    if GROUP_W > 1:
         part = tl.sum(tl.reshape(part, [part.shape[0], G, GROUP_W]), axis=2)
-        x_sum = tl.sum(tl.reshape(x_sum, [G, GROUP_W]), axis=1)
     kk = (k0 + tl.arange(0, G) * (GROUP_W * 8)).to(tl.uint32)  # each group's first value (>= 0: a shift)
     s_ptrs = (s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64)[:, None] * stride_sn
               + (kk[None, :] // SCALE_BK) * stride_sk)
@@ -159,19 +158,20 @@ def _int4_plane_step(w_ptrs, s_ptr, e, rows, xp_row, k0, K, stride_se, stride_sn
         s = tl.load(s_ptrs, mask=kk[None, :] < K, other=0.0).to(tl.float32)
     if E8M0:
         s = tl.exp2(s - 127.0)
-    return (16.0 * part - 24.0 * x_sum[None, :]) * s
+    return part * s
 
 
 @triton.jit
 def _x_planes_kernel(x_ptr, xp_ptr, KW, stride_xm, stride_pm, BLOCK_W: tl.constexpr):
-    """xp[t] = x[t] as the INT4 plane GEMVs read it: [9, KW] fp32, row j < 8 the values 8w + j, row 8 their sums."""
+    """xp[t] = x[t] as the INT4 plane GEMVs read it: [9, KW] fp32, row j < 8 the values 8w + j, row 8 -24 x their
+    sums (_int4_plane_step's start)."""
     t = tl.program_id(0).to(tl.int64)
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     j = tl.arange(0, 8)
     ok = w < KW
     x = tl.load(x_ptr + t * stride_xm + w[:, None] * 8 + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(xp_ptr + t * stride_pm + j[None, :] * KW + w[:, None], x, mask=ok[:, None])
-    tl.store(xp_ptr + t * stride_pm + 8 * KW + w, tl.sum(x, axis=1), mask=ok)
+    tl.store(xp_ptr + t * stride_pm + 8 * KW + w, -24.0 * tl.sum(x, axis=1), mask=ok)
 
 
 @triton.jit
@@ -183,7 +183,7 @@ def _weight_ptrs(w_ptr, e, rows, stride_we, stride_wn, stride_wk, BLOCK_KW: tl.c
 
 @triton.jit  # SCALE_BN / SCALE_BK constexprs as in triton_quantized.py's kernels
 def _gate_up_q_gemv_kernel(
-    x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, S, E, H, I, TOP_K, alpha, limit, one_bits,
+    x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, S, E, H, I, TOP_K, alpha, limit, base_bits,
     SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
@@ -212,9 +212,9 @@ def _gate_up_q_gemv_kernel(
     for k0 in tl.range(0, h_live, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (triton_decode.py)
         if PLANES:
             acc_g += _int4_plane_step(wg_ptrs, s_ptr, e, n, x_row, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                      SCALE_BK, one_bits, EVEN_K, E8M0, BLOCK_KW, GROUP_W)
+                                      SCALE_BK, base_bits, EVEN_K, E8M0, BLOCK_KW, GROUP_W)
             acc_u += _int4_plane_step(wu_ptrs, s_ptr, e, n + I, x_row, k0, H, stride_se, stride_sn, stride_sk,
-                                      SCALE_BN, SCALE_BK, one_bits, EVEN_K, E8M0, BLOCK_KW, GROUP_W)
+                                      SCALE_BN, SCALE_BK, base_bits, EVEN_K, E8M0, BLOCK_KW, GROUP_W)
         else:
             x = _step_input(x_row, k0, H, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
             wg = _dequantized_rows(wg_ptrs, s_ptr, e, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
@@ -236,7 +236,7 @@ def _gate_up_q_gemv_kernel(
         out = tl.where(n_out < I, out, 0.0)
         tl.store(a_row + (n_out % 8) * (I // 8) + n_out // 8, out, mask=n_out < I)
         w_out = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # BLOCK_N % 8 == 0: whole words per program
-        tl.store(a_row + 8 * (I // 8) + w_out, tl.sum(tl.reshape(out, [BLOCK_N // 8, 8]), axis=1),
+        tl.store(a_row + 8 * (I // 8) + w_out, -24.0 * tl.sum(tl.reshape(out, [BLOCK_N // 8, 8]), axis=1),
                  mask=w_out < I // 8)
     else:
         tl.store(a_row + n_out, out.to(act_ptr.dtype.element_ty), mask=n_out < I)
@@ -244,7 +244,7 @@ def _gate_up_q_gemv_kernel(
 
 @triton.jit
 def _down_q_slot(
-    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, p, n, E, I, one_bits, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, p, n, E, I, base_bits, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
     EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -264,7 +264,7 @@ def _down_q_slot(
     for k0 in tl.range(0, i_live, BLOCK_K, num_stages=NUM_STAGES):
         if PLANES:
             acc += _int4_plane_step(w_ptrs, s_ptr, e, n, a_row, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                    SCALE_BK, one_bits, EVEN_K, E8M0, BLOCK_KW, GROUP_W)
+                                    SCALE_BK, base_bits, EVEN_K, E8M0, BLOCK_KW, GROUP_W)
         else:
             a = _step_input(a_row, k0, I, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
             w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
@@ -276,7 +276,7 @@ def _down_q_slot(
 
 @triton.jit
 def _down_q_gemv_kernel(
-    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, E, H, I, one_bits, SCALE_BN: tl.constexpr,
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, E, H, I, base_bits, SCALE_BN: tl.constexpr,
     SCALE_BK: tl.constexpr, stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
     SLOTS: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -290,7 +290,7 @@ def _down_q_gemv_kernel(
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(SLOTS):  # slots in order: a deterministic combine
-        out += _down_q_slot(a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, row * SLOTS + j, n, E, I, one_bits, SCALE_BN,
+        out += _down_q_slot(a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, row * SLOTS + j, n, E, I, base_bits, SCALE_BN,
                             SCALE_BK, stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
                             EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW, NUM_STAGES, K_GROUPS, PLANES, TILE3D,
                             GROUP_W)
@@ -301,6 +301,9 @@ def _down_q_gemv_kernel(
 # act's rounding to hidden's dtype where the gate_up epilogue stores it as fp32 planes
 ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 PLANES_BLOCK_W = 128
+# int4_unit_plane's base for the plane GEMVs: 16.0's bits (values 16 + u), a run-time argument so ptxas keeps it in
+# a register and emits one LOP3 per value (a literal: two, on the device's Triton 3.6; NOTES "quantized GEMVs v6")
+SIXTEEN_BITS = 0x41800000
 
 
 def group_words(bk: int, block_k: int) -> int:
@@ -343,7 +346,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
                   num_warps=config.num_warps, num_stages=config.num_stages)
     launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
         x, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),
-        float(spec.swiglu_limit), ONE_BITS, spec.scale_block_n, spec.scale_block_k,
+        float(spec.swiglu_limit), SIXTEEN_BITS, spec.scale_block_n, spec.scale_block_k,
         x.stride(0), *w_gate_up.stride(), *s1.stride(), act.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % block_k == 0, BLOCK_S=128, ROUND=ROUND_CODE[hidden.dtype],
         **common, **launch.asserts(),
@@ -351,7 +354,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     out = hidden.new_empty(T, H)
     y = hidden.new_empty(T * k, H, dtype=torch.float32) if config.slot_split else out
     launch.kernel(_down_q_gemv_kernel)[(y.shape[0], triton.cdiv(H, config.block_n))](
-        act, ids, weights, w_down, s2, y, w_down.shape[0], H, I, ONE_BITS, spec.scale_block_n, spec.scale_block_k,
+        act, ids, weights, w_down, s2, y, w_down.shape[0], H, I, SIXTEEN_BITS, spec.scale_block_n, spec.scale_block_k,
         act.stride(0), *w_down.stride(), *s2.stride(), y.stride(0),
         SLOTS=1 if config.slot_split else k, EVEN_K=I % block_k == 0, **common,
     )
