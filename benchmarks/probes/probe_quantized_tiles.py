@@ -38,6 +38,10 @@ from ..bench_quantized import GROUP, fp8_weights, int4_weights
 def candidates(base: triton_quantized_config.QuantizedConfig, T: int, E: int, k: int, int4: bool):
     rep = dataclasses.replace
     if base.decode:
+        # The down GEMV's own height (down_block_n) around the default's, gate_up's tile kept
+        for dn in (8, 16, 32):
+            if dn != (base.down_block_n or base.block_n):
+                yield rep(base, down_block_n=dn)
         # The down GEMV per token (slots in a loop) against the default per pair, at the tiles that won per token.
         for bn, bk in itertools.product((8, 16), (256, 512)):
             yield rep(base, block_n=bn, block_k=bk, num_warps=2, num_stages=3, slot_split=False)

@@ -159,9 +159,10 @@ def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, 
     args, (w1, w2) = quantized_experts_inputs(T, H, I, 8, 2, dtype, bn, bk, scale_dtype, seed=T, weight_format=fmt)
     spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
     # INT4: the 3-D tile, the nibble planes; the down GEMV per pair (slot_split, summed by a second kernel) and
-    # per token
+    # per token; down programs of other heights than gate_up's (down_block_n)
     variants = [dict(int4_planes=p, slot_split=p) for p in (False, True)] if fmt == "int4_packed" else \
         [dict(slot_split=p) for p in (False, True)]
+    variants += [dict(down_block_n=32), dict(down_block_n=8, slot_split=False)]
     for variant in variants:
         config = QuantizedConfig(block_m=16, block_n=16, block_k=block_k, act="w8a16", decode=True, **variant)
         with poisoned_allocations():

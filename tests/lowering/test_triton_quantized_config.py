@@ -24,7 +24,8 @@ def test_default_int4_tiles_follow_the_rows_per_expert():
     many = default_config(torch.zeros(4096, 64), 384, 8, spec)  # 85 rows per expert
     assert not few.decode and (few.block_m, few.int4_planes) == (16, True)
     assert not many.decode and (many.block_m, many.int4_planes) == (64, False)
-    assert default_config(torch.zeros(1, 64), 384, 8, spec).decode
+    gemvs = default_config(torch.zeros(1, 64), 384, 8, spec)
+    assert gemvs.decode and (gemvs.block_n, gemvs.down_block_n) == (8, 16)  # down: as many rows as gate + up
 
 
 def test_default_config_takes_the_decode_gemvs_for_few_pairs():
@@ -47,3 +48,8 @@ def test_tma_config_is_checked():
     spec = QuantizedExpertsSpec()
     assert not triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a16", tma=True), spec)  # rows only
     assert triton_quantized.wants_tma(QuantizedConfig(64, 128, 128, "w8a8_rows", tma=True), spec)
+
+
+def test_down_block_n_is_checked():
+    with pytest.raises(ValueError, match="down_block_n: expected 0 \\(block_n\\) or a power of two, got 24"):
+        QuantizedConfig(block_m=16, block_n=8, block_k=256, act="w8a16", decode=True, down_block_n=24)
