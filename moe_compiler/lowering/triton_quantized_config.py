@@ -106,7 +106,7 @@ def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsS
     probe_quantized_tiles (NOTES.md, quantized tiles)."""
     T = hidden.shape[0]
     if is_int4(spec):
-        return _default_int4(T, E, k, decode_suits(T, k, E))
+        return _default_int4(T, E, k, decode_suits(T, k, E) or int4_gemvs_suit(T, k, E))
     block_k = step_k(spec.scale_block_k)
     if decode_suits(T, k, E):  # a GEMV step over two whole scale blocks where they are at most 128 wide
         return _default_fp8_gemv(2 * block_k if block_k == spec.scale_block_k else block_k)
@@ -145,6 +145,15 @@ def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int) -> 
     block_m = 16 if rows <= 8 else 32 if rows <= 32 else 64
     return QuantizedConfig(block_m=block_m, block_n=64 if block_m != 32 else 128, block_k=block_k, act=ActQuant.NONE,
                            num_warps=4, num_stages=3)
+
+
+def int4_gemvs_suit(T: int, k: int, E: int) -> bool:
+    """INT4 keeps the GEMVs past decode_suits, while the pairs are at most a third of the experts (each pair then
+    mostly its own expert, the GEMVs' bytes the sorted path's): the INT4 sorted path dequantizes every weight value
+    per row block on CUDA cores before its tensor cores, so at a row or two per expert it loses to the GEMVs. H200,
+    Kimi-K2: T = 4 GEMVs 506 us vs sorted 789; the GEMVs' time grows with the pairs (T = 1 138 us), so T = 16 ~2.0
+    ms vs the sorted path's 2.64 measured (NOTES "quantized GEMVs v6")."""
+    return 3 * T * k <= E
 
 
 def _default_int4(T: int, E: int, k: int, decode: bool) -> QuantizedConfig:

@@ -20,9 +20,12 @@ def test_default_config_picks_a_block_k_that_divides_the_scale_block():
 
 def test_default_int4_tiles_follow_the_rows_per_expert():
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
-    few = default_config(torch.zeros(8, 64), 384, 8, spec)  # 64 pairs: sorted, 16-row blocks
+    few = default_config(torch.zeros(32, 64), 384, 8, spec)  # 256 pairs: sorted, 16-row blocks
     many = default_config(torch.zeros(4096, 64), 384, 8, spec)  # 85 rows per expert
     assert not few.decode and (few.block_m, few.int4_planes) == (16, True)
+    # the GEMVs while the pairs are at most a third of the experts (past the bf16 op's decode_suits: T <= 6 here)
+    assert default_config(torch.zeros(16, 64), 384, 8, spec).decode
+    assert not default_config(torch.zeros(17, 64), 384, 8, spec).decode
     assert not many.decode and (many.block_m, many.int4_planes) == (64, False)
     gemvs = default_config(torch.zeros(1, 64), 384, 8, spec)
     assert gemvs.decode and (gemvs.block_n, gemvs.down_block_n) == (8, 16)  # down: as many rows as gate + up
