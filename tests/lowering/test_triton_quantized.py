@@ -187,17 +187,21 @@ def test_out_of_range_id_fails_the_launch(decode):
     )
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(DEVICE != "cuda", reason="TMA descriptors load on a GPU only (the CPU runs the pointer path)")
 @pytest.mark.parametrize("fused_act,ws,programs", [(True, False, 0), (False, False, 0), (True, True, 0),
                                                     (False, True, 1)], ids=["fused", "unfused", "fused-ws",
                                                                             "unfused-ws-persistent"])
 @pytest.mark.parametrize("T", [1, 37, 300])
-def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, T):
+def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, T, monkeypatch):
     """x quantized into sorted order and both GEMMs' operands by TMA (warp-specialized or not, persistent or not):
     the same quantization as the pointer path, so the same numbers up to the accumulation order (H = 320, I = 208:
-    K tails and a partial last row block, zero-filled by the descriptors)."""
-    args, (w1, w2) = quantized_experts_inputs(T, 320, 208, 16, 4, torch.bfloat16, 128, 128, seed=T)
+    K tails and a partial last row block, zero-filled by the descriptors). The interpreter loads host descriptors
+    of CPU tensors too (fp16 there: its bf16 stores are wrong)."""
+    if DEVICE != "cuda":
+        if T == 300 or fused_act == ws:  # (warp specialization is no code of its own in the interpreter)
+            pytest.skip("the interpreter takes the fused and the unfused persistent forms at the two smaller T")
+        monkeypatch.setattr(triton_quantized, "tma_ok", lambda *tensors: True)  # CUDA + sm90 + alignment, else
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    args, (w1, w2) = quantized_experts_inputs(T, 320, 208, 16, 4, dtype, 128, 128, seed=T)
     args = [a.to(DEVICE) for a in args]
     spec = QuantizedExpertsSpec()
     base = QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", fused_act=fused_act)
@@ -207,7 +211,8 @@ def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, T):
     with poisoned_allocations():
         want, out = (triton_quantized.experts_forward(*args, spec, c).float().cpu() for c in (base, tma))
     assert rel_err(out, want) <= 2e-3
-    assert rel_err(out, w8a8_reference(*[a.cpu() for a in args[:3]], w1, w2, group=128)) <= 2e-2
+    if DEVICE == "cuda":  # (the interpreter's fp32 -> e4m3 rounding is wrong at powers of two: see above)
+        assert rel_err(out, w8a8_reference(*[a.cpu() for a in args[:3]], w1, w2, group=128)) <= 2e-2
 
 
 def test_quantize_sorted_rows_puts_each_pairs_token_row_at_its_slot():
