@@ -6,7 +6,10 @@
     python -m benchmarks.bench_experts --from-jsonl benchmarks/results/<gpu>.jsonl   # tables of a (partial) run
 
 Grid: the 13 real shapes of moe_compiler.tune.shapes.ALL_SHAPES x T in {1, 16, 128, 1024, 4096, 16384} x
-{uniform, skewed} routing, bf16. Floor per point = harness.floor_s(FLOPs, bytes) (the measured peaks of the GPU
+{uniform, skewed} routing, bf16. `--routing ep2` (not in the grid's targets): what one rank's experts compute under
+transformers' all-reduce expert parallelism over 2 GPUs, on one GPU — its E/2 experts, every route to the other
+rank's experts the sentinel id E/2 with weight 0 (issue 20: the GEMVs skip sentinel pairs).
+Floor per point = harness.floor_s(FLOPs, bytes) (the measured peaks of the GPU
 it runs on), FLOPs = 6*T*k*H*I, bytes =
 weights of the experts actually hit + hidden in + out. Variants (same run, same inputs, same parameters):
     hf_eager            transformers' eager loop (one_hot / nonzero / per-expert GEMMs)
@@ -58,16 +61,20 @@ PREFILL_FLOOR_RATIO = {"mixtral_8x7b": 1.2, "mixtral_8x22b": 1.2, "gpt_oss_20b":
 
 
 def routing(T, E, k, kind, device, gen):
-    if kind == "uniform":
-        return torch.rand(T, E, device=device, generator=gen).argsort(dim=1)[:, :k]
+    if kind in ("uniform", "ep2"):
+        ids = torch.rand(T, E, device=device, generator=gen).argsort(dim=1)[:, :k]
+        # ep2: rank 0 of 2 holds experts [0, E/2); the rest are its sentinel E/2 (transformers' remap)
+        return ids if kind == "uniform" else torch.where(ids < E // 2, ids, E // 2)
     # skewed: Zipf-like expert popularity, distinct experts per token
     probs = (1.0 / torch.arange(1, E + 1, device=device, dtype=torch.float32) ** 1.2).expand(T, E)
     return torch.multinomial(probs, k, replacement=False, generator=gen)
 
 
 def floor_seconds(T, E, k, H, I, ids, itemsize=2):
-    flops = 6 * T * k * H * I
-    hit = int(torch.unique(ids).numel()) if T else 0
+    """Floor, FLOPs and bytes of the live pairs: ids < E (E: the experts held; E itself is the sentinel)."""
+    live = ids[ids < E]
+    flops = 6 * live.numel() * H * I
+    hit = int(torch.unique(live).numel())
     nbytes = hit * 3 * H * I * itemsize + 2 * T * H * itemsize
     return harness.floor_s(flops, nbytes), flops, nbytes
 
@@ -136,7 +143,9 @@ def bench_point(name, cfg, experts, T, kind, timer, device, dtype, gen, only=())
     x = torch.randn(T, H, device=device, generator=gen).to(dtype)
     ids = routing(T, E, k, kind, device, gen)
     w = torch.rand(T, k, device=device, generator=gen).to(dtype)
-    floor, flops, nbytes = floor_seconds(T, E, k, H, I, ids, torch.finfo(dtype).bits // 8)
+    held = experts.gate_up_proj.shape[0]  # E, or E/2 under ep2 (sentinel pairs: weight 0, as transformers sets)
+    w = torch.where(ids < held, w, 0.0)
+    floor, flops, nbytes = floor_seconds(T, held, k, H, I, ids, torch.finfo(dtype).bits // 8)
     row = {"shape": name, "E": E, "k": k, "H": H, "I": I, "T": T, "routing": kind, "floor_s": floor, "flops": flops,
            "bytes": nbytes, "times_s": {}}
 
@@ -188,7 +197,7 @@ def targets(rows):
     lines, ratios, bounds = [], [], []
     for r in rows:
         ours, hf = best_time(r, "moe_compiler"), best_time(r, "hf_grouped_mm")
-        if not r["T"] or not ours:
+        if not r["T"] or not ours or r["routing"] == "ep2":  # (ep2 is not in the shapes issue's grid)
             continue
         name = f"{r['shape']} T={r['T']} {r['routing']}"
         if hf:
@@ -243,7 +252,7 @@ def plot(rows, path):
 def main():
     p = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=TOKENS)
     p.set_defaults(shapes=list(REAL_SHAPES))
-    p.add_argument("--routing", nargs="+", choices=["uniform", "skewed"], default=["uniform", "skewed"])
+    p.add_argument("--routing", nargs="+", choices=["uniform", "skewed", "ep2"], default=["uniform", "skewed"])
     p.add_argument("--out", default=harness.RESULTS, help="directory of the results (<gpu>.json, .jsonl, .png)")
     p.add_argument("--variants", nargs="+", choices=CURVES, metavar="NAME", help=f"time only these of {CURVES}")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device: harness check only")
@@ -264,12 +273,14 @@ def main():
     rows = []
     for name in args.shapes:
         E, k, H, I = ALL_SHAPES[name]
-        cfg, experts = harness.hf_experts(E, k, H, I, dtype, device)
+        held = {kind: harness.hf_experts(E // 2 if kind == "ep2" else E, k, H, I, dtype, device)
+                for kind in {"ep2" if kind == "ep2" else "all" for kind in args.routing}}
         for T in args.tokens:
             for kind in args.routing:
+                cfg, experts = held["ep2" if kind == "ep2" else "all"]
                 rows.append(bench_point(name, cfg, experts, T, kind, timer, device, dtype, gen, args.variants or ()))
                 harness.append_jsonl(stem + ".jsonl", rows[-1])
-        del experts
+        del held, experts
         _COMPILED.clear()
         if device == "cuda":
             torch.cuda.empty_cache()
