@@ -273,11 +273,13 @@ def main():
     rows = []
     for name in args.shapes:
         E, k, H, I = ALL_SHAPES[name]
-        held = {kind: harness.hf_experts(E // 2 if kind == "ep2" else E, k, H, I, dtype, device)
-                for kind in {"ep2" if kind == "ep2" else "all" for kind in args.routing}}
+        def held_experts(kind):  # all E, or rank 0's E/2 under ep2
+            return E // 2 if kind == "ep2" else E
+
+        held = {n: harness.hf_experts(n, k, H, I, dtype, device) for n in map(held_experts, args.routing)}
         for T in args.tokens:
             for kind in args.routing:
-                cfg, experts = held["ep2" if kind == "ep2" else "all"]
+                cfg, experts = held[held_experts(kind)]
                 rows.append(bench_point(name, cfg, experts, T, kind, timer, device, dtype, gen, args.variants or ()))
                 harness.append_jsonl(stem + ".jsonl", rows[-1])
         del held, experts

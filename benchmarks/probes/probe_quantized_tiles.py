@@ -40,7 +40,7 @@ def candidates(base: triton_quantized_config.QuantizedConfig, T: int, E: int, k:
     if base.decode:
         # The down GEMV's own height (down_block_n) around the default's, gate_up's tile kept
         for dn in (8, 16, 32):
-            if dn != (base.down_block_n or base.block_n):
+            if dn != base.down_rows:
                 yield rep(base, down_block_n=dn)
         # The down GEMV per token (slots in a loop) against the default per pair, at the tiles that won per token.
         for bn, bk in itertools.product((8, 16), (256, 512)):

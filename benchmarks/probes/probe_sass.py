@@ -24,8 +24,6 @@ import argparse
 import collections
 import os
 import re
-import subprocess
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -33,6 +31,7 @@ from triton.compiler import ASTSource
 
 from moe_compiler.lowering import triton_quantized_decode as qd
 from moe_compiler.lowering.triton_config import LIVE_ASSERTS  # as launched (launch.asserts)
+from moe_compiler.testing import sm90
 
 TYPES = dict(x_ptr="*bf16", ids_ptr="*i32", s_ptr="*bf16", act_ptr="*bf16", ok_ptr="*i32", alpha="fp32",
              limit="fp32")
@@ -67,16 +66,7 @@ def compile_sass(fn, values: dict, constexprs: dict, types: dict, num_warps: int
     kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages, **LIVE_ASSERTS,
                                          **({"maxnreg": maxnreg} if maxnreg else {})))
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
-                               capture_output=True, text=True, check=True).stdout
-    return sass, kernel.asm["ttgir"], int(re.search(r"REG:(\d+)", usage).group(1))
+    return sm90.sass(kernel), kernel.asm["ttgir"], sm90.resources(kernel)["registers"]
 
 
 def main_loop_ops(sass: str) -> collections.Counter:

@@ -92,6 +92,11 @@ class QuantizedConfig:
     def act_fp8(self) -> bool:
         return self.act is not ActQuant.NONE
 
+    @property
+    def down_rows(self) -> int:
+        """The down GEMV's weight rows per program."""
+        return self.down_block_n or self.block_n
+
 
 def step_k(scale_block_k: int) -> int:
     """The widest power-of-two K step up to 128 inside one FP8 scale block (it divides scale_block_k)."""

@@ -353,11 +353,10 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     )
     out = hidden.new_empty(T, H)
     y = hidden.new_empty(T * k, H, dtype=torch.float32) if config.slot_split else out
-    down_n = config.down_block_n or config.block_n
-    launch.kernel(_down_q_gemv_kernel)[(y.shape[0], triton.cdiv(H, down_n))](
+    launch.kernel(_down_q_gemv_kernel)[(y.shape[0], triton.cdiv(H, config.down_rows))](
         act, ids, weights, w_down, s2, y, w_down.shape[0], H, I, SIXTEEN_BITS, spec.scale_block_n, spec.scale_block_k,
         act.stride(0), *w_down.stride(), *s2.stride(), y.stride(0),
-        SLOTS=1 if config.slot_split else k, EVEN_K=I % block_k == 0, **(common | {"BLOCK_N": down_n}),
+        SLOTS=1 if config.slot_split else k, EVEN_K=I % block_k == 0, **(common | {"BLOCK_N": config.down_rows}),
     )
     if config.slot_split:
         launch_combine(y, None, k, out)

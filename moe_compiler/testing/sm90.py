@@ -44,17 +44,26 @@ def _signature(fn, args: tuple, kwargs: dict):
     return signature, constexprs, attrs, options
 
 
-def _resources(kernel) -> dict:
-    """Registers per thread and stack bytes of a compiled kernel (cuobjdump, shipped with Triton), shared memory."""
+def _cubin_tool(kernel, tool: str, *flags: str) -> str:
+    """The output of one of the CUDA tools Triton ships (nvdisasm, cuobjdump) on a compiled kernel's cubin."""
     import triton
 
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
-                               capture_output=True, text=True, check=True).stdout
+        exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+        return subprocess.run([exe, *flags, path], capture_output=True, text=True, check=True).stdout
+
+
+def sass(kernel) -> str:
+    """A compiled kernel's SASS."""
+    return _cubin_tool(kernel, "nvdisasm", "-c")
+
+
+def resources(kernel) -> dict:
+    """Registers per thread and stack bytes of a compiled kernel (cuobjdump), and its shared memory."""
+    usage = _cubin_tool(kernel, "cuobjdump", "--dump-resource-usage")
     stack = re.search(r"STACK:(\d+)", usage)
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(stack.group(1)) if stack else 0,
             "shared": kernel.metadata.shared}
@@ -83,7 +92,7 @@ class _Launches:
                 kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(*TARGET),
                                         options=options)
                 if self.resources:
-                    row |= _resources(kernel)
+                    row |= resources(kernel)
             except Exception as exc:
                 if not self.record_errors:
                     raise
