@@ -93,7 +93,7 @@ def bench_shape(name, E, k, H, I, tokens, timer, device):
         ids = torch.rand(T, E, device=device, generator=gen).argsort(dim=1)[:, :k]
         wts = torch.rand(T, k, device=device, generator=gen).to(torch.bfloat16)
         fp8_args = (x, ids, wts, q1, s1, q2, s2)
-        base = triton_quantized_config.default_config(x, E, k, spec) if device == "cuda" else None
+        base = triton_quantized_config.default_config(x, E, k, spec, I=I) if device == "cuda" else None
         calls = {"bf16": lambda: torch.ops.moe_compiler.experts(x, ids, wts, w1, w2, **ExpertsSpec().op_kwargs()),
                  "op": lambda: torch.ops.moe_compiler.experts_quantized(*fp8_args, **spec.op_kwargs()),
                  "int4": lambda: torch.ops.moe_compiler.experts_quantized(x, ids, wts, p1, g1, p2, g2,

@@ -68,11 +68,12 @@ def main():
         for T in args.tokens:
             qargs, spec = quantized_call(args.format, T, E, k, H, I)
             with compiled_not_run(h200=True):  # an H200's defaults (FP8 tensor cores), rows per expert of the real E
-                base = triton_quantized_config.default_config(qargs[0], E_real, k, spec)
+                base = triton_quantized_config.default_config(qargs[0], E_real, k, spec, I=I)
             configs = {"default": base}
             if args.tma and base.act is ActQuant.ROWS and not base.decode:  # the TMA forms' only act
-                configs |= {"tma": replace(base, tma=True), "tma+ws": replace(base, tma=True, warp_specialize=True),
-                            "tma+ws persistent": replace(base, tma=True, warp_specialize=True, programs_per_sm=1)}
+                ws = replace(base, tma=True, warp_specialize=True, fused_act=False)  # (fused: see QuantizedConfig)
+                configs |= {"tma": replace(base, tma=True), "tma+ws": ws,
+                            "tma+ws persistent": replace(ws, programs_per_sm=1)}
             for label, config in configs.items():
                 with compiled_not_run(resources=True, record_errors=True, h200=True) as rows:
                     triton_quantized.experts_forward(*qargs, spec, config)

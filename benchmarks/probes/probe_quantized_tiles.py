@@ -57,8 +57,8 @@ def candidates(base: triton_quantized_config.QuantizedConfig, T: int, E: int, k:
                       act="w8a16")
         return
     rows = T * k / E
-    if rows <= 1:  # few pairs share an expert: the GEMVs (each pair reads its expert) may still win past decode_suits
-        for bn, bk in ((8, 256), (16, 256), (8, 512)) if int4 else ((16, 256), (16, 128)):
+    if rows <= (4 if int4 else 1):  # few pairs share an expert: the GEMVs (each pair reads its expert) may still win
+        for bn, bk in ((16, 512), (16, 256), (8, 256)) if int4 else ((16, 256), (16, 128)):
             yield rep(base, decode=True, block_n=bn, block_k=bk, num_warps=2, num_stages=3, int4_planes=True)
     sizes = (16, 32, 64, 128)
     block_ms = sorted(sorted(sizes, key=lambda m: abs(m - rows))[:2])
@@ -66,7 +66,7 @@ def candidates(base: triton_quantized_config.QuantizedConfig, T: int, E: int, k:
         for bm, bn, w in ((base.block_m, base.block_n, base.num_warps), (128, 128, 8), (64, 256, 8)):
             for ws, pps in ((False, 0), (True, 0), (True, 1), (True, 2)):
                 yield rep(base, block_m=bm, block_n=bn, num_warps=w, tma=True, warp_specialize=ws,
-                          programs_per_sm=pps)
+                          programs_per_sm=pps, fused_act=base.fused_act and not ws)
     switch = ("int4_planes", (False, True)) if int4 else ("act", ("w8a16", "w8a8_tile", "w8a8_rows"))
     # The unfused gate_up (one accumulator) where the GEMMs carry weight, under w8a8_rows; first, since a point's
     # time budget may end the sweep.
@@ -118,7 +118,7 @@ def main():
             ids = torch.rand(T, E, device="cuda", generator=gen).argsort(dim=1)[:, :k]
             wts = torch.rand(T, k, device="cuda", generator=gen).to(torch.bfloat16)
             qargs = (x, ids, wts, q1, s1, q2, s2)
-            base = triton_quantized_config.default_config(x, E, k, spec)
+            base = triton_quantized_config.default_config(x, E, k, spec, I=I)
             run = timer.graph if T <= harness.GRAPH_MAX_T else timer.eager
             # One untimed-for-the-record run first: the first config timed at a point read up to 20% high
             # (Kimi-K2 INT4 T=1: 185 then 153 us for the same config), the GPU still ramping.

@@ -485,7 +485,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     k = topk_ids.shape[1]
     E, I = w_gate_up.shape[0], w_down.shape[2] * (8 if is_int4(spec) else 1)
     if config is None:
-        config = default_config(hidden, E, k, spec)
+        config = default_config(hidden, E, k, spec, I=I)
     if is_int4(spec) and config.block_k % 8:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must be a multiple of 8 (INT4 words)")
     if (is_int4(spec) and config.int4_planes and not config.decode and hidden.device.type == "cuda"

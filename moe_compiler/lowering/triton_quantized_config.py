@@ -80,6 +80,11 @@ class QuantizedConfig:
 
         if self.warp_specialize and not self.tma:
             raise ValueError("QuantizedConfig.warp_specialize: needs tma=True (Triton specializes loops of TMA loads)")
+        if self.warp_specialize and self.fused_act:
+            # H200, Triton 3.6: NaN rows at T = 37 and 300 (poisoned buffers; T = 1 right), not found without a GPU;
+            # every warp-specialized form lost to the pointer path anyway (NOTES "FP8 sorted path v3", measured).
+            raise ValueError("QuantizedConfig.warp_specialize: not with fused_act=True (wrong rows on an H200); "
+                             "use fused_act=False or warp_specialize=False")
         n = self.down_block_n
         if not isinstance(n, int) or n < 0 or n & (n - 1):
             raise ValueError(f"QuantizedConfig.down_block_n: expected 0 (block_n) or a power of two, "
@@ -106,12 +111,12 @@ def step_k(scale_block_k: int) -> int:
     return block_k
 
 
-def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec) -> QuantizedConfig:
+def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec, *, I: int) -> QuantizedConfig:
     """Untuned tiles: the bf16 op's choice of path (triton_config.decode_suits), tiles from the H200 sweeps of
     probe_quantized_tiles (NOTES.md, quantized tiles)."""
     T = hidden.shape[0]
     if is_int4(spec):
-        return _default_int4(T, E, k, decode_suits(T, k, E) or int4_gemvs_suit(T, k, E))
+        return _default_int4(T, E, k, I, decode_suits(T, k, E) or int4_gemvs_suit(T, k, E))
     block_k = step_k(spec.scale_block_k)
     if decode_suits(T, k, E):  # a GEMV step over two whole scale blocks where they are at most 128 wide
         return _default_fp8_gemv(2 * block_k if block_k == spec.scale_block_k else block_k)
@@ -153,23 +158,24 @@ def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int) -> 
 
 
 def int4_gemvs_suit(T: int, k: int, E: int) -> bool:
-    """INT4 keeps the GEMVs past decode_suits, while the pairs are at most a third of the experts (each pair then
-    mostly its own expert, the GEMVs' bytes the sorted path's): the INT4 sorted path dequantizes every weight value
-    per row block on CUDA cores before its tensor cores, so at a row or two per expert it loses to the GEMVs. H200,
-    Kimi-K2: T = 4 GEMVs 506 us vs sorted 789; the GEMVs' time grows with the pairs (T = 1 138 us), so T = 16 ~2.0
-    ms vs the sorted path's 2.64 measured (NOTES "quantized GEMVs v6")."""
-    return 3 * T * k <= E
+    """INT4 keeps the GEMVs past decode_suits while the pairs are at most twice the experts: the INT4 sorted path
+    dequantizes every weight value per row block on CUDA cores before its tensor cores, so at a row or two per
+    expert it loses to the GEMVs (each pair reads its expert's weights). H200 (NOTES "quantized GEMVs v6",
+    measured): GEMVs vs sorted at DeepSeek-V3's shape T = 16 1029 vs 2433 us, T = 64 (T k = 2 E) 3970 vs 5212;
+    Kimi-K2 T = 64 3998 vs 6556; Qwen3-30B-A3B T = 16 144 vs 244, and at T = 64 (T k = 4 E) the sorted path wins."""
+    return T * k <= 2 * E
 
 
-def _default_int4(T: int, E: int, k: int, decode: bool) -> QuantizedConfig:
-    """INT4 tiles from the H200 sweeps at Kimi-K2's shape (NOTES.md, quantized tiles): the GEMVs 8 rows of 256
-    values per program in nibble planes, 2 warps, the down GEMV per pair (T = 1: 138.5 us; 512 values 153; the
-    down GEMV per token 152; the 3-D nibble tile 222 before the per-pair down); the sorted
-    path's block_m the rows per expert rounded up to a power of two in 16..64, 128 columns, nibble planes at 16
-    rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped tile above (T = 1024: 12.9 vs 17.6 ms)."""
-    if decode:  # (down 16 rows: from SASS, not yet measured; NOTES "quantized GEMVs v6")
-        return QuantizedConfig(block_m=16, block_n=8, block_k=256, act=ActQuant.NONE, num_warps=2, num_stages=3,
-                               decode=True, int4_planes=True, down_block_n=16)
+def _default_int4(T: int, E: int, k: int, I: int, decode: bool) -> QuantizedConfig:
+    """INT4 tiles from the H200 sweeps (NOTES.md, quantized tiles / GEMVs v6): the GEMVs 16 rows of 512 values per
+    program in nibble planes, 2 warps, the down GEMV per pair over 16 rows (Kimi-K2 T = 1 90 us, v4's 8 x 256 138.5;
+    T = 16 1033 vs 8 x 256's 1247); 256 values where the down GEMV's K (I) is no multiple of 512 (Qwen3-30B-A3B,
+    I = 768: T = 16 144 vs 163 us); the sorted path's block_m the rows per expert rounded up to a power of two in
+    16..64, 128 columns, nibble planes at 16 rows (T = 8: 1543 vs 1813 us reshaped) and the reshaped tile above
+    (T = 1024: 12.9 vs 17.6 ms)."""
+    if decode:
+        return QuantizedConfig(block_m=16, block_n=16, block_k=512 if I % 512 == 0 else 256, act=ActQuant.NONE,
+                               num_warps=2, num_stages=3, decode=True, int4_planes=True, down_block_n=16)
     block_m = min(64, max(16, triton.next_power_of_2(int(-(-T * k // E)))))
     return QuantizedConfig(block_m=block_m, block_n=128, block_k=128, act=ActQuant.NONE, num_warps=4,
                            num_stages=3, int4_planes=block_m <= 16)

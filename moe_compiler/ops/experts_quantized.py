@@ -60,7 +60,8 @@ def _inlinable(*tensors, **spec) -> bool:
     from ..lowering import triton_quantized, triton_quantized_config
 
     qspec = make_spec(QuantizedExpertsSpec, spec)
-    config = triton_quantized_config.default_config(t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec)
+    config = triton_quantized_config.default_config(t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec,
+                                                        I=t.w_gate_up.shape[1] // 2)
     return not triton_quantized.wants_tma(config, qspec)
 
 

@@ -206,7 +206,7 @@ def test_the_ops_on_the_gpu_under_a_cuda_graph(T):
     spec = QuantizedExpertsSpec()
     dense = [t.cuda() for t in (h, ids, w, w1, w2)]
     quant = [t.cuda() for t in args]
-    w8a8 = triton_quantized_config.default_config(quant[0], 16, 4, spec).act_fp8
+    w8a8 = triton_quantized_config.default_config(quant[0], 16, 4, spec, I=128).act_fp8
     calls = {"experts": lambda: torch.ops.moe_compiler.experts(*dense, **ExpertsSpec().op_kwargs()),
              "quantized": lambda: torch.ops.moe_compiler.experts_quantized(*quant, **spec.op_kwargs())}
     for name, call in calls.items():

@@ -13,39 +13,43 @@ from moe_compiler.spec import QuantizedExpertsSpec
 
 def test_default_config_picks_a_block_k_that_divides_the_scale_block():
     hidden = torch.zeros(4, 8)
-    assert default_config(hidden, 8, 2, QuantizedExpertsSpec()).block_k == 128
-    assert default_config(hidden, 8, 2, QuantizedExpertsSpec(scale_block_k=96)).block_k == 32
-    assert not default_config(hidden, 8, 2, QuantizedExpertsSpec()).act_fp8
+    assert default_config(hidden, 8, 2, QuantizedExpertsSpec(), I=64).block_k == 128
+    assert default_config(hidden, 8, 2, QuantizedExpertsSpec(scale_block_k=96), I=64).block_k == 32
+    assert not default_config(hidden, 8, 2, QuantizedExpertsSpec(), I=64).act_fp8
 
 
 def test_default_int4_tiles_follow_the_rows_per_expert():
     spec = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=32)
-    few = default_config(torch.zeros(32, 64), 384, 8, spec)  # 256 pairs: sorted, 16-row blocks
-    many = default_config(torch.zeros(4096, 64), 384, 8, spec)  # 85 rows per expert
+    few = default_config(torch.zeros(128, 64), 384, 8, spec, I=2048)  # 1024 pairs: sorted, 16-row blocks
+    many = default_config(torch.zeros(4096, 64), 384, 8, spec, I=2048)  # 85 rows per expert
     assert not few.decode and (few.block_m, few.int4_planes) == (16, True)
-    # the GEMVs while the pairs are at most a third of the experts (past the bf16 op's decode_suits: T <= 6 here)
-    assert default_config(torch.zeros(16, 64), 384, 8, spec).decode
-    assert not default_config(torch.zeros(17, 64), 384, 8, spec).decode
+    # the GEMVs while the pairs are at most twice the experts (past the bf16 op's decode_suits: T <= 6 here)
+    assert default_config(torch.zeros(96, 64), 384, 8, spec, I=2048).decode
+    assert not default_config(torch.zeros(97, 64), 384, 8, spec, I=2048).decode
     assert not many.decode and (many.block_m, many.int4_planes) == (64, False)
-    gemvs = default_config(torch.zeros(1, 64), 384, 8, spec)
-    assert gemvs.decode and (gemvs.block_n, gemvs.down_block_n) == (8, 16)  # down: as many rows as gate + up
+    gemvs = default_config(torch.zeros(1, 64), 384, 8, spec, I=2048)
+    assert gemvs.decode and (gemvs.block_n, gemvs.down_block_n, gemvs.block_k) == (16, 16, 512)
+    # 256 values per step where I is no multiple of 512 (the down GEMV's K tail)
+    assert default_config(torch.zeros(1, 64), 128, 8, spec, I=768).block_k == 256
 
 
 def test_default_config_takes_the_decode_gemvs_for_few_pairs():
     spec = QuantizedExpertsSpec()
-    assert default_config(torch.zeros(1, 8), 256, 8, spec).decode  # one token
-    assert default_config(torch.zeros(4, 8), 256, 8, spec).decode  # 32 pairs of 256 experts
-    assert not default_config(torch.zeros(64, 8), 256, 8, spec).decode
+    assert default_config(torch.zeros(1, 8), 256, 8, spec, I=64).decode  # one token
+    assert default_config(torch.zeros(4, 8), 256, 8, spec, I=64).decode  # 32 pairs of 256 experts
+    assert not default_config(torch.zeros(64, 8), 256, 8, spec, I=64).decode
     # the GEMVs step over two whole scale blocks of up to 128 columns, else inside one (NOTES "quantized GEMVs v4")
-    assert default_config(torch.zeros(1, 8), 256, 8, spec).block_k == 256
-    assert default_config(torch.zeros(1, 8), 256, 8, QuantizedExpertsSpec(scale_block_k=64)).block_k == 128
-    assert default_config(torch.zeros(1, 8), 256, 8, QuantizedExpertsSpec(scale_block_k=96)).block_k == 32
-    assert default_config(torch.zeros(1, 8), 256, 8, spec).slot_split
+    assert default_config(torch.zeros(1, 8), 256, 8, spec, I=64).block_k == 256
+    assert default_config(torch.zeros(1, 8), 256, 8, QuantizedExpertsSpec(scale_block_k=64), I=64).block_k == 128
+    assert default_config(torch.zeros(1, 8), 256, 8, QuantizedExpertsSpec(scale_block_k=96), I=64).block_k == 32
+    assert default_config(torch.zeros(1, 8), 256, 8, spec, I=64).slot_split
 
 
 def test_tma_config_is_checked():
     with pytest.raises(ValueError, match="warp_specialize: needs tma=True"):
         QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", warp_specialize=True)
+    with pytest.raises(ValueError, match="not with fused_act=True"):
+        QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", tma=True, warp_specialize=True)
     with pytest.raises(ValueError, match="programs_per_sm: expected an int in"):
         QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", programs_per_sm=9)
     spec = QuantizedExpertsSpec()

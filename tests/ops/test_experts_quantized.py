@@ -153,7 +153,7 @@ def test_triton_fp8_on_the_gpu_bf16(act, T):
     args, (w1, w2) = quantized_experts_inputs(T, H, I, E, k, torch.bfloat16, seed=T)
     dev = [a.cuda() for a in args]
     spec = QuantizedExpertsSpec()
-    config = triton_quantized_config.default_config(dev[0], E, k, spec)
+    config = triton_quantized_config.default_config(dev[0], E, k, spec, I=I)
     import dataclasses
 
     config = dataclasses.replace(config, act=act)
@@ -167,7 +167,7 @@ def test_triton_fp8_on_the_gpu_bf16(act, T):
     assert rel_err(out, ref) <= (2e-2 if act_fp8 else 1e-2)
     # and the op itself (default config) on CUDA
     assert rel_err(OP(*dev, **spec.op_kwargs()).cpu(), exact) <= (
-        1e-2 if not triton_quantized_config.default_config(dev[0], E, k, spec).act_fp8 else 8e-2)
+        1e-2 if not triton_quantized_config.default_config(dev[0], E, k, spec, I=I).act_fp8 else 8e-2)
 
 
 @pytest.mark.gpu
