@@ -125,7 +125,9 @@ def generate_point(model, backend, B, new_tokens=128, prompt=16):
 
 
 def _expert_grads(model) -> list[torch.Tensor]:
-    return [p.grad.float().clone() for n, p in model.named_parameters() if ".experts." in n and p.grad is not None]
+    """Host copies in the gradients' own dtype: device memory is the measured quantity (GPT-OSS-20B's 4x4096 step
+    ran out of it beside eager's fp32 copies held on the GPU)."""
+    return [p.grad.to("cpu", copy=True) for n, p in model.named_parameters() if ".experts." in n and p.grad is not None]
 
 
 def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
@@ -133,8 +135,11 @@ def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     tokens' top-k flips between eager and a compiled run (near-tied router scores rounded differently), and an
     expert that gained or lost its only tokens has a gradient of another size altogether (a per-tensor max of ~1.2
     measured for Inductor itself)."""
-    num = sum(float((g - w).double().square().sum()) for g, w in zip(got, want))
-    den = sum(float(w.double().square().sum()) for w in want)
+    num = den = 0.0
+    for g, w in zip(got, want):  # one pair at a time on the GPU (fp32 there; the norms summed in double)
+        w = w.to("cuda", torch.float32)
+        num += float((g.to("cuda", torch.float32) - w).double().square().sum())
+        den += float(w.double().square().sum())
     return (num / den) ** 0.5
 
 

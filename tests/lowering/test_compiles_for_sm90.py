@@ -116,9 +116,9 @@ for dtype in (torch.bfloat16, torch.float16):
             for fused_act in (True, False):
                 config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act=act, fused_act=fused_act)
                 triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
-        # w8a8_rows by TMA (x quantized into sorted order), warp-specialized on a persistent grid, and not
+        # w8a8_rows by TMA (x quantized into sorted order) on a persistent grid, unfused warp-specialized and not
         triton_quantized.tma_ok = lambda *t: True  # CPU tensors stand in for CUDA ones: compiled, never run
-        for fused_act, ws in ((True, True), (False, True), (False, False)):
+        for fused_act, ws in ((True, False), (False, True), (False, False)):  # (fused + ws: rejected)
             config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", fused_act=fused_act,
                                      tma=True, warp_specialize=ws, programs_per_sm=1)
             triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
