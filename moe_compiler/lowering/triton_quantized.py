@@ -190,22 +190,38 @@ def _rows_tma_step(a_desc, w_desc, sa_ptrs, s_ptr, acc, expert, m0, n0, n, k0, s
 
 
 @triton.jit
-def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, I, alpha, limit, stride_zm, stride_am, stride_as,
-                     ACT: tl.constexpr, ACT_ROWS: tl.constexpr, GROUP: tl.constexpr):
-    """act = act(gate) * up of one sorted row's GROUP columns from z (gate columns, then up columns); under
-    ACT_ROWS rounded to e4m3 with the group's scale (w8a8_rows' act). Padding rows compute garbage no one reads."""
-    r = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    cols = g * GROUP + tl.arange(0, GROUP)
-    ok = cols < I
-    gate = tl.load(z_ptr + r * stride_zm + cols, mask=ok, other=0.0).to(tl.float32)
-    up = tl.load(z_ptr + r * stride_zm + I + cols, mask=ok, other=0.0).to(tl.float32)
-    out = gated_act(gate, up, alpha, limit, ACT)
-    if ACT_ROWS:
-        s = _e4m3_scale(tl.max(tl.where(ok, tl.abs(out), 0.0), axis=0))
-        tl.store(act_s_ptr + r * stride_as + g, s)
-        out = out / s
-    tl.store(act_ptr + r * stride_am + cols, out.to(act_ptr.dtype.element_ty), mask=ok)
+def _quantize_groups(x, ok):
+    """x [GROUPS, GROUP] fp32 (masked-off columns ignored) -> (x / s, s [GROUPS]): each row of the tile one w8a8
+    activation group, its scale from its amax (_e4m3_scale)."""
+    s = _e4m3_scale(tl.max(tl.where(ok, tl.abs(x), 0.0), axis=1))
+    return x / s[:, None], s
+
+
+@triton.jit
+def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, num_padded_ptr, I, alpha, limit, stride_zm, stride_am, stride_as,
+                     ACT: tl.constexpr, ACT_ROWS: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """act = act(gate) * up of one sorted row's GROUPS x GROUP columns from z (gate columns, then up columns);
+    under ACT_ROWS rounded to e4m3 with each group's scale (w8a8_rows' act). Rows past the padded count are
+    skipped (the grid covers the static bound); padding rows below it compute garbage no one reads."""
+    if tl.program_id(0) < tl.load(num_padded_ptr):
+        r = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        ok = cols < I
+        gate = tl.load(z_ptr + r * stride_zm + cols, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(z_ptr + r * stride_zm + I + cols, mask=ok, other=0.0).to(tl.float32)
+        out = gated_act(gate, up, alpha, limit, ACT)
+        if ACT_ROWS:
+            out, sc = _quantize_groups(out, ok)
+            tl.store(act_s_ptr + r * stride_as + g, sc, mask=g * GROUP < I)
+        tl.store(act_ptr + r * stride_am + cols, out.to(act_ptr.dtype.element_ty), mask=ok)
+
+
+def row_groups(n: int) -> int:
+    """Activation groups per program of the row passes: a row's groups up to 16 (2048 columns), a power of two. One
+    program per 128-column group had each move ~0.6 KB: DeepSeek-V3 FP8 T = 4096, the act pass 505 us and the
+    hidden's 140, 5-7x their byte floors (NOTES "FP8 row passes")."""
+    return min(16, triton.next_power_of_2(triton.cdiv(n, ACT_GROUP)))
 
 
 # SCALE_BN / SCALE_BK are constexprs: a model has one scale format (one compile), and a runtime divisor costs an
@@ -403,10 +419,12 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
         TMA=tma, WARP_SPEC=tma and config.warp_specialize, **_tile_constexprs(spec, config),
     )
     if not config.fused_act:
-        launch.kernel(_act_rows_kernel)[(act.shape[0], triton.cdiv(I, ACT_GROUP))](
-            out, act, act_s, I, float(spec.swiglu_alpha), float(spec.swiglu_limit), out.stride(0), act.stride(0),
-            act_s.stride(0), ACT=ACT_CODE[spec.activation], ACT_ROWS=config.act is ActQuant.ROWS and not is_int4(spec),
-            GROUP=ACT_GROUP, num_warps=4,
+        groups = row_groups(I)
+        launch.kernel(_act_rows_kernel)[(act.shape[0], triton.cdiv(triton.cdiv(I, ACT_GROUP), groups))](
+            out, act, act_s, rows.num_padded, I, float(spec.swiglu_alpha), float(spec.swiglu_limit), out.stride(0),
+            act.stride(0), act_s.stride(0), ACT=ACT_CODE[spec.activation],
+            ACT_ROWS=config.act is ActQuant.ROWS and not is_int4(spec), GROUP=ACT_GROUP, GROUPS=groups,
+            num_warps=4 if groups <= 8 else 8,
         )
 
 
@@ -427,32 +445,35 @@ def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExp
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr):
-    """One row's group of GROUP columns: scale amax / 448, values rounded to e4m3 (w8a8_rows' hidden)."""
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
+                          GROUPS: tl.constexpr):
+    """One row's GROUPS groups of GROUP columns: scale amax / 448, values rounded to e4m3 (w8a8_rows' hidden)."""
     t = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    cols = g * GROUP + tl.arange(0, GROUP)
-    x = tl.load(x_ptr + t * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-    s = _e4m3_scale(tl.max(tl.abs(x), axis=0))
-    tl.store(q_ptr + t * stride_qm + cols, (x / s).to(q_ptr.dtype.element_ty), mask=cols < K)
-    tl.store(s_ptr + t * stride_sm + g, s)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    ok = cols < K
+    x = tl.load(x_ptr + t * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+    x, sc = _quantize_groups(x, ok)
+    tl.store(q_ptr + t * stride_qm + cols, x.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + t * stride_sm + g, sc, mask=g * GROUP < K)
 
 
 @triton.jit
 def _quantize_sorted_rows_kernel(x_ptr, q_ptr, s_ptr, sorted_rows_ptr, num_padded_ptr, T, K, TOP_K, stride_xm,
-                                 stride_qm, stride_sm, GROUP: tl.constexpr):
-    """Sorted slot r's group: the row of the pair at r (its token's hidden) as _quantize_rows_kernel rounds it.
+                                 stride_qm, stride_sm, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """Sorted slot r's groups: the row of the pair at r (its token's hidden) as _quantize_rows_kernel rounds it.
     Slots past the padded count are left alone; a padding slot's index was never written (triton_align.py): it
     is clamped to a real token, whose row then fills an output row that is never stored."""
     r = tl.program_id(0).to(tl.int64)
     if r < tl.load(num_padded_ptr):
-        g = tl.program_id(1)
         t = tl.minimum(tl.maximum(tl.load(sorted_rows_ptr + r) // TOP_K, 0), T - 1).to(tl.int64)
-        cols = g * GROUP + tl.arange(0, GROUP)
-        x = tl.load(x_ptr + t * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-        s = _e4m3_scale(tl.max(tl.abs(x), axis=0))
-        tl.store(q_ptr + r * stride_qm + cols, (x / s).to(q_ptr.dtype.element_ty), mask=cols < K)
-        tl.store(s_ptr + r * stride_sm + g, s)
+        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        ok = cols < K
+        x = tl.load(x_ptr + t * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+        x, sc = _quantize_groups(x, ok)
+        tl.store(q_ptr + r * stride_qm + cols, x.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(s_ptr + r * stride_sm + g, sc, mask=g * GROUP < K)
 
 
 def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,8 +484,10 @@ def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int) -> tuple[to
     S = rows.sorted_rows.numel()
     q = torch.empty(S, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(S, triton.cdiv(K, ACT_GROUP), dtype=torch.float32, device=x.device)
-    launch.kernel(_quantize_sorted_rows_kernel)[(S, s.shape[1])](
-        x, q, s, rows.sorted_rows, rows.num_padded, T, K, k, x.stride(0), q.stride(0), s.stride(0), GROUP=ACT_GROUP)
+    groups = row_groups(K)
+    launch.kernel(_quantize_sorted_rows_kernel)[(S, triton.cdiv(s.shape[1], groups))](
+        x, q, s, rows.sorted_rows, rows.num_padded, T, K, k, x.stride(0), q.stride(0), s.stride(0), GROUP=ACT_GROUP,
+        GROUPS=groups, num_warps=4 if groups <= 8 else 8)
     return q, s
 
 
@@ -473,8 +496,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     T, K = x.shape
     q = torch.empty(T, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(T, triton.cdiv(K, ACT_GROUP), dtype=torch.float32, device=x.device)
-    launch.kernel(_quantize_rows_kernel)[(T, s.shape[1])](x, q, s, K, x.stride(0), q.stride(0), s.stride(0),
-                                                          GROUP=ACT_GROUP)
+    groups = row_groups(K)
+    launch.kernel(_quantize_rows_kernel)[(T, triton.cdiv(s.shape[1], groups))](
+        x, q, s, K, x.stride(0), q.stride(0), s.stride(0), GROUP=ACT_GROUP, GROUPS=groups,
+        num_warps=4 if groups <= 8 else 8)
     return q, s
 
 

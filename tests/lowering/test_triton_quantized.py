@@ -67,15 +67,16 @@ def test_w8a8_rows_and_tile_are_the_same_numbers():
     assert rel_err(rows, tile) <= 1e-6
 
 
-@pytest.mark.parametrize("fmt,act", [("fp8_e4m3", "w8a16"), ("fp8_e4m3", "w8a8_tile"), ("fp8_e4m3", "w8a8_rows"),
-                                     ("int4_packed", "w8a16")])  # INT4 takes exact activations only
-def test_unfused_gate_up_is_the_same_numbers(fmt, act):
+@pytest.mark.parametrize("fmt,act,I", [("fp8_e4m3", "w8a16", 80), ("fp8_e4m3", "w8a8_tile", 80),
+                                       ("fp8_e4m3", "w8a8_rows", 80), ("fp8_e4m3", "w8a8_rows", 128 * 17 + 16),
+                                       ("int4_packed", "w8a16", 96)])  # INT4: exact activations, whole groups of 32
+def test_unfused_gate_up_is_the_same_numbers(fmt, act, I):
     """fused_act=False: one GEMM over the 2I columns into z, then the activation (and w8a8_rows' quantization) by
     a row kernel. In fp32 z is stored exactly, so the result equals the fused epilogue's (odd I: the last 128-wide
-    group is partial; 2I = 160 is not a multiple of block_n: wrapped columns)."""
+    group is partial; 2I = 160 is not a multiple of block_n: wrapped columns; I = 2192: the row pass's second
+    program of a row holds 2 of its 16 groups, the last partial)."""
     int4 = fmt == "int4_packed"
     bn, bk = (1, 32) if int4 else (128, 128)
-    I = 96 if int4 else 80  # INT4: whole groups of 32 along I
     args, (w1, w2) = quantized_experts_inputs(7, 256, I, 4, 2, torch.float32, bn, bk, seed=3, weight_format=fmt)
     spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
     outs = []
@@ -214,6 +215,23 @@ def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, T, mo
     assert rel_err(out, want) <= 2e-3
     if DEVICE == "cuda":  # (the interpreter's fp32 -> e4m3 rounding is wrong at powers of two: see above)
         assert rel_err(out, w8a8_reference(*[a.cpu() for a in args[:3]], w1, w2, group=128)) <= 2e-2
+
+
+def test_quantize_rows_scales_every_group_of_a_long_row():
+    """w8a8_rows' hidden pass takes up to 16 groups of a row per program (K = 19 groups + 40 columns: two programs
+    a row, the second partial): each group's scale is its amax / 448 and its values the reference rounding."""
+    K = 128 * 19 + 40
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, K, generator=gen) * torch.rand(3, K // 8 + 1, generator=gen).repeat_interleave(8, 1)[:, :K]
+    with poisoned_allocations():
+        q, s = triton_quantized.quantize_rows(x.to(DEVICE))
+    groups = torch.nn.functional.pad(x, (0, (-K) % 128)).unflatten(1, (-1, 128))
+    assert torch.equal(s.cpu(), groups.abs().amax(-1).clamp(min=1e-12) / 448.0)
+    got = q.cpu().float()
+    want = (groups / s.cpu().unsqueeze(-1)).to(torch.float8_e4m3fn).float().flatten(1)[:, :K]  # e4m3 values
+    # (the interpreter rounds fp32 -> e4m3 wrongly onto powers of two: those values are checked on the GPU only)
+    exact = (want == 0) | (want.abs().log2() % 1 != 0) if DEVICE != "cuda" else torch.ones_like(want, dtype=torch.bool)
+    assert exact.float().mean() > 0.75 and torch.equal(got[exact], want[exact])
 
 
 def test_quantize_sorted_rows_puts_each_pairs_token_row_at_its_slot():
