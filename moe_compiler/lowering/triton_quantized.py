@@ -59,6 +59,21 @@ def _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_
 
 
 @triton.jit
+def _w8a8_scales(sa, s_ptr, expert, n, n0, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                 E8M0: tl.constexpr, TILE_SCALE: tl.constexpr):
+    """The scale of a w8a8 step's partial products: row scale sa [M] x column block scale, [M, N]; [M, 1] where
+    the tile's columns n0.. lie in one scale block (TILE_SCALE), which saves a multiply per accumulator element
+    (the step's promotion: 231 -> ~167 instructions per K step at 64 x 128, sm90 SASS)."""
+    if TILE_SCALE:
+        out = (sa * _column_scales(s_ptr, expert, n0, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                                   E8M0))[:, None]
+    else:
+        out = sa[:, None] * _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
+                                           E8M0)[None, :]
+    return out
+
+
+@triton.jit
 def _e4m3_scale(amax):
     """The scale of an activation group under w8a8 (every path's same numbers): amax onto e4m3's largest normal,
     448, as transformers' and DeepSeek's dynamic 1 x 128 scheme."""
@@ -137,9 +152,10 @@ def _int4_planes_step(a_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, s
 
 
 @triton.jit
-def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN,
+def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, n0, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN,
                  SCALE_BK, EVEN_K: tl.constexpr, INT4: tl.constexpr, ACT_Q: tl.constexpr, E8M0: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 TILE_SCALE: tl.constexpr):
     """acc + a [M, BLOCK_K] @ the dequantized weight tile at K offset k0 ([BLOCK_KW, BLOCK_N] stored words
     at w_ptrs: e4m3 bytes, or int32 words of 8 nibbles along K). ACT_Q (ACT_Q_CODE): 0 a as it is, 1 a rounded
     to e4m3 here per row and K step, 2 a is e4m3 already, its row scales at sa_rows ([M] pointers to each row's
@@ -161,32 +177,36 @@ def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, k0, K, stride_se, st
             w = tl.load(w_ptrs)
         else:
             w = tl.load(w_ptrs, mask=(kw[:, None] < K - k0), other=0.0)
-        # The K step lies in one scale block: one scale per output column, applied to the step's partial product.
-        sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
+        # The K step lies in one scale block: one scale per output column (n0..: the tile's first), applied to the
+        # step's partial product.
         if ACT_Q == 2:  # w8a8_rows
             sa = tl.load(sa_rows + k0 // 128)  # ACT_GROUP
-            out = acc + tl.dot(a, w) * (sa[:, None] * sw[None, :])
+            out = acc + tl.dot(a, w) * _w8a8_scales(sa, s_ptr, expert, n, n0, k0, stride_se, stride_sn, stride_sk,
+                                                     SCALE_BN, SCALE_BK, E8M0, TILE_SCALE)
         elif ACT_Q == 1:  # w8a8_tile
             a32 = a.to(tl.float32)
             sa = _e4m3_scale(tl.max(tl.abs(a32), axis=1))
             aq = (a32 / sa[:, None]).to(tl.float8e4nv)
-            out = acc + tl.dot(aq, w) * (sa[:, None] * sw[None, :])
+            out = acc + tl.dot(aq, w) * _w8a8_scales(sa, s_ptr, expert, n, n0, k0, stride_se, stride_sn, stride_sk,
+                                                      SCALE_BN, SCALE_BK, E8M0, TILE_SCALE)
         else:
+            sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
             out = acc + tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION) * sw[None, :]
     return out
 
 
 @triton.jit
 def _rows_tma_step(a_desc, w_desc, sa_ptrs, s_ptr, acc, expert, m0, n0, n, k0, stride_se, stride_sn, stride_sk,
-                   SCALE_BN, SCALE_BK, E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   SCALE_BN, SCALE_BK, E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   TILE_SCALE: tl.constexpr):
     """acc + the K step at k0 of w8a8_rows by TMA: e4m3 rows m0.. of a (sorted, contiguous) times weight rows
     n0.. of `expert`, scaled by the rows' group scales (sa_ptrs: [M] pointers to each row's first) and the
     columns' block scales. Both boxes zero-filled past the tensors' ends (row and K tails)."""
     a = a_desc.load([m0, k0])
     w = w_desc.load([expert.to(tl.int32), n0, k0]).reshape(BLOCK_N, BLOCK_K).T
     sa = tl.load(sa_ptrs + k0 // 128)  # ACT_GROUP
-    sw = _column_scales(s_ptr, expert, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0)
-    return acc + tl.dot(a, w) * (sa[:, None] * sw[None, :])
+    return acc + tl.dot(a, w) * _w8a8_scales(sa, s_ptr, expert, n, n0, k0, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                             SCALE_BK, E8M0, TILE_SCALE)
 
 
 @triton.jit
@@ -234,7 +254,7 @@ def _gate_up_q_kernel(
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
     E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, FUSED_ACT: tl.constexpr,
-    TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPEC: tl.constexpr, TILE_SCALE: tl.constexpr,
 ):
     # TMA (w8a8_rows): x is hidden quantized into sorted order ([S_pad, H] e4m3, xs its scales per slot), read by
     # x_desc at the block's slots; w by w_desc. Otherwise x rows are gathered by token.
@@ -264,11 +284,11 @@ def _gate_up_q_kernel(
                 sa_rows = xs_ptr + slots * stride_xs
                 gate = _rows_tma_step(x_desc, w_desc, sa_rows, s_ptr, gate, expert, pid_m * BLOCK_M, pid_n * BLOCK_N,
                                       n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0, BLOCK_N,
-                                      BLOCK_K)
+                                      BLOCK_K, TILE_SCALE)
                 if FUSED_ACT:
                     up = _rows_tma_step(x_desc, w_desc, sa_rows, s_ptr, up, expert, pid_m * BLOCK_M,
                                         I + pid_n * BLOCK_N, n + I, k0, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                        SCALE_BK, E8M0, BLOCK_N, BLOCK_K)
+                                        SCALE_BK, E8M0, BLOCK_N, BLOCK_K, TILE_SCALE)
             elif INT4_PLANES:
                 a_rows = x_ptr + tok[:, None] * stride_xm + k0
                 gate = _int4_planes_step(a_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
@@ -282,13 +302,13 @@ def _gate_up_q_kernel(
                 else:
                     a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
                 sa_rows = xs_ptr + tok * stride_xs
-                gate = _weight_step(a, sa_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
-                                    stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
-                                    DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                gate = _weight_step(a, sa_rows, wg_ptrs, s_ptr, gate, expert, n, pid_n * BLOCK_N, k0, H, stride_se,
+                                    stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
+                                    DOT_PRECISION, BLOCK_K, BLOCK_KW, TILE_SCALE)
                 if FUSED_ACT:
-                    up = _weight_step(a, sa_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
-                                      stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
-                                      DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                    up = _weight_step(a, sa_rows, wu_ptrs, s_ptr, up, expert, n + I, I + pid_n * BLOCK_N, k0, H,
+                                      stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
+                                      DOT_PRECISION, BLOCK_K, BLOCK_KW, TILE_SCALE)
             a_ptrs += BLOCK_K
             wg_ptrs += BLOCK_KW * stride_wk
             wu_ptrs += BLOCK_KW * stride_wk
@@ -314,7 +334,7 @@ def _down_q_kernel(
     EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
     E8M0: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KW: tl.constexpr, TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    BLOCK_KW: tl.constexpr, TMA: tl.constexpr, WARP_SPEC: tl.constexpr, TILE_SCALE: tl.constexpr,
 ):
     # TMA (w8a8_rows): act is e4m3 in sorted order already, so both operands come by TMA.
     num_pid_n = tl.cdiv(H, BLOCK_N)
@@ -335,7 +355,7 @@ def _down_q_kernel(
             if TMA:
                 acc = _rows_tma_step(a_desc, w_desc, as_ptr + slots * stride_as, s_ptr, acc, expert, pid_m * BLOCK_M,
                                      pid_n * BLOCK_N, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                                     E8M0, BLOCK_N, BLOCK_K)
+                                     E8M0, BLOCK_N, BLOCK_K, TILE_SCALE)
             elif INT4_PLANES:
                 acc = _int4_planes_step(a_ptr + slots[:, None] * stride_am + k0, w_ptrs, s_ptr, acc, expert, n, k0,
                                         I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0,
@@ -345,9 +365,9 @@ def _down_q_kernel(
                     a = tl.load(a_ptrs)
                 else:
                     a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
-                acc = _weight_step(a, as_ptr + slots * stride_as, w_ptrs, s_ptr, acc, expert, n, k0, I, stride_se,
-                                   stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
-                                   DOT_PRECISION, BLOCK_K, BLOCK_KW)
+                acc = _weight_step(a, as_ptr + slots * stride_as, w_ptrs, s_ptr, acc, expert, n, pid_n * BLOCK_N, k0,
+                                   I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
+                                   DOT_PRECISION, BLOCK_K, BLOCK_KW, TILE_SCALE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_KW * stride_wk
         acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
@@ -371,6 +391,14 @@ def _tile_constexprs(spec: QuantizedExpertsSpec, config: QuantizedConfig) -> dic
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 BLOCK_KW=config.block_k // 8 if int4 else config.block_k, num_warps=config.num_warps,
                 num_stages=config.num_stages)
+
+
+def tile_scale(spec: QuantizedExpertsSpec, config: QuantizedConfig, offset: int) -> bool:
+    """Whether every output tile of a sorted-path GEMM lies in one weight scale block along N: tiles start at
+    multiples of block_n (plus `offset`: the fused gate_up's up tile starts at I), so block_n must divide the scale
+    block and the offset be a multiple of it. (Columns past N wrap and are never stored: their scale is moot.)"""
+    return (not is_int4(spec) and spec.scale_block_n % config.block_n == 0
+            and offset % spec.scale_block_n == 0)
 
 
 def _descriptors(config: QuantizedConfig, a: torch.Tensor, w: torch.Tensor, tma: bool):
@@ -416,7 +444,8 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
         x.stride(0), x_s.stride(0), *w.stride(), *s.stride(), out.stride(0), act_s.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, E8M0=e8m0,
         DOT_PRECISION=dot_precision(dtype), BLOCK_M=config.block_m, FUSED_ACT=config.fused_act,
-        TMA=tma, WARP_SPEC=tma and config.warp_specialize, **_tile_constexprs(spec, config),
+        TMA=tma, WARP_SPEC=tma and config.warp_specialize,
+        TILE_SCALE=tile_scale(spec, config, I if config.fused_act else 0), **_tile_constexprs(spec, config),
     )
     if not config.fused_act:
         groups = row_groups(I)
@@ -440,7 +469,8 @@ def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExp
         H, I, config.group_m, spec.scale_block_n, spec.scale_block_k,
         act.stride(0), act_s.stride(0), *w.stride(), *s.stride(), y.stride(0),
         EVEN_K=I % config.block_k == 0, E8M0=e8m0, DOT_PRECISION=dot_precision(y.dtype), BLOCK_M=config.block_m,
-        TMA=tma, WARP_SPEC=tma and config.warp_specialize, **_tile_constexprs(spec, config),
+        TMA=tma, WARP_SPEC=tma and config.warp_specialize, TILE_SCALE=tile_scale(spec, config, 0),
+        **_tile_constexprs(spec, config),
     )
 
 
