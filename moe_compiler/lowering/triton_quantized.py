@@ -475,35 +475,34 @@ def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExp
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
-                          GROUPS: tl.constexpr):
-    """One row's GROUPS groups of GROUP columns: scale amax / 448, values rounded to e4m3 (w8a8_rows' hidden)."""
-    t = tl.program_id(0).to(tl.int64)
+def _quantize_row(x_row, q_row, s_row, K, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """Groups program_id(1) * GROUPS.. of one row (pointers to its first element / scale): scale amax / 448,
+    values rounded to e4m3 (w8a8_rows' hidden)."""
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     ok = cols < K
-    x = tl.load(x_ptr + t * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
-    x, sc = _quantize_groups(x, ok)
-    tl.store(q_ptr + t * stride_qm + cols, x.to(q_ptr.dtype.element_ty), mask=ok)
-    tl.store(s_ptr + t * stride_sm + g, sc, mask=g * GROUP < K)
+    x, sc = _quantize_groups(tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32), ok)
+    tl.store(q_row + cols, x.to(q_row.dtype.element_ty), mask=ok)
+    tl.store(s_row + g, sc, mask=g * GROUP < K)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
+                          GROUPS: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    _quantize_row(x_ptr + t * stride_xm, q_ptr + t * stride_qm, s_ptr + t * stride_sm, K, GROUP, GROUPS)
 
 
 @triton.jit
 def _quantize_sorted_rows_kernel(x_ptr, q_ptr, s_ptr, sorted_rows_ptr, num_padded_ptr, T, K, TOP_K, stride_xm,
                                  stride_qm, stride_sm, GROUP: tl.constexpr, GROUPS: tl.constexpr):
-    """Sorted slot r's groups: the row of the pair at r (its token's hidden) as _quantize_rows_kernel rounds it.
-    Slots past the padded count are left alone; a padding slot's index was never written (triton_align.py): it
-    is clamped to a real token, whose row then fills an output row that is never stored."""
+    """Sorted slot r: the row of the pair at r (its token's hidden) as _quantize_rows_kernel rounds it. Slots
+    past the padded count are left alone; a padding slot's index was never written (triton_align.py): it is
+    clamped to a real token, whose row then fills an output row that is never stored."""
     r = tl.program_id(0).to(tl.int64)
     if r < tl.load(num_padded_ptr):
         t = tl.minimum(tl.maximum(tl.load(sorted_rows_ptr + r) // TOP_K, 0), T - 1).to(tl.int64)
-        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        ok = cols < K
-        x = tl.load(x_ptr + t * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
-        x, sc = _quantize_groups(x, ok)
-        tl.store(q_ptr + r * stride_qm + cols, x.to(q_ptr.dtype.element_ty), mask=ok)
-        tl.store(s_ptr + r * stride_sm + g, sc, mask=g * GROUP < K)
+        _quantize_row(x_ptr + t * stride_xm, q_ptr + r * stride_qm, s_ptr + r * stride_sm, K, GROUP, GROUPS)
 
 
 def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
