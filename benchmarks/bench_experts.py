@@ -70,6 +70,11 @@ def routing(T, E, k, kind, device, gen):
     return torch.multinomial(probs, k, replacement=False, generator=gen)
 
 
+def held_experts(E: int, kind: str) -> int:
+    """The experts one process holds: all E, or rank 0's E/2 under ep2."""
+    return E // 2 if kind == "ep2" else E
+
+
 def floor_seconds(T, E, k, H, I, ids, itemsize=2):
     """Floor, FLOPs and bytes of the live pairs: ids < E (E: the experts held; E itself is the sentinel)."""
     live = ids[ids < E]
@@ -273,13 +278,10 @@ def main():
     rows = []
     for name in args.shapes:
         E, k, H, I = ALL_SHAPES[name]
-        def held_experts(kind):  # all E, or rank 0's E/2 under ep2
-            return E // 2 if kind == "ep2" else E
-
-        held = {n: harness.hf_experts(n, k, H, I, dtype, device) for n in map(held_experts, args.routing)}
+        held = {n: harness.hf_experts(n, k, H, I, dtype, device) for n in {held_experts(E, r) for r in args.routing}}
         for T in args.tokens:
             for kind in args.routing:
-                cfg, experts = held[held_experts(kind)]
+                cfg, experts = held[held_experts(E, kind)]
                 rows.append(bench_point(name, cfg, experts, T, kind, timer, device, dtype, gen, args.variants or ()))
                 harness.append_jsonl(stem + ".jsonl", rows[-1])
         del held, experts

@@ -63,7 +63,7 @@ def _w8a8_scales(sa, s_ptr, expert, n, n0, k0, stride_se, stride_sn, stride_sk, 
                  E8M0: tl.constexpr, TILE_SCALE: tl.constexpr):
     """The scale of a w8a8 step's partial products: row scale sa [M] x column block scale, [M, N]; [M, 1] where
     the tile's columns n0.. lie in one scale block (TILE_SCALE), which saves a multiply per accumulator element
-    (the step's promotion: 231 -> ~167 instructions per K step at 64 x 128, sm90 SASS)."""
+    (the step's promotion: 231 -> 159 instructions per K step at 64 x 128, sm90 SASS of Triton 3.6)."""
     if TILE_SCALE:
         out = (sa * _column_scales(s_ptr, expert, n0, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
                                    E8M0))[:, None]
@@ -210,11 +210,21 @@ def _rows_tma_step(a_desc, w_desc, sa_ptrs, s_ptr, acc, expert, m0, n0, n, k0, s
 
 
 @triton.jit
-def _quantize_groups(x, ok):
-    """x [GROUPS, GROUP] fp32 (masked-off columns ignored) -> (x / s, s [GROUPS]): each row of the tile one w8a8
-    activation group, its scale from its amax (_e4m3_scale)."""
+def _row_groups(K, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """(g [GROUPS], cols [GROUPS, GROUP], ok) of a row pass's program: groups program_id(1) * GROUPS.. of a row of
+    K columns, one activation group per tile row."""
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    return g, cols, cols < K
+
+
+@triton.jit
+def _store_e4m3_groups(x, g, cols, ok, K, q_row, s_row, GROUP: tl.constexpr):
+    """x [GROUPS, GROUP] fp32 rounded to e4m3 per group (scale amax / 448: _e4m3_scale; masked-off columns
+    ignored) into the row at q_row, the groups' scales into s_row."""
     s = _e4m3_scale(tl.max(tl.where(ok, tl.abs(x), 0.0), axis=1))
-    return x / s[:, None], s
+    tl.store(q_row + cols, (x / s[:, None]).to(q_row.dtype.element_ty), mask=ok)
+    tl.store(s_row + g, s, mask=g * GROUP < K)
 
 
 @triton.jit
@@ -225,23 +235,24 @@ def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, num_padded_ptr, I, alpha, limit,
     skipped (the grid covers the static bound); padding rows below it compute garbage no one reads."""
     if tl.program_id(0) < tl.load(num_padded_ptr):
         r = tl.program_id(0).to(tl.int64)
-        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        ok = cols < I
+        g, cols, ok = _row_groups(I, GROUP, GROUPS)
         gate = tl.load(z_ptr + r * stride_zm + cols, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(z_ptr + r * stride_zm + I + cols, mask=ok, other=0.0).to(tl.float32)
         out = gated_act(gate, up, alpha, limit, ACT)
         if ACT_ROWS:
-            out, sc = _quantize_groups(out, ok)
-            tl.store(act_s_ptr + r * stride_as + g, sc, mask=g * GROUP < I)
-        tl.store(act_ptr + r * stride_am + cols, out.to(act_ptr.dtype.element_ty), mask=ok)
+            _store_e4m3_groups(out, g, cols, ok, I, act_ptr + r * stride_am, act_s_ptr + r * stride_as, GROUP)
+        else:
+            tl.store(act_ptr + r * stride_am + cols, out.to(act_ptr.dtype.element_ty), mask=ok)
 
 
-def row_groups(n: int) -> int:
-    """Activation groups per program of the row passes: a row's groups up to 16 (2048 columns), a power of two. One
-    program per 128-column group had each move ~0.6 KB: DeepSeek-V3 FP8 T = 4096, the act pass 505 us and the
-    hidden's 140, 5-7x their byte floors (NOTES "FP8 row passes")."""
-    return min(16, triton.next_power_of_2(triton.cdiv(n, ACT_GROUP)))
+def row_pass(n: int) -> tuple[int, dict]:
+    """(programs per row, launch constexprs) of a row pass over rows of n columns: a row's activation groups up to
+    16 per program (2048 columns, a power of two; 8 warps above 8 groups). One program per 128-column group had
+    each move ~0.6 KB: DeepSeek-V3 FP8 T = 4096, the act pass 505 us and the hidden's 140, 5-7x their byte floors
+    (NOTES "FP8 row passes")."""
+    n_groups = triton.cdiv(n, ACT_GROUP)
+    groups = min(16, triton.next_power_of_2(n_groups))
+    return triton.cdiv(n_groups, groups), dict(GROUP=ACT_GROUP, GROUPS=groups, num_warps=4 if groups <= 8 else 8)
 
 
 # SCALE_BN / SCALE_BK are constexprs: a model has one scale format (one compile), and a runtime divisor costs an
@@ -448,12 +459,11 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
         TILE_SCALE=tile_scale(spec, config, I if config.fused_act else 0), **_tile_constexprs(spec, config),
     )
     if not config.fused_act:
-        groups = row_groups(I)
-        launch.kernel(_act_rows_kernel)[(act.shape[0], triton.cdiv(triton.cdiv(I, ACT_GROUP), groups))](
+        programs, constexprs = row_pass(I)
+        launch.kernel(_act_rows_kernel)[(act.shape[0], programs)](
             out, act, act_s, rows.num_padded, I, float(spec.swiglu_alpha), float(spec.swiglu_limit), out.stride(0),
             act.stride(0), act_s.stride(0), ACT=ACT_CODE[spec.activation],
-            ACT_ROWS=config.act is ActQuant.ROWS and not is_int4(spec), GROUP=ACT_GROUP, GROUPS=groups,
-            num_warps=4 if groups <= 8 else 8,
+            ACT_ROWS=config.act is ActQuant.ROWS and not is_int4(spec), **constexprs,
         )
 
 
@@ -476,14 +486,10 @@ def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExp
 
 @triton.jit
 def _quantize_row(x_row, q_row, s_row, K, GROUP: tl.constexpr, GROUPS: tl.constexpr):
-    """Groups program_id(1) * GROUPS.. of one row (pointers to its first element / scale): scale amax / 448,
-    values rounded to e4m3 (w8a8_rows' hidden)."""
-    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    ok = cols < K
-    x, sc = _quantize_groups(tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32), ok)
-    tl.store(q_row + cols, x.to(q_row.dtype.element_ty), mask=ok)
-    tl.store(s_row + g, sc, mask=g * GROUP < K)
+    """This program's groups of one row (pointers to its first element / scale) rounded to e4m3 (w8a8_rows'
+    hidden)."""
+    g, cols, ok = _row_groups(K, GROUP, GROUPS)
+    _store_e4m3_groups(tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32), g, cols, ok, K, q_row, s_row, GROUP)
 
 
 @triton.jit
@@ -513,10 +519,9 @@ def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int) -> tuple[to
     S = rows.sorted_rows.numel()
     q = torch.empty(S, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(S, triton.cdiv(K, ACT_GROUP), dtype=torch.float32, device=x.device)
-    groups = row_groups(K)
-    launch.kernel(_quantize_sorted_rows_kernel)[(S, triton.cdiv(s.shape[1], groups))](
-        x, q, s, rows.sorted_rows, rows.num_padded, T, K, k, x.stride(0), q.stride(0), s.stride(0), GROUP=ACT_GROUP,
-        GROUPS=groups, num_warps=4 if groups <= 8 else 8)
+    programs, constexprs = row_pass(K)
+    launch.kernel(_quantize_sorted_rows_kernel)[(S, programs)](
+        x, q, s, rows.sorted_rows, rows.num_padded, T, K, k, x.stride(0), q.stride(0), s.stride(0), **constexprs)
     return q, s
 
 
@@ -525,10 +530,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     T, K = x.shape
     q = torch.empty(T, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(T, triton.cdiv(K, ACT_GROUP), dtype=torch.float32, device=x.device)
-    groups = row_groups(K)
-    launch.kernel(_quantize_rows_kernel)[(T, triton.cdiv(s.shape[1], groups))](
-        x, q, s, K, x.stride(0), q.stride(0), s.stride(0), GROUP=ACT_GROUP, GROUPS=groups,
-        num_warps=4 if groups <= 8 else 8)
+    programs, constexprs = row_pass(K)
+    launch.kernel(_quantize_rows_kernel)[(T, programs)](x, q, s, K, x.stride(0), q.stride(0), s.stride(0),
+                                                        **constexprs)
     return q, s
 
 
