@@ -231,8 +231,12 @@ def plot(rows, path):
     if plt is None:
         return
     shapes = [s for s in ALL_SHAPES if any(r["shape"] == s for r in rows)]
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.8), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
+    cols = min(4, len(shapes))  # the whole list in rows of four panels, not one strip 13 panels wide
+    nrows = -(-len(shapes) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(shapes):]:
+        ax.set_visible(False)
+    for ax, shape in zip(axes.flat, shapes):
         for kind, style in (("uniform", "-"), ("skewed", ":")):
             pts = sorted((r for r in rows if r["shape"] == shape and r["routing"] == kind and r["T"]),
                          key=lambda r: r["T"])

@@ -63,10 +63,13 @@ def candidates(base: triton_quantized_config.QuantizedConfig, T: int, E: int, k:
     sizes = (16, 32, 64, 128)
     block_ms = sorted(sorted(sizes, key=lambda m: abs(m - rows))[:2])
     if not int4 and base.act.value == "w8a8_rows":  # by TMA (x sorted first), warp-specialized, persistent
+        # the gate_up's A gathered per token instead of the sorted copy (the weights by TMA)
+        yield rep(base, tma=True, sorted_copy=False)
         for bm, bn, w in ((base.block_m, base.block_n, base.num_warps), (128, 128, 8), (64, 256, 8)):
             for ws, pps in ((False, 0), (True, 0), (True, 1), (True, 2)):
                 yield rep(base, block_m=bm, block_n=bn, num_warps=w, tma=True, warp_specialize=ws,
                           programs_per_sm=pps, fused_act=base.fused_act and not ws)
+    base = rep(base, tma=False)  # the rest by pointer (the default may load by TMA)
     switch = ("int4_planes", (False, True)) if int4 else ("act", ("w8a16", "w8a8_tile", "w8a8_rows"))
     # The unfused gate_up (one accumulator) where the GEMMs carry weight, under w8a8_rows; first, since a point's
     # time budget may end the sweep.
@@ -158,7 +161,8 @@ def main():
                           f"{' dec' if c.decode else ''}{' ' + c.act.value if c.act_fp8 and not int4 else ''}"
                           f"{' pl' if int4 and c.int4_planes else ''}{'' if c.fused_act else ' unfused'}"
                           f"{' per-token' if c.decode and not c.slot_split else ''}"
-                          f"{' tma' if c.tma else ''}{' ws' if c.warp_specialize else ''}"
+                          f"{' tma' if c.tma else ''}{' gathered' if c.tma and not c.sorted_copy else ''}"
+                          f"{' ws' if c.warp_specialize else ''}"
                           f"{f' pps{c.programs_per_sm}' if c.programs_per_sm else ''}"
                           for us, c in top)
         print(f"{name:>14} {T:>5} {base_us:11.1f} {top[0][0]:9.1f}  {desc}")

@@ -24,9 +24,10 @@ the step's weight scale is one value per output column, s[n // bn]. Three ways t
     w8a8_rows  the same numbers, quantized once instead of in every K step of every tile: hidden by a row pass
                (xq [T, H] e4m3, xs [T, ceil(H/128)] fp32), act by the gate_up epilogue (each 128-column tile
                is one group: act [S_pad, I] e4m3, act_s [S_pad, ceil(I/128)]); the GEMMs load e4m3 A tiles
-               config.tma: hidden quantized straight into sorted order instead (xq [S_pad, H], xs [S_pad, ..],
-               quantize_sorted_rows), so both GEMMs read contiguous A row blocks and W tiles by TMA descriptors,
-               the K loop optionally warp-specialized (producer warps load, consumers multiply and promote)
+               config.tma: W tiles by TMA descriptors; with config.sorted_copy (the default) hidden's e4m3 rows
+               also copied into sorted order (xq [S_pad, H], xs [S_pad, ..], quantize_sorted_rows), so both
+               GEMMs read contiguous A row blocks by TMA too; the K loop optionally warp-specialized (producer
+               warps load, consumers multiply and promote). The default from 33 rows per expert on sm90.
 Scales multiply the fp32 partial product of the step, never the weights: nothing is dequantized to memory.
 An INT4 K step unpacks its [BLOCK_K / 8, BLOCK_N] words to nibbles and scales each by its group's scale in
 registers (groups narrower than the step), then one dot at a's precision (w4a16).
@@ -76,8 +77,10 @@ def _w8a8_scales(sa, s_ptr, expert, n, n0, k0, stride_se, stride_sn, stride_sk, 
 @triton.jit
 def _e4m3_scale(amax):
     """The scale of an activation group under w8a8 (every path's same numbers): amax onto e4m3's largest normal,
-    448, as transformers' and DeepSeek's dynamic 1 x 128 scheme."""
-    return tl.maximum(amax, 1e-12) / 448.0
+    448, as transformers' and DeepSeek's dynamic 1 x 128 scheme. Divided with IEEE rounding: Triton's `/` is
+    approximate on the GPU, one ulp off torch's amax / 448 (H200: test_quantize_rows_scales_every_group_of_a_long_row),
+    and the torch path (torch_quantized.py) must give the same scales."""
+    return tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
 
 
 @triton.jit
@@ -196,13 +199,12 @@ def _weight_step(a, sa_rows, w_ptrs, s_ptr, acc, expert, n, n0, k0, K, stride_se
 
 
 @triton.jit
-def _rows_tma_step(a_desc, w_desc, sa_ptrs, s_ptr, acc, expert, m0, n0, n, k0, stride_se, stride_sn, stride_sk,
+def _rows_tma_step(a, w_desc, sa_ptrs, s_ptr, acc, expert, n0, n, k0, stride_se, stride_sn, stride_sk,
                    SCALE_BN, SCALE_BK, E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    TILE_SCALE: tl.constexpr):
-    """acc + the K step at k0 of w8a8_rows by TMA: e4m3 rows m0.. of a (sorted, contiguous) times weight rows
-    n0.. of `expert`, scaled by the rows' group scales (sa_ptrs: [M] pointers to each row's first) and the
-    columns' block scales. Both boxes zero-filled past the tensors' ends (row and K tails)."""
-    a = a_desc.load([m0, k0])
+    """acc + the K step at k0 of w8a8_rows with the weights by TMA: a [M, BLOCK_K] e4m3 (its K tail zero) times
+    weight rows n0.. of `expert`, scaled by the rows' group scales (sa_ptrs: [M] pointers to each row's first) and
+    the columns' block scales. The weight box is zero-filled past the tensor's ends (K tail)."""
     w = w_desc.load([expert.to(tl.int32), n0, k0]).reshape(BLOCK_N, BLOCK_K).T
     sa = tl.load(sa_ptrs + k0 // 128)  # ACT_GROUP
     return acc + tl.dot(a, w) * _w8a8_scales(sa, s_ptr, expert, n, n0, k0, stride_se, stride_sn, stride_sk, SCALE_BN,
@@ -245,14 +247,15 @@ def _act_rows_kernel(z_ptr, act_ptr, act_s_ptr, num_padded_ptr, I, alpha, limit,
             tl.store(act_ptr + r * stride_am + cols, out.to(act_ptr.dtype.element_ty), mask=ok)
 
 
-def row_pass(n: int) -> tuple[int, dict]:
+def row_pass(n: int, num_warps: int = 4) -> tuple[int, dict]:
     """(programs per row, launch constexprs) of a row pass over rows of n columns: a row's activation groups up to
-    16 per program (2048 columns, a power of two; 8 warps above 8 groups). One program per 128-column group had
-    each move ~0.6 KB: DeepSeek-V3 FP8 T = 4096, the act pass 505 us and the hidden's 140, 5-7x their byte floors
-    (NOTES "FP8 row passes")."""
+    16 per program (2048 columns, a power of two). One program per 128-column group had each move ~0.6 KB:
+    DeepSeek-V3 FP8 T = 4096, the act pass 505 us and the hidden's 140, 5-7x their byte floors; 16 groups: 116
+    and 32 us at 8 warps, 107 and 28 at 4 (3.8 TB/s: the act pass at 90% of a copy; NOTES "FP8 row passes and
+    TMA measured")."""
     n_groups = triton.cdiv(n, ACT_GROUP)
     groups = min(16, triton.next_power_of_2(n_groups))
-    return triton.cdiv(n_groups, groups), dict(GROUP=ACT_GROUP, GROUPS=groups, num_warps=4 if groups <= 8 else 8)
+    return triton.cdiv(n_groups, groups), dict(GROUP=ACT_GROUP, GROUPS=groups, num_warps=num_warps)
 
 
 # SCALE_BN / SCALE_BK are constexprs: a model has one scale format (one compile), and a runtime divisor costs an
@@ -265,10 +268,10 @@ def _gate_up_q_kernel(
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, INT4_PLANES: tl.constexpr, ACT_Q: tl.constexpr,
     E8M0: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, FUSED_ACT: tl.constexpr,
-    TMA: tl.constexpr, WARP_SPEC: tl.constexpr, TILE_SCALE: tl.constexpr,
+    TMA: tl.constexpr, SORTED_COPY: tl.constexpr, WARP_SPEC: tl.constexpr, TILE_SCALE: tl.constexpr,
 ):
-    # TMA (w8a8_rows): x is hidden quantized into sorted order ([S_pad, H] e4m3, xs its scales per slot), read by
-    # x_desc at the block's slots; w by w_desc. Otherwise x rows are gathered by token.
+    # TMA (w8a8_rows): w by w_desc; with SORTED_COPY x is hidden quantized into sorted order ([S_pad, H] e4m3, xs
+    # its scales per slot), read by x_desc at the block's slots. Otherwise x rows are gathered by token.
     # FUSED_ACT: each program a gate and an up tile of I's columns, the activation in the epilogue. Otherwise one
     # tile of the 2I columns (gate rows, then up rows) stored as z into act_ptr; _act_rows_kernel follows.
     if FUSED_ACT:
@@ -292,14 +295,18 @@ def _gate_up_q_kernel(
         # (warp-specialized: the K loop, whose loads are all TMA but the scales')
         for k0 in tl.range(0, H, BLOCK_K, warp_specialize=WARP_SPEC):
             if TMA:
-                sa_rows = xs_ptr + slots * stride_xs
-                gate = _rows_tma_step(x_desc, w_desc, sa_rows, s_ptr, gate, expert, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                                      n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0, BLOCK_N,
-                                      BLOCK_K, TILE_SCALE)
+                if SORTED_COPY:  # x in sorted order: the block's rows are contiguous, loaded by TMA
+                    a = x_desc.load([pid_m * BLOCK_M, k0])
+                    sa_rows = xs_ptr + slots * stride_xs
+                else:  # x per token, gathered
+                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                    sa_rows = xs_ptr + tok * stride_xs
+                gate = _rows_tma_step(a, w_desc, sa_rows, s_ptr, gate, expert, pid_n * BLOCK_N, n, k0, stride_se,
+                                      stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0, BLOCK_N, BLOCK_K, TILE_SCALE)
                 if FUSED_ACT:
-                    up = _rows_tma_step(x_desc, w_desc, sa_rows, s_ptr, up, expert, pid_m * BLOCK_M,
-                                        I + pid_n * BLOCK_N, n + I, k0, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                        SCALE_BK, E8M0, BLOCK_N, BLOCK_K, TILE_SCALE)
+                    up = _rows_tma_step(a, w_desc, sa_rows, s_ptr, up, expert, I + pid_n * BLOCK_N, n + I, k0,
+                                        stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0, BLOCK_N, BLOCK_K,
+                                        TILE_SCALE)
             elif INT4_PLANES:
                 a_rows = x_ptr + tok[:, None] * stride_xm + k0
                 gate = _int4_planes_step(a_rows, wg_ptrs, s_ptr, gate, expert, n, k0, H, stride_se, stride_sn,
@@ -364,9 +371,9 @@ def _down_q_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(0, I, BLOCK_K, warp_specialize=WARP_SPEC):
             if TMA:
-                acc = _rows_tma_step(a_desc, w_desc, as_ptr + slots * stride_as, s_ptr, acc, expert, pid_m * BLOCK_M,
-                                     pid_n * BLOCK_N, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                                     E8M0, BLOCK_N, BLOCK_K, TILE_SCALE)
+                acc = _rows_tma_step(a_desc.load([pid_m * BLOCK_M, k0]), w_desc, as_ptr + slots * stride_as, s_ptr,
+                                     acc, expert, pid_n * BLOCK_N, n, k0, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                     SCALE_BK, E8M0, BLOCK_N, BLOCK_K, TILE_SCALE)
             elif INT4_PLANES:
                 acc = _int4_planes_step(a_ptr + slots[:, None] * stride_am + k0, w_ptrs, s_ptr, acc, expert, n, k0,
                                         I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0,
@@ -412,14 +419,15 @@ def tile_scale(spec: QuantizedExpertsSpec, config: QuantizedConfig, offset: int)
             and offset % spec.scale_block_n == 0)
 
 
-def _descriptors(config: QuantizedConfig, a: torch.Tensor, w: torch.Tensor, tma: bool):
-    """(a's TMA descriptor of [block_m, block_k] boxes, w's of [1, block_n, block_k]), or (None, None)."""
+def _descriptors(config: QuantizedConfig, a: torch.Tensor, w: torch.Tensor, tma: bool, a_by_tma: bool = True):
+    """(a's TMA descriptor of [block_m, block_k] boxes or None, w's of [1, block_n, block_k]), or (None, None)."""
     if not tma:
         return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return (TensorDescriptor(a, list(a.shape), list(a.stride()), [config.block_m, config.block_k]),
-            _weight_desc(w, config.block_n, config.block_k, True))
+    box = [config.block_m, config.block_k]
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), box) if a_by_tma else None
+    return a_desc, _weight_desc(w, config.block_n, config.block_k, True)
 
 
 def wants_tma(config: QuantizedConfig, spec: QuantizedExpertsSpec) -> bool:
@@ -438,14 +446,14 @@ def use_tma(config: QuantizedConfig, spec: QuantizedExpertsSpec, w_gate_up: torc
 def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, config: QuantizedConfig, k: int,
                    act, act_s, dtype: torch.dtype, tma: bool = False):
     """x: hidden, or its e4m3 rows under w8a8_rows (x_s their scales; else any tensor, never read) — with `tma`
-    in sorted order ([S_pad, H], quantize_sorted_rows) and loaded by TMA; act_s likewise. dtype: hidden's (the
-    dot precision)."""
+    and config.sorted_copy in sorted order ([S_pad, H], quantize_sorted_rows) and loaded by TMA; act_s likewise.
+    dtype: hidden's (the dot precision)."""
     H, I = x.shape[1], act.shape[1]
     s, e8m0 = _scale_view(s)
     out = act
     if not config.fused_act:  # z first (the unfused GEMM over 2I columns), then _act_rows_kernel
         out = torch.empty(act.shape[0], 2 * I, dtype=dtype, device=act.device)
-    x_desc, w_desc = _descriptors(config, x, w, tma)
+    x_desc, w_desc = _descriptors(config, x, w, tma, config.sorted_copy)
     grid = _grid(rows.max_blocks * triton.cdiv(out.shape[1] if not config.fused_act else I, config.block_n),
                  config.programs_per_sm, x)
     launch.kernel(_gate_up_q_kernel)[grid](
@@ -455,7 +463,7 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
         x.stride(0), x_s.stride(0), *w.stride(), *s.stride(), out.stride(0), act_s.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % config.block_k == 0, E8M0=e8m0,
         DOT_PRECISION=dot_precision(dtype), BLOCK_M=config.block_m, FUSED_ACT=config.fused_act,
-        TMA=tma, WARP_SPEC=tma and config.warp_specialize,
+        TMA=tma, SORTED_COPY=tma and config.sorted_copy, WARP_SPEC=tma and config.warp_specialize,
         TILE_SCALE=tile_scale(spec, config, I if config.fused_act else 0), **_tile_constexprs(spec, config),
     )
     if not config.fused_act:
@@ -500,28 +508,36 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_s
 
 
 @triton.jit
-def _quantize_sorted_rows_kernel(x_ptr, q_ptr, s_ptr, sorted_rows_ptr, num_padded_ptr, T, K, TOP_K, stride_xm,
-                                 stride_qm, stride_sm, GROUP: tl.constexpr, GROUPS: tl.constexpr):
-    """Sorted slot r: the row of the pair at r (its token's hidden) as _quantize_rows_kernel rounds it. Slots
+def _sorted_copy_kernel(q_ptr, s_ptr, out_q_ptr, out_s_ptr, sorted_rows_ptr, num_padded_ptr, T, K, TOP_K,
+                        stride_qm, stride_sm, stride_oq, stride_os, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """Sorted slot r: the e4m3 row and scales of the pair at r's token (q, s: quantize_rows' [T, ..]). Slots
     past the padded count are left alone; a padding slot's index was never written (triton_align.py): it is
     clamped to a real token, whose row then fills an output row that is never stored."""
     r = tl.program_id(0).to(tl.int64)
     if r < tl.load(num_padded_ptr):
         t = tl.minimum(tl.maximum(tl.load(sorted_rows_ptr + r) // TOP_K, 0), T - 1).to(tl.int64)
-        _quantize_row(x_ptr + t * stride_xm, q_ptr + r * stride_qm, s_ptr + r * stride_sm, K, GROUP, GROUPS)
+        g, cols, ok = _row_groups(K, GROUP, GROUPS)
+        tl.store(out_q_ptr + r * stride_oq + cols, tl.load(q_ptr + t * stride_qm + cols, mask=ok), mask=ok)
+        has = g * GROUP < K
+        tl.store(out_s_ptr + r * stride_os + g, tl.load(s_ptr + t * stride_sm + g, mask=has), mask=has)
 
 
 def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows' values and scales, one row per sorted slot ([S_pad, K] e4m3, [S_pad, groups] fp32): the
     gate_up GEMM's A then lies in its blocks' order, contiguous, for TMA (each token's row k times: k bytes
-    written per hidden value)."""
+    written per hidden value). Rounded once per token, then copied: rounding each slot's row from hidden read
+    hidden k times (DeepSeek-V3 T = 4096: 308 us; now 28 + 131; NOTES "FP8 row passes and TMA measured")."""
     T, K = x.shape
     S = rows.sorted_rows.numel()
+    q_tok, s_tok = quantize_rows(x)
     q = torch.empty(S, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(S, triton.cdiv(K, ACT_GROUP), dtype=torch.float32, device=x.device)
-    programs, constexprs = row_pass(K)
-    launch.kernel(_quantize_sorted_rows_kernel)[(S, programs)](
-        x, q, s, rows.sorted_rows, rows.num_padded, T, K, k, x.stride(0), q.stride(0), s.stride(0), **constexprs)
+    # 2 warps: a pure copy wants more programs in flight per SM (DeepSeek-V3 T = 4096: 209 us at 8 warps, 143 at
+    # 4, 131 at 2 = 4.5 TB/s read + write)
+    programs, constexprs = row_pass(K, num_warps=2)
+    launch.kernel(_sorted_copy_kernel)[(S, programs)](
+        q_tok.view(torch.uint8), s_tok, q.view(torch.uint8), s, rows.sorted_rows, rows.num_padded, T, K, k,
+        q_tok.stride(0), s_tok.stride(0), q.stride(0), s.stride(0), **constexprs)
     return q, s
 
 
@@ -575,7 +591,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     S = rows.sorted_rows.numel()
     tma = act_rows and use_tma(config, spec, w_gate_up, w_down)
     if act_rows:
-        x, x_s = quantize_sorted_rows(hidden, rows, k) if tma else quantize_rows(hidden)
+        x, x_s = quantize_sorted_rows(hidden, rows, k) if tma and config.sorted_copy else quantize_rows(hidden)
         act = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
         act_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
     else:

@@ -61,6 +61,9 @@ class QuantizedConfig:
     # the consumers run the wgmma and the per-step scale promotion (Triton specializes loops whose operand loads
     # are TMA; the persistent tile loop did not specialize here). programs_per_sm > 0: a persistent grid.
     tma: bool = False
+    # Under tma, the gate_up GEMM's A: hidden quantized into sorted order (one e4m3 row per pair: k rows per token
+    # written) and loaded by TMA, or quantized per token and its rows gathered by pointer (no copy).
+    sorted_copy: bool = True
     warp_specialize: bool = False
     programs_per_sm: int = 0
     # The down GEMV: one program per (pair, column block), fp32 rows summed over the slots by a second kernel, or
@@ -138,7 +141,10 @@ def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int) -> 
     measured (1024: 4.26 vs 5.29 vs 9.10 ms; the w8a16 tile's conversion costs more than the FP8 weights save).
     Up to 8 rows per expert 16-row blocks with the activation fused into gate_up; from 16 rows, 32 then 64-row
     blocks with gate_up unfused (one accumulator, z stored, the activation a second pass: 4096 tokens 7.07 vs
-    11.3 ms fused). w8a16 (fp32 activations, GPUs without FP8 cores) the sweep's best w8a16 tiles."""
+    11.3 ms fused); above 32 rows both GEMMs' operands by TMA where the GPU has it (sm90: hidden quantized into
+    sorted order first; T = 4096 DeepSeek-V3 5.70 vs 6.32 ms, Kimi-K2 6.98 vs 7.88, Qwen3-30B-A3B 0.76 vs 0.77;
+    at 21-32 rows a tie or a loss: Kimi-K2 T = 1024 4.52 vs 4.44, NOTES "FP8 row passes and TMA measured").
+    w8a16 (fp32 activations, GPUs without FP8 cores) the sweep's best w8a16 tiles."""
     rows = T * k / E
     if fp8_cores(hidden) and hidden.dtype != torch.float32 and block_k >= 32:
         if ACT_GROUP % block_k:  # scale blocks wider than the 128-column activation groups: round per tile
@@ -151,7 +157,7 @@ def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int) -> 
             return QuantizedConfig(block_m=32, block_n=256, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
                                    num_stages=3, fused_act=False)
         return QuantizedConfig(block_m=64, block_n=128, block_k=block_k, act=ActQuant.ROWS, num_warps=4,
-                               num_stages=3, fused_act=False)
+                               num_stages=3, fused_act=False, tma=device.has_tma(device.index(hidden)))
     block_m = 16 if rows <= 8 else 32 if rows <= 32 else 64
     return QuantizedConfig(block_m=block_m, block_n=64 if block_m != 32 else 128, block_k=block_k, act=ActQuant.NONE,
                            num_warps=4, num_stages=3)

@@ -53,7 +53,7 @@ FORWARD_KERNELS = ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_
 BACKWARD_KERNELS = ("_dz_kernel", "_wgrad_kernel", "_act_backward_rows_kernel", "_sorted_rows_kernel")
 OTHER_KERNELS = ("_route_kernel", "_sparsemixer_kernel", "_route_backward_kernel", "_gate_up_q_kernel",
                  "_down_q_kernel", "_linear_fp8_kernel", "_gate_up_q_gemv_kernel", "_down_q_gemv_kernel",
-                 "_x_planes_kernel", "_quantize_rows_kernel", "_quantize_sorted_rows_kernel",
+                 "_x_planes_kernel", "_quantize_rows_kernel", "_sorted_copy_kernel",
                  "_act_rows_kernel")
 SUMMARY = 'print("COMPILED", len(compiled), sorted({r["kernel"] for r in compiled}))'
 # Three parts, each in its own process (so that the suite's workers share them), with the kernels each compiles.
@@ -118,9 +118,11 @@ for dtype in (torch.bfloat16, torch.float16):
                 triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
         # w8a8_rows by TMA (x quantized into sorted order) on a persistent grid, unfused warp-specialized and not
         triton_quantized.tma_ok = lambda *t: True  # CPU tensors stand in for CUDA ones: compiled, never run
-        for fused_act, ws in ((True, False), (False, True), (False, False)):  # (fused + ws: rejected)
+        # and the gate_up's A gathered per token (sorted_copy=False)
+        for fused_act, ws, copy in ((True, False, True), (False, True, True), (False, False, True),
+                                    (False, False, False)):  # (fused + ws: rejected)
             config = QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", fused_act=fused_act,
-                                     tma=True, warp_specialize=ws, programs_per_sm=1)
+                                     tma=True, warp_specialize=ws, programs_per_sm=1, sorted_copy=copy)
             triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), config)
         triton_linear_fp8.linear_forward(args[0], args[3][0], args[4][0], None, 128, 128)
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 1, 32, torch.bfloat16, weight_format="int4_packed")

@@ -188,19 +188,23 @@ def test_out_of_range_id_fails_the_launch(decode):
     )
 
 
-@pytest.mark.parametrize("fused_act,ws,programs", [(True, False, 0), (False, False, 0), (False, True, 0),
-                                                    (False, True, 1)], ids=["fused", "unfused", "unfused-ws",
-                                                                            "unfused-ws-persistent"])
+@pytest.mark.parametrize("fused_act,ws,programs,copy", [
+    (True, False, 0, True), (False, False, 0, True), (False, True, 0, True), (False, True, 1, True),
+    (True, False, 0, False), (False, False, 0, False)],
+    ids=["fused", "unfused", "unfused-ws", "unfused-ws-persistent", "fused-gathered", "unfused-gathered"])
 @pytest.mark.parametrize("T", [1, 37, 300])
-def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, T, monkeypatch):
-    """x quantized into sorted order and both GEMMs' operands by TMA (warp-specialized or not, persistent or not):
-    the same quantization as the pointer path, so the same numbers up to the accumulation order (H = 320, I = 208:
-    K tails and a partial last row block, zero-filled by the descriptors). The interpreter loads host descriptors
-    of CPU tensors too (fp16 there: its bf16 stores are wrong)."""
+def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, copy, T, monkeypatch):
+    """x quantized into sorted order (or per token, its rows gathered: copy=False) and the operands by TMA
+    (warp-specialized or not, persistent or not): the same quantization as the pointer path, so the same numbers
+    up to the accumulation order (H = 320, I = 208: K tails and a partial last row block, zero-filled by the
+    descriptors). The interpreter loads host descriptors of CPU tensors too (fp16 there: its bf16 stores are
+    wrong)."""
     if DEVICE != "cuda":
-        if T == 300 or (fused_act, ws, programs) not in {(True, False, 0), (False, True, 1)}:  # (warp
+        if T == 300 or (fused_act, ws, programs, copy) not in {(True, False, 0, True), (False, True, 1, True),
+                                                               (False, False, 0, False)}:  # (warp
             # specialization is no code of its own in the interpreter)
-            pytest.skip("the interpreter takes the fused and the unfused persistent forms at the two smaller T")
+            pytest.skip("the interpreter takes the fused, the unfused persistent and the unfused gathered forms at "
+                        "the two smaller T")
         monkeypatch.setattr(triton_quantized, "tma_ok", lambda *tensors: True)  # CUDA + sm90 + alignment, else
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     args, (w1, w2) = quantized_experts_inputs(T, 320, 208, 16, 4, dtype, 128, 128, seed=T)
@@ -208,7 +212,7 @@ def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, T, mo
     spec = QuantizedExpertsSpec()
     base = QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", fused_act=fused_act)
     tma = QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", fused_act=fused_act, tma=True,
-                          warp_specialize=ws, programs_per_sm=programs)
+                          warp_specialize=ws, programs_per_sm=programs, sorted_copy=copy)
     assert triton_quantized.use_tma(tma, spec, args[3], args[5])
     with poisoned_allocations():
         want, out = (triton_quantized.experts_forward(*args, spec, c).float().cpu() for c in (base, tma))
