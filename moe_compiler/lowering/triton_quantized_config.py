@@ -81,6 +81,9 @@ class QuantizedConfig:
                                  f"{[a.value for a in ActQuant]}, got {self.act!r}")
             object.__setattr__(self, "act", ActQuant(self.act))
 
+        if not self.sorted_copy and not self.tma:
+            raise ValueError("QuantizedConfig.sorted_copy=False: needs tma=True (the pointer path always gathers "
+                             "hidden's rows by token)")
         if self.warp_specialize and not self.tma:
             raise ValueError("QuantizedConfig.warp_specialize: needs tma=True (Triton specializes loops of TMA loads)")
         if self.warp_specialize and self.fused_act:

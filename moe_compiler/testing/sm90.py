@@ -121,7 +121,9 @@ def compiled_not_run(resources: bool = False, record_errors: bool = False, h200:
     patches = [(launch, "kernel", lambda k: _Kernel(k, launches)), (device, "uses_triton", lambda t: True),
                (device, "num_sms", lambda index: 132)]
     if h200:
-        patches += [(device, "capability", lambda index: (9, 0)), (triton_experts, "tma_ok", lambda *t: True),
+        # (device.index: CPU tensors stand in for the GPU's, whose index the capability lookups ask for)
+        patches += [(device, "capability", lambda index: (9, 0)), (device, "index", lambda t: 0),
+                    (triton_experts, "tma_ok", lambda *t: True),
                     (triton_quantized, "tma_ok", lambda *t: True),
                     (triton_quantized_config, "fp8_cores", lambda t: True)]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]

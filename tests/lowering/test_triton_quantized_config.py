@@ -67,6 +67,8 @@ def test_tma_config_is_checked():
         QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", warp_specialize=True)
     with pytest.raises(ValueError, match="not with fused_act=True"):
         QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", tma=True, warp_specialize=True)
+    with pytest.raises(ValueError, match="sorted_copy=False: needs tma=True"):
+        QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", sorted_copy=False)
     with pytest.raises(ValueError, match="programs_per_sm: expected an int in"):
         QuantizedConfig(block_m=64, block_n=128, block_k=128, act="w8a8_rows", programs_per_sm=9)
     spec = QuantizedExpertsSpec()
