@@ -136,9 +136,10 @@ def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     expert that gained or lost its only tokens has a gradient of another size altogether (a per-tensor max of ~1.2
     measured for Inductor itself)."""
     num = den = 0.0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for g, w in zip(got, want):  # one pair at a time on the GPU (fp32 there; the norms summed in double)
-        w = w.to("cuda", torch.float32)
-        num += float((g.to("cuda", torch.float32) - w).double().square().sum())
+        w = w.to(device, torch.float32)
+        num += float((g.to(device, torch.float32) - w).double().square().sum())
         den += float(w.double().square().sum())
     return (num / den) ** 0.5
 

@@ -76,12 +76,6 @@ def candidates(base: triton_quantized_config.QuantizedConfig, T: int, E: int, k:
     if not int4 and rows >= 8:
         for bm, bn, (w, s) in itertools.product(block_ms, (128, 256), ((4, 3), (8, 3), (8, 4))):
             yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=s, act="w8a8_rows", fused_act=False)
-    # INT4 prefill: the unfused gate_up (one accumulator, a dequantized [K, N] buffer less) at 2 stages, where
-    # more warps per SM fit (sm90 compile, Kimi-K2 T = 4096: the fused 64 x 128 default holds 255 registers and
-    # 112 KB of shared memory, 8 warps per SM; unfused 128 x 64 / 8 warps / 2 stages: 128 registers, 84 KB, 16)
-    if int4 and rows >= 8:
-        for bm, bn, w in ((128, 64, 8), (64, 64, 8), (64, 64, 4), (128, 128, 8), (64, 128, 4)):
-            yield rep(base, block_m=bm, block_n=bn, num_warps=w, num_stages=2, fused_act=False, int4_planes=False)
     for bm, bn, (w, s), on in itertools.product(block_ms, (64, 128, 256), ((4, 3), (4, 4), (8, 3)),
                                                 switch[1]):
         if (bm >= 128 and w == 4) or (on == "w8a8_rows" and bn != 128):

@@ -43,7 +43,7 @@ import triton.language as tl
 from ..spec import QuantizedExpertsSpec
 from . import launch
 from .triton_act import ACT_CODE, gated_act
-from .triton_align import AlignedRows, align_rows
+from .triton_align import AlignedRows, align_rows, gathered
 from .triton_experts import _block_rows, _grid, _tile_coords, _weight_desc, dot_precision, launch_combine, tma_ok
 from .triton_quantized_config import ACT_GROUP, ACT_Q_CODE, ActQuant, QuantizedConfig, default_config, is_int4
 
@@ -212,6 +212,16 @@ def _rows_tma_step(a, w_desc, sa_ptrs, s_ptr, acc, expert, n0, n, k0, stride_se,
 
 
 @triton.jit
+def _a_tile(a_ptrs, kk, k0, K, EVEN_K: tl.constexpr):
+    """The A tile of the K step at k0 by pointer ([M, BLOCK_K]: each row's columns k0 + kk), its K tail 0."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=(kk[None, :] < K - k0), other=0.0)
+    return a
+
+
+@triton.jit
 def _row_groups(K, GROUP: tl.constexpr, GROUPS: tl.constexpr):
     """(g [GROUPS], cols [GROUPS, GROUP], ok) of a row pass's program: groups program_id(1) * GROUPS.. of a row of
     K columns, one activation group per tile row."""
@@ -299,7 +309,7 @@ def _gate_up_q_kernel(
                     a = x_desc.load([pid_m * BLOCK_M, k0])
                     sa_rows = xs_ptr + slots * stride_xs
                 else:  # x per token, gathered
-                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                    a = _a_tile(a_ptrs, kk, k0, H, EVEN_K)
                     sa_rows = xs_ptr + tok * stride_xs
                 gate = _rows_tma_step(a, w_desc, sa_rows, s_ptr, gate, expert, pid_n * BLOCK_N, n, k0, stride_se,
                                       stride_sn, stride_sk, SCALE_BN, SCALE_BK, E8M0, BLOCK_N, BLOCK_K, TILE_SCALE)
@@ -315,10 +325,7 @@ def _gate_up_q_kernel(
                     up = _int4_planes_step(a_rows, wu_ptrs, s_ptr, up, expert, n + I, k0, H, stride_se, stride_sn,
                                            stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0, DOT_PRECISION, BLOCK_KW)
             else:
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
-                else:
-                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                a = _a_tile(a_ptrs, kk, k0, H, EVEN_K)
                 sa_rows = xs_ptr + tok * stride_xs
                 gate = _weight_step(a, sa_rows, wg_ptrs, s_ptr, gate, expert, n, pid_n * BLOCK_N, k0, H, stride_se,
                                     stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
@@ -379,13 +386,9 @@ def _down_q_kernel(
                                         I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, E8M0,
                                         DOT_PRECISION, BLOCK_KW)
             else:
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
-                else:
-                    a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
-                acc = _weight_step(a, as_ptr + slots * stride_as, w_ptrs, s_ptr, acc, expert, n, pid_n * BLOCK_N, k0,
-                                   I, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0,
-                                   DOT_PRECISION, BLOCK_K, BLOCK_KW, TILE_SCALE)
+                acc = _weight_step(_a_tile(a_ptrs, kk, k0, I, EVEN_K), as_ptr + slots * stride_as, w_ptrs, s_ptr, acc,
+                                   expert, n, pid_n * BLOCK_N, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
+                                   SCALE_BK, EVEN_K, INT4, ACT_Q, E8M0, DOT_PRECISION, BLOCK_K, BLOCK_KW, TILE_SCALE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_KW * stride_wk
         acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
@@ -493,52 +496,25 @@ def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExp
 
 
 @triton.jit
-def _quantize_row(x_row, q_row, s_row, K, GROUP: tl.constexpr, GROUPS: tl.constexpr):
-    """This program's groups of one row (pointers to its first element / scale) rounded to e4m3 (w8a8_rows'
-    hidden)."""
-    g, cols, ok = _row_groups(K, GROUP, GROUPS)
-    _store_e4m3_groups(tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32), g, cols, ok, K, q_row, s_row, GROUP)
-
-
-@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr,
                           GROUPS: tl.constexpr):
+    """This program's groups of row t rounded to e4m3 (w8a8_rows' hidden)."""
     t = tl.program_id(0).to(tl.int64)
-    _quantize_row(x_ptr + t * stride_xm, q_ptr + t * stride_qm, s_ptr + t * stride_sm, K, GROUP, GROUPS)
+    g, cols, ok = _row_groups(K, GROUP, GROUPS)
+    x = tl.load(x_ptr + t * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+    _store_e4m3_groups(x, g, cols, ok, K, q_ptr + t * stride_qm, s_ptr + t * stride_sm, GROUP)
 
 
-@triton.jit
-def _sorted_copy_kernel(q_ptr, s_ptr, out_q_ptr, out_s_ptr, sorted_rows_ptr, num_padded_ptr, T, K, TOP_K,
-                        stride_qm, stride_sm, stride_oq, stride_os, GROUP: tl.constexpr, GROUPS: tl.constexpr):
-    """Sorted slot r: the e4m3 row and scales of the pair at r's token (q, s: quantize_rows' [T, ..]). Slots
-    past the padded count are left alone; a padding slot's index was never written (triton_align.py): it is
-    clamped to a real token, whose row then fills an output row that is never stored."""
-    r = tl.program_id(0).to(tl.int64)
-    if r < tl.load(num_padded_ptr):
-        t = tl.minimum(tl.maximum(tl.load(sorted_rows_ptr + r) // TOP_K, 0), T - 1).to(tl.int64)
-        g, cols, ok = _row_groups(K, GROUP, GROUPS)
-        tl.store(out_q_ptr + r * stride_oq + cols, tl.load(q_ptr + t * stride_qm + cols, mask=ok), mask=ok)
-        has = g * GROUP < K
-        tl.store(out_s_ptr + r * stride_os + g, tl.load(s_ptr + t * stride_sm + g, mask=has), mask=has)
-
-
-def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_rows' values and scales, one row per sorted slot ([S_pad, K] e4m3, [S_pad, groups] fp32): the
-    gate_up GEMM's A then lies in its blocks' order, contiguous, for TMA (each token's row k times: k bytes
-    written per hidden value). Rounded once per token, then copied: rounding each slot's row from hidden read
-    hidden k times (DeepSeek-V3 T = 4096: 308 us; now 28 + 131; NOTES "FP8 row passes and TMA measured")."""
-    T, K = x.shape
-    S = rows.sorted_rows.numel()
+def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int,
+                         block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows' values and scales, one row per sorted slot ([S_pad, K] e4m3, [S_pad, groups] fp32; padding
+    slots 0): the gate_up GEMM's A then lies in its blocks' order, contiguous, for TMA (each token's row k times: k
+    bytes written per hidden value). Rounded once per token, then copied by triton_align.gathered: rounding each
+    slot's row from hidden read hidden k times (DeepSeek-V3 T = 4096: 308 us; now 28 + ~143; NOTES "FP8 row
+    passes and TMA measured")."""
     q_tok, s_tok = quantize_rows(x)
-    q = torch.empty(S, K, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(S, triton.cdiv(K, ACT_GROUP), dtype=torch.float32, device=x.device)
-    # 2 warps: a pure copy wants more programs in flight per SM (DeepSeek-V3 T = 4096: 209 us at 8 warps, 143 at
-    # 4, 131 at 2 = 4.5 TB/s read + write)
-    programs, constexprs = row_pass(K, num_warps=2)
-    launch.kernel(_sorted_copy_kernel)[(S, programs)](
-        q_tok.view(torch.uint8), s_tok, q.view(torch.uint8), s, rows.sorted_rows, rows.num_padded, T, K, k,
-        q_tok.stride(0), s_tok.stride(0), q.stride(0), s.stride(0), **constexprs)
-    return q, s
+    q = gathered(q_tok.view(torch.uint8), rows, s_tok, k, block_m).view(torch.float8_e4m3fn)
+    return q, gathered(s_tok, rows, s_tok, k, block_m)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -591,7 +567,8 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     S = rows.sorted_rows.numel()
     tma = act_rows and use_tma(config, spec, w_gate_up, w_down)
     if act_rows:
-        x, x_s = quantize_sorted_rows(hidden, rows, k) if tma and config.sorted_copy else quantize_rows(hidden)
+        x, x_s = (quantize_sorted_rows(hidden, rows, k, config.block_m) if tma and config.sorted_copy
+                  else quantize_rows(hidden))
         act = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
         act_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
     else:

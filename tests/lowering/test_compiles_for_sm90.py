@@ -53,7 +53,7 @@ FORWARD_KERNELS = ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_
 BACKWARD_KERNELS = ("_dz_kernel", "_wgrad_kernel", "_act_backward_rows_kernel", "_sorted_rows_kernel")
 OTHER_KERNELS = ("_route_kernel", "_sparsemixer_kernel", "_route_backward_kernel", "_gate_up_q_kernel",
                  "_down_q_kernel", "_linear_fp8_kernel", "_gate_up_q_gemv_kernel", "_down_q_gemv_kernel",
-                 "_x_planes_kernel", "_quantize_rows_kernel", "_sorted_copy_kernel",
+                 "_x_planes_kernel", "_quantize_rows_kernel", "_sorted_rows_kernel",
                  "_act_rows_kernel")
 SUMMARY = 'print("COMPILED", len(compiled), sorted({r["kernel"] for r in compiled}))'
 # Three parts, each in its own process (so that the suite's workers share them), with the kernels each compiles.

@@ -199,10 +199,9 @@ def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, copy,
     up to the accumulation order (H = 320, I = 208: K tails and a partial last row block, zero-filled by the
     descriptors). The interpreter loads host descriptors of CPU tensors too (fp16 there: its bf16 stores are
     wrong)."""
-    if DEVICE != "cuda":
+    if DEVICE != "cuda":  # (warp specialization is no code of its own in the interpreter)
         if T == 300 or (fused_act, ws, programs, copy) not in {(True, False, 0, True), (False, True, 1, True),
-                                                               (False, False, 0, False)}:  # (warp
-            # specialization is no code of its own in the interpreter)
+                                                               (False, False, 0, False)}:
             pytest.skip("the interpreter takes the fused, the unfused persistent and the unfused gathered forms at "
                         "the two smaller T")
         monkeypatch.setattr(triton_quantized, "tma_ok", lambda *tensors: True)  # CUDA + sm90 + alignment, else
@@ -248,7 +247,7 @@ def test_quantize_sorted_rows_puts_each_pairs_token_row_at_its_slot():
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(DEVICE)
     rows = align_rows(ids, E, 16)
     with poisoned_allocations():
-        q, s = triton_quantized.quantize_sorted_rows(hidden, rows, k)
+        q, s = triton_quantized.quantize_sorted_rows(hidden, rows, k, 16)
         q_tok, s_tok = triton_quantized.quantize_rows(hidden)
     pos = rows.pos.long().cpu()
     tok = torch.arange(T * k) // k
