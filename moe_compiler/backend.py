@@ -16,6 +16,7 @@ import hashlib
 import pathlib
 
 import torch
+from torch._inductor import config as inductor_config
 from torch._inductor import list_mode_options
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -63,8 +64,14 @@ class _SourceHashPass(CustomGraphPass):
         return ("moe_compiler", source_hash(), trace_settings(), inner)
 
 
-def _inductor_patches(mode: str | None, options: dict) -> dict:
+# torch's switch for launching user-defined Triton kernels (ours, recorded) by Inductor's static launcher
+STATIC_LAUNCH = "static_launch_user_defined_triton_kernels"
+
+
+def _inductor_patches(mode: str | None, options: dict, static_launch: bool = False) -> dict:
     patches = dict(list_mode_options(mode)) if mode else {}
+    if static_launch and hasattr(inductor_config, STATIC_LAUNCH):
+        patches[STATIC_LAUNCH] = True  # (a user's own Inductor option below still wins)
     patches.update(options)
     # torch 2.11 accepts exactly one pass in this slot (2.13 also lists): wrap any user pass.
     user_pass = patches.get("post_grad_custom_post_pass")
@@ -80,7 +87,7 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
     options = dict(options or {})
     ours = {k: options.pop(k) for k in list(options) if k.startswith(PREFIX)}
     config = MoECompilerConfig.from_options(ours)
-    patches = _inductor_patches(mode, options)
+    patches = _inductor_patches(mode, options, config.static_launch)
 
     # Configs are looked up (and untuned shapes autotuned) by the numerical check and while Inductor traces.
     with triton_config.autotune_option(config.autotune):

@@ -40,6 +40,13 @@ class MoECompilerConfig:
     # rewrite): to tell a problem of ours from one of Inductor's, and for the tests of the matcher across the
     # architecture zoo, where Inductor's CPU code generation would cost most of the time. Env: MOE_COMPILER_INDUCTOR=0.
     inductor: bool = True
+    # Launch the op's recorded Triton kernels (ops/inline.py) through Inductor's static C++ launcher, as Inductor
+    # launches its own kernels, instead of Triton's Python launcher (torch._inductor.config.
+    # static_launch_user_defined_triton_kernels; a kernel the static launcher cannot take falls back to the Python
+    # one). In default mode a decode layer is host-bound: 3-8 launches of ours per layer at ~25-100 µs each on the
+    # H200 machine's CPU (benchmarks/NOTES.md "session 9"). Off until measured and validated on a GPU.
+    # Env: MOE_COMPILER_STATIC_LAUNCH=1.
+    static_launch: bool = False
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:
@@ -51,6 +58,7 @@ class MoECompilerConfig:
             "autotune": triton_config.autotune_enabled(),  # MOE_COMPILER_AUTOTUNE, parsed where lookups read it
             "training": os.environ.get("MOE_COMPILER_TRAINING", "0") == "1",
             "inductor": os.environ.get("MOE_COMPILER_INDUCTOR", "1") != "0",
+            "static_launch": os.environ.get("MOE_COMPILER_STATIC_LAUNCH", "0") == "1",
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

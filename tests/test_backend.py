@@ -150,3 +150,14 @@ def test_without_inductor_the_rewritten_graph_runs_as_traced(how, monkeypatch):
         out = torch.compile(model, backend="fused_moe", options=options)(input_ids=ids).logits
     assert sum(v for k, v in counters["moe_compiler"].items() if k.startswith("fused_experts")) == 2
     assert rel_err(out, eager) <= 1e-5
+
+
+def test_static_launch_option_reaches_inductor_and_a_user_setting_wins():
+    key = backend.STATIC_LAUNCH
+    assert hasattr(torch._inductor.config, key)  # the torch switch the option sets (torch 2.11+)
+    assert key not in backend._inductor_patches(None, {})
+    assert backend._inductor_patches(None, {}, static_launch=True)[key] is True
+    assert backend._inductor_patches(None, {key: False}, static_launch=True)[key] is False
+    from moe_compiler.config import MoECompilerConfig
+
+    assert MoECompilerConfig.from_options({"moe_compiler.static_launch": True}).static_launch

@@ -193,3 +193,24 @@ def test_compiled_block_with_recorded_launches_equals_eager(arch, T, monkeypatch
     assert "_gate_up" in code  # our kernels, named in Inductor's code
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "experts" in n)
     assert recorded < opaque_bytes + experts / 2, (recorded, opaque_bytes, experts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_static_launch_of_recorded_kernels_equals_the_python_launcher(arch, T):
+    """moe_compiler.static_launch: Inductor launches our recorded kernels by its static C++ launcher (a kernel it
+    cannot take keeps Triton's launcher); the same kernels, so the same logits bit for bit."""
+    from moe_compiler.testing.hf_models import tiny_model
+
+    model = tiny_model(arch, dtype=torch.bfloat16).cuda()
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
+    outs = []
+    with torch.no_grad():
+        for static in (False, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="fused_moe", dynamic=False,
+                                     options={"moe_compiler.static_launch": static})
+            compiled(input_ids=ids)
+            outs.append(compiled(input_ids=ids).logits)
+    assert torch.equal(outs[0], outs[1])

@@ -259,3 +259,27 @@ def test_second_process_reuses_the_cache(tmp_path):
     assert "autotuned bfloat16 experts E=16 k=2 H=256 I=128 T=16" in runs[0].stderr
     assert "autotuned" not in runs[1].stderr  # read from the cache
     assert list(tmp_path.glob("autotune/*.json"))
+
+
+@pytest.mark.gpu
+def test_compiled_call_tunes_at_compile_time_and_matches_eager(tmp_path):
+    """Under torch.compile the op's launches are recorded while AOTAutograd traces, and the config lookup of an
+    untuned shape tunes there (first_use.py: "When"): the compile tunes once, the compiled call equals the
+    eager op, a recompile in the same process reads the tuned entry without tuning again."""
+    code = textwrap.dedent("""
+        import logging, torch
+        logging.basicConfig(level=logging.WARNING)
+        from moe_compiler.ops.experts import moe_experts
+        from moe_compiler.testing import cuda_experts_inputs
+        x, ids, w, w1, w2 = cuda_experts_inputs(16, 16, 2, 256, 128)
+        layer = lambda x, i, w: moe_experts(x, i, w, w1, w2) * 2.0
+        out = torch.compile(layer, dynamic=False)(x, ids, w)
+        torch._dynamo.reset()
+        again = torch.compile(layer, dynamic=False)(x, ids, w)
+        print("EQUAL", torch.equal(out, layer(x, ids, w)), torch.equal(again, out))
+    """)
+    env = {**os.environ, first_use.CACHE_ENV: str(tmp_path), triton_config.AUTOTUNE_ENV: "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "EQUAL True True" in r.stdout
+    assert r.stderr.count("autotuned bfloat16 experts E=16 k=2 H=256 I=128 T=16") == 1, r.stderr[-3000:]
