@@ -210,6 +210,21 @@ class GroupScore(str, enum.Enum):
     MAX = "max"  # its best choice score (DeepSeek-V2)
 
 
+class WeightsDtype(str, enum.Enum):
+    """The dtype the route op stores its top-k weights in: computed in fp32, rounded once to it on store (what the
+    router's own `.to(hidden.dtype)` after its fp32 math does)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    @property
+    def torch(self):
+        import torch  # (spec.py itself does not need torch)
+
+        return getattr(torch, self.value)
+
+
 @dataclasses.dataclass(frozen=True)
 class RouterSpec:
     """A transformers 5.x router (the route op's keyword arguments). Forms, each the op sequence of the
@@ -239,9 +254,13 @@ class RouterSpec:
     group_score: GroupScore = GroupScore.TOP2_SUM
     masked_score: float = -math.inf
     jitter_eps: float = 0.0  # sparse mixer: experts within 2 * jitter_eps (relative) of a round's best share it
+    # The weights' stored dtype: a router whose fp32 weights the block casts (to the hidden's dtype) gets the cast
+    # in the route kernel's store instead of a launch of its own.
+    weights_dtype: WeightsDtype = WeightsDtype.FLOAT32
 
     def __post_init__(self):
         _enum_field(self, "scoring", Scoring)
+        _enum_field(self, "weights_dtype", WeightsDtype)
         _enum_field(self, "order", RouteOrder)
         _enum_field(self, "group_score", GroupScore)
         if self.top_k < 1:
@@ -288,11 +307,11 @@ class RouterSpec:
             return (
                 f"sparse mixer, {self.top_k} rounds of argmax, softmax over the experts within "
                 f"{2 * self.jitter_eps:g} (relative) of each round's best"
-            )
+            ) + self._stored()
         if self.order is RouteOrder.TOPK_THEN_SCORE:
             if self.scoring is Scoring.SIGMOID:
-                return f"top-{self.top_k} of the logits, then sigmoid of each"
-            return f"top-{self.top_k} of the logits, then softmax over them"
+                return f"top-{self.top_k} of the logits, then sigmoid of each" + self._stored()
+            return f"top-{self.top_k} of the logits, then softmax over them" + self._stored()
         parts = [f"{self.scoring.value}, top-{self.top_k}"]
         if self.n_group > 1:
             parts.append(
@@ -303,7 +322,10 @@ class RouterSpec:
             parts.append("renormalized")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"x {self.routed_scaling_factor}")
-        return ", ".join(parts)
+        return ", ".join(parts) + self._stored()
+
+    def _stored(self) -> str:
+        return "" if self.weights_dtype is WeightsDtype.FLOAT32 else f"; weights stored as {self.weights_dtype.value}"
 
 
 @dataclasses.dataclass(frozen=True)

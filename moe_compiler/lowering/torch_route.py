@@ -1,6 +1,6 @@
 """The route op in torch: the reference, the CPU path, and the backward on every device.
 
-    router_logits [T, E] float -> weights [T, k] fp32, ids [T, k] int64     (spec.RouterSpec: every router form)
+    router_logits [T, E] float -> weights [T, k] fp32 (or spec.weights_dtype), ids [T, k] int64  (every RouterSpec form)
 
 It uses torch.topk, so ties break exactly as in the eager model. On CUDA the forward is one Triton launch
 instead (triton_route.py): exact ties (equal logits) go to the lower expert id there, a choice any correct
@@ -63,6 +63,12 @@ def _sparsemixer_rounds(logits: Tensor, spec: RouterSpec, ids: Optional[Tensor] 
 
 
 def route_forward(router_logits, correction_bias, spec: RouterSpec) -> tuple[Tensor, Tensor]:
+    """(weights [T, k] in spec.weights_dtype, computed in fp32, ids [T, k] int64)."""
+    weights, ids = _route_fp32(router_logits, correction_bias, spec)
+    return weights.to(spec.weights_dtype.torch), ids
+
+
+def _route_fp32(router_logits, correction_bias, spec: RouterSpec) -> tuple[Tensor, Tensor]:
     if spec.order is RouteOrder.SPARSEMIXER:
         rounds = _sparsemixer_rounds(router_logits, spec)
         weights = torch.cat([gates.softmax(dim=-1).gather(1, i) for gates, i in rounds], dim=-1)

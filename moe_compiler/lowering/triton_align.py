@@ -20,7 +20,9 @@ and, for GEMMs that take their rows in sorted order (a library's: triton_grouped
 `gathered` copies token rows into that order (padding rows 0) and `zero_padding_rows` clears the padding slots
 a kernel left unwritten.
 
-Three launches, none serial over S:
+Three launches, none serial over S (one where the pairs fit one chunk, S <= CHUNK: the decode-sized calls of the
+sorted path, where each launch is host time in a step without CUDA graphs — `_align_one_chunk_kernel` does the
+three steps in one program):
     count    (NB programs)  per-chunk expert histogram              -> counts [NB, BLOCK_E]
     offsets  (1 program)    per-expert totals, padded prefix sum, and for every (chunk, expert) the
                             position where that chunk's rows of that expert start, minus the chunk's
@@ -128,16 +130,57 @@ def _scatter_kernel(
     tl.store(sorted_rows_ptr + dest, pair.to(tl.int32), mask=keep)
     tl.store(pos_ptr + pair, dest, mask=keep)
 
-    # This program's share of the block -> expert table: the expert of block b is the number of experts
-    # whose padded segment ends at or before b * BLOCK_M; -1 past the used blocks.
-    ends = tl.load(pad_end_ptr + tl.arange(0, BLOCK_E))
-    n_blocks = tl.load(num_padded_ptr) // BLOCK_M
     first = chunk * BLOCKS_PER_PROGRAM
-    for b0 in range(first, tl.minimum(first + BLOCKS_PER_PROGRAM, MAX_BLOCKS), CHUNK_B):
+    _block_table(block_expert_ptr, tl.load(pad_end_ptr + tl.arange(0, BLOCK_E)), tl.load(num_padded_ptr) // BLOCK_M,
+                 first, tl.minimum(first + BLOCKS_PER_PROGRAM, MAX_BLOCKS), BLOCK_M, CHUNK_B)
+
+
+@triton.jit
+def _block_table(block_expert_ptr, ends, n_blocks, first, last, BLOCK_M: tl.constexpr, CHUNK_B: tl.constexpr):
+    """Blocks [first, last) of the block -> expert table: the expert of block b is the number of experts whose
+    padded segment ends (`ends` [BLOCK_E], past E: never <= a block start) at or before b * BLOCK_M; -1 past the
+    n_blocks used."""
+    for b0 in range(first, last, CHUNK_B):
         b = b0 + tl.arange(0, CHUNK_B)
         expert = tl.sum((ends[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-        mine = (b < MAX_BLOCKS) & (b < first + BLOCKS_PER_PROGRAM)
-        tl.store(block_expert_ptr + b, tl.where(b < n_blocks, expert, -1), mask=mine)
+        tl.store(block_expert_ptr + b, tl.where(b < n_blocks, expert, -1), mask=b < last)
+
+
+@triton.jit
+def _align_one_chunk_kernel(
+    ids_ptr, S, E, offsets_ptr, sorted_rows_ptr, pos_ptr, seg_end_ptr, num_padded_ptr, block_expert_ptr, ok_ptr,
+    MAX_BLOCKS, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_B: tl.constexpr,
+):
+    """count, offsets and scatter of a single chunk (S <= CHUNK) in one program: the same results."""
+    chunk = tl.program_id(0)  # 0
+    offs, live, e, bad, sentinel = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    e_idx = tl.arange(0, BLOCK_E)
+    real = e_idx < E
+    n_bad = tl.sum(bad.to(tl.int32), 0)
+    tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
+    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E]")  # live: see LIVE_ASSERTS
+    counts = tl.where(real, tl.histogram(tl.where(live, e, BLOCK_E - 1), BLOCK_E), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    num_padded = tl.sum(padded, 0)
+    tl.store(num_padded_ptr, num_padded)
+    tl.store(seg_end_ptr + e_idx, starts + counts, mask=real)
+    # The one chunk's offsets (_offsets_kernel's, no earlier chunks), through memory: the scatter reads them by
+    # each sorted key's expert; the barrier makes the program's stores visible to all its threads.
+    tl.store(offsets_ptr + e_idx, starts - (tl.cumsum(counts, 0) - counts))
+    tl.debug_barrier()
+    tl.store(pos_ptr + offs, tl.full([CHUNK], -1, tl.int32), mask=sentinel)
+    local = tl.arange(0, CHUNK)
+    keys = tl.sort(tl.where(live, e, BLOCK_E - 1) * CHUNK + local)
+    sorted_e = keys // CHUNK
+    pair = keys % CHUNK
+    keep = sorted_e < E
+    dest = tl.load(offsets_ptr + sorted_e, mask=keep, other=0) + local
+    tl.store(sorted_rows_ptr + dest, pair.to(tl.int32), mask=keep)
+    tl.store(pos_ptr + pair, dest, mask=keep)
+    _block_table(block_expert_ptr, tl.where(real, ends, 2**30), num_padded // BLOCK_M, 0, MAX_BLOCKS, BLOCK_M,
+                 CHUNK_B)
 
 
 @dataclasses.dataclass
@@ -185,6 +228,14 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligne
         parts = torch.empty(sum(sizes), dtype=torch.int32, device=flat.device).split(sizes)
     rows = AlignedRows(*parts[:6])
     counts, pad_end = parts[6].view(nb, block_e), parts[7]
+    chunk_b = max(16, min(128, 8192 // block_e))
+    if nb == 1:
+        launch.kernel(_align_one_chunk_kernel)[(1,)](
+            flat, S, num_experts, counts, rows.sorted_rows, rows.pos, rows.seg_end, rows.num_padded,
+            rows.block_expert, rows.ids_ok, n_blocks,
+            CHUNK=chunk, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK_B=chunk_b, **launch.asserts(),
+        )
+        return rows
     launch.kernel(_count_kernel)[(nb,)](flat, S, num_experts, counts, CHUNK=chunk, BLOCK_E=block_e)
     launch.kernel(_offsets_kernel)[(1,)](
         counts, nb, num_experts, rows.seg_end, pad_end, rows.num_padded, rows.ids_ok,
@@ -192,8 +243,7 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligne
     )
     launch.kernel(_scatter_kernel)[(nb,)](
         flat, S, num_experts, counts, rows.sorted_rows, rows.pos, pad_end, rows.num_padded, rows.block_expert,
-        n_blocks, triton.cdiv(n_blocks, nb),
-        CHUNK=chunk, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK_B=max(16, min(128, 8192 // block_e)),
+        n_blocks, triton.cdiv(n_blocks, nb), CHUNK=chunk, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK_B=chunk_b,
     )
     return rows
 

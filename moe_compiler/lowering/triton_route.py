@@ -237,11 +237,12 @@ def route_forward(
     router_logits: torch.Tensor, correction_bias: torch.Tensor | None, spec: RouterSpec,
     block_t: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T, k] fp32, ids [T, k] int64); same contract as torch_route.route_forward. block_t /
-    num_warps override the tile (benchmarks/bench_route.py sweeps them)."""
+    """(weights [T, k] spec.weights_dtype, ids [T, k] int64); same contract as torch_route.route_forward.
+    block_t / num_warps override the tile (benchmarks/bench_route.py sweeps them). The weights are computed in
+    fp32 and rounded once by the store (to nearest even)."""
     T, E = router_logits.shape
     k = spec.top_k
-    weights = torch.empty(T, k, dtype=torch.float32, device=router_logits.device)
+    weights = torch.empty(T, k, dtype=spec.weights_dtype.torch, device=router_logits.device)
     ids = torch.empty(T, k, dtype=torch.int64, device=router_logits.device)
     if T == 0:
         return weights, ids

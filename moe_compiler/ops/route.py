@@ -3,7 +3,8 @@ of transformers 5.x MoE models (every form of spec.RouterSpec), the fake beside 
 
     route(router_logits [T, E], correction_bias [E] = None, *, top_k, scoring="softmax",
           order="score_then_topk", norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1,
-          group_score="top2_sum", masked_score=None (-inf), jitter_eps=0.0) -> (weights [T, k] fp32, ids [T, k] i64)
+          group_score="top2_sum", masked_score=None (-inf), jitter_eps=0.0, weights_dtype="float32")
+        -> (weights [T, k] weights_dtype (computed in fp32), ids [T, k] i64)
 
 Selection is not differentiable; the weights are, w.r.t. the logits (router training). Implementations:
 lowering/torch_route.py (reference, CPU, backward) and lowering/triton_route.py (CUDA forward).
@@ -36,7 +37,8 @@ def _forward(*tensors, **spec):
     "moe_compiler::route", mutates_args=(), schema=schema(RouteTensors, RouterSpec, "(Tensor, Tensor)")
 )
 def route(*tensors, **spec) -> tuple[Tensor, Tensor]:
-    """Top-k routing weights (fp32) and expert ids (int64) of a transformers 5.x router; see RouterSpec."""
+    """Top-k routing weights (spec.weights_dtype, fp32 by default) and expert ids (int64) of a transformers 5.x
+    router; see RouterSpec."""
     return _forward(*tensors, **spec)
 
 
@@ -45,7 +47,7 @@ def _(*tensors, **spec):
     t, spec = _bind(tensors, spec)
     T = t.router_logits.shape[0]
     new = t.router_logits.new_empty
-    return new(T, spec.top_k, dtype=torch.float32), new(T, spec.top_k, dtype=torch.int64)
+    return new(T, spec.top_k, dtype=spec.weights_dtype.torch), new(T, spec.top_k, dtype=torch.int64)
 
 
 inline.register(

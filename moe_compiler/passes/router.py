@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from ..ops.signature import OpCall, RouteTensors
-from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring
+from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring, WeightsDtype
 from . import verify
 from .fx_utils import (
     arg,
@@ -505,7 +505,16 @@ def _closed(match: RouterMatch, E) -> RouterMatch:
                 f"{[u.name for u in others]}: NYI"
             )
     match.nodes, match.inputs = nodes, inputs
+    # Weights the block hands over in its own dtype (fp32 math, then `.to(hidden.dtype)`): the route op stores
+    # them in that dtype, rounded as the cast rounds, instead of a cast launch of its own after it.
+    stored = WEIGHTS_DTYPES.get(example_value(weights).dtype)
+    if stored is not None:
+        match.spec = dataclasses.replace(match.spec, weights_dtype=stored)
     return match
+
+
+WEIGHTS_DTYPES = {torch.float32: WeightsDtype.FLOAT32, torch.bfloat16: WeightsDtype.BFLOAT16,
+                  torch.float16: WeightsDtype.FLOAT16}
 
 
 def _rewrite(gm: fx.GraphModule, match: RouterMatch) -> Edit:

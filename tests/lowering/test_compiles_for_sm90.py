@@ -47,9 +47,9 @@ class LibraryGEMMs:  # triton_grouped's GEMMs are not Triton kernels: shapes onl
 
 """
 
-FORWARD_KERNELS = ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_count_kernel", "_offsets_kernel",
-                   "_scatter_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_gated_rows_kernel",
-                   "_act_kernel", "_sorted_rows_kernel")
+FORWARD_KERNELS = ("_gate_up_gemv_kernel", "_down_gemv_combine_kernel", "_align_one_chunk_kernel", "_count_kernel",
+                   "_offsets_kernel", "_scatter_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel",
+                   "_gated_rows_kernel", "_act_kernel", "_sorted_rows_kernel")
 BACKWARD_KERNELS = ("_dz_kernel", "_wgrad_kernel", "_act_backward_rows_kernel", "_sorted_rows_kernel")
 OTHER_KERNELS = ("_route_kernel", "_sparsemixer_kernel", "_route_backward_kernel", "_gate_up_q_kernel",
                  "_down_q_kernel", "_linear_fp8_kernel", "_gate_up_q_gemv_kernel", "_down_q_gemv_kernel",
@@ -70,6 +70,9 @@ for dtype in (torch.bfloat16, torch.float32):
                                             torch.randn(1, 64))))
     triton_decode.experts_forward(h, ids, w, w1, w2, None, None, ExpertsSpec(), DECODE, mlp)
     triton_act.gated_rows(torch.randn(4, 32, dtype=dtype), torch.randn(4, 32, dtype=dtype), ExpertsSpec())
+# More pairs than one chunk: the three-launch alignment (the calls above fit one chunk: one launch)
+from moe_compiler.lowering import triton_align
+triton_align.align_rows(torch.zeros(700, 2, dtype=torch.long), 8, 16)
 """, FORWARD_KERNELS),
     "backward": ("""
 # The backward reads the alignment's positions on the host side (a gather of the router-weight partials):

@@ -84,3 +84,17 @@ def test_out_of_range_ids_fail_the_launch(bad):
         triton_align.align_rows(ids, 8, 16)
         """
     )
+
+
+@pytest.mark.parametrize("T,k,launches", [(64, 8, ["_align_one_chunk_kernel"]),  # S = 512: one chunk
+                                          (129, 8, ["_count_kernel", "_offsets_kernel", "_scatter_kernel"])])
+def test_one_chunk_of_pairs_is_one_launch(T, k, launches, monkeypatch):
+    """Each launch is host time in a decode step without CUDA graphs: pairs that fit one chunk align in one."""
+    from moe_compiler.lowering import launch
+
+    names, real = [], launch.kernel
+    monkeypatch.setattr(launch, "kernel", lambda kern: names.append(getattr(kern, "__name__", None)
+                                                                    or kern.fn.__name__) or real(kern))
+    ids = torch.rand(T, 16).argsort(dim=1)[:, :k].to(DEVICE)
+    assert _check(ids, 16, 16) == 1
+    assert names == launches

@@ -143,3 +143,32 @@ def test_route_backward_refuses_the_sparse_mixer():
     spec = CASES["phimoe_sparsemixer"][2]
     with pytest.raises(ValueError, match="sparse mixer"):
         triton_route.route_backward(torch.randn(2, 2), torch.randn(2, 16), torch.zeros(2, 2, dtype=torch.long), spec)
+
+
+# bf16 stores are wrong in the interpreter (triton 3.9): bf16 on the GPU only.
+STORED = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", STORED, ids=str)
+@pytest.mark.parametrize("name", ["qwen3_softmax_renorm", "deepseek_v3_groups", "phimoe_sparsemixer"])
+def test_weights_stored_in_the_blocks_dtype_are_the_fp32_weights_rounded(name, dtype):
+    """RouterSpec.weights_dtype: computed in fp32, rounded once by the store, as `.to(dtype)` rounds — by the
+    kernel, the reference and the op's fake alike."""
+    import dataclasses
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    T, E, spec, with_bias = CASES[name]
+    stored = dataclasses.replace(spec, weights_dtype=str(dtype).removeprefix("torch."))
+    g = torch.Generator().manual_seed(len(name))
+    logits = torch.randn(T, E, generator=g) * 2
+    bias = torch.randn(E, generator=g) * 0.3 if with_bias else None
+    dev_bias = bias.to(DEVICE) if bias is not None else None
+    want_w, want_i = triton_route.route_forward(logits.to(DEVICE), dev_bias, spec)
+    got_w, got_i = triton_route.route_forward(logits.to(DEVICE), dev_bias, stored)
+    assert got_w.dtype == dtype and torch.equal(got_i, want_i) and torch.equal(got_w, want_w.to(dtype))
+    ref_w, _ = route_forward(logits, bias, stored)
+    assert ref_w.dtype == dtype and torch.equal(ref_w, route_forward(logits, bias, spec)[0].to(dtype))
+    with FakeTensorMode() as mode:
+        fake_w, _ = torch.ops.moe_compiler.route(mode.from_tensor(logits), None, **stored.op_kwargs())
+    assert fake_w.dtype == dtype

@@ -80,9 +80,9 @@ def test_decode_call_becomes_its_launches():
 
 
 def test_sorted_call_becomes_its_launches_without_host_tma():
-    # route + align (count, offsets, scatter) + gate_up + down + combine; the host TMA descriptors the config
-    # asks for cannot be recorded, so the recorded GEMMs load by pointer
-    assert _trace("sorted") == {"kernels": 7, "ops": (0, 0), "tma": False}
+    # route + align (6 pairs: one chunk, one launch) + gate_up + down + combine; the host TMA descriptors the
+    # config asks for cannot be recorded, so the recorded GEMMs load by pointer
+    assert _trace("sorted") == {"kernels": 5, "ops": (0, 0), "tma": False}
 
 
 def test_training_forward_records_its_launches_and_keeps_the_backward_op():
@@ -139,10 +139,10 @@ print("KERNELS", code.count("triton_kernel_wrapper_functional("), "OPS", code.co
 """  # (fed through str.format: no braces besides {T})
 
 
-@pytest.mark.parametrize("inline,T,expected", [("1", 3, "KERNELS 6 OPS 0"), ("1", 1, "KERNELS 3 OPS 0"),
+@pytest.mark.parametrize("inline,T,expected", [("1", 3, "KERNELS 4 OPS 0"), ("1", 1, "KERNELS 3 OPS 0"),
                                                 ("0", 3, "KERNELS 0 OPS 1")])
 def test_quantized_call_becomes_its_launches(inline, T, expected):
-    # T = 3 (sorted): align (count, offsets, scatter) + FP8 gate_up + FP8 down + combine; T = 1: the two decode
+    # T = 3 (sorted): align (one chunk: one launch) + FP8 gate_up + FP8 down + combine; T = 1: the two decode
     # GEMVs and the slot sum (the down GEMV per pair). The e8m0 scales are read as bytes through a view.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline

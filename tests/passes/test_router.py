@@ -155,3 +155,16 @@ def test_routers_of_cuda_graphs_stay_with_inductor_without_triton(monkeypatch):
     _fuse_router(torch.fx.GraphModule(torch.nn.Module(), graph), call, rr, {}, MoECompilerConfig())
     assert (rr.router_status, rr.router_reason) == ("rejected", ROUTER_ON_CUDA)
     assert counters["moe_compiler"]["router_left_on_cuda"] == 1
+
+
+def test_weights_cast_to_the_blocks_dtype_are_stored_so_by_the_route_op(tmp_path):
+    """A bf16 block casts its fp32 top-k weights to bf16 for the experts: the route op stores them in bf16
+    itself (RouterSpec.weights_dtype), no cast of its own after it (a launch per layer), the same bits."""
+    model = tiny_model("qwen3_moe", "grouped_mm", torch.bfloat16)
+    out, ref = _compile(model, IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    assert rel_err(out, ref) <= 2e-2
+    reports = _router_reports(tmp_path)
+    assert reports[0]["spec"] == "softmax, top-2; weights stored as bfloat16"
+    assert "weights rel err 0.0e+00" in reports[0]["check"]  # bit for bit the block's own cast weights
+    after = next(tmp_path.glob("graph_*/region_*_fused_*/after.py")).read_text()
+    assert "weights_dtype = 'bfloat16'" in after and ".to(" not in after and "convert_element_type" not in after
