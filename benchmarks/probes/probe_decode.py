@@ -21,8 +21,8 @@ import triton.language as tl
 
 from moe_compiler.lowering import dispatch, triton_config, triton_decode
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig
-from moe_compiler.tune.search import SPEC, problem
-from moe_compiler.tune.shapes import ALL_SHAPES
+from moe_compiler.tune.search import problem
+from moe_compiler.tune.shapes import ALL_SHAPES, model_spec
 
 from .. import harness
 
@@ -74,6 +74,7 @@ class Step:
         self.ids = ids.reshape(-1).contiguous()
         self.weights = self.w.reshape(-1)
         self.k, self.H, self.I = k, H, I
+        self.spec = model_spec(H, I)  # the model's layout (problem draws its weights in it)
         self.config = config or triton_config.lookup(torch.cuda.get_device_name(), torch.cuda.get_device_capability(),
                                                      torch.bfloat16, E, k, H, I, 1)
         self.act = self.x.new_empty(k, I)
@@ -83,12 +84,13 @@ class Step:
     def gate_up(self, config=None, ids=None):
         ids = self.ids if ids is None else ids
         config = config or self.config
-        return lambda: triton_decode.launch_gate_up(self.x, ids, self.w1, None, SPEC, config, self.k, self.act, self.ok)
+        return lambda: triton_decode.launch_gate_up(self.x, ids, self.w1, None, self.spec, config, self.k, self.act,
+                                                    self.ok, self.weights)
 
     def down(self, config=None, ids=None):
         ids = self.ids if ids is None else ids
         config = config or self.config
-        return lambda: triton_decode.launch_down(self.act, ids, self.weights, self.w2, None, SPEC, config, self.k,
+        return lambda: triton_decode.launch_down(self.act, ids, self.weights, self.w2, None, self.spec, config, self.k,
                                                  self.out)
 
 
@@ -143,7 +145,7 @@ def l2_reuse(timer):
         per_set = {
             "gate_up alone": [s.gate_up(cfg, i.reshape(-1)) for i in id_sets],
             "down alone": [s.down(cfg, i.reshape(-1)) for i in id_sets],
-            "whole forward": [lambda i=i: dispatch.triton_forward(s.x, i, s.w, s.w1, s.w2, None, None, SPEC, cfg)
+            "whole forward": [lambda i=i: dispatch.triton_forward(s.x, i, s.w, s.w1, s.w2, None, None, s.spec, cfg)
                               for i in id_sets],
         }
         for part, fns in per_set.items():

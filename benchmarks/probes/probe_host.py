@@ -18,7 +18,7 @@ import triton.language as tl
 from moe_compiler.lowering import triton_config
 from moe_compiler.ops import checks
 from moe_compiler.ops.experts import bind, forward
-from moe_compiler.tune.search import SPEC, benches
+from moe_compiler.tune.search import benches
 from moe_compiler.tune.shapes import SHAPES
 
 from .. import harness
@@ -57,10 +57,10 @@ def parts(b):
     """Host us of the layers under one op call, and of bare launches (what each costs alone)."""
     x = torch.empty(1024, device="cuda")
     ints = list(range(1, 21))  # a .. t
-    tensors, kwargs = (b.x, b.ids, b.w, b.w1, b.w2), SPEC.op_kwargs()
+    tensors, kwargs = (b.x, b.ids, b.w, b.w1, b.w2), b.spec.op_kwargs()
     return {
         "ops bind + forward": host_us(lambda: forward(*bind(tensors, kwargs))),
-        "check_experts": host_us(lambda: checks.check_experts(*tensors, None, None, SPEC)),
+        "check_experts": host_us(lambda: checks.check_experts(*tensors, None, None, b.spec)),
         "custom_op noop": host_us(lambda: torch.ops.moe_compiler_probe.noop(b.x, b.ids)),
         "Library noop": host_us(lambda: torch.ops.moe_compiler_probe.noop_lib(b.x, b.ids)),
         "triton 20 args": host_us(lambda: _tiny[(1,)](x, *ints, BLOCK=128)),
@@ -77,7 +77,7 @@ def main():
     timer = harness.Timer("cuda")
     table = []
     for name, T, b in benches(args.shapes, args.tokens, torch.bfloat16):
-        op = lambda: torch.ops.moe_compiler.experts(b.x, b.ids, b.w, b.w1, b.w2, **SPEC.op_kwargs())  # noqa: E731
+        op = lambda: torch.ops.moe_compiler.experts(b.x, b.ids, b.w, b.w1, b.w2, **b.spec.op_kwargs())  # noqa: E731
         cfg = triton_config.lookup(gpu, cap, torch.bfloat16, b.E, b.k, b.H, b.I, T)
         row = {"shape": name, "T": T, "graph_us": timer.graph(op, calls=3) * 1e6, "eager_us": timer.eager(op) * 1e6}
         row["host_op_us"] = host_us(op)

@@ -15,7 +15,7 @@ import torch
 
 from moe_compiler.lowering import triton_config
 from moe_compiler.testing import experts_reference_by_expert, rel_err
-from moe_compiler.tune.search import SPEC, Bench, problem
+from moe_compiler.tune.search import Bench, problem
 from moe_compiler.tune.shapes import SHAPES
 
 from .. import harness
@@ -57,7 +57,7 @@ def main():
             kernels = (("gate_up", b.sorted_gate_up(cfg)), ("down", b.sorted_down(cfg)), ("forward", b.forward(cfg)))
             for part, fn in kernels:
                 row[part] = timer.graph(fn, calls=timer.calls) * 1e6
-            row["rel_err"] = rel_err(b.forward(cfg)(), experts_reference_by_expert(x, routing, w, w1, w2, spec=SPEC))
+            row["rel_err"] = rel_err(b.forward(cfg)(), experts_reference_by_expert(x, routing, w, w1, w2, spec=b.spec))
             table.append(row)
             print(row, flush=True)
         x = ids = w = w1 = w2 = b = None  # free this point's weights before the next point's

@@ -41,13 +41,11 @@ from moe_compiler.lowering.triton_config import (
     KernelConfig,
     SortedConfig,
 )
-from moe_compiler.spec import ExpertsSpec
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 
-from .shapes import ALL_SHAPES
+from .shapes import ALL_SHAPES, model_spec
 from .timing import median
 
-SPEC = ExpertsSpec()
 SMEM_BYTES = 220 * 1024  # Hopper: 227 KB per block; keep a margin for the epilogue
 MAX_ERR = 1e-2  # rel err of a winner against the fp32 reference (bf16 outputs)
 
@@ -102,8 +100,9 @@ def uses_decode(T, k, E) -> bool:
 
 
 def problem(T, E, k, H, I, dtype, device="cuda", seed=0, weights=None):
-    """(x [T, H], ids [T, k] distinct per token, router weights [T, k], w1 [E, 2I, H], w2 [E, H, I]);
-    `weights` (w1, w2) of an earlier call are reused instead of drawn."""
+    """(x [T, H], ids [T, k] distinct per token, router weights [T, k], w1 [E, 2I, H], w2 [E, H, I] — or in the
+    model's transposed layout, [E, H, 2I] / [E, I, H]: shapes.model_spec); `weights` (w1, w2) of an earlier call
+    are reused instead of drawn."""
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(T, H, device=device, generator=g).to(dtype)
     ids = torch.rand(T, E, device=device, generator=g).argsort(dim=1)[:, :k]
@@ -111,6 +110,8 @@ def problem(T, E, k, H, I, dtype, device="cuda", seed=0, weights=None):
     if weights is None:
         w1 = (torch.randn(E, 2 * I, H, device=device, generator=g) * H**-0.5).to(dtype)
         w2 = (torch.randn(E, H, I, device=device, generator=g) * I**-0.5).to(dtype)
+        if model_spec(H, I).transposed:  # the model's own strides: contiguous in its layout
+            w1, w2 = w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
         weights = (w1, w2)
     return x, ids, w, *weights
 
@@ -137,13 +138,15 @@ def benches(shape_names, tokens, dtype):
 # --- launching one kernel of a config on a problem --------------------------------------------------
 
 class Bench:
-    """Buffers of one (T, shape) problem and closures launching each kernel with a given config."""
+    """Buffers of one (T, shape) problem and closures launching each kernel with a given config, in the layout
+    and activation of the model the shape comes from (`spec`, shapes.model_spec)."""
 
     def __init__(self, x, ids, w, w1, w2):
         self.x, self.ids, self.w, self.w1, self.w2 = x, ids, w, w1, w2
         self.T, self.H = x.shape
         self.k = ids.shape[1]
-        self.E, self.I = w1.shape[0], w2.shape[2]
+        self.E, self.I = w1.shape[0], w1[0].numel() // (2 * self.H)
+        self.spec = model_spec(self.H, self.I)
         self._rows = {}
 
     def rows(self, block_m):
@@ -153,10 +156,12 @@ class Bench:
 
     def decode_gate_up(self, kc: KernelConfig):
         ids = self.ids.reshape(-1).contiguous()
+        weights = self.w.reshape(-1)  # (read under spec.scale_input)
         act = self.x.new_empty(self.T * self.k, self.I)
         ok = torch.empty(1, dtype=torch.int32, device=self.x.device)
         cfg = DecodeConfig(kc, kc)
-        return lambda: triton_decode.launch_gate_up(self.x, ids, self.w1, None, SPEC, cfg, self.k, act, ok)
+        return lambda: triton_decode.launch_gate_up(self.x, ids, self.w1, None, self.spec, cfg, self.k, act, ok,
+                                                                weights)
 
     def decode_down(self, kc: KernelConfig):
         ids = self.ids.reshape(-1).contiguous()
@@ -164,7 +169,7 @@ class Bench:
         out = self.x.new_empty(self.T, self.H)
         cfg = DecodeConfig(kc, kc)
         weights = self.w.reshape(-1)
-        return lambda: triton_decode.launch_down(act, ids, weights, self.w2, None, SPEC, cfg, self.k, out)
+        return lambda: triton_decode.launch_down(act, ids, weights, self.w2, None, self.spec, cfg, self.k, out)
 
     def align(self, block_m):
         return lambda: triton_align.align_rows(self.ids, self.E, block_m)
@@ -172,14 +177,15 @@ class Bench:
     def sorted_gate_up(self, cfg: SortedConfig):
         rows = self.rows(cfg.block_m)
         act = self.x.new_empty(rows.sorted_rows.numel(), self.I)
-        return lambda: triton_experts.launch_gate_up(self.x, rows, self.w1, None, SPEC, cfg, self.k, act)
+        return lambda: triton_experts.launch_gate_up(self.x, rows, self.w1, None, self.spec, cfg, self.k, act,
+                                                                 self.w.reshape(-1))
 
     def sorted_down(self, cfg: SortedConfig):
         rows = self.rows(cfg.block_m)
         act = torch.randn(rows.sorted_rows.numel(), self.I, device=self.x.device).to(self.x.dtype)
         y = self.x.new_empty(rows.sorted_rows.numel(), self.H)
         weights = self.w.reshape(-1)
-        return lambda: triton_experts.launch_down(act, rows, self.w2, None, weights, SPEC, cfg, self.k, y)
+        return lambda: triton_experts.launch_down(act, rows, self.w2, None, weights, self.spec, cfg, self.k, y)
 
     def combine(self, block_m):
         rows = self.rows(block_m)
@@ -189,7 +195,8 @@ class Bench:
 
     def forward(self, config):
         """The whole Triton forward with `config`, as the experts op runs it."""
-        return lambda: dispatch.triton_forward(self.x, self.ids, self.w, self.w1, self.w2, None, None, SPEC, config)
+        return lambda: dispatch.triton_forward(self.x, self.ids, self.w, self.w1, self.w2, None, None, self.spec,
+                                               config)
 
 
 def sorted_config(block_m, gate_up=None, down=None, **kw):
@@ -414,7 +421,7 @@ def refine(entries, dtype, shapes, tokens, timer) -> None:
 def check(b: Bench, config) -> float:
     """Rel err of the Triton forward with `config` against the fp32 reference."""
     out = b.forward(config)()
-    ref = experts_reference_by_expert(b.x, b.ids, b.w, b.w1, b.w2, dtype=torch.float32)
+    ref = experts_reference_by_expert(b.x, b.ids, b.w, b.w1, b.w2, b.spec, dtype=torch.float32)
     return rel_err(out, ref)
 
 

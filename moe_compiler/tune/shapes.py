@@ -22,3 +22,18 @@ MORE_SHAPES = {
 }
 ALL_SHAPES = {**SHAPES, **MORE_SHAPES}
 TOKENS = list(T_GRID)  # the tuner's grid of T: steps of 2-4x (lookup's nearest T)
+
+
+def model_spec(H: int, I: int):
+    """The experts' layout and activation of the model an (H, I) comes from (spec.ExpertsSpec), so that the tuner
+    times the kernels the model runs: GPT-OSS stores gate_up [E, H, 2I] interleaved and down [E, I, H] with its
+    clamped SwiGLU, Llama-4 [E, H, 2I] / [E, I, H] with the router weight on the input; every other listed model
+    Qwen3's [E, 2I, H] / [E, H, I] SwiGLU (its dims are no other listed model's). Biases are left out (GPT-OSS's:
+    two vector loads per output row, not timed)."""
+    from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
+
+    if (H, I) == ALL_SHAPES["gpt_oss_20b"][2:]:
+        return ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
+    if (H, I) == ALL_SHAPES["llama_4_scout"][2:]:
+        return ExpertsSpec(transposed=True, scale_input=True)
+    return ExpertsSpec()
