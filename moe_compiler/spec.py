@@ -19,7 +19,7 @@ Weight layouts:
     transposed=False (Qwen, Mixtral, DeepSeek, ...): W_gate_up [E, 2I, H], W_down [E, H, I]  (nn.Linear's [out, in])
     transposed=True  (GPT-OSS):                      W_gate_up [E, H, 2I], W_down [E, I, H]
 
-RouterSpec - the router: logits [T, E] -> (weights [T, k] fp32, ids [T, k]); the forms are listed on the class.
+RouterSpec - the router: logits [T, E] -> (weights [T, k] fp32 or weights_dtype, ids [T, k]); forms on the class.
 
 QuantizedExpertsSpec - an ExpertsSpec over block-scaled quantized weights (WeightFormat): same math, the
 weights dequantized as q * scale per (scale_block_n x scale_block_k) block.
