@@ -6,7 +6,9 @@
     python -m benchmarks.bench_experts --from-jsonl benchmarks/results/<gpu>.jsonl   # tables of a (partial) run
 
 Grid: the 13 real shapes of moe_compiler.tune.shapes.ALL_SHAPES x T in {1, 16, 128, 1024, 4096, 16384} x
-{uniform, skewed} routing, bf16. `--routing ep2` (not in the grid's targets): what one rank's experts compute under
+{uniform, skewed} routing, bf16, each shape in the experts module of its model where that layout differs from
+Qwen3's (GPT-OSS: GptOssExperts, [E, H, 2I] interleaved / [E, I, H] with biases; harness.hf_experts).
+`--routing ep2` (not in the grid's targets): what one rank's experts compute under
 transformers' all-reduce expert parallelism over 2 GPUs, on one GPU — its E/2 experts, every route to the other
 rank's experts the sentinel id E/2 with weight 0 (issue 20: the GEMVs skip sentinel pairs).
 Floor per point = harness.floor_s(FLOPs, bytes) (the measured peaks of the GPU
@@ -37,13 +39,11 @@ import torch
 
 import moe_compiler
 from moe_compiler.lowering import cutlass, dispatch, torch_experts, triton_grouped
-from moe_compiler.spec import ExpertsSpec
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 from moe_compiler.tune.shapes import ALL_SHAPES as REAL_SHAPES
 
 from . import harness
 
-SPEC = ExpertsSpec()
 SMOKE_SHAPES = {"smoke": (8, 2, 64, 32)}
 ALL_SHAPES = {**REAL_SHAPES, **SMOKE_SHAPES}
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
@@ -86,31 +86,31 @@ def floor_seconds(T, E, k, H, I, ids, itemsize=2):
 
 def variants(cfg, experts, T, k, H, I, dtype, on_gpu):
     """{name: (fn(x, ids, w), capturable in a CUDA graph)}."""
+    ops, spec = harness.op_operands(experts)  # (w_gate_up, w_down, b_gate_up, b_down) in the module's layout
     def ours(x, ids, w):
-        return moe_compiler.moe_experts(x, ids, w, experts.gate_up_proj, experts.down_proj)
+        return moe_compiler.moe_experts(x, ids, w, *ops, spec=spec)
 
     def ours_v0(x, ids, w):
-        impl = dispatch.select(x, experts.gate_up_proj, experts.down_proj)
-        return torch_experts.experts_forward(impl, x, ids, w, experts.gate_up_proj, experts.down_proj, None, None, SPEC)
+        impl = dispatch.select(x, ops[0], ops[1])
+        return torch_experts.experts_forward(impl, x, ids, w, *ops, spec)
 
     def ours_atomic(x, ids, w):
         from moe_compiler.lowering.triton_config import Combine, Path
 
-        config = dispatch.triton_config_for(x, ids, experts.gate_up_proj, I)
+        config = dispatch.triton_config_for(x, ids, ops[0], I)
         if config.path is Path.SORTED:
             # The fp32 atomic epilogue of a warp-specialized down GEMM needs more shared memory than a block
             # has (NOTES.md v3): this variant runs the down GEMM without the specialization.
             down = dataclasses.replace(config.down, warp_specialize=False)
             config = dataclasses.replace(config, combine=Combine.ATOMIC, down=down)
-        return dispatch.triton_forward(x, ids, w, experts.gate_up_proj, experts.down_proj, None, None, SPEC, config)
+        return dispatch.triton_forward(x, ids, w, *ops, spec, config)
 
     def ours_cutlass(x, ids, w):
         from moe_compiler.lowering.triton_config import CutlassConfig
 
-        config = dispatch.triton_config_for(x, ids, experts.gate_up_proj, I)
+        config = dispatch.triton_config_for(x, ids, ops[0], I)
         impl = cutlass.with_config(config.config if isinstance(config, CutlassConfig) else 0)
-        return triton_grouped.experts_forward(impl, x, ids, w, experts.gate_up_proj, experts.down_proj, None, None,
-                                              SPEC)
+        return triton_grouped.experts_forward(impl, x, ids, w, *ops, spec)
 
     out = {"hf_eager": (harness.hf_forward(cfg, experts, "eager"), False),
            "hf_grouped_mm": (harness.hf_forward(cfg, experts, "grouped_mm"), True)}
@@ -120,8 +120,9 @@ def variants(cfg, experts, T, k, H, I, dtype, on_gpu):
         out["hf_grouped_mm_tc"] = (compiled_grouped_mm(cfg, experts), False)
         out["moe_torch_v0"] = (ours_v0, True)
         out["moe_atomic_combine"] = (ours_atomic, True)
-    w1, w2 = experts.gate_up_proj, experts.down_proj
-    if on_gpu and T * k >= w1.shape[0] and cutlass.runs(w1, w1, w2):  # (the hidden's dtype and device: w1's)
+    w1, w2 = ops[:2]
+    # (cutlass.runs asks for the hidden's dtype and device: w1's)
+    if on_gpu and T * k >= w1.shape[0] and not spec.transposed and cutlass.runs(w1, w1, w2):
         out["moe_cutlass"] = (ours_cutlass, True)
     out["moe_compiler"] = (ours, True)
     return out
@@ -155,8 +156,9 @@ def bench_point(name, cfg, experts, T, kind, timer, device, dtype, gen, only=())
            "bytes": nbytes, "times_s": {}}
 
     with torch.no_grad():
-        out = moe_compiler.moe_experts(x, ids, w, experts.gate_up_proj, experts.down_proj)
-        ref = experts_reference_by_expert(x, ids, w, experts.gate_up_proj, experts.down_proj, dtype=torch.float32)
+        ops, spec = harness.op_operands(experts)
+        out = moe_compiler.moe_experts(x, ids, w, *ops, spec=spec)
+        ref = experts_reference_by_expert(x, ids, w, ops[0], ops[1], spec, torch.float32, ops[2], ops[3])
         row["rel_err"] = rel_err(out, ref) if T else 0.0
         assert row["rel_err"] <= 1e-2, row
         for vname, (fn, capturable) in variants(cfg, experts, T, k, H, I, dtype, device == "cuda").items():
@@ -282,7 +284,8 @@ def main():
     rows = []
     for name in args.shapes:
         E, k, H, I = ALL_SHAPES[name]
-        held = {n: harness.hf_experts(n, k, H, I, dtype, device) for n in {held_experts(E, r) for r in args.routing}}
+        held = {n: harness.hf_experts(n, k, H, I, dtype, device, own_layout=True)
+                for n in {held_experts(E, r) for r in args.routing}}
         for T in args.tokens:
             for kind in args.routing:
                 cfg, experts = held[held_experts(E, kind)]

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
+from moe_compiler.tune.shapes import model_spec
 from moe_compiler.tune.timing import Timer, events, median, wall_clock  # noqa: F401 - the scripts' timing
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -150,25 +152,49 @@ def compile_per_shape() -> None:
 
 # --- transformers' experts -------------------------------------------------------------------------
 
-def hf_experts(E: int, k: int, H: int, I: int, dtype, device):
-    """(config, module) of transformers' own experts (Qwen3MoeExperts: the standard SwiGLU experts every shape
-    uses), weights drawn with fan-in scaling so outputs are O(1)."""
+def hf_experts(E: int, k: int, H: int, I: int, dtype, device, own_layout: bool = False):
+    """(config, module) of transformers' own experts, weights drawn with fan-in scaling so outputs are O(1):
+    Qwen3MoeExperts (the standard SwiGLU experts) for every shape, or with `own_layout` the module of the model
+    the shape comes from where its layout differs (GptOssExperts: [E, H, 2I] interleaved / [E, I, H], biases,
+    clamped SwiGLU; tune.shapes.model_spec)."""
     from transformers import AutoConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-    cfg = AutoConfig.for_model("qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E,
-                               num_experts_per_tok=k)
+    gpt_oss = own_layout and model_spec(H, I).activation is Activation.GPT_OSS_SWIGLU
+    if gpt_oss:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+
+        cfg = AutoConfig.for_model("gpt_oss", hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                   num_experts_per_tok=k)
+    else:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
+
+        cfg = AutoConfig.for_model("qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E,
+                                   num_experts_per_tok=k)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            experts = Qwen3MoeExperts(cfg)
+            experts = Experts(cfg)
     finally:
         torch.set_default_dtype(default)
     with torch.no_grad():
         experts.gate_up_proj.normal_(0, H**-0.5)
         experts.down_proj.normal_(0, I**-0.5)
+        for bias in (getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)):
+            if bias is not None:
+                bias.normal_(0, 0.1)
     return cfg, experts
+
+
+def op_operands(experts) -> tuple[tuple, ExpertsSpec]:
+    """((w_gate_up, w_down, b_gate_up, b_down), spec) of our experts op for transformers' experts module."""
+    w1, w2 = experts.gate_up_proj, experts.down_proj
+    b1, b2 = getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)
+    if b1 is None:
+        return (w1, w2, None, None), ExpertsSpec()
+    spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True,
+                       swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+    return (w1, w2, b1, b2), spec
 
 
 def hf_forward(cfg, experts, impl: str):

@@ -121,8 +121,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def experts_reference_by_expert(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec=ExpertsSpec(),
-                                dtype=torch.float64):
-    """Same math, one expert at a time on the inputs' device: fast enough for real model shapes."""
+                                dtype=torch.float64, b_gate_up=None, b_down=None):
+    """Same math, one expert at a time on the inputs' device: fast enough for real model shapes (biases
+    [E, 2I] / [E, H] optional)."""
     x = hidden.to(dtype)
     out = torch.zeros_like(x)
     for e in torch.unique(topk_ids).tolist():
@@ -133,8 +134,12 @@ def experts_reference_by_expert(hidden, topk_ids, topk_weights, w_gate_up, w_dow
         scale = topk_weights[tok, slot].to(dtype).unsqueeze(-1)
         xin = x[tok] * scale if spec.scale_input else x[tok]
         h = xin @ w1 if spec.transposed else xin @ w1.t()
+        if b_gate_up is not None:
+            h = h + b_gate_up[e].to(dtype)
         a = gated_forward(h, spec)
         y = a @ w2 if spec.transposed else a @ w2.t()
+        if b_down is not None:
+            y = y + b_down[e].to(dtype)
         out.index_add_(0, tok, y if spec.scale_input else y * scale)
     return out
 

@@ -543,3 +543,14 @@ def test_out_of_range_ids_fail_loudly_on_device():
     assert "assert" in proc.stderr.lower()
 
 
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.transposed], ids=spec_id)
+def test_expert_by_expert_reference_takes_biases(spec):
+    """The real-shape reference (one expert at a time, the benchmarks' check) equals the fp64 reference with the
+    GPT-OSS biases in it."""
+    hidden, ids, weights, w1, w2, b1, b2 = experts_inputs(7, 32, 16, 8, 2, torch.float32, spec, bias=True)
+    want = experts_reference(hidden, ids, weights, w1, w2, b1, b2, spec=spec)
+    got = experts_reference_by_expert(hidden, ids, weights, w1, w2, spec, torch.float64, b1, b2)
+    assert rel_err(got, want) <= 1e-12
+    assert rel_err(experts_reference_by_expert(hidden, ids, weights, w1, w2, spec), want) > 1e-3  # biases count
