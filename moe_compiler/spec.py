@@ -303,15 +303,19 @@ class RouterSpec:
         return kwargs
 
     def describe(self) -> str:
+        stored = "" if self.weights_dtype is WeightsDtype.FLOAT32 else f"; weights stored as {self.weights_dtype.value}"
+        return self._form() + stored
+
+    def _form(self) -> str:
         if self.order is RouteOrder.SPARSEMIXER:
             return (
                 f"sparse mixer, {self.top_k} rounds of argmax, softmax over the experts within "
                 f"{2 * self.jitter_eps:g} (relative) of each round's best"
-            ) + self._stored()
+            )
         if self.order is RouteOrder.TOPK_THEN_SCORE:
             if self.scoring is Scoring.SIGMOID:
-                return f"top-{self.top_k} of the logits, then sigmoid of each" + self._stored()
-            return f"top-{self.top_k} of the logits, then softmax over them" + self._stored()
+                return f"top-{self.top_k} of the logits, then sigmoid of each"
+            return f"top-{self.top_k} of the logits, then softmax over them"
         parts = [f"{self.scoring.value}, top-{self.top_k}"]
         if self.n_group > 1:
             parts.append(
@@ -322,10 +326,7 @@ class RouterSpec:
             parts.append("renormalized")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"x {self.routed_scaling_factor}")
-        return ", ".join(parts) + self._stored()
-
-    def _stored(self) -> str:
-        return "" if self.weights_dtype is WeightsDtype.FLOAT32 else f"; weights stored as {self.weights_dtype.value}"
+        return ", ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)

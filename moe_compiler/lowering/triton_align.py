@@ -119,6 +119,18 @@ def _scatter_kernel(
 ):
     chunk = tl.program_id(0)
     offs, live, e, _, sentinel = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    _scatter_chunk(chunk, offs, live, e, sentinel, E, offsets_ptr + chunk * BLOCK_E, sorted_rows_ptr, pos_ptr,
+                   CHUNK, BLOCK_E)
+    first = chunk * BLOCKS_PER_PROGRAM
+    _block_table(block_expert_ptr, tl.load(pad_end_ptr + tl.arange(0, BLOCK_E)), tl.load(num_padded_ptr) // BLOCK_M,
+                 first, tl.minimum(first + BLOCKS_PER_PROGRAM, MAX_BLOCKS), BLOCK_M, CHUNK_B)
+
+
+@triton.jit
+def _scatter_chunk(chunk, offs, live, e, sentinel, E, chunk_offsets_ptr, sorted_rows_ptr, pos_ptr,
+                   CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The chunk's pairs to their sorted positions: the q-th key of the chunk's sorted order goes to
+    chunk_offsets_ptr[its expert] + q (the offsets of _offsets_kernel); sentinel pairs get pos -1."""
     tl.store(pos_ptr + offs, tl.full([CHUNK], -1, tl.int32), mask=sentinel)
     local = tl.arange(0, CHUNK)
     # Dead lanes sort last (spare expert BLOCK_E - 1); keys are unique, so the sort is stable by construction.
@@ -126,13 +138,9 @@ def _scatter_kernel(
     sorted_e = keys // CHUNK
     pair = chunk.to(tl.int64) * CHUNK + keys % CHUNK
     keep = sorted_e < E
-    dest = tl.load(offsets_ptr + chunk * BLOCK_E + sorted_e, mask=keep, other=0) + local
+    dest = tl.load(chunk_offsets_ptr + sorted_e, mask=keep, other=0) + local
     tl.store(sorted_rows_ptr + dest, pair.to(tl.int32), mask=keep)
     tl.store(pos_ptr + pair, dest, mask=keep)
-
-    first = chunk * BLOCKS_PER_PROGRAM
-    _block_table(block_expert_ptr, tl.load(pad_end_ptr + tl.arange(0, BLOCK_E)), tl.load(num_padded_ptr) // BLOCK_M,
-                 first, tl.minimum(first + BLOCKS_PER_PROGRAM, MAX_BLOCKS), BLOCK_M, CHUNK_B)
 
 
 @triton.jit
@@ -170,15 +178,7 @@ def _align_one_chunk_kernel(
     # each sorted key's expert; the barrier makes the program's stores visible to all its threads.
     tl.store(offsets_ptr + e_idx, starts - (tl.cumsum(counts, 0) - counts))
     tl.debug_barrier()
-    tl.store(pos_ptr + offs, tl.full([CHUNK], -1, tl.int32), mask=sentinel)
-    local = tl.arange(0, CHUNK)
-    keys = tl.sort(tl.where(live, e, BLOCK_E - 1) * CHUNK + local)
-    sorted_e = keys // CHUNK
-    pair = keys % CHUNK
-    keep = sorted_e < E
-    dest = tl.load(offsets_ptr + sorted_e, mask=keep, other=0) + local
-    tl.store(sorted_rows_ptr + dest, pair.to(tl.int32), mask=keep)
-    tl.store(pos_ptr + pair, dest, mask=keep)
+    _scatter_chunk(chunk, offs, live, e, sentinel, E, offsets_ptr, sorted_rows_ptr, pos_ptr, CHUNK, BLOCK_E)
     _block_table(block_expert_ptr, tl.where(real, ends, 2**30), num_padded // BLOCK_M, 0, MAX_BLOCKS, BLOCK_M,
                  CHUNK_B)
 
@@ -293,10 +293,11 @@ def row_block(n: int) -> int:
 
 
 def gathered(src, rows: AlignedRows, weights, k: int, block_m: int, *, scale: bool = False, out=None):
-    """src's token rows copied into padded sorted order (x the pair's router weight: scale), padding rows 0: into
-    `out` (default: a new [S_pad, N]; any buffer with a row per used slot)."""
+    """src's token rows copied into padded sorted order (x the pair's router weight `weights`: scale; without
+    scale weights may be None), padding rows 0: into `out` (default: a new [S_pad, N]; any buffer with a row per
+    used slot)."""
     out = src.new_empty(rows.sorted_rows.numel(), src.shape[1]) if out is None else out
-    return _launch_sorted_rows(src, out, rows, weights, k, block_m, gather=True, scale=scale)
+    return _launch_sorted_rows(src, out, rows, weights if scale else src, k, block_m, gather=True, scale=scale)
 
 
 def zero_padding_rows(t, rows: AlignedRows, block_m: int):

@@ -513,8 +513,8 @@ def quantize_sorted_rows(x: torch.Tensor, rows: AlignedRows, k: int,
     slot's row from hidden read hidden k times (DeepSeek-V3 T = 4096: 308 us; now 28 + ~143; NOTES "FP8 row
     passes and TMA measured")."""
     q_tok, s_tok = quantize_rows(x)
-    q = gathered(q_tok.view(torch.uint8), rows, s_tok, k, block_m).view(torch.float8_e4m3fn)
-    return q, gathered(s_tok, rows, s_tok, k, block_m)
+    q = gathered(q_tok.view(torch.uint8), rows, None, k, block_m).view(torch.float8_e4m3fn)
+    return q, gathered(s_tok, rows, None, k, block_m)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

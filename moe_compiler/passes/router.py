@@ -507,14 +507,10 @@ def _closed(match: RouterMatch, E) -> RouterMatch:
     match.nodes, match.inputs = nodes, inputs
     # Weights the block hands over in its own dtype (fp32 math, then `.to(hidden.dtype)`): the route op stores
     # them in that dtype, rounded as the cast rounds, instead of a cast launch of its own after it.
-    stored = WEIGHTS_DTYPES.get(example_value(weights).dtype)
-    if stored is not None:
-        match.spec = dataclasses.replace(match.spec, weights_dtype=stored)
+    stored = [d for d in WeightsDtype if d.torch == example_value(weights).dtype]
+    if stored:
+        match.spec = dataclasses.replace(match.spec, weights_dtype=stored[0])
     return match
-
-
-WEIGHTS_DTYPES = {torch.float32: WeightsDtype.FLOAT32, torch.bfloat16: WeightsDtype.BFLOAT16,
-                  torch.float16: WeightsDtype.FLOAT16}
 
 
 def _rewrite(gm: fx.GraphModule, match: RouterMatch) -> Edit:
