@@ -17,8 +17,9 @@ pytest.importorskip("triton")
 
 import triton  # noqa: E402
 
-from moe_compiler.lowering import triton_config  # noqa: E402
+from moe_compiler.lowering import dispatch, triton_config  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
+from moe_compiler.lowering.torch_segment_mm import GroupedMM  # noqa: E402
 from moe_compiler.tune import search  # noqa: E402
 from moe_compiler.tune.shapes import SHAPES, TOKENS  # noqa: E402
 from moe_compiler.tune.timing import Timer, median, wall_clock  # noqa: E402
@@ -136,9 +137,12 @@ def test_tune_point_ranks_every_option_and_the_default_and_logs_them():
     t_best, cfg, parts, t_default = search.tune_point(b, StubTimer(), torch.float32, set(), log)
     rows = [json.loads(line) for line in log.getvalue().splitlines()]
     paths = {triton_config.from_dict(r["config"]).path for r in rows}
-    # (torch's grouped GEMM is an option wherever dispatch.select would run it: on the CPU, fp32 too)
-    assert paths == {triton_config.Path.DECODE, triton_config.Path.SORTED, triton_config.Path.GROUPED_MM}
-    assert len(rows) == 9 + 1 + 1 + 1  # top 3 x 3 decode pairs, one sorted block_m, grouped_mm, the default
+    # torch's grouped GEMM is an option wherever dispatch.select would run it: on the CPU in fp32 too, on CUDA
+    # not in fp32 (torch._grouped_mm takes bf16 there)
+    library = dispatch.select(b.x, b.w1, b.w2) is GroupedMM
+    assert paths == {triton_config.Path.DECODE, triton_config.Path.SORTED} | (
+        {triton_config.Path.GROUPED_MM} if library else set())
+    assert len(rows) == 9 + 1 + library + 1  # top 3 x 3 decode pairs, one sorted block_m, grouped_mm, the default
     assert [r["us"] for r in rows] == sorted(r["us"] for r in rows)
     assert triton_config.from_dict(rows[0]["config"]) == cfg and rows[0]["us"] == pytest.approx(t_best * 1e6)
     assert sum(r["parts"].get("default", False) for r in rows) == 1 and t_default > 0
