@@ -117,6 +117,10 @@ class KernelConfig:
     # Sorted path only: Triton warp specialization (producer / consumer warps) of the persistent tile loop,
     # flattened with the K loop; pays with programs_per_sm >= 1 (a persistent grid).
     warp_specialize: bool = False
+    # Decode down GEMV only: its reduction over I split over this many programs per output tile (partials summed
+    # in split order by the last to finish), for grids that H / block_n alone leaves short of the GPU (wide tiles
+    # over transposed [E, I, H] weights).
+    split_k: int = 1
 
     def __post_init__(self):
         _pow2("block_n", self.block_n, 2, 512)  # sorted-path GEMMs need >= 16 (SortedConfig checks)
@@ -126,6 +130,8 @@ class KernelConfig:
             raise ValueError(f"num_stages: expected an int in [1, 8], got {self.num_stages!r}")
         if not isinstance(self.warp_specialize, bool):
             raise ValueError(f"warp_specialize: expected a bool, got {self.warp_specialize!r}")
+        if not isinstance(self.split_k, int) or isinstance(self.split_k, bool) or not 1 <= self.split_k <= 64:
+            raise ValueError(f"split_k: expected an int in [1, 64], got {self.split_k!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +139,10 @@ class DecodeConfig:
     gate_up: KernelConfig
     down: KernelConfig
     path: Path = Path.DECODE
+
+    def __post_init__(self):
+        if isinstance(self.gate_up, KernelConfig) and self.gate_up.split_k != 1:
+            raise ValueError(f"gate_up.split_k: expected 1 (only the down GEMV splits), got {self.gate_up.split_k}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +167,8 @@ class SortedConfig:
                 raise ValueError(
                     f"{name}.block_n: expected >= 16 on the sorted path (tensor-core tiles), got {kc.block_n}"
                 )
+            if isinstance(kc, KernelConfig) and kc.split_k != 1:
+                raise ValueError(f"{name}.split_k: expected 1 on the sorted path (decode GEMVs only), got {kc.split_k}")
         _pow2("group_m", self.group_m, 1, 64)
         if not isinstance(self.programs_per_sm, int) or not 0 <= self.programs_per_sm <= 8:
             raise ValueError(f"programs_per_sm: expected an int in [0, 8], got {self.programs_per_sm!r}")

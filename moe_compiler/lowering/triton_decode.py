@@ -86,6 +86,26 @@ def _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K: tl.constexpr, 
 
 
 @triton.jit
+def _gemv_rows(x_ptrs, w_ptrs, H, stride_wk, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               NUM_STAGES: tl.constexpr):
+    """[BLOCK_N] fp32: one x row against BLOCK_N weight rows over H (_gate_up_rows for one matrix)."""
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            x = tl.load(x_ptrs).to(tl.float32)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = kk < H - k0
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _shared_gate_up(
     x_ptr, sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr, q, T, H, Is, alpha, limit,
     stride_xm, stride_sn, stride_sk, stride_sam, SHARED_TILES,
@@ -122,7 +142,8 @@ def _routed_gate_up(
     x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    SCALE_INPUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SCALE_INPUT: tl.constexpr, PAIRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     e = tl.load(ids_ptr + p)
     # A sentinel pair (id E: another rank's expert) runs its loop zero times: no weight bytes for a row the down
@@ -137,10 +158,19 @@ def _routed_gate_up(
         gate_rows, up_rows = n, I + n
     kk = tl.arange(0, BLOCK_K)
     w_base = w_ptr + e * stride_we
-    wg_ptrs = w_base + gate_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
-    wu_ptrs = w_base + up_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
     x_ptrs = x_ptr + tok * stride_xm + kk
-    gate, up = _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, h_live, stride_wk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
+    if PAIRED:
+        # Interleaved gate/up columns along the contiguous dimension (GPT-OSS's [E, H, 2I]): one tile of 2 BLOCK_N
+        # adjacent columns, so every weight row is one unit-stride run (two stride-2 tiles load element by
+        # element), split into gate and up after the loop.
+        cols = (pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * I)
+        w_ptrs = w_base + cols[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
+        both = _gemv_rows(x_ptrs, w_ptrs, h_live, stride_wk, EVEN_K, 2 * BLOCK_N, BLOCK_K, NUM_STAGES)
+        gate, up = tl.split(tl.reshape(both, [BLOCK_N, 2]))
+    else:
+        wg_ptrs = w_base + gate_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
+        wu_ptrs = w_base + up_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
+        gate, up = _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, h_live, stride_wk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
     if SCALE_INPUT:  # Llama-4: (w x) W = w (x W)
         row_w = tl.load(topk_w_ptr + p).to(tl.float32)
         gate *= row_w
@@ -155,12 +185,12 @@ def _routed_gate_up(
 
 @triton.jit
 def _gate_up_gemv_kernel(
-    x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, ok_ptr,
+    x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, ok_ptr, tickets_ptr,
     sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr,
-    S, E, H, I, Is, TOP_K, alpha, limit,
+    S, E, H, I, Is, TOP_K, alpha, limit, N_TICKETS,
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am, stride_sn, stride_sk, stride_sam, SHARED_TILES,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    SCALE_INPUT: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
+    SCALE_INPUT: tl.constexpr, PAIRED: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # grid (S [+ shared rows], I / BLOCK_N): row p < S is pair p; the rows after S hold the shared MLP's
@@ -169,6 +199,10 @@ def _gate_up_gemv_kernel(
     pid_n = tl.program_id(1)
     if (p == 0) & (pid_n == 0):
         check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S)
+        # The split down kernel's tickets start at zero (this launch precedes it in the stream): no memset launch.
+        for c0 in range(0, N_TICKETS, BLOCK_S):
+            c = c0 + tl.arange(0, BLOCK_S)
+            tl.store(tickets_ptr + c, tl.zeros([BLOCK_S], dtype=tl.int32), mask=c < N_TICKETS)
     if HAS_SHARED:
         if p >= S:  # rows after the S pairs: the shared MLP's tiles, row-major over the same second axis
             _shared_gate_up(
@@ -180,29 +214,33 @@ def _gate_up_gemv_kernel(
             _routed_gate_up(
                 x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
                 stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
-                ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, BLOCK_N, BLOCK_K, NUM_STAGES,
+                ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES,
             )
     else:  # without shared experts the kernel is the routed one alone
         _routed_gate_up(
             x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
             stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
-            ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, BLOCK_N, BLOCK_K, NUM_STAGES,
+            ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES,
         )
 
 
 @triton.jit
 def _down_gemv_combine_kernel(
-    a_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, out_ptr, sact_ptr, sdown_ptr, sgate_ptr,
-    E, H, I, Is, TOP_K,
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, out_ptr, sact_ptr, sdown_ptr, sgate_ptr, part_ptr, tickets_ptr,
+    T, E, H, I, Is, TOP_K, K_CHUNK, KS_CHUNK,
     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om, stride_sam, stride_sdn, stride_sdk,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SCALE_INPUT: tl.constexpr, K_POW2: tl.constexpr,
-    HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr, ACC_3D: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # All k slots of the token at once: a [K_POW2, BLOCK_N, BLOCK_K] weight tile per step keeps k times more
     # bytes in flight than a loop over slots (one program per SM at T = 1 must saturate HBM on its own).
+    # grid (T, H / BLOCK_N, SPLIT): split s sums I-columns [s K_CHUNK, (s + 1) K_CHUNK) (and Is-columns by
+    # KS_CHUNK); with SPLIT > 1 each writes its fp32 partial and the last of a tile's splits to arrive (a ticket)
+    # sums them in split order: deterministic, and a grid that fills the GPU when H / BLOCK_N alone does not.
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
+    split = tl.program_id(2)
     j = tl.arange(0, K_POW2)
     j_ok = j < TOP_K
     p = t * TOP_K + j
@@ -210,23 +248,34 @@ def _down_gemv_combine_kernel(
     j_ok = j_ok & (e < E)  # a sentinel slot (id E) reads and adds nothing
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
+    k_lo = split * K_CHUNK
+    k_end = tl.minimum(k_lo + K_CHUNK, I)
     kk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + p[:, None] * stride_am + kk[None, :]
+    a_ptrs = a_ptr + p[:, None] * stride_am + k_lo + kk[None, :]
     w_ptrs = (w_ptr + e[:, None, None] * stride_we + n[None, :, None].to(tl.int64) * stride_wn
-              + kk[None, None, :] * stride_wk)
+              + (k_lo + kk)[None, None, :] * stride_wk)
     acc = tl.zeros([K_POW2, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (see _gate_up_rows)
+    # Weights contiguous along n (transposed, [E, I, H]): the step's K lies across threads and warps, so summing
+    # it every step would cost a cross-warp reduction each time; accumulate elementwise, reduce once instead.
+    acc3 = tl.zeros([K_POW2, BLOCK_N, BLOCK_K] if ACC_3D else [1, 1, 1], dtype=tl.float32)
+    for k0 in tl.range(k_lo, k_end, BLOCK_K, num_stages=NUM_STAGES):  # every load pipelined (see _gate_up_rows)
         if EVEN_K:
             a_mask = j_ok[:, None]
         else:
-            a_mask = j_ok[:, None] & (kk[None, :] < I - k0)
+            a_mask = j_ok[:, None] & (kk[None, :] < k_end - k0)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptrs, mask=a_mask[:, None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+        if ACC_3D:
+            acc3 += w.to(tl.float32) * a[:, None, :]
+        else:
+            acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
+    if ACC_3D:
+        acc = tl.sum(acc3, axis=2)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + e[:, None] * stride_be + n[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32)
+        if split == 0:
+            acc += tl.load(b_ptr + e[:, None] * stride_be + n[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32)
     if SCALE_INPUT:  # the weight already scaled the gate_up rows
         weight = tl.where(j_ok, 1.0, 0.0)
     else:
@@ -235,11 +284,13 @@ def _down_gemv_combine_kernel(
     if HAS_SHARED:  # + s[t] * (shared act[t] @ W_down_shared^T), the same columns of the same token
         # One [BLOCK_N, BLOCK_K] tile per step: a [K_POW2, ...] tile over chunks of Is measured slower (the
         # second 3-D tile doubles the registers and spills; NOTES.md "shared experts v2").
-        sa_ptrs = sact_ptr + t * stride_sam + kk
-        sw_ptrs = sdown_ptr + n[:, None].to(tl.int64) * stride_sdn + kk[None, :] * stride_sdk
+        ks_lo = split * KS_CHUNK
+        ks_end = tl.minimum(ks_lo + KS_CHUNK, Is)
+        sa_ptrs = sact_ptr + t * stride_sam + ks_lo + kk
+        sw_ptrs = sdown_ptr + n[:, None].to(tl.int64) * stride_sdn + (ks_lo + kk)[None, :] * stride_sdk
         acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.range(0, Is, BLOCK_K, num_stages=NUM_STAGES):
-            k_ok = kk < Is - k0
+        for k0 in tl.range(ks_lo, ks_end, BLOCK_K, num_stages=NUM_STAGES):
+            k_ok = kk < ks_end - k0
             sa = tl.load(sa_ptrs, mask=k_ok, other=0.0).to(tl.float32)
             sw = tl.load(sw_ptrs, mask=k_ok[None, :], other=0.0)
             acc_s += sw.to(tl.float32) * sa[None, :]
@@ -250,18 +301,51 @@ def _down_gemv_combine_kernel(
             y *= tl.load(sgate_ptr + t)
         out += y
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
+    if SPLIT == 1:
+        tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
+    else:
+        # part [SPLIT, T, H] fp32; the ticket of tile (t, pid_n) counts its splits (zeroed by the gate_up launch).
+        tl.store(part_ptr + (split * T + t) * H + n_out, out, mask=n_out < H)
+        tl.debug_barrier()  # every thread's partial stored before the ticket releases them
+        ticket_ptr = tickets_ptr + t * tl.num_programs(1) + pid_n
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT - 1:
+            tl.store(ticket_ptr, 0)  # every split has counted: back to zero for a relaunch without gate_up (tuner)
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):  # split order, whoever arrived last
+                total += tl.load(part_ptr + (s * T + t) * H + n_out, mask=n_out < H, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + t * stride_om + n_out, total.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
 
 # The id check loads every id in one program: the decode path is only taken for S up to this many pairs.
 MAX_PAIRS = 4096
 
 
+def paired(spec: ExpertsSpec) -> bool:
+    """Gate and up interleaved along the weight's contiguous dimension (transposed): one tile of adjacent columns."""
+    return spec.transposed and spec.gate_up is GateUpLayout.INTERLEAVED
+
+
+def down_split(config: DecodeConfig, I: int) -> tuple[int, int]:
+    """(splits, columns per split) of the down GEMV's reduction over I: config.down.split_k at most, each split a
+    whole number of block_k steps."""
+    bk = config.down.block_k
+    chunk = triton.cdiv(triton.cdiv(I, config.down.split_k), bk) * bk
+    return triton.cdiv(I, chunk), chunk
+
+
+def tickets_for(config: DecodeConfig, T: int, H: int, I: int, device) -> torch.Tensor | None:
+    """The split down kernel's tickets, one per output tile (zeroed by the gate_up launch); None unsplit."""
+    if down_split(config, I)[0] == 1:
+        return None
+    return torch.empty(T * triton.cdiv(H, config.down.block_n), dtype=torch.int32, device=device)
+
+
 def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config: DecodeConfig, k: int, act, ids_ok,
-                   weights=None, mlp=None, shared_act=None, shared_gate=None):
+                   weights=None, mlp=None, shared_act=None, shared_gate=None, tickets=None):
     """act[p] = act(gate) * up of pair p (its input scaled by weights[p] under spec.scale_input);
-    ids_ok[0] = whether every id is in [0, E]. With a shared MLP `mlp` (spec.SharedMLP) also
-    shared_act[t] = act(x[t] Wg^T) * (x[t] Wu^T) and, if it has an expert gate, shared_gate[t] = s[t]."""
+    ids_ok[0] = whether every id is in [0, E]; tickets (if given) zeroed. With a shared MLP `mlp` (spec.SharedMLP)
+    also shared_act[t] = act(x[t] Wg^T) * (x[t] Wu^T) and, if it has an expert gate, shared_gate[t] = s[t]."""
     S, I = act.shape
     T, H = hidden.shape
     gu = config.gate_up
@@ -279,43 +363,50 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
     dummy = act
     launch.kernel(_gate_up_gemv_kernel)[(rows, tiles)](
         hidden, ids, weights if spec.scale_input else act, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up,
-        act, ids_ok,
+        act, ids_ok, tickets if tickets is not None else ids_ok,
         mlp.gate if mlp is not None else dummy, mlp.up if mlp is not None else dummy,
         mlp.expert_gate if mlp is not None and mlp.expert_gate is not None else dummy,
         shared_act if mlp is not None else dummy, shared_gate if shared_gate is not None else ids_ok,
         S, w_gate_up.shape[0], H, I, mlp.intermediate if mlp is not None else 1, k,
-        float(spec.swiglu_alpha), float(spec.swiglu_limit),
+        float(spec.swiglu_alpha), float(spec.swiglu_limit), tickets.numel() if tickets is not None else 0,
         hidden.stride(0), *logical_strides(w_gate_up, spec.transposed),
         b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0),
         *(mlp.gate.stride() if mlp is not None else (0, 0)), shared_act.stride(0) if mlp is not None else 0,
         shared_tiles if mlp is not None else 1,
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, SCALE_INPUT=spec.scale_input,
-        HAS_SHARED=mlp is not None, HAS_GATE=mlp is not None and mlp.expert_gate is not None,
+        PAIRED=paired(spec), HAS_SHARED=mlp is not None, HAS_GATE=mlp is not None and mlp.expert_gate is not None,
         BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, BLOCK_S=128, NUM_STAGES=gu.num_stages,
         num_warps=gu.num_warps, num_stages=gu.num_stages, **launch.asserts(),
     )
 
 
 def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: DecodeConfig, k: int, out,
-                mlp=None, shared_act=None, shared_gate=None):
+                mlp=None, shared_act=None, shared_gate=None, tickets=None):
     """out[t] = sum_j weights[t, j] * (act[t*k + j] @ W_down[e]^T + b_down[e])
-    [+ s[t] * shared_act[t] @ Wd_shared^T]."""
+    [+ s[t] * shared_act[t] @ Wd_shared^T]. A split config (config.down.split_k > 1) takes zeroed `tickets`
+    (tickets_for; the gate_up launch zeroes them)."""
     T, H = out.shape
     I = act.shape[1]
     Is = mlp.intermediate if mlp is not None else 1
     dn = config.down
-    launch.kernel(_down_gemv_combine_kernel)[(T, triton.cdiv(H, dn.block_n))](
+    split, chunk = down_split(config, I)
+    tiles = triton.cdiv(H, dn.block_n)
+    if split > 1 and (tickets is None or tickets.numel() != T * tiles):
+        raise ValueError(f"moe_compiler: the split down GEMV needs tickets_for(...) ({T} x {tiles} tiles), got "
+                         f"{None if tickets is None else tickets.numel()}")
+    part = torch.empty(split, T, H, dtype=torch.float32, device=out.device) if split > 1 else out
+    launch.kernel(_down_gemv_combine_kernel)[(T, tiles, split)](
         act, ids, weights, w_down, b_down if b_down is not None else w_down, out,
         shared_act if mlp is not None else act, mlp.down if mlp is not None else act,
-        shared_gate if shared_gate is not None else weights,
-        w_down.shape[0], H, I, Is, k,
+        shared_gate if shared_gate is not None else weights, part, tickets if tickets is not None else ids,
+        T, w_down.shape[0], H, I, Is, k, chunk, triton.cdiv(triton.cdiv(Is, split), dn.block_k) * dn.block_k,
         act.stride(0), *logical_strides(w_down, spec.transposed),
         b_down.stride(0) if b_down is not None else 0, out.stride(0),
         shared_act.stride(0) if mlp is not None else 0, *(mlp.down.stride() if mlp is not None else (0, 0)),
         HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, SCALE_INPUT=spec.scale_input,
         K_POW2=triton.next_power_of_2(k),
-        HAS_SHARED=mlp is not None, HAS_GATE=shared_gate is not None,
+        HAS_SHARED=mlp is not None, HAS_GATE=shared_gate is not None, ACC_3D=spec.transposed, SPLIT=split,
         BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, NUM_STAGES=dn.num_stages,
         num_warps=dn.num_warps, num_stages=dn.num_stages,
     )
@@ -348,9 +439,10 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     shared_act = hidden.new_empty(T, mlp.intermediate) if mlp is not None else None
     gated = mlp is not None and mlp.expert_gate is not None
     shared_gate = torch.empty(T, dtype=torch.float32, device=hidden.device) if gated else None
+    tickets = tickets_for(config, T, H, act.shape[1], hidden.device)
     launch_gate_up(
-        hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, ids_ok, weights, mlp, shared_act, shared_gate
+        hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, ids_ok, weights, mlp, shared_act, shared_gate, tickets
     )
     out = hidden.new_empty(T, H)
-    launch_down(act, ids, weights, w_down, b_down, spec, config, k, out, mlp, shared_act, shared_gate)
+    launch_down(act, ids, weights, w_down, b_down, spec, config, k, out, mlp, shared_act, shared_gate, tickets)
     return out, ids_ok

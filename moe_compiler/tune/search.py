@@ -50,13 +50,27 @@ SMEM_BYTES = 220 * 1024  # Hopper: 227 KB per block; keep a margin for the epilo
 MAX_ERR = 1e-2  # rel err of a winner against the fp32 reference (bf16 outputs)
 
 
-def decode_candidates(slots: int = 1) -> list[KernelConfig]:
+def decode_candidates(slots: int = 1, transposed: bool = False, down: bool = False) -> list[KernelConfig]:
     """GEMV tiles; the down kernel loads `slots` (k rounded up to a power of two) tiles of [bn, bk] per step.
-    Stages: weight steps in flight per program (1: none; the GEMV loops pipeline all their loads)."""
+    Stages: weight steps in flight per program (1: none; the GEMV loops pipeline all their loads).
+    Transposed weights ([E, H, 2I] / [E, I, H]: contiguous along the output columns) want the opposite shape: wide
+    column tiles (unit-stride runs of 64-512 bytes) and short K steps held elementwise (gate_up: gate and up, 2 bn
+    columns; down: a slots x bn x bk fp32 accumulator over the program's threads), and the down reduction split
+    over programs (split_k) where H / bn programs per token leave the GPU short."""
     out = []
-    for bn, bk, warps, stages in itertools.product([2, 4, 8, 16, 32, 64], [64, 128, 256, 512], [4, 8], [1, 2, 3, 4]):
-        if 2048 <= slots * bn * bk <= 16384:
-            out.append(KernelConfig(bn, bk, warps, stages))
+    if transposed and not down:
+        for bn, bk, warps, stages in itertools.product([16, 32, 64, 128], [16, 32, 64], [4, 8], [3, 4]):
+            if 1024 <= 2 * bn * bk <= 2048 * warps:
+                out.append(KernelConfig(bn, bk, warps, stages))
+    elif transposed:
+        for bn, bk, warps, split in itertools.product([64, 128, 256], [16, 32], [4, 8], [1, 2, 4, 8, 16]):
+            if 1024 <= slots * bn * bk <= 2048 * warps:
+                out.append(KernelConfig(bn, bk, warps, 3, split_k=split))
+    else:
+        for bn, bk, warps, stages in itertools.product([2, 4, 8, 16, 32, 64], [64, 128, 256, 512], [4, 8],
+                                                       [1, 2, 3, 4]):
+            if 2048 <= slots * bn * bk <= 16384:
+                out.append(KernelConfig(bn, bk, warps, stages))
     return out
 
 
@@ -167,9 +181,13 @@ class Bench:
         ids = self.ids.reshape(-1).contiguous()
         act = torch.randn(self.T * self.k, self.I, device=self.x.device).to(self.x.dtype)
         out = self.x.new_empty(self.T, self.H)
-        cfg = DecodeConfig(kc, kc)
+        cfg = DecodeConfig(dataclasses.replace(kc, split_k=1), kc)
         weights = self.w.reshape(-1)
-        return lambda: triton_decode.launch_down(act, ids, weights, self.w2, None, self.spec, cfg, self.k, out)
+        tickets = triton_decode.tickets_for(cfg, self.T, self.H, self.I, self.x.device)
+        if tickets is not None:  # zeroed here once: the down kernel leaves them zero (gate_up zeroes them per call)
+            tickets.zero_()
+        return lambda: triton_decode.launch_down(act, ids, weights, self.w2, None, self.spec, cfg, self.k, out,
+                                                 tickets=tickets)
 
     def align(self, block_m):
         return lambda: triton_align.align_rows(self.ids, self.E, block_m)
@@ -218,8 +236,9 @@ def jobs_for(shape, dtype, tokens):
     jobs = set()
     for T in tokens:
         if uses_decode(T, k, E):
-            jobs |= {("decode_gate_up", kc) for kc in decode_candidates()}
-            jobs |= {("decode_down", kc) for kc in decode_candidates(triton.next_power_of_2(k))}
+            t = model_spec(H, I).transposed
+            jobs |= {("decode_gate_up", kc) for kc in decode_candidates(transposed=t)}
+            jobs |= {("decode_down", kc) for kc in decode_candidates(triton.next_power_of_2(k), t, down=True)}
         for bm in block_m_candidates(T, k, E):
             jobs |= {("sorted_gate_up", cfg) for cfg in sorted_options(bm, itemsize, True)}
             jobs |= {("sorted_down", cfg) for cfg in sorted_options(bm, itemsize, False)}
@@ -288,8 +307,10 @@ def tune_point(b: Bench, timer, dtype, failed, log):
     itemsize = torch.finfo(dtype).bits // 8
     options = []  # (total seconds, config, parts)
     if uses_decode(T, k, E):
-        gu = best_of(timer, b.decode_gate_up, decode_candidates(), failed, "decode_gate_up")
-        dn = best_of(timer, b.decode_down, decode_candidates(triton.next_power_of_2(k)), failed, "decode_down")
+        t = b.spec.transposed
+        gu = best_of(timer, b.decode_gate_up, decode_candidates(transposed=t), failed, "decode_gate_up")
+        dn = best_of(timer, b.decode_down, decode_candidates(triton.next_power_of_2(k), t, down=True), failed,
+                     "decode_down")
         # A decode kernel alone takes about as long as the noise of one graph timing: the fastest of ~100
         # single timings is partly luck, so the top three of each go on to the whole-forward final
         # (NOTES.md decode v5).

@@ -125,3 +125,54 @@ def test_shared_gate_and_up_with_different_strides_is_a_clear_error():
     mlp = SharedMLP.from_parts(gate.to(DEVICE), up.to(DEVICE), down.to(DEVICE), None)
     with pytest.raises(ValueError, match=r"expected the same strides.*got \(32, 1\) / \(1, 16\).*contiguous"):
         triton_decode.experts_forward(*dev, SPECS[0], CONFIG, mlp)
+
+
+# The down GEMV's reduction over I split over programs (config.down.split_k): wide tiles over transposed weights.
+SPLIT = DecodeConfig(gate_up=KernelConfig(block_n=16, block_k=16), down=KernelConfig(block_n=32, block_k=16, split_k=3))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "T,H,I,E,k",
+    [
+        (1, 32, 96, 8, 2),  # three whole splits of 32 columns
+        (3, 40, 72, 16, 2),  # splits of 32, 32, 8: a K tail in the last; H tail; wrapped columns
+        (2, 48, 20, 4, 4),  # I = 20: chunks of 16 and 4, so two splits where three were asked
+    ],
+)
+def test_decode_forward_split_down(spec, dtype, tol, T, H, I, E, k):
+    cpu, dev = device_inputs(T, H, I, E, k, dtype, spec)
+    with poisoned_allocations():  # the tickets too: the gate_up launch must zero them
+        out, ids_ok = triton_decode.experts_forward(*dev, spec, SPLIT)
+        again, _ = triton_decode.experts_forward(*dev, spec, SPLIT)
+    assert int(ids_ok) == 1
+    assert rel_err(out.cpu(), experts_reference(*cpu, spec=spec)) <= tol
+    assert torch.equal(out, again)  # partials summed in split order, whichever finished last
+
+
+def test_split_down_leaves_its_tickets_zero_and_sums_in_split_order():
+    spec = SPECS[4]  # GPT-OSS: transposed, interleaved, biases (the bias added once, by split 0)
+    T, H, I, E, k = 2, 32, 96, 8, 2
+    cpu, dev = device_inputs(T, H, I, E, k, torch.float32, spec)
+    hidden, ids, weights, ids_ok, act = triton_decode.pair_buffers(dev[0], dev[1], dev[2], I)
+    tickets = triton_decode.tickets_for(SPLIT, T, H, I, DEVICE)
+    assert triton_decode.down_split(SPLIT, I) == (3, 32) and tickets.numel() == T * 1
+    triton_decode.launch_gate_up(hidden, ids, dev[3], dev[5], spec, SPLIT, k, act, ids_ok, weights, tickets=tickets)
+    assert tickets.eq(0).all()
+    out = hidden.new_empty(T, H)
+    triton_decode.launch_down(act, ids, weights, dev[4], dev[6], spec, SPLIT, k, out, tickets=tickets)
+    assert tickets.eq(0).all()  # reset by each tile's last split: a relaunch of the down kernel alone works
+    unsplit = DecodeConfig(SPLIT.gate_up, KernelConfig(block_n=32, block_k=16))
+    ref = hidden.new_empty(T, H)
+    triton_decode.launch_down(act, ids, weights, dev[4], dev[6], spec, unsplit, k, ref)
+    assert rel_err(out.cpu(), ref.cpu()) <= 1e-6
+    with pytest.raises(ValueError, match="split down GEMV needs tickets_for"):
+        triton_decode.launch_down(act, ids, weights, dev[4], dev[6], spec, SPLIT, k, out)
+
+
+def test_split_k_is_the_down_gemv_s_alone():
+    with pytest.raises(ValueError, match="gate_up.split_k: expected 1"):
+        DecodeConfig(KernelConfig(16, 16, split_k=2), KernelConfig(16, 16))
+    with pytest.raises(ValueError, match="split_k: expected an int in"):
+        KernelConfig(16, 16, split_k=0)

@@ -18,8 +18,8 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 
 from moe_compiler.lowering import dispatch, triton_config  # noqa: E402
-from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.lowering.torch_segment_mm import GroupedMM  # noqa: E402
+from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.tune import search  # noqa: E402
 from moe_compiler.tune.shapes import SHAPES, TOKENS  # noqa: E402
 from moe_compiler.tune.timing import Timer, median, wall_clock  # noqa: E402
