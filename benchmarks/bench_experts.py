@@ -97,7 +97,7 @@ def variants(cfg, experts, T, k, H, I, dtype, on_gpu):
     def ours_atomic(x, ids, w):
         from moe_compiler.lowering.triton_config import Combine, Path
 
-        config = dispatch.triton_config_for(x, ids, ops[0], I)
+        config = dispatch.triton_config_for(x, ids, ops[0], I, spec.transposed)
         if config.path is Path.SORTED:
             # The fp32 atomic epilogue of a warp-specialized down GEMM needs more shared memory than a block
             # has (NOTES.md v3): this variant runs the down GEMM without the specialization.
@@ -108,7 +108,7 @@ def variants(cfg, experts, T, k, H, I, dtype, on_gpu):
     def ours_cutlass(x, ids, w):
         from moe_compiler.lowering.triton_config import CutlassConfig
 
-        config = dispatch.triton_config_for(x, ids, ops[0], I)
+        config = dispatch.triton_config_for(x, ids, ops[0], I, spec.transposed)
         impl = cutlass.with_config(config.config if isinstance(config, CutlassConfig) else 0)
         return triton_grouped.experts_forward(impl, x, ids, w, *ops, spec)
 

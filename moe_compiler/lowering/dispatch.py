@@ -59,11 +59,11 @@ def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
 
 # --- experts ---------------------------------------------------------------------------------------------
 
-def triton_config_for(hidden, topk_ids, w_gate_up, I: int):
+def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = False):
     """The tuned (autotuned on first use, or default, with a warning) Triton config of this problem on
-    hidden's GPU."""
+    hidden's GPU (`transposed`: the weights' layout, for the untuned default)."""
     T, H = hidden.shape
-    key = (device.index(hidden), hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H, I, T,
+    key = (device.index(hidden), hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H, I, T, transposed,
            triton_config.autotune_enabled())
     config = _CONFIGS.get(key)  # per call it is host time on the critical path of small T
     if config is None:
@@ -76,7 +76,8 @@ def triton_config_for(hidden, topk_ids, w_gate_up, I: int):
 _CONFIGS: dict = {}
 
 
-def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, autotune: bool):
+def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, transposed: bool,
+                autotune: bool):
     from . import triton_decode
 
     gpu, capability = device.gpu_name(index), device.capability(index)
@@ -87,9 +88,10 @@ def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, 
 
         return first_use.config_for(gpu, capability, dtype, E, k, H, I, grid_T)
 
-    config = triton_config.lookup(gpu, capability, dtype, E, k, H, I, T, autotune=tuned if autotune else None)
+    config = triton_config.lookup(gpu, capability, dtype, E, k, H, I, T, autotune=tuned if autotune else None,
+                                  transposed=transposed)
     if config.path is triton_config.Path.DECODE and T * k > triton_decode.MAX_PAIRS:
-        config = triton_config.default_config(dtype, E, k, H, I, max(T, triton_decode.MAX_PAIRS))
+        config = triton_config.default_config(dtype, E, k, H, I, max(T, triton_decode.MAX_PAIRS), transposed)
     return config
 
 
@@ -118,7 +120,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
         routed = torch_experts.experts_forward(impl, *args)
     else:
         if config is None:
-            config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+            config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down), spec.transposed)
         in_kernel = shared is not None and _shared_in_kernel(shared) and config.path is triton_config.Path.DECODE
         routed = triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config,
                                 shared if in_kernel else None)
@@ -165,7 +167,7 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     T, k = topk_ids.shape
     if T == 0 or k == 0:
         return True
-    config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+    config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down), spec.transposed)
     if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS) or _library_mm(
             hidden, w_gate_up, w_down, config) is not None:
         return False  # a library's GEMMs (torch._grouped_mm, CUTLASS), not Triton launches only: one opaque call
@@ -194,7 +196,7 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
     from . import triton_decode, triton_experts
 
     if config is None:
-        config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down))
+        config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down), spec.transposed)
     impl = None if mlp is not None else _library_mm(hidden, w_gate_up, w_down, config)
     if impl is not None:  # the library's GEMMs, Triton glue around them (ids checked by align's assert)
         from . import triton_grouped

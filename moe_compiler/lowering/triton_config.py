@@ -242,15 +242,31 @@ def _decode_tile(rows: int, cols: int, slots: int) -> KernelConfig:
     return KernelConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
 
 
+def _transposed_decode(T: int, k: int, H: int, I: int) -> DecodeConfig:
+    """GEMV tiles over transposed weights ([E, H, 2I] / [E, I, H], contiguous along the output columns): wide column
+    tiles (64-256 unit-stride bytes per weight row), short K steps; the down GEMV's reduction split until the grid
+    covers the GPU (H / 128 programs per token are ~23 at GPT-OSS's H)."""
+    slots = 1 << (k - 1).bit_length()
+    down_n = 128 if slots <= 4 else 64
+    split = 1
+    while split < 16 and T * -(-H // down_n) * split < _DECODE_PROGRAMS and I >= 64 * split:
+        split *= 2
+    return DecodeConfig(gate_up=KernelConfig(block_n=32, block_k=32, num_warps=4, num_stages=3),
+                        down=KernelConfig(block_n=down_n, block_k=16, num_warps=4, num_stages=3, split_k=split))
+
+
 def decode_suits(T: int, k: int, E: int) -> bool:
     """Few pairs, few of them sharing an expert: the untuned choice of the decode (GEMV) paths, which stream each
     touched expert's weights once."""
     return T * k <= 4096 and (T == 1 or T * k * 8 <= E)
 
 
-def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config:
-    """Reasonable untuned choices (and the starting point of the tuner's search)."""
+def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, transposed: bool = False) -> Config:
+    """Reasonable untuned choices (and the starting point of the tuner's search); `transposed`: the weights'
+    layout ([E, H, 2I] / [E, I, H]), which the GEMV tiles follow."""
     if decode_suits(T, k, E):
+        if transposed:
+            return _transposed_decode(T, k, H, I)
         return DecodeConfig(
             gate_up=_decode_tile(T * k, I, slots=2), down=_decode_tile(T, H, slots=1 << (k - 1).bit_length())
         )
@@ -343,9 +359,10 @@ def sharded_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T
 
 
 def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: int, k: int, H: int, I: int,
-           T: int, autotune: Callable[[int], Config | None] | None = None) -> Config:
+           T: int, autotune: Callable[[int], Config | None] | None = None, transposed: bool = False) -> Config:
     """The config of a call. `autotune(bucket)` is asked where this GPU's own file has no entry at the call's
-    T bucket; it returns a config or None (declined: tuning off, inside a capture, ...)."""
+    T bucket; it returns a config or None (declined: tuning off, inside a capture, ...). Entries are tuned in
+    their model's layout (tune.shapes.model_spec); `transposed` picks the untuned default's tiles."""
     dname = str(dtype).removeprefix("torch.")
     sources = _sources(gpu_name, tuple(capability))
     own = sources[0][1] if sources and sources[0][0] == gpu_name else ()
@@ -387,5 +404,5 @@ def lookup(gpu_name: str, capability: tuple[int, int], dtype: torch.dtype, E: in
             f"using untuned defaults (can be several times slower). Tune with: python -m moe_compiler.tune "
             f"--shape {E},{k},{H},{I} --dtype {dname}",
         )
-        return default_config(dtype, E, k, H, I, T)
+        return default_config(dtype, E, k, H, I, T, transposed)
     return config

@@ -39,6 +39,7 @@ import torch
 
 from moe_compiler.lowering import cutlass, device, triton_config
 from moe_compiler.lowering.triton_config import Config, Path
+from moe_compiler.tune.shapes import model_spec
 
 log = logging.getLogger("moe_compiler.autotune")
 
@@ -74,7 +75,7 @@ def candidates(gpu_name: str, capability, dtype: torch.dtype, E: int, k: int, H:
                       and fits_smem(cfg.block_m, dn.block_n, dn.block_k, dn.num_stages, itemsize))
             if ok:
                 scored.append(((abs(math.log(max(T, 1) / e["T"])), not own), cfg))
-    out = [triton_config.default_config(dtype, E, k, H, I, T)]
+    out = [triton_config.default_config(dtype, E, k, H, I, T, model_spec(H, I).transposed)]
     if grouped_mm_applies(capability, dtype, H, I):
         out.append(triton_config.GroupedMMConfig())  # torch's grouped GEMM: one candidate, cheap to time
     if cutlass_applies(capability, dtype, H, I) and not uses_decode(T, k, E):

@@ -338,7 +338,7 @@ def tune_point(b: Bench, timer, dtype, failed, log):
         options += [(float("inf"), CutlassConfig(i), {"cutlass": name}) for i, name in enumerate(cutlass.CONFIGS)]
     # The final: every option and the untuned default as a whole forward (launch gaps, the id check and
     # the path's own extra kernels included), rounds interleaved, median.
-    default = triton_config.default_config(dtype, b.E, k, b.H, b.I, T)
+    default = triton_config.default_config(dtype, b.E, k, b.H, b.I, T, b.spec.transposed)
     forward = forward_times(timer, b, [cfg for _, cfg, _ in options] + [default])
     final = [(forward[cfg], cfg, {**parts, "kernels": total}) for total, cfg, parts in options]
     final.append((forward[default], default, {"default": True}))

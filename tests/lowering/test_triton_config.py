@@ -167,3 +167,15 @@ def test_bad_schema_names_the_fix(tmp_path):
     path.write_text(json.dumps({"schema": 0, "entries": []}))
     with pytest.raises(ValueError, match="re-run python -m moe_compiler.tune"):
         triton_config.load_file(path)
+
+
+def test_transposed_default_decode_tiles_are_wide_and_split_to_fill_the_gpu():
+    # GPT-OSS-20B's shape at T = 1: 23 column tiles of 128 per token, so the down reduction splits 16 ways.
+    cfg = triton_config.default_config(torch.bfloat16, 32, 4, 2880, 2880, 1, transposed=True)
+    assert isinstance(cfg, DecodeConfig) and cfg.down.block_n == 128 and cfg.down.split_k == 16
+    assert cfg.gate_up.split_k == 1 and cfg.gate_up.block_k < cfg.down.block_n
+    # enough programs already: no split; the row layout's default keeps its narrow tiles
+    many = triton_config.default_config(torch.bfloat16, 1024, 2, 4096, 512, 16, transposed=True)  # 16 x 32 programs
+    assert isinstance(many, DecodeConfig) and many.down.split_k == 1
+    rows = triton_config.default_config(torch.bfloat16, 32, 4, 2880, 2880, 1)
+    assert rows.down.split_k == 1 and rows.down.block_n <= 64
