@@ -44,7 +44,8 @@ class MoECompilerConfig:
     # launches its own kernels, instead of Triton's Python launcher (torch._inductor.config.
     # static_launch_user_defined_triton_kernels; a kernel the static launcher cannot take falls back to the Python
     # one). In default mode a decode layer is host-bound: 3-8 launches of ours per layer at ~25-100 µs each on the
-    # H200 machine's CPU (benchmarks/NOTES.md "session 9"). Off until measured and validated on a GPU.
+    # H200 machine's CPU (benchmarks/NOTES.md "session 9"). Off: measured (session 10) it made decode B=32 slower in
+    # both models tried (logits equal), B=1 mixed.
     # Env: MOE_COMPILER_STATIC_LAUNCH=1.
     static_launch: bool = False
 

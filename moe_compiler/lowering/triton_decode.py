@@ -13,8 +13,14 @@ Data contract (T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k p
     out           [T, H]           out[t] = sum_j w[t,j] * (act[p] @ W_down[e]^T + b_down[e]), j in order
                                    (spec.scale_input, Llama-4: w[t,j] scales pair p's gate_up row instead)
 
-    route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight + combine: grid (T, H / BLOCK_N),
-                                                             each program all k slots of its token at once]
+    route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight + combine: grid (T, H / BLOCK_N,
+                                                             SPLIT), each program all k slots of its token at once]
+    part          [SPLIT, T, H]    fp32 partial sums of the down GEMV's I-chunks (SPLIT = config.down.split_k > 1)
+    tickets       [T * H / BLOCK_N] int32, zeroed by the gate_up launch; the last split of a tile sums the partials
+
+Transposed weights (GPT-OSS, Llama-4: contiguous along the output columns) take wide column tiles: interleaved
+gate/up as one tile of adjacent columns split after the loop (PAIRED), the down tile accumulated elementwise and
+reduced once (ACC_3D), its reduction split over programs where H / BLOCK_N leaves the GPU short (SPLIT).
 
 With the block's shared experts (spec.SharedMLP; gate [Is, H], up [Is, H], down [H, Is], gate weight [1, H]):
     shared_act    [T, Is]          act(x Wg^T) * (x Wu^T): extra rows of the gate_up grid after the S pairs
