@@ -29,9 +29,9 @@ class MoECompilerConfig:
     # Inductor (reported as matched). Env: MOE_COMPILER_SHARED_EXPERTS=0.
     shared_experts: bool = True
     # Tune a shape the committed tables lack the first time it runs, cache it on disk (tune/first_use.py).
-    # Off: nearest tuned entry, then defaults, with a warning. Env: MOE_COMPILER_AUTOTUNE=1 / 0; off by default
-    # until its GPU path has been validated on a GPU (lowering/triton_config.AUTOTUNE_DEFAULT).
-    autotune: bool = False
+    # Off: nearest tuned entry, then defaults, with a warning. Env: MOE_COMPILER_AUTOTUNE=1 / 0; on by default
+    # (lowering/triton_config.AUTOTUNE_DEFAULT).
+    autotune: bool = True
     # Rewrite regions whose output needs gradients (a training forward). Off by default: the op's backward is
     # still a torch composite, and a train step through it measured 0.71-0.82x plain torch.compile with more
     # memory (issue 17), so such regions are left to Inductor and reported. Env: MOE_COMPILER_TRAINING=1.

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-# The suite's tiny shapes are in no tuned table: autotuning each on first use would add minutes of tuning to
-# the GPU run (should the default be on). The autotune tests (tests/tune/test_first_use.py) switch it on.
+# The suite's tiny shapes are in no tuned table: autotuning each on first use (the default) would add minutes of
+# tuning to the GPU run. The autotune tests (tests/tune/test_first_use.py) switch it on.
 os.environ.setdefault("MOE_COMPILER_AUTOTUNE", "0")
 
 # Triton kernels run under the interpreter on a machine without CUDA (tiny fp32/fp16 shapes). It must be set

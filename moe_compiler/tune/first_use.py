@@ -19,8 +19,8 @@ against the fp32 reference; a wrong or failing candidate is skipped.
 Cache: <cache dir>/autotune/<gpu>_triton-<version>_<hash of the kernel sources>.json, entries as in the
 committed tables. Cache dir: MOE_COMPILER_CACHE_DIR, else $XDG_CACHE_HOME/moe_compiler, else
 ~/.cache/moe_compiler. A kernel change (new hash) or a new Triton starts a new file.
-On: MOE_COMPILER_AUTOTUNE=1 or the backend option moe_compiler.autotune=True; off by default until this GPU path
-has been run on a GPU (lowering/triton_config.AUTOTUNE_DEFAULT).
+On by default (lowering/triton_config.AUTOTUNE_DEFAULT); off: MOE_COMPILER_AUTOTUNE=0 or the backend option
+moe_compiler.autotune=False.
 """
 
 from __future__ import annotations

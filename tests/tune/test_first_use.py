@@ -283,3 +283,13 @@ def test_compiled_call_tunes_at_compile_time_and_matches_eager(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "EQUAL True True" in r.stdout
     assert r.stderr.count("autotuned bfloat16 experts E=16 k=2 H=256 I=128 T=16") == 1, r.stderr[-3000:]
+
+
+def test_autotune_is_on_unless_switched_off(monkeypatch):
+    monkeypatch.delenv(triton_config.AUTOTUNE_ENV, raising=False)  # (the suite's conftest sets it to 0)
+    assert triton_config.autotune_enabled()
+    from moe_compiler.config import MoECompilerConfig
+
+    assert MoECompilerConfig.from_options({}).autotune
+    monkeypatch.setenv(triton_config.AUTOTUNE_ENV, "0")
+    assert not triton_config.autotune_enabled() and not MoECompilerConfig.from_options({}).autotune
