@@ -122,8 +122,10 @@ def problem(T, E, k, H, I, dtype, device="cuda", seed=0, weights=None):
     ids = torch.rand(T, E, device=device, generator=g).argsort(dim=1)[:, :k]
     w = torch.rand(T, k, device=device, generator=g).to(dtype)
     if weights is None:
-        w1 = (torch.randn(E, 2 * I, H, device=device, generator=g) * H**-0.5).to(dtype)
-        w2 = (torch.randn(E, H, I, device=device, generator=g) * I**-0.5).to(dtype)
+        # Drawn in dtype and scaled in place: the weights' own bytes only (an fp32 draw and its scaled copy took 8
+        # bytes per value more: 10.6 GiB per compile worker at Llama-4-Scout, out of memory at 13 workers).
+        w1 = torch.randn(E, 2 * I, H, device=device, generator=g, dtype=dtype).mul_(H**-0.5)
+        w2 = torch.randn(E, H, I, device=device, generator=g, dtype=dtype).mul_(I**-0.5)
         if model_spec(H, I).transposed:  # the model's own strides: contiguous in its layout
             w1, w2 = w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
         weights = (w1, w2)
@@ -245,12 +247,17 @@ def jobs_for(shape, dtype, tokens):
     return sorted(jobs, key=repr)
 
 
+def _compile_experts(E: int) -> int:
+    """E of the compile workers' copy of a problem: 16 keeps E's divisibility by 16 (a Triton specialization)."""
+    return 16 if E % 16 == 0 else 2
+
+
 def _compile_worker(args):
     """Launch each job once on a small-E copy of the problem (T = 1 and 16: both int specializations)."""
     shape, dtype_name, jobs = args
     E, k, H, I = shape
     dtype = getattr(torch, dtype_name)
-    small_e = 16 if E % 16 == 0 else 2
+    small_e = _compile_experts(E)
     failed = []
     weights = None
     for T in (1, 16):
@@ -266,9 +273,23 @@ def _compile_worker(args):
     return failed
 
 
+def compile_worker_bytes(shape, dtype) -> int:
+    """GPU bytes one compile worker holds at most: its small-E weights (twice while a transposed layout is copied
+    into place) and a CUDA context."""
+    E, k, H, I = shape
+    return 2 * 3 * _compile_experts(E) * H * I * (torch.finfo(dtype).bits // 8) + (1 << 30)
+
+
+def compile_workers(shape, dtype, workers: int, free_bytes: int) -> int:
+    """`workers`, fewer where that many would not fit in 80% of the GPU's free memory (at least one)."""
+    return max(1, min(workers, int(0.8 * free_bytes) // compile_worker_bytes(shape, dtype)))
+
+
 def precompile(shape, dtype, tokens, workers):
-    """Compile every job of this shape in `workers` processes; {(kind, repr(config))} of those that failed."""
+    """Compile every job of this shape in `workers` processes (fewer where their weights would not fit on the GPU);
+    {(kind, repr(config))} of those that failed."""
     jobs = jobs_for(shape, dtype, tokens)
+    workers = compile_workers(shape, dtype, workers, torch.cuda.mem_get_info()[0])
     chunks = [(shape, str(dtype).removeprefix("torch."), jobs[i::workers]) for i in range(workers)]
     t0 = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:

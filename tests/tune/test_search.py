@@ -21,7 +21,7 @@ from moe_compiler.lowering import dispatch, triton_config  # noqa: E402
 from moe_compiler.lowering.torch_segment_mm import GroupedMM  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.tune import search  # noqa: E402
-from moe_compiler.tune.shapes import SHAPES, TOKENS  # noqa: E402
+from moe_compiler.tune.shapes import ALL_SHAPES, SHAPES, TOKENS  # noqa: E402
 from moe_compiler.tune.timing import Timer, median, wall_clock  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,3 +178,19 @@ def test_timer_on_cpu_and_its_helpers():
     assert Timer("cpu").eager(lambda: calls.append(1)) >= 0 and len(calls) == 4  # one warm-up, three timed
     assert wall_clock(lambda: calls.append(1), 5) >= 0 and len(calls) == 10
     assert median([3, 1, 2]) == 2 and median([4, 1, 3, 2]) == 3
+
+
+def test_compile_workers_fit_in_gpu_memory():
+    llama = ALL_SHAPES["llama_4_scout"]
+    per = search.compile_worker_bytes(llama, torch.bfloat16)
+    assert per == 2 * 3 * 16 * 5120 * 8192 * 2 + (1 << 30)
+    assert search.compile_workers(llama, torch.bfloat16, 14, 140 << 30) == int(0.8 * (140 << 30)) // per < 14
+    assert search.compile_workers(llama, torch.bfloat16, 14, 1 << 30) == 1  # at least one
+    small = (64, 8, 2048, 1024)
+    assert search.compile_workers(small, torch.bfloat16, 14, 140 << 30) == 14
+
+
+def test_problem_draws_weights_in_their_dtype_at_the_model_layout():
+    x, ids, w, w1, w2 = search.problem(2, 4, 2, 2880, 2880, torch.bfloat16, device="cpu")
+    assert w1.dtype == torch.bfloat16 and w1.shape == (4, 2880, 5760) and w1.is_contiguous()  # GPT-OSS: transposed
+    assert 0.5 < float(w1.float().std() * 2880**0.5) < 1.5 and w2.shape == (4, 2880, 2880)
