@@ -20,8 +20,10 @@ With --bound, every part also runs "free_moe": Inductor with each routed-experts
 shared experts and the rest unchanged) — the time of a model whose routed experts cost nothing, so inductor /
 free_moe ("bound") is the most any experts implementation can gain over Inductor in that cell.
 Times: median wall time per call over repeated calls after warm-up (CUDA events around each call; a call
-includes its host time, as a user's step does). Compile time: the first call's wall time. Memory: peak
-allocated during the variant (train: during the timed steps, and of the first call, each above what the
+includes its host time, as a user's step does); the forward points' variants are all compiled first and then
+timed interleaved, one call of each per round (the host's drift moved whole runs ±30%: it must not decide a
+ratio). Compile time: the first call's wall time. Memory: peak allocated during the variant (forward points:
+its compile and warm-up calls; train: during the timed steps, and of the first call, each above what the
 benchmark itself holds besides the model's parameters). Error: last-token logits vs eager, ||out - ref|| / ||ref||.
 Ratios in the table: torch.compile time / fused_moe time (> 1: fused_moe is faster).
 """
@@ -78,24 +80,31 @@ def first_call_s(fn) -> float:
     return time.perf_counter() - t0
 
 
-def forward_point(model, backend, mode, ids, ref, reps):
-    """(row fields) of model(ids) compiled with `backend` in `mode` (eager: backend None)."""
+def forward_points(model, backends: dict, mode, ids, reps) -> dict:
+    """{variant: row fields} of model(ids) compiled with each backend in `mode` (eager: backend None), timed
+    interleaved (harness.interleaved: one call of each variant per round, the order rotated), so that the host's
+    drift — default-mode cells are host time, and the same step moved ±30% between runs — lands on every variant
+    alike. Each variant is compiled (its first call: compile_s) and warmed up before any is timed; its peak memory
+    is that of its own first calls; err: last-token logits vs the eager variant's."""
     torch._dynamo.reset()
-    torch.cuda.reset_peak_memory_stats()
-    fn = model if backend is None else torch.compile(model, backend=backend, mode=mode, dynamic=False)
-
-    def call():
-        return fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
-
+    calls, rows, outs = {}, {}, {}
+    for variant, backend in backends.items():
+        fn = model if backend is None else torch.compile(model, backend=backend, mode=mode, dynamic=False)
+        calls[variant] = lambda fn=fn: fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            compile_s = first_call_s(calls[variant])
+            for _ in range(3):
+                outs[variant] = calls[variant]().float()  # (a reduce-overhead output is overwritten by the next
+                # replay: copied out here, by .float())
+        rows[variant] = {"compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     with torch.no_grad():
-        compile_s = first_call_s(call)
-        for _ in range(3):
-            out = call()
-        ms = harness.events(call, reps) * 1e3
-    row = {"ms": ms, "compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    if ref is not None:
-        row["err"] = rel_err(out.float(), ref)
-    return row, out.float()
+        times = harness.interleaved(calls, reps)
+    for variant, row in rows.items():
+        row["ms"] = times[variant] * 1e3
+        if "eager" in outs and variant != "eager":
+            row["err"] = rel_err(outs[variant], outs["eager"])
+    return rows
 
 
 def generate_point(model, backend, B, new_tokens=128, prompt=16):
@@ -234,19 +243,16 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
                 points.append((f"decode B={B}", mode, torch.randint(0, V, (B, 1), device="cuda", generator=gen), 50))
     for part, mode, ids, reps in points:
         row = {"model": name, "layers": model.config.num_hidden_layers, "part": part, "mode": mode}
-        ref = None
-        for variant, backend in BACKENDS.items():
-            if backend is None and mode != "default":
-                continue  # eager has no mode
-            cells, out = forward_point(model, backend, None if mode == "default" else mode, ids, ref, reps)
-            if backend is None:
-                ref = out
+        # eager has no mode: it runs (as the logits' reference) in the default-mode points only
+        backends = {v: b for v, b in BACKENDS.items() if b is not None or mode == "default"}
+        for variant, cells in forward_points(model, backends, None if mode == "default" else mode, ids, reps).items():
             row.update({f"{variant}_{k}": v for k, v in cells.items()})
             print(part, mode, variant, cells, flush=True)
         row["speedup"] = row["inductor_ms"] / row["fused_moe_ms"]
         if bound:
             with free_experts(model):
-                cells, _ = forward_point(model, "inductor", None if mode == "default" else mode, ids, None, reps)
+                cells = forward_points(model, {"free_moe": "inductor"}, None if mode == "default" else mode, ids,
+                                       reps)["free_moe"]
             row.update({f"free_moe_{k}": v for k, v in cells.items()})
             row["bound"] = row["inductor_ms"] / row["free_moe_ms"]
             print(part, mode, "free_moe", cells, flush=True)

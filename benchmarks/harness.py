@@ -18,7 +18,7 @@ import torch
 
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
 from moe_compiler.tune.shapes import model_spec
-from moe_compiler.tune.timing import Timer, events, median, wall_clock  # noqa: F401 - the scripts' timing
+from moe_compiler.tune.timing import Timer, events, interleaved, median, wall_clock  # noqa: F401 - the scripts' timing
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

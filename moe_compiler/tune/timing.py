@@ -43,6 +43,24 @@ def events(body, n: int) -> float:
     return median(times)
 
 
+def interleaved(bodies: dict, n: int) -> dict:
+    """{name: median seconds} of n rounds in which every body is called once, the order rotated each round: drift
+    of the host or the GPU (clocks, another tenant, the allocator) lands on every body alike, where timing one body
+    after the other lets it decide their ratio. CUDA events around each call on the GPU, else the wall clock."""
+    names = list(bodies)
+    cuda = torch.cuda.is_available()
+    times = {name: [] for name in names}
+    for r in range(n):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if cuda:
+                times[name].append(events(bodies[name], 1))
+            else:
+                t0 = time.perf_counter()
+                bodies[name]()
+                times[name].append(time.perf_counter() - t0)
+    return {name: median(ts) for name, ts in times.items()}
+
+
 class Timer:
     """Median seconds per call: CUDA events around eager loops or graph replays of [flush L2, call]
     minus [flush L2]. CPU (smoke runs): wall clock."""

@@ -9,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from moe_compiler.lowering.torch_segment_mm import GroupedMM  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.tune import search  # noqa: E402
 from moe_compiler.tune.shapes import ALL_SHAPES, SHAPES, TOKENS  # noqa: E402
-from moe_compiler.tune.timing import Timer, median, wall_clock  # noqa: E402
+from moe_compiler.tune.timing import Timer, interleaved, median, wall_clock  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = (3, 8, 2, 32, 16)  # T, E, k, H, I: T*k <= E, so both paths are candidates
@@ -178,6 +179,15 @@ def test_timer_on_cpu_and_its_helpers():
     assert Timer("cpu").eager(lambda: calls.append(1)) >= 0 and len(calls) == 4  # one warm-up, three timed
     assert wall_clock(lambda: calls.append(1), 5) >= 0 and len(calls) == 10
     assert median([3, 1, 2]) == 2 and median([4, 1, 3, 2]) == 3
+
+
+def test_interleaved_timing_rotates_the_order_and_takes_each_body_s_median():
+    order = []
+    bodies = {name: (lambda name=name: order.append(name) or time.sleep(0.002 if name == "slow" else 0))
+              for name in ("a", "slow", "c")}
+    times = interleaved(bodies, 4)
+    assert order == ["a", "slow", "c", "slow", "c", "a", "c", "a", "slow", "a", "slow", "c"]
+    assert set(times) == {"a", "slow", "c"} and times["slow"] >= 0.002 > times["a"]
 
 
 def test_compile_workers_fit_in_gpu_memory():
