@@ -92,17 +92,18 @@ def _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, stride_wk, EVEN_K: tl.constexpr, 
 
 
 @triton.jit
-def _gemv_rows(x_ptrs, w_ptrs, H, stride_wk, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               NUM_STAGES: tl.constexpr):
-    """[BLOCK_N] fp32: one x row against BLOCK_N weight rows over H (_gate_up_rows for one matrix)."""
+def _gemv_rows(x_ptrs, w_ptrs, k_lo, k_end, stride_wk, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """[BLOCK_N] fp32: one x row against BLOCK_N weight rows over columns [k_lo, k_end), the pointers at k_lo
+    (_gate_up_rows for one matrix)."""
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
+    for k0 in tl.range(k_lo, k_end, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs).to(tl.float32)
             w = tl.load(w_ptrs)
         else:
-            k_ok = kk < H - k0
+            k_ok = kk < k_end - k0
             x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
@@ -171,7 +172,7 @@ def _routed_gate_up(
         # element), split into gate and up after the loop.
         cols = (pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * I)
         w_ptrs = w_base + cols[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
-        both = _gemv_rows(x_ptrs, w_ptrs, h_live, stride_wk, EVEN_K, 2 * BLOCK_N, BLOCK_K, NUM_STAGES)
+        both = _gemv_rows(x_ptrs, w_ptrs, 0, h_live, stride_wk, EVEN_K, 2 * BLOCK_N, BLOCK_K, NUM_STAGES)
         gate, up = tl.split(tl.reshape(both, [BLOCK_N, 2]))
     else:
         wg_ptrs = w_base + gate_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
@@ -294,15 +295,7 @@ def _down_gemv_combine_kernel(
         ks_end = tl.minimum(ks_lo + KS_CHUNK, Is)
         sa_ptrs = sact_ptr + t * stride_sam + ks_lo + kk
         sw_ptrs = sdown_ptr + n[:, None].to(tl.int64) * stride_sdn + (ks_lo + kk)[None, :] * stride_sdk
-        acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.range(ks_lo, ks_end, BLOCK_K, num_stages=NUM_STAGES):
-            k_ok = kk < ks_end - k0
-            sa = tl.load(sa_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-            sw = tl.load(sw_ptrs, mask=k_ok[None, :], other=0.0)
-            acc_s += sw.to(tl.float32) * sa[None, :]
-            sa_ptrs += BLOCK_K
-            sw_ptrs += BLOCK_K * stride_sdk
-        y = tl.sum(acc_s, axis=1)
+        y = _gemv_rows(sa_ptrs, sw_ptrs, ks_lo, ks_end, stride_sdk, False, BLOCK_N, BLOCK_K, NUM_STAGES)
         if HAS_GATE:
             y *= tl.load(sgate_ptr + t)
         out += y
