@@ -39,15 +39,23 @@ from . import launch
 
 
 @triton.jit
-def _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(rows, cols, row_ok, col_ok, logits in their own dtype) of this program's [BLOCK_T, BLOCK_E] tile."""
+def _tile(T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(rows, cols, row_ok, col_ok) of this program's [BLOCK_T, BLOCK_E] tile. Apart from the load: torch's
+    mutation analysis of a recorded kernel (ops/inline.py) takes an index returned by a call as derived from every
+    argument of that call, so output addresses built from a call that also took logits_ptr marked the logits
+    written, and Inductor copied them before every launch."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < T
-    col_ok = cols < E
+    return rows, cols, rows < T, cols < E
+
+
+@triton.jit
+def _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The logits of this program's [BLOCK_T, BLOCK_E] tile, in their own dtype (0 outside T x E)."""
+    rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
     x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    return rows, cols, row_ok, col_ok, x
+    return x
 
 
 @triton.jit
@@ -66,7 +74,8 @@ def _route_kernel(
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    rows, cols, row_ok, col_ok, x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
+    rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
+    x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
     neg_inf = float("-inf")
     x = tl.where(col_ok[None, :], x.to(tl.float32), neg_inf)
     if TOPK_FIRST:
@@ -138,7 +147,8 @@ def _sparsemixer_kernel(
     logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt, threshold,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows, cols, row_ok, col_ok, x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
+    rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
+    x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
     dtype = x.dtype
     x = x.to(tl.float32)
     neg_inf = float("-inf")
@@ -170,7 +180,8 @@ def _route_backward_kernel(
 ):
     """d loss / d logits [T, E] with the selection held fixed: the derivatives of torch_route.route_backward
     (every order but the sparse mixer's), one program per BLOCK_T rows, no scatter outside registers."""
-    rows, cols, row_ok, col_ok, x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
+    rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
+    x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
     z = tl.where(col_ok[None, :], x.to(tl.float32), float("-inf"))
     slot = tl.arange(0, BLOCK_K)
     slot_ok = row_ok[:, None] & (slot[None, :] < TOP_K)

@@ -2,8 +2,10 @@
 (`triton_kernel_wrapper_functional` nodes Inductor compiles and launches); every other call stays the op.
 
 On CPU the recording is checked by tracing with real (not interpreted: wrap_triton passes an interpreted
-kernel through untouched) Triton kernels and CUDA's device facts stubbed, in a fresh process; the GPU tests
-run the recorded launches through Inductor against eager.
+kernel through untouched) Triton kernels and CUDA's device facts stubbed, in a fresh process; Triton's active
+driver is stubbed to name an sm90 target, so that torch's mutation analysis of each kernel (its TTIR) runs as on a
+GPU — without it the analysis fails and assumes every argument written, which would copy the weights per call.
+The GPU tests run the recorded launches through Inductor against eager.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from moe_compiler.spec import ExpertsSpec, RouterSpec
 from moe_compiler.testing import experts_inputs
 
 device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+{sm90_driver}
 if {export}:  # what torch.export sets while it traces: custom ops stay whole
     import torch.export._trace as export_trace
     export_trace.custom_triton_ops_decomposition_disabled = lambda: True
@@ -35,6 +38,8 @@ device.num_sms = lambda index: 132
 configs = {{
     "decode": DecodeConfig(gate_up=KernelConfig(block_n=16, block_k=16), down=KernelConfig(block_n=8, block_k=32)),
     "sorted": SortedConfig(block_m=16, gate_up=KernelConfig(16, 16), down=KernelConfig(16, 16), tma=True),
+    # the down GEMV's reduction over I = 64 in two programs per tile (partials, tickets)
+    "split": DecodeConfig(gate_up=KernelConfig(16, 16), down=KernelConfig(block_n=32, block_k=16, split_k=2)),
 }}
 dispatch.triton_config_for = lambda *a: configs["{path}"]
 graphs = []
@@ -42,7 +47,7 @@ def fw(gm, example_inputs):
     graphs.append(gm)
     return lambda *args: (_ for _ in ()).throw(SystemExit(0))  # traced only
 spec = ExpertsSpec()
-h, ids, w, wgu, wd = experts_inputs(3, 32, 16, 8, 2, torch.float32, spec, seed=0)[:5]
+h, ids, w, wgu, wd = experts_inputs(3, 32, 64 if "{path}" == "split" else 16, 8, 2, torch.float32, spec, seed=0)[:5]
 logits = torch.randn(3, 8)
 if {train}:  # a training graph: AOTAutograd traces the joint forward + backward, then partitions it
     for t in (h, w, wgu, wd, logits):
@@ -59,30 +64,57 @@ print("KERNELS", code.count("triton_kernel_wrapper_functional("))
 print("OPS", code.count("moe_compiler.experts"), code.count("moe_compiler.route"))
 print("TMA", "'W_TMA': True" in code)
 print("SAVED", len(graphs[0].graph.find_nodes(op="output")[0].args[0]) - 1)  # outputs beyond f's own
+{cloned}
+"""
+
+# Triton's driver as on an H100 / H200, for torch's mutation analysis of the recorded kernels (module docstring).
+SM90_DRIVER = """
+import triton
+from triton.backends.compiler import GPUTarget
+class Sm90Driver:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+triton.runtime.driver.set_active(Sm90Driver())
+"""
+
+# The recorded kernels' arguments the functional wrapper copies because the kernel writes them (tensors_to_clone)
+# that are the traced function's own inputs — weights, hidden, routing: none may be.
+CLONED = """
+inputs = {n.name for n in graphs[0].graph.find_nodes(op="placeholder")}
+cloned = [name for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)
+          for name in n.kwargs["tensors_to_clone"] if str(n.kwargs["kwargs"][name]) in inputs]
+print("CLONED", len(cloned), *cloned)
 """
 
 
 def _trace(path: str, inline: str = "1", dynamic: bool = False, train: bool = False, export: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
-    code = textwrap.dedent(TRACE.format(path=path, dynamic=dynamic, train=train, export=export))
+    code = textwrap.dedent(TRACE).format(path=path, dynamic=dynamic, train=train, export=export,
+                                         sm90_driver=SM90_DRIVER, cloned=CLONED)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line[:1].isupper())
     ops = tuple(map(int, lines["OPS"].split()))
-    out = {"kernels": int(lines["KERNELS"]), "ops": ops, "tma": lines["TMA"] == "True"}
+    out = {"kernels": int(lines["KERNELS"]), "ops": ops, "tma": lines["TMA"] == "True", "cloned": lines["CLONED"]}
     return {**out, "saved": int(lines["SAVED"])} if train else out
 
 
 def test_decode_call_becomes_its_launches():
     # route (1 kernel) + decode experts (gate_up GEMV, down GEMV + combine); neither op is left in the graph
-    assert _trace("decode") == {"kernels": 3, "ops": (0, 0), "tma": False}
+    assert _trace("decode") == {"kernels": 3, "ops": (0, 0), "tma": False, "cloned": "0"}
+
+
+def test_split_decode_call_records_its_tickets_and_partials_as_written_not_its_inputs():
+    # the split down GEMV writes its partials and tickets (atomics) besides out: mutation analysis must see those
+    # writes (a missed one would let Inductor reuse the buffer) and no write to an input (a copy per call)
+    assert _trace("split") == {"kernels": 3, "ops": (0, 0), "tma": False, "cloned": "0"}
 
 
 def test_sorted_call_becomes_its_launches_without_host_tma():
     # route + align (6 pairs: one chunk, one launch) + gate_up + down + combine; the host TMA descriptors the
     # config asks for cannot be recorded, so the recorded GEMMs load by pointer
-    assert _trace("sorted") == {"kernels": 5, "ops": (0, 0), "tma": False}
+    assert _trace("sorted") == {"kernels": 5, "ops": (0, 0), "tma": False, "cloned": "0"}
 
 
 def test_training_forward_records_its_launches_and_keeps_the_backward_op():
@@ -90,20 +122,20 @@ def test_training_forward_records_its_launches_and_keeps_the_backward_op():
     # saves the op's inputs for the backward (the experts_backward / route_backward ops, compiled lazily)
     traced = _trace("decode", train=True)
     saved = traced.pop("saved")
-    assert traced == {"kernels": 3, "ops": (0, 0), "tma": False} and saved >= 5
+    assert traced == {"kernels": 3, "ops": (0, 0), "tma": False, "cloned": "0"} and saved >= 5
 
 
 def test_switch_keeps_the_ops_opaque():
-    assert _trace("decode", inline="0") == {"kernels": 0, "ops": (1, 1), "tma": False}
+    assert _trace("decode", inline="0") == {"kernels": 0, "ops": (1, 1), "tma": False, "cloned": "0"}
 
 
 def test_export_keeps_the_ops_whole():
-    assert _trace("decode", export=True) == {"kernels": 0, "ops": (1, 1), "tma": False}
+    assert _trace("decode", export=True) == {"kernels": 0, "ops": (1, 1), "tma": False, "cloned": "0"}
 
 
 def test_symbolic_sizes_keep_the_ops_opaque():
     # dynamic shapes: the config lookup would need a concrete T; the op stays one node
-    assert _trace("decode", dynamic=True) == {"kernels": 0, "ops": (1, 1), "tma": False}
+    assert _trace("decode", dynamic=True) == {"kernels": 0, "ops": (1, 1), "tma": False, "cloned": "0"}
 
 
 def test_bad_switch_value_is_a_clear_error(monkeypatch):
@@ -123,6 +155,7 @@ from moe_compiler.spec import QuantizedExpertsSpec
 from moe_compiler.testing.quantized import quantized_experts_inputs
 
 device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+{sm90_driver}
 args, _ = quantized_experts_inputs({T}, 32, 16, 8, 2, torch.float32, 16, 16, torch.float8_e8m0fnu)
 graphs = []
 def fw(gm, example_inputs):
@@ -136,18 +169,20 @@ except SystemExit:
     pass
 code = graphs[0].code
 print("KERNELS", code.count("triton_kernel_wrapper_functional("), "OPS", code.count("moe_compiler.experts_quantized"))
-"""  # (fed through str.format: no braces besides {T})
+{cloned}
+"""  # (fed through str.format: no braces besides these)
 
 
-@pytest.mark.parametrize("inline,T,expected", [("1", 3, "KERNELS 4 OPS 0"), ("1", 1, "KERNELS 3 OPS 0"),
-                                                ("0", 3, "KERNELS 0 OPS 1")])
+@pytest.mark.parametrize("inline,T,expected", [("1", 3, "KERNELS 4 OPS 0\nCLONED 0"),
+                                                ("1", 1, "KERNELS 3 OPS 0\nCLONED 0"),
+                                                ("0", 3, "KERNELS 0 OPS 1\nCLONED 0")])
 def test_quantized_call_becomes_its_launches(inline, T, expected):
     # T = 3 (sorted): align (one chunk: one launch) + FP8 gate_up + FP8 down + combine; T = 1: the two decode
     # GEMVs and the slot sum (the down GEMV per pair). The e8m0 scales are read as bytes through a view.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
-    proc = subprocess.run([sys.executable, "-c", QUANTIZED.format(T=T)], capture_output=True, text=True, timeout=600,
-                          env=env)
+    code = QUANTIZED.format(T=T, sm90_driver=SM90_DRIVER, cloned=CLONED)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout, proc.stdout
 
