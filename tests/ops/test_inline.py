@@ -26,7 +26,7 @@ from torch._dynamo.backends.common import aot_autograd
 import moe_compiler
 from moe_compiler.lowering import device, dispatch
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig
-from moe_compiler.spec import ExpertsSpec, RouterSpec
+from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout, RouterSpec
 from moe_compiler.testing import experts_inputs
 
 device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
@@ -46,15 +46,18 @@ graphs = []
 def fw(gm, example_inputs):
     graphs.append(gm)
     return lambda *args: (_ for _ in ()).throw(SystemExit(0))  # traced only
-spec = ExpertsSpec()
-h, ids, w, wgu, wd = experts_inputs(3, 32, 64 if "{path}" == "split" else 16, 8, 2, torch.float32, spec, seed=0)[:5]
+# split: GPT-OSS's layout (transposed, interleaved, biases), whose GEMVs take the paired and split forms
+gpt_oss = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
+spec = gpt_oss if "{path}" == "split" else ExpertsSpec()
+h, ids, w, wgu, wd, bgu, bd = experts_inputs(3, 32, 64 if "{path}" == "split" else 16, 8, 2, torch.float32, spec,
+                                            bias=spec.transposed, seed=0)[:7]
 logits = torch.randn(3, 8)
 if {train}:  # a training graph: AOTAutograd traces the joint forward + backward, then partitions it
     for t in (h, w, wgu, wd, logits):
         t.requires_grad_(True)
 def f(h, ids, w, wgu, wd, logits):
     weights, chosen = torch.ops.moe_compiler.route(logits, top_k=2, norm_topk_prob=True)
-    return torch.ops.moe_compiler.experts(h, ids, w, wgu, wd) + weights.sum() + chosen.sum()
+    return moe_compiler.moe_experts(h, ids, w, wgu, wd, bgu, bd, spec=spec) + weights.sum() + chosen.sum()
 try:
     torch.compile(f, backend=aot_autograd(fw_compiler=fw), dynamic={dynamic})(h, ids, w, wgu, wd, logits)
 except SystemExit:
@@ -106,6 +109,7 @@ def test_decode_call_becomes_its_launches():
 
 
 def test_split_decode_call_records_its_tickets_and_partials_as_written_not_its_inputs():
+    # (GPT-OSS's layout: the paired gate_up tile and the 3-D down accumulator besides the split)
     # the split down GEMV writes its partials and tickets (atomics) besides out: mutation analysis must see those
     # writes (a missed one would let Inductor reuse the buffer) and no write to an input (a copy per call)
     assert _trace("split") == {"kernels": 3, "ops": (0, 0), "tma": False, "cloned": "0"}
