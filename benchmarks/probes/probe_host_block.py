@@ -2,7 +2,7 @@
 graphs, for plain Inductor, fused_moe with the op opaque (MOE_COMPILER_INLINE=0) and fused_moe with its
 Triton launches recorded into Inductor's code (the default). NOTES.md "host path".
 
-    python -m benchmarks.probes.probe_host_block [--models qwen3_30b_a3b deepseek_v3] [--tokens 1 32]
+    python -m benchmarks.probes.probe_host_block [--shapes qwen3_30b_a3b deepseek_v3] [--tokens 1 32] [--layers 4]
 
 A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone. Host time of a call is the
 wall time from entering the compiled call to its return, with the GPU idle before it (a synchronize before
