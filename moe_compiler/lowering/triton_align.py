@@ -73,6 +73,22 @@ def _count_kernel(ids_ptr, S, E, counts_ptr, CHUNK: tl.constexpr, BLOCK_E: tl.co
 
 
 @triton.jit
+def _segments(counts, n_bad, real, seg_end_ptr, num_padded_ptr, ok_ptr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """From every expert's pair count [BLOCK_E] (0 past E) and the number of bad ids: ids_ok (a bad id fails the
+    launch), num_padded and seg_end stored; returns (starts, ends) of the padded segments, ends past E 2**30 (never
+    <= a block start, for the block -> expert table), and num_padded."""
+    tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
+    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E]")  # live: see LIVE_ASSERTS
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    num_padded = tl.sum(padded, 0)
+    tl.store(num_padded_ptr, num_padded)
+    tl.store(seg_end_ptr + tl.arange(0, BLOCK_E), starts + counts, mask=real)
+    return starts, tl.where(real, ends, 2**30), num_padded
+
+
+@triton.jit
 def _offsets_kernel(
     counts_ptr, NB, E, seg_end_ptr, pad_end_ptr, num_padded_ptr, ok_ptr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr,
@@ -87,16 +103,9 @@ def _offsets_kernel(
         tile = tl.load(counts_ptr + rows[:, None] * BLOCK_E + e_idx[None, :], mask=(rows < NB)[:, None], other=0)
         totals += tl.sum(tile, axis=0)
     n_bad = tl.sum(tl.where(e_idx == BLOCK_E - 1, totals, 0), 0)
-    tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
-    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E]")  # live: see LIVE_ASSERTS
-    counts = tl.where(real, totals, 0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    starts = ends - padded
-    tl.store(num_padded_ptr, tl.sum(padded, 0))
-    tl.store(seg_end_ptr + e_idx, starts + counts, mask=real)
-    # Padded segment ends for the block -> expert table (built by the scatter programs); past E: never <= a block start.
-    tl.store(pad_end_ptr + e_idx, tl.where(real, ends, 2**30))
+    starts, ends, _ = _segments(tl.where(real, totals, 0), n_bad, real, seg_end_ptr, num_padded_ptr, ok_ptr, BLOCK_M,
+                             BLOCK_E)
+    tl.store(pad_end_ptr + e_idx, ends)  # for the block -> expert table, built by the scatter programs
 
     # offsets[c, e] = starts[e] + (rows of e in chunks < c) - (rows of experts < e in chunk c)
     run = starts
@@ -164,23 +173,15 @@ def _align_one_chunk_kernel(
     offs, live, e, bad, sentinel = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
     e_idx = tl.arange(0, BLOCK_E)
     real = e_idx < E
-    n_bad = tl.sum(bad.to(tl.int32), 0)
-    tl.store(ok_ptr, (n_bad == 0).to(tl.int32))
-    tl.device_assert(n_bad == 0, "moe_compiler.experts: topk_ids out of [0, E]")  # live: see LIVE_ASSERTS
     counts = tl.where(real, tl.histogram(tl.where(live, e, BLOCK_E - 1), BLOCK_E), 0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    starts = ends - padded
-    num_padded = tl.sum(padded, 0)
-    tl.store(num_padded_ptr, num_padded)
-    tl.store(seg_end_ptr + e_idx, starts + counts, mask=real)
+    starts, ends, num_padded = _segments(counts, tl.sum(bad.to(tl.int32), 0), real, seg_end_ptr, num_padded_ptr,
+                                         ok_ptr, BLOCK_M, BLOCK_E)
     # The one chunk's offsets (_offsets_kernel's, no earlier chunks), through memory: the scatter reads them by
     # each sorted key's expert; the barrier makes the program's stores visible to all its threads.
     tl.store(offsets_ptr + e_idx, starts - (tl.cumsum(counts, 0) - counts))
     tl.debug_barrier()
     _scatter_chunk(chunk, offs, live, e, sentinel, E, offsets_ptr, sorted_rows_ptr, pos_ptr, CHUNK, BLOCK_E)
-    _block_table(block_expert_ptr, tl.where(real, ends, 2**30), num_padded // BLOCK_M, 0, MAX_BLOCKS, BLOCK_M,
-                 CHUNK_B)
+    _block_table(block_expert_ptr, ends, num_padded // BLOCK_M, 0, MAX_BLOCKS, BLOCK_M, CHUNK_B)
 
 
 @dataclasses.dataclass

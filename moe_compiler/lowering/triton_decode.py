@@ -325,11 +325,15 @@ def paired(spec: ExpertsSpec) -> bool:
     return spec.transposed and spec.gate_up is GateUpLayout.INTERLEAVED
 
 
+def _split_columns(K: int, splits: int, step: int) -> int:
+    """Columns per split of a reduction over K in `splits` parts, each a whole number of `step`-column steps."""
+    return triton.cdiv(triton.cdiv(K, splits), step) * step
+
+
 def down_split(config: DecodeConfig, I: int) -> tuple[int, int]:
     """(splits, columns per split) of the down GEMV's reduction over I: config.down.split_k at most, each split a
     whole number of block_k steps."""
-    bk = config.down.block_k
-    chunk = triton.cdiv(triton.cdiv(I, config.down.split_k), bk) * bk
+    chunk = _split_columns(I, config.down.split_k, config.down.block_k)
     return triton.cdiv(I, chunk), chunk
 
 
@@ -399,7 +403,7 @@ def launch_down(act, ids, weights, w_down, b_down, spec: ExpertsSpec, config: De
         act, ids, weights, w_down, b_down if b_down is not None else w_down, out,
         shared_act if mlp is not None else act, mlp.down if mlp is not None else act,
         shared_gate if shared_gate is not None else weights, part, tickets if tickets is not None else ids,
-        T, w_down.shape[0], H, I, Is, k, chunk, triton.cdiv(triton.cdiv(Is, split), dn.block_k) * dn.block_k,
+        T, w_down.shape[0], H, I, Is, k, chunk, _split_columns(Is, split, dn.block_k),
         act.stride(0), *logical_strides(w_down, spec.transposed),
         b_down.stride(0) if b_down is not None else 0, out.stride(0),
         shared_act.stride(0) if mlp is not None else 0, *(mlp.down.stride() if mlp is not None else (0, 0)),

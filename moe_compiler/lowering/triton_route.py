@@ -50,9 +50,8 @@ def _tile(T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    """The logits of this program's [BLOCK_T, BLOCK_E] tile, in their own dtype (0 outside T x E)."""
-    rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
+def _load_tile(logits_ptr, rows, cols, row_ok, col_ok, stride_lt):
+    """The logits of the tile (_tile's coordinates), in their own dtype (0 outside T x E)."""
     x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     return x
@@ -75,7 +74,7 @@ def _route_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
-    x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
+    x = _load_tile(logits_ptr, rows, cols, row_ok, col_ok, stride_lt)
     neg_inf = float("-inf")
     x = tl.where(col_ok[None, :], x.to(tl.float32), neg_inf)
     if TOPK_FIRST:
@@ -148,7 +147,7 @@ def _sparsemixer_kernel(
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
-    x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
+    x = _load_tile(logits_ptr, rows, cols, row_ok, col_ok, stride_lt)
     dtype = x.dtype
     x = x.to(tl.float32)
     neg_inf = float("-inf")
@@ -181,7 +180,7 @@ def _route_backward_kernel(
     """d loss / d logits [T, E] with the selection held fixed: the derivatives of torch_route.route_backward
     (every order but the sparse mixer's), one program per BLOCK_T rows, no scatter outside registers."""
     rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
-    x = _load_tile(logits_ptr, T, E, stride_lt, BLOCK_T, BLOCK_E)
+    x = _load_tile(logits_ptr, rows, cols, row_ok, col_ok, stride_lt)
     z = tl.where(col_ok[None, :], x.to(tl.float32), float("-inf"))
     slot = tl.arange(0, BLOCK_K)
     slot_ok = row_ok[:, None] & (slot[None, :] < TOP_K)
