@@ -3,13 +3,15 @@ graphs, for plain Inductor, fused_moe with the op opaque (MOE_COMPILER_INLINE=0)
 Triton launches recorded into Inductor's code (the default). NOTES.md "host path".
 
     python -m benchmarks.probes.probe_host_block [--shapes qwen3_30b_a3b deepseek_v3] [--tokens 1 32] [--layers 4]
+                                                 [--profile]
 
 A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone. Host time of a call is the
 wall time from entering the compiled call to its return, with the GPU idle before it (a synchronize before
 each call, none inside), so no launch waits for a full queue and nothing the GPU does is in the figure; a
 call that syncs inside (a bug: `.item()` and the like) shows up as host time near its GPU time. Per layer =
 the L-block stack's host time minus the 1-block stack's, over L - 1: what one more layer costs, the graph's
-fixed cost (guards, the wrapper) apart. Beside it: each variant's GPU time per L-block call (the call
+fixed cost (guards, the wrapper) apart; the two stacks are timed in turn, one call each per round, so the
+host's drift does not land in their difference. Beside it: each variant's GPU time per L-block call (the call
 replayed in a CUDA graph, no host time), and its output vs eager.
 (An earlier version timed back-to-back calls and read the wall time per call as host time; with the
 launch queue full that reads whichever of host and GPU is slower, plus queue stalls, not host time.)
@@ -31,18 +33,23 @@ from ..models import MODELS, build, moe_blocks
 VARIANTS = {"inductor": ("inductor", None), "fused_opaque": ("fused_moe", "0"), "fused": ("fused_moe", "1")}
 
 
-def host_us(fn, n: int = 300) -> float:
-    """Median wall microseconds from entering fn to its return, the GPU idle before each call."""
+def host_us(fns: dict, n: int = 400) -> dict:
+    """{name: median wall microseconds from entering fn to its return}, the GPU idle before each call; the
+    functions called in turn, one call each per round (the order rotated), so that the host's drift lands on
+    all of them alike: their difference is the figure, and it is small beside their size."""
+    names = list(fns)
     for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(n):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
     torch.cuda.synchronize()
-    return harness.median(times) * 1e6
+    return {name: harness.median(ts) * 1e6 for name, ts in times.items()}
 
 
 def graph_us(fn) -> float:
@@ -66,9 +73,22 @@ class Stack(torch.nn.Module):
         return x
 
 
+def profile(fn, title, calls=20):
+    """The host-side events of `calls` calls (CUDA launches, allocations, Python in Inductor's launchers)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            fn()
+    torch.cuda.synchronize()
+    print(f"\nprofile: {title}, {calls} calls")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+
+
 def compiled(module, variant):
     backend, inline = VARIANTS[variant]
-    torch._dynamo.reset()
     if inline is not None:
         os.environ["MOE_COMPILER_INLINE"] = inline
     return torch.compile(module, backend=backend, dynamic=False)
@@ -77,6 +97,8 @@ def compiled(module, variant):
 def main():
     ap = harness.parser(__doc__, shapes=MODELS, tokens=[1, 32])
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--profile", action="store_true", help="print each variant's host-side profile of 20 calls of the "
+                    "L-block stack (torch.profiler, CPU: launches and their cost per call)")
     args = ap.parse_args()
     harness.gpu_name()
     harness.compile_per_shape()
@@ -91,14 +113,18 @@ def main():
                 ref = stacks[len(blocks)](x).float()
                 row = {"model": name, "T": T, "layers": len(blocks)}
                 for variant in VARIANTS:
-                    host = {}
+                    fns = {}
+                    torch._dynamo.reset()  # both stacks' graphs stay cached while they are timed in turn
                     for n, stack in stacks.items():
                         fn = compiled(stack, variant)
                         fn(x)
-                        host[n] = host_us(lambda: fn(x))
+                        fns[n] = lambda fn=fn: fn(x)
                         if n == len(blocks):
                             row[f"{variant}_err"] = rel_err(fn(x).float(), ref)
-                            row[f"{variant}_gpu_us"] = graph_us(lambda: fn(x))
+                            row[f"{variant}_gpu_us"] = graph_us(fns[n])
+                    host = host_us(fns)
+                    if args.profile:
+                        profile(fns[len(blocks)], f"{name} T={T} {variant}, {len(blocks)} layers")
                     row[f"{variant}_host_1"] = host[1]
                     row[f"{variant}_host_per_layer"] = (host[len(blocks)] - host[1]) / (len(blocks) - 1)
                 print(row, flush=True)

@@ -198,7 +198,8 @@ def _gate_up_gemv_kernel(
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am, stride_sn, stride_sk, stride_sam, SHARED_TILES,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     SCALE_INPUT: tl.constexpr, PAIRED: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ZERO_TICKETS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # grid (S [+ shared rows], I / BLOCK_N): row p < S is pair p; the rows after S hold the shared MLP's
     # T * SHARED_TILES tiles, laid out row-major over the same second axis.
@@ -207,9 +208,12 @@ def _gate_up_gemv_kernel(
     if (p == 0) & (pid_n == 0):
         check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S)
         # The split down kernel's tickets start at zero (this launch precedes it in the stream): no memset launch.
-        for c0 in range(0, N_TICKETS, BLOCK_S):
-            c = c0 + tl.arange(0, BLOCK_S)
-            tl.store(tickets_ptr + c, tl.zeros([BLOCK_S], dtype=tl.int32), mask=c < N_TICKETS)
+        # Unsplit, tickets_ptr is a dummy bound to ok_ptr: no store may name it (a constexpr, not N_TICKETS = 0),
+        # or torch's mutation analysis sees two written arguments on one buffer and Inductor copies one per call.
+        if ZERO_TICKETS:
+            for c0 in range(0, N_TICKETS, BLOCK_S):
+                c = c0 + tl.arange(0, BLOCK_S)
+                tl.store(tickets_ptr + c, tl.zeros([BLOCK_S], dtype=tl.int32), mask=c < N_TICKETS)
     if HAS_SHARED:
         if p >= S:  # rows after the S pairs: the shared MLP's tiles, row-major over the same second axis
             _shared_gate_up(
@@ -379,7 +383,7 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, SCALE_INPUT=spec.scale_input,
         PAIRED=paired(spec), HAS_SHARED=mlp is not None, HAS_GATE=mlp is not None and mlp.expert_gate is not None,
-        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, BLOCK_S=128, NUM_STAGES=gu.num_stages,
+        ZERO_TICKETS=tickets is not None, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, BLOCK_S=128, NUM_STAGES=gu.num_stages,
         num_warps=gu.num_warps, num_stages=gu.num_stages, **launch.asserts(),
     )
 

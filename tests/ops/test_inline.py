@@ -80,12 +80,21 @@ class Sm90Driver:
 triton.runtime.driver.set_active(Sm90Driver())
 """
 
-# The recorded kernels' arguments the functional wrapper copies because the kernel writes them (tensors_to_clone)
-# that are the traced function's own inputs — weights, hidden, routing: none may be.
+# The recorded kernels' written arguments (tensors_to_clone) that Inductor must copy on every call: those that are
+# the traced function's own inputs (weights, hidden, routing), and every written argument but one bound to the same
+# buffer (Inductor writes one in place and a copy of it for the other: a dummy passed for two written pointers,
+# say, costs a copy kernel per call). None may be.
 CLONED = """
 inputs = {n.name for n in graphs[0].graph.find_nodes(op="placeholder")}
-cloned = [name for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)
-          for name in n.kwargs["tensors_to_clone"] if str(n.kwargs["kwargs"][name]) in inputs]
+cloned = []
+for n in graphs[0].graph.nodes:
+    if "triton_kernel_wrapper" in str(n.target):
+        written = {}
+        for name in n.kwargs["tensors_to_clone"]:
+            buf = str(n.kwargs["kwargs"][name])
+            if buf in inputs or buf in written:
+                cloned.append(name)
+            written[buf] = name
 print("CLONED", len(cloned), *cloned)
 """
 
