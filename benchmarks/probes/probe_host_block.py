@@ -3,7 +3,7 @@ graphs, for plain Inductor, fused_moe with the op opaque (MOE_COMPILER_INLINE=0)
 Triton launches recorded into Inductor's code (the default). NOTES.md "host path".
 
     python -m benchmarks.probes.probe_host_block [--shapes qwen3_30b_a3b deepseek_v3] [--tokens 1 32] [--layers 4]
-                                                 [--profile]
+                                                 [--profile] [--inductor-options '{"cpp_wrapper": true}']
 
 A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone. Host time of a call is the
 wall time from entering the compiled call to its return, with the GPU idle before it (a synchronize before
@@ -19,6 +19,7 @@ launch queue full that reads whichever of host and GPU is slower, plus queue sta
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -87,16 +88,18 @@ def profile(fn, title, calls=20):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
-def compiled(module, variant):
+def compiled(module, variant, options=None):
     backend, inline = VARIANTS[variant]
     if inline is not None:
         os.environ["MOE_COMPILER_INLINE"] = inline
-    return torch.compile(module, backend=backend, dynamic=False)
+    return torch.compile(module, backend=backend, dynamic=False, options=options)
 
 
 def main():
     ap = harness.parser(__doc__, shapes=MODELS, tokens=[1, 32])
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--inductor-options", type=json.loads, default=None, metavar="JSON",
+                    help="Inductor options of every variant, e.g. '{\"cpp_wrapper\": true}' (C++ host code)")
     ap.add_argument("--profile", action="store_true", help="print each variant's host-side profile of 20 calls of the "
                     "L-block stack (torch.profiler, CPU: launches and their cost per call)")
     args = ap.parse_args()
@@ -116,7 +119,7 @@ def main():
                     fns = {}
                     torch._dynamo.reset()  # both stacks' graphs stay cached while they are timed in turn
                     for n, stack in stacks.items():
-                        fn = compiled(stack, variant)
+                        fn = compiled(stack, variant, args.inductor_options)
                         fn(x)
                         fns[n] = lambda fn=fn: fn(x)
                         if n == len(blocks):
