@@ -4,7 +4,7 @@ process, on real-dimension models with random weights (benchmarks/models.py: rel
     python -m benchmarks.bench_models [--shapes qwen3_30b_a3b deepseek_v3 ...] [--parts prefill decode generate]
                                       [--out]   # results/models_<gpu>.json (+ .png with matplotlib)
     python -m benchmarks.bench_models --from-json benchmarks/results/models_NVIDIA_H200.json   # table + plot again
-    python -m benchmarks.bench_models --parts decode --inductor-options '{"cpp_wrapper": true}'  # C++ host code
+    python -m benchmarks.bench_models --parts decode --extra fused_static fused_cpp inductor_cpp   # launcher A/B
 
 Parts (bf16, no gradients):
     prefill     1 x 4096 tokens, last-token logits (logits_to_keep=1); compile default mode
@@ -44,6 +44,13 @@ from . import harness
 from .models import MODELS, build
 
 BACKENDS = {"eager": None, "inductor": "inductor", "fused_moe": "fused_moe"}
+# --extra: more variants of the default-mode points (prefill, decode), timed interleaved with the three above —
+# the host's launch path, A/B in one process: name -> (backend, torch.compile options)
+EXTRA_VARIANTS = {
+    "fused_static": ("fused_moe", {"moe_compiler.static_launch": True}),  # our kernels by torch's C++ launcher
+    "fused_cpp": ("fused_moe", {"cpp_wrapper": True}),  # Inductor's host code in C++
+    "inductor_cpp": ("inductor", {"cpp_wrapper": True}),
+}
 PARTS = ("prefill", "decode", "generate", "train")
 DEFAULT_PARTS = ("prefill", "decode", "generate")
 # name -> (torch.compile kwargs or None for eager, MOE_COMPILER_BACKWARD)
@@ -81,18 +88,19 @@ def first_call_s(fn) -> float:
     return time.perf_counter() - t0
 
 
-def forward_points(model, backends: dict, mode, ids, reps, options=None) -> dict:
+def forward_points(model, backends: dict, mode, ids, reps) -> dict:
     """{variant: row fields} of model(ids) compiled with each backend in `mode` (eager: backend None), timed
     interleaved (harness.interleaved: one call of each variant per round, the order rotated), so that the host's
     drift — default-mode cells are host time, and the same step moved ±30% between runs — lands on every variant
     alike. Each variant is compiled (its first call: compile_s) and warmed up before any is timed; its peak memory
-    is that of its own first calls; err: last-token logits vs the eager variant's. `options` (default mode only):
-    Inductor options of every compiled variant, e.g. {"cpp_wrapper": True}."""
+    is that of its own first calls; err: last-token logits vs the eager variant's. A backend is a name or
+    (name, torch.compile options) (default mode only)."""
     torch._dynamo.reset()
     calls, rows, outs = {}, {}, {}
     for variant, backend in backends.items():
+        backend, options = backend if isinstance(backend, tuple) else (backend, None)
         fn = model if backend is None else torch.compile(model, backend=backend, mode=mode, dynamic=False,
-                                                         options=options if mode is None else None)
+                                                         options=options)
         calls[variant] = lambda fn=fn: fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
@@ -232,7 +240,7 @@ def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS) -> list[dict]:
     return rows
 
 
-def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS, bound=False, options=None):
+def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS, bound=False, extra=()):
     model = build(name, layers=layers)
     V = model.config.vocab_size
     gen = torch.Generator("cuda").manual_seed(0)
@@ -246,19 +254,20 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
                 points.append((f"decode B={B}", mode, torch.randint(0, V, (B, 1), device="cuda", generator=gen), 50))
     for part, mode, ids, reps in points:
         row = {"model": name, "layers": model.config.num_hidden_layers, "part": part, "mode": mode}
-        if options and mode == "default":
-            row["inductor_options"] = options
         # eager has no mode: it runs (as the logits' reference) in the default-mode points only
         backends = {v: b for v, b in BACKENDS.items() if b is not None or mode == "default"}
-        for variant, cells in forward_points(model, backends, None if mode == "default" else mode, ids, reps,
-                                             options).items():
+        if mode == "default":
+            backends.update({v: EXTRA_VARIANTS[v] for v in extra})
+        for variant, cells in forward_points(model, backends, None if mode == "default" else mode, ids, reps).items():
             row.update({f"{variant}_{k}": v for k, v in cells.items()})
             print(part, mode, variant, cells, flush=True)
         row["speedup"] = row["inductor_ms"] / row["fused_moe_ms"]
+        for v in extra if mode == "default" else ():
+            row[f"{v}_speedup"] = row["inductor_ms"] / row[f"{v}_ms"]
         if bound:
             with free_experts(model):
                 cells = forward_points(model, {"free_moe": "inductor"}, None if mode == "default" else mode, ids,
-                                       reps, options)["free_moe"]
+                                       reps)["free_moe"]
             row.update({f"free_moe_{k}": v for k, v in cells.items()})
             row["bound"] = row["inductor_ms"] / row["free_moe_ms"]
             print(part, mode, "free_moe", cells, flush=True)
@@ -301,6 +310,12 @@ def print_table(rows):
         print(f"{r['model']:>16} {r['part']:>12} {r['mode']:>15} {'tok/s' if unit == 'tok_s' else 'ms':>6} "
               + " ".join(f"{c:>9.2f}" if c is not None else f"{'-':>9}" for c in cells)
               + f" {r['speedup']:>6.2f} {r.get('bound', float('nan')):>6.2f} {err:>15} {comp:>20}")
+    extra = [(r, v) for r in rows for v in EXTRA_VARIANTS if f"{v}_speedup" in r]
+    if extra:
+        print("\nextra variants (default mode): inductor time / variant time, same interleaved rounds")
+        for r, v in extra:
+            print(f"{r['model']:>16} {r['part']:>12} {v:>14} {r[f'{v}_ms']:9.2f} ms {r[f'{v}_speedup']:6.2f}x "
+                  f"(fused_moe {r['speedup']:.2f}x)")
     train = [r for r in rows if r["part"].startswith("train")]
     if train:
         variants = [v for v in TRAIN_VARIANTS if any(f"{v}_ms" in r for r in train)]
@@ -351,9 +366,9 @@ def main():
     ap.add_argument("--bound", action="store_true",
                     help="also time each cell with the routed experts free (free_moe): the most any experts "
                          "implementation can gain there")
-    ap.add_argument("--inductor-options", type=json.loads, default=None, metavar="JSON",
-                    help="Inductor options of both compiled variants in the default-mode points (prefill, decode), "
-                         "e.g. '{\"cpp_wrapper\": true}': host code in C++ instead of Python; rows record them")
+    ap.add_argument("--extra", nargs="+", choices=list(EXTRA_VARIANTS), default=[],
+                    help="more variants of the default-mode points, timed interleaved with the others (rows: "
+                         "<variant>_ms, <variant>_speedup = inductor time / its time)")
     ap.add_argument("--from-json", help="print the table and draw the plot of an earlier run's results file")
     args = ap.parse_args()
     if args.from_json:
@@ -365,7 +380,7 @@ def main():
     harness.compile_per_shape()
     rows = []
     for name in args.shapes:
-        rows += bench_model(name, args.parts, args.layers, args.train_variants, args.bound, args.inductor_options)
+        rows += bench_model(name, args.parts, args.layers, args.train_variants, args.bound, args.extra)
         if os.environ.get("OUT"):
             harness.write_json(os.path.join(os.environ["OUT"], "models.json"), rows)
     print_table(rows)
