@@ -33,16 +33,16 @@ from moe_compiler.lowering import triton_quantized_decode as qd
 from moe_compiler.lowering.triton_config import LIVE_ASSERTS  # as launched (launch.asserts)
 from moe_compiler.testing import sm90
 
-TYPES = dict(x_ptr="*bf16", ids_ptr="*i32", s_ptr="*bf16", act_ptr="*bf16", ok_ptr="*i32", alpha="fp32",
-             limit="fp32")
+TYPES = dict(x_ptr="*bf16", ids_ptr="*i32", s_ptr="*bf16", act_ptr="*bf16", ok_ptr="*i32", tickets_ptr="*i32",
+             alpha="fp32", limit="fp32")
 # gate_up GEMV's runtime arguments at a real shape (E, H = 7168, I = 2048: Kimi-K2 / DeepSeek-V3)
 SHAPES = {
     "int4": dict(S=8, E=384, H=7168, I=2048, TOP_K=8, SCALE_BN=1, SCALE_BK=32, stride_xm=9 * 896,
                  stride_we=4096 * 896, stride_wn=896, stride_wk=1, stride_se=4096 * 224, stride_sn=224, stride_sk=1,
-                 stride_am=9 * 256, base_bits=0x41800000),  # x and act as fp32 planes [9, K / 8]
+                 stride_am=9 * 256, base_bits=0x41800000, N_TICKETS=0),  # x and act as fp32 planes [9, K / 8]
     "fp8": dict(S=8, E=256, H=7168, I=2048, TOP_K=8, SCALE_BN=128, SCALE_BK=128, stride_xm=7168,
                 stride_we=4096 * 7168, stride_wn=7168, stride_wk=1, stride_se=32 * 56, stride_sn=56, stride_sk=1,
-                stride_am=2048, base_bits=0x41800000),
+                stride_am=2048, base_bits=0x41800000, N_TICKETS=0),
 }
 
 
@@ -99,6 +99,7 @@ def main():
         constexprs = dict(ACT=0, EVEN_K=True, INT4=int4, E8M0=False, BLOCK_N=bn, BLOCK_K=bk,
                           BLOCK_KW=bk // 8 if int4 else bk, BLOCK_S=128, NUM_STAGES=stages,
                           K_GROUPS=1 if int4 else max(1, bk // 128), PLANES=int4, TILE3D=False, ROUND=1,
+                          ZERO_TICKETS=False,
                           GROUP_W=qd.group_words(SHAPES[args.format]["SCALE_BK"], bk) if int4 else 1)
         sass, ttgir, regs = compile_sass(qd._gate_up_q_gemv_kernel, SHAPES[args.format], constexprs, types, warps,
                                          stages, args.maxnreg)

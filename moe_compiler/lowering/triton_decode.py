@@ -211,9 +211,7 @@ def _gate_up_gemv_kernel(
         # Unsplit, tickets_ptr is a dummy bound to ok_ptr: no store may name it (a constexpr, not N_TICKETS = 0),
         # or torch's mutation analysis sees two written arguments on one buffer and Inductor copies one per call.
         if ZERO_TICKETS:
-            for c0 in range(0, N_TICKETS, BLOCK_S):
-                c = c0 + tl.arange(0, BLOCK_S)
-                tl.store(tickets_ptr + c, tl.zeros([BLOCK_S], dtype=tl.int32), mask=c < N_TICKETS)
+            zero_tickets(tickets_ptr, N_TICKETS, BLOCK_S)
     if HAS_SHARED:
         if p >= S:  # rows after the S pairs: the shared MLP's tiles, row-major over the same second axis
             _shared_gate_up(
@@ -306,18 +304,35 @@ def _down_gemv_combine_kernel(
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if SPLIT == 1:
         tl.store(out_ptr + t * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
-    else:
-        # part [SPLIT, T, H] fp32; the ticket of tile (t, pid_n) counts its splits (zeroed by the gate_up launch).
-        tl.store(part_ptr + (split * T + t) * H + n_out, out, mask=n_out < H)
-        tl.debug_barrier()  # every thread's partial stored before the ticket releases them
-        ticket_ptr = tickets_ptr + t * tl.num_programs(1) + pid_n
-        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLIT - 1:
-            tl.store(ticket_ptr, 0)  # every split has counted: back to zero for a relaunch without gate_up (tuner)
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for s in tl.static_range(SPLIT):  # split order, whoever arrived last
-                total += tl.load(part_ptr + (s * T + t) * H + n_out, mask=n_out < H, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + t * stride_om + n_out, total.to(out_ptr.dtype.element_ty), mask=n_out < H)
+    else:  # part [SPLIT, T, H] fp32; the ticket of tile (t, pid_n) counts its splits
+        sum_parts_in_order(part_ptr + t * H, T * H, split, out, tickets_ptr + t * tl.num_programs(1) + pid_n,
+                           out_ptr + t * stride_om, n_out, H, SPLIT)
+
+
+@triton.jit
+def zero_tickets(tickets_ptr, N, BLOCK: tl.constexpr):
+    """tickets[:N] = 0, by one program of the launch before the one that counts on them (sum_parts_in_order)."""
+    for c0 in range(0, N, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        tl.store(tickets_ptr + c, tl.zeros([BLOCK], dtype=tl.int32), mask=c < N)
+
+
+@triton.jit
+def sum_parts_in_order(part_ptr, stride_part, part, value, ticket_ptr, out_ptr, n_out, H, PARTS: tl.constexpr):
+    """One output tile computed by PARTS programs, each holding an fp32 partial `value` (columns n_out): store it
+    as part `part` (at part_ptr + part * stride_part); the last program of the tile to arrive — its ticket, zeroed
+    before the launch by the launch before it in the stream — sums the parts in part order into out_ptr's row, so
+    the result does not depend on who arrives when (deterministic, no atomics on the output, no second launch),
+    and sets the ticket back to zero (a relaunch without the zeroing launch, as the tuner's, still counts from 0)."""
+    tl.store(part_ptr + part * stride_part + n_out, value, mask=n_out < H)
+    tl.debug_barrier()  # every thread's partial stored before the ticket releases them
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == PARTS - 1:
+        tl.store(ticket_ptr, 0)
+        total = tl.zeros_like(value)
+        for s in tl.static_range(PARTS):  # part order, whoever arrived last
+            total += tl.load(part_ptr + s * stride_part + n_out, mask=n_out < H, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + n_out, total.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
 
 # The id check loads every id in one program: the decode path is only taken for S up to this many pairs.

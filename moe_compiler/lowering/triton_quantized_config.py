@@ -66,8 +66,9 @@ class QuantizedConfig:
     sorted_copy: bool = True
     warp_specialize: bool = False
     programs_per_sm: int = 0
-    # The down GEMV: one program per (pair, column block), fp32 rows summed over the slots by a second kernel, or
-    # one per (token, column block) looping over its k slots (T = 1: k times fewer programs, one launch less).
+    # The down GEMV: one program per (pair, column block), its fp32 row summed over the token's slots by the last of
+    # them to arrive (a ticket; was a second kernel), or one per (token, column block) looping over its k slots
+    # (T = 1: k times fewer programs, no fp32 rows).
     slot_split: bool = True
     # The down GEMV's weight rows per program (0: block_n). A gate_up program streams a gate and an up tile (2
     # block_n rows) per x load; a down program of 2 block_n rows streams as many bytes per x load. INT4 planes at

@@ -15,8 +15,11 @@ Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_bl
     xp            [T, 9, H/8] fp32       xp[t, j, w] = hidden[t, 8w + j] (j < 8), xp[t, 8, w] = -24 x their sum
     act           [S, 9, I/8] fp32       act in the same form (values rounded to hidden's dtype first)
 
+    tickets       [T * H / down_rows]    int32, config.slot_split: zeroed by the gate_up launch; the last of a
+                                         token's k pair programs of a column block to arrive sums their y rows
+
     route -> ([x planes: grid (T, H / 1024)]) -> [gate_up GEMV + act: grid (S, I / BLOCK_N)]
-          -> [down GEMV * weight: grid (S, H / BLOCK_N)] -> [combine: each token's k rows of y in slot order]
+          -> [down GEMV * weight: grid (S, H / BLOCK_N); the last slot of a tile sums its k rows of y in order]
     (not slot_split: [down GEMV * weight + combine: grid (T, H / BLOCK_N)], each program looping over k slots)
 
 At decode the op is a stream of weight bytes (each touched expert read once), so the weights are read in their
@@ -44,8 +47,7 @@ import triton.language as tl
 from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import launch
 from .triton_act import ACT_CODE, gated_act
-from .triton_decode import check_ids, pair_buffers
-from .triton_experts import launch_combine
+from .triton_decode import check_ids, pair_buffers, sum_parts_in_order, zero_tickets
 from .triton_quantized import _scale_view, int4_unit_plane, int4_values
 
 
@@ -183,18 +185,20 @@ def _weight_ptrs(w_ptr, e, rows, stride_we, stride_wn, stride_wk, BLOCK_KW: tl.c
 
 @triton.jit  # SCALE_BN / SCALE_BK constexprs as in triton_quantized.py's kernels
 def _gate_up_q_gemv_kernel(
-    x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, S, E, H, I, TOP_K, alpha, limit, base_bits,
-    SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, ok_ptr, tickets_ptr, S, E, H, I, TOP_K, alpha, limit, base_bits,
+    N_TICKETS, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     stride_xm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_am,
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr, K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
-    GROUP_W: tl.constexpr, ROUND: tl.constexpr,
+    GROUP_W: tl.constexpr, ROUND: tl.constexpr, ZERO_TICKETS: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     if (p == 0) & (pid_n == 0):
         check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S)
+        if ZERO_TICKETS:  # the down GEMV's tickets (slot_split), as triton_decode.py's gate_up does for its split
+            zero_tickets(tickets_ptr, N_TICKETS, BLOCK_S)
     e = tl.load(ids_ptr + p)
     h_live = tl.where(e < E, H, 0)  # a sentinel pair loops zero times (triton_decode.py)
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
@@ -276,15 +280,18 @@ def _down_q_slot(
 
 @triton.jit
 def _down_q_gemv_kernel(
-    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, E, H, I, base_bits, SCALE_BN: tl.constexpr,
-    SCALE_BK: tl.constexpr, stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
-    SLOTS: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, out_ptr, y_ptr, tickets_ptr, E, H, I, base_bits,
+    SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
+    SLOTS: tl.constexpr, TOP_K: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
     K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr, GROUP_W: tl.constexpr,
 ):
-    # SLOTS = 1 (slot_split): program (p, n-block) writes pair p's fp32 row (out is y [S, H]; launch_combine
-    # combines). SLOTS = k: program (t, n-block) sums token t's slots in order into out [T, H]: at T = 1 k times
-    # fewer programs, each k times longer (DeepSeek-V3 FP8: 448 programs, 53 us for a 28 us byte floor).
+    # SLOTS = 1 (slot_split): program (p, n-block) holds pair p's fp32 row; the token's k pair programs of a
+    # column block meet through y [S, H] fp32 and a ticket, and the last to arrive sums the k rows in slot order
+    # into out [T, H] (sum_parts_in_order: deterministic, no combine launch). SLOTS = k: program (t, n-block) sums
+    # token t's slots in order into out itself: at T = 1 k times fewer programs, each k times longer (DeepSeek-V3
+    # FP8: 448 programs, 53 us for a 28 us byte floor).
     row = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
@@ -295,7 +302,12 @@ def _down_q_gemv_kernel(
                             EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW, NUM_STAGES, K_GROUPS, PLANES, TILE3D,
                             GROUP_W)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + row * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
+    if SLOTS == 1:
+        t = row // TOP_K
+        sum_parts_in_order(y_ptr + t * TOP_K * H, H, row % TOP_K, out, tickets_ptr + t * tl.num_programs(1) + pid_n,
+                           out_ptr + t * stride_om, n_out, H, TOP_K)
+    else:
+        tl.store(out_ptr + row * stride_om + n_out, out.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
 
 # act's rounding to hidden's dtype where the gate_up epilogue stores it as fp32 planes
@@ -344,20 +356,22 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
                   PLANES=planes, TILE3D=int4 and not planes,
                   GROUP_W=group_words(spec.scale_block_k, block_k) if planes else 1,
                   num_warps=config.num_warps, num_stages=config.num_stages)
+    out = hidden.new_empty(T, H)
+    tiles = triton.cdiv(H, config.down_rows)
+    # slot_split: the pairs' fp32 rows and a ticket per (token, column block), zeroed by the gate_up launch
+    y = hidden.new_empty(T * k, H, dtype=torch.float32) if config.slot_split else out
+    tickets = torch.empty(T * tiles, dtype=torch.int32, device=hidden.device) if config.slot_split else ids_ok
     launch.kernel(_gate_up_q_gemv_kernel)[(T * k, triton.cdiv(I, config.block_n))](
-        x, ids, w_gate_up, s1, act, ids_ok, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),
-        float(spec.swiglu_limit), SIXTEEN_BITS, spec.scale_block_n, spec.scale_block_k,
+        x, ids, w_gate_up, s1, act, ids_ok, tickets, T * k, w_gate_up.shape[0], H, I, k, float(spec.swiglu_alpha),
+        float(spec.swiglu_limit), SIXTEEN_BITS, tickets.numel(), spec.scale_block_n, spec.scale_block_k,
         x.stride(0), *w_gate_up.stride(), *s1.stride(), act.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % block_k == 0, BLOCK_S=128, ROUND=ROUND_CODE[hidden.dtype],
-        **common, **launch.asserts(),
+        ZERO_TICKETS=config.slot_split, **common, **launch.asserts(),
     )
-    out = hidden.new_empty(T, H)
-    y = hidden.new_empty(T * k, H, dtype=torch.float32) if config.slot_split else out
-    launch.kernel(_down_q_gemv_kernel)[(y.shape[0], triton.cdiv(H, config.down_rows))](
-        act, ids, weights, w_down, s2, y, w_down.shape[0], H, I, SIXTEEN_BITS, spec.scale_block_n, spec.scale_block_k,
-        act.stride(0), *w_down.stride(), *s2.stride(), y.stride(0),
-        SLOTS=1 if config.slot_split else k, EVEN_K=I % block_k == 0, **(common | {"BLOCK_N": config.down_rows}),
+    launch.kernel(_down_q_gemv_kernel)[(T * k if config.slot_split else T, tiles)](
+        act, ids, weights, w_down, s2, out, y, tickets, w_down.shape[0], H, I, SIXTEEN_BITS, spec.scale_block_n,
+        spec.scale_block_k, act.stride(0), *w_down.stride(), *s2.stride(), out.stride(0),
+        SLOTS=1 if config.slot_split else k, TOP_K=k, EVEN_K=I % block_k == 0,
+        **(common | {"BLOCK_N": config.down_rows}),
     )
-    if config.slot_split:
-        launch_combine(y, None, k, out)
     return out

@@ -159,8 +159,8 @@ def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, planes, T, H, 
 def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, block_k):
     args, (w1, w2) = quantized_experts_inputs(T, H, I, 8, 2, dtype, bn, bk, scale_dtype, seed=T, weight_format=fmt)
     spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
-    # INT4: the 3-D tile, the nibble planes; the down GEMV per pair (slot_split, summed by a second kernel) and
-    # per token; down programs of other heights than gate_up's (down_block_n)
+    # INT4: the 3-D tile, the nibble planes; the down GEMV per pair (slot_split, the slots summed by the last pair
+    # program of a tile to arrive) and per token; down programs of other heights than gate_up's (down_block_n)
     variants = [dict(int4_planes=p, slot_split=p) for p in (False, True)] if fmt == "int4_packed" else \
         [dict(slot_split=p) for p in (False, True)]
     variants += [dict(down_block_n=32), dict(down_block_n=8, slot_split=False)]
@@ -169,6 +169,26 @@ def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, 
         with poisoned_allocations():
             out = triton_quantized.experts_forward(*[a.to(DEVICE) for a in args], spec, config).cpu()
         assert out.dtype == dtype and rel_err(out, experts_reference(*args[:3], w1, w2)) <= tol, variant
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4_packed"])
+def test_down_gemv_per_pair_sums_the_slots_as_the_per_token_form_does(fmt):
+    """slot_split: each pair's program stores its fp32 row and the last of a token's k programs to arrive sums the
+    k rows in slot order — the per-token form's additions in the same order, so the same bits, whoever arrives
+    last (on a GPU: any row read before it is visible would differ). Twice: the tickets are reset by their last
+    user, then zeroed again by the gate_up launch. 5 tokens, k = 4, with a sentinel slot (id E: a zero row)."""
+    bn, bk = (1, 32) if fmt == "int4_packed" else (16, 16)
+    args, _ = quantized_experts_inputs(5, 96, 64, 8, 4, torch.float32, bn, bk, torch.float32, seed=3, weight_format=fmt)
+    args = [a.to(DEVICE) for a in args]
+    args[1][2, 1] = 8  # the expert-parallel sentinel
+    spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
+    outs = []
+    for split in (True, True, False):
+        config = QuantizedConfig(block_m=16, block_n=16, block_k=32, act="w8a16", decode=True, slot_split=split,
+                                 int4_planes=False)
+        with poisoned_allocations():
+            outs.append(triton_quantized.experts_forward(*args, spec, config).cpu())
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs no device asserts")
