@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--format", choices=list(SHAPES), default="int4")
     ap.add_argument("--tiles", nargs="+", default=["8,512,2,3"], help="block_n,block_k,warps,stages")
     ap.add_argument("--out", help="directory for each kernel's .sass and .ttgir")
+    ap.add_argument("--per-value-scales", action="store_true",
+                    help="FP8: scale each weight value (as before ROW_SCALE) instead of the step's inputs")
     ap.add_argument("--maxnreg", type=int, help="cap registers per thread (Triton's maxnreg): occupancy vs spills")
     args = ap.parse_args()
     int4 = args.format == "int4"
@@ -99,7 +101,7 @@ def main():
         constexprs = dict(ACT=0, EVEN_K=True, INT4=int4, E8M0=False, BLOCK_N=bn, BLOCK_K=bk,
                           BLOCK_KW=bk // 8 if int4 else bk, BLOCK_S=128, NUM_STAGES=stages,
                           K_GROUPS=1 if int4 else max(1, bk // 128), PLANES=int4, TILE3D=False, ROUND=1,
-                          ZERO_TICKETS=False,
+                          ZERO_TICKETS=False, ROW_SCALE=not int4 and not args.per_value_scales,
                           GROUP_W=qd.group_words(SHAPES[args.format]["SCALE_BK"], bk) if int4 else 1)
         sass, ttgir, regs = compile_sass(qd._gate_up_q_gemv_kernel, SHAPES[args.format], constexprs, types, warps,
                                          stages, args.maxnreg)

@@ -52,14 +52,41 @@ from .triton_quantized import _scale_view, int4_unit_plane, int4_values
 
 
 @triton.jit
+def _fp8_scales(s_row, k0, K, stride_sk, SCALE_BK, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr,
+                K_GROUPS: tl.constexpr):
+    """fp32 scales [R, BLOCK_K] of an FP8 step's columns k0 .. k0 + BLOCK_K for R scale rows (s_row: R pointers to
+    each row's scale row). A step spans K_GROUPS scale blocks (BLOCK_K = K_GROUPS x SCALE_BK, or one block holding
+    the step when K_GROUPS = 1): each column takes its block's scale by a select, a step of K_GROUPS x 128 bytes per
+    row keeping more bytes in flight than one block's."""
+    s = tl.load(s_row + (k0 // SCALE_BK) * stride_sk).to(tl.float32)  # the step's first scale block
+    if E8M0:
+        s = tl.exp2(s - 127.0)
+    s_cols = tl.broadcast_to(s[:, None], [s_row.shape[0], BLOCK_KW])
+    if K_GROUPS > 1:
+        col = tl.arange(0, BLOCK_KW)  # FP8: one value per stored byte
+        last = (K - 1) // SCALE_BK  # a K tail's later blocks: clamped in bounds (their values load as 0)
+        for g in tl.static_range(1, K_GROUPS):
+            sg = tl.load(s_row + tl.minimum(k0 // SCALE_BK + g, last) * stride_sk).to(tl.float32)
+            if E8M0:
+                sg = tl.exp2(sg - 127.0)
+            s_cols = tl.where(col[None, :] >= g * (BLOCK_KW // K_GROUPS), sg[:, None], s_cols)
+    return s_cols
+
+
+@triton.jit
+def _tile_scale_row(s_ptr, e, row0, stride_se, stride_sn, SCALE_BN):
+    """[1] pointer to the scale row of a tile whose rows all lie in the scale block of its first row `row0`."""
+    return s_ptr + e * stride_se + tl.full([1], row0 // SCALE_BN, tl.int64) * stride_sn
+
+
+@triton.jit
 def _dequantized_rows(w_ptrs, s_ptr, e, rows, k0, K, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
                       EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr, BLOCK_KW: tl.constexpr,
-                      K_GROUPS: tl.constexpr):
+                      K_GROUPS: tl.constexpr, ROW_SCALE: tl.constexpr):
     """fp32 weights of `rows` at columns k0 .. k0 + BLOCK_K (stored words at w_ptrs): FP8 [BLOCK_N, BLOCK_K];
     INT4 [BLOCK_N, BLOCK_KW, 8], value k0 + 8 kw + j at [:, kw, j] (nibbles never reshaped into a row; one
-    scale per word: a word's 8 values share a group). An FP8 step spans K_GROUPS scale blocks (BLOCK_K =
-    K_GROUPS x SCALE_BK, or one block holding the step when K_GROUPS = 1): each column takes its block's scale
-    by a select, a step of K_GROUPS x 128 bytes per row keeping more bytes in flight than one block's."""
+    scale per word: a word's 8 values share a group). FP8 under ROW_SCALE: unscaled — the tile's rows share one
+    scale row, so the caller scales the step's inputs instead (BLOCK_K multiplies, not BLOCK_N x BLOCK_K)."""
     kw = tl.arange(0, BLOCK_KW)
     s_row = s_ptr + e * stride_se + (rows // SCALE_BN).to(tl.int64) * stride_sn
     if INT4:
@@ -78,21 +105,9 @@ def _dequantized_rows(w_ptrs, s_ptr, e, rows, k0, K, stride_se, stride_sn, strid
             q = tl.load(w_ptrs)
         else:
             q = tl.load(w_ptrs, mask=(kw[None, :] < K - k0), other=0.0)
-        s = tl.load(s_row + (k0 // SCALE_BK) * stride_sk).to(tl.float32)  # the step's first scale block
-        if E8M0:
-            s = tl.exp2(s - 127.0)
-        if K_GROUPS == 1:
-            w = q.to(tl.float32) * s[:, None]
-        else:
-            col = tl.arange(0, BLOCK_KW)  # FP8: one value per stored byte
-            s_cols = tl.broadcast_to(s[:, None], [rows.shape[0], BLOCK_KW])
-            last = (K - 1) // SCALE_BK  # a K tail's later blocks: clamped in bounds (their values load as 0)
-            for g in tl.static_range(1, K_GROUPS):
-                sg = tl.load(s_row + tl.minimum(k0 // SCALE_BK + g, last) * stride_sk).to(tl.float32)
-                if E8M0:
-                    sg = tl.exp2(sg - 127.0)
-                s_cols = tl.where(col[None, :] >= g * (BLOCK_KW // K_GROUPS), sg[:, None], s_cols)
-            w = q.to(tl.float32) * s_cols
+        w = q.to(tl.float32)
+        if not ROW_SCALE:
+            w = w * _fp8_scales(s_row, k0, K, stride_sk, SCALE_BK, E8M0, BLOCK_KW, K_GROUPS)
     return w
 
 
@@ -191,7 +206,7 @@ def _gate_up_q_gemv_kernel(
     ACT: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr, K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr,
-    GROUP_W: tl.constexpr, ROUND: tl.constexpr, ZERO_TICKETS: tl.constexpr,
+    GROUP_W: tl.constexpr, ROUND: tl.constexpr, ZERO_TICKETS: tl.constexpr, ROW_SCALE: tl.constexpr,
 ):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -207,6 +222,8 @@ def _gate_up_q_gemv_kernel(
     wg_ptrs = _weight_ptrs(w_ptr, e, n, stride_we, stride_wn, stride_wk, BLOCK_KW)
     wu_ptrs = wg_ptrs + I * stride_wn
     x_row = x_ptr + tok * stride_xm
+    sg_row = _tile_scale_row(s_ptr, e, pid_n * BLOCK_N, stride_se, stride_sn, SCALE_BN)  # (ROW_SCALE only)
+    su_row = _tile_scale_row(s_ptr, e, pid_n * BLOCK_N + I, stride_se, stride_sn, SCALE_BN)
     if TILE3D:
         acc_g = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
@@ -222,11 +239,15 @@ def _gate_up_q_gemv_kernel(
         else:
             x = _step_input(x_row, k0, H, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
             wg = _dequantized_rows(wg_ptrs, s_ptr, e, n, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN, SCALE_BK,
-                                   EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
+                                   EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS, ROW_SCALE)
             wu = _dequantized_rows(wu_ptrs, s_ptr, e, n + I, k0, H, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                   SCALE_BK, EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
-            acc_g += wg * x
-            acc_u += wu * x
+                                   SCALE_BK, EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS, ROW_SCALE)
+            if ROW_SCALE:
+                acc_g += wg * (x * _fp8_scales(sg_row, k0, H, stride_sk, SCALE_BK, E8M0, BLOCK_KW, K_GROUPS))
+                acc_u += wu * (x * _fp8_scales(su_row, k0, H, stride_sk, SCALE_BK, E8M0, BLOCK_KW, K_GROUPS))
+            else:
+                acc_g += wg * x
+                acc_u += wu * x
         wg_ptrs += BLOCK_KW * stride_wk
         wu_ptrs += BLOCK_KW * stride_wk
     out = gated_act(_row_dots(acc_g, TILE3D), _row_dots(acc_u, TILE3D), alpha, limit, ACT)
@@ -248,19 +269,21 @@ def _gate_up_q_gemv_kernel(
 
 @triton.jit
 def _down_q_slot(
-    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, p, n, E, I, base_bits, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
-    stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
+    a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, p, n, n0, E, I, base_bits, SCALE_BN: tl.constexpr,
+    SCALE_BK: tl.constexpr, stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
     EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
     K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr, GROUP_W: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
-    """Pair p's weighted down row on columns n, fp32 [BLOCK_N]; zero for a sentinel pair (id E)."""
+    """Pair p's weighted down row on columns n (the tile from n0), fp32 [BLOCK_N]; zero for a sentinel pair."""
     e = tl.load(ids_ptr + p)
     live = e < E
     i_live = tl.where(live, I, 0)  # a sentinel pair reads no weights
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int64)
     a_row = a_ptr + p * stride_am
     w_ptrs = _weight_ptrs(w_ptr, e, n, stride_we, stride_wn, stride_wk, BLOCK_KW)
+    s_tile = _tile_scale_row(s_ptr, e, n0, stride_se, stride_sn, SCALE_BN)  # (ROW_SCALE only)
     if TILE3D:
         acc = tl.zeros([BLOCK_N, BLOCK_KW, 8], dtype=tl.float32)
     else:
@@ -272,7 +295,9 @@ def _down_q_slot(
         else:
             a = _step_input(a_row, k0, I, EVEN_K, INT4, BLOCK_K, BLOCK_KW)
             w = _dequantized_rows(w_ptrs, s_ptr, e, n, k0, I, stride_se, stride_sn, stride_sk, SCALE_BN,
-                                  SCALE_BK, EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS)
+                                  SCALE_BK, EVEN_K, INT4, E8M0, BLOCK_KW, K_GROUPS, ROW_SCALE)
+            if ROW_SCALE:
+                a = a * _fp8_scales(s_tile, k0, I, stride_sk, SCALE_BK, E8M0, BLOCK_KW, K_GROUPS)
             acc += w * a
         w_ptrs += BLOCK_KW * stride_wk
     return tl.where(live, _row_dots(acc, TILE3D) * tl.load(topk_w_ptr + p).to(tl.float32), 0.0)
@@ -286,6 +311,7 @@ def _down_q_gemv_kernel(
     SLOTS: tl.constexpr, TOP_K: tl.constexpr, EVEN_K: tl.constexpr, INT4: tl.constexpr, E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr, NUM_STAGES: tl.constexpr,
     K_GROUPS: tl.constexpr, PLANES: tl.constexpr, TILE3D: tl.constexpr, GROUP_W: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
     # SLOTS = 1 (slot_split): program (p, n-block) holds pair p's fp32 row; the token's k pair programs of a
     # column block meet through y [S, H] fp32 and a ticket, and the last to arrive sums the k rows in slot order
@@ -297,10 +323,10 @@ def _down_q_gemv_kernel(
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(SLOTS):  # slots in order: a deterministic combine
-        out += _down_q_slot(a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, row * SLOTS + j, n, E, I, base_bits, SCALE_BN,
-                            SCALE_BK, stride_am, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                            EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW, NUM_STAGES, K_GROUPS, PLANES, TILE3D,
-                            GROUP_W)
+        out += _down_q_slot(a_ptr, ids_ptr, topk_w_ptr, w_ptr, s_ptr, row * SLOTS + j, n, pid_n * BLOCK_N, E, I,
+                            base_bits, SCALE_BN, SCALE_BK, stride_am, stride_we, stride_wn, stride_wk, stride_se,
+                            stride_sn, stride_sk, EVEN_K, INT4, E8M0, BLOCK_N, BLOCK_K, BLOCK_KW, NUM_STAGES, K_GROUPS,
+                            PLANES, TILE3D, GROUP_W, ROW_SCALE)
     n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if SLOTS == 1:
         t = row // TOP_K
@@ -316,6 +342,14 @@ PLANES_BLOCK_W = 128
 # int4_unit_plane's base for the plane GEMVs: 16.0's bits (values 16 + u), a run-time argument so ptxas keeps it in
 # a register and emits one LOP3 per value (a literal: two, on the device's Triton 3.6; NOTES "quantized GEMVs v6")
 SIXTEEN_BITS = 0x41800000
+
+
+def row_scale(spec: QuantizedExpertsSpec, rows: int, offset: int) -> bool:
+    """Whether an FP8 GEMV tile of `rows` weight rows (starting at a multiple of rows, or that plus `offset`: the
+    up half of gate_up) lies in one scale block of rows: then its scales go on the step's inputs — one multiply per
+    input value instead of one per weight value."""
+    bn = spec.scale_block_n
+    return spec.weight_format is WeightFormat.FP8_E4M3 and bn % rows == 0 and offset % rows == 0
 
 
 def group_words(bk: int, block_k: int) -> int:
@@ -366,12 +400,12 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
         float(spec.swiglu_limit), SIXTEEN_BITS, tickets.numel(), spec.scale_block_n, spec.scale_block_k,
         x.stride(0), *w_gate_up.stride(), *s1.stride(), act.stride(0),
         ACT=ACT_CODE[spec.activation], EVEN_K=H % block_k == 0, BLOCK_S=128, ROUND=ROUND_CODE[hidden.dtype],
-        ZERO_TICKETS=config.slot_split, **common, **launch.asserts(),
+        ZERO_TICKETS=config.slot_split, ROW_SCALE=row_scale(spec, config.block_n, I), **common, **launch.asserts(),
     )
     launch.kernel(_down_q_gemv_kernel)[(T * k if config.slot_split else T, tiles)](
         act, ids, weights, w_down, s2, out, y, tickets, w_down.shape[0], H, I, SIXTEEN_BITS, spec.scale_block_n,
         spec.scale_block_k, act.stride(0), *w_down.stride(), *s2.stride(), out.stride(0),
         SLOTS=1 if config.slot_split else k, TOP_K=k, EVEN_K=I % block_k == 0,
-        **(common | {"BLOCK_N": config.down_rows}),
+        ROW_SCALE=row_scale(spec, config.down_rows, 0), **(common | {"BLOCK_N": config.down_rows}),
     )
     return out
