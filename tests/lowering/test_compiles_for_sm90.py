@@ -137,10 +137,15 @@ for dtype in (torch.bfloat16, torch.float16):
         triton_quantized.experts_forward(*args, spec, QuantizedConfig(16, 16, 128, "w8a16", decode=True,
                                                                       int4_planes=planes, slot_split=planes))
     args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 128, 128, torch.float8_e8m0fnu)
-    # FP8 GEMVs: a step in one scale block, a step over two; the down GEMV per pair, per token
+    # FP8 GEMVs: a step in one scale block, a step over two; the down GEMV per pair, per token (the scales on the
+    # inputs: 16-row tiles in 128-row scale blocks)
     for block_k, split in ((128, True), (256, False)):
         triton_quantized.experts_forward(*args, QuantizedExpertsSpec(), QuantizedConfig(
             16, 16, block_k, "w8a16", num_warps=2, decode=True, slot_split=split))
+    # and scales per weight value: 8-row scale blocks under 16-row tiles
+    args, _ = quantized_experts_inputs(5, 256, 128, 8, 2, dtype, 8, 128, torch.float32)
+    triton_quantized.experts_forward(*args, QuantizedExpertsSpec(scale_block_n=8), QuantizedConfig(
+        16, 16, 128, "w8a16", num_warps=2, decode=True))
 """, OTHER_KERNELS),
 }
 
