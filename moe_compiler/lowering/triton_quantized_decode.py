@@ -25,9 +25,10 @@ Data contract (as triton_decode.py's; bn, bk = spec.scale_block_n, spec.scale_bl
 At decode the op is a stream of weight bytes (each touched expert read once), so the weights are read in their
 stored width (1 byte per FP8 value, half a byte per INT4 value) and dequantized in registers: an FP8 tile's K
 step lies in one scale block (BLOCK_K divides bk: one scale per row) or spans whole ones (BLOCK_K a multiple of
-bk: one scale per row and block, picked per column), an INT4 tile's words are split into nibbles and scaled per
-group of bk columns. fp32 FMAs into a [BLOCK_N, BLOCK_K] accumulator, one reduction
-after the loop (no tensor cores needed), as in triton_decode.py.
+bk: one scale per row and block, picked per column) — and where the tile's rows lie in one scale block (16-row
+tiles, 128-row blocks: row_scale) the scales multiply the step's inputs instead of every weight value; an INT4
+tile's words are split into nibbles and scaled per group of bk columns. fp32 FMAs into a [BLOCK_N, BLOCK_K]
+accumulator, one reduction after the loop (no tensor cores needed), as in triton_decode.py.
 
 The bytes are the floor. INT4 spends its instructions first: per value one shift, one LOP3 and one FMA in nibble
 planes (int4_unit_plane), a word's partial sums added within its scale group before the one scale multiply
