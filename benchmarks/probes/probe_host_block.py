@@ -36,21 +36,21 @@ VARIANTS = {"inductor": ("inductor", None), "fused_opaque": ("fused_moe", "0"), 
 
 def host_us(fns: dict, n: int = 400) -> dict:
     """{name: median wall microseconds from entering fn to its return}, the GPU idle before each call; the
-    functions called in turn, one call each per round (the order rotated), so that the host's drift lands on
+    functions called in turn, one call each per round (timing.interleaved), so that the host's drift lands on
     all of them alike: their difference is the figure, and it is small beside their size."""
-    names = list(fns)
     for _ in range(3):
-        for name in names:
-            fns[name]()
-    times = {name: [] for name in names}
-    for r in range(n):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+        for fn in fns.values():
+            fn()
+
+    def host_clock(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    times = harness.interleaved(fns, n, clock=host_clock)
     torch.cuda.synchronize()
-    return {name: harness.median(ts) * 1e6 for name, ts in times.items()}
+    return {name: t * 1e6 for name, t in times.items()}
 
 
 def graph_us(fn) -> float:

@@ -43,22 +43,25 @@ def events(body, n: int) -> float:
     return median(times)
 
 
-def interleaved(bodies: dict, n: int) -> dict:
+def interleaved(bodies: dict, n: int, clock=None) -> dict:
     """{name: median seconds} of n rounds in which every body is called once, the order rotated each round: drift
     of the host or the GPU (clocks, another tenant, the allocator) lands on every body alike, where timing one body
-    after the other lets it decide their ratio. CUDA events around each call on the GPU, else the wall clock."""
+    after the other lets it decide their ratio. `clock(body)`: seconds of one call (default: CUDA events around it
+    on the GPU, else the wall clock)."""
+    if clock is None:
+        clock = (lambda body: events(body, 1)) if torch.cuda.is_available() else _wall_once
     names = list(bodies)
-    cuda = torch.cuda.is_available()
     times = {name: [] for name in names}
     for r in range(n):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            if cuda:
-                times[name].append(events(bodies[name], 1))
-            else:
-                t0 = time.perf_counter()
-                bodies[name]()
-                times[name].append(time.perf_counter() - t0)
+            times[name].append(clock(bodies[name]))
     return {name: median(ts) for name, ts in times.items()}
+
+
+def _wall_once(body) -> float:
+    t0 = time.perf_counter()
+    body()
+    return time.perf_counter() - t0
 
 
 class Timer:
