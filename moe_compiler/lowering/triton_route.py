@@ -69,7 +69,7 @@ def _store_topk(weights_ptr, ids_ptr, rows, row_ok, picked, chosen, TOP_K: tl.co
 @triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, stride_lt, scale, masked_score, eps,
-    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
+    MASKED_INF: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -113,7 +113,7 @@ def _route_kernel(
                 g_best = tl.argmax(group_scores, axis=1)
                 keep = keep | (group_of[None, :] == g_best[:, None])
                 group_scores = tl.where(gidx[None, :] == g_best[:, None], neg_inf, group_scores)
-            choice = tl.where(keep & col_ok[None, :], choice, masked_score)
+            choice = tl.where(keep & col_ok[None, :], choice, neg_inf if MASKED_INF else masked_score)
             choice = tl.where(col_ok[None, :], choice, neg_inf)
 
     slot = tl.arange(0, BLOCK_K)
@@ -269,11 +269,14 @@ def route_forward(
         )
         return weights, ids
     sigmoid = spec.scoring is Scoring.SIGMOID
-    masked = spec.masked_score if math.isfinite(spec.masked_score) else float("-inf")
+    # -inf (transformers 5.23's masked score) by a constexpr, never as a float argument: Inductor's cpp_wrapper
+    # writes a recorded kernel's scalars into Python source, where `-inf` is no literal.
+    masked_inf = not math.isfinite(spec.masked_score)
     launch.kernel(_route_kernel)[(triton.cdiv(T, block_t),)](
         logits, correction_bias if correction_bias is not None else logits, weights, ids, T, E, logits.stride(0),
-        float(spec.routed_scaling_factor), masked, 1e-20 if sigmoid else 0.0,
-        TOP_K=k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE, NORM=spec.norm_topk_prob,
+        float(spec.routed_scaling_factor), 0.0 if masked_inf else spec.masked_score, 1e-20 if sigmoid else 0.0,
+        MASKED_INF=masked_inf, TOP_K=k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE,
+        NORM=spec.norm_topk_prob,
         HAS_BIAS=correction_bias is not None, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group,
         GROUP_MAX=spec.group_score is GroupScore.MAX, BLOCK_T=block_t, BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(k), BLOCK_G=triton.next_power_of_2(spec.n_group),
