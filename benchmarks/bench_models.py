@@ -4,7 +4,7 @@ process, on real-dimension models with random weights (benchmarks/models.py: rel
     python -m benchmarks.bench_models [--shapes qwen3_30b_a3b deepseek_v3 ...] [--parts prefill decode generate]
                                       [--out]   # results/models_<gpu>.json (+ .png with matplotlib)
     python -m benchmarks.bench_models --from-json benchmarks/results/models_NVIDIA_H200.json   # table + plot again
-    python -m benchmarks.bench_models --parts decode --extra fused_static fused_cpp inductor_cpp   # launcher A/B
+    python -m benchmarks.bench_models --parts decode --extra fused_python fused_static inductor_cpp   # host code A/B
 
 Parts (bf16, no gradients):
     prefill     1 x 4096 tokens, last-token logits (logits_to_keep=1); compile default mode
@@ -47,9 +47,10 @@ BACKENDS = {"eager": None, "inductor": "inductor", "fused_moe": "fused_moe"}
 # --extra: more variants of the default-mode points (prefill, decode), timed interleaved with the three above —
 # the host's launch path, A/B in one process: name -> (backend, torch.compile options)
 EXTRA_VARIANTS = {
-    "fused_static": ("fused_moe", {"moe_compiler.static_launch": True}),  # our kernels by torch's C++ launcher
-    "fused_cpp": ("fused_moe", {"cpp_wrapper": True}),  # Inductor's host code in C++
-    "inductor_cpp": ("inductor", {"cpp_wrapper": True}),
+    # fused_moe with Python host code (the backend builds C++ host code for decode graphs: config.cpp_wrapper)
+    "fused_python": ("fused_moe", {"moe_compiler.cpp_wrapper": False}),
+    "fused_static": ("fused_moe", {"moe_compiler.cpp_wrapper": False, "moe_compiler.static_launch": True}),
+    "inductor_cpp": ("inductor", {"cpp_wrapper": True}),  # (torch 2.11: no C shim for aten::_grouped_mm, fails)
 }
 PARTS = ("prefill", "decode", "generate", "train")
 DEFAULT_PARTS = ("prefill", "decode", "generate")

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import pathlib
 
 import torch
+from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor import list_mode_options
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import PREFIX, MoECompilerConfig
-from .debug import emit
+from .debug import emit, log
 from .lowering import triton_config
 from .ops import inline
 from .passes import fuse_moe_regions, restack_planned
+from .passes.fx_utils import example_value
 
 
 @functools.cache
@@ -82,6 +85,56 @@ def _inductor_patches(mode: str | None, options: dict, static_launch: bool = Fal
     return patches
 
 
+# Tokens per MoE op up to which a graph is taken as host-bound (decode, small batches): its host code is built in C++.
+# Past it the GPU time dominates a step and the C++ build would only cost compile time.
+CPP_WRAPPER_MAX_TOKENS = 256
+
+
+def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: dict) -> str | None:
+    """Why the rewritten graph keeps Python host code, or None: it gets Inductor's C++ host code (config.py,
+    `cpp_wrapper`: CUDA, no gradients, no CUDA graphs, every MoE op at most CPP_WRAPPER_MAX_TOKENS tokens)."""
+    if "cpp_wrapper" in patches:
+        return "the Inductor option cpp_wrapper is given"
+    if patches.get("triton.cudagraphs"):
+        return "CUDA graphs replay the host code's launches"
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    if not any(t.is_cuda for t in tensors):
+        return "no CUDA inputs"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "a graph with gradients (training)"
+    # rows of each op's first tensor: hidden [T, H], router logits [T, E], an FP8 linear's input [..., K]
+    firsts = [example_value(n.args[0]) for n in gm.graph.nodes
+              if n.op == "call_function" and getattr(n.target, "namespace", None) == "moe_compiler" and n.args]
+    shapes = [tuple(v.shape) for v in firsts if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not shapes:
+        return "no MoE op in the graph"
+    if not all(isinstance(d, int) for shape in shapes for d in shape):  # (read, never compared: no new guard)
+        return "a MoE op over a symbolic token count"
+    if max(math.prod(shape[:-1]) for shape in shapes) > CPP_WRAPPER_MAX_TOKENS:
+        return f"a MoE op over more than {CPP_WRAPPER_MAX_TOKENS} tokens"
+    return None
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs, patches: dict, config: MoECompilerConfig):
+    """compile_fx, with C++ host code where it pays (cpp_wrapper_skip_reason); a C++ build that fails (torch 2.11
+    has no C shim for an unfused `aten::_grouped_mm`, say) falls back to Python host code."""
+    skip = "off (moe_compiler.cpp_wrapper)" if not config.cpp_wrapper else cpp_wrapper_skip_reason(
+        gm, example_inputs, patches)
+    if skip is None:
+        try:
+            compiled = compile_fx(gm, example_inputs, config_patches={**patches, "cpp_wrapper": True})
+            counters["moe_compiler"]["cpp_wrapper"] += 1
+            return compiled
+        except RuntimeError as e:  # Inductor's errors (InductorError), the build's included
+            counters["moe_compiler"]["cpp_wrapper_failed"] += 1
+            log.warning("moe_compiler: Inductor's C++ host code (cpp_wrapper) failed to build: %s; compiling this "
+                        "graph with Python host code (set moe_compiler.cpp_wrapper=False to skip the attempt)",
+                        str(e).strip().splitlines()[0][:300])
+    else:
+        log.debug("moe_compiler: Python host code: %s", skip)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
 def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """torch.compile backend: fuse MoE blocks into moe_compiler ops, compile the rest with Inductor."""
     options = dict(options or {})
@@ -93,6 +146,6 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
     with triton_config.autotune_option(config.autotune):
         report = fuse_moe_regions(gm, example_inputs, config)
         emit(report, config.dump_dir)
-        compiled = compile_fx(gm, example_inputs, config_patches=patches) if config.inductor else gm.forward
+        compiled = _compile(gm, example_inputs, patches, config) if config.inductor else gm.forward
     restack_planned(report)
     return compiled

@@ -45,9 +45,18 @@ class MoECompilerConfig:
     # static_launch_user_defined_triton_kernels; a kernel the static launcher cannot take falls back to the Python
     # one). In default mode a decode layer is host-bound: 3-8 launches of ours per layer at ~25-100 µs each on the
     # H200 machine's CPU (benchmarks/NOTES.md "session 9"). Off: measured (session 10) it made decode B=32 slower in
-    # both models tried (logits equal), B=1 mixed.
+    # both models tried (logits equal), B=1 mixed; timed interleaved (session 12) no step moved by more than 1%.
+    # Applies to Python host code only (cpp_wrapper below launches every kernel from C++).
     # Env: MOE_COMPILER_STATIC_LAUNCH=1.
     static_launch: bool = False
+    # Inductor's host code in C++ (torch._inductor.config.cpp_wrapper) for a graph where the host is the cost: CUDA,
+    # inference (no gradient), no CUDA graphs, every MoE op at most CPP_WRAPPER_MAX_TOKENS tokens (decode) — a
+    # step's launches then cost what cuLaunchKernel costs, not Python's launcher (H200 machine, Qwen3-30B-A3B, 4
+    # layers: host per MoE layer 160 -> 57 µs, decode step B=1 2.86 -> 1.61 ms = 2.36x plain torch.compile; NOTES
+    # "session 12"). It costs compile time (a C++ build per graph: +15-70 s) and, while compiling, one run of the
+    # graph on its inputs. A graph whose C++ build fails is compiled with Python host code (logged). The Inductor
+    # option `cpp_wrapper`, when given, decides instead. Env: MOE_COMPILER_CPP_WRAPPER=0 to keep Python host code.
+    cpp_wrapper: bool = True
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:
@@ -60,6 +69,7 @@ class MoECompilerConfig:
             "training": os.environ.get("MOE_COMPILER_TRAINING", "0") == "1",
             "inductor": os.environ.get("MOE_COMPILER_INDUCTOR", "1") != "0",
             "static_launch": os.environ.get("MOE_COMPILER_STATIC_LAUNCH", "0") == "1",
+            "cpp_wrapper": os.environ.get("MOE_COMPILER_CPP_WRAPPER", "1") != "0",
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

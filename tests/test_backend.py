@@ -161,3 +161,96 @@ def test_static_launch_option_reaches_inductor_and_a_user_setting_wins():
     from moe_compiler.config import MoECompilerConfig
 
     assert MoECompilerConfig.from_options({"moe_compiler.static_launch": True}).static_launch
+
+
+# --- host code in C++ (config.cpp_wrapper) ---------------------------------------------------------------------
+
+def _graph_with_route(tokens: int | None):
+    """A graph calling the route op over `tokens` rows of router logits (None: no MoE op)."""
+    g = torch.fx.Graph()
+    x = g.placeholder("logits")
+    x.meta["example_value"] = torch.empty(tokens or 4, 8)
+    out = x
+    if tokens is not None:
+        out = g.call_function(torch.ops.moe_compiler.route.default, (x,), {"top_k": 2})
+    g.output(out)
+    return torch.fx.GraphModule({}, g)
+
+
+def _inputs(device: str, requires_grad: bool = False):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # a CUDA tensor's stand-in on a machine without CUDA
+        return [torch.empty(4, 8, device=device, requires_grad=requires_grad)]
+
+
+@pytest.mark.parametrize("tokens,device,patches,grad,reason", [
+    (1, "cuda", {}, False, None),
+    (256, "cuda", {}, False, None),
+    (257, "cuda", {}, False, "more than 256 tokens"),
+    (1, "cpu", {}, False, "no CUDA inputs"),
+    (1, "cuda", {"triton.cudagraphs": True}, False, "CUDA graphs"),
+    (1, "cuda", {"cpp_wrapper": False}, False, "option cpp_wrapper is given"),
+    (1, "cuda", {}, True, "gradients"),
+    (None, "cuda", {}, False, "no MoE op"),
+])
+def test_cpp_wrapper_only_for_host_bound_cuda_inference_graphs(tokens, device, patches, grad, reason):
+    gm = _graph_with_route(tokens)
+    with torch.set_grad_enabled(grad):
+        got = backend.cpp_wrapper_skip_reason(gm, _inputs(device, requires_grad=True), patches)
+    assert got == reason if reason is None else reason in got
+
+
+def test_cpp_wrapper_mode_options_of_reduce_overhead_skip_it():
+    assert "CUDA graphs" in backend.cpp_wrapper_skip_reason(
+        _graph_with_route(1), _inputs("cuda"), backend._inductor_patches("reduce-overhead", {}))
+
+
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_failed_cpp_build_falls_back_to_python_host_code(env, monkeypatch, caplog):
+    """A graph that qualifies is compiled with cpp_wrapper first; a build that fails (an InductorError, a
+    RuntimeError) is compiled again with Python host code, logged and counted. MOE_COMPILER_CPP_WRAPPER=0: no
+    attempt."""
+    calls = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches):
+        calls.append(config_patches.get("cpp_wrapper", False))
+        if config_patches.get("cpp_wrapper"):
+            raise RuntimeError("C++ compile error\nerror: 'aoti_torch_cuda__grouped_mm' was not declared")
+        return gm.forward
+
+    monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", env)
+    monkeypatch.setattr(backend, "compile_fx", fake_compile_fx)
+    monkeypatch.setattr(backend, "cpp_wrapper_skip_reason", lambda *a: None)  # as for a CUDA decode graph
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    ids = torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="moe_compiler"):
+        eager = model(input_ids=ids).logits
+        out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+    assert rel_err(out, eager) <= 1e-5
+    if env == "1":
+        assert calls == [True, False]
+        assert counters["moe_compiler"]["cpp_wrapper_failed"] == 1
+        assert "cpp_wrapper) failed to build: C++ compile error; compiling this graph with Python host code" in (
+            caplog.text)
+    else:
+        assert calls == [False] and not counters["moe_compiler"]["cpp_wrapper_failed"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_cpp_wrapper_decode_equals_python_host_code_on_gpu(arch, monkeypatch):
+    """The backend's default for a CUDA decode graph: the C++ host code is built (counted) and its logits equal
+    those of the same graph with Python host code (the same kernels, launched from C++)."""
+    model = tiny_model(arch, "grouped_mm").cuda()
+    ids = torch.randint(0, 128, (2, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    outs = {}
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        for env in ("0", "1"):
+            monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", env)
+            torch._dynamo.reset()
+            outs[env] = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+    assert counters["moe_compiler"]["cpp_wrapper"] >= 1 and not counters["moe_compiler"]["cpp_wrapper_failed"]
+    assert rel_err(outs["1"], outs["0"]) <= 1e-6
+    assert rel_err(outs["1"], eager) <= 1e-5

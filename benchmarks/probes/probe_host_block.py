@@ -1,9 +1,10 @@
 """Probe: host time of one MoE layer (router + experts + shared experts) in a model compiled without CUDA
-graphs, for plain Inductor, fused_moe with the op opaque (MOE_COMPILER_INLINE=0) and fused_moe with its
-Triton launches recorded into Inductor's code (the default). NOTES.md "host path".
+graphs, for plain Inductor and fused_moe: its Triton launches recorded into Inductor's code with Python host code
+(fused_python) and as the backend compiles a decode graph, with the host code in C++ (fused; config.cpp_wrapper);
+on request the op opaque (MOE_COMPILER_INLINE=0) and our launches by torch's static launcher. NOTES.md "host path".
 
     python -m benchmarks.probes.probe_host_block [--shapes qwen3_30b_a3b deepseek_v3] [--tokens 1 32] [--layers 4]
-                                                 [--profile] [--variants inductor fused fused_static fused_cpp]
+                                                 [--profile] [--variants inductor fused_opaque fused_static ...]
 
 A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone. Host time of a call is the
 wall time from entering the compiled call to its return, with the GPU idle before it (a synchronize before
@@ -34,11 +35,13 @@ from ..models import MODELS, build, moe_blocks
 VARIANTS = {
     "inductor": ("inductor", None, None),
     "fused_opaque": ("fused_moe", "0", None),
+    # Python host code; the default below builds it in C++ at decode T (config.cpp_wrapper)
+    "fused_python": ("fused_moe", "1", {"moe_compiler.cpp_wrapper": False}),
     "fused": ("fused_moe", "1", None),
-    "fused_static": ("fused_moe", "1", {"moe_compiler.static_launch": True}),  # our kernels by torch's C++ launcher
-    "fused_cpp": ("fused_moe", "1", {"cpp_wrapper": True}),  # the whole host code in C++ (Inductor's cpp_wrapper)
+    # Python host code, our kernels by torch's static C++ launcher
+    "fused_static": ("fused_moe", "1", {"moe_compiler.cpp_wrapper": False, "moe_compiler.static_launch": True}),
 }
-DEFAULT_VARIANTS = ("inductor", "fused_opaque", "fused")
+DEFAULT_VARIANTS = ("inductor", "fused_python", "fused")
 
 
 def host_us(fns: dict, n: int = 400) -> dict:
@@ -106,8 +109,7 @@ def main():
     ap = harness.parser(__doc__, shapes=MODELS, tokens=[1, 32])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
-                    help="fused_static / fused_cpp: the launch path A/B (a variant torch cannot build is reported and "
-                    "left out)")
+                    help="the host code A/B (a variant torch cannot build is reported and left out)")
     ap.add_argument("--profile", action="store_true", help="print each variant's host-side profile of 20 calls of the "
                     "L-block stack (torch.profiler, CPU: launches and their cost per call)")
     args = ap.parse_args()
@@ -131,7 +133,7 @@ def main():
                             fn = compiled(stack, variant)
                             fn(x)
                             fns[n] = lambda fn=fn: fn(x)
-                    except torch._dynamo.exc.BackendCompilerFailed as e:  # fused_cpp on torch 2.11: say so, go on
+                    except torch._dynamo.exc.BackendCompilerFailed as e:  # a variant torch cannot build: say so, go on
                         print(f"{variant}: failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                         continue
                     for n, fn in fns.items():
