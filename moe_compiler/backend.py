@@ -92,7 +92,8 @@ CPP_WRAPPER_MAX_TOKENS = 256
 
 def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: dict) -> str | None:
     """Why the rewritten graph keeps Python host code, or None: it gets Inductor's C++ host code (config.py,
-    `cpp_wrapper`: CUDA, no gradients, no CUDA graphs, every MoE op at most CPP_WRAPPER_MAX_TOKENS tokens)."""
+    `cpp_wrapper`: CUDA, no gradients, no CUDA graphs, no collectives, every MoE op at most CPP_WRAPPER_MAX_TOKENS
+    tokens)."""
     if "cpp_wrapper" in patches:
         return "the Inductor option cpp_wrapper is given"
     if patches.get("triton.cudagraphs"):
@@ -102,9 +103,12 @@ def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: d
         return "no CUDA inputs"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "a graph with gradients (training)"
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    if any(getattr(n.target, "namespace", None) in ("_c10d_functional", "c10d") for n in calls):
+        return "collectives (expert / tensor parallel): C++ host code not tried there"
     # rows of each op's first tensor: hidden [T, H], router logits [T, E], an FP8 linear's input [..., K]
-    firsts = [example_value(n.args[0]) for n in gm.graph.nodes
-              if n.op == "call_function" and getattr(n.target, "namespace", None) == "moe_compiler" and n.args]
+    firsts = [example_value(n.args[0]) for n in calls
+              if getattr(n.target, "namespace", None) == "moe_compiler" and n.args]
     shapes = [tuple(v.shape) for v in firsts if isinstance(v, torch.Tensor) and v.dim() > 0]
     if not shapes:
         return "no MoE op in the graph"

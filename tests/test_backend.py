@@ -165,11 +165,15 @@ def test_static_launch_option_reaches_inductor_and_a_user_setting_wins():
 
 # --- host code in C++ (config.cpp_wrapper) ---------------------------------------------------------------------
 
-def _graph_with_route(tokens: int | None):
-    """A graph calling the route op over `tokens` rows of router logits (None: no MoE op)."""
+def _graph_with_route(tokens: int | None, all_reduce: bool = False):
+    """A graph calling the route op over `tokens` rows of router logits (None: no MoE op), the logits all-reduced
+    first if asked (an expert-parallel graph)."""
     g = torch.fx.Graph()
     x = g.placeholder("logits")
     x.meta["example_value"] = torch.empty(tokens or 4, 8)
+    if all_reduce:
+        x = g.call_function(torch.ops._c10d_functional.all_reduce.default, (x, "sum", "0"))
+        x.meta["example_value"] = torch.empty(tokens or 4, 8)
     out = x
     if tokens is not None:
         out = g.call_function(torch.ops.moe_compiler.route.default, (x,), {"top_k": 2})
@@ -199,6 +203,10 @@ def test_cpp_wrapper_only_for_host_bound_cuda_inference_graphs(tokens, device, p
     with torch.set_grad_enabled(grad):
         got = backend.cpp_wrapper_skip_reason(gm, _inputs(device, requires_grad=True), patches)
     assert got == reason if reason is None else reason in got
+
+
+def test_cpp_wrapper_not_tried_with_collectives():
+    assert "collectives" in backend.cpp_wrapper_skip_reason(_graph_with_route(1, all_reduce=True), _inputs("cuda"), {})
 
 
 def test_cpp_wrapper_mode_options_of_reduce_overhead_skip_it():
