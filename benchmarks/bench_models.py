@@ -53,6 +53,7 @@ EXTRA_VARIANTS = {
     "inductor_cpp": ("inductor", {"cpp_wrapper": True}),  # (torch 2.11: no C shim for aten::_grouped_mm, fails)
 }
 PARTS = ("prefill", "decode", "generate", "train")
+DECODE_MODES = ("default", "reduce-overhead")
 DEFAULT_PARTS = ("prefill", "decode", "generate")
 # name -> (torch.compile kwargs or None for eager, MOE_COMPILER_BACKWARD)
 TRAIN_VARIANTS = {
@@ -248,7 +249,8 @@ def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS) -> list[dict]:
     return rows
 
 
-def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS, bound=False, extra=()):
+def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS, bound=False, extra=(),
+                decode_modes=DECODE_MODES):
     model = build(name, layers=layers)
     V = model.config.vocab_size
     gen = torch.Generator("cuda").manual_seed(0)
@@ -257,7 +259,7 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
     if "prefill" in parts:
         points.append(("prefill", "default", torch.randint(0, V, (1, 4096), device="cuda", generator=gen), 10))
     if "decode" in parts:
-        for mode in ("default", "reduce-overhead"):
+        for mode in decode_modes:
             for B in (1, 32):
                 points.append((f"decode B={B}", mode, torch.randint(0, V, (B, 1), device="cuda", generator=gen), 50))
     for part, mode, ids, reps in points:
@@ -375,6 +377,8 @@ def main():
     ap.add_argument("--bound", action="store_true",
                     help="also time each cell with the routed experts free (free_moe): the most any experts "
                          "implementation can gain there")
+    ap.add_argument("--decode-modes", nargs="+", choices=DECODE_MODES, default=list(DECODE_MODES),
+                    help="the decode part's modes (default: both)")
     ap.add_argument("--extra", nargs="+", choices=list(EXTRA_VARIANTS), default=[],
                     help="more variants of the default-mode points, timed interleaved with the others (rows: "
                          "<variant>_ms, <variant>_speedup = inductor time / its time)")
@@ -389,7 +393,8 @@ def main():
     harness.compile_per_shape()
     rows = []
     for name in args.shapes:
-        rows += bench_model(name, args.parts, args.layers, args.train_variants, args.bound, args.extra)
+        rows += bench_model(name, args.parts, args.layers, args.train_variants, args.bound, args.extra,
+                            args.decode_modes)
         if os.environ.get("OUT"):
             harness.write_json(os.path.join(os.environ["OUT"], "models.json"), rows)
     print_table(rows)
