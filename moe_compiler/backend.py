@@ -125,6 +125,8 @@ def _compile(gm: torch.fx.GraphModule, example_inputs, patches: dict, config: Mo
     skip = "off (moe_compiler.cpp_wrapper)" if not config.cpp_wrapper else cpp_wrapper_skip_reason(
         gm, example_inputs, patches)
     if skip is None:
+        log.info("moe_compiler: building this decode graph's host code in C++ (Inductor's cpp_wrapper: a g++ build, "
+                 "~15-70 s; moe_compiler.cpp_wrapper=False keeps Python host code)")
         try:
             compiled = compile_fx(gm, example_inputs, config_patches={**patches, "cpp_wrapper": True})
             counters["moe_compiler"]["cpp_wrapper"] += 1
