@@ -54,9 +54,9 @@ class MoECompilerConfig:
     # (decode) — a step's launches then cost what cuLaunchKernel costs, not Python's launcher (H200 machine,
     # Qwen3-30B-A3B, 4 layers: host per MoE layer 160 -> 57 µs, decode step B=1 2.86 -> 1.61 ms = 2.36x plain
     # torch.compile; NOTES "session 12"). It costs compile time (a C++ build per graph: +15-70 s) and, while
-    # compiling, one run of the graph on its inputs. A graph whose C++ build fails is compiled with Python host code
-    # (logged). The Inductor option `cpp_wrapper`, when given, decides instead. Env: MOE_COMPILER_CPP_WRAPPER=0 to
-    # keep Python host code.
+    # compiling, one run of each kernel on example tensors (one layer's expert weights allocated again, freed after;
+    # NOTES "session 13"). A graph whose C++ build fails is compiled with Python host code (logged). The Inductor
+    # option `cpp_wrapper`, when given, decides instead. Env: MOE_COMPILER_CPP_WRAPPER=0 to keep Python host code.
     cpp_wrapper: bool = True
 
     @classmethod
