@@ -51,9 +51,9 @@ EXTRA_VARIANTS = {
     "fused_python": ("fused_moe", {"moe_compiler.cpp_wrapper": False}),
     "fused_static": ("fused_moe", {"moe_compiler.cpp_wrapper": False, "moe_compiler.static_launch": True}),
     "inductor_cpp": ("inductor", {"cpp_wrapper": True}),  # (torch 2.11: no C shim for aten::_grouped_mm, fails)
-    # C++ host code built -O1 (torch 2.11 builds it -O3 unless kernels are built apart; 2.13 takes -O1 on GPU):
-    # the compile time of deep models
-    "fused_o1": ("fused_moe", {"cpp_wrapper_build_separate": True}),
+    # C++ host code as torch 2.11 builds it by itself, -O3 (the backend builds it apart from kernels: -O1;
+    # backend.CPP_WRAPPER_BUILD): the compile time of deep models
+    "fused_o3": ("fused_moe", {"cpp_wrapper_build_separate": False}),
 }
 PARTS = ("prefill", "decode", "generate", "train")
 DECODE_MODES = ("default", "reduce-overhead")

@@ -89,6 +89,12 @@ def _inductor_patches(mode: str | None, options: dict, static_launch: bool = Fal
 # Past it the GPU time dominates a step and the C++ build would only cost compile time.
 CPP_WRAPPER_MAX_TOKENS = 256
 
+# Inductor options of our C++ host code build. torch 2.11 builds the host code -O3 (2.12 on: -O1 for GPU graphs, "the
+# C++ wrapper is just glue"), unless the kernels are built apart: then a CUDA graph's file is all glue, built -O1.
+# -O3's time grows much faster than the file: a tiny Qwen3-MoE's host code (CPU proxy, torch 2.13, g++) built in
+# 6.0 / 36 / 630 s at 4 / 16 / 48 layers with -O3, 1.6 / 6.2 / 28 s with -O1 (benchmarks/NOTES.md, session 13).
+CPP_WRAPPER_BUILD = {"cpp_wrapper_build_separate": True}  # (an Inductor option the user gives wins)
+
 
 def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: dict) -> str | None:
     """Why the rewritten graph keeps Python host code, or None: it gets Inductor's C++ host code (config.py,
@@ -128,7 +134,8 @@ def _compile(gm: torch.fx.GraphModule, example_inputs, patches: dict, config: Mo
         log.info("moe_compiler: building this decode graph's host code in C++ (Inductor's cpp_wrapper: a g++ build, "
                  "~15-70 s; moe_compiler.cpp_wrapper=False keeps Python host code)")
         try:
-            compiled = compile_fx(gm, example_inputs, config_patches={**patches, "cpp_wrapper": True})
+            cpp_patches = {**CPP_WRAPPER_BUILD, **patches, "cpp_wrapper": True}
+            compiled = compile_fx(gm, example_inputs, config_patches=cpp_patches)
             counters["moe_compiler"]["cpp_wrapper"] += 1
             return compiled
         except RuntimeError as e:  # Inductor's errors (InductorError), the build's included

@@ -245,6 +245,35 @@ def test_failed_cpp_build_falls_back_to_python_host_code(env, monkeypatch, caplo
         assert calls == [False] and not counters["moe_compiler"]["cpp_wrapper_failed"]
 
 
+@pytest.mark.parametrize("user_option", [None, False])
+def test_cpp_host_code_is_built_apart_from_kernels_unless_the_user_says(user_option, monkeypatch):
+    """The C++ attempt builds the host code apart from any C++ kernels (torch 2.11 would build a CUDA graph's host
+    code -O3, whose build time grows faster than the graph: backend.CPP_WRAPPER_BUILD); an Inductor option the
+    user gives wins; the Python-host compile gets neither option of ours."""
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches):
+        seen.append({k: config_patches.get(k) for k in ("cpp_wrapper", "cpp_wrapper_build_separate")})
+        return gm.forward
+
+    monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", "1")
+    monkeypatch.setattr(backend, "compile_fx", fake_compile_fx)
+    monkeypatch.setattr(backend, "cpp_wrapper_skip_reason", lambda *a: None)  # as for a CUDA decode graph
+    options = {} if user_option is None else {"cpp_wrapper_build_separate": user_option}
+    with torch.no_grad():
+        torch.compile(tiny_model("qwen3_moe", "grouped_mm"), backend="fused_moe", options=options)(
+            input_ids=torch.randint(0, 128, (1, 3)))
+    want = True if user_option is None else user_option
+    assert seen == [{"cpp_wrapper": True, "cpp_wrapper_build_separate": want}]
+    monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", "0")
+    seen.clear()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(tiny_model("qwen3_moe", "grouped_mm"), backend="fused_moe")(
+            input_ids=torch.randint(0, 128, (1, 3)))
+    assert seen == [{"cpp_wrapper": None, "cpp_wrapper_build_separate": None}]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 def test_cpp_wrapper_decode_equals_python_host_code_on_gpu(arch, monkeypatch):

@@ -38,8 +38,8 @@ VARIANTS = {
     # Python host code; the default below builds it in C++ at decode T (config.cpp_wrapper)
     "fused_python": ("fused_moe", "1", {"moe_compiler.cpp_wrapper": False}),
     "fused": ("fused_moe", "1", None),
-    # the same built -O1 (torch 2.11 builds the C++ host code -O3 unless kernels are built apart; 2.13: -O1)
-    "fused_o1": ("fused_moe", "1", {"cpp_wrapper_build_separate": True}),
+    # the same as torch 2.11 builds it by itself, -O3 (the backend's default builds it -O1: backend.CPP_WRAPPER_BUILD)
+    "fused_o3": ("fused_moe", "1", {"cpp_wrapper_build_separate": False}),
     # Python host code, our kernels by torch's static C++ launcher
     "fused_static": ("fused_moe", "1", {"moe_compiler.cpp_wrapper": False, "moe_compiler.static_launch": True}),
 }
