@@ -114,7 +114,7 @@ def forward_points(model, backends: dict, mode, ids, reps) -> dict:
             except torch._dynamo.exc.BackendCompilerFailed as e:  # an --extra variant torch cannot build: say so
                 if variant in BACKENDS:
                     raise
-                print(f"{variant}: failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                harness.say_compile_failed(variant, e)
                 del calls[variant]
                 continue
             for _ in range(3):

@@ -150,6 +150,11 @@ def compile_per_shape() -> None:
     torch._dynamo.config.recompile_limit = 1000
 
 
+def say_compile_failed(variant: str, e: Exception) -> None:
+    """One line for an A/B variant torch cannot build (the run goes on without it)."""
+    print(f"{variant}: failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+
+
 # --- transformers' experts -------------------------------------------------------------------------
 
 def hf_experts(E: int, k: int, H: int, I: int, dtype, device, own_layout: bool = False):

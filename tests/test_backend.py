@@ -214,28 +214,40 @@ def test_cpp_wrapper_mode_options_of_reduce_overhead_skip_it():
         _graph_with_route(1), _inputs("cuda"), backend._inductor_patches("reduce-overhead", {}))
 
 
-@pytest.mark.parametrize("env", ["1", "0"])
-def test_failed_cpp_build_falls_back_to_python_host_code(env, monkeypatch, caplog):
-    """A graph that qualifies is compiled with cpp_wrapper first; a build that fails (an InductorError, a
-    RuntimeError) is compiled again with Python host code, logged and counted. MOE_COMPILER_CPP_WRAPPER=0: no
-    attempt."""
-    calls = []
+@pytest.fixture
+def decode_graph_compiles(monkeypatch):
+    """Every graph taken for a CUDA decode graph (cpp_wrapper_skip_reason: None) and Inductor replaced by a stand-in
+    that records each compile's config patches and runs the graph as is; `fail_cpp` makes a C++ build raise."""
+    class Compiles(list):
+        fail_cpp = False
+
+    compiles = Compiles()
 
     def fake_compile_fx(gm, example_inputs, config_patches):
-        calls.append(config_patches.get("cpp_wrapper", False))
-        if config_patches.get("cpp_wrapper"):
+        compiles.append(config_patches)
+        if config_patches.get("cpp_wrapper") and compiles.fail_cpp:
             raise RuntimeError("C++ compile error\nerror: 'aoti_torch_cuda__grouped_mm' was not declared")
         return gm.forward
 
-    monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", env)
     monkeypatch.setattr(backend, "compile_fx", fake_compile_fx)
-    monkeypatch.setattr(backend, "cpp_wrapper_skip_reason", lambda *a: None)  # as for a CUDA decode graph
+    monkeypatch.setattr(backend, "cpp_wrapper_skip_reason", lambda *a: None)
+    return compiles
+
+
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_failed_cpp_build_falls_back_to_python_host_code(env, monkeypatch, caplog, decode_graph_compiles):
+    """A graph that qualifies is compiled with cpp_wrapper first; a build that fails (an InductorError, a
+    RuntimeError) is compiled again with Python host code, logged and counted. MOE_COMPILER_CPP_WRAPPER=0: no
+    attempt."""
+    decode_graph_compiles.fail_cpp = True
+    monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", env)
     model = tiny_model("qwen3_moe", "grouped_mm")
     ids = torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), caplog.at_level("WARNING", logger="moe_compiler"):
         eager = model(input_ids=ids).logits
         out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
     assert rel_err(out, eager) <= 1e-5
+    calls = [patches.get("cpp_wrapper", False) for patches in decode_graph_compiles]
     if env == "1":
         assert calls == [True, False]
         assert counters["moe_compiler"]["cpp_wrapper_failed"] == 1
@@ -246,32 +258,29 @@ def test_failed_cpp_build_falls_back_to_python_host_code(env, monkeypatch, caplo
 
 
 @pytest.mark.parametrize("user_option", [None, False])
-def test_cpp_host_code_is_built_apart_from_kernels_unless_the_user_says(user_option, monkeypatch):
+def test_cpp_host_code_is_built_apart_from_kernels_unless_the_user_says(user_option, monkeypatch,
+                                                                         decode_graph_compiles):
     """The C++ attempt builds the host code apart from any C++ kernels (torch 2.11 would build a CUDA graph's host
     code -O3, whose build time grows faster than the graph: backend.CPP_WRAPPER_BUILD); an Inductor option the
     user gives wins; the Python-host compile gets neither option of ours."""
-    seen = []
-
-    def fake_compile_fx(gm, example_inputs, config_patches):
-        seen.append({k: config_patches.get(k) for k in ("cpp_wrapper", "cpp_wrapper_build_separate")})
-        return gm.forward
+    def seen():
+        return [{k: patches.get(k) for k in ("cpp_wrapper", "cpp_wrapper_build_separate")}
+                for patches in decode_graph_compiles]
 
     monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", "1")
-    monkeypatch.setattr(backend, "compile_fx", fake_compile_fx)
-    monkeypatch.setattr(backend, "cpp_wrapper_skip_reason", lambda *a: None)  # as for a CUDA decode graph
     options = {} if user_option is None else {"cpp_wrapper_build_separate": user_option}
     with torch.no_grad():
         torch.compile(tiny_model("qwen3_moe", "grouped_mm"), backend="fused_moe", options=options)(
             input_ids=torch.randint(0, 128, (1, 3)))
     want = True if user_option is None else user_option
-    assert seen == [{"cpp_wrapper": True, "cpp_wrapper_build_separate": want}]
+    assert seen() == [{"cpp_wrapper": True, "cpp_wrapper_build_separate": want}]
     monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", "0")
-    seen.clear()
+    decode_graph_compiles.clear()
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(tiny_model("qwen3_moe", "grouped_mm"), backend="fused_moe")(
             input_ids=torch.randint(0, 128, (1, 3)))
-    assert seen == [{"cpp_wrapper": None, "cpp_wrapper_build_separate": None}]
+    assert seen() == [{"cpp_wrapper": None, "cpp_wrapper_build_separate": None}]
 
 
 @pytest.mark.gpu

@@ -21,14 +21,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 BUILDS = {"apart": True, "together": False}  # -> cpp_wrapper_build_separate
 
 
 def one(layers: int, apart: bool) -> dict:
     """In this process (a fresh one): compile and run the model once, timing every g++ call of the build."""
-    import time
-
     import torch
     import torch._inductor.cpp_builder as cpp_builder
 

@@ -136,7 +136,7 @@ def main():
                             fn(x)
                             fns[n] = lambda fn=fn: fn(x)
                     except torch._dynamo.exc.BackendCompilerFailed as e:  # a variant torch cannot build: say so, go on
-                        print(f"{variant}: failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                        harness.say_compile_failed(variant, e)
                         continue
                     for n, fn in fns.items():
                         if n == len(blocks):
