@@ -96,6 +96,14 @@ CPP_WRAPPER_MAX_TOKENS = 256
 CPP_WRAPPER_BUILD = {"cpp_wrapper_build_separate": True}  # (an Inductor option the user gives wins)
 
 
+def first_input(node: torch.fx.Node):
+    """The op call's first schema argument: our passes call the ops by keyword (`op(**call.kwargs())`), so
+    `node.args` is empty there."""
+    if node.args:
+        return node.args[0]
+    return node.kwargs.get(node.target._schema.arguments[0].name)
+
+
 def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: dict) -> str | None:
     """Why the rewritten graph keeps Python host code, or None: it gets Inductor's C++ host code (config.py,
     `cpp_wrapper`: CUDA, no gradients, no CUDA graphs, no collectives, every MoE op at most CPP_WRAPPER_MAX_TOKENS
@@ -113,8 +121,7 @@ def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: d
     if any(getattr(n.target, "namespace", None) in ("_c10d_functional", "c10d") for n in calls):
         return "collectives (expert / tensor parallel): C++ host code not tried there"
     # rows of each op's first tensor: hidden [T, H], router logits [T, E], an FP8 linear's input [..., K]
-    firsts = [example_value(n.args[0]) for n in calls
-              if getattr(n.target, "namespace", None) == "moe_compiler" and n.args]
+    firsts = [example_value(first_input(n)) for n in calls if getattr(n.target, "namespace", None) == "moe_compiler"]
     shapes = [tuple(v.shape) for v in firsts if isinstance(v, torch.Tensor) and v.dim() > 0]
     if not shapes:
         return "no MoE op in the graph"

@@ -52,8 +52,9 @@ class MoECompilerConfig:
     # Inductor's host code in C++ (torch._inductor.config.cpp_wrapper) for a graph where the host is the cost: CUDA,
     # inference (no gradient), no CUDA graphs, no collectives, every MoE op at most CPP_WRAPPER_MAX_TOKENS tokens
     # (decode) — a step's launches then cost what cuLaunchKernel costs, not Python's launcher (H200 machine,
-    # Qwen3-30B-A3B, 4 layers: host per MoE layer 160 -> 57 µs, decode step B=1 2.86 -> 1.61 ms = 2.36x plain
-    # torch.compile; NOTES "session 12"). It costs compile time (a C++ build per graph: +15-70 s) and, while
+    # Qwen3-30B-A3B: host per MoE layer 160 -> 57 µs; decode step B=1 at 4 layers 2.51 -> 1.45 ms = 2.18x plain
+    # torch.compile, at 24 layers 7.54 -> 4.37 ms = 2.45x; NOTES "session 14"). It costs compile time (a C++ build
+    # per graph, torch 2.11: 10 -> 18 s at 4 layers, 35 -> 80 s at 24) and, while
     # compiling, one run of each kernel on example tensors (one layer's expert weights allocated again, freed after;
     # NOTES "session 13"). A graph whose C++ build fails is compiled with Python host code (logged). The Inductor
     # option `cpp_wrapper`, when given, decides instead. Env: MOE_COMPILER_CPP_WRAPPER=0 to keep Python host code.

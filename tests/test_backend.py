@@ -176,7 +176,8 @@ def _graph_with_route(tokens: int | None, all_reduce: bool = False):
         x.meta["example_value"] = torch.empty(tokens or 4, 8)
     out = x
     if tokens is not None:
-        out = g.call_function(torch.ops.moe_compiler.route.default, (x,), {"top_k": 2})
+        op = torch.ops.moe_compiler.route.default  # called by keyword, as the passes call our ops
+        out = g.call_function(op, (), {op._schema.arguments[0].name: x, "top_k": 2})
     g.output(out)
     return torch.fx.GraphModule({}, g)
 
@@ -203,6 +204,23 @@ def test_cpp_wrapper_only_for_host_bound_cuda_inference_graphs(tokens, device, p
     with torch.set_grad_enabled(grad):
         got = backend.cpp_wrapper_skip_reason(gm, _inputs(device, requires_grad=True), patches)
     assert got == reason if reason is None else reason in got
+
+
+@pytest.mark.parametrize("tokens,reason", [(2, None), (300, "more than 256 tokens")])
+def test_cpp_wrapper_reads_the_token_count_of_the_rewritten_graph(tokens, reason, monkeypatch):
+    """The graph the passes wrote (ops called by keyword), taken as a CUDA graph: its MoE ops' token count decides."""
+    reasons = []
+
+    def compile_(gm, example_inputs, patches, config):
+        reasons.append(backend.cpp_wrapper_skip_reason(gm, _inputs("cuda"), patches))
+        return gm.forward
+
+    monkeypatch.setattr(backend, "_compile", compile_)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ids = torch.ones(1, tokens, dtype=torch.long)
+        torch.compile(tiny_model("qwen3_moe", "grouped_mm"), backend="fused_moe")(input_ids=ids)
+    assert len(reasons) == 1 and (reasons[0] == reason if reason is None else reason in reasons[0])
 
 
 def test_cpp_wrapper_not_tried_with_collectives():
@@ -313,6 +331,10 @@ def test_cpp_wrapper_build_failing_inside_inductor_falls_back_on_gpu(monkeypatch
 
     monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", "1")
     monkeypatch.setattr(cpp_wrapper_gpu.CppWrapperGpu, "generate", broken)
+    # an earlier test's build of this same graph, cached, would be loaded without generating code (seen on the H200)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    torch._dynamo.reset()
     model = tiny_model("qwen3_moe", "grouped_mm").cuda()
     ids = torch.randint(0, 128, (2, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
