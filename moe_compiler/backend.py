@@ -132,14 +132,21 @@ def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: d
     return None
 
 
-def _compile(gm: torch.fx.GraphModule, example_inputs, patches: dict, config: MoECompilerConfig):
-    """compile_fx, with C++ host code where it pays (cpp_wrapper_skip_reason); a C++ build that fails (torch 2.11
-    has no C shim for an unfused `aten::_grouped_mm`, say) falls back to Python host code."""
-    skip = "off (moe_compiler.cpp_wrapper)" if not config.cpp_wrapper else cpp_wrapper_skip_reason(
-        gm, example_inputs, patches)
-    if skip is None:
+def host_code_choice(gm: torch.fx.GraphModule, example_inputs, patches: dict, config) -> str | None:
+    """None: build this graph's host code in C++; else why it keeps Python host code (the report says which)."""
+    if not config.inductor:
+        return "no Inductor (moe_compiler.inductor=False)"
+    if not config.cpp_wrapper:
+        return "off (moe_compiler.cpp_wrapper)"
+    return cpp_wrapper_skip_reason(gm, example_inputs, patches)
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs, patches: dict, python_host_reason: str | None):
+    """compile_fx, with C++ host code unless `python_host_reason` (host_code_choice); a C++ build that fails
+    (torch 2.11 has no C shim for an unfused `aten::_grouped_mm`, say) falls back to Python host code."""
+    if python_host_reason is None:
         log.info("moe_compiler: building this decode graph's host code in C++ (Inductor's cpp_wrapper: a g++ build, "
-                 "~15-70 s; moe_compiler.cpp_wrapper=False keeps Python host code)")
+                 "~10-50 s; moe_compiler.cpp_wrapper=False keeps Python host code)")
         try:
             cpp_patches = {**CPP_WRAPPER_BUILD, **patches, "cpp_wrapper": True}
             compiled = compile_fx(gm, example_inputs, config_patches=cpp_patches)
@@ -150,8 +157,6 @@ def _compile(gm: torch.fx.GraphModule, example_inputs, patches: dict, config: Mo
             log.warning("moe_compiler: Inductor's C++ host code (cpp_wrapper) failed to build: %s; compiling this "
                         "graph with Python host code (set moe_compiler.cpp_wrapper=False to skip the attempt)",
                         str(e).strip().splitlines()[0][:300])
-    else:
-        log.debug("moe_compiler: Python host code: %s", skip)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
@@ -165,7 +170,9 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
     # Configs are looked up (and untuned shapes autotuned) by the numerical check and while Inductor traces.
     with triton_config.autotune_option(config.autotune):
         report = fuse_moe_regions(gm, example_inputs, config)
+        python_host = host_code_choice(gm, example_inputs, patches, config)
+        report.host_code = "C++ (cpp_wrapper)" if python_host is None else f"Python: {python_host}"
         emit(report, config.dump_dir)
-        compiled = _compile(gm, example_inputs, patches, config) if config.inductor else gm.forward
+        compiled = _compile(gm, example_inputs, patches, python_host) if config.inductor else gm.forward
     restack_planned(report)
     return compiled

@@ -59,6 +59,8 @@ class GraphReport:
     graph_id: int = dataclasses.field(default_factory=lambda: next(_graph_ids))
     num_nodes: int = 0
     regions: list[RegionReport] = dataclasses.field(default_factory=list)
+    # How Inductor is asked to build the graph's host code: "C++ (cpp_wrapper)", or "Python: <why>" (backend.py)
+    host_code: str = ""
     # Per-expert weight groups to re-lay out once compile_fx is done (passes.restack_planned); not reported.
     restack: list = dataclasses.field(default_factory=list, repr=False)
 
@@ -94,6 +96,8 @@ class GraphReport:
         if self.rejected:
             reasons = sorted({r.reason for r in self.rejected})
             line += "; rejected because: " + " | ".join(reasons)
+        if self.fused and self.host_code:
+            line += f"; host code: {self.host_code}"
         return line
 
     def summary_text(self) -> str:
@@ -124,6 +128,7 @@ class GraphReport:
         return {
             "graph_id": self.graph_id,
             "num_nodes": self.num_nodes,
+            "host_code": self.host_code,
             "regions": [
                 {k: v for k, v in dataclasses.asdict(r).items() if k not in ("before", "after", "dot")}
                 for r in self.regions

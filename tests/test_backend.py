@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -211,7 +212,7 @@ def test_cpp_wrapper_reads_the_token_count_of_the_rewritten_graph(tokens, reason
     """The graph the passes wrote (ops called by keyword), taken as a CUDA graph: its MoE ops' token count decides."""
     reasons = []
 
-    def compile_(gm, example_inputs, patches, config):
+    def compile_(gm, example_inputs, patches, python_host_reason):
         reasons.append(backend.cpp_wrapper_skip_reason(gm, _inputs("cuda"), patches))
         return gm.forward
 
@@ -221,6 +222,30 @@ def test_cpp_wrapper_reads_the_token_count_of_the_rewritten_graph(tokens, reason
         ids = torch.ones(1, tokens, dtype=torch.long)
         torch.compile(tiny_model("qwen3_moe", "grouped_mm"), backend="fused_moe")(input_ids=ids)
     assert len(reasons) == 1 and (reasons[0] == reason if reason is None else reason in reasons[0])
+
+
+@pytest.mark.parametrize("env,cpp", [("1", True), ("0", False)])
+def test_the_report_says_which_host_code_a_graph_gets(env, cpp, monkeypatch, tmp_path, decode_graph_compiles):
+    """The log line and the dump name the host code Inductor is asked for (a C++ build the user did not see
+    happen, or did not see skipped, costs minutes or a 2x slower decode step)."""
+    monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", env)
+    with torch.no_grad():
+        torch.compile(tiny_model("qwen3_moe", "grouped_mm"), backend="fused_moe",
+                      options={"moe_compiler.dump_dir": str(tmp_path)})(input_ids=torch.randint(0, 128, (1, 3)))
+    want = "C++ (cpp_wrapper)" if cpp else "Python: off (moe_compiler.cpp_wrapper)"
+    (graph,) = tmp_path.glob("graph_*")
+    assert json.loads((graph / "report.json").read_text())["host_code"] == want
+    assert f"; host code: {want}" in (graph / "summary.txt").read_text()
+
+
+def test_a_graph_run_without_inductor_reports_python_host_code(tmp_path):
+    with torch.no_grad():
+        torch.compile(tiny_model("qwen3_moe", "grouped_mm"), backend="fused_moe",
+                      options={"moe_compiler.dump_dir": str(tmp_path), "moe_compiler.inductor": False})(
+            input_ids=torch.randint(0, 128, (1, 3)))
+    (graph,) = tmp_path.glob("graph_*")
+    assert json.loads((graph / "report.json").read_text())["host_code"] == (
+        "Python: no Inductor (moe_compiler.inductor=False)")
 
 
 def test_cpp_wrapper_not_tried_with_collectives():
