@@ -37,6 +37,7 @@ import os
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 from moe_compiler.testing import rel_err
 
@@ -108,6 +109,7 @@ def forward_points(model, backends: dict, mode, ids, reps) -> dict:
                                                          options=options)
         calls[variant] = lambda fn=fn: fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
         torch.cuda.reset_peak_memory_stats()
+        cpp_before = counters["moe_compiler"]["cpp_wrapper"]
         with torch.no_grad():
             try:
                 compile_s = first_call_s(calls[variant])
@@ -120,7 +122,9 @@ def forward_points(model, backends: dict, mode, ids, reps) -> dict:
             for _ in range(3):
                 outs[variant] = calls[variant]().float()  # (a reduce-overhead output is overwritten by the next
                 # replay: copied out here, by .float())
-        rows[variant] = {"compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        rows[variant] = {"compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                         # graphs built with C++ host code: a timing says which host code it measured
+                         "cpp_host_graphs": counters["moe_compiler"]["cpp_wrapper"] - cpp_before}
     with torch.no_grad():
         times = harness.interleaved(calls, reps)
     for variant, row in rows.items():
