@@ -248,6 +248,9 @@ class RouterSpec:
     scoring: Scoring = Scoring.SOFTMAX
     order: RouteOrder = RouteOrder.SCORE_THEN_TOPK
     norm_topk_prob: bool = False
+    # Renormalization: w / (sum of the k + renorm_eps). DeepSeek-V3 adds 1e-20; MiniMax-M2, Laguna and Step-3.7
+    # divide by the bare sum (0.0). A softmax top-k sum is >= k / E, so either value gives it the same result.
+    renorm_eps: float = 1e-20
     routed_scaling_factor: float = 1.0
     n_group: int = 1
     topk_group: int = 1
@@ -287,6 +290,8 @@ class RouterSpec:
                 f"RouterSpec.jitter_eps: only the sparsemixer order has one, got {self.jitter_eps} with "
                 f"{self.order.value}"
             )
+        if not (math.isfinite(self.renorm_eps) and self.renorm_eps >= 0.0):
+            raise ValueError(f"RouterSpec.renorm_eps: expected a finite value >= 0, got {self.renorm_eps}")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(
                 f"RouterSpec.topk_group: expected 1 <= topk_group <= n_group={self.n_group}, got {self.topk_group}"
@@ -323,7 +328,8 @@ class RouterSpec:
                 f"({self.group_score.value}, others {self.masked_score})"
             )
         if self.norm_topk_prob:
-            parts.append("renormalized")
+            default = self.renorm_eps == RouterSpec.renorm_eps
+            parts.append("renormalized" if default else f"renormalized (top-k sum + {self.renorm_eps:g})")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"x {self.routed_scaling_factor}")
         return ", ".join(parts)

@@ -39,6 +39,8 @@ def test_bad_experts_spec_raises_clear_error():
         (dict(top_k=2, group_score="mean"), "RouterSpec.group_score"),
         (dict(top_k=2, order="sparsemixer", jitter_eps=0.01, norm_topk_prob=True), "sparsemixer"),
         (dict(top_k=2, order="sparsemixer", jitter_eps=-1.0), "RouterSpec.jitter_eps"),
+        (dict(top_k=2, norm_topk_prob=True, renorm_eps=-1e-6), "RouterSpec.renorm_eps"),
+        (dict(top_k=2, norm_topk_prob=True, renorm_eps=float("inf")), "RouterSpec.renorm_eps"),
         (dict(top_k=2, jitter_eps=0.01), "only the sparsemixer order"),
     ],
 )

@@ -78,8 +78,7 @@ def _route_fp32(router_logits, correction_bias, spec: RouterSpec) -> tuple[Tenso
     if spec.order is RouteOrder.TOPK_THEN_SCORE:
         weights = picked.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else picked.sigmoid()
     elif spec.norm_topk_prob:
-        eps = 1e-20 if spec.scoring is Scoring.SIGMOID else 0.0  # DeepSeek adds 1e-20; softmax routers don't
-        weights = picked / (picked.sum(-1, keepdim=True) + eps)
+        weights = picked / (picked.sum(-1, keepdim=True) + spec.renorm_eps)
     else:
         weights = picked
     return weights * spec.routed_scaling_factor, ids
@@ -109,7 +108,7 @@ def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor
     scores = z.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else z.sigmoid()
     picked = scores.gather(1, ids)
     if spec.norm_topk_prob:
-        denom = picked.sum(-1, keepdim=True) + (1e-20 if spec.scoring is Scoring.SIGMOID else 0.0)
+        denom = picked.sum(-1, keepdim=True) + spec.renorm_eps
         d_picked = g / denom - (g * picked).sum(-1, keepdim=True) / denom**2
     else:
         d_picked = g

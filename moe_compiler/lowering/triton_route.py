@@ -274,7 +274,7 @@ def route_forward(
     masked_inf = not math.isfinite(spec.masked_score)
     launch.kernel(_route_kernel)[(triton.cdiv(T, block_t),)](
         logits, correction_bias if correction_bias is not None else logits, weights, ids, T, E, logits.stride(0),
-        float(spec.routed_scaling_factor), 0.0 if masked_inf else spec.masked_score, 1e-20 if sigmoid else 0.0,
+        float(spec.routed_scaling_factor), 0.0 if masked_inf else spec.masked_score, float(spec.renorm_eps),
         MASKED_INF=masked_inf, TOP_K=k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE,
         NORM=spec.norm_topk_prob,
         HAS_BIAS=correction_bias is not None, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group,
@@ -301,7 +301,7 @@ def route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids:
     sigmoid = spec.scoring is Scoring.SIGMOID
     launch.kernel(_route_backward_kernel)[(triton.cdiv(T, block_t),)](
         logits, ids.contiguous(), grad_weights.contiguous(), dz, T, E, logits.stride(0), dz.stride(0),
-        float(spec.routed_scaling_factor), 1e-20 if sigmoid else 0.0,
+        float(spec.routed_scaling_factor), float(spec.renorm_eps),
         TOP_K=spec.top_k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE,
         NORM=spec.norm_topk_prob, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(spec.top_k),
         num_warps=4,

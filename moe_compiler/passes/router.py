@@ -8,7 +8,7 @@ come in these op sequences (X = logits, possibly cast to fp32 first):
                                                                    Jamba, MiniMax, Hunyuan, DeepSeek-V2 (greedy)
     softmax(X) (+ bias) -> topk -> gather(softmax) [/ sum]        Ernie-4.5 (bias from its `Statics` module)
     sigmoid(X) + bias -> group-limited topk -> gather(sigmoid)    DeepSeek-V3, Kimi-K2(.5), GLM4-MoE, dots1
-        [/ (sum + 1e-20)] [* routed_scaling_factor]
+        [/ (sum + 1e-20)] [* routed_scaling_factor]                 (/ sum: MiniMax-M2, Laguna, Step-3.7)
     topk(X) -> softmax over the k values                          GPT-OSS (router bias inside X), Granite-MoE
     topk(X) -> sigmoid of each value                              Llama-4 (after the dense_bmm experts rewrite)
     k rounds of max(untaken X) -> softmax of the round's near-ties PhiMoE (sparsemixer, eval mode), ids and
@@ -22,7 +22,8 @@ Facts established from the graph, each with a reason when it fails:
      only the weights' rounding is at stake;
   3. the weights are the same top-k's values (when the choice is the scores), or the scores gathered at
      the ids, or softmax of the top-k values of the logits; then optionally divided by their sum over k
-     (with the epsilon the op uses), then optionally multiplied by a constant;
+     (plus an epsilon, RouterSpec.renorm_eps; a clamp only where it never bites), then optionally multiplied
+     by a constant;
   4. group-limited selection: the choice viewed as [T, n_group, E / n_group], group scores = sum of the
      top-2 or max per group, top-topk_group groups kept, the rest filled with a constant;
   5. the router reads nothing but the logits, parameters and sizes, and its ids / weights feed only the
@@ -140,21 +141,42 @@ def _constant_mul(node: fx.Node):
     return None
 
 
-def _normalized(node: fx.Node):
-    """(numerator, epsilon) if node = x / (x.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)])."""
+@dataclasses.dataclass(frozen=True)
+class _Norm:
+    """x / (x.sum(-1, keepdim=True) + eps), or with `clamped`, x / x.sum(-1, keepdim=True).clamp(min=eps)."""
+
+    numerator: fx.Node
+    eps: float = 0.0
+    clamped: bool = False
+
+
+def _normalized(node: fx.Node) -> _Norm | None:
     if op_name(node) not in ("truediv", "div", "itruediv"):
         return None
     num, den = node.args[0], strip_casts(node.args[1])
-    eps = 0.0
+    eps, clamped = 0.0, False
     if op_name(den) == "add" and isinstance(den.args[1], (int, float)):
         den, eps = strip_casts(den.args[0]), float(den.args[1])
     elif op_name(den) == "clamp" and arg(den, 1, "min") is not None and arg(den, 2, "max") is None:
-        den, eps = strip_casts(den.args[0]), float(arg(den, 1, "min"))
+        den, eps, clamped = strip_casts(den.args[0]), float(arg(den, 1, "min")), True
     if op_name(den) != "sum" or strip_casts(den.args[0]) is not strip_casts(num) or not arg(den, 2, "keepdim", False):
         return None
     if not _last_dim(den, arg(den, 1, "dim")):
         return None
-    return num, eps
+    return _Norm(num, eps, clamped)
+
+
+def _renorm_eps(norm: _Norm, scoring: Scoring, k: int, E: int) -> float:
+    """The route op's renorm_eps for the router's renormalization, or Reject. The op adds its epsilon; a clamp
+    is the same division only where it never bites: a softmax top-k sum is >= k / E, a sum of scores >= 0."""
+    if not (math.isfinite(norm.eps) and norm.eps >= 0.0):
+        raise Reject(f"the renormalization's epsilon is {norm.eps}: expected a finite value >= 0")
+    if not norm.clamped:
+        return norm.eps
+    if norm.eps == 0.0 or (scoring is Scoring.SOFTMAX and norm.eps < k / E):
+        return 0.0
+    raise Reject(f"the renormalization clamps the top-k sum at {norm.eps}, which can bite on {scoring.value} scores "
+                 "(the route op adds its epsilon instead): NYI")
 
 
 def _groups(choice: fx.Node, E) -> tuple[fx.Node, int, int, GroupScore, float]:
@@ -415,9 +437,8 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
         scale *= c
         w = strip_casts(w)
     norm = _normalized(w)
-    eps = None
     if norm is not None:
-        w, eps = strip_casts(norm[0]), norm[1]
+        w = strip_casts(norm.numerator)
 
     if (
         op_name(w) in ("softmax", "sigmoid") and op_name(strip_casts(w.args[0])) == "getitem"
@@ -468,15 +489,9 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
             )
         if (bias is not None or n_group > 1) and not gathered:
             raise Reject("the weights are the top-k values of a biased / masked choice, not the scores: NYI")
-        if norm is not None:
-            want = 1e-20 if scoring is Scoring.SIGMOID else 0.0
-            # A softmax top-k sum is >= k / E, so clamping it at any eps below that never bites.
-            ok = eps == want or (scoring is Scoring.SOFTMAX and 0.0 <= eps < k / E)
-            if not ok:
-                raise Reject(
-                    f"the renormalization adds epsilon {eps}; the route op uses {want} for {scoring.value} scores (NYI)"
-                )
-        spec = RouterSpec(top_k=k, scoring=scoring, norm_topk_prob=norm is not None, routed_scaling_factor=scale,
+        renorm = {} if norm is None else {"renorm_eps": _renorm_eps(norm, scoring, k, E)}
+        spec = RouterSpec(top_k=k, scoring=scoring, norm_topk_prob=norm is not None, **renorm,
+                          routed_scaling_factor=scale,
                           n_group=n_group, topk_group=topk_group, group_score=group_score, masked_score=masked)
         form = RouterForm(f"{scoring.value}{'_group' if n_group > 1 else ''}_topk")
     return _closed(RouterMatch(form, spec, logits, bias, ids, weights, experts_call, readers), E)

@@ -90,6 +90,9 @@ TINY: dict[str, dict] = {
     "dots1": dict(COMMON, intermediate_size=64, moe_intermediate_size=I, n_routed_experts=8, n_shared_experts=1,
                   num_experts_per_tok=4, n_group=1, topk_group=1, first_k_dense_replace=0, head_dim=16,
                   sliding_window=None, max_window_layers=2),
+    # MiniMax-M2: sigmoid scores + correction bias, top-k, renormalized by the bare sum (no epsilon)
+    "minimax_m2": dict(COMMON, intermediate_size=I, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                       num_key_value_heads=2),
     # LongCat-Flash: num_layers (each layer = 2 attention sublayers + 2 dense MLPs + 1 MoE); 8 routed + 8 zero
     # (identity) experts
     "longcat_flash": dict({k: v for k, v in COMMON.items() if k != "num_hidden_layers"}, **MLA, num_layers=L,
@@ -133,7 +136,8 @@ ROUTER_FORM = {
     "ernie4_5_moe": "softmax_topk", "flex_olmo": "softmax_topk", "glm4_moe": "sigmoid_topk",
     "gpt_oss": "topk_softmax", "granitemoe": "topk_softmax", "granitemoeshared": "topk_softmax",
     "hunyuan_v1_moe": "softmax_topk", "jamba": "softmax_topk", "kimi_k25": "sigmoid_topk",
-    "minimax": "softmax_topk", "mixtral": "softmax_topk", "olmoe": "softmax_topk", "qwen2_moe": "softmax_topk",
+    "minimax": "softmax_topk", "minimax_m2": "sigmoid_topk", "mixtral": "softmax_topk", "olmoe": "softmax_topk",
+    "qwen2_moe": "softmax_topk",
     "qwen3_5_moe": "softmax_topk", "qwen3_moe": "softmax_topk", "qwen3_next": "softmax_topk",
     "llama4": "topk_sigmoid",  # after its dense (every-expert) block became a scale_input experts call
     "phimoe": "sparsemixer",  # eval mode (zoo models are built in eval mode)

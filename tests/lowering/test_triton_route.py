@@ -57,6 +57,20 @@ def test_route_kernel_matches_reference(name):
     assert rel_err(got_w.cpu().gather(1, order_g), want_w.gather(1, order_w)) <= 1e-6
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-20])
+def test_renormalization_adds_the_spec_epsilon(eps):
+    """Sigmoid scores ~1e-22 (logits near -50), where DeepSeek-V3's sum + 1e-20 and MiniMax-M2's bare sum give
+    different weights: kernel and reference add renorm_eps, checked against fp64."""
+    logits = -50 + torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    spec = RouterSpec(top_k=2, scoring="sigmoid", norm_topk_prob=True, renorm_eps=eps)
+    for got_w, got_i in (route_forward(logits, None, spec), triton_route.route_forward(logits.to(DEVICE), None, spec)):
+        got_w, got_i = got_w.cpu(), got_i.cpu()
+        scores = logits.double().sigmoid()
+        assert torch.equal(got_i.sort(1).values, scores.topk(2, dim=1).indices.sort(1).values)
+        picked = scores.gather(1, got_i)
+        assert rel_err(got_w.double(), picked / (picked.sum(-1, keepdim=True) + eps)) <= 1e-5
+
+
 def test_no_tokens():
     w, ids = triton_route.route_forward(torch.empty(0, 8, device=DEVICE), None, RouterSpec(top_k=2))
     assert w.shape == (0, 2) and ids.shape == (0, 2)

@@ -60,6 +60,41 @@ def test_phimoe_sparse_mixer_router_is_read_off_the_graph(tmp_path):
     assert reports[0]["check"].startswith("same experts for 14 tokens")
 
 
+def test_minimax_m2_router_divides_by_the_bare_sum(tmp_path):
+    """MiniMax-M2 renormalizes by the top-k sum without DeepSeek's + 1e-20: the spec carries the epsilon."""
+    model = zoo_model("minimax_m2")
+    with torch.no_grad():
+        for block in _moe_blocks(model):  # a correction bias that moves the choice
+            block.e_score_correction_bias.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    out, ref = _compile(model, IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    assert rel_err(out, ref) <= 1e-5
+    assert [r["spec"] for r in _router_reports(tmp_path)] == ["sigmoid, top-2, renormalized (top-k sum + 0)"] * 2
+
+
+def test_a_clamped_renormalization_that_can_bite_is_left_to_inductor(monkeypatch, tmp_path):
+    """x / sum.clamp(min=1e-3) differs from any x / (sum + eps) once sigmoid scores are small: not a route op."""
+    from transformers.models.minimax_m2 import modeling_minimax_m2 as minimax_m2
+
+    def clamped_router(self, hidden_states, e_score_correction_bias):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)
+        routing_weights = torch.sigmoid(router_logits.float())
+        _, top_k_index = torch.topk(routing_weights + e_score_correction_bias, self.top_k, dim=-1, sorted=False)
+        top_k_weights = routing_weights.gather(1, top_k_index)
+        top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True).clamp(min=1e-3)
+        return router_logits, top_k_weights, top_k_index
+
+    monkeypatch.setattr(minimax_m2.MiniMaxM2TopKRouter, "forward", clamped_router)
+    out, ref = _compile(zoo_model("minimax_m2"), IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    assert rel_err(out, ref) <= 1e-5
+    reasons = [r["reason"] for r in _router_reports(tmp_path)]
+    assert len(reasons) == 2 and all("clamps the top-k sum at 0.001" in r for r in reasons)
+
+
+def _moe_blocks(model):
+    return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+
+
 def test_phimoe_training_mode_sampling_is_left_to_inductor(tmp_path):
     """In training mode PhiMoE samples each round's expert (Gumbel noise): not a route op."""
     model = zoo_model("phimoe").train()
