@@ -60,11 +60,18 @@ def activation_fields(module) -> dict | str:
 
     if getattr(module, "gate_softcap", None) is not None or getattr(module, "up_softcap", None) is not None:
         return "soft-capped gate/up (mlp_gate_softcap / mlp_up_softcap)"
-    alpha, limit = getattr(module, "swiglu_alpha", None), getattr(module, "swiglu_limit", None)
+    alpha = getattr(module, "swiglu_alpha", None)
+    # The clamp bound: FP8Experts.swiglu_limit up to transformers 5.24, FP8Experts.limit (+ limit_after_act) from 5.25.
+    limit = getattr(module, "swiglu_limit", None)
+    if limit is None:
+        limit = getattr(module, "limit", None)
     if alpha is not None:  # clamp gate and up, gate * sigmoid(alpha * gate) * (up + 1): GPT-OSS's form
+        if limit is None:
+            return "GPT-OSS-style gate (swiglu_alpha) without its clamp bound"
         return {"activation": Activation.GPT_OSS_SWIGLU, "swiglu_alpha": float(alpha), "swiglu_limit": float(limit)}
     if limit is not None:
-        return f"clamped gate/up (swiglu_limit={limit}) without swiglu_alpha"
+        after = " after the activation (limit_after_act)" if getattr(module, "limit_after_act", False) else ""
+        return f"clamped gate/up (limit={limit}{after}) without swiglu_alpha"
     config = module.config
     name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
     act = _ACTIVATIONS.get(name)

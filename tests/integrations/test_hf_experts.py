@@ -74,6 +74,27 @@ def test_spec_of_reads_the_module_or_says_why_not():
     assert "activation 'silu' (Tanh)" in hf_experts.spec_of(module)
 
 
+@pytest.mark.parametrize("bound_attr", ["swiglu_limit", "limit"], ids=["transformers<=5.24", "transformers>=5.25"])
+def test_clamped_gates_are_read_whichever_attribute_holds_the_bound(bound_attr):
+    """FP8Experts names the clamp bound `swiglu_limit` up to transformers 5.24 and `limit` from 5.25 (with
+    `limit_after_act`): a clamped gate must never be taken for a plain SiLU (its result differs past the bound)."""
+    model, _ = fp8_experts_model("qwen3_moe", (32, 32))
+    module = model.model.layers[0].mlp.experts
+    for attr in ("swiglu_limit", "limit", "swiglu_alpha"):
+        if hasattr(module, attr):
+            delattr(module, attr)
+    setattr(module, bound_attr, 7.0)
+    assert "clamped gate/up (limit=7.0) without swiglu_alpha" in hf_experts.spec_of(module)  # DeepSeek-V4
+    module.limit_after_act = True
+    assert "after the activation" in hf_experts.spec_of(module)  # Step-3.7
+    module.limit_after_act = False
+    module.swiglu_alpha = 1.702  # GPT-OSS's form
+    spec = hf_experts.spec_of(module)
+    assert spec.activation is Activation.GPT_OSS_SWIGLU and (spec.swiglu_alpha, spec.swiglu_limit) == (1.702, 7.0)
+    delattr(module, bound_attr)
+    assert "without its clamp bound" in hf_experts.spec_of(module)
+
+
 def test_unsupported_modules_say_why_and_run_transformers_forward(caplog, monkeypatch):
     model, _ = fp8_experts_model("qwen3_moe")
     module = model.model.layers[0].mlp.experts
