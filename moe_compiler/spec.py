@@ -47,6 +47,13 @@ class Activation(str, enum.Enum):
     RELU = "relu"  # ReGLU
     # GPT-OSS: gate, up clamped (gate <= limit, |up| <= limit), then gate * sigmoid(alpha * gate) * (up + 1).
     GPT_OSS_SWIGLU = "gpt_oss_swiglu"
+    # DeepSeek-V4, Hunyuan-V4: the same clamps, then plain SwiGLU: silu(gate) * up.
+    SILU_CLAMPED = "silu_clamped"
+
+    @property
+    def clamped(self) -> bool:
+        """Reads swiglu_limit (and GPT-OSS swiglu_alpha)."""
+        return self in (Activation.GPT_OSS_SWIGLU, Activation.SILU_CLAMPED)
 
 
 class GateUpLayout(str, enum.Enum):
@@ -78,7 +85,8 @@ class ExpertsSpec:
     activation: Activation = Activation.SILU
     gate_up: GateUpLayout = GateUpLayout.CONCAT
     transposed: bool = False
-    # Only read for GPT_OSS_SWIGLU; kept at GPT-OSS's values otherwise so specs compare equal.
+    # swiglu_limit read by the clamped activations, swiglu_alpha by GPT_OSS_SWIGLU; kept at GPT-OSS's values
+    # otherwise so specs compare equal.
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     # The router weight multiplies each expert's input rows (Llama-4), not its output rows.
@@ -89,7 +97,7 @@ class ExpertsSpec:
         _enum_field(self, "gate_up", GateUpLayout)
         _bool_field(self, "transposed")
         _bool_field(self, "scale_input")
-        if self.activation is Activation.GPT_OSS_SWIGLU and not self.swiglu_limit > 0:
+        if self.activation.clamped and not self.swiglu_limit > 0:
             raise ValueError(f"ExpertsSpec.swiglu_limit: expected > 0, got {self.swiglu_limit}")
 
     def op_kwargs(self) -> dict:
@@ -98,6 +106,8 @@ class ExpertsSpec:
         kwargs = {"activation": self.activation.value, "gate_up": self.gate_up.value, "transposed": self.transposed}
         if self.activation is Activation.GPT_OSS_SWIGLU:
             kwargs.update(swiglu_alpha=float(self.swiglu_alpha), swiglu_limit=float(self.swiglu_limit))
+        elif self.activation is Activation.SILU_CLAMPED:
+            kwargs.update(swiglu_limit=float(self.swiglu_limit))
         if self.scale_input:
             kwargs["scale_input"] = True
         return kwargs
@@ -110,6 +120,8 @@ class ExpertsSpec:
         act = self.activation.value
         if self.activation is Activation.GPT_OSS_SWIGLU:
             act += f"(alpha={self.swiglu_alpha}, limit={self.swiglu_limit})"
+        elif self.activation is Activation.SILU_CLAMPED:
+            act += f"(limit={self.swiglu_limit})"
         layout = "[E,H,2I]/[E,I,H]" if self.transposed else "[E,2I,H]/[E,H,I]"
         scaled = ", router weight scales the input" if self.scale_input else ""
         return f"{act}, gate_up={self.gate_up.value}, weights {layout}{scaled}"

@@ -69,9 +69,8 @@ def activation_fields(module) -> dict | str:
         if limit is None:
             return "GPT-OSS-style gate (swiglu_alpha) without its clamp bound"
         return {"activation": Activation.GPT_OSS_SWIGLU, "swiglu_alpha": float(alpha), "swiglu_limit": float(limit)}
-    if limit is not None:
-        after = " after the activation (limit_after_act)" if getattr(module, "limit_after_act", False) else ""
-        return f"clamped gate/up (limit={limit}{after}) without swiglu_alpha"
+    if limit is not None and getattr(module, "limit_after_act", False):
+        return f"clamped gate/up (limit={limit} after the activation, limit_after_act) without swiglu_alpha"
     config = module.config
     name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
     act = _ACTIVATIONS.get(name)
@@ -79,6 +78,10 @@ def activation_fields(module) -> dict | str:
     cls = cls[0] if isinstance(cls, tuple) else cls
     if act is None or cls is None or type(module.act_fn) is not cls:
         return f"activation {name!r} ({type(module.act_fn).__name__}) is not one of {sorted(_ACTIVATIONS)}"
+    if limit is not None:  # gate.clamp(max=L), up.clamp(-L, L), act(gate) * up: DeepSeek-V4's form
+        if act is not Activation.SILU or not limit > 0:
+            return f"clamped gate/up (limit={limit}) around {name!r}: the op clamps around SiLU only"
+        return {"activation": Activation.SILU_CLAMPED, "swiglu_limit": float(limit)}
     return {"activation": act}
 
 

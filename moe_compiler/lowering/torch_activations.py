@@ -67,6 +67,11 @@ def gated_forward_halves(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec
         gate = gate.clamp(max=spec.swiglu_limit)
         up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
         return (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
+    if spec.activation is Activation.SILU_CLAMPED:
+        # Mirrors DeepseekV4Experts._apply_gate: the same clamps, then silu(gate) * up.
+        gate = gate.clamp(max=spec.swiglu_limit)
+        up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
+        return F.silu(gate) * up
     return _act(gate, spec) * up
 
 
@@ -87,6 +92,14 @@ def gated_backward_halves(da: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
         # clamp's gradient passes where the bound is not exceeded (bounds inclusive, as in aten).
         d_gate = da * (up_c + 1) * d_glu * (gate <= limit)
         d_up = da * glu * ((up >= -limit) & (up <= limit))
+        return d_gate, d_up
+    if spec.activation is Activation.SILU_CLAMPED:
+        limit = spec.swiglu_limit
+        gate_c = gate.clamp(max=limit)
+        up_c = up.clamp(min=-limit, max=limit)
+        sig = torch.sigmoid(gate_c)
+        d_gate = da * up_c * sig * (1 + gate_c * (1 - sig)) * (gate <= limit)
+        d_up = da * gate_c * sig * ((up >= -limit) & (up <= limit))
         return d_gate, d_up
     act_out = _act(gate, spec)
     return _act_backward(da * up, gate, act_out, spec), da * act_out

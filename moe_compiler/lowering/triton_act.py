@@ -7,7 +7,7 @@ and as one elementwise kernel (`gated_rows`) for the shared MLP's cuBLAS outputs
 dtype, fp32 math, one pass (torch's silu + mul would be two).
 
 Codes (constexpr ACT) match spec.Activation; GPT-OSS's clamped SwiGLU reads its runtime scalars alpha
-and limit. The math mirrors activations.gated_forward, the reference.
+and limit, the clamped SiLU (DeepSeek-V4) limit. The math mirrors activations.gated_forward, the reference.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from ..spec import Activation, ExpertsSpec
 from . import launch
 
 ACT_CODE = {
-    Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.RELU: 3, Activation.GPT_OSS_SWIGLU: 4
+    Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.RELU: 3, Activation.GPT_OSS_SWIGLU: 4,
+    Activation.SILU_CLAMPED: 5,
 }
 
 
@@ -35,6 +36,11 @@ def gated_act(gate, up, alpha, limit, ACT: tl.constexpr):
         return 0.5 * gate * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0)) * up  # tanh(x) = 2 sigmoid(2x) - 1
     elif ACT == 3:
         return tl.maximum(gate, 0.0) * up
+    elif ACT == 5:
+        # DeepSeek-V4: GPT-OSS's clamps, then plain SwiGLU.
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return gate * tl.sigmoid(gate) * up
     else:
         # GPT-OSS: one-sided clamp of gate, two-sided of up, then (up + 1) * gate * sigmoid(alpha * gate).
         gate = tl.minimum(gate, limit)
@@ -65,6 +71,15 @@ def gated_act_backward(da, gate, up, alpha, limit, ACT: tl.constexpr):
     elif ACT == 3:  # ReLU (aten's threshold_backward: gradient where the output is > 0)
         f = tl.maximum(gate, 0.0)
         d_gate, d_up, a = tl.where(gate > 0.0, da * up, 0.0), da * f, f * up
+    elif ACT == 5:  # clamped SiLU: SiLU's derivative at the clamped gate, clamps' gradients as below
+        gate_c = tl.minimum(gate, limit)
+        up_c = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(gate_c)
+        f = gate_c * sig
+        df = sig * (1.0 + gate_c * (1.0 - sig))
+        d_gate = tl.where(gate <= limit, da * up_c * df, 0.0)
+        d_up = tl.where((up >= -limit) & (up <= limit), da * f, 0.0)
+        a = f * up_c
     else:  # GPT-OSS: clamps pass the gradient where the bound is not exceeded (bounds inclusive, as aten)
         gate_c = tl.minimum(gate, limit)
         up_c = tl.minimum(tl.maximum(up, -limit), limit)

@@ -83,11 +83,34 @@ def _number(x) -> float | None:
 
 
 def _clamp_bounds(node: fx.Node) -> tuple[fx.Node, float | None, float | None] | None:
+    """(input, min, max) of a clamp by constants (None: that side unbounded); None for anything else, a clamp by
+    tensors included."""
     if op_name(node) not in ("clamp", "clip"):
         return None
     lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
     hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    if any(b is not None and _number(b) is None for b in (lo, hi)):
+        return None
     return node.args[0], (None if lo is None else _number(lo)), (None if hi is None else _number(hi))
+
+
+def _clamped_silu(activation: Activation, gate: fx.Node, up: fx.Node, transparent):
+    """(gate, up, limit) under DeepSeek-V4's clamps — gate.clamp(max=L), up.clamp(-L, L) around a SiLU — or None
+    where neither factor is clamped; Reject for any other clamp."""
+    gate_clamp = _clamp_bounds(follow(gate, transparent=transparent))
+    up_clamp = _clamp_bounds(follow(up, transparent=transparent))
+    if gate_clamp is None and up_clamp is None:
+        return None
+    limit = gate_clamp[2] if gate_clamp is not None else None
+    if (
+        activation is not Activation.SILU or gate_clamp is None or up_clamp is None or gate_clamp[1] is not None
+        or limit is None or not limit > 0 or up_clamp[1:] != (-limit, limit)
+    ):
+        raise Reject(
+            f"clamped gate/up around {activation.value}: gate to {gate_clamp and gate_clamp[1:]}, up to "
+            f"{up_clamp and up_clamp[1:]}; the op computes silu(gate.clamp(max=L)) * up.clamp(-L, L) only"
+        )
+    return gate_clamp[0], up_clamp[0], limit
 
 
 def _gpt_oss_swiglu(a: fx.Node, h: fx.Node, transparent) -> GatedActivation | None:
@@ -135,6 +158,10 @@ def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) 
         if act is None:
             continue
         activation, gate = act
+        limit = GatedActivation.swiglu_limit
+        if (clamped := _clamped_silu(activation, gate, up_side, transparent)) is not None:
+            gate, up_side, limit = clamped
+            activation = Activation.SILU_CLAMPED
         gate_half, up_half = _split_half(gate, h, transparent), _split_half(up_side, h, transparent)
         if gate_half is None or up_half is None:
             raise Reject(
@@ -144,7 +171,7 @@ def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) 
             raise Reject(
                 f"gate is half {gate_half[1]} and up is half {up_half[1]} ({gate_half[0].value}); expected gate first"
             )
-        return GatedActivation(activation, gate_half[0])
+        return GatedActivation(activation, gate_half[0], swiglu_limit=limit)
     raise Reject(
         f"unrecognized gate activation: neither factor of the product is one of silu/gelu/gelu_tanh/relu "
         f"(got `{op_name(follow(a.args[0]))}` and `{op_name(follow(a.args[1]))}`)"

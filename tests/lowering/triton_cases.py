@@ -23,6 +23,8 @@ SPECS = [
     ExpertsSpec(Activation.RELU, GateUpLayout.INTERLEAVED),
     # GPT-OSS: [E, H, 2I] weights, interleaved, biases, clamps; a low limit so the clamps bite.
     ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True, swiglu_limit=1.0),
+    # DeepSeek-V4: the same clamps around plain SwiGLU; [E, 2I, H], concat
+    ExpertsSpec(Activation.SILU_CLAMPED, swiglu_limit=1.0),
     # Llama-4: [E, H, 2I] weights, the router weight scales the expert input (f(w x), not w f(x)).
     ExpertsSpec(transposed=True, scale_input=True),
 ]

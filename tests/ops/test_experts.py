@@ -45,6 +45,7 @@ SPECS = [
     ExpertsSpec(Activation.RELU),
     # GPT-OSS layout; a low limit so the clamps bite
     ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True, swiglu_limit=1.0),
+    ExpertsSpec(Activation.SILU_CLAMPED, swiglu_limit=1.0),  # DeepSeek-V4
     ExpertsSpec(transposed=True, scale_input=True),  # Llama-4: [E, H, 2I] weights, router weight scales the input
 ]
 

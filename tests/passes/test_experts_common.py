@@ -155,6 +155,52 @@ def test_unknown_activation_is_rejected_with_reason_and_still_correct(caplog):
     assert rel_err(out, ref) <= 1e-5
 
 
+def _clamped_swiglu_gate(limit: float, up_bounds: tuple[float, float] | None = None):
+    """DeepseekV4Experts._apply_gate (transformers 5.24) at `limit`; other up bounds for a near miss."""
+    lo, hi = up_bounds or (-limit, limit)
+
+    def apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=lo, max=hi)
+        return torch.nn.functional.silu(gate) * up
+
+    return apply_gate
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_deepseek_v4_clamped_swiglu_fuses(form, monkeypatch, tmp_path):
+    """silu(gate.clamp(max=L)) * up.clamp(-L, L) (DeepSeek-V4, Hunyuan-V4): one activation of the op, the bound
+    read off the graph; L = 0.5 so the clamps bite on these O(1) activations."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
+
+    model = tiny_model("qwen3_moe", form)
+    ids = _tokens()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        monkeypatch.setattr(qwen3.Qwen3MoeExperts, "_apply_gate", _clamped_swiglu_gate(0.5), raising=False)
+        ref = model(input_ids=ids).logits
+        out = torch.compile(model, backend="fused_moe", options={"moe_compiler.dump_dir": str(tmp_path)})(
+            input_ids=ids).logits
+    assert rel_err(ref, plain) > 1e-2  # the clamps change the model
+    assert fused_count(form) == 2 and rel_err(out, ref) <= 1e-5
+    assert "silu_clamped(limit=0.5)" in (next(tmp_path.glob("graph_*")) / "summary.txt").read_text()
+
+
+def test_other_clamps_around_an_activation_are_left_alone(monkeypatch, caplog):
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
+
+    monkeypatch.setattr(qwen3.Qwen3MoeExperts, "_apply_gate", _clamped_swiglu_gate(0.5, (-0.5, 1.0)), raising=False)
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    ids = _tokens()
+    with caplog.at_level(logging.INFO, logger="moe_compiler"), torch.no_grad():
+        out = torch.compile(model, backend="fused_moe")(input_ids=ids).logits
+        ref = model(input_ids=ids).logits
+    assert fused_count() == 0 and counters["moe_compiler"]["rejected_experts"] == 2
+    assert "clamped gate/up around silu: gate to (None, 0.5), up to (-0.5, 1.0)" in caplog.text
+    assert rel_err(out, ref) <= 1e-5
+
+
 def test_numerical_check_catches_a_wrong_proof(monkeypatch):
     """If a recognizer mis-reads the activation, the numerical check refuses the rewrite."""
     from moe_compiler.passes import gated_activation
