@@ -23,6 +23,7 @@ CONFIG = triton_backward.BackwardConfig(rows=SortedConfig(block_m=16, gate_up=SM
 # The backward chains four GEMMs per gradient: fp16's storage rounding of z, act and dz shows at ~1e-3.
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 1e-2)] + ([(torch.bfloat16, 2e-2)] if DEVICE == "cuda" else [])
 COVERED = [s for s in SPECS if not s.scale_input]
+GPT_OSS = next(s for s in COVERED if s.activation.value == "gpt_oss_swiglu")  # biases, interleaved, transposed
 NAMES = ("d_hidden", "d_topk_weights", "d_w_gate_up", "d_w_down", "d_b_gate_up", "d_b_down")
 
 
@@ -126,7 +127,7 @@ def test_library_gemms(spec, config, monkeypatch):
 
 def test_library_gemms_read_a_saved_z(monkeypatch):
     """DGrad.GROUPED_MM from a training forward's z: no recompute, gradients equal the reference."""
-    spec = COVERED[-1]  # GPT-OSS: biases, interleaved, transposed
+    spec = GPT_OSS
     recomputed = []
     monkeypatch.setattr(triton_backward, "launch_gate_up", lambda *a, **kw: recomputed.append(1))
 
@@ -198,7 +199,7 @@ def test_skewed_routing_and_empty_experts():
 
 
 def test_run_to_run_identical():
-    spec = COVERED[-1]  # GPT-OSS: biases, interleaved, transposed
+    spec = GPT_OSS
     _, dev = device_inputs(13, 32, 16, 4, 2, torch.float32, spec, seed=5)
     grad_out = torch.randn(13, 32, device=DEVICE)
     first = triton_backward.experts_backward(grad_out, *dev, spec, CONFIG)
@@ -209,7 +210,7 @@ def test_run_to_run_identical():
 
 @pytest.mark.parametrize("config", [CONFIG, LIBRARY, LIBRARY_ALL], ids=["triton", "wgrad", "wgrad+dgrad"])
 def test_frozen_experts_launch_no_weight_gradient_kernel(config, monkeypatch):
-    spec = COVERED[-1]  # with biases
+    spec = GPT_OSS  # with biases
     _, dev = device_inputs(9, 32, 16, 4, 2, torch.float32, spec, seed=6)
     grad_out = torch.randn(9, 32, device=DEVICE)
     full = triton_backward.experts_backward(grad_out, *dev, spec, config)
