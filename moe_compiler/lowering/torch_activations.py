@@ -64,15 +64,17 @@ def gated_forward_halves(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec
     """act(gate) * up from the two halves, in their dtype."""
     if spec.activation is Activation.GPT_OSS_SWIGLU:
         # Mirrors GptOssExperts._apply_gate (transformers 5.x): one-sided clamp on gate, two-sided on up.
-        gate = gate.clamp(max=spec.swiglu_limit)
-        up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
+        gate, up = _swiglu_clamps(gate, up, spec.swiglu_limit)
         return (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
     if spec.activation is Activation.SILU_CLAMPED:
         # Mirrors DeepseekV4Experts._apply_gate: the same clamps, then silu(gate) * up.
-        gate = gate.clamp(max=spec.swiglu_limit)
-        up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
+        gate, up = _swiglu_clamps(gate, up, spec.swiglu_limit)
         return F.silu(gate) * up
     return _act(gate, spec) * up
+
+
+def _swiglu_clamps(gate: torch.Tensor, up: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
 
 
 def gated_backward(da: torch.Tensor, h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
@@ -84,8 +86,7 @@ def gated_backward_halves(da: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     """(d gate, d up) from d(loss)/da and the pre-activation halves."""
     if spec.activation is Activation.GPT_OSS_SWIGLU:
         limit, alpha = spec.swiglu_limit, spec.swiglu_alpha
-        gate_c = gate.clamp(max=limit)
-        up_c = up.clamp(min=-limit, max=limit)
+        gate_c, up_c = _swiglu_clamps(gate, up, limit)
         sig = torch.sigmoid(gate_c * alpha)
         glu = gate_c * sig
         d_glu = sig + alpha * gate_c * sig * (1 - sig)
@@ -95,11 +96,8 @@ def gated_backward_halves(da: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
         return d_gate, d_up
     if spec.activation is Activation.SILU_CLAMPED:
         limit = spec.swiglu_limit
-        gate_c = gate.clamp(max=limit)
-        up_c = up.clamp(min=-limit, max=limit)
-        sig = torch.sigmoid(gate_c)
-        d_gate = da * up_c * sig * (1 + gate_c * (1 - sig)) * (gate <= limit)
-        d_up = da * gate_c * sig * ((up >= -limit) & (up <= limit))
-        return d_gate, d_up
+        gate_c, up_c = _swiglu_clamps(gate, up, limit)
+        d_gate = torch.ops.aten.silu_backward(da * up_c, gate_c) * (gate <= limit)
+        return d_gate, da * F.silu(gate_c) * ((up >= -limit) & (up <= limit))
     act_out = _act(gate, spec)
     return _act_backward(da * up, gate, act_out, spec), da * act_out

@@ -26,6 +26,12 @@ ACT_CODE = {
 
 
 @triton.jit
+def _swiglu_clamps(gate, up, limit):
+    """GPT-OSS's and DeepSeek-V4's clamps: gate <= limit (one-sided), |up| <= limit."""
+    return tl.minimum(gate, limit), tl.minimum(tl.maximum(up, -limit), limit)
+
+
+@triton.jit
 def gated_act(gate, up, alpha, limit, ACT: tl.constexpr):
     if ACT == 0:
         return gate * tl.sigmoid(gate) * up
@@ -36,16 +42,11 @@ def gated_act(gate, up, alpha, limit, ACT: tl.constexpr):
         return 0.5 * gate * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0)) * up  # tanh(x) = 2 sigmoid(2x) - 1
     elif ACT == 3:
         return tl.maximum(gate, 0.0) * up
-    elif ACT == 5:
-        # DeepSeek-V4: GPT-OSS's clamps, then plain SwiGLU.
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        return gate * tl.sigmoid(gate) * up
     else:
-        # GPT-OSS: one-sided clamp of gate, two-sided of up, then (up + 1) * gate * sigmoid(alpha * gate).
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+        gate, up = _swiglu_clamps(gate, up, limit)
+        if ACT == 4:  # GPT-OSS: (up + 1) * gate * sigmoid(alpha * gate)
+            return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+        return gate * tl.sigmoid(gate) * up  # DeepSeek-V4: plain SwiGLU of the clamped halves
 
 
 @triton.jit
@@ -71,24 +72,17 @@ def gated_act_backward(da, gate, up, alpha, limit, ACT: tl.constexpr):
     elif ACT == 3:  # ReLU (aten's threshold_backward: gradient where the output is > 0)
         f = tl.maximum(gate, 0.0)
         d_gate, d_up, a = tl.where(gate > 0.0, da * up, 0.0), da * f, f * up
-    elif ACT == 5:  # clamped SiLU: SiLU's derivative at the clamped gate, clamps' gradients as below
-        gate_c = tl.minimum(gate, limit)
-        up_c = tl.minimum(tl.maximum(up, -limit), limit)
-        sig = tl.sigmoid(gate_c)
-        f = gate_c * sig
-        df = sig * (1.0 + gate_c * (1.0 - sig))
-        d_gate = tl.where(gate <= limit, da * up_c * df, 0.0)
-        d_up = tl.where((up >= -limit) & (up <= limit), da * f, 0.0)
-        a = f * up_c
-    else:  # GPT-OSS: clamps pass the gradient where the bound is not exceeded (bounds inclusive, as aten)
-        gate_c = tl.minimum(gate, limit)
-        up_c = tl.minimum(tl.maximum(up, -limit), limit)
-        sig = tl.sigmoid(gate_c * alpha)
+    else:  # the clamped forms: clamps pass the gradient where the bound is not exceeded (inclusive, as aten)
+        # GPT-OSS: (up_c + 1) * glu(gate_c) with glu(x) = x * sigmoid(alpha x); DeepSeek-V4: up_c * glu at alpha 1
+        gate_c, up_c = _swiglu_clamps(gate, up, limit)
+        scale = alpha if ACT == 4 else 1.0
+        up_f = up_c + 1.0 if ACT == 4 else up_c
+        sig = tl.sigmoid(gate_c * scale)
         glu = gate_c * sig
-        d_glu = sig + alpha * gate_c * sig * (1.0 - sig)
-        d_gate = tl.where(gate <= limit, da * (up_c + 1.0) * d_glu, 0.0)
+        d_glu = sig + scale * gate_c * sig * (1.0 - sig)
+        d_gate = tl.where(gate <= limit, da * up_f * d_glu, 0.0)
         d_up = tl.where((up >= -limit) & (up <= limit), da * glu, 0.0)
-        a = (up_c + 1.0) * glu
+        a = up_f * glu
     return d_gate, d_up, a
 
 

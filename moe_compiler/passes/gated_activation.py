@@ -94,6 +94,14 @@ def _clamp_bounds(node: fx.Node) -> tuple[fx.Node, float | None, float | None] |
     return node.args[0], (None if lo is None else _number(lo)), (None if hi is None else _number(hi))
 
 
+def _swiglu_limit(gate_clamp, up_clamp) -> float | None:
+    """L when the gate is clamped to (None, L) and up to (-L, L), L > 0 (GPT-OSS's and DeepSeek-V4's clamps)."""
+    if gate_clamp is None or up_clamp is None or gate_clamp[1] is not None:
+        return None
+    limit = gate_clamp[2]
+    return limit if limit is not None and limit > 0 and up_clamp[1:] == (-limit, limit) else None
+
+
 def _clamped_silu(activation: Activation, gate: fx.Node, up: fx.Node, transparent):
     """(gate, up, limit) under DeepSeek-V4's clamps — gate.clamp(max=L), up.clamp(-L, L) around a SiLU — or None
     where neither factor is clamped; Reject for any other clamp."""
@@ -101,11 +109,8 @@ def _clamped_silu(activation: Activation, gate: fx.Node, up: fx.Node, transparen
     up_clamp = _clamp_bounds(follow(up, transparent=transparent))
     if gate_clamp is None and up_clamp is None:
         return None
-    limit = gate_clamp[2] if gate_clamp is not None else None
-    if (
-        activation is not Activation.SILU or gate_clamp is None or up_clamp is None or gate_clamp[1] is not None
-        or limit is None or not limit > 0 or up_clamp[1:] != (-limit, limit)
-    ):
+    limit = _swiglu_limit(gate_clamp, up_clamp)
+    if activation is not Activation.SILU or limit is None:
         raise Reject(
             f"clamped gate/up around {activation.value}: gate to {gate_clamp and gate_clamp[1:]}, up to "
             f"{up_clamp and up_clamp[1:]}; the op computes silu(gate.clamp(max=L)) * up.clamp(-L, L) only"
@@ -130,8 +135,8 @@ def _gpt_oss_swiglu(a: fx.Node, h: fx.Node, transparent) -> GatedActivation | No
             gate_clamp = _clamp_bounds(follow(gate_c, transparent=transparent))
             if gate_clamp is None or up_clamp is None:
                 raise Reject("GPT-OSS-style gate without the clamps of GptOssExperts._apply_gate")
-            limit = gate_clamp[2]
-            if gate_clamp[1] is not None or limit is None or up_clamp[1:] != (-limit, limit):
+            limit = _swiglu_limit(gate_clamp, up_clamp)
+            if limit is None:
                 raise Reject(
                     f"GPT-OSS clamps are gate<= {gate_clamp[1:]} and up in {up_clamp[1:]}, expected (None, L) and (-L, "
                     "L)"
