@@ -4,10 +4,12 @@ graphs, for plain Inductor and fused_moe: its Triton launches recorded into Indu
 on request the op opaque (MOE_COMPILER_INLINE=0) and our launches by torch's static launcher. NOTES.md "host path".
 
     python -m benchmarks.probes.probe_host_block [--shapes qwen3_30b_a3b deepseek_v3] [--tokens 1 32] [--layers 4]
-                                                 [--profile] [--variants inductor fused_opaque fused_static ...]
+                                                 [--residual] [--profile]
+                                                 [--variants inductor fused_opaque fused_static ...]
 
-A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone. Host time of a call is the
-wall time from entering the compiled call to its return, with the GPU idle before it (a synchronize before
+A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone, each block's output the next one's
+input (--residual: x + block(x), a decoder layer's add with its launch, as sessions 11-15 timed it). Host time of
+a call is the wall time from entering the compiled call to its return, with the GPU idle before it (a synchronize before
 each call, none inside), so no launch waits for a full queue and nothing the GPU does is in the figure; a
 call that syncs inside (a bug: `.item()` and the like) shows up as host time near its GPU time. Per layer =
 the L-block stack's host time minus the 1-block stack's, over L - 1: what one more layer costs, the graph's
@@ -75,14 +77,20 @@ def graph_us(fn) -> float:
 
 
 class Stack(torch.nn.Module):
-    def __init__(self, blocks):
+    """L MoE blocks, each one's output the next one's input. With `residual`, x + block(x) as a decoder layer
+    has it: one more pointwise launch per layer, which in a model Inductor fuses into the next norm (so it is not
+    the block's cost; sessions 11-15 counted it)."""
+
+    def __init__(self, blocks, residual: bool = False):
         super().__init__()
         self.blocks = torch.nn.ModuleList(blocks)
+        self.residual = residual
 
     def forward(self, x):
         for b in self.blocks:
             out = b(x)
-            x = x + (out[0] if isinstance(out, tuple) else out)
+            out = out[0] if isinstance(out, tuple) else out
+            x = x + out if self.residual else out
         return x
 
 
@@ -112,6 +120,8 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
                     help="the host code A/B (a variant torch cannot build is reported and left out)")
+    ap.add_argument("--residual", action="store_true", help="time x + block(x) per layer (a decoder layer's add, "
+                    "one more launch; the default times the blocks alone, the issue's figure)")
     ap.add_argument("--profile", action="store_true", help="print each variant's host-side profile of 20 calls of the "
                     "L-block stack (torch.profiler, CPU: launches and their cost per call)")
     args = ap.parse_args()
@@ -121,12 +131,12 @@ def main():
     for name in args.shapes:
         model = build(name, layers=args.layers)
         blocks = moe_blocks(model)
-        stacks = {1: Stack(blocks[:1]), len(blocks): Stack(blocks)}
+        stacks = {1: Stack(blocks[:1], args.residual), len(blocks): Stack(blocks, args.residual)}
         for T in args.tokens:
             x = torch.randn(1, T, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
                 ref = stacks[len(blocks)](x).float()
-                row = {"model": name, "T": T, "layers": len(blocks)}
+                row = {"model": name, "T": T, "layers": len(blocks), "residual": args.residual}
                 for variant in args.variants:
                     fns = {}
                     torch._dynamo.reset()  # both stacks' graphs stay cached while they are timed in turn
