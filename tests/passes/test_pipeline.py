@@ -30,8 +30,12 @@ from moe_compiler.testing.hf_zoo import (
 LOGIT_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("form", ["grouped_mm", "batched_mm"])
+# batched_mm in bf16 is left to the GPU test below: what bf16 changes (the casts the matchers read around routers
+# and experts) is the same in both forms, and each form's pass runs here in fp32 (the CPU suite's time, ~1 min).
+@pytest.mark.parametrize(("form", "dtype"), [("grouped_mm", torch.float32), ("grouped_mm", torch.bfloat16),
+                                             ("batched_mm", torch.float32)], ids=["grouped_mm-fp32",
+                                                                                  "grouped_mm-bf16",
+                                                                                  "batched_mm-fp32"])
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_architecture(arch, form, dtype, caplog):
     model = zoo_model(arch, form, dtype)
