@@ -30,6 +30,30 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _one_big_gpu_test_at_a_time(request, tmp_path_factory):
+    """Tests marked big_gpu hold tens of GB of real-model weights: under pytest-xdist, workers sharing one GPU would
+    run out of memory together (8 workers: 22 of them failed so, session 15). Each takes a lock file in the run's
+    shared temporary directory (fcntl: released if the worker dies) and hands its cached blocks back to the driver
+    before releasing it, so that the next worker's test finds the memory free."""
+    if "big_gpu" not in request.node.keywords or not torch.cuda.is_available():
+        yield
+        return
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's basetemp is popen-gwN under the run's directory
+    with open(root / "big_gpu.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -184,6 +184,7 @@ def test_cuda_forward_takes_triton_and_backward_the_capture_safe_composite(monke
 
 
 @pytest.mark.gpu
+@pytest.mark.big_gpu
 @pytest.mark.parametrize("shape", list(SHAPES), ids=str)
 @pytest.mark.parametrize("T", [1, 5, 64])
 def test_both_triton_paths_at_real_shapes(shape, T):

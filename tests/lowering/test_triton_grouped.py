@@ -129,6 +129,7 @@ def test_capture_and_replay_with_changing_routing():
 
 
 @pytest.mark.gpu
+@pytest.mark.big_gpu
 def test_index_math_past_2_31():
     """T k H > 2^31 (DeepSeek-V3's shape, T = 40000; ~36 GB): the gathered rows, the act rows and the combine stay
     right at the far end, over every library."""

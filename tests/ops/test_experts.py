@@ -366,6 +366,7 @@ def test_bad_shared_experts_raise_clear_errors(mutate, match):
 # --- on the GPU: real model shapes, huge T, CUDA graphs ----------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.big_gpu
 @pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: s[0])
 # empty, decode, odd, decode/sorted border, T > BLOCK, prefill-ish
 @pytest.mark.parametrize("T", [0, 1, 7, 16, 129, 1000])
@@ -380,6 +381,7 @@ def test_real_shapes_bf16(shape, T):
 
 
 @pytest.mark.gpu
+@pytest.mark.big_gpu
 def test_gpt_oss_20b_shape_bf16():
     """GPT-OSS-20B experts: E=32, k=4, H=I=2880 (no power of two), [E, H, 2I] weights, biases, clamps."""
     spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
@@ -440,6 +442,7 @@ def test_backward_on_gpu_incl_experts_without_tokens(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.big_gpu
 def test_index_math_past_2_31():
     """T*k*H > 2^31 (DeepSeek-V3 shape, T = 40000): results stay right at the far end."""
     _, E, k, H, I = REAL_SHAPES[2]
@@ -499,6 +502,7 @@ def _shared(H, Is, gated, seed=0):
 
 
 @pytest.mark.gpu
+@pytest.mark.big_gpu
 @pytest.mark.parametrize("shape", SHARED_SHAPES, ids=lambda s: s[0])
 # decode path (Qwen3-Next: shared MLP in the kernels; larger ones: cuBLAS) ... sorted path
 @pytest.mark.parametrize("T", [1, 3, 16, 300])
