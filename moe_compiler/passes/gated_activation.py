@@ -102,7 +102,7 @@ def _swiglu_limit(gate_clamp, up_clamp) -> float | None:
     return limit if limit is not None and limit > 0 and up_clamp[1:] == (-limit, limit) else None
 
 
-def _clamped_silu(activation: Activation, gate: fx.Node, up: fx.Node, transparent):
+def clamped_silu(activation: Activation, gate: fx.Node, up: fx.Node, transparent):
     """(gate, up, limit) under DeepSeek-V4's clamps — gate.clamp(max=L), up.clamp(-L, L) around a SiLU — or None
     where neither factor is clamped; Reject for any other clamp."""
     gate_clamp = _clamp_bounds(follow(gate, transparent=transparent))
@@ -164,7 +164,7 @@ def recognize_gated_activation(a: fx.Node, h: fx.Node, transparent=frozenset()) 
             continue
         activation, gate = act
         limit = GatedActivation.swiglu_limit
-        if (clamped := _clamped_silu(activation, gate, up_side, transparent)) is not None:
+        if (clamped := clamped_silu(activation, gate, up_side, transparent)) is not None:
             gate, up_side, limit = clamped
             activation = Activation.SILU_CLAMPED
         gate_half, up_half = _split_half(gate, h, transparent), _split_half(up_side, h, transparent)

@@ -42,7 +42,7 @@ from .fx_utils import (
     op_call_code,
     op_name,
 )
-from .gated_activation import activation_of, recognize_gated_activation
+from .gated_activation import GatedActivation, activation_of, clamped_silu, recognize_gated_activation
 from .match import Edit, Match, Reject, SharedForm
 from .regions import module_stack
 
@@ -56,6 +56,7 @@ class SharedExpertsMatch(Match):
     form: SharedForm
     module: str  # where the MLP lives, e.g. "model.layers.0.mlp.shared_experts"
     activation: Activation
+    clamps: tuple[float, float] | None  # (swiglu_alpha, swiglu_limit) of a clamped activation, else None
     fused_gate_up: bool  # gate and up are halves of one Linear (Granite) rather than two
     intermediate: int
     gate_up: tuple[fx.Node, ...]  # the weights: (gate, up) or (gate_up,)
@@ -73,7 +74,8 @@ class SharedExpertsMatch(Match):
     def describe(self) -> str:
         gate = "sigmoid(gate(x)) x " if self.form is SharedForm.SIGMOID_GATED else ""
         gu = "one gate_up Linear" if self.fused_gate_up else "gate/up Linears"
-        return f"{gate}MLP(x) at {self.module}: {self.activation.value}, {gu}, I={self.intermediate}"
+        act = self.activation.value + (f"(limit={self.clamps[1]})" if self.clamps else "")
+        return f"{gate}MLP(x) at {self.module}: {act}, {gu}, I={self.intermediate}"
 
     def call(self) -> OpCall:
         """The experts call with the shared MLP's weights added."""
@@ -116,8 +118,10 @@ def _linear(node, x_base, what) -> tuple[fx.Node, tuple]:
     return w, dims(w)
 
 
-def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int, tuple[fx.Node, ...], fx.Node]:
-    """down(act(gate(x)) * up(x)): (activation, gate and up fused, I, gate/up weights, down weight)."""
+def _mlp(node: fx.Node, x_base) -> tuple[Activation, tuple | None, bool, int, tuple[fx.Node, ...], fx.Node]:
+    """down(act(gate(x)) * up(x)): (activation, its clamps (alpha, limit) or None, gate and up fused, I, gate/up
+    weights, down weight). Two Linears may have DeepSeek-V4's clamps between them and the SiLU (gate.clamp(max=L),
+    up.clamp(-L, L)): the clamped SiLU."""
     down, (H, I) = _linear(node, None, "down projection")
     a = follow(follow(node).args[0])
     if op_name(a) != "mul" or not all(isinstance(t, fx.Node) for t in a.args):
@@ -127,13 +131,19 @@ def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int, tuple[fx.Node, .
         if act is None:
             continue
         activation, gate = act
+        clamps = None
+        if (clamped := clamped_silu(activation, gate, up_side, frozenset())) is not None:
+            gate, up_side, limit = clamped
+            activation, clamps = Activation.SILU_CLAMPED, (GatedActivation.swiglu_alpha, limit)
         gate_node = follow(gate)
         if op_name(gate_node) == "linear":  # two Linears
             w_gate, g_shape = _linear(gate_node, x_base, "gate projection")
             w_up, u_shape = _linear(up_side, x_base, "up projection")
             if g_shape != (I, H) or u_shape != (I, H):
                 raise Reject(f"shared gate/up weights are {g_shape} / {u_shape}, expected ({I}, {H}) for down {H}x{I}")
-            return activation, False, I, (w_gate, w_up), down
+            return activation, clamps, False, I, (w_gate, w_up), down
+        if clamps is not None:
+            raise Reject(f"shared gate is `{op_name(gate_node)}` under the clamps, expected a Linear")
         # one Linear producing [gate | up]: its halves, proven by the experts' gated-activation recognizer
         src = follow(gate_node, through=VIEWS | {"getitem", "chunk", "split"})
         if op_name(src) != "linear":
@@ -142,7 +152,8 @@ def _mlp(node: fx.Node, x_base) -> tuple[Activation, bool, int, tuple[fx.Node, .
         ga = recognize_gated_activation(a, src)
         if ga.layout is not GateUpLayout.CONCAT or gu_shape != (2 * I, H):
             raise Reject(f"shared gate_up weight {gu_shape} ({ga.layout.value}), expected ({2 * I}, {H}) concat")
-        return ga.activation, True, I, (w_gate_up,), down
+        clamps = (ga.swiglu_alpha, ga.swiglu_limit) if ga.activation.clamped else None
+        return ga.activation, clamps, True, I, (w_gate_up,), down
     raise Reject("shared MLP product has no silu/gelu/relu factor")
 
 
@@ -184,10 +195,10 @@ def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None
                 break
         else:
             raise Reject("shared branch is a product without a sigmoid(gate(x)) factor")
-    activation, fused, I, gate_up, down = _mlp(mlp_out, x_base)
+    activation, clamps, fused, I, gate_up, down = _mlp(mlp_out, x_base)
     module = _module_of(follow(mlp_out)).rsplit(".", 1)[0]
-    return SharedExpertsMatch(form, module, activation, fused, I, gate_up, down, expert_gate, add, routed, found,
-                              experts_call)
+    return SharedExpertsMatch(form, module, activation, clamps, fused, I, gate_up, down, expert_gate, add, routed,
+                              found, experts_call)
 
 
 def _dtype(node: fx.Node):
@@ -205,6 +216,12 @@ def why_not_fused(match: SharedExpertsMatch) -> str | None:
     if match.activation is not spec.activation:
         return (f"the shared MLP's activation ({match.activation.value}) is not the routed experts' "
                 f"({spec.activation.value})")
+    if match.clamps is not None:  # the op computes both with the routed spec's constants
+        alpha, limit = match.clamps
+        if limit != spec.swiglu_limit:
+            return f"the shared MLP's clamp limit ({limit}) is not the routed experts' ({spec.swiglu_limit})"
+        if spec.activation is Activation.GPT_OSS_SWIGLU and alpha != spec.swiglu_alpha:
+            return f"the shared MLP's swiglu alpha ({alpha}) is not the routed experts' ({spec.swiglu_alpha})"
     dtype = _dtype(experts_call)
     node = match.routed
     while node is not experts_call:  # views, and casts that round-trip exactly (bf16 -> fp32 -> bf16)

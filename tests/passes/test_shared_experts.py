@@ -125,3 +125,50 @@ def test_block_without_shared_experts_reports_none(tmp_path):
     reports = _compile(zoo_model("mixtral"), tmp_path)
     assert [r["status"] for r in reports] == ["none", "none"]
     assert not [k for k in counters["moe_compiler"] if "shared" in k]
+
+
+def _deepseek_v4_clamps(model, routed_limit: float, shared_limit: float | None, monkeypatch):
+    """DeepSeek-V4's clamped SiLU (transformers 5.25's DeepseekV4Experts._apply_gate and DeepseekV4MLP.forward) on a
+    DeepSeek-V3 zoo model: gate.clamp(max=L), up.clamp(-L, L) around the SiLU, routed and (unless None) shared."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as dsv3
+
+    def apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate.clamp(max=routed_limit)) * up.clamp(min=-routed_limit, max=routed_limit)
+
+    def shared_forward(self, x):
+        gate = self.gate_proj(x).clamp(max=shared_limit)
+        up = self.up_proj(x).clamp(min=-shared_limit, max=shared_limit)
+        return self.down_proj(self.act_fn(gate) * up)
+
+    monkeypatch.setattr(dsv3.DeepseekV3Experts, "_apply_gate", apply_gate, raising=False)
+    if shared_limit is not None:
+        monkeypatch.setattr(dsv3.DeepseekV3MLP, "forward", shared_forward)
+    return model
+
+
+def test_deepseek_v4_clamped_shared_mlp_joins_the_clamped_experts(monkeypatch, tmp_path):
+    """DeepSeek-V4's shared MLP clamps its gate and up Linears as its routed experts do (both at config.swiglu_limit):
+    the op computes it with the routed activation, so it fuses; L = 0.5 so the clamps bite."""
+    model = zoo_model("deepseek_v3")
+    with torch.no_grad():
+        plain = model(input_ids=IDS).logits
+    _deepseek_v4_clamps(model, 0.5, 0.5, monkeypatch)
+    with torch.no_grad():
+        assert rel_err(model(input_ids=IDS).logits, plain) > 1e-2  # the clamps change the model
+    reports = _compile(model, tmp_path)
+    assert [r["status"] for r in reports] == ["fused", "fused"]
+    assert reports[0]["match"] == (
+        "MLP(x) at model.layers.0.mlp.shared_experts: silu_clamped(limit=0.5), gate/up Linears, I=32"
+    )
+
+
+@pytest.mark.parametrize(("shared_limit", "reason"), [
+    (0.25, "the shared MLP's clamp limit (0.25) is not the routed experts' (0.5)"),
+    (None, "the shared MLP's activation (silu) is not the routed experts' (silu_clamped)"),
+])
+def test_shared_clamps_unlike_the_experts_are_left_to_inductor(shared_limit, reason, monkeypatch, tmp_path):
+    model = _deepseek_v4_clamps(zoo_model("deepseek_v3"), 0.5, shared_limit, monkeypatch)
+    reports = _compile(model, tmp_path)
+    assert [r["status"] for r in reports] == ["matched", "matched"]
+    assert reports[0]["reason"] == reason
