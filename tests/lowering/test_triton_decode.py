@@ -19,7 +19,7 @@ from triton_cases import (  # noqa: E402
 
 from moe_compiler.lowering import triton_decode  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig  # noqa: E402
-from moe_compiler.spec import SharedMLP  # noqa: E402
+from moe_compiler.spec import Activation, SharedMLP  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err, shared_inputs, shared_reference  # noqa: E402
 
 CONFIG = DecodeConfig(gate_up=KernelConfig(block_n=16, block_k=16), down=KernelConfig(block_n=8, block_k=32))
@@ -93,19 +93,22 @@ def test_too_many_pairs_is_a_clear_error():
         triton_decode.experts_forward(*big, *dev[3:], SPECS[0], CONFIG)
 
 
+CLAMPED = next(s for s in SPECS if s.activation is Activation.SILU_CLAMPED)
+
+
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize(
-    "T,H,I,Is,fused,gated",
+    "T,H,I,Is,fused,gated,spec",
     [
-        (1, 32, 16, 16, False, True),  # Qwen3-Next: Is = I, sigmoid-gated
-        (3, 40, 24, 40, True, False),  # Is not a multiple of the tile or of I; H tail; one fused gate_up
-        (2, 32, 16, 64, False, False),  # Is = 4 I: more shared tiles than one grid row (DeepSeek-V2-Lite style)
+        (1, 32, 16, 16, False, True, SPECS[0]),  # Qwen3-Next: Is = I, sigmoid-gated
+        (3, 40, 24, 40, True, False, SPECS[0]),  # Is not a multiple of the tile or of I; H tail; one fused gate_up
+        (2, 32, 16, 64, False, False, SPECS[0]),  # Is = 4 I: more shared tiles than one grid row (DeepSeek-V2-Lite)
+        (2, 32, 16, 48, False, False, CLAMPED),  # DeepSeek-V4: the shared MLP clamped as the experts are
     ],
 )
-def test_decode_forward_with_shared_experts(dtype, tol, T, H, I, Is, fused, gated):
+def test_decode_forward_with_shared_experts(dtype, tol, T, H, I, Is, fused, gated, spec):
     """The shared MLP as one more pair per token: its tiles after the routed rows of the gate_up grid and
-    its down GEMV in each token's down program."""
-    spec = SPECS[0]
+    its down GEMV in each token's down program, with the routed experts' activation."""
     cpu, dev = device_inputs(T, H, I, 8, 2, dtype, spec)
     shared = shared_inputs(H, Is, dtype, fused, gated)
     gate_up = [w.to(DEVICE) for w in shared[0]] + [None] * (2 - len(shared[0]))  # [gate, up], or [gate_up, None]

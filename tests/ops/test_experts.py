@@ -277,7 +277,8 @@ def call(routed, shared, spec):
 @pytest.mark.parametrize("fused,gated", FORMS, ids=["gate_up-gated", "fused-plain", "gate_up-plain"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    "spec", [ExpertsSpec(), ExpertsSpec(Activation.GELU, GateUpLayout.INTERLEAVED)], ids=["silu", "gelu-interleaved"]
+    "spec", [ExpertsSpec(), ExpertsSpec(Activation.GELU, GateUpLayout.INTERLEAVED),
+             ExpertsSpec(Activation.SILU_CLAMPED, swiglu_limit=0.5)], ids=["silu", "gelu-interleaved", "silu-clamped"]
 )
 def test_shared_experts_forward_matches_fp64_reference(fused, gated, dtype, tol, spec):
     routed = experts_inputs(6, 32, 16, 8, 2, dtype, spec)
