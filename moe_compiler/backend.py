@@ -129,7 +129,36 @@ def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: d
         return "a MoE op over a symbolic token count"
     if max(math.prod(shape[:-1]) for shape in shapes) > CPP_WRAPPER_MAX_TOKENS:
         return f"a MoE op over more than {CPP_WRAPPER_MAX_TOKENS} tokens"
-    return None
+    return _example_run_memory_shortfall(calls)
+
+
+def gpu_free_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on `device` can take: the driver's free memory plus the caching allocator's reserved,
+    unused blocks; None without a CUDA device to ask (a CPU machine)."""
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    except (RuntimeError, AssertionError):  # torch without CUDA raises AssertionError
+        return None
+
+
+def _example_run_memory_shortfall(calls) -> str | None:
+    """Why a C++ build would surely run out of memory, or None. Its compile-time example run (Inductor's
+    generate_example_arg_value) allocates every kernel argument anew, so the largest tensor a MoE op reads (an
+    expert weight: DeepSeek-V3's gate_up is 14 GiB; measured first-call peaks ran 2-23 GiB above Python host code's)
+    must fit beside the model. Skipping then saves the build's minute and its out-of-memory fallback; a build that
+    fits this bound and still runs out falls back as any failed build does (_compile)."""
+    tensors = [v for n in calls if getattr(n.target, "namespace", None) == "moe_compiler"
+               for v in map(example_value, n.all_input_nodes) if isinstance(v, torch.Tensor) and v.is_cuda]
+    if not tensors:
+        return None
+    largest = max(tensors, key=lambda t: t.numel() * t.element_size())
+    free = gpu_free_bytes(largest.device)
+    need = largest.numel() * largest.element_size()
+    if free is None or need <= free:
+        return None
+    return (f"the C++ build's example run allocates each kernel's tensors anew — {need / 2**30:.1f} GiB for the "
+            f"largest MoE op input {tuple(largest.shape)} — and {largest.device} has {free / 2**30:.1f} GiB free")
 
 
 def host_code_choice(gm: torch.fx.GraphModule, example_inputs, patches: dict, config) -> str | None:

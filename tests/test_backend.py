@@ -248,6 +248,52 @@ def test_a_graph_run_without_inductor_reports_python_host_code(tmp_path):
         "Python: no Inductor (moe_compiler.inductor=False)")
 
 
+def _graph_with_experts_weights(weight_shape):
+    """A decode graph (T = 1) whose experts op reads a CUDA expert weight of `weight_shape` (fake: no memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    E, two_i, H = weight_shape
+    with FakeTensorMode():
+        values = dict(hidden=torch.empty(1, H, device="cuda", dtype=torch.bfloat16),
+                      topk_ids=torch.empty(1, 2, device="cuda", dtype=torch.long),
+                      topk_weights=torch.empty(1, 2, device="cuda"),
+                      w_gate_up=torch.empty(E, two_i, H, device="cuda", dtype=torch.bfloat16),
+                      w_down=torch.empty(E, H, two_i // 2, device="cuda", dtype=torch.bfloat16))
+    g = torch.fx.Graph()
+    nodes = {}
+    for name, value in values.items():
+        nodes[name] = g.placeholder(name)
+        nodes[name].meta["example_value"] = value
+    g.output(g.call_function(torch.ops.moe_compiler.experts.default, (), nodes))
+    return torch.fx.GraphModule({}, g), list(values.values())
+
+
+@pytest.mark.parametrize("free_gib,reason", [
+    (None, None),  # no CUDA device to ask (this machine): the build is tried, its failure falls back
+    (30.0, None),
+    (10.0, "14.0 GiB for the largest MoE op input (256, 4096, 7168) — and cuda:0 has 10.0 GiB free"),
+])
+def test_cpp_wrapper_skipped_where_its_example_run_cannot_fit(free_gib, reason, monkeypatch):
+    """Inductor's C++ build runs every kernel once on freshly allocated arguments: DeepSeek-V3's gate_up weight (14
+    GiB) again. Where that cannot fit, the graph keeps Python host code at once, saying so, instead of a build that
+    runs out of memory and falls back."""
+    seen = []
+    monkeypatch.setattr(backend, "gpu_free_bytes",
+                        lambda device: seen.append(device) or (None if free_gib is None else int(free_gib * 2**30)))
+    gm, inputs = _graph_with_experts_weights((256, 4096, 7168))
+    with torch.no_grad():
+        got = backend.cpp_wrapper_skip_reason(gm, inputs, {})
+    assert seen and seen[0].type == "cuda"
+    assert got == reason if reason is None else got.endswith(reason) and "example run" in got
+
+
+def test_gpu_free_bytes_without_cuda_is_none():
+    if torch.cuda.is_available():
+        assert backend.gpu_free_bytes(torch.device("cuda")) > 0
+    else:
+        assert backend.gpu_free_bytes(torch.device("cuda")) is None
+
+
 def test_cpp_wrapper_not_tried_with_collectives():
     assert "collectives" in backend.cpp_wrapper_skip_reason(_graph_with_route(1, all_reduce=True), _inputs("cuda"), {})
 
