@@ -120,8 +120,9 @@ def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: d
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     if any(getattr(n.target, "namespace", None) in ("_c10d_functional", "c10d") for n in calls):
         return "collectives (expert / tensor parallel): C++ host code not tried there"
+    moe_calls = [n for n in calls if getattr(n.target, "namespace", None) == "moe_compiler"]
     # rows of each op's first tensor: hidden [T, H], router logits [T, E], an FP8 linear's input [..., K]
-    firsts = [example_value(first_input(n)) for n in calls if getattr(n.target, "namespace", None) == "moe_compiler"]
+    firsts = [example_value(first_input(n)) for n in moe_calls]
     shapes = [tuple(v.shape) for v in firsts if isinstance(v, torch.Tensor) and v.dim() > 0]
     if not shapes:
         return "no MoE op in the graph"
@@ -129,7 +130,7 @@ def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: d
         return "a MoE op over a symbolic token count"
     if max(math.prod(shape[:-1]) for shape in shapes) > CPP_WRAPPER_MAX_TOKENS:
         return f"a MoE op over more than {CPP_WRAPPER_MAX_TOKENS} tokens"
-    return _example_run_memory_shortfall(calls)
+    return _example_run_memory_shortfall(moe_calls)
 
 
 def gpu_free_bytes(device: torch.device) -> int | None:
@@ -142,19 +143,19 @@ def gpu_free_bytes(device: torch.device) -> int | None:
         return None
 
 
-def _example_run_memory_shortfall(calls) -> str | None:
+def _example_run_memory_shortfall(moe_calls) -> str | None:
     """Why a C++ build would surely run out of memory, or None. Its compile-time example run (Inductor's
     generate_example_arg_value) allocates every kernel argument anew, so the largest tensor a MoE op reads (an
     expert weight: DeepSeek-V3's gate_up is 14 GiB; measured first-call peaks ran 2-23 GiB above Python host code's)
     must fit beside the model. Skipping then saves the build's minute and its out-of-memory fallback; a build that
     fits this bound and still runs out falls back as any failed build does (_compile)."""
-    tensors = [v for n in calls if getattr(n.target, "namespace", None) == "moe_compiler"
-               for v in map(example_value, n.all_input_nodes) if isinstance(v, torch.Tensor) and v.is_cuda]
+    tensors = [v for n in moe_calls for v in map(example_value, n.all_input_nodes)
+               if isinstance(v, torch.Tensor) and v.is_cuda]
     if not tensors:
         return None
     largest = max(tensors, key=lambda t: t.numel() * t.element_size())
-    free = gpu_free_bytes(largest.device)
     need = largest.numel() * largest.element_size()
+    free = gpu_free_bytes(largest.device)
     if free is None or need <= free:
         return None
     return (f"the C++ build's example run allocates each kernel's tensors anew — {need / 2**30:.1f} GiB for the "

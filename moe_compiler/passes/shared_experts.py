@@ -55,8 +55,7 @@ ADDS = {"add", "add_", "iadd"}
 class SharedExpertsMatch(Match):
     form: SharedForm
     module: str  # where the MLP lives, e.g. "model.layers.0.mlp.shared_experts"
-    activation: Activation
-    clamps: tuple[float, float] | None  # (swiglu_alpha, swiglu_limit) of a clamped activation, else None
+    gated: GatedActivation  # act(gate) * up, with the clamps' constants where the activation has them
     fused_gate_up: bool  # gate and up are halves of one Linear (Granite) rather than two
     intermediate: int
     gate_up: tuple[fx.Node, ...]  # the weights: (gate, up) or (gate_up,)
@@ -68,13 +67,17 @@ class SharedExpertsMatch(Match):
     experts_call: fx.Node  # the fused experts call the branch joins
 
     @property
+    def activation(self) -> Activation:
+        return self.gated.activation
+
+    @property
     def spec(self) -> str:
         return self.describe()
 
     def describe(self) -> str:
         gate = "sigmoid(gate(x)) x " if self.form is SharedForm.SIGMOID_GATED else ""
         gu = "one gate_up Linear" if self.fused_gate_up else "gate/up Linears"
-        act = self.activation.value + (f"(limit={self.clamps[1]})" if self.clamps else "")
+        act = self.activation.value + (f"(limit={self.gated.swiglu_limit})" if self.activation.clamped else "")
         return f"{gate}MLP(x) at {self.module}: {act}, {gu}, I={self.intermediate}"
 
     def call(self) -> OpCall:
@@ -118,10 +121,10 @@ def _linear(node, x_base, what) -> tuple[fx.Node, tuple]:
     return w, dims(w)
 
 
-def _mlp(node: fx.Node, x_base) -> tuple[Activation, tuple | None, bool, int, tuple[fx.Node, ...], fx.Node]:
-    """down(act(gate(x)) * up(x)): (activation, its clamps (alpha, limit) or None, gate and up fused, I, gate/up
-    weights, down weight). Two Linears may have DeepSeek-V4's clamps between them and the SiLU (gate.clamp(max=L),
-    up.clamp(-L, L)): the clamped SiLU."""
+def _mlp(node: fx.Node, x_base) -> tuple[GatedActivation, bool, int, tuple[fx.Node, ...], fx.Node]:
+    """down(act(gate(x)) * up(x)): (the gated activation, gate and up fused, I, gate/up weights, down weight).
+    Two Linears may have DeepSeek-V4's clamps between them and the SiLU (gate.clamp(max=L), up.clamp(-L, L)): the
+    clamped SiLU."""
     down, (H, I) = _linear(node, None, "down projection")
     a = follow(follow(node).args[0])
     if op_name(a) != "mul" or not all(isinstance(t, fx.Node) for t in a.args):
@@ -131,18 +134,18 @@ def _mlp(node: fx.Node, x_base) -> tuple[Activation, tuple | None, bool, int, tu
         if act is None:
             continue
         activation, gate = act
-        clamps = None
+        gated = GatedActivation(activation, GateUpLayout.CONCAT)  # two Linears: gate, then up
         if (clamped := clamped_silu(activation, gate, up_side, frozenset())) is not None:
             gate, up_side, limit = clamped
-            activation, clamps = Activation.SILU_CLAMPED, (GatedActivation.swiglu_alpha, limit)
+            gated = GatedActivation(Activation.SILU_CLAMPED, GateUpLayout.CONCAT, swiglu_limit=limit)
         gate_node = follow(gate)
         if op_name(gate_node) == "linear":  # two Linears
             w_gate, g_shape = _linear(gate_node, x_base, "gate projection")
             w_up, u_shape = _linear(up_side, x_base, "up projection")
             if g_shape != (I, H) or u_shape != (I, H):
                 raise Reject(f"shared gate/up weights are {g_shape} / {u_shape}, expected ({I}, {H}) for down {H}x{I}")
-            return activation, clamps, False, I, (w_gate, w_up), down
-        if clamps is not None:
+            return gated, False, I, (w_gate, w_up), down
+        if gated.activation.clamped:
             raise Reject(f"shared gate is `{op_name(gate_node)}` under the clamps, expected a Linear")
         # one Linear producing [gate | up]: its halves, proven by the experts' gated-activation recognizer
         src = follow(gate_node, through=VIEWS | {"getitem", "chunk", "split"})
@@ -152,8 +155,7 @@ def _mlp(node: fx.Node, x_base) -> tuple[Activation, tuple | None, bool, int, tu
         ga = recognize_gated_activation(a, src)
         if ga.layout is not GateUpLayout.CONCAT or gu_shape != (2 * I, H):
             raise Reject(f"shared gate_up weight {gu_shape} ({ga.layout.value}), expected ({2 * I}, {H}) concat")
-        clamps = (ga.swiglu_alpha, ga.swiglu_limit) if ga.activation.clamped else None
-        return ga.activation, clamps, True, I, (w_gate_up,), down
+        return ga, True, I, (w_gate_up,), down
     raise Reject("shared MLP product has no silu/gelu/relu factor")
 
 
@@ -195,10 +197,10 @@ def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None
                 break
         else:
             raise Reject("shared branch is a product without a sigmoid(gate(x)) factor")
-    activation, clamps, fused, I, gate_up, down = _mlp(mlp_out, x_base)
+    gated, fused, I, gate_up, down = _mlp(mlp_out, x_base)
     module = _module_of(follow(mlp_out)).rsplit(".", 1)[0]
-    return SharedExpertsMatch(form, module, activation, clamps, fused, I, gate_up, down, expert_gate, add, routed,
-                              found, experts_call)
+    return SharedExpertsMatch(form, module, gated, fused, I, gate_up, down, expert_gate, add, routed, found,
+                              experts_call)
 
 
 def _dtype(node: fx.Node):
@@ -216,8 +218,8 @@ def why_not_fused(match: SharedExpertsMatch) -> str | None:
     if match.activation is not spec.activation:
         return (f"the shared MLP's activation ({match.activation.value}) is not the routed experts' "
                 f"({spec.activation.value})")
-    if match.clamps is not None:  # the op computes both with the routed spec's constants
-        alpha, limit = match.clamps
+    if match.activation.clamped:  # the op computes both with the routed spec's constants
+        alpha, limit = match.gated.swiglu_alpha, match.gated.swiglu_limit
         if limit != spec.swiglu_limit:
             return f"the shared MLP's clamp limit ({limit}) is not the routed experts' ({spec.swiglu_limit})"
         if spec.activation is Activation.GPT_OSS_SWIGLU and alpha != spec.swiglu_alpha:
