@@ -99,13 +99,19 @@ def profile(fn, title, calls=20):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    # CUDA activity too: the runtime / driver calls (cuLaunchKernel, cudaLaunchKernel) are its CPU-side events
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             torch.cuda.synchronize()
             fn()
-    torch.cuda.synchronize()
-    print(f"\nprofile: {title}, {calls} calls")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+    kernels = sorted(((e.count / calls, e.key) for e in events if e.self_device_time_total > 0), reverse=True)
+    print(f"\nprofile: {title}, {calls} calls; {launches / calls:.1f} kernel launches per call:")
+    for n, key in kernels:
+        print(f"  {n:5.1f} x {key[:110]}")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=60))
 
 
 def compiled(module, variant):
