@@ -33,17 +33,19 @@ from moe_compiler.testing import rel_err
 from .. import harness
 from ..models import MODELS, build, moe_blocks
 
-# name -> (backend, MOE_COMPILER_INLINE, torch.compile options)
+# name -> (backend, environment at compile time, torch.compile options)
 VARIANTS = {
-    "inductor": ("inductor", None, None),
-    "fused_opaque": ("fused_moe", "0", None),
+    "inductor": ("inductor", {}, None),
+    "fused_opaque": ("fused_moe", {"MOE_COMPILER_INLINE": "0"}, None),
     # Python host code; the default below builds it in C++ at decode T (config.cpp_wrapper)
-    "fused_python": ("fused_moe", "1", {"moe_compiler.cpp_wrapper": False}),
-    "fused": ("fused_moe", "1", None),
+    "fused_python": ("fused_moe", {}, {"moe_compiler.cpp_wrapper": False}),
+    "fused": ("fused_moe", {}, None),
+    # the route op's own launch in front of the decode GEMVs (the default routes inside the gate_up GEMV)
+    "fused_route_apart": ("fused_moe", {"MOE_COMPILER_ROUTE_IN_GEMV": "0"}, None),
     # the same as torch 2.11 builds it by itself, -O3 (the backend's default builds it -O1: backend.CPP_WRAPPER_BUILD)
-    "fused_o3": ("fused_moe", "1", {"cpp_wrapper_build_separate": False}),
+    "fused_o3": ("fused_moe", {}, {"cpp_wrapper_build_separate": False}),
     # Python host code, our kernels by torch's static C++ launcher
-    "fused_static": ("fused_moe", "1", {"moe_compiler.cpp_wrapper": False, "moe_compiler.static_launch": True}),
+    "fused_static": ("fused_moe", {}, {"moe_compiler.cpp_wrapper": False, "moe_compiler.static_launch": True}),
 }
 DEFAULT_VARIANTS = ("inductor", "fused_python", "fused")
 
@@ -114,10 +116,15 @@ def profile(fn, title, calls=20):
     print(events.table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=60))
 
 
+_SWITCHES = ("MOE_COMPILER_INLINE", "MOE_COMPILER_ROUTE_IN_GEMV")
+
+
 def compiled(module, variant):
-    backend, inline, options = VARIANTS[variant]
-    if inline is not None:
-        os.environ["MOE_COMPILER_INLINE"] = inline
+    """The variant's compiled module; its environment holds while it compiles (at its first call, which follows)."""
+    backend, env, options = VARIANTS[variant]
+    for name in _SWITCHES:
+        os.environ.pop(name, None)
+    os.environ.update(env)
     return torch.compile(module, backend=backend, dynamic=False, options=options)
 
 

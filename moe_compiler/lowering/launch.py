@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 
@@ -40,6 +41,28 @@ def traced():
 
 def tracing() -> bool:
     return getattr(_state, "on", False)
+
+
+def remember_route(weights, ids, routed) -> None:
+    """While tracing: note that `weights` and `ids` (the route op's outputs, these very tensor objects) were routed
+    as `routed` (triton_route.Routed), so that a decode experts call given exactly them can route again inside its
+    first kernel instead (triton_decode.py); the route launch, its outputs then unread, is dropped by Inductor
+    as dead code. Outside tracing nothing is noted; a note lives as long as `ids`."""
+    if not tracing():
+        return
+    if not hasattr(_state, "routes"):
+        _state.routes = {}
+    routes = _state.routes  # by id(): tensors compare elementwise, so they cannot be dict keys themselves
+    routes[id(ids)] = (weakref.ref(ids), weakref.ref(weights), routed)
+    weakref.finalize(ids, routes.pop, id(ids), None)
+
+
+def route_of(weights, ids):
+    """The Routed of a traced route call whose outputs are exactly (weights, ids), or None."""
+    entry = getattr(_state, "routes", {}).get(id(ids)) if tracing() else None
+    if entry is None or entry[0]() is not ids or entry[1]() is not weights:
+        return None
+    return entry[2]
 
 
 def kernel(k):

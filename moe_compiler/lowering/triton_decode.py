@@ -37,15 +37,18 @@ slots in registers in a fixed order, so the combine is fused and deterministic.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ..spec import ExpertsSpec, GateUpLayout
+from ..spec import ExpertsSpec, GateUpLayout, RouterSpec
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_config import DecodeConfig
 from .triton_experts import logical_strides
+from .triton_route import Routed, route_args, route_rows
 
 
 @triton.jit
@@ -145,14 +148,56 @@ def _shared_gate_up(
 
 
 @triton.jit
+def _route_pair(
+    logits_ptr, rbias_ptr, ids_ptr, topk_w_ptr, p, pid_n, E, TOP_K, stride_lt, r_scale, r_masked, r_eps,
+    R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SIGMOID: tl.constexpr, R_TOPK_FIRST: tl.constexpr,
+    R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr, R_TOPK_GROUP: tl.constexpr,
+    R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr, R_BLOCK_G: tl.constexpr,
+):
+    """(expert id, router weight as stored, in fp32) of pair p, routed from its token's logits by the route
+    kernel's own math (triton_route.route_rows); the programs of the first column tile store both for the down
+    kernel. Every program of the token computes the same route: k argmax rounds over E values, a few hundred
+    cycles, against the launch of a route kernel of its own and its wait."""
+    tok = p // TOP_K
+    rows = tok + tl.arange(0, 1)
+    cols = tl.arange(0, R_BLOCK_E)
+    w, chosen = route_rows(
+        logits_ptr, rbias_ptr, rows, rows >= 0, cols, cols < E, E, stride_lt, r_scale, r_masked, r_eps,
+        R_MASKED_INF, R_TOP_K, R_SIGMOID, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP, R_GROUP_MAX,
+        1, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
+    )
+    mine = tl.arange(0, R_BLOCK_K)[None, :] == p % TOP_K
+    e = tl.sum(tl.where(mine, chosen, 0))
+    # rounded as the route op stores it, so the down kernel's weight and this program's (scale_input) agree
+    row_w = tl.sum(tl.where(mine, w, 0.0)).to(topk_w_ptr.dtype.element_ty)
+    if pid_n == 0:
+        tl.store(ids_ptr + p, e)
+        tl.store(topk_w_ptr + p, row_w)
+    return e, row_w.to(tl.float32)
+
+
+@triton.jit
 def _routed_gate_up(
     x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
+    logits_ptr, rbias_ptr, stride_lt, r_scale, r_masked, r_eps,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     SCALE_INPUT: tl.constexpr, PAIRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ROUTE: tl.constexpr,
+    R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SIGMOID: tl.constexpr, R_TOPK_FIRST: tl.constexpr,
+    R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr, R_TOPK_GROUP: tl.constexpr,
+    R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr, R_BLOCK_G: tl.constexpr,
 ):
-    e = tl.load(ids_ptr + p)
+    if ROUTE:  # the route in this kernel: ids / weights are its outputs (for the down kernel), not inputs
+        e, row_w = _route_pair(
+            logits_ptr, rbias_ptr, ids_ptr, topk_w_ptr, p, pid_n, E, TOP_K, stride_lt, r_scale, r_masked, r_eps,
+            R_MASKED_INF, R_TOP_K, R_SIGMOID, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP, R_GROUP_MAX,
+            R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
+        )
+    else:
+        e = tl.load(ids_ptr + p)
+        if SCALE_INPUT:
+            row_w = tl.load(topk_w_ptr + p).to(tl.float32)
     # A sentinel pair (id E: another rank's expert) runs its loop zero times: no weight bytes for a row the down
     # kernel never reads (under EP over R ranks, (R-1)/R of the pairs).
     h_live = tl.where(e < E, H, 0)
@@ -179,7 +224,6 @@ def _routed_gate_up(
         wu_ptrs = w_base + up_rows[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
         gate, up = _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, h_live, stride_wk, EVEN_K, BLOCK_N, BLOCK_K, NUM_STAGES)
     if SCALE_INPUT:  # Llama-4: (w x) W = w (x W)
-        row_w = tl.load(topk_w_ptr + p).to(tl.float32)
         gate *= row_w
         up *= row_w
     if HAS_BIAS:
@@ -193,20 +237,26 @@ def _routed_gate_up(
 @triton.jit
 def _gate_up_gemv_kernel(
     x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, ok_ptr, tickets_ptr,
-    sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr,
+    sg_ptr, su_ptr, seg_ptr, sact_ptr, sgate_ptr, logits_ptr, rbias_ptr,
     S, E, H, I, Is, TOP_K, alpha, limit, N_TICKETS,
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am, stride_sn, stride_sk, stride_sam, SHARED_TILES,
+    stride_lt, r_scale, r_masked, r_eps,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     SCALE_INPUT: tl.constexpr, PAIRED: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
     ZERO_TICKETS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ROUTE: tl.constexpr,
+    R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SIGMOID: tl.constexpr, R_TOPK_FIRST: tl.constexpr,
+    R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr, R_TOPK_GROUP: tl.constexpr,
+    R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr, R_BLOCK_G: tl.constexpr,
 ):
     # grid (S [+ shared rows], I / BLOCK_N): row p < S is pair p; the rows after S hold the shared MLP's
-    # T * SHARED_TILES tiles, laid out row-major over the same second axis.
+    # T * SHARED_TILES tiles, laid out row-major over the same second axis. With ROUTE each pair's program
+    # routes its token from the logits (_route_pair) and ids / weights are written, not read: nothing to check.
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     if (p == 0) & (pid_n == 0):
-        check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S)
+        if not ROUTE:
+            check_ids(ids_ptr, ok_ptr, S, E, BLOCK_S)
         # The split down kernel's tickets start at zero (this launch precedes it in the stream): no memset launch.
         # Unsplit, tickets_ptr is a dummy bound to ok_ptr: no store may name it (a constexpr, not N_TICKETS = 0),
         # or torch's mutation analysis sees two written arguments on one buffer and Inductor copies one per call.
@@ -223,13 +273,19 @@ def _gate_up_gemv_kernel(
             _routed_gate_up(
                 x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
                 stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
-                ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES,
+                logits_ptr, rbias_ptr, stride_lt, r_scale, r_masked, r_eps,
+                ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES, ROUTE,
+                R_MASKED_INF, R_TOP_K, R_SIGMOID, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
+                R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
             )
     else:  # without shared experts the kernel is the routed one alone
         _routed_gate_up(
             x_ptr, ids_ptr, topk_w_ptr, w_ptr, b_ptr, act_ptr, p, pid_n, E, H, I, TOP_K, alpha, limit,
             stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
-            ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES,
+            logits_ptr, rbias_ptr, stride_lt, r_scale, r_masked, r_eps,
+            ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES, ROUTE,
+            R_MASKED_INF, R_TOP_K, R_SIGMOID, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
+            R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
         )
 
 
@@ -335,6 +391,18 @@ def sum_parts_in_order(part_ptr, stride_part, part, value, ticket_ptr, out_ptr, 
         tl.store(out_ptr + n_out, total.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
 
+# MOE_COMPILER_ROUTE_IN_GEMV=0 keeps the route op's own launch in front of traced decode calls (for comparisons).
+ROUTE_IN_GEMV_ENV = "MOE_COMPILER_ROUTE_IN_GEMV"
+
+
+def route_in_gemv() -> bool:
+    value = os.environ.get(ROUTE_IN_GEMV_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ROUTE_IN_GEMV_ENV}={value!r}: expected '1' (route inside the gate_up GEMV of a traced "
+                         "decode call, the default) or '0' (the route op's own launch)")
+    return value == "1"
+
+
 # The id check loads every id in one program: the decode path is only taken for S up to this many pairs.
 MAX_PAIRS = 4096
 
@@ -363,13 +431,36 @@ def tickets_for(config: DecodeConfig, T: int, H: int, I: int, device) -> torch.T
     return torch.empty(T * triton.cdiv(H, config.down.block_n), dtype=torch.int32, device=device)
 
 
+def _route_launch_args(routed: Routed | None, E: int, dummy) -> tuple[tuple, dict]:
+    """The gate_up kernel's route arguments: (logits, bias, stride, scale, masked score, eps) and its R_*
+    constexprs; without a route, placeholders its ROUTE=False instance never reads."""
+    if routed is None:
+        scalars, constexprs = route_args(_NO_ROUTE, E, False)
+        return (dummy, dummy, 0, *scalars), {"ROUTE": False, **{f"R_{k}": v for k, v in constexprs.items()}}
+    bias = routed.correction_bias
+    scalars, constexprs = route_args(routed.spec, E, bias is not None)
+    return ((routed.logits, bias if bias is not None else routed.logits, routed.logits.stride(0), *scalars),
+            {"ROUTE": True, **{f"R_{k}": v for k, v in constexprs.items()}})
+
+
+_NO_ROUTE = RouterSpec(top_k=1)
+
+
 def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config: DecodeConfig, k: int, act, ids_ok,
-                   weights=None, mlp=None, shared_act=None, shared_gate=None, tickets=None):
+                   weights=None, mlp=None, shared_act=None, shared_gate=None, tickets=None,
+                   routed: Routed | None = None):
     """act[p] = act(gate) * up of pair p (its input scaled by weights[p] under spec.scale_input);
     ids_ok[0] = whether every id is in [0, E]; tickets (if given) zeroed. With a shared MLP `mlp` (spec.SharedMLP)
-    also shared_act[t] = act(x[t] Wg^T) * (x[t] Wu^T) and, if it has an expert gate, shared_gate[t] = s[t]."""
+    also shared_act[t] = act(x[t] Wg^T) * (x[t] Wu^T) and, if it has an expert gate, shared_gate[t] = s[t].
+    With `routed` (a traced route call's triton_route.Routed) the kernel routes each token itself and writes
+    ids [S] and weights [S] (the route op's dtype) instead of reading them; ids_ok is then left unwritten."""
     S, I = act.shape
     T, H = hidden.shape
+    if routed is not None and (routed.spec.top_k != k or routed.logits.shape != (T, w_gate_up.shape[0])
+                               or routed.logits.stride(1) != 1):
+        raise ValueError(f"moe_compiler: a route in the gate_up GEMV needs logits [{T}, {w_gate_up.shape[0]}] with "
+                         f"unit column stride and top_k {k}; got {tuple(routed.logits.shape)}, stride "
+                         f"{routed.logits.stride()}, top_k {routed.spec.top_k}")
     gu = config.gate_up
     tiles = triton.cdiv(I, gu.block_n)
     rows = S
@@ -383,18 +474,20 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
                 "contiguous."
             )
     dummy = act
+    (logits, rbias, *route_scalars), route_constexprs = _route_launch_args(routed, w_gate_up.shape[0], dummy)
     launch.kernel(_gate_up_gemv_kernel)[(rows, tiles)](
-        hidden, ids, weights if spec.scale_input else act, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up,
+        hidden, ids, weights if spec.scale_input or routed is not None else act, w_gate_up,
+        b_gate_up if b_gate_up is not None else w_gate_up,
         act, ids_ok, tickets if tickets is not None else ids_ok,
         mlp.gate if mlp is not None else dummy, mlp.up if mlp is not None else dummy,
         mlp.expert_gate if mlp is not None and mlp.expert_gate is not None else dummy,
-        shared_act if mlp is not None else dummy, shared_gate if shared_gate is not None else ids_ok,
+        shared_act if mlp is not None else dummy, shared_gate if shared_gate is not None else ids_ok, logits, rbias,
         S, w_gate_up.shape[0], H, I, mlp.intermediate if mlp is not None else 1, k,
         float(spec.swiglu_alpha), float(spec.swiglu_limit), tickets.numel() if tickets is not None else 0,
         hidden.stride(0), *logical_strides(w_gate_up, spec.transposed),
         b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0),
         *(mlp.gate.stride() if mlp is not None else (0, 0)), shared_act.stride(0) if mlp is not None else 0,
-        shared_tiles if mlp is not None else 1,
+        shared_tiles if mlp is not None else 1, *route_scalars, **route_constexprs,
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, SCALE_INPUT=spec.scale_input,
         PAIRED=paired(spec), HAS_SHARED=mlp is not None, HAS_GATE=mlp is not None and mlp.expert_gate is not None,
@@ -452,11 +545,21 @@ def pair_buffers(hidden, topk_ids, topk_weights, I: int):
 
 
 def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec: ExpertsSpec,
-                    config: DecodeConfig, mlp=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    config: DecodeConfig, mlp=None, routed: Routed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops/checks.py; T > 0.
-    With `mlp` (a spec.SharedMLP) out also holds the block's shared experts."""
+    With `mlp` (a spec.SharedMLP) out also holds the block's shared experts.
+
+    The route in the GEMV: while tracing, a call whose topk_ids / topk_weights are a traced route call's own
+    outputs (launch.route_of), or an explicit `routed`, routes inside the gate_up kernel from the logits: one launch
+    (and its output buffers) fewer per layer, the host time of a default-mode decode step. ids_ok is then a ones
+    flag: the ids are made in range, not given."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
+    if routed is None and route_in_gemv():
+        routed = launch.route_of(topk_weights, topk_ids)
+    if routed is not None:
+        return _routed_forward(hidden, routed, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp, k,
+                               topk_weights.dtype)
     hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, spec.intermediate(w_down))
     shared_act = hidden.new_empty(T, mlp.intermediate) if mlp is not None else None
     gated = mlp is not None and mlp.expert_gate is not None
@@ -468,3 +571,25 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     out = hidden.new_empty(T, H)
     launch_down(act, ids, weights, w_down, b_down, spec, config, k, out, mlp, shared_act, shared_gate, tickets)
     return out, ids_ok
+
+
+def _routed_forward(hidden, routed: Routed, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp, k, weights_dtype):
+    T, H = hidden.shape
+    if T * k > MAX_PAIRS:
+        raise ValueError(f"moe_compiler: the decode path takes at most {MAX_PAIRS} (token, slot) pairs, got {T * k}")
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    logits = routed.logits if routed.logits.stride(1) == 1 else routed.logits.contiguous()
+    routed = Routed(logits, routed.correction_bias, routed.spec)
+    ids = torch.empty(T * k, dtype=torch.int64, device=hidden.device)
+    weights = torch.empty(T * k, dtype=weights_dtype, device=hidden.device)
+    act = hidden.new_empty(T * k, spec.intermediate(w_down))
+    shared_act = hidden.new_empty(T, mlp.intermediate) if mlp is not None else None
+    gated = mlp is not None and mlp.expert_gate is not None
+    shared_gate = torch.empty(T, dtype=torch.float32, device=hidden.device) if gated else None
+    tickets = tickets_for(config, T, H, act.shape[1], hidden.device)
+    launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, act, weights, mlp, shared_act,
+                   shared_gate, tickets, routed)
+    out = hidden.new_empty(T, H)
+    launch_down(act, ids, weights, w_down, b_down, spec, config, k, out, mlp, shared_act, shared_gate, tickets)
+    return out, torch.ones(1, dtype=torch.int32, device=hidden.device)

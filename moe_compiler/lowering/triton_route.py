@@ -26,6 +26,7 @@ timed against Inductor's compiled routers by benchmarks/bench_route.py (figures 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -74,6 +75,22 @@ def _route_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
+    w, chosen = route_rows(
+        logits_ptr, bias_ptr, rows, row_ok, cols, col_ok, E, stride_lt, scale, masked_score, eps, MASKED_INF, TOP_K,
+        SIGMOID, TOPK_FIRST, NORM, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_MAX, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G,
+    )
+    _store_topk(weights_ptr, ids_ptr, rows, row_ok, w, chosen, TOP_K, BLOCK_K)
+
+
+@triton.jit
+def route_rows(
+    logits_ptr, bias_ptr, rows, row_ok, cols, col_ok, E, stride_lt, scale, masked_score, eps,
+    MASKED_INF: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """(weights [BLOCK_T, BLOCK_K] fp32, ids [BLOCK_T, BLOCK_K] int64) of the rows' routes, slots >= TOP_K zero:
+    the route kernel's math, also run inside the decode gate_up kernel (triton_decode.py, route in the GEMV)."""
     x = _load_tile(logits_ptr, rows, cols, row_ok, col_ok, stride_lt)
     neg_inf = float("-inf")
     x = tl.where(col_ok[None, :], x.to(tl.float32), neg_inf)
@@ -138,7 +155,7 @@ def _route_kernel(
         w = picked
         if NORM:
             w = w / (tl.sum(tl.where(live, w, 0.0), axis=1)[:, None] + eps)
-    _store_topk(weights_ptr, ids_ptr, rows, row_ok, w * scale, chosen, TOP_K, BLOCK_K)
+    return w * scale, chosen
 
 
 @triton.jit
@@ -268,21 +285,39 @@ def route_forward(
             TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps or 4,
         )
         return weights, ids
-    sigmoid = spec.scoring is Scoring.SIGMOID
+    scalars, constexprs = route_args(spec, E, correction_bias is not None)
+    launch.kernel(_route_kernel)[(triton.cdiv(T, block_t),)](
+        logits, correction_bias if correction_bias is not None else logits, weights, ids, T, E, logits.stride(0),
+        *scalars, **constexprs, BLOCK_T=block_t, num_warps=num_warps or 4,
+    )
+    launch.remember_route(weights, ids, Routed(logits, correction_bias, spec))
+    return weights, ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Routed:
+    """How a traced route call made its (weights, ids): what a decode experts call given exactly those needs to
+    compute them again inside its gate_up kernel (triton_decode.py, route in the GEMV)."""
+
+    logits: torch.Tensor  # [T, E], unit column stride
+    correction_bias: torch.Tensor | None
+    spec: RouterSpec
+
+
+def route_args(spec: RouterSpec, E: int, has_bias: bool) -> tuple[tuple, dict]:
+    """(scale, masked_score, eps) and the constexprs of route_rows but BLOCK_T, for `spec` (not the sparse mixer)."""
     # -inf (transformers 5.23's masked score) by a constexpr, never as a float argument: Inductor's cpp_wrapper
     # writes a recorded kernel's scalars into Python source, where `-inf` is no literal.
     masked_inf = not math.isfinite(spec.masked_score)
-    launch.kernel(_route_kernel)[(triton.cdiv(T, block_t),)](
-        logits, correction_bias if correction_bias is not None else logits, weights, ids, T, E, logits.stride(0),
-        float(spec.routed_scaling_factor), 0.0 if masked_inf else spec.masked_score, float(spec.renorm_eps),
-        MASKED_INF=masked_inf, TOP_K=k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE,
-        NORM=spec.norm_topk_prob,
-        HAS_BIAS=correction_bias is not None, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group,
-        GROUP_MAX=spec.group_score is GroupScore.MAX, BLOCK_T=block_t, BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(k), BLOCK_G=triton.next_power_of_2(spec.n_group),
-        num_warps=num_warps or 4,
+    scalars = (float(spec.routed_scaling_factor), 0.0 if masked_inf else spec.masked_score, float(spec.renorm_eps))
+    constexprs = dict(
+        MASKED_INF=masked_inf, TOP_K=spec.top_k, SIGMOID=spec.scoring is Scoring.SIGMOID,
+        TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE, NORM=spec.norm_topk_prob, HAS_BIAS=has_bias,
+        N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, GROUP_MAX=spec.group_score is GroupScore.MAX,
+        BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(spec.top_k),
+        BLOCK_G=triton.next_power_of_2(spec.n_group),
     )
-    return weights, ids
+    return scalars, constexprs
 
 
 def route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids: torch.Tensor,

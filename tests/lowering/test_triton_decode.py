@@ -17,9 +17,9 @@ from triton_cases import (  # noqa: E402
     spec_id,
 )
 
-from moe_compiler.lowering import triton_decode  # noqa: E402
+from moe_compiler.lowering import triton_decode, triton_route  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig  # noqa: E402
-from moe_compiler.spec import Activation, SharedMLP  # noqa: E402
+from moe_compiler.spec import Activation, RouterSpec, SharedMLP  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err, shared_inputs, shared_reference  # noqa: E402
 
 CONFIG = DecodeConfig(gate_up=KernelConfig(block_n=16, block_k=16), down=KernelConfig(block_n=8, block_k=32))
@@ -179,3 +179,87 @@ def test_split_k_is_the_down_gemv_s_alone():
         DecodeConfig(KernelConfig(16, 16, split_k=2), KernelConfig(16, 16))
     with pytest.raises(ValueError, match="split_k: expected an int in"):
         KernelConfig(16, 16, split_k=0)
+
+
+# The route in the gate_up GEMV (triton_decode.experts_forward's `routed`): each pair's program routes its token
+# from the logits by the route kernel's own math; the result must be what the route launch + the decode launches
+# give (the same math: equal up to the order of an fp32 sum), for every router form the route kernel runs.
+ROUTES = {
+    "qwen3_softmax_renorm": (RouterSpec(top_k=2, norm_topk_prob=True), False),
+    "deepseek_v3_groups_bias": (RouterSpec(top_k=3, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+                                           n_group=4, topk_group=2), True),
+    "gpt_oss_topk_then_softmax": (RouterSpec(top_k=2, order="topk_then_score"), False),
+    "glm4_masked_score_zero": (RouterSpec(top_k=2, scoring="sigmoid", norm_topk_prob=True, n_group=2, topk_group=1,
+                                          masked_score=0.0), True),
+    "weights_stored_fp16": (RouterSpec(top_k=2, norm_topk_prob=True, weights_dtype="float16"), False),
+}
+
+
+SPLIT_DOWN = DecodeConfig(gate_up=KernelConfig(16, 16), down=KernelConfig(block_n=8, block_k=16, split_k=2))
+
+
+def _routed(T, E, dtype, route, seed=1):
+    spec, has_bias = ROUTES[route]
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g).to(dtype).to(DEVICE)
+    bias = torch.randn(E, generator=g).to(DEVICE) if has_bias else None
+    return triton_route.Routed(logits, bias, spec)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[4], SPECS[6]], ids=spec_id)  # Qwen, GPT-OSS, Llama-4 (scale_input)
+@pytest.mark.parametrize("T,config", [(1, CONFIG), (3, NARROW), (2, SPLIT_DOWN)], ids=["T1", "T3_narrow", "split"])
+def test_route_in_the_gate_up_gemv_equals_the_route_launch(route, spec, T, config):
+    H, I, E = 40, 32, 16
+    routed = _routed(T, E, torch.float32, route)
+    weights, ids = triton_route.route_forward(routed.logits, routed.correction_bias, routed.spec)
+    k = routed.spec.top_k
+    _, dev = device_inputs(T, H, I, E, k, torch.float32, spec)
+    args = (dev[0], ids, weights, *dev[3:])
+    want, _ = triton_decode.experts_forward(*args, spec, config)
+    with poisoned_allocations():
+        got, ok = triton_decode.experts_forward(*args, spec, config, routed=routed)
+    assert int(ok) == 1 and not got.isnan().any()
+    assert rel_err(got.cpu(), want.cpu()) <= 1e-6
+
+
+def test_route_in_the_gate_up_gemv_writes_the_route_s_ids_and_weights():
+    T, H, I, E, k = 3, 32, 16, 16, 3
+    routed = _routed(T, E, torch.float16, "deepseek_v3_groups_bias")
+    want_w, want_i = triton_route.route_forward(routed.logits, routed.correction_bias, routed.spec)
+    _, dev = device_inputs(T, H, I, E, k, torch.float32, SPECS[0])
+    with poisoned_allocations():
+        ids = torch.empty(T * k, dtype=torch.int64, device=DEVICE)
+        weights = torch.empty(T * k, dtype=torch.float32, device=DEVICE)
+        act = torch.empty(T * k, I, device=DEVICE)
+    triton_decode.launch_gate_up(dev[0], ids, dev[3], None, SPECS[0], CONFIG, k, act, act, weights, routed=routed)
+    assert torch.equal(ids.cpu(), want_i.reshape(-1).cpu())
+    assert rel_err(weights.cpu(), want_w.reshape(-1).cpu()) <= 1e-6
+
+
+def test_route_in_the_gate_up_gemv_with_shared_experts():
+    T, H, I, E, Is = 2, 32, 16, 16, 24
+    routed = _routed(T, E, torch.float32, "qwen3_softmax_renorm")
+    weights, ids = triton_route.route_forward(routed.logits, routed.correction_bias, routed.spec)
+    _, dev = device_inputs(T, H, I, E, 2, torch.float32, SPECS[0])
+    (gate, up), down, expert_gate = shared_inputs(H, Is, torch.float32, fused=False, gated=True)
+    mlp = SharedMLP.from_parts(gate.to(DEVICE), up.to(DEVICE), down.to(DEVICE), expert_gate.to(DEVICE))
+    args = (dev[0], ids, weights, *dev[3:])
+    want, _ = triton_decode.experts_forward(*args, SPECS[0], CONFIG, mlp)
+    with poisoned_allocations():
+        got, _ = triton_decode.experts_forward(*args, SPECS[0], CONFIG, mlp, routed=routed)
+    assert rel_err(got.cpu(), want.cpu()) <= 1e-6
+
+
+def test_route_in_the_gate_up_gemv_rejects_logits_of_another_shape():
+    routed = _routed(2, 8, torch.float32, "qwen3_softmax_renorm")
+    weights, ids = triton_route.route_forward(routed.logits, None, routed.spec)
+    _, dev = device_inputs(2, 32, 16, 16, 2, torch.float32, SPECS[0])
+    with pytest.raises(ValueError, match=r"needs logits \[2, 16\]"):
+        triton_decode.experts_forward(dev[0], ids, weights, *dev[3:], SPECS[0], CONFIG, routed=routed)
+
+
+def test_bad_route_in_gemv_switch_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(triton_decode.ROUTE_IN_GEMV_ENV, "on")
+    with pytest.raises(ValueError, match="MOE_COMPILER_ROUTE_IN_GEMV='on': expected '1'"):
+        triton_decode.route_in_gemv()

@@ -41,6 +41,7 @@ configs = {{
     # the down GEMV's reduction over I = 64 in two programs per tile (partials, tickets)
     "split": DecodeConfig(gate_up=KernelConfig(16, 16), down=KernelConfig(block_n=32, block_k=16, split_k=2)),
 }}
+configs["routed"] = configs["decode"]
 dispatch.triton_config_for = lambda *a: configs["{path}"]
 graphs = []
 def fw(gm, example_inputs):
@@ -57,6 +58,8 @@ if {train}:  # a training graph: AOTAutograd traces the joint forward + backward
         t.requires_grad_(True)
 def f(h, ids, w, wgu, wd, logits):
     weights, chosen = torch.ops.moe_compiler.route(logits, top_k=2, norm_topk_prob=True)
+    if "{path}" == "routed":  # the experts call takes the route's own outputs: the route runs in its gate_up GEMV
+        return moe_compiler.moe_experts(h, chosen, weights, wgu, wd, bgu, bd, spec=spec)
     return moe_compiler.moe_experts(h, ids, w, wgu, wd, bgu, bd, spec=spec) + weights.sum() + chosen.sum()
 try:
     torch.compile(f, backend=aot_autograd(fw_compiler=fw), dynamic={dynamic})(h, ids, w, wgu, wd, logits)
@@ -67,6 +70,11 @@ print("KERNELS", code.count("triton_kernel_wrapper_functional("))
 print("OPS", code.count("moe_compiler.experts"), code.count("moe_compiler.route"))
 print("TMA", "'W_TMA': True" in code)
 print("SAVED", len(graphs[0].graph.find_nodes(op="output")[0].args[0]) - 1)  # outputs beyond f's own
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+# per launch: the kernel and whether it routes (its ROUTE constexpr, '-' where it has none)
+print("LAUNCHES", *([f"{{kernel_side_table.get_kernel(n.kwargs['kernel_idx']).fn.__name__}}:"
+                     f"{{n.kwargs['kwargs'].get('ROUTE', '-')}}" for n in launches] or ["."]))
 {cloned}
 """
 
@@ -117,12 +125,29 @@ def _trace(path: str, inline: str = "1", dynamic: bool = False, train: bool = Fa
         assert lines["NONFINITE"] == "0", f"recorded kernels with non-finite float scalars: {lines['NONFINITE']}"
     ops = tuple(map(int, lines["OPS"].split()))
     out = {"kernels": int(lines["KERNELS"]), "ops": ops, "tma": lines["TMA"] == "True", "cloned": lines["CLONED"]}
+    if path == "routed":
+        out["launches"] = lines.get("LAUNCHES", "")
     return {**out, "saved": int(lines["SAVED"])} if train else out
 
 
 def test_decode_call_becomes_its_launches():
     # route (1 kernel) + decode experts (gate_up GEMV, down GEMV + combine); neither op is left in the graph
     assert _trace("decode") == {"kernels": 3, "ops": (0, 0), "tma": False, "cloned": "0"}
+
+
+def test_decode_call_given_the_route_s_outputs_routes_in_its_gate_up_gemv():
+    # the gate_up GEMV routes (ROUTE=True) and writes ids / weights for the down GEMV; the route launch, its
+    # outputs read by nothing, is dead code (gone from the traced graph already); no argument copied per call
+    traced = _trace("routed")
+    assert traced.pop("launches") == "_gate_up_gemv_kernel:True _down_gemv_combine_kernel:-"
+    assert traced == {"kernels": 2, "ops": (0, 0), "tma": False, "cloned": "0"}
+
+
+def test_decode_call_routes_apart_with_the_switch_off(monkeypatch):
+    monkeypatch.setenv("MOE_COMPILER_ROUTE_IN_GEMV", "0")
+    traced = _trace("routed")
+    assert traced.pop("launches") == "_route_kernel:- _gate_up_gemv_kernel:False _down_gemv_combine_kernel:-"
+    assert traced == {"kernels": 3, "ops": (0, 0), "tma": False, "cloned": "0"}
 
 
 def test_split_decode_call_records_its_tickets_and_partials_as_written_not_its_inputs():
