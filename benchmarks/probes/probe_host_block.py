@@ -1,7 +1,8 @@
 """Probe: host time of one MoE layer (router + experts + shared experts) in a model compiled without CUDA
 graphs, for plain Inductor and fused_moe: its Triton launches recorded into Inductor's code with Python host code
 (fused_python) and as the backend compiles a decode graph, with the host code in C++ (fused; config.cpp_wrapper);
-on request the op opaque (MOE_COMPILER_INLINE=0) and our launches by torch's static launcher. NOTES.md "host path".
+on request the op opaque (MOE_COMPILER_INLINE=0), our launches by torch's static launcher, or the route inside the
+decode gate_up GEMV (fused_route_in_gemv, MOE_COMPILER_ROUTE_IN_GEMV=1). NOTES.md "host path".
 
     python -m benchmarks.probes.probe_host_block [--shapes qwen3_30b_a3b deepseek_v3] [--tokens 1 32] [--layers 4]
                                                  [--residual] [--profile]
@@ -13,8 +14,10 @@ a call is the wall time from entering the compiled call to its return, with the 
 each call, none inside), so no launch waits for a full queue and nothing the GPU does is in the figure; a
 call that syncs inside (a bug: `.item()` and the like) shows up as host time near its GPU time. Per layer =
 the L-block stack's host time minus the 1-block stack's, over L - 1: what one more layer costs, the graph's
-fixed cost (guards, the wrapper) apart; the two stacks are timed in turn, one call each per round, so the
-host's drift does not land in their difference. Beside it: each variant's GPU time per L-block call (the call
+fixed cost (guards, the wrapper) apart. Every variant's two stacks are timed in the same rounds, one call each
+per round (each variant's Stack has a forward code object of its own, so Dynamo keeps all their graphs at once),
+so the host's drift lands on all of them alike — variants timed one after the other differed by more than the
+launch an A/B was after (sessions 16-17). Beside it: each variant's GPU time per L-block call (the call
 replayed in a CUDA graph, no host time), and its output vs eager.
 (An earlier version timed back-to-back calls and read the wall time per call as host time; with the
 launch queue full that reads whichever of host and GPU is slower, plus queue stalls, not host time.)
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 
 import torch
 
@@ -40,8 +44,8 @@ VARIANTS = {
     # Python host code; the default below builds it in C++ at decode T (config.cpp_wrapper)
     "fused_python": ("fused_moe", {}, {"moe_compiler.cpp_wrapper": False}),
     "fused": ("fused_moe", {}, None),
-    # the route op's own launch in front of the decode GEMVs (the default routes inside the gate_up GEMV)
-    "fused_route_apart": ("fused_moe", {"MOE_COMPILER_ROUTE_IN_GEMV": "0"}, None),
+    # the route inside the decode gate_up GEMV (the default keeps the route op's own launch)
+    "fused_route_in_gemv": ("fused_moe", {"MOE_COMPILER_ROUTE_IN_GEMV": "1"}, None),
     # the same as torch 2.11 builds it by itself, -O3 (the backend's default builds it -O1: backend.CPP_WRAPPER_BUILD)
     "fused_o3": ("fused_moe", {}, {"cpp_wrapper_build_separate": False}),
     # Python host code, our kernels by torch's static C++ launcher
@@ -119,6 +123,16 @@ def profile(fn, title, calls=20):
 _SWITCHES = ("MOE_COMPILER_INLINE", "MOE_COMPILER_ROUTE_IN_GEMV")
 
 
+def own_stack(variant: str, blocks, residual: bool) -> Stack:
+    """A Stack whose forward is a code object of its own: Dynamo caches compiled graphs per code object, so each
+    variant keeps its graphs beside the others' (no reset between them) and all can be timed in the same rounds
+    (--interleave)."""
+    code = Stack.forward.__code__
+    code = code.replace(co_name=f"forward_{variant}", co_qualname=f"Stack_{variant}.forward")
+    forward = types.FunctionType(code, Stack.forward.__globals__, code.co_name)
+    return type(f"Stack_{variant}", (Stack,), {"forward": forward})(blocks, residual)
+
+
 def compiled(module, variant):
     """The variant's compiled module; its environment holds while it compiles (at its first call, which follows)."""
     backend, env, options = VARIANTS[variant]
@@ -144,35 +158,36 @@ def main():
     for name in args.shapes:
         model = build(name, layers=args.layers)
         blocks = moe_blocks(model)
-        stacks = {1: Stack(blocks[:1], args.residual), len(blocks): Stack(blocks, args.residual)}
+        L = len(blocks)
         for T in args.tokens:
             x = torch.randn(1, T, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
-                ref = stacks[len(blocks)](x).float()
-                row = {"model": name, "T": T, "layers": len(blocks), "residual": args.residual}
+                ref = Stack(blocks, args.residual)(x).float()
+                row = {"model": name, "T": T, "layers": L, "residual": args.residual}
+                fns = {}  # (variant, stack depth) -> call; every variant's graphs cached at once (own_stack)
                 for variant in args.variants:
-                    fns = {}
-                    torch._dynamo.reset()  # both stacks' graphs stay cached while they are timed in turn
                     try:
-                        for n, stack in stacks.items():
-                            fn = compiled(stack, variant)
+                        for n in (1, L):
+                            fn = compiled(own_stack(variant, blocks[:n], args.residual), variant)
                             fn(x)
-                            fns[n] = lambda fn=fn: fn(x)
+                            fns[variant, n] = lambda fn=fn: fn(x)
                     except torch._dynamo.exc.BackendCompilerFailed as e:  # a variant torch cannot build: say so, go on
                         harness.say_compile_failed(variant, e)
+                        fns.pop((variant, 1), None)
                         continue
-                    for n, fn in fns.items():
-                        if n == len(blocks):
-                            row[f"{variant}_err"] = rel_err(fn().float(), ref)
-                            row[f"{variant}_gpu_us"] = graph_us(fn)
-                    host = host_us(fns)
+                    row[f"{variant}_err"] = rel_err(fns[variant, L]().float(), ref)
+                    row[f"{variant}_gpu_us"] = graph_us(fns[variant, L])
+                # every variant's stacks in the same rounds: the host's drift (±20% between runs of one variant)
+                # lands on all of them alike
+                host = host_us(fns)
+                for variant in dict.fromkeys(v for v, _ in fns):
                     if args.profile:
-                        profile(fns[len(blocks)], f"{name} T={T} {variant}, {len(blocks)} layers")
-                    row[f"{variant}_host_1"] = host[1]
-                    row[f"{variant}_host_per_layer"] = (host[len(blocks)] - host[1]) / (len(blocks) - 1)
+                        profile(fns[variant, L], f"{name} T={T} {variant}, {L} layers")
+                    row[f"{variant}_host_1"] = host[variant, 1]
+                    row[f"{variant}_host_per_layer"] = (host[variant, L] - host[variant, 1]) / (L - 1)
                 print(row, flush=True)
                 rows.append(row)
-        del model, blocks, stacks
+        del model, blocks, fns
         torch.cuda.empty_cache()
     print(f"\nhost µs per MoE layer (host µs of a 1-layer graph call), GPU µs per {rows[0]['layers']}-layer call "
           "(CUDA graph)")

@@ -391,15 +391,18 @@ def sum_parts_in_order(part_ptr, stride_part, part, value, ticket_ptr, out_ptr, 
         tl.store(out_ptr + n_out, total.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
 
-# MOE_COMPILER_ROUTE_IN_GEMV=0 keeps the route op's own launch in front of traced decode calls (for comparisons).
+# MOE_COMPILER_ROUTE_IN_GEMV=1 routes traced decode calls inside their gate_up GEMV. Off by default: measured on
+# the H200 (NOTES "sessions 16-17"), Qwen3-30B-A3B T = 1 under a CUDA graph +1.5 µs per layer of GPU time (every
+# program routes before its weight stream starts), GPT-OSS-20B even; the host time it saves in default mode was
+# below that probe's run-to-run noise (variants timed apart). The A/B timed in the same rounds decides.
 ROUTE_IN_GEMV_ENV = "MOE_COMPILER_ROUTE_IN_GEMV"
 
 
 def route_in_gemv() -> bool:
-    value = os.environ.get(ROUTE_IN_GEMV_ENV, "1")
+    value = os.environ.get(ROUTE_IN_GEMV_ENV, "0")
     if value not in ("0", "1"):
         raise ValueError(f"{ROUTE_IN_GEMV_ENV}={value!r}: expected '1' (route inside the gate_up GEMV of a traced "
-                         "decode call, the default) or '0' (the route op's own launch)")
+                         "decode call) or '0' (the route op's own launch, the default)")
     return value == "1"
 
 
@@ -549,10 +552,10 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops/checks.py; T > 0.
     With `mlp` (a spec.SharedMLP) out also holds the block's shared experts.
 
-    The route in the GEMV: while tracing, a call whose topk_ids / topk_weights are a traced route call's own
-    outputs (launch.route_of), or an explicit `routed`, routes inside the gate_up kernel from the logits: one launch
-    (and its output buffers) fewer per layer, the host time of a default-mode decode step. ids_ok is then a ones
-    flag: the ids are made in range, not given."""
+    The route in the GEMV (MOE_COMPILER_ROUTE_IN_GEMV=1, route_in_gemv()): while tracing, a call whose topk_ids /
+    topk_weights are a traced route call's own outputs (launch.route_of), or an explicit `routed`, routes inside
+    the gate_up kernel from the logits: one launch (and its output buffers) fewer per layer, the host time of a
+    default-mode decode step. ids_ok is then a ones flag: the ids are made in range, not given."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     if routed is None and route_in_gemv():

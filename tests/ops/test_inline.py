@@ -113,9 +113,12 @@ print("NONFINITE", len(nonfinite), *nonfinite)
 """
 
 
-def _trace(path: str, inline: str = "1", dynamic: bool = False, train: bool = False, export: bool = False) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _trace(path: str, inline: str = "1", dynamic: bool = False, train: bool = False, export: bool = False,
+           route_in_gemv: str = "0") -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOE_COMPILER_ROUTE_IN_GEMV")}
     env["MOE_COMPILER_INLINE"] = inline
+    if route_in_gemv != "0":
+        env["MOE_COMPILER_ROUTE_IN_GEMV"] = route_in_gemv
     code = textwrap.dedent(TRACE).format(path=path, dynamic=dynamic, train=train, export=export,
                                          sm90_driver=SM90_DRIVER, cloned=CLONED)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
@@ -138,13 +141,12 @@ def test_decode_call_becomes_its_launches():
 def test_decode_call_given_the_route_s_outputs_routes_in_its_gate_up_gemv():
     # the gate_up GEMV routes (ROUTE=True) and writes ids / weights for the down GEMV; the route launch, its
     # outputs read by nothing, is dead code (gone from the traced graph already); no argument copied per call
-    traced = _trace("routed")
+    traced = _trace("routed", route_in_gemv="1")
     assert traced.pop("launches") == "_gate_up_gemv_kernel:True _down_gemv_combine_kernel:-"
     assert traced == {"kernels": 2, "ops": (0, 0), "tma": False, "cloned": "0"}
 
 
-def test_decode_call_routes_apart_with_the_switch_off(monkeypatch):
-    monkeypatch.setenv("MOE_COMPILER_ROUTE_IN_GEMV", "0")
+def test_decode_call_routes_apart_by_default():
     traced = _trace("routed")
     assert traced.pop("launches") == "_route_kernel:- _gate_up_gemv_kernel:False _down_gemv_combine_kernel:-"
     assert traced == {"kernels": 3, "ops": (0, 0), "tma": False, "cloned": "0"}
