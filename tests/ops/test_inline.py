@@ -298,3 +298,30 @@ def test_static_launch_of_recorded_kernels_equals_the_python_launcher(arch, T):
             compiled(input_ids=ids)
             outs.append(compiled(input_ids=ids).logits)
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_route_in_the_gate_up_gemv_equals_the_route_launch_in_a_compiled_model(arch, T, monkeypatch):
+    """MOE_COMPILER_ROUTE_IN_GEMV=1: a decode step whose route runs inside the gate_up GEMV gives the logits of the
+    same model compiled with the route's own launch (the same route math; bf16 on the GPU), and Inductor's code
+    has no route kernel left to launch."""
+    from torch._inductor.utils import run_and_get_code
+
+    from moe_compiler.lowering import triton_decode
+    from moe_compiler.testing import rel_err
+    from moe_compiler.testing.hf_models import tiny_model
+
+    model = tiny_model(arch, dtype=torch.bfloat16).cuda()
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
+    outs, codes = {}, {}
+    with torch.no_grad():
+        for on in ("0", "1"):
+            monkeypatch.setenv(triton_decode.ROUTE_IN_GEMV_ENV, on)
+            torch._dynamo.reset()
+            out, code = run_and_get_code(torch.compile(model, backend="fused_moe", dynamic=False), input_ids=ids)
+            outs[on], codes[on] = out.logits.float(), "\n".join(code)
+    assert rel_err(outs["1"], outs["0"]) <= 1e-3
+    # (the name also shows where a kernel's source is embedded: fewer mentions, not none)
+    assert codes["0"].count("_route_kernel") > codes["1"].count("_route_kernel")
