@@ -437,8 +437,8 @@ def tickets_for(config: DecodeConfig, T: int, H: int, I: int, device) -> torch.T
 def _route_launch_args(routed: Routed | None, E: int, dummy) -> tuple[tuple, dict]:
     """The gate_up kernel's route arguments: (logits, bias, stride, scale, masked score, eps) and its R_*
     constexprs; without a route, placeholders its ROUTE=False instance never reads."""
-    if routed is None:
-        scalars, constexprs = route_args(_NO_ROUTE, E, False)
+    if routed is None:  # fixed placeholders (E = 1): no specialization of the kernel on them
+        scalars, constexprs = route_args(_NO_ROUTE, 1, False)
         return (dummy, dummy, 0, *scalars), {"ROUTE": False, **{f"R_{k}": v for k, v in constexprs.items()}}
     bias = routed.correction_bias
     scalars, constexprs = route_args(routed.spec, E, bias is not None)
