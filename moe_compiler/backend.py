@@ -29,6 +29,7 @@ from .lowering import triton_config
 from .ops import inline
 from .passes import fuse_moe_regions, restack_planned
 from .passes.fx_utils import example_value
+from .passes.router_linear import rewrite_router_linears
 
 
 @functools.cache
@@ -202,6 +203,9 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
         report = fuse_moe_regions(gm, example_inputs, config)
         python_host = host_code_choice(gm, example_inputs, patches, config)
         report.host_code = "C++ (cpp_wrapper)" if python_host is None else f"Python: {python_host}"
+        if python_host is None and config.router_gemv:
+            report.router_gemv = rewrite_router_linears(gm)
+            counters["moe_compiler"]["router_gemv"] += report.router_gemv
         emit(report, config.dump_dir)
         compiled = _compile(gm, example_inputs, patches, python_host) if config.inductor else gm.forward
     restack_planned(report)

@@ -59,6 +59,11 @@ class MoECompilerConfig:
     # NOTES "session 13"). A graph whose C++ build fails is compiled with Python host code (logged). The Inductor
     # option `cpp_wrapper`, when given, decides instead. Env: MOE_COMPILER_CPP_WRAPPER=0 to keep Python host code.
     cpp_wrapper: bool = True
+    # In a graph built with C++ host code (above), each route op's router linear of at most 32 rows becomes a
+    # reduction Inductor fuses into one Triton kernel, casts and bias folded in, instead of one or two cuBLAS
+    # launches (+ two cast kernels for DeepSeek-V3's fp32 router): passes/router_linear.py. Off until measured to
+    # pay on the H200 (NOTES "router linear as a reduction"). Env: MOE_COMPILER_ROUTER_GEMV=1.
+    router_gemv: bool = False
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:
@@ -72,6 +77,7 @@ class MoECompilerConfig:
             "inductor": os.environ.get("MOE_COMPILER_INDUCTOR", "1") != "0",
             "static_launch": os.environ.get("MOE_COMPILER_STATIC_LAUNCH", "0") == "1",
             "cpp_wrapper": os.environ.get("MOE_COMPILER_CPP_WRAPPER", "1") != "0",
+            "router_gemv": os.environ.get("MOE_COMPILER_ROUTER_GEMV", "0") == "1",
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

@@ -61,6 +61,7 @@ class GraphReport:
     regions: list[RegionReport] = dataclasses.field(default_factory=list)
     # How Inductor is asked to build the graph's host code: "C++ (cpp_wrapper)", or "Python: <why>" (backend.py)
     host_code: str = ""
+    router_gemv: int = 0  # route ops whose router linear became a fused reduction (passes/router_linear.py)
     # Per-expert weight groups to re-lay out once compile_fx is done (passes.restack_planned); not reported.
     restack: list = dataclasses.field(default_factory=list, repr=False)
 
@@ -98,6 +99,8 @@ class GraphReport:
             line += "; rejected because: " + " | ".join(reasons)
         if self.fused and self.host_code:
             line += f"; host code: {self.host_code}"
+        if self.router_gemv:
+            line += f"; {self.router_gemv} router linear(s) as a fused reduction"
         return line
 
     def summary_text(self) -> str:
@@ -129,6 +132,7 @@ class GraphReport:
             "graph_id": self.graph_id,
             "num_nodes": self.num_nodes,
             "host_code": self.host_code,
+            "router_gemv": self.router_gemv,
             "regions": [
                 {k: v for k, v in dataclasses.asdict(r).items() if k not in ("before", "after", "dot")}
                 for r in self.regions
