@@ -558,41 +558,37 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     default-mode decode step. ids_ok is then a ones flag: the ids are made in range, not given."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
+    I = spec.intermediate(w_down)
     if routed is None and route_in_gemv():
         routed = launch.route_of(topk_weights, topk_ids)
-    if routed is not None:
-        return _routed_forward(hidden, routed, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp, k,
-                               topk_weights.dtype)
-    hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, spec.intermediate(w_down))
+    if routed is None:
+        hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, I)
+    else:
+        hidden, ids, weights, act, routed = _routed_buffers(hidden, routed, k, topk_weights.dtype, I)
+        ids_ok = None  # nothing to check; `act` stands in for the flag's pointer (never written then)
     shared_act = hidden.new_empty(T, mlp.intermediate) if mlp is not None else None
     gated = mlp is not None and mlp.expert_gate is not None
     shared_gate = torch.empty(T, dtype=torch.float32, device=hidden.device) if gated else None
-    tickets = tickets_for(config, T, H, act.shape[1], hidden.device)
-    launch_gate_up(
-        hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, ids_ok, weights, mlp, shared_act, shared_gate, tickets
-    )
+    tickets = tickets_for(config, T, H, I, hidden.device)
+    launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, act if ids_ok is None else ids_ok,
+                   weights, mlp, shared_act, shared_gate, tickets, routed)
     out = hidden.new_empty(T, H)
     launch_down(act, ids, weights, w_down, b_down, spec, config, k, out, mlp, shared_act, shared_gate, tickets)
+    if ids_ok is None:
+        ids_ok = torch.ones(1, dtype=torch.int32, device=hidden.device)
     return out, ids_ok
 
 
-def _routed_forward(hidden, routed: Routed, w_gate_up, w_down, b_gate_up, b_down, spec, config, mlp, k, weights_dtype):
-    T, H = hidden.shape
+def _routed_buffers(hidden, routed: Routed, k: int, weights_dtype, I: int):
+    """pair_buffers' counterpart where the gate_up kernel routes: (hidden, ids [T*k] and weights [T*k] for it to
+    write, act, the Routed with unit-column-stride logits)."""
+    T = hidden.shape[0]
     if T * k > MAX_PAIRS:
         raise ValueError(f"moe_compiler: the decode path takes at most {MAX_PAIRS} (token, slot) pairs, got {T * k}")
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    logits = routed.logits if routed.logits.stride(1) == 1 else routed.logits.contiguous()
-    routed = Routed(logits, routed.correction_bias, routed.spec)
+    if routed.logits.stride(1) != 1:
+        routed = Routed(routed.logits.contiguous(), routed.correction_bias, routed.spec)
     ids = torch.empty(T * k, dtype=torch.int64, device=hidden.device)
     weights = torch.empty(T * k, dtype=weights_dtype, device=hidden.device)
-    act = hidden.new_empty(T * k, spec.intermediate(w_down))
-    shared_act = hidden.new_empty(T, mlp.intermediate) if mlp is not None else None
-    gated = mlp is not None and mlp.expert_gate is not None
-    shared_gate = torch.empty(T, dtype=torch.float32, device=hidden.device) if gated else None
-    tickets = tickets_for(config, T, H, act.shape[1], hidden.device)
-    launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec, config, k, act, act, weights, mlp, shared_act,
-                   shared_gate, tickets, routed)
-    out = hidden.new_empty(T, H)
-    launch_down(act, ids, weights, w_down, b_down, spec, config, k, out, mlp, shared_act, shared_gate, tickets)
-    return out, torch.ones(1, dtype=torch.int32, device=hidden.device)
+    return hidden, ids, weights, hidden.new_empty(T * k, I), routed
