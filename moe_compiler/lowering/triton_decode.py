@@ -15,6 +15,8 @@ Data contract (T tokens, k top-k, E experts, H hidden, I intermediate, S = T*k p
 
     route -> [gate_up GEMV + act: grid (S, I / BLOCK_N)] -> [down GEMV * weight + combine: grid (T, H / BLOCK_N,
                                                              SPLIT), each program all k slots of its token at once]
+    (MOE_COMPILER_ROUTE_IN_GEMV=1, traced decode calls fed by a route op: each gate_up program routes its token from
+     router_logits [T, E] itself and writes topk_ids / topk_weights for the down kernel; no route launch)
     part          [SPLIT, T, H]    fp32 partial sums of the down GEMV's I-chunks (SPLIT = config.down.split_k > 1)
     tickets       [T * H / BLOCK_N] int32, zeroed by the gate_up launch; the last split of a tile sums the partials
 
@@ -156,8 +158,9 @@ def _route_pair(
 ):
     """(expert id, router weight as stored, in fp32) of pair p, routed from its token's logits by the route
     kernel's own math (triton_route.route_rows); the programs of the first column tile store both for the down
-    kernel. Every program of the token computes the same route: k argmax rounds over E values, a few hundred
-    cycles, against the launch of a route kernel of its own and its wait."""
+    kernel. Every program of the token computes the same route (k argmax rounds over E values, serial
+    reductions before the weight stream can start: +1.6 µs per Qwen3-30B-A3B layer at T = 1 on the H200, NOTES
+    "the route inside the decode gate_up GEMV") in place of a route kernel's launch and buffers."""
     tok = p // TOP_K
     rows = tok + tl.arange(0, 1)
     cols = tl.arange(0, R_BLOCK_E)
