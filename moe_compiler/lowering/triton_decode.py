@@ -159,7 +159,7 @@ def _route_pair(
     """(expert id, router weight as stored, in fp32) of pair p, routed from its token's logits by the route
     kernel's own math (triton_route.route_rows); the programs of the first column tile store both for the down
     kernel. Every program of the token computes the same route (k argmax rounds over E values, serial
-    reductions before the weight stream can start: +1.6 µs per Qwen3-30B-A3B layer at T = 1 on the H200, NOTES
+    reductions before the weight stream can start: +1.6 us per Qwen3-30B-A3B layer at T = 1 on the H200, NOTES
     "the route inside the decode gate_up GEMV") in place of a route kernel's launch and buffers."""
     tok = p // TOP_K
     rows = tok + tl.arange(0, 1)
