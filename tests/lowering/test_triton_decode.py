@@ -206,9 +206,15 @@ def _routed(T, E, dtype, route, seed=1):
     return triton_route.Routed(logits, bias, spec)
 
 
-@pytest.mark.parametrize("route", list(ROUTES))
-@pytest.mark.parametrize("spec", [SPECS[0], SPECS[4], SPECS[6]], ids=spec_id)  # Qwen, GPT-OSS, Llama-4 (scale_input)
-@pytest.mark.parametrize("T,config", [(1, CONFIG), (3, NARROW), (2, SPLIT_DOWN)], ids=["T1", "T3_narrow", "split"])
+# every router form on one layout at T = 1; every layout (Qwen, GPT-OSS, Llama-4's scale_input) with narrow tiles
+# and with the split down GEMV on one form
+ROUTED_CASES = ([(route, SPECS[0], 1, CONFIG, "T1") for route in ROUTES]
+                + [("qwen3_softmax_renorm", spec, T, config, name) for spec in (SPECS[0], SPECS[4], SPECS[6])
+                   for T, config, name in ((3, NARROW, "T3_narrow"), (2, SPLIT_DOWN, "split"))])
+
+
+@pytest.mark.parametrize("route,spec,T,config", [c[:4] for c in ROUTED_CASES],
+                         ids=[f"{c[0]}-{spec_id(c[1])}-{c[4]}" for c in ROUTED_CASES])
 def test_route_in_the_gate_up_gemv_equals_the_route_launch(route, spec, T, config):
     H, I, E = 40, 32, 16
     routed = _routed(T, E, torch.float32, route)
