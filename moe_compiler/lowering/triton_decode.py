@@ -564,6 +564,8 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     I = spec.intermediate(w_down)
     if routed is None and route_in_gemv():
         routed = launch.route_of(topk_weights, topk_ids)
+        if routed is not None and tuple(routed.logits.shape) != (T, w_gate_up.shape[0]):
+            routed = None  # a router over other experts than these weights (no remap between): route apart
     if routed is None:
         hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, I)
     else:
