@@ -129,8 +129,7 @@ _SWITCHES = ("MOE_COMPILER_INLINE", "MOE_COMPILER_ROUTE_IN_GEMV")
 
 def own_stack(variant: str, blocks, residual: bool) -> Stack:
     """A Stack whose forward is a code object of its own: Dynamo caches compiled graphs per code object, so each
-    variant keeps its graphs beside the others' (no reset between them) and all can be timed in the same rounds
-    (--interleave)."""
+    variant keeps its graphs beside the others' (no reset between them) and all are timed in the same rounds."""
     code = Stack.forward.__code__
     code = code.replace(co_name=f"forward_{variant}", co_qualname=f"Stack_{variant}.forward")
     forward = types.FunctionType(code, Stack.forward.__globals__, code.co_name)

@@ -47,9 +47,7 @@ def remember_route(weights, ids, routed) -> None:
     """While tracing: note that `weights` and `ids` (the route op's outputs, these very tensor objects) were routed
     as `routed` (triton_route.Routed), so that a decode experts call given exactly them can route again inside its
     first kernel instead (triton_decode.py); the route launch, its outputs then unread, is dropped by Inductor
-    as dead code. Outside tracing nothing is noted; a note lives as long as `ids`."""
-    if not tracing():
-        return
+    as dead code. Called while tracing; a note lives as long as `ids`."""
     if not hasattr(_state, "routes"):
         _state.routes = {}
     routes = _state.routes  # by id(): tensors compare elementwise, so they cannot be dict keys themselves

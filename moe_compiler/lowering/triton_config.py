@@ -29,12 +29,13 @@ import functools
 import json
 import logging
 import math
-import os
 import pathlib
 import warnings
 from collections.abc import Callable
 
 import torch
+
+from ..switches import env_switch
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,7 @@ def autotune_enabled() -> bool:
     option = _autotune_option.get()
     if option is not None:
         return option
-    value = os.environ.get(AUTOTUNE_ENV, AUTOTUNE_DEFAULT)
-    if value not in ("0", "1"):
-        raise ValueError(f"{AUTOTUNE_ENV}={value!r}: expected '1' (autotune untuned shapes) or '0' (do not)")
-    return value == "1"
+    return env_switch(AUTOTUNE_ENV, AUTOTUNE_DEFAULT, "autotune untuned shapes", "do not")
 
 
 @contextlib.contextmanager

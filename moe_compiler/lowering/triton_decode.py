@@ -39,13 +39,14 @@ slots in registers in a fixed order, so the combine is fused and deterministic.
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout, RouterSpec
+from ..switches import env_switch
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_config import DecodeConfig
@@ -402,11 +403,8 @@ ROUTE_IN_GEMV_ENV = "MOE_COMPILER_ROUTE_IN_GEMV"
 
 
 def route_in_gemv() -> bool:
-    value = os.environ.get(ROUTE_IN_GEMV_ENV, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{ROUTE_IN_GEMV_ENV}={value!r}: expected '1' (route inside the gate_up GEMV of a traced "
-                         "decode call) or '0' (the route op's own launch, the default)")
-    return value == "1"
+    return env_switch(ROUTE_IN_GEMV_ENV, "0", "route inside the gate_up GEMV of a traced decode call",
+                      "the route op's own launch, the default")
 
 
 # The id check loads every id in one program: the decode path is only taken for S up to this many pairs.
@@ -440,16 +438,26 @@ def tickets_for(config: DecodeConfig, T: int, H: int, I: int, device) -> torch.T
 def _route_launch_args(routed: Routed | None, E: int, dummy) -> tuple[tuple, dict]:
     """The gate_up kernel's route arguments: (logits, bias, stride, scale, masked score, eps) and its R_*
     constexprs; without a route, placeholders its ROUTE=False instance never reads."""
-    if routed is None:  # fixed placeholders (E = 1): no specialization of the kernel on them
-        scalars, constexprs = route_args(_NO_ROUTE, 1, False)
-        return (dummy, dummy, 0, *scalars), {"ROUTE": False, **{f"R_{k}": v for k, v in constexprs.items()}}
+    if routed is None:
+        scalars, constexprs = _no_route_args()
+        return (dummy, dummy, 0, *scalars), constexprs
     bias = routed.correction_bias
     scalars, constexprs = route_args(routed.spec, E, bias is not None)
     return ((routed.logits, bias if bias is not None else routed.logits, routed.logits.stride(0), *scalars),
             {"ROUTE": True, **{f"R_{k}": v for k, v in constexprs.items()}})
 
 
-_NO_ROUTE = RouterSpec(top_k=1)
+@functools.cache
+def _no_route_args() -> tuple[tuple, dict]:
+    """Fixed placeholders (E = 1: no specialization of the kernel on them), built once: every eager decode call
+    without a route passes them."""
+    scalars, constexprs = route_args(RouterSpec(top_k=1), 1, False)
+    return scalars, {"ROUTE": False, **{f"R_{k}": v for k, v in constexprs.items()}}
+
+
+def _fits(routed: Routed, T: int, k: int, E: int) -> bool:
+    """Whether `routed` routes these experts' calls: logits [T, E], top_k k."""
+    return routed.spec.top_k == k and tuple(routed.logits.shape) == (T, E)
 
 
 def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config: DecodeConfig, k: int, act, ids_ok,
@@ -462,8 +470,7 @@ def launch_gate_up(hidden, ids, w_gate_up, b_gate_up, spec: ExpertsSpec, config:
     ids [S] and weights [S] (the route op's dtype) instead of reading them; ids_ok is then left unwritten."""
     S, I = act.shape
     T, H = hidden.shape
-    if routed is not None and (routed.spec.top_k != k or routed.logits.shape != (T, w_gate_up.shape[0])
-                               or routed.logits.stride(1) != 1):
+    if routed is not None and (not _fits(routed, T, k, w_gate_up.shape[0]) or routed.logits.stride(1) != 1):
         raise ValueError(f"moe_compiler: a route in the gate_up GEMV needs logits [{T}, {w_gate_up.shape[0]}] with "
                          f"unit column stride and top_k {k}; got {tuple(routed.logits.shape)}, stride "
                          f"{routed.logits.stride()}, top_k {routed.spec.top_k}")
@@ -562,9 +569,9 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     T, H = hidden.shape
     k = topk_ids.shape[1]
     I = spec.intermediate(w_down)
-    if routed is None and route_in_gemv():
+    if routed is None and launch.tracing() and route_in_gemv():  # (no environment read on an eager call)
         routed = launch.route_of(topk_weights, topk_ids)
-        if routed is not None and tuple(routed.logits.shape) != (T, w_gate_up.shape[0]):
+        if routed is not None and not _fits(routed, T, k, w_gate_up.shape[0]):
             routed = None  # a router over other experts than these weights (no remap between): route apart
     if routed is None:
         hidden, ids, weights, ids_ok, act = pair_buffers(hidden, topk_ids, topk_weights, I)

@@ -290,7 +290,8 @@ def route_forward(
         logits, correction_bias if correction_bias is not None else logits, weights, ids, T, E, logits.stride(0),
         *scalars, **constexprs, BLOCK_T=block_t, num_warps=num_warps or 4,
     )
-    launch.remember_route(weights, ids, Routed(logits, correction_bias, spec))
+    if launch.tracing():
+        launch.remember_route(weights, ids, Routed(logits, correction_bias, spec))
     return weights, ids
 
 

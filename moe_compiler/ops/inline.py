@@ -15,7 +15,6 @@ Eager calls never pass here. MOE_COMPILER_INLINE=0 keeps every call opaque (for 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -23,15 +22,13 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from ..lowering import launch
+from ..switches import env_switch
 
 INLINE_ENV = "MOE_COMPILER_INLINE"
 
 
 def enabled() -> bool:
-    value = os.environ.get(INLINE_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{INLINE_ENV}={value!r}: expected '1' (record the launches, the default) or '0' (opaque)")
-    return value == "1"
+    return env_switch(INLINE_ENV, "1", "record the launches, the default", "opaque")
 
 
 def static(*tensors) -> bool:

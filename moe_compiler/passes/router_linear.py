@@ -29,12 +29,9 @@ from .fx_utils import example_value
 # the GEMM's tiles win (to be settled by measurement; B = 32 decode is the largest default-mode decode batch timed).
 MAX_TOKENS = 32
 
-_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
-
-
 def _linear_args(node: fx.Node):
-    """(x, W, b or None) of a `linear` node, or None."""
-    if node.op != "call_function" or node.target not in _LINEAR:
+    """(x, W, b or None) of a `linear` node (F.linear is torch._C._nn.linear), or None."""
+    if node.op != "call_function" or node.target is not torch._C._nn.linear:
         return None
     args = list(node.args) + [None] * (3 - len(node.args))
     x, w, b = args[0], args[1] if args[1] is not None else node.kwargs.get("weight"), args[2]
@@ -76,25 +73,22 @@ def rewrite_router_linears(gm: fx.GraphModule) -> int:
         out_dtype = example_value(logits).dtype
         fake = _one_fake_mode([example_value(n) for n in (x, w, b) if isinstance(n, fx.Node)])
 
-        def add(op, target, args, value_of):
+        def add(op, target, *args):
             node = graph.create_node(op, target, args)
             if fake is not None:  # later passes and Inductor's pre-grad passes read example values
+                values = [example_value(a) if isinstance(a, fx.Node) else a for a in args]
                 with fake:
-                    node.meta["example_value"] = value_of(*[example_value(a) if isinstance(a, fx.Node) else a
-                                                            for a in args])
+                    fn = getattr(values[0], target) if op == "call_method" else target
+                    node.meta["example_value"] = fn(*values[1:]) if op == "call_method" else fn(*values)
             return node
 
         with graph.inserting_before(logits):
-            xf = add("call_method", "to", (x, torch.float32), lambda t, d: t.to(d))
-            wf = add("call_method", "to", (w, torch.float32), lambda t, d: t.to(d))
-            xu = add("call_method", "unsqueeze", (xf, 1), lambda t, d: t.unsqueeze(d))
-            wu = add("call_method", "unsqueeze", (wf, 0), lambda t, d: t.unsqueeze(d))
-            prod = add("call_function", operator.mul, (xu, wu), operator.mul)
-            total = add("call_method", "sum", (prod, -1), lambda t, d: t.sum(d))
+            xu = add("call_method", "unsqueeze", add("call_method", "to", x, torch.float32), 1)
+            wu = add("call_method", "unsqueeze", add("call_method", "to", w, torch.float32), 0)
+            total = add("call_method", "sum", add("call_function", operator.mul, xu, wu), -1)
             if b is not None:
-                bf = add("call_method", "to", (b, torch.float32), lambda t, d: t.to(d))
-                total = add("call_function", operator.add, (total, bf), operator.add)
-            new = add("call_method", "to", (total, out_dtype), lambda t, d: t.to(d))
+                total = add("call_function", operator.add, total, add("call_method", "to", b, torch.float32))
+            new = add("call_method", "to", total, out_dtype)
         logits.replace_all_uses_with(new)
         graph.erase_node(logits)
         done += 1
