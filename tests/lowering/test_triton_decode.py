@@ -269,3 +269,20 @@ def test_bad_route_in_gemv_switch_value_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(triton_decode.ROUTE_IN_GEMV_ENV, "on")
     with pytest.raises(ValueError, match="MOE_COMPILER_ROUTE_IN_GEMV='on': expected '1'"):
         triton_decode.route_in_gemv()
+
+
+def test_traced_route_over_other_experts_routes_apart(monkeypatch):
+    """A traced decode call handed a route's own outputs routes in its GEMV only where the route's logits are
+    [T, E] of these experts; a router over 8 experts feeding 16 experts' weights (no remap between) keeps the
+    route's ids and weights, rather than failing the compile."""
+    from moe_compiler.lowering import launch
+
+    monkeypatch.setenv(triton_decode.ROUTE_IN_GEMV_ENV, "1")
+    routed = _routed(2, 8, torch.float32, "qwen3_softmax_renorm")
+    _, dev = device_inputs(2, 32, 16, 16, 2, torch.float32, SPECS[0])
+    with launch.traced():  # (an interpreted kernel runs as is under wrap_triton: nothing is recorded)
+        weights, ids = triton_route.route_forward(routed.logits, None, routed.spec)
+        assert launch.route_of(weights, ids) is not None
+        got, ok = triton_decode.experts_forward(dev[0], ids, weights, *dev[3:], SPECS[0], CONFIG)
+    want, _ = triton_decode.experts_forward(dev[0], ids, weights, *dev[3:], SPECS[0], CONFIG)
+    assert int(ok) == 1 and rel_err(got.cpu(), want.cpu()) <= 1e-6
