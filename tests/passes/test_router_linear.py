@@ -1,7 +1,7 @@
 """The router's linear as a fused reduction (passes/router_linear.py): the route op's logits come from
 (x W^T [+ b]) written as mul + sum in fp32, rounded once to the logits' dtype — the same logits as the linear it
 replaces — for every router form that feeds a route op, and only at decode sizes. The backend applies it to
-graphs with C++ host code (moe_compiler.router_gemv, on by default)."""
+graphs with C++ host code when asked (moe_compiler.router_gemv)."""
 
 from __future__ import annotations
 
@@ -94,14 +94,14 @@ def test_more_rows_than_decode_keep_the_linear():
 
 
 def test_backend_rewrites_only_when_asked_and_only_with_cpp_host_code(monkeypatch):
-    """The backend's switch: on by default, applied to graphs the backend builds with C++ host code (stubbed here: no
-    CUDA on CPU) and reported; off, the linear stays; Inductor itself is skipped (moe_compiler.inductor=False)."""
+    """The backend's switch: off by default; on, applied to graphs the backend builds with C++ host code (stubbed
+    here: no CUDA on CPU) and reported; Inductor itself is skipped (moe_compiler.inductor=False)."""
     model = tiny_model("gpt_oss")
     ids = torch.randint(0, 128, (1, 2), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     monkeypatch.setattr(backend_module, "host_code_choice", lambda *a: None)
-    for options, want in (({}, 2), ({"moe_compiler.router_gemv": False}, 0)):
+    for options, want in (({}, 0), ({"moe_compiler.router_gemv": True}, 2)):
         counters.clear()
         torch._dynamo.reset()
         with torch.no_grad():
@@ -115,8 +115,8 @@ def test_backend_rewrites_only_when_asked_and_only_with_cpp_host_code(monkeypatc
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_router_gemv_decode_step_equals_eager_on_gpu(arch):
-    """The default on a default-mode decode step (C++ host code): Inductor compiles the reduction (the casts and
-    bias folded in) and the logits equal eager's as closely as with the cuBLAS linear (bf16)."""
+    """moe_compiler.router_gemv on a default-mode decode step (C++ host code): Inductor compiles the reduction (the
+    casts and bias folded in) and the logits equal eager's as closely as with the cuBLAS linear (bf16)."""
     model = tiny_model(arch, dtype=torch.bfloat16).cuda()
     ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(4)).cuda()
     with torch.no_grad():
