@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -32,28 +33,29 @@ namespace moe_cutlass {
 
 using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per expert
 
-// Tile / cluster / schedule choices, indexed by the `config` the Python side passes (lowering/cutlass.py's
-// CONFIGS lists the same, in the same order). Cooperative: two consumer warp groups share one tile (M >= 128);
-// ping-pong: each warp group its own tile, for short row counts. A 2 x 1 cluster multicasts each weight tile
-// to two CTAs working on different rows of the same expert.
-struct Coop128x128 {
-  using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;
-  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+// Tile / cluster / schedule choices, listed in configs.h (the order the Python side indexes). Cooperative: two
+// consumer warp groups share one tile (M >= 128); ping-pong: each warp group its own tile, one group's epilogue
+// under the other's main loop (short K loops). An M x 1 cluster multicasts each weight tile to the CTAs working on
+// different rows of the same expert (fewer weight streams per row); 1 x N multicasts the activation rows to CTAs
+// working on different columns.
+template <int M, int N, int ClusterM, int ClusterN, bool Pingpong>
+struct TileConfig {
+  using Tile = cute::Shape<cute::Int<M>, cute::Int<N>, cute::_64>;
+  using Cluster = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
+  using Kernel = std::conditional_t<Pingpong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
+                                    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
+  using Epilogue = std::conditional_t<Pingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
+                                      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
 };
-struct Coop128x256Cluster2 {
-  using Tile = cute::Shape<cute::_128, cute::_256, cute::_64>;
-  using Cluster = cute::Shape<cute::_2, cute::_1, cute::_1>;
-  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-};
-struct Pingpong64x128 {
-  using Tile = cute::Shape<cute::_64, cute::_128, cute::_64>;
-  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
-  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-};
+using Coop128x128 = TileConfig<128, 128, 1, 1, false>;
+using Coop128x256Cluster2x1 = TileConfig<128, 256, 2, 1, false>;
+using Pingpong64x128 = TileConfig<64, 128, 1, 1, true>;
+using Coop128x128Cluster2x1 = TileConfig<128, 128, 2, 1, false>;
+using Coop128x256Cluster1x2 = TileConfig<128, 256, 1, 2, false>;
+using Coop256x128Cluster2x1 = TileConfig<256, 128, 2, 1, false>;
+using Pingpong128x128Cluster2x1 = TileConfig<128, 128, 2, 1, true>;
+using Pingpong64x256 = TileConfig<64, 256, 1, 1, true>;
+using Pingpong64x256Cluster1x2 = TileConfig<64, 256, 1, 2, true>;
 
 template <typename Element, typename LayoutB, typename Config>
 struct GroupedGemm {

@@ -1,5 +1,5 @@
 // The typed entry of the grouped GEMM (grouped_gemm.cuh): checks done by ops.cpp, scratch from torch's
-// allocator on the current stream, one template instance per (layout of B, config).
+// allocator on the current stream, one template instance per (dtype, layout of B, config).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "check.h"
+#include "configs.h"
 #include "grouped_gemm.cuh"
 
 namespace moe_cutlass {
@@ -45,17 +46,24 @@ void run_config(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs
   }
 }
 
-template <typename Element>
-void grouped_mm_typed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk,
-                      int64_t config) {
+// Both dtypes of one config; a csrc/grouped_gemm_<name>.cu defines grouped_mm_<name> with it.
+template <typename Config>
+void grouped_mm_config(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk) {
   const int K = static_cast<int>(x.size(1));
   const int N = static_cast<int>(out.size(1));
-  switch (config) {
-    case 0: return run_config<Element, Coop128x128>(x, w, offs, out, b_nk, N, K);
-    case 1: return run_config<Element, Coop128x256Cluster2>(x, w, offs, out, b_nk, N, K);
-    case 2: return run_config<Element, Pingpong64x128>(x, w, offs, out, b_nk, N, K);
-    default: fail("moe_compiler's CUTLASS grouped GEMM: config " + std::to_string(config) + " not in [0, 2]");
+  if (x.scalar_type() == at::kBFloat16) {
+    run_config<cutlass::bfloat16_t, Config>(x, w, offs, out, b_nk, N, K);
+  } else {
+    run_config<cutlass::half_t, Config>(x, w, offs, out, b_nk, N, K);  // ops.cpp admits bf16 and fp16 only
   }
 }
 
 }  // namespace moe_cutlass
+
+#define MOE_CUTLASS_DEFINE(name, Config)                                                                       \
+  namespace moe_cutlass {                                                                                      \
+  void grouped_mm_##name(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, \
+                         bool b_nk) {                                                                          \
+    grouped_mm_config<Config>(x, w, offs, out, b_nk);                                                          \
+  }                                                                                                            \
+  }

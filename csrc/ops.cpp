@@ -6,14 +6,16 @@
 #include <torch/library.h>
 
 #include "check.h"
+#include "configs.h"
 
 namespace moe_cutlass {
-constexpr int64_t kNumConfigs = 3;  // grouped_gemm_entry.cuh's switch, lowering/cutlass.py's CONFIGS
+MOE_CUTLASS_CONFIGS(MOE_CUTLASS_DECLARE)
 
-void grouped_mm_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk,
-                     int64_t config);
-void grouped_mm_fp16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk,
-                     int64_t config);
+using GroupedMM = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, bool);
+#define MOE_CUTLASS_ENTRY(name, Config) &grouped_mm_##name,
+constexpr GroupedMM kConfigs[] = {MOE_CUTLASS_CONFIGS(MOE_CUTLASS_ENTRY)};
+#undef MOE_CUTLASS_ENTRY
+constexpr int64_t kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
 
 namespace {
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -51,11 +53,7 @@ at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   if (x.size(0) == 0 || w.size(0) == 0 || N == 0) return out;
   if (K == 0) return out.zero_();
   auto offs_c = offs.contiguous();
-  if (x.scalar_type() == at::kBFloat16) {
-    grouped_mm_bf16(x, w, offs_c, out, b_nk, config);
-  } else {
-    grouped_mm_fp16(x, w, offs_c, out, b_nk, config);
-  }
+  kConfigs[config](x, w, offs_c, out, b_nk);
   return out;
 }
 }  // namespace moe_cutlass

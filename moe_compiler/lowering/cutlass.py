@@ -5,7 +5,7 @@
 
 `CutlassMM` is a segment-matmul implementation (the interface of torch_segment_mm's classes): triton_grouped.py
 (and the torch composite, torch_experts.py) run over it exactly as over torch._grouped_mm, with our choice of tile,
-cluster and schedule (`CONFIGS`, the same order as csrc/grouped_gemm_entry.cuh) instead of torch's. Weight gradients
+cluster and schedule (`CONFIGS`, the same order as csrc/configs.h) instead of torch's. Weight gradients
 stay with torch._grouped_mm.
 
 Build: `torch.utils.cpp_extension.load` compiles csrc/ (ninja; nvcc from the CUDA toolkit; CUTLASS headers from
@@ -13,7 +13,8 @@ the `nvidia-cutlass` wheel: `pip install moe_compiler[cutlass]`) into torch's ex
 with one log line; a second process loads the cached library. Importing the package never builds or needs nvcc.
 
 Switch `MOE_COMPILER_CUTLASS`: `auto` (default) runs CUTLASS only where the tuned table selects it
-(triton_config.CutlassConfig, written by the tuner where it measured faster; none yet), `0` never, `1` wherever
+(triton_config.CutlassConfig, written by the tuner where it measured faster: on the H200, 64x256 ping-pong tiles at
+DeepSeek-V3 T = 4096 and Kimi-K2 T = 16384, 128x256 tiles in 1x2 clusters at Qwen3-235B-A22B T = 4096), `0` never, `1` wherever
 it can run (an error, with the reason, where it cannot be built). `missing()` says why the path is off.
 """
 
@@ -33,7 +34,9 @@ from .torch_segment_mm import GroupedMM, Segments
 log = logging.getLogger("moe_compiler")
 
 ENV = "MOE_COMPILER_CUTLASS"
-CONFIGS = ("coop_128x128", "coop_128x256_cluster2x1", "pingpong_64x128")
+CONFIGS = ("coop_128x128", "coop_128x256_cluster2x1", "pingpong_64x128", "coop_128x128_cluster2x1",
+           "coop_128x256_cluster1x2", "coop_256x128_cluster2x1", "pingpong_128x128_cluster2x1", "pingpong_64x256",
+           "pingpong_64x256_cluster1x2")
 CSRC = os.path.join(os.path.dirname(__file__), "..", "..", "csrc")
 DTYPES = (torch.bfloat16, torch.float16)
 

@@ -1,0 +1,20 @@
+// The CUTLASS configs, in the order of lowering/cutlass.py's CONFIGS (the index a tuned table entry names):
+// X(name, struct in grouped_gemm.cuh). Kept free of CUTLASS headers: ops.cpp (g++) reads it too.
+// Each config's instances live in their own csrc/grouped_gemm_<name>.cu, so ninja builds them in parallel.
+#pragma once
+
+#define MOE_CUTLASS_CONFIGS(X)                            \
+  X(coop_128x128, Coop128x128)                            \
+  X(coop_128x256_cluster2x1, Coop128x256Cluster2x1)       \
+  X(pingpong_64x128, Pingpong64x128)                      \
+  X(coop_128x128_cluster2x1, Coop128x128Cluster2x1)       \
+  X(coop_128x256_cluster1x2, Coop128x256Cluster1x2)       \
+  X(coop_256x128_cluster2x1, Coop256x128Cluster2x1)       \
+  X(pingpong_128x128_cluster2x1, Pingpong128x128Cluster2x1) \
+  X(pingpong_64x256, Pingpong64x256)                      \
+  X(pingpong_64x256_cluster1x2, Pingpong64x256Cluster1x2)
+
+// out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ (b_nk ? w[e]^T : w[e]) for one config, bf16 or fp16.
+#define MOE_CUTLASS_DECLARE(name, Config)                                                                      \
+  void grouped_mm_##name(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, \
+                         bool b_nk);

@@ -1,9 +1,0 @@
-// bf16 instances of the grouped GEMM (one file per dtype: ninja builds them in parallel).
-#include "grouped_gemm_entry.cuh"
-
-namespace moe_cutlass {
-void grouped_mm_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, bool b_nk,
-                     int64_t config) {
-  grouped_mm_typed<cutlass::bfloat16_t>(x, w, offs, out, b_nk, config);
-}
-}  // namespace moe_cutlass
