@@ -75,12 +75,15 @@ def candidates(gpu_name: str, capability, dtype: torch.dtype, E: int, k: int, H:
                       and fits_smem(cfg.block_m, dn.block_n, dn.block_k, dn.num_stages, itemsize))
             if ok:
                 scored.append(((abs(math.log(max(T, 1) / e["T"])), not own), cfg))
+    ranked = [cfg for _, cfg in sorted(scored, key=lambda s: s[0])]
     out = [triton_config.default_config(dtype, E, k, H, I, T, model_spec(H, I).transposed)]
     if grouped_mm_applies(capability, dtype, H, I):
         out.append(triton_config.GroupedMMConfig())  # torch's grouped GEMM: one candidate, cheap to time
+    # The nearest committed Triton winner before CUTLASS's configs: a budget spent on those still times it.
+    out += ranked[:1]
     if cutlass_applies(capability, dtype, H, I) and not uses_decode(T, k, E):
         out += [triton_config.CutlassConfig(i) for i in range(len(cutlass.CONFIGS))]
-    for _, cfg in sorted(scored, key=lambda s: s[0]):
+    for cfg in ranked:
         if cfg not in out:
             out.append(cfg)
     return out[:MAX_CANDIDATES]

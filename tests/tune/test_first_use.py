@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from moe_compiler.lowering import device, dispatch, triton_config  # noqa: E402
+from moe_compiler.lowering import cutlass, device, dispatch, triton_config  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, Path  # noqa: E402
 from moe_compiler.tune import first_use  # noqa: E402
 
@@ -93,6 +93,19 @@ def test_candidates_default_first_distinct_and_suited_to_T():
     # torch._grouped_mm takes bf16 on sm90+ only: not a candidate for fp16 or on an A100
     assert triton_config.GroupedMMConfig() not in first_use.candidates(GPU, CAP, torch.float16, E, k, H, I, 4096)
     assert triton_config.GroupedMMConfig() not in first_use.candidates("NVIDIA A100", (8, 0), dtype, E, k, H, I, 4096)
+
+
+def test_cutlass_candidates_follow_the_nearest_tuned_entry(monkeypatch):
+    """With csrc/ loaded, its configs are candidates after the default, torch's grouped GEMM and the nearest
+    committed Triton winner (a budget spent on the CUTLASS configs still times that one)."""
+    dtype, E, k, H, I = UNTUNED
+    monkeypatch.setattr(first_use, "cutlass_applies", lambda *a: True)
+    got = first_use.candidates(GPU, CAP, dtype, E, k, H, I, 4096)
+    n = len(cutlass.CONFIGS)
+    assert got[2].path is Path.SORTED
+    assert got[3:3 + n] == [triton_config.CutlassConfig(i) for i in range(n)]
+    assert all(c.path is Path.SORTED for c in got[3 + n:]) and len(got) == len(set(got))
+    assert first_use.candidates(GPU, CAP, dtype, E, k, H, I, 1).count(triton_config.CutlassConfig(0)) == 0
 
 
 def test_first_use_tunes_caches_and_logs_once(caplog):
