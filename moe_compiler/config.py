@@ -64,9 +64,9 @@ class MoECompilerConfig:
     # launches (+ two cast kernels for DeepSeek-V3's fp32 router): passes/router_linear.py. Measured on the H200
     # (blocks alone, T = 1 / 32, same rounds): host per MoE layer 7-25 µs less (Qwen3-30B-A3B 28.2 -> 20.9 µs at
     # T = 1, GPT-OSS-20B 49.8 -> 37.5, DeepSeek-V3 93.6 -> 76.4), GPU time even or less (NOTES "router linear as
-    # a reduction, measured"). Off until its GPU test passes: its first run failed on a tiny Qwen3 model (the
-    # message not read). Env: MOE_COMPILER_ROUTER_GEMV=1.
-    router_gemv: bool = False
+    # a reduction, measured"); tiny models' logits vs eager as with the cuBLAS linear (session 19's GPU test).
+    # Env: MOE_COMPILER_ROUTER_GEMV=0 keeps the linear.
+    router_gemv: bool = True
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:
@@ -80,7 +80,7 @@ class MoECompilerConfig:
             "inductor": os.environ.get("MOE_COMPILER_INDUCTOR", "1") != "0",
             "static_launch": os.environ.get("MOE_COMPILER_STATIC_LAUNCH", "0") == "1",
             "cpp_wrapper": os.environ.get("MOE_COMPILER_CPP_WRAPPER", "1") != "0",
-            "router_gemv": os.environ.get("MOE_COMPILER_ROUTER_GEMV", "0") == "1",
+            "router_gemv": os.environ.get("MOE_COMPILER_ROUTER_GEMV", "1") != "0",
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

@@ -3,7 +3,7 @@ graphs, for plain Inductor and fused_moe: its Triton launches recorded into Indu
 (fused_python) and as the backend compiles a decode graph, with the host code in C++ (fused; config.cpp_wrapper);
 on request the op opaque (MOE_COMPILER_INLINE=0), our launches by torch's static launcher, or the route inside the
 decode gate_up GEMV (fused_route_in_gemv, MOE_COMPILER_ROUTE_IN_GEMV=1), the router's linear as a fused reduction
-(fused_router_gemv, moe_compiler.router_gemv). NOTES.md "host path".
+(the default; fused_router_linear keeps the cuBLAS linear: moe_compiler.router_gemv=False). NOTES.md "host path".
 
     python -m benchmarks.probes.probe_host_block [--shapes qwen3_30b_a3b deepseek_v3] [--tokens 1 32] [--layers 4]
                                                  [--residual] [--profile]
@@ -47,8 +47,8 @@ VARIANTS = {
     "fused": ("fused_moe", {}, None),
     # the route inside the decode gate_up GEMV (the default keeps the route op's own launch)
     "fused_route_in_gemv": ("fused_moe", {"MOE_COMPILER_ROUTE_IN_GEMV": "1"}, None),
-    # the router's linear as a fused reduction (passes/router_linear.py; the default keeps cuBLAS's linear)
-    "fused_router_gemv": ("fused_moe", {}, {"moe_compiler.router_gemv": True}),
+    # the router's linear by cuBLAS (the default rewrites it as a fused reduction: passes/router_linear.py)
+    "fused_router_linear": ("fused_moe", {}, {"moe_compiler.router_gemv": False}),
     # the same as torch 2.11 builds it by itself, -O3 (the backend's default builds it -O1: backend.CPP_WRAPPER_BUILD)
     "fused_o3": ("fused_moe", {}, {"cpp_wrapper_build_separate": False}),
     # Python host code, our kernels by torch's static C++ launcher
