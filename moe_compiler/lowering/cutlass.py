@@ -14,8 +14,8 @@ with one log line; a second process loads the cached library. Importing the pack
 
 Switch `MOE_COMPILER_CUTLASS`: `auto` (default) runs CUTLASS only where the tuned table selects it
 (triton_config.CutlassConfig, written by the tuner where it measured faster: on the H200, 64x256 ping-pong tiles at
-DeepSeek-V3 T = 4096 and Kimi-K2 T = 16384, 128x256 tiles in 1x2 clusters at Qwen3-235B-A22B T = 4096), `0` never, `1` wherever
-it can run (an error, with the reason, where it cannot be built). `missing()` says why the path is off.
+DeepSeek-V3 T = 4096 and Kimi-K2 T = 16384, 128x256 tiles in 1x2 clusters at Qwen3-235B-A22B T = 4096), `0` never,
+`1` wherever it can run (an error, with the reason, where it cannot be built). `missing()` says why the path is off.
 """
 
 from __future__ import annotations
