@@ -145,6 +145,19 @@ def as_run(timer: Timer, T: int):
     return timer.graph if T <= GRAPH_MAX_T else timer.eager
 
 
+def kernel_times(fn, calls: int = 20, top: int = 8) -> list[tuple[float, int, str]]:
+    """Where one call's device time goes: (µs per call, launches per call, kernel name) of its `top` kernels by
+    CUDA time (torch.profiler, mean over `calls` calls after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    by_time = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
+    return [(e.device_time_total / calls, e.count // calls, e.key) for e in by_time]
+
+
 def compile_per_shape() -> None:
     """One compiled graph per (shape, T), as a model with static shapes has: lift Dynamo's recompile limit."""
     torch._dynamo.config.recompile_limit = 1000

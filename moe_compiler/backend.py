@@ -25,7 +25,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import PREFIX, MoECompilerConfig
 from .debug import emit, log
-from .lowering import triton_config
+from .lowering import cutlass, device, dispatch, triton_config, triton_decode
 from .ops import inline
 from .passes import fuse_moe_regions, restack_planned
 from .passes.fx_utils import example_value
@@ -49,8 +49,11 @@ def trace_settings() -> tuple:
     """The settings that change what AOTAutograd's trace of our ops records (ops/inline.py: launches recorded
     or the op kept opaque; configs autotuned or looked up) but not the Dynamo graph: without them in the cache
     key, a warm cache hands back an artifact traced under the other setting (seen: MOE_COMPILER_INLINE=0
-    compiled first, then every later compile of the same model ran the opaque op)."""
-    return (("inline", inline.enabled()), ("autotune", triton_config.autotune_enabled()))
+    compiled first, then every later compile of the same model ran the opaque op; MOE_COMPILER_ROUTE_IN_GEMV=1
+    after =0 kept the route launch). Every environment switch that picks kernels at trace time is here."""
+    return (("inline", inline.enabled()), ("autotune", triton_config.autotune_enabled()),
+            ("route_in_gemv", triton_decode.route_in_gemv()), ("cutlass", cutlass.mode()),
+            ("kernels", device.kernels()), ("triton_backward", dispatch.triton_backward_requested()))
 
 
 class _SourceHashPass(CustomGraphPass):

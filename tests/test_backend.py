@@ -88,18 +88,22 @@ def test_cache_salt_is_our_source_hash_and_keeps_a_user_pass():
     assert len(backend.source_hash()) == 64
 
 
-@pytest.mark.parametrize("env, option", [("MOE_COMPILER_INLINE", None), ("MOE_COMPILER_AUTOTUNE", None),
-                                         (None, True)])
-def test_cache_salt_changes_with_what_the_trace_records(env, option, monkeypatch):
+@pytest.mark.parametrize("env, values, option", [
+    ("MOE_COMPILER_INLINE", ("0", "1"), None), ("MOE_COMPILER_AUTOTUNE", ("0", "1"), None),
+    ("MOE_COMPILER_ROUTE_IN_GEMV", ("0", "1"), None), ("MOE_COMPILER_CUTLASS", ("auto", "0"), None),
+    ("MOE_COMPILER_KERNELS", ("triton", "torch"), None), ("MOE_COMPILER_BACKWARD", ("triton", "torch"), None),
+    (None, None, True)])
+def test_cache_salt_changes_with_what_the_trace_records(env, values, option, monkeypatch):
     """A setting that changes what AOTAutograd records for our ops (launches or opaque op, looked-up or
-    autotuned configs) changes the cache key: a warm cache must not hand back the other setting's artifact."""
+    autotuned configs, the route in the GEMV, CUTLASS, the composite, the backward) changes the cache key: a warm
+    cache must not hand back the other setting's artifact."""
     from moe_compiler.lowering import triton_config
 
     salt = backend._SourceHashPass()
     if env is not None:
-        monkeypatch.setenv(env, "0")
+        monkeypatch.setenv(env, values[0])
         off = salt.uuid()
-        monkeypatch.setenv(env, "1")
+        monkeypatch.setenv(env, values[1])
         assert salt.uuid() != off
     else:
         monkeypatch.setenv("MOE_COMPILER_AUTOTUNE", "0")

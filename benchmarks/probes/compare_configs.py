@@ -1,9 +1,12 @@
 """Does a GPU's own tuning beat a borrowed one? The experts forward at each shape and T with this GPU's
 tuned config and with the nearest-T entry of another GPU's file (what lookup borrows without an own file),
 same inputs, same run, alternating; whole forward under a CUDA graph from a cold L2
-(moe_compiler/tune/timing.py). NOTES.md: "H200 configs".
+(moe_compiler/tune/timing.py). NOTES.md: "H200 configs". Also a table against its own earlier version
+(`git show REV:moe_compiler/lowering/configs/NVIDIA_H200.json > old.json; --other old.json`), under the tuner's
+uniform routing and bench_experts' skewed one (the tuner times uniform routing only).
 
     python -m benchmarks.probes.compare_configs --other moe_compiler/lowering/configs/NVIDIA_H100_80GB_HBM3.json
+                                                [--routing uniform skewed]
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import torch
 
 from moe_compiler.lowering import triton_config
 from moe_compiler.tune.search import benches, forward_times, graph_calls
-from moe_compiler.tune.shapes import SHAPES
+from moe_compiler.tune.shapes import ALL_SHAPES, SHAPES
 
 from .. import harness
+from ..bench_experts import routing
 
 
 def main():
-    ap = harness.parser(__doc__, shapes=SHAPES, tokens=[1, 16, 128, 1024, 4096, 16384])
+    ap = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=[1, 16, 128, 1024, 4096, 16384])
+    ap.set_defaults(shapes=list(SHAPES))
     ap.add_argument("--other", required=True, help="another GPU's config file")
+    ap.add_argument("--routing", nargs="+", choices=["uniform", "skewed"], default=["uniform"])
     args = ap.parse_args()
     dtype = torch.bfloat16
     gpu = harness.gpu_name()
@@ -36,11 +42,15 @@ def main():
         cfgs = {v: triton_config.nearest_entry(entries, dtype, b.E, b.k, b.H, b.I, T)
                 for v, entries in (("own", own), ("other", other))}
         timer.calls = graph_calls(T, b.k, b.H, b.I)
-        times = forward_times(timer, b, list(cfgs.values()))
-        t = {v: times[c] * 1e6 for v, c in cfgs.items()}
-        ratios.append(t["other"] / t["own"])
-        print(f"{name:14} T={T:6}  own {t['own']:9.1f}  other {t['other']:9.1f}  "
-              f"own speedup {t['other'] / t['own']:.2f}", flush=True)
+        for kind in args.routing:
+            if kind == "skewed":  # before any rows are aligned: Bench aligns b.ids lazily
+                b.ids = routing(T, b.E, b.k, kind, "cuda", torch.Generator("cuda").manual_seed(T))
+                b._rows.clear()
+            times = forward_times(timer, b, list(cfgs.values()))
+            t = {v: times[c] * 1e6 for v, c in cfgs.items()}
+            ratios.append(t["other"] / t["own"])
+            print(f"{name:14} T={T:6} {kind:8} own {t['own']:9.1f}  other {t['other']:9.1f}  "
+                  f"own speedup {t['other'] / t['own']:.2f}", flush=True)
         del b
     print(f"geometric mean own speedup {harness.geomean(ratios):.3f} over {len(ratios)} points")
 

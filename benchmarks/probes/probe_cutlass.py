@@ -2,9 +2,10 @@
 (1) the two GEMMs alone on rows already sorted by expert — torch._grouped_mm (torch's CUTLASS instance) vs each
 of our CONFIGS (lowering/cutlass.py), with the roofline floor of each GEMM; (2) the whole experts op: the
 tuned Triton path vs torch._grouped_mm and our best config with Triton glue (triton_grouped.py) vs the torch composite.
-The first call builds csrc/ (minutes, logged). JSON lines under $OUT; the table last.
+The first call builds csrc/ (minutes, logged). JSON lines under $OUT; the table last. --kernels: where the whole
+op's device time goes, per kernel (profiler), for the Triton path and the best config with Triton glue.
 
-    python -m benchmarks.probes.probe_cutlass --shapes qwen3_30b_a3b deepseek_v3 kimi_k2 --tokens 4096 16384
+    python -m benchmarks.probes.probe_cutlass --shapes qwen3_30b_a3b deepseek_v3 kimi_k2 --tokens 4096 16384 [--kernels]
 """
 
 from __future__ import annotations
@@ -60,25 +61,25 @@ def gemm_points(timer, E, k, H, I, T, x, ids, w1, w2) -> list[dict]:
     return out
 
 
-def op_points(timer, args, best: type) -> list[dict]:
-    """The whole experts op (T, H) -> (T, H): the tuned Triton path; torch._grouped_mm and `best` with Triton glue
-    (triton_grouped.py, what a grouped_mm / cutlass table entry runs); the torch composite over torch._grouped_mm
-    (the reference: fp32 glue)."""
+def op_calls(args, best: type) -> dict:
+    """Calls of the whole experts op (T, H) -> (T, H): the tuned Triton path; torch._grouped_mm and `best` with
+    Triton glue (triton_grouped.py, what a grouped_mm / cutlass table entry runs); the torch composite over
+    torch._grouped_mm (the reference: fp32 glue)."""
     x, ids, w, w1, w2 = args
     spec = ExpertsSpec()
     a = (x, ids, w, w1, w2, None, None, spec)
-    calls = {
+    return {
         "triton": lambda: dispatch.triton_forward(*a),
         "grouped_torch_grouped_mm": lambda: triton_grouped.experts_forward(GroupedMM, *a),
         f"grouped_{best.name}": lambda: triton_grouped.experts_forward(best, *a),
         "composite_torch_grouped_mm": lambda: torch_experts.experts_forward(GroupedMM, *a),
     }
-    return [{"op": name, "ms": timer.graph(fn) * 1e3} for name, fn in calls.items()]
 
 
 def main():
     ap = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=[4096, 16384])
     ap.set_defaults(shapes=["qwen3_30b_a3b", "deepseek_v3", "kimi_k2"])
+    ap.add_argument("--kernels", action="store_true", help="the op's device time per kernel (profiler)")
     args = ap.parse_args()
     t0 = time.time()
     cutlass.load()
@@ -97,7 +98,12 @@ def main():
             for r in timed:
                 by_config[r["impl"]] = by_config.get(r["impl"], 0.0) + r["ms"]
             best = min(by_config, key=by_config.get) if by_config else None
-            rows += op_points(timer, inputs, cutlass.with_config(cutlass.CONFIGS.index(best))) if best else []
+            calls = op_calls(inputs, cutlass.with_config(cutlass.CONFIGS.index(best))) if best else {}
+            rows += [{"op": op, "ms": timer.graph(fn) * 1e3} for op, fn in calls.items()]
+            if args.kernels:
+                rows += [{"op": op, "kernel": kname, "us": us, "launches": n}
+                         for op, fn in calls.items() if not op.startswith("composite")
+                         for us, n, kname in harness.kernel_times(fn, calls=10)]
             with open(out_path, "a") as f:
                 for r in rows:
                     f.write(json.dumps({"gpu": gpu, "shape": name, "T": T, **r}) + "\n")
@@ -110,6 +116,9 @@ def main():
                 cell = (f"{r['ms']:8.3f} ({r['tflops']:4.0f}, {r['x_floor']:.2f}x) err {r['err_vs_torch']:.1e}"
                         if "ms" in r else r["error"][:60])
                 print(f"{name:>14} {T:>6}  {r['gemm']:>7} {r['impl']:>26} {cell}")
+            elif "kernel" in r:
+                print(f"{name:>14} {T:>6}  {'kernel':>7} {r['op']:>26} {r['us'] / 1e3:8.3f} {r['launches']}x "
+                      f"{r['kernel'][:60]}")
             else:
                 print(f"{name:>14} {T:>6}  {'op':>7} {r['op']:>26} {r['ms']:8.3f}")
 

@@ -85,14 +85,8 @@ def candidates(base: triton_quantized_config.QuantizedConfig, T: int, E: int, k:
 
 def print_kernels(fn, calls=20):
     """Where one call's device time goes, per kernel (CUDA time from the profiler, mean over `calls`)."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]:
-        print(f"    {e.device_time_total / calls:8.1f} us  {e.count // calls}x  {e.key[:90]}")
+    for us, count, name in harness.kernel_times(fn, calls, top=6):
+        print(f"    {us:8.1f} us  {count}x  {name[:90]}")
 
 
 def main():

@@ -27,12 +27,17 @@ def triton_available() -> bool:
     return True
 
 
+def kernels() -> str:
+    """MOE_COMPILER_KERNELS: 'triton' (the default) or 'torch' (the composite on CUDA too)."""
+    value = os.environ.get(KERNELS_ENV, "triton")
+    if value not in ("triton", "torch"):
+        raise ValueError(f"{KERNELS_ENV}={value!r}: expected 'triton' or 'torch'")
+    return value
+
+
 def uses_triton(t: torch.Tensor) -> bool:
     """Whether the ops' forwards run Triton kernels for tensors like `t`."""
-    kernels = os.environ.get(KERNELS_ENV, "triton")
-    if kernels not in ("triton", "torch"):
-        raise ValueError(f"{KERNELS_ENV}={kernels!r}: expected 'triton' or 'torch'")
-    return t.device.type == "cuda" and kernels == "triton" and triton_available()
+    return t.device.type == "cuda" and kernels() == "triton" and triton_available()
 
 
 def index(t: torch.Tensor) -> int:
