@@ -25,7 +25,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import PREFIX, MoECompilerConfig
 from .debug import emit, log
-from .lowering import cutlass, device, dispatch, triton_config, triton_decode
+from .lowering import cutlass, device, dispatch, launch, triton_config
 from .ops import inline
 from .passes import fuse_moe_regions, restack_planned
 from .passes.fx_utils import example_value
@@ -52,7 +52,7 @@ def trace_settings() -> tuple:
     compiled first, then every later compile of the same model ran the opaque op; MOE_COMPILER_ROUTE_IN_GEMV=1
     after =0 kept the route launch). Every environment switch that picks kernels at trace time is here."""
     return (("inline", inline.enabled()), ("autotune", triton_config.autotune_enabled()),
-            ("route_in_gemv", triton_decode.route_in_gemv()), ("cutlass", cutlass.mode()),
+            ("route_in_gemv", launch.route_in_gemv()), ("cutlass", cutlass.mode()),
             ("kernels", device.kernels()), ("triton_backward", dispatch.triton_backward_requested()))
 
 

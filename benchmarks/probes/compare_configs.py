@@ -17,7 +17,7 @@ import pathlib
 import torch
 
 from moe_compiler.lowering import triton_config
-from moe_compiler.tune.search import benches, forward_times, graph_calls
+from moe_compiler.tune.search import Bench, benches, forward_times, graph_calls
 from moe_compiler.tune.shapes import ALL_SHAPES, SHAPES
 
 from .. import harness
@@ -43,9 +43,9 @@ def main():
                 for v, entries in (("own", own), ("other", other))}
         timer.calls = graph_calls(T, b.k, b.H, b.I)
         for kind in args.routing:
-            if kind == "skewed":  # before any rows are aligned: Bench aligns b.ids lazily
-                b.ids = routing(T, b.E, b.k, kind, "cuda", torch.Generator("cuda").manual_seed(T))
-                b._rows.clear()
+            if kind == "skewed":  # the same tokens and weights, bench_experts' skewed routes
+                ids = routing(T, b.E, b.k, kind, "cuda", torch.Generator("cuda").manual_seed(T))
+                b = Bench(b.x, ids, b.w, b.w1, b.w2)
             times = forward_times(timer, b, list(cfgs.values()))
             t = {v: times[c] * 1e6 for v, c in cfgs.items()}
             ratios.append(t["other"] / t["own"])

@@ -23,9 +23,21 @@ import weakref
 
 import torch
 
+from ..switches import env_switch
 from .triton_config import LIVE_ASSERTS
 
 _state = threading.local()
+
+# MOE_COMPILER_ROUTE_IN_GEMV=1 routes traced decode calls inside their gate_up GEMV. Off by default: measured on
+# the H200 (NOTES "sessions 16-17"), Qwen3-30B-A3B T = 1 under a CUDA graph +1.5 µs per layer of GPU time (every
+# program routes before its weight stream starts), GPT-OSS-20B even; the host time it saves in default mode was
+# below that probe's run-to-run noise (variants timed apart). The A/B timed in the same rounds decides.
+ROUTE_IN_GEMV_ENV = "MOE_COMPILER_ROUTE_IN_GEMV"
+
+
+def route_in_gemv() -> bool:
+    return env_switch(ROUTE_IN_GEMV_ENV, "0", "route inside the gate_up GEMV of a traced decode call",
+                      "the route op's own launch, the default")
 
 
 @contextlib.contextmanager

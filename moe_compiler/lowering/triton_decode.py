@@ -46,7 +46,6 @@ import triton
 import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout, RouterSpec
-from ..switches import env_switch
 from . import launch
 from .triton_act import ACT_CODE, gated_act
 from .triton_config import DecodeConfig
@@ -395,18 +394,6 @@ def sum_parts_in_order(part_ptr, stride_part, part, value, ticket_ptr, out_ptr, 
         tl.store(out_ptr + n_out, total.to(out_ptr.dtype.element_ty), mask=n_out < H)
 
 
-# MOE_COMPILER_ROUTE_IN_GEMV=1 routes traced decode calls inside their gate_up GEMV. Off by default: measured on
-# the H200 (NOTES "sessions 16-17"), Qwen3-30B-A3B T = 1 under a CUDA graph +1.5 µs per layer of GPU time (every
-# program routes before its weight stream starts), GPT-OSS-20B even; the host time it saves in default mode was
-# below that probe's run-to-run noise (variants timed apart). The A/B timed in the same rounds decides.
-ROUTE_IN_GEMV_ENV = "MOE_COMPILER_ROUTE_IN_GEMV"
-
-
-def route_in_gemv() -> bool:
-    return env_switch(ROUTE_IN_GEMV_ENV, "0", "route inside the gate_up GEMV of a traced decode call",
-                      "the route op's own launch, the default")
-
-
 # The id check loads every id in one program: the decode path is only taken for S up to this many pairs.
 MAX_PAIRS = 4096
 
@@ -562,14 +549,14 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     """(out [T, H], ids_ok [1] int32). Sizes and layouts were checked by ops/checks.py; T > 0.
     With `mlp` (a spec.SharedMLP) out also holds the block's shared experts.
 
-    The route in the GEMV (MOE_COMPILER_ROUTE_IN_GEMV=1, route_in_gemv()): while tracing, a call whose topk_ids /
+    The route in the GEMV (MOE_COMPILER_ROUTE_IN_GEMV=1, launch.route_in_gemv()): while tracing, a call whose topk_ids /
     topk_weights are a traced route call's own outputs (launch.route_of), or an explicit `routed`, routes inside
     the gate_up kernel from the logits: one launch (and its output buffers) fewer per layer, the host time of a
     default-mode decode step. ids_ok is then a ones flag: the ids are made in range, not given."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     I = spec.intermediate(w_down)
-    if routed is None and launch.tracing() and route_in_gemv():  # (no environment read on an eager call)
+    if routed is None and launch.tracing() and launch.route_in_gemv():  # (no environment read on an eager call)
         routed = launch.route_of(topk_weights, topk_ids)
         if routed is not None and not _fits(routed, T, k, w_gate_up.shape[0]):
             routed = None  # a router over other experts than these weights (no remap between): route apart

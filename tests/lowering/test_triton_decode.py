@@ -17,7 +17,7 @@ from triton_cases import (  # noqa: E402
     spec_id,
 )
 
-from moe_compiler.lowering import triton_decode, triton_route  # noqa: E402
+from moe_compiler.lowering import launch, triton_decode, triton_route  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig  # noqa: E402
 from moe_compiler.spec import Activation, RouterSpec, SharedMLP  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err, shared_inputs, shared_reference  # noqa: E402
@@ -266,18 +266,16 @@ def test_route_in_the_gate_up_gemv_rejects_logits_of_another_shape():
 
 
 def test_bad_route_in_gemv_switch_value_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(triton_decode.ROUTE_IN_GEMV_ENV, "on")
+    monkeypatch.setenv(launch.ROUTE_IN_GEMV_ENV, "on")
     with pytest.raises(ValueError, match="MOE_COMPILER_ROUTE_IN_GEMV='on': expected '1'"):
-        triton_decode.route_in_gemv()
+        launch.route_in_gemv()
 
 
 def test_traced_route_over_other_experts_routes_apart(monkeypatch):
     """A traced decode call handed a route's own outputs routes in its GEMV only where the route's logits are
     [T, E] of these experts; a router over 8 experts feeding 16 experts' weights (no remap between) keeps the
     route's ids and weights, rather than failing the compile."""
-    from moe_compiler.lowering import launch
-
-    monkeypatch.setenv(triton_decode.ROUTE_IN_GEMV_ENV, "1")
+    monkeypatch.setenv(launch.ROUTE_IN_GEMV_ENV, "1")
     routed = _routed(2, 8, torch.float32, "qwen3_softmax_renorm")
     _, dev = device_inputs(2, 32, 16, 16, 2, torch.float32, SPECS[0])
     with launch.traced():  # (an interpreted kernel runs as is under wrap_triton: nothing is recorded)

@@ -309,7 +309,7 @@ def test_route_in_the_gate_up_gemv_equals_the_route_launch_in_a_compiled_model(a
     has no route kernel left to launch."""
     from torch._inductor.utils import run_and_get_code
 
-    from moe_compiler.lowering import dispatch, triton_config, triton_decode
+    from moe_compiler.lowering import dispatch, launch, triton_config
     from moe_compiler.testing import rel_err
     from moe_compiler.testing.hf_models import tiny_model
 
@@ -331,7 +331,7 @@ def test_route_in_the_gate_up_gemv_equals_the_route_launch_in_a_compiled_model(a
     outs, codes = {}, {}
     with torch.no_grad():
         for on in ("0", "1"):
-            monkeypatch.setenv(triton_decode.ROUTE_IN_GEMV_ENV, on)
+            monkeypatch.setenv(launch.ROUTE_IN_GEMV_ENV, on)
             torch._dynamo.reset()
             out, code = run_and_get_code(torch.compile(model, backend="fused_moe", dynamic=False), input_ids=ids)
             outs[on], codes[on] = out.logits.float(), "\n".join(code)
