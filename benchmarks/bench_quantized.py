@@ -11,6 +11,8 @@ Per (shape, T), uniform routing, bf16 activations, the same inputs for every var
     rows      the same rounding done once (act="w8a8_rows": a row pass over hidden, the gate_up epilogue for act)
     sorted    at decode T only: the FP8 sorted path w8a16, the comparison for the GEMVs
     op        torch.ops.moe_compiler.experts_quantized with its default config
+    cutlass_<config>  the FP8 sorted path with both GEMMs on csrc/'s block-scaled CUTLASS grouped GEMM
+              (cutlass_fp8.py; w8a8_rows' rounding), each config of cutlass.FP8_CONFIGS, where it can run (sm90)
     int4      experts_quantized on INT4 packed weights, groups of 32 along K (Kimi-K2-Thinking's format) made from
               the same bf16 weights: its error against bf16 is INT4's rounding (printed, not checked)
 Weights: random bf16 drawn on the GPU, quantized to FP8 with 128 x 128 block scales (fp32), and the bf16 copy
@@ -30,7 +32,7 @@ import dataclasses
 import torch
 
 import moe_compiler  # noqa: F401 - registers the ops
-from moe_compiler.lowering import triton_quantized, triton_quantized_config
+from moe_compiler.lowering import cutlass, triton_quantized, triton_quantized_config
 from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec
 from moe_compiler.testing import rel_err
 from moe_compiler.testing.quantized import quantize_fp8_blocks, quantize_int4_groups
@@ -43,7 +45,8 @@ SHAPES = {name: ALL_SHAPES[name] for name in ("deepseek_v3", "kimi_k2", "qwen3_3
 SMOKE = {"smoke": (8, 2, 256, 128)}
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
 BLOCK = 128
-VARIANTS = ("bf16", "w8a16", "w8a8", "rows", "sorted", "op", "int4")
+CUTLASS_VARIANTS = tuple(f"cutlass_{name}" for name in cutlass.FP8_CONFIGS)
+VARIANTS = ("bf16", "w8a16", "w8a8", "rows", "sorted", "op", "int4") + CUTLASS_VARIANTS
 GROUP = 32
 
 
@@ -82,7 +85,7 @@ def floors(T, E, k, H, I, ids):
     return bf16, fp8, int4
 
 
-def bench_shape(name, E, k, H, I, tokens, timer, device):
+def bench_shape(name, E, k, H, I, tokens, timer, device, variants=VARIANTS):
     gen = torch.Generator(device=device).manual_seed(0)
     w1, q1, s1 = fp8_weights(E, 2 * I, H, device, gen)
     w2, q2, s2 = fp8_weights(E, H, I, device, gen)
@@ -111,6 +114,11 @@ def bench_shape(name, E, k, H, I, tokens, timer, device):
                     continue
                 config = dataclasses.replace(base, **changes)
                 calls[variant] = lambda c=config: triton_quantized.experts_forward(*fp8_args, spec, c)
+            if not base.decode and cutlass.fp8_runs(x, q1, s1, q2, s2, BLOCK, BLOCK):
+                for i, variant in enumerate(CUTLASS_VARIANTS):
+                    config = triton_quantized_config.QuantizedConfig(1, 128, 128, "w8a8_rows", cutlass=i)
+                    calls[variant] = lambda c=config: triton_quantized.experts_forward(*fp8_args, spec, c)
+        calls = {v: fn for v, fn in calls.items() if v == "bf16" or v in variants}
         ref = calls["bf16"]().float()
         row = {"shape": name, "T": T, "default_act_fp8": bool(base and base.act_fp8)}
         row["floor_bf16_us"], row["floor_fp8_us"], row["floor_int4_us"] = (f * 1e6 for f in floors(T, E, k, H, I, ids))
@@ -134,18 +142,24 @@ def print_row(r):
         if f"{v}_us" in r:
             parts.append(f"{v} {r[f'{v}_us']:9.1f} ({r['bf16_us'] / r[f'{v}_us']:.2f}x, err {r[f'{v}_err']:.1e})")
     parts.append(f"floors bf16 {r['floor_bf16_us']:.1f} fp8 {r['floor_fp8_us']:.1f} int4 {r['floor_int4_us']:.1f}")
-    best = min(r.get(f"{v}_us", float("inf")) for v in ("w8a16", "w8a8", "rows", "sorted", "op"))
-    parts.append(f"best fp8 / fp8 floor {best / r['floor_fp8_us']:.2f}, int4 / int4 floor "
-                 f"{r['int4_us'] / r['floor_int4_us']:.2f}")
-    if "op_graph_us" in r:
-        parts.append(f"graph: bf16 {r['bf16_graph_us']:.1f} op {r['op_graph_us']:.1f} us "
-                     f"({r['bf16_graph_us'] / r['op_graph_us']:.2f}x)")
+    fp8 = ("w8a16", "w8a8", "rows", "sorted", "op") + CUTLASS_VARIANTS
+    best = min(r.get(f"{v}_us", float("inf")) for v in fp8)
+    best_graph = min(r.get(f"{v}_graph_us", float("inf")) for v in fp8)
+    parts.append(f"best fp8 / fp8 floor {best / r['floor_fp8_us']:.2f}"
+                 + (f" (graph {best_graph / r['floor_fp8_us']:.2f})" if "bf16_graph_us" in r else "")
+                 + (f", int4 / int4 floor {r['int4_us'] / r['floor_int4_us']:.2f}" if "int4_us" in r else ""))
+    if "bf16_graph_us" in r:
+        graphs = " ".join(f"{v} {r[f'{v}_graph_us']:.1f}" for v in VARIANTS[1:] if f"{v}_graph_us" in r)
+        parts.append(f"graph us: bf16 {r['bf16_graph_us']:.1f} {graphs} (best fp8 "
+                     f"{r['bf16_graph_us'] / best_graph:.2f}x bf16)")
     print(" | ".join(parts), flush=True)
 
 
 def main():
     p = harness.parser(__doc__, shapes={**SHAPES, **SMOKE}, tokens=TOKENS, out="quantized")
     p.add_argument("--smoke", action="store_true", help="the tiny shape on any device")
+    p.add_argument("--variants", nargs="+", default=VARIANTS[1:], choices=VARIANTS[1:],
+                   help="the variants to time beside bf16 (default: all that run here)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = SMOKE if args.smoke else {n: s for n, s in {**SHAPES, **SMOKE}.items() if n in args.shapes}
@@ -153,7 +167,7 @@ def main():
     timer = Timer(device)
     rows = []
     for name, (E, k, H, I) in shapes.items():
-        rows += bench_shape(name, E, k, H, I, tokens, timer, device)
+        rows += bench_shape(name, E, k, H, I, tokens, timer, device, args.variants)
         torch.cuda.empty_cache() if device == "cuda" else None
     harness.save_rows(args.out, "quantized", rows, harness.gpu_name() if device == "cuda" else "cpu")
 

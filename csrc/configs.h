@@ -14,7 +14,20 @@
   X(pingpong_64x256, Pingpong64x256)                      \
   X(pingpong_64x256_cluster1x2, Pingpong64x256Cluster1x2)
 
+// The block-scaled FP8 configs (grouped_gemm_fp8.cuh), in the order of lowering/cutlass.py's FP8_CONFIGS; each in
+// its own csrc/grouped_gemm_fp8_<name>.cu.
+#define MOE_CUTLASS_FP8_CONFIGS(X)                        \
+  X(coop_128x128, Fp8Coop128x128)                         \
+  X(coop_128x128_cluster1x2, Fp8Coop128x128Cluster1x2)    \
+  X(coop_128x128_cluster2x1, Fp8Coop128x128Cluster2x1)    \
+  X(pingpong_64x128, Fp8Pingpong64x128)
+
 // out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ (b_nk ? w[e]^T : w[e]) for one config, bf16 or fp16.
 #define MOE_CUTLASS_DECLARE(name, Config)                                                                      \
   void grouped_mm_##name(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, \
                          bool b_nk);
+
+// out[offs[e-1]:offs[e]] = the block-scaled product of x's rows and w[e]^T (grouped_gemm_fp8.cuh), bf16.
+#define MOE_CUTLASS_FP8_DECLARE(name, Config)                                                                  \
+  void grouped_mm_fp8_##name(const at::Tensor& x, const at::Tensor& xs, const at::Tensor& w,                 \
+                             const at::Tensor& ws, const at::Tensor& offs, at::Tensor& out);

@@ -38,12 +38,18 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>
 // under the other's main loop (short K loops). An M x 1 cluster multicasts each weight tile to the CTAs working on
 // different rows of the same expert (fewer weight streams per row); 1 x N multicasts the activation rows to CTAs
 // working on different columns.
-template <int M, int N, int ClusterM, int ClusterN, bool Pingpong>
+// Fp8Blockwise: the FP8 kernels whose main loop promotes each K block by its scales (grouped_gemm_fp8.cuh), with
+// K tiles one 128-deep scale block.
+template <int M, int N, int ClusterM, int ClusterN, bool Pingpong, bool Fp8Blockwise = false>
 struct TileConfig {
-  using Tile = cute::Shape<cute::Int<M>, cute::Int<N>, cute::_64>;
+  using Tile = cute::Shape<cute::Int<M>, cute::Int<N>, cute::Int<Fp8Blockwise ? 128 : 64>>;
   using Cluster = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
-  using Kernel = std::conditional_t<Pingpong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
-                                    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
+  using Kernel = std::conditional_t<
+      Fp8Blockwise,
+      std::conditional_t<Pingpong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise>,
+      std::conditional_t<Pingpong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>>;
   using Epilogue = std::conditional_t<Pingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
                                       cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
 };
@@ -158,18 +164,17 @@ struct Runner {
     return args;
   }
 
-  static size_t workspace_bytes(const typename G::Gemm::Arguments& args) {
-    return G::Gemm::get_workspace_size(args);
-  }
-
-  static cutlass::Status run(typename G::Gemm::Arguments& args, void* workspace, cudaStream_t stream) {
-    typename G::Gemm gemm;
-    cutlass::Status status = gemm.can_implement(args);
-    if (status != cutlass::Status::kSuccess) return status;
-    status = gemm.initialize(args, workspace, stream);
-    if (status != cutlass::Status::kSuccess) return status;
-    return gemm.run(stream);
-  }
 };
+
+// One GEMM of a Runner's arguments (bf16 here, FP8 in grouped_gemm_fp8.cuh): CUTLASS's checks, then the launch.
+template <typename Gemm>
+cutlass::Status run_gemm(typename Gemm::Arguments& args, void* workspace, cudaStream_t stream) {
+  Gemm gemm;
+  cutlass::Status status = gemm.can_implement(args);
+  if (status != cutlass::Status::kSuccess) return status;
+  status = gemm.initialize(args, workspace, stream);
+  if (status != cutlass::Status::kSuccess) return status;
+  return gemm.run(stream);
+}
 
 }  // namespace moe_cutlass

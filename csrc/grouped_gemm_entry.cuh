@@ -14,26 +14,37 @@
 
 namespace moe_cutlass {
 
+// One call of a Runner (R::G its GEMM): scratch for the per-expert arguments and CUTLASS's workspace from torch's
+// allocator on the current stream (a capture reuses the same memory at every replay), the arguments written on the
+// device by make_args(scratch, sm_count, device, stream), the GEMM, a clear error if CUTLASS refuses it.
+template <typename R, typename MakeArgs>
+void launch(const at::Tensor& like, int E, int N, int K, const char* what, MakeArgs make_args) {
+  using Gemm = typename R::G::Gemm;
+  const int device = like.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  int sms = 0;  // an attribute query: no sync, allowed while capturing
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  auto bytes = like.options().dtype(at::kByte);
+  at::Tensor scratch = at::empty({static_cast<int64_t>(R::arg_bytes(E))}, bytes);
+  auto args = make_args(static_cast<char*>(scratch.data_ptr()), sms, device, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor workspace = at::empty({std::max<int64_t>(1, static_cast<int64_t>(Gemm::get_workspace_size(args)))}, bytes);
+  cutlass::Status status = run_gemm<Gemm>(args, workspace.data_ptr(), stream);
+  MOE_CHECK(status == cutlass::Status::kSuccess, std::string("moe_compiler's ") + what + " failed: " +
+                                                    cutlassGetStatusString(status) + " (E=" + std::to_string(E) +
+                                                    ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + ")");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename Element, typename LayoutB, typename Config>
 void run_one(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, int N, int K) {
   using R = Runner<Element, LayoutB, Config>;
   const int E = static_cast<int>(w.size(0));
-  const int device = x.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  int sms = 0;  // an attribute query: no sync, allowed while capturing
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  auto bytes = x.options().dtype(at::kByte);
-  at::Tensor scratch = at::empty({static_cast<int64_t>(R::arg_bytes(E))}, bytes);
-  auto args = R::arguments(reinterpret_cast<const Element*>(x.data_ptr()), reinterpret_cast<const Element*>(w.data_ptr()),
-                           w.stride(0), offs.data_ptr<int32_t>(), reinterpret_cast<Element*>(out.data_ptr()), E, N, K,
-                           static_cast<char*>(scratch.data_ptr()), sms, device, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor workspace = at::empty({std::max<int64_t>(1, static_cast<int64_t>(R::workspace_bytes(args)))}, bytes);
-  cutlass::Status status = R::run(args, workspace.data_ptr(), stream);
-  MOE_CHECK(status == cutlass::Status::kSuccess, std::string("moe_compiler's CUTLASS grouped GEMM failed: ") +
-                                                    cutlassGetStatusString(status) + " (E=" + std::to_string(E) +
-                                                    ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + ")");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<R>(x, E, N, K, "CUTLASS grouped GEMM", [&](char* scratch, int sms, int device, cudaStream_t stream) {
+    return R::arguments(reinterpret_cast<const Element*>(x.data_ptr()), reinterpret_cast<const Element*>(w.data_ptr()),
+                        w.stride(0), offs.data_ptr<int32_t>(), reinterpret_cast<Element*>(out.data_ptr()), E, N, K,
+                        scratch, sms, device, stream);
+  });
 }
 
 template <typename Element, typename Config>

@@ -10,12 +10,20 @@
 
 namespace moe_cutlass {
 MOE_CUTLASS_CONFIGS(MOE_CUTLASS_DECLARE)
+MOE_CUTLASS_FP8_CONFIGS(MOE_CUTLASS_FP8_DECLARE)
 
 using GroupedMM = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, bool);
 #define MOE_CUTLASS_ENTRY(name, Config) &grouped_mm_##name,
 constexpr GroupedMM kConfigs[] = {MOE_CUTLASS_CONFIGS(MOE_CUTLASS_ENTRY)};
 #undef MOE_CUTLASS_ENTRY
 constexpr int64_t kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
+
+using GroupedMMFp8 = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, at::Tensor&);
+#define MOE_CUTLASS_FP8_ENTRY(name, Config) &grouped_mm_fp8_##name,
+constexpr GroupedMMFp8 kFp8Configs[] = {MOE_CUTLASS_FP8_CONFIGS(MOE_CUTLASS_FP8_ENTRY)};
+#undef MOE_CUTLASS_FP8_ENTRY
+constexpr int64_t kNumFp8Configs = sizeof(kFp8Configs) / sizeof(kFp8Configs[0]);
 
 namespace {
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -56,10 +64,64 @@ at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   kConfigs[config](x, w, offs_c, out, b_nk);
   return out;
 }
+
+// out[offs[e-1]:offs[e]] = rows of x times w[e]^T, each 128-deep K block's product scaled by xs[r, j] * ws[e, n / 128,
+// j] (grouped_gemm_fp8.cuh's contract); bf16 out, rows past offs[E-1] unwritten.
+at::Tensor grouped_mm_fp8(const at::Tensor& x, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& ws,
+                          const at::Tensor& offs, int64_t config) {
+  using std::string, std::to_string;
+  MOE_CHECK(x.is_cuda() && xs.is_cuda() && w.is_cuda() && ws.is_cuda() && offs.is_cuda(),
+            string("grouped_mm_fp8: expected CUDA tensors"));
+  MOE_CHECK(x.dim() == 2 && xs.dim() == 2 && w.dim() == 3 && ws.dim() == 3 && offs.dim() == 1,
+            "grouped_mm_fp8: expected x [S, K], xs [S, ceil(K/128)], w [E, N, K], ws [E, ceil(N/128), ceil(K/128)], "
+            "offs [E], got " + dims(x.sizes()) + ", " + dims(xs.sizes()) + ", " + dims(w.sizes()) + ", " +
+                dims(ws.sizes()) + ", " + dims(offs.sizes()));
+  MOE_CHECK(x.scalar_type() == at::kFloat8_e4m3fn && w.scalar_type() == at::kFloat8_e4m3fn,
+            string("grouped_mm_fp8: expected float8_e4m3fn x and w, got ") + c10::toString(x.scalar_type()) +
+                " and " + c10::toString(w.scalar_type()));
+  MOE_CHECK(xs.scalar_type() == at::kFloat && ws.scalar_type() == at::kFloat,
+            string("grouped_mm_fp8: expected fp32 scales, got ") + c10::toString(xs.scalar_type()) + " and " +
+                c10::toString(ws.scalar_type()) + " (convert bf16 / e8m0 scales to fp32 first)");
+  MOE_CHECK(offs.scalar_type() == at::kInt && offs.size(0) == w.size(0),
+            "grouped_mm_fp8: expected int32 offs of E = " + to_string(w.size(0)) + " entries, got " +
+                c10::toString(offs.scalar_type()) + " " + dims(offs.sizes()));
+  MOE_CHECK(0 <= config && config < kNumFp8Configs,
+            "grouped_mm_fp8: config " + to_string(config) + " not in [0, " + to_string(kNumFp8Configs - 1) + "]");
+  const int64_t S = x.size(0), K = x.size(1), E = w.size(0), N = w.size(1);
+  const int64_t Kb = (K + 127) / 128, Nb = (N + 127) / 128;
+  MOE_CHECK(w.size(2) == K, "grouped_mm_fp8: w " + dims(w.sizes()) + " does not reduce over K = " + to_string(K) +
+                                " (expected [E, N, K])");
+  MOE_CHECK(xs.size(0) == S && xs.size(1) == Kb && ws.size(0) == E && ws.size(1) == Nb && ws.size(2) == Kb,
+            "grouped_mm_fp8: expected 128 x 128 weight blocks and 1 x 128 activation groups: xs [" + to_string(S) +
+                ", " + to_string(Kb) + "], ws [" + to_string(E) + ", " + to_string(Nb) + ", " + to_string(Kb) +
+                "], got " + dims(xs.sizes()) + ", " + dims(ws.sizes()));
+  // The strides CUTLASS is given are derived from N and K: packed rows, and K-major packed scale rows.
+  MOE_CHECK(x.stride(1) == 1 && x.stride(0) == K && xs.stride(1) == 1 && xs.stride(0) == Kb,
+            "grouped_mm_fp8: x and xs must be contiguous, got strides " + dims(x.strides()) + ", " +
+                dims(xs.strides()));
+  MOE_CHECK(w.stride(2) == 1 && w.stride(1) == K && ws.stride(2) == 1 && ws.stride(1) == Kb,
+            "grouped_mm_fp8: each expert's weight and scales must be packed row-major matrices, got strides " +
+                dims(w.strides()) + ", " + dims(ws.strides()));
+  MOE_CHECK(K % 16 == 0 && N % 8 == 0 && w.stride(0) % 16 == 0 && aligned16(x) && aligned16(w),
+            "grouped_mm_fp8: rows must be 16-byte aligned (K a multiple of 16, N of 8), got K = " + to_string(K) +
+                ", N = " + to_string(N));
+  MOE_CHECK(K <= INT32_MAX && N <= INT32_MAX && S <= INT32_MAX, string("grouped_mm_fp8: sizes past 2^31"));
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({S, N}, x.options().dtype(at::kBFloat16));
+  if (S == 0 || E == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  auto offs_c = offs.contiguous();
+  kFp8Configs[config](x, xs, w, ws, offs_c, out);
+  return out;
+}
 }  // namespace moe_cutlass
 
 TORCH_LIBRARY(moe_compiler_cutlass, m) {
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offs, bool b_nk, int config) -> Tensor");
+  m.def("grouped_mm_fp8(Tensor x, Tensor xs, Tensor w, Tensor ws, Tensor offs, int config) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(moe_compiler_cutlass, CUDA, m) { m.impl("grouped_mm", &moe_cutlass::grouped_mm); }
+TORCH_LIBRARY_IMPL(moe_compiler_cutlass, CUDA, m) {
+  m.impl("grouped_mm", &moe_cutlass::grouped_mm);
+  m.impl("grouped_mm_fp8", &moe_cutlass::grouped_mm_fp8);
+}

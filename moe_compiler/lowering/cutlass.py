@@ -37,6 +37,9 @@ ENV = "MOE_COMPILER_CUTLASS"
 CONFIGS = ("coop_128x128", "coop_128x256_cluster2x1", "pingpong_64x128", "coop_128x128_cluster2x1",
            "coop_128x256_cluster1x2", "coop_256x128_cluster2x1", "pingpong_128x128_cluster2x1", "pingpong_64x256",
            "pingpong_64x256_cluster1x2")
+# The block-scaled FP8 configs (csrc/configs.h's MOE_CUTLASS_FP8_CONFIGS, the same order): K tiles one scale block
+# (128) deep; the FP8 experts' sorted path runs on them where QuantizedConfig.cutlass names one (cutlass_fp8.py).
+FP8_CONFIGS = ("coop_128x128", "coop_128x128_cluster1x2", "coop_128x128_cluster2x1", "pingpong_64x128")
 CSRC = os.path.join(os.path.dirname(__file__), "..", "..", "csrc")
 DTYPES = (torch.bfloat16, torch.float16)
 
@@ -137,6 +140,30 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         return False
     return all(w.dim() == 3 and w.stride(2) == 1 and w.stride(1) == w.shape[2] and w.shape[2] % 8 == 0
                and w.shape[1] % 8 == 0 and w.stride(0) % 8 == 0 and w.data_ptr() % 16 == 0 for w in weights)
+
+
+def fp8_usable(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_gate_up_scale: torch.Tensor, w_down: torch.Tensor,
+               w_down_scale: torch.Tensor, scale_block_n: int, scale_block_k: int) -> bool:
+    """Static facts only (asked at trace time too, of fake tensors): what csrc/ops.cpp's grouped_mm_fp8 takes —
+    sm90, bf16 activations, e4m3 weights as packed [E, N, K] rows 16-byte aligned, 128 x 128 scale blocks."""
+    if not (hidden.is_cuda and hidden.dtype == torch.bfloat16 and scale_block_n == 128 and scale_block_k == 128):
+        return False
+    if device.capability(device.index(hidden)) != (9, 0):
+        return False
+    for w, s in ((w_gate_up, w_gate_up_scale), (w_down, w_down_scale)):
+        E, N, K = w.shape
+        if not (w.dtype == torch.float8_e4m3fn and w.stride(2) == 1 and w.stride(1) == K and K % 16 == 0
+                and N % 8 == 0 and w.stride(0) % 16 == 0 and w.storage_offset() % 16 == 0):
+            return False
+        if tuple(s.shape) != (E, -(-N // 128), -(-K // 128)):
+            return False
+    return True
+
+
+def fp8_runs(*operands, forced: bool = False) -> bool:
+    """Whether the FP8 experts' GEMMs may run on CUTLASS here: the switch not off (with `forced`: set to 1), the
+    operands taken (fp8_usable's arguments), the extension buildable."""
+    return (mode() == "1" if forced else mode() != "0") and fp8_usable(*operands) and missing() is None
 
 
 class CutlassMM:

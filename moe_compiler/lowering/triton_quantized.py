@@ -535,7 +535,12 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     k = topk_ids.shape[1]
     E, I = w_gate_up.shape[0], w_down.shape[2] * (8 if is_int4(spec) else 1)
     if config is None:
-        config = default_config(hidden, E, k, spec, I=I)
+        config = default_config(hidden, E, k, spec, I=I, weights=(w_gate_up, w_gate_up_scale, w_down, w_down_scale))
+    if config.cutlass >= 0:
+        from . import cutlass_fp8
+
+        return cutlass_fp8.experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down,
+                                           w_down_scale, spec, config.cutlass)
     if is_int4(spec) and config.block_k % 8:
         raise ValueError(f"moe_compiler: block_k={config.block_k} must be a multiple of 8 (INT4 words)")
     if (is_int4(spec) and config.int4_planes and not config.decode and hidden.device.type == "cuda"

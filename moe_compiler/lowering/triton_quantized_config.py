@@ -74,6 +74,9 @@ class QuantizedConfig:
     # block_n rows) per x load; a down program of 2 block_n rows streams as many bytes per x load. INT4 planes at
     # Kimi-K2, 8 -> 16 rows: 7.2 -> 5.4 instructions per value at the same 63 registers (sm90 SASS, NOTES v6).
     down_block_n: int = 0
+    # FP8 sorted path: both GEMMs by csrc/'s block-scaled CUTLASS grouped GEMM (cutlass_fp8.py) with this index
+    # into cutlass.FP8_CONFIGS, the other fields unused; -1: the Triton kernels above.
+    cutlass: int = -1
 
     def __post_init__(self):
         if not isinstance(self.act, ActQuant):
@@ -92,6 +95,11 @@ class QuantizedConfig:
             # every warp-specialized form lost to the pointer path anyway (NOTES "FP8 sorted path v3", measured).
             raise ValueError("QuantizedConfig.warp_specialize: not with fused_act=True (wrong rows on an H200); "
                              "use fused_act=False or warp_specialize=False")
+        from .cutlass import FP8_CONFIGS
+
+        if not isinstance(self.cutlass, int) or not -1 <= self.cutlass < len(FP8_CONFIGS):
+            raise ValueError(f"QuantizedConfig.cutlass: expected -1 (Triton) or a CUTLASS FP8 config in "
+                             f"[0, {len(FP8_CONFIGS) - 1}] ({', '.join(FP8_CONFIGS)}), got {self.cutlass!r}")
         n = self.down_block_n
         if not isinstance(n, int) or n < 0 or n & (n - 1):
             raise ValueError(f"QuantizedConfig.down_block_n: expected 0 (block_n) or a power of two, "
@@ -118,15 +126,20 @@ def step_k(scale_block_k: int) -> int:
     return block_k
 
 
-def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec, *, I: int) -> QuantizedConfig:
+def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsSpec, *, I: int,
+                   weights: tuple[torch.Tensor, ...] | None = None) -> QuantizedConfig:
     """Untuned tiles: the bf16 op's choice of path (triton_config.decode_suits), tiles from the H200 sweeps of
-    probe_quantized_tiles (NOTES.md, quantized tiles)."""
+    probe_quantized_tiles (NOTES.md, quantized tiles). With the call's `weights` (w_gate_up, its scales, w_down,
+    its scales) the FP8 sorted path may take the CUTLASS GEMMs (cutlass_fp8_config)."""
     T = hidden.shape[0]
     if is_int4(spec):
         return _default_int4(T, E, k, I, decode_suits(T, k, E) or int4_gemvs_suit(T, k, E))
     block_k = step_k(spec.scale_block_k)
     if decode_suits(T, k, E):  # a GEMV step over two whole scale blocks where they are at most 128 wide
         return _default_fp8_gemv(2 * block_k if block_k == spec.scale_block_k else block_k)
+    library = cutlass_fp8_config(hidden, T, E, k, spec, weights) if weights is not None else -1
+    if library >= 0:  # (the Triton fields are unused on this path)
+        return QuantizedConfig(block_m=1, block_n=128, block_k=128, act=ActQuant.ROWS, cutlass=library)
     return _default_fp8(hidden, T, E, k, block_k)
 
 
@@ -165,6 +178,37 @@ def _default_fp8(hidden: torch.Tensor, T: int, E: int, k: int, block_k: int) -> 
     block_m = 16 if rows <= 8 else 32 if rows <= 32 else 64
     return QuantizedConfig(block_m=block_m, block_n=64 if block_m != 32 else 128, block_k=block_k, act=ActQuant.NONE,
                            num_warps=4, num_stages=3)
+
+
+def cutlass_fp8_config(hidden: torch.Tensor, T: int, E: int, k: int, spec: QuantizedExpertsSpec,
+                       weights: tuple[torch.Tensor, ...]) -> int:
+    """The CUTLASS FP8 config (cutlass.FP8_CONFIGS index) the sorted path takes for these operands, or -1 (the
+    Triton kernels): forced by MOE_COMPILER_CUTLASS=1 where the operands allow it, else by cutlass_fp8_choice."""
+    from . import cutlass
+
+    operands = (hidden, *weights, spec.scale_block_n, spec.scale_block_k)
+    choice = cutlass_fp8_choice(T, E, k, hidden.shape[1])
+    if cutlass.fp8_runs(*operands, forced=True):  # (where the rule says Triton: the tiles best from 48 rows)
+        return choice if choice >= 0 else cutlass.FP8_CONFIGS.index("coop_128x128_cluster1x2")
+    return choice if choice >= 0 and cutlass.fp8_runs(*operands) else -1
+
+
+def cutlass_fp8_choice(T: int, E: int, k: int, H: int) -> int:
+    """Where the CUTLASS FP8 GEMMs beat the Triton w8a8_rows path on the H200, and with which config (-1: they do
+    not), from one run of `python -m benchmarks.bench_quantized --tokens 1024 4096 16384` (whole forward under a
+    CUDA graph, us, Triton / best CUTLASS; benchmarks/NOTES.md "CUTLASS FP8"): DeepSeek-V3 3445 / 2988 (ping-pong
+    64x128, 32 rows per expert), 5308 / 5029, 17397 / 15113; Kimi-K2 4396 / 4359 (21 rows: a tie), 6985 / 5177,
+    18946 / 16105; Qwen3-235B-A22B 864 / 816 (64 rows), 2003 / 1811, 7333 / 6151; Qwen3-30B-A3B (H = 2048: short
+    K loops, where CUTLASS's per-tile prologue and epilogue weigh more) 290 / 302 at 64 rows (Triton wins), 645 /
+    628, 2159 / 1992. The 128 x 128 cooperative tiles in 1 x 2 clusters were best or within 4% at every point from
+    48 rows per expert but Kimi-K2 T = 4096 (an outlier under the graph: 6922 vs 5177 unclustered, eager 5480 vs
+    5345); 64-row ping-pong tiles below 48."""
+    from .cutlass import FP8_CONFIGS
+
+    rows = T * k / E
+    if rows < (24 if H >= 4096 else 128):
+        return -1
+    return FP8_CONFIGS.index("pingpong_64x128" if rows < 48 else "coop_128x128_cluster1x2")
 
 
 def int4_gemvs_suit(T: int, k: int, E: int) -> bool:

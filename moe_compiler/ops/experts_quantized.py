@@ -60,9 +60,10 @@ def _inlinable(*tensors, **spec) -> bool:
     from ..lowering import triton_quantized, triton_quantized_config
 
     qspec = make_spec(QuantizedExpertsSpec, spec)
-    config = triton_quantized_config.default_config(t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec,
-                                                        I=t.w_gate_up.shape[1] // 2)
-    return not triton_quantized.wants_tma(config, qspec)
+    config = triton_quantized_config.default_config(
+        t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec, I=t.w_gate_up.shape[1] // 2,
+        weights=(t.w_gate_up, t.w_gate_up_scale, t.w_down, t.w_down_scale))
+    return not triton_quantized.wants_tma(config, qspec) and config.cutlass < 0  # CUTLASS: one opaque call
 
 
 inline.register(experts_quantized, _inlinable, lambda *tensors, **spec: forward(*bind(tensors, spec)))

@@ -39,3 +39,14 @@ def replay(graph, out) -> None:
             t.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
+
+
+def reroute(offs: torch.Tensor, S: int, seed: int) -> None:
+    """New random per-expert row ends for S sorted rows, written into the grouped GEMMs' `offs` [E] (int32) in
+    place: expert seed % E gets no rows, the others a random share; what a replay of a captured GEMM reads."""
+    E = offs.numel()
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(torch.randint(0, E, (S,), generator=gen), minlength=E)
+    counts[seed % E] = 0  # an expert without rows
+    counts[(seed + 1) % E] += S - int(counts.sum())
+    offs.copy_(counts.cumsum(0).to(torch.int32))

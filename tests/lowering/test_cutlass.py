@@ -12,7 +12,7 @@ import torch
 
 from moe_compiler.lowering import cutlass, dispatch
 from moe_compiler.testing import rel_err
-from moe_compiler.testing.cuda_graphs import captured, replay
+from moe_compiler.testing.cuda_graphs import captured, replay, reroute
 
 ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -36,12 +36,21 @@ def test_without_a_gpu_the_path_is_off_with_the_reason(monkeypatch):
     assert dispatch.select(torch.randn(3, 8), w, w) is not cutlass.CutlassMM
 
 
+def _listed(macro: str) -> tuple[str, ...]:
+    """The config names of one X-macro list of csrc/configs.h, in order."""
+    header = open(os.path.join(cutlass.CSRC, "configs.h")).read()
+    body = re.search(rf"#define {macro}\(X\)((?:.*\\\n)*.*)", header).group(1)
+    return tuple(re.findall(r"X\((\w+), \w+\)", body))
+
+
 def test_the_python_configs_are_the_cpp_ones():
-    listed = open(os.path.join(cutlass.CSRC, "configs.h")).read()
-    names = re.findall(r"^  X\((\w+), \w+\)", listed, flags=re.M)
-    assert tuple(names) == cutlass.CONFIGS
-    for name in names:  # each config's instances in a file of their own (built in parallel)
+    assert _listed("MOE_CUTLASS_CONFIGS") == cutlass.CONFIGS
+    assert _listed("MOE_CUTLASS_FP8_CONFIGS") == cutlass.FP8_CONFIGS
+    for name in cutlass.CONFIGS:  # each config's instances in a file of their own (built in parallel)
         assert f"MOE_CUTLASS_DEFINE({name}, " in open(os.path.join(cutlass.CSRC, f"grouped_gemm_{name}.cu")).read()
+    for name in cutlass.FP8_CONFIGS:
+        source = open(os.path.join(cutlass.CSRC, f"grouped_gemm_fp8_{name}.cu")).read()
+        assert f"MOE_CUTLASS_FP8_DEFINE({name}, " in source
     with pytest.raises(ValueError, match=rf"not in \[0, {len(cutlass.CONFIGS) - 1}\]"):
         cutlass.with_config(len(cutlass.CONFIGS))
 
@@ -103,18 +112,10 @@ def test_capture_and_replay_with_changing_routing():
     x = torch.randn(S, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
     offs = torch.empty(E, dtype=torch.int32, device="cuda")
-
-    def route(seed):
-        gen = torch.Generator().manual_seed(seed)
-        counts = torch.bincount(torch.randint(0, E, (S,), generator=gen), minlength=E)
-        counts[seed % E] = 0  # an expert without rows
-        counts[(seed + 1) % E] += S - int(counts.sum())
-        offs.copy_(counts.cumsum(0).to(torch.int32))
-
-    route(0)
+    reroute(offs, S, 0)
     graph, out = captured(lambda: ops.grouped_mm(x, w, offs, True, 0))
     for seed in (1, 2, 3):
-        route(seed)
+        reroute(offs, S, seed)
         replay(graph, out)
         assert rel_err(out.cpu(), _reference(x.cpu(), w.cpu(), offs.cpu(), True)) <= 1e-2
 
