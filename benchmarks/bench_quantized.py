@@ -3,6 +3,7 @@
     python -m benchmarks.bench_quantized                          # DeepSeek-V3, Kimi-K2, Qwen3-30B-A3B, T grid
     python -m benchmarks.bench_quantized --shapes deepseek_v3 --tokens 1 4096 --out
     python -m benchmarks.bench_quantized --smoke                  # tiny shape, any device: the harness runs
+    python -m benchmarks.bench_quantized --variants rows op --kernels   # + where op's device time goes, per kernel
 
 Per (shape, T), uniform routing, bf16 activations, the same inputs for every variant:
     bf16      torch.ops.moe_compiler.experts on bf16 weights (the dequantized FP8 values)
@@ -85,7 +86,7 @@ def floors(T, E, k, H, I, ids):
     return bf16, fp8, int4
 
 
-def bench_shape(name, E, k, H, I, tokens, timer, device, variants=VARIANTS):
+def bench_shape(name, E, k, H, I, tokens, timer, device, variants=VARIANTS, kernels=False):
     gen = torch.Generator(device=device).manual_seed(0)
     w1, q1, s1 = fp8_weights(E, 2 * I, H, device, gen)
     w2, q2, s2 = fp8_weights(E, H, I, device, gen)
@@ -129,6 +130,11 @@ def bench_shape(name, E, k, H, I, tokens, timer, device, variants=VARIANTS):
             row[f"{variant}_us"] = run(fn) * 1e6
             if device == "cuda" and T > harness.GRAPH_MAX_T:  # the GPU's time alone (eager above carries host time)
                 row[f"{variant}_graph_us"] = timer.graph(fn, calls=3) * 1e6
+        if kernels and device == "cuda" and "op" in calls:  # the op's device time per kernel (profiler)
+            row["op_kernels"] = [{"us": us, "launches": n, "kernel": kernel}
+                                 for us, n, kernel in harness.kernel_times(calls["op"])]
+            print("\n".join(f"    op kernel {k['us']:9.1f} us x{k['launches']} {k['kernel'][:90]}"
+                            for k in row["op_kernels"]), flush=True)
         if "w8a16_err" in row and row["w8a16_err"] > 1e-2:
             raise AssertionError(f"{name} T={T}: w8a16 rel err {row['w8a16_err']:.2e} > 1e-2")
         rows.append(row)
@@ -160,6 +166,7 @@ def main():
     p.add_argument("--smoke", action="store_true", help="the tiny shape on any device")
     p.add_argument("--variants", nargs="+", default=VARIANTS[1:], choices=VARIANTS[1:],
                    help="the variants to time beside bf16 (default: all that run here)")
+    p.add_argument("--kernels", action="store_true", help="also the op's device time per kernel (profiler)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = SMOKE if args.smoke else {n: s for n, s in {**SHAPES, **SMOKE}.items() if n in args.shapes}
@@ -167,7 +174,7 @@ def main():
     timer = Timer(device)
     rows = []
     for name, (E, k, H, I) in shapes.items():
-        rows += bench_shape(name, E, k, H, I, tokens, timer, device, args.variants)
+        rows += bench_shape(name, E, k, H, I, tokens, timer, device, args.variants, args.kernels)
         torch.cuda.empty_cache() if device == "cuda" else None
     harness.save_rows(args.out, "quantized", rows, harness.gpu_name() if device == "cuda" else "cpu")
 

@@ -41,16 +41,28 @@ def on_meta(nodes) -> bool:
 
 
 class Recorder(fx.Interpreter):
-    """Runs a subgraph and keeps every node's value by name (the op reads some of them)."""
+    """Runs a subgraph and keeps the values of the nodes named in `keep` (what the op then reads); every other value
+    is freed after its last use, as fx.Interpreter does, so the check holds no more than the region's own eager run.
+    (Keeping every node's value held a whole MoE layer's intermediates while the op ran beside them: at prefill
+    sizes several GiB above Inductor's peak on the compiling call — DeepSeek-V3 at 4096 tokens, NOTES session 20.)"""
 
-    def __init__(self, module: fx.GraphModule, inputs: dict):
+    def __init__(self, module: fx.GraphModule, inputs, keep: set[str]):
         super().__init__(module)
-        self.values = dict(inputs)
+        self.keep = keep
+        self.values = {name: v for name, v in inputs if name in keep}
 
     def run_node(self, n):
         out = super().run_node(n)
-        self.values[n.name] = out
+        if n.name in self.keep:
+            self.values[n.name] = out
         return out
+
+
+def read_by(kwargs: dict) -> set[str]:
+    """The names of the graph nodes an op call's keyword arguments read."""
+    names = set()
+    fx.node.map_arg(kwargs, lambda n: names.add(n.name))
+    return names
 
 
 def run(what: str, fn: Callable):
@@ -130,7 +142,7 @@ def experts_region(gm: fx.GraphModule, region, call: OpCall, output: fx.Node, sh
 
     sub = subgraph_module(gm, nodes, inputs, [output], f"Region_{region.cls}")
     args = [synthesize(i) for i in inputs]
-    rec = Recorder(sub, zip((i.name for i in inputs), args))
+    rec = Recorder(sub, zip((i.name for i in inputs), args), keep=read_by(call.kwargs()))
 
     def both():
         want = rec.run(*args)
@@ -183,7 +195,8 @@ def router(gm: fx.GraphModule, match, real: dict, dtype_template_only: Callable[
             args.append(torch.empty(0, dtype=ev.dtype, device=ev.device))  # `x.type_as(node)` reads its dtype only
         else:
             raise Reject(f"router numerical check: cannot provide input `{node.name}`")
-    rec = Recorder(sub, zip((i.name for i in match.inputs), args))
+    keep = {n.name for n in (match.logits, match.correction_bias) if n is not None}
+    rec = Recorder(sub, zip((i.name for i in match.inputs), args), keep)
 
     def both():
         want_w, want_i = rec.run(*args)

@@ -185,3 +185,23 @@ def test_the_op_takes_cutlass_by_default_where_it_measured_faster(monkeypatch):
     assert calls == [cutlass.FP8_CONFIGS.index("coop_128x128_cluster1x2")]  # auto only
     want = w8a8_reference(*args[:3], w1, w2, group=128)
     assert rel_err(outs["auto"], want) <= 2e-2 and rel_err(outs["auto"], outs["0"]) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="the CUTLASS kernels are sm90a")
+def test_the_op_on_cutlass_captures_and_replays_with_changing_routing(monkeypatch):
+    """The experts_quantized op forced onto the CUTLASS GEMMs, captured once: each replay with new routing and
+    activations equals the eager op bit for bit (per-expert arguments rebuilt on the device at every replay)."""
+    monkeypatch.setenv(cutlass.ENV, "1")
+    T, H, I, E, k = 256, 256, 128, 16, 4
+    kwargs = QuantizedExpertsSpec().op_kwargs()
+    args, _ = quantized_experts_inputs(T, H, I, E, k, torch.bfloat16, seed=0)
+    dev = [a.cuda() for a in args]
+    op = torch.ops.moe_compiler.experts_quantized
+    graph, out = captured(lambda: op(*dev, **kwargs))
+    for seed in range(1, 4):
+        new, _ = quantized_experts_inputs(T, H, I, E, k, torch.bfloat16, seed=seed)
+        for i in range(3):  # hidden, ids, weights
+            dev[i].copy_(new[i])
+        replay(graph, out)
+        assert torch.equal(out, op(*dev, **kwargs))
