@@ -186,11 +186,13 @@ def cutlass_fp8_config(hidden: torch.Tensor, T: int, E: int, k: int, spec: Quant
     Triton kernels): forced by MOE_COMPILER_CUTLASS=1 where the operands allow it, else by cutlass_fp8_choice."""
     from . import cutlass
 
-    operands = (hidden, *weights, spec.scale_block_n, spec.scale_block_k)
-    choice = cutlass_fp8_choice(T, E, k, hidden.shape[1])
-    if cutlass.fp8_runs(*operands, forced=True):  # (where the rule says Triton: the tiles best from 48 rows)
-        return choice if choice >= 0 else cutlass.FP8_CONFIGS.index("coop_128x128_cluster1x2")
-    return choice if choice >= 0 and cutlass.fp8_runs(*operands) else -1
+    choice, forced = cutlass_fp8_choice(T, E, k, hidden.shape[1]), cutlass.mode() == "1"
+    if choice < 0 and not forced:  # (before the operand checks: host time on every call of a mid-size batch)
+        return -1
+    if not cutlass.fp8_runs(hidden, *weights, spec.scale_block_n, spec.scale_block_k, forced=forced):
+        return -1
+    # (forced where the rule says Triton: the tiles that were best from 48 rows per expert)
+    return choice if choice >= 0 else cutlass.FP8_CONFIGS.index("coop_128x128_cluster1x2")
 
 
 def cutlass_fp8_choice(T: int, E: int, k: int, H: int) -> int:
