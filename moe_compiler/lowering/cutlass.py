@@ -116,10 +116,25 @@ def load():
     return torch.ops.moe_compiler_cutlass
 
 
+@functools.cache
+def _say_off(reason: str) -> None:
+    log.warning("moe_compiler: the CUTLASS kernels are off here (%s): the Triton kernels run instead where "
+                "CUTLASS was picked (%s=0 silences this)", reason, ENV)
+
+
+def buildable() -> bool:
+    """missing() is None; otherwise the reason is logged once per process. Asked only where a selection wanted
+    CUTLASS for operands it takes (a tuned entry, the FP8 rule): the user learns why that path does not run."""
+    reason = missing()
+    if reason is not None:
+        _say_off(reason)
+    return reason is None
+
+
 def runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a tuned CUTLASS config runs on these operands (else the Triton default stands in): the switch
     not off, the operands taken, the extension buildable here."""
-    return mode() != "0" and usable(x, *weights) and missing() is None
+    return mode() != "0" and usable(x, *weights) and buildable()
 
 
 def forced(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -163,7 +178,7 @@ def fp8_usable(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_gate_up_scale: t
 def fp8_runs(*operands, forced: bool = False) -> bool:
     """Whether the FP8 experts' GEMMs may run on CUTLASS here: the switch not off (with `forced`: set to 1), the
     operands taken (fp8_usable's arguments), the extension buildable."""
-    return (mode() == "1" if forced else mode() != "0") and fp8_usable(*operands) and missing() is None
+    return (mode() == "1" if forced else mode() != "0") and fp8_usable(*operands) and buildable()
 
 
 class CutlassMM:

@@ -36,6 +36,23 @@ def test_without_a_gpu_the_path_is_off_with_the_reason(monkeypatch):
     assert dispatch.select(torch.randn(3, 8), w, w) is not cutlass.CutlassMM
 
 
+def test_a_selection_that_wanted_cutlass_says_once_why_it_is_off(monkeypatch, caplog):
+    """Where a tuned entry (or the FP8 rule) picks CUTLASS for operands it takes but the path cannot be built here
+    (no nvcc, no headers), the Triton kernels run and one log line says why."""
+    monkeypatch.setattr(cutlass, "missing", lambda: "no nvcc (install the CUDA toolkit or set CUDA_HOME)")
+    monkeypatch.setattr(cutlass, "usable", lambda *tensors: True)
+    cutlass._say_off.cache_clear()
+    x = torch.randn(4, 8)
+    with caplog.at_level("WARNING", logger="moe_compiler"):
+        assert not cutlass.runs(x, x) and not cutlass.runs(x, x)
+    lines = [r.getMessage() for r in caplog.records if "CUTLASS kernels are off" in r.getMessage()]
+    assert len(lines) == 1 and "no nvcc" in lines[0] and "Triton kernels run instead" in lines[0]
+    monkeypatch.setenv(cutlass.ENV, "0")  # switched off: nothing was wanted, nothing to say
+    cutlass._say_off.cache_clear()
+    caplog.clear()
+    assert not cutlass.runs(x, x) and not caplog.records
+
+
 def _listed(macro: str) -> tuple[str, ...]:
     """The config names of one X-macro list of csrc/configs.h, in order."""
     header = open(os.path.join(cutlass.CSRC, "configs.h")).read()
