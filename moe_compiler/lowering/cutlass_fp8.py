@@ -7,8 +7,8 @@ Data contract (S = T * k pairs; the GEMMs see rows sorted by expert, segment e =
     w_gate_up     [E, 2I, H] e4m3     gate rows then up rows; w_gate_up_s [E, ceil(2I/128), ceil(H/128)]
     w_down        [E, H, I] e4m3      w_down_s [E, ceil(H/128), ceil(I/128)]; scales fp32 / bf16 / e8m0
     rows          triton_align.align_rows(ids, E, block_m=1): no padding, seg_end is the GEMMs' `offs`
-    xq, xs        [T, H] e4m3, [T, ceil(H/128)] fp32    hidden rounded once per token and 128 columns
-    xq_s, xs_s    [S, H], [S, ceil(H/128)]              the same rows copied into sorted order
+    xq_tok, xs_tok  [T, H] e4m3, [T, ceil(H/128)] fp32  hidden rounded once per token and 128 columns
+    xq, xs        [S, H], [S, ceil(H/128)]              the same rows copied into sorted order
     h             [S, 2I] bf16        grouped GEMM (CUTLASS): each 128-deep K block's product times its two scales
     a, a_s        [S, I] e4m3, [S, ceil(I/128)] fp32    act(gate) * up, rounded per row and 128 columns
     y             [S, H] bf16         grouped GEMM (CUTLASS)
