@@ -24,8 +24,9 @@ Times: median wall time per call over repeated calls after warm-up (CUDA events 
 includes its host time, as a user's step does); the forward points' variants are all compiled first and then
 timed interleaved, one call of each per round (the host's drift moved whole runs ±30%: it must not decide a
 ratio). Compile time: the first call's wall time. Memory: peak allocated during the variant (forward points:
-its compile and warm-up calls; train: during the timed steps, and of the first call, each above what the
-benchmark itself holds besides the model's parameters). Error: last-token logits vs eager, ||out - ref|| / ||ref||.
+its warm-up calls after the first, and `first_peak_gib` of the compiling first call, numerical checks included;
+train: during the timed steps, and of the first call, each above what the benchmark itself holds besides the
+model's parameters). Error: last-token logits vs eager, ||out - ref|| / ||ref||.
 Ratios in the table: torch.compile time / fused_moe time (> 1: fused_moe is faster).
 """
 
@@ -99,8 +100,8 @@ def forward_points(model, backends: dict, mode, ids, reps) -> dict:
     interleaved (harness.interleaved: one call of each variant per round, the order rotated), so that the host's
     drift — default-mode cells are host time, and the same step moved ±30% between runs — lands on every variant
     alike. Each variant is compiled (its first call: compile_s) and warmed up before any is timed; its peak memory
-    is that of its own first calls; err: last-token logits vs the eager variant's. A backend is a name or
-    (name, torch.compile options) (default mode only)."""
+    is that of its warm-up calls (first_peak_gib: of the compiling call); err: last-token logits vs the eager
+    variant's. A backend is a name or (name, torch.compile options) (default mode only)."""
     torch._dynamo.reset()
     calls, rows, outs = {}, {}, {}
     for variant, backend in backends.items():
@@ -119,10 +120,13 @@ def forward_points(model, backends: dict, mode, ids, reps) -> dict:
                 harness.say_compile_failed(variant, e)
                 del calls[variant]
                 continue
+            first_peak = torch.cuda.max_memory_allocated() / 2**30  # the compiling call (numerical checks too)
+            torch.cuda.reset_peak_memory_stats()
             for _ in range(3):
                 outs[variant] = calls[variant]().float()  # (a reduce-overhead output is overwritten by the next
                 # replay: copied out here, by .float())
         rows[variant] = {"compile_s": compile_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                         "first_peak_gib": first_peak,
                          # graphs built with C++ host code: a timing says which host code it measured
                          "cpp_host_graphs": counters["moe_compiler"]["cpp_wrapper"] - cpp_before}
     with torch.no_grad():
@@ -317,7 +321,8 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
 
 def print_table(rows):
     print(f"\n{'model':>16} {'part':>12} {'mode':>15} {'unit':>6} {'eager':>9} {'inductor':>9} {'fused':>9} "
-          f"{'ratio':>6} {'bound':>6} {'err ind/fused':>15} {'compile s ind/fused':>20}")
+          f"{'ratio':>6} {'bound':>6} {'err ind/fused':>15} {'compile s ind/fused':>20} "
+          f"{'peak GiB ind/fused (compiling call)':>36}")
     for r in rows:
         if r["part"].startswith("train"):
             continue
@@ -325,9 +330,12 @@ def print_table(rows):
         cells = [r.get(f"{v}_{unit}") for v in BACKENDS]
         err = f"{r.get('inductor_err', float('nan')):.1e}/{r.get('fused_moe_err', float('nan')):.1e}"
         comp = f"{r['inductor_compile_s']:.0f}/{r['fused_moe_compile_s']:.0f}"
+        nan = float("nan")
+        mem = (f"{r.get('inductor_peak_gib', nan):.1f}/{r.get('fused_moe_peak_gib', nan):.1f} "
+               f"({r.get('inductor_first_peak_gib', nan):.1f}/{r.get('fused_moe_first_peak_gib', nan):.1f})")
         print(f"{r['model']:>16} {r['part']:>12} {r['mode']:>15} {'tok/s' if unit == 'tok_s' else 'ms':>6} "
               + " ".join(f"{c:>9.2f}" if c is not None else f"{'-':>9}" for c in cells)
-              + f" {r['speedup']:>6.2f} {r.get('bound', float('nan')):>6.2f} {err:>15} {comp:>20}")
+              + f" {r['speedup']:>6.2f} {r.get('bound', float('nan')):>6.2f} {err:>15} {comp:>20} {mem:>36}")
     extra = [(r, v) for r in rows for v in EXTRA_VARIANTS if f"{v}_speedup" in r]
     if extra:
         print("\nextra variants (default mode): inductor time / variant time, same interleaved rounds")
