@@ -7,8 +7,8 @@ Data contract (S = T * k pairs; the GEMMs see rows sorted by expert, segment e =
     w_gate_up     [E, 2I, H] e4m3     gate rows then up rows; w_gate_up_s [E, ceil(2I/128), ceil(H/128)]
     w_down        [E, H, I] e4m3      w_down_s [E, ceil(H/128), ceil(I/128)]; scales fp32 / bf16 / e8m0
     rows          triton_align.align_rows(ids, E, block_m=1): no padding, seg_end is the GEMMs' `offs`
-    xq_tok, xs_tok  [T, H] e4m3, [T, ceil(H/128)] fp32  hidden rounded once per token and 128 columns
-    xq, xs        [S, H], [S, ceil(H/128)]              the same rows copied into sorted order
+    xq, xs        [S, H] e4m3, [S, ceil(H/128)] fp32    hidden rounded once per token and 128 columns, its
+                                                        rows copied into sorted order (quantize_sorted_rows)
     h             [S, 2I] bf16        grouped GEMM (CUTLASS): each 128-deep K block's product times its two scales
     a, a_s        [S, I] e4m3, [S, ceil(I/128)] fp32    act(gate) * up, rounded per row and 128 columns
     y             [S, H] bf16         grouped GEMM (CUTLASS)
@@ -28,21 +28,17 @@ import torch
 import triton
 
 from ..spec import QuantizedExpertsSpec
-from . import cutlass, launch
-from .triton_act import ACT_CODE
-from .triton_align import align_rows, gathered
+from . import cutlass
+from .triton_align import align_rows
 from .triton_experts import launch_combine
-from .triton_quantized import _act_rows_kernel, quantize_rows, row_pass
+from .triton_quantized import _scale_view, launch_act_rows, quantize_sorted_rows
 from .triton_quantized_config import ACT_GROUP
 
 
 def fp32_scales(s: torch.Tensor) -> torch.Tensor:
     """Block scales as the CUTLASS kernel reads them: fp32, each expert's [Nb, Kb] packed row-major."""
-    e8m0 = getattr(torch, "float8_e8m0fnu", None)
-    if e8m0 is not None and s.dtype == e8m0:  # a biased power-of-two exponent
-        s = torch.exp2(s.view(torch.uint8).float() - 127.0)
-    elif s.dtype != torch.float32:
-        s = s.float()
+    s, e8m0 = _scale_view(s)
+    s = torch.exp2(s.float() - 127.0) if e8m0 else s.float()  # (e8m0: a biased power-of-two exponent)
     if s.stride(2) != 1 or s.stride(1) != s.shape[2]:
         s = s.contiguous()
     return s
@@ -61,21 +57,12 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
         hidden = hidden.contiguous()
     weights = topk_weights.reshape(-1).contiguous()
 
-    xq_tok, xs_tok = quantize_rows(hidden)
-    xq = gathered(xq_tok.view(torch.uint8), rows, None, k, 1,
-                  out=torch.empty(S, H, dtype=torch.uint8, device=hidden.device)).view(torch.float8_e4m3fn)
-    xs = gathered(xs_tok, rows, None, k, 1, out=xs_tok.new_empty(S, xs_tok.shape[1]))
+    xq, xs = quantize_sorted_rows(hidden, rows, k, 1)  # [S + E, ...]: one token row per pair, past S unused
     h = ops.grouped_mm_fp8(xq, xs, w_gate_up, fp32_scales(w_gate_up_scale), rows.seg_end, config)
-
     a = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
     a_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
-    programs, constexprs = row_pass(I)
-    launch.kernel(_act_rows_kernel)[(S, programs)](
-        h, a, a_s, rows.num_padded, I, float(spec.swiglu_alpha), float(spec.swiglu_limit), h.stride(0), a.stride(0),
-        a_s.stride(0), ACT=ACT_CODE[spec.activation], ACT_ROWS=True, **constexprs,
-    )
+    launch_act_rows(h, a, a_s, rows.num_padded, spec, quantize=True)
     y = ops.grouped_mm_fp8(a, a_s, w_down, fp32_scales(w_down_scale), rows.seg_end, config)
     out = hidden.new_empty(T, H)
     launch_combine(y, rows, k, out, weights=weights, ids=topk_ids.reshape(-1).contiguous())
     return out
-

@@ -470,12 +470,18 @@ def launch_gate_up(x, x_s, rows: AlignedRows, w, s, spec: QuantizedExpertsSpec, 
         TILE_SCALE=tile_scale(spec, config, I if config.fused_act else 0), **_tile_constexprs(spec, config),
     )
     if not config.fused_act:
-        programs, constexprs = row_pass(I)
-        launch.kernel(_act_rows_kernel)[(act.shape[0], programs)](
-            out, act, act_s, rows.num_padded, I, float(spec.swiglu_alpha), float(spec.swiglu_limit), out.stride(0),
-            act.stride(0), act_s.stride(0), ACT=ACT_CODE[spec.activation],
-            ACT_ROWS=config.act is ActQuant.ROWS and not is_int4(spec), **constexprs,
-        )
+        launch_act_rows(out, act, act_s, rows.num_padded, spec, config.act is ActQuant.ROWS and not is_int4(spec))
+
+
+def launch_act_rows(z, act, act_s, num_padded, spec: QuantizedExpertsSpec, quantize: bool):
+    """act [S, I] = act(gate) * up of z [S, 2I]'s rows below num_padded; with `quantize` rounded to e4m3 per row
+    and 128 columns (act_s their scales; else any tensor, never read)."""
+    I = act.shape[1]
+    programs, constexprs = row_pass(I)
+    launch.kernel(_act_rows_kernel)[(act.shape[0], programs)](
+        z, act, act_s, num_padded, I, float(spec.swiglu_alpha), float(spec.swiglu_limit), z.stride(0),
+        act.stride(0), act_s.stride(0), ACT=ACT_CODE[spec.activation], ACT_ROWS=quantize, **constexprs,
+    )
 
 
 def launch_down(act, act_s, rows: AlignedRows, w, s, weights, spec: QuantizedExpertsSpec, config: QuantizedConfig,

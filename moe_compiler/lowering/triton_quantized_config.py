@@ -11,7 +11,7 @@ import torch
 import triton
 
 from ..spec import QuantizedExpertsSpec, WeightFormat
-from . import device
+from . import cutlass, device
 from .triton_config import decode_suits
 
 ACT_GROUP = 128  # columns per activation scale under w8a8 (transformers' and DeepSeek's 1 x 128)
@@ -95,11 +95,10 @@ class QuantizedConfig:
             # every warp-specialized form lost to the pointer path anyway (NOTES "FP8 sorted path v3", measured).
             raise ValueError("QuantizedConfig.warp_specialize: not with fused_act=True (wrong rows on an H200); "
                              "use fused_act=False or warp_specialize=False")
-        from .cutlass import FP8_CONFIGS
-
-        if not isinstance(self.cutlass, int) or not -1 <= self.cutlass < len(FP8_CONFIGS):
+        configs = cutlass.FP8_CONFIGS
+        if not isinstance(self.cutlass, int) or not -1 <= self.cutlass < len(configs):
             raise ValueError(f"QuantizedConfig.cutlass: expected -1 (Triton) or a CUTLASS FP8 config in "
-                             f"[0, {len(FP8_CONFIGS) - 1}] ({', '.join(FP8_CONFIGS)}), got {self.cutlass!r}")
+                             f"[0, {len(configs) - 1}] ({', '.join(configs)}), got {self.cutlass!r}")
         n = self.down_block_n
         if not isinstance(n, int) or n < 0 or n & (n - 1):
             raise ValueError(f"QuantizedConfig.down_block_n: expected 0 (block_n) or a power of two, "
@@ -184,8 +183,6 @@ def cutlass_fp8_config(hidden: torch.Tensor, T: int, E: int, k: int, spec: Quant
                        weights: tuple[torch.Tensor, ...]) -> int:
     """The CUTLASS FP8 config (cutlass.FP8_CONFIGS index) the sorted path takes for these operands, or -1 (the
     Triton kernels): forced by MOE_COMPILER_CUTLASS=1 where the operands allow it, else by cutlass_fp8_choice."""
-    from . import cutlass
-
     choice, forced = cutlass_fp8_choice(T, E, k, hidden.shape[1]), cutlass.mode() == "1"
     if choice < 0 and not forced:  # (before the operand checks: host time on every call of a mid-size batch)
         return -1
@@ -205,12 +202,10 @@ def cutlass_fp8_choice(T: int, E: int, k: int, H: int) -> int:
     628, 2159 / 1992. The 128 x 128 cooperative tiles in 1 x 2 clusters were best or within 4% at every point from
     48 rows per expert but Kimi-K2 T = 4096 (an outlier under the graph: 6922 vs 5177 unclustered, eager 5480 vs
     5345); 64-row ping-pong tiles below 48."""
-    from .cutlass import FP8_CONFIGS
-
     rows = T * k / E
     if rows < (24 if H >= 4096 else 128):
         return -1
-    return FP8_CONFIGS.index("pingpong_64x128" if rows < 48 else "coop_128x128_cluster1x2")
+    return cutlass.FP8_CONFIGS.index("pingpong_64x128" if rows < 48 else "coop_128x128_cluster1x2")
 
 
 def int4_gemvs_suit(T: int, k: int, E: int) -> bool:

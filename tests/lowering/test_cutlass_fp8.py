@@ -10,6 +10,7 @@ import torch
 from triton_cases import poisoned_allocations
 
 from moe_compiler.lowering import cutlass, cutlass_fp8
+from moe_compiler.lowering.torch_quantized import dequantize
 from moe_compiler.lowering.triton_quantized_config import QuantizedConfig, cutlass_fp8_choice, cutlass_fp8_config
 from moe_compiler.spec import QuantizedExpertsSpec
 from moe_compiler.testing import rel_err
@@ -61,15 +62,11 @@ def test_forcing_cutlass_changes_nothing_off_the_gpu(monkeypatch):
 
 def _reference(x, xs, w, ws, offs):
     """fp64 per segment on the dequantized operands (each value times its block's scale)."""
-    def dequant(q, s, bn):
-        n, kk = q.shape[-2:]
-        s = s.double().repeat_interleave(bn, -2)[..., :n, :].repeat_interleave(128, -1)[..., :kk]
-        return q.double() * s
-
-    xd = dequant(x.float().unsqueeze(0), xs.unsqueeze(0), 1)[0]
+    xd = dequantize(x.unsqueeze(0), xs.unsqueeze(0), 1, 128)[0].double()
+    wd = dequantize(w, ws, 128, 128).double()
     out, start = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64), 0
     for e, end in enumerate(offs.tolist()):
-        out[start:end] = xd[start:end] @ dequant(w[e].float(), ws[e], 128).t()
+        out[start:end] = xd[start:end] @ wd[e].t()
         start = end
     return out
 
@@ -79,6 +76,34 @@ def _problem(counts, N, K, seed=0):
     x, xs = quantize_fp8_blocks(torch.randn(sum(counts), K, generator=gen) * 3, 1, 128)
     w, ws = quantize_fp8_blocks(torch.randn(len(counts), N, K, generator=gen) * K**-0.5, 128, 128)
     return x, xs, w, ws, torch.tensor(counts).cumsum(0).to(torch.int32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the glue on the CPU interpreter (the GPU runs the real GEMM)")
+def test_the_glue_around_the_gemms_on_the_interpreter(monkeypatch):
+    """cutlass_fp8.experts_forward's Triton passes (quantize, sorted copy, act + quantize, combine) with the CUTLASS
+    GEMM stood in by the fp64 reference of its contract: equal to the Triton w8a8_rows path (the same rounding
+    kernels; the interpreter's e4m3 rounding differs from the w8a8 reference's at powers of two), sentinel ids
+    adding nothing (fp16 activations: the interpreter's bf16 stores are wrong)."""
+    from moe_compiler.lowering import triton_quantized
+
+    pytest.importorskip("triton")
+
+    class Reference:
+        @staticmethod
+        def grouped_mm_fp8(x, xs, w, ws, offs, config):
+            assert xs.dtype == ws.dtype == torch.float32 and config == 0
+            return _reference(x, xs, w, ws, offs).to(torch.float16)
+
+    monkeypatch.setattr(cutlass, "load", lambda: Reference)
+    T, E, k, H, I = 9, 4, 2, 256, 128
+    args, _ = quantized_experts_inputs(T, H, I, E, k, torch.float16, 128, 128, seed=3)
+    args[1][::4, 0] = E  # expert parallelism's sentinel
+    spec = QuantizedExpertsSpec()
+    with poisoned_allocations():
+        out = cutlass_fp8.experts_forward(*args, spec, 0)
+        triton = triton_quantized.experts_forward(*args, spec, QuantizedConfig(16, 128, 128, "w8a8_rows",
+                                                                              fused_act=False))
+    assert rel_err(out.float(), triton.float()) <= 1e-2
 
 
 @pytest.mark.gpu
