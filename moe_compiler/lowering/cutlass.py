@@ -2,6 +2,8 @@
 
     x [S, K] sorted by expert, w [E, N, K] (or [E, K, N]), offs [E] int32 on the device
         -> torch.ops.moe_compiler_cutlass.grouped_mm(x, w, offs, b_nk, config) -> [S, N]
+    (grouped_mm() below: that C++ op in an eager call; inside torch.compile, torch.ops.moe_compiler.cutlass_grouped_mm
+    over it, recorded into the graph with the glue's launches — "the GEMM calls" below says why)
 
 `CutlassMM` is a segment-matmul implementation (the interface of torch_segment_mm's classes): triton_grouped.py
 (and the torch composite, torch_experts.py) run over it exactly as over torch._grouped_mm, with our choice of tile,
@@ -27,8 +29,10 @@ import os
 import shutil
 
 import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-from . import device
+from . import device, launch
 from .torch_segment_mm import GroupedMM, Segments
 
 log = logging.getLogger("moe_compiler")
@@ -154,7 +158,13 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     if device.capability(device.index(x)) != (9, 0):  # cached: this runs on every call it may take
         return False
     return all(w.dim() == 3 and w.stride(2) == 1 and w.stride(1) == w.shape[2] and w.shape[2] % 8 == 0
-               and w.shape[1] % 8 == 0 and w.stride(0) % 8 == 0 and w.data_ptr() % 16 == 0 for w in weights)
+               and w.shape[1] % 8 == 0 and w.stride(0) % 8 == 0 and _aligned16(w) for w in weights)
+
+
+def _aligned16(w: torch.Tensor) -> bool:
+    # A traced (fake) tensor has no address: its offset into a storage the allocator aligns stands in (ops.cpp
+    # checks the address again on every call, with a clear error).
+    return (w.storage_offset() * w.element_size() if is_fake(w) else w.data_ptr()) % 16 == 0
 
 
 def fp8_usable(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_gate_up_scale: torch.Tensor, w_down: torch.Tensor,
@@ -181,6 +191,52 @@ def fp8_runs(*operands, forced: bool = False) -> bool:
     return (mode() == "1" if forced else mode() != "0") and fp8_usable(*operands) and buildable()
 
 
+# --- the GEMM calls, eager or recorded ---------------------------------------------------------------------------
+# Inside torch.compile the experts ops' CUTLASS paths are recorded like their Triton launches (ops/inline.py): the
+# glue becomes launches Inductor makes itself and each GEMM a call of one of these two ops in Inductor's code, so a
+# call pays no experts-op layer, input checks or Python launches (~1 ms of host per FP8 call at T = 4096 on the H200
+# machine, more than the GPU work at Qwen3-30B-A3B's shape). They are Python ops over the C++ ones because the C++
+# library registers its ops only when load() runs: a graph Inductor loads from its cache in a new process must name
+# ops that exist before that. Eager calls go straight to the C++ ops (one layer less).
+
+
+@torch.library.custom_op("moe_compiler::cutlass_grouped_mm", mutates_args=(), device_types="cuda")
+def _recorded_grouped_mm(x: Tensor, w: Tensor, offs: Tensor, b_nk: bool, config: int) -> Tensor:
+    return load().grouped_mm(x, w, offs, b_nk, config)
+
+
+@_recorded_grouped_mm.register_fake
+def _(x, w, offs, b_nk, config):
+    return x.new_empty(x.shape[0], w.shape[1] if b_nk else w.shape[2])
+
+
+@torch.library.custom_op("moe_compiler::cutlass_grouped_mm_fp8", mutates_args=(), device_types="cuda")
+def _recorded_grouped_mm_fp8(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, offs: Tensor, config: int) -> Tensor:
+    return load().grouped_mm_fp8(x, xs, w, ws, offs, config)
+
+
+@_recorded_grouped_mm_fp8.register_fake
+def _(x, xs, w, ws, offs, config):
+    return x.new_empty(x.shape[0], w.shape[1], dtype=torch.bfloat16)
+
+
+def grouped_mm(x: Tensor, w: Tensor, offs: Tensor, b_nk: bool, config: int) -> Tensor:
+    """[S, N] = each segment of x's rows times its expert's w (csrc/ops.cpp); built on first use, at trace time
+    for a recorded call."""
+    ops = load()
+    if launch.tracing():
+        return torch.ops.moe_compiler.cutlass_grouped_mm(x, w, offs, b_nk, config)
+    return ops.grouped_mm(x, w, offs, b_nk, config)
+
+
+def grouped_mm_fp8(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, offs: Tensor, config: int) -> Tensor:
+    """The block-scaled FP8 form (csrc/ops.cpp: grouped_mm_fp8), bf16 [S, N]; eager or recorded as grouped_mm."""
+    ops = load()
+    if launch.tracing():
+        return torch.ops.moe_compiler.cutlass_grouped_mm_fp8(x, xs, w, ws, offs, config)
+    return ops.grouped_mm_fp8(x, xs, w, ws, offs, config)
+
+
 class CutlassMM:
     """Segment matmuls by csrc/'s grouped GEMM (forward), torch._grouped_mm for the weight gradients."""
 
@@ -195,13 +251,13 @@ class CutlassMM:
     def mm(cls, x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
         if x.dtype != w.dtype:  # the backward's fp32 rows: torch's grouped GEMM
             return GroupedMM.mm(x.to(w.dtype), w, seg)
-        return load().grouped_mm(x.contiguous(), w, seg.offs, True, cls.config)
+        return grouped_mm(x.contiguous(), w, seg.offs, True, cls.config)
 
     @classmethod
     def mm_nn(cls, x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
         if x.dtype != w.dtype:
             return GroupedMM.mm_nn(x.to(w.dtype), w, seg)
-        return load().grouped_mm(x.contiguous(), w, seg.offs, False, cls.config)
+        return grouped_mm(x.contiguous(), w, seg.offs, False, cls.config)
 
     wgrad = staticmethod(GroupedMM.wgrad)
 

@@ -51,18 +51,17 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
     T, H = hidden.shape
     k = topk_ids.shape[1]
     E, I, S = w_gate_up.shape[0], w_down.shape[2], T * k
-    ops = cutlass.load()
     rows = align_rows(topk_ids, E, 1)
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     weights = topk_weights.reshape(-1).contiguous()
 
     xq, xs = quantize_sorted_rows(hidden, rows, k, 1)  # [S + E, ...]: one token row per pair, past S unused
-    h = ops.grouped_mm_fp8(xq, xs, w_gate_up, fp32_scales(w_gate_up_scale), rows.seg_end, config)
+    h = cutlass.grouped_mm_fp8(xq, xs, w_gate_up, fp32_scales(w_gate_up_scale), rows.seg_end, config)
     a = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
     a_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
     launch_act_rows(h, a, a_s, rows.num_padded, spec, quantize=True)
-    y = ops.grouped_mm_fp8(a, a_s, w_down, fp32_scales(w_down_scale), rows.seg_end, config)
+    y = cutlass.grouped_mm_fp8(a, a_s, w_down, fp32_scales(w_down_scale), rows.seg_end, config)
     out = hidden.new_empty(T, H)
     launch_combine(y, rows, k, out, weights=weights, ids=topk_ids.reshape(-1).contiguous())
     return out

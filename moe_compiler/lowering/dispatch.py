@@ -168,9 +168,11 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     if T == 0 or k == 0:
         return True
     config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down), spec.transposed)
-    if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS) or _library_mm(
-            hidden, w_gate_up, w_down, config) is not None:
-        return False  # a library's GEMMs (torch._grouped_mm, CUTLASS), not Triton launches only: one opaque call
+    impl = _library_mm(hidden, w_gate_up, w_down, config)
+    if impl is not None:  # csrc/'s GEMMs are recorded as calls of their op (cutlass.py) beside the glue's launches;
+        return issubclass(impl, cutlass.CutlassMM)  # torch._grouped_mm's path stays one opaque call
+    if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS):
+        return False  # a library entry the library cannot take: the sorted default stands in, kept opaque
     return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
 
 

@@ -52,8 +52,9 @@ def _(*tensors, **spec):
 
 
 def _inlinable(*tensors, **spec) -> bool:
-    # Sizes only (see experts.py): a traced call with static shapes on the Triton path records its launches —
-    # unless its config loads by TMA (host descriptors cannot be recorded outside Dynamo: dispatch.py).
+    # Sizes only (see experts.py): a traced call with static shapes records its launches (and its CUTLASS GEMMs as
+    # calls of their op: cutlass.py) — unless its Triton config loads by TMA (host descriptors cannot be recorded
+    # outside Dynamo: dispatch.py).
     t = QuantizedTensors(*tensors)
     if not (inline.static(*t) and device.uses_triton(t.hidden)):
         return False
@@ -63,7 +64,7 @@ def _inlinable(*tensors, **spec) -> bool:
     config = triton_quantized_config.default_config(
         t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec, I=t.w_gate_up.shape[1] // 2,
         weights=(t.w_gate_up, t.w_gate_up_scale, t.w_down, t.w_down_scale))
-    return not triton_quantized.wants_tma(config, qspec) and config.cutlass < 0  # CUTLASS: one opaque call
+    return config.cutlass >= 0 or not triton_quantized.wants_tma(config, qspec)
 
 
 inline.register(experts_quantized, _inlinable, lambda *tensors, **spec: forward(*bind(tensors, spec)))

@@ -42,6 +42,12 @@ configs = {{
     "split": DecodeConfig(gate_up=KernelConfig(16, 16), down=KernelConfig(block_n=32, block_k=16, split_k=2)),
 }}
 configs["routed"] = configs["decode"]
+from moe_compiler.lowering import cutlass
+from moe_compiler.lowering.triton_config import CutlassConfig
+configs["cutlass"] = CutlassConfig(0)
+if "{path}" == "cutlass":  # csrc/'s GEMMs taken (nothing built: traced only)
+    cutlass.runs = lambda *a: True
+    cutlass.load = lambda: None
 dispatch.triton_config_for = lambda *a: configs["{path}"]
 graphs = []
 def fw(gm, example_inputs):
@@ -69,6 +75,7 @@ code = graphs[0].code
 print("KERNELS", code.count("triton_kernel_wrapper_functional("))
 print("OPS", code.count("moe_compiler.experts"), code.count("moe_compiler.route"))
 print("TMA", "'W_TMA': True" in code)
+print("CUTLASS", code.count("moe_compiler.cutlass_grouped_mm.default("))
 print("SAVED", len(graphs[0].graph.find_nodes(op="output")[0].args[0]) - 1)  # outputs beyond f's own
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
@@ -128,6 +135,8 @@ def _trace(path: str, inline: str = "1", dynamic: bool = False, train: bool = Fa
         assert lines["NONFINITE"] == "0", f"recorded kernels with non-finite float scalars: {lines['NONFINITE']}"
     ops = tuple(map(int, lines["OPS"].split()))
     out = {"kernels": int(lines["KERNELS"]), "ops": ops, "tma": lines["TMA"] == "True", "cloned": lines["CLONED"]}
+    if path == "cutlass":
+        out["cutlass"] = int(lines["CUTLASS"])
     if path == "routed":
         out["launches"] = lines.get("LAUNCHES", "")
     return {**out, "saved": int(lines["SAVED"])} if train else out
@@ -163,6 +172,16 @@ def test_sorted_call_becomes_its_launches_without_host_tma():
     # route + align (6 pairs: one chunk, one launch) + gate_up + down + combine; the host TMA descriptors the
     # config asks for cannot be recorded, so the recorded GEMMs load by pointer
     assert _trace("sorted") == {"kernels": 5, "ops": (0, 0), "tma": False, "cloned": "0"}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_call_on_cutlass_becomes_its_launches_and_two_gemm_calls(train):
+    # route + align (one launch) + gather + act + combine, and csrc/'s two GEMMs as calls of their own op
+    # (cutlass.py): Inductor's code makes them without the experts op's layer. A training forward records the same
+    # (its act pass also writing the pre-activation rows the backward reads).
+    traced = _trace("cutlass", train=train)
+    traced.pop("saved", None)
+    assert traced == {"kernels": 5, "ops": (0, 0), "tma": False, "cloned": "0", "cutlass": 2}
 
 
 def test_training_forward_records_its_launches_and_keeps_the_backward_op():
@@ -204,6 +223,10 @@ from moe_compiler.testing.quantized import quantized_experts_inputs
 
 device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
 {sm90_driver}
+if {cutlass}:  # the GEMMs on csrc/'s FP8 grouped GEMM (MOE_COMPILER_CUTLASS=1): the operands taken, nothing built
+    from moe_compiler.lowering import cutlass
+    cutlass.fp8_runs = lambda *a, **kw: True
+    cutlass.load = lambda: None
 args, _ = quantized_experts_inputs({T}, 32, 16, 8, 2, torch.float32, 16, 16, torch.float8_e8m0fnu)
 graphs = []
 def fw(gm, example_inputs):
@@ -217,20 +240,28 @@ except SystemExit:
     pass
 code = graphs[0].code
 print("KERNELS", code.count("triton_kernel_wrapper_functional("), "OPS", code.count("moe_compiler.experts_quantized"))
+print("CUTLASS", code.count("moe_compiler.cutlass_grouped_mm_fp8.default("))
 {cloned}
 """  # (fed through str.format: no braces besides these)
 
 
-@pytest.mark.parametrize("inline,T,expected", [("1", 3, "KERNELS 4 OPS 0\nCLONED 0\nNONFINITE 0"),
-                                                ("1", 1, "KERNELS 2 OPS 0\nCLONED 0\nNONFINITE 0"),
-                                                ("0", 3, "KERNELS 0 OPS 1\nCLONED 0")])
-def test_quantized_call_becomes_its_launches(inline, T, expected):
+@pytest.mark.parametrize("inline,T,cutlass,expected", [
+    ("1", 3, False, "KERNELS 4 OPS 0\nCUTLASS 0\nCLONED 0\nNONFINITE 0"),
+    ("1", 1, False, "KERNELS 2 OPS 0\nCUTLASS 0\nCLONED 0\nNONFINITE 0"),
+    ("0", 3, False, "KERNELS 0 OPS 1\nCUTLASS 0\nCLONED 0"),
+    ("1", 3, True, "KERNELS 6 OPS 0\nCUTLASS 2\nCLONED 0\nNONFINITE 0"),
+    ("0", 3, True, "KERNELS 0 OPS 1\nCUTLASS 0\nCLONED 0")])
+def test_quantized_call_becomes_its_launches(inline, T, cutlass, expected):
     # T = 3 (sorted): align (one chunk: one launch) + FP8 gate_up + FP8 down + combine; T = 1: the two decode
     # GEMVs (the down GEMV per pair, its slots summed by the last to arrive: its tickets and fp32 rows written, no
-    # input). The e8m0 scales are read as bytes through a view.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # input). The e8m0 scales are read as bytes through a view. On CUTLASS (cutlass_fp8.py): align (one launch),
+    # the row quantizer, the sorted copy of rows and of scales, act + quantize, combine — and the two GEMMs as
+    # calls of their op (cutlass.py), none of the experts op.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOE_COMPILER_CUTLASS")}
     env["MOE_COMPILER_INLINE"] = inline
-    code = QUANTIZED.format(T=T, sm90_driver=SM90_DRIVER, cloned=CLONED)
+    if cutlass:
+        env["MOE_COMPILER_CUTLASS"] = "1"
+    code = QUANTIZED.format(T=T, sm90_driver=SM90_DRIVER, cloned=CLONED, cutlass=cutlass)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout, proc.stdout
@@ -338,3 +369,41 @@ def test_route_in_the_gate_up_gemv_equals_the_route_launch_in_a_compiled_model(a
     assert rel_err(outs["1"], outs["0"]) <= 1e-3
     # (the name also shows where a kernel's source is embedded: fewer mentions, not none)
     assert codes["0"].count("_route_kernel") > codes["1"].count("_route_kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="the CUTLASS kernels are sm90a")
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_call_on_cutlass_compiled_equals_eager_with_the_gemms_recorded(fmt, monkeypatch):
+    """The experts ops forced onto csrc/'s GEMMs (MOE_COMPILER_CUTLASS=1) inside torch.compile: Inductor's code
+    calls the two GEMM ops and launches the glue itself (no experts op left), and every call — new routing and
+    activations each time — equals the eager op."""
+    from torch._inductor.utils import run_and_get_code
+
+    from moe_compiler.lowering import cutlass
+    from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec
+    from moe_compiler.testing import experts_inputs, rel_err
+    from moe_compiler.testing.quantized import quantized_experts_inputs
+
+    monkeypatch.setenv(cutlass.ENV, "1")
+    T, H, I, E, k = 384, 256, 128, 16, 4
+    if fmt == "fp8":
+        op, kwargs, name = torch.ops.moe_compiler.experts_quantized, QuantizedExpertsSpec().op_kwargs(), "_fp8"
+        make = lambda seed: quantized_experts_inputs(T, H, I, E, k, torch.bfloat16, seed=seed)[0]  # noqa: E731
+    else:
+        op, kwargs, name = torch.ops.moe_compiler.experts, ExpertsSpec().op_kwargs(), ""
+        make = lambda seed: experts_inputs(T, H, I, E, k, torch.bfloat16, ExpertsSpec(), seed=seed)[:5]  # noqa: E731
+    dev = [a.cuda() for a in make(0)]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: op(*a, **kwargs), dynamic=False)
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, *dev)
+        code = "\n".join(codes)
+        assert code.count(f"torch.ops.moe_compiler.cutlass_grouped_mm{name}.default(") == 2, code[-3000:]
+        assert f"torch.ops.moe_compiler.experts{'_quantized' if fmt == 'fp8' else ''}.default(" not in code
+        for seed in range(1, 4):
+            new = make(seed)
+            for i in range(3):  # hidden, ids, weights: the compiled code reads them again
+                dev[i].copy_(new[i])
+            assert rel_err(compiled(*dev).float(), op(*dev, **kwargs).float()) <= 1e-3

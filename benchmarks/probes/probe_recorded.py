@@ -1,0 +1,146 @@
+"""Probe: the experts ops' CUTLASS paths recorded inside torch.compile (ops/inline.py; the GEMMs as calls of
+cutlass.py's ops, the glue as Inductor's own launches) against the same compiled call kept opaque
+(MOE_COMPILER_INLINE=0: the experts op's layer, checks and Python launches on every call) and the eager op.
+NOTES.md "session 22".
+
+    python -m benchmarks.probes.probe_recorded [--shapes qwen3_30b_a3b qwen3_235b_a22b deepseek_v3]
+        [--tokens 4096] [--models qwen3_235b_a22b]
+
+Per shape and T, bf16 and FP8 (128 x 128 block scales): host µs per call (the GPU kept busy, probe_host.host_us),
+µs per call from a cold L2 with the call's host time exposed (Timer.eager: what an opaque call costs where the host
+does not run ahead), and the GPU time alone (the eager op under a CUDA graph). Then, per model (--models, bf16,
+2 layers), prefill 1 x 4096 with fused_moe recorded vs opaque, timed interleaved.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch._functorch.config
+import torch._inductor.config
+from torch._dynamo.utils import counters
+
+from moe_compiler.lowering import cutlass
+from moe_compiler.lowering.triton_quantized_config import default_config
+from moe_compiler.ops import inline
+from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec
+from moe_compiler.testing import rel_err
+from moe_compiler.tune.shapes import ALL_SHAPES
+
+from .. import harness
+from ..bench_quantized import fp8_weights
+from .probe_host import host_us
+
+
+def compiled_under(inline_on: bool, call, args):
+    """torch.compile(call) bound to args, traced now with launches recorded or the op kept opaque. Each variant is
+    its own function object and code object, so Dynamo traces each apart."""
+    os.environ[inline.INLINE_ENV] = "1" if inline_on else "0"
+    fn = torch.compile(call, dynamic=False)
+    with torch.no_grad():
+        fn(*args)
+    os.environ.pop(inline.INLINE_ENV)
+    return lambda: fn(*args)
+
+
+def op_rows(shapes, tokens, timer):
+    rows = []
+    for name in shapes:
+        E, k, H, I = ALL_SHAPES[name]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w1, q1, s1 = fp8_weights(E, 2 * I, H, "cuda", gen)
+        w2, q2, s2 = fp8_weights(E, H, I, "cuda", gen)
+        for T in tokens:
+            x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
+            ids = torch.rand(T, E, device="cuda", generator=gen).argsort(dim=1)[:, :k]
+            wts = torch.rand(T, k, device="cuda", generator=gen).to(torch.bfloat16)
+            forms = {"bf16": (torch.ops.moe_compiler.experts, (x, ids, wts, w1, w2), ExpertsSpec().op_kwargs()),
+                     "fp8": (torch.ops.moe_compiler.experts_quantized, (x, ids, wts, q1, s1, q2, s2),
+                             QuantizedExpertsSpec().op_kwargs())}
+            for fmt, (op, args, kw) in forms.items():
+                torch._dynamo.reset()  # (the variants' code objects are traced anew for each row)
+                eager = lambda op=op, args=args, kw=kw: op(*args, **kw)  # noqa: E731
+                variants = {"eager": eager,
+                            "opaque": compiled_under(False, lambda *a, op=op, kw=kw: op(*a, **kw), args),
+                            "recorded": compiled_under(True, lambda *a, op=op, kw=kw: op(*a, **kw), args)}
+                row = {"shape": name, "T": T, "fmt": fmt}
+                if fmt == "fp8":
+                    row["cutlass"] = default_config(x, E, k, QuantizedExpertsSpec(), I=I,
+                                                    weights=(q1, s1, q2, s2)).cutlass
+                with torch.no_grad():
+                    ref = eager().float()
+                    for v, fn in variants.items():
+                        row[f"{v}_err"] = rel_err(fn().float(), ref)
+                        row[f"{v}_host_us"] = host_us(lambda fn=fn: fn())
+                        row[f"{v}_eager_us"] = timer.eager(lambda fn=fn: fn()) * 1e6
+                    row["graph_us"] = timer.graph(eager, calls=3) * 1e6
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def model_rows(models, reps=10):
+    from ..bench_models import first_call_s
+    from ..models import build
+
+    rows = []
+    for name in models:
+        model = build(name, layers=2)
+        ids = torch.randint(0, model.config.vocab_size, (1, 4096), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(0))
+        calls, row = {}, {"model": name, "layers": 2, "T": 4096}
+        torch._dynamo.reset()
+        # Dynamo hands a second torch.compile of the same module with an equal backend and options the first one's
+        # trace (seen: the recorded variant "compiled" in 0.01 s), so the variants differ in an option that changes
+        # nothing (the numerical check, on by default, named); a variant that traced nothing is an error.
+        for variant, on, options in (("opaque", False, {"moe_compiler.verify": True}), ("recorded", True, None)):
+            os.environ[inline.INLINE_ENV] = "1" if on else "0"
+            fn = torch.compile(model, backend="fused_moe", dynamic=False, options=options)
+            calls[variant] = lambda fn=fn: fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+            graphs = counters["stats"]["unique_graphs"]
+            with torch.no_grad():
+                row[f"{variant}_compile_s"] = first_call_s(calls[variant])
+            if counters["stats"]["unique_graphs"] == graphs:
+                raise RuntimeError(f"{name}: the {variant} variant reused another variant's trace")
+            with torch.no_grad():
+                for _ in range(3):
+                    calls[variant]()
+            os.environ.pop(inline.INLINE_ENV)
+        with torch.no_grad():
+            outs = {v: c().float() for v, c in calls.items()}
+            times = harness.interleaved(calls, reps)
+        row.update({f"{v}_ms": t * 1e3 for v, t in times.items()})
+        row["err"] = rel_err(outs["recorded"], outs["opaque"])
+        rows.append(row)
+        print(row, flush=True)
+        del model, calls
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = harness.parser(__doc__, shapes=list(ALL_SHAPES), tokens=[4096], out="recorded")
+    ap.set_defaults(shapes=["qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3"])
+    ap.add_argument("--models", nargs="*", default=["qwen3_235b_a22b"])
+    args = ap.parse_args()
+    torch._functorch.config.enable_autograd_cache = False  # the opaque and recorded traces share a graph key
+    torch._inductor.config.fx_graph_cache = False
+    print("CUTLASS", cutlass.mode(), "loaded" if cutlass.buildable() and cutlass.load() else "off", flush=True)
+    timer = harness.Timer("cuda")
+    rows = op_rows(args.shapes, args.tokens, timer)
+    mrows = model_rows(args.models)
+    harness.save_rows(args.out, "recorded", rows + mrows, harness.gpu_name())
+    print(f"{'shape':>16} {'T':>6} {'fmt':>5} | host us eager / opaque / recorded | cold-L2 us eager / opaque / "
+          f"recorded | graph us | err rec")
+    for r in rows:
+        print(f"{r['shape']:>16} {r['T']:>6} {r['fmt']:>5} | {r['eager_host_us']:8.0f} {r['opaque_host_us']:8.0f} "
+              f"{r['recorded_host_us']:8.0f} | {r['eager_eager_us']:8.0f} {r['opaque_eager_us']:8.0f} "
+              f"{r['recorded_eager_us']:8.0f} | {r['graph_us']:8.0f} | {r['recorded_err']:.1e}")
+    for r in mrows:
+        print(f"{r['model']} prefill 1x4096 ms: opaque {r['opaque_ms']:.2f} recorded {r['recorded_ms']:.2f} "
+              f"({r['opaque_ms'] / r['recorded_ms']:.3f}x), err {r['err']:.1e}")
+
+
+if __name__ == "__main__":
+    main()
