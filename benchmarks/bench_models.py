@@ -5,6 +5,7 @@ process, on real-dimension models with random weights (benchmarks/models.py: rel
                                       [--out]   # results/models_<gpu>.json (+ .png with matplotlib)
     python -m benchmarks.bench_models --from-json benchmarks/results/models_NVIDIA_H200.json   # table + plot again
     python -m benchmarks.bench_models --parts decode --extra fused_python fused_static inductor_cpp   # host code A/B
+    python -m benchmarks.bench_models --parts prefill decode --extra fused_fp8   # the model with FP8 experts too
 
 Parts (bf16, no gradients):
     prefill     1 x 4096 tokens, last-token logits (logits_to_keep=1); compile default mode
@@ -56,6 +57,11 @@ EXTRA_VARIANTS = {
     # C++ host code as torch 2.11 builds it by itself, -O3 (the backend builds it apart from kernels: -O1;
     # backend.CPP_WRAPPER_BUILD): the compile time of deep models
     "fused_o3": ("fused_moe", {"cpp_wrapper_build_separate": False}),
+    # a copy of the model with its routed experts as an FP8 checkpoint loads them (transformers' FP8Experts, 128 x 128
+    # block scales; fp8_model()), compiled with fused_moe: against Inductor on the bf16 model — plain torch.compile
+    # cannot run the FP8 model offline (transformers' FP8 experts call kernels fetched from the hub). Its err is
+    # FP8's rounding against the bf16 eager logits (printed, not checked).
+    "fused_fp8": ("fused_moe", None),
 }
 PARTS = ("prefill", "decode", "generate", "train")
 DECODE_MODES = ("default", "reduce-overhead")
@@ -105,9 +111,10 @@ def forward_points(model, backends: dict, mode, ids, reps) -> dict:
     torch._dynamo.reset()
     calls, rows, outs = {}, {}, {}
     for variant, backend in backends.items():
-        backend, options = backend if isinstance(backend, tuple) else (backend, None)
-        fn = model if backend is None else torch.compile(model, backend=backend, mode=mode, dynamic=False,
-                                                         options=options)
+        backend, options, *own = backend if isinstance(backend, tuple) else (backend, None)
+        module = own[0] if own else model  # (a variant may bring its own copy of the model: fused_fp8)
+        fn = module if backend is None else torch.compile(module, backend=backend, mode=mode, dynamic=False,
+                                                          options=options)
         calls[variant] = lambda fn=fn: fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
         torch.cuda.reset_peak_memory_stats()
         cpp_before = counters["moe_compiler"]["cpp_wrapper"]
@@ -260,9 +267,27 @@ def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS) -> list[dict]:
     return rows
 
 
+def fp8_model(model):
+    """A copy of `model` whose routed experts are transformers' FP8Experts (128 x 128 fp32 block scales, quantized
+    from its bf16 weights on the GPU) run by the fused_moe experts implementation, as a finegrained-FP8 checkpoint
+    loads through moe_compiler.from_pretrained."""
+    import copy
+
+    from moe_compiler.integrations import hf_experts
+    from moe_compiler.testing.quantized import to_fp8_experts
+
+    hf_experts.register()
+    fp8 = copy.deepcopy(model)
+    if not to_fp8_experts(fp8):
+        raise ValueError(f"{type(model).__name__}: no experts module to quantize")
+    fp8.set_experts_implementation(hf_experts.NAME)
+    return fp8.eval()
+
+
 def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS, bound=False, extra=(),
                 decode_modes=DECODE_MODES):
     model = build(name, layers=layers)
+    fp8 = fp8_model(model) if "fused_fp8" in extra else None
     V = model.config.vocab_size
     gen = torch.Generator("cuda").manual_seed(0)
     rows = []
@@ -278,7 +303,7 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
         # eager has no mode: it runs (as the logits' reference) in the default-mode points only
         backends = {v: b for v, b in BACKENDS.items() if b is not None or mode == "default"}
         if mode == "default":
-            backends.update({v: EXTRA_VARIANTS[v] for v in extra})
+            backends.update({v: EXTRA_VARIANTS[v] + ((fp8,) if v == "fused_fp8" else ()) for v in extra})
         for variant, cells in forward_points(model, backends, None if mode == "default" else mode, ids, reps).items():
             row.update({f"{variant}_{k}": v for k, v in cells.items()})
             print(part, mode, variant, cells, flush=True)

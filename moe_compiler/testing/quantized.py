@@ -110,13 +110,55 @@ def _fp8_experts_class():
     return _FP8_EXPERTS_CLASS
 
 
+def to_fp8_experts(model, block=(128, 128), scale_dtype=torch.float32, reference=None, chunk: int = 8) -> int:
+    """Replace every `.experts` module of `model` in place by transformers' FP8Experts holding its weights
+    block-quantized (what transformers' FP8 quantizer builds from a finegrained-FP8 checkpoint), a few experts at a
+    time on the weights' device (a whole fp32 copy of a real model's gate_up would not fit); with `reference` (a
+    copy of the model), write the dequantized values into its experts. Returns the number of modules replaced.
+    The experts implementation is left as it was (fp8_experts_model and the benchmarks set it)."""
+    cls = _fp8_experts_class()
+    config = model.config.get_text_config()
+    scale_fmt = "float" if scale_dtype == torch.float32 else "ue8m0"
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not name.endswith(".experts"):
+            continue
+        if getattr(module, "gate_up_proj_bias", None) is not None or getattr(module, "is_transposed", False):
+            raise ValueError(f"{name}: experts with biases or [E, K, N] weights (GPT-OSS's) have no finegrained-FP8 "
+                             "form in transformers; quantize a model whose experts are [E, N, K] without biases")
+        with torch.device(module.gate_up_proj.device):
+            fp8 = cls(config=config, block_size=tuple(block), scale_fmt=scale_fmt)
+        for proj in ("gate_up_proj", "down_proj"):
+            w = getattr(module, proj).detach()
+            rows = getattr(fp8, proj + "_scale_inv").shape[1]
+            q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+            s = None
+            for e in range(0, w.shape[0], chunk):
+                q_e, s_e = quantize_fp8_blocks(w[e:e + chunk], *block, scale_dtype)
+                if s_e.shape[1] != rows:  # transformers' 2-row floor for gate_up: the extra row is never read
+                    s_e = torch.cat([s_e, s_e[:, -1:].expand(-1, rows - s_e.shape[1], -1)], 1)
+                if s is None:
+                    s = torch.empty(w.shape[0], *s_e.shape[1:], dtype=s_e.dtype, device=w.device)
+                q[e:e + chunk], s[e:e + chunk] = q_e, s_e
+                if reference is not None:
+                    with torch.no_grad():
+                        getattr(reference.get_submodule(name), proj)[e:e + chunk].copy_(
+                            dequantize(q_e, s_e, *block).to(w.dtype))
+            # (the checkpoint's tensors as the quantizer loads them: the scales in the dtype given, not converted)
+            setattr(fp8, proj, torch.nn.Parameter(q, requires_grad=False))
+            setattr(fp8, proj + "_scale_inv", torch.nn.Parameter(s, requires_grad=False))
+        model.set_submodule(name, fp8)
+        replaced += 1
+    return replaced
+
+
 def fp8_experts_model(arch: str = "qwen3_moe", block=(32, 32), scale_dtype=torch.float32, dtype=torch.float32,
                       seed: int = 0, linears: bool = False, **overrides):
     """(model, reference): a tiny transformers model whose experts are transformers' FP8Experts holding
-    block-quantized weights (the modules its FP8 quantizer builds from a finegrained-FP8 checkpoint), with
-    experts_implementation="fused_moe"; and the same model with those experts dequantized (fp32 values in the
-    original modules), the reference for logits. With `linears`, the other Linear layers but lm_head become
-    transformers' FP8Linear too (not yet pointed at our op: hf_linear.use_fused_linears does that)."""
+    block-quantized weights (to_fp8_experts), with experts_implementation="fused_moe"; and the same model with those
+    experts dequantized (their values in the original modules), the reference for logits. With `linears`, the other
+    Linear layers but lm_head become transformers' FP8Linear too (not yet pointed at our op:
+    hf_linear.use_fused_linears does that)."""
     import copy
 
     from ..integrations import hf_experts
@@ -125,24 +167,7 @@ def fp8_experts_model(arch: str = "qwen3_moe", block=(32, 32), scale_dtype=torch
     hf_experts.register()
     model = tiny_model(arch, "grouped_mm", dtype=dtype, seed=seed, **overrides)
     reference = copy.deepcopy(model)
-    cls = _fp8_experts_class()
-    config = model.config.get_text_config()
-    for name, module in list(model.named_modules()):
-        if not name.endswith(".experts"):
-            continue
-        scale_fmt = "float" if scale_dtype == torch.float32 else "ue8m0"
-        fp8 = cls(config=config, block_size=tuple(block), scale_fmt=scale_fmt)
-        ref = reference.get_submodule(name)
-        for proj in ("gate_up_proj", "down_proj"):
-            q, s = quantize_fp8_blocks(getattr(module, proj).detach(), *block, scale_dtype)
-            rows = getattr(fp8, proj + "_scale_inv").shape[1]
-            if s.shape[1] != rows:  # transformers' 2-row floor for gate_up: the extra row is never read
-                s = torch.cat([s, s[:, -1:].expand(-1, rows - s.shape[1], -1)], 1)
-            setattr(fp8, proj, torch.nn.Parameter(q, requires_grad=False))
-            setattr(fp8, proj + "_scale_inv", torch.nn.Parameter(s, requires_grad=False))
-            with torch.no_grad():
-                getattr(ref, proj).copy_(dequantize(q, s, *block).to(dtype))
-        model.set_submodule(name, fp8)
+    to_fp8_experts(model, block, scale_dtype, reference)
     if linears:
         from transformers.integrations.finegrained_fp8 import FP8Linear
 

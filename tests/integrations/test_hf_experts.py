@@ -175,3 +175,29 @@ def test_an_fp8_checkpoint_runs_the_fp8_kernels_on_the_gpu(dtype, tol, tmp_path)
     compiled = torch.compile(model, backend="fused_moe")
     assert rel_err(_logits(compiled, ids), ref) <= tol
     assert counters["moe_compiler"]["fused_experts_implementation"] == 2
+
+
+def test_quantizing_a_few_experts_at_a_time_gives_the_whole_tensors_result():
+    """testing.quantized.to_fp8_experts (the benchmarks quantize real models on the GPU chunk by chunk): 3 experts
+    at a time equal all 8 at once, bit for bit (weights, padded gate_up scale rows, the reference's dequantized
+    values); GPT-OSS's biased, transposed experts are refused with the reason."""
+    import copy
+
+    from moe_compiler.testing.hf_models import tiny_model
+    from moe_compiler.testing.quantized import to_fp8_experts
+
+    base = tiny_model("deepseek_v3", "grouped_mm", dtype=torch.bfloat16)
+    models = {chunk: (copy.deepcopy(base), copy.deepcopy(base)) for chunk in (3, 8)}
+    for chunk, (model, reference) in models.items():
+        assert to_fp8_experts(model, (32, 32), reference=reference, chunk=chunk) == base.config.num_hidden_layers - 1
+    (a, ra), (b, rb) = models[3], models[8]
+    quantized = [n for n, _ in a.named_parameters() if ".experts." in n]
+    assert quantized and all(a.get_parameter(n).dtype in (torch.float8_e4m3fn, torch.float32) for n in quantized)
+    for n in quantized:
+        assert torch.equal(a.get_parameter(n).float(), b.get_parameter(n).float()), n
+    for n, p in ra.named_parameters():
+        assert torch.equal(p, rb.get_parameter(n)), n
+    assert not torch.equal(ra.get_parameter(quantized[0].replace("_scale_inv", "")).float(),
+                           base.get_parameter(quantized[0].replace("_scale_inv", "")).float())  # rounded
+    with pytest.raises(ValueError, match="biases or \\[E, K, N\\] weights"):
+        to_fp8_experts(tiny_model("gpt_oss", "grouped_mm", dtype=torch.bfloat16))
