@@ -4,12 +4,12 @@ cutlass.py's ops, the glue as Inductor's own launches) against the same compiled
 NOTES.md "session 22".
 
     python -m benchmarks.probes.probe_recorded [--shapes qwen3_30b_a3b qwen3_235b_a22b deepseek_v3]
-        [--tokens 4096] [--models qwen3_235b_a22b]
+        [--tokens 4096] [--models qwen3_235b_a22b] [--fp8]
 
 Per shape and T, bf16 and FP8 (128 x 128 block scales): host µs per call (the GPU kept busy, probe_host.host_us),
 µs per call from a cold L2 with the call's host time exposed (Timer.eager: what an opaque call costs where the host
-does not run ahead), and the GPU time alone (the eager op under a CUDA graph). Then, per model (--models, bf16,
-2 layers), prefill 1 x 4096 with fused_moe recorded vs opaque, timed interleaved.
+does not run ahead), and the GPU time alone (the eager op under a CUDA graph). Then, per model (--models, 2 layers,
+bf16 or with --fp8 its experts in FP8), prefill 1 x 4096 with fused_moe recorded vs opaque, timed interleaved.
 """
 
 from __future__ import annotations
@@ -80,16 +80,19 @@ def op_rows(shapes, tokens, timer):
     return rows
 
 
-def model_rows(models, reps=10):
-    from ..bench_models import first_call_s
+def model_rows(models, fp8: bool, reps=10):
+    from ..bench_models import first_call_s, fp8_model
     from ..models import build
 
     rows = []
     for name in models:
         model = build(name, layers=2)
+        if fp8:  # the routed experts as transformers' FP8Experts (bench_models' fused_fp8 variant)
+            model = fp8_model(model)
+            torch.cuda.empty_cache()
         ids = torch.randint(0, model.config.vocab_size, (1, 4096), device="cuda",
                             generator=torch.Generator("cuda").manual_seed(0))
-        calls, row = {}, {"model": name, "layers": 2, "T": 4096}
+        calls, row = {}, {"model": name, "layers": 2, "T": 4096, "fmt": "fp8" if fp8 else "bf16"}
         torch._dynamo.reset()
         # Dynamo hands a second torch.compile of the same module with an equal backend and options the first one's
         # trace (seen: the recorded variant "compiled" in 0.01 s), so the variants differ in an option that changes
@@ -123,13 +126,14 @@ def main():
     ap = harness.parser(__doc__, shapes=list(ALL_SHAPES), tokens=[4096], out="recorded")
     ap.set_defaults(shapes=["qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3"])
     ap.add_argument("--models", nargs="*", default=["qwen3_235b_a22b"])
+    ap.add_argument("--fp8", action="store_true", help="the models' routed experts in FP8 (transformers' FP8Experts)")
     args = ap.parse_args()
     torch._functorch.config.enable_autograd_cache = False  # the opaque and recorded traces share a graph key
     torch._inductor.config.fx_graph_cache = False
     print("CUTLASS", cutlass.mode(), "loaded" if cutlass.buildable() and cutlass.load() else "off", flush=True)
     timer = harness.Timer("cuda")
     rows = op_rows(args.shapes, args.tokens, timer)
-    mrows = model_rows(args.models)
+    mrows = model_rows(args.models, args.fp8)
     harness.save_rows(args.out, "recorded", rows + mrows, harness.gpu_name())
     print(f"{'shape':>16} {'T':>6} {'fmt':>5} | host us eager / opaque / recorded | cold-L2 us eager / opaque / "
           f"recorded | graph us | err rec")
@@ -138,8 +142,8 @@ def main():
               f"{r['recorded_host_us']:8.0f} | {r['eager_eager_us']:8.0f} {r['opaque_eager_us']:8.0f} "
               f"{r['recorded_eager_us']:8.0f} | {r['graph_us']:8.0f} | {r['recorded_err']:.1e}")
     for r in mrows:
-        print(f"{r['model']} prefill 1x4096 ms: opaque {r['opaque_ms']:.2f} recorded {r['recorded_ms']:.2f} "
-              f"({r['opaque_ms'] / r['recorded_ms']:.3f}x), err {r['err']:.1e}")
+        print(f"{r['model']} ({r['fmt']}) prefill 1x4096 ms: opaque {r['opaque_ms']:.2f} recorded "
+              f"{r['recorded_ms']:.2f} ({r['opaque_ms'] / r['recorded_ms']:.3f}x), err {r['err']:.1e}")
 
 
 if __name__ == "__main__":
