@@ -117,7 +117,7 @@ def forward_points(model, backends: dict, mode, ids, reps) -> dict:
                                                           options=options)
         calls[variant] = lambda fn=fn: fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
         torch.cuda.reset_peak_memory_stats()
-        cpp_before = counters["moe_compiler"]["cpp_wrapper"]
+        cpp_before, graphs_before = counters["moe_compiler"]["cpp_wrapper"], counters["stats"]["unique_graphs"]
         with torch.no_grad():
             try:
                 compile_s = first_call_s(calls[variant])
@@ -127,6 +127,9 @@ def forward_points(model, backends: dict, mode, ids, reps) -> dict:
                 harness.say_compile_failed(variant, e)
                 del calls[variant]
                 continue
+            if backend is not None and counters["stats"]["unique_graphs"] == graphs_before:
+                # (Dynamo hands a compile of the same module with an equal backend and options an earlier trace)
+                raise RuntimeError(f"{variant}: traced nothing, it would time another variant's code")
             first_peak = torch.cuda.max_memory_allocated() / 2**30  # the compiling call (numerical checks too)
             torch.cuda.reset_peak_memory_stats()
             for _ in range(3):
