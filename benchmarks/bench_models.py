@@ -9,6 +9,8 @@ process, on real-dimension models with random weights (benchmarks/models.py: rel
 
 Parts (bf16, no gradients):
     prefill     1 x 4096 tokens, last-token logits (logits_to_keep=1); compile default mode
+    prefill-dynamic   1 x 512 and 1 x 2048 tokens after two other lengths each, compiled with dynamic=None: the
+                sequence length symbolic, as prompts of varying length make it (not in the default parts)
     decode      a B x 1 step without a KV cache, B in {1, 32}; default mode and mode="reduce-overhead"
     generate    model.generate, static cache, transformers' own auto-compile through
                 CompileConfig(backend=..., mode="reduce-overhead"), 16-token prompt, 128 new tokens,
@@ -34,6 +36,7 @@ Ratios in the table: torch.compile time / fused_moe time (> 1: fused_moe is fast
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -63,7 +66,7 @@ EXTRA_VARIANTS = {
     # FP8's rounding against the bf16 eager logits (printed, not checked).
     "fused_fp8": ("fused_moe", None),
 }
-PARTS = ("prefill", "decode", "generate", "train")
+PARTS = ("prefill", "decode", "generate", "train", "prefill-dynamic")
 DECODE_MODES = ("default", "reduce-overhead")
 DEFAULT_PARTS = ("prefill", "decode", "generate")
 # name -> (torch.compile kwargs or None for eager, MOE_COMPILER_BACKWARD)
@@ -101,26 +104,35 @@ def first_call_s(fn) -> float:
     return time.perf_counter() - t0
 
 
-def forward_points(model, backends: dict, mode, ids, reps) -> dict:
+def _compiling_calls(call, warm):
+    for ids in warm:
+        call(ids=ids)
+    return call()
+
+
+def forward_points(model, backends: dict, mode, ids, reps, warm: tuple = ()) -> dict:
     """{variant: row fields} of model(ids) compiled with each backend in `mode` (eager: backend None), timed
     interleaved (harness.interleaved: one call of each variant per round, the order rotated), so that the host's
     drift — default-mode cells are host time, and the same step moved ±30% between runs — lands on every variant
     alike. Each variant is compiled (its first call: compile_s) and warmed up before any is timed; its peak memory
     is that of its warm-up calls (first_peak_gib: of the compiling call); err: last-token logits vs the eager
-    variant's. A backend is a name or (name, torch.compile options) (default mode only)."""
+    variant's. A backend is a name or (name, torch.compile options[, its own model]) (default mode only). With
+    `warm` (other input ids), each variant compiles with torch.compile's default dynamic=None and is first called
+    with those: from the second shape on, Dynamo compiles the sequence length as a symbol (automatic dynamic
+    shapes), and `ids` runs that graph — what prompts of varying lengths get."""
     torch._dynamo.reset()
     calls, rows, outs = {}, {}, {}
     for variant, backend in backends.items():
         backend, options, *own = backend if isinstance(backend, tuple) else (backend, None)
         module = own[0] if own else model  # (a variant may bring its own copy of the model: fused_fp8)
-        fn = module if backend is None else torch.compile(module, backend=backend, mode=mode, dynamic=False,
-                                                          options=options)
-        calls[variant] = lambda fn=fn: fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+        fn = module if backend is None else torch.compile(module, backend=backend, mode=mode,
+                                                          dynamic=None if warm else False, options=options)
+        calls[variant] = lambda fn=fn, ids=ids: fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
         torch.cuda.reset_peak_memory_stats()
         cpp_before, graphs_before = counters["moe_compiler"]["cpp_wrapper"], counters["stats"]["unique_graphs"]
         with torch.no_grad():
             try:
-                compile_s = first_call_s(calls[variant])
+                compile_s = first_call_s(functools.partial(_compiling_calls, calls[variant], warm))
             except torch._dynamo.exc.BackendCompilerFailed as e:  # an --extra variant torch cannot build: say so
                 if variant in BACKENDS:
                     raise
@@ -301,13 +313,23 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
         for mode in decode_modes:
             for B in (1, 32):
                 points.append((f"decode B={B}", mode, torch.randint(0, V, (B, 1), device="cuda", generator=gen), 50))
-    for part, mode, ids, reps in points:
+    if "prefill-dynamic" in parts:
+        # prompts of varying length, as an evaluation run sends them: two other lengths first, so the length is a
+        # symbol by the timed one (automatic dynamic shapes; our ops then stay opaque calls: ops/inline.py)
+        for T in (512, 2048):
+            lengths = (T - 96, T - 32)
+            warm = tuple(torch.randint(0, V, (1, t), device="cuda", generator=gen) for t in lengths)
+            points.append((f"prefill {T} dyn", "default", torch.randint(0, V, (1, T), device="cuda", generator=gen),
+                           10, warm))
+    for part, mode, ids, reps, *warm in points:
+        warm = warm[0] if warm else ()
         row = {"model": name, "layers": model.config.num_hidden_layers, "part": part, "mode": mode}
         # eager has no mode: it runs (as the logits' reference) in the default-mode points only
         backends = {v: b for v, b in BACKENDS.items() if b is not None or mode == "default"}
         if mode == "default":
             backends.update({v: EXTRA_VARIANTS[v] + ((fp8,) if v == "fused_fp8" else ()) for v in extra})
-        for variant, cells in forward_points(model, backends, None if mode == "default" else mode, ids, reps).items():
+        for variant, cells in forward_points(model, backends, None if mode == "default" else mode, ids, reps,
+                                             warm).items():
             row.update({f"{variant}_{k}": v for k, v in cells.items()})
             print(part, mode, variant, cells, flush=True)
         row["speedup"] = row["inductor_ms"] / row["fused_moe_ms"]
@@ -317,7 +339,7 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
         if bound:
             with free_experts(model):
                 cells = forward_points(model, {"free_moe": "inductor"}, None if mode == "default" else mode, ids,
-                                       reps)["free_moe"]
+                                       reps, warm)["free_moe"]
             row.update({f"free_moe_{k}": v for k, v in cells.items()})
             row["bound"] = row["inductor_ms"] / row["free_moe_ms"]
             print(part, mode, "free_moe", cells, flush=True)
