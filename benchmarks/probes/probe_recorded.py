@@ -38,9 +38,12 @@ def compiled_under(inline_on: bool, call, args):
     its own function object and code object, so Dynamo traces each apart."""
     os.environ[inline.INLINE_ENV] = "1" if inline_on else "0"
     fn = torch.compile(call, dynamic=False)
+    graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         fn(*args)
     os.environ.pop(inline.INLINE_ENV)
+    if counters["stats"]["unique_graphs"] == graphs:
+        raise RuntimeError("a compiled variant reused another's trace")
     return lambda: fn(*args)
 
 
