@@ -129,23 +129,21 @@ def to_fp8_experts(model, block=(128, 128), scale_dtype=torch.float32, reference
         with torch.device(module.gate_up_proj.device):
             fp8 = cls(config=config, block_size=tuple(block), scale_fmt=scale_fmt)
         for proj in ("gate_up_proj", "down_proj"):
-            w = getattr(module, proj).detach()
-            rows = getattr(fp8, proj + "_scale_inv").shape[1]
-            q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
-            s = None
-            for e in range(0, w.shape[0], chunk):
-                q_e, s_e = quantize_fp8_blocks(w[e:e + chunk], *block, scale_dtype)
-                if s_e.shape[1] != rows:  # transformers' 2-row floor for gate_up: the extra row is never read
-                    s_e = torch.cat([s_e, s_e[:, -1:].expand(-1, rows - s_e.shape[1], -1)], 1)
-                if s is None:
-                    s = torch.empty(w.shape[0], *s_e.shape[1:], dtype=s_e.dtype, device=w.device)
-                q[e:e + chunk], s[e:e + chunk] = q_e, s_e
-                if reference is not None:
-                    with torch.no_grad():
+            w, q = getattr(module, proj).detach(), getattr(fp8, proj)  # (q: FP8Experts' own e4m3 parameter)
+            E, N, K = w.shape
+            nb = -(-N // block[0])
+            # the scales in the dtype given, as the quantizer loads them (not FP8Experts' allocation, which follows
+            # scale_fmt); rows past nb: transformers' 2-row floor for gate_up, the last row repeated, never read
+            s = torch.empty(E, getattr(fp8, proj + "_scale_inv").shape[1], -(-K // block[1]), dtype=scale_dtype,
+                            device=w.device)
+            for e in range(0, E, chunk):
+                q_e, s[e:e + chunk, :nb] = quantize_fp8_blocks(w[e:e + chunk], *block, scale_dtype)
+                with torch.no_grad():
+                    q[e:e + chunk] = q_e
+                    if reference is not None:
                         getattr(reference.get_submodule(name), proj)[e:e + chunk].copy_(
-                            dequantize(q_e, s_e, *block).to(w.dtype))
-            # (the checkpoint's tensors as the quantizer loads them: the scales in the dtype given, not converted)
-            setattr(fp8, proj, torch.nn.Parameter(q, requires_grad=False))
+                            dequantize(q_e, s[e:e + chunk, :nb], *block).to(w.dtype))
+            s[:, nb:] = s[:, nb - 1:nb]
             setattr(fp8, proj + "_scale_inv", torch.nn.Parameter(s, requires_grad=False))
         model.set_submodule(name, fp8)
         replaced += 1
