@@ -63,14 +63,42 @@ def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = Fa
     """The tuned (autotuned on first use, or default, with a warning) Triton config of this problem on
     hidden's GPU (`transposed`: the weights' layout, for the untuned default)."""
     T, H = hidden.shape
-    key = (device.index(hidden), hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H, I, T, transposed,
+    k = topk_ids.shape[1]
+    hint, highest = config_tokens(T)
+    key = (device.index(hidden), hidden.dtype, w_gate_up.shape[0], k, H, I, hint, transposed,
            triton_config.autotune_enabled())
     config = _CONFIGS.get(key)  # per call it is host time on the critical path of small T
     if config is None:
         config = _config_for(*key)
         if not (key[-1] and device.capturing()):  # autotuning declines inside a capture: ask again outside
             _CONFIGS[key] = config
+    if config.path is triton_config.Path.DECODE and (highest is None or highest * k > _decode_max_pairs()):
+        # a symbolic T whose band reaches past what the decode kernels take
+        config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], k, hint)
     return config
+
+
+def config_tokens(T) -> tuple[int, int | None]:
+    """(the token count a config is looked up for, the highest T the traced call may see, None: unbounded). T
+    itself for a plain int. A symbolic T (dynamic shapes) gives its hint, the length being traced, and is guarded
+    into the hint's band (triton_config.T_BANDS): the compiled graph then serves only lengths of that band, and
+    Dynamo recompiles for a length outside it."""
+    if isinstance(T, int):
+        return T, T
+    from torch.fx.experimental.symbolic_shapes import guard_bool
+
+    hint = int(T.node.hint)
+    lo, hi = triton_config.band(hint)
+    # (each comparison holds at the hint; guard_bool records it as a guard of the compiled frame)
+    if not (guard_bool(T >= lo) and (hi is None or guard_bool(T <= hi))):
+        raise AssertionError(f"moe_compiler: the hint {hint} lies outside its own band [{lo}, {hi}]")
+    return hint, hi
+
+
+def _decode_max_pairs() -> int:
+    from .triton_decode import MAX_PAIRS
+
+    return MAX_PAIRS
 
 
 _CONFIGS: dict = {}
@@ -160,20 +188,33 @@ def experts_quantized_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_
 INLINE_TMA_MAX_PAIRS = 1024
 
 
+# A call whose token count is symbolic (dynamic shapes) records its launches only where its GEMMs are short next to
+# the op's host path (~0.5-1 ms a call): measured on the H200 (benchmarks/NOTES.md "session 23", prompts of varying
+# length, 1 x 512 and 1 x 2048 after two other lengths), recording took Qwen3-30B-A3B from 0.67x / 0.97x plain
+# torch.compile to 1.31x / 1.26x and DeepSeek-V3 at 512 from 0.82x to 0.91x, but DeepSeek-V3 at 2048 (1.4 TFLOP of
+# expert GEMMs a layer) from 0.97x to 0.77x: the recorded kernels' GPU time there is not yet understood. GEMM FLOPs
+# at the traced length, 6 T k H I: DeepSeek-V3 at 512 3.6e11 (recorded), at 2048 1.4e12 (opaque).
+INLINE_SYMBOLIC_MAX_FLOP = 5e11
+
+
 def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> bool:
-    """Whether a traced experts call of these (static) shapes runs Triton kernels that can be recorded."""
+    """Whether a traced experts call of these shapes (static, or a symbolic token count: inline.hinted) runs
+    Triton kernels that can be recorded."""
     if not device.uses_triton(hidden):
         return False
     T, k = topk_ids.shape
     if T == 0 or k == 0:
         return True
-    config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down), spec.transposed)
+    I = spec.intermediate(w_down)
+    if not isinstance(T, int) and 6 * int(T.node.hint) * k * hidden.shape[1] * I > INLINE_SYMBOLIC_MAX_FLOP:
+        return False  # (before the config lookup: an opaque call needs no band guard)
+    config = triton_config_for(hidden, topk_ids, w_gate_up, I, spec.transposed)
     impl = _library_mm(hidden, w_gate_up, w_down, config)
     if impl is not None:  # csrc/'s GEMMs are recorded as calls of their op (cutlass.py) beside the glue's launches;
         return issubclass(impl, cutlass.CutlassMM)  # torch._grouped_mm's path stays one opaque call
     if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS):
         return False  # a library entry the library cannot take: the sorted default stands in, kept opaque
-    return config.path is triton_config.Path.DECODE or not config.tma or T * k <= INLINE_TMA_MAX_PAIRS
+    return config.path is triton_config.Path.DECODE or not config.tma or config_tokens(T)[0] * k <= INLINE_TMA_MAX_PAIRS
 
 
 def _library_mm(hidden, w_gate_up, w_down, config):

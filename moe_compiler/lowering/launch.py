@@ -75,6 +75,18 @@ def route_of(weights, ids):
     return entry[2]
 
 
+def upper_bound(n) -> int | None:
+    """The largest value a size can take in the graph being traced: n for a plain int; for a symbolic size
+    (dynamic shapes) the upper end of its range — dispatch.config_tokens has guarded the token count into a band,
+    so sizes derived from it are bounded too — or None where it is unbounded. Host-side choices that shape the
+    recorded launches (a constexpr, one launch or three) are made from it, so that they hold for every size the
+    graph serves instead of adding guards of their own."""
+    if isinstance(n, int):
+        return n
+    upper = n.node.shape_env.bound_sympy(n.node.expr).upper
+    return int(upper) if upper.is_finite else None
+
+
 def kernel(k):
     """`k`, or while tracing, `k` wrapped so that `kernel(k)[grid](...)` records the launch."""
     return torch.library.wrap_triton(k) if tracing() else k

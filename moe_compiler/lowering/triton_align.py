@@ -199,12 +199,15 @@ class AlignedRows:
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
-    return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+    # (sym_min: a symbolic num_pairs gives an expression, not a guard on which term is smaller)
+    return triton.cdiv(num_pairs, block_m) + torch.sym_min(num_experts, num_pairs)
 
 
 def chunk_size(num_pairs: int) -> int:
-    # Pairs per count/scatter program: the sort's cost grows with it, so small problems take small chunks.
-    return max(64, min(CHUNK, triton.next_power_of_2(num_pairs)))
+    """Pairs per count/scatter program: the sort's cost grows with it, so small problems take small chunks. A
+    symbolic num_pairs takes the chunk of the largest it can be (launch.upper_bound)."""
+    most = launch.upper_bound(num_pairs)
+    return CHUNK if most is None else max(64, min(CHUNK, triton.next_power_of_2(most)))
 
 
 def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedRows:
@@ -228,9 +231,12 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligne
         # Eager: one allocation carved into every buffer (allocations are host time on the critical path).
         parts = torch.empty(sum(sizes), dtype=torch.int32, device=flat.device).split(sizes)
     rows = AlignedRows(*parts[:6])
-    counts, pad_end = parts[6].view(nb, block_e), parts[7]
+    # counts [NB, BLOCK_E] row-major, kept flat: the kernels index it themselves, and a 2-D buffer of a symbolic NB
+    # would have torch's functional copy of it guard on whether NB is 1
+    counts, pad_end = parts[6], parts[7]
     chunk_b = max(16, min(128, 8192 // block_e))
-    if nb == 1:
+    most = launch.upper_bound(S)
+    if most is not None and most <= chunk:  # one chunk for every size the call can have
         launch.kernel(_align_one_chunk_kernel)[(1,)](
             flat, S, num_experts, counts, rows.sorted_rows, rows.pos, rows.seg_end, rows.num_padded,
             rows.block_expert, rows.ids_ok, n_blocks,

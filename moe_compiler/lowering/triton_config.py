@@ -77,6 +77,25 @@ def bucket(T: int) -> int:
     return min(T_GRID, key=lambda g: (abs(math.log(max(T, 1) / g)), g))
 
 
+# A traced call whose token count is a symbol (dynamic shapes: one graph for prompts of many lengths) takes the
+# config of its hint (the length it was traced at) under a guard that keeps T in the hint's band; a T outside the
+# band recompiles. Bands, not the grid's nine buckets: Dynamo compiles a frame at most
+# torch._dynamo.config.recompile_limit (8) times and then runs it uncompiled, so the guards may split the lengths
+# into a few graphs only. The bounds are the geometric midpoints of the grid points 4, 64, 1024 and 16384: a call
+# is at most 16x from its hint, as a static call is at most ~2x from its grid point.
+T_BANDS = (16, 256, 4096)
+
+
+def band(T: int) -> tuple[int, int | None]:
+    """(lowest, highest or None) token count of T's band (T_BANDS)."""
+    lo = 1
+    for hi in T_BANDS:
+        if T <= hi:
+            return lo, hi
+        lo = hi + 1
+    return lo, None
+
+
 # Launch options of the kernels that check topk_ids: Triton compiles tl.device_assert only in debug mode,
 # and debug mode would also add integer-overflow checks to all index math; with them off, the id check is
 # the only assert. On the GPU a bad id then fails the launch loudly ("device-side assert triggered", the

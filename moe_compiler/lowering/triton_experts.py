@@ -235,9 +235,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def _grid(max_tiles: int, programs_per_sm: int, t: torch.Tensor) -> tuple[int]:
+    # (torch.sym_*: a symbolic max_tiles, dynamic shapes, gives an expression of the grid, not a guard)
     if programs_per_sm and t.device.type == "cuda":
-        return (max(1, min(max_tiles, programs_per_sm * device.num_sms(device.index(t)))),)
-    return (max(1, max_tiles),)
+        return (torch.sym_max(1, torch.sym_min(max_tiles, programs_per_sm * device.num_sms(device.index(t)))),)
+    return (torch.sym_max(1, max_tiles),)
 
 
 def logical_strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:

@@ -74,7 +74,7 @@ def _(*tensors, **spec):
 def _inlinable(*tensors, **spec) -> bool:
     # Sizes only: a tensor op here (a view) would run on functional tensors outside their mode.
     t = ExpertsTensors(*tensors)
-    if not inline.static(*t):
+    if not (inline.static(t.w_gate_up, t.w_down, t.b_gate_up, t.b_down) and inline.hinted(*t)):
         return False
     return dispatch.experts_inlinable(t.hidden, t.topk_ids, t.w_gate_up, t.w_down, make_spec(ExpertsSpec, spec))
 

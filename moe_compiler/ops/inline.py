@@ -1,14 +1,15 @@
 """Inside torch.compile, record an op's Triton launches into the graph instead of leaving the op opaque.
 
 AOTAutograd functionalizes every graph it traces (inference and training alike) under FunctionalTensorMode.
-A rule registered for that mode sees each call of our op once, at trace time, with the call's fixed shapes:
-where the op would run Triton kernels on those shapes (`inlinable`), the rule runs the op's own implementation
-under lowering.launch.traced(), so each launch becomes a `triton_kernel_wrapper_functional` node that
-Inductor compiles and launches itself (lowering/launch.py says why: the op's Python costs more host time per
-call than a decode layer's GPU work); csrc/'s CUTLASS GEMMs among them become calls of their own ops
-(lowering/cutlass.py), which Inductor's code makes directly. Elsewhere (CPU, the torch composite, symbolic
-sizes, torch._grouped_mm's path, large calls that keep host TMA descriptors) the rule hands the call back and the
-op stays one opaque node.
+A rule registered for that mode sees each call of our op once, at trace time, with the call's shapes (fixed, or
+under dynamic shapes a symbolic token count: the config is the traced length's, and a guard keeps the graph to
+lengths of its band, triton_config.T_BANDS): where the op would run Triton kernels on those shapes (`inlinable`),
+the rule runs the op's own implementation under lowering.launch.traced(), so each launch becomes a
+`triton_kernel_wrapper_functional` node that Inductor compiles and launches itself (lowering/launch.py says why:
+the op's Python costs more host time per call than a decode layer's GPU work); csrc/'s CUTLASS GEMMs among them
+become calls of their own ops (lowering/cutlass.py), which Inductor's code makes directly. Elsewhere (CPU, the
+torch composite, symbolic sizes other than the token count, long GEMMs at a symbolic count, torch._grouped_mm's
+path, large calls that keep host TMA descriptors) the rule hands the call back and the op stays one opaque node.
 
 torch.library.triton_op does the same unconditionally; it cannot keep the op opaque where the implementation
 is not traceable (the CPU composite's data-dependent segment loop), hence this conditional form.
@@ -35,8 +36,23 @@ def enabled() -> bool:
 
 def static(*tensors) -> bool:
     """Every size and stride of the (non-None) tensors is a plain int: the config, grid and buffers are facts of
-    the trace. A symbolic size (dynamic shapes) would turn the config lookup into guards."""
+    the trace."""
     return all(isinstance(s, int) for t in tensors if t is not None for s in (*t.shape, *t.stride()))
+
+
+def hinted(*tensors) -> bool:
+    """The (non-None) tensors' rows may be counted by a symbol with a hint (dynamic shapes: one graph for many
+    lengths; the hint is the length being traced), every other size is a plain int, and every stride is either.
+    The config is then the hint's, with T guarded into the hint's band (lowering/dispatch.config_tokens), and the
+    grids and buffers are expressions of the symbol. Unbacked symbols (data-dependent sizes) have no hint."""
+
+    def known(s) -> bool:
+        return isinstance(s, int) or s.node.has_hint()
+
+    return all(
+        known(t.shape[0]) and all(isinstance(s, int) for s in t.shape[1:]) and all(known(s) for s in t.stride())
+        for t in tensors if t is not None and t.dim()
+    )
 
 
 def register(opdef, inlinable: Callable[..., bool], run: Callable):

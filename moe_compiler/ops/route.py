@@ -51,7 +51,7 @@ def _(*tensors, **spec):
 
 
 inline.register(
-    route, lambda *tensors, **spec: inline.static(*tensors) and dispatch.route_inlinable(tensors[0]), _forward
+    route, lambda *tensors, **spec: inline.hinted(*tensors) and dispatch.route_inlinable(tensors[0]), _forward
 )
 
 

@@ -32,6 +32,16 @@ def test_cpu_selection_by_alignment():
     assert dispatch.select(hidden, w1, w2) is LoopMM
 
 
+def test_token_bands_cover_every_length_once_and_a_plain_count_is_its_own_config_point():
+    from moe_compiler.lowering import triton_config
+
+    bands = [triton_config.band(T) for T in range(1, 20000)]
+    assert sorted(set(bands)) == [(1, 16), (17, 256), (257, 4096), (4097, None)]
+    assert all(lo <= T and (hi is None or T <= hi) for T, (lo, hi) in enumerate(bands, start=1))
+    # (a symbolic count gives its hint and its band's end: tests/ops/test_inline.py traces it)
+    assert dispatch.config_tokens(300) == (300, 300)
+
+
 def test_decode_kernels_take_only_small_shared_mlps():
     """dispatch.SHARED_IN_KERNEL_MAX_BYTES: in the kernels where it measured faster (Qwen3-Next's 6 MB shared
     MLP), cuBLAS in the op where it did not (DeepSeek-V3's 88 MB)."""

@@ -48,7 +48,10 @@ configs["cutlass"] = CutlassConfig(0)
 if "{path}" == "cutlass":  # csrc/'s GEMMs taken (nothing built: traced only)
     cutlass.runs = lambda *a: True
     cutlass.load = lambda: None
-dispatch.triton_config_for = lambda *a: configs["{path}"]
+dispatch._config_for = lambda *key: configs["{path}"]  # (beneath triton_config_for's rules for symbolic T)
+if {symbolic_max_flop} is not None:
+    dispatch.INLINE_SYMBOLIC_MAX_FLOP = {symbolic_max_flop}
+device.index = lambda t: 0
 graphs = []
 def fw(gm, example_inputs):
     graphs.append(gm)
@@ -56,7 +59,8 @@ def fw(gm, example_inputs):
 # split: GPT-OSS's layout (transposed, interleaved, biases), whose GEMVs take the paired and split forms
 gpt_oss = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
 spec = gpt_oss if "{path}" == "split" else ExpertsSpec()
-h, ids, w, wgu, wd, bgu, bd = experts_inputs(3, 32, 64 if "{path}" == "split" else 16, 8, 2, torch.float32, spec,
+I = 64 if "{path}" == "split" else 16
+h, ids, w, wgu, wd, bgu, bd = experts_inputs(3, 32, I, 8, 2, torch.float32, spec,
                                             bias=spec.transposed, seed=0)[:7]
 logits = torch.randn(3, 8)
 if {train}:  # a training graph: AOTAutograd traces the joint forward + backward, then partitions it
@@ -67,10 +71,25 @@ def f(h, ids, w, wgu, wd, logits):
     if "{path}" == "routed":  # the experts call takes the route's own outputs: the route runs in its gate_up GEMV
         return moe_compiler.moe_experts(h, chosen, weights, wgu, wd, bgu, bd, spec=spec)
     return moe_compiler.moe_experts(h, ids, w, wgu, wd, bgu, bd, spec=spec) + weights.sum() + chosen.sum()
+if "{dynamic}" == "tokens":  # only the token count symbolic, as in a model whose prompts vary in length
+    for t in (h, ids, w, logits):
+        torch._dynamo.mark_dynamic(t, 0)
+dynamic = {dynamic} if "{dynamic}" != "tokens" else None
+compiled = torch.compile(f, backend=aot_autograd(fw_compiler=fw), dynamic=dynamic)
 try:
-    torch.compile(f, backend=aot_autograd(fw_compiler=fw), dynamic={dynamic})(h, ids, w, wgu, wd, logits)
+    compiled(h, ids, w, wgu, wd, logits)
 except SystemExit:
     pass
+for T in {lengths}:  # more calls, each of T tokens: how many graphs the lengths take
+    h, ids, w = experts_inputs(T, 32, I, 8, 2, torch.float32, spec, bias=spec.transposed, seed=T)[:3]
+    logits = torch.randn(T, 8)
+    for t in (h, ids, w, logits):
+        torch._dynamo.mark_dynamic(t, 0)
+    try:
+        compiled(h, ids, w, wgu, wd, logits)
+    except SystemExit:
+        pass
+    print("GRAPHS", T, len(graphs))
 code = graphs[0].code
 print("KERNELS", code.count("triton_kernel_wrapper_functional("))
 print("OPS", code.count("moe_compiler.experts"), code.count("moe_compiler.route"))
@@ -78,10 +97,11 @@ print("TMA", "'W_TMA': True" in code)
 print("CUTLASS", code.count("moe_compiler.cutlass_grouped_mm.default("))
 print("SAVED", len(graphs[0].graph.find_nodes(op="output")[0].args[0]) - 1)  # outputs beyond f's own
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-# per launch: the kernel and whether it routes (its ROUTE constexpr, '-' where it has none)
-print("LAUNCHES", *([f"{{kernel_side_table.get_kernel(n.kwargs['kernel_idx']).fn.__name__}}:"
-                     f"{{n.kwargs['kwargs'].get('ROUTE', '-')}}" for n in launches] or ["."]))
+for name, graph in (("LAUNCHES", graphs[0]), ("LAST_LAUNCHES", graphs[-1])):
+    launches = [n for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    # per launch: the kernel and whether it routes (its ROUTE constexpr, '-' where it has none)
+    print(name, *([f"{{kernel_side_table.get_kernel(n.kwargs['kernel_idx']).fn.__name__}}:"
+                   f"{{n.kwargs['kwargs'].get('ROUTE', '-')}}" for n in launches] or ["."]))
 {cloned}
 """
 
@@ -120,25 +140,30 @@ print("NONFINITE", len(nonfinite), *nonfinite)
 """
 
 
-def _trace(path: str, inline: str = "1", dynamic: bool = False, train: bool = False, export: bool = False,
-           route_in_gemv: str = "0") -> dict:
+def _trace(path: str, inline: str = "1", dynamic: bool | str = False, train: bool = False, export: bool = False,
+           route_in_gemv: str = "0", lengths: tuple = (), symbolic_max_flop: float | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOE_COMPILER_ROUTE_IN_GEMV")}
     env["MOE_COMPILER_INLINE"] = inline
     if route_in_gemv != "0":
         env["MOE_COMPILER_ROUTE_IN_GEMV"] = route_in_gemv
     code = textwrap.dedent(TRACE).format(path=path, dynamic=dynamic, train=train, export=export,
-                                         sm90_driver=SM90_DRIVER, cloned=CLONED)
+                                         sm90_driver=SM90_DRIVER, cloned=CLONED, lengths=lengths,
+                                         symbolic_max_flop=symbolic_max_flop)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line[:1].isupper())
+    graphs = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("GRAPHS ")]
     if "NONFINITE" in lines:  # every traced graph with recorded kernels: their float scalars must be finite
         assert lines["NONFINITE"] == "0", f"recorded kernels with non-finite float scalars: {lines['NONFINITE']}"
     ops = tuple(map(int, lines["OPS"].split()))
     out = {"kernels": int(lines["KERNELS"]), "ops": ops, "tma": lines["TMA"] == "True", "cloned": lines["CLONED"]}
     if path == "cutlass":
         out["cutlass"] = int(lines["CUTLASS"])
-    if path == "routed":
+    if path == "routed" or lengths:
         out["launches"] = lines.get("LAUNCHES", "")
+    if lengths:  # the number of graphs compiled once each length has run, and the last graph's launches
+        out["graphs"] = {int(T): int(n) for T, n in graphs}
+        out["last_launches"] = lines["LAST_LAUNCHES"]
     return {**out, "saved": int(lines["SAVED"])} if train else out
 
 
@@ -200,9 +225,43 @@ def test_export_keeps_the_ops_whole():
     assert _trace("decode", export=True) == {"kernels": 0, "ops": (1, 1), "tma": False, "cloned": "0"}
 
 
-def test_symbolic_sizes_keep_the_ops_opaque():
-    # dynamic shapes: the config lookup would need a concrete T; the op stays one node
+def test_symbolic_sizes_other_than_the_token_count_keep_the_ops_opaque():
+    # dynamic=True makes every size symbolic, the experts' and the weights' too: the config and the kernels'
+    # constexprs would have to guard each one; the ops stay one node each
     assert _trace("decode", dynamic=True) == {"kernels": 0, "ops": (1, 1), "tma": False, "cloned": "0"}
+
+
+@pytest.mark.parametrize("path, kernels, train", [("decode", 3, False), ("sorted", 5, False), ("cutlass", 5, False),
+                                                  ("sorted", 5, True)])
+def test_symbolic_token_count_records_the_launches(path, kernels, train):
+    # prompts of varying length: Dynamo compiles T as a symbol (marked dynamic here; automatic dynamic shapes do it
+    # from the second length on); the calls still become their launches, grids and buffers expressions of T (a
+    # training forward too)
+    traced = _trace(path, dynamic="tokens", train=train)
+    assert traced.pop("cutlass", 2) == 2
+    traced.pop("saved", None)
+    assert traced == {"kernels": kernels, "ops": (0, 0), "tma": False, "cloned": "0"}
+
+
+def test_symbolic_token_count_of_long_gemms_keeps_the_op_opaque_without_band_guards():
+    # GEMMs longer than the op's host path at the traced length (here: any): the experts call stays the op, which
+    # takes any length, so no band guard splits the lengths (the route, one launch, is recorded all the same)
+    traced = _trace("sorted", dynamic="tokens", lengths=(17, 300, 5000), symbolic_max_flop=0)
+    assert traced["graphs"] == {17: 1, 300: 1, 5000: 1}
+    assert (traced["kernels"], traced["ops"]) == (1, (1, 0))
+
+
+def test_symbolic_token_count_compiles_once_per_band_and_leaves_decode_where_the_band_outgrows_it():
+    # the first graph (T = 3, a decode config) serves the lengths of its band [1, 16] and no other; each later band
+    # compiles once (triton_config.T_BANDS), whatever the lengths within it; the unbounded band past 4096 cannot
+    # take the decode kernels (at most MAX_PAIRS pairs): that graph runs the sorted path (align, two GEMMs, combine)
+    traced = _trace("decode", dynamic="tokens", lengths=(5, 16, 17, 250, 256, 257, 4096, 4097, 9000))
+    assert traced["graphs"] == {5: 1, 16: 1, 17: 2, 250: 2, 256: 2, 257: 3, 4096: 3, 4097: 4, 9000: 4}
+    assert traced["launches"] == "_route_kernel:- _gate_up_gemv_kernel:False _down_gemv_combine_kernel:-"
+    assert traced["last_launches"].split() == [
+        "_route_kernel:-", "_count_kernel:-", "_offsets_kernel:-", "_scatter_kernel:-",
+        "_gate_up_kernel:-", "_down_kernel:-", "_combine_kernel:-",
+    ]
 
 
 def test_bad_switch_value_is_a_clear_error(monkeypatch):
@@ -263,7 +322,7 @@ def test_quantized_call_becomes_its_launches(inline, T, cutlass, expected):
         env["MOE_COMPILER_CUTLASS"] = "1"
     code = QUANTIZED.format(T=T, sm90_driver=SM90_DRIVER, cloned=CLONED, cutlass=cutlass)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
     assert expected in proc.stdout, proc.stdout
 
 
@@ -308,6 +367,42 @@ def test_compiled_block_with_recorded_launches_equals_eager(arch, T, monkeypatch
     assert "_gate_up" in code  # our kernels, named in Inductor's code
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "experts" in n)
     assert recorded < opaque_bytes + experts / 2, (recorded, opaque_bytes, experts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_prompts_of_varying_length_record_their_launches_and_equal_eager(arch):
+    """Prompts of many lengths through one compiled model (Dynamo's automatic dynamic shapes: from the second
+    length on the length is a symbol): each length's logits equal eager, the graphs launch our kernels with the
+    length symbolic (no call of the op), and lengths of one band share a graph (triton_config.T_BANDS)."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+
+    from moe_compiler.testing import rel_err
+    from moe_compiler.testing.hf_models import tiny_model
+
+    torch._dynamo.reset()
+    # fp32: bf16 logits put near-tied experts a rounding apart, and a tie broken the other way (DeepSeek-V3's
+    # grouped sigmoid routing at T = 7, say) moves the logits by more than any kernel error would
+    model = tiny_model(arch, dtype=torch.float32).cuda()
+    compiled = torch.compile(model, backend="fused_moe")
+    codes: dict[int, list] = {}
+    # Inductor's code of each compile, by the length that caused it (run_and_get_code would reset Dynamo, and
+    # with it the automatic dynamic shapes under test; the FX graph cache would skip the code generation)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+            mock.patch.object(GraphLowering, "save_output_code", lambda code: codes[T].append(code)):
+        for T in (7, 40, 90, 200, 300, 1000):
+            codes[T] = []
+            ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
+            ref = model(input_ids=ids).logits.float()
+            out = compiled(input_ids=ids).logits.float()
+            assert rel_err(out, ref) <= 1e-4, (T, rel_err(out, ref))
+    # 7: static; 40: the first symbolic graph (band 17-256), serving 90 and 200 too; 300: band 257-4096, and 1000
+    assert [T for T, code in codes.items() if code] == [7, 40, 300]
+    for T in (40, 300):
+        code = "\n".join(codes[T])
+        assert "torch.ops.moe_compiler" not in code and "_gate_up" in code, T
 
 
 @pytest.mark.gpu
