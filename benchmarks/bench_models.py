@@ -315,7 +315,7 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
                 points.append((f"decode B={B}", mode, torch.randint(0, V, (B, 1), device="cuda", generator=gen), 50))
     if "prefill-dynamic" in parts:
         # prompts of varying length, as an evaluation run sends them: two other lengths first, so the length is a
-        # symbol by the timed one (automatic dynamic shapes: ops/inline.py, dispatch.config_tokens)
+        # symbol by the timed one (automatic dynamic shapes: ops/inline.py, triton_config.config_tokens)
         for T in (512, 2048):
             lengths = (T - 96, T - 32)
             warm = tuple(torch.randint(0, V, (1, t), device="cuda", generator=gen) for t in lengths)

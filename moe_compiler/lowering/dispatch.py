@@ -64,7 +64,7 @@ def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = Fa
     hidden's GPU (`transposed`: the weights' layout, for the untuned default)."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    hint, highest = config_tokens(T)
+    hint, highest = triton_config.config_tokens(T)
     key = (device.index(hidden), hidden.dtype, w_gate_up.shape[0], k, H, I, hint, transposed,
            triton_config.autotune_enabled())
     config = _CONFIGS.get(key)  # per call it is host time on the critical path of small T
@@ -76,23 +76,6 @@ def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = Fa
         # a symbolic T whose band reaches past what the decode kernels take
         config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], k, hint)
     return config
-
-
-def config_tokens(T) -> tuple[int, int | None]:
-    """(the token count a config is looked up for, the highest T the traced call may see, None: unbounded). T
-    itself for a plain int. A symbolic T (dynamic shapes) gives its hint, the length being traced, and is guarded
-    into the hint's band (triton_config.T_BANDS): the compiled graph then serves only lengths of that band, and
-    Dynamo recompiles for a length outside it."""
-    if isinstance(T, int):
-        return T, T
-    from torch.fx.experimental.symbolic_shapes import guard_bool
-
-    hint = int(T.node.hint)
-    lo, hi = triton_config.band(hint)
-    # (each comparison holds at the hint; guard_bool records it as a guard of the compiled frame)
-    if not (guard_bool(T >= lo) and (hi is None or guard_bool(T <= hi))):
-        raise AssertionError(f"moe_compiler: the hint {hint} lies outside its own band [{lo}, {hi}]")
-    return hint, hi
 
 
 def _decode_max_pairs() -> int:
@@ -197,6 +180,12 @@ INLINE_TMA_MAX_PAIRS = 1024
 INLINE_SYMBOLIC_MAX_FLOP = 5e11
 
 
+def long_at_symbolic_count(T, k: int, H: int, I: int) -> bool:
+    """A symbolic token count whose expert GEMMs at the traced length pass INLINE_SYMBOLIC_MAX_FLOP (the call then
+    stays opaque); False for a plain int."""
+    return not isinstance(T, int) and 6 * int(T.node.hint) * k * H * I > INLINE_SYMBOLIC_MAX_FLOP
+
+
 def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> bool:
     """Whether a traced experts call of these shapes (static, or a symbolic token count: inline.hinted) runs
     Triton kernels that can be recorded."""
@@ -206,7 +195,7 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     if T == 0 or k == 0:
         return True
     I = spec.intermediate(w_down)
-    if not isinstance(T, int) and 6 * int(T.node.hint) * k * hidden.shape[1] * I > INLINE_SYMBOLIC_MAX_FLOP:
+    if long_at_symbolic_count(T, k, hidden.shape[1], I):
         return False  # (before the config lookup: an opaque call needs no band guard)
     config = triton_config_for(hidden, topk_ids, w_gate_up, I, spec.transposed)
     impl = _library_mm(hidden, w_gate_up, w_down, config)
@@ -214,7 +203,8 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
         return issubclass(impl, cutlass.CutlassMM)  # torch._grouped_mm's path stays one opaque call
     if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS):
         return False  # a library entry the library cannot take: the sorted default stands in, kept opaque
-    return config.path is triton_config.Path.DECODE or not config.tma or config_tokens(T)[0] * k <= INLINE_TMA_MAX_PAIRS
+    tokens = triton_config.config_tokens(T)[0]
+    return config.path is triton_config.Path.DECODE or not config.tma or tokens * k <= INLINE_TMA_MAX_PAIRS
 
 
 def _library_mm(hidden, w_gate_up, w_down, config):

@@ -77,7 +77,7 @@ def route_of(weights, ids):
 
 def upper_bound(n) -> int | None:
     """The largest value a size can take in the graph being traced: n for a plain int; for a symbolic size
-    (dynamic shapes) the upper end of its range — dispatch.config_tokens has guarded the token count into a band,
+    (dynamic shapes) the upper end of its range — triton_config.config_tokens has guarded the token count into a band,
     so sizes derived from it are bounded too — or None where it is unbounded. Host-side choices that shape the
     recorded launches (a constexpr, one launch or three) are made from it, so that they hold for every size the
     graph serves instead of adding guards of their own."""

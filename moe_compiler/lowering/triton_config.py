@@ -96,6 +96,23 @@ def band(T: int) -> tuple[int, int | None]:
     return lo, None
 
 
+def config_tokens(T) -> tuple[int, int | None]:
+    """(the token count a config is looked up for, the highest T the traced call may see, None: unbounded). T
+    itself for a plain int. A symbolic T (dynamic shapes) gives its hint, the length being traced, and is guarded
+    into the hint's band (T_BANDS): the compiled graph then serves only lengths of that band, and Dynamo
+    recompiles for a length outside it."""
+    if isinstance(T, int):
+        return T, T
+    from torch.fx.experimental.symbolic_shapes import guard_bool
+
+    hint = int(T.node.hint)
+    lo, hi = band(hint)
+    # (each comparison holds at the hint; guard_bool records it as a guard of the compiled frame)
+    if not (guard_bool(T >= lo) and (hi is None or guard_bool(T <= hi))):
+        raise AssertionError(f"moe_compiler: the hint {hint} lies outside its own band [{lo}, {hi}]")
+    return hint, hi
+
+
 # Launch options of the kernels that check topk_ids: Triton compiles tl.device_assert only in debug mode,
 # and debug mode would also add integer-overflow checks to all index math; with them off, the id check is
 # the only assert. On the GPU a bad id then fails the launch loudly ("device-side assert triggered", the

@@ -12,7 +12,7 @@ import triton
 
 from ..spec import QuantizedExpertsSpec, WeightFormat
 from . import cutlass, device
-from .triton_config import decode_suits
+from .triton_config import config_tokens, decode_suits
 
 ACT_GROUP = 128  # columns per activation scale under w8a8 (transformers' and DeepSeek's 1 x 128)
 
@@ -129,8 +129,10 @@ def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsS
                    weights: tuple[torch.Tensor, ...] | None = None) -> QuantizedConfig:
     """Untuned tiles: the bf16 op's choice of path (triton_config.decode_suits), tiles from the H200 sweeps of
     probe_quantized_tiles (NOTES.md, quantized tiles). With the call's `weights` (w_gate_up, its scales, w_down,
-    its scales) the FP8 sorted path may take the CUTLASS GEMMs (cutlass_fp8_config)."""
-    T = hidden.shape[0]
+    its scales) the FP8 sorted path may take the CUTLASS GEMMs (cutlass_fp8_config). A symbolic token count takes
+    the config of its hint, guarded into the hint's band (triton_config.config_tokens; the quantized decode
+    kernels take any count, so no band bounds the GEMVs)."""
+    T = config_tokens(hidden.shape[0])[0]
     if is_int4(spec):
         return _default_int4(T, E, k, I, decode_suits(T, k, E) or int4_gemvs_suit(T, k, E))
     block_k = step_k(spec.scale_block_k)

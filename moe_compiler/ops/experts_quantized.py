@@ -52,15 +52,19 @@ def _(*tensors, **spec):
 
 
 def _inlinable(*tensors, **spec) -> bool:
-    # Sizes only (see experts.py): a traced call with static shapes records its launches (and its CUTLASS GEMMs as
-    # calls of their op: cutlass.py) — unless its Triton config loads by TMA (host descriptors cannot be recorded
-    # outside Dynamo: dispatch.py).
+    # Sizes only (see experts.py): a traced call with static shapes, or a symbolic token count (inline.hinted), records
+    # its launches (and its CUTLASS GEMMs as calls of their op: cutlass.py) — unless its Triton config loads by TMA
+    # (host descriptors cannot be recorded outside Dynamo: dispatch.py) or its GEMMs are long at a symbolic count.
     t = QuantizedTensors(*tensors)
-    if not (inline.static(*t) and device.uses_triton(t.hidden)):
+    weights = (t.w_gate_up, t.w_gate_up_scale, t.w_down, t.w_down_scale)
+    if not (inline.static(*weights) and inline.hinted(*t) and device.uses_triton(t.hidden)):
         return False
     from ..lowering import triton_quantized, triton_quantized_config
 
     qspec = make_spec(QuantizedExpertsSpec, spec)
+    if dispatch.long_at_symbolic_count(t.topk_ids.shape[0], t.topk_ids.shape[1], t.hidden.shape[1],
+                                       t.w_gate_up.shape[1] // 2):
+        return False  # (dispatch.INLINE_SYMBOLIC_MAX_FLOP; before the config lookup, which guards)
     config = triton_quantized_config.default_config(
         t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec, I=t.w_gate_up.shape[1] // 2,
         weights=(t.w_gate_up, t.w_gate_up_scale, t.w_down, t.w_down_scale))

@@ -41,16 +41,16 @@ def static(*tensors) -> bool:
 
 
 def hinted(*tensors) -> bool:
-    """The (non-None) tensors' rows may be counted by a symbol with a hint (dynamic shapes: one graph for many
-    lengths; the hint is the length being traced), every other size is a plain int, and every stride is either.
-    The config is then the hint's, with T guarded into the hint's band (lowering/dispatch.config_tokens), and the
+    """The (non-None) tensors' rows may be counted by symbols with hints (dynamic shapes: one graph for many lengths;
+    a hint is the length being traced), their last size (features) is a plain int, and every stride is either. The
+    config is then the hint's, with T guarded into the hint's band (lowering/triton_config.config_tokens), and the
     grids and buffers are expressions of the symbol. Unbacked symbols (data-dependent sizes) have no hint."""
 
     def known(s) -> bool:
         return isinstance(s, int) or s.node.has_hint()
 
     return all(
-        known(t.shape[0]) and all(isinstance(s, int) for s in t.shape[1:]) and all(known(s) for s in t.stride())
+        all(known(s) for s in (*t.shape[:-1], *t.stride())) and isinstance(t.shape[-1], int)
         for t in tensors if t is not None and t.dim()
     )
 

@@ -60,8 +60,10 @@ def _(*tensors, **spec):
 
 
 def _inlinable(*tensors, **spec) -> bool:
+    # (a symbolic row count, inline.hinted, splits the tiles at 16 rows by a guard of its own)
     t = QuantizedLinearTensors(*tensors)
-    return inline.static(*t) and device.uses_triton(t.x)
+    weights = (t.weight, t.weight_scale, t.bias)
+    return inline.static(*weights) and inline.hinted(*t) and device.uses_triton(t.x)
 
 
 inline.register(linear_quantized, _inlinable, lambda *tensors, **spec: forward(*bind(tensors, spec)))

@@ -39,7 +39,7 @@ def test_token_bands_cover_every_length_once_and_a_plain_count_is_its_own_config
     assert sorted(set(bands)) == [(1, 16), (17, 256), (257, 4096), (4097, None)]
     assert all(lo <= T and (hi is None or T <= hi) for T, (lo, hi) in enumerate(bands, start=1))
     # (a symbolic count gives its hint and its band's end: tests/ops/test_inline.py traces it)
-    assert dispatch.config_tokens(300) == (300, 300)
+    assert triton_config.config_tokens(300) == (300, 300)
 
 
 def test_decode_kernels_take_only_small_shared_mlps():

@@ -286,17 +286,23 @@ if {cutlass}:  # the GEMMs on csrc/'s FP8 grouped GEMM (MOE_COMPILER_CUTLASS=1):
     from moe_compiler.lowering import cutlass
     cutlass.fp8_runs = lambda *a, **kw: True
     cutlass.load = lambda: None
-args, _ = quantized_experts_inputs({T}, 32, 16, 8, 2, torch.float32, 16, 16, torch.float8_e8m0fnu)
 graphs = []
 def fw(gm, example_inputs):
     graphs.append(gm)
     return lambda *a: (_ for _ in ()).throw(SystemExit(0))
 def f(*a):
     return torch.ops.moe_compiler.experts_quantized(*a, scale_block_n=16, scale_block_k=16)
-try:
-    torch.compile(f, backend=aot_autograd(fw_compiler=fw))(*args)
-except SystemExit:
-    pass
+compiled = torch.compile(f, backend=aot_autograd(fw_compiler=fw))
+for T in ({T}, *{lengths}):  # with lengths: the token count symbolic (hidden, ids, weights marked dynamic)
+    args, _ = quantized_experts_inputs(T, 32, 16, 8, 2, torch.float32, 16, 16, torch.float8_e8m0fnu)
+    if {lengths}:
+        for t in args[:3]:
+            torch._dynamo.mark_dynamic(t, 0)
+    try:
+        compiled(*args)
+    except SystemExit:
+        pass
+    print("GRAPHS", T, len(graphs))
 code = graphs[0].code
 print("KERNELS", code.count("triton_kernel_wrapper_functional("), "OPS", code.count("moe_compiler.experts_quantized"))
 print("CUTLASS", code.count("moe_compiler.cutlass_grouped_mm_fp8.default("))
@@ -316,14 +322,72 @@ def test_quantized_call_becomes_its_launches(inline, T, cutlass, expected):
     # input). The e8m0 scales are read as bytes through a view. On CUTLASS (cutlass_fp8.py): align (one launch),
     # the row quantizer, the sorted copy of rows and of scales, act + quantize, combine — and the two GEMMs as
     # calls of their op (cutlass.py), none of the experts op.
+    out = _trace_quantized(inline, T, cutlass)
+    assert expected in out, out
+
+
+@pytest.mark.parametrize("cutlass,expected", [(False, "KERNELS 4 OPS 0\nCUTLASS 0"),
+                                              (True, "KERNELS 6 OPS 0\nCUTLASS 2")])
+def test_quantized_call_with_a_symbolic_token_count_records_its_launches_once_per_band(cutlass, expected):
+    # as the bf16 op (test_symbolic_token_count_compiles_once_per_band...): the same launches as at a static T = 3,
+    # one graph per band (2-16, 17-256, 257-4096) whatever the lengths within it
+    out = _trace_quantized("1", 3, cutlass, lengths=(5, 16, 17, 300))
+    assert expected in out, out
+    graphs = [line.split()[1:] for line in out.splitlines() if line.startswith("GRAPHS ")]
+    assert graphs == [["3", "1"], ["5", "1"], ["16", "1"], ["17", "2"], ["300", "3"]]
+
+
+def _trace_quantized(inline: str, T: int, cutlass: bool, lengths: tuple = ()) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOE_COMPILER_CUTLASS")}
     env["MOE_COMPILER_INLINE"] = inline
     if cutlass:
         env["MOE_COMPILER_CUTLASS"] = "1"
-    code = QUANTIZED.format(T=T, sm90_driver=SM90_DRIVER, cloned=CLONED, cutlass=cutlass)
+    code = QUANTIZED.format(T=T, sm90_driver=SM90_DRIVER, cloned=CLONED, cutlass=cutlass, lengths=lengths)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
-    assert expected in proc.stdout, proc.stdout
+    return proc.stdout
+
+
+LINEAR = """
+import torch
+from torch._dynamo.backends.common import aot_autograd
+import moe_compiler
+from moe_compiler.lowering import device
+from moe_compiler.testing.quantized import quantize_fp8_blocks
+
+device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+{sm90_driver}
+q, s = quantize_fp8_blocks(torch.randn(40, 64), 16, 32)
+graphs = []
+def fw(gm, example_inputs):
+    graphs.append(gm)
+    return lambda *a: (_ for _ in ()).throw(SystemExit(0))
+def f(x):
+    return torch.ops.moe_compiler.linear_quantized(x, q, s, None, scale_block_n=16, scale_block_k=32)
+compiled = torch.compile(f, backend=aot_autograd(fw_compiler=fw))
+for S in (3, 5, 16, 17, 300):  # the sequence length symbolic (marked dynamic) in [1, S, K] activations
+    x = torch.randn(1, S, 64)
+    torch._dynamo.mark_dynamic(x, 1)
+    try:
+        compiled(x)
+    except SystemExit:
+        pass
+    print("GRAPHS", S, len(graphs))
+print("KERNELS", graphs[0].code.count("triton_kernel_wrapper_functional("), "OPS",
+      graphs[0].code.count("moe_compiler.linear_quantized"))
+"""
+
+
+def test_quantized_linear_with_a_symbolic_length_records_its_launch():
+    # FP8 linears of a prompt of varying length: one recorded GEMM launch, the row tiles split at 16 rows by a guard
+    # (two graphs: up to 16 rows, and above), the op's own choice
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = LINEAR.format(sm90_driver=SM90_DRIVER)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
+    graphs = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("GRAPHS ")]
+    assert graphs == [["3", "1"], ["5", "1"], ["16", "1"], ["17", "2"], ["300", "2"]]
+    assert "KERNELS 1 OPS 0" in proc.stdout, proc.stdout
 
 
 # --- GPU: the recorded launches through Inductor ------------------------------------------------------------
@@ -402,7 +466,37 @@ def test_prompts_of_varying_length_record_their_launches_and_equal_eager(arch):
     assert [T for T, code in codes.items() if code] == [7, 40, 300]
     for T in (40, 300):
         code = "\n".join(codes[T])
-        assert "torch.ops.moe_compiler" not in code and "_gate_up" in code, T
+        assert "torch.ops.moe_compiler.experts" not in code and "_gate_up" in code, T
+
+
+@pytest.mark.gpu
+def test_fp8_experts_with_prompts_of_varying_length_record_their_launches_and_equal_eager():
+    """The same for transformers' FP8Experts (experts_quantized): the compiled model's logits equal the eager
+    model's (the op called eagerly), one graph per band, no call of the op in the symbolic graphs."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+
+    from moe_compiler.testing import rel_err
+    from moe_compiler.testing.quantized import fp8_experts_model
+
+    torch._dynamo.reset()
+    model, _ = fp8_experts_model("qwen3_moe", (32, 32))  # fp32 activations (no near-tied routes), FP8 weights
+    model = model.cuda()
+    compiled = torch.compile(model, backend="fused_moe")
+    codes: dict[int, list] = {}
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+            mock.patch.object(GraphLowering, "save_output_code", lambda code: codes[T].append(code)):
+        for T in (7, 40, 90, 300):
+            codes[T] = []
+            ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
+            ref = model(input_ids=ids).logits.float()
+            out = compiled(input_ids=ids).logits.float()
+            assert rel_err(out, ref) <= 1e-4, (T, rel_err(out, ref))
+    assert [T for T, code in codes.items() if code] == [7, 40, 300]
+    for T in (40, 300):
+        code = "\n".join(codes[T])
+        assert "torch.ops.moe_compiler.experts" not in code and "_gate_up" in code, T
 
 
 @pytest.mark.gpu
