@@ -1,15 +1,16 @@
-"""Probe: the experts ops' CUTLASS paths recorded inside torch.compile (ops/inline.py; the GEMMs as calls of
-cutlass.py's ops, the glue as Inductor's own launches) against the same compiled call kept opaque
-(MOE_COMPILER_INLINE=0: the experts op's layer, checks and Python launches on every call) and the eager op.
-NOTES.md "session 22".
+"""Probe: the experts ops recorded inside torch.compile (ops/inline.py: the Triton launches as Inductor's own,
+CUTLASS GEMMs as calls of cutlass.py's ops) against the same compiled call kept opaque (MOE_COMPILER_INLINE=0: the
+experts op's layer, checks and Python launches on every call) and the eager op. NOTES.md "session 22".
 
     python -m benchmarks.probes.probe_recorded [--shapes qwen3_30b_a3b qwen3_235b_a22b deepseek_v3]
-        [--tokens 4096] [--models qwen3_235b_a22b] [--fp8]
+        [--tokens 4096] [--models qwen3_235b_a22b] [--fp8] [--kernels]
 
-Per shape and T, bf16 and FP8 (128 x 128 block scales): host µs per call (the GPU kept busy, probe_host.host_us),
-µs per call from a cold L2 with the call's host time exposed (Timer.eager: what an opaque call costs where the host
-does not run ahead), and the GPU time alone (the eager op under a CUDA graph). Then, per model (--models, 2 layers,
-bf16 or with --fp8 its experts in FP8), prefill 1 x 4096 with fused_moe recorded vs opaque, timed interleaved.
+Per shape and T, bf16 and FP8 (128 x 128 block scales), for the eager op and three compiled calls (opaque,
+recorded, recorded with the token count symbolic, NOTES "session 23"): host µs per call (the GPU kept busy,
+probe_host.host_us), µs per call from a cold L2 with the call's host time exposed (Timer.eager: what an opaque call
+costs where the host does not run ahead), and the GPU time alone (each under a CUDA graph; --kernels: per kernel).
+Then, per model (--models, 2 layers, bf16 or with --fp8 its experts in FP8), prefill 1 x 4096 with fused_moe
+recorded vs opaque, timed interleaved.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch._functorch.config
 import torch._inductor.config
 from torch._dynamo.utils import counters
 
-from moe_compiler.lowering import cutlass
+from moe_compiler.lowering import cutlass, dispatch
 from moe_compiler.lowering.triton_quantized_config import default_config
 from moe_compiler.ops import inline
 from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec
@@ -33,21 +34,31 @@ from ..bench_quantized import fp8_weights
 from .probe_host import host_us
 
 
-def compiled_under(inline_on: bool, call, args):
+def compiled_under(inline_on: bool, call, args, symbolic: bool = False):
     """torch.compile(call) bound to args, traced now with launches recorded or the op kept opaque. Each variant is
-    its own function object and code object, so Dynamo traces each apart."""
+    its own function object and code object, so Dynamo traces each apart. `symbolic`: the token count compiled as
+    a symbol (the row-carrying inputs marked dynamic, as prompts of varying length make it), recorded whatever
+    dispatch.INLINE_SYMBOLIC_MAX_FLOP says (the probe times what recording costs)."""
     os.environ[inline.INLINE_ENV] = "1" if inline_on else "0"
-    fn = torch.compile(call, dynamic=False)
-    graphs = counters["stats"]["unique_graphs"]
-    with torch.no_grad():
-        fn(*args)
-    os.environ.pop(inline.INLINE_ENV)
+    if symbolic:
+        args = (*(a.clone() for a in args[:3]), *args[3:])  # (the marks stay on the tensors: fresh ones)
+        for a in args[:3]:
+            torch._dynamo.mark_dynamic(a, 0)
+    fn = torch.compile(call, dynamic=None if symbolic else False)
+    graphs, max_flop = counters["stats"]["unique_graphs"], dispatch.INLINE_SYMBOLIC_MAX_FLOP
+    dispatch.INLINE_SYMBOLIC_MAX_FLOP = float("inf")
+    try:
+        with torch.no_grad():
+            fn(*args)
+    finally:
+        dispatch.INLINE_SYMBOLIC_MAX_FLOP = max_flop
+        os.environ.pop(inline.INLINE_ENV)
     if counters["stats"]["unique_graphs"] == graphs:
         raise RuntimeError("a compiled variant reused another's trace")
     return lambda: fn(*args)
 
 
-def op_rows(shapes, tokens, timer):
+def op_rows(shapes, tokens, timer, kernels: bool = False):
     rows = []
     for name in shapes:
         E, k, H, I = ALL_SHAPES[name]
@@ -66,7 +77,8 @@ def op_rows(shapes, tokens, timer):
                 eager = lambda op=op, args=args, kw=kw: op(*args, **kw)  # noqa: E731
                 variants = {"eager": eager,
                             "opaque": compiled_under(False, lambda *a, op=op, kw=kw: op(*a, **kw), args),
-                            "recorded": compiled_under(True, lambda *a, op=op, kw=kw: op(*a, **kw), args)}
+                            "recorded": compiled_under(True, lambda *a, op=op, kw=kw: op(*a, **kw), args),
+                            "symbolic": compiled_under(True, lambda *a, op=op, kw=kw: op(*a, **kw), args, True)}
                 row = {"shape": name, "T": T, "fmt": fmt}
                 if fmt == "fp8":
                     row["cutlass"] = default_config(x, E, k, QuantizedExpertsSpec(), I=I,
@@ -77,7 +89,13 @@ def op_rows(shapes, tokens, timer):
                         row[f"{v}_err"] = rel_err(fn().float(), ref)
                         row[f"{v}_host_us"] = host_us(lambda fn=fn: fn())
                         row[f"{v}_eager_us"] = timer.eager(lambda fn=fn: fn()) * 1e6
-                    row["graph_us"] = timer.graph(eager, calls=3) * 1e6
+                        row[f"{v}_graph_us"] = timer.graph(fn, calls=3) * 1e6  # the GPU's time alone
+                        if kernels:  # where that time goes, per kernel (profiler)
+                            row[f"{v}_kernels"] = [{"us": us, "launches": n, "kernel": kernel}
+                                                   for us, n, kernel in harness.kernel_times(fn)]
+                            print("\n".join(f"    {v} kernel {k['us']:9.1f} us x{k['launches']} {k['kernel'][:80]}"
+                                            for k in row[f"{v}_kernels"]), flush=True)
+                    row["graph_us"] = row["eager_graph_us"]
                 rows.append(row)
                 print(row, flush=True)
     return rows
@@ -130,20 +148,23 @@ def main():
     ap.set_defaults(shapes=["qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3"])
     ap.add_argument("--models", nargs="*", default=["qwen3_235b_a22b"])
     ap.add_argument("--fp8", action="store_true", help="the models' routed experts in FP8 (transformers' FP8Experts)")
+    ap.add_argument("--kernels", action="store_true", help="each variant's GPU time per kernel (profiler)")
     args = ap.parse_args()
     torch._functorch.config.enable_autograd_cache = False  # the opaque and recorded traces share a graph key
     torch._inductor.config.fx_graph_cache = False
     print("CUTLASS", cutlass.mode(), "loaded" if cutlass.buildable() and cutlass.load() else "off", flush=True)
     timer = harness.Timer("cuda")
-    rows = op_rows(args.shapes, args.tokens, timer)
+    rows = op_rows(args.shapes, args.tokens, timer, args.kernels)
     mrows = model_rows(args.models, args.fp8)
     harness.save_rows(args.out, "recorded", rows + mrows, harness.gpu_name())
-    print(f"{'shape':>16} {'T':>6} {'fmt':>5} | host us eager / opaque / recorded | cold-L2 us eager / opaque / "
-          f"recorded | graph us | err rec")
+    variants = ("eager", "opaque", "recorded", "symbolic")
+    print(f"{'shape':>16} {'T':>6} {'fmt':>5} | host us eager / opaque / recorded / symbolic | GPU us (graph) "
+          f"eager / opaque / recorded / symbolic | err rec / sym")
     for r in rows:
-        print(f"{r['shape']:>16} {r['T']:>6} {r['fmt']:>5} | {r['eager_host_us']:8.0f} {r['opaque_host_us']:8.0f} "
-              f"{r['recorded_host_us']:8.0f} | {r['eager_eager_us']:8.0f} {r['opaque_eager_us']:8.0f} "
-              f"{r['recorded_eager_us']:8.0f} | {r['graph_us']:8.0f} | {r['recorded_err']:.1e}")
+        print(f"{r['shape']:>16} {r['T']:>6} {r['fmt']:>5} | "
+              + " ".join(f"{r[f'{v}_host_us']:8.0f}" for v in variants) + " | "
+              + " ".join(f"{r[f'{v}_graph_us']:8.0f}" for v in variants)
+              + f" | {r['recorded_err']:.1e} {r['symbolic_err']:.1e}")
     for r in mrows:
         print(f"{r['model']} ({r['fmt']}) prefill 1x4096 ms: opaque {r['opaque_ms']:.2f} recorded "
               f"{r['recorded_ms']:.2f} ({r['opaque_ms'] / r['recorded_ms']:.3f}x), err {r['err']:.1e}")
