@@ -210,6 +210,22 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
             report.router_gemv = rewrite_router_linears(gm)
             counters["moe_compiler"]["router_gemv"] += report.router_gemv
         emit(report, config.dump_dir)
-        compiled = _compile(gm, example_inputs, patches, python_host) if config.inductor else gm.forward
+        compiled = _compile_recorded(gm, example_inputs, patches, python_host) if config.inductor else gm.forward
     restack_planned(report)
     return compiled
+
+
+def _compile_recorded(gm: torch.fx.GraphModule, example_inputs, patches: dict, python_host_reason: str | None):
+    """_compile; where that fails with our ops' launches recorded into the graph (ops/inline.py), once more with each
+    call kept one opaque op, logged: a recording problem costs host time, never the compile."""
+    try:
+        return _compile(gm, example_inputs, patches, python_host_reason)
+    except Exception as e:
+        if not inline.enabled():
+            raise
+        counters["moe_compiler"]["recorded_compile_failed"] += 1
+        log.warning("moe_compiler: compiling this graph with the MoE launches recorded failed (%s: %s); compiling "
+                    "it again with each MoE call one opaque op (slower host path; %s=0 skips the attempt)",
+                    type(e).__name__, str(e).strip().splitlines()[0][:300] if str(e).strip() else "", inline.INLINE_ENV)
+        with inline.kept_opaque():
+            return _compile(gm, example_inputs, patches, python_host_reason)

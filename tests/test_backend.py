@@ -350,6 +350,40 @@ def test_failed_cpp_build_falls_back_to_python_host_code(env, monkeypatch, caplo
         assert calls == [False] and not counters["moe_compiler"]["cpp_wrapper_failed"]
 
 
+@pytest.mark.parametrize("failing", ["recorded", "always"])
+def test_a_graph_whose_recorded_launches_fail_to_compile_is_compiled_with_the_ops_opaque(failing, monkeypatch,
+                                                                                           caplog):
+    """Inductor failing on a graph with our launches recorded (ops/inline.py: a symbolic size it cannot take, say):
+    the backend compiles the graph once more with every MoE call one opaque op, logged and counted; a failure that
+    is not the recording's fails that attempt too, and the compile fails with it."""
+    from moe_compiler.ops import inline
+
+    attempts = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        attempts.append(inline.enabled())
+        if failing == "always" or inline.enabled():
+            raise RuntimeError("InductorError: a recorded kernel's grid\n(details)")
+        return gm.forward
+
+    monkeypatch.setattr(backend, "compile_fx", fake_compile_fx)
+    monkeypatch.setattr(backend, "cpp_wrapper_skip_reason", lambda *a: "off")
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    ids = torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="moe_compiler"):
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="fused_moe")
+        if failing == "always":
+            with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="a recorded kernel's grid"):
+                compiled(input_ids=ids)
+        else:
+            assert rel_err(compiled(input_ids=ids).logits, eager) <= 1e-5
+    assert attempts == [True, False] and counters["moe_compiler"]["recorded_compile_failed"] == 1
+    assert ("compiling this graph with the MoE launches recorded failed (RuntimeError: InductorError: a recorded "
+            "kernel's grid); compiling it again with each MoE call one opaque op") in caplog.text
+    assert inline.enabled()  # (the second attempt's switch does not outlive it)
+
+
 @pytest.mark.parametrize("user_option", [None, False])
 def test_cpp_host_code_is_built_apart_from_kernels_unless_the_user_says(user_option, monkeypatch,
                                                                          decode_graph_compiles):

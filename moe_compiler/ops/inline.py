@@ -18,6 +18,8 @@ Eager calls never pass here. MOE_COMPILER_INLINE=0 keeps every call opaque (for 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import torch
@@ -30,8 +32,24 @@ from ..switches import env_switch
 INLINE_ENV = "MOE_COMPILER_INLINE"
 
 
+_kept_opaque: contextvars.ContextVar[bool] = contextvars.ContextVar("moe_compiler_kept_opaque", default=False)
+
+
 def enabled() -> bool:
+    if _kept_opaque.get():
+        return False
     return env_switch(INLINE_ENV, "1", "record the launches, the default", "opaque")
+
+
+@contextlib.contextmanager
+def kept_opaque():
+    """Every call traced inside stays one opaque node (the backend's second attempt at a graph whose recorded
+    launches failed to compile)."""
+    token = _kept_opaque.set(True)
+    try:
+        yield
+    finally:
+        _kept_opaque.reset(token)
 
 
 def static(*tensors) -> bool:
