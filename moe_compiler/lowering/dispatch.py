@@ -63,16 +63,15 @@ def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = Fa
     """The tuned (autotuned on first use, or default, with a warning) Triton config of this problem on
     hidden's GPU (`transposed`: the weights' layout, for the untuned default). A symbolic T takes its hint's
     config under a band guard (triton_config.config_tokens)."""
-    T, H = hidden.shape
+    (T, H), E, k = hidden.shape, w_gate_up.shape[0], topk_ids.shape[1]
     hint, highest = triton_config.config_tokens(T)
-    key = (device.index(hidden), hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1], H, I, hint, transposed,
-           triton_config.autotune_enabled())
+    key = (device.index(hidden), hidden.dtype, E, k, H, I, hint, transposed, triton_config.autotune_enabled())
     config = _CONFIGS.get((key, highest))  # per call it is host time on the critical path of small T
     if config is None:
         config = _config_for(*key)
-        if config.path is triton_config.Path.DECODE and (highest is None or highest * key[3] > _decode_max_pairs()):
+        if config.path is triton_config.Path.DECODE and (highest is None or highest * k > _decode_max_pairs()):
             # a symbolic T whose band reaches past what the decode kernels take
-            config = triton_config.default_sorted_config(hidden.dtype, key[2], key[3], hint)
+            config = triton_config.default_sorted_config(hidden.dtype, E, k, hint)
         if not (key[-1] and device.capturing()):  # autotuning declines inside a capture: ask again outside
             _CONFIGS[key, highest] = config
     return config
