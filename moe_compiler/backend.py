@@ -224,8 +224,9 @@ def _compile_recorded(gm: torch.fx.GraphModule, example_inputs, patches: dict, p
         if not inline.enabled():
             raise
         counters["moe_compiler"]["recorded_compile_failed"] += 1
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
         log.warning("moe_compiler: compiling this graph with the MoE launches recorded failed (%s: %s); compiling "
                     "it again with each MoE call one opaque op (slower host path; %s=0 skips the attempt)",
-                    type(e).__name__, str(e).strip().splitlines()[0][:300] if str(e).strip() else "", inline.INLINE_ENV)
+                    type(e).__name__, first_line, inline.INLINE_ENV)
         with inline.kept_opaque():
             return _compile(gm, example_inputs, patches, python_host_reason)

@@ -182,7 +182,7 @@ INLINE_SYMBOLIC_MAX_FLOP = 5e11
 def long_at_symbolic_count(T, k: int, H: int, I: int) -> bool:
     """A symbolic token count whose expert GEMMs at the traced length pass INLINE_SYMBOLIC_MAX_FLOP (the call then
     stays opaque); False for a plain int."""
-    return not isinstance(T, int) and 6 * int(T.node.hint) * k * H * I > INLINE_SYMBOLIC_MAX_FLOP
+    return not isinstance(T, int) and 6 * triton_config.token_hint(T) * k * H * I > INLINE_SYMBOLIC_MAX_FLOP
 
 
 def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> bool:
@@ -202,7 +202,8 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
         return issubclass(impl, cutlass.CutlassMM)  # torch._grouped_mm's path stays one opaque call
     if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS):
         return False  # a library entry the library cannot take: the sorted default stands in, kept opaque
-    tokens = triton_config.config_tokens(T)[0]
+    # (a symbolic T: its hint, already guarded into its band by the lookup above)
+    tokens = triton_config.token_hint(T)
     return config.path is triton_config.Path.DECODE or not config.tma or tokens * k <= INLINE_TMA_MAX_PAIRS
 
 

@@ -96,6 +96,11 @@ def band(T: int) -> tuple[int, int | None]:
     return lo, None
 
 
+def token_hint(T) -> int:
+    """T for a plain int; for a symbolic T the length being traced (its hint), with no guard."""
+    return T if isinstance(T, int) else int(T.node.hint)
+
+
 def config_tokens(T) -> tuple[int, int | None]:
     """(the token count a config is looked up for, the highest T the traced call may see, None: unbounded). T
     itself for a plain int. A symbolic T (dynamic shapes) gives its hint, the length being traced, and is guarded
@@ -105,7 +110,7 @@ def config_tokens(T) -> tuple[int, int | None]:
         return T, T
     from torch.fx.experimental.symbolic_shapes import guard_bool
 
-    hint = int(T.node.hint)
+    hint = token_hint(T)
     lo, hi = band(hint)
     # (each comparison holds at the hint; guard_bool records it as a guard of the compiled frame)
     if not (guard_bool(T >= lo) and (hi is None or guard_bool(T <= hi))):

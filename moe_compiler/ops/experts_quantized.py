@@ -62,12 +62,10 @@ def _inlinable(*tensors, **spec) -> bool:
     from ..lowering import triton_quantized, triton_quantized_config
 
     qspec = make_spec(QuantizedExpertsSpec, spec)
-    if dispatch.long_at_symbolic_count(t.topk_ids.shape[0], t.topk_ids.shape[1], t.hidden.shape[1],
-                                       t.w_gate_up.shape[1] // 2):
+    (T, k), I = t.topk_ids.shape, t.w_gate_up.shape[1] // 2
+    if dispatch.long_at_symbolic_count(T, k, t.hidden.shape[1], I):
         return False  # (dispatch.INLINE_SYMBOLIC_MAX_FLOP; before the config lookup, which guards)
-    config = triton_quantized_config.default_config(
-        t.hidden, t.w_gate_up.shape[0], t.topk_ids.shape[1], qspec, I=t.w_gate_up.shape[1] // 2,
-        weights=(t.w_gate_up, t.w_gate_up_scale, t.w_down, t.w_down_scale))
+    config = triton_quantized_config.default_config(t.hidden, t.w_gate_up.shape[0], k, qspec, I=I, weights=weights)
     return config.cutlass >= 0 or not triton_quantized.wants_tma(config, qspec)
 
 

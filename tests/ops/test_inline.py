@@ -433,70 +433,60 @@ def test_compiled_block_with_recorded_launches_equals_eager(arch, T, monkeypatch
     assert recorded < opaque_bytes + experts / 2, (recorded, opaque_bytes, experts)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_prompts_of_varying_length_record_their_launches_and_equal_eager(arch):
-    """Prompts of many lengths through one compiled model (Dynamo's automatic dynamic shapes: from the second
-    length on the length is a symbol): each length's logits equal eager, the graphs launch our kernels with the
-    length symbolic (no call of the op), and lengths of one band share a graph (triton_config.T_BANDS)."""
+def _lengths_through(model, lengths) -> dict[int, str]:
+    """Prompts of each length through one torch.compile of `model` (Dynamo's automatic dynamic shapes: from the
+    second length on the length is a symbol), each length's logits checked against the model run eagerly; returns
+    Inductor's code of the compiles each length caused ('' where it reused a graph)."""
     from unittest import mock
 
     from torch._inductor.graph import GraphLowering
 
     from moe_compiler.testing import rel_err
-    from moe_compiler.testing.hf_models import tiny_model
 
     torch._dynamo.reset()
-    # fp32: bf16 logits put near-tied experts a rounding apart, and a tie broken the other way (DeepSeek-V3's
-    # grouped sigmoid routing at T = 7, say) moves the logits by more than any kernel error would
-    model = tiny_model(arch, dtype=torch.float32).cuda()
     compiled = torch.compile(model, backend="fused_moe")
     codes: dict[int, list] = {}
-    # Inductor's code of each compile, by the length that caused it (run_and_get_code would reset Dynamo, and
-    # with it the automatic dynamic shapes under test; the FX graph cache would skip the code generation)
+    # (run_and_get_code would reset Dynamo, and with it the automatic dynamic shapes under test; the FX graph cache
+    # would skip the code generation)
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
             mock.patch.object(GraphLowering, "save_output_code", lambda code: codes[T].append(code)):
-        for T in (7, 40, 90, 200, 300, 1000):
+        for T in lengths:
             codes[T] = []
             ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
             ref = model(input_ids=ids).logits.float()
             out = compiled(input_ids=ids).logits.float()
             assert rel_err(out, ref) <= 1e-4, (T, rel_err(out, ref))
+    return {T: "\n".join(code) for T, code in codes.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_prompts_of_varying_length_record_their_launches_and_equal_eager(arch):
+    """Prompts of many lengths through one compiled model: each length's logits equal eager, the graphs launch our
+    kernels with the length symbolic (no call of the op), and lengths of one band share a graph
+    (triton_config.T_BANDS)."""
+    from moe_compiler.testing.hf_models import tiny_model
+
+    # fp32: bf16 logits put near-tied experts a rounding apart, and a tie broken the other way (DeepSeek-V3's
+    # grouped sigmoid routing at T = 7, say) moves the logits by more than any kernel error would
+    codes = _lengths_through(tiny_model(arch, dtype=torch.float32).cuda(), (7, 40, 90, 200, 300, 1000))
     # 7: static; 40: the first symbolic graph (band 17-256), serving 90 and 200 too; 300: band 257-4096, and 1000
     assert [T for T, code in codes.items() if code] == [7, 40, 300]
     for T in (40, 300):
-        code = "\n".join(codes[T])
-        assert "torch.ops.moe_compiler.experts" not in code and "_gate_up" in code, T
+        assert "torch.ops.moe_compiler.experts" not in codes[T] and "_gate_up" in codes[T], T
 
 
 @pytest.mark.gpu
 def test_fp8_experts_with_prompts_of_varying_length_record_their_launches_and_equal_eager():
     """The same for transformers' FP8Experts (experts_quantized): the compiled model's logits equal the eager
     model's (the op called eagerly), one graph per band, no call of the op in the symbolic graphs."""
-    from unittest import mock
-
-    from torch._inductor.graph import GraphLowering
-
-    from moe_compiler.testing import rel_err
     from moe_compiler.testing.quantized import fp8_experts_model
 
-    torch._dynamo.reset()
     model, _ = fp8_experts_model("qwen3_moe", (32, 32))  # fp32 activations (no near-tied routes), FP8 weights
-    model = model.cuda()
-    compiled = torch.compile(model, backend="fused_moe")
-    codes: dict[int, list] = {}
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
-            mock.patch.object(GraphLowering, "save_output_code", lambda code: codes[T].append(code)):
-        for T in (7, 40, 90, 300):
-            codes[T] = []
-            ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
-            ref = model(input_ids=ids).logits.float()
-            out = compiled(input_ids=ids).logits.float()
-            assert rel_err(out, ref) <= 1e-4, (T, rel_err(out, ref))
+    codes = _lengths_through(model.cuda(), (7, 40, 90, 300))
     assert [T for T, code in codes.items() if code] == [7, 40, 300]
     for T in (40, 300):
-        code = "\n".join(codes[T])
-        assert "torch.ops.moe_compiler.experts" not in code and "_gate_up" in code, T
+        assert "torch.ops.moe_compiler.experts" not in codes[T] and "_gate_up" in codes[T], T
 
 
 @pytest.mark.gpu
