@@ -22,7 +22,7 @@ import torch._functorch.config
 import torch._inductor.config
 from torch._dynamo.utils import counters
 
-from moe_compiler.lowering import cutlass, dispatch
+from moe_compiler.lowering import cutlass
 from moe_compiler.lowering.triton_quantized_config import default_config
 from moe_compiler.ops import inline
 from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec
@@ -37,21 +37,19 @@ from .probe_host import host_us
 def compiled_under(inline_on: bool, call, args, symbolic: bool = False):
     """torch.compile(call) bound to args, traced now with launches recorded or the op kept opaque. Each variant is
     its own function object and code object, so Dynamo traces each apart. `symbolic`: the token count compiled as
-    a symbol (the row-carrying inputs marked dynamic, as prompts of varying length make it), recorded whatever
-    dispatch.INLINE_SYMBOLIC_MAX_FLOP says (the probe times what recording costs)."""
+    a symbol (the row-carrying inputs marked dynamic, as prompts of varying length make it): the config of T's
+    band's grid point (triton_config.config_tokens), not T's own."""
     os.environ[inline.INLINE_ENV] = "1" if inline_on else "0"
     if symbolic:
         args = (*(a.clone() for a in args[:3]), *args[3:])  # (the marks stay on the tensors: fresh ones)
         for a in args[:3]:
             torch._dynamo.mark_dynamic(a, 0)
     fn = torch.compile(call, dynamic=None if symbolic else False)
-    graphs, max_flop = counters["stats"]["unique_graphs"], dispatch.INLINE_SYMBOLIC_MAX_FLOP
-    dispatch.INLINE_SYMBOLIC_MAX_FLOP = float("inf")
+    graphs = counters["stats"]["unique_graphs"]
     try:
         with torch.no_grad():
             fn(*args)
     finally:
-        dispatch.INLINE_SYMBOLIC_MAX_FLOP = max_flop
         os.environ.pop(inline.INLINE_ENV)
     if counters["stats"]["unique_graphs"] == graphs:
         raise RuntimeError("a compiled variant reused another's trace")

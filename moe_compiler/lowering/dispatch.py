@@ -170,19 +170,6 @@ def experts_quantized_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_
 INLINE_TMA_MAX_PAIRS = 1024
 
 
-# A call whose token count is symbolic (dynamic shapes) records its launches only where its GEMMs are short next to
-# the op's host path (~0.5-1 ms a call): measured on the H200 (benchmarks/NOTES.md "session 23", prompts of varying
-# length, 1 x 512 and 1 x 2048 after two other lengths), recording took Qwen3-30B-A3B from 0.67x / 0.97x plain
-# torch.compile to 1.31x / 1.26x and DeepSeek-V3 at 512 from 0.82x to 0.91x, but DeepSeek-V3 at 2048 (1.4 TFLOP of
-# expert GEMMs a layer) from 0.97x to 0.77x: the recorded kernels' GPU time there is not yet understood. GEMM FLOPs
-# at the traced length, 6 T k H I: DeepSeek-V3 at 512 3.6e11 (recorded), at 2048 1.4e12 (opaque).
-INLINE_SYMBOLIC_MAX_FLOP = 5e11
-
-
-def long_at_symbolic_count(T, k: int, H: int, I: int) -> bool:
-    """A symbolic token count whose expert GEMMs at the traced length pass INLINE_SYMBOLIC_MAX_FLOP (the call then
-    stays opaque); False for a plain int."""
-    return not isinstance(T, int) and 6 * triton_config.token_hint(T) * k * H * I > INLINE_SYMBOLIC_MAX_FLOP
 
 
 def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> bool:
@@ -194,16 +181,14 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     if T == 0 or k == 0:
         return True
     I = spec.intermediate(w_down)
-    if long_at_symbolic_count(T, k, hidden.shape[1], I):
-        return False  # (before the config lookup: an opaque call needs no band guard)
     config = triton_config_for(hidden, topk_ids, w_gate_up, I, spec.transposed)
     impl = _library_mm(hidden, w_gate_up, w_down, config)
     if impl is not None:  # csrc/'s GEMMs are recorded as calls of their op (cutlass.py) beside the glue's launches;
         return issubclass(impl, cutlass.CutlassMM)  # torch._grouped_mm's path stays one opaque call
     if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS):
         return False  # a library entry the library cannot take: the sorted default stands in, kept opaque
-    # (a symbolic T: its hint, already guarded into its band by the lookup above)
-    tokens = triton_config.token_hint(T)
+    # (a symbolic T: its band's grid point, as the lookup above took it)
+    tokens = triton_config.config_tokens(T)[0]
     return config.path is triton_config.Path.DECODE or not config.tma or tokens * k <= INLINE_TMA_MAX_PAIRS
 
 

@@ -48,23 +48,34 @@ CHUNK = 1024  # most pairs per count/scatter program: one register-resident bito
 
 
 @triton.jit
-def _clamped_ids(ids_ptr, chunk, S, E, CHUNK: tl.constexpr):
-    offs = chunk.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
-    live = offs < S
-    e = tl.load(ids_ptr + offs, mask=live, other=0)
+def _clamped_ids(e, live, E):
+    """The chunk's ids `e` (loaded by the caller) -> (live, e clamped, bad, sentinel).
+
+    The load stays in each kernel's own body: torch's write analysis of a recorded kernel follows a written
+    address back through the arguments of a called function but not through a load, so ids loaded in here
+    (and `e` then feeding the scatter's addresses) would count as written, and Inductor would copy topk_ids
+    before every call."""
     bad = live & ((e < 0) | (e > E))
     # Sentinel pairs (id E) take part in nothing: treated as dead lanes, their pos set to -1 by the scatter.
     sentinel = live & (e == E)
     live = live & (e != E)
     # Out-of-range ids are clamped so that every later access stays in bounds until the assert stops the op.
     e = tl.minimum(tl.maximum(e, 0), E - 1).to(tl.int32)
-    return offs, live, e, bad, sentinel
+    return live, e, bad, sentinel
+
+
+@triton.jit
+def _chunk_pairs(chunk, S, CHUNK: tl.constexpr):
+    """The chunk's pair indices and which of them exist (no load here: see _clamped_ids)."""
+    offs = chunk.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    return offs, offs < S
 
 
 @triton.jit
 def _count_kernel(ids_ptr, S, E, counts_ptr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0)
-    _, live, e, bad, _ = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    offs, live = _chunk_pairs(chunk, S, CHUNK)
+    live, e, bad, _ = _clamped_ids(tl.load(ids_ptr + offs, mask=live, other=0), live, E)
     spare = BLOCK_E - 1  # BLOCK_E > E: the last bin is free; it receives the dead lanes, then holds the bad count
     hist = tl.histogram(tl.where(live, e, spare), BLOCK_E)
     e_idx = tl.arange(0, BLOCK_E)
@@ -127,7 +138,8 @@ def _scatter_kernel(
     CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_B: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    offs, live, e, _, sentinel = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    offs, live = _chunk_pairs(chunk, S, CHUNK)
+    live, e, _, sentinel = _clamped_ids(tl.load(ids_ptr + offs, mask=live, other=0), live, E)
     _scatter_chunk(chunk, offs, live, e, sentinel, E, offsets_ptr + chunk * BLOCK_E, sorted_rows_ptr, pos_ptr,
                    CHUNK, BLOCK_E)
     first = chunk * BLOCKS_PER_PROGRAM
@@ -170,7 +182,8 @@ def _align_one_chunk_kernel(
 ):
     """count, offsets and scatter of a single chunk (S <= CHUNK) in one program: the same results."""
     chunk = tl.program_id(0)  # 0
-    offs, live, e, bad, sentinel = _clamped_ids(ids_ptr, chunk, S, E, CHUNK)
+    offs, live = _chunk_pairs(chunk, S, CHUNK)
+    live, e, bad, sentinel = _clamped_ids(tl.load(ids_ptr + offs, mask=live, other=0), live, E)
     e_idx = tl.arange(0, BLOCK_E)
     real = e_idx < E
     counts = tl.where(real, tl.histogram(tl.where(live, e, BLOCK_E - 1), BLOCK_E), 0)

@@ -78,12 +78,17 @@ def bucket(T: int) -> int:
 
 
 # A traced call whose token count is a symbol (dynamic shapes: one graph for prompts of many lengths) takes the
-# config of its hint (the length it was traced at) under a guard that keeps T in the hint's band; a T outside the
-# band recompiles. Bands, not the grid's nine buckets: Dynamo compiles a frame at most
+# config of its band's grid point (T_BAND_POINTS) under a guard that keeps T in the band of its hint (the length
+# it was traced at); a T outside the band recompiles. The band's point, not the hint: the graph serves every
+# length of the band, whichever of them compiled it (DeepSeek-V3 traced at 480 tokens ran 2048-token prompts
+# with the 512 config's 32-row tiles: 0.77x of Inductor, 0.99x with the band's point; benchmarks/NOTES.md,
+# session 24). Bands, not the grid's nine buckets: Dynamo compiles a frame at most
 # torch._dynamo.config.recompile_limit (8) times and then runs it uncompiled, so the guards may split the lengths
 # into a few graphs only. The bounds are the geometric midpoints of the grid points 4, 64, 1024 and 16384: a call
-# is at most 16x from its hint, as a static call is at most ~2x from its grid point.
+# is at most 4x from its band's point (16384's band: unbounded above), as a static call is at most ~2x from its
+# grid point.
 T_BANDS = (16, 256, 4096)
+T_BAND_POINTS = (4, 64, 1024, 16384)  # the grid point whose config each band's graph takes
 
 
 def band(T: int) -> tuple[int, int | None]:
@@ -103,9 +108,9 @@ def token_hint(T) -> int:
 
 def config_tokens(T) -> tuple[int, int | None]:
     """(the token count a config is looked up for, the highest T the traced call may see, None: unbounded). T
-    itself for a plain int. A symbolic T (dynamic shapes) gives its hint, the length being traced, and is guarded
-    into the hint's band (T_BANDS): the compiled graph then serves only lengths of that band, and Dynamo
-    recompiles for a length outside it."""
+    itself for a plain int. A symbolic T (dynamic shapes) is guarded into its hint's band (T_BANDS) and gives
+    that band's grid point (T_BAND_POINTS): the compiled graph then serves only lengths of that band, with one
+    config whatever length traced it, and Dynamo recompiles for a length outside it."""
     if isinstance(T, int):
         return T, T
     from torch.fx.experimental.symbolic_shapes import guard_bool
@@ -115,7 +120,7 @@ def config_tokens(T) -> tuple[int, int | None]:
     # (each comparison holds at the hint; guard_bool records it as a guard of the compiled frame)
     if not (guard_bool(T >= lo) and (hi is None or guard_bool(T <= hi))):
         raise AssertionError(f"moe_compiler: the hint {hint} lies outside its own band [{lo}, {hi}]")
-    return hint, hi
+    return T_BAND_POINTS[T_BANDS.index(hi) if hi is not None else -1], hi
 
 
 # Launch options of the kernels that check topk_ids: Triton compiles tl.device_assert only in debug mode,

@@ -130,7 +130,7 @@ def default_config(hidden: torch.Tensor, E: int, k: int, spec: QuantizedExpertsS
     """Untuned tiles: the bf16 op's choice of path (triton_config.decode_suits), tiles from the H200 sweeps of
     probe_quantized_tiles (NOTES.md, quantized tiles). With the call's `weights` (w_gate_up, its scales, w_down,
     its scales) the FP8 sorted path may take the CUTLASS GEMMs (cutlass_fp8_config). A symbolic token count takes
-    the config of its hint, guarded into the hint's band (triton_config.config_tokens; the quantized decode
+    the config of its band's grid point, guarded into the band (triton_config.config_tokens; the quantized decode
     kernels take any count, so no band bounds the GEMVs)."""
     T = config_tokens(hidden.shape[0])[0]
     if is_int4(spec):

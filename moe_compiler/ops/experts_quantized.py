@@ -54,7 +54,7 @@ def _(*tensors, **spec):
 def _inlinable(*tensors, **spec) -> bool:
     # Sizes only (see experts.py): a traced call with static shapes, or a symbolic token count (inline.hinted), records
     # its launches (and its CUTLASS GEMMs as calls of their op: cutlass.py) — unless its Triton config loads by TMA
-    # (host descriptors cannot be recorded outside Dynamo: dispatch.py) or its GEMMs are long at a symbolic count.
+    # (host descriptors cannot be recorded outside Dynamo: dispatch.py).
     t = QuantizedTensors(*tensors)
     weights = (t.w_gate_up, t.w_gate_up_scale, t.w_down, t.w_down_scale)
     if not (inline.static(*weights) and inline.hinted(*t) and device.uses_triton(t.hidden)):
@@ -62,9 +62,7 @@ def _inlinable(*tensors, **spec) -> bool:
     from ..lowering import triton_quantized, triton_quantized_config
 
     qspec = make_spec(QuantizedExpertsSpec, spec)
-    (T, k), I = t.topk_ids.shape, t.w_gate_up.shape[1] // 2
-    if dispatch.long_at_symbolic_count(T, k, t.hidden.shape[1], I):
-        return False  # (dispatch.INLINE_SYMBOLIC_MAX_FLOP; before the config lookup, which guards)
+    k, I = t.topk_ids.shape[1], t.w_gate_up.shape[1] // 2
     config = triton_quantized_config.default_config(t.hidden, t.w_gate_up.shape[0], k, qspec, I=I, weights=weights)
     return config.cutlass >= 0 or not triton_quantized.wants_tma(config, qspec)
 

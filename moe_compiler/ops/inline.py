@@ -61,7 +61,7 @@ def static(*tensors) -> bool:
 def hinted(*tensors) -> bool:
     """The (non-None) tensors' rows may be counted by symbols with hints (dynamic shapes: one graph for many lengths;
     a hint is the length being traced), their last size (features) is a plain int, and every stride is either. The
-    config is then the hint's, with T guarded into the hint's band (lowering/triton_config.config_tokens), and the
+    config is then the hint's band's (lowering/triton_config.config_tokens: T guarded into the band), and the
     grids and buffers are expressions of the symbol. Unbacked symbols (data-dependent sizes) have no hint."""
 
     def known(s) -> bool:

@@ -38,8 +38,25 @@ def test_token_bands_cover_every_length_once_and_a_plain_count_is_its_own_config
     bands = [triton_config.band(T) for T in range(1, 20000)]
     assert sorted(set(bands)) == [(1, 16), (17, 256), (257, 4096), (4097, None)]
     assert all(lo <= T and (hi is None or T <= hi) for T, (lo, hi) in enumerate(bands, start=1))
-    # (a symbolic count gives its hint and its band's end: tests/ops/test_inline.py traces it)
     assert triton_config.config_tokens(300) == (300, 300)
+
+
+@pytest.mark.parametrize("hint, want", [
+    (3, (4, 16, ["<= 16"])), (40, (64, 256, [">= 17", "<= 256"])), (480, (1024, 4096, [">= 257", "<= 4096"])),
+    (2016, (1024, 4096, [">= 257", "<= 4096"])), (5000, (16384, None, [">= 4097"]))])
+def test_symbolic_count_takes_its_band_s_point_whatever_length_traced_it(hint, want):
+    # a graph compiled at 480 tokens serves 2048 too: both take the 1024 config (a config of the traced length ran
+    # 2048-token prompts with 512's tiles, benchmarks/NOTES.md session 24), under guards keeping T in the band
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from moe_compiler.lowering import triton_config
+
+    env = ShapeEnv()
+    T = env.create_symintnode(env.create_symbol(hint, ConstantSource("T"), DimDynamic.DYNAMIC), hint=hint)
+    point, highest, guards = want
+    assert triton_config.config_tokens(T) == (point, highest)
+    assert [str(g.expr).split(" ", 1)[1] for g in env.guards] == guards
 
 
 def test_decode_kernels_take_only_small_shared_mlps():
