@@ -512,8 +512,10 @@ def test_static_launch_of_recorded_kernels_equals_the_python_launcher(arch, T):
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_route_in_the_gate_up_gemv_equals_the_route_launch_in_a_compiled_model(arch, T, monkeypatch):
     """MOE_COMPILER_ROUTE_IN_GEMV=1: a decode step whose route runs inside the gate_up GEMV gives the logits of the
-    same model compiled with the route's own launch (the same route math; bf16 on the GPU), and Inductor's code
-    has no route kernel left to launch."""
+    same model compiled with the route's own launch (the same route math), and Inductor's code has no route kernel
+    left to launch. fp32: two bf16 compiles of one model were seen a bf16 rounding apart (3-5e-3) under pytest-xdist
+    and equal run alone (NOTES session 24; why is not established), while a wrong route moves fp32 logits by far
+    more than 1e-4."""
     from torch._inductor.utils import run_and_get_code
 
     from moe_compiler.lowering import dispatch, launch, triton_config
@@ -533,7 +535,7 @@ def test_route_in_the_gate_up_gemv_equals_the_route_launch_in_a_compiled_model(a
         return config
 
     monkeypatch.setattr(dispatch, "triton_config_for", decode_config_for)
-    model = tiny_model(arch, dtype=torch.bfloat16).cuda()
+    model = tiny_model(arch, dtype=torch.float32).cuda()
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
     outs, codes = {}, {}
     with torch.no_grad():
@@ -544,7 +546,7 @@ def test_route_in_the_gate_up_gemv_equals_the_route_launch_in_a_compiled_model(a
             out, code = run_and_get_code(torch.compile(model, backend="fused_moe", dynamic=False), input_ids=ids)
             outs[on], codes[on] = out.logits.float(), "\n".join(code)
     # (each against eager in the message: which of the two moved, when they differ)
-    assert rel_err(outs["1"], outs["0"]) <= 1e-3, {on: rel_err(out, eager) for on, out in outs.items()}
+    assert rel_err(outs["1"], outs["0"]) <= 1e-4, {on: rel_err(out, eager) for on, out in outs.items()}
     # (the name also shows where a kernel's source is embedded: fewer mentions, not none)
     assert codes["0"].count("_route_kernel") > codes["1"].count("_route_kernel")
 
