@@ -48,9 +48,30 @@ def _one_big_gpu_test_at_a_time(request, tmp_path_factory):
         try:
             yield
         finally:
+            _release_a_failure_s_tensors()
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _release_a_failure_s_tensors():
+    """pytest keeps a failed test's exception in sys.last_value / last_traceback (for post-mortem debugging), and
+    with it the frames of the test, whose locals hold its GPU tensors: tens of GB in a big_gpu test. pytest drops
+    them when the worker's next test starts its call, but a next big_gpu test first waits here for the lock, still
+    holding them, and the big test running meanwhile ran out of memory: one failure became four with -n 4
+    (session 24). By teardown the report has been written, so the frames' locals can go."""
+    import gc
+    import sys
+    import traceback
+
+    for name in ("last_value", "last_exc"):
+        exc = getattr(sys, name, None)
+        if exc is not None and exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)
