@@ -61,7 +61,7 @@ def select(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
 
 def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = False):
     """The tuned (autotuned on first use, or default, with a warning) Triton config of this problem on
-    hidden's GPU (`transposed`: the weights' layout, for the untuned default). A symbolic T takes its hint's
+    hidden's GPU (`transposed`: the weights' layout, for the untuned default). A symbolic T takes its band's
     config under a band guard (triton_config.config_tokens)."""
     (T, H), E, k = hidden.shape, w_gate_up.shape[0], topk_ids.shape[1]
     hint, highest = triton_config.config_tokens(T)
@@ -170,8 +170,6 @@ def experts_quantized_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_
 INLINE_TMA_MAX_PAIRS = 1024
 
 
-
-
 def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> bool:
     """Whether a traced experts call of these shapes (static, or a symbolic token count: inline.hinted) runs
     Triton kernels that can be recorded."""
@@ -180,8 +178,7 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     T, k = topk_ids.shape
     if T == 0 or k == 0:
         return True
-    I = spec.intermediate(w_down)
-    config = triton_config_for(hidden, topk_ids, w_gate_up, I, spec.transposed)
+    config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down), spec.transposed)
     impl = _library_mm(hidden, w_gate_up, w_down, config)
     if impl is not None:  # csrc/'s GEMMs are recorded as calls of their op (cutlass.py) beside the glue's launches;
         return issubclass(impl, cutlass.CutlassMM)  # torch._grouped_mm's path stays one opaque call

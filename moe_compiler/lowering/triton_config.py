@@ -101,11 +101,6 @@ def band(T: int) -> tuple[int, int | None]:
     return lo, None
 
 
-def token_hint(T) -> int:
-    """T for a plain int; for a symbolic T the length being traced (its hint), with no guard."""
-    return T if isinstance(T, int) else int(T.node.hint)
-
-
 def config_tokens(T) -> tuple[int, int | None]:
     """(the token count a config is looked up for, the highest T the traced call may see, None: unbounded). T
     itself for a plain int. A symbolic T (dynamic shapes) is guarded into its hint's band (T_BANDS) and gives
@@ -115,11 +110,11 @@ def config_tokens(T) -> tuple[int, int | None]:
         return T, T
     from torch.fx.experimental.symbolic_shapes import guard_bool
 
-    hint = token_hint(T)
-    lo, hi = band(hint)
-    # (each comparison holds at the hint; guard_bool records it as a guard of the compiled frame)
-    if not (guard_bool(T >= lo) and (hi is None or guard_bool(T <= hi))):
-        raise AssertionError(f"moe_compiler: the hint {hint} lies outside its own band [{lo}, {hi}]")
+    lo, hi = band(int(T.node.hint))  # the length being traced
+    # (both hold at the hint; guard_bool records each as a guard of the compiled frame)
+    guard_bool(T >= lo)
+    if hi is not None:
+        guard_bool(T <= hi)
     return T_BAND_POINTS[T_BANDS.index(hi) if hi is not None else -1], hi
 
 

@@ -2,14 +2,14 @@
 
 AOTAutograd functionalizes every graph it traces (inference and training alike) under FunctionalTensorMode.
 A rule registered for that mode sees each call of our op once, at trace time, with the call's shapes (fixed, or
-under dynamic shapes a symbolic token count: the config is the traced length's, and a guard keeps the graph to
-lengths of its band, triton_config.T_BANDS): where the op would run Triton kernels on those shapes (`inlinable`),
+under dynamic shapes a symbolic token count: a guard keeps the graph to lengths of one band, whose grid point's
+config it takes, triton_config.config_tokens): where the op would run Triton kernels on those shapes (`inlinable`),
 the rule runs the op's own implementation under lowering.launch.traced(), so each launch becomes a
 `triton_kernel_wrapper_functional` node that Inductor compiles and launches itself (lowering/launch.py says why:
 the op's Python costs more host time per call than a decode layer's GPU work); csrc/'s CUTLASS GEMMs among them
 become calls of their own ops (lowering/cutlass.py), which Inductor's code makes directly. Elsewhere (CPU, the
-torch composite, symbolic sizes other than the token count, long GEMMs at a symbolic count, torch._grouped_mm's
-path, large calls that keep host TMA descriptors) the rule hands the call back and the op stays one opaque node.
+torch composite, symbolic sizes other than the token count, torch._grouped_mm's path, large calls that keep host
+TMA descriptors) the rule hands the call back and the op stays one opaque node.
 
 torch.library.triton_op does the same unconditionally; it cannot keep the op opaque where the implementation
 is not traceable (the CPU composite's data-dependent segment loop), hence this conditional form.
