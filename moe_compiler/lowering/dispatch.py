@@ -164,10 +164,12 @@ def experts_quantized_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_
 # A call traced by torch.compile records its launches (launch.py) where the op's Python per call would cost
 # more than it saves. Host TMA descriptors cannot be recorded outside Dynamo (torch 2.11: "TMA descriptor
 # capturing not yet supported in non-dynamo tracing"), so a recorded sorted-path call loads its weight tiles by
-# pointer; above this many pairs the GEMMs are long enough that TMA's gain should outweigh the host time, and a
-# call whose config uses TMA stays opaque. The threshold is a first guess, not yet measured per shape
-# (benchmarks/NOTES.md "host path": DeepSeek-V3 at T = 32, recorded without TMA, is the case to measure).
-INLINE_TMA_MAX_PAIRS = 1024
+# pointer. Measured on an H200 at T = 512-2048 of nine shapes (benchmarks/NOTES.md, session 25), pointer loads
+# cost 0-2% of the GEMMs' GPU time below this many GEMM FLOPs (6*T*k*H*I) and 6-11% above it (Mixtral's 1024
+# point, GPT-OSS-20B's 2048): there the GEMMs are long enough that the host runs ahead of the GPU, and a call
+# whose config uses TMA stays opaque, paying the op's host path (~0.5 ms) to keep TMA. Below it the host time is
+# the larger cost (Qwen3-30B-A3B prompts of 257-4096 tokens opaque: 0.84x of Inductor at 512).
+INLINE_TMA_MAX_FLOP = 4e11
 
 
 def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> bool:
@@ -186,7 +188,8 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
         return False  # a library entry the library cannot take: the sorted default stands in, kept opaque
     # (a symbolic T: its band's grid point, as the lookup above took it)
     tokens = triton_config.config_tokens(T)[0]
-    return config.path is triton_config.Path.DECODE or not config.tma or tokens * k <= INLINE_TMA_MAX_PAIRS
+    flop = 6 * tokens * k * hidden.shape[1] * spec.intermediate(w_down)
+    return config.path is triton_config.Path.DECODE or not config.tma or flop <= INLINE_TMA_MAX_FLOP
 
 
 def _library_mm(hidden, w_gate_up, w_down, config):
@@ -225,7 +228,7 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
         config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
                                                      hidden.shape[0])
     if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma:
-        config = dataclasses.replace(config, tma=False)  # see INLINE_TMA_MAX_PAIRS
+        config = dataclasses.replace(config, tma=False)  # see INLINE_TMA_MAX_FLOP
     # Out-of-range ids: the kernels clamp them (no stray memory access) and the kernel that checks them fails
     # the launch with a device-side assert (triton_config.LIVE_ASSERTS): loud, no host sync, capture-safe.
     args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)

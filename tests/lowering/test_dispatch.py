@@ -135,6 +135,28 @@ def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
     assert not dispatch.experts_inlinable(inputs[0], inputs[1], inputs[3], inputs[4], spec)
 
 
+@pytest.mark.parametrize("shape, T, tma, inlinable", [
+    ((128, 8, 2048, 768), 1024, True, True),  # Qwen3-30B-A3B, 7.7e10 FLOP: pointer loads cost ~1% (NOTES session 25)
+    ((8, 2, 4096, 14336), 1024, True, False),  # Mixtral-8x7B, 7.2e11: TMA's 9% is worth the opaque host path
+    ((8, 2, 4096, 14336), 1024, False, True),  # ... and a config without TMA loses nothing when recorded
+])
+def test_a_traced_tma_call_records_its_launches_only_where_its_gemms_are_short(shape, T, tma, inlinable, monkeypatch):
+    """A recorded call cannot keep host TMA descriptors: a TMA config is recorded (with pointer loads) up to
+    INLINE_TMA_MAX_FLOP of GEMM work and kept opaque above it."""
+    from moe_compiler.lowering import triton_config
+
+    E, k, H, I = shape
+    small = triton_config.KernelConfig(16, 16)
+    config = triton_config.SortedConfig(block_m=64, gate_up=small, down=small, tma=tma)
+    monkeypatch.setattr(device, "uses_triton", lambda t: True)
+    monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: config)
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    hidden, ids = torch.empty(T, H, **meta), torch.empty(T, k, device="meta", dtype=torch.int64)
+    w_gate_up, w_down = torch.empty(E, 2 * I, H, **meta), torch.empty(E, H, I, **meta)
+    assert (6 * T * k * H * I <= dispatch.INLINE_TMA_MAX_FLOP) == (shape[0] == 128)
+    assert dispatch.experts_inlinable(hidden, ids, w_gate_up, w_down, ExpertsSpec()) is inlinable
+
+
 @pytest.mark.parametrize("entry", ["grouped_mm", "decode"])
 def test_a_training_forward_saves_z_on_the_tuned_library_path_or_the_sorted_one(entry, monkeypatch):
     """experts_forward_saving_z: a grouped_mm entry runs triton_grouped (saving z in its act pass), a decode entry
