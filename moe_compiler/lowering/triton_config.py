@@ -101,6 +101,12 @@ def band(T: int) -> tuple[int, int | None]:
     return lo, None
 
 
+def band_point(T: int) -> int:
+    """The grid point (T_BAND_POINTS) whose config the graph of T's band takes."""
+    hi = band(T)[1]
+    return T_BAND_POINTS[T_BANDS.index(hi) if hi is not None else -1]
+
+
 def config_tokens(T) -> tuple[int, int | None]:
     """(the token count a config is looked up for, the highest T the traced call may see, None: unbounded). T
     itself for a plain int. A symbolic T (dynamic shapes) is guarded into its hint's band (T_BANDS) and gives
@@ -110,12 +116,13 @@ def config_tokens(T) -> tuple[int, int | None]:
         return T, T
     from torch.fx.experimental.symbolic_shapes import guard_bool
 
-    lo, hi = band(int(T.node.hint))  # the length being traced
+    hint = int(T.node.hint)  # the length being traced
+    lo, hi = band(hint)
     # (both hold at the hint; guard_bool records each as a guard of the compiled frame)
     guard_bool(T >= lo)
     if hi is not None:
         guard_bool(T <= hi)
-    return T_BAND_POINTS[T_BANDS.index(hi) if hi is not None else -1], hi
+    return band_point(hint), hi
 
 
 # Launch options of the kernels that check topk_ids: Triton compiles tl.device_assert only in debug mode,
