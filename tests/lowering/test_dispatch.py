@@ -157,6 +157,31 @@ def test_a_traced_tma_call_records_its_launches_only_where_its_gemms_are_short(s
     assert dispatch.experts_inlinable(hidden, ids, w_gate_up, w_down, ExpertsSpec()) is inlinable
 
 
+@pytest.mark.parametrize("shape, hint, inlinable", [
+    ((8, 2, 4096, 14336), 300, False),  # Mixtral traced at 300 tokens (2.1e11 FLOP) serves up to 4096: 7.2e11 at 1024
+    ((128, 8, 4096, 1536), 4000, True),  # Qwen3-235B-A22B traced at 4000 (1.2e12) runs the 1024 point's tiles: 3.1e11
+])
+def test_a_symbolic_tma_call_is_judged_at_its_band_s_point_not_its_traced_length(shape, hint, inlinable, monkeypatch):
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from moe_compiler.lowering import triton_config
+
+    E, k, H, I = shape
+    small = triton_config.KernelConfig(16, 16)
+    config = triton_config.SortedConfig(block_m=64, gate_up=small, down=small, tma=True)
+    monkeypatch.setattr(device, "uses_triton", lambda t: True)
+    monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: config)
+    env = ShapeEnv()
+    T = env.create_symintnode(env.create_symbol(hint, ConstantSource("T"), DimDynamic.DYNAMIC), hint=hint)
+    with FakeTensorMode(shape_env=env):
+        hidden, ids = torch.empty(T, H, dtype=torch.bfloat16), torch.empty(T, k, dtype=torch.int64)
+        w_gate_up, w_down = torch.empty(E, 2 * I, H, dtype=torch.bfloat16), torch.empty(E, H, I, dtype=torch.bfloat16)
+        assert (6 * hint * k * H * I <= dispatch.INLINE_TMA_MAX_FLOP) != inlinable
+        assert dispatch.experts_inlinable(hidden, ids, w_gate_up, w_down, ExpertsSpec()) is inlinable
+
+
 @pytest.mark.parametrize("entry", ["grouped_mm", "decode"])
 def test_a_training_forward_saves_z_on_the_tuned_library_path_or_the_sorted_one(entry, monkeypatch):
     """experts_forward_saving_z: a grouped_mm entry runs triton_grouped (saving z in its act pass), a decode entry
