@@ -164,11 +164,12 @@ def experts_quantized_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_
 # A call traced by torch.compile records its launches (launch.py) where the op's Python per call would cost
 # more than it saves. Host TMA descriptors cannot be recorded outside Dynamo (torch 2.11: "TMA descriptor
 # capturing not yet supported in non-dynamo tracing"), so a recorded sorted-path call loads its weight tiles by
-# pointer. Measured on an H200 at T = 512-2048 of nine shapes (benchmarks/NOTES.md, session 25), pointer loads
-# cost 0-2% of the GEMMs' GPU time below this many GEMM FLOPs (6*T*k*H*I) and 6-11% above it (Mixtral's 1024
-# point, GPT-OSS-20B's 2048): there the GEMMs are long enough that the host runs ahead of the GPU, and a call
-# whose config uses TMA stays opaque, paying the op's host path (~0.5 ms) to keep TMA. Below it the host time is
-# the larger cost (Qwen3-30B-A3B prompts of 257-4096 tokens opaque: 0.84x of Inductor at 512).
+# pointer. Measured on an H200 at T = 512-4096 of nine shapes (benchmarks/NOTES.md, session 25): up to this many
+# GEMM FLOPs (6*T*k*H*I) TMA was worth <= 43 us a call, a tenth of the op's host path (~0.5 ms) that recording
+# saves; above it, up to 12% (Mixtral from T = 1024), where the GEMMs are long enough for the host to run ahead of
+# the GPU and hide that saving. So a call whose config uses TMA is recorded (pointer loads) up to it and stays
+# opaque (keeping TMA) above it. Qwen3-30B-A3B's prompts of 257-4096 tokens opaque: 0.84x of Inductor at 512;
+# recorded: 1.32x.
 INLINE_TMA_MAX_FLOP = 4e11
 
 
