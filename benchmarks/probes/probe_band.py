@@ -34,11 +34,8 @@ def candidates(entries, dtype, E, k, H, I, T) -> dict[str, triton_config.Config]
     sorted TMA entry (`tma`) also with pointer loads (`ptr`: what a recorded call runs)."""
     lo, hi = triton_config.band(T)
     point = triton_config.band_point(T)
-    dname = str(dtype).removeprefix("torch.")
     found = {}
-    for e in entries:
-        if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) != (dname, E, k, H, I):
-            continue
+    for e in triton_config.shape_entries(entries, dtype, E, k, H, I):
         if e["T"] < lo or (hi is not None and e["T"] > hi):
             continue
         config = e["config"]

@@ -181,7 +181,8 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     T, k = topk_ids.shape
     if T == 0 or k == 0:
         return True
-    config = triton_config_for(hidden, topk_ids, w_gate_up, spec.intermediate(w_down), spec.transposed)
+    I = spec.intermediate(w_down)
+    config = triton_config_for(hidden, topk_ids, w_gate_up, I, spec.transposed)
     impl = _library_mm(hidden, w_gate_up, w_down, config)
     if impl is not None:  # csrc/'s GEMMs are recorded as calls of their op (cutlass.py) beside the glue's launches;
         return issubclass(impl, cutlass.CutlassMM)  # torch._grouped_mm's path stays one opaque call
@@ -189,7 +190,7 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
         return False  # a library entry the library cannot take: the sorted default stands in, kept opaque
     # (a symbolic T: its band's grid point, as the lookup above took it)
     tokens = triton_config.config_tokens(T)[0]
-    flop = 6 * tokens * k * hidden.shape[1] * spec.intermediate(w_down)
+    flop = 6 * tokens * k * hidden.shape[1] * I
     return config.path is triton_config.Path.DECODE or not config.tma or flop <= INLINE_TMA_MAX_FLOP
 
 

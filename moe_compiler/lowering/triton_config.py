@@ -381,10 +381,15 @@ def _warn_once(key, message: str):
         log.warning(message)
 
 
+def shape_entries(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int) -> list[dict]:
+    """The entries of this problem shape and dtype, at every T."""
+    dname = str(dtype).removeprefix("torch.")
+    return [e for e in entries if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) == (dname, E, k, H, I)]
+
+
 def nearest_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config | None:
     """The config of this shape's entry with the nearest T (log scale; ties to the smaller T), or None."""
-    dname = str(dtype).removeprefix("torch.")
-    same = [e for e in entries if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) == (dname, E, k, H, I)]
+    same = shape_entries(entries, dtype, E, k, H, I)
     if not same:
         return None
     return min(same, key=lambda e: (abs(math.log(max(T, 1) / e["T"])), e["T"]))["config"]

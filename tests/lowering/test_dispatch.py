@@ -135,6 +135,16 @@ def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
     assert not dispatch.experts_inlinable(inputs[0], inputs[1], inputs[3], inputs[4], spec)
 
 
+def _tuned_sorted_config(monkeypatch, tma: bool):
+    """Every lookup gives a sorted-path config, with weight tiles by TMA or not, on a GPU that runs Triton."""
+    from moe_compiler.lowering import triton_config
+
+    small = triton_config.KernelConfig(16, 16)
+    config = triton_config.SortedConfig(block_m=64, gate_up=small, down=small, tma=tma)
+    monkeypatch.setattr(device, "uses_triton", lambda t: True)
+    monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: config)
+
+
 @pytest.mark.parametrize("shape, T, tma, inlinable", [
     ((128, 8, 2048, 768), 1024, True, True),  # Qwen3-30B-A3B, 7.7e10 FLOP: pointer loads cost ~1% (NOTES session 25)
     ((8, 2, 4096, 14336), 1024, True, False),  # Mixtral-8x7B, 7.2e11: TMA's 9% is worth the opaque host path
@@ -143,13 +153,8 @@ def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
 def test_a_traced_tma_call_records_its_launches_only_where_its_gemms_are_short(shape, T, tma, inlinable, monkeypatch):
     """A recorded call cannot keep host TMA descriptors: a TMA config is recorded (with pointer loads) up to
     INLINE_TMA_MAX_FLOP of GEMM work and kept opaque above it."""
-    from moe_compiler.lowering import triton_config
-
     E, k, H, I = shape
-    small = triton_config.KernelConfig(16, 16)
-    config = triton_config.SortedConfig(block_m=64, gate_up=small, down=small, tma=tma)
-    monkeypatch.setattr(device, "uses_triton", lambda t: True)
-    monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: config)
+    _tuned_sorted_config(monkeypatch, tma)
     meta = dict(device="meta", dtype=torch.bfloat16)
     hidden, ids = torch.empty(T, H, **meta), torch.empty(T, k, device="meta", dtype=torch.int64)
     w_gate_up, w_down = torch.empty(E, 2 * I, H, **meta), torch.empty(E, H, I, **meta)
@@ -166,13 +171,8 @@ def test_a_symbolic_tma_call_is_judged_at_its_band_s_point_not_its_traced_length
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
-    from moe_compiler.lowering import triton_config
-
     E, k, H, I = shape
-    small = triton_config.KernelConfig(16, 16)
-    config = triton_config.SortedConfig(block_m=64, gate_up=small, down=small, tma=True)
-    monkeypatch.setattr(device, "uses_triton", lambda t: True)
-    monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: config)
+    _tuned_sorted_config(monkeypatch, tma=True)
     env = ShapeEnv()
     T = env.create_symintnode(env.create_symbol(hint, ConstantSource("T"), DimDynamic.DYNAMIC), hint=hint)
     with FakeTensorMode(shape_env=env):
