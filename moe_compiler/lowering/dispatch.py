@@ -65,15 +65,27 @@ def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = Fa
     config under a band guard (triton_config.config_tokens)."""
     (T, H), E, k = hidden.shape, w_gate_up.shape[0], topk_ids.shape[1]
     hint, highest = triton_config.config_tokens(T)
+    banded = not isinstance(T, int)
     key = (device.index(hidden), hidden.dtype, E, k, H, I, hint, transposed, triton_config.autotune_enabled())
-    config = _CONFIGS.get((key, highest))  # per call it is host time on the critical path of small T
+    config = _CONFIGS.get((key, highest, banded))  # per call it is host time on the critical path of small T
     if config is None:
-        config = _config_for(*key)
+        config = (_band_config(*key) if banded else None) or _config_for(*key)
         if config.path is triton_config.Path.DECODE and (highest is None or highest * k > _decode_max_pairs()):
             # a symbolic T whose band reaches past what the decode kernels take
             config = triton_config.default_sorted_config(hidden.dtype, E, k, hint)
         if not (key[-1] and device.capturing()):  # autotuning declines inside a capture: ask again outside
-            _CONFIGS[key, highest] = config
+            _CONFIGS[key, highest, banded] = config
+    return config
+
+
+def _band_config(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, *_):
+    """The band entry of T's band (T: its grid point) where this GPU's table has one that can run here, else None.
+    A CUTLASS entry needs the extension: without it the band keeps its point's entry, a tuned Triton config, rather
+    than the untuned default that stands in for a library entry the library cannot take."""
+    config = triton_config.band_entry(device.gpu_name(index), dtype, E, k, H, I, T)
+    if config is not None and config.path is triton_config.Path.CUTLASS:
+        if cutlass.mode() == "0" or cutlass.missing() is not None:
+            return None
     return config
 
 

@@ -12,11 +12,18 @@ the same compute capability (an H200 uses the H100's tiles), with a warning; a s
 gets the heuristic default below. Each of these gets ONE loud warning per (GPU, dtype, shape) naming the
 command that tunes it: a slow config is silent otherwise.
 
+A symbolic token count (prompts of varying length) runs one config for its whole band (T_BANDS): the file's band
+entry of the shape where `python -m moe_compiler.tune --bands` measured one faster across the band's lengths
+(tune/bands.py), else the entry of the band's grid point, found as above.
+
 Schema (version 1):
     {"schema": 1, "gpu": str, "capability": [major, minor], "triton": str, "torch": str, "written_by": str,
      "earlier": [str, ...] (the commands of the entries a --merge kept; optional),
      "entries": [{"dtype": "bfloat16", "E": int, "k": int, "H": int, "I": int, "T": int,
-                  "config": <DecodeConfig or SortedConfig as a dict, with "path">, "us": float}, ...]}
+                  "config": <DecodeConfig or SortedConfig as a dict, with "path">, "us": float}, ...],
+     "bands": [{"dtype", "E", "k", "H", "I", "band": [lowest, highest], "config": <as above, run as written>,
+                "T": the grid point whose entry it is, "gain": float, "lengths": [int, ...],
+                "written_by": str}, ...] (optional)}
 """
 
 from __future__ import annotations
@@ -354,6 +361,36 @@ def load_file(path: pathlib.Path) -> list[dict]:
             raise ValueError(f"{path}: entry {i} lacks {sorted(missing)}")
         entries.append({**e, "config": from_dict(e["config"])})
     return entries
+
+
+def load_bands(path: pathlib.Path) -> list[dict]:
+    """Band entries of a config file ("bands", optional), each with its config parsed and its band a tuple."""
+    bands = []
+    for i, e in enumerate(json.loads(path.read_text()).get("bands", [])):
+        missing = {"dtype", "E", "k", "H", "I", "band", "config"} - set(e)
+        if missing:
+            raise ValueError(f"{path}: band entry {i} lacks {sorted(missing)}")
+        lo, hi = e["band"]
+        if (lo, hi) != band(lo):
+            raise ValueError(f"{path}: band entry {i}: {[lo, hi]} is not one of the bands {T_BANDS}; re-run "
+                             "python -m moe_compiler.tune --bands")
+        bands.append({**e, "band": (lo, hi), "config": from_dict(e["config"])})
+    return bands
+
+
+@functools.cache
+def _own_bands(gpu_name: str) -> tuple[dict, ...]:
+    own = gpu_file(gpu_name)
+    return tuple(load_bands(own)) if own.exists() else ()
+
+
+def band_entry(gpu_name: str, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config | None:
+    """The config measured for the band of T (a band's grid point) on this GPU, or None: a band entry is this
+    GPU's own measurement across the band's lengths, never borrowed from another GPU."""
+    dname = str(dtype).removeprefix("torch.")
+    key = (dname, E, k, H, I, band(T))
+    found = [e for e in _own_bands(gpu_name) if (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["band"]) == key]
+    return found[0]["config"] if found else None
 
 
 @functools.cache

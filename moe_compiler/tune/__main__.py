@@ -6,6 +6,8 @@
     python -m moe_compiler.tune --refine --tokens 1024 16384     # raster / grid / warp spec of existing entries
     python -m moe_compiler.tune --quick 30 --shapes kimi_k2 olmoe --merge   # the pruned search of autotune on
                                                                  # first use (tune/first_use.py), 30 s per point
+    python -m moe_compiler.tune --bands --shapes deepseek_v3 --merge        # the config of each band's graph
+                                                                 # (prompts of varying length; tune/bands.py)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 
 import torch
@@ -20,7 +23,7 @@ import triton
 
 from moe_compiler.lowering import triton_config
 
-from . import first_use, search
+from . import bands, first_use, search
 from .shapes import ALL_SHAPES, SHAPES, TOKENS
 from .timing import Timer
 
@@ -34,7 +37,8 @@ def parse_args():
     p.add_argument("--shapes", nargs="*", default=names,
                    help=f"names from {list(ALL_SHAPES)} (default {names}; none: only --shape)")
     p.add_argument("--shape", action="append", default=[], help="E,k,H,I (repeatable): extra shapes")
-    p.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help=f"default: {TOKENS}; with --bands, the lengths timed: {list(bands.LENGTHS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)),
                    help="processes compiling the candidates")
@@ -49,7 +53,12 @@ def parse_args():
                         "are candidates of the quick search too (the full search times them wherever they run)")
     p.add_argument("--refine", action="store_true",
                    help="only re-tune raster / persistent grid / warp specialization of existing sorted entries")
-    return p.parse_args()
+    p.add_argument("--bands", action="store_true",
+                   help="only choose, among the file's entries, the config of each band's graph (tune/bands.py)")
+    args = p.parse_args()
+    if args.tokens is None:
+        args.tokens = list(bands.LENGTHS if args.bands else TOKENS)
+    return args
 
 
 def write(path, data):
@@ -79,6 +88,29 @@ def quick(shapes, tokens, dtype, gpu, budget_s):
     return entries, table
 
 
+def write_bands(out_path: str, args, dtype, timer, command: str) -> None:
+    """--bands: measure the named shapes' bands (bands.measure) and write their band entries into the file, in
+    place of the ones it had for those shapes and bands (--merge keeps the others; without it they are dropped)."""
+    if not os.path.exists(out_path):
+        raise SystemExit(f"{COMMAND} --bands: no table at {out_path} to choose from; tune the shapes first")
+    if args.shape:
+        raise SystemExit(f"{COMMAND} --bands: takes named shapes only (--shapes of {list(ALL_SHAPES)}), got --shape "
+                         f"{args.shape}")
+    data = json.load(open(out_path))
+    entries = triton_config.load_file(pathlib.Path(out_path))
+    written, table = bands.measure(args.shapes, args.tokens, dtype, timer, entries, command)
+    measured = {(args.dtype, *ALL_SHAPES[n], tuple(b)) for n in args.shapes for b in bands.lengths_by_band(args.tokens)}
+    kept = [b for b in data.get("bands", []) if args.merge
+            and (b["dtype"], b["E"], b["k"], b["H"], b["I"], tuple(b["band"])) not in measured]
+    data["bands"] = sorted(kept + written, key=lambda b: (b["dtype"], b["E"], b["k"], b["H"], b["I"], b["band"][0]))
+    write(out_path, data)
+    print(f"wrote {out_path} ({len(data['bands'])} band entries)")
+    print(f"{'shape':>16} {'band':>12} {'T':>6} | us of each candidate (today's marked *)")
+    for name, band, T, us, today in table:
+        cells = "  ".join(f"{label}{'*' if label == today else ''} {t:9.1f}" for label, t in us.items())
+        print(f"{name:>16} {str(band):>12} {T:>6} | {cells}")
+
+
 def main():
     args = parse_args()
     if not torch.cuda.is_available():
@@ -103,13 +135,19 @@ def main():
         write(out_path, data)
         print(f"wrote {out_path}")
         return
-    entries, earlier = [], []
+    if args.bands:
+        write_bands(out_path, args, dtype, timer, command)
+        return
+    entries, earlier, kept_bands = [], [], []
     if args.merge and os.path.exists(out_path):
         keys = {(args.dtype, *s, T) for s in shapes for T in args.tokens}  # only the points re-tuned now
         old = json.load(open(out_path))
         entries = [e for e in old["entries"] if (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"]) not in keys]
         # The commands whose entries the file keeps: a merge must not lose where the rest came from.
         earlier = [c for c in old.get("earlier", []) + [old.get("written_by")] if c]
+        # A band entry was chosen among its shape's entries: re-tuning the shape drops it (tune --bands again).
+        retuned = {(args.dtype, *s) for s in shapes}
+        kept_bands = [b for b in old.get("bands", []) if (b["dtype"], b["E"], b["k"], b["H"], b["I"]) not in retuned]
     if args.quick is not None:
         tuned, table = quick(shapes, args.tokens, dtype, gpu, args.quick)
     else:
@@ -124,6 +162,7 @@ def main():
         "written_by": command,
         **({"earlier": list(dict.fromkeys(earlier))} if earlier else {}),
         "entries": sorted(entries + tuned, key=lambda e: (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"])),
+        **({"bands": kept_bands} if kept_bands else {}),
     }
     write(out_path, data)
     print(f"wrote {out_path} ({len(data['entries'])} entries)")

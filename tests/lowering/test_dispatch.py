@@ -3,12 +3,15 @@ paths compute the same thing at real model shapes."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from config_files import SMALL, write_config_file
 from triton_cases import DEVICE, device_inputs
 
 from moe_compiler import ExpertsSpec
-from moe_compiler.lowering import device, dispatch
+from moe_compiler.lowering import cutlass, device, dispatch, triton_config
 from moe_compiler.lowering.torch_segment_mm import GatherBmm, GroupedMM, LoopMM
 from moe_compiler.spec import SharedMLP
 from moe_compiler.testing import (
@@ -33,8 +36,6 @@ def test_cpu_selection_by_alignment():
 
 
 def test_token_bands_cover_every_length_once_and_a_plain_count_is_its_own_config_point():
-    from moe_compiler.lowering import triton_config
-
     bands = [triton_config.band(T) for T in range(1, 20000)]
     assert sorted(set(bands)) == [(1, 16), (17, 256), (257, 4096), (4097, None)]
     assert all(lo <= T and (hi is None or T <= hi) for T, (lo, hi) in enumerate(bands, start=1))
@@ -49,8 +50,6 @@ def test_symbolic_count_takes_its_band_s_point_whatever_length_traced_it(hint, w
     # 2048-token prompts with 512's tiles, benchmarks/NOTES.md session 24), under guards keeping T in the band
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
-
-    from moe_compiler.lowering import triton_config
 
     env = ShapeEnv()
     T = env.create_symintnode(env.create_symbol(hint, ConstantSource("T"), DimDynamic.DYNAMIC), hint=hint)
@@ -113,7 +112,7 @@ def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
     """A table entry naming torch's grouped GEMM runs triton_grouped over GroupedMM where its operands suit it
     (here: the CPU's torch._grouped_mm), the Triton default where they do not; the op then stays one call."""
     pytest.importorskip("triton")
-    from moe_compiler.lowering import triton_config, triton_grouped
+    from moe_compiler.lowering import triton_grouped
     from moe_compiler.testing import experts_reference
 
     spec = ExpertsSpec()
@@ -137,8 +136,6 @@ def test_grouped_mm_config_runs_torchs_grouped_gemm_or_falls_back(monkeypatch):
 
 def _tuned_sorted_config(monkeypatch, tma: bool):
     """Every lookup gives a sorted-path config, with weight tiles by TMA or not, on a GPU that runs Triton."""
-    from moe_compiler.lowering import triton_config
-
     small = triton_config.KernelConfig(16, 16)
     config = triton_config.SortedConfig(block_m=64, gate_up=small, down=small, tma=tma)
     monkeypatch.setattr(device, "uses_triton", lambda t: True)
@@ -167,14 +164,11 @@ def test_a_traced_tma_call_records_its_launches_only_where_its_gemms_are_short(s
     ((128, 8, 4096, 1536), 4000, True),  # Qwen3-235B-A22B traced at 4000 (1.2e12) runs the 1024 point's tiles: 3.1e11
 ])
 def test_a_symbolic_tma_call_is_judged_at_its_band_s_point_not_its_traced_length(shape, hint, inlinable, monkeypatch):
-    from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
     E, k, H, I = shape
     _tuned_sorted_config(monkeypatch, tma=True)
-    env = ShapeEnv()
-    T = env.create_symintnode(env.create_symbol(hint, ConstantSource("T"), DimDynamic.DYNAMIC), hint=hint)
+    env, T = _symbolic_tokens(hint)
     with FakeTensorMode(shape_env=env):
         hidden, ids = torch.empty(T, H, dtype=torch.bfloat16), torch.empty(T, k, dtype=torch.int64)
         w_gate_up, w_down = torch.empty(E, 2 * I, H, dtype=torch.bfloat16), torch.empty(E, H, I, dtype=torch.bfloat16)
@@ -182,12 +176,53 @@ def test_a_symbolic_tma_call_is_judged_at_its_band_s_point_not_its_traced_length
         assert dispatch.experts_inlinable(hidden, ids, w_gate_up, w_down, ExpertsSpec()) is inlinable
 
 
+def _symbolic_tokens(hint: int):
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    return env, env.create_symintnode(env.create_symbol(hint, ConstantSource("T"), DimDynamic.DYNAMIC), hint=hint)
+
+
+@pytest.mark.parametrize("band_path", ["sorted", "cutlass"])
+def test_a_symbolic_length_takes_its_band_s_entry_and_a_static_one_its_grid_point_s(band_path, config_dir, monkeypatch):
+    """GPU A's table (conftest.config_dir) has one shape, sorted with TMA at 1024 tokens; its band entry for 257-4096
+    tokens, measured by tune --bands, is another config. A prompt length traced as a symbol at 2000 tokens takes the
+    band entry; the same length as a plain int, the grid point's entry. A CUTLASS band entry runs only where the
+    extension can be built: otherwise the band keeps its point's tuned entry."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    banded = {"sorted": {"path": "sorted", "block_m": 128, "gate_up": SMALL, "down": SMALL},
+              "cutlass": {"path": "cutlass", "config": 2}}[band_path]
+    entries = json.loads((config_dir / "GPU_A.json").read_text())["entries"]
+    band = {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "band": [257, 4096], "config": banded}
+    write_config_file(config_dir, "GPU A", [9, 0], entries, bands=[band])
+    for name, value in (("index", 0), ("gpu_name", "GPU A"), ("capability", (9, 0))):
+        monkeypatch.setattr(device, name, lambda *a, v=value: v)
+    monkeypatch.setenv(triton_config.AUTOTUNE_ENV, "0")
+    monkeypatch.setattr(dispatch, "_CONFIGS", {})
+    point = triton_config.from_dict(entries[1]["config"])
+    for buildable in (True, False):
+        monkeypatch.setattr(cutlass, "missing", lambda b=buildable: None if b else "no nvcc")
+        dispatch._CONFIGS.clear()
+        env, T = _symbolic_tokens(2000)
+        with FakeTensorMode(shape_env=env):
+            hidden, ids = torch.empty(T, 512, dtype=torch.bfloat16), torch.empty(T, 4, dtype=torch.int64)
+            w_gate_up = torch.empty(64, 512, 512, dtype=torch.bfloat16)
+            traced = dispatch.triton_config_for(hidden, ids, w_gate_up, 256)
+        runs = buildable or band_path == "sorted"
+        assert traced == (triton_config.from_dict(banded) if runs else point)
+        static = torch.empty(2000, 512, dtype=torch.bfloat16, device="meta")
+        static_ids = torch.empty(2000, 4, device="meta")
+        assert dispatch.triton_config_for(static, static_ids, w_gate_up.to("meta"), 256) == point
+
+
 @pytest.mark.parametrize("entry", ["grouped_mm", "decode"])
 def test_a_training_forward_saves_z_on_the_tuned_library_path_or_the_sorted_one(entry, monkeypatch):
     """experts_forward_saving_z: a grouped_mm entry runs triton_grouped (saving z in its act pass), a decode entry
     the sorted path (z from the gate_up epilogue); out and z against the fp64 reference either way."""
     pytest.importorskip("triton")
-    from moe_compiler.lowering import triton_config, triton_experts, triton_grouped
+    from moe_compiler.lowering import triton_experts, triton_grouped
     from moe_compiler.testing import experts_reference, pre_activations
 
     spec = ExpertsSpec()
@@ -213,7 +248,6 @@ def test_cutlass_config_runs_its_tiles_or_the_triton_default(monkeypatch):
     the extension records the config each GEMM got) where CUTLASS runs, the Triton default where it does not
     (not built, not sm90, MOE_COMPILER_CUTLASS=0); the op stays one call."""
     pytest.importorskip("triton")
-    from moe_compiler.lowering import cutlass, triton_config
     from moe_compiler.testing import experts_reference
 
     spec = ExpertsSpec()

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from config_files import SMALL, write_config_file
 
 from moe_compiler.lowering import triton_config
 from moe_compiler.lowering.triton_config import (
@@ -38,32 +39,10 @@ def test_committed_config_files_validate(path):
             assert e["T"] * e["k"] <= 4096  # triton_decode.MAX_PAIRS, without importing triton
         # Round trip: what the tuner writes is what lookup reads.
         assert triton_config.from_dict(triton_config.to_dict(e["config"])) == e["config"]
-
-
-def _write(tmp_path, gpu, capability, entries):
-    path = tmp_path / (gpu.replace(" ", "_") + ".json")
-    path.write_text(json.dumps({"schema": 1, "gpu": gpu, "capability": capability, "entries": entries}))
-    return path
-
-
-SMALL = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3}
-
-
-@pytest.fixture
-def config_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(triton_config, "CONFIG_DIR", tmp_path)
-    triton_config._sources.cache_clear()
-    triton_config._warned.clear()
-    entries = [
-        {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "T": 1, "us": 10.0,
-         "config": {"path": "decode", "gate_up": SMALL, "down": SMALL}},
-        {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "T": 1024, "us": 90.0,
-         "config": {"path": "sorted", "block_m": 64, "gate_up": SMALL, "down": SMALL, "tma": True}},
-    ]
-    _write(tmp_path, "GPU A", [9, 0], entries)
-    yield tmp_path
-    triton_config._sources.cache_clear()
-    triton_config._warned.clear()
+    found = triton_config.load_bands(path)  # a symbolic T's band entries: one per shape and band, of a real path
+    keys = [(e["dtype"], e["E"], e["k"], e["H"], e["I"], e["band"]) for e in found]
+    assert len(keys) == len(set(keys)), "duplicate band entries"
+    assert all(e["config"].path in (Path.SORTED, Path.CUTLASS) and e["gain"] >= 1.0 for e in found)
 
 
 def test_lookup_takes_the_nearest_tuned_t(config_dir):
@@ -72,6 +51,21 @@ def test_lookup_takes_the_nearest_tuned_t(config_dir):
         assert isinstance(triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 64, 4, 512, 256, 2), DecodeConfig)
         big = triton_config.lookup("GPU A", (9, 0), torch.bfloat16, 64, 4, 512, 256, 700)
     assert isinstance(big, SortedConfig) and big.block_m == 64 and big.tma
+
+
+def test_a_band_entry_is_taken_for_its_band_only_and_only_on_the_gpu_that_measured_it(config_dir):
+    cutlass = {"path": "cutlass", "config": 1}
+    band = {"dtype": "bfloat16", "E": 64, "k": 4, "H": 512, "I": 256, "band": [257, 4096], "config": cutlass}
+    entries = json.loads((config_dir / "GPU_A.json").read_text())["entries"]
+    write_config_file(config_dir, "GPU A", [9, 0], entries, bands=[band])
+    assert triton_config.band_entry("GPU A", torch.bfloat16, 64, 4, 512, 256, 1024) == triton_config.CutlassConfig(1)
+    assert triton_config.band_entry("GPU A", torch.bfloat16, 64, 4, 512, 256, 64) is None  # another band
+    assert triton_config.band_entry("GPU A", torch.float16, 64, 4, 512, 256, 1024) is None  # another dtype
+    write_config_file(config_dir, "GPU B", [9, 0], entries)  # same capability: its entries borrowed, not bands
+    assert triton_config.band_entry("GPU B", torch.bfloat16, 64, 4, 512, 256, 1024) is None
+    write_config_file(config_dir, "GPU C", [9, 0], entries, bands=[dict(band, band=[300, 4096])])
+    with pytest.raises(ValueError, match=r"band entry 0: \[300, 4096\] is not one of the bands"):
+        triton_config.band_entry("GPU C", torch.bfloat16, 64, 4, 512, 256, 1024)
 
 
 def test_untuned_shape_warns_once_and_uses_defaults(config_dir):
@@ -96,7 +90,7 @@ def test_own_file_without_the_shape_borrows_it_from_a_same_capability_file(confi
     """An H200 tuned for some shapes still takes the H100's tuning of the others rather than defaults."""
     own = [{"dtype": "bfloat16", "E": 8, "k": 2, "H": 512, "I": 256, "T": 1, "us": 5.0,
             "config": {"path": "decode", "gate_up": SMALL, "down": SMALL}}]
-    _write(config_dir, "GPU B", [9, 0], own)
+    write_config_file(config_dir, "GPU B", [9, 0], own)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # its own shape: no warning
         assert isinstance(triton_config.lookup("GPU B", (9, 0), torch.bfloat16, 8, 2, 512, 256, 1), DecodeConfig)
