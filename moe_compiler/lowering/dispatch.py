@@ -69,7 +69,7 @@ def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = Fa
     key = (device.index(hidden), hidden.dtype, E, k, H, I, hint, transposed, triton_config.autotune_enabled())
     config = _CONFIGS.get((key, highest, banded))  # per call it is host time on the critical path of small T
     if config is None:
-        config = (_band_config(*key) if banded else None) or _config_for(*key)
+        config = _config_for(*key, banded)
         if config.path is triton_config.Path.DECODE and (highest is None or highest * k > _decode_max_pairs()):
             # a symbolic T whose band reaches past what the decode kernels take
             config = triton_config.default_sorted_config(hidden.dtype, E, k, hint)
@@ -78,11 +78,11 @@ def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = Fa
     return config
 
 
-def _band_config(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, *_):
+def _band_config(gpu: str, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int):
     """The band entry of T's band (T: its grid point) where this GPU's table has one that can run here, else None.
     A CUTLASS entry needs the extension: without it the band keeps its point's entry, a tuned Triton config, rather
     than the untuned default that stands in for a library entry the library cannot take."""
-    config = triton_config.band_entry(device.gpu_name(index), dtype, E, k, H, I, T)
+    config = triton_config.band_entry(gpu, dtype, E, k, H, I, T)
     if config is not None and config.path is triton_config.Path.CUTLASS:
         if cutlass.mode() == "0" or cutlass.missing() is not None:
             return None
@@ -99,10 +99,15 @@ _CONFIGS: dict = {}
 
 
 def _config_for(index: int, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, transposed: bool,
-                autotune: bool):
+                autotune: bool, banded: bool = False):
+    """`banded`: T is a symbolic count's band point, and the band's own entry comes first (_band_config)."""
     from . import triton_decode
 
     gpu, capability = device.gpu_name(index), device.capability(index)
+    if banded:
+        config = _band_config(gpu, dtype, E, k, H, I, T)
+        if config is not None:
+            return config
 
     def tuned(grid_T: int):
         # The search lives with the tuner (tune/ imports lowering at module level, never the reverse).
