@@ -53,7 +53,8 @@ def trace_settings() -> tuple:
     after =0 kept the route launch). Every environment switch that picks kernels at trace time is here."""
     return (("inline", inline.enabled()), ("autotune", triton_config.autotune_enabled()),
             ("route_in_gemv", launch.route_in_gemv()), ("cutlass", cutlass.mode()),
-            ("kernels", device.kernels()), ("triton_backward", dispatch.triton_backward_requested()))
+            ("kernels", device.kernels()), ("triton_backward", dispatch.triton_backward_requested()),
+            ("recorded_tma", launch.recorded_tma()))
 
 
 class _SourceHashPass(CustomGraphPass):
@@ -119,6 +120,8 @@ def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: d
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     if not any(t.is_cuda for t in tensors):
         return "no CUDA inputs"
+    if launch.recorded_tma():  # Inductor's C++ launches of kernels with global scratch: not tried
+        return f"{launch.RECORDED_TMA_ENV}=1: recorded kernels build TMA descriptors on the device"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "a graph with gradients (training)"
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
@@ -202,7 +205,7 @@ def fused_moe(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
     patches = _inductor_patches(mode, options, config.static_launch)
 
     # Configs are looked up (and untuned shapes autotuned) by the numerical check and while Inductor traces.
-    with triton_config.autotune_option(config.autotune):
+    with triton_config.autotune_option(config.autotune), launch.recorded_tma_option(config.recorded_tma):
         report = fuse_moe_regions(gm, example_inputs, config)
         python_host = host_code_choice(gm, example_inputs, patches, config)
         report.host_code = "C++ (cpp_wrapper)" if python_host is None else f"Python: {python_host}"

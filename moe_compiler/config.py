@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .lowering import triton_config
+from .lowering import launch, triton_config
 
 PREFIX = "moe_compiler."
 
@@ -67,6 +67,11 @@ class MoECompilerConfig:
     # a reduction, measured"); tiny models' logits vs eager as with the cuBLAS linear (session 19's GPU test).
     # Env: MOE_COMPILER_ROUTER_GEMV=0 keeps the linear.
     router_gemv: bool = True
+    # Keep the TMA loads of a sorted-path call whose launches are recorded into Inductor's code: its kernels build
+    # their TMA descriptors on the device (lowering/launch.py). Off: such a call loads by pointer, or stays one
+    # opaque op where TMA is worth more than its host path (dispatch.INLINE_TMA_MAX_FLOP). Off by default until the
+    # A/B on the GPU decides (benchmarks/NOTES.md, session 26). Env: MOE_COMPILER_RECORDED_TMA=1.
+    recorded_tma: bool = False
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:
@@ -81,6 +86,7 @@ class MoECompilerConfig:
             "static_launch": os.environ.get("MOE_COMPILER_STATIC_LAUNCH", "0") == "1",
             "cpp_wrapper": os.environ.get("MOE_COMPILER_CPP_WRAPPER", "1") != "0",
             "router_gemv": os.environ.get("MOE_COMPILER_ROUTER_GEMV", "1") != "0",
+            "recorded_tma": launch.recorded_tma(),  # MOE_COMPILER_RECORDED_TMA, parsed where the traces read it
         }
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in options.items():

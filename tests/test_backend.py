@@ -88,6 +88,27 @@ def test_cache_salt_is_our_source_hash_and_keeps_a_user_pass():
     assert len(backend.source_hash()) == 64
 
 
+def test_recorded_tma_is_an_option_off_by_default_and_part_of_the_cache_salt(monkeypatch):
+    """moe_compiler.recorded_tma (env MOE_COMPILER_RECORDED_TMA) reaches the traces of a compile, and a cache filled
+    under one setting is not handed to the other (the recorded kernels differ)."""
+    from moe_compiler.config import MoECompilerConfig
+    from moe_compiler.lowering import launch
+
+    monkeypatch.delenv(launch.RECORDED_TMA_ENV, raising=False)
+    assert MoECompilerConfig.from_options({}).recorded_tma is False and not launch.recorded_tma()
+    assert MoECompilerConfig.from_options({"moe_compiler.recorded_tma": True}).recorded_tma is True
+    off = backend.trace_settings()
+    with launch.recorded_tma_option(True):
+        assert launch.recorded_tma() and backend.trace_settings() != off
+    monkeypatch.setenv(launch.RECORDED_TMA_ENV, "1")
+    assert MoECompilerConfig.from_options({}).recorded_tma is True
+    with launch.recorded_tma_option(False):
+        assert backend.trace_settings() == off
+    monkeypatch.setenv(launch.RECORDED_TMA_ENV, "yes")
+    with pytest.raises(ValueError, match="MOE_COMPILER_RECORDED_TMA='yes'"):
+        launch.recorded_tma()
+
+
 @pytest.mark.parametrize("env, values, option", [
     ("MOE_COMPILER_INLINE", ("0", "1"), None), ("MOE_COMPILER_AUTOTUNE", ("0", "1"), None),
     ("MOE_COMPILER_ROUTE_IN_GEMV", ("0", "1"), None), ("MOE_COMPILER_CUTLASS", ("auto", "0"), None),

@@ -208,7 +208,8 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     # (a symbolic T: its band's grid point, as the lookup above took it)
     tokens = triton_config.config_tokens(T)[0]
     flop = 6 * tokens * k * hidden.shape[1] * I
-    return config.path is triton_config.Path.DECODE or not config.tma or flop <= INLINE_TMA_MAX_FLOP
+    recorded_tma = launch.recorded_tma()  # (TMA kept in the recorded kernels: nothing to weigh)
+    return config.path is triton_config.Path.DECODE or not config.tma or flop <= INLINE_TMA_MAX_FLOP or recorded_tma
 
 
 def _library_mm(hidden, w_gate_up, w_down, config):
@@ -246,7 +247,7 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
     if not runs_as_is:
         config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
                                                      hidden.shape[0])
-    if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma:
+    if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma and not launch.recorded_tma():
         config = dataclasses.replace(config, tma=False)  # see INLINE_TMA_MAX_FLOP
     # Out-of-range ids: the kernels clamp them (no stray memory access) and the kernel that checks them fails
     # the launch with a device-side assert (triton_config.LIVE_ASSERTS): loud, no host sync, capture-safe.

@@ -18,6 +18,7 @@ from its C++-backed launcher, and the op's Python is gone from the call path.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 import weakref
 
@@ -38,6 +39,35 @@ ROUTE_IN_GEMV_ENV = "MOE_COMPILER_ROUTE_IN_GEMV"
 def route_in_gemv() -> bool:
     return env_switch(ROUTE_IN_GEMV_ENV, "0", "route inside the gate_up GEMV of a traced decode call",
                       "the route op's own launch, the default")
+
+
+# Recorded TMA (the backend option moe_compiler.recorded_tma, env MOE_COMPILER_RECORDED_TMA=1) keeps a traced
+# sorted-path call's TMA loads: its kernels then build their descriptors on the device (tl.make_tensor_descriptor,
+# from the plain pointer arguments a recorded launch can carry; Triton allocates their global scratch through
+# triton.set_allocator, which Inductor's launcher sets). Off by default, the recorded call loading by pointer
+# (dispatch.INLINE_TMA_MAX_FLOP), until the A/B on the GPU decides (benchmarks/NOTES.md, session 26).
+RECORDED_TMA_ENV = "MOE_COMPILER_RECORDED_TMA"
+_recorded_tma_option: contextvars.ContextVar[bool | None] = contextvars.ContextVar("moe_compiler_recorded_tma",
+                                                                                   default=None)
+
+
+def recorded_tma() -> bool:
+    """The backend option while a compile runs (recorded_tma_option), else the environment."""
+    option = _recorded_tma_option.get()
+    if option is not None:
+        return option
+    return env_switch(RECORDED_TMA_ENV, "0", "recorded calls keep TMA, descriptors built on the device",
+                      "recorded calls load weights by pointer, the default")
+
+
+@contextlib.contextmanager
+def recorded_tma_option(enabled: bool):
+    """The backend's `moe_compiler.recorded_tma` option, for the traces of one compile."""
+    token = _recorded_tma_option.set(enabled)
+    try:
+        yield
+    finally:
+        _recorded_tma_option.reset(token)
 
 
 @contextlib.contextmanager

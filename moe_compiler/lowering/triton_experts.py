@@ -61,16 +61,25 @@ def _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M: 
     return expert, slots.to(tl.int64), rows, valid
 
 
+# How a sorted kernel loads its TMA tiles (W_TMA): not at all (pointer loads), through descriptors built on the
+# host (triton.tools.tensor_descriptor: an eager call; a recorded launch cannot carry them), or through descriptors
+# each program builds on the device from its pointer arguments (a recorded call, launch.recorded_tma()).
+TMA_OFF, TMA_HOST, TMA_DEVICE = 0, 1, 2
+
+
 @triton.jit(do_not_specialize=["GROUP_M"])  # a runtime knob: tuning it compiles nothing
 def _gate_up_kernel(
     x_ptr, w_ptr, w_desc, b_ptr, act_ptr, z_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
     num_padded_ptr,
-    H, I, TOP_K, alpha, limit, GROUP_M,
+    H, I, E, TOP_K, alpha, limit, GROUP_M,
     stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am, stride_zm,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
+    if W_TMA == 2:  # TMA_DEVICE: the same boxes as the host's descriptor (_weight_desc), built by each program
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, 2 * I, H], strides=[stride_we, stride_wn, 1],
+                                           block_shape=[1, (2 if INTERLEAVED else 1) * BLOCK_N, BLOCK_K])
     num_pid_n = tl.cdiv(I, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=WARP_SPEC, warp_specialize=WARP_SPEC):
@@ -155,16 +164,20 @@ def _gate_up_kernel(
         tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
 
 
-@triton.jit(do_not_specialize=["GROUP_M"])
+@triton.jit(do_not_specialize=["GROUP_M", "S"])  # S: act's rows, a bound that moves with T (read by TMA_DEVICE only)
 def _down_kernel(
     a_ptr, a_desc, w_ptr, w_desc, b_ptr, y_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr,
     num_padded_ptr,
-    H, I, TOP_K, GROUP_M,
+    H, I, E, S, TOP_K, GROUP_M,
     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
+    if W_TMA == 2:  # TMA_DEVICE: as launch_down's host descriptors, act [S, I] and W_down [E, H, I]
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[S, I], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, H, I], strides=[stride_we, stride_wn, 1],
+                                           block_shape=[1, BLOCK_N, BLOCK_K])
     num_pid_n = tl.cdiv(H, BLOCK_N)
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=WARP_SPEC, warp_specialize=WARP_SPEC):
@@ -247,14 +260,31 @@ def logical_strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether TMA can load these (CUDA, sm90+, unit last stride, 16-byte aligned base and strides)."""
+    """Whether TMA can load these (CUDA, sm90+, unit last stride, 16-byte aligned base and strides). A traced (fake)
+    tensor has no address: its offset into a storage the allocator aligns stands in."""
     t0 = tensors[0]
     if t0.device.type != "cuda" or not device.has_tma(device.index(t0)):
         return False
     return all(
-        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        t.stride(-1) == 1 and _address(t) % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
         for t in tensors
     )
+
+
+def _address(t: torch.Tensor) -> int:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.storage_offset() * t.element_size() if is_fake(t) else t.data_ptr()
+
+
+
+def tma_mode(config: SortedConfig, spec: ExpertsSpec, *tensors: torch.Tensor) -> int:
+    """The W_TMA of a launch with this config on these operands (the ones TMA loads)."""
+    if not (config.tma and not spec.transposed and tma_ok(*tensors)):
+        return TMA_OFF
+    if launch.tracing():  # host descriptors cannot be recorded: pointer loads unless the device builds them
+        return TMA_DEVICE if launch.recorded_tma() else TMA_OFF
+    return TMA_HOST
 
 
 def _weight_desc(w, rows: int, block_k: int, use: bool):
@@ -276,18 +306,18 @@ def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: Expert
     H, I = hidden.shape[1], act.shape[1]
     gu = config.gate_up
     interleaved = spec.gate_up is GateUpLayout.INTERLEAVED
-    use_tma = config.tma and not spec.transposed and tma_ok(w_gate_up)
-    w_desc = _weight_desc(w_gate_up, (2 if interleaved else 1) * gu.block_n, gu.block_k, use_tma)
+    tma = tma_mode(config, spec, w_gate_up)
+    w_desc = _weight_desc(w_gate_up, (2 if interleaved else 1) * gu.block_n, gu.block_k, tma == TMA_HOST)
     grid = _grid(rows.max_blocks * triton.cdiv(I, gu.block_n), config.programs_per_sm, hidden)
     launch.kernel(_gate_up_kernel)[grid](
         hidden, w_gate_up, w_desc, b_gate_up if b_gate_up is not None else w_gate_up, act, z if z is not None else act,
         weights if spec.scale_input else act, rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
-        H, I, k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m,
+        H, I, w_gate_up.shape[0], k, float(spec.swiglu_alpha), float(spec.swiglu_limit), config.group_m,
         hidden.stride(0), *logical_strides(w_gate_up, spec.transposed),
         b_gate_up.stride(0) if b_gate_up is not None else 0, act.stride(0), z.stride(0) if z is not None else 0,
         ACT=ACT_CODE[spec.activation], INTERLEAVED=interleaved,
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, DOT_PRECISION=dot_precision(hidden.dtype),
-        W_TMA=use_tma, SCALE_INPUT=spec.scale_input, STORE_Z=z is not None, BLOCK_M=config.block_m, BLOCK_N=gu.block_n,
+        W_TMA=tma, SCALE_INPUT=spec.scale_input, STORE_Z=z is not None, BLOCK_M=config.block_m, BLOCK_N=gu.block_n,
         BLOCK_K=gu.block_k,
         WARP_SPEC=gu.warp_specialize, num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
@@ -298,22 +328,22 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
     combine, y [T, H] fp32 += the same, at each pair's token row."""
     I, H = act.shape[1], y.shape[1]
     dn = config.down
-    use_tma = config.tma and not spec.transposed and tma_ok(w_down, act)
+    tma = tma_mode(config, spec, w_down, act)
     a_desc = None
-    if use_tma:
+    if tma == TMA_HOST:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor(act, list(act.shape), list(act.stride()), [config.block_m, dn.block_k])
     grid = _grid(rows.max_blocks * triton.cdiv(H, dn.block_n), config.programs_per_sm, act)
     launch.kernel(_down_kernel)[grid](
-        act, a_desc, w_down, _weight_desc(w_down, dn.block_n, dn.block_k, use_tma),
+        act, a_desc, w_down, _weight_desc(w_down, dn.block_n, dn.block_k, tma == TMA_HOST),
         b_down if b_down is not None else w_down, y, weights,
         rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
-        H, I, k, config.group_m,
+        H, I, w_down.shape[0], act.shape[0], k, config.group_m,
         act.stride(0), *logical_strides(w_down, spec.transposed), b_down.stride(0) if b_down is not None else 0,
         y.stride(0),
         HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, ATOMIC=config.combine is Combine.ATOMIC,
-        DOT_PRECISION=dot_precision(act.dtype), W_TMA=use_tma, SCALE_INPUT=spec.scale_input,
+        DOT_PRECISION=dot_precision(act.dtype), W_TMA=tma, SCALE_INPUT=spec.scale_input,
         BLOCK_M=config.block_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, WARP_SPEC=dn.warp_specialize,
         num_warps=dn.num_warps, num_stages=dn.num_stages,
     )

@@ -142,15 +142,19 @@ def _tuned_sorted_config(monkeypatch, tma: bool):
     monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: config)
 
 
-@pytest.mark.parametrize("shape, T, tma, inlinable", [
-    ((128, 8, 2048, 768), 1024, True, True),  # Qwen3-30B-A3B, 7.7e10 FLOP: pointer loads cost ~1% (NOTES session 25)
-    ((8, 2, 4096, 14336), 1024, True, False),  # Mixtral-8x7B, 7.2e11: TMA's 9% is worth the opaque host path
-    ((8, 2, 4096, 14336), 1024, False, True),  # ... and a config without TMA loses nothing when recorded
+@pytest.mark.parametrize("shape, T, tma, recorded_tma, inlinable", [
+    ((128, 8, 2048, 768), 1024, True, "0", True),  # Qwen3-30B-A3B, 7.7e10 FLOP: pointer loads cost ~1% (session 25)
+    ((8, 2, 4096, 14336), 1024, True, "0", False),  # Mixtral-8x7B, 7.2e11: TMA's 9% is worth the opaque host path
+    ((8, 2, 4096, 14336), 1024, False, "0", True),  # ... and a config without TMA loses nothing when recorded
+    ((8, 2, 4096, 14336), 1024, True, "1", True),  # ... nor one whose recorded kernels build their descriptors
 ])
-def test_a_traced_tma_call_records_its_launches_only_where_its_gemms_are_short(shape, T, tma, inlinable, monkeypatch):
+def test_a_traced_tma_call_records_its_launches_only_where_its_gemms_are_short(shape, T, tma, recorded_tma, inlinable,
+                                                                               monkeypatch):
     """A recorded call cannot keep host TMA descriptors: a TMA config is recorded (with pointer loads) up to
-    INLINE_TMA_MAX_FLOP of GEMM work and kept opaque above it."""
+    INLINE_TMA_MAX_FLOP of GEMM work and kept opaque above it, unless its kernels build the descriptors on the
+    device (MOE_COMPILER_RECORDED_TMA=1)."""
     E, k, H, I = shape
+    monkeypatch.setenv("MOE_COMPILER_RECORDED_TMA", recorded_tma)
     _tuned_sorted_config(monkeypatch, tma)
     meta = dict(device="meta", dtype=torch.bfloat16)
     hidden, ids = torch.empty(T, H, **meta), torch.empty(T, k, device="meta", dtype=torch.int64)

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from triton_cases import DTYPES, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
+from triton_cases import DEVICE, DTYPES, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
 
 from moe_compiler.lowering import triton_experts  # noqa: E402
 from moe_compiler.lowering.triton_config import Combine, KernelConfig, SortedConfig  # noqa: E402
@@ -57,6 +57,30 @@ def test_tma_config(spec, dtype, tol):
     # On a GPU: TMA weight tiles (transposed GPT-OSS weights fall back to pointers); on the CPU: pointers.
     # 9 tokens, H = 40, I = 24: K tails that TMA zero-fills, gate tiles that run past I.
     assert _run(9, 40, 24, 5, 2, dtype, spec, CONFIGS["tma"]) <= tol
+
+
+@pytest.mark.parametrize("config", ["tma", "warp_specialized"])
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_tma_descriptors_built_on_the_device(config, spec, dtype, tol, monkeypatch):
+    """The recorded form of a TMA call (launch.recorded_tma()): each program builds its weight (and the down GEMM's
+    act) descriptors with tl.make_tensor_descriptor from its pointer arguments, here run eagerly: on a GPU their
+    global scratch comes from the allocator Inductor's launcher sets (set here the same way, in a copied context);
+    the interpreter emulates the descriptors. Transposed weights keep pointer loads."""
+    import contextvars
+
+    import triton
+
+    def device_mode(config, spec, *tensors):
+        return triton_experts.TMA_DEVICE if config.tma and not spec.transposed else triton_experts.TMA_OFF
+
+    monkeypatch.setattr(triton_experts, "tma_mode", device_mode)
+
+    def run():
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEVICE))
+        return _run(9, 40, 24, 5, 2, dtype, spec, CONFIGS[config])
+
+    assert contextvars.copy_context().run(run) <= tol
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))

@@ -30,6 +30,8 @@ from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout, RouterSpec
 from moe_compiler.testing import experts_inputs
 
 device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+from moe_compiler.lowering import triton_experts
+triton_experts.tma_ok = lambda *t: True      # ... and for TMA-aligned ones on an sm90 GPU
 {sm90_driver}
 if {export}:  # what torch.export sets while it traces: custom ops stay whole
     import torch.export._trace as export_trace
@@ -91,7 +93,7 @@ for T in {lengths}:  # more calls, each of T tokens: how many graphs the lengths
 code = graphs[0].code
 print("KERNELS", code.count("triton_kernel_wrapper_functional("))
 print("OPS", code.count("moe_compiler.experts"), code.count("moe_compiler.route"))
-print("TMA", "'W_TMA': True" in code)
+print("TMA", "'W_TMA': 2" in code)  # (triton_experts.TMA_DEVICE: descriptors built by the kernels)
 print("CUTLASS", code.count("moe_compiler.cutlass_grouped_mm.default("))
 print("SAVED", len(graphs[0].graph.find_nodes(op="output")[0].args[0]) - 1)  # outputs beyond f's own
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
@@ -144,9 +146,10 @@ print("NONFINITE", len(nonfinite), *nonfinite)
 
 
 def _trace(path: str, inline: str = "1", dynamic: bool | str = False, train: bool = False, export: bool = False,
-           route_in_gemv: str = "0", lengths: tuple = ()) -> dict:
+           route_in_gemv: str = "0", lengths: tuple = (), recorded_tma: str = "0") -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOE_COMPILER_ROUTE_IN_GEMV")}
     env["MOE_COMPILER_INLINE"] = inline
+    env["MOE_COMPILER_RECORDED_TMA"] = recorded_tma
     if route_in_gemv != "0":
         env["MOE_COMPILER_ROUTE_IN_GEMV"] = route_in_gemv
     code = textwrap.dedent(TRACE).format(path=path, dynamic=dynamic, train=train, export=export,
@@ -199,6 +202,15 @@ def test_sorted_call_becomes_its_launches_without_host_tma():
     # route + align (6 pairs: one chunk, one launch) + gate_up + down + combine; the host TMA descriptors the
     # config asks for cannot be recorded, so the recorded GEMMs load by pointer
     assert _trace("sorted") == {"kernels": 5, "ops": (0, 0), "tma": False, "cloned": "0"}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_sorted_call_keeps_tma_where_its_kernels_build_the_descriptors(train):
+    # MOE_COMPILER_RECORDED_TMA=1: the same launches, the GEMMs' TMA kept (descriptors built on the device from the
+    # recorded pointer arguments), a training forward's too
+    traced = _trace("sorted", recorded_tma="1", train=train)
+    assert {k: traced[k] for k in ("kernels", "ops", "tma", "cloned")} == {"kernels": 5, "ops": (0, 0), "tma": True,
+                                                                           "cloned": "0"}
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
@@ -275,6 +287,8 @@ from moe_compiler.spec import QuantizedExpertsSpec
 from moe_compiler.testing.quantized import quantized_experts_inputs
 
 device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+from moe_compiler.lowering import triton_experts
+triton_experts.tma_ok = lambda *t: True      # ... and for TMA-aligned ones on an sm90 GPU
 {sm90_driver}
 if {cutlass}:  # the GEMMs on csrc/'s FP8 grouped GEMM (MOE_COMPILER_CUTLASS=1): the operands taken, nothing built
     from moe_compiler.lowering import cutlass
@@ -350,6 +364,8 @@ from moe_compiler.lowering import device
 from moe_compiler.testing.quantized import quantize_fp8_blocks
 
 device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+from moe_compiler.lowering import triton_experts
+triton_experts.tma_ok = lambda *t: True      # ... and for TMA-aligned ones on an sm90 GPU
 {sm90_driver}
 q, s = quantize_fp8_blocks(torch.randn(40, 64), 16, 32)
 graphs = []
@@ -484,6 +500,42 @@ def test_fp8_experts_with_prompts_of_varying_length_record_their_launches_and_eq
     assert [T for T, code in codes.items() if code] == [7, 40, 300]
     for T in (40, 300):
         assert "torch.ops.moe_compiler.experts" not in codes[T] and "_gate_up" in codes[T], T
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [64, 300])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_recorded_tma_compiled_equals_eager(arch, T, monkeypatch):
+    """moe_compiler.recorded_tma: a sorted-path call whose config loads by TMA keeps TMA in Inductor's code, its
+    kernels building the descriptors on the device (global scratch from the allocator Inductor's launcher sets);
+    the logits equal eager, as they do with the default's pointer loads."""
+    from moe_compiler.lowering import dispatch, triton_config, triton_experts
+    from moe_compiler.testing import rel_err
+    from moe_compiler.testing.hf_models import tiny_model
+
+    tile = triton_config.KernelConfig(32, 32, num_warps=4, num_stages=3)
+    config = triton_config.SortedConfig(block_m=16, gate_up=tile, down=tile, tma=True)
+    monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: config)
+    modes = []
+
+    def spy(*a, real=triton_experts.tma_mode):
+        modes.append(real(*a))
+        return modes[-1]
+
+    monkeypatch.setattr(triton_experts, "tma_mode", spy)
+    model = tiny_model(arch, dtype=torch.bfloat16).cuda()
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+        for recorded in (False, True):
+            torch._dynamo.reset()
+            modes.clear()
+            compiled = torch.compile(model, backend="fused_moe", dynamic=False,
+                                     options={"moe_compiler.recorded_tma": recorded})
+            out = compiled(input_ids=ids).logits.float()
+            assert rel_err(out, ref) <= 3e-2, (recorded, rel_err(out, ref))
+            want = triton_experts.TMA_DEVICE if recorded else triton_experts.TMA_OFF
+            assert modes and set(modes) - {triton_experts.TMA_HOST} == {want}, modes  # (HOST: the eager check)
 
 
 @pytest.mark.gpu
