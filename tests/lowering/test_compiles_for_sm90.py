@@ -70,6 +70,16 @@ for dtype in (torch.bfloat16, torch.float32):
                                             torch.randn(1, 64))))
     triton_decode.experts_forward(h, ids, w, w1, w2, None, None, ExpertsSpec(), DECODE, mlp)
     triton_act.gated_rows(torch.randn(4, 32, dtype=dtype), torch.randn(4, 32, dtype=dtype), ExpertsSpec())
+# The sorted GEMMs' TMA, descriptors built by the host (an eager call) and by each program (a recorded call,
+# launch.recorded_tma()); CPU tensors stand in for aligned CUDA ones
+triton_experts.tma_ok = lambda *t: True
+TMA = dataclasses.replace(SORTED, tma=True)
+for mode in (triton_experts.TMA_HOST, triton_experts.TMA_DEVICE):
+    triton_experts.tma_mode = lambda config, spec, *t, m=mode: m
+    for dtype in (torch.bfloat16, torch.float32):
+        for spec in (ExpertsSpec(), ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED)):
+            h, ids, w, w1, w2, b1, b2 = experts_inputs(5, 64, 32, 8, 2, dtype, spec, seed=0)
+            triton_experts.experts_forward(h, ids, w, w1, w2, b1, b2, spec, TMA)
 # More pairs than one chunk: the three-launch alignment (the calls above fit one chunk: one launch)
 from moe_compiler.lowering import triton_align
 triton_align.align_rows(torch.zeros(700, 2, dtype=torch.long), 8, 16)
