@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from moe_compiler.lowering import dispatch, triton_config
+from moe_compiler.lowering import dispatch, launch, triton_config
 from moe_compiler.lowering.triton_config import Config, Path
 
 from .search import benches, forward_times, graph_calls
@@ -45,8 +45,9 @@ def lengths_by_band(tokens) -> dict[tuple, list[int]]:
 
 
 def as_recorded(config: Config, point: int, k: int, H: int, I: int) -> Config:
-    """The config as a traced call of the band's point runs it: a TMA entry with pointer loads where recorded."""
-    if isinstance(config, triton_config.SortedConfig) and config.tma:
+    """The config as a traced call of the band's point runs it: a TMA entry with pointer loads where recorded,
+    kept whole (one opaque call, TMA kept) above INLINE_TMA_MAX_FLOP, or with recorded TMA on (launch.py)."""
+    if isinstance(config, triton_config.SortedConfig) and config.tma and not launch.recorded_tma():
         if 6 * point * k * H * I <= dispatch.INLINE_TMA_MAX_FLOP:
             return dataclasses.replace(config, tma=False)
     return config

@@ -39,7 +39,7 @@ def test_lengths_group_by_band_and_a_band_needs_two():
     assert bands.lengths_by_band([4096, 512, 16384]) == {(257, 4096): [512, 4096]}
 
 
-def test_the_band_s_entries_stand_as_a_graph_runs_them_and_today_s_is_its_point_s():
+def test_the_band_s_entries_stand_as_a_graph_runs_them_and_today_s_is_its_point_s(monkeypatch):
     """DeepSeek-V3's table: decode at 1, sorted at 512 and 1024, CUTLASS at 4096, grouped_mm at 16384 (outside the
     band). Its TMA at the band's point is 7.2e11 GEMM FLOP: kept (the call stays opaque), as the graph runs it."""
     table = {1: DecodeConfig(TILE, TILE), 512: _sorted(32, tma=True), 1024: _sorted(64), 4096: CutlassConfig(1),
@@ -52,6 +52,9 @@ def test_the_band_s_entries_stand_as_a_graph_runs_them_and_today_s_is_its_point_
     cands, today, _ = bands.candidates(_entries(qwen, {1024: _sorted(64, tma=True)}), torch.bfloat16, *qwen,
                                        (257, 4096))
     assert cands == {"1024 sorted": _sorted(64, tma=False)} and today == "1024 sorted"
+    monkeypatch.setenv("MOE_COMPILER_RECORDED_TMA", "1")  # recorded kernels that build their TMA descriptors
+    cands, _, _ = bands.candidates(_entries(qwen, {1024: _sorted(64, tma=True)}), torch.bfloat16, *qwen, (257, 4096))
+    assert cands == {"1024 sorted": _sorted(64, tma=True)}
 
 
 def test_today_s_config_is_timed_beside_the_band_s_entries_even_where_it_may_not_be_chosen():
