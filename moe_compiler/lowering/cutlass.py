@@ -30,7 +30,6 @@ import shutil
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from . import device, launch
 from .torch_segment_mm import GroupedMM, Segments
@@ -158,13 +157,7 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     if device.capability(device.index(x)) != (9, 0):  # cached: this runs on every call it may take
         return False
     return all(w.dim() == 3 and w.stride(2) == 1 and w.stride(1) == w.shape[2] and w.shape[2] % 8 == 0
-               and w.shape[1] % 8 == 0 and w.stride(0) % 8 == 0 and _aligned16(w) for w in weights)
-
-
-def _aligned16(w: torch.Tensor) -> bool:
-    # A traced (fake) tensor has no address: its offset into a storage the allocator aligns stands in (ops.cpp
-    # checks the address again on every call, with a clear error).
-    return (w.storage_offset() * w.element_size() if is_fake(w) else w.data_ptr()) % 16 == 0
+               and w.shape[1] % 8 == 0 and w.stride(0) % 8 == 0 and device.aligned16(w) for w in weights)
 
 
 def fp8_usable(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_gate_up_scale: torch.Tensor, w_down: torch.Tensor,

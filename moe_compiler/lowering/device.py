@@ -14,6 +14,7 @@ import functools
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 KERNELS_ENV = "MOE_COMPILER_KERNELS"
 
@@ -72,3 +73,10 @@ def capturing() -> bool:
 @functools.cache
 def num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def aligned16(t: torch.Tensor) -> bool:
+    """Whether t's first element sits on a 16-byte boundary (what TMA and csrc/'s loads need). A traced (fake)
+    tensor has no address: its offset into a storage the allocator aligns stands in (csrc/'s ops check the
+    address again per call)."""
+    return (t.storage_offset() * t.element_size() if is_fake(t) else t.data_ptr()) % 16 == 0

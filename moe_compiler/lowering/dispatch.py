@@ -69,12 +69,17 @@ def triton_config_for(hidden, topk_ids, w_gate_up, I: int, transposed: bool = Fa
     key = (device.index(hidden), hidden.dtype, E, k, H, I, hint, transposed, triton_config.autotune_enabled())
     config = _CONFIGS.get((key, highest, banded))  # per call it is host time on the critical path of small T
     if config is None:
-        config = _config_for(*key, banded)
-        if config.path is triton_config.Path.DECODE and (highest is None or highest * k > _decode_max_pairs()):
-            # a symbolic T whose band reaches past what the decode kernels take
-            config = triton_config.default_sorted_config(hidden.dtype, E, k, hint)
+        config = decode_within(_config_for(*key, banded), hidden.dtype, E, k, hint, highest)
         if not (key[-1] and device.capturing()):  # autotuning declines inside a capture: ask again outside
             _CONFIGS[key, highest, banded] = config
+    return config
+
+
+def decode_within(config, dtype: torch.dtype, E: int, k: int, T: int, highest: int | None):
+    """`config`, or the sorted default in place of a decode config where the traced call may see more tokens
+    (`highest`; None: unbounded) than the decode kernels take: a symbolic T whose band reaches past them."""
+    if config.path is triton_config.Path.DECODE and (highest is None or highest * k > _decode_max_pairs()):
+        return triton_config.default_sorted_config(dtype, E, k, T)
     return config
 
 
@@ -84,7 +89,7 @@ def _band_config(gpu: str, dtype: torch.dtype, E: int, k: int, H: int, I: int, T
     than the untuned default that stands in for a library entry the library cannot take."""
     config = triton_config.band_entry(gpu, dtype, E, k, H, I, T)
     if config is not None and config.path is triton_config.Path.CUTLASS:
-        if cutlass.mode() == "0" or cutlass.missing() is not None:
+        if cutlass.mode() == "0" or not cutlass.buildable():  # (buildable logs why not, once)
             return None
     return config
 
@@ -208,8 +213,9 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
     # (a symbolic T: its band's grid point, as the lookup above took it)
     tokens = triton_config.config_tokens(T)[0]
     flop = 6 * tokens * k * hidden.shape[1] * I
-    recorded_tma = launch.recorded_tma()  # (TMA kept in the recorded kernels: nothing to weigh)
-    return config.path is triton_config.Path.DECODE or not config.tma or flop <= INLINE_TMA_MAX_FLOP or recorded_tma
+    # (recorded TMA: the recorded kernels keep TMA, nothing to weigh)
+    return (config.path is triton_config.Path.DECODE or not config.tma or flop <= INLINE_TMA_MAX_FLOP
+            or launch.recorded_tma())
 
 
 def _library_mm(hidden, w_gate_up, w_down, config):

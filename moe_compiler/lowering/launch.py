@@ -18,13 +18,12 @@ from its C++-backed launcher, and the op's Python is gone from the call path.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import threading
 import weakref
 
 import torch
 
-from ..switches import env_switch
+from ..switches import OptionSwitch, env_switch
 from .triton_config import LIVE_ASSERTS
 
 _state = threading.local()
@@ -47,27 +46,14 @@ def route_in_gemv() -> bool:
 # triton.set_allocator, which Inductor's launcher sets). Off by default, the recorded call loading by pointer
 # (dispatch.INLINE_TMA_MAX_FLOP), until the A/B on the GPU decides (benchmarks/NOTES.md, session 26).
 RECORDED_TMA_ENV = "MOE_COMPILER_RECORDED_TMA"
-_recorded_tma_option: contextvars.ContextVar[bool | None] = contextvars.ContextVar("moe_compiler_recorded_tma",
-                                                                                   default=None)
+_RECORDED_TMA = OptionSwitch(RECORDED_TMA_ENV, "0", "recorded calls keep TMA, descriptors built on the device",
+                             "recorded calls load weights by pointer, the default")
+recorded_tma_option = _RECORDED_TMA.option  # the backend's `moe_compiler.recorded_tma`, for the traces of one compile
 
 
 def recorded_tma() -> bool:
     """The backend option while a compile runs (recorded_tma_option), else the environment."""
-    option = _recorded_tma_option.get()
-    if option is not None:
-        return option
-    return env_switch(RECORDED_TMA_ENV, "0", "recorded calls keep TMA, descriptors built on the device",
-                      "recorded calls load weights by pointer, the default")
-
-
-@contextlib.contextmanager
-def recorded_tma_option(enabled: bool):
-    """The backend's `moe_compiler.recorded_tma` option, for the traces of one compile."""
-    token = _recorded_tma_option.set(enabled)
-    try:
-        yield
-    finally:
-        _recorded_tma_option.reset(token)
+    return _RECORDED_TMA()
 
 
 @contextlib.contextmanager

@@ -28,8 +28,6 @@ Schema (version 1):
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import enum
 import functools
@@ -42,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..switches import env_switch
+from ..switches import OptionSwitch
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,6 @@ SCHEMA = 1
 T_GRID = (1, 4, 16, 64, 128, 512, 1024, 4096, 16384)  # the tuner's T points; a call's bucket is the nearest
 
 AUTOTUNE_ENV = "MOE_COMPILER_AUTOTUNE"
-_autotune_option: contextvars.ContextVar[bool | None] = contextvars.ContextVar("moe_compiler_autotune", default=None)
 
 
 # On by default: its GPU path ran on an H200 (the tuning at compile time from the fake's shapes, a second process
@@ -60,23 +57,14 @@ _autotune_option: contextvars.ContextVar[bool | None] = contextvars.ContextVar("
 AUTOTUNE_DEFAULT = "1"
 
 
+_AUTOTUNE = OptionSwitch(AUTOTUNE_ENV, AUTOTUNE_DEFAULT, "autotune untuned shapes", "do not")
+autotune_option = _AUTOTUNE.option  # the backend's `moe_compiler.autotune` option, for the lookups of one compile
+
+
 def autotune_enabled() -> bool:
     """Autotune on first use: the backend option while a compile runs (autotune_option), else the environment
     (MOE_COMPILER_AUTOTUNE=1 turns it on, =0 off; AUTOTUNE_DEFAULT otherwise)."""
-    option = _autotune_option.get()
-    if option is not None:
-        return option
-    return env_switch(AUTOTUNE_ENV, AUTOTUNE_DEFAULT, "autotune untuned shapes", "do not")
-
-
-@contextlib.contextmanager
-def autotune_option(enabled: bool):
-    """The backend's `moe_compiler.autotune` option, for the lookups of one compile."""
-    token = _autotune_option.set(enabled)
-    try:
-        yield
-    finally:
-        _autotune_option.reset(token)
+    return _AUTOTUNE()
 
 
 def bucket(T: int) -> int:
@@ -424,12 +412,16 @@ def shape_entries(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int) -
     return [e for e in entries if (e["dtype"], e["E"], e["k"], e["H"], e["I"]) == (dname, E, k, H, I)]
 
 
-def nearest_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config | None:
-    """The config of this shape's entry with the nearest T (log scale; ties to the smaller T), or None."""
+def nearest_shape_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> dict | None:
+    """This shape's entry with the nearest T (log scale; ties to the smaller T), or None."""
     same = shape_entries(entries, dtype, E, k, H, I)
-    if not same:
-        return None
-    return min(same, key=lambda e: (abs(math.log(max(T, 1) / e["T"])), e["T"]))["config"]
+    return min(same, key=lambda e: (abs(math.log(max(T, 1) / e["T"])), e["T"])) if same else None
+
+
+def nearest_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> Config | None:
+    """The config of nearest_shape_entry, or None."""
+    entry = nearest_shape_entry(entries, dtype, E, k, H, I, T)
+    return entry["config"] if entry is not None else None
 
 
 def sharded_entry(entries, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> dict | None:

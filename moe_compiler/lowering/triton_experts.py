@@ -260,22 +260,15 @@ def logical_strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether TMA can load these (CUDA, sm90+, unit last stride, 16-byte aligned base and strides). A traced (fake)
-    tensor has no address: its offset into a storage the allocator aligns stands in."""
+    """Whether TMA can load these (CUDA, sm90+, unit last stride, 16-byte aligned base and strides; a traced
+    tensor's base as device.aligned16 judges it)."""
     t0 = tensors[0]
     if t0.device.type != "cuda" or not device.has_tma(device.index(t0)):
         return False
     return all(
-        t.stride(-1) == 1 and _address(t) % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        t.stride(-1) == 1 and device.aligned16(t) and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
         for t in tensors
     )
-
-
-def _address(t: torch.Tensor) -> int:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.storage_offset() * t.element_size() if is_fake(t) else t.data_ptr()
-
 
 
 def tma_mode(config: SortedConfig, spec: ExpertsSpec, *tensors: torch.Tensor) -> int:

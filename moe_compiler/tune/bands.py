@@ -59,13 +59,10 @@ def today_config(entries, dtype, E: int, k: int, H: int, I: int, band: tuple) ->
     the decode kernels; None for a shape without entries."""
     lo, hi = band
     point = triton_config.band_point(lo)
-    same = triton_config.shape_entries(entries, dtype, E, k, H, I)
-    if not same:
+    entry = triton_config.nearest_shape_entry(entries, dtype, E, k, H, I, point)
+    if entry is None:
         return None
-    entry = min(same, key=lambda e: (abs(math.log(point / e["T"])), e["T"]))  # as triton_config.nearest_entry
-    config = entry["config"]
-    if config.path is Path.DECODE and (hi is None or hi * k > dispatch._decode_max_pairs()):
-        config = triton_config.default_sorted_config(dtype, E, k, point)
+    config = dispatch.decode_within(entry["config"], dtype, E, k, point, hi)
     return entry["T"], as_recorded(config, point, k, H, I)
 
 
