@@ -65,9 +65,9 @@ EXTRA_VARIANTS = {
     # cannot run the FP8 model offline (transformers' FP8 experts call kernels fetched from the hub). Its err is
     # FP8's rounding against the bf16 eager logits (printed, not checked).
     "fused_fp8": ("fused_moe", None),
-    # recorded sorted-path calls keep TMA, their kernels building the descriptors on the device (config.recorded_tma;
-    # NOTES session 26): against the default's pointer loads / opaque TMA calls
-    "fused_recorded_tma": ("fused_moe", {"moe_compiler.recorded_tma": True}),
+    # recorded TMA off (config.recorded_tma; NOTES session 27): a sorted-path call whose TMA pays stays one opaque op
+    # with host descriptors, against the default's descriptors built on the device
+    "fused_opaque_tma": ("fused_moe", {"moe_compiler.recorded_tma": False}),
 }
 PARTS = ("prefill", "decode", "generate", "train", "prefill-dynamic")
 DECODE_MODES = ("default", "reduce-overhead")

@@ -120,8 +120,6 @@ def cpp_wrapper_skip_reason(gm: torch.fx.GraphModule, example_inputs, patches: d
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     if not any(t.is_cuda for t in tensors):
         return "no CUDA inputs"
-    if launch.recorded_tma():  # Inductor's C++ launches of kernels with global scratch: not tried
-        return f"{launch.RECORDED_TMA_ENV}=1: recorded kernels build TMA descriptors on the device"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "a graph with gradients (training)"
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
@@ -186,7 +184,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs, patches: dict, python_hos
                  "~10-50 s; moe_compiler.cpp_wrapper=False keeps Python host code)")
         try:
             cpp_patches = {**CPP_WRAPPER_BUILD, **patches, "cpp_wrapper": True}
-            compiled = compile_fx(gm, example_inputs, config_patches=cpp_patches)
+            # (Inductor's C++ launches of kernels with global scratch are untried: no device-built TMA descriptors.
+            # Its graphs are decode-sized, CPP_WRAPPER_MAX_TOKENS, far below where they pay: dispatch.traced_tma.)
+            with launch.recorded_tma_option(False):
+                compiled = compile_fx(gm, example_inputs, config_patches=cpp_patches)
             counters["moe_compiler"]["cpp_wrapper"] += 1
             return compiled
         except RuntimeError as e:  # Inductor's errors (InductorError), the build's included

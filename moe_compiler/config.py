@@ -67,11 +67,14 @@ class MoECompilerConfig:
     # a reduction, measured"); tiny models' logits vs eager as with the cuBLAS linear (session 19's GPU test).
     # Env: MOE_COMPILER_ROUTER_GEMV=0 keeps the linear.
     router_gemv: bool = True
-    # Keep the TMA loads of a sorted-path call whose launches are recorded into Inductor's code: its kernels build
-    # their TMA descriptors on the device (lowering/launch.py). Off: such a call loads by pointer, or stays one
-    # opaque op where TMA is worth more than its host path (dispatch.INLINE_TMA_MAX_FLOP). Off by default until the
-    # A/B on the GPU decides (benchmarks/NOTES.md, session 26). Env: MOE_COMPILER_RECORDED_TMA=1.
-    recorded_tma: bool = False
+    # Keep the TMA loads of a sorted-path (prefill) call whose launches are recorded into Inductor's code, where its
+    # GEMMs are long enough for TMA to pay (dispatch.INLINE_TMA_MAX_FLOP): its kernels build their TMA descriptors
+    # on the device (lowering/launch.py). Off: such a call stays one opaque op to keep host descriptors, and pays
+    # the op's host path (~0.5 ms a call) and the config of its concrete length rather than its band's: measured
+    # (benchmarks/NOTES.md, session 27) Mixtral-8x7B 1.11x -> 1.31x plain torch.compile at 512 tokens of a dynamic
+    # length, Kimi-K2 0.97x -> 1.21x at 2048. Graphs with C++ host code (decode) load by pointer either way.
+    # Env: MOE_COMPILER_RECORDED_TMA=0.
+    recorded_tma: bool = True
 
     @classmethod
     def from_options(cls, options: dict) -> MoECompilerConfig:

@@ -88,22 +88,22 @@ def test_cache_salt_is_our_source_hash_and_keeps_a_user_pass():
     assert len(backend.source_hash()) == 64
 
 
-def test_recorded_tma_is_an_option_off_by_default_and_part_of_the_cache_salt(monkeypatch):
+def test_recorded_tma_is_an_option_on_by_default_and_part_of_the_cache_salt(monkeypatch):
     """moe_compiler.recorded_tma (env MOE_COMPILER_RECORDED_TMA) reaches the traces of a compile, and a cache filled
     under one setting is not handed to the other (the recorded kernels differ)."""
     from moe_compiler.config import MoECompilerConfig
     from moe_compiler.lowering import launch
 
     monkeypatch.delenv(launch.RECORDED_TMA_ENV, raising=False)
-    assert MoECompilerConfig.from_options({}).recorded_tma is False and not launch.recorded_tma()
-    assert MoECompilerConfig.from_options({"moe_compiler.recorded_tma": True}).recorded_tma is True
-    off = backend.trace_settings()
-    with launch.recorded_tma_option(True):
-        assert launch.recorded_tma() and backend.trace_settings() != off
-    monkeypatch.setenv(launch.RECORDED_TMA_ENV, "1")
-    assert MoECompilerConfig.from_options({}).recorded_tma is True
+    assert MoECompilerConfig.from_options({}).recorded_tma is True and launch.recorded_tma()
+    assert MoECompilerConfig.from_options({"moe_compiler.recorded_tma": False}).recorded_tma is False
+    on = backend.trace_settings()
     with launch.recorded_tma_option(False):
-        assert backend.trace_settings() == off
+        assert not launch.recorded_tma() and backend.trace_settings() != on
+    monkeypatch.setenv(launch.RECORDED_TMA_ENV, "0")
+    assert MoECompilerConfig.from_options({}).recorded_tma is False
+    with launch.recorded_tma_option(True):
+        assert backend.trace_settings() == on
     monkeypatch.setenv(launch.RECORDED_TMA_ENV, "yes")
     with pytest.raises(ValueError, match="MOE_COMPILER_RECORDED_TMA='yes'"):
         launch.recorded_tma()
@@ -331,14 +331,19 @@ def test_cpp_wrapper_mode_options_of_reduce_overhead_skip_it():
 @pytest.fixture
 def decode_graph_compiles(monkeypatch):
     """Every graph taken for a CUDA decode graph (cpp_wrapper_skip_reason: None) and Inductor replaced by a stand-in
-    that records each compile's config patches and runs the graph as is; `fail_cpp` makes a C++ build raise."""
+    that records each compile's config patches (and `recorded_tma`: launch.recorded_tma() while it traces) and runs
+    the graph as is; `fail_cpp` makes a C++ build raise."""
+    from moe_compiler.lowering import launch
+
     class Compiles(list):
         fail_cpp = False
+        recorded_tma: list = []
 
     compiles = Compiles()
 
     def fake_compile_fx(gm, example_inputs, config_patches):
         compiles.append(config_patches)
+        compiles.recorded_tma.append(launch.recorded_tma())
         if config_patches.get("cpp_wrapper") and compiles.fail_cpp:
             raise RuntimeError("C++ compile error\nerror: 'aoti_torch_cuda__grouped_mm' was not declared")
         return gm.forward
@@ -369,6 +374,20 @@ def test_failed_cpp_build_falls_back_to_python_host_code(env, monkeypatch, caplo
             caplog.text)
     else:
         assert calls == [False] and not counters["moe_compiler"]["cpp_wrapper_failed"]
+
+
+def test_cpp_host_code_is_traced_without_device_built_tma_descriptors(monkeypatch, decode_graph_compiles):
+    """Inductor's C++ launches of kernels with global scratch are untried: a graph built with C++ host code is traced
+    with recorded TMA off (its decode-sized GEMMs load by pointer anyway), and the Python fallback with it on."""
+    monkeypatch.delenv("MOE_COMPILER_RECORDED_TMA", raising=False)
+    monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", "1")
+    decode_graph_compiles.fail_cpp = True
+    model = tiny_model("qwen3_moe", "grouped_mm")
+    ids = torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.compile(model, backend="fused_moe")(input_ids=ids)
+    assert [patches.get("cpp_wrapper", False) for patches in decode_graph_compiles] == [True, False]
+    assert decode_graph_compiles.recorded_tma == [False, True]
 
 
 @pytest.mark.parametrize("failing", ["recorded", "always"])

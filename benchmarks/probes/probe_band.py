@@ -4,9 +4,9 @@ weight tiles loaded by pointer where the call is recorded into Inductor's code (
 This probe times, at each T, the whole experts forward with every candidate that could stand for T's band: this
 GPU's tuned entries at the grid points inside the band (Triton, torch._grouped_mm or CUTLASS), each Triton TMA
 entry also without TMA. Same inputs, the candidates interleaved, each under a CUDA graph from a cold L2 (the
-tuner's timing, moe_compiler/tune/search.py): GPU time only. A compiled graph keeps a grouped_mm candidate, and a
-TMA one above INLINE_TMA_MAX_FLOP, as one opaque call whose host path (~0.5 ms a layer) these times leave out.
-NOTES.md "session 25".
+tuner's timing, moe_compiler/tune/search.py): GPU time only. A compiled graph keeps a grouped_mm candidate as one
+opaque call whose host path (~0.5 ms a layer) these times leave out; a TMA one above INLINE_TMA_MAX_FLOP builds
+its descriptors on the device, timed here with host ones (within 1-3%, probe_device_tma). NOTES.md "session 25".
 
     python -m benchmarks.probes.probe_band --shapes mixtral_8x7b deepseek_v3 --tokens 512 1024 2048 4096 [--out]
 

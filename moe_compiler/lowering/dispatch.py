@@ -185,14 +185,24 @@ def experts_quantized_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_
 
 # A call traced by torch.compile records its launches (launch.py) where the op's Python per call would cost
 # more than it saves. Host TMA descriptors cannot be recorded outside Dynamo (torch 2.11: "TMA descriptor
-# capturing not yet supported in non-dynamo tracing"), so a recorded sorted-path call loads its weight tiles by
-# pointer. Measured on an H200 at T = 512-4096 of nine shapes (benchmarks/NOTES.md, session 25): up to this many
-# GEMM FLOPs (6*T*k*H*I) TMA was worth <= 43 us a call, a tenth of the op's host path (~0.5 ms) that recording
-# saves; above it, up to 12% (Mixtral from T = 1024), where the GEMMs are long enough for the host to run ahead of
-# the GPU and hide that saving. So a call whose config uses TMA is recorded (pointer loads) up to it and stays
-# opaque (keeping TMA) above it. Qwen3-30B-A3B's prompts of 257-4096 tokens opaque: 0.84x of Inductor at 512;
-# recorded: 1.32x.
+# capturing not yet supported in non-dynamo tracing"), so a recorded sorted-path call whose config uses TMA either
+# loads its weight tiles by pointer or builds its descriptors on the device (launch.recorded_tma, on by default).
+# Measured on an H200 (benchmarks/NOTES.md, sessions 25 and 27): up to this many GEMM FLOPs (6*T*k*H*I) TMA is
+# worth <= 43 us a call and device-built descriptors cost 1-6% more GPU time than pointer loads (Qwen3-30B-A3B at
+# 1024-2048 tokens), so such a call loads by pointer; above it TMA is worth up to 12% (Mixtral from T = 1024) and
+# device descriptors keep it (Mixtral: 0.95x the pointer loads' time, 1.01-1.03x host descriptors'). With recorded
+# TMA off, a call above it stays one opaque op to keep host TMA, and pays the op's host path (~0.5 ms a call).
 INLINE_TMA_MAX_FLOP = 4e11
+
+
+def gemm_flop(T, k: int, H: int, I: int) -> int:
+    """The experts GEMMs' FLOPs at T tokens (a symbolic T: its band's grid point, the point whose config runs)."""
+    return 6 * triton_config.config_tokens(T)[0] * k * H * I
+
+
+def traced_tma(T, k: int, H: int, I: int) -> bool:
+    """Whether a traced sorted-path call whose config loads by TMA keeps TMA (descriptors built on the device)."""
+    return launch.recorded_tma() and gemm_flop(T, k, H, I) > INLINE_TMA_MAX_FLOP
 
 
 def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> bool:
@@ -210,12 +220,8 @@ def experts_inlinable(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) ->
         return issubclass(impl, cutlass.CutlassMM)  # torch._grouped_mm's path stays one opaque call
     if config.path in (triton_config.Path.GROUPED_MM, triton_config.Path.CUTLASS):
         return False  # a library entry the library cannot take: the sorted default stands in, kept opaque
-    # (a symbolic T: its band's grid point, as the lookup above took it)
-    tokens = triton_config.config_tokens(T)[0]
-    flop = 6 * tokens * k * hidden.shape[1] * I
-    # (recorded TMA: the recorded kernels keep TMA, nothing to weigh)
-    return (config.path is triton_config.Path.DECODE or not config.tma or flop <= INLINE_TMA_MAX_FLOP
-            or launch.recorded_tma())
+    return (config.path is triton_config.Path.DECODE or not config.tma
+            or gemm_flop(T, k, hidden.shape[1], I) <= INLINE_TMA_MAX_FLOP or launch.recorded_tma())
 
 
 def _library_mm(hidden, w_gate_up, w_down, config):
@@ -253,8 +259,10 @@ def triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
     if not runs_as_is:
         config = triton_config.default_sorted_config(hidden.dtype, w_gate_up.shape[0], topk_ids.shape[1],
                                                      hidden.shape[0])
-    if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma and not launch.recorded_tma():
-        config = dataclasses.replace(config, tma=False)  # see INLINE_TMA_MAX_FLOP
+    if launch.tracing() and config.path is triton_config.Path.SORTED and config.tma:
+        T, k = topk_ids.shape
+        if not traced_tma(T, k, hidden.shape[1], spec.intermediate(w_down)):
+            config = dataclasses.replace(config, tma=False)  # see INLINE_TMA_MAX_FLOP
     # Out-of-range ids: the kernels clamp them (no stray memory access) and the kernel that checks them fails
     # the launch with a device-side assert (triton_config.LIVE_ASSERTS): loud, no host sync, capture-safe.
     args = (hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, config)

@@ -40,14 +40,16 @@ def route_in_gemv() -> bool:
                       "the route op's own launch, the default")
 
 
-# Recorded TMA (the backend option moe_compiler.recorded_tma, env MOE_COMPILER_RECORDED_TMA=1) keeps a traced
-# sorted-path call's TMA loads: its kernels then build their descriptors on the device (tl.make_tensor_descriptor,
-# from the plain pointer arguments a recorded launch can carry; Triton allocates their global scratch through
-# triton.set_allocator, which Inductor's launcher sets). Off by default, the recorded call loading by pointer
-# (dispatch.INLINE_TMA_MAX_FLOP), until the A/B on the GPU decides (benchmarks/NOTES.md, session 26).
+# Recorded TMA (the backend option moe_compiler.recorded_tma, env MOE_COMPILER_RECORDED_TMA; on by default) keeps
+# the TMA loads of a traced sorted-path call whose GEMMs are long enough for TMA to pay (dispatch.traced_tma): its
+# kernels build their descriptors on the device (tl.make_tensor_descriptor, from the plain pointer arguments a
+# recorded launch can carry; Triton allocates their global scratch through triton.set_allocator, which Inductor's
+# launcher sets). Off, such a call stays one opaque op to keep host descriptors and pays the op's host path:
+# measured on the H200 (benchmarks/NOTES.md, session 27), Mixtral-8x7B's prompts of 257-4096 tokens went from
+# 1.11x / 0.98x plain torch.compile at 512 / 2048 tokens to 1.31x / 1.00x, Kimi-K2's 2048 from 0.97x to 1.21x.
 RECORDED_TMA_ENV = "MOE_COMPILER_RECORDED_TMA"
-_RECORDED_TMA = OptionSwitch(RECORDED_TMA_ENV, "0", "recorded calls keep TMA, descriptors built on the device",
-                             "recorded calls load weights by pointer, the default")
+_RECORDED_TMA = OptionSwitch(RECORDED_TMA_ENV, "1", "recorded calls keep TMA where it pays, descriptors built on "
+                             "the device, the default", "recorded calls load weights by pointer or stay opaque")
 recorded_tma_option = _RECORDED_TMA.option  # the backend's `moe_compiler.recorded_tma`, for the traces of one compile
 
 

@@ -8,7 +8,7 @@ This measures, per shape and band, the candidates that could stand for the band 
 two inside it), each timed as a whole forward under a CUDA graph from a cold L2 (the tuner's timing), the
 candidates interleaved on the same inputs: this GPU's own entries at the band's grid points, and the entry the
 band runs today. Each candidate runs as a compiled graph would run it: a TMA entry with pointer loads where a
-traced call of the band's point is recorded (dispatch.INLINE_TMA_MAX_FLOP). Not candidates: decode entries (GEMV
+traced call of the band's point does (dispatch.INLINE_TMA_MAX_FLOP). Not candidates: decode entries (GEMV
 tiles of one length) and torch._grouped_mm ones (kept opaque in a graph: the op's host path, ~0.5 ms a layer, is
 not in these times). A candidate's score is the geometric mean over the lengths of its time / the best time at
 that length; the best scorer is written as the band's entry (`bands` in the GPU's table) where it beats today's
@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from moe_compiler.lowering import dispatch, launch, triton_config
+from moe_compiler.lowering import dispatch, triton_config
 from moe_compiler.lowering.triton_config import Config, Path
 
 from .search import benches, forward_times, graph_calls
@@ -45,10 +45,11 @@ def lengths_by_band(tokens) -> dict[tuple, list[int]]:
 
 
 def as_recorded(config: Config, point: int, k: int, H: int, I: int) -> Config:
-    """The config as a traced call of the band's point runs it: a TMA entry with pointer loads where recorded,
-    kept whole (one opaque call, TMA kept) above INLINE_TMA_MAX_FLOP, or with recorded TMA on (launch.py)."""
-    if isinstance(config, triton_config.SortedConfig) and config.tma and not launch.recorded_tma():
-        if 6 * point * k * H * I <= dispatch.INLINE_TMA_MAX_FLOP:
+    """The config as a traced call of the band's point runs it: a TMA entry with pointer loads up to
+    INLINE_TMA_MAX_FLOP; above it TMA is kept (descriptors built on the device, or one opaque call with recorded TMA
+    off: launch.py), timed here with host descriptors (within 1-3% of device ones: NOTES.md, session 27)."""
+    if isinstance(config, triton_config.SortedConfig) and config.tma:
+        if dispatch.gemm_flop(point, k, H, I) <= dispatch.INLINE_TMA_MAX_FLOP:
             return dataclasses.replace(config, tma=False)
     return config
 

@@ -51,6 +51,7 @@ if "{path}" == "cutlass":  # csrc/'s GEMMs taken (nothing built: traced only)
     cutlass.runs = lambda *a: True
     cutlass.load = lambda: None
 dispatch._config_for = lambda *key: configs["{path}"]  # (beneath triton_config_for's rules for symbolic T)
+dispatch.INLINE_TMA_MAX_FLOP = {tma_flop_max}  # (these GEMMs are tiny: 0 makes them long enough to keep TMA)
 device.index = lambda t: 0
 graphs = []
 def fw(gm, example_inputs):
@@ -146,14 +147,20 @@ print("NONFINITE", len(nonfinite), *nonfinite)
 
 
 def _trace(path: str, inline: str = "1", dynamic: bool | str = False, train: bool = False, export: bool = False,
-           route_in_gemv: str = "0", lengths: tuple = (), recorded_tma: str = "0") -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOE_COMPILER_ROUTE_IN_GEMV")}
+           route_in_gemv: str = "0", lengths: tuple = (), recorded_tma: str | None = None,
+           tma_flop_max: str = "dispatch.INLINE_TMA_MAX_FLOP") -> dict:
+    """`recorded_tma`: MOE_COMPILER_RECORDED_TMA (None: the package's default); `tma_flop_max`: the GEMM FLOPs
+    above which a traced call keeps TMA (dispatch.INLINE_TMA_MAX_FLOP, an expression)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "MOE_COMPILER_ROUTE_IN_GEMV", "MOE_COMPILER_RECORDED_TMA")}
     env["MOE_COMPILER_INLINE"] = inline
-    env["MOE_COMPILER_RECORDED_TMA"] = recorded_tma
+    if recorded_tma is not None:
+        env["MOE_COMPILER_RECORDED_TMA"] = recorded_tma
     if route_in_gemv != "0":
         env["MOE_COMPILER_ROUTE_IN_GEMV"] = route_in_gemv
     code = textwrap.dedent(TRACE).format(path=path, dynamic=dynamic, train=train, export=export,
-                                         sm90_driver=SM90_DRIVER, cloned=CLONED, lengths=lengths)
+                                         sm90_driver=SM90_DRIVER, cloned=CLONED, lengths=lengths,
+                                         tma_flop_max=tma_flop_max)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line[:1].isupper())
@@ -200,17 +207,23 @@ def test_split_decode_call_records_its_tickets_and_partials_as_written_not_its_i
 
 def test_sorted_call_becomes_its_launches_without_host_tma():
     # route + align (6 pairs: one chunk, one launch) + gate_up + down + combine; the host TMA descriptors the
-    # config asks for cannot be recorded, so the recorded GEMMs load by pointer
+    # config asks for cannot be recorded, and GEMMs this short load by pointer (dispatch.INLINE_TMA_MAX_FLOP)
     assert _trace("sorted") == {"kernels": 5, "ops": (0, 0), "tma": False, "cloned": "0"}
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 def test_sorted_call_keeps_tma_where_its_kernels_build_the_descriptors(train):
-    # MOE_COMPILER_RECORDED_TMA=1: the same launches, the GEMMs' TMA kept (descriptors built on the device from the
-    # recorded pointer arguments), a training forward's too
-    traced = _trace("sorted", recorded_tma="1", train=train)
+    # GEMMs long enough for TMA to pay: the same launches, the GEMMs' TMA kept (descriptors built on the device from
+    # the recorded pointer arguments), a training forward's too
+    traced = _trace("sorted", train=train, tma_flop_max="0")
     assert {k: traced[k] for k in ("kernels", "ops", "tma", "cloned")} == {"kernels": 5, "ops": (0, 0), "tma": True,
                                                                            "cloned": "0"}
+
+
+def test_sorted_call_stays_opaque_to_keep_host_tma_with_recorded_tma_off():
+    # MOE_COMPILER_RECORDED_TMA=0 and GEMMs long enough for TMA to pay: one opaque experts op, no GEMM recorded
+    traced = _trace("sorted", recorded_tma="0", tma_flop_max="0")
+    assert traced["ops"][0] == 1 and traced["tma"] is False, traced
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
@@ -516,6 +529,7 @@ def test_recorded_tma_compiled_equals_eager(arch, T, monkeypatch):
     tile = triton_config.KernelConfig(32, 32, num_warps=4, num_stages=3)
     config = triton_config.SortedConfig(block_m=16, gate_up=tile, down=tile, tma=True)
     monkeypatch.setattr(dispatch, "triton_config_for", lambda *a: config)
+    monkeypatch.setattr(dispatch, "INLINE_TMA_MAX_FLOP", 0)  # (tiny GEMMs: as if long enough for TMA to pay)
     modes = []
 
     def spy(*a, real=triton_experts.tma_mode):
@@ -534,8 +548,9 @@ def test_recorded_tma_compiled_equals_eager(arch, T, monkeypatch):
                                      options={"moe_compiler.recorded_tma": recorded})
             out = compiled(input_ids=ids).logits.float()
             assert rel_err(out, ref) <= 3e-2, (recorded, rel_err(out, ref))
-            want = triton_experts.TMA_DEVICE if recorded else triton_experts.TMA_OFF
-            assert modes and set(modes) - {triton_experts.TMA_HOST} == {want}, modes  # (HOST: the eager check)
+            # recorded TMA off: the call stays opaque and runs host descriptors, as the compile's eager check does
+            want = {triton_experts.TMA_DEVICE} if recorded else set()
+            assert modes and set(modes) - {triton_experts.TMA_HOST} == want, modes
 
 
 @pytest.mark.gpu

@@ -41,20 +41,20 @@ def test_lengths_group_by_band_and_a_band_needs_two():
 
 def test_the_band_s_entries_stand_as_a_graph_runs_them_and_today_s_is_its_point_s(monkeypatch):
     """DeepSeek-V3's table: decode at 1, sorted at 512 and 1024, CUTLASS at 4096, grouped_mm at 16384 (outside the
-    band). Its TMA at the band's point is 7.2e11 GEMM FLOP: kept (the call stays opaque), as the graph runs it."""
+    band). Its TMA at the band's point is 7.2e11 GEMM FLOP: kept (descriptors built on the device), as the graph
+    runs it."""
     table = {1: DecodeConfig(TILE, TILE), 512: _sorted(32, tma=True), 1024: _sorted(64), 4096: CutlassConfig(1),
              16384: triton_config.GroupedMMConfig()}
     cands, today, eligible = bands.candidates(_entries(DSV3, table), torch.bfloat16, *DSV3, (257, 4096))
     assert cands == {"512 sorted": _sorted(32, tma=True), "1024 sorted": _sorted(64), "4096 cutlass": CutlassConfig(1)}
     assert today == "1024 sorted" and eligible == set(cands)
-    # Qwen3-30B-A3B's is 7.7e10: a traced call of the band is recorded, with pointer loads
+    # Qwen3-30B-A3B's is 7.7e10: a traced call of the band loads by pointer, with recorded TMA on or off
     qwen = ALL_SHAPES["qwen3_30b_a3b"]
-    cands, today, _ = bands.candidates(_entries(qwen, {1024: _sorted(64, tma=True)}), torch.bfloat16, *qwen,
-                                       (257, 4096))
-    assert cands == {"1024 sorted": _sorted(64, tma=False)} and today == "1024 sorted"
-    monkeypatch.setenv("MOE_COMPILER_RECORDED_TMA", "1")  # recorded kernels that build their TMA descriptors
-    cands, _, _ = bands.candidates(_entries(qwen, {1024: _sorted(64, tma=True)}), torch.bfloat16, *qwen, (257, 4096))
-    assert cands == {"1024 sorted": _sorted(64, tma=True)}
+    for recorded in ("1", "0"):
+        monkeypatch.setenv("MOE_COMPILER_RECORDED_TMA", recorded)
+        cands, today, _ = bands.candidates(_entries(qwen, {1024: _sorted(64, tma=True)}), torch.bfloat16, *qwen,
+                                           (257, 4096))
+        assert cands == {"1024 sorted": _sorted(64, tma=False)} and today == "1024 sorted"
 
 
 def test_today_s_config_is_timed_beside_the_band_s_entries_even_where_it_may_not_be_chosen():
