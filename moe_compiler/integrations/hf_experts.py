@@ -128,11 +128,48 @@ def fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     )
 
 
+# Releases whose config.json names a model type transformers does not register, with `auto_map` pointing at remote
+# code, though the architecture is one transformers implements natively: Kimi-K2-Instruct / -Thinking ship
+# "kimi_k2" with a remote copy of DeepSeek-V3's config and modeling (transformers' own kimi_k25 config maps its text
+# model the same way). Loaded as the native type, the experts reach experts_implementation (and our op); the
+# remote modeling code would not.
+NATIVE_MODEL_TYPES = {"kimi_k2": "deepseek_v3"}
+
+
+def _native_fields(path, trust_remote_code: bool, **hub) -> tuple[str, dict] | None:
+    """(the native model type, the config.json fields to build it from) for a model type of NATIVE_MODEL_TYPES
+    loaded without trust_remote_code, else None."""
+    from transformers import PretrainedConfig
+
+    if trust_remote_code:
+        return None
+    raw, _ = PretrainedConfig.get_config_dict(path, **hub)
+    native = NATIVE_MODEL_TYPES.get(raw.get("model_type"))
+    if native is None:
+        return None
+    return native, {k: v for k, v in raw.items() if k not in ("auto_map", "model_type")}
+
+
+def load_config(path, trust_remote_code: bool = False, **hub):
+    """The checkpoint's config: AutoConfig's, or for a model type of NATIVE_MODEL_TYPES (without trust_remote_code)
+    the native type's config built from the same config.json, its auto_map dropped."""
+    from transformers import AutoConfig
+
+    native = _native_fields(path, trust_remote_code, **hub)
+    if native is not None:
+        log.info("moe_compiler: %s loads as transformers' native %r, its architecture (trust_remote_code=True would "
+                 "run the checkpoint's own remote code instead)", path, native[0])
+        return AutoConfig.for_model(native[0], **native[1])
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+
+
 def from_pretrained(path, *args, **kwargs):
     """transformers' AutoModelForCausalLM.from_pretrained with experts_implementation="fused_moe" (registered
     first), then its FP8Linear layers pointed at linear_quantized (hf_linear.py). A compressed-tensors INT4
-    checkpoint keeps its experts packed (hf_int4.py). Every other argument is passed through."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    checkpoint keeps its experts packed (hf_int4.py); a model type of NATIVE_MODEL_TYPES (Kimi-K2) loads as its
+    native architecture. Every other argument is passed through; where this builds the config (those two cases),
+    change its fields through `config=` (load_config(path), edited), not keyword arguments."""
+    from transformers import AutoModelForCausalLM
 
     from .hf_int4 import check_only_experts_packed, packed_config
     from .hf_linear import use_fused_linears
@@ -141,12 +178,14 @@ def from_pretrained(path, *args, **kwargs):
     kwargs.setdefault("experts_implementation", NAME)
     if "config" not in kwargs:
         hub = {k: kwargs[k] for k in ("revision", "local_files_only", "token", "cache_dir") if k in kwargs}
-        config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False), **hub)
+        config = load_config(path, kwargs.get("trust_remote_code", False), **hub)
         quantization = getattr(config, "quantization_config", None)
         packed = packed_config(quantization if isinstance(quantization, dict) else {})
         if packed is not None:
             check_only_experts_packed(path, **hub)
             config.quantization_config = packed
+        native = _native_fields(path, kwargs.get("trust_remote_code", False), **hub) is not None
+        if packed is not None or native:
             kwargs["config"] = config
     model = AutoModelForCausalLM.from_pretrained(path, *args, **kwargs)
     use_fused_linears(model)

@@ -301,6 +301,24 @@ def save_int4_checkpoint(model, path, group: int = 32, scale_dtype=torch.bfloat1
     _save(path, tensors, config)
 
 
+def as_kimi_k2_release(path) -> None:
+    """Rewrite a DeepSeek-V3 checkpoint's config.json as Kimi-K2-Instruct / -Thinking ship theirs: model_type
+    "kimi_k2" (no transformers registration) with an auto_map to the release's remote copy of DeepSeek-V3's code."""
+    import json
+    import os
+
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        config = json.load(f)
+    config["model_type"] = "kimi_k2"
+    config["architectures"] = ["DeepseekV3ForCausalLM"]
+    config["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                          "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                          "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+    with open(file, "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def int4_reference(model, group: int = 32, scale_dtype=torch.bfloat16):
     """`model` with its experts replaced in place by the dequantized values save_int4_checkpoint writes."""
     def round_trip(w):

@@ -127,6 +127,26 @@ def test_from_pretrained_selects_the_implementation(tmp_path):
     assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
 
 
+def test_a_kimi_k2_config_loads_as_deepseek_v3_and_keeps_keyword_overrides_elsewhere(tmp_path):
+    """model_type "kimi_k2" (Kimi-K2-Instruct's release) loads as the native DeepSeek-V3 it is; a checkpoint of a
+    registered type still takes config fields as keyword arguments, as transformers' from_pretrained does."""
+    from moe_compiler import from_pretrained
+    from moe_compiler.integrations.hf_experts import load_config
+    from moe_compiler.testing.hf_models import tiny_model
+    from moe_compiler.testing.quantized import as_kimi_k2_release
+
+    tiny_model("deepseek_v3").save_pretrained(tmp_path / "kimi")
+    as_kimi_k2_release(tmp_path / "kimi")
+    assert load_config(tmp_path / "kimi").model_type == "deepseek_v3"
+    assert load_config(tmp_path / "kimi").n_routed_experts == tiny_model("deepseek_v3").config.n_routed_experts
+    model = from_pretrained(str(tmp_path / "kimi"), dtype=torch.float32)
+    ids = torch.randint(0, 128, (1, 6))
+    assert rel_err(_logits(model, ids), _logits(tiny_model("deepseek_v3"), ids)) <= 1e-5
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "qwen")
+    qwen = from_pretrained(str(tmp_path / "qwen"), dtype=torch.float32, output_router_logits=True)
+    assert qwen.config.output_router_logits
+
+
 @pytest.mark.parametrize("arch,scale_dtype", [("qwen3_moe", torch.float32), ("deepseek_v3", torch.float8_e8m0fnu)],
                          ids=["qwen3_moe-fp32", "deepseek_v3-e8m0"])
 def test_an_fp8_checkpoint_on_disk_loads_as_written(arch, scale_dtype, tmp_path):

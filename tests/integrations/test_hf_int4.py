@@ -44,6 +44,29 @@ def test_int4_checkpoint_loads_packed_and_runs_the_op(arch, tmp_path):
     assert counters["moe_compiler"]["fused_experts_implementation"] == 2
 
 
+def test_a_kimi_k2_thinking_config_loads_as_deepseek_v3_with_its_experts_packed(tmp_path, caplog):
+    """Kimi-K2-Thinking's config.json says model_type "kimi_k2" (remote code, which transformers cannot load without
+    trust_remote_code): from_pretrained loads it as transformers' native DeepSeek-V3, experts packed."""
+    from transformers import AutoConfig
+
+    from moe_compiler.testing.quantized import as_kimi_k2_release
+
+    save_int4_checkpoint(tiny_model("deepseek_v3"), tmp_path, group=32)
+    as_kimi_k2_release(tmp_path)
+    with pytest.raises(ValueError, match="kimi_k2"):  # what a user meets without us
+        AutoConfig.from_pretrained(tmp_path)
+    with caplog.at_level("INFO", logger="moe_compiler"):
+        model = from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert "loads as transformers' native 'deepseek_v3'" in caplog.text
+    assert type(model).__name__ == "DeepseekV3ForCausalLM" and not hasattr(model.config, "auto_map")
+    assert isinstance(model.model.layers[-1].mlp.experts, hf_int4.PackedInt4Experts)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = _logits(int4_reference(tiny_model("deepseek_v3"), group=32), ids)
+    assert rel_err(_logits(model, ids), ref) <= 1e-5
+    assert rel_err(_logits(torch.compile(model, backend="fused_moe"), ids), ref) <= 1e-5
+    assert counters["moe_compiler"]["fused_experts_implementation"] == 2
+
+
 def test_int4_config_proves_each_fact_or_says_why():
     good = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
             "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
