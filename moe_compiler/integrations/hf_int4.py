@@ -12,7 +12,7 @@ tied weights, its renamings) except the routed experts, which `Int4Quantizer` sw
     mlp.experts.e.{gate,up}_proj.weight_scale   [I, H/g]        -> gate_up_proj_scale  [E, 2I, H/g]
     mlp.experts.e.down_proj.weight_packed       int32 [H, I/8]  -> down_proj           [E, H, I/8]
     mlp.experts.e.down_proj.weight_scale        [H, I/g]        -> down_proj_scale     [E, H, I/g]
-    (weight_shape: the unpacked [N, K], checked against the module's sizes by the shapes above; not kept)
+    (weight_shape: the unpacked [N, K], implied by the shapes above, which loading checks; not kept)
 
 The module's forward is one experts_quantized call (weight_format="int4_packed", scale blocks 1 x g): the
 kernels unpack nibbles and apply the group scales in registers (triton_quantized.py). GPU memory of the experts:
@@ -29,6 +29,7 @@ from torch import nn
 from ..spec import QuantizedExpertsSpec
 
 METHOD = "moe_compiler_int4"
+WEIGHT_SHAPE_KEYS = r"\.experts\.\d+\.\w+_proj\.weight_shape$"
 
 
 def int4_config(quantization_config: dict) -> dict | str:
@@ -127,6 +128,12 @@ def _classes():
                     raise ValueError(f"moe_compiler: {name} cannot be kept packed as INT4: {spec}")
                 packed = PackedInt4Experts(module.num_experts, module.hidden_dim, module.intermediate_dim, group, spec)
                 model.set_submodule(name, packed)
+            # weight_shape is implied by the packed tensors' shapes, which loading checks: read, not reported
+            ignored = model._keys_to_ignore_on_load_unexpected
+            if isinstance(ignored, set):  # (transformers 5.25: a set after post_init; a list or None before)
+                ignored.add(WEIGHT_SHAPE_KEYS)
+            else:
+                model._keys_to_ignore_on_load_unexpected = [*(ignored or []), WEIGHT_SHAPE_KEYS]
 
         def update_weight_conversions(self, weight_conversions, *args, **kwargs):
             # Renamed first so that no converter of the model's own (`...gate_proj.weight`) sees these keys.
