@@ -46,7 +46,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 SCHEMA = 1
-T_GRID = (1, 4, 16, 64, 128, 512, 1024, 4096, 16384)  # the tuner's T points; a call's bucket is the nearest
+# The tuner's T points; a call's bucket is the nearest. 2048 since session 27: a static call of 1449-2896 tokens had
+# run the 1024 or 4096 entry, tuned for a length 2x away, and measured at 2048 those lose up to 1.36x to the best
+# (Kimi-K2 12.2 vs 8.9 ms, DeepSeek-V3 7.6 vs 6.0 ms; benchmarks/NOTES.md, session 26's band tuning).
+T_GRID = (1, 4, 16, 64, 128, 512, 1024, 2048, 4096, 16384)
 
 AUTOTUNE_ENV = "MOE_COMPILER_AUTOTUNE"
 

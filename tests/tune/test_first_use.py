@@ -57,6 +57,8 @@ class Stub:
 
 def test_bucket_is_the_nearest_grid_point():
     assert [triton_config.bucket(T) for T in (1, 2, 3, 5, 32, 100, 5000, 10**6)] == [1, 1, 4, 4, 16, 128, 4096, 16384]
+    # between 1024 and 4096 the grid has 2048 (ties to the smaller: sqrt(2) x 1024 = 1448.2)
+    assert [triton_config.bucket(T) for T in (1448, 1449, 2048, 2896, 2897)] == [1024, 2048, 2048, 2048, 4096]
 
 
 def test_choose_stops_at_the_budget_and_skips_failures():
