@@ -6,6 +6,7 @@ process, on real-dimension models with random weights (benchmarks/models.py: rel
     python -m benchmarks.bench_models --from-json benchmarks/results/models_NVIDIA_H200.json   # table + plot again
     python -m benchmarks.bench_models --parts decode --extra fused_python fused_static inductor_cpp   # host code A/B
     python -m benchmarks.bench_models --parts prefill decode --extra fused_fp8   # the model with FP8 experts too
+    python -m benchmarks.bench_models --shapes kimi_k2 --parts prefill decode --extra fused_int4   # INT4 experts
 
 Parts (bf16, no gradients):
     prefill     1 x 4096 tokens, last-token logits (logits_to_keep=1); compile default mode
@@ -65,6 +66,9 @@ EXTRA_VARIANTS = {
     # cannot run the FP8 model offline (transformers' FP8 experts call kernels fetched from the hub). Its err is
     # FP8's rounding against the bf16 eager logits (printed, not checked).
     "fused_fp8": ("fused_moe", None),
+    # the same with the routed experts packed INT4 (symmetric groups of 32, bf16 scales: Kimi-K2-Thinking's format,
+    # as moe_compiler.from_pretrained keeps it; int4_model()); err: INT4's rounding against the bf16 eager logits
+    "fused_int4": ("fused_moe", None),
     # recorded TMA off (config.recorded_tma; NOTES session 27): a sorted-path call whose TMA pays stays one opaque op
     # with host descriptors, against the default's descriptors built on the device
     "fused_opaque_tma": ("fused_moe", {"moe_compiler.recorded_tma": False}),
@@ -127,7 +131,7 @@ def forward_points(model, backends: dict, mode, ids, reps, warm: tuple = ()) -> 
     calls, rows, outs = {}, {}, {}
     for variant, backend in backends.items():
         backend, options, *own = backend if isinstance(backend, tuple) else (backend, None)
-        module = own[0] if own else model  # (a variant may bring its own copy of the model: fused_fp8)
+        module = own[0] if own else model  # (a variant may bring its own copy of the model: fused_fp8, fused_int4)
         fn = module if backend is None else torch.compile(module, backend=backend, mode=mode,
                                                           dynamic=None if warm else False, options=options)
         calls[variant] = lambda fn=fn, ids=ids: fn(input_ids=ids, use_cache=False, logits_to_keep=1).logits
@@ -302,10 +306,26 @@ def fp8_model(model):
     return fp8.eval()
 
 
+def int4_model(model):
+    """A copy of `model` whose routed experts are packed INT4 (PackedInt4Experts, quantized from its bf16 weights on
+    the GPU), as a compressed-tensors INT4 checkpoint loads through moe_compiler.from_pretrained."""
+    import copy
+
+    from moe_compiler.testing.quantized import to_int4_experts
+
+    int4 = copy.deepcopy(model)
+    if not to_int4_experts(int4):
+        raise ValueError(f"{type(model).__name__}: no experts module to quantize")
+    return int4.eval()
+
+
+QUANTIZED_MODELS = {"fused_fp8": fp8_model, "fused_int4": int4_model}  # variant -> its own copy of the model
+
+
 def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS, bound=False, extra=(),
                 decode_modes=DECODE_MODES):
     model = build(name, layers=layers)
-    fp8 = fp8_model(model) if "fused_fp8" in extra else None
+    copies = {v: QUANTIZED_MODELS[v](model) for v in extra if v in QUANTIZED_MODELS}
     V = model.config.vocab_size
     gen = torch.Generator("cuda").manual_seed(0)
     rows = []
@@ -330,7 +350,7 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
         # eager has no mode: it runs (as the logits' reference) in the default-mode points only
         backends = {v: b for v, b in BACKENDS.items() if b is not None or mode == "default"}
         if mode == "default":
-            backends.update({v: EXTRA_VARIANTS[v] + ((fp8,) if v == "fused_fp8" else ()) for v in extra})
+            backends.update({v: EXTRA_VARIANTS[v] + ((copies[v],) if v in copies else ()) for v in extra})
         for variant, cells in forward_points(model, backends, None if mode == "default" else mode, ids, reps,
                                              warm).items():
             row.update({f"{variant}_{k}": v for k, v in cells.items()})

@@ -150,6 +150,33 @@ def to_fp8_experts(model, block=(128, 128), scale_dtype=torch.float32, reference
     return replaced
 
 
+def to_int4_experts(model, group: int = 32, scale_dtype=torch.bfloat16, chunk: int = 8) -> int:
+    """Replace every `.experts` module of `model` in place by PackedInt4Experts holding its weights quantized to
+    symmetric INT4 groups of `group` (what moe_compiler.from_pretrained builds from a Kimi-K2-Thinking checkpoint), a
+    few experts at a time on the weights' device. Returns the number of modules replaced."""
+    from ..integrations.hf_int4 import PackedInt4Experts, _packable
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not name.endswith(".experts"):
+            continue
+        spec = _packable(module, group)
+        if isinstance(spec, str):
+            raise ValueError(f"{name} cannot be held as packed INT4: {spec}")
+        with torch.device(module.gate_up_proj.device):
+            packed = PackedInt4Experts(module.num_experts, module.hidden_dim, module.intermediate_dim, group, spec,
+                                       scale_dtype)
+        for proj in ("gate_up_proj", "down_proj"):
+            w = getattr(module, proj).detach()
+            q, scale = getattr(packed, proj), getattr(packed, proj + "_scale")
+            with torch.no_grad():
+                for e in range(0, w.shape[0], chunk):
+                    q[e:e + chunk], scale[e:e + chunk] = quantize_int4_groups(w[e:e + chunk], group, scale_dtype)
+        model.set_submodule(name, packed)
+        replaced += 1
+    return replaced
+
+
 def fp8_experts_model(arch: str = "qwen3_moe", block=(32, 32), scale_dtype=torch.float32, dtype=torch.float32,
                       seed: int = 0, linears: bool = False, **overrides):
     """(model, reference): a tiny transformers model whose experts are transformers' FP8Experts holding

@@ -118,3 +118,20 @@ def test_int4_checkpoint_on_the_gpu(dtype, tol, tmp_path):
     assert rel_err(compiled, ref) <= tol
     per_token = (compiled - ref).norm(dim=-1) / ref.norm(dim=-1)
     assert per_token.median() <= 2e-2  # a flip moves a token or two; a wrong op moves them all
+
+
+def test_to_int4_experts_holds_what_a_checkpoint_loads_a_few_experts_at_a_time():
+    """testing.quantized.to_int4_experts (bench_models' fused_int4 quantizes a real model on the GPU chunk by chunk):
+    the packed model equals the one loaded from an INT4 checkpoint of the same weights (int4_reference's values),
+    whatever the chunk; a module it cannot hold packed is refused by name."""
+    from moe_compiler.testing.quantized import to_int4_experts
+
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = _logits(int4_reference(tiny_model("deepseek_v3"), group=32), ids)
+    for chunk in (3, 64):
+        model = tiny_model("deepseek_v3")
+        assert to_int4_experts(model, group=32, chunk=chunk) == 2
+        assert isinstance(model.model.layers[-1].mlp.experts, hf_int4.PackedInt4Experts)
+        assert rel_err(_logits(model, ids), ref) <= 1e-5
+    with pytest.raises(ValueError, match="experts cannot be held as packed INT4: is_transposed"):
+        to_int4_experts(tiny_model("gpt_oss", "grouped_mm"))
