@@ -15,10 +15,13 @@ Per (shape, T), uniform routing, bf16 activations, the same inputs for every var
     cutlass_<config>  the FP8 sorted path with both GEMMs on csrc/'s block-scaled CUTLASS grouped GEMM
               (cutlass_fp8.py; w8a8_rows' rounding), each config of cutlass.FP8_CONFIGS, where it can run (sm90)
     int4      experts_quantized on INT4 packed weights, groups of 32 along K (Kimi-K2-Thinking's format) made from
-              the same bf16 weights: its error against bf16 is INT4's rounding (printed, not checked)
+              the same bf16 weights
 Weights: random bf16 drawn on the GPU, quantized to FP8 with 128 x 128 block scales (fp32), and the bf16 copy
-replaced by the dequantized values, so every variant computes the same function. Each FP8 output is checked
-against the bf16 op's (rel err printed; w8a16 must stay <= 1e-2). Timing: medians from a cold L2 (harness),
+replaced by the dequantized values, so every variant but int4 computes the same function. Errors (`*_err`, rel):
+against fp32 experts on the variant's own dequantized weights (FP8's, INT4's), an expert at a time
+(dequantized_reference; issue 18's accuracy targets: <= 1e-2 weight-only, <= 2e-2 w8a8); w8a16 must stay <= 1e-2.
+Before session 27 they were against the bf16 op, and int4's against the FP8 weights (its rounding, not the op's).
+Timing: medians from a cold L2 (harness),
 under a CUDA graph for T <= 128; above, eager (what an opaque call in a compiled prefill costs when its host time
 is exposed: ~1-1.4 ms per FP8 call on the H200 machine) and also under a graph (`*_graph_us`: the GPU alone, the
 kernels' comparison; NOTES "session 9"). Floors (harness.floor_s, this GPU's measured peaks): bytes = the experts hit x
@@ -75,6 +78,32 @@ def int4_weights(w, chunk=8):
     return q, s
 
 
+def dequantized_reference(x, ids, wts, w1, s1, w2, s2, block_n: int, block_k: int):
+    """fp32 experts on the dequantized weights, one expert at a time (a whole fp32 copy of Kimi-K2's experts would
+    not fit), TF32 off: what each quantized variant is measured against."""
+    from moe_compiler.lowering.torch_activations import gated_forward
+    from moe_compiler.lowering.torch_quantized import dequantize
+
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    xf = x.float()
+    with _no_tf32():
+        for e in torch.unique(ids).tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            a = gated_forward(xf[tok] @ dequantize(w1[e], s1[e], block_n, block_k).t(), ExpertsSpec())
+            y = a @ dequantize(w2[e], s2[e], block_n, block_k).t()
+            out.index_add_(0, tok, wts[tok, slot].float().unsqueeze(-1) * y)
+    return out
+
+
+class _no_tf32:
+    def __enter__(self):
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.before
+
+
 def floors(T, E, k, H, I, ids):
     hit = int(torch.unique(ids).numel())
     act = 2 * T * H * 2
@@ -120,12 +149,12 @@ def bench_shape(name, E, k, H, I, tokens, timer, device, variants=VARIANTS, kern
                     config = triton_quantized_config.QuantizedConfig(1, 128, 128, "w8a8_rows", cutlass=i)
                     calls[variant] = lambda c=config: triton_quantized.experts_forward(*fp8_args, spec, c)
         calls = {v: fn for v, fn in calls.items() if v == "bf16" or v in variants}
-        ref = calls["bf16"]().float()
+        ref = dequantized_reference(x, ids, wts, q1, s1, q2, s2, BLOCK, BLOCK)
+        ref4 = dequantized_reference(x, ids, wts, p1, g1, p2, g2, 1, GROUP) if "int4" in calls else None
         row = {"shape": name, "T": T, "default_act_fp8": bool(base and base.act_fp8)}
         row["floor_bf16_us"], row["floor_fp8_us"], row["floor_int4_us"] = (f * 1e6 for f in floors(T, E, k, H, I, ids))
         for variant, fn in calls.items():
-            if variant != "bf16":
-                row[f"{variant}_err"] = rel_err(fn().float(), ref)
+            row[f"{variant}_err"] = rel_err(fn().float(), ref4 if variant == "int4" else ref)
             run = timer.graph if device == "cuda" and T <= harness.GRAPH_MAX_T else timer.eager
             row[f"{variant}_us"] = run(fn) * 1e6
             if device == "cuda" and T > harness.GRAPH_MAX_T:  # the GPU's time alone (eager above carries host time)
