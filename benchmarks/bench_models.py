@@ -218,6 +218,7 @@ def train_point(model, how, backward: str, ids, reps=5):
     Memory: peaks as if the model's parameters were all this process held (the benchmark's own tensors, e.g. the
     reference gradients, subtracted): of the first call (compiling, then the step) and of the timed steps."""
     torch._dynamo.reset()
+    before = os.environ.get("MOE_COMPILER_BACKWARD")
     os.environ["MOE_COMPILER_BACKWARD"] = backward
     fn = model if how is None else torch.compile(model, dynamic=False, **how)
 
@@ -246,8 +247,11 @@ def train_point(model, how, backward: str, ids, reps=5):
     except torch.OutOfMemoryError:
         print(f"out of memory: {how} {backward}", flush=True)
         row, loss, grads = {"ms": float("nan"), "compile_s": float("nan"), "peak_gib": float("nan")}, None, None
-    finally:
-        os.environ["MOE_COMPILER_BACKWARD"] = "torch"
+    finally:  # the setting this process had (a fixed "torch" here had left every later step on the composite)
+        if before is None:
+            os.environ.pop("MOE_COMPILER_BACKWARD", None)
+        else:
+            os.environ["MOE_COMPILER_BACKWARD"] = before
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
     return row, loss, grads
