@@ -39,7 +39,7 @@ import moe_compiler  # noqa: F401 - registers the ops
 from moe_compiler.lowering import cutlass, triton_quantized, triton_quantized_config
 from moe_compiler.spec import ExpertsSpec, QuantizedExpertsSpec
 from moe_compiler.testing import rel_err
-from moe_compiler.testing.quantized import quantize_fp8_blocks, quantize_int4_groups
+from moe_compiler.testing.quantized import quantize_fp8_blocks, quantize_int4_experts
 from moe_compiler.tune.shapes import ALL_SHAPES
 from moe_compiler.tune.timing import Timer
 
@@ -70,38 +70,23 @@ def fp8_weights(E, N, K, device, gen, chunk=8):
 
 def int4_weights(w, chunk=8):
     """(packed int32 [E, N, K/8], bf16 scales [E, N, K/32]) of bf16 weights, a few experts at a time."""
-    E, N, K = w.shape
-    q = torch.empty(E, N, K // 8, dtype=torch.int32, device=w.device)
-    s = torch.empty(E, N, K // GROUP, dtype=torch.bfloat16, device=w.device)
-    for e in range(0, E, chunk):
-        q[e:e + chunk], s[e:e + chunk] = quantize_int4_groups(w[e:e + chunk], GROUP)
-    return q, s
+    return quantize_int4_experts(w, GROUP, chunk=chunk)
 
 
 def dequantized_reference(x, ids, wts, w1, s1, w2, s2, block_n: int, block_k: int):
     """fp32 experts on the dequantized weights, one expert at a time (a whole fp32 copy of Kimi-K2's experts would
-    not fit), TF32 off: what each quantized variant is measured against."""
+    not fit; fp32 matmuls without TF32, torch's default): what each quantized variant is measured against."""
     from moe_compiler.lowering.torch_activations import gated_forward
     from moe_compiler.lowering.torch_quantized import dequantize
 
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     xf = x.float()
-    with _no_tf32():
-        for e in torch.unique(ids).tolist():
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            a = gated_forward(xf[tok] @ dequantize(w1[e], s1[e], block_n, block_k).t(), ExpertsSpec())
-            y = a @ dequantize(w2[e], s2[e], block_n, block_k).t()
-            out.index_add_(0, tok, wts[tok, slot].float().unsqueeze(-1) * y)
+    for e in torch.unique(ids).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        a = gated_forward(xf[tok] @ dequantize(w1[e], s1[e], block_n, block_k).t(), ExpertsSpec())
+        y = a @ dequantize(w2[e], s2[e], block_n, block_k).t()
+        out.index_add_(0, tok, wts[tok, slot].float().unsqueeze(-1) * y)
     return out
-
-
-class _no_tf32:
-    def __enter__(self):
-        self.before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.before
 
 
 def floors(T, E, k, H, I, ids):

@@ -153,14 +153,19 @@ def _native_fields(path, trust_remote_code: bool, **hub) -> tuple[str, dict] | N
 def load_config(path, trust_remote_code: bool = False, **hub):
     """The checkpoint's config: AutoConfig's, or for a model type of NATIVE_MODEL_TYPES (without trust_remote_code)
     the native type's config built from the same config.json, its auto_map dropped."""
+    return _load_config(path, trust_remote_code, **hub)[0]
+
+
+def _load_config(path, trust_remote_code: bool, **hub):
+    """(load_config's config, whether it was built as a native type in place of the checkpoint's own)."""
     from transformers import AutoConfig
 
     native = _native_fields(path, trust_remote_code, **hub)
     if native is not None:
         log.info("moe_compiler: %s loads as transformers' native %r, its architecture (trust_remote_code=True would "
                  "run the checkpoint's own remote code instead)", path, native[0])
-        return AutoConfig.for_model(native[0], **native[1])
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+        return AutoConfig.for_model(native[0], **native[1]), True
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub), False
 
 
 def from_pretrained(path, *args, **kwargs):
@@ -178,13 +183,12 @@ def from_pretrained(path, *args, **kwargs):
     kwargs.setdefault("experts_implementation", NAME)
     if "config" not in kwargs:
         hub = {k: kwargs[k] for k in ("revision", "local_files_only", "token", "cache_dir") if k in kwargs}
-        config = load_config(path, kwargs.get("trust_remote_code", False), **hub)
+        config, native = _load_config(path, kwargs.get("trust_remote_code", False), **hub)
         quantization = getattr(config, "quantization_config", None)
         packed = packed_config(quantization if isinstance(quantization, dict) else {})
         if packed is not None:
             check_only_experts_packed(path, **hub)
             config.quantization_config = packed
-        native = _native_fields(path, kwargs.get("trust_remote_code", False), **hub) is not None
         if packed is not None or native:
             kwargs["config"] = config
     model = AutoModelForCausalLM.from_pretrained(path, *args, **kwargs)

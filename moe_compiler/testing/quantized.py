@@ -45,6 +45,17 @@ def quantize_int4_groups(w: torch.Tensor, group: int = 32, scale_dtype=torch.bfl
     return pack_int4(q), scale
 
 
+def quantize_int4_experts(w: torch.Tensor, group: int = 32, scale_dtype=torch.bfloat16, chunk: int = 8):
+    """quantize_int4_groups of stacked experts w [E, N, K], a few experts at a time (a real model's whole fp32
+    intermediate would not fit beside it)."""
+    E, N, K = w.shape
+    q = torch.empty(E, N, K // 8, dtype=torch.int32, device=w.device)
+    s = torch.empty(E, N, K // group, dtype=scale_dtype, device=w.device)
+    for e in range(0, E, chunk):
+        q[e:e + chunk], s[e:e + chunk] = quantize_int4_groups(w[e:e + chunk], group, scale_dtype)
+    return q, s
+
+
 def quantize_weights(w: torch.Tensor, weight_format: str, block_n: int, block_k: int, scale_dtype):
     """(stored weight, scales) of w in `weight_format` (spec.WeightFormat values)."""
     if weight_format == "int4_packed":
@@ -167,11 +178,10 @@ def to_int4_experts(model, group: int = 32, scale_dtype=torch.bfloat16, chunk: i
             packed = PackedInt4Experts(module.num_experts, module.hidden_dim, module.intermediate_dim, group, spec,
                                        scale_dtype)
         for proj in ("gate_up_proj", "down_proj"):
-            w = getattr(module, proj).detach()
-            q, scale = getattr(packed, proj), getattr(packed, proj + "_scale")
+            q, scale = quantize_int4_experts(getattr(module, proj).detach(), group, scale_dtype, chunk)
             with torch.no_grad():
-                for e in range(0, w.shape[0], chunk):
-                    q[e:e + chunk], scale[e:e + chunk] = quantize_int4_groups(w[e:e + chunk], group, scale_dtype)
+                getattr(packed, proj).copy_(q)
+                getattr(packed, proj + "_scale").copy_(scale)
         model.set_submodule(name, packed)
         replaced += 1
     return replaced
