@@ -93,7 +93,7 @@ def w8a8_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, group: int
     from ..spec import ExpertsSpec
 
     spec = spec or ExpertsSpec()
-    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    out = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
     x = quantize_activations_fp8(hidden, group).double()
     for e in torch.unique(topk_ids).tolist():
         if e == w_gate_up.shape[0]:
@@ -103,6 +103,36 @@ def w8a8_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, group: int
         a = quantize_activations_fp8(a, group).double()
         out.index_add_(0, tok, topk_weights[tok, slot].double().unsqueeze(-1) * (a @ w_down[e].double().t()))
     return out
+
+
+W8A8_REFERENCE = "moe_compiler_w8a8_reference"
+
+
+def use_w8a8_reference_experts(model, group: int = 128):
+    """`model` (unquantized experts: a dequantized_reference) with its experts computed as the FP8 kernels compute
+    them under w8a8 — each GEMM's input rows rounded through e4m3 per row and `group` columns, the dynamic
+    activation scheme of transformers' FP8Experts and DeepSeek's release — by w8a8_reference in fp64, an expert at a
+    time (eager only: it reads the routing on the host). The reference of an FP8 model whose experts run w8a8 (the
+    sorted path in bf16 / fp16 on a GPU with FP8 tensor cores, triton_quantized_config._default_fp8), against which
+    the dequantized model alone differs by the activation rounding (0.07-0.27 of the tiny DeepSeek-V3's logits)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    from ..integrations.hf_experts import activation_fields
+    from ..spec import ExpertsSpec
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        plain = not (getattr(self, "is_transposed", False) or getattr(self, "has_bias", False))
+        fields = activation_fields(self) if plain else "transposed or biased"
+        if isinstance(fields, str):
+            raise ValueError(f"use_w8a8_reference_experts: {type(self).__name__} is not a [E, 2I, H] / [E, H, I] "
+                             f"experts module without biases of an activation the op takes ({fields})")
+        out = w8a8_reference(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, group,
+                             ExpertsSpec(**fields))
+        return out.to(hidden_states.dtype)
+
+    ExpertsInterface.register(W8A8_REFERENCE, forward)
+    model.set_experts_implementation(W8A8_REFERENCE)
+    return model
 
 
 _FP8_EXPERTS_CLASS = None

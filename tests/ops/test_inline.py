@@ -522,6 +522,8 @@ def test_recorded_tma_compiled_equals_eager(arch, T, monkeypatch):
     """moe_compiler.recorded_tma: a sorted-path call whose config loads by TMA keeps TMA in Inductor's code, its
     kernels building the descriptors on the device (global scratch from the allocator Inductor's launcher sets);
     the logits equal eager, as they do with the default's pointer loads."""
+    from torch._dynamo.utils import counters
+
     from moe_compiler.lowering import dispatch, triton_config, triton_experts
     from moe_compiler.testing import rel_err
     from moe_compiler.testing.hf_models import tiny_model
@@ -537,6 +539,13 @@ def test_recorded_tma_compiled_equals_eager(arch, T, monkeypatch):
         return modes[-1]
 
     monkeypatch.setattr(triton_experts, "tma_mode", spy)
+    inlinable = []  # (the failure's message: whether the call was found inlinable, or never traced; session 28)
+
+    def spy_inlinable(*a, real=dispatch.experts_inlinable):
+        inlinable.append(real(*a))
+        return inlinable[-1]
+
+    monkeypatch.setattr(dispatch, "experts_inlinable", spy_inlinable)
     model = tiny_model(arch, dtype=torch.bfloat16).cuda()
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
     with torch.no_grad():
@@ -544,13 +553,16 @@ def test_recorded_tma_compiled_equals_eager(arch, T, monkeypatch):
         for recorded in (False, True):
             torch._dynamo.reset()
             modes.clear()
+            inlinable.clear()
             compiled = torch.compile(model, backend="fused_moe", dynamic=False,
                                      options={"moe_compiler.recorded_tma": recorded})
             out = compiled(input_ids=ids).logits.float()
             assert rel_err(out, ref) <= 3e-2, (recorded, rel_err(out, ref))
             # recorded TMA off: the call stays opaque and runs host descriptors, as the compile's eager check does
             want = {triton_experts.TMA_DEVICE} if recorded else set()
-            assert modes and set(modes) - {triton_experts.TMA_HOST} == want, modes
+            caches = {k: v for k, v in {**counters["aot_autograd"], **counters["inductor"]}.items() if "cache" in k}
+            assert modes and set(modes) - {triton_experts.TMA_HOST} == want, (modes, inlinable, caches,
+                                                                              dict(counters["moe_compiler"]))
 
 
 @pytest.mark.gpu
