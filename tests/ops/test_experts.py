@@ -148,6 +148,27 @@ def test_experts_train_is_experts_plus_the_saved_z(device, spec):
         assert rel_err(got.cpu(), want) <= 1e-4
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("train", [False, True], ids=["experts", "experts_train"])
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[4]], ids=spec_id)
+def test_backward_of_a_call_without_tokens(device, train, spec):
+    """T = 0 (a rank or micro-batch with no tokens for this layer): every gradient has its input's shape and dtype,
+    the weights' and biases' are zeros (not None, not garbage: an optimizer step adds them), no kernel fails."""
+    inputs = experts_inputs(0, 16, 8, 4, 2, torch.float32, spec, bias=spec.transposed, seed=5)
+    hidden, ids, weights, w1, w2, b1, b2 = [t.to(device) if t is not None else None for t in inputs]
+    leaves = [t.requires_grad_() for t in (hidden, weights, w1, w2, b1, b2) if t is not None]
+    if train:
+        out, z = TRAIN(hidden, ids, weights, w1, w2, b1, b2, **spec.op_kwargs())
+        assert z.shape[0] == 0
+    else:
+        out = moe_experts(hidden, ids, weights, w1, w2, b1, b2, spec=spec)
+    assert out.shape == (0, 16)
+    grads = torch.autograd.grad(out, leaves, torch.randn(0, 16, device=device))
+    for leaf, g in zip(leaves, grads):
+        assert g is not None and g.shape == leaf.shape and g.dtype == leaf.dtype and g.device == leaf.device
+        assert not g.any()
+
+
 def test_experts_train_opcheck():
     spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
     inputs = experts_inputs(6, 16, 8, 4, 2, torch.float32, spec, bias=True)
