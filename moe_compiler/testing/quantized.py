@@ -270,14 +270,26 @@ def _expert_parts(name: str, p: torch.Tensor):
     return prefix, {"gate_proj": p[:, :I], "up_proj": p[:, I:]}
 
 
-def _save(path, tensors: dict, config: dict) -> None:
+def _save(path, tensors: dict, config: dict, shards: int = 1) -> None:
+    """model.safetensors, or with shards > 1 model-0000i-of-0000n.safetensors and their index (tensors dealt out in
+    turn: an expert's projections, packed words and scales land in different files, as in the big releases)."""
     import json
     import os
 
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if shards == 1:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+        weight_map = {key: names[i % shards] for i, key in enumerate(sorted(tensors))}
+        for name in names:
+            part = {key: tensors[key] for key, file in weight_map.items() if file == name}
+            save_file(part, os.path.join(path, name), metadata={"format": "pt"})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2, default=str)
 
@@ -338,11 +350,11 @@ def dequantized_reference(model, block=(32, 32), scale_dtype=torch.float32, line
     return _round_trip_in_place(model, round_trip, set(_quantized_linears(model)) if linears else frozenset())
 
 
-def save_int4_checkpoint(model, path, group: int = 32, scale_dtype=torch.bfloat16) -> None:
+def save_int4_checkpoint(model, path, group: int = 32, scale_dtype=torch.bfloat16, shards: int = 1) -> None:
     """Write `model`'s routed experts as a compressed-tensors pack-quantized INT4 checkpoint (Kimi-K2-Thinking's
     on-disk form: per-expert `weight_packed` int32 [N, K/8], `weight_scale` [N, K/g], `weight_shape`; config
     `quantization_config` with quant_method "compressed-tensors", format "pack-quantized", 4-bit symmetric groups
-    of g, every other Linear in `ignore`); the other weights as they are."""
+    of g, every other Linear in `ignore`); the other weights as they are; in `shards` files with an index."""
     tensors = {}
     for name, p in model.state_dict().items():
         parts = _expert_parts(name, p)
@@ -365,7 +377,7 @@ def save_int4_checkpoint(model, path, group: int = 32, scale_dtype=torch.bfloat1
         "ignore": [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)],
         "kv_cache_scheme": None,
     }
-    _save(path, tensors, config)
+    _save(path, tensors, config, shards)
 
 
 def as_kimi_k2_release(path) -> None:

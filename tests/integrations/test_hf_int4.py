@@ -94,6 +94,35 @@ def test_a_checkpoint_packing_other_layers_is_refused(tmp_path):
         from_pretrained(str(tmp_path))
 
 
+def test_a_sharded_int4_checkpoint_loads_packed(tmp_path):
+    """The releases come in shards (Kimi-K2-Thinking: 64 files and an index), an expert's projections and their
+    scales in different files: loaded packed, logits equal the dequantized model's; a packed non-expert layer in
+    a shard the index names is still found and refused."""
+    import json
+
+    save_int4_checkpoint(tiny_model("deepseek_v3"), tmp_path, group=32, shards=3)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert not (tmp_path / "model.safetensors").exists() and len(set(index["weight_map"].values())) == 3
+    expert = "model.layers.1.mlp.experts.0.gate_proj"
+    assert index["weight_map"][f"{expert}.weight_packed"] != index["weight_map"][f"{expert}.weight_scale"]
+    model = from_pretrained(str(tmp_path), dtype=torch.float32)
+    experts = [m for n, m in model.named_modules() if n.endswith(".experts")]
+    assert experts and all(isinstance(m, hf_int4.PackedInt4Experts) for m in experts)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert rel_err(_logits(model, ids), _logits(int4_reference(tiny_model("deepseek_v3"), group=32), ids)) <= 1e-5
+
+    from safetensors.torch import load_file, save_file
+
+    last = sorted(set(index["weight_map"].values()))[-1]
+    tensors = load_file(tmp_path / last)
+    tensors["model.layers.0.self_attn.q_proj.weight_packed"] = torch.zeros(64, 8, dtype=torch.int32)
+    save_file(tensors, tmp_path / last)
+    index["weight_map"]["model.layers.0.self_attn.q_proj.weight_packed"] = last
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="packs layers besides the routed experts"):
+        from_pretrained(str(tmp_path))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_int4_checkpoint_on_the_gpu(dtype, tol, tmp_path):
