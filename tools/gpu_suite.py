@@ -1,0 +1,99 @@
+"""Run the GPU tests in parts that each fit one device call, each part's results streamed to a file as they come.
+
+    python tools/gpu_suite.py --part 1/3 [--workers 8] [--out $OUT]     # the non-big GPU tests, a third of them
+    python tools/gpu_suite.py --big [--out $OUT]                        # the big_gpu tests, one at a time
+    python tools/gpu_suite.py --ids failed.txt [--out $OUT]             # these test ids (one per line)
+
+Why: the device machine gives a command 10 minutes, and the whole non-big GPU suite (257 tests, each compiling
+tiny models with Inductor on a cold cache) takes longer than that at -n 4 or -n 8. Session 28 lost two calls to
+it: a run killed at its limit printed no summary. Here each part is a whole number of test files, dealt so the
+parts hold about as many tests each. pytest runs with -v into <out>/gpu_<part>.txt line by line, so a timed-out
+part still says which tests passed or failed. The last lines printed are the counts and the failed ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+NOT_BIG, BIG = "gpu and not big_gpu", "big_gpu"
+
+
+def collect(marker: str) -> list[str]:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", marker, "-p",
+                           "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT)
+    return [line.strip() for line in proc.stdout.splitlines() if "::" in line]
+
+
+def part_of(ids: list[str], index: int, parts: int) -> list[str]:
+    """The test ids of files dealt to part `index` (1-based): files largest first, each to the smallest part."""
+    files: dict[str, list[str]] = {}
+    for test in ids:
+        files.setdefault(test.split("::")[0], []).append(test)
+    buckets: list[list[str]] = [[] for _ in range(parts)]
+    for _, tests in sorted(files.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        min(buckets, key=len).extend(tests)
+    return buckets[index - 1]
+
+
+def run(ids: list[str], workers: int, log_path: str) -> int:
+    args = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "--durations=15", *ids]
+    if workers > 1:
+        args[3:3] = ["-n", str(workers)]
+    else:
+        args[3:3] = ["-p", "no:xdist"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+        return proc.wait()
+
+
+def summary(log_path: str, ids: list[str]) -> str:
+    text = open(log_path).read()
+    # "[gw0] [ 5%] PASSED tests/a.py::t" under xdist, "tests/a.py::t PASSED [ 5%]" without
+    done = {test: status for status, test in re.findall(r"(PASSED|FAILED|ERROR|SKIPPED) (tests/\S+::\S+)", text)}
+    done.update({test: status for test, status in re.findall(r"(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", text)})
+    counts = {s: sum(v == s for v in done.values()) for s in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    missing = [t for t in ids if t not in done]
+    lines = [f"{len(ids)} tests: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+             + (f", {len(missing)} without a result" if missing else "")]
+    lines += [f"{s} {t}" for t, s in done.items() if s in ("FAILED", "ERROR")]
+    lines += [f"NO RESULT {t}" for t in missing]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--part", help="i/n: the i-th of n parts of the non-big GPU tests")
+    which.add_argument("--big", action="store_true", help="the big_gpu tests, without xdist")
+    which.add_argument("--ids", help="a file of test ids, one per line")
+    parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers (one H200: 8 finished most)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where the logs go (default $OUT)")
+    a = parser.parse_args()
+    if a.part:
+        index, parts = (int(x) for x in a.part.split("/"))
+        if not 1 <= index <= parts:
+            parser.error(f"--part {a.part}: expected i/n with 1 <= i <= n")
+        ids, name, workers = part_of(collect(NOT_BIG), index, parts), f"part{index}of{parts}", a.workers
+    elif a.big:
+        ids, name, workers = collect(BIG), "big", 1
+    else:
+        ids = [line.strip() for line in open(a.ids) if line.strip()]
+        name, workers = os.path.splitext(os.path.basename(a.ids))[0], a.workers
+    if not ids:
+        sys.exit("gpu_suite: no tests selected")
+    log_path = os.path.join(a.out, f"gpu_{name}.txt")
+    rc = run(ids, workers, log_path)
+    print(summary(log_path, ids))
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()
