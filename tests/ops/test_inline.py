@@ -436,7 +436,12 @@ def test_compiled_block_with_recorded_launches_equals_eager(arch, T, monkeypatch
     from moe_compiler.testing import rel_err
     from moe_compiler.testing.hf_models import tiny_model
 
-    model = tiny_model(arch, dtype=torch.bfloat16).cuda()
+    # DeepSeek-V3 in fp32: its grouped sigmoid routing puts near-tied experts a bf16 rounding apart, and a tie broken
+    # the other way moves the logits more than a kernel error would (session 28: 0.048 at T = 1 in bf16, the
+    # other 11 cases passed; since session 26's redraw its routers give distinct scores, hence close ones). In
+    # fp32 a kernel error still shows, at 1e-4.
+    dtype, tol = (torch.float32, 1e-4) if arch == "deepseek_v3" else (torch.bfloat16, 3e-2)
+    model = tiny_model(arch, dtype=dtype).cuda()
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
     with torch.no_grad():
         ref = model(input_ids=ids).logits.float()
@@ -449,7 +454,7 @@ def test_compiled_block_with_recorded_launches_equals_eager(arch, T, monkeypatch
         opaque(input_ids=ids)
         opaque_bytes = _peak_call_bytes(opaque, ids)
     code = "\n".join(codes)
-    assert rel_err(out.logits.float(), ref) <= 3e-2
+    assert rel_err(out.logits.float(), ref) <= tol
     assert "torch.ops.moe_compiler" not in code  # (the kernels' own source, embedded, names the op in an assert)
     assert "_gate_up" in code  # our kernels, named in Inductor's code
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "experts" in n)
