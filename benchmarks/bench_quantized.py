@@ -4,6 +4,7 @@
     python -m benchmarks.bench_quantized --shapes deepseek_v3 --tokens 1 4096 --out
     python -m benchmarks.bench_quantized --smoke                  # tiny shape, any device: the harness runs
     python -m benchmarks.bench_quantized --variants rows op --kernels   # + where op's device time goes, per kernel
+    python -m benchmarks.bench_quantized --scale-fmt e8m0         # power-of-two scales (DeepSeek-V3.1+ "ue8m0")
 
 Per (shape, T), uniform routing, bf16 activations, the same inputs for every variant:
     bf16      torch.ops.moe_compiler.experts on bf16 weights (the dequantized FP8 values)
@@ -54,16 +55,19 @@ VARIANTS = ("bf16", "w8a16", "w8a8", "rows", "sorted", "op", "int4") + CUTLASS_V
 GROUP = 32
 
 
-def fp8_weights(E, N, K, device, gen, chunk=8):
-    """(bf16 dequantized [E, N, K], fp8 [E, N, K], fp32 scales), drawn and quantized a few experts at a time (a
-    whole fp32 copy of DeepSeek-V3's gate_up would take 30 GB)."""
+SCALE_FORMATS = {"fp32": torch.float32, "e8m0": torch.float8_e8m0fnu}
+
+
+def fp8_weights(E, N, K, device, gen, chunk=8, scale_dtype=torch.float32):
+    """(bf16 dequantized [E, N, K], fp8 [E, N, K], scales in scale_dtype), drawn and quantized a few experts at a
+    time (a whole fp32 copy of DeepSeek-V3's gate_up would take 30 GB)."""
     w = torch.empty(E, N, K, dtype=torch.bfloat16, device=device)
     q = torch.empty(E, N, K, dtype=torch.float8_e4m3fn, device=device)
-    s = torch.empty(E, -(-N // BLOCK), -(-K // BLOCK), dtype=torch.float32, device=device)
+    s = torch.empty(E, -(-N // BLOCK), -(-K // BLOCK), dtype=scale_dtype, device=device)
     for e in range(0, E, chunk):
         part = torch.randn(min(chunk, E - e), N, K, device=device, generator=gen) * K**-0.5
-        q[e:e + chunk], s[e:e + chunk] = quantize_fp8_blocks(part, BLOCK, BLOCK)
-        w[e:e + chunk] = (q[e:e + chunk].float() * s[e:e + chunk].repeat_interleave(BLOCK, 1)[:, :N]
+        q[e:e + chunk], s[e:e + chunk] = quantize_fp8_blocks(part, BLOCK, BLOCK, scale_dtype)
+        w[e:e + chunk] = (q[e:e + chunk].float() * s[e:e + chunk].float().repeat_interleave(BLOCK, 1)[:, :N]
                           .repeat_interleave(BLOCK, 2)[:, :, :K]).to(torch.bfloat16)
     return w, q, s
 
@@ -100,10 +104,10 @@ def floors(T, E, k, H, I, ids):
     return bf16, fp8, int4
 
 
-def bench_shape(name, E, k, H, I, tokens, timer, device, variants=VARIANTS, kernels=False):
+def bench_shape(name, E, k, H, I, tokens, timer, device, variants=VARIANTS, kernels=False, scale_fmt="fp32"):
     gen = torch.Generator(device=device).manual_seed(0)
-    w1, q1, s1 = fp8_weights(E, 2 * I, H, device, gen)
-    w2, q2, s2 = fp8_weights(E, H, I, device, gen)
+    w1, q1, s1 = fp8_weights(E, 2 * I, H, device, gen, scale_dtype=SCALE_FORMATS[scale_fmt])
+    w2, q2, s2 = fp8_weights(E, H, I, device, gen, scale_dtype=SCALE_FORMATS[scale_fmt])
     (p1, g1), (p2, g2) = int4_weights(w1), int4_weights(w2)
     spec = QuantizedExpertsSpec()
     spec4 = QuantizedExpertsSpec(weight_format="int4_packed", scale_block_n=1, scale_block_k=GROUP)
@@ -136,7 +140,7 @@ def bench_shape(name, E, k, H, I, tokens, timer, device, variants=VARIANTS, kern
         calls = {v: fn for v, fn in calls.items() if v == "bf16" or v in variants}
         ref = dequantized_reference(x, ids, wts, q1, s1, q2, s2, BLOCK, BLOCK)
         ref4 = dequantized_reference(x, ids, wts, p1, g1, p2, g2, 1, GROUP) if "int4" in calls else None
-        row = {"shape": name, "T": T, "default_act_fp8": bool(base and base.act_fp8)}
+        row = {"shape": name, "T": T, "scale_fmt": scale_fmt, "default_act_fp8": bool(base and base.act_fp8)}
         row["floor_bf16_us"], row["floor_fp8_us"], row["floor_int4_us"] = (f * 1e6 for f in floors(T, E, k, H, I, ids))
         for variant, fn in calls.items():
             row[f"{variant}_err"] = rel_err(fn().float(), ref4 if variant == "int4" else ref)
@@ -181,6 +185,8 @@ def main():
     p.add_argument("--variants", nargs="+", default=VARIANTS[1:], choices=VARIANTS[1:],
                    help="the variants to time beside bf16 (default: all that run here)")
     p.add_argument("--kernels", action="store_true", help="also the op's device time per kernel (profiler)")
+    p.add_argument("--scale-fmt", choices=SCALE_FORMATS, default="fp32",
+                   help="the FP8 weights' block scales: fp32, or e8m0 (power-of-two, float8_e8m0fnu)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = SMOKE if args.smoke else {n: s for n, s in {**SHAPES, **SMOKE}.items() if n in args.shapes}
@@ -188,7 +194,7 @@ def main():
     timer = Timer(device)
     rows = []
     for name, (E, k, H, I) in shapes.items():
-        rows += bench_shape(name, E, k, H, I, tokens, timer, device, args.variants, args.kernels)
+        rows += bench_shape(name, E, k, H, I, tokens, timer, device, args.variants, args.kernels, args.scale_fmt)
         torch.cuda.empty_cache() if device == "cuda" else None
     harness.save_rows(args.out, "quantized", rows, harness.gpu_name() if device == "cuda" else "cpu")
 
