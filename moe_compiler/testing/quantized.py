@@ -108,14 +108,19 @@ def w8a8_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, group: int
 W8A8_REFERENCE = "moe_compiler_w8a8_reference"
 
 
-def use_w8a8_reference_experts(model, group: int = 128):
+def use_w8a8_reference_experts(model, group: int | None = None):
     """`model` (unquantized experts: a dequantized_reference) with its experts computed as the FP8 kernels compute
     them under w8a8 — each GEMM's input rows rounded through e4m3 per row and `group` columns, the dynamic
     activation scheme of transformers' FP8Experts and DeepSeek's release — by w8a8_reference in fp64, an expert at a
     time (eager only: it reads the routing on the host). The reference of an FP8 model whose experts run w8a8 (the
     sorted path in bf16 / fp16 on a GPU with FP8 tensor cores, triton_quantized_config._default_fp8), against which
-    the dequantized model alone differs by the activation rounding (0.07-0.27 of the tiny DeepSeek-V3's logits)."""
+    the dequantized model alone differs by the activation rounding (0.07-0.27 of the tiny DeepSeek-V3's logits).
+    `group`: the kernels' activation group (triton_quantized_config.ACT_GROUP) unless given."""
     from transformers.integrations.moe import ExpertsInterface
+
+    from ..lowering.triton_quantized_config import ACT_GROUP
+
+    group = ACT_GROUP if group is None else group
 
     from ..integrations.hf_experts import activation_fields
     from ..spec import ExpertsSpec
