@@ -41,11 +41,8 @@ def part_of(ids: list[str], index: int, parts: int) -> list[str]:
 
 
 def run(ids: list[str], workers: int, log_path: str) -> int:
-    args = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "--durations=15", *ids]
-    if workers > 1:
-        args[3:3] = ["-n", str(workers)]
-    else:
-        args[3:3] = ["-p", "no:xdist"]
+    spread = ["-n", str(workers)] if workers > 1 else ["-p", "no:xdist"]
+    args = [sys.executable, "-m", "pytest", *spread, "-v", "-rfE", "-p", "no:cacheprovider", "--durations=15", *ids]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         for line in proc.stdout:

@@ -78,6 +78,15 @@ class PackedInt4Experts(nn.Module):
         )
 
 
+def packed_like(name: str, module, group: int, scale_dtype: torch.dtype = torch.bfloat16) -> PackedInt4Experts:
+    """An empty PackedInt4Experts in place of transformers' stacked experts `module` (at `name` in its model), on the
+    current default device; a ValueError saying why where the module cannot be held packed."""
+    spec = _packable(module, group)
+    if isinstance(spec, str):
+        raise ValueError(f"moe_compiler: {name} cannot be held as packed INT4: {spec}")
+    return PackedInt4Experts(module.num_experts, module.hidden_dim, module.intermediate_dim, group, spec, scale_dtype)
+
+
 def _packable(module, group: int) -> QuantizedExpertsSpec | str:
     """The spec of a transformers stacked experts module we can hold packed, or why not."""
     from .hf_experts import activation_fields
@@ -123,11 +132,7 @@ def _classes():
             for name, module in list(model.named_modules()):
                 if not (name.endswith(".experts") and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)):
                     continue
-                spec = _packable(module, group)
-                if isinstance(spec, str):
-                    raise ValueError(f"moe_compiler: {name} cannot be kept packed as INT4: {spec}")
-                packed = PackedInt4Experts(module.num_experts, module.hidden_dim, module.intermediate_dim, group, spec)
-                model.set_submodule(name, packed)
+                model.set_submodule(name, packed_like(name, module, group))
             # weight_shape is implied by the packed tensors' shapes, which loading checks: read, not reported
             ignored = model._keys_to_ignore_on_load_unexpected
             if isinstance(ignored, set):  # (transformers 5.25: a set after post_init; a list or None before)

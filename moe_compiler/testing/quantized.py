@@ -118,12 +118,11 @@ def use_w8a8_reference_experts(model, group: int | None = None):
     `group`: the kernels' activation group (triton_quantized_config.ACT_GROUP) unless given."""
     from transformers.integrations.moe import ExpertsInterface
 
+    from ..integrations.hf_experts import activation_fields
     from ..lowering.triton_quantized_config import ACT_GROUP
+    from ..spec import ExpertsSpec
 
     group = ACT_GROUP if group is None else group
-
-    from ..integrations.hf_experts import activation_fields
-    from ..spec import ExpertsSpec
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         plain = not (getattr(self, "is_transposed", False) or getattr(self, "has_bias", False))
@@ -200,18 +199,14 @@ def to_int4_experts(model, group: int = 32, scale_dtype=torch.bfloat16, chunk: i
     """Replace every `.experts` module of `model` in place by PackedInt4Experts holding its weights quantized to
     symmetric INT4 groups of `group` (what moe_compiler.from_pretrained builds from a Kimi-K2-Thinking checkpoint), a
     few experts at a time on the weights' device. Returns the number of modules replaced."""
-    from ..integrations.hf_int4 import PackedInt4Experts, _packable
+    from ..integrations.hf_int4 import packed_like
 
     replaced = 0
     for name, module in list(model.named_modules()):
         if not name.endswith(".experts"):
             continue
-        spec = _packable(module, group)
-        if isinstance(spec, str):
-            raise ValueError(f"{name} cannot be held as packed INT4: {spec}")
         with torch.device(module.gate_up_proj.device):
-            packed = PackedInt4Experts(module.num_experts, module.hidden_dim, module.intermediate_dim, group, spec,
-                                       scale_dtype)
+            packed = packed_like(name, module, group, scale_dtype)
         for proj in ("gate_up_proj", "down_proj"):
             q, scale = quantize_int4_experts(getattr(module, proj).detach(), group, scale_dtype, chunk)
             with torch.no_grad():
