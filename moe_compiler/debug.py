@@ -85,15 +85,10 @@ class GraphReport:
         )
         if self.fused:
             line += f"; routers: {len(self.fused_routers)} fused"
-            fused_shared = [r for r in self.fused if r.shared_status == "fused"]
-            if fused_shared:
-                line += f"; shared experts: {len(fused_shared)} fused"
-            kept_shared = [r for r in self.fused if r.shared_status == "matched"]
-            if kept_shared:
-                line += f"; shared experts: {len(kept_shared)} matched, left to Inductor"
             kept = sorted({r.router_reason for r in self.fused if r.router_status != "fused" and r.router_reason})
             if kept:
                 line += " (left to Inductor: " + " | ".join(kept) + ")"
+            line += self._shared_summary()
         if self.rejected:
             reasons = sorted({r.reason for r in self.rejected})
             line += "; rejected because: " + " | ".join(reasons)
@@ -102,6 +97,16 @@ class GraphReport:
         if self.router_gemv:
             line += f"; {self.router_gemv} router linear(s) as a fused reduction"
         return line
+
+    def _shared_summary(self) -> str:
+        """'; shared experts: 2 fused, 1 matched, left to Inductor (why), 1 not proven (why)', or '' if none."""
+        parts = []
+        for status, label in (("fused", "fused"), ("matched", "matched, left to Inductor"), ("rejected", "not proven")):
+            regions = [r for r in self.fused if r.shared_status == status]
+            if regions:
+                why = sorted({r.shared_reason for r in regions if r.shared_reason}) if status != "fused" else []
+                parts.append(f"{len(regions)} {label}" + (" (" + " | ".join(why) + ")" if why else ""))
+        return "; shared experts: " + ", ".join(parts) if parts else ""
 
     def summary_text(self) -> str:
         lines = [self.summary_line(), ""]

@@ -1,7 +1,7 @@
 """Shared experts: the dense MLP every token passes through beside the routed experts, added to their
 output. Proven from the fused experts call outward, so the report describes the whole MoE block.
 
-Source forms (transformers 5.17-5.23):
+Source forms (transformers 5.17-5.25):
 
     DeepSeek-V2/V3, Kimi, GLM4-MoE, dots1, Ernie-4.5, Hunyuan, Llama-4 ("plain"):
         out = experts(x, ...) [.view(B, S, H)] + shared_experts(x)           # Llama-4: shared(x).add_(experts)
@@ -9,6 +9,7 @@ Source forms (transformers 5.17-5.23):
         out = experts(x, ...) + sigmoid(shared_expert_gate(x)) * shared_expert(x)
     Granite-MoE-Shared ("plain", added in the decoder layer, gate and up in one Linear):
         out = experts(x, ...).view(B, S, H) + shared_mlp(x)
+    AFMoE (5.25, "plain"): out = shared_experts(x).view(B, S, H) + experts(x, ...).view(B, S, H)
 
     shared MLP(x) = down(act(gate(x)) * up(x)), gate/up two Linears or halves of one (chunk(2, -1))
 
@@ -34,6 +35,7 @@ import torch.fx as fx
 from ..ops.signature import OpCall
 from ..spec import Activation, GateUpLayout
 from .fx_utils import (
+    VALUE_PRESERVING,
     dims,
     example_value,
     fake_call,
@@ -181,7 +183,9 @@ def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None
     if combined is None:
         return None
     add, routed, found = combined
-    other = follow(found)
+    # AFMoE: shared(x).view(B, S, H) + routed.view(B, S, H). A reshape keeps the rows' order (it never moves an
+    # element in row-major order) and the add's shapes are checked equal before fusing, so the view is the branch.
+    other = follow(found, through=VALUE_PRESERVING | SAME_ROWS)
     if "shared" not in _module_of(other) and not any("shared" in _module_of(a) for a in other.all_input_nodes):
         return None  # e.g. the residual add of a block without shared experts
     x_base = _base(OpCall.of(experts_call).tensors.hidden)

@@ -16,7 +16,8 @@ from torch._dynamo.utils import counters
 from moe_compiler.config import MoECompilerConfig
 from moe_compiler.passes import fuse_moe_regions
 from moe_compiler.testing import rel_err
-from moe_compiler.testing.hf_zoo import zoo_model
+from moe_compiler.testing.hf_models import count_experts_modules
+from moe_compiler.testing.hf_zoo import model_type_known, zoo_model
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -59,12 +60,17 @@ def test_qwen2_gated_shared_expert_is_fused_and_described_in_the_dump(tmp_path):
     assert "moe_compiler.experts.default" in after and "shared_expert_gate = " in after
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "granitemoeshared"])
+# afmoe (transformers 5.25): shared(x).view(B, S, H) + routed.view(B, S, H), a view on the shared side.
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "granitemoeshared", "afmoe"])
 def test_fused_block_is_one_call_reading_the_shared_weights_in_place(arch):
-    gm = _rewritten_graph(zoo_model(arch))
+    if not model_type_known(arch):
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no {arch}")
+    model = zoo_model(arch)
+    layers = count_experts_modules(model)
+    gm = _rewritten_graph(model)
     experts = torch.ops.moe_compiler.experts.default
     calls = [n for n in gm.graph.nodes if n.target is experts and "shared_down_proj" in n.kwargs]
-    assert len(calls) == 2
+    assert len(calls) == layers
     shared_weights = {n for n in gm.graph.nodes if n.op == "placeholder" and "shared" in n.name}
     # Every shared parameter is read by the op alone: the branch's Linears, activation and add are gone.
     assert shared_weights and all(set(w.users) <= set(calls) for w in shared_weights)
@@ -91,6 +97,9 @@ def test_shared_mlp_with_another_activation_is_left_to_inductor(tmp_path):
     reports = _compile(model, tmp_path)
     assert [r["status"] for r in reports] == ["matched", "matched"]
     assert reports[0]["reason"] == "the shared MLP's activation (gelu) is not the routed experts' (silu)"
+    summary = (tmp_path / "summary.txt").read_text().splitlines()[0]
+    assert ("; routers: 2 fused; shared experts: 2 matched, left to Inductor (the shared MLP's activation (gelu) is "
+            "not the routed experts' (silu)); host code: ") in summary
 
 
 class _ScaledInput(torch.nn.Module):
@@ -112,6 +121,9 @@ def test_shared_mlp_on_another_input_is_not_proven(tmp_path):
     assert [r["status"] for r in reports] == ["rejected", "rejected"]
     assert "not the experts' input" in reports[0]["reason"]
     assert counters["moe_compiler"]["rejected_shared_experts"] == 2
+    # The log's one line per graph says so too (it said nothing of shared experts it could not prove).
+    summary = (tmp_path / "summary.txt").read_text().splitlines()[0]
+    assert "; shared experts: 2 not proven (shared " in summary and "not the experts' input)" in summary
 
 
 def test_shared_mlp_with_a_bias_is_not_proven(tmp_path):
