@@ -207,6 +207,12 @@ class QuantizedLinearSpec:
 class Scoring(str, enum.Enum):
     SOFTMAX = "softmax"
     SIGMOID = "sigmoid"
+    SQRTSOFTPLUS = "sqrtsoftplus"  # sqrt(softplus(x)), softplus with beta 1 and threshold 20 (DeepSeek-V4)
+
+    @property
+    def code(self) -> int:
+        """The kernels' constexpr for it (triton_route.py)."""
+        return list(Scoring).index(self)
 
 
 class RouteOrder(str, enum.Enum):
@@ -224,11 +230,17 @@ class GroupScore(str, enum.Enum):
 
 class WeightsDtype(str, enum.Enum):
     """The dtype the route op stores its top-k weights in: computed in fp32, rounded once to it on store (what the
-    router's own `.to(hidden.dtype)` after its fp32 math does)."""
+    router's own `.to(hidden.dtype)` after its fp32 math does). Also the dtype a router computes in
+    (RouterSpec.score_dtype)."""
 
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+    @property
+    def code(self) -> int:
+        """The kernels' constexpr for rounding to it (triton_route.py): 0 none (fp32), 1 bf16, 2 fp16."""
+        return list(WeightsDtype).index(self)
 
     @property
     def torch(self):
@@ -247,6 +259,7 @@ class RouterSpec:
         top-k on logits -> sigmoid of each       Llama-4
         sigmoid (+ correction bias for choice) -> group-limited top-k -> gather unbiased scores [-> renormalize]
                                                  DeepSeek-V3 / Kimi-K2 / GLM4-MoE (DeepseekV3TopkRouter)
+        sqrt(softplus) (+ correction bias) -> top-k -> gather [-> renormalize]   DeepSeek-V4 (DeepseekV4TopKRouter)
         x routed_scaling_factor at the end.
         sparse mixer (eval): k rounds; round r takes the best expert not taken yet (m_r, i_r) and weighs it by a
                              softmax over the untaken experts within 2 * jitter_eps of m_r, relative to
@@ -254,6 +267,12 @@ class RouterSpec:
 
     Group-limited selection: experts split into n_group groups scored by `group_score`; only the best
     topk_group groups stay; the others' choice scores become `masked_score` (-inf in transformers 5.23).
+
+    score_dtype: the dtype the router computes in. fp32 (the routers that upcast their logits): no rounding but
+    the weights' store. bf16 / fp16 (a router whose logits stay in the model's dtype: DeepSeek-V4, Mistral-4):
+    every op's result is rounded to it as eager rounds it - the scores (each elementwise op), the group scores,
+    the choice unless an fp32 correction bias is added, the top-k sum, the quotient, the scaled weight - so the
+    selection is made on eager's very values.
     """
 
     top_k: int
@@ -272,12 +291,21 @@ class RouterSpec:
     # The weights' stored dtype: a router whose fp32 weights the block casts (to the hidden's dtype) gets the cast
     # in the route kernel's store instead of a launch of its own.
     weights_dtype: WeightsDtype = WeightsDtype.FLOAT32
+    score_dtype: WeightsDtype = WeightsDtype.FLOAT32  # see above: the dtype each of the router's ops rounds to
 
     def __post_init__(self):
         _enum_field(self, "scoring", Scoring)
         _enum_field(self, "weights_dtype", WeightsDtype)
+        _enum_field(self, "score_dtype", WeightsDtype)
         _enum_field(self, "order", RouteOrder)
         _enum_field(self, "group_score", GroupScore)
+        if self.order is not RouteOrder.SCORE_THEN_TOPK and (
+            self.scoring is Scoring.SQRTSOFTPLUS or self.score_dtype is not WeightsDtype.FLOAT32
+        ):
+            raise ValueError(
+                f"RouterSpec: {self.order.value} is defined with softmax / sigmoid scores in fp32, got "
+                f"{self.scoring.value} in {self.score_dtype.value}"
+            )
         if self.top_k < 1:
             raise ValueError(f"RouterSpec.top_k: expected >= 1, got {self.top_k}")
         if self.order is RouteOrder.TOPK_THEN_SCORE and (
@@ -321,7 +349,8 @@ class RouterSpec:
 
     def describe(self) -> str:
         stored = "" if self.weights_dtype is WeightsDtype.FLOAT32 else f"; weights stored as {self.weights_dtype.value}"
-        return self._form() + stored
+        computed = "" if self.score_dtype is WeightsDtype.FLOAT32 else f"; computed in {self.score_dtype.value}"
+        return self._form() + computed + stored
 
     def _form(self) -> str:
         if self.order is RouteOrder.SPARSEMIXER:

@@ -20,7 +20,25 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring
+from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring, WeightsDtype
+
+
+def _rounder(spec: RouterSpec):
+    """x -> x rounded to the router's own dtype and back to fp32 (identity for an fp32 router)."""
+    if spec.score_dtype is WeightsDtype.FLOAT32:
+        return lambda x: x
+    dtype = spec.score_dtype.torch
+    return lambda x: x.to(dtype).float()
+
+
+def _scores(logits32: Tensor, spec: RouterSpec) -> Tensor:
+    """The router's scores [T, E] fp32 (each op rounded as in eager: _rounder)."""
+    rnd = _rounder(spec)
+    if spec.scoring is Scoring.SOFTMAX:
+        return rnd(logits32.softmax(dim=-1))
+    if spec.scoring is Scoring.SIGMOID:
+        return rnd(logits32.sigmoid())
+    return rnd(rnd(torch.nn.functional.softplus(logits32)).sqrt())
 
 
 def _select(logits32: Tensor, correction_bias: Optional[Tensor], spec: RouterSpec) -> tuple[Tensor, Tensor]:
@@ -28,12 +46,14 @@ def _select(logits32: Tensor, correction_bias: Optional[Tensor], spec: RouterSpe
     T, E = logits32.shape
     if spec.order is RouteOrder.TOPK_THEN_SCORE:
         return logits32, torch.topk(logits32, spec.top_k, dim=-1)[1]
-    scores = logits32.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else logits32.sigmoid()
+    scores = _scores(logits32, spec)
+    # An fp32 correction bias makes the choice fp32 (type promotion), whatever the router's dtype.
     choice = scores if correction_bias is None else scores + correction_bias.float()
+    rnd = _rounder(spec) if correction_bias is None else (lambda x: x)
     if spec.n_group > 1:
         grouped = choice.view(T, spec.n_group, E // spec.n_group)
         if spec.group_score is GroupScore.TOP2_SUM:
-            group_scores = grouped.topk(2, dim=-1)[0].sum(-1)
+            group_scores = rnd(grouped.topk(2, dim=-1)[0].sum(-1))
         else:
             group_scores = grouped.amax(-1)
         group_idx = torch.topk(group_scores, spec.topk_group, dim=-1, sorted=False)[1]
@@ -75,13 +95,16 @@ def _route_fp32(router_logits, correction_bias, spec: RouterSpec) -> tuple[Tenso
         return weights, torch.cat([i for _, i in rounds], dim=-1)
     scores, ids = _select(router_logits.float(), correction_bias, spec)
     picked = scores.gather(1, ids)
+    rnd = _rounder(spec)
     if spec.order is RouteOrder.TOPK_THEN_SCORE:
         weights = picked.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else picked.sigmoid()
     elif spec.norm_topk_prob:
-        weights = picked / (picked.sum(-1, keepdim=True) + spec.renorm_eps)
+        weights = rnd(picked / rnd(rnd(picked.sum(-1, keepdim=True)) + spec.renorm_eps))
     else:
         weights = picked
-    return weights * spec.routed_scaling_factor, ids
+    if spec.routed_scaling_factor == 1.0:
+        return weights, ids
+    return rnd(weights * spec.routed_scaling_factor), ids
 
 
 def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor:
@@ -105,7 +128,13 @@ def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor
             w = z.gather(1, ids).sigmoid()
             dz_sel = g * w * (1 - w)
         return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
-    scores = z.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else z.sigmoid()
+    # The derivatives of the fp32 math (a low-precision router's roundings have none).
+    if spec.scoring is Scoring.SOFTMAX:
+        scores = z.softmax(dim=-1)
+    elif spec.scoring is Scoring.SIGMOID:
+        scores = z.sigmoid()
+    else:
+        scores = torch.nn.functional.softplus(z).sqrt()
     picked = scores.gather(1, ids)
     if spec.norm_topk_prob:
         denom = picked.sum(-1, keepdim=True) + spec.renorm_eps
@@ -114,6 +143,11 @@ def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor
         d_picked = g
     if spec.scoring is Scoring.SIGMOID:
         dz_sel = d_picked * picked * (1 - picked)
+        return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
+    if spec.scoring is Scoring.SQRTSOFTPLUS:
+        # d sqrt(softplus(z)) / dz = sigmoid(z) / (2 sqrt(softplus(z))); 0 where the score underflowed to 0
+        zs = z.gather(1, ids)
+        dz_sel = torch.where(picked > 0, d_picked * zs.sigmoid() / (2 * picked), 0.0)
         return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
     d_scores = torch.zeros_like(z).scatter_(1, ids, d_picked)
     return (scores * (d_scores - (d_scores * scores).sum(-1, keepdim=True))).to(router_logits.dtype)

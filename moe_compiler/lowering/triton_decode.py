@@ -152,9 +152,10 @@ def _shared_gate_up(
 @triton.jit
 def _route_pair(
     logits_ptr, rbias_ptr, ids_ptr, topk_w_ptr, p, pid_n, E, TOP_K, stride_lt, r_scale, r_masked, r_eps,
-    R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SIGMOID: tl.constexpr, R_TOPK_FIRST: tl.constexpr,
-    R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr, R_TOPK_GROUP: tl.constexpr,
-    R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr, R_BLOCK_G: tl.constexpr,
+    R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SCORING: tl.constexpr, R_ROUND: tl.constexpr,
+    R_TOPK_FIRST: tl.constexpr, R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr,
+    R_TOPK_GROUP: tl.constexpr, R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr,
+    R_BLOCK_G: tl.constexpr,
 ):
     """(expert id, router weight as stored, in fp32) of pair p, routed from its token's logits by the route
     kernel's own math (triton_route.route_rows); the programs of the first column tile store both for the down
@@ -166,8 +167,8 @@ def _route_pair(
     cols = tl.arange(0, R_BLOCK_E)
     w, chosen = route_rows(
         logits_ptr, rbias_ptr, rows, rows >= 0, cols, cols < E, E, stride_lt, r_scale, r_masked, r_eps,
-        R_MASKED_INF, R_TOP_K, R_SIGMOID, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP, R_GROUP_MAX,
-        1, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
+        R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
+        R_GROUP_MAX, 1, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
     )
     mine = tl.arange(0, R_BLOCK_K)[None, :] == p % TOP_K
     e = tl.sum(tl.where(mine, chosen, 0))
@@ -187,15 +188,16 @@ def _routed_gate_up(
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     SCALE_INPUT: tl.constexpr, PAIRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, ROUTE: tl.constexpr,
-    R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SIGMOID: tl.constexpr, R_TOPK_FIRST: tl.constexpr,
-    R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr, R_TOPK_GROUP: tl.constexpr,
-    R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr, R_BLOCK_G: tl.constexpr,
+    R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SCORING: tl.constexpr, R_ROUND: tl.constexpr,
+    R_TOPK_FIRST: tl.constexpr, R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr,
+    R_TOPK_GROUP: tl.constexpr, R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr,
+    R_BLOCK_G: tl.constexpr,
 ):
     if ROUTE:  # the route in this kernel: ids / weights are its outputs (for the down kernel), not inputs
         e, row_w = _route_pair(
             logits_ptr, rbias_ptr, ids_ptr, topk_w_ptr, p, pid_n, E, TOP_K, stride_lt, r_scale, r_masked, r_eps,
-            R_MASKED_INF, R_TOP_K, R_SIGMOID, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP, R_GROUP_MAX,
-            R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
+            R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
+            R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
         )
     else:
         e = tl.load(ids_ptr + p)
@@ -248,9 +250,10 @@ def _gate_up_gemv_kernel(
     SCALE_INPUT: tl.constexpr, PAIRED: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GATE: tl.constexpr,
     ZERO_TICKETS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr, ROUTE: tl.constexpr,
-    R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SIGMOID: tl.constexpr, R_TOPK_FIRST: tl.constexpr,
-    R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr, R_TOPK_GROUP: tl.constexpr,
-    R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr, R_BLOCK_G: tl.constexpr,
+    R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SCORING: tl.constexpr, R_ROUND: tl.constexpr,
+    R_TOPK_FIRST: tl.constexpr, R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr,
+    R_TOPK_GROUP: tl.constexpr, R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr,
+    R_BLOCK_G: tl.constexpr,
 ):
     # grid (S [+ shared rows], I / BLOCK_N): row p < S is pair p; the rows after S hold the shared MLP's
     # T * SHARED_TILES tiles, laid out row-major over the same second axis. With ROUTE each pair's program
@@ -278,7 +281,7 @@ def _gate_up_gemv_kernel(
                 stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
                 logits_ptr, rbias_ptr, stride_lt, r_scale, r_masked, r_eps,
                 ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES, ROUTE,
-                R_MASKED_INF, R_TOP_K, R_SIGMOID, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
+                R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
                 R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
             )
     else:  # without shared experts the kernel is the routed one alone
@@ -287,7 +290,7 @@ def _gate_up_gemv_kernel(
             stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
             logits_ptr, rbias_ptr, stride_lt, r_scale, r_masked, r_eps,
             ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES, ROUTE,
-            R_MASKED_INF, R_TOP_K, R_SIGMOID, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
+            R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
             R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
         )
 

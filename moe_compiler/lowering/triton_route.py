@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring
+from ..spec import GroupScore, RouteOrder, RouterSpec
 from . import launch
 
 
@@ -70,27 +70,65 @@ def _store_topk(weights_ptr, ids_ptr, rows, row_ok, picked, chosen, TOP_K: tl.co
 @triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, stride_lt, scale, masked_score, eps,
-    MASKED_INF: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
+    MASKED_INF: tl.constexpr, TOP_K: tl.constexpr, SCORING: tl.constexpr, ROUND: tl.constexpr,
+    TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
     w, chosen = route_rows(
         logits_ptr, bias_ptr, rows, row_ok, cols, col_ok, E, stride_lt, scale, masked_score, eps, MASKED_INF, TOP_K,
-        SIGMOID, TOPK_FIRST, NORM, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_MAX, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G,
+        SCORING, ROUND, TOPK_FIRST, NORM, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_MAX, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G,
     )
     _store_topk(weights_ptr, ids_ptr, rows, row_ok, w, chosen, TOP_K, BLOCK_K)
 
 
 @triton.jit
+def _round(x, ROUND: tl.constexpr):
+    """x rounded to the router's own dtype (RouterSpec.score_dtype: 0 fp32, 1 bf16, 2 fp16), back in fp32."""
+    if ROUND == 1:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _softplus(x):
+    """torch's softplus (beta 1, threshold 20): x above 20, else log1p(exp(x)) = max(x, 0) + log1p(exp(-|x|)), the
+    log1p to full precision by Goldberg's log(v) * u / (v - 1), v = 1 + u (no log1p in every Triton backend)."""
+    u = tl.exp(-tl.abs(x))
+    v = 1.0 + u
+    log1p_u = tl.where(v == 1.0, u, tl.log(v) * (u / tl.where(v == 1.0, 1.0, v - 1.0)))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_u)
+
+
+@triton.jit
+def _scores(x, SCORING: tl.constexpr, ROUND: tl.constexpr):
+    """Scores of the logits x [rows, E] fp32 (-inf outside E) by spec.Scoring's code: 0 softmax over E, 1 sigmoid,
+    2 sqrt(softplus); each op's result rounded as the router rounds it."""
+    if SCORING == 1:
+        scores = _round(tl.sigmoid(x), ROUND)
+    elif SCORING == 2:
+        scores = _round(tl.sqrt(_round(_softplus(x), ROUND)), ROUND)
+    else:
+        z = x - tl.max(x, axis=1)[:, None]
+        ez = tl.exp(z)
+        scores = _round(ez / tl.sum(ez, axis=1)[:, None], ROUND)
+    return scores
+
+
+@triton.jit
 def route_rows(
     logits_ptr, bias_ptr, rows, row_ok, cols, col_ok, E, stride_lt, scale, masked_score, eps,
-    MASKED_INF: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
+    MASKED_INF: tl.constexpr, TOP_K: tl.constexpr, SCORING: tl.constexpr, ROUND: tl.constexpr,
+    TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     """(weights [BLOCK_T, BLOCK_K] fp32, ids [BLOCK_T, BLOCK_K] int64) of the rows' routes, slots >= TOP_K zero:
-    the route kernel's math, also run inside the decode gate_up kernel (triton_decode.py, route in the GEMV)."""
+    the route kernel's math, also run inside the decode gate_up kernel (triton_decode.py, route in the GEMV).
+    ROUND: RouterSpec.score_dtype's rounding after each op (torch_route.py rounds at the same places)."""
     x = _load_tile(logits_ptr, rows, cols, row_ok, col_ok, stride_lt)
     neg_inf = float("-inf")
     x = tl.where(col_ok[None, :], x.to(tl.float32), neg_inf)
@@ -98,13 +136,7 @@ def route_rows(
         scores = x
         choice = x
     else:
-        if SIGMOID:
-            scores = tl.sigmoid(x)
-        else:
-            z = x - tl.max(x, axis=1)[:, None]
-            ez = tl.exp(z)
-            scores = ez / tl.sum(ez, axis=1)[:, None]
-        scores = tl.where(col_ok[None, :], scores, 0.0)
+        scores = tl.where(col_ok[None, :], _scores(x, SCORING, ROUND), 0.0)
         choice = scores
         if HAS_BIAS:
             choice = choice + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -124,6 +156,8 @@ def route_rows(
                     first = tl.argmax(vals, axis=1)
                     second = tl.max(tl.where(cols[None, :] == first[:, None], neg_inf, vals), axis=1)
                     score_g = best + second
+                    if not HAS_BIAS:  # the choice is the scores, in the router's dtype (fp32 once a bias is added)
+                        score_g = _round(score_g, ROUND)
                 group_scores = tl.where(gidx[None, :] == g, score_g[:, None], group_scores)
             keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
             for _ in tl.static_range(TOPK_GROUP):
@@ -145,7 +179,7 @@ def route_rows(
         choice = tl.where(hit, neg_inf, choice)
     live = slot[None, :] < TOP_K
     if TOPK_FIRST:
-        if SIGMOID:
+        if SCORING == 1:
             w = tl.sigmoid(picked)
         else:
             p = tl.where(live, picked, neg_inf)
@@ -154,8 +188,9 @@ def route_rows(
     else:
         w = picked
         if NORM:
-            w = w / (tl.sum(tl.where(live, w, 0.0), axis=1)[:, None] + eps)
-    return w * scale, chosen
+            total = _round(tl.sum(tl.where(live, w, 0.0), axis=1), ROUND)
+            w = _round(w / _round(total + eps, ROUND)[:, None], ROUND)
+    return _round(w * scale, ROUND), chosen
 
 
 @triton.jit
@@ -191,11 +226,12 @@ def _sparsemixer_kernel(
 @triton.jit
 def _route_backward_kernel(
     logits_ptr, ids_ptr, grad_ptr, dz_ptr, T, E, stride_lt, stride_dt, scale, eps,
-    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
+    TOP_K: tl.constexpr, SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """d loss / d logits [T, E] with the selection held fixed: the derivatives of torch_route.route_backward
-    (every order but the sparse mixer's), one program per BLOCK_T rows, no scatter outside registers."""
+    (every order but the sparse mixer's; of the fp32 math), one program per BLOCK_T rows, no scatter outside
+    registers."""
     rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
     x = _load_tile(logits_ptr, rows, cols, row_ok, col_ok, stride_lt)
     z = tl.where(col_ok[None, :], x.to(tl.float32), float("-inf"))
@@ -206,19 +242,20 @@ def _route_backward_kernel(
     g = tl.load(grad_ptr + pairs, mask=slot_ok, other=0.0).to(tl.float32) * scale
     if TOPK_FIRST:  # the score is taken over the k picked logits below
         scores = z
-    elif SIGMOID:
-        scores = tl.sigmoid(z)
     else:
-        scores = tl.exp(z - tl.max(z, axis=1)[:, None])
-        scores = scores / tl.sum(scores, axis=1)[:, None]
-    # picked[t, j] = scores[t, ids[t, j]] (the raw logit when the top-k comes first)
+        scores = _scores(z, SCORING, 0)
+    # picked[t, j] = scores[t, ids[t, j]] (the raw logit when the top-k comes first); z_picked the logit
     picked = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    z_picked = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         id_j = tl.sum(tl.where(slot[None, :] == j, ids, 0), axis=1)
         at_j = tl.sum(tl.where(cols[None, :] == id_j[:, None], scores, 0.0), axis=1)
         picked = tl.where(slot[None, :] == j, at_j[:, None], picked)
+        if SCORING == 2:
+            z_j = tl.sum(tl.where(cols[None, :] == id_j[:, None], z, 0.0), axis=1)
+            z_picked = tl.where(slot[None, :] == j, z_j[:, None], z_picked)
     if TOPK_FIRST:
-        if SIGMOID:
+        if SCORING == 1:
             w = tl.sigmoid(picked)
             d_sel = g * w * (1.0 - w)
         else:
@@ -232,8 +269,10 @@ def _route_backward_kernel(
             d_sel = g / denom - tl.sum(g * picked, axis=1)[:, None] / (denom * denom)
         else:
             d_sel = g
-        if SIGMOID:
+        if SCORING == 1:
             d_sel = d_sel * picked * (1.0 - picked)
+        elif SCORING == 2:  # sigmoid(z) / (2 sqrt(softplus(z))); 0 where the score underflowed to 0
+            d_sel = tl.where(picked > 0.0, d_sel * tl.sigmoid(z_picked) / (2.0 * picked), 0.0)
     d_sel = tl.where(slot_ok, d_sel, 0.0)
     # Spread each slot's value to its expert's column.
     dz = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
@@ -241,7 +280,7 @@ def _route_backward_kernel(
         id_j = tl.sum(tl.where(slot[None, :] == j, ids, 0), axis=1)
         d_j = tl.sum(tl.where(slot[None, :] == j, d_sel, 0.0), axis=1)
         dz += tl.where(cols[None, :] == id_j[:, None], d_j[:, None], 0.0)
-    if not SIGMOID and not TOPK_FIRST:  # through the softmax over all experts
+    if SCORING == 0 and not TOPK_FIRST:  # through the softmax over all experts
         dz = scores * (dz - tl.sum(dz * scores, axis=1)[:, None])
     out = dz_ptr + rows[:, None].to(tl.int64) * stride_dt + cols[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -312,7 +351,7 @@ def route_args(spec: RouterSpec, E: int, has_bias: bool) -> tuple[tuple, dict]:
     masked_inf = not math.isfinite(spec.masked_score)
     scalars = (float(spec.routed_scaling_factor), 0.0 if masked_inf else spec.masked_score, float(spec.renorm_eps))
     constexprs = dict(
-        MASKED_INF=masked_inf, TOP_K=spec.top_k, SIGMOID=spec.scoring is Scoring.SIGMOID,
+        MASKED_INF=masked_inf, TOP_K=spec.top_k, SCORING=spec.scoring.code, ROUND=spec.score_dtype.code,
         TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE, NORM=spec.norm_topk_prob, HAS_BIAS=has_bias,
         N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, GROUP_MAX=spec.group_score is GroupScore.MAX,
         BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(spec.top_k),
@@ -334,11 +373,10 @@ def route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids:
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     block_e = triton.next_power_of_2(E)
     block_t = default_block_t(block_e)
-    sigmoid = spec.scoring is Scoring.SIGMOID
     launch.kernel(_route_backward_kernel)[(triton.cdiv(T, block_t),)](
         logits, ids.contiguous(), grad_weights.contiguous(), dz, T, E, logits.stride(0), dz.stride(0),
         float(spec.routed_scaling_factor), float(spec.renorm_eps),
-        TOP_K=spec.top_k, SIGMOID=sigmoid, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE,
+        TOP_K=spec.top_k, SCORING=spec.scoring.code, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE,
         NORM=spec.norm_topk_prob, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(spec.top_k),
         num_warps=4,
     )

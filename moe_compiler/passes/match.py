@@ -45,6 +45,8 @@ class RouterForm(str, enum.Enum):
     SIGMOID_TOPK = "sigmoid_topk"
     SOFTMAX_GROUP_TOPK = "softmax_group_topk"
     SIGMOID_GROUP_TOPK = "sigmoid_group_topk"
+    SQRTSOFTPLUS_TOPK = "sqrtsoftplus_topk"  # DeepSeek-V4
+    SQRTSOFTPLUS_GROUP_TOPK = "sqrtsoftplus_group_topk"
     TOPK_SOFTMAX = "topk_softmax"
     TOPK_SIGMOID = "topk_sigmoid"
     SPARSEMIXER = "sparsemixer"

@@ -1,7 +1,7 @@
 """The router recognizer: proves that the nodes between a router's logits and a fused experts call's
 (top-k ids, top-k weights) compute `moe_compiler.route`, and extracts its RouterSpec.
 
-Mirrors the routers of transformers 5.17-5.23 (`*TopKRouter` / `*TopkRouter` / `*Gate` modules), which
+Mirrors the routers of transformers 5.17-5.25 (`*TopKRouter` / `*TopkRouter` / `*Gate` modules), which
 come in these op sequences (X = logits, possibly cast to fp32 first):
 
     softmax(X) -> topk -> values [-> / sum] [-> * c]              Qwen2/3/3.5/Next, Mixtral, OLMoE, FlexOlmo,
@@ -9,6 +9,7 @@ come in these op sequences (X = logits, possibly cast to fp32 first):
     softmax(X) (+ bias) -> topk -> gather(softmax) [/ sum]        Ernie-4.5 (bias from its `Statics` module)
     sigmoid(X) + bias -> group-limited topk -> gather(sigmoid)    DeepSeek-V3, Kimi-K2(.5), GLM4-MoE, dots1
         [/ (sum + 1e-20)] [* routed_scaling_factor]                 (/ sum: MiniMax-M2, Laguna, Step-3.7)
+    sqrt(softplus(X)) + bias -> topk -> gather / (sum + 1e-20) * c  DeepSeek-V4 (its top-k layers)
     topk(X) -> softmax over the k values                          GPT-OSS (router bias inside X), Granite-MoE
     topk(X) -> sigmoid of each value                              Llama-4 (after the dense_bmm experts rewrite)
     k rounds of max(untaken X) -> softmax of the round's near-ties PhiMoE (sparsemixer, eval mode), ids and
@@ -17,9 +18,10 @@ come in these op sequences (X = logits, possibly cast to fp32 first):
 Facts established from the graph, each with a reason when it fails:
   1. the ids are output 1 of a top-k (largest, last dim) whose input (the "choice") is the logits, the
      scores, scores + a per-expert bias, or that choice with all but the best groups masked;
-  2. the scores are softmax / sigmoid of the logits, computed in fp32 (the op computes in fp32; a lower
-     precision could break top-k near-ties differently) - except after a top-k of the logits, where
-     only the weights' rounding is at stake;
+  2. the scores are softmax / sigmoid / sqrt(softplus) of the logits, computed in fp32, or in bf16 / fp16 with
+     every op of the router in that dtype (DeepSeek-V4 and Mistral-4 do not upcast): the op then rounds after
+     each op as eager does (RouterSpec.score_dtype), so top-k near-ties break on eager's values; an upcast
+     midway is refused - except after a top-k of the logits, where only the weights' rounding is at stake;
   3. the weights are the same top-k's values (when the choice is the scores), or the scores gathered at
      the ids, or softmax of the top-k values of the logits; then optionally divided by their sum over k
      (plus an epsilon, RouterSpec.renorm_eps; a clamp only where it never bites), then optionally multiplied
@@ -110,23 +112,62 @@ def _parse_topk(node: fx.Node, what: str) -> tuple[fx.Node, int]:
     return node.args[0], k
 
 
-def _scores(node: fx.Node) -> tuple[Scoring, fx.Node]:
-    """(scoring, logits) of a softmax / sigmoid over the expert dim computed in fp32."""
+def _scores(node: fx.Node) -> tuple[Scoring, fx.Node, WeightsDtype]:
+    """(scoring, logits, the dtype the router computes in) of a softmax / sigmoid / sqrt(softplus) over the expert
+    dim. fp32 (the routers that upcast): the logits before their casts. A lower precision: only where every op
+    from the logits on runs in it (no cast between), the logits as they are; the route op rounds each op's result
+    as eager does (RouterSpec.score_dtype), so the selection is made on eager's values."""
     name = op_name(node)
+    first = node  # the op reading the logits
     if name == "softmax":
         if not _last_dim(node, arg(node, 1, "dim")):
             raise Reject(f"`{node.name}`: softmax over dim {arg(node, 1, 'dim')}, expected the expert dim")
         scoring = Scoring.SOFTMAX
     elif name == "sigmoid":
         scoring = Scoring.SIGMOID
+    elif name == "sqrt" and op_name(node.args[0]) == "softplus":  # DeepSeek-V4's sqrtsoftplus
+        first = node.args[0]
+        beta, threshold = arg(first, 1, "beta", 1.0), arg(first, 2, "threshold", 20.0)
+        if (beta, threshold) != (1.0, 20.0):
+            raise Reject(f"`{first.name}`: softplus with beta {beta}, threshold {threshold}; expected 1 and 20")
+        scoring = Scoring.SQRTSOFTPLUS
     else:
-        raise Reject(f"the router scores come from `{node.name}` ({name}), expected softmax or sigmoid of the logits")
-    if example_value(node).dtype != torch.float32:
-        raise Reject(
-            f"the router scores `{node.name}` are computed in {example_value(node).dtype}; the route op computes in "
-            "fp32 (NYI)"
-        )
-    return scoring, strip_casts(node.args[0])
+        raise Reject(f"the router scores come from `{node.name}` ({name}), expected softmax, sigmoid or "
+                     "sqrt(softplus) of the logits")
+    dtype = example_value(node).dtype
+    if dtype == torch.float32:
+        return scoring, strip_casts(first.args[0]), WeightsDtype.FLOAT32
+    low = [d for d in WeightsDtype if d.torch == dtype]
+    if not low or example_value(first).dtype != dtype or _dtype(first.args[0]) != dtype:
+        raise Reject(f"the router scores `{node.name}` are computed in {dtype} from `{first.args[0].name}` "
+                     f"({_dtype(first.args[0])}): NYI")
+    return scoring, first.args[0], low[0]
+
+
+def _dtype(node):
+    value = example_value(node) if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _check_low_precision(spec: RouterSpec, weights: fx.Node, stop: set, choice: fx.Node, bias) -> None:
+    """A router computing in spec.score_dtype: the route op rounds after every op as that dtype's ops do, so every
+    float value on the way to the weights must be in it (an upcast in between is math the op would not round),
+    and the choice must be fp32 exactly when a correction bias is added (the op rounds group sums otherwise)."""
+    dtype = spec.score_dtype.torch
+    todo, seen = [strip_casts(weights)], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n in stop or not isinstance(n, fx.Node) or n.op != "call_function" and n.op != "call_method":
+            continue
+        seen.add(n)
+        d = _dtype(n)
+        if d is not None and d.is_floating_point and d != dtype:
+            raise Reject(f"the router computes its scores in {dtype} but `{n.name}` ({op_name(n)}) in {d}: NYI")
+        todo.extend(n.all_input_nodes)
+    want = torch.float32 if bias is not None else dtype
+    if _dtype(choice) != want:
+        raise Reject(f"the top-k chooses from `{choice.name}` in {_dtype(choice)}, expected {want} for a "
+                     f"{dtype} router {'with' if bias is not None else 'without'} an fp32 correction bias: NYI")
 
 
 def _constant_mul(node: fx.Node):
@@ -469,7 +510,7 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
                 f"the top-k weights come from `{w.name}` ({op_name(w)}), expected the top-k values, a gather of the "
                 "scores at the ids, or a softmax of the top-k logits"
             )
-        scoring, logits = _scores(scores_node)
+        scoring, logits, score_dtype = _scores(scores_node)
         # 1./4. what the top-k chose from: scores [+ bias], optionally group-masked.
         n_group, topk_group, group_score, masked = 1, 1, GroupScore.TOP2_SUM, -math.inf
         c = strip_casts(choice)
@@ -491,8 +532,10 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
             raise Reject("the weights are the top-k values of a biased / masked choice, not the scores: NYI")
         renorm = {} if norm is None else {"renorm_eps": _renorm_eps(norm, scoring, k, E)}
         spec = RouterSpec(top_k=k, scoring=scoring, norm_topk_prob=norm is not None, **renorm,
-                          routed_scaling_factor=scale,
-                          n_group=n_group, topk_group=topk_group, group_score=group_score, masked_score=masked)
+                          routed_scaling_factor=scale, n_group=n_group, topk_group=topk_group,
+                          group_score=group_score, masked_score=masked, score_dtype=score_dtype)
+        if score_dtype is not WeightsDtype.FLOAT32:
+            _check_low_precision(spec, weights, {scores_node, topk, sel}, strip_casts(choice), bias)
         form = RouterForm(f"{scoring.value}{'_group' if n_group > 1 else ''}_topk")
     return _closed(RouterMatch(form, spec, logits, bias, ids, weights, experts_call, readers), E)
 

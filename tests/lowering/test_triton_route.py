@@ -36,6 +36,13 @@ CASES = {
     "phimoe_sparsemixer": (12, 16, RouterSpec(top_k=2, order="sparsemixer", jitter_eps=0.01), False),
     "sparsemixer_k3_odd_e": (9, 12, RouterSpec(top_k=3, order="sparsemixer", jitter_eps=0.05), False),
     "many_rows_several_programs": (300, 64, RouterSpec(top_k=8, scoring="sigmoid", norm_topk_prob=True), True),
+    "deepseek_v4_sqrtsoftplus": (11, 16, RouterSpec(top_k=4, scoring="sqrtsoftplus", norm_topk_prob=True,
+                                                    routed_scaling_factor=1.5), True),
+    # routers computing in the model's dtype, each op rounded (fp16: the interpreter converts it right, bf16 not)
+    "deepseek_v4_in_fp16": (13, 16, RouterSpec(top_k=4, scoring="sqrtsoftplus", norm_topk_prob=True,
+                                               routed_scaling_factor=1.5, score_dtype="float16"), True),
+    "mistral4_groups_in_fp16": (9, 16, RouterSpec(top_k=2, norm_topk_prob=True, n_group=4, topk_group=2,
+                                                  score_dtype="float16"), False),
 }
 
 
@@ -112,6 +119,8 @@ ROUTERS = {
     "gpt_oss_20b": (32, dict(top_k=4, order="topk_then_score"), False),
     "llama4_scout": (16, dict(top_k=1, order="topk_then_score", scoring="sigmoid"), False),
     "phi_3_5_moe": (16, dict(top_k=2, order="sparsemixer", jitter_eps=0.01), False),
+    "deepseek_v4_in_bf16": (256, dict(top_k=6, scoring="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
+                                      score_dtype="bfloat16"), True),
 }
 
 
@@ -133,6 +142,28 @@ def test_triton_route_kernel_at_real_router_shapes(name, T):
     same = (want_i == got_i).all(dim=1)
     assert same.float().mean() >= 0.99
     assert rel_err(got_w.gather(1, og)[same], want_w.gather(1, ow)[same]) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4096])
+def test_a_bf16_router_is_routed_as_eager_computes_it_on_the_gpu(T):
+    """DeepSeek-V4's router (transformers 5.25's DeepseekV4TopKRouter, its ops written out: the device may run an
+    older release) in bf16 on CUDA, eager, against the kernel with score_dtype bf16: the same ids and weights, bit
+    for bit (eager's bf16 ops compute in fp32 and round, as the kernel's emulation does)."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    logits = torch.randn(T, 256, device="cuda", generator=g).bfloat16()
+    bias = torch.randn(256, device="cuda", generator=g) * 0.1
+    scores = torch.nn.functional.softplus(logits).sqrt()
+    ref_ids = torch.topk(scores + bias, 6, dim=-1, sorted=False).indices
+    ref_w = scores.gather(1, ref_ids)
+    ref_w = ref_w / (ref_w.sum(dim=-1, keepdim=True) + 1e-20) * 1.5
+    spec = RouterSpec(top_k=6, scoring="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
+                      score_dtype="bfloat16", weights_dtype="bfloat16")
+    w, ids = triton_route.route_forward(logits, bias, spec)
+    ref_ids, o_ref = ref_ids.sort(dim=1)
+    ids, o = ids.sort(dim=1)
+    assert torch.equal(ids, ref_ids)
+    assert torch.equal(w.gather(1, o), ref_w.gather(1, o_ref))
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n][2].order.value != "sparsemixer"])

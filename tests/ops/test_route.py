@@ -126,3 +126,76 @@ def test_bad_route_inputs():
     with pytest.raises(ValueError, match="router_logits"):
         moe_route(torch.randint(0, 3, (3, 6)), RouterSpec(top_k=2))
     assert math.isinf(RouterSpec(top_k=1).masked_score)
+
+
+# --- DeepSeek-V4 (transformers 5.25): sqrt(softplus) scores; routers computing in the model's dtype -----------
+
+def _deepseek_v4_router(E=16, k=4, scale=1.5):
+    modeling = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")  # 5.25 on
+    cfg = AutoConfig.for_model("deepseek_v4", hidden_size=32, n_routed_experts=E, num_experts_per_tok=k,
+                               routed_scaling_factor=scale)
+    router = modeling.DeepseekV4TopKRouter(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    with torch.no_grad():
+        router.e_score_correction_bias.normal_(0, 0.3)
+    return router
+
+
+def test_sqrtsoftplus_matches_deepseek_v4_router():
+    router = _deepseek_v4_router()
+    assert router.score_fn.__class__.__name__ == "SqrtSoftplusActivation"
+    spec = RouterSpec(top_k=4, scoring="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5)
+    hidden = torch.randn(37, 32)
+    hidden[:5] *= 8  # logits past softplus's threshold (20) and far below 0 (not so far that it underflows)
+    _compare(router, spec, hidden, router.e_score_correction_bias, E=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_router_computing_in_the_models_dtype_routes_as_eager_bit_for_bit(dtype):
+    """DeepSeek-V4 in bf16 / fp16 computes its scores, the top-k sum, the quotient and the scaled weights in that
+    dtype (its correction bias stays fp32, so the choice is fp32): with score_dtype the op rounds where eager
+    rounds and gets its very ids and weights; the same math in fp32 does not. (fp16: torch's CPU sqrt rounds
+    correctly where fp32-then-fp16, as CUDA's and ours, rounds twice: 15 of the 63k fp16 inputs, 1 ulp.)"""
+    torch.manual_seed(0)
+    router = _deepseek_v4_router(E=64, k=6).to(dtype)
+    router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()  # as transformers keeps it
+    hidden = torch.randn(257, 32, dtype=dtype)
+    with torch.no_grad():
+        logits, ref_w, ref_ids = router(hidden)
+    assert ref_w.dtype == dtype
+    kw = dict(top_k=6, scoring="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5, weights_dtype=str(
+        dtype).removeprefix("torch."))
+    w, ids = moe_route(logits, RouterSpec(**kw, score_dtype=kw["weights_dtype"]), router.e_score_correction_bias)
+    assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values)
+    if dtype == torch.bfloat16:
+        assert torch.equal(_by_id(w, ids, 64), _by_id(ref_w, ref_ids, 64))
+    else:
+        assert (_by_id(w, ids, 64) - _by_id(ref_w, ref_ids, 64)).abs().amax() <= 2**-11  # 1 ulp below 0.5
+    naive_w, naive_ids = moe_route(logits, RouterSpec(**kw), router.e_score_correction_bias)
+    assert not torch.equal(_by_id(naive_w, naive_ids, 64), _by_id(ref_w, ref_ids, 64))
+
+
+def test_a_softmax_group_router_in_bf16_routes_as_eager_bit_for_bit():
+    """Mistral-4's router in bf16: softmax, the groups' top-2 sums and the renormalization all rounded to bf16."""
+    torch.manual_seed(0)
+    modeling = pytest.importorskip("transformers.models.mistral4.modeling_mistral4")  # 5.25 on
+    cfg = AutoConfig.for_model("mistral4", hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                               topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.0)
+    router = modeling.Mistral4TopkRouter(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    router = router.to(torch.bfloat16)
+    hidden = torch.randn(257, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits, ref_w, ref_ids = router(hidden)
+    spec = RouterSpec(top_k=4, norm_topk_prob=True, n_group=4, topk_group=2, weights_dtype="bfloat16",
+                      score_dtype="bfloat16")
+    w, ids = moe_route(logits, spec)
+    assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values)
+    assert torch.equal(_by_id(w, ids, 16), _by_id(ref_w, ref_ids, 16))
+
+
+def test_a_spec_computing_in_bf16_needs_scores_before_the_top_k():
+    with pytest.raises(ValueError, match="topk_then_score is defined with softmax / sigmoid scores in fp32"):
+        RouterSpec(top_k=2, order="topk_then_score", score_dtype="bfloat16")
+    with pytest.raises(ValueError, match="got sqrtsoftplus"):
+        RouterSpec(top_k=2, order="topk_then_score", scoring="sqrtsoftplus")

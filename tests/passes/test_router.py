@@ -127,21 +127,44 @@ def test_sparse_mixer_near_miss_is_left_to_inductor(monkeypatch, tmp_path):
     assert len(reasons) == 2 and all("sparse mixer round 1" in r and "is not |logits| clamped" in r for r in reasons)
 
 
-def test_router_scoring_in_bf16_is_left_to_inductor(monkeypatch):
-    """A router computing its softmax in bf16 is not what the route op computes (fp32): not fused."""
+def test_a_router_scoring_in_bf16_fuses_rounding_as_eager(monkeypatch, tmp_path):
+    """A router computing its softmax in bf16 (DeepSeek-V4 and Mistral-4 do, transformers 5.25): the route op rounds
+    after each op as eager does (RouterSpec.score_dtype; bit for bit: tests/ops/test_route.py)."""
 
     def bf16_softmax_router(self, hidden_states):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)
         probs = F.softmax(router_logits, dim=-1)  # bf16 in a bf16 model
         top_value, indices = torch.topk(probs, self.top_k, dim=-1)
-        return router_logits, top_value, indices
+        return router_logits, top_value / top_value.sum(dim=-1, keepdim=True), indices
 
     monkeypatch.setattr(qwen3.Qwen3MoeTopKRouter, "forward", bf16_softmax_router)
     model = tiny_model("qwen3_moe", "grouped_mm", torch.bfloat16)
-    out, ref = _compile(model, IDS)
+    out, ref = _compile(model, IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    assert counters["moe_compiler"]["fused_router_softmax_topk"] == 2
+    specs = [r["spec"] for r in _router_reports(tmp_path)]
+    want = "softmax, top-2, renormalized (top-k sum + 0); computed in bfloat16; weights stored as bfloat16"
+    assert specs == [want] * 2
+    assert rel_err(out, ref) <= 2e-2
+
+
+def test_a_bf16_router_upcasting_midway_is_left_to_inductor(monkeypatch, tmp_path):
+    """Scores in bf16, renormalized in fp32: the op's rounding after every op would not be this math."""
+
+    def mixed_router(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        top_value, indices = torch.topk(F.softmax(router_logits, dim=-1), self.top_k, dim=-1)
+        top_value = top_value.float()
+        return router_logits, (top_value / top_value.sum(dim=-1, keepdim=True)).to(hidden_states.dtype), indices
+
+    monkeypatch.setattr(qwen3.Qwen3MoeTopKRouter, "forward", mixed_router)
+    model = tiny_model("qwen3_moe", "grouped_mm", torch.bfloat16)
+    out, ref = _compile(model, IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
     assert counters["moe_compiler"]["fused_experts_grouped_mm"] == 2
     assert counters["moe_compiler"]["rejected_router"] == 2
+    reasons = [r["reason"] for r in _router_reports(tmp_path)]
+    assert all("computes its scores in torch.bfloat16 but" in r and "in torch.float32: NYI" in r for r in reasons)
     assert rel_err(out, ref) <= 2e-2
 
 
