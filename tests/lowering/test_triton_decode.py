@@ -192,6 +192,9 @@ ROUTES = {
     "glm4_masked_score_zero": (RouterSpec(top_k=2, scoring="sigmoid", norm_topk_prob=True, n_group=2, topk_group=1,
                                           masked_score=0.0), True),
     "weights_stored_fp16": (RouterSpec(top_k=2, norm_topk_prob=True, weights_dtype="float16"), False),
+    # DeepSeek-V4's scores, the router computing in fp16 (rounded after each op; the interpreter converts fp16 right)
+    "deepseek_v4_in_fp16": (RouterSpec(top_k=2, scoring="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
+                                       score_dtype="float16", weights_dtype="float16"), True),
 }
 
 
