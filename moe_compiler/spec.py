@@ -257,6 +257,7 @@ class RouterSpec:
         softmax -> top-k [-> renormalize]        Qwen2/Qwen3-MoE, Mixtral, OLMoE (Qwen3MoeTopKRouter ...)
         top-k on logits -> softmax over the k    GPT-OSS-style (router bias folded into the logits by the caller)
         top-k on logits -> sigmoid of each       Llama-4
+        top-k on logits + bias -> sigmoid of each picked logit [-> renormalize]   Kolibri-1
         sigmoid (+ correction bias for choice) -> group-limited top-k -> gather unbiased scores [-> renormalize]
                                                  DeepSeek-V3 / Kimi-K2 / GLM4-MoE (DeepseekV3TopkRouter)
         sqrt(softplus) (+ correction bias) -> top-k -> gather [-> renormalize]   DeepSeek-V4 (DeepseekV4TopKRouter)
@@ -309,9 +310,11 @@ class RouterSpec:
         if self.top_k < 1:
             raise ValueError(f"RouterSpec.top_k: expected >= 1, got {self.top_k}")
         if self.order is RouteOrder.TOPK_THEN_SCORE and (
-            self.n_group != 1 or self.norm_topk_prob or self.routed_scaling_factor != 1.0
+            self.n_group != 1
+            or (self.scoring is not Scoring.SIGMOID and (self.norm_topk_prob or self.routed_scaling_factor != 1.0))
         ):
-            raise ValueError("RouterSpec.order: topk_then_score is defined without groups, renormalization or scaling")
+            raise ValueError("RouterSpec.order: topk_then_score is defined without groups, and renormalization or "
+                             "scaling only after a sigmoid")
         if self.order is RouteOrder.SPARSEMIXER:
             if (
                 self.scoring is not Scoring.SOFTMAX
@@ -360,7 +363,13 @@ class RouterSpec:
             )
         if self.order is RouteOrder.TOPK_THEN_SCORE:
             if self.scoring is Scoring.SIGMOID:
-                return f"top-{self.top_k} of the logits, then sigmoid of each"
+                parts = [f"top-{self.top_k} of the logits, then sigmoid of each"]
+                if self.norm_topk_prob:
+                    default = self.renorm_eps == RouterSpec.renorm_eps
+                    parts.append("renormalized" if default else f"renormalized (top-k sum + {self.renorm_eps:g})")
+                if self.routed_scaling_factor != 1.0:
+                    parts.append(f"x {self.routed_scaling_factor}")
+                return ", ".join(parts)
             return f"top-{self.top_k} of the logits, then softmax over them"
         parts = [f"{self.scoring.value}, top-{self.top_k}"]
         if self.n_group > 1:

@@ -44,8 +44,9 @@ def _scores(logits32: Tensor, spec: RouterSpec) -> Tensor:
 def _select(logits32: Tensor, correction_bias: Optional[Tensor], spec: RouterSpec) -> tuple[Tensor, Tensor]:
     """(scores [T, E] fp32 used for the weights, ids [T, k]) following the router's own op order."""
     T, E = logits32.shape
-    if spec.order is RouteOrder.TOPK_THEN_SCORE:
-        return logits32, torch.topk(logits32, spec.top_k, dim=-1)[1]
+    if spec.order is RouteOrder.TOPK_THEN_SCORE:  # the bias (Kolibri-1) steers the choice only
+        choice = logits32 if correction_bias is None else logits32 + correction_bias.float()
+        return logits32, torch.topk(choice, spec.top_k, dim=-1)[1]
     scores = _scores(logits32, spec)
     # An fp32 correction bias makes the choice fp32 (type promotion), whatever the router's dtype.
     choice = scores if correction_bias is None else scores + correction_bias.float()
@@ -97,14 +98,22 @@ def _route_fp32(router_logits, correction_bias, spec: RouterSpec) -> tuple[Tenso
     picked = scores.gather(1, ids)
     rnd = _rounder(spec)
     if spec.order is RouteOrder.TOPK_THEN_SCORE:
-        weights = picked.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else picked.sigmoid()
-    elif spec.norm_topk_prob:
+        picked = picked.softmax(dim=-1) if spec.scoring is Scoring.SOFTMAX else picked.sigmoid()
+    if spec.norm_topk_prob:
         weights = rnd(picked / rnd(rnd(picked.sum(-1, keepdim=True)) + spec.renorm_eps))
     else:
         weights = picked
     if spec.routed_scaling_factor == 1.0:
         return weights, ids
     return rnd(weights * spec.routed_scaling_factor), ids
+
+
+def _d_renormalized(g: Tensor, picked: Tensor, spec: RouterSpec) -> Tensor:
+    """d loss / d picked through the renormalization picked / (sum + eps), if the spec has one."""
+    if not spec.norm_topk_prob:
+        return g
+    denom = picked.sum(-1, keepdim=True) + spec.renorm_eps
+    return g / denom - (g * picked).sum(-1, keepdim=True) / denom**2
 
 
 def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor:
@@ -126,7 +135,7 @@ def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor
             dz_sel = w * (g - (g * w).sum(-1, keepdim=True))
         else:
             w = z.gather(1, ids).sigmoid()
-            dz_sel = g * w * (1 - w)
+            dz_sel = _d_renormalized(g, w, spec) * w * (1 - w)
         return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
     # The derivatives of the fp32 math (a low-precision router's roundings have none).
     if spec.scoring is Scoring.SOFTMAX:
@@ -136,11 +145,7 @@ def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor
     else:
         scores = torch.nn.functional.softplus(z).sqrt()
     picked = scores.gather(1, ids)
-    if spec.norm_topk_prob:
-        denom = picked.sum(-1, keepdim=True) + spec.renorm_eps
-        d_picked = g / denom - (g * picked).sum(-1, keepdim=True) / denom**2
-    else:
-        d_picked = g
+    d_picked = _d_renormalized(g, picked, spec)
     if spec.scoring is Scoring.SIGMOID:
         dz_sel = d_picked * picked * (1 - picked)
         return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)

@@ -135,6 +135,9 @@ def route_rows(
     if TOPK_FIRST:
         scores = x
         choice = x
+        if HAS_BIAS:  # Kolibri-1: the bias steers the choice only
+            choice = x + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            choice = tl.where(col_ok[None, :], choice, neg_inf)
     else:
         scores = tl.where(col_ok[None, :], _scores(x, SCORING, ROUND), 0.0)
         choice = scores
@@ -187,9 +190,9 @@ def route_rows(
             w = ep / tl.sum(ep, axis=1)[:, None]
     else:
         w = picked
-        if NORM:
-            total = _round(tl.sum(tl.where(live, w, 0.0), axis=1), ROUND)
-            w = _round(w / _round(total + eps, ROUND)[:, None], ROUND)
+    if NORM:
+        total = _round(tl.sum(tl.where(live, w, 0.0), axis=1), ROUND)
+        w = _round(w / _round(total + eps, ROUND)[:, None], ROUND)
     return _round(w * scale, ROUND), chosen
 
 
@@ -257,7 +260,11 @@ def _route_backward_kernel(
     if TOPK_FIRST:
         if SCORING == 1:
             w = tl.sigmoid(picked)
-            d_sel = g * w * (1.0 - w)
+            d_sel = g
+            if NORM:  # through w / (sum + eps) first
+                denom = tl.sum(tl.where(slot_ok, w, 0.0), axis=1)[:, None] + eps
+                d_sel = g / denom - tl.sum(tl.where(slot_ok, g * w, 0.0), axis=1)[:, None] / (denom * denom)
+            d_sel = d_sel * w * (1.0 - w)
         else:
             top = tl.max(tl.where(slot_ok, picked, float("-inf")), axis=1)[:, None]
             e = tl.where(slot_ok, tl.exp(picked - top), 0.0)

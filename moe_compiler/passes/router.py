@@ -481,24 +481,42 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
     if norm is not None:
         w = strip_casts(norm.numerator)
 
-    if (
-        op_name(w) in ("softmax", "sigmoid") and op_name(strip_casts(w.args[0])) == "getitem"
-        and strip_casts(w.args[0]).args[0] is topk
-    ):
-        # top-k of the logits, then softmax over the k values (GPT-OSS, Granite-MoE) or sigmoid of each (Llama-4).
+    src = strip_casts(w.args[0]) if op_name(w) in ("softmax", "sigmoid") else None
+    picked_values = op_name(src) == "getitem" and src.args[0] is topk
+    picked_logits = (op_name(w) == "sigmoid" and op_name(src) == "gather" and strip_casts(arg(src, 2, "index")) is sel
+                     and _last_dim(src, arg(src, 1, "dim")))
+    if picked_values or picked_logits:
+        # top-k of the logits, then softmax over the k values (GPT-OSS, Granite-MoE) or sigmoid of each (Llama-4);
+        # or top-k of logits + bias, then sigmoid of the logits gathered at the ids, renormalized (Kolibri-1).
         scoring = Scoring.SOFTMAX if op_name(w) == "softmax" else Scoring.SIGMOID
-        if norm is not None or scale != 1.0:
+        if (norm is not None or scale != 1.0) and scoring is Scoring.SOFTMAX:
             raise Reject(f"top-k-then-{scoring.value} weights are renormalized or scaled afterwards: NYI")
+        if (norm is not None or scale != 1.0) and _dtype(w) != torch.float32:
+            raise Reject(f"top-k-then-sigmoid weights renormalized or scaled in {_dtype(w)} (the op in fp32): NYI")
         # The choice is made on the logits (exactly as eager, whatever their dtype); a bf16 / fp16 softmax of
         # the k values differs from the op's fp32 one, rounded back to that dtype by the rewrite, only as
         # Inductor's own upcast bf16 softmax does.
-        if strip_casts(w.args[0]).args[1] != 0:
-            raise Reject(f"`{w.name}`: expected a {scoring.value} of the top-k values")
+        bias = None
+        if picked_values:
+            if src.args[1] != 0:
+                raise Reject(f"`{w.name}`: expected a {scoring.value} of the top-k values")
+            logits = strip_casts(choice)
+        else:
+            logits, c = strip_casts(src.args[0]), strip_casts(choice)
+            if op_name(c) == "add" and strip_casts(c.args[0]) is logits and isinstance(c.args[1], fx.Node):
+                bias = c.args[1]
+                if dims(bias) != (E,) or _dtype(c) != torch.float32:
+                    raise Reject(f"the top-k chooses from `{c.name}` = logits + `{bias.name}` {dims(bias)} in "
+                                 f"{_dtype(c)}: expected an [E={E}] bias added in fp32")
+            elif c is not logits:
+                raise Reject(f"the top-k chooses from `{c.name}` ({op_name(c)}), and the weights are a sigmoid of "
+                             f"`{logits.name}` gathered at its ids: expected those logits or logits + a bias")
         if scoring is Scoring.SOFTMAX and not _last_dim(w, arg(w, 1, "dim")):
             raise Reject(f"`{w.name}`: softmax over dim {arg(w, 1, 'dim')}, expected the k values")
-        logits = strip_casts(choice)
-        spec = RouterSpec(top_k=k, scoring=scoring, order=RouteOrder.TOPK_THEN_SCORE)
-        form, bias = RouterForm(f"topk_{scoring.value}"), None
+        renorm = {} if norm is None else {"renorm_eps": _renorm_eps(norm, scoring, k, E)}
+        spec = RouterSpec(top_k=k, scoring=scoring, order=RouteOrder.TOPK_THEN_SCORE, norm_topk_prob=norm is not None,
+                          **renorm, routed_scaling_factor=scale)
+        form = RouterForm(f"topk_{scoring.value}")
     else:
         # 3. scores at the ids: the top-k values, or a gather of the scores.
         if op_name(w) == "getitem" and w.args[0] is topk and w.args[1] == 0:

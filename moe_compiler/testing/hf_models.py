@@ -49,9 +49,9 @@ def tiny_model(arch: str, experts_implementation: str = "grouped_mm", dtype=torc
     return model.eval()
 
 
-def redraw(model, cfg, dtype, hidden: int, router_rows=None, extra_router_suffixes=()):
-    """Routers with std 1 (sigmoid-scored ones hidden^-1/2), expert biases with std 0.2 and, in fp32, expert weights
-    with fan_in^-1/2."""
+def redraw(model, cfg, dtype, hidden: int, router_rows=None, extra_router_suffixes=(), router_std=None):
+    """Routers with std 1 (sigmoid-scored ones hidden^-1/2, or `router_std`), expert biases with std 0.2 and, in
+    fp32, expert weights with fan_in^-1/2."""
     # A sigmoid router (DeepSeek-V3, Kimi-K2: a score correction bias beside its weight) with std-1 rows gives logits
     # of std ~hidden^1/2 (85 at H = 7168): ~40% of the scores round to exactly 1.0 in fp32, top-k breaks the ties by
     # position, and every token went to the same ~40 of 256-384 experts (benchmarks/NOTES.md, session 26). Rows of
@@ -65,7 +65,8 @@ def redraw(model, cfg, dtype, hidden: int, router_rows=None, extra_router_suffix
                 is_router and p.dim() == 2 and p.shape[1] == hidden and p.shape[0] > 1
                 and (router_rows is None or p.shape[0] in router_rows)
             ):
-                p.normal_(0.0, hidden**-0.5 if name.rsplit(".", 1)[0] in sigmoid_routers else 1.0)
+                std = hidden**-0.5 if name.rsplit(".", 1)[0] in sigmoid_routers else 1.0
+                p.normal_(0.0, router_std or std)
             elif name.endswith("proj_bias"):  # expert biases start at zero: make them matter
                 p.normal_(0.0, 0.2)
             elif name.endswith(("experts.gate_up_proj", "experts.down_proj")) and dtype == torch.float32:

@@ -9,8 +9,7 @@ Transformers 5.25 ships 77 model directories with MoE experts. Not here (surveye
 multimodal or encoder-decoder wrappers whose text model needs configs of their own (ernie4_5_vl_moe, glm4v_moe,
 qwen3_omni_moe, step3p7, switch_transformers, nllb_moe, ...), models without the experts interface (jetmoe), and
 experts of forms no matcher has (softcapped SwiGLU: inkling2; a norm inside the experts: muse_spark; ReLU^2
-without a gate: ergo, like nemotron_h in NOT_FUSED), and two whose experts fuse but routers do not (kolibri1: top-k
-of the biased logits, then sigmoid and renormalization; zaya, top-1 only).
+without a gate: ergo, like nemotron_h in NOT_FUSED), and zaya (top-1 only; its router is left, through a reshape).
 """
 
 from __future__ import annotations
@@ -146,6 +145,10 @@ TINY_5_25: dict[str, dict] = {
     "kimi_linear": dict(COMMON, **MLA, intermediate_size=64, moe_intermediate_size=I, num_experts=8,
                         num_experts_per_token=2, head_dim=8, layer_types=["linear_attention", "full_attention"],
                         pad_token_id=0),
+    # router: top-k of logits + bias, then sigmoid of the picked logits, renormalized
+    "kolibri1": dict(COMMON, moe_intermediate_size=I, shared_expert_intermediate_size=I, num_local_experts=8,
+                     num_experts_per_tok=2, head_dim=16, layer_types=["sliding_attention", "full_attention"],
+                     pad_token_id=0),
     "laguna": dict(COMMON, intermediate_size=64, moe_intermediate_size=I, shared_expert_intermediate_size=I,
                    num_experts=8, num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * 2,
                    pad_token_id=0),
@@ -203,6 +206,12 @@ def transformers_at_least(version: str) -> bool:
 if not transformers_at_least("5.25"):  # LongcatFlashExperts joined the experts interface in 5.25
     NOT_FUSED["longcat_flash"] = "experts_implementation='eager'"  # before: a Python loop over experts, as DBRX
 
+# Router weight std where hf_models.redraw's rule does not fit. Kolibri-1 has a correction bias, so redraw takes it
+# for a sigmoid-scored router (std H^-1/2, logits of std ~1), but it chooses on its raw logits and applies the
+# sigmoid after: at std ~1 a bf16 model's top-k had near-ties (a 2nd-3rd gap of 0.010 at one token of 14) that
+# bf16 rounding anywhere upstream flips. Logits of std ~4 keep the gaps clear of bf16 noise.
+ROUTER_STD = {"kolibri1": 4 * H**-0.5}
+
 # Routers left to Inductor while their experts fuse, with the reason the backend logs.
 ROUTER_LEFT = {
     # 5.25 on: the ids of LongCat-Flash's zero (identity) experts are remapped by a where before the experts call
@@ -229,7 +238,8 @@ ROUTER_FORM = {
     "deepseek_v32": "sigmoid_group_topk", "deepseek_v4": "sqrtsoftplus_topk", "exaone_moe": "sigmoid_topk",
     "flint": "sigmoid_topk",
     "glm4_moe_lite": "sigmoid_topk", "glm_moe_dsa": "sigmoid_topk", "granitemoe_swa": "topk_softmax",
-    "hy_v3": "sigmoid_topk", "hy_v4": "sigmoid_topk", "kimi_linear": "sigmoid_topk", "laguna": "sigmoid_topk",
+    "hy_v3": "sigmoid_topk", "hy_v4": "sigmoid_topk", "kimi_linear": "sigmoid_topk", "kolibri1": "topk_sigmoid",
+    "laguna": "sigmoid_topk",
     "lara_mini": "softmax_topk", "mellum": "softmax_topk", "minicpm5_moe": "sigmoid_topk",
     "minimax_m3_vl": "sigmoid_topk", "mistral4": "softmax_topk", "mistral_large4": "softmax_topk",
     "qwen3_vl_moe": "softmax_topk", "solar_open": "sigmoid_topk",
@@ -243,7 +253,7 @@ SHARED_EXPERTS = {
     "qwen2_moe": "sigmoid_gated", "qwen3_next": "sigmoid_gated", "qwen3_5_moe": "sigmoid_gated",
     "afmoe": "plain", "aria": "plain", "axk1": "plain", "deepseek_v32": "plain", "deepseek_v4": "plain",
     "exaone_moe": "plain", "flint": "plain", "glm4_moe_lite": "plain", "glm_moe_dsa": "plain", "hy_v4": "plain",
-    "kimi_linear": "plain", "lara_mini": "plain", "minicpm5_moe": "plain", "mistral4": "plain",
+    "kimi_linear": "plain", "kolibri1": "plain", "lara_mini": "plain", "minicpm5_moe": "plain", "mistral4": "plain",
     "mistral_large4": "plain", "solar_open": "plain",
 }
 # Shared experts proven but left to Inductor, with the reason the backend logs.
@@ -310,5 +320,6 @@ def zoo_model(name: str, experts_implementation: str = "grouped_mm", dtype=torch
     ne = num_experts_of(cfg)
     hidden = getattr(cfg, "hidden_size", None) or cfg.d_model
     routers = {ne, ne + (getattr(cfg, "zero_expert_num", 0) or 0)}
-    redraw(model, cfg, dtype, hidden, router_rows=routers, extra_router_suffixes=EXTRA_ROUTER_SUFFIXES)
+    redraw(model, cfg, dtype, hidden, router_rows=routers, extra_router_suffixes=EXTRA_ROUTER_SUFFIXES,
+           router_std=ROUTER_STD.get(name))
     return model.eval()

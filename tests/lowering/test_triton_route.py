@@ -36,6 +36,9 @@ CASES = {
     "phimoe_sparsemixer": (12, 16, RouterSpec(top_k=2, order="sparsemixer", jitter_eps=0.01), False),
     "sparsemixer_k3_odd_e": (9, 12, RouterSpec(top_k=3, order="sparsemixer", jitter_eps=0.05), False),
     "many_rows_several_programs": (300, 64, RouterSpec(top_k=8, scoring="sigmoid", norm_topk_prob=True), True),
+    "kolibri_biased_topk_then_sigmoid_renorm": (10, 16, RouterSpec(top_k=3, order="topk_then_score", scoring="sigmoid",
+                                                                   norm_topk_prob=True, routed_scaling_factor=2.0),
+                                                True),
     "deepseek_v4_sqrtsoftplus": (11, 16, RouterSpec(top_k=4, scoring="sqrtsoftplus", norm_topk_prob=True,
                                                     routed_scaling_factor=1.5), True),
     # routers computing in the model's dtype, each op rounded (fp16: the interpreter converts it right, bf16 not)

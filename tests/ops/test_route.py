@@ -199,3 +199,24 @@ def test_a_spec_computing_in_bf16_needs_scores_before_the_top_k():
         RouterSpec(top_k=2, order="topk_then_score", score_dtype="bfloat16")
     with pytest.raises(ValueError, match="got sqrtsoftplus"):
         RouterSpec(top_k=2, order="topk_then_score", scoring="sqrtsoftplus")
+    # after the top-k, a renormalization is defined over sigmoid weights only (a softmax's already sum to 1)
+    with pytest.raises(ValueError, match="renormalization or scaling only after a sigmoid"):
+        RouterSpec(top_k=2, order="topk_then_score", norm_topk_prob=True)
+    RouterSpec(top_k=2, order="topk_then_score", scoring="sigmoid", norm_topk_prob=True)
+
+
+def test_biased_topk_then_sigmoid_matches_kolibri1_router():
+    """Kolibri-1 (transformers 5.25): top-k of logits + bias, then sigmoid of the picked logits, renormalized."""
+    modeling = pytest.importorskip("transformers.models.kolibri1.modeling_kolibri1")
+    cfg = AutoConfig.for_model("kolibri1", hidden_size=32, num_local_experts=16, num_experts_per_tok=4,
+                               norm_topk_prob=True)
+    router = modeling.Kolibri1TopKRouter(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    with torch.no_grad():
+        router.e_score_correction_bias.normal_(0, 1.0)  # large enough to change the choice
+    spec = RouterSpec(top_k=4, order="topk_then_score", scoring="sigmoid", norm_topk_prob=True, renorm_eps=0.0)
+    hidden = torch.randn(23, 32)
+    _compare(router, spec, hidden, router.e_score_correction_bias, E=16)
+    logits = torch.nn.functional.linear(hidden, router.weight)
+    assert not torch.equal(logits.topk(4).indices.sort(-1).values,
+                           (logits + router.e_score_correction_bias).topk(4).indices.sort(-1).values)
