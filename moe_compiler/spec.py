@@ -363,13 +363,7 @@ class RouterSpec:
             )
         if self.order is RouteOrder.TOPK_THEN_SCORE:
             if self.scoring is Scoring.SIGMOID:
-                parts = [f"top-{self.top_k} of the logits, then sigmoid of each"]
-                if self.norm_topk_prob:
-                    default = self.renorm_eps == RouterSpec.renorm_eps
-                    parts.append("renormalized" if default else f"renormalized (top-k sum + {self.renorm_eps:g})")
-                if self.routed_scaling_factor != 1.0:
-                    parts.append(f"x {self.routed_scaling_factor}")
-                return ", ".join(parts)
+                return ", ".join([f"top-{self.top_k} of the logits, then sigmoid of each", *self._after_weights()])
             return f"top-{self.top_k} of the logits, then softmax over them"
         parts = [f"{self.scoring.value}, top-{self.top_k}"]
         if self.n_group > 1:
@@ -377,12 +371,17 @@ class RouterSpec:
                 f"best {self.topk_group} of {self.n_group} groups "
                 f"({self.group_score.value}, others {self.masked_score})"
             )
+        return ", ".join(parts + self._after_weights())
+
+    def _after_weights(self) -> list[str]:
+        """What follows the weights' scoring: the renormalization and the scale, if any."""
+        parts = []
         if self.norm_topk_prob:
             default = self.renorm_eps == RouterSpec.renorm_eps
             parts.append("renormalized" if default else f"renormalized (top-k sum + {self.renorm_eps:g})")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"x {self.routed_scaling_factor}")
-        return ", ".join(parts)
+        return parts
 
 
 @dataclasses.dataclass(frozen=True)

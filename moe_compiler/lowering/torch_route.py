@@ -31,12 +31,11 @@ def _rounder(spec: RouterSpec):
     return lambda x: x.to(dtype).float()
 
 
-def _scores(logits32: Tensor, spec: RouterSpec) -> Tensor:
-    """The router's scores [T, E] fp32 (each op rounded as in eager: _rounder)."""
-    rnd = _rounder(spec)
-    if spec.scoring is Scoring.SOFTMAX:
+def _scores(logits32: Tensor, scoring: Scoring, rnd=lambda x: x) -> Tensor:
+    """The router's scores [T, E] fp32, each op's result rounded by `rnd` (_rounder: as in eager)."""
+    if scoring is Scoring.SOFTMAX:
         return rnd(logits32.softmax(dim=-1))
-    if spec.scoring is Scoring.SIGMOID:
+    if scoring is Scoring.SIGMOID:
         return rnd(logits32.sigmoid())
     return rnd(rnd(torch.nn.functional.softplus(logits32)).sqrt())
 
@@ -47,7 +46,7 @@ def _select(logits32: Tensor, correction_bias: Optional[Tensor], spec: RouterSpe
     if spec.order is RouteOrder.TOPK_THEN_SCORE:  # the bias (Kolibri-1) steers the choice only
         choice = logits32 if correction_bias is None else logits32 + correction_bias.float()
         return logits32, torch.topk(choice, spec.top_k, dim=-1)[1]
-    scores = _scores(logits32, spec)
+    scores = _scores(logits32, spec.scoring, _rounder(spec))
     # An fp32 correction bias makes the choice fp32 (type promotion), whatever the router's dtype.
     choice = scores if correction_bias is None else scores + correction_bias.float()
     rnd = _rounder(spec) if correction_bias is None else (lambda x: x)
@@ -137,13 +136,7 @@ def route_backward(grad_weights, router_logits, ids, spec: RouterSpec) -> Tensor
             w = z.gather(1, ids).sigmoid()
             dz_sel = _d_renormalized(g, w, spec) * w * (1 - w)
         return torch.zeros_like(z).scatter_(1, ids, dz_sel).to(router_logits.dtype)
-    # The derivatives of the fp32 math (a low-precision router's roundings have none).
-    if spec.scoring is Scoring.SOFTMAX:
-        scores = z.softmax(dim=-1)
-    elif spec.scoring is Scoring.SIGMOID:
-        scores = z.sigmoid()
-    else:
-        scores = torch.nn.functional.softplus(z).sqrt()
+    scores = _scores(z, spec.scoring)  # the derivatives of the fp32 math (a low-precision router's roundings have none)
     picked = scores.gather(1, ids)
     d_picked = _d_renormalized(g, picked, spec)
     if spec.scoring is Scoring.SIGMOID:

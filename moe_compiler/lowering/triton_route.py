@@ -132,17 +132,18 @@ def route_rows(
     x = _load_tile(logits_ptr, rows, cols, row_ok, col_ok, stride_lt)
     neg_inf = float("-inf")
     x = tl.where(col_ok[None, :], x.to(tl.float32), neg_inf)
+    if HAS_BIAS:  # steers the choice only (DeepSeek-V3's correction bias; Kolibri-1's, on the logits)
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if TOPK_FIRST:
         scores = x
         choice = x
-        if HAS_BIAS:  # Kolibri-1: the bias steers the choice only
-            choice = x + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            choice = tl.where(col_ok[None, :], choice, neg_inf)
+        if HAS_BIAS:
+            choice = tl.where(col_ok[None, :], x + bias, neg_inf)
     else:
         scores = tl.where(col_ok[None, :], _scores(x, SCORING, ROUND), 0.0)
         choice = scores
         if HAS_BIAS:
-            choice = choice + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            choice = choice + bias
         choice = tl.where(col_ok[None, :], choice, neg_inf)
         if N_GROUP > 1:
             group_size = E // N_GROUP

@@ -22,6 +22,12 @@ def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def dtype_of(node):
+    """The dtype of a node's tensor value (None: not a node, or not a tensor)."""
+    value = example_value(node) if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
 def is_tensor_node(node) -> bool:
     return isinstance(node, fx.Node) and isinstance(example_value(node), torch.Tensor)
 

@@ -51,6 +51,7 @@ from .fx_utils import (
     backward_slice,
     cast_like,
     dims,
+    dtype_of,
     ep_remap,
     example_value,
     in_graph_order,
@@ -138,15 +139,10 @@ def _scores(node: fx.Node) -> tuple[Scoring, fx.Node, WeightsDtype]:
     if dtype == torch.float32:
         return scoring, strip_casts(first.args[0]), WeightsDtype.FLOAT32
     low = [d for d in WeightsDtype if d.torch == dtype]
-    if not low or example_value(first).dtype != dtype or _dtype(first.args[0]) != dtype:
+    if not low or example_value(first).dtype != dtype or dtype_of(first.args[0]) != dtype:
         raise Reject(f"the router scores `{node.name}` are computed in {dtype} from `{first.args[0].name}` "
-                     f"({_dtype(first.args[0])}): NYI")
+                     f"({dtype_of(first.args[0])}): NYI")
     return scoring, first.args[0], low[0]
-
-
-def _dtype(node):
-    value = example_value(node) if isinstance(node, fx.Node) else None
-    return value.dtype if isinstance(value, torch.Tensor) else None
 
 
 def _check_low_precision(spec: RouterSpec, weights: fx.Node, stop: set, choice: fx.Node, bias) -> None:
@@ -157,16 +153,16 @@ def _check_low_precision(spec: RouterSpec, weights: fx.Node, stop: set, choice: 
     todo, seen = [strip_casts(weights)], set()
     while todo:
         n = todo.pop()
-        if n in seen or n in stop or not isinstance(n, fx.Node) or n.op != "call_function" and n.op != "call_method":
+        if n in seen or n in stop or n.op not in ("call_function", "call_method"):
             continue
         seen.add(n)
-        d = _dtype(n)
+        d = dtype_of(n)
         if d is not None and d.is_floating_point and d != dtype:
             raise Reject(f"the router computes its scores in {dtype} but `{n.name}` ({op_name(n)}) in {d}: NYI")
         todo.extend(n.all_input_nodes)
     want = torch.float32 if bias is not None else dtype
-    if _dtype(choice) != want:
-        raise Reject(f"the top-k chooses from `{choice.name}` in {_dtype(choice)}, expected {want} for a "
+    if dtype_of(choice) != want:
+        raise Reject(f"the top-k chooses from `{choice.name}` in {dtype_of(choice)}, expected {want} for a "
                      f"{dtype} router {'with' if bias is not None else 'without'} an fp32 correction bias: NYI")
 
 
@@ -491,8 +487,8 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
         scoring = Scoring.SOFTMAX if op_name(w) == "softmax" else Scoring.SIGMOID
         if (norm is not None or scale != 1.0) and scoring is Scoring.SOFTMAX:
             raise Reject(f"top-k-then-{scoring.value} weights are renormalized or scaled afterwards: NYI")
-        if (norm is not None or scale != 1.0) and _dtype(w) != torch.float32:
-            raise Reject(f"top-k-then-sigmoid weights renormalized or scaled in {_dtype(w)} (the op in fp32): NYI")
+        if (norm is not None or scale != 1.0) and dtype_of(w) != torch.float32:
+            raise Reject(f"top-k-then-sigmoid weights renormalized or scaled in {dtype_of(w)} (the op in fp32): NYI")
         # The choice is made on the logits (exactly as eager, whatever their dtype); a bf16 / fp16 softmax of
         # the k values differs from the op's fp32 one, rounded back to that dtype by the rewrite, only as
         # Inductor's own upcast bf16 softmax does.
@@ -505,9 +501,9 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
             logits, c = strip_casts(src.args[0]), strip_casts(choice)
             if op_name(c) == "add" and strip_casts(c.args[0]) is logits and isinstance(c.args[1], fx.Node):
                 bias = c.args[1]
-                if dims(bias) != (E,) or _dtype(c) != torch.float32:
+                if dims(bias) != (E,) or dtype_of(c) != torch.float32:
                     raise Reject(f"the top-k chooses from `{c.name}` = logits + `{bias.name}` {dims(bias)} in "
-                                 f"{_dtype(c)}: expected an [E={E}] bias added in fp32")
+                                 f"{dtype_of(c)}: expected an [E={E}] bias added in fp32")
             elif c is not logits:
                 raise Reject(f"the top-k chooses from `{c.name}` ({op_name(c)}), and the weights are a sigmoid of "
                              f"`{logits.name}` gathered at its ids: expected those logits or logits + a bias")

@@ -37,6 +37,7 @@ from ..spec import Activation, GateUpLayout
 from .fx_utils import (
     VALUE_PRESERVING,
     dims,
+    dtype_of,
     example_value,
     fake_call,
     follow,
@@ -207,11 +208,6 @@ def recognize_shared_experts(experts_call: fx.Node) -> SharedExpertsMatch | None
                               experts_call)
 
 
-def _dtype(node: fx.Node):
-    value = example_value(node)
-    return value.dtype if isinstance(value, torch.Tensor) else None
-
-
 def why_not_fused(match: SharedExpertsMatch) -> str | None:
     """The reason the proven branch cannot join the experts call's op (None: it can)."""
     experts_call = match.experts_call
@@ -228,15 +224,15 @@ def why_not_fused(match: SharedExpertsMatch) -> str | None:
             return f"the shared MLP's clamp limit ({limit}) is not the routed experts' ({spec.swiglu_limit})"
         if spec.activation is Activation.GPT_OSS_SWIGLU and alpha != spec.swiglu_alpha:
             return f"the shared MLP's swiglu alpha ({alpha}) is not the routed experts' ({spec.swiglu_alpha})"
-    dtype = _dtype(experts_call)
+    dtype = dtype_of(experts_call)
     node = match.routed
     while node is not experts_call:  # views, and casts that round-trip exactly (bf16 -> fp32 -> bf16)
-        if _dtype(node) not in (dtype, torch.float32):
-            return f"`{node.name}` casts the routed output to {_dtype(node)} before the add"
+        if dtype_of(node) not in (dtype, torch.float32):
+            return f"`{node.name}` casts the routed output to {dtype_of(node)} before the add"
         node = node.args[0]
     for n in (match.routed, match.branch, match.add):
-        if _dtype(n) != dtype:
-            return f"the routed + shared add runs in {_dtype(n)} (`{n.name}`), the block in {dtype}"
+        if dtype_of(n) != dtype:
+            return f"the routed + shared add runs in {dtype_of(n)} (`{n.name}`), the block in {dtype}"
     shapes = {n.name: tuple(example_value(n).shape) for n in (match.routed, match.add)}
     if len(set(shapes.values())) != 1:
         return f"the add broadcasts ({shapes})"
