@@ -272,8 +272,8 @@ class RouterSpec:
     score_dtype: the dtype the router computes in. fp32 (the routers that upcast their logits): no rounding but
     the weights' store. bf16 / fp16 (a router whose logits stay in the model's dtype: DeepSeek-V4, Mistral-4):
     every op's result is rounded to it as eager rounds it - the scores (each elementwise op), the group scores,
-    the choice unless an fp32 correction bias is added, the top-k sum, the quotient, the scaled weight - so the
-    selection is made on eager's very values.
+    the choice (in choice_dtype: fp32 once an fp32 correction bias is added), the top-k sum, the quotient, the
+    scaled weight - so the selection is made on eager's very values.
     """
 
     top_k: int
@@ -339,6 +339,23 @@ class RouterSpec:
             raise ValueError(
                 f"RouterSpec.topk_group: expected 1 <= topk_group <= n_group={self.n_group}, got {self.topk_group}"
             )
+
+    def choice_dtype(self, bias_dtype) -> WeightsDtype:
+        """The dtype the top-k chooses in, given the correction bias's torch dtype (None: no bias), as torch's type
+        promotion makes it: without a bias the scores' own; scores + bias the promotion of the two - an fp32 bias
+        (transformers 5.24 on keeps DeepSeek's in fp32) makes it fp32, a bias cast with the model
+        (`model.to(torch.bfloat16)`, or 5.17's DeepSeek-V4 built in bf16) keeps a bf16 router's choice in bf16."""
+        if bias_dtype is None:
+            return self.score_dtype
+        import torch
+
+        promoted = torch.promote_types(self.score_dtype.torch, bias_dtype)
+        found = [d for d in WeightsDtype if d.torch == promoted]
+        if not found:
+            allowed = [d.value for d in WeightsDtype]
+            raise ValueError(f"RouterSpec.choice_dtype: a {self.score_dtype.value} router with a {bias_dtype} "
+                             f"correction bias chooses in {promoted}, expected one of {allowed}")
+        return found[0]
 
     def op_kwargs(self) -> dict:
         """The spec as the route ops' keyword arguments: the fields that differ from their defaults (top_k

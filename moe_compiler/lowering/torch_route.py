@@ -23,11 +23,12 @@ from torch import Tensor
 from ..spec import GroupScore, RouteOrder, RouterSpec, Scoring, WeightsDtype
 
 
-def _rounder(spec: RouterSpec):
-    """x -> x rounded to the router's own dtype and back to fp32 (identity for an fp32 router)."""
-    if spec.score_dtype is WeightsDtype.FLOAT32:
+def _rounder(spec: RouterSpec, to: Optional[WeightsDtype] = None):
+    """x -> x rounded to `to` (default: the router's own dtype) and back to fp32 (identity for fp32)."""
+    to = spec.score_dtype if to is None else to
+    if to is WeightsDtype.FLOAT32:
         return lambda x: x
-    dtype = spec.score_dtype.torch
+    dtype = to.torch
     return lambda x: x.to(dtype).float()
 
 
@@ -47,9 +48,9 @@ def _select(logits32: Tensor, correction_bias: Optional[Tensor], spec: RouterSpe
         choice = logits32 if correction_bias is None else logits32 + correction_bias.float()
         return logits32, torch.topk(choice, spec.top_k, dim=-1)[1]
     scores = _scores(logits32, spec.scoring, _rounder(spec))
-    # An fp32 correction bias makes the choice fp32 (type promotion), whatever the router's dtype.
-    choice = scores if correction_bias is None else scores + correction_bias.float()
-    rnd = _rounder(spec) if correction_bias is None else (lambda x: x)
+    # The choice in its own dtype (type promotion: an fp32 correction bias makes it fp32, whatever the router's).
+    rnd = _rounder(spec, spec.choice_dtype(None if correction_bias is None else correction_bias.dtype))
+    choice = scores if correction_bias is None else rnd(scores + correction_bias.float())
     if spec.n_group > 1:
         grouped = choice.view(T, spec.n_group, E // spec.n_group)
         if spec.group_score is GroupScore.TOP2_SUM:

@@ -153,9 +153,9 @@ def _shared_gate_up(
 def _route_pair(
     logits_ptr, rbias_ptr, ids_ptr, topk_w_ptr, p, pid_n, E, TOP_K, stride_lt, r_scale, r_masked, r_eps,
     R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SCORING: tl.constexpr, R_ROUND: tl.constexpr,
-    R_TOPK_FIRST: tl.constexpr, R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr,
-    R_TOPK_GROUP: tl.constexpr, R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr,
-    R_BLOCK_G: tl.constexpr,
+    R_CHOICE_ROUND: tl.constexpr, R_TOPK_FIRST: tl.constexpr, R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr,
+    R_N_GROUP: tl.constexpr, R_TOPK_GROUP: tl.constexpr, R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr,
+    R_BLOCK_K: tl.constexpr, R_BLOCK_G: tl.constexpr,
 ):
     """(expert id, router weight as stored, in fp32) of pair p, routed from its token's logits by the route
     kernel's own math (triton_route.route_rows); the programs of the first column tile store both for the down
@@ -167,8 +167,8 @@ def _route_pair(
     cols = tl.arange(0, R_BLOCK_E)
     w, chosen = route_rows(
         logits_ptr, rbias_ptr, rows, rows >= 0, cols, cols < E, E, stride_lt, r_scale, r_masked, r_eps,
-        R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
-        R_GROUP_MAX, 1, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
+        R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_CHOICE_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP,
+        R_TOPK_GROUP, R_GROUP_MAX, 1, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
     )
     mine = tl.arange(0, R_BLOCK_K)[None, :] == p % TOP_K
     e = tl.sum(tl.where(mine, chosen, 0))
@@ -189,15 +189,15 @@ def _routed_gate_up(
     SCALE_INPUT: tl.constexpr, PAIRED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, ROUTE: tl.constexpr,
     R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SCORING: tl.constexpr, R_ROUND: tl.constexpr,
-    R_TOPK_FIRST: tl.constexpr, R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr,
-    R_TOPK_GROUP: tl.constexpr, R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr,
-    R_BLOCK_G: tl.constexpr,
+    R_CHOICE_ROUND: tl.constexpr, R_TOPK_FIRST: tl.constexpr, R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr,
+    R_N_GROUP: tl.constexpr, R_TOPK_GROUP: tl.constexpr, R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr,
+    R_BLOCK_K: tl.constexpr, R_BLOCK_G: tl.constexpr,
 ):
     if ROUTE:  # the route in this kernel: ids / weights are its outputs (for the down kernel), not inputs
         e, row_w = _route_pair(
             logits_ptr, rbias_ptr, ids_ptr, topk_w_ptr, p, pid_n, E, TOP_K, stride_lt, r_scale, r_masked, r_eps,
-            R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
-            R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
+            R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_CHOICE_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP,
+            R_TOPK_GROUP, R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
         )
     else:
         e = tl.load(ids_ptr + p)
@@ -251,9 +251,9 @@ def _gate_up_gemv_kernel(
     ZERO_TICKETS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr, ROUTE: tl.constexpr,
     R_MASKED_INF: tl.constexpr, R_TOP_K: tl.constexpr, R_SCORING: tl.constexpr, R_ROUND: tl.constexpr,
-    R_TOPK_FIRST: tl.constexpr, R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr, R_N_GROUP: tl.constexpr,
-    R_TOPK_GROUP: tl.constexpr, R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr, R_BLOCK_K: tl.constexpr,
-    R_BLOCK_G: tl.constexpr,
+    R_CHOICE_ROUND: tl.constexpr, R_TOPK_FIRST: tl.constexpr, R_NORM: tl.constexpr, R_HAS_BIAS: tl.constexpr,
+    R_N_GROUP: tl.constexpr, R_TOPK_GROUP: tl.constexpr, R_GROUP_MAX: tl.constexpr, R_BLOCK_E: tl.constexpr,
+    R_BLOCK_K: tl.constexpr, R_BLOCK_G: tl.constexpr,
 ):
     # grid (S [+ shared rows], I / BLOCK_N): row p < S is pair p; the rows after S hold the shared MLP's
     # T * SHARED_TILES tiles, laid out row-major over the same second axis. With ROUTE each pair's program
@@ -281,8 +281,8 @@ def _gate_up_gemv_kernel(
                 stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
                 logits_ptr, rbias_ptr, stride_lt, r_scale, r_masked, r_eps,
                 ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES, ROUTE,
-                R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
-                R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
+                R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_CHOICE_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP,
+                R_TOPK_GROUP, R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
             )
     else:  # without shared experts the kernel is the routed one alone
         _routed_gate_up(
@@ -290,8 +290,8 @@ def _gate_up_gemv_kernel(
             stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_am,
             logits_ptr, rbias_ptr, stride_lt, r_scale, r_masked, r_eps,
             ACT, INTERLEAVED, HAS_BIAS, EVEN_K, SCALE_INPUT, PAIRED, BLOCK_N, BLOCK_K, NUM_STAGES, ROUTE,
-            R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP, R_TOPK_GROUP,
-            R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
+            R_MASKED_INF, R_TOP_K, R_SCORING, R_ROUND, R_CHOICE_ROUND, R_TOPK_FIRST, R_NORM, R_HAS_BIAS, R_N_GROUP,
+            R_TOPK_GROUP, R_GROUP_MAX, R_BLOCK_E, R_BLOCK_K, R_BLOCK_G,
         )
 
 
@@ -432,7 +432,7 @@ def _route_launch_args(routed: Routed | None, E: int, dummy) -> tuple[tuple, dic
         scalars, constexprs = _no_route_args()
         return (dummy, dummy, 0, *scalars), constexprs
     bias = routed.correction_bias
-    scalars, constexprs = route_args(routed.spec, E, bias is not None)
+    scalars, constexprs = route_args(routed.spec, E, None if bias is None else bias.dtype)
     return ((routed.logits, bias if bias is not None else routed.logits, routed.logits.stride(0), *scalars),
             {"ROUTE": True, **{f"R_{k}": v for k, v in constexprs.items()}})
 
@@ -441,7 +441,7 @@ def _route_launch_args(routed: Routed | None, E: int, dummy) -> tuple[tuple, dic
 def _no_route_args() -> tuple[tuple, dict]:
     """Fixed placeholders (E = 1: no specialization of the kernel on them), built once: every eager decode call
     without a route passes them."""
-    scalars, constexprs = route_args(RouterSpec(top_k=1), 1, False)
+    scalars, constexprs = route_args(RouterSpec(top_k=1), 1, None)
     return scalars, {"ROUTE": False, **{f"R_{k}": v for k, v in constexprs.items()}}
 
 

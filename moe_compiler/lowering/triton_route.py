@@ -71,14 +71,15 @@ def _store_topk(weights_ptr, ids_ptr, rows, row_ok, picked, chosen, TOP_K: tl.co
 def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, stride_lt, scale, masked_score, eps,
     MASKED_INF: tl.constexpr, TOP_K: tl.constexpr, SCORING: tl.constexpr, ROUND: tl.constexpr,
-    TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
+    CHOICE_ROUND: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok = _tile(T, E, BLOCK_T, BLOCK_E)
     w, chosen = route_rows(
         logits_ptr, bias_ptr, rows, row_ok, cols, col_ok, E, stride_lt, scale, masked_score, eps, MASKED_INF, TOP_K,
-        SCORING, ROUND, TOPK_FIRST, NORM, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_MAX, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G,
+        SCORING, ROUND, CHOICE_ROUND, TOPK_FIRST, NORM, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_MAX, BLOCK_T, BLOCK_E,
+        BLOCK_K, BLOCK_G,
     )
     _store_topk(weights_ptr, ids_ptr, rows, row_ok, w, chosen, TOP_K, BLOCK_K)
 
@@ -122,13 +123,14 @@ def _scores(x, SCORING: tl.constexpr, ROUND: tl.constexpr):
 def route_rows(
     logits_ptr, bias_ptr, rows, row_ok, cols, col_ok, E, stride_lt, scale, masked_score, eps,
     MASKED_INF: tl.constexpr, TOP_K: tl.constexpr, SCORING: tl.constexpr, ROUND: tl.constexpr,
-    TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
+    CHOICE_ROUND: tl.constexpr, TOPK_FIRST: tl.constexpr, NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     """(weights [BLOCK_T, BLOCK_K] fp32, ids [BLOCK_T, BLOCK_K] int64) of the rows' routes, slots >= TOP_K zero:
     the route kernel's math, also run inside the decode gate_up kernel (triton_decode.py, route in the GEMV).
-    ROUND: RouterSpec.score_dtype's rounding after each op (torch_route.py rounds at the same places)."""
+    ROUND: RouterSpec.score_dtype's rounding after each op (torch_route.py rounds at the same places); CHOICE_ROUND:
+    the choice's (RouterSpec.choice_dtype: the scores', or their promotion with a correction bias's)."""
     x = _load_tile(logits_ptr, rows, cols, row_ok, col_ok, stride_lt)
     neg_inf = float("-inf")
     x = tl.where(col_ok[None, :], x.to(tl.float32), neg_inf)
@@ -143,7 +145,7 @@ def route_rows(
         scores = tl.where(col_ok[None, :], _scores(x, SCORING, ROUND), 0.0)
         choice = scores
         if HAS_BIAS:
-            choice = choice + bias
+            choice = _round(choice + bias, CHOICE_ROUND)
         choice = tl.where(col_ok[None, :], choice, neg_inf)
         if N_GROUP > 1:
             group_size = E // N_GROUP
@@ -160,8 +162,7 @@ def route_rows(
                     first = tl.argmax(vals, axis=1)
                     second = tl.max(tl.where(cols[None, :] == first[:, None], neg_inf, vals), axis=1)
                     score_g = best + second
-                    if not HAS_BIAS:  # the choice is the scores, in the router's dtype (fp32 once a bias is added)
-                        score_g = _round(score_g, ROUND)
+                    score_g = _round(score_g, CHOICE_ROUND)
                 group_scores = tl.where(gidx[None, :] == g, score_g[:, None], group_scores)
             keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
             for _ in tl.static_range(TOPK_GROUP):
@@ -332,7 +333,7 @@ def route_forward(
             TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps or 4,
         )
         return weights, ids
-    scalars, constexprs = route_args(spec, E, correction_bias is not None)
+    scalars, constexprs = route_args(spec, E, None if correction_bias is None else correction_bias.dtype)
     launch.kernel(_route_kernel)[(triton.cdiv(T, block_t),)](
         logits, correction_bias if correction_bias is not None else logits, weights, ids, T, E, logits.stride(0),
         *scalars, **constexprs, BLOCK_T=block_t, num_warps=num_warps or 4,
@@ -352,15 +353,17 @@ class Routed:
     spec: RouterSpec
 
 
-def route_args(spec: RouterSpec, E: int, has_bias: bool) -> tuple[tuple, dict]:
-    """(scale, masked_score, eps) and the constexprs of route_rows but BLOCK_T, for `spec` (not the sparse mixer)."""
+def route_args(spec: RouterSpec, E: int, bias_dtype: torch.dtype | None) -> tuple[tuple, dict]:
+    """(scale, masked_score, eps) and the constexprs of route_rows but BLOCK_T, for `spec` (not the sparse mixer)
+    with a correction bias of `bias_dtype` (None: none)."""
     # -inf (transformers 5.23's masked score) by a constexpr, never as a float argument: Inductor's cpp_wrapper
     # writes a recorded kernel's scalars into Python source, where `-inf` is no literal.
     masked_inf = not math.isfinite(spec.masked_score)
     scalars = (float(spec.routed_scaling_factor), 0.0 if masked_inf else spec.masked_score, float(spec.renorm_eps))
     constexprs = dict(
         MASKED_INF=masked_inf, TOP_K=spec.top_k, SCORING=spec.scoring.code, ROUND=spec.score_dtype.code,
-        TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE, NORM=spec.norm_topk_prob, HAS_BIAS=has_bias,
+        CHOICE_ROUND=spec.choice_dtype(bias_dtype).code, TOPK_FIRST=spec.order is RouteOrder.TOPK_THEN_SCORE,
+        NORM=spec.norm_topk_prob, HAS_BIAS=bias_dtype is not None,
         N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, GROUP_MAX=spec.group_score is GroupScore.MAX,
         BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(spec.top_k),
         BLOCK_G=triton.next_power_of_2(spec.n_group),

@@ -180,6 +180,9 @@ def check_route(router_logits: Tensor, correction_bias: Tensor | None, spec: Rou
     if correction_bias is not None and (correction_bias.dim() != 1 or correction_bias.shape[0] != E):
         _route("correction_bias", f"a [E={E}] tensor", tuple(correction_bias.shape),
                "Pass e_score_correction_bias or None.")
+    if correction_bias is not None and correction_bias.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        _route("correction_bias dtype", "float32, bfloat16 or float16", correction_bias.dtype,
+               "Cast it to float32 (the route op chooses in fp32 at most).")
 
 
 _SCALE_DTYPES = (torch.float32, torch.bfloat16) + ((torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else ())

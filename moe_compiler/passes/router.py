@@ -148,7 +148,8 @@ def _scores(node: fx.Node) -> tuple[Scoring, fx.Node, WeightsDtype]:
 def _check_low_precision(spec: RouterSpec, weights: fx.Node, stop: set, choice: fx.Node, bias) -> None:
     """A router computing in spec.score_dtype: the route op rounds after every op as that dtype's ops do, so every
     float value on the way to the weights must be in it (an upcast in between is math the op would not round),
-    and the choice must be fp32 exactly when a correction bias is added (the op rounds group sums otherwise)."""
+    and the choice must be in the dtype torch's promotion gives it (RouterSpec.choice_dtype: fp32 once an fp32
+    correction bias is added, the router's own with a bias in it): the op rounds the choice and group sums to it."""
     dtype = spec.score_dtype.torch
     todo, seen = [strip_casts(weights)], set()
     while todo:
@@ -160,10 +161,11 @@ def _check_low_precision(spec: RouterSpec, weights: fx.Node, stop: set, choice: 
         if d is not None and d.is_floating_point and d != dtype:
             raise Reject(f"the router computes its scores in {dtype} but `{n.name}` ({op_name(n)}) in {d}: NYI")
         todo.extend(n.all_input_nodes)
-    want = torch.float32 if bias is not None else dtype
+    want = spec.choice_dtype(None if bias is None else dtype_of(bias)).torch
     if dtype_of(choice) != want:
+        with_bias = f"with a {dtype_of(bias)} correction bias" if bias is not None else "without a correction bias"
         raise Reject(f"the top-k chooses from `{choice.name}` in {dtype_of(choice)}, expected {want} for a "
-                     f"{dtype} router {'with' if bias is not None else 'without'} an fp32 correction bias: NYI")
+                     f"{dtype} router {with_bias}: NYI")
 
 
 def _constant_mul(node: fx.Node):
@@ -536,6 +538,9 @@ def recognize_router(experts_call: fx.Node) -> RouterMatch:
             bias = c.args[1]
             if dims(bias) != (E,):
                 raise Reject(f"the correction bias `{bias.name}` has shape {dims(bias)}, expected [E={E}]")
+            if dtype_of(bias) not in (torch.float32, torch.bfloat16, torch.float16):
+                raise Reject(f"the correction bias `{bias.name}` is {dtype_of(bias)}, expected fp32, bf16 or fp16 "
+                             "(the route op chooses in fp32 at most): NYI")
             c = scores_node
         if c is not scores_node:
             raise Reject(

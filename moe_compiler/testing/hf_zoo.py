@@ -117,8 +117,7 @@ TINY_5_25: dict[str, dict] = {
     "cohere2_moe": dict(COMMON, intermediate_size=I, head_dim=16, layer_types=["sliding_attention", "full_attention"]),
     # DeepSeek-V3.2 (indexed sparse attention); DeepSeek's group-limited routing
     "deepseek_v32": dict(COMMON, **MLA, intermediate_size=64, moe_intermediate_size=I, n_routed_experts=8, n_group=4,
-                         topk_group=2, num_experts_per_tok=4, head_dim=8, first_k_dense_replace=0,
-                         layer_types=["indexed_attention", "indexed_attention"], pad_token_id=0),
+                         topk_group=2, num_experts_per_tok=4, head_dim=8, first_k_dense_replace=0, pad_token_id=0),
     # layer 0 hash-routed (ids from a token-id table), layer 1 top-k over sqrt(softplus(logits))
     "deepseek_v4": dict(COMMON, moe_intermediate_size=I, head_dim=8, n_routed_experts=8, num_experts_per_tok=2,
                         layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
@@ -132,15 +131,13 @@ TINY_5_25: dict[str, dict] = {
                           num_experts_per_tok=4, pad_token_id=0),
     # GLM-5 (DeepSeek-V3.2's indexed attention)
     "glm_moe_dsa": dict(COMMON, **MLA, intermediate_size=64, moe_intermediate_size=I, n_routed_experts=8,
-                        num_experts_per_tok=4, head_dim=8, first_k_dense_replace=0,
-                        layer_types=["indexed_attention", "indexed_attention"], pad_token_id=0),
+                        num_experts_per_tok=4, head_dim=8, first_k_dense_replace=0, pad_token_id=0),
     "granitemoe_swa": dict(COMMON, intermediate_size=I, num_local_experts=8, num_experts_per_tok=2,
                            layer_types=["full_attention", "sliding_attention"], pad_token_id=0),
     "hy_v3": dict(COMMON, intermediate_size=64, moe_intermediate_size=I, num_experts=8, num_experts_per_tok=2,
                   head_dim=16, pad_token_id=0),
     "hy_v4": dict(COMMON, **MLA, intermediate_size=64, moe_intermediate_size=I, n_routed_experts=8,
-                  num_experts_per_tok=2, head_dim=8, layer_types=["indexed_attention", "indexed_attention"],
-                  pad_token_id=0),
+                  num_experts_per_tok=2, head_dim=8, pad_token_id=0),
     # hybrid: a Kimi Delta Attention layer, then an MLA layer
     "kimi_linear": dict(COMMON, **MLA, intermediate_size=64, moe_intermediate_size=I, num_experts=8,
                         num_experts_per_token=2, head_dim=8, layer_types=["linear_attention", "full_attention"],
@@ -205,6 +202,9 @@ def transformers_at_least(version: str) -> bool:
 
 if not transformers_at_least("5.25"):  # LongcatFlashExperts joined the experts interface in 5.25
     NOT_FUSED["longcat_flash"] = "experts_implementation='eager'"  # before: a Python loop over experts, as DBRX
+# The first release whose form of the architecture the zoo covers. 5.17's Aria loops over experts with counts read
+# by `.cpu()` (AriaExperts joined the experts interface in 5.18): graph breaks, no region, nothing to explain.
+MIN_TRANSFORMERS = {"aria": "5.18"}
 
 # Router weight std where hf_models.redraw's rule does not fit. Kolibri-1 has a correction bias, so redraw takes it
 # for a sigmoid-scored router (std H^-1/2, logits of std ~1), but it chooses on its raw logits and applies the
@@ -286,10 +286,11 @@ def assert_fused_as_expected(arch: str, model, counters) -> None:
 
 
 def model_type_known(arch: str) -> bool:
-    """Whether the installed transformers has the architecture (the zoo spans 5.17 to the newest release)."""
+    """Whether the installed transformers has the architecture, in a form the zoo covers (MIN_TRANSFORMERS; the zoo
+    spans 5.17 to the newest release)."""
     from transformers import CONFIG_MAPPING
 
-    return MODEL_TYPE[arch] in CONFIG_MAPPING
+    return MODEL_TYPE[arch] in CONFIG_MAPPING and transformers_at_least(MIN_TRANSFORMERS.get(arch, "0"))
 
 
 def num_experts_of(cfg) -> int:

@@ -46,7 +46,21 @@ CASES = {
                                                routed_scaling_factor=1.5, score_dtype="float16"), True),
     "mistral4_groups_in_fp16": (9, 16, RouterSpec(top_k=2, norm_topk_prob=True, n_group=4, topk_group=2,
                                                   score_dtype="float16"), False),
+    # a correction bias cast with the model: scores + bias, and the groups' top-2 sums, rounded to fp16 too
+    "deepseek_v4_in_fp16_fp16_bias": (13, 16, RouterSpec(top_k=4, scoring="sqrtsoftplus", norm_topk_prob=True,
+                                                         score_dtype="float16"), torch.float16),
+    "sigmoid_groups_in_fp16_fp16_bias": (11, 16, RouterSpec(top_k=2, scoring="sigmoid", norm_topk_prob=True,
+                                                            n_group=4, topk_group=2, score_dtype="float16"),
+                                         torch.float16),
 }
+
+
+def _bias(E: int, with_bias, g) -> torch.Tensor | None:
+    """A case's correction bias: None, fp32 (True) or in the dtype given."""
+    if not with_bias:
+        return None
+    bias = torch.randn(E, generator=g) * 0.3
+    return bias.to(with_bias) if isinstance(with_bias, torch.dtype) else bias
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -56,7 +70,7 @@ def test_route_kernel_matches_reference(name):
     logits = torch.randn(T, E, generator=g) * 2
     if spec.order.value == "sparsemixer":
         logits = 1 + 0.02 * logits  # near-ties: rounds shared by several experts
-    bias = torch.randn(E, generator=g) * 0.3 if with_bias else None
+    bias = _bias(E, with_bias, g)
     want_w, want_i = route_forward(logits, bias, spec)
     got_w, got_i = triton_route.route_forward(logits.to(DEVICE), bias.to(DEVICE) if bias is not None else None, spec)
     assert got_w.dtype == torch.float32 and got_i.dtype == torch.int64 and got_w.shape == (T, spec.top_k)
@@ -84,6 +98,23 @@ def test_renormalization_adds_the_spec_epsilon(eps):
 def test_no_tokens():
     w, ids = triton_route.route_forward(torch.empty(0, 8, device=DEVICE), None, RouterSpec(top_k=2))
     assert w.shape == (0, 2) and ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.float32])
+def test_a_bias_in_the_routers_dtype_rounds_the_choice(bias_dtype):
+    """scores + bias in fp16 (a bias cast with an fp16 model) rounds 0.5 + 0.125 + 2^-13 to 0.625, a tie with
+    expert 3's 0.5 + 0.125 that the kernel breaks to the lower id, as eager's fp16 choice sees no difference
+    between the two; with an fp32 bias the choice is fp32 and expert 5 is ahead. The logits are 0, so every score
+    is 0.5 exactly and the bias alone decides."""
+    T, E = 5, 8
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(1)).clamp(-0.1, 0.1).half()
+    bias[0], bias[3], bias[5] = 0.25, 0.125, 0.125 + 2**-13
+    spec = RouterSpec(top_k=2, scoring="sigmoid", score_dtype="float16")
+    w, ids = triton_route.route_forward(torch.zeros(T, E, dtype=torch.float16, device=DEVICE),
+                                        bias.to(bias_dtype).to(DEVICE), spec)
+    want = [0, 3] if bias_dtype == torch.float16 else [0, 5]
+    assert ids.cpu().sort(dim=1).values.tolist() == [want] * T
+    assert torch.equal(w.cpu(), torch.full((T, 2), 0.5))  # the unbiased scores
 
 
 def test_bf16_logits_are_routed_in_fp32():
@@ -178,7 +209,7 @@ def test_route_backward_kernel_matches_reference(name):
     T, E, spec, with_bias = CASES[name]
     g = torch.Generator().manual_seed(len(name) + 1)
     logits = torch.randn(T, E, generator=g) * 2
-    bias = torch.randn(E, generator=g) * 0.3 if with_bias else None
+    bias = _bias(E, with_bias, g)
     _, ids = route_forward(logits, bias, spec)
     grad = torch.randn(T, spec.top_k, generator=g)
     want = route_backward(grad, logits, ids, spec)
@@ -210,7 +241,7 @@ def test_weights_stored_in_the_blocks_dtype_are_the_fp32_weights_rounded(name, d
     stored = dataclasses.replace(spec, weights_dtype=str(dtype).removeprefix("torch."))
     g = torch.Generator().manual_seed(len(name))
     logits = torch.randn(T, E, generator=g) * 2
-    bias = torch.randn(E, generator=g) * 0.3 if with_bias else None
+    bias = _bias(E, with_bias, g)
     dev_bias = bias.to(DEVICE) if bias is not None else None
     want_w, want_i = triton_route.route_forward(logits.to(DEVICE), dev_bias, spec)
     got_w, got_i = triton_route.route_forward(logits.to(DEVICE), dev_bias, stored)

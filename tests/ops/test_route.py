@@ -125,6 +125,8 @@ def test_bad_route_inputs():
         moe_route(torch.randn(3, 6), RouterSpec(top_k=2), torch.randn(5))
     with pytest.raises(ValueError, match="router_logits"):
         moe_route(torch.randint(0, 3, (3, 6)), RouterSpec(top_k=2))
+    with pytest.raises(ValueError, match="correction_bias dtype: expected float32, bfloat16 or float16"):
+        moe_route(torch.randn(3, 6), RouterSpec(top_k=2), torch.randn(6, dtype=torch.float64))
     assert math.isinf(RouterSpec(top_k=1).masked_score)
 
 
@@ -150,15 +152,20 @@ def test_sqrtsoftplus_matches_deepseek_v4_router():
     _compare(router, spec, hidden, router.e_score_correction_bias, E=16)
 
 
+@pytest.mark.parametrize("bias_dtype", ["fp32", "model's"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_router_computing_in_the_models_dtype_routes_as_eager_bit_for_bit(dtype):
+def test_a_router_computing_in_the_models_dtype_routes_as_eager_bit_for_bit(dtype, bias_dtype):
     """DeepSeek-V4 in bf16 / fp16 computes its scores, the top-k sum, the quotient and the scaled weights in that
-    dtype (its correction bias stays fp32, so the choice is fp32): with score_dtype the op rounds where eager
-    rounds and gets its very ids and weights; the same math in fp32 does not. (fp16: torch's CPU sqrt rounds
-    correctly where fp32-then-fp16, as CUDA's and ours, rounds twice: 15 of the 63k fp16 inputs, 1 ulp.)"""
+    dtype: with score_dtype the op rounds where eager rounds and gets its very ids and weights; the same math in
+    fp32 does not. Its correction bias stays fp32 as transformers 5.24 on keeps it (the choice is fp32), or is cast
+    with the model (`.to(dtype)`, or 5.17's from_config: the choice is rounded to dtype, RouterSpec.choice_dtype).
+    (fp16: torch's CPU sqrt rounds correctly where fp32-then-fp16, as CUDA's and ours, rounds twice: 15 of the 63k
+    fp16 inputs, 1 ulp.)"""
     torch.manual_seed(0)
     router = _deepseek_v4_router(E=64, k=6).to(dtype)
-    router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()  # as transformers keeps it
+    if bias_dtype == "fp32":
+        router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
+    assert (router.e_score_correction_bias.dtype == torch.float32) == (bias_dtype == "fp32")
     hidden = torch.randn(257, 32, dtype=dtype)
     with torch.no_grad():
         logits, ref_w, ref_ids = router(hidden)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
@@ -16,7 +17,7 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
 
 from moe_compiler.testing import rel_err
 from moe_compiler.testing.hf_models import tiny_model
-from moe_compiler.testing.hf_zoo import zoo_model
+from moe_compiler.testing.hf_zoo import model_type_known, zoo_model
 
 
 def _compile(model, ids, **options):
@@ -226,3 +227,21 @@ def test_weights_cast_to_the_blocks_dtype_are_stored_so_by_the_route_op(tmp_path
     assert "weights rel err 0.0e+00" in reports[0]["check"]  # bit for bit the block's own cast weights
     after = next(tmp_path.glob("graph_*/region_*_fused_*/after.py")).read_text()
     assert "weights_dtype = 'bfloat16'" in after and ".to(" not in after and "convert_element_type" not in after
+
+
+def test_a_bf16_router_with_its_bias_cast_to_bf16_fuses_choosing_in_bf16(tmp_path):
+    """`model.to(torch.bfloat16)` casts DeepSeek-V4's fp32 correction bias too (and 5.17's from_config in bf16 made
+    it bf16 from the start): scores + bias is then bf16, rounded, and the route op rounds the choice there
+    (RouterSpec.choice_dtype). Its top-k layer fuses; the hash-routed one stays."""
+    if not model_type_known("deepseek_v4"):
+        pytest.skip("transformers has no deepseek_v4")
+    model = zoo_model("deepseek_v4", "grouped_mm", torch.bfloat16).to(torch.bfloat16)
+    biases = [b for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")]
+    assert biases and all(b.dtype == torch.bfloat16 for b in biases)
+    out, ref = _compile(model, IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    assert counters["moe_compiler"]["fused_router_sqrtsoftplus_topk"] == 1
+    assert counters["moe_compiler"]["rejected_router"] == 1
+    fused = [r for r in _router_reports(tmp_path) if r["status"] == "fused"]
+    assert len(fused) == 1 and "computed in bfloat16" in fused[0]["spec"]
+    assert fused[0]["check"].startswith("same experts for 14 tokens")
+    assert rel_err(out, ref) <= 2e-2
