@@ -238,7 +238,8 @@ def test_a_bf16_router_with_its_bias_cast_to_bf16_fuses_choosing_in_bf16(tmp_pat
     model = zoo_model("deepseek_v4", "grouped_mm", torch.bfloat16).to(torch.bfloat16)
     biases = [b for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")]
     assert biases and all(b.dtype == torch.bfloat16 for b in biases)
-    out, ref = _compile(model, IDS, **{"moe_compiler.dump_dir": str(tmp_path)})
+    # the rewritten graph as traced (no Inductor): the matcher and the route op are what this tests
+    out, ref = _compile(model, IDS, **{"moe_compiler.dump_dir": str(tmp_path), "moe_compiler.inductor": False})
     assert counters["moe_compiler"]["fused_router_sqrtsoftplus_topk"] == 1
     assert counters["moe_compiler"]["rejected_router"] == 1
     fused = [r for r in _router_reports(tmp_path) if r["status"] == "fused"]
