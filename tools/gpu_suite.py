@@ -3,12 +3,16 @@
     python tools/gpu_suite.py --part 1/3 [--workers 8] [--out $OUT]     # the non-big GPU tests, a third of them
     python tools/gpu_suite.py --big [--out $OUT]                        # the big_gpu tests, one at a time
     python tools/gpu_suite.py --ids failed.txt [--out $OUT]             # these test ids (one per line)
+    python tools/gpu_suite.py --part 2/3 --budget 560                   # stop after 560 s, still summarize
 
 Why: the device machine gives a command 10 minutes, and the whole non-big GPU suite (257 tests, each compiling
 tiny models with Inductor on a cold cache) takes longer than that at -n 4 or -n 8. Session 28 lost two calls to
 it: a run killed at its limit printed no summary. Here each part is a whole number of test files, dealt so the
 parts hold about as many tests each. pytest runs with -v into <out>/gpu_<part>.txt line by line, so a timed-out
 part still says which tests passed or failed. The last lines printed are the counts and the failed ids.
+--budget stops pytest (its whole process group: the xdist workers too) after that many seconds, so the summary
+still prints inside the device call's limit (session 30 lost part 2/2's summary to an outer `timeout`), and the
+tests left without a result go to <out>/gpu_<part>_left.txt, ready for --ids.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 NOT_BIG, BIG = "gpu and not big_gpu", "big_gpu"
@@ -40,24 +46,53 @@ def part_of(ids: list[str], index: int, parts: int) -> list[str]:
     return buckets[index - 1]
 
 
-def run(ids: list[str], workers: int, log_path: str) -> int:
+def run(ids: list[str], workers: int, log_path: str, budget: float | None = None) -> int:
     spread = ["-n", str(workers)] if workers > 1 else ["-p", "no:xdist"]
     args = [sys.executable, "-m", "pytest", *spread, "-v", "-rfE", "-p", "no:cacheprovider", "--durations=15", *ids]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                start_new_session=True)
+        timer = threading.Timer(budget, _stop, (proc, log_path)) if budget else None
+        if timer:
+            timer.start()
         for line in proc.stdout:
             log.write(line)
             log.flush()
-        return proc.wait()
+        rc = proc.wait()
+        if timer:
+            timer.cancel()
+        return rc
+
+
+def _stop(proc: subprocess.Popen, log_path: str) -> None:
+    """The budget ran out: stop pytest and its workers (one process group), SIGKILL if SIGTERM is not enough."""
+    print(f"gpu_suite: budget spent, stopping pytest ({log_path})", file=sys.stderr)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def summary(log_path: str, ids: list[str]) -> str:
+    """Counts, failed ids and ids without a result; the latter also written to <log>_left.txt (for --ids)."""
     text = open(log_path).read()
     # "[gw0] [ 5%] PASSED tests/a.py::t" under xdist, "tests/a.py::t PASSED [ 5%]" without
     done = {test: status for status, test in re.findall(r"(PASSED|FAILED|ERROR|SKIPPED) (tests/\S+::\S+)", text)}
     done.update({test: status for test, status in re.findall(r"(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", text)})
     counts = {s: sum(v == s for v in done.values()) for s in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
     missing = [t for t in ids if t not in done]
+    left_path = os.path.splitext(log_path)[0] + "_left.txt"
+    if missing:
+        with open(left_path, "w") as f:
+            f.write("".join(t + "\n" for t in missing))
+    elif os.path.exists(left_path):
+        os.remove(left_path)
     lines = [f"{len(ids)} tests: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
              + (f", {len(missing)} without a result" if missing else "")]
     lines += [f"{s} {t}" for t, s in done.items() if s in ("FAILED", "ERROR")]
@@ -73,6 +108,7 @@ def main() -> None:
     which.add_argument("--ids", help="a file of test ids, one per line")
     parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers (one H200: 8 finished most)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where the logs go (default $OUT)")
+    parser.add_argument("--budget", type=float, help="seconds before pytest is stopped (the summary still prints)")
     a = parser.parse_args()
     if a.part:
         index, parts = (int(x) for x in a.part.split("/"))
@@ -87,7 +123,7 @@ def main() -> None:
     if not ids:
         sys.exit("gpu_suite: no tests selected")
     log_path = os.path.join(a.out, f"gpu_{name}.txt")
-    rc = run(ids, workers, log_path)
+    rc = run(ids, workers, log_path, a.budget)
     print(summary(log_path, ids))
     sys.exit(rc)
 
