@@ -330,6 +330,32 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     return torch_experts.experts_backward(impl, *args, weight_grads=weight_grads)
 
 
+def experts_backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
+                          spec: ExpertsSpec, weight_grads: bool, z):
+    """The Triton backward's first half (triton_backward.backward_down) from experts_train's saved z: (dz in padded
+    sorted order, d_topk_weights, d_w_down or None, d_b_down or None). Only where z was saved (saved_z_shape)."""
+    from . import triton_backward
+
+    return triton_backward.backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
+                                         b_down, spec, weight_grads=weight_grads, z=z)
+
+
+def experts_backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, spec: ExpertsSpec,
+                             weight_grads: bool):
+    """Its second half from experts_backward_down's dz: (d_hidden, d_w_gate_up or None, d_b_gate_up or None)."""
+    from . import triton_backward
+
+    return triton_backward.backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, spec,
+                                            weight_grads=weight_grads)
+
+
+def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[int, int]:
+    """The shape of experts_backward_down's dz, [S_pad, 2I], from sizes only (the fake's)."""
+    from . import triton_backward
+
+    return triton_backward.dz_shape(hidden, topk_ids, w_gate_up, w_down, spec)
+
+
 def _gated_rows(t: torch.Tensor):
     """act(g) * u for the shared MLP: one Triton pass on CUDA, torch ops elsewhere."""
     if device.uses_triton(t):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import NamedTuple
 
 import torch
 import triton
@@ -43,7 +44,7 @@ from ..spec import ExpertsSpec, GateUpLayout
 from . import launch, triton_backward_library, triton_config
 from .torch_segment_mm import GroupedMM
 from .triton_act import ACT_CODE, gated_act_backward
-from .triton_align import AlignedRows, align_rows, gathered, zero_padding_rows
+from .triton_align import AlignedRows, align_rows, gathered, max_blocks, zero_padding_rows
 from .triton_config import KernelConfig, SortedConfig
 from .triton_experts import (
     _block_rows,
@@ -260,106 +261,175 @@ def launch_dz(grad_out, rows: AlignedRows, w_down, b_down, z, dz, ds_part, weigh
     )
 
 
+class DownGrads(NamedTuple):
+    """The backward's first half (backward_down): everything that reads z, and dz for the second half."""
+
+    dz: torch.Tensor  # [S_pad, 2I] in padded sorted order (align_rows at config.rows.block_m)
+    d_weights: torch.Tensor  # [T, k], topk_weights' dtype
+    d_w_down: torch.Tensor | None
+    d_b_down: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What both halves of one backward derive alike from the op's inputs: sizes, config, the aligned rows and
+    the GEMM paths (from dtypes, sizes and alignment only, so the two halves always agree)."""
+
+    T: int
+    k: int
+    H: int
+    I: int
+    config: BackwardConfig
+    rows: AlignedRows
+    hidden: torch.Tensor  # unit column stride
+    weights: torch.Tensor  # [T*k], unit stride
+    library_dgrad: bool  # dz and d hidden's rows by torch's grouped GEMM (triton_backward_library)
+    library_wgrad: bool  # the weight gradients by torch's grouped GEMM
+
+    @classmethod
+    def of(cls, hidden, topk_ids, topk_weights, w_gate_up, w_down, spec: ExpertsSpec,
+           config: BackwardConfig | None) -> _Call:
+        if spec.scale_input:
+            raise ValueError("moe_compiler: the Triton backward does not cover scale_input; use the torch backward")
+        T, H = hidden.shape
+        k = topk_ids.shape[1]
+        E = w_gate_up.shape[0]
+        I = spec.intermediate(w_down)
+        if config is None:
+            config = default_config(hidden.dtype, E, k, H, I, T)
+        weights = topk_weights.reshape(-1)
+        library = GroupedMM.takes(hidden, (H, I, 2 * I), (w_gate_up, w_down))
+        return cls(T, k, H, I, config, align_rows(topk_ids, E, config.rows.block_m),
+                   hidden if hidden.stride(1) == 1 else hidden.contiguous(),
+                   weights if weights.stride(0) == 1 else weights.contiguous(),
+                   library and config.dgrad_path is DGrad.GROUPED_MM,
+                   library and (config.dgrad_path is DGrad.GROUPED_MM or config.wgrad_path is WGrad.GROUPED_MM))
+
+
+def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[int, int]:
+    """backward_down's dz at the default config: [S_pad, 2I], S_pad the aligned rows' static bound. Sizes only
+    (the fake's): T must be an int, since the config's row block is chosen from it."""
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    E = w_gate_up.shape[0]
+    I = spec.intermediate(w_down)
+    block_m = default_config(hidden.dtype, E, k, H, I, T).rows.block_m
+    return max_blocks(T * k, E, block_m) * block_m, 2 * I
+
+
 def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
                      spec: ExpertsSpec, config: BackwardConfig | None = None, weight_grads: bool = True, z=None):
     """(d_hidden, d_topk_weights, d_w_gate_up, d_w_down, d_b_gate_up, d_b_down), absent biases -> None, the
     weights' and biases' None without weight_grads (their two kernels not launched); the contract of
     torch_experts.experts_backward. `z` [T*k, 2I]: the pre-activation rows a training forward saved
     (triton_experts.experts_forward's z), else None: recomputed. T > 0, k > 0, not spec.scale_input; sizes
-    checked by the op."""
-    if spec.scale_input:
-        raise ValueError("moe_compiler: the Triton backward does not cover scale_input; use the torch backward")
-    T, H = hidden.shape
-    k = topk_ids.shape[1]
-    E = w_gate_up.shape[0]
-    I = spec.intermediate(w_down)
-    if config is None:
-        config = default_config(hidden.dtype, E, k, H, I, T)
-    rows = align_rows(topk_ids, E, config.rows.block_m)
-    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    checked by the op. backward_down then backward_gate_up: the op's backward calls them as two ops, so that a
+    compiled backward frees z between them."""
+    down = backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec,
+                         config, weight_grads, z)
+    d_hidden, d_w_gate_up, d_b_gate_up = backward_gate_up(down.dz, hidden, topk_ids, topk_weights, w_gate_up,
+                                                          w_down, b_gate_up, spec, config, weight_grads)
+    return d_hidden, down.d_weights, d_w_gate_up, down.d_w_down, d_b_gate_up, down.d_b_down
+
+
+def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
+                  spec: ExpertsSpec, config: BackwardConfig | None = None, weight_grads: bool = True,
+                  z=None) -> DownGrads:
+    """The half that reads z (saved, or recomputed here from the inputs): dz, the router weights' gradient and
+    W_down's (without weight_grads: None). z is not read after it returns."""
+    c = _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
+    T, k, I, config, rows = c.T, c.k, c.I, c.config, c.rows
     grad_out = grad_out.to(hidden.dtype)
     grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
-    weights = topk_weights.reshape(-1)
-    weights = weights if weights.stride(0) == 1 else weights.contiguous()
     S_pad = rows.sorted_rows.numel()
-
     saved = z is not None
     if saved and (z.shape != (T * k, 2 * I) or z.dtype != hidden.dtype or z.stride(1) != 1):
         raise ValueError(f"moe_compiler: saved z: expected [{T * k}, {2 * I}] {hidden.dtype} with unit column "
                          f"stride, got {list(z.shape)} {z.dtype} strides {z.stride()}")
-    library = GroupedMM.takes(hidden, (H, I, 2 * I), (w_gate_up, w_down))
     act = None
     if not saved:
         z, act = hidden.new_empty(T * k, 2 * I), hidden.new_empty(S_pad, I)
-        launch_gate_up(hidden, rows, w_gate_up, b_gate_up, spec, config.rows, k, act, weights, z=z)
-    if config.dgrad_path is DGrad.GROUPED_MM and library:
-        return _library_backward(grad_out, hidden, z, rows, w_gate_up, w_down, b_gate_up, b_down, weights, spec,
-                                 config, k, weight_grads, topk_weights.dtype)
+        launch_gate_up(c.hidden, rows, w_gate_up, b_gate_up, spec, config.rows, k, act, c.weights, z=z)
+    if c.library_dgrad:
+        return _library_down(grad_out, z, c, w_down, b_down, spec, weight_grads, topk_weights.dtype)
     if act is None:
         act = hidden.new_empty(S_pad, I)
 
     dz = hidden.new_empty(S_pad, 2 * I)
     ds_part = hidden.new_empty(S_pad, triton.cdiv(I, config.dz.block_n), dtype=torch.float32)
-    launch_dz(grad_out, rows, w_down, b_down, z, dz, ds_part, weights, spec, config, k, act=act if saved else None)
+    launch_dz(grad_out, rows, w_down, b_down, z, dz, ds_part, c.weights, spec, config, k,
+              act=act if saved else None)
     pos = rows.pos.long()
     # a sentinel pair (pos -1) has no row: its weight gets no gradient
-    d_weights = torch.where(pos >= 0, ds_part[pos.clamp(min=0)].sum(-1), 0.0).view(T, k)
-
-    # d hidden: the forward's down GEMM over dz with W_gate_up read as [H, 2I] per expert (the transpose of
-    # its layout), no router weight (scale_input=True skips it), then the forward's deterministic combine.
-    dx_spec = dataclasses.replace(spec, transposed=not spec.transposed, scale_input=True)
-    dx_rows = hidden.new_empty(S_pad, H)
-    launch_down(dz, rows, w_gate_up, None, weights, dx_spec, config.rows, k, dx_rows)
-    d_hidden = hidden.new_empty(T, H)
-    launch_combine(dx_rows, rows, k, d_hidden)
-    # Each [S_pad, H] buffer (dx_rows here, the gathered rows below) is dropped as soon as it is read, so that the
-    # backward's peak holds one of them, not three (the allocator reuses the block).
-    del dx_rows
-
+    d_weights = torch.where(pos >= 0, ds_part[pos.clamp(min=0)].sum(-1), 0.0).view(T, k).to(topk_weights.dtype)
     if not weight_grads:
-        return d_hidden, d_weights.to(topk_weights.dtype), None, None, None, None
-    if config.wgrad_path is WGrad.GROUPED_MM and library:
+        return DownGrads(dz, d_weights, None, None)
+    if c.library_wgrad:
         lib = triton_backward_library
         bm = config.rows.block_m
-        seg = lib.segments(rows, bm)
-        scaled_do = gathered(grad_out, rows, weights, k, bm, scale=True)  # [S_pad, H]: s * dO[t]
+        # Each [S_pad, H] buffer (this gathered operand; dx_rows and the gathered x of backward_gate_up) is dropped
+        # as soon as it is read, so that the backward's peak holds one of them, not three.
+        scaled_do = gathered(grad_out, rows, c.weights, k, bm, scale=True)  # [S_pad, H]: s * dO[t]
         ones = scaled_do.new_ones(scaled_do.shape[0], 8) if b_down is not None else None
-        down = lib.down_grads(scaled_do, zero_padding_rows(act, rows, bm), seg, spec.transposed, ones)
-        del scaled_do, act
-        gate_up = lib.gate_up_grads(zero_padding_rows(dz, rows, bm), hidden, rows, weights, k, seg, bm,
-                                    spec.transposed, b_gate_up is not None)
-        return _library_grads(d_hidden, d_weights, topk_weights.dtype, gate_up, down, w_gate_up, w_down, b_gate_up,
-                              b_down)
+        d_w_down, d_b_down = lib.down_grads(scaled_do, zero_padding_rows(act, rows, bm), lib.segments(rows, bm),
+                                            spec.transposed, ones)
+        return DownGrads(dz, d_weights, d_w_down.to(w_down.dtype),
+                         None if d_b_down is None else d_b_down.to(b_down.dtype))
     d_w_down = torch.empty_like(w_down)
     d_b_down = torch.empty_like(b_down) if b_down is not None else None
-    launch_wgrad(grad_out, act, d_w_down, d_b_down, weights, rows, k, config, left_gather=True, left_scale=True,
+    launch_wgrad(grad_out, act, d_w_down, d_b_down, c.weights, rows, k, config, left_gather=True, left_scale=True,
                  right_gather=False, out_strides=logical_strides(d_w_down, spec.transposed))
+    return DownGrads(dz, d_weights, d_w_down, d_b_down)
+
+
+def backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, spec: ExpertsSpec,
+                     config: BackwardConfig | None = None, weight_grads: bool = True):
+    """(d_hidden, d_w_gate_up, d_b_gate_up) from backward_down's dz (the same inputs and config: the rows are
+    aligned again, identically); the weight and bias gradients None without weight_grads."""
+    c = _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
+    T, k, H, config, rows = c.T, c.k, c.H, c.config, c.rows
+    if dz.shape != (rows.sorted_rows.numel(), 2 * c.I) or dz.dtype != hidden.dtype or dz.stride(1) != 1:
+        raise ValueError(f"moe_compiler: dz: expected [{rows.sorted_rows.numel()}, {2 * c.I}] {hidden.dtype} with "
+                         f"unit column stride (backward_down's), got {list(dz.shape)} {dz.dtype} strides {dz.stride()}")
+    bm = config.rows.block_m
+    lib = triton_backward_library
+    if c.library_dgrad:
+        d_hidden = lib.hidden_grad(dz, w_gate_up, rows, lib.segments(rows, bm), spec, k, T)
+    else:
+        # d hidden: the forward's down GEMM over dz with W_gate_up read as [H, 2I] per expert (the transpose of
+        # its layout), no router weight (scale_input=True skips it), then the forward's deterministic combine.
+        dx_spec = dataclasses.replace(spec, transposed=not spec.transposed, scale_input=True)
+        dx_rows = hidden.new_empty(dz.shape[0], H)
+        launch_down(dz, rows, w_gate_up, None, c.weights, dx_spec, config.rows, k, dx_rows)
+        d_hidden = hidden.new_empty(T, H)
+        launch_combine(dx_rows, rows, k, d_hidden)
+        del dx_rows
+    if not weight_grads:
+        return d_hidden, None, None
+    if c.library_wgrad:
+        # dz's padding rows are 0 from the library's row pass, not from the Triton dz kernel's
+        dz = dz if c.library_dgrad else zero_padding_rows(dz, rows, bm)
+        d_w, d_b = lib.gate_up_grads(dz, c.hidden, rows, c.weights, k, lib.segments(rows, bm), bm, spec.transposed,
+                                     b_gate_up is not None)
+        return d_hidden, d_w.to(w_gate_up.dtype), None if d_b is None else d_b.to(b_gate_up.dtype)
     d_w_gate_up = torch.empty_like(w_gate_up)
     d_b_gate_up = torch.empty_like(b_gate_up) if b_gate_up is not None else None
-    launch_wgrad(dz, hidden, d_w_gate_up, d_b_gate_up, weights, rows, k, config, left_gather=False,
+    launch_wgrad(dz, c.hidden, d_w_gate_up, d_b_gate_up, c.weights, rows, k, config, left_gather=False,
                  left_scale=False, right_gather=True, out_strides=logical_strides(d_w_gate_up, spec.transposed))
-    return d_hidden, d_weights.to(topk_weights.dtype), d_w_gate_up, d_w_down, d_b_gate_up, d_b_down
+    return d_hidden, d_w_gate_up, d_b_gate_up
 
 
-def _library_grads(d_hidden, d_weights, weights_dtype, gate_up, down, w_gate_up, w_down, b_gate_up, b_down):
-    """The backward's result from the library weight gradients ((d_w, d_b) pairs), in the weights' dtypes."""
-    grads = (gate_up[0], down[0], gate_up[1], down[1])
-    like = (w_gate_up, w_down, b_gate_up, b_down)
-    return d_hidden, d_weights.to(weights_dtype), *(None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
-
-
-def _library_backward(grad_out, hidden, z, rows: AlignedRows, w_gate_up, w_down, b_gate_up, b_down, weights,
-                      spec: ExpertsSpec, config: BackwardConfig, k: int, weight_grads: bool, weights_dtype):
-    """DGrad.GROUPED_MM: every GEMM of the backward by torch's grouped GEMM over gathered rows."""
+def _library_down(grad_out, z, c: _Call, w_down, b_down, spec: ExpertsSpec, weight_grads: bool,
+                  weights_dtype) -> DownGrads:
+    """DGrad.GROUPED_MM's first half: dA and dz by torch's grouped GEMM and the row pass, then dW_down while G
+    and act_s are live (dropped on return: backward_gate_up starts without them)."""
     lib = triton_backward_library
-    bm = config.rows.block_m
-    T = grad_out.shape[0]
-    G, dz, act_s, d_weights, seg, bias_weights = lib.dz_rows(grad_out, z, rows, w_down, b_down, weights, spec, k, bm)
-    # dW_down before d hidden's rows, so that G is dropped first: one [S_pad, H] buffer live at a time.
-    down = lib.down_grads(G, act_s, seg, spec.transposed, bias_weights) if weight_grads else None
-    del G, act_s
-    d_hidden = lib.hidden_grad(dz, w_gate_up, rows, seg, spec, k, T)
+    G, dz, act_s, d_weights, seg, bias_weights = lib.dz_rows(grad_out, z, c.rows, w_down, b_down, c.weights, spec,
+                                                             c.k, c.config.rows.block_m)
+    d_weights = d_weights.to(weights_dtype)
     if not weight_grads:
-        return d_hidden, d_weights.to(weights_dtype), None, None, None, None
-    gate_up = lib.gate_up_grads(dz, hidden, rows, weights, k, seg, bm, spec.transposed, b_gate_up is not None)
-    return _library_grads(d_hidden, d_weights, weights_dtype, gate_up, down, w_gate_up, w_down, b_gate_up, b_down)
+        return DownGrads(dz, d_weights, None, None)
+    d_w_down, d_b_down = lib.down_grads(G, act_s, seg, spec.transposed, bias_weights)
+    return DownGrads(dz, d_weights, d_w_down.to(w_down.dtype), None if d_b_down is None else d_b_down.to(b_down.dtype))
+
+

@@ -2,8 +2,9 @@
 
     signature.py          every op's signature, written once (tables -> schemas, fakes, the passes' OpCall)
     checks.py             input checks (expected vs got, and the fix), run by fakes and real calls alike
-    experts.py            experts (+ the block's shared experts), experts_train (+ Z saved for the backward) and
-                          experts_backward
+    experts.py            experts (+ the block's shared experts), experts_train (+ Z saved for the backward),
+                          experts_backward, and the same backward as two ops where Z was saved
+                          (experts_backward_down, experts_backward_gate_up)
     experts_unstacked.py  experts_unstacked and its backward: per-expert nn.Linear weights read in place
     experts_quantized.py  experts_quantized: block-scaled FP8 expert weights read in place (inference)
     linear_quantized.py   linear_quantized: an FP8 nn.Linear (transformers' FP8Linear) read in place (inference)
@@ -12,7 +13,14 @@
 Importing this package registers the ops. Implementations live in lowering/ (dispatch.py picks one).
 """
 
-from .experts import experts, experts_backward, experts_train, moe_experts
+from .experts import (
+    experts,
+    experts_backward,
+    experts_backward_down,
+    experts_backward_gate_up,
+    experts_train,
+    moe_experts,
+)
 from .experts_quantized import experts_quantized
 from .experts_unstacked import experts_unstacked, experts_unstacked_backward
 from .linear_quantized import linear_quantized
@@ -23,6 +31,8 @@ __all__ = [
     "OpCall",
     "experts",
     "experts_backward",
+    "experts_backward_down",
+    "experts_backward_gate_up",
     "experts_quantized",
     "experts_train",
     "experts_unstacked",

@@ -17,6 +17,17 @@ the pre-activation rows z [T*k, 2I] (bias added, pair order t*k + j) that the Tr
 recomputing them — or an empty [0, 2I] where that backward does not run (dispatch.saved_z_shape). z is saved
 for the backward and is not differentiable.
 
+Its backward is two ops, split where z is last read, so that a compiled backward (AOTAutograd clears the saved
+tensors before it runs) frees z before the second half allocates the weight gradients:
+
+    experts_backward_down(grad_out, weight_grads, saved_z, <the same arguments>)
+        -> (dz [S_pad, 2I] in padded sorted order, d_topk_weights, d_w_down, d_b_down)
+    experts_backward_gate_up(grad_out, weight_grads, dz, <the same arguments>) -> a gradient per tensor argument
+        (hidden's, w_gate_up's, b_gate_up's and the shared MLP's; those of the first half are empty [0] tensors)
+
+(Mixtral-8x7B at T = 4096 with bf16 experts: z is 0.44 GiB beside 2.6 GiB of weight gradients.) Without a saved z,
+or with a symbolic T (the first half's row bound is chosen from T), one op: experts_backward.
+
 Weights are the model's own parameters, read in place on every call. The implementations are in lowering/
 (dispatch.py picks one per call).
 """
@@ -126,6 +137,15 @@ def experts_backward(grad_out: Tensor, weight_grads: bool, saved_z: Tensor | Non
         weight_grads=weight_grads, z=saved_z,
     )
     d_hidden, d_weights, d_gu, d_down, d_bgu, d_bdown = routed
+    return _with_shared(grad_out, t, spec, shared, weight_grads, (d_hidden, None, d_weights, d_gu, d_down, d_bgu,
+                                                                  d_bdown))
+
+
+def _with_shared(grad_out, t: ExpertsTensors, spec: ExpertsSpec, shared: SharedMLP | None, weight_grads: bool,
+                 routed: tuple) -> tuple[Tensor, ...]:
+    """A gradient per ExpertsTensors field (empty [0] where there is none) from the routed experts' (the first
+    seven fields) and the shared MLP's; the two terms' gradients w.r.t. hidden are summed."""
+    d_hidden = routed[0]
     d_shared = (None,) * 4
     if shared is not None:
         d_x, d_gate, d_up, d_sdown, d_egate = dispatch.shared_backward(grad_out, t.hidden, shared, spec,
@@ -135,18 +155,79 @@ def experts_backward(grad_out: Tensor, weight_grads: bool, saved_z: Tensor | Non
         if t.shared_up_proj is None and weight_grads:  # one fused [2Is, H] weight: gate rows, then up
             d_gate, d_up = torch.cat([d_gate, d_up]), None
         d_shared = tuple(None if g is None else g.to(dtype) for g in (d_gate, d_up, d_sdown, d_egate))
-    grads = (d_hidden, None, d_weights, d_gu, d_down, d_bgu, d_bdown, *d_shared)
+    grads = (d_hidden, *routed[1:], *d_shared)
     return tuple(t.hidden.new_empty(0) if g is None else g for g in grads)  # outputs cannot be None
 
 
 @experts_backward.register_fake
 def _(grad_out, weight_grads, saved_z, *tensors, **spec):
+    return _backward_fake(weight_grads, *tensors, **spec)
+
+
+def _backward_fake(weight_grads, *tensors, **spec):
     t, _, _ = bind(tensors, spec)
     return tuple(
         t.hidden.new_empty(0) if x is None or not x.is_floating_point() or (i in _WEIGHTS and not weight_grads)
         else torch.empty_like(x)
         for i, x in enumerate(t)
     )
+
+
+_DOWN_GRADS = ("topk_weights", "w_down", "b_down")  # experts_backward_down's gradients, after dz
+
+
+@torch.library.custom_op(
+    "moe_compiler::experts_backward_down",
+    mutates_args=(),
+    schema=schema(ExpertsTensors, ExpertsSpec, "(Tensor, Tensor, Tensor, Tensor)",
+                  leading=("Tensor grad_out", "bool weight_grads", "Tensor saved_z")),
+)
+def experts_backward_down(grad_out: Tensor, weight_grads: bool, saved_z: Tensor, *tensors,
+                          **spec) -> tuple[Tensor, ...]:
+    """(dz, d_topk_weights, d_w_down, d_b_down): the routed experts' backward up to dz, the half that reads the
+    saved z; the weights' gradients empty [0] without weight_grads or a bias."""
+    t, spec, _ = bind(tensors, spec)
+    down = dispatch.experts_backward_down(grad_out, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down,
+                                          t.b_gate_up, t.b_down, spec, weight_grads, saved_z)
+    return tuple(t.hidden.new_empty(0) if g is None else g for g in down)
+
+
+@experts_backward_down.register_fake
+def _(grad_out, weight_grads, saved_z, *tensors, **spec):
+    t, spec, _ = bind(tensors, spec)
+    dz = t.hidden.new_empty(dispatch.dz_shape(t.hidden, t.topk_ids, t.w_gate_up, t.w_down, spec))
+    return dz, *(t.hidden.new_empty(0) if x is None or (i and not weight_grads) else torch.empty_like(x)
+                 for i, x in enumerate(getattr(t, name) for name in _DOWN_GRADS))
+
+
+@torch.library.custom_op(
+    "moe_compiler::experts_backward_gate_up",
+    mutates_args=(),
+    schema=schema(ExpertsTensors, ExpertsSpec, _GRADS, leading=("Tensor grad_out", "bool weight_grads", "Tensor dz")),
+)
+def experts_backward_gate_up(grad_out: Tensor, weight_grads: bool, dz: Tensor, *tensors, **spec) -> tuple[Tensor, ...]:
+    """experts_backward's gradients from experts_backward_down's dz, but for the first half's (empty [0] there)."""
+    t, spec, shared = bind(tensors, spec)
+    d_hidden, d_gu, d_bgu = dispatch.experts_backward_gate_up(dz, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up,
+                                                              t.w_down, t.b_gate_up, spec, weight_grads)
+    return _with_shared(grad_out, t, spec, shared, weight_grads, (d_hidden, None, None, d_gu, None, d_bgu, None))
+
+
+@experts_backward_gate_up.register_fake
+def _(grad_out, weight_grads, dz, *tensors, **spec):
+    grads = list(_backward_fake(weight_grads, *tensors, **spec))
+    for name in _DOWN_GRADS:
+        grads[ExpertsTensors._fields.index(name)] = grads[0].new_empty(0)
+    return tuple(grads)
+
+
+def _backward_in_two(grad_out, weight_grads: bool, z, tensors, spec: dict) -> list:
+    """experts_backward's gradients from the two ops of the split backward."""
+    down = torch.ops.moe_compiler.experts_backward_down(grad_out, weight_grads, z, *tensors, **spec)
+    grads = list(torch.ops.moe_compiler.experts_backward_gate_up(grad_out, weight_grads, down[0], *tensors, **spec))
+    for name, g in zip(_DOWN_GRADS, down[1:]):
+        grads[ExpertsTensors._fields.index(name)] = g
+    return grads
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -163,7 +244,11 @@ def _backward(ctx, grad_out, *_):
     z = z if z is not None and z.numel() else None  # [0, 2I]: nothing was saved (dispatch.saved_z_shape)
     needs = ctx.needs_input_grad  # positional inputs up to the last one given
     weight_grads = any(i < len(needs) and needs[i] for i in _WEIGHTS)
-    grads = torch.ops.moe_compiler.experts_backward(grad_out.contiguous(), weight_grads, z, *tensors, **ctx.spec)
+    grad_out = grad_out.contiguous()
+    if z is not None and isinstance(tensors[0].shape[0], int):
+        grads = _backward_in_two(grad_out, weight_grads, z, tensors, ctx.spec)
+    else:
+        grads = torch.ops.moe_compiler.experts_backward(grad_out, weight_grads, z, *tensors, **ctx.spec)
     # None for the integer ids, absent tensors and the frozen weights (autograd wants no gradient there).
     return tuple(
         None if x is None or not x.is_floating_point() or (i in _WEIGHTS and not weight_grads) else g
