@@ -3,9 +3,11 @@ the block's shared experts (its shared_* arguments), and on the GPU real model s
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -152,7 +154,8 @@ def test_experts_train_is_experts_plus_the_saved_z(device, spec):
 def triton_training_on_the_cpu(monkeypatch):
     """experts_train saving z and the Triton backward reading it — the path of a training graph on CUDA — on the
     CPU under Triton's interpreter (the forward with fixed small tiles: its config lookup asks the GPU). Returns
-    the dispatch functions of the backward, in the order called."""
+    the dispatch functions of the backward, in the order called (the second half's with the number of saved z's
+    freed by then)."""
     if torch.cuda.is_available():
         pytest.skip("the CUDA run is test_the_split_backward_frees_z_in_a_compiled_graph")
     pytest.importorskip("triton")
@@ -170,13 +173,26 @@ def triton_training_on_the_cpu(monkeypatch):
             out = torch_shared.forward(out, hidden, shared, spec, torch_shared.torch_gated_rows)
         return out, z
 
+    saving_z.freed = []  # one flag per saved z: set once its storage is freed
+
+    def tracked(*args, **kwargs):
+        out, z = saving_z(*args, **kwargs)
+        weakref.finalize(z.untyped_storage(), saving_z.freed.append, True)
+        return out, z
+
     monkeypatch.setattr(dispatch, "_triton_backward_runs", lambda hidden, spec: not spec.scale_input)
-    monkeypatch.setattr(dispatch, "experts_forward_saving_z", saving_z)
+    monkeypatch.setattr(dispatch, "experts_forward_saving_z", tracked)
     calls = []
     for name in ("experts_backward", "experts_backward_down", "experts_backward_gate_up"):
         real = getattr(dispatch, name)
-        monkeypatch.setattr(dispatch, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw))
+        monkeypatch.setattr(dispatch, name, lambda *a, _n=name, _f=real, **kw: calls.append(
+            (_n, _freed(saving_z.freed)) if _n.endswith("gate_up") else _n) or _f(*a, **kw))
     return calls
+
+
+def _freed(flags: list) -> int:
+    gc.collect()  # the interpreter's launches leave reference cycles through their arguments (not so on a GPU)
+    return len(flags)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["routed", "with_shared"])
@@ -200,7 +216,7 @@ def test_a_saved_z_is_read_by_a_backward_in_two_ops(spec, frozen, shared, triton
     assert z.shape == (T * k, 2 * I)
     grad_out = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
     grads = torch.autograd.grad(out, trained, grad_out)
-    assert triton_training_on_the_cpu == ["experts_backward_down", "experts_backward_gate_up"]
+    assert triton_training_on_the_cpu == ["experts_backward_down", ("experts_backward_gate_up", 0)]  # eager: held
     leaves = {id(t): t.detach().double().requires_grad_(True) for t in (hidden, weights, *experts)}
     d = lambda t: None if t is None else leaves[id(t)]  # noqa: E731
     ref = experts_reference(d(hidden), ids, d(weights), d(w1), d(w2), d(b1), d(b2), spec=spec)
@@ -212,9 +228,11 @@ def test_a_saved_z_is_read_by_a_backward_in_two_ops(spec, frozen, shared, triton
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_a_compiled_backward_is_two_ops_where_the_token_count_is_static(dynamic, triton_training_on_the_cpu):
-    """Traced (the ops' fakes): two ops with T static; under dynamic shapes the first half's row bound (chosen from
-    T) is not static, so one experts_backward op reads the saved z. Gradients equal eager's either way."""
+def test_a_compiled_backward_frees_z_before_its_second_half(dynamic, triton_training_on_the_cpu):
+    """Traced (the ops' fakes) with T static: two ops, and z — saved by the forward, cleared from the autograd
+    context by AOTAutograd, last read by the first — is freed before the second half allocates anything. Under
+    dynamic shapes the first half's row bound (chosen from T) is not static: one experts_backward op. Gradients
+    equal eager's either way."""
     spec = SPECS[0]
     hidden, ids, weights, w1, w2, _, _ = experts_inputs(9, 16, 8, 4, 2, torch.float32, spec, seed=4)
     params = [w1.requires_grad_(True), w2.requires_grad_(True)]
@@ -222,9 +240,9 @@ def test_a_compiled_backward_is_two_ops_where_the_token_count_is_static(dynamic,
     eager = torch.autograd.grad(f(hidden), params)
     triton_training_on_the_cpu.clear()
     torch._dynamo.reset()
-    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", dynamic=dynamic)(hidden), params)
-    want = ["experts_backward"] if dynamic else ["experts_backward_down", "experts_backward_gate_up"]
-    assert triton_training_on_the_cpu == want
+    got = torch.autograd.grad(torch.compile(f, dynamic=dynamic)(hidden), params)
+    want = ["experts_backward"] if dynamic else ["experts_backward_down", ("experts_backward_gate_up", 2)]
+    assert triton_training_on_the_cpu == want  # 2: eager's z, then the compiled call's
     for a, b in zip(got, eager):
         assert rel_err(a, b) <= 1e-5
 
