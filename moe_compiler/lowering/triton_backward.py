@@ -422,10 +422,18 @@ def backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_ga
 def _library_down(grad_out, z, c: _Call, w_down, b_down, spec: ExpertsSpec, weight_grads: bool,
                   weights_dtype) -> DownGrads:
     """DGrad.GROUPED_MM's first half: dA and dz by torch's grouped GEMM and the row pass, then dW_down while G
-    and act_s are live (dropped on return: backward_gate_up starts without them)."""
+    and act_s are live (dropped on return: backward_gate_up starts without them); or, where this half would be
+    the backward's peak, dW_down first and dA in row chunks (triton_backward_library.first_half_chunks)."""
     lib = triton_backward_library
+    bm = c.config.rows.block_m
+    chunks = lib.first_half_chunks(c.rows.sorted_rows.numel(), c.T * c.k, c.H, c.I, w_down.shape[0], weight_grads)
+    if chunks > 1:
+        dz, d_weights, d_w_down, d_b_down = lib.dz_rows_chunked(grad_out, z, c.rows, w_down, b_down, c.weights, spec,
+                                                                c.k, bm, chunks, weight_grads)
+        return DownGrads(dz, d_weights.to(weights_dtype), None if d_w_down is None else d_w_down.to(w_down.dtype),
+                         None if d_b_down is None else d_b_down.to(b_down.dtype))
     G, dz, act_s, d_weights, seg, bias_weights = lib.dz_rows(grad_out, z, c.rows, w_down, b_down, c.weights, spec,
-                                                             c.k, c.config.rows.block_m)
+                                                             c.k, bm)
     d_weights = d_weights.to(weights_dtype)
     if not weight_grads:
         return DownGrads(dz, d_weights, None, None)

@@ -17,6 +17,8 @@ operand and finite in both)
 
     align -> gather G -> [G @ W_down] -> [act' row pass] -> dz, act_s, d weights     (dz_rows)
           -> [G^T act_s] -> dW_down; G dropped                                   (down_grads)
+       or -> gather G -> [act row pass] -> act_s -> [G^T act_s] -> dW_down; act_s dropped;
+             per row chunk c: [G_c @ W_down] -> [act' row pass] -> dz_c, d weights  (dz_rows_chunked)
           -> [dz @ W_gate_up] -> combine -> d hidden                             (hidden_grad)
           -> gather X -> [dz^T X] -> dW_gate_up                                  (gate_up_grads)
     one [S_pad, H] buffer (G, dx_rows, X) live at a time
@@ -40,15 +42,16 @@ from .triton_experts import launch_combine
 def _act_backward_rows_kernel(
     da_ptr, z_ptr, g_ptr, b_ptr, dz_ptr, act_ptr, ds_ptr, sw_ptr, topk_w_ptr, sorted_rows_ptr, block_expert_ptr,
     seg_end_ptr, num_padded_ptr,
-    H, I, alpha, limit,
+    row0, H, I, alpha, limit,
     stride_dam, stride_zm, stride_gm, stride_be, stride_dzm, stride_am,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN_M: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+    WRITE_DZ: tl.constexpr, WRITE_ACT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """One sorted slot r: dz[r] = act'(z[pair]) applied to s * dA'[r], act[r] = s * act(z[pair]) (dW_down's
-    operand with the router weight on it), ds[pair] = <dA'[r], act(z[pair])> (+ <dO[t], b_down[e]>, and the slot's
-    s in sw[r, 0] for d b_down). A padding slot gets zero rows (the library GEMMs reduce over them)."""
-    r = tl.program_id(0)
+    """One sorted slot r = row0 + program: with WRITE_DZ, dz[r] = act'(z[pair]) applied to s * dA'[r - row0] and
+    ds[pair] = <dA'[r - row0], act(z[pair])> (+ <dO[t], b_down[e]>); with WRITE_ACT, act[r] = s * act(z[pair])
+    (dW_down's operand with the router weight on it) and the slot's s in sw[r, 0] for d b_down. A padding slot
+    gets zero rows (the library GEMMs reduce over them)."""
+    r = row0 + tl.program_id(0)
     if r < tl.load(num_padded_ptr):
         expert = tl.load(block_expert_ptr + r // ALIGN_M)
         end = tl.load(seg_end_ptr + expert)
@@ -56,6 +59,7 @@ def _act_backward_rows_kernel(
         pair = tl.where(real, tl.load(sorted_rows_ptr + r), 0).to(tl.int64)  # a padding slot's: unwritten
         s = tl.where(real, tl.load(topk_w_ptr + pair).to(tl.float32), 0.0)
         r64 = r.to(tl.int64)
+        da_row = (r - row0).to(tl.int64) * stride_dam
         acc = tl.zeros([BLOCK_I], dtype=tl.float32)
         for i0 in range(0, I, BLOCK_I):
             n = i0 + tl.arange(0, BLOCK_I)
@@ -65,18 +69,26 @@ def _act_backward_rows_kernel(
                 gate_cols, up_cols = 2 * n, 2 * n + 1
             else:
                 gate_cols, up_cols = n, I + n
-            da = tl.load(da_ptr + r64 * stride_dam + n, mask=live, other=0.0).to(tl.float32)
             gate = tl.load(z_ptr + pair * stride_zm + gate_cols, mask=live, other=0.0).to(tl.float32)
             up = tl.load(z_ptr + pair * stride_zm + up_cols, mask=live, other=0.0).to(tl.float32)
+            if WRITE_DZ:
+                da = tl.load(da_ptr + da_row + n, mask=live, other=0.0).to(tl.float32)
+            else:
+                da = tl.zeros([BLOCK_I], dtype=tl.float32)
             d_gate, d_up, a = gated_act_backward(da * s, gate, up, alpha, limit, ACT)
-            tl.store(dz_ptr + r64 * stride_dzm + gate_cols, tl.where(live, d_gate, 0.0).to(dz_ptr.dtype.element_ty),
-                     mask=ok)
-            tl.store(dz_ptr + r64 * stride_dzm + up_cols, tl.where(live, d_up, 0.0).to(dz_ptr.dtype.element_ty),
-                     mask=ok)
-            tl.store(act_ptr + r64 * stride_am + n, tl.where(live, a * s, 0.0).to(act_ptr.dtype.element_ty), mask=ok)
-            acc += tl.where(live, da * a, 0.0)
+            if WRITE_DZ:
+                dz_row = dz_ptr + r64 * stride_dzm
+                tl.store(dz_row + gate_cols, tl.where(live, d_gate, 0.0).to(dz_ptr.dtype.element_ty), mask=ok)
+                tl.store(dz_row + up_cols, tl.where(live, d_up, 0.0).to(dz_ptr.dtype.element_ty), mask=ok)
+                acc += tl.where(live, da * a, 0.0)
+            if WRITE_ACT:
+                tl.store(act_ptr + r64 * stride_am + n, tl.where(live, a * s, 0.0).to(act_ptr.dtype.element_ty),
+                         mask=ok)
         ds = tl.sum(acc, axis=0)
-        if HAS_BIAS:  # <dO[t], b_down[e]>: the bias's share of the router weight's gradient; s for d b_down
+        if HAS_BIAS and WRITE_ACT:
+            col = tl.arange(0, 8)
+            tl.store(sw_ptr + r64 * 8 + col, tl.where(col == 0, s, 0.0).to(sw_ptr.dtype.element_ty))
+        if HAS_BIAS and WRITE_DZ:  # <dO[t], b_down[e]>: the bias's share of the router weight's gradient
             bacc = tl.zeros([BLOCK_H], dtype=tl.float32)
             for h0 in range(0, H, BLOCK_H):
                 h = h0 + tl.arange(0, BLOCK_H)
@@ -85,10 +97,9 @@ def _act_backward_rows_kernel(
                 b = tl.load(b_ptr + expert.to(tl.int64) * stride_be + h, mask=hm, other=0.0).to(tl.float32)
                 bacc += g * b
             ds += tl.sum(bacc, axis=0)
-            col = tl.arange(0, 8)
-            tl.store(sw_ptr + r64 * 8 + col, tl.where(col == 0, s, 0.0).to(sw_ptr.dtype.element_ty))
-        one = tl.arange(0, 1)  # (as a vector: the interpreter takes no scalar masks)
-        tl.store(ds_ptr + pair + one, tl.zeros([1], dtype=tl.float32) + ds, mask=one < tl.where(real, 1, 0))
+        if WRITE_DZ:
+            one = tl.arange(0, 1)  # (as a vector: the interpreter takes no scalar masks)
+            tl.store(ds_ptr + pair + one, tl.zeros([1], dtype=tl.float32) + ds, mask=one < tl.where(real, 1, 0))
 
 
 def segments(rows: AlignedRows, block_m: int) -> Segments:
@@ -122,6 +133,37 @@ def gate_up_grads(dz, hidden, rows: AlignedRows, weights, k: int, seg: Segments,
     return d_w_gate_up, d_b_gate_up
 
 
+# The first half in row chunks (first_half_chunks): at most this many, each at least MIN_CHUNK_ROWS sorted rows.
+CHUNKS = 4
+MIN_CHUNK_ROWS = 4096
+
+
+def first_half_chunks(S_pad: int, S: int, H: int, I: int, E: int, weight_grads: bool) -> int:
+    """How many row chunks dA takes in the backward's first half (dz_rows_chunked), 1 where it is taken whole
+    (dz_rows). Sizes only. The first half holds z, G, dA and dz; the second (z freed: ops/experts.py) dz, G's
+    size again and W_gate_up's gradient. Chunking lowers the peak where the first half is it: z + dA beyond
+    W_gate_up's gradient (large T against E x H: Mixtral-8x7B from ~11k tokens, Qwen3-30B-A3B from ~22k), and
+    always without weight gradients (frozen experts)."""
+    first_is_peak = not weight_grads or S * 2 * I + S_pad * I > E * 2 * I * H
+    return max(1, min(CHUNKS, S_pad // MIN_CHUNK_ROWS)) if first_is_peak else 1
+
+
+def _row_pass(dA, z, G, b_down, dz, act_s, ds, bias_weights, weights, rows: AlignedRows, spec: ExpertsSpec,
+              block_m: int, row0: int, n_rows: int, *, write_dz: bool, write_act: bool):
+    H, I = G.shape[1], z.shape[1] // 2
+    launch.kernel(_act_backward_rows_kernel)[(n_rows,)](
+        dA, z, G, b_down if b_down is not None else G, dz, act_s, ds,
+        bias_weights if bias_weights is not None else G, weights,
+        rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
+        row0, H, I, float(spec.swiglu_alpha), float(spec.swiglu_limit),
+        dA.stride(0), z.stride(0), G.stride(0), b_down.stride(0) if b_down is not None else 0, dz.stride(0),
+        act_s.stride(0),
+        ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
+        HAS_BIAS=b_down is not None, ALIGN_M=block_m, WRITE_DZ=write_dz, WRITE_ACT=write_act,
+        BLOCK_I=row_block(I), BLOCK_H=row_block(H), num_warps=4,
+    )
+
+
 def dz_rows(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSpec, k: int, block_m: int):
     """(G, dz, act_s, d weights [T, k] fp32, seg, bias_weights or None): dA = G @ W_down[e] by torch's grouped GEMM,
     then act' by one row pass. z [T*k, 2I]: the pre-activation rows (saved or recomputed)."""
@@ -137,17 +179,42 @@ def dz_rows(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: Exper
     dz, act_s = G.new_empty(S_pad, 2 * I), dA
     ds = torch.zeros(T * k, dtype=torch.float32, device=G.device)  # a sentinel pair's stays 0
     bias_weights = G.new_empty(S_pad, 8) if b_down is not None else None
-    launch.kernel(_act_backward_rows_kernel)[(S_pad,)](
-        dA, z, G, b_down if b_down is not None else G, dz, act_s, ds,
-        bias_weights if bias_weights is not None else G, weights,
-        rows.sorted_rows, rows.block_expert, rows.seg_end, rows.num_padded,
-        H, I, float(spec.swiglu_alpha), float(spec.swiglu_limit),
-        dA.stride(0), z.stride(0), G.stride(0), b_down.stride(0) if b_down is not None else 0, dz.stride(0),
-        act_s.stride(0),
-        ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
-        HAS_BIAS=b_down is not None, ALIGN_M=block_m, BLOCK_I=row_block(I), BLOCK_H=row_block(H), num_warps=4,
-    )
+    _row_pass(dA, z, G, b_down, dz, act_s, ds, bias_weights, weights, rows, spec, block_m, 0, S_pad,
+              write_dz=True, write_act=True)
     return G, dz, act_s, ds.view(T, k), seg, bias_weights
+
+
+def dz_rows_chunked(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSpec, k: int,
+                    block_m: int, chunks: int, weight_grads: bool):
+    """(dz, d weights [T, k] fp32, d_w_down, d_b_down) — the weights' None without weight_grads — with dA taken
+    in `chunks` row chunks, so that the half's peak is z, G, dz and a chunk of dA instead of all of dA. act_s
+    (dW_down's operand) first comes from z alone (a row pass writing only it), for dW_down, and is dropped
+    before dz exists: one more read of z than dz_rows, the price of the smaller peak."""
+    T, H = grad_out.shape
+    I = z.shape[1] // 2
+    seg = segments(rows, block_m)
+    G = gathered(grad_out, rows, weights, k, block_m)
+    S_pad = G.shape[0]
+    ds = torch.zeros(T * k, dtype=torch.float32, device=G.device)  # a sentinel pair's stays 0
+    d_w_down = d_b_down = None
+    if weight_grads:
+        act_s = G.new_empty(S_pad, I)
+        bias_weights = G.new_empty(S_pad, 8) if b_down is not None else None
+        _row_pass(act_s, z, G, b_down, act_s, act_s, ds, bias_weights, weights, rows, spec, block_m, 0, S_pad,
+                  write_dz=False, write_act=True)
+        d_w_down, d_b_down = down_grads(G, act_s, seg, spec.transposed, bias_weights)
+        del act_s, bias_weights
+    dz = G.new_empty(S_pad, 2 * I)
+    step = triton.cdiv(triton.cdiv(S_pad, chunks), block_m) * block_m
+    for c0 in range(0, S_pad, step):
+        n = min(step, S_pad - c0)
+        # the chunk's segments: each expert's rows clipped to [c0, c0 + n), counted from c0 (empty outside it)
+        part = Segments(sorted_ids=None, perm=None, offs=(seg.offs - c0).clamp_(0, n), num_experts=seg.num_experts)
+        dA = project_dx(GroupedMM, G[c0:c0 + n], w_down, part, spec.transposed)  # [n, I]
+        _row_pass(dA, z, G, b_down, dz, dz, ds, None, weights, rows, spec, block_m, c0, n, write_dz=True,
+                  write_act=False)
+        del dA
+    return dz, ds.view(T, k), d_w_down, d_b_down
 
 
 def hidden_grad(dz, w_gate_up, rows: AlignedRows, seg: Segments, spec: ExpertsSpec, k: int, T: int):

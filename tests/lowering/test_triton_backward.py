@@ -125,6 +125,43 @@ def test_library_gemms(spec, config, monkeypatch):
     assert downs == gate_ups == [1] and len(dgrads) == (config.dgrad_path is triton_backward.DGrad.GROUPED_MM)
 
 
+@pytest.mark.parametrize("weight_grads", [True, False], ids=["trained", "frozen"])
+@pytest.mark.parametrize("spec", COVERED, ids=spec_id)
+def test_library_first_half_in_row_chunks(spec, weight_grads, monkeypatch):
+    """Where the first half would be the backward's peak: dW_down first (act_s from z alone, dropped), then dA in
+    row chunks, each with its own row pass — the reference's gradients, with chunks cut inside experts' segments,
+    an expert without rows and a sentinel pair. Frozen experts: no act_s pass, the same d hidden and d weights."""
+    monkeypatch.setattr(triton_backward_library, "first_half_chunks", lambda *a: 3)  # 128 rows: 48 + 48 + 32
+    chunked, whole = _spy(monkeypatch, "dz_rows_chunked"), _spy(monkeypatch, "dz_rows")
+    ids = torch.tensor([[e % 4, (e + 1) % 4] for e in range(19)])  # expert 4 gets no rows
+    ids[7, 0] = 5
+    if weight_grads:
+        _check(19, 32, 16, 5, 2, torch.float32, 1e-4, spec, ids=ids, config=LIBRARY_ALL)
+    else:
+        cpu, dev = device_inputs(19, 32, 16, 5, 2, torch.float32, spec, 0)
+        cpu, dev = list(cpu), list(dev)
+        cpu[1], dev[1] = ids, ids.to(DEVICE)
+        grad_out = torch.randn(19, 32, generator=torch.Generator().manual_seed(1))
+        with poisoned_allocations():
+            got = triton_backward.experts_backward(grad_out.to(DEVICE), *dev, spec, LIBRARY_ALL, weight_grads=False)
+        want = _reference(cpu, grad_out, spec)
+        assert got[2:] == (None,) * 4
+        assert rel_err(got[0].cpu(), want[0]) <= 1e-4 and rel_err(got[1].cpu(), want[1]) <= 1e-4
+    assert chunked == [1] and whole == []
+
+
+def test_the_first_half_is_chunked_where_it_is_the_peak():
+    """first_half_chunks on real shapes (bf16, block_m 128): Mixtral-8x7B (E x H = 32k) from ~11k tokens, Qwen3-30B-A3B
+    (E x H = 256k) from ~22k; never at a size too small to matter; frozen experts whenever the size allows."""
+    def chunks(T, E, k, H, I, weight_grads=True):
+        S = T * k
+        return triton_backward_library.first_half_chunks(S + E * 128, S, H, I, E, weight_grads)
+
+    assert chunks(32768, 8, 2, 4096, 14336) == 4 and chunks(4096, 8, 2, 4096, 14336) == 1  # Mixtral-8x7B
+    assert chunks(32768, 128, 8, 2048, 768) == 4 and chunks(16384, 128, 8, 2048, 768) == 1  # Qwen3-30B-A3B
+    assert chunks(4096, 8, 2, 4096, 14336, weight_grads=False) == 2 and chunks(64, 8, 2, 4096, 14336, False) == 1
+
+
 def test_library_gemms_read_a_saved_z(monkeypatch):
     """DGrad.GROUPED_MM from a training forward's z: no recompute, gradients equal the reference."""
     spec = GPT_OSS
