@@ -18,10 +18,12 @@ to BLOCK_M; s = the pair's router weight)
     dW_gate_up  [E, 2I, H]      sum over e's rows of dz ⊗ x[t]            } each expert's rows (varlen K)
     d b_down [E, H], d b_gate_up [E, 2I]: the same left operands summed over e's rows
 
+    backward_down:     (the half that reads z)
     align -> [gate_up GEMM storing z and act]            the forward's kernel (only without a saved z)
           -> [gathered dO @ W_down[e] ; act' epilogue]     -> dz, ds_part (and act, from a saved z)
-          -> [dz @ W_gate_up[e]] -> [combine over k]      the forward's down and combine kernels -> d hidden
           -> [wgrad (s dO[t])^T act] -> dW_down, d b_down
+    backward_gate_up:  (from dz; z may be freed before it: ops/experts.py calls the halves as two ops)
+    align -> [dz @ W_gate_up[e]] -> [combine over k]      the forward's down and combine kernels -> d hidden
           -> [wgrad dz^T x[t]]       -> dW_gate_up, d b_gate_up
 
 Nothing here is a function of the routing's values on the host: grids and buffers are sized from T, k, E and
