@@ -126,7 +126,7 @@ def test_library_gemms(spec, config, monkeypatch):
 
 
 @pytest.mark.parametrize("weight_grads", [True, False], ids=["trained", "frozen"])
-@pytest.mark.parametrize("spec", COVERED, ids=spec_id)
+@pytest.mark.parametrize("spec", [COVERED[0], GPT_OSS], ids=spec_id)  # the row pass's activations: test_library_gemms
 def test_library_first_half_in_row_chunks(spec, weight_grads, monkeypatch):
     """Where the first half would be the backward's peak: dW_down first (act_s from z alone, dropped), then dA in
     row chunks, each with its own row pass — the reference's gradients, with chunks cut inside experts' segments,
