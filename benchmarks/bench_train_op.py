@@ -10,6 +10,9 @@ Per (shape, T), bf16, uniform routing, one process, every variant on the same in
     moe_train           experts_train(...)[0], what a compiled training graph calls: the forward saves Z, the
                         backward reads it instead of recomputing the gate_up GEMM; default_config (every backward
                         GEMM by torch's grouped GEMM over gathered rows: WGrad and DGrad.GROUPED_MM)
+    moe_train_tc        moe_train under torch.compile (Inductor), as a training graph runs it: the backward as two
+                        ops, the saved Z freed between them (ops/experts.py), and Inductor's memory planning —
+                        the like-for-like partner of hf_grouped_mm_tc
     moe_train_tr_dgrad  the same with DGrad.TRITON (dz and d hidden by the Triton kernels, weight gradients by the
                         library)
     moe_train_triton    the same with every backward GEMM by the Triton kernels (WGrad.TRITON too)
@@ -36,7 +39,7 @@ from moe_compiler.tune.shapes import ALL_SHAPES
 
 from . import harness
 
-VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train",
+VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train", "moe_train_tc",
             "moe_train_tr_dgrad", "moe_train_triton")
 # variant -> (WGrad, DGrad) replacing default_config's
 PATHS = {"moe_train_tr_dgrad": ("GROUPED_MM", "TRITON"), "moe_train_triton": ("TRITON", "TRITON")}
@@ -109,6 +112,7 @@ def point(name, T):
         **{v: lambda x, ids, w: torch.ops.moe_compiler.experts_train(x, ids, w, *params)[0]
            for v in ("moe_train", *PATHS)},
     }
+    ops["moe_train_tc"] = torch.compile(ops["moe_train"], dynamic=False)
     row = {"shape": name, "T": T, "E": E, "k": k, "H": H, "I": I}
     grads = {}
     for variant in VARIANTS:
