@@ -29,6 +29,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_multi)
 
 
+@pytest.fixture
+def no_compile_caches():
+    """Inductor's FX graph cache and AOTAutograd's cache off for the test: where a test patches something neither
+    cache keys on (a config, a rule, the code), a graph compiled earlier would be loaded instead of traced. By the
+    config modules' own patch: monkeypatch's undo deletes a setting of theirs on torch 2.13 (it is then missing
+    for every later test of the process)."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _one_big_gpu_test_at_a_time(request, tmp_path_factory):
     """Tests marked big_gpu hold tens of GB of real-model weights: under pytest-xdist, workers sharing one GPU would

@@ -470,7 +470,7 @@ def test_cpp_wrapper_decode_equals_python_host_code_on_gpu(arch, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cpp_wrapper_build_failing_inside_inductor_falls_back_on_gpu(monkeypatch):
+def test_cpp_wrapper_build_failing_inside_inductor_falls_back_on_gpu(monkeypatch, no_compile_caches):
     """A C++ host-code build that fails inside Inductor (its code generation raising, as torch 2.11's missing C
     shim for aten::_grouped_mm does): the same graph is compiled again with Python host code and runs right."""
     from torch._inductor.codegen import cpp_wrapper_gpu
@@ -480,9 +480,8 @@ def test_cpp_wrapper_build_failing_inside_inductor_falls_back_on_gpu(monkeypatch
 
     monkeypatch.setenv("MOE_COMPILER_CPP_WRAPPER", "1")
     monkeypatch.setattr(cpp_wrapper_gpu.CppWrapperGpu, "generate", broken)
-    # an earlier test's build of this same graph, cached, would be loaded without generating code (seen on the H200)
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    # an earlier test's build of this same graph, cached, would be loaded without generating code (seen on the H200):
+    # the no_compile_caches fixture
     torch._dynamo.reset()
     model = tiny_model("qwen3_moe", "grouped_mm").cuda()
     ids = torch.randint(0, 128, (2, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))

@@ -228,7 +228,7 @@ def test_a_saved_z_is_read_by_a_backward_in_two_ops(spec, frozen, shared, triton
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_a_compiled_backward_frees_z_before_its_second_half(dynamic, triton_training_on_the_cpu):
+def test_a_compiled_backward_frees_z_before_its_second_half(dynamic, triton_training_on_the_cpu, no_compile_caches):
     """Traced (the ops' fakes) with T static: two ops, and z — saved by the forward, cleared from the autograd
     context by AOTAutograd, last read by the first — is freed before the second half allocates anything. Under
     dynamic shapes the first half's row bound (chosen from T) is not static: one experts_backward op. Gradients
@@ -265,7 +265,7 @@ def test_split_backward_opcheck(triton_training_on_the_cpu):
 
 
 @pytest.mark.gpu
-def test_the_split_backward_frees_z_in_a_compiled_graph(monkeypatch):
+def test_the_split_backward_frees_z_in_a_compiled_graph(monkeypatch, no_compile_caches):
     """A compiled training graph frees the saved z after experts_backward_down, its last reader: the backward's
     peak is lower than the one op's (which holds z to its end) by about z's size, at a shape where the weight
     gradients' half is the peak (E = 8, H = 1024, I = 2048, T = 512, k = 2, bf16: z 8 MiB beside 96 MiB of weight

@@ -523,7 +523,7 @@ def test_fp8_experts_with_prompts_of_varying_length_record_their_launches_and_eq
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [64, 300])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
-def test_recorded_tma_compiled_equals_eager(arch, T, monkeypatch):
+def test_recorded_tma_compiled_equals_eager(arch, T, monkeypatch, no_compile_caches):
     """moe_compiler.recorded_tma: a sorted-path call whose config loads by TMA keeps TMA in Inductor's code, its
     kernels building the descriptors on the device (global scratch from the allocator Inductor's launcher sets);
     the logits equal eager, as they do with the default's pointer loads."""
@@ -551,12 +551,10 @@ def test_recorded_tma_compiled_equals_eager(arch, T, monkeypatch):
         return inlinable[-1]
 
     monkeypatch.setattr(dispatch, "experts_inlinable", spy_inlinable)
-    # The config and the FLOP rule are patched here, and neither is in the caches' keys: without these, an earlier
-    # test's compile of the same graph (test_compiled_block_with_recorded_launches_equals_eager's: the default
-    # config, pointer loads) is loaded instead of traced. Session 28's full suite failed all four cases so (the
-    # calls never traced); session 27 ran them without that test and they passed.
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    # The config and the FLOP rule are patched here, and neither is in the caches' keys: without the
+    # no_compile_caches fixture, an earlier test's compile of the same graph (test_compiled_block_with_recorded_
+    # launches_equals_eager's: the default config, pointer loads) is loaded instead of traced. Session 28's full
+    # suite failed all four cases so (the calls never traced); session 27 ran them without that test and they passed.
     model = tiny_model(arch, dtype=torch.bfloat16).cuda()
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
     with torch.no_grad():
