@@ -327,19 +327,21 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     (triton_experts.experts_forward's z), else None: recomputed. T > 0, k > 0, not spec.scale_input; sizes
     checked by the op. backward_down then backward_gate_up: the op's backward calls them as two ops, so that a
     compiled backward frees z between them."""
+    c = _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)  # one align for both halves
     down = backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec,
-                         config, weight_grads, z)
+                         config, weight_grads, z, call=c)
     d_hidden, d_w_gate_up, d_b_gate_up = backward_gate_up(down.dz, hidden, topk_ids, topk_weights, w_gate_up,
-                                                          w_down, b_gate_up, spec, config, weight_grads)
+                                                          w_down, b_gate_up, spec, config, weight_grads, call=c)
     return d_hidden, down.d_weights, d_w_gate_up, down.d_w_down, d_b_gate_up, down.d_b_down
 
 
 def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
                   spec: ExpertsSpec, config: BackwardConfig | None = None, weight_grads: bool = True,
-                  z=None) -> DownGrads:
+                  z=None, *, call: _Call | None = None) -> DownGrads:
     """The half that reads z (saved, or recomputed here from the inputs): dz, the router weights' gradient and
-    W_down's (without weight_grads: None). z is not read after it returns."""
-    c = _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
+    W_down's (without weight_grads: None). z is not read after it returns. `call`: the inputs' _Call, where the
+    caller has it."""
+    c = call or _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
     T, k, I, config, rows = c.T, c.k, c.I, c.config, c.rows
     grad_out = grad_out.to(hidden.dtype)
     grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
@@ -375,8 +377,7 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
         ones = scaled_do.new_ones(scaled_do.shape[0], 8) if b_down is not None else None
         d_w_down, d_b_down = lib.down_grads(scaled_do, zero_padding_rows(act, rows, bm), lib.segments(rows, bm),
                                             spec.transposed, ones)
-        return DownGrads(dz, d_weights, d_w_down.to(w_down.dtype),
-                         None if d_b_down is None else d_b_down.to(b_down.dtype))
+        return DownGrads(dz, d_weights, *_like((d_w_down, w_down), (d_b_down, b_down)))
     d_w_down = torch.empty_like(w_down)
     d_b_down = torch.empty_like(b_down) if b_down is not None else None
     launch_wgrad(grad_out, act, d_w_down, d_b_down, c.weights, rows, k, config, left_gather=True, left_scale=True,
@@ -385,10 +386,10 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
 
 
 def backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, spec: ExpertsSpec,
-                     config: BackwardConfig | None = None, weight_grads: bool = True):
-    """(d_hidden, d_w_gate_up, d_b_gate_up) from backward_down's dz (the same inputs and config: the rows are
-    aligned again, identically); the weight and bias gradients None without weight_grads."""
-    c = _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
+                     config: BackwardConfig | None = None, weight_grads: bool = True, *, call: _Call | None = None):
+    """(d_hidden, d_w_gate_up, d_b_gate_up) from backward_down's dz (the same inputs and config: without `call`,
+    the rows are aligned again, identically); the weight and bias gradients None without weight_grads."""
+    c = call or _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
     T, k, H, config, rows = c.T, c.k, c.H, c.config, c.rows
     if dz.shape != (rows.sorted_rows.numel(), 2 * c.I) or dz.dtype != hidden.dtype or dz.stride(1) != 1:
         raise ValueError(f"moe_compiler: dz: expected [{rows.sorted_rows.numel()}, {2 * c.I}] {hidden.dtype} with "
@@ -413,7 +414,7 @@ def backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_ga
         dz = dz if c.library_dgrad else zero_padding_rows(dz, rows, bm)
         d_w, d_b = lib.gate_up_grads(dz, c.hidden, rows, c.weights, k, lib.segments(rows, bm), bm, spec.transposed,
                                      b_gate_up is not None)
-        return d_hidden, d_w.to(w_gate_up.dtype), None if d_b is None else d_b.to(b_gate_up.dtype)
+        return d_hidden, *_like((d_w, w_gate_up), (d_b, b_gate_up))
     d_w_gate_up = torch.empty_like(w_gate_up)
     d_b_gate_up = torch.empty_like(b_gate_up) if b_gate_up is not None else None
     launch_wgrad(dz, c.hidden, d_w_gate_up, d_b_gate_up, c.weights, rows, k, config, left_gather=False,
@@ -432,14 +433,19 @@ def _library_down(grad_out, z, c: _Call, w_down, b_down, spec: ExpertsSpec, weig
     if chunks > 1:
         dz, d_weights, d_w_down, d_b_down = lib.dz_rows_chunked(grad_out, z, c.rows, w_down, b_down, c.weights, spec,
                                                                 c.k, bm, chunks, weight_grads)
-        return DownGrads(dz, d_weights.to(weights_dtype), None if d_w_down is None else d_w_down.to(w_down.dtype),
-                         None if d_b_down is None else d_b_down.to(b_down.dtype))
+        return DownGrads(dz, d_weights.to(weights_dtype), *_like((d_w_down, w_down), (d_b_down, b_down)))
     G, dz, act_s, d_weights, seg, bias_weights = lib.dz_rows(grad_out, z, c.rows, w_down, b_down, c.weights, spec,
                                                              c.k, bm)
     d_weights = d_weights.to(weights_dtype)
     if not weight_grads:
         return DownGrads(dz, d_weights, None, None)
     d_w_down, d_b_down = lib.down_grads(G, act_s, seg, spec.transposed, bias_weights)
-    return DownGrads(dz, d_weights, d_w_down.to(w_down.dtype), None if d_b_down is None else d_b_down.to(b_down.dtype))
+    return DownGrads(dz, d_weights, *_like((d_w_down, w_down), (d_b_down, b_down)))
+
+
+def _like(*pairs) -> tuple:
+    """Each (gradient or None, its tensor) pair's gradient in its tensor's dtype (the library's come in the
+    operands')."""
+    return tuple(None if g is None else g.to(t.dtype) for g, t in pairs)
 
 
