@@ -7,18 +7,19 @@ in row chunks (triton_backward_library.first_half_chunks): each half's peak, and
 
     python -m benchmarks.probes.probe_backward_memory --shapes mixtral_8x7b qwen3_30b_a3b --tokens 4096 32768
 
-On a CUDA GPU the real shape in bf16, peaks from the caching allocator. On the CPU (no GPU needed; Triton's
-interpreter, fp32) a live-bytes count of the tensors each half allocates, at the shape scaled down by --scale
-(H, I and T divided by it, E and k kept: every [rows, H or I] buffer and every weight gradient shrinks by
-scale^2, so the ratios between them hold), reported scaled back to bf16 at the real size. The padding rows
-(E x block_m, block_m 16 here) do not scale so: the CPU figures are within a few % of the GPU's where rows per
-expert are many (NOTES.md "session 31").
+On a CUDA GPU the real shape in bf16, peaks from the caching allocator, and each half timed (the chunks' cost). On
+the CPU (no GPU needed; Triton's interpreter, fp32) a live-bytes count of the tensors each half allocates, at the
+shape scaled down by --scale (H, I and T divided by it, E and k kept: every [rows, H or I] buffer and every weight
+gradient shrinks by scale^2, so the ratios between them hold), reported scaled back to bf16 at the real size. The
+padding rows (E x block_m, block_m 16 here) do not scale so: measured on the H200, the CPU figures were 2-6% above
+the GPU's at Mixtral-8x7B (8 experts) and 10-22% above at Qwen3-30B-A3B (128 experts; NOTES.md "session 32").
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import os
 import weakref
@@ -127,25 +128,47 @@ def _on_cpu(hidden, ids, weights, w_gate_up, w_down, grad_out, spec, config) -> 
     return {"z": z_bytes, "first": first, "second": second}
 
 
+def _median_ms(fn, calls: int = 5) -> float:
+    """Median CUDA-event time of `fn` after one warm-up call, its results dropped each time."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def _on_gpu(hidden, ids, weights, w_gate_up, w_down, grad_out, spec, config) -> dict:
+    """As _on_cpu, from the caching allocator's peaks; each half also timed (before its memory is measured, so
+    that the timing's allocations are not in the peak): what the row chunks cost."""
     from moe_compiler.lowering import triton_backward
 
     T, k, I = hidden.shape[0], ids.shape[1], w_down.shape[2]
     z = torch.randn(T * k, 2 * I, device="cuda", dtype=hidden.dtype)
+    run_down = functools.partial(triton_backward.backward_down, grad_out, hidden, ids, weights, w_gate_up, w_down,
+                                 None, None, spec, config, True, z)
+    first_ms = _median_ms(run_down)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    down = triton_backward.backward_down(grad_out, hidden, ids, weights, w_gate_up, w_down, None, None, spec, config,
-                                         True, z)
+    down = run_down()
     torch.cuda.synchronize()
     first = torch.cuda.max_memory_allocated() - base
     z_bytes = z.untyped_storage().nbytes()
-    del z
+    del z, run_down
+    run_up = functools.partial(triton_backward.backward_gate_up, down.dz, hidden, ids, weights, w_gate_up, w_down,
+                               None, spec, config, True)
+    second_ms = _median_ms(run_up)
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    triton_backward.backward_gate_up(down.dz, hidden, ids, weights, w_gate_up, w_down, None, spec, config, True)
+    run_up()
     torch.cuda.synchronize()
     second = torch.cuda.max_memory_allocated() - base + z_bytes
-    return {"z": z_bytes, "first": first, "second": second}
+    return {"z": z_bytes, "first": first, "second": second, "first_ms": first_ms, "second_ms": second_ms}
 
 
 def _chunks(E, k, H, I, T) -> int:
@@ -167,7 +190,7 @@ def main():
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     print(f"{'shape':16s} {'T':>6s} {'chunks':>6s} {'z GiB':>6s} | first half | second half (z freed) | "
-          f"backward compiled | eager (z held)")
+          f"backward compiled | eager (z held) | ms first, second half (GPU)")
     for name in args.shapes:
         E, k, H, I = ALL_SHAPES[name]
         for T in args.tokens:
@@ -182,7 +205,8 @@ def main():
                 label = str(chunks)
                 print(f"{name:16s} {T:6d} {label:>6s} {gib(z):6.2f} | {gib(first):5.2f} ({first / z:4.2f} z) | "
                       f"{gib(second):5.2f} ({second / z:4.2f} z) | {gib(max(first, second)):5.2f} | "
-                      f"{gib(max(first, second + z)):5.2f}", flush=True)
+                      f"{gib(max(first, second + z)):5.2f}"
+                      + (f" | {r['first_ms']:7.2f} {r['second_ms']:7.2f}" if "first_ms" in r else ""), flush=True)
 
 
 if __name__ == "__main__":
