@@ -128,18 +128,12 @@ def _on_cpu(hidden, ids, weights, w_gate_up, w_down, grad_out, spec, config) -> 
     return {"z": z_bytes, "first": first, "second": second}
 
 
-def _median_ms(fn, calls: int = 5) -> float:
-    """Median CUDA-event time of `fn` after one warm-up call, its results dropped each time."""
+def _ms(fn) -> float:
+    """Median ms of 5 CUDA-event-timed calls of `fn` after one warm-up call."""
+    from moe_compiler.tune.timing import events
+
     fn()
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return events(fn, 5) * 1e3
 
 
 def _on_gpu(hidden, ids, weights, w_gate_up, w_down, grad_out, spec, config) -> dict:
@@ -151,7 +145,7 @@ def _on_gpu(hidden, ids, weights, w_gate_up, w_down, grad_out, spec, config) -> 
     z = torch.randn(T * k, 2 * I, device="cuda", dtype=hidden.dtype)
     run_down = functools.partial(triton_backward.backward_down, grad_out, hidden, ids, weights, w_gate_up, w_down,
                                  None, None, spec, config, True, z)
-    first_ms = _median_ms(run_down)
+    first_ms = _ms(run_down)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -162,7 +156,7 @@ def _on_gpu(hidden, ids, weights, w_gate_up, w_down, grad_out, spec, config) -> 
     del z, run_down
     run_up = functools.partial(triton_backward.backward_gate_up, down.dz, hidden, ids, weights, w_gate_up, w_down,
                                None, spec, config, True)
-    second_ms = _median_ms(run_up)
+    second_ms = _ms(run_up)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     run_up()
