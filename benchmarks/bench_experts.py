@@ -109,7 +109,8 @@ def variants(cfg, experts, T, k, H, I, dtype, on_gpu):
         from moe_compiler.lowering.triton_config import CutlassConfig
 
         config = dispatch.triton_config_for(x, ids, ops[0], I, spec.transposed)
-        impl = cutlass.with_config(config.config if isinstance(config, CutlassConfig) else 0)
+        impl = (cutlass.with_config(config.config, config.act_epilogue) if isinstance(config, CutlassConfig)
+                else cutlass.with_config(0))
         return triton_grouped.experts_forward(impl, x, ids, w, *ops, spec)
 
     out = {"hf_eager": (harness.hf_forward(cfg, experts, "eager"), False),

@@ -23,9 +23,12 @@
   X(pingpong_64x128, Fp8Pingpong64x128)
 
 // out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ (b_nk ? w[e]^T : w[e]) for one config, bf16 or fp16.
+// And out = silu(gate) * (x @ w[e]^T), gate [S, N] read by the epilogue (grouped_gemm.cuh's Epi::kSiluMul).
 #define MOE_CUTLASS_DECLARE(name, Config)                                                                      \
   void grouped_mm_##name(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, \
-                         bool b_nk);
+                         bool b_nk);                                                                           \
+  void grouped_mm_silu_mul_##name(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate,          \
+                                  const at::Tensor& offs, at::Tensor& out);
 
 // out[offs[e-1]:offs[e]] = the block-scaled product of x's rows and w[e]^T (grouped_gemm_fp8.cuh), bf16.
 #define MOE_CUTLASS_FP8_DECLARE(name, Config)                                                                  \

@@ -6,8 +6,14 @@
 //            [E, K, N]     B_KN: w[e] is K x N, N contiguous (out = x_e @ w[e]; transposed weights, mm_nn)
 //     offs   [E] int32     exclusive end of each expert's rows (torch._grouped_mm's `offs`), on the device
 //     out    [S, N]        row-major; rows past offs[E-1] are left unwritten
+//     gate   [S, N]        Epi::kSiluMul only: out = silu(gate) * (x @ w[e]^T), gate read as the epilogue's source
 //
 //     offs --(one tiny kernel: problem sizes, pointers, strides per expert, on the device)--> grouped GEMM
+//
+// The gated activation in the epilogue (Epi::kSiluMul): a SwiGLU gate_up projection as two GEMMs over the same
+// rows, the gate GEMM (plain, w_gate_up's first I rows: a view, no copy) writing g [S, I], then the up GEMM (its
+// last I rows) whose epilogue loads g by TMA beside the accumulator and stores silu(g) * acc: A [S, I] directly,
+// without the [S, 2I] pre-activation round trip and the activation pass between the GEMMs.
 //
 // Nothing is read on the host: the problem sizes live only on the device (CUTLASS's device-side group
 // scheduling), so a call is CUDA-graph capturable and adds no sync. An expert with no rows is a 0 x N problem
@@ -63,18 +69,34 @@ using Pingpong128x128Cluster2x1 = TileConfig<128, 128, 2, 1, true>;
 using Pingpong64x256 = TileConfig<64, 256, 1, 1, true>;
 using Pingpong64x256Cluster1x2 = TileConfig<64, 256, 1, 2, true>;
 
-template <typename Element, typename LayoutB, typename Config>
+// What the epilogue stores: the accumulator (kPlain), or silu(source) * accumulator (kSiluMul, source = the gate
+// GEMM's output rows, same shape as D).
+enum class Epi { kPlain, kSiluMul };
+
+// silu(C) * acc in fp32, rounded once to Element: an epilogue visitor tree (EVT) over the source and the accumulator.
+template <typename Element>
+using SiluMul = cutlass::epilogue::fusion::Sm90EVT<
+    cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, Element, float, cutlass::FloatRoundStyle::round_to_nearest>,
+    cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90Compute<cutlass::epilogue::thread::SiLu, float, float,
+                                               cutlass::FloatRoundStyle::round_to_nearest>,
+        cutlass::epilogue::fusion::Sm90SrcFetch<Element>>,
+    cutlass::epilogue::fusion::Sm90AccFetch>;
+
+template <typename Element, typename LayoutB, typename Config, Epi kEpi = Epi::kPlain>
 struct GroupedGemm {
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte rows for TMA
+  static constexpr bool kSource = kEpi == Epi::kSiluMul;
+  using ElementC = std::conditional_t<kSource, Element, void>;  // void: no source tensor, no C loads
+  using Fusion = std::conditional_t<kSource, SiluMul<Element>, cutlass::epilogue::fusion::LinearCombination<Element, float>>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::Tile, typename Config::Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      void, LayoutD*, kAlign,  // no source tensor: D = accumulator
-      Element, LayoutD*, kAlign, typename Config::Epilogue,
-      cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+      ElementC, LayoutD*, kAlign,
+      Element, LayoutD*, kAlign, typename Config::Epilogue, Fusion>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign,
@@ -87,16 +109,18 @@ struct GroupedGemm {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
+  using StrideC = typename Kernel::InternalStrideC;
   using StrideD = typename Kernel::InternalStrideD;
 };
 
-// Per-expert arguments, written on the device from offs: one thread per expert.
-template <typename Element, typename StrideA, typename StrideB, typename StrideD>
+// Per-expert arguments, written on the device from offs: one thread per expert. `c` (the epilogue's source, rows
+// like out's) may be null: then ptr_c and sc are not written.
+template <typename Element, typename StrideA, typename StrideB, typename StrideC, typename StrideD>
 __global__ void build_groups(const int32_t* __restrict__ offs, int E, int N, int K, const Element* x,
-                             const Element* w, int64_t stride_we, Element* out,
+                             const Element* w, int64_t stride_we, const Element* c, Element* out,
                              ProblemShape::UnderlyingProblemShape* shapes, const Element** ptr_a,
-                             const Element** ptr_b, Element** ptr_d, StrideA* sa, StrideB* sb, StrideD* sd,
-                             StrideA a, StrideB b, StrideD d) {
+                             const Element** ptr_b, const Element** ptr_c, Element** ptr_d, StrideA* sa, StrideB* sb,
+                             StrideC* sc, StrideD* sd, StrideA a, StrideB b, StrideC cs, StrideD d) {
   int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= E) return;
   int64_t start = e == 0 ? 0 : offs[e - 1];
@@ -108,6 +132,10 @@ __global__ void build_groups(const int32_t* __restrict__ offs, int E, int N, int
   sa[e] = a;
   sb[e] = b;
   sd[e] = d;
+  if (c != nullptr) {
+    ptr_c[e] = c + start * N;
+    sc[e] = cs;
+  }
 }
 
 // Bytes of device scratch (per-expert arguments + CUTLASS's workspace) a call needs; the caller allocates it
@@ -119,36 +147,40 @@ struct Scratch {
 
 inline size_t align_up(size_t n) { return (n + 127) / 128 * 128; }
 
-template <typename Element, typename LayoutB, typename Config>
+template <typename Element, typename LayoutB, typename Config, Epi kEpi = Epi::kPlain>
 struct Runner {
-  using G = GroupedGemm<Element, LayoutB, Config>;
+  using G = GroupedGemm<Element, LayoutB, Config, kEpi>;
 
   static size_t arg_bytes(int E) {
-    return align_up(E * sizeof(ProblemShape::UnderlyingProblemShape)) + 3 * align_up(E * sizeof(void*)) +
+    return align_up(E * sizeof(ProblemShape::UnderlyingProblemShape)) + 4 * align_up(E * sizeof(void*)) +
            align_up(E * sizeof(typename G::StrideA)) + align_up(E * sizeof(typename G::StrideB)) +
-           align_up(E * sizeof(typename G::StrideD));
+           align_up(E * sizeof(typename G::StrideC)) + align_up(E * sizeof(typename G::StrideD));
   }
 
-  // Fills `args` (pointing into scratch); returns the CUTLASS arguments. w_expert_stride in elements.
+  // Fills `args` (pointing into scratch); returns the CUTLASS arguments. w_expert_stride in elements; `c` the
+  // epilogue's source [S, N] (kSiluMul), null for kPlain.
   static typename G::Gemm::Arguments arguments(const Element* x, const Element* w, int64_t w_expert_stride,
-                                               const int32_t* offs, Element* out, int E, int N, int K,
-                                               char* scratch, int sm_count, int device, cudaStream_t stream) {
+                                               const int32_t* offs, const Element* c, Element* out, int E, int N,
+                                               int K, char* scratch, int sm_count, int device, cudaStream_t stream) {
     using Shape = ProblemShape::UnderlyingProblemShape;
     char* p = scratch;
     auto take = [&](size_t bytes) { char* q = p; p += align_up(bytes); return q; };
     auto* shapes = reinterpret_cast<Shape*>(take(E * sizeof(Shape)));
     auto* ptr_a = reinterpret_cast<const Element**>(take(E * sizeof(void*)));
     auto* ptr_b = reinterpret_cast<const Element**>(take(E * sizeof(void*)));
+    auto* ptr_c = reinterpret_cast<const Element**>(take(E * sizeof(void*)));
     auto* ptr_d = reinterpret_cast<Element**>(take(E * sizeof(void*)));
     auto* sa = reinterpret_cast<typename G::StrideA*>(take(E * sizeof(typename G::StrideA)));
     auto* sb = reinterpret_cast<typename G::StrideB*>(take(E * sizeof(typename G::StrideB)));
+    auto* sc = reinterpret_cast<typename G::StrideC*>(take(E * sizeof(typename G::StrideC)));
     auto* sd = reinterpret_cast<typename G::StrideD*>(take(E * sizeof(typename G::StrideD)));
     // The strides do not depend on an expert's row count (no batch mode): one value for every expert.
     auto a = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(1, K, 1));
     auto b = cutlass::make_cute_packed_stride(typename G::StrideB{}, cute::make_shape(N, K, 1));
+    auto cs = cutlass::make_cute_packed_stride(typename G::StrideC{}, cute::make_shape(1, N, 1));
     auto d = cutlass::make_cute_packed_stride(typename G::StrideD{}, cute::make_shape(1, N, 1));
-    build_groups<<<(E + 127) / 128, 128, 0, stream>>>(offs, E, N, K, x, w, w_expert_stride, out, shapes, ptr_a,
-                                                       ptr_b, ptr_d, sa, sb, sd, a, b, d);
+    build_groups<<<(E + 127) / 128, 128, 0, stream>>>(offs, E, N, K, x, w, w_expert_stride, c, out, shapes, ptr_a,
+                                                       ptr_b, ptr_c, ptr_d, sa, sb, sc, sd, a, b, cs, d);
 
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
@@ -157,10 +189,17 @@ struct Runner {
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {E, shapes, nullptr},  // no host copy of the problem sizes: device-side scheduling only
         {ptr_a, sa, ptr_b, sb},
-        {{}, nullptr, nullptr, ptr_d, sd},
+        {},
         hw};
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = 0.0f;
+    args.epilogue.ptr_D = ptr_d;
+    args.epilogue.dD = sd;
+    if constexpr (G::kSource) {  // (the EVT's nodes take no arguments)
+      args.epilogue.ptr_C = ptr_c;
+      args.epilogue.dC = sc;
+    } else {
+      args.epilogue.thread.alpha = 1.0f;
+      args.epilogue.thread.beta = 0.0f;
+    }
     return args;
   }
 

@@ -36,14 +36,17 @@ void launch(const at::Tensor& like, int E, int N, int K, const char* what, MakeA
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename Element, typename LayoutB, typename Config>
-void run_one(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, int N, int K) {
-  using R = Runner<Element, LayoutB, Config>;
+// `gate`: the epilogue's source under Epi::kSiluMul (undefined for kPlain).
+template <typename Element, typename LayoutB, typename Config, Epi kEpi = Epi::kPlain>
+void run_one(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, int N, int K,
+             const at::Tensor& gate = at::Tensor()) {
+  using R = Runner<Element, LayoutB, Config, kEpi>;
   const int E = static_cast<int>(w.size(0));
+  const Element* c = gate.defined() ? reinterpret_cast<const Element*>(gate.data_ptr()) : nullptr;
   launch<R>(x, E, N, K, "CUTLASS grouped GEMM", [&](char* scratch, int sms, int device, cudaStream_t stream) {
     return R::arguments(reinterpret_cast<const Element*>(x.data_ptr()), reinterpret_cast<const Element*>(w.data_ptr()),
-                        w.stride(0), offs.data_ptr<int32_t>(), reinterpret_cast<Element*>(out.data_ptr()), E, N, K,
-                        scratch, sms, device, stream);
+                        w.stride(0), offs.data_ptr<int32_t>(), c, reinterpret_cast<Element*>(out.data_ptr()), E, N,
+                        K, scratch, sms, device, stream);
   });
 }
 
@@ -69,6 +72,16 @@ void grouped_mm_config(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   }
 }
 
+// out = silu(gate) * (x @ w[e]^T) per segment, w [E, N, K] (its K contiguous), bf16 only (ops.cpp checks): one
+// instance per config, not four — each adds ~25% to the config's build, and fp16 MoE checkpoints are rare.
+template <typename Config>
+void grouped_mm_silu_mul_config(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate,
+                                const at::Tensor& offs, at::Tensor& out) {
+  const int K = static_cast<int>(x.size(1));
+  const int N = static_cast<int>(out.size(1));
+  run_one<cutlass::bfloat16_t, cutlass::layout::ColumnMajor, Config, Epi::kSiluMul>(x, w, offs, out, N, K, gate);
+}
+
 }  // namespace moe_cutlass
 
 #define MOE_CUTLASS_DEFINE(name, Config)                                                                       \
@@ -76,5 +89,9 @@ void grouped_mm_config(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   void grouped_mm_##name(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, at::Tensor& out, \
                          bool b_nk) {                                                                          \
     grouped_mm_config<Config>(x, w, offs, out, b_nk);                                                          \
+  }                                                                                                            \
+  void grouped_mm_silu_mul_##name(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate,          \
+                                  const at::Tensor& offs, at::Tensor& out) {                                  \
+    grouped_mm_silu_mul_config<Config>(x, w, gate, offs, out);                                                 \
   }                                                                                                            \
   }

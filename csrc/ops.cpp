@@ -18,6 +18,12 @@ constexpr GroupedMM kConfigs[] = {MOE_CUTLASS_CONFIGS(MOE_CUTLASS_ENTRY)};
 #undef MOE_CUTLASS_ENTRY
 constexpr int64_t kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
 
+using GroupedMMSiluMul = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  at::Tensor&);
+#define MOE_CUTLASS_SILU_MUL_ENTRY(name, Config) &grouped_mm_silu_mul_##name,
+constexpr GroupedMMSiluMul kSiluMulConfigs[] = {MOE_CUTLASS_CONFIGS(MOE_CUTLASS_SILU_MUL_ENTRY)};
+#undef MOE_CUTLASS_SILU_MUL_ENTRY
+
 using GroupedMMFp8 = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, at::Tensor&);
 #define MOE_CUTLASS_FP8_ENTRY(name, Config) &grouped_mm_fp8_##name,
@@ -29,39 +35,68 @@ namespace {
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 }  // namespace
 
-// out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ (b_nk ? w[e]^T : w[e]); rows past offs[E-1] unwritten.
-at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, bool b_nk, int64_t config) {
+// The checks of a bf16 / fp16 grouped GEMM's operands (errors named by `what`), then its output [S, N], allocated.
+at::Tensor checked_out(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, bool b_nk, int64_t config,
+                       const std::string& what) {
   using std::string, std::to_string;
-  MOE_CHECK(x.is_cuda() && w.is_cuda() && offs.is_cuda(), string("grouped_mm: expected CUDA tensors"));
+  MOE_CHECK(x.is_cuda() && w.is_cuda() && offs.is_cuda(), string(what + ": expected CUDA tensors"));
   MOE_CHECK(x.dim() == 2 && w.dim() == 3 && offs.dim() == 1,
-            "grouped_mm: expected x [S, K], w [E, ., .], offs [E], got " + dims(x.sizes()) + ", " + dims(w.sizes()) +
+            what + ": expected x [S, K], w [E, ., .], offs [E], got " + dims(x.sizes()) + ", " + dims(w.sizes()) +
                 ", " + dims(offs.sizes()));
   MOE_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
-            string("grouped_mm: expected bf16 or fp16 x and w of one dtype, got ") + c10::toString(x.scalar_type()) +
+            string(what + ": expected bf16 or fp16 x and w of one dtype, got ") + c10::toString(x.scalar_type()) +
                 " and " + c10::toString(w.scalar_type()));
   MOE_CHECK(offs.scalar_type() == at::kInt && offs.size(0) == w.size(0),
-            "grouped_mm: expected int32 offs of E = " + to_string(w.size(0)) + " entries, got " +
+            what + ": expected int32 offs of E = " + to_string(w.size(0)) + " entries, got " +
                 c10::toString(offs.scalar_type()) + " " + dims(offs.sizes()));
   MOE_CHECK(0 <= config && config < kNumConfigs,
-            "grouped_mm: config " + to_string(config) + " not in [0, " + to_string(kNumConfigs - 1) + "]");
+            what + ": config " + to_string(config) + " not in [0, " + to_string(kNumConfigs - 1) + "]");
   const int64_t K = x.size(1);
   const int64_t N = b_nk ? w.size(1) : w.size(2);
-  MOE_CHECK((b_nk ? w.size(2) : w.size(1)) == K, "grouped_mm: w " + dims(w.sizes()) + " does not reduce over K = " +
+  MOE_CHECK((b_nk ? w.size(2) : w.size(1)) == K, what + ": w " + dims(w.sizes()) + " does not reduce over K = " +
                                                       to_string(K) + (b_nk ? " (expected [E, N, K])" : " (expected [E, K, N])"));
   // Packed rows (the strides CUTLASS is given are derived from N and K) and 16-byte rows for TMA.
-  MOE_CHECK(x.stride(1) == 1 && x.stride(0) == K, "grouped_mm: x must be contiguous, got strides " + dims(x.strides()));
+  MOE_CHECK(x.stride(1) == 1 && x.stride(0) == K, what + ": x must be contiguous, got strides " + dims(x.strides()));
   MOE_CHECK(w.stride(2) == 1 && w.stride(1) == (b_nk ? K : N),
-            "grouped_mm: each expert's weight must be a packed row-major matrix, got strides " + dims(w.strides()));
+            what + ": each expert's weight must be a packed row-major matrix, got strides " + dims(w.strides()));
   MOE_CHECK(K % 8 == 0 && N % 8 == 0 && w.stride(0) % 8 == 0 && aligned16(x) && aligned16(w),
-            "grouped_mm: rows must be 16-byte aligned (K and N multiples of 8 elements), got K = " + to_string(K) +
+            what + ": rows must be 16-byte aligned (K and N multiples of 8 elements), got K = " + to_string(K) +
                 ", N = " + to_string(N));
-  MOE_CHECK(K <= INT32_MAX && N <= INT32_MAX && x.size(0) <= INT32_MAX, string("grouped_mm: sizes past 2^31"));
+  MOE_CHECK(K <= INT32_MAX && N <= INT32_MAX && x.size(0) <= INT32_MAX, string(what + ": sizes past 2^31"));
+  return at::empty({x.size(0), N}, x.options());
+}
+
+// out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ (b_nk ? w[e]^T : w[e]); rows past offs[E-1] unwritten.
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, bool b_nk, int64_t config) {
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({x.size(0), N}, x.options());
-  if (x.size(0) == 0 || w.size(0) == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();
-  auto offs_c = offs.contiguous();
-  kConfigs[config](x, w, offs_c, out, b_nk);
+  at::Tensor out = checked_out(x, w, offs, b_nk, config, "grouped_mm");
+  if (out.numel() == 0 || w.size(0) == 0) return out;
+  if (x.size(1) == 0) return out.zero_();
+  kConfigs[config](x, w, offs.contiguous(), out, b_nk);
+  return out;
+}
+
+// out[offs[e-1]:offs[e]] = silu(gate[offs[e-1]:offs[e]]) * (x[offs[e-1]:offs[e]] @ w[e]^T): the up GEMM of a SwiGLU
+// gate_up projection with the activation in its epilogue, gate the gate GEMM's output (grouped_gemm.cuh). w is
+// [E, N, K] with K contiguous (w_gate_up[:, I:], a view); rows past offs[E-1] unwritten.
+at::Tensor grouped_mm_silu_mul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate, const at::Tensor& offs,
+                               int64_t config) {
+  using std::string, std::to_string;
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = checked_out(x, w, offs, true, config, "grouped_mm_silu_mul");
+  MOE_CHECK(x.scalar_type() == at::kBFloat16, string("grouped_mm_silu_mul: expected bf16 x and w (the fused "
+                                                     "activation is built for bf16 only), got ") +
+                                                  c10::toString(x.scalar_type()));
+  MOE_CHECK(gate.is_cuda() && gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == w.size(1),
+            "grouped_mm_silu_mul: expected a CUDA gate [S, N] = [" + to_string(x.size(0)) + ", " +
+                to_string(w.size(1)) + "] (x's rows, w's N), got " + dims(gate.sizes()));
+  MOE_CHECK(gate.scalar_type() == x.scalar_type() && gate.stride(1) == 1 && gate.stride(0) == gate.size(1) &&
+                aligned16(gate),
+            string("grouped_mm_silu_mul: gate must be a contiguous, 16-byte aligned tensor of x's dtype, got ") +
+                c10::toString(gate.scalar_type()) + " with strides " + dims(gate.strides()));
+  if (out.numel() == 0 || w.size(0) == 0) return out;
+  if (x.size(1) == 0) return out.zero_();  // silu(gate) * 0
+  kSiluMulConfigs[config](x, w, gate, offs.contiguous(), out);
   return out;
 }
 
@@ -118,10 +153,12 @@ at::Tensor grouped_mm_fp8(const at::Tensor& x, const at::Tensor& xs, const at::T
 
 TORCH_LIBRARY(moe_compiler_cutlass, m) {
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offs, bool b_nk, int config) -> Tensor");
+  m.def("grouped_mm_silu_mul(Tensor x, Tensor w, Tensor gate, Tensor offs, int config) -> Tensor");
   m.def("grouped_mm_fp8(Tensor x, Tensor xs, Tensor w, Tensor ws, Tensor offs, int config) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_compiler_cutlass, CUDA, m) {
   m.impl("grouped_mm", &moe_cutlass::grouped_mm);
+  m.impl("grouped_mm_silu_mul", &moe_cutlass::grouped_mm_silu_mul);
   m.impl("grouped_mm_fp8", &moe_cutlass::grouped_mm_fp8);
 }

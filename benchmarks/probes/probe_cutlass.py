@@ -63,15 +63,18 @@ def gemm_points(timer, E, k, H, I, T, x, ids, w1, w2) -> list[dict]:
 
 def op_calls(args, best: type) -> dict:
     """Calls of the whole experts op (T, H) -> (T, H): the tuned Triton path; torch._grouped_mm and `best` with
-    Triton glue (triton_grouped.py, what a grouped_mm / cutlass table entry runs); the torch composite over
-    torch._grouped_mm (the reference: fp32 glue)."""
+    Triton glue (triton_grouped.py, what a grouped_mm / cutlass table entry runs), `best` also with the SwiGLU
+    activation in the up GEMM's epilogue (CutlassConfig.act_epilogue: gate and up GEMMs, no activation pass); the
+    torch composite over torch._grouped_mm (the reference: fp32 glue)."""
     x, ids, w, w1, w2 = args
     spec = ExpertsSpec()
     a = (x, ids, w, w1, w2, None, None, spec)
+    act = cutlass.with_config(best.config, True)
     return {
         "triton": lambda: dispatch.triton_forward(*a),
         "grouped_torch_grouped_mm": lambda: triton_grouped.experts_forward(GroupedMM, *a),
         f"grouped_{best.name}": lambda: triton_grouped.experts_forward(best, *a),
+        f"grouped_{act.name}": lambda: triton_grouped.experts_forward(act, *a),
         "composite_torch_grouped_mm": lambda: torch_experts.experts_forward(GroupedMM, *a),
     }
 

@@ -203,6 +203,16 @@ def _(x, w, offs, b_nk, config):
     return x.new_empty(x.shape[0], w.shape[1] if b_nk else w.shape[2])
 
 
+@torch.library.custom_op("moe_compiler::cutlass_grouped_mm_silu_mul", mutates_args=(), device_types="cuda")
+def _recorded_grouped_mm_silu_mul(x: Tensor, w: Tensor, gate: Tensor, offs: Tensor, config: int) -> Tensor:
+    return load().grouped_mm_silu_mul(x, w, gate, offs, config)
+
+
+@_recorded_grouped_mm_silu_mul.register_fake
+def _(x, w, gate, offs, config):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
 @torch.library.custom_op("moe_compiler::cutlass_grouped_mm_fp8", mutates_args=(), device_types="cuda")
 def _recorded_grouped_mm_fp8(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, offs: Tensor, config: int) -> Tensor:
     return load().grouped_mm_fp8(x, xs, w, ws, offs, config)
@@ -222,6 +232,26 @@ def grouped_mm(x: Tensor, w: Tensor, offs: Tensor, b_nk: bool, config: int) -> T
     return ops.grouped_mm(x, w, offs, b_nk, config)
 
 
+def grouped_mm_silu_mul(x: Tensor, w: Tensor, gate: Tensor, offs: Tensor, config: int) -> Tensor:
+    """[S, N] = silu(gate) * (each segment of x's rows times its expert's w^T), w [E, N, K] (csrc/ops.cpp: the
+    activation in the GEMM's epilogue, gate [S, N] its source); eager or recorded as grouped_mm."""
+    ops = load()
+    if launch.tracing():
+        return torch.ops.moe_compiler.cutlass_grouped_mm_silu_mul(x, w, gate, offs, config)
+    return ops.grouped_mm_silu_mul(x, w, gate, offs, config)
+
+
+def silu_epilogue_suits(spec, w_gate_up: Tensor, b_gate_up, z, dtypes=(torch.bfloat16,)) -> bool:
+    """Whether CutlassMM.gate_up_silu computes these experts' activation rows: SwiGLU (plain silu) in one of `dtypes`
+    (csrc/ builds the fused epilogue for bf16 only) with gate and up concatenated along the rows of [E, 2I, H]
+    weights, no gate_up bias, and no pre-activation rows wanted (z: a training forward keeps them, which the fused
+    epilogue never writes)."""
+    from ..spec import Activation, GateUpLayout
+
+    return (spec.activation is Activation.SILU and spec.gate_up is GateUpLayout.CONCAT and not spec.transposed
+            and b_gate_up is None and z is None and w_gate_up.dtype in dtypes and w_gate_up.shape[1] % 16 == 0)
+
+
 def grouped_mm_fp8(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, offs: Tensor, config: int) -> Tensor:
     """The block-scaled FP8 form (csrc/ops.cpp: grouped_mm_fp8), bf16 [S, N]; eager or recorded as grouped_mm."""
     ops = load()
@@ -235,6 +265,8 @@ class CutlassMM:
 
     name = "cutlass"
     config = 0  # index into CONFIGS
+    act_epilogue = False  # gate_up_silu where silu_epilogue_suits (triton_config.CutlassConfig.act_epilogue)
+    act_epilogue_dtypes = (torch.bfloat16,)
 
     @staticmethod
     def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -252,12 +284,25 @@ class CutlassMM:
             return GroupedMM.mm_nn(x.to(w.dtype), w, seg)
         return grouped_mm(x.contiguous(), w, seg.offs, False, cls.config)
 
+    @classmethod
+    def gate_up_silu(cls, x: torch.Tensor, w_gate_up: torch.Tensor, seg: Segments) -> torch.Tensor:
+        """a [S, I] = silu(x @ W_gate^T) * (x @ W_up^T) per segment, W_gate / W_up the two row halves of
+        w_gate_up [E, 2I, H] (views: read in place): the gate GEMM, then the up GEMM with the activation in its
+        epilogue, reading the gate rows as its source (silu_epilogue_suits says where this applies)."""
+        I = w_gate_up.shape[1] // 2
+        x = x.contiguous()
+        gate = grouped_mm(x, w_gate_up[:, :I], seg.offs, True, cls.config)
+        return grouped_mm_silu_mul(x, w_gate_up[:, I:], gate, seg.offs, cls.config)
+
     wgrad = staticmethod(GroupedMM.wgrad)
 
 
 @functools.cache
-def with_config(config: int) -> type:
-    """CutlassMM running tile / cluster / schedule CONFIGS[config] (the probe and the tuner compare them)."""
+def with_config(config: int, act_epilogue: bool = False) -> type:
+    """CutlassMM running tile / cluster / schedule CONFIGS[config] (the probe and the tuner compare them), with the
+    SwiGLU activation in the up GEMM's epilogue where it applies (act_epilogue)."""
     if not 0 <= config < len(CONFIGS):
         raise ValueError(f"CUTLASS config {config} not in [0, {len(CONFIGS) - 1}] ({', '.join(CONFIGS)})")
-    return type(f"CutlassMM_{CONFIGS[config]}", (CutlassMM,), {"config": config, "name": f"cutlass_{CONFIGS[config]}"})
+    name = CONFIGS[config] + ("_act" if act_epilogue else "")
+    return type(f"CutlassMM_{name}", (CutlassMM,),
+                {"config": config, "act_epilogue": act_epilogue, "name": f"cutlass_{name}"})

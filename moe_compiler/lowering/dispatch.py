@@ -229,7 +229,8 @@ def _library_mm(hidden, w_gate_up, w_down, config):
     a tuned CUTLASS entry where CUTLASS runs, MOE_COMPILER_CUTLASS=1 off the decode path, a tuned grouped_mm
     entry where torch._grouped_mm takes the operands."""
     if config.path is triton_config.Path.CUTLASS:
-        return cutlass.with_config(config.config) if cutlass.runs(hidden, w_gate_up, w_down) else None
+        return (cutlass.with_config(config.config, config.act_epilogue) if cutlass.runs(hidden, w_gate_up, w_down)
+                else None)
     forced = config.path is not triton_config.Path.DECODE and cutlass.forced(hidden, w_gate_up, w_down)
     if config.path is triton_config.Path.GROUPED_MM or forced:
         impl = select(hidden, w_gate_up, w_down)

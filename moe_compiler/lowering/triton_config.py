@@ -238,6 +238,10 @@ class CutlassConfig:
     it does not take) the Triton default runs instead."""
 
     config: int = 0
+    # SwiGLU experts (concatenated gate / up, no gate_up bias, inference): the gate_up projection as a gate GEMM and
+    # an up GEMM whose epilogue stores silu(gate) * up (cutlass.CutlassMM.gate_up_silu), instead of one [S, 2I] GEMM
+    # and the activation pass. Other experts run the pass whatever this says.
+    act_epilogue: bool = False
     path: Path = Path.CUTLASS
 
     def __post_init__(self):
@@ -245,6 +249,8 @@ class CutlassConfig:
 
         if not isinstance(self.config, int) or isinstance(self.config, bool) or not 0 <= self.config < len(CONFIGS):
             raise ValueError(f"config: expected an index into {CONFIGS}, got {self.config!r}")
+        if not isinstance(self.act_epilogue, bool):
+            raise ValueError(f"act_epilogue: expected a bool, got {self.act_epilogue!r}")
 
 
 Config = DecodeConfig | SortedConfig | GroupedMMConfig | CutlassConfig
@@ -255,6 +261,8 @@ def to_dict(config: Config) -> dict:
     d["path"] = config.path.value
     if isinstance(config, SortedConfig):
         d["combine"] = config.combine.value
+    if isinstance(config, CutlassConfig) and not config.act_epilogue:
+        del d["act_epilogue"]  # the entries written before the field existed read the same
     return d
 
 

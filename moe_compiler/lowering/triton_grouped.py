@@ -19,6 +19,8 @@ Data contract (S = T * k pairs; the GEMMs see rows sorted by expert, segment e =
     xs   [S, H]   xs[r] = hidden[sorted_rows[r] // k]         (x its router weight under spec.scale_input)
     h    [S, 2I]  grouped GEMM (library)                     rows past the live pairs: never written nor read
     a    [S, I]   act(gate + b) * (up + b), fp32 math        (gate / up concatenated or interleaved)
+                  or, CutlassMM with act_epilogue on SwiGLU experts (cutlass.silu_epilogue_suits): g [S, I] by a
+                  gate GEMM, then a = silu(g) * up in the up GEMM's epilogue (no h, no activation pass)
     z    [S, 2I]  optional (a training forward): h + b at each pair's row t*k + j, what the backward reads
     y    [S, H]   grouped GEMM (library)
     out  [T, H]   sum_j w[t, j] * (y[pos[t k + j]] + b_down[e]), fp32, slot order: deterministic
@@ -41,6 +43,7 @@ import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout
 from . import launch
+from .cutlass import silu_epilogue_suits
 from .torch_segment_mm import Segments, project
 from .triton_act import ACT_CODE, gated_act
 from .triton_align import align_rows, gathered, row_block
@@ -88,17 +91,27 @@ def experts_forward(mm, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gat
     weights = topk_weights.reshape(-1).contiguous()
 
     xs = gathered(hidden, rows, weights, k, 1, scale=spec.scale_input, out=hidden.new_empty(S, H))
+    if getattr(mm, "act_epilogue", False) and silu_epilogue_suits(spec, w_gate_up, b_gate_up, z,
+                                                                  mm.act_epilogue_dtypes):
+        a = mm.gate_up_silu(xs, w_gate_up, seg)  # two GEMMs, the activation in the second's epilogue
+    else:
+        a = _gate_up_act(mm, xs, w_gate_up, b_gate_up, rows, seg, spec, I, z)
+    y = project(mm, a, w_down, seg, spec.transposed)
+    out = hidden.new_empty(T, H)
+    launch_combine(y, rows, k, out, weights=None if spec.scale_input else weights,
+                   ids=topk_ids.reshape(-1).contiguous(), b_down=b_down)
+    return out
+
+
+def _gate_up_act(mm, xs, w_gate_up, b_gate_up, rows, seg: Segments, spec: ExpertsSpec, I: int, z):
+    """a [S, I]: the gate_up GEMM into h [S, 2I], then the activation pass (biases added, z stored there)."""
     h = project(mm, xs, w_gate_up, seg, spec.transposed)
-    a = hidden.new_empty(S, I)
-    launch.kernel(_act_kernel)[(S, triton.cdiv(I, row_block(I)))](
+    a = xs.new_empty(xs.shape[0], I)
+    launch.kernel(_act_kernel)[(xs.shape[0], triton.cdiv(I, row_block(I)))](
         h, a, b_gate_up if b_gate_up is not None else h, z if z is not None else h, rows.block_expert,
         rows.sorted_rows, rows.num_padded, I, h.stride(0), a.stride(0), b_gate_up.stride(0) if b_gate_up is not None
         else 0, z.stride(0) if z is not None else 0, float(spec.swiglu_alpha), float(spec.swiglu_limit),
         ACT=ACT_CODE[spec.activation], INTERLEAVED=spec.gate_up is GateUpLayout.INTERLEAVED,
         HAS_BIAS=b_gate_up is not None, STORE_Z=z is not None, BLOCK=row_block(I), num_warps=4,
     )
-    y = project(mm, a, w_down, seg, spec.transposed)
-    out = hidden.new_empty(T, H)
-    launch_combine(y, rows, k, out, weights=None if spec.scale_input else weights,
-                   ids=topk_ids.reshape(-1).contiguous(), b_down=b_down)
-    return out
+    return a

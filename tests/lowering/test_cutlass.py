@@ -107,6 +107,28 @@ def test_grouped_mm_against_fp64(config, b_nk, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_SM90, reason="the CUTLASS kernels are sm90a")
+@pytest.mark.parametrize("config", range(len(cutlass.CONFIGS)), ids=cutlass.CONFIGS)
+def test_the_activation_in_the_up_gemms_epilogue_against_fp64(config):
+    """CutlassMM.gate_up_silu (bf16): the gate GEMM over w_gate_up's first I rows, then the up GEMM over its last I
+    rows storing silu(gate) * up (gate the epilogue's source), both halves read in place as views of [E, 2I, H]."""
+    dtype = torch.bfloat16
+    from moe_compiler.lowering.torch_segment_mm import Segments
+
+    mm = cutlass.with_config(config, True)
+    for counts, I, H in (([0, 7, 1, 300, 0, 129], 264, 136), ([1000] * 4, 768, 2048), ([3], 16, 8)):
+        x, w, offs = _problem(counts, 2 * I, H, dtype, True, seed=config)
+        seg = Segments(sorted_ids=None, perm=None, offs=offs.cuda(), num_experts=len(counts))
+        a = mm.gate_up_silu(x.cuda(), w.cuda(), seg)
+        h = _reference(x, w, offs, True)
+        want = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        assert a.shape == (x.shape[0], I) and a.dtype == dtype
+        assert rel_err(a.cpu(), want) <= 1e-2, (counts, I, H)
+    empty = mm.gate_up_silu(x[:0].cuda(), w.cuda(), Segments(None, None, torch.zeros_like(offs).cuda(), w.shape[0]))
+    assert empty.shape == (0, I)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="the CUTLASS kernels are sm90a")
 def test_bad_operands_get_clear_errors():
     ops = cutlass.load()
     x, w, offs = (t.cuda() for t in _problem([4, 4], 24, 16, torch.bfloat16, True))
@@ -119,6 +141,13 @@ def test_bad_operands_get_clear_errors():
     n = len(cutlass.CONFIGS)
     with pytest.raises(RuntimeError, match=rf"config {n} not in \[0, {n - 1}\]"):
         ops.grouped_mm(x, w, offs, True, n)
+    gate = torch.randn(8, 24, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"grouped_mm_silu_mul: expected a CUDA gate \[S, N\] = \[8, 24\]"):
+        ops.grouped_mm_silu_mul(x, w, gate[:, :16], offs, 0)
+    with pytest.raises(RuntimeError, match="gate must be a contiguous, 16-byte aligned tensor of x's dtype"):
+        ops.grouped_mm_silu_mul(x, w, gate.half(), offs, 0)
+    with pytest.raises(RuntimeError, match="expected bf16 x and w .the fused activation is built for bf16 only"):
+        ops.grouped_mm_silu_mul(x.half(), w.half(), gate.half(), offs, 0)
 
 
 @pytest.mark.gpu

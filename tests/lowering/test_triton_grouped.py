@@ -94,10 +94,42 @@ def test_the_glue_kernels_bound_their_rows_on_the_device():
         assert torch.isfinite(rows[:6]).all() and torch.isnan(rows[6:]).all()
 
 
+def test_the_activation_in_the_gate_up_epilogue_where_it_applies():
+    """A library class with act_epilogue (CutlassConfig.act_epilogue): SwiGLU experts over [E, 2I, H] concatenated
+    weights, no gate_up bias, take its gate_up_silu (here torch's grouped GEMMs and silu, as the CUTLASS kernels
+    compute it) instead of the [S, 2I] GEMM and the activation pass; every other spec, and a training forward (z),
+    runs the pass. Right either way."""
+    calls = []
+
+    class ActEpilogue(GroupedMM):
+        act_epilogue = True
+        act_epilogue_dtypes = (torch.float32,)  # (CUTLASS's: bf16; the interpreter's trusted dtype here)
+
+        @classmethod
+        def gate_up_silu(cls, x, w_gate_up, seg):
+            calls.append(x.shape)
+            I = w_gate_up.shape[1] // 2
+            gate = GroupedMM.mm(x, w_gate_up[:, :I], seg)
+            return (torch.nn.functional.silu(gate.float()) * GroupedMM.mm(x, w_gate_up[:, I:], seg).float()).to(x.dtype)
+
+    for spec in SPECS:
+        calls.clear()
+        assert _run(9, 40, 32, 5, 2, torch.float32, spec, ActEpilogue, sentinels=[(2, 1)]) <= 1e-5, spec_id(spec)
+        suits = spec == ExpertsSpec()  # the only spec of the list with plain SwiGLU, concatenated [E, 2I, H]
+        assert calls == ([(18, 40)] if suits else []), spec_id(spec)
+    _, dev = device_inputs(9, 40, 32, 5, 2, torch.float32, ExpertsSpec())
+    calls.clear()
+    triton_grouped.experts_forward(ActEpilogue, *dev, ExpertsSpec(), z=torch.empty(18, 64, device=DEVICE))
+    assert calls == []  # z wanted: the pass stores it
+    _, dev = device_inputs(9, 40, 32, 5, 2, torch.float16, ExpertsSpec())
+    triton_grouped.experts_forward(ActEpilogue, *dev, ExpertsSpec())
+    assert calls == []  # a dtype the epilogue is not built for
+
+
 def _libraries():
     libs = [GroupedMM]
     if DEVICE == "cuda" and cutlass.missing() is None:
-        libs += [cutlass.with_config(i) for i in range(len(cutlass.CONFIGS))]
+        libs += [cutlass.with_config(i, act) for act in (False, True) for i in range(len(cutlass.CONFIGS))]
     return libs
 
 
