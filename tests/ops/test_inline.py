@@ -47,7 +47,8 @@ configs["routed"] = configs["decode"]
 from moe_compiler.lowering import cutlass
 from moe_compiler.lowering.triton_config import CutlassConfig
 configs["cutlass"] = CutlassConfig(0)
-if "{path}" == "cutlass":  # csrc/'s GEMMs taken (nothing built: traced only)
+configs["cutlass_act"] = CutlassConfig(0, act_epilogue=True)
+if "{path}".startswith("cutlass"):  # csrc/'s GEMMs taken (nothing built: traced only)
     cutlass.runs = lambda *a: True
     cutlass.load = lambda: None
 dispatch._config_for = lambda *key: configs["{path}"]  # (beneath triton_config_for's rules for symbolic T)
@@ -61,8 +62,8 @@ def fw(gm, example_inputs):
 gpt_oss = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
 spec = gpt_oss if "{path}" == "split" else ExpertsSpec()
 I = 64 if "{path}" == "split" else 16
-h, ids, w, wgu, wd, bgu, bd = experts_inputs(3, 32, I, 8, 2, torch.float32, spec,
-                                            bias=spec.transposed, seed=0)[:7]
+dtype = torch.bfloat16 if "{path}" == "cutlass_act" else torch.float32  # (the fused activation is bf16's)
+h, ids, w, wgu, wd, bgu, bd = experts_inputs(3, 32, I, 8, 2, dtype, spec, bias=spec.transposed, seed=0)[:7]
 logits = torch.randn(3, 8)
 if {train}:  # a training graph: AOTAutograd traces the joint forward + backward, then partitions it
     for t in (h, w, wgu, wd, logits):
@@ -95,7 +96,8 @@ code = graphs[0].code
 print("KERNELS", code.count("triton_kernel_wrapper_functional("))
 print("OPS", code.count("moe_compiler.experts"), code.count("moe_compiler.route"))
 print("TMA", "'W_TMA': 2" in code)  # (triton_experts.TMA_DEVICE: descriptors built by the kernels)
-print("CUTLASS", code.count("moe_compiler.cutlass_grouped_mm.default("))
+print("CUTLASS", code.count("moe_compiler.cutlass_grouped_mm.default("),
+      code.count("moe_compiler.cutlass_grouped_mm_silu_mul.default("))
 print("SAVED", len(graphs[0].graph.find_nodes(op="output")[0].args[0]) - 1)  # outputs beyond f's own
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 for name, graph in (("LAUNCHES", graphs[0]), ("LAST_LAUNCHES", graphs[-1])):
@@ -169,8 +171,8 @@ def _trace(path: str, inline: str = "1", dynamic: bool | str = False, train: boo
         assert lines["NONFINITE"] == "0", f"recorded kernels with non-finite float scalars: {lines['NONFINITE']}"
     ops = tuple(map(int, lines["OPS"].split()))
     out = {"kernels": int(lines["KERNELS"]), "ops": ops, "tma": lines["TMA"] == "True", "cloned": lines["CLONED"]}
-    if path == "cutlass":
-        out["cutlass"] = int(lines["CUTLASS"])
+    if path.startswith("cutlass"):
+        out["cutlass"] = tuple(map(int, lines["CUTLASS"].split()))
     if path == "routed" or lengths:
         out["launches"] = lines.get("LAUNCHES", "")
     if lengths:  # the number of graphs compiled once each length has run, and the last graph's launches
@@ -233,7 +235,14 @@ def test_call_on_cutlass_becomes_its_launches_and_two_gemm_calls(train):
     # (its act pass also writing the pre-activation rows the backward reads).
     traced = _trace("cutlass", train=train)
     traced.pop("saved", None)
-    assert traced == {"kernels": 5, "ops": (0, 0), "tma": False, "cloned": "0", "cutlass": 2}
+    assert traced == {"kernels": 5, "ops": (0, 0), "tma": False, "cloned": "0", "cutlass": (2, 0)}
+
+
+def test_call_on_cutlass_with_the_activation_in_an_epilogue_records_three_gemm_calls_and_no_act_pass():
+    # CutlassConfig.act_epilogue, bf16 SwiGLU: route + align + gather + combine; the gate and down GEMMs as calls of
+    # grouped_mm, the up GEMM (activation in its epilogue) as a call of grouped_mm_silu_mul
+    traced = _trace("cutlass_act")
+    assert traced == {"kernels": 4, "ops": (0, 0), "tma": False, "cloned": "0", "cutlass": (2, 1)}
 
 
 def test_training_forward_records_its_launches_and_keeps_the_backward_op():
@@ -259,13 +268,13 @@ def test_symbolic_sizes_other_than_the_token_count_keep_the_ops_opaque():
 
 
 @pytest.mark.parametrize("path, kernels, train", [("decode", 3, False), ("sorted", 5, False), ("cutlass", 5, False),
-                                                  ("sorted", 5, True)])
+                                                  ("cutlass_act", 4, False), ("sorted", 5, True)])
 def test_symbolic_token_count_records_the_launches(path, kernels, train):
     # prompts of varying length: Dynamo compiles T as a symbol (marked dynamic here; automatic dynamic shapes do it
     # from the second length on); the calls still become their launches, grids and buffers expressions of T (a
     # training forward too)
     traced = _trace(path, dynamic="tokens", train=train)
-    assert traced.pop("cutlass", 2) == 2
+    assert traced.pop("cutlass", None) in (None, (2, 0) if path == "cutlass" else (2, 1))
     traced.pop("saved", None)
     assert traced == {"kernels": kernels, "ops": (0, 0), "tma": False, "cloned": "0"}
 
