@@ -241,11 +241,11 @@ def grouped_mm_silu_mul(x: Tensor, w: Tensor, gate: Tensor, offs: Tensor, config
     return ops.grouped_mm_silu_mul(x, w, gate, offs, config)
 
 
-def silu_epilogue_suits(spec, w_gate_up: Tensor, b_gate_up, z, dtypes=(torch.bfloat16,)) -> bool:
-    """Whether CutlassMM.gate_up_silu computes these experts' activation rows: SwiGLU (plain silu) in one of `dtypes`
-    (csrc/ builds the fused epilogue for bf16 only) with gate and up concatenated along the rows of [E, 2I, H]
-    weights, no gate_up bias, and no pre-activation rows wanted (z: a training forward keeps them, which the fused
-    epilogue never writes)."""
+def silu_epilogue_suits(spec, w_gate_up: Tensor, b_gate_up, z, dtypes) -> bool:
+    """Whether a gate_up_silu computes these experts' activation rows: SwiGLU (plain silu) in one of `dtypes` (the
+    class's act_epilogue_dtypes) with gate and up concatenated along the rows of [E, 2I, H] weights (I a multiple of
+    8: 16-byte rows for each half's GEMM), no gate_up bias, and no pre-activation rows wanted (z: a training forward
+    keeps them, which the fused epilogue never writes)."""
     from ..spec import Activation, GateUpLayout
 
     return (spec.activation is Activation.SILU and spec.gate_up is GateUpLayout.CONCAT and not spec.transposed
@@ -266,7 +266,7 @@ class CutlassMM:
     name = "cutlass"
     config = 0  # index into CONFIGS
     act_epilogue = False  # gate_up_silu where silu_epilogue_suits (triton_config.CutlassConfig.act_epilogue)
-    act_epilogue_dtypes = (torch.bfloat16,)
+    act_epilogue_dtypes = (torch.bfloat16,)  # csrc/ builds the fused epilogue for bf16 only
 
     @staticmethod
     def compute_dtype(dtype: torch.dtype) -> torch.dtype:

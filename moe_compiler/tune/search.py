@@ -357,7 +357,8 @@ def tune_point(b: Bench, timer, dtype, failed, log):
         options.append((float("inf"), GroupedMMConfig(), {"grouped_mm": True}))
     if not uses_decode(T, k, E) and cutlass.runs(b.x, b.w1, b.w2):  # csrc/'s grouped GEMM, each of its configs
         options += [(float("inf"), CutlassConfig(i), {"cutlass": name}) for i, name in enumerate(cutlass.CONFIGS)]
-        if cutlass.silu_epilogue_suits(b.spec, b.w1, None, None):  # and with the activation in an epilogue
+        # and with the activation in an epilogue
+        if cutlass.silu_epilogue_suits(b.spec, b.w1, None, None, cutlass.CutlassMM.act_epilogue_dtypes):
             options += [(float("inf"), CutlassConfig(i, act_epilogue=True), {"cutlass": name + "_act"})
                         for i, name in enumerate(cutlass.CONFIGS)]
     # The final: every option and the untuned default as a whole forward (launch gaps, the id check and
