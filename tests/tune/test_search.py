@@ -204,3 +204,30 @@ def test_problem_draws_weights_in_their_dtype_at_the_model_layout():
     x, ids, w, w1, w2 = search.problem(2, 4, 2, 2880, 2880, torch.bfloat16, device="cpu")
     assert w1.dtype == torch.bfloat16 and w1.shape == (4, 2880, 5760) and w1.is_contiguous()  # GPT-OSS: transposed
     assert 0.5 < float(w1.float().std() * 2880**0.5) < 1.5 and w2.shape == (4, 2880, 2880)
+
+
+def test_the_fused_activation_is_timed_beside_the_fastest_cutlass_config_only(monkeypatch):
+    b = tiny_bench()
+    plain = [triton_config.CutlassConfig(i) for i in range(3)]
+    sorted_cfg = search.sorted_config(16)
+    options = [(float("inf"), cfg, {}) for cfg in [sorted_cfg, *plain]]
+    forward = {sorted_cfg: 1e-5, plain[0]: 4e-5, plain[1]: 2e-5, plain[2]: 3e-5}
+    timed = []
+
+    def rounds(timer, bench, configs, rounds=3):  # the fused one at half its base's time, in rounds of their own
+        timed.append(list(configs))
+        return {cfg: (1.0 if cfg.act_epilogue else 2.0) for cfg in configs}
+
+    monkeypatch.setattr(search, "forward_times", rounds)
+    monkeypatch.setattr(search.cutlass, "silu_epilogue_suits", lambda *a: True)
+    t, cfg, parts = search.act_epilogue_option(b, StubTimer(), forward, options)
+    fused = triton_config.CutlassConfig(1, act_epilogue=True)
+    assert (cfg, parts) == (fused, {"cutlass": search.cutlass.CONFIGS[1] + "_act"})
+    assert timed == [[fused, plain[1]]]  # beside the fastest plain config, not the sorted winner nor every config
+    assert forward[fused] == pytest.approx(1e-5) and forward[plain[1]] == 2e-5
+    # experts the epilogue does not take, or no CUTLASS option: nothing more is timed
+    monkeypatch.setattr(search.cutlass, "silu_epilogue_suits", lambda *a: False)
+    assert search.act_epilogue_option(b, StubTimer(), forward, options) is None
+    monkeypatch.setattr(search.cutlass, "silu_epilogue_suits", lambda *a: True)
+    assert search.act_epilogue_option(b, StubTimer(), forward, options[:1]) is None
+    assert len(timed) == 1
