@@ -213,10 +213,12 @@ def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return (num / den) ** 0.5
 
 
-def train_point(model, how, backward: str, ids, reps=5):
+def train_point(model, how, backward: str, ids, reps=5, snapshot: str | None = None):
     """(row fields, loss, expert weight gradients) of one training step (forward with labels + backward).
     Memory: peaks as if the model's parameters were all this process held (the benchmark's own tensors, e.g. the
-    reference gradients, subtracted): of the first call (compiling, then the step) and of the timed steps."""
+    reference gradients, subtracted): of the first call (compiling, then the step) and of the timed steps.
+    `snapshot`: a path for the allocator's history of one more step (torch.cuda.memory._dump_snapshot; read it with
+    benchmarks/probes/peak_tensors.py or pytorch.org/memory_viz)."""
     torch._dynamo.reset()
     before = os.environ.get("MOE_COMPILER_BACKWARD")
     os.environ["MOE_COMPILER_BACKWARD"] = backward
@@ -242,6 +244,11 @@ def train_point(model, how, backward: str, ids, reps=5):
         torch.cuda.reset_peak_memory_stats()
         ms = harness.events(call, reps) * 1e3
         row = {"ms": ms, "compile_s": compile_s, "peak_gib": peak_gib(held), "first_peak_gib": first_peak}
+        if snapshot:
+            torch.cuda.memory._record_memory_history(stacks="python", max_entries=500_000)
+            call()
+            torch.cuda.memory._dump_snapshot(snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
         loss = call().detach().float()
         grads = _expert_grads(model)
     except torch.OutOfMemoryError:
@@ -257,22 +264,24 @@ def train_point(model, how, backward: str, ids, reps=5):
     return row, loss, grads
 
 
-def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS) -> list[dict]:
-    """The train part; `variants` from TRAIN_VARIANTS, eager (the reference of the errors) and inductor (of the
-    ratios) always among them."""
+def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS, batches=(1, 4), snapshots: str | None = None
+                ) -> list[dict]:
+    """The train part at batches x 4096 tokens; `variants` from TRAIN_VARIANTS, eager (the reference of the errors)
+    and inductor (of the ratios) always among them. `snapshots`: a folder for each point's allocator history."""
     variants = dict.fromkeys(("eager", "inductor", *variants))
     model.train()
     rows = []
     V = model.config.vocab_size
     gen = torch.Generator("cuda").manual_seed(1)
-    for B in (1, 4):
+    for B in batches:
         ids = torch.randint(0, V, (B, 4096), device="cuda", generator=gen)
         row = {"model": name, "layers": model.config.num_hidden_layers, "part": f"train {B}x4096", "mode": "default"}
         ref_loss = ref_grads = None
         for variant in variants:
             how, backward = TRAIN_VARIANTS[variant]
             with free_experts(model) if variant == "free_moe" else contextlib.nullcontext():
-                cells, loss, grads = train_point(model, how, backward, ids)
+                snapshot = snapshots and os.path.join(snapshots, f"{name}_train_{B}x4096_{variant}.pickle")
+                cells, loss, grads = train_point(model, how, backward, ids, snapshot=snapshot)
             if how is None:
                 ref_loss, ref_grads = loss, grads
             elif loss is not None and ref_loss is not None and variant != "free_moe":
@@ -327,7 +336,7 @@ QUANTIZED_MODELS = {"fused_fp8": fp8_model, "fused_int4": int4_model}  # variant
 
 
 def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS, bound=False, extra=(),
-                decode_modes=DECODE_MODES):
+                decode_modes=DECODE_MODES, train_batches=(1, 4), snapshots=None):
     model = build(name, layers=layers)
     copies = {v: QUANTIZED_MODELS[v](model) for v in extra if v in QUANTIZED_MODELS}
     V = model.config.vocab_size
@@ -390,7 +399,8 @@ def bench_model(name, parts, layers=None, train_variants=DEFAULT_TRAIN_VARIANTS,
                 print(row["part"], "free_moe", cells, flush=True)
             rows.append(row)
     if "train" in parts:
-        rows += bench_train(model, name, (*train_variants, "free_moe") if bound else train_variants)
+        rows += bench_train(model, name, (*train_variants, "free_moe") if bound else train_variants, train_batches,
+                            snapshots)
     del model
     torch.cuda.empty_cache()
     return rows
@@ -466,6 +476,10 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's entry in models.py)")
     ap.add_argument("--train-variants", nargs="+", choices=list(TRAIN_VARIANTS), default=list(DEFAULT_TRAIN_VARIANTS),
                     help="the train part's variants (eager and inductor always run)")
+    ap.add_argument("--train-batches", nargs="+", type=int, default=[1, 4], help="the train part's B (B x 4096 tokens)")
+    ap.add_argument("--memory-snapshots", metavar="DIR",
+                    help="the train part: the allocator's history of one more step per point, as DIR/<model>_train_"
+                         "<B>x4096_<variant>.pickle (benchmarks/probes/peak_tensors.py names the tensors at the peak)")
     ap.add_argument("--bound", action="store_true",
                     help="also time each cell with the routed experts free (free_moe): the most any experts "
                          "implementation can gain there")
@@ -486,7 +500,7 @@ def main():
     rows = []
     for name in args.shapes:
         rows += bench_model(name, args.parts, args.layers, args.train_variants, args.bound, args.extra,
-                            args.decode_modes)
+                            args.decode_modes, tuple(args.train_batches), args.memory_snapshots)
         if os.environ.get("OUT"):
             harness.write_json(os.path.join(os.environ["OUT"], "models.json"), rows)
     print_table(rows)
