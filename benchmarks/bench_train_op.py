@@ -16,6 +16,8 @@ Per (shape, T), bf16, uniform routing, one process, every variant on the same in
     moe_train_tr_dgrad  the same with DGrad.TRITON (dz and d hidden by the Triton kernels, weight gradients by the
                         library)
     moe_train_triton    the same with every backward GEMM by the Triton kernels (WGrad.TRITON too)
+    moe_train_tile_pad  moe_train with the library backward's rows padded to the forward's GEMM tile (before
+                        session 34) instead of triton_backward.LIBRARY_BLOCK_M
 Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_out fixed, gradients of hidden,
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
 measure. Memory: peak allocated during a call above what is held before it; saved: the bytes per token autograd
@@ -40,7 +42,7 @@ from moe_compiler.tune.shapes import ALL_SHAPES
 from . import harness
 
 VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train", "moe_train_tc",
-            "moe_train_tr_dgrad", "moe_train_triton")
+            "moe_train_tr_dgrad", "moe_train_triton", "moe_train_tile_pad")
 # variant -> (WGrad, DGrad) replacing default_config's
 PATHS = {"moe_train_tr_dgrad": ("GROUPED_MM", "TRITON"), "moe_train_triton": ("TRITON", "TRITON")}
 
@@ -55,6 +57,8 @@ def _backward(variant: str):
     if variant in PATHS:
         wgrad, dgrad = triton_backward.WGrad[PATHS[variant][0]], triton_backward.DGrad[PATHS[variant][1]]
         triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), wgrad_path=wgrad, dgrad_path=dgrad)
+    if variant == "moe_train_tile_pad":  # default_config without its `library` argument: the forward's tile
+        triton_backward.default_config = lambda *a: real(*a[:6])
     try:
         yield
     finally:
@@ -96,7 +100,7 @@ def saved_bytes(fn, x, ids, w, params) -> int:
     return sum(seen.values())
 
 
-def point(name, T):
+def point(name, T, variants=VARIANTS):
     E, k, H, I = ALL_SHAPES[name]
     cfg, experts = harness.hf_experts(E, k, H, I, torch.bfloat16, "cuda")
     gen = torch.Generator("cuda").manual_seed(T)
@@ -110,12 +114,12 @@ def point(name, T):
         "moe_torch_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         "moe_triton_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         **{v: lambda x, ids, w: torch.ops.moe_compiler.experts_train(x, ids, w, *params)[0]
-           for v in ("moe_train", *PATHS)},
+           for v in ("moe_train", "moe_train_tile_pad", *PATHS)},
     }
     ops["moe_train_tc"] = torch.compile(ops["moe_train"], dynamic=False)
     row = {"shape": name, "T": T, "E": E, "k": k, "H": H, "I": I}
     grads = {}
-    for variant in VARIANTS:
+    for variant in variants:
         step = _step(ops[variant], x, ids, w, params, grad_out)
         with _backward(variant):
             try:
@@ -148,10 +152,13 @@ def point(name, T):
 def main():
     ap = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=[4096, 32768])
     ap.set_defaults(shapes=["qwen3_30b_a3b", "mixtral_8x7b", "gpt_oss_20b"])
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="a subset (hf_grouped_mm, the gradients' reference, always runs)")
     args = ap.parse_args()
+    variants = tuple(dict.fromkeys(("hf_grouped_mm", *args.variants)))
     harness.gpu_name()
     harness.compile_per_shape()
-    rows = [point(name, T) for name in args.shapes for T in args.tokens]
+    rows = [point(name, T, variants) for name in args.shapes for T in args.tokens]
     print(f"\n{'shape':>16} {'T':>6} " + " ".join(f"{v:>22}" for v in VARIANTS)
           + "   (TFLOP/s, GiB above inputs, saved KiB per token)")
     for r in rows:

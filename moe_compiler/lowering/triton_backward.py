@@ -101,14 +101,31 @@ class BackwardConfig:
         triton_config._pow2("wgrad_m", self.wgrad_m, 16, 256)
 
 
-def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int) -> BackwardConfig:
+# The row block of the library backward (DGrad.GROUPED_MM): torch's grouped GEMMs take segments of any length, so
+# each expert's rows need padding only to the row passes' smallest block, not to the forward's GEMM tile — fewer
+# padded rows in every GEMM and every [S_pad, .] buffer of the backward (Mixtral-8x7B, T = 4096: 8192 rows padded
+# to a bound of 9216 at block 128, 8320 at 16; the Mixtral train step's peak, NOTES.md session 34).
+LIBRARY_BLOCK_M = 16
+
+
+def library_rows(hidden: torch.Tensor, I: int) -> bool:
+    """Whether the default backward runs its GEMMs by the library (DGrad.GROUPED_MM), from sizes, dtype and device
+    alone (the fake's view too): then its rows are padded to LIBRARY_BLOCK_M."""
+    return GroupedMM.takes(hidden, (hidden.shape[1], I, 2 * I))
+
+
+def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, library: bool = False
+                   ) -> BackwardConfig:
     """Untuned per shape: every GEMM of the backward by torch's grouped GEMM where it takes the operands
     (DGrad.GROUPED_MM; H200, op forward + backward with the saved Z, T = 32768: Qwen3-30B-A3B 19.7 -> 16.7 ms,
     Mixtral-8x7B 139.1 -> 117.6 ms, GPT-OSS-20B 43.6 -> 38.4 ms against dz and d hidden by Triton; benchmarks/NOTES.md
     "train step v3"), else the Triton kernels: weight gradients with 128 x 128 tiles reducing 64 rows a step,
     8 warps (the best of probe_backward's sweep, NOTES "backward tiles"); dz and d hidden with the forward's
-    sorted-path defaults."""
+    sorted-path defaults. `library` (library_rows): rows padded to LIBRARY_BLOCK_M only (the Triton GEMMs, should
+    an operand's alignment still send the call to them, then run 16-row tiles: correct, slower)."""
     rows = triton_config.default_sorted_config(dtype, E, k, T)
+    if library:
+        rows = dataclasses.replace(rows, block_m=LIBRARY_BLOCK_M)
     return BackwardConfig(rows=rows, dz=rows.gate_up, wgrad_m=128,
                           wgrad=KernelConfig(block_n=128, block_k=64, num_warps=8, num_stages=3),
                           wgrad_path=WGrad.GROUPED_MM, dgrad_path=DGrad.GROUPED_MM)
@@ -298,7 +315,7 @@ class _Call:
         E = w_gate_up.shape[0]
         I = spec.intermediate(w_down)
         if config is None:
-            config = default_config(hidden.dtype, E, k, H, I, T)
+            config = default_config(hidden.dtype, E, k, H, I, T, library_rows(hidden, I))
         weights = topk_weights.reshape(-1)
         library = GroupedMM.takes(hidden, (H, I, 2 * I), (w_gate_up, w_down))
         return cls(T, k, H, I, config, align_rows(topk_ids, E, config.rows.block_m),
@@ -315,7 +332,7 @@ def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[in
     k = topk_ids.shape[1]
     E = w_gate_up.shape[0]
     I = spec.intermediate(w_down)
-    block_m = default_config(hidden.dtype, E, k, H, I, T).rows.block_m
+    block_m = default_config(hidden.dtype, E, k, H, I, T, library_rows(hidden, I)).rows.block_m
     return max_blocks(T * k, E, block_m) * block_m, 2 * I
 
 

@@ -307,3 +307,23 @@ def test_capture_and_replay_with_new_routing():
     for a, b in zip(grads, fresh):
         if a is not None:
             assert torch.equal(a, b)
+
+
+def test_the_library_backward_pads_each_expert_to_its_smallest_row_block():
+    """Where the backward's GEMMs are the library's (any segment length), its rows are padded to 16, not to the
+    forward's tile, and the op's dz (the fake's size) agrees; where they are not (a width the library refuses),
+    the sorted path's tile as before."""
+    T, H, I, E, k = 4096, 256, 128, 8, 2  # 1024 rows per expert: the forward's tile is 128
+    spec = COVERED[0]
+    hidden = torch.empty(T, H, dtype=torch.bfloat16, device=DEVICE)
+    ids = torch.empty(T, k, dtype=torch.int64, device=DEVICE)
+    w1 = torch.empty(E, 2 * I, H, dtype=torch.bfloat16, device=DEVICE)
+    w2 = torch.empty(E, H, I, dtype=torch.bfloat16, device=DEVICE)
+    library = triton_backward.library_rows(hidden, I)
+    assert library == triton_backward.GroupedMM.takes(hidden, (H, I, 2 * I))
+    block_m = triton_backward.default_config(torch.bfloat16, E, k, H, I, T, library).rows.block_m
+    assert block_m == (triton_backward.LIBRARY_BLOCK_M if library else 128)
+    assert triton_backward.default_config(torch.bfloat16, E, k, H, I, T).rows.block_m == 128
+    assert triton_backward.dz_shape(hidden, ids, w1, w2, spec) == (
+        triton_backward.max_blocks(T * k, E, block_m) * block_m, 2 * I)
+    assert not triton_backward.library_rows(hidden, 12)  # 24-byte rows of act: not the library's
