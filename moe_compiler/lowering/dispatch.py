@@ -343,11 +343,19 @@ def experts_backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w
 
 def experts_backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, spec: ExpertsSpec,
                              weight_grads: bool):
-    """Its second half from experts_backward_down's dz: (d_hidden, d_w_gate_up or None, d_b_gate_up or None)."""
+    """Its second part from experts_backward_down's dz: (dx_rows [S_pad, H], d_w_gate_up or None, d_b_gate_up or
+    None); dz is not read after it returns."""
     from . import triton_backward
 
-    return triton_backward.backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, spec,
-                                            weight_grads=weight_grads)
+    return triton_backward.backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up,
+                                                 spec, weight_grads=weight_grads)
+
+
+def experts_backward_combine(dx_rows, hidden, topk_ids, topk_weights, w_gate_up, w_down, spec: ExpertsSpec):
+    """Its last part: d hidden [T, H] from experts_backward_gate_up's dx_rows."""
+    from . import triton_backward
+
+    return triton_backward.backward_combine(dx_rows, hidden, topk_ids, topk_weights, w_gate_up, w_down, spec)
 
 
 def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[int, int]:

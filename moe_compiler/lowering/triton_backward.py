@@ -22,9 +22,11 @@ to BLOCK_M; s = the pair's router weight)
     align -> [gate_up GEMM storing z and act]            the forward's kernel (only without a saved z)
           -> [gathered dO @ W_down[e] ; act' epilogue]     -> dz, ds_part (and act, from a saved z)
           -> [wgrad (s dO[t])^T act] -> dW_down, d b_down
-    backward_gate_up:  (from dz; z may be freed before it: ops/experts.py calls the halves as two ops)
-    align -> [dz @ W_gate_up[e]] -> [combine over k]      the forward's down and combine kernels -> d hidden
-          -> [wgrad dz^T x[t]]       -> dW_gate_up, d b_gate_up
+    backward_gate_up_rows:  (from dz; z may be freed before it: ops/experts.py calls the parts as three ops)
+    align -> [wgrad dz^T x[t]]       -> dW_gate_up, d b_gate_up
+          -> [dz @ W_gate_up[e]]     -> dx_rows         the forward's down kernel (dz's last read)
+    backward_combine:       (from dx_rows; dz may be freed before it)
+    align -> [combine over k]        -> d hidden        the forward's combine kernel
 
 Nothing here is a function of the routing's values on the host: grids and buffers are sized from T, k, E and
 the configs (CUDA-graph safe). Each output element is written by one program that reduces in a fixed order,
@@ -405,38 +407,65 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
 def backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, spec: ExpertsSpec,
                      config: BackwardConfig | None = None, weight_grads: bool = True, *, call: _Call | None = None):
     """(d_hidden, d_w_gate_up, d_b_gate_up) from backward_down's dz (the same inputs and config: without `call`,
-    the rows are aligned again, identically); the weight and bias gradients None without weight_grads."""
+    the rows are aligned again, identically); the weight and bias gradients None without weight_grads.
+    backward_gate_up_rows then backward_combine (the op's backward calls them as two ops)."""
     c = call or _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
-    T, k, H, config, rows = c.T, c.k, c.H, c.config, c.rows
+    dx_rows, d_w_gate_up, d_b_gate_up = backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down,
+                                                              b_gate_up, spec, config, weight_grads, call=c)
+    return backward_combine(dx_rows, hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config, call=c), \
+        d_w_gate_up, d_b_gate_up
+
+
+def backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, spec: ExpertsSpec,
+                          config: BackwardConfig | None = None, weight_grads: bool = True, *,
+                          call: _Call | None = None):
+    """(dx_rows [S_pad, H], d_w_gate_up, d_b_gate_up) from backward_down's dz: the weight gradients first (their
+    gathered x rows dropped before dx_rows exists), then dz's last read, dx_rows = dz @ W_gate_up[e] per slot —
+    d hidden's rows, not yet summed over each token's k slots (backward_combine). d hidden is not made here so
+    that a compiled backward, which frees dz when this returns, never holds dz and d hidden together: at the
+    weight gradient's allocation, the train step's peak (Mixtral-8x7B's, NOTES.md session 34), the step holds dz,
+    one [S_pad, H] buffer and dW_gate_up, not d hidden too."""
+    c = call or _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
+    H, config, rows = c.H, c.config, c.rows
     if dz.shape != (rows.sorted_rows.numel(), 2 * c.I) or dz.dtype != hidden.dtype or dz.stride(1) != 1:
         raise ValueError(f"moe_compiler: dz: expected [{rows.sorted_rows.numel()}, {2 * c.I}] {hidden.dtype} with "
                          f"unit column stride (backward_down's), got {list(dz.shape)} {dz.dtype} strides {dz.stride()}")
     bm = config.rows.block_m
     lib = triton_backward_library
-    if c.library_dgrad:
-        d_hidden = lib.hidden_grad(dz, w_gate_up, rows, lib.segments(rows, bm), spec, k, T)
-    else:
-        # d hidden: the forward's down GEMM over dz with W_gate_up read as [H, 2I] per expert (the transpose of
-        # its layout), no router weight (scale_input=True skips it), then the forward's deterministic combine.
-        dx_spec = dataclasses.replace(spec, transposed=not spec.transposed, scale_input=True)
-        dx_rows = hidden.new_empty(dz.shape[0], H)
-        launch_down(dz, rows, w_gate_up, None, c.weights, dx_spec, config.rows, k, dx_rows)
-        d_hidden = hidden.new_empty(T, H)
-        launch_combine(dx_rows, rows, k, d_hidden)
-        del dx_rows
-    if not weight_grads:
-        return d_hidden, None, None
-    if c.library_wgrad:
+    d_w_gate_up = d_b_gate_up = None
+    if weight_grads and c.library_wgrad:
         # dz's padding rows are 0 from the library's row pass, not from the Triton dz kernel's
         dz = dz if c.library_dgrad else zero_padding_rows(dz, rows, bm)
-        d_w, d_b = lib.gate_up_grads(dz, c.hidden, rows, c.weights, k, lib.segments(rows, bm), bm, spec.transposed,
-                                     b_gate_up is not None)
-        return d_hidden, *_like((d_w, w_gate_up), (d_b, b_gate_up))
-    d_w_gate_up = torch.empty_like(w_gate_up)
-    d_b_gate_up = torch.empty_like(b_gate_up) if b_gate_up is not None else None
-    launch_wgrad(dz, c.hidden, d_w_gate_up, d_b_gate_up, c.weights, rows, k, config, left_gather=False,
-                 left_scale=False, right_gather=True, out_strides=logical_strides(d_w_gate_up, spec.transposed))
-    return d_hidden, d_w_gate_up, d_b_gate_up
+        d_w, d_b = lib.gate_up_grads(dz, c.hidden, rows, c.weights, k=c.k, seg=lib.segments(rows, bm), block_m=bm,
+                                     transposed=spec.transposed, bias=b_gate_up is not None)
+        d_w_gate_up, d_b_gate_up = _like((d_w, w_gate_up), (d_b, b_gate_up))
+    elif weight_grads:
+        d_w_gate_up = torch.empty_like(w_gate_up)
+        d_b_gate_up = torch.empty_like(b_gate_up) if b_gate_up is not None else None
+        launch_wgrad(dz, c.hidden, d_w_gate_up, d_b_gate_up, c.weights, rows, c.k, config, left_gather=False,
+                     left_scale=False, right_gather=True, out_strides=logical_strides(d_w_gate_up, spec.transposed))
+    if c.library_dgrad:
+        dx_rows = lib.hidden_rows(dz, w_gate_up, lib.segments(rows, bm), spec)
+    else:
+        # the forward's down GEMM over dz with W_gate_up read as [H, 2I] per expert (the transpose of its layout),
+        # no router weight (scale_input=True skips it)
+        dx_spec = dataclasses.replace(spec, transposed=not spec.transposed, scale_input=True)
+        dx_rows = hidden.new_empty(dz.shape[0], H)
+        launch_down(dz, rows, w_gate_up, None, c.weights, dx_spec, config.rows, c.k, dx_rows)
+    return dx_rows, d_w_gate_up, d_b_gate_up
+
+
+def backward_combine(dx_rows, hidden, topk_ids, topk_weights, w_gate_up, w_down, spec: ExpertsSpec,
+                     config: BackwardConfig | None = None, *, call: _Call | None = None):
+    """d hidden [T, H] from backward_gate_up_rows's dx_rows: each token's k rows summed in slot order (the
+    forward's deterministic combine)."""
+    c = call or _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
+    if dx_rows.shape != (c.rows.sorted_rows.numel(), c.H) or dx_rows.dtype != hidden.dtype:
+        raise ValueError(f"moe_compiler: dx_rows: expected [{c.rows.sorted_rows.numel()}, {c.H}] {hidden.dtype} "
+                         f"(backward_gate_up_rows's), got {list(dx_rows.shape)} {dx_rows.dtype}")
+    d_hidden = hidden.new_empty(c.T, c.H)
+    launch_combine(dx_rows, c.rows, c.k, d_hidden)
+    return d_hidden
 
 
 def _library_down(grad_out, z, c: _Call, w_down, b_down, spec: ExpertsSpec, weight_grads: bool,

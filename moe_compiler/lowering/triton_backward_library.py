@@ -19,9 +19,10 @@ operand and finite in both)
           -> [G^T act_s] -> dW_down; G dropped                                   (down_grads)
        or -> gather G -> [act row pass] -> act_s -> [G^T act_s] -> dW_down; act_s dropped;
              per row chunk c: [G_c @ W_down] -> [act' row pass] -> dz_c, d weights  (dz_rows_chunked)
-          -> [dz @ W_gate_up] -> combine -> d hidden                             (hidden_grad)
-          -> gather X -> [dz^T X] -> dW_gate_up                                  (gate_up_grads)
-    one [S_pad, H] buffer (G, dx_rows, X) live at a time
+          -> gather X -> [dz^T X] -> dW_gate_up; X dropped                       (gate_up_grads)
+          -> [dz @ W_gate_up] -> dx_rows  (dz's last read)                       (hidden_rows)
+          -> combine -> d hidden                                                 (triton_backward.backward_combine)
+    one [S_pad, H] buffer (G, X, dx_rows) live at a time
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from . import launch
 from .torch_segment_mm import GroupedMM, Segments, project_dw, project_dx
 from .triton_act import ACT_CODE, gated_act_backward
 from .triton_align import AlignedRows, gathered, row_block
-from .triton_experts import launch_combine
 
 
 @triton.jit
@@ -217,9 +217,7 @@ def dz_rows_chunked(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spe
     return dz, ds.view(T, k), d_w_down, d_b_down
 
 
-def hidden_grad(dz, w_gate_up, rows: AlignedRows, seg: Segments, spec: ExpertsSpec, k: int, T: int):
-    """d hidden [T, H]: each slot's dz @ W_gate_up[e] by torch's grouped GEMM, combined over the token's k slots."""
-    dx_rows = project_dx(GroupedMM, dz, w_gate_up, seg, spec.transposed)  # [S_pad, H]
-    d_hidden = dz.new_empty(T, dx_rows.shape[1])
-    launch_combine(dx_rows, rows, k, d_hidden)
-    return d_hidden
+def hidden_rows(dz, w_gate_up, seg: Segments, spec: ExpertsSpec):
+    """dx_rows [S_pad, H]: each slot's dz @ W_gate_up[e] by torch's grouped GEMM (d hidden's rows, combined over
+    each token's k slots by triton_backward.backward_combine)."""
+    return project_dx(GroupedMM, dz, w_gate_up, seg, spec.transposed)

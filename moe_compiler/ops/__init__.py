@@ -3,8 +3,8 @@
     signature.py          every op's signature, written once (tables -> schemas, fakes, the passes' OpCall)
     checks.py             input checks (expected vs got, and the fix), run by fakes and real calls alike
     experts.py            experts (+ the block's shared experts), experts_train (+ Z saved for the backward),
-                          experts_backward, and the same backward as two ops where Z was saved
-                          (experts_backward_down, experts_backward_gate_up)
+                          experts_backward, and the same backward as three ops where Z was saved
+                          (experts_backward_down, experts_backward_gate_up, experts_backward_combine)
     experts_unstacked.py  experts_unstacked and its backward: per-expert nn.Linear weights read in place
     experts_quantized.py  experts_quantized: block-scaled FP8 expert weights read in place (inference)
     linear_quantized.py   linear_quantized: an FP8 nn.Linear (transformers' FP8Linear) read in place (inference)
@@ -16,6 +16,7 @@ Importing this package registers the ops. Implementations live in lowering/ (dis
 from .experts import (
     experts,
     experts_backward,
+    experts_backward_combine,
     experts_backward_down,
     experts_backward_gate_up,
     experts_train,
@@ -31,6 +32,7 @@ __all__ = [
     "OpCall",
     "experts",
     "experts_backward",
+    "experts_backward_combine",
     "experts_backward_down",
     "experts_backward_gate_up",
     "experts_quantized",

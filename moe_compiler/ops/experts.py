@@ -17,16 +17,20 @@ the pre-activation rows z [T*k, 2I] (bias added, pair order t*k + j) that the Tr
 recomputing them — or an empty [0, 2I] where that backward does not run (dispatch.saved_z_shape). z is saved
 for the backward and is not differentiable.
 
-Its backward is two ops, split where z is last read, so that a compiled backward (AOTAutograd clears the saved
-tensors before it runs) frees z before the second half allocates the weight gradients:
+Its backward is three ops, split where z and then dz are last read, so that a compiled backward (AOTAutograd
+clears the saved tensors before it runs; Inductor frees a buffer after its last reader) frees z before the second
+part allocates the weight gradients, and dz before the last allocates d hidden:
 
     experts_backward_down(grad_out, weight_grads, saved_z, <the same arguments>)
         -> (dz [S_pad, 2I] in padded sorted order, d_topk_weights, d_w_down, d_b_down)
-    experts_backward_gate_up(grad_out, weight_grads, dz, <the same arguments>) -> a gradient per tensor argument
-        (hidden's, w_gate_up's, b_gate_up's and the shared MLP's; those of the first half are empty [0] tensors)
+    experts_backward_gate_up(grad_out, weight_grads, dz, <the same arguments>)
+        -> (dx_rows [S_pad, H]: d hidden's rows, not yet combined over k; d_w_gate_up, d_b_gate_up)
+    experts_backward_combine(grad_out, weight_grads, dx_rows, <the same arguments>) -> a gradient per tensor
+        argument (hidden's and the shared MLP's; the others empty [0] tensors)
 
-(Mixtral-8x7B at T = 4096 with bf16 experts: z is 0.44 GiB beside 2.6 GiB of weight gradients.) Without a saved z,
-or with a symbolic T (the first half's row bound is chosen from T), one op: experts_backward.
+(Mixtral-8x7B at T = 4096 with bf16 experts: z is 0.44 GiB beside 2.6 GiB of weight gradients; d hidden, 32 MiB,
+off the step's peak: NOTES.md session 34.) Without a saved z, or with a symbolic T (the first half's row bound is
+chosen from T), one op: experts_backward.
 
 Weights are the model's own parameters, read in place on every call. The implementations are in lowering/
 (dispatch.py picks one per call).
@@ -200,32 +204,64 @@ def _(grad_out, weight_grads, saved_z, *tensors, **spec):
                  for i, x in enumerate(getattr(t, name) for name in _DOWN_GRADS))
 
 
+_GATE_UP_GRADS = ("w_gate_up", "b_gate_up")  # experts_backward_gate_up's gradients, after dx_rows
+
+
 @torch.library.custom_op(
     "moe_compiler::experts_backward_gate_up",
     mutates_args=(),
-    schema=schema(ExpertsTensors, ExpertsSpec, _GRADS, leading=("Tensor grad_out", "bool weight_grads", "Tensor dz")),
+    schema=schema(ExpertsTensors, ExpertsSpec, "(Tensor, Tensor, Tensor)",
+                  leading=("Tensor grad_out", "bool weight_grads", "Tensor dz")),
 )
 def experts_backward_gate_up(grad_out: Tensor, weight_grads: bool, dz: Tensor, *tensors, **spec) -> tuple[Tensor, ...]:
-    """experts_backward's gradients from experts_backward_down's dz, but for the first half's (empty [0] there)."""
-    t, spec, shared = bind(tensors, spec)
-    d_hidden, d_gu, d_bgu = dispatch.experts_backward_gate_up(dz, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up,
-                                                              t.w_down, t.b_gate_up, spec, weight_grads)
-    return _with_shared(grad_out, t, spec, shared, weight_grads, (d_hidden, None, None, d_gu, None, d_bgu, None))
+    """(dx_rows, d_w_gate_up, d_b_gate_up) from experts_backward_down's dz, its last reader; the gradients empty [0]
+    without weight_grads or a bias."""
+    t, spec, _ = bind(tensors, spec)
+    rows = dispatch.experts_backward_gate_up(dz, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down,
+                                             t.b_gate_up, spec, weight_grads)
+    return tuple(t.hidden.new_empty(0) if g is None else g for g in rows)
 
 
 @experts_backward_gate_up.register_fake
 def _(grad_out, weight_grads, dz, *tensors, **spec):
+    t, _, _ = bind(tensors, spec)
+    return dz.new_empty(dz.shape[0], t.hidden.shape[1]), *(
+        t.hidden.new_empty(0) if x is None or not weight_grads else torch.empty_like(x)
+        for x in (getattr(t, name) for name in _GATE_UP_GRADS))
+
+
+@torch.library.custom_op(
+    "moe_compiler::experts_backward_combine",
+    mutates_args=(),
+    schema=schema(ExpertsTensors, ExpertsSpec, _GRADS,
+                  leading=("Tensor grad_out", "bool weight_grads", "Tensor dx_rows")),
+)
+def experts_backward_combine(grad_out: Tensor, weight_grads: bool, dx_rows: Tensor, *tensors,
+                             **spec) -> tuple[Tensor, ...]:
+    """experts_backward's gradients from experts_backward_gate_up's dx_rows, but for the routed weights' and
+    biases' and the router weights' (empty [0] here): d hidden, and the shared MLP's."""
+    t, spec, shared = bind(tensors, spec)
+    d_hidden = dispatch.experts_backward_combine(dx_rows, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up,
+                                                 t.w_down, spec)
+    return _with_shared(grad_out, t, spec, shared, weight_grads, (d_hidden, None, None, None, None, None, None))
+
+
+@experts_backward_combine.register_fake
+def _(grad_out, weight_grads, dx_rows, *tensors, **spec):
     grads = list(_backward_fake(weight_grads, *tensors, **spec))
-    for name in _DOWN_GRADS:
+    for name in (*_DOWN_GRADS, *_GATE_UP_GRADS):
         grads[ExpertsTensors._fields.index(name)] = grads[0].new_empty(0)
     return tuple(grads)
 
 
-def _backward_in_two(grad_out, weight_grads: bool, z, tensors, spec: dict) -> list:
-    """experts_backward's gradients from the two ops of the split backward."""
-    down = torch.ops.moe_compiler.experts_backward_down(grad_out, weight_grads, z, *tensors, **spec)
-    grads = list(torch.ops.moe_compiler.experts_backward_gate_up(grad_out, weight_grads, down[0], *tensors, **spec))
-    for name, g in zip(_DOWN_GRADS, down[1:]):
+def _backward_in_three(grad_out, weight_grads: bool, z, tensors, spec: dict) -> list:
+    """experts_backward's gradients from the three ops of the split backward. Each intermediate is dropped once
+    passed on (eagerly too: dz before d hidden exists)."""
+    dz, *down = torch.ops.moe_compiler.experts_backward_down(grad_out, weight_grads, z, *tensors, **spec)
+    dx_rows, *gate_up = torch.ops.moe_compiler.experts_backward_gate_up(grad_out, weight_grads, dz, *tensors, **spec)
+    del dz
+    grads = list(torch.ops.moe_compiler.experts_backward_combine(grad_out, weight_grads, dx_rows, *tensors, **spec))
+    for name, g in zip((*_DOWN_GRADS, *_GATE_UP_GRADS), (*down, *gate_up)):
         grads[ExpertsTensors._fields.index(name)] = g
     return grads
 
@@ -246,7 +282,7 @@ def _backward(ctx, grad_out, *_):
     weight_grads = any(i < len(needs) and needs[i] for i in _WEIGHTS)
     grad_out = grad_out.contiguous()
     if z is not None and isinstance(tensors[0].shape[0], int):
-        grads = _backward_in_two(grad_out, weight_grads, z, tensors, ctx.spec)
+        grads = _backward_in_three(grad_out, weight_grads, z, tensors, ctx.spec)
     else:
         grads = torch.ops.moe_compiler.experts_backward(grad_out, weight_grads, z, *tensors, **ctx.spec)
     # None for the integer ids, absent tensors and the frozen weights (autograd wants no gradient there).

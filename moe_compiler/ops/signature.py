@@ -4,7 +4,8 @@ fakes' argument binding and the passes' typed view of an op-call node are all ma
     experts(<ExpertsTensors>, *, <ExpertsSpec fields>) -> out [T, H]
     experts_backward(grad_out, weight_grads, saved_z, <ExpertsTensors>, *, <ExpertsSpec fields>) -> a gradient each
     experts_backward_down(grad_out, weight_grads, saved_z, <ExpertsTensors>, *, <...>) -> (dz, 3 gradients)
-    experts_backward_gate_up(grad_out, weight_grads, dz, <ExpertsTensors>, *, <...>) -> a gradient each
+    experts_backward_gate_up(grad_out, weight_grads, dz, <ExpertsTensors>, *, <...>) -> (dx_rows, 2 gradients)
+    experts_backward_combine(grad_out, weight_grads, dx_rows, <ExpertsTensors>, *, <...>) -> a gradient each
     experts_unstacked(<UnstackedTensors>, *, <ExpertsSpec fields>) -> out [T, H]
     experts_quantized(<QuantizedTensors>, *, <QuantizedExpertsSpec fields>) -> out [T, H]
     linear_quantized(<QuantizedLinearTensors>, *, <QuantizedLinearSpec fields>) -> y [..., N]

@@ -179,7 +179,7 @@ def test_library_gemms_read_a_saved_z(monkeypatch):
 
 def test_library_gemms_fall_back_where_torch_refuses(monkeypatch):
     """I = 6 (fp32): 24-byte act rows, which torch._grouped_mm refuses: the Triton kernels run."""
-    spies = [_spy(monkeypatch, name) for name in ("down_grads", "gate_up_grads", "dz_rows", "hidden_grad")]
+    spies = [_spy(monkeypatch, name) for name in ("down_grads", "gate_up_grads", "dz_rows", "hidden_rows")]
     _check(9, 32, 6, 4, 2, torch.float32, 1e-4, COVERED[0], config=LIBRARY_ALL)
     assert spies == [[], [], [], []]
 

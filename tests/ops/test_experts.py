@@ -180,13 +180,25 @@ def triton_training_on_the_cpu(monkeypatch):
         weakref.finalize(z.untyped_storage(), saving_z.freed.append, True)
         return out, z
 
+    dz_freed = []  # one flag per dz of experts_backward_down: set once its storage is freed
+    real_down = dispatch.experts_backward_down
+
+    def tracked_down(*args, **kwargs):
+        down = real_down(*args, **kwargs)
+        weakref.finalize(down.dz.untyped_storage(), dz_freed.append, True)
+        return down
+
     monkeypatch.setattr(dispatch, "_triton_backward_runs", lambda hidden, spec: not spec.scale_input)
     monkeypatch.setattr(dispatch, "experts_forward_saving_z", tracked)
+    monkeypatch.setattr(dispatch, "experts_backward_down", tracked_down)
     calls = []
-    for name in ("experts_backward", "experts_backward_down", "experts_backward_gate_up"):
+    # each call recorded by name; the gate_up part's with how many saved z were freed before it, the combine's with
+    # how many dz
+    freed = {"experts_backward_gate_up": saving_z.freed, "experts_backward_combine": dz_freed}
+    for name in ("experts_backward", "experts_backward_down", "experts_backward_gate_up", "experts_backward_combine"):
         real = getattr(dispatch, name)
         monkeypatch.setattr(dispatch, name, lambda *a, _n=name, _f=real, **kw: calls.append(
-            (_n, _freed(saving_z.freed)) if _n.endswith("gate_up") else _n) or _f(*a, **kw))
+            (_n, _freed(freed[_n])) if _n in freed else _n) or _f(*a, **kw))
     return calls
 
 
@@ -198,10 +210,11 @@ def _freed(flags: list) -> int:
 @pytest.mark.parametrize("shared", [False, True], ids=["routed", "with_shared"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen_experts"])
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[4]], ids=spec_id)
-def test_a_saved_z_is_read_by_a_backward_in_two_ops(spec, frozen, shared, triton_training_on_the_cpu):
+def test_a_saved_z_is_read_by_a_backward_in_three_ops(spec, frozen, shared, triton_training_on_the_cpu):
     """With z saved, the backward is experts_backward_down (reads z: dz, the router weights' and W_down's
-    gradients) then experts_backward_gate_up (from dz: hidden's, W_gate_up's and the shared MLP's); together they
-    give every gradient of the fp64 reference. Frozen experts: neither computes a weight gradient."""
+    gradients), experts_backward_gate_up (from dz: W_gate_up's gradients and d hidden's rows), then
+    experts_backward_combine (hidden's and the shared MLP's); together they give every gradient of the fp64
+    reference, and dz is dropped before the last runs (eager too). Frozen experts: no weight gradient computed."""
     T, H, I, E, k = 21, 32, 16, 4, 2
     hidden, ids, weights, w1, w2, b1, b2 = experts_inputs(T, H, I, E, k, torch.float32, spec, bias=spec.transposed,
                                                           seed=11)
@@ -216,7 +229,8 @@ def test_a_saved_z_is_read_by_a_backward_in_two_ops(spec, frozen, shared, triton
     assert z.shape == (T * k, 2 * I)
     grad_out = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
     grads = torch.autograd.grad(out, trained, grad_out)
-    assert triton_training_on_the_cpu == ["experts_backward_down", ("experts_backward_gate_up", 0)]  # eager: held
+    assert triton_training_on_the_cpu == ["experts_backward_down", ("experts_backward_gate_up", 0),  # eager: z held
+                                          ("experts_backward_combine", 1)]
     leaves = {id(t): t.detach().double().requires_grad_(True) for t in (hidden, weights, *experts)}
     d = lambda t: None if t is None else leaves[id(t)]  # noqa: E731
     ref = experts_reference(d(hidden), ids, d(weights), d(w1), d(w2), d(b1), d(b2), spec=spec)
@@ -227,30 +241,35 @@ def test_a_saved_z_is_read_by_a_backward_in_two_ops(spec, frozen, shared, triton
         assert rel_err(got, w) <= 1e-4
 
 
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_a_compiled_backward_frees_z_before_its_second_half(dynamic, triton_training_on_the_cpu, no_compile_caches):
-    """Traced (the ops' fakes) with T static: two ops, and z — saved by the forward, cleared from the autograd
-    context by AOTAutograd, last read by the first — is freed before the second half allocates anything. Under
-    dynamic shapes the first half's row bound (chosen from T) is not static: one experts_backward op. Gradients
-    equal eager's either way."""
+@pytest.mark.parametrize("dynamic,of_hidden", [(False, True), (False, False), (True, True)],
+                         ids=["static", "static_weights_only", "dynamic"])
+def test_a_compiled_backward_frees_z_and_dz_before_their_next_parts(dynamic, of_hidden, triton_training_on_the_cpu,
+                                                                    no_compile_caches):
+    """Traced (the ops' fakes) with T static: three ops, and z — saved by the forward, cleared from the autograd
+    context by AOTAutograd, last read by the first — is freed before the second allocates anything, dz (last read
+    by the second) before the third. Without hidden's gradient the third (d hidden) is not run at all. Under dynamic
+    shapes the first part's row bound (chosen from T) is not static: one experts_backward op. Gradients equal
+    eager's either way."""
     spec = SPECS[0]
     hidden, ids, weights, w1, w2, _, _ = experts_inputs(9, 16, 8, 4, 2, torch.float32, spec, seed=4)
-    params = [w1.requires_grad_(True), w2.requires_grad_(True)]
+    wrt = ([hidden.requires_grad_(True)] if of_hidden else []) + [w1.requires_grad_(True), w2.requires_grad_(True)]
+    params = wrt[-2:]
     f = lambda x: TRAIN(x, ids[: x.shape[0]], weights[: x.shape[0]], *params, **spec.op_kwargs())[0].sum()  # noqa: E731
-    eager = torch.autograd.grad(f(hidden), params)
+    eager = torch.autograd.grad(f(hidden), wrt)
     triton_training_on_the_cpu.clear()
     torch._dynamo.reset()
-    got = torch.autograd.grad(torch.compile(f, dynamic=dynamic)(hidden), params)
-    want = ["experts_backward"] if dynamic else ["experts_backward_down", ("experts_backward_gate_up", 2)]
-    assert triton_training_on_the_cpu == want  # 2: eager's z, then the compiled call's
+    got = torch.autograd.grad(torch.compile(f, dynamic=dynamic)(hidden), wrt)
+    want = ["experts_backward"] if dynamic else ["experts_backward_down", ("experts_backward_gate_up", 2)] + [
+        ("experts_backward_combine", 2)] * of_hidden
+    assert triton_training_on_the_cpu == want  # 2: eager's z (dz), then the compiled call's
     for a, b in zip(got, eager):
         assert rel_err(a, b) <= 1e-5
 
 
 def test_split_backward_opcheck(triton_training_on_the_cpu):
-    """Schema, fakes and autograd registration of the two ops. Not their outputs run to run: dz's rows past the
-    aligned pairs are never written nor read (its contract), so two runs differ there; the gradients they lead
-    to are the tests above."""
+    """Schema, fakes and autograd registration of the three ops. Not their outputs run to run: dz's and dx_rows's
+    rows past the aligned pairs are never written nor read (their contract), so two runs differ there; the
+    gradients they lead to are the tests above."""
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True)
     inputs = experts_inputs(6, 16, 8, 4, 2, torch.float32, spec, bias=True)
@@ -260,8 +279,11 @@ def test_split_backward_opcheck(triton_training_on_the_cpu):
         down = torch.ops.moe_compiler.experts_backward_down.default
         torch.library.opcheck(down, (grad_out, weight_grads, z, *inputs), spec.op_kwargs(), test_utils=checks)
         dz = down(grad_out, weight_grads, z, *inputs, **spec.op_kwargs())[0]
-        torch.library.opcheck(torch.ops.moe_compiler.experts_backward_gate_up.default,
-                              (grad_out, weight_grads, dz, *inputs), spec.op_kwargs(), test_utils=checks)
+        gate_up = torch.ops.moe_compiler.experts_backward_gate_up.default
+        torch.library.opcheck(gate_up, (grad_out, weight_grads, dz, *inputs), spec.op_kwargs(), test_utils=checks)
+        dx_rows = gate_up(grad_out, weight_grads, dz, *inputs, **spec.op_kwargs())[0]
+        torch.library.opcheck(torch.ops.moe_compiler.experts_backward_combine.default,
+                              (grad_out, weight_grads, dx_rows, *inputs), spec.op_kwargs(), test_utils=checks)
 
 
 @pytest.mark.gpu
@@ -279,7 +301,7 @@ def test_the_split_backward_frees_z_in_a_compiled_graph(monkeypatch, no_compile_
 
     def peak(split: bool) -> int:
         if not split:
-            monkeypatch.setattr(experts_ops, "_backward_in_two", lambda g, wg, z, t, spec: list(
+            monkeypatch.setattr(experts_ops, "_backward_in_three", lambda g, wg, z, t, spec: list(
                 torch.ops.moe_compiler.experts_backward(g, wg, z, *t, **spec)))
         torch._dynamo.reset()
         step = torch.compile(lambda x: TRAIN(x, ids, weights, *params)[0])
