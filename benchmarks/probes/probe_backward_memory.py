@@ -1,7 +1,8 @@
 """How much memory does each half of the experts backward hold at its peak (issue 17's memory target)? The
 library backward (the default: DGrad / WGrad.GROUPED_MM) from a saved z, split where ops/experts.py splits it:
-backward_down (reads z: dz, d weights, dW_down) then backward_gate_up (from dz: d hidden, dW_gate_up). A compiled
-backward frees z between them; eager autograd holds it to the end. Per shape and T, with the first half whole and
+backward_down (reads z: dz, d weights, dW_down), then backward_gate_up_rows (from dz: dW_gate_up, then d hidden's
+rows) and backward_combine (d hidden; dz dropped before it). A compiled backward frees z after the first and dz after
+the second; eager autograd holds z to the end. Per shape and T, with the first half whole and
 in row chunks (triton_backward_library.first_half_chunks): each half's peak, and the backward's peak compiled
 (z freed) and eager, in GiB and in units of z.
 
@@ -11,14 +12,14 @@ On a CUDA GPU the real shape in bf16, peaks from the caching allocator, and each
 the CPU (no GPU needed; Triton's interpreter, fp32) a live-bytes count of the tensors each half allocates, at the
 shape scaled down by --scale (H, I and T divided by it, E and k kept: every [rows, H or I] buffer and every weight
 gradient shrinks by scale^2, so the ratios between them hold), reported scaled back to bf16 at the real size. The
-padding rows (E x block_m, block_m 16 here) do not scale so: measured on the H200, the CPU figures were 2-6% above
-the GPU's at Mixtral-8x7B (8 experts) and 10-22% above at Qwen3-30B-A3B (128 experts; NOTES.md "session 32").
+padding rows (E x block_m, block_m 16 as the library backward's) do not scale so: measured on the H200, the CPU
+figures were 2-6% above the GPU's at Mixtral-8x7B (8 experts) and 10-22% above at Qwen3-30B-A3B (128 experts;
+NOTES.md "session 32").
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import gc
 import os
@@ -95,9 +96,7 @@ def halves(E, k, H, I, T, chunks: int, device: str) -> dict:
     w_down = (torch.randn(E, H, I, device=device, generator=gen) * I**-0.5).to(dtype)
     grad_out = torch.randn(T, H, device=device, generator=gen).to(dtype)
     spec = ExpertsSpec()
-    config = triton_backward.default_config(torch.bfloat16, E, k, H, I, T)
-    if device == "cpu":  # the padding rows of a scaled-down problem: keep them few
-        config = dataclasses.replace(config, rows=dataclasses.replace(config.rows, block_m=16))
+    config = triton_backward.default_config(torch.bfloat16, E, k, H, I, T, library=True)
     real = triton_backward_library.first_half_chunks
     triton_backward_library.first_half_chunks = lambda *a: chunks
     try:
@@ -119,13 +118,26 @@ def _on_cpu(hidden, ids, weights, w_gate_up, w_down, grad_out, spec, config) -> 
         down = triton_backward.backward_down(grad_out, hidden, ids, weights, w_gate_up, w_down, None, None, spec,
                                              config, True, z)
         first = mode.peak - base
-        del z
+        held, _kept = [down.dz], down[1:]  # the first half's gradients stay (outputs); dz goes to the second
+        del z, down
         gc.collect()
         mode.reset()
-        triton_backward.backward_gate_up(down.dz, hidden, ids, weights, w_gate_up, w_down, None, spec, config, True)
+        _second_half(held, hidden, ids, weights, w_gate_up, w_down, spec, config)
         z_bytes = T * k * 2 * I * hidden.element_size()
         second = mode.peak - base + z_bytes  # above where z was not yet allocated (it is freed by now)
     return {"z": z_bytes, "first": first, "second": second}
+
+
+def _second_half(held: list, hidden, ids, weights, w_gate_up, w_down, spec, config):
+    """The second and third ops' work as a compiled backward runs it: dz (held[0], taken out of the list, which must
+    hold the only other reference) dropped once dx_rows exists, before d hidden is made."""
+    from moe_compiler.lowering import triton_backward
+
+    dz = held.pop()
+    dx_rows, _, _ = triton_backward.backward_gate_up_rows(dz, hidden, ids, weights, w_gate_up, w_down, None, spec,
+                                                          config, True)
+    del dz
+    return triton_backward.backward_combine(dx_rows, hidden, ids, weights, w_gate_up, w_down, spec, config)
 
 
 def _ms(fn) -> float:
@@ -154,12 +166,14 @@ def _on_gpu(hidden, ids, weights, w_gate_up, w_down, grad_out, spec, config) -> 
     first = torch.cuda.max_memory_allocated() - base
     z_bytes = z.untyped_storage().nbytes()
     del z, run_down
-    run_up = functools.partial(triton_backward.backward_gate_up, down.dz, hidden, ids, weights, w_gate_up, w_down,
-                               None, spec, config, True)
-    second_ms = _ms(run_up)
+    held, _kept = [down.dz], down[1:]  # the first half's gradients stay (outputs); dz goes to the second
+    del down
+    run_up = functools.partial(_second_half, hidden=hidden, ids=ids, weights=weights, w_gate_up=w_gate_up,
+                               w_down=w_down, spec=spec, config=config)
+    second_ms = _ms(lambda: run_up([held[0]]))  # `held` keeps dz through the timing's calls
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    run_up()
+    run_up(held)
     torch.cuda.synchronize()
     second = torch.cuda.max_memory_allocated() - base + z_bytes
     return {"z": z_bytes, "first": first, "second": second, "first_ms": first_ms, "second_ms": second_ms}
@@ -170,7 +184,7 @@ def _chunks(E, k, H, I, T) -> int:
     from moe_compiler.lowering import triton_backward, triton_backward_library
     from moe_compiler.lowering.triton_align import max_blocks
 
-    block_m = triton_backward.default_config(torch.bfloat16, E, k, H, I, T).rows.block_m
+    block_m = triton_backward.default_config(torch.bfloat16, E, k, H, I, T, library=True).rows.block_m
     return triton_backward_library.first_half_chunks(max_blocks(T * k, E, block_m) * block_m, T * k, H, I, E, True)
 
 
