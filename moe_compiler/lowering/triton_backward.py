@@ -344,8 +344,8 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     weights' and biases' None without weight_grads (their two kernels not launched); the contract of
     torch_experts.experts_backward. `z` [T*k, 2I]: the pre-activation rows a training forward saved
     (triton_experts.experts_forward's z), else None: recomputed. T > 0, k > 0, not spec.scale_input; sizes
-    checked by the op. backward_down then backward_gate_up: the op's backward calls them as two ops, so that a
-    compiled backward frees z between them."""
+    checked by the op. backward_down then backward_gate_up (backward_gate_up_rows, backward_combine): the op's
+    backward calls the three as ops of their own, so that a compiled backward frees z, then dz, between them."""
     c = _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)  # one align for both halves
     down = backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec,
                          config, weight_grads, z, call=c)
@@ -408,7 +408,7 @@ def backward_gate_up(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_ga
                      config: BackwardConfig | None = None, weight_grads: bool = True, *, call: _Call | None = None):
     """(d_hidden, d_w_gate_up, d_b_gate_up) from backward_down's dz (the same inputs and config: without `call`,
     the rows are aligned again, identically); the weight and bias gradients None without weight_grads.
-    backward_gate_up_rows then backward_combine (the op's backward calls them as two ops)."""
+    backward_gate_up_rows then backward_combine (the op's backward calls them as ops of their own)."""
     c = call or _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
     dx_rows, d_w_gate_up, d_b_gate_up = backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down,
                                                               b_gate_up, spec, config, weight_grads, call=c)
