@@ -57,8 +57,8 @@ def _backward(variant: str):
     if variant in PATHS:
         wgrad, dgrad = triton_backward.WGrad[PATHS[variant][0]], triton_backward.DGrad[PATHS[variant][1]]
         triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), wgrad_path=wgrad, dgrad_path=dgrad)
-    if variant == "moe_train_tile_pad":  # default_config without its `library` argument: the forward's tile
-        triton_backward.default_config = lambda *a: real(*a[:6])
+    if variant == "moe_train_tile_pad":  # rows padded to the forward's tile whatever `library` says
+        triton_backward.default_config = lambda dtype, E, k, H, I, T, library=False: real(dtype, E, k, H, I, T)
     try:
         yield
     finally:

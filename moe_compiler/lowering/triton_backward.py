@@ -316,10 +316,11 @@ class _Call:
         k = topk_ids.shape[1]
         E = w_gate_up.shape[0]
         I = spec.intermediate(w_down)
+        sizes_suit_library = library_rows(hidden, I)
         if config is None:
-            config = default_config(hidden.dtype, E, k, H, I, T, library_rows(hidden, I))
+            config = default_config(hidden.dtype, E, k, H, I, T, sizes_suit_library)
         weights = topk_weights.reshape(-1)
-        library = GroupedMM.takes(hidden, (H, I, 2 * I), (w_gate_up, w_down))
+        library = sizes_suit_library and GroupedMM.takes(hidden, (), (w_gate_up, w_down))  # and the weights' bases
         return cls(T, k, H, I, config, align_rows(topk_ids, E, config.rows.block_m),
                    hidden if hidden.stride(1) == 1 else hidden.contiguous(),
                    weights if weights.stride(0) == 1 else weights.contiguous(),

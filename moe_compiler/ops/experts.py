@@ -217,9 +217,9 @@ def experts_backward_gate_up(grad_out: Tensor, weight_grads: bool, dz: Tensor, *
     """(dx_rows, d_w_gate_up, d_b_gate_up) from experts_backward_down's dz, its last reader; the gradients empty [0]
     without weight_grads or a bias."""
     t, spec, _ = bind(tensors, spec)
-    rows = dispatch.experts_backward_gate_up(dz, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down,
-                                             t.b_gate_up, spec, weight_grads)
-    return tuple(t.hidden.new_empty(0) if g is None else g for g in rows)
+    parts = dispatch.experts_backward_gate_up(dz, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down,
+                                              t.b_gate_up, spec, weight_grads)
+    return tuple(t.hidden.new_empty(0) if g is None else g for g in parts)
 
 
 @experts_backward_gate_up.register_fake
