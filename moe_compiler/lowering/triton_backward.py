@@ -383,6 +383,11 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
     ds_part = hidden.new_empty(S_pad, triton.cdiv(I, config.dz.block_n), dtype=torch.float32)
     launch_dz(grad_out, rows, w_down, b_down, z, dz, ds_part, c.weights, spec, config, k,
               act=act if saved else None)
+    if weight_grads and c.library_wgrad:
+        # the library's dW_gate_up sums over whole padded segments: dz's padding rows (unwritten by the Triton dz
+        # kernel) are zeroed here, in the op that makes dz, not in backward_gate_up_rows, whose op must not mutate
+        # its inputs
+        zero_padding_rows(dz, rows, config.rows.block_m)
     pos = rows.pos.long()
     # a sentinel pair (pos -1) has no row: its weight gets no gradient
     d_weights = torch.where(pos >= 0, ds_part[pos.clamp(min=0)].sum(-1), 0.0).view(T, k).to(topk_weights.dtype)
@@ -435,8 +440,7 @@ def backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down,
     lib = triton_backward_library
     d_w_gate_up = d_b_gate_up = None
     if weight_grads and c.library_wgrad:
-        # dz's padding rows are 0 from the library's row pass, not from the Triton dz kernel's
-        dz = dz if c.library_dgrad else zero_padding_rows(dz, rows, bm)
+        # dz's padding rows are 0: from the library's row pass, or zeroed by backward_down after the Triton dz kernel
         d_w, d_b = lib.gate_up_grads(dz, c.hidden, rows, c.weights, k=c.k, seg=lib.segments(rows, bm), block_m=bm,
                                      transposed=spec.transposed, bias=b_gate_up is not None)
         d_w_gate_up, d_b_gate_up = _like((d_w, w_gate_up), (d_b, b_gate_up))

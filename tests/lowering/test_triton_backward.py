@@ -125,6 +125,27 @@ def test_library_gemms(spec, config, monkeypatch):
     assert downs == gate_ups == [1] and len(dgrads) == (config.dgrad_path is triton_backward.DGrad.GROUPED_MM)
 
 
+@pytest.mark.parametrize("config", [LIBRARY, LIBRARY_ALL], ids=["wgrad", "wgrad+dgrad"])
+def test_the_gate_up_half_leaves_dz_as_it_got_it(config):
+    """experts_backward_gate_up declares no mutation: dz leaves backward_down with its padding rows already 0 (the
+    library's weight gradient sums whole padded segments) and backward_gate_up_rows reads it without writing."""
+    spec = COVERED[0]
+    _, dev = device_inputs(19, 32, 16, 5, 2, torch.float32, spec, 3)
+    grad_out = torch.randn(19, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    hidden, ids, weights, w1, w2, b1, b2 = dev
+    with poisoned_allocations():
+        dz = triton_backward.backward_down(grad_out, *dev, spec, config).dz
+    rows = triton_backward.align_rows(ids, w1.shape[0], config.rows.block_m)
+    real = torch.zeros(dz.shape[0], dtype=torch.bool, device=dz.device)
+    real[rows.pos.long()[rows.pos >= 0]] = True
+    assert torch.isfinite(dz[real]).all() and not dz[real].eq(0).all()
+    padding = ~real[:int(rows.num_padded)]  # slots past num_padded belong to no segment
+    assert padding.any() and dz[:padding.numel()][padding].eq(0).all(), "dz's padding rows not zeroed"
+    before = dz.clone()
+    triton_backward.backward_gate_up_rows(dz, hidden, ids, weights, w1, w2, b1, spec, config)
+    assert torch.equal(dz.view(torch.int32), before.view(torch.int32))  # bits: poison past num_padded is NaN
+
+
 @pytest.mark.parametrize("weight_grads", [True, False], ids=["trained", "frozen"])
 @pytest.mark.parametrize("spec", [COVERED[0], GPT_OSS], ids=spec_id)  # the row pass's activations: test_library_gemms
 def test_library_first_half_in_row_chunks(spec, weight_grads, monkeypatch):
