@@ -41,6 +41,7 @@ import moe_compiler
 from moe_compiler.lowering import cutlass, dispatch, torch_experts, triton_grouped
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 from moe_compiler.tune.shapes import ALL_SHAPES as REAL_SHAPES
+from moe_compiler.tune.shapes import routes
 
 from . import harness
 
@@ -60,14 +61,13 @@ COLORS = dict(zip(CURVES, ["tab:gray", "tab:red", "tab:orange", "tab:purple", "t
 PREFILL_FLOOR_RATIO = {"mixtral_8x7b": 1.2, "mixtral_8x22b": 1.2, "gpt_oss_20b": 1.2, "gpt_oss_120b": 1.2}
 
 
-def routing(T, E, k, kind, device, gen):
-    if kind in ("uniform", "ep2"):
-        ids = torch.rand(T, E, device=device, generator=gen).argsort(dim=1)[:, :k]
-        # ep2: rank 0 of 2 holds experts [0, E/2); the rest are its sentinel E/2 (transformers' remap)
-        return ids if kind == "uniform" else torch.where(ids < E // 2, ids, E // 2)
-    # skewed: Zipf-like expert popularity, distinct experts per token
-    probs = (1.0 / torch.arange(1, E + 1, device=device, dtype=torch.float32) ** 1.2).expand(T, E)
-    return torch.multinomial(probs, k, replacement=False, generator=gen)
+def routing(T, E, k, kind, gen):
+    """ids [T, k]: the tuner's uniform or skewed routes (routes), or ep2's."""
+    if kind != "ep2":
+        return routes(T, E, k, kind, gen)
+    # ep2: rank 0 of 2 holds experts [0, E/2); the rest are its sentinel E/2 (transformers' remap)
+    ids = routes(T, E, k, "uniform", gen)
+    return torch.where(ids < E // 2, ids, E // 2)
 
 
 def held_experts(E: int, kind: str) -> int:
@@ -148,7 +148,7 @@ def compiled_grouped_mm(cfg, experts):
 def bench_point(name, cfg, experts, T, kind, timer, device, dtype, gen, only=()):
     E, k, H, I = ALL_SHAPES[name]
     x = torch.randn(T, H, device=device, generator=gen).to(dtype)
-    ids = routing(T, E, k, kind, device, gen)
+    ids = routing(T, E, k, kind, gen)
     w = torch.rand(T, k, device=device, generator=gen).to(dtype)
     held = experts.gate_up_proj.shape[0]  # E, or E/2 under ep2 (sentinel pairs: weight 0, as transformers sets)
     w = torch.where(ids < held, w, 0.0)

@@ -2,8 +2,8 @@
 tuned config and with the nearest-T entry of another GPU's file (what lookup borrows without an own file),
 same inputs, same run, alternating; whole forward under a CUDA graph from a cold L2
 (moe_compiler/tune/timing.py). NOTES.md: "H200 configs". Also a table against its own earlier version
-(`git show REV:moe_compiler/lowering/configs/NVIDIA_H200.json > old.json; --other old.json`), under the tuner's
-uniform routing and bench_experts' skewed one (the tuner times uniform routing only).
+(`git show REV:moe_compiler/lowering/configs/NVIDIA_H200.json > old.json; --other old.json`), under uniform and
+skewed routing (tune.shapes.routes; the tuner's final scores the geometric mean of the two).
 
     python -m benchmarks.probes.compare_configs --other moe_compiler/lowering/configs/NVIDIA_H100_80GB_HBM3.json
                                                 [--routing uniform skewed]
@@ -17,11 +17,10 @@ import pathlib
 import torch
 
 from moe_compiler.lowering import triton_config
-from moe_compiler.tune.search import Bench, benches, forward_times, graph_calls
+from moe_compiler.tune.search import benches, forward_times, graph_calls
 from moe_compiler.tune.shapes import ALL_SHAPES, SHAPES
 
 from .. import harness
-from ..bench_experts import routing
 
 
 def main():
@@ -43,15 +42,13 @@ def main():
                 for v, entries in (("own", own), ("other", other))}
         timer.calls = graph_calls(T, b.k, b.H, b.I)
         for kind in args.routing:
-            if kind == "skewed":  # the same tokens and weights, bench_experts' skewed routes
-                ids = routing(T, b.E, b.k, kind, "cuda", torch.Generator("cuda").manual_seed(T))
-                b = Bench(b.x, ids, b.w, b.w1, b.w2)
-            times = forward_times(timer, b, list(cfgs.values()))
+            routed = b if kind == b.routing else b.rerouted(kind, seed=T)  # the same tokens and weights
+            times = forward_times(timer, routed, list(cfgs.values()))
             t = {v: times[c] * 1e6 for v, c in cfgs.items()}
             ratios.append(t["other"] / t["own"])
             print(f"{name:14} T={T:6} {kind:8} own {t['own']:9.1f}  other {t['other']:9.1f}  "
                   f"own speedup {t['other'] / t['own']:.2f}", flush=True)
-        del b
+        del b, routed  # (the shape's weights are freed after its last T only without these)
     print(f"geometric mean own speedup {harness.geomean(ratios):.3f} over {len(ratios)} points")
 
 

@@ -13,7 +13,8 @@ be captured, not timed): it gets the nearest entry or the defaults, and the next
 What: a pruned search, as Inductor's max-autotune prunes. The candidates are the untuned default and every
 distinct config that won an entry of the committed tables (this GPU's, then other GPUs'), of the paths that
 suit T (decode only where T*k <= E), nearest T first; each is timed as a whole forward under a CUDA graph on
-random inputs of the call's shape (tune.search.Bench), until the budget runs out. The winner is checked
+random inputs of the call's shape (tune.search.Bench) under uniform and skewed routing, scored by the geometric
+mean of the two as the full search's final is, until the budget runs out. The winner is checked
 against the fp32 reference; a wrong or failing candidate is skipped.
 
 Cache: <cache dir>/autotune/<gpu>_triton-<version>_<hash of the kernel sources>.json, entries as in the
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import pathlib
+import statistics
 import time
 from collections.abc import Callable
 
@@ -120,9 +122,10 @@ def choose(configs: list[Config], measure: Callable[[Config], float], budget_s: 
 
 
 def _measure_on_gpu(dtype, E, k, H, I, T) -> tuple[Callable[[Config], float], Callable[[Config], float]] | None:
-    """(seconds of a whole forward with a config, its rel err vs fp32), on random inputs; None where the
+    """(seconds of a whole forward with a config — the geometric mean over search.ROUTINGS, as the full search
+    scores — and its rel err vs fp32), on random inputs; None where the
     problem's buffers would not fit next to what the process holds."""
-    from .search import Bench, check, graph_calls, problem
+    from .search import ROUTINGS, Bench, check, graph_calls, problem
     from .timing import Timer
 
     need = (3 * E * H * I + 4 * T * k * max(H, I)) * torch.finfo(dtype).bits // 8
@@ -133,9 +136,14 @@ def _measure_on_gpu(dtype, E, k, H, I, T) -> tuple[Callable[[Config], float], Ca
                     E, k, H, I, T, need / 2**30, free / 2**30)
         return None
     b = Bench(*problem(T, E, k, H, I, dtype))
+    routed = [b] + [b.rerouted(kind, seed=T) for kind in ROUTINGS if kind != b.routing]  # the full search's score
     timer = Timer("cuda")
     calls = graph_calls(T, k, H, I)
-    return (lambda cfg: timer.graph(b.forward(cfg), calls=calls)), (lambda cfg: check(b, cfg))
+
+    def seconds(cfg):
+        return statistics.geometric_mean([timer.graph(r.forward(cfg), calls=calls) for r in routed])
+
+    return seconds, (lambda cfg: check(b, cfg))
 
 
 # --- the cache -------------------------------------------------------------------------------------------

@@ -2,14 +2,18 @@
 parallel precompile, the per-kernel stages and the whole-forward final (tune_point), the raster / grid stage
 (tune_raster, also `--refine`), and the correctness check of each winner.
 
-For each shape (E, k, H, I) and T: uniform random routing; candidates of the decode path (T*k small) and
-of the sorted path for the block_m values that suit T*k/E rows per expert. Each kernel is timed alone
+For each shape (E, k, H, I) and T: uniform random routing (skewed too in the final); candidates of the decode
+path (T*k small) and
+the sorted path for the block_m values that suit T*k/E rows per expert. Each kernel is timed alone
 (gate_up and down configs are independent), under a CUDA graph from a cold L2 (timing.py), median of
 replays; per block_m the best gate_up + down (+ align + combine, fixed) goes on, with the raster group and
 persistent grid tuned on it; of the decode path the top three gate_up x top three down pairs go on. The
 final times each remaining option and the untuned default as a whole forward (rounds interleaved, median):
 single timings of the short decode kernels are within the timing noise, and a whole forward also counts
-launch gaps and each path's extra kernels. The winner is checked against an fp32 reference.
+launch gaps and each path's extra kernels. The final's score is the geometric mean over two routings of the same
+tokens and weights, uniform and skewed (Zipf-like expert popularity): a path chosen on uniform routing alone
+lost 2% under skew at DeepSeek-V3 T=4096 on the H100 (NOTES.md session 34). The winner is checked against an
+fp32 reference.
 Candidates are compiled first by a pool of processes on a small-E copy of the problem (E does not enter
 the GEMM kernels' specialization), so the timing loop only loads cached kernels.
 """
@@ -20,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import multiprocessing as mp
+import statistics
 import time
 
 import torch
@@ -43,7 +48,7 @@ from moe_compiler.lowering.triton_config import (
 )
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 
-from .shapes import ALL_SHAPES, model_spec
+from .shapes import ALL_SHAPES, ROUTINGS, model_spec, routes
 from .timing import median
 
 SMEM_BYTES = 220 * 1024  # Hopper: 227 KB per block; keep a margin for the epilogue
@@ -116,10 +121,10 @@ def uses_decode(T, k, E) -> bool:
 def problem(T, E, k, H, I, dtype, device="cuda", seed=0, weights=None):
     """(x [T, H], ids [T, k] distinct per token, router weights [T, k], w1 [E, 2I, H], w2 [E, H, I] — or in the
     model's transposed layout, [E, H, 2I] / [E, I, H]: shapes.model_spec); `weights` (w1, w2) of an earlier call
-    are reused instead of drawn."""
+    are reused instead of drawn. Uniform routing (Bench.rerouted: skewed)."""
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(T, H, device=device, generator=g).to(dtype)
-    ids = torch.rand(T, E, device=device, generator=g).argsort(dim=1)[:, :k]
+    ids = routes(T, E, k, "uniform", g)
     w = torch.rand(T, k, device=device, generator=g).to(dtype)
     if weights is None:
         # Drawn in dtype and scaled in place: the weights' own bytes only (an fp32 draw and its scaled copy took 8
@@ -157,13 +162,19 @@ class Bench:
     """Buffers of one (T, shape) problem and closures launching each kernel with a given config, in the layout
     and activation of the model the shape comes from (`spec`, shapes.model_spec)."""
 
-    def __init__(self, x, ids, w, w1, w2):
+    def __init__(self, x, ids, w, w1, w2, routing: str = "uniform"):
         self.x, self.ids, self.w, self.w1, self.w2 = x, ids, w, w1, w2
+        self.routing = routing  # how ids were drawn (a label: ids are what runs)
         self.T, self.H = x.shape
         self.k = ids.shape[1]
         self.E, self.I = w1.shape[0], w1[0].numel() // (2 * self.H)
         self.spec = model_spec(self.H, self.I)
         self._rows = {}
+
+    def rerouted(self, kind: str, seed: int = 0) -> Bench:
+        """The same tokens, router weights and experts with ids drawn by `routes(kind)`."""
+        ids = routes(self.T, self.E, self.k, kind, torch.Generator(self.x.device).manual_seed(seed))
+        return Bench(self.x, ids, self.w, self.w1, self.w2, kind)
 
     def rows(self, block_m):
         if block_m not in self._rows:
@@ -360,12 +371,13 @@ def tune_point(b: Bench, timer, dtype, failed, log):
     # The final: every option and the untuned default as a whole forward (launch gaps, the id check and
     # the path's own extra kernels included), rounds interleaved, median.
     default = triton_config.default_config(dtype, b.E, k, b.H, b.I, T, b.spec.transposed)
-    forward = forward_times(timer, b, [cfg for _, cfg, _ in options] + [default])
-    act = act_epilogue_option(b, timer, forward, options)
+    routed = [b] + [b.rerouted(kind, seed=T) for kind in ROUTINGS if kind != b.routing]
+    forward, each = scores(timer, routed, [cfg for _, cfg, _ in options] + [default])
+    act = act_epilogue_option(routed, timer, forward, each, options)
     if act is not None:
         options.append(act)
-    final = [(forward[cfg], cfg, {**parts, "kernels": total}) for total, cfg, parts in options]
-    final.append((forward[default], default, {"default": True}))
+    final = [(forward[cfg], cfg, {**parts, "kernels": total, "routings": each[cfg]}) for total, cfg, parts in options]
+    final.append((forward[default], default, {"default": True, "routings": each[default]}))
     final.sort(key=lambda o: o[0])
     for t, cfg, parts in final:
         row = {"T": T, "E": E, "k": k, "H": b.H, "I": b.I, "us": t * 1e6, "config": triton_config.to_dict(cfg),
@@ -374,20 +386,23 @@ def tune_point(b: Bench, timer, dtype, failed, log):
     return (*final[0], forward[default])
 
 
-def act_epilogue_option(b: Bench, timer, forward: dict, options: list):
+def act_epilogue_option(routed: list[Bench], timer, forward: dict, each: dict, options: list):
     """The fastest CUTLASS config again with the SwiGLU activation in its up GEMM's epilogue (CutlassConfig
-    .act_epilogue) as one more option, its time added to `forward`; None where the experts do not suit it. Only
+    .act_epilogue) as one more option, its score added to `forward` (and `each`); None where the experts do not
+    suit it. Only
     beside the winner: across 9 configs x 6 points on an H100 the fused form never won (0-19% slower: the gate and
     up GEMMs each read A, at half the N; NOTES.md session 34), so timing it beside every config doubled the
     CUTLASS final for nothing."""
+    b = routed[0]
     plain = [cfg for _, cfg, _ in options if isinstance(cfg, CutlassConfig)]
     if not plain or not cutlass.silu_epilogue_suits(b.spec, b.w1, None, None, cutlass.CutlassMM.act_epilogue_dtypes):
         return None
     best = min(plain, key=lambda cfg: forward[cfg])
     fused = dataclasses.replace(best, act_epilogue=True)
-    # Timed in rounds of its own beside `best`: its time is best's from the final scaled by their ratio there.
-    again = forward_times(timer, b, [fused, best])
+    # Timed in rounds of its own beside `best`: its times are best's from the final scaled by their ratio there.
+    again, again_each = scores(timer, routed, [fused, best])
     forward[fused] = forward[best] * again[fused] / again[best]
+    each[fused] = {kind: each[best][kind] * again_each[fused][kind] / again_each[best][kind] for kind in each[best]}
     return (float("inf"), fused, {"cutlass": cutlass.CONFIGS[best.config] + "_act"})
 
 
@@ -398,6 +413,16 @@ def forward_times(timer, b: Bench, configs, rounds: int = 3) -> dict:
         for cfg in times:
             times[cfg].append(timer.graph(b.forward(cfg), calls=timer.calls))
     return {cfg: median(ts) for cfg, ts in times.items()}
+
+
+def scores(timer, routed: list[Bench], configs, rounds: int = 3) -> tuple[dict, dict]:
+    """({config: the geometric mean of its forward_times over the benches}, {config: {routing: seconds}}): the
+    final's score, one problem under each routing."""
+    each = {cfg: {} for cfg in configs}
+    for b in routed:
+        for cfg, t in forward_times(timer, b, configs, rounds).items():
+            each[cfg][b.routing] = t
+    return {cfg: statistics.geometric_mean(ts.values()) for cfg, ts in each.items()}, each
 
 
 def tune_raster(b: Bench, timer, base: SortedConfig, t_base: float) -> tuple[float, SortedConfig]:

@@ -1,4 +1,7 @@
-"""The real problem shapes the tuner and the benchmarks share (DESIGN.md §6), importable without Triton."""
+"""The real problem shapes and routings the tuner and the benchmarks share (DESIGN.md §6), importable without
+Triton."""
+
+import torch
 
 from moe_compiler.lowering.triton_config import T_GRID
 
@@ -37,3 +40,19 @@ def model_spec(H: int, I: int):
     if (H, I) == ALL_SHAPES["llama_4_scout"][2:]:
         return ExpertsSpec(transposed=True, scale_input=True)
     return ExpertsSpec()
+
+
+ROUTINGS = ("uniform", "skewed")  # the routings of the final's score
+SKEW = 1.2  # expert e's popularity ~ 1 / (e + 1)^SKEW under skewed routing
+
+
+def routes(T: int, E: int, k: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """ids [T, k] on the generator's device, k distinct experts per token: uniform, or skewed (Zipf-like expert
+    popularity, expert 0 the most popular)."""
+    device = generator.device
+    if kind == "uniform":
+        return torch.rand(T, E, device=device, generator=generator).argsort(dim=1)[:, :k]
+    if kind != "skewed":
+        raise ValueError(f"moe_compiler.tune: routing: expected one of {ROUTINGS}, got {kind!r}")
+    probs = (1.0 / torch.arange(1, E + 1, device=device, dtype=torch.float32) ** SKEW).expand(T, E)
+    return torch.multinomial(probs, k, replacement=False, generator=generator)

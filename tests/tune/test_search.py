@@ -22,7 +22,7 @@ from moe_compiler.lowering import dispatch, triton_config  # noqa: E402
 from moe_compiler.lowering.torch_segment_mm import GroupedMM  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.tune import search  # noqa: E402
-from moe_compiler.tune.shapes import ALL_SHAPES, SHAPES, TOKENS  # noqa: E402
+from moe_compiler.tune.shapes import ALL_SHAPES, ROUTINGS, SHAPES, TOKENS, routes  # noqa: E402
 from moe_compiler.tune.timing import Timer, interleaved, median, wall_clock  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,7 +147,53 @@ def test_tune_point_ranks_every_option_and_the_default_and_logs_them():
     assert [r["us"] for r in rows] == sorted(r["us"] for r in rows)
     assert triton_config.from_dict(rows[0]["config"]) == cfg and rows[0]["us"] == pytest.approx(t_best * 1e6)
     assert sum(r["parts"].get("default", False) for r in rows) == 1 and t_default > 0
+    assert all(set(r["parts"]["routings"]) == set(ROUTINGS) for r in rows)
     assert search.checked(b, cfg) <= search.MAX_ERR
+
+
+def test_routes_are_distinct_per_token_and_skewed_routes_favour_the_first_experts():
+    g = torch.Generator().manual_seed(0)
+    T, E, k = 2000, 16, 4
+    for kind in ROUTINGS:
+        ids = routes(T, E, k, kind, g)
+        assert ids.shape == (T, k) and ids.dtype == torch.int64 and 0 <= ids.min() and ids.max() < E
+        assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct experts per token
+    uniform, skewed = (torch.bincount(routes(T, E, k, kind, g).flatten(), minlength=E) for kind in ROUTINGS)
+    assert uniform.max() < 1.3 * T * k / E  # ~500 each
+    assert skewed[0] > 2 * skewed[E // 2] and skewed[0] > 1.5 * T * k / E
+    with pytest.raises(ValueError, match="expected one of"):
+        routes(T, E, k, "zipf", g)
+
+
+def test_rerouted_bench_shares_tokens_and_weights():
+    b = tiny_bench()
+    s = b.rerouted("skewed", seed=1)
+    assert s.routing == "skewed" and b.routing == "uniform"
+    assert s.x is b.x and s.w is b.w and s.w1 is b.w1 and s.w2 is b.w2 and s.ids.shape == b.ids.shape
+    assert torch.equal(s.ids, b.rerouted("skewed", seed=1).ids)
+
+
+class RoutedTimer:
+    """Made-up whole-forward seconds per (routing, config): Bench.forward patched to return its key."""
+
+    calls = 3
+
+    def __init__(self, table):
+        self.table = table
+
+    def graph(self, fn, calls=10, replays=5):
+        return self.table[fn()]
+
+
+def test_the_final_scores_the_geometric_mean_over_both_routings(monkeypatch):
+    """A config fastest under uniform routing but slow under skew loses to one a little slower under both."""
+    monkeypatch.setattr(search.Bench, "forward", lambda self, cfg: lambda: (self.routing, cfg))
+    b = tiny_bench()
+    table = {("uniform", "a"): 1.0, ("skewed", "a"): 2.0, ("uniform", "b"): 1.1, ("skewed", "b"): 1.2}
+    score, each = search.scores(RoutedTimer(table), [b, b.rerouted("skewed")], ["a", "b"])
+    assert each == {"a": {"uniform": 1.0, "skewed": 2.0}, "b": {"uniform": 1.1, "skewed": 1.2}}
+    assert score["a"] == pytest.approx(2 ** 0.5) and score["b"] == pytest.approx((1.1 * 1.2) ** 0.5)
+    assert min(score, key=score.get) == "b"
 
 
 def test_failed_candidates_are_skipped():
@@ -208,26 +254,30 @@ def test_problem_draws_weights_in_their_dtype_at_the_model_layout():
 
 def test_the_fused_activation_is_timed_beside_the_fastest_cutlass_config_only(monkeypatch):
     b = tiny_bench()
+    routed = [b, b.rerouted("skewed")]
     plain = [triton_config.CutlassConfig(i) for i in range(3)]
     sorted_cfg = search.sorted_config(16)
     options = [(float("inf"), cfg, {}) for cfg in [sorted_cfg, *plain]]
     forward = {sorted_cfg: 1e-5, plain[0]: 4e-5, plain[1]: 2e-5, plain[2]: 3e-5}
+    each = {cfg: {"uniform": t, "skewed": 2 * t} for cfg, t in forward.items()}
     timed = []
 
     def rounds(timer, bench, configs, rounds=3):  # the fused one at half its base's time, in rounds of their own
-        timed.append(list(configs))
+        timed.append((bench.routing, list(configs)))
         return {cfg: (1.0 if cfg.act_epilogue else 2.0) for cfg in configs}
 
     monkeypatch.setattr(search, "forward_times", rounds)
     monkeypatch.setattr(search.cutlass, "silu_epilogue_suits", lambda *a: True)
-    t, cfg, parts = search.act_epilogue_option(b, StubTimer(), forward, options)
+    t, cfg, parts = search.act_epilogue_option(routed, StubTimer(), forward, each, options)
     fused = triton_config.CutlassConfig(1, act_epilogue=True)
     assert (cfg, parts) == (fused, {"cutlass": search.cutlass.CONFIGS[1] + "_act"})
-    assert timed == [[fused, plain[1]]]  # beside the fastest plain config, not the sorted winner nor every config
+    # beside the fastest plain config under each routing, not the sorted winner nor every config
+    assert timed == [("uniform", [fused, plain[1]]), ("skewed", [fused, plain[1]])]
     assert forward[fused] == pytest.approx(1e-5) and forward[plain[1]] == 2e-5
+    assert each[fused] == pytest.approx({"uniform": 1e-5, "skewed": 2e-5})
     # experts the epilogue does not take, or no CUTLASS option: nothing more is timed
     monkeypatch.setattr(search.cutlass, "silu_epilogue_suits", lambda *a: False)
-    assert search.act_epilogue_option(b, StubTimer(), forward, options) is None
+    assert search.act_epilogue_option(routed, StubTimer(), forward, each, options) is None
     monkeypatch.setattr(search.cutlass, "silu_epilogue_suits", lambda *a: True)
-    assert search.act_epilogue_option(b, StubTimer(), forward, options[:1]) is None
-    assert len(timed) == 1
+    assert search.act_epilogue_option(routed, StubTimer(), forward, each, options[:1]) is None
+    assert len(timed) == 2
