@@ -6,7 +6,7 @@ same inputs, same run, alternating; whole forward under a CUDA graph from a cold
 skewed routing (tune.shapes.routes; the tuner's final scores the geometric mean of the two).
 
     python -m benchmarks.probes.compare_configs --other moe_compiler/lowering/configs/NVIDIA_H100_80GB_HBM3.json
-                                                [--routing uniform skewed]
+                                                [--routing uniform]   # default: both, as the tuner scores
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from moe_compiler.lowering import triton_config
 from moe_compiler.tune.search import benches, forward_times, graph_calls
-from moe_compiler.tune.shapes import ALL_SHAPES, SHAPES
+from moe_compiler.tune.shapes import ALL_SHAPES, ROUTINGS, SHAPES
 
 from .. import harness
 
@@ -27,7 +27,7 @@ def main():
     ap = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=[1, 16, 128, 1024, 4096, 16384])
     ap.set_defaults(shapes=list(SHAPES))
     ap.add_argument("--other", required=True, help="another GPU's config file")
-    ap.add_argument("--routing", nargs="+", choices=["uniform", "skewed"], default=["uniform"])
+    ap.add_argument("--routing", nargs="+", choices=list(ROUTINGS), default=list(ROUTINGS))
     args = ap.parse_args()
     dtype = torch.bfloat16
     gpu = harness.gpu_name()
