@@ -39,6 +39,8 @@ def build_quantized(args, model_type: str, tiny_config: dict):
     """A quantized checkpoint through moe_compiler.from_pretrained; without --model the tiny model is written as
     one first, in the on-disk format of the real releases (FP8: every Linear but lm_head, 128 x 128 blocks, as
     DeepSeek-V3's; INT4: the routed experts in groups of 32, as Kimi-K2-Thinking's)."""
+    import atexit
+    import shutil
     import tempfile
 
     import moe_compiler
@@ -49,11 +51,12 @@ def build_quantized(args, model_type: str, tiny_config: dict):
 
         tiny = build_model(args, model_type, tiny_config).float().cpu()
         path = tempfile.mkdtemp(prefix=f"{model_type}_{args.quantized}_")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)  # a throwaway: the run's own tiny model
         if args.quantized == "fp8":
             quantized.save_fp8_checkpoint(tiny, path, (128, 128), linears=True)
         else:
             quantized.save_int4_checkpoint(tiny, path, group=32)
-        print(f"wrote a tiny {args.quantized} checkpoint to {path}")
+        print(f"wrote a tiny {args.quantized} checkpoint to {path} (removed at exit)")
     model = moe_compiler.from_pretrained(path, dtype=args.dtype, device_map=args.device, local_files_only=True)
     experts = [type(m).__name__ for n, m in model.named_modules() if n.endswith(".experts")]
     print(f"loaded: experts modules {sorted(set(experts))}, experts_implementation="

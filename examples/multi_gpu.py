@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -218,6 +219,7 @@ def main():
     tol = 1e-4 if dtype == torch.float32 else max(3e-2, 1.5 * result.pop("inductor_err", 0.0))
     errors = {k: v for k, v in result.items() if k.endswith("_vs_eager") or k.endswith("_vs_single")}
     result["tol"] = tol
+    result["checkpoint"] = path  # (a tiny one is removed at exit)
     # After a graph break inside the experts module (all-to-all EP) or the MoE block (FSDP2 groups of their own), the
     # layers' resumed frames share code: Dynamo compiles it once per distinct shape set, so fewer graphs than layers
     # may hold all the (fused) experts.
@@ -231,6 +233,8 @@ def main():
     # seen once in CI on the FSDP2 step; pytorch#179291 describes the finalization case). The result is out.
     dist.barrier()
     dist.destroy_process_group()
+    if rank == 0 and args.model is None:  # the tiny checkpoint: every rank loaded it before the barrier
+        shutil.rmtree(path, ignore_errors=True)
     if not result["ok"]:
         print(f"rank {rank}: fused {fused}/{result['moe_layers']} MoE layers, errors {errors} (<= {tol:.0e})",
               file=sys.stderr, flush=True)

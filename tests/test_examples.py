@@ -48,7 +48,10 @@ def _quantized_example(script: str, flag: str) -> str:
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout + proc.stderr  # (the fusion report is logged, to stderr)
+    out = proc.stdout + proc.stderr  # (the fusion report is logged, to stderr)
+    written = out.split("checkpoint to ")[1].split(" (removed at exit)")[0]
+    assert not os.path.exists(written), f"the example left its tiny checkpoint behind: {written}"
+    return out
 
 
 def test_fp8_example_writes_loads_and_fuses_a_tiny_fp8_checkpoint():

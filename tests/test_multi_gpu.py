@@ -36,6 +36,7 @@ def run_ranks(*args: str, gpus: bool = False) -> list[dict]:
     decode = json.JSONDecoder().raw_decode
     results = [decode(part)[0] for part in proc.stdout.split("RESULT ")[1:]]
     assert proc.returncode == 0 and len(results) == 2, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert not os.path.exists(results[0]["checkpoint"]), "the example left its tiny checkpoint behind"
     return sorted(results, key=lambda r: r["rank"])
 
 
