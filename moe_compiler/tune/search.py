@@ -3,9 +3,8 @@ parallel precompile, the per-kernel stages and the whole-forward final (tune_poi
 (tune_raster, also `--refine`), and the correctness check of each winner.
 
 For each shape (E, k, H, I) and T: uniform random routing (skewed too in the final); candidates of the decode
-path (T*k small) and
-the sorted path for the block_m values that suit T*k/E rows per expert. Each kernel is timed alone
-(gate_up and down configs are independent), under a CUDA graph from a cold L2 (timing.py), median of
+path (T*k small) and of the sorted path for the block_m values that suit T*k/E rows per expert. Each kernel is
+timed alone (gate_up and down configs are independent), under a CUDA graph from a cold L2 (timing.py), median of
 replays; per block_m the best gate_up + down (+ align + combine, fixed) goes on, with the raster group and
 persistent grid tuned on it; of the decode path the top three gate_up x top three down pairs go on. The
 final times each remaining option and the untuned default as a whole forward (rounds interleaved, median):
@@ -389,10 +388,9 @@ def tune_point(b: Bench, timer, dtype, failed, log):
 def act_epilogue_option(routed: list[Bench], timer, forward: dict, each: dict, options: list):
     """The fastest CUTLASS config again with the SwiGLU activation in its up GEMM's epilogue (CutlassConfig
     .act_epilogue) as one more option, its score added to `forward` (and `each`); None where the experts do not
-    suit it. Only
-    beside the winner: across 9 configs x 6 points on an H100 the fused form never won (0-19% slower: the gate and
-    up GEMMs each read A, at half the N; NOTES.md session 34), so timing it beside every config doubled the
-    CUTLASS final for nothing."""
+    suit it. Only beside the winner: across 9 configs x 6 points on an H100 the fused form never won (0-19% slower:
+    the gate and up GEMMs each read A, at half the N; NOTES.md session 34), so timing it beside every config doubled
+    the CUTLASS final for nothing."""
     b = routed[0]
     plain = [cfg for _, cfg, _ in options if isinstance(cfg, CutlassConfig)]
     if not plain or not cutlass.silu_epilogue_suits(b.spec, b.w1, None, None, cutlass.CutlassMM.act_epilogue_dtypes):
@@ -463,13 +461,16 @@ def tune(shapes, tokens, dtype, timer, workers, log):
         failed = precompile(shape, dtype, tokens, workers)
         for T, b in shape_benches(shape, tokens, dtype):
             timer.calls = graph_calls(T, k, H, I)
-            t_best, cfg, _, t_default = tune_point(b, timer, dtype, failed, log)
+            t_best, cfg, parts, t_default = tune_point(b, timer, dtype, failed, log)
             err = checked(b, cfg)
+            # "us": the uniform routing's time, as entries before the two-routing score held; the score in the log
+            us = {"us" if kind == "uniform" else f"us_{kind}": round(t * 1e6, 2)
+                  for kind, t in parts["routings"].items()}
             entries.append({"dtype": dname, "E": E, "k": k, "H": H, "I": I, "T": T,
-                            "config": triton_config.to_dict(cfg), "us": round(t_best * 1e6, 2)})
+                            "config": triton_config.to_dict(cfg), **us})
             table.append((shape, T, t_best, t_default, cfg))
-            print(f"  T={T:>6}: {t_best * 1e6:9.1f} us tuned, {t_default * 1e6:9.1f} us default, err {err:.1e}  {cfg}",
-                  flush=True)
+            print(f"  T={T:>6}: {t_best * 1e6:9.1f} us tuned, {t_default * 1e6:9.1f} us default (geometric means over "
+                  f"{'/'.join(parts['routings'])} routing), err {err:.1e}  {cfg}", flush=True)
             del b
     return entries, table
 

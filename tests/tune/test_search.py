@@ -151,6 +151,22 @@ def test_tune_point_ranks_every_option_and_the_default_and_logs_them():
     assert search.checked(b, cfg) <= search.MAX_ERR
 
 
+def test_tune_writes_each_point_s_winner_with_its_time_under_each_routing(monkeypatch):
+    T, E, k, H, I = TINY
+    monkeypatch.setattr(search, "precompile", lambda *a: set())
+    monkeypatch.setattr(search, "shape_benches", lambda shape, tokens, dtype: ((T, tiny_bench()) for T in tokens))
+    log = io.StringIO()
+    entries, table = search.tune([(E, k, H, I)], [T], torch.float32, StubTimer(), 1, log)
+    (entry,) = entries
+    rows = [json.loads(line) for line in log.getvalue().splitlines()]
+    winner = rows[0]  # the log's rows come fastest first, by the score
+    assert triton_config.from_dict(entry["config"]) == table[0][4] == triton_config.from_dict(winner["config"])
+    # "us" stays the uniform routing's time, as in entries written before the two-routing score
+    assert entry["us"] == pytest.approx(winner["parts"]["routings"]["uniform"] * 1e6, abs=0.01)
+    assert entry["us_skewed"] == pytest.approx(winner["parts"]["routings"]["skewed"] * 1e6, abs=0.01)
+    assert table[0][2] == pytest.approx(winner["us"] * 1e-6)  # the score
+
+
 def test_routes_are_distinct_per_token_and_skewed_routes_favour_the_first_experts():
     g = torch.Generator().manual_seed(0)
     T, E, k = 2000, 16, 4
