@@ -41,7 +41,7 @@ import moe_compiler
 from moe_compiler.lowering import cutlass, dispatch, torch_experts, triton_grouped
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 from moe_compiler.tune.shapes import ALL_SHAPES as REAL_SHAPES
-from moe_compiler.tune.shapes import routes
+from moe_compiler.tune.shapes import KINDS, routes
 
 from . import harness
 
@@ -62,7 +62,7 @@ PREFILL_FLOOR_RATIO = {"mixtral_8x7b": 1.2, "mixtral_8x22b": 1.2, "gpt_oss_20b":
 
 
 def routing(T, E, k, kind, gen):
-    """ids [T, k]: the tuner's uniform or skewed routes (routes), or ep2's."""
+    """ids [T, k]: tune.shapes.routes (uniform, skewed, skewed_shuffled), or ep2's."""
     if kind != "ep2":
         return routes(T, E, k, kind, gen)
     # ep2: rank 0 of 2 holds experts [0, E/2); the rest are its sentinel E/2 (transformers' remap)
@@ -264,7 +264,7 @@ def plot(rows, path):
 def main():
     p = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=TOKENS)
     p.set_defaults(shapes=list(REAL_SHAPES))
-    p.add_argument("--routing", nargs="+", choices=["uniform", "skewed", "ep2"], default=["uniform", "skewed"])
+    p.add_argument("--routing", nargs="+", choices=[*KINDS, "ep2"], default=["uniform", "skewed"])
     p.add_argument("--out", default=harness.RESULTS, help="directory of the results (<gpu>.json, .jsonl, .png)")
     p.add_argument("--variants", nargs="+", choices=CURVES, metavar="NAME", help=f"time only these of {CURVES}")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device: harness check only")

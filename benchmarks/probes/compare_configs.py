@@ -2,11 +2,11 @@
 tuned config and with the nearest-T entry of another GPU's file (what lookup borrows without an own file),
 same inputs, same run, alternating; whole forward under a CUDA graph from a cold L2
 (moe_compiler/tune/timing.py). NOTES.md: "H200 configs". Also a table against its own earlier version
-(`git show REV:moe_compiler/lowering/configs/NVIDIA_H200.json > old.json; --other old.json`), under uniform and
-skewed routing (tune.shapes.routes; the tuner's final scores the geometric mean of the two).
+(`git show REV:moe_compiler/lowering/configs/NVIDIA_H200.json > old.json; --other old.json`), under the routings the
+tuner's final scores (tune.shapes.ROUTINGS: uniform, skewed_shuffled) or any of tune.shapes.KINDS.
 
     python -m benchmarks.probes.compare_configs --other moe_compiler/lowering/configs/NVIDIA_H100_80GB_HBM3.json
-                                                [--routing uniform]   # default: both, as the tuner scores
+                                                [--routing uniform skewed]   # default: the tuner's routings
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from moe_compiler.lowering import triton_config
 from moe_compiler.tune.search import benches, forward_times, graph_calls
-from moe_compiler.tune.shapes import ALL_SHAPES, ROUTINGS, SHAPES
+from moe_compiler.tune.shapes import ALL_SHAPES, KINDS, ROUTINGS, SHAPES
 
 from .. import harness
 
@@ -27,7 +27,7 @@ def main():
     ap = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=[1, 16, 128, 1024, 4096, 16384])
     ap.set_defaults(shapes=list(SHAPES))
     ap.add_argument("--other", required=True, help="another GPU's config file")
-    ap.add_argument("--routing", nargs="+", choices=list(ROUTINGS), default=list(ROUTINGS))
+    ap.add_argument("--routing", nargs="+", choices=list(KINDS), default=list(ROUTINGS))
     args = ap.parse_args()
     dtype = torch.bfloat16
     gpu = harness.gpu_name()

@@ -7,7 +7,7 @@ took 1.27x the CUTLASS GEMMs' time at 2048 tokens, 1.73x at 4096; benchmarks/NOT
 This measures, per shape and band, the candidates that could stand for the band at lengths across it (powers of
 two inside it), each timed as a whole forward under a CUDA graph from a cold L2 (the tuner's timing), the
 candidates interleaved on the same inputs (scored, as the tuner's final, by the geometric mean over uniform and
-skewed routing of the same tokens): this GPU's own entries at the band's grid points, and the entry the
+skewed routing of the same tokens: shapes.ROUTINGS): this GPU's own entries at the band's grid points, and the entry the
 band runs today. Each candidate runs as a compiled graph would run it: a TMA entry with pointer loads where a
 traced call of the band's point does (dispatch.INLINE_TMA_MAX_FLOP). Not candidates: decode entries (GEMV
 tiles of one length) and torch._grouped_mm ones (kept opaque in a graph: the op's host path, ~0.5 ms a layer, is
@@ -29,6 +29,7 @@ from moe_compiler.lowering import dispatch, triton_config
 from moe_compiler.lowering.triton_config import Config, Path
 
 from .search import benches, graph_calls, scores
+from .shapes import ROUTINGS
 
 # The bands measured by default: the decode band's graph runs GEMV tiles of single lengths, and the unbounded
 # band's lengths (8192+) cost minutes per shape; neither has shown a gap.
@@ -122,8 +123,9 @@ def measure(shape_names, tokens, dtype, timer, entries, command: str) -> tuple[l
             times: dict[str, list[float]] = {label: [] for label in cands}
             for _, T, b in benches([name], lengths, dtype):
                 timer.calls = graph_calls(T, k, H, I)
-                # the final's score: the geometric mean of the same tokens under uniform and skewed routing
-                got, _ = scores(timer, [b, b.rerouted("skewed", seed=T)], list(cands.values()))
+                # the final's score: the geometric mean of the same tokens under each routing of ROUTINGS
+                got, _ = scores(timer, [b] + [b.rerouted(kind, seed=T) for kind in ROUTINGS if kind != b.routing],
+                                list(cands.values()))
                 for label, cfg in cands.items():
                     times[label].append(got[cfg])
                 table.append((name, band, T, {label: got[cfg] * 1e6 for label, cfg in cands.items()}, today))

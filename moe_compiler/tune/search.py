@@ -10,9 +10,9 @@ persistent grid tuned on it; of the decode path the top three gate_up x top thre
 final times each remaining option and the untuned default as a whole forward (rounds interleaved, median):
 single timings of the short decode kernels are within the timing noise, and a whole forward also counts
 launch gaps and each path's extra kernels. The final's score is the geometric mean over two routings of the same
-tokens and weights, uniform and skewed (Zipf-like expert popularity): a path chosen on uniform routing alone
-lost 2% under skew at DeepSeek-V3 T=4096 on the H100 (NOTES.md session 34). The winner is checked against an
-fp32 reference.
+tokens and weights (shapes.ROUTINGS): uniform, and skewed (Zipf-like expert popularity, the popular experts at
+random ids): a path chosen on uniform routing alone lost 2% under skew at DeepSeek-V3 T=4096 on the H100
+(NOTES.md session 34). The winner is checked against an fp32 reference.
 Candidates are compiled first by a pool of processes on a small-E copy of the problem (E does not enter
 the GEMM kernels' specialization), so the timing loop only loads cached kernels.
 """
@@ -120,7 +120,7 @@ def uses_decode(T, k, E) -> bool:
 def problem(T, E, k, H, I, dtype, device="cuda", seed=0, weights=None):
     """(x [T, H], ids [T, k] distinct per token, router weights [T, k], w1 [E, 2I, H], w2 [E, H, I] — or in the
     model's transposed layout, [E, H, 2I] / [E, I, H]: shapes.model_spec); `weights` (w1, w2) of an earlier call
-    are reused instead of drawn. Uniform routing (Bench.rerouted: skewed)."""
+    are reused instead of drawn. Uniform routing (Bench.rerouted: another)."""
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(T, H, device=device, generator=g).to(dtype)
     ids = routes(T, E, k, "uniform", g)

@@ -22,7 +22,7 @@ from moe_compiler.lowering import dispatch, triton_config  # noqa: E402
 from moe_compiler.lowering.torch_segment_mm import GroupedMM  # noqa: E402
 from moe_compiler.lowering.triton_config import DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.tune import search  # noqa: E402
-from moe_compiler.tune.shapes import ALL_SHAPES, ROUTINGS, SHAPES, TOKENS, routes  # noqa: E402
+from moe_compiler.tune.shapes import ALL_SHAPES, KINDS, ROUTINGS, SHAPES, TOKENS, routes  # noqa: E402
 from moe_compiler.tune.timing import Timer, interleaved, median, wall_clock  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,30 +163,37 @@ def test_tune_writes_each_point_s_winner_with_its_time_under_each_routing(monkey
     assert triton_config.from_dict(entry["config"]) == table[0][4] == triton_config.from_dict(winner["config"])
     # "us" stays the uniform routing's time, as in entries written before the two-routing score
     assert entry["us"] == pytest.approx(winner["parts"]["routings"]["uniform"] * 1e6, abs=0.01)
-    assert entry["us_skewed"] == pytest.approx(winner["parts"]["routings"]["skewed"] * 1e6, abs=0.01)
+    assert entry["us_skewed_shuffled"] == pytest.approx(winner["parts"]["routings"]["skewed_shuffled"] * 1e6,
+                                                        abs=0.01)
     assert table[0][2] == pytest.approx(winner["us"] * 1e-6)  # the score
 
 
-def test_routes_are_distinct_per_token_and_skewed_routes_favour_the_first_experts():
+def test_routes_are_distinct_per_token_and_skewed_routes_favour_a_few_experts():
     g = torch.Generator().manual_seed(0)
     T, E, k = 2000, 16, 4
-    for kind in ROUTINGS:
+    counts = {}
+    for kind in KINDS:
         ids = routes(T, E, k, kind, g)
         assert ids.shape == (T, k) and ids.dtype == torch.int64 and 0 <= ids.min() and ids.max() < E
         assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct experts per token
-    uniform, skewed = (torch.bincount(routes(T, E, k, kind, g).flatten(), minlength=E) for kind in ROUTINGS)
-    assert uniform.max() < 1.3 * T * k / E  # ~500 each
-    assert skewed[0] > 2 * skewed[E // 2] and skewed[0] > 1.5 * T * k / E
+        counts[kind] = torch.bincount(ids.flatten(), minlength=E)
+    assert counts["uniform"].max() < 1.3 * T * k / E  # ~500 each
+    skewed, shuffled = counts["skewed"], counts["skewed_shuffled"]
+    assert skewed[0] > 2 * skewed[E // 2] and skewed[0] > 1.5 * T * k / E  # expert 0 the most popular
+    # the same popularities, at other ids
+    assert shuffled.max() > 1.5 * T * k / E and not torch.equal(shuffled.argsort(), skewed.argsort())
+    assert abs(shuffled.sort().values.float() - skewed.sort().values.float()).max() < 0.1 * T * k / E
+    assert set(ROUTINGS) <= set(KINDS)
     with pytest.raises(ValueError, match="expected one of"):
         routes(T, E, k, "zipf", g)
 
 
 def test_rerouted_bench_shares_tokens_and_weights():
     b = tiny_bench()
-    s = b.rerouted("skewed", seed=1)
-    assert s.routing == "skewed" and b.routing == "uniform"
+    s = b.rerouted("skewed_shuffled", seed=1)
+    assert s.routing == "skewed_shuffled" and b.routing == "uniform"
     assert s.x is b.x and s.w is b.w and s.w1 is b.w1 and s.w2 is b.w2 and s.ids.shape == b.ids.shape
-    assert torch.equal(s.ids, b.rerouted("skewed", seed=1).ids)
+    assert torch.equal(s.ids, b.rerouted("skewed_shuffled", seed=1).ids)
 
 
 class RoutedTimer:
