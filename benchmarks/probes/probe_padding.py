@@ -45,6 +45,19 @@ def tailed_ids(T, E, k, tail, device):
     return torch.cat([balanced_ids(T, E, k, device), extra])
 
 
+def sorted_config(gpu, cap, E, k, H, I, T) -> triton_config.SortedConfig:
+    """The config the op looks up, where it is the sorted path's; else (a CUTLASS or grouped_mm entry: DeepSeek-V3
+    T = 4096 on both GPUs) the nearest sorted entry of this GPU's table, else the untuned sorted tiles."""
+    cfg = triton_config.lookup(gpu, cap, torch.bfloat16, E, k, H, I, T)
+    if isinstance(cfg, triton_config.SortedConfig):
+        return cfg
+    path = triton_config.gpu_file(gpu)
+    entries = [e for e in triton_config.load_file(path) if isinstance(e["config"], triton_config.SortedConfig)] \
+        if path.exists() else []
+    near = triton_config.nearest_entry(entries, torch.bfloat16, E, k, H, I, T)
+    return near or triton_config.default_sorted_config(torch.bfloat16, E, k, T)
+
+
 def padding(ids, E, block_m):
     counts = torch.bincount(ids.flatten(), minlength=E)
     return ((counts + block_m - 1) // block_m * block_m).sum().item() / counts.sum().item()
@@ -65,7 +78,7 @@ def main():
         T = int(T)
         E, k, H, I = SHAPES[name]
         x, ids, w, w1, w2 = problem(T, E, k, H, I, torch.bfloat16)
-        cfg = triton_config.lookup(gpu, cap, torch.bfloat16, E, k, H, I, T)
+        cfg = sorted_config(gpu, cap, E, k, H, I, T)
         bal = balanced_ids(T, E, k, x.device)
         # the same counts with tokens and expert labels shuffled: the gathered rows scatter as in uniform routing
         shuffled = torch.randperm(E, device=x.device)[bal[torch.randperm(T, device=x.device)]]
