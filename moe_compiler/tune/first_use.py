@@ -13,8 +13,8 @@ be captured, not timed): it gets the nearest entry or the defaults, and the next
 What: a pruned search, as Inductor's max-autotune prunes. The candidates are the untuned default and every
 distinct config that won an entry of the committed tables (this GPU's, then other GPUs'), of the paths that
 suit T (decode only where T*k <= E), nearest T first; each is timed as a whole forward under a CUDA graph on
-random inputs of the call's shape (tune.search.Bench) under uniform and skewed routing, scored by the geometric
-mean of the two as the full search's final is, until the budget runs out. The winner is checked
+random inputs of the call's shape (tune.search.Bench) under uniform and skewed routing (tune.shapes.ROUTINGS),
+scored by the geometric mean of the two as the full search's final is, until the budget runs out. The winner is checked
 against the fp32 reference; a wrong or failing candidate is skipped.
 
 Cache: <cache dir>/autotune/<gpu>_triton-<version>_<hash of the kernel sources>.json, entries as in the
@@ -122,10 +122,11 @@ def choose(configs: list[Config], measure: Callable[[Config], float], budget_s: 
 
 
 def _measure_on_gpu(dtype, E, k, H, I, T) -> tuple[Callable[[Config], float], Callable[[Config], float]] | None:
-    """(seconds of a whole forward with a config — the geometric mean over search.ROUTINGS, as the full search
-    scores — and its rel err vs fp32), on random inputs; None where the
-    problem's buffers would not fit next to what the process holds."""
-    from .search import ROUTINGS, Bench, check, graph_calls, problem
+    """(seconds of a whole forward with a config — the geometric mean over shapes.ROUTINGS, as the full search
+    scores — and its rel err vs fp32), on random inputs; None where the problem's buffers would not fit next to
+    what the process holds."""
+    from .search import Bench, check, graph_calls, problem
+    from .shapes import ROUTINGS
     from .timing import Timer
 
     need = (3 * E * H * I + 4 * T * k * max(H, I)) * torch.finfo(dtype).bits // 8
