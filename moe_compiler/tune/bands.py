@@ -29,7 +29,6 @@ from moe_compiler.lowering import dispatch, triton_config
 from moe_compiler.lowering.triton_config import Config, Path
 
 from .search import benches, graph_calls, scores
-from .shapes import ROUTINGS
 
 # The bands measured by default: the decode band's graph runs GEMV tiles of single lengths, and the unbounded
 # band's lengths (8192+) cost minutes per shape; neither has shown a gap.
@@ -123,9 +122,8 @@ def measure(shape_names, tokens, dtype, timer, entries, command: str) -> tuple[l
             times: dict[str, list[float]] = {label: [] for label in cands}
             for _, T, b in benches([name], lengths, dtype):
                 timer.calls = graph_calls(T, k, H, I)
-                # the final's score: the geometric mean of the same tokens under each routing of ROUTINGS
-                got, _ = scores(timer, [b] + [b.rerouted(kind, seed=T) for kind in ROUTINGS if kind != b.routing],
-                                list(cands.values()))
+                # the final's score: the geometric mean of the same tokens under each routing (Bench.routed)
+                got, _ = scores(timer, b.routed(seed=T), list(cands.values()))
                 for label, cfg in cands.items():
                     times[label].append(got[cfg])
                 table.append((name, band, T, {label: got[cfg] * 1e6 for label, cfg in cands.items()}, today))

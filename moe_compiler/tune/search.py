@@ -175,6 +175,10 @@ class Bench:
         ids = routes(self.T, self.E, self.k, kind, torch.Generator(self.x.device).manual_seed(seed))
         return Bench(self.x, ids, self.w, self.w1, self.w2, kind)
 
+    def routed(self, seed: int = 0) -> list[Bench]:
+        """This bench and the same problem under each other routing of ROUTINGS: what the final's score times."""
+        return [self] + [self.rerouted(kind, seed) for kind in ROUTINGS if kind != self.routing]
+
     def rows(self, block_m):
         if block_m not in self._rows:
             self._rows[block_m] = triton_align.align_rows(self.ids, self.E, block_m)
@@ -370,7 +374,7 @@ def tune_point(b: Bench, timer, dtype, failed, log):
     # The final: every option and the untuned default as a whole forward (launch gaps, the id check and
     # the path's own extra kernels included), rounds interleaved, median.
     default = triton_config.default_config(dtype, b.E, k, b.H, b.I, T, b.spec.transposed)
-    routed = [b] + [b.rerouted(kind, seed=T) for kind in ROUTINGS if kind != b.routing]
+    routed = b.routed(seed=T)
     forward, each = scores(timer, routed, [cfg for _, cfg, _ in options] + [default])
     act = act_epilogue_option(routed, timer, forward, each, options)
     if act is not None:
