@@ -58,6 +58,14 @@ def sorted_config(gpu, cap, E, k, H, I, T) -> triton_config.SortedConfig:
     return near or triton_config.default_sorted_config(torch.bfloat16, E, k, T)
 
 
+def point_problem(point: str, gpu: str, cap):
+    """("shape:T" -> T, (E, k, H, I), the bf16 problem (x, ids, w, w1, w2) and the sorted config it runs)."""
+    name, T = point.split(":")
+    T = int(T)
+    E, k, H, I = SHAPES[name]
+    return T, (E, k, H, I), problem(T, E, k, H, I, torch.bfloat16), sorted_config(gpu, cap, E, k, H, I, T)
+
+
 def padding(ids, E, block_m):
     counts = torch.bincount(ids.flatten(), minlength=E)
     return ((counts + block_m - 1) // block_m * block_m).sum().item() / counts.sum().item()
@@ -74,11 +82,7 @@ def main():
     timer.calls = 2
     table = []
     for point in args.points:
-        name, T = point.split(":")
-        T = int(T)
-        E, k, H, I = SHAPES[name]
-        x, ids, w, w1, w2 = problem(T, E, k, H, I, torch.bfloat16)
-        cfg = sorted_config(gpu, cap, E, k, H, I, T)
+        T, (E, k, H, I), (x, ids, w, w1, w2), cfg = point_problem(point, gpu, cap)
         bal = balanced_ids(T, E, k, x.device)
         # the same counts with tokens and expert labels shuffled: the gathered rows scatter as in uniform routing
         shuffled = torch.randperm(E, device=x.device)[bal[torch.randperm(T, device=x.device)]]
