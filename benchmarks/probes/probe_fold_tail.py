@@ -7,11 +7,12 @@ tail of <= TAIL_M rows — the expert's previous tile takes those rows as a seco
 K loop, so the weight tile it already loads serves both (one weight stream; the tail costs its MMAs and its row
 loads). The tail's own tile finds itself folded and returns before loading anything.
 
-A stripped gate_up GEMM (gathered rows, concatenated gate/up weights [E, 2I, H], SiLU(gate) * up, pointer loads,
-no bias / TMA / warp specialization), the same kernel with TAIL_M = 0 (no folding) and TAIL_M > 0, per point and
-routing, each under a CUDA graph from a cold L2; the production gate_up with the table's config beside them for
-scale. Both outputs are checked against an fp32 reference. If folding wins here by more than the noise, the
-production kernels (gate_up and down, TMA and warp-specialized variants) get the same schedule.
+Stripped GEMMs — gate_up (gathered rows, concatenated gate/up weights [E, 2I, H], SiLU(gate) * up) and down (act
+rows in sorted order, W_down [E, H, I]), pointer loads, no bias / router weight / TMA / warp specialization — each
+with TAIL_M = 0 (no folding) and TAIL_M > 0, per point and routing (uniform; balanced, where nothing folds: the
+test's overhead), under a CUDA graph from a cold L2; the production kernels with the table's config beside them for
+scale. Every output is poisoned first and checked against an fp32 reference. If folding wins here by more than the
+noise, the production kernels (TMA and warp-specialized variants too) get the same schedule.
 
     python -m benchmarks.probes.probe_fold_tail [--points qwen3_30b_a3b:4096 ...] [--tails 32 64] [--block-n 64 128]
 """
@@ -70,6 +71,23 @@ def _gate_up_k_loop(x_ptr, w_base, tok, valid, tail_tok, tail_valid, H, I, strid
 
 
 @triton.jit
+def _fold_state(pid_m, block_expert_ptr, seg_end_ptr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
+    """(expert, its segment's end slot, the block's first slot, fold: this tile takes the expert's next <= TAIL_M
+    rows too, folded: this block is such a tail, done by the tile before it)."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    end = tl.load(seg_end_ptr + expert)
+    first = pid_m * BLOCK_M
+    own = end - first  # rows from this block's first slot to the expert's end (> BLOCK_M: later blocks too)
+    fold = own < 0  # False, as a tensor like the TAIL_M > 0 values
+    folded = own < 0
+    if TAIL_M > 0:
+        fold = (own > BLOCK_M) & (own <= BLOCK_M + TAIL_M)
+        prev = tl.load(block_expert_ptr + pid_m - 1, mask=pid_m > 0, other=-1)
+        folded = (own <= TAIL_M) & (prev == expert)
+    return expert, end, first, fold, folded
+
+
+@triton.jit
 def _fold_gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr,
                          H, I, TOP_K, GROUP_M, stride_xm, stride_we, stride_wn, stride_am,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_M: tl.constexpr):
@@ -77,17 +95,7 @@ def _fold_gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_rows_ptr, block_expert_pt
     num_pid_m = tl.load(num_padded_ptr) // BLOCK_M
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        end = tl.load(seg_end_ptr + expert)
-        first = pid_m * BLOCK_M
-        own = end - first  # rows from this block's first slot to the expert's end (> BLOCK_M: later blocks too)
-        fold = False
-        folded = False
-        if TAIL_M > 0:
-            # A tail of <= TAIL_M rows rides on the block before it (same expert); its own tile does nothing.
-            fold = (own > BLOCK_M) & (own <= BLOCK_M + TAIL_M)
-            prev = tl.load(block_expert_ptr + pid_m - 1, mask=pid_m > 0, other=-1)
-            folded = (own <= TAIL_M) & (prev == expert)
+        expert, end, first, fold, folded = _fold_state(pid_m, block_expert_ptr, seg_end_ptr, BLOCK_M, TAIL_M)
         if not folded:
             slots = first + tl.arange(0, BLOCK_M)
             valid = slots < end
@@ -117,6 +125,68 @@ def _fold_gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_rows_ptr, block_expert_pt
                      out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
 
 
+@triton.jit
+def _fold_down_kernel(a_ptr, w_ptr, y_ptr, block_expert_ptr, seg_end_ptr, num_padded_ptr, H, I, GROUP_M,
+                      stride_am, stride_we, stride_wn, stride_ym,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_M: tl.constexpr):
+    """y[slot] = act[slot] @ W_down[e]^T over sorted slots (act rows contiguous), the tail folded as in gate_up."""
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    num_pid_m = tl.load(num_padded_ptr) // BLOCK_M
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        expert, end, first, fold, folded = _fold_state(pid_m, block_expert_ptr, seg_end_ptr, BLOCK_M, TAIL_M)
+        if not folded:
+            slots = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
+            valid = slots < end
+            kk = tl.arange(0, BLOCK_K)
+            n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
+            n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            a_ptrs = a_ptr + slots[:, None] * stride_am + kk[None, :]
+            w_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if TAIL_M > 0:  # (a constexpr test first: Triton compiles both arms of a runtime `if`)
+                if fold:
+                    t_slots = (first + BLOCK_M + tl.arange(0, TAIL_M)).to(tl.int64)
+                    t_valid = t_slots < end
+                    t_ptrs = a_ptr + t_slots[:, None] * stride_am + kk[None, :]
+                    t_acc = tl.zeros([TAIL_M, BLOCK_N], dtype=tl.float32)
+                    for k0 in range(0, I, BLOCK_K):
+                        w = tl.load(w_ptrs)
+                        acc = tl.dot(tl.load(a_ptrs, mask=valid[:, None], other=0.0), w, acc)
+                        t_acc = tl.dot(tl.load(t_ptrs, mask=t_valid[:, None], other=0.0), w, t_acc)
+                        a_ptrs += BLOCK_K
+                        t_ptrs += BLOCK_K
+                        w_ptrs += BLOCK_K
+                    tl.store(y_ptr + t_slots[:, None] * stride_ym + n_out[None, :], t_acc.to(y_ptr.dtype.element_ty),
+                             mask=t_valid[:, None] & (n_out < H)[None, :])
+                else:
+                    for k0 in range(0, I, BLOCK_K):
+                        acc = tl.dot(tl.load(a_ptrs, mask=valid[:, None], other=0.0), tl.load(w_ptrs), acc)
+                        a_ptrs += BLOCK_K
+                        w_ptrs += BLOCK_K
+            else:
+                for k0 in range(0, I, BLOCK_K):
+                    acc = tl.dot(tl.load(a_ptrs, mask=valid[:, None], other=0.0), tl.load(w_ptrs), acc)
+                    a_ptrs += BLOCK_K
+                    w_ptrs += BLOCK_K
+            tl.store(y_ptr + slots[:, None] * stride_ym + n_out[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=valid[:, None] & (n_out < H)[None, :])
+
+
+def fold_down(act, w2, rows, y, block_m, block_n, block_k, tail_m, group_m=8, num_warps=8, num_stages=3):
+    """y[slot] = act[slot] @ w2[e]^T; w2 [E, H, I] with a unit last stride."""
+    I, H = act.shape[1], y.shape[1]
+    if w2.stride(2) != 1 or I % block_k:
+        raise ValueError(f"probe kernel: needs w2 [E, H, I] with unit I stride and I % block_k == 0, got strides "
+                         f"{tuple(w2.stride())}, I={I}, block_k={block_k}")
+    grid = (rows.max_blocks * triton.cdiv(H, block_n),)
+    _fold_down_kernel[grid](act, w2, y, rows.block_expert, rows.seg_end, rows.num_padded, H, I, group_m,
+                            act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, TAIL_M=tail_m,
+                            num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
 def fold_gate_up(x, w1, rows, k, act, block_m, block_n, block_k, tail_m, group_m=8, num_warps=8, num_stages=3):
     """act[slot] = silu(gate) * up of the pair at each sorted slot; w1 [E, 2I, H] with a unit last stride."""
     H, I = x.shape[1], act.shape[1]
@@ -144,9 +214,35 @@ def reference(x, ids, w1, rows, act_like):
     return out
 
 
+def reference_down(act, ids, w2, rows, y_like):
+    """fp32 act[slot] @ w2[e]^T at each pair's sorted slot; other slots NaN."""
+    out = torch.full(y_like.shape, float("nan"), dtype=torch.float32, device=act.device)
+    flat, pos = ids.flatten(), rows.pos.long()
+    for e in range(w2.shape[0]):
+        slots = pos[(flat == e).nonzero().flatten()]
+        out[slots] = act[slots].float() @ w2[e].float().T
+    return out
+
+
 def checked(act, ref):
     live = ~torch.isnan(ref[:, 0])
     return rel_err(act[live].float(), ref[live])
+
+
+def fold_counts(ids, E: int, block_m: int, tails) -> dict:
+    """Tiles of the padded order and, per TAIL_M, how many of them folding removes (host-side counts)."""
+    c = torch.bincount(ids.flatten(), minlength=E)
+    r = c % block_m
+    out = {"tiles": int(((c + block_m - 1) // block_m).sum())}
+    for t in tails:
+        out[f"folded tail{t}"] = int(((r > 0) & (r <= t) & (c > block_m)).sum())
+    return out
+
+
+def timed(timer, fn, check) -> tuple[float, float]:
+    """(µs under a CUDA graph, rel err of the first call's output) of one variant."""
+    err = check(fn())
+    return timer.graph(fn, calls=2) * 1e6, err
 
 
 def main():
@@ -161,35 +257,47 @@ def main():
     table = []
     for point in args.points:
         T, (E, k, H, I), (x, ids, w, w1, w2), cfg = point_problem(point, gpu, cap)
-        w1c = w1 if w1.shape[1] == 2 * I else w1.transpose(1, 2).contiguous()  # [E, 2I, H] for the probe kernel
+        # the probe kernels' layouts: [E, 2I, H] and [E, H, I], unit last stride
+        w1c = w1 if w1.shape[1] == 2 * I else w1.transpose(1, 2).contiguous()
+        w2c = w2 if w2.shape[1] == H else w2.transpose(1, 2).contiguous()
         for kind, routing in (("uniform", ids), ("balanced", balanced_ids(T, E, k, x.device))):
             b = Bench(x, routing, w, w1, w2)
             rows = align_rows(routing, E, cfg.block_m)
             act = x.new_empty(rows.sorted_rows.numel(), I)
-            ref = reference(x, routing, w1c, rows, act)
+            y = x.new_empty(rows.sorted_rows.numel(), H)
+            ref_act = reference(x, routing, w1c, rows, act)
+            tails = [t for t in args.tails if t <= cfg.block_m]
             row = {"point": point, "routing": kind, "block_m": cfg.block_m,
-                   "production_us": timer.graph(b.sorted_gate_up(cfg), calls=2) * 1e6}
+                   **fold_counts(routing, E, cfg.block_m, tails),
+                   "gate_up production": (timer.graph(b.sorted_gate_up(cfg), calls=2) * 1e6, float("nan")),
+                   "down production": (timer.graph(b.sorted_down(cfg), calls=2) * 1e6, float("nan"))}
             for bn in args.block_n:
-                for tail in [0] + args.tails:
-                    if tail > cfg.block_m:
-                        continue
-                    act.fill_(float("nan"))
+                for tail in [0] + tails:
+                    act.fill_(float("nan"))  # poisoned: a slot the kernel skips fails the check
 
-                    def fn(bn=bn, tail=tail):
+                    def gate_up(bn=bn, tail=tail):
                         return fold_gate_up(x, w1c, rows, k, act, cfg.block_m, bn, args.block_k, tail)
-                    fn()
-                    err = checked(act, ref)
-                    row[f"n{bn} tail{tail} us"] = timer.graph(fn, calls=2) * 1e6
-                    row[f"n{bn} tail{tail} err"] = err
+                    row[f"gate_up n{bn} tail{tail}"] = timed(timer, gate_up, lambda a: checked(a, ref_act))
+                # the down GEMM reads the gate_up's act (last variant's: every live slot checked above)
+                ref_y = reference_down(act, routing, w2c, rows, y)
+                for tail in [0] + tails:
+                    y.fill_(float("nan"))
+
+                    def down(bn=bn, tail=tail):
+                        return fold_down(act, w2c, rows, y, cfg.block_m, bn, args.block_k, tail)
+                    row[f"down n{bn} tail{tail}"] = timed(timer, down, lambda o: checked(o, ref_y))
             table.append(row)
             print(row, flush=True)
-        x = ids = w = w1 = w2 = w1c = b = None
+        x = ids = w = w1 = w2 = w1c = w2c = b = act = y = None
         torch.cuda.empty_cache()
-    print(f"{'point':>20} {'routing':>9} {'prod us':>8}  variant: us (rel err)")
+    print("µs under a CUDA graph from a cold L2 (rel err vs fp32); tail0 = the same probe kernel without folding")
     for r in table:
-        cells = [f"{key[:-3]}: {r[key]:.1f} ({r[key[:-3] + ' err']:.1e})" for key in r if key.endswith(" us")
-                 and key != "production_us"]
-        print(f"{r['point']:>20} {r['routing']:>9} {r['production_us']:>8.1f}  " + " | ".join(cells))
+        folds = ", ".join(f"{key[7:]} folds {v}" for key, v in r.items() if key.startswith("folded "))
+        print(f"{r['point']} {r['routing']} (block_m {r['block_m']}, {r['tiles']} row blocks; {folds})")
+        for gemm in ("gate_up", "down"):
+            cells = [f"{key[len(gemm) + 1:]}: {us:.1f} ({err:.0e})" for key, (us, err) in
+                     ((key, v) for key, v in r.items() if key.startswith(gemm + " "))]
+            print(f"  {gemm:>8}  " + " | ".join(cells))
 
 
 if __name__ == "__main__":
