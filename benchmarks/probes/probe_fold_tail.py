@@ -11,13 +11,16 @@ Stripped GEMMs — gate_up (gathered rows, concatenated gate/up weights [E, 2I, 
 rows in sorted order, W_down [E, H, I]), pointer loads, no bias / router weight / TMA / warp specialization — each
 with TAIL_M = 0 (no folding) and TAIL_M > 0, per point and routing (uniform; balanced, where nothing folds: the
 test's overhead), under a CUDA graph from a cold L2; the production kernels with the table's config beside them for
-scale. Every output is poisoned first and checked against an fp32 reference. If folding wins here by more than the
-noise, the production kernels (TMA and warp-specialized variants too) get the same schedule.
+scale, and the production kernels with SortedConfig.tail_m (warp specialization off) against the same config
+unfolded. Every probe output is poisoned first and checked against an fp32 reference (the production kernels'
+folding is checked by tests/lowering/test_triton_experts.py).
 
     python -m benchmarks.probes.probe_fold_tail [--points qwen3_30b_a3b:4096 ...] [--tails 32 64] [--block-n 64 128]
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -271,6 +274,16 @@ def main():
                    **fold_counts(routing, E, cfg.block_m, tails),
                    "gate_up production": (timer.graph(b.sorted_gate_up(cfg), calls=2) * 1e6, float("nan")),
                    "down production": (timer.graph(b.sorted_down(cfg), calls=2) * 1e6, float("nan"))}
+            # the production kernels with SortedConfig.tail_m (warp specialization off: the two do not combine),
+            # against the same config unfolded; correctness is the suite's (tests/lowering/test_triton_experts.py)
+            plain = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, warp_specialize=False),
+                                        down=dataclasses.replace(cfg.down, warp_specialize=False))
+            for tail in [0] + tails:
+                folded = dataclasses.replace(plain, tail_m=tail)
+                row[f"gate_up production no-ws tail{tail}"] = (timer.graph(b.sorted_gate_up(folded), calls=2) * 1e6,
+                                                               float("nan"))
+                row[f"down production no-ws tail{tail}"] = (timer.graph(b.sorted_down(folded), calls=2) * 1e6,
+                                                            float("nan"))
             for bn in args.block_n:
                 for tail in [0] + tails:
                     act.fill_(float("nan"))  # poisoned: a slot the kernel skips fails the check

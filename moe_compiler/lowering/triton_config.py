@@ -204,10 +204,20 @@ class SortedConfig:
     # Weight tiles by TMA (host tensor descriptors) where the GPU and layout allow; else pointer loads.
     tma: bool = False
     combine: Combine = Combine.GATHER
+    # An expert's last block of at most tail_m rows rides on the tile before it (one weight stream for both; its own
+    # tile returns at once) instead of costing a whole tile (benchmarks/NOTES.md session 37). 0: off. Taken by the
+    # kernels whose call has no bias, router-weighted input, stored pre-activation, atomic combine or interleaved
+    # gate / up (triton_experts.folds_*); the others run unfolded whatever this says.
+    tail_m: int = 0
     path: Path = Path.SORTED
 
     def __post_init__(self):
         _pow2("block_m", self.block_m, 16, 256)
+        if self.tail_m:
+            _pow2("tail_m", self.tail_m, 16, self.block_m)
+            if any(isinstance(kc, KernelConfig) and kc.warp_specialize for kc in (self.gate_up, self.down)):
+                raise ValueError("tail_m: folded tails and warp_specialize do not combine (the flattened tile loop "
+                                 "has one K loop shape); set one of them")
         for name, kc in (("gate_up", self.gate_up), ("down", self.down)):
             if isinstance(kc, KernelConfig) and kc.block_n < 16:  # tl.dot's smallest N
                 raise ValueError(
@@ -261,6 +271,8 @@ def to_dict(config: Config) -> dict:
     d["path"] = config.path.value
     if isinstance(config, SortedConfig):
         d["combine"] = config.combine.value
+        if not config.tail_m:
+            del d["tail_m"]  # the entries written before the field existed read the same
     if isinstance(config, CutlassConfig) and not config.act_epilogue:
         del d["act_epilogue"]  # the entries written before the field existed read the same
     return d

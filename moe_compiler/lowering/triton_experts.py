@@ -61,6 +61,169 @@ def _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M: 
     return expert, slots.to(tl.int64), rows, valid
 
 
+@triton.jit
+def _fold_state(pid_m, block_expert_ptr, seg_end_ptr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
+    """(expert of block pid_m, its segment's end slot, fold: this tile takes the expert's next <= TAIL_M rows too,
+    folded: this block is such a tail, done by the tile before it). SortedConfig.tail_m."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    end = tl.load(seg_end_ptr + expert)
+    own = end - pid_m * BLOCK_M  # rows from this block's first slot to the expert's end (> BLOCK_M: later blocks)
+    fold = (own > BLOCK_M) & (own <= BLOCK_M + TAIL_M)
+    prev = tl.load(block_expert_ptr + pid_m - 1, mask=pid_m > 0, other=-1)
+    return expert, end, fold, (own <= TAIL_M) & (prev == expert)
+
+
+@triton.jit
+def _gathered_rows(x_ptr, sorted_rows_ptr, first, end, stride_xm, TOP_K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pointers to the hidden rows of sorted slots first .. first + ROWS (first K block), the slots, which hold a
+    pair, and those pairs."""
+    slots = (first + tl.arange(0, ROWS)).to(tl.int64)
+    valid = slots < end
+    rows = tl.load(sorted_rows_ptr + slots, mask=valid, other=0)
+    return x_ptr + (rows // TOP_K).to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :], slots, valid
+
+
+@triton.jit
+def _load_k(ptrs, row_ok, k_left, EVEN_K: tl.constexpr, ALONG_ROWS: tl.constexpr):
+    """One [rows, BLOCK_K] (ALONG_ROWS) or [BLOCK_K, cols] tile by pointers; K past k_left and rows not ok read 0."""
+    if ALONG_ROWS:
+        if EVEN_K:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        return tl.load(ptrs, mask=row_ok[:, None] & (tl.arange(0, ptrs.shape[1]) < k_left)[None, :], other=0.0)
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(tl.arange(0, ptrs.shape[0]) < k_left)[:, None], other=0.0)
+
+
+@triton.jit
+def _gate_up_folded_k_loop(a_ptrs, valid, t_ptrs, t_valid, w_ptr, w_desc, expert, pid_n, H, I, stride_we, stride_wn,
+                           stride_wk, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           TAIL_M: tl.constexpr, FOLD: tl.constexpr):
+    """gate / up accumulators of a block's rows and, with FOLD, of the tail's rows, over one weight stream (the
+    concatenated layout of the sorted gate_up kernel's main loop)."""
+    kk = tl.arange(0, BLOCK_K)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
+    wg_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+    wu_ptrs = wg_ptrs + I * stride_wn
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    t_gate = tl.zeros([TAIL_M, BLOCK_N], dtype=tl.float32)
+    t_up = tl.zeros([TAIL_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        a = _load_k(a_ptrs, valid, H - k0, EVEN_K, True)
+        if W_TMA:
+            wg = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+            wu = w_desc.load([expert.to(tl.int32), I + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+        else:
+            wg = _load_k(wg_ptrs, valid, H - k0, EVEN_K, False)
+            wu = _load_k(wu_ptrs, valid, H - k0, EVEN_K, False)
+        gate = tl.dot(a, wg, gate, input_precision=DOT_PRECISION)
+        up = tl.dot(a, wu, up, input_precision=DOT_PRECISION)
+        if FOLD:
+            t = _load_k(t_ptrs, t_valid, H - k0, EVEN_K, True)
+            t_gate = tl.dot(t, wg, t_gate, input_precision=DOT_PRECISION)
+            t_up = tl.dot(t, wu, t_up, input_precision=DOT_PRECISION)
+            t_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K * stride_wk
+        wu_ptrs += BLOCK_K * stride_wk
+    return gate, up, t_gate, t_up
+
+
+@triton.jit
+def _gate_up_folded_tile(x_ptr, w_ptr, w_desc, act_ptr, sorted_rows_ptr, pid_m, pid_n, expert, end, fold,
+                         H, I, TOP_K, alpha, limit, stride_xm, stride_we, stride_wn, stride_wk, stride_am,
+                         ACT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_M: tl.constexpr):
+    """One gate_up tile of a SortedConfig.tail_m call (concatenated gate / up, no bias, no stored Z, unscaled
+    input): its block's rows and, where `fold`, the expert's next <= TAIL_M rows against the same weight tiles."""
+    a_ptrs, slots, valid = _gathered_rows(x_ptr, sorted_rows_ptr, pid_m * BLOCK_M, end, stride_xm, TOP_K, BLOCK_M,
+                                          BLOCK_K)
+    n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if fold:  # (two loops, chosen per tile: a branch inside the K loop would stall its pipelining)
+        t_ptrs, t_slots, t_valid = _gathered_rows(x_ptr, sorted_rows_ptr, (pid_m + 1) * BLOCK_M, end, stride_xm,
+                                                  TOP_K, TAIL_M, BLOCK_K)
+        gate, up, t_gate, t_up = _gate_up_folded_k_loop(
+            a_ptrs, valid, t_ptrs, t_valid, w_ptr, w_desc, expert, pid_n, H, I, stride_we, stride_wn, stride_wk,
+            EVEN_K, DOT_PRECISION, W_TMA, BLOCK_M, BLOCK_N, BLOCK_K, TAIL_M, True)
+        tl.store(act_ptr + t_slots[:, None] * stride_am + n_out[None, :],
+                 gated_act(t_gate, t_up, alpha, limit, ACT).to(act_ptr.dtype.element_ty),
+                 mask=t_valid[:, None] & (n_out < I)[None, :])
+    else:
+        gate, up, _, _ = _gate_up_folded_k_loop(
+            a_ptrs, valid, a_ptrs, valid, w_ptr, w_desc, expert, pid_n, H, I, stride_we, stride_wn, stride_wk,
+            EVEN_K, DOT_PRECISION, W_TMA, BLOCK_M, BLOCK_N, BLOCK_K, TAIL_M, False)
+    tl.store(act_ptr + slots[:, None] * stride_am + n_out[None, :],
+             gated_act(gate, up, alpha, limit, ACT).to(act_ptr.dtype.element_ty),
+             mask=valid[:, None] & (n_out < I)[None, :])
+
+
+@triton.jit
+def _down_folded_k_loop(a_ptrs, valid, a_desc, first, t_ptrs, t_valid, w_ptr, w_desc, expert, pid_n, H, I,
+                        stride_we, stride_wn, stride_wk, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        W_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        TAIL_M: tl.constexpr, FOLD: tl.constexpr):
+    """The down GEMM's accumulators of a block's act rows and, with FOLD, of the tail's (by pointers), over one
+    weight stream."""
+    kk = tl.arange(0, BLOCK_K)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
+    w_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    t_acc = tl.zeros([TAIL_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if W_TMA:
+            a = a_desc.load([first, k0])
+            w = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+        else:
+            a = _load_k(a_ptrs, valid, I - k0, EVEN_K, True)
+            w = _load_k(w_ptrs, valid, I - k0, EVEN_K, False)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if FOLD:
+            t_acc = tl.dot(_load_k(t_ptrs, t_valid, I - k0, EVEN_K, True), w, t_acc, input_precision=DOT_PRECISION)
+            t_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    return acc, t_acc
+
+
+@triton.jit
+def _down_folded_tile(a_ptr, a_desc, w_ptr, w_desc, y_ptr, topk_w_ptr, sorted_rows_ptr, pid_m, pid_n, expert, end,
+                      fold, H, I, stride_am, stride_we, stride_wn, stride_wk, stride_ym,
+                      EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
+                      SCALE_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      TAIL_M: tl.constexpr):
+    """One down tile of a SortedConfig.tail_m call (no bias, gather combine): its block's rows and, where `fold`,
+    the expert's next <= TAIL_M rows, each (x its router weight unless SCALE_INPUT) stored at its slot."""
+    kk = tl.arange(0, BLOCK_K)
+    first = pid_m * BLOCK_M
+    slots = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
+    valid = slots < end
+    a_ptrs = a_ptr + slots[:, None] * stride_am + kk[None, :]
+    n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if fold:  # (two loops, chosen per tile, as in _gate_up_folded_tile)
+        t_slots = (first + BLOCK_M + tl.arange(0, TAIL_M)).to(tl.int64)
+        t_valid = t_slots < end
+        t_ptrs = a_ptr + t_slots[:, None] * stride_am + kk[None, :]
+        acc, t_acc = _down_folded_k_loop(a_ptrs, valid, a_desc, first, t_ptrs, t_valid, w_ptr, w_desc, expert, pid_n,
+                                         H, I, stride_we, stride_wn, stride_wk, EVEN_K, DOT_PRECISION, W_TMA, BLOCK_M,
+                                         BLOCK_N, BLOCK_K, TAIL_M, True)
+        if not SCALE_INPUT:
+            t_rows = tl.load(sorted_rows_ptr + t_slots, mask=t_valid, other=0)
+            t_acc *= tl.load(topk_w_ptr + t_rows, mask=t_valid, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + t_slots[:, None] * stride_ym + n_out[None, :], t_acc.to(y_ptr.dtype.element_ty),
+                 mask=t_valid[:, None] & (n_out < H)[None, :])
+    else:
+        acc, _ = _down_folded_k_loop(a_ptrs, valid, a_desc, first, a_ptrs, valid, w_ptr, w_desc, expert, pid_n, H, I,
+                                     stride_we, stride_wn, stride_wk, EVEN_K, DOT_PRECISION, W_TMA, BLOCK_M, BLOCK_N,
+                                     BLOCK_K, TAIL_M, False)
+    if not SCALE_INPUT:
+        rows = tl.load(sorted_rows_ptr + slots, mask=valid, other=0)
+        acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + slots[:, None] * stride_ym + n_out[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=valid[:, None] & (n_out < H)[None, :])
+
+
 # How a sorted kernel loads its TMA tiles (W_TMA): not at all (pointer loads), through descriptors built on the
 # host (triton.tools.tensor_descriptor: an eager call; a recorded launch cannot carry them), or through descriptors
 # each program builds on the device from its pointer arguments (a recorded call, launch.recorded_tma()).
@@ -76,6 +239,7 @@ def _gate_up_kernel(
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPEC: tl.constexpr,
+    TAIL_M: tl.constexpr,
 ):
     if W_TMA == 2:  # TMA_DEVICE: the same boxes as the host's descriptor (_weight_desc), built by each program
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, 2 * I, H], strides=[stride_we, stride_wn, 1],
@@ -84,84 +248,91 @@ def _gate_up_kernel(
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=WARP_SPEC, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
-        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
-        tok = (rows // TOP_K).to(tl.int64)
-        kk = tl.arange(0, BLOCK_K)
-        a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
-        w_base = w_ptr + expert * stride_we
-        if INTERLEAVED:
-            # Rows 2n (gate) and 2n+1 (up) are neighbours: one [BLOCK_K, 2*BLOCK_N] tile, split after the dot.
-            cols = (pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * I)
-            w_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
-            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
-                else:
-                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
-                if W_TMA:
-                    # TMA: rows past 2I and columns past H arrive as zeros.
-                    w = w_desc.load([expert.to(tl.int32), pid_n * 2 * BLOCK_N, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
-                elif EVEN_K:
-                    w = tl.load(w_ptrs)
-                else:
-                    w = tl.load(w_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-                a_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K * stride_wk
-            if SCALE_INPUT:  # (w x) W = w (x W): scale the rows after the dot, before the bias
-                acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + expert * stride_be + cols).to(tl.float32)[None, :]
-            if STORE_Z:  # the backward's pre-activation rows, in w_gate_up's row order, at each pair's row
-                z_cols = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
-                z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_zm
-                tl.store(z_rows + z_cols[None, :], acc.to(z_ptr.dtype.element_ty),
-                         mask=valid[:, None] & (z_cols < 2 * I)[None, :])
-            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        if TAIL_M > 0:  # SortedConfig.tail_m (launch_gate_up passes it only to calls _gate_up_folded_tile covers)
+            expert, end, fold, folded = _fold_state(pid_m, block_expert_ptr, seg_end_ptr, BLOCK_M, TAIL_M)
+            if not folded:
+                _gate_up_folded_tile(x_ptr, w_ptr, w_desc, act_ptr, sorted_rows_ptr, pid_m, pid_n, expert, end, fold,
+                                     H, I, TOP_K, alpha, limit, stride_xm, stride_we, stride_wn, stride_wk,
+                                     stride_am, ACT, EVEN_K, DOT_PRECISION, W_TMA, BLOCK_M, BLOCK_N, BLOCK_K, TAIL_M)
         else:
-            n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
-            wg_ptrs = w_base + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
-            wu_ptrs = wg_ptrs + I * stride_wn
-            gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
-                else:
-                    a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
-                if W_TMA:
-                    # TMA: gate rows past I read up rows (their columns are not stored); up rows past 2I are zeros.
-                    wg = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
-                    wu = w_desc.load([expert.to(tl.int32), I + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
-                elif EVEN_K:
-                    wg = tl.load(wg_ptrs)
-                    wu = tl.load(wu_ptrs)
-                else:
-                    wg = tl.load(wg_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
-                    wu = tl.load(wu_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
-                gate = tl.dot(a, wg, gate, input_precision=DOT_PRECISION)
-                up = tl.dot(a, wu, up, input_precision=DOT_PRECISION)
-                a_ptrs += BLOCK_K
-                wg_ptrs += BLOCK_K * stride_wk
-                wu_ptrs += BLOCK_K * stride_wk
-            if SCALE_INPUT:
-                row_w = tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-                gate *= row_w
-                up *= row_w
-            if HAS_BIAS:
-                gate += tl.load(b_ptr + expert * stride_be + n).to(tl.float32)[None, :]
-                up += tl.load(b_ptr + expert * stride_be + I + n).to(tl.float32)[None, :]
-            if STORE_Z:
-                z_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                z_mask = valid[:, None] & (z_n < I)[None, :]
-                z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + z_n[None, :]
-                tl.store(z_ptrs, gate.to(z_ptr.dtype.element_ty), mask=z_mask)
-                tl.store(z_ptrs + I, up.to(z_ptr.dtype.element_ty), mask=z_mask)
-        out = gated_act(gate, up, alpha, limit, ACT)
-        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
-        tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
+            expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
+            tok = (rows // TOP_K).to(tl.int64)
+            kk = tl.arange(0, BLOCK_K)
+            a_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :]
+            w_base = w_ptr + expert * stride_we
+            if INTERLEAVED:
+                # Rows 2n (gate) and 2n+1 (up) are neighbours: one [BLOCK_K, 2*BLOCK_N] tile, split after the dot.
+                cols = (pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * I)
+                w_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+                acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    if EVEN_K:
+                        a = tl.load(a_ptrs)
+                    else:
+                        a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                    if W_TMA:
+                        # TMA: rows past 2I and columns past H arrive as zeros.
+                        w = w_desc.load([expert.to(tl.int32), pid_n * 2 * BLOCK_N, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
+                    elif EVEN_K:
+                        w = tl.load(w_ptrs)
+                    else:
+                        w = tl.load(w_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
+                    acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+                    a_ptrs += BLOCK_K
+                    w_ptrs += BLOCK_K * stride_wk
+                if SCALE_INPUT:  # (w x) W = w (x W): scale the rows after the dot, before the bias
+                    acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + expert * stride_be + cols).to(tl.float32)[None, :]
+                if STORE_Z:  # the backward's pre-activation rows, in w_gate_up's row order, at each pair's row
+                    z_cols = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+                    z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_zm
+                    tl.store(z_rows + z_cols[None, :], acc.to(z_ptr.dtype.element_ty),
+                             mask=valid[:, None] & (z_cols < 2 * I)[None, :])
+                gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+            else:
+                n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % I
+                wg_ptrs = w_base + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+                wu_ptrs = wg_ptrs + I * stride_wn
+                gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    if EVEN_K:
+                        a = tl.load(a_ptrs)
+                    else:
+                        a = tl.load(a_ptrs, mask=(kk[None, :] < H - k0), other=0.0)
+                    if W_TMA:
+                        # TMA: gate rows past I read up rows (their columns are not stored); up rows past 2I are zeros.
+                        wg = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                        wu = w_desc.load([expert.to(tl.int32), I + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                    elif EVEN_K:
+                        wg = tl.load(wg_ptrs)
+                        wu = tl.load(wu_ptrs)
+                    else:
+                        wg = tl.load(wg_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
+                        wu = tl.load(wu_ptrs, mask=(kk[:, None] < H - k0), other=0.0)
+                    gate = tl.dot(a, wg, gate, input_precision=DOT_PRECISION)
+                    up = tl.dot(a, wu, up, input_precision=DOT_PRECISION)
+                    a_ptrs += BLOCK_K
+                    wg_ptrs += BLOCK_K * stride_wk
+                    wu_ptrs += BLOCK_K * stride_wk
+                if SCALE_INPUT:
+                    row_w = tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+                    gate *= row_w
+                    up *= row_w
+                if HAS_BIAS:
+                    gate += tl.load(b_ptr + expert * stride_be + n).to(tl.float32)[None, :]
+                    up += tl.load(b_ptr + expert * stride_be + I + n).to(tl.float32)[None, :]
+                if STORE_Z:
+                    z_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                    z_mask = valid[:, None] & (z_n < I)[None, :]
+                    z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + z_n[None, :]
+                    tl.store(z_ptrs, gate.to(z_ptr.dtype.element_ty), mask=z_mask)
+                    tl.store(z_ptrs + I, up.to(z_ptr.dtype.element_ty), mask=z_mask)
+            out = gated_act(gate, up, alpha, limit, ACT)
+            n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            ptrs = act_ptr + slots[:, None] * stride_am + n_out[None, :]
+            tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n_out < I)[None, :])
 
 
 @triton.jit(do_not_specialize=["GROUP_M", "S"])  # S: act's rows, a bound that moves with T (read by TMA_DEVICE only)
@@ -173,6 +344,7 @@ def _down_kernel(
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_TMA: tl.constexpr, SCALE_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPEC: tl.constexpr,
+    TAIL_M: tl.constexpr,
 ):
     if W_TMA == 2:  # TMA_DEVICE: as launch_down's host descriptors, act [S, I] and W_down [E, H, I]
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[S, I], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -182,39 +354,46 @@ def _down_kernel(
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=WARP_SPEC, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
-        expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
-        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
-        kk = tl.arange(0, BLOCK_K)
-        # Padding rows of act were never written: whatever they hold only reaches rows that are not stored.
-        a_ptrs = a_ptr + slots[:, None] * stride_am + kk[None, :]
-        w_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            if W_TMA:
-                # act rows are contiguous in sorted order, so both operands come by TMA (K tail: zeros).
-                a = a_desc.load([pid_m * BLOCK_M, k0])
-                w = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
-            elif EVEN_K:
-                a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
-                w = tl.load(w_ptrs, mask=(kk[:, None] < I - k0), other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + expert * stride_be + n).to(tl.float32)[None, :]
-        if not SCALE_INPUT:  # the weight went into the gate_up rows instead
-            acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-        n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = valid[:, None] & (n_out < H)[None, :]
-        if ATOMIC:
-            # y is the fp32 [T, H] output itself: add into the token's row (order of adds varies by run).
-            tok = (rows // TOP_K).to(tl.int64)
-            tl.atomic_add(y_ptr + tok[:, None] * stride_ym + n_out[None, :], acc, mask=mask, sem="relaxed")
+        if TAIL_M > 0:  # SortedConfig.tail_m (launch_down passes it only to calls _down_folded_tile covers)
+            expert, end, fold, folded = _fold_state(pid_m, block_expert_ptr, seg_end_ptr, BLOCK_M, TAIL_M)
+            if not folded:
+                _down_folded_tile(a_ptr, a_desc, w_ptr, w_desc, y_ptr, topk_w_ptr, sorted_rows_ptr, pid_m, pid_n,
+                                  expert, end, fold, H, I, stride_am, stride_we, stride_wn, stride_wk, stride_ym,
+                                  EVEN_K, DOT_PRECISION, W_TMA, SCALE_INPUT, BLOCK_M, BLOCK_N, BLOCK_K, TAIL_M)
         else:
-            tl.store(y_ptr + slots[:, None] * stride_ym + n_out[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+            expert, slots, rows, valid = _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M)
+            n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % H
+            kk = tl.arange(0, BLOCK_K)
+            # Padding rows of act were never written: whatever they hold only reaches rows that are not stored.
+            a_ptrs = a_ptr + slots[:, None] * stride_am + kk[None, :]
+            w_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + kk[:, None] * stride_wk
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                if W_TMA:
+                    # act rows are contiguous in sorted order, so both operands come by TMA (K tail: zeros).
+                    a = a_desc.load([pid_m * BLOCK_M, k0])
+                    w = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                elif EVEN_K:
+                    a = tl.load(a_ptrs)
+                    w = tl.load(w_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=(kk[None, :] < I - k0), other=0.0)
+                    w = tl.load(w_ptrs, mask=(kk[:, None] < I - k0), other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+                a_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wk
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + expert * stride_be + n).to(tl.float32)[None, :]
+            if not SCALE_INPUT:  # the weight went into the gate_up rows instead
+                acc *= tl.load(topk_w_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+            n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = valid[:, None] & (n_out < H)[None, :]
+            if ATOMIC:
+                # y is the fp32 [T, H] output itself: add into the token's row (order of adds varies by run).
+                tok = (rows // TOP_K).to(tl.int64)
+                tl.atomic_add(y_ptr + tok[:, None] * stride_ym + n_out[None, :], acc, mask=mask, sem="relaxed")
+            else:
+                tl.store(y_ptr + slots[:, None] * stride_ym + n_out[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -289,6 +468,17 @@ def _weight_desc(w, rows: int, block_k: int, use: bool):
     return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, rows, block_k])
 
 
+def folds_gate_up(config: SortedConfig, spec: ExpertsSpec, b_gate_up, z) -> int:
+    """The TAIL_M of a gate_up call: config.tail_m where _gate_up_folded_tile covers the call, else 0."""
+    plain = spec.gate_up is GateUpLayout.CONCAT and b_gate_up is None and not spec.scale_input and z is None
+    return config.tail_m if plain else 0
+
+
+def folds_down(config: SortedConfig, b_down) -> int:
+    """The TAIL_M of a down call: config.tail_m where _down_folded_tile covers the call, else 0."""
+    return config.tail_m if b_down is None and config.combine is Combine.GATHER else 0
+
+
 def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: ExpertsSpec, config: SortedConfig, k: int,
                    act, weights=None, z=None):
     """act[slot] = act(gate) * up of the pair at each sorted slot (padding slots untouched); with
@@ -312,7 +502,8 @@ def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: Expert
         HAS_BIAS=b_gate_up is not None, EVEN_K=H % gu.block_k == 0, DOT_PRECISION=dot_precision(hidden.dtype),
         W_TMA=tma, SCALE_INPUT=spec.scale_input, STORE_Z=z is not None, BLOCK_M=config.block_m, BLOCK_N=gu.block_n,
         BLOCK_K=gu.block_k,
-        WARP_SPEC=gu.warp_specialize, num_warps=gu.num_warps, num_stages=gu.num_stages,
+        WARP_SPEC=gu.warp_specialize, TAIL_M=folds_gate_up(config, spec, b_gate_up, z), num_warps=gu.num_warps,
+        num_stages=gu.num_stages,
     )
 
 
@@ -338,7 +529,7 @@ def launch_down(act, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSp
         HAS_BIAS=b_down is not None, EVEN_K=I % dn.block_k == 0, ATOMIC=config.combine is Combine.ATOMIC,
         DOT_PRECISION=dot_precision(act.dtype), W_TMA=tma, SCALE_INPUT=spec.scale_input,
         BLOCK_M=config.block_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, WARP_SPEC=dn.warp_specialize,
-        num_warps=dn.num_warps, num_stages=dn.num_stages,
+        TAIL_M=folds_down(config, b_down), num_warps=dn.num_warps, num_stages=dn.num_stages,
     )
 
 
