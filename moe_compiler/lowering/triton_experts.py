@@ -28,6 +28,12 @@ Loads are unmasked along N (column indices wrap modulo N; the store masks) and a
 config's block_k divides K. With config.tma (sm90+, weights [E, N, K] with unit K stride), weight tiles
 (and the down GEMM's contiguous act rows) come by TMA from host-built descriptors; the gathered hidden
 rows of the gate_up GEMM always come by pointer loads (Hopper's TMA has no row gather).
+
+Folded tails (config.tail_m > 0, off in every table until measured: benchmarks/NOTES.md session 37). A padded
+last block costs about a whole tile whatever its rows (probe_padding --tails), so a tile whose expert continues
+for at most tail_m rows past it takes those rows as a second [tail_m, BLOCK_K] operand against the weight tiles it
+already holds, and the tail block's own tile returns at once: one weight stream for both. Only the calls the
+folded tiles cover take it (folds_gate_up / folds_down); the others run the tile body above.
 """
 
 from __future__ import annotations
