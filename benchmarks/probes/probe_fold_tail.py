@@ -2,7 +2,7 @@
 
 probe_padding --tails (NOTES.md session 37) measured that a partial tile costs about one whole tile whatever its
 rows: the tile streams its expert's whole weight tile and runs the whole tile's MMAs. A smaller tail tile would
-cut only the MMAs (v4's half-height tiles: nothing saved). SortedConfig.tail_m tries the other cut: no tile of its
+cut only the MMAs (v4's half-height tiles: nothing saved). KernelConfig.tail_m tries the other cut: no tile of its
 own for a tail of <= tail_m rows — the expert's previous tile takes those rows as a second operand of the same K
 loop, so the weight tile it already loads serves both (one weight stream; the tail costs its MMAs and its row
 loads), and the tail's own tile returns before loading anything (triton_experts._fold_state).
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from moe_compiler.lowering import triton_experts
 from moe_compiler.testing import experts_reference_by_expert, rel_err
@@ -42,11 +43,26 @@ def fold_counts(ids, E: int, block_m: int, tails) -> dict:
     return out
 
 
+def timed(timer, fn) -> float:
+    """µs under a CUDA graph, or nan where the variant does not fit the SM (shared memory, registers)."""
+    try:
+        return timer.graph(fn, calls=2) * 1e6
+    except OutOfResources:
+        return float("nan")
+
+
+def checked(forward, ref) -> float:
+    try:
+        return rel_err(forward(), ref)
+    except OutOfResources:
+        return float("nan")
+
+
 def variant(cfg, block_n: int, tail: int):
     """cfg with both GEMMs' block_n and no warp specialization, folding tails of <= `tail` rows (0: none)."""
     def kernel(kc):
-        return dataclasses.replace(kc, block_n=block_n, warp_specialize=False)
-    return dataclasses.replace(cfg, gate_up=kernel(cfg.gate_up), down=kernel(cfg.down), tail_m=tail)
+        return dataclasses.replace(kc, block_n=block_n, warp_specialize=False, tail_m=tail)
+    return dataclasses.replace(cfg, gate_up=kernel(cfg.gate_up), down=kernel(cfg.down))
 
 
 def main():
@@ -71,14 +87,14 @@ def main():
             configs = {"table": cfg}
             configs |= {f"n{bn} tail{t}": variant(cfg, bn, t) for bn in args.block_n for t in [0] + tails}
             for name, c in configs.items():
-                row[name] = (timer.graph(b.sorted_gate_up(c), calls=2) * 1e6,
-                             timer.graph(b.sorted_down(c), calls=2) * 1e6, rel_err(b.forward(c)(), ref))
+                row[name] = (timed(timer, b.sorted_gate_up(c)), timed(timer, b.sorted_down(c)),
+                             checked(b.forward(c), ref))
             table.append(row)
             print(row, flush=True)
         x = ids = w = w1 = w2 = b = ref = None
         torch.cuda.empty_cache()
     print("µs under a CUDA graph from a cold L2, gate_up / down (forward rel err vs fp32); tail0: the same tiles, "
-          "unfolded")
+          "unfolded; nan: does not fit the SM")
     for r in table:
         folds = ", ".join(f"{key[7:]} folds {v}" for key, v in r.items() if key.startswith("folded "))
         print(f"{r['point']} {r['routing']} (block_m {r['block_m']}, {r['tiles']} row blocks; {folds}; "

@@ -167,6 +167,12 @@ class KernelConfig:
     # in split order by the last to finish), for grids that H / block_n alone leaves short of the GPU (wide tiles
     # over transposed [E, I, H] weights).
     split_k: int = 1
+    # Sorted path only: an expert's last block of at most tail_m rows rides on the tile before it (one weight stream
+    # for both; its own tile returns at once) instead of costing a whole tile (benchmarks/NOTES.md sessions 37-38).
+    # 0: off. Taken where this GEMM's call has no bias, router-weighted input, stored pre-activation, atomic combine
+    # or interleaved gate / up (triton_experts.folds_*); other calls run unfolded whatever this says. Per GEMM: the
+    # down GEMM's best tile is often warp-specialized, which folding does not combine with.
+    tail_m: int = 0
 
     def __post_init__(self):
         _pow2("block_n", self.block_n, 2, 512)  # sorted-path GEMMs need >= 16 (SortedConfig checks)
@@ -178,6 +184,11 @@ class KernelConfig:
             raise ValueError(f"warp_specialize: expected a bool, got {self.warp_specialize!r}")
         if not isinstance(self.split_k, int) or isinstance(self.split_k, bool) or not 1 <= self.split_k <= 64:
             raise ValueError(f"split_k: expected an int in [1, 64], got {self.split_k!r}")
+        if self.tail_m:
+            _pow2("tail_m", self.tail_m, 16, 256)  # SortedConfig bounds it by block_m
+            if self.warp_specialize:
+                raise ValueError("tail_m: folded tails and warp_specialize do not combine (the flattened tile loop "
+                                 "has one K loop shape); set one of them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +200,9 @@ class DecodeConfig:
     def __post_init__(self):
         if isinstance(self.gate_up, KernelConfig) and self.gate_up.split_k != 1:
             raise ValueError(f"gate_up.split_k: expected 1 (only the down GEMV splits), got {self.gate_up.split_k}")
+        for name, kc in (("gate_up", self.gate_up), ("down", self.down)):
+            if isinstance(kc, KernelConfig) and kc.tail_m:
+                raise ValueError(f"{name}.tail_m: expected 0 on the decode path (no row blocks), got {kc.tail_m}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,20 +218,10 @@ class SortedConfig:
     # Weight tiles by TMA (host tensor descriptors) where the GPU and layout allow; else pointer loads.
     tma: bool = False
     combine: Combine = Combine.GATHER
-    # An expert's last block of at most tail_m rows rides on the tile before it (one weight stream for both; its own
-    # tile returns at once) instead of costing a whole tile (benchmarks/NOTES.md session 37). 0: off. Taken by the
-    # kernels whose call has no bias, router-weighted input, stored pre-activation, atomic combine or interleaved
-    # gate / up (triton_experts.folds_*); the others run unfolded whatever this says.
-    tail_m: int = 0
     path: Path = Path.SORTED
 
     def __post_init__(self):
         _pow2("block_m", self.block_m, 16, 256)
-        if self.tail_m:
-            _pow2("tail_m", self.tail_m, 16, self.block_m)
-            if any(isinstance(kc, KernelConfig) and kc.warp_specialize for kc in (self.gate_up, self.down)):
-                raise ValueError("tail_m: folded tails and warp_specialize do not combine (the flattened tile loop "
-                                 "has one K loop shape); set one of them")
         for name, kc in (("gate_up", self.gate_up), ("down", self.down)):
             if isinstance(kc, KernelConfig) and kc.block_n < 16:  # tl.dot's smallest N
                 raise ValueError(
@@ -225,6 +229,8 @@ class SortedConfig:
                 )
             if isinstance(kc, KernelConfig) and kc.split_k != 1:
                 raise ValueError(f"{name}.split_k: expected 1 on the sorted path (decode GEMVs only), got {kc.split_k}")
+            if isinstance(kc, KernelConfig) and kc.tail_m > self.block_m:
+                raise ValueError(f"{name}.tail_m: expected at most block_m = {self.block_m}, got {kc.tail_m}")
         _pow2("group_m", self.group_m, 1, 64)
         if not isinstance(self.programs_per_sm, int) or not 0 <= self.programs_per_sm <= 8:
             raise ValueError(f"programs_per_sm: expected an int in [0, 8], got {self.programs_per_sm!r}")
@@ -271,8 +277,9 @@ def to_dict(config: Config) -> dict:
     d["path"] = config.path.value
     if isinstance(config, SortedConfig):
         d["combine"] = config.combine.value
-        if not config.tail_m:
-            del d["tail_m"]  # the entries written before the field existed read the same
+    for kernel in ("gate_up", "down"):
+        if isinstance(d.get(kernel), dict) and not d[kernel]["tail_m"]:
+            del d[kernel]["tail_m"]  # the entries written before the field existed read the same
     if isinstance(config, CutlassConfig) and not config.act_epilogue:
         del d["act_epilogue"]  # the entries written before the field existed read the same
     return d

@@ -29,11 +29,11 @@ config's block_k divides K. With config.tma (sm90+, weights [E, N, K] with unit 
 (and the down GEMM's contiguous act rows) come by TMA from host-built descriptors; the gathered hidden
 rows of the gate_up GEMM always come by pointer loads (Hopper's TMA has no row gather).
 
-Folded tails (config.tail_m > 0, off in every table until measured: benchmarks/NOTES.md session 37). A padded
-last block costs about a whole tile whatever its rows (probe_padding --tails), so a tile whose expert continues
-for at most tail_m rows past it takes those rows as a second [tail_m, BLOCK_K] operand against the weight tiles it
-already holds, and the tail block's own tile returns at once: one weight stream for both. Only the calls the
-folded tiles cover take it (folds_gate_up / folds_down); the others run the tile body above.
+Folded tails (KernelConfig.tail_m > 0, per GEMM; benchmarks/NOTES.md sessions 37-38). A padded last block costs
+about a whole tile whatever its rows (probe_padding --tails), so a tile whose expert continues for at most tail_m
+rows past it takes those rows as a second [tail_m, BLOCK_K] operand against the weight tiles it already holds, and
+the tail block's own tile returns at once: one weight stream for both. Only the calls the folded tiles cover take
+it (folds_gate_up / folds_down); the others run the tile body above.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _block_rows(pid_m, sorted_rows_ptr, block_expert_ptr, seg_end_ptr, BLOCK_M: 
 @triton.jit
 def _fold_state(pid_m, block_expert_ptr, seg_end_ptr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
     """(expert of block pid_m, its segment's end slot, fold: this tile takes the expert's next <= TAIL_M rows too,
-    folded: this block is such a tail, done by the tile before it). SortedConfig.tail_m."""
+    folded: this block is such a tail, done by the tile before it). KernelConfig.tail_m."""
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     end = tl.load(seg_end_ptr + expert)
     own = end - pid_m * BLOCK_M  # rows from this block's first slot to the expert's end (> BLOCK_M: later blocks)
@@ -142,7 +142,7 @@ def _gate_up_folded_tile(x_ptr, w_ptr, w_desc, act_ptr, sorted_rows_ptr, pid_m, 
                          H, I, TOP_K, alpha, limit, stride_xm, stride_we, stride_wn, stride_wk, stride_am,
                          ACT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_M: tl.constexpr):
-    """One gate_up tile of a SortedConfig.tail_m call (concatenated gate / up, no bias, no stored Z, unscaled
+    """One gate_up tile of a folding call (KernelConfig.tail_m: concatenated gate / up, no bias, no stored Z, unscaled
     input): its block's rows and, where `fold`, the expert's next <= TAIL_M rows against the same weight tiles."""
     a_ptrs, slots, valid = _gathered_rows(x_ptr, sorted_rows_ptr, pid_m * BLOCK_M, end, stride_xm, TOP_K, BLOCK_M,
                                           BLOCK_K)
@@ -199,8 +199,8 @@ def _down_folded_tile(a_ptr, a_desc, w_ptr, w_desc, y_ptr, topk_w_ptr, sorted_ro
                       EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
                       SCALE_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       TAIL_M: tl.constexpr):
-    """One down tile of a SortedConfig.tail_m call (no bias, gather combine): its block's rows and, where `fold`,
-    the expert's next <= TAIL_M rows, each (x its router weight unless SCALE_INPUT) stored at its slot."""
+    """One down tile of a folding call (KernelConfig.tail_m: no bias, gather combine): its block's rows and, where
+    `fold`, the expert's next <= TAIL_M rows, each (x its router weight unless SCALE_INPUT) stored at its slot."""
     kk = tl.arange(0, BLOCK_K)
     first = pid_m * BLOCK_M
     slots = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -254,7 +254,7 @@ def _gate_up_kernel(
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=WARP_SPEC, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
-        if TAIL_M > 0:  # SortedConfig.tail_m (launch_gate_up passes it only to calls _gate_up_folded_tile covers)
+        if TAIL_M > 0:  # KernelConfig.tail_m (launch_gate_up passes it only to calls _gate_up_folded_tile covers)
             expert, end, fold, folded = _fold_state(pid_m, block_expert_ptr, seg_end_ptr, BLOCK_M, TAIL_M)
             if not folded:
                 _gate_up_folded_tile(x_ptr, w_ptr, w_desc, act_ptr, sorted_rows_ptr, pid_m, pid_n, expert, end, fold,
@@ -360,7 +360,7 @@ def _down_kernel(
     num_tiles = tl.load(num_padded_ptr) // BLOCK_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=WARP_SPEC, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile, num_tiles // num_pid_n, num_pid_n, GROUP_M)
-        if TAIL_M > 0:  # SortedConfig.tail_m (launch_down passes it only to calls _down_folded_tile covers)
+        if TAIL_M > 0:  # KernelConfig.tail_m (launch_down passes it only to calls _down_folded_tile covers)
             expert, end, fold, folded = _fold_state(pid_m, block_expert_ptr, seg_end_ptr, BLOCK_M, TAIL_M)
             if not folded:
                 _down_folded_tile(a_ptr, a_desc, w_ptr, w_desc, y_ptr, topk_w_ptr, sorted_rows_ptr, pid_m, pid_n,
@@ -475,14 +475,14 @@ def _weight_desc(w, rows: int, block_k: int, use: bool):
 
 
 def folds_gate_up(config: SortedConfig, spec: ExpertsSpec, b_gate_up, z) -> int:
-    """The TAIL_M of a gate_up call: config.tail_m where _gate_up_folded_tile covers the call, else 0."""
+    """The TAIL_M of a gate_up call: config.gate_up.tail_m where _gate_up_folded_tile covers the call, else 0."""
     plain = spec.gate_up is GateUpLayout.CONCAT and b_gate_up is None and not spec.scale_input and z is None
-    return config.tail_m if plain else 0
+    return config.gate_up.tail_m if plain else 0
 
 
 def folds_down(config: SortedConfig, b_down) -> int:
-    """The TAIL_M of a down call: config.tail_m where _down_folded_tile covers the call, else 0."""
-    return config.tail_m if b_down is None and config.combine is Combine.GATHER else 0
+    """The TAIL_M of a down call: config.down.tail_m where _down_folded_tile covers the call, else 0."""
+    return config.down.tail_m if b_down is None and config.combine is Combine.GATHER else 0
 
 
 def launch_gate_up(hidden, rows: AlignedRows, w_gate_up, b_gate_up, spec: ExpertsSpec, config: SortedConfig, k: int,

@@ -3,7 +3,8 @@
     python -m moe_compiler.tune                                  # the three benchmark shapes, bf16
     python -m moe_compiler.tune --shape 128,8,2048,768 --dtype bfloat16 --tokens 1 16 128
     python -m moe_compiler.tune --merge                          # keep other shapes' entries in the file
-    python -m moe_compiler.tune --refine --tokens 1024 16384     # raster / grid / warp spec of existing entries
+    python -m moe_compiler.tune --refine --tokens 1024 16384     # raster / grid / warp spec / folded tails of
+                                                                 # existing entries
     python -m moe_compiler.tune --quick 30 --shapes kimi_k2 olmoe --merge   # the pruned search of autotune on
                                                                  # first use (tune/first_use.py), 30 s per point
     python -m moe_compiler.tune --bands --shapes deepseek_v3 --merge        # the config of each band's graph
@@ -52,7 +53,8 @@ def parse_args():
                    help="build / load csrc/'s CUTLASS kernels first (minutes the first time) so that their configs "
                         "are candidates of the quick search too (the full search times them wherever they run)")
     p.add_argument("--refine", action="store_true",
-                   help="only re-tune raster / persistent grid / warp specialization of existing sorted entries")
+                   help="only re-tune raster / persistent grid / warp specialization / folded tails of existing sorted "
+                        "entries")
     p.add_argument("--bands", action="store_true",
                    help="only choose, among the file's entries, the config of each band's graph (tune/bands.py)")
     args = p.parse_args()

@@ -367,6 +367,9 @@ def tune_point(b: Bench, timer, dtype, failed, log):
         parts = {"align": t_align, "gemms": t_gemms, "combine": t_comb,
                  "gate_up_top3": [(t, repr(c)) for t, c in gu[:3]], "down_top3": [(t, repr(c)) for t, c in dn[:3]]}
         options.append((t_align + t_gemms + t_comb, cfg, parts))
+        folded = tune_fold(b, timer, cfg)
+        if folded is not None:
+            options.append((t_align + gemm_seconds(b, timer, folded) + t_comb, folded, {**parts, "folded": True}))
     if dispatch.select(b.x, b.w1, b.w2) is GroupedMM:  # torch's grouped GEMM (CUTLASS on sm90): no tiles to tune
         options.append((float("inf"), GroupedMMConfig(), {"grouped_mm": True}))
     if not uses_decode(T, k, E) and cutlass.runs(b.x, b.w1, b.w2):  # csrc/'s grouped GEMM, each of its configs
@@ -449,6 +452,37 @@ def tune_raster(b: Bench, timer, base: SortedConfig, t_base: float) -> tuple[flo
     return best
 
 
+FOLD_TAILS = (32, 64)
+
+
+def tune_fold(b: Bench, timer, cfg: SortedConfig) -> SortedConfig | None:
+    """`cfg` with each GEMM's fastest folded tail (KernelConfig.tail_m of FOLD_TAILS, at most half a block: a
+    fold of a whole block's rows spilled registers on an H100) where that GEMM timed alone beats it unfolded; None
+    where neither GEMM gains. A warp-specialized GEMM keeps its loop (the two do not combine). Timed on this
+    bench's routing only: the final scores the folded config beside `cfg` under every routing, since folding costs
+    a few per cent where no tail folds (benchmarks/NOTES.md session 38)."""
+    kernels = {}
+    for name, launch in (("gate_up", b.sorted_gate_up), ("down", b.sorted_down)):
+        kc = getattr(cfg, name)
+        tails = [t for t in FOLD_TAILS if 2 * t <= cfg.block_m and not kc.warp_specialize]
+        if not tails:
+            continue
+        best = (timer.graph(launch(cfg), calls=timer.calls), kc)
+        for tail in tails:
+            folded = dataclasses.replace(kc, tail_m=tail)
+            try:
+                t = timer.graph(launch(dataclasses.replace(cfg, **{name: folded})), calls=timer.calls)
+            except Exception as e:  # noqa: BLE001 - a fold that does not fit the SM is a lost variant
+                print(f"    {name} tail_m {tail}: {type(e).__name__}: {str(e)[:100]}")
+                torch.cuda.synchronize()
+                continue
+            if t < best[0]:
+                best = (t, folded)
+        kernels[name] = best[1]
+    folded = dataclasses.replace(cfg, **kernels)
+    return None if folded == cfg else folded
+
+
 def graph_calls(T, k, H, I) -> int:
     """Calls per captured graph: fewer for the long points."""
     return 5 if T * k * H * I <= 2**34 else 2
@@ -480,9 +514,9 @@ def tune(shapes, tokens, dtype, timer, workers, log):
 
 
 def refine(entries, dtype, shapes, tokens, timer) -> None:
-    """Re-run only tune_raster on the sorted-path entries of `dtype`, `shapes` and `tokens`, starting from each
-    entry's config; a new config replaces the entry's (in place) only if its GEMMs are >= 2% faster (the
-    timing noise)."""
+    """Re-run tune_raster, then tune_fold, on the sorted-path entries of `dtype`, `shapes` and `tokens`, starting
+    from each entry's config. A new raster replaces the entry's (in place) only if its GEMMs are >= 2% faster (the
+    timing noise); a fold only if the whole forward's score over every routing (the final's) is >= 2% better."""
     dname = str(dtype).removeprefix("torch.")
     weights, last = None, None
     for e in entries:
@@ -500,13 +534,22 @@ def refine(entries, dtype, shapes, tokens, timer) -> None:
         timer.calls = graph_calls(e["T"], *shape[1:])
         t_old = gemm_seconds(b, timer, cfg)
         t_new, new = tune_raster(b, timer, cfg, t_old)
-        keep = new == cfg or t_new > 0.98 * t_old
-        if not keep:
+        if new != cfg and t_new > 0.98 * t_old:
+            t_new, new = t_old, cfg
+        fold = ""
+        folded = tune_fold(b, timer, new)
+        if folded is not None:
+            score, _ = scores(timer, b.routed(seed=e["T"]), [new, folded])
+            won = score[folded] < 0.98 * score[new]
+            fold = f"; folded {score[new] * 1e6:.1f} -> {score[folded] * 1e6:.1f} us {'(taken)' if won else '(not)'}"
+            if won:
+                new = folded
+        if new != cfg:
             checked(b, new, "refined")
             e["config"] = triton_config.to_dict(new)
             e["us"] = round(timer.graph(b.forward(new), calls=3) * 1e6, 2)
-        print(f"  {shape} T={e['T']:>6}: GEMMs {t_old * 1e6:9.1f} -> {t_new * 1e6:9.1f} us {'(kept)' if keep else new}",
-              flush=True)
+        print(f"  {shape} T={e['T']:>6}: GEMMs {t_old * 1e6:9.1f} -> {t_new * 1e6:9.1f} us{fold} "
+              f"{'(kept)' if new == cfg else new}", flush=True)
         del b
 
 

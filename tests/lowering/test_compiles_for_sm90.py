@@ -80,12 +80,14 @@ for mode in (triton_experts.TMA_HOST, triton_experts.TMA_DEVICE):
         for spec in (ExpertsSpec(), ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED)):
             h, ids, w, w1, w2, b1, b2 = experts_inputs(5, 64, 32, 8, 2, dtype, spec, seed=0)
             triton_experts.experts_forward(h, ids, w, w1, w2, b1, b2, spec, TMA)
-# folded tails (SortedConfig.tail_m: the second row operand of the gate_up and down tiles), bf16, by TMA (host- and
+# folded tails (KernelConfig.tail_m: the second row operand of the gate_up and down tiles), bf16, by TMA (host- and
 # device-built descriptors) and by pointers
 h, ids, w, w1, w2, b1, b2 = experts_inputs(5, 64, 32, 8, 2, torch.bfloat16, ExpertsSpec(), seed=0)
+FOLDED = dataclasses.replace(TMA, gate_up=dataclasses.replace(TMA.gate_up, tail_m=32),
+                             down=dataclasses.replace(TMA.down, tail_m=32))
 for mode in (triton_experts.TMA_HOST, triton_experts.TMA_DEVICE, triton_experts.TMA_OFF):
     triton_experts.tma_mode = lambda config, spec, *t, m=mode: m
-    triton_experts.experts_forward(h, ids, w, w1, w2, b1, b2, ExpertsSpec(), dataclasses.replace(TMA, tail_m=32))
+    triton_experts.experts_forward(h, ids, w, w1, w2, b1, b2, ExpertsSpec(), FOLDED)
 # More pairs than one chunk: the three-launch alignment (the calls above fit one chunk: one launch)
 from moe_compiler.lowering import triton_align
 triton_align.align_rows(torch.zeros(700, 2, dtype=torch.long), 8, 16)

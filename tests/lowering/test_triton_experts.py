@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,8 +11,8 @@ pytest.importorskip("triton")
 
 from triton_cases import DEVICE, DTYPES, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
 
-from moe_compiler.lowering import triton_experts  # noqa: E402
-from moe_compiler.lowering.triton_config import Combine, KernelConfig, SortedConfig  # noqa: E402
+from moe_compiler.lowering import triton_config, triton_experts  # noqa: E402
+from moe_compiler.lowering.triton_config import Combine, DecodeConfig, KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.spec import GateUpLayout  # noqa: E402
 from moe_compiler.testing import experts_reference, rel_err  # noqa: E402
 
@@ -104,35 +106,50 @@ def test_deterministic_gather_combine():
     assert torch.equal(first, second)
 
 
+FOLD_16 = dataclasses.replace(SMALL, tail_m=16)
 FOLDED = {
     # every expert's last block folds into the tile before it (tail_m = block_m)
-    "tail_16_of_16": SortedConfig(block_m=16, gate_up=SMALL, down=SMALL, tail_m=16),
+    "tail_16_of_16": SortedConfig(block_m=16, gate_up=FOLD_16, down=FOLD_16),
     # last blocks of <= 16 rows fold, longer ones keep their tile; TMA weight tiles on a GPU
-    "tail_16_of_32": SortedConfig(block_m=32, gate_up=SMALL, down=KernelConfig(32, 16), tail_m=16, tma=True,
+    "tail_16_of_32": SortedConfig(block_m=32, gate_up=FOLD_16, down=KernelConfig(32, 16, tail_m=16), tma=True,
                                   programs_per_sm=1),
+    # per GEMM: gate_up folds, the down GEMM keeps its tail tiles and its warp-specialized persistent loop
+    "gate_up_only": SortedConfig(block_m=32, gate_up=FOLD_16, down=KernelConfig(16, 16, 4, 2, warp_specialize=True),
+                                 programs_per_sm=1),
 }
 
 
 @pytest.mark.parametrize("config", list(FOLDED.values()), ids=list(FOLDED))
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 def test_folded_tails(config, spec):
-    """SortedConfig.tail_m: a tile takes its expert's next <= tail_m rows against the weight tiles it holds and the
+    """KernelConfig.tail_m: a tile takes its expert's next <= tail_m rows against the weight tiles it holds and the
     tail's own tile returns at once; calls the folded tiles do not cover (biases, interleaved gate / up, scaled
     input) run unfolded. 70 tokens, k = 2 over 3 experts (~47 rows each): whole blocks and tails of every kind."""
     T, H, I, E, k = 70, 40, 24, 3, 2
     cpu, dev = device_inputs(T, H, I, E, k, torch.float32, spec, seed=3)
     counts = torch.bincount(cpu[1].flatten(), minlength=E)
     tails = counts % config.block_m
-    assert bool(((tails > 0) & (tails <= config.tail_m) & (counts > config.block_m)).any())  # something folds
+    assert bool(((tails > 0) & (tails <= config.gate_up.tail_m) & (counts > config.block_m)).any())  # something folds
     b_gate_up = cpu[5]
     folds = triton_experts.folds_gate_up(config, spec, b_gate_up, None)
     assert folds == (0 if spec.transposed or spec.gate_up is not GateUpLayout.CONCAT or spec.scale_input
-                     else config.tail_m)
+                     else config.gate_up.tail_m)
+    assert triton_experts.folds_down(config, None) == config.down.tail_m
     assert _run(T, H, I, E, k, torch.float32, spec, config, seed=3) <= 1e-5
 
 
 def test_tail_m_validated():
     with pytest.raises(ValueError, match="tail_m"):
-        SortedConfig(block_m=32, gate_up=SMALL, down=SMALL, tail_m=64)  # past block_m
+        SortedConfig(block_m=32, gate_up=SMALL, down=KernelConfig(16, 16, tail_m=64))  # past block_m
     with pytest.raises(ValueError, match="warp_specialize"):
-        SortedConfig(block_m=32, gate_up=KernelConfig(16, 16, 4, 2, warp_specialize=True), down=SMALL, tail_m=16)
+        KernelConfig(16, 16, 4, 2, warp_specialize=True, tail_m=16)
+    with pytest.raises(ValueError, match="tail_m"):
+        KernelConfig(16, 16, tail_m=24)  # not a power of two
+    with pytest.raises(ValueError, match="decode path"):
+        DecodeConfig(SMALL, FOLD_16)
+    # the tables' format: a kernel's tail_m is written only where it folds, and reads back
+    config = FOLDED["gate_up_only"]
+    d = triton_config.to_dict(config)
+    assert d["gate_up"]["tail_m"] == 16 and "tail_m" not in d["down"]
+    assert triton_config.from_dict(d) == config
+

@@ -3,6 +3,7 @@ every kernel launch it times (under the Triton interpreter), and the search itse
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -304,3 +305,28 @@ def test_the_fused_activation_is_timed_beside_the_fastest_cutlass_config_only(mo
     monkeypatch.setattr(search.cutlass, "silu_epilogue_suits", lambda *a: True)
     assert search.act_epilogue_option(routed, StubTimer(), forward, each, options[:1]) is None
     assert len(timed) == 2
+
+
+class Countdown(StubTimer):
+    """Each timing faster (`step` < 0) or slower than the one before: every variant tried wins, or none does."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.t, self.step = 1e-3, step
+
+    def graph(self, fn, calls=10, replays=5):
+        self.t += self.step
+        return self.t
+
+
+def test_fold_is_tried_per_gemm_on_tiles_it_combines_with():
+    b = tiny_bench()
+    plain, ws = KernelConfig(16, 32, 4, 2), KernelConfig(16, 32, 4, 2, warp_specialize=True)
+    cfg = search.sorted_config(64, gate_up=plain, down=ws, programs_per_sm=1)
+    folded = search.tune_fold(b, Countdown(-1e-6), cfg)
+    # gate_up folds at most half a block (32 of 64 rows); the warp-specialized down GEMM is left as it was
+    assert folded.gate_up.tail_m == 32 and folded.down == ws and folded.block_m == 64
+    assert search.tune_fold(b, Countdown(1e-6), cfg) is None  # no fold timed faster: no option
+    assert search.tune_fold(b, Countdown(-1e-6), search.sorted_config(16, gate_up=plain, down=plain)) is None
+    # the folded config the final would score runs and checks out against the reference
+    assert search.check(b, dataclasses.replace(folded, down=dataclasses.replace(plain, tail_m=32))) <= 1e-4
