@@ -133,20 +133,23 @@ def main():
     if args.refine:
         data = json.load(open(out_path))
         search.refine(data["entries"], dtype, set(shapes), args.tokens, timer)
-        data["refined_by"] = command
+        # Every refine's command, oldest first: a later refine of other entries must not lose where these came from.
+        earlier = data.get("refined_by", [])
+        data["refined_by"] = ([earlier] if isinstance(earlier, str) else earlier) + [command]
         write(out_path, data)
         print(f"wrote {out_path}")
         return
     if args.bands:
         write_bands(out_path, args, dtype, timer, command)
         return
-    entries, earlier, kept_bands = [], [], []
+    entries, earlier, kept_bands, refined = [], [], [], []
     if args.merge and os.path.exists(out_path):
         keys = {(args.dtype, *s, T) for s in shapes for T in args.tokens}  # only the points re-tuned now
         old = json.load(open(out_path))
         entries = [e for e in old["entries"] if (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"]) not in keys]
         # The commands whose entries the file keeps: a merge must not lose where the rest came from.
         earlier = [c for c in old.get("earlier", []) + [old.get("written_by")] if c]
+        refined = old.get("refined_by", [])
         # A band entry was chosen among its shape's entries: re-tuning the shape drops it (tune --bands again).
         retuned = {(args.dtype, *s) for s in shapes}
         kept_bands = [b for b in old.get("bands", []) if (b["dtype"], b["E"], b["k"], b["H"], b["I"]) not in retuned]
@@ -163,6 +166,7 @@ def main():
         "torch": torch.__version__,
         "written_by": command,
         **({"earlier": list(dict.fromkeys(earlier))} if earlier else {}),
+        **({"refined_by": [refined] if isinstance(refined, str) else refined} if refined else {}),
         "entries": sorted(entries + tuned, key=lambda e: (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"])),
         **({"bands": kept_bands} if kept_bands else {}),
     }

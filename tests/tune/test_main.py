@@ -1,4 +1,4 @@
-"""python -m moe_compiler.tune (tune/__main__.py): what a --merge keeps of the file it rewrites."""
+"""python -m moe_compiler.tune (tune/__main__.py): what a --merge or a --refine keeps of the file it rewrites."""
 
 from __future__ import annotations
 
@@ -9,17 +9,24 @@ import torch
 
 from moe_compiler.tune import __main__ as tune_main
 
+KEPT = {"dtype": "bfloat16", "E": 8, "k": 2, "H": 64, "I": 32, "T": 1, "config": {"path": "grouped_mm"}, "us": 1.0}
 
-def test_merge_keeps_other_entries_and_where_they_came_from(tmp_path, monkeypatch):
-    out = tmp_path / "FAKE_GPU.json"
-    kept = {"dtype": "bfloat16", "E": 8, "k": 2, "H": 64, "I": 32, "T": 1, "config": {"path": "grouped_mm"}, "us": 1.0}
-    retuned = dict(kept, E=64, k=8, H=2048, I=1024, T=16)  # OLMoE at T = 16: replaced by this run
-    out.write_text(json.dumps({"schema": 1, "written_by": "second", "earlier": ["first"], "entries": [kept, retuned]}))
-    new = dict(retuned, us=0.5)
+
+def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(tune_main, "Timer", lambda device: None)
+
+
+def test_merge_keeps_other_entries_and_where_they_came_from(tmp_path, monkeypatch):
+    out = tmp_path / "FAKE_GPU.json"
+    kept = KEPT
+    retuned = dict(kept, E=64, k=8, H=2048, I=1024, T=16)  # OLMoE at T = 16: replaced by this run
+    out.write_text(json.dumps({"schema": 1, "written_by": "second", "earlier": ["first"], "refined_by": "refine 1",
+                               "entries": [kept, retuned]}))
+    new = dict(retuned, us=0.5)
+    fake_gpu(monkeypatch)
     monkeypatch.setattr(tune_main, "quick", lambda *a: ([new], []))
     argv = ["moe_compiler.tune", "--quick", "1", "--shapes", "olmoe", "--tokens", "16", "--out", str(out), "--merge"]
     monkeypatch.setattr(sys, "argv", argv)
@@ -27,3 +34,18 @@ def test_merge_keeps_other_entries_and_where_they_came_from(tmp_path, monkeypatc
     data = json.loads(out.read_text())
     assert data["entries"] == [kept, new]
     assert data["earlier"] == ["first", "second"] and data["written_by"].endswith("--merge")
+    assert data["refined_by"] == ["refine 1"]  # the entries it left were refined by it (a str before lists)
+
+
+def test_refine_adds_its_command_to_the_earlier_ones(tmp_path, monkeypatch):
+    out = tmp_path / "FAKE_GPU.json"
+    out.write_text(json.dumps({"schema": 1, "written_by": "tune", "refined_by": ["refine 1"], "entries": [KEPT]}))
+    fake_gpu(monkeypatch)
+    refined = []
+    monkeypatch.setattr(tune_main.search, "refine", lambda entries, *a: refined.append(entries))
+    argv = ["moe_compiler.tune", "--refine", "--shapes", "olmoe", "--tokens", "16", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    tune_main.main()
+    data = json.loads(out.read_text())
+    assert refined == [[KEPT]] and data["written_by"] == "tune"
+    assert data["refined_by"][0] == "refine 1" and "--refine --shapes olmoe" in data["refined_by"][1]
