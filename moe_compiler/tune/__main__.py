@@ -63,6 +63,12 @@ def parse_args():
     return args
 
 
+def refined_by(data: dict) -> list[str]:
+    """The file's --refine commands, oldest first (a single string in files written before it was a list)."""
+    commands = data.get("refined_by", [])
+    return [commands] if isinstance(commands, str) else commands
+
+
 def write(path, data):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -133,9 +139,8 @@ def main():
     if args.refine:
         data = json.load(open(out_path))
         search.refine(data["entries"], dtype, set(shapes), args.tokens, timer)
-        # Every refine's command, oldest first: a later refine of other entries must not lose where these came from.
-        earlier = data.get("refined_by", [])
-        data["refined_by"] = ([earlier] if isinstance(earlier, str) else earlier) + [command]
+        # Every refine's command: a later refine of other entries must not lose where these came from.
+        data["refined_by"] = refined_by(data) + [command]
         write(out_path, data)
         print(f"wrote {out_path}")
         return
@@ -149,7 +154,7 @@ def main():
         entries = [e for e in old["entries"] if (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"]) not in keys]
         # The commands whose entries the file keeps: a merge must not lose where the rest came from.
         earlier = [c for c in old.get("earlier", []) + [old.get("written_by")] if c]
-        refined = old.get("refined_by", [])
+        refined = refined_by(old)
         # A band entry was chosen among its shape's entries: re-tuning the shape drops it (tune --bands again).
         retuned = {(args.dtype, *s) for s in shapes}
         kept_bands = [b for b in old.get("bands", []) if (b["dtype"], b["E"], b["k"], b["H"], b["I"]) not in retuned]
@@ -166,7 +171,7 @@ def main():
         "torch": torch.__version__,
         "written_by": command,
         **({"earlier": list(dict.fromkeys(earlier))} if earlier else {}),
-        **({"refined_by": [refined] if isinstance(refined, str) else refined} if refined else {}),
+        **({"refined_by": refined} if refined else {}),
         "entries": sorted(entries + tuned, key=lambda e: (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"])),
         **({"bands": kept_bands} if kept_bands else {}),
     }
