@@ -18,6 +18,13 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+# Each pytest-xdist worker gets its share of the cores for torch's CPU ops (the fp64 references): by default every
+# worker runs one thread per core, and 8 workers on the device's 16 cores made test_triton_backward's T=300
+# references crawl (no test_default_tiles case finished in 6 minutes, session 39; the "hang" of session 31).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
 def pytest_collection_modifyitems(config, items):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False on this machine)")

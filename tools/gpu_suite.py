@@ -82,9 +82,12 @@ def _stop(proc: subprocess.Popen, log_path: str) -> None:
 def summary(log_path: str, ids: list[str]) -> str:
     """Counts, failed ids and ids without a result; the latter also written to <log>_left.txt (for --ids)."""
     text = open(log_path).read()
-    # "[gw0] [ 5%] PASSED tests/a.py::t" under xdist, "tests/a.py::t PASSED [ 5%]" without
-    done = {test: status for status, test in re.findall(r"(PASSED|FAILED|ERROR|SKIPPED) (tests/\S+::\S+)", text)}
-    done.update({test: status for test, status in re.findall(r"(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", text)})
+    # "[gw0] [ 5%] PASSED tests/a.py::t[x]" under xdist, "tests/a.py::t[x] PASSED [ 5%]" without, "FAILED
+    # tests/a.py::t[x] - why" in the -rfE summary. Whole lines: parametrized ids hold spaces ("(9, 40, 24, 5, 2)").
+    status = r"(PASSED|FAILED|ERROR|SKIPPED)"
+    done = {test: s for s, test in re.findall(rf"^\[gw\d+\] \[ *\d+%\] {status} (tests/.+?::.+?) *$", text, re.M)}
+    done.update({test: s for test, s in re.findall(rf"^(tests/.+?::.+?) {status}(?: +\[ *\d+%\])? *$", text, re.M)})
+    done.update({test: s for s, test in re.findall(r"^(FAILED|ERROR) (tests/.+?::.+?)(?: - .*)? *$", text, re.M)})
     counts = {s: sum(v == s for v in done.values()) for s in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
     missing = [t for t in ids if t not in done]
     left_path = os.path.splitext(log_path)[0] + "_left.txt"
