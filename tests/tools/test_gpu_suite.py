@@ -10,12 +10,13 @@ spec.loader.exec_module(gpu_suite)
 
 SPACED = "tests/a.py::test_x[bfloat16-0.02-(9, 40, 24, 5, 2)-silu-concat-n]"  # a parametrized id with spaces
 IDS = [SPACED, "tests/a.py::test_y[1]", "tests/b.py::test_z", "tests/b.py::test_w[(1, 2)]"]
-LOG = f"""[gw3] [ 25%] PASSED {SPACED} 
-tests/a.py::test_y[1] FAILED                          [ 50%]
-[gw0] [ 75%] SKIPPED tests/b.py::test_z 
-=========================== short test summary info ============================
-FAILED tests/a.py::test_y[1] - AssertionError: d_hidden 3.1e-02 > 2.0e-02
-"""
+LOG = "".join(line + "\n" for line in [
+    f"[gw3] [ 25%] PASSED {SPACED} ",  # xdist's lines end in a space
+    "tests/a.py::test_y[1] FAILED                          [ 50%]",
+    "[gw0] [ 75%] SKIPPED tests/b.py::test_z ",
+    "=========================== short test summary info ============================",
+    "FAILED tests/a.py::test_y[1] - AssertionError: d_hidden 3.1e-02 > 2.0e-02",
+])
 
 
 def test_summary_reads_spaced_ids_and_lists_those_without_a_result(tmp_path):
