@@ -2,7 +2,7 @@
 process, on real-dimension models with random weights (benchmarks/models.py: released configs, a few layers).
 
     python -m benchmarks.bench_models [--shapes qwen3_30b_a3b deepseek_v3 ...] [--parts prefill decode generate]
-                                      [--out]   # results/models_<gpu>.json (+ .png with matplotlib)
+                                      [--out]   # into results/models_<gpu>.json by cell (+ .png with matplotlib)
     python -m benchmarks.bench_models --from-json benchmarks/results/models_NVIDIA_H200.json   # table + plot again
     python -m benchmarks.bench_models --parts decode --extra fused_python fused_static inductor_cpp   # host code A/B
     python -m benchmarks.bench_models --parts prefill decode --extra fused_fp8   # the model with FP8 experts too
@@ -504,7 +504,8 @@ def main():
         if os.environ.get("OUT"):
             harness.write_json(os.path.join(os.environ["OUT"], "models.json"), rows)
     print_table(rows)
-    harness.save_rows(args.out, "models", rows, gpu)
+    # merged into the file by cell: a run of some parts of some models keeps the other rows (and the file's note)
+    harness.save_rows(args.out, "models", rows, gpu, merge_on=("model", "layers", "part", "mode"))
     if args.out is not None:
         plot(rows, (harness.result_path("models") if args.out == harness.AUTO else args.out).removesuffix(".json")
              + ".png")
