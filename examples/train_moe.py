@@ -9,10 +9,11 @@ Each variant starts from the same weights and trains the same batches with AdamW
     eager                 the model as transformers runs it
     torch.compile         plain torch.compile (Inductor)
     fused_moe             backend="fused_moe" as is: a training graph keeps Inductor's MoE today (its log and
-                          counters say so), because the op's backward is not yet faster than Inductor's
+                          counters say so), because a whole train step through the op is only about as fast as
+                          plain torch.compile so far (the README's Training paragraph)
     fused_moe training    backend="fused_moe", options={"moe_compiler.training": True}: the MoE blocks run as the
-                          fused op, forward (saving Z) and the Triton backward (MOE_COMPILER_BACKWARD=torch: the
-                          torch composite)
+                          fused op, forward (saving Z) and the op's backward (torch's grouped GEMMs over rows in
+                          expert order with Triton row passes; MOE_COMPILER_BACKWARD=torch: the torch composite)
 Printed: the loss at every step per variant, the median step time after the first (compiling) step, peak GPU
 memory, and each variant's largest loss difference from eager.
 

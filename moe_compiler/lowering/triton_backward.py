@@ -121,7 +121,7 @@ def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, l
     """Untuned per shape: every GEMM of the backward by torch's grouped GEMM where it takes the operands
     (DGrad.GROUPED_MM; H200, op forward + backward with the saved Z, T = 32768: Qwen3-30B-A3B 19.7 -> 16.7 ms,
     Mixtral-8x7B 139.1 -> 117.6 ms, GPT-OSS-20B 43.6 -> 38.4 ms against dz and d hidden by Triton; benchmarks/NOTES.md
-    "train step v3"), else the Triton kernels: weight gradients with 128 x 128 tiles reducing 64 rows a step,
+    "train step v4"), else the Triton kernels: weight gradients with 128 x 128 tiles reducing 64 rows a step,
     8 warps (the best of probe_backward's sweep, NOTES "backward tiles"); dz and d hidden with the forward's
     sorted-path defaults. `library` (library_rows): rows padded to LIBRARY_BLOCK_M only (the Triton GEMMs, should
     an operand's alignment still send the call to them, then run 16-row tiles: correct, slower)."""
