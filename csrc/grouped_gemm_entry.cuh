@@ -73,7 +73,8 @@ void grouped_mm_config(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }
 
 // out = silu(gate) * (x @ w[e]^T) per segment, w [E, N, K] (its K contiguous), bf16 only (ops.cpp checks): one
-// instance per config, not four — each adds ~25% to the config's build, and fp16 MoE checkpoints are rare.
+// instance per config, not four — each adds to the config's build (this one: 90 -> 95 s for pingpong_64x256's file
+// on one core, benchmarks/NOTES.md session 33), and fp16 MoE checkpoints are rare.
 template <typename Config>
 void grouped_mm_silu_mul_config(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate,
                                 const at::Tensor& offs, at::Tensor& out) {

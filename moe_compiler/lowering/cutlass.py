@@ -43,7 +43,11 @@ CONFIGS = ("coop_128x128", "coop_128x256_cluster2x1", "pingpong_64x128", "coop_1
 # The block-scaled FP8 configs (csrc/configs.h's MOE_CUTLASS_FP8_CONFIGS, the same order): K tiles one scale block
 # (128) deep; the FP8 experts' sorted path runs on them where QuantizedConfig.cutlass names one (cutlass_fp8.py).
 FP8_CONFIGS = ("coop_128x128", "coop_128x128_cluster1x2", "coop_128x128_cluster2x1", "pingpong_64x128")
-CSRC = os.path.join(os.path.dirname(__file__), "..", "..", "csrc")
+# The C++ sources: csrc/ of a source checkout (or an editable install), else the copy a wheel carries as
+# moe_compiler/_csrc (pyproject.toml).
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = next((d for d in (os.path.join(_PACKAGE, "..", "csrc"), os.path.join(_PACKAGE, "_csrc"))
+             if os.path.isfile(os.path.join(d, "ops.cpp"))), os.path.join(_PACKAGE, "..", "csrc"))
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -83,7 +87,8 @@ def missing() -> str | None:
     if not any(torch.cuda.get_device_capability(i) == (9, 0) for i in range(torch.cuda.device_count())):
         return "no sm90 GPU (the kernels are sm90a: H100 / H200)"
     if not os.path.isfile(os.path.join(CSRC, "ops.cpp")):
-        return f"the C++ sources are not at {os.path.normpath(CSRC)} (install from a source checkout)"
+        return (f"the C++ sources are not at {os.path.normpath(CSRC)} (reinstall the package: its wheel carries "
+                "them as moe_compiler/_csrc)")
     if cutlass_include() is None:
         return "no CUTLASS headers (pip install 'moe_compiler[cutlass]', i.e. nvidia-cutlass)"
     if nvcc() is None:
