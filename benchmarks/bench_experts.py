@@ -1,7 +1,7 @@
 """Kernel-level benchmark of the experts op against Hugging Face's implementations (DESIGN.md §6).
 
     python -m benchmarks.bench_experts                 # full grid on the GPU, writes results/<gpu>.json + .png
-    python -m benchmarks.bench_experts --shapes qwen3_30b_a3b --tokens 1 16 --routing uniform
+    python -m benchmarks.bench_experts --shapes qwen3_30b_a3b --tokens 1 16 --routing uniform   # merged by cell
     python -m benchmarks.bench_experts --smoke         # tiny shapes, any device: checks the harness runs
     python -m benchmarks.bench_experts --from-jsonl benchmarks/results/<gpu>.jsonl   # tables of a (partial) run
 
@@ -36,6 +36,7 @@ every point against an fp32 reference (moe_compiler.testing), rel err <= 1e-2.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import torch
@@ -280,7 +281,7 @@ def main():
     if args.from_jsonl:
         stem = args.from_jsonl.removesuffix(".jsonl")
         meta = {"gpu": os.path.basename(stem), "from": args.from_jsonl}
-        return finish(harness.read_jsonl(args.from_jsonl), stem, meta)
+        return finish(merged([], harness.read_jsonl(args.from_jsonl)), stem, meta)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.smoke:
@@ -307,7 +308,22 @@ def main():
     peak_flops, peak_bytes = harness.peaks()
     meta = {"gpu": harness.device_label(device), "torch": torch.__version__, "dtype": str(dtype),
             "peak_flops": peak_flops, "peak_bytes": peak_bytes, "graph_max_t": args.graph_max_t}
+    if os.path.exists(stem + ".json"):  # a run of some points updates those cells of the committed table
+        with open(stem + ".json") as f:
+            earlier = json.load(f)["rows"]
+        meta["cells_kept_from_earlier_runs"] = len(rows_all := merged(earlier, rows)) - len(rows)
+        rows = rows_all
     finish(rows, stem, meta)
+
+
+CELL = ("shape", "T", "routing")
+
+
+def merged(earlier, rows):
+    """earlier's rows of the cells (shape, T, routing) rows lacks, then rows, the last row of a cell winning (a
+    .jsonl appended to by several runs): a row stays one run's, so its variants' ratios are same-run ones."""
+    cells = {tuple(r[c] for c in CELL): r for r in [*earlier, *rows]}
+    return list(cells.values())
 
 
 def finish(rows, stem, meta):
