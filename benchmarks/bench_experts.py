@@ -6,7 +6,10 @@
     python -m benchmarks.bench_experts --from-jsonl benchmarks/results/<gpu>.jsonl   # tables of a (partial) run
 
 Grid: the 13 real shapes of moe_compiler.tune.shapes.ALL_SHAPES x T in {1, 16, 128, 1024, 4096, 16384} x
-{uniform, skewed} routing, bf16, each shape in the experts module of its model where that layout differs from
+{uniform, skewed_shuffled} routing (the tuner's two: Zipf-like popularity with the popular experts at random
+ids, as a trained router places them; `--routing skewed`, the runs up to session 38, puts them at adjacent ids,
+so the sorted GEMMs run the hot experts' tiles and then the cold ones' in two phases, which real routing does
+not: NOTES.md session 33), bf16, each shape in the experts module of its model where that layout differs from
 Qwen3's (GPT-OSS: GptOssExperts, [E, H, 2I] interleaved / [E, I, H] with biases; harness.hf_experts).
 `--routing ep2` (not in the grid's targets): what one rank's experts compute under
 transformers' all-reduce expert parallelism over 2 GPUs, on one GPU — its E/2 experts, every route to the other
@@ -45,7 +48,7 @@ import moe_compiler
 from moe_compiler.lowering import cutlass, dispatch, torch_experts, triton_grouped
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 from moe_compiler.tune.shapes import ALL_SHAPES as REAL_SHAPES
-from moe_compiler.tune.shapes import KINDS, routes
+from moe_compiler.tune.shapes import KINDS, ROUTINGS, routes
 
 from . import harness
 
@@ -245,7 +248,7 @@ def plot(rows, path):
     for ax in axes.flat[len(shapes):]:
         ax.set_visible(False)
     for ax, shape in zip(axes.flat, shapes):
-        for kind, style in (("uniform", "-"), ("skewed", ":")):
+        for kind, style in (("uniform", "-"), ("skewed_shuffled", ":"), ("skewed", "--")):
             pts = sorted((r for r in rows if r["shape"] == shape and r["routing"] == kind and r["T"]),
                          key=lambda r: r["T"])
             for v in CURVES:
@@ -262,7 +265,8 @@ def plot(rows, path):
         graphs = [r["T"] for r in rows if r["shape"] == shape and f"{CURVES[-1]}+graph" in r["times_s"]]
         ax.set_xlabel(f"tokens T (CUDA graphs for T <= {max(graphs, default=0)})")
         ax.set_ylabel("time / roofline floor")
-    axes[0][0].legend(fontsize=7, loc="upper left", title="solid: uniform, dotted: skewed", title_fontsize=7)
+    axes[0][0].legend(fontsize=7, loc="upper left", title="solid: uniform, dotted: skewed_shuffled, dashed: skewed",
+                      title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -270,7 +274,7 @@ def plot(rows, path):
 def main():
     p = harness.parser(__doc__, shapes=ALL_SHAPES, tokens=TOKENS)
     p.set_defaults(shapes=list(REAL_SHAPES))
-    p.add_argument("--routing", nargs="+", choices=[*KINDS, "ep2"], default=["uniform", "skewed"])
+    p.add_argument("--routing", nargs="+", choices=[*KINDS, "ep2"], default=list(ROUTINGS))
     p.add_argument("--out", default=harness.RESULTS, help="directory of the results (<gpu>.json, .jsonl, .png)")
     p.add_argument("--variants", nargs="+", choices=CURVES, metavar="NAME", help=f"time only these of {CURVES}")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device: harness check only")
