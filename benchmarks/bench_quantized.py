@@ -196,7 +196,9 @@ def main():
     for name, (E, k, H, I) in shapes.items():
         rows += bench_shape(name, E, k, H, I, tokens, timer, device, args.variants, args.kernels, args.scale_fmt)
         torch.cuda.empty_cache() if device == "cuda" else None
-    harness.save_rows(args.out, "quantized", rows, harness.gpu_name() if device == "cuda" else "cpu")
+    # merged into the file by point: a run of some shapes / T / scale format keeps the other rows (and the note)
+    harness.save_rows(args.out, "quantized", rows, harness.gpu_name() if device == "cuda" else "cpu",
+                      merge_on=("shape", "T", "scale_fmt"), merge_defaults={"scale_fmt": "fp32"})
 
 
 if __name__ == "__main__":

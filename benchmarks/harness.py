@@ -98,12 +98,13 @@ def write_json(path: str, data) -> None:
 
 
 def save_rows(out: str | None, kind: str, rows: list[dict], gpu: str, key: str | None = None, replaced=(),
-              merge_on: tuple[str, ...] = ()) -> None:
+              merge_on: tuple[str, ...] = (), merge_defaults: dict | None = None) -> None:
     """{"gpu", "torch", "rows"} to the file a parsed --out names: none where it was not given, results/<kind>_<gpu>.json
     for a bare --out. With `key`, an existing file's rows whose row[key] is not in `replaced` stay ahead of the
     new ones: a run of some shapes (routers) updates only their rows of the full table. With `merge_on`, the rows
-    that no new row matches on those fields stay: a run of some parts of some models updates only those cells.
-    Either way the file's other keys (a note on how its rows ran) stay."""
+    that no new row matches on those fields stay: a run of some parts of some models updates only those cells
+    (`merge_defaults`: the value of a field that older rows lack). Either way the file's other keys (a note on how
+    its rows ran) stay."""
     if out is None:
         return
     path = result_path(kind) if out == AUTO else out
@@ -111,7 +112,7 @@ def save_rows(out: str | None, kind: str, rows: list[dict], gpu: str, key: str |
     if (key is not None or merge_on) and os.path.exists(path):
         with open(path) as f:
             kept = json.load(f)
-        ident = lambda r: tuple(r.get(f) for f in merge_on)  # noqa: E731
+        ident = lambda r: tuple(r.get(f, (merge_defaults or {}).get(f)) for f in merge_on)  # noqa: E731
         new = {ident(r) for r in rows}
         rows = [r for r in kept["rows"] if (key is None or r[key] not in replaced)
                 and not (merge_on and ident(r) in new)] + rows

@@ -28,3 +28,15 @@ def test_save_rows_without_a_merge_writes_only_the_run(tmp_path):
     with open(path) as f:
         saved = json.load(f)
     assert "note" not in saved and saved["rows"] == [{"shape": "b", "us": 2.0}]
+
+
+def test_save_rows_merge_defaults_name_the_older_rows_cell(tmp_path):
+    path = str(tmp_path / "quantized.json")
+    old = [{"shape": "a", "T": 1, "us": 1.0}, {"shape": "a", "T": 16, "us": 2.0}]  # before rows said their scales
+    harness.write_json(path, {"gpu": "X", "torch": "0", "rows": old})
+    new = [{"shape": "a", "T": 1, "scale_fmt": "fp32", "us": 5.0},
+           {"shape": "a", "T": 1, "scale_fmt": "e8m0", "us": 6.0}]
+    harness.save_rows(path, "quantized", new, "X", merge_on=("shape", "T", "scale_fmt"),
+                      merge_defaults={"scale_fmt": "fp32"})
+    with open(path) as f:
+        assert [r["us"] for r in json.load(f)["rows"]] == [2.0, 5.0, 6.0]
