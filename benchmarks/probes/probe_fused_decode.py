@@ -47,8 +47,12 @@ from .. import harness
 
 SHAPES = {name: ALL_SHAPES[name] for name in ("qwen3_30b_a3b", "qwen3_next_80b", "deepseek_v2_lite", "deepseek_v3")}
 SMOKE = {"smoke": (8, 2, 96, 40)}
-# (BI, BLOCK_K, BLOCK_H, num_warps, stages): the sweep of the fused kernel (the sum's tile is fixed)
-SWEEP = list(itertools.product((16, 32, 64), (256, 512), (32, 64), (4,), (3, 4)))
+# (BI, BLOCK_K, BLOCK_H, num_warps, stages): the sweep of the fused kernel (the sum's tile is fixed). The gate and
+# up accumulators are [BI, BLOCK_K] fp32 each: BI * BLOCK_K <= 1024 * warps keeps them at <= 64 registers a thread.
+SWEEP = [(bi, bk, 64, warps, stages)
+         for (bi, bk), warps, stages in itertools.product(((16, 256), (32, 128), (64, 64), (16, 512), (32, 256),
+                                                           (64, 128)), (4, 8), (3, 4))
+         if bi * bk <= 1024 * warps]
 SMOKE_SWEEP = [(16, 32, 16, 4, 2), (32, 64, 32, 4, 1)]
 
 
