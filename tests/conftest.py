@@ -18,11 +18,14 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-# Each pytest-xdist worker gets its share of the cores for torch's CPU ops (the fp64 references): by default every
-# worker runs one thread per core, and 8 workers on the device's 16 cores made test_triton_backward's T=300
-# references crawl (no test_default_tiles case finished in 6 minutes, session 39; the "hang" of session 31).
+# Each pytest-xdist worker gets about twice its share of the cores for torch's CPU ops (the fp64 references): by
+# default every worker runs one thread per core, and 8 workers on the device's 16 cores made test_triton_backward's
+# T=300 references crawl (no test_default_tiles case finished in 6 minutes, session 39; the "hang" of session 31).
+# Twice the share, not the share: workers often wait on a compiler subprocess, and the CI machine (2 workers on 2
+# cores) keeps the 2 threads a worker had.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(cores, 2 * cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def pytest_collection_modifyitems(config, items):
