@@ -16,6 +16,14 @@ os.environ.setdefault("MOE_COMPILER_CPP_WRAPPER", "0")
 # directory may import Dynamo at collection), hence here, before any test module.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+    # Inductor's CPU kernels as scalar C++ (no SIMD intrinsics): g++ compiles them ~1.3-1.6x faster (three of the
+    # slowest compiled-model tests: 61-74 s -> 46-48 s, session 39), and the suite's CPU compiles test the rewrite and
+    # the logits against eager, not Inductor's vectorizer. The environment carries it to the example scripts and the
+    # two-rank tests' subprocesses; TORCHINDUCTOR_VEC_ISA_OK=1 keeps the vectorized kernels.
+    if os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0") == "0":
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.vec_isa_ok = False
 
 
 # Each pytest-xdist worker gets about twice its share of the cores for torch's CPU ops (the fp64 references): by
