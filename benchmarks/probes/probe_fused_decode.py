@@ -99,19 +99,23 @@ def _fused_pair_chunk(x_ptr, ids_ptr, w_ptr, w1_ptr, w2_ptr, part_ptr, E, H, I, 
 
 
 @triton.jit
-def _sum_parts(part_ptr, out_ptr, H, Q, stride_om, BLOCK_H: tl.constexpr):
+def _sum_parts(part_ptr, out_ptr, H, Q, stride_om, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr):
+    # BLOCK_Q partial rows a step, pipelined: a load per row, each waited for, would be Q global-load latencies
     t = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < H
-    ptrs = part_ptr + t.to(tl.int64) * Q * H + h
+    qq = tl.arange(0, BLOCK_Q)
+    base = part_ptr + t.to(tl.int64) * Q * H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for _ in range(0, Q):  # q in order: the same sum every run
-        acc += tl.load(ptrs, mask=h_ok, other=0.0)
-        ptrs += H
+    for q0 in tl.range(0, Q, BLOCK_Q, num_stages=3):  # a fixed order and reduction tree: the same sum every run
+        q = q0 + qq
+        tile = tl.load(base + q[:, None].to(tl.int64) * H + h[None, :], mask=(q < Q)[:, None] & h_ok[None, :],
+                       other=0.0)
+        acc += tl.sum(tile, axis=0)
     tl.store(out_ptr + t.to(tl.int64) * stride_om + h, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 
-def fused_decode(x, ids, w, w1, w2, cfg, sum_block_h=256):
+def fused_decode(x, ids, w, w1, w2, cfg, sum_block_h=64, sum_block_q=32):
     """out [T, H] of the standard-layout experts by the two kernels above; cfg = (BI, BLOCK_K, BLOCK_H, warps,
     stages). Buffers are allocated per call (a captured graph keeps them)."""
     BI, BLOCK_K, BLOCK_H, warps, stages = cfg
@@ -126,8 +130,8 @@ def fused_decode(x, ids, w, w1, w2, cfg, sum_block_h=256):
     _fused_pair_chunk[(T * k, NC)](x, ids, w, w1, w2, part, E, H, I, k, NC, x.stride(0), w1.stride(0), w1.stride(1),
                                    w2.stride(0), w2.stride(1), BI=BI, BLOCK_K=BLOCK_K, BLOCK_H=BLOCK_H,
                                    NUM_STAGES=stages, num_warps=warps)
-    _sum_parts[(T, triton.cdiv(H, sum_block_h))](part, out, H, k * NC, out.stride(0), BLOCK_H=sum_block_h,
-                                                 num_warps=4)
+    _sum_parts[(T, triton.cdiv(H, sum_block_h))](part, out, H, k * NC, out.stride(0), BLOCK_Q=sum_block_q,
+                                                 BLOCK_H=sum_block_h, num_warps=4)
     return out
 
 
