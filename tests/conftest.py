@@ -36,11 +36,20 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, min(cores, 2 * cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
+def runs_on_device(module) -> bool:
+    """A module whose DEVICE is "cuda" (tests/lowering/triton_cases.py's, for instance) runs its kernels on the GPU
+    where there is one, with cases only CUDA has (bf16): its tests belong to a GPU run (tools/gpu_suite.py) though
+    they carry no gpu marker, since without CUDA they run too (the interpreter)."""
+    return getattr(module, "DEVICE", None) == "cuda"
+
+
 def pytest_collection_modifyitems(config, items):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False on this machine)")
     skip_multi = pytest.mark.skip(reason=f"needs two CUDA GPUs, this machine has {gpus}")
     for item in items:
+        if runs_on_device(getattr(item, "module", None)):
+            item.add_marker(pytest.mark.on_device)
         if "gpu" in item.keywords and not gpus:
             item.add_marker(skip)
         elif "multi_gpu" in item.keywords and gpus < 2:

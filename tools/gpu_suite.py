@@ -1,7 +1,7 @@
 """Run the GPU tests in parts that each fit one device call, each part's results streamed to a file as they come.
 
-    python tools/gpu_suite.py --part 1/4 [--workers 8] [--out $OUT]     # a quarter of the suite, big_gpu tests apart
-    python tools/gpu_suite.py --part 1/2 --marked                       # half the tests marked gpu (not big_gpu)
+    python tools/gpu_suite.py --part 1/3 [--workers 8] [--out $OUT]     # a third of the GPU tests (big_gpu apart)
+    python tools/gpu_suite.py --part 1/5 --all                          # a fifth of the whole suite (big_gpu apart)
     python tools/gpu_suite.py --big [--out $OUT]                        # the big_gpu tests, one at a time
     python tools/gpu_suite.py --ids failed.txt [--out $OUT]             # these test ids (one per line)
     python tools/gpu_suite.py --part 2/3 --budget 560                   # stop after 560 s, still summarize
@@ -28,10 +28,10 @@ import sys
 import threading
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-# The whole suite runs on the device, not only the tests marked gpu: unmarked tests run their kernels there instead of
-# under the interpreter, with the cases only CUDA has (bf16; test_triton_backward's bf16 failures of session 38 were
-# in unmarked tests, which --part of the marked tests never ran).
-ALL, MARKED, BIG = "not big_gpu", "gpu and not big_gpu", "big_gpu"
+# The GPU tests: those marked gpu, and those of modules that run their kernels on the GPU where there is one
+# (on_device, tests/conftest.py), with the cases only CUDA has: test_triton_backward's bf16 failures of session 38 were
+# such tests, which a run of the gpu marker alone never ran. --all: every test (most of the rest run as on the CPU).
+ALL, GPU, BIG = "not big_gpu", "(gpu or on_device) and not big_gpu", "big_gpu"
 
 
 def collect(marker: str) -> list[str]:
@@ -111,20 +111,20 @@ def summary(log_path: str, ids: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--part", help="i/n: the i-th of n parts of the suite (big_gpu tests apart)")
+    which.add_argument("--part", help="i/n: the i-th of n parts of the GPU tests (big_gpu tests apart)")
     which.add_argument("--big", action="store_true", help="the big_gpu tests, without xdist")
     which.add_argument("--ids", help="a file of test ids, one per line")
     parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers (one H200: 8 finished most)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where the logs go (default $OUT)")
-    parser.add_argument("--marked", action="store_true", help="with --part: only the tests marked gpu")
+    parser.add_argument("--all", action="store_true", help="with --part: parts of the whole suite, not the GPU tests")
     parser.add_argument("--budget", type=float, help="seconds before pytest is stopped (the summary still prints)")
     a = parser.parse_args()
     if a.part:
         index, parts = (int(x) for x in a.part.split("/"))
         if not 1 <= index <= parts:
             parser.error(f"--part {a.part}: expected i/n with 1 <= i <= n")
-        ids = part_of(collect(MARKED if a.marked else ALL), index, parts)
-        name, workers = f"part{index}of{parts}" + ("_marked" if a.marked else ""), a.workers
+        ids = part_of(collect(ALL if a.all else GPU), index, parts)
+        name, workers = f"part{index}of{parts}" + ("_all" if a.all else ""), a.workers
     elif a.big:
         ids, name, workers = collect(BIG), "big", 1
     else:

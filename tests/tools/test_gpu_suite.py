@@ -26,3 +26,12 @@ def test_summary_reads_spaced_ids_and_lists_those_without_a_result(tmp_path):
     assert text.splitlines()[0] == "4 tests: 1 passed, 1 failed, 1 skipped, 1 without a result"
     assert "FAILED tests/a.py::test_y[1]" in text
     assert (tmp_path / "gpu_part_left.txt").read_text() == "tests/b.py::test_w[(1, 2)]\n"
+
+
+def test_a_module_running_its_kernels_on_the_gpu_is_part_of_a_gpu_run():
+    spec = importlib.util.spec_from_file_location("suite_conftest", os.path.join(ROOT, "tests", "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    on_gpu, on_cpu, plain = (type("module", (), {"DEVICE": d}) for d in ("cuda", "cpu", None))
+    assert conftest.runs_on_device(on_gpu) and not conftest.runs_on_device(on_cpu)
+    assert not conftest.runs_on_device(plain) and not conftest.runs_on_device(None)
