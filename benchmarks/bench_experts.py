@@ -262,7 +262,7 @@ def plot(rows, path):
         ax.axhline(1.25, color="k", lw=0.5, ls="--")
         E, k, H, I = ALL_SHAPES[shape]
         ax.set_title(f"{shape} (E={E}, k={k}, H={H}, I={I})", fontsize=9)
-        graphs = [r["T"] for r in rows if r["shape"] == shape and f"{CURVES[-1]}+graph" in r["times_s"]]
+        graphs = [r["T"] for r in rows if r["shape"] == shape and "moe_compiler+graph" in r["times_s"]]
         ax.set_xlabel(f"tokens T (CUDA graphs for T <= {max(graphs, default=0)})")
         ax.set_ylabel("time / roofline floor")
     axes[0][0].legend(fontsize=7, loc="upper left", title="solid: uniform, dotted: skewed_shuffled, dashed: skewed",
@@ -315,8 +315,9 @@ def main():
     if os.path.exists(stem + ".json"):  # a run of some points updates those cells of the committed table
         with open(stem + ".json") as f:
             earlier = json.load(f)["rows"]
-        meta["cells_kept_from_earlier_runs"] = len(rows_all := merged(earlier, rows)) - len(rows)
-        rows = rows_all
+        ran = len(rows)
+        rows = merged(earlier, rows)
+        meta["cells_kept_from_earlier_runs"] = len(rows) - ran
     finish(rows, stem, meta)
 
 

@@ -505,11 +505,10 @@ def main():
             harness.write_json(os.path.join(os.environ["OUT"], "models.json"), rows)
     print_table(rows)
     # merged into the file by cell: a run of some parts of some models keeps the other rows (and the file's note)
-    harness.save_rows(args.out, "models", rows, gpu, merge_on=("model", "layers", "part", "mode"))
-    if args.out is not None:  # the plot of the whole (merged) file
-        path = harness.result_path("models") if args.out == harness.AUTO else args.out
-        with open(path) as f:
-            plot(json.load(f)["rows"], path.removesuffix(".json") + ".png")
+    saved = harness.save_rows(args.out, "models", rows, gpu, merge_on=("model", "layers", "part", "mode"))
+    if saved is not None:  # the plot of the whole (merged) file
+        path, all_rows = saved
+        plot(all_rows, path.removesuffix(".json") + ".png")
 
 
 if __name__ == "__main__":

@@ -98,15 +98,15 @@ def write_json(path: str, data) -> None:
 
 
 def save_rows(out: str | None, kind: str, rows: list[dict], gpu: str, key: str | None = None, replaced=(),
-              merge_on: tuple[str, ...] = (), merge_defaults: dict | None = None) -> None:
+              merge_on: tuple[str, ...] = (), merge_defaults: dict | None = None) -> tuple[str, list[dict]] | None:
     """{"gpu", "torch", "rows"} to the file a parsed --out names: none where it was not given, results/<kind>_<gpu>.json
     for a bare --out. With `key`, an existing file's rows whose row[key] is not in `replaced` stay ahead of the
     new ones: a run of some shapes (routers) updates only their rows of the full table. With `merge_on`, the rows
     that no new row matches on those fields stay: a run of some parts of some models updates only those cells
     (`merge_defaults`: the value of a field that older rows lack). Either way the file's other keys (a note on how
-    its rows ran) stay."""
+    its rows ran) stay. Returns (path, the rows written), None where nothing was."""
     if out is None:
-        return
+        return None
     path = result_path(kind) if out == AUTO else out
     kept: dict = {}
     if (key is not None or merge_on) and os.path.exists(path):
@@ -117,6 +117,7 @@ def save_rows(out: str | None, kind: str, rows: list[dict], gpu: str, key: str |
         rows = [r for r in kept["rows"] if (key is None or r[key] not in replaced)
                 and not (merge_on and ident(r) in new)] + rows
     write_json(path, {**kept, "gpu": gpu, "torch": torch.__version__, "rows": rows})
+    return path, rows
 
 
 def append_jsonl(path: str, row: dict) -> None:

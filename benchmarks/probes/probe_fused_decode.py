@@ -39,11 +39,13 @@ import triton.language as tl
 
 import moe_compiler
 from moe_compiler.lowering.triton_act import gated_act
+from moe_compiler.lowering.triton_decode import _gate_up_rows
 from moe_compiler.testing import experts_reference_by_expert, rel_err
 from moe_compiler.tune.search import problem
 from moe_compiler.tune.shapes import ALL_SHAPES
 
 from .. import harness
+from ..bench_experts import floor_seconds
 
 SHAPES = {name: ALL_SHAPES[name] for name in ("qwen3_30b_a3b", "qwen3_next_80b", "deepseek_v2_lite", "deepseek_v3")}
 SMOKE = {"smoke": (8, 2, 96, 40)}
@@ -74,17 +76,8 @@ def _fused_pair_chunk(x_ptr, ids_ptr, w_ptr, w1_ptr, w2_ptr, part_ptr, E, H, I, 
         wg_ptrs = w1_ptr + e * stride_1e + rows[:, None] * stride_1n + kk[None, :]
         wu_ptrs = wg_ptrs + I * stride_1n
         x_ptrs = x_ptr + t.to(tl.int64) * stride_xm + kk
-        acc_g = tl.zeros([BI, BLOCK_K], dtype=tl.float32)
-        acc_u = tl.zeros([BI, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
-            k_ok = kk < H - k0
-            xv = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-            acc_g += tl.load(wg_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32) * xv[None, :]
-            acc_u += tl.load(wu_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32) * xv[None, :]
-            x_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K
-            wu_ptrs += BLOCK_K
-        a = gated_act(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), 1.0, 0.0, 0)
+        gate, up = _gate_up_rows(x_ptrs, wg_ptrs, wu_ptrs, H, 1, False, BI, BLOCK_K, NUM_STAGES)  # the decode path's
+        a = gated_act(gate, up, 1.0, 0.0, 0)
         # rounded as the two-kernel path stores act, then weighted (it weights the down result: same product)
         a = tl.where(n_ok, a.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0) * tl.load(w_ptr + p).to(tl.float32)
         wd_ptrs = w2_ptr + e * stride_2e + hh[:, None].to(tl.int64) * stride_2h + rows[None, :]
@@ -139,7 +132,8 @@ def run_point(name, E, k, H, I, T, timer, device, dtype, sweep):
     x, ids, w, w1, w2 = problem(T, E, k, H, I, dtype, device=device, seed=T)
     ref = experts_reference_by_expert(x, ids, w, w1, w2, dtype=torch.float32)
     op = lambda: moe_compiler.moe_experts(x, ids, w, w1, w2)  # noqa: E731
-    row = {"shape": name, "T": T, "floor_us": floor_us(ids, E, k, H, I, dtype) if device == "cuda" else None,
+    floor = floor_seconds(T, E, k, H, I, ids, torch.finfo(dtype).bits // 8)[0] * 1e6 if device == "cuda" else None
+    row = {"shape": name, "T": T, "floor_us": floor,
            "op_err": rel_err(op(), ref), "op_us": time_us(timer, op, device)}
     best = None
     for cfg in sweep:
@@ -152,13 +146,6 @@ def run_point(name, E, k, H, I, T, timer, device, dtype, sweep):
             best = (cfg, us, err)
     row["fused_best"], row["fused_us"], row["fused_err"] = best
     return row
-
-
-def floor_us(ids, E, k, H, I, dtype) -> float:
-    """The bytes a step must read (each touched expert's weights once, x, out) at the measured bandwidth."""
-    touched = int(torch.unique(ids).numel())
-    nbytes = (touched * 3 * I * H + 2 * ids.shape[0] * H) * torch.finfo(dtype).bits // 8
-    return nbytes / harness.peaks()[1] * 1e6
 
 
 def time_us(timer, fn, device) -> float:

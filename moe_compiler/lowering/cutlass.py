@@ -46,8 +46,8 @@ FP8_CONFIGS = ("coop_128x128", "coop_128x128_cluster1x2", "coop_128x128_cluster2
 # The C++ sources: csrc/ of a source checkout (or an editable install), else the copy a wheel carries as
 # moe_compiler/_csrc (pyproject.toml).
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = next((d for d in (os.path.join(_PACKAGE, "..", "csrc"), os.path.join(_PACKAGE, "_csrc"))
-             if os.path.isfile(os.path.join(d, "ops.cpp"))), os.path.join(_PACKAGE, "..", "csrc"))
+_SOURCES = (os.path.join(_PACKAGE, "..", "csrc"), os.path.join(_PACKAGE, "_csrc"))
+CSRC = next((d for d in _SOURCES if os.path.isfile(os.path.join(d, "ops.cpp"))), _SOURCES[0])
 DTYPES = (torch.bfloat16, torch.float16)
 
 
