@@ -157,6 +157,10 @@ def test_int4_matches_fp64_on_the_dequantized_weights(dtype, tol, planes, T, H, 
     ],
 )
 def test_decode_gemvs_match_fp64(dtype, tol, fmt, bn, bk, scale_dtype, T, H, I, block_k):
+    if DEVICE != "cuda" and dtype == torch.float16 and (T, H) not in {(3, 64), (2, 96)}:
+        # the kernels are the same code in both dtypes: the interpreter (5-15 s a case) takes fp16 at the first
+        # case of each format, fp32 at every case
+        pytest.skip("fp16 at the first case of each format in the interpreter")
     args, (w1, w2) = quantized_experts_inputs(T, H, I, 8, 2, dtype, bn, bk, scale_dtype, seed=T, weight_format=fmt)
     spec = QuantizedExpertsSpec(weight_format=fmt, scale_block_n=bn, scale_block_k=bk)
     # INT4: the 3-D tile, the nibble planes; the down GEMV per pair (slot_split, the slots summed by the last pair
@@ -220,10 +224,11 @@ def test_w8a8_rows_by_tma_equals_the_pointer_path(fused_act, ws, programs, copy,
     descriptors). The interpreter loads host descriptors of CPU tensors too (fp16 there: its bf16 stores are
     wrong)."""
     if DEVICE != "cuda":  # (warp specialization is no code of its own in the interpreter)
-        if T == 300 or (fused_act, ws, programs, copy) not in {(True, False, 0, True), (False, True, 1, True),
-                                                               (False, False, 0, False)}:
+        form = (fused_act, ws, programs, copy)
+        if T == 300 or form not in {(True, False, 0, True), (False, True, 1, True), (False, False, 0, False)} or \
+                (T == 37 and form != (True, False, 0, True)):
             pytest.skip("the interpreter takes the fused, the unfused persistent and the unfused gathered forms at "
-                        "the two smaller T")
+                        "T = 1, the fused one at T = 37 too (15-30 s each there)")
         monkeypatch.setattr(triton_quantized, "tma_ok", lambda *tensors: True)  # CUDA + sm90 + alignment, else
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     args, (w1, w2) = quantized_experts_inputs(T, 320, 208, 16, 4, dtype, 128, 128, seed=T)
