@@ -14,7 +14,7 @@ from triton_cases import DEVICE, SPECS, device_inputs, poisoned_allocations, spe
 
 from moe_compiler.lowering import triton_backward, triton_backward_library, triton_experts  # noqa: E402
 from moe_compiler.lowering.triton_config import KernelConfig, SortedConfig  # noqa: E402
-from moe_compiler.testing import experts_reference, pre_activations, rel_err  # noqa: E402
+from moe_compiler.testing import experts_reference, experts_reference_by_expert, pre_activations, rel_err  # noqa: E402
 from moe_compiler.testing.cuda_graphs import captured, replay  # noqa: E402
 
 SMALL = KernelConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
@@ -355,3 +355,28 @@ def test_the_library_backward_pads_each_expert_to_its_smallest_row_block():
     assert triton_backward.dz_shape(hidden, ids, w1, w2, spec) == (
         triton_backward.max_blocks(T * k, E, block_m) * block_m, 2 * I)
     assert not triton_backward.library_rows(hidden, 12)  # 24-byte rows of act: not the library's
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(256, 2048, 768, 128, 8), (128, 2880, 2880, 32, 4)],
+                         ids=["qwen3_30b", "gpt_oss_20b"])
+def test_bf16_gradients_within_1e_2_at_a_model_shape(shape):
+    """The training issue's bound: every bf16 gradient within 1e-2 of fp64 autograd at real model dimensions (the
+    small shapes above allow 2e-2: few-element sums, and clamps at limit 1 that flip with z's rounding — bf16 eager
+    misses 1e-2 there too, NOTES session 40). Qwen3-30B-A3B's SwiGLU; GPT-OSS-20B's clamped SwiGLU at its own
+    limit 7, with biases. Default config (the library's GEMMs where they apply)."""
+    T, H, I, E, k = shape
+    spec = COVERED[0] if E == 128 else dataclasses.replace(GPT_OSS, swiglu_limit=7.0)
+    _, dev = device_inputs(T, H, I, E, k, torch.bfloat16, spec, seed=11)
+    hidden, ids, weights, w1, w2, b1, b2 = dev
+    grad_out = torch.randn(T, H, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(12)).bfloat16()
+    got = triton_backward.experts_backward(grad_out, *dev, spec)
+    leaves = [None if t is None else t.double().requires_grad_(True) for t in (hidden, weights, w1, w2, b1, b2)]
+    out = experts_reference_by_expert(leaves[0], ids, *leaves[1:4], spec, torch.float64, leaves[4], leaves[5])
+    want = iter(torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out.double()))
+    for name, g, leaf in zip(NAMES, got, (hidden, weights, w1, w2, b1, b2)):
+        if leaf is None:
+            assert g is None, name
+            continue
+        err = rel_err(g, next(want))
+        assert err <= 1e-2, (name, err)
