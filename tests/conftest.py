@@ -43,7 +43,13 @@ def runs_on_device(module) -> bool:
     return getattr(module, "DEVICE", None) == "cuda"
 
 
+# Files of a few long tests each (subprocesses that compile a model: 20-60 s a test on the CI machine's cores),
+# run first: collected last, they were the run's tail, one worker busy with them while the other had finished.
+LONG_FIRST = {"test_examples.py", "test_multi_gpu.py"}
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: the order within each group kept
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False on this machine)")
     skip_multi = pytest.mark.skip(reason=f"needs two CUDA GPUs, this machine has {gpus}")
