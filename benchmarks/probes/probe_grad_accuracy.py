@@ -5,7 +5,8 @@ Per case and parameter group: rel err ||g - ref|| / ||ref|| of (1) triton_backwa
 config (the op's backward), (2) autograd through the per-expert loop run in bf16 (what HF's eager experts compute),
 both against fp64 autograd of the same bf16 inputs. The test suite's small shapes use the reference that reads z
 rounded to bf16 (as the backward stores it; clamps and ReLU flip where it does); the model shapes the per-expert
-fp64 loop (SwiGLU without clamps: no mask to flip).
+fp64 loop (fp64 z: SwiGLU has no mask to flip, and GPT-OSS's clamps at its own limit 7 are rarely reached by
+unit-scale z).
 
     python -m benchmarks.probes.probe_grad_accuracy [--models]
 """
