@@ -27,14 +27,18 @@ GPT_OSS = next(s for s in COVERED if s.activation.value == "gpt_oss_swiglu")  # 
 NAMES = ("d_hidden", "d_topk_weights", "d_w_gate_up", "d_w_down", "d_b_gate_up", "d_b_down")
 
 
-def _reference(cpu, grad_out, spec):
+def _reference(inputs, grad_out, spec, by_expert=False):
     """fp64 autograd of the reference: gradients of (hidden, topk_weights, w_gate_up, w_down, b_gate_up, b_down).
     Its activation reads z rounded to the input dtype, as the backward does (it stores z in it): with fp64 z a
     clamped activation's masks flip against bf16 z's (2.5-8% of d w_gate_up in silu_clamped at limit 1, the
-    H100's failures of session 38)."""
-    hidden, ids, weights, w1, w2, b1, b2 = cpu
+    H100's failures of session 38). `by_expert`: the per-expert loop on the inputs' device instead (real model
+    sizes; fp64 z)."""
+    hidden, ids, weights, w1, w2, b1, b2 = inputs
     leaves = [None if t is None else t.double().requires_grad_(True) for t in (hidden, weights, w1, w2, b1, b2)]
-    out = experts_reference(leaves[0], ids, *leaves[1:4], leaves[4], leaves[5], spec=spec, z_dtype=hidden.dtype)
+    if by_expert:
+        out = experts_reference_by_expert(leaves[0], ids, *leaves[1:4], spec, torch.float64, leaves[4], leaves[5])
+    else:
+        out = experts_reference(leaves[0], ids, *leaves[1:4], leaves[4], leaves[5], spec=spec, z_dtype=hidden.dtype)
     wanted = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(out, wanted, grad_out.double()))
     return [None if t is None else next(grads) for t in leaves]
@@ -368,15 +372,11 @@ def test_bf16_gradients_within_1e_2_at_a_model_shape(shape):
     T, H, I, E, k = shape
     spec = COVERED[0] if E == 128 else dataclasses.replace(GPT_OSS, swiglu_limit=7.0)
     _, dev = device_inputs(T, H, I, E, k, torch.bfloat16, spec, seed=11)
-    hidden, ids, weights, w1, w2, b1, b2 = dev
     grad_out = torch.randn(T, H, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(12)).bfloat16()
     got = triton_backward.experts_backward(grad_out, *dev, spec)
-    leaves = [None if t is None else t.double().requires_grad_(True) for t in (hidden, weights, w1, w2, b1, b2)]
-    out = experts_reference_by_expert(leaves[0], ids, *leaves[1:4], spec, torch.float64, leaves[4], leaves[5])
-    want = iter(torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out.double()))
-    for name, g, leaf in zip(NAMES, got, (hidden, weights, w1, w2, b1, b2)):
-        if leaf is None:
+    for name, g, w in zip(NAMES, got, _reference(dev, grad_out, spec, by_expert=True)):
+        if w is None:
             assert g is None, name
             continue
-        err = rel_err(g, next(want))
+        err = rel_err(g, w)
         assert err <= 1e-2, (name, err)
