@@ -3,7 +3,8 @@
 
 Default: a tiny random Qwen3-MoE that runs anywhere offline; `--size qwen3-30b-a3b` builds Qwen3-30B-A3B's real
 dimensions with random weights and a few layers (a GPU's worth). The data is synthetic and learnable: token
-streams drawn from a fixed random bigram table, so the loss falls from ln(vocab) towards the table's entropy.
+streams over the first DATA_VOCAB ids drawn from a fixed random bigram table, so the loss falls from ln(vocab)
+towards the table's entropy (ln 4) and visibly within a few steps even at a 152k vocabulary.
 
 Each variant starts from the same weights and trains the same batches with AdamW:
     eager                 the model as transformers runs it
@@ -80,8 +81,15 @@ def build_model(args):
     return model
 
 
+# Tokens the data uses. Over Qwen3's whole 152k vocabulary a few steps barely move the loss (12 AdamW steps of 4 x 1024
+# tokens on the real dimensions, H100: 12.35 -> 12.34); over 1024 ids the model first learns which ids occur at all
+# (a tiny model at 152k vocabulary, CPU, 12 steps: 11.95 -> 10.59, against 11.95 -> 11.94 over every id).
+DATA_VOCAB = 1024
+
+
 def batches(vocab: int, batch: int, seq: int, steps: int, device: str):
-    """`steps` batches of token streams from a fixed random bigram table (each token has 4 likely successors)."""
+    """`steps` batches of token streams from a fixed random bigram table over the first `vocab` ids (each token has
+    4 likely successors)."""
     g = torch.Generator().manual_seed(1234)
     successors = torch.randint(0, vocab, (vocab, 4), generator=g)
     out = []
@@ -126,7 +134,7 @@ def main():
     print(f"{model.config.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{experts} MoE layers, {args.dtype}, {args.device}; {args.steps} AdamW steps of "
           f"{args.batch}x{args.seq} tokens")
-    data = batches(model.config.vocab_size, args.batch, args.seq, args.steps, args.device)
+    data = batches(min(model.config.vocab_size, DATA_VOCAB), args.batch, args.seq, args.steps, args.device)
     results = {}
     for name in args.variants:
         torch._dynamo.reset()

@@ -20,8 +20,10 @@ from moe_compiler.testing.cuda_graphs import captured, replay  # noqa: E402
 SMALL = KernelConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
 CONFIG = triton_backward.BackwardConfig(rows=SortedConfig(block_m=16, gate_up=SMALL, down=SMALL, group_m=2),
                                         dz=SMALL, wgrad_m=16, wgrad=SMALL)
-# The backward chains four GEMMs per gradient: fp16's storage rounding of z, act and dz shows at ~1e-3.
-DTYPES = [(torch.float32, 1e-4), (torch.float16, 1e-2)] + ([(torch.bfloat16, 2e-2)] if DEVICE == "cuda" else [])
+# The backward chains four GEMMs per gradient: fp16's storage rounding of z, act and dz shows at ~1e-3; bf16's at
+# 2-5e-3 against the reference that reads z in bf16 too (benchmarks/probes/probe_grad_accuracy.py, NOTES session 41),
+# so bf16 takes the training issue's bound, 1e-2.
+DTYPES = [(torch.float32, 1e-4), (torch.float16, 1e-2)] + ([(torch.bfloat16, 1e-2)] if DEVICE == "cuda" else [])
 COVERED = [s for s in SPECS if not s.scale_input]
 GPT_OSS = next(s for s in COVERED if s.activation.value == "gpt_oss_swiglu")  # biases, interleaved, transposed
 NAMES = ("d_hidden", "d_topk_weights", "d_w_gate_up", "d_w_down", "d_b_gate_up", "d_b_down")
@@ -90,13 +92,8 @@ def test_default_tiles(spec, paths):
     library for the weight gradients (the default), for every GEMM, or for none. On the GPU at a size where each
     tile is partly filled (H, I past one tile, not multiples of it); interpreted, fp32, with every dimension inside
     one tile (the masks)."""
-    T, H, I, E, k, dtype, tol = (300, 264, 200, 8, 2, torch.bfloat16, 2e-2) if DEVICE == "cuda" else \
+    T, H, I, E, k, dtype, tol = (300, 264, 200, 8, 2, torch.bfloat16, 1e-2) if DEVICE == "cuda" else \
         (12, 40, 24, 4, 2, torch.float32, 1e-4)
-    if dtype == torch.bfloat16 and spec.swiglu_limit < 7.0:
-        # bf16 z puts pre-activations within 2^-8 of the clamp bound on the other side of it: with limit 1 and
-        # unit-scale z, ~0.5% of the masks flip against fp64, each a whole element's gradient (d hidden 4.5e-2
-        # measured at this size). The clamps are checked at the small sizes; here GPT-OSS's own limit.
-        spec = dataclasses.replace(spec, swiglu_limit=7.0)
     wgrad, dgrad = PATHS[paths]
     config = dataclasses.replace(triton_backward.default_config(dtype, E, k, H, I, T), wgrad_path=wgrad,
                                  dgrad_path=dgrad)
@@ -107,7 +104,7 @@ LIBRARY = dataclasses.replace(CONFIG, wgrad_path=triton_backward.WGrad.GROUPED_M
 LIBRARY_ALL = dataclasses.replace(LIBRARY, dgrad_path=triton_backward.DGrad.GROUPED_MM)
 # torch's grouped GEMM takes bf16 only on CUDA (fp32 there falls back to the Triton kernels): the library path's
 # tests run it in bf16 on the GPU, in fp32 through torch's CPU loop
-LIBRARY_DTYPE, LIBRARY_TOL = (torch.bfloat16, 2e-2) if DEVICE == "cuda" else (torch.float32, 1e-4)
+LIBRARY_DTYPE, LIBRARY_TOL = (torch.bfloat16, 1e-2) if DEVICE == "cuda" else (torch.float32, 1e-4)
 
 
 def _spy(monkeypatch, name):
@@ -366,8 +363,8 @@ def test_the_library_backward_pads_each_expert_to_its_smallest_row_block():
                          ids=["qwen3_30b", "gpt_oss_20b"])
 def test_bf16_gradients_within_1e_2_at_a_model_shape(shape):
     """The training issue's bound: every bf16 gradient within 1e-2 of fp64 autograd at real model dimensions (the
-    small shapes above allow 2e-2: few-element sums, and clamps at limit 1 that flip with z's rounding — bf16 eager
-    misses 1e-2 there too, NOTES session 40). Qwen3-30B-A3B's SwiGLU; GPT-OSS-20B's clamped SwiGLU at its own
+    small shapes above check the same bound against a reference that reads z in bf16, as the backward stores it;
+    this one is fp64 throughout). Qwen3-30B-A3B's SwiGLU; GPT-OSS-20B's clamped SwiGLU at its own
     limit 7, with biases. Default config (the library's GEMMs where they apply)."""
     T, H, I, E, k = shape
     spec = COVERED[0] if E == 128 else dataclasses.replace(GPT_OSS, swiglu_limit=7.0)
