@@ -383,3 +383,59 @@ def test_bf16_gradients_within_1e_2_at_a_model_shape(shape):
             continue
         err = rel_err(g, w)
         assert err <= 1e-2, (name, err)
+
+
+
+def _far_end(paths, E, k, H, I, T, n, dtype, tol):
+    """The gradients of the first and last n tokens and of expert E - 1, which only the last n tokens use (slot 0):
+    sorted last, its rows are the far end of every [S, .] buffer. fp64 references over those tokens alone (a
+    token's gradients depend only on its own routes; expert E - 1 sees no other token)."""
+    from moe_compiler.testing import experts_reference_by_expert
+
+    spec = COVERED[0]
+    g = torch.Generator(DEVICE).manual_seed(21)
+    hidden = torch.randn(T, H, device=DEVICE, generator=g).to(dtype)
+    ids = torch.rand(T, E - 1, device=DEVICE, generator=g).argsort(dim=1)[:, :k]  # experts 0 .. E - 2
+    ids[-n:, 0] = E - 1
+    weights = torch.rand(T, k, device=DEVICE, generator=g).to(dtype)
+    w1 = (torch.randn(E, 2 * I, H, device=DEVICE, generator=g) * H**-0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device=DEVICE, generator=g) * I**-0.5).to(dtype)
+    grad_out = torch.randn(T, H, device=DEVICE, generator=g).to(dtype)
+    wgrad, dgrad = PATHS[paths]
+    config = dataclasses.replace(triton_backward.default_config(dtype, E, k, H, I, T), wgrad_path=wgrad,
+                                 dgrad_path=dgrad)
+    got = triton_backward.experts_backward(grad_out, hidden, ids, weights, w1, w2, None, None, spec, config)
+    tokens = torch.cat([torch.arange(n, device=DEVICE), torch.arange(T - n, T, device=DEVICE)])
+    d_hidden, d_weights = got[0][tokens], got[1][tokens]
+    d_w1, d_w2 = got[2][E - 1], got[3][E - 1]
+    del got
+    for i, t in enumerate(tokens.tolist()):  # one token at a time: its k experts' weights in fp64
+        x, w = hidden[t:t + 1].double().requires_grad_(), weights[t:t + 1].double().requires_grad_()
+        out = experts_reference_by_expert(x, ids[t:t + 1], w, w1, w2, spec)
+        want = torch.autograd.grad(out, (x, w), grad_out[t:t + 1].double())
+        assert rel_err(d_hidden[i], want[0][0]) <= tol, (t, rel_err(d_hidden[i], want[0][0]))
+        assert rel_err(d_weights[i], want[1][0]) <= tol, (t, rel_err(d_weights[i], want[1][0]))
+    a, b = w1[E - 1:].double().requires_grad_(), w2[E - 1:].double().requires_grad_()
+    out = experts_reference_by_expert(hidden[-n:].double(), torch.zeros(n, 1, dtype=torch.long, device=DEVICE),
+                                      weights[-n:, :1].double(), a, b, spec)
+    want = torch.autograd.grad(out, (a, b), grad_out[-n:].double())
+    assert rel_err(d_w1, want[0][0]) <= tol and rel_err(d_w2, want[1][0]) <= tol, \
+        (rel_err(d_w1, want[0][0]), rel_err(d_w2, want[1][0]))
+
+
+@pytest.mark.parametrize("paths", ["library", "triton"])
+def test_far_end_references(paths):
+    """_far_end's references at a small size (interpreted on the CPU, fp32 there)."""
+    dtype, tol = (LIBRARY_DTYPE, LIBRARY_TOL) if paths == "library" else (torch.float32, 1e-4)
+    _far_end(paths, 6, 2, 32, 16, 40, 3, dtype, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.big_gpu
+@pytest.mark.parametrize("paths", ["library", "triton"])
+def test_index_math_past_2_31(paths):
+    """S H > 2^31 (DeepSeek-V3's experts, T = 40000, S = T k = 320000 rows; ~60 GB): the [S, H] buffers in sorted
+    order (gathered rows, d hidden's rows) pass 2^31 elements at the far end, where a 32-bit row offset wraps."""
+    E, k, H, I, T = 256, 8, 7168, 2048, 40000
+    assert T * k * H > 2**31
+    _far_end(paths, E, k, H, I, T, 4, torch.bfloat16, 1e-2)
