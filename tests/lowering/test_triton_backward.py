@@ -407,7 +407,7 @@ def _far_end(paths, E, k, H, I, T, n, dtype, tol):
     got = triton_backward.experts_backward(grad_out, hidden, ids, weights, w1, w2, None, None, spec, config)
     tokens = torch.cat([torch.arange(n, device=DEVICE), torch.arange(T - n, T, device=DEVICE)])
     d_hidden, d_weights = got[0][tokens], got[1][tokens]
-    d_w1, d_w2 = got[2][E - 1], got[3][E - 1]
+    d_w1, d_w2 = got[2][E - 1].clone(), got[3][E - 1].clone()  # copies: views would keep every expert's (22 GB)
     del got
     for i, t in enumerate(tokens.tolist()):  # one token at a time: its k experts' weights in fp64
         x, w = hidden[t:t + 1].double().requires_grad_(), weights[t:t + 1].double().requires_grad_()
