@@ -385,13 +385,10 @@ def test_bf16_gradients_within_1e_2_at_a_model_shape(shape):
         assert err <= 1e-2, (name, err)
 
 
-
 def _far_end(paths, E, k, H, I, T, n, dtype, tol):
     """The gradients of the first and last n tokens and of expert E - 1, which only the last n tokens use (slot 0):
     sorted last, its rows are the far end of every [S, .] buffer. fp64 references over those tokens alone (a
     token's gradients depend only on its own routes; expert E - 1 sees no other token)."""
-    from moe_compiler.testing import experts_reference_by_expert
-
     spec = COVERED[0]
     g = torch.Generator(DEVICE).manual_seed(21)
     hidden = torch.randn(T, H, device=DEVICE, generator=g).to(dtype)
