@@ -22,8 +22,8 @@ Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_ou
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
 measure. Memory: peak allocated during a call above what is held before it; saved: the bytes per token autograd
 keeps from the forward for the backward (saved_tensors_hooks; inputs and parameters excluded). Gradients of each
-variant vs hf_grouped_mm's (rel err). GPT-OSS's shape runs with the SwiGLU experts (the op's activation is not what is
-measured here).
+variant vs hf_grouped_mm's (rel err). --kernels N: each variant's N costliest kernels per step (torch.profiler).
+GPT-OSS's shape runs with the SwiGLU experts (the op's activation is not what is measured here).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def saved_bytes(fn, x, ids, w, params) -> int:
     return sum(seen.values())
 
 
-def point(name, T, variants=VARIANTS):
+def point(name, T, variants=VARIANTS, kernels: int = 0):
     E, k, H, I = ALL_SHAPES[name]
     cfg, experts = harness.hf_experts(E, k, H, I, torch.bfloat16, "cuda")
     gen = torch.Generator("cuda").manual_seed(T)
@@ -125,7 +125,9 @@ def point(name, T, variants=VARIANTS):
             try:
                 step()
                 torch.cuda.synchronize()
-                grads[variant] = [t.grad.float().clone() for t in (x, w, *params)]
+                # host copies in the gradients' own dtype: fp32 copies of every variant's on the GPU ran
+                # Qwen3-235B-A22B's T = 4096 out of memory on an H100 (session 42)
+                grads[variant] = [t.grad.to("cpu", copy=True) for t in (x, w, *params)]
                 held = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 step()
@@ -133,6 +135,8 @@ def point(name, T, variants=VARIANTS):
                 row[f"{variant}_mem_gib"] = (torch.cuda.max_memory_allocated() - held) / 2**30
                 row[f"{variant}_saved_b_per_token"] = saved_bytes(ops[variant], x, ids, w, params) / T
                 seconds = harness.events(step, 10)
+                if kernels:  # where the step's device time goes (forward and backward kernels together)
+                    row[f"{variant}_kernels"] = harness.kernel_times(step, calls=5, top=kernels)
             except torch.OutOfMemoryError:
                 print(f"{name} T={T} {variant}: out of memory", flush=True)
                 torch.cuda.empty_cache()
@@ -142,8 +146,8 @@ def point(name, T, variants=VARIANTS):
     ref = grads.get("hf_grouped_mm")
     for variant, g in grads.items():
         if ref is not None and variant != "hf_grouped_mm":
-            row[f"{variant}_grad_err"] = max(rel_err(a, b) for a, b in zip(g, ref))
-    print(row, flush=True)
+            row[f"{variant}_grad_err"] = max(rel_err(a.cuda().float(), b.cuda().float()) for a, b in zip(g, ref))
+    print({key: v for key, v in row.items() if not key.endswith("_kernels")}, flush=True)
     del ops, grads
     torch.cuda.empty_cache()
     return row
@@ -154,21 +158,28 @@ def main():
     ap.set_defaults(shapes=["qwen3_30b_a3b", "mixtral_8x7b", "gpt_oss_20b"])
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                     help="a subset (hf_grouped_mm, the gradients' reference, always runs)")
+    ap.add_argument("--kernels", type=int, default=0, metavar="N",
+                    help="also profile each variant's step: its N kernels by CUDA time, printed after the table")
     args = ap.parse_args()
     variants = tuple(dict.fromkeys(("hf_grouped_mm", *args.variants)))
     harness.gpu_name()
     harness.compile_per_shape()
-    rows = [point(name, T, variants) for name in args.shapes for T in args.tokens]
-    print(f"\n{'shape':>16} {'T':>6} " + " ".join(f"{v:>22}" for v in VARIANTS)
+    rows = [point(name, T, variants, args.kernels) for name in args.shapes for T in args.tokens]
+    print(f"\n{'shape':>16} {'T':>6} " + " ".join(f"{v:>22}" for v in variants)
           + "   (TFLOP/s, GiB above inputs, saved KiB per token)")
     for r in rows:
         nan = float("nan")
         cells = [f"{r.get(f'{v}_tflops', nan):5.0f} {r.get(f'{v}_mem_gib', nan):5.1f} "
-                 f"{r.get(f'{v}_saved_b_per_token', nan) / 1024:6.1f}" for v in VARIANTS]
+                 f"{r.get(f'{v}_saved_b_per_token', nan) / 1024:6.1f}" for v in variants]
         print(f"{r['shape']:>16} {r['T']:>6} " + " ".join(f"{c:>22}" for c in cells))
     print("grad err vs hf_grouped_mm: " + "; ".join(
-        f"{r['shape']} T={r['T']} " + " ".join(f"{v} {r.get(f'{v}_grad_err', float('nan')):.1e}" for v in VARIANTS[1:])
+        f"{r['shape']} T={r['T']} " + " ".join(f"{v} {r.get(f'{v}_grad_err', float('nan')):.1e}" for v in variants[1:])
         for r in rows))
+    for r in rows if args.kernels else ():
+        for v in variants:
+            print(f"\n{r['shape']} T={r['T']} {v}: µs per step, launches, kernel")
+            for us, n, key in r.get(f"{v}_kernels", ()):
+                print(f"  {us:9.1f} {n:4d}  {key[:110]}")
     if os.environ.get("OUT"):
         harness.write_json(os.path.join(os.environ["OUT"], "train_op.json"), rows)
 
