@@ -136,7 +136,10 @@ def point(name, T, variants=VARIANTS, kernels: int = 0):
                 row[f"{variant}_saved_b_per_token"] = saved_bytes(ops[variant], x, ids, w, params) / T
                 seconds = harness.events(step, 10)
                 if kernels:  # where the step's device time goes (forward and backward kernels together)
-                    row[f"{variant}_kernels"] = harness.kernel_times(step, calls=5, top=kernels)
+                    every = harness.kernel_times(step, calls=5, top=10_000)
+                    row[f"{variant}_kernels"] = every[:kernels]
+                    row[f"{variant}_kernel_us"] = sum(us for us, _, _ in every)
+                    row[f"{variant}_launches"] = sum(n for _, n, _ in every)
             except torch.OutOfMemoryError:
                 print(f"{name} T={T} {variant}: out of memory", flush=True)
                 torch.cuda.empty_cache()
@@ -177,7 +180,8 @@ def main():
         for r in rows))
     for r in rows if args.kernels else ():
         for v in variants:
-            print(f"\n{r['shape']} T={r['T']} {v}: µs per step, launches, kernel")
+            print(f"\n{r['shape']} T={r['T']} {v}: {r.get(f'{v}_kernel_us', float('nan')):.0f} µs of kernels in "
+                  f"{r.get(f'{v}_launches', 0)} launches per step; the costliest: µs, launches, kernel")
             for us, n, key in r.get(f"{v}_kernels", ()):
                 print(f"  {us:9.1f} {n:4d}  {key[:110]}")
     if os.environ.get("OUT"):
