@@ -75,29 +75,46 @@ def no_compile_caches():
         yield
 
 
+# Cached blocks a worker keeps between GPU tests under xdist: above this it hands them back after each test, so that a
+# big_gpu test taking the GPU next finds the memory free (a model-shape test had kept 17 GB, session 42).
+KEEP_CACHED = 1 << 30
+
+
 @pytest.fixture(autouse=True)
 def _one_big_gpu_test_at_a_time(request, tmp_path_factory):
     """Tests marked big_gpu hold tens of GB of real-model weights: under pytest-xdist, workers sharing one GPU would
-    run out of memory together (8 workers: 22 of them failed so, session 15). Each takes a lock file in the run's
-    shared temporary directory (fcntl: released if the worker dies) and hands its cached blocks back to the driver
-    before releasing it, so that the next worker's test finds the memory free."""
-    if "big_gpu" not in request.node.keywords or not torch.cuda.is_available():
+    run out of memory together (8 workers: 22 of them failed so, session 15). A big_gpu test holds the GPU alone,
+    every other test shares it (gpu_lock.py, over files in the run's shared temporary directory), and each hands
+    its cached blocks back to the driver before letting go, so that the next big test finds the memory free.
+    Without xdist nothing runs beside a test: a big one only hands its memory back."""
+    if not torch.cuda.is_available():
         yield
         return
-    import fcntl
+    big = "big_gpu" in request.node.keywords
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        if big:
+            _hand_back_memory()
+        return
+    from gpu_lock import gpu_share
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # each worker's basetemp is popen-gwN under the run's directory
-    with open(root / "big_gpu.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    root = tmp_path_factory.getbasetemp().parent  # each worker's basetemp is popen-gwN under the run's directory
+    with gpu_share(root, exclusive=big):
         try:
             yield
         finally:
             _release_a_failure_s_tensors()
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            if big or torch.cuda.memory_reserved() > KEEP_CACHED:
+                _hand_back_memory()
+
+
+def _hand_back_memory():
+    import gc
+
+    _release_a_failure_s_tensors()
+    gc.collect()  # tensors in reference cycles too
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 def _release_a_failure_s_tensors():
@@ -110,6 +127,8 @@ def _release_a_failure_s_tensors():
     import sys
     import traceback
 
+    if not any(hasattr(sys, name) for name in ("last_type", "last_value", "last_traceback", "last_exc")):
+        return  # no failure kept (the common case: no gc pass per test)
     for name in ("last_value", "last_exc"):
         exc = getattr(sys, name, None)
         if exc is not None and exc.__traceback__ is not None:
