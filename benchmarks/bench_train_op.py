@@ -22,7 +22,9 @@ Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_ou
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
 measure. Memory: peak allocated during a call above what is held before it; saved: the bytes per token autograd
 keeps from the forward for the backward (saved_tensors_hooks; inputs and parameters excluded). Gradients of each
-variant vs hf_grouped_mm's (rel err). --kernels N: each variant's N costliest kernels per step (torch.profiler).
+variant vs hf_grouped_mm's (rel err). --kernels N: each variant's N costliest kernels per step (torch.profiler),
+its kernel time and launches in total (beside the step's time: the rest is the GPU waiting on the host) and its
+forward alone.
 GPT-OSS's shape runs with the SwiGLU experts (the op's activation is not what is measured here).
 """
 
@@ -136,6 +138,7 @@ def point(name, T, variants=VARIANTS, kernels: int = 0):
                 row[f"{variant}_saved_b_per_token"] = saved_bytes(ops[variant], x, ids, w, params) / T
                 seconds = harness.events(step, 10)
                 if kernels:  # where the step's device time goes (forward and backward kernels together)
+                    row[f"{variant}_fwd_ms"] = harness.events(lambda op=ops[variant]: op(x, ids, w), 10) * 1e3
                     every = harness.kernel_times(step, calls=5, top=10_000)
                     row[f"{variant}_kernels"] = every[:kernels]
                     row[f"{variant}_kernel_us"] = sum(us for us, _, _ in every)
@@ -180,8 +183,9 @@ def main():
         for r in rows))
     for r in rows if args.kernels else ():
         for v in variants:
-            print(f"\n{r['shape']} T={r['T']} {v}: {r.get(f'{v}_kernel_us', float('nan')):.0f} µs of kernels in "
-                  f"{r.get(f'{v}_launches', 0)} launches per step; the costliest: µs, launches, kernel")
+            print(f"\n{r['shape']} T={r['T']} {v}: step {r.get(f'{v}_ms', float('nan')) * 1e3:.0f} µs (forward alone "
+                  f"{r.get(f'{v}_fwd_ms', float('nan')) * 1e3:.0f}), {r.get(f'{v}_kernel_us', float('nan')):.0f} µs of "
+                  f"kernels in {r.get(f'{v}_launches', 0)} launches; the costliest: µs, launches, kernel")
             for us, n, key in r.get(f"{v}_kernels", ()):
                 print(f"  {us:9.1f} {n:4d}  {key[:110]}")
     if os.environ.get("OUT"):
