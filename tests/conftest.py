@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -91,27 +92,24 @@ def _one_big_gpu_test_at_a_time(request, tmp_path_factory):
         yield
         return
     big = "big_gpu" in request.node.keywords
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        if big:
-            _hand_back_memory()
-        return
-    from gpu_lock import gpu_share
+    xdist = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    if xdist:
+        from gpu_lock import gpu_share
 
-    root = tmp_path_factory.getbasetemp().parent  # each worker's basetemp is popen-gwN under the run's directory
-    with gpu_share(root, exclusive=big):
+        root = tmp_path_factory.getbasetemp().parent  # each worker's basetemp is popen-gwN under the run's directory
+    with gpu_share(root, exclusive=big) if xdist else contextlib.nullcontext():
         try:
             yield
         finally:
-            _release_a_failure_s_tensors()
-            if big or torch.cuda.memory_reserved() > KEEP_CACHED:
+            if big or xdist:
+                _release_a_failure_s_tensors()
+            if big or (xdist and torch.cuda.memory_reserved() > KEEP_CACHED):
                 _hand_back_memory()
 
 
 def _hand_back_memory():
     import gc
 
-    _release_a_failure_s_tensors()
     gc.collect()  # tensors in reference cycles too
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

@@ -261,9 +261,9 @@ def test_skewed_routing_and_empty_experts(config, monkeypatch):
     T, k = 40, 2
     ids = torch.tensor([[0, 3] if t % 2 else [3, 0] for t in range(T)])
     library = config == "library"
-    dtype, tol, config = (LIBRARY_DTYPE, LIBRARY_TOL, LIBRARY_ALL) if library else (torch.float32, 1e-4, CONFIG)
+    dtype, tol, cfg = (LIBRARY_DTYPE, LIBRARY_TOL, LIBRARY_ALL) if library else (torch.float32, 1e-4, CONFIG)
     downs, gate_ups = _spy(monkeypatch, "down_grads"), _spy(monkeypatch, "gate_up_grads")
-    got = _check(T, 32, 16, 6, k, dtype, tol, COVERED[0], ids=ids, config=config)
+    got = _check(T, 32, 16, 6, k, dtype, tol, COVERED[0], ids=ids, config=cfg)
     assert downs == gate_ups == ([1] if library else [])
     d_w_gate_up, d_w_down = got[2], got[3]
     for e in (1, 2, 4, 5):
