@@ -395,8 +395,9 @@ def _far_end(paths, E, k, H, I, T, n, dtype, tol):
     ids = torch.rand(T, E - 1, device=DEVICE, generator=g).argsort(dim=1)[:, :k]  # experts 0 .. E - 2
     ids[-n:, 0] = E - 1
     weights = torch.rand(T, k, device=DEVICE, generator=g).to(dtype)
-    w1 = (torch.randn(E, 2 * I, H, device=DEVICE, generator=g) * H**-0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, device=DEVICE, generator=g) * I**-0.5).to(dtype)
+    # drawn in their own dtype: an fp32 draw of DeepSeek-V3's w1 is a 28 GiB transient beside the test's ~55 GiB
+    w1 = torch.randn(E, 2 * I, H, device=DEVICE, generator=g, dtype=dtype).mul_(H**-0.5)
+    w2 = torch.randn(E, H, I, device=DEVICE, generator=g, dtype=dtype).mul_(I**-0.5)
     grad_out = torch.randn(T, H, device=DEVICE, generator=g).to(dtype)
     wgrad, dgrad = PATHS[paths]
     config = dataclasses.replace(triton_backward.default_config(dtype, E, k, H, I, T), wgrad_path=wgrad,
@@ -440,4 +441,6 @@ def test_index_math_past_2_31(paths):
     order (gathered rows, d hidden's rows) pass 2^31 elements at the far end, where a 32-bit row offset wraps."""
     E, k, H, I, T = 256, 8, 7168, 2048, 40000
     assert T * k * H > 2**31
+    left = torch.cuda.memory_allocated() / 2**30
+    assert left < 1, f"a previous test left {left:.1f} GiB allocated in this process; this test needs ~55 GiB"
     _far_end(paths, E, k, H, I, T, 4, torch.bfloat16, 1e-2)
