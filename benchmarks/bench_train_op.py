@@ -13,6 +13,8 @@ Per (shape, T), bf16, uniform routing, one process, every variant on the same in
     moe_train_tc        moe_train under torch.compile (Inductor), as a training graph runs it: the backward as two
                         ops, the saved Z freed between them (ops/experts.py), and Inductor's memory planning —
                         the like-for-like partner of hf_grouped_mm_tc
+    moe_train_tc_opaque moe_train_tc with MOE_COMPILER_INLINE=0: the forward and the backward's three ops stay opaque
+                        calls, each paying its Python path per step (recorded launches: the default since session 43)
     moe_train_tr_dgrad  the same with DGrad.TRITON (dz and d hidden by the Triton kernels, weight gradients by the
                         library)
     moe_train_triton    the same with every backward GEMM by the Triton kernels (WGrad.TRITON too)
@@ -38,13 +40,14 @@ import torch
 
 import moe_compiler  # noqa: F401 - registers the ops
 from moe_compiler.lowering import dispatch
+from moe_compiler.ops import inline
 from moe_compiler.testing import rel_err
 from moe_compiler.tune.shapes import ALL_SHAPES
 
 from . import harness
 
 VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train", "moe_train_tc",
-            "moe_train_tr_dgrad", "moe_train_triton", "moe_train_tile_pad")
+            "moe_train_tc_opaque", "moe_train_tr_dgrad", "moe_train_triton", "moe_train_tile_pad")
 # variant -> (WGrad, DGrad) replacing default_config's
 PATHS = {"moe_train_tr_dgrad": ("GROUPED_MM", "TRITON"), "moe_train_triton": ("TRITON", "TRITON")}
 
@@ -55,6 +58,13 @@ def _backward(variant: str):
     from moe_compiler.lowering import triton_backward
 
     os.environ[dispatch.BACKWARD_ENV] = "torch" if variant == "moe_torch_bwd" else "triton"
+    opaque = variant == "moe_train_tc_opaque"
+    if opaque:
+        os.environ[inline.INLINE_ENV] = "0"
+    caches = contextlib.ExitStack()
+    if opaque:
+        caches.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+        caches.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
     real = triton_backward.default_config
     if variant in PATHS:
         wgrad, dgrad = triton_backward.WGrad[PATHS[variant][0]], triton_backward.DGrad[PATHS[variant][1]]
@@ -62,10 +72,12 @@ def _backward(variant: str):
     if variant == "moe_train_tile_pad":  # rows padded to the forward's tile whatever `library` says
         triton_backward.default_config = lambda dtype, E, k, H, I, T, library=False: real(dtype, E, k, H, I, T)
     try:
-        yield
+        with caches:
+            yield
     finally:
         triton_backward.default_config = real
         os.environ.pop(dispatch.BACKWARD_ENV, None)
+        os.environ.pop(inline.INLINE_ENV, None)
 
 
 def _inputs(E, k, T, H, gen):
@@ -119,6 +131,10 @@ def point(name, T, variants=VARIANTS, kernels: int = 0):
            for v in ("moe_train", "moe_train_tile_pad", *PATHS)},
     }
     ops["moe_train_tc"] = torch.compile(ops["moe_train"], dynamic=False)
+    # its own code object (Dynamo caches per code object) and, in _backward, no compile caches: the inline switch
+    # acts inside AOTAutograd's trace, which the caches would not see
+    ops["moe_train_tc_opaque"] = torch.compile(
+        lambda x, ids, w: torch.ops.moe_compiler.experts_train(x, ids, w, *params)[0], dynamic=False)
     row = {"shape": name, "T": T, "E": E, "k": k, "H": H, "I": I}
     grads = {}
     for variant in variants:

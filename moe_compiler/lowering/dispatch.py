@@ -295,6 +295,13 @@ def _triton_backward_runs(hidden, spec: ExpertsSpec) -> bool:
     return not spec.scale_input and device.uses_triton(hidden) and triton_backward_requested()
 
 
+def backward_inlinable(hidden, topk_ids, spec: ExpertsSpec) -> bool:
+    """Whether a traced call of the split backward's ops (static sizes) runs the Triton backward, whose kernels and
+    torch ops (the library's grouped GEMMs among them) can be recorded."""
+    T, k = topk_ids.shape
+    return bool(T and k) and _triton_backward_runs(hidden, spec)
+
+
 def saved_z_shape(hidden, topk_ids, w_down, spec: ExpertsSpec) -> tuple[int, int]:
     """The shape of experts_train's z: [T*k, 2I] where the Triton backward will read it, else [0, 2I] (the torch
     backward recomputes what it needs). From device, env and sizes only: the fake and the real op agree."""
@@ -306,7 +313,7 @@ def experts_forward_saving_z(hidden, topk_ids, topk_weights, w_gate_up, w_down, 
                              spec: ExpertsSpec, shared: SharedMLP | None = None):
     """(out, z [T*k, 2I]): experts_forward (the shared MLP by cuBLAS after the experts) with each pair's
     pre-activation row also stored for the backward (triton_forward's z). T*k > 0."""
-    z = hidden.new_empty(topk_ids.numel(), 2 * spec.intermediate(w_down))
+    z = launch.empty(hidden, topk_ids.numel(), 2 * spec.intermediate(w_down))
     routed = triton_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec, z=z)
     if shared is not None:
         routed = torch_shared.forward(routed, hidden, shared, spec, _gated_rows(hidden))

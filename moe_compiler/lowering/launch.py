@@ -73,6 +73,22 @@ def tracing() -> bool:
     return getattr(_state, "on", False)
 
 
+def empty(like: torch.Tensor, *size, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialized buffer of `size` on like's device, in like's dtype unless given, for kernels to write. By
+    torch.empty, never like.new_empty or torch.empty_like: AOTAutograd's CSE merges identical new_empty /
+    empty_like calls of a traced graph (it spares aten.empty alone), so two buffers that recorded kernels write
+    became one — a training graph's backward took the forward's output buffer as its d hidden's, saved across
+    the step and copied per call (tests/ops/test_inline.py, the training step's trace)."""
+    if len(size) == 1 and not isinstance(size[0], int) and not isinstance(size[0], torch.SymInt):
+        size = tuple(size[0])
+    return torch.empty(size, dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """empty(t, t.shape) where t is contiguous (a buffer of its layout; see empty), else torch.empty_like."""
+    return empty(t, t.shape) if t.is_contiguous() else torch.empty_like(t)
+
+
 def remember_route(weights, ids, routed) -> None:
     """While tracing: note that `weights` and `ids` (the route op's outputs, these very tensor objects) were routed
     as `routed` (triton_route.Routed), so that a decode experts call given exactly them can route again inside its

@@ -91,6 +91,18 @@ def project_dw(impl, x, dy, seg: Segments, transposed: bool):
     return impl.wgrad(x, dy, seg) if transposed else impl.wgrad(dy, x, seg)
 
 
+def _base_aligned(t: torch.Tensor) -> bool:
+    """t's first element on a 16-byte boundary. A traced tensor (fake: no data pointer) by its storage offset, as
+    Inductor decides it for its own kernels: a compiled graph copies an input it so assumed aligned whenever a
+    call's is not (torch._inductor.utils.copy_misaligned_inputs), and its own buffers are aligned."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if is_fake(t):
+        return statically_known_true(t.storage_offset() * t.element_size() % 16 == 0)
+    return t.data_ptr() % 16 == 0
+
+
 class LoopMM:
     """Inputs of any float dtype are upcast one segment or one expert at a time, so the math is fp32 and the
     extra memory is one expert's weight, not a copy of the whole stack."""
@@ -139,7 +151,7 @@ class GroupedMM:
             if like.dtype != torch.bfloat16 or not device.sm90_or_newer(device.index(like)):
                 return False
         size = like.element_size()
-        return all(w * size % 16 == 0 for w in widths) and all(t.data_ptr() % 16 == 0 for t in operands)
+        return all(w * size % 16 == 0 for w in widths) and all(_base_aligned(t) for t in operands)
 
     @staticmethod
     def compute_dtype(dtype: torch.dtype) -> torch.dtype:

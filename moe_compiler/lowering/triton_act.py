@@ -98,7 +98,7 @@ def _gated_rows_kernel(g_ptr, u_ptr, out_ptr, N, alpha, limit, ACT: tl.constexpr
 def gated_rows(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
     """act(gate) * up for two contiguous tensors of one shape and dtype (computed in fp32)."""
     gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+    out = launch.empty_like(gate)
     N, BLOCK = gate.numel(), 2048
     if N:
         launch.kernel(_gated_rows_kernel)[(triton.cdiv(N, BLOCK),)](

@@ -316,7 +316,7 @@ def gathered(src, rows: AlignedRows, weights, k: int, block_m: int, *, scale: bo
     """src's token rows copied into padded sorted order (x the pair's router weight `weights`: scale; without
     scale weights may be None), padding rows 0: into `out` (default: a new [S_pad, N]; any buffer with a row per
     used slot)."""
-    out = src.new_empty(rows.sorted_rows.numel(), src.shape[1]) if out is None else out
+    out = launch.empty(src, rows.sorted_rows.numel(), src.shape[1]) if out is None else out
     return _launch_sorted_rows(src, out, rows, weights if scale else src, k, block_m, gather=True, scale=scale)
 
 

@@ -372,15 +372,15 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
                          f"stride, got {list(z.shape)} {z.dtype} strides {z.stride()}")
     act = None
     if not saved:
-        z, act = hidden.new_empty(T * k, 2 * I), hidden.new_empty(S_pad, I)
+        z, act = launch.empty(hidden, T * k, 2 * I), launch.empty(hidden, S_pad, I)
         launch_gate_up(c.hidden, rows, w_gate_up, b_gate_up, spec, config.rows, k, act, c.weights, z=z)
     if c.library_dgrad:
         return _library_down(grad_out, z, c, w_down, b_down, spec, weight_grads, topk_weights.dtype)
     if act is None:
-        act = hidden.new_empty(S_pad, I)
+        act = launch.empty(hidden, S_pad, I)
 
-    dz = hidden.new_empty(S_pad, 2 * I)
-    ds_part = hidden.new_empty(S_pad, triton.cdiv(I, config.dz.block_n), dtype=torch.float32)
+    dz = launch.empty(hidden, S_pad, 2 * I)
+    ds_part = launch.empty(hidden, S_pad, triton.cdiv(I, config.dz.block_n), dtype=torch.float32)
     launch_dz(grad_out, rows, w_down, b_down, z, dz, ds_part, c.weights, spec, config, k,
               act=act if saved else None)
     if weight_grads and c.library_wgrad:
@@ -403,8 +403,8 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
         d_w_down, d_b_down = lib.down_grads(scaled_do, zero_padding_rows(act, rows, bm), lib.segments(rows, bm),
                                             spec.transposed, ones)
         return DownGrads(dz, d_weights, *_like((d_w_down, w_down), (d_b_down, b_down)))
-    d_w_down = torch.empty_like(w_down)
-    d_b_down = torch.empty_like(b_down) if b_down is not None else None
+    d_w_down = launch.empty_like(w_down)
+    d_b_down = launch.empty_like(b_down) if b_down is not None else None
     launch_wgrad(grad_out, act, d_w_down, d_b_down, c.weights, rows, k, config, left_gather=True, left_scale=True,
                  right_gather=False, out_strides=logical_strides(d_w_down, spec.transposed))
     return DownGrads(dz, d_weights, d_w_down, d_b_down)
@@ -445,8 +445,8 @@ def backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down,
                                      transposed=spec.transposed, bias=b_gate_up is not None)
         d_w_gate_up, d_b_gate_up = _like((d_w, w_gate_up), (d_b, b_gate_up))
     elif weight_grads:
-        d_w_gate_up = torch.empty_like(w_gate_up)
-        d_b_gate_up = torch.empty_like(b_gate_up) if b_gate_up is not None else None
+        d_w_gate_up = launch.empty_like(w_gate_up)
+        d_b_gate_up = launch.empty_like(b_gate_up) if b_gate_up is not None else None
         launch_wgrad(dz, c.hidden, d_w_gate_up, d_b_gate_up, c.weights, rows, c.k, config, left_gather=False,
                      left_scale=False, right_gather=True, out_strides=logical_strides(d_w_gate_up, spec.transposed))
     if c.library_dgrad:
@@ -455,7 +455,7 @@ def backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down,
         # the forward's down GEMM over dz with W_gate_up read as [H, 2I] per expert (the transpose of its layout),
         # no router weight (scale_input=True skips it)
         dx_spec = dataclasses.replace(spec, transposed=not spec.transposed, scale_input=True)
-        dx_rows = hidden.new_empty(dz.shape[0], H)
+        dx_rows = launch.empty(hidden, dz.shape[0], H)
         launch_down(dz, rows, w_gate_up, None, c.weights, dx_spec, config.rows, c.k, dx_rows)
     return dx_rows, d_w_gate_up, d_b_gate_up
 
@@ -468,7 +468,7 @@ def backward_combine(dx_rows, hidden, topk_ids, topk_weights, w_gate_up, w_down,
     if dx_rows.shape != (c.rows.sorted_rows.numel(), c.H) or dx_rows.dtype != hidden.dtype:
         raise ValueError(f"moe_compiler: dx_rows: expected [{c.rows.sorted_rows.numel()}, {c.H}] {hidden.dtype} "
                          f"(backward_gate_up_rows's), got {list(dx_rows.shape)} {dx_rows.dtype}")
-    d_hidden = hidden.new_empty(c.T, c.H)
+    d_hidden = launch.empty(hidden, c.T, c.H)
     launch_combine(dx_rows, c.rows, c.k, d_hidden)
     return d_hidden
 

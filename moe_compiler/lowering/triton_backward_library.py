@@ -176,9 +176,9 @@ def dz_rows(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: Exper
     # act_s is written over dA: the row pass reads each element of dA once, in the same program and step that
     # writes act_s's (one program per row), and dA is not read after it — one [S_pad, I] buffer fewer at the
     # backward's peak (z, G, dA, dz live together: Mixtral-8x7B at T = 32768, 1.9 of ~11 GB).
-    dz, act_s = G.new_empty(S_pad, 2 * I), dA
+    dz, act_s = launch.empty(G, S_pad, 2 * I), dA
     ds = torch.zeros(T * k, dtype=torch.float32, device=G.device)  # a sentinel pair's stays 0
-    bias_weights = G.new_empty(S_pad, 8) if b_down is not None else None
+    bias_weights = launch.empty(G, S_pad, 8) if b_down is not None else None
     _row_pass(dA, z, G, b_down, dz, act_s, ds, bias_weights, weights, rows, spec, block_m, 0, S_pad,
               write_dz=True, write_act=True)
     return G, dz, act_s, ds.view(T, k), seg, bias_weights
@@ -198,13 +198,13 @@ def dz_rows_chunked(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spe
     ds = torch.zeros(T * k, dtype=torch.float32, device=G.device)  # a sentinel pair's stays 0
     d_w_down = d_b_down = None
     if weight_grads:
-        act_s = G.new_empty(S_pad, I)
-        bias_weights = G.new_empty(S_pad, 8) if b_down is not None else None
+        act_s = launch.empty(G, S_pad, I)
+        bias_weights = launch.empty(G, S_pad, 8) if b_down is not None else None
         _row_pass(act_s, z, G, b_down, act_s, act_s, ds, bias_weights, weights, rows, spec, block_m, 0, S_pad,
                   write_dz=False, write_act=True)
         d_w_down, d_b_down = down_grads(G, act_s, seg, spec.transposed, bias_weights)
         del act_s, bias_weights
-    dz = G.new_empty(S_pad, 2 * I)
+    dz = launch.empty(G, S_pad, 2 * I)
     step = triton.cdiv(triton.cdiv(S_pad, chunks), block_m) * block_m
     for c0 in range(0, S_pad, step):
         n = min(step, S_pad - c0)

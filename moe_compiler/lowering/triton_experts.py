@@ -567,14 +567,14 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up
     weights = topk_weights.reshape(-1)
     if weights.stride(0) != 1:
         weights = weights.contiguous()
-    act = hidden.new_empty(rows.sorted_rows.numel(), I)
+    act = launch.empty(hidden, rows.sorted_rows.numel(), I)
     launch_gate_up(hidden, rows, w_gate_up, b_gate_up, spec, config, k, act, weights, z=z)
     if config.combine is Combine.ATOMIC:
         y = hidden.new_zeros(T, H, dtype=torch.float32)
         launch_down(act, rows, w_down, b_down, weights, spec, config, k, y)
         return y.to(hidden.dtype), rows.ids_ok
-    y = hidden.new_empty(rows.sorted_rows.numel(), H)
+    y = launch.empty(hidden, rows.sorted_rows.numel(), H)
     launch_down(act, rows, w_down, b_down, weights, spec, config, k, y)
-    out = hidden.new_empty(T, H)
+    out = launch.empty(hidden, T, H)
     launch_combine(y, rows, k, out)
     return out, rows.ids_ok

@@ -1,6 +1,7 @@
 """`torch.ops.moe_compiler.experts` and its backward: one signature each (ops/signature.py), the fake beside
-the real implementation, autograd through a backward that is itself an op (so AOTAutograd and Inductor keep
-both opaque and the profiler shows `moe_compiler::experts` / `moe_compiler::experts_backward`).
+the real implementation, autograd through a backward that is itself an op (eager calls and the profiler show
+`moe_compiler::experts` / `moe_compiler::experts_backward`; inside torch.compile, where the shapes allow, each
+call is recorded as its launches instead: ops/inline.py).
 
     experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up=None, b_down=None,
             shared_gate_proj=None, shared_up_proj=None, shared_down_proj=None, shared_expert_gate=None,
@@ -102,6 +103,10 @@ inline.register(experts, _inlinable, lambda *tensors, **spec: forward(*bind(tens
 )
 def experts_train(*tensors, **spec) -> tuple[Tensor, Tensor]:
     """(out [T, H], z [T*k, 2I] or [0, 2I]); see the module docstring."""
+    return _train_forward(*tensors, **spec)
+
+
+def _train_forward(*tensors, **spec) -> tuple[Tensor, Tensor]:
     t, spec, shared = bind(tensors, spec)
     shape = dispatch.saved_z_shape(t.hidden, t.topk_ids, t.w_down, spec)
     if not shape[0]:  # nothing to save (the torch backward, or no pairs)
@@ -116,6 +121,11 @@ def _(*tensors, **spec):
     t, spec, _ = bind(tensors, spec)
     z_shape = dispatch.saved_z_shape(t.hidden, t.topk_ids, t.w_down, spec)
     return t.hidden.new_empty(t.hidden.shape), t.hidden.new_empty(z_shape)
+
+
+# A traced training forward records its launches where experts' would (the same kernels, z stored by the gate_up
+# epilogue): a compiled training step pays no op layer, checks or Python launches per call for it.
+inline.register(experts_train, _inlinable, _train_forward)
 
 
 # Positions of the weights and biases among ExpertsTensors (routed and shared): their gradients come together.
@@ -190,6 +200,10 @@ def experts_backward_down(grad_out: Tensor, weight_grads: bool, saved_z: Tensor,
                           **spec) -> tuple[Tensor, ...]:
     """(dz, d_topk_weights, d_w_down, d_b_down): the routed experts' backward up to dz, the half that reads the
     saved z; the weights' gradients empty [0] without weight_grads or a bias."""
+    return _backward_down(grad_out, weight_grads, saved_z, *tensors, **spec)
+
+
+def _backward_down(grad_out, weight_grads, saved_z, *tensors, **spec) -> tuple[Tensor, ...]:
     t, spec, _ = bind(tensors, spec)
     down = dispatch.experts_backward_down(grad_out, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down,
                                           t.b_gate_up, t.b_down, spec, weight_grads, saved_z)
@@ -216,6 +230,10 @@ _GATE_UP_GRADS = ("w_gate_up", "b_gate_up")  # experts_backward_gate_up's gradie
 def experts_backward_gate_up(grad_out: Tensor, weight_grads: bool, dz: Tensor, *tensors, **spec) -> tuple[Tensor, ...]:
     """(dx_rows, d_w_gate_up, d_b_gate_up) from experts_backward_down's dz, its last reader; the gradients empty [0]
     without weight_grads or a bias."""
+    return _backward_gate_up(grad_out, weight_grads, dz, *tensors, **spec)
+
+
+def _backward_gate_up(grad_out, weight_grads, dz, *tensors, **spec) -> tuple[Tensor, ...]:
     t, spec, _ = bind(tensors, spec)
     parts = dispatch.experts_backward_gate_up(dz, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up, t.w_down,
                                               t.b_gate_up, spec, weight_grads)
@@ -240,6 +258,10 @@ def experts_backward_combine(grad_out: Tensor, weight_grads: bool, dx_rows: Tens
                              **spec) -> tuple[Tensor, ...]:
     """experts_backward's gradients from experts_backward_gate_up's dx_rows, but for the routed weights' and
     biases' and the router weights' (empty [0] here): d hidden, and the shared MLP's."""
+    return _backward_combine(grad_out, weight_grads, dx_rows, *tensors, **spec)
+
+
+def _backward_combine(grad_out, weight_grads, dx_rows, *tensors, **spec) -> tuple[Tensor, ...]:
     t, spec, shared = bind(tensors, spec)
     d_hidden = dispatch.experts_backward_combine(dx_rows, t.hidden, t.topk_ids, t.topk_weights, t.w_gate_up,
                                                  t.w_down, spec)
@@ -252,6 +274,22 @@ def _(grad_out, weight_grads, dx_rows, *tensors, **spec):
     for name in (*_DOWN_GRADS, *_GATE_UP_GRADS):
         grads[ExpertsTensors._fields.index(name)] = grads[0].new_empty(0)
     return tuple(grads)
+
+
+def _backward_inlinable(grad_out, weight_grads, carried, *tensors, **spec) -> bool:
+    """Whether a traced call of one of the split backward's ops runs Triton kernels (and torch ops) that can be
+    recorded: static sizes only (its row bound is chosen from T, as in dz_shape)."""
+    t = ExpertsTensors(*tensors)
+    return inline.static(grad_out, carried, *t) and dispatch.backward_inlinable(t.hidden, t.topk_ids,
+                                                                                make_spec(ExpertsSpec, spec))
+
+
+# The split backward records its launches too: each of its ops otherwise pays, per call, the op layer, the config
+# lookup, its rows' alignment in Python and Triton's binder per launch (about 0.8 ms of host time per training
+# step at OLMoE's T = 4096 on an H100, where the GPU then waits: NOTES.md session 43).
+for _op, _run in ((experts_backward_down, _backward_down), (experts_backward_gate_up, _backward_gate_up),
+                  (experts_backward_combine, _backward_combine)):
+    inline.register(_op, _backward_inlinable, _run, backward=True)
 
 
 def _backward_in_three(grad_out, weight_grads: bool, z, tensors, spec: dict) -> list:

@@ -73,9 +73,30 @@ def hinted(*tensors) -> bool:
     )
 
 
-def register(opdef, inlinable: Callable[..., bool], run: Callable):
+@contextlib.contextmanager
+def _kept_in_backward():
+    """Nodes traced inside are tagged for AOTAutograd's partitioner to place in the backward graph. Without it, a
+    recorded backward's steps that read only forward tensors (the rows' alignment, the gathered copy of X the
+    library's weight gradient reads) are computed in the forward and saved across it, as a user Triton kernel is
+    never recomputed: an [S_pad, H] buffer per layer held from forward to backward, which the opaque op never kept."""
+    from torch.fx import traceback as fx_traceback
+
+    if not fx_traceback.has_preserved_node_meta():  # not a joint trace: nothing to partition
+        yield
+        return
+    meta = fx_traceback.current_meta
+    before = meta.get("partitioner_tag")
+    meta["partitioner_tag"] = "must_be_in_backward"
+    try:
+        yield
+    finally:
+        meta["partitioner_tag"] = before
+
+
+def register(opdef, inlinable: Callable[..., bool], run: Callable, backward: bool = False):
     """Traced calls of `opdef` for which `inlinable(*args, **kwargs)` holds run `run(*args, **kwargs)` with
-    their launches recorded; the others stay calls of the op."""
+    their launches recorded; the others stay calls of the op. `backward`: an op of an autograd formula, whose
+    recorded nodes stay in the backward graph (_kept_in_backward)."""
 
     def rule(mode, op, types, args, kwargs):
         # torch.export's tracer imports Triton: imported here, at trace time, so `import moe_compiler` does not
@@ -86,7 +107,7 @@ def register(opdef, inlinable: Callable[..., bool], run: Callable):
         if custom_triton_ops_decomposition_disabled() or not (enabled() and inlinable(*args, **kwargs)):
             # (torch.export asks for custom ops to stay whole, as it does of torch.library.triton_op's)
             return mode.__torch_dispatch__(op, types, args, kwargs)
-        with mode, launch.traced():
+        with mode, launch.traced(), _kept_in_backward() if backward else contextlib.nullcontext():
             return run(*args, **kwargs)
 
     opdef.register_torch_dispatch(FunctionalTensorMode, rule)

@@ -253,6 +253,97 @@ def test_training_forward_records_its_launches_and_keeps_the_backward_op():
     assert traced == {"kernels": 3, "ops": (0, 0), "tma": False, "cloned": "0"} and saved >= 5
 
 
+# A compiled training step's experts as the backend emits them (experts_train, passes/training.py): AOTAutograd's
+# partitioner hands over the forward and backward graphs, whose launches and remaining op calls are counted.
+TRAIN_TRACE = """
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+import moe_compiler
+from moe_compiler.lowering import device, triton_backward
+from moe_compiler.testing import experts_inputs
+device.uses_triton = lambda t: True          # CPU tensors stand in for CUDA ones: only traced, never run
+device.index = lambda t: 0
+device.num_sms = lambda index: 132
+device.gpu_name = lambda index: "NVIDIA H100 80GB HBM3"
+from moe_compiler.lowering import dispatch
+from moe_compiler.lowering.triton_config import KernelConfig, SortedConfig
+dispatch._config_for = lambda *key: SortedConfig(block_m=16, gate_up=KernelConfig(16, 16), down=KernelConfig(16, 16))
+{sm90_driver}
+# the library backward (torch's grouped GEMMs over gathered rows) as bf16 takes it on sm90, or the Triton one
+triton_backward.library_rows = lambda *a: {library}
+dtype = torch.bfloat16 if {library} else torch.float32
+h, ids, w, wgu, wd = experts_inputs(40, 32, 16, 8, 2, dtype)[:5]
+for t in (h, w, wgu, wd):
+    t.requires_grad_(True)
+graphs = {{}}
+def partition(joint, inputs, **kw):
+    fw, bw = min_cut_rematerialization_partition(joint, inputs, **kw)
+    graphs.update(fw=fw, bw=bw)
+    raise SystemExit(0)  # traced only
+def f(h, ids, w, wgu, wd):
+    return torch.ops.moe_compiler.experts_train(h, ids, w, wgu, wd)[0]
+compiled = torch.compile(f, backend=aot_autograd(fw_compiler=lambda gm, _: gm, partition_fn=partition))
+try:
+    compiled(h, ids, w, wgu, wd)
+except SystemExit:
+    pass
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+for name, gm in graphs.items():
+    launches = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in gm.graph.nodes
+                if "triton_kernel_wrapper" in str(n.target)]
+    ops = [str(n.target) for n in gm.graph.nodes if "moe_compiler" in str(n.target)]
+    grouped = sum("_grouped_mm" in str(n.target) for n in gm.graph.nodes)
+    # a written kernel argument that is the graph's input (through views): Inductor copies it per call
+    cloned = 0
+    for n in gm.graph.nodes:
+        if "triton_kernel_wrapper" in str(n.target):
+            for arg in n.kwargs["tensors_to_clone"]:
+                node = n.kwargs["kwargs"][arg]
+                while node.op == "call_function" and "view" in str(node.target):
+                    node = node.args[0]
+                cloned += node.op == "placeholder"
+    print(name.upper(), " ".join(launches) or ".", "|", " ".join(ops) or ".", "|", grouped, "|", cloned)
+# the elements the forward saves for the backward (its outputs after f's own), tensors only
+saved = graphs["fw"].graph.find_nodes(op="output")[0].args[0][1:]
+print("SAVED", sum(n.meta["val"].numel() for n in saved if isinstance(n.meta.get("val"), torch.Tensor)))
+"""
+
+
+@pytest.mark.parametrize("inline, library", [("1", False), ("1", True), ("0", False)],
+                         ids=["triton", "library", "opaque"])
+def test_training_step_records_the_forward_and_the_split_backward(inline, library):
+    # experts_train's forward and the three backward ops become their launches (the library path's GEMMs calls of
+    # torch._grouped_mm) instead of four opaque calls, each paying the op layer and Python launches per step
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MOE_COMPILER_INLINE"] = inline
+    code = textwrap.dedent(TRAIN_TRACE).format(sm90_driver=SM90_DRIVER, library=library)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
+    graphs = {line.split(" ", 1)[0]: [part.split() for part in line.split(" ", 1)[1].split("|")]
+              for line in proc.stdout.splitlines() if line.startswith(("FW ", "BW "))}
+    (fw_launches, fw_ops, _, fw_cloned), (bw_launches, bw_ops, bw_grouped, bw_cloned) = graphs["FW"], graphs["BW"]
+    assert fw_cloned == bw_cloned == ["0"], graphs
+    # what the opaque op saves: its inputs (hidden 40x32, ids and weights 40x2, the weights 8x32x32 and 8x32x16) and
+    # z (80x32); a recorded backward's steps that read forward tensors only stay in the backward (no gathered rows
+    # saved), and no buffer is shared between the graphs (launch.empty)
+    assert proc.stdout.count("SAVED 16288\n") == 1, proc.stdout
+    if inline == "0":
+        assert fw_ops == ["moe_compiler.experts_train.default"] and fw_launches == ["."], graphs
+        assert [op.split(".")[1] for op in bw_ops] == [
+            "experts_backward_down", "experts_backward_gate_up", "experts_backward_combine"], graphs
+        return
+    assert fw_ops == ["."] and bw_ops == ["."], graphs
+    align = ["_align_one_chunk_kernel"]  # 80 pairs: one chunk, one launch
+    assert fw_launches == [*align, "_gate_up_kernel", "_down_kernel", "_combine_kernel"], graphs
+    # the backward aligns its rows once per op (at its own row block), as the opaque ops do
+    assert bw_launches.count("_align_one_chunk_kernel") == 3 and bw_launches[-1] == "_combine_kernel", graphs
+    if library:  # dA, dz @ W_gate_up and the two weight gradients: four grouped GEMMs
+        assert "_act_backward_rows_kernel" in bw_launches and int(bw_grouped[0]) == 4, graphs
+    else:
+        assert {"_dz_kernel", "_wgrad_kernel", "_down_kernel"} <= set(bw_launches) and bw_grouped == ["0"], graphs
+
+
 def test_switch_keeps_the_ops_opaque():
     assert _trace("decode", inline="0") == {"kernels": 0, "ops": (1, 1), "tma": False, "cloned": "0"}
 
