@@ -273,19 +273,23 @@ dispatch._config_for = lambda *key: SortedConfig(block_m=16, gate_up=KernelConfi
 # the library backward (torch's grouped GEMMs over gathered rows) as bf16 takes it on sm90, or the Triton one
 triton_backward.library_rows = lambda *a: {library}
 dtype = torch.bfloat16 if {library} else torch.float32
-h, ids, w, wgu, wd = experts_inputs(40, 32, 16, 8, 2, dtype)[:5]
-for t in (h, w, wgu, wd):
-    t.requires_grad_(True)
+from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
+# gpt_oss: the transposed, interleaved layout with biases (their gradients too)
+spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True) if {gpt_oss} else ExpertsSpec()
+h, ids, w, wgu, wd, bgu, bd = experts_inputs(40, 32, 16, 8, 2, dtype, spec, bias={gpt_oss})[:7]
+for t in (h, w, wgu, wd, bgu, bd):
+    if t is not None:
+        t.requires_grad_(True)
 graphs = {{}}
 def partition(joint, inputs, **kw):
     fw, bw = min_cut_rematerialization_partition(joint, inputs, **kw)
     graphs.update(fw=fw, bw=bw)
     raise SystemExit(0)  # traced only
-def f(h, ids, w, wgu, wd):
-    return torch.ops.moe_compiler.experts_train(h, ids, w, wgu, wd)[0]
+def f(h, ids, w, wgu, wd, bgu, bd):
+    return torch.ops.moe_compiler.experts_train(h, ids, w, wgu, wd, bgu, bd, **spec.op_kwargs())[0]
 compiled = torch.compile(f, backend=aot_autograd(fw_compiler=lambda gm, _: gm, partition_fn=partition))
 try:
-    compiled(h, ids, w, wgu, wd)
+    compiled(h, ids, w, wgu, wd, bgu, bd)
 except SystemExit:
     pass
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
@@ -310,30 +314,25 @@ print("SAVED", sum(n.meta["val"].numel() for n in saved if isinstance(n.meta.get
 """
 
 
-@pytest.mark.parametrize("inline, library", [("1", False), ("1", True), ("0", False)],
-                         ids=["triton", "library", "opaque"])
-def test_training_step_records_the_forward_and_the_split_backward(inline, library):
-    # experts_train's forward and the three backward ops become their launches (the library path's GEMMs calls of
-    # torch._grouped_mm) instead of four opaque calls, each paying the op layer and Python launches per step
+def _train_trace(inline: str, library: bool, gpt_oss: bool) -> tuple[dict, int]:
+    """TRAIN_TRACE's graphs ({"FW"/"BW": [launches, op calls, grouped GEMMs, cloned inputs]}) and saved elements."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
-    code = textwrap.dedent(TRAIN_TRACE).format(sm90_driver=SM90_DRIVER, library=library)
+    code = textwrap.dedent(TRAIN_TRACE).format(sm90_driver=SM90_DRIVER, library=library, gpt_oss=gpt_oss)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
-    graphs = {line.split(" ", 1)[0]: [part.split() for part in line.split(" ", 1)[1].split("|")]
-              for line in proc.stdout.splitlines() if line.startswith(("FW ", "BW "))}
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("FW ", "BW ", "SAVED ")))
+    return {g: [part.split() for part in lines[g].split("|")] for g in ("FW", "BW")}, int(lines["SAVED"])
+
+
+@pytest.mark.parametrize("library, gpt_oss", [(False, False), (True, False), (False, True)],
+                         ids=["triton", "library", "gpt_oss_biases"])
+def test_training_step_records_the_forward_and_the_split_backward(library, gpt_oss):
+    # experts_train's forward and the three backward ops become their launches (the library path's GEMMs calls of
+    # torch._grouped_mm) instead of four opaque calls, each paying the op layer and Python launches per step
+    graphs, saved = _train_trace("1", library, gpt_oss)
     (fw_launches, fw_ops, _, fw_cloned), (bw_launches, bw_ops, bw_grouped, bw_cloned) = graphs["FW"], graphs["BW"]
-    assert fw_cloned == bw_cloned == ["0"], graphs
-    # what the opaque op saves: its inputs (hidden 40x32, ids and weights 40x2, the weights 8x32x32 and 8x32x16) and
-    # z (80x32); a recorded backward's steps that read forward tensors only stay in the backward (no gathered rows
-    # saved), and no buffer is shared between the graphs (launch.empty)
-    assert proc.stdout.count("SAVED 16288\n") == 1, proc.stdout
-    if inline == "0":
-        assert fw_ops == ["moe_compiler.experts_train.default"] and fw_launches == ["."], graphs
-        assert [op.split(".")[1] for op in bw_ops] == [
-            "experts_backward_down", "experts_backward_gate_up", "experts_backward_combine"], graphs
-        return
-    assert fw_ops == ["."] and bw_ops == ["."], graphs
+    assert fw_ops == ["."] and bw_ops == ["."] and fw_cloned == bw_cloned == ["0"], graphs
     align = ["_align_one_chunk_kernel"]  # 80 pairs: one chunk, one launch
     assert fw_launches == [*align, "_gate_up_kernel", "_down_kernel", "_combine_kernel"], graphs
     # the backward aligns its rows once per op (at its own row block), as the opaque ops do
@@ -342,6 +341,14 @@ def test_training_step_records_the_forward_and_the_split_backward(inline, librar
         assert "_act_backward_rows_kernel" in bw_launches and int(bw_grouped[0]) == 4, graphs
     else:
         assert {"_dz_kernel", "_wgrad_kernel", "_down_kernel"} <= set(bw_launches) and bw_grouped == ["0"], graphs
+    # The opaque ops: one call each. The forward saves no more than theirs saves (the inputs and z; recorded, the
+    # gate_up bias is not read again, z holds it): a recorded backward's steps that read forward tensors only stay
+    # in the backward (no gathered rows saved), and no buffer is shared between the two graphs (launch.empty).
+    opaque, opaque_saved = _train_trace("0", library, gpt_oss)
+    assert opaque["FW"][:2] == [["."], ["moe_compiler.experts_train.default"]], opaque
+    assert [op.split(".")[1] for op in opaque["BW"][1]] == [
+        "experts_backward_down", "experts_backward_gate_up", "experts_backward_combine"], opaque
+    assert saved <= opaque_saved, (saved, opaque_saved)
 
 
 def test_switch_keeps_the_ops_opaque():
