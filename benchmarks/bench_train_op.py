@@ -114,14 +114,21 @@ def saved_bytes(fn, x, ids, w, params) -> int:
     return sum(seen.values())
 
 
-def point(name, T, variants=VARIANTS, kernels: int = 0):
+def setup(name, T):
+    """(hf, x, ids, w, grad_out, params) of a shape and T: transformers' grouped_mm experts forward over its own
+    parameters (w_gate_up, w_down), the inputs (x and w requiring gradients) and a fixed output gradient."""
     E, k, H, I = ALL_SHAPES[name]
     cfg, experts = harness.hf_experts(E, k, H, I, torch.bfloat16, "cuda")
     gen = torch.Generator("cuda").manual_seed(T)
     x, ids, w = _inputs(E, k, T, H, gen)
     grad_out = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
-    params = (experts.gate_up_proj, experts.down_proj)
-    hf = harness.hf_forward(cfg, experts, "grouped_mm")
+    return harness.hf_forward(cfg, experts, "grouped_mm"), x, ids, w, grad_out, (experts.gate_up_proj,
+                                                                                 experts.down_proj)
+
+
+def point(name, T, variants=VARIANTS, kernels: int = 0):
+    E, k, H, I = ALL_SHAPES[name]
+    hf, x, ids, w, grad_out, params = setup(name, T)
     ops = {
         "hf_grouped_mm": hf,
         "hf_grouped_mm_tc": torch.compile(hf, dynamic=False),

@@ -20,18 +20,12 @@ import torch
 from moe_compiler.tune.shapes import ALL_SHAPES
 
 from .. import harness
-from ..bench_train_op import _inputs, _step
+from ..bench_train_op import _step, setup
 from .probe_host import host_us
 
 
 def variants(name, T):
-    E, k, H, I = ALL_SHAPES[name]
-    cfg, experts = harness.hf_experts(E, k, H, I, torch.bfloat16, "cuda")
-    gen = torch.Generator("cuda").manual_seed(T)
-    x, ids, w = _inputs(E, k, T, H, gen)
-    grad_out = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
-    params = (experts.gate_up_proj, experts.down_proj)
-    hf = harness.hf_forward(cfg, experts, "grouped_mm")
+    hf, x, ids, w, grad_out, params = setup(name, T)
     ours = lambda x, ids, w: torch.ops.moe_compiler.experts_train(x, ids, w, *params)[0]  # noqa: E731
     fns = {"hf_grouped_mm_tc": torch.compile(hf, dynamic=False), "moe_train": ours,
            "moe_train_tc": torch.compile(ours, dynamic=False)}
