@@ -402,9 +402,14 @@ def route_forward(router_logits, correction_bias, spec: RouterSpec):
     return torch_route.route_forward(router_logits, correction_bias, spec)
 
 
+def route_backward_inlinable(router_logits, spec: RouterSpec) -> bool:
+    """Whether a traced route backward runs the (one-launch) Triton kernel, which can be recorded."""
+    return (spec.order is not RouteOrder.SPARSEMIXER and device.uses_triton(router_logits)
+            and triton_backward_requested())
+
+
 def route_backward(grad_weights, router_logits, ids, spec: RouterSpec):
-    if (spec.order is not RouteOrder.SPARSEMIXER and device.uses_triton(router_logits)
-            and triton_backward_requested()):
+    if route_backward_inlinable(router_logits, spec):
         from . import triton_route
 
         return triton_route.route_backward(grad_weights, router_logits, ids, spec)

@@ -378,7 +378,7 @@ def route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids:
     if spec.order is RouteOrder.SPARSEMIXER:
         raise ValueError("moe_compiler: the Triton route backward does not cover the sparse mixer; use torch_route")
     T, E = router_logits.shape
-    dz = torch.empty_like(router_logits, memory_format=torch.contiguous_format)
+    dz = launch.empty(router_logits, T, E)
     if T == 0:
         return dz
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()

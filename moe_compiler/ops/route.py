@@ -62,12 +62,26 @@ inline.register(
 )
 def route_backward(grad_weights: Tensor, router_logits: Tensor, ids: Tensor, **spec) -> Tensor:
     """d loss / d router_logits [T, E], the selection `ids` held fixed."""
+    return _backward_run(grad_weights, router_logits, ids, **spec)
+
+
+def _backward_run(grad_weights, router_logits, ids, **spec) -> Tensor:
     return dispatch.route_backward(grad_weights, router_logits, ids, make_spec(RouterSpec, spec))
 
 
 @route_backward.register_fake
 def _(grad_weights, router_logits, ids, **spec):
     return torch.empty_like(router_logits)
+
+
+# A compiled training step records the backward's one launch as it does the forward's (the op's Python per step
+# otherwise), kept in the backward graph.
+inline.register(
+    route_backward,
+    lambda g, logits, ids, **spec: inline.hinted(g, logits, ids) and dispatch.route_backward_inlinable(
+        logits, make_spec(RouterSpec, spec)),
+    _backward_run, backward=True,
+)
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):

@@ -277,7 +277,8 @@ from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
 # gpt_oss: the transposed, interleaved layout with biases (their gradients too)
 spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True) if {gpt_oss} else ExpertsSpec()
 h, ids, w, wgu, wd, bgu, bd = experts_inputs(40, 32, 16, 8, 2, dtype, spec, bias={gpt_oss})[:7]
-for t in (h, w, wgu, wd, bgu, bd):
+logits = torch.randn(40, 8, dtype=dtype)  # the route's backward too
+for t in (h, wgu, wd, bgu, bd, logits):
     if t is not None:
         t.requires_grad_(True)
 graphs = {{}}
@@ -285,11 +286,12 @@ def partition(joint, inputs, **kw):
     fw, bw = min_cut_rematerialization_partition(joint, inputs, **kw)
     graphs.update(fw=fw, bw=bw)
     raise SystemExit(0)  # traced only
-def f(h, ids, w, wgu, wd, bgu, bd):
-    return torch.ops.moe_compiler.experts_train(h, ids, w, wgu, wd, bgu, bd, **spec.op_kwargs())[0]
+def f(h, logits, wgu, wd, bgu, bd):
+    w, ids = torch.ops.moe_compiler.route(logits, top_k=2, norm_topk_prob=True)
+    return torch.ops.moe_compiler.experts_train(h, ids, w.to(h.dtype), wgu, wd, bgu, bd, **spec.op_kwargs())[0]
 compiled = torch.compile(f, backend=aot_autograd(fw_compiler=lambda gm, _: gm, partition_fn=partition))
 try:
-    compiled(h, ids, w, wgu, wd, bgu, bd)
+    compiled(h, logits, wgu, wd, bgu, bd)
 except SystemExit:
     pass
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
@@ -328,15 +330,18 @@ def _train_trace(inline: str, library: bool, gpt_oss: bool) -> tuple[dict, int]:
 @pytest.mark.parametrize("library, gpt_oss", [(False, False), (True, False), (False, True)],
                          ids=["triton", "library", "gpt_oss_biases"])
 def test_training_step_records_the_forward_and_the_split_backward(library, gpt_oss):
-    # experts_train's forward and the three backward ops become their launches (the library path's GEMMs calls of
-    # torch._grouped_mm) instead of four opaque calls, each paying the op layer and Python launches per step
+    # the route, experts_train's forward, the three backward ops and the route's backward become their launches (the
+    # library path's GEMMs calls of torch._grouped_mm) instead of six opaque calls, each paying the op layer and
+    # Python launches per step
     graphs, saved = _train_trace("1", library, gpt_oss)
     (fw_launches, fw_ops, _, fw_cloned), (bw_launches, bw_ops, bw_grouped, bw_cloned) = graphs["FW"], graphs["BW"]
     assert fw_ops == ["."] and bw_ops == ["."] and fw_cloned == bw_cloned == ["0"], graphs
     align = ["_align_one_chunk_kernel"]  # 80 pairs: one chunk, one launch
-    assert fw_launches == [*align, "_gate_up_kernel", "_down_kernel", "_combine_kernel"], graphs
-    # the backward aligns its rows once per op (at its own row block), as the opaque ops do
-    assert bw_launches.count("_align_one_chunk_kernel") == 3 and bw_launches[-1] == "_combine_kernel", graphs
+    assert fw_launches == ["_route_kernel", *align, "_gate_up_kernel", "_down_kernel", "_combine_kernel"], graphs
+    # the backward aligns its rows once per op (at its own row block), as the opaque ops do; the router weights'
+    # gradient then reaches the logits
+    assert bw_launches.count("_align_one_chunk_kernel") == 3 and "_combine_kernel" in bw_launches, graphs
+    assert bw_launches[-1] == "_route_backward_kernel", graphs
     if library:  # dA, dz @ W_gate_up and the two weight gradients: four grouped GEMMs
         assert "_act_backward_rows_kernel" in bw_launches and int(bw_grouped[0]) == 4, graphs
     else:
@@ -345,9 +350,9 @@ def test_training_step_records_the_forward_and_the_split_backward(library, gpt_o
     # gate_up bias is not read again, z holds it): a recorded backward's steps that read forward tensors only stay
     # in the backward (no gathered rows saved), and no buffer is shared between the two graphs (launch.empty).
     opaque, opaque_saved = _train_trace("0", library, gpt_oss)
-    assert opaque["FW"][:2] == [["."], ["moe_compiler.experts_train.default"]], opaque
+    assert opaque["FW"][:2] == [["."], ["moe_compiler.route.default", "moe_compiler.experts_train.default"]], opaque
     assert [op.split(".")[1] for op in opaque["BW"][1]] == [
-        "experts_backward_down", "experts_backward_gate_up", "experts_backward_combine"], opaque
+        "experts_backward_down", "experts_backward_gate_up", "experts_backward_combine", "route_backward"], opaque
     assert saved <= opaque_saved, (saved, opaque_saved)
 
 
