@@ -19,7 +19,9 @@ Parts (bf16, no gradients):
     train       a training step (forward with labels, backward; no optimizer) at 1 x 4096 and 4 x 4096 tokens,
                 not in the default parts: eager, Inductor, fused_moe as is (a training graph keeps Inductor's
                 MoE), fused_moe with moe_compiler.training=True and its default backward on CUDA ("fused_train"),
-                and with the torch composite backward ("fused_train_torch", only with --train-variants); error:
+                and with the torch composite backward ("fused_train_torch", only with --train-variants), or with
+                its ops opaque (MOE_COMPILER_INLINE=0: "fused_train_opaque", only with --train-variants; before
+                session 43 every training call was); error:
                 the loss vs eager, and every expert weight gradient at once vs eager's (one norm: grads_rel_err)
 With --bound, every part also runs "free_moe": Inductor with each routed-experts module returning zeros (router,
 shared experts and the rest unchanged) — the time of a model whose routed experts cost nothing, so inductor /
@@ -83,9 +85,12 @@ TRAIN_VARIANTS = {
     "fused_moe": (dict(backend="fused_moe"), "torch"),
     "fused_train": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "triton"),
     "fused_train_torch": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "torch"),
+    "fused_train_opaque": (dict(backend="fused_moe", options={"moe_compiler.training": True}), "triton"),
     "free_moe": (dict(backend="inductor"), "torch"),  # under free_experts (--bound)
 }
 DEFAULT_TRAIN_VARIANTS = ("eager", "inductor", "fused_moe", "fused_train")
+# variant -> environment switches set while it compiles and runs (the backend's cache salt holds them)
+TRAIN_VARIANT_ENV = {"fused_train_opaque": {"MOE_COMPILER_INLINE": "0"}}
 
 
 @contextlib.contextmanager
@@ -213,15 +218,16 @@ def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return (num / den) ** 0.5
 
 
-def train_point(model, how, backward: str, ids, reps=5, snapshot: str | None = None):
+def train_point(model, how, backward: str, ids, reps=5, snapshot: str | None = None, env: dict | None = None):
     """(row fields, loss, expert weight gradients) of one training step (forward with labels + backward).
     Memory: peaks as if the model's parameters were all this process held (the benchmark's own tensors, e.g. the
     reference gradients, subtracted): of the first call (compiling, then the step) and of the timed steps.
     `snapshot`: a path for the allocator's history of one more step (torch.cuda.memory._dump_snapshot; read it with
-    benchmarks/probes/peak_tensors.py or pytorch.org/memory_viz)."""
+    benchmarks/probes/peak_tensors.py or pytorch.org/memory_viz). `env`: more switches, set for this step only."""
     torch._dynamo.reset()
-    before = os.environ.get("MOE_COMPILER_BACKWARD")
-    os.environ["MOE_COMPILER_BACKWARD"] = backward
+    switches = {"MOE_COMPILER_BACKWARD": backward, **(env or {})}
+    before = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
     fn = model if how is None else torch.compile(model, dynamic=False, **how)
 
     def call():
@@ -254,11 +260,12 @@ def train_point(model, how, backward: str, ids, reps=5, snapshot: str | None = N
     except torch.OutOfMemoryError:
         print(f"out of memory: {how} {backward}", flush=True)
         row, loss, grads = {"ms": float("nan"), "compile_s": float("nan"), "peak_gib": float("nan")}, None, None
-    finally:  # the setting this process had (a fixed "torch" here had left every later step on the composite)
-        if before is None:
-            os.environ.pop("MOE_COMPILER_BACKWARD", None)
-        else:
-            os.environ["MOE_COMPILER_BACKWARD"] = before
+    finally:  # the settings this process had (a fixed "torch" here had left every later step on the composite)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
     return row, loss, grads
@@ -281,7 +288,8 @@ def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS, batches=(1, 4), sn
             how, backward = TRAIN_VARIANTS[variant]
             with free_experts(model) if variant == "free_moe" else contextlib.nullcontext():
                 snapshot = snapshots and os.path.join(snapshots, f"{name}_train_{B}x4096_{variant}.pickle")
-                cells, loss, grads = train_point(model, how, backward, ids, snapshot=snapshot)
+                cells, loss, grads = train_point(model, how, backward, ids, snapshot=snapshot,
+                                                 env=TRAIN_VARIANT_ENV.get(variant))
             if how is None:
                 ref_loss, ref_grads = loss, grads
             elif loss is not None and ref_loss is not None and variant != "free_moe":
