@@ -536,6 +536,53 @@ def _peak_call_bytes(compiled, ids) -> int:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("library", [True, False], ids=["library", "triton"])
+def test_compiled_training_step_records_its_launches_and_equals_fp64(library, monkeypatch, no_compile_caches):
+    """On CUDA, through Inductor: a training step's route and experts calls, forward and backward, are Inductor's
+    own launches (no call of our ops in its code), and the gradients of hidden, the router logits and both weights
+    equal fp64 autograd's (bf16: 1e-2). `library`: the backward's GEMMs by torch's grouped GEMM (the bf16 default
+    on sm90) or by the Triton kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    from moe_compiler.lowering import triton_backward
+    from moe_compiler.testing import experts_reference, rel_err
+
+    if not library:
+        monkeypatch.setattr(triton_backward, "library_rows", lambda *a: False)
+    T, E, k, H, I = 300, 8, 2, 256, 128
+    g = torch.Generator("cuda").manual_seed(3)
+    hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    logits = torch.randn(T, E, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H**-0.5).bfloat16().requires_grad_(True)
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I**-0.5).bfloat16().requires_grad_(True)
+    grad_out = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    leaves = (hidden, logits, w1, w2)
+
+    def f(hidden, logits, w1, w2):
+        weights, ids = torch.ops.moe_compiler.route(logits, top_k=k, norm_topk_prob=True)
+        return torch.ops.moe_compiler.experts_train(hidden, ids, weights.to(hidden.dtype), w1, w2)[0]
+
+    compiled = torch.compile(f, dynamic=False)
+
+    def step():
+        return torch.autograd.grad(compiled(*leaves), leaves, grad_out)
+
+    _, codes = run_and_get_code(step)  # compiles the forward, then (at its first backward) the backward
+    got = step()  # a second step through the compiled graphs
+    code = "\n".join(codes)
+    assert "torch.ops.moe_compiler" not in code and "_gate_up_kernel" in code and "_route_backward_kernel" in code
+    assert ("_act_backward_rows_kernel" in code) == library and ("_dz_kernel" in code) != library
+    # fp64 autograd, the selection held fixed (the route's ids from the same logits)
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    weights, ids = torch.ops.moe_compiler.route(logits.detach(), top_k=k, norm_topk_prob=True)
+    probs = torch.softmax(ref[1], dim=-1).gather(1, ids)
+    out = experts_reference(ref[0], ids, probs / probs.sum(-1, keepdim=True), ref[2], ref[3])
+    want = torch.autograd.grad(out, ref, grad_out.double())
+    for name, a, b in zip(("hidden", "logits", "w_gate_up", "w_down"), got, want):
+        assert rel_err(a, b) <= 1e-2, (name, rel_err(a, b))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 5, 64, 300])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_compiled_block_with_recorded_launches_equals_eager(arch, T, monkeypatch):
