@@ -278,7 +278,8 @@ from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
 spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True) if {gpt_oss} else ExpertsSpec()
 h, ids, w, wgu, wd, bgu, bd = experts_inputs(40, 32, 16, 8, 2, dtype, spec, bias={gpt_oss})[:7]
 logits = torch.randn(40, 8, dtype=dtype)  # the route's backward too
-for t in (h, wgu, wd, bgu, bd, logits):
+# frozen: the experts' weights take no gradient (a LoRA on attention): no weight-gradient GEMM is recorded
+for t in (h, logits) if {frozen} else (h, wgu, wd, bgu, bd, logits):
     if t is not None:
         t.requires_grad_(True)
 graphs = {{}}
@@ -316,24 +317,26 @@ print("SAVED", sum(n.meta["val"].numel() for n in saved if isinstance(n.meta.get
 """
 
 
-def _train_trace(inline: str, library: bool, gpt_oss: bool) -> tuple[dict, int]:
+def _train_trace(inline: str, library: bool, gpt_oss: bool, frozen: bool) -> tuple[dict, int]:
     """TRAIN_TRACE's graphs ({"FW"/"BW": [launches, op calls, grouped GEMMs, cloned inputs]}) and saved elements."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
-    code = textwrap.dedent(TRAIN_TRACE).format(sm90_driver=SM90_DRIVER, library=library, gpt_oss=gpt_oss)
+    code = textwrap.dedent(TRAIN_TRACE).format(sm90_driver=SM90_DRIVER, library=library, gpt_oss=gpt_oss,
+                                               frozen=frozen)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("FW ", "BW ", "SAVED ")))
     return {g: [part.split() for part in lines[g].split("|")] for g in ("FW", "BW")}, int(lines["SAVED"])
 
 
-@pytest.mark.parametrize("library, gpt_oss", [(False, False), (True, False), (False, True)],
-                         ids=["triton", "library", "gpt_oss_biases"])
-def test_training_step_records_the_forward_and_the_split_backward(library, gpt_oss):
+@pytest.mark.parametrize("library, gpt_oss, frozen", [(False, False, False), (True, False, False),
+                                                     (False, True, False), (True, False, True)],
+                         ids=["triton", "library", "gpt_oss_biases", "library_frozen_experts"])
+def test_training_step_records_the_forward_and_the_split_backward(library, gpt_oss, frozen):
     # the route, experts_train's forward, the three backward ops and the route's backward become their launches (the
     # library path's GEMMs calls of torch._grouped_mm) instead of six opaque calls, each paying the op layer and
     # Python launches per step
-    graphs, saved = _train_trace("1", library, gpt_oss)
+    graphs, saved = _train_trace("1", library, gpt_oss, frozen)
     (fw_launches, fw_ops, _, fw_cloned), (bw_launches, bw_ops, bw_grouped, bw_cloned) = graphs["FW"], graphs["BW"]
     assert fw_ops == ["."] and bw_ops == ["."] and fw_cloned == bw_cloned == ["0"], graphs
     align = ["_align_one_chunk_kernel"]  # 80 pairs: one chunk, one launch
@@ -342,14 +345,14 @@ def test_training_step_records_the_forward_and_the_split_backward(library, gpt_o
     # gradient then reaches the logits
     assert bw_launches.count("_align_one_chunk_kernel") == 3 and "_combine_kernel" in bw_launches, graphs
     assert bw_launches[-1] == "_route_backward_kernel", graphs
-    if library:  # dA, dz @ W_gate_up and the two weight gradients: four grouped GEMMs
-        assert "_act_backward_rows_kernel" in bw_launches and int(bw_grouped[0]) == 4, graphs
+    if library:  # dA, dz @ W_gate_up and the two weight gradients: four grouped GEMMs (frozen: two)
+        assert "_act_backward_rows_kernel" in bw_launches and int(bw_grouped[0]) == (2 if frozen else 4), graphs
     else:
         assert {"_dz_kernel", "_wgrad_kernel", "_down_kernel"} <= set(bw_launches) and bw_grouped == ["0"], graphs
     # The opaque ops: one call each. The forward saves no more than theirs saves (the inputs and z; recorded, the
     # gate_up bias is not read again, z holds it): a recorded backward's steps that read forward tensors only stay
     # in the backward (no gathered rows saved), and no buffer is shared between the two graphs (launch.empty).
-    opaque, opaque_saved = _train_trace("0", library, gpt_oss)
+    opaque, opaque_saved = _train_trace("0", library, gpt_oss, frozen)
     assert opaque["FW"][:2] == [["."], ["moe_compiler.route.default", "moe_compiler.experts_train.default"]], opaque
     assert [op.split(".")[1] for op in opaque["BW"][1]] == [
         "experts_backward_down", "experts_backward_gate_up", "experts_backward_combine", "route_backward"], opaque
