@@ -58,11 +58,9 @@ def _backward(variant: str):
     from moe_compiler.lowering import triton_backward
 
     os.environ[dispatch.BACKWARD_ENV] = "torch" if variant == "moe_torch_bwd" else "triton"
-    opaque = variant == "moe_train_tc_opaque"
-    if opaque:
-        os.environ[inline.INLINE_ENV] = "0"
     caches = contextlib.ExitStack()
-    if opaque:
+    if variant == "moe_train_tc_opaque":
+        os.environ[inline.INLINE_ENV] = "0"
         caches.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
         caches.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
     real = triton_backward.default_config

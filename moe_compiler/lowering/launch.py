@@ -79,14 +79,12 @@ def empty(like: torch.Tensor, *size, dtype: torch.dtype | None = None) -> torch.
     empty_like calls of a traced graph (it spares aten.empty alone), so two buffers that recorded kernels write
     became one — a training graph's backward took the forward's output buffer as its d hidden's, saved across
     the step and copied per call (tests/ops/test_inline.py, the training step's trace)."""
-    if len(size) == 1 and not isinstance(size[0], int) and not isinstance(size[0], torch.SymInt):
-        size = tuple(size[0])
     return torch.empty(size, dtype=like.dtype if dtype is None else dtype, device=like.device)
 
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:
-    """empty(t, t.shape) where t is contiguous (a buffer of its layout; see empty), else torch.empty_like."""
-    return empty(t, t.shape) if t.is_contiguous() else torch.empty_like(t)
+    """empty(t, *t.shape) where t is contiguous (a buffer of its layout; see empty), else torch.empty_like."""
+    return empty(t, *t.shape) if t.is_contiguous() else torch.empty_like(t)
 
 
 def remember_route(weights, ids, routed) -> None:
