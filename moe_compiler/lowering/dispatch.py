@@ -296,8 +296,9 @@ def _triton_backward_runs(hidden, spec: ExpertsSpec) -> bool:
 
 
 def backward_inlinable(hidden, topk_ids, spec: ExpertsSpec) -> bool:
-    """Whether a traced call of the split backward's ops (static sizes) runs the Triton backward, whose kernels and
-    torch ops (the library's grouped GEMMs among them) can be recorded."""
+    """Whether a traced call of the split backward's ops (static sizes, or a symbolic T: ops/experts.py _sized)
+    runs the Triton backward, whose kernels and torch ops (the library's grouped GEMMs among them) can be
+    recorded."""
     T, k = topk_ids.shape
     return bool(T and k) and _triton_backward_runs(hidden, spec)
 

@@ -317,8 +317,8 @@ class _Call:
         E = w_gate_up.shape[0]
         I = spec.intermediate(w_down)
         sizes_suit_library = library_rows(hidden, I)
-        if config is None:
-            config = default_config(hidden.dtype, E, k, H, I, T, sizes_suit_library)
+        if config is None:  # (a symbolic T: its band's config, guarded, as the forward's)
+            config = default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], sizes_suit_library)
         weights = topk_weights.reshape(-1)
         library = sizes_suit_library and GroupedMM.takes(hidden, (), (w_gate_up, w_down))  # and the weights' bases
         return cls(T, k, H, I, config, align_rows(topk_ids, E, config.rows.block_m),
@@ -330,12 +330,14 @@ class _Call:
 
 def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[int, int]:
     """backward_down's dz at the default config: [S_pad, 2I], S_pad the aligned rows' static bound. Sizes only
-    (the fake's): T must be an int, since the config's row block is chosen from it."""
+    (the fake's). A symbolic T (dynamic shapes) takes its band's config (triton_config.config_tokens, as _Call.of
+    does), S_pad an expression of T."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     E = w_gate_up.shape[0]
     I = spec.intermediate(w_down)
-    block_m = default_config(hidden.dtype, E, k, H, I, T, library_rows(hidden, I)).rows.block_m
+    config_T = triton_config.config_tokens(T)[0]
+    block_m = default_config(hidden.dtype, E, k, H, I, config_T, library_rows(hidden, I)).rows.block_m
     return max_blocks(T * k, E, block_m) * block_m, 2 * I
 
 

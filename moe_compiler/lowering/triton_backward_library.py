@@ -143,9 +143,10 @@ def first_half_chunks(S_pad: int, S: int, H: int, I: int, E: int, weight_grads: 
     (dz_rows). Sizes only. The first half holds z, G, dA and dz; the second (z freed: ops/experts.py) dz, G's
     size again and W_gate_up's gradient. Chunking lowers the peak where the first half is it: z + dA beyond
     W_gate_up's gradient (large T against E x H: Mixtral-8x7B from ~11k tokens, Qwen3-30B-A3B from ~22k), and
-    always without weight gradients (frozen experts)."""
+    always without weight gradients (frozen experts). A plain int: under dynamic shapes (S_pad an expression of
+    T) each comparison guards the compiled graph, which then serves the lengths with the same count."""
     first_is_peak = not weight_grads or S * 2 * I + S_pad * I > E * 2 * I * H
-    return max(1, min(CHUNKS, S_pad // MIN_CHUNK_ROWS)) if first_is_peak else 1
+    return int(max(1, min(CHUNKS, S_pad // MIN_CHUNK_ROWS))) if first_is_peak else 1
 
 
 def _row_pass(dA, z, G, b_down, dz, act_s, ds, bias_weights, weights, rows: AlignedRows, spec: ExpertsSpec,
@@ -205,9 +206,12 @@ def dz_rows_chunked(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spe
         d_w_down, d_b_down = down_grads(G, act_s, seg, spec.transposed, bias_weights)
         del act_s, bias_weights
     dz = launch.empty(G, S_pad, 2 * I)
+    # each chunk has rows: chunks <= S_pad / MIN_CHUNK_ROWS, so (chunks - 1) * step < S_pad (counted, not tested,
+    # so that a symbolic S_pad gives expressions and no guard)
     step = triton.cdiv(triton.cdiv(S_pad, chunks), block_m) * block_m
-    for c0 in range(0, S_pad, step):
-        n = min(step, S_pad - c0)
+    for c in range(chunks):
+        c0 = c * step
+        n = torch.sym_min(step, S_pad - c0)
         # the chunk's segments: each expert's rows clipped to [c0, c0 + n), counted from c0 (empty outside it)
         part = Segments(sorted_ids=None, perm=None, offs=(seg.offs - c0).clamp_(0, n), num_experts=seg.num_experts)
         dA = project_dx(GroupedMM, G[c0:c0 + n], w_down, part, spec.transposed)  # [n, I]

@@ -87,10 +87,16 @@ def _(*tensors, **spec):
     return t.hidden.new_empty(t.hidden.shape)
 
 
+def _sized(t: ExpertsTensors, *more) -> bool:
+    """Static weights and biases, and rows counted at most by a symbol with a hint (inline.hinted): sizes from which
+    a config is looked up (the token count's band's) and the backward's buffers sized (dz_shape)."""
+    return inline.static(t.w_gate_up, t.w_down, t.b_gate_up, t.b_down) and inline.hinted(*t, *more)
+
+
 def _inlinable(*tensors, **spec) -> bool:
     # Sizes only: a tensor op here (a view) would run on functional tensors outside their mode.
     t = ExpertsTensors(*tensors)
-    if not (inline.static(t.w_gate_up, t.w_down, t.b_gate_up, t.b_down) and inline.hinted(*t)):
+    if not _sized(t):
         return False
     return dispatch.experts_inlinable(t.hidden, t.topk_ids, t.w_gate_up, t.w_down, make_spec(ExpertsSpec, spec))
 
@@ -278,10 +284,10 @@ def _(grad_out, weight_grads, dx_rows, *tensors, **spec):
 
 def _backward_inlinable(grad_out, weight_grads, carried, *tensors, **spec) -> bool:
     """Whether a traced call of one of the split backward's ops runs Triton kernels (and torch ops) that can be
-    recorded: static sizes only (its row bound is chosen from T, as in dz_shape)."""
+    recorded: static sizes, or a symbolic token count (the forward's rule, _inlinable: the config is the band's)."""
     t = ExpertsTensors(*tensors)
-    return inline.static(grad_out, carried, *t) and dispatch.backward_inlinable(t.hidden, t.topk_ids,
-                                                                                make_spec(ExpertsSpec, spec))
+    return _sized(t, grad_out, carried) and dispatch.backward_inlinable(t.hidden, t.topk_ids,
+                                                                        make_spec(ExpertsSpec, spec))
 
 
 # The split backward records its launches too: each of its ops otherwise pays, per call, the op layer, the config
@@ -319,7 +325,7 @@ def _backward(ctx, grad_out, *_):
     needs = ctx.needs_input_grad  # positional inputs up to the last one given
     weight_grads = any(i < len(needs) and needs[i] for i in _WEIGHTS)
     grad_out = grad_out.contiguous()
-    if z is not None and isinstance(tensors[0].shape[0], int):
+    if z is not None and _sized(ExpertsTensors(*tensors)):  # (the three ops' fakes size dz: dz_shape)
         grads = _backward_in_three(grad_out, weight_grads, z, tensors, ctx.spec)
     else:
         grads = torch.ops.moe_compiler.experts_backward(grad_out, weight_grads, z, *tensors, **ctx.spec)

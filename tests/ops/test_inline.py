@@ -276,8 +276,8 @@ dtype = torch.bfloat16 if {library} else torch.float32
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
 # gpt_oss: the transposed, interleaved layout with biases (their gradients too)
 spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True) if {gpt_oss} else ExpertsSpec()
-h, ids, w, wgu, wd, bgu, bd = experts_inputs(40, 32, 16, 8, 2, dtype, spec, bias={gpt_oss})[:7]
-logits = torch.randn(40, 8, dtype=dtype)  # the route's backward too
+h, ids, w, wgu, wd, bgu, bd = experts_inputs({tokens}, 32, 16, 8, 2, dtype, spec, bias={gpt_oss})[:7]
+logits = torch.randn({tokens}, 8, dtype=dtype)  # the route's backward too
 from moe_compiler.testing.reference import shared_inputs
 # shared: a gated shared MLP in the op (its gradients summed into hidden's by the last backward op)
 (sgate, sup), sdown, segate = shared_inputs(32, 24, dtype, fused=False, gated=True) if {shared} else ((None,) * 2,
@@ -286,6 +286,9 @@ from moe_compiler.testing.reference import shared_inputs
 for t in (h, logits) if {frozen} else (h, wgu, wd, bgu, bd, logits, sgate, sup, sdown, segate):
     if t is not None:
         t.requires_grad_(True)
+if {dynamic}:  # the token count symbolic (lengths that vary: automatic dynamic shapes)
+    torch._dynamo.mark_dynamic(h, 0)
+    torch._dynamo.mark_dynamic(logits, 0)
 graphs = {{}}
 def partition(joint, inputs, **kw):
     fw, bw = min_cut_rematerialization_partition(joint, inputs, **kw)
@@ -318,16 +321,18 @@ for name, gm in graphs.items():
     print(name.upper(), " ".join(launches) or ".", "|", " ".join(ops) or ".", "|", grouped, "|", cloned)
 # the elements the forward saves for the backward (its outputs after f's own), tensors only
 saved = graphs["fw"].graph.find_nodes(op="output")[0].args[0][1:]
-print("SAVED", sum(n.meta["val"].numel() for n in saved if isinstance(n.meta.get("val"), torch.Tensor)))
+numels = [n.meta["val"].numel() for n in saved if isinstance(n.meta.get("val"), torch.Tensor)]
+print("SAVED", sum(x if isinstance(x, int) else x.node.hint for x in numels))  # (symbolic: at the traced length)
 """
 
 
-def _train_trace(inline: str, library: bool, gpt_oss: bool, frozen: bool, shared: bool) -> tuple[dict, int]:
+def _train_trace(inline: str, library: bool, gpt_oss: bool, frozen: bool, shared: bool, dynamic: bool = False,
+                 tokens: int = 40) -> tuple[dict, int]:
     """TRAIN_TRACE's graphs ({"FW"/"BW": [launches, op calls, grouped GEMMs, cloned inputs]}) and saved elements."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
     code = textwrap.dedent(TRAIN_TRACE).format(sm90_driver=SM90_DRIVER, library=library, gpt_oss=gpt_oss,
-                                               frozen=frozen, shared=shared)
+                                               frozen=frozen, shared=shared, dynamic=dynamic, tokens=tokens)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("FW ", "BW ", "SAVED ")))
@@ -368,6 +373,21 @@ def test_training_step_records_the_forward_and_the_split_backward(library, gpt_o
     assert [op.split(".")[1] for op in opaque["BW"][1]] == [
         "experts_backward_down", "experts_backward_gate_up", "experts_backward_combine", "route_backward"], opaque
     assert saved <= opaque_saved + (40 * (2 * 24 + 1) if shared else 0), (saved, opaque_saved)
+
+
+@pytest.mark.parametrize("library, frozen, tokens", [(True, False, 40), (False, False, 40), (True, False, 8192),
+                                                    (True, True, 8192)],
+                         ids=["library", "triton", "library_row_chunks", "library_frozen_row_chunks"])
+def test_training_step_with_a_symbolic_token_count_records_the_split_backward(library, frozen, tokens):
+    # lengths that vary (automatic dynamic shapes) trace T as a symbol: the backward still splits in three and
+    # records the launches and GEMMs of the static trace, its buffers expressions of T (the library's first half in
+    # row chunks where S_pad passes 8192: frozen experts always, trained ones where z + dA is the peak)
+    graphs, saved = _train_trace("1", library, False, frozen, False, dynamic=True, tokens=tokens)
+    static, static_saved = _train_trace("1", library, False, frozen, False, tokens=tokens)
+    assert graphs["FW"][1] == graphs["BW"][1] == ["."] and graphs == static, (graphs, static)
+    assert saved == static_saved
+    if tokens == 8192:  # a row pass per chunk of dA (four: 16384+ rows), and one for act_s with weight gradients
+        assert graphs["BW"][0].count("_act_backward_rows_kernel") == 4 + (not frozen), graphs
 
 
 def test_switch_keeps_the_ops_opaque():
@@ -551,11 +571,14 @@ def _peak_call_bytes(compiled, ids) -> int:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("library", [True, False], ids=["library", "triton"])
-def test_compiled_training_step_records_its_launches_and_equals_fp64(library, monkeypatch, no_compile_caches):
+@pytest.mark.parametrize("lengths", [(300,), (300, 260), (4500, 4200)], ids=["static", "symbolic", "symbolic_chunks"])
+def test_compiled_training_step_records_its_launches_and_equals_fp64(library, lengths, monkeypatch,
+                                                                     no_compile_caches):
     """On CUDA, through Inductor: a training step's route and experts calls, forward and backward, are Inductor's
     own launches (no call of our ops in its code), and the gradients of hidden, the router logits and both weights
     equal fp64 autograd's (bf16: 1e-2). `library`: the backward's GEMMs by torch's grouped GEMM (the bf16 default
-    on sm90) or by the Triton kernels."""
+    on sm90) or by the Triton kernels. Several lengths: the token count symbolic (marked dynamic), one graph for
+    the lengths of a band; past 8192 pairs the library backward takes dA in row chunks (first_half_chunks)."""
     from torch._inductor.utils import run_and_get_code
 
     from moe_compiler.lowering import triton_backward
@@ -563,37 +586,45 @@ def test_compiled_training_step_records_its_launches_and_equals_fp64(library, mo
 
     if not library:
         monkeypatch.setattr(triton_backward, "library_rows", lambda *a: False)
-    T, E, k, H, I = 300, 8, 2, 256, 128
+    E, k, H, I = 8, 2, 256, 128
     g = torch.Generator("cuda").manual_seed(3)
-    hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16().requires_grad_(True)
-    logits = torch.randn(T, E, device="cuda", generator=g).bfloat16().requires_grad_(True)
     w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H**-0.5).bfloat16().requires_grad_(True)
     w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I**-0.5).bfloat16().requires_grad_(True)
-    grad_out = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-    leaves = (hidden, logits, w1, w2)
 
     def f(hidden, logits, w1, w2):
         weights, ids = torch.ops.moe_compiler.route(logits, top_k=k, norm_topk_prob=True)
         return torch.ops.moe_compiler.experts_train(hidden, ids, weights.to(hidden.dtype), w1, w2)[0]
 
-    compiled = torch.compile(f, dynamic=False)
+    compiled = torch.compile(f, dynamic=False if len(lengths) == 1 else None)
+    for n, T in enumerate(lengths):
+        hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16().requires_grad_(True)
+        logits = torch.randn(T, E, device="cuda", generator=g).bfloat16().requires_grad_(True)
+        grad_out = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        leaves = (hidden, logits, w1, w2)
+        if len(lengths) > 1:
+            torch._dynamo.mark_dynamic(hidden, 0)
+            torch._dynamo.mark_dynamic(logits, 0)
 
-    def step():
-        return torch.autograd.grad(compiled(*leaves), leaves, grad_out)
+        def step():
+            return torch.autograd.grad(compiled(*leaves), leaves, grad_out)
 
-    _, codes = run_and_get_code(step)  # compiles the forward, then (at its first backward) the backward
-    got = step()  # a second step through the compiled graphs
-    code = "\n".join(codes)
-    assert "torch.ops.moe_compiler" not in code and "_gate_up_kernel" in code and "_route_backward_kernel" in code
-    assert ("_act_backward_rows_kernel" in code) == library and ("_dz_kernel" in code) != library
-    # fp64 autograd, the selection held fixed (the route's ids from the same logits)
-    ref = [t.detach().double().requires_grad_(True) for t in leaves]
-    weights, ids = torch.ops.moe_compiler.route(logits.detach(), top_k=k, norm_topk_prob=True)
-    probs = torch.softmax(ref[1], dim=-1).gather(1, ids)
-    out = experts_reference(ref[0], ids, probs / probs.sum(-1, keepdim=True), ref[2], ref[3])
-    want = torch.autograd.grad(out, ref, grad_out.double())
-    for name, a, b in zip(("hidden", "logits", "w_gate_up", "w_down"), got, want):
-        assert rel_err(a, b) <= 1e-2, (name, rel_err(a, b))
+        _, codes = run_and_get_code(step)  # compiles the forward, then (at its first backward) the backward
+        code = "\n".join(codes)
+        if n == 0:
+            assert "torch.ops.moe_compiler" not in code and "_gate_up_kernel" in code
+            assert "_route_backward_kernel" in code
+            assert ("_act_backward_rows_kernel" in code) == library and ("_dz_kernel" in code) != library
+        else:  # the first length's graphs serve it
+            assert not code, T
+        got = step()  # a second step through the compiled graphs
+        # fp64 autograd, the selection held fixed (the route's ids from the same logits)
+        ref = [t.detach().double().requires_grad_(True) for t in leaves]
+        weights, ids = torch.ops.moe_compiler.route(logits.detach(), top_k=k, norm_topk_prob=True)
+        probs = torch.softmax(ref[1], dim=-1).gather(1, ids)
+        out = experts_reference(ref[0], ids, probs / probs.sum(-1, keepdim=True), ref[2], ref[3])
+        want = torch.autograd.grad(out, ref, grad_out.double())
+        for name, a, b in zip(("hidden", "logits", "w_gate_up", "w_down"), got, want):
+            assert rel_err(a, b) <= 1e-2, (T, name, rel_err(a, b))
 
 
 @pytest.mark.gpu
