@@ -325,7 +325,8 @@ def _backward(ctx, grad_out, *_):
     needs = ctx.needs_input_grad  # positional inputs up to the last one given
     weight_grads = any(i < len(needs) and needs[i] for i in _WEIGHTS)
     grad_out = grad_out.contiguous()
-    if z is not None and _sized(ExpertsTensors(*tensors)):  # (the three ops' fakes size dz: dz_shape)
+    t = ExpertsTensors(*tensors)
+    if z is not None and _sized(t) and dispatch.backward_splits(t.hidden, t.w_down, make_spec(ExpertsSpec, ctx.spec)):
         grads = _backward_in_three(grad_out, weight_grads, z, tensors, ctx.spec)
     else:
         grads = torch.ops.moe_compiler.experts_backward(grad_out, weight_grads, z, *tensors, **ctx.spec)

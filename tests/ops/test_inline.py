@@ -375,19 +375,27 @@ def test_training_step_records_the_forward_and_the_split_backward(library, gpt_o
     assert saved <= opaque_saved + (40 * (2 * 24 + 1) if shared else 0), (saved, opaque_saved)
 
 
-@pytest.mark.parametrize("library, frozen, tokens", [(True, False, 40), (False, False, 40), (True, False, 8192),
-                                                    (True, True, 8192)],
-                         ids=["library", "triton", "library_row_chunks", "library_frozen_row_chunks"])
-def test_training_step_with_a_symbolic_token_count_records_the_split_backward(library, frozen, tokens):
-    # lengths that vary (automatic dynamic shapes) trace T as a symbol: the backward still splits in three and
-    # records the launches and GEMMs of the static trace, its buffers expressions of T (the library's first half in
-    # row chunks where S_pad passes 8192: frozen experts always, trained ones where z + dA is the peak)
-    graphs, saved = _train_trace("1", library, False, frozen, False, dynamic=True, tokens=tokens)
-    static, static_saved = _train_trace("1", library, False, frozen, False, tokens=tokens)
+@pytest.mark.parametrize("frozen, tokens", [(False, 40), (False, 8192), (True, 8192)],
+                         ids=["library", "library_row_chunks", "library_frozen_row_chunks"])
+def test_training_step_with_a_symbolic_token_count_records_the_split_backward(frozen, tokens):
+    # lengths that vary (automatic dynamic shapes) trace T as a symbol: the library backward still splits in three
+    # and records the launches and GEMMs of the static trace, its buffers expressions of T (the first half in row
+    # chunks where S_pad passes 8192: frozen experts always, trained ones where z + dA is the peak)
+    graphs, saved = _train_trace("1", True, False, frozen, False, dynamic=True, tokens=tokens)
+    static, static_saved = _train_trace("1", True, False, frozen, False, tokens=tokens)
     assert graphs["FW"][1] == graphs["BW"][1] == ["."] and graphs == static, (graphs, static)
     assert saved == static_saved
     if tokens == 8192:  # a row pass per chunk of dA (four: 16384+ rows), and one for act_s with weight gradients
         assert graphs["BW"][0].count("_act_backward_rows_kernel") == 4 + (not frozen), graphs
+
+
+def test_training_step_with_a_symbolic_token_count_keeps_the_triton_backward_one_op():
+    # the Triton backward's dz rows are padded to a block chosen from T: under a symbolic T the fake would size dz
+    # from the band's length and an opaque op's real call from its own (dispatch.backward_splits), so the backward
+    # stays the one experts_backward op; the forward and the route's backward are still recorded
+    graphs, _ = _train_trace("1", False, False, False, False, dynamic=True)
+    assert graphs["FW"][1] == ["."] and graphs["BW"][1] == ["moe_compiler.experts_backward.default"], graphs
+    assert graphs["BW"][0] == ["_route_backward_kernel"], graphs
 
 
 def test_switch_keeps_the_ops_opaque():
@@ -570,15 +578,17 @@ def _peak_call_bytes(compiled, ids) -> int:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("library", [True, False], ids=["library", "triton"])
-@pytest.mark.parametrize("lengths", [(300,), (300, 260), (4500, 4200)], ids=["static", "symbolic", "symbolic_chunks"])
+@pytest.mark.parametrize("library, lengths", [(True, (300,)), (False, (300,)), (True, (300, 260)),
+                                              (False, (300, 260)), (True, (4500, 4200))],
+                         ids=["library", "triton", "library_symbolic", "triton_symbolic", "library_symbolic_chunks"])
 def test_compiled_training_step_records_its_launches_and_equals_fp64(library, lengths, monkeypatch,
                                                                      no_compile_caches):
     """On CUDA, through Inductor: a training step's route and experts calls, forward and backward, are Inductor's
     own launches (no call of our ops in its code), and the gradients of hidden, the router logits and both weights
     equal fp64 autograd's (bf16: 1e-2). `library`: the backward's GEMMs by torch's grouped GEMM (the bf16 default
     on sm90) or by the Triton kernels. Several lengths: the token count symbolic (marked dynamic), one graph for
-    the lengths of a band; past 8192 pairs the library backward takes dA in row chunks (first_half_chunks)."""
+    the lengths of a band; past 8192 pairs the library backward takes dA in row chunks (first_half_chunks); the
+    Triton backward stays one experts_backward op there (dispatch.backward_splits)."""
     from torch._inductor.utils import run_and_get_code
 
     from moe_compiler.lowering import triton_backward
@@ -611,9 +621,12 @@ def test_compiled_training_step_records_its_launches_and_equals_fp64(library, le
         _, codes = run_and_get_code(step)  # compiles the forward, then (at its first backward) the backward
         code = "\n".join(codes)
         if n == 0:
-            assert "torch.ops.moe_compiler" not in code and "_gate_up_kernel" in code
-            assert "_route_backward_kernel" in code
-            assert ("_act_backward_rows_kernel" in code) == library and ("_dz_kernel" in code) != library
+            assert "_gate_up_kernel" in code and "_route_backward_kernel" in code
+            if library or len(lengths) == 1:
+                assert "torch.ops.moe_compiler" not in code
+                assert ("_act_backward_rows_kernel" in code) == library and ("_dz_kernel" in code) != library
+            else:
+                assert "torch.ops.moe_compiler.experts_backward.default" in code
         else:  # the first length's graphs serve it
             assert not code, T
         got = step()  # a second step through the compiled graphs
