@@ -189,3 +189,23 @@ def test_autocast_keeps_the_experts_in_the_weights_dtype_as_transformers_does(dt
     assert _fused() == LAYERS and counters["moe_compiler"]["rejected_experts"] == 0
     assert rel_err(loss, ref) <= 1e-5
     _assert_grads_equal(model, traced, tol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_batches_of_varying_length_train_through_one_symbolic_graph(device):
+    """Lengths that change from step to step (a Trainer's dynamic padding): Dynamo compiles the second length with
+    the token count symbolic (automatic dynamic shapes) and the third, of the same band, reuses that graph; the MoE
+    blocks are fused in both graphs, and every step's gradients equal eager's."""
+    eager, model = _pair(device)
+    compiled = torch.compile(model, backend="fused_moe", options=TRAINING)
+    graphs = []
+    for seq in (7, 9, 12):
+        ids = torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(seq)).to(device)
+        for m in (eager, model):
+            m.zero_grad(set_to_none=True)
+        eager(input_ids=ids, labels=ids).loss.backward()
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        _assert_grads_equal(model, eager)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > graphs[0] and graphs[2] == graphs[1], graphs
+    assert _fused() == 2 * LAYERS and counters["moe_compiler"]["rejected_experts"] == 0
