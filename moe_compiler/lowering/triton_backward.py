@@ -317,8 +317,8 @@ class _Call:
         E = w_gate_up.shape[0]
         I = spec.intermediate(w_down)
         sizes_suit_library = library_rows(hidden, I)
-        if config is None:  # (a symbolic T: its band's config, guarded, as the forward's)
-            config = default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], sizes_suit_library)
+        if config is None:
+            config = _call_default_config(hidden, k, E, I)
         weights = topk_weights.reshape(-1)
         library = sizes_suit_library and GroupedMM.takes(hidden, (), (w_gate_up, w_down))  # and the weights' bases
         return cls(T, k, H, I, config, align_rows(topk_ids, E, config.rows.block_m),
@@ -328,17 +328,22 @@ class _Call:
                    library and (config.dgrad_path is DGrad.GROUPED_MM or config.wgrad_path is WGrad.GROUPED_MM))
 
 
-def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[int, int]:
-    """backward_down's dz at the default config: [S_pad, 2I], S_pad the aligned rows' static bound. Sizes only
-    (the fake's). A symbolic T (dynamic shapes) takes its band's config (triton_config.config_tokens, as _Call.of
-    does), S_pad an expression of T."""
+def _call_default_config(hidden, k: int, E: int, I: int) -> BackwardConfig:
+    """The default config of a call on hidden [T, H], from sizes, dtype and device alone: what _Call.of runs and
+    dz_shape (the fake) sizes dz by. A symbolic T (dynamic shapes) takes its band's config, guarded, as the
+    forward's does (triton_config.config_tokens)."""
     T, H = hidden.shape
+    return default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], library_rows(hidden, I))
+
+
+def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[int, int]:
+    """backward_down's dz at the default config: [S_pad, 2I], S_pad the aligned rows' static bound (an expression
+    of T where T is symbolic). Sizes only (the fake's)."""
     k = topk_ids.shape[1]
     E = w_gate_up.shape[0]
     I = spec.intermediate(w_down)
-    config_T = triton_config.config_tokens(T)[0]
-    block_m = default_config(hidden.dtype, E, k, H, I, config_T, library_rows(hidden, I)).rows.block_m
-    return max_blocks(T * k, E, block_m) * block_m, 2 * I
+    block_m = _call_default_config(hidden, k, E, I).rows.block_m
+    return max_blocks(hidden.shape[0] * k, E, block_m) * block_m, 2 * I
 
 
 def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
