@@ -191,7 +191,14 @@ def main():
     variants = tuple(dict.fromkeys(("hf_grouped_mm", *args.variants)))
     harness.gpu_name()
     harness.compile_per_shape()
-    rows = [point(name, T, variants, args.kernels) for name in args.shapes for T in args.tokens]
+    rows = []
+    for name in args.shapes:
+        for T in args.tokens:
+            rows.append(point(name, T, variants, args.kernels))
+            print(f"{name} T={T}: " + ", ".join(f"{v} {rows[-1].get(f'{v}_tflops', float('nan')):.0f} TF/s"
+                                               for v in variants), flush=True)
+            if os.environ.get("OUT"):  # each point as it lands: a run stopped by its time limit keeps the earlier ones
+                harness.write_json(os.path.join(os.environ["OUT"], "train_op.json"), rows)
     print(f"\n{'shape':>16} {'T':>6} " + " ".join(f"{v:>22}" for v in variants)
           + "   (TFLOP/s, GiB above inputs, saved KiB per token)")
     for r in rows:
