@@ -216,8 +216,6 @@ def main():
                   f"kernels in {r.get(f'{v}_launches', 0)} launches; the costliest: µs, launches, kernel")
             for us, n, key in r.get(f"{v}_kernels", ()):
                 print(f"  {us:9.1f} {n:4d}  {key[:110]}")
-    if os.environ.get("OUT"):
-        harness.write_json(os.path.join(os.environ["OUT"], "train_op.json"), rows)
 
 
 if __name__ == "__main__":
