@@ -318,7 +318,7 @@ class _Call:
         I = spec.intermediate(w_down)
         sizes_suit_library = library_rows(hidden, I)
         if config is None:
-            config = _call_default_config(hidden, k, E, I, sizes_suit_library)
+            config = _call_default_config(hidden, k, E, I)
         weights = topk_weights.reshape(-1)
         library = sizes_suit_library and GroupedMM.takes(hidden, (), (w_gate_up, w_down))  # and the weights' bases
         return cls(T, k, H, I, config, align_rows(topk_ids, E, config.rows.block_m),
@@ -328,13 +328,12 @@ class _Call:
                    library and (config.dgrad_path is DGrad.GROUPED_MM or config.wgrad_path is WGrad.GROUPED_MM))
 
 
-def _call_default_config(hidden, k: int, E: int, I: int, library: bool | None = None) -> BackwardConfig:
+def _call_default_config(hidden, k: int, E: int, I: int) -> BackwardConfig:
     """The default config of a call on hidden [T, H], from sizes, dtype and device alone: what _Call.of runs and
     dz_shape (the fake) sizes dz by. A symbolic T (dynamic shapes) takes its band's config, guarded, as the
-    forward's does (triton_config.config_tokens). `library`: library_rows(hidden, I) where the caller has it."""
+    forward's does (triton_config.config_tokens)."""
     T, H = hidden.shape
-    library = library_rows(hidden, I) if library is None else library
-    return default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], library)
+    return default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], library_rows(hidden, I))
 
 
 def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[int, int]:
