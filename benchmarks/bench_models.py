@@ -204,6 +204,9 @@ def _expert_grads(model) -> list[torch.Tensor]:
     return [p.grad.to("cpu", copy=True) for n, p in model.named_parameters() if ".experts." in n and p.grad is not None]
 
 
+GRAD_SLICE = 1 << 28  # elements of a gradient compared at once: 1 GiB in fp32
+
+
 def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     """||got - want|| / ||want|| over every expert weight gradient at once. Not the worst tensor's: in bf16 a few
     tokens' top-k flips between eager and a compiled run (near-tied router scores rounded differently), and an
@@ -211,10 +214,14 @@ def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     measured for Inductor itself)."""
     num = den = 0.0
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for g, w in zip(got, want):  # one pair at a time on the GPU (fp32 there; the norms summed in double)
-        w = w.to(device, torch.float32)
-        num += float((g.to(device, torch.float32) - w).double().square().sum())
-        den += float(w.double().square().sum())
+    for g, w in zip(got, want):  # on the GPU in flat slices (fp32 there; the norms summed in double)
+        # Slices, not whole tensors: DeepSeek-V3's stacked gate_up gradient is 28 GiB in fp32 (session 48: out of
+        # memory on the H100 beside a one-layer train step).
+        g, w = g.reshape(-1), w.reshape(-1)
+        for lo in range(0, w.numel(), GRAD_SLICE):
+            ws = w[lo:lo + GRAD_SLICE].to(device, torch.float32)
+            num += float((g[lo:lo + GRAD_SLICE].to(device, torch.float32) - ws).double().square().sum())
+            den += float(ws.double().square().sum())
     return (num / den) ** 0.5
 
 
