@@ -217,10 +217,9 @@ def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     for g, w in zip(got, want):  # on the GPU in flat slices (fp32 there; the norms summed in double)
         # Slices, not whole tensors: DeepSeek-V3's stacked gate_up gradient is 28 GiB in fp32 (session 48: out of
         # memory on the H100 beside a one-layer train step).
-        g, w = g.reshape(-1), w.reshape(-1)
-        for lo in range(0, w.numel(), GRAD_SLICE):
-            ws = w[lo:lo + GRAD_SLICE].to(device, torch.float32)
-            num += float((g[lo:lo + GRAD_SLICE].to(device, torch.float32) - ws).double().square().sum())
+        for gs, ws in zip(g.reshape(-1).split(GRAD_SLICE), w.reshape(-1).split(GRAD_SLICE)):
+            ws = ws.to(device, torch.float32)
+            num += float((gs.to(device, torch.float32) - ws).double().square().sum())
             den += float(ws.double().square().sum())
     return (num / den) ** 0.5
 
