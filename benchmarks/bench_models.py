@@ -22,7 +22,7 @@ Parts (bf16, no gradients):
                 and with the torch composite backward ("fused_train_torch", only with --train-variants), or with
                 its ops opaque (MOE_COMPILER_INLINE=0: "fused_train_opaque", only with --train-variants; before
                 session 43 every training call was); error:
-                the loss vs eager, and every expert weight gradient at once vs eager's (one norm: grads_rel_err)
+                the loss vs eager, and every expert weight gradient at once vs eager's (one norm: harness.grads_rel_err)
 With --bound, every part also runs "free_moe": Inductor with each routed-experts module returning zeros (router,
 shared experts and the rest unchanged) — the time of a model whose routed experts cost nothing, so inductor /
 free_moe ("bound") is the most any experts implementation can gain over Inductor in that cell.
@@ -204,26 +204,6 @@ def _expert_grads(model) -> list[torch.Tensor]:
     return [p.grad.to("cpu", copy=True) for n, p in model.named_parameters() if ".experts." in n and p.grad is not None]
 
 
-GRAD_SLICE = 1 << 28  # elements of a gradient compared at once: 1 GiB in fp32
-
-
-def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    """||got - want|| / ||want|| over every expert weight gradient at once. Not the worst tensor's: in bf16 a few
-    tokens' top-k flips between eager and a compiled run (near-tied router scores rounded differently), and an
-    expert that gained or lost its only tokens has a gradient of another size altogether (a per-tensor max of ~1.2
-    measured for Inductor itself)."""
-    num = den = 0.0
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for g, w in zip(got, want):  # on the GPU in flat slices (fp32 there; the norms summed in double)
-        # Slices, not whole tensors: DeepSeek-V3's stacked gate_up gradient is 28 GiB in fp32 (session 48: out of
-        # memory on the H100 beside a one-layer train step).
-        for gs, ws in zip(g.reshape(-1).split(GRAD_SLICE), w.reshape(-1).split(GRAD_SLICE)):
-            ws = ws.to(device, torch.float32)
-            num += float((gs.to(device, torch.float32) - ws).double().square().sum())
-            den += float(ws.double().square().sum())
-    return (num / den) ** 0.5
-
-
 def train_point(model, how, backward: str, ids, reps=5, snapshot: str | None = None, env: dict | None = None):
     """(row fields, loss, expert weight gradients) of one training step (forward with labels + backward).
     Memory: peaks as if the model's parameters were all this process held (the benchmark's own tensors, e.g. the
@@ -300,7 +280,7 @@ def bench_train(model, name, variants=DEFAULT_TRAIN_VARIANTS, batches=(1, 4), sn
                 ref_loss, ref_grads = loss, grads
             elif loss is not None and ref_loss is not None and variant != "free_moe":
                 cells["err"] = rel_err(loss, ref_loss)
-                cells["grad_err"] = grads_rel_err(grads, ref_grads)
+                cells["grad_err"] = harness.grads_rel_err(grads, ref_grads)
             del grads  # not held while the next variant is measured
             row.update({f"{variant}_{k}": v for k, v in cells.items()})
             print(row["part"], variant, cells, flush=True)

@@ -41,7 +41,6 @@ import torch
 import moe_compiler  # noqa: F401 - registers the ops
 from moe_compiler.lowering import dispatch
 from moe_compiler.ops import inline
-from moe_compiler.testing import rel_err
 from moe_compiler.tune.shapes import ALL_SHAPES
 
 from . import harness
@@ -173,7 +172,8 @@ def point(name, T, variants=VARIANTS, kernels: int = 0):
     ref = grads.get("hf_grouped_mm")
     for variant, g in grads.items():
         if ref is not None and variant != "hf_grouped_mm":
-            row[f"{variant}_grad_err"] = max(rel_err(a.cuda().float(), b.cuda().float()) for a, b in zip(g, ref))
+            # the worst tensor's error, each in slices: DeepSeek-V3's gate_up gradient is 28 GiB in fp32 (session 49)
+            row[f"{variant}_grad_err"] = max(harness.grads_rel_err([a], [b]) for a, b in zip(g, ref))
     print({key: v for key, v in row.items() if not key.endswith("_kernels")}, flush=True)
     del ops, grads
     torch.cuda.empty_cache()

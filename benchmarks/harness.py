@@ -155,6 +155,26 @@ def as_run(timer: Timer, T: int):
     return timer.graph if T <= GRAPH_MAX_T else timer.eager
 
 
+GRAD_SLICE = 1 << 28  # elements of a gradient compared at once: 1 GiB in fp32
+
+
+def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """||got - want|| / ||want|| over the tensors at once, computed in slices. bench_models passes every expert
+    weight gradient together, not the worst tensor's: in bf16 a few tokens' top-k flips between eager and a compiled
+    run (near-tied router scores rounded differently), and an expert that gained or lost its only tokens has a
+    gradient of another size altogether (a per-tensor max of ~1.2 measured for Inductor itself)."""
+    num = den = 0.0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for g, w in zip(got, want):  # on the GPU in flat slices (fp32 there; the norms summed in double)
+        # Slices, not whole tensors: DeepSeek-V3's stacked gate_up gradient is 28 GiB in fp32 (session 48: out of
+        # memory on the H100 beside a one-layer train step).
+        for gs, ws in zip(g.reshape(-1).split(GRAD_SLICE), w.reshape(-1).split(GRAD_SLICE)):
+            ws = ws.to(device, torch.float32)
+            num += float((gs.to(device, torch.float32) - ws).double().square().sum())
+            den += float(ws.double().square().sum())
+    return (num / den) ** 0.5
+
+
 def kernel_times(fn, calls: int = 20, top: int = 8) -> list[tuple[float, int, str]]:
     """Where one call's device time goes: (µs per call, launches per call, kernel name) of its `top` kernels by
     CUDA time (torch.profiler, mean over `calls` calls after one warm-up call)."""

@@ -1,6 +1,9 @@
-"""benchmarks/harness.py's results file: a partial run merges into the committed table instead of replacing it."""
+"""benchmarks/harness.py: a partial run merges into the committed table instead of replacing it; the gradient error is
+one norm over every tensor, computed slice by slice."""
 
 import json
+
+import torch
 
 from benchmarks import harness
 
@@ -40,3 +43,14 @@ def test_save_rows_merge_defaults_name_the_older_rows_cell(tmp_path):
                       merge_defaults={"scale_fmt": "fp32"})
     with open(path) as f:
         assert [r["us"] for r in json.load(f)["rows"]] == [2.0, 5.0, 6.0]
+
+
+def test_grads_rel_err_in_slices_equals_the_whole_norm_in_fp64(monkeypatch):
+    # A slice far smaller than the tensors: session 48's DeepSeek-V3 gradient (28 GiB in fp32) did not fit whole.
+    monkeypatch.setattr(harness, "GRAD_SLICE", 7)
+    gen = torch.Generator().manual_seed(0)
+    want = [torch.randn(4, 5, 3, generator=gen), torch.randn(6, 2, generator=gen).t(), torch.randn(1, generator=gen)]
+    got = [(w + 0.05 * torch.randn(w.shape, generator=gen)).to(torch.bfloat16) for w in want]
+    num = sum(float((g.double() - w.double()).square().sum()) for g, w in zip(got, want))
+    den = sum(float(w.double().square().sum()) for w in want)
+    assert abs(harness.grads_rel_err(got, want) - (num / den) ** 0.5) < 1e-6 * (num / den) ** 0.5
