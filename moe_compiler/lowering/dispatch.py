@@ -303,17 +303,18 @@ def backward_inlinable(hidden, topk_ids, spec: ExpertsSpec) -> bool:
     return bool(T and k) and _triton_backward_runs(hidden, spec)
 
 
-def backward_splits(hidden, w_down, spec: ExpertsSpec) -> bool:
+def backward_splits(hidden, w_gate_up, w_down, spec: ExpertsSpec) -> bool:
     """Whether the backward of a call whose z was saved runs as the three split ops (ops/experts.py): dz, passed
     between them, has rows padded per expert (dz_shape), which the fake and every real call must size alike. With
-    a static T they do. With a symbolic T the fake takes the band's config, and only the library backward's row
-    block (LIBRARY_BLOCK_M) is the same for every length: where the ops stay opaque (MOE_COMPILER_INLINE=0,
-    torch.export), a real call sizes dz from its own length. Elsewhere the one experts_backward op runs."""
+    a static T they do. With a symbolic T the fake takes the band's config, and only the library backward's rows
+    (unpadded: triton_backward.BackwardConfig) are aligned alike for every length: where the ops stay opaque
+    (MOE_COMPILER_INLINE=0, torch.export), a real call sizes dz from its own length. Elsewhere the one
+    experts_backward op runs."""
     if isinstance(hidden.shape[0], int):
         return True
     from . import triton_backward
 
-    return triton_backward.library_rows(hidden, spec.intermediate(w_down))
+    return triton_backward.library_rows(hidden, spec.intermediate(w_down), (w_gate_up, w_down))
 
 
 def saved_z_shape(hidden, topk_ids, w_down, spec: ExpertsSpec) -> tuple[int, int]:

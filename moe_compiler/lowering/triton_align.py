@@ -11,8 +11,9 @@ Data contract (S = T * k pairs, pair p = t * k + j; C = CHUNK pairs per program,
     num_padded    [1]            int32  used length of sorted_rows, a multiple of BLOCK_M
     ids_ok        [1]            int32  1 if every id was in [0, E], else 0 (on the GPU the kernel also asserts)
     MAX_BLOCKS = cdiv(S, BLOCK_M) + min(E, S) bounds the blocks of any routing (each non-empty expert
-    adds at most one partial block); S_pad = MAX_BLOCKS * BLOCK_M. Static, so the grid and buffers are
-    fixed under CUDA graph capture, and no host sync is needed.
+    adds at most one partial block); S_pad = MAX_BLOCKS * BLOCK_M. BLOCK_M = 1 (unpadded rows) has no
+    partial blocks: MAX_BLOCKS = S. Static, so the grid and buffers are fixed under CUDA graph capture, and no
+    host sync is needed.
 
     route -> [permute: this file] -> gate_up GEMM -> down GEMM -> combine  (triton_experts.py)
 
@@ -212,6 +213,8 @@ class AlignedRows:
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    if block_m == 1:  # unpadded rows (the library backward's: triton_backward.BackwardConfig.unpadded)
+        return num_pairs
     # (sym_min: a symbolic num_pairs gives an expression, not a guard on which term is smaller)
     return triton.cdiv(num_pairs, block_m) + torch.sym_min(num_experts, num_pairs)
 
@@ -322,4 +325,6 @@ def gathered(src, rows: AlignedRows, weights, k: int, block_m: int, *, scale: bo
 
 def zero_padding_rows(t, rows: AlignedRows, block_m: int):
     """t [S_pad, N] (a kernel's output in padded sorted order) with its unwritten padding rows set to 0, in place."""
+    if block_m == 1:  # unpadded: every used row is a real one
+        return t
     return _launch_sorted_rows(t, t, rows, t, 1, block_m, gather=False, scale=False)

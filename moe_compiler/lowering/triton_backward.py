@@ -96,41 +96,55 @@ class BackwardConfig:
     wgrad: KernelConfig
     wgrad_path: WGrad = WGrad.TRITON
     dgrad_path: DGrad = DGrad.TRITON
+    # Each expert's rows unpadded (aligned to 1, not to rows.block_m): only where every GEMM of the backward is the
+    # library's (torch's grouped GEMMs take segments of any length) and z is saved (the recompute is a Triton GEMM
+    # over rows.block_m tiles). No padding rows in any [S_pad, .] buffer or GEMM (DeepSeek-V3, E = 256, T = 4096:
+    # up to 3840 padding rows at block 16, 55 MiB per [S_pad, H] buffer; the train step's peak, NOTES session 49).
+    unpadded: bool = False
 
     def __post_init__(self):
         if self.rows.combine is not triton_config.Combine.GATHER or self.rows.tma:
             raise ValueError("BackwardConfig.rows: the backward uses the gather combine and pointer loads")
         triton_config._pow2("wgrad_m", self.wgrad_m, 16, 256)
+        if self.unpadded and (self.wgrad_path, self.dgrad_path) != (WGrad.GROUPED_MM, DGrad.GROUPED_MM):
+            raise ValueError("BackwardConfig.unpadded: only with every GEMM by the library (wgrad_path and "
+                             "dgrad_path GROUPED_MM); the Triton GEMMs tile rows by rows.block_m")
+
+    @property
+    def row_align(self) -> int:
+        """What each expert's rows are padded to in sorted order (align_rows' block_m)."""
+        return 1 if self.unpadded else self.rows.block_m
 
 
-# The row block of the library backward (DGrad.GROUPED_MM): torch's grouped GEMMs take segments of any length, so
-# each expert's rows need padding only to the row passes' smallest block, not to the forward's GEMM tile — fewer
-# padded rows in every GEMM and every [S_pad, .] buffer of the backward (Mixtral-8x7B, T = 4096: 8192 rows padded
-# to a bound of 9216 at block 128, 8320 at 16; the Mixtral train step's peak, NOTES.md session 34).
+# The row block of the library backward where z is recomputed (by the forward's Triton gate_up GEMM, over tiles of
+# this many rows): torch's grouped GEMMs take segments of any length, so padding to the smallest tile is enough —
+# fewer padded rows than the forward's tile gives (Mixtral-8x7B, T = 4096: 8192 rows padded to a bound of 9216 at
+# block 128, 8320 at 16; NOTES.md session 34). With z saved, the rows are not padded at all (unpadded).
 LIBRARY_BLOCK_M = 16
 
 
-def library_rows(hidden: torch.Tensor, I: int) -> bool:
-    """Whether the default backward runs its GEMMs by the library (DGrad.GROUPED_MM), from sizes, dtype and device
-    alone (the fake's view too): then its rows are padded to LIBRARY_BLOCK_M."""
-    return GroupedMM.takes(hidden, (hidden.shape[1], I, 2 * I))
+def library_rows(hidden: torch.Tensor, I: int, weights: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the default backward runs every GEMM by the library (DGrad.GROUPED_MM): sizes, dtype, device and the
+    weights' 16-byte aligned bases (a fake's by its storage offset, as Inductor, which copies a misaligned input it
+    assumed aligned, decides it), so that the op's fake and its real calls choose alike."""
+    return GroupedMM.takes(hidden, (hidden.shape[1], I, 2 * I), weights)
 
 
-def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, library: bool = False
-                   ) -> BackwardConfig:
+def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, library: bool = False,
+                   saved: bool = True) -> BackwardConfig:
     """Untuned per shape: every GEMM of the backward by torch's grouped GEMM where it takes the operands
     (DGrad.GROUPED_MM; H200, op forward + backward with the saved Z, T = 32768: Qwen3-30B-A3B 19.7 -> 16.7 ms,
     Mixtral-8x7B 139.1 -> 117.6 ms, GPT-OSS-20B 43.6 -> 38.4 ms against dz and d hidden by Triton; benchmarks/NOTES.md
     "train step v4"), else the Triton kernels: weight gradients with 128 x 128 tiles reducing 64 rows a step,
     8 warps (the best of probe_backward's sweep, NOTES "backward tiles"); dz and d hidden with the forward's
-    sorted-path defaults. `library` (library_rows): rows padded to LIBRARY_BLOCK_M only (the Triton GEMMs, should
-    an operand's alignment still send the call to them, then run 16-row tiles: correct, slower)."""
+    sorted-path defaults. `library` (library_rows): rows unpadded where z is `saved`, else padded to
+    LIBRARY_BLOCK_M (the recompute's tiles)."""
     rows = triton_config.default_sorted_config(dtype, E, k, T)
     if library:
         rows = dataclasses.replace(rows, block_m=LIBRARY_BLOCK_M)
     return BackwardConfig(rows=rows, dz=rows.gate_up, wgrad_m=128,
                           wgrad=KernelConfig(block_n=128, block_k=64, num_warps=8, num_stages=3),
-                          wgrad_path=WGrad.GROUPED_MM, dgrad_path=DGrad.GROUPED_MM)
+                          wgrad_path=WGrad.GROUPED_MM, dgrad_path=DGrad.GROUPED_MM, unpadded=library and saved)
 
 
 @triton.jit(do_not_specialize=["GROUP_M"])
@@ -285,7 +299,7 @@ def launch_dz(grad_out, rows: AlignedRows, w_down, b_down, z, dz, ds_part, weigh
 class DownGrads(NamedTuple):
     """The backward's first half (backward_down): everything that reads z, and dz for the second half."""
 
-    dz: torch.Tensor  # [S_pad, 2I] in padded sorted order (align_rows at config.rows.block_m)
+    dz: torch.Tensor  # [S_pad, 2I] in padded sorted order (align_rows at config.row_align)
     d_weights: torch.Tensor  # [T, k], topk_weights' dtype
     d_w_down: torch.Tensor | None
     d_b_down: torch.Tensor | None
@@ -309,41 +323,47 @@ class _Call:
 
     @classmethod
     def of(cls, hidden, topk_ids, topk_weights, w_gate_up, w_down, spec: ExpertsSpec,
-           config: BackwardConfig | None) -> _Call:
+           config: BackwardConfig | None, saved: bool = True) -> _Call:
+        """`saved`: whether z comes from the forward (else the backward recomputes it)."""
         if spec.scale_input:
             raise ValueError("moe_compiler: the Triton backward does not cover scale_input; use the torch backward")
         T, H = hidden.shape
         k = topk_ids.shape[1]
         E = w_gate_up.shape[0]
         I = spec.intermediate(w_down)
-        sizes_suit_library = library_rows(hidden, I)
+        library = library_rows(hidden, I, (w_gate_up, w_down))
         if config is None:
-            config = _call_default_config(hidden, k, E, I)
+            config = _call_default_config(hidden, k, E, I, library, saved)
+        elif config.unpadded and not (library and saved):
+            raise ValueError(
+                "moe_compiler: BackwardConfig.unpadded needs every GEMM by torch's grouped GEMM (bf16 on sm90+, rows "
+                f"and weights 16-byte aligned: {'yes' if library else 'no'}) and a saved z "
+                f"({'yes' if saved else 'no'}); pass a config with unpadded=False")
         weights = topk_weights.reshape(-1)
-        library = sizes_suit_library and GroupedMM.takes(hidden, (), (w_gate_up, w_down))  # and the weights' bases
-        return cls(T, k, H, I, config, align_rows(topk_ids, E, config.rows.block_m),
+        return cls(T, k, H, I, config, align_rows(topk_ids, E, config.row_align),
                    hidden if hidden.stride(1) == 1 else hidden.contiguous(),
                    weights if weights.stride(0) == 1 else weights.contiguous(),
                    library and config.dgrad_path is DGrad.GROUPED_MM,
                    library and (config.dgrad_path is DGrad.GROUPED_MM or config.wgrad_path is WGrad.GROUPED_MM))
 
 
-def _call_default_config(hidden, k: int, E: int, I: int) -> BackwardConfig:
-    """The default config of a call on hidden [T, H], from sizes, dtype and device alone: what _Call.of runs and
-    dz_shape (the fake) sizes dz by. A symbolic T (dynamic shapes) takes its band's config, guarded, as the
-    forward's does (triton_config.config_tokens)."""
+def _call_default_config(hidden, k: int, E: int, I: int, library: bool, saved: bool) -> BackwardConfig:
+    """The default config of a call on hidden [T, H] (library: library_rows), from sizes, dtype, device and the
+    weights' alignment alone: what _Call.of runs and dz_shape (the fake) sizes dz by. A symbolic T (dynamic shapes)
+    takes its band's config, guarded, as the forward's does (triton_config.config_tokens)."""
     T, H = hidden.shape
-    return default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], library_rows(hidden, I))
+    return default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], library, saved)
 
 
 def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[int, int]:
-    """backward_down's dz at the default config: [S_pad, 2I], S_pad the aligned rows' static bound (an expression
-    of T where T is symbolic). Sizes only (the fake's)."""
+    """backward_down's dz at the default config, z saved: [S_pad, 2I], S_pad the aligned rows' static bound (an
+    expression of T where T is symbolic). The fake's view."""
     k = topk_ids.shape[1]
     E = w_gate_up.shape[0]
     I = spec.intermediate(w_down)
-    block_m = _call_default_config(hidden, k, E, I).rows.block_m
-    return max_blocks(hidden.shape[0] * k, E, block_m) * block_m, 2 * I
+    library = library_rows(hidden, I, (w_gate_up, w_down))
+    align = _call_default_config(hidden, k, E, I, library, saved=True).row_align
+    return max_blocks(hidden.shape[0] * k, E, align) * align, 2 * I
 
 
 def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
@@ -354,7 +374,8 @@ def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down
     (triton_experts.experts_forward's z), else None: recomputed. T > 0, k > 0, not spec.scale_input; sizes
     checked by the op. backward_down then backward_gate_up (backward_gate_up_rows, backward_combine): the op's
     backward calls the three as ops of their own, so that a compiled backward frees z, then dz, between them."""
-    c = _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)  # one align for both halves
+    # one align for both halves
+    c = _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config, z is not None)
     down = backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, spec,
                          config, weight_grads, z, call=c)
     d_hidden, d_w_gate_up, d_b_gate_up = backward_gate_up(down.dz, hidden, topk_ids, topk_weights, w_gate_up,
@@ -368,7 +389,7 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
     """The half that reads z (saved, or recomputed here from the inputs): dz, the router weights' gradient and
     W_down's (without weight_grads: None). z is not read after it returns. `call`: the inputs' _Call, where the
     caller has it."""
-    c = call or _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config)
+    c = call or _Call.of(hidden, topk_ids, topk_weights, w_gate_up, w_down, spec, config, z is not None)
     T, k, I, config, rows = c.T, c.k, c.I, c.config, c.rows
     grad_out = grad_out.to(hidden.dtype)
     grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
@@ -394,7 +415,7 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
         # the library's dW_gate_up sums over whole padded segments: dz's padding rows (unwritten by the Triton dz
         # kernel) are zeroed here, in the op that makes dz, not in backward_gate_up_rows, whose op must not mutate
         # its inputs
-        zero_padding_rows(dz, rows, config.rows.block_m)
+        zero_padding_rows(dz, rows, config.row_align)
     pos = rows.pos.long()
     # a sentinel pair (pos -1) has no row: its weight gets no gradient
     d_weights = torch.where(pos >= 0, ds_part[pos.clamp(min=0)].sum(-1), 0.0).view(T, k).to(topk_weights.dtype)
@@ -402,7 +423,7 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
         return DownGrads(dz, d_weights, None, None)
     if c.library_wgrad:
         lib = triton_backward_library
-        bm = config.rows.block_m
+        bm = config.row_align
         # Each [S_pad, H] buffer (this gathered operand; dx_rows and the gathered x of backward_gate_up) is dropped
         # as soon as it is read, so that the backward's peak holds one of them, not three.
         scaled_do = gathered(grad_out, rows, c.weights, k, bm, scale=True)  # [S_pad, H]: s * dO[t]
@@ -443,7 +464,7 @@ def backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down,
     if dz.shape != (rows.sorted_rows.numel(), 2 * c.I) or dz.dtype != hidden.dtype or dz.stride(1) != 1:
         raise ValueError(f"moe_compiler: dz: expected [{rows.sorted_rows.numel()}, {2 * c.I}] {hidden.dtype} with "
                          f"unit column stride (backward_down's), got {list(dz.shape)} {dz.dtype} strides {dz.stride()}")
-    bm = config.rows.block_m
+    bm = config.row_align
     lib = triton_backward_library
     d_w_gate_up = d_b_gate_up = None
     if weight_grads and c.library_wgrad:
@@ -486,7 +507,7 @@ def _library_down(grad_out, z, c: _Call, w_down, b_down, spec: ExpertsSpec, weig
     and act_s are live (dropped on return: backward_gate_up starts without them); or, where this half would be
     the backward's peak, dW_down first and dA in row chunks (triton_backward_library.first_half_chunks)."""
     lib = triton_backward_library
-    bm = c.config.rows.block_m
+    bm = c.config.row_align
     chunks = lib.first_half_chunks(c.rows.sorted_rows.numel(), c.T * c.k, c.H, c.I, w_down.shape[0], weight_grads)
     if chunks > 1:
         dz, d_weights, d_w_down, d_b_down = lib.dz_rows_chunked(grad_out, z, c.rows, w_down, b_down, c.weights, spec,

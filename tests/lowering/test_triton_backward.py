@@ -102,6 +102,7 @@ def test_default_tiles(spec, paths):
 
 LIBRARY = dataclasses.replace(CONFIG, wgrad_path=triton_backward.WGrad.GROUPED_MM)
 LIBRARY_ALL = dataclasses.replace(LIBRARY, dgrad_path=triton_backward.DGrad.GROUPED_MM)
+UNPADDED = dataclasses.replace(LIBRARY_ALL, unpadded=True)  # with a saved z only (_saved_z)
 # torch's grouped GEMM takes bf16 only on CUDA (fp32 there falls back to the Triton kernels): the library path's
 # tests run it in bf16 on the GPU, in fp32 through torch's CPU loop
 LIBRARY_DTYPE, LIBRARY_TOL = (torch.bfloat16, 1e-2) if DEVICE == "cuda" else (torch.float32, 1e-4)
@@ -115,20 +116,35 @@ def _spy(monkeypatch, name):
     return ran
 
 
-@pytest.mark.parametrize("config", [LIBRARY, LIBRARY_ALL], ids=["wgrad", "wgrad+dgrad"])
+def _saved_z(spec, T, k, I):
+    """A training forward's z for _check (its `z`): from the inputs on the device."""
+    def forward(dev):
+        z = torch.full((T * k, 2 * I), float("nan"), dtype=dev[0].dtype, device=DEVICE)
+        triton_experts.experts_forward(*dev, spec, FORWARD, z=z)
+        return z
+    return forward
+
+
+@pytest.mark.parametrize("config", [LIBRARY, LIBRARY_ALL, UNPADDED], ids=["wgrad", "wgrad+dgrad", "unpadded"])
 @pytest.mark.parametrize("spec", COVERED, ids=spec_id)
 def test_library_gemms(spec, config, monkeypatch):
     """WGrad.GROUPED_MM: the weight (and bias) gradients by torch._grouped_mm over gathered, padded sorted rows
     (here torch's CPU loop, or CUTLASS on the GPU); with DGrad.GROUPED_MM the dz and d hidden GEMMs too, act' as a
-    row pass (router-weight gradient, the bias's share, s on act). Poisoned buffers show any padding row that was
-    not zeroed. Rows 16-byte aligned (H = 32, I = 16); 19 tokens over 5 experts, one of them empty, one sentinel
-    pair (expert-parallel id E: no row, no gradient)."""
+    row pass (router-weight gradient, the bias's share, s on act); unpadded (from a saved z): segments of any
+    length, S_pad = T*k. Poisoned buffers show any padding row that was not zeroed. Rows 16-byte aligned (H = 32,
+    I = 16); 19 tokens over 5 experts, one of them empty, one sentinel pair (expert-parallel id E: no row, no
+    gradient)."""
     downs, gate_ups = _spy(monkeypatch, "down_grads"), _spy(monkeypatch, "gate_up_grads")
     dgrads = _spy(monkeypatch, "dz_rows")
+    aligned = []
+    real_align = triton_backward.align_rows
+    monkeypatch.setattr(triton_backward, "align_rows", lambda ids, E, bm: aligned.append(bm) or real_align(ids, E, bm))
     ids = torch.tensor([[e % 4, (e + 1) % 4] for e in range(19)])  # expert 4 gets no rows
     ids[7, 0] = 5
-    _check(19, 32, 16, 5, 2, LIBRARY_DTYPE, LIBRARY_TOL, spec, ids=ids, config=config)
+    z = _saved_z(spec, 19, 2, 16) if config.unpadded else None
+    _check(19, 32, 16, 5, 2, LIBRARY_DTYPE, LIBRARY_TOL, spec, ids=ids, config=config, z=z)
     assert downs == gate_ups == [1] and len(dgrads) == (config.dgrad_path is triton_backward.DGrad.GROUPED_MM)
+    assert aligned == [1 if config.unpadded else 16]
 
 
 @pytest.mark.parametrize("config", [LIBRARY, LIBRARY_ALL], ids=["wgrad", "wgrad+dgrad"])
@@ -154,25 +170,29 @@ def test_the_gate_up_half_leaves_dz_as_it_got_it(config, monkeypatch):
     assert torch.equal(dz.view(torch.int16), before.view(torch.int16))  # bits: poison past num_padded is NaN
 
 
+@pytest.mark.parametrize("config", [LIBRARY_ALL, UNPADDED], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("weight_grads", [True, False], ids=["trained", "frozen"])
 @pytest.mark.parametrize("spec", [COVERED[0], GPT_OSS], ids=spec_id)  # the row pass's activations: test_library_gemms
-def test_library_first_half_in_row_chunks(spec, weight_grads, monkeypatch):
+def test_library_first_half_in_row_chunks(spec, weight_grads, config, monkeypatch):
     """Where the first half would be the backward's peak: dW_down first (act_s from z alone, dropped), then dA in
     row chunks, each with its own row pass — the reference's gradients, with chunks cut inside experts' segments,
-    an expert without rows and a sentinel pair. Frozen experts: no act_s pass, the same d hidden and d weights."""
-    monkeypatch.setattr(triton_backward_library, "first_half_chunks", lambda *a: 3)  # 128 rows: 48 + 48 + 32
+    an expert without rows and a sentinel pair. Frozen experts: no act_s pass, the same d hidden and d weights.
+    Padded: 128 rows in chunks of 48 + 48 + 32; unpadded: 38 in 13 + 13 + 12."""
+    monkeypatch.setattr(triton_backward_library, "first_half_chunks", lambda *a: 3)
     chunked, whole = _spy(monkeypatch, "dz_rows_chunked"), _spy(monkeypatch, "dz_rows")
     ids = torch.tensor([[e % 4, (e + 1) % 4] for e in range(19)])  # expert 4 gets no rows
     ids[7, 0] = 5
+    z = _saved_z(spec, 19, 2, 16) if config.unpadded else None
     if weight_grads:
-        _check(19, 32, 16, 5, 2, LIBRARY_DTYPE, LIBRARY_TOL, spec, ids=ids, config=LIBRARY_ALL)
+        _check(19, 32, 16, 5, 2, LIBRARY_DTYPE, LIBRARY_TOL, spec, ids=ids, config=config, z=z)
     else:
         cpu, dev = device_inputs(19, 32, 16, 5, 2, LIBRARY_DTYPE, spec, 0)
         cpu, dev = list(cpu), list(dev)
         cpu[1], dev[1] = ids, ids.to(DEVICE)
         grad_out = torch.randn(19, 32, generator=torch.Generator().manual_seed(1))
         with poisoned_allocations():
-            got = triton_backward.experts_backward(grad_out.to(DEVICE), *dev, spec, LIBRARY_ALL, weight_grads=False)
+            got = triton_backward.experts_backward(grad_out.to(DEVICE), *dev, spec, config, weight_grads=False,
+                                                   z=z(dev) if z else None)
         want = _reference(cpu, grad_out, spec)
         assert got[2:] == (None,) * 4
         assert rel_err(got[0].cpu(), want[0]) <= LIBRARY_TOL and rel_err(got[1].cpu(), want[1]) <= LIBRARY_TOL
@@ -344,24 +364,48 @@ def test_capture_and_replay_with_new_routing():
             assert torch.equal(a, b)
 
 
-def test_the_library_backward_pads_each_expert_to_its_smallest_row_block():
-    """Where the backward's GEMMs are the library's (any segment length), its rows are padded to 16, not to the
-    forward's tile, and the op's dz (the fake's size) agrees; where they are not (a width the library refuses),
-    the sorted path's tile as before."""
+def test_the_library_backward_leaves_rows_unpadded_where_z_is_saved():
+    """Where every GEMM of the backward is the library's (any segment length) and z is saved, each expert's rows are
+    not padded at all and the op's dz (the fake's size) has exactly T*k rows; a recomputed z pads to 16 (the
+    recompute's Triton tiles); where the library does not take the operands (a width it refuses, a weight whose
+    base is not 16-byte aligned), the sorted path's tile as before."""
     T, H, I, E, k = 4096, 256, 128, 8, 2  # 1024 rows per expert: the forward's tile is 128
     spec = COVERED[0]
     hidden = torch.empty(T, H, dtype=torch.bfloat16, device=DEVICE)
     ids = torch.empty(T, k, dtype=torch.int64, device=DEVICE)
     w1 = torch.empty(E, 2 * I, H, dtype=torch.bfloat16, device=DEVICE)
     w2 = torch.empty(E, H, I, dtype=torch.bfloat16, device=DEVICE)
-    library = triton_backward.library_rows(hidden, I)
+    library = triton_backward.library_rows(hidden, I, (w1, w2))
     assert library == triton_backward.GroupedMM.takes(hidden, (H, I, 2 * I))
-    block_m = triton_backward.default_config(torch.bfloat16, E, k, H, I, T, library).rows.block_m
-    assert block_m == (triton_backward.LIBRARY_BLOCK_M if library else 128)
-    assert triton_backward.default_config(torch.bfloat16, E, k, H, I, T).rows.block_m == 128
+    saved = triton_backward.default_config(torch.bfloat16, E, k, H, I, T, library)
+    recomputed = triton_backward.default_config(torch.bfloat16, E, k, H, I, T, library, saved=False)
+    assert (saved.row_align, recomputed.row_align) == ((1, triton_backward.LIBRARY_BLOCK_M) if library else (128, 128))
+    assert triton_backward.default_config(torch.bfloat16, E, k, H, I, T).row_align == 128
     assert triton_backward.dz_shape(hidden, ids, w1, w2, spec) == (
-        triton_backward.max_blocks(T * k, E, block_m) * block_m, 2 * I)
-    assert not triton_backward.library_rows(hidden, 12)  # 24-byte rows of act: not the library's
+        T * k if library else triton_backward.max_blocks(T * k, E, 128) * 128, 2 * I)
+    assert not triton_backward.library_rows(hidden, 12, (w1, w2))  # 24-byte rows of act: not the library's
+    shifted = torch.empty(E * 2 * I * H + 1, dtype=torch.bfloat16, device=DEVICE)[1:].view(E, 2 * I, H)
+    assert not triton_backward.library_rows(hidden, I, (shifted, w2))  # a 2-byte offset base
+    padded = triton_backward.max_blocks(T * k, E, 128) * 128
+    assert triton_backward.dz_shape(hidden, ids, shifted, w2, spec)[0] == padded
+
+
+def test_an_unpadded_config_needs_the_library_and_a_saved_z():
+    """BackwardConfig.unpadded with a Triton GEMM path, or a call that recomputes z or whose operands the library
+    refuses, is an error that says what to change, not rows the Triton tiles would misread."""
+    with pytest.raises(ValueError, match="unpadded: only with every GEMM by the library"):
+        dataclasses.replace(CONFIG, unpadded=True)
+    unpadded = dataclasses.replace(LIBRARY_ALL, unpadded=True)
+    assert unpadded.row_align == 1
+    spec = COVERED[0]
+    _, dev = device_inputs(20, 32, 16, 4, 2, LIBRARY_DTYPE, spec, 0)
+    grad_out = torch.randn(20, 32, device=DEVICE, dtype=LIBRARY_DTYPE)
+    with pytest.raises(ValueError, match=r"a saved z \(no\); pass a config with unpadded=False"):
+        triton_backward.experts_backward(grad_out, *dev, spec, unpadded)
+    _, dev = device_inputs(20, 32, 6, 4, 2, LIBRARY_DTYPE, spec, 0)  # 12-byte act rows: not the library's
+    with pytest.raises(ValueError, match=r"16-byte aligned: no\) and a saved z \(yes\)"):
+        triton_backward.experts_backward(grad_out, *dev, spec, unpadded, z=torch.zeros(40, 12, dtype=LIBRARY_DTYPE,
+                                                                                      device=DEVICE))
 
 
 @pytest.mark.gpu
