@@ -50,9 +50,12 @@ def trace_settings() -> tuple:
     or the op kept opaque; configs autotuned or looked up) but not the Dynamo graph: without them in the cache
     key, a warm cache hands back an artifact traced under the other setting (seen: MOE_COMPILER_INLINE=0
     compiled first, then every later compile of the same model ran the opaque op; MOE_COMPILER_ROUTE_IN_GEMV=1
-    after =0 kept the route launch). Every environment switch that picks kernels at trace time is here."""
+    after =0 kept the route launch). Every environment switch that picks kernels at trace time is here, and
+    whether the CUTLASS extension can be built (headers, nvcc): a cache filled before `pip install
+    moe_compiler[cutlass]` would otherwise keep the Triton defaults that stand in for every CUTLASS entry (the
+    likely cause of a DeepSeek-V3 forward + backward at 230 TF/s instead of 288 on an H100: NOTES session 50)."""
     return (("inline", inline.enabled()), ("autotune", triton_config.autotune_enabled()),
-            ("route_in_gemv", launch.route_in_gemv()), ("cutlass", cutlass.mode()),
+            ("route_in_gemv", launch.route_in_gemv()), ("cutlass", cutlass.mode(), cutlass.missing() is None),
             ("kernels", device.kernels()), ("triton_backward", dispatch.triton_backward_requested()),
             ("recorded_tma", launch.recorded_tma()))
 

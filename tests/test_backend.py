@@ -88,6 +88,17 @@ def test_cache_salt_is_our_source_hash_and_keeps_a_user_pass():
     assert len(backend.source_hash()) == 64
 
 
+def test_whether_cutlass_can_be_built_is_part_of_the_cache_salt(monkeypatch):
+    """A cache filled where the CUTLASS extension could not be built (no headers, no nvcc) traced the Triton
+    defaults in place of every CUTLASS entry: it is not handed to a process that can build it."""
+    from moe_compiler.lowering import cutlass
+
+    monkeypatch.setattr(cutlass, "missing", lambda: "no CUTLASS headers")
+    without = backend.trace_settings()
+    monkeypatch.setattr(cutlass, "missing", lambda: None)
+    assert backend.trace_settings() != without
+
+
 def test_recorded_tma_is_an_option_on_by_default_and_part_of_the_cache_salt(monkeypatch):
     """moe_compiler.recorded_tma (env MOE_COMPILER_RECORDED_TMA) reaches the traces of a compile, and a cache filled
     under one setting is not handed to the other (the recorded kernels differ)."""
