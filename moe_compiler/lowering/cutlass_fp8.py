@@ -56,7 +56,7 @@ def experts_forward(hidden, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, 
         hidden = hidden.contiguous()
     weights = topk_weights.reshape(-1).contiguous()
 
-    xq, xs = quantize_sorted_rows(hidden, rows, k, 1)  # [S + E, ...]: one token row per pair, past S unused
+    xq, xs = quantize_sorted_rows(hidden, rows, k, 1)  # [S, ...]: one token row per pair (sentinels: unused)
     h = cutlass.grouped_mm_fp8(xq, xs, w_gate_up, fp32_scales(w_gate_up_scale), rows.seg_end, config)
     a = torch.empty(S, I, dtype=torch.float8_e4m3fn, device=hidden.device)
     a_s = torch.empty(S, triton.cdiv(I, ACT_GROUP), dtype=torch.float32, device=hidden.device)
