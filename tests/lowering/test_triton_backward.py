@@ -116,6 +116,11 @@ def _spy(monkeypatch, name):
     return ran
 
 
+# A training forward's tiles: another block_m than the backward's (CONFIG: 16), so a z saved in sorted order
+# would be read at the wrong slots; z lives in pair order.
+FORWARD = SortedConfig(block_m=32, gate_up=SMALL, down=SMALL, group_m=1)
+
+
 def _saved_z(spec, T, k, I):
     """A training forward's z for _check (its `z`): from the inputs on the device."""
     def forward(dev):
@@ -216,13 +221,7 @@ def test_library_gemms_read_a_saved_z(monkeypatch):
     spec = GPT_OSS
     recomputed = []
     monkeypatch.setattr(triton_backward, "launch_gate_up", lambda *a, **kw: recomputed.append(1))
-
-    def forward(dev):
-        z = torch.empty(9 * 2, 2 * 16, device=DEVICE)
-        triton_experts.experts_forward(*dev, spec, FORWARD, z=z)
-        return z
-
-    _check(9, 32, 16, 4, 2, torch.float32, 1e-4, spec, config=LIBRARY_ALL, z=forward)
+    _check(9, 32, 16, 4, 2, torch.float32, 1e-4, spec, config=LIBRARY_ALL, z=_saved_z(spec, 9, 2, 16))
     assert recomputed == []
 
 
@@ -232,10 +231,6 @@ def test_library_gemms_fall_back_where_torch_refuses(monkeypatch):
     _check(9, 32, 6, 4, 2, torch.float32, 1e-4, COVERED[0], config=LIBRARY_ALL)
     assert spies == [[], [], [], []]
 
-
-# A training forward's tiles: another block_m than the backward's (CONFIG: 16), so a z saved in sorted order
-# would be read at the wrong slots; z lives in pair order.
-FORWARD = SortedConfig(block_m=32, gate_up=SMALL, down=SMALL, group_m=1)
 
 
 @pytest.mark.parametrize("spec", COVERED, ids=spec_id)
@@ -381,12 +376,11 @@ def test_the_library_backward_leaves_rows_unpadded_where_z_is_saved():
     recomputed = triton_backward.default_config(torch.bfloat16, E, k, H, I, T, library, saved=False)
     assert (saved.row_align, recomputed.row_align) == ((1, triton_backward.LIBRARY_BLOCK_M) if library else (128, 128))
     assert triton_backward.default_config(torch.bfloat16, E, k, H, I, T).row_align == 128
-    assert triton_backward.dz_shape(hidden, ids, w1, w2, spec) == (
-        T * k if library else triton_backward.max_blocks(T * k, E, 128) * 128, 2 * I)
+    padded = triton_backward.max_blocks(T * k, E, 128) * 128  # the sorted path's tile
+    assert triton_backward.dz_shape(hidden, ids, w1, w2, spec) == (T * k if library else padded, 2 * I)
     assert not triton_backward.library_rows(hidden, 12, (w1, w2))  # 24-byte rows of act: not the library's
     shifted = torch.empty(E * 2 * I * H + 1, dtype=torch.bfloat16, device=DEVICE)[1:].view(E, 2 * I, H)
     assert not triton_backward.library_rows(hidden, I, (shifted, w2))  # a 2-byte offset base
-    padded = triton_backward.max_blocks(T * k, E, 128) * 128
     assert triton_backward.dz_shape(hidden, ids, shifted, w2, spec)[0] == padded
 
 
