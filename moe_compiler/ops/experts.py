@@ -326,8 +326,8 @@ def _backward(ctx, grad_out, *_):
     weight_grads = any(i < len(needs) and needs[i] for i in _WEIGHTS)
     grad_out = grad_out.contiguous()
     t = ExpertsTensors(*tensors)
-    spec = make_spec(ExpertsSpec, ctx.spec)
-    if z is not None and _sized(t) and dispatch.backward_splits(t.hidden, t.w_gate_up, t.w_down, spec):
+    if z is not None and _sized(t) and dispatch.backward_splits(t.hidden, t.w_gate_up, t.w_down,
+                                                                 make_spec(ExpertsSpec, ctx.spec)):
         grads = _backward_in_three(grad_out, weight_grads, z, tensors, ctx.spec)
     else:
         grads = torch.ops.moe_compiler.experts_backward(grad_out, weight_grads, z, *tensors, **ctx.spec)

@@ -389,16 +389,15 @@ def test_an_unpadded_config_needs_the_library_and_a_saved_z():
     refuses, is an error that says what to change, not rows the Triton tiles would misread."""
     with pytest.raises(ValueError, match="unpadded: only with every GEMM by the library"):
         dataclasses.replace(CONFIG, unpadded=True)
-    unpadded = dataclasses.replace(LIBRARY_ALL, unpadded=True)
-    assert unpadded.row_align == 1
+    assert UNPADDED.row_align == 1
     spec = COVERED[0]
     _, dev = device_inputs(20, 32, 16, 4, 2, LIBRARY_DTYPE, spec, 0)
     grad_out = torch.randn(20, 32, device=DEVICE, dtype=LIBRARY_DTYPE)
     with pytest.raises(ValueError, match=r"a saved z \(no\); pass a config with unpadded=False"):
-        triton_backward.experts_backward(grad_out, *dev, spec, unpadded)
+        triton_backward.experts_backward(grad_out, *dev, spec, UNPADDED)
     _, dev = device_inputs(20, 32, 6, 4, 2, LIBRARY_DTYPE, spec, 0)  # 12-byte act rows: not the library's
     with pytest.raises(ValueError, match=r"16-byte aligned: no\) and a saved z \(yes\)"):
-        triton_backward.experts_backward(grad_out, *dev, spec, unpadded, z=torch.zeros(40, 12, dtype=LIBRARY_DTYPE,
+        triton_backward.experts_backward(grad_out, *dev, spec, UNPADDED, z=torch.zeros(40, 12, dtype=LIBRARY_DTYPE,
                                                                                       device=DEVICE))
 
 
