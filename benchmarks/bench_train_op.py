@@ -19,7 +19,9 @@ Per (shape, T), bf16, uniform routing, one process, every variant on the same in
                         library)
     moe_train_triton    the same with every backward GEMM by the Triton kernels (WGrad.TRITON too)
     moe_train_tile_pad  moe_train with the library backward's rows padded to the forward's GEMM tile (before
-                        session 34) instead of triton_backward.LIBRARY_BLOCK_M
+                        session 34) instead of unpadded
+    moe_train_pad16     moe_train with the library backward's rows padded to triton_backward.LIBRARY_BLOCK_M
+                        (sessions 34-49) instead of unpadded (BackwardConfig.unpadded, session 50)
 Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_out fixed, gradients of hidden,
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
 measure. Memory: peak allocated during a call above what is held before it; saved: the bytes per token autograd
@@ -46,7 +48,8 @@ from moe_compiler.tune.shapes import ALL_SHAPES
 from . import harness
 
 VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train", "moe_train_tc",
-            "moe_train_tc_opaque", "moe_train_tr_dgrad", "moe_train_triton", "moe_train_tile_pad")
+            "moe_train_tc_opaque", "moe_train_tr_dgrad", "moe_train_triton", "moe_train_tile_pad",
+            "moe_train_pad16")
 # variant -> (WGrad, DGrad) replacing default_config's
 PATHS = {"moe_train_tr_dgrad": ("GROUPED_MM", "TRITON"), "moe_train_triton": ("TRITON", "TRITON")}
 
@@ -63,11 +66,15 @@ def _backward(variant: str):
         caches.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
         caches.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
     real = triton_backward.default_config
+    # default_config(dtype, E, k, H, I, T, library, saved): unpadded rows only with every GEMM by the library
     if variant in PATHS:
         wgrad, dgrad = triton_backward.WGrad[PATHS[variant][0]], triton_backward.DGrad[PATHS[variant][1]]
-        triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), wgrad_path=wgrad, dgrad_path=dgrad)
+        triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), wgrad_path=wgrad, dgrad_path=dgrad,
+                                                                        unpadded=False)
     if variant == "moe_train_tile_pad":  # rows padded to the forward's tile whatever `library` says
-        triton_backward.default_config = lambda dtype, E, k, H, I, T, library=False: real(dtype, E, k, H, I, T)
+        triton_backward.default_config = lambda dtype, E, k, H, I, T, *_: real(dtype, E, k, H, I, T)
+    if variant == "moe_train_pad16":
+        triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), unpadded=False)
     try:
         with caches:
             yield
@@ -132,7 +139,7 @@ def point(name, T, variants=VARIANTS, kernels: int = 0):
         "moe_torch_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         "moe_triton_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         **{v: lambda x, ids, w: torch.ops.moe_compiler.experts_train(x, ids, w, *params)[0]
-           for v in ("moe_train", "moe_train_tile_pad", *PATHS)},
+           for v in ("moe_train", "moe_train_tile_pad", "moe_train_pad16", *PATHS)},
     }
     ops["moe_train_tc"] = torch.compile(ops["moe_train"], dynamic=False)
     # its own code object (Dynamo caches per code object) and, in _backward, no compile caches: the inline switch

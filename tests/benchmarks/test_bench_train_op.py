@@ -1,0 +1,43 @@
+"""benchmarks/bench_train_op.py: each of our variants runs the backward config its docstring names, for every
+argument default_config takes (session 52: since the unpadded rows of session 50, moe_train_tr_dgrad and
+moe_train_triton raised in BackwardConfig and moe_train_tile_pad in its own lambda, before any timing)."""
+
+import torch
+
+from benchmarks import bench_train_op
+from moe_compiler.lowering import triton_backward, triton_config
+from moe_compiler.lowering.triton_backward import DGrad, WGrad
+
+# (dtype, E, k, H, I, T, library, saved): what _call_default_config passes
+ARGS = (torch.bfloat16, 8, 2, 64, 32, 4096, True, True)
+
+
+def _config(variant):
+    with bench_train_op._backward(variant):
+        return triton_backward.default_config(*ARGS)
+
+
+def test_the_default_rows_are_unpadded_and_each_variant_departs_from_it_alone():
+    default = _config("moe_train")
+    assert default == triton_backward.default_config(*ARGS) and default.unpadded and default.row_align == 1
+
+    pad16 = _config("moe_train_pad16")
+    assert not pad16.unpadded and pad16.row_align == triton_backward.LIBRARY_BLOCK_M
+    assert (pad16.wgrad_path, pad16.dgrad_path) == (default.wgrad_path, default.dgrad_path)
+
+    tile = _config("moe_train_tile_pad")
+    forward_tile = triton_config.default_sorted_config(*ARGS[:3], ARGS[5]).block_m
+    assert not tile.unpadded and tile.row_align == forward_tile != triton_backward.LIBRARY_BLOCK_M
+
+    for variant, paths in bench_train_op.PATHS.items():
+        config = _config(variant)
+        assert (config.wgrad_path.name, config.dgrad_path.name) == paths and not config.unpadded
+    assert _config("moe_train_triton").wgrad_path is WGrad.TRITON
+    assert _config("moe_train_tr_dgrad").dgrad_path is DGrad.TRITON
+
+
+def test_the_switches_are_restored_after_each_variant():
+    real = triton_backward.default_config
+    for variant in bench_train_op.VARIANTS:
+        _config(variant)
+        assert triton_backward.default_config is real
