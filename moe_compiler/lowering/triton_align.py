@@ -212,11 +212,15 @@ class AlignedRows:
         return self.block_expert.numel()
 
 
-def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+def max_blocks(num_pairs: int, num_experts: int, block_m: int, min_slots: int = 0) -> int:
+    """MAX_BLOCKS of the data contract, raised to cover at least min_slots slots (trailing slots no routing uses:
+    for a library GEMM that picks its kernel from its operand's row count, triton_backward.GroupedTile)."""
     if block_m == 1:  # unpadded rows (the library backward's: triton_backward.BackwardConfig.unpadded)
-        return num_pairs
-    # (sym_min: a symbolic num_pairs gives an expression, not a guard on which term is smaller)
-    return triton.cdiv(num_pairs, block_m) + torch.sym_min(num_experts, num_pairs)
+        bound = num_pairs
+    else:
+        # (sym_min: a symbolic num_pairs gives an expression, not a guard on which term is smaller)
+        bound = triton.cdiv(num_pairs, block_m) + torch.sym_min(num_experts, num_pairs)
+    return torch.sym_max(bound, triton.cdiv(min_slots, block_m)) if min_slots else bound
 
 
 def chunk_size(num_pairs: int) -> int:
@@ -226,15 +230,16 @@ def chunk_size(num_pairs: int) -> int:
     return CHUNK if most is None else max(64, min(CHUNK, triton.next_power_of_2(most)))
 
 
-def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedRows:
-    """Sort the pairs of topk_ids [T, k] by expert into BLOCK_M-aligned segments (see the data contract)."""
+def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int, min_slots: int = 0) -> AlignedRows:
+    """Sort the pairs of topk_ids [T, k] by expert into BLOCK_M-aligned segments (see the data contract), with
+    S_pad at least min_slots (max_blocks)."""
     flat = topk_ids.reshape(-1).contiguous()  # a [T, 1] slice of a wider tensor reshapes to a strided view
     S = flat.numel()
     if S >= 2**31 - num_experts * block_m:
         raise ValueError(
             f"moe_compiler: {S} (token, slot) pairs exceed the int32 row index; split the batch below 2^31 pairs"
         )
-    n_blocks = max_blocks(S, num_experts, block_m)
+    n_blocks = max_blocks(S, num_experts, block_m, min_slots)
     chunk = chunk_size(S)
     nb = triton.cdiv(S, chunk)
     block_e = triton.next_power_of_2(num_experts + 1)

@@ -84,6 +84,24 @@ class DGrad(enum.Enum):
     GROUPED_MM = "grouped_mm"
 
 
+class GroupedTile(enum.Enum):
+    """Which of torch's two sm90 bf16 grouped GEMM kernels the library's 2-D x 3-D GEMMs (dA = G @ W_down[e], dx_rows
+    = dz @ W_gate_up[e]) run. torch picks it from the operands' sizes, not from offs (aten/src/ATen/native/cuda/
+    GroupMM.cu, torch 2.11-2.13): rows of mat_a // E <= 128 (or N <= 128) gives a 64 x 128 x 128 ping-pong kernel,
+    else a 128 x 256 x 64 cooperative one. So the kernel follows the buffer's row count, which BackwardConfig's
+    padding changes: DeepSeek-V3 at T = 4096 has 32768 rows over 256 experts, 128 each unpadded (ping-pong) and
+    144 with the 16-row padding's bound (cooperative). The 2-D x 2-D weight gradients (N and M: H, I) always get
+    the cooperative kernel."""
+
+    TORCH = "torch"  # the buffers' own row count decides
+    # every [S_pad, .] buffer of at least (GROUPED_SMALL_ROWS + 1) * E rows (trailing slots no routing uses): the
+    # cooperative kernel whatever T is. The memory of the extra rows where S_pad is below that.
+    LARGE = "large"
+
+
+GROUPED_SMALL_ROWS = 128  # torch's bound on mat_a's rows per expert for its small-tile kernel (GroupedTile)
+
+
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
     # block_m, the recompute's tile (gate_up) and the d hidden GEMM's tile (down: K = 2I, N = H).
@@ -101,6 +119,7 @@ class BackwardConfig:
     # over rows.block_m tiles). No padding rows in any [S_pad, .] buffer or GEMM (DeepSeek-V3, E = 256, T = 4096:
     # up to 3840 padding rows at block 16, 55 MiB per [S_pad, H] buffer; the train step's peak, NOTES session 49).
     unpadded: bool = False
+    grouped_tile: GroupedTile = GroupedTile.TORCH
 
     def __post_init__(self):
         if self.rows.combine is not triton_config.Combine.GATHER or self.rows.tma:
@@ -109,11 +128,19 @@ class BackwardConfig:
         if self.unpadded and (self.wgrad_path, self.dgrad_path) != (WGrad.GROUPED_MM, DGrad.GROUPED_MM):
             raise ValueError("BackwardConfig.unpadded: only with every GEMM by the library (wgrad_path and "
                              "dgrad_path GROUPED_MM); the Triton GEMMs tile rows by rows.block_m")
+        if self.grouped_tile is not GroupedTile.TORCH and (self.wgrad_path, self.dgrad_path) != (
+                WGrad.GROUPED_MM, DGrad.GROUPED_MM):
+            raise ValueError(f"BackwardConfig.grouped_tile {self.grouped_tile.value}: only with every GEMM by the "
+                             "library (wgrad_path and dgrad_path GROUPED_MM); it sizes the library's operands")
 
     @property
     def row_align(self) -> int:
         """What each expert's rows are padded to in sorted order (align_rows' block_m)."""
         return 1 if self.unpadded else self.rows.block_m
+
+    def min_slots(self, E: int) -> int:
+        """The fewest sorted slots (S_pad) the backward's buffers have: align_rows' min_slots (GroupedTile)."""
+        return (GROUPED_SMALL_ROWS + 1) * E if self.grouped_tile is GroupedTile.LARGE else 0
 
 
 # The row block of the library backward where z is recomputed (by the forward's Triton gate_up GEMM, over tiles of
@@ -340,7 +367,7 @@ class _Call:
                 f"and weights 16-byte aligned: {'yes' if library else 'no'}) and a saved z "
                 f"({'yes' if saved else 'no'}); pass a config with unpadded=False")
         weights = topk_weights.reshape(-1)
-        return cls(T, k, H, I, config, align_rows(topk_ids, E, config.row_align),
+        return cls(T, k, H, I, config, align_rows(topk_ids, E, config.row_align, min_slots=config.min_slots(E)),
                    hidden if hidden.stride(1) == 1 else hidden.contiguous(),
                    weights if weights.stride(0) == 1 else weights.contiguous(),
                    library and config.dgrad_path is DGrad.GROUPED_MM,
@@ -362,8 +389,9 @@ def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[in
     E = w_gate_up.shape[0]
     I = spec.intermediate(w_down)
     library = library_rows(hidden, I, (w_gate_up, w_down))
-    align = _call_default_config(hidden, k, E, I, library, saved=True).row_align
-    return max_blocks(hidden.shape[0] * k, E, align) * align, 2 * I
+    config = _call_default_config(hidden, k, E, I, library, saved=True)
+    align = config.row_align
+    return max_blocks(hidden.shape[0] * k, E, align, config.min_slots(E)) * align, 2 * I
 
 
 def experts_backward(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,

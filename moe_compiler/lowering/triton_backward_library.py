@@ -6,7 +6,9 @@ each) for the library's tiles, which the Triton GEMMs' in-kernel pointer gathers
 
 Data contract (as triton_backward.py; S_pad sorted slots, offs [E] = each expert's segment end rounded up to
 block_m: the library GEMMs take every segment with its padding, so a padding row must be 0 in at least one
-operand and finite in both. Where z is saved, block_m is 1 (BackwardConfig.unpadded): no padding rows, S_pad = S)
+operand and finite in both. Where z is saved, block_m is 1 (BackwardConfig.unpadded): no padding rows, S_pad = S.
+With GroupedTile.LARGE, S_pad has trailing slots past every segment, which no GEMM and no row pass reads: they
+only size the operands, from which torch picks its kernel)
     G           [S_pad, H]   dO[t] of each slot's token, unscaled (the gather; padding rows 0)
     X           [S_pad, H]   hidden[t], the same way
     dA          [S_pad, I]   G @ W_down[e] (per expert: 2-D x 3-D grouped GEMM, M = slots)

@@ -2,6 +2,8 @@
 argument default_config takes (session 52: since the unpadded rows of session 50, moe_train_tr_dgrad and
 moe_train_triton raised in BackwardConfig and moe_train_tile_pad in its own lambda, before any timing)."""
 
+import dataclasses
+
 import torch
 
 from benchmarks import bench_train_op
@@ -28,6 +30,10 @@ def test_the_default_rows_are_unpadded_and_each_variant_departs_from_it_alone():
     tile = _config("moe_train_tile_pad")
     forward_tile = triton_config.default_sorted_config(*ARGS[:3], ARGS[5]).block_m
     assert not tile.unpadded and tile.row_align == forward_tile != triton_backward.LIBRARY_BLOCK_M
+
+    large = _config("moe_train_large_tile")
+    assert large == dataclasses.replace(default, grouped_tile=triton_backward.GroupedTile.LARGE)
+    assert large.min_slots(ARGS[1]) == 129 * ARGS[1] and default.min_slots(ARGS[1]) == 0
 
     for variant, paths in bench_train_op.PATHS.items():
         config = _config(variant)

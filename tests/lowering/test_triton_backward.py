@@ -103,6 +103,7 @@ def test_default_tiles(spec, paths):
 LIBRARY = dataclasses.replace(CONFIG, wgrad_path=triton_backward.WGrad.GROUPED_MM)
 LIBRARY_ALL = dataclasses.replace(LIBRARY, dgrad_path=triton_backward.DGrad.GROUPED_MM)
 UNPADDED = dataclasses.replace(LIBRARY_ALL, unpadded=True)  # with a saved z only (_saved_z)
+LARGE_TILE = dataclasses.replace(UNPADDED, grouped_tile=triton_backward.GroupedTile.LARGE)
 # torch's grouped GEMM takes bf16 only on CUDA (fp32 there falls back to the Triton kernels): the library path's
 # tests run it in bf16 on the GPU, in fp32 through torch's CPU loop
 LIBRARY_DTYPE, LIBRARY_TOL = (torch.bfloat16, 1e-2) if DEVICE == "cuda" else (torch.float32, 1e-4)
@@ -130,26 +131,37 @@ def _saved_z(spec, T, k, I):
     return forward
 
 
-@pytest.mark.parametrize("config", [LIBRARY, LIBRARY_ALL, UNPADDED], ids=["wgrad", "wgrad+dgrad", "unpadded"])
+@pytest.mark.parametrize("config", [LIBRARY, LIBRARY_ALL, UNPADDED, LARGE_TILE],
+                         ids=["wgrad", "wgrad+dgrad", "unpadded", "large_tile"])
 @pytest.mark.parametrize("spec", COVERED, ids=spec_id)
 def test_library_gemms(spec, config, monkeypatch):
     """WGrad.GROUPED_MM: the weight (and bias) gradients by torch._grouped_mm over gathered, padded sorted rows
     (here torch's CPU loop, or CUTLASS on the GPU); with DGrad.GROUPED_MM the dz and d hidden GEMMs too, act' as a
     row pass (router-weight gradient, the bias's share, s on act); unpadded (from a saved z): segments of any
-    length, S_pad = T*k. Poisoned buffers show any padding row that was not zeroed. Rows 16-byte aligned (H = 32,
-    I = 16); 19 tokens over 5 experts, one of them empty, one sentinel pair (expert-parallel id E: no row, no
-    gradient)."""
+    length, S_pad = T*k; large_tile: S_pad = 129 E (645) slots for 38 pairs, the trailing ones never read.
+    Poisoned buffers show any padding row that was not zeroed, or a trailing slot that was read. Rows 16-byte
+    aligned (H = 32, I = 16); 19 tokens over 5 experts, one of them empty, one sentinel pair (expert-parallel id E:
+    no row, no gradient)."""
     downs, gate_ups = _spy(monkeypatch, "down_grads"), _spy(monkeypatch, "gate_up_grads")
     dgrads = _spy(monkeypatch, "dz_rows")
-    aligned = []
+    aligned, slots = [], []
     real_align = triton_backward.align_rows
-    monkeypatch.setattr(triton_backward, "align_rows", lambda ids, E, bm: aligned.append(bm) or real_align(ids, E, bm))
+
+    def align(ids, E, bm, **kw):
+        aligned.append(bm)
+        rows = real_align(ids, E, bm, **kw)
+        slots.append(rows.sorted_rows.numel())
+        return rows
+
+    monkeypatch.setattr(triton_backward, "align_rows", align)
     ids = torch.tensor([[e % 4, (e + 1) % 4] for e in range(19)])  # expert 4 gets no rows
     ids[7, 0] = 5
     z = _saved_z(spec, 19, 2, 16) if config.unpadded else None
     _check(19, 32, 16, 5, 2, LIBRARY_DTYPE, LIBRARY_TOL, spec, ids=ids, config=config, z=z)
     assert downs == gate_ups == [1] and len(dgrads) == (config.dgrad_path is triton_backward.DGrad.GROUPED_MM)
     assert aligned == [1 if config.unpadded else 16]
+    large = config.grouped_tile is triton_backward.GroupedTile.LARGE
+    assert slots == [129 * 5 if large else 38 if config.unpadded else triton_backward.max_blocks(38, 5, 16) * 16]
 
 
 @pytest.mark.parametrize("config", [LIBRARY, LIBRARY_ALL], ids=["wgrad", "wgrad+dgrad"])
@@ -382,6 +394,27 @@ def test_the_library_backward_leaves_rows_unpadded_where_z_is_saved():
     shifted = torch.empty(E * 2 * I * H + 1, dtype=torch.bfloat16, device=DEVICE)[1:].view(E, 2 * I, H)
     assert not triton_backward.library_rows(hidden, I, (shifted, w2))  # a 2-byte offset base
     assert triton_backward.dz_shape(hidden, ids, shifted, w2, spec)[0] == padded
+
+
+def test_a_large_tile_sizes_the_buffers_past_torchs_small_kernel_bound(monkeypatch):
+    """GroupedTile.LARGE: every [S_pad, .] buffer (the op's dz, the fake's size, included) has more than 128 rows
+    per expert where T*k has fewer (torch then runs its cooperative kernel), and T*k where it has more; only with
+    every GEMM by the library."""
+    with pytest.raises(ValueError, match="grouped_tile large: only with every GEMM by the library"):
+        dataclasses.replace(LIBRARY, grouped_tile=triton_backward.GroupedTile.LARGE)
+    E, H, I, k = 256, 64, 32, 8
+    spec = COVERED[0]
+    w1 = torch.empty(E, 2 * I, H, dtype=torch.bfloat16, device=DEVICE)
+    w2 = torch.empty(E, H, I, dtype=torch.bfloat16, device=DEVICE)
+    real = triton_backward.default_config
+    monkeypatch.setattr(triton_backward, "default_config", lambda *a: dataclasses.replace(
+        real(*a), grouped_tile=triton_backward.GroupedTile.LARGE))
+    for T, rows in [(4096, 129 * E), (2048, 129 * E), (8192, 8192 * k)]:
+        hidden = torch.empty(T, H, dtype=torch.bfloat16, device=DEVICE)
+        if not triton_backward.library_rows(hidden, I, (w1, w2)):
+            pytest.skip("torch's grouped GEMM does not take bf16 on this device")
+        ids = torch.empty(T, k, dtype=torch.int64, device=DEVICE)
+        assert triton_backward.dz_shape(hidden, ids, w1, w2, spec) == (rows, 2 * I)
 
 
 def test_an_unpadded_config_needs_the_library_and_a_saved_z():

@@ -1,0 +1,123 @@
+"""Probe: does torch._grouped_mm's kernel choice by buffer size cost the library backward (and forward) time?
+
+torch's sm90 bf16 grouped GEMM (aten/src/ATen/native/cuda/GroupMM.cu, torch 2.11-2.13) picks one of two CUTLASS
+kernels from the operands' sizes, not from offs: a 2-D x 3-D call (mat_a [R, K] x mat_b [E, K, N]) with
+R // E <= 128 or N <= 128 runs a 64 x 128 x 128 ping-pong kernel, else a 128 x 256 x 64 cooperative one. The
+library backward's buffers have R = T*k rows since session 50 (BackwardConfig.unpadded) and T*k + ~16 E before
+it, so at ~128 rows per expert (DeepSeek-V3 at T = 4096: exactly 128) the padding changed the kernel; session 52
+measured the op's forward + backward at 263 TF/s unpadded against session 49's 288 padded (H100, NOTES).
+
+Per point (shape:T, bf16, uniform top-k routing), each 2-D x 3-D GEMM a training step runs through the library:
+    dA       G [S, H] @ W_down[e] ([E, H, I] as transformers stores it)     the backward's first GEMM
+    dx       dz [S, 2I] @ W_gate_up[e] ([E, 2I, H])                         the backward's last GEMM
+    gate_up  x [S, H] @ W_gate_up[e]^T                                      the forward's (triton_grouped.py)
+    down     act [S, I] @ W_down[e]^T
+timed with the operand as it is (R = S: torch's pick) and inside a buffer of (128 + 1) E rows
+(triton_backward.GroupedTile.LARGE: the cooperative kernel; the trailing rows are in no group), both in the same
+rounds (interleaved CUDA-event medians). Each output's first experts are checked against fp32 before timing.
+
+    python -m benchmarks.probes.probe_grouped_tile [--points deepseek_v3:4096 kimi_k2:4096 ...]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from moe_compiler.lowering.triton_backward import GROUPED_SMALL_ROWS
+from moe_compiler.testing import rel_err
+from moe_compiler.tune.shapes import ALL_SHAPES
+from moe_compiler.tune.timing import interleaved
+
+from .. import harness
+
+POINTS = ["deepseek_v3:2048", "deepseek_v3:3072", "deepseek_v3:4096", "kimi_k2:4096", "kimi_k2:6144",
+          "qwen3_30b_a3b:2048", "qwen3_next_80b:4096", "olmoe:1024", "gpt_oss_20b:1024", "mixtral_8x7b:512"]
+
+
+def offsets(T, E, k, gen):
+    """offs [E] int32 of uniform top-k routing (k distinct experts per token)."""
+    ids = torch.rand(T, E, device="cuda", generator=gen).topk(k, dim=1).indices
+    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    return counts.cumsum(0).to(torch.int32)
+
+
+def checked(out, a, w, offs, transpose, experts=3):
+    """rel err of the first `experts` non-empty experts' rows of out against fp32."""
+    ends = offs.tolist()
+    errs, start = [], 0
+    for e, end in enumerate(ends):
+        if end > start and len(errs) < experts:
+            we = w[e].float()
+            want = a[start:end].float() @ (we.t() if transpose else we)
+            errs.append(rel_err(out[start:end].float(), want))
+        start = end
+    return max(errs)
+
+
+def point(name, T, rounds):
+    E, k, H, I = ALL_SHAPES[name]
+    gen = torch.Generator("cuda").manual_seed(T)
+    S = T * k
+    R = (GROUPED_SMALL_ROWS + 1) * E
+    offs = offsets(T, E, k, gen)
+    w_gate_up = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=gen) * H ** -0.5
+    w_down = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=gen) * I ** -0.5
+    gemms = {"dA": (H, w_down, False), "dx": (2 * I, w_gate_up, False), "gate_up": (H, w_gate_up, True),
+             "down": (I, w_down, True)}
+    rows = []
+    for gemm, (K, w, transpose) in gemms.items():
+        b = w.transpose(-2, -1) if transpose else w
+        N = b.shape[-1]
+        big = torch.randn(max(S, R), K, device="cuda", dtype=torch.bfloat16, generator=gen)
+        a = big[:S]  # the same rows, in a buffer of S rows (a view: torch reads its size) and of R
+        small_pick = S // E <= GROUPED_SMALL_ROWS or N <= GROUPED_SMALL_ROWS
+        large_pick = R // E <= GROUPED_SMALL_ROWS or N <= GROUPED_SMALL_ROWS  # N <= 128: small whatever R is
+        bodies = {"torch": functools.partial(torch._grouped_mm, a, b, offs=offs)}
+        if small_pick and not large_pick:
+            bodies["large"] = functools.partial(torch._grouped_mm, big, b, offs=offs)
+        row = {"shape": name, "T": T, "rows_per_expert": S / E, "gemm": gemm, "torch_kernel":
+               "64x128 ping-pong" if small_pick else "128x256 cooperative"}
+        for variant, body in bodies.items():
+            out = body()  # torch allocates it: nothing of an earlier call to poison
+            row[f"{variant}_err"] = checked(out, a, w, offs, transpose)
+            del out
+        times = interleaved(bodies, rounds)
+        flops = 2 * S * K * N
+        for variant, seconds in times.items():
+            row[f"{variant}_us"] = seconds * 1e6
+            row[f"{variant}_tflops"] = flops / seconds / 1e12
+        print(row, flush=True)
+        rows.append(row)
+        del big, a, bodies
+    del w_gate_up, w_down
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = harness.parser(__doc__)
+    ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--out", metavar="PATH", help="the rows as JSON")
+    args = ap.parse_args()
+    print(harness.gpu_name(), torch.__version__, flush=True)
+    rows = []
+    for p in args.points:
+        name, T = p.split(":")
+        rows += point(name, int(T), args.rounds)
+    if args.out:
+        harness.write_json(args.out, {"gpu": harness.gpu_name(), "torch": torch.__version__, "rows": rows})
+    print(f"\n{'point':>22} {'rows/E':>7} {'gemm':>8} {'torch picks':>20} {'torch us':>9} {'large us':>9} "
+          f"{'torch/large':>11} {'err':>8}")
+    for r in rows:
+        large = r.get("large_us")
+        print(f"{r['shape'] + ':' + str(r['T']):>22} {r['rows_per_expert']:7.1f} {r['gemm']:>8} "
+              f"{r['torch_kernel']:>20} {r['torch_us']:9.1f} {large if large else float('nan'):9.1f} "
+              f"{r['torch_us'] / large if large else float('nan'):11.3f} "
+              f"{max(r['torch_err'], r.get('large_err', 0)):8.1e}")
+
+
+if __name__ == "__main__":
+    main()
