@@ -1,7 +1,7 @@
 """Probe: does torch._grouped_mm's kernel choice by buffer size cost the library backward (and forward) time?
 
-torch's sm90 bf16 grouped GEMM (aten/src/ATen/native/cuda/GroupMM.cu, torch 2.11-2.13) picks one of two CUTLASS
-kernels from the operands' sizes, not from offs: a 2-D x 3-D call (mat_a [R, K] x mat_b [E, K, N]) with
+torch's sm90 bf16 grouped GEMM (aten/src/ATen/native/cuda/GroupMM.cu, as read in torch's main branch) picks one
+of two CUTLASS kernels from the operands' sizes, not from offs: a 2-D x 3-D call (mat_a [R, K] x mat_b [E, K, N]) with
 R // E <= 128 or N <= 128 runs a 64 x 128 x 128 ping-pong kernel, else a 128 x 256 x 64 cooperative one. The
 library backward's buffers have R = T*k rows since session 50 (BackwardConfig.unpadded) and T*k + ~16 E before
 it, so at ~128 rows per expert (DeepSeek-V3 at T = 4096: exactly 128) the padding changed the kernel; session 52

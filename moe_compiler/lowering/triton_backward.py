@@ -87,7 +87,8 @@ class DGrad(enum.Enum):
 class GroupedTile(enum.Enum):
     """Which of torch's two sm90 bf16 grouped GEMM kernels the library's 2-D x 3-D GEMMs (dA = G @ W_down[e], dx_rows
     = dz @ W_gate_up[e]) run. torch picks it from the operands' sizes, not from offs (aten/src/ATen/native/cuda/
-    GroupMM.cu, torch 2.11-2.13): rows of mat_a // E <= 128 (or N <= 128) gives a 64 x 128 x 128 ping-pong kernel,
+    GroupMM.cu as read in torch's main branch; benchmarks/probes/probe_grouped_tile.py times both kernels on the
+    torch it runs): rows of mat_a // E <= 128 (or N <= 128) gives a 64 x 128 x 128 ping-pong kernel,
     else a 128 x 256 x 64 cooperative one. So the kernel follows the buffer's row count, which BackwardConfig's
     padding changes: DeepSeek-V3 at T = 4096 has 32768 rows over 256 experts, 128 each unpadded (ping-pong) and
     144 with the 16-row padding's bound (cooperative). The 2-D x 2-D weight gradients (N and M: H, I) always get
