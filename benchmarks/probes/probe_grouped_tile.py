@@ -12,11 +12,15 @@ Per point (shape:T, bf16, uniform top-k routing), each 2-D x 3-D GEMM a training
     dx       dz [S, 2I] @ W_gate_up[e] ([E, 2I, H])                         the backward's last GEMM
     gate_up  x [S, H] @ W_gate_up[e]^T                                      the forward's (triton_grouped.py)
     down     act [S, I] @ W_down[e]^T
-timed with the operand as it is (R = S: torch's pick) and inside a buffer of (128 + 1) E rows
-(triton_backward.GroupedTile.LARGE: the cooperative kernel; the trailing rows are in no group), both in the same
+timed with the operand as it is (R = S: torch's pick), inside a buffer of (128 + 1) E rows
+(triton_backward.GroupedTile.LARGE: the cooperative kernel; the trailing rows are in no group) where that changes
+torch's pick, and (where csrc/ builds) with each of our CUTLASS configs (lowering/cutlass.py CONFIGS: the tiles,
+clusters and schedules the forward's table chooses from; the backward's GEMMs run torch's today), all in the same
 rounds (interleaved CUDA-event medians). Each output's first experts are checked against fp32 before timing.
+The last points are issue 17's op-level shapes (more than 128 rows per expert: torch's cooperative kernel), where
+the question is whether a tuned tile would beat torch's one choice.
 
-    python -m benchmarks.probes.probe_grouped_tile [--points deepseek_v3:4096 kimi_k2:4096 ...]
+    python -m benchmarks.probes.probe_grouped_tile [--points deepseek_v3:4096 kimi_k2:4096 ...] [--no-cutlass]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import functools
 
 import torch
 
+from moe_compiler.lowering import cutlass
 from moe_compiler.lowering.triton_backward import GROUPED_SMALL_ROWS
 from moe_compiler.testing import rel_err
 from moe_compiler.tune.shapes import ALL_SHAPES
@@ -33,7 +38,8 @@ from moe_compiler.tune.timing import interleaved
 from .. import harness
 
 POINTS = ["deepseek_v3:2048", "deepseek_v3:3072", "deepseek_v3:4096", "kimi_k2:4096", "kimi_k2:6144",
-          "qwen3_30b_a3b:2048", "qwen3_next_80b:4096", "olmoe:1024", "gpt_oss_20b:1024", "mixtral_8x7b:512"]
+          "qwen3_30b_a3b:2048", "qwen3_next_80b:4096", "olmoe:1024", "gpt_oss_20b:1024", "mixtral_8x7b:512",
+          "qwen3_30b_a3b:32768", "mixtral_8x7b:32768", "gpt_oss_20b:32768", "qwen3_235b_a22b:4096"]
 
 
 def offsets(T, E, k, gen):
@@ -56,7 +62,7 @@ def checked(out, a, w, offs, transpose, experts=3):
     return max(errs)
 
 
-def point(name, T, rounds):
+def point(name, T, rounds, cutlass_configs=()):
     E, k, H, I = ALL_SHAPES[name]
     gen = torch.Generator("cuda").manual_seed(T)
     S = T * k
@@ -77,6 +83,8 @@ def point(name, T, rounds):
         bodies = {"torch": functools.partial(torch._grouped_mm, a, b, offs=offs)}
         if small_pick and not large_pick:
             bodies["large"] = functools.partial(torch._grouped_mm, big, b, offs=offs)
+        for i, config in cutlass_configs:  # w as stored: [E, N, K] for a @ w[e]^T (b_nk), [E, K, N] for a @ w[e]
+            bodies[f"cutlass_{config}"] = functools.partial(cutlass.grouped_mm, a, w, offs, transpose, i)
         row = {"shape": name, "T": T, "rows_per_expert": S / E, "gemm": gemm, "torch_kernel":
                "64x128 ping-pong" if small_pick else "128x256 cooperative"}
         for variant, body in bodies.items():
@@ -88,6 +96,9 @@ def point(name, T, rounds):
         for variant, seconds in times.items():
             row[f"{variant}_us"] = seconds * 1e6
             row[f"{variant}_tflops"] = flops / seconds / 1e12
+        best = min((v for v in times if v.startswith("cutlass_")), key=times.get, default=None)
+        if best:
+            row["best_cutlass"] = best
         print(row, flush=True)
         rows.append(row)
         del big, a, bodies
@@ -101,22 +112,34 @@ def main():
     ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--out", metavar="PATH", help="the rows as JSON")
+    ap.add_argument("--no-cutlass", action="store_true", help="torch's kernels only")
     args = ap.parse_args()
     print(harness.gpu_name(), torch.__version__, flush=True)
+    configs = ()
+    if not args.no_cutlass:
+        reason = cutlass.missing()
+        if reason is None:
+            cutlass.load()
+            configs = tuple(enumerate(cutlass.CONFIGS))
+        else:
+            print(f"CUTLASS off: {reason}", flush=True)
     rows = []
     for p in args.points:
         name, T = p.split(":")
-        rows += point(name, int(T), args.rounds)
+        rows += point(name, int(T), args.rounds, configs)
     if args.out:
         harness.write_json(args.out, {"gpu": harness.gpu_name(), "torch": torch.__version__, "rows": rows})
+    nan = float("nan")
     print(f"\n{'point':>22} {'rows/E':>7} {'gemm':>8} {'torch picks':>20} {'torch us':>9} {'large us':>9} "
-          f"{'torch/large':>11} {'err':>8}")
+          f"{'torch/large':>11} {'best CUTLASS':>30} {'us':>9} {'torch/it':>8} {'worst err':>9}")
     for r in rows:
-        large = r.get("large_us")
+        large, best = r.get("large_us"), r.get("best_cutlass")
+        best_us = r[f"{best}_us"] if best else nan
+        err = max(v for key, v in r.items() if key.endswith("_err"))
         print(f"{r['shape'] + ':' + str(r['T']):>22} {r['rows_per_expert']:7.1f} {r['gemm']:>8} "
-              f"{r['torch_kernel']:>20} {r['torch_us']:9.1f} {large if large else float('nan'):9.1f} "
-              f"{r['torch_us'] / large if large else float('nan'):11.3f} "
-              f"{max(r['torch_err'], r.get('large_err', 0)):8.1e}")
+              f"{r['torch_kernel']:>20} {r['torch_us']:9.1f} {large or nan:9.1f} "
+              f"{r['torch_us'] / large if large else nan:11.3f} {best or '-':>30} {best_us:9.1f} "
+              f"{r['torch_us'] / best_us:8.3f} {err:9.1e}")
 
 
 if __name__ == "__main__":
