@@ -25,6 +25,8 @@ Per (shape, T), bf16, uniform routing, one process, every variant on the same in
     moe_train_large_tile moe_train with GroupedTile.LARGE: the library's buffers sized so that torch runs its
                         128 x 256 cooperative grouped GEMM kernel, not the 64 x 128 one it picks at <= 128 rows per
                         expert (the buffer's rows, not the routing's)
+    moe_train_torch_tile moe_train with GroupedTile.TORCH: the buffers' own rows decide (the default outside
+                        triton_backward.large_tile_pays's band)
 Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_out fixed, gradients of hidden,
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
 measure. Memory: peak allocated during a call above what is held before it; saved: the bytes per token autograd
@@ -52,7 +54,7 @@ from . import harness
 
 VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train", "moe_train_tc",
             "moe_train_tc_opaque", "moe_train_tr_dgrad", "moe_train_triton", "moe_train_tile_pad",
-            "moe_train_pad16", "moe_train_large_tile")
+            "moe_train_pad16", "moe_train_large_tile", "moe_train_torch_tile")
 # variant -> (WGrad, DGrad) replacing default_config's
 PATHS = {"moe_train_tr_dgrad": ("GROUPED_MM", "TRITON"), "moe_train_triton": ("TRITON", "TRITON")}
 
@@ -78,9 +80,10 @@ def _backward(variant: str):
         triton_backward.default_config = lambda dtype, E, k, H, I, T, *_: real(dtype, E, k, H, I, T)
     if variant == "moe_train_pad16":
         triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), unpadded=False)
-    if variant == "moe_train_large_tile":
-        triton_backward.default_config = lambda *a: dataclasses.replace(
-            real(*a), grouped_tile=triton_backward.GroupedTile.LARGE)
+    if variant in ("moe_train_large_tile", "moe_train_torch_tile"):
+        tile = triton_backward.GroupedTile.LARGE if variant == "moe_train_large_tile" else \
+            triton_backward.GroupedTile.TORCH
+        triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), grouped_tile=tile)
     try:
         with caches:
             yield
@@ -145,7 +148,8 @@ def point(name, T, variants=VARIANTS, kernels: int = 0):
         "moe_torch_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         "moe_triton_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         **{v: lambda x, ids, w: torch.ops.moe_compiler.experts_train(x, ids, w, *params)[0]
-           for v in ("moe_train", "moe_train_tile_pad", "moe_train_pad16", "moe_train_large_tile", *PATHS)},
+           for v in ("moe_train", "moe_train_tile_pad", "moe_train_pad16", "moe_train_large_tile",
+                     "moe_train_torch_tile", *PATHS)},
     }
     ops["moe_train_tc"] = torch.compile(ops["moe_train"], dynamic=False)
     # its own code object (Dynamo caches per code object) and, in _backward, no compile caches: the inline switch

@@ -103,6 +103,16 @@ class GroupedTile(enum.Enum):
 GROUPED_SMALL_ROWS = 128  # torch's bound on mat_a's rows per expert for its small-tile kernel (GroupedTile)
 
 
+def large_tile_pays(num_pairs: int, E: int) -> bool:
+    """Whether the default takes GroupedTile.LARGE for unpadded rows: torch would pick its ping-pong kernel
+    (fewer than 129 rows per expert) and there are more than 112. Measured at 128 rows per expert (DeepSeek-V3,
+    T = 4096): torch's ping-pong kernel 15% slower than a 128 x 256 cooperative tile on the forward's two GEMM
+    forms (H200, benchmarks/NOTES.md "CUTLASS v0 measured"); the op's forward + backward 263 TF/s with it against
+    288 with the 16-row padding's buffers, which made torch pick the cooperative one (H100, sessions 49 and 52).
+    Below 112 not measured; the extra rows (129 E - T k) stay under the 17 E the 16-row padding's bound had."""
+    return (GROUPED_SMALL_ROWS - 16) * E < num_pairs <= GROUPED_SMALL_ROWS * E
+
+
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
     # block_m, the recompute's tile (gate_up) and the d hidden GEMM's tile (down: K = 2I, N = H).
@@ -166,13 +176,16 @@ def default_config(dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, l
     "train step v4"), else the Triton kernels: weight gradients with 128 x 128 tiles reducing 64 rows a step,
     8 warps (the best of probe_backward's sweep, NOTES "backward tiles"); dz and d hidden with the forward's
     sorted-path defaults. `library` (library_rows): rows unpadded where z is `saved`, else padded to
-    LIBRARY_BLOCK_M (the recompute's tiles)."""
+    LIBRARY_BLOCK_M (the recompute's tiles); unpadded, GroupedTile.LARGE where large_tile_pays."""
     rows = triton_config.default_sorted_config(dtype, E, k, T)
     if library:
         rows = dataclasses.replace(rows, block_m=LIBRARY_BLOCK_M)
+    unpadded = library and saved
+    tile = GroupedTile.LARGE if unpadded and large_tile_pays(T * k, E) else GroupedTile.TORCH
     return BackwardConfig(rows=rows, dz=rows.gate_up, wgrad_m=128,
                           wgrad=KernelConfig(block_n=128, block_k=64, num_warps=8, num_stages=3),
-                          wgrad_path=WGrad.GROUPED_MM, dgrad_path=DGrad.GROUPED_MM, unpadded=library and saved)
+                          wgrad_path=WGrad.GROUPED_MM, dgrad_path=DGrad.GROUPED_MM, unpadded=unpadded,
+                          grouped_tile=tile)
 
 
 @triton.jit(do_not_specialize=["GROUP_M"])

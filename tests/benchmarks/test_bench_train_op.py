@@ -34,6 +34,7 @@ def test_the_default_rows_are_unpadded_and_each_variant_departs_from_it_alone():
     large = _config("moe_train_large_tile")
     assert large == dataclasses.replace(default, grouped_tile=triton_backward.GroupedTile.LARGE)
     assert large.min_slots(ARGS[1]) == 129 * ARGS[1] and default.min_slots(ARGS[1]) == 0
+    assert _config("moe_train_torch_tile") == default  # 1024 rows per expert: outside the LARGE band
 
     for variant, paths in bench_train_op.PATHS.items():
         config = _config(variant)

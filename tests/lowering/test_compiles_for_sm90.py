@@ -96,7 +96,7 @@ triton_align.align_rows(torch.zeros(700, 2, dtype=torch.long), 8, 16)
 # The backward reads the alignment's positions on the host side (a gather of the router-weight partials):
 # nothing ran, so they are made valid.
 real_align = triton_backward.align_rows
-triton_backward.align_rows = lambda *a: (lambda r: (r.pos.zero_(), r)[1])(real_align(*a))
+triton_backward.align_rows = lambda *a, **kw: (lambda r: (r.pos.zero_(), r)[1])(real_align(*a, **kw))
 BACKWARD = triton_backward.BackwardConfig(rows=SORTED, dz=KernelConfig(64, 64), wgrad_m=64, wgrad=KernelConfig(64, 32))
 for dtype in (torch.bfloat16, torch.float32):
     for spec in SPECS[:2]:
