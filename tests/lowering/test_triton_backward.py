@@ -418,13 +418,13 @@ def test_a_large_tile_sizes_the_buffers_past_torchs_small_kernel_bound(monkeypat
 
 
 def test_the_default_takes_the_large_tile_only_just_below_torchs_bound():
-    """Unpadded rows with 113-128 per expert (DeepSeek-V3 at T = 4096: 128, where torch's ping-pong kernel measured
-    slower) take GroupedTile.LARGE; fewer rows, more rows (torch's cooperative kernel anyway), padded rows (a
-    recomputed z) or the Triton GEMMs keep TORCH."""
+    """Unpadded rows with more than 112 and fewer than 129 per expert (DeepSeek-V3 at T = 4096: 128, where torch's
+    ping-pong kernel measured slower) take GroupedTile.LARGE; fewer rows, more rows (torch's cooperative kernel
+    anyway), padded rows (a recomputed z) or the Triton GEMMs keep TORCH."""
     E, k, H, I = 256, 8, 7168, 2048
     large, torch_tile = triton_backward.GroupedTile.LARGE, triton_backward.GroupedTile.TORCH
     for T, tile in [(4096, large), (113 * E // k + 1, large), (112 * E // k, torch_tile), (2048, torch_tile),
-                    (129 * E // k, torch_tile), (8192, torch_tile)]:
+                    (129 * E // k - 1, large), (129 * E // k, torch_tile), (8192, torch_tile)]:
         assert triton_backward.default_config(torch.bfloat16, E, k, H, I, T, True).grouped_tile is tile, T
     assert triton_backward.default_config(torch.bfloat16, E, k, H, I, 4096, True, saved=False).grouped_tile \
         is torch_tile
