@@ -244,6 +244,34 @@ def test_a_saved_z_is_read_by_a_backward_in_three_ops(spec, frozen, shared, trit
         assert rel_err(got, w) <= 1e-4
 
 
+def test_a_large_tile_backward_runs_through_the_three_ops(triton_training_on_the_cpu, monkeypatch):
+    """120 unpadded rows per expert (T = 240, k = 2, E = 4): the default backward takes GroupedTile.LARGE (on the
+    GPU torch would run its ping-pong grouped GEMM kernel), so dz crosses the ops with 129 E rows, the fake's size
+    (dz_shape), its trailing ones never read; every gradient equals fp64's (fp32 on torch's CPU grouped GEMM)."""
+    from moe_compiler.lowering import dispatch, triton_backward
+
+    spec = SPECS[0]
+    T, H, I, E, k = 240, 32, 16, 4, 2
+    hidden, ids, weights, w1, w2, _, _ = experts_inputs(T, H, I, E, k, torch.float32, spec, seed=5)
+    config = triton_backward.default_config(torch.float32, E, k, H, I, T, True)
+    assert config.grouped_tile is triton_backward.GroupedTile.LARGE and config.unpadded
+    dz_rows = []
+    down = dispatch.experts_backward_down
+    monkeypatch.setattr(dispatch, "experts_backward_down",
+                        lambda *a, **kw: (lambda d: dz_rows.append(d.dz.shape) or d)(down(*a, **kw)))
+    trained = [hidden, weights, w1, w2]
+    for t in trained:
+        t.requires_grad_(True)
+    out, _ = TRAIN(hidden, ids, weights, w1, w2, None, None, None, None, None, None, **spec.op_kwargs())
+    grad_out = torch.randn(T, H, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(out, trained, grad_out)
+    assert dz_rows == [(129 * E, 2 * I)] == [triton_backward.dz_shape(hidden, ids, w1, w2, spec)]
+    leaves = [t.detach().double().requires_grad_(True) for t in trained]
+    ref = experts_reference(leaves[0], ids, leaves[1], leaves[2], leaves[3], spec=spec)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, grad_out.double())):
+        assert rel_err(got, want) <= 1e-4
+
+
 @pytest.mark.parametrize("dynamic,of_hidden", [(False, True), (False, False), (True, True)],
                          ids=["static", "static_weights_only", "dynamic"])
 def test_a_compiled_backward_frees_z_and_dz_before_their_next_parts(dynamic, of_hidden, triton_training_on_the_cpu,
