@@ -394,7 +394,12 @@ def _call_default_config(hidden, k: int, E: int, I: int, library: bool, saved: b
     weights' alignment alone: what _Call.of runs and dz_shape (the fake) sizes dz by. A symbolic T (dynamic shapes)
     takes its band's config, guarded, as the forward's does (triton_config.config_tokens)."""
     T, H = hidden.shape
-    return default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], library, saved)
+    config = default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], library, saved)
+    if not isinstance(T, int) and config.grouped_tile is not GroupedTile.TORCH:
+        # large_tile_pays holds at the band's grid point, not at every length the graph serves: most of those have
+        # more rows per expert (torch's cooperative kernel anyway) or far fewer (extra rows, a kernel not measured)
+        config = dataclasses.replace(config, grouped_tile=GroupedTile.TORCH)
+    return config
 
 
 def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[int, int]:

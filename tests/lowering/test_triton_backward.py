@@ -431,6 +431,28 @@ def test_the_default_takes_the_large_tile_only_just_below_torchs_bound():
     assert triton_backward.default_config(torch.bfloat16, E, k, H, I, 4096).grouped_tile is torch_tile
 
 
+def test_a_symbolic_token_count_keeps_torchs_tile():
+    """Under dynamic shapes the config comes from the band's grid point (OLMoE-like E = 64, k = 8: T = 1024, 128
+    rows per expert, LARGE there), but the graph serves the whole band: dz keeps T*k rows, no 129 E floor."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    E, k, H, I = 64, 8, 64, 32
+    assert triton_backward.default_config(torch.bfloat16, E, k, H, I, 1024, True).grouped_tile is \
+        triton_backward.GroupedTile.LARGE
+    env = ShapeEnv()
+    T = env.create_symintnode(env.create_symbol(300, source=ConstantSource("T"), dynamic_dim=DimDynamic.DYNAMIC),
+                              hint=300)
+    with FakeTensorMode(shape_env=env):
+        hidden, ids = torch.empty(T, H, dtype=torch.bfloat16), torch.empty(T, k, dtype=torch.long)
+        w1, w2 = torch.empty(E, 2 * I, H, dtype=torch.bfloat16), torch.empty(E, H, I, dtype=torch.bfloat16)
+        if not triton_backward.library_rows(hidden, I, (w1, w2)):
+            pytest.skip("torch's grouped GEMM does not take bf16 here")
+        rows, width = triton_backward.dz_shape(hidden, ids, w1, w2, COVERED[0])
+    assert str(rows) == str(T * k) and width == 2 * I
+
+
 def test_an_unpadded_config_needs_the_library_and_a_saved_z():
     """BackwardConfig.unpadded with a Triton GEMM path, or a call that recomputes z or whose operands the library
     refuses, is an error that says what to change, not rows the Triton tiles would misread."""
