@@ -57,11 +57,22 @@ VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bw
             "moe_train_pad16", "moe_train_large_tile", "moe_train_torch_tile")
 # variant -> (WGrad, DGrad) replacing default_config's
 PATHS = {"moe_train_tr_dgrad": ("GROUPED_MM", "TRITON"), "moe_train_triton": ("TRITON", "TRITON")}
+# variant -> BackwardConfig fields replacing default_config's (GroupedTile's values by name)
+REPLACED = {
+    # a Triton GEMM path tiles rows by rows.block_m: padded rows, torch's tile (the two need every GEMM by the library)
+    **{v: {"wgrad_path": w, "dgrad_path": d, "unpadded": False, "grouped_tile": "TORCH"}
+       for v, (w, d) in PATHS.items()},
+    "moe_train_pad16": {"unpadded": False},
+    "moe_train_large_tile": {"grouped_tile": "LARGE"},
+    "moe_train_torch_tile": {"grouped_tile": "TORCH"},
+}
+# every variant that calls experts_train eagerly
+TRAIN_VARIANTS = ("moe_train", "moe_train_tile_pad", *REPLACED)
 
 
 @contextlib.contextmanager
 def _backward(variant: str):
-    """The backward a variant of ours runs: MOE_COMPILER_BACKWARD, and the GEMM paths of PATHS."""
+    """The backward a variant of ours runs: MOE_COMPILER_BACKWARD, and default_config with REPLACED's fields."""
     from moe_compiler.lowering import triton_backward
 
     os.environ[dispatch.BACKWARD_ENV] = "torch" if variant == "moe_torch_bwd" else "triton"
@@ -71,19 +82,13 @@ def _backward(variant: str):
         caches.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
         caches.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
     real = triton_backward.default_config
-    # default_config(dtype, E, k, H, I, T, library, saved): unpadded rows only with every GEMM by the library
-    if variant in PATHS:
-        wgrad, dgrad = triton_backward.WGrad[PATHS[variant][0]], triton_backward.DGrad[PATHS[variant][1]]
-        triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), wgrad_path=wgrad, dgrad_path=dgrad,
-                                                                        unpadded=False)
-    if variant == "moe_train_tile_pad":  # rows padded to the forward's tile whatever `library` says
+    if variant in REPLACED:
+        enums = {"wgrad_path": triton_backward.WGrad, "dgrad_path": triton_backward.DGrad,
+                 "grouped_tile": triton_backward.GroupedTile}
+        fields = {f: enums[f][v] if f in enums else v for f, v in REPLACED[variant].items()}
+        triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), **fields)
+    if variant == "moe_train_tile_pad":  # rows padded to the forward's tile: default_config(dtype, E, k, H, I, T)
         triton_backward.default_config = lambda dtype, E, k, H, I, T, *_: real(dtype, E, k, H, I, T)
-    if variant == "moe_train_pad16":
-        triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), unpadded=False)
-    if variant in ("moe_train_large_tile", "moe_train_torch_tile"):
-        tile = triton_backward.GroupedTile.LARGE if variant == "moe_train_large_tile" else \
-            triton_backward.GroupedTile.TORCH
-        triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), grouped_tile=tile)
     try:
         with caches:
             yield
@@ -148,8 +153,7 @@ def point(name, T, variants=VARIANTS, kernels: int = 0):
         "moe_torch_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         "moe_triton_bwd": lambda x, ids, w: torch.ops.moe_compiler.experts(x, ids, w, *params),
         **{v: lambda x, ids, w: torch.ops.moe_compiler.experts_train(x, ids, w, *params)[0]
-           for v in ("moe_train", "moe_train_tile_pad", "moe_train_pad16", "moe_train_large_tile",
-                     "moe_train_torch_tile", *PATHS)},
+           for v in TRAIN_VARIANTS},
     }
     ops["moe_train_tc"] = torch.compile(ops["moe_train"], dynamic=False)
     # its own code object (Dynamo caches per code object) and, in _backward, no compile caches: the inline switch

@@ -79,9 +79,8 @@ def point(name, T, rounds, cutlass_configs=()):
         big = torch.randn(max(S, R), K, device="cuda", dtype=torch.bfloat16, generator=gen)
         a = big[:S]  # the same rows, in a buffer of S rows (a view: torch reads its size) and of R
         small_pick = S // E <= GROUPED_SMALL_ROWS or N <= GROUPED_SMALL_ROWS
-        large_pick = R // E <= GROUPED_SMALL_ROWS or N <= GROUPED_SMALL_ROWS  # N <= 128: small whatever R is
         bodies = {"torch": functools.partial(torch._grouped_mm, a, b, offs=offs)}
-        if small_pick and not large_pick:
+        if small_pick and N > GROUPED_SMALL_ROWS:  # (at N <= 128 the small kernel whatever the rows)
             bodies["large"] = functools.partial(torch._grouped_mm, big, b, offs=offs)
         for i, config in cutlass_configs:  # w as stored: [E, N, K] for a @ w[e]^T (b_nk), [E, K, N] for a @ w[e]
             bodies[f"cutlass_{config}"] = functools.partial(cutlass.grouped_mm, a, w, offs, transpose, i)

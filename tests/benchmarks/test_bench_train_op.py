@@ -43,6 +43,16 @@ def test_the_default_rows_are_unpadded_and_each_variant_departs_from_it_alone():
     assert _config("moe_train_tr_dgrad").dgrad_path is DGrad.TRITON
 
 
+def test_every_variant_builds_its_config_where_the_default_takes_the_large_tile():
+    """DeepSeek-V3 at T = 4096 (128 rows per expert: GroupedTile.LARGE by default): the Triton-path variants drop
+    the large tile with the unpadded rows (a BackwardConfig error otherwise, before any timing)."""
+    ds_v3 = (torch.bfloat16, 256, 8, 7168, 2048, 4096, True, True)
+    assert triton_backward.default_config(*ds_v3).grouped_tile is triton_backward.GroupedTile.LARGE
+    for variant in bench_train_op.VARIANTS:
+        with bench_train_op._backward(variant):
+            triton_backward.default_config(*ds_v3)
+
+
 def test_the_switches_are_restored_after_each_variant():
     real = triton_backward.default_config
     for variant in bench_train_op.VARIANTS:
