@@ -6,7 +6,7 @@ decode gate_up GEMV (fused_route_in_gemv, MOE_COMPILER_ROUTE_IN_GEMV=1), the rou
 (the default; fused_router_linear keeps the cuBLAS linear: moe_compiler.router_gemv=False). NOTES.md "host path".
 
     python -m benchmarks.probes.probe_host_block [--shapes qwen3_30b_a3b deepseek_v3] [--tokens 1 32] [--layers 4]
-                                                 [--residual] [--profile]
+                                                 [--residual] [--profile] [--out [PATH]]
                                                  [--variants inductor fused_opaque fused_static ...]
 
 A stack of L real-dimension MoE blocks (benchmarks/models.py) is compiled alone, each block's output the next one's
@@ -145,7 +145,7 @@ def compiled(module, variant):
 
 
 def main():
-    ap = harness.parser(__doc__, shapes=MODELS, tokens=[1, 32])
+    ap = harness.parser(__doc__, shapes=MODELS, tokens=[1, 32], out="host_block")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
                     help="the host code A/B (a variant torch cannot build is reported and left out)")
@@ -154,11 +154,16 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print each variant's host-side profile of 20 calls of the "
                     "L-block stack (torch.profiler, CPU: launches and their cost per call)")
     args = ap.parse_args()
-    harness.gpu_name()
+    gpu = harness.gpu_name()
     harness.compile_per_shape()
     rows = []
     for name in args.shapes:
-        model = build(name, layers=args.layers)
+        try:
+            model = build(name, layers=args.layers)
+        except torch.OutOfMemoryError:  # DeepSeek-V3's 4 layers need ~90 GB: the others still run
+            print(f"{name}: {args.layers} layers do not fit this GPU's memory; left out (try --layers 2)", flush=True)
+            torch.cuda.empty_cache()
+            continue
         blocks = moe_blocks(model)
         L = len(blocks)
         for T in args.tokens:
@@ -191,6 +196,8 @@ def main():
                 rows.append(row)
         del model, blocks, fns
         torch.cuda.empty_cache()
+    if not rows:
+        return
     print(f"\nhost µs per MoE layer (host µs of a 1-layer graph call), GPU µs per {rows[0]['layers']}-layer call "
           "(CUDA graph)")
     print(f"{'model':>16} {'T':>4} " + " ".join(f"{v:>24}" for v in args.variants))
@@ -198,6 +205,7 @@ def main():
         cells = [f"{r[f'{v}_host_per_layer']:6.1f} ({r[f'{v}_host_1']:5.1f}) {r[f'{v}_gpu_us']:7.0f}"
                  if f"{v}_host_1" in r else "failed" for v in args.variants]
         print(f"{r['model']:>16} {r['T']:>4} " + " ".join(f"{c:>24}" for c in cells))
+    harness.save_rows(args.out, "host_block", rows, gpu, merge_on=("model", "T", "layers", "residual"))
     print("errors vs eager: " + "; ".join(
         f"{r['model']} T={r['T']} " + " ".join(f"{v} {r[f'{v}_err']:.1e}" for v in args.variants if f"{v}_err" in r)
         for r in rows))
