@@ -27,6 +27,11 @@ Per (shape, T), bf16, uniform routing, one process, every variant on the same in
                         expert (the buffer's rows, not the routing's)
     moe_train_torch_tile moe_train with GroupedTile.TORCH: the buffers' own rows decide (the default outside
                         triton_backward.large_tile_pays's band)
+    moe_train_cutlass_pp64x256 / moe_train_cutlass_c128x256  moe_train with dA and dx on csrc/'s CUTLASS grouped GEMM
+                        (BackwardConfig.cutlass: the 64 x 256 ping-pong tile / the 128 x 256 cooperative one in 1 x 2
+                        clusters) instead of torch's pick; needs the CUTLASS build
+    moe_train_torch_dgrad moe_train with dA and dx on torch's grouped GEMM wherever the GPU's table
+                        (`python -m moe_compiler.tune --backward`) names a CUTLASS config: the table's A/B
 Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_out fixed, gradients of hidden,
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
 measure. Memory: peak allocated during a call above what is held before it; saved: the bytes per token autograd
@@ -42,11 +47,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import unittest.mock
 
 import torch
 
 import moe_compiler  # noqa: F401 - registers the ops
-from moe_compiler.lowering import dispatch
+from moe_compiler.lowering import backward_table, cutlass, dispatch
 from moe_compiler.ops import inline
 from moe_compiler.tune.shapes import ALL_SHAPES
 
@@ -54,7 +60,8 @@ from . import harness
 
 VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train", "moe_train_tc",
             "moe_train_tc_opaque", "moe_train_tr_dgrad", "moe_train_triton", "moe_train_tile_pad",
-            "moe_train_pad16", "moe_train_large_tile", "moe_train_torch_tile")
+            "moe_train_pad16", "moe_train_large_tile", "moe_train_torch_tile", "moe_train_cutlass_pp64x256",
+            "moe_train_cutlass_c128x256", "moe_train_torch_dgrad")
 # variant -> (WGrad, DGrad) replacing default_config's
 PATHS = {"moe_train_tr_dgrad": ("GROUPED_MM", "TRITON"), "moe_train_triton": ("TRITON", "TRITON")}
 # variant -> BackwardConfig fields replacing default_config's (GroupedTile's values by name)
@@ -65,9 +72,13 @@ REPLACED = {
     "moe_train_pad16": {"unpadded": False},
     "moe_train_large_tile": {"grouped_tile": "LARGE"},
     "moe_train_torch_tile": {"grouped_tile": "TORCH"},
+    # dA and dx on csrc/'s CUTLASS grouped GEMM (BackwardConfig.cutlass): the two tiles probe_grouped_tile found
+    # faster than torch's above the GroupedTile band (NOTES session 53)
+    "moe_train_cutlass_pp64x256": {"cutlass": "pingpong_64x256", "grouped_tile": "TORCH"},
+    "moe_train_cutlass_c128x256": {"cutlass": "coop_128x256_cluster1x2", "grouped_tile": "TORCH"},
 }
 # every variant that calls experts_train eagerly
-TRAIN_VARIANTS = ("moe_train", "moe_train_tile_pad", *REPLACED)
+TRAIN_VARIANTS = ("moe_train", "moe_train_tile_pad", "moe_train_torch_dgrad", *REPLACED)
 
 
 @contextlib.contextmanager
@@ -85,10 +96,13 @@ def _backward(variant: str):
     if variant in REPLACED:
         enums = {"wgrad_path": triton_backward.WGrad, "dgrad_path": triton_backward.DGrad,
                  "grouped_tile": triton_backward.GroupedTile}
-        fields = {f: enums[f][v] if f in enums else v for f, v in REPLACED[variant].items()}
+        fields = {f: enums[f][v] if f in enums else cutlass.CONFIGS.index(v) if f == "cutlass" else v
+                  for f, v in REPLACED[variant].items()}
         triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), **fields)
     if variant == "moe_train_tile_pad":  # rows padded to the forward's tile: default_config(dtype, E, k, H, I, T)
         triton_backward.default_config = lambda dtype, E, k, H, I, T, *_: real(dtype, E, k, H, I, T)
+    if variant == "moe_train_torch_dgrad":  # the GPU's table consulted by no call
+        caches.enter_context(unittest.mock.patch.object(backward_table, "dgrad_config", lambda *a: -1))
     try:
         with caches:
             yield

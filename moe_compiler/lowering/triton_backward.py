@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ..spec import ExpertsSpec, GateUpLayout
-from . import launch, triton_backward_library, triton_config
+from . import backward_table, cutlass, device, launch, triton_backward_library, triton_config
 from .torch_segment_mm import GroupedMM
 from .triton_act import ACT_CODE, gated_act_backward
 from .triton_align import AlignedRows, align_rows, gathered, max_blocks, zero_padding_rows
@@ -132,6 +132,14 @@ class BackwardConfig:
     # up to 3840 padding rows at block 16, 55 MiB per [S_pad, H] buffer; the train step's peak, NOTES session 49).
     unpadded: bool = False
     grouped_tile: GroupedTile = GroupedTile.TORCH
+    # DGrad.GROUPED_MM's two 2-D x 3-D GEMMs (dA = G @ W_down[e], dx_rows = dz @ W_gate_up[e]) on csrc/'s CUTLASS
+    # grouped GEMM with tile, cluster and schedule cutlass.CONFIGS[cutlass], instead of torch's pick (-1). Above the
+    # GroupedTile band torch has one kernel (128 x 256 cooperative) for every shape; at 256 rows per expert
+    # (Qwen3-235B-A22B, T = 4096, H100) the 64 x 256 ping-pong tile ran dA and dx 1.14x faster, at Mixtral-8x7B
+    # T = 32768 the 1 x 2-cluster 128 x 256 tile 1.06-1.11x, and ours lost 1-3% elsewhere (probe_grouped_tile,
+    # benchmarks/NOTES.md session 53): the default takes one only where this GPU's table measured it faster
+    # (backward_table, _call_default_config). The weight gradients (2-D x 2-D) stay torch's.
+    cutlass: int = -1
 
     def __post_init__(self):
         if self.rows.combine is not triton_config.Combine.GATHER or self.rows.tma:
@@ -144,11 +152,23 @@ class BackwardConfig:
                 WGrad.GROUPED_MM, DGrad.GROUPED_MM):
             raise ValueError(f"BackwardConfig.grouped_tile {self.grouped_tile.value}: only with every GEMM by the "
                              "library (wgrad_path and dgrad_path GROUPED_MM); it sizes the library's operands")
+        if not -1 <= self.cutlass < len(cutlass.CONFIGS):
+            raise ValueError(f"BackwardConfig.cutlass {self.cutlass}: expected -1 (torch's grouped GEMM) or an index "
+                             f"into cutlass.CONFIGS (0-{len(cutlass.CONFIGS) - 1})")
+        if self.cutlass >= 0 and (self.dgrad_path, self.grouped_tile) != (DGrad.GROUPED_MM, GroupedTile.TORCH):
+            raise ValueError(f"BackwardConfig.cutlass {cutlass.CONFIGS[self.cutlass]}: only with dgrad_path GROUPED_MM "
+                             "(the library's dA and dx GEMMs) and grouped_tile TORCH (LARGE sizes buffers for torch's "
+                             "pick; CUTLASS's tile does not follow them)")
 
     @property
     def row_align(self) -> int:
         """What each expert's rows are padded to in sorted order (align_rows' block_m)."""
         return 1 if self.unpadded else self.rows.block_m
+
+    @property
+    def dgrad_mm(self):
+        """The segment matmuls dA and dx_rows run on (torch_segment_mm's interface)."""
+        return GroupedMM if self.cutlass < 0 else cutlass.with_config(self.cutlass)
 
     def min_slots(self, E: int) -> int:
         """The fewest sorted slots (S_pad) the backward's buffers have: align_rows' min_slots (GroupedTile)."""
@@ -375,7 +395,7 @@ class _Call:
         I = spec.intermediate(w_down)
         library = library_rows(hidden, I, (w_gate_up, w_down))
         if config is None:
-            config = _call_default_config(hidden, k, E, I, library, saved)
+            config = _call_default_config(hidden, k, E, I, library, saved, (w_gate_up, w_down), spec.transposed)
         elif config.unpadded and not (library and saved):
             raise ValueError(
                 "moe_compiler: BackwardConfig.unpadded needs every GEMM by torch's grouped GEMM (bf16 on sm90+, rows "
@@ -389,16 +409,25 @@ class _Call:
                    library and (config.dgrad_path is DGrad.GROUPED_MM or config.wgrad_path is WGrad.GROUPED_MM))
 
 
-def _call_default_config(hidden, k: int, E: int, I: int, library: bool, saved: bool) -> BackwardConfig:
-    """The default config of a call on hidden [T, H] (library: library_rows), from sizes, dtype, device and the
-    weights' alignment alone: what _Call.of runs and dz_shape (the fake) sizes dz by. A symbolic T (dynamic shapes)
-    takes its band's config, guarded, as the forward's does (triton_config.config_tokens)."""
+def _call_default_config(hidden, k: int, E: int, I: int, library: bool, saved: bool, weights: tuple,
+                         transposed: bool) -> BackwardConfig:
+    """The default config of a call on hidden [T, H] (library: library_rows), from sizes, dtype, device, the
+    weights' alignment and this GPU's measured table alone: what _Call.of runs and dz_shape (the fake) sizes dz by.
+    A symbolic T (dynamic shapes) takes its band's config, guarded, as the forward's does
+    (triton_config.config_tokens). Where the table (backward_table) names a CUTLASS config for dA and dx at a
+    fixed T and the extension runs here, BackwardConfig.cutlass takes it."""
     T, H = hidden.shape
     config = default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], library, saved)
-    if not isinstance(T, int) and config.grouped_tile is not GroupedTile.TORCH:
+    if not isinstance(T, int):
         # large_tile_pays holds at the band's grid point, not at every length the graph serves: most of those have
-        # more rows per expert (torch's cooperative kernel anyway) or far fewer (extra rows, a kernel not measured)
-        config = dataclasses.replace(config, grouped_tile=GroupedTile.TORCH)
+        # more rows per expert (torch's cooperative kernel anyway) or far fewer (extra rows, a kernel not measured);
+        # the table's choice likewise
+        return dataclasses.replace(config, grouped_tile=GroupedTile.TORCH)
+    if config.unpadded and config.cutlass < 0 and hidden.is_cuda:
+        chosen = backward_table.dgrad_config(device.gpu_name(device.index(hidden)), hidden.dtype, E, k, H, I, T,
+                                             transposed)
+        if chosen >= 0 and cutlass.runs(hidden, *weights):
+            config = dataclasses.replace(config, cutlass=chosen, grouped_tile=GroupedTile.TORCH)
     return config
 
 
@@ -409,7 +438,7 @@ def dz_shape(hidden, topk_ids, w_gate_up, w_down, spec: ExpertsSpec) -> tuple[in
     E = w_gate_up.shape[0]
     I = spec.intermediate(w_down)
     library = library_rows(hidden, I, (w_gate_up, w_down))
-    config = _call_default_config(hidden, k, E, I, library, saved=True)
+    config = _call_default_config(hidden, k, E, I, library, True, (w_gate_up, w_down), spec.transposed)
     align = config.row_align
     return max_blocks(hidden.shape[0] * k, E, align, config.min_slots(E)) * align, 2 * I
 
@@ -526,7 +555,7 @@ def backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down,
         launch_wgrad(dz, c.hidden, d_w_gate_up, d_b_gate_up, c.weights, rows, c.k, config, left_gather=False,
                      left_scale=False, right_gather=True, out_strides=logical_strides(d_w_gate_up, spec.transposed))
     if c.library_dgrad:
-        dx_rows = lib.hidden_rows(dz, w_gate_up, lib.segments(rows, bm), spec)
+        dx_rows = lib.hidden_rows(dz, w_gate_up, lib.segments(rows, bm), spec, config.dgrad_mm)
     else:
         # the forward's down GEMM over dz with W_gate_up read as [H, 2I] per expert (the transpose of its layout),
         # no router weight (scale_input=True skips it)
@@ -559,10 +588,10 @@ def _library_down(grad_out, z, c: _Call, w_down, b_down, spec: ExpertsSpec, weig
     chunks = lib.first_half_chunks(c.rows.sorted_rows.numel(), c.T * c.k, c.H, c.I, w_down.shape[0], weight_grads)
     if chunks > 1:
         dz, d_weights, d_w_down, d_b_down = lib.dz_rows_chunked(grad_out, z, c.rows, w_down, b_down, c.weights, spec,
-                                                                c.k, bm, chunks, weight_grads)
+                                                                c.k, bm, chunks, weight_grads, c.config.dgrad_mm)
         return DownGrads(dz, d_weights.to(weights_dtype), *_like((d_w_down, w_down), (d_b_down, b_down)))
     G, dz, act_s, d_weights, seg, bias_weights = lib.dz_rows(grad_out, z, c.rows, w_down, b_down, c.weights, spec,
-                                                             c.k, bm)
+                                                             c.k, bm, c.config.dgrad_mm)
     d_weights = d_weights.to(weights_dtype)
     if not weight_grads:
         return DownGrads(dz, d_weights, None, None)

@@ -167,14 +167,16 @@ def _row_pass(dA, z, G, b_down, dz, act_s, ds, bias_weights, weights, rows: Alig
     )
 
 
-def dz_rows(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSpec, k: int, block_m: int):
-    """(G, dz, act_s, d weights [T, k] fp32, seg, bias_weights or None): dA = G @ W_down[e] by torch's grouped GEMM,
-    then act' by one row pass. z [T*k, 2I]: the pre-activation rows (saved or recomputed)."""
+def dz_rows(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSpec, k: int, block_m: int,
+            mm=GroupedMM):
+    """(G, dz, act_s, d weights [T, k] fp32, seg, bias_weights or None): dA = G @ W_down[e] by a grouped GEMM (`mm`:
+    torch's, or CUTLASS's with BackwardConfig.cutlass), then act' by one row pass. z [T*k, 2I]: the pre-activation
+    rows (saved or recomputed)."""
     T, H = grad_out.shape
     I = z.shape[1] // 2
     seg = segments(rows, block_m)
     G = gathered(grad_out, rows, weights, k, block_m)
-    dA = project_dx(GroupedMM, G, w_down, seg, spec.transposed)  # [S_pad, I]
+    dA = project_dx(mm, G, w_down, seg, spec.transposed)  # [S_pad, I]
     S_pad = G.shape[0]
     # act_s is written over dA: the row pass reads each element of dA once, in the same program and step that
     # writes act_s's (one program per row), and dA is not read after it — one [S_pad, I] buffer fewer at the
@@ -188,7 +190,7 @@ def dz_rows(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: Exper
 
 
 def dz_rows_chunked(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSpec, k: int,
-                    block_m: int, chunks: int, weight_grads: bool):
+                    block_m: int, chunks: int, weight_grads: bool, mm=GroupedMM):
     """(dz, d weights [T, k] fp32, d_w_down, d_b_down) — the weights' None without weight_grads — with dA taken
     in `chunks` row chunks, so that the half's peak is z, G, dz and a chunk of dA instead of all of dA. act_s
     (dW_down's operand) first comes from z alone (a row pass writing only it), for dW_down, and is dropped
@@ -216,14 +218,14 @@ def dz_rows_chunked(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spe
         n = torch.sym_min(step, S_pad - c0)
         # the chunk's segments: each expert's rows clipped to [c0, c0 + n), counted from c0 (empty outside it)
         part = Segments(sorted_ids=None, perm=None, offs=(seg.offs - c0).clamp_(0, n), num_experts=seg.num_experts)
-        dA = project_dx(GroupedMM, G[c0:c0 + n], w_down, part, spec.transposed)  # [n, I]
+        dA = project_dx(mm, G[c0:c0 + n], w_down, part, spec.transposed)  # [n, I]
         _row_pass(dA, z, G, b_down, dz, dz, ds, None, weights, rows, spec, block_m, c0, n, write_dz=True,
                   write_act=False)
         del dA
     return dz, ds.view(T, k), d_w_down, d_b_down
 
 
-def hidden_rows(dz, w_gate_up, seg: Segments, spec: ExpertsSpec):
-    """dx_rows [S_pad, H]: each slot's dz @ W_gate_up[e] by torch's grouped GEMM (d hidden's rows, combined over
-    each token's k slots by triton_backward.backward_combine)."""
-    return project_dx(GroupedMM, dz, w_gate_up, seg, spec.transposed)
+def hidden_rows(dz, w_gate_up, seg: Segments, spec: ExpertsSpec, mm=GroupedMM):
+    """dx_rows [S_pad, H]: each slot's dz @ W_gate_up[e] by a grouped GEMM (`mm`, as dz_rows'; d hidden's rows,
+    combined over each token's k slots by triton_backward.backward_combine)."""
+    return project_dx(mm, dz, w_gate_up, seg, spec.transposed)

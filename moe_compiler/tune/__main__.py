@@ -9,6 +9,8 @@
                                                                  # first use (tune/first_use.py), 30 s per point
     python -m moe_compiler.tune --bands --shapes deepseek_v3 --merge        # the config of each band's graph
                                                                  # (prompts of varying length; tune/bands.py)
+    python -m moe_compiler.tune --backward --shapes qwen3_235b_a22b --tokens 4096 --merge   # the training
+                                                                 # backward's dA / dx GEMMs (tune/backward.py)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import triton
 
 from moe_compiler.lowering import triton_config
 
-from . import bands, first_use, search
+from . import backward, bands, first_use, search
 from .shapes import ALL_SHAPES, SHAPES, TOKENS
 from .timing import Timer
 
@@ -57,6 +59,9 @@ def parse_args():
                         "entries")
     p.add_argument("--bands", action="store_true",
                    help="only choose, among the file's entries, the config of each band's graph (tune/bands.py)")
+    p.add_argument("--backward", action="store_true",
+                   help="only time the training backward's dA / dx GEMMs, torch's against csrc/'s CUTLASS configs, "
+                        "and write the file's backward entries (tune/backward.py; builds the CUTLASS kernels)")
     args = p.parse_args()
     if args.tokens is None:
         args.tokens = list(bands.LENGTHS if args.bands else TOKENS)
@@ -119,6 +124,25 @@ def write_bands(out_path: str, args, dtype, timer, command: str) -> None:
         print(f"{name:>16} {str(band):>12} {T:>6} | {cells}")
 
 
+def write_backward(out_path: str, args, shapes, dtype, gpu: str, command: str) -> None:
+    """--backward: the backward entries of these shapes and lengths (tune/backward.py) into the file, in place of
+    the ones it had at those points (--merge keeps its others; without it they are dropped). The forward's entries
+    stay as they are; a file that does not exist yet gets none."""
+    from moe_compiler.lowering import cutlass
+
+    cutlass.load()
+    if os.path.exists(out_path):
+        data = json.load(open(out_path))
+    else:
+        data = {"schema": triton_config.SCHEMA, "gpu": gpu, "capability": list(torch.cuda.get_device_capability()),
+                "triton": triton.__version__, "torch": torch.__version__, "written_by": command, "entries": []}
+    new = backward.tune(shapes, args.tokens, dtype)
+    data["backward"] = backward.merged(data.get("backward", []) if args.merge else [], new)
+    data["backward_by"] = (data.get("backward_by", []) if args.merge else []) + [command]
+    write(out_path, data)
+    print(f"wrote {out_path} ({len(data['backward'])} backward entries)")
+
+
 def main():
     args = parse_args()
     if not torch.cuda.is_available():
@@ -147,7 +171,10 @@ def main():
     if args.bands:
         write_bands(out_path, args, dtype, timer, command)
         return
-    entries, earlier, kept_bands, refined = [], [], [], []
+    if args.backward:
+        write_backward(out_path, args, shapes, dtype, gpu, command)
+        return
+    entries, earlier, kept_bands, refined, kept_backward = [], [], [], [], {}
     if args.merge and os.path.exists(out_path):
         keys = {(args.dtype, *s, T) for s in shapes for T in args.tokens}  # only the points re-tuned now
         old = json.load(open(out_path))
@@ -158,6 +185,8 @@ def main():
         # A band entry was chosen among its shape's entries: re-tuning the shape drops it (tune --bands again).
         retuned = {(args.dtype, *s) for s in shapes}
         kept_bands = [b for b in old.get("bands", []) if (b["dtype"], b["E"], b["k"], b["H"], b["I"]) not in retuned]
+        # The backward's entries do not depend on the forward's configs.
+        kept_backward = {key: old[key] for key in ("backward", "backward_by") if key in old}
     if args.quick is not None:
         tuned, table = quick(shapes, args.tokens, dtype, gpu, args.quick)
     else:
@@ -174,6 +203,7 @@ def main():
         **({"refined_by": refined} if refined else {}),
         "entries": sorted(entries + tuned, key=lambda e: (e["dtype"], e["E"], e["k"], e["H"], e["I"], e["T"])),
         **({"bands": kept_bands} if kept_bands else {}),
+        **kept_backward,
     }
     write(out_path, data)
     print(f"wrote {out_path} ({len(data['entries'])} entries)")

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from benchmarks import bench_train_op
-from moe_compiler.lowering import triton_backward, triton_config
+from moe_compiler.lowering import backward_table, cutlass, triton_backward, triton_config
 from moe_compiler.lowering.triton_backward import DGrad, WGrad
 
 # (dtype, E, k, H, I, T, library, saved): what _call_default_config passes
@@ -35,6 +35,9 @@ def test_the_default_rows_are_unpadded_and_each_variant_departs_from_it_alone():
     assert large == dataclasses.replace(default, grouped_tile=triton_backward.GroupedTile.LARGE)
     assert large.min_slots(ARGS[1]) == 129 * ARGS[1] and default.min_slots(ARGS[1]) == 0
     assert _config("moe_train_torch_tile") == default  # 1024 rows per expert: outside the LARGE band
+    for variant, name in (("moe_train_cutlass_pp64x256", "pingpong_64x256"),
+                          ("moe_train_cutlass_c128x256", "coop_128x256_cluster1x2")):
+        assert _config(variant) == dataclasses.replace(default, cutlass=cutlass.CONFIGS.index(name))
 
     for variant, paths in bench_train_op.PATHS.items():
         config = _config(variant)
@@ -58,3 +61,12 @@ def test_the_switches_are_restored_after_each_variant():
     for variant in bench_train_op.VARIANTS:
         _config(variant)
         assert triton_backward.default_config is real
+
+
+def test_torch_dgrad_consults_no_table(monkeypatch):
+    """moe_train_torch_dgrad: a table naming a CUTLASS config for dA and dx is not read inside the variant."""
+    monkeypatch.setattr(backward_table, "dgrad_config", lambda *a: 7)
+    with bench_train_op._backward("moe_train_torch_dgrad"):
+        assert backward_table.dgrad_config("GPU", *ARGS[:6], False) == -1
+        assert triton_backward.default_config(*ARGS) == _config("moe_train")
+    assert backward_table.dgrad_config("GPU", *ARGS[:6], False) == 7

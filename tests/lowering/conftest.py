@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 from config_files import SMALL, write_config_file
 
-from moe_compiler.lowering import triton_config
+from moe_compiler.lowering import backward_table, triton_config
 
 
 def _clear():
     triton_config._sources.cache_clear()
     triton_config._own_bands.cache_clear()
     triton_config._warned.clear()
+    backward_table._own.cache_clear()
 
 
 @pytest.fixture

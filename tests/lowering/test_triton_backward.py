@@ -12,7 +12,8 @@ pytest.importorskip("triton")
 
 from triton_cases import DEVICE, SPECS, device_inputs, poisoned_allocations, spec_id  # noqa: E402
 
-from moe_compiler.lowering import triton_backward, triton_backward_library, triton_experts  # noqa: E402
+from moe_compiler.lowering import cutlass, triton_backward, triton_backward_library, triton_experts  # noqa: E402
+from moe_compiler.lowering.torch_segment_mm import GroupedMM  # noqa: E402
 from moe_compiler.lowering.triton_config import KernelConfig, SortedConfig  # noqa: E402
 from moe_compiler.testing import experts_reference, experts_reference_by_expert, pre_activations, rel_err  # noqa: E402
 from moe_compiler.testing.cuda_graphs import captured, replay  # noqa: E402
@@ -162,6 +163,82 @@ def test_library_gemms(spec, config, monkeypatch):
     assert aligned == [1 if config.unpadded else 16]
     large = config.grouped_tile is triton_backward.GroupedTile.LARGE
     assert slots == [129 * 5 if large else 38 if config.unpadded else triton_backward.max_blocks(38, 5, 16) * 16]
+
+
+class _CutlassStandIn(GroupedMM):
+    """cutlass.with_config's class where csrc/ cannot run (the CPU): torch's grouped GEMM under CutlassMM's name."""
+
+    name = "cutlass"
+
+
+PINGPONG_64x256 = cutlass.CONFIGS.index("pingpong_64x256")
+# (T, H, I, E, k): the library test's 19 tokens; on the GPU also tiles partly filled in every dimension
+CUTLASS_SHAPES = [(19, 32, 16, 5, 2)] + ([(300, 264, 200, 8, 2)] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("shape", CUTLASS_SHAPES, ids=str)
+@pytest.mark.parametrize("spec", COVERED, ids=spec_id)
+def test_library_dgrad_on_cutlass(spec, shape, monkeypatch):
+    """BackwardConfig.cutlass: dA = G @ W_down[e] and dx_rows = dz @ W_gate_up[e] on csrc/'s grouped GEMM (the
+    64 x 256 ping-pong tile), every other GEMM torch's; gradients equal fp64's. On the GPU the built library (the
+    test needs it: sm90, nvcc and headers); on the CPU a stand-in for it running torch's GEMM, so that the test
+    checks which GEMMs are routed to it."""
+    if DEVICE == "cuda" and cutlass.missing() is not None:
+        pytest.skip(f"the CUTLASS path cannot be built here: {cutlass.missing()}")
+    if DEVICE != "cuda":
+        monkeypatch.setattr(cutlass, "with_config", lambda config, act_epilogue=False: _CutlassStandIn)
+    projected = []
+    real = triton_backward_library.project_dx
+    monkeypatch.setattr(triton_backward_library, "project_dx",
+                        lambda mm, *a: projected.append(mm.name) or real(mm, *a))
+    T, H, I, E, k = shape
+    expected = cutlass.with_config(PINGPONG_64x256).name  # (the stand-in's on the CPU)
+    ids = torch.rand(T, E - 1, generator=torch.Generator().manual_seed(5)).argsort(dim=1)[:, :k]  # E - 1: no rows
+    config = dataclasses.replace(UNPADDED, cutlass=PINGPONG_64x256)
+    _check(T, H, I, E, k, LIBRARY_DTYPE, LIBRARY_TOL, spec, ids=ids, config=config, z=_saved_z(spec, T, k, I))
+    assert projected == [expected] * 2
+
+
+@pytest.mark.gpu
+def test_the_measured_table_puts_the_default_dgrad_on_cutlass(tmp_path, monkeypatch):
+    """A backward entry of this GPU naming a CUTLASS config at the call's grid point (lowering/backward_table.py):
+    the call's default config takes it, dA and dx run on it and the gradients equal fp64's; MOE_COMPILER_CUTLASS=0
+    keeps torch's. (300 tokens: the grid point 512.)"""
+    if cutlass.missing() is not None:
+        pytest.skip(f"the CUTLASS path cannot be built here: {cutlass.missing()}")
+    from config_files import write_config_file
+
+    from moe_compiler.lowering import backward_table, triton_config
+
+    T, H, I, E, k = 300, 264, 200, 8, 2
+    point = {"dtype": "bfloat16", "E": E, "k": k, "H": H, "I": I, "T": 512, "transposed": False,
+             "dgrad": "pingpong_64x256"}
+    monkeypatch.setattr(triton_config, "CONFIG_DIR", tmp_path)
+    backward_table._own.cache_clear()
+    write_config_file(tmp_path, torch.cuda.get_device_name(), [9, 0], [], backward=[point])
+    spec = next(s for s in COVERED if not s.transposed)
+    projected = []
+    real = triton_backward_library.project_dx
+    monkeypatch.setattr(triton_backward_library, "project_dx",
+                        lambda mm, *a: projected.append(mm.name) or real(mm, *a))
+    try:
+        _check(T, H, I, E, k, torch.bfloat16, 1e-2, spec, config=None, z=_saved_z(spec, T, k, I))
+        assert projected == [cutlass.with_config(PINGPONG_64x256).name] * 2
+        projected.clear()
+        monkeypatch.setenv(cutlass.ENV, "0")
+        _check(T, H, I, E, k, torch.bfloat16, 1e-2, spec, config=None, z=_saved_z(spec, T, k, I))
+        assert projected == [GroupedMM.name] * 2
+    finally:
+        backward_table._own.cache_clear()
+
+
+def test_cutlass_dgrad_config_errors():
+    with pytest.raises(ValueError, match=r"expected -1 \(torch's grouped GEMM\) or an index into cutlass.CONFIGS"):
+        dataclasses.replace(UNPADDED, cutlass=len(cutlass.CONFIGS))
+    for config in (LIBRARY, LARGE_TILE):  # dgrad by Triton; buffers sized for torch's pick
+        with pytest.raises(ValueError, match="only with dgrad_path GROUPED_MM .* and grouped_tile TORCH"):
+            dataclasses.replace(config, cutlass=PINGPONG_64x256)
+    assert UNPADDED.dgrad_mm is GroupedMM
 
 
 @pytest.mark.parametrize("config", [LIBRARY, LIBRARY_ALL], ids=["wgrad", "wgrad+dgrad"])

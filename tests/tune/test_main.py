@@ -49,3 +49,37 @@ def test_refine_adds_its_command_to_the_earlier_ones(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert refined == [[KEPT]] and data["written_by"] == "tune"
     assert data["refined_by"][0] == "refine 1" and "--refine --shapes olmoe" in data["refined_by"][1]
+
+
+BACKWARD = {"dtype": "bfloat16", "E": 128, "k": 8, "H": 4096, "I": 1536, "T": 4096, "transposed": False,
+            "dgrad": "pingpong_64x256"}
+
+
+def test_backward_writes_its_entries_beside_the_forwards_and_a_forward_merge_keeps_them(tmp_path, monkeypatch):
+    out = tmp_path / "FAKE_GPU.json"
+    other = dict(BACKWARD, T=16384, dgrad="torch")
+    out.write_text(json.dumps({"schema": 1, "written_by": "tune", "entries": [KEPT], "backward": [other],
+                               "backward_by": ["first"]}))
+    fake_gpu(monkeypatch)
+    from moe_compiler.lowering import cutlass
+
+    monkeypatch.setattr(cutlass, "load", lambda: None)
+    measured = []
+    monkeypatch.setattr(tune_main.backward, "tune", lambda shapes, tokens, dtype: measured.append(
+        (shapes, tokens, dtype)) or [BACKWARD])
+    argv = ["moe_compiler.tune", "--backward", "--shapes", "qwen3_235b_a22b", "--tokens", "4096", "--out", str(out),
+            "--merge"]
+    monkeypatch.setattr(sys, "argv", argv)
+    tune_main.main()
+    data = json.loads(out.read_text())
+    assert measured == [([(128, 8, 4096, 1536)], [4096], torch.bfloat16)]
+    assert data["entries"] == [KEPT] and data["written_by"] == "tune"  # the forward's, untouched
+    assert data["backward"] == [BACKWARD, other] and data["backward_by"][0] == "first"
+    assert "--backward --shapes qwen3_235b_a22b" in data["backward_by"][1]
+
+    # a forward --merge of another shape keeps the backward's entries
+    monkeypatch.setattr(tune_main, "quick", lambda *a: ([dict(KEPT, T=16)], []))
+    monkeypatch.setattr(sys, "argv", ["moe_compiler.tune", "--quick", "1", "--shapes", "olmoe", "--tokens", "16",
+                                      "--out", str(out), "--merge"])
+    tune_main.main()
+    assert json.loads(out.read_text())["backward"] == [BACKWARD, other]

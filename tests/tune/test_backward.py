@@ -1,0 +1,76 @@
+"""tune/backward.py: the backward's dA / dx candidates timed on the same operands, checked against torch's outputs,
+and a CUTLASS config chosen only where it is right and MARGIN faster (CPU: torch's grouped GEMM stands in for csrc/'s,
+a stub clock for the GPU's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_compiler.lowering import cutlass, triton_backward
+from moe_compiler.tune import backward
+
+FAST, WRONG, CLOSE = 0, 1, 2  # cutlass.CONFIGS indices the stubs treat as: 20% faster; wrong outputs; 1% faster
+
+
+@pytest.fixture
+def stub_cutlass(monkeypatch):
+    """cutlass.grouped_mm by torch's grouped GEMM on the CPU; WRONG's outputs scaled by 1.1. Records each call's
+    rows."""
+    rows = []
+
+    def grouped_mm(x, w, offs, b_nk, config):
+        rows.append(x.shape[0])
+        out = torch._grouped_mm(x, w.transpose(-2, -1) if b_nk else w, offs=offs)
+        return out * 1.1 if config == WRONG else out
+
+    monkeypatch.setattr(cutlass, "grouped_mm", grouped_mm)
+    return rows
+
+
+def clock(speed):
+    """time_bodies stand-in: each candidate's seconds from `speed` (torch's 1.0); runs every body once."""
+    def time_bodies(bodies):
+        for body in bodies.values():
+            body()
+        return {name: speed.get(name, 1.0) for name in bodies}
+    return time_bodies
+
+
+SPEEDS = {cutlass.CONFIGS[FAST]: 0.8, cutlass.CONFIGS[WRONG]: 0.5, cutlass.CONFIGS[CLOSE]: 0.99}
+
+
+def test_the_fastest_right_config_past_the_margin_wins(stub_cutlass):
+    entries = backward.tune([(4, 2, 32, 16)], [64], torch.float32, configs=(FAST, WRONG, CLOSE),
+                            time_bodies=clock(SPEEDS))
+    (entry,) = entries
+    assert entry["dgrad"] == cutlass.CONFIGS[FAST]  # WRONG is faster but its outputs are off by 10%
+    assert entry["err"][cutlass.CONFIGS[WRONG]] > backward.ERR >= entry["err"][cutlass.CONFIGS[FAST]]
+    assert entry["us"]["torch"] == 1e6 and entry["us"][cutlass.CONFIGS[FAST]] == 0.8e6
+    assert {k: entry[k] for k in ("dtype", "E", "k", "H", "I", "T", "transposed")} == \
+        {"dtype": "float32", "E": 4, "k": 2, "H": 32, "I": 16, "T": 64, "transposed": False}
+    assert set(stub_cutlass) == {64 * 2}  # CUTLASS over the T k real rows
+
+
+def test_within_the_margin_torch_stays(stub_cutlass):
+    (entry,) = backward.tune([(4, 2, 32, 16)], [64], torch.float32, configs=(WRONG, CLOSE),
+                             time_bodies=clock(SPEEDS))
+    assert entry["dgrad"] == "torch"
+
+
+def test_torch_is_timed_in_the_default_backwards_buffer(stub_cutlass, monkeypatch):
+    """120 rows per expert (the GroupedTile.LARGE band): torch's operands have 129 E rows, as the default
+    backward's buffers do, so that its kernel pick is the one the backward gets."""
+    E, k, T = 4, 2, 240
+    assert triton_backward.large_tile_pays(T * k, E)
+    seen, real = [], torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: seen.append(a.shape[0]) or real(a, b, offs=offs))
+    backward.tune([(E, k, 32, 16)], [T], torch.float32, configs=(FAST,), time_bodies=clock(SPEEDS))
+    assert set(seen) - {T * k} == {129 * E}  # (the stand-in's own calls take the T k rows)
+
+
+def test_merged_replaces_the_points_measured_again():
+    point = {"dtype": "bfloat16", "E": 4, "k": 2, "H": 32, "I": 16, "T": 64, "transposed": False}
+    old = [dict(point, dgrad="torch"), dict(point, T=16, dgrad="torch")]
+    new = [dict(point, dgrad=cutlass.CONFIGS[FAST])]
+    assert backward.merged(old, new) == [old[1], new[0]]
