@@ -130,6 +130,9 @@ def write_backward(out_path: str, args, shapes, dtype, gpu: str, command: str) -
     stay as they are; a file that does not exist yet gets none."""
     from moe_compiler.lowering import cutlass
 
+    if dtype != torch.bfloat16:
+        raise SystemExit(f"{COMMAND} --backward: the library backward whose GEMMs this times runs in bfloat16 only "
+                         f"(torch's grouped GEMM), got --dtype {args.dtype}")
     cutlass.load()
     if os.path.exists(out_path):
         data = json.load(open(out_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 
 from moe_compiler.tune import __main__ as tune_main
@@ -83,3 +84,11 @@ def test_backward_writes_its_entries_beside_the_forwards_and_a_forward_merge_kee
                                       "--out", str(out), "--merge"])
     tune_main.main()
     assert json.loads(out.read_text())["backward"] == [BACKWARD, other]
+
+
+def test_backward_takes_bfloat16_only(tmp_path, monkeypatch):
+    fake_gpu(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["moe_compiler.tune", "--backward", "--dtype", "float16", "--shapes", "olmoe",
+                                      "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="runs in bfloat16 only"):
+        tune_main.main()
