@@ -15,7 +15,7 @@ Per point (shape:T, bf16, uniform top-k routing), each 2-D x 3-D GEMM a training
 timed with the operand as it is (R = S: torch's pick), inside a buffer of (128 + 1) E rows
 (triton_backward.GroupedTile.LARGE: the cooperative kernel; the trailing rows are in no group) where that changes
 torch's pick, and (where csrc/ builds) with each of our CUTLASS configs (lowering/cutlass.py CONFIGS: the tiles,
-clusters and schedules the forward's table chooses from; the backward's GEMMs run torch's today), all in the same
+clusters and schedules the forward's table chooses from, and `tune --backward` for dA / dx), all in the same
 rounds (interleaved CUDA-event medians). Each output's first experts are checked against fp32 before timing.
 The last points are issue 17's op-level shapes (more than 128 rows per expert: torch's cooperative kernel), where
 the question is whether a tuned tile would beat torch's one choice.
