@@ -18,7 +18,9 @@ torch's pick, and (where csrc/ builds) with each of our CUTLASS configs (lowerin
 clusters and schedules the forward's table chooses from, and `tune --backward` for dA / dx), all in the same
 rounds (interleaved CUDA-event medians). Each output's first experts are checked against fp32 before timing.
 The last points are issue 17's op-level shapes (more than 128 rows per expert: torch's cooperative kernel), where
-the question is whether a tuned tile would beat torch's one choice.
+the question is whether a tuned tile would beat torch's one choice. Each point also times the step's two weight
+gradients (dW_down = G^T act, dW_gate_up = dz^T X per expert: 2-D x 2-D, torch's only), so that the six GEMMs'
+times add up to the step's GEMM time (TFLOP/s of each beside the GPU's dense peak).
 
     python -m benchmarks.probes.probe_grouped_tile [--points deepseek_v3:4096 kimi_k2:4096 ...] [--no-cutlass]
 """
@@ -109,7 +111,33 @@ def point(name, T, rounds, cutlass_configs=()):
         rows.append(row)
         del big, a, bodies
     del w_gate_up, w_down
+    rows += weight_gradients(name, T, S, E, H, I, offs, gen, rounds)
     torch.cuda.empty_cache()
+    return rows
+
+
+def weight_gradients(name, T, S, E, H, I, offs, gen, rounds):
+    """The step's other two GEMMs, 2-D x 2-D with offs along the reduction (torch's only: csrc/ has no such form,
+    and torch's kernel does not follow the rows): dW_down [E, H, I] = G^T act and dW_gate_up [E, 2I, H] = dz^T X
+    per expert, as triton_backward_library's down_grads / gate_up_grads run them. Their rows, to set each GEMM's
+    share of the step beside the four above."""
+    rows = []
+    for gemm, (M, N) in {"dW_down": (H, I), "dW_gate_up": (2 * I, H)}.items():
+        left = torch.randn(S, M, device="cuda", dtype=torch.bfloat16, generator=gen)
+        right = torch.randn(S, N, device="cuda", dtype=torch.bfloat16, generator=gen)
+        out = torch._grouped_mm(left.t(), right, offs=offs)
+        errs, start = [], 0
+        for e, end in enumerate(offs.tolist()):
+            if end > start and len(errs) < 3:
+                errs.append(rel_err(out[e].float(), left[start:end].float().t() @ right[start:end].float()))
+            start = end
+        seconds = interleaved({"torch": functools.partial(torch._grouped_mm, left.t(), right, offs=offs)},
+                              rounds)["torch"]
+        row = {"shape": name, "T": T, "rows_per_expert": S / E, "gemm": gemm, "torch_kernel": "128x256 cooperative",
+               "torch_err": max(errs), "torch_us": seconds * 1e6, "torch_tflops": 2 * S * M * N / seconds / 1e12}
+        print(row, flush=True)
+        rows.append(row)
+        del left, right, out
     return rows
 
 
