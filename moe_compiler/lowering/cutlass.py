@@ -126,8 +126,9 @@ def load():
 
 @functools.cache
 def _say_off(reason: str) -> None:
-    log.warning("moe_compiler: the CUTLASS kernels are off here (%s): the Triton kernels run instead where "
-                "CUTLASS was picked (%s=0 silences this)", reason, ENV)
+    log.warning("moe_compiler: the CUTLASS kernels are off here (%s): the Triton kernels (in the training "
+                "backward, torch's grouped GEMM) run instead where CUTLASS was picked (%s=0 silences this)",
+                reason, ENV)
 
 
 def buildable() -> bool:
