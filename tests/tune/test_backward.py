@@ -74,3 +74,16 @@ def test_merged_replaces_the_points_measured_again():
     old = [dict(point, dgrad="torch"), dict(point, T=16, dgrad="torch")]
     new = [dict(point, dgrad=cutlass.CONFIGS[FAST])]
     assert backward.merged(old, new) == [old[1], new[0]]
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_every_config_is_right_and_timed():
+    """The real candidates (sm90 with the CUTLASS build): every config's dA / dx equal torch's, every one timed, and the
+    entry names torch or one of them."""
+    if cutlass.missing() is not None:
+        pytest.skip(f"the CUTLASS path cannot be built here: {cutlass.missing()}")
+    configs = range(len(cutlass.CONFIGS))
+    (entry,) = backward.tune([(8, 2, 256, 128)], [512], torch.bfloat16, configs=configs)
+    assert set(entry["us"]) == {"torch", *cutlass.CONFIGS} and all(us > 0 for us in entry["us"].values())
+    assert max(entry["err"].values()) <= backward.ERR
+    assert entry["dgrad"] in entry["us"]
