@@ -136,7 +136,7 @@ class BackwardConfig:
     # grouped GEMM with tile, cluster and schedule cutlass.CONFIGS[cutlass], instead of torch's pick (-1). Above the
     # GroupedTile band torch has one kernel (128 x 256 cooperative) for every shape; at 256 rows per expert
     # (Qwen3-235B-A22B, T = 4096, H100) the 64 x 256 ping-pong tile ran dA and dx 1.14x faster, at Mixtral-8x7B
-    # T = 32768 the 1 x 2-cluster 128 x 256 tile 1.06-1.11x, and ours lost 1-3% elsewhere (probe_grouped_tile,
+    # T = 32768 the 1 x 2-cluster 128 x 256 tile 1.06-1.11x, and ours lost up to 1% elsewhere (probe_grouped_tile,
     # benchmarks/NOTES.md session 53): the default takes one only where this GPU's table measured it faster
     # (backward_table, _call_default_config). The weight gradients (2-D x 2-D) stay torch's.
     cutlass: int = -1

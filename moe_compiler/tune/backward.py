@@ -7,7 +7,7 @@ lowering/configs/<gpu>.json (lowering/backward_table.py reads them).
     S = T k rows in expert order (unpadded: z saved), offs [E] int32 on the device
 
 Why measured: above the GroupedTile band torch runs one kernel (128 x 256 cooperative) at every shape; our 64 x 256
-ping-pong tile ran both GEMMs 1.14x faster at Qwen3-235B-A22B T = 4096 and our tiles lost 1-3% at GPT-OSS-20B
+ping-pong tile ran both GEMMs 1.14x faster at Qwen3-235B-A22B T = 4096 and our best tile lost up to 1% at GPT-OSS-20B
 T = 32768 (H100, benchmarks/probes/probe_grouped_tile.py, NOTES.md session 53).
 
 How: bf16 operands drawn per point, each routing of tune.shapes.ROUTINGS (uniform, skewed); torch's candidate in the
