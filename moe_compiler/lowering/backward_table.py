@@ -38,17 +38,21 @@ def load(path: pathlib.Path) -> list[dict]:
     return entries
 
 
+def point(entry: dict) -> tuple:
+    """An entry's point: its KEYS' values, in order."""
+    return tuple(entry[f] for f in KEYS)
+
+
 @functools.cache
-def _own(gpu_name: str) -> tuple[dict, ...]:
+def _own(gpu_name: str) -> dict[tuple, int]:
+    """This GPU's entries as point -> CUTLASS config index (-1: torch's), read once: the lookup runs per call."""
     path = triton_config.gpu_file(gpu_name)
-    return tuple(load(path)) if path.exists() else ()
+    entries = load(path) if path.exists() else []
+    return {point(e): -1 if e["dgrad"] == TORCH else cutlass.CONFIGS.index(e["dgrad"]) for e in entries}
 
 
 def dgrad_config(gpu_name: str, dtype: torch.dtype, E: int, k: int, H: int, I: int, T: int, transposed: bool) -> int:
     """The CUTLASS config (index into cutlass.CONFIGS) measured fastest for dA and dx_rows at this point on this GPU,
     or -1: torch's grouped GEMM (measured faster, or not measured)."""
     key = (str(dtype).removeprefix("torch."), E, k, H, I, triton_config.bucket(T), transposed)
-    found = [e for e in _own(gpu_name) if tuple(e[f] for f in KEYS) == key]
-    if not found or found[0]["dgrad"] == TORCH:
-        return -1
-    return cutlass.CONFIGS.index(found[0]["dgrad"])
+    return _own(gpu_name).get(key, -1)

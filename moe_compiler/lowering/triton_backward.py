@@ -105,12 +105,11 @@ GROUPED_SMALL_ROWS = 128  # torch's bound on mat_a's rows per expert for its sma
 
 def large_tile_pays(num_pairs: int, E: int) -> bool:
     """Whether the default takes GroupedTile.LARGE for unpadded rows: torch would pick its ping-pong kernel
-    (fewer than 129 rows per expert on average) and there are more than 112. Measured at 128 rows per expert
-    (DeepSeek-V3, T = 4096): torch's ping-pong kernel 15% slower than a 128 x 256 cooperative tile on the
-    forward's two GEMM forms (H200, benchmarks/NOTES.md "CUTLASS v0 measured"); the op's forward + backward
-    263 TF/s with it against 288 with the 16-row padding's buffers, which made torch pick the cooperative one
-    (H100, sessions 49 and 52). Below 112 not measured; the extra rows (129 E - T k) stay under the 17 E the
-    16-row padding's bound had."""
+    (fewer than 129 rows per expert on average) and there are more than 112. Measured (H100, benchmarks/NOTES.md
+    session 53, probe_grouped_tile): at exactly 128 rows per expert the cooperative kernel runs dA and dx 1.12-1.42x
+    faster at every shape probed (DeepSeek-V3 T = 4096: 1.35 / 1.34x, the op's forward + backward 1.07x); at 64-96
+    rows torch's pick is right or within 5%. The extra rows (129 E - T k) stay under the 17 E the 16-row padding's
+    bound had."""
     return (GROUPED_SMALL_ROWS - 16) * E < num_pairs < (GROUPED_SMALL_ROWS + 1) * E  # torch: S // E <= 128
 
 

@@ -63,8 +63,13 @@ def candidates(ops: dict, configs) -> dict[str, Callable[[], tuple]]:
     return bodies
 
 
+def timed(bodies: dict) -> dict:
+    """{name: median seconds} of the candidates, in the same interleaved rounds."""
+    return interleaved(bodies, ROUNDS)
+
+
 def measure(E: int, k: int, H: int, I: int, T: int, dtype: torch.dtype, configs, gen: torch.Generator,
-            time_bodies: Callable[[dict], dict] = lambda bodies: interleaved(bodies, ROUNDS)) -> tuple[dict, dict]:
+            time_bodies: Callable[[dict], dict] = timed) -> tuple[dict, dict]:
     """({name: score in seconds}, {name: worst rel err against torch's}) of every candidate at one point."""
     library = triton_backward.default_config(dtype, E, k, H, I, T, library=True, saved=True)
     per_routing, errs = [], {}
@@ -89,7 +94,7 @@ def choose(scores: dict, errs: dict) -> str:
     return backward_table.TORCH
 
 
-def tune(shapes, tokens, dtype: torch.dtype, configs=None, seed: int = 0, time_bodies=None) -> list[dict]:
+def tune(shapes, tokens, dtype: torch.dtype, configs=None, seed: int = 0, time_bodies=timed) -> list[dict]:
     """The backward entries of every (shape, T), in transformers' weight layout (transposed False)."""
     configs = range(len(cutlass.CONFIGS)) if configs is None else configs
     dname = str(dtype).removeprefix("torch.")
@@ -98,8 +103,7 @@ def tune(shapes, tokens, dtype: torch.dtype, configs=None, seed: int = 0, time_b
     for E, k, H, I in shapes:
         for T in tokens:
             gen = torch.Generator(device).manual_seed(seed)
-            kw = {} if time_bodies is None else {"time_bodies": time_bodies}
-            scores, errs = measure(E, k, H, I, T, dtype, configs, gen, **kw)
+            scores, errs = measure(E, k, H, I, T, dtype, configs, gen, time_bodies)
             chosen = choose(scores, errs)
             entries.append({"dtype": dname, "E": E, "k": k, "H": H, "I": I, "T": T, "transposed": False,
                             "dgrad": chosen, "us": {n: round(s * 1e6, 1) for n, s in scores.items()},
@@ -113,6 +117,5 @@ def tune(shapes, tokens, dtype: torch.dtype, configs=None, seed: int = 0, time_b
 
 def merged(old: list[dict], new: list[dict]) -> list[dict]:
     """old's entries at points new does not measure, then new's; sorted by point."""
-    points = {tuple(e[f] for f in backward_table.KEYS) for e in new}
-    kept = [e for e in old if tuple(e[f] for f in backward_table.KEYS) not in points]
-    return sorted(kept + new, key=lambda e: tuple(e[f] for f in backward_table.KEYS))
+    points = {backward_table.point(e) for e in new}
+    return sorted([e for e in old if backward_table.point(e) not in points] + new, key=backward_table.point)
