@@ -30,8 +30,11 @@ Per (shape, T), bf16, uniform routing, one process, every variant on the same in
     moe_train_cutlass_pp64x256 / moe_train_cutlass_c128x256  moe_train with dA and dx on csrc/'s CUTLASS grouped GEMM
                         (BackwardConfig.cutlass: the 64 x 256 ping-pong tile / the 128 x 256 cooperative one in 1 x 2
                         clusters) instead of torch's pick; needs the CUTLASS build
-    moe_train_torch_dgrad moe_train with dA and dx on torch's grouped GEMM wherever the GPU's table
-                        (`python -m moe_compiler.tune --backward`) names a CUTLASS config: the table's A/B
+    moe_train_wgrad_pp64x128 / moe_train_wgrad_pp64x256  moe_train with the weight gradients on csrc/'s CUTLASS
+                        weight-gradient GEMM (BackwardConfig.wgrad_cutlass: the 64 x 128 / 64 x 256 ping-pong tile)
+    moe_train_torch_dgrad / moe_train_torch_wgrad / moe_train_no_table  moe_train with dA and dx / the weight
+                        gradients / both on torch's grouped GEMM wherever the GPU's table (`python -m
+                        moe_compiler.tune --backward`) names a CUTLASS config: the table's A/B, each half apart
 Time: median of CUDA-event-timed forward + backward calls after warm-up (grad_out fixed, gradients of hidden,
 router weights and both weight tensors). TFLOP/s counts 18*T*k*H*I (forward 6, backward 12), the issue's
 measure. Memory: peak allocated during a call above what is held before it; saved: the bytes per token autograd
@@ -61,7 +64,8 @@ from . import harness
 VARIANTS = ("hf_grouped_mm", "hf_grouped_mm_tc", "moe_torch_bwd", "moe_triton_bwd", "moe_train", "moe_train_tc",
             "moe_train_tc_opaque", "moe_train_tr_dgrad", "moe_train_triton", "moe_train_tile_pad",
             "moe_train_pad16", "moe_train_large_tile", "moe_train_torch_tile", "moe_train_cutlass_pp64x256",
-            "moe_train_cutlass_c128x256", "moe_train_torch_dgrad")
+            "moe_train_cutlass_c128x256", "moe_train_wgrad_pp64x128", "moe_train_wgrad_pp64x256",
+            "moe_train_torch_dgrad", "moe_train_torch_wgrad", "moe_train_no_table")
 # variant -> (WGrad, DGrad) replacing default_config's
 PATHS = {"moe_train_tr_dgrad": ("GROUPED_MM", "TRITON"), "moe_train_triton": ("TRITON", "TRITON")}
 # variant -> BackwardConfig fields replacing default_config's (GroupedTile's values by name)
@@ -76,9 +80,16 @@ REPLACED = {
     # faster than torch's above the GroupedTile band (NOTES session 53)
     "moe_train_cutlass_pp64x256": {"cutlass": "pingpong_64x256", "grouped_tile": "TORCH"},
     "moe_train_cutlass_c128x256": {"cutlass": "coop_128x256_cluster1x2", "grouped_tile": "TORCH"},
+    # the weight gradients on csrc/'s weight-gradient GEMM (BackwardConfig.wgrad_cutlass): the ping-pong tiles, whose
+    # epilogue overlaps the next tile's main loop (a weight gradient writes the weights' size over short K loops)
+    "moe_train_wgrad_pp64x128": {"wgrad_cutlass": "pingpong_64x128"},
+    "moe_train_wgrad_pp64x256": {"wgrad_cutlass": "pingpong_64x256"},
 }
+# variant -> which of the table's (dgrad, wgrad) choices it keeps (the others: torch's)
+TABLE_KEPT = {"moe_train_torch_dgrad": (False, True), "moe_train_torch_wgrad": (True, False),
+              "moe_train_no_table": (False, False)}
 # every variant that calls experts_train eagerly
-TRAIN_VARIANTS = ("moe_train", "moe_train_tile_pad", "moe_train_torch_dgrad", *REPLACED)
+TRAIN_VARIANTS = ("moe_train", "moe_train_tile_pad", *TABLE_KEPT, *REPLACED)
 
 
 @contextlib.contextmanager
@@ -96,13 +107,16 @@ def _backward(variant: str):
     if variant in REPLACED:
         enums = {"wgrad_path": triton_backward.WGrad, "dgrad_path": triton_backward.DGrad,
                  "grouped_tile": triton_backward.GroupedTile}
-        fields = {f: enums[f][v] if f in enums else cutlass.CONFIGS.index(v) if f == "cutlass" else v
+        names = {"cutlass": cutlass.CONFIGS, "wgrad_cutlass": cutlass.WGRAD_CONFIGS}
+        fields = {f: enums[f][v] if f in enums else names[f].index(v) if f in names else v
                   for f, v in REPLACED[variant].items()}
         triton_backward.default_config = lambda *a: dataclasses.replace(real(*a), **fields)
     if variant == "moe_train_tile_pad":  # rows padded to the forward's tile: default_config(dtype, E, k, H, I, T)
         triton_backward.default_config = lambda dtype, E, k, H, I, T, *_: real(dtype, E, k, H, I, T)
-    if variant == "moe_train_torch_dgrad":  # the GPU's table consulted by no call
-        caches.enter_context(unittest.mock.patch.object(backward_table, "dgrad_config", lambda *a: -1))
+    if variant in TABLE_KEPT:  # the GPU's table: some of its choices replaced by torch's (-1)
+        kept, table = TABLE_KEPT[variant], backward_table.configs
+        caches.enter_context(unittest.mock.patch.object(
+            backward_table, "configs", lambda *a: tuple(c if keep else -1 for c, keep in zip(table(*a), kept))))
     try:
         with caches:
             yield

@@ -22,6 +22,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -83,9 +84,12 @@ using SiluMul = cutlass::epilogue::fusion::Sm90EVT<
         cutlass::epilogue::fusion::Sm90SrcFetch<Element>>,
     cutlass::epilogue::fusion::Sm90AccFetch>;
 
-template <typename Element, typename LayoutB, typename Config, Epi kEpi = Epi::kPlain>
+// LayoutA: RowMajor for the rows of x (K contiguous); ColumnMajor for the weight gradients' transposed left
+// operand (M contiguous: WgradRunner below).
+template <typename Element, typename LayoutB, typename Config, Epi kEpi = Epi::kPlain,
+          typename LayoutA_ = cutlass::layout::RowMajor>
 struct GroupedGemm {
-  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutA = LayoutA_;
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte rows for TMA
   static constexpr bool kSource = kEpi == Epi::kSiluMul;
@@ -203,6 +207,97 @@ struct Runner {
     return args;
   }
 
+};
+
+// The weight gradients: out[e] = a_e^T @ b_e per expert, the reduction over each expert's rows (varlen K).
+//     a      [S, M]        rows sorted by expert (e.g. dO's rows for d w_down, dz's for d w_gate_up)
+//     b      [S, N]        the same rows of the other operand (act's / x's)
+//     offs   [E] int32     exclusive end of each expert's rows, on the device (a row past offs[E-1] is never read)
+//     out    [E, M, N]     row-major per expert (the weight's own [E, M, N] layout); an expert without rows gets 0
+// As a CUTLASS GEMM of expert e: A = a_e^T (M x rows, M contiguous: ColumnMajor), B = b_e as rows x N (N contiguous:
+// RowMajor), K = its row count. The accumulators of a tile with no K steps are never written by the main loop
+// (CUTLASS 4.2's ptr-array kernels issue no MMA when K = 0, so the epilogue would store registers as they are):
+// such an expert is given no tiles (M = 0) and its output is zeroed by zero_empty_groups.
+template <typename Element, typename StrideA, typename StrideB, typename StrideD>
+__global__ void build_wgrad_groups(const int32_t* __restrict__ offs, int E, int M, int N, const Element* a,
+                                   const Element* b, Element* out, ProblemShape::UnderlyingProblemShape* shapes,
+                                   const Element** ptr_a, const Element** ptr_b, Element** ptr_d, StrideA* sa,
+                                   StrideB* sb, StrideD* sd, StrideA as, StrideB bs, StrideD d) {
+  int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  int64_t start = e == 0 ? 0 : offs[e - 1];
+  int64_t rows = offs[e] - start;
+  shapes[e] = ProblemShape::UnderlyingProblemShape(rows > 0 ? M : 0, N, static_cast<int>(rows));
+  ptr_a[e] = a + start * M;  // 64-bit offsets: S * M passes 2^31 at large T
+  ptr_b[e] = b + start * N;
+  ptr_d[e] = out + static_cast<int64_t>(e) * M * N;
+  sa[e] = as;
+  sb[e] = bs;
+  sd[e] = d;
+}
+
+// out[e] = 0 for each expert without rows; one 16-byte store per thread and step, blockIdx.y the expert. The
+// other experts' blocks return at once.
+template <typename Element>
+__global__ void zero_empty_groups(const int32_t* __restrict__ offs, int64_t per_expert, Element* out) {
+  const int e = blockIdx.y;
+  const int32_t start = e == 0 ? 0 : offs[e - 1];
+  if (offs[e] != start) return;
+  auto* dst = reinterpret_cast<uint4*>(out + static_cast<int64_t>(e) * per_expert);
+  const int64_t n = per_expert * static_cast<int64_t>(sizeof(Element)) / 16;  // per_expert * size: a multiple of 16
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] = make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <typename Element, typename Config>
+struct WgradRunner {
+  using G = GroupedGemm<Element, cutlass::layout::RowMajor, Config, Epi::kPlain, cutlass::layout::ColumnMajor>;
+
+  static size_t arg_bytes(int E) {
+    return align_up(E * sizeof(ProblemShape::UnderlyingProblemShape)) + 3 * align_up(E * sizeof(void*)) +
+           align_up(E * sizeof(typename G::StrideA)) + align_up(E * sizeof(typename G::StrideB)) +
+           align_up(E * sizeof(typename G::StrideD));
+  }
+
+  // Fills `args` (pointing into scratch) and zeroes the outputs of experts without rows; returns the CUTLASS
+  // arguments.
+  static typename G::Gemm::Arguments arguments(const Element* a, const Element* b, const int32_t* offs, Element* out,
+                                               int E, int M, int N, char* scratch, int sm_count, int device,
+                                               cudaStream_t stream) {
+    using Shape = ProblemShape::UnderlyingProblemShape;
+    char* p = scratch;
+    auto take = [&](size_t bytes) { char* q = p; p += align_up(bytes); return q; };
+    auto* shapes = reinterpret_cast<Shape*>(take(E * sizeof(Shape)));
+    auto* ptr_a = reinterpret_cast<const Element**>(take(E * sizeof(void*)));
+    auto* ptr_b = reinterpret_cast<const Element**>(take(E * sizeof(void*)));
+    auto* ptr_d = reinterpret_cast<Element**>(take(E * sizeof(void*)));
+    auto* sa = reinterpret_cast<typename G::StrideA*>(take(E * sizeof(typename G::StrideA)));
+    auto* sb = reinterpret_cast<typename G::StrideB*>(take(E * sizeof(typename G::StrideB)));
+    auto* sd = reinterpret_cast<typename G::StrideD*>(take(E * sizeof(typename G::StrideD)));
+    // M-major A and N-major B: the leading dimensions are a's and b's row widths, whatever an expert's row count.
+    auto as = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(M, 1, 1));
+    auto bs = cutlass::make_cute_packed_stride(typename G::StrideB{}, cute::make_shape(N, 1, 1));
+    auto d = cutlass::make_cute_packed_stride(typename G::StrideD{}, cute::make_shape(M, N, 1));
+    build_wgrad_groups<<<(E + 127) / 128, 128, 0, stream>>>(offs, E, M, N, a, b, out, shapes, ptr_a, ptr_b, ptr_d,
+                                                             sa, sb, sd, as, bs, d);
+    const int64_t per_expert = static_cast<int64_t>(M) * N;
+    const int64_t vectors = per_expert * static_cast<int64_t>(sizeof(Element)) / 16;
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((vectors + 255) / 256, 64)), E);
+    zero_empty_groups<<<grid, 256, 0, stream>>>(offs, per_expert, out);
+
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = device;
+    hw.sm_count = sm_count;
+    typename G::Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGrouped, {E, shapes, nullptr}, {ptr_a, sa, ptr_b, sb}, {}, hw};
+    args.epilogue.ptr_D = ptr_d;
+    args.epilogue.dD = sd;
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    return args;
+  }
 };
 
 // One GEMM of a Runner's arguments (bf16 here, FP8 in grouped_gemm_fp8.cuh): CUTLASS's checks, then the launch.

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <string>
 
 #include "check.h"
 #include "configs.h"
@@ -16,9 +17,9 @@ namespace moe_cutlass {
 
 // One call of a Runner (R::G its GEMM): scratch for the per-expert arguments and CUTLASS's workspace from torch's
 // allocator on the current stream (a capture reuses the same memory at every replay), the arguments written on the
-// device by make_args(scratch, sm_count, device, stream), the GEMM, a clear error if CUTLASS refuses it.
+// device by make_args(scratch, sm_count, device, stream), the GEMM, a clear error (naming `sizes`) if CUTLASS refuses it.
 template <typename R, typename MakeArgs>
-void launch(const at::Tensor& like, int E, int N, int K, const char* what, MakeArgs make_args) {
+void launch(const at::Tensor& like, int E, const std::string& sizes, const char* what, MakeArgs make_args) {
   using Gemm = typename R::G::Gemm;
   const int device = like.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
@@ -32,7 +33,7 @@ void launch(const at::Tensor& like, int E, int N, int K, const char* what, MakeA
   cutlass::Status status = run_gemm<Gemm>(args, workspace.data_ptr(), stream);
   MOE_CHECK(status == cutlass::Status::kSuccess, std::string("moe_compiler's ") + what + " failed: " +
                                                     cutlassGetStatusString(status) + " (E=" + std::to_string(E) +
-                                                    ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + ")");
+                                                    ", " + sizes + ")");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -43,7 +44,8 @@ void run_one(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs, a
   using R = Runner<Element, LayoutB, Config, kEpi>;
   const int E = static_cast<int>(w.size(0));
   const Element* c = gate.defined() ? reinterpret_cast<const Element*>(gate.data_ptr()) : nullptr;
-  launch<R>(x, E, N, K, "CUTLASS grouped GEMM", [&](char* scratch, int sms, int device, cudaStream_t stream) {
+  const std::string sizes = "N=" + std::to_string(N) + ", K=" + std::to_string(K);
+  launch<R>(x, E, sizes, "CUTLASS grouped GEMM", [&](char* scratch, int sms, int device, cudaStream_t stream) {
     return R::arguments(reinterpret_cast<const Element*>(x.data_ptr()), reinterpret_cast<const Element*>(w.data_ptr()),
                         w.stride(0), offs.data_ptr<int32_t>(), c, reinterpret_cast<Element*>(out.data_ptr()), E, N,
                         K, scratch, sms, device, stream);
@@ -83,7 +85,34 @@ void grouped_mm_silu_mul_config(const at::Tensor& x, const at::Tensor& w, const 
   run_one<cutlass::bfloat16_t, cutlass::layout::ColumnMajor, Config, Epi::kSiluMul>(x, w, offs, out, N, K, gate);
 }
 
+// out[e] = a_e^T @ b_e (grouped_gemm.cuh's WgradRunner), bf16 only (ops.cpp checks): the training backward's weight
+// gradients, which run in bf16 (torch._grouped_mm's path, which this one replaces where measured faster, takes bf16
+// only too).
+template <typename Config>
+void grouped_mm_wgrad_config(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, at::Tensor& out) {
+  using R = WgradRunner<cutlass::bfloat16_t, Config>;
+  using Element = cutlass::bfloat16_t;
+  const int E = static_cast<int>(offs.size(0));
+  const int M = static_cast<int>(a.size(1));
+  const int N = static_cast<int>(b.size(1));
+  const std::string sizes = "M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=each expert's rows";
+  launch<R>(a, E, sizes, "CUTLASS grouped weight-gradient GEMM", [&](char* scratch, int sms, int device,
+                                                                     cudaStream_t stream) {
+    return R::arguments(reinterpret_cast<const Element*>(a.data_ptr()), reinterpret_cast<const Element*>(b.data_ptr()),
+                        offs.data_ptr<int32_t>(), reinterpret_cast<Element*>(out.data_ptr()), E, M, N, scratch, sms,
+                        device, stream);
+  });
+}
+
 }  // namespace moe_cutlass
+
+// One weight-gradient config (configs.h's MOE_CUTLASS_WGRAD_CONFIGS), in its own csrc/grouped_gemm_wgrad_<name>.cu.
+#define MOE_CUTLASS_WGRAD_DEFINE(name, Config)                                                                   \
+  namespace moe_cutlass {                                                                                        \
+  void grouped_mm_wgrad_##name(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, at::Tensor& out) { \
+    grouped_mm_wgrad_config<Config>(a, b, offs, out);                                                            \
+  }                                                                                                              \
+  }
 
 #define MOE_CUTLASS_DEFINE(name, Config)                                                                       \
   namespace moe_cutlass {                                                                                      \

@@ -11,6 +11,7 @@
 namespace moe_cutlass {
 MOE_CUTLASS_CONFIGS(MOE_CUTLASS_DECLARE)
 MOE_CUTLASS_FP8_CONFIGS(MOE_CUTLASS_FP8_DECLARE)
+MOE_CUTLASS_WGRAD_CONFIGS(MOE_CUTLASS_WGRAD_DECLARE)
 
 using GroupedMM = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, bool);
 #define MOE_CUTLASS_ENTRY(name, Config) &grouped_mm_##name,
@@ -30,6 +31,12 @@ using GroupedMMFp8 = void (*)(const at::Tensor&, const at::Tensor&, const at::Te
 constexpr GroupedMMFp8 kFp8Configs[] = {MOE_CUTLASS_FP8_CONFIGS(MOE_CUTLASS_FP8_ENTRY)};
 #undef MOE_CUTLASS_FP8_ENTRY
 constexpr int64_t kNumFp8Configs = sizeof(kFp8Configs) / sizeof(kFp8Configs[0]);
+
+using GroupedMMWgrad = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&);
+#define MOE_CUTLASS_WGRAD_ENTRY(name, Config) &grouped_mm_wgrad_##name,
+constexpr GroupedMMWgrad kWgradConfigs[] = {MOE_CUTLASS_WGRAD_CONFIGS(MOE_CUTLASS_WGRAD_ENTRY)};
+#undef MOE_CUTLASS_WGRAD_ENTRY
+constexpr int64_t kNumWgradConfigs = sizeof(kWgradConfigs) / sizeof(kWgradConfigs[0]);
 
 namespace {
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -149,16 +156,49 @@ at::Tensor grouped_mm_fp8(const at::Tensor& x, const at::Tensor& xs, const at::T
   kFp8Configs[config](x, xs, w, ws, offs_c, out);
   return out;
 }
+// out[e] = a[offs[e-1]:offs[e]]^T @ b[offs[e-1]:offs[e]] (grouped_gemm.cuh's WgradRunner): [E, M, N], bf16; an expert
+// without rows gets zeros; rows past offs[E-1] are never read.
+at::Tensor grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, int64_t config) {
+  using std::string, std::to_string;
+  MOE_CHECK(a.is_cuda() && b.is_cuda() && offs.is_cuda(), string("grouped_mm_wgrad: expected CUDA tensors"));
+  MOE_CHECK(a.dim() == 2 && b.dim() == 2 && offs.dim() == 1 && a.size(0) == b.size(0),
+            "grouped_mm_wgrad: expected a [S, M], b [S, N] (the same rows) and offs [E], got " + dims(a.sizes()) +
+                ", " + dims(b.sizes()) + ", " + dims(offs.sizes()));
+  MOE_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16,
+            string("grouped_mm_wgrad: expected bf16 a and b (built for bf16 only; torch._grouped_mm takes the "
+                   "others), got ") + c10::toString(a.scalar_type()) + " and " + c10::toString(b.scalar_type()));
+  MOE_CHECK(offs.scalar_type() == at::kInt, string("grouped_mm_wgrad: expected int32 offs, got ") +
+                                                c10::toString(offs.scalar_type()));
+  MOE_CHECK(0 <= config && config < kNumWgradConfigs, "grouped_mm_wgrad: config " + to_string(config) +
+                                                          " not in [0, " + to_string(kNumWgradConfigs - 1) + "]");
+  const int64_t S = a.size(0), M = a.size(1), N = b.size(1), E = offs.size(0);
+  // Packed rows (the leading dimensions CUTLASS is given are M and N) and 16-byte rows for TMA.
+  MOE_CHECK(a.stride(1) == 1 && a.stride(0) == M && b.stride(1) == 1 && b.stride(0) == N,
+            "grouped_mm_wgrad: a and b must be contiguous, got strides " + dims(a.strides()) + ", " +
+                dims(b.strides()));
+  MOE_CHECK(M % 8 == 0 && N % 8 == 0 && aligned16(a) && aligned16(b),
+            "grouped_mm_wgrad: rows must be 16-byte aligned (M and N multiples of 8 elements), got M = " +
+                to_string(M) + ", N = " + to_string(N));
+  MOE_CHECK(M <= INT32_MAX && N <= INT32_MAX && S <= INT32_MAX, string("grouped_mm_wgrad: sizes past 2^31"));
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty({E, M, N}, a.options());
+  if (out.numel() == 0) return out;
+  if (S == 0) return out.zero_();  // no rows: every expert's gradient is 0
+  kWgradConfigs[config](a, b, offs.contiguous(), out);
+  return out;
+}
 }  // namespace moe_cutlass
 
 TORCH_LIBRARY(moe_compiler_cutlass, m) {
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offs, bool b_nk, int config) -> Tensor");
   m.def("grouped_mm_silu_mul(Tensor x, Tensor w, Tensor gate, Tensor offs, int config) -> Tensor");
   m.def("grouped_mm_fp8(Tensor x, Tensor xs, Tensor w, Tensor ws, Tensor offs, int config) -> Tensor");
+  m.def("grouped_mm_wgrad(Tensor a, Tensor b, Tensor offs, int config) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_compiler_cutlass, CUDA, m) {
   m.impl("grouped_mm", &moe_cutlass::grouped_mm);
   m.impl("grouped_mm_silu_mul", &moe_cutlass::grouped_mm_silu_mul);
   m.impl("grouped_mm_fp8", &moe_cutlass::grouped_mm_fp8);
+  m.impl("grouped_mm_wgrad", &moe_cutlass::grouped_mm_wgrad);
 }

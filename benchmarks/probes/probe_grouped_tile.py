@@ -19,8 +19,10 @@ clusters and schedules the forward's table chooses from, and `tune --backward` f
 rounds (interleaved CUDA-event medians). Each output's first experts are checked against fp32 before timing.
 The last points are issue 17's op-level shapes (more than 128 rows per expert: torch's cooperative kernel), where
 the question is whether a tuned tile would beat torch's one choice. Each point also times the step's two weight
-gradients (dW_down = G^T act, dW_gate_up = dz^T X per expert: 2-D x 2-D, torch's only), so that the six GEMMs'
-times add up to the step's GEMM time (TFLOP/s of each beside the GPU's dense peak).
+gradients (dW_down = G^T act, dW_gate_up = dz^T X per expert: 2-D x 2-D; torch's, and where csrc/ builds each
+of cutlass.WGRAD_CONFIGS), so that the six GEMMs' times add up to the step's GEMM time (TFLOP/s of each beside the
+GPU's dense peak). A weight gradient writes the weights' size (E M N bf16) over K loops of one expert's rows: its
+row also has the write's floor at the GPU's copy bandwidth (write_floor_us, from --copy-tbs).
 
     python -m benchmarks.probes.probe_grouped_tile [--points deepseek_v3:4096 kimi_k2:4096 ...] [--no-cutlass]
 """
@@ -64,7 +66,7 @@ def checked(out, a, w, offs, transpose, experts=3):
     return max(errs)
 
 
-def point(name, T, rounds, cutlass_configs=()):
+def point(name, T, rounds, cutlass_configs=(), wgrad_configs=(), copy_tbs=4.26):
     E, k, H, I = ALL_SHAPES[name]
     gen = torch.Generator("cuda").manual_seed(T)
     S = T * k
@@ -111,33 +113,46 @@ def point(name, T, rounds, cutlass_configs=()):
         rows.append(row)
         del big, a, bodies
     del w_gate_up, w_down
-    rows += weight_gradients(name, T, S, E, H, I, offs, gen, rounds)
+    rows += weight_gradients(name, T, S, E, H, I, offs, gen, rounds, wgrad_configs, copy_tbs)
     torch.cuda.empty_cache()
     return rows
 
 
-def weight_gradients(name, T, S, E, H, I, offs, gen, rounds):
-    """The step's other two GEMMs, 2-D x 2-D with offs along the reduction (torch's only: csrc/ has no such form,
-    and torch's kernel does not follow the rows): dW_down [E, H, I] = G^T act and dW_gate_up [E, 2I, H] = dz^T X
-    per expert, as triton_backward_library's down_grads / gate_up_grads run them. Their rows, to set each GEMM's
-    share of the step beside the four above."""
+def weight_gradients(name, T, S, E, H, I, offs, gen, rounds, wgrad_configs=(), copy_tbs=4.26):
+    """The step's other two GEMMs, 2-D x 2-D with offs along the reduction (torch's kernel does not follow the
+    rows): dW_down [E, H, I] = G^T act and dW_gate_up [E, 2I, H] = dz^T X per expert, as triton_backward_library's
+    down_grads / gate_up_grads run them, torch's and csrc/'s weight-gradient configs (`wgrad_configs`: (index, name)
+    of cutlass.WGRAD_CONFIGS) in the same rounds. Their rows, to set each GEMM's share of the step beside the four
+    above; each output's first experts checked against fp32."""
     rows = []
     for gemm, (M, N) in {"dW_down": (H, I), "dW_gate_up": (2 * I, H)}.items():
         left = torch.randn(S, M, device="cuda", dtype=torch.bfloat16, generator=gen)
         right = torch.randn(S, N, device="cuda", dtype=torch.bfloat16, generator=gen)
-        out = torch._grouped_mm(left.t(), right, offs=offs)
-        errs, start = [], 0
-        for e, end in enumerate(offs.tolist()):
-            if end > start and len(errs) < 3:
-                errs.append(rel_err(out[e].float(), left[start:end].float().t() @ right[start:end].float()))
-            start = end
-        seconds = interleaved({"torch": functools.partial(torch._grouped_mm, left.t(), right, offs=offs)},
-                              rounds)["torch"]
+        bodies = {"torch": functools.partial(torch._grouped_mm, left.t(), right, offs=offs)}
+        for i, config in wgrad_configs:
+            bodies[f"cutlass_{config}"] = functools.partial(cutlass.grouped_mm_wgrad, left, right, offs, i)
         row = {"shape": name, "T": T, "rows_per_expert": S / E, "gemm": gemm, "torch_kernel": "128x256 cooperative",
-               "torch_err": max(errs), "torch_us": seconds * 1e6, "torch_tflops": 2 * S * M * N / seconds / 1e12}
+               "write_floor_us": E * M * N * 2 / (copy_tbs * 1e12) * 1e6}
+        for variant, body in bodies.items():
+            out = body()
+            errs, start = [], 0
+            for e, end in enumerate(offs.tolist()):
+                if end > start and len(errs) < 3:
+                    errs.append(rel_err(out[e].float(), left[start:end].float().t() @ right[start:end].float()))
+                start = end
+            row[f"{variant}_err"] = max(errs)
+            del out
+        times = interleaved(bodies, rounds)
+        for variant, seconds in times.items():
+            row[f"{variant}_us"] = seconds * 1e6
+            row[f"{variant}_tflops"] = 2 * S * M * N / seconds / 1e12
+        best = min((v for v in times if v.startswith("cutlass_")), key=times.get, default=None)
+        if best:
+            row["best_cutlass"] = best
         print(row, flush=True)
         rows.append(row)
-        del left, right, out
+        del left, right, bodies
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -147,20 +162,24 @@ def main():
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--out", metavar="PATH", help="the rows as JSON")
     ap.add_argument("--no-cutlass", action="store_true", help="torch's kernels only")
+    ap.add_argument("--copy-tbs", type=float, default=4.26,
+                    help="the GPU's device-copy bandwidth, TB/s, for the weight gradients' write floor (H200 4.26, "
+                         "H100 3.02)")
     args = ap.parse_args()
     print(harness.gpu_name(), torch.__version__, flush=True)
-    configs = ()
+    configs = wgrad_configs = ()
     if not args.no_cutlass:
         reason = cutlass.missing()
         if reason is None:
             cutlass.load()
             configs = tuple(enumerate(cutlass.CONFIGS))
+            wgrad_configs = tuple(enumerate(cutlass.WGRAD_CONFIGS))
         else:
             print(f"CUTLASS off: {reason}", flush=True)
     rows = []
     for p in args.points:
         name, T = p.split(":")
-        rows += point(name, int(T), args.rounds, configs)
+        rows += point(name, int(T), args.rounds, configs, wgrad_configs, args.copy_tbs)
     if args.out:
         harness.write_json(args.out, {"gpu": harness.gpu_name(), "torch": torch.__version__, "rows": rows})
     nan = float("nan")

@@ -43,6 +43,11 @@ CONFIGS = ("coop_128x128", "coop_128x256_cluster2x1", "pingpong_64x128", "coop_1
 # The block-scaled FP8 configs (csrc/configs.h's MOE_CUTLASS_FP8_CONFIGS, the same order): K tiles one scale block
 # (128) deep; the FP8 experts' sorted path runs on them where QuantizedConfig.cutlass names one (cutlass_fp8.py).
 FP8_CONFIGS = ("coop_128x128", "coop_128x128_cluster1x2", "coop_128x128_cluster2x1", "pingpong_64x128")
+# The weight-gradient configs (csrc/configs.h's MOE_CUTLASS_WGRAD_CONFIGS, the same order): per expert
+# out[e] = a_e^T @ b_e over its rows (grouped_mm_wgrad), bf16; the training backward's dW GEMMs run on one where
+# BackwardConfig.wgrad_cutlass names it.
+WGRAD_CONFIGS = ("pingpong_64x128", "pingpong_64x256", "pingpong_128x128_cluster2x1", "coop_128x128",
+                 "coop_128x256_cluster2x1")
 # The C++ sources: csrc/ of a source checkout (or an editable install), else the copy a wheel carries as
 # moe_compiler/_csrc (pyproject.toml).
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,6 +234,16 @@ def _(x, xs, w, ws, offs, config):
     return x.new_empty(x.shape[0], w.shape[1], dtype=torch.bfloat16)
 
 
+@torch.library.custom_op("moe_compiler::cutlass_grouped_mm_wgrad", mutates_args=(), device_types="cuda")
+def _recorded_grouped_mm_wgrad(a: Tensor, b: Tensor, offs: Tensor, config: int) -> Tensor:
+    return load().grouped_mm_wgrad(a, b, offs, config)
+
+
+@_recorded_grouped_mm_wgrad.register_fake
+def _(a, b, offs, config):
+    return a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
+
+
 def grouped_mm(x: Tensor, w: Tensor, offs: Tensor, b_nk: bool, config: int) -> Tensor:
     """[S, N] = each segment of x's rows times its expert's w (csrc/ops.cpp); built on first use, at trace time
     for a recorded call."""
@@ -245,6 +260,15 @@ def grouped_mm_silu_mul(x: Tensor, w: Tensor, gate: Tensor, offs: Tensor, config
     if launch.tracing():
         return torch.ops.moe_compiler.cutlass_grouped_mm_silu_mul(x, w, gate, offs, config)
     return ops.grouped_mm_silu_mul(x, w, gate, offs, config)
+
+
+def grouped_mm_wgrad(a: Tensor, b: Tensor, offs: Tensor, config: int) -> Tensor:
+    """[E, M, N] = per expert a_e^T @ b_e over its rows, a [S, M] and b [S, N] sorted by expert (csrc/ops.cpp:
+    grouped_mm_wgrad, WGRAD_CONFIGS[config]); zeros for an expert without rows; eager or recorded as grouped_mm."""
+    ops = load()
+    if launch.tracing():
+        return torch.ops.moe_compiler.cutlass_grouped_mm_wgrad(a, b, offs, config)
+    return ops.grouped_mm_wgrad(a, b, offs, config)
 
 
 def silu_epilogue_suits(spec, w_gate_up: Tensor, b_gate_up, z, dtypes) -> bool:
@@ -301,6 +325,44 @@ class CutlassMM:
         return grouped_mm_silu_mul(x, w_gate_up[:, I:], gate, seg.offs, cls.config)
 
     wgrad = staticmethod(GroupedMM.wgrad)
+
+
+class CutlassWgrad:
+    """The weight gradients (the `wgrad` of torch_segment_mm's interface) by csrc/'s grouped_mm_wgrad with tile,
+    cluster and schedule WGRAD_CONFIGS[config]; operands it does not take (not bf16, rows not 16-byte aligned) go
+    to torch's grouped GEMM."""
+
+    name = "cutlass_wgrad"
+    config = 0  # index into WGRAD_CONFIGS
+
+    @classmethod
+    def wgrad(cls, a: torch.Tensor, b: torch.Tensor, seg: Segments) -> torch.Tensor:
+        if not (a.dtype == b.dtype == torch.bfloat16 and GroupedMM.takes(a, (a.shape[1], b.shape[1]), (a, b))):
+            return GroupedMM.wgrad(a, b, seg)
+        return grouped_mm_wgrad(a.contiguous(), b.contiguous(), seg.offs, cls.config)
+
+
+@functools.cache
+def with_wgrad_config(config: int) -> type:
+    """CutlassWgrad running WGRAD_CONFIGS[config] (the probe and the backward's tuner compare them with torch's)."""
+    if not 0 <= config < len(WGRAD_CONFIGS):
+        raise ValueError(f"CUTLASS weight-gradient config {config} not in [0, {len(WGRAD_CONFIGS) - 1}] "
+                         f"({', '.join(WGRAD_CONFIGS)})")
+    name = WGRAD_CONFIGS[config]
+    return type(f"CutlassWgrad_{name}", (CutlassWgrad,), {"config": config, "name": f"cutlass_wgrad_{name}"})
+
+
+def backward_mm(dgrad: int, wgrad: int) -> type:
+    """The library backward's segment matmuls: mm / mm_nn (dA, dx_rows) on CONFIGS[dgrad], wgrad on
+    WGRAD_CONFIGS[wgrad]; -1 for torch's grouped GEMM (both -1: GroupedMM itself)."""
+    base = GroupedMM if dgrad < 0 else with_config(dgrad)
+    return base if wgrad < 0 else _with_wgrad(base, with_wgrad_config(wgrad))
+
+
+@functools.cache
+def _with_wgrad(base: type, w: type) -> type:
+    return type(f"{base.__name__}_{w.__name__}", (base,), {"wgrad": staticmethod(w.wgrad),
+                                                           "name": f"{base.name}+{w.name}"})
 
 
 @functools.cache

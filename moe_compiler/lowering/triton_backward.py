@@ -137,8 +137,15 @@ class BackwardConfig:
     # (Qwen3-235B-A22B, T = 4096, H100) the 64 x 256 ping-pong tile ran dA and dx 1.14x faster, at Mixtral-8x7B
     # T = 32768 the 1 x 2-cluster 128 x 256 tile 1.06-1.11x, and ours lost up to 1% elsewhere (probe_grouped_tile,
     # benchmarks/NOTES.md session 53): the default takes one only where this GPU's table measured it faster
-    # (backward_table, _call_default_config). The weight gradients (2-D x 2-D) stay torch's.
+    # (backward_table, _call_default_config).
     cutlass: int = -1
+    # WGrad.GROUPED_MM's weight gradients (2-D x 2-D, each expert's rows the reduction: dW_down = G^T act_s, dW_gate_up
+    # = dz^T X) on csrc/'s grouped_mm_wgrad with tile cutlass.WGRAD_CONFIGS[wgrad_cutlass], instead of torch's pick
+    # (-1). A weight gradient's output is the size of the weights and its K loop one expert's rows (DeepSeek-V3, T =
+    # 4096: 7.5 GB of dW_down written over 128-row reductions), so the choice of a tile whose epilogue overlaps the
+    # next tile's main loop may matter; taken only where this GPU's table measured it faster (backward_table).
+    # Independent of grouped_tile: the library reads each segment's rows only, whatever the buffer's size.
+    wgrad_cutlass: int = -1
 
     def __post_init__(self):
         if self.rows.combine is not triton_config.Combine.GATHER or self.rows.tma:
@@ -158,6 +165,12 @@ class BackwardConfig:
             raise ValueError(f"BackwardConfig.cutlass {cutlass.CONFIGS[self.cutlass]}: only with dgrad_path GROUPED_MM "
                              "(the library's dA and dx GEMMs) and grouped_tile TORCH (LARGE sizes buffers for torch's "
                              "pick; CUTLASS's tile does not follow them)")
+        if not -1 <= self.wgrad_cutlass < len(cutlass.WGRAD_CONFIGS):
+            raise ValueError(f"BackwardConfig.wgrad_cutlass {self.wgrad_cutlass}: expected -1 (torch's grouped GEMM) "
+                             f"or an index into cutlass.WGRAD_CONFIGS (0-{len(cutlass.WGRAD_CONFIGS) - 1})")
+        if self.wgrad_cutlass >= 0 and self.wgrad_path is not WGrad.GROUPED_MM:
+            raise ValueError(f"BackwardConfig.wgrad_cutlass {cutlass.WGRAD_CONFIGS[self.wgrad_cutlass]}: only with "
+                             "wgrad_path GROUPED_MM (the library's weight-gradient GEMMs)")
 
     @property
     def row_align(self) -> int:
@@ -165,9 +178,10 @@ class BackwardConfig:
         return 1 if self.unpadded else self.rows.block_m
 
     @property
-    def dgrad_mm(self):
-        """The segment matmuls dA and dx_rows run on (torch_segment_mm's interface)."""
-        return GroupedMM if self.cutlass < 0 else cutlass.with_config(self.cutlass)
+    def library_mm(self):
+        """The segment matmuls of the library backward (torch_segment_mm's interface): dA and dx_rows (mm, mm_nn)
+        on `cutlass`'s choice, the weight gradients (wgrad) on `wgrad_cutlass`'s."""
+        return cutlass.backward_mm(self.cutlass, self.wgrad_cutlass)
 
     def min_slots(self, E: int) -> int:
         """The fewest sorted slots (S_pad) the backward's buffers have: align_rows' min_slots (GroupedTile)."""
@@ -413,8 +427,8 @@ def _call_default_config(hidden, k: int, E: int, I: int, library: bool, saved: b
     """The default config of a call on hidden [T, H] (library: library_rows), from sizes, dtype, device, the
     weights' alignment and this GPU's measured table alone: what _Call.of runs and dz_shape (the fake) sizes dz by.
     A symbolic T (dynamic shapes) takes its band's config, guarded, as the forward's does
-    (triton_config.config_tokens). Where the table (backward_table) names a CUTLASS config for dA and dx at a
-    fixed T and the extension runs here, BackwardConfig.cutlass takes it."""
+    (triton_config.config_tokens). Where the table (backward_table) names a CUTLASS config for dA and dx, or for the
+    weight gradients, at a fixed T and the extension runs here, BackwardConfig.cutlass / wgrad_cutlass take it."""
     T, H = hidden.shape
     config = default_config(hidden.dtype, E, k, H, I, triton_config.config_tokens(T)[0], library, saved)
     if not isinstance(T, int):
@@ -422,11 +436,13 @@ def _call_default_config(hidden, k: int, E: int, I: int, library: bool, saved: b
         # more rows per expert (torch's cooperative kernel anyway) or far fewer (extra rows, a kernel not measured);
         # the table's choice likewise
         return dataclasses.replace(config, grouped_tile=GroupedTile.TORCH)
-    if config.unpadded and config.cutlass < 0 and hidden.is_cuda:
-        chosen = backward_table.dgrad_config(device.gpu_name(device.index(hidden)), hidden.dtype, E, k, H, I, T,
-                                             transposed)
-        if chosen >= 0 and cutlass.runs(hidden, *weights):
-            config = dataclasses.replace(config, cutlass=chosen, grouped_tile=GroupedTile.TORCH)
+    if config.unpadded and config.cutlass < 0 and config.wgrad_cutlass < 0 and hidden.is_cuda:
+        dgrad, wgrad = backward_table.configs(device.gpu_name(device.index(hidden)), hidden.dtype, E, k, H, I, T,
+                                              transposed)
+        if (dgrad >= 0 or wgrad >= 0) and cutlass.runs(hidden, *weights):
+            if dgrad >= 0:
+                config = dataclasses.replace(config, cutlass=dgrad, grouped_tile=GroupedTile.TORCH)
+            config = dataclasses.replace(config, wgrad_cutlass=wgrad)
     return config
 
 
@@ -505,7 +521,7 @@ def backward_down(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, b
         scaled_do = gathered(grad_out, rows, c.weights, k, bm, scale=True)  # [S_pad, H]: s * dO[t]
         ones = scaled_do.new_ones(scaled_do.shape[0], 8) if b_down is not None else None
         d_w_down, d_b_down = lib.down_grads(scaled_do, zero_padding_rows(act, rows, bm), lib.segments(rows, bm),
-                                            spec.transposed, ones)
+                                            spec.transposed, ones, config.library_mm)
         return DownGrads(dz, d_weights, *_like((d_w_down, w_down), (d_b_down, b_down)))
     d_w_down = launch.empty_like(w_down)
     d_b_down = launch.empty_like(b_down) if b_down is not None else None
@@ -546,7 +562,7 @@ def backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down,
     if weight_grads and c.library_wgrad:
         # dz's padding rows are 0: from the library's row pass, or zeroed by backward_down after the Triton dz kernel
         d_w, d_b = lib.gate_up_grads(dz, c.hidden, rows, c.weights, k=c.k, seg=lib.segments(rows, bm), block_m=bm,
-                                     transposed=spec.transposed, bias=b_gate_up is not None)
+                                     transposed=spec.transposed, bias=b_gate_up is not None, mm=config.library_mm)
         d_w_gate_up, d_b_gate_up = _like((d_w, w_gate_up), (d_b, b_gate_up))
     elif weight_grads:
         d_w_gate_up = launch.empty_like(w_gate_up)
@@ -554,7 +570,7 @@ def backward_gate_up_rows(dz, hidden, topk_ids, topk_weights, w_gate_up, w_down,
         launch_wgrad(dz, c.hidden, d_w_gate_up, d_b_gate_up, c.weights, rows, c.k, config, left_gather=False,
                      left_scale=False, right_gather=True, out_strides=logical_strides(d_w_gate_up, spec.transposed))
     if c.library_dgrad:
-        dx_rows = lib.hidden_rows(dz, w_gate_up, lib.segments(rows, bm), spec, config.dgrad_mm)
+        dx_rows = lib.hidden_rows(dz, w_gate_up, lib.segments(rows, bm), spec, config.library_mm)
     else:
         # the forward's down GEMM over dz with W_gate_up read as [H, 2I] per expert (the transpose of its layout),
         # no router weight (scale_input=True skips it)
@@ -587,14 +603,14 @@ def _library_down(grad_out, z, c: _Call, w_down, b_down, spec: ExpertsSpec, weig
     chunks = lib.first_half_chunks(c.rows.sorted_rows.numel(), c.T * c.k, c.H, c.I, w_down.shape[0], weight_grads)
     if chunks > 1:
         dz, d_weights, d_w_down, d_b_down = lib.dz_rows_chunked(grad_out, z, c.rows, w_down, b_down, c.weights, spec,
-                                                                c.k, bm, chunks, weight_grads, c.config.dgrad_mm)
+                                                                c.k, bm, chunks, weight_grads, c.config.library_mm)
         return DownGrads(dz, d_weights.to(weights_dtype), *_like((d_w_down, w_down), (d_b_down, b_down)))
     G, dz, act_s, d_weights, seg, bias_weights = lib.dz_rows(grad_out, z, c.rows, w_down, b_down, c.weights, spec,
-                                                             c.k, bm, c.config.dgrad_mm)
+                                                             c.k, bm, c.config.library_mm)
     d_weights = d_weights.to(weights_dtype)
     if not weight_grads:
         return DownGrads(dz, d_weights, None, None)
-    d_w_down, d_b_down = lib.down_grads(G, act_s, seg, spec.transposed, bias_weights)
+    d_w_down, d_b_down = lib.down_grads(G, act_s, seg, spec.transposed, bias_weights, c.config.library_mm)
     return DownGrads(dz, d_weights, *_like((d_w_down, w_down), (d_b_down, b_down)))
 
 

@@ -111,12 +111,12 @@ def segments(rows: AlignedRows, block_m: int) -> Segments:
     return Segments(sorted_ids=None, perm=None, offs=offs, num_experts=rows.seg_end.numel())
 
 
-def down_grads(do_rows, act_rows, seg: Segments, transposed: bool, bias_weights):
-    """(d_w_down, d_b_down or None): 2-D x 2-D grouped GEMMs reducing over each expert's rows, in w_down's own
-    layout; one of do_rows and act_rows carries the router weight. bias_weights [S_pad, 8]: column 0 weighs each
-    row's do_rows in d b_down (ones when do_rows is already scaled), or None without biases (8: the 16-byte
-    minimum width)."""
-    d_w_down = project_dw(GroupedMM, act_rows, do_rows, seg, transposed)
+def down_grads(do_rows, act_rows, seg: Segments, transposed: bool, bias_weights, mm=GroupedMM):
+    """(d_w_down, d_b_down or None): 2-D x 2-D grouped GEMMs reducing over each expert's rows (`mm`'s wgrad:
+    torch's, or CUTLASS's with BackwardConfig.wgrad_cutlass), in w_down's own layout; one of do_rows and act_rows
+    carries the router weight. bias_weights [S_pad, 8]: column 0 weighs each row's do_rows in d b_down (ones when
+    do_rows is already scaled), or None without biases (8: the 16-byte minimum width; torch's GEMM)."""
+    d_w_down = project_dw(mm, act_rows, do_rows, seg, transposed)
     d_b_down = None
     if bias_weights is not None:  # per-expert sums as one more grouped GEMM, against a weights column
         d_b_down = GroupedMM.wgrad(bias_weights, do_rows, seg)[:, 0].contiguous()
@@ -124,13 +124,13 @@ def down_grads(do_rows, act_rows, seg: Segments, transposed: bool, bias_weights)
 
 
 def gate_up_grads(dz, hidden, rows: AlignedRows, weights, k: int, seg: Segments, block_m: int, transposed: bool,
-                  bias: bool):
+                  bias: bool, mm=GroupedMM):
     """(d_w_gate_up, d_b_gate_up or None): dz^T X per expert in w_gate_up's own layout (X: hidden's token rows
     gathered into padded sorted order here, dropped on return), and dz's per-expert column sums where there is a
     bias. dz's padding rows must be 0. A call of its own, after down_grads: the two gathered [S_pad, H] operands
-    (the backward's largest buffers) are never live together."""
+    (the backward's largest buffers) are never live together. `mm`: as down_grads'."""
     x_rows = gathered(hidden, rows, weights, k, block_m)
-    d_w_gate_up = project_dw(GroupedMM, x_rows, dz, seg, transposed)
+    d_w_gate_up = project_dw(mm, x_rows, dz, seg, transposed)
     d_b_gate_up = GroupedMM.wgrad(dz.new_ones(dz.shape[0], 8), dz, seg)[:, 0].contiguous() if bias else None
     return d_w_gate_up, d_b_gate_up
 
@@ -170,7 +170,7 @@ def _row_pass(dA, z, G, b_down, dz, act_s, ds, bias_weights, weights, rows: Alig
 def dz_rows(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spec: ExpertsSpec, k: int, block_m: int,
             mm=GroupedMM):
     """(G, dz, act_s, d weights [T, k] fp32, seg, bias_weights or None): dA = G @ W_down[e] by a grouped GEMM (`mm`:
-    torch's, or CUTLASS's with BackwardConfig.cutlass), then act' by one row pass. z [T*k, 2I]: the pre-activation
+    BackwardConfig.library_mm, torch's or CUTLASS's), then act' by one row pass. z [T*k, 2I]: the pre-activation
     rows (saved or recomputed)."""
     T, H = grad_out.shape
     I = z.shape[1] // 2
@@ -207,7 +207,7 @@ def dz_rows_chunked(grad_out, z, rows: AlignedRows, w_down, b_down, weights, spe
         bias_weights = launch.empty(G, S_pad, 8) if b_down is not None else None
         _row_pass(act_s, z, G, b_down, act_s, act_s, ds, bias_weights, weights, rows, spec, block_m, 0, S_pad,
                   write_dz=False, write_act=True)
-        d_w_down, d_b_down = down_grads(G, act_s, seg, spec.transposed, bias_weights)
+        d_w_down, d_b_down = down_grads(G, act_s, seg, spec.transposed, bias_weights, mm)
         del act_s, bias_weights
     dz = launch.empty(G, S_pad, 2 * I)
     # each chunk has rows: chunks <= S_pad / MIN_CHUNK_ROWS, so (chunks - 1) * step < S_pad (counted, not tested,

@@ -10,7 +10,7 @@
     python -m moe_compiler.tune --bands --shapes deepseek_v3 --merge        # the config of each band's graph
                                                                  # (prompts of varying length; tune/bands.py)
     python -m moe_compiler.tune --backward --shapes qwen3_235b_a22b --tokens 4096 --merge   # the training
-                                                                 # backward's dA / dx GEMMs (tune/backward.py)
+                                                                 # backward's GEMMs (tune/backward.py)
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def parse_args():
     p.add_argument("--bands", action="store_true",
                    help="only choose, among the file's entries, the config of each band's graph (tune/bands.py)")
     p.add_argument("--backward", action="store_true",
-                   help="only time the training backward's dA / dx GEMMs, torch's against csrc/'s CUTLASS configs, "
-                        "and write the file's backward entries (tune/backward.py; builds the CUTLASS kernels)")
+                   help="only time the training backward's dA / dx GEMMs and its weight gradients, torch's against "
+                        "csrc/'s CUTLASS configs, and write the file's backward entries (tune/backward.py; builds the "
+                        "CUTLASS kernels)")
     args = p.parse_args()
     if args.tokens is None:
         args.tokens = list(bands.LENGTHS if args.bands else TOKENS)

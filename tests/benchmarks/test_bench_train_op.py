@@ -4,6 +4,7 @@ moe_train_triton raised in BackwardConfig and moe_train_tile_pad in its own lamb
 
 import dataclasses
 
+import pytest
 import torch
 
 from benchmarks import bench_train_op
@@ -38,6 +39,9 @@ def test_the_default_rows_are_unpadded_and_each_variant_departs_from_it_alone():
     for variant, name in (("moe_train_cutlass_pp64x256", "pingpong_64x256"),
                           ("moe_train_cutlass_c128x256", "coop_128x256_cluster1x2")):
         assert _config(variant) == dataclasses.replace(default, cutlass=cutlass.CONFIGS.index(name))
+    for variant, name in (("moe_train_wgrad_pp64x128", "pingpong_64x128"),
+                          ("moe_train_wgrad_pp64x256", "pingpong_64x256")):
+        assert _config(variant) == dataclasses.replace(default, wgrad_cutlass=cutlass.WGRAD_CONFIGS.index(name))
 
     for variant, paths in bench_train_op.PATHS.items():
         config = _config(variant)
@@ -63,10 +67,13 @@ def test_the_switches_are_restored_after_each_variant():
         assert triton_backward.default_config is real
 
 
-def test_torch_dgrad_consults_no_table(monkeypatch):
-    """moe_train_torch_dgrad: a table naming a CUTLASS config for dA and dx is not read inside the variant."""
-    monkeypatch.setattr(backward_table, "dgrad_config", lambda *a: 7)
-    with bench_train_op._backward("moe_train_torch_dgrad"):
-        assert backward_table.dgrad_config("GPU", *ARGS[:6], False) == -1
+@pytest.mark.parametrize("variant,want", [("moe_train_torch_dgrad", (-1, 3)), ("moe_train_torch_wgrad", (7, -1)),
+                                          ("moe_train_no_table", (-1, -1))])
+def test_the_table_variants_keep_only_their_half_of_it(monkeypatch, variant, want):
+    """moe_train_torch_dgrad / _wgrad / no_table: a table naming CUTLASS configs for dA / dx (7) and the weight
+    gradients (3) is read with the variant's half replaced by torch's (-1) inside the variant only."""
+    monkeypatch.setattr(backward_table, "configs", lambda *a: (7, 3))
+    with bench_train_op._backward(variant):
+        assert backward_table.configs("GPU", *ARGS[:6], False) == want
         assert triton_backward.default_config(*ARGS) == _config("moe_train")
-    assert backward_table.dgrad_config("GPU", *ARGS[:6], False) == 7
+    assert backward_table.configs("GPU", *ARGS[:6], False) == (7, 3)

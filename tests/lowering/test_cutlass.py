@@ -1,6 +1,7 @@
 """lowering/cutlass.py and csrc/: the switch, why the path is off, and (GPU, sm90) the grouped GEMM against an fp32
 reference — every config, both weight layouts, bf16 and fp16, experts with no rows, odd row counts, no rows at
-all, capture and replay with changing routing, and the experts op forced onto it."""
+all, capture and replay with changing routing, and the experts op forced onto it; the weight-gradient GEMM
+(grouped_mm_wgrad) the same way."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from moe_compiler.lowering import cutlass, dispatch
+from moe_compiler.lowering.torch_segment_mm import Segments
 from moe_compiler.testing import rel_err
 from moe_compiler.testing.cuda_graphs import captured, replay, reroute
 
@@ -69,8 +71,17 @@ def test_the_python_configs_are_the_cpp_ones():
     for name in cutlass.FP8_CONFIGS:
         source = open(os.path.join(cutlass.CSRC, f"grouped_gemm_fp8_{name}.cu")).read()
         assert f"MOE_CUTLASS_FP8_DEFINE({name}, " in source
+    assert _listed("MOE_CUTLASS_WGRAD_CONFIGS") == cutlass.WGRAD_CONFIGS
+    assert set(cutlass.WGRAD_CONFIGS) <= set(cutlass.CONFIGS)  # the forward's tiles, the same struct names
+    for name in cutlass.WGRAD_CONFIGS:
+        source = open(os.path.join(cutlass.CSRC, f"grouped_gemm_wgrad_{name}.cu")).read()
+        assert f"MOE_CUTLASS_WGRAD_DEFINE({name}, " in source
     with pytest.raises(ValueError, match=rf"not in \[0, {len(cutlass.CONFIGS) - 1}\]"):
         cutlass.with_config(len(cutlass.CONFIGS))
+    with pytest.raises(ValueError, match=rf"weight-gradient config {len(cutlass.WGRAD_CONFIGS)} not in"):
+        cutlass.with_wgrad_config(len(cutlass.WGRAD_CONFIGS))
+    assert cutlass.with_wgrad_config(1).config == 1 and cutlass.with_wgrad_config(1).name == "cutlass_wgrad_" + (
+        cutlass.WGRAD_CONFIGS[1])
 
 
 def _reference(x, w, offs, b_nk):
@@ -113,8 +124,6 @@ def test_the_activation_in_the_up_gemms_epilogue_against_fp64(config):
     """CutlassMM.gate_up_silu (bf16): the gate GEMM over w_gate_up's first I rows, then the up GEMM over its last I
     rows storing silu(gate) * up (gate the epilogue's source), both halves read in place as views of [E, 2I, H]."""
     dtype = torch.bfloat16
-    from moe_compiler.lowering.torch_segment_mm import Segments
-
     mm = cutlass.with_config(config, True)
     for counts, I, H in (([0, 7, 1, 300, 0, 129], 264, 136), ([1000] * 4, 768, 2048), ([3], 16, 8)):
         x, w, offs = _problem(counts, 2 * I, H, dtype, True, seed=config)
@@ -126,6 +135,62 @@ def test_the_activation_in_the_up_gemms_epilogue_against_fp64(config):
         assert rel_err(a.cpu(), want) <= 1e-2, (counts, I, H)
     empty = mm.gate_up_silu(x[:0].cuda(), w.cuda(), Segments(None, None, torch.zeros_like(offs).cuda(), w.shape[0]))
     assert empty.shape == (0, I)
+
+
+def _wgrad_reference(a, b, offs):
+    out, start = torch.empty(len(offs), a.shape[1], b.shape[1], dtype=torch.float64), 0
+    for e, end in enumerate(offs.tolist()):
+        out[e] = a[start:end].double().t() @ b[start:end].double()  # an expert without rows: 0
+        start = end
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="the CUTLASS kernels are sm90a")
+@pytest.mark.parametrize("config", range(len(cutlass.WGRAD_CONFIGS)), ids=cutlass.WGRAD_CONFIGS)
+def test_grouped_mm_wgrad_against_fp64(config):
+    """out[e] = a_e^T b_e over each expert's rows: experts without rows get zeros (CUTLASS would store unwritten
+    accumulators: the kernel gives them no tiles and zeroes them), odd row counts and sizes not a multiple of a tile,
+    rows past offs[-1] never read, the output poisoned first."""
+    ops = cutlass.load()
+    for counts, M, N, tail in (([0, 0], 64, 32, 3), ([128] * 6, 2048, 768, 0), ([3], 16, 8, 0),
+                               ([0, 7, 1, 300, 0, 129], 264, 136, 5)):
+        gen = torch.Generator().manual_seed(config)
+        S = sum(counts)
+        a = torch.randn(S + tail, M, generator=gen).bfloat16()
+        b = torch.randn(S + tail, N, generator=gen).bfloat16()
+        b[S:] = float("nan")  # rows past the last expert's: never read
+        offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+        torch.cuda.empty_cache()
+        torch.full((len(counts) * M * N + 4096,), float("nan"), device="cuda")  # poison what the allocator hands out
+        out = ops.grouped_mm_wgrad(a.cuda(), b.cuda(), offs.cuda(), config)
+        assert out.shape == (len(counts), M, N) and out.dtype == torch.bfloat16
+        want = _wgrad_reference(a[:S], b[:S], offs)
+        assert torch.isfinite(out).all(), (counts, M, N)
+        for e, n in enumerate(counts):
+            if n == 0:
+                assert (out[e] == 0).all(), (counts, e)
+        assert rel_err(out.cpu(), want) <= 1e-2, (counts, M, N)
+    seg = Segments(sorted_ids=None, perm=None, offs=offs.cuda(), num_experts=len(counts))
+    mm = cutlass.with_wgrad_config(config)
+    assert rel_err(mm.wgrad(a.cuda(), b.cuda(), seg).cpu(), want) <= 1e-2  # bf16: ours
+    assert rel_err(mm.wgrad(a.cuda().float(), b.cuda().float(), seg).cpu(), want) <= 1e-5  # fp32: torch's
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="the CUTLASS kernels are sm90a")
+def test_grouped_mm_wgrad_in_a_captured_graph_with_changing_routing():
+    ops = cutlass.load()
+    E, M, N, S = 8, 256, 128, 512
+    a = torch.randn(S, M, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(S, N, device="cuda", dtype=torch.bfloat16)
+    offs = torch.empty(E, dtype=torch.int32, device="cuda")
+    reroute(offs, S, 0)
+    graph, out = captured(lambda: ops.grouped_mm_wgrad(a, b, offs, 1))
+    for seed in (1, 2, 3):
+        reroute(offs, S, seed)
+        replay(graph, out)
+        assert rel_err(out.cpu(), _wgrad_reference(a.cpu(), b.cpu(), offs.cpu())) <= 1e-2
 
 
 @pytest.mark.gpu
@@ -149,6 +214,15 @@ def test_bad_operands_get_clear_errors():
         ops.grouped_mm_silu_mul(x, w, gate.half(), offs, 0)
     with pytest.raises(RuntimeError, match="expected bf16 x and w .the fused activation is built for bf16 only"):
         ops.grouped_mm_silu_mul(x.half(), w.half(), gate.half(), offs, 0)
+    b = torch.randn(8, 24, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"grouped_mm_wgrad: expected a \[S, M\], b \[S, N\] \(the same rows\)"):
+        ops.grouped_mm_wgrad(x, b[:7], offs, 0)
+    with pytest.raises(RuntimeError, match="grouped_mm_wgrad: expected bf16 a and b"):
+        ops.grouped_mm_wgrad(x.half(), b.half(), offs, 0)
+    with pytest.raises(RuntimeError, match="grouped_mm_wgrad: rows must be 16-byte aligned"):
+        ops.grouped_mm_wgrad(x[:, :12].contiguous(), b, offs, 0)
+    with pytest.raises(RuntimeError, match="grouped_mm_wgrad: expected int32 offs"):
+        ops.grouped_mm_wgrad(x, b, offs.long(), 0)
 
 
 @pytest.mark.gpu

@@ -201,9 +201,9 @@ def test_library_dgrad_on_cutlass(spec, shape, monkeypatch):
 
 @pytest.mark.gpu
 def test_the_measured_table_puts_the_default_dgrad_on_cutlass(tmp_path, monkeypatch):
-    """A backward entry of this GPU naming a CUTLASS config at the call's grid point (lowering/backward_table.py):
-    the call's default config takes it, dA and dx run on it and the gradients equal fp64's; MOE_COMPILER_CUTLASS=0
-    keeps torch's. (300 tokens: the grid point 512.)"""
+    """A backward entry of this GPU naming CUTLASS configs at the call's grid point (lowering/backward_table.py):
+    the call's default config takes them, dA and dx and the weight gradients run on them and the gradients equal
+    fp64's; MOE_COMPILER_CUTLASS=0 keeps torch's. (300 tokens: the grid point 512.)"""
     if cutlass.missing() is not None:
         pytest.skip(f"the CUTLASS path cannot be built here: {cutlass.missing()}")
     from config_files import write_config_file
@@ -212,22 +212,25 @@ def test_the_measured_table_puts_the_default_dgrad_on_cutlass(tmp_path, monkeypa
 
     T, H, I, E, k = 300, 264, 200, 8, 2
     point = {"dtype": "bfloat16", "E": E, "k": k, "H": H, "I": I, "T": 512, "transposed": False,
-             "dgrad": "pingpong_64x256"}
+             "dgrad": "pingpong_64x256", "wgrad": "pingpong_64x128"}
     monkeypatch.setattr(triton_config, "CONFIG_DIR", tmp_path)
     backward_table._own.cache_clear()
     write_config_file(tmp_path, torch.cuda.get_device_name(), [9, 0], [], backward=[point])
     spec = next(s for s in COVERED if not s.transposed)
-    projected = []
-    real = triton_backward_library.project_dx
+    projected, weight_grads = [], []
+    real, real_dw = triton_backward_library.project_dx, triton_backward_library.project_dw
     monkeypatch.setattr(triton_backward_library, "project_dx",
                         lambda mm, *a: projected.append(mm.name) or real(mm, *a))
+    monkeypatch.setattr(triton_backward_library, "project_dw",
+                        lambda mm, *a: weight_grads.append(mm.wgrad) or real_dw(mm, *a))
     try:
         _check(T, H, I, E, k, torch.bfloat16, 1e-2, spec, config=None, z=_saved_z(spec, T, k, I))
         assert projected == [cutlass.with_config(PINGPONG_64x256).name] * 2
-        projected.clear()
+        assert weight_grads == [cutlass.with_wgrad_config(PINGPONG_64x128_WGRAD).wgrad] * 2
+        projected.clear(), weight_grads.clear()
         monkeypatch.setenv(cutlass.ENV, "0")
         _check(T, H, I, E, k, torch.bfloat16, 1e-2, spec, config=None, z=_saved_z(spec, T, k, I))
-        assert projected == [GroupedMM.name] * 2
+        assert projected == [GroupedMM.name] * 2 and weight_grads == [GroupedMM.wgrad] * 2
     finally:
         backward_table._own.cache_clear()
 
@@ -238,7 +241,54 @@ def test_cutlass_dgrad_config_errors():
     for config in (LIBRARY, LARGE_TILE):  # dgrad by Triton; buffers sized for torch's pick
         with pytest.raises(ValueError, match="only with dgrad_path GROUPED_MM .* and grouped_tile TORCH"):
             dataclasses.replace(config, cutlass=PINGPONG_64x256)
-    assert UNPADDED.dgrad_mm is GroupedMM
+    assert UNPADDED.library_mm is GroupedMM
+
+
+class _CutlassWgradStandIn(GroupedMM):
+    """cutlass.with_wgrad_config's class where csrc/ cannot run (the CPU): torch's weight-gradient GEMM under a
+    CutlassWgrad name."""
+
+    name = "cutlass_wgrad"
+
+
+PINGPONG_64x128_WGRAD = cutlass.WGRAD_CONFIGS.index("pingpong_64x128")
+
+
+@pytest.mark.parametrize("shape", CUTLASS_SHAPES, ids=str)
+@pytest.mark.parametrize("tile", [UNPADDED, LARGE_TILE, dataclasses.replace(UNPADDED, cutlass=PINGPONG_64x256)],
+                         ids=["unpadded", "large_tile", "dgrad_on_cutlass_too"])
+@pytest.mark.parametrize("spec", COVERED, ids=spec_id)
+def test_library_wgrad_on_cutlass(spec, tile, shape, monkeypatch):
+    """BackwardConfig.wgrad_cutlass: dW_down and dW_gate_up (each expert's rows the reduction) on csrc/'s
+    weight-gradient GEMM (the 64 x 128 ping-pong tile), with torch's or csrc/'s dA / dx, in the unpadded buffers or
+    GroupedTile.LARGE's (trailing slots no segment reads); gradients equal fp64's, an expert without rows included
+    (its weight gradient 0). On the GPU the built library; on the CPU a stand-in running torch's GEMM, so that the
+    test checks which GEMMs are routed to it."""
+    if DEVICE == "cuda" and cutlass.missing() is not None:
+        pytest.skip(f"the CUTLASS path cannot be built here: {cutlass.missing()}")
+    if DEVICE != "cuda":
+        monkeypatch.setattr(cutlass, "with_wgrad_config", lambda config: _CutlassWgradStandIn)
+        monkeypatch.setattr(cutlass, "with_config", lambda config, act_epilogue=False: _CutlassStandIn)
+    projected = []
+    real = triton_backward_library.project_dw
+    monkeypatch.setattr(triton_backward_library, "project_dw",
+                        lambda mm, *a: projected.append(mm.name) or real(mm, *a))
+    T, H, I, E, k = shape
+    expected = cutlass.backward_mm(tile.cutlass, PINGPONG_64x128_WGRAD).name
+    assert expected.endswith(cutlass.with_wgrad_config(PINGPONG_64x128_WGRAD).name)
+    ids = torch.rand(T, E - 1, generator=torch.Generator().manual_seed(6)).argsort(dim=1)[:, :k]  # E - 1: no rows
+    config = dataclasses.replace(tile, wgrad_cutlass=PINGPONG_64x128_WGRAD)
+    _check(T, H, I, E, k, LIBRARY_DTYPE, LIBRARY_TOL, spec, ids=ids, config=config, z=_saved_z(spec, T, k, I))
+    assert projected == [expected] * 2
+
+
+def test_cutlass_wgrad_config_errors():
+    with pytest.raises(ValueError, match=r"expected -1 \(torch's grouped GEMM\) or an index into cutlass.WGRAD_"):
+        dataclasses.replace(UNPADDED, wgrad_cutlass=len(cutlass.WGRAD_CONFIGS))
+    with pytest.raises(ValueError, match="only with wgrad_path GROUPED_MM"):
+        dataclasses.replace(CONFIG, wgrad_cutlass=0)  # the Triton weight-gradient kernel
+    config = dataclasses.replace(LARGE_TILE, wgrad_cutlass=PINGPONG_64x128_WGRAD)  # independent of the buffer size
+    assert config.library_mm.wgrad is not GroupedMM.wgrad and config.library_mm.mm is GroupedMM.mm
 
 
 @pytest.mark.parametrize("config", [LIBRARY, LIBRARY_ALL], ids=["wgrad", "wgrad+dgrad"])

@@ -1,0 +1,4 @@
+// One weight-gradient config of configs.h, bf16 (a file per config: ninja builds them in parallel).
+#include "grouped_gemm_entry.cuh"
+
+MOE_CUTLASS_WGRAD_DEFINE(pingpong_64x128, Pingpong64x128)
