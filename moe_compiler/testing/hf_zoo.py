@@ -302,20 +302,21 @@ def num_experts_of(cfg) -> int:
     return ffn.moe_num_experts if ffn is not None else 8
 
 
-def zoo_model(name: str, experts_implementation: str = "grouped_mm", dtype=torch.float32, seed: int = 0):
+def zoo_model(name: str, experts_implementation: str = "grouped_mm", dtype=torch.float32, seed: int = 0,
+              **overrides):
     """The tiny model in eval mode: a causal LM, or the text model where transformers has no causal LM for the
     text config of a multimodal release (Qwen3-VL-MoE, Mistral-Large-4, Mistral-4); `model(input_ids=ids)[0]` is
-    the logits or the last hidden state."""
+    the logits or the last hidden state. `overrides`: config fields replacing TINY's (tools/knob_sweep.py)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     auto = AutoModelForCausalLM if MODEL_TYPE[name] in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
-    cfg = AutoConfig.for_model(MODEL_TYPE[name], **TINY[name])
+    cfg = AutoConfig.for_model(MODEL_TYPE[name], **{**TINY[name], **overrides})
     torch.manual_seed(seed)
     try:
         model = auto.from_config(cfg, dtype=dtype, experts_implementation=experts_implementation)
     except (ValueError, KeyError, TypeError):  # DBRX, LongCat-Flash, Llama4: no experts_implementation switch
-        cfg = AutoConfig.for_model(MODEL_TYPE[name], **TINY[name])
+        cfg = AutoConfig.for_model(MODEL_TYPE[name], **{**TINY[name], **overrides})
         torch.manual_seed(seed)
         model = auto.from_config(cfg, dtype=dtype)
     ne = num_experts_of(cfg)
