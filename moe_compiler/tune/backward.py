@@ -140,7 +140,7 @@ def tune(shapes, tokens, dtype: torch.dtype, configs=None, seed: int = 0, time_b
         for T in tokens:
             entry = {"dtype": dname, "E": E, "k": k, "H": H, "I": I, "T": T, "transposed": False}
             for key, make, chosen_from in (("dgrad", candidates, configs), ("wgrad", wgrad_candidates, wgrad_configs)):
-                if not chosen_from:
+                if key == "wgrad" and not chosen_from:  # (dgrad is always written: the table needs it)
                     continue
                 gen = torch.Generator(device).manual_seed(seed)
                 scores, errs = measure(E, k, H, I, T, dtype, chosen_from, gen, time_bodies, make)

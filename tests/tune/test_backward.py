@@ -82,6 +82,14 @@ def test_the_weight_gradients_are_chosen_apart_from_da_and_dx(stub_cutlass):
     assert set(stub_cutlass) == {64 * 2}  # CUTLASS over the T k real rows
 
 
+def test_an_entry_always_has_its_dgrad_choice(stub_cutlass):
+    """No dA / dx config to try: torch's is still timed and written (backward_table.load requires `dgrad`)."""
+    (entry,) = backward.tune([(4, 2, 32, 16)], [64], torch.float32, configs=(), time_bodies=clock(SPEEDS),
+                             wgrad_configs=(cutlass.WGRAD_CONFIGS.index("pingpong_64x256"),))
+    assert entry["dgrad"] == "torch" and set(entry["us"]) == {"torch"}
+    assert entry["wgrad"] == "torch" and set(entry["wgrad_us"]) == {"torch", "pingpong_64x256"}  # 1.0 vs 1.0
+
+
 def test_weight_gradients_error_in_slices_equals_rel_err():
     gen = torch.Generator().manual_seed(0)
     want, got = torch.randn(3, 8, 4, generator=gen), torch.randn(3, 8, 4, generator=gen)
