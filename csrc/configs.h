@@ -15,10 +15,10 @@
   X(pingpong_64x256_cluster1x2, Pingpong64x256Cluster1x2)
 
 // The weight-gradient configs (grouped_gemm.cuh's WgradRunner, bf16), in the order of lowering/cutlass.py's
-// WGRAD_CONFIGS; each in its own csrc/grouped_gemm_wgrad_<name>.cu. A subset of the forward's tiles: the two
-// ping-pong shapes, whose one warp group's epilogue runs under the other's main loop (a weight gradient's K loop is
-// one expert's rows, a few steps at ~128 rows per expert, and its output is the size of the weights), and the
-// cooperative tiles torch's grouped GEMM picks from.
+// WGRAD_CONFIGS; each in its own csrc/grouped_gemm_wgrad_<name>.cu. A subset of the forward's tiles: three
+// ping-pong ones, whose one warp group's epilogue runs under the other's main loop (a weight gradient's K loop is
+// one expert's rows, a few steps at ~128 rows per expert, and its output is the size of the weights), and two
+// cooperative ones (128 x 256, the tile of torch's kernel for these calls, and 128 x 128).
 #define MOE_CUTLASS_WGRAD_CONFIGS(X)                      \
   X(pingpong_64x128, Pingpong64x128)                      \
   X(pingpong_64x256, Pingpong64x256)                      \

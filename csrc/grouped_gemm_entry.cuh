@@ -17,7 +17,8 @@ namespace moe_cutlass {
 
 // One call of a Runner (R::G its GEMM): scratch for the per-expert arguments and CUTLASS's workspace from torch's
 // allocator on the current stream (a capture reuses the same memory at every replay), the arguments written on the
-// device by make_args(scratch, sm_count, device, stream), the GEMM, a clear error (naming `sizes`) if CUTLASS refuses it.
+// device by make_args(scratch, sm_count, device, stream), the GEMM, a clear error (naming `sizes`) if CUTLASS
+// refuses it.
 template <typename R, typename MakeArgs>
 void launch(const at::Tensor& like, int E, const std::string& sizes, const char* what, MakeArgs make_args) {
   using Gemm = typename R::G::Gemm;
