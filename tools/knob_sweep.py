@@ -4,7 +4,12 @@ hidden_act, top-k 1 and 3, group routing, topk_method, scoring_func, mlp_bias, E
 backend="fused_moe" on the CPU (fp32, Inductor off: what is tested is the rewrite) and its logits compared with
 eager's.
 
-    python tools/knob_sweep.py [--archs mixtral qwen3_moe ...] [--out sweep.jsonl]
+    python tools/knob_sweep.py [--archs mixtral qwen3_moe ...] [--train] [--out sweep.jsonl]
+
+--train: a training step instead (moe_compiler.training=True, the models in training mode): the logits and every
+parameter's gradient against eager's, each gradient's error relative to its own norm or, where that is under
+GRAD_FLOOR of the largest gradient's, to GRAD_FLOOR of it (a gradient that is 0 in exact arithmetic is rounding
+noise on both sides: DeepSeek-V4's hash router built from its config, whose ids all point at one expert).
 
 Each case ends as one of:
     ok     every experts region fused, or left with the reason logged, and the logits within TOL of eager's
@@ -21,7 +26,10 @@ import argparse
 import json
 import sys
 
-TOL = 1e-4  # fp32 logits: the backend's own differences are ~1e-6
+TOL = 1e-4  # fp32 logits and gradients: the backend's own differences are ~1e-6
+GRAD_FLOOR = 1e-2  # of the largest gradient norm: the scale a near-zero gradient's error is measured at
+# Architectures whose training forward draws random numbers (eager and compiled draw differently)
+RANDOM_IN_TRAINING = {"phimoe": "its sparsemixer router samples the experts in training mode"}
 # The config fields that choose top-k (the first one a config has is varied).
 TOP_K = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k")
 
@@ -54,8 +62,27 @@ def variants(cfg) -> list[dict]:
     return out
 
 
-def run(arch: str, overrides: dict) -> dict:
-    """One case: the logits' rel err against eager, the backend's counters, the reasons it logged."""
+def grad_err(got: dict, want: dict) -> tuple[float, str | None]:
+    """(worst error, its parameter) of gradients {name: tensor or None} against eager's: each relative to its own
+    norm, floored at GRAD_FLOOR of the largest; a gradient present on one side only is an error of 1."""
+    scale = GRAD_FLOOR * max((float(w.norm()) for w in want.values() if w is not None), default=0.0)
+    worst, where = 0.0, None
+    for name, w in want.items():
+        g = got.get(name)
+        if (g is None) != (w is None):
+            err = 1.0
+        elif w is None:
+            continue
+        else:
+            err = float((g.double() - w.double()).norm()) / max(float(w.norm()), scale, 1e-30)
+        if not err <= worst:
+            worst, where = err, name
+    return worst, where
+
+
+def run(arch: str, overrides: dict, train: bool = False) -> dict:
+    """One case: the logits' rel err against eager (with `train`, the worst gradient's too), the backend's counters,
+    the reasons it logged."""
     import io
     import logging
 
@@ -69,21 +96,33 @@ def run(arch: str, overrides: dict) -> dict:
     record = {"arch": arch, "overrides": overrides}
     try:
         model = zoo_model(arch, **overrides)
+        twin = zoo_model(arch, **overrides) if train else None
     except Exception as e:  # noqa: BLE001 - transformers refusing a combination is a result, not a crash
         return {**record, "verdict": "error", "error": f"build: {type(e).__name__}: {e}"[:300]}
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (2, 7), generator=gen)
     counters.clear()
     torch._dynamo.reset()
-    log, handler = io.StringIO(), None
+    log = io.StringIO()
     logger = logging.getLogger("moe_compiler")
     handler = logging.StreamHandler(log)
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)
+    options = {"moe_compiler.inductor": False, "moe_compiler.training": train}
     try:
-        with torch.no_grad():
+        if train:
+            twin.load_state_dict(model.state_dict())
+            model.train(), twin.train()
             ref = model(input_ids=ids)[0]
-            out = torch.compile(model, backend="fused_moe", options={"moe_compiler.inductor": False})(input_ids=ids)[0]
+            weights = torch.randn(ref.shape, generator=gen)  # a loss that reaches every logit differently
+            (ref * weights).sum().backward()
+            out = torch.compile(twin, backend="fused_moe", options=options)(input_ids=ids)[0]
+            (out * weights).sum().backward()
+        else:
+            with torch.no_grad():
+                ref = model(input_ids=ids)[0]
+                out = torch.compile(model, backend="fused_moe", options=options)(input_ids=ids)[0]
     except Exception as e:  # noqa: BLE001
         return {**record, "verdict": "error", "error": f"call: {type(e).__name__}: {e}"[:300]}
     finally:
@@ -91,6 +130,11 @@ def run(arch: str, overrides: dict) -> dict:
         logger.setLevel(level)
     found = dict(counters["moe_compiler"])
     err = rel_err(out, ref)
+    if train:
+        g_err, g_where = grad_err({n: p.grad for n, p in twin.named_parameters()},
+                                  {n: p.grad for n, p in model.named_parameters()})
+        record.update(grad_err=g_err, grad_worst=g_where)
+        err = max(err, g_err)
     rewrote = any(k.startswith(("fused_", "shared_experts_")) and v for k, v in found.items())
     reasons = [line[line.index(key):] for line in log.getvalue().splitlines()
                for key in ("rejected because", "left to") if key in line]
@@ -109,6 +153,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="+", default=sorted(TINY))
+    ap.add_argument("--train", action="store_true", help="a training step: logits and every gradient")
     ap.add_argument("--out", metavar="PATH", help="one JSON line per case")
     args = ap.parse_args()
     records = []
@@ -116,8 +161,11 @@ def main() -> int:
         if not model_type_known(arch):
             print(f"{arch}: not in this transformers", flush=True)
             continue
+        if args.train and arch in RANDOM_IN_TRAINING:
+            print(f"{arch}: skipped ({RANDOM_IN_TRAINING[arch]})", flush=True)
+            continue
         for overrides in variants(AutoConfig.for_model(MODEL_TYPE[arch], **TINY[arch])):
-            r = run(arch, overrides)
+            r = run(arch, overrides, args.train)
             records.append(r)
             detail = r.get("error") or f"err {r['err']:.1e}" + (f"; {r['reasons'][0][:150]}" if r["reasons"] else "")
             print(f"{r['verdict']:>5} {arch:<18} {json.dumps(overrides):<44} {detail}", flush=True)

@@ -1,11 +1,13 @@
-"""tools/knob_sweep.py: the knobs it varies are the config's own, a rewritten model equal to eager is ok, a form left
-to Inductor (with its reason) is ok too, and logits off where the backend rewrote something are WRONG."""
+"""tools/knob_sweep.py: the knobs it varies are the config's own, a rewritten model equal to eager is ok (a training
+step's gradients too), a form left to Inductor (with its reason) is ok, and logits or gradients off where the backend
+rewrote something are WRONG."""
 
 import importlib.util
 import math
 import os
 
 import pytest
+import torch
 
 from moe_compiler.testing.hf_zoo import MODEL_TYPE, TINY, model_type_known
 
@@ -54,3 +56,19 @@ def test_logits_off_where_something_was_rewritten_are_wrong():
 def test_a_config_transformers_refuses_is_an_error_not_a_crash():
     r = knob_sweep.run("deepseek_v2", {"topk_method": "group_limited_greedy"})  # needs n_group, which TINY leaves None
     assert r["verdict"] == "error" and r["error"].startswith("call:")
+
+
+def test_a_training_step_compares_every_gradient():
+    r = knob_sweep.run("qwen2_moe", {"norm_topk_prob": True}, train=True)  # sigmoid-gated shared experts too
+    assert r["verdict"] == "ok" and r["grad_err"] <= 1e-5 and r["grad_worst"] is not None
+    assert r["counters"]["fused_experts_grouped_mm"] == 2 and r["counters"]["fused_shared_experts_sigmoid_gated"] == 2
+
+
+def test_gradient_errors_relative_to_their_norm_floored_at_the_largest():
+    big, small = torch.ones(4) * 100, torch.full((4,), 1e-7)
+    want = {"big": big, "small": small, "frozen": None}
+    # a gradient 0 in exact arithmetic: its noise is measured at GRAD_FLOOR of the largest norm (200), not its own
+    assert knob_sweep.grad_err({"big": big, "small": -small, "frozen": None}, want)[0] < 1e-6  # (own norm: 2)
+    err, where = knob_sweep.grad_err({"big": big * 1.01, "small": small, "frozen": None}, want)
+    assert where == "big" and err == pytest.approx(0.01)
+    assert knob_sweep.grad_err({"big": big, "small": small, "frozen": torch.ones(2)}, want) == (1.0, "frozen")
