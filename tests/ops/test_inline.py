@@ -273,6 +273,12 @@ dispatch._config_for = lambda *key: SortedConfig(block_m=16, gate_up=KernelConfi
 # the library backward (torch's grouped GEMMs over gathered rows) as bf16 takes it on sm90, or the Triton one
 triton_backward.library_rows = lambda *a: {library}
 dtype = torch.bfloat16 if {library} else torch.float32
+if {wgrad}:  # the weight gradients on csrc/'s grouped_mm_wgrad (BackwardConfig.wgrad_cutlass; nothing built: traced)
+    import dataclasses
+    from moe_compiler.lowering import cutlass
+    cutlass.load = lambda: None
+    default = triton_backward.default_config
+    triton_backward.default_config = lambda *a: dataclasses.replace(default(*a), wgrad_cutlass=1)
 from moe_compiler.spec import Activation, ExpertsSpec, GateUpLayout
 # gpt_oss: the transposed, interleaved layout with biases (their gradients too)
 spec = ExpertsSpec(Activation.GPT_OSS_SWIGLU, GateUpLayout.INTERLEAVED, transposed=True) if {gpt_oss} else ExpertsSpec()
@@ -327,12 +333,13 @@ print("SAVED", sum(x if isinstance(x, int) else x.node.hint for x in numels))  #
 
 
 def _train_trace(inline: str, library: bool, gpt_oss: bool, frozen: bool, shared: bool, dynamic: bool = False,
-                 tokens: int = 40) -> tuple[dict, int]:
+                 tokens: int = 40, wgrad: bool = False) -> tuple[dict, int]:
     """TRAIN_TRACE's graphs ({"FW"/"BW": [launches, op calls, grouped GEMMs, cloned inputs]}) and saved elements."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
     code = textwrap.dedent(TRAIN_TRACE).format(sm90_driver=SM90_DRIVER, library=library, gpt_oss=gpt_oss,
-                                               frozen=frozen, shared=shared, dynamic=dynamic, tokens=tokens)
+                                               frozen=frozen, shared=shared, dynamic=dynamic, tokens=tokens,
+                                               wgrad=wgrad)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-9000:] + proc.stdout[-2000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("FW ", "BW ", "SAVED ")))
@@ -373,6 +380,17 @@ def test_training_step_records_the_forward_and_the_split_backward(library, gpt_o
     assert [op.split(".")[1] for op in opaque["BW"][1]] == [
         "experts_backward_down", "experts_backward_gate_up", "experts_backward_combine", "route_backward"], opaque
     assert saved <= opaque_saved + (40 * (2 * 24 + 1) if shared else 0), (saved, opaque_saved)
+
+
+def test_training_step_records_the_weight_gradients_on_cutlass():
+    """BackwardConfig.wgrad_cutlass: the recorded backward calls csrc/'s weight-gradient GEMM twice (dW_down,
+    dW_gate_up) through its Python op, in place of two of torch's grouped GEMMs; nothing else changes."""
+    graphs, _ = _train_trace("1", True, False, False, False, wgrad=True)
+    bw_launches, bw_ops, bw_grouped, bw_cloned = graphs["BW"]
+    assert bw_ops == ["moe_compiler.cutlass_grouped_mm_wgrad.default"] * 2, graphs
+    # (the count of "_grouped_mm" targets: dA and dx by torch's, and the two calls of ours)
+    assert int(bw_grouped[0]) == 4 and bw_cloned == ["0"], graphs
+    assert bw_launches == _train_trace("1", True, False, False, False)[0]["BW"][0], graphs
 
 
 @pytest.mark.parametrize("frozen, tokens", [(False, 40), (False, 8192), (True, 8192)],
