@@ -7,8 +7,9 @@
 
 `CutlassMM` is a segment-matmul implementation (the interface of torch_segment_mm's classes): triton_grouped.py
 (and the torch composite, torch_experts.py) run over it exactly as over torch._grouped_mm, with our choice of tile,
-cluster and schedule (`CONFIGS`, the same order as csrc/configs.h) instead of torch's. Weight gradients
-stay with torch._grouped_mm.
+cluster and schedule (`CONFIGS`, the same order as csrc/configs.h) instead of torch's. Its weight gradients stay
+with torch._grouped_mm; `CutlassWgrad` runs them on csrc/'s grouped_mm_wgrad (`WGRAD_CONFIGS`) where the training
+backward's config names one (backward_mm).
 
 Build: `torch.utils.cpp_extension.load` compiles csrc/ (ninja; nvcc from the CUDA toolkit; CUTLASS headers from
 the `nvidia-cutlass` wheel: `pip install moe_compiler[cutlass]`) into torch's extensions directory on first use,
@@ -291,7 +292,8 @@ def grouped_mm_fp8(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, offs: Tensor, c
 
 
 class CutlassMM:
-    """Segment matmuls by csrc/'s grouped GEMM (forward), torch._grouped_mm for the weight gradients."""
+    """Segment matmuls by csrc/'s grouped GEMM (forward), torch._grouped_mm for the weight gradients (CutlassWgrad
+    and backward_mm put them on csrc/'s too)."""
 
     name = "cutlass"
     config = 0  # index into CONFIGS
