@@ -225,7 +225,8 @@ def test_the_measured_table_puts_the_default_dgrad_on_cutlass(tmp_path, monkeypa
                         lambda mm, *a: weight_grads.append(mm.wgrad) or real_dw(mm, *a))
     try:
         _check(T, H, I, E, k, torch.bfloat16, 1e-2, spec, config=None, z=_saved_z(spec, T, k, I))
-        assert projected == [cutlass.with_config(PINGPONG_64x256).name] * 2
+        # dA and dx on the entry's dgrad tile, in the class that also carries its weight-gradient tile
+        assert projected == [cutlass.backward_mm(PINGPONG_64x256, PINGPONG_64x128_WGRAD).name] * 2
         assert weight_grads == [cutlass.with_wgrad_config(PINGPONG_64x128_WGRAD).wgrad] * 2
         projected.clear(), weight_grads.clear()
         monkeypatch.setenv(cutlass.ENV, "0")
