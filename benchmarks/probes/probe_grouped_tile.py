@@ -66,7 +66,7 @@ def checked(out, a, w, offs, transpose, experts=3):
     return max(errs)
 
 
-def point(name, T, rounds, cutlass_configs=(), wgrad_configs=(), copy_tbs=4.26):
+def point(name, T, rounds, cutlass_configs=(), wgrad_configs=(), copy_tbs=None):
     E, k, H, I = ALL_SHAPES[name]
     gen = torch.Generator("cuda").manual_seed(T)
     S = T * k
@@ -118,12 +118,13 @@ def point(name, T, rounds, cutlass_configs=(), wgrad_configs=(), copy_tbs=4.26):
     return rows
 
 
-def weight_gradients(name, T, S, E, H, I, offs, gen, rounds, wgrad_configs=(), copy_tbs=4.26):
+def weight_gradients(name, T, S, E, H, I, offs, gen, rounds, wgrad_configs=(), copy_tbs=None):
     """The step's other two GEMMs, 2-D x 2-D with offs along the reduction (torch's kernel does not follow the
     rows): dW_down [E, H, I] = G^T act and dW_gate_up [E, 2I, H] = dz^T X per expert, as triton_backward_library's
     down_grads / gate_up_grads run them, torch's and csrc/'s weight-gradient configs (`wgrad_configs`: (index, name)
     of cutlass.WGRAD_CONFIGS) in the same rounds. Their rows, to set each GEMM's share of the step beside the four
     above; each output's first experts checked against fp32."""
+    copy_tbs = copy_tbs or harness.peaks()[1] / 1e12  # a write floor at another GPU's bandwidth misleads (session 55)
     rows = []
     for gemm, (M, N) in {"dW_down": (H, I), "dW_gate_up": (2 * I, H)}.items():
         left = torch.randn(S, M, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -132,7 +133,7 @@ def weight_gradients(name, T, S, E, H, I, offs, gen, rounds, wgrad_configs=(), c
         for i, config in wgrad_configs:
             bodies[f"cutlass_{config}"] = functools.partial(cutlass.grouped_mm_wgrad, left, right, offs, i)
         row = {"shape": name, "T": T, "rows_per_expert": S / E, "gemm": gemm, "torch_kernel": "128x256 cooperative",
-               "write_floor_us": E * M * N * 2 / (copy_tbs * 1e12) * 1e6}
+               "write_floor_us": E * M * N * 2 / (copy_tbs * 1e12) * 1e6, "copy_tbs": copy_tbs}
         for variant, body in bodies.items():
             out = body()
             errs, start = [], 0
@@ -162,9 +163,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--out", metavar="PATH", help="the rows as JSON")
     ap.add_argument("--no-cutlass", action="store_true", help="torch's kernels only")
-    ap.add_argument("--copy-tbs", type=float, default=4.26,
-                    help="the GPU's device-copy bandwidth, TB/s, for the weight gradients' write floor (H200 4.26, "
-                         "H100 3.02)")
+    ap.add_argument("--copy-tbs", type=float, default=None,
+                    help="the GPU's device-copy bandwidth, TB/s, for the weight gradients' write floor (default: the "
+                         "measured one of this GPU, harness.PEAKS: H200 4.26, H100 3.02)")
     args = ap.parse_args()
     print(harness.gpu_name(), torch.__version__, flush=True)
     configs = wgrad_configs = ()
