@@ -10,6 +10,7 @@ The GPU tests run the recorded launches through Inductor against eager.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -332,9 +333,11 @@ print("SAVED", sum(x if isinstance(x, int) else x.node.hint for x in numels))  #
 """
 
 
+@functools.cache  # a trace is a subprocess compiling a training step (~15 s); several tests compare the same one
 def _train_trace(inline: str, library: bool, gpt_oss: bool, frozen: bool, shared: bool, dynamic: bool = False,
                  tokens: int = 40, wgrad: bool = False) -> tuple[dict, int]:
-    """TRAIN_TRACE's graphs ({"FW"/"BW": [launches, op calls, grouped GEMMs, cloned inputs]}) and saved elements."""
+    """TRAIN_TRACE's graphs ({"FW"/"BW": [launches, op calls, grouped GEMMs, cloned inputs]}) and saved elements
+    (read, not changed, by the tests that share them)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOE_COMPILER_INLINE"] = inline
     code = textwrap.dedent(TRAIN_TRACE).format(sm90_driver=SM90_DRIVER, library=library, gpt_oss=gpt_oss,
